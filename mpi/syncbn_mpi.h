@@ -1,0 +1,47 @@
+/* syncbn over MPI: the MPI implementation of the communicator interface.
+ *
+ * This is the only public header that includes mpi.h. The caller initializes
+ * MPI (any thread level; syncbn calls MPI only from the thread that calls
+ * it) and finalizes it after destroying every communicator made here.
+ */
+#ifndef SYNCBN_MPI_H
+#define SYNCBN_MPI_H
+
+#include <mpi.h>
+
+#include "syncbn.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Creates the communicator of one layer. A collective over parent: every
+ * process of parent must call it with its own description of the same layer.
+ *
+ * - group_size k > 0 splits parent into consecutive groups of k ranks (the
+ *   last group may be smaller; k = 1 is local BatchNorm); k <= 0 means one
+ *   group of all ranks. The group communicator is made once here with
+ *   MPI_Comm_split and gets MPI_ERRORS_RETURN.
+ * - The layer's kind, channels, groups, eps, momentum, cumulative, affine,
+ *   track_running_stats, p and group size are compared across parent in one
+ *   small collective; on any difference every process returns
+ *   SBN_EMISMATCH (with a message naming the field) and *out stays NULL.
+ *
+ * On success *out is owned by the caller and released with
+ * sbn_comm_destroy() (before MPI_Finalize). comm->rank/size are within the
+ * group, comm->world_rank is the rank in parent. */
+int sbn_mpi_comm_create(MPI_Comm parent, int group_size,
+                        const sbn_layer_params_t *params, sbn_comm_t **out);
+
+/* The MPI group communicator inside c (for callers that need it, such as
+ * the gather in `syncbn apply --sync`); MPI_COMM_NULL if c is not an MPI
+ * communicator made by sbn_mpi_comm_create. */
+MPI_Comm sbn_mpi_comm_handle(const sbn_comm_t *c);
+
+/* Turns an MPI error code into SBN_ECOMM with a message naming the call. */
+int sbn_mpi_error(int mpi_err, const char *call);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* SYNCBN_MPI_H */

@@ -1,0 +1,280 @@
+/* BatchNorm: per-channel statistics over (N, spatial), reduced through the
+ * layer's communicator, so the same code is local BN and SyncBN.
+ *
+ * Forward in training is three steps with a seam between them (local
+ * moments -> reduce -> normalize) and so is backward (local sums -> reduce
+ * -> dx). Eval mode never reduces: it uses the running statistics, or the
+ * local batch statistics when none are tracked (as PyTorch does). */
+#include <math.h>
+
+#include "internal.h"
+
+/* The (A, C, S) view of a BN input: NCHW is (N, C, spatial) and NHWC is
+ * (N * spatial, C, 1). */
+static void bn_view(const sbn__shape_t *sh, size_t *A, size_t *S) {
+  if (sh->layout == SBN_LAYOUT_NCHW) {
+    *A = sh->N;
+    *S = sh->S;
+  } else {
+    *A = sh->N * sh->S;
+    *S = 1;
+  }
+}
+
+int sbn__bn_sizes(const sbn_layer_t *l, const sbn__shape_t *sh, size_t *ws,
+                  size_t *saved) {
+  (void)l;
+  *ws = sbn__chan_bytes(sh->C);
+  return sbn__saved_size(sh->C, saved);
+}
+
+int sbn_bn_needs_reduce(const sbn_layer_t *l, sbn_mode_t mode) {
+  (void)l;
+  return mode == SBN_MODE_TRAIN;
+}
+
+static int bn_check(const sbn_layer_t *l, const void *a, sbn__shape_t *sh,
+                    const sbn_tensor_desc_t *d) {
+  if (l == NULL || a == NULL)
+    return sbn__set_error(SBN_EINVAL, "%s: NULL", l == NULL ? "layer" : "args");
+  if (l->p.op != SBN_OP_BATCHNORM)
+    return sbn__set_error(SBN_EINVAL, "layer: not a BatchNorm layer");
+  return sbn__check_shape(l, d, sh);
+}
+
+/* Local moments of this process's batch into recs[0..C). */
+static void bn_local_moments(const sbn_forward_args_t *a,
+                             const sbn__shape_t *sh, sbn__chan_t *ch,
+                             sbn_rec_t *recs) {
+  size_t A, S;
+  bn_view(sh, &A, &S);
+  sbn__view_moments(a->x, A, sh->C, S, ch, recs);
+}
+
+static int bn_finish(sbn_layer_t *l, const sbn_forward_args_t *a,
+                     const sbn__shape_t *sh, const sbn_rec_t *recs) {
+  const sbn_layer_params_t *p = &l->p;
+  size_t C = sh->C, A, S;
+  sbn__chan_t ch;
+  double count = 0, *smean = NULL, *sistd = NULL;
+  int batch = a->mode == SBN_MODE_TRAIN || !p->track_running_stats;
+  sbn__chan_carve(a->workspace, C, &ch);
+  if (batch) {
+    if (a->mode == SBN_MODE_EVAL) {
+      bn_local_moments(a, sh, &ch, ch.rec);
+      recs = ch.rec;
+    }
+    count = recs[0].v[0];
+    /* Every process sees the same reduced count, so this error is returned
+     * consistently everywhere and no process waits in a later collective. */
+    if (count == 1)
+      return sbn__set_error(SBN_ESMALLBATCH,
+                            "x: expected more than 1 value per channel when "
+                            "training (the batch has 1)");
+  } else {
+    count = (double)sh->N * (double)sh->S;
+  }
+  if (a->saved != NULL)
+    sbn__saved_init(a->saved, l, a->mode, count, C, &smean, &sistd);
+  float *rm = p->track_running_stats ? a->state->running_mean : NULL;
+  float *rv = p->track_running_stats ? a->state->running_var : NULL;
+  int update = a->mode == SBN_MODE_TRAIN && rm != NULL && count > 0;
+  double f = p->momentum;
+  if (update && p->cumulative)
+    f = 1.0 / ((double)a->state->num_batches_tracked + 1.0);
+  for (size_t c = 0; c < C; c++) {
+    double mean, var;
+    if (batch) {
+      mean = recs[c].v[1];
+      var = count > 0 ? recs[c].v[2] / count : 0;
+    } else {
+      mean = rm[c];
+      var = rv[c];
+    }
+    double istd = 1.0 / sqrt(var + p->eps);
+    sbn__split_mean(mean, &ch.mh[c], &ch.ml[c]);
+    double w = p->affine ? a->weight[c] : 1.0;
+    ch.k1[c] = (float)(w * istd);
+    ch.k2[c] = p->affine ? a->bias[c] : 0.0f;
+    if (smean != NULL) {
+      smean[c] = mean;
+      sistd[c] = istd;
+    }
+    if (update) {
+      double unbiased = recs[c].v[2] / (count - 1);
+      rm[c] = (float)((1 - f) * rm[c] + f * mean);
+      rv[c] = (float)((1 - f) * rv[c] + f * unbiased);
+    }
+  }
+  if (update)
+    a->state->num_batches_tracked++;
+  bn_view(sh, &A, &S);
+  if (sh->numel > 0)
+    sbn__kernels()->normalize(a->x, a->y, A, C, S, ch.mh, ch.ml, ch.k1, ch.k2);
+  return 0;
+}
+
+int sbn__bn_forward(sbn_layer_t *l, const sbn_forward_args_t *a,
+                    const sbn__shape_t *sh) {
+  int rc;
+  if (a->mode == SBN_MODE_EVAL)
+    return bn_finish(l, a, sh, NULL);
+  sbn__chan_t ch;
+  sbn__chan_carve(a->workspace, sh->C, &ch);
+  bn_local_moments(a, sh, &ch, ch.rec);
+  if ((rc = sbn_comm_allreduce(l->comm, ch.rec, sh->C)) != 0)
+    return rc;
+  return bn_finish(l, a, sh, ch.rec);
+}
+
+int sbn_bn_forward_local(sbn_layer_t *l, const sbn_forward_args_t *a,
+                         sbn_rec_t *recs) {
+  sbn__shape_t sh;
+  sbn__chan_t ch;
+  int rc;
+  if ((rc = bn_check(l, a, &sh, a ? a->x_desc : NULL)) != 0)
+    return rc;
+  if ((rc = sbn__check_fwd_buffers(l, a, &sh)) != 0)
+    return rc;
+  if (recs == NULL)
+    return sbn__set_error(SBN_EINVAL, "recs: NULL");
+  sbn__chan_carve(a->workspace, sh.C, &ch);
+  bn_local_moments(a, &sh, &ch, recs);
+  return 0;
+}
+
+int sbn_bn_forward_finish(sbn_layer_t *l, const sbn_forward_args_t *a,
+                          const sbn_rec_t *recs) {
+  sbn__shape_t sh;
+  int rc;
+  if ((rc = bn_check(l, a, &sh, a ? a->x_desc : NULL)) != 0)
+    return rc;
+  if ((rc = sbn__check_fwd_buffers(l, a, &sh)) != 0)
+    return rc;
+  if (a->mode == SBN_MODE_TRAIN && recs == NULL)
+    return sbn__set_error(SBN_EINVAL, "recs: NULL in training");
+  return bn_finish(l, a, &sh, recs);
+}
+
+/* Prepares per-channel (mh, ml, istd) from the saved state and computes the
+ * local sums of dy and dy * xhat into recs; writes the local dweight and
+ * dbias (a data-parallel trainer reduces those itself). */
+static int bn_bwd_local(sbn_layer_t *l, const sbn_backward_args_t *a,
+                        const sbn__shape_t *sh, sbn__chan_t *ch, double *count,
+                        sbn_rec_t *recs) {
+  const double *mean, *istd;
+  size_t C = sh->C, A, S;
+  int rc = sbn__saved_get(a->saved, a->saved_bytes, l, a->mode, C, count, &mean,
+                          &istd);
+  if (rc != 0)
+    return rc;
+  sbn__chan_carve(a->workspace, C, ch);
+  for (size_t c = 0; c < C; c++) {
+    sbn__split_mean(mean[c], &ch->mh[c], &ch->ml[c]);
+    ch->istd[c] = (float)istd[c];
+    ch->d1[c] = 0;
+    ch->d2[c] = 0;
+  }
+  bn_view(sh, &A, &S);
+  if (sh->numel > 0)
+    sbn__kernels()->bwd_reduce(a->x, a->dy, A, C, S, ch->mh, ch->ml, ch->istd,
+                               ch->d1, ch->d2);
+  for (size_t c = 0; c < C; c++) {
+    recs[c].tag = SBN_REC_SUM;
+    recs[c].v[0] = ch->d1[c];
+    recs[c].v[1] = ch->d2[c];
+    recs[c].v[2] = 0;
+    if (a->dbias != NULL)
+      a->dbias[c] = (float)ch->d1[c];
+    if (a->dweight != NULL)
+      a->dweight[c] = (float)ch->d2[c];
+  }
+  return 0;
+}
+
+/* dx from the (global) sums. The carve in bn_bwd_local already holds mh,
+ * ml and istd; they are rebuilt here from the saved state so that the
+ * staged API does not depend on workspace contents between calls. */
+static int bn_bwd_finish(sbn_layer_t *l, const sbn_backward_args_t *a,
+                         const sbn__shape_t *sh, const sbn_rec_t *recs) {
+  const sbn_layer_params_t *p = &l->p;
+  const double *mean, *istd;
+  double count;
+  size_t C = sh->C, A, S;
+  sbn__chan_t ch;
+  int rc = sbn__saved_get(a->saved, a->saved_bytes, l, a->mode, C, &count,
+                          &mean, &istd);
+  if (rc != 0)
+    return rc;
+  int batch = a->mode == SBN_MODE_TRAIN || !p->track_running_stats;
+  sbn__chan_carve(a->workspace, C, &ch);
+  for (size_t c = 0; c < C; c++) {
+    double w = p->affine ? a->weight[c] : 1.0;
+    double g = w * istd[c];
+    sbn__split_mean(mean[c], &ch.mh[c], &ch.ml[c]);
+    ch.istd[c] = (float)istd[c];
+    ch.k1[c] = (float)g;
+    if (batch && count > 0) {
+      ch.k2[c] = (float)(-g * recs[c].v[1] / count);
+      ch.k3[c] = (float)(-g * recs[c].v[0] / count);
+    } else {
+      /* With running statistics the mean and variance are constants, so
+       * dx is dy scaled: dx = dy * weight / sqrt(running_var + eps). */
+      ch.k2[c] = 0;
+      ch.k3[c] = 0;
+    }
+  }
+  bn_view(sh, &A, &S);
+  if (sh->numel > 0)
+    sbn__kernels()->bwd_apply(a->x, a->dy, a->dx, A, C, S, ch.mh, ch.ml,
+                              ch.istd, ch.k1, ch.k2, ch.k3);
+  return 0;
+}
+
+int sbn__bn_backward(sbn_layer_t *l, const sbn_backward_args_t *a,
+                     const sbn__shape_t *sh) {
+  sbn__chan_t ch;
+  double count;
+  int rc;
+  /* The records live in the workspace's record array; bn_bwd_finish only
+   * reuses the float arrays, which it rebuilds. */
+  sbn__chan_carve(a->workspace, sh->C, &ch);
+  sbn_rec_t *recs = ch.rec;
+  if ((rc = bn_bwd_local(l, a, sh, &ch, &count, recs)) != 0)
+    return rc;
+  if (a->mode == SBN_MODE_TRAIN &&
+      (rc = sbn_comm_allreduce(l->comm, recs, sh->C)) != 0)
+    return rc;
+  return bn_bwd_finish(l, a, sh, recs);
+}
+
+int sbn_bn_backward_local(sbn_layer_t *l, const sbn_backward_args_t *a,
+                          sbn_rec_t *recs) {
+  sbn__shape_t sh;
+  sbn__chan_t ch;
+  double count;
+  int rc;
+  if ((rc = bn_check(l, a, &sh, a ? a->x_desc : NULL)) != 0)
+    return rc;
+  if ((rc = sbn__check_bwd_buffers(l, a, &sh)) != 0)
+    return rc;
+  if (recs == NULL)
+    return sbn__set_error(SBN_EINVAL, "recs: NULL");
+  return bn_bwd_local(l, a, &sh, &ch, &count, recs);
+}
+
+int sbn_bn_backward_finish(sbn_layer_t *l, const sbn_backward_args_t *a,
+                           const sbn_rec_t *recs) {
+  sbn__shape_t sh;
+  int rc;
+  if ((rc = bn_check(l, a, &sh, a ? a->x_desc : NULL)) != 0)
+    return rc;
+  if ((rc = sbn__check_bwd_buffers(l, a, &sh)) != 0)
+    return rc;
+  /* Eval never reduces: the whole backward is local. */
+  if (a->mode == SBN_MODE_EVAL)
+    return sbn__bn_backward(l, a, &sh);
+  if (recs == NULL)
+    return sbn__set_error(SBN_EINVAL, "recs: NULL");
+  return bn_bwd_finish(l, a, &sh, recs);
+}

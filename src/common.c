@@ -1,0 +1,71 @@
+/* Pieces shared by the normalization ops: mean splitting, finishing shifted
+ * sums, and per-channel arrays carved out of the caller's workspace. */
+#include <math.h>
+
+#include "internal.h"
+
+void sbn__split_mean(double mean, float *hi, float *lo) {
+  /* hi is the nearest float; lo carries the rest, so (x - hi) - lo equals
+   * x - mean to about 2^-48 relative to |mean|: with x near mean, x - hi is
+   * exact (Sterbenz) and only the final subtraction rounds. */
+  float h = (float)mean;
+  *hi = h;
+  *lo = (float)(mean - (double)h);
+}
+
+void sbn__moments_finish(double n, double k, double s1, double s2,
+                         sbn_rec_t *rec) {
+  rec->tag = SBN_REC_MOMENTS;
+  rec->v[0] = n;
+  if (n > 0) {
+    double m2 = s2 - s1 * (s1 / n);
+    /* Written as a comparison that is false for NaN, so a NaN input stays
+     * visible instead of being clamped to a harmless zero. */
+    if (m2 < 0)
+      m2 = 0;
+    rec->v[1] = k + s1 / n;
+    rec->v[2] = m2;
+  } else {
+    rec->v[1] = 0;
+    rec->v[2] = 0;
+  }
+}
+
+size_t sbn__chan_bytes(size_t C) {
+  /* Seven float arrays, four double arrays and one record array. Callers
+   * have bounded C by the tensor's element count, so this cannot overflow
+   * for any tensor that fits in memory; sbn__check_shape verifies it. */
+  return 7 * sbn__align64(C * sizeof(float)) +
+         4 * sbn__align64(C * sizeof(double)) +
+         sbn__align64(C * sizeof(sbn_rec_t));
+}
+
+void sbn__chan_carve(void *ws, size_t C, sbn__chan_t *ch) {
+  char *p = ws;
+  size_t fb = sbn__align64(C * sizeof(float));
+  size_t db = sbn__align64(C * sizeof(double));
+  float **f[7] = {&ch->mh, &ch->ml, &ch->istd, &ch->k1,
+                  &ch->k2, &ch->k3, &ch->k};
+  for (int i = 0; i < 7; i++, p += fb)
+    *f[i] = (float *)(void *)p;
+  double **d[4] = {&ch->d1, &ch->d2, &ch->d3, &ch->d4};
+  for (int i = 0; i < 4; i++, p += db)
+    *d[i] = (double *)(void *)p;
+  ch->rec = (sbn_rec_t *)(void *)p;
+}
+
+void sbn__view_moments(const float *x, size_t A, size_t C, size_t S,
+                       sbn__chan_t *ch, sbn_rec_t *recs) {
+  double n = (double)A * (double)S;
+  for (size_t c = 0; c < C; c++) {
+    /* Shifting by a value of the data itself keeps the squared sums small
+     * for any |mean|/std, so double accumulation loses nothing. */
+    ch->k[c] = (A > 0 && S > 0) ? x[c * S] : 0.0f;
+    ch->d1[c] = 0;
+    ch->d2[c] = 0;
+  }
+  if (A > 0 && S > 0)
+    sbn__kernels()->moments(x, A, C, S, ch->k, ch->d1, ch->d2);
+  for (size_t c = 0; c < C; c++)
+    sbn__moments_finish(n, ch->k[c], ch->d1[c], ch->d2[c], &recs[c]);
+}

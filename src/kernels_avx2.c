@@ -1,0 +1,241 @@
+/* AVX2 + FMA kernels. Same contracts as kernels_ref.c; two shapes matter:
+ * long contiguous runs (NCHW, S >= 8) vectorize along s, and channels-last
+ * rows (S == 1) vectorize across channels. Anything else goes to the
+ * reference loops. Statistics still accumulate in double (4 lanes). */
+#include "internal.h"
+
+#ifdef SBN__HAVE_AVX2
+#include <immintrin.h>
+
+#define SBN__AVX2 __attribute__((target("avx2,fma")))
+
+SBN__AVX2 static inline double hsum4(__m256d v) {
+  __m128d lo = _mm256_castpd256_pd128(v), hi = _mm256_extractf128_pd(v, 1);
+  lo = _mm_add_pd(lo, hi);
+  return _mm_cvtsd_f64(_mm_add_sd(lo, _mm_unpackhi_pd(lo, lo)));
+}
+
+SBN__AVX2 static void avx2_moments(const float *x, size_t A, size_t C, size_t S,
+                                   const float *k, double *s1, double *s2) {
+  if (S == 1) {
+    for (size_t a = 0; a < A; a++) {
+      const float *p = x + a * C;
+      size_t c = 0;
+      for (; c + 4 <= C; c += 4) {
+        __m256d d = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(p + c)),
+                                  _mm256_cvtps_pd(_mm_loadu_ps(k + c)));
+        _mm256_storeu_pd(s1 + c, _mm256_add_pd(_mm256_loadu_pd(s1 + c), d));
+        _mm256_storeu_pd(s2 + c,
+                         _mm256_fmadd_pd(d, d, _mm256_loadu_pd(s2 + c)));
+      }
+      for (; c < C; c++) {
+        double d = (double)p[c] - k[c];
+        s1[c] += d;
+        s2[c] += d * d;
+      }
+    }
+    return;
+  }
+  if (S < 8) {
+    sbn__kernels_ref.moments(x, A, C, S, k, s1, s2);
+    return;
+  }
+  for (size_t a = 0; a < A; a++) {
+    for (size_t c = 0; c < C; c++) {
+      const float *p = x + (a * C + c) * S;
+      __m256d kk = _mm256_set1_pd(k[c]);
+      __m256d a1 = _mm256_setzero_pd(), b1 = _mm256_setzero_pd();
+      __m256d a2 = _mm256_setzero_pd(), b2 = _mm256_setzero_pd();
+      size_t s = 0;
+      for (; s + 8 <= S; s += 8) {
+        __m256 v = _mm256_loadu_ps(p + s);
+        __m256d d0 =
+            _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), kk);
+        __m256d d1 =
+            _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)), kk);
+        a1 = _mm256_add_pd(a1, d0);
+        b1 = _mm256_add_pd(b1, d1);
+        a2 = _mm256_fmadd_pd(d0, d0, a2);
+        b2 = _mm256_fmadd_pd(d1, d1, b2);
+      }
+      double t1 = hsum4(_mm256_add_pd(a1, b1));
+      double t2 = hsum4(_mm256_add_pd(a2, b2));
+      for (; s < S; s++) {
+        double d = (double)p[s] - k[c];
+        t1 += d;
+        t2 += d * d;
+      }
+      s1[c] += t1;
+      s2[c] += t2;
+    }
+  }
+}
+
+SBN__AVX2 static void avx2_normalize(const float *x, float *y, size_t A,
+                                     size_t C, size_t S, const float *mh,
+                                     const float *ml, const float *scale,
+                                     const float *shift) {
+  if (S == 1) {
+    for (size_t a = 0; a < A; a++) {
+      const float *p = x + a * C;
+      float *q = y + a * C;
+      size_t c = 0;
+      for (; c + 8 <= C; c += 8) {
+        __m256 v = _mm256_sub_ps(
+            _mm256_sub_ps(_mm256_loadu_ps(p + c), _mm256_loadu_ps(mh + c)),
+            _mm256_loadu_ps(ml + c));
+        _mm256_storeu_ps(q + c, _mm256_fmadd_ps(v, _mm256_loadu_ps(scale + c),
+                                                _mm256_loadu_ps(shift + c)));
+      }
+      for (; c < C; c++)
+        q[c] = ((p[c] - mh[c]) - ml[c]) * scale[c] + shift[c];
+    }
+    return;
+  }
+  if (S < 8) {
+    sbn__kernels_ref.normalize(x, y, A, C, S, mh, ml, scale, shift);
+    return;
+  }
+  for (size_t a = 0; a < A; a++) {
+    for (size_t c = 0; c < C; c++) {
+      size_t off = (a * C + c) * S, s = 0;
+      __m256 h = _mm256_set1_ps(mh[c]), l = _mm256_set1_ps(ml[c]);
+      __m256 sc = _mm256_set1_ps(scale[c]), sh = _mm256_set1_ps(shift[c]);
+      for (; s + 8 <= S; s += 8) {
+        __m256 v =
+            _mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(x + off + s), h), l);
+        _mm256_storeu_ps(y + off + s, _mm256_fmadd_ps(v, sc, sh));
+      }
+      for (; s < S; s++)
+        y[off + s] = ((x[off + s] - mh[c]) - ml[c]) * scale[c] + shift[c];
+    }
+  }
+}
+
+SBN__AVX2 static void avx2_bwd_reduce(const float *x, const float *dy, size_t A,
+                                      size_t C, size_t S, const float *mh,
+                                      const float *ml, const float *istd,
+                                      double *sdy, double *sdyx) {
+  if (S == 1) {
+    for (size_t a = 0; a < A; a++) {
+      const float *p = x + a * C, *g = dy + a * C;
+      size_t c = 0;
+      for (; c + 4 <= C; c += 4) {
+        __m128 xh = _mm_mul_ps(
+            _mm_sub_ps(_mm_sub_ps(_mm_loadu_ps(p + c), _mm_loadu_ps(mh + c)),
+                       _mm_loadu_ps(ml + c)),
+            _mm_loadu_ps(istd + c));
+        __m256d d = _mm256_cvtps_pd(_mm_loadu_ps(g + c));
+        _mm256_storeu_pd(sdy + c, _mm256_add_pd(_mm256_loadu_pd(sdy + c), d));
+        _mm256_storeu_pd(sdyx + c, _mm256_fmadd_pd(d, _mm256_cvtps_pd(xh),
+                                                   _mm256_loadu_pd(sdyx + c)));
+      }
+      for (; c < C; c++) {
+        float xh = ((p[c] - mh[c]) - ml[c]) * istd[c];
+        sdy[c] += g[c];
+        sdyx[c] += (double)g[c] * xh;
+      }
+    }
+    return;
+  }
+  if (S < 8) {
+    sbn__kernels_ref.bwd_reduce(x, dy, A, C, S, mh, ml, istd, sdy, sdyx);
+    return;
+  }
+  for (size_t a = 0; a < A; a++) {
+    for (size_t c = 0; c < C; c++) {
+      size_t off = (a * C + c) * S, s = 0;
+      __m256 h = _mm256_set1_ps(mh[c]), l = _mm256_set1_ps(ml[c]);
+      __m256 is = _mm256_set1_ps(istd[c]);
+      __m256d a1 = _mm256_setzero_pd(), b1 = _mm256_setzero_pd();
+      __m256d a2 = _mm256_setzero_pd(), b2 = _mm256_setzero_pd();
+      for (; s + 8 <= S; s += 8) {
+        __m256 xh = _mm256_mul_ps(
+            _mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(x + off + s), h), l),
+            is);
+        __m256 g = _mm256_loadu_ps(dy + off + s);
+        __m256d g0 = _mm256_cvtps_pd(_mm256_castps256_ps128(g));
+        __m256d g1 = _mm256_cvtps_pd(_mm256_extractf128_ps(g, 1));
+        a1 = _mm256_add_pd(a1, g0);
+        b1 = _mm256_add_pd(b1, g1);
+        a2 = _mm256_fmadd_pd(g0, _mm256_cvtps_pd(_mm256_castps256_ps128(xh)),
+                             a2);
+        b2 = _mm256_fmadd_pd(g1, _mm256_cvtps_pd(_mm256_extractf128_ps(xh, 1)),
+                             b2);
+      }
+      double t1 = hsum4(_mm256_add_pd(a1, b1));
+      double t2 = hsum4(_mm256_add_pd(a2, b2));
+      for (; s < S; s++) {
+        float xh = ((x[off + s] - mh[c]) - ml[c]) * istd[c];
+        t1 += dy[off + s];
+        t2 += (double)dy[off + s] * xh;
+      }
+      sdy[c] += t1;
+      sdyx[c] += t2;
+    }
+  }
+}
+
+SBN__AVX2 static void avx2_bwd_apply(const float *x, const float *dy, float *dx,
+                                     size_t A, size_t C, size_t S,
+                                     const float *mh, const float *ml,
+                                     const float *istd, const float *k1,
+                                     const float *k2, const float *k3) {
+  if (S == 1) {
+    for (size_t a = 0; a < A; a++) {
+      const float *p = x + a * C, *g = dy + a * C;
+      float *q = dx + a * C;
+      size_t c = 0;
+      for (; c + 8 <= C; c += 8) {
+        __m256 xh = _mm256_mul_ps(
+            _mm256_sub_ps(
+                _mm256_sub_ps(_mm256_loadu_ps(p + c), _mm256_loadu_ps(mh + c)),
+                _mm256_loadu_ps(ml + c)),
+            _mm256_loadu_ps(istd + c));
+        __m256 t = _mm256_fmadd_ps(_mm256_loadu_ps(k2 + c), xh,
+                                   _mm256_loadu_ps(k3 + c));
+        _mm256_storeu_ps(q + c, _mm256_fmadd_ps(_mm256_loadu_ps(k1 + c),
+                                                _mm256_loadu_ps(g + c), t));
+      }
+      for (; c < C; c++) {
+        float xh = ((p[c] - mh[c]) - ml[c]) * istd[c];
+        q[c] = k1[c] * g[c] + (k2[c] * xh + k3[c]);
+      }
+    }
+    return;
+  }
+  if (S < 8) {
+    sbn__kernels_ref.bwd_apply(x, dy, dx, A, C, S, mh, ml, istd, k1, k2, k3);
+    return;
+  }
+  for (size_t a = 0; a < A; a++) {
+    for (size_t c = 0; c < C; c++) {
+      size_t off = (a * C + c) * S, s = 0;
+      __m256 h = _mm256_set1_ps(mh[c]), l = _mm256_set1_ps(ml[c]);
+      __m256 is = _mm256_set1_ps(istd[c]);
+      __m256 a1 = _mm256_set1_ps(k1[c]), a2 = _mm256_set1_ps(k2[c]);
+      __m256 a3 = _mm256_set1_ps(k3[c]);
+      for (; s + 8 <= S; s += 8) {
+        __m256 xh = _mm256_mul_ps(
+            _mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(x + off + s), h), l),
+            is);
+        __m256 t = _mm256_fmadd_ps(a2, xh, a3);
+        _mm256_storeu_ps(dx + off + s,
+                         _mm256_fmadd_ps(a1, _mm256_loadu_ps(dy + off + s), t));
+      }
+      for (; s < S; s++) {
+        float xh = ((x[off + s] - mh[c]) - ml[c]) * istd[c];
+        dx[off + s] = k1[c] * dy[off + s] + (k2[c] * xh + k3[c]);
+      }
+    }
+  }
+}
+
+const sbn__kernels_t sbn__kernels_avx2 = {
+    .name = "avx2",
+    .moments = avx2_moments,
+    .normalize = avx2_normalize,
+    .bwd_reduce = avx2_bwd_reduce,
+    .bwd_apply = avx2_bwd_apply,
+};
+#endif /* SBN__HAVE_AVX2 */

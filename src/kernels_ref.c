@@ -1,0 +1,78 @@
+/* Reference kernels: portable C, the definition every optimized set is
+ * tested against. Statistics accumulate in double; elementwise outputs are
+ * formed in float from per-channel parameters prepared in double. */
+#include "internal.h"
+
+static void ref_moments(const float *x, size_t A, size_t C, size_t S,
+                        const float *k, double *s1, double *s2) {
+  for (size_t a = 0; a < A; a++) {
+    for (size_t c = 0; c < C; c++) {
+      const float *p = x + (a * C + c) * S;
+      double kk = k[c], t1 = 0, t2 = 0;
+      for (size_t s = 0; s < S; s++) {
+        double d = (double)p[s] - kk;
+        t1 += d;
+        t2 += d * d;
+      }
+      s1[c] += t1;
+      s2[c] += t2;
+    }
+  }
+}
+
+static void ref_normalize(const float *x, float *y, size_t A, size_t C,
+                          size_t S, const float *mh, const float *ml,
+                          const float *scale, const float *shift) {
+  for (size_t a = 0; a < A; a++) {
+    for (size_t c = 0; c < C; c++) {
+      size_t off = (a * C + c) * S;
+      float h = mh[c], l = ml[c], sc = scale[c], sh = shift[c];
+      for (size_t s = 0; s < S; s++)
+        y[off + s] = ((x[off + s] - h) - l) * sc + sh;
+    }
+  }
+}
+
+static void ref_bwd_reduce(const float *x, const float *dy, size_t A, size_t C,
+                           size_t S, const float *mh, const float *ml,
+                           const float *istd, double *sdy, double *sdyx) {
+  for (size_t a = 0; a < A; a++) {
+    for (size_t c = 0; c < C; c++) {
+      size_t off = (a * C + c) * S;
+      float h = mh[c], l = ml[c], is = istd[c];
+      double t1 = 0, t2 = 0;
+      for (size_t s = 0; s < S; s++) {
+        float xh = ((x[off + s] - h) - l) * is;
+        t1 += dy[off + s];
+        t2 += (double)dy[off + s] * xh;
+      }
+      sdy[c] += t1;
+      sdyx[c] += t2;
+    }
+  }
+}
+
+static void ref_bwd_apply(const float *x, const float *dy, float *dx, size_t A,
+                          size_t C, size_t S, const float *mh, const float *ml,
+                          const float *istd, const float *k1, const float *k2,
+                          const float *k3) {
+  for (size_t a = 0; a < A; a++) {
+    for (size_t c = 0; c < C; c++) {
+      size_t off = (a * C + c) * S;
+      float h = mh[c], l = ml[c], is = istd[c];
+      float a1 = k1[c], a2 = k2[c], a3 = k3[c];
+      for (size_t s = 0; s < S; s++) {
+        float xh = ((x[off + s] - h) - l) * is;
+        dx[off + s] = a1 * dy[off + s] + (a2 * xh + a3);
+      }
+    }
+  }
+}
+
+const sbn__kernels_t sbn__kernels_ref = {
+    .name = "ref",
+    .moments = ref_moments,
+    .normalize = ref_normalize,
+    .bwd_reduce = ref_bwd_reduce,
+    .bwd_apply = ref_bwd_apply,
+};

@@ -1,0 +1,108 @@
+/* LayerNorm over the trailing K dims: each row of D = prod(normalized
+ * shape) contiguous elements has its own statistics, and the affine
+ * parameters have the normalized shape (one weight per row element). Train
+ * and eval are the same computation. It never communicates. */
+#include <math.h>
+
+#include "internal.h"
+
+/* Rows are processed in chunks so the per-row arrays stay a fixed size. */
+#define SBN__LN_CHUNK 256
+
+int sbn__ln_sizes(const sbn_layer_t *l, const sbn__shape_t *sh, size_t *ws,
+                  size_t *saved) {
+  size_t acc;
+  (void)l;
+  if (sbn__mul_size(sh->C, 2 * sizeof(double), &acc) != 0)
+    return sbn__set_error(SBN_EOVERFLOW, "norm_shape: too large");
+  *ws = sbn__chan_bytes(SBN__LN_CHUNK) + sbn__align64(acc);
+  return sbn__saved_size(sh->N, saved);
+}
+
+int sbn__ln_forward(sbn_layer_t *l, const sbn_forward_args_t *a,
+                    const sbn__shape_t *sh) {
+  const sbn_layer_params_t *p = &l->p;
+  size_t N = sh->N, D = sh->C;
+  double *smean = NULL, *sistd = NULL;
+  sbn__chan_t ch;
+  sbn__chan_carve(a->workspace, SBN__LN_CHUNK, &ch);
+  if (a->saved != NULL)
+    sbn__saved_init(a->saved, l, a->mode, (double)D, N, &smean, &sistd);
+  for (size_t r0 = 0; r0 < N; r0 += SBN__LN_CHUNK) {
+    size_t R = N - r0 < SBN__LN_CHUNK ? N - r0 : SBN__LN_CHUNK;
+    /* A chunk of rows is the view (1, R, D): each row is a "channel". */
+    sbn__view_moments(a->x + r0 * D, 1, R, D, &ch, ch.rec);
+    for (size_t r = 0; r < R; r++) {
+      double mean = ch.rec[r].v[1];
+      double istd = 1.0 / sqrt(ch.rec[r].v[2] / (double)D + p->eps);
+      const float *x = a->x + (r0 + r) * D;
+      float *y = a->y + (r0 + r) * D;
+      float mh, ml, is = (float)istd;
+      sbn__split_mean(mean, &mh, &ml);
+      if (p->affine) {
+        const float *w = a->weight, *b = a->bias;
+        for (size_t i = 0; i < D; i++)
+          y[i] = (((x[i] - mh) - ml) * is) * w[i] + b[i];
+      } else {
+        for (size_t i = 0; i < D; i++)
+          y[i] = ((x[i] - mh) - ml) * is;
+      }
+      if (smean != NULL) {
+        smean[r0 + r] = mean;
+        sistd[r0 + r] = istd;
+      }
+    }
+  }
+  return 0;
+}
+
+int sbn__ln_backward(sbn_layer_t *l, const sbn_backward_args_t *a,
+                     const sbn__shape_t *sh) {
+  const sbn_layer_params_t *p = &l->p;
+  size_t N = sh->N, D = sh->C;
+  const double *mean, *istd;
+  double count;
+  sbn__chan_t ch;
+  int rc = sbn__saved_get(a->saved, a->saved_bytes, l, a->mode, N, &count,
+                          &mean, &istd);
+  if (rc != 0)
+    return rc;
+  sbn__chan_carve(a->workspace, SBN__LN_CHUNK, &ch);
+  double *dw =
+      (double *)(void *)((char *)a->workspace + sbn__chan_bytes(SBN__LN_CHUNK));
+  double *db = dw + D;
+  for (size_t i = 0; i < D; i++) {
+    dw[i] = 0;
+    db[i] = 0;
+  }
+  for (size_t r = 0; r < N; r++) {
+    const float *x = a->x + r * D, *dy = a->dy + r * D;
+    float *dx = a->dx + r * D;
+    float mh, ml, is = (float)istd[r];
+    double sg = 0, sgx = 0;
+    sbn__split_mean(mean[r], &mh, &ml);
+    for (size_t i = 0; i < D; i++) {
+      float xh = ((x[i] - mh) - ml) * is;
+      double w = p->affine ? a->weight[i] : 1.0;
+      sg += w * dy[i];
+      sgx += w * dy[i] * xh;
+      dw[i] += (double)dy[i] * xh;
+      db[i] += dy[i];
+    }
+    /* dx = istd * (w*dy - mean(w*dy) - xhat * mean(w*dy*xhat)). */
+    float c2 = (float)(-istd[r] * sgx / count);
+    float c3 = (float)(-istd[r] * sg / count);
+    for (size_t i = 0; i < D; i++) {
+      float xh = ((x[i] - mh) - ml) * is;
+      float g = is * (p->affine ? a->weight[i] : 1.0f);
+      dx[i] = g * dy[i] + (c2 * xh + c3);
+    }
+  }
+  for (size_t i = 0; i < D; i++) {
+    if (a->dweight != NULL)
+      a->dweight[i] = (float)dw[i];
+    if (a->dbias != NULL)
+      a->dbias[i] = (float)db[i];
+  }
+  return 0;
+}

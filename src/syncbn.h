@@ -1,0 +1,315 @@
+/* syncbn: synchronized normalization for data-parallel training.
+ *
+ * This header is the whole public C API of the kernel library (libsyncbn).
+ * It knows nothing of MPI: BatchNorm's statistic reduction goes through the
+ * communicator interface (sbn_comm_t) declared below, with a single-process
+ * implementation here and an MPI implementation in libsyncbn_mpi
+ * (syncbn_mpi.h).
+ *
+ * Conventions
+ * - Every function that can fail returns 0 or a negative SBN_E* code.
+ *   sbn_strerror() names the code; sbn_last_error() returns a message naming
+ *   the offending argument for the last failure in the calling thread.
+ * - Tensors are fp32. A tensor descriptor gives the logical dims in the order
+ *   (N, C, d1, ..., dk) for every layout; the layout says how they sit in
+ *   memory: NCHW is C-contiguous in that order, NHWC is channels-last, i.e.
+ *   C-contiguous in the order (N, d1, ..., dk, C). LayerNorm and Dropout only
+ *   take NCHW (their arrays are plain C-order arrays of any rank >= 1).
+ * - Ownership: layers own nothing but their parameters and their
+ *   communicator reference. All tensors (inputs, outputs, weight, bias,
+ *   running statistics, the saved forward state and the workspace) belong to
+ *   the caller, must stay valid for the duration of the call, and may be
+ *   freed right after it returns.
+ * - Kernels never allocate: the caller provides workspace of at least
+ *   sbn_workspace_size() bytes, and a "saved" buffer of at least
+ *   sbn_saved_size() bytes that forward fills and backward reads.
+ * - Thread safety: distinct layer handles may be used concurrently from
+ *   different threads. One handle must not be used from two threads at once
+ *   (training forward updates the handle's num_batches_tracked through the
+ *   caller's state). sbn_last_error() is per thread.
+ */
+#ifndef SYNCBN_H
+#define SYNCBN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define SBN_VERSION_MAJOR 0
+#define SBN_VERSION_MINOR 1
+#define SBN_VERSION_PATCH 0
+
+/* The one error table: name, value, message. Values are negative. */
+#define SBN_ERRNO_MAP(XX)                                      \
+  XX(EINVAL, -1, "invalid argument")                           \
+  XX(ESHAPE, -2, "shape or layout mismatch")                   \
+  XX(ENOMEM, -3, "out of memory")                              \
+  XX(EOVERFLOW, -4, "size overflows size_t")                   \
+  XX(ENOTSUP, -5, "operation not supported")                   \
+  XX(ECOMM, -6, "communication error")                         \
+  XX(EMISMATCH, -7, "layer parameters differ between ranks")   \
+  XX(EIO, -8, "input/output error")                            \
+  XX(EFORMAT, -9, "malformed file or message")                 \
+  XX(ESMALLBATCH, -10, "too few values to compute statistics") \
+  XX(ENOSPACE, -11, "workspace or buffer too small")           \
+  XX(ESTATE, -12, "call out of order")                         \
+  XX(ELIMIT, -13, "limit exceeded")                            \
+  XX(ETIMEDOUT, -14, "timed out")                              \
+  XX(ECLOSED, -15, "connection closed")
+
+typedef enum {
+#define SBN__ERR_ENUM(name, val, msg) SBN_##name = (val),
+  SBN_ERRNO_MAP(SBN__ERR_ENUM)
+#undef SBN__ERR_ENUM
+} sbn_errno_t;
+
+/* Static string naming the error code ("invalid argument"); never NULL. */
+const char *sbn_strerror(int err);
+/* Static string with the code's symbolic name ("SBN_EINVAL"); never NULL. */
+const char *sbn_err_name(int err);
+/* Message for the last failure in this thread, naming the argument
+ * ("x: expected 4 dims, got 3"). Valid until the next failing call in this
+ * thread. Empty string if none. */
+const char *sbn_last_error(void);
+
+/* ------------------------------------------------------------------ */
+/* Tensors */
+
+#define SBN_MAX_DIMS 8
+
+typedef enum { SBN_LAYOUT_NCHW = 0, SBN_LAYOUT_NHWC = 1 } sbn_layout_t;
+
+typedef struct sbn_tensor_desc_s {
+  int ndim;                  /* 1..SBN_MAX_DIMS */
+  size_t dims[SBN_MAX_DIMS]; /* logical (N, C, spatial...) */
+  sbn_layout_t layout;
+} sbn_tensor_desc_t;
+
+/* Number of elements, or SBN_EOVERFLOW if the product overflows size_t. */
+int sbn_desc_numel(const sbn_tensor_desc_t *d, size_t *numel);
+
+/* ------------------------------------------------------------------ */
+/* Communicator interface.
+ *
+ * BatchNorm reduces an array of records over the participating processes.
+ * A record is four doubles: a tag and three values. Tag SBN_REC_MOMENTS
+ * holds (count, mean, M2) where M2 is the centered sum of squares; such
+ * records combine with Chan's parallel merge, which is exact for uneven and
+ * empty per-process counts. Tag SBN_REC_SUM holds three plain sums.
+ * Any mix of tags may be reduced in one call (that is how several layers'
+ * statistics are fused into one collective); the tags must agree between
+ * processes record by record. */
+
+enum { SBN_REC_MOMENTS = 0, SBN_REC_SUM = 1 };
+
+typedef struct sbn_rec_s {
+  double tag;
+  double v[3];
+} sbn_rec_t;
+
+/* inout[i] = combine(in[i], inout[i]) for i < n. The combination is
+ * bitwise commutative, so every process of a reduction tree that combines
+ * the same two partial results gets the same bits. */
+void sbn_rec_combine(const sbn_rec_t *in, sbn_rec_t *inout, size_t n);
+
+typedef struct sbn_comm_s sbn_comm_t;
+typedef struct sbn_comm_vtable_s sbn_comm_vtable_t;
+
+/* A communicator implementation fills this table. NULL for the optional
+ * entries means "not supported" and callers fall back to the blocking one. */
+struct sbn_comm_vtable_s {
+  /* Required. Reduce n records in place over all processes of comm; every
+   * process must call it with the same n and tags. Returns 0 or SBN_E*. */
+  int (*allreduce)(sbn_comm_t *comm, sbn_rec_t *recs, size_t n);
+  /* Optional non-blocking variant: start, poll, finish. The buffer must
+   * stay untouched between begin and a completed test/end. */
+  int (*iallreduce_begin)(sbn_comm_t *comm, sbn_rec_t *recs, size_t n,
+                          void **request);
+  int (*iallreduce_test)(sbn_comm_t *comm, void *request, int *done);
+  int (*iallreduce_end)(sbn_comm_t *comm, void *request);
+  /* Required. Releases the communicator and its resources. */
+  void (*destroy)(sbn_comm_t *comm);
+};
+
+/* Implementations embed this struct first. rank/size are within the
+ * reduction group (a sync group for SyncBN). */
+struct sbn_comm_s {
+  const sbn_comm_vtable_t *vt;
+  int rank;
+  int size;
+  int world_rank; /* rank in the whole job, used to seed dropout */
+};
+
+/* The single-process communicator: allreduce is the identity. It is a
+ * static object; sbn_comm_destroy() on it is a no-op. */
+sbn_comm_t *sbn_comm_local(void);
+int sbn_comm_allreduce(sbn_comm_t *comm, sbn_rec_t *recs, size_t n);
+void sbn_comm_destroy(sbn_comm_t *comm);
+
+/* ------------------------------------------------------------------ */
+/* Layers */
+
+typedef enum {
+  SBN_OP_BATCHNORM = 0,
+  SBN_OP_LAYERNORM = 1,
+  SBN_OP_INSTANCENORM = 2,
+  SBN_OP_GROUPNORM = 3,
+  SBN_OP_DROPOUT = 4
+} sbn_op_t;
+
+/* Name ("batchnorm", ...) or NULL for an unknown op. */
+const char *sbn_op_name(sbn_op_t op);
+/* Parses a name into *op; SBN_EINVAL if unknown. */
+int sbn_op_parse(const char *name, sbn_op_t *op);
+
+typedef struct sbn_layer_params_s {
+  sbn_op_t op;
+  /* BN, IN, GN: number of channels C (dims[1] of every input). */
+  size_t channels;
+  /* GN: number of groups G; must divide channels. */
+  size_t groups;
+  /* LN: number K of trailing dims normalized over, and their sizes
+   * (the normalized shape; weight and bias have this shape). */
+  int norm_ndim;
+  size_t norm_shape[SBN_MAX_DIMS];
+  /* BN, IN, GN, LN: eps > 0 added to the variance. */
+  double eps;
+  /* BN, IN: running statistic momentum in [0, 1] (PyTorch convention:
+   * new = (1 - momentum) * old + momentum * batch). */
+  double momentum;
+  /* BN: if nonzero, use the cumulative average 1/(num_batches_tracked+1)
+   * instead of momentum (PyTorch's momentum=None). */
+  int cumulative;
+  /* BN, IN, GN, LN: weight and bias are given. */
+  int affine;
+  /* BN, IN: running statistics are kept (and used in eval). */
+  int track_running_stats;
+  /* Dropout: probability of zeroing an element, in [0, 1]. */
+  double p;
+  /* Dropout: the Philox key is (seed, world rank of the communicator);
+   * the counter holds layer_id and the step. See sbn_dropout_mask_bits(). */
+  uint32_t seed;
+  uint32_t layer_id;
+} sbn_layer_params_t;
+
+/* Fills p with PyTorch's defaults for op: eps 1e-5, momentum 0.1,
+ * affine 1, track_running_stats 1 for BN and 0 for IN, p 0.5. */
+void sbn_layer_params_default(sbn_layer_params_t *p, sbn_op_t op);
+
+typedef struct sbn_layer_s sbn_layer_t;
+
+/* Validates params and creates a layer. comm may be NULL (single process);
+ * the layer keeps the pointer but does not own it: the communicator must
+ * outlive the layer. Only BatchNorm ever calls the communicator. */
+int sbn_layer_create(const sbn_layer_params_t *params, sbn_comm_t *comm,
+                     sbn_layer_t **out);
+void sbn_layer_destroy(sbn_layer_t *layer);
+const sbn_layer_params_t *sbn_layer_params(const sbn_layer_t *layer);
+sbn_comm_t *sbn_layer_comm(const sbn_layer_t *layer);
+
+/* Checks x against the layer (rank, C, layout, normalized shape, overflow)
+ * and returns the number of bytes of workspace and of saved state that
+ * forward/backward need for that shape. Either pointer may be NULL. */
+int sbn_layer_sizes(const sbn_layer_t *layer, const sbn_tensor_desc_t *x,
+                    size_t *workspace_bytes, size_t *saved_bytes);
+
+typedef enum { SBN_MODE_TRAIN = 0, SBN_MODE_EVAL = 1 } sbn_mode_t;
+
+/* Running state owned by the caller; NULL pointers where not tracked. */
+typedef struct sbn_state_s {
+  float *running_mean;         /* C floats, BN/IN with tracking */
+  float *running_var;          /* C floats */
+  int64_t num_batches_tracked; /* BN: incremented by training forward */
+} sbn_state_t;
+
+typedef struct sbn_forward_args_s {
+  sbn_mode_t mode;
+  const sbn_tensor_desc_t *x_desc;
+  const float *x;
+  float *y;            /* same shape and layout as x; may equal x */
+  const float *weight; /* affine: C (BN/IN/GN) or normalized shape (LN) */
+  const float *bias;
+  sbn_state_t *state; /* BN/IN with tracking; otherwise may be NULL */
+  uint64_t step;      /* dropout: the step in the counter */
+  void *workspace;
+  size_t workspace_bytes;
+  void *saved; /* filled for backward; may be NULL if no backward follows */
+  size_t saved_bytes;
+} sbn_forward_args_t;
+
+typedef struct sbn_backward_args_s {
+  sbn_mode_t mode; /* must equal the forward's */
+  const sbn_tensor_desc_t *x_desc;
+  const float *x; /* the forward input (not needed by dropout) */
+  const float *dy;
+  float *dx; /* may equal dy */
+  const float *weight;
+  float *dweight; /* affine: written (not accumulated); may be NULL */
+  float *dbias;
+  uint64_t step;
+  void *workspace;
+  size_t workspace_bytes;
+  const void *saved; /* as filled by the matching forward */
+  size_t saved_bytes;
+} sbn_backward_args_t;
+
+/* Forward and backward for any op. For BatchNorm in training (or without
+ * running statistics) this is the three steps below with a blocking
+ * allreduce on the layer's communicator in the middle. */
+int sbn_forward(sbn_layer_t *layer, const sbn_forward_args_t *args);
+int sbn_backward(sbn_layer_t *layer, const sbn_backward_args_t *args);
+
+/* The seam for SyncBN (fusion, overlap, a stats-only service path).
+ * Forward = stats_local -> reduce the C records -> forward_finish.
+ * Backward = backward_local -> reduce the C records -> backward_finish.
+ * sbn_bn_needs_reduce() says whether forward/backward use batch statistics
+ * (training, or no running statistics) and so need the reduction at all;
+ * when it returns 0 the *_local calls are not needed and *_finish ignore
+ * the records argument (it may be NULL).
+ * Eval mode without running stats uses the local batch statistics and never
+ * communicates (PyTorch's SyncBatchNorm does the same). */
+int sbn_bn_needs_reduce(const sbn_layer_t *layer, sbn_mode_t mode);
+/* Writes C SBN_REC_MOMENTS records (count, mean, M2) of the local batch. */
+int sbn_bn_forward_local(sbn_layer_t *layer, const sbn_forward_args_t *args,
+                         sbn_rec_t *recs);
+/* Takes the reduced records, updates running statistics, normalizes. A
+ * global count of 1 in training is SBN_ESMALLBATCH (the same on every
+ * process, since every process sees the same count). A global count of 0
+ * leaves the running state unchanged. */
+int sbn_bn_forward_finish(sbn_layer_t *layer, const sbn_forward_args_t *args,
+                          const sbn_rec_t *recs);
+/* Writes C SBN_REC_SUM records (sum dy, sum dy*xhat, 0). */
+int sbn_bn_backward_local(sbn_layer_t *layer, const sbn_backward_args_t *args,
+                          sbn_rec_t *recs);
+int sbn_bn_backward_finish(sbn_layer_t *layer, const sbn_backward_args_t *args,
+                           const sbn_rec_t *recs);
+
+/* ------------------------------------------------------------------ */
+/* Dropout randomness.
+ *
+ * Philox4x32-10 with key = (seed, rank) and counter
+ * (c0, c1, c2, c3) = (block & 0xffffffff, block >> 32, step & 0xffffffff,
+ * layer_id), where block = element_index / 4 and the element takes output
+ * word element_index % 4 of that block. Element indices run over the tensor
+ * in memory order. An element is dropped when word < p * 2^32 (compared in
+ * 64 bits, so p = 1 drops every element). */
+void sbn_philox4x32_10(const uint32_t ctr[4], const uint32_t key[2],
+                       uint32_t out[4]);
+
+/* ------------------------------------------------------------------ */
+/* Run-time kernel dispatch. */
+
+/* Name of the kernel set chosen for this CPU ("ref", "avx2"). */
+const char *sbn_kernel_name(void);
+/* Forces a kernel set by name (tests compare every set to "ref").
+ * Returns SBN_ENOTSUP if the CPU cannot run it. Not thread-safe: call
+ * before any other thread uses the library. */
+int sbn_kernel_select(const char *name);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* SYNCBN_H */
