@@ -54,6 +54,19 @@ typedef struct sbn__kernels_s {
                     size_t C, size_t S, const float *mh, const float *ml,
                     const float *istd, const float *k1, const float *k2,
                     const float *k3);
+  /* LayerNorm rows (D contiguous elements with per-element affine; w and
+   * b are NULL without affine): y = xhat * w + b. */
+  void (*ln_forward)(const float *x, float *y, size_t D, float mh, float ml,
+                     float istd, const float *w, const float *b);
+  /* Adds sum(g) and sum(g * xhat) with g = dy * w into sums[0], sums[1],
+   * and dy * xhat, dy into dw[i], db[i] (double accumulators). */
+  void (*ln_bwd_reduce)(const float *x, const float *dy, size_t D, float mh,
+                        float ml, float istd, const float *w, double *dw,
+                        double *db, double sums[2]);
+  /* dx = istd * w * dy + (c2 * xhat + c3). */
+  void (*ln_bwd_apply)(const float *x, const float *dy, float *dx, size_t D,
+                       float mh, float ml, float istd, const float *w, float c2,
+                       float c3);
 } sbn__kernels_t;
 
 extern const sbn__kernels_t sbn__kernels_ref;

@@ -231,11 +231,80 @@ SBN__AVX2 static void avx2_bwd_apply(const float *x, const float *dy, float *dx,
   }
 }
 
+SBN__AVX2 static void avx2_ln_forward(const float *x, float *y, size_t D,
+                                      float mh, float ml, float istd,
+                                      const float *w, const float *b) {
+  __m256 h = _mm256_set1_ps(mh), l = _mm256_set1_ps(ml);
+  __m256 is = _mm256_set1_ps(istd);
+  size_t i = 0;
+  for (; i + 8 <= D; i += 8) {
+    __m256 xh = _mm256_mul_ps(
+        _mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), h), l), is);
+    if (w != NULL)
+      xh = _mm256_fmadd_ps(xh, _mm256_loadu_ps(w + i), _mm256_loadu_ps(b + i));
+    _mm256_storeu_ps(y + i, xh);
+  }
+  sbn__kernels_ref.ln_forward(x + i, y + i, D - i, mh, ml, istd,
+                              w != NULL ? w + i : NULL,
+                              w != NULL ? b + i : NULL);
+}
+
+SBN__AVX2 static void avx2_ln_bwd_reduce(const float *x, const float *dy,
+                                         size_t D, float mh, float ml,
+                                         float istd, const float *w, double *dw,
+                                         double *db, double sums[2]) {
+  __m256 h = _mm256_set1_ps(mh), l = _mm256_set1_ps(ml);
+  __m256 is = _mm256_set1_ps(istd);
+  __m256d sg = _mm256_setzero_pd(), sgx = _mm256_setzero_pd();
+  size_t i = 0;
+  for (; i + 4 <= D; i += 4) {
+    __m128 xh = _mm_mul_ps(
+        _mm_sub_ps(_mm_sub_ps(_mm_loadu_ps(x + i), _mm256_castps256_ps128(h)),
+                   _mm256_castps256_ps128(l)),
+        _mm256_castps256_ps128(is));
+    __m128 d = _mm_loadu_ps(dy + i);
+    __m128 g = w != NULL ? _mm_mul_ps(d, _mm_loadu_ps(w + i)) : d;
+    __m256d xd = _mm256_cvtps_pd(xh), dd = _mm256_cvtps_pd(d);
+    __m256d gd = _mm256_cvtps_pd(g);
+    sg = _mm256_add_pd(sg, gd);
+    sgx = _mm256_fmadd_pd(gd, xd, sgx);
+    _mm256_storeu_pd(dw + i, _mm256_fmadd_pd(dd, xd, _mm256_loadu_pd(dw + i)));
+    _mm256_storeu_pd(db + i, _mm256_add_pd(_mm256_loadu_pd(db + i), dd));
+  }
+  sums[0] += hsum4(sg);
+  sums[1] += hsum4(sgx);
+  sbn__kernels_ref.ln_bwd_reduce(x + i, dy + i, D - i, mh, ml, istd,
+                                 w != NULL ? w + i : NULL, dw + i, db + i,
+                                 sums);
+}
+
+SBN__AVX2 static void avx2_ln_bwd_apply(const float *x, const float *dy,
+                                        float *dx, size_t D, float mh, float ml,
+                                        float istd, const float *w, float c2,
+                                        float c3) {
+  __m256 h = _mm256_set1_ps(mh), l = _mm256_set1_ps(ml);
+  __m256 is = _mm256_set1_ps(istd);
+  __m256 a2 = _mm256_set1_ps(c2), a3 = _mm256_set1_ps(c3);
+  size_t i = 0;
+  for (; i + 8 <= D; i += 8) {
+    __m256 xh = _mm256_mul_ps(
+        _mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), h), l), is);
+    __m256 g = w != NULL ? _mm256_mul_ps(is, _mm256_loadu_ps(w + i)) : is;
+    __m256 t = _mm256_fmadd_ps(a2, xh, a3);
+    _mm256_storeu_ps(dx + i, _mm256_fmadd_ps(g, _mm256_loadu_ps(dy + i), t));
+  }
+  sbn__kernels_ref.ln_bwd_apply(x + i, dy + i, dx + i, D - i, mh, ml, istd,
+                                w != NULL ? w + i : NULL, c2, c3);
+}
+
 const sbn__kernels_t sbn__kernels_avx2 = {
     .name = "avx2",
     .moments = avx2_moments,
     .normalize = avx2_normalize,
     .bwd_reduce = avx2_bwd_reduce,
     .bwd_apply = avx2_bwd_apply,
+    .ln_forward = avx2_ln_forward,
+    .ln_bwd_reduce = avx2_ln_bwd_reduce,
+    .ln_bwd_apply = avx2_ln_bwd_apply,
 };
 #endif /* SBN__HAVE_AVX2 */

@@ -69,10 +69,51 @@ static void ref_bwd_apply(const float *x, const float *dy, float *dx, size_t A,
   }
 }
 
+static void ref_ln_forward(const float *x, float *y, size_t D, float mh,
+                           float ml, float istd, const float *w,
+                           const float *b) {
+  if (w != NULL) {
+    for (size_t i = 0; i < D; i++)
+      y[i] = (((x[i] - mh) - ml) * istd) * w[i] + b[i];
+  } else {
+    for (size_t i = 0; i < D; i++)
+      y[i] = ((x[i] - mh) - ml) * istd;
+  }
+}
+
+static void ref_ln_bwd_reduce(const float *x, const float *dy, size_t D,
+                              float mh, float ml, float istd, const float *w,
+                              double *dw, double *db, double sums[2]) {
+  double sg = 0, sgx = 0;
+  for (size_t i = 0; i < D; i++) {
+    float xh = ((x[i] - mh) - ml) * istd;
+    float g = w != NULL ? dy[i] * w[i] : dy[i];
+    sg += g;
+    sgx += (double)g * xh;
+    dw[i] += (double)dy[i] * xh;
+    db[i] += dy[i];
+  }
+  sums[0] += sg;
+  sums[1] += sgx;
+}
+
+static void ref_ln_bwd_apply(const float *x, const float *dy, float *dx,
+                             size_t D, float mh, float ml, float istd,
+                             const float *w, float c2, float c3) {
+  for (size_t i = 0; i < D; i++) {
+    float xh = ((x[i] - mh) - ml) * istd;
+    float g = w != NULL ? istd * w[i] : istd;
+    dx[i] = g * dy[i] + (c2 * xh + c3);
+  }
+}
+
 const sbn__kernels_t sbn__kernels_ref = {
     .name = "ref",
     .moments = ref_moments,
     .normalize = ref_normalize,
     .bwd_reduce = ref_bwd_reduce,
     .bwd_apply = ref_bwd_apply,
+    .ln_forward = ref_ln_forward,
+    .ln_bwd_reduce = ref_ln_bwd_reduce,
+    .ln_bwd_apply = ref_ln_bwd_apply,
 };

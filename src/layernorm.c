@@ -37,16 +37,11 @@ int sbn__ln_forward(sbn_layer_t *l, const sbn_forward_args_t *a,
       double istd = 1.0 / sqrt(ch.rec[r].v[2] / (double)D + p->eps);
       const float *x = a->x + (r0 + r) * D;
       float *y = a->y + (r0 + r) * D;
-      float mh, ml, is = (float)istd;
+      float mh, ml;
       sbn__split_mean(mean, &mh, &ml);
-      if (p->affine) {
-        const float *w = a->weight, *b = a->bias;
-        for (size_t i = 0; i < D; i++)
-          y[i] = (((x[i] - mh) - ml) * is) * w[i] + b[i];
-      } else {
-        for (size_t i = 0; i < D; i++)
-          y[i] = ((x[i] - mh) - ml) * is;
-      }
+      sbn__kernels()->ln_forward(x, y, D, mh, ml, (float)istd,
+                                 p->affine ? a->weight : NULL,
+                                 p->affine ? a->bias : NULL);
       if (smean != NULL) {
         smean[r0 + r] = mean;
         sistd[r0 + r] = istd;
@@ -78,25 +73,15 @@ int sbn__ln_backward(sbn_layer_t *l, const sbn_backward_args_t *a,
   for (size_t r = 0; r < N; r++) {
     const float *x = a->x + r * D, *dy = a->dy + r * D;
     float *dx = a->dx + r * D;
+    const float *w = p->affine ? a->weight : NULL;
     float mh, ml, is = (float)istd[r];
-    double sg = 0, sgx = 0;
+    double sums[2] = {0, 0};
     sbn__split_mean(mean[r], &mh, &ml);
-    for (size_t i = 0; i < D; i++) {
-      float xh = ((x[i] - mh) - ml) * is;
-      double w = p->affine ? a->weight[i] : 1.0;
-      sg += w * dy[i];
-      sgx += w * dy[i] * xh;
-      dw[i] += (double)dy[i] * xh;
-      db[i] += dy[i];
-    }
+    sbn__kernels()->ln_bwd_reduce(x, dy, D, mh, ml, is, w, dw, db, sums);
     /* dx = istd * (w*dy - mean(w*dy) - xhat * mean(w*dy*xhat)). */
-    float c2 = (float)(-istd[r] * sgx / count);
-    float c3 = (float)(-istd[r] * sg / count);
-    for (size_t i = 0; i < D; i++) {
-      float xh = ((x[i] - mh) - ml) * is;
-      float g = is * (p->affine ? a->weight[i] : 1.0f);
-      dx[i] = g * dy[i] + (c2 * xh + c3);
-    }
+    float c2 = (float)(-istd[r] * sums[1] / count);
+    float c3 = (float)(-istd[r] * sums[0] / count);
+    sbn__kernels()->ln_bwd_apply(x, dy, dx, D, mh, ml, is, w, c2, c3);
   }
   for (size_t i = 0; i < D; i++) {
     if (a->dweight != NULL)
