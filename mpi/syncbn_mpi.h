@@ -33,6 +33,18 @@ extern "C" {
 int sbn_mpi_comm_create(MPI_Comm parent, int group_size,
                         const sbn_layer_params_t *params, sbn_comm_t **out);
 
+/* The communicator fills every vtable entry:
+ * - allreduce: one MPI_Allreduce of the records (a user-defined MPI_Op
+ *   running sbn_rec_combine over a datatype of four doubles);
+ * - iallreduce_begin/test/end: one MPI_Iallreduce; test is MPI_Test and may
+ *   be called any number of times (Open MPI has no progress thread, so
+ *   polling is what moves the reduction on); after a successful begin, end
+ *   must be called exactly once: it waits with MPI_Wait and frees the
+ *   request. The fused and non-blocking API of syncbn_fused.h wraps these.
+ * Every MPI failure is returned as SBN_ECOMM through sbn_mpi_error(). A
+ * record count above INT_MAX is SBN_ELIMIT. Calling sbn_mpi_comm_create
+ * before MPI_Init or after MPI_Finalize is SBN_ESTATE. */
+
 /* The MPI group communicator inside c (for callers that need it, such as
  * the gather in `syncbn apply --sync`); MPI_COMM_NULL if c is not an MPI
  * communicator made by sbn_mpi_comm_create. */

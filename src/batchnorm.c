@@ -29,8 +29,7 @@ int sbn__bn_sizes(const sbn_layer_t *l, const sbn__shape_t *sh, size_t *ws,
 }
 
 int sbn_bn_needs_reduce(const sbn_layer_t *l, sbn_mode_t mode) {
-  (void)l;
-  return mode == SBN_MODE_TRAIN;
+  return l != NULL && l->p.op == SBN_OP_BATCHNORM && mode == SBN_MODE_TRAIN;
 }
 
 static int bn_check(const sbn_layer_t *l, const void *a, sbn__shape_t *sh,

@@ -37,28 +37,38 @@ void sbn_philox4x32_10(const uint32_t ctr[4], const uint32_t key[2],
   out[3] = c3;
 }
 
-/* Applies the mask of (layer, step) to in -> out, scaling kept values.
- * The same function serves forward (x -> y) and backward (dy -> dx). */
-static void dropout_apply(const sbn_layer_t *l, uint64_t step, const float *in,
-                          float *out, size_t n) {
-  const sbn_layer_params_t *p = &l->p;
-  /* p * 2^32 in 64 bits: p = 1 gives 2^32, above every 32-bit word. */
-  uint64_t thr = (uint64_t)(p->p * 4294967296.0);
-  float scale = p->p < 1 ? (float)(1.0 / (1.0 - p->p)) : 0.0f;
-  uint32_t key[2] = {p->seed,
-                     (uint32_t)(l->comm != NULL ? l->comm->world_rank : 0)};
-  uint32_t ctr[4], r[4];
-  ctr[2] = (uint32_t)step;
-  ctr[3] = p->layer_id;
+/* The reference dropout kernel: one Philox block per 4 elements. */
+void sbn__dropout_ref(const float *in, float *out, size_t n, uint64_t first,
+                      const uint32_t key[2], uint32_t step, uint32_t layer,
+                      uint32_t thr, float scale) {
+  uint32_t ctr[4] = {0, 0, step, layer}, r[4];
   for (size_t i = 0; i < n; i += 4) {
-    uint64_t block = (uint64_t)(i / 4);
+    uint64_t block = (first + i) / 4;
     ctr[0] = (uint32_t)block;
     ctr[1] = (uint32_t)(block >> 32);
     sbn_philox4x32_10(ctr, key, r);
     size_t m = n - i < 4 ? n - i : 4;
     for (size_t j = 0; j < m; j++)
-      out[i + j] = (uint64_t)r[j] < thr ? 0.0f : in[i + j] * scale;
+      out[i + j] = r[j] < thr ? 0.0f : in[i + j] * scale;
   }
+}
+
+/* Applies the mask of (layer, step) to in -> out, scaling kept values.
+ * The same function serves forward (x -> y) and backward (dy -> dx). */
+static void dropout_apply(const sbn_layer_t *l, uint64_t step, const float *in,
+                          float *out, size_t n) {
+  const sbn_layer_params_t *p = &l->p;
+  if (p->p >= 1) {
+    /* Every word is below p * 2^32 = 2^32: all dropped, and no 1/(1-p). */
+    memset(out, 0, n * sizeof(float));
+    return;
+  }
+  uint32_t thr = (uint32_t)(p->p * 4294967296.0);
+  float scale = (float)(1.0 / (1.0 - p->p));
+  uint32_t key[2] = {p->seed,
+                     (uint32_t)(l->comm != NULL ? l->comm->world_rank : 0)};
+  sbn__kernels()->dropout(in, out, n, 0, key, (uint32_t)step, p->layer_id, thr,
+                          scale);
 }
 
 int sbn__dropout_forward(sbn_layer_t *l, const sbn_forward_args_t *a,

@@ -67,9 +67,19 @@ typedef struct sbn__kernels_s {
   void (*ln_bwd_apply)(const float *x, const float *dy, float *dx, size_t D,
                        float mh, float ml, float istd, const float *w, float c2,
                        float c3);
+  /* Dropout of n elements starting at element index `first` (a multiple
+   * of 4): out = word < thr ? 0 : in * scale, with the Philox words of
+   * sbn_philox4x32_10 for counter (block, step, layer) and key. thr < 2^32
+   * (p = 1 is handled by the caller). */
+  void (*dropout)(const float *in, float *out, size_t n, uint64_t first,
+                  const uint32_t key[2], uint32_t step, uint32_t layer,
+                  uint32_t thr, float scale);
 } sbn__kernels_t;
 
 extern const sbn__kernels_t sbn__kernels_ref;
+void sbn__dropout_ref(const float *in, float *out, size_t n, uint64_t first,
+                      const uint32_t key[2], uint32_t step, uint32_t layer,
+                      uint32_t thr, float scale);
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(SBN_NO_AVX2)
 #define SBN__HAVE_AVX2 1
 extern const sbn__kernels_t sbn__kernels_avx2;

@@ -297,6 +297,79 @@ SBN__AVX2 static void avx2_ln_bwd_apply(const float *x, const float *dy,
                                 w != NULL ? w + i : NULL, c2, c3);
 }
 
+/* 32-bit lanes: lo and hi halves of a * m for all eight lanes. */
+SBN__AVX2 static inline void mulhilo8(__m256i a, __m256i m, __m256i *hi,
+                                      __m256i *lo) {
+  __m256i pe = _mm256_mul_epu32(a, m);
+  __m256i po = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
+  *lo = _mm256_blend_epi32(pe, _mm256_slli_epi64(po, 32), 0xAA);
+  *hi = _mm256_blend_epi32(_mm256_srli_epi64(pe, 32), po, 0xAA);
+}
+
+/* Eight Philox4x32-10 blocks at once (lane j = block first/4 + j); the
+ * four output words are then transposed to memory order, 32 elements. */
+SBN__AVX2 static void avx2_dropout(const float *in, float *out, size_t n,
+                                   uint64_t first, const uint32_t key[2],
+                                   uint32_t step, uint32_t layer, uint32_t thr,
+                                   float scale) {
+  const __m256i m0 = _mm256_set1_epi32((int)0xD2511F53u);
+  const __m256i m1 = _mm256_set1_epi32((int)0xCD9E8D57u);
+  const __m256i bias = _mm256_set1_epi32((int)0x80000000u);
+  const __m256i vthr = _mm256_xor_si256(_mm256_set1_epi32((int)thr), bias);
+  const __m256 vs = _mm256_set1_ps(scale);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  size_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    uint64_t block = (first + i) / 4;
+    /* Lanes hold block + j; the high word only changes every 2^32 blocks,
+     * so it is the same for all lanes unless the low word wraps here. */
+    if ((uint32_t)block > 0xFFFFFFFFu - 7u)
+      break;
+    __m256i c0 =
+        _mm256_add_epi32(_mm256_set1_epi32((int)(uint32_t)block), lane);
+    __m256i c1 = _mm256_set1_epi32((int)(uint32_t)(block >> 32));
+    __m256i c2 = _mm256_set1_epi32((int)step);
+    __m256i c3 = _mm256_set1_epi32((int)layer);
+    uint32_t k0 = key[0], k1 = key[1];
+    for (int r = 0; r < 10; r++) {
+      __m256i h0, l0, h1, l1;
+      mulhilo8(c0, m0, &h0, &l0);
+      mulhilo8(c2, m1, &h1, &l1);
+      c0 = _mm256_xor_si256(_mm256_xor_si256(h1, c1),
+                            _mm256_set1_epi32((int)k0));
+      c1 = l1;
+      c2 = _mm256_xor_si256(_mm256_xor_si256(h0, c3),
+                            _mm256_set1_epi32((int)k1));
+      c3 = l0;
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    __m256i t0 = _mm256_unpacklo_epi32(c0, c1);
+    __m256i t1 = _mm256_unpacklo_epi32(c2, c3);
+    __m256i t2 = _mm256_unpackhi_epi32(c0, c1);
+    __m256i t3 = _mm256_unpackhi_epi32(c2, c3);
+    __m256i u0 = _mm256_unpacklo_epi64(t0, t1); /* blocks 0 and 4 */
+    __m256i u1 = _mm256_unpackhi_epi64(t0, t1); /* blocks 1 and 5 */
+    __m256i u2 = _mm256_unpacklo_epi64(t2, t3); /* blocks 2 and 6 */
+    __m256i u3 = _mm256_unpackhi_epi64(t2, t3); /* blocks 3 and 7 */
+    __m256i w[4] = {_mm256_permute2x128_si256(u0, u1, 0x20),
+                    _mm256_permute2x128_si256(u2, u3, 0x20),
+                    _mm256_permute2x128_si256(u0, u1, 0x31),
+                    _mm256_permute2x128_si256(u2, u3, 0x31)};
+    for (int q = 0; q < 4; q++) {
+      /* Unsigned word < thr, as a signed compare after flipping the sign
+       * bit of both sides. */
+      __m256i drop = _mm256_cmpgt_epi32(vthr, _mm256_xor_si256(w[q], bias));
+      __m256 v = _mm256_mul_ps(_mm256_loadu_ps(in + i + 8 * q), vs);
+      _mm256_storeu_ps(out + i + 8 * q,
+                       _mm256_andnot_ps(_mm256_castsi256_ps(drop), v));
+    }
+  }
+  if (i < n)
+    sbn__dropout_ref(in + i, out + i, n - i, first + i, key, step, layer, thr,
+                     scale);
+}
+
 const sbn__kernels_t sbn__kernels_avx2 = {
     .name = "avx2",
     .moments = avx2_moments,
@@ -306,5 +379,6 @@ const sbn__kernels_t sbn__kernels_avx2 = {
     .ln_forward = avx2_ln_forward,
     .ln_bwd_reduce = avx2_ln_bwd_reduce,
     .ln_bwd_apply = avx2_ln_bwd_apply,
+    .dropout = avx2_dropout,
 };
 #endif /* SBN__HAVE_AVX2 */

@@ -116,4 +116,5 @@ const sbn__kernels_t sbn__kernels_ref = {
     .ln_forward = ref_ln_forward,
     .ln_bwd_reduce = ref_ln_bwd_reduce,
     .ln_bwd_apply = ref_ln_bwd_apply,
+    .dropout = sbn__dropout_ref,
 };

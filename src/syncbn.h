@@ -265,12 +265,12 @@ int sbn_backward(sbn_layer_t *layer, const sbn_backward_args_t *args);
 /* The seam for SyncBN (fusion, overlap, a stats-only service path).
  * Forward = stats_local -> reduce the C records -> forward_finish.
  * Backward = backward_local -> reduce the C records -> backward_finish.
- * sbn_bn_needs_reduce() says whether forward/backward use batch statistics
- * (training, or no running statistics) and so need the reduction at all;
- * when it returns 0 the *_local calls are not needed and *_finish ignore
- * the records argument (it may be NULL).
- * Eval mode without running stats uses the local batch statistics and never
- * communicates (PyTorch's SyncBatchNorm does the same). */
+ * sbn_bn_needs_reduce() says whether a call in this mode reduces at all:
+ * 1 only for a BatchNorm layer in training. In eval the *_finish calls do
+ * the whole (local) work themselves and ignore recs (it may be NULL), and
+ * the *_local calls are not needed: eval uses the running statistics, or
+ * the local batch statistics when none are tracked, and never communicates
+ * (PyTorch's SyncBatchNorm does the same). */
 int sbn_bn_needs_reduce(const sbn_layer_t *layer, sbn_mode_t mode);
 /* Writes C SBN_REC_MOMENTS records (count, mean, M2) of the local batch. */
 int sbn_bn_forward_local(sbn_layer_t *layer, const sbn_forward_args_t *args,

@@ -266,6 +266,51 @@ static void test_layout_agreement(void **state) {
   sbn_kernel_select("ref");
 }
 
+/* Dropout masks are integer functions of the counter, so every kernel set
+ * must give exactly the reference's bits, on every length (the vector code
+ * handles 32 elements at a time) and for p at the edges. */
+static void test_dropout_sets(void **state) {
+  (void)state;
+  const char *const *sets;
+  int nsets = tu_kernel_sets(&sets);
+  const size_t ns[] = {1, 3, 4, 5, 31, 32, 33, 63, 64, 65, 100, 1027};
+  const double ps[] = {0.0, 1e-9, 0.1, 0.5, 0.999};
+  for (int ks = 0; ks < nsets; ks++) {
+    if (strcmp(sets[ks], "ref") == 0 || tu_kernel_use(sets[ks]) != 0)
+      continue;
+    for (size_t in = 0; in < sizeof ns / sizeof *ns; in++)
+      for (size_t ip = 0; ip < sizeof ps / sizeof *ps; ip++) {
+        size_t n = ns[in];
+        sbn_layer_params_t p;
+        sbn_layer_t *l;
+        sbn_layer_params_default(&p, SBN_OP_DROPOUT);
+        p.p = ps[ip];
+        p.seed = 7 + (uint32_t)in;
+        p.layer_id = 3;
+        assert_int_equal(sbn_layer_create(&p, NULL, &l), 0);
+        sbn_tensor_desc_t d = tu_desc(SBN_LAYOUT_NCHW, 1, n);
+        float *x = tu_floats(n), *a = guarded(n), *b = guarded(n);
+        for (size_t i = 0; i < n; i++)
+          x[i] = 1.0f + (float)i;
+        sbn_forward_args_t fa = {
+            .mode = SBN_MODE_TRAIN, .x_desc = &d, .x = x, .step = 11};
+        fa.y = a;
+        assert_int_equal(sbn_kernel_select("ref"), 0);
+        assert_int_equal(sbn_forward(l, &fa), 0);
+        fa.y = b;
+        assert_int_equal(sbn_kernel_select(sets[ks]), 0);
+        assert_int_equal(sbn_forward(l, &fa), 0);
+        if (memcmp(a, b, n * sizeof(float)) != 0)
+          fail_msg("dropout %s n=%zu p=%g differs from ref", sets[ks], n,
+                   ps[ip]);
+        check_guard(b, n, "dropout y");
+        sbn_layer_destroy(l);
+        free(x), free(a), free(b);
+      }
+  }
+  sbn_kernel_select("ref");
+}
+
 static int report(void **state) {
   (void)state;
   tu_err_report("optimized vs ref");
@@ -277,6 +322,7 @@ int main(void) {
       cmocka_unit_test(test_names),
       cmocka_unit_test(test_sets_vs_ref),
       cmocka_unit_test(test_layout_agreement),
+      cmocka_unit_test(test_dropout_sets),
   };
   return cmocka_run_group_tests(tests, NULL, report);
 }

@@ -1,0 +1,368 @@
+/* The MPI communicator: one MPI communicator per layer (its sync group),
+ * records reduced with a user-defined MPI_Op that calls sbn_rec_combine.
+ *
+ * Every collective syncbn issues runs on a communicator it created itself
+ * with MPI_ERRORS_RETURN, so an MPI failure comes back as SBN_ECOMM instead
+ * of aborting the job, and the caller's communicators are never modified. */
+#include <limits.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+#include "syncbn_mpi.h"
+
+typedef struct sbn__mpi_comm_s {
+  sbn_comm_t base; /* first, so a sbn_comm_t * is a sbn__mpi_comm_t * */
+  MPI_Comm comm;   /* the sync group, owned */
+} sbn__mpi_comm_t;
+
+/* A pending non-blocking reduction, handed out as the vtable's request. */
+typedef struct sbn__mpi_req_s {
+  MPI_Request req;
+} sbn__mpi_req_t;
+
+/* The record datatype and the Chan merge operation are created with the
+ * first communicator and freed with the last one, so a program that
+ * destroys its communicators before MPI_Finalize leaks nothing. The count
+ * is not atomic: like all of syncbn's MPI use, creating and destroying
+ * communicators happens on one thread (they are collectives anyway). */
+static MPI_Datatype sbn__rec_type = MPI_DATATYPE_NULL;
+static MPI_Op sbn__rec_op = MPI_OP_NULL;
+static int sbn__rec_users = 0;
+
+int sbn_mpi_error(int mpi_err, const char *call) {
+  char msg[MPI_MAX_ERROR_STRING];
+  int len = 0;
+  if (MPI_Error_string(mpi_err, msg, &len) != MPI_SUCCESS)
+    len = 0;
+  msg[len < MPI_MAX_ERROR_STRING ? len : MPI_MAX_ERROR_STRING - 1] = '\0';
+  return sbn__set_error(SBN_ECOMM, "%s: MPI error %d (%s)",
+                        call != NULL ? call : "MPI", mpi_err,
+                        len > 0 ? msg : "unknown");
+}
+
+/* MPI calls this with len records of sbn__rec_type. */
+static void sbn__rec_op_fn(void *in, void *inout, int *len,
+                           MPI_Datatype *type) {
+  (void)type;
+  sbn_rec_combine(in, inout, (size_t)*len);
+}
+
+static int sbn__rec_acquire(void) {
+  int err;
+  if (sbn__rec_users > 0) {
+    sbn__rec_users++;
+    return 0;
+  }
+  /* The record is four doubles with no padding, so a contiguous type
+   * describes it exactly on every platform. */
+  _Static_assert(sizeof(sbn_rec_t) == 4 * sizeof(double),
+                 "sbn_rec_t must be four packed doubles");
+  err = MPI_Type_contiguous(4, MPI_DOUBLE, &sbn__rec_type);
+  if (err != MPI_SUCCESS)
+    return sbn_mpi_error(err, "MPI_Type_contiguous");
+  err = MPI_Type_commit(&sbn__rec_type);
+  if (err != MPI_SUCCESS) {
+    MPI_Type_free(&sbn__rec_type);
+    return sbn_mpi_error(err, "MPI_Type_commit");
+  }
+  /* Commutative: sbn_rec_combine gives the same bits either way round. */
+  err = MPI_Op_create(sbn__rec_op_fn, 1, &sbn__rec_op);
+  if (err != MPI_SUCCESS) {
+    MPI_Type_free(&sbn__rec_type);
+    return sbn_mpi_error(err, "MPI_Op_create");
+  }
+  sbn__rec_users = 1;
+  return 0;
+}
+
+static void sbn__rec_release(void) {
+  if (sbn__rec_users <= 0 || --sbn__rec_users > 0)
+    return;
+  MPI_Op_free(&sbn__rec_op);
+  MPI_Type_free(&sbn__rec_type);
+}
+
+static int sbn__mpi_count(size_t n, int *count) {
+  if (n > (size_t)INT_MAX)
+    return sbn__set_error(SBN_ELIMIT, "n: %zu records exceed MPI's int count",
+                          n);
+  *count = (int)n;
+  return 0;
+}
+
+static int sbn__mpi_allreduce(sbn_comm_t *c, sbn_rec_t *recs, size_t n) {
+  sbn__mpi_comm_t *m = (sbn__mpi_comm_t *)c;
+  int count = 0, rc, err;
+  if ((rc = sbn__mpi_count(n, &count)) != 0)
+    return rc;
+  if (count == 0)
+    return 0;
+  err = MPI_Allreduce(MPI_IN_PLACE, recs, count, sbn__rec_type, sbn__rec_op,
+                      m->comm);
+  if (err != MPI_SUCCESS)
+    return sbn_mpi_error(err, "MPI_Allreduce");
+  return 0;
+}
+
+static int sbn__mpi_ibegin(sbn_comm_t *c, sbn_rec_t *recs, size_t n,
+                           void **request) {
+  sbn__mpi_comm_t *m = (sbn__mpi_comm_t *)c;
+  sbn__mpi_req_t *r = NULL;
+  int count = 0, rc, err;
+  if (request == NULL)
+    return sbn__set_error(SBN_EINVAL, "request: NULL");
+  *request = NULL;
+  if ((rc = sbn__mpi_count(n, &count)) != 0)
+    return rc;
+  r = malloc(sizeof *r);
+  if (r == NULL)
+    return sbn__set_error(SBN_ENOMEM, "request: out of memory");
+  r->req = MPI_REQUEST_NULL;
+  if (count > 0) {
+    err = MPI_Iallreduce(MPI_IN_PLACE, recs, count, sbn__rec_type, sbn__rec_op,
+                         m->comm, &r->req);
+    if (err != MPI_SUCCESS) {
+      free(r);
+      return sbn_mpi_error(err, "MPI_Iallreduce");
+    }
+  }
+  *request = r;
+  return 0;
+}
+
+/* Polling is what moves the reduction forward: Open MPI has no progress
+ * thread here, so a caller overlapping work should call this now and then.
+ * The request stays allocated until iallreduce_end. */
+static int sbn__mpi_itest(sbn_comm_t *c, void *request, int *done) {
+  sbn__mpi_req_t *r = request;
+  int err;
+  (void)c;
+  if (r == NULL || done == NULL)
+    return sbn__set_error(SBN_EINVAL, "%s: NULL",
+                          r == NULL ? "request" : "done");
+  /* A completed request becomes MPI_REQUEST_NULL, and MPI_Test on that
+   * reports completion again, so polling after completion is harmless. */
+  err = MPI_Test(&r->req, done, MPI_STATUS_IGNORE);
+  if (err != MPI_SUCCESS)
+    return sbn_mpi_error(err, "MPI_Test");
+  return 0;
+}
+
+static int sbn__mpi_iend(sbn_comm_t *c, void *request) {
+  sbn__mpi_req_t *r = request;
+  int err;
+  (void)c;
+  if (r == NULL)
+    return sbn__set_error(SBN_EINVAL, "request: NULL");
+  err = MPI_Wait(&r->req, MPI_STATUS_IGNORE);
+  free(r);
+  if (err != MPI_SUCCESS)
+    return sbn_mpi_error(err, "MPI_Wait");
+  return 0;
+}
+
+static void sbn__mpi_destroy(sbn_comm_t *c) {
+  sbn__mpi_comm_t *m = (sbn__mpi_comm_t *)c;
+  if (m == NULL)
+    return;
+  if (m->comm != MPI_COMM_NULL)
+    MPI_Comm_free(&m->comm);
+  free(m);
+  sbn__rec_release();
+}
+
+static const sbn_comm_vtable_t sbn__mpi_vt = {
+    .allreduce = sbn__mpi_allreduce,
+    .iallreduce_begin = sbn__mpi_ibegin,
+    .iallreduce_test = sbn__mpi_itest,
+    .iallreduce_end = sbn__mpi_iend,
+    .destroy = sbn__mpi_destroy,
+};
+
+MPI_Comm sbn_mpi_comm_handle(const sbn_comm_t *c) {
+  if (c == NULL || c->vt != &sbn__mpi_vt)
+    return MPI_COMM_NULL;
+  return ((const sbn__mpi_comm_t *)c)->comm;
+}
+
+/* The fields compared across ranks at layer creation, in the order of the
+ * array exchanged. Field 0 says whether the caller's arguments were usable
+ * at all, so a rank with a NULL argument still joins the collective and
+ * every rank fails the same way instead of some of them hanging. */
+enum {
+  F_OK,
+  F_OP,
+  F_CHANNELS,
+  F_GROUPS,
+  F_EPS,
+  F_MOMENTUM,
+  F_CUMULATIVE,
+  F_AFFINE,
+  F_TRACK,
+  F_P,
+  F_GROUP_SIZE,
+  F_NORM_NDIM,
+  F_NORM_SHAPE,
+  F_COUNT = F_NORM_SHAPE + SBN_MAX_DIMS
+};
+
+static const char *const sbn__field_names[F_NORM_SHAPE + 1] = {
+    "arguments",  "op",         "channels",
+    "groups",     "eps",        "momentum",
+    "cumulative", "affine",     "track_running_stats",
+    "p",          "group_size", "norm_ndim",
+    "norm_shape"};
+
+static uint64_t sbn__dbits(double v) {
+  uint64_t u;
+  memcpy(&u, &v, sizeof u);
+  return u;
+}
+
+/* Fills the description of a layer as bit patterns: doubles compare by
+ * their bits, so NaN and -0.0 are handled exactly. */
+static void sbn__describe(const sbn_layer_params_t *p, int group_size,
+                          uint64_t f[F_COUNT]) {
+  memset(f, 0, F_COUNT * sizeof *f);
+  if (p == NULL)
+    return;
+  f[F_OK] = 1;
+  f[F_OP] = (uint64_t)p->op;
+  f[F_CHANNELS] = (uint64_t)p->channels;
+  f[F_GROUPS] = (uint64_t)p->groups;
+  f[F_EPS] = sbn__dbits(p->eps);
+  f[F_MOMENTUM] = sbn__dbits(p->momentum);
+  f[F_CUMULATIVE] = (uint64_t)(p->cumulative != 0);
+  f[F_AFFINE] = (uint64_t)(p->affine != 0);
+  f[F_TRACK] = (uint64_t)(p->track_running_stats != 0);
+  f[F_P] = sbn__dbits(p->p);
+  f[F_GROUP_SIZE] = (uint64_t)group_size;
+  f[F_NORM_NDIM] = (uint64_t)(int64_t)p->norm_ndim;
+  if (p->op == SBN_OP_LAYERNORM)
+    for (int i = 0; i < SBN_MAX_DIMS; i++)
+      f[F_NORM_SHAPE + i] = (uint64_t)p->norm_shape[i];
+}
+
+/* One MPI_Allreduce with MPI_BAND over the fields and their complements:
+ * the AND of the values equals the complement of the AND of the
+ * complements (which is the OR of the values) exactly when every rank
+ * holds the same bits. */
+static int sbn__check_same(MPI_Comm comm, const uint64_t f[F_COUNT],
+                           int *first_diff, int *all_ok) {
+  uint64_t buf[2 * F_COUNT];
+  int err;
+  for (int i = 0; i < F_COUNT; i++) {
+    buf[i] = f[i];
+    buf[F_COUNT + i] = ~f[i];
+  }
+  err = MPI_Allreduce(MPI_IN_PLACE, buf, 2 * F_COUNT, MPI_UINT64_T, MPI_BAND,
+                      comm);
+  if (err != MPI_SUCCESS)
+    return sbn_mpi_error(err, "MPI_Allreduce");
+  *all_ok = buf[F_OK] != 0;
+  *first_diff = -1;
+  for (int i = 0; i < F_COUNT; i++) {
+    if (buf[i] != ~buf[F_COUNT + i]) {
+      *first_diff = i;
+      break;
+    }
+  }
+  return 0;
+}
+
+int sbn_mpi_comm_create(MPI_Comm parent, int group_size,
+                        const sbn_layer_params_t *params, sbn_comm_t **out) {
+  MPI_Comm world = MPI_COMM_NULL, group = MPI_COMM_NULL;
+  sbn__mpi_comm_t *m = NULL;
+  uint64_t f[F_COUNT];
+  int rank, size, k, diff = -1, all_ok = 0, err, rc = 0, have_rec = 0;
+
+  if (out != NULL)
+    *out = NULL;
+  /* Calling MPI outside its lifetime is undefined (usually an abort), so
+   * this one mistake is caught before any MPI call. */
+  int inited = 0, finalized = 0;
+  MPI_Initialized(&inited);
+  MPI_Finalized(&finalized);
+  if (!inited || finalized)
+    return sbn__set_error(SBN_ESTATE, "MPI: %s",
+                          finalized ? "already finalized"
+                                    : "not initialized (call MPI_Init first)");
+  /* Work on a duplicate so that the checks run with MPI_ERRORS_RETURN
+   * without touching the caller's error handler. */
+  err = MPI_Comm_dup(parent, &world);
+  if (err != MPI_SUCCESS)
+    return sbn_mpi_error(err, "MPI_Comm_dup");
+  err = MPI_Comm_set_errhandler(world, MPI_ERRORS_RETURN);
+  if (err != MPI_SUCCESS) {
+    rc = sbn_mpi_error(err, "MPI_Comm_set_errhandler");
+    goto fail;
+  }
+  if ((err = MPI_Comm_rank(world, &rank)) != MPI_SUCCESS ||
+      (err = MPI_Comm_size(world, &size)) != MPI_SUCCESS) {
+    rc = sbn_mpi_error(err, "MPI_Comm_rank");
+    goto fail;
+  }
+  /* k <= 0 and k >= size both mean one group of every rank; normalizing
+   * first makes the two spellings compare equal. */
+  k = (group_size <= 0 || group_size > size) ? size : group_size;
+  sbn__describe(out != NULL ? params : NULL, k, f);
+  if ((rc = sbn__check_same(world, f, &diff, &all_ok)) != 0)
+    goto fail;
+  if (!all_ok) {
+    rc = sbn__set_error(SBN_EINVAL,
+                        "params: NULL params or out on at least one rank");
+    goto fail;
+  }
+  if (diff >= 0) {
+    const char *name =
+        sbn__field_names[diff < F_NORM_SHAPE ? diff : F_NORM_SHAPE];
+    rc = sbn__set_error(SBN_EMISMATCH,
+                        "%s: differs between ranks of the layer's "
+                        "communicator",
+                        name);
+    goto fail;
+  }
+
+  err = MPI_Comm_split(world, rank / k, rank, &group);
+  if (err != MPI_SUCCESS) {
+    rc = sbn_mpi_error(err, "MPI_Comm_split");
+    goto fail;
+  }
+  err = MPI_Comm_set_errhandler(group, MPI_ERRORS_RETURN);
+  if (err != MPI_SUCCESS) {
+    rc = sbn_mpi_error(err, "MPI_Comm_set_errhandler");
+    goto fail;
+  }
+  if ((rc = sbn__rec_acquire()) != 0)
+    goto fail;
+  have_rec = 1;
+  m = calloc(1, sizeof *m);
+  if (m == NULL) {
+    rc = sbn__set_error(SBN_ENOMEM, "comm: out of memory");
+    goto fail;
+  }
+  m->base.vt = &sbn__mpi_vt;
+  m->base.world_rank = rank;
+  if ((err = MPI_Comm_rank(group, &m->base.rank)) != MPI_SUCCESS ||
+      (err = MPI_Comm_size(group, &m->base.size)) != MPI_SUCCESS) {
+    rc = sbn_mpi_error(err, "MPI_Comm_rank");
+    goto fail;
+  }
+  m->comm = group;
+  MPI_Comm_free(&world);
+  *out = &m->base;
+  return 0;
+
+fail:
+  free(m);
+  if (have_rec)
+    sbn__rec_release();
+  if (group != MPI_COMM_NULL)
+    MPI_Comm_free(&group);
+  if (world != MPI_COMM_NULL)
+    MPI_Comm_free(&world);
+  return rc;
+}
