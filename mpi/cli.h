@@ -1,0 +1,16 @@
+/* Subcommands of the `syncbn` program. Each takes the arguments after the
+ * subcommand name (argv[0] is the subcommand), prints its own messages, and
+ * returns the process exit status: 0 success, 1 a runtime failure (a file,
+ * the data, the library, MPI), 2 a usage error (the command line itself is
+ * wrong). */
+#ifndef SBN_CLI_H
+#define SBN_CLI_H
+
+/* `syncbn apply`: one forward (and backward) of one layer on .npy files,
+ * single process or, with --sync, SyncBN over MPI (mpi/cli_apply.c). */
+int sbn_cli_apply(int argc, char **argv);
+
+/* `syncbn bench`: kernel and reduction timings (mpi/cli_bench.c). */
+int sbn_cli_bench(int argc, char **argv);
+
+#endif /* SBN_CLI_H */

@@ -1,0 +1,260 @@
+/* syncbnd: one normalization worker per MPI rank, serving local clients
+ * over a Unix socket (protocol: mpi/service/PROTOCOL.md).
+ *
+ * main() only parses flags and wires the pieces: MPI start-up (rank, size,
+ * an agreed default socket directory), the worker (src/svc_worker.c) and
+ * the libuv server (src/svc_server.c). MPI is used only before the loop
+ * starts; the loop never blocks inside MPI. */
+#include <errno.h>
+#include <limits.h>
+#include <mpi.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "svc_server.h"
+#include "svc_worker.h"
+
+static void usage(FILE *f) {
+  fprintf(f,
+          "Usage: mpirun -np P syncbnd [options]\n"
+          "\n"
+          "Runs one syncbn worker per MPI rank. Each listens on the Unix "
+          "socket\n"
+          "DIR/rank-<r>.sock and serves the clients of its own user (the "
+          "protocol\n"
+          "is in mpi/service/PROTOCOL.md). Each rank prints one line when "
+          "ready:\n"
+          "  syncbnd: rank R ready on PATH\n"
+          "SIGINT or SIGTERM makes a worker close its connections, remove its "
+          "socket\n"
+          "and exit; mpirun then ends the whole job.\n"
+          "\n"
+          "Options:\n"
+          "  --socket-dir DIR     directory of the sockets; created with mode "
+          "0700 if\n"
+          "                       missing, refused if it is a symlink, owned "
+          "by another\n"
+          "                       user or open to group/others (default:\n"
+          "                       $XDG_RUNTIME_DIR/syncbnd-<job>, else\n"
+          "                       /tmp/syncbnd-<uid>-<job>, <job> agreed by "
+          "the ranks)\n"
+          "  --max-frame BYTES    largest request frame body (default "
+          "268435456)\n"
+          "  --max-clients N      clients served at once per rank (default "
+          "64)\n"
+          "  --max-output BYTES   replies queued for one client before it is "
+          "dropped\n"
+          "                       as not reading (default 536870912)\n"
+          "  --idle-timeout S     close a connection without a request for S "
+          "seconds;\n"
+          "                       0 = never (default 300)\n"
+          "  --frame-timeout S    close a connection whose started frame is "
+          "not complete\n"
+          "                       after S seconds; 0 = never (default 60)\n"
+          "  --keep-steps K       keep a layer's forward state for backward "
+          "until its\n"
+          "                       step is more than K behind the newest "
+          "(default 2)\n"
+          "  --max-layers N       layers a worker holds (default 1024)\n"
+          "  --max-saved BYTES    forward state kept for backward, all "
+          "layers (default\n"
+          "                       4294967296)\n"
+          "  --max-depth N        msgpack nesting depth of a request, at most "
+          "32\n"
+          "                       (default 8)\n"
+          "  --max-objects N      msgpack objects in a request (default "
+          "4096)\n"
+          "  --help               this text\n");
+}
+
+static int parse_u64(const char *flag, const char *s, uint64_t max,
+                     uint64_t *out) {
+  char *end;
+  unsigned long long v;
+  errno = 0;
+  if (s == NULL || *s == '\0' || *s == '-')
+    goto bad;
+  v = strtoull(s, &end, 10);
+  if (errno != 0 || *end != '\0' || v > max)
+    goto bad;
+  *out = v;
+  return 0;
+bad:
+  fprintf(stderr, "syncbnd: %s: expected an integer in [0, %llu], got '%s'\n",
+          flag, (unsigned long long)max, s != NULL ? s : "");
+  return -1;
+}
+
+static int parse_seconds(const char *flag, const char *s, double *out) {
+  char *end;
+  double v;
+  if (s == NULL || *s == '\0')
+    goto bad;
+  errno = 0;
+  v = strtod(s, &end);
+  if (errno != 0 || *end != '\0' || !(v >= 0 && v <= 1e7))
+    goto bad;
+  *out = v;
+  return 0;
+bad:
+  fprintf(stderr, "syncbnd: %s: expected seconds in [0, 1e7], got '%s'\n", flag,
+          s != NULL ? s : "");
+  return -1;
+}
+
+typedef struct opts_s {
+  const char *socket_dir;
+  svc_worker_config_t wc;
+} opts_t;
+
+/* Returns 0 to run, 1 after --help, 2 on a usage error. */
+static int parse_args(int argc, char **argv, opts_t *o) {
+  svc_worker_config_default(&o->wc);
+  o->socket_dir = NULL;
+  for (int i = 1; i < argc; i++) {
+    const char *a = argv[i];
+    const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+    uint64_t u;
+    if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
+      usage(stdout);
+      return 1;
+    }
+    if (v == NULL) {
+      fprintf(stderr, "syncbnd: %s: unknown option or missing value\n", a);
+      return 2;
+    }
+    i++;
+    if (strcmp(a, "--socket-dir") == 0) {
+      o->socket_dir = v;
+    } else if (strcmp(a, "--max-frame") == 0) {
+      if (parse_u64(a, v, UINT32_MAX, &u) != 0 || u == 0)
+        return 2;
+      o->wc.limits.max_frame = (uint32_t)u;
+    } else if (strcmp(a, "--max-clients") == 0) {
+      if (parse_u64(a, v, 100000, &u) != 0 || u == 0)
+        return 2;
+      o->wc.max_clients = (uint32_t)u;
+    } else if (strcmp(a, "--max-output") == 0) {
+      if (parse_u64(a, v, UINT64_MAX, &u) != 0)
+        return 2;
+      o->wc.max_output = u;
+    } else if (strcmp(a, "--idle-timeout") == 0) {
+      if (parse_seconds(a, v, &o->wc.idle_timeout) != 0)
+        return 2;
+    } else if (strcmp(a, "--frame-timeout") == 0) {
+      if (parse_seconds(a, v, &o->wc.frame_timeout) != 0)
+        return 2;
+    } else if (strcmp(a, "--keep-steps") == 0) {
+      if (parse_u64(a, v, UINT32_MAX, &u) != 0)
+        return 2;
+      o->wc.keep_steps = (uint32_t)u;
+    } else if (strcmp(a, "--max-layers") == 0) {
+      if (parse_u64(a, v, 1u << 20, &u) != 0 || u == 0)
+        return 2;
+      o->wc.max_layers = (uint32_t)u;
+    } else if (strcmp(a, "--max-saved") == 0) {
+      if (parse_u64(a, v, UINT64_MAX, &u) != 0)
+        return 2;
+      o->wc.max_saved = u;
+    } else if (strcmp(a, "--max-depth") == 0) {
+      if (parse_u64(a, v, 32, &u) != 0 || u < 3)
+        return 2;
+      o->wc.limits.max_depth = (uint32_t)u;
+    } else if (strcmp(a, "--max-objects") == 0) {
+      if (parse_u64(a, v, 1u << 24, &u) != 0 || u < 64)
+        return 2;
+      o->wc.limits.max_objects = (uint32_t)u;
+    } else {
+      fprintf(stderr, "syncbnd: %s: unknown option (see --help)\n", a);
+      return 2;
+    }
+  }
+  return 0;
+}
+
+int main(int argc, char **argv) {
+  opts_t o;
+  int rank = 0, size = 1, rc, status = 1, sig = 0;
+  long job = 0;
+  char dir[PATH_MAX], path[PATH_MAX], msg[512];
+  svc_worker_t *worker = NULL;
+  svc_server_t *server = NULL;
+  svc_server_config_t sc;
+
+  rc = parse_args(argc, argv, &o);
+  if (rc != 0)
+    return rc == 1 ? 0 : 2;
+  /* Sockets and the directory must never be reachable by others,
+   * whatever umask the job was started with. A client that vanishes
+   * mid-write must not kill the worker. */
+  umask(077);
+  signal(SIGPIPE, SIG_IGN);
+
+  MPI_Init(&argc, &argv);
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  /* The ranks agree on one job name (rank 0's pid) so that the default
+   * directory is shared by the job and distinct between jobs. */
+  job = (long)getpid();
+  MPI_Bcast(&job, 1, MPI_LONG, 0, MPI_COMM_WORLD);
+  if (o.socket_dir != NULL) {
+    rc = snprintf(dir, sizeof dir, "%s", o.socket_dir);
+  } else {
+    const char *xdg = getenv("XDG_RUNTIME_DIR");
+    if (xdg != NULL && xdg[0] == '/')
+      rc = snprintf(dir, sizeof dir, "%s/syncbnd-%ld", xdg, job);
+    else
+      rc = snprintf(dir, sizeof dir, "/tmp/syncbnd-%u-%ld", (unsigned)geteuid(),
+                    job);
+  }
+  if (rc < 0 || (size_t)rc >= sizeof dir ||
+      snprintf(path, sizeof path, "%s/rank-%d.sock", dir, rank) >=
+          (int)sizeof path) {
+    fprintf(stderr, "syncbnd: rank %d: socket path too long\n", rank);
+    goto done;
+  }
+  if (svc_socket_dir_prepare(dir, msg, sizeof msg) != 0) {
+    fprintf(stderr, "syncbnd: rank %d: %s\n", rank, msg);
+    goto done;
+  }
+  o.wc.rank = rank;
+  o.wc.size = size;
+  if (svc_worker_create(&o.wc, &worker) != 0) {
+    fprintf(stderr, "syncbnd: rank %d: cannot create the worker\n", rank);
+    goto done;
+  }
+  memset(&sc, 0, sizeof sc);
+  sc.socket_path = path;
+  sc.max_clients = o.wc.max_clients;
+  sc.max_output = o.wc.max_output;
+  sc.idle_timeout = o.wc.idle_timeout;
+  sc.frame_timeout = o.wc.frame_timeout;
+  sc.limits = o.wc.limits;
+  if (svc_server_create(&sc, worker, &server, msg, sizeof msg) != 0) {
+    fprintf(stderr, "syncbnd: rank %d: %s\n", rank, msg);
+    goto done;
+  }
+  printf("syncbnd: rank %d ready on %s\n", rank, path);
+  fflush(stdout);
+  sig = svc_server_run(server);
+  if (sig != 0)
+    fprintf(stderr, "syncbnd: rank %d: signal %d, shutting down\n", rank, sig);
+  status = 0;
+done:
+  svc_server_destroy(server);
+  svc_worker_destroy(worker);
+  if (status != 0) {
+    /* One rank cannot serve: the job as a whole cannot either. */
+    MPI_Abort(MPI_COMM_WORLD, 1);
+  }
+  /* Every rank gets the signal from mpirun; a rank signalled on its own
+   * leaves without MPI_Finalize (which would wait for the others), and
+   * mpirun then ends the job. */
+  if (sig == 0)
+    MPI_Finalize();
+  return status;
+}

@@ -1,0 +1,78 @@
+/* The `syncbn` program: dispatches to a subcommand. Everything else lives
+ * in mpi/cli_*.c. MPI is initialized by a subcommand only when it needs it
+ * (--sync), so every subcommand also runs without mpirun. */
+#include <stdio.h>
+#include <string.h>
+
+#include "cli.h"
+#include "syncbn.h"
+
+/* Subcommands that other files may or may not provide (the architecture
+ * plans `study` and `train`). A weak reference resolves to NULL when no
+ * mpi/cli_*.c defines the function, so adding such a file is enough to make
+ * its subcommand appear here. */
+#if defined(__GNUC__)
+int sbn_cli_study(int argc, char **argv) __attribute__((weak));
+int sbn_cli_train(int argc, char **argv) __attribute__((weak));
+#define SBN__OPTIONAL(fn) (fn)
+#else
+#define SBN__OPTIONAL(fn) NULL
+#endif
+
+typedef struct sbn_subcmd_s {
+  const char *name;
+  int (*run)(int argc, char **argv);
+  const char *what;
+} sbn_subcmd_t;
+
+static void usage(FILE *f, const sbn_subcmd_t *cmds, size_t n) {
+  fprintf(f,
+          "usage: syncbn <command> [options]\n"
+          "       syncbn --help | --version\n"
+          "\n"
+          "Synchronized normalization (BatchNorm, LayerNorm, InstanceNorm,\n"
+          "GroupNorm, Dropout) on .npy files; SyncBN over MPI with --sync\n"
+          "under mpirun.\n"
+          "\n"
+          "commands:\n");
+  for (size_t i = 0; i < n; i++)
+    if (cmds[i].run != NULL)
+      fprintf(f, "  %-8s %s\n", cmds[i].name, cmds[i].what);
+  fprintf(f,
+          "\n"
+          "`syncbn <command> --help` documents each command's options.\n"
+          "Exit status: 0 success, 1 runtime failure, 2 usage error.\n");
+}
+
+int main(int argc, char **argv) {
+  const sbn_subcmd_t cmds[] = {
+      {"apply", sbn_cli_apply,
+       "run one layer's forward (and backward) on .npy files"},
+      {"bench", sbn_cli_bench,
+       "time the kernels against memcpy and the SyncBN reduction against "
+       "MPI_Allreduce"},
+      {"study", SBN__OPTIONAL(sbn_cli_study), "numerical study"},
+      {"train", SBN__OPTIONAL(sbn_cli_train), "train a small model"},
+  };
+  const size_t n = sizeof cmds / sizeof *cmds;
+  if (argc < 2) {
+    usage(stderr, cmds, n);
+    return 2;
+  }
+  if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 ||
+      strcmp(argv[1], "help") == 0) {
+    usage(stdout, cmds, n);
+    return 0;
+  }
+  if (strcmp(argv[1], "--version") == 0) {
+    printf("syncbn %d.%d.%d (kernels: %s)\n", SBN_VERSION_MAJOR,
+           SBN_VERSION_MINOR, SBN_VERSION_PATCH, sbn_kernel_name());
+    return 0;
+  }
+  for (size_t i = 0; i < n; i++)
+    if (cmds[i].run != NULL && strcmp(argv[1], cmds[i].name) == 0)
+      return cmds[i].run(argc - 1, argv + 1);
+  fprintf(stderr, "syncbn: unknown command '%s'\n\n", argv[1]);
+  usage(stderr, cmds, n);
+  return 2;
+}

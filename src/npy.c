@@ -1,0 +1,536 @@
+/* .npy tensor files: a strict reader for little-endian float32/float64 in
+ * C order, and an atomic float32 writer.
+ *
+ * The header is a Python dict literal. Rather than accept "anything
+ * ast.literal_eval would", the reader takes exactly the three keys NumPy
+ * writes ('descr', 'fortran_order', 'shape'), each once, in any order, and
+ * checks the declared data size against the file size before allocating, so
+ * a lying header can never size an allocation beyond what the file holds. */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "internal.h"
+#include "sbn_npy.h"
+
+/* The largest header accepted (versions 2.0 and 3.0 declare 4-byte header
+ * lengths; NumPy itself never writes more than a few hundred bytes). */
+#define SBN__NPY_MAX_HEADER (1u << 20)
+
+static const char sbn__npy_magic[6] = {'\x93', 'N', 'U', 'M', 'P', 'Y'};
+
+static int sbn__host_big_endian(void) {
+  const uint16_t one = 1;
+  unsigned char b;
+  memcpy(&b, &one, 1);
+  return b == 0;
+}
+
+static void sbn__swap_bytes(void *p, size_t width, size_t n) {
+  unsigned char *b = p;
+  for (size_t i = 0; i < n; i++, b += width) {
+    for (size_t j = 0; j < width / 2; j++) {
+      unsigned char t = b[j];
+      b[j] = b[width - 1 - j];
+      b[width - 1 - j] = t;
+    }
+  }
+}
+
+/* ------------------------------------------------------------------ */
+/* Header parsing. */
+
+typedef struct sbn__npy_hdr_s {
+  int have_descr, have_fortran, have_shape;
+  size_t itemsize; /* 4 or 8 */
+  int fortran;
+  int ndim;
+  size_t dims[SBN_MAX_DIMS];
+} sbn__npy_hdr_t;
+
+typedef struct sbn__cursor_s {
+  const char *start, *p, *end;
+  const char *path;
+} sbn__cursor_t;
+
+static void sbn__skip_ws(sbn__cursor_t *c) {
+  while (c->p < c->end &&
+         (*c->p == ' ' || *c->p == '\t' || *c->p == '\n' || *c->p == '\r'))
+    c->p++;
+}
+
+static int sbn__expect(sbn__cursor_t *c, char ch) {
+  sbn__skip_ws(c);
+  if (c->p >= c->end || *c->p != ch)
+    return sbn__set_error(SBN_EFORMAT,
+                          "%s: malformed .npy header: expected '%c' at "
+                          "offset %td",
+                          c->path, ch, c->p - c->start);
+  c->p++;
+  return 0;
+}
+
+/* A quoted Python string without escapes (none of the accepted keys or
+ * values need one) copied into buf. */
+static int sbn__parse_str(sbn__cursor_t *c, char *buf, size_t cap) {
+  sbn__skip_ws(c);
+  if (c->p >= c->end || (*c->p != '\'' && *c->p != '"'))
+    return sbn__set_error(
+        SBN_EFORMAT, "%s: malformed .npy header: expected a string", c->path);
+  char q = *c->p++;
+  size_t n = 0;
+  while (c->p < c->end && *c->p != q) {
+    if (*c->p == '\\' || n + 1 >= cap)
+      return sbn__set_error(
+          SBN_EFORMAT, "%s: malformed .npy header: unexpected string", c->path);
+    buf[n++] = *c->p++;
+  }
+  if (c->p >= c->end)
+    return sbn__set_error(
+        SBN_EFORMAT, "%s: malformed .npy header: unterminated string", c->path);
+  c->p++;
+  buf[n] = '\0';
+  return 0;
+}
+
+static int sbn__parse_descr(sbn__cursor_t *c, sbn__npy_hdr_t *h) {
+  char d[32];
+  int rc = sbn__parse_str(c, d, sizeof d);
+  if (rc != 0)
+    return rc;
+  if (strcmp(d, "<f4") == 0) {
+    h->itemsize = 4;
+    return 0;
+  }
+  if (strcmp(d, "<f8") == 0) {
+    h->itemsize = 8;
+    return 0;
+  }
+  if (d[0] == '>' && (strcmp(d + 1, "f4") == 0 || strcmp(d + 1, "f8") == 0))
+    return sbn__set_error(SBN_EFORMAT,
+                          "%s: dtype '%s' is big-endian; only little-endian "
+                          "'<f4' and '<f8' are read",
+                          c->path, d);
+  return sbn__set_error(SBN_EFORMAT,
+                        "%s: dtype '%s' is not float32 ('<f4') or float64 "
+                        "('<f8')",
+                        c->path, d);
+}
+
+static int sbn__parse_bool(sbn__cursor_t *c, int *out) {
+  sbn__skip_ws(c);
+  size_t left = (size_t)(c->end - c->p);
+  if (left >= 4 && memcmp(c->p, "True", 4) == 0) {
+    c->p += 4;
+    *out = 1;
+    return 0;
+  }
+  if (left >= 5 && memcmp(c->p, "False", 5) == 0) {
+    c->p += 5;
+    *out = 0;
+    return 0;
+  }
+  return sbn__set_error(SBN_EFORMAT,
+                        "%s: malformed .npy header: fortran_order is not "
+                        "True or False",
+                        c->path);
+}
+
+static int sbn__parse_shape(sbn__cursor_t *c, sbn__npy_hdr_t *h) {
+  int rc;
+  if ((rc = sbn__expect(c, '(')) != 0)
+    return rc;
+  h->ndim = 0;
+  for (;;) {
+    sbn__skip_ws(c);
+    if (c->p < c->end && *c->p == ')') {
+      c->p++;
+      return 0;
+    }
+    if (c->p >= c->end || *c->p < '0' || *c->p > '9')
+      return sbn__set_error(SBN_EFORMAT,
+                            "%s: malformed .npy header: shape is not a "
+                            "tuple of non-negative integers",
+                            c->path);
+    size_t v = 0;
+    while (c->p < c->end && *c->p >= '0' && *c->p <= '9') {
+      size_t digit = (size_t)(*c->p - '0');
+      if (v > (SIZE_MAX - digit) / 10)
+        return sbn__set_error(
+            SBN_EFORMAT, "%s: shape: a dimension overflows size_t", c->path);
+      v = v * 10 + digit;
+      c->p++;
+    }
+    if (h->ndim == SBN_MAX_DIMS)
+      return sbn__set_error(SBN_EFORMAT,
+                            "%s: shape: more than %d dims are not supported",
+                            c->path, SBN_MAX_DIMS);
+    h->dims[h->ndim++] = v;
+    sbn__skip_ws(c);
+    if (c->p < c->end && *c->p == ',') {
+      c->p++;
+      continue;
+    }
+    if (c->p < c->end && *c->p == ')') {
+      /* A one-element tuple needs its trailing comma in Python. */
+      if (h->ndim == 1)
+        return sbn__set_error(SBN_EFORMAT,
+                              "%s: malformed .npy header: shape (%zu) is not "
+                              "a tuple",
+                              c->path, v);
+      c->p++;
+      return 0;
+    }
+    return sbn__set_error(
+        SBN_EFORMAT, "%s: malformed .npy header: bad shape tuple", c->path);
+  }
+}
+
+static int sbn__parse_header(const char *path, const char *text, size_t len,
+                             sbn__npy_hdr_t *h) {
+  sbn__cursor_t c = {text, text, text + len, path};
+  int rc;
+  memset(h, 0, sizeof *h);
+  if ((rc = sbn__expect(&c, '{')) != 0)
+    return rc;
+  for (;;) {
+    char key[32];
+    sbn__skip_ws(&c);
+    if (c.p < c.end && *c.p == '}') {
+      c.p++;
+      break;
+    }
+    if ((rc = sbn__parse_str(&c, key, sizeof key)) != 0)
+      return rc;
+    if ((rc = sbn__expect(&c, ':')) != 0)
+      return rc;
+    int *seen;
+    if (strcmp(key, "descr") == 0) {
+      seen = &h->have_descr;
+      rc = sbn__parse_descr(&c, h);
+    } else if (strcmp(key, "fortran_order") == 0) {
+      seen = &h->have_fortran;
+      rc = sbn__parse_bool(&c, &h->fortran);
+    } else if (strcmp(key, "shape") == 0) {
+      seen = &h->have_shape;
+      rc = sbn__parse_shape(&c, h);
+    } else {
+      return sbn__set_error(SBN_EFORMAT,
+                            "%s: malformed .npy header: unknown key '%s'", path,
+                            key);
+    }
+    if (rc != 0)
+      return rc;
+    if (*seen)
+      return sbn__set_error(SBN_EFORMAT,
+                            "%s: malformed .npy header: key '%s' given twice",
+                            path, key);
+    *seen = 1;
+    sbn__skip_ws(&c);
+    if (c.p < c.end && *c.p == ',') {
+      c.p++;
+      continue;
+    }
+    if ((rc = sbn__expect(&c, '}')) != 0)
+      return rc;
+    break;
+  }
+  sbn__skip_ws(&c);
+  /* NumPy pads with spaces and ends with a newline; nothing else may
+   * follow the dict. */
+  if (c.p != c.end)
+    return sbn__set_error(
+        SBN_EFORMAT, "%s: malformed .npy header: text after the dict", path);
+  if (!h->have_descr || !h->have_fortran || !h->have_shape)
+    return sbn__set_error(SBN_EFORMAT, "%s: malformed .npy header: no '%s'",
+                          path,
+                          !h->have_descr     ? "descr"
+                          : !h->have_fortran ? "fortran_order"
+                                             : "shape");
+  if (h->fortran)
+    return sbn__set_error(SBN_EFORMAT,
+                          "%s: Fortran-order arrays are not supported "
+                          "(save a C-order array)",
+                          path);
+  return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* Reading. */
+
+static int sbn__read_full(FILE *f, void *buf, size_t n) {
+  return fread(buf, 1, n, f) == n ? 0 : -1;
+}
+
+int sbn_npy_read(const char *path, sbn_npy_t *out) {
+  FILE *f = NULL;
+  char *hdr = NULL;
+  float *data = NULL;
+  void *chunk = NULL;
+  unsigned char pre[12];
+  sbn__npy_hdr_t h;
+  struct stat st;
+  size_t hlen, pre_len, numel = 1, bytes;
+  int rc;
+
+  if (out == NULL)
+    return sbn__set_error(SBN_EINVAL, "out: NULL");
+  memset(out, 0, sizeof *out);
+  if (path == NULL)
+    return sbn__set_error(SBN_EINVAL, "path: NULL");
+  f = fopen(path, "rb");
+  if (f == NULL) {
+    rc = sbn__set_error(SBN_EIO, "%s: %s", path, strerror(errno));
+    goto fail;
+  }
+  if (fstat(fileno(f), &st) != 0) {
+    rc = sbn__set_error(SBN_EIO, "%s: %s", path, strerror(errno));
+    goto fail;
+  }
+  /* The size check below is what keeps a lying header from sizing an
+   * allocation, and it needs a size. */
+  if (!S_ISREG(st.st_mode)) {
+    rc = sbn__set_error(SBN_EIO, "%s: not a regular file", path);
+    goto fail;
+  }
+  if (sbn__read_full(f, pre, 8) != 0 ||
+      memcmp(pre, sbn__npy_magic, sizeof sbn__npy_magic) != 0) {
+    rc = sbn__set_error(SBN_EFORMAT, "%s: not a .npy file (bad magic)", path);
+    goto fail;
+  }
+  if (pre[6] == 1) {
+    if (sbn__read_full(f, pre + 8, 2) != 0) {
+      rc = sbn__set_error(SBN_EFORMAT, "%s: truncated .npy header", path);
+      goto fail;
+    }
+    hlen = (size_t)pre[8] | (size_t)pre[9] << 8;
+    pre_len = 10;
+  } else if (pre[6] == 2 || pre[6] == 3) {
+    if (sbn__read_full(f, pre + 8, 4) != 0) {
+      rc = sbn__set_error(SBN_EFORMAT, "%s: truncated .npy header", path);
+      goto fail;
+    }
+    hlen = (size_t)pre[8] | (size_t)pre[9] << 8 | (size_t)pre[10] << 16 |
+           (size_t)pre[11] << 24;
+    pre_len = 12;
+  } else {
+    rc = sbn__set_error(SBN_EFORMAT, "%s: unsupported .npy version %u.%u", path,
+                        pre[6], pre[7]);
+    goto fail;
+  }
+  if (hlen > SBN__NPY_MAX_HEADER) {
+    rc = sbn__set_error(SBN_EFORMAT,
+                        "%s: .npy header of %zu bytes exceeds the %u byte "
+                        "limit",
+                        path, hlen, SBN__NPY_MAX_HEADER);
+    goto fail;
+  }
+  hdr = malloc(hlen + 1);
+  if (hdr == NULL) {
+    rc = sbn__set_error(SBN_ENOMEM, "%s: out of memory", path);
+    goto fail;
+  }
+  if (sbn__read_full(f, hdr, hlen) != 0) {
+    rc = sbn__set_error(SBN_EFORMAT, "%s: truncated .npy header", path);
+    goto fail;
+  }
+  hdr[hlen] = '\0';
+  if ((rc = sbn__parse_header(path, hdr, hlen, &h)) != 0)
+    goto fail;
+  for (int i = 0; i < h.ndim; i++) {
+    if (sbn__mul_size(numel, h.dims[i], &numel) != 0) {
+      rc = sbn__set_error(SBN_EFORMAT, "%s: shape: the size overflows size_t",
+                          path);
+      goto fail;
+    }
+  }
+  if (sbn__mul_size(numel, h.itemsize, &bytes) != 0) {
+    rc = sbn__set_error(SBN_EFORMAT, "%s: shape: the size overflows size_t",
+                        path);
+    goto fail;
+  }
+  /* st_size is compared in uintmax_t so that neither side is truncated. */
+  uintmax_t have = (uintmax_t)st.st_size, start = pre_len + hlen;
+  if (have < start || have - start != (uintmax_t)bytes) {
+    rc = sbn__set_error(SBN_EFORMAT,
+                        "%s: the header declares %zu data bytes but the file "
+                        "holds %ju",
+                        path, bytes, have < start ? 0 : have - start);
+    goto fail;
+  }
+  data = malloc((numel > 0 ? numel : 1) * sizeof(float));
+  if (data == NULL) {
+    rc = sbn__set_error(SBN_ENOMEM, "%s: out of memory for %zu floats", path,
+                        numel);
+    goto fail;
+  }
+  if (h.itemsize == 4) {
+    if (sbn__read_full(f, data, bytes) != 0) {
+      rc = sbn__set_error(SBN_EIO, "%s: short read", path);
+      goto fail;
+    }
+    if (sbn__host_big_endian())
+      sbn__swap_bytes(data, 4, numel);
+  } else {
+    /* Converted in chunks so a float64 file needs only its float32 copy
+     * plus a small buffer. */
+    enum { CHUNK = 4096 };
+    chunk = malloc(CHUNK * sizeof(double));
+    if (chunk == NULL) {
+      rc = sbn__set_error(SBN_ENOMEM, "%s: out of memory", path);
+      goto fail;
+    }
+    for (size_t i = 0; i < numel; i += CHUNK) {
+      size_t n = numel - i < CHUNK ? numel - i : CHUNK;
+      double *d = chunk;
+      if (sbn__read_full(f, d, n * sizeof(double)) != 0) {
+        rc = sbn__set_error(SBN_EIO, "%s: short read", path);
+        goto fail;
+      }
+      if (sbn__host_big_endian())
+        sbn__swap_bytes(d, 8, n);
+      for (size_t j = 0; j < n; j++)
+        data[i + j] = (float)d[j];
+    }
+  }
+  out->ndim = h.ndim;
+  memcpy(out->dims, h.dims, sizeof h.dims);
+  out->numel = numel;
+  out->data = data;
+  data = NULL;
+  rc = 0;
+fail:
+  free(chunk);
+  free(data);
+  free(hdr);
+  if (f != NULL)
+    fclose(f);
+  return rc;
+}
+
+void sbn_npy_free(sbn_npy_t *t) {
+  if (t == NULL)
+    return;
+  free(t->data);
+  memset(t, 0, sizeof *t);
+}
+
+/* ------------------------------------------------------------------ */
+/* Writing. */
+
+static int sbn__write_full(int fd, const void *buf, size_t n) {
+  const char *p = buf;
+  while (n > 0) {
+    ssize_t w = write(fd, p, n);
+    if (w < 0 && errno == EINTR)
+      continue;
+    if (w <= 0)
+      return -1;
+    p += w;
+    n -= (size_t)w;
+  }
+  return 0;
+}
+
+int sbn_npy_write(const char *path, const float *data, int ndim,
+                  const size_t *dims) {
+  char hdr[320], *tmp = NULL;
+  float *swapped = NULL;
+  size_t numel = 1, bytes;
+  int fd = -1, rc, n;
+
+  if (path == NULL)
+    return sbn__set_error(SBN_EINVAL, "path: NULL");
+  if (ndim < 0 || ndim > SBN_MAX_DIMS)
+    return sbn__set_error(SBN_EINVAL, "%s: ndim %d is outside [0, %d]", path,
+                          ndim, SBN_MAX_DIMS);
+  if (ndim > 0 && dims == NULL)
+    return sbn__set_error(SBN_EINVAL, "%s: dims: NULL", path);
+  for (int i = 0; i < ndim; i++)
+    if (sbn__mul_size(numel, dims[i], &numel) != 0)
+      return sbn__set_error(SBN_EOVERFLOW, "%s: the size overflows size_t",
+                            path);
+  if (sbn__mul_size(numel, sizeof(float), &bytes) != 0)
+    return sbn__set_error(SBN_EOVERFLOW, "%s: the size overflows size_t", path);
+  if (numel > 0 && data == NULL)
+    return sbn__set_error(SBN_EINVAL, "%s: data: NULL", path);
+
+  /* The dict, padded with spaces so that the data starts at a multiple of
+   * 64 bytes (NumPy's alignment), and ended with a newline. */
+  n = snprintf(hdr + 10, sizeof hdr - 10,
+               "{'descr': '<f4', 'fortran_order': False, 'shape': (");
+  for (int i = 0; i < ndim; i++)
+    n += snprintf(hdr + 10 + n, sizeof hdr - 10 - (size_t)n, "%s%zu",
+                  i ? ", " : "", dims[i]);
+  n += snprintf(hdr + 10 + n, sizeof hdr - 10 - (size_t)n, "%s), }",
+                ndim == 1 ? "," : "");
+  size_t total = 10 + (size_t)n + 1;
+  total = (total + 63) / 64 * 64;
+  if (total > sizeof hdr)
+    return sbn__set_error(SBN_EINVAL, "%s: header too long", path);
+  memset(hdr + 10 + n, ' ', total - 10 - (size_t)n);
+  hdr[total - 1] = '\n';
+  memcpy(hdr, sbn__npy_magic, sizeof sbn__npy_magic);
+  hdr[6] = 1;
+  hdr[7] = 0;
+  hdr[8] = (char)((total - 10) & 0xff);
+  hdr[9] = (char)((total - 10) >> 8);
+
+  size_t plen = strlen(path);
+  tmp = malloc(plen + sizeof ".tmp.XXXXXX");
+  if (tmp == NULL)
+    return sbn__set_error(SBN_ENOMEM, "%s: out of memory", path);
+  memcpy(tmp, path, plen);
+  memcpy(tmp + plen, ".tmp.XXXXXX", sizeof ".tmp.XXXXXX");
+  fd = mkstemp(tmp);
+  if (fd < 0) {
+    rc = sbn__set_error(SBN_EIO, "%s: cannot create a temporary file: %s", path,
+                        strerror(errno));
+    free(tmp);
+    return rc;
+  }
+  /* mkstemp makes the file private; an output tensor is ordinary data. */
+  (void)fchmod(fd, 0644);
+  const float *src = data;
+  if (sbn__host_big_endian() && numel > 0) {
+    swapped = malloc(bytes);
+    if (swapped == NULL) {
+      rc = sbn__set_error(SBN_ENOMEM, "%s: out of memory", path);
+      goto fail;
+    }
+    memcpy(swapped, data, bytes);
+    sbn__swap_bytes(swapped, 4, numel);
+    src = swapped;
+  }
+  if (sbn__write_full(fd, hdr, total) != 0 ||
+      (bytes > 0 && sbn__write_full(fd, src, bytes) != 0)) {
+    rc = sbn__set_error(SBN_EIO, "%s: write failed: %s", path, strerror(errno));
+    goto fail;
+  }
+  if (close(fd) != 0) {
+    fd = -1;
+    rc = sbn__set_error(SBN_EIO, "%s: write failed: %s", path, strerror(errno));
+    goto fail;
+  }
+  fd = -1;
+  if (rename(tmp, path) != 0) {
+    rc = sbn__set_error(SBN_EIO, "%s: cannot rename the temporary file: %s",
+                        path, strerror(errno));
+    goto fail;
+  }
+  free(tmp);
+  free(swapped);
+  return 0;
+fail:
+  if (fd >= 0)
+    close(fd);
+  unlink(tmp);
+  free(tmp);
+  free(swapped);
+  return rc;
+}

@@ -1,0 +1,227 @@
+/* The syncbnd wire codec: frames, msgpack requests and replies.
+ *
+ * The codec is pure: it turns bytes into a validated request or an error,
+ * and replies into bytes. It never touches a socket, so it is unit-tested
+ * and fuzzed on its own (tests/svc_codec_check.c). The protocol it speaks
+ * is described in mpi/service/PROTOCOL.md.
+ *
+ * Hostile input is limited at every step, before anything is allocated:
+ * - svc_frame_len() checks a frame's declared length against max_frame
+ *   before the server buffers a single body byte;
+ * - svc_scan() walks the msgpack encoding itself before msgpack-c sees it,
+ *   with a nesting cap, a cap on the total number of objects, and every
+ *   declared length or element count checked against the bytes that
+ *   remain (msgpack-c sizes its allocations from declared counts, so
+ *   `dd ff ff ff ff` would otherwise ask it for ~96 GB, and it reports
+ *   nesting deeper than 32 as out-of-memory);
+ * - svc_decode_request() checks every key's type and every tensor's shape
+ *   product (overflow-checked) against its payload size.
+ *
+ * Ownership: a decoded request owns its tensor data (aligned copies);
+ * svc_request_free() releases them. Encoded replies are malloc'ed byte
+ * buffers that the caller frees with free().
+ */
+#ifndef SBN_SVC_CODEC_H
+#define SBN_SVC_CODEC_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "syncbn.h"
+
+#define SVC_PROTOCOL_VERSION 1
+#define SVC_HEADER_BYTES 4
+#define SVC_NAME_MAX 255
+
+/* Stable error codes of the protocol: name, whether the server closes the
+ * connection after replying, and a short description. The names are the
+ * strings on the wire; PROTOCOL.md lists the same table. */
+#define SVC_CODE_MAP(XX)                                                      \
+  XX(FRAME_TOO_LARGE, 1, "frame length exceeds the server's max_frame")       \
+  XX(BAD_FRAME, 1, "frame length is zero")                                    \
+  XX(MALFORMED, 1, "frame is not exactly one well-formed msgpack map")        \
+  XX(LIMIT, 1, "nesting depth or element count exceeds the server's limits")  \
+  XX(BAD_REQUEST, 0, "a key is missing, repeated or of the wrong type")       \
+  XX(UNKNOWN_OP, 0, "unknown op")                                             \
+  XX(UNSUPPORTED_VERSION, 0, "protocol version not supported")                \
+  XX(BAD_TENSOR, 0, "tensor dtype, shape, layout or payload size is invalid") \
+  XX(BAD_PARAMS, 0, "layer parameters are invalid")                           \
+  XX(LAYER_MISMATCH, 0, "layer name registered with different parameters")    \
+  XX(UNKNOWN_LAYER, 0, "no layer with this id")                               \
+  XX(SHAPE, 0, "tensor shape does not fit the layer or its forward")          \
+  XX(DUPLICATE_STEP, 0, "this (layer, step) was already submitted")           \
+  XX(STALE_STEP, 0, "step is older than the kept window")                     \
+  XX(NO_FORWARD, 0, "backward without a kept training forward")               \
+  XX(SMALL_BATCH, 0, "too few values to compute statistics")                  \
+  XX(NOT_YET, 0, "not implemented yet in this version of the worker")         \
+  XX(RESOURCE, 0, "a worker resource limit or memory is exhausted")           \
+  XX(TOO_MANY_CLIENTS, 1, "the worker serves its maximum number of clients")  \
+  XX(FORBIDDEN, 1, "connection from another user")                            \
+  XX(TIMEOUT, 1, "idle or partial-frame timeout")                             \
+  XX(INTERNAL, 0, "internal error")
+
+typedef enum {
+  SVC_OK = 0,
+#define SVC__CODE_ENUM(name, fatal, msg) SVC_##name,
+  SVC_CODE_MAP(SVC__CODE_ENUM)
+#undef SVC__CODE_ENUM
+      SVC_CODE_COUNT
+} svc_code_t;
+
+/* Wire name of a code ("MALFORMED"); "OK" for SVC_OK. Never NULL. */
+const char *svc_code_name(svc_code_t code);
+/* 1 if the server closes the connection after replying with code. */
+int svc_code_fatal(svc_code_t code);
+
+/* An error: a code and a message naming the offending key. */
+typedef struct svc_err_s {
+  svc_code_t code;
+  char msg[192];
+} svc_err_t;
+
+/* Sets err (if not NULL) and returns -1, so checks read
+ * `return svc_fail(err, SVC_BAD_REQUEST, "step: ...")`. */
+int svc_fail(svc_err_t *err, svc_code_t code, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
+
+typedef struct svc_limits_s {
+  uint32_t max_frame;   /* body bytes after the 4-byte header */
+  uint32_t max_depth;   /* msgpack nesting (root map = 1), at most 32 */
+  uint32_t max_objects; /* msgpack objects in one frame (keys included) */
+} svc_limits_t;
+
+/* max_frame 256 MiB, max_depth 8, max_objects 4096. */
+void svc_limits_default(svc_limits_t *lim);
+
+/* ------------------------------------------------------------------ */
+/* Frames */
+
+/* Reads a 4-byte big-endian header. Fails with FRAME_TOO_LARGE above
+ * lim->max_frame and BAD_FRAME for zero. */
+int svc_frame_len(const uint8_t hdr[SVC_HEADER_BYTES], const svc_limits_t *lim,
+                  uint32_t *len, svc_err_t *err);
+
+/* Checks that body[0..len) is exactly one msgpack object, a map at the
+ * root, within the nesting and object limits, with every declared length
+ * and count fitting the remaining bytes. Allocates nothing. */
+int svc_scan(const uint8_t *body, size_t len, const svc_limits_t *lim,
+             svc_err_t *err);
+
+/* ------------------------------------------------------------------ */
+/* Requests */
+
+typedef enum {
+  SVC_OP_HELLO = 0,
+  SVC_OP_REGISTER,
+  SVC_OP_FORWARD,
+  SVC_OP_BACKWARD,
+  SVC_OP_BYE
+} svc_op_t;
+
+/* The layer kinds of the protocol: the library's ops plus syncbatchnorm
+ * (BatchNorm whose statistics are reduced over the job's ranks). */
+typedef enum {
+  SVC_KIND_BATCHNORM = 0,
+  SVC_KIND_SYNCBATCHNORM,
+  SVC_KIND_LAYERNORM,
+  SVC_KIND_INSTANCENORM,
+  SVC_KIND_GROUPNORM,
+  SVC_KIND_DROPOUT
+} svc_kind_t;
+
+const char *svc_kind_name(svc_kind_t kind);
+
+/* The request id as sent: any msgpack integer. */
+typedef struct svc_id_s {
+  int present;  /* 0: absent or not an integer (replies carry nil) */
+  int negative; /* 1: value in i, else in u */
+  uint64_t u;
+  int64_t i;
+} svc_id_t;
+
+/* A decoded f32 tensor. data is a 64-byte aligned copy owned by the
+ * request (NULL when numel is 0 or the tensor is absent). */
+typedef struct svc_tensor_s {
+  int present;
+  sbn_tensor_desc_t desc;
+  size_t numel;
+  float *data;
+} svc_tensor_t;
+
+typedef struct svc_register_s {
+  char name[SVC_NAME_MAX + 1];
+  svc_kind_t kind;
+  /* params.op is the library op (BatchNorm for syncbatchnorm); layer_id
+   * is left 0 for the worker to fill. */
+  sbn_layer_params_t params;
+  uint64_t group_size; /* syncbatchnorm: ranks per sync group, 0 = all */
+} svc_register_t;
+
+typedef struct svc_request_s {
+  svc_op_t op;
+  svc_id_t id;
+  uint64_t version; /* hello */
+  svc_register_t reg;
+  uint64_t layer;            /* forward, backward */
+  uint64_t step;             /* forward, backward */
+  int train;                 /* forward */
+  svc_tensor_t x;            /* forward: x; backward: dy */
+  svc_tensor_t weight, bias; /* forward, optional */
+} svc_request_t;
+
+/* Scans and decodes body into req. On failure req holds no allocations,
+ * but req->id is filled whenever the frame carried an integer id, so the
+ * error reply can echo it. */
+int svc_decode_request(const uint8_t *body, size_t len, const svc_limits_t *lim,
+                       svc_request_t *req, svc_err_t *err);
+void svc_request_free(svc_request_t *req);
+
+/* ------------------------------------------------------------------ */
+/* Replies: each returns a malloc'ed frame (header included) in *out and
+ * its size in *out_len, or -1 with err set (out of memory). */
+
+int svc_encode_error(const svc_id_t *id, svc_code_t code, const char *message,
+                     uint8_t **out, size_t *out_len);
+
+typedef struct svc_hello_reply_s {
+  int rank, size;
+  uint32_t max_frame, max_depth, max_objects;
+  uint32_t max_clients;
+  uint64_t max_output;
+  double idle_timeout, frame_timeout;
+  uint32_t keep_steps;
+} svc_hello_reply_t;
+
+int svc_encode_hello(const svc_id_t *id, const svc_hello_reply_t *h,
+                     uint8_t **out, size_t *out_len);
+int svc_encode_register(const svc_id_t *id, uint64_t layer, int created,
+                        uint8_t **out, size_t *out_len);
+/* Tensors in replies have x's shape and layout; dw/db may be NULL (not
+ * affine) with wb_numel elements each otherwise. */
+int svc_encode_forward(const svc_id_t *id, const sbn_tensor_desc_t *desc,
+                       const float *y, size_t numel, uint8_t **out,
+                       size_t *out_len);
+int svc_encode_backward(const svc_id_t *id, const sbn_tensor_desc_t *desc,
+                        const float *dx, size_t numel, const float *dw,
+                        const float *db, const sbn_tensor_desc_t *wb_desc,
+                        size_t wb_numel, uint8_t **out, size_t *out_len);
+int svc_encode_bye(const svc_id_t *id, uint8_t **out, size_t *out_len);
+
+/* ------------------------------------------------------------------ */
+/* Shared by the client: packing a tensor map and reading one back. */
+
+struct msgpack_packer;
+struct msgpack_object;
+/* Packs {dtype: "f32", shape: [...], data: bin, layout: "nchw"|"nhwc"}. */
+int svc_pack_tensor(struct msgpack_packer *pk, const sbn_tensor_desc_t *desc,
+                    const float *data, size_t numel);
+/* Decodes a tensor map into t (data copied and owned by t). what names
+ * the key in messages. */
+int svc_decode_tensor(const struct msgpack_object *o, const char *what,
+                      svc_tensor_t *t, svc_err_t *err);
+void svc_tensor_free(svc_tensor_t *t);
+
+#endif /* SBN_SVC_CODEC_H */

@@ -1,0 +1,483 @@
+/* The syncbnd server (see svc_server.h). */
+#define _GNU_SOURCE /* struct ucred for SO_PEERCRED */
+#include "svc_server.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#define SVC__READ_BUF (64 * 1024)
+
+typedef struct svc__conn_s svc__conn_t;
+
+struct svc_server_s {
+  uv_loop_t loop;
+  int loop_ok;
+  uv_pipe_t listener;
+  int listening;
+  uv_signal_t sigint, sigterm;
+  int signals;
+  svc_server_config_t cfg;
+  char *path;
+  int bound; /* the socket file is ours to remove */
+  svc_worker_t *worker;
+  svc__conn_t *conns; /* every open connection, doubly linked */
+  uint32_t nconns;
+  int stopping;
+  int stop_signal;
+  /* libuv calls alloc and read back to back, so one buffer serves every
+   * connection. */
+  char rbuf[SVC__READ_BUF];
+};
+
+struct svc__conn_s {
+  uv_pipe_t pipe; /* first: the handle's address is the connection's */
+  uv_timer_t timer;
+  svc_server_t *srv;
+  svc__conn_t *prev, *next;
+  int handles;     /* open libuv handles; freed when it reaches 0 */
+  int closing;     /* uv_close called */
+  int close_after; /* close once the queued writes are done */
+  int in_frame;    /* some bytes of a frame have arrived */
+  uint8_t hdr[SVC_HEADER_BYTES];
+  size_t hdr_have;
+  uint8_t *body;
+  uint32_t body_len, body_have;
+  size_t writes; /* uv_write requests in flight */
+};
+
+typedef struct svc__write_s {
+  uv_write_t req;
+  uint8_t *buf;
+} svc__write_t;
+
+static void svc__msg(char *msg, size_t n, const char *fmt, ...) {
+  va_list ap;
+  if (msg == NULL || n == 0)
+    return;
+  va_start(ap, fmt);
+  vsnprintf(msg, n, fmt, ap);
+  va_end(ap);
+}
+
+int svc_socket_dir_prepare(const char *dir, char *msg, size_t msglen) {
+  struct stat st;
+  if (mkdir(dir, 0700) != 0 && errno != EEXIST) {
+    svc__msg(msg, msglen, "socket dir %s: cannot create: %s", dir,
+             strerror(errno));
+    return -1;
+  }
+  if (lstat(dir, &st) != 0) {
+    svc__msg(msg, msglen, "socket dir %s: %s", dir, strerror(errno));
+    return -1;
+  }
+  if (S_ISLNK(st.st_mode)) {
+    svc__msg(msg, msglen, "socket dir %s: is a symlink; refusing it", dir);
+    return -1;
+  }
+  if (!S_ISDIR(st.st_mode)) {
+    svc__msg(msg, msglen, "socket dir %s: not a directory", dir);
+    return -1;
+  }
+  if (st.st_uid != geteuid()) {
+    svc__msg(msg, msglen,
+             "socket dir %s: owned by uid %u, not by this user (uid %u); "
+             "refusing it",
+             dir, (unsigned)st.st_uid, (unsigned)geteuid());
+    return -1;
+  }
+  if ((st.st_mode & 077) != 0) {
+    svc__msg(msg, msglen,
+             "socket dir %s: mode %03o is open to group or others; "
+             "refusing it (chmod 700)",
+             dir, (unsigned)(st.st_mode & 0777));
+    return -1;
+  }
+  return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* Connections */
+
+static void svc__conn_closed(uv_handle_t *h) {
+  svc__conn_t *c = h->data;
+  if (--c->handles > 0)
+    return;
+  free(c->body);
+  free(c);
+}
+
+static void svc__conn_close(svc__conn_t *c) {
+  svc_server_t *s = c->srv;
+  if (c->closing)
+    return;
+  c->closing = 1;
+  if (c->prev != NULL)
+    c->prev->next = c->next;
+  else
+    s->conns = c->next;
+  if (c->next != NULL)
+    c->next->prev = c->prev;
+  s->nconns--;
+  /* Pending writes are cancelled by uv_close and their callbacks free
+   * their buffers before the close callbacks free the connection. */
+  uv_close((uv_handle_t *)&c->pipe, svc__conn_closed);
+  uv_close((uv_handle_t *)&c->timer, svc__conn_closed);
+}
+
+static void svc__on_write(uv_write_t *req, int status) {
+  svc__write_t *w = (svc__write_t *)req;
+  svc__conn_t *c = req->handle->data;
+  free(w->buf);
+  free(w);
+  c->writes--;
+  if (c->closing)
+    return;
+  if (status < 0 || (c->close_after && c->writes == 0))
+    svc__conn_close(c);
+}
+
+/* Queues a frame (taking ownership of buf). A client whose unread replies
+ * exceed max_output is dropped: it is not reading, and holding its replies
+ * would let it grow the worker's memory without bound. */
+static void svc__send(svc__conn_t *c, uint8_t *buf, size_t len) {
+  svc__write_t *w;
+  uv_buf_t b;
+  if (c->closing) {
+    free(buf);
+    return;
+  }
+  w = malloc(sizeof *w);
+  if (w == NULL) {
+    free(buf);
+    svc__conn_close(c);
+    return;
+  }
+  w->buf = buf;
+  b = uv_buf_init((char *)buf, (unsigned)len);
+  if (uv_write(&w->req, (uv_stream_t *)&c->pipe, &b, 1, svc__on_write) != 0) {
+    free(buf);
+    free(w);
+    svc__conn_close(c);
+    return;
+  }
+  c->writes++;
+  if (uv_stream_get_write_queue_size((uv_stream_t *)&c->pipe) >
+      c->srv->cfg.max_output)
+    svc__conn_close(c);
+}
+
+/* Replies with a connection-level error and closes after it. */
+static void svc__fail_conn(svc__conn_t *c, svc_code_t code, const char *m) {
+  uint8_t *buf;
+  size_t len;
+  c->close_after = 1;
+  uv_read_stop((uv_stream_t *)&c->pipe);
+  uv_timer_stop(&c->timer);
+  if (svc_encode_error(NULL, code, m, &buf, &len) != 0) {
+    svc__conn_close(c);
+    return;
+  }
+  svc__send(c, buf, len);
+  if (!c->closing && c->writes == 0)
+    svc__conn_close(c);
+}
+
+static void svc__on_timer(uv_timer_t *t) {
+  svc__conn_t *c = t->data;
+  svc__fail_conn(c, SVC_TIMEOUT,
+                 c->in_frame ? "frame: not completed within frame_timeout"
+                             : "connection: idle for idle_timeout");
+}
+
+static void svc__arm(svc__conn_t *c, double seconds) {
+  uv_timer_stop(&c->timer);
+  if (seconds > 0)
+    uv_timer_start(&c->timer, svc__on_timer, (uint64_t)(seconds * 1000.0), 0);
+}
+
+static void svc__frame_done(svc__conn_t *c) {
+  uint8_t *reply = NULL;
+  size_t len = 0;
+  int close_after = 0;
+  int rc = svc_worker_handle(c->srv->worker, c->body, c->body_len, &reply, &len,
+                             &close_after);
+  free(c->body);
+  c->body = NULL;
+  c->body_len = c->body_have = 0;
+  c->hdr_have = 0;
+  c->in_frame = 0;
+  if (rc != 0) {
+    svc__conn_close(c);
+    return;
+  }
+  if (close_after) {
+    c->close_after = 1;
+    uv_read_stop((uv_stream_t *)&c->pipe);
+    uv_timer_stop(&c->timer);
+  } else {
+    svc__arm(c, c->srv->cfg.idle_timeout);
+  }
+  svc__send(c, reply, len);
+  if (c->close_after && !c->closing && c->writes == 0)
+    svc__conn_close(c);
+}
+
+static void svc__alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf) {
+  svc__conn_t *c = h->data;
+  (void)hint;
+  *buf = uv_buf_init(c->srv->rbuf, sizeof c->srv->rbuf);
+}
+
+static void svc__on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf) {
+  svc__conn_t *c = st->data;
+  const uint8_t *p = (const uint8_t *)buf->base;
+  size_t n;
+  if (nread < 0) {
+    /* EOF or an error, possibly mid-frame (a killed client): the partial
+     * frame is dropped with the connection. */
+    svc__conn_close(c);
+    return;
+  }
+  n = (size_t)nread;
+  while (n > 0 && !c->closing && !c->close_after) {
+    if (!c->in_frame) {
+      c->in_frame = 1;
+      svc__arm(c, c->srv->cfg.frame_timeout);
+    }
+    if (c->body == NULL) {
+      size_t take = SVC_HEADER_BYTES - c->hdr_have;
+      svc_err_t err;
+      if (take > n)
+        take = n;
+      memcpy(c->hdr + c->hdr_have, p, take);
+      c->hdr_have += take;
+      p += take;
+      n -= take;
+      if (c->hdr_have < SVC_HEADER_BYTES)
+        break;
+      /* The length is checked before a single body byte is buffered. */
+      if (svc_frame_len(c->hdr, &c->srv->cfg.limits, &c->body_len, &err) != 0) {
+        svc__fail_conn(c, err.code, err.msg);
+        return;
+      }
+      c->body = malloc(c->body_len);
+      if (c->body == NULL) {
+        svc__fail_conn(c, SVC_RESOURCE, "frame: out of memory");
+        return;
+      }
+      c->body_have = 0;
+    } else {
+      size_t take = c->body_len - c->body_have;
+      if (take > n)
+        take = n;
+      memcpy(c->body + c->body_have, p, take);
+      c->body_have += (uint32_t)take;
+      p += take;
+      n -= take;
+      if (c->body_have == c->body_len)
+        svc__frame_done(c);
+    }
+  }
+}
+
+static void svc__on_connection(uv_stream_t *ls, int status) {
+  svc_server_t *s = ls->data;
+  svc__conn_t *c;
+  struct ucred cred;
+  socklen_t clen = sizeof cred;
+  uv_os_fd_t fd;
+  if (status < 0 || s->stopping)
+    return;
+  c = calloc(1, sizeof *c);
+  if (c == NULL)
+    return;
+  c->srv = s;
+  if (uv_pipe_init(&s->loop, &c->pipe, 0) != 0) {
+    free(c);
+    return;
+  }
+  c->pipe.data = c;
+  c->timer.data = c;
+  uv_timer_init(&s->loop, &c->timer);
+  c->handles = 2;
+  c->next = s->conns;
+  if (s->conns != NULL)
+    s->conns->prev = c;
+  s->conns = c;
+  s->nconns++;
+  if (uv_accept(ls, (uv_stream_t *)&c->pipe) != 0) {
+    svc__conn_close(c);
+    return;
+  }
+  if (uv_fileno((uv_handle_t *)&c->pipe, &fd) != 0 ||
+      getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &clen) != 0 ||
+      cred.uid != geteuid()) {
+    svc__fail_conn(c, SVC_FORBIDDEN,
+                   "connection: the worker serves only its own user");
+    return;
+  }
+  if (s->nconns > s->cfg.max_clients) {
+    svc__fail_conn(c, SVC_TOO_MANY_CLIENTS,
+                   "connection: the worker serves max_clients clients");
+    return;
+  }
+  svc__arm(c, s->cfg.idle_timeout);
+  if (uv_read_start((uv_stream_t *)&c->pipe, svc__alloc, svc__on_read) != 0)
+    svc__conn_close(c);
+}
+
+/* ------------------------------------------------------------------ */
+/* Server */
+
+static void svc__shutdown(svc_server_t *s) {
+  if (s->stopping)
+    return;
+  s->stopping = 1;
+  while (s->conns != NULL)
+    svc__conn_close(s->conns);
+  if (s->listening) {
+    uv_close((uv_handle_t *)&s->listener, NULL);
+    s->listening = 0;
+  }
+  if (s->signals) {
+    uv_close((uv_handle_t *)&s->sigint, NULL);
+    uv_close((uv_handle_t *)&s->sigterm, NULL);
+    s->signals = 0;
+  }
+}
+
+static void svc__on_signal(uv_signal_t *h, int signum) {
+  svc_server_t *s = h->data;
+  s->stop_signal = signum;
+  svc__shutdown(s);
+}
+
+/* An existing socket file is replaced only if nobody answers on it: that
+ * is a worker that died without removing it. */
+static int svc__clear_stale(const char *path, char *msg, size_t msglen) {
+  struct stat st;
+  struct sockaddr_un a;
+  int fd, rc;
+  if (lstat(path, &st) != 0)
+    return errno == ENOENT ? 0 : -1;
+  if (!S_ISSOCK(st.st_mode)) {
+    svc__msg(msg, msglen, "socket %s: exists and is not a socket", path);
+    return -1;
+  }
+  fd = socket(AF_UNIX, SOCK_STREAM, 0);
+  if (fd < 0) {
+    svc__msg(msg, msglen, "socket: %s", strerror(errno));
+    return -1;
+  }
+  memset(&a, 0, sizeof a);
+  a.sun_family = AF_UNIX;
+  memcpy(a.sun_path, path, strlen(path) + 1);
+  rc = connect(fd, (struct sockaddr *)&a, sizeof a);
+  close(fd);
+  if (rc == 0) {
+    svc__msg(msg, msglen, "socket %s: another worker is listening on it", path);
+    return -1;
+  }
+  if (unlink(path) != 0) {
+    svc__msg(msg, msglen, "socket %s: cannot remove stale socket: %s", path,
+             strerror(errno));
+    return -1;
+  }
+  return 0;
+}
+
+int svc_server_create(const svc_server_config_t *cfg, svc_worker_t *worker,
+                      svc_server_t **out, char *msg, size_t msglen) {
+  svc_server_t *s = NULL;
+  struct sockaddr_un a;
+  int rc;
+  *out = NULL;
+  if (strlen(cfg->socket_path) >= sizeof a.sun_path) {
+    svc__msg(msg, msglen, "socket %s: path longer than %zu bytes",
+             cfg->socket_path, sizeof a.sun_path - 1);
+    return -1;
+  }
+  s = calloc(1, sizeof *s);
+  if (s == NULL) {
+    svc__msg(msg, msglen, "server: out of memory");
+    return -1;
+  }
+  s->cfg = *cfg;
+  s->worker = worker;
+  s->path = strdup(cfg->socket_path);
+  if (s->path == NULL) {
+    svc__msg(msg, msglen, "server: out of memory");
+    goto fail;
+  }
+  s->cfg.socket_path = s->path;
+  if ((rc = uv_loop_init(&s->loop)) != 0) {
+    svc__msg(msg, msglen, "uv_loop_init: %s", uv_strerror(rc));
+    goto fail;
+  }
+  s->loop_ok = 1;
+  if (svc__clear_stale(s->path, msg, msglen) != 0)
+    goto fail;
+  uv_pipe_init(&s->loop, &s->listener, 0);
+  s->listener.data = s;
+  s->listening = 1;
+  if ((rc = uv_pipe_bind(&s->listener, s->path)) != 0) {
+    svc__msg(msg, msglen, "socket %s: bind: %s", s->path, uv_strerror(rc));
+    goto fail;
+  }
+  s->bound = 1;
+  /* The umask already keeps others out; chmod says so explicitly in case
+   * the caller's umask was looser. */
+  chmod(s->path, 0600);
+  if ((rc = uv_listen((uv_stream_t *)&s->listener, 128, svc__on_connection)) !=
+      0) {
+    svc__msg(msg, msglen, "socket %s: listen: %s", s->path, uv_strerror(rc));
+    goto fail;
+  }
+  uv_signal_init(&s->loop, &s->sigint);
+  uv_signal_init(&s->loop, &s->sigterm);
+  s->sigint.data = s->sigterm.data = s;
+  s->signals = 1;
+  uv_signal_start(&s->sigint, svc__on_signal, SIGINT);
+  uv_signal_start(&s->sigterm, svc__on_signal, SIGTERM);
+  *out = s;
+  return 0;
+fail:
+  svc_server_destroy(s);
+  return -1;
+}
+
+uv_loop_t *svc_server_loop(svc_server_t *s) {
+  return &s->loop;
+}
+
+int svc_server_run(svc_server_t *s) {
+  uv_run(&s->loop, UV_RUN_DEFAULT);
+  return s->stop_signal;
+}
+
+void svc_server_stop(svc_server_t *s) {
+  svc__shutdown(s);
+}
+
+void svc_server_destroy(svc_server_t *s) {
+  if (s == NULL)
+    return;
+  if (s->loop_ok) {
+    svc__shutdown(s);
+    /* Let the close callbacks run so every connection is freed. */
+    uv_run(&s->loop, UV_RUN_DEFAULT);
+    uv_loop_close(&s->loop);
+  }
+  if (s->bound)
+    unlink(s->path);
+  free(s->path);
+  free(s);
+}

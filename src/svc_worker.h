@@ -1,0 +1,55 @@
+/* The syncbnd worker: the layers a worker serves and the ops on them.
+ *
+ * The worker sits between the codec and the server. It owns the layer
+ * registry (layers belong to the worker and are shared by all of its
+ * clients), each layer's affine parameters and running statistics, and the
+ * forward state that a training backward needs, kept per (layer, step).
+ * It knows nothing of sockets: the server hands it one frame body and
+ * sends back the reply frame it returns, so the whole request path can be
+ * tested without a socket.
+ *
+ * Single-threaded: the server calls it from its event loop only.
+ */
+#ifndef SBN_SVC_WORKER_H
+#define SBN_SVC_WORKER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "svc_codec.h"
+
+typedef struct svc_worker_config_s {
+  int rank, size;      /* of this worker in the job */
+  uint32_t keep_steps; /* forward state older than this is dropped */
+  uint32_t max_layers; /* registry size */
+  uint64_t max_saved;  /* bytes of kept forward state, all layers */
+  svc_limits_t limits; /* frame limits for the codec */
+  /* Reported by hello only; the server enforces them. */
+  uint32_t max_clients;
+  uint64_t max_output;
+  double idle_timeout, frame_timeout;
+} svc_worker_config_t;
+
+/* keep_steps 2, max_layers 1024, max_saved 4 GiB, svc_limits_default(),
+ * rank 0 of 1, max_clients 64, max_output 512 MiB, idle_timeout 300 s,
+ * frame_timeout 60 s. */
+void svc_worker_config_default(svc_worker_config_t *cfg);
+
+typedef struct svc_worker_s svc_worker_t;
+
+/* Returns 0, or -1 (out of memory, or an invalid configuration). */
+int svc_worker_create(const svc_worker_config_t *cfg, svc_worker_t **out);
+void svc_worker_destroy(svc_worker_t *w);
+
+/* Decodes and runs one request whose frame body is body[0..len) and
+ * returns its reply frame (header included, malloc'ed, the caller frees it)
+ * in *reply. *close_after is set when the connection must be closed after
+ * the reply (a fatal error or bye). Returns -1 only when not even an error
+ * reply could be encoded (out of memory); the caller then closes. */
+int svc_worker_handle(svc_worker_t *w, const uint8_t *body, size_t len,
+                      uint8_t **reply, size_t *reply_len, int *close_after);
+
+/* Bytes of forward state currently kept (for tests and metrics). */
+uint64_t svc_worker_saved_bytes(const svc_worker_t *w);
+
+#endif /* SBN_SVC_WORKER_H */

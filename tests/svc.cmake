@@ -1,0 +1,35 @@
+# The syncbnd service tests: the codec and worker unit tests (no sockets),
+# and the end-to-end test that runs `mpirun -np 2 syncbnd` and talks to it
+# through the client library. The service is optional (mpi/service adds
+# it), so this group steps aside when it is not built.
+if(NOT TARGET syncbn_svc)
+  message(STATUS "service tests disabled: no syncbn_svc")
+  return()
+endif()
+
+add_executable(svc_codec_check ${CMAKE_CURRENT_LIST_DIR}/svc_codec_check.c)
+target_link_libraries(svc_codec_check PRIVATE syncbn_svc syncbn
+  PkgConfig::CMOCKA PkgConfig::MSGPACK)
+add_test(NAME svc_codec_check COMMAND svc_codec_check)
+set_tests_properties(svc_codec_check PROPERTIES TIMEOUT 120 LABELS "unit;svc")
+
+if(TARGET syncbn_client AND TARGET syncbnd AND MPIEXEC_EXECUTABLE
+   AND EXISTS ${CMAKE_CURRENT_LIST_DIR}/svc_e2e.c)
+  add_executable(svc_e2e ${CMAKE_CURRENT_LIST_DIR}/svc_e2e.c)
+  target_link_libraries(svc_e2e PRIVATE syncbn_client syncbn_svc syncbn
+    PkgConfig::MSGPACK)
+  target_compile_definitions(svc_e2e PRIVATE
+    SBN_MPIEXEC="${MPIEXEC_EXECUTABLE}"
+    SBN_SYNCBND="$<TARGET_FILE:syncbnd>")
+  # The test starts the job itself (it needs the workers' ready lines and
+  # their pids); mpirun's --timeout inside and ctest's TIMEOUT bound it.
+  # Same environment as the MPI tests (root allowed; under the sanitizers
+  # slow unwinding and the Open MPI leak suppressions).
+  set(svc_env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1)
+  if(DEFINED SBN_MPI_RUN_ENV)
+    set(svc_env ${SBN_MPI_RUN_ENV})
+  endif()
+  add_test(NAME svc_e2e_np2 COMMAND svc_e2e)
+  set_tests_properties(svc_e2e_np2 PROPERTIES TIMEOUT 180 LABELS "mpi;svc"
+    ENVIRONMENT "${svc_env}" SKIP_RETURN_CODE 77)
+endif()
