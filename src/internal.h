@@ -200,6 +200,14 @@ int sbn__saved_get(const void *saved, size_t bytes, const sbn_layer_t *l,
                    sbn_mode_t mode, size_t items, double *count,
                    const double **mean, const double **istd);
 
+/* Writes the concatenation of parts to path atomically: a temporary file
+ * in the same directory (created with the given mode), then rename(). With
+ * durable, the data and the directory entry are fsync'ed too. On failure
+ * the old file is untouched and the temporary file removed. */
+int sbn__write_file_atomic(const char *path, const void *const *parts,
+                           const size_t *lens, int nparts, unsigned mode,
+                           int durable);
+
 /* Rounds n up to a multiple of 64 bytes, for carving workspace. */
 static inline size_t sbn__align64(size_t n) {
   return (n + 63) & ~(size_t)63;

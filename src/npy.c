@@ -423,26 +423,12 @@ void sbn_npy_free(sbn_npy_t *t) {
 /* ------------------------------------------------------------------ */
 /* Writing. */
 
-static int sbn__write_full(int fd, const void *buf, size_t n) {
-  const char *p = buf;
-  while (n > 0) {
-    ssize_t w = write(fd, p, n);
-    if (w < 0 && errno == EINTR)
-      continue;
-    if (w <= 0)
-      return -1;
-    p += w;
-    n -= (size_t)w;
-  }
-  return 0;
-}
-
 int sbn_npy_write(const char *path, const float *data, int ndim,
                   const size_t *dims) {
-  char hdr[320], *tmp = NULL;
+  char hdr[320];
   float *swapped = NULL;
   size_t numel = 1, bytes;
-  int fd = -1, rc, n;
+  int rc, n;
 
   if (path == NULL)
     return sbn__set_error(SBN_EINVAL, "path: NULL");
@@ -481,21 +467,6 @@ int sbn_npy_write(const char *path, const float *data, int ndim,
   hdr[8] = (char)((total - 10) & 0xff);
   hdr[9] = (char)((total - 10) >> 8);
 
-  size_t plen = strlen(path);
-  tmp = malloc(plen + sizeof ".tmp.XXXXXX");
-  if (tmp == NULL)
-    return sbn__set_error(SBN_ENOMEM, "%s: out of memory", path);
-  memcpy(tmp, path, plen);
-  memcpy(tmp + plen, ".tmp.XXXXXX", sizeof ".tmp.XXXXXX");
-  fd = mkstemp(tmp);
-  if (fd < 0) {
-    rc = sbn__set_error(SBN_EIO, "%s: cannot create a temporary file: %s", path,
-                        strerror(errno));
-    free(tmp);
-    return rc;
-  }
-  /* mkstemp makes the file private; an output tensor is ordinary data. */
-  (void)fchmod(fd, 0644);
   const float *src = data;
   if (sbn__host_big_endian() && numel > 0) {
     swapped = malloc(bytes);
@@ -507,30 +478,14 @@ int sbn_npy_write(const char *path, const float *data, int ndim,
     sbn__swap_bytes(swapped, 4, numel);
     src = swapped;
   }
-  if (sbn__write_full(fd, hdr, total) != 0 ||
-      (bytes > 0 && sbn__write_full(fd, src, bytes) != 0)) {
-    rc = sbn__set_error(SBN_EIO, "%s: write failed: %s", path, strerror(errno));
-    goto fail;
+  {
+    const void *parts[2] = {hdr, src};
+    size_t lens[2] = {total, bytes};
+    /* An output tensor is ordinary data (0644) and is cheap to recompute,
+     * so no fsync: atomic replacement is what matters here. */
+    rc = sbn__write_file_atomic(path, parts, lens, 2, 0644, 0);
   }
-  if (close(fd) != 0) {
-    fd = -1;
-    rc = sbn__set_error(SBN_EIO, "%s: write failed: %s", path, strerror(errno));
-    goto fail;
-  }
-  fd = -1;
-  if (rename(tmp, path) != 0) {
-    rc = sbn__set_error(SBN_EIO, "%s: cannot rename the temporary file: %s",
-                        path, strerror(errno));
-    goto fail;
-  }
-  free(tmp);
-  free(swapped);
-  return 0;
 fail:
-  if (fd >= 0)
-    close(fd);
-  unlink(tmp);
-  free(tmp);
   free(swapped);
   return rc;
 }

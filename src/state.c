@@ -951,108 +951,20 @@ fail:
 /* ------------------------------------------------------------------ */
 /* Files */
 
-static int sbn__write_all(int fd, const unsigned char *p, size_t n) {
-  while (n > 0) {
-    ssize_t w = write(fd, p, n > (size_t)1 << 30 ? (size_t)1 << 30 : n);
-    if (w < 0) {
-      if (errno == EINTR)
-        continue;
-      return -1;
-    }
-    p += w;
-    n -= (size_t)w;
-  }
-  return 0;
-}
-
 int sbn_ckpt_save(const sbn_ckpt_t *ck, const char *path) {
   void *buf = NULL;
   size_t len = 0;
-  char *dir = NULL, *tmp = NULL;
-  int fd = -1, dfd = -1, rc;
+  int rc;
   if (ck == NULL)
     return sbn__set_error(SBN_EINVAL, "ck: NULL");
   if (path == NULL || path[0] == 0)
     return sbn__set_error(SBN_EINVAL, "path: NULL or empty");
-  size_t plen = strlen(path);
-  if (path[plen - 1] == '/')
-    return sbn__set_error(SBN_EINVAL, "path: '%s' names a directory", path);
   if ((rc = sbn_ckpt_encode(ck, &buf, &len)) != 0)
     return rc;
-
-  /* The temporary file lives in the target's directory so that rename()
-   * replaces the target in one step (a rename across file systems would
-   * fail). Its name starts with '.', which sbn_ckpt_name_check() refuses,
-   * so it cannot clash with a client's checkpoint. */
-  const char *slash = strrchr(path, '/');
-  size_t dlen =
-      slash == NULL ? 1 : (slash == path ? 1 : (size_t)(slash - path));
-  dir = malloc(dlen + 1);
-  tmp = malloc(dlen + sizeof "/.sbnckpt-XXXXXX");
-  if (dir == NULL || tmp == NULL) {
-    rc = sbn__set_error(SBN_ENOMEM, "%s: out of memory", path);
-    goto fail;
-  }
-  if (slash == NULL)
-    memcpy(dir, ".", 2);
-  else {
-    memcpy(dir, slash == path ? "/" : path, dlen);
-    dir[dlen] = 0;
-  }
-  snprintf(tmp, dlen + sizeof "/.sbnckpt-XXXXXX", "%s/.sbnckpt-XXXXXX",
-           strcmp(dir, "/") == 0 ? "" : dir);
-  fd = mkstemp(tmp);
-  if (fd < 0) {
-    rc = sbn__set_error(SBN_EIO, "%s: cannot create a temporary file in %s: %s",
-                        path, dir, strerror(errno));
-    free(tmp);
-    tmp = NULL; /* nothing to unlink */
-    goto fail;
-  }
-  if (sbn__write_all(fd, buf, len) != 0) {
-    rc = sbn__set_error(SBN_EIO, "%s: write failed: %s", path, strerror(errno));
-    goto fail;
-  }
-  if (fsync(fd) != 0) {
-    rc = sbn__set_error(SBN_EIO, "%s: fsync failed: %s", path, strerror(errno));
-    goto fail;
-  }
-  int crc = close(fd);
-  fd = -1;
-  if (crc != 0) {
-    rc = sbn__set_error(SBN_EIO, "%s: close failed: %s", path, strerror(errno));
-    goto fail;
-  }
-  if (rename(tmp, path) != 0) {
-    rc = sbn__set_error(SBN_EIO, "%s: cannot rename the temporary file: %s",
-                        path, strerror(errno));
-    goto fail;
-  }
-  free(tmp);
-  tmp = NULL;
-  /* The rename is durable only once the directory entry is on disk. Some
-   * file systems cannot fsync a directory (EINVAL); there is nothing more
-   * to do on those. */
-  dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd < 0 || (fsync(dfd) != 0 && errno != EINVAL)) {
-    rc = sbn__set_error(SBN_EIO, "%s: cannot fsync directory %s: %s", path, dir,
-                        strerror(errno));
-    goto fail;
-  }
-  close(dfd);
-  free(dir);
-  free(buf);
-  return 0;
-fail:
-  if (fd >= 0)
-    close(fd);
-  if (dfd >= 0)
-    close(dfd);
-  if (tmp != NULL) {
-    unlink(tmp);
-    free(tmp);
-  }
-  free(dir);
+  /* Checkpoints are private (0600) and must survive a crash right after
+   * the save returns, so the data and the directory entry are fsync'ed. */
+  const void *parts[1] = {buf};
+  rc = sbn__write_file_atomic(path, parts, &len, 1, 0600, 1);
   free(buf);
   return rc;
 }

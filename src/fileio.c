@@ -1,0 +1,123 @@
+/* Atomic file replacement shared by every writer of the library (.npy
+ * tensors, checkpoints): a reader never sees a half-written file under the
+ * final name, and a failed write leaves the old file as it was. */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+static int sbn__write_all(int fd, const unsigned char *p, size_t n) {
+  while (n > 0) {
+    /* Linux writes at most about 2 GiB per call; ask for 1 GiB at a time. */
+    ssize_t w = write(fd, p, n > (size_t)1 << 30 ? (size_t)1 << 30 : n);
+    if (w < 0) {
+      if (errno == EINTR)
+        continue;
+      return -1;
+    }
+    p += w;
+    n -= (size_t)w;
+  }
+  return 0;
+}
+
+int sbn__write_file_atomic(const char *path, const void *const *parts,
+                           const size_t *lens, int nparts, unsigned mode,
+                           int durable) {
+  char *dir = NULL, *tmp = NULL;
+  int fd = -1, dfd = -1, rc;
+  if (path == NULL || path[0] == 0)
+    return sbn__set_error(SBN_EINVAL, "path: NULL or empty");
+  size_t plen = strlen(path);
+  if (path[plen - 1] == '/')
+    return sbn__set_error(SBN_EINVAL, "path: '%s' names a directory", path);
+
+  /* The temporary file lives in the target's directory so that rename()
+   * replaces the target in one step (a rename across file systems would
+   * fail). Its name starts with '.', which checkpoint names may not, so it
+   * cannot clash with a file a client asked for. */
+  const char *slash = strrchr(path, '/');
+  size_t dlen =
+      slash == NULL ? 1 : (slash == path ? 1 : (size_t)(slash - path));
+  dir = malloc(dlen + 1);
+  tmp = malloc(dlen + sizeof "/.sbntmp-XXXXXX");
+  if (dir == NULL || tmp == NULL) {
+    rc = sbn__set_error(SBN_ENOMEM, "%s: out of memory", path);
+    goto fail;
+  }
+  if (slash == NULL) {
+    memcpy(dir, ".", 2);
+  } else {
+    memcpy(dir, slash == path ? "/" : path, dlen);
+    dir[dlen] = 0;
+  }
+  snprintf(tmp, dlen + sizeof "/.sbntmp-XXXXXX", "%s/.sbntmp-XXXXXX",
+           strcmp(dir, "/") == 0 ? "" : dir);
+  fd = mkstemp(tmp);
+  if (fd < 0) {
+    rc = sbn__set_error(SBN_EIO, "%s: cannot create a temporary file in %s: %s",
+                        path, dir, strerror(errno));
+    free(tmp);
+    tmp = NULL; /* nothing to unlink */
+    goto fail;
+  }
+  /* mkstemp makes the file 0600; the caller says what the file should be. */
+  if (fchmod(fd, (mode_t)mode) != 0) {
+    rc = sbn__set_error(SBN_EIO, "%s: chmod failed: %s", path, strerror(errno));
+    goto fail;
+  }
+  for (int i = 0; i < nparts; i++) {
+    if (lens[i] > 0 && sbn__write_all(fd, parts[i], lens[i]) != 0) {
+      rc = sbn__set_error(SBN_EIO, "%s: write failed: %s", path,
+                          strerror(errno));
+      goto fail;
+    }
+  }
+  if (durable && fsync(fd) != 0) {
+    rc = sbn__set_error(SBN_EIO, "%s: fsync failed: %s", path, strerror(errno));
+    goto fail;
+  }
+  int crc = close(fd);
+  fd = -1;
+  if (crc != 0) {
+    rc = sbn__set_error(SBN_EIO, "%s: close failed: %s", path, strerror(errno));
+    goto fail;
+  }
+  if (rename(tmp, path) != 0) {
+    rc = sbn__set_error(SBN_EIO, "%s: cannot rename the temporary file: %s",
+                        path, strerror(errno));
+    goto fail;
+  }
+  free(tmp);
+  tmp = NULL;
+  if (durable) {
+    /* The rename is durable only once the directory entry is on disk. Some
+     * file systems cannot fsync a directory (EINVAL); there is nothing more
+     * to do on those. */
+    dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd < 0 || (fsync(dfd) != 0 && errno != EINVAL)) {
+      rc = sbn__set_error(SBN_EIO, "%s: cannot fsync directory %s: %s", path,
+                          dir, strerror(errno));
+      goto fail;
+    }
+    close(dfd);
+  }
+  free(dir);
+  return 0;
+fail:
+  if (fd >= 0)
+    close(fd);
+  if (dfd >= 0)
+    close(dfd);
+  if (tmp != NULL) {
+    unlink(tmp);
+    free(tmp);
+  }
+  free(dir);
+  return rc;
+}
