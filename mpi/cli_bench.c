@@ -57,13 +57,17 @@ static int parse_dims(const char *s, sbn_tensor_desc_t *d) {
   char *end;
   d->ndim = 0;
   while (*s) {
-    if (d->ndim == SBN_MAX_DIMS) return -1;
+    if (d->ndim == SBN_MAX_DIMS)
+      return -1;
     unsigned long long v = strtoull(s, &end, 10);
-    if (end == s || v == 0) return -1;
+    if (end == s || v == 0)
+      return -1;
     d->dims[d->ndim++] = (size_t)v;
     s = end;
-    if (*s == ',') s++;
-    else if (*s) return -1;
+    if (*s == ',')
+      s++;
+    else if (*s)
+      return -1;
   }
   return d->ndim >= 2 ? 0 : -1;
 }
@@ -82,16 +86,20 @@ static int bench_op(sbn_op_t op, const sbn_tensor_desc_t *d0, int iters,
   int rc = 0;
   if (op == SBN_OP_LAYERNORM || op == SBN_OP_DROPOUT)
     d.layout = SBN_LAYOUT_NCHW;
-  for (int i = 0; i < d.ndim; i++) n *= d.dims[i];
+  for (int i = 0; i < d.ndim; i++)
+    n *= d.dims[i];
   sbn_layer_params_default(&p, op);
   p.channels = d.dims[1];
   p.groups = d.dims[1] % 8 == 0 ? 8 : 1;
   p.norm_ndim = d.ndim - 1;
-  for (int i = 1; i < d.ndim; i++) p.norm_shape[i - 1] = d.dims[i];
+  for (int i = 1; i < d.ndim; i++)
+    p.norm_shape[i - 1] = d.dims[i];
   p.p = 0.1;
   nw = op == SBN_OP_LAYERNORM ? n / d.dims[0] : d.dims[1];
-  if ((rc = sbn_layer_create(&p, NULL, &l)) != 0) goto fail;
-  if ((rc = sbn_layer_sizes(l, &d, &wsb, &svb)) != 0) goto fail;
+  if ((rc = sbn_layer_create(&p, NULL, &l)) != 0)
+    goto fail;
+  if ((rc = sbn_layer_sizes(l, &d, &wsb, &svb)) != 0)
+    goto fail;
   x = malloc(n * 4);
   y = malloc(n * 4);
   dy = malloc(n * 4);
@@ -122,35 +130,39 @@ static int bench_op(sbn_op_t op, const sbn_tensor_desc_t *d0, int iters,
     rv[i] = 1.0f;
   }
   sbn_state_t st = {rm, rv, 0};
-  sbn_forward_args_t fa = {SBN_MODE_TRAIN, &d, x, y, w, b, &st, 0,
-                           ws, wsb, sv, svb};
-  sbn_backward_args_t ba = {SBN_MODE_TRAIN, &d, x, dy, dx, w, dw, db, 0,
-                            ws, wsb, sv, svb};
+  sbn_forward_args_t fa = {
+      SBN_MODE_TRAIN, &d, x, y, w, b, &st, 0, ws, wsb, sv, svb};
+  sbn_backward_args_t ba = {
+      SBN_MODE_TRAIN, &d, x, dy, dx, w, dw, db, 0, ws, wsb, sv, svb};
   /* One warm-up of each so page faults are not timed. */
   memcpy(y, x, n * 4);
-  if ((rc = sbn_forward(l, &fa)) != 0) goto fail;
-  if ((rc = sbn_backward(l, &ba)) != 0) goto fail;
+  if ((rc = sbn_forward(l, &fa)) != 0)
+    goto fail;
+  if ((rc = sbn_backward(l, &ba)) != 0)
+    goto fail;
   for (int it = 0; it < iters; it++) {
     double t0 = now_s();
     memcpy(y, x, n * 4);
     double t1 = now_s();
     fa.step = ba.step = (uint64_t)it;
-    if ((rc = sbn_forward(l, &fa)) != 0) goto fail;
+    if ((rc = sbn_forward(l, &fa)) != 0)
+      goto fail;
     double t2 = now_s();
-    if ((rc = sbn_backward(l, &ba)) != 0) goto fail;
+    if ((rc = sbn_backward(l, &ba)) != 0)
+      goto fail;
     double t3 = now_s();
     tm[it] = t1 - t0;
     tf[it] = t2 - t1;
     tb[it] = t3 - t2;
   }
-  double mm = median(tm, iters), mf = median(tf, iters),
-         mb = median(tb, iters);
+  double mm = median(tm, iters), mf = median(tf, iters), mb = median(tb, iters);
   if (rank == 0)
-    printf("%-12s %-4s fwd %8.3f ms (%5.2fx memcpy, %6.2f GB/s in+out)  "
-           "bwd %8.3f ms (%5.2fx memcpy)  memcpy %7.3f ms\n",
-           sbn_op_name(op), d.layout == SBN_LAYOUT_NHWC ? "nhwc" : "nchw",
-           mf * 1e3, mf / mm, 2.0 * (double)n * 4 / mf / 1e9, mb * 1e3,
-           mb / mm, mm * 1e3);
+    printf(
+        "%-12s %-4s fwd %8.3f ms (%5.2fx memcpy, %6.2f GB/s in+out)  "
+        "bwd %8.3f ms (%5.2fx memcpy)  memcpy %7.3f ms\n",
+        sbn_op_name(op), d.layout == SBN_LAYOUT_NHWC ? "nhwc" : "nchw",
+        mf * 1e3, mf / mm, 2.0 * (double)n * 4 / mf / 1e9, mb * 1e3, mb / mm,
+        mm * 1e3);
 fail:
   if (rc != 0 && rank == 0)
     fprintf(stderr, "syncbn bench: %s: %s: %s\n", sbn_op_name(op),
@@ -209,7 +221,8 @@ static int bench_sync(size_t C, int iters, int group_size) {
     double t1 = now_s();
     MPI_Barrier(gc);
     double t2 = now_s();
-    if ((rc = sbn_comm_allreduce(comm, recs, C)) != 0) goto fail;
+    if ((rc = sbn_comm_allreduce(comm, recs, C)) != 0)
+      goto fail;
     double t3 = now_s();
     if (it >= 0) {
       tr[it] = t1 - t0;
@@ -218,13 +231,14 @@ static int bench_sync(size_t C, int iters, int group_size) {
   }
   double mr = median(tr, iters), mc = median(tc, iters);
   if (rank == 0)
-    printf("allreduce    C=%zu (%zu bytes) group %d: syncbn %.1f us, bare "
-           "MPI_Allreduce %.1f us, ratio %.2fx\n",
-           C, C * sizeof(sbn_rec_t), comm->size, mc * 1e6, mr * 1e6, mc / mr);
+    printf(
+        "allreduce    C=%zu (%zu bytes) group %d: syncbn %.1f us, bare "
+        "MPI_Allreduce %.1f us, ratio %.2fx\n",
+        C, C * sizeof(sbn_rec_t), comm->size, mc * 1e6, mr * 1e6, mc / mr);
 fail:
   if (rc != 0)
-    fprintf(stderr, "syncbn bench: rank %d: %s: %s\n", rank,
-            sbn_err_name(rc), sbn_last_error());
+    fprintf(stderr, "syncbn bench: rank %d: %s: %s\n", rank, sbn_err_name(rc),
+            sbn_last_error());
   sbn_comm_destroy(comm);
   free(recs);
   free(buf);
@@ -264,8 +278,10 @@ int sbn_cli_bench(int argc, char **argv) {
         }
         break;
       case 'l':
-        if (strcmp(optarg, "nchw") == 0) d.layout = SBN_LAYOUT_NCHW;
-        else if (strcmp(optarg, "nhwc") == 0) d.layout = SBN_LAYOUT_NHWC;
+        if (strcmp(optarg, "nchw") == 0)
+          d.layout = SBN_LAYOUT_NCHW;
+        else if (strcmp(optarg, "nhwc") == 0)
+          d.layout = SBN_LAYOUT_NHWC;
         else {
           fprintf(stderr, "syncbn bench: --layout: '%s' is not nchw|nhwc\n",
                   optarg);
@@ -289,8 +305,10 @@ int sbn_cli_bench(int argc, char **argv) {
       case 'g':
         group = (int)strtol(optarg, &end, 10);
         if (*end || group < 1) {
-          fprintf(stderr, "syncbn bench: --group-size: '%s' is not a "
-                          "positive integer\n", optarg);
+          fprintf(stderr,
+                  "syncbn bench: --group-size: '%s' is not a "
+                  "positive integer\n",
+                  optarg);
           return 2;
         }
         break;
@@ -323,16 +341,19 @@ int sbn_cli_bench(int argc, char **argv) {
     printf("kernels %s, shape", sbn_kernel_name());
   for (int i = 0; rank == 0 && i < d.ndim; i++)
     printf("%s%zu", i ? "x" : " ", d.dims[i]);
-  if (rank == 0) printf(", %d iterations, medians\n", iters);
+  if (rank == 0)
+    printf(", %d iterations, medians\n", iters);
   for (int op = 0; op <= SBN_OP_DROPOUT && rc == 0; op++) {
-    if (strcmp(ops, "all") != 0 && op != (int)one) continue;
+    if (strcmp(ops, "all") != 0 && op != (int)one)
+      continue;
     if (d.layout == SBN_LAYOUT_NHWC &&
         (op == SBN_OP_LAYERNORM || op == SBN_OP_DROPOUT))
       continue;
     rc = bench_op((sbn_op_t)op, &d, iters, rank);
   }
   if (sync) {
-    if (rc == 0) rc = bench_sync(d.dims[1], iters * 10, group);
+    if (rc == 0)
+      rc = bench_sync(d.dims[1], iters * 10, group);
     MPI_Finalize();
   }
   return rc == 0 ? 0 : 1;
