@@ -169,14 +169,14 @@ static int bn_bwd_local(sbn_layer_t *l, const sbn_backward_args_t *a,
     return rc;
   sbn__chan_carve(a->workspace, C, ch);
   for (size_t c = 0; c < C; c++) {
-    sbn__split_mean(mean[c], &ch->mh[c], &ch->ml[c]);
-    ch->istd[c] = (float)istd[c];
+    ch->dmean[c] = mean[c];
+    ch->distd[c] = istd[c];
     ch->d1[c] = 0;
     ch->d2[c] = 0;
   }
   bn_view(sh, &A, &S);
   if (sh->numel > 0)
-    sbn__kernels()->bwd_reduce(a->x, a->dy, A, C, S, ch->mh, ch->ml, ch->istd,
+    sbn__kernels()->bwd_reduce(a->x, a->dy, A, C, S, ch->dmean, ch->distd,
                                ch->d1, ch->d2);
   for (size_t c = 0; c < C; c++) {
     recs[c].tag = SBN_REC_SUM;
@@ -210,23 +210,23 @@ static int bn_bwd_finish(sbn_layer_t *l, const sbn_backward_args_t *a,
   for (size_t c = 0; c < C; c++) {
     double w = p->affine ? a->weight[c] : 1.0;
     double g = w * istd[c];
-    sbn__split_mean(mean[c], &ch.mh[c], &ch.ml[c]);
-    ch.istd[c] = (float)istd[c];
-    ch.k1[c] = (float)g;
+    ch.dmean[c] = mean[c];
+    ch.distd[c] = istd[c];
+    ch.dk1[c] = g;
     if (batch && count > 0) {
-      ch.k2[c] = (float)(-g * recs[c].v[1] / count);
-      ch.k3[c] = (float)(-g * recs[c].v[0] / count);
+      ch.dk2[c] = -g * recs[c].v[1] / count;
+      ch.dk3[c] = -g * recs[c].v[0] / count;
     } else {
       /* With running statistics the mean and variance are constants, so
        * dx is dy scaled: dx = dy * weight / sqrt(running_var + eps). */
-      ch.k2[c] = 0;
-      ch.k3[c] = 0;
+      ch.dk2[c] = 0;
+      ch.dk3[c] = 0;
     }
   }
   bn_view(sh, &A, &S);
   if (sh->numel > 0)
-    sbn__kernels()->bwd_apply(a->x, a->dy, a->dx, A, C, S, ch.mh, ch.ml,
-                              ch.istd, ch.k1, ch.k2, ch.k3);
+    sbn__kernels()->bwd_apply(a->x, a->dy, a->dx, A, C, S, ch.dmean, ch.distd,
+                              ch.dk1, ch.dk2, ch.dk3);
   return 0;
 }
 

@@ -32,11 +32,11 @@ void sbn__moments_finish(double n, double k, double s1, double s2,
 }
 
 size_t sbn__chan_bytes(size_t C) {
-  /* Seven float arrays, four double arrays and one record array. Callers
+  /* Seven float arrays, nine double arrays and one record array. Callers
    * have bounded C by the tensor's element count, so this cannot overflow
    * for any tensor that fits in memory; sbn__check_shape verifies it. */
   return 7 * sbn__align64(C * sizeof(float)) +
-         4 * sbn__align64(C * sizeof(double)) +
+         9 * sbn__align64(C * sizeof(double)) +
          sbn__align64(C * sizeof(sbn_rec_t));
 }
 
@@ -48,8 +48,9 @@ void sbn__chan_carve(void *ws, size_t C, sbn__chan_t *ch) {
                   &ch->k2, &ch->k3, &ch->k};
   for (int i = 0; i < 7; i++, p += fb)
     *f[i] = (float *)(void *)p;
-  double **d[4] = {&ch->d1, &ch->d2, &ch->d3, &ch->d4};
-  for (int i = 0; i < 4; i++, p += db)
+  double **d[9] = {&ch->d1,    &ch->d2,  &ch->d3,  &ch->d4, &ch->dmean,
+                   &ch->distd, &ch->dk1, &ch->dk2, &ch->dk3};
+  for (int i = 0; i < 9; i++, p += db)
     *d[i] = (double *)(void *)p;
   ch->rec = (sbn_rec_t *)(void *)p;
 }

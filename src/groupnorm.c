@@ -97,12 +97,12 @@ int sbn__gn_backward(sbn_layer_t *l, const sbn_backward_args_t *a,
     const float *xs = a->x + n * plane, *dys = a->dy + n * plane;
     for (size_t c = 0; c < C; c++) {
       size_t g = n * G + c / cpg;
-      sbn__split_mean(mean[g], &ch.mh[c], &ch.ml[c]);
-      ch.istd[c] = (float)istd[g];
+      ch.dmean[c] = mean[g];
+      ch.distd[c] = istd[g];
       ch.d1[c] = 0;
       ch.d2[c] = 0;
     }
-    sbn__kernels()->bwd_reduce(xs, dys, v.cA, C, v.cS, ch.mh, ch.ml, ch.istd,
+    sbn__kernels()->bwd_reduce(xs, dys, v.cA, C, v.cS, ch.dmean, ch.distd,
                                ch.d1, ch.d2);
     for (size_t g = 0; g < G; g++) {
       /* Sums of dxhat = dy * weight and dxhat * xhat over the group. */
@@ -114,15 +114,17 @@ int sbn__gn_backward(sbn_layer_t *l, const sbn_backward_args_t *a,
       }
       double is = istd[n * G + g];
       for (size_t c = g * cpg; c < (g + 1) * cpg; c++) {
-        ch.k1[c] = (float)(is * (p->affine ? a->weight[c] : 1.0));
-        ch.k2[c] = (float)(-is * sgx / m);
-        ch.k3[c] = (float)(-is * sg / m);
+        ch.dmean[c] = mean[n * G + g];
+        ch.distd[c] = is;
+        ch.dk1[c] = is * (p->affine ? a->weight[c] : 1.0);
+        ch.dk2[c] = -is * sgx / m;
+        ch.dk3[c] = -is * sg / m;
         ch.d3[c] += ch.d2[c];
         ch.d4[c] += ch.d1[c];
       }
     }
-    sbn__kernels()->bwd_apply(xs, dys, a->dx + n * plane, v.cA, C, v.cS, ch.mh,
-                              ch.ml, ch.istd, ch.k1, ch.k2, ch.k3);
+    sbn__kernels()->bwd_apply(xs, dys, a->dx + n * plane, v.cA, C, v.cS,
+                              ch.dmean, ch.distd, ch.dk1, ch.dk2, ch.dk3);
   }
   for (size_t c = 0; c < C; c++) {
     if (a->dweight != NULL)

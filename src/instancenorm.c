@@ -106,23 +106,25 @@ int sbn__in_backward(sbn_layer_t *l, const sbn_backward_args_t *a,
   for (size_t n = 0; n < N && plane > 0; n++) {
     const float *xs = a->x + n * plane, *dys = a->dy + n * plane;
     for (size_t c = 0; c < C; c++) {
-      sbn__split_mean(mean[n * C + c], &ch.mh[c], &ch.ml[c]);
-      ch.istd[c] = (float)istd[n * C + c];
+      ch.dmean[c] = mean[n * C + c];
+      ch.distd[c] = istd[n * C + c];
       ch.d1[c] = 0;
       ch.d2[c] = 0;
     }
-    sbn__kernels()->bwd_reduce(xs, dys, A, C, Sv, ch.mh, ch.ml, ch.istd, ch.d1,
+    sbn__kernels()->bwd_reduce(xs, dys, A, C, Sv, ch.dmean, ch.distd, ch.d1,
                                ch.d2);
     for (size_t c = 0; c < C; c++) {
       double g = (p->affine ? a->weight[c] : 1.0) * istd[n * C + c];
       ch.d3[c] += ch.d2[c];
       ch.d4[c] += ch.d1[c];
-      ch.k1[c] = (float)g;
-      ch.k2[c] = batch ? (float)(-g * ch.d2[c] / count) : 0.0f;
-      ch.k3[c] = batch ? (float)(-g * ch.d1[c] / count) : 0.0f;
+      ch.dmean[c] = mean[n * C + c];
+      ch.distd[c] = istd[n * C + c];
+      ch.dk1[c] = g;
+      ch.dk2[c] = batch ? -g * ch.d2[c] / count : 0.0;
+      ch.dk3[c] = batch ? -g * ch.d1[c] / count : 0.0;
     }
-    sbn__kernels()->bwd_apply(xs, dys, a->dx + n * plane, A, C, Sv, ch.mh,
-                              ch.ml, ch.istd, ch.k1, ch.k2, ch.k3);
+    sbn__kernels()->bwd_apply(xs, dys, a->dx + n * plane, A, C, Sv, ch.dmean,
+                              ch.distd, ch.dk1, ch.dk2, ch.dk3);
   }
   for (size_t c = 0; c < C; c++) {
     if (a->dweight != NULL)

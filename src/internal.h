@@ -44,29 +44,33 @@ typedef struct sbn__kernels_s {
   void (*normalize)(const float *x, float *y, size_t A, size_t C, size_t S,
                     const float *mh, const float *ml, const float *scale,
                     const float *shift);
-  /* xhat = ((x - mh[c]) - ml[c]) * istd[c]; adds sum(dy) into sdy[c] and
-   * sum(dy * xhat) into sdyx[c], in double. */
+  /* xhat = (x - mean[c]) * istd[c] in double; adds sum(dy) into sdy[c]
+   * and sum(dy * xhat) into sdyx[c], in double. dx depends on these sums
+   * to far below fp32 precision when it is small (see bwd_apply). */
   void (*bwd_reduce)(const float *x, const float *dy, size_t A, size_t C,
-                     size_t S, const float *mh, const float *ml,
-                     const float *istd, double *sdy, double *sdyx);
-  /* dx = k1[c] * dy + k2[c] * xhat + k3[c], xhat as above. */
+                     size_t S, const double *mean, const double *istd,
+                     double *sdy, double *sdyx);
+  /* dx = k1[c] * dy + k2[c] * xhat + k3[c] with xhat = (x - mean[c]) *
+   * istd[c], all in double and rounded once. The three terms nearly cancel
+   * when eps is small against the variance of a small set (two values per
+   * statistic: dx is about eps/var times dy), so fp32 here would lose
+   * every digit of dx. */
   void (*bwd_apply)(const float *x, const float *dy, float *dx, size_t A,
-                    size_t C, size_t S, const float *mh, const float *ml,
-                    const float *istd, const float *k1, const float *k2,
-                    const float *k3);
+                    size_t C, size_t S, const double *mean, const double *istd,
+                    const double *k1, const double *k2, const double *k3);
   /* LayerNorm rows (D contiguous elements with per-element affine; w and
    * b are NULL without affine): y = xhat * w + b. */
   void (*ln_forward)(const float *x, float *y, size_t D, float mh, float ml,
                      float istd, const float *w, const float *b);
   /* Adds sum(g) and sum(g * xhat) with g = dy * w into sums[0], sums[1],
-   * and dy * xhat, dy into dw[i], db[i] (double accumulators). */
-  void (*ln_bwd_reduce)(const float *x, const float *dy, size_t D, float mh,
-                        float ml, float istd, const float *w, double *dw,
-                        double *db, double sums[2]);
-  /* dx = istd * w * dy + (c2 * xhat + c3). */
+   * and dy * xhat, dy into dw[i], db[i]; xhat and the sums in double. */
+  void (*ln_bwd_reduce)(const float *x, const float *dy, size_t D, double mean,
+                        double istd, const float *w, double *dw, double *db,
+                        double sums[2]);
+  /* dx = istd * w * dy + (c2 * xhat + c3), in double like bwd_apply. */
   void (*ln_bwd_apply)(const float *x, const float *dy, float *dx, size_t D,
-                       float mh, float ml, float istd, const float *w, float c2,
-                       float c3);
+                       double mean, double istd, const float *w, double c2,
+                       double c3);
   /* Dropout of n elements starting at element index `first` (a multiple
    * of 4): out = word < thr ? 0 : in * scale, with the Philox words of
    * sbn_philox4x32_10 for counter (block, step, layer) and key. thr < 2^32
@@ -104,6 +108,8 @@ void sbn__moments_finish(double n, double k, double s1, double s2,
 typedef struct sbn__chan_s {
   float *mh, *ml, *istd, *k1, *k2, *k3, *k;
   double *d1, *d2, *d3, *d4;
+  /* Backward's dx parameters, kept in double (see bwd_apply). */
+  double *dmean, *distd, *dk1, *dk2, *dk3;
   sbn_rec_t *rec;
 } sbn__chan_t;
 

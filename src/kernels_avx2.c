@@ -113,120 +113,118 @@ SBN__AVX2 static void avx2_normalize(const float *x, float *y, size_t A,
 }
 
 SBN__AVX2 static void avx2_bwd_reduce(const float *x, const float *dy, size_t A,
-                                      size_t C, size_t S, const float *mh,
-                                      const float *ml, const float *istd,
-                                      double *sdy, double *sdyx) {
+                                      size_t C, size_t S, const double *mean,
+                                      const double *istd, double *sdy,
+                                      double *sdyx) {
   if (S == 1) {
     for (size_t a = 0; a < A; a++) {
       const float *p = x + a * C, *g = dy + a * C;
       size_t c = 0;
       for (; c + 4 <= C; c += 4) {
-        __m128 xh = _mm_mul_ps(
-            _mm_sub_ps(_mm_sub_ps(_mm_loadu_ps(p + c), _mm_loadu_ps(mh + c)),
-                       _mm_loadu_ps(ml + c)),
-            _mm_loadu_ps(istd + c));
+        __m256d xh =
+            _mm256_mul_pd(_mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(p + c)),
+                                        _mm256_loadu_pd(mean + c)),
+                          _mm256_loadu_pd(istd + c));
         __m256d d = _mm256_cvtps_pd(_mm_loadu_ps(g + c));
         _mm256_storeu_pd(sdy + c, _mm256_add_pd(_mm256_loadu_pd(sdy + c), d));
-        _mm256_storeu_pd(sdyx + c, _mm256_fmadd_pd(d, _mm256_cvtps_pd(xh),
-                                                   _mm256_loadu_pd(sdyx + c)));
+        _mm256_storeu_pd(sdyx + c,
+                         _mm256_fmadd_pd(d, xh, _mm256_loadu_pd(sdyx + c)));
       }
-      for (; c < C; c++) {
-        float xh = ((p[c] - mh[c]) - ml[c]) * istd[c];
-        sdy[c] += g[c];
-        sdyx[c] += (double)g[c] * xh;
-      }
+      if (c < C)
+        sbn__kernels_ref.bwd_reduce(p + c, g + c, 1, C - c, 1, mean + c,
+                                    istd + c, sdy + c, sdyx + c);
     }
     return;
   }
   if (S < 8) {
-    sbn__kernels_ref.bwd_reduce(x, dy, A, C, S, mh, ml, istd, sdy, sdyx);
+    sbn__kernels_ref.bwd_reduce(x, dy, A, C, S, mean, istd, sdy, sdyx);
     return;
   }
   for (size_t a = 0; a < A; a++) {
     for (size_t c = 0; c < C; c++) {
       size_t off = (a * C + c) * S, s = 0;
-      __m256 h = _mm256_set1_ps(mh[c]), l = _mm256_set1_ps(ml[c]);
-      __m256 is = _mm256_set1_ps(istd[c]);
+      __m256d m = _mm256_set1_pd(mean[c]), is = _mm256_set1_pd(istd[c]);
       __m256d a1 = _mm256_setzero_pd(), b1 = _mm256_setzero_pd();
       __m256d a2 = _mm256_setzero_pd(), b2 = _mm256_setzero_pd();
       for (; s + 8 <= S; s += 8) {
-        __m256 xh = _mm256_mul_ps(
-            _mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(x + off + s), h), l),
-            is);
+        __m256 v = _mm256_loadu_ps(x + off + s);
         __m256 g = _mm256_loadu_ps(dy + off + s);
+        __m256d x0 = _mm256_mul_pd(
+            _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), m), is);
+        __m256d x1 = _mm256_mul_pd(
+            _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)), m), is);
         __m256d g0 = _mm256_cvtps_pd(_mm256_castps256_ps128(g));
         __m256d g1 = _mm256_cvtps_pd(_mm256_extractf128_ps(g, 1));
         a1 = _mm256_add_pd(a1, g0);
         b1 = _mm256_add_pd(b1, g1);
-        a2 = _mm256_fmadd_pd(g0, _mm256_cvtps_pd(_mm256_castps256_ps128(xh)),
-                             a2);
-        b2 = _mm256_fmadd_pd(g1, _mm256_cvtps_pd(_mm256_extractf128_ps(xh, 1)),
-                             b2);
+        a2 = _mm256_fmadd_pd(g0, x0, a2);
+        b2 = _mm256_fmadd_pd(g1, x1, b2);
       }
-      double t1 = hsum4(_mm256_add_pd(a1, b1));
-      double t2 = hsum4(_mm256_add_pd(a2, b2));
-      for (; s < S; s++) {
-        float xh = ((x[off + s] - mh[c]) - ml[c]) * istd[c];
-        t1 += dy[off + s];
-        t2 += (double)dy[off + s] * xh;
-      }
-      sdy[c] += t1;
-      sdyx[c] += t2;
+      double t[2] = {hsum4(_mm256_add_pd(a1, b1)),
+                     hsum4(_mm256_add_pd(a2, b2))};
+      sdy[c] += t[0];
+      sdyx[c] += t[1];
+      if (s < S)
+        sbn__kernels_ref.bwd_reduce(x + off + s, dy + off + s, 1, 1, S - s,
+                                    mean + c, istd + c, sdy + c, sdyx + c);
     }
   }
 }
 
+/* dx in double, four lanes at a time (see the kernel table). */
+SBN__AVX2 static inline __m256d dx4(__m128 x, __m128 dy, __m256d m, __m256d is,
+                                    __m256d a1, __m256d a2, __m256d a3) {
+  __m256d xh = _mm256_mul_pd(_mm256_sub_pd(_mm256_cvtps_pd(x), m), is);
+  return _mm256_fmadd_pd(a1, _mm256_cvtps_pd(dy), _mm256_fmadd_pd(a2, xh, a3));
+}
+
 SBN__AVX2 static void avx2_bwd_apply(const float *x, const float *dy, float *dx,
                                      size_t A, size_t C, size_t S,
-                                     const float *mh, const float *ml,
-                                     const float *istd, const float *k1,
-                                     const float *k2, const float *k3) {
+                                     const double *mean, const double *istd,
+                                     const double *k1, const double *k2,
+                                     const double *k3) {
   if (S == 1) {
     for (size_t a = 0; a < A; a++) {
       const float *p = x + a * C, *g = dy + a * C;
       float *q = dx + a * C;
       size_t c = 0;
-      for (; c + 8 <= C; c += 8) {
-        __m256 xh = _mm256_mul_ps(
-            _mm256_sub_ps(
-                _mm256_sub_ps(_mm256_loadu_ps(p + c), _mm256_loadu_ps(mh + c)),
-                _mm256_loadu_ps(ml + c)),
-            _mm256_loadu_ps(istd + c));
-        __m256 t = _mm256_fmadd_ps(_mm256_loadu_ps(k2 + c), xh,
-                                   _mm256_loadu_ps(k3 + c));
-        _mm256_storeu_ps(q + c, _mm256_fmadd_ps(_mm256_loadu_ps(k1 + c),
-                                                _mm256_loadu_ps(g + c), t));
+      for (; c + 4 <= C; c += 4) {
+        __m256d r = dx4(_mm_loadu_ps(p + c), _mm_loadu_ps(g + c),
+                        _mm256_loadu_pd(mean + c), _mm256_loadu_pd(istd + c),
+                        _mm256_loadu_pd(k1 + c), _mm256_loadu_pd(k2 + c),
+                        _mm256_loadu_pd(k3 + c));
+        _mm_storeu_ps(q + c, _mm256_cvtpd_ps(r));
       }
-      for (; c < C; c++) {
-        float xh = ((p[c] - mh[c]) - ml[c]) * istd[c];
-        q[c] = k1[c] * g[c] + (k2[c] * xh + k3[c]);
-      }
+      if (c < C)
+        sbn__kernels_ref.bwd_apply(p + c, g + c, q + c, 1, C - c, 1, mean + c,
+                                   istd + c, k1 + c, k2 + c, k3 + c);
     }
     return;
   }
   if (S < 8) {
-    sbn__kernels_ref.bwd_apply(x, dy, dx, A, C, S, mh, ml, istd, k1, k2, k3);
+    sbn__kernels_ref.bwd_apply(x, dy, dx, A, C, S, mean, istd, k1, k2, k3);
     return;
   }
   for (size_t a = 0; a < A; a++) {
     for (size_t c = 0; c < C; c++) {
       size_t off = (a * C + c) * S, s = 0;
-      __m256 h = _mm256_set1_ps(mh[c]), l = _mm256_set1_ps(ml[c]);
-      __m256 is = _mm256_set1_ps(istd[c]);
-      __m256 a1 = _mm256_set1_ps(k1[c]), a2 = _mm256_set1_ps(k2[c]);
-      __m256 a3 = _mm256_set1_ps(k3[c]);
+      __m256d m = _mm256_set1_pd(mean[c]), is = _mm256_set1_pd(istd[c]);
+      __m256d a1 = _mm256_set1_pd(k1[c]), a2 = _mm256_set1_pd(k2[c]);
+      __m256d a3 = _mm256_set1_pd(k3[c]);
       for (; s + 8 <= S; s += 8) {
-        __m256 xh = _mm256_mul_ps(
-            _mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(x + off + s), h), l),
-            is);
-        __m256 t = _mm256_fmadd_ps(a2, xh, a3);
-        _mm256_storeu_ps(dx + off + s,
-                         _mm256_fmadd_ps(a1, _mm256_loadu_ps(dy + off + s), t));
+        __m256 v = _mm256_loadu_ps(x + off + s);
+        __m256 g = _mm256_loadu_ps(dy + off + s);
+        __m256d r0 = dx4(_mm256_castps256_ps128(v), _mm256_castps256_ps128(g),
+                         m, is, a1, a2, a3);
+        __m256d r1 = dx4(_mm256_extractf128_ps(v, 1),
+                         _mm256_extractf128_ps(g, 1), m, is, a1, a2, a3);
+        _mm256_storeu_ps(dx + off + s, _mm256_set_m128(_mm256_cvtpd_ps(r1),
+                                                       _mm256_cvtpd_ps(r0)));
       }
-      for (; s < S; s++) {
-        float xh = ((x[off + s] - mh[c]) - ml[c]) * istd[c];
-        dx[off + s] = k1[c] * dy[off + s] + (k2[c] * xh + k3[c]);
-      }
+      if (s < S)
+        sbn__kernels_ref.bwd_apply(x + off + s, dy + off + s, dx + off + s, 1,
+                                   1, S - s, mean + c, istd + c, k1 + c, k2 + c,
+                                   k3 + c);
     }
   }
 }
@@ -250,50 +248,47 @@ SBN__AVX2 static void avx2_ln_forward(const float *x, float *y, size_t D,
 }
 
 SBN__AVX2 static void avx2_ln_bwd_reduce(const float *x, const float *dy,
-                                         size_t D, float mh, float ml,
-                                         float istd, const float *w, double *dw,
-                                         double *db, double sums[2]) {
-  __m256 h = _mm256_set1_ps(mh), l = _mm256_set1_ps(ml);
-  __m256 is = _mm256_set1_ps(istd);
+                                         size_t D, double mean, double istd,
+                                         const float *w, double *dw, double *db,
+                                         double sums[2]) {
+  __m256d m = _mm256_set1_pd(mean), is = _mm256_set1_pd(istd);
   __m256d sg = _mm256_setzero_pd(), sgx = _mm256_setzero_pd();
   size_t i = 0;
   for (; i + 4 <= D; i += 4) {
-    __m128 xh = _mm_mul_ps(
-        _mm_sub_ps(_mm_sub_ps(_mm_loadu_ps(x + i), _mm256_castps256_ps128(h)),
-                   _mm256_castps256_ps128(l)),
-        _mm256_castps256_ps128(is));
-    __m128 d = _mm_loadu_ps(dy + i);
-    __m128 g = w != NULL ? _mm_mul_ps(d, _mm_loadu_ps(w + i)) : d;
-    __m256d xd = _mm256_cvtps_pd(xh), dd = _mm256_cvtps_pd(d);
-    __m256d gd = _mm256_cvtps_pd(g);
+    __m256d xh = _mm256_mul_pd(
+        _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(x + i)), m), is);
+    __m256d dd = _mm256_cvtps_pd(_mm_loadu_ps(dy + i));
+    __m256d gd = w != NULL
+                     ? _mm256_mul_pd(dd, _mm256_cvtps_pd(_mm_loadu_ps(w + i)))
+                     : dd;
     sg = _mm256_add_pd(sg, gd);
-    sgx = _mm256_fmadd_pd(gd, xd, sgx);
-    _mm256_storeu_pd(dw + i, _mm256_fmadd_pd(dd, xd, _mm256_loadu_pd(dw + i)));
+    sgx = _mm256_fmadd_pd(gd, xh, sgx);
+    _mm256_storeu_pd(dw + i, _mm256_fmadd_pd(dd, xh, _mm256_loadu_pd(dw + i)));
     _mm256_storeu_pd(db + i, _mm256_add_pd(_mm256_loadu_pd(db + i), dd));
   }
   sums[0] += hsum4(sg);
   sums[1] += hsum4(sgx);
-  sbn__kernels_ref.ln_bwd_reduce(x + i, dy + i, D - i, mh, ml, istd,
+  sbn__kernels_ref.ln_bwd_reduce(x + i, dy + i, D - i, mean, istd,
                                  w != NULL ? w + i : NULL, dw + i, db + i,
                                  sums);
 }
 
 SBN__AVX2 static void avx2_ln_bwd_apply(const float *x, const float *dy,
-                                        float *dx, size_t D, float mh, float ml,
-                                        float istd, const float *w, float c2,
-                                        float c3) {
-  __m256 h = _mm256_set1_ps(mh), l = _mm256_set1_ps(ml);
-  __m256 is = _mm256_set1_ps(istd);
-  __m256 a2 = _mm256_set1_ps(c2), a3 = _mm256_set1_ps(c3);
+                                        float *dx, size_t D, double mean,
+                                        double istd, const float *w, double c2,
+                                        double c3) {
+  __m256d m = _mm256_set1_pd(mean), is = _mm256_set1_pd(istd);
+  __m256d a2 = _mm256_set1_pd(c2), a3 = _mm256_set1_pd(c3);
   size_t i = 0;
-  for (; i + 8 <= D; i += 8) {
-    __m256 xh = _mm256_mul_ps(
-        _mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), h), l), is);
-    __m256 g = w != NULL ? _mm256_mul_ps(is, _mm256_loadu_ps(w + i)) : is;
-    __m256 t = _mm256_fmadd_ps(a2, xh, a3);
-    _mm256_storeu_ps(dx + i, _mm256_fmadd_ps(g, _mm256_loadu_ps(dy + i), t));
+  for (; i + 4 <= D; i += 4) {
+    __m256d g = w != NULL
+                    ? _mm256_mul_pd(is, _mm256_cvtps_pd(_mm_loadu_ps(w + i)))
+                    : is;
+    __m256d r =
+        dx4(_mm_loadu_ps(x + i), _mm_loadu_ps(dy + i), m, is, g, a2, a3);
+    _mm_storeu_ps(dx + i, _mm256_cvtpd_ps(r));
   }
-  sbn__kernels_ref.ln_bwd_apply(x + i, dy + i, dx + i, D - i, mh, ml, istd,
+  sbn__kernels_ref.ln_bwd_apply(x + i, dy + i, dx + i, D - i, mean, istd,
                                 w != NULL ? w + i : NULL, c2, c3);
 }
 

@@ -34,17 +34,16 @@ static void ref_normalize(const float *x, float *y, size_t A, size_t C,
 }
 
 static void ref_bwd_reduce(const float *x, const float *dy, size_t A, size_t C,
-                           size_t S, const float *mh, const float *ml,
-                           const float *istd, double *sdy, double *sdyx) {
+                           size_t S, const double *mean, const double *istd,
+                           double *sdy, double *sdyx) {
   for (size_t a = 0; a < A; a++) {
     for (size_t c = 0; c < C; c++) {
       size_t off = (a * C + c) * S;
-      float h = mh[c], l = ml[c], is = istd[c];
-      double t1 = 0, t2 = 0;
+      double m = mean[c], is = istd[c], t1 = 0, t2 = 0;
       for (size_t s = 0; s < S; s++) {
-        float xh = ((x[off + s] - h) - l) * is;
+        double xh = ((double)x[off + s] - m) * is;
         t1 += dy[off + s];
-        t2 += (double)dy[off + s] * xh;
+        t2 += dy[off + s] * xh;
       }
       sdy[c] += t1;
       sdyx[c] += t2;
@@ -53,17 +52,16 @@ static void ref_bwd_reduce(const float *x, const float *dy, size_t A, size_t C,
 }
 
 static void ref_bwd_apply(const float *x, const float *dy, float *dx, size_t A,
-                          size_t C, size_t S, const float *mh, const float *ml,
-                          const float *istd, const float *k1, const float *k2,
-                          const float *k3) {
+                          size_t C, size_t S, const double *mean,
+                          const double *istd, const double *k1,
+                          const double *k2, const double *k3) {
   for (size_t a = 0; a < A; a++) {
     for (size_t c = 0; c < C; c++) {
       size_t off = (a * C + c) * S;
-      float h = mh[c], l = ml[c], is = istd[c];
-      float a1 = k1[c], a2 = k2[c], a3 = k3[c];
+      double m = mean[c], is = istd[c], a1 = k1[c], a2 = k2[c], a3 = k3[c];
       for (size_t s = 0; s < S; s++) {
-        float xh = ((x[off + s] - h) - l) * is;
-        dx[off + s] = a1 * dy[off + s] + (a2 * xh + a3);
+        double xh = ((double)x[off + s] - m) * is;
+        dx[off + s] = (float)(a1 * dy[off + s] + (a2 * xh + a3));
       }
     }
   }
@@ -82,15 +80,15 @@ static void ref_ln_forward(const float *x, float *y, size_t D, float mh,
 }
 
 static void ref_ln_bwd_reduce(const float *x, const float *dy, size_t D,
-                              float mh, float ml, float istd, const float *w,
+                              double mean, double istd, const float *w,
                               double *dw, double *db, double sums[2]) {
   double sg = 0, sgx = 0;
   for (size_t i = 0; i < D; i++) {
-    float xh = ((x[i] - mh) - ml) * istd;
-    float g = w != NULL ? dy[i] * w[i] : dy[i];
+    double xh = ((double)x[i] - mean) * istd;
+    double g = w != NULL ? (double)dy[i] * w[i] : dy[i];
     sg += g;
-    sgx += (double)g * xh;
-    dw[i] += (double)dy[i] * xh;
+    sgx += g * xh;
+    dw[i] += dy[i] * xh;
     db[i] += dy[i];
   }
   sums[0] += sg;
@@ -98,12 +96,12 @@ static void ref_ln_bwd_reduce(const float *x, const float *dy, size_t D,
 }
 
 static void ref_ln_bwd_apply(const float *x, const float *dy, float *dx,
-                             size_t D, float mh, float ml, float istd,
-                             const float *w, float c2, float c3) {
+                             size_t D, double mean, double istd, const float *w,
+                             double c2, double c3) {
   for (size_t i = 0; i < D; i++) {
-    float xh = ((x[i] - mh) - ml) * istd;
-    float g = w != NULL ? istd * w[i] : istd;
-    dx[i] = g * dy[i] + (c2 * xh + c3);
+    double xh = ((double)x[i] - mean) * istd;
+    double g = w != NULL ? istd * w[i] : istd;
+    dx[i] = (float)(g * dy[i] + (c2 * xh + c3));
   }
 }
 

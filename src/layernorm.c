@@ -74,14 +74,12 @@ int sbn__ln_backward(sbn_layer_t *l, const sbn_backward_args_t *a,
     const float *x = a->x + r * D, *dy = a->dy + r * D;
     float *dx = a->dx + r * D;
     const float *w = p->affine ? a->weight : NULL;
-    float mh, ml, is = (float)istd[r];
     double sums[2] = {0, 0};
-    sbn__split_mean(mean[r], &mh, &ml);
-    sbn__kernels()->ln_bwd_reduce(x, dy, D, mh, ml, is, w, dw, db, sums);
+    sbn__kernels()->ln_bwd_reduce(x, dy, D, mean[r], istd[r], w, dw, db, sums);
     /* dx = istd * (w*dy - mean(w*dy) - xhat * mean(w*dy*xhat)). */
-    float c2 = (float)(-istd[r] * sums[1] / count);
-    float c3 = (float)(-istd[r] * sums[0] / count);
-    sbn__kernels()->ln_bwd_apply(x, dy, dx, D, mh, ml, is, w, c2, c3);
+    double c2 = -istd[r] * sums[1] / count;
+    double c3 = -istd[r] * sums[0] / count;
+    sbn__kernels()->ln_bwd_apply(x, dy, dx, D, mean[r], istd[r], w, c2, c3);
   }
   for (size_t i = 0; i < D; i++) {
     if (a->dweight != NULL)
