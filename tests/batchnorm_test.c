@@ -625,6 +625,61 @@ static int report(void **state) {
   return 0;
 }
 
+/* With two values per channel and eps far below the variance, the true dx
+ * is about eps/var times dy: the difference of nearly equal terms. Computed
+ * in fp32 every digit is lost (relative error ~1); syncbn forms xhat, the
+ * sums and dx in double. The reference here is the closed form for n = 2
+ * in long double: dx_i = w*istd*(d_i - xhat_i*s) with d_i = dy_i - mean(dy),
+ * s = mean(dy*xhat). */
+static void test_bn_two_values_small_eps(void **state) {
+  (void)state;
+  const size_t N = 2, C = 5;
+  const double eps = 1e-8;
+  tu_rng_t rng;
+  tu_rng_seed(&rng, 4242);
+  float x[10], dy[10], y[10], dx[10], w[5], b[5], dw[5], db[5];
+  tu_fill_normal(&rng, x, N * C, 3, 2);
+  tu_fill_normal(&rng, dy, N * C, 0, 1);
+  tu_fill_normal(&rng, w, C, 1, 0.3);
+  tu_fill_normal(&rng, b, C, 0, 0.3);
+  sbn_layer_params_t p;
+  sbn_layer_params_default(&p, SBN_OP_BATCHNORM);
+  p.channels = C;
+  p.eps = eps;
+  p.track_running_stats = 0;
+  sbn_layer_t *l = tu_layer(&p, NULL);
+  sbn_tensor_desc_t d = tu_desc(SBN_LAYOUT_NCHW, 2, N, C);
+  tu_run_t r = {.mode = SBN_MODE_TRAIN,
+                .desc = &d,
+                .x = x,
+                .w = w,
+                .b = b,
+                .dy = dy,
+                .y = y,
+                .dx = dx,
+                .dw = dw,
+                .db = db};
+  assert_int_equal(tu_run(l, &r, NULL), 0);
+  long double num = 0, den = 0;
+  for (size_t c = 0; c < C; c++) {
+    long double x0 = x[c], x1 = x[C + c], m = (x0 + x1) / 2;
+    long double var = ((x0 - m) * (x0 - m) + (x1 - m) * (x1 - m)) / 2;
+    long double is = 1 / sqrtl(var + eps);
+    long double h0 = (x0 - m) * is, h1 = (x1 - m) * is;
+    long double md = ((long double)dy[c] + dy[C + c]) / 2;
+    long double s = (dy[c] * h0 + dy[C + c] * h1) / 2;
+    long double r0 = w[c] * is * (dy[c] - md - h0 * s);
+    long double r1 = w[c] * is * (dy[C + c] - md - h1 * s);
+    num += (dx[c] - r0) * (dx[c] - r0) + (dx[C + c] - r1) * (dx[C + c] - r1);
+    den += r0 * r0 + r1 * r1;
+  }
+  double e = (double)sqrtl(num / den);
+  tu_err_note("bn.two_values_small_eps.dx", e);
+  if (!(e <= 1e-4))
+    fail_msg("dx relative L2 error %.3g > 1e-4 for two values per channel", e);
+  sbn_layer_destroy(l);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_bn_vs_reference),
@@ -637,6 +692,7 @@ int main(void) {
       cmocka_unit_test(test_bn_small_batch),
       cmocka_unit_test(test_bn_layout_agreement),
       cmocka_unit_test(test_bn_in_place),
+      cmocka_unit_test(test_bn_two_values_small_eps),
   };
   return cmocka_run_group_tests(tests, NULL, report);
 }
