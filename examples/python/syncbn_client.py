@@ -1,0 +1,239 @@
+#!/usr/bin/python3
+"""A Python client for the syncbnd service (mpi/service/PROTOCOL.md, v1).
+
+Needs msgpack and numpy (Debian: python3-msgpack python3-numpy).
+
+    c = SyncbnClient("/tmp/sbn/rank-0.sock")
+    c.hello()
+    lid = c.register("bn1", "batchnorm", channels=8)
+    y = c.forward(lid, step=0, train=True, x=x)
+    dx, dw, db = c.backward(lid, step=0, dy=dy)
+    c.bye()
+"""
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+try:
+    import msgpack
+    import numpy as np
+except ImportError as e:  # the self-test reports it as a skip
+    MISSING = str(e)
+else:
+    MISSING = None
+
+
+class SyncbnError(Exception):
+    """An error reply: .code is the stable code, .message the text."""
+
+    def __init__(self, code, message):
+        super().__init__("%s: %s" % (code, message))
+        self.code = code
+        self.message = message
+
+
+def encode_tensor(a, layout="nchw"):
+    """a is in memory order; for nhwc that is (N, d1.., C), and the
+    protocol's shape is the logical (N, C, d1..)."""
+    a = np.ascontiguousarray(a, dtype="<f4")
+    shape = [int(d) for d in a.shape]
+    if layout == "nhwc":
+        shape = [shape[0], shape[-1]] + shape[1:-1]
+    return {"dtype": "f32", "shape": shape, "data": a.tobytes(),
+            "layout": layout}
+
+
+def decode_tensor(t):
+    """Returns the array in memory order (channels last for nhwc)."""
+    if t.get("dtype") != "f32":
+        raise SyncbnError("BAD_TENSOR", "reply tensor dtype %r" % t.get("dtype"))
+    shape = [int(d) for d in t["shape"]]
+    if t.get("layout", "nchw") == "nhwc":
+        shape = [shape[0]] + shape[2:] + [shape[1]]
+    return np.frombuffer(t["data"], dtype="<f4").reshape(shape).copy()
+
+
+class SyncbnClient:
+    def __init__(self, path, timeout=60.0):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.next_id = 1
+
+    def _recv_exact(self, n):
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError("syncbnd closed the connection")
+            buf += chunk
+        return bytes(buf)
+
+    def call(self, op, **keys):
+        """Sends one request and returns its reply; raises SyncbnError."""
+        rid = self.next_id
+        self.next_id += 1
+        body = msgpack.packb(dict(keys, op=op, id=rid), use_bin_type=True)
+        self.sock.sendall(struct.pack(">I", len(body)) + body)
+        n = struct.unpack(">I", self._recv_exact(4))[0]
+        reply = msgpack.unpackb(self._recv_exact(n), raw=False)
+        if "error" in reply:
+            e = reply["error"]
+            raise SyncbnError(e.get("code"), e.get("message"))
+        if reply.get("id") != rid:
+            raise SyncbnError("INTERNAL", "reply id %r for request %d" % (reply.get("id"), rid))
+        return reply
+
+    def hello(self):
+        return self.call("hello", version=1)
+
+    def register(self, name, kind, **params):
+        r = self.call("register", name=name, kind=kind, **params)
+        return int(r["layer"])
+
+    def forward(self, layer, step, train, x, weight=None, bias=None, layout="nchw"):
+        keys = {"layer": layer, "step": step, "train": bool(train),
+                "x": encode_tensor(x, layout)}
+        if weight is not None:
+            keys["weight"] = encode_tensor(np.ravel(weight))
+            keys["bias"] = encode_tensor(np.ravel(bias))
+        return decode_tensor(self.call("forward", **keys)["y"])
+
+    def backward(self, layer, step, dy, layout="nchw"):
+        """Returns (dx, dweight, dbias); the last two are None if not affine."""
+        r = self.call("backward", layer=layer, step=step, dy=encode_tensor(dy, layout))
+        dw = decode_tensor(r["dweight"]) if "dweight" in r else None
+        db = decode_tensor(r["dbias"]) if "dbias" in r else None
+        return decode_tensor(r["dx"]), dw, db
+
+    def bye(self):
+        try:
+            self.call("bye")
+        finally:
+            self.sock.close()
+
+
+# ---------------------------------------------------------------- self-test
+#
+# python3 syncbn_client.py --mpirun MPIRUN --syncbnd SYNCBND --syncbn SYNCBN
+# starts `mpirun -np 1 syncbnd` in a fresh socket directory, waits for its
+# ready line, runs layers through this client, compares every output with
+# `syncbn apply` (the C library) on the same .npy inputs, and stops the job.
+# Exit 77 (skip) when msgpack or numpy is missing.
+
+
+def _apply(syncbn, d, op, x, dy, w, b, extra):
+    for n, a in (("x", x), ("dy", dy), ("w", w), ("b", b)):
+        np.save(os.path.join(d, n + ".npy"), a)
+    out = os.path.join(d, "out-" + op)
+    subprocess.run([syncbn, "apply", "--op", op, "--x", d + "/x.npy", "--dy",
+                    d + "/dy.npy", "--weight", d + "/w.npy", "--bias",
+                    d + "/b.npy", "--out-dir", out] + extra, check=True,
+                   capture_output=True, timeout=30)
+    return {k: np.load(os.path.join(out, k + ".npy"))
+            for k in ("y", "dx", "dweight", "dbias")}
+
+
+def _rel(a, b):
+    a = np.asarray(a, np.float64).ravel()
+    b = np.asarray(b, np.float64).ravel()
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _selftest(mpirun, syncbnd, syncbn):
+    d = tempfile.mkdtemp(prefix="sbn-py-")
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1",
+               OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    job = subprocess.Popen([mpirun, "--oversubscribe", "--bind-to", "none",
+                            "--timeout", "50", "--mca", "pml", "ob1", "--mca",
+                            "btl", "self,vader,tcp", "-np", "1", syncbnd,
+                            "--socket-dir", d + "/s"], stdout=subprocess.PIPE,
+                           env=env, text=True, start_new_session=True)
+    bad = 0
+    try:
+        line = job.stdout.readline()
+        print(line.strip())
+        if "ready on" not in line:
+            print("syncbnd did not get ready")
+            return 1
+        c = SyncbnClient(line.strip().split("ready on ", 1)[1])
+        h = c.hello()
+        # The worker answers with the newest protocol it speaks; version 1
+        # requests stay valid in later versions.
+        print("hello: protocol %s, rank %s of %s" % (h["protocol"], h["rank"], h["size"]))
+        assert h["protocol"] >= 1 and h["rank"] == 0 and h["size"] == 1, h
+        rng = np.random.default_rng(7)
+        cases = [
+            ("batchnorm", dict(channels=3), (4, 3, 5), "nchw", ["--momentum", "0.1"]),
+            ("batchnorm", dict(channels=4), (3, 2, 5, 4), "nhwc", ["--layout", "nhwc"]),
+            ("groupnorm", dict(channels=6, groups=3), (2, 6, 7), "nchw", ["--groups", "3"]),
+            ("layernorm", dict(normalized_shape=[5]), (4, 3, 5), "nchw", ["--norm-dims", "1"]),
+            ("instancenorm", dict(channels=3), (2, 3, 9), "nchw", []),
+        ]
+        for i, (kind, params, shape, layout, extra) in enumerate(cases):
+            x = (rng.standard_normal(shape) * 2 + 1e4 * (i == 0)).astype(np.float32)
+            dy = rng.standard_normal(shape).astype(np.float32)
+            ps = params.get("normalized_shape") or [params["channels"]]
+            w = rng.normal(1, 0.3, ps).astype(np.float32)
+            b = rng.normal(0, 1, ps).astype(np.float32)
+            lid = c.register("t%d" % i, kind, **params)
+            assert c.register("t%d" % i, kind, **params) == lid
+            y = c.forward(lid, 0, True, x, w, b, layout)
+            dx, dw, db = c.backward(lid, 0, dy, layout)
+            ref = _apply(syncbn, d, kind, x, dy, w, b, extra)
+            errs = [_rel(y, ref["y"]), _rel(dx, ref["dx"]),
+                    _rel(dw, ref["dweight"]), _rel(db, ref["dbias"])]
+            ok = max(errs[0], errs[3]) <= 1e-5 and max(errs[1], errs[2]) <= 1e-4
+            bad += not ok
+            print("%-12s %-4s %s y %.1e dx %.1e dw %.1e db %.1e %s" % (
+                kind, layout, "x".join(map(str, shape)), *errs, "ok" if ok else "FAIL"))
+        try:  # an error reply keeps the connection usable
+            c.backward(0, 99, np.zeros((4, 3, 5), np.float32))
+            print("backward without forward succeeded: FAIL")
+            bad += 1
+        except SyncbnError as e:
+            print("expected error: %s" % e.code)
+            bad += e.code != "NO_FORWARD"
+        c.bye()
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            print("torch missing: the torch example is not run")
+        else:
+            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+            import torch_example
+            c = SyncbnClient(line.strip().split("ready on ", 1)[1])
+            for kind in ("batchnorm", "groupnorm", "layernorm"):
+                e = torch_example.run(kind, c)
+                print("torch %-10s %.2e %s" % (kind, e, "ok" if e <= 1e-5 else "FAIL"))
+                bad += e > 1e-5
+            c.bye()
+    finally:
+        os.killpg(job.pid, signal.SIGTERM)
+        try:
+            job.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+        shutil.rmtree(d, ignore_errors=True)
+    print("%s" % ("FAILED" if bad else "all ok"))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description="syncbnd client self-test")
+    ap.add_argument("--mpirun", default="mpirun")
+    ap.add_argument("--syncbnd", required=True)
+    ap.add_argument("--syncbn", required=True)
+    a = ap.parse_args()
+    if MISSING:
+        print("SKIP: %s (install python3-msgpack python3-numpy)" % MISSING)
+        sys.exit(77)
+    sys.exit(_selftest(a.mpirun, a.syncbnd, a.syncbn))
