@@ -29,7 +29,7 @@
 
 #include "syncbn.h"
 
-#define SVC_PROTOCOL_VERSION 1
+#define SVC_PROTOCOL_VERSION 2
 #define SVC_HEADER_BYTES 4
 #define SVC_NAME_MAX 255
 
@@ -54,6 +54,7 @@
   XX(NO_FORWARD, 0, "backward without a kept training forward")               \
   XX(SMALL_BATCH, 0, "too few values to compute statistics")                  \
   XX(NOT_YET, 0, "not implemented yet in this version of the worker")         \
+  XX(STALL, 0, "not every rank submitted this sync entry in time")            \
   XX(RESOURCE, 0, "a worker resource limit or memory is exhausted")           \
   XX(TOO_MANY_CLIENTS, 1, "the worker serves its maximum number of clients")  \
   XX(FORBIDDEN, 1, "connection from another user")                            \

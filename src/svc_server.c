@@ -32,6 +32,10 @@ struct svc_server_s {
   uint32_t nconns;
   int stopping;
   int stop_signal;
+  uv_timer_t tick;
+  int ticking;
+  void (*tick_fn)(void *arg);
+  void *tick_arg;
   /* libuv calls alloc and read back to back, so one buffer serves every
    * connection. */
   char rbuf[SVC__READ_BUF];
@@ -50,7 +54,10 @@ struct svc__conn_s {
   size_t hdr_have;
   uint8_t *body;
   uint32_t body_len, body_have;
-  size_t writes; /* uv_write requests in flight */
+  size_t writes;  /* uv_write requests in flight */
+  int pending;    /* a deferred reply is owed; reading is paused */
+  uint8_t *stash; /* bytes read after the deferred request */
+  size_t stash_len;
 };
 
 typedef struct svc__write_s {
@@ -110,6 +117,7 @@ static void svc__conn_closed(uv_handle_t *h) {
   svc__conn_t *c = h->data;
   if (--c->handles > 0)
     return;
+  free(c->stash);
   free(c->body);
   free(c);
 }
@@ -126,6 +134,10 @@ static void svc__conn_close(svc__conn_t *c) {
   if (c->next != NULL)
     c->next->prev = c->prev;
   s->nconns--;
+  /* A deferred request of this connection is never answered. */
+  if (c->pending)
+    svc_worker_cancel(s->worker, c);
+  c->pending = 0;
   /* Pending writes are cancelled by uv_close and their callbacks free
    * their buffers before the close callbacks free the connection. */
   uv_close((uv_handle_t *)&c->pipe, svc__conn_closed);
@@ -206,9 +218,9 @@ static void svc__arm(svc__conn_t *c, double seconds) {
 static void svc__frame_done(svc__conn_t *c) {
   uint8_t *reply = NULL;
   size_t len = 0;
-  int close_after = 0;
-  int rc = svc_worker_handle(c->srv->worker, c->body, c->body_len, &reply, &len,
-                             &close_after);
+  int close_after = 0, deferred = 0;
+  int rc = svc_worker_handle_async(c->srv->worker, c->body, c->body_len, c,
+                                   &reply, &len, &close_after, &deferred);
   free(c->body);
   c->body = NULL;
   c->body_len = c->body_have = 0;
@@ -216,6 +228,14 @@ static void svc__frame_done(svc__conn_t *c) {
   c->in_frame = 0;
   if (rc != 0) {
     svc__conn_close(c);
+    return;
+  }
+  if (deferred) {
+    /* Replies go in request order, so later requests wait (stashed)
+     * until the other ranks have answered this one; no idle timeout
+     * meanwhile. */
+    c->pending = 1;
+    uv_timer_stop(&c->timer);
     return;
   }
   if (close_after) {
@@ -236,6 +256,8 @@ static void svc__alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf) {
   *buf = uv_buf_init(c->srv->rbuf, sizeof c->srv->rbuf);
 }
 
+static void svc__feed(svc__conn_t *c, const uint8_t *p, size_t n);
+
 static void svc__on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf) {
   svc__conn_t *c = st->data;
   const uint8_t *p = (const uint8_t *)buf->base;
@@ -247,7 +269,30 @@ static void svc__on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf) {
     return;
   }
   n = (size_t)nread;
+  svc__feed(c, p, n);
+}
+
+/* Frames the bytes p[0..n); stops and keeps the rest when a request is
+ * deferred. */
+static void svc__feed(svc__conn_t *c, const uint8_t *p, size_t n) {
   while (n > 0 && !c->closing && !c->close_after) {
+    if (c->pending) {
+      /* Reading goes on while a reply is deferred, so that a client that
+       * leaves is noticed (its entry is withdrawn); what it sends meanwhile
+       * waits here, up to one frame's worth. */
+      uint8_t *st = realloc(c->stash, c->stash_len + n);
+      if (st == NULL) {
+        svc__conn_close(c);
+        return;
+      }
+      memcpy(st + c->stash_len, p, n);
+      c->stash = st;
+      c->stash_len += n;
+      if (c->stash_len >
+          (size_t)c->srv->cfg.limits.max_frame + SVC_HEADER_BYTES)
+        uv_read_stop((uv_stream_t *)&c->pipe);
+      return;
+    }
     if (!c->in_frame) {
       c->in_frame = 1;
       svc__arm(c, c->srv->cfg.frame_timeout);
@@ -285,6 +330,36 @@ static void svc__on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf) {
       if (c->body_have == c->body_len)
         svc__frame_done(c);
     }
+  }
+}
+
+void svc_server_deliver(void *ctx, void *token, uint8_t *reply, size_t len) {
+  svc__conn_t *c = token;
+  uint8_t *st;
+  size_t n;
+  (void)ctx;
+  if (!c->pending || c->closing) {
+    free(reply);
+    return;
+  }
+  c->pending = 0;
+  svc__send(c, reply, len);
+  if (c->closing)
+    return;
+  svc__arm(c, c->srv->cfg.idle_timeout);
+  st = c->stash;
+  n = c->stash_len;
+  c->stash = NULL;
+  c->stash_len = 0;
+  if (st != NULL) {
+    svc__feed(c, st, n);
+    free(st);
+  }
+  if (!c->closing && !c->close_after) {
+    /* Reading was stopped only if the stash filled up. */
+    int rc = uv_read_start((uv_stream_t *)&c->pipe, svc__alloc, svc__on_read);
+    if (rc != 0 && rc != UV_EALREADY)
+      svc__conn_close(c);
   }
 }
 
@@ -343,6 +418,10 @@ static void svc__shutdown(svc_server_t *s) {
   s->stopping = 1;
   while (s->conns != NULL)
     svc__conn_close(s->conns);
+  if (s->ticking) {
+    uv_close((uv_handle_t *)&s->tick, NULL);
+    s->ticking = 0;
+  }
   if (s->listening) {
     uv_close((uv_handle_t *)&s->listener, NULL);
     s->listening = 0;
@@ -452,6 +531,25 @@ int svc_server_create(const svc_server_config_t *cfg, svc_worker_t *worker,
 fail:
   svc_server_destroy(s);
   return -1;
+}
+
+static void svc__on_tick(uv_timer_t *t) {
+  svc_server_t *s = t->data;
+  s->tick_fn(s->tick_arg);
+}
+
+int svc_server_set_tick(svc_server_t *s, uint64_t period_us,
+                        void (*fn)(void *arg), void *arg) {
+  uint64_t ms = (period_us + 999) / 1000;
+  if (s->ticking)
+    return -1;
+  s->tick_fn = fn;
+  s->tick_arg = arg;
+  uv_timer_init(&s->loop, &s->tick);
+  s->tick.data = s;
+  s->ticking = 1;
+  return uv_timer_start(&s->tick, svc__on_tick, ms, ms > 0 ? ms : 1) == 0 ? 0
+                                                                          : -1;
 }
 
 uv_loop_t *svc_server_loop(svc_server_t *s) {

@@ -48,6 +48,13 @@ int svc_server_create(const svc_server_config_t *cfg, svc_worker_t *worker,
                       svc_server_t **out, char *msg, size_t msglen);
 /* The loop, for later parts that add their own handles to it. */
 uv_loop_t *svc_server_loop(svc_server_t *s);
+/* Calls fn(arg) every period_us microseconds (rounded up to libuv's
+ * milliseconds) from the loop; the timer closes with the server. */
+int svc_server_set_tick(svc_server_t *s, uint64_t period_us,
+                        void (*fn)(void *arg), void *arg);
+/* The worker's deliver callback (svc_deliver_fn): sends a deferred reply
+ * on its connection (token) and resumes reading it. */
+void svc_server_deliver(void *ctx, void *token, uint8_t *reply, size_t len);
 /* Runs until SIGINT or SIGTERM (or svc_server_stop), closing every handle
  * on the way out. Returns the signal number, or 0 when stopped. */
 int svc_server_run(svc_server_t *s);

@@ -2,6 +2,7 @@
  * (see svc_worker.h). */
 #include "svc_worker.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -11,6 +12,7 @@
 typedef struct svc__step_s {
   uint64_t step;
   int done;
+  int busy; /* a syncbatchnorm forward or backward of it waits for ranks */
   sbn_tensor_desc_t desc;
   size_t numel;
   float *x;     /* the forward input (NULL for dropout) */
@@ -57,13 +59,70 @@ static void svc__comm_destroy(sbn_comm_t *c) {
 static const sbn_comm_vtable_t svc__comm_vt = {svc__comm_allreduce, NULL, NULL,
                                                NULL, svc__comm_destroy};
 
+/* One syncbatchnorm forward or backward waiting for the other ranks. */
+typedef struct svc__pend_s {
+  uint64_t name, step; /* the key: layer name hash, step, direction */
+  uint32_t dir;        /* 0 forward, 1 backward */
+  uint64_t fp;         /* the layer's parameter fingerprint */
+  svc__layer_t *l;
+  svc__step_t *s;
+  void *token; /* NULL once the connection is gone */
+  int sent;    /* part of the fused allreduce in flight */
+  int listed;  /* in the ready list of the allgather in flight */
+  double t0;
+  svc_request_t q; /* id; forward: weight, bias; backward: dy */
+  float *y, *dx, *dw, *db;
+  void *ws;
+  size_t ws_bytes;
+  sbn_rec_t *recs; /* channels records */
+  struct svc__pend_s *next;
+} svc__pend_t;
+
+#define SVC__MAXE 64
+#define SVC__POISON 1024
+
+typedef struct svc__gent_s {
+  uint64_t name, step, fp;
+  uint32_t dir, C;
+  double age;
+} svc__gent_t;
+
+typedef struct svc__gmsg_s {
+  uint32_t n, pad;
+  svc__gent_t e[SVC__MAXE];
+} svc__gmsg_t;
+
+typedef struct svc__key_s {
+  uint64_t name, step;
+  uint32_t dir;
+} svc__key_t;
+
 struct svc_worker_s {
   svc_worker_config_t cfg;
   svc__comm_t comm;
   svc__layer_t **layers;
   uint32_t nlayers;
   uint64_t saved_bytes;
+  /* syncbatchnorm coordination */
+  int sync_on;
+  svc_sync_ops_t ops;
+  double stall_timeout;
+  svc_deliver_fn deliver;
+  void *deliver_ctx;
+  double now;
+  svc__pend_t *pend; /* oldest first */
+  int phase;         /* 0 idle, 1 gathering, 2 reducing */
+  svc__gmsg_t gsend;
+  svc__gmsg_t *grecv;
+  sbn_rec_t *rbuf;
+  svc__pend_t **rlist;
+  size_t rlist_n;
+  svc__key_t poison[SVC__POISON];
+  size_t npoison, poison_next;
+  uint64_t n_allreduces, n_fused;
 };
+
+static void svc__pend_free(svc__pend_t *p);
 
 void svc_worker_config_default(svc_worker_config_t *cfg) {
   memset(cfg, 0, sizeof *cfg);
@@ -135,6 +194,14 @@ static void svc__layer_free(svc_worker_t *w, svc__layer_t *l) {
 void svc_worker_destroy(svc_worker_t *w) {
   if (w == NULL)
     return;
+  while (w->pend != NULL) {
+    svc__pend_t *p = w->pend;
+    w->pend = p->next;
+    svc__pend_free(p);
+  }
+  free(w->grecv);
+  free(w->rlist);
+  free(w->rbuf);
   for (uint32_t i = 0; i < w->nlayers; i++)
     svc__layer_free(w, w->layers[i]);
   free(w->layers);
@@ -191,9 +258,10 @@ static int svc__params_equal(const svc__layer_t *l, const svc_register_t *r) {
 static int svc__hello(svc_worker_t *w, const svc_request_t *q, uint8_t **reply,
                       size_t *reply_len, svc_err_t *err) {
   svc_hello_reply_t h;
-  if (q->version != SVC_PROTOCOL_VERSION)
+  /* Version 2 only adds to version 1, so a version 1 client is served. */
+  if (q->version < 1 || q->version > SVC_PROTOCOL_VERSION)
     return svc_fail(err, SVC_UNSUPPORTED_VERSION,
-                    "version: %llu requested, this worker speaks %d",
+                    "version: %llu requested, this worker speaks 1 to %d",
                     (unsigned long long)q->version, SVC_PROTOCOL_VERSION);
   memset(&h, 0, sizeof h);
   h.rank = w->cfg.rank;
@@ -325,7 +393,7 @@ static void svc__prune(svc_worker_t *w, svc__layer_t *l) {
   svc__step_t **pp = &l->steps;
   while (*pp != NULL) {
     svc__step_t *s = *pp;
-    if (s->step + w->cfg.keep_steps < l->max_step) {
+    if (s->step + w->cfg.keep_steps < l->max_step && !s->busy) {
       *pp = s->next;
       svc__step_release(w, s);
       free(s);
@@ -358,8 +426,201 @@ static int svc__check_wb(const svc__layer_t *l, const svc_tensor_t *t,
   return 0;
 }
 
-static int svc__forward(svc_worker_t *w, svc_request_t *q, uint8_t **reply,
-                        size_t *reply_len, svc_err_t *err) {
+/* ------------------------------------------------------------------ */
+/* syncbatchnorm: keys, poison, pending entries. */
+
+static uint64_t svc__hash_name(const char *name) {
+  uint64_t h = 1469598103934665603ull;
+  for (const unsigned char *c = (const unsigned char *)name; *c; c++) {
+    h ^= *c;
+    h *= 1099511628211ull;
+  }
+  return h;
+}
+
+static uint64_t svc__mix(uint64_t h, uint64_t v) {
+  for (int i = 0; i < 8; i++) {
+    h ^= (v >> (8 * i)) & 0xff;
+    h *= 1099511628211ull;
+  }
+  return h;
+}
+
+/* Everything that must agree between ranks for a layer to be reduced
+ * together: kind, channels, eps, momentum, affine, group size. */
+static uint64_t svc__fingerprint(const svc__layer_t *l) {
+  uint64_t h = 1469598103934665603ull, b;
+  double d;
+  h = svc__mix(h, (uint64_t)l->kind);
+  h = svc__mix(h, (uint64_t)l->params.channels);
+  d = l->params.eps;
+  memcpy(&b, &d, sizeof b);
+  h = svc__mix(h, b);
+  d = l->params.momentum;
+  memcpy(&b, &d, sizeof b);
+  h = svc__mix(h, b);
+  h = svc__mix(h, (uint64_t)l->params.cumulative);
+  h = svc__mix(h, (uint64_t)l->params.affine);
+  h = svc__mix(h, (uint64_t)l->params.track_running_stats);
+  h = svc__mix(h, l->group_size);
+  return h;
+}
+
+static int svc__poisoned(const svc_worker_t *w, uint64_t name, uint64_t step,
+                         uint32_t dir) {
+  size_t n = w->npoison < SVC__POISON ? w->npoison : SVC__POISON;
+  for (size_t i = 0; i < n; i++)
+    if (w->poison[i].name == name && w->poison[i].step == step &&
+        w->poison[i].dir == dir)
+      return 1;
+  return 0;
+}
+
+static void svc__poison(svc_worker_t *w, uint64_t name, uint64_t step,
+                        uint32_t dir) {
+  if (svc__poisoned(w, name, step, dir))
+    return;
+  w->poison[w->poison_next].name = name;
+  w->poison[w->poison_next].step = step;
+  w->poison[w->poison_next].dir = dir;
+  w->poison_next = (w->poison_next + 1) % SVC__POISON;
+  w->npoison++;
+}
+
+static void svc__pend_free(svc__pend_t *p) {
+  if (p == NULL)
+    return;
+  svc_request_free(&p->q);
+  free(p->y);
+  free(p->dx);
+  free(p->dw);
+  free(p->db);
+  free(p->ws);
+  free(p->recs);
+  free(p);
+}
+
+/* Unlinks p from the pending list. */
+static void svc__pend_unlink(svc_worker_t *w, svc__pend_t *p) {
+  for (svc__pend_t **pp = &w->pend; *pp != NULL; pp = &(*pp)->next)
+    if (*pp == p) {
+      *pp = p->next;
+      return;
+    }
+}
+
+/* An entry that will not complete: a forward's step is dropped (it never
+ * ran here), a backward's forward state stays for another try. */
+static void svc__pend_abandon(svc_worker_t *w, svc__pend_t *p) {
+  p->s->busy = 0;
+  if (p->dir == 0) {
+    p->s->done = 1;
+    svc__step_release(w, p->s);
+  }
+}
+
+static void svc__pend_reply_error(svc_worker_t *w, svc__pend_t *p,
+                                  svc_code_t code, const char *msg) {
+  uint8_t *buf = NULL;
+  size_t len = 0;
+  if (p->token == NULL || w->deliver == NULL)
+    return;
+  if (svc_encode_error(&p->q.id, code, msg, &buf, &len) != 0)
+    return;
+  w->deliver(w->deliver_ctx, p->token, buf, len);
+}
+
+static void svc__pend_add(svc_worker_t *w, svc__pend_t *p) {
+  svc__pend_t **pp = &w->pend;
+  while (*pp != NULL)
+    pp = &(*pp)->next;
+  p->next = NULL;
+  *pp = p;
+}
+
+static void svc__fargs(const svc__layer_t *l, svc__step_t *s,
+                       const svc__pend_t *p, sbn_forward_args_t *a) {
+  memset(a, 0, sizeof *a);
+  a->mode = SBN_MODE_TRAIN;
+  a->x_desc = &s->desc;
+  a->x = s->x;
+  a->y = p->y;
+  a->weight = s->w != NULL ? s->w : l->weight;
+  a->bias = p->q.bias.present ? p->q.bias.data : l->bias;
+  a->state = l->tracking ? (sbn_state_t *)&l->state : NULL;
+  a->step = s->step;
+  a->workspace = p->ws;
+  a->workspace_bytes = p->ws_bytes;
+  a->saved = s->saved;
+  a->saved_bytes = s->saved_bytes;
+}
+
+static void svc__bargs(svc__step_t *s, const svc__pend_t *p,
+                       sbn_backward_args_t *a) {
+  memset(a, 0, sizeof *a);
+  a->mode = SBN_MODE_TRAIN;
+  a->x_desc = &s->desc;
+  a->x = s->x;
+  a->dy = p->q.x.data;
+  a->dx = p->dx;
+  a->weight = s->w;
+  a->dweight = p->dw;
+  a->dbias = p->db;
+  a->step = s->step;
+  a->workspace = p->ws;
+  a->workspace_bytes = p->ws_bytes;
+  a->saved = s->saved;
+  a->saved_bytes = s->saved_bytes;
+}
+
+/* Whether a training request on l goes through the cross-rank path, or
+ * fails (NOT_YET, STALL) before anything is allocated. */
+static int svc__sync_check(svc_worker_t *w, const svc__layer_t *l,
+                           uint64_t step, uint32_t dir, svc_err_t *err) {
+  if (!w->sync_on)
+    return svc_fail(err, SVC_NOT_YET,
+                    "%s: syncbatchnorm in training needs the cross-rank "
+                    "reduction, which this worker does not serve (eval "
+                    "works)",
+                    dir == 0 ? "forward" : "backward");
+  if (l->group_size != 0 && l->group_size != (uint64_t)w->cfg.size)
+    return svc_fail(err, SVC_NOT_YET,
+                    "group_size: sync groups smaller than the job (%llu of "
+                    "%d ranks) are not served yet",
+                    (unsigned long long)l->group_size, w->cfg.size);
+  if (svc__poisoned(w, svc__hash_name(l->name), step, dir))
+    return svc_fail(err, SVC_STALL,
+                    "step: layer '%s' step %llu %s stalled earlier and is "
+                    "poisoned",
+                    l->name, (unsigned long long)step,
+                    dir == 0 ? "forward" : "backward");
+  return 0;
+}
+
+static svc__pend_t *svc__pend_new(svc_worker_t *w, svc__layer_t *l,
+                                  uint64_t step, uint32_t dir, void *token) {
+  svc__pend_t *p = calloc(1, sizeof *p);
+  if (p == NULL)
+    return NULL;
+  p->recs =
+      calloc(l->params.channels > 0 ? l->params.channels : 1, sizeof *p->recs);
+  if (p->recs == NULL) {
+    free(p);
+    return NULL;
+  }
+  p->name = svc__hash_name(l->name);
+  p->step = step;
+  p->dir = dir;
+  p->fp = svc__fingerprint(l);
+  p->l = l;
+  p->token = token;
+  p->t0 = w->now;
+  return p;
+}
+
+static int svc__forward(svc_worker_t *w, svc_request_t *q, void *token,
+                        int *deferred, uint8_t **reply, size_t *reply_len,
+                        svc_err_t *err) {
   svc__layer_t *l = svc__layer(w, q->layer, err);
   svc__step_t *s = NULL;
   sbn_forward_args_t a;
@@ -368,13 +629,13 @@ static int svc__forward(svc_worker_t *w, svc_request_t *q, uint8_t **reply,
   float *y = NULL;
   int train = q->train, rc;
   uint64_t bytes;
+  svc__pend_t *p = NULL;
+  int sync;
   if (l == NULL)
     return -1;
-  if (train && l->kind == SVC_KIND_SYNCBATCHNORM)
-    return svc_fail(err, SVC_NOT_YET,
-                    "forward: syncbatchnorm in training needs the cross-rank "
-                    "reduction, which this worker does not serve yet (eval "
-                    "works)");
+  sync = train && l->kind == SVC_KIND_SYNCBATCHNORM;
+  if (sync && svc__sync_check(w, l, q->step, 0, err) != 0)
+    return -1;
   if (train) {
     if (l->have_step && q->step + w->cfg.keep_steps < l->max_step)
       return svc_fail(err, SVC_STALE_STEP,
@@ -431,6 +692,47 @@ static int svc__forward(svc_worker_t *w, svc_request_t *q, uint8_t **reply,
   a.workspace_bytes = ws_bytes;
   a.saved = s != NULL ? s->saved : NULL;
   a.saved_bytes = s != NULL ? s->saved_bytes : 0;
+  if (sync) {
+    /* The local records now; the rest once every rank has sent its own.
+     * The step is kept (busy) from here so that repeats are refused. */
+    if ((p = svc__pend_new(w, l, q->step, 0, token)) == NULL)
+      goto oom;
+    if ((rc = sbn_bn_forward_local(l->layer, &a, p->recs)) != 0) {
+      svc_fail(err, svc__lib_code(rc), "%s", sbn_last_error());
+      goto fail;
+    }
+    s->step = q->step;
+    s->desc = q->x.desc;
+    s->numel = q->x.numel;
+    s->x = q->x.data;
+    q->x.data = NULL;
+    if (l->wb_numel > 0) {
+      if (q->weight.present) {
+        s->w = q->weight.data;
+        q->weight.data = NULL;
+      } else if ((s->w = svc__floats(l->wb_numel)) != NULL) {
+        memcpy(s->w, l->weight, l->wb_numel * sizeof(float));
+      }
+      if (s->w == NULL)
+        goto oom;
+    }
+    p->q = *q;
+    q->bias.data = NULL; /* the pending entry owns it now */
+    p->y = y;
+    p->ws = ws;
+    p->ws_bytes = ws_bytes;
+    p->s = s;
+    s->busy = 1;
+    s->next = l->steps;
+    l->steps = s;
+    if (!l->have_step || q->step > l->max_step)
+      l->max_step = q->step;
+    l->have_step = 1;
+    svc__prune(w, l);
+    svc__pend_add(w, p);
+    *deferred = 1;
+    return 0;
+  }
   if ((rc = sbn_forward(l->layer, &a)) != 0) {
     svc_fail(err, svc__lib_code(rc), "%s", sbn_last_error());
     goto fail;
@@ -476,6 +778,7 @@ static int svc__forward(svc_worker_t *w, svc_request_t *q, uint8_t **reply,
 oom:
   svc_fail(err, SVC_RESOURCE, "forward: out of memory");
 fail:
+  svc__pend_free(p);
   if (s != NULL) {
     svc__step_release(w, s);
     free(s);
@@ -485,19 +788,24 @@ fail:
   return -1;
 }
 
-static int svc__backward(svc_worker_t *w, svc_request_t *q, uint8_t **reply,
-                         size_t *reply_len, svc_err_t *err) {
+static int svc__backward(svc_worker_t *w, svc_request_t *q, void *token,
+                         int *deferred, uint8_t **reply, size_t *reply_len,
+                         svc_err_t *err) {
   svc__layer_t *l = svc__layer(w, q->layer, err);
   svc__step_t *s;
   sbn_backward_args_t a;
   size_t ws_bytes = 0;
   void *ws = NULL;
   float *dx = NULL, *dw = NULL, *db = NULL;
+  svc__pend_t *p = NULL;
   int rc;
   if (l == NULL)
     return -1;
+  if (l->kind == SVC_KIND_SYNCBATCHNORM &&
+      svc__sync_check(w, l, q->step, 1, err) != 0)
+    return -1;
   s = svc__find_step(l, q->step);
-  if (s == NULL || s->done)
+  if (s == NULL || s->done || s->busy)
     return svc_fail(
         err, SVC_NO_FORWARD, "step: layer %llu step %llu has %s",
         (unsigned long long)q->layer, (unsigned long long)q->step,
@@ -530,6 +838,27 @@ static int svc__backward(svc_worker_t *w, svc_request_t *q, uint8_t **reply,
   a.workspace_bytes = ws_bytes;
   a.saved = s->saved;
   a.saved_bytes = s->saved_bytes;
+  if (l->kind == SVC_KIND_SYNCBATCHNORM) {
+    if ((p = svc__pend_new(w, l, q->step, 1, token)) == NULL)
+      goto oom;
+    if ((rc = sbn_bn_backward_local(l->layer, &a, p->recs)) != 0) {
+      svc_fail(err, svc__lib_code(rc), "%s", sbn_last_error());
+      svc__pend_free(p);
+      goto fail;
+    }
+    p->q = *q;
+    q->x.data = NULL; /* dy belongs to the pending entry now */
+    p->dx = dx;
+    p->dw = dw;
+    p->db = db;
+    p->ws = ws;
+    p->ws_bytes = ws_bytes;
+    p->s = s;
+    s->busy = 1;
+    svc__pend_add(w, p);
+    *deferred = 1;
+    return 0;
+  }
   if ((rc = sbn_backward(l->layer, &a)) != 0) {
     svc_fail(err, svc__lib_code(rc), "%s", sbn_last_error());
     goto fail;
@@ -554,14 +883,16 @@ fail:
   return -1;
 }
 
-int svc_worker_handle(svc_worker_t *w, const uint8_t *body, size_t len,
-                      uint8_t **reply, size_t *reply_len, int *close_after) {
+int svc_worker_handle_async(svc_worker_t *w, const uint8_t *body, size_t len,
+                            void *token, uint8_t **reply, size_t *reply_len,
+                            int *close_after, int *deferred) {
   svc_request_t q;
   svc_err_t err;
   int rc = -1;
   *reply = NULL;
   *reply_len = 0;
   *close_after = 0;
+  *deferred = 0;
   memset(&err, 0, sizeof err);
   if (svc_decode_request(body, len, &w->cfg.limits, &q, &err) == 0) {
     switch (q.op) {
@@ -572,10 +903,10 @@ int svc_worker_handle(svc_worker_t *w, const uint8_t *body, size_t len,
         rc = svc__register(w, &q, reply, reply_len, &err);
         break;
       case SVC_OP_FORWARD:
-        rc = svc__forward(w, &q, reply, reply_len, &err);
+        rc = svc__forward(w, &q, token, deferred, reply, reply_len, &err);
         break;
       case SVC_OP_BACKWARD:
-        rc = svc__backward(w, &q, reply, reply_len, &err);
+        rc = svc__backward(w, &q, token, deferred, reply, reply_len, &err);
         break;
       case SVC_OP_BYE:
         rc = svc_encode_bye(&q.id, reply, reply_len);
@@ -591,4 +922,307 @@ int svc_worker_handle(svc_worker_t *w, const uint8_t *body, size_t len,
   if (svc_code_fatal(err.code))
     *close_after = 1;
   return svc_encode_error(&q.id, err.code, err.msg, reply, reply_len);
+}
+
+int svc_worker_handle(svc_worker_t *w, const uint8_t *body, size_t len,
+                      uint8_t **reply, size_t *reply_len, int *close_after) {
+  int deferred = 0;
+  return svc_worker_handle_async(w, body, len, NULL, reply, reply_len,
+                                 close_after, &deferred);
+}
+
+/* ------------------------------------------------------------------ */
+/* syncbatchnorm coordination */
+
+void svc_worker_set_sync(svc_worker_t *w, const svc_sync_ops_t *ops,
+                         double stall_timeout, svc_deliver_fn deliver,
+                         void *deliver_ctx) {
+  w->ops = *ops;
+  w->sync_on = 1;
+  w->stall_timeout = stall_timeout;
+  w->deliver = deliver;
+  w->deliver_ctx = deliver_ctx;
+}
+
+void svc_worker_sync_counters(const svc_worker_t *w, uint64_t *allreduces,
+                              uint64_t *entries) {
+  *allreduces = w->n_allreduces;
+  *entries = w->n_fused;
+}
+
+void svc_worker_cancel(svc_worker_t *w, void *token) {
+  svc__pend_t *p, *next;
+  if (token == NULL)
+    return;
+  for (p = w->pend; p != NULL; p = next) {
+    next = p->next;
+    if (p->token != token)
+      continue;
+    p->token = NULL;
+    /* An entry already in the fused allreduce still completes (its records
+     * are in flight and the running statistics must move on every rank);
+     * one not yet negotiated is withdrawn, so this rank contributes
+     * nothing and the others see a stall. */
+    if (!p->sent && !p->listed) {
+      svc__pend_unlink(w, p);
+      svc__pend_abandon(w, p);
+      svc__pend_free(p);
+    }
+  }
+}
+
+static int svc__key_cmp(const void *a, const void *b) {
+  const svc__gent_t *x = a, *y = b;
+  if (x->name != y->name)
+    return x->name < y->name ? -1 : 1;
+  if (x->step != y->step)
+    return x->step < y->step ? -1 : 1;
+  if (x->dir != y->dir)
+    return x->dir < y->dir ? -1 : 1;
+  return 0;
+}
+
+static int svc__gather_begin(svc_worker_t *w) {
+  uint32_t n = 0;
+  memset(&w->gsend, 0, sizeof w->gsend);
+  for (svc__pend_t *p = w->pend; p != NULL && n < SVC__MAXE; p = p->next) {
+    svc__gent_t *e = &w->gsend.e[n++];
+    e->name = p->name;
+    e->step = p->step;
+    e->dir = p->dir;
+    e->C = (uint32_t)p->l->params.channels;
+    e->fp = p->fp;
+    e->age = w->now - p->t0;
+    p->listed = 1;
+  }
+  w->gsend.n = n;
+  if (w->ops.gather_begin(w->ops.ctx, &w->gsend, w->grecv, sizeof w->gsend) !=
+      0)
+    return -1;
+  w->phase = 1;
+  return 0;
+}
+
+static svc__pend_t *svc__pend_find(svc_worker_t *w, const svc__gent_t *k) {
+  for (svc__pend_t *p = w->pend; p != NULL; p = p->next)
+    if (!p->sent && p->name == k->name && p->step == k->step &&
+        p->dir == k->dir)
+      return p;
+  return NULL;
+}
+
+/* Fails a local entry (and the key on this rank) with code and message. */
+static void svc__fail_key(svc_worker_t *w, const svc__gent_t *k,
+                          svc_code_t code, const char *fmt_missing) {
+  svc__pend_t *p;
+  svc__poison(w, k->name, k->step, k->dir);
+  while ((p = svc__pend_find(w, k)) != NULL) {
+    char msg[512];
+    snprintf(msg, sizeof msg, "layer '%s' step %llu %s: %s", p->l->name,
+             (unsigned long long)k->step, k->dir == 0 ? "forward" : "backward",
+             fmt_missing);
+    svc__pend_unlink(w, p);
+    svc__pend_reply_error(w, p, code, msg);
+    svc__pend_abandon(w, p);
+    svc__pend_free(p);
+  }
+}
+
+/* Every rank runs this on the same gathered bytes, so every rank reaches
+ * the same decisions: which keys are ready (fused in key order), which
+ * stalled, which disagree. */
+static int svc__gather_done(svc_worker_t *w) {
+  int size = w->cfg.size;
+  size_t cap = (size_t)size * SVC__MAXE, nu = 0, nrec = 0, nready = 0;
+  svc__gent_t *u = malloc((cap > 0 ? cap : 1) * sizeof *u);
+  int rc = 0;
+  if (u == NULL)
+    return -1;
+  for (int r = 0; r < size; r++) {
+    const svc__gmsg_t *m = &w->grecv[r];
+    for (uint32_t i = 0; i < m->n && i < SVC__MAXE; i++)
+      u[nu++] = m->e[i];
+  }
+  qsort(u, nu, sizeof *u, svc__key_cmp);
+  w->rlist_n = 0;
+  for (size_t i = 0; i < nu;) {
+    size_t j = i;
+    int present = 0, agree = 1;
+    double age = 0;
+    char missing[120];
+    size_t ml = 0;
+    while (j < nu && svc__key_cmp(&u[i], &u[j]) == 0) {
+      if (u[j].fp != u[i].fp || u[j].C != u[i].C)
+        agree = 0;
+      if (u[j].age > age)
+        age = u[j].age;
+      present++;
+      j++;
+    }
+    if (!agree) {
+      svc__fail_key(w, &u[i], SVC_LAYER_MISMATCH,
+                    "the ranks registered this layer with different "
+                    "parameters (kind, channels, eps, momentum, affine or "
+                    "group size)");
+    } else if (present == size) {
+      svc__pend_t *p = svc__pend_find(w, &u[i]);
+      if (p != NULL) {
+        p->sent = 1;
+        w->rlist[w->rlist_n++] = p;
+        nrec += u[i].C;
+        nready++;
+      } else {
+        rc = -1; /* every rank listed it, so this one must hold it */
+      }
+    } else if (age > w->stall_timeout) {
+      /* Name the ranks that did not list the key. */
+      ml = (size_t)snprintf(missing, sizeof missing, "ranks");
+      for (int r = 0; r < size && ml < sizeof missing - 16; r++) {
+        const svc__gmsg_t *m = &w->grecv[r];
+        int has = 0;
+        for (uint32_t e = 0; e < m->n && e < SVC__MAXE; e++)
+          if (svc__key_cmp(&m->e[e], &u[i]) == 0)
+            has = 1;
+        if (!has)
+          ml += (size_t)snprintf(missing + ml, sizeof missing - ml, " %d", r);
+      }
+      snprintf(missing + ml, sizeof missing - ml,
+               " did not submit it within %g s", w->stall_timeout);
+      svc__fail_key(w, &u[i], SVC_STALL, missing);
+    }
+    i = j;
+  }
+  free(u);
+  /* Entries whose connection went while they were listed are withdrawn
+   * now, unless they are being reduced. */
+  for (svc__pend_t *p = w->pend, *next; p != NULL; p = next) {
+    next = p->next;
+    p->listed = 0;
+    if (p->token == NULL && !p->sent) {
+      svc__pend_unlink(w, p);
+      svc__pend_abandon(w, p);
+      svc__pend_free(p);
+    }
+  }
+  /* Local entries that arrived after the gather started but whose key was
+   * just poisoned fail too. */
+  for (svc__pend_t *p = w->pend, *next; p != NULL; p = next) {
+    next = p->next;
+    if (!p->sent && svc__poisoned(w, p->name, p->step, p->dir)) {
+      svc__gent_t k;
+      k.name = p->name;
+      k.step = p->step;
+      k.dir = p->dir;
+      svc__fail_key(w, &k, SVC_STALL, "stalled on another rank");
+    }
+  }
+  if (rc != 0 || nready == 0) {
+    w->phase = 0;
+    return rc;
+  }
+  free(w->rbuf);
+  w->rbuf = malloc(nrec * sizeof *w->rbuf);
+  if (w->rbuf == NULL)
+    return -1;
+  nrec = 0;
+  for (size_t i = 0; i < w->rlist_n; i++) {
+    size_t C = w->rlist[i]->l->params.channels;
+    memcpy(w->rbuf + nrec, w->rlist[i]->recs, C * sizeof *w->rbuf);
+    nrec += C;
+  }
+  if (w->ops.reduce_begin(w->ops.ctx, w->rbuf, nrec) != 0)
+    return -1;
+  w->n_allreduces++;
+  w->n_fused += nready;
+  w->phase = 2;
+  return 0;
+}
+
+static void svc__complete(svc_worker_t *w, svc__pend_t *p,
+                          const sbn_rec_t *recs) {
+  svc__layer_t *l = p->l;
+  svc__step_t *s = p->s;
+  uint8_t *buf = NULL;
+  size_t len = 0;
+  int rc;
+  s->busy = 0;
+  if (p->dir == 0) {
+    sbn_forward_args_t a;
+    svc__fargs(l, s, p, &a);
+    rc = sbn_bn_forward_finish(l->layer, &a, recs);
+    if (rc == 0)
+      rc = svc_encode_forward(&p->q.id, &s->desc, p->y, s->numel, &buf, &len);
+    else
+      svc_encode_error(&p->q.id, svc__lib_code(rc), sbn_last_error(), &buf,
+                       &len);
+    if (rc != 0) {
+      s->done = 1;
+      svc__step_release(w, s);
+    }
+  } else {
+    sbn_backward_args_t a;
+    svc__bargs(s, p, &a);
+    rc = sbn_bn_backward_finish(l->layer, &a, recs);
+    if (rc == 0)
+      rc = svc_encode_backward(&p->q.id, &s->desc, p->dx, s->numel, p->dw,
+                               p->db, &l->wb_desc, l->wb_numel, &buf, &len);
+    else
+      svc_encode_error(&p->q.id, svc__lib_code(rc), sbn_last_error(), &buf,
+                       &len);
+    if (rc == 0) {
+      s->done = 1;
+      svc__step_release(w, s);
+    }
+  }
+  if (buf != NULL) {
+    if (p->token != NULL && w->deliver != NULL)
+      w->deliver(w->deliver_ctx, p->token, buf, len);
+    else
+      free(buf);
+  }
+  svc__prune(w, l);
+}
+
+static void svc__reduce_done(svc_worker_t *w) {
+  size_t off = 0;
+  for (size_t i = 0; i < w->rlist_n; i++) {
+    svc__pend_t *p = w->rlist[i];
+    svc__complete(w, p, w->rbuf + off);
+    off += p->l->params.channels;
+    svc__pend_unlink(w, p);
+    svc__pend_free(p);
+  }
+  w->rlist_n = 0;
+  w->phase = 0;
+}
+
+int svc_worker_poll(svc_worker_t *w, double now) {
+  int done = 0;
+  w->now = now;
+  if (!w->sync_on)
+    return 0;
+  if (w->grecv == NULL) {
+    w->grecv = calloc((size_t)w->cfg.size, sizeof *w->grecv);
+    w->rlist = calloc((size_t)w->cfg.size * SVC__MAXE, sizeof *w->rlist);
+    if (w->grecv == NULL || w->rlist == NULL)
+      return -1;
+  }
+  if (w->phase == 1) {
+    if (w->ops.test(w->ops.ctx, &done) != 0)
+      return -1;
+    if (!done)
+      return 0;
+    if (svc__gather_done(w) != 0)
+      return -1;
+  }
+  if (w->phase == 2) {
+    if (w->ops.test(w->ops.ctx, &done) != 0)
+      return -1;
+    if (!done)
+      return 0;
+    svc__reduce_done(w);
+  }
+  if (w->phase == 0 && svc__gather_begin(w) != 0)
+    return -1;
+  return 0;
 }

@@ -49,6 +49,61 @@ void svc_worker_destroy(svc_worker_t *w);
 int svc_worker_handle(svc_worker_t *w, const uint8_t *body, size_t len,
                       uint8_t **reply, size_t *reply_len, int *close_after);
 
+/* ------------------------------------------------------------------ */
+/* syncbatchnorm across ranks.
+ *
+ * A training forward or backward of a syncbatchnorm layer computes its
+ * local records and then waits: the request is deferred (see
+ * svc_worker_handle_async) until every rank has submitted the same
+ * (layer name, step, direction). The program drives the agreement by
+ * calling svc_worker_poll() every cycle from its event loop; the worker
+ * then uses the transport below, one non-blocking collective at a time:
+ * an allgather of every rank's ready list, and, when some entries are
+ * ready on all ranks, one fused allreduce of all their records. Every rank
+ * computes the same ready list from the same gathered bytes, so the
+ * sequence of collectives is the same on every rank. */
+
+typedef struct svc_sync_ops_s {
+  void *ctx;
+  /* Starts an allgather of `bytes` bytes per rank (recv holds size x
+   * bytes). */
+  int (*gather_begin)(void *ctx, const void *send, void *recv, size_t bytes);
+  /* Starts an in-place allreduce of n records with sbn_rec_combine. */
+  int (*reduce_begin)(void *ctx, sbn_rec_t *recs, size_t n);
+  /* Polls the collective in flight; *done = 1 once it completed. */
+  int (*test)(void *ctx, int *done);
+} svc_sync_ops_t;
+
+/* Called with a deferred request's reply frame (ownership passes). */
+typedef void (*svc_deliver_fn)(void *ctx, void *token, uint8_t *reply,
+                               size_t len);
+
+/* Enables syncbatchnorm training (without it, such requests are NOT_YET).
+ * stall_timeout: seconds after which an entry that some ranks submitted
+ * and others did not fails with STALL on every rank. */
+void svc_worker_set_sync(svc_worker_t *w, const svc_sync_ops_t *ops,
+                         double stall_timeout, svc_deliver_fn deliver,
+                         void *deliver_ctx);
+
+/* As svc_worker_handle, but a request that must wait for the other ranks
+ * sets *deferred and no reply: it comes later through the deliver
+ * callback with the same token (the connection). */
+int svc_worker_handle_async(svc_worker_t *w, const uint8_t *body, size_t len,
+                            void *token, uint8_t **reply, size_t *reply_len,
+                            int *close_after, int *deferred);
+
+/* The connection `token` is gone: its deferred requests are not answered,
+ * and those not yet negotiated are withdrawn. */
+void svc_worker_cancel(svc_worker_t *w, void *token);
+
+/* Advances the cross-rank agreement; now is in seconds (monotonic).
+ * Returns 0, or -1 when the transport failed (the worker cannot go on). */
+int svc_worker_poll(svc_worker_t *w, double now);
+
+/* Debug counters: fused allreduces issued and entries they carried. */
+void svc_worker_sync_counters(const svc_worker_t *w, uint64_t *allreduces,
+                              uint64_t *entries);
+
 /* Bytes of forward state currently kept (for tests and metrics). */
 uint64_t svc_worker_saved_bytes(const svc_worker_t *w);
 

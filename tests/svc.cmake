@@ -33,3 +33,23 @@ if(TARGET syncbn_client AND TARGET syncbnd AND MPIEXEC_EXECUTABLE
   set_tests_properties(svc_e2e_np2 PROPERTIES TIMEOUT 180 LABELS "mpi;svc"
     ENVIRONMENT "${svc_env}" SKIP_RETURN_CODE 77)
 endif()
+
+# syncbatchnorm across workers (protocol version 2).
+if(TARGET syncbn_client AND TARGET syncbnd AND MPIEXEC_EXECUTABLE
+   AND EXISTS ${CMAKE_CURRENT_LIST_DIR}/svc_sync_e2e.c)
+  add_executable(svc_sync_e2e ${CMAKE_CURRENT_LIST_DIR}/svc_sync_e2e.c)
+  target_link_libraries(svc_sync_e2e PRIVATE syncbn_client syncbn_svc syncbn
+    PkgConfig::MSGPACK m)
+  target_compile_definitions(svc_sync_e2e PRIVATE
+    SBN_MPIEXEC="${MPIEXEC_EXECUTABLE}"
+    SBN_SYNCBND="$<TARGET_FILE:syncbnd>")
+  set(svc_env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1)
+  if(DEFINED SBN_MPI_RUN_ENV)
+    set(svc_env ${SBN_MPI_RUN_ENV})
+  endif()
+  foreach(np 2 3)
+    add_test(NAME svc_sync_e2e_np${np} COMMAND svc_sync_e2e ${np})
+    set_tests_properties(svc_sync_e2e_np${np} PROPERTIES TIMEOUT 180
+      LABELS "mpi;svc" ENVIRONMENT "${svc_env}")
+  endforeach()
+endif()

@@ -194,7 +194,7 @@ static void hello_ok(int rank) {
   int rc = sbn_client_hello(c, &h);
   CHECK(rc == 0, "hello rank %d: %s %s", rank, sbn_client_error_code(c),
         sbn_client_error(c));
-  CHECK(h.rank == rank && h.size == NP && h.protocol == 1,
+  CHECK(h.rank == rank && h.size == NP && h.protocol == 2,
         "hello: rank %d size %d protocol %d", h.rank, h.size, h.protocol);
   CHECK(h.max_frame == MAX_FRAME, "hello: max_frame %u", h.max_frame);
   sbn_client_close(c);

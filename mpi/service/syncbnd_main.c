@@ -13,10 +13,67 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "svc_server.h"
 #include "svc_worker.h"
+
+/* The cross-rank transport of the worker: one non-blocking collective at
+ * a time on a duplicate of the world communicator, polled with MPI_Test
+ * from the loop (Open MPI here has no progress thread, so the polling is
+ * what moves it). */
+typedef struct sync_mpi_s {
+  MPI_Comm comm;
+  MPI_Datatype rec_type;
+  MPI_Op rec_op;
+  MPI_Request req;
+  svc_worker_t *worker;
+  svc_server_t *server;
+  int failed;
+} sync_mpi_t;
+
+static void rec_op_fn(void *in, void *inout, int *len, MPI_Datatype *type) {
+  (void)type;
+  sbn_rec_combine(in, inout, (size_t)*len);
+}
+
+static int sync_gather_begin(void *ctx, const void *send, void *recv,
+                             size_t bytes) {
+  sync_mpi_t *m = ctx;
+  return MPI_Iallgather(send, (int)bytes, MPI_BYTE, recv, (int)bytes, MPI_BYTE,
+                        m->comm, &m->req) == MPI_SUCCESS
+             ? 0
+             : -1;
+}
+
+static int sync_reduce_begin(void *ctx, sbn_rec_t *recs, size_t n) {
+  sync_mpi_t *m = ctx;
+  return MPI_Iallreduce(MPI_IN_PLACE, recs, (int)n, m->rec_type, m->rec_op,
+                        m->comm, &m->req) == MPI_SUCCESS
+             ? 0
+             : -1;
+}
+
+static int sync_test(void *ctx, int *done) {
+  sync_mpi_t *m = ctx;
+  return MPI_Test(&m->req, done, MPI_STATUS_IGNORE) == MPI_SUCCESS ? 0 : -1;
+}
+
+static void sync_tick(void *arg) {
+  sync_mpi_t *m = arg;
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  if (m->failed)
+    return;
+  if (svc_worker_poll(m->worker, (double)ts.tv_sec + ts.tv_nsec * 1e-9) != 0) {
+    /* The ranks no longer agree on the collectives: the job cannot serve
+     * syncbatchnorm any more, and the others would hang. */
+    fprintf(stderr, "syncbnd: cross-rank agreement failed; aborting\n");
+    m->failed = 1;
+    MPI_Abort(MPI_COMM_WORLD, 1);
+  }
+}
 
 static void usage(FILE *f) {
   fprintf(f,
@@ -68,6 +125,11 @@ static void usage(FILE *f) {
           "                       (default 8)\n"
           "  --max-objects N      msgpack objects in a request (default "
           "4096)\n"
+          "  --cycle-us US        period of the cross-rank agreement for\n"
+          "                       syncbatchnorm (default 1000)\n"
+          "  --stall-timeout S    fail a syncbatchnorm entry that not every "
+          "rank\n"
+          "                       submitted within S seconds (default 60)\n"
           "  --help               this text\n");
 }
 
@@ -108,6 +170,8 @@ bad:
 
 typedef struct opts_s {
   const char *socket_dir;
+  uint64_t cycle_us;
+  double stall_timeout;
   svc_worker_config_t wc;
 } opts_t;
 
@@ -115,6 +179,8 @@ typedef struct opts_s {
 static int parse_args(int argc, char **argv, opts_t *o) {
   svc_worker_config_default(&o->wc);
   o->socket_dir = NULL;
+  o->cycle_us = 1000;
+  o->stall_timeout = 60;
   for (int i = 1; i < argc; i++) {
     const char *a = argv[i];
     const char *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -160,6 +226,13 @@ static int parse_args(int argc, char **argv, opts_t *o) {
       if (parse_u64(a, v, UINT64_MAX, &u) != 0)
         return 2;
       o->wc.max_saved = u;
+    } else if (strcmp(a, "--cycle-us") == 0) {
+      if (parse_u64(a, v, 10000000, &u) != 0 || u == 0)
+        return 2;
+      o->cycle_us = u;
+    } else if (strcmp(a, "--stall-timeout") == 0) {
+      if (parse_seconds(a, v, &o->stall_timeout) != 0)
+        return 2;
     } else if (strcmp(a, "--max-depth") == 0) {
       if (parse_u64(a, v, 32, &u) != 0 || u < 3)
         return 2;
@@ -184,6 +257,7 @@ int main(int argc, char **argv) {
   svc_worker_t *worker = NULL;
   svc_server_t *server = NULL;
   svc_server_config_t sc;
+  sync_mpi_t sm;
 
   rc = parse_args(argc, argv, &o);
   if (rc != 0)
@@ -236,6 +310,22 @@ int main(int argc, char **argv) {
   sc.limits = o.wc.limits;
   if (svc_server_create(&sc, worker, &server, msg, sizeof msg) != 0) {
     fprintf(stderr, "syncbnd: rank %d: %s\n", rank, msg);
+    goto done;
+  }
+  memset(&sm, 0, sizeof sm);
+  sm.worker = worker;
+  sm.server = server;
+  MPI_Comm_dup(MPI_COMM_WORLD, &sm.comm);
+  MPI_Type_contiguous(4, MPI_DOUBLE, &sm.rec_type);
+  MPI_Type_commit(&sm.rec_type);
+  MPI_Op_create(rec_op_fn, 1, &sm.rec_op);
+  {
+    svc_sync_ops_t ops = {&sm, sync_gather_begin, sync_reduce_begin, sync_test};
+    svc_worker_set_sync(worker, &ops, o.stall_timeout, svc_server_deliver,
+                        server);
+  }
+  if (svc_server_set_tick(server, o.cycle_us, sync_tick, &sm) != 0) {
+    fprintf(stderr, "syncbnd: rank %d: cannot start the sync timer\n", rank);
     goto done;
   }
   printf("syncbnd: rank %d ready on %s\n", rank, path);

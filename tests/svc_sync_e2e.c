@@ -1,0 +1,445 @@
+/* End-to-end test of syncbatchnorm across syncbnd workers: `svc_sync_e2e
+ * NP` starts `mpirun -np NP syncbnd --stall-timeout 2` and, with one
+ * thread per rank (clients are blocking, the ranks must submit
+ * concurrently):
+ * - checks training forward and backward against the single-process
+ *   library on the concatenated batch, with uneven and empty per-rank
+ *   batches, and that the running statistics agree (eval forwards);
+ * - submits two layers in opposite orders on different ranks;
+ * - lets an entry stall (only rank 0 submits): STALL naming the missing
+ *   ranks, the step is poisoned, the next step works;
+ * - closes a client with a pending entry: the others get STALL and the
+ *   workers go on.
+ * Every blocking step has a timeout; alarm() is the backstop. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <math.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "client.h"
+#include "syncbn.h"
+
+#define MAXNP 4
+#define C 3
+#define S 4 /* spatial size */
+
+static int NP = 2;
+static pid_t g_mpirun = -1;
+static char g_root[64];
+static char g_path[MAXNP][256];
+
+#define CHECK(cond, ...)                                                   \
+  do {                                                                     \
+    if (!(cond)) {                                                         \
+      fprintf(stderr, "svc_sync_e2e: %s:%d: check failed: %s: ", __FILE__, \
+              __LINE__, #cond);                                            \
+      fprintf(stderr, __VA_ARGS__);                                        \
+      fprintf(stderr, "\n");                                               \
+      exit(1);                                                             \
+    }                                                                      \
+  } while (0)
+
+static void cleanup(void) {
+  char cmd[128];
+  if (g_mpirun > 0) {
+    kill(g_mpirun, SIGTERM);
+    for (int i = 0; i < 100 && waitpid(g_mpirun, NULL, WNOHANG) == 0; i++)
+      usleep(100000);
+    kill(g_mpirun, SIGKILL);
+    waitpid(g_mpirun, NULL, 0);
+    g_mpirun = -1;
+  }
+  if (g_root[0] != '\0') {
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", g_root);
+    if (system(cmd) != 0)
+      fprintf(stderr, "svc_sync_e2e: could not remove %s\n", g_root);
+  }
+}
+
+static void start_job(const char *dir) {
+  int fds[2], ready = 0;
+  char npbuf[8], buf[4096];
+  size_t have = 0;
+  snprintf(npbuf, sizeof npbuf, "%d", NP);
+  const char *argv[] = {SBN_MPIEXEC, "--oversubscribe",
+                        "--bind-to", "none",
+                        "--timeout", "150",
+                        "--mca",     "pml",
+                        "ob1",       "--mca",
+                        "btl",       "self,vader,tcp",
+                        "-np",       npbuf,
+                        SBN_SYNCBND, "--socket-dir",
+                        dir,         "--stall-timeout",
+                        "2",         "--cycle-us",
+                        "1000",      NULL};
+  CHECK(pipe(fds) == 0, "pipe: %s", strerror(errno));
+  g_mpirun = fork();
+  CHECK(g_mpirun >= 0, "fork: %s", strerror(errno));
+  if (g_mpirun == 0) {
+    dup2(fds[1], 1);
+    close(fds[0]);
+    close(fds[1]);
+    execv(SBN_MPIEXEC, (char *const *)argv);
+    _exit(127);
+  }
+  close(fds[1]);
+  while (ready < NP) {
+    struct pollfd p = {fds[0], POLLIN, 0};
+    ssize_t r;
+    char *nl;
+    CHECK(poll(&p, 1, 60000) > 0, "no ready lines within 60 s");
+    r = read(fds[0], buf + have, sizeof buf - 1 - have);
+    CHECK(r > 0, "the job ended before it was ready");
+    have += (size_t)r;
+    buf[have] = '\0';
+    while ((nl = strchr(buf, '\n')) != NULL) {
+      int rank;
+      char path[256];
+      *nl = '\0';
+      if (sscanf(buf, "syncbnd: rank %d ready on %255s", &rank, path) == 2 &&
+          rank >= 0 && rank < NP) {
+        snprintf(g_path[rank], sizeof g_path[rank], "%s", path);
+        ready++;
+      }
+      have -= (size_t)(nl + 1 - buf);
+      memmove(buf, nl + 1, have + 1);
+    }
+  }
+}
+
+static sbn_client_t *connect_rank(int rank, int timeout_s) {
+  sbn_client_t *c = NULL;
+  struct timeval tv = {timeout_s, 0};
+  int rc = sbn_client_connect(g_path[rank], &c);
+  CHECK(rc == 0, "connect %s: %s", g_path[rank], sbn_strerror(rc));
+  setsockopt(sbn_client_fd(c), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  setsockopt(sbn_client_fd(c), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+  return c;
+}
+
+static uint64_t reg(sbn_client_t *c, const char *name) {
+  sbn_layer_params_t p;
+  uint64_t id = 0;
+  int rc;
+  memset(&p, 0, sizeof p);
+  p.op = SBN_OP_BATCHNORM;
+  p.channels = C;
+  p.eps = 1e-5f;
+  p.momentum = 0.1f;
+  p.affine = 1;
+  p.track_running_stats = 1;
+  rc = sbn_client_register(c, name, "syncbatchnorm", &p, 0, &id, NULL);
+  CHECK(rc == 0, "register %s: %s", name, sbn_client_error(c));
+  return id;
+}
+
+static void fill(float *a, size_t n, uint64_t seed, float scale, float off) {
+  for (size_t i = 0; i < n; i++) {
+    seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+    a[i] = off + scale * ((float)(seed >> 40) / (float)(1 << 24) - 0.5f);
+  }
+}
+
+static int close_enough(float a, float b, float rel) {
+  return fabsf(a - b) <= rel * (1.0f + fabsf(b));
+}
+
+/* ------------------------------------------------------------------ */
+/* Forward/backward against the library */
+
+static int g_n[MAXNP];
+static float g_x[64 * C * S], g_dy[64 * C * S], g_w[C], g_b[C];
+static float g_y[64 * C * S], g_dx[64 * C * S], g_ey[MAXNP][64 * C * S];
+static float g_dw[MAXNP][C], g_db[MAXNP][C];
+
+typedef struct job_s {
+  int rank;
+  uint64_t layer, step;
+  int rc;
+  char code[32];
+  double delay;
+  int what; /* 0 fwd+bwd+eval, 1 forward only */
+} job_t;
+
+static size_t offset_of(int rank) {
+  size_t o = 0;
+  for (int r = 0; r < rank; r++)
+    o += (size_t)g_n[r] * C * S;
+  return o;
+}
+
+static void *fb_thread(void *arg) {
+  job_t *j = arg;
+  sbn_client_t *c = connect_rank(j->rank, 30);
+  sbn_tensor_desc_t d = {3, {(size_t)g_n[j->rank], C, S}, SBN_LAYOUT_NCHW};
+  size_t o = offset_of(j->rank);
+  int rc;
+  if (j->delay > 0)
+    usleep((useconds_t)(j->delay * 1e6));
+  rc = sbn_client_forward(c, j->layer, j->step, 1, &d, g_x + o, g_w, g_b, C,
+                          g_y + o);
+  j->rc = rc;
+  snprintf(j->code, sizeof j->code, "%s", sbn_client_error_code(c));
+  if (rc == 0 && j->what == 0) {
+    rc = sbn_client_backward(c, j->layer, j->step, &d, g_dy + o, g_dx + o,
+                             g_dw[j->rank], g_db[j->rank], C);
+    CHECK(rc == 0, "backward rank %d: %s", j->rank, sbn_client_error(c));
+    /* Eval with every rank's running statistics on the same input. */
+    sbn_tensor_desc_t e = {3, {(size_t)g_n[0], C, S}, SBN_LAYOUT_NCHW};
+    rc = sbn_client_forward(c, j->layer, j->step, 0, &e, g_x, g_w, g_b, C,
+                            g_ey[j->rank]);
+    CHECK(rc == 0, "eval rank %d: %s", j->rank, sbn_client_error(c));
+  }
+  sbn_client_close(c);
+  return NULL;
+}
+
+static int ref_allreduce(sbn_comm_t *c, sbn_rec_t *r, size_t n) {
+  (void)c, (void)r, (void)n;
+  return 0;
+}
+static void ref_destroy(sbn_comm_t *c) {
+  (void)c;
+}
+static const sbn_comm_vtable_t ref_vt = {ref_allreduce, NULL, NULL, NULL,
+                                         ref_destroy};
+
+static void run_threads(job_t *jobs, int n) {
+  pthread_t t[2 * MAXNP];
+  for (int i = 0; i < n; i++)
+    CHECK(pthread_create(&t[i], NULL, fb_thread, &jobs[i]) == 0, "thread");
+  for (int i = 0; i < n; i++)
+    pthread_join(t[i], NULL);
+}
+
+static void test_matches_library(const char *name, const int *ns) {
+  sbn_client_t *c;
+  job_t jobs[MAXNP];
+  size_t total = 0;
+  uint64_t id = 0;
+  for (int r = 0; r < NP; r++) {
+    g_n[r] = ns[r];
+    total += (size_t)ns[r] * C * S;
+    c = connect_rank(r, 10);
+    id = reg(c, name);
+    sbn_client_close(c);
+  }
+  fill(g_x, total, 11, 4.0f, 1.5f);
+  fill(g_dy, total, 12, 2.0f, 0.1f);
+  fill(g_w, C, 13, 1.0f, 1.0f);
+  fill(g_b, C, 14, 1.0f, 0.0f);
+  memset(jobs, 0, sizeof jobs);
+  for (int r = 0; r < NP; r++) {
+    jobs[r].rank = r;
+    jobs[r].layer = id;
+    jobs[r].step = 1;
+  }
+  run_threads(jobs, NP);
+  for (int r = 0; r < NP; r++)
+    CHECK(jobs[r].rc == 0, "forward rank %d: %s", r, jobs[r].code);
+
+  /* The library on the concatenated batch, in one process. */
+  {
+    sbn_comm_t comm = {&ref_vt, 0, 1, 0};
+    sbn_layer_params_t p;
+    sbn_layer_t *l = NULL;
+    sbn_tensor_desc_t d = {3, {total / (C * S), C, S}, SBN_LAYOUT_NCHW};
+    sbn_tensor_desc_t e = {3, {(size_t)g_n[0], C, S}, SBN_LAYOUT_NCHW};
+    float rm[C] = {0, 0, 0}, rv[C] = {1, 1, 1}, dw[C], db[C];
+    float *y = malloc(total * 4), *dx = malloc(total * 4),
+          *ey = malloc(total * 4 + 4);
+    sbn_state_t st;
+    size_t ws = 0, sv = 0;
+    void *wsb, *svb;
+    sbn_forward_args_t fa;
+    sbn_backward_args_t ba;
+    memset(&p, 0, sizeof p);
+    p.op = SBN_OP_BATCHNORM;
+    p.channels = C;
+    p.eps = 1e-5f;
+    p.momentum = 0.1f;
+    p.affine = 1;
+    p.track_running_stats = 1;
+    CHECK(sbn_layer_create(&p, &comm, &l) == 0, "%s", sbn_last_error());
+    CHECK(sbn_layer_sizes(l, &d, &ws, &sv) == 0, "%s", sbn_last_error());
+    wsb = malloc(ws + 1);
+    svb = malloc(sv + 1);
+    memset(&st, 0, sizeof st);
+    st.running_mean = rm;
+    st.running_var = rv;
+    memset(&fa, 0, sizeof fa);
+    fa.mode = SBN_MODE_TRAIN;
+    fa.x_desc = &d;
+    fa.x = g_x;
+    fa.y = y;
+    fa.weight = g_w;
+    fa.bias = g_b;
+    fa.state = &st;
+    fa.step = 1;
+    fa.workspace = wsb;
+    fa.workspace_bytes = ws;
+    fa.saved = svb;
+    fa.saved_bytes = sv;
+    CHECK(sbn_forward(l, &fa) == 0, "%s", sbn_last_error());
+    memset(&ba, 0, sizeof ba);
+    ba.mode = SBN_MODE_TRAIN;
+    ba.x_desc = &d;
+    ba.x = g_x;
+    ba.dy = g_dy;
+    ba.dx = dx;
+    ba.weight = g_w;
+    ba.dweight = dw;
+    ba.dbias = db;
+    ba.step = 1;
+    ba.workspace = wsb;
+    ba.workspace_bytes = ws;
+    ba.saved = svb;
+    ba.saved_bytes = sv;
+    CHECK(sbn_backward(l, &ba) == 0, "%s", sbn_last_error());
+    for (size_t i = 0; i < total; i++) {
+      CHECK(close_enough(g_y[i], y[i], 1e-5f), "y[%zu] %g vs %g", i, g_y[i],
+            y[i]);
+      CHECK(close_enough(g_dx[i], dx[i], 1e-4f), "dx[%zu] %g vs %g", i, g_dx[i],
+            dx[i]);
+    }
+    /* As in PyTorch's SyncBatchNorm, each rank's dweight and dbias are
+     * its own batch's share (data parallelism sums them later). */
+    for (int k = 0; k < C; k++) {
+      float sw = 0, sb = 0;
+      for (int r = 0; r < NP; r++) {
+        sw += g_dw[r][k];
+        sb += g_db[r][k];
+      }
+      CHECK(close_enough(sw, dw[k], 1e-4f), "sum dw %g vs %g", sw, dw[k]);
+      CHECK(close_enough(sb, db[k], 1e-4f), "sum db %g vs %g", sb, db[k]);
+    }
+    /* Eval with the reference running statistics. */
+    fa.mode = SBN_MODE_EVAL;
+    fa.x_desc = &e;
+    fa.y = ey;
+    fa.saved = NULL;
+    fa.saved_bytes = 0;
+    CHECK(sbn_forward(l, &fa) == 0, "%s", sbn_last_error());
+    for (int r = 0; r < NP; r++)
+      for (size_t i = 0; i < (size_t)g_n[0] * C * S; i++) {
+        CHECK(g_ey[r][i] == g_ey[0][i], "running stats differ: rank %d", r);
+        CHECK(close_enough(g_ey[r][i], ey[i], 1e-5f), "eval[%zu] %g vs %g", i,
+              g_ey[r][i], ey[i]);
+      }
+    sbn_layer_destroy(l);
+    free(y);
+    free(dx);
+    free(ey);
+    free(wsb);
+    free(svb);
+  }
+}
+
+/* Two layers in opposite orders on different ranks: both complete. */
+static void test_out_of_order(void) {
+  job_t jobs[2 * MAXNP];
+  uint64_t a = 0, b = 0;
+  for (int r = 0; r < NP; r++) {
+    sbn_client_t *c = connect_rank(r, 10);
+    a = reg(c, "A");
+    b = reg(c, "B");
+    sbn_client_close(c);
+  }
+  memset(jobs, 0, sizeof jobs);
+  for (int r = 0; r < NP; r++) {
+    jobs[2 * r] = (job_t){r, a, 3, 0, "", (r % 2) ? 0.3 : 0.0, 1};
+    jobs[2 * r + 1] = (job_t){r, b, 3, 0, "", (r % 2) ? 0.0 : 0.3, 1};
+  }
+  run_threads(jobs, 2 * NP);
+  for (int i = 0; i < 2 * NP; i++)
+    CHECK(jobs[i].rc == 0, "out of order job %d: %s", i, jobs[i].code);
+}
+
+/* Only rank 0 submits: STALL; the step is poisoned; the next step works. */
+static void test_stall(void) {
+  job_t jobs[MAXNP];
+  uint64_t id = 0;
+  for (int r = 0; r < NP; r++) {
+    sbn_client_t *c = connect_rank(r, 10);
+    id = reg(c, "stall");
+    sbn_client_close(c);
+  }
+  memset(jobs, 0, sizeof jobs);
+  jobs[0] = (job_t){0, id, 5, 0, "", 0, 1};
+  run_threads(jobs, 1);
+  CHECK(jobs[0].rc != 0 && strcmp(jobs[0].code, "STALL") == 0,
+        "expected STALL, got %d %s", jobs[0].rc, jobs[0].code);
+  /* A late submission of the poisoned step fails at once. */
+  jobs[0] = (job_t){1, id, 5, 0, "", 0, 1};
+  run_threads(jobs, 1);
+  CHECK(strcmp(jobs[0].code, "STALL") == 0, "late: %s", jobs[0].code);
+  for (int r = 0; r < NP; r++)
+    jobs[r] = (job_t){r, id, 6, 0, "", 0, 1};
+  run_threads(jobs, NP);
+  for (int r = 0; r < NP; r++)
+    CHECK(jobs[r].rc == 0, "step after stall rank %d: %s", r, jobs[r].code);
+}
+
+/* A client that leaves with a pending entry: the others stall, then the
+ * next step works. */
+static void test_disconnect(void) {
+  job_t jobs[MAXNP];
+  uint64_t id = 0;
+  sbn_client_t *c;
+  sbn_tensor_desc_t d = {3, {(size_t)g_n[0], C, S}, SBN_LAYOUT_NCHW};
+  struct timeval tv = {0, 300000};
+  pthread_t t;
+  for (int r = 0; r < NP; r++) {
+    c = connect_rank(r, 10);
+    id = reg(c, "gone");
+    sbn_client_close(c);
+  }
+  /* Rank 0's client gives up after 0.3 s and closes. */
+  c = connect_rank(0, 10);
+  setsockopt(sbn_client_fd(c), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  CHECK(sbn_client_forward(c, id, 7, 1, &d, g_x, g_w, g_b, C, g_y) != 0,
+        "a lone forward should not complete");
+  sbn_client_close(c);
+  memset(jobs, 0, sizeof jobs);
+  jobs[0] = (job_t){1, id, 7, 0, "", 0, 1};
+  CHECK(pthread_create(&t, NULL, fb_thread, &jobs[0]) == 0, "thread");
+  pthread_join(t, NULL);
+  CHECK(strcmp(jobs[0].code, "STALL") == 0, "disconnect: %s", jobs[0].code);
+  for (int r = 0; r < NP; r++)
+    jobs[r] = (job_t){r, id, 8, 0, "", 0, 1};
+  run_threads(jobs, NP);
+  for (int r = 0; r < NP; r++)
+    CHECK(jobs[r].rc == 0, "step after disconnect rank %d: %s", r,
+          jobs[r].code);
+}
+
+int main(int argc, char **argv) {
+  char dir[128];
+  static const int ns2[MAXNP] = {5, 0}, ns3[MAXNP] = {2, 0, 5};
+  if (argc > 1)
+    NP = atoi(argv[1]);
+  CHECK(NP >= 2 && NP <= 3, "NP %d", NP);
+  alarm(170);
+  signal(SIGPIPE, SIG_IGN);
+  snprintf(g_root, sizeof g_root, "/tmp/svcsync-XXXXXX");
+  CHECK(mkdtemp(g_root) != NULL, "mkdtemp: %s", strerror(errno));
+  atexit(cleanup);
+  snprintf(dir, sizeof dir, "%s/s", g_root);
+  start_job(dir);
+  test_matches_library("bn", NP == 2 ? ns2 : ns3);
+  test_out_of_order();
+  test_stall();
+  test_disconnect();
+  printf("svc_sync_e2e: np=%d ok\n", NP);
+  return 0;
+}
