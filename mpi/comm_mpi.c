@@ -84,6 +84,21 @@ static void sbn__rec_release(void) {
   MPI_Type_free(&sbn__rec_type);
 }
 
+int sbn_mpi_rec_acquire(MPI_Datatype *type, MPI_Op *op) {
+  int rc;
+  if (type == NULL || op == NULL)
+    return sbn__set_error(SBN_EINVAL, "%s: NULL", type == NULL ? "type" : "op");
+  if ((rc = sbn__rec_acquire()) != 0)
+    return rc;
+  *type = sbn__rec_type;
+  *op = sbn__rec_op;
+  return 0;
+}
+
+void sbn_mpi_rec_release(void) {
+  sbn__rec_release();
+}
+
 static int sbn__mpi_count(size_t n, int *count) {
   if (n > (size_t)INT_MAX)
     return sbn__set_error(SBN_ELIMIT, "n: %zu records exceed MPI's int count",

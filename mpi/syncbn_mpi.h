@@ -50,6 +50,13 @@ int sbn_mpi_comm_create(MPI_Comm parent, int group_size,
  * communicator made by sbn_mpi_comm_create. */
 MPI_Comm sbn_mpi_comm_handle(const sbn_comm_t *c);
 
+/* The MPI datatype of one sbn_rec_t and the commutative Chan-merge op over
+ * it, for callers that run their own collectives on records (syncbnd).
+ * They are shared with the communicators made here and reference counted:
+ * every successful acquire needs one release, before MPI_Finalize. */
+int sbn_mpi_rec_acquire(MPI_Datatype *type, MPI_Op *op);
+void sbn_mpi_rec_release(void);
+
 /* Turns an MPI error code into SBN_ECOMM with a message naming the call. */
 int sbn_mpi_error(int mpi_err, const char *call);
 

@@ -32,10 +32,10 @@ void sbn__moments_finish(double n, double k, double s1, double s2,
 }
 
 size_t sbn__chan_bytes(size_t C) {
-  /* Seven float arrays, nine double arrays and one record array. Callers
+  /* Five float arrays, nine double arrays and one record array. Callers
    * have bounded C by the tensor's element count, so this cannot overflow
    * for any tensor that fits in memory; sbn__check_shape verifies it. */
-  return 7 * sbn__align64(C * sizeof(float)) +
+  return 5 * sbn__align64(C * sizeof(float)) +
          9 * sbn__align64(C * sizeof(double)) +
          sbn__align64(C * sizeof(sbn_rec_t));
 }
@@ -44,9 +44,8 @@ void sbn__chan_carve(void *ws, size_t C, sbn__chan_t *ch) {
   char *p = ws;
   size_t fb = sbn__align64(C * sizeof(float));
   size_t db = sbn__align64(C * sizeof(double));
-  float **f[7] = {&ch->mh, &ch->ml, &ch->istd, &ch->k1,
-                  &ch->k2, &ch->k3, &ch->k};
-  for (int i = 0; i < 7; i++, p += fb)
+  float **f[5] = {&ch->mh, &ch->ml, &ch->k1, &ch->k2, &ch->k};
+  for (int i = 0; i < 5; i++, p += fb)
     *f[i] = (float *)(void *)p;
   double **d[9] = {&ch->d1,    &ch->d2,  &ch->d3,  &ch->d4, &ch->dmean,
                    &ch->distd, &ch->dk1, &ch->dk2, &ch->dk3};

@@ -106,7 +106,7 @@ void sbn__moments_finish(double n, double k, double s1, double s2,
 
 /* Per-channel parameter arrays carved out of the workspace. */
 typedef struct sbn__chan_s {
-  float *mh, *ml, *istd, *k1, *k2, *k3, *k;
+  float *mh, *ml, *k1, *k2, *k;
   double *d1, *d2, *d3, *d4;
   /* Backward's dx parameters, kept in double (see bwd_apply). */
   double *dmean, *distd, *dk1, *dk2, *dk3;

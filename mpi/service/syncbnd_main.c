@@ -18,6 +18,7 @@
 
 #include "svc_server.h"
 #include "svc_worker.h"
+#include "syncbn_mpi.h"
 
 /* The cross-rank transport of the worker: one non-blocking collective at
  * a time on a duplicate of the world communicator, polled with MPI_Test
@@ -32,11 +33,6 @@ typedef struct sync_mpi_s {
   svc_server_t *server;
   int failed;
 } sync_mpi_t;
-
-static void rec_op_fn(void *in, void *inout, int *len, MPI_Datatype *type) {
-  (void)type;
-  sbn_rec_combine(in, inout, (size_t)*len);
-}
 
 static int sync_gather_begin(void *ctx, const void *send, void *recv,
                              size_t bytes) {
@@ -258,6 +254,7 @@ int main(int argc, char **argv) {
   svc_server_t *server = NULL;
   svc_server_config_t sc;
   sync_mpi_t sm;
+  int rec_held = 0;
 
   rc = parse_args(argc, argv, &o);
   if (rc != 0)
@@ -316,9 +313,11 @@ int main(int argc, char **argv) {
   sm.worker = worker;
   sm.server = server;
   MPI_Comm_dup(MPI_COMM_WORLD, &sm.comm);
-  MPI_Type_contiguous(4, MPI_DOUBLE, &sm.rec_type);
-  MPI_Type_commit(&sm.rec_type);
-  MPI_Op_create(rec_op_fn, 1, &sm.rec_op);
+  if (sbn_mpi_rec_acquire(&sm.rec_type, &sm.rec_op) != 0) {
+    fprintf(stderr, "syncbnd: rank %d: %s\n", rank, sbn_last_error());
+    goto done;
+  }
+  rec_held = 1;
   {
     svc_sync_ops_t ops = {&sm, sync_gather_begin, sync_reduce_begin, sync_test};
     svc_worker_set_sync(worker, &ops, o.stall_timeout, svc_server_deliver,
@@ -344,7 +343,10 @@ done:
   /* Every rank gets the signal from mpirun; a rank signalled on its own
    * leaves without MPI_Finalize (which would wait for the others), and
    * mpirun then ends the job. */
-  if (sig == 0)
+  if (sig == 0) {
+    if (rec_held)
+      sbn_mpi_rec_release();
     MPI_Finalize();
+  }
   return status;
 }
