@@ -319,11 +319,15 @@ void svc_tensor_free(svc_tensor_t *t) {
   memset(t, 0, sizeof *t);
 }
 
-int svc_decode_tensor(const msgpack_object *o, const char *what,
-                      svc_tensor_t *t, svc_err_t *err) {
+/* Validates a tensor map: keys, dtype (f32, or f64 where allow_f64),
+ * shape (overflow-checked) and payload size. Fills t->desc and t->numel
+ * and points *payload at the data bytes inside the frame; copies nothing. */
+static int svc__tensor_parse(const msgpack_object *o, const char *what,
+                             int allow_f64, svc_tensor_t *t, size_t *elsz,
+                             const char **payload, svc_err_t *err) {
   const msgpack_object *dtype = NULL, *shape = NULL, *data = NULL,
                        *layout = NULL;
-  size_t numel = 1, bytes;
+  size_t numel = 1;
   memset(t, 0, sizeof *t);
   if (o->type != MSGPACK_OBJECT_MAP)
     return svc_fail(err, SVC_BAD_TENSOR, "%s: expected a tensor map", what);
@@ -353,9 +357,13 @@ int svc_decode_tensor(const msgpack_object *o, const char *what,
                     dtype == NULL   ? "dtype"
                     : shape == NULL ? "shape"
                                     : "data");
-  if (!svc__str_eq(dtype, "f32"))
-    return svc_fail(err, SVC_BAD_TENSOR, "%s.dtype: only \"f32\" is supported",
-                    what);
+  if (svc__str_eq(dtype, "f32"))
+    *elsz = sizeof(float);
+  else if (allow_f64 && svc__str_eq(dtype, "f64"))
+    *elsz = sizeof(double);
+  else
+    return svc_fail(err, SVC_BAD_TENSOR, "%s.dtype: only %s supported", what,
+                    allow_f64 ? "\"f32\" and \"f64\" are" : "\"f32\" is");
   if (shape->type != MSGPACK_OBJECT_ARRAY || shape->via.array.size < 1 ||
       shape->via.array.size > SBN_MAX_DIMS)
     return svc_fail(err, SVC_BAD_TENSOR,
@@ -387,12 +395,22 @@ int svc_decode_tensor(const msgpack_object *o, const char *what,
   }
   if (data->type != MSGPACK_OBJECT_BIN)
     return svc_fail(err, SVC_BAD_TENSOR, "%s.data: expected bin", what);
-  if (numel > SIZE_MAX / sizeof(float) ||
-      numel * sizeof(float) != data->via.bin.size)
+  if (numel > SIZE_MAX / *elsz || numel * *elsz != data->via.bin.size)
     return svc_fail(err, SVC_BAD_TENSOR,
-                    "%s.data: %u bytes, shape needs %zu elements of 4 bytes",
-                    what, data->via.bin.size, numel);
-  bytes = numel * sizeof(float);
+                    "%s.data: %u bytes, shape needs %zu elements of %zu bytes",
+                    what, data->via.bin.size, numel, *elsz);
+  t->numel = numel;
+  *payload = data->via.bin.ptr;
+  return 0;
+}
+
+int svc_decode_tensor(const msgpack_object *o, const char *what,
+                      svc_tensor_t *t, svc_err_t *err) {
+  const char *payload = NULL;
+  size_t elsz = 0, bytes;
+  if (svc__tensor_parse(o, what, 0, t, &elsz, &payload, err) != 0)
+    return -1;
+  bytes = t->numel * sizeof(float);
   if (bytes > 0) {
     /* The payload sits at any offset in the frame; kernels want aligned
      * floats, so the tensor gets its own copy. */
@@ -401,10 +419,47 @@ int svc_decode_tensor(const msgpack_object *o, const char *what,
     if (t->data == NULL)
       return svc_fail(err, SVC_RESOURCE, "%s: out of memory (%zu bytes)", what,
                       bytes);
-    memcpy(t->data, data->via.bin.ptr, bytes);
+    memcpy(t->data, payload, bytes);
   }
-  t->numel = numel;
   t->present = 1;
+  return 0;
+}
+
+/* A per-channel vector: a 1-D tensor of f32 or f64, widened to double;
+ * with allow_scalar, a non-negative integer stands for "this value in
+ * every channel". */
+static int svc__decode_vec(const msgpack_object *o, const char *what,
+                           int allow_scalar, svc_vec_t *v, svc_err_t *err) {
+  svc_tensor_t t;
+  const char *payload = NULL;
+  size_t elsz = 0;
+  memset(v, 0, sizeof *v);
+  if (allow_scalar && o->type == MSGPACK_OBJECT_POSITIVE_INTEGER) {
+    if ((v->v = malloc(sizeof *v->v)) == NULL)
+      return svc_fail(err, SVC_RESOURCE, "%s: out of memory", what);
+    v->v[0] = (double)o->via.u64;
+    v->n = 1;
+    v->scalar = 1;
+    v->present = 1;
+    return 0;
+  }
+  if (svc__tensor_parse(o, what, 1, &t, &elsz, &payload, err) != 0)
+    return -1;
+  if (t.desc.ndim != 1)
+    return svc_fail(err, SVC_BAD_TENSOR, "%s: expected a 1-D tensor", what);
+  if ((v->v = malloc((t.numel > 0 ? t.numel : 1) * sizeof *v->v)) == NULL)
+    return svc_fail(err, SVC_RESOURCE, "%s: out of memory", what);
+  for (size_t i = 0; i < t.numel; i++) {
+    if (elsz == sizeof(float)) {
+      float f;
+      memcpy(&f, payload + i * elsz, sizeof f);
+      v->v[i] = f;
+    } else {
+      memcpy(&v->v[i], payload + i * elsz, sizeof(double));
+    }
+  }
+  v->n = t.numel;
+  v->present = 1;
   return 0;
 }
 
@@ -415,6 +470,29 @@ void svc_request_free(svc_request_t *req) {
   svc_tensor_free(&req->x);
   svc_tensor_free(&req->weight);
   svc_tensor_free(&req->bias);
+  svc_tensor_free(&req->running_mean);
+  svc_tensor_free(&req->running_var);
+  free(req->count.v);
+  free(req->mean.v);
+  free(req->m2.v);
+  for (size_t i = 0; i < req->nsub; i++)
+    svc_request_free(&req->sub[i]);
+  free(req->sub);
+  req->count.v = req->mean.v = req->m2.v = NULL;
+  req->sub = NULL;
+  req->nsub = 0;
+}
+
+static const char *const svc__op_names[] = {
+    "hello",          "register",       "forward",         "backward",
+    "bye",            "batch",          "stats",           "stats_backward",
+    "get_state",      "set_state",      "checkpoint_save", "checkpoint_load",
+    "metrics"};
+
+const char *svc_op_name(svc_op_t op) {
+  if ((size_t)op >= sizeof svc__op_names / sizeof *svc__op_names)
+    return NULL;
+  return svc__op_names[op];
 }
 
 /* The keys a request may carry; a request's map is sorted into this
@@ -442,15 +520,27 @@ enum {
   K_DY,
   K_WEIGHT,
   K_BIAS,
+  K_TOKEN,
+  K_REQUESTS,
+  K_CNT,
+  K_MEAN,
+  K_M2,
+  K_SUM_DY,
+  K_SUM_DY_XHAT,
+  K_RUNNING_MEAN,
+  K_RUNNING_VAR,
+  K_NBT,
   K_COUNT
 };
 static const char *const svc__keys[K_COUNT] = {
-    "op",         "id",       "version", "name",
-    "kind",       "channels", "groups",  "normalized_shape",
-    "eps",        "momentum", "affine",  "track_running_stats",
-    "group_size", "p",        "seed",    "layer",
-    "step",       "train",    "x",       "dy",
-    "weight",     "bias"};
+    "op",           "id",           "version",      "name",
+    "kind",         "channels",     "groups",       "normalized_shape",
+    "eps",          "momentum",     "affine",       "track_running_stats",
+    "group_size",   "p",            "seed",         "layer",
+    "step",         "train",        "x",            "dy",
+    "weight",       "bias",         "token",        "requests",
+    "count",        "mean",         "m2",           "sum_dy",
+    "sum_dy_xhat",  "running_mean", "running_var",  "num_batches_tracked"};
 
 static int svc__decode_register(const msgpack_object *const *k,
                                 svc_register_t *r, svc_err_t *err) {
@@ -560,41 +650,65 @@ static int svc__decode_register(const msgpack_object *const *k,
   return 0;
 }
 
-int svc_decode_request(const uint8_t *body, size_t len, const svc_limits_t *lim,
-                       svc_request_t *req, svc_err_t *err) {
-  msgpack_zone zone;
-  msgpack_object root;
-  const msgpack_object *k[K_COUNT] = {0};
-  size_t off = 0;
-  int zone_ok = 0;
-  memset(req, 0, sizeof *req);
-  if (svc_scan(body, len, lim, err) != 0)
-    return -1;
-  if (!msgpack_zone_init(&zone, 2048))
-    return svc_fail(err, SVC_RESOURCE, "frame: out of memory");
-  zone_ok = 1;
-  /* The scan proved the bytes are one well-formed object within limits, so
-   * msgpack-c allocates at most a small multiple of max_objects. */
-  if (msgpack_unpack((const char *)body, len, &off, &zone, &root) !=
-          MSGPACK_UNPACK_SUCCESS ||
-      off != len || root.type != MSGPACK_OBJECT_MAP) {
-    svc_fail(err, SVC_MALFORMED, "frame: msgpack-c refused the map");
-    goto fail;
+/* Fails with BAD_REQUEST naming the first key of idx (a list ended by -1)
+ * that the request lacks. */
+static int svc__need(const msgpack_object *const *k, const char *op,
+                     const int *idx, svc_err_t *err) {
+  for (; *idx >= 0; idx++)
+    if (k[*idx] == NULL)
+      return svc_fail(err, SVC_BAD_REQUEST, "%s: missing '%s'", op,
+                      svc__keys[*idx]);
+  return 0;
+}
+
+static int svc__decode_map(const msgpack_object *root, int in_batch,
+                           svc_request_t *req, svc_err_t *err);
+
+/* The sub-requests of a batch: each is a request map of its own whose op
+ * is one of those that a batch may carry. */
+static int svc__decode_batch(const msgpack_object *a, svc_request_t *req,
+                             svc_err_t *err) {
+  if (a->type != MSGPACK_OBJECT_ARRAY || a->via.array.size < 1 ||
+      a->via.array.size > SVC_BATCH_MAX)
+    return svc_fail(err, SVC_BAD_REQUEST,
+                    "requests: expected an array of 1 to %d request maps",
+                    SVC_BATCH_MAX);
+  req->sub = calloc(a->via.array.size, sizeof *req->sub);
+  if (req->sub == NULL)
+    return svc_fail(err, SVC_RESOURCE, "requests: out of memory");
+  for (uint32_t i = 0; i < a->via.array.size; i++) {
+    svc_err_t sub;
+    req->nsub = i + 1;
+    if (a->via.array.ptr[i].type != MSGPACK_OBJECT_MAP)
+      return svc_fail(err, SVC_BAD_REQUEST, "requests[%u]: expected a map", i);
+    if (svc__decode_map(&a->via.array.ptr[i], 1, &req->sub[i], &sub) != 0)
+      return svc_fail(err, sub.code, "requests[%u].%s", i, sub.msg);
   }
-  for (uint32_t i = 0; i < root.via.map.size; i++) {
-    const msgpack_object *key = &root.via.map.ptr[i].key;
-    if (key->type != MSGPACK_OBJECT_STR) {
-      svc_fail(err, SVC_BAD_REQUEST, "request: keys must be strings");
-      goto fail;
-    }
+  return 0;
+}
+
+static int svc__decode_map(const msgpack_object *root, int in_batch,
+                           svc_request_t *req, svc_err_t *err) {
+  const msgpack_object *k[K_COUNT] = {0};
+  const msgpack_object *op;
+  static const int need_fwd[] = {K_LAYER, K_STEP, K_TRAIN, K_X, -1};
+  static const int need_bwd[] = {K_LAYER, K_STEP, K_DY, -1};
+  static const int need_stats[] = {K_LAYER, K_STEP, K_CNT, K_MEAN, K_M2, -1};
+  static const int need_sbwd[] = {K_LAYER, K_STEP, K_SUM_DY, K_SUM_DY_XHAT,
+                                  -1};
+  static const int need_layer[] = {K_LAYER, -1};
+  static const int need_name[] = {K_NAME, -1};
+  for (uint32_t i = 0; i < root->via.map.size; i++) {
+    const msgpack_object *key = &root->via.map.ptr[i].key;
+    if (key->type != MSGPACK_OBJECT_STR)
+      return svc_fail(err, SVC_BAD_REQUEST, "request: keys must be strings");
     for (int j = 0; j < K_COUNT; j++) {
       if (!svc__str_eq(key, svc__keys[j]))
         continue;
-      if (k[j] != NULL) {
-        svc_fail(err, SVC_BAD_REQUEST, "%s: repeated key", svc__keys[j]);
-        goto fail;
-      }
-      k[j] = &root.via.map.ptr[i].val;
+      if (k[j] != NULL)
+        return svc_fail(err, SVC_BAD_REQUEST, "%s: repeated key",
+                        svc__keys[j]);
+      k[j] = &root->via.map.ptr[i].val;
       break;
     }
   }
@@ -609,70 +723,173 @@ int svc_decode_request(const uint8_t *body, size_t len, const svc_limits_t *lim,
       req->id.i = k[K_ID]->via.i64;
     }
   }
-  if (k[K_OP] == NULL || k[K_OP]->type != MSGPACK_OBJECT_STR) {
-    svc_fail(err, SVC_BAD_REQUEST, "op: missing or not a string");
-    goto fail;
+  op = k[K_OP];
+  if (op == NULL || op->type != MSGPACK_OBJECT_STR)
+    return svc_fail(err, SVC_BAD_REQUEST, "op: missing or not a string");
+  if (!req->id.present)
+    return svc_fail(err, SVC_BAD_REQUEST, "id: missing or not an integer");
+  for (req->op = 0;; req->op++) {
+    const char *name = svc_op_name(req->op);
+    if (name == NULL)
+      return svc_fail(err, SVC_UNKNOWN_OP, "op: unknown op '%.*s'",
+                      (int)(op->via.str.size > 64 ? 64 : op->via.str.size),
+                      op->via.str.ptr);
+    if (svc__str_eq(op, name))
+      break;
   }
-  if (!req->id.present) {
-    svc_fail(err, SVC_BAD_REQUEST, "id: missing or not an integer");
-    goto fail;
-  }
-  if (svc__str_eq(k[K_OP], "hello")) {
-    req->op = SVC_OP_HELLO;
-    if (k[K_VERSION] == NULL ||
-        svc__get_uint(k[K_VERSION], "version", UINT64_MAX, &req->version,
-                      err) != 0) {
+  if (in_batch && req->op != SVC_OP_FORWARD && req->op != SVC_OP_BACKWARD &&
+      req->op != SVC_OP_STATS && req->op != SVC_OP_STATS_BACKWARD)
+    return svc_fail(err, SVC_BAD_REQUEST,
+                    "op: a batch carries forward, backward, stats and "
+                    "stats_backward only, not '%s'",
+                    svc_op_name(req->op));
+  /* Keys shared by several ops. */
+  if (k[K_LAYER] != NULL &&
+      svc__get_uint(k[K_LAYER], "layer", UINT32_MAX, &req->layer, err) != 0)
+    return -1;
+  if (k[K_STEP] != NULL &&
+      svc__get_uint(k[K_STEP], "step", UINT64_MAX, &req->step, err) != 0)
+    return -1;
+  switch (req->op) {
+    case SVC_OP_HELLO:
       if (k[K_VERSION] == NULL)
-        svc_fail(err, SVC_BAD_REQUEST, "hello: missing 'version'");
-      goto fail;
-    }
-  } else if (svc__str_eq(k[K_OP], "register")) {
-    req->op = SVC_OP_REGISTER;
-    if (svc__decode_register(k, &req->reg, err) != 0)
-      goto fail;
-  } else if (svc__str_eq(k[K_OP], "forward") ||
-             svc__str_eq(k[K_OP], "backward")) {
-    int fwd = svc__str_eq(k[K_OP], "forward");
-    int tk = fwd ? K_X : K_DY;
-    req->op = fwd ? SVC_OP_FORWARD : SVC_OP_BACKWARD;
-    if (k[K_LAYER] == NULL || k[K_STEP] == NULL || k[tk] == NULL ||
-        (fwd && k[K_TRAIN] == NULL)) {
-      svc_fail(err, SVC_BAD_REQUEST, "%s: missing '%s'",
-               fwd ? "forward" : "backward",
-               k[K_LAYER] == NULL  ? "layer"
-               : k[K_STEP] == NULL ? "step"
-               : k[tk] == NULL     ? svc__keys[tk]
-                                   : "train");
-      goto fail;
-    }
-    if (svc__get_uint(k[K_LAYER], "layer", UINT32_MAX, &req->layer, err) != 0 ||
-        svc__get_uint(k[K_STEP], "step", UINT64_MAX, &req->step, err) != 0)
-      goto fail;
-    if (fwd && svc__get_bool(k[K_TRAIN], "train", &req->train, err) != 0)
-      goto fail;
-    if (svc_decode_tensor(k[tk], svc__keys[tk], &req->x, err) != 0)
-      goto fail;
-    if (fwd && k[K_WEIGHT] != NULL &&
-        svc_decode_tensor(k[K_WEIGHT], "weight", &req->weight, err) != 0)
-      goto fail;
-    if (fwd && k[K_BIAS] != NULL &&
-        svc_decode_tensor(k[K_BIAS], "bias", &req->bias, err) != 0)
-      goto fail;
-  } else if (svc__str_eq(k[K_OP], "bye")) {
-    req->op = SVC_OP_BYE;
-  } else {
-    svc_fail(err, SVC_UNKNOWN_OP, "op: unknown op '%.*s'",
-             (int)(k[K_OP]->via.str.size > 64 ? 64 : k[K_OP]->via.str.size),
-             k[K_OP]->via.str.ptr);
+        return svc_fail(err, SVC_BAD_REQUEST, "hello: missing 'version'");
+      if (svc__get_uint(k[K_VERSION], "version", UINT64_MAX, &req->version,
+                        err) != 0)
+        return -1;
+      if (k[K_TOKEN] != NULL) {
+        const msgpack_object *t = k[K_TOKEN];
+        const char *ptr;
+        size_t n;
+        if (t->type == MSGPACK_OBJECT_STR) {
+          ptr = t->via.str.ptr;
+          n = t->via.str.size;
+        } else if (t->type == MSGPACK_OBJECT_BIN) {
+          ptr = t->via.bin.ptr;
+          n = t->via.bin.size;
+        } else {
+          return svc_fail(err, SVC_BAD_REQUEST,
+                          "token: expected a string or bin");
+        }
+        if (n > SVC_TOKEN_MAX)
+          return svc_fail(err, SVC_BAD_REQUEST, "token: longer than %d bytes",
+                          SVC_TOKEN_MAX);
+        memcpy(req->token, ptr, n);
+        req->token_len = n;
+        req->has_token = 1;
+      }
+      return 0;
+    case SVC_OP_REGISTER:
+      return svc__decode_register(k, &req->reg, err);
+    case SVC_OP_FORWARD:
+      if (svc__need(k, "forward", need_fwd, err) != 0 ||
+          svc__get_bool(k[K_TRAIN], "train", &req->train, err) != 0 ||
+          svc_decode_tensor(k[K_X], "x", &req->x, err) != 0)
+        return -1;
+      if (k[K_WEIGHT] != NULL &&
+          svc_decode_tensor(k[K_WEIGHT], "weight", &req->weight, err) != 0)
+        return -1;
+      if (k[K_BIAS] != NULL &&
+          svc_decode_tensor(k[K_BIAS], "bias", &req->bias, err) != 0)
+        return -1;
+      return 0;
+    case SVC_OP_BACKWARD:
+      if (svc__need(k, "backward", need_bwd, err) != 0)
+        return -1;
+      return svc_decode_tensor(k[K_DY], "dy", &req->x, err);
+    case SVC_OP_STATS:
+      if (svc__need(k, "stats", need_stats, err) != 0 ||
+          svc__decode_vec(k[K_CNT], "count", 1, &req->count, err) != 0 ||
+          svc__decode_vec(k[K_MEAN], "mean", 0, &req->mean, err) != 0 ||
+          svc__decode_vec(k[K_M2], "m2", 0, &req->m2, err) != 0)
+        return -1;
+      return 0;
+    case SVC_OP_STATS_BACKWARD:
+      if (svc__need(k, "stats_backward", need_sbwd, err) != 0 ||
+          svc__decode_vec(k[K_SUM_DY], "sum_dy", 0, &req->mean, err) != 0 ||
+          svc__decode_vec(k[K_SUM_DY_XHAT], "sum_dy_xhat", 0, &req->m2, err) !=
+              0)
+        return -1;
+      return 0;
+    case SVC_OP_GET_STATE:
+      return svc__need(k, "get_state", need_layer, err);
+    case SVC_OP_SET_STATE:
+      if (svc__need(k, "set_state", need_layer, err) != 0)
+        return -1;
+      if (k[K_RUNNING_MEAN] != NULL &&
+          svc_decode_tensor(k[K_RUNNING_MEAN], "running_mean",
+                            &req->running_mean, err) != 0)
+        return -1;
+      if (k[K_RUNNING_VAR] != NULL &&
+          svc_decode_tensor(k[K_RUNNING_VAR], "running_var", &req->running_var,
+                            err) != 0)
+        return -1;
+      if (k[K_WEIGHT] != NULL &&
+          svc_decode_tensor(k[K_WEIGHT], "weight", &req->weight, err) != 0)
+        return -1;
+      if (k[K_BIAS] != NULL &&
+          svc_decode_tensor(k[K_BIAS], "bias", &req->bias, err) != 0)
+        return -1;
+      if (k[K_NBT] != NULL) {
+        if (svc__get_uint(k[K_NBT], "num_batches_tracked", INT64_MAX,
+                          &req->num_batches_tracked, err) != 0)
+          return -1;
+        req->has_nbt = 1;
+      }
+      return 0;
+    case SVC_OP_CHECKPOINT_SAVE:
+    case SVC_OP_CHECKPOINT_LOAD:
+      if (svc__need(k, svc_op_name(req->op), need_name, err) != 0)
+        return -1;
+      if (k[K_NAME]->type != MSGPACK_OBJECT_STR ||
+          k[K_NAME]->via.str.size > SVC_NAME_MAX)
+        return svc_fail(err, SVC_BAD_REQUEST,
+                        "name: expected a string of at most %d bytes",
+                        SVC_NAME_MAX);
+      memcpy(req->reg.name, k[K_NAME]->via.str.ptr, k[K_NAME]->via.str.size);
+      req->reg.name[k[K_NAME]->via.str.size] = '\0';
+      if (strlen(req->reg.name) != k[K_NAME]->via.str.size)
+        return svc_fail(err, SVC_BAD_REQUEST, "name: contains a zero byte");
+      return 0;
+    case SVC_OP_BATCH:
+      if (k[K_REQUESTS] == NULL)
+        return svc_fail(err, SVC_BAD_REQUEST, "batch: missing 'requests'");
+      return svc__decode_batch(k[K_REQUESTS], req, err);
+    case SVC_OP_BYE:
+    case SVC_OP_METRICS:
+      return 0;
+  }
+  return svc_fail(err, SVC_INTERNAL, "op: not decoded");
+}
+
+int svc_decode_request(const uint8_t *body, size_t len, const svc_limits_t *lim,
+                       svc_request_t *req, svc_err_t *err) {
+  msgpack_zone zone;
+  msgpack_object root;
+  size_t off = 0;
+  int rc = -1;
+  memset(req, 0, sizeof *req);
+  if (svc_scan(body, len, lim, err) != 0)
+    return -1;
+  if (!msgpack_zone_init(&zone, 2048))
+    return svc_fail(err, SVC_RESOURCE, "frame: out of memory");
+  /* The scan proved the bytes are one well-formed object within limits, so
+   * msgpack-c allocates at most a small multiple of max_objects. */
+  if (msgpack_unpack((const char *)body, len, &off, &zone, &root) !=
+          MSGPACK_UNPACK_SUCCESS ||
+      off != len || root.type != MSGPACK_OBJECT_MAP) {
+    svc_fail(err, SVC_MALFORMED, "frame: msgpack-c refused the map");
     goto fail;
+  }
+  rc = svc__decode_map(&root, 0, req, err);
+fail:
+  if (rc != 0) {
+    svc_id_t id = req->id;
+    svc_request_free(req);
+    req->id = id;
   }
   msgpack_zone_destroy(&zone);
-  return 0;
-fail:
-  svc_request_free(req);
-  if (zone_ok)
-    msgpack_zone_destroy(&zone);
-  return -1;
+  return rc;
 }
 
 /* ------------------------------------------------------------------ */
@@ -871,4 +1088,83 @@ int svc_encode_bye(const svc_id_t *id, uint8_t **out, size_t *out_len) {
   rc |= msgpack_pack_map(&pk, 1);
   svc__pack_id(&pk, id);
   return svc__finish(&sb, rc, out, out_len);
+}
+
+int svc_encode_batch(const svc_id_t *id, uint8_t *const *subs,
+                     const size_t *sub_lens, size_t n, uint8_t **out,
+                     size_t *out_len) {
+  svc__out_t sb;
+  msgpack_packer pk;
+  size_t hint = 0;
+  int rc;
+  for (size_t i = 0; i < n; i++)
+    hint += sub_lens[i];
+  rc = svc__start(&sb, &pk, hint);
+  rc |= msgpack_pack_map(&pk, 2);
+  svc__pack_id(&pk, id);
+  svc__pack_key(&pk, "replies");
+  rc |= msgpack_pack_array(&pk, n);
+  /* Each sub-reply is already one encoded map: its body is copied as is. */
+  for (size_t i = 0; i < n; i++) {
+    if (sub_lens[i] < SVC_HEADER_BYTES) {
+      rc = -1;
+      break;
+    }
+    rc |= svc__write(&sb, (const char *)subs[i] + SVC_HEADER_BYTES,
+                     sub_lens[i] - SVC_HEADER_BYTES);
+  }
+  return svc__finish(&sb, rc, out, out_len);
+}
+
+int svc_pack_vec64(msgpack_packer *pk, const double *v, size_t n) {
+  int rc = 0;
+  rc |= msgpack_pack_map(pk, 4);
+  svc__pack_key(pk, "dtype");
+  rc |= msgpack_pack_str_with_body(pk, "f64", 3);
+  svc__pack_key(pk, "shape");
+  rc |= msgpack_pack_array(pk, 1);
+  rc |= msgpack_pack_uint64(pk, n);
+  svc__pack_key(pk, "layout");
+  rc |= msgpack_pack_str_with_body(pk, "nchw", 4);
+  svc__pack_key(pk, "data");
+  rc |= msgpack_pack_bin(pk, n * sizeof(double));
+  if (n > 0)
+    rc |= msgpack_pack_bin_body(pk, v, n * sizeof(double));
+  return rc != 0 ? -1 : 0;
+}
+
+struct svc__reply_impl_s {
+  svc__out_t sb;
+  msgpack_packer pk;
+};
+
+int svc_reply_begin(svc_reply_t *r, const svc_id_t *id, uint32_t nkeys,
+                    size_t hint) {
+  r->impl = malloc(sizeof *r->impl);
+  r->pk = NULL;
+  r->rc = -1;
+  if (r->impl == NULL)
+    return -1;
+  r->pk = &r->impl->pk;
+  r->rc = svc__start(&r->impl->sb, &r->impl->pk, hint);
+  r->rc |= msgpack_pack_map(r->pk, nkeys + 1);
+  svc__pack_id(r->pk, id);
+  return r->rc;
+}
+
+void svc_reply_key(svc_reply_t *r, const char *key) {
+  if (r->impl != NULL)
+    svc__pack_key(r->pk, key);
+}
+
+int svc_reply_end(svc_reply_t *r, uint8_t **out, size_t *out_len) {
+  int rc;
+  *out = NULL;
+  *out_len = 0;
+  if (r->impl == NULL)
+    return -1;
+  rc = svc__finish(&r->impl->sb, r->rc, out, out_len);
+  free(r->impl);
+  r->impl = NULL;
+  return rc;
 }

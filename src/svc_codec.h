@@ -32,6 +32,10 @@
 #define SVC_PROTOCOL_VERSION 2
 #define SVC_HEADER_BYTES 4
 #define SVC_NAME_MAX 255
+/* Longest token a hello may carry (bytes). */
+#define SVC_TOKEN_MAX 1024
+/* Most sub-requests in one batch. */
+#define SVC_BATCH_MAX 256
 
 /* Stable error codes of the protocol: name, whether the server closes the
  * connection after replying, and a short description. The names are the
@@ -58,6 +62,7 @@
   XX(RESOURCE, 0, "a worker resource limit or memory is exhausted")           \
   XX(TOO_MANY_CLIENTS, 1, "the worker serves its maximum number of clients")  \
   XX(FORBIDDEN, 1, "connection from another user")                            \
+  XX(UNAUTHORIZED, 1, "TCP connection without the right token in hello")     \
   XX(TIMEOUT, 1, "idle or partial-frame timeout")                             \
   XX(INTERNAL, 0, "internal error")
 
@@ -119,8 +124,19 @@ typedef enum {
   SVC_OP_REGISTER,
   SVC_OP_FORWARD,
   SVC_OP_BACKWARD,
-  SVC_OP_BYE
+  SVC_OP_BYE,
+  SVC_OP_BATCH,
+  SVC_OP_STATS,
+  SVC_OP_STATS_BACKWARD,
+  SVC_OP_GET_STATE,
+  SVC_OP_SET_STATE,
+  SVC_OP_CHECKPOINT_SAVE,
+  SVC_OP_CHECKPOINT_LOAD,
+  SVC_OP_METRICS
 } svc_op_t;
+
+/* Wire name of an op ("forward"); NULL past the last one. */
+const char *svc_op_name(svc_op_t op);
 
 /* The layer kinds of the protocol: the library's ops plus syncbatchnorm
  * (BatchNorm whose statistics are reduced over the job's ranks). */
@@ -152,6 +168,16 @@ typedef struct svc_tensor_s {
   float *data;
 } svc_tensor_t;
 
+/* A decoded per-channel vector (a 1-D tensor of dtype f32 or f64, or for
+ * `count` also a single integer, then scalar = 1 and n = 1), widened to
+ * double and owned by the request. */
+typedef struct svc_vec_s {
+  int present;
+  int scalar;
+  size_t n;
+  double *v;
+} svc_vec_t;
+
 typedef struct svc_register_s {
   char name[SVC_NAME_MAX + 1];
   svc_kind_t kind;
@@ -165,12 +191,29 @@ typedef struct svc_request_s {
   svc_op_t op;
   svc_id_t id;
   uint64_t version; /* hello */
-  svc_register_t reg;
-  uint64_t layer;            /* forward, backward */
-  uint64_t step;             /* forward, backward */
-  int train;                 /* forward */
-  svc_tensor_t x;            /* forward: x; backward: dy */
-  svc_tensor_t weight, bias; /* forward, optional */
+  /* hello: the TCP authentication token (bin or str), if sent. */
+  int has_token;
+  size_t token_len;
+  uint8_t token[SVC_TOKEN_MAX];
+  svc_register_t reg; /* register; checkpoint_*: reg.name is the file name */
+  uint64_t layer;     /* forward, backward, stats*, get_state, set_state */
+  uint64_t step;      /* forward, backward, stats, stats_backward */
+  int train;          /* forward */
+  svc_tensor_t x;     /* forward: x; backward: dy */
+  /* forward (optional): this step's affine parameters; set_state
+   * (optional): the layer's new ones. */
+  svc_tensor_t weight, bias;
+  /* set_state (optional) */
+  svc_tensor_t running_mean, running_var;
+  int has_nbt;
+  uint64_t num_batches_tracked;
+  /* stats: count, mean, m2; stats_backward: sum_dy in mean, sum_dy_xhat in
+   * m2. */
+  svc_vec_t count, mean, m2;
+  /* batch: nsub decoded sub-requests (forward, backward, stats,
+   * stats_backward), owned by this request. */
+  struct svc_request_s *sub;
+  size_t nsub;
 } svc_request_t;
 
 /* Scans and decodes body into req. On failure req holds no allocations,
@@ -210,6 +253,26 @@ int svc_encode_backward(const svc_id_t *id, const sbn_tensor_desc_t *desc,
                         const float *db, const sbn_tensor_desc_t *wb_desc,
                         size_t wb_numel, uint8_t **out, size_t *out_len);
 int svc_encode_bye(const svc_id_t *id, uint8_t **out, size_t *out_len);
+/* The reply to a batch: {id, replies: [...]}, whose elements are the
+ * bodies of the n sub-reply frames subs[i] (header included, as the other
+ * encoders return them; not freed here). */
+int svc_encode_batch(const svc_id_t *id, uint8_t *const *subs,
+                     const size_t *sub_lens, size_t n, uint8_t **out,
+                     size_t *out_len);
+
+/* A reply of any shape, for ops whose keys vary: begin with the number of
+ * keys besides id, then for each key svc_reply_key() and one packed value
+ * (through r->pk, svc_pack_tensor or svc_pack_vec64), then end. Any
+ * failure along the way makes end return -1 and free everything. */
+typedef struct svc_reply_s {
+  struct svc__reply_impl_s *impl;
+  struct msgpack_packer *pk;
+  int rc;
+} svc_reply_t;
+int svc_reply_begin(svc_reply_t *r, const svc_id_t *id, uint32_t nkeys,
+                    size_t hint);
+void svc_reply_key(svc_reply_t *r, const char *key);
+int svc_reply_end(svc_reply_t *r, uint8_t **out, size_t *out_len);
 
 /* ------------------------------------------------------------------ */
 /* Shared by the client: packing a tensor map and reading one back. */
@@ -224,5 +287,7 @@ int svc_pack_tensor(struct msgpack_packer *pk, const sbn_tensor_desc_t *desc,
 int svc_decode_tensor(const struct msgpack_object *o, const char *what,
                       svc_tensor_t *t, svc_err_t *err);
 void svc_tensor_free(svc_tensor_t *t);
+/* Packs a 1-D f64 tensor {dtype: "f64", shape: [n], data, layout}. */
+int svc_pack_vec64(struct msgpack_packer *pk, const double *v, size_t n);
 
 #endif /* SBN_SVC_CODEC_H */

@@ -2,127 +2,20 @@
  * (see svc_worker.h). */
 #include "svc_worker.h"
 
+#include "svc_worker_int.h"
+
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
-/* Forward state kept for one (layer, step) of a training forward. After
- * its backward the buffers go but the entry stays (done = 1) until the
- * step window passes it, so a repeated step is still recognized. */
-typedef struct svc__step_s {
-  uint64_t step;
-  int done;
-  int busy; /* a syncbatchnorm forward or backward of it waits for ranks */
-  sbn_tensor_desc_t desc;
-  size_t numel;
-  float *x;     /* the forward input (NULL for dropout) */
-  float *w, *b; /* the affine parameters the forward used */
-  void *saved;
-  size_t saved_bytes;
-  uint64_t bytes; /* counted against max_saved */
-  struct svc__step_s *next;
-} svc__step_t;
-
-typedef struct svc__layer_s {
-  char name[SVC_NAME_MAX + 1];
-  svc_kind_t kind;
-  uint64_t group_size;
-  sbn_layer_params_t params; /* as registered (layer_id = the layer id) */
-  sbn_layer_t *layer;
-  sbn_tensor_desc_t wb_desc; /* shape of weight and bias */
-  size_t wb_numel;           /* 0 when not affine */
-  float *weight, *bias;
-  float *running_mean, *running_var;
-  sbn_state_t state;
-  int tracking;
-  int have_step;
-  uint64_t max_step;
-  svc__step_t *steps;
-} svc__layer_t;
-
-/* A communicator of one process that carries the worker's rank, so that
- * dropout keys differ between ranks exactly as they do under SyncBN's MPI
- * communicator. */
-typedef struct svc__comm_s {
-  sbn_comm_t base;
-} svc__comm_t;
-
-static int svc__comm_allreduce(sbn_comm_t *c, sbn_rec_t *r, size_t n) {
-  (void)c;
-  (void)r;
-  (void)n;
-  return 0;
+/* Monotonic seconds, for the allreduce latencies of the metrics. */
+static double svc__clock(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
-static void svc__comm_destroy(sbn_comm_t *c) {
-  (void)c;
-}
-static const sbn_comm_vtable_t svc__comm_vt = {svc__comm_allreduce, NULL, NULL,
-                                               NULL, svc__comm_destroy};
-
-/* One syncbatchnorm forward or backward waiting for the other ranks. */
-typedef struct svc__pend_s {
-  uint64_t name, step; /* the key: layer name hash, step, direction */
-  uint32_t dir;        /* 0 forward, 1 backward */
-  uint64_t fp;         /* the layer's parameter fingerprint */
-  svc__layer_t *l;
-  svc__step_t *s;
-  void *token; /* NULL once the connection is gone */
-  int sent;    /* part of the fused allreduce in flight */
-  int listed;  /* in the ready list of the allgather in flight */
-  double t0;
-  svc_request_t q; /* id; forward: weight, bias; backward: dy */
-  float *y, *dx, *dw, *db;
-  void *ws;
-  size_t ws_bytes;
-  sbn_rec_t *recs; /* channels records */
-  struct svc__pend_s *next;
-} svc__pend_t;
-
-#define SVC__MAXE 64
-#define SVC__POISON 1024
-
-typedef struct svc__gent_s {
-  uint64_t name, step, fp;
-  uint32_t dir, C;
-  double age;
-} svc__gent_t;
-
-typedef struct svc__gmsg_s {
-  uint32_t n, pad;
-  svc__gent_t e[SVC__MAXE];
-} svc__gmsg_t;
-
-typedef struct svc__key_s {
-  uint64_t name, step;
-  uint32_t dir;
-} svc__key_t;
-
-struct svc_worker_s {
-  svc_worker_config_t cfg;
-  svc__comm_t comm;
-  svc__layer_t **layers;
-  uint32_t nlayers;
-  uint64_t saved_bytes;
-  /* syncbatchnorm coordination */
-  int sync_on;
-  svc_sync_ops_t ops;
-  double stall_timeout;
-  svc_deliver_fn deliver;
-  void *deliver_ctx;
-  double now;
-  svc__pend_t *pend; /* oldest first */
-  int phase;         /* 0 idle, 1 gathering, 2 reducing */
-  svc__gmsg_t gsend;
-  svc__gmsg_t *grecv;
-  sbn_rec_t *rbuf;
-  svc__pend_t **rlist;
-  size_t rlist_n;
-  svc__key_t poison[SVC__POISON];
-  size_t npoison, poison_next;
-  uint64_t n_allreduces, n_fused;
-};
-
-static void svc__pend_free(svc__pend_t *p);
 
 void svc_worker_config_default(svc_worker_config_t *cfg) {
   memset(cfg, 0, sizeof *cfg);
@@ -197,10 +90,14 @@ void svc_worker_destroy(svc_worker_t *w) {
   while (w->pend != NULL) {
     svc__pend_t *p = w->pend;
     w->pend = p->next;
+    if (p->batch != NULL)
+      p->batch->token = NULL;
+    svc__pend_deliver(w, p, NULL, 0);
     svc__pend_free(p);
   }
   free(w->grecv);
   free(w->rlist);
+  free(w->roff);
   free(w->rbuf);
   for (uint32_t i = 0; i < w->nlayers; i++)
     svc__layer_free(w, w->layers[i]);
@@ -214,7 +111,7 @@ uint64_t svc_worker_saved_bytes(const svc_worker_t *w) {
 
 /* Library failures as protocol codes: anything about the data's shape is
  * the client's; memory is a resource; the rest is ours. */
-static svc_code_t svc__lib_code(int rc) {
+svc_code_t svc__lib_code(int rc) {
   switch (rc) {
     case SBN_ESHAPE:
     case SBN_EINVAL:
@@ -229,7 +126,7 @@ static svc_code_t svc__lib_code(int rc) {
   }
 }
 
-static float *svc__floats(size_t n) {
+float *svc__floats(size_t n) {
   size_t bytes = n * sizeof(float);
   if (n == 0)
     return NULL;
@@ -297,6 +194,11 @@ static int svc__register(svc_worker_t *w, const svc_request_t *q,
       return svc_fail(err, SVC_RESOURCE, "reply: out of memory");
     return 0;
   }
+  if (r->kind == SVC_KIND_SYNCBATCHNORM &&
+      r->group_size > (uint64_t)w->cfg.size)
+    return svc_fail(err, SVC_BAD_PARAMS,
+                    "group_size: %llu exceeds the job's %d ranks",
+                    (unsigned long long)r->group_size, w->cfg.size);
   if (w->nlayers >= w->cfg.max_layers)
     return svc_fail(err, SVC_RESOURCE, "register: the worker holds %u layers",
                     w->cfg.max_layers);
@@ -379,7 +281,7 @@ fail:
   return -1;
 }
 
-static svc__layer_t *svc__layer(svc_worker_t *w, uint64_t id, svc_err_t *err) {
+svc__layer_t *svc__layer(svc_worker_t *w, uint64_t id, svc_err_t *err) {
   if (id >= w->nlayers) {
     svc_fail(err, SVC_UNKNOWN_LAYER, "layer: no layer %llu",
              (unsigned long long)id);
@@ -429,7 +331,7 @@ static int svc__check_wb(const svc__layer_t *l, const svc_tensor_t *t,
 /* ------------------------------------------------------------------ */
 /* syncbatchnorm: keys, poison, pending entries. */
 
-static uint64_t svc__hash_name(const char *name) {
+uint64_t svc__hash_name(const char *name) {
   uint64_t h = 1469598103934665603ull;
   for (const unsigned char *c = (const unsigned char *)name; *c; c++) {
     h ^= *c;
@@ -466,28 +368,36 @@ static uint64_t svc__fingerprint(const svc__layer_t *l) {
   return h;
 }
 
+/* Ranks per sync group of a layer (group_size 0 means the whole job). */
+static uint32_t svc__gsize(const svc_worker_t *w, const svc__layer_t *l) {
+  if (l->group_size == 0 || l->group_size >= (uint64_t)w->cfg.size)
+    return (uint32_t)w->cfg.size;
+  return (uint32_t)l->group_size;
+}
+
 static int svc__poisoned(const svc_worker_t *w, uint64_t name, uint64_t step,
-                         uint32_t dir) {
+                         uint32_t dir, uint32_t grp) {
   size_t n = w->npoison < SVC__POISON ? w->npoison : SVC__POISON;
   for (size_t i = 0; i < n; i++)
     if (w->poison[i].name == name && w->poison[i].step == step &&
-        w->poison[i].dir == dir)
+        w->poison[i].dir == dir && w->poison[i].grp == grp)
       return 1;
   return 0;
 }
 
 static void svc__poison(svc_worker_t *w, uint64_t name, uint64_t step,
-                        uint32_t dir) {
-  if (svc__poisoned(w, name, step, dir))
+                        uint32_t dir, uint32_t grp) {
+  if (svc__poisoned(w, name, step, dir, grp))
     return;
   w->poison[w->poison_next].name = name;
   w->poison[w->poison_next].step = step;
   w->poison[w->poison_next].dir = dir;
+  w->poison[w->poison_next].grp = grp;
   w->poison_next = (w->poison_next + 1) % SVC__POISON;
   w->npoison++;
 }
 
-static void svc__pend_free(svc__pend_t *p) {
+void svc__pend_free(svc__pend_t *p) {
   if (p == NULL)
     return;
   svc_request_free(&p->q);
@@ -497,6 +407,7 @@ static void svc__pend_free(svc__pend_t *p) {
   free(p->db);
   free(p->ws);
   free(p->recs);
+  free(p->ctx);
   free(p);
 }
 
@@ -512,30 +423,83 @@ static void svc__pend_unlink(svc_worker_t *w, svc__pend_t *p) {
 /* An entry that will not complete: a forward's step is dropped (it never
  * ran here), a backward's forward state stays for another try. */
 static void svc__pend_abandon(svc_worker_t *w, svc__pend_t *p) {
+  if (p->s == NULL)
+    return;
   p->s->busy = 0;
-  if (p->dir == 0) {
+  if (p->dir == SVC__DIR_FORWARD) {
     p->s->done = 1;
     svc__step_release(w, p->s);
   }
 }
 
-static void svc__pend_reply_error(svc_worker_t *w, svc__pend_t *p,
-                                  svc_code_t code, const char *msg) {
-  uint8_t *buf = NULL;
-  size_t len = 0;
-  if (p->token == NULL || w->deliver == NULL)
-    return;
-  if (svc_encode_error(&p->q.id, code, msg, &buf, &len) != 0)
-    return;
-  w->deliver(w->deliver_ctx, p->token, buf, len);
+static void svc__batch_free(svc__batch_t *b) {
+  for (size_t i = 0; i < b->n; i++)
+    free(b->reply[i]);
+  free(b->reply);
+  free(b->len);
+  free(b);
 }
 
-static void svc__pend_add(svc_worker_t *w, svc__pend_t *p) {
+/* Fills slot i of a batch; the last one sends the batch's reply (or, when
+ * the connection is gone, just frees it). */
+static void svc__batch_fill(svc_worker_t *w, svc__batch_t *b, size_t i,
+                            uint8_t *buf, size_t len) {
+  uint8_t *out = NULL;
+  size_t out_len = 0;
+  b->reply[i] = buf;
+  b->len[i] = len;
+  if (--b->left > 0)
+    return;
+  if (b->token != NULL && w->deliver != NULL) {
+    /* A sub-reply lost to memory becomes an error element, so the batch
+     * reply still has one element per request. */
+    for (size_t k = 0; k < b->n; k++)
+      if (b->reply[k] == NULL)
+        svc_encode_error(NULL, SVC_RESOURCE, "reply: out of memory",
+                         &b->reply[k], &b->len[k]);
+    if (svc_encode_batch(&b->id, b->reply, b->len, b->n, &out, &out_len) != 0)
+      svc_encode_error(&b->id, SVC_RESOURCE, "batch: out of memory", &out,
+                       &out_len);
+    if (out != NULL)
+      w->deliver(w->deliver_ctx, b->token, out, out_len);
+  }
+  svc__batch_free(b);
+}
+
+void svc__pend_deliver(svc_worker_t *w, svc__pend_t *p, uint8_t *buf,
+                       size_t len) {
+  if (p->batch != NULL) {
+    svc__batch_t *b = p->batch;
+    p->batch = NULL;
+    svc__batch_fill(w, b, p->slot, buf, len);
+    return;
+  }
+  if (buf == NULL)
+    return;
+  if (p->token != NULL && w->deliver != NULL)
+    w->deliver(w->deliver_ctx, p->token, buf, len);
+  else
+    free(buf);
+}
+
+void svc__pend_reply_error(svc_worker_t *w, svc__pend_t *p, svc_code_t code,
+                           const char *msg) {
+  uint8_t *buf = NULL;
+  size_t len = 0;
+  w->m.errors[code]++;
+  svc_encode_error(&p->q.id, code, msg, &buf, &len);
+  svc__pend_deliver(w, p, buf, len);
+}
+
+void svc__pend_add(svc_worker_t *w, svc__pend_t *p) {
   svc__pend_t **pp = &w->pend;
   while (*pp != NULL)
     pp = &(*pp)->next;
   p->next = NULL;
+  p->batch = w->cur_batch;
+  p->slot = w->cur_slot;
   *pp = p;
+  w->last_added = p;
 }
 
 static void svc__fargs(const svc__layer_t *l, svc__step_t *s,
@@ -573,49 +537,84 @@ static void svc__bargs(svc__step_t *s, const svc__pend_t *p,
   a->saved_bytes = s->saved_bytes;
 }
 
-/* Whether a training request on l goes through the cross-rank path, or
- * fails (NOT_YET, STALL) before anything is allocated. */
+static const char *svc__dir_name(uint32_t dir) {
+  switch (dir) {
+    case SVC__DIR_FORWARD:
+      return "forward";
+    case SVC__DIR_BACKWARD:
+      return "backward";
+    case SVC__DIR_STATS:
+      return "stats";
+    case SVC__DIR_STATS_BACKWARD:
+      return "stats_backward";
+    default:
+      return "checkpoint";
+  }
+}
+
+/* Whether a cross-rank request on l may go on: the transport is there and
+ * its (layer, step, direction) did not stall before in this rank's group.
+ * Fails before anything is allocated. */
 static int svc__sync_check(svc_worker_t *w, const svc__layer_t *l,
                            uint64_t step, uint32_t dir, svc_err_t *err) {
+  uint32_t g = svc__gsize(w, l);
   if (!w->sync_on)
     return svc_fail(err, SVC_NOT_YET,
                     "%s: syncbatchnorm in training needs the cross-rank "
                     "reduction, which this worker does not serve (eval "
                     "works)",
-                    dir == 0 ? "forward" : "backward");
-  if (l->group_size != 0 && l->group_size != (uint64_t)w->cfg.size)
-    return svc_fail(err, SVC_NOT_YET,
-                    "group_size: sync groups smaller than the job (%llu of "
-                    "%d ranks) are not served yet",
-                    (unsigned long long)l->group_size, w->cfg.size);
-  if (svc__poisoned(w, svc__hash_name(l->name), step, dir))
+                    svc__dir_name(dir));
+  if (svc__poisoned(w, svc__hash_name(l->name), step, dir,
+                    (uint32_t)w->cfg.rank / g))
     return svc_fail(err, SVC_STALL,
                     "step: layer '%s' step %llu %s stalled earlier and is "
                     "poisoned",
-                    l->name, (unsigned long long)step,
-                    dir == 0 ? "forward" : "backward");
+                    l->name, (unsigned long long)step, svc__dir_name(dir));
   return 0;
 }
 
-static svc__pend_t *svc__pend_new(svc_worker_t *w, svc__layer_t *l,
-                                  uint64_t step, uint32_t dir, void *token) {
+svc__pend_t *svc__pend_alloc(svc_worker_t *w, uint64_t name, uint64_t step,
+                             uint32_t dir, size_t nrec, void *token) {
   svc__pend_t *p = calloc(1, sizeof *p);
   if (p == NULL)
     return NULL;
-  p->recs =
-      calloc(l->params.channels > 0 ? l->params.channels : 1, sizeof *p->recs);
+  p->recs = calloc(nrec > 0 ? nrec : 1, sizeof *p->recs);
   if (p->recs == NULL) {
     free(p);
     return NULL;
   }
-  p->name = svc__hash_name(l->name);
+  p->name = name;
   p->step = step;
   p->dir = dir;
-  p->fp = svc__fingerprint(l);
-  p->l = l;
+  p->nrec = nrec;
+  p->gsize = (uint32_t)w->cfg.size;
+  p->grp = 0;
   p->token = token;
   p->t0 = w->now;
   return p;
+}
+
+static svc__pend_t *svc__pend_new(svc_worker_t *w, svc__layer_t *l,
+                                  uint64_t step, uint32_t dir, void *token) {
+  svc__pend_t *p = svc__pend_alloc(w, svc__hash_name(l->name), step, dir,
+                                   l->params.channels, token);
+  if (p == NULL)
+    return NULL;
+  p->fp = svc__fingerprint(l);
+  p->l = l;
+  p->gsize = svc__gsize(w, l);
+  p->grp = (uint32_t)w->cfg.rank / p->gsize;
+  return p;
+}
+
+/* Whether this rank already has an entry queued under this key (a second
+ * one would be counted as another rank's). */
+static int svc__pend_queued(const svc_worker_t *w, uint64_t name,
+                            uint64_t step, uint32_t dir) {
+  for (const svc__pend_t *p = w->pend; p != NULL; p = p->next)
+    if (p->name == name && p->step == step && p->dir == dir)
+      return 1;
+  return 0;
 }
 
 static int svc__forward(svc_worker_t *w, svc_request_t *q, void *token,
@@ -883,6 +882,279 @@ fail:
   return -1;
 }
 
+/* stats and stats_backward: the reduction of a client's own per-channel
+ * statistics (a client that computes its batch locally, e.g. on a GPU).
+ * stats carries (count, mean, M2) per channel, reduced with the same
+ * merge as a forward's records; stats_backward carries (sum dy,
+ * sum dy * xhat), summed as a backward's. */
+static int svc__stats(svc_worker_t *w, svc_request_t *q, void *token,
+                      int *deferred, uint8_t **reply, size_t *reply_len,
+                      svc_err_t *err) {
+  svc__layer_t *l = svc__layer(w, q->layer, err);
+  int fwd = q->op == SVC_OP_STATS;
+  uint32_t dir = fwd ? SVC__DIR_STATS : SVC__DIR_STATS_BACKWARD;
+  const char *op = fwd ? "stats" : "stats_backward";
+  svc__pend_t *p;
+  size_t C;
+  (void)reply;
+  (void)reply_len;
+  if (l == NULL)
+    return -1;
+  if (l->kind != SVC_KIND_SYNCBATCHNORM)
+    return svc_fail(err, SVC_SHAPE,
+                    "layer: %s needs a syncbatchnorm layer, '%s' is %s", op,
+                    l->name, svc_kind_name(l->kind));
+  C = l->params.channels;
+  if (fwd && !(q->count.scalar || q->count.n == C))
+    return svc_fail(err, SVC_SHAPE, "count: %zu values for %zu channels",
+                    q->count.n, C);
+  if (q->mean.n != C || q->m2.n != C)
+    return svc_fail(err, SVC_SHAPE, "%s: %zu values for %zu channels",
+                    q->mean.n != C ? (fwd ? "mean" : "sum_dy")
+                                   : (fwd ? "m2" : "sum_dy_xhat"),
+                    q->mean.n != C ? q->mean.n : q->m2.n, C);
+  for (size_t c = 0; c < C; c++) {
+    double n = fwd ? q->count.v[q->count.scalar ? 0 : c] : 0;
+    if (!isfinite(q->mean.v[c]) || !isfinite(q->m2.v[c]) || !isfinite(n) ||
+        n < 0 || (fwd && q->m2.v[c] < 0) ||
+        (fwd && n == 0 && (q->mean.v[c] != 0 || q->m2.v[c] != 0)))
+      return svc_fail(err, SVC_BAD_PARAMS,
+                      "%s: channel %zu is not finite, negative, or nonzero "
+                      "with a zero count",
+                      fwd ? "count/mean/m2" : "sum_dy/sum_dy_xhat", c);
+  }
+  if (svc__sync_check(w, l, q->step, dir, err) != 0)
+    return -1;
+  if (svc__pend_queued(w, svc__hash_name(l->name), q->step, dir))
+    return svc_fail(err, SVC_DUPLICATE_STEP,
+                    "step: layer '%s' step %llu %s is already waiting", l->name,
+                    (unsigned long long)q->step, op);
+  if ((p = svc__pend_new(w, l, q->step, dir, token)) == NULL)
+    return svc_fail(err, SVC_RESOURCE, "%s: out of memory", op);
+  for (size_t c = 0; c < C; c++) {
+    p->recs[c].tag = fwd ? SBN_REC_MOMENTS : SBN_REC_SUM;
+    p->recs[c].v[0] = fwd ? q->count.v[q->count.scalar ? 0 : c] : q->mean.v[c];
+    p->recs[c].v[1] = fwd ? q->mean.v[c] : q->m2.v[c];
+    p->recs[c].v[2] = fwd ? q->m2.v[c] : 0;
+  }
+  p->q.id = q->id;
+  svc__pend_add(w, p);
+  *deferred = 1;
+  return 0;
+}
+
+/* Completes a stats entry from the reduced records: the global count,
+ * mean and variances, and the running statistics moved exactly as a
+ * training forward moves them (PyTorch's update, unbiased variance). */
+static void svc__stats_done(svc_worker_t *w, svc__pend_t *p,
+                            const sbn_rec_t *recs) {
+  svc__layer_t *l = p->l;
+  size_t C = l->params.channels;
+  double *out = malloc((5 * C + 1) * sizeof *out);
+  double *n = out, *mean = out + C, *var = out + 2 * C, *uvar = out + 3 * C,
+         *istd = out + 4 * C;
+  uint8_t *buf = NULL;
+  size_t len = 0;
+  svc_reply_t r;
+  int small = 0, any = 0;
+  if (out == NULL) {
+    svc__pend_reply_error(w, p, SVC_RESOURCE, "stats: out of memory");
+    return;
+  }
+  for (size_t c = 0; c < C; c++) {
+    n[c] = recs[c].v[0];
+    mean[c] = recs[c].v[1];
+    var[c] = n[c] > 0 ? recs[c].v[2] / n[c] : 0;
+    uvar[c] = n[c] > 1 ? recs[c].v[2] / (n[c] - 1) : 0;
+    istd[c] = 1.0 / sqrt(var[c] + l->params.eps);
+    small |= n[c] == 1;
+    any |= n[c] > 0;
+  }
+  if (small) {
+    /* Every rank of the group reduced the same counts, so they all refuse
+     * together, as a forward would. */
+    svc__pend_reply_error(w, p, SVC_SMALL_BATCH,
+                          "count: expected more than 1 value per channel in "
+                          "the global batch (a channel has 1)");
+    free(out);
+    return;
+  }
+  if (l->tracking && any) {
+    double f = l->params.momentum;
+    if (l->params.cumulative)
+      f = 1.0 / ((double)l->state.num_batches_tracked + 1.0);
+    for (size_t c = 0; c < C; c++) {
+      if (n[c] == 0)
+        continue;
+      l->running_mean[c] =
+          (float)((1 - f) * l->running_mean[c] + f * mean[c]);
+      l->running_var[c] = (float)((1 - f) * l->running_var[c] + f * uvar[c]);
+    }
+    l->state.num_batches_tracked++;
+  }
+  svc_reply_begin(&r, &p->q.id, 5, 5 * C * sizeof(double));
+  svc_reply_key(&r, "count");
+  r.rc |= svc_pack_vec64(r.pk, n, C);
+  svc_reply_key(&r, "mean");
+  r.rc |= svc_pack_vec64(r.pk, mean, C);
+  svc_reply_key(&r, "var");
+  r.rc |= svc_pack_vec64(r.pk, var, C);
+  svc_reply_key(&r, "var_unbiased");
+  r.rc |= svc_pack_vec64(r.pk, uvar, C);
+  svc_reply_key(&r, "invstd");
+  r.rc |= svc_pack_vec64(r.pk, istd, C);
+  free(out);
+  if (svc_reply_end(&r, &buf, &len) != 0) {
+    svc__pend_reply_error(w, p, SVC_RESOURCE, "stats: out of memory");
+    return;
+  }
+  svc__pend_deliver(w, p, buf, len);
+}
+
+static void svc__stats_backward_done(svc_worker_t *w, svc__pend_t *p,
+                                     const sbn_rec_t *recs) {
+  size_t C = p->l->params.channels;
+  double *out = malloc((2 * C + 1) * sizeof *out);
+  uint8_t *buf = NULL;
+  size_t len = 0;
+  svc_reply_t r;
+  if (out == NULL) {
+    svc__pend_reply_error(w, p, SVC_RESOURCE, "stats_backward: out of memory");
+    return;
+  }
+  for (size_t c = 0; c < C; c++) {
+    out[c] = recs[c].v[0];
+    out[C + c] = recs[c].v[1];
+  }
+  svc_reply_begin(&r, &p->q.id, 2, 2 * C * sizeof(double));
+  svc_reply_key(&r, "sum_dy");
+  r.rc |= svc_pack_vec64(r.pk, out, C);
+  svc_reply_key(&r, "sum_dy_xhat");
+  r.rc |= svc_pack_vec64(r.pk, out + C, C);
+  free(out);
+  if (svc_reply_end(&r, &buf, &len) != 0) {
+    svc__pend_reply_error(w, p, SVC_RESOURCE, "stats_backward: out of memory");
+    return;
+  }
+  svc__pend_deliver(w, p, buf, len);
+}
+
+static int svc__run(svc_worker_t *w, svc_request_t *q, void *token,
+                    svc__batch_t *b, size_t slot, int *deferred,
+                    uint8_t **reply, size_t *reply_len, int *close_after,
+                    svc_err_t *err);
+
+/* A batch: its sub-requests run one after another, exactly as if each had
+ * come in its own frame, but every cross-rank entry among them is queued
+ * before the next agreement round, so they are negotiated together and,
+ * being ready on every rank at once, reduced in one fused allreduce in
+ * key order: the fusion does not depend on timing. The reply lists the
+ * sub-replies in request order, errors included. */
+static int svc__batch(svc_worker_t *w, svc_request_t *q, void *token,
+                      int *deferred, uint8_t **reply, size_t *reply_len,
+                      svc_err_t *err) {
+  svc__batch_t *b = calloc(1, sizeof *b);
+  if (b == NULL || (b->reply = calloc(q->nsub, sizeof *b->reply)) == NULL ||
+      (b->len = calloc(q->nsub, sizeof *b->len)) == NULL) {
+    if (b != NULL)
+      svc__batch_free(b);
+    return svc_fail(err, SVC_RESOURCE, "batch: out of memory");
+  }
+  b->id = q->id;
+  b->token = token;
+  b->n = q->nsub;
+  /* One extra count keeps the batch alive while its sub-requests run,
+   * even when a deferred one completes before the loop ends. */
+  b->left = q->nsub + 1;
+  for (size_t i = 0; i < q->nsub; i++) {
+    uint8_t *sub = NULL;
+    size_t sub_len = 0;
+    int sub_deferred = 0, sub_close = 0;
+    svc_err_t sub_err;
+    memset(&sub_err, 0, sizeof sub_err);
+    if (svc__run(w, &q->sub[i], token, b, i, &sub_deferred, &sub, &sub_len,
+                 &sub_close, &sub_err) != 0) {
+      w->m.errors[sub_err.code]++;
+      svc_encode_error(&q->sub[i].id, sub_err.code, sub_err.msg, &sub,
+                       &sub_len);
+    }
+    if (!sub_deferred)
+      svc__batch_fill(w, b, i, sub, sub_len);
+  }
+  if (b->left > 1) {
+    /* The last deferred sub-reply sends the batch through deliver. */
+    b->left--;
+    *deferred = 1;
+    return 0;
+  }
+  /* Everything was answered at once: the reply goes back directly. */
+  b->left = 1;
+  b->token = NULL;
+  {
+    int rc = svc_encode_batch(&b->id, b->reply, b->len, b->n, reply, reply_len);
+    b->left = 0;
+    svc__batch_free(b);
+    if (rc != 0)
+      return svc_fail(err, SVC_RESOURCE, "batch: out of memory");
+  }
+  return 0;
+}
+
+/* Runs one decoded request. A batch's sub-requests come through here too
+ * (with b set), so that each behaves exactly as it would on its own. */
+static int svc__run(svc_worker_t *w, svc_request_t *q, void *token,
+                    svc__batch_t *b, size_t slot, int *deferred,
+                    uint8_t **reply, size_t *reply_len, int *close_after,
+                    svc_err_t *err) {
+  int rc = -1;
+  w->cur_batch = b;
+  w->cur_slot = slot;
+  if (q->op <= SVC_OP_METRICS)
+    w->m.requests[q->op]++;
+  switch (q->op) {
+    case SVC_OP_HELLO:
+      rc = svc__hello(w, q, reply, reply_len, err);
+      break;
+    case SVC_OP_REGISTER:
+      rc = svc__register(w, q, reply, reply_len, err);
+      break;
+    case SVC_OP_FORWARD:
+      rc = svc__forward(w, q, token, deferred, reply, reply_len, err);
+      break;
+    case SVC_OP_BACKWARD:
+      rc = svc__backward(w, q, token, deferred, reply, reply_len, err);
+      break;
+    case SVC_OP_STATS:
+    case SVC_OP_STATS_BACKWARD:
+      rc = svc__stats(w, q, token, deferred, reply, reply_len, err);
+      break;
+    case SVC_OP_BATCH:
+      rc = svc__batch(w, q, token, deferred, reply, reply_len, err);
+      break;
+    case SVC_OP_GET_STATE:
+      rc = svc__get_state(w, q, reply, reply_len, err);
+      break;
+    case SVC_OP_SET_STATE:
+      rc = svc__set_state(w, q, reply, reply_len, err);
+      break;
+    case SVC_OP_METRICS:
+      rc = svc__metrics(w, q, reply, reply_len, err);
+      break;
+    case SVC_OP_CHECKPOINT_SAVE:
+    case SVC_OP_CHECKPOINT_LOAD:
+      rc = svc__checkpoint(w, q, token, deferred, reply, reply_len, err);
+      break;
+    case SVC_OP_BYE:
+      rc = svc_encode_bye(&q->id, reply, reply_len);
+      if (rc != 0)
+        svc_fail(err, SVC_RESOURCE, "reply: out of memory");
+      *close_after = 1;
+      break;
+  }
+  w->cur_batch = NULL;
+  return rc;
+}
+
 int svc_worker_handle_async(svc_worker_t *w, const uint8_t *body, size_t len,
                             void *token, uint8_t **reply, size_t *reply_len,
                             int *close_after, int *deferred) {
@@ -895,30 +1167,13 @@ int svc_worker_handle_async(svc_worker_t *w, const uint8_t *body, size_t len,
   *deferred = 0;
   memset(&err, 0, sizeof err);
   if (svc_decode_request(body, len, &w->cfg.limits, &q, &err) == 0) {
-    switch (q.op) {
-      case SVC_OP_HELLO:
-        rc = svc__hello(w, &q, reply, reply_len, &err);
-        break;
-      case SVC_OP_REGISTER:
-        rc = svc__register(w, &q, reply, reply_len, &err);
-        break;
-      case SVC_OP_FORWARD:
-        rc = svc__forward(w, &q, token, deferred, reply, reply_len, &err);
-        break;
-      case SVC_OP_BACKWARD:
-        rc = svc__backward(w, &q, token, deferred, reply, reply_len, &err);
-        break;
-      case SVC_OP_BYE:
-        rc = svc_encode_bye(&q.id, reply, reply_len);
-        if (rc != 0)
-          svc_fail(&err, SVC_RESOURCE, "reply: out of memory");
-        *close_after = 1;
-        break;
-    }
+    rc = svc__run(w, &q, token, NULL, 0, deferred, reply, reply_len,
+                  close_after, &err);
     svc_request_free(&q);
   }
   if (rc == 0)
     return 0;
+  w->m.errors[err.code < SVC_CODE_COUNT ? err.code : SVC_INTERNAL]++;
   if (svc_code_fatal(err.code))
     *close_after = 1;
   return svc_encode_error(&q.id, err.code, err.msg, reply, reply_len);
@@ -946,8 +1201,38 @@ void svc_worker_set_sync(svc_worker_t *w, const svc_sync_ops_t *ops,
 
 void svc_worker_sync_counters(const svc_worker_t *w, uint64_t *allreduces,
                               uint64_t *entries) {
-  *allreduces = w->n_allreduces;
-  *entries = w->n_fused;
+  *allreduces = w->m.allreduces;
+  *entries = w->m.entries_fused;
+}
+
+void svc_worker_note_io(svc_worker_t *w, uint64_t frames_in, uint64_t bytes_in,
+                        uint64_t frames_out, uint64_t bytes_out) {
+  w->m.frames_in += frames_in;
+  w->m.bytes_in += bytes_in;
+  w->m.frames_out += frames_out;
+  w->m.bytes_out += bytes_out;
+}
+
+void svc_worker_note_refusal(svc_worker_t *w, svc_code_t code) {
+  if (code > SVC_OK && code < SVC_CODE_COUNT)
+    w->m.errors[code]++;
+  if (code == SVC_UNAUTHORIZED)
+    w->m.auth_failures++;
+}
+
+void svc_worker_note_connection(svc_worker_t *w) {
+  w->m.connections++;
+}
+
+int svc_worker_set_state_dir(svc_worker_t *w, const char *dir) {
+  size_t n = strlen(dir);
+  while (n > 1 && dir[n - 1] == '/')
+    n--;
+  if (n == 0 || n >= sizeof w->state_dir)
+    return -1;
+  memcpy(w->state_dir, dir, n);
+  w->state_dir[n] = '\0';
+  return 0;
 }
 
 void svc_worker_cancel(svc_worker_t *w, void *token) {
@@ -959,6 +1244,8 @@ void svc_worker_cancel(svc_worker_t *w, void *token) {
     if (p->token != token)
       continue;
     p->token = NULL;
+    if (p->batch != NULL)
+      p->batch->token = NULL;
     /* An entry already in the fused allreduce still completes (its records
      * are in flight and the running statistics must move on every rank);
      * one not yet negotiated is withdrawn, so this rank contributes
@@ -966,6 +1253,7 @@ void svc_worker_cancel(svc_worker_t *w, void *token) {
     if (!p->sent && !p->listed) {
       svc__pend_unlink(w, p);
       svc__pend_abandon(w, p);
+      svc__pend_deliver(w, p, NULL, 0);
       svc__pend_free(p);
     }
   }
@@ -982,6 +1270,17 @@ static int svc__key_cmp(const void *a, const void *b) {
   return 0;
 }
 
+/* Key order, then the sync group. */
+static int svc__gkey_cmp(const void *a, const void *b) {
+  const svc__gent_t *x = a, *y = b;
+  int c = svc__key_cmp(a, b);
+  if (c != 0)
+    return c;
+  if (x->grp != y->grp)
+    return x->grp < y->grp ? -1 : 1;
+  return 0;
+}
+
 static int svc__gather_begin(svc_worker_t *w) {
   uint32_t n = 0;
   memset(&w->gsend, 0, sizeof w->gsend);
@@ -990,8 +1289,10 @@ static int svc__gather_begin(svc_worker_t *w) {
     e->name = p->name;
     e->step = p->step;
     e->dir = p->dir;
-    e->C = (uint32_t)p->l->params.channels;
+    e->C = (uint32_t)p->nrec;
     e->fp = p->fp;
+    e->gsize = p->gsize;
+    e->grp = p->grp;
     e->age = w->now - p->t0;
     p->listed = 1;
   }
@@ -999,6 +1300,7 @@ static int svc__gather_begin(svc_worker_t *w) {
   if (w->ops.gather_begin(w->ops.ctx, &w->gsend, w->grecv, sizeof w->gsend) !=
       0)
     return -1;
+  w->m.gathers++;
   w->phase = 1;
   return 0;
 }
@@ -1011,16 +1313,23 @@ static svc__pend_t *svc__pend_find(svc_worker_t *w, const svc__gent_t *k) {
   return NULL;
 }
 
-/* Fails a local entry (and the key on this rank) with code and message. */
-static void svc__fail_key(svc_worker_t *w, const svc__gent_t *k,
-                          svc_code_t code, const char *fmt_missing) {
+/* Fails this rank's entry under key k, if it belongs to group k->grp (or
+ * to any group with any_grp), and poisons the key for that group. */
+static void svc__fail_key(svc_worker_t *w, const svc__gent_t *k, int any_grp,
+                          svc_code_t code, const char *what) {
   svc__pend_t *p;
-  svc__poison(w, k->name, k->step, k->dir);
-  while ((p = svc__pend_find(w, k)) != NULL) {
+  if (!any_grp)
+    svc__poison(w, k->name, k->step, k->dir, k->grp);
+  while ((p = svc__pend_find(w, k)) != NULL &&
+         (any_grp || p->grp == k->grp)) {
     char msg[512];
-    snprintf(msg, sizeof msg, "layer '%s' step %llu %s: %s", p->l->name,
-             (unsigned long long)k->step, k->dir == 0 ? "forward" : "backward",
-             fmt_missing);
+    if (any_grp)
+      svc__poison(w, k->name, k->step, k->dir, p->grp);
+    if (p->l != NULL)
+      snprintf(msg, sizeof msg, "layer '%s' step %llu %s: %s", p->l->name,
+               (unsigned long long)k->step, svc__dir_name(k->dir), what);
+    else
+      snprintf(msg, sizeof msg, "%s: %s", svc__dir_name(k->dir), what);
     svc__pend_unlink(w, p);
     svc__pend_reply_error(w, p, code, msg);
     svc__pend_abandon(w, p);
@@ -1029,12 +1338,16 @@ static void svc__fail_key(svc_worker_t *w, const svc__gent_t *k,
 }
 
 /* Every rank runs this on the same gathered bytes, so every rank reaches
- * the same decisions: which keys are ready (fused in key order), which
- * stalled, which disagree. */
+ * the same decisions: which (key, group) pairs are ready, which stalled,
+ * which disagree, and where each ready pair's records sit in the fused
+ * allreduce. A pair's slot holds the records of its group's ranks; every
+ * other rank contributes identity records there (a count of 0, or zero
+ * sums), so one allreduce over the job serves every group at once. */
 static int svc__gather_done(svc_worker_t *w) {
   int size = w->cfg.size;
   size_t cap = (size_t)size * SVC__MAXE, nu = 0, nrec = 0, nready = 0;
   svc__gent_t *u = malloc((cap > 0 ? cap : 1) * sizeof *u);
+  svc__gent_t *rd = NULL; /* the ready (key, group) pairs in order */
   int rc = 0;
   if (u == NULL)
     return -1;
@@ -1043,56 +1356,77 @@ static int svc__gather_done(svc_worker_t *w) {
     for (uint32_t i = 0; i < m->n && i < SVC__MAXE; i++)
       u[nu++] = m->e[i];
   }
-  qsort(u, nu, sizeof *u, svc__key_cmp);
+  qsort(u, nu, sizeof *u, svc__gkey_cmp);
   w->rlist_n = 0;
+  if ((rd = malloc((nu > 0 ? nu : 1) * sizeof *rd)) == NULL) {
+    free(u);
+    return -1;
+  }
   for (size_t i = 0; i < nu;) {
-    size_t j = i;
-    int present = 0, agree = 1;
-    double age = 0;
-    char missing[120];
-    size_t ml = 0;
+    size_t j = i, g0;
+    int agree = 1;
+    /* The run of one key over all groups must agree everywhere. */
     while (j < nu && svc__key_cmp(&u[i], &u[j]) == 0) {
-      if (u[j].fp != u[i].fp || u[j].C != u[i].C)
+      if (u[j].fp != u[i].fp || u[j].C != u[i].C || u[j].gsize != u[i].gsize)
         agree = 0;
-      if (u[j].age > age)
-        age = u[j].age;
-      present++;
       j++;
     }
     if (!agree) {
-      svc__fail_key(w, &u[i], SVC_LAYER_MISMATCH,
+      w->m.mismatches++;
+      svc__fail_key(w, &u[i], 1, SVC_LAYER_MISMATCH,
                     "the ranks registered this layer with different "
                     "parameters (kind, channels, eps, momentum, affine or "
-                    "group size)");
-    } else if (present == size) {
-      svc__pend_t *p = svc__pend_find(w, &u[i]);
-      if (p != NULL) {
-        p->sent = 1;
-        w->rlist[w->rlist_n++] = p;
-        nrec += u[i].C;
+                    "group size), or hold different layers");
+      i = j;
+      continue;
+    }
+    for (g0 = i; g0 < j;) {
+      size_t g1 = g0;
+      uint32_t gs = u[g0].gsize, grp = u[g0].grp;
+      int lo = (int)(grp * gs);
+      int need = size - lo < (int)gs ? size - lo : (int)gs;
+      double age = 0;
+      while (g1 < j && u[g1].grp == grp) {
+        if (u[g1].age > age)
+          age = u[g1].age;
+        g1++;
+      }
+      if ((int)(g1 - g0) == need) {
+        rd[nready] = u[g0];
+        if ((uint32_t)w->cfg.rank / gs == grp) {
+          svc__pend_t *p = svc__pend_find(w, &u[g0]);
+          if (p == NULL) {
+            rc = -1; /* every rank of the group listed it */
+          } else {
+            p->sent = 1;
+            w->roff[w->rlist_n] = nrec;
+            w->rlist[w->rlist_n++] = p;
+          }
+        }
+        nrec += u[g0].C;
         nready++;
-      } else {
-        rc = -1; /* every rank listed it, so this one must hold it */
+      } else if (age > w->stall_timeout) {
+        /* Name the ranks of the group that did not list the key. */
+        char missing[160];
+        size_t ml = (size_t)snprintf(missing, sizeof missing, "ranks");
+        for (int r = lo; r < lo + need && ml < sizeof missing - 16; r++) {
+          const svc__gmsg_t *m = &w->grecv[r];
+          int has = 0;
+          for (uint32_t e = 0; e < m->n && e < SVC__MAXE; e++)
+            if (svc__key_cmp(&m->e[e], &u[g0]) == 0)
+              has = 1;
+          if (!has)
+            ml += (size_t)snprintf(missing + ml, sizeof missing - ml, " %d", r);
+        }
+        snprintf(missing + ml, sizeof missing - ml,
+                 " did not submit it within %g s", w->stall_timeout);
+        w->m.stalls++;
+        svc__fail_key(w, &u[g0], 0, SVC_STALL, missing);
       }
-    } else if (age > w->stall_timeout) {
-      /* Name the ranks that did not list the key. */
-      ml = (size_t)snprintf(missing, sizeof missing, "ranks");
-      for (int r = 0; r < size && ml < sizeof missing - 16; r++) {
-        const svc__gmsg_t *m = &w->grecv[r];
-        int has = 0;
-        for (uint32_t e = 0; e < m->n && e < SVC__MAXE; e++)
-          if (svc__key_cmp(&m->e[e], &u[i]) == 0)
-            has = 1;
-        if (!has)
-          ml += (size_t)snprintf(missing + ml, sizeof missing - ml, " %d", r);
-      }
-      snprintf(missing + ml, sizeof missing - ml,
-               " did not submit it within %g s", w->stall_timeout);
-      svc__fail_key(w, &u[i], SVC_STALL, missing);
+      g0 = g1;
     }
     i = j;
   }
-  free(u);
   /* Entries whose connection went while they were listed are withdrawn
    * now, unless they are being reduced. */
   for (svc__pend_t *p = w->pend, *next; p != NULL; p = next) {
@@ -1101,6 +1435,7 @@ static int svc__gather_done(svc_worker_t *w) {
     if (p->token == NULL && !p->sent) {
       svc__pend_unlink(w, p);
       svc__pend_abandon(w, p);
+      svc__pend_deliver(w, p, NULL, 0);
       svc__pend_free(p);
     }
   }
@@ -1108,32 +1443,55 @@ static int svc__gather_done(svc_worker_t *w) {
    * just poisoned fail too. */
   for (svc__pend_t *p = w->pend, *next; p != NULL; p = next) {
     next = p->next;
-    if (!p->sent && svc__poisoned(w, p->name, p->step, p->dir)) {
+    if (!p->sent && svc__poisoned(w, p->name, p->step, p->dir, p->grp)) {
       svc__gent_t k;
+      memset(&k, 0, sizeof k);
       k.name = p->name;
       k.step = p->step;
       k.dir = p->dir;
-      svc__fail_key(w, &k, SVC_STALL, "stalled on another rank");
+      k.grp = p->grp;
+      svc__fail_key(w, &k, 0, SVC_STALL, "stalled on another rank");
     }
   }
   if (rc != 0 || nready == 0) {
+    free(u);
+    free(rd);
     w->phase = 0;
     return rc;
   }
   free(w->rbuf);
-  w->rbuf = malloc(nrec * sizeof *w->rbuf);
-  if (w->rbuf == NULL)
+  w->rbuf = calloc(nrec > 0 ? nrec : 1, sizeof *w->rbuf);
+  free(u);
+  if (w->rbuf == NULL) {
+    free(rd);
     return -1;
-  nrec = 0;
-  for (size_t i = 0; i < w->rlist_n; i++) {
-    size_t C = w->rlist[i]->l->params.channels;
-    memcpy(w->rbuf + nrec, w->rlist[i]->recs, C * sizeof *w->rbuf);
-    nrec += C;
   }
+  /* Identity records everywhere, with the tag of each slot's kind. */
+  nrec = 0;
+  for (size_t i = 0; i < nready; i++) {
+    double tag =
+        (rd[i].dir == SVC__DIR_FORWARD || rd[i].dir == SVC__DIR_STATS)
+            ? SBN_REC_MOMENTS
+            : SBN_REC_SUM;
+    for (uint32_t c = 0; c < rd[i].C; c++)
+      w->rbuf[nrec + c].tag = tag;
+    nrec += rd[i].C;
+  }
+  free(rd);
+  for (size_t i = 0; i < w->rlist_n; i++)
+    memcpy(w->rbuf + w->roff[i], w->rlist[i]->recs,
+           w->rlist[i]->nrec * sizeof *w->rbuf);
   if (w->ops.reduce_begin(w->ops.ctx, w->rbuf, nrec) != 0)
     return -1;
-  w->n_allreduces++;
-  w->n_fused += nready;
+  {
+    int b = 0;
+    while (b < SVC__FUSE_BUCKETS - 1 && ((size_t)1 << b) < nready)
+      b++;
+    w->m.fuse_hist[b]++;
+  }
+  w->m.allreduces++;
+  w->m.entries_fused += nready;
+  w->m.reduce_t0 = svc__clock();
   w->phase = 2;
   return 0;
 }
@@ -1145,8 +1503,20 @@ static void svc__complete(svc_worker_t *w, svc__pend_t *p,
   uint8_t *buf = NULL;
   size_t len = 0;
   int rc;
+  if (p->done != NULL) {
+    p->done(w, p, recs);
+    return;
+  }
+  if (p->dir == SVC__DIR_STATS) {
+    svc__stats_done(w, p, recs);
+    return;
+  }
+  if (p->dir == SVC__DIR_STATS_BACKWARD) {
+    svc__stats_backward_done(w, p, recs);
+    return;
+  }
   s->busy = 0;
-  if (p->dir == 0) {
+  if (p->dir == SVC__DIR_FORWARD) {
     sbn_forward_args_t a;
     svc__fargs(l, s, p, &a);
     rc = sbn_bn_forward_finish(l->layer, &a, recs);
@@ -1174,22 +1544,17 @@ static void svc__complete(svc_worker_t *w, svc__pend_t *p,
       svc__step_release(w, s);
     }
   }
-  if (buf != NULL) {
-    if (p->token != NULL && w->deliver != NULL)
-      w->deliver(w->deliver_ctx, p->token, buf, len);
-    else
-      free(buf);
-  }
+  svc__pend_deliver(w, p, buf, len);
   svc__prune(w, l);
 }
 
 static void svc__reduce_done(svc_worker_t *w) {
-  size_t off = 0;
+  w->m.lat[w->m.nlat % SVC__LAT_RING] = svc__clock() - w->m.reduce_t0;
+  w->m.nlat++;
   for (size_t i = 0; i < w->rlist_n; i++) {
     svc__pend_t *p = w->rlist[i];
-    svc__complete(w, p, w->rbuf + off);
-    off += p->l->params.channels;
     svc__pend_unlink(w, p);
+    svc__complete(w, p, w->rbuf + w->roff[i]);
     svc__pend_free(p);
   }
   w->rlist_n = 0;
@@ -1204,7 +1569,8 @@ int svc_worker_poll(svc_worker_t *w, double now) {
   if (w->grecv == NULL) {
     w->grecv = calloc((size_t)w->cfg.size, sizeof *w->grecv);
     w->rlist = calloc((size_t)w->cfg.size * SVC__MAXE, sizeof *w->rlist);
-    if (w->grecv == NULL || w->rlist == NULL)
+    w->roff = calloc((size_t)w->cfg.size * SVC__MAXE, sizeof *w->roff);
+    if (w->grecv == NULL || w->rlist == NULL || w->roff == NULL)
       return -1;
   }
   if (w->phase == 1) {

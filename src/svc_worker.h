@@ -104,6 +104,19 @@ int svc_worker_poll(svc_worker_t *w, double now);
 void svc_worker_sync_counters(const svc_worker_t *w, uint64_t *allreduces,
                               uint64_t *entries);
 
+/* Events only the server sees, for the metrics reply: frames and bytes
+ * read and written (headers included), an error the server sends itself
+ * (a refused frame, a timeout, too many clients, a foreign uid, a failed
+ * TCP authentication), and an accepted connection. */
+void svc_worker_note_io(svc_worker_t *w, uint64_t frames_in, uint64_t bytes_in,
+                        uint64_t frames_out, uint64_t bytes_out);
+void svc_worker_note_refusal(svc_worker_t *w, svc_code_t code);
+void svc_worker_note_connection(svc_worker_t *w);
+
+/* Directory of checkpoint files (checkpoint_save/checkpoint_load); they
+ * are refused until it is set. Returns 0, or -1 when it is too long. */
+int svc_worker_set_state_dir(svc_worker_t *w, const char *dir);
+
 /* Bytes of forward state currently kept (for tests and metrics). */
 uint64_t svc_worker_saved_bytes(const svc_worker_t *w);
 
