@@ -59,6 +59,7 @@
   XX(SMALL_BATCH, 0, "too few values to compute statistics")                  \
   XX(NOT_YET, 0, "not implemented yet in this version of the worker")         \
   XX(STALL, 0, "not every rank submitted this sync entry in time")            \
+  XX(CHECKPOINT, 0, "checkpoint file unreadable, corrupt or not matching")    \
   XX(RESOURCE, 0, "a worker resource limit or memory is exhausted")           \
   XX(TOO_MANY_CLIENTS, 1, "the worker serves its maximum number of clients")  \
   XX(FORBIDDEN, 1, "connection from another user")                            \

@@ -183,6 +183,7 @@ struct svc_worker_s {
   svc__pend_t *last_added;
   /* checkpoints: where files live (absolute, no trailing slash) */
   char state_dir[4096];
+  uint64_t ckpt_seq; /* checkpoint requests queued so far (their step) */
 };
 
 

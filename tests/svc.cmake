@@ -53,3 +53,27 @@ if(TARGET syncbn_client AND TARGET syncbnd AND MPIEXEC_EXECUTABLE
       LABELS "mpi;svc" ENVIRONMENT "${svc_env}")
   endforeach()
 endif()
+
+# The worker's get_state, set_state and metrics requests (no sockets).
+add_executable(svc_ops_check ${CMAKE_CURRENT_LIST_DIR}/svc_ops_check.c)
+target_link_libraries(svc_ops_check PRIVATE syncbn_svc syncbn
+  PkgConfig::CMOCKA PkgConfig::MSGPACK m)
+add_test(NAME svc_ops_check COMMAND svc_ops_check)
+set_tests_properties(svc_ops_check PROPERTIES TIMEOUT 60 LABELS "unit;svc")
+
+# Batches, fusion, the stats path, sync groups, mismatches and checkpoints
+# across workers (tests/svc_sync2.py, Debian's python with msgpack+numpy).
+if(TARGET syncbnd AND MPIEXEC_EXECUTABLE AND EXISTS /usr/bin/python3)
+  set(svc_env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1)
+  if(DEFINED SBN_MPI_RUN_ENV)
+    set(svc_env ${SBN_MPI_RUN_ENV})
+  endif()
+  foreach(np 2 3)
+    add_test(NAME svc_sync2_np${np}
+      COMMAND /usr/bin/python3 ${CMAKE_CURRENT_LIST_DIR}/svc_sync2.py
+        --np ${np} --mpirun ${MPIEXEC_EXECUTABLE}
+        --syncbnd $<TARGET_FILE:syncbnd>)
+    set_tests_properties(svc_sync2_np${np} PROPERTIES TIMEOUT 180
+      LABELS "mpi;svc;python" SKIP_RETURN_CODE 77 ENVIRONMENT "${svc_env}")
+  endforeach()
+endif()

@@ -50,13 +50,25 @@ def encode_tensor(a, layout="nchw"):
 
 
 def decode_tensor(t):
-    """Returns the array in memory order (channels last for nhwc)."""
-    if t.get("dtype") != "f32":
+    """Returns the array in memory order (channels last for nhwc); f64
+    tensors (the stats replies) come back as float64."""
+    dt = {"f32": "<f4", "f64": "<f8"}.get(t.get("dtype"))
+    if dt is None:
         raise SyncbnError("BAD_TENSOR", "reply tensor dtype %r" % t.get("dtype"))
     shape = [int(d) for d in t["shape"]]
     if t.get("layout", "nchw") == "nhwc":
         shape = [shape[0]] + shape[2:] + [shape[1]]
-    return np.frombuffer(t["data"], dtype="<f4").reshape(shape).copy()
+    return np.frombuffer(t["data"], dtype=dt).reshape(shape).copy()
+
+
+def encode_vec64(v):
+    """A 1-D float64 tensor (stats and stats_backward inputs)."""
+    v = np.ascontiguousarray(np.ravel(v), dtype="<f8")
+    return {"dtype": "f64", "shape": [int(v.size)], "data": v.tobytes()}
+
+
+def decode_vec64(t):
+    return decode_tensor(t)
 
 
 class SyncbnClient:
@@ -111,6 +123,93 @@ class SyncbnClient:
         dw = decode_tensor(r["dweight"]) if "dweight" in r else None
         db = decode_tensor(r["dbias"]) if "dbias" in r else None
         return decode_tensor(r["dx"]), dw, db
+
+    # State, metrics, batches and checkpoints. get_state returns the keys
+    # the worker sent: kind, running_mean/running_var (absent without
+    # running statistics), weight/bias (absent when not affine) as float32
+    # arrays, num_batches_tracked as an int. set_state sends only the keys
+    # given (tensors in the shapes get_state returns).
+    _STATE_TENSORS = ("running_mean", "running_var", "weight", "bias")
+
+    def get_state(self, layer):
+        r = self.call("get_state", layer=layer)
+        out = {k: decode_tensor(r[k]) for k in self._STATE_TENSORS if k in r}
+        if "kind" in r:
+            out["kind"] = r["kind"]
+        if "num_batches_tracked" in r:
+            out["num_batches_tracked"] = int(r["num_batches_tracked"])
+        return out
+
+    def set_state(self, layer, **state):
+        keys = {"layer": layer}
+        for k, v in state.items():
+            if k in self._STATE_TENSORS:
+                # The worker wants the parameter's shape (normalized_shape
+                # for LayerNorm), as get_state returns it.
+                keys[k] = encode_tensor(v)
+            elif k == "num_batches_tracked":
+                keys[k] = int(v)
+            else:
+                raise TypeError("set_state: unknown key %r" % k)
+        self.call("set_state", **keys)
+
+    def metrics(self):
+        """The worker's counters, as the dict it sent (without the id)."""
+        r = self.call("metrics")
+        r.pop("id", None)
+        return r
+
+    def forward_request(self, layer, step, train, x, weight=None, bias=None,
+                        layout="nchw"):
+        """A forward sub-request for batch()."""
+        keys = {"op": "forward", "layer": layer, "step": step,
+                "train": bool(train), "x": encode_tensor(x, layout)}
+        if weight is not None:
+            keys["weight"] = encode_tensor(np.ravel(weight))
+            keys["bias"] = encode_tensor(np.ravel(bias))
+        return keys
+
+    def backward_request(self, layer, step, dy, layout="nchw"):
+        """A backward sub-request for batch()."""
+        return {"op": "backward", "layer": layer, "step": step,
+                "dy": encode_tensor(dy, layout)}
+
+    def batch(self, subs):
+        """Sends sub-requests (forward_request/backward_request maps) as one
+        `batch` request. Returns one item per sub-request, in order: a dict
+        with the decoded tensors (y; dx, dweight, dbias) or a SyncbnError
+        (a failed sub-request does not fail the others)."""
+        reqs = []
+        for s in subs:
+            reqs.append(dict(s, id=self.next_id))
+            self.next_id += 1
+        r = self.call("batch", requests=reqs)
+        replies = r.get("replies")
+        if not isinstance(replies, list) or len(replies) != len(reqs):
+            raise SyncbnError("INTERNAL", "batch: %d replies for %d requests"
+                              % (len(replies or []), len(reqs)))
+        out = []
+        for q, a in zip(reqs, replies):
+            if "error" in a:
+                out.append(SyncbnError(a["error"].get("code"),
+                                       a["error"].get("message")))
+            elif a.get("id") != q["id"]:
+                raise SyncbnError("INTERNAL", "batch: reply id %r for %d"
+                                  % (a.get("id"), q["id"]))
+            else:
+                out.append({k: decode_tensor(v) for k, v in a.items()
+                            if isinstance(v, dict) and "dtype" in v})
+        return out
+
+    def checkpoint_save(self, name):
+        """Collective: every rank's client must send it. Returns the reply
+        ({name, layers, saved})."""
+        return self.call("checkpoint_save", name=name)
+
+    def checkpoint_load(self, name):
+        """Collective: every rank's client must send it. Returns the reply
+        ({name, layers, loaded})."""
+        return self.call("checkpoint_load", name=name)
 
     def bye(self):
         try:

@@ -1,11 +1,14 @@
 /* syncbnd: one normalization worker per MPI rank, serving local clients
- * over a Unix socket (protocol: mpi/service/PROTOCOL.md).
+ * over a Unix socket and, with --tcp, token-authenticated clients over TCP
+ * (protocol: mpi/service/PROTOCOL.md).
  *
  * main() only parses flags and wires the pieces: MPI start-up (rank, size,
  * an agreed default socket directory), the worker (src/svc_worker.c) and
  * the libuv server (src/svc_server.c). MPI is used only before the loop
  * starts; the loop never blocks inside MPI. */
+#define _GNU_SOURCE /* explicit_bzero */
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <mpi.h>
 #include <signal.h>
@@ -123,9 +126,37 @@ static void usage(FILE *f) {
           "4096)\n"
           "  --cycle-us US        period of the cross-rank agreement for\n"
           "                       syncbatchnorm (default 1000)\n"
+          "  --state-dir DIR      directory of checkpoint files "
+          "(checkpoint_save/load);\n"
+          "                       created with mode 0700 if missing, checked "
+          "like\n"
+          "                       --socket-dir (default: the socket "
+          "directory + \"-state\")\n"
           "  --stall-timeout S    fail a syncbatchnorm entry that not every "
           "rank\n"
           "                       submitted within S seconds (default 60)\n"
+          "  --tcp HOST:PORT      also listen on TCP: rank r on port PORT+r "
+          "(PORT 0:\n"
+          "                       any free port) of HOST, an IPv4 or IPv6 "
+          "literal\n"
+          "                       ([::1]:PORT) or a name; each rank then "
+          "prints\n"
+          "                       'syncbnd: rank R listening on tcp "
+          "HOST:PORT'.\n"
+          "                       The first request on a TCP connection must "
+          "be a\n"
+          "                       hello with the token. Traffic is not "
+          "encrypted: bind\n"
+          "                       a loopback address (and tunnel) unless the "
+          "network\n"
+          "                       is trusted\n"
+          "  --token-file FILE    the TCP token (required with --tcp): a "
+          "regular file\n"
+          "                       of 1 to 1024 bytes (one trailing newline "
+          "is\n"
+          "                       dropped) that group and others cannot "
+          "access\n"
+          "                       (chmod 600); read once at start-up\n"
           "  --help               this text\n");
 }
 
@@ -164,8 +195,107 @@ bad:
   return -1;
 }
 
+/* Splits HOST:PORT (or [HOST]:PORT for an IPv6 literal; a bare IPv6
+ * literal splits at its last colon). */
+static int parse_hostport(const char *s, char *host, size_t hostlen,
+                          uint64_t *port) {
+  const char *colon, *h = s;
+  size_t n;
+  if (s[0] == '[') {
+    const char *close = strchr(s, ']');
+    if (close == NULL || close[1] != ':')
+      goto bad;
+    h = s + 1;
+    n = (size_t)(close - h);
+    colon = close + 1;
+  } else {
+    colon = strrchr(s, ':');
+    if (colon == NULL)
+      goto bad;
+    n = (size_t)(colon - s);
+  }
+  if (n == 0 || n >= hostlen)
+    goto bad;
+  memcpy(host, h, n);
+  host[n] = '\0';
+  return parse_u64("--tcp port", colon + 1, 65535, port);
+bad:
+  fprintf(stderr,
+          "syncbnd: --tcp: expected HOST:PORT or [IPV6]:PORT, got '%s'\n", s);
+  return -1;
+}
+
+/* Reads the TCP token once. The file must be a regular file closed to
+ * group and others (anyone who can read it can use the workers), of 1 to
+ * SVC_TOKEN_MAX bytes after one trailing newline is dropped. Returns 0 or
+ * -1 after a message naming the file. */
+static int read_token(const char *path, uint8_t *tok, size_t *len) {
+  struct stat st;
+  uint8_t buf[SVC_TOKEN_MAX + 2];
+  size_t have = 0;
+  int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+  if (fd < 0) {
+    fprintf(stderr, "syncbnd: token file %s: %s\n", path, strerror(errno));
+    return -1;
+  }
+  /* The checks are made on the open file, so the file cannot be swapped
+   * between them and the read. */
+  if (fstat(fd, &st) != 0) {
+    fprintf(stderr, "syncbnd: token file %s: %s\n", path, strerror(errno));
+    goto fail;
+  }
+  if (!S_ISREG(st.st_mode)) {
+    fprintf(stderr, "syncbnd: token file %s: not a regular file\n", path);
+    goto fail;
+  }
+  if ((st.st_mode & 077) != 0) {
+    fprintf(stderr,
+            "syncbnd: token file %s: mode %03o lets group or others access "
+            "it; refusing it (chmod 600)\n",
+            path, (unsigned)(st.st_mode & 0777));
+    goto fail;
+  }
+  while (have < sizeof buf) {
+    ssize_t r = read(fd, buf + have, sizeof buf - have);
+    if (r < 0 && errno == EINTR)
+      continue;
+    if (r < 0) {
+      fprintf(stderr, "syncbnd: token file %s: %s\n", path, strerror(errno));
+      goto fail;
+    }
+    if (r == 0)
+      break;
+    have += (size_t)r;
+  }
+  if (have > 0 && buf[have - 1] == '\n')
+    have--;
+  if (have == 0) {
+    fprintf(stderr, "syncbnd: token file %s: empty\n", path);
+    goto fail;
+  }
+  if (have > SVC_TOKEN_MAX) {
+    fprintf(stderr, "syncbnd: token file %s: longer than %d bytes\n", path,
+            SVC_TOKEN_MAX);
+    goto fail;
+  }
+  memcpy(tok, buf, have);
+  *len = have;
+  explicit_bzero(buf, sizeof buf);
+  close(fd);
+  return 0;
+fail:
+  explicit_bzero(buf, sizeof buf);
+  close(fd);
+  return -1;
+}
+
 typedef struct opts_s {
   const char *socket_dir;
+  const char *state_dir; /* --state-dir; default: the socket dir + "-state" */
+  const char *tcp;        /* --tcp as given */
+  const char *token_file; /* --token-file */
+  char tcp_host[256];     /* --tcp split, brackets removed */
+  uint64_t tcp_port;
   uint64_t cycle_us;
   double stall_timeout;
   svc_worker_config_t wc;
@@ -175,6 +305,10 @@ typedef struct opts_s {
 static int parse_args(int argc, char **argv, opts_t *o) {
   svc_worker_config_default(&o->wc);
   o->socket_dir = NULL;
+  o->tcp = NULL;
+  o->token_file = NULL;
+  o->tcp_host[0] = '\0';
+  o->tcp_port = 0;
   o->cycle_us = 1000;
   o->stall_timeout = 60;
   for (int i = 1; i < argc; i++) {
@@ -226,6 +360,14 @@ static int parse_args(int argc, char **argv, opts_t *o) {
       if (parse_u64(a, v, 10000000, &u) != 0 || u == 0)
         return 2;
       o->cycle_us = u;
+    } else if (strcmp(a, "--tcp") == 0) {
+      o->tcp = v;
+      if (parse_hostport(v, o->tcp_host, sizeof o->tcp_host, &o->tcp_port) != 0)
+        return 2;
+    } else if (strcmp(a, "--token-file") == 0) {
+      o->token_file = v;
+    } else if (strcmp(a, "--state-dir") == 0) {
+      o->state_dir = v;
     } else if (strcmp(a, "--stall-timeout") == 0) {
       if (parse_seconds(a, v, &o->stall_timeout) != 0)
         return 2;
@@ -242,6 +384,16 @@ static int parse_args(int argc, char **argv, opts_t *o) {
       return 2;
     }
   }
+  if (o->tcp != NULL && o->token_file == NULL) {
+    fprintf(stderr,
+            "syncbnd: --tcp requires --token-file (TCP clients must "
+            "authenticate with a token)\n");
+    return 2;
+  }
+  if (o->tcp == NULL && o->token_file != NULL) {
+    fprintf(stderr, "syncbnd: --token-file is only used with --tcp\n");
+    return 2;
+  }
   return 0;
 }
 
@@ -249,16 +401,22 @@ int main(int argc, char **argv) {
   opts_t o;
   int rank = 0, size = 1, rc, status = 1, sig = 0;
   long job = 0;
-  char dir[PATH_MAX], path[PATH_MAX], msg[512];
+  char dir[PATH_MAX], path[PATH_MAX], state[PATH_MAX], msg[512];
   svc_worker_t *worker = NULL;
   svc_server_t *server = NULL;
   svc_server_config_t sc;
   sync_mpi_t sm;
   int rec_held = 0;
+  uint8_t token[SVC_TOKEN_MAX];
+  size_t token_len = 0;
 
   rc = parse_args(argc, argv, &o);
   if (rc != 0)
     return rc == 1 ? 0 : 2;
+  /* Before MPI starts, so that a bad token file ends the job with a usage
+   * error rather than an abort. */
+  if (o.token_file != NULL && read_token(o.token_file, token, &token_len) != 0)
+    return 2;
   /* Sockets and the directory must never be reachable by others,
    * whatever umask the job was started with. A client that vanishes
    * mid-write must not kill the worker. */
@@ -298,6 +456,22 @@ int main(int argc, char **argv) {
     fprintf(stderr, "syncbnd: rank %d: cannot create the worker\n", rank);
     goto done;
   }
+  /* Checkpoints live in their own private directory, by default next to
+   * the sockets, so that a restarted job given the same --socket-dir finds
+   * them again. */
+  if (o.state_dir != NULL)
+    rc = snprintf(state, sizeof state, "%s", o.state_dir);
+  else
+    rc = snprintf(state, sizeof state, "%s-state", dir);
+  if (rc < 0 || (size_t)rc >= sizeof state ||
+      svc_worker_set_state_dir(worker, state) != 0) {
+    fprintf(stderr, "syncbnd: rank %d: state directory path too long\n", rank);
+    goto done;
+  }
+  if (svc_socket_dir_prepare(state, msg, sizeof msg) != 0) {
+    fprintf(stderr, "syncbnd: rank %d: --state-dir: %s\n", rank, msg);
+    goto done;
+  }
   memset(&sc, 0, sizeof sc);
   sc.socket_path = path;
   sc.max_clients = o.wc.max_clients;
@@ -305,7 +479,25 @@ int main(int argc, char **argv) {
   sc.idle_timeout = o.wc.idle_timeout;
   sc.frame_timeout = o.wc.frame_timeout;
   sc.limits = o.wc.limits;
-  if (svc_server_create(&sc, worker, &server, msg, sizeof msg) != 0) {
+  if (o.tcp != NULL) {
+    /* Rank r listens on PORT + r, so that the ranks of one host do not
+     * collide; PORT 0 lets each rank take any free port. */
+    if (o.tcp_port != 0 && o.tcp_port + (uint64_t)rank > 65535) {
+      fprintf(stderr,
+              "syncbnd: rank %d: --tcp %s: port %llu + rank %d is above "
+              "65535; choose a lower PORT\n",
+              rank, o.tcp, (unsigned long long)o.tcp_port, rank);
+      goto done;
+    }
+    sc.tcp_host = o.tcp_host;
+    sc.tcp_port = (uint16_t)(o.tcp_port != 0 ? o.tcp_port + (uint64_t)rank : 0);
+    sc.token = token;
+    sc.token_len = token_len;
+  }
+  rc = svc_server_create(&sc, worker, &server, msg, sizeof msg);
+  /* The server keeps its own copy. */
+  explicit_bzero(token, sizeof token);
+  if (rc != 0) {
     fprintf(stderr, "syncbnd: rank %d: %s\n", rank, msg);
     goto done;
   }
@@ -328,6 +520,23 @@ int main(int argc, char **argv) {
     goto done;
   }
   printf("syncbnd: rank %d ready on %s\n", rank, path);
+  {
+    int port, loopback;
+    if (svc_server_tcp_info(server, &port, &loopback) == 0) {
+      const char *l = strchr(o.tcp_host, ':') != NULL ? "[" : "";
+      const char *r = l[0] != '\0' ? "]" : "";
+      printf("syncbnd: rank %d listening on tcp %s%s%s:%d\n", rank, l,
+             o.tcp_host, r, port);
+      if (!loopback)
+        fprintf(stderr,
+                "syncbnd: rank %d: WARNING: tcp %s%s%s:%d is not a loopback "
+                "address. Tensors and the token travel unencrypted, and "
+                "anyone who can reach this port can try tokens; bind "
+                "127.0.0.1 and tunnel (ssh -L) unless the network is "
+                "trusted.\n",
+                rank, l, o.tcp_host, r, port);
+    }
+  }
   fflush(stdout);
   sig = svc_server_run(server);
   if (sig != 0)
