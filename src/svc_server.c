@@ -1,8 +1,11 @@
 /* The syncbnd server (see svc_server.h). */
-#define _GNU_SOURCE /* struct ucred for SO_PEERCRED */
+#define _GNU_SOURCE /* struct ucred for SO_PEERCRED, explicit_bzero */
 #include "svc_server.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
+#include <netdb.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -22,6 +25,12 @@ struct svc_server_s {
   int loop_ok;
   uv_pipe_t listener;
   int listening;
+  uv_tcp_t tcp_listener;
+  int tcp_listening;
+  int tcp_port;                 /* bound port */
+  int tcp_loopback;             /* the bound address is a loopback one */
+  uint8_t token[SVC_TOKEN_MAX]; /* zero past token_len */
+  size_t token_len;
   uv_signal_t sigint, sigterm;
   int signals;
   svc_server_config_t cfg;
@@ -42,7 +51,14 @@ struct svc_server_s {
 };
 
 struct svc__conn_s {
-  uv_pipe_t pipe; /* first: the handle's address is the connection's */
+  /* First: the handle's address is the connection's. A Unix connection
+   * uses pipe, a TCP one tcp; both are streams. */
+  union {
+    uv_handle_t handle;
+    uv_stream_t stream;
+    uv_pipe_t pipe;
+    uv_tcp_t tcp;
+  } h;
   uv_timer_t timer;
   svc_server_t *srv;
   svc__conn_t *prev, *next;
@@ -50,6 +66,8 @@ struct svc__conn_s {
   int closing;     /* uv_close called */
   int close_after; /* close once the queued writes are done */
   int in_frame;    /* some bytes of a frame have arrived */
+  int tcp;         /* accepted on the TCP listener */
+  int authed;      /* a Unix connection, or a TCP one past its hello */
   uint8_t hdr[SVC_HEADER_BYTES];
   size_t hdr_have;
   uint8_t *body;
@@ -140,7 +158,7 @@ static void svc__conn_close(svc__conn_t *c) {
   c->pending = 0;
   /* Pending writes are cancelled by uv_close and their callbacks free
    * their buffers before the close callbacks free the connection. */
-  uv_close((uv_handle_t *)&c->pipe, svc__conn_closed);
+  uv_close(&c->h.handle, svc__conn_closed);
   uv_close((uv_handle_t *)&c->timer, svc__conn_closed);
 }
 
@@ -174,32 +192,105 @@ static void svc__send(svc__conn_t *c, uint8_t *buf, size_t len) {
   }
   w->buf = buf;
   b = uv_buf_init((char *)buf, (unsigned)len);
-  if (uv_write(&w->req, (uv_stream_t *)&c->pipe, &b, 1, svc__on_write) != 0) {
+  if (uv_write(&w->req, &c->h.stream, &b, 1, svc__on_write) != 0) {
     free(buf);
     free(w);
     svc__conn_close(c);
     return;
   }
   c->writes++;
-  if (uv_stream_get_write_queue_size((uv_stream_t *)&c->pipe) >
-      c->srv->cfg.max_output)
+  svc_worker_note_io(c->srv->worker, 0, 0, 1, len);
+  if (uv_stream_get_write_queue_size(&c->h.stream) > c->srv->cfg.max_output) {
+    svc_worker_note_refusal(c->srv->worker, SVC_RESOURCE);
     svc__conn_close(c);
+  }
 }
 
-/* Replies with a connection-level error and closes after it. */
-static void svc__fail_conn(svc__conn_t *c, svc_code_t code, const char *m) {
+/* Replies with a connection-level error that the server itself decided
+ * (echoing id when not NULL) and closes after it. */
+static void svc__fail_conn_id(svc__conn_t *c, const svc_id_t *id,
+                              svc_code_t code, const char *m) {
   uint8_t *buf;
   size_t len;
   c->close_after = 1;
-  uv_read_stop((uv_stream_t *)&c->pipe);
+  uv_read_stop(&c->h.stream);
   uv_timer_stop(&c->timer);
-  if (svc_encode_error(NULL, code, m, &buf, &len) != 0) {
+  svc_worker_note_refusal(c->srv->worker, code);
+  if (svc_encode_error(id, code, m, &buf, &len) != 0) {
     svc__conn_close(c);
     return;
   }
   svc__send(c, buf, len);
   if (!c->closing && c->writes == 0)
     svc__conn_close(c);
+}
+
+static void svc__fail_conn(svc__conn_t *c, svc_code_t code, const char *m) {
+  svc__fail_conn_id(c, NULL, code, m);
+}
+
+/* 1 if the offered token equals the server's. Both sit zero-padded in
+ * SVC_TOKEN_MAX-byte buffers and every byte is compared, with the
+ * differences OR-ed together, so that the time taken says nothing about
+ * where the first difference is or how long the right token is. */
+static int svc__token_equal(const svc_server_t *s, const uint8_t *tok,
+                            size_t len) {
+  uint8_t offered[SVC_TOKEN_MAX];
+  volatile uint8_t diff = 0;
+  size_t i;
+  memset(offered, 0, sizeof offered);
+  if (len > SVC_TOKEN_MAX)
+    return 0;
+  memcpy(offered, tok, len);
+  for (i = 0; i < SVC_TOKEN_MAX; i++)
+    diff |= (uint8_t)(offered[i] ^ s->token[i]);
+  diff |= (uint8_t)((len ^ s->token_len) != 0);
+  explicit_bzero(offered, sizeof offered);
+  return diff == 0;
+}
+
+/* The first frame of a TCP connection must be a hello with the token.
+ * Returns 0 when it is (the connection is then authenticated and the hello
+ * goes on to the worker), else replies UNAUTHORIZED and returns -1. The
+ * reply says which rule failed but nothing about the token itself. */
+static int svc__authenticate(svc__conn_t *c, const uint8_t *body, size_t len) {
+  svc_server_t *s = c->srv;
+  svc_request_t *req;
+  svc_err_t err;
+  const char *why = NULL;
+  svc_id_t id;
+  /* A request holds a token buffer; it goes on the heap rather than on
+   * the loop's stack. */
+  req = malloc(sizeof *req);
+  if (req == NULL) {
+    svc__fail_conn(c, SVC_RESOURCE, "connection: out of memory");
+    return -1;
+  }
+  if (svc_decode_request(body, len, &s->cfg.limits, req, &err) != 0) {
+    id = req->id;
+    why =
+        "authentication: the first request on a TCP connection must be a "
+        "well-formed hello with the token";
+  } else {
+    id = req->id;
+    if (req->op != SVC_OP_HELLO)
+      why =
+          "authentication: the first request on a TCP connection must be "
+          "hello with the token";
+    else if (!req->has_token)
+      why = "authentication: hello without a token (TCP requires one)";
+    else if (!svc__token_equal(s, req->token, req->token_len))
+      why = "authentication: wrong token";
+    explicit_bzero(req->token, sizeof req->token);
+    svc_request_free(req);
+  }
+  free(req);
+  if (why != NULL) {
+    svc__fail_conn_id(c, &id, SVC_UNAUTHORIZED, why);
+    return -1;
+  }
+  c->authed = 1;
+  return 0;
 }
 
 static void svc__on_timer(uv_timer_t *t) {
@@ -218,14 +309,20 @@ static void svc__arm(svc__conn_t *c, double seconds) {
 static void svc__frame_done(svc__conn_t *c) {
   uint8_t *reply = NULL;
   size_t len = 0;
-  int close_after = 0, deferred = 0;
-  int rc = svc_worker_handle_async(c->srv->worker, c->body, c->body_len, c,
-                                   &reply, &len, &close_after, &deferred);
+  int close_after = 0, deferred = 0, rc;
+  svc_worker_note_io(c->srv->worker, 1, 0, 0, 0);
+  if (!c->authed && svc__authenticate(c, c->body, c->body_len) != 0)
+    rc = 1;
+  else
+    rc = svc_worker_handle_async(c->srv->worker, c->body, c->body_len, c,
+                                 &reply, &len, &close_after, &deferred);
   free(c->body);
   c->body = NULL;
   c->body_len = c->body_have = 0;
   c->hdr_have = 0;
   c->in_frame = 0;
+  if (rc > 0)
+    return; /* refused and closing */
   if (rc != 0) {
     svc__conn_close(c);
     return;
@@ -240,7 +337,7 @@ static void svc__frame_done(svc__conn_t *c) {
   }
   if (close_after) {
     c->close_after = 1;
-    uv_read_stop((uv_stream_t *)&c->pipe);
+    uv_read_stop(&c->h.stream);
     uv_timer_stop(&c->timer);
   } else {
     svc__arm(c, c->srv->cfg.idle_timeout);
@@ -269,6 +366,7 @@ static void svc__on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf) {
     return;
   }
   n = (size_t)nread;
+  svc_worker_note_io(c->srv->worker, 0, n, 0, 0);
   svc__feed(c, p, n);
 }
 
@@ -290,7 +388,7 @@ static void svc__feed(svc__conn_t *c, const uint8_t *p, size_t n) {
       c->stash_len += n;
       if (c->stash_len >
           (size_t)c->srv->cfg.limits.max_frame + SVC_HEADER_BYTES)
-        uv_read_stop((uv_stream_t *)&c->pipe);
+        uv_read_stop(&c->h.stream);
       return;
     }
     if (!c->in_frame) {
@@ -311,6 +409,15 @@ static void svc__feed(svc__conn_t *c, const uint8_t *p, size_t n) {
       /* The length is checked before a single body byte is buffered. */
       if (svc_frame_len(c->hdr, &c->srv->cfg.limits, &c->body_len, &err) != 0) {
         svc__fail_conn(c, err.code, err.msg);
+        return;
+      }
+      if (!c->authed && c->body_len > SVC_PREAUTH_FRAME_MAX) {
+        char m[128];
+        snprintf(m, sizeof m,
+                 "frame: %u bytes before authentication; at most %d until "
+                 "a hello with the token",
+                 (unsigned)c->body_len, SVC_PREAUTH_FRAME_MAX);
+        svc__fail_conn(c, SVC_FRAME_TOO_LARGE, m);
         return;
       }
       c->body = malloc(c->body_len);
@@ -357,7 +464,7 @@ void svc_server_deliver(void *ctx, void *token, uint8_t *reply, size_t len) {
   }
   if (!c->closing && !c->close_after) {
     /* Reading was stopped only if the stash filled up. */
-    int rc = uv_read_start((uv_stream_t *)&c->pipe, svc__alloc, svc__on_read);
+    int rc = uv_read_start(&c->h.stream, svc__alloc, svc__on_read);
     if (rc != 0 && rc != UV_EALREADY)
       svc__conn_close(c);
   }
@@ -369,17 +476,22 @@ static void svc__on_connection(uv_stream_t *ls, int status) {
   struct ucred cred;
   socklen_t clen = sizeof cred;
   uv_os_fd_t fd;
+  int tcp = ls == (uv_stream_t *)&s->tcp_listener, rc;
   if (status < 0 || s->stopping)
     return;
   c = calloc(1, sizeof *c);
   if (c == NULL)
     return;
   c->srv = s;
-  if (uv_pipe_init(&s->loop, &c->pipe, 0) != 0) {
+  c->tcp = tcp;
+  c->authed = !tcp;
+  rc = tcp ? uv_tcp_init(&s->loop, &c->h.tcp)
+           : uv_pipe_init(&s->loop, &c->h.pipe, 0);
+  if (rc != 0) {
     free(c);
     return;
   }
-  c->pipe.data = c;
+  c->h.handle.data = c;
   c->timer.data = c;
   uv_timer_init(&s->loop, &c->timer);
   c->handles = 2;
@@ -388,13 +500,19 @@ static void svc__on_connection(uv_stream_t *ls, int status) {
     s->conns->prev = c;
   s->conns = c;
   s->nconns++;
-  if (uv_accept(ls, (uv_stream_t *)&c->pipe) != 0) {
+  if (uv_accept(ls, &c->h.stream) != 0) {
     svc__conn_close(c);
     return;
   }
-  if (uv_fileno((uv_handle_t *)&c->pipe, &fd) != 0 ||
-      getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &clen) != 0 ||
-      cred.uid != geteuid()) {
+  svc_worker_note_connection(s->worker);
+  /* Replies are whole frames written at once; Nagle's algorithm would
+   * only hold back the last segment of each. */
+  if (tcp)
+    uv_tcp_nodelay(&c->h.tcp, 1);
+  /* A TCP peer has no uid to check: the token in its hello stands in. */
+  if (!tcp && (uv_fileno(&c->h.handle, &fd) != 0 ||
+               getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &clen) != 0 ||
+               cred.uid != geteuid())) {
     svc__fail_conn(c, SVC_FORBIDDEN,
                    "connection: the worker serves only its own user");
     return;
@@ -405,7 +523,7 @@ static void svc__on_connection(uv_stream_t *ls, int status) {
     return;
   }
   svc__arm(c, s->cfg.idle_timeout);
-  if (uv_read_start((uv_stream_t *)&c->pipe, svc__alloc, svc__on_read) != 0)
+  if (uv_read_start(&c->h.stream, svc__alloc, svc__on_read) != 0)
     svc__conn_close(c);
 }
 
@@ -425,6 +543,10 @@ static void svc__shutdown(svc_server_t *s) {
   if (s->listening) {
     uv_close((uv_handle_t *)&s->listener, NULL);
     s->listening = 0;
+  }
+  if (s->tcp_listening) {
+    uv_close((uv_handle_t *)&s->tcp_listener, NULL);
+    s->tcp_listening = 0;
   }
   if (s->signals) {
     uv_close((uv_handle_t *)&s->sigint, NULL);
@@ -473,6 +595,82 @@ static int svc__clear_stale(const char *path, char *msg, size_t msglen) {
   return 0;
 }
 
+static int svc__is_loopback(const struct sockaddr *sa) {
+  if (sa->sa_family == AF_INET) {
+    const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
+    return (ntohl(in->sin_addr.s_addr) >> 24) == 127;
+  }
+  if (sa->sa_family == AF_INET6) {
+    const struct in6_addr *a = &((const struct sockaddr_in6 *)sa)->sin6_addr;
+    return IN6_IS_ADDR_LOOPBACK(a) ||
+           (IN6_IS_ADDR_V4MAPPED(a) && a->s6_addr[12] == 127);
+  }
+  return 0;
+}
+
+/* Resolves host (a literal or a name) and listens on the first address
+ * that binds. */
+static int svc__tcp_listen(svc_server_t *s, char *msg, size_t msglen) {
+  struct addrinfo hints, *res = NULL, *ai;
+  struct sockaddr_storage bound;
+  int namelen = (int)sizeof bound;
+  char port[8];
+  int rc = UV_EINVAL, gai;
+  memset(&hints, 0, sizeof hints);
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_NUMERICSERV;
+  snprintf(port, sizeof port, "%u", (unsigned)s->cfg.tcp_port);
+  gai = getaddrinfo(s->cfg.tcp_host, port, &hints, &res);
+  if (gai != 0) {
+    svc__msg(msg, msglen, "tcp %s: cannot resolve: %s", s->cfg.tcp_host,
+             gai_strerror(gai));
+    return -1;
+  }
+  for (ai = res; ai != NULL; ai = ai->ai_next) {
+    if ((rc = uv_tcp_init(&s->loop, &s->tcp_listener)) != 0)
+      break;
+    s->tcp_listener.data = s;
+    s->tcp_listening = 1;
+    rc = uv_tcp_bind(&s->tcp_listener, ai->ai_addr, 0);
+    if (rc == 0)
+      rc = uv_listen((uv_stream_t *)&s->tcp_listener, 128, svc__on_connection);
+    if (rc == 0)
+      break;
+    /* The handle must be closed (and the loop run for its callback)
+     * before it is initialized again for the next address. */
+    uv_close((uv_handle_t *)&s->tcp_listener, NULL);
+    s->tcp_listening = 0;
+    uv_run(&s->loop, UV_RUN_NOWAIT);
+  }
+  freeaddrinfo(res);
+  if (rc != 0) {
+    svc__msg(msg, msglen, "tcp %s port %u: %s", s->cfg.tcp_host,
+             (unsigned)s->cfg.tcp_port, uv_strerror(rc));
+    return -1;
+  }
+  memset(&bound, 0, sizeof bound);
+  if ((rc = uv_tcp_getsockname(&s->tcp_listener, (struct sockaddr *)&bound,
+                               &namelen)) != 0) {
+    svc__msg(msg, msglen, "tcp %s: getsockname: %s", s->cfg.tcp_host,
+             uv_strerror(rc));
+    return -1;
+  }
+  s->tcp_port = bound.ss_family == AF_INET6
+                    ? ntohs(((struct sockaddr_in6 *)&bound)->sin6_port)
+                    : ntohs(((struct sockaddr_in *)&bound)->sin_port);
+  s->tcp_loopback = svc__is_loopback((struct sockaddr *)&bound);
+  return 0;
+}
+
+int svc_server_tcp_info(const svc_server_t *s, int *port, int *loopback) {
+  if (!s->tcp_listening)
+    return -1;
+  *port = s->tcp_port;
+  *loopback = s->tcp_loopback;
+  return 0;
+}
+
 int svc_server_create(const svc_server_config_t *cfg, svc_worker_t *worker,
                       svc_server_t **out, char *msg, size_t msglen) {
   svc_server_t *s = NULL;
@@ -490,7 +688,18 @@ int svc_server_create(const svc_server_config_t *cfg, svc_worker_t *worker,
     return -1;
   }
   s->cfg = *cfg;
+  s->cfg.token = NULL;
   s->worker = worker;
+  if (cfg->tcp_host != NULL) {
+    if (cfg->token == NULL || cfg->token_len == 0 ||
+        cfg->token_len > SVC_TOKEN_MAX) {
+      svc__msg(msg, msglen, "tcp: a token of 1 to %d bytes is required",
+               SVC_TOKEN_MAX);
+      goto fail;
+    }
+    memcpy(s->token, cfg->token, cfg->token_len);
+    s->token_len = cfg->token_len;
+  }
   s->path = strdup(cfg->socket_path);
   if (s->path == NULL) {
     svc__msg(msg, msglen, "server: out of memory");
@@ -502,6 +711,10 @@ int svc_server_create(const svc_server_config_t *cfg, svc_worker_t *worker,
     goto fail;
   }
   s->loop_ok = 1;
+  /* TCP first: trying the next address runs the loop to close the handle
+   * that failed, and no other handle should be live then. */
+  if (s->cfg.tcp_host != NULL && svc__tcp_listen(s, msg, msglen) != 0)
+    goto fail;
   if (svc__clear_stale(s->path, msg, msglen) != 0)
     goto fail;
   uv_pipe_init(&s->loop, &s->listener, 0);
@@ -577,5 +790,6 @@ void svc_server_destroy(svc_server_t *s) {
   if (s->bound)
     unlink(s->path);
   free(s->path);
+  explicit_bzero(s->token, sizeof s->token);
   free(s);
 }

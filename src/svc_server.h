@@ -1,6 +1,14 @@
 /* The syncbnd server: a libuv event loop that moves bytes between Unix
  * socket clients and the worker, and owns connection lifetimes.
  *
+ * It listens on a Unix socket and, optionally, on a TCP port. A TCP
+ * connection starts unauthenticated: until its first frame, a hello that
+ * carries the configured token (compared in constant time), it may send
+ * frames of at most SVC_PREAUTH_FRAME_MAX bytes, and anything else is
+ * answered UNAUTHORIZED and closed. After that it is served like a Unix
+ * connection (SO_PEERCRED does not apply to TCP; the token stands in for
+ * it).
+ *
  * The server frames bytes (4-byte big-endian length, checked against the
  * frame limit before any body byte is buffered), hands each complete body
  * to svc_worker_handle(), and queues the reply. It enforces the
@@ -24,8 +32,21 @@
 
 #include "svc_worker.h"
 
+/* Largest frame body a TCP connection may send before it authenticated:
+ * a hello with a token of SVC_TOKEN_MAX bytes fits with room to spare,
+ * and an unauthenticated peer cannot make the worker buffer more. */
+#define SVC_PREAUTH_FRAME_MAX 4096
+
 typedef struct svc_server_config_s {
   const char *socket_path;
+  /* TCP listener: NULL for none. tcp_host is an IPv4 or IPv6 literal or a
+   * name (getaddrinfo, the first address that binds); tcp_port 0 takes a
+   * free port (see svc_server_tcp_info). The token (1..SVC_TOKEN_MAX
+   * bytes) is copied; it is required with TCP. */
+  const char *tcp_host;
+  uint16_t tcp_port;
+  const uint8_t *token;
+  size_t token_len;
   uint32_t max_clients;
   uint64_t max_output;  /* bytes queued for one client before it is dropped */
   double idle_timeout;  /* seconds without a frame; 0 = never */
@@ -41,11 +62,16 @@ int svc_socket_dir_prepare(const char *dir, char *msg, size_t msglen);
 typedef struct svc_server_s svc_server_t;
 
 /* Binds and listens on cfg->socket_path (a stale socket left by a dead
- * worker is replaced; a live one or any other file is an error) and
+ * worker is replaced; a live one or any other file is an error), and on
+ * cfg->tcp_host:tcp_port when tcp_host is set, and
  * installs SIGINT/SIGTERM handlers on a new loop. The worker is borrowed
  * and must outlive the server. Returns 0 or -1 with a message in msg. */
 int svc_server_create(const svc_server_config_t *cfg, svc_worker_t *worker,
                       svc_server_t **out, char *msg, size_t msglen);
+/* The TCP listener's bound port, and whether its address is a loopback
+ * one (127.0.0.0/8, ::1 or ::ffff:127.0.0.0/104), for the caller's
+ * messages. Returns -1 when there is no TCP listener. */
+int svc_server_tcp_info(const svc_server_t *s, int *port, int *loopback);
 /* The loop, for later parts that add their own handles to it. */
 uv_loop_t *svc_server_loop(svc_server_t *s);
 /* Calls fn(arg) every period_us microseconds (rounded up to libuv's
@@ -60,7 +86,8 @@ void svc_server_deliver(void *ctx, void *token, uint8_t *reply, size_t len);
 int svc_server_run(svc_server_t *s);
 /* Asks a running server to close everything and return from run. */
 void svc_server_stop(svc_server_t *s);
-/* Frees the server and removes its socket file. */
+/* Frees the server (wiping its copy of the token) and removes its socket
+ * file. */
 void svc_server_destroy(svc_server_t *s);
 
 #endif /* SBN_SVC_SERVER_H */

@@ -805,10 +805,12 @@ static int svc__backward(svc_worker_t *w, svc_request_t *q, void *token,
     return -1;
   s = svc__find_step(l, q->step);
   if (s == NULL || s->done || s->busy)
-    return svc_fail(
-        err, SVC_NO_FORWARD, "step: layer %llu step %llu has %s",
-        (unsigned long long)q->layer, (unsigned long long)q->step,
-        s != NULL ? "had its backward already" : "no kept training forward");
+    return svc_fail(err, SVC_NO_FORWARD, "step: layer %llu step %llu %s",
+                    (unsigned long long)q->layer, (unsigned long long)q->step,
+                    s == NULL ? "has no kept training forward"
+                    : s->busy ? "is still waiting for the other ranks (its "
+                                "forward or backward has not been answered)"
+                              : "had its backward already");
   if (q->x.desc.ndim != s->desc.ndim || q->x.desc.layout != s->desc.layout ||
       memcmp(q->x.desc.dims, s->desc.dims,
              (size_t)s->desc.ndim * sizeof *s->desc.dims) != 0)

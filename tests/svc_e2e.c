@@ -35,6 +35,7 @@
 #include <linux/securebits.h>
 
 #include "client.h"
+#include "svc_codec.h"
 #include "syncbn.h"
 
 #define NP 2
@@ -194,7 +195,7 @@ static void hello_ok(int rank) {
   int rc = sbn_client_hello(c, &h);
   CHECK(rc == 0, "hello rank %d: %s %s", rank, sbn_client_error_code(c),
         sbn_client_error(c));
-  CHECK(h.rank == rank && h.size == NP && h.protocol == 2,
+  CHECK(h.rank == rank && h.size == NP && h.protocol == SVC_PROTOCOL_VERSION,
         "hello: rank %d size %d protocol %d", h.rank, h.size, h.protocol);
   CHECK(h.max_frame == MAX_FRAME, "hello: max_frame %u", h.max_frame);
   sbn_client_close(c);

@@ -291,7 +291,7 @@ fail:
 
 typedef struct opts_s {
   const char *socket_dir;
-  const char *state_dir; /* --state-dir; default: the socket dir + "-state" */
+  const char *state_dir;  /* --state-dir; default: the socket dir + "-state" */
   const char *tcp;        /* --tcp as given */
   const char *token_file; /* --token-file */
   char tcp_host[256];     /* --tcp split, brackets removed */
