@@ -35,13 +35,13 @@ enum { SVC__CKPT_SAVE = 4, SVC__CKPT_LOAD = 5, SVC__CKPT_STATUS = 6 };
 
 /* Where each layer's values sit in the vector. */
 typedef struct svc__ckpt_plan_s {
-  size_t total;  /* values, status first */
-  size_t *off;   /* per layer: its first value */
-  uint32_t *gs;  /* per layer: group size stored in the file */
-  uint32_t *ng;  /* per layer: number of groups with statistics */
-  size_t *alen;  /* per layer: affine_len */
-  size_t *slen;  /* per layer: stats_len */
-  uint64_t fp;   /* what the ranks must agree on */
+  size_t total; /* values, status first */
+  size_t *off;  /* per layer: its first value */
+  uint32_t *gs; /* per layer: group size stored in the file */
+  uint32_t *ng; /* per layer: number of groups with statistics */
+  size_t *alen; /* per layer: affine_len */
+  size_t *slen; /* per layer: stats_len */
+  uint64_t fp;  /* what the ranks must agree on */
 } svc__ckpt_plan_t;
 
 /* The per-request context of a pending checkpoint entry. */
@@ -74,8 +74,7 @@ static uint64_t svc__fnv(uint64_t h, const void *p, size_t n) {
  * layer's own (0 for the whole job), 1 for layers that never reduce. */
 static uint32_t svc__stored_gs(const svc_worker_t *w, const svc__layer_t *l) {
   if (l->kind == SVC_KIND_SYNCBATCHNORM)
-    return l->group_size >= (uint64_t)w->cfg.size ? 0
-                                                  : (uint32_t)l->group_size;
+    return l->group_size >= (uint64_t)w->cfg.size ? 0 : (uint32_t)l->group_size;
   return 1;
 }
 
@@ -91,8 +90,8 @@ static int svc__plan(const svc_worker_t *w, svc__ckpt_plan_t *pl) {
   pl->ng = calloc(n + 1, sizeof *pl->ng);
   pl->alen = calloc(n + 1, sizeof *pl->alen);
   pl->slen = calloc(n + 1, sizeof *pl->slen);
-  if (pl->off == NULL || pl->gs == NULL || pl->ng == NULL ||
-      pl->alen == NULL || pl->slen == NULL) {
+  if (pl->off == NULL || pl->gs == NULL || pl->ng == NULL || pl->alen == NULL ||
+      pl->slen == NULL) {
     svc__plan_free(pl);
     return -1;
   }
@@ -269,13 +268,13 @@ static int svc__read(const svc_worker_t *w, const svc__ckpt_plan_t *pl,
     const sbn_ckpt_layer_t *f = sbn_ckpt_find(ck, l->name);
     size_t o = pl->off[i], a = pl->alen[i], s = pl->slen[i];
     if (f == NULL) {
-      snprintf(msg, msglen, "checkpoint_load: layer '%s' is not in %s",
-               l->name, name);
+      snprintf(msg, msglen, "checkpoint_load: layer '%s' is not in %s", l->name,
+               name);
       goto done;
     }
     if (!svc__same_params(&f->params, &l->params) ||
-        f->group_size != pl->gs[i] || f->affine_len != a ||
-        f->stats_len != s || f->num_groups != pl->ng[i]) {
+        f->group_size != pl->gs[i] || f->affine_len != a || f->stats_len != s ||
+        f->num_groups != pl->ng[i]) {
       snprintf(msg, msglen,
                "checkpoint_load: layer '%s' in %s has other parameters, "
                "group size or number of groups",
@@ -359,9 +358,8 @@ static void svc__ckpt_finish(svc_worker_t *w, svc__pend_t *p, int rc) {
       snprintf(msg, sizeof msg, "%s '%s': rank 0 failed: %s",
                c->load ? "checkpoint_load" : "checkpoint_save", c->name,
                sbn_strerror(rc));
-    svc__pend_reply_error(w, p,
-                          rc == SBN_ENOMEM ? SVC_RESOURCE : SVC_CHECKPOINT,
-                          msg);
+    svc__pend_reply_error(
+        w, p, rc == SBN_ENOMEM ? SVC_RESOURCE : SVC_CHECKPOINT, msg);
     return;
   }
   if (svc__ckpt_reply(&p->q.id, c->name, c->load, w->nlayers, &buf, &len) !=
@@ -422,8 +420,9 @@ static void svc__load_done(svc_worker_t *w, svc__pend_t *p,
   int rc = (int)recs[0].v[0];
   if (rc == 0) {
     if (svc__plan(w, &pl) != 0) {
-      svc__pend_reply_error(w, p, SVC_RESOURCE, "checkpoint_load: out of "
-                                                "memory");
+      svc__pend_reply_error(w, p, SVC_RESOURCE,
+                            "checkpoint_load: out of "
+                            "memory");
       return;
     }
     svc__apply(w, &pl, recs);
@@ -445,8 +444,7 @@ int svc__checkpoint(svc_worker_t *w, svc_request_t *q, void *token,
   (void)reply_len;
   if (w->state_dir[0] == '\0')
     return svc_fail(err, SVC_BAD_PARAMS,
-                    "%s: this worker has no state directory (--state-dir)",
-                    op);
+                    "%s: this worker has no state directory (--state-dir)", op);
   /* A name, never a path: no client can make the worker touch a file
    * outside its state directory. */
   if (sbn_ckpt_name_check(q->reg.name) != 0)

@@ -484,9 +484,9 @@ void svc_request_free(svc_request_t *req) {
 }
 
 static const char *const svc__op_names[] = {
-    "hello",          "register",       "forward",         "backward",
-    "bye",            "batch",          "stats",           "stats_backward",
-    "get_state",      "set_state",      "checkpoint_save", "checkpoint_load",
+    "hello",     "register",  "forward",         "backward",
+    "bye",       "batch",     "stats",           "stats_backward",
+    "get_state", "set_state", "checkpoint_save", "checkpoint_load",
     "metrics"};
 
 const char *svc_op_name(svc_op_t op) {
@@ -533,14 +533,22 @@ enum {
   K_COUNT
 };
 static const char *const svc__keys[K_COUNT] = {
-    "op",           "id",           "version",      "name",
-    "kind",         "channels",     "groups",       "normalized_shape",
-    "eps",          "momentum",     "affine",       "track_running_stats",
-    "group_size",   "p",            "seed",         "layer",
-    "step",         "train",        "x",            "dy",
-    "weight",       "bias",         "token",        "requests",
-    "count",        "mean",         "m2",           "sum_dy",
-    "sum_dy_xhat",  "running_mean", "running_var",  "num_batches_tracked"};
+    "op",          "id",
+    "version",     "name",
+    "kind",        "channels",
+    "groups",      "normalized_shape",
+    "eps",         "momentum",
+    "affine",      "track_running_stats",
+    "group_size",  "p",
+    "seed",        "layer",
+    "step",        "train",
+    "x",           "dy",
+    "weight",      "bias",
+    "token",       "requests",
+    "count",       "mean",
+    "m2",          "sum_dy",
+    "sum_dy_xhat", "running_mean",
+    "running_var", "num_batches_tracked"};
 
 static int svc__decode_register(const msgpack_object *const *k,
                                 svc_register_t *r, svc_err_t *err) {
@@ -694,8 +702,7 @@ static int svc__decode_map(const msgpack_object *root, int in_batch,
   static const int need_fwd[] = {K_LAYER, K_STEP, K_TRAIN, K_X, -1};
   static const int need_bwd[] = {K_LAYER, K_STEP, K_DY, -1};
   static const int need_stats[] = {K_LAYER, K_STEP, K_CNT, K_MEAN, K_M2, -1};
-  static const int need_sbwd[] = {K_LAYER, K_STEP, K_SUM_DY, K_SUM_DY_XHAT,
-                                  -1};
+  static const int need_sbwd[] = {K_LAYER, K_STEP, K_SUM_DY, K_SUM_DY_XHAT, -1};
   static const int need_layer[] = {K_LAYER, -1};
   static const int need_name[] = {K_NAME, -1};
   for (uint32_t i = 0; i < root->via.map.size; i++) {
@@ -706,8 +713,7 @@ static int svc__decode_map(const msgpack_object *root, int in_batch,
       if (!svc__str_eq(key, svc__keys[j]))
         continue;
       if (k[j] != NULL)
-        return svc_fail(err, SVC_BAD_REQUEST, "%s: repeated key",
-                        svc__keys[j]);
+        return svc_fail(err, SVC_BAD_REQUEST, "%s: repeated key", svc__keys[j]);
       k[j] = &root->via.map.ptr[i].val;
       break;
     }

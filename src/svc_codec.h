@@ -63,7 +63,7 @@
   XX(RESOURCE, 0, "a worker resource limit or memory is exhausted")           \
   XX(TOO_MANY_CLIENTS, 1, "the worker serves its maximum number of clients")  \
   XX(FORBIDDEN, 1, "connection from another user")                            \
-  XX(UNAUTHORIZED, 1, "TCP connection without the right token in hello")     \
+  XX(UNAUTHORIZED, 1, "TCP connection without the right token in hello")      \
   XX(TIMEOUT, 1, "idle or partial-frame timeout")                             \
   XX(INTERNAL, 0, "internal error")
 

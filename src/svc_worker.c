@@ -609,8 +609,8 @@ static svc__pend_t *svc__pend_new(svc_worker_t *w, svc__layer_t *l,
 
 /* Whether this rank already has an entry queued under this key (a second
  * one would be counted as another rank's). */
-static int svc__pend_queued(const svc_worker_t *w, uint64_t name,
-                            uint64_t step, uint32_t dir) {
+static int svc__pend_queued(const svc_worker_t *w, uint64_t name, uint64_t step,
+                            uint32_t dir) {
   for (const svc__pend_t *p = w->pend; p != NULL; p = p->next)
     if (p->name == name && p->step == step && p->dir == dir)
       return 1;
@@ -988,8 +988,7 @@ static void svc__stats_done(svc_worker_t *w, svc__pend_t *p,
     for (size_t c = 0; c < C; c++) {
       if (n[c] == 0)
         continue;
-      l->running_mean[c] =
-          (float)((1 - f) * l->running_mean[c] + f * mean[c]);
+      l->running_mean[c] = (float)((1 - f) * l->running_mean[c] + f * mean[c]);
       l->running_var[c] = (float)((1 - f) * l->running_var[c] + f * uvar[c]);
     }
     l->state.num_batches_tracked++;
@@ -1322,8 +1321,7 @@ static void svc__fail_key(svc_worker_t *w, const svc__gent_t *k, int any_grp,
   svc__pend_t *p;
   if (!any_grp)
     svc__poison(w, k->name, k->step, k->dir, k->grp);
-  while ((p = svc__pend_find(w, k)) != NULL &&
-         (any_grp || p->grp == k->grp)) {
+  while ((p = svc__pend_find(w, k)) != NULL && (any_grp || p->grp == k->grp)) {
     char msg[512];
     if (any_grp)
       svc__poison(w, k->name, k->step, k->dir, p->grp);
@@ -1471,10 +1469,9 @@ static int svc__gather_done(svc_worker_t *w) {
   /* Identity records everywhere, with the tag of each slot's kind. */
   nrec = 0;
   for (size_t i = 0; i < nready; i++) {
-    double tag =
-        (rd[i].dir == SVC__DIR_FORWARD || rd[i].dir == SVC__DIR_STATS)
-            ? SBN_REC_MOMENTS
-            : SBN_REC_SUM;
+    double tag = (rd[i].dir == SVC__DIR_FORWARD || rd[i].dir == SVC__DIR_STATS)
+                     ? SBN_REC_MOMENTS
+                     : SBN_REC_SUM;
     for (uint32_t c = 0; c < rd[i].C; c++)
       w->rbuf[nrec + c].tag = tag;
     nrec += rd[i].C;

@@ -186,7 +186,6 @@ struct svc_worker_s {
   uint64_t ckpt_seq; /* checkpoint requests queued so far (their step) */
 };
 
-
 /* Shared helpers of svc_worker.c. */
 svc__layer_t *svc__layer(svc_worker_t *w, uint64_t id, svc_err_t *err);
 svc_code_t svc__lib_code(int rc);
