@@ -295,9 +295,26 @@ static int svc__authenticate(svc__conn_t *c, const uint8_t *body, size_t len) {
 
 static void svc__on_timer(uv_timer_t *t) {
   svc__conn_t *c = t->data;
+  if (!c->authed) {
+    svc__fail_conn(c, SVC_TIMEOUT,
+                   "connection: no hello with the token within the "
+                   "authentication deadline");
+    return;
+  }
   svc__fail_conn(c, SVC_TIMEOUT,
                  c->in_frame ? "frame: not completed within frame_timeout"
                              : "connection: idle for idle_timeout");
+}
+
+/* Seconds an unauthenticated TCP connection may hold a client slot: one
+ * deadline from the accept, not re-armed by partial frames, so that
+ * nobody without the token can keep max_clients slots busy for the idle
+ * timeout. */
+static double svc__auth_deadline(const svc_server_t *s) {
+  double d = SVC_AUTH_TIMEOUT;
+  if (s->cfg.frame_timeout > 0 && s->cfg.frame_timeout < d)
+    d = s->cfg.frame_timeout;
+  return d;
 }
 
 static void svc__arm(svc__conn_t *c, double seconds) {
@@ -393,7 +410,8 @@ static void svc__feed(svc__conn_t *c, const uint8_t *p, size_t n) {
     }
     if (!c->in_frame) {
       c->in_frame = 1;
-      svc__arm(c, c->srv->cfg.frame_timeout);
+      if (c->authed)
+        svc__arm(c, c->srv->cfg.frame_timeout);
     }
     if (c->body == NULL) {
       size_t take = SVC_HEADER_BYTES - c->hdr_have;
@@ -522,7 +540,7 @@ static void svc__on_connection(uv_stream_t *ls, int status) {
                    "connection: the worker serves max_clients clients");
     return;
   }
-  svc__arm(c, s->cfg.idle_timeout);
+  svc__arm(c, c->authed ? s->cfg.idle_timeout : svc__auth_deadline(s));
   if (uv_read_start(&c->h.stream, svc__alloc, svc__on_read) != 0)
     svc__conn_close(c);
 }

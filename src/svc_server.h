@@ -36,6 +36,8 @@
  * a hello with a token of SVC_TOKEN_MAX bytes fits with room to spare,
  * and an unauthenticated peer cannot make the worker buffer more. */
 #define SVC_PREAUTH_FRAME_MAX 4096
+/* Seconds a TCP connection has to authenticate (at most frame_timeout). */
+#define SVC_AUTH_TIMEOUT 10.0
 
 typedef struct svc_server_config_s {
   const char *socket_path;

@@ -77,3 +77,11 @@ if(TARGET syncbnd AND MPIEXEC_EXECUTABLE AND EXISTS /usr/bin/python3)
       LABELS "mpi;svc;python" SKIP_RETURN_CODE 77 ENVIRONMENT "${svc_env}")
   endforeach()
 endif()
+
+# Batches, stats, checkpoints and the hello token on one worker without
+# the cross-rank transport (no sockets, no MPI).
+add_executable(svc_new_check ${CMAKE_CURRENT_LIST_DIR}/svc_new_check.c)
+target_link_libraries(svc_new_check PRIVATE syncbn_svc syncbn
+  PkgConfig::CMOCKA PkgConfig::MSGPACK m)
+add_test(NAME svc_new_check COMMAND svc_new_check)
+set_tests_properties(svc_new_check PROPERTIES TIMEOUT 60 LABELS "unit;svc")

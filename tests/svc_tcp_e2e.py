@@ -27,6 +27,7 @@ import math
 import os
 import queue
 import re
+import select
 import shutil
 import signal
 import socket
@@ -475,6 +476,43 @@ def main():
         job.stop()
         no_sanitizer_report(job)
         print("svc_tcp_e2e: non-loopback bind warns")
+
+        # 4. Without the token nobody holds a client slot for long: an
+        # unauthenticated connection gets TIMEOUT at the authentication
+        # deadline (min(10 s, frame_timeout)), silent or trickling.
+        job = Job(a, tmp, "deadline", 1,
+                  ["--socket-dir", os.path.join(tmp, "sockD"), "--tcp",
+                   "127.0.0.1:0", "--token-file", tokfile,
+                   "--frame-timeout", "1", "--idle-timeout", "300"])
+        jobs.append(job)
+        _, tcp = job.wait_lines(1, timeout=40)
+        for trickle in (False, True):
+            s = connect_tcp(tcp[0][1])
+            t0 = time.monotonic()
+            if trickle:
+                # A header, then one body byte every 0.2 s until the worker
+                # answers: partial frames do not extend the deadline.
+                body = msgpack.packb(hello(TOKEN), use_bin_type=True)
+                s.sendall(struct.pack(">I", len(body)))
+                for i in range(len(body) - 1):
+                    if select.select([s], [], [], 0.2)[0]:
+                        break
+                    try:
+                        s.sendall(body[i:i + 1])
+                    except OSError:
+                        break
+            rep = recv_reply(s)
+            waited = time.monotonic() - t0
+            expect_error(rep, "TIMEOUT", "unauthenticated client (trickle %s)"
+                         % trickle)
+            check(waited < 5, "unauthenticated client (trickle %s) closed "
+                  "after %.1f s, deadline 1 s" % (trickle, waited))
+            expect_eof(s, "unauthenticated client after TIMEOUT")
+            s.close()
+        job.stop()
+        no_sanitizer_report(job)
+        print("svc_tcp_e2e: unauthenticated connections time out at the "
+              "authentication deadline")
     except Fail as e:
         print("svc_tcp_e2e: FAIL: %s" % e)
         return 1
