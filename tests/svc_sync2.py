@@ -101,6 +101,9 @@ class Job:
         return out
 
     def stop(self):
+        if getattr(self, "stopped", False):
+            return
+        self.stopped = True
         for c in getattr(self, "c", []):
             try:
                 c.sock.close()
@@ -113,6 +116,11 @@ class Job:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        # Under the sanitizers a worker's report goes to its stderr: that
+        # is a failure even when every reply was right.
+        err = self.proc.stderr.read() if self.proc.stderr else ""
+        for mark in ("AddressSanitizer", "LeakSanitizer", "runtime error:"):
+            check(mark not in err, "syncbnd reported:\n" + err[-4000:])
 
 
 def bn_ref(x, w, b):
