@@ -230,21 +230,6 @@ fail:
   return rc;
 }
 
-static int svc__same_params(const sbn_layer_params_t *a,
-                            const sbn_layer_params_t *b) {
-  if (a->op != b->op || a->channels != b->channels || a->groups != b->groups ||
-      a->norm_ndim != b->norm_ndim || a->eps != b->eps ||
-      a->momentum != b->momentum || a->cumulative != b->cumulative ||
-      a->affine != b->affine ||
-      a->track_running_stats != b->track_running_stats || a->p != b->p ||
-      a->seed != b->seed)
-    return 0;
-  for (int i = 0; i < a->norm_ndim; i++)
-    if (a->norm_shape[i] != b->norm_shape[i])
-      return 0;
-  return 1;
-}
-
 /* Rank 0 of a load: reads path, checks that it describes exactly this
  * worker's layers, and writes its contents into the vector. */
 static int svc__read(const svc_worker_t *w, const svc__ckpt_plan_t *pl,
@@ -272,7 +257,7 @@ static int svc__read(const svc_worker_t *w, const svc__ckpt_plan_t *pl,
                name);
       goto done;
     }
-    if (!svc__same_params(&f->params, &l->params) ||
+    if (!svc__lib_params_equal(&f->params, &l->params) ||
         f->group_size != pl->gs[i] || f->affine_len != a || f->stats_len != s ||
         f->num_groups != pl->ng[i]) {
       snprintf(msg, msglen,

@@ -672,6 +672,12 @@ static int svc__need(const msgpack_object *const *k, const char *op,
 static int svc__decode_map(const msgpack_object *root, int in_batch,
                            svc_request_t *req, svc_err_t *err);
 
+/* Decodes the tensor under an optional key; absent is fine. */
+static int svc__opt_tensor(const msgpack_object *const *k, int key,
+                           svc_tensor_t *t, svc_err_t *err) {
+  return k[key] == NULL ? 0 : svc_decode_tensor(k[key], svc__keys[key], t, err);
+}
+
 /* The sub-requests of a batch: each is a request map of its own whose op
  * is one of those that a batch may carry. */
 static int svc__decode_batch(const msgpack_object *a, svc_request_t *req,
@@ -792,11 +798,8 @@ static int svc__decode_map(const msgpack_object *root, int in_batch,
           svc__get_bool(k[K_TRAIN], "train", &req->train, err) != 0 ||
           svc_decode_tensor(k[K_X], "x", &req->x, err) != 0)
         return -1;
-      if (k[K_WEIGHT] != NULL &&
-          svc_decode_tensor(k[K_WEIGHT], "weight", &req->weight, err) != 0)
-        return -1;
-      if (k[K_BIAS] != NULL &&
-          svc_decode_tensor(k[K_BIAS], "bias", &req->bias, err) != 0)
+      if (svc__opt_tensor(k, K_WEIGHT, &req->weight, err) != 0 ||
+          svc__opt_tensor(k, K_BIAS, &req->bias, err) != 0)
         return -1;
       return 0;
     case SVC_OP_BACKWARD:
@@ -822,19 +825,10 @@ static int svc__decode_map(const msgpack_object *root, int in_batch,
     case SVC_OP_SET_STATE:
       if (svc__need(k, "set_state", need_layer, err) != 0)
         return -1;
-      if (k[K_RUNNING_MEAN] != NULL &&
-          svc_decode_tensor(k[K_RUNNING_MEAN], "running_mean",
-                            &req->running_mean, err) != 0)
-        return -1;
-      if (k[K_RUNNING_VAR] != NULL &&
-          svc_decode_tensor(k[K_RUNNING_VAR], "running_var", &req->running_var,
-                            err) != 0)
-        return -1;
-      if (k[K_WEIGHT] != NULL &&
-          svc_decode_tensor(k[K_WEIGHT], "weight", &req->weight, err) != 0)
-        return -1;
-      if (k[K_BIAS] != NULL &&
-          svc_decode_tensor(k[K_BIAS], "bias", &req->bias, err) != 0)
+      if (svc__opt_tensor(k, K_RUNNING_MEAN, &req->running_mean, err) != 0 ||
+          svc__opt_tensor(k, K_RUNNING_VAR, &req->running_var, err) != 0 ||
+          svc__opt_tensor(k, K_WEIGHT, &req->weight, err) != 0 ||
+          svc__opt_tensor(k, K_BIAS, &req->bias, err) != 0)
         return -1;
       if (k[K_NBT] != NULL) {
         if (svc__get_uint(k[K_NBT], "num_batches_tracked", INT64_MAX,

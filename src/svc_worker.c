@@ -133,10 +133,9 @@ float *svc__floats(size_t n) {
   return aligned_alloc(64, (bytes + 63) & ~(size_t)63);
 }
 
-static int svc__params_equal(const svc__layer_t *l, const svc_register_t *r) {
-  const sbn_layer_params_t *a = &l->params, *b = &r->params;
-  if (l->kind != r->kind || l->group_size != r->group_size || a->op != b->op ||
-      a->channels != b->channels || a->groups != b->groups ||
+int svc__lib_params_equal(const sbn_layer_params_t *a,
+                          const sbn_layer_params_t *b) {
+  if (a->op != b->op || a->channels != b->channels || a->groups != b->groups ||
       a->norm_ndim != b->norm_ndim || a->eps != b->eps ||
       a->momentum != b->momentum || a->cumulative != b->cumulative ||
       a->affine != b->affine ||
@@ -147,6 +146,11 @@ static int svc__params_equal(const svc__layer_t *l, const svc_register_t *r) {
     if (a->norm_shape[i] != b->norm_shape[i])
       return 0;
   return 1;
+}
+
+static int svc__params_equal(const svc__layer_t *l, const svc_register_t *r) {
+  return l->kind == r->kind && l->group_size == r->group_size &&
+         svc__lib_params_equal(&l->params, &r->params);
 }
 
 /* ------------------------------------------------------------------ */

@@ -191,6 +191,9 @@ svc__layer_t *svc__layer(svc_worker_t *w, uint64_t id, svc_err_t *err);
 svc_code_t svc__lib_code(int rc);
 float *svc__floats(size_t n);
 uint64_t svc__hash_name(const char *name);
+/* Whether two layers' library parameters agree (layer_id aside). */
+int svc__lib_params_equal(const sbn_layer_params_t *a,
+                          const sbn_layer_params_t *b);
 /* A new cross-rank entry with nrec records per group (zeroed), keyed by
  * (name, step, dir), for the job-wide group; the caller fills the rest
  * and queues it with svc__pend_add(). */
