@@ -1286,21 +1286,52 @@ static int svc__gkey_cmp(const void *a, const void *b) {
   return 0;
 }
 
+static int svc__pend_key_cmp(const void *a, const void *b) {
+  const svc__pend_t *x = *(const svc__pend_t *const *)a;
+  const svc__pend_t *y = *(const svc__pend_t *const *)b;
+  if (x->name != y->name)
+    return x->name < y->name ? -1 : 1;
+  if (x->step != y->step)
+    return x->step < y->step ? -1 : 1;
+  if (x->dir != y->dir)
+    return x->dir < y->dir ? -1 : 1;
+  return 0;
+}
+
 static int svc__gather_begin(svc_worker_t *w) {
   uint32_t n = 0;
+  size_t total = 0, k = 0;
+  svc__pend_t **sel = NULL;
   memset(&w->gsend, 0, sizeof w->gsend);
-  for (svc__pend_t *p = w->pend; p != NULL && n < SVC__MAXE; p = p->next) {
-    svc__gent_t *e = &w->gsend.e[n++];
-    e->name = p->name;
-    e->step = p->step;
-    e->dir = p->dir;
-    e->C = (uint32_t)p->nrec;
-    e->fp = p->fp;
-    e->gsize = p->gsize;
-    e->grp = p->grp;
-    e->age = w->now - p->t0;
-    p->listed = 1;
+  for (svc__pend_t *p = w->pend; p != NULL; p = p->next)
+    total++;
+  if (total > SVC__MAXE) {
+    /* More entries wait than one round lists. Every rank lists its
+     * smallest keys, not its oldest: ranks that queued the same entries in
+     * different orders then list the same ones and make progress, instead
+     * of listing disjoint sets until they stall. */
+    if ((sel = malloc(total * sizeof *sel)) == NULL)
+      return -1;
+    for (svc__pend_t *p = w->pend; p != NULL; p = p->next)
+      sel[k++] = p;
+    qsort(sel, total, sizeof *sel, svc__pend_key_cmp);
   }
+  k = 0;
+  for (svc__pend_t *p = w->pend; n < SVC__MAXE && p != NULL; n++) {
+    svc__gent_t *e = &w->gsend.e[n];
+    svc__pend_t *q = sel != NULL ? sel[k++] : p;
+    e->name = q->name;
+    e->step = q->step;
+    e->dir = q->dir;
+    e->C = (uint32_t)q->nrec;
+    e->fp = q->fp;
+    e->gsize = q->gsize;
+    e->grp = q->grp;
+    e->age = w->now - q->t0;
+    q->listed = 1;
+    p = p->next;
+  }
+  free(sel);
   w->gsend.n = n;
   if (w->ops.gather_begin(w->ops.ctx, &w->gsend, w->grecv, sizeof w->gsend) !=
       0)

@@ -230,6 +230,39 @@ def test_batch_fusion(job):
     print("batch of 8: one allreduce forward, one backward; results match")
 
 
+def test_big_batch(job):
+    """128 layers, queued in opposite orders on alternate ranks: more than
+    one round lists (64), so each rank lists its smallest keys and the
+    ranks agree; everything completes in two allreduces, nothing stalls."""
+    P = job.np
+    names = ["big%03d" % i for i in range(128)]
+    ids = job.par(lambda r, c: [c.register(n, "syncbatchnorm", channels=1)
+                                for n in names])
+    rng = np.random.default_rng(9)
+    xs = [rng.standard_normal((2, 1, 3)).astype(np.float32) for _ in range(P)]
+    before = job.par(lambda r, c: metric(c, "allreduces"))
+
+    def go(r, c):
+        order = range(128) if r % 2 == 0 else reversed(range(128))
+        return c.batch([c.forward_request(ids[r][i], 0, True, xs[r] + i)
+                        for i in order])
+
+    out = job.par(go)
+    after = job.par(lambda r, c: metric(c, "allreduces"))
+    X = np.concatenate(xs)
+    for r in range(P):
+        check(after[r] - before[r] == 2,
+              "rank %d: 128 entries took %d allreduces, expected 2" %
+              (r, after[r] - before[r]))
+        for j, res in enumerate(out[r]):
+            check(not isinstance(res, Exception), "rank %d: %s" % (r, res))
+            i = j if r % 2 == 0 else 127 - j
+            y_ref = bn_ref(X + i, np.ones(1), np.zeros(1))[0]
+            close(res["y"], y_ref[2 * r:2 * r + 2], 2e-6,
+                  "big batch layer %d rank %d" % (i, r))
+    print("batch of 128 in opposite orders: two allreduces, no stall")
+
+
 def moments(x):
     x = x.astype(np.float64)
     n = x.shape[0] * x.shape[2]
@@ -525,6 +558,7 @@ def main():
         job = Job(args.mpirun, args.syncbnd, args.np,
                   os.path.join(tmp, "sock"), os.path.join(tmp, "state"))
         test_batch_fusion(job)
+        test_big_batch(job)
         test_stats_path(job)
         test_mismatch(job)
         test_groups(job)
