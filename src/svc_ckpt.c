@@ -35,6 +35,7 @@ enum { SVC__CKPT_SAVE = 4, SVC__CKPT_LOAD = 5, SVC__CKPT_STATUS = 6 };
 
 /* Where each layer's values sit in the vector. */
 typedef struct svc__ckpt_plan_s {
+  uint32_t n;   /* layers covered: those registered at the request */
   size_t total; /* values, status first */
   size_t *off;  /* per layer: its first value */
   uint32_t *gs; /* per layer: group size stored in the file */
@@ -50,6 +51,10 @@ typedef struct svc__ckpt_ctx_s {
   int rc; /* rank 0: the status of its read or write */
   char msg[768];
   char name[SVC_NAME_MAX + 1];
+  /* Layers registered when the request came: the records were sized for
+   * them, and a layer registered while the request waits is not part of
+   * this checkpoint (layers are only ever appended). */
+  uint32_t nlayers;
 } svc__ckpt_ctx_t;
 
 static void svc__plan_free(svc__ckpt_plan_t *pl) {
@@ -82,9 +87,9 @@ static uint32_t svc__gs_ranks(const svc_worker_t *w, uint32_t gs) {
   return gs == 0 ? (uint32_t)w->cfg.size : gs;
 }
 
-static int svc__plan(const svc_worker_t *w, svc__ckpt_plan_t *pl) {
-  uint32_t n = w->nlayers;
+static int svc__plan(const svc_worker_t *w, uint32_t n, svc__ckpt_plan_t *pl) {
   memset(pl, 0, sizeof *pl);
+  pl->n = n;
   pl->off = calloc(n + 1, sizeof *pl->off);
   pl->gs = calloc(n + 1, sizeof *pl->gs);
   pl->ng = calloc(n + 1, sizeof *pl->ng);
@@ -140,7 +145,7 @@ static float svc__bitsf(double d) {
 static void svc__fill_own(const svc_worker_t *w, const svc__ckpt_plan_t *pl,
                           sbn_rec_t *recs) {
   uint32_t rank = (uint32_t)w->cfg.rank;
-  for (uint32_t i = 0; i < w->nlayers; i++) {
+  for (uint32_t i = 0; i < pl->n; i++) {
     const svc__layer_t *l = w->layers[i];
     size_t o = pl->off[i], a = pl->alen[i], s = pl->slen[i];
     uint32_t r = svc__gs_ranks(w, pl->gs[i]), grp = rank / r;
@@ -169,7 +174,7 @@ static int svc__write(const svc_worker_t *w, const svc__ckpt_plan_t *pl,
   sbn_ckpt_group_t *groups = NULL;
   size_t most = 0, most_g = 0;
   int rc;
-  for (uint32_t i = 0; i < w->nlayers; i++) {
+  for (uint32_t i = 0; i < pl->n; i++) {
     size_t need = 2 * pl->alen[i] + (size_t)pl->ng[i] * 2 * pl->slen[i];
     most = need > most ? need : most;
     most_g = pl->ng[i] > most_g ? pl->ng[i] : most_g;
@@ -183,7 +188,7 @@ static int svc__write(const svc_worker_t *w, const svc__ckpt_plan_t *pl,
   }
   if ((rc = sbn_ckpt_new(&ck)) != 0)
     goto lib_fail;
-  for (uint32_t i = 0; i < w->nlayers; i++) {
+  for (uint32_t i = 0; i < pl->n; i++) {
     const svc__layer_t *l = w->layers[i];
     sbn_ckpt_layer_t in;
     size_t o = pl->off[i], a = pl->alen[i], s = pl->slen[i], k;
@@ -242,13 +247,13 @@ static int svc__read(const svc_worker_t *w, const svc__ckpt_plan_t *pl,
     return rc;
   }
   rc = SBN_EFORMAT;
-  if (sbn_ckpt_count(ck) != w->nlayers) {
+  if (sbn_ckpt_count(ck) != pl->n) {
     snprintf(msg, msglen,
              "checkpoint_load: %s holds %zu layers, the worker has %u", name,
-             sbn_ckpt_count(ck), w->nlayers);
+             sbn_ckpt_count(ck), pl->n);
     goto done;
   }
-  for (uint32_t i = 0; i < w->nlayers; i++) {
+  for (uint32_t i = 0; i < pl->n; i++) {
     const svc__layer_t *l = w->layers[i];
     const sbn_ckpt_layer_t *f = sbn_ckpt_find(ck, l->name);
     size_t o = pl->off[i], a = pl->alen[i], s = pl->slen[i];
@@ -297,7 +302,7 @@ done:
 static void svc__apply(svc_worker_t *w, const svc__ckpt_plan_t *pl,
                        const sbn_rec_t *recs) {
   uint32_t rank = (uint32_t)w->cfg.rank;
-  for (uint32_t i = 0; i < w->nlayers; i++) {
+  for (uint32_t i = 0; i < pl->n; i++) {
     svc__layer_t *l = w->layers[i];
     size_t o = pl->off[i], a = pl->alen[i], s = pl->slen[i];
     uint32_t grp = rank / svc__gs_ranks(w, pl->gs[i]);
@@ -347,7 +352,7 @@ static void svc__ckpt_finish(svc_worker_t *w, svc__pend_t *p, int rc) {
         w, p, rc == SBN_ENOMEM ? SVC_RESOURCE : SVC_CHECKPOINT, msg);
     return;
   }
-  if (svc__ckpt_reply(&p->q.id, c->name, c->load, w->nlayers, &buf, &len) !=
+  if (svc__ckpt_reply(&p->q.id, c->name, c->load, c->nlayers, &buf, &len) !=
       0) {
     svc__pend_reply_error(w, p, SVC_RESOURCE, "checkpoint: out of memory");
     return;
@@ -370,7 +375,7 @@ static void svc__save_done(svc_worker_t *w, svc__pend_t *p,
   svc__pend_t *s;
   char path[4096 + SVC_NAME_MAX + 2];
   if (w->cfg.rank == 0) {
-    if (svc__plan(w, &pl) != 0) {
+    if (svc__plan(w, c->nlayers, &pl) != 0) {
       c->rc = SBN_ENOMEM;
       snprintf(c->msg, sizeof c->msg, "checkpoint_save: out of memory");
     } else {
@@ -401,10 +406,11 @@ static void svc__save_done(svc_worker_t *w, svc__pend_t *p,
 
 static void svc__load_done(svc_worker_t *w, svc__pend_t *p,
                            const sbn_rec_t *recs) {
+  const svc__ckpt_ctx_t *c = p->ctx;
   svc__ckpt_plan_t pl;
   int rc = (int)recs[0].v[0];
   if (rc == 0) {
-    if (svc__plan(w, &pl) != 0) {
+    if (svc__plan(w, c->nlayers, &pl) != 0) {
       svc__pend_reply_error(w, p, SVC_RESOURCE,
                             "checkpoint_load: out of "
                             "memory");
@@ -439,7 +445,7 @@ int svc__checkpoint(svc_worker_t *w, svc_request_t *q, void *token,
                     "%s: a job of several ranks needs the cross-rank "
                     "transport",
                     op);
-  if (svc__plan(w, &pl) != 0)
+  if (svc__plan(w, w->nlayers, &pl) != 0)
     return svc_fail(err, SVC_RESOURCE, "%s: out of memory", op);
   c = calloc(1, sizeof *c);
   p = svc__pend_alloc(w, svc__hash_name(q->reg.name) ^ 0x636b7074ull,
@@ -453,6 +459,7 @@ int svc__checkpoint(svc_worker_t *w, svc_request_t *q, void *token,
   }
   w->ckpt_seq++;
   c->load = load;
+  c->nlayers = w->nlayers;
   snprintf(c->name, sizeof c->name, "%s", q->reg.name);
   p->ctx = c;
   p->fp = pl.fp;

@@ -443,6 +443,10 @@ static int svc__decode_vec(const msgpack_object *o, const char *what,
     v->present = 1;
     return 0;
   }
+  if (allow_scalar && o->type != MSGPACK_OBJECT_MAP)
+    return svc_fail(err, SVC_BAD_TENSOR,
+                    "%s: expected a non-negative integer or a 1-D tensor map",
+                    what);
   if (svc__tensor_parse(o, what, 1, &t, &elsz, &payload, err) != 0)
     return -1;
   if (t.desc.ndim != 1)

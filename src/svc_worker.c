@@ -424,8 +424,11 @@ static void svc__pend_unlink(svc_worker_t *w, svc__pend_t *p) {
     }
 }
 
-/* An entry that will not complete: a forward's step is dropped (it never
- * ran here), a backward's forward state stays for another try. */
+/* An entry that will not complete: a forward's kept state is released
+ * (it never ran here) but its step stays marked as used, as on the ranks
+ * where it stalled, so a resend is DUPLICATE_STEP and the layer goes on at
+ * the next step everywhere alike; a backward's forward state stays for
+ * another try. */
 static void svc__pend_abandon(svc_worker_t *w, svc__pend_t *p) {
   if (p->s == NULL)
     return;
