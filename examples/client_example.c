@@ -55,6 +55,16 @@ int main(int argc, char **argv) {
     goto fail;
   printf("y[0] = %.6f, dx[0] = %.6f, dweight = [%.6f %.6f %.6f]\n", y[0], dx[0],
          dw[0], dw[1], dw[2]);
+  /* Protocol 3: the layer's state as the worker keeps it. The arrays are
+   * the client's; sbn_client_state_free releases them. */
+  if (h.protocol >= 3) {
+    sbn_client_state_t st;
+    if ((rc = sbn_client_get_state(c, layer, &st)) != 0)
+      goto fail;
+    printf("running_mean[0] = %.6f after %lld batches\n", st.running_mean[0],
+           (long long)st.num_batches_tracked);
+    sbn_client_state_free(&st);
+  }
   sbn_client_bye(c);
   status = 0;
 fail:

@@ -85,3 +85,22 @@ target_link_libraries(svc_new_check PRIVATE syncbn_svc syncbn
   PkgConfig::CMOCKA PkgConfig::MSGPACK m)
 add_test(NAME svc_new_check COMMAND svc_new_check)
 set_tests_properties(svc_new_check PROPERTIES TIMEOUT 60 LABELS "unit;svc")
+
+# The client library's protocol 3 calls (batch, stats, state, checkpoints,
+# metrics, TCP) against `mpirun -np 2 syncbnd`.
+if(TARGET syncbn_client AND TARGET syncbnd AND MPIEXEC_EXECUTABLE
+   AND EXISTS ${CMAKE_CURRENT_LIST_DIR}/svc_client3_e2e.c)
+  add_executable(svc_client3_e2e ${CMAKE_CURRENT_LIST_DIR}/svc_client3_e2e.c)
+  target_link_libraries(svc_client3_e2e PRIVATE syncbn_client syncbn_svc
+    syncbn PkgConfig::MSGPACK m)
+  target_compile_definitions(svc_client3_e2e PRIVATE
+    SBN_MPIEXEC="${MPIEXEC_EXECUTABLE}"
+    SBN_SYNCBND="$<TARGET_FILE:syncbnd>")
+  set(svc_env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1)
+  if(DEFINED SBN_MPI_RUN_ENV)
+    set(svc_env ${SBN_MPI_RUN_ENV})
+  endif()
+  add_test(NAME svc_client3_e2e COMMAND svc_client3_e2e)
+  set_tests_properties(svc_client3_e2e PROPERTIES TIMEOUT 180
+    LABELS "mpi;svc" ENVIRONMENT "${svc_env}")
+endif()

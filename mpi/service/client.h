@@ -1,6 +1,8 @@
-/* syncbn client: talks to a local syncbnd worker over its Unix socket
- * (protocol: mpi/service/PROTOCOL.md). Plain blocking POSIX sockets and
- * msgpack; no MPI, no event loop.
+/* syncbn client: talks to a syncbnd worker over its Unix socket, or over
+ * TCP with a token (protocol version 3: mpi/service/PROTOCOL.md). Plain
+ * blocking POSIX sockets and msgpack; no MPI, no event loop. Tensors are
+ * sent as the host stores them, which the protocol requires to be
+ * little-endian.
  *
  * Every call returns 0 or a negative SBN_E* code:
  *   SBN_EIO      the socket failed (connect, send or receive);
@@ -11,7 +13,8 @@
  *   SBN_ENOTSUP; LAYER_MISMATCH: SBN_EMISMATCH; DUPLICATE_STEP,
  *   STALE_STEP, NO_FORWARD: SBN_ESTATE; SMALL_BATCH: SBN_ESMALLBATCH;
  *   TIMEOUT: SBN_ETIMEDOUT; FRAME_TOO_LARGE, LIMIT, RESOURCE,
- *   TOO_MANY_CLIENTS: SBN_ELIMIT; the rest: SBN_EINVAL).
+ *   TOO_MANY_CLIENTS: SBN_ELIMIT; the rest, e.g. UNKNOWN_LAYER,
+ *   BAD_PARAMS, CHECKPOINT, STALL, UNAUTHORIZED: SBN_EINVAL).
  * sbn_client_error_code() then gives the worker's code string and
  * sbn_client_error() a message. A client handle is used by one thread at a
  * time; distinct handles are independent.
@@ -35,6 +38,23 @@ int sbn_client_socket_path(char *buf, size_t n, const char *dir, int rank);
 
 /* Connects to the worker's socket. *out is freed by sbn_client_close. */
 int sbn_client_connect(const char *path, sbn_client_t **out);
+
+/* Connects to a worker's TCP port (rank r listens on the --tcp port + r;
+ * host is a name or an address literal, IPv6 without brackets) and sends
+ * the hello that carries the token (token_len bytes, 0..1024). A worker
+ * that refuses the token answers UNAUTHORIZED and closes; the call then
+ * fails with that reply's code (SBN_EINVAL).
+ * Unlike sbn_client_connect, *out is set on failure too (it is NULL only
+ * for SBN_ENOMEM and invalid arguments), so that sbn_client_error_code(*out)
+ * can say "UNAUTHORIZED" and sbn_client_error(*out) why (or what the
+ * name lookup or connect said). Call sbn_client_close(*out) whatever the
+ * result; a failed handle answers only the error queries. After a success
+ * the connection is served like a Unix one (sbn_client_hello may be sent
+ * again to read the limits). */
+int sbn_client_connect_tcp(const char *host, int port, const void *token,
+                           size_t token_len, sbn_client_t **out);
+
+/* Closes the connection and frees c; NULL is ignored. */
 void sbn_client_close(sbn_client_t *c);
 
 typedef struct sbn_client_hello_s {
@@ -69,6 +89,184 @@ int sbn_client_backward(sbn_client_t *c, uint64_t layer, uint64_t step,
                         const sbn_tensor_desc_t *desc, const float *dy,
                         float *dx, float *dweight, float *dbias,
                         size_t wb_numel);
+
+/* ------------------------------------------------------------------ */
+/* Protocol 3: the stats path, layer state, checkpoints, metrics, batches.
+ * They need a worker with protocol >= 3 (sbn_client_hello says). */
+
+/* The reply of stats: caller-provided arrays of `channels` doubles each;
+ * a NULL member is not filled. */
+typedef struct sbn_client_stats_s {
+  double *count;        /* values per channel in the group's batch */
+  double *mean;         /* the group's mean */
+  double *var;          /* biased variance, m2 / count */
+  double *var_unbiased; /* m2 / (count - 1) */
+  double *invstd;       /* 1 / sqrt(var + eps) */
+} sbn_client_stats_t;
+
+/* Reduces a syncbatchnorm layer's batch statistics, computed by the
+ * caller, over the layer's sync group, and moves its running statistics
+ * as a training forward would. Every rank of the group sends the same
+ * (layer, step). This rank's values per channel are `count` when counts
+ * is NULL, else counts[0..channels); mean and m2 (the sum of squared
+ * deviations from this rank's mean) have `channels` doubles. They travel
+ * as f64 tensors. */
+int sbn_client_stats(sbn_client_t *c, uint64_t layer, uint64_t step,
+                     size_t channels, uint64_t count, const double *counts,
+                     const double *mean, const double *m2,
+                     sbn_client_stats_t *out);
+
+/* Sums this rank's per-channel sum_dy and sum_dy_xhat (`channels` doubles
+ * each) over the group into group_sum_dy and group_sum_dy_xhat (caller's
+ * arrays of `channels` doubles; NULL: not wanted). */
+int sbn_client_stats_backward(sbn_client_t *c, uint64_t layer, uint64_t step,
+                              size_t channels, const double *sum_dy,
+                              const double *sum_dy_xhat, double *group_sum_dy,
+                              double *group_sum_dy_xhat);
+
+/* A layer's state. sbn_client_get_state fills it with arrays it allocates
+ * (the caller need not know the layer's shapes); they belong to the
+ * struct and are freed by sbn_client_state_free. sbn_client_set_state
+ * reads a struct the caller filled or got from get_state. */
+typedef struct sbn_client_state_s {
+  char kind[16]; /* get_state: the registered kind; set_state ignores it */
+  /* Running statistics: [channels] each. get_state sets the flag when the
+   * layer tracks them; set_state sends each array that is not NULL. */
+  int has_running_stats;
+  size_t channels;
+  float *running_mean, *running_var;
+  /* get_state: present when the statistics are tracked; set_state sends
+   * the value when the flag is set (0 .. 2^63 - 1). */
+  int has_num_batches_tracked;
+  int64_t num_batches_tracked;
+  /* Affine parameters, shape param_desc (layout NCHW): [channels], or
+   * normalized_shape for layernorm. get_state sets the flag for affine
+   * layers; set_state sends each array that is not NULL. */
+  int has_affine;
+  sbn_tensor_desc_t param_desc;
+  float *weight, *bias;
+} sbn_client_state_t;
+
+/* Fills *out (zeroed first; on failure it owns nothing). */
+int sbn_client_get_state(sbn_client_t *c, uint64_t layer,
+                         sbn_client_state_t *out);
+/* Frees what get_state allocated and zeroes *s. Only for structs filled by
+ * sbn_client_get_state (or zeroed ones). */
+void sbn_client_state_free(sbn_client_state_t *s);
+/* Sends the members of s that are present (see sbn_client_state_t); the
+ * worker checks them all before it changes anything. A request with none
+ * of them changes nothing. */
+int sbn_client_set_state(sbn_client_t *c, uint64_t layer,
+                         const sbn_client_state_t *s);
+
+/* Collective: every rank's client must send the same one. name is a file
+ * name in the workers' state directory. *layers (may be NULL) gets the
+ * number of layers written or read. */
+int sbn_client_checkpoint_save(sbn_client_t *c, const char *name,
+                               uint64_t *layers);
+int sbn_client_checkpoint_load(sbn_client_t *c, const char *name,
+                               uint64_t *layers);
+
+/* The worker's counters (this rank only). The requests-by-op and
+ * errors-by-code tables keep their first SBN_CLIENT_METRICS_NAMES entries
+ * (the protocol has fewer ops and codes); read them with the lookups
+ * below. No allocation: the struct owns everything. */
+#define SBN_CLIENT_METRICS_NAMES 32
+typedef struct sbn_client_count_s {
+  char name[32];
+  uint64_t n;
+} sbn_client_count_t;
+
+typedef struct sbn_client_metrics_s {
+  sbn_client_count_t requests[SBN_CLIENT_METRICS_NAMES];
+  size_t nrequests;
+  sbn_client_count_t errors[SBN_CLIENT_METRICS_NAMES];
+  size_t nerrors;
+  uint64_t bytes_in, bytes_out, frames_in, frames_out;
+  uint64_t connections, auth_failures;
+  uint64_t allreduces;    /* fused cross-rank allreduces started */
+  uint64_t entries_fused; /* entries (layer steps) they carried */
+  uint64_t gathers;
+  /* Allreduces by entries fused: 1, 2, 3-4, 5-8, 9-16, 17-32, 33-64, 65+. */
+  uint64_t fused_per_allreduce[8];
+  uint64_t latency_count; /* allreduces timed; percentiles in seconds */
+  double latency_p50, latency_p90, latency_p99, latency_max;
+  uint64_t stalls, mismatches, saved_bytes, layers;
+} sbn_client_metrics_t;
+
+int sbn_client_metrics(sbn_client_t *c, sbn_client_metrics_t *out);
+/* Requests by op name ("forward") and error replies by code ("STALL");
+ * 0 for a name the worker did not list. */
+uint64_t sbn_client_metrics_requests(const sbn_client_metrics_t *m,
+                                     const char *op);
+uint64_t sbn_client_metrics_errors(const sbn_client_metrics_t *m,
+                                   const char *code);
+
+/* A batch: forwards, backwards, stats and stats_backwards queued one by
+ * one and sent as one request, whose cross-rank entries the workers
+ * reduce together (up to 64 in one allreduce). The queue calls copy their
+ * inputs into the request at once, so the caller's arrays may change as
+ * soon as they return. sbn_client_batch_run sends it and keeps every
+ * sub-reply in the batch; sub-request i is the i-th queued (at most 256).
+ * A batch is used by one thread at a time and may be run again (the same
+ * requests) or reset and refilled. */
+typedef struct sbn_client_batch_s sbn_client_batch_t;
+
+int sbn_client_batch_new(sbn_client_batch_t **out);
+/* Frees b and its results; NULL is ignored. */
+void sbn_client_batch_free(sbn_client_batch_t *b);
+/* Empties b (queue and results) for reuse. */
+void sbn_client_batch_reset(sbn_client_batch_t *b);
+size_t sbn_client_batch_size(const sbn_client_batch_t *b);
+
+/* Queueing: the arguments of the single calls, without the outputs. They
+ * return 0, SBN_ELIMIT when b holds 256 already, SBN_ENOMEM, or the
+ * desc's error; a failed call queues nothing. */
+int sbn_client_batch_forward(sbn_client_batch_t *b, uint64_t layer,
+                             uint64_t step, int train,
+                             const sbn_tensor_desc_t *desc, const float *x,
+                             const float *weight, const float *bias,
+                             size_t wb_numel);
+int sbn_client_batch_backward(sbn_client_batch_t *b, uint64_t layer,
+                              uint64_t step, const sbn_tensor_desc_t *desc,
+                              const float *dy);
+int sbn_client_batch_stats(sbn_client_batch_t *b, uint64_t layer, uint64_t step,
+                           size_t channels, uint64_t count,
+                           const double *counts, const double *mean,
+                           const double *m2);
+int sbn_client_batch_stats_backward(sbn_client_batch_t *b, uint64_t layer,
+                                    uint64_t step, size_t channels,
+                                    const double *sum_dy,
+                                    const double *sum_dy_xhat);
+
+/* Sends b and reads its reply. 0 means every sub-reply arrived; each has
+ * its own result (a sub-request's error fails only that one). A negative
+ * code means the batch as a whole failed (transport, a malformed reply,
+ * the worker refused the batch, or b is empty: SBN_EINVAL), and the
+ * client's error queries say why. */
+int sbn_client_batch_run(sbn_client_t *c, sbn_client_batch_t *b);
+
+/* One sub-reply. Every pointer belongs to the batch and stays valid until
+ * it is run again, reset or freed; members that do not apply are NULL. */
+typedef struct sbn_client_result_s {
+  int rc;            /* 0, or the error mapped as for a single call */
+  char code[32];     /* the worker's error code; "" on success */
+  char message[256]; /* the worker's message */
+  const float *y;    /* forward: numel floats, the shape of x */
+  const float *dx;   /* backward: numel floats, the shape of dy */
+  size_t numel;
+  const float *dweight, *dbias; /* backward, affine layers: wb_numel each */
+  size_t wb_numel;
+  /* stats: count .. invstd; stats_backward: sum_dy, sum_dy_xhat (the
+   * group's). channels doubles each. */
+  const double *count, *mean, *var, *var_unbiased, *invstd;
+  const double *sum_dy, *sum_dy_xhat;
+  size_t channels;
+} sbn_client_result_t;
+
+/* Sub-reply i of the last successful run; NULL if there is none. */
+const sbn_client_result_t *sbn_client_batch_result(const sbn_client_batch_t *b,
+                                                   size_t i);
 
 /* Says goodbye; the worker answers and closes. */
 int sbn_client_bye(sbn_client_t *c);
