@@ -7,7 +7,8 @@ if(NOT TARGET syncbn_svc)
   return()
 endif()
 
-add_executable(svc_codec_check ${CMAKE_CURRENT_LIST_DIR}/svc_codec_check.c)
+add_executable(svc_codec_check ${CMAKE_CURRENT_LIST_DIR}/svc_codec_check.c
+  ${CMAKE_CURRENT_LIST_DIR}/svc_testutil.c)
 target_link_libraries(svc_codec_check PRIVATE syncbn_svc syncbn
   PkgConfig::CMOCKA PkgConfig::MSGPACK)
 add_test(NAME svc_codec_check COMMAND svc_codec_check)
@@ -37,7 +38,8 @@ endif()
 # syncbatchnorm across workers (protocol version 2).
 if(TARGET syncbn_client AND TARGET syncbnd AND MPIEXEC_EXECUTABLE
    AND EXISTS ${CMAKE_CURRENT_LIST_DIR}/svc_sync_e2e.c)
-  add_executable(svc_sync_e2e ${CMAKE_CURRENT_LIST_DIR}/svc_sync_e2e.c)
+  add_executable(svc_sync_e2e ${CMAKE_CURRENT_LIST_DIR}/svc_sync_e2e.c
+    ${CMAKE_CURRENT_LIST_DIR}/svc_job.c)
   target_link_libraries(svc_sync_e2e PRIVATE syncbn_client syncbn_svc syncbn
     PkgConfig::MSGPACK m)
   target_compile_definitions(svc_sync_e2e PRIVATE
@@ -55,7 +57,8 @@ if(TARGET syncbn_client AND TARGET syncbnd AND MPIEXEC_EXECUTABLE
 endif()
 
 # The worker's get_state, set_state and metrics requests (no sockets).
-add_executable(svc_ops_check ${CMAKE_CURRENT_LIST_DIR}/svc_ops_check.c)
+add_executable(svc_ops_check ${CMAKE_CURRENT_LIST_DIR}/svc_ops_check.c
+  ${CMAKE_CURRENT_LIST_DIR}/svc_testutil.c)
 target_link_libraries(svc_ops_check PRIVATE syncbn_svc syncbn
   PkgConfig::CMOCKA PkgConfig::MSGPACK m)
 add_test(NAME svc_ops_check COMMAND svc_ops_check)
@@ -80,7 +83,8 @@ endif()
 
 # Batches, stats, checkpoints and the hello token on one worker without
 # the cross-rank transport (no sockets, no MPI).
-add_executable(svc_new_check ${CMAKE_CURRENT_LIST_DIR}/svc_new_check.c)
+add_executable(svc_new_check ${CMAKE_CURRENT_LIST_DIR}/svc_new_check.c
+  ${CMAKE_CURRENT_LIST_DIR}/svc_testutil.c)
 target_link_libraries(svc_new_check PRIVATE syncbn_svc syncbn
   PkgConfig::CMOCKA PkgConfig::MSGPACK m)
 add_test(NAME svc_new_check COMMAND svc_new_check)
@@ -90,7 +94,8 @@ set_tests_properties(svc_new_check PROPERTIES TIMEOUT 60 LABELS "unit;svc")
 # metrics, TCP) against `mpirun -np 2 syncbnd`.
 if(TARGET syncbn_client AND TARGET syncbnd AND MPIEXEC_EXECUTABLE
    AND EXISTS ${CMAKE_CURRENT_LIST_DIR}/svc_client3_e2e.c)
-  add_executable(svc_client3_e2e ${CMAKE_CURRENT_LIST_DIR}/svc_client3_e2e.c)
+  add_executable(svc_client3_e2e ${CMAKE_CURRENT_LIST_DIR}/svc_client3_e2e.c
+    ${CMAKE_CURRENT_LIST_DIR}/svc_job.c)
   target_link_libraries(svc_client3_e2e PRIVATE syncbn_client syncbn_svc
     syncbn PkgConfig::MSGPACK m)
   target_compile_definitions(svc_client3_e2e PRIVATE

@@ -31,6 +31,7 @@
 #include <unistd.h>
 
 #include "client.h"
+#include "svc_job.h"
 #include "syncbn.h"
 
 #define NP 2
@@ -41,7 +42,7 @@
 
 static pid_t g_mpirun = -1;
 static char g_root[64], g_errlog[128];
-static char g_path[NP][256];
+static char g_path[NP][SJ_PATH_MAX];
 static int g_port[NP];
 static const char g_token[] = "client3-token-\x01\x02 bytes";
 
@@ -64,24 +65,12 @@ static const char g_token[] = "client3-token-\x01\x02 bytes";
       sbn_err_name(rc), sbn_client_error_code(c), sbn_client_error(c))
 
 static void stop_job(void) {
-  if (g_mpirun > 0) {
-    kill(g_mpirun, SIGTERM);
-    for (int i = 0; i < 100 && waitpid(g_mpirun, NULL, WNOHANG) == 0; i++)
-      usleep(100000);
-    kill(g_mpirun, SIGKILL);
-    waitpid(g_mpirun, NULL, 0);
-    g_mpirun = -1;
-  }
+  sj_stop(&g_mpirun);
 }
 
 static void cleanup(void) {
-  char cmd[128];
   stop_job();
-  if (g_root[0] != '\0') {
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", g_root);
-    if (system(cmd) != 0)
-      fprintf(stderr, "svc_client3_e2e: could not remove %s\n", g_root);
-  }
+  sj_remove("svc_client3_e2e", g_root);
 }
 
 /* Under the sanitizers a worker's report goes to its stderr, which the
@@ -104,9 +93,8 @@ static int job_stderr_clean(void) {
 }
 
 static void start_job(void) {
-  int fds[2], ready = 0, listening = 0, tf;
-  char dir[128], state[128], tok[128], buf[4096];
-  size_t have = 0;
+  int tf;
+  char dir[128], state[128], tok[128];
   snprintf(dir, sizeof dir, "%s/s", g_root);
   snprintf(state, sizeof state, "%s/state", g_root);
   snprintf(tok, sizeof tok, "%s/token", g_root);
@@ -130,64 +118,11 @@ static void start_job(void) {
                         "1000",        "--tcp",
                         "127.0.0.1:0", "--token-file",
                         tok,           NULL};
-  CHECK(pipe(fds) == 0, "pipe: %s", strerror(errno));
-  g_mpirun = fork();
-  CHECK(g_mpirun >= 0, "fork: %s", strerror(errno));
-  if (g_mpirun == 0) {
-    int ef = open(g_errlog, O_WRONLY | O_CREAT | O_TRUNC, 0600);
-    dup2(fds[1], 1);
-    if (ef >= 0)
-      dup2(ef, 2);
-    close(fds[0]);
-    close(fds[1]);
-    execv(SBN_MPIEXEC, (char *const *)argv);
-    _exit(127);
-  }
-  close(fds[1]);
-  /* Each rank prints its ready line, then its TCP line. */
-  while (ready < NP || listening < NP) {
-    struct pollfd p = {fds[0], POLLIN, 0};
-    ssize_t r;
-    char *nl;
-    CHECK(poll(&p, 1, 60000) > 0, "no ready lines within 60 s");
-    r = read(fds[0], buf + have, sizeof buf - 1 - have);
-    CHECK(r > 0, "the job ended before it was ready");
-    have += (size_t)r;
-    buf[have] = '\0';
-    while ((nl = strchr(buf, '\n')) != NULL) {
-      int rank, port;
-      char path[256];
-      *nl = '\0';
-      if (sscanf(buf, "syncbnd: rank %d ready on %255s", &rank, path) == 2 &&
-          rank >= 0 && rank < NP) {
-        snprintf(g_path[rank], sizeof g_path[rank], "%s", path);
-        ready++;
-      } else if (sscanf(buf, "syncbnd: rank %d listening on tcp 127.0.0.1:%d",
-                        &rank, &port) == 2 &&
-                 rank >= 0 && rank < NP) {
-        g_port[rank] = port;
-        listening++;
-      }
-      have -= (size_t)(nl + 1 - buf);
-      memmove(buf, nl + 1, have + 1);
-    }
-  }
-  /* The pipe stays open (unread lines are few), so the job never gets
-   * SIGPIPE for writing to stdout. */
-}
-
-static void set_timeouts(sbn_client_t *c, int timeout_s) {
-  struct timeval tv = {timeout_s, 0};
-  setsockopt(sbn_client_fd(c), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-  setsockopt(sbn_client_fd(c), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+  g_mpirun = sj_start("svc_client3_e2e", argv, g_errlog, NP, g_path, g_port);
 }
 
 static sbn_client_t *connect_rank(int rank) {
-  sbn_client_t *c = NULL;
-  int rc = sbn_client_connect(g_path[rank], &c);
-  CHECK(rc == 0, "connect %s: %s", g_path[rank], sbn_strerror(rc));
-  set_timeouts(c, 30);
-  return c;
+  return sj_connect("svc_client3_e2e", g_path[rank], 30);
 }
 
 static void fill(float *a, size_t n, uint64_t seed, float scale, float off) {
@@ -947,7 +882,7 @@ static void test_tcp(void) {
                                 sizeof g_token - 1, &c);
     CHECK(rc == 0, "tcp rank %d: %s %s", r, sbn_strerror(rc),
           c ? sbn_client_error(c) : "");
-    set_timeouts(c, 30);
+    sj_set_timeouts(c, 30);
     CHECK(sbn_client_hello(c, &h) == 0 && h.rank == r && h.protocol >= 3,
           "tcp hello rank %d: %s", r, sbn_client_error(c));
     sbn_client_close(c);

@@ -15,41 +15,10 @@
 
 #include "svc_codec.h"
 #include "svc_worker.h"
+#include "svc_testutil.h"
 
 /* ------------------------------------------------------------------ */
 /* Building request bodies */
-
-typedef struct body_s {
-  msgpack_sbuffer sb;
-  msgpack_packer pk;
-} body_t;
-
-static void body_init(body_t *b) {
-  msgpack_sbuffer_init(&b->sb);
-  msgpack_packer_init(&b->pk, &b->sb, msgpack_sbuffer_write);
-}
-
-static void key(body_t *b, const char *k) {
-  msgpack_pack_str_with_body(&b->pk, k, strlen(k));
-}
-
-static void tensor(body_t *b, int ndim, const size_t *dims, const char *layout,
-                   const float *data, size_t bytes) {
-  msgpack_pack_map(&b->pk, layout != NULL ? 4 : 3);
-  key(b, "dtype");
-  key(b, "f32");
-  key(b, "shape");
-  msgpack_pack_array(&b->pk, (size_t)ndim);
-  for (int i = 0; i < ndim; i++)
-    msgpack_pack_uint64(&b->pk, dims[i]);
-  if (layout != NULL) {
-    key(b, "layout");
-    key(b, layout);
-  }
-  key(b, "data");
-  msgpack_pack_bin(&b->pk, bytes);
-  msgpack_pack_bin_body(&b->pk, data, bytes);
-}
 
 static svc_limits_t lim(void) {
   svc_limits_t l;
@@ -69,7 +38,7 @@ static svc_code_t decode_raw(const void *p, size_t n, svc_request_t *req,
   return err->code;
 }
 
-static svc_code_t decode(body_t *b, svc_request_t *req, svc_err_t *err) {
+static svc_code_t decode(tu_body_t *b, svc_request_t *req, svc_err_t *err) {
   return decode_raw(b->sb.data, b->sb.size, req, err);
 }
 
@@ -119,19 +88,19 @@ static void test_frame_len(void **st) {
 /* Valid requests */
 
 static void test_hello(void **st) {
-  body_t b;
+  tu_body_t b;
   svc_request_t q;
   svc_err_t err;
   (void)st;
-  body_init(&b);
+  tu_body_init(&b);
   msgpack_pack_map(&b.pk, 4);
-  key(&b, "op");
-  key(&b, "hello");
-  key(&b, "id");
+  tu_key(&b, "op");
+  tu_key(&b, "hello");
+  tu_key(&b, "id");
   msgpack_pack_int64(&b.pk, -7);
-  key(&b, "version");
+  tu_key(&b, "version");
   msgpack_pack_uint32(&b.pk, 1);
-  key(&b, "future_key"); /* unknown keys are ignored */
+  tu_key(&b, "future_key"); /* unknown keys are ignored */
   msgpack_pack_array(&b.pk, 2);
   msgpack_pack_nil(&b.pk);
   msgpack_pack_true(&b.pk);
@@ -145,29 +114,29 @@ static void test_hello(void **st) {
 }
 
 static void test_register(void **st) {
-  body_t b;
+  tu_body_t b;
   svc_request_t q;
   svc_err_t err;
   (void)st;
-  body_init(&b);
+  tu_body_init(&b);
   msgpack_pack_map(&b.pk, 8);
-  key(&b, "op");
-  key(&b, "register");
-  key(&b, "id");
+  tu_key(&b, "op");
+  tu_key(&b, "register");
+  tu_key(&b, "id");
   msgpack_pack_uint64(&b.pk, UINT64_MAX);
-  key(&b, "name");
-  key(&b, "net.ln");
-  key(&b, "kind");
-  key(&b, "layernorm");
-  key(&b, "normalized_shape");
+  tu_key(&b, "name");
+  tu_key(&b, "net.ln");
+  tu_key(&b, "kind");
+  tu_key(&b, "layernorm");
+  tu_key(&b, "normalized_shape");
   msgpack_pack_array(&b.pk, 2);
   msgpack_pack_uint32(&b.pk, 4);
   msgpack_pack_uint32(&b.pk, 5);
-  key(&b, "eps");
+  tu_key(&b, "eps");
   msgpack_pack_float(&b.pk, 0.25f);
-  key(&b, "affine");
+  tu_key(&b, "affine");
   msgpack_pack_false(&b.pk);
-  key(&b, "momentum");
+  tu_key(&b, "momentum");
   msgpack_pack_nil(&b.pk);
   ASSERT_CODE(decode(&b, &q, &err), SVC_OK);
   assert_int_equal(q.op, SVC_OP_REGISTER);
@@ -184,26 +153,26 @@ static void test_register(void **st) {
   msgpack_sbuffer_destroy(&b.sb);
 }
 
-static void pack_forward(body_t *b, int ndim, const size_t *dims,
+static void pack_forward(tu_body_t *b, int ndim, const size_t *dims,
                          const char *layout, const float *x, size_t bytes) {
-  body_init(b);
+  tu_body_init(b);
   msgpack_pack_map(&b->pk, 6);
-  key(b, "op");
-  key(b, "forward");
-  key(b, "id");
+  tu_key(b, "op");
+  tu_key(b, "forward");
+  tu_key(b, "id");
   msgpack_pack_uint32(&b->pk, 3);
-  key(b, "layer");
+  tu_key(b, "layer");
   msgpack_pack_uint32(&b->pk, 0);
-  key(b, "step");
+  tu_key(b, "step");
   msgpack_pack_uint64(&b->pk, 42);
-  key(b, "train");
+  tu_key(b, "train");
   msgpack_pack_true(&b->pk);
-  key(b, "x");
-  tensor(b, ndim, dims, layout, x, bytes);
+  tu_key(b, "x");
+  tu_tensor(b, "f32", ndim, dims, layout, x, bytes);
 }
 
 static void test_forward_tensor(void **st) {
-  body_t b;
+  tu_body_t b;
   svc_request_t q;
   svc_err_t err;
   const size_t dims[4] = {2, 3, 1, 2};
@@ -286,13 +255,13 @@ static void test_nesting(void **st) {
 }
 
 static void test_object_cap(void **st) {
-  body_t b;
+  tu_body_t b;
   svc_request_t q;
   svc_err_t err;
   (void)st;
-  body_init(&b);
+  tu_body_init(&b);
   msgpack_pack_map(&b.pk, 1);
-  key(&b, "junk");
+  tu_key(&b, "junk");
   msgpack_pack_array(&b.pk, 5000);
   for (int i = 0; i < 5000; i++)
     msgpack_pack_nil(&b.pk);
@@ -334,20 +303,20 @@ static void test_malformed(void **st) {
 /* Wrong types and bad values */
 
 /* {op: <op>, id: 1, <k>: <v>} with v packed by the callback. */
-typedef void (*packv_t)(body_t *);
+typedef void (*packv_t)(tu_body_t *);
 static svc_code_t one_key(const char *op, const char *k, packv_t v,
                           svc_err_t *err) {
-  body_t b;
+  tu_body_t b;
   svc_request_t q;
   svc_code_t c;
-  body_init(&b);
+  tu_body_init(&b);
   msgpack_pack_map(&b.pk, k != NULL ? 3 : 2);
-  key(&b, "op");
-  key(&b, op);
-  key(&b, "id");
+  tu_key(&b, "op");
+  tu_key(&b, op);
+  tu_key(&b, "id");
   msgpack_pack_uint32(&b.pk, 1);
   if (k != NULL) {
-    key(&b, k);
+    tu_key(&b, k);
     v(&b);
   }
   c = decode(&b, &q, err);
@@ -357,18 +326,18 @@ static svc_code_t one_key(const char *op, const char *k, packv_t v,
   return c;
 }
 
-static void v_str(body_t *b) {
-  key(b, "1");
+static void v_str(tu_body_t *b) {
+  tu_key(b, "1");
 }
-static void v_float(body_t *b) {
+static void v_float(tu_body_t *b) {
   msgpack_pack_double(&b->pk, 1.0);
 }
-static void v_neg(body_t *b) {
+static void v_neg(tu_body_t *b) {
   msgpack_pack_int32(&b->pk, -1);
 }
 
 static void test_wrong_types(void **st) {
-  body_t b;
+  tu_body_t b;
   svc_request_t q;
   svc_err_t err;
   (void)st;
@@ -378,54 +347,54 @@ static void test_wrong_types(void **st) {
   ASSERT_CODE(one_key("frobnicate", NULL, NULL, &err), SVC_UNKNOWN_OP);
   ASSERT_CODE(one_key("bye", NULL, NULL, &err), SVC_OK);
   /* Missing id, id of the wrong type, op of the wrong type. */
-  body_init(&b);
+  tu_body_init(&b);
   msgpack_pack_map(&b.pk, 2);
-  key(&b, "op");
-  key(&b, "bye");
-  key(&b, "id");
-  key(&b, "7");
+  tu_key(&b, "op");
+  tu_key(&b, "bye");
+  tu_key(&b, "id");
+  tu_key(&b, "7");
   ASSERT_CODE(decode(&b, &q, &err), SVC_BAD_REQUEST);
   assert_false(q.id.present);
   msgpack_sbuffer_destroy(&b.sb);
-  body_init(&b);
+  tu_body_init(&b);
   msgpack_pack_map(&b.pk, 2);
-  key(&b, "op");
+  tu_key(&b, "op");
   msgpack_pack_uint32(&b.pk, 5);
-  key(&b, "id");
+  tu_key(&b, "id");
   msgpack_pack_uint32(&b.pk, 9);
   ASSERT_CODE(decode(&b, &q, &err), SVC_BAD_REQUEST);
   /* The id is still echoed when the op is bad. */
   assert_true(q.id.present && q.id.u == 9);
   msgpack_sbuffer_destroy(&b.sb);
   /* A repeated key and a non-string key. */
-  body_init(&b);
+  tu_body_init(&b);
   msgpack_pack_map(&b.pk, 3);
-  key(&b, "op");
-  key(&b, "bye");
-  key(&b, "id");
+  tu_key(&b, "op");
+  tu_key(&b, "bye");
+  tu_key(&b, "id");
   msgpack_pack_uint32(&b.pk, 1);
-  key(&b, "id");
+  tu_key(&b, "id");
   msgpack_pack_uint32(&b.pk, 2);
   ASSERT_CODE(decode(&b, &q, &err), SVC_BAD_REQUEST);
   msgpack_sbuffer_destroy(&b.sb);
-  body_init(&b);
+  tu_body_init(&b);
   msgpack_pack_map(&b.pk, 1);
   msgpack_pack_uint32(&b.pk, 1);
   msgpack_pack_uint32(&b.pk, 2);
   ASSERT_CODE(decode(&b, &q, &err), SVC_BAD_REQUEST);
   msgpack_sbuffer_destroy(&b.sb);
   /* Register: bad kind, negative channels, string eps, name too long. */
-  body_init(&b);
+  tu_body_init(&b);
   msgpack_pack_map(&b.pk, 5);
-  key(&b, "op");
-  key(&b, "register");
-  key(&b, "id");
+  tu_key(&b, "op");
+  tu_key(&b, "register");
+  tu_key(&b, "id");
   msgpack_pack_uint32(&b.pk, 1);
-  key(&b, "name");
-  key(&b, "a");
-  key(&b, "kind");
-  key(&b, "batchnorm");
-  key(&b, "channels");
+  tu_key(&b, "name");
+  tu_key(&b, "a");
+  tu_key(&b, "kind");
+  tu_key(&b, "batchnorm");
+  tu_key(&b, "channels");
   msgpack_pack_int32(&b.pk, -3);
   ASSERT_CODE(decode(&b, &q, &err), SVC_BAD_REQUEST);
   assert_non_null(strstr(err.msg, "channels"));
@@ -434,29 +403,29 @@ static void test_wrong_types(void **st) {
     char longname[300];
     memset(longname, 'n', sizeof longname - 1);
     longname[sizeof longname - 1] = '\0';
-    body_init(&b);
+    tu_body_init(&b);
     msgpack_pack_map(&b.pk, 4);
-    key(&b, "op");
-    key(&b, "register");
-    key(&b, "id");
+    tu_key(&b, "op");
+    tu_key(&b, "register");
+    tu_key(&b, "id");
     msgpack_pack_uint32(&b.pk, 1);
-    key(&b, "name");
-    key(&b, longname);
-    key(&b, "kind");
-    key(&b, "batchnorm");
+    tu_key(&b, "name");
+    tu_key(&b, longname);
+    tu_key(&b, "kind");
+    tu_key(&b, "batchnorm");
     ASSERT_CODE(decode(&b, &q, &err), SVC_BAD_REQUEST);
     msgpack_sbuffer_destroy(&b.sb);
   }
-  body_init(&b);
+  tu_body_init(&b);
   msgpack_pack_map(&b.pk, 4);
-  key(&b, "op");
-  key(&b, "register");
-  key(&b, "id");
+  tu_key(&b, "op");
+  tu_key(&b, "register");
+  tu_key(&b, "id");
   msgpack_pack_uint32(&b.pk, 1);
-  key(&b, "name");
-  key(&b, "a");
-  key(&b, "kind");
-  key(&b, "superbatchnorm");
+  tu_key(&b, "name");
+  tu_key(&b, "a");
+  tu_key(&b, "kind");
+  tu_key(&b, "superbatchnorm");
   ASSERT_CODE(decode(&b, &q, &err), SVC_BAD_REQUEST);
   msgpack_sbuffer_destroy(&b.sb);
   /* Forward: step negative, train an integer. */
@@ -468,37 +437,37 @@ static void test_wrong_types(void **st) {
     ASSERT_CODE(decode(&b, &q, &err), SVC_OK);
     svc_request_free(&q);
     msgpack_sbuffer_destroy(&b.sb);
-    body_init(&b);
+    tu_body_init(&b);
     msgpack_pack_map(&b.pk, 6);
-    key(&b, "op");
-    key(&b, "forward");
-    key(&b, "id");
+    tu_key(&b, "op");
+    tu_key(&b, "forward");
+    tu_key(&b, "id");
     msgpack_pack_uint32(&b.pk, 3);
-    key(&b, "layer");
+    tu_key(&b, "layer");
     msgpack_pack_uint32(&b.pk, 0);
-    key(&b, "step");
+    tu_key(&b, "step");
     v_neg(&b);
-    key(&b, "train");
+    tu_key(&b, "train");
     msgpack_pack_true(&b.pk);
-    key(&b, "x");
-    tensor(&b, 2, dims, NULL, &x, 4);
+    tu_key(&b, "x");
+    tu_tensor(&b, "f32", 2, dims, NULL, &x, 4);
     ASSERT_CODE(decode(&b, &q, &err), SVC_BAD_REQUEST);
     assert_non_null(strstr(err.msg, "step"));
     msgpack_sbuffer_destroy(&b.sb);
-    body_init(&b);
+    tu_body_init(&b);
     msgpack_pack_map(&b.pk, 6);
-    key(&b, "op");
-    key(&b, "forward");
-    key(&b, "id");
+    tu_key(&b, "op");
+    tu_key(&b, "forward");
+    tu_key(&b, "id");
     msgpack_pack_uint32(&b.pk, 3);
-    key(&b, "layer");
+    tu_key(&b, "layer");
     msgpack_pack_uint32(&b.pk, 0);
-    key(&b, "step");
+    tu_key(&b, "step");
     msgpack_pack_uint32(&b.pk, 0);
-    key(&b, "train");
+    tu_key(&b, "train");
     msgpack_pack_uint32(&b.pk, 1);
-    key(&b, "x");
-    tensor(&b, 2, dims, NULL, &x, 4);
+    tu_key(&b, "x");
+    tu_tensor(&b, "f32", 2, dims, NULL, &x, 4);
     ASSERT_CODE(decode(&b, &q, &err), SVC_BAD_REQUEST);
     assert_non_null(strstr(err.msg, "train"));
     msgpack_sbuffer_destroy(&b.sb);
@@ -506,23 +475,23 @@ static void test_wrong_types(void **st) {
 }
 
 /* A forward request whose x map is written by the callback. */
-static svc_code_t forward_with_x(void (*px)(body_t *), svc_err_t *err) {
-  body_t b;
+static svc_code_t forward_with_x(void (*px)(tu_body_t *), svc_err_t *err) {
+  tu_body_t b;
   svc_request_t q;
   svc_code_t c;
-  body_init(&b);
+  tu_body_init(&b);
   msgpack_pack_map(&b.pk, 6);
-  key(&b, "op");
-  key(&b, "forward");
-  key(&b, "id");
+  tu_key(&b, "op");
+  tu_key(&b, "forward");
+  tu_key(&b, "id");
   msgpack_pack_uint32(&b.pk, 3);
-  key(&b, "layer");
+  tu_key(&b, "layer");
   msgpack_pack_uint32(&b.pk, 0);
-  key(&b, "step");
+  tu_key(&b, "step");
   msgpack_pack_uint32(&b.pk, 0);
-  key(&b, "train");
+  tu_key(&b, "train");
   msgpack_pack_false(&b.pk);
-  key(&b, "x");
+  tu_key(&b, "x");
   px(&b);
   c = decode(&b, &q, err);
   if (c == SVC_OK)
@@ -533,81 +502,81 @@ static svc_code_t forward_with_x(void (*px)(body_t *), svc_err_t *err) {
 
 static const float some[16] = {1, 2,  3,  4,  5,  6,  7,  8,
                                9, 10, 11, 12, 13, 14, 15, 16};
-static void x_short(body_t *b) {
+static void x_short(tu_body_t *b) {
   const size_t d[2] = {2, 4};
-  tensor(b, 2, d, NULL, some, 28); /* 7 floats for 8 */
+  tu_tensor(b, "f32", 2, d, NULL, some, 28); /* 7 floats for 8 */
 }
-static void x_odd(body_t *b) {
+static void x_odd(tu_body_t *b) {
   const size_t d[2] = {2, 4};
-  tensor(b, 2, d, NULL, some, 33);
+  tu_tensor(b, "f32", 2, d, NULL, some, 33);
 }
-static void x_overflow(body_t *b) {
+static void x_overflow(tu_body_t *b) {
   /* 2^32 * 2^32 * 2 wraps to 0 in 64 bits: an empty payload must not
    * pass as a tensor of 0 elements. */
   const size_t d[3] = {(size_t)1 << 32, (size_t)1 << 32, 2};
-  tensor(b, 3, d, NULL, some, 0);
+  tu_tensor(b, "f32", 3, d, NULL, some, 0);
 }
-static void x_overflow_bytes(body_t *b) {
+static void x_overflow_bytes(tu_body_t *b) {
   /* 2^62 elements: the element count fits, the byte count does not. */
   const size_t d[2] = {(size_t)1 << 31, (size_t)1 << 31};
-  tensor(b, 2, d, NULL, some, 0);
+  tu_tensor(b, "f32", 2, d, NULL, some, 0);
 }
-static void x_ninedims(body_t *b) {
+static void x_ninedims(tu_body_t *b) {
   const size_t d[9] = {1, 1, 1, 1, 1, 1, 1, 1, 1};
-  tensor(b, 9, d, NULL, some, 4);
+  tu_tensor(b, "f32", 9, d, NULL, some, 4);
 }
-static void x_layout(body_t *b) {
+static void x_layout(tu_body_t *b) {
   const size_t d[2] = {2, 4};
-  tensor(b, 2, d, "chwn", some, 32);
+  tu_tensor(b, "f32", 2, d, "chwn", some, 32);
 }
-static void x_f64(body_t *b) {
+static void x_f64(tu_body_t *b) {
   msgpack_pack_map(&b->pk, 3);
-  key(b, "dtype");
-  key(b, "f64");
-  key(b, "shape");
+  tu_key(b, "dtype");
+  tu_key(b, "f64");
+  tu_key(b, "shape");
   msgpack_pack_array(&b->pk, 1);
   msgpack_pack_uint32(&b->pk, 1);
-  key(b, "data");
+  tu_key(b, "data");
   msgpack_pack_bin(&b->pk, 8);
   msgpack_pack_bin_body(&b->pk, some, 8);
 }
-static void x_strdata(body_t *b) {
+static void x_strdata(tu_body_t *b) {
   msgpack_pack_map(&b->pk, 3);
-  key(b, "dtype");
-  key(b, "f32");
-  key(b, "shape");
+  tu_key(b, "dtype");
+  tu_key(b, "f32");
+  tu_key(b, "shape");
   msgpack_pack_array(&b->pk, 1);
   msgpack_pack_uint32(&b->pk, 1);
-  key(b, "data");
+  tu_key(b, "data");
   msgpack_pack_str_with_body(&b->pk, "abcd", 4);
 }
-static void x_noshape(body_t *b) {
+static void x_noshape(tu_body_t *b) {
   msgpack_pack_map(&b->pk, 2);
-  key(b, "dtype");
-  key(b, "f32");
-  key(b, "data");
+  tu_key(b, "dtype");
+  tu_key(b, "f32");
+  tu_key(b, "data");
   msgpack_pack_bin(&b->pk, 4);
   msgpack_pack_bin_body(&b->pk, some, 4);
 }
-static void x_array(body_t *b) {
+static void x_array(tu_body_t *b) {
   msgpack_pack_array(&b->pk, 1);
   msgpack_pack_float(&b->pk, 1.0f);
 }
-static void x_negdim(body_t *b) {
+static void x_negdim(tu_body_t *b) {
   msgpack_pack_map(&b->pk, 3);
-  key(b, "dtype");
-  key(b, "f32");
-  key(b, "shape");
+  tu_key(b, "dtype");
+  tu_key(b, "f32");
+  tu_key(b, "shape");
   msgpack_pack_array(&b->pk, 2);
   msgpack_pack_int32(&b->pk, -1);
   msgpack_pack_int32(&b->pk, -4);
-  key(b, "data");
+  tu_key(b, "data");
   msgpack_pack_bin(&b->pk, 16);
   msgpack_pack_bin_body(&b->pk, some, 16);
 }
-static void x_empty(body_t *b) {
+static void x_empty(tu_body_t *b) {
   const size_t d[2] = {0, 4};
-  tensor(b, 2, d, NULL, some, 0);
+  tu_tensor(b, "f32", 2, d, NULL, some, 0);
 }
 
 static void test_tensors(void **st) {
@@ -631,7 +600,7 @@ static void test_tensors(void **st) {
 /* Truncations and byte flips of a valid frame never crash or leak (the
  * sanitizer build checks that) and never pass as a different request. */
 static void test_mutations(void **st) {
-  body_t b;
+  tu_body_t b;
   const size_t dims[4] = {2, 3, 1, 2};
   float x[12] = {0};
   uint8_t *buf;
@@ -712,107 +681,63 @@ static void test_replies(void **st) {
 /* ------------------------------------------------------------------ */
 /* The worker's request path */
 
-typedef struct reply_s {
-  uint8_t *buf;
-  size_t len;
-  int close_after;
-  msgpack_zone z;
-  msgpack_object o;
-} reply_t;
-
-static const msgpack_object *get(const msgpack_object *m, const char *k) {
-  for (uint32_t i = 0; i < m->via.map.size; i++) {
-    const msgpack_object *kk = &m->via.map.ptr[i].key;
-    if (kk->via.str.size == strlen(k) &&
-        memcmp(kk->via.str.ptr, k, kk->via.str.size) == 0)
-      return &m->via.map.ptr[i].val;
-  }
-  return NULL;
-}
-
-/* Runs body through the worker; returns the error code string or "". */
-static const char *run(svc_worker_t *w, body_t *b, reply_t *r) {
-  size_t off = 0;
-  const msgpack_object *e, *c;
-  static char code[64];
-  assert_int_equal(svc_worker_handle(w, (const uint8_t *)b->sb.data, b->sb.size,
-                                     &r->buf, &r->len, &r->close_after),
-                   0);
-  msgpack_sbuffer_destroy(&b->sb);
-  msgpack_zone_init(&r->z, 1024);
-  assert_int_equal(
-      msgpack_unpack((const char *)r->buf + 4, r->len - 4, &off, &r->z, &r->o),
-      MSGPACK_UNPACK_SUCCESS);
-  e = get(&r->o, "error");
-  if (e == NULL)
-    return "";
-  c = get(e, "code");
-  snprintf(code, sizeof code, "%.*s", (int)c->via.str.size, c->via.str.ptr);
-  return code;
-}
-
-static void reply_free(reply_t *r) {
-  msgpack_zone_destroy(&r->z);
-  free(r->buf);
-}
-
-static void reg_bn(body_t *b, const char *name, const char *kind,
+static void reg_bn(tu_body_t *b, const char *name, const char *kind,
                    uint32_t channels, double eps) {
-  body_init(b);
+  tu_body_init(b);
   msgpack_pack_map(&b->pk, 6);
-  key(b, "op");
-  key(b, "register");
-  key(b, "id");
+  tu_key(b, "op");
+  tu_key(b, "register");
+  tu_key(b, "id");
   msgpack_pack_uint32(&b->pk, 1);
-  key(b, "name");
-  key(b, name);
-  key(b, "kind");
-  key(b, kind);
-  key(b, "channels");
+  tu_key(b, "name");
+  tu_key(b, name);
+  tu_key(b, "kind");
+  tu_key(b, kind);
+  tu_key(b, "channels");
   msgpack_pack_uint32(&b->pk, channels);
-  key(b, "eps");
+  tu_key(b, "eps");
   msgpack_pack_double(&b->pk, eps);
 }
 
-static void fwd(body_t *b, uint32_t layer, uint64_t step, int train,
+static void fwd(tu_body_t *b, uint32_t layer, uint64_t step, int train,
                 const sbn_tensor_desc_t *d, const float *x, size_t n) {
-  body_init(b);
+  tu_body_init(b);
   msgpack_pack_map(&b->pk, 6);
-  key(b, "op");
-  key(b, "forward");
-  key(b, "id");
+  tu_key(b, "op");
+  tu_key(b, "forward");
+  tu_key(b, "id");
   msgpack_pack_uint64(&b->pk, step);
-  key(b, "layer");
+  tu_key(b, "layer");
   msgpack_pack_uint32(&b->pk, layer);
-  key(b, "step");
+  tu_key(b, "step");
   msgpack_pack_uint64(&b->pk, step);
-  key(b, "train");
+  tu_key(b, "train");
   train ? msgpack_pack_true(&b->pk) : msgpack_pack_false(&b->pk);
-  key(b, "x");
-  tensor(b, d->ndim, d->dims, NULL, x, n * 4);
+  tu_key(b, "x");
+  tu_tensor(b, "f32", d->ndim, d->dims, NULL, x, n * 4);
 }
 
-static void bwd(body_t *b, uint32_t layer, uint64_t step,
+static void bwd(tu_body_t *b, uint32_t layer, uint64_t step,
                 const sbn_tensor_desc_t *d, const float *dy, size_t n) {
-  body_init(b);
+  tu_body_init(b);
   msgpack_pack_map(&b->pk, 5);
-  key(b, "op");
-  key(b, "backward");
-  key(b, "id");
+  tu_key(b, "op");
+  tu_key(b, "backward");
+  tu_key(b, "id");
   msgpack_pack_uint64(&b->pk, step);
-  key(b, "layer");
+  tu_key(b, "layer");
   msgpack_pack_uint32(&b->pk, layer);
-  key(b, "step");
+  tu_key(b, "step");
   msgpack_pack_uint64(&b->pk, step);
-  key(b, "dy");
-  tensor(b, d->ndim, d->dims, NULL, dy, n * 4);
+  tu_key(b, "dy");
+  tu_tensor(b, "f32", d->ndim, d->dims, NULL, dy, n * 4);
 }
 
 static void test_worker(void **st) {
   svc_worker_config_t cfg;
   svc_worker_t *w;
-  body_t b;
-  reply_t r;
+  tu_body_t b;
+  tu_reply_t r;
   enum { N = 4 * 3 * 5 };
   sbn_tensor_desc_t d = {3, {4, 3, 5}, SBN_LAYOUT_NCHW};
   float x[N], dy[N], y[N], dx[N], dw[3], db[3], wt[3] = {1, 1, 1},
@@ -836,26 +761,26 @@ static void test_worker(void **st) {
   /* Registration: same name and params give the same id; different params
    * are refused. */
   reg_bn(&b, "bn", "batchnorm", 3, 1e-5);
-  assert_string_equal(run(w, &b, &r), "");
-  assert_int_equal(get(&r.o, "layer")->via.u64, 0);
-  assert_true(get(&r.o, "created")->via.boolean);
-  reply_free(&r);
+  assert_string_equal(tu_run(w, &b, &r), "");
+  assert_int_equal(tu_get(&r.o, "layer")->via.u64, 0);
+  assert_true(tu_get(&r.o, "created")->via.boolean);
+  tu_reply_free(&r);
   reg_bn(&b, "bn", "batchnorm", 3, 1e-5);
-  assert_string_equal(run(w, &b, &r), "");
-  assert_int_equal(get(&r.o, "layer")->via.u64, 0);
-  assert_false(get(&r.o, "created")->via.boolean);
-  reply_free(&r);
+  assert_string_equal(tu_run(w, &b, &r), "");
+  assert_int_equal(tu_get(&r.o, "layer")->via.u64, 0);
+  assert_false(tu_get(&r.o, "created")->via.boolean);
+  tu_reply_free(&r);
   reg_bn(&b, "bn", "batchnorm", 3, 1e-3);
-  assert_string_equal(run(w, &b, &r), "LAYER_MISMATCH");
+  assert_string_equal(tu_run(w, &b, &r), "LAYER_MISMATCH");
   assert_false(r.close_after);
-  reply_free(&r);
+  tu_reply_free(&r);
   reg_bn(&b, "bad", "groupnorm", 0, 1e-5);
-  assert_string_equal(run(w, &b, &r), "BAD_PARAMS");
-  reply_free(&r);
+  assert_string_equal(tu_run(w, &b, &r), "BAD_PARAMS");
+  tu_reply_free(&r);
   reg_bn(&b, "sync", "syncbatchnorm", 3, 1e-5);
-  assert_string_equal(run(w, &b, &r), "");
-  assert_int_equal(get(&r.o, "layer")->via.u64, 1);
-  reply_free(&r);
+  assert_string_equal(tu_run(w, &b, &r), "");
+  assert_int_equal(tu_get(&r.o, "layer")->via.u64, 1);
+  tu_reply_free(&r);
 
   /* Forward and backward equal the in-process library bit for bit. */
   sbn_layer_params_default(&p, SBN_OP_BATCHNORM);
@@ -900,52 +825,53 @@ static void test_worker(void **st) {
     free(sv);
   }
   fwd(&b, 0, 10, 1, &d, x, N);
-  assert_string_equal(run(w, &b, &r), "");
-  assert_int_equal(svc_decode_tensor(get(&r.o, "y"), "y", &t, &err), 0);
+  assert_string_equal(tu_run(w, &b, &r), "");
+  assert_int_equal(svc_decode_tensor(tu_get(&r.o, "y"), "y", &t, &err), 0);
   assert_memory_equal(t.data, y, sizeof y);
   svc_tensor_free(&t);
-  reply_free(&r);
+  tu_reply_free(&r);
   assert_true(svc_worker_saved_bytes(w) > 0);
   /* The same (layer, step) again is a duplicate. */
   fwd(&b, 0, 10, 1, &d, x, N);
-  assert_string_equal(run(w, &b, &r), "DUPLICATE_STEP");
-  reply_free(&r);
+  assert_string_equal(tu_run(w, &b, &r), "DUPLICATE_STEP");
+  tu_reply_free(&r);
   /* A dy of another shape is refused, and the state stays for the right
    * one. */
   {
     sbn_tensor_desc_t d2 = {3, {4, 3, 4}, SBN_LAYOUT_NCHW};
     bwd(&b, 0, 10, &d2, dy, 48);
-    assert_string_equal(run(w, &b, &r), "SHAPE");
-    reply_free(&r);
+    assert_string_equal(tu_run(w, &b, &r), "SHAPE");
+    tu_reply_free(&r);
   }
   bwd(&b, 0, 10, &d, dy, N);
-  assert_string_equal(run(w, &b, &r), "");
-  assert_int_equal(svc_decode_tensor(get(&r.o, "dx"), "dx", &t, &err), 0);
+  assert_string_equal(tu_run(w, &b, &r), "");
+  assert_int_equal(svc_decode_tensor(tu_get(&r.o, "dx"), "dx", &t, &err), 0);
   assert_memory_equal(t.data, dx, sizeof dx);
   svc_tensor_free(&t);
-  assert_int_equal(svc_decode_tensor(get(&r.o, "dweight"), "dw", &t, &err), 0);
+  assert_int_equal(svc_decode_tensor(tu_get(&r.o, "dweight"), "dw", &t, &err),
+                   0);
   assert_memory_equal(t.data, dw, sizeof dw);
   svc_tensor_free(&t);
-  assert_int_equal(svc_decode_tensor(get(&r.o, "dbias"), "db", &t, &err), 0);
+  assert_int_equal(svc_decode_tensor(tu_get(&r.o, "dbias"), "db", &t, &err), 0);
   assert_memory_equal(t.data, db, sizeof db);
   svc_tensor_free(&t);
-  reply_free(&r);
+  tu_reply_free(&r);
   assert_int_equal(svc_worker_saved_bytes(w), 0);
   /* A second backward, a backward without forward, a forward still
    * counted as done. */
   bwd(&b, 0, 10, &d, dy, N);
-  assert_string_equal(run(w, &b, &r), "NO_FORWARD");
-  reply_free(&r);
+  assert_string_equal(tu_run(w, &b, &r), "NO_FORWARD");
+  tu_reply_free(&r);
   bwd(&b, 0, 11, &d, dy, N);
-  assert_string_equal(run(w, &b, &r), "NO_FORWARD");
-  reply_free(&r);
+  assert_string_equal(tu_run(w, &b, &r), "NO_FORWARD");
+  tu_reply_free(&r);
   fwd(&b, 0, 10, 1, &d, x, N);
-  assert_string_equal(run(w, &b, &r), "DUPLICATE_STEP");
-  reply_free(&r);
+  assert_string_equal(tu_run(w, &b, &r), "DUPLICATE_STEP");
+  tu_reply_free(&r);
   /* Eval is served from the running statistics the training forward
    * updated, equal to the library's eval with the same state. */
   fwd(&b, 0, 10, 0, &d, x, N);
-  assert_string_equal(run(w, &b, &r), "");
+  assert_string_equal(tu_run(w, &b, &r), "");
   {
     sbn_forward_args_t fa;
     size_t ws_b;
@@ -965,79 +891,79 @@ static void test_worker(void **st) {
     assert_int_equal(sbn_forward(ref, &fa), 0);
     free(ws);
   }
-  assert_int_equal(svc_decode_tensor(get(&r.o, "y"), "y", &t, &err), 0);
+  assert_int_equal(svc_decode_tensor(tu_get(&r.o, "y"), "y", &t, &err), 0);
   assert_memory_equal(t.data, y, sizeof y);
   svc_tensor_free(&t);
-  reply_free(&r);
+  tu_reply_free(&r);
   sbn_layer_destroy(ref);
 
   /* Steps 11 and 12 are kept; step 13 moves the window past 10, step 14
    * past 11: its state is dropped and it cannot be submitted again. */
   for (uint64_t s = 11; s <= 14; s++) {
     fwd(&b, 0, s, 1, &d, x, N);
-    assert_string_equal(run(w, &b, &r), "");
-    reply_free(&r);
+    assert_string_equal(tu_run(w, &b, &r), "");
+    tu_reply_free(&r);
   }
   bwd(&b, 0, 11, &d, dy, N);
-  assert_string_equal(run(w, &b, &r), "NO_FORWARD");
-  reply_free(&r);
+  assert_string_equal(tu_run(w, &b, &r), "NO_FORWARD");
+  tu_reply_free(&r);
   fwd(&b, 0, 11, 1, &d, x, N);
-  assert_string_equal(run(w, &b, &r), "STALE_STEP");
-  reply_free(&r);
+  assert_string_equal(tu_run(w, &b, &r), "STALE_STEP");
+  tu_reply_free(&r);
   bwd(&b, 0, 12, &d, dy, N);
-  assert_string_equal(run(w, &b, &r), "");
-  reply_free(&r);
+  assert_string_equal(tu_run(w, &b, &r), "");
+  tu_reply_free(&r);
 
   /* Unknown layer; x of the wrong channel count; syncbatchnorm. */
   fwd(&b, 9, 1, 1, &d, x, N);
-  assert_string_equal(run(w, &b, &r), "UNKNOWN_LAYER");
-  reply_free(&r);
+  assert_string_equal(tu_run(w, &b, &r), "UNKNOWN_LAYER");
+  tu_reply_free(&r);
   {
     sbn_tensor_desc_t d2 = {3, {5, 4, 3}, SBN_LAYOUT_NCHW};
     fwd(&b, 0, 20, 1, &d2, x, N);
-    assert_string_equal(run(w, &b, &r), "SHAPE");
-    reply_free(&r);
+    assert_string_equal(tu_run(w, &b, &r), "SHAPE");
+    tu_reply_free(&r);
   }
   fwd(&b, 1, 1, 1, &d, x, N);
-  assert_string_equal(run(w, &b, &r), "NOT_YET");
+  assert_string_equal(tu_run(w, &b, &r), "NOT_YET");
   assert_false(r.close_after);
-  reply_free(&r);
+  tu_reply_free(&r);
   fwd(&b, 1, 1, 0, &d, x, N);
-  assert_string_equal(run(w, &b, &r), "");
-  reply_free(&r);
+  assert_string_equal(tu_run(w, &b, &r), "");
+  tu_reply_free(&r);
 
   /* A fatal codec error asks the server to close; a bye too. */
   {
     const uint8_t arr32[] = {0x81, 0xa1, 'x', 0xdd, 0xff, 0xff, 0xff, 0xff};
-    body_init(&b);
+    tu_body_init(&b);
     msgpack_sbuffer_write(&b.sb, (const char *)arr32, sizeof arr32);
-    assert_string_equal(run(w, &b, &r), "LIMIT");
+    assert_string_equal(tu_run(w, &b, &r), "LIMIT");
     assert_true(r.close_after);
-    assert_int_equal(get(&r.o, "id")->type, MSGPACK_OBJECT_NIL);
-    reply_free(&r);
+    assert_int_equal(tu_get(&r.o, "id")->type, MSGPACK_OBJECT_NIL);
+    tu_reply_free(&r);
   }
-  body_init(&b);
+  tu_body_init(&b);
   msgpack_pack_map(&b.pk, 2);
-  key(&b, "op");
-  key(&b, "bye");
-  key(&b, "id");
+  tu_key(&b, "op");
+  tu_key(&b, "bye");
+  tu_key(&b, "id");
   msgpack_pack_uint32(&b.pk, 5);
-  assert_string_equal(run(w, &b, &r), "");
+  assert_string_equal(tu_run(w, &b, &r), "");
   assert_true(r.close_after);
-  o = get(&r.o, "id");
+  o = tu_get(&r.o, "id");
   assert_int_equal(o->via.u64, 5);
-  reply_free(&r);
+  tu_reply_free(&r);
   /* Hello reports the limits; another version is refused. */
-  body_init(&b);
+  tu_body_init(&b);
   msgpack_pack_map(&b.pk, 3);
-  key(&b, "op");
-  key(&b, "hello");
-  key(&b, "id");
+  tu_key(&b, "op");
+  tu_key(&b, "hello");
+  tu_key(&b, "id");
   msgpack_pack_uint32(&b.pk, 5);
-  key(&b, "version");
+  tu_key(&b, "version");
   msgpack_pack_uint32(&b.pk, 99);
-  assert_string_equal(run(w, &b, &r), "UNSUPPORTED_VERSION");
-  reply_free(&r);
+  assert_string_equal(tu_run(w, &b, &r), "UNSUPPORTED_VERSION");
+  tu_reply_free(&r);
   svc_worker_destroy(w);
 }
 
@@ -1045,8 +971,8 @@ static void test_worker(void **st) {
 static void test_worker_saved_cap(void **st) {
   svc_worker_config_t cfg;
   svc_worker_t *w;
-  body_t b;
-  reply_t r;
+  tu_body_t b;
+  tu_reply_t r;
   enum { N = 2 * 3 * 100 };
   sbn_tensor_desc_t d = {3, {2, 3, 100}, SBN_LAYOUT_NCHW};
   static float x[N];
@@ -1058,18 +984,18 @@ static void test_worker_saved_cap(void **st) {
   cfg.keep_steps = 100;
   assert_int_equal(svc_worker_create(&cfg, &w), 0);
   reg_bn(&b, "bn", "batchnorm", 3, 1e-5);
-  assert_string_equal(run(w, &b, &r), "");
-  reply_free(&r);
+  assert_string_equal(tu_run(w, &b, &r), "");
+  tu_reply_free(&r);
   fwd(&b, 0, 1, 1, &d, x, N);
-  assert_string_equal(run(w, &b, &r), "");
-  reply_free(&r);
+  assert_string_equal(tu_run(w, &b, &r), "");
+  tu_reply_free(&r);
   fwd(&b, 0, 2, 1, &d, x, N);
-  assert_string_equal(run(w, &b, &r), "RESOURCE");
-  reply_free(&r);
+  assert_string_equal(tu_run(w, &b, &r), "RESOURCE");
+  tu_reply_free(&r);
   /* Eval keeps nothing and is still served. */
   fwd(&b, 0, 2, 0, &d, x, N);
-  assert_string_equal(run(w, &b, &r), "");
-  reply_free(&r);
+  assert_string_equal(tu_run(w, &b, &r), "");
+  tu_reply_free(&r);
   svc_worker_destroy(w);
 }
 

@@ -22,43 +22,10 @@
 
 #include "svc_codec.h"
 #include "svc_worker.h"
+#include "svc_testutil.h"
 
 /* ------------------------------------------------------------------ */
 /* Building request bodies */
-
-typedef struct body_s {
-  msgpack_sbuffer sb;
-  msgpack_packer pk;
-} body_t;
-
-static void body_init(body_t *b) {
-  msgpack_sbuffer_init(&b->sb);
-  msgpack_packer_init(&b->pk, &b->sb, msgpack_sbuffer_write);
-}
-
-static void key(body_t *b, const char *k) {
-  msgpack_pack_str_with_body(&b->pk, k, strlen(k));
-}
-
-static void boolean(body_t *b, int v) {
-  v ? msgpack_pack_true(&b->pk) : msgpack_pack_false(&b->pk);
-}
-
-/* A tensor map of any dtype with bytes bytes of payload. */
-static void tensor(body_t *b, const char *dtype, int ndim, const size_t *dims,
-                   const void *data, size_t bytes) {
-  msgpack_pack_map(&b->pk, 3);
-  key(b, "dtype");
-  key(b, dtype);
-  key(b, "shape");
-  msgpack_pack_array(&b->pk, (size_t)ndim);
-  for (int i = 0; i < ndim; i++)
-    msgpack_pack_uint64(&b->pk, dims[i]);
-  key(b, "data");
-  msgpack_pack_bin(&b->pk, bytes);
-  if (bytes > 0)
-    msgpack_pack_bin_body(&b->pk, data, bytes);
-}
 
 static size_t numel(const sbn_tensor_desc_t *d) {
   size_t n = 1;
@@ -67,106 +34,107 @@ static size_t numel(const sbn_tensor_desc_t *d) {
   return n;
 }
 
-static void f32(body_t *b, const sbn_tensor_desc_t *d, const float *x) {
-  tensor(b, "f32", d->ndim, d->dims, x, numel(d) * sizeof *x);
+static void f32(tu_body_t *b, const sbn_tensor_desc_t *d, const float *x) {
+  tu_tensor(b, "f32", d->ndim, d->dims, NULL, x, numel(d) * sizeof *x);
 }
 
-static void vec64(body_t *b, const double *v, size_t n) {
-  tensor(b, "f64", 1, &n, v, n * sizeof *v);
+static void vec64(tu_body_t *b, const double *v, size_t n) {
+  tu_tensor(b, "f64", 1, &n, NULL, v, n * sizeof *v);
 }
 
 /* Request maps, packed into b as they are (alone or inside a batch). */
-static void p_fwd(body_t *b, uint64_t id, uint64_t layer, uint64_t step,
+static void p_fwd(tu_body_t *b, uint64_t id, uint64_t layer, uint64_t step,
                   int train, const sbn_tensor_desc_t *d, const float *x) {
   msgpack_pack_map(&b->pk, 6);
-  key(b, "op");
-  key(b, "forward");
-  key(b, "id");
+  tu_key(b, "op");
+  tu_key(b, "forward");
+  tu_key(b, "id");
   msgpack_pack_uint64(&b->pk, id);
-  key(b, "layer");
+  tu_key(b, "layer");
   msgpack_pack_uint64(&b->pk, layer);
-  key(b, "step");
+  tu_key(b, "step");
   msgpack_pack_uint64(&b->pk, step);
-  key(b, "train");
-  boolean(b, train);
-  key(b, "x");
+  tu_key(b, "train");
+  tu_boolean(b, train);
+  tu_key(b, "x");
   f32(b, d, x);
 }
 
-static void p_bwd(body_t *b, uint64_t id, uint64_t layer, uint64_t step,
+static void p_bwd(tu_body_t *b, uint64_t id, uint64_t layer, uint64_t step,
                   const sbn_tensor_desc_t *d, const float *dy) {
   msgpack_pack_map(&b->pk, 5);
-  key(b, "op");
-  key(b, "backward");
-  key(b, "id");
+  tu_key(b, "op");
+  tu_key(b, "backward");
+  tu_key(b, "id");
   msgpack_pack_uint64(&b->pk, id);
-  key(b, "layer");
+  tu_key(b, "layer");
   msgpack_pack_uint64(&b->pk, layer);
-  key(b, "step");
+  tu_key(b, "step");
   msgpack_pack_uint64(&b->pk, step);
-  key(b, "dy");
+  tu_key(b, "dy");
   f32(b, d, dy);
 }
 
 /* stats with per-channel counts cnt (or, when cnt is NULL, the integer
  * count cnt_all), mean and m2 as f64 vectors of n values. */
-static void p_stats(body_t *b, uint64_t id, uint64_t layer, uint64_t step,
+static void p_stats(tu_body_t *b, uint64_t id, uint64_t layer, uint64_t step,
                     size_t n, const double *cnt, uint64_t cnt_all,
                     const double *mean, const double *m2) {
   msgpack_pack_map(&b->pk, 7);
-  key(b, "op");
-  key(b, "stats");
-  key(b, "id");
+  tu_key(b, "op");
+  tu_key(b, "stats");
+  tu_key(b, "id");
   msgpack_pack_uint64(&b->pk, id);
-  key(b, "layer");
+  tu_key(b, "layer");
   msgpack_pack_uint64(&b->pk, layer);
-  key(b, "step");
+  tu_key(b, "step");
   msgpack_pack_uint64(&b->pk, step);
-  key(b, "count");
+  tu_key(b, "count");
   if (cnt != NULL)
     vec64(b, cnt, n);
   else
     msgpack_pack_uint64(&b->pk, cnt_all);
-  key(b, "mean");
+  tu_key(b, "mean");
   vec64(b, mean, n);
-  key(b, "m2");
+  tu_key(b, "m2");
   vec64(b, m2, n);
 }
 
-static void p_stats_bwd(body_t *b, uint64_t id, uint64_t layer, uint64_t step,
-                        size_t n, const double *sdy, const double *sdyx) {
+static void p_stats_bwd(tu_body_t *b, uint64_t id, uint64_t layer,
+                        uint64_t step, size_t n, const double *sdy,
+                        const double *sdyx) {
   msgpack_pack_map(&b->pk, 6);
-  key(b, "op");
-  key(b, "stats_backward");
-  key(b, "id");
+  tu_key(b, "op");
+  tu_key(b, "stats_backward");
+  tu_key(b, "id");
   msgpack_pack_uint64(&b->pk, id);
-  key(b, "layer");
+  tu_key(b, "layer");
   msgpack_pack_uint64(&b->pk, layer);
-  key(b, "step");
+  tu_key(b, "step");
   msgpack_pack_uint64(&b->pk, step);
-  key(b, "sum_dy");
+  tu_key(b, "sum_dy");
   vec64(b, sdy, n);
-  key(b, "sum_dy_xhat");
+  tu_key(b, "sum_dy_xhat");
   vec64(b, sdyx, n);
 }
 
 /* {op: "batch", id, requests: [n maps follow]} */
-static void p_batch(body_t *b, uint64_t id, uint32_t n) {
+static void p_batch(tu_body_t *b, uint64_t id, uint32_t n) {
   msgpack_pack_map(&b->pk, 3);
-  key(b, "op");
-  key(b, "batch");
-  key(b, "id");
+  tu_key(b, "op");
+  tu_key(b, "batch");
+  tu_key(b, "id");
   msgpack_pack_uint64(&b->pk, id);
-  key(b, "requests");
+  tu_key(b, "requests");
   msgpack_pack_array(&b->pk, n);
 }
 
 /* {op, id} only: enough to reach the batch's op check. */
-static void p_bare(body_t *b, const char *op, uint64_t id) {
+static void p_bare(tu_body_t *b, const char *op, uint64_t id) {
   msgpack_pack_map(&b->pk, 2);
-  key(b, "op");
-  key(b, op);
-  key(b, "id");
+  tu_key(b, "op");
+  tu_key(b, op);
+  tu_key(b, "id");
   msgpack_pack_uint64(&b->pk, id);
 }
 
@@ -182,7 +150,7 @@ static svc_limits_t limits(uint32_t max_objects) {
 }
 
 /* Decodes b with l and frees b; on failure asserts a message. */
-static svc_code_t dec_lim(body_t *b, const svc_limits_t *l, svc_request_t *q,
+static svc_code_t dec_lim(tu_body_t *b, const svc_limits_t *l, svc_request_t *q,
                           svc_err_t *err) {
   int rc;
   memset(err, 0, sizeof *err);
@@ -202,7 +170,7 @@ static svc_code_t dec_lim(body_t *b, const svc_limits_t *l, svc_request_t *q,
   return err->code;
 }
 
-static svc_code_t dec(body_t *b, svc_request_t *q, svc_err_t *err) {
+static svc_code_t dec(tu_body_t *b, svc_request_t *q, svc_err_t *err) {
   svc_limits_t l = limits(0);
   return dec_lim(b, &l, q, err);
 }
@@ -224,27 +192,6 @@ static svc_code_t dec(body_t *b, svc_request_t *q, svc_err_t *err) {
 /* ------------------------------------------------------------------ */
 /* Replies */
 
-typedef struct reply_s {
-  uint8_t *buf;
-  size_t len;
-  int close_after;
-  msgpack_zone z;
-  msgpack_object o;
-  char code[64];
-  char msg[256];
-} reply_t;
-
-static const msgpack_object *get(const msgpack_object *m, const char *k) {
-  assert_int_equal(m->type, MSGPACK_OBJECT_MAP);
-  for (uint32_t i = 0; i < m->via.map.size; i++) {
-    const msgpack_object *kk = &m->via.map.ptr[i].key;
-    if (kk->type == MSGPACK_OBJECT_STR && kk->via.str.size == strlen(k) &&
-        memcmp(kk->via.str.ptr, k, kk->via.str.size) == 0)
-      return &m->via.map.ptr[i].val;
-  }
-  return NULL;
-}
-
 static int known_code(const msgpack_object *c) {
   for (int i = 1; i < SVC_CODE_COUNT; i++) {
     const char *n = svc_code_name((svc_code_t)i);
@@ -261,7 +208,7 @@ static void check_map(const msgpack_object *m, char *code, size_t clen,
                       char *msg, size_t mlen) {
   const msgpack_object *id, *e, *c, *s;
   assert_int_equal(m->type, MSGPACK_OBJECT_MAP);
-  id = get(m, "id");
+  id = tu_get(m, "id");
   if (id == NULL)
     fail_msg("reply map without id");
   assert_true(id->type == MSGPACK_OBJECT_POSITIVE_INTEGER ||
@@ -269,13 +216,13 @@ static void check_map(const msgpack_object *m, char *code, size_t clen,
               id->type == MSGPACK_OBJECT_NIL);
   code[0] = '\0';
   msg[0] = '\0';
-  e = get(m, "error");
+  e = tu_get(m, "error");
   if (e == NULL)
     return;
   assert_int_equal(m->via.map.size, 2);
   assert_int_equal(e->type, MSGPACK_OBJECT_MAP);
-  c = get(e, "code");
-  s = get(e, "message");
+  c = tu_get(e, "code");
+  s = tu_get(e, "message");
   assert_non_null(c);
   assert_non_null(s);
   assert_int_equal(c->type, MSGPACK_OBJECT_STR);
@@ -287,7 +234,7 @@ static void check_map(const msgpack_object *m, char *code, size_t clen,
 
 /* Checks a reply frame (header length, one msgpack map, its id and error
  * shape; for a batch reply every element too) and unpacks it into r. */
-static void parse(reply_t *r) {
+static void parse(tu_reply_t *r) {
   size_t off = 0;
   const msgpack_object *rs;
   assert_non_null(r->buf);
@@ -302,7 +249,7 @@ static void parse(reply_t *r) {
       MSGPACK_UNPACK_SUCCESS);
   assert_int_equal(off, r->len - SVC_HEADER_BYTES);
   check_map(&r->o, r->code, sizeof r->code, r->msg, sizeof r->msg);
-  if (r->code[0] == '\0' && (rs = get(&r->o, "replies")) != NULL) {
+  if (r->code[0] == '\0' && (rs = tu_get(&r->o, "replies")) != NULL) {
     char c[64], m[256];
     assert_int_equal(rs->type, MSGPACK_OBJECT_ARRAY);
     for (uint32_t i = 0; i < rs->via.array.size; i++)
@@ -310,15 +257,9 @@ static void parse(reply_t *r) {
   }
 }
 
-static void reply_free(reply_t *r) {
-  msgpack_zone_destroy(&r->z);
-  free(r->buf);
-  r->buf = NULL;
-}
-
 /* Runs b (freed here) through the worker; returns the error code, "" on
  * success. */
-static const char *run(svc_worker_t *w, body_t *b, reply_t *r) {
+static const char *run(svc_worker_t *w, tu_body_t *b, tu_reply_t *r) {
   memset(r, 0, sizeof *r);
   assert_int_equal(svc_worker_handle(w, (const uint8_t *)b->sb.data, b->sb.size,
                                      &r->buf, &r->len, &r->close_after),
@@ -337,7 +278,7 @@ static const char *run(svc_worker_t *w, body_t *b, reply_t *r) {
   } while (0)
 
 static uint64_t id_of(const msgpack_object *m) {
-  const msgpack_object *id = get(m, "id");
+  const msgpack_object *id = tu_get(m, "id");
   assert_non_null(id);
   assert_int_equal(id->type, MSGPACK_OBJECT_POSITIVE_INTEGER);
   return id->via.u64;
@@ -355,7 +296,7 @@ static void tensor_of(const msgpack_object *m, const char *k, float *out,
                       size_t n) {
   svc_tensor_t t;
   svc_err_t err;
-  const msgpack_object *o = get(m, k);
+  const msgpack_object *o = tu_get(m, k);
   if (o == NULL)
     fail_msg("reply without '%s'", k);
   assert_int_equal(svc_decode_tensor(o, k, &t, &err), 0);
@@ -385,30 +326,30 @@ static svc_worker_t *worker(void) {
 /* Registers a layer; channels 0 and lnshape 0 leave them out. */
 static void reg(svc_worker_t *w, const char *name, const char *kind,
                 uint32_t channels, size_t lnshape, uint64_t want_layer) {
-  body_t b;
-  reply_t r;
-  body_init(&b);
+  tu_body_t b;
+  tu_reply_t r;
+  tu_body_init(&b);
   msgpack_pack_map(&b.pk, 4 + (channels > 0) + (lnshape > 0));
-  key(&b, "op");
-  key(&b, "register");
-  key(&b, "id");
+  tu_key(&b, "op");
+  tu_key(&b, "register");
+  tu_key(&b, "id");
   msgpack_pack_uint32(&b.pk, 1);
-  key(&b, "name");
-  key(&b, name);
-  key(&b, "kind");
-  key(&b, kind);
+  tu_key(&b, "name");
+  tu_key(&b, name);
+  tu_key(&b, "kind");
+  tu_key(&b, kind);
   if (channels > 0) {
-    key(&b, "channels");
+    tu_key(&b, "channels");
     msgpack_pack_uint32(&b.pk, channels);
   }
   if (lnshape > 0) {
-    key(&b, "normalized_shape");
+    tu_key(&b, "normalized_shape");
     msgpack_pack_array(&b.pk, 1);
     msgpack_pack_uint64(&b.pk, lnshape);
   }
   EXPECT(w, &b, &r, "");
-  assert_int_equal(get(&r.o, "layer")->via.u64, want_layer);
-  reply_free(&r);
+  assert_int_equal(tu_get(&r.o, "layer")->via.u64, want_layer);
+  tu_reply_free(&r);
 }
 
 /* Deterministic test data. */
@@ -424,7 +365,7 @@ static void fill(float *v, size_t n, uint32_t seed) {
 /* Decoding: batch */
 
 static void test_batch_decode(void **st) {
-  body_t b;
+  tu_body_t b;
   svc_request_t q;
   svc_err_t err;
   svc_limits_t big = limits(1u << 20);
@@ -438,11 +379,11 @@ static void test_batch_decode(void **st) {
   (void)st;
 
   /* No requests, and one more than SVC_BATCH_MAX. */
-  body_init(&b);
+  tu_body_init(&b);
   p_batch(&b, 9, 0);
   EXPECT_DEC(&b, &q, SVC_BAD_REQUEST, "requests:");
   assert_true(q.id.present && q.id.u == 9);
-  body_init(&b);
+  tu_body_init(&b);
   p_batch(&b, 9, SVC_BATCH_MAX + 1);
   for (int i = 0; i < SVC_BATCH_MAX + 1; i++)
     p_bwd(&b, 1000 + (uint64_t)i, 0, 1, &d, x);
@@ -450,7 +391,7 @@ static void test_batch_decode(void **st) {
   assert_memory_equal(err.msg, "requests:", 9);
 
   /* Exactly SVC_BATCH_MAX decode, in order, each with its own id. */
-  body_init(&b);
+  tu_body_init(&b);
   p_batch(&b, 9, SVC_BATCH_MAX);
   for (int i = 0; i < SVC_BATCH_MAX; i++)
     p_bwd(&b, 1000 + (uint64_t)i, (uint64_t)i % 7, (uint64_t)i, &d, x);
@@ -468,21 +409,21 @@ static void test_batch_decode(void **st) {
   svc_request_free(&q);
 
   /* requests missing, or not an array. */
-  body_init(&b);
+  tu_body_init(&b);
   p_bare(&b, "batch", 9);
   EXPECT_DEC(&b, &q, SVC_BAD_REQUEST, "batch: missing 'requests'");
-  body_init(&b);
+  tu_body_init(&b);
   msgpack_pack_map(&b.pk, 3);
-  key(&b, "op");
-  key(&b, "batch");
-  key(&b, "id");
+  tu_key(&b, "op");
+  tu_key(&b, "batch");
+  tu_key(&b, "id");
   msgpack_pack_uint32(&b.pk, 9);
-  key(&b, "requests");
+  tu_key(&b, "requests");
   p_bare(&b, "forward", 1);
   EXPECT_DEC(&b, &q, SVC_BAD_REQUEST, "requests:");
 
   /* A sub-request that is not a map. */
-  body_init(&b);
+  tu_body_init(&b);
   p_batch(&b, 9, 2);
   p_fwd(&b, 1, 0, 1, 1, &d, x);
   msgpack_pack_uint32(&b.pk, 5);
@@ -490,7 +431,7 @@ static void test_batch_decode(void **st) {
 
   /* Ops a batch does not carry, at index 1 after a valid forward. */
   for (size_t i = 0; i < sizeof refused / sizeof *refused; i++) {
-    body_init(&b);
+    tu_body_init(&b);
     p_batch(&b, 77, 2);
     p_fwd(&b, 1, 0, 1, 1, &d, x);
     p_bare(&b, refused[i], 2);
@@ -498,14 +439,14 @@ static void test_batch_decode(void **st) {
     assert_true(q.id.present && q.id.u == 77);
   }
   /* The message names the refused op. */
-  body_init(&b);
+  tu_body_init(&b);
   p_batch(&b, 77, 1);
   p_bare(&b, "checkpoint_save", 2);
   assert_int_equal(dec(&b, &q, &err), SVC_BAD_REQUEST);
   assert_non_null(strstr(err.msg, "'checkpoint_save'"));
 
   /* An unknown op inside. */
-  body_init(&b);
+  tu_body_init(&b);
   p_batch(&b, 77, 3);
   p_fwd(&b, 1, 0, 1, 1, &d, x);
   p_fwd(&b, 2, 0, 2, 1, &d, x);
@@ -513,69 +454,69 @@ static void test_batch_decode(void **st) {
   EXPECT_DEC(&b, &q, SVC_UNKNOWN_OP, "requests[2].op:");
 
   /* A sub-request without an id, or with one that is not an integer. */
-  body_init(&b);
+  tu_body_init(&b);
   p_batch(&b, 77, 1);
   msgpack_pack_map(&b.pk, 1);
-  key(&b, "op");
-  key(&b, "forward");
+  tu_key(&b, "op");
+  tu_key(&b, "forward");
   EXPECT_DEC(&b, &q, SVC_BAD_REQUEST, "requests[0].id:");
   assert_true(q.id.present && q.id.u == 77);
-  body_init(&b);
+  tu_body_init(&b);
   p_batch(&b, 77, 1);
   msgpack_pack_map(&b.pk, 2);
-  key(&b, "op");
-  key(&b, "backward");
-  key(&b, "id");
-  key(&b, "five");
+  tu_key(&b, "op");
+  tu_key(&b, "backward");
+  tu_key(&b, "id");
+  tu_key(&b, "five");
   EXPECT_DEC(&b, &q, SVC_BAD_REQUEST, "requests[0].id:");
 
   /* Errors inside a sub-request name the key under requests[i], and the
    * request keeps the outer id (negative here), never the sub-request's. */
-  body_init(&b);
+  tu_body_init(&b);
   msgpack_pack_map(&b.pk, 3);
-  key(&b, "op");
-  key(&b, "batch");
-  key(&b, "id");
+  tu_key(&b, "op");
+  tu_key(&b, "batch");
+  tu_key(&b, "id");
   msgpack_pack_int64(&b.pk, -5);
-  key(&b, "requests");
+  tu_key(&b, "requests");
   msgpack_pack_array(&b.pk, 2);
   p_fwd(&b, 1, 0, 1, 1, &d, x);
   /* A forward whose x decodes (and is allocated) before its weight fails:
    * nothing may leak. */
   msgpack_pack_map(&b.pk, 7);
-  key(&b, "op");
-  key(&b, "forward");
-  key(&b, "id");
+  tu_key(&b, "op");
+  tu_key(&b, "forward");
+  tu_key(&b, "id");
   msgpack_pack_uint32(&b.pk, 555);
-  key(&b, "layer");
+  tu_key(&b, "layer");
   msgpack_pack_uint32(&b.pk, 0);
-  key(&b, "step");
+  tu_key(&b, "step");
   msgpack_pack_uint32(&b.pk, 2);
-  key(&b, "train");
-  boolean(&b, 1);
-  key(&b, "x");
+  tu_key(&b, "train");
+  tu_boolean(&b, 1);
+  tu_key(&b, "x");
   f32(&b, &d, x);
-  key(&b, "weight");
+  tu_key(&b, "weight");
   vec64(&b, v3, 3);
   EXPECT_DEC(&b, &q, SVC_BAD_TENSOR, "requests[1].weight.dtype:");
   assert_true(q.id.present && q.id.negative && q.id.i == -5);
 
-  body_init(&b);
+  tu_body_init(&b);
   p_batch(&b, 31, 1);
   msgpack_pack_map(&b.pk, 4);
-  key(&b, "op");
-  key(&b, "forward");
-  key(&b, "id");
+  tu_key(&b, "op");
+  tu_key(&b, "forward");
+  tu_key(&b, "id");
   msgpack_pack_uint32(&b.pk, 1);
-  key(&b, "layer");
+  tu_key(&b, "layer");
   msgpack_pack_uint32(&b.pk, 0);
-  key(&b, "step");
+  tu_key(&b, "step");
   msgpack_pack_uint32(&b.pk, 0);
   EXPECT_DEC(&b, &q, SVC_BAD_REQUEST, "requests[0].forward: missing 'train'");
   assert_true(q.id.present && q.id.u == 31);
 
   /* All four ops a batch carries, decoded in order. */
-  body_init(&b);
+  tu_body_init(&b);
   p_batch(&b, 40, 4);
   p_fwd(&b, 41, 2, 5, 1, &d, x);
   p_bwd(&b, 42, 3, 6, &d, x);
@@ -603,7 +544,7 @@ static void test_batch_decode(void **st) {
 /* Decoding: stats and stats_backward */
 
 static void test_stats_decode(void **st) {
-  body_t b;
+  tu_body_t b;
   svc_request_t q;
   svc_err_t err;
   /* Values whose bits must survive: a tiny subnormal, the largest double,
@@ -620,7 +561,7 @@ static void test_stats_decode(void **st) {
   memcpy(&mean[4], &nan_bits, sizeof mean[4]);
 
   /* f64 vectors round trip bit for bit; an integer count is a scalar. */
-  body_init(&b);
+  tu_body_init(&b);
   p_stats(&b, 1, 3, 4, 5, NULL, 7, mean, m2);
   assert_int_equal(dec(&b, &q, &err), SVC_OK);
   assert_int_equal(q.op, SVC_OP_STATS);
@@ -637,29 +578,29 @@ static void test_stats_decode(void **st) {
   svc_request_free(&q);
 
   /* A per-channel f64 count; an f32 count is widened exactly. */
-  body_init(&b);
+  tu_body_init(&b);
   p_stats(&b, 1, 3, 4, 5, cnt, 0, mean, m2);
   assert_int_equal(dec(&b, &q, &err), SVC_OK);
   assert_false(q.count.scalar);
   assert_int_equal(q.count.n, 5);
   assert_memory_equal(q.count.v, cnt, sizeof cnt);
   svc_request_free(&q);
-  body_init(&b);
+  tu_body_init(&b);
   msgpack_pack_map(&b.pk, 7);
-  key(&b, "op");
-  key(&b, "stats");
-  key(&b, "id");
+  tu_key(&b, "op");
+  tu_key(&b, "stats");
+  tu_key(&b, "id");
   msgpack_pack_uint32(&b.pk, 1);
-  key(&b, "layer");
+  tu_key(&b, "layer");
   msgpack_pack_uint32(&b.pk, 0);
-  key(&b, "step");
+  tu_key(&b, "step");
   msgpack_pack_uint32(&b.pk, 0);
-  key(&b, "count");
-  tensor(&b, "f32", 1, d5, cnt32, sizeof cnt32);
-  key(&b, "mean");
+  tu_key(&b, "count");
+  tu_tensor(&b, "f32", 1, d5, NULL, cnt32, sizeof cnt32);
+  tu_key(&b, "mean");
   vec64(&b, mean, 5);
-  key(&b, "m2");
-  tensor(&b, "f32", 1, d5, cnt32, sizeof cnt32);
+  tu_key(&b, "m2");
+  tu_tensor(&b, "f32", 1, d5, NULL, cnt32, sizeof cnt32);
   assert_int_equal(dec(&b, &q, &err), SVC_OK);
   for (int i = 0; i < 5; i++) {
     assert_true(q.count.v[i] == (double)cnt32[i]);
@@ -674,21 +615,21 @@ static void test_stats_decode(void **st) {
     for (int c = 0; c < NCASES; c++) {
       svc_code_t want = SVC_BAD_TENSOR;
       const char *prefix = "count";
-      body_init(&b);
+      tu_body_init(&b);
       msgpack_pack_map(&b.pk, 7);
-      key(&b, "op");
-      key(&b, "stats");
-      key(&b, "id");
+      tu_key(&b, "op");
+      tu_key(&b, "stats");
+      tu_key(&b, "id");
       msgpack_pack_uint32(&b.pk, 1);
-      key(&b, "layer");
+      tu_key(&b, "layer");
       msgpack_pack_uint32(&b.pk, 0);
-      key(&b, "step");
+      tu_key(&b, "step");
       msgpack_pack_uint32(&b.pk, 0);
-      key(&b, "mean");
+      tu_key(&b, "mean");
       vec64(&b, m2, 5);
-      key(&b, "m2");
+      tu_key(&b, "m2");
       vec64(&b, m2, 5);
-      key(&b, "count");
+      tu_key(&b, "count");
       switch (c) {
         case NEG:
           msgpack_pack_int64(&b.pk, -3);
@@ -697,20 +638,20 @@ static void test_stats_decode(void **st) {
           msgpack_pack_double(&b.pk, 3.0);
           break;
         case TWO_D:
-          tensor(&b, "f64", 2, d2, cnt, sizeof cnt);
+          tu_tensor(&b, "f64", 2, d2, NULL, cnt, sizeof cnt);
           prefix = "count: expected a 1-D tensor";
           break;
         case SHORT:
-          tensor(&b, "f64", 1, d5, cnt, sizeof cnt - 1);
+          tu_tensor(&b, "f64", 1, d5, NULL, cnt, sizeof cnt - 1);
           prefix = "count.data:";
           break;
         case LONG:
           /* Five f64 values are the bytes of ten f32 ones, not of five. */
-          tensor(&b, "f32", 1, d5, cnt, sizeof cnt);
+          tu_tensor(&b, "f32", 1, d5, NULL, cnt, sizeof cnt);
           prefix = "count.data:";
           break;
         case F16:
-          tensor(&b, "f16", 1, d5, cnt, 10);
+          tu_tensor(&b, "f16", 1, d5, NULL, cnt, 10);
           prefix = "count.dtype:";
           break;
       }
@@ -720,38 +661,38 @@ static void test_stats_decode(void **st) {
   }
 
   /* Missing keys are named. */
-  body_init(&b);
+  tu_body_init(&b);
   msgpack_pack_map(&b.pk, 6);
-  key(&b, "op");
-  key(&b, "stats");
-  key(&b, "id");
+  tu_key(&b, "op");
+  tu_key(&b, "stats");
+  tu_key(&b, "id");
   msgpack_pack_uint32(&b.pk, 1);
-  key(&b, "layer");
+  tu_key(&b, "layer");
   msgpack_pack_uint32(&b.pk, 0);
-  key(&b, "step");
+  tu_key(&b, "step");
   msgpack_pack_uint32(&b.pk, 0);
-  key(&b, "count");
+  tu_key(&b, "count");
   msgpack_pack_uint32(&b.pk, 4);
-  key(&b, "m2");
+  tu_key(&b, "m2");
   vec64(&b, m2, 5);
   EXPECT_DEC(&b, &q, SVC_BAD_REQUEST, "stats: missing 'mean'");
-  body_init(&b);
+  tu_body_init(&b);
   msgpack_pack_map(&b.pk, 5);
-  key(&b, "op");
-  key(&b, "stats_backward");
-  key(&b, "id");
+  tu_key(&b, "op");
+  tu_key(&b, "stats_backward");
+  tu_key(&b, "id");
   msgpack_pack_uint32(&b.pk, 1);
-  key(&b, "layer");
+  tu_key(&b, "layer");
   msgpack_pack_uint32(&b.pk, 0);
-  key(&b, "step");
+  tu_key(&b, "step");
   msgpack_pack_uint32(&b.pk, 0);
-  key(&b, "sum_dy");
+  tu_key(&b, "sum_dy");
   vec64(&b, m2, 5);
   EXPECT_DEC(&b, &q, SVC_BAD_REQUEST, "stats_backward: missing 'sum_dy_xhat'");
 
   /* stats_backward: the sums land in mean and m2, bit for bit; an integer
    * is no vector there. */
-  body_init(&b);
+  tu_body_init(&b);
   p_stats_bwd(&b, 2, 1, 9, 5, mean, m2);
   assert_int_equal(dec(&b, &q, &err), SVC_OK);
   assert_int_equal(q.op, SVC_OP_STATS_BACKWARD);
@@ -759,55 +700,55 @@ static void test_stats_decode(void **st) {
   assert_memory_equal(q.m2.v, m2, sizeof m2);
   assert_false(q.count.present);
   svc_request_free(&q);
-  body_init(&b);
+  tu_body_init(&b);
   msgpack_pack_map(&b.pk, 6);
-  key(&b, "op");
-  key(&b, "stats_backward");
-  key(&b, "id");
+  tu_key(&b, "op");
+  tu_key(&b, "stats_backward");
+  tu_key(&b, "id");
   msgpack_pack_uint32(&b.pk, 1);
-  key(&b, "layer");
+  tu_key(&b, "layer");
   msgpack_pack_uint32(&b.pk, 0);
-  key(&b, "step");
+  tu_key(&b, "step");
   msgpack_pack_uint32(&b.pk, 0);
-  key(&b, "sum_dy");
+  tu_key(&b, "sum_dy");
   msgpack_pack_uint32(&b.pk, 4);
-  key(&b, "sum_dy_xhat");
+  tu_key(&b, "sum_dy_xhat");
   vec64(&b, m2, 5);
   EXPECT_DEC(&b, &q, SVC_BAD_TENSOR, "sum_dy:");
 
   /* mean decodes (allocated) before m2 fails: nothing leaks. */
-  body_init(&b);
+  tu_body_init(&b);
   msgpack_pack_map(&b.pk, 7);
-  key(&b, "op");
-  key(&b, "stats");
-  key(&b, "id");
+  tu_key(&b, "op");
+  tu_key(&b, "stats");
+  tu_key(&b, "id");
   msgpack_pack_uint32(&b.pk, 1);
-  key(&b, "layer");
+  tu_key(&b, "layer");
   msgpack_pack_uint32(&b.pk, 0);
-  key(&b, "step");
+  tu_key(&b, "step");
   msgpack_pack_uint32(&b.pk, 0);
-  key(&b, "count");
+  tu_key(&b, "count");
   vec64(&b, cnt, 5);
-  key(&b, "mean");
+  tu_key(&b, "mean");
   vec64(&b, mean, 5);
-  key(&b, "m2");
-  tensor(&b, "f64", 2, d2, cnt, sizeof cnt);
+  tu_key(&b, "m2");
+  tu_tensor(&b, "f64", 2, d2, NULL, cnt, sizeof cnt);
   EXPECT_DEC(&b, &q, SVC_BAD_TENSOR, "m2: expected a 1-D tensor");
 }
 
 /* ------------------------------------------------------------------ */
 /* Decoding: hello token and checkpoint names */
 
-static void hello(body_t *b, int bin, const uint8_t *tok, size_t n) {
-  body_init(b);
+static void hello(tu_body_t *b, int bin, const uint8_t *tok, size_t n) {
+  tu_body_init(b);
   msgpack_pack_map(&b->pk, 4);
-  key(b, "op");
-  key(b, "hello");
-  key(b, "id");
+  tu_key(b, "op");
+  tu_key(b, "hello");
+  tu_key(b, "id");
   msgpack_pack_uint32(&b->pk, 3);
-  key(b, "version");
+  tu_key(b, "version");
   msgpack_pack_uint32(&b->pk, 2);
-  key(b, "token");
+  tu_key(b, "token");
   if (bin) {
     msgpack_pack_bin(&b->pk, n);
     msgpack_pack_bin_body(&b->pk, tok, n);
@@ -818,12 +759,12 @@ static void hello(body_t *b, int bin, const uint8_t *tok, size_t n) {
 }
 
 static void test_hello_token(void **st) {
-  body_t b;
+  tu_body_t b;
   svc_request_t q;
   svc_err_t err;
   uint8_t tok[SVC_TOKEN_MAX + 1];
   svc_worker_t *w = worker();
-  reply_t r;
+  tu_reply_t r;
   (void)st;
   for (size_t i = 0; i < sizeof tok; i++)
     tok[i] = (uint8_t)(i * 7 + 1);
@@ -849,51 +790,51 @@ static void test_hello_token(void **st) {
     hello(&b, bin, tok, 16);
     EXPECT(w, &b, &r, "");
     assert_int_equal(id_of(&r.o), 3);
-    assert_int_equal(get(&r.o, "protocol")->via.u64, SVC_PROTOCOL_VERSION);
-    reply_free(&r);
+    assert_int_equal(tu_get(&r.o, "protocol")->via.u64, SVC_PROTOCOL_VERSION);
+    tu_reply_free(&r);
     hello(&b, bin, tok, SVC_TOKEN_MAX + 1);
     EXPECT(w, &b, &r, "BAD_REQUEST");
     assert_false(r.close_after);
     assert_int_equal(id_of(&r.o), 3);
-    reply_free(&r);
+    tu_reply_free(&r);
   }
   /* Without a token; with one of another type. */
-  body_init(&b);
+  tu_body_init(&b);
   msgpack_pack_map(&b.pk, 3);
-  key(&b, "op");
-  key(&b, "hello");
-  key(&b, "id");
+  tu_key(&b, "op");
+  tu_key(&b, "hello");
+  tu_key(&b, "id");
   msgpack_pack_uint32(&b.pk, 3);
-  key(&b, "version");
+  tu_key(&b, "version");
   msgpack_pack_uint32(&b.pk, 2);
   assert_int_equal(dec(&b, &q, &err), SVC_OK);
   assert_false(q.has_token);
   svc_request_free(&q);
-  body_init(&b);
+  tu_body_init(&b);
   msgpack_pack_map(&b.pk, 4);
-  key(&b, "op");
-  key(&b, "hello");
-  key(&b, "id");
+  tu_key(&b, "op");
+  tu_key(&b, "hello");
+  tu_key(&b, "id");
   msgpack_pack_uint32(&b.pk, 3);
-  key(&b, "version");
+  tu_key(&b, "version");
   msgpack_pack_uint32(&b.pk, 2);
-  key(&b, "token");
+  tu_key(&b, "token");
   msgpack_pack_uint32(&b.pk, 1234);
   EXPECT_DEC(&b, &q, SVC_BAD_REQUEST, "token:");
   svc_worker_destroy(w);
 }
 
-static void ckpt_body(body_t *b, const char *op, int kind, const char *name,
+static void ckpt_body(tu_body_t *b, const char *op, int kind, const char *name,
                       size_t n) {
-  body_init(b);
+  tu_body_init(b);
   msgpack_pack_map(&b->pk, kind < 0 ? 2 : 3);
-  key(b, "op");
-  key(b, op);
-  key(b, "id");
+  tu_key(b, "op");
+  tu_key(b, op);
+  tu_key(b, "id");
   msgpack_pack_uint32(&b->pk, 21);
   if (kind < 0)
     return;
-  key(b, "name");
+  tu_key(b, "name");
   if (kind == 0) {
     msgpack_pack_str(&b->pk, n);
     msgpack_pack_str_body(&b->pk, name, n);
@@ -908,7 +849,7 @@ static void ckpt_body(body_t *b, const char *op, int kind, const char *name,
 static void test_checkpoint_decode(void **st) {
   static const char *const ops[] = {"checkpoint_save", "checkpoint_load"};
   char longname[SVC_NAME_MAX + 2], want[64];
-  body_t b;
+  tu_body_t b;
   svc_request_t q;
   svc_err_t err;
   (void)st;
@@ -951,36 +892,36 @@ static void test_batch_depth(void **st) {
   const sbn_tensor_desc_t d = {2, {2, 3}, SBN_LAYOUT_NCHW};
   float x[6] = {1, 2, 3, 4, 5, 6};
   svc_worker_t *w = worker();
-  body_t b;
-  reply_t r;
+  tu_body_t b;
+  tu_reply_t r;
   (void)st;
   reg(w, "bn", "batchnorm", 3, 0, 0);
   /* root map 1, requests 2, sub map 3, x 4, shape 5, then arrays to 8
    * (allowed) and to 9 (refused). */
   for (int extra = 3; extra <= 4; extra++) {
-    body_init(&b);
+    tu_body_init(&b);
     p_batch(&b, 5, 1);
     msgpack_pack_map(&b.pk, 6);
-    key(&b, "op");
-    key(&b, "forward");
-    key(&b, "id");
+    tu_key(&b, "op");
+    tu_key(&b, "forward");
+    tu_key(&b, "id");
     msgpack_pack_uint32(&b.pk, 6);
-    key(&b, "layer");
+    tu_key(&b, "layer");
     msgpack_pack_uint32(&b.pk, 0);
-    key(&b, "step");
+    tu_key(&b, "step");
     msgpack_pack_uint32(&b.pk, 0);
-    key(&b, "train");
-    boolean(&b, 0);
-    key(&b, "x");
+    tu_key(&b, "train");
+    tu_boolean(&b, 0);
+    tu_key(&b, "x");
     msgpack_pack_map(&b.pk, 3);
-    key(&b, "dtype");
-    key(&b, "f32");
-    key(&b, "shape");
+    tu_key(&b, "dtype");
+    tu_key(&b, "f32");
+    tu_key(&b, "shape");
     msgpack_pack_array(&b.pk, 1);
     for (int i = 0; i < extra; i++)
       msgpack_pack_array(&b.pk, 1);
     msgpack_pack_uint32(&b.pk, 6);
-    key(&b, "data");
+    tu_key(&b, "data");
     msgpack_pack_bin(&b.pk, sizeof x);
     msgpack_pack_bin_body(&b.pk, x, sizeof x);
     if (extra == 3) {
@@ -994,24 +935,24 @@ static void test_batch_depth(void **st) {
     } else {
       EXPECT(w, &b, &r, "LIMIT");
       assert_true(r.close_after);
-      assert_int_equal(get(&r.o, "id")->type, MSGPACK_OBJECT_NIL);
+      assert_int_equal(tu_get(&r.o, "id")->type, MSGPACK_OBJECT_NIL);
     }
-    reply_free(&r);
+    tu_reply_free(&r);
   }
   svc_worker_destroy(w);
 
   w = worker_cfg(1, 4);
   reg(w, "bn", "batchnorm", 3, 0, 0);
-  body_init(&b);
+  tu_body_init(&b);
   p_fwd(&b, 1, 0, 0, 0, &d, x);
   EXPECT(w, &b, &r, "");
-  reply_free(&r);
-  body_init(&b);
+  tu_reply_free(&r);
+  tu_body_init(&b);
   p_batch(&b, 2, 1);
   p_fwd(&b, 1, 0, 0, 0, &d, x);
   EXPECT(w, &b, &r, "LIMIT");
   assert_true(r.close_after);
-  reply_free(&r);
+  tu_reply_free(&r);
   svc_worker_destroy(w);
 }
 
@@ -1025,23 +966,24 @@ static uint64_t rng(uint64_t *s) {
 /* Feeds truncations and random byte mutations of body through w: every
  * reply must be a well-formed reply map (parse() checks it), and the
  * sanitizer build checks that nothing crashes or leaks. */
-static void fuzz(svc_worker_t *w, const body_t *b, int iters, uint64_t seed) {
+static void fuzz(svc_worker_t *w, const tu_body_t *b, int iters,
+                 uint64_t seed) {
   uint8_t *buf = malloc(b->sb.size);
   uint64_t s = seed;
   size_t n = b->sb.size;
   assert_non_null(buf);
   for (size_t cut = 1; cut < n; cut++) {
-    reply_t r;
+    tu_reply_t r;
     memset(&r, 0, sizeof r);
     assert_int_equal(svc_worker_handle(w, (const uint8_t *)b->sb.data, cut,
                                        &r.buf, &r.len, &r.close_after),
                      0);
     parse(&r);
     assert_true(r.code[0] != '\0');
-    reply_free(&r);
+    tu_reply_free(&r);
   }
   for (int it = 0; it < iters; it++) {
-    reply_t r;
+    tu_reply_t r;
     int k = 1 + (int)(rng(&s) % 4);
     memcpy(buf, b->sb.data, n);
     for (int j = 0; j < k; j++) {
@@ -1069,7 +1011,7 @@ static void fuzz(svc_worker_t *w, const body_t *b, int iters, uint64_t seed) {
     assert_int_equal(
         svc_worker_handle(w, buf, n, &r.buf, &r.len, &r.close_after), 0);
     parse(&r);
-    reply_free(&r);
+    tu_reply_free(&r);
   }
   free(buf);
 }
@@ -1080,8 +1022,8 @@ static void test_fuzz(void **st) {
   float x[12], xl[12], dy[12];
   double cnt[3] = {4, 4, 4}, mean[3] = {0.5, -1, 2}, m2[3] = {1, 2, 3};
   svc_worker_t *w = worker();
-  body_t b;
-  reply_t r;
+  tu_body_t b;
+  tu_reply_t r;
   (void)st;
   fill(x, 12, 1);
   fill(xl, 12, 2);
@@ -1092,7 +1034,7 @@ static void test_fuzz(void **st) {
   reg(w, "drop", "dropout", 0, 0, 3);
 
   /* The valid batch first: it must run as expected before it is mutated. */
-  body_init(&b);
+  tu_body_init(&b);
   p_batch(&b, 100, 6);
   p_fwd(&b, 101, 0, 1, 1, &d, x);
   p_fwd(&b, 102, 2, 1, 1, &dl, xl);
@@ -1109,27 +1051,27 @@ static void test_fuzz(void **st) {
                      0);
     parse(&r);
     assert_string_equal(r.code, "");
-    rs = get(&r.o, "replies");
+    rs = tu_get(&r.o, "replies");
     assert_int_equal(rs->via.array.size, 6);
     for (int i = 0; i < 6; i++) {
       assert_string_equal(code_of(&rs->via.array.ptr[i], msg, sizeof msg),
                           want[i]);
       assert_int_equal(id_of(&rs->via.array.ptr[i]), 101 + (uint64_t)i);
     }
-    reply_free(&r);
+    tu_reply_free(&r);
   }
   fuzz(w, &b, 3000, 0x9e3779b97f4a7c15ull);
   msgpack_sbuffer_destroy(&b.sb);
 
-  body_init(&b);
+  tu_body_init(&b);
   p_stats(&b, 200, 1, 7, 3, cnt, 0, mean, m2);
   EXPECT(w, &b, &r, "NOT_YET");
-  reply_free(&r);
-  body_init(&b);
+  tu_reply_free(&r);
+  tu_body_init(&b);
   p_stats(&b, 200, 1, 7, 3, cnt, 0, mean, m2);
   fuzz(w, &b, 3000, 0x2545f4914f6cdd1dull);
   msgpack_sbuffer_destroy(&b.sb);
-  body_init(&b);
+  tu_body_init(&b);
   p_stats_bwd(&b, 201, 1, 7, 3, mean, m2);
   fuzz(w, &b, 1000, 0x5851f42d4c957f2dull);
   msgpack_sbuffer_destroy(&b.sb);
@@ -1148,8 +1090,8 @@ static void test_worker_batch(void **st) {
   const sbn_tensor_desc_t dl = {2, {3, 6}, SBN_LAYOUT_NCHW};
   float x[N], dy[N], xl[NL], a[N], t[N], a3[3], t3[3], al[NL], tl[NL];
   svc_worker_t *w = worker();
-  body_t b;
-  reply_t r, r1, r2, r3;
+  tu_body_t b;
+  tu_reply_t r, r1, r2, r3;
   const msgpack_object *rs;
   char msg[256];
   (void)st;
@@ -1162,7 +1104,7 @@ static void test_worker_batch(void **st) {
   reg(w, "ln_twin", "layernorm", 0, 6, 3);
   reg(w, "sbn", "syncbatchnorm", 3, 0, 4);
 
-  body_init(&b);
+  tu_body_init(&b);
   p_batch(&b, 500, 4);
   p_fwd(&b, 501, 0, 1, 1, &d, x);
   p_fwd(&b, 502, 1, 1, 1, &dl, xl);
@@ -1172,7 +1114,7 @@ static void test_worker_batch(void **st) {
   assert_int_equal(id_of(&r.o), 500);
   assert_int_equal(r.o.via.map.size, 2);
   assert_false(r.close_after);
-  rs = get(&r.o, "replies");
+  rs = tu_get(&r.o, "replies");
   assert_non_null(rs);
   assert_int_equal(rs->type, MSGPACK_OBJECT_ARRAY);
   assert_int_equal(rs->via.array.size, 4);
@@ -1185,13 +1127,13 @@ static void test_worker_batch(void **st) {
   assert_non_null(strstr(msg, "99"));
 
   /* The same requests one by one on the twins. */
-  body_init(&b);
+  tu_body_init(&b);
   p_fwd(&b, 1, 2, 1, 1, &d, x);
   EXPECT(w, &b, &r1, "");
-  body_init(&b);
+  tu_body_init(&b);
   p_fwd(&b, 2, 3, 1, 1, &dl, xl);
   EXPECT(w, &b, &r2, "");
-  body_init(&b);
+  tu_body_init(&b);
   p_bwd(&b, 3, 2, 1, &d, dy);
   EXPECT(w, &b, &r3, "");
   tensor_of(&rs->via.array.ptr[0], "y", a, N);
@@ -1210,10 +1152,10 @@ static void test_worker_batch(void **st) {
   tensor_of(&rs->via.array.ptr[2], "dbias", a3, 3);
   tensor_of(&r3.o, "dbias", t3, 3);
   assert_memory_equal(a3, t3, sizeof a3);
-  reply_free(&r);
-  reply_free(&r1);
-  reply_free(&r2);
-  reply_free(&r3);
+  tu_reply_free(&r);
+  tu_reply_free(&r1);
+  tu_reply_free(&r2);
+  tu_reply_free(&r3);
 
   /* Elements fail on their own: a repeated step inside one batch, a
    * backward whose forward is gone, a syncbatchnorm training forward
@@ -1223,7 +1165,7 @@ static void test_worker_batch(void **st) {
     uint64_t kept = svc_worker_saved_bytes(w);
     static const char *const want[5] = {"", "DUPLICATE_STEP", "NO_FORWARD",
                                         "NOT_YET", ""};
-    body_init(&b);
+    tu_body_init(&b);
     p_batch(&b, 600, 5);
     p_fwd(&b, 601, 0, 2, 1, &d, x);
     p_fwd(&b, 602, 0, 2, 1, &d, x);
@@ -1231,7 +1173,7 @@ static void test_worker_batch(void **st) {
     p_fwd(&b, 604, 4, 1, 1, &d, x);
     p_fwd(&b, 605, 4, 1, 0, &d, x);
     EXPECT(w, &b, &r, "");
-    rs = get(&r.o, "replies");
+    rs = tu_get(&r.o, "replies");
     assert_int_equal(rs->via.array.size, 5);
     for (int i = 0; i < 5; i++) {
       const char *c = code_of(&rs->via.array.ptr[i], msg, sizeof msg);
@@ -1240,22 +1182,22 @@ static void test_worker_batch(void **st) {
                  want[i]);
       assert_int_equal(id_of(&rs->via.array.ptr[i]), 601 + (uint64_t)i);
     }
-    reply_free(&r);
+    tu_reply_free(&r);
     /* Only the first forward of step 2 is kept. */
     assert_true(svc_worker_saved_bytes(w) > kept);
-    body_init(&b);
+    tu_body_init(&b);
     p_bwd(&b, 7, 0, 2, &d, dy);
     EXPECT(w, &b, &r, "");
-    reply_free(&r);
-    body_init(&b);
+    tu_reply_free(&r);
+    tu_body_init(&b);
     p_bwd(&b, 7, 4, 1, &d, dy);
     EXPECT(w, &b, &r, "NOT_YET");
-    reply_free(&r);
+    tu_reply_free(&r);
   }
 
   /* A batch that fails as a whole (decode) answers one error with the
    * batch's id. */
-  body_init(&b);
+  tu_body_init(&b);
   p_batch(&b, 700, 2);
   p_fwd(&b, 701, 0, 3, 1, &d, x);
   p_bare(&b, "register", 702);
@@ -1263,12 +1205,12 @@ static void test_worker_batch(void **st) {
   assert_int_equal(id_of(&r.o), 700);
   assert_non_null(strstr(r.msg, "requests[1]"));
   assert_false(r.close_after);
-  reply_free(&r);
+  tu_reply_free(&r);
   /* Nothing of it ran: step 3 is still free. */
-  body_init(&b);
+  tu_body_init(&b);
   p_fwd(&b, 8, 0, 3, 1, &d, x);
   EXPECT(w, &b, &r, "");
-  reply_free(&r);
+  tu_reply_free(&r);
   svc_worker_destroy(w);
 }
 
@@ -1278,8 +1220,8 @@ static void test_worker_stats(void **st) {
   double cnt[3] = {4, 4, 4}, mean[3] = {0.5, -1, 2}, m2[3] = {1, 2, 3};
   double neg[3] = {1, -2, 3}, zmean[3] = {0, 1, 0}, nanv[3] = {1, NAN, 3};
   svc_worker_t *w = worker();
-  body_t b;
-  reply_t r;
+  tu_body_t b;
+  tu_reply_t r;
   const msgpack_object *rs;
   char msg[256];
   (void)st;
@@ -1287,81 +1229,81 @@ static void test_worker_stats(void **st) {
   reg(w, "sbn", "syncbatchnorm", 3, 0, 1);
   reg(w, "ln", "layernorm", 0, 3, 2);
 
-  body_init(&b);
+  tu_body_init(&b);
   p_stats(&b, 1, 0, 1, 3, cnt, 0, mean, m2);
   EXPECT(w, &b, &r, "SHAPE");
   assert_int_equal(id_of(&r.o), 1);
   assert_non_null(strstr(r.msg, "syncbatchnorm"));
   assert_non_null(strstr(r.msg, "'bn'"));
-  reply_free(&r);
-  body_init(&b);
+  tu_reply_free(&r);
+  tu_body_init(&b);
   p_stats(&b, 1, 2, 1, 3, NULL, 4, mean, m2);
   EXPECT(w, &b, &r, "SHAPE");
-  reply_free(&r);
-  body_init(&b);
+  tu_reply_free(&r);
+  tu_body_init(&b);
   p_stats_bwd(&b, 1, 0, 1, 3, mean, m2);
   EXPECT(w, &b, &r, "SHAPE");
-  reply_free(&r);
-  body_init(&b);
+  tu_reply_free(&r);
+  tu_body_init(&b);
   p_stats(&b, 1, 9, 1, 3, cnt, 0, mean, m2);
   EXPECT(w, &b, &r, "UNKNOWN_LAYER");
-  reply_free(&r);
+  tu_reply_free(&r);
 
   /* On the syncbatchnorm layer: wrong counts of values, bad values. */
-  body_init(&b);
+  tu_body_init(&b);
   p_stats(&b, 1, 1, 1, 2, cnt, 0, mean, m2);
   EXPECT(w, &b, &r, "SHAPE");
   assert_non_null(strstr(r.msg, "count"));
-  reply_free(&r);
-  body_init(&b);
+  tu_reply_free(&r);
+  tu_body_init(&b);
   p_stats_bwd(&b, 1, 1, 1, 2, mean, m2);
   EXPECT(w, &b, &r, "SHAPE");
   assert_non_null(strstr(r.msg, "sum_dy"));
-  reply_free(&r);
-  body_init(&b);
+  tu_reply_free(&r);
+  tu_body_init(&b);
   p_stats(&b, 1, 1, 1, 3, cnt, 0, mean, neg);
   EXPECT(w, &b, &r, "BAD_PARAMS");
   assert_non_null(strstr(r.msg, "channel 1"));
-  reply_free(&r);
-  body_init(&b);
+  tu_reply_free(&r);
+  tu_body_init(&b);
   p_stats(&b, 1, 1, 1, 3, NULL, 0, zmean, m2);
   EXPECT(w, &b, &r, "BAD_PARAMS");
   assert_non_null(strstr(r.msg, "channel 0"));
-  reply_free(&r);
-  body_init(&b);
+  tu_reply_free(&r);
+  tu_body_init(&b);
   p_stats_bwd(&b, 1, 1, 1, 3, nanv, m2);
   EXPECT(w, &b, &r, "BAD_PARAMS");
   assert_non_null(strstr(r.msg, "channel 1"));
-  reply_free(&r);
-  body_init(&b);
+  tu_reply_free(&r);
+  tu_body_init(&b);
   p_stats(&b, 1, 1, 1, 3, neg, 0, mean, m2);
   EXPECT(w, &b, &r, "BAD_PARAMS");
-  reply_free(&r);
+  tu_reply_free(&r);
 
   /* Valid ones: NOT_YET, naming what is missing. */
-  body_init(&b);
+  tu_body_init(&b);
   p_stats(&b, 1, 1, 1, 3, cnt, 0, mean, m2);
   EXPECT(w, &b, &r, "NOT_YET");
   assert_non_null(strstr(r.msg, "stats"));
-  reply_free(&r);
-  body_init(&b);
+  tu_reply_free(&r);
+  tu_body_init(&b);
   p_stats(&b, 1, 1, 1, 3, NULL, 8, mean, m2);
   EXPECT(w, &b, &r, "NOT_YET");
-  reply_free(&r);
-  body_init(&b);
+  tu_reply_free(&r);
+  tu_body_init(&b);
   p_stats_bwd(&b, 1, 1, 1, 3, mean, neg);
   EXPECT(w, &b, &r, "NOT_YET");
   assert_non_null(strstr(r.msg, "stats_backward"));
-  reply_free(&r);
+  tu_reply_free(&r);
 
   /* In a batch, each element answers for itself. */
-  body_init(&b);
+  tu_body_init(&b);
   p_batch(&b, 50, 3);
   p_stats(&b, 51, 0, 1, 3, cnt, 0, mean, m2);
   p_stats(&b, 52, 1, 1, 3, cnt, 0, mean, m2);
   p_stats_bwd(&b, 53, 1, 1, 3, mean, m2);
   EXPECT(w, &b, &r, "");
-  rs = get(&r.o, "replies");
+  rs = tu_get(&r.o, "replies");
   assert_int_equal(rs->via.array.size, 3);
   assert_string_equal(code_of(&rs->via.array.ptr[0], msg, sizeof msg), "SHAPE");
   assert_string_equal(code_of(&rs->via.array.ptr[1], msg, sizeof msg),
@@ -1370,7 +1312,7 @@ static void test_worker_stats(void **st) {
                       "NOT_YET");
   for (int i = 0; i < 3; i++)
     assert_int_equal(id_of(&rs->via.array.ptr[i]), 51 + (uint64_t)i);
-  reply_free(&r);
+  tu_reply_free(&r);
   svc_worker_destroy(w);
 }
 
@@ -1435,8 +1377,8 @@ static void path_of(char *p, size_t len, const char *name) {
 }
 
 static const char *ckpt(svc_worker_t *w, int load, const char *name,
-                        reply_t *r) {
-  body_t b;
+                        tu_reply_t *r) {
+  tu_body_t b;
   ckpt_body(&b, load ? "checkpoint_load" : "checkpoint_save", 0, name,
             strlen(name));
   return run(w, &b, r);
@@ -1453,15 +1395,15 @@ typedef struct snap_s {
 static void snap(svc_worker_t *w, int nlayers, snap_t *s) {
   s->n = nlayers;
   for (int i = 0; i < nlayers; i++) {
-    body_t b;
-    reply_t r;
-    body_init(&b);
+    tu_body_t b;
+    tu_reply_t r;
+    tu_body_init(&b);
     msgpack_pack_map(&b.pk, 3);
-    key(&b, "op");
-    key(&b, "get_state");
-    key(&b, "id");
+    tu_key(&b, "op");
+    tu_key(&b, "get_state");
+    tu_key(&b, "id");
     msgpack_pack_uint32(&b.pk, 1);
-    key(&b, "layer");
+    tu_key(&b, "layer");
     msgpack_pack_uint32(&b.pk, (uint32_t)i);
     EXPECT(w, &b, &r, "");
     msgpack_zone_destroy(&r.z);
@@ -1489,36 +1431,36 @@ static void snap_free(snap_t *s) {
  * batchnorm, statistics of c values and a batch counter. */
 static void perturb(svc_worker_t *w, uint32_t layer, size_t n, size_t c,
                     uint32_t seed) {
-  body_t b;
-  reply_t r;
+  tu_body_t b;
+  tu_reply_t r;
   float v[64], s[64];
   const size_t dn[1] = {n}, dc[1] = {c};
   fill(v, 64, seed);
   fill(s, 64, seed + 1);
   for (size_t i = 0; i < c; i++)
     s[i] = fabsf(s[i]) + 0.5f;
-  body_init(&b);
+  tu_body_init(&b);
   msgpack_pack_map(&b.pk, 5 + (c > 0 ? 3 : 0));
-  key(&b, "op");
-  key(&b, "set_state");
-  key(&b, "id");
+  tu_key(&b, "op");
+  tu_key(&b, "set_state");
+  tu_key(&b, "id");
   msgpack_pack_uint32(&b.pk, 2);
-  key(&b, "layer");
+  tu_key(&b, "layer");
   msgpack_pack_uint32(&b.pk, layer);
-  key(&b, "weight");
-  tensor(&b, "f32", 1, dn, v, n * sizeof(float));
-  key(&b, "bias");
-  tensor(&b, "f32", 1, dn, v + 1, n * sizeof(float));
+  tu_key(&b, "weight");
+  tu_tensor(&b, "f32", 1, dn, NULL, v, n * sizeof(float));
+  tu_key(&b, "bias");
+  tu_tensor(&b, "f32", 1, dn, NULL, v + 1, n * sizeof(float));
   if (c > 0) {
-    key(&b, "running_mean");
-    tensor(&b, "f32", 1, dc, v, c * sizeof(float));
-    key(&b, "running_var");
-    tensor(&b, "f32", 1, dc, s, c * sizeof(float));
-    key(&b, "num_batches_tracked");
+    tu_key(&b, "running_mean");
+    tu_tensor(&b, "f32", 1, dc, NULL, v, c * sizeof(float));
+    tu_key(&b, "running_var");
+    tu_tensor(&b, "f32", 1, dc, NULL, s, c * sizeof(float));
+    tu_key(&b, "num_batches_tracked");
     msgpack_pack_uint32(&b.pk, seed);
   }
   EXPECT(w, &b, &r, "");
-  reply_free(&r);
+  tu_reply_free(&r);
 }
 
 /* The three layers of the checkpoint tests: batchnorm(3), layernorm(4),
@@ -1541,21 +1483,21 @@ static void train(svc_worker_t *w, uint64_t from, uint64_t to) {
   const sbn_tensor_desc_t dl = {2, {3, 4}, SBN_LAYOUT_NCHW};
   float x[24];
   for (uint64_t s = from; s <= to; s++) {
-    body_t b;
-    reply_t r;
+    tu_body_t b;
+    tu_reply_t r;
     fill(x, 24, (uint32_t)s);
-    body_init(&b);
+    tu_body_init(&b);
     p_fwd(&b, s, 0, s, 1, &d, x);
     EXPECT(w, &b, &r, "");
-    reply_free(&r);
-    body_init(&b);
+    tu_reply_free(&r);
+    tu_body_init(&b);
     p_fwd(&b, s, 1, s, 1, &dl, x);
     EXPECT(w, &b, &r, "");
-    reply_free(&r);
-    body_init(&b);
+    tu_reply_free(&r);
+    tu_body_init(&b);
     p_fwd(&b, s, 2, s, 1, &d, x);
     EXPECT(w, &b, &r, "");
-    reply_free(&r);
+    tu_reply_free(&r);
   }
 }
 
@@ -1592,7 +1534,7 @@ static size_t file_size(const char *name) {
 
 static void test_checkpoint_roundtrip(void **st) {
   svc_worker_t *w = ckpt_worker(0, 1), *w2;
-  reply_t r;
+  tu_reply_t r;
   snap_t saved, changed, now;
   char p[512], list[512];
   struct stat sb;
@@ -1605,15 +1547,15 @@ static void test_checkpoint_roundtrip(void **st) {
   assert_string_equal(ckpt(w, 0, "a", &r), "");
   assert_int_equal(id_of(&r.o), 21);
   assert_int_equal(r.o.via.map.size, 4);
-  o = get(&r.o, "saved");
+  o = tu_get(&r.o, "saved");
   assert_non_null(o);
   assert_true(o->type == MSGPACK_OBJECT_BOOLEAN && o->via.boolean);
-  assert_int_equal(get(&r.o, "layers")->via.u64, 3);
-  o = get(&r.o, "name");
+  assert_int_equal(tu_get(&r.o, "layers")->via.u64, 3);
+  o = tu_get(&r.o, "name");
   assert_int_equal(o->via.str.size, 1);
   assert_memory_equal(o->via.str.ptr, "a", 1);
   assert_false(r.close_after);
-  reply_free(&r);
+  tu_reply_free(&r);
   path_of(p, sizeof p, "a");
   assert_int_equal(stat(p, &sb), 0);
   assert_true(S_ISREG(sb.st_mode));
@@ -1635,12 +1577,12 @@ static void test_checkpoint_roundtrip(void **st) {
   assert_false(snap_equal(&saved, &changed));
   assert_string_equal(ckpt(w, 1, "a", &r), "");
   assert_int_equal(id_of(&r.o), 21);
-  o = get(&r.o, "loaded");
+  o = tu_get(&r.o, "loaded");
   assert_non_null(o);
   assert_true(o->type == MSGPACK_OBJECT_BOOLEAN && o->via.boolean);
-  assert_null(get(&r.o, "saved"));
-  assert_int_equal(get(&r.o, "layers")->via.u64, 3);
-  reply_free(&r);
+  assert_null(tu_get(&r.o, "saved"));
+  assert_int_equal(tu_get(&r.o, "layers")->via.u64, 3);
+  tu_reply_free(&r);
   snap(w, 3, &now);
   assert_true(snap_equal(&saved, &now));
   snap_free(&now);
@@ -1648,7 +1590,7 @@ static void test_checkpoint_roundtrip(void **st) {
   /* A fresh worker with the same layers loads the same state. */
   w2 = ckpt_worker(0, 1);
   assert_string_equal(ckpt(w2, 1, "a", &r), "");
-  reply_free(&r);
+  tu_reply_free(&r);
   snap(w2, 3, &now);
   assert_true(snap_equal(&saved, &now));
   snap_free(&now);
@@ -1659,10 +1601,10 @@ static void test_checkpoint_roundtrip(void **st) {
   snap_free(&changed);
   snap(w, 3, &changed);
   assert_string_equal(ckpt(w, 0, "a", &r), "");
-  reply_free(&r);
+  tu_reply_free(&r);
   perturb(w, 0, 3, 3, 10);
   assert_string_equal(ckpt(w, 1, "a", &r), "");
-  reply_free(&r);
+  tu_reply_free(&r);
   snap(w, 3, &now);
   assert_true(snap_equal(&changed, &now));
   snap_free(&now);
@@ -1680,7 +1622,7 @@ static void test_checkpoint_names(void **st) {
                                     "/a",   "a..b", "x\x01y", ".."};
   char longname[200], list[512];
   svc_worker_t *w = ckpt_worker(0, 1);
-  reply_t r;
+  tu_reply_t r;
   /* "../a" would land in the parent of the state directory. */
   int parent_had = access("/tmp/a", F_OK) == 0;
   (void)st;
@@ -1692,15 +1634,15 @@ static void test_checkpoint_names(void **st) {
       assert_int_equal(strncmp(r.msg, "name:", 5), 0);
       assert_int_equal(id_of(&r.o), 21);
       assert_false(r.close_after);
-      reply_free(&r);
+      tu_reply_free(&r);
     }
   memset(longname, 'n', sizeof longname);
   longname[129] = '\0';
   assert_string_equal(ckpt(w, 0, longname, &r), "BAD_PARAMS");
-  reply_free(&r);
+  tu_reply_free(&r);
   longname[128] = '\0';
   assert_string_equal(ckpt(w, 0, longname, &r), "");
-  reply_free(&r);
+  tu_reply_free(&r);
   dir_list(list, sizeof list);
   assert_string_equal(list, longname);
   {
@@ -1717,7 +1659,7 @@ static void test_checkpoint_names(void **st) {
 
 static void test_checkpoint_corrupt(void **st) {
   svc_worker_t *w = ckpt_worker(0, 1);
-  reply_t r;
+  tu_reply_t r;
   snap_t before, after;
   size_t size;
   static const char *const bad[] = {"missing",  "trunc",    "flip_head",
@@ -1726,7 +1668,7 @@ static void test_checkpoint_corrupt(void **st) {
   (void)st;
   train(w, 1, 2);
   assert_string_equal(ckpt(w, 0, "good", &r), "");
-  reply_free(&r);
+  tu_reply_free(&r);
   size = file_size("good");
   copy_file("good", "trunc", 1, -1);
   copy_file("good", "flip_head", 0, 9);
@@ -1755,7 +1697,7 @@ static void test_checkpoint_corrupt(void **st) {
     assert_int_equal(id_of(&r.o), 21);
     assert_true(r.msg[0] != '\0');
     assert_false(r.close_after);
-    reply_free(&r);
+    tu_reply_free(&r);
     snap(w, 3, &after);
     if (!snap_equal(&before, &after))
       fail_msg("load of '%s' changed the state", bad[i]);
@@ -1763,7 +1705,7 @@ static void test_checkpoint_corrupt(void **st) {
   }
   /* The good one still loads. */
   assert_string_equal(ckpt(w, 1, "good", &r), "");
-  reply_free(&r);
+  tu_reply_free(&r);
   snap(w, 3, &after);
   assert_false(snap_equal(&before, &after));
   snap_free(&after);
@@ -1775,16 +1717,16 @@ static void test_checkpoint_corrupt(void **st) {
 
 static void test_checkpoint_refusals(void **st) {
   svc_worker_t *w = ckpt_worker(0, 0), *w2, *w3;
-  reply_t r;
+  tu_reply_t r;
   snap_t before, after;
   char list[512];
   (void)st;
   /* No state directory. */
   assert_string_equal(ckpt(w, 0, "a", &r), "BAD_PARAMS");
   assert_non_null(strstr(r.msg, "state directory"));
-  reply_free(&r);
+  tu_reply_free(&r);
   assert_string_equal(ckpt(w, 1, "a", &r), "BAD_PARAMS");
-  reply_free(&r);
+  tu_reply_free(&r);
   svc_worker_destroy(w);
   dir_list(list, sizeof list);
   assert_string_equal(list, "");
@@ -1793,7 +1735,7 @@ static void test_checkpoint_refusals(void **st) {
   w = worker_cfg(2, 0);
   assert_int_equal(svc_worker_set_state_dir(w, g_dir), 0);
   assert_string_equal(ckpt(w, 0, "a", &r), "NOT_YET");
-  reply_free(&r);
+  tu_reply_free(&r);
   svc_worker_destroy(w);
 
   /* A state directory that does not exist: the save fails as a whole. */
@@ -1804,7 +1746,7 @@ static void test_checkpoint_refusals(void **st) {
     assert_int_equal(svc_worker_set_state_dir(w, p), 0);
   }
   assert_string_equal(ckpt(w, 0, "a", &r), "CHECKPOINT");
-  reply_free(&r);
+  tu_reply_free(&r);
   svc_worker_destroy(w);
 
   /* A checkpoint of a worker with an extra layer does not load into one
@@ -1815,20 +1757,20 @@ static void test_checkpoint_refusals(void **st) {
   train(w, 1, 2);
   train(w2, 1, 1);
   assert_string_equal(ckpt(w2, 0, "four", &r), "");
-  assert_int_equal(get(&r.o, "layers")->via.u64, 4);
-  reply_free(&r);
+  assert_int_equal(tu_get(&r.o, "layers")->via.u64, 4);
+  tu_reply_free(&r);
   assert_string_equal(ckpt(w, 0, "three", &r), "");
-  reply_free(&r);
+  tu_reply_free(&r);
   snap(w, 3, &before);
   assert_string_equal(ckpt(w, 1, "four", &r), "CHECKPOINT");
-  reply_free(&r);
+  tu_reply_free(&r);
   snap(w, 3, &after);
   assert_true(snap_equal(&before, &after));
   snap_free(&after);
   snap_free(&before);
   snap(w2, 4, &before);
   assert_string_equal(ckpt(w2, 1, "three", &r), "CHECKPOINT");
-  reply_free(&r);
+  tu_reply_free(&r);
   snap(w2, 4, &after);
   assert_true(snap_equal(&before, &after));
   snap_free(&after);
@@ -1843,7 +1785,7 @@ static void test_checkpoint_refusals(void **st) {
   snap(w3, 3, &before);
   assert_string_equal(ckpt(w3, 1, "three", &r), "CHECKPOINT");
   assert_non_null(strstr(r.msg, "'bn'"));
-  reply_free(&r);
+  tu_reply_free(&r);
   snap(w3, 3, &after);
   assert_true(snap_equal(&before, &after));
   snap_free(&after);
@@ -1857,7 +1799,7 @@ static void test_checkpoint_refusals(void **st) {
   reg(w3, "dropX", "dropout", 0, 0, 2);
   assert_string_equal(ckpt(w3, 1, "three", &r), "CHECKPOINT");
   assert_non_null(strstr(r.msg, "'dropX'"));
-  reply_free(&r);
+  tu_reply_free(&r);
   svc_worker_destroy(w3);
   svc_worker_destroy(w);
   dir_list(list, sizeof list);
@@ -1915,7 +1857,7 @@ static svc_worker_t *lb_worker(lb_t *lb) {
 }
 
 /* Sends b (freed here) with token tok; expects it to be deferred. */
-static void lb_send(svc_worker_t *w, body_t *b, void *tok) {
+static void lb_send(svc_worker_t *w, tu_body_t *b, void *tok) {
   uint8_t *reply = NULL;
   size_t len = 0;
   int close_after = 0, deferred = 0;
@@ -1925,7 +1867,7 @@ static void lb_send(svc_worker_t *w, body_t *b, void *tok) {
       0);
   msgpack_sbuffer_destroy(&b->sb);
   if (!deferred) {
-    reply_t r;
+    tu_reply_t r;
     memset(&r, 0, sizeof r);
     r.buf = reply;
     r.len = len;
@@ -1937,7 +1879,7 @@ static void lb_send(svc_worker_t *w, body_t *b, void *tok) {
 
 /* Polls until n replies were delivered (a few rounds at most); moves the
  * i-th into r[i]. */
-static void lb_wait(svc_worker_t *w, lb_t *lb, int n, reply_t *r) {
+static void lb_wait(svc_worker_t *w, lb_t *lb, int n, tu_reply_t *r) {
   for (int round = 0; round < 8 && lb->ndel < n; round++)
     assert_int_equal(svc_worker_poll(w, (double)round), 0);
   assert_int_equal(lb->ndel, n);
@@ -1952,11 +1894,11 @@ static void lb_wait(svc_worker_t *w, lb_t *lb, int n, reply_t *r) {
 
 static void vec_of(const msgpack_object *m, const char *k, double *out,
                    size_t n) {
-  const msgpack_object *o = get(m, k), *dt, *data;
+  const msgpack_object *o = tu_get(m, k), *dt, *data;
   if (o == NULL)
     fail_msg("reply without '%s'", k);
-  dt = get(o, "dtype");
-  data = get(o, "data");
+  dt = tu_get(o, "dtype");
+  data = tu_get(o, "data");
   assert_int_equal(dt->via.str.size, 3);
   assert_memory_equal(dt->via.str.ptr, "f64", 3);
   assert_int_equal(data->via.bin.size, n * sizeof(double));
@@ -1970,8 +1912,8 @@ static void test_loopback_sync(void **st) {
   lb_t lb;
   svc_worker_t *w = lb_worker(&lb);
   int tok = 0;
-  body_t b;
-  reply_t r[4], s;
+  tu_body_t b;
+  tu_reply_t r[4], s;
   snap_t sb, bb;
   (void)st;
   fill(x, N, 21);
@@ -1981,27 +1923,27 @@ static void test_loopback_sync(void **st) {
 
   /* A training forward and backward of syncbatchnorm on one rank equal
    * batchnorm's, bit for bit, and move the same running statistics. */
-  body_init(&b);
+  tu_body_init(&b);
   p_fwd(&b, 11, 0, 1, 1, &d, x);
   lb_send(w, &b, &tok);
   lb_wait(w, &lb, 1, r);
   assert_ptr_equal(lb.tok[0], &tok);
   assert_string_equal(r[0].code, "");
   assert_int_equal(id_of(&r[0].o), 11);
-  body_init(&b);
+  tu_body_init(&b);
   p_fwd(&b, 12, 1, 1, 1, &d, x);
   EXPECT(w, &b, &s, "");
   tensor_of(&r[0].o, "y", a, N);
   tensor_of(&s.o, "y", t, N);
   assert_memory_equal(a, t, sizeof a);
-  reply_free(&r[0]);
-  reply_free(&s);
-  body_init(&b);
+  tu_reply_free(&r[0]);
+  tu_reply_free(&s);
+  tu_body_init(&b);
   p_bwd(&b, 13, 0, 1, &d, dy);
   lb_send(w, &b, &tok);
   lb_wait(w, &lb, 1, r);
   assert_string_equal(r[0].code, "");
-  body_init(&b);
+  tu_body_init(&b);
   p_bwd(&b, 14, 1, 1, &d, dy);
   EXPECT(w, &b, &s, "");
   tensor_of(&r[0].o, "dx", a, N);
@@ -2010,29 +1952,29 @@ static void test_loopback_sync(void **st) {
   tensor_of(&r[0].o, "dweight", a3, 3);
   tensor_of(&s.o, "dweight", t3, 3);
   assert_memory_equal(a3, t3, sizeof a3);
-  reply_free(&r[0]);
-  reply_free(&s);
+  tu_reply_free(&r[0]);
+  tu_reply_free(&s);
   {
     /* get_state differs only in the kind string and the id: compare the
      * statistics. */
-    reply_t g0, g1;
+    tu_reply_t g0, g1;
     float m0[3], m1[3];
-    body_init(&b);
+    tu_body_init(&b);
     msgpack_pack_map(&b.pk, 3);
-    key(&b, "op");
-    key(&b, "get_state");
-    key(&b, "id");
+    tu_key(&b, "op");
+    tu_key(&b, "get_state");
+    tu_key(&b, "id");
     msgpack_pack_uint32(&b.pk, 1);
-    key(&b, "layer");
+    tu_key(&b, "layer");
     msgpack_pack_uint32(&b.pk, 0);
     EXPECT(w, &b, &g0, "");
-    body_init(&b);
+    tu_body_init(&b);
     msgpack_pack_map(&b.pk, 3);
-    key(&b, "op");
-    key(&b, "get_state");
-    key(&b, "id");
+    tu_key(&b, "op");
+    tu_key(&b, "get_state");
+    tu_key(&b, "id");
     msgpack_pack_uint32(&b.pk, 1);
-    key(&b, "layer");
+    tu_key(&b, "layer");
     msgpack_pack_uint32(&b.pk, 1);
     EXPECT(w, &b, &g1, "");
     tensor_of(&g0.o, "running_mean", m0, 3);
@@ -2041,9 +1983,9 @@ static void test_loopback_sync(void **st) {
     tensor_of(&g0.o, "running_var", m0, 3);
     tensor_of(&g1.o, "running_var", m1, 3);
     assert_memory_equal(m0, m1, sizeof m0);
-    assert_int_equal(get(&g0.o, "num_batches_tracked")->via.u64, 1);
-    reply_free(&g0);
-    reply_free(&g1);
+    assert_int_equal(tu_get(&g0.o, "num_batches_tracked")->via.u64, 1);
+    tu_reply_free(&g0);
+    tu_reply_free(&g1);
   }
 
   /* A batch that waits: one reply, through deliver, in order. */
@@ -2053,7 +1995,7 @@ static void test_loopback_sync(void **st) {
     const msgpack_object *rs;
     char msg[256];
     snap(w, 1, &sb);
-    body_init(&b);
+    tu_body_init(&b);
     p_batch(&b, 30, 4);
     p_fwd(&b, 31, 0, 2, 1, &d, x);
     p_fwd(&b, 32, 1, 2, 1, &d, x);
@@ -2063,7 +2005,7 @@ static void test_loopback_sync(void **st) {
     lb_wait(w, &lb, 1, r);
     assert_string_equal(r[0].code, "");
     assert_int_equal(id_of(&r[0].o), 30);
-    rs = get(&r[0].o, "replies");
+    rs = tu_get(&r[0].o, "replies");
     assert_int_equal(rs->via.array.size, 4);
     for (int i = 0; i < 4; i++) {
       const char *c = code_of(&rs->via.array.ptr[i], msg, sizeof msg);
@@ -2092,50 +2034,50 @@ static void test_loopback_sync(void **st) {
     assert_memory_equal(v, sdy, sizeof v);
     vec_of(&rs->via.array.ptr[3], "sum_dy_xhat", v, 3);
     assert_memory_equal(v, sdyx, sizeof v);
-    reply_free(&r[0]);
+    tu_reply_free(&r[0]);
     snap(w, 1, &bb);
     assert_false(snap_equal(&sb, &bb));
     snap_free(&sb);
     snap_free(&bb);
     /* The same stats again: the step was answered, a new one is fine. */
-    body_init(&b);
+    tu_body_init(&b);
     p_stats(&b, 35, 0, 8, 3, NULL, 1, mean, m2);
     lb_send(w, &b, &tok);
     lb_wait(w, &lb, 1, r);
     assert_string_equal(r[0].code, "SMALL_BATCH");
     assert_int_equal(id_of(&r[0].o), 35);
-    reply_free(&r[0]);
+    tu_reply_free(&r[0]);
   }
 
   /* Checkpoints through the agreement: save, change, load. */
   assert_int_equal(svc_worker_set_state_dir(w, g_dir), 0);
   snap(w, 2, &sb);
-  body_init(&b);
+  tu_body_init(&b);
   ckpt_body(&b, "checkpoint_save", 0, "lb", 2);
   lb_send(w, &b, &tok);
   lb_wait(w, &lb, 1, r);
   assert_string_equal(r[0].code, "");
-  assert_true(get(&r[0].o, "saved")->via.boolean);
-  assert_int_equal(get(&r[0].o, "layers")->via.u64, 2);
-  reply_free(&r[0]);
+  assert_true(tu_get(&r[0].o, "saved")->via.boolean);
+  assert_int_equal(tu_get(&r[0].o, "layers")->via.u64, 2);
+  tu_reply_free(&r[0]);
   perturb(w, 0, 3, 3, 5);
   perturb(w, 1, 3, 3, 6);
-  body_init(&b);
+  tu_body_init(&b);
   ckpt_body(&b, "checkpoint_load", 0, "lb", 2);
   lb_send(w, &b, &tok);
   lb_wait(w, &lb, 1, r);
   assert_string_equal(r[0].code, "");
-  assert_true(get(&r[0].o, "loaded")->via.boolean);
-  reply_free(&r[0]);
+  assert_true(tu_get(&r[0].o, "loaded")->via.boolean);
+  tu_reply_free(&r[0]);
   snap(w, 2, &bb);
   assert_true(snap_equal(&sb, &bb));
   snap_free(&bb);
-  body_init(&b);
+  tu_body_init(&b);
   ckpt_body(&b, "checkpoint_load", 0, "nope", 4);
   lb_send(w, &b, &tok);
   lb_wait(w, &lb, 1, r);
   assert_string_equal(r[0].code, "CHECKPOINT");
-  reply_free(&r[0]);
+  tu_reply_free(&r[0]);
   snap(w, 2, &bb);
   assert_true(snap_equal(&sb, &bb));
   snap_free(&bb);
@@ -2151,17 +2093,17 @@ static void test_loopback_sync(void **st) {
   {
     uint64_t kept;
     /* Step 8 first, so that steps 9 and 10 prune nothing older. */
-    body_init(&b);
+    tu_body_init(&b);
     p_fwd(&b, 39, 0, 8, 1, &d, x);
     lb_send(w, &b, &tok);
     lb_wait(w, &lb, 1, r);
     assert_string_equal(r[0].code, "");
-    reply_free(&r[0]);
+    tu_reply_free(&r[0]);
     kept = svc_worker_saved_bytes(w);
-    body_init(&b);
+    tu_body_init(&b);
     p_fwd(&b, 40, 0, 9, 1, &d, x);
     lb_send(w, &b, &tok);
-    body_init(&b);
+    tu_body_init(&b);
     p_batch(&b, 41, 2);
     p_fwd(&b, 42, 0, 10, 1, &d, x);
     p_stats(&b, 43, 0, 10, 3, NULL, 4, (double[]){0, 0, 0},
@@ -2173,12 +2115,12 @@ static void test_loopback_sync(void **st) {
       assert_int_equal(svc_worker_poll(w, (double)round), 0);
     assert_int_equal(lb.ndel, 0);
     assert_int_equal(svc_worker_saved_bytes(w), kept);
-    body_init(&b);
+    tu_body_init(&b);
     p_fwd(&b, 44, 0, 11, 1, &d, x);
     lb_send(w, &b, &tok);
     lb_wait(w, &lb, 1, r);
     assert_string_equal(r[0].code, "");
-    reply_free(&r[0]);
+    tu_reply_free(&r[0]);
   }
   svc_worker_destroy(w);
 }
@@ -2188,38 +2130,38 @@ static void test_loopback_sync(void **st) {
 static void reg_flags(svc_worker_t *w, const char *name, const char *kind,
                       uint32_t channels, int affine, int track, uint32_t groups,
                       uint64_t want_layer) {
-  body_t b;
-  reply_t r;
-  body_init(&b);
+  tu_body_t b;
+  tu_reply_t r;
+  tu_body_init(&b);
   msgpack_pack_map(&b.pk, 7 + (groups > 0));
-  key(&b, "op");
-  key(&b, "register");
-  key(&b, "id");
+  tu_key(&b, "op");
+  tu_key(&b, "register");
+  tu_key(&b, "id");
   msgpack_pack_uint32(&b.pk, 1);
-  key(&b, "name");
-  key(&b, name);
-  key(&b, "kind");
-  key(&b, kind);
+  tu_key(&b, "name");
+  tu_key(&b, name);
+  tu_key(&b, "kind");
+  tu_key(&b, kind);
   if (channels > 0) {
-    key(&b, "channels");
+    tu_key(&b, "channels");
     msgpack_pack_uint32(&b.pk, channels);
   } else {
-    key(&b, "normalized_shape");
+    tu_key(&b, "normalized_shape");
     msgpack_pack_array(&b.pk, 2);
     msgpack_pack_uint32(&b.pk, 2);
     msgpack_pack_uint32(&b.pk, 3);
   }
-  key(&b, "affine");
-  boolean(&b, affine);
-  key(&b, "track_running_stats");
-  boolean(&b, track);
+  tu_key(&b, "affine");
+  tu_boolean(&b, affine);
+  tu_key(&b, "track_running_stats");
+  tu_boolean(&b, track);
   if (groups > 0) {
-    key(&b, "groups");
+    tu_key(&b, "groups");
     msgpack_pack_uint32(&b.pk, groups);
   }
   EXPECT(w, &b, &r, "");
-  assert_int_equal(get(&r.o, "layer")->via.u64, want_layer);
-  reply_free(&r);
+  assert_int_equal(tu_get(&r.o, "layer")->via.u64, want_layer);
+  tu_reply_free(&r);
 }
 
 enum { NKINDS = 7 };
@@ -2243,7 +2185,7 @@ static svc_worker_t *kinds_worker(void) {
  * without statistics, a multi-dimensional layernorm, syncbatchnorm. */
 static void test_checkpoint_kinds(void **st) {
   svc_worker_t *w = kinds_worker(), *w2 = kinds_worker();
-  reply_t r;
+  tu_reply_t r;
   snap_t a, fresh, b2;
   char p[512];
   (void)st;
@@ -2252,22 +2194,22 @@ static void test_checkpoint_kinds(void **st) {
     for (uint64_t step = 1; step <= 2; step++) {
       sbn_tensor_desc_t d = {3, {2, kinds_c[l], 3}, SBN_LAYOUT_NCHW};
       float x[64];
-      body_t b;
+      tu_body_t b;
       fill(x, 64, (uint32_t)l * 10 + (uint32_t)step);
-      body_init(&b);
+      tu_body_init(&b);
       /* syncbatchnorm trains only with the transport: eval here. */
       p_fwd(&b, 1, (uint64_t)l, step, l != 4, &d, x);
       EXPECT(w, &b, &r, "");
-      reply_free(&r);
+      tu_reply_free(&r);
     }
   perturb(w, 3, 4, 0, 77);
   snap(w, NKINDS, &a);
   assert_false(snap_equal(&a, &fresh));
   assert_string_equal(ckpt(w, 0, "kinds", &r), "");
-  assert_int_equal(get(&r.o, "layers")->via.u64, NKINDS);
-  reply_free(&r);
+  assert_int_equal(tu_get(&r.o, "layers")->via.u64, NKINDS);
+  tu_reply_free(&r);
   assert_string_equal(ckpt(w2, 1, "kinds", &r), "");
-  reply_free(&r);
+  tu_reply_free(&r);
   snap(w2, NKINDS, &b2);
   assert_true(snap_equal(&a, &b2));
   snap_free(&a);
@@ -2290,8 +2232,8 @@ static void test_checkpoint_register_race(void **st) {
     lb_t lb;
     svc_worker_t *w = lb_worker(&lb), *w0;
     int tok = 0;
-    body_t b;
-    reply_t r[1], q;
+    tu_body_t b;
+    tu_reply_t r[1], q;
     snap_t late0, late1;
     char p[512];
     assert_int_equal(svc_worker_set_state_dir(w, g_dir), 0);
@@ -2303,10 +2245,10 @@ static void test_checkpoint_register_race(void **st) {
       reg(w0, "bn", "batchnorm", 3, 0, 0);
       perturb(w0, 0, 3, 3, 12);
       assert_string_equal(ckpt(w0, 0, "race", &q), "");
-      reply_free(&q);
+      tu_reply_free(&q);
       svc_worker_destroy(w0);
     }
-    body_init(&b);
+    tu_body_init(&b);
     ckpt_body(&b, load ? "checkpoint_load" : "checkpoint_save", 0, "race", 4);
     lb_send(w, &b, &tok);
     reg(w, "late", "batchnorm", 500, 0, 1);
@@ -2321,11 +2263,11 @@ static void test_checkpoint_register_race(void **st) {
     }
     lb_wait(w, &lb, 1, r);
     if (r[0].code[0] == '\0') {
-      assert_int_equal(get(&r[0].o, "layers")->via.u64, 1);
+      assert_int_equal(tu_get(&r[0].o, "layers")->via.u64, 1);
     } else {
       assert_string_equal(r[0].code, "CHECKPOINT");
     }
-    reply_free(&r[0]);
+    tu_reply_free(&r[0]);
     snap(w, 2, &late1);
     assert_int_equal(late0.len[1], late1.len[1]);
     assert_memory_equal(late0.buf[1], late1.buf[1], late0.len[1]);

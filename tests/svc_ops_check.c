@@ -17,6 +17,7 @@
 
 #include "svc_codec.h"
 #include "svc_worker.h"
+#include "svc_testutil.h"
 /* The metrics test fills the latency ring and the fusion histogram
  * directly: they are only fed by cross-rank allreduces otherwise. */
 #include "svc_worker_int.h"
@@ -24,114 +25,11 @@
 /* ------------------------------------------------------------------ */
 /* Building request bodies and reading replies */
 
-typedef struct body_s {
-  msgpack_sbuffer sb;
-  msgpack_packer pk;
-} body_t;
-
-static void body_init(body_t *b) {
-  msgpack_sbuffer_init(&b->sb);
-  msgpack_packer_init(&b->pk, &b->sb, msgpack_sbuffer_write);
-}
-
-static void key(body_t *b, const char *k) {
-  msgpack_pack_str_with_body(&b->pk, k, strlen(k));
-}
-
-static void tensor(body_t *b, int ndim, const size_t *dims, const char *layout,
-                   const float *data, size_t n) {
-  msgpack_pack_map(&b->pk, layout != NULL ? 4 : 3);
-  key(b, "dtype");
-  key(b, "f32");
-  key(b, "shape");
-  msgpack_pack_array(&b->pk, (size_t)ndim);
-  for (int i = 0; i < ndim; i++)
-    msgpack_pack_uint64(&b->pk, dims[i]);
-  if (layout != NULL) {
-    key(b, "layout");
-    key(b, layout);
-  }
-  key(b, "data");
-  msgpack_pack_bin(&b->pk, n * sizeof(float));
-  if (n > 0)
-    msgpack_pack_bin_body(&b->pk, data, n * sizeof(float));
-}
-
-typedef struct reply_s {
-  uint8_t *buf;
-  size_t len;
-  int close_after;
-  msgpack_zone z;
-  msgpack_object o;
-  char code[64];
-  char msg[256];
-} reply_t;
-
-static const msgpack_object *get(const msgpack_object *m, const char *k) {
-  assert_int_equal(m->type, MSGPACK_OBJECT_MAP);
-  for (uint32_t i = 0; i < m->via.map.size; i++) {
-    const msgpack_object *kk = &m->via.map.ptr[i].key;
-    if (kk->type == MSGPACK_OBJECT_STR && kk->via.str.size == strlen(k) &&
-        memcmp(kk->via.str.ptr, k, kk->via.str.size) == 0)
-      return &m->via.map.ptr[i].val;
-  }
-  return NULL;
-}
-
-static uint64_t get_u64(const msgpack_object *m, const char *k) {
-  const msgpack_object *v = get(m, k);
-  if (v == NULL)
-    fail_msg("key %s missing", k);
-  assert_int_equal(v->type, MSGPACK_OBJECT_POSITIVE_INTEGER);
-  return v->via.u64;
-}
-
-static double get_f64(const msgpack_object *m, const char *k) {
-  const msgpack_object *v = get(m, k);
-  if (v == NULL)
-    fail_msg("key %s missing", k);
-  assert_true(v->type == MSGPACK_OBJECT_FLOAT64 ||
-              v->type == MSGPACK_OBJECT_FLOAT32);
-  return v->via.f64;
-}
-
-/* Runs body through the worker (and frees the body); returns the error
- * code ("" on success) and keeps the message in r->msg. */
-static const char *run(svc_worker_t *w, body_t *b, reply_t *r) {
-  size_t off = 0;
-  const msgpack_object *e, *c, *m;
-  r->code[0] = '\0';
-  r->msg[0] = '\0';
-  assert_int_equal(svc_worker_handle(w, (const uint8_t *)b->sb.data, b->sb.size,
-                                     &r->buf, &r->len, &r->close_after),
-                   0);
-  msgpack_sbuffer_destroy(&b->sb);
-  msgpack_zone_init(&r->z, 1024);
-  assert_int_equal(
-      msgpack_unpack((const char *)r->buf + 4, r->len - 4, &off, &r->z, &r->o),
-      MSGPACK_UNPACK_SUCCESS);
-  assert_int_equal(off, r->len - 4);
-  e = get(&r->o, "error");
-  if (e == NULL)
-    return r->code;
-  c = get(e, "code");
-  m = get(e, "message");
-  snprintf(r->code, sizeof r->code, "%.*s", (int)c->via.str.size,
-           c->via.str.ptr);
-  snprintf(r->msg, sizeof r->msg, "%.*s", (int)m->via.str.size, m->via.str.ptr);
-  return r->code;
-}
-
-static void reply_free(reply_t *r) {
-  msgpack_zone_destroy(&r->z);
-  free(r->buf);
-}
-
 /* Runs body and expects the error code want ("" for success); the reply is
  * freed unless kept. */
 #define EXPECT(w, b, r, want)                                         \
   do {                                                                \
-    const char *got_ = run((w), (b), (r));                            \
+    const char *got_ = tu_run((w), (b), (r));                         \
     if (strcmp(got_, (want)) != 0)                                    \
       fail_msg("got '%s' (%s), expected '%s'", got_, (r)->msg, want); \
   } while (0)
@@ -146,89 +44,89 @@ typedef struct reg_s {
 } reg_t;
 
 static void reg(svc_worker_t *w, reg_t o, uint64_t want_id) {
-  body_t b;
-  reply_t r;
+  tu_body_t b;
+  tu_reply_t r;
   uint32_t n =
       4 + (o.channels > 0) + (o.nshape > 0) + (o.affine >= 0) + (o.track >= 0);
-  body_init(&b);
+  tu_body_init(&b);
   msgpack_pack_map(&b.pk, n);
-  key(&b, "op");
-  key(&b, "register");
-  key(&b, "id");
+  tu_key(&b, "op");
+  tu_key(&b, "register");
+  tu_key(&b, "id");
   msgpack_pack_uint32(&b.pk, 1);
-  key(&b, "name");
-  key(&b, o.name);
-  key(&b, "kind");
-  key(&b, o.kind);
+  tu_key(&b, "name");
+  tu_key(&b, o.name);
+  tu_key(&b, "kind");
+  tu_key(&b, o.kind);
   if (o.channels > 0) {
-    key(&b, "channels");
+    tu_key(&b, "channels");
     msgpack_pack_uint32(&b.pk, o.channels);
   }
   if (o.nshape > 0) {
-    key(&b, "normalized_shape");
+    tu_key(&b, "normalized_shape");
     msgpack_pack_array(&b.pk, (size_t)o.nshape);
     for (int i = 0; i < o.nshape; i++)
       msgpack_pack_uint64(&b.pk, o.shape[i]);
   }
   if (o.affine >= 0) {
-    key(&b, "affine");
+    tu_key(&b, "affine");
     o.affine ? msgpack_pack_true(&b.pk) : msgpack_pack_false(&b.pk);
   }
   if (o.track >= 0) {
-    key(&b, "track_running_stats");
+    tu_key(&b, "track_running_stats");
     o.track ? msgpack_pack_true(&b.pk) : msgpack_pack_false(&b.pk);
   }
   EXPECT(w, &b, &r, "");
-  assert_int_equal(get_u64(&r.o, "layer"), want_id);
-  reply_free(&r);
+  assert_int_equal(tu_get_u64(&r.o, "layer"), want_id);
+  tu_reply_free(&r);
 }
 
-static void req_layer(body_t *b, const char *op, uint64_t layer) {
-  body_init(b);
+static void req_layer(tu_body_t *b, const char *op, uint64_t layer) {
+  tu_body_init(b);
   msgpack_pack_map(&b->pk, 3);
-  key(b, "op");
-  key(b, op);
-  key(b, "id");
+  tu_key(b, "op");
+  tu_key(b, op);
+  tu_key(b, "id");
   msgpack_pack_uint32(&b->pk, 7);
-  key(b, "layer");
+  tu_key(b, "layer");
   msgpack_pack_uint64(&b->pk, layer);
 }
 
-static const char *get_state(svc_worker_t *w, uint64_t layer, reply_t *r) {
-  body_t b;
+static const char *get_state(svc_worker_t *w, uint64_t layer, tu_reply_t *r) {
+  tu_body_t b;
   req_layer(&b, "get_state", layer);
-  return run(w, &b, r);
+  return tu_run(w, &b, r);
 }
 
 static void fwd(svc_worker_t *w, uint64_t layer, uint64_t step, int train,
                 const sbn_tensor_desc_t *d, const float *x, size_t n,
                 float *y) {
-  body_t b;
-  reply_t r;
+  tu_body_t b;
+  tu_reply_t r;
   svc_tensor_t t;
   svc_err_t err;
-  body_init(&b);
+  tu_body_init(&b);
   msgpack_pack_map(&b.pk, 6);
-  key(&b, "op");
-  key(&b, "forward");
-  key(&b, "id");
+  tu_key(&b, "op");
+  tu_key(&b, "forward");
+  tu_key(&b, "id");
   msgpack_pack_uint64(&b.pk, step);
-  key(&b, "layer");
+  tu_key(&b, "layer");
   msgpack_pack_uint64(&b.pk, layer);
-  key(&b, "step");
+  tu_key(&b, "step");
   msgpack_pack_uint64(&b.pk, step);
-  key(&b, "train");
+  tu_key(&b, "train");
   train ? msgpack_pack_true(&b.pk) : msgpack_pack_false(&b.pk);
-  key(&b, "x");
-  tensor(&b, d->ndim, d->dims, NULL, x, n);
+  tu_key(&b, "x");
+  tu_tensor(&b, "f32", d->ndim, d->dims, NULL, x, n * sizeof(float));
   EXPECT(w, &b, &r, "");
   if (y != NULL) {
-    assert_int_equal(svc_decode_tensor(get(&r.o, "y"), "y", &t, &err), 0);
+    assert_int_equal(svc_decode_tensor(tu_get(&r.o, "y"), "y", &t, &err), 0);
     assert_int_equal(t.numel, n);
     memcpy(y, t.data, n * sizeof *y);
     svc_tensor_free(&t);
   }
-  reply_free(&r);
+  tu_reply_free(&r);
 }
 
 /* One tensor of a set_state request. */
@@ -250,34 +148,35 @@ static size_t st_numel(const st_t *s) {
 /* A set_state of layer with ns tensors and, when nbt >= 0, a
  * num_batches_tracked. */
 static const char *set_state(svc_worker_t *w, uint64_t layer, const st_t *s,
-                             int ns, int64_t nbt, reply_t *r) {
-  body_t b;
-  body_init(&b);
+                             int ns, int64_t nbt, tu_reply_t *r) {
+  tu_body_t b;
+  tu_body_init(&b);
   msgpack_pack_map(&b.pk, 3 + (uint32_t)ns + (nbt >= 0));
-  key(&b, "op");
-  key(&b, "set_state");
-  key(&b, "id");
+  tu_key(&b, "op");
+  tu_key(&b, "set_state");
+  tu_key(&b, "id");
   msgpack_pack_uint32(&b.pk, 8);
-  key(&b, "layer");
+  tu_key(&b, "layer");
   msgpack_pack_uint64(&b.pk, layer);
   for (int i = 0; i < ns; i++) {
-    key(&b, s[i].key);
-    tensor(&b, s[i].ndim, s[i].dims, s[i].layout, s[i].data, st_numel(&s[i]));
+    tu_key(&b, s[i].key);
+    tu_tensor(&b, "f32", s[i].ndim, s[i].dims, s[i].layout, s[i].data,
+              st_numel(&s[i]) * sizeof(float));
   }
   if (nbt >= 0) {
-    key(&b, "num_batches_tracked");
+    tu_key(&b, "num_batches_tracked");
     msgpack_pack_int64(&b.pk, nbt);
   }
-  return run(w, &b, r);
+  return tu_run(w, &b, r);
 }
 
 /* Decodes key k of a get_state reply into out (n floats) and checks its
  * shape. */
-static void state_tensor(const reply_t *r, const char *k, int ndim,
+static void state_tensor(const tu_reply_t *r, const char *k, int ndim,
                          const size_t *dims, float *out, size_t n) {
   svc_tensor_t t;
   svc_err_t err;
-  const msgpack_object *o = get(&r->o, k);
+  const msgpack_object *o = tu_get(&r->o, k);
   if (o == NULL)
     fail_msg("get_state reply without %s", k);
   assert_int_equal(svc_decode_tensor(o, k, &t, &err), 0);
@@ -291,8 +190,8 @@ static void state_tensor(const reply_t *r, const char *k, int ndim,
   svc_tensor_free(&t);
 }
 
-static void assert_kind(const reply_t *r, const char *kind) {
-  const msgpack_object *o = get(&r->o, "kind");
+static void assert_kind(const tu_reply_t *r, const char *kind) {
+  const msgpack_object *o = tu_get(&r->o, "kind");
   assert_non_null(o);
   assert_int_equal(o->type, MSGPACK_OBJECT_STR);
   assert_int_equal(o->via.str.size, strlen(kind));
@@ -314,7 +213,7 @@ static svc_worker_t *worker(void) {
  * with the defaults of registration. */
 static void test_get_state_defaults(void **st) {
   svc_worker_t *w = worker();
-  reply_t r;
+  tu_reply_t r;
   float v[6];
   const size_t c3[1] = {3}, ln[2] = {2, 3}, c4[1] = {4};
   (void)st;
@@ -329,7 +228,7 @@ static void test_get_state_defaults(void **st) {
 
   /* batchnorm: everything. */
   assert_string_equal(get_state(w, 0, &r), "");
-  assert_int_equal(get_u64(&r.o, "id"), 7);
+  assert_int_equal(tu_get_u64(&r.o, "id"), 7);
   assert_int_equal(r.o.via.map.size, 7);
   assert_kind(&r, "batchnorm");
   state_tensor(&r, "running_mean", 1, c3, v, 3);
@@ -338,74 +237,74 @@ static void test_get_state_defaults(void **st) {
   state_tensor(&r, "running_var", 1, c3, v, 3);
   for (int i = 0; i < 3; i++)
     assert_true(v[i] == 1.0f);
-  assert_int_equal(get_u64(&r.o, "num_batches_tracked"), 0);
+  assert_int_equal(tu_get_u64(&r.o, "num_batches_tracked"), 0);
   state_tensor(&r, "weight", 1, c3, v, 3);
   for (int i = 0; i < 3; i++)
     assert_true(v[i] == 1.0f);
   state_tensor(&r, "bias", 1, c3, v, 3);
   for (int i = 0; i < 3; i++)
     assert_true(v[i] == 0.0f);
-  reply_free(&r);
+  tu_reply_free(&r);
 
   /* layernorm: parameters of the normalized shape, no statistics. */
   assert_string_equal(get_state(w, 1, &r), "");
   assert_int_equal(r.o.via.map.size, 4);
   assert_kind(&r, "layernorm");
-  assert_null(get(&r.o, "running_mean"));
-  assert_null(get(&r.o, "num_batches_tracked"));
+  assert_null(tu_get(&r.o, "running_mean"));
+  assert_null(tu_get(&r.o, "num_batches_tracked"));
   state_tensor(&r, "weight", 2, ln, v, 6);
   for (int i = 0; i < 6; i++)
     assert_true(v[i] == 1.0f);
   state_tensor(&r, "bias", 2, ln, v, 6);
   for (int i = 0; i < 6; i++)
     assert_true(v[i] == 0.0f);
-  reply_free(&r);
+  tu_reply_free(&r);
 
   /* dropout: only its kind. */
   assert_string_equal(get_state(w, 2, &r), "");
   assert_int_equal(r.o.via.map.size, 2);
   assert_kind(&r, "dropout");
-  reply_free(&r);
+  tu_reply_free(&r);
 
   /* instancenorm tracks nothing by default; with tracking and without
    * affine it has statistics only. */
   assert_string_equal(get_state(w, 3, &r), "");
   assert_int_equal(r.o.via.map.size, 4);
-  assert_null(get(&r.o, "running_var"));
+  assert_null(tu_get(&r.o, "running_var"));
   state_tensor(&r, "weight", 1, c4, v, 4);
-  reply_free(&r);
+  tu_reply_free(&r);
   assert_string_equal(get_state(w, 4, &r), "");
   assert_int_equal(r.o.via.map.size, 5);
   assert_kind(&r, "instancenorm");
-  assert_null(get(&r.o, "weight"));
-  assert_null(get(&r.o, "bias"));
+  assert_null(tu_get(&r.o, "weight"));
+  assert_null(tu_get(&r.o, "bias"));
   state_tensor(&r, "running_var", 1, c4, v, 4);
   for (int i = 0; i < 4; i++)
     assert_true(v[i] == 1.0f);
-  assert_int_equal(get_u64(&r.o, "num_batches_tracked"), 0);
-  reply_free(&r);
+  assert_int_equal(tu_get_u64(&r.o, "num_batches_tracked"), 0);
+  tu_reply_free(&r);
 
   /* batchnorm without affine; syncbatchnorm without tracking; groupnorm. */
   assert_string_equal(get_state(w, 5, &r), "");
   assert_int_equal(r.o.via.map.size, 5);
-  assert_null(get(&r.o, "weight"));
+  assert_null(tu_get(&r.o, "weight"));
   state_tensor(&r, "running_mean", 1, c3, v, 3);
-  reply_free(&r);
+  tu_reply_free(&r);
   assert_string_equal(get_state(w, 6, &r), "");
   assert_int_equal(r.o.via.map.size, 4);
   assert_kind(&r, "syncbatchnorm");
-  assert_null(get(&r.o, "running_mean"));
+  assert_null(tu_get(&r.o, "running_mean"));
   state_tensor(&r, "bias", 1, c3, v, 3);
-  reply_free(&r);
+  tu_reply_free(&r);
   assert_string_equal(get_state(w, 7, &r), "");
   assert_int_equal(r.o.via.map.size, 4);
   assert_kind(&r, "groupnorm");
-  reply_free(&r);
+  tu_reply_free(&r);
 
   /* An unknown layer. */
   assert_string_equal(get_state(w, 8, &r), "UNKNOWN_LAYER");
   assert_false(r.close_after);
-  reply_free(&r);
+  tu_reply_free(&r);
   svc_worker_destroy(w);
 }
 
@@ -419,7 +318,7 @@ static void test_running_stats_after_forward(void **st) {
   const size_t c3[1] = {C};
   double rm[C] = {0, 0, 0}, rv[C] = {1, 1, 1};
   float x[N], got[C];
-  reply_t r;
+  tu_reply_t r;
   (void)st;
   reg(w, (reg_t){"bn", "batchnorm", C, 0, {0}, -1, -1}, 0);
   for (uint64_t step = 1; step <= 3; step++) {
@@ -455,8 +354,8 @@ static void test_running_stats_after_forward(void **st) {
   for (int c = 0; c < C; c++)
     if (fabs(got[c] - rv[c]) > 1e-6 * (1 + fabs(rv[c])))
       fail_msg("running_var[%d] %.9g, reference %.9g", c, got[c], rv[c]);
-  assert_int_equal(get_u64(&r.o, "num_batches_tracked"), 3);
-  reply_free(&r);
+  assert_int_equal(tu_get_u64(&r.o, "num_batches_tracked"), 3);
+  tu_reply_free(&r);
   svc_worker_destroy(w);
 }
 
@@ -482,15 +381,15 @@ static void test_set_state_round_trip(void **st) {
                         {"bias", 2, {2, 3}, "nchw", lb}};
   sbn_tensor_desc_t d = {3, {NB, C, HW}, SBN_LAYOUT_NCHW};
   float got[6], x[N], y[N];
-  reply_t r;
+  tu_reply_t r;
   (void)st;
   reg(w, (reg_t){"bn", "batchnorm", C, 0, {0}, -1, -1}, 0);
   reg(w, (reg_t){"ln", "layernorm", 0, 2, {2, 3}, -1, -1}, 1);
 
   assert_string_equal(set_state(w, 0, all, 4, 41, &r), "");
-  assert_int_equal(get_u64(&r.o, "id"), 8);
+  assert_int_equal(tu_get_u64(&r.o, "id"), 8);
   assert_int_equal(r.o.via.map.size, 1);
-  reply_free(&r);
+  tu_reply_free(&r);
   assert_string_equal(get_state(w, 0, &r), "");
   state_tensor(&r, "running_mean", 1, c3, got, C);
   assert_memory_equal(got, mean, sizeof mean);
@@ -500,24 +399,24 @@ static void test_set_state_round_trip(void **st) {
   assert_memory_equal(got, wt, sizeof wt);
   state_tensor(&r, "bias", 1, c3, got, C);
   assert_memory_equal(got, bs, sizeof bs);
-  assert_int_equal(get_u64(&r.o, "num_batches_tracked"), 41);
-  reply_free(&r);
+  assert_int_equal(tu_get_u64(&r.o, "num_batches_tracked"), 41);
+  tu_reply_free(&r);
 
   assert_string_equal(set_state(w, 1, lnwb, 2, -1, &r), "");
-  reply_free(&r);
+  tu_reply_free(&r);
   assert_string_equal(get_state(w, 1, &r), "");
   state_tensor(&r, "weight", 2, ln, got, 6);
   assert_memory_equal(got, lw, sizeof lw);
   state_tensor(&r, "bias", 2, ln, got, 6);
   assert_memory_equal(got, lb, sizeof lb);
-  reply_free(&r);
+  tu_reply_free(&r);
 
   /* Eval with statistics of moderate size: y = (x - mean) / sqrt(var +
    * eps) * weight + bias, within a few float roundings of the terms. */
   {
     const st_t s[1] = {{"running_var", 1, {C}, NULL, vis}};
     assert_string_equal(set_state(w, 0, s, 1, -1, &r), "");
-    reply_free(&r);
+    tu_reply_free(&r);
   }
   for (int i = 0; i < N; i++)
     x[i] = (float)((i * 7) % 11) * 0.5f - 2.0f;
@@ -536,8 +435,8 @@ static void test_set_state_round_trip(void **st) {
       }
   fwd(w, 0, 1, 1, &d, x, N, NULL);
   assert_string_equal(get_state(w, 0, &r), "");
-  assert_int_equal(get_u64(&r.o, "num_batches_tracked"), 42);
-  reply_free(&r);
+  assert_int_equal(tu_get_u64(&r.o, "num_batches_tracked"), 42);
+  tu_reply_free(&r);
   svc_worker_destroy(w);
 }
 
@@ -551,7 +450,7 @@ static void test_set_state_partial(void **st) {
   const st_t s[1] = {{"weight", 1, {C}, NULL, wt}};
   sbn_tensor_desc_t d = {3, {NB, C, HW}, SBN_LAYOUT_NCHW};
   float x[N], m0[C], v0[C], b0[C], got[C];
-  reply_t r;
+  tu_reply_t r;
   (void)st;
   for (int i = 0; i < N; i++)
     x[i] = (float)((i * 5) % 9) - 3.5f;
@@ -561,11 +460,11 @@ static void test_set_state_partial(void **st) {
   state_tensor(&r, "running_mean", 1, c3, m0, C);
   state_tensor(&r, "running_var", 1, c3, v0, C);
   state_tensor(&r, "bias", 1, c3, b0, C);
-  reply_free(&r);
+  tu_reply_free(&r);
   assert_true(m0[0] != 0.0f || m0[1] != 0.0f || m0[2] != 0.0f);
 
   assert_string_equal(set_state(w, 0, s, 1, -1, &r), "");
-  reply_free(&r);
+  tu_reply_free(&r);
   assert_string_equal(get_state(w, 0, &r), "");
   state_tensor(&r, "weight", 1, c3, got, C);
   assert_memory_equal(got, wt, sizeof wt);
@@ -575,12 +474,12 @@ static void test_set_state_partial(void **st) {
   assert_memory_equal(got, v0, sizeof v0);
   state_tensor(&r, "bias", 1, c3, got, C);
   assert_memory_equal(got, b0, sizeof b0);
-  assert_int_equal(get_u64(&r.o, "num_batches_tracked"), 1);
-  reply_free(&r);
+  assert_int_equal(tu_get_u64(&r.o, "num_batches_tracked"), 1);
+  tu_reply_free(&r);
 
   /* An empty set_state changes nothing and succeeds. */
   assert_string_equal(set_state(w, 0, s, 0, -1, &r), "");
-  reply_free(&r);
+  tu_reply_free(&r);
   svc_worker_destroy(w);
 }
 
@@ -592,7 +491,7 @@ typedef struct snap_s {
 } snap_t;
 
 static snap_t snap(svc_worker_t *w, uint64_t layer) {
-  reply_t r;
+  tu_reply_t r;
   snap_t s;
   assert_string_equal(get_state(w, layer, &r), "");
   s.buf = r.buf;
@@ -612,7 +511,7 @@ static void assert_unchanged(svc_worker_t *w, uint64_t layer, snap_t *before) {
  * to the layer. */
 static void refuse(svc_worker_t *w, uint64_t layer, const st_t *s, int ns,
                    int64_t nbt, const char *code, const char *what) {
-  reply_t r;
+  tu_reply_t r;
   snap_t before = {NULL, 0};
   int known = layer < 3;
   if (known)
@@ -622,7 +521,7 @@ static void refuse(svc_worker_t *w, uint64_t layer, const st_t *s, int ns,
   if (strstr(r.msg, what) == NULL)
     fail_msg("message '%s' does not name '%s'", r.msg, what);
   assert_false(r.close_after);
-  reply_free(&r);
+  tu_reply_free(&r);
   if (known) {
     assert_unchanged(w, layer, &before);
     free(before.buf);
@@ -704,15 +603,15 @@ static void test_set_state_refusals(void **st) {
 /* ------------------------------------------------------------------ */
 /* metrics */
 
-static const char *metrics(svc_worker_t *w, reply_t *r) {
-  body_t b;
-  body_init(&b);
+static const char *metrics(svc_worker_t *w, tu_reply_t *r) {
+  tu_body_t b;
+  tu_body_init(&b);
   msgpack_pack_map(&b.pk, 2);
-  key(&b, "op");
-  key(&b, "metrics");
-  key(&b, "id");
+  tu_key(&b, "op");
+  tu_key(&b, "metrics");
+  tu_key(&b, "id");
   msgpack_pack_uint32(&b.pk, 9);
-  return run(w, &b, r);
+  return tu_run(w, &b, r);
 }
 
 static void test_metrics(void **st) {
@@ -723,8 +622,8 @@ static void test_metrics(void **st) {
   sbn_tensor_desc_t d = {3, {NB, C, HW}, SBN_LAYOUT_NCHW};
   const msgpack_object *q, *e, *f, *lat;
   float x[N];
-  reply_t r;
-  body_t b;
+  tu_reply_t r;
+  tu_body_t b;
   (void)st;
   for (int i = 0; i < N; i++)
     x[i] = (float)(i % 5);
@@ -732,50 +631,50 @@ static void test_metrics(void **st) {
   /* A fresh worker: every op listed (this metrics request counted), no
    * errors, no latency samples. */
   assert_string_equal(metrics(w, &r), "");
-  assert_int_equal(get_u64(&r.o, "id"), 9);
-  q = get(&r.o, "requests");
+  assert_int_equal(tu_get_u64(&r.o, "id"), 9);
+  q = tu_get(&r.o, "requests");
   assert_non_null(q);
   assert_int_equal(q->via.map.size, SVC_OP_METRICS + 1);
   for (int op = 0; op <= SVC_OP_METRICS; op++)
-    assert_int_equal(get_u64(q, svc_op_name((svc_op_t)op)),
+    assert_int_equal(tu_get_u64(q, svc_op_name((svc_op_t)op)),
                      op == SVC_OP_METRICS ? 1 : 0);
-  e = get(&r.o, "errors");
+  e = tu_get(&r.o, "errors");
   assert_non_null(e);
   assert_int_equal(e->type, MSGPACK_OBJECT_MAP);
   assert_int_equal(e->via.map.size, 0);
-  f = get(&r.o, "fused_per_allreduce");
+  f = tu_get(&r.o, "fused_per_allreduce");
   assert_non_null(f);
   assert_int_equal(f->via.map.size, 8);
   for (int i = 0; i < 8; i++)
-    assert_int_equal(get_u64(f, fuse[i]), 0);
-  lat = get(&r.o, "allreduce_latency");
+    assert_int_equal(tu_get_u64(f, fuse[i]), 0);
+  lat = tu_get(&r.o, "allreduce_latency");
   assert_non_null(lat);
   assert_int_equal(lat->via.map.size, 5);
-  assert_int_equal(get_u64(lat, "count"), 0);
-  assert_true(get_f64(lat, "p50") == 0.0);
-  assert_true(get_f64(lat, "p99") == 0.0);
-  assert_true(get_f64(lat, "max") == 0.0);
-  assert_int_equal(get_u64(&r.o, "layers"), 0);
-  assert_int_equal(get_u64(&r.o, "saved_bytes"), 0);
-  assert_int_equal(get_u64(&r.o, "bytes_in"), 0);
-  assert_int_equal(get_u64(&r.o, "allreduces"), 0);
-  assert_int_equal(get_u64(&r.o, "stalls"), 0);
-  reply_free(&r);
+  assert_int_equal(tu_get_u64(lat, "count"), 0);
+  assert_true(tu_get_f64(lat, "p50") == 0.0);
+  assert_true(tu_get_f64(lat, "p99") == 0.0);
+  assert_true(tu_get_f64(lat, "max") == 0.0);
+  assert_int_equal(tu_get_u64(&r.o, "layers"), 0);
+  assert_int_equal(tu_get_u64(&r.o, "saved_bytes"), 0);
+  assert_int_equal(tu_get_u64(&r.o, "bytes_in"), 0);
+  assert_int_equal(tu_get_u64(&r.o, "allreduces"), 0);
+  assert_int_equal(tu_get_u64(&r.o, "stalls"), 0);
+  tu_reply_free(&r);
 
   /* Three training forwards, a request without op (BAD_REQUEST), two
    * get_state of an unknown layer, server-side events. */
   reg(w, (reg_t){"bn", "batchnorm", C, 0, {0}, -1, -1}, 0);
   for (uint64_t s = 1; s <= 3; s++)
     fwd(w, 0, s, 1, &d, x, N, NULL);
-  body_init(&b);
+  tu_body_init(&b);
   msgpack_pack_map(&b.pk, 1);
-  key(&b, "id");
+  tu_key(&b, "id");
   msgpack_pack_uint32(&b.pk, 3);
   EXPECT(w, &b, &r, "BAD_REQUEST");
-  reply_free(&r);
+  tu_reply_free(&r);
   for (int i = 0; i < 2; i++) {
     assert_string_equal(get_state(w, 5, &r), "UNKNOWN_LAYER");
-    reply_free(&r);
+    tu_reply_free(&r);
   }
   svc_worker_note_io(w, 4, 1000, 5, 2000);
   svc_worker_note_io(w, 1, 24, 0, 0);
@@ -785,29 +684,29 @@ static void test_metrics(void **st) {
   svc_worker_note_refusal(w, SVC_UNAUTHORIZED);
 
   assert_string_equal(metrics(w, &r), "");
-  q = get(&r.o, "requests");
-  assert_int_equal(get_u64(q, "forward"), 3);
-  assert_int_equal(get_u64(q, "register"), 1);
-  assert_int_equal(get_u64(q, "get_state"), 2);
-  assert_int_equal(get_u64(q, "metrics"), 2);
-  assert_int_equal(get_u64(q, "backward"), 0);
-  e = get(&r.o, "errors");
+  q = tu_get(&r.o, "requests");
+  assert_int_equal(tu_get_u64(q, "forward"), 3);
+  assert_int_equal(tu_get_u64(q, "register"), 1);
+  assert_int_equal(tu_get_u64(q, "get_state"), 2);
+  assert_int_equal(tu_get_u64(q, "metrics"), 2);
+  assert_int_equal(tu_get_u64(q, "backward"), 0);
+  e = tu_get(&r.o, "errors");
   assert_int_equal(e->via.map.size, 4);
-  assert_int_equal(get_u64(e, "BAD_REQUEST"), 1);
-  assert_int_equal(get_u64(e, "UNKNOWN_LAYER"), 2);
-  assert_int_equal(get_u64(e, "TIMEOUT"), 1);
-  assert_int_equal(get_u64(e, "UNAUTHORIZED"), 1);
-  assert_int_equal(get_u64(&r.o, "auth_failures"), 1);
-  assert_null(get(e, "SHAPE"));
-  assert_int_equal(get_u64(&r.o, "frames_in"), 5);
-  assert_int_equal(get_u64(&r.o, "bytes_in"), 1024);
-  assert_int_equal(get_u64(&r.o, "frames_out"), 5);
-  assert_int_equal(get_u64(&r.o, "bytes_out"), 2000);
-  assert_int_equal(get_u64(&r.o, "connections"), 2);
-  assert_int_equal(get_u64(&r.o, "layers"), 1);
-  assert_true(get_u64(&r.o, "saved_bytes") > 0);
-  assert_int_equal(get_u64(&r.o, "saved_bytes"), svc_worker_saved_bytes(w));
-  reply_free(&r);
+  assert_int_equal(tu_get_u64(e, "BAD_REQUEST"), 1);
+  assert_int_equal(tu_get_u64(e, "UNKNOWN_LAYER"), 2);
+  assert_int_equal(tu_get_u64(e, "TIMEOUT"), 1);
+  assert_int_equal(tu_get_u64(e, "UNAUTHORIZED"), 1);
+  assert_int_equal(tu_get_u64(&r.o, "auth_failures"), 1);
+  assert_null(tu_get(e, "SHAPE"));
+  assert_int_equal(tu_get_u64(&r.o, "frames_in"), 5);
+  assert_int_equal(tu_get_u64(&r.o, "bytes_in"), 1024);
+  assert_int_equal(tu_get_u64(&r.o, "frames_out"), 5);
+  assert_int_equal(tu_get_u64(&r.o, "bytes_out"), 2000);
+  assert_int_equal(tu_get_u64(&r.o, "connections"), 2);
+  assert_int_equal(tu_get_u64(&r.o, "layers"), 1);
+  assert_true(tu_get_u64(&r.o, "saved_bytes") > 0);
+  assert_int_equal(tu_get_u64(&r.o, "saved_bytes"), svc_worker_saved_bytes(w));
+  tu_reply_free(&r);
 
   /* Percentiles by nearest rank over the ring: five samples, then more
    * samples than the ring holds (only the last SVC__LAT_RING count). */
@@ -824,34 +723,34 @@ static void test_metrics(void **st) {
     w->m.mismatches = 6;
   }
   assert_string_equal(metrics(w, &r), "");
-  lat = get(&r.o, "allreduce_latency");
-  assert_int_equal(get_u64(lat, "count"), 5);
-  assert_true(get_f64(lat, "p50") == 0.3);
-  assert_true(get_f64(lat, "p90") == 0.5);
-  assert_true(get_f64(lat, "p99") == 0.5);
-  assert_true(get_f64(lat, "max") == 0.5);
-  f = get(&r.o, "fused_per_allreduce");
-  assert_int_equal(get_u64(f, "1"), 3);
-  assert_int_equal(get_u64(f, "2"), 0);
-  assert_int_equal(get_u64(f, "65+"), 2);
-  assert_int_equal(get_u64(&r.o, "allreduces"), 5);
-  assert_int_equal(get_u64(&r.o, "entries_fused"), 137);
-  assert_int_equal(get_u64(&r.o, "gathers"), 11);
-  assert_int_equal(get_u64(&r.o, "stalls"), 4);
-  assert_int_equal(get_u64(&r.o, "mismatches"), 6);
-  reply_free(&r);
+  lat = tu_get(&r.o, "allreduce_latency");
+  assert_int_equal(tu_get_u64(lat, "count"), 5);
+  assert_true(tu_get_f64(lat, "p50") == 0.3);
+  assert_true(tu_get_f64(lat, "p90") == 0.5);
+  assert_true(tu_get_f64(lat, "p99") == 0.5);
+  assert_true(tu_get_f64(lat, "max") == 0.5);
+  f = tu_get(&r.o, "fused_per_allreduce");
+  assert_int_equal(tu_get_u64(f, "1"), 3);
+  assert_int_equal(tu_get_u64(f, "2"), 0);
+  assert_int_equal(tu_get_u64(f, "65+"), 2);
+  assert_int_equal(tu_get_u64(&r.o, "allreduces"), 5);
+  assert_int_equal(tu_get_u64(&r.o, "entries_fused"), 137);
+  assert_int_equal(tu_get_u64(&r.o, "gathers"), 11);
+  assert_int_equal(tu_get_u64(&r.o, "stalls"), 4);
+  assert_int_equal(tu_get_u64(&r.o, "mismatches"), 6);
+  tu_reply_free(&r);
   for (int i = 0; i < SVC__LAT_RING; i++)
     w->m.lat[i] = (double)((i * 389) % SVC__LAT_RING + 1) * 1e-3;
   w->m.nlat = 3 * SVC__LAT_RING + 17;
   assert_string_equal(metrics(w, &r), "");
-  lat = get(&r.o, "allreduce_latency");
-  assert_int_equal(get_u64(lat, "count"), 3 * SVC__LAT_RING + 17);
+  lat = tu_get(&r.o, "allreduce_latency");
+  assert_int_equal(tu_get_u64(lat, "count"), 3 * SVC__LAT_RING + 17);
   /* The ring holds 1..1024 ms once each: rank ceil(p * 1024). */
-  assert_true(get_f64(lat, "p50") == 512 * 1e-3);
-  assert_true(get_f64(lat, "p90") == 922 * 1e-3);
-  assert_true(get_f64(lat, "p99") == 1014 * 1e-3);
-  assert_true(get_f64(lat, "max") == 1024 * 1e-3);
-  reply_free(&r);
+  assert_true(tu_get_f64(lat, "p50") == 512 * 1e-3);
+  assert_true(tu_get_f64(lat, "p90") == 922 * 1e-3);
+  assert_true(tu_get_f64(lat, "p99") == 1014 * 1e-3);
+  assert_true(tu_get_f64(lat, "max") == 1024 * 1e-3);
+  tu_reply_free(&r);
   svc_worker_destroy(w);
 }
 

@@ -27,6 +27,7 @@
 #include <unistd.h>
 
 #include "client.h"
+#include "svc_job.h"
 #include "syncbn.h"
 
 #define MAXNP 4
@@ -36,7 +37,7 @@
 static int NP = 2;
 static pid_t g_mpirun = -1;
 static char g_root[64];
-static char g_path[MAXNP][256];
+static char g_path[MAXNP][SJ_PATH_MAX];
 
 #define CHECK(cond, ...)                                                   \
   do {                                                                     \
@@ -50,26 +51,12 @@ static char g_path[MAXNP][256];
   } while (0)
 
 static void cleanup(void) {
-  char cmd[128];
-  if (g_mpirun > 0) {
-    kill(g_mpirun, SIGTERM);
-    for (int i = 0; i < 100 && waitpid(g_mpirun, NULL, WNOHANG) == 0; i++)
-      usleep(100000);
-    kill(g_mpirun, SIGKILL);
-    waitpid(g_mpirun, NULL, 0);
-    g_mpirun = -1;
-  }
-  if (g_root[0] != '\0') {
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", g_root);
-    if (system(cmd) != 0)
-      fprintf(stderr, "svc_sync_e2e: could not remove %s\n", g_root);
-  }
+  sj_stop(&g_mpirun);
+  sj_remove("svc_sync_e2e", g_root);
 }
 
 static void start_job(const char *dir) {
-  int fds[2], ready = 0;
-  char npbuf[8], buf[4096];
-  size_t have = 0;
+  char npbuf[8];
   snprintf(npbuf, sizeof npbuf, "%d", NP);
   const char *argv[] = {SBN_MPIEXEC, "--oversubscribe",
                         "--bind-to", "none",
@@ -82,49 +69,11 @@ static void start_job(const char *dir) {
                         dir,         "--stall-timeout",
                         "2",         "--cycle-us",
                         "1000",      NULL};
-  CHECK(pipe(fds) == 0, "pipe: %s", strerror(errno));
-  g_mpirun = fork();
-  CHECK(g_mpirun >= 0, "fork: %s", strerror(errno));
-  if (g_mpirun == 0) {
-    dup2(fds[1], 1);
-    close(fds[0]);
-    close(fds[1]);
-    execv(SBN_MPIEXEC, (char *const *)argv);
-    _exit(127);
-  }
-  close(fds[1]);
-  while (ready < NP) {
-    struct pollfd p = {fds[0], POLLIN, 0};
-    ssize_t r;
-    char *nl;
-    CHECK(poll(&p, 1, 60000) > 0, "no ready lines within 60 s");
-    r = read(fds[0], buf + have, sizeof buf - 1 - have);
-    CHECK(r > 0, "the job ended before it was ready");
-    have += (size_t)r;
-    buf[have] = '\0';
-    while ((nl = strchr(buf, '\n')) != NULL) {
-      int rank;
-      char path[256];
-      *nl = '\0';
-      if (sscanf(buf, "syncbnd: rank %d ready on %255s", &rank, path) == 2 &&
-          rank >= 0 && rank < NP) {
-        snprintf(g_path[rank], sizeof g_path[rank], "%s", path);
-        ready++;
-      }
-      have -= (size_t)(nl + 1 - buf);
-      memmove(buf, nl + 1, have + 1);
-    }
-  }
+  g_mpirun = sj_start("svc_sync_e2e", argv, NULL, NP, g_path, NULL);
 }
 
 static sbn_client_t *connect_rank(int rank, int timeout_s) {
-  sbn_client_t *c = NULL;
-  struct timeval tv = {timeout_s, 0};
-  int rc = sbn_client_connect(g_path[rank], &c);
-  CHECK(rc == 0, "connect %s: %s", g_path[rank], sbn_strerror(rc));
-  setsockopt(sbn_client_fd(c), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-  setsockopt(sbn_client_fd(c), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-  return c;
+  return sj_connect("svc_sync_e2e", g_path[rank], timeout_s);
 }
 
 static uint64_t reg(sbn_client_t *c, const char *name) {

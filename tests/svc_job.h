@@ -1,0 +1,36 @@
+/* Helpers shared by the syncbnd end-to-end tests that start the job
+ * themselves (tests/svc_sync_e2e.c, tests/svc_client3_e2e.c): start
+ * `mpirun ... syncbnd`, wait for every rank's ready line, connect to a
+ * rank with socket timeouts, and stop the job and remove its directory.
+ * A failure here prints the test's name and exits with 1, like the tests'
+ * own checks. */
+#ifndef SBN_SVC_JOB_H
+#define SBN_SVC_JOB_H
+
+#include <sys/types.h>
+
+#include "client.h"
+
+/* Room for one rank's socket path. */
+#define SJ_PATH_MAX 256
+
+/* Runs argv (argv[0] is the mpiexec to execute; NULL-terminated) with
+ * stdout on a pipe and, when errlog is not NULL, stderr into the file
+ * errlog. Waits up to 60 s per read until each of the np ranks printed
+ * "syncbnd: rank R ready on PATH" (stored in path[R]) and, when port is
+ * not NULL, "syncbnd: rank R listening on tcp 127.0.0.1:PORT" (stored in
+ * port[R]). Returns the mpirun pid. The pipe stays open (unread lines are
+ * few), so the job never gets SIGPIPE for writing to stdout. */
+pid_t sj_start(const char *prog, const char *const *argv, const char *errlog,
+               int np, char (*path)[SJ_PATH_MAX], int *port);
+/* SIGTERM to *pid, up to 10 s to exit, then SIGKILL; sets *pid to -1.
+ * Does nothing when *pid is not positive. */
+void sj_stop(pid_t *pid);
+/* Removes the directory root and everything under it, unless root is "". */
+void sj_remove(const char *prog, const char *root);
+/* Receive and send timeouts of timeout_s seconds on c's socket. */
+void sj_set_timeouts(sbn_client_t *c, int timeout_s);
+/* Connects to the worker socket path and sets its timeouts. */
+sbn_client_t *sj_connect(const char *prog, const char *path, int timeout_s);
+
+#endif

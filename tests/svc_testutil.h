@@ -1,0 +1,52 @@
+/* Helpers shared by the syncbnd unit tests that need no sockets
+ * (tests/svc_codec_check.c, tests/svc_ops_check.c, tests/svc_new_check.c):
+ * building msgpack request bodies and reading the worker's replies. */
+#ifndef SBN_SVC_TESTUTIL_H
+#define SBN_SVC_TESTUTIL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <msgpack.h>
+
+#include "svc_worker.h"
+
+/* A request body being packed. */
+typedef struct tu_body_s {
+  msgpack_sbuffer sb;
+  msgpack_packer pk;
+} tu_body_t;
+
+void tu_body_init(tu_body_t *b);
+/* Packs k as a msgpack str (map keys and string values alike). */
+void tu_key(tu_body_t *b, const char *k);
+void tu_boolean(tu_body_t *b, int v);
+/* A tensor map {dtype, shape, [layout,] data} with bytes bytes of payload;
+ * layout NULL leaves the key out. */
+void tu_tensor(tu_body_t *b, const char *dtype, int ndim, const size_t *dims,
+               const char *layout, const void *data, size_t bytes);
+
+/* A worker's reply frame and its unpacked map; code and msg hold the
+ * error's code and message ("" on success) where the runner fills them. */
+typedef struct tu_reply_s {
+  uint8_t *buf;
+  size_t len;
+  int close_after;
+  msgpack_zone z;
+  msgpack_object o;
+  char code[64];
+  char msg[256];
+} tu_reply_t;
+
+/* The value at string key k of map m, or NULL; asserts m is a map. */
+const msgpack_object *tu_get(const msgpack_object *m, const char *k);
+/* The value at key k, which must be there as an unsigned integer. */
+uint64_t tu_get_u64(const msgpack_object *m, const char *k);
+/* The value at key k, which must be there as a float. */
+double tu_get_f64(const msgpack_object *m, const char *k);
+/* Runs body b through w (and frees b), unpacks the reply into r and
+ * returns its error code ("" on success), with the message in r->msg. */
+const char *tu_run(svc_worker_t *w, tu_body_t *b, tu_reply_t *r);
+void tu_reply_free(tu_reply_t *r);
+
+#endif
