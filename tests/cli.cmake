@@ -2,13 +2,13 @@
 # so two small C tools make and check the .npy files: npygen writes inputs
 # (and malformed files), npycmp compares outputs and checks their moments.
 if(NOT TARGET syncbn_cli)
-  message(STATUS "CLI tests disabled: no syncbn program (mpi/syncbn_main.c)")
+  message(STATUS "CLI tests disabled: no syncbn program (mpi/cli/syncbn_main.c)")
   return()
 endif()
 
 foreach(tool npygen npycmp)
   add_executable(${tool} ${CMAKE_CURRENT_LIST_DIR}/${tool}.c)
-  target_include_directories(${tool} PRIVATE ${CMAKE_SOURCE_DIR}/src)
+  target_include_directories(${tool} PRIVATE ${CMAKE_SOURCE_DIR}/src/base)
   target_link_libraries(${tool} PRIVATE syncbn ${M_LIB})
 endforeach()
 

@@ -7,19 +7,19 @@ if(NOT TARGET syncbn_svc)
   return()
 endif()
 
-add_executable(svc_codec_check ${CMAKE_CURRENT_LIST_DIR}/svc_codec_check.c
+add_executable(svc_codec_test ${CMAKE_CURRENT_LIST_DIR}/svc_codec_test.c
   ${CMAKE_CURRENT_LIST_DIR}/svc_testutil.c)
-target_link_libraries(svc_codec_check PRIVATE syncbn_svc syncbn
+target_link_libraries(svc_codec_test PRIVATE syncbn_svc syncbn
   PkgConfig::CMOCKA PkgConfig::MSGPACK)
-add_test(NAME svc_codec_check COMMAND svc_codec_check)
-set_tests_properties(svc_codec_check PROPERTIES TIMEOUT 120 LABELS "unit;svc")
+add_test(NAME svc_codec_test COMMAND svc_codec_test)
+set_tests_properties(svc_codec_test PROPERTIES TIMEOUT 120 LABELS "unit;svc")
 
 if(TARGET syncbn_client AND TARGET syncbnd AND MPIEXEC_EXECUTABLE
-   AND EXISTS ${CMAKE_CURRENT_LIST_DIR}/svc_e2e.c)
-  add_executable(svc_e2e ${CMAKE_CURRENT_LIST_DIR}/svc_e2e.c)
-  target_link_libraries(svc_e2e PRIVATE syncbn_client syncbn_svc syncbn
+   AND EXISTS ${CMAKE_CURRENT_LIST_DIR}/svc_server_e2e.c)
+  add_executable(svc_server_e2e ${CMAKE_CURRENT_LIST_DIR}/svc_server_e2e.c)
+  target_link_libraries(svc_server_e2e PRIVATE syncbn_client syncbn_svc syncbn
     PkgConfig::MSGPACK)
-  target_compile_definitions(svc_e2e PRIVATE
+  target_compile_definitions(svc_server_e2e PRIVATE
     SBN_MPIEXEC="${MPIEXEC_EXECUTABLE}"
     SBN_SYNCBND="$<TARGET_FILE:syncbnd>")
   # The test starts the job itself (it needs the workers' ready lines and
@@ -30,8 +30,8 @@ if(TARGET syncbn_client AND TARGET syncbnd AND MPIEXEC_EXECUTABLE
   if(DEFINED SBN_MPI_RUN_ENV)
     set(svc_env ${SBN_MPI_RUN_ENV})
   endif()
-  add_test(NAME svc_e2e_np2 COMMAND svc_e2e)
-  set_tests_properties(svc_e2e_np2 PROPERTIES TIMEOUT 180 LABELS "mpi;svc"
+  add_test(NAME svc_server_e2e_np2 COMMAND svc_server_e2e)
+  set_tests_properties(svc_server_e2e_np2 PROPERTIES TIMEOUT 180 LABELS "mpi;svc"
     ENVIRONMENT "${svc_env}" SKIP_RETURN_CODE 77)
 endif()
 
@@ -57,55 +57,55 @@ if(TARGET syncbn_client AND TARGET syncbnd AND MPIEXEC_EXECUTABLE
 endif()
 
 # The worker's get_state, set_state and metrics requests (no sockets).
-add_executable(svc_ops_check ${CMAKE_CURRENT_LIST_DIR}/svc_ops_check.c
+add_executable(svc_state_metrics_test ${CMAKE_CURRENT_LIST_DIR}/svc_state_metrics_test.c
   ${CMAKE_CURRENT_LIST_DIR}/svc_testutil.c)
-target_link_libraries(svc_ops_check PRIVATE syncbn_svc syncbn
+target_link_libraries(svc_state_metrics_test PRIVATE syncbn_svc syncbn
   PkgConfig::CMOCKA PkgConfig::MSGPACK m)
-add_test(NAME svc_ops_check COMMAND svc_ops_check)
-set_tests_properties(svc_ops_check PROPERTIES TIMEOUT 60 LABELS "unit;svc")
+add_test(NAME svc_state_metrics_test COMMAND svc_state_metrics_test)
+set_tests_properties(svc_state_metrics_test PROPERTIES TIMEOUT 60 LABELS "unit;svc")
 
 # Batches, fusion, the stats path, sync groups, mismatches and checkpoints
-# across workers (tests/svc_sync2.py, Debian's python with msgpack+numpy).
+# across workers (tests/svc_cross_rank.py, Debian's python with msgpack+numpy).
 if(TARGET syncbnd AND MPIEXEC_EXECUTABLE AND EXISTS /usr/bin/python3)
   set(svc_env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1)
   if(DEFINED SBN_MPI_RUN_ENV)
     set(svc_env ${SBN_MPI_RUN_ENV})
   endif()
   foreach(np 2 3)
-    add_test(NAME svc_sync2_np${np}
-      COMMAND /usr/bin/python3 ${CMAKE_CURRENT_LIST_DIR}/svc_sync2.py
+    add_test(NAME svc_cross_rank_np${np}
+      COMMAND /usr/bin/python3 ${CMAKE_CURRENT_LIST_DIR}/svc_cross_rank.py
         --np ${np} --mpirun ${MPIEXEC_EXECUTABLE}
         --syncbnd $<TARGET_FILE:syncbnd>)
-    set_tests_properties(svc_sync2_np${np} PROPERTIES TIMEOUT 180
+    set_tests_properties(svc_cross_rank_np${np} PROPERTIES TIMEOUT 180
       LABELS "mpi;svc;python" SKIP_RETURN_CODE 77 ENVIRONMENT "${svc_env}")
   endforeach()
 endif()
 
 # Batches, stats, checkpoints and the hello token on one worker without
 # the cross-rank transport (no sockets, no MPI).
-add_executable(svc_new_check ${CMAKE_CURRENT_LIST_DIR}/svc_new_check.c
+add_executable(svc_worker_test ${CMAKE_CURRENT_LIST_DIR}/svc_worker_test.c
   ${CMAKE_CURRENT_LIST_DIR}/svc_testutil.c)
-target_link_libraries(svc_new_check PRIVATE syncbn_svc syncbn
+target_link_libraries(svc_worker_test PRIVATE syncbn_svc syncbn
   PkgConfig::CMOCKA PkgConfig::MSGPACK m)
-add_test(NAME svc_new_check COMMAND svc_new_check)
-set_tests_properties(svc_new_check PROPERTIES TIMEOUT 60 LABELS "unit;svc")
+add_test(NAME svc_worker_test COMMAND svc_worker_test)
+set_tests_properties(svc_worker_test PROPERTIES TIMEOUT 60 LABELS "unit;svc")
 
 # The client library's protocol 3 calls (batch, stats, state, checkpoints,
 # metrics, TCP) against `mpirun -np 2 syncbnd`.
 if(TARGET syncbn_client AND TARGET syncbnd AND MPIEXEC_EXECUTABLE
-   AND EXISTS ${CMAKE_CURRENT_LIST_DIR}/svc_client3_e2e.c)
-  add_executable(svc_client3_e2e ${CMAKE_CURRENT_LIST_DIR}/svc_client3_e2e.c
+   AND EXISTS ${CMAKE_CURRENT_LIST_DIR}/svc_client_e2e.c)
+  add_executable(svc_client_e2e ${CMAKE_CURRENT_LIST_DIR}/svc_client_e2e.c
     ${CMAKE_CURRENT_LIST_DIR}/svc_job.c)
-  target_link_libraries(svc_client3_e2e PRIVATE syncbn_client syncbn_svc
+  target_link_libraries(svc_client_e2e PRIVATE syncbn_client syncbn_svc
     syncbn PkgConfig::MSGPACK m)
-  target_compile_definitions(svc_client3_e2e PRIVATE
+  target_compile_definitions(svc_client_e2e PRIVATE
     SBN_MPIEXEC="${MPIEXEC_EXECUTABLE}"
     SBN_SYNCBND="$<TARGET_FILE:syncbnd>")
   set(svc_env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1)
   if(DEFINED SBN_MPI_RUN_ENV)
     set(svc_env ${SBN_MPI_RUN_ENV})
   endif()
-  add_test(NAME svc_client3_e2e COMMAND svc_client3_e2e)
-  set_tests_properties(svc_client3_e2e PROPERTIES TIMEOUT 180
+  add_test(NAME svc_client_e2e COMMAND svc_client_e2e)
+  set_tests_properties(svc_client_e2e PROPERTIES TIMEOUT 180
     LABELS "mpi;svc" ENVIRONMENT "${svc_env}")
 endif()

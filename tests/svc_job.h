@@ -1,5 +1,5 @@
 /* Helpers shared by the syncbnd end-to-end tests that start the job
- * themselves (tests/svc_sync_e2e.c, tests/svc_client3_e2e.c): start
+ * themselves (tests/svc_sync_e2e.c, tests/svc_client_e2e.c): start
  * `mpirun ... syncbnd`, wait for every rank's ready line, connect to a
  * rank with socket timeouts, and stop the job and remove its directory.
  * A failure here prints the test's name and exits with 1, like the tests'

@@ -1,5 +1,5 @@
 /* Helpers shared by the syncbnd unit tests that need no sockets
- * (tests/svc_codec_check.c, tests/svc_ops_check.c, tests/svc_new_check.c):
+ * (tests/svc_codec_test.c, tests/svc_state_metrics_test.c, tests/svc_worker_test.c):
  * building msgpack request bodies and reading the worker's replies. */
 #ifndef SBN_SVC_TESTUTIL_H
 #define SBN_SVC_TESTUTIL_H

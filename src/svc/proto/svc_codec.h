@@ -2,7 +2,7 @@
  *
  * The codec is pure: it turns bytes into a validated request or an error,
  * and replies into bytes. It never touches a socket, so it is unit-tested
- * and fuzzed on its own (tests/svc_codec_check.c). The protocol it speaks
+ * and fuzzed on its own (tests/svc_codec_test.c). The protocol it speaks
  * is described in mpi/service/PROTOCOL.md.
  *
  * Hostile input is limited at every step, before anything is allocated:

@@ -1,7 +1,7 @@
 /* The worker's internals, shared by the files that implement its ops
  * (svc_worker.c: registry, forward/backward and the cross-rank agreement;
  * svc_ops.c: state and metrics; svc_ckpt.c: checkpoints). Not installed,
- * not used outside src/svc_*.c. */
+ * not used outside src/svc/worker/. */
 #ifndef SBN_SVC_WORKER_INT_H
 #define SBN_SVC_WORKER_INT_H
 

@@ -2,7 +2,7 @@
 """syncbnd across ranks, part 2 and 3: batches, fusion, the stats path,
 sync groups, registration mismatches and checkpoints.
 
-    svc_sync2.py --np P --mpirun MPIRUN --syncbnd SYNCBND
+    svc_cross_rank.py --np P --mpirun MPIRUN --syncbnd SYNCBND
 
 Starts `mpirun -np P syncbnd` (P = 2 or 3) and drives it with one client
 per rank, each in its own thread (clients block, and the ranks must submit
@@ -31,7 +31,7 @@ try:
     if sc.MISSING:
         raise ImportError(sc.MISSING)
 except ImportError as e:
-    print("svc_sync2: skipped: %s" % e)
+    print("svc_cross_rank: skipped: %s" % e)
     sys.exit(77)
 
 C = 3
@@ -551,7 +551,7 @@ def main():
     ap.add_argument("--mpirun", default="mpirun")
     ap.add_argument("--syncbnd", required=True)
     args = ap.parse_args()
-    tmp = tempfile.mkdtemp(prefix="svc_sync2-")
+    tmp = tempfile.mkdtemp(prefix="svc_cross_rank-")
     os.chmod(tmp, 0o700)
     job = None
     try:
@@ -566,13 +566,13 @@ def main():
         job = None
         test_checkpoints(args, tmp)
     except AssertionError as e:
-        print("svc_sync2: FAILED: %s" % e)
+        print("svc_cross_rank: FAILED: %s" % e)
         return 1
     finally:
         if job is not None:
             job.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-    print("svc_sync2 np=%d: all checks passed" % args.np)
+    print("svc_cross_rank np=%d: all checks passed" % args.np)
     return 0
 
 

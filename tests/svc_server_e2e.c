@@ -53,7 +53,7 @@ static char g_path[NP][256];
 #define CHECK(cond, ...)                                              \
   do {                                                                \
     if (!(cond)) {                                                    \
-      fprintf(stderr, "svc_e2e: %s:%d: check failed: %s: ", __FILE__, \
+      fprintf(stderr, "svc_server_e2e: %s:%d: check failed: %s: ", __FILE__, \
               __LINE__, #cond);                                       \
       fprintf(stderr, __VA_ARGS__);                                   \
       fprintf(stderr, "\n");                                          \
@@ -83,7 +83,7 @@ static void cleanup(void) {
   if (g_root[0] != '\0') {
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", g_root);
     if (system(cmd) != 0)
-      fprintf(stderr, "svc_e2e: could not remove %s\n", g_root);
+      fprintf(stderr, "svc_server_e2e: could not remove %s\n", g_root);
   }
 }
 
@@ -495,7 +495,7 @@ static void test_concurrent_clients(void) {
       CHECK(ta[r][t].shared_id == ta[r][0].shared_id,
             "shared layer ids differ on rank %d", r);
   printf(
-      "svc_e2e: %d concurrent clients x %d ranks: every kind equals the "
+      "svc_server_e2e: %d concurrent clients x %d ranks: every kind equals the "
       "library bit for bit\n",
       THREADS, NP);
 }
@@ -521,7 +521,7 @@ static void expect_fatal(int rank, const void *buf, size_t len,
   sbn_client_close(c);
   hello_ok(rank);
   printf(
-      "svc_e2e: rank %d: %s refused with %s, connection closed, worker "
+      "svc_server_e2e: rank %d: %s refused with %s, connection closed, worker "
       "serving\n",
       rank, what, code);
 }
@@ -576,7 +576,7 @@ static void test_killed_mid_frame(int rank) {
             WTERMSIG(status) == SIGKILL,
         "the mid-frame child did not die as planned (status %d)", status);
   hello_ok(rank);
-  printf("svc_e2e: rank %d: a client killed mid-frame; worker serving\n", rank);
+  printf("svc_server_e2e: rank %d: a client killed mid-frame; worker serving\n", rank);
 }
 
 /* A partial frame that never completes times out. */
@@ -593,7 +593,7 @@ static void test_frame_timeout(int rank) {
         now() - t0);
   sbn_client_close(c);
   hello_ok(rank);
-  printf("svc_e2e: rank %d: a partial frame timed out after %.1f s\n", rank,
+  printf("svc_server_e2e: rank %d: a partial frame timed out after %.1f s\n", rank,
          now() - t0);
 }
 
@@ -674,7 +674,7 @@ static void test_never_reads(int rank) {
   sbn_client_close(other);
   hello_ok(rank);
   printf(
-      "svc_e2e: rank %d: a client that never reads was dropped after "
+      "svc_server_e2e: rank %d: a client that never reads was dropped after "
       "%zu of %zu requests' replies (%zu bytes); worker serving\n",
       rank, got / ((size_t)N * 4 + 40), sent, got);
 }
@@ -700,7 +700,7 @@ static void test_max_clients(int rank) {
   /* The worker notices the closes on its next loop turns. */
   usleep(200000);
   hello_ok(rank);
-  printf("svc_e2e: rank %d: client %d refused with TOO_MANY_CLIENTS\n", rank,
+  printf("svc_server_e2e: rank %d: client %d refused with TOO_MANY_CLIENTS\n", rank,
          MAX_CLIENTS + 1);
 }
 
@@ -715,7 +715,7 @@ static void test_other_uid(int rank) {
   pid_t pid;
   char code[64] = "";
   if (geteuid() != 0) {
-    printf("svc_e2e: SKIP another-uid test: needs root to switch uids\n");
+    printf("svc_server_e2e: SKIP another-uid test: needs root to switch uids\n");
     return;
   }
   for (uid_t u = 61000; u < 61100; u++) {
@@ -762,12 +762,12 @@ static void test_other_uid(int rank) {
   waitpid(pid, &status, 0);
   if (strcmp(code, "SKIP") == 0) {
     printf(
-        "svc_e2e: SKIP another-uid SO_PEERCRED test: securebits not "
+        "svc_server_e2e: SKIP another-uid SO_PEERCRED test: securebits not "
         "settable here\n");
   } else {
     CHECK(strcmp(code, "FORBIDDEN") == 0,
           "uid %u: expected FORBIDDEN, got '%s'", (unsigned)uid, code);
-    printf("svc_e2e: rank %d: uid %u refused with FORBIDDEN (SO_PEERCRED)\n",
+    printf("svc_server_e2e: rank %d: uid %u refused with FORBIDDEN (SO_PEERCRED)\n",
            rank, (unsigned)uid);
   }
   /* Without capabilities the directory alone keeps that uid out. */
@@ -800,7 +800,7 @@ static void test_modes(void) {
     CHECK((st.st_mode & 077) == 0, "socket %d mode %03o", r,
           (unsigned)(st.st_mode & 0777));
   }
-  printf("svc_e2e: socket dir mode 0700, sockets closed to group/others\n");
+  printf("svc_server_e2e: socket dir mode 0700, sockets closed to group/others\n");
 }
 
 /* syncbnd refuses socket directories that others could tamper with. */
@@ -833,7 +833,7 @@ static void test_bad_dirs(void) {
     CHECK(waitpid(pid, &status, 0) == pid &&
               !(WIFEXITED(status) && WEXITSTATUS(status) == 0),
           "syncbnd exited 0 with a socket dir that is %s", cases[i][1]);
-    printf("svc_e2e: a socket dir that is %s is refused\n", cases[i][1]);
+    printf("svc_server_e2e: a socket dir that is %s is refused\n", cases[i][1]);
   }
 }
 
@@ -891,7 +891,7 @@ int main(void) {
   for (int r = 0; r < NP; r++)
     CHECK(lstat(g_path[r], &st) != 0 && errno == ENOENT,
           "socket %s left behind", g_path[r]);
-  printf("svc_e2e: SIGTERM: job ended, sockets removed\n");
-  printf("svc_e2e: all passed\n");
+  printf("svc_server_e2e: SIGTERM: job ended, sockets removed\n");
+  printf("svc_server_e2e: all passed\n");
   return 0;
 }

@@ -49,7 +49,7 @@ static const char g_token[] = "client3-token-\x01\x02 bytes";
 #define CHECK(cond, ...)                                                      \
   do {                                                                        \
     if (!(cond)) {                                                            \
-      fprintf(stderr, "svc_client3_e2e: %s:%d: check failed: %s: ", __FILE__, \
+      fprintf(stderr, "svc_client_e2e: %s:%d: check failed: %s: ", __FILE__, \
               __LINE__, #cond);                                               \
       fprintf(stderr, __VA_ARGS__);                                           \
       fprintf(stderr, "\n");                                                  \
@@ -70,7 +70,7 @@ static void stop_job(void) {
 
 static void cleanup(void) {
   stop_job();
-  sj_remove("svc_client3_e2e", g_root);
+  sj_remove("svc_client_e2e", g_root);
 }
 
 /* Under the sanitizers a worker's report goes to its stderr, which the
@@ -86,7 +86,7 @@ static int job_stderr_clean(void) {
   fclose(f);
   buf[n] = '\0';
   if (n > 0)
-    fprintf(stderr, "svc_client3_e2e: the job's stderr:\n%s\n", buf);
+    fprintf(stderr, "svc_client_e2e: the job's stderr:\n%s\n", buf);
   return strstr(buf, "AddressSanitizer") == NULL &&
          strstr(buf, "LeakSanitizer") == NULL &&
          strstr(buf, "runtime error:") == NULL;
@@ -118,11 +118,11 @@ static void start_job(void) {
                         "1000",        "--tcp",
                         "127.0.0.1:0", "--token-file",
                         tok,           NULL};
-  g_mpirun = sj_start("svc_client3_e2e", argv, g_errlog, NP, g_path, g_port);
+  g_mpirun = sj_start("svc_client_e2e", argv, g_errlog, NP, g_path, g_port);
 }
 
 static sbn_client_t *connect_rank(int rank) {
-  return sj_connect("svc_client3_e2e", g_path[rank], 30);
+  return sj_connect("svc_client_e2e", g_path[rank], 30);
 }
 
 static void fill(float *a, size_t n, uint64_t seed, float scale, float off) {
@@ -921,6 +921,6 @@ int main(void) {
   test_tcp();
   stop_job();
   CHECK(job_stderr_clean(), "a worker reported a sanitizer error");
-  printf("svc_client3_e2e: np=%d ok\n", NP);
+  printf("svc_client_e2e: np=%d ok\n", NP);
   return 0;
 }

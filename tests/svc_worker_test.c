@@ -1323,7 +1323,7 @@ static char g_dir[64];
 
 static int setup_dir(void **st) {
   (void)st;
-  snprintf(g_dir, sizeof g_dir, "/tmp/svc_new_check.XXXXXX");
+  snprintf(g_dir, sizeof g_dir, "/tmp/svc_worker_test.XXXXXX");
   return mkdtemp(g_dir) == NULL ? -1 : 0;
 }
 
