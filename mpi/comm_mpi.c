@@ -9,7 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "internal.h"
+#include "syncbn.h"
 #include "syncbn_mpi.h"
 
 typedef struct sbn__mpi_comm_s {
@@ -37,9 +37,9 @@ int sbn_mpi_error(int mpi_err, const char *call) {
   if (MPI_Error_string(mpi_err, msg, &len) != MPI_SUCCESS)
     len = 0;
   msg[len < MPI_MAX_ERROR_STRING ? len : MPI_MAX_ERROR_STRING - 1] = '\0';
-  return sbn__set_error(SBN_ECOMM, "%s: MPI error %d (%s)",
-                        call != NULL ? call : "MPI", mpi_err,
-                        len > 0 ? msg : "unknown");
+  return sbn_set_error(SBN_ECOMM, "%s: MPI error %d (%s)",
+                       call != NULL ? call : "MPI", mpi_err,
+                       len > 0 ? msg : "unknown");
 }
 
 /* MPI calls this with len records of sbn__rec_type. */
@@ -87,7 +87,7 @@ static void sbn__rec_release(void) {
 int sbn_mpi_rec_acquire(MPI_Datatype *type, MPI_Op *op) {
   int rc;
   if (type == NULL || op == NULL)
-    return sbn__set_error(SBN_EINVAL, "%s: NULL", type == NULL ? "type" : "op");
+    return sbn_set_error(SBN_EINVAL, "%s: NULL", type == NULL ? "type" : "op");
   if ((rc = sbn__rec_acquire()) != 0)
     return rc;
   *type = sbn__rec_type;
@@ -101,8 +101,8 @@ void sbn_mpi_rec_release(void) {
 
 static int sbn__mpi_count(size_t n, int *count) {
   if (n > (size_t)INT_MAX)
-    return sbn__set_error(SBN_ELIMIT, "n: %zu records exceed MPI's int count",
-                          n);
+    return sbn_set_error(SBN_ELIMIT, "n: %zu records exceed MPI's int count",
+                         n);
   *count = (int)n;
   return 0;
 }
@@ -127,13 +127,13 @@ static int sbn__mpi_ibegin(sbn_comm_t *c, sbn_rec_t *recs, size_t n,
   sbn__mpi_req_t *r = NULL;
   int count = 0, rc, err;
   if (request == NULL)
-    return sbn__set_error(SBN_EINVAL, "request: NULL");
+    return sbn_set_error(SBN_EINVAL, "request: NULL");
   *request = NULL;
   if ((rc = sbn__mpi_count(n, &count)) != 0)
     return rc;
   r = malloc(sizeof *r);
   if (r == NULL)
-    return sbn__set_error(SBN_ENOMEM, "request: out of memory");
+    return sbn_set_error(SBN_ENOMEM, "request: out of memory");
   r->req = MPI_REQUEST_NULL;
   if (count > 0) {
     err = MPI_Iallreduce(MPI_IN_PLACE, recs, count, sbn__rec_type, sbn__rec_op,
@@ -155,8 +155,8 @@ static int sbn__mpi_itest(sbn_comm_t *c, void *request, int *done) {
   int err;
   (void)c;
   if (r == NULL || done == NULL)
-    return sbn__set_error(SBN_EINVAL, "%s: NULL",
-                          r == NULL ? "request" : "done");
+    return sbn_set_error(SBN_EINVAL, "%s: NULL",
+                         r == NULL ? "request" : "done");
   /* A completed request becomes MPI_REQUEST_NULL, and MPI_Test on that
    * reports completion again, so polling after completion is harmless. */
   err = MPI_Test(&r->req, done, MPI_STATUS_IGNORE);
@@ -170,7 +170,7 @@ static int sbn__mpi_iend(sbn_comm_t *c, void *request) {
   int err;
   (void)c;
   if (r == NULL)
-    return sbn__set_error(SBN_EINVAL, "request: NULL");
+    return sbn_set_error(SBN_EINVAL, "request: NULL");
   err = MPI_Wait(&r->req, MPI_STATUS_IGNORE);
   free(r);
   if (err != MPI_SUCCESS)
@@ -302,9 +302,9 @@ int sbn_mpi_comm_create(MPI_Comm parent, int group_size,
   MPI_Initialized(&inited);
   MPI_Finalized(&finalized);
   if (!inited || finalized)
-    return sbn__set_error(SBN_ESTATE, "MPI: %s",
-                          finalized ? "already finalized"
-                                    : "not initialized (call MPI_Init first)");
+    return sbn_set_error(SBN_ESTATE, "MPI: %s",
+                         finalized ? "already finalized"
+                                   : "not initialized (call MPI_Init first)");
   /* Work on a duplicate so that the checks run with MPI_ERRORS_RETURN
    * without touching the caller's error handler. */
   err = MPI_Comm_dup(parent, &world);
@@ -327,17 +327,17 @@ int sbn_mpi_comm_create(MPI_Comm parent, int group_size,
   if ((rc = sbn__check_same(world, f, &diff, &all_ok)) != 0)
     goto fail;
   if (!all_ok) {
-    rc = sbn__set_error(SBN_EINVAL,
-                        "params: NULL params or out on at least one rank");
+    rc = sbn_set_error(SBN_EINVAL,
+                       "params: NULL params or out on at least one rank");
     goto fail;
   }
   if (diff >= 0) {
     const char *name =
         sbn__field_names[diff < F_NORM_SHAPE ? diff : F_NORM_SHAPE];
-    rc = sbn__set_error(SBN_EMISMATCH,
-                        "%s: differs between ranks of the layer's "
-                        "communicator",
-                        name);
+    rc = sbn_set_error(SBN_EMISMATCH,
+                       "%s: differs between ranks of the layer's "
+                       "communicator",
+                       name);
     goto fail;
   }
 
@@ -356,7 +356,7 @@ int sbn_mpi_comm_create(MPI_Comm parent, int group_size,
   have_rec = 1;
   m = calloc(1, sizeof *m);
   if (m == NULL) {
-    rc = sbn__set_error(SBN_ENOMEM, "comm: out of memory");
+    rc = sbn_set_error(SBN_ENOMEM, "comm: out of memory");
     goto fail;
   }
   m->base.vt = &sbn__mpi_vt;

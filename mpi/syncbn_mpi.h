@@ -30,8 +30,9 @@ extern "C" {
  * On success *out is owned by the caller and released with
  * sbn_comm_destroy() (before MPI_Finalize). comm->rank/size are within the
  * group, comm->world_rank is the rank in parent. */
-int sbn_mpi_comm_create(MPI_Comm parent, int group_size,
-                        const sbn_layer_params_t *params, sbn_comm_t **out);
+SBN_API int sbn_mpi_comm_create(MPI_Comm parent, int group_size,
+                                const sbn_layer_params_t *params,
+                                sbn_comm_t **out);
 
 /* The communicator fills every vtable entry:
  * - allreduce: one MPI_Allreduce of the records (a user-defined MPI_Op
@@ -48,17 +49,17 @@ int sbn_mpi_comm_create(MPI_Comm parent, int group_size,
 /* The MPI group communicator inside c (for callers that need it, such as
  * the gather in `syncbn apply --sync`); MPI_COMM_NULL if c is not an MPI
  * communicator made by sbn_mpi_comm_create. */
-MPI_Comm sbn_mpi_comm_handle(const sbn_comm_t *c);
+SBN_API MPI_Comm sbn_mpi_comm_handle(const sbn_comm_t *c);
 
 /* The MPI datatype of one sbn_rec_t and the commutative Chan-merge op over
  * it, for callers that run their own collectives on records (syncbnd).
  * They are shared with the communicators made here and reference counted:
  * every successful acquire needs one release, before MPI_Finalize. */
-int sbn_mpi_rec_acquire(MPI_Datatype *type, MPI_Op *op);
-void sbn_mpi_rec_release(void);
+SBN_API int sbn_mpi_rec_acquire(MPI_Datatype *type, MPI_Op *op);
+SBN_API void sbn_mpi_rec_release(void);
 
 /* Turns an MPI error code into SBN_ECOMM with a message naming the call. */
-int sbn_mpi_error(int mpi_err, const char *call);
+SBN_API int sbn_mpi_error(int mpi_err, const char *call);
 
 #ifdef __cplusplus
 }

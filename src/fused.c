@@ -29,19 +29,19 @@ static int reduced(const sbn_layer_t *l, sbn_mode_t mode) {
 static int count_records(const sbn_fused_req_t *r, size_t *count) {
   size_t total = 1;
   if (r->nlayers > 0 && r->layers == NULL)
-    return sbn__set_error(SBN_EINVAL, "layers: NULL");
+    return sbn_set_error(SBN_EINVAL, "layers: NULL");
   if (r->nlayers > 0 && r->fargs == NULL && r->bargs == NULL)
-    return sbn__set_error(SBN_EINVAL, "args: NULL");
+    return sbn_set_error(SBN_EINVAL, "args: NULL");
   for (size_t i = 0; i < r->nlayers; i++) {
     const sbn_layer_t *l = r->layers[i];
     if (l == NULL)
-      return sbn__set_error(SBN_EINVAL, "layers[%zu]: NULL", i);
+      return sbn_set_error(SBN_EINVAL, "layers[%zu]: NULL", i);
     if (!reduced(l, arg_mode(r, i)))
       continue;
     size_t C = sbn_layer_params(l)->channels;
     if (C > SIZE_MAX - total)
-      return sbn__set_error(SBN_EOVERFLOW,
-                            "layers: the record count overflows size_t");
+      return sbn_set_error(SBN_EOVERFLOW,
+                           "layers: the record count overflows size_t");
     total += C;
   }
   *count = total;
@@ -64,10 +64,10 @@ static int gather_local(sbn_fused_req_t *r) {
     size_t C = sbn_layer_params(l)->channels;
     sbn_rec_t *recs = r->recs + off;
     if (rc == 0 && comm_size(sbn_layer_comm(l)) != size)
-      rc = sbn__set_error(SBN_EINVAL,
-                          "layers[%zu]: its communicator has %d processes, "
-                          "the fused reduction's has %d",
-                          i, comm_size(sbn_layer_comm(l)), size);
+      rc = sbn_set_error(SBN_EINVAL,
+                         "layers[%zu]: its communicator has %d processes, "
+                         "the fused reduction's has %d",
+                         i, comm_size(sbn_layer_comm(l)), size);
     if (rc == 0)
       rc = fwd ? sbn_bn_forward_local(l, &r->fargs[i], recs)
                : sbn_bn_backward_local(l, &r->bargs[i], recs);
@@ -98,10 +98,10 @@ static int finish_all(sbn_fused_req_t *r) {
   if (r->local_rc != 0)
     return r->local_rc;
   if (failed > 0)
-    return sbn__set_error(SBN_ECOMM,
-                          "recs: %.0f process(es) of the fused reduction "
-                          "failed before it (see their errors)",
-                          failed);
+    return sbn_set_error(SBN_ECOMM,
+                         "recs: %.0f process(es) of the fused reduction "
+                         "failed before it (see their errors)",
+                         failed);
   for (size_t i = 0; i < r->nlayers; i++) {
     sbn_layer_t *l = r->layers[i];
     if (reduced(l, arg_mode(r, i))) {
@@ -131,17 +131,16 @@ static int init_req(sbn_fused_req_t *r, sbn_comm_t *comm, size_t nlayers,
   r->fargs = fargs;
   r->bargs = bargs;
   if (fargs == NULL && bargs == NULL)
-    return sbn__set_error(SBN_EINVAL, "args: NULL");
+    return sbn_set_error(SBN_EINVAL, "args: NULL");
   if ((rc = count_records(r, &need)) != 0)
     return rc;
   if (recs_ws == NULL)
-    return sbn__set_error(SBN_EINVAL, "recs_ws: NULL, %zu records needed",
-                          need);
+    return sbn_set_error(SBN_EINVAL, "recs_ws: NULL, %zu records needed", need);
   if (recs_ws_count < need)
-    return sbn__set_error(SBN_ENOSPACE, "recs_ws_count: %zu < %zu needed",
-                          recs_ws_count, need);
+    return sbn_set_error(SBN_ENOSPACE, "recs_ws_count: %zu < %zu needed",
+                         recs_ws_count, need);
   if (comm != NULL && (comm->vt == NULL || comm->vt->allreduce == NULL))
-    return sbn__set_error(SBN_EINVAL, "comm: vtable lacks allreduce");
+    return sbn_set_error(SBN_EINVAL, "comm: vtable lacks allreduce");
   r->recs = recs_ws;
   r->nrecs = need;
   return 0;
@@ -156,7 +155,7 @@ static int fused_begin(sbn_fused_req_t *r, sbn_comm_t *comm, size_t nlayers,
                        size_t recs_ws_count, int nonblocking) {
   int rc;
   if (r == NULL)
-    return sbn__set_error(SBN_EINVAL, "req: NULL");
+    return sbn_set_error(SBN_EINVAL, "req: NULL");
   if ((rc = init_req(r, comm, nlayers, layers, fargs, bargs, recs_ws,
                      recs_ws_count)) != 0)
     return rc;
@@ -180,10 +179,10 @@ static int fused_begin(sbn_fused_req_t *r, sbn_comm_t *comm, size_t nlayers,
 static int fused_test(sbn_fused_req_t *r, int fwd, int *done) {
   int rc;
   if (r == NULL || done == NULL)
-    return sbn__set_error(SBN_EINVAL, "%s: NULL", r == NULL ? "req" : "done");
+    return sbn_set_error(SBN_EINVAL, "%s: NULL", r == NULL ? "req" : "done");
   if (r->phase != 1 || (r->fargs != NULL) != fwd)
-    return sbn__set_error(SBN_ESTATE, "req: no %s step in flight",
-                          fwd ? "forward" : "backward");
+    return sbn_set_error(SBN_ESTATE, "req: no %s step in flight",
+                         fwd ? "forward" : "backward");
   *done = 1;
   if (r->handle == NULL || r->rc != 0)
     return r->rc;
@@ -196,10 +195,10 @@ static int fused_test(sbn_fused_req_t *r, int fwd, int *done) {
 static int fused_end(sbn_fused_req_t *r, int fwd) {
   int rc;
   if (r == NULL)
-    return sbn__set_error(SBN_EINVAL, "req: NULL");
+    return sbn_set_error(SBN_EINVAL, "req: NULL");
   if (r->phase != 1 || (r->fargs != NULL) != fwd)
-    return sbn__set_error(SBN_ESTATE, "req: no %s step in flight",
-                          fwd ? "forward" : "backward");
+    return sbn_set_error(SBN_ESTATE, "req: no %s step in flight",
+                         fwd ? "forward" : "backward");
   if (r->handle != NULL) {
     rc = r->comm->vt->iallreduce_end(r->comm, r->handle);
     r->handle = NULL;
@@ -214,7 +213,7 @@ int sbn_fused_forward_records(size_t nlayers, sbn_layer_t *const *layers,
                               const sbn_forward_args_t *args, size_t *count) {
   sbn_fused_req_t r;
   if (count == NULL)
-    return sbn__set_error(SBN_EINVAL, "count: NULL");
+    return sbn_set_error(SBN_EINVAL, "count: NULL");
   memset(&r, 0, sizeof r);
   r.nlayers = nlayers;
   r.layers = layers;
@@ -226,7 +225,7 @@ int sbn_fused_backward_records(size_t nlayers, sbn_layer_t *const *layers,
                                const sbn_backward_args_t *args, size_t *count) {
   sbn_fused_req_t r;
   if (count == NULL)
-    return sbn__set_error(SBN_EINVAL, "count: NULL");
+    return sbn_set_error(SBN_EINVAL, "count: NULL");
   memset(&r, 0, sizeof r);
   r.nlayers = nlayers;
   r.layers = layers;
@@ -241,7 +240,7 @@ int sbn_bn_forward_fused(sbn_comm_t *comm, size_t nlayers,
   sbn_fused_req_t r;
   int rc;
   if (args == NULL)
-    return sbn__set_error(SBN_EINVAL, "args: NULL");
+    return sbn_set_error(SBN_EINVAL, "args: NULL");
   if ((rc = fused_begin(&r, comm, nlayers, layers, args, NULL, recs_ws,
                         recs_ws_count, 0)) != 0)
     return rc;
@@ -255,7 +254,7 @@ int sbn_bn_backward_fused(sbn_comm_t *comm, size_t nlayers,
   sbn_fused_req_t r;
   int rc;
   if (args == NULL)
-    return sbn__set_error(SBN_EINVAL, "args: NULL");
+    return sbn_set_error(SBN_EINVAL, "args: NULL");
   if ((rc = fused_begin(&r, comm, nlayers, layers, NULL, args, recs_ws,
                         recs_ws_count, 0)) != 0)
     return rc;
@@ -267,7 +266,7 @@ int sbn_bn_forward_begin(sbn_fused_req_t *req, sbn_comm_t *comm, size_t nlayers,
                          const sbn_forward_args_t *args, sbn_rec_t *recs_ws,
                          size_t recs_ws_count) {
   if (args == NULL)
-    return sbn__set_error(SBN_EINVAL, "args: NULL");
+    return sbn_set_error(SBN_EINVAL, "args: NULL");
   return fused_begin(req, comm, nlayers, layers, args, NULL, recs_ws,
                      recs_ws_count, 1);
 }
@@ -285,7 +284,7 @@ int sbn_bn_backward_begin(sbn_fused_req_t *req, sbn_comm_t *comm,
                           const sbn_backward_args_t *args, sbn_rec_t *recs_ws,
                           size_t recs_ws_count) {
   if (args == NULL)
-    return sbn__set_error(SBN_EINVAL, "args: NULL");
+    return sbn_set_error(SBN_EINVAL, "args: NULL");
   return fused_begin(req, comm, nlayers, layers, NULL, args, recs_ws,
                      recs_ws_count, 1);
 }

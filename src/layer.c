@@ -16,14 +16,14 @@ const char *sbn_op_name(sbn_op_t op) {
 
 int sbn_op_parse(const char *name, sbn_op_t *op) {
   if (name == NULL || op == NULL)
-    return sbn__set_error(SBN_EINVAL, "op: NULL");
+    return sbn_set_error(SBN_EINVAL, "op: NULL");
   for (size_t i = 0; i < sizeof sbn__op_names / sizeof *sbn__op_names; i++) {
     if (strcmp(name, sbn__op_names[i]) == 0) {
       *op = (sbn_op_t)i;
       return 0;
     }
   }
-  return sbn__set_error(SBN_EINVAL, "op: unknown op '%s'", name);
+  return sbn_set_error(SBN_EINVAL, "op: unknown op '%s'", name);
 }
 
 void sbn_layer_params_default(sbn_layer_params_t *p, sbn_op_t op) {
@@ -39,48 +39,47 @@ void sbn_layer_params_default(sbn_layer_params_t *p, sbn_op_t op) {
 
 static int sbn__validate(const sbn_layer_params_t *p) {
   if (sbn_op_name(p->op) == NULL)
-    return sbn__set_error(SBN_EINVAL, "params.op: unknown op %d", (int)p->op);
+    return sbn_set_error(SBN_EINVAL, "params.op: unknown op %d", (int)p->op);
   if (p->op == SBN_OP_DROPOUT) {
     if (!(p->p >= 0 && p->p <= 1))
-      return sbn__set_error(SBN_EINVAL, "p: %g is outside [0, 1]", p->p);
+      return sbn_set_error(SBN_EINVAL, "p: %g is outside [0, 1]", p->p);
     return 0;
   }
   if (!(p->eps > 0) || isinf(p->eps))
-    return sbn__set_error(SBN_EINVAL, "eps: %g must be positive and finite",
-                          p->eps);
+    return sbn_set_error(SBN_EINVAL, "eps: %g must be positive and finite",
+                         p->eps);
   if (p->op == SBN_OP_BATCHNORM || p->op == SBN_OP_INSTANCENORM) {
     if (!(p->momentum >= 0 && p->momentum <= 1))
-      return sbn__set_error(SBN_EINVAL, "momentum: %g is outside [0, 1]",
-                            p->momentum);
+      return sbn_set_error(SBN_EINVAL, "momentum: %g is outside [0, 1]",
+                           p->momentum);
     if (p->cumulative && p->op != SBN_OP_BATCHNORM)
-      return sbn__set_error(SBN_EINVAL,
-                            "cumulative: only BatchNorm keeps a cumulative "
-                            "average");
+      return sbn_set_error(SBN_EINVAL,
+                           "cumulative: only BatchNorm keeps a cumulative "
+                           "average");
   }
   if (p->op == SBN_OP_LAYERNORM) {
     if (p->norm_ndim < 1 || p->norm_ndim > SBN_MAX_DIMS)
-      return sbn__set_error(SBN_EINVAL, "norm_ndim: %d is outside [1, %d]",
-                            p->norm_ndim, SBN_MAX_DIMS);
+      return sbn_set_error(SBN_EINVAL, "norm_ndim: %d is outside [1, %d]",
+                           p->norm_ndim, SBN_MAX_DIMS);
     size_t d = 1;
     for (int i = 0; i < p->norm_ndim; i++) {
       if (p->norm_shape[i] == 0)
-        return sbn__set_error(SBN_EINVAL, "norm_shape[%d]: must be positive",
-                              i);
+        return sbn_set_error(SBN_EINVAL, "norm_shape[%d]: must be positive", i);
       if (sbn__mul_size(d, p->norm_shape[i], &d) != 0)
-        return sbn__set_error(SBN_EOVERFLOW,
-                              "norm_shape: the size overflows size_t");
+        return sbn_set_error(SBN_EOVERFLOW,
+                             "norm_shape: the size overflows size_t");
     }
     return 0;
   }
   if (p->channels == 0)
-    return sbn__set_error(SBN_EINVAL, "channels: must be positive");
+    return sbn_set_error(SBN_EINVAL, "channels: must be positive");
   if (p->op == SBN_OP_GROUPNORM) {
     if (p->groups == 0)
-      return sbn__set_error(SBN_EINVAL, "groups: must be positive");
+      return sbn_set_error(SBN_EINVAL, "groups: must be positive");
     if (p->channels % p->groups != 0)
-      return sbn__set_error(SBN_EINVAL,
-                            "groups: %zu does not divide %zu channels",
-                            p->groups, p->channels);
+      return sbn_set_error(SBN_EINVAL,
+                           "groups: %zu does not divide %zu channels",
+                           p->groups, p->channels);
   }
   return 0;
 }
@@ -90,17 +89,17 @@ int sbn_layer_create(const sbn_layer_params_t *params, sbn_comm_t *comm,
   sbn_layer_t *l = NULL;
   int rc;
   if (out == NULL)
-    return sbn__set_error(SBN_EINVAL, "out: NULL");
+    return sbn_set_error(SBN_EINVAL, "out: NULL");
   *out = NULL;
   if (params == NULL)
-    return sbn__set_error(SBN_EINVAL, "params: NULL");
+    return sbn_set_error(SBN_EINVAL, "params: NULL");
   if ((rc = sbn__validate(params)) != 0)
     return rc;
   if (comm != NULL && (comm->vt == NULL || comm->vt->allreduce == NULL))
-    return sbn__set_error(SBN_EINVAL, "comm: vtable lacks allreduce");
+    return sbn_set_error(SBN_EINVAL, "comm: vtable lacks allreduce");
   l = calloc(1, sizeof *l);
   if (l == NULL)
-    return sbn__set_error(SBN_ENOMEM, "layer: out of memory");
+    return sbn_set_error(SBN_ENOMEM, "layer: out of memory");
   l->p = *params;
   l->comm = comm;
   *out = l;
@@ -127,15 +126,15 @@ int sbn__check_shape(const sbn_layer_t *l, const sbn_tensor_desc_t *d,
   if ((rc = sbn_desc_numel(d, &sh->numel)) != 0)
     return rc;
   if (d->layout != SBN_LAYOUT_NCHW && d->layout != SBN_LAYOUT_NHWC)
-    return sbn__set_error(SBN_EINVAL, "x_desc.layout: unknown layout %d",
-                          (int)d->layout);
+    return sbn_set_error(SBN_EINVAL, "x_desc.layout: unknown layout %d",
+                         (int)d->layout);
   sh->layout = d->layout;
   if (p->op == SBN_OP_LAYERNORM || p->op == SBN_OP_DROPOUT) {
     if (d->layout != SBN_LAYOUT_NCHW)
-      return sbn__set_error(SBN_ESHAPE,
-                            "x_desc.layout: %s takes plain C-order arrays "
-                            "(NCHW), not NHWC",
-                            sbn_op_name(p->op));
+      return sbn_set_error(SBN_ESHAPE,
+                           "x_desc.layout: %s takes plain C-order arrays "
+                           "(NCHW), not NHWC",
+                           sbn_op_name(p->op));
     if (p->op == SBN_OP_DROPOUT) {
       sh->N = 1;
       sh->C = 1;
@@ -143,18 +142,18 @@ int sbn__check_shape(const sbn_layer_t *l, const sbn_tensor_desc_t *d,
       return 0;
     }
     if (d->ndim < p->norm_ndim)
-      return sbn__set_error(SBN_ESHAPE,
-                            "x_desc.ndim: %d dims cannot hold a normalized "
-                            "shape of %d dims",
-                            d->ndim, p->norm_ndim);
+      return sbn_set_error(SBN_ESHAPE,
+                           "x_desc.ndim: %d dims cannot hold a normalized "
+                           "shape of %d dims",
+                           d->ndim, p->norm_ndim);
     size_t D = 1, N = 1;
     int lead = d->ndim - p->norm_ndim;
     for (int i = 0; i < p->norm_ndim; i++) {
       if (d->dims[lead + i] != p->norm_shape[i])
-        return sbn__set_error(SBN_ESHAPE,
-                              "x_desc.dims[%d]: %zu differs from "
-                              "normalized shape[%d] = %zu",
-                              lead + i, d->dims[lead + i], i, p->norm_shape[i]);
+        return sbn_set_error(SBN_ESHAPE,
+                             "x_desc.dims[%d]: %zu differs from "
+                             "normalized shape[%d] = %zu",
+                             lead + i, d->dims[lead + i], i, p->norm_shape[i]);
       D *= p->norm_shape[i];
     }
     for (int i = 0; i < lead; i++)
@@ -165,14 +164,14 @@ int sbn__check_shape(const sbn_layer_t *l, const sbn_tensor_desc_t *d,
     return 0;
   }
   if (d->ndim < 2)
-    return sbn__set_error(SBN_ESHAPE,
-                          "x_desc.ndim: %s needs (N, C, ...) with at least "
-                          "2 dims, got %d",
-                          sbn_op_name(p->op), d->ndim);
+    return sbn_set_error(SBN_ESHAPE,
+                         "x_desc.ndim: %s needs (N, C, ...) with at least "
+                         "2 dims, got %d",
+                         sbn_op_name(p->op), d->ndim);
   if (d->dims[1] != p->channels)
-    return sbn__set_error(SBN_ESHAPE,
-                          "x_desc.dims[1]: expected %zu channels, got %zu",
-                          p->channels, d->dims[1]);
+    return sbn_set_error(SBN_ESHAPE,
+                         "x_desc.dims[1]: expected %zu channels, got %zu",
+                         p->channels, d->dims[1]);
   sh->N = d->dims[0];
   sh->C = d->dims[1];
   sh->S = 1;
@@ -181,10 +180,10 @@ int sbn__check_shape(const sbn_layer_t *l, const sbn_tensor_desc_t *d,
   /* Per-channel workspace is a small multiple of C; make sure it is
    * representable even for absurd channel counts. */
   if (sh->C > SIZE_MAX / 256)
-    return sbn__set_error(SBN_EOVERFLOW,
-                          "channels: %zu channels overflow the workspace "
-                          "size",
-                          sh->C);
+    return sbn_set_error(SBN_EOVERFLOW,
+                         "channels: %zu channels overflow the workspace "
+                         "size",
+                         sh->C);
   return 0;
 }
 
@@ -194,7 +193,7 @@ int sbn_layer_sizes(const sbn_layer_t *l, const sbn_tensor_desc_t *x,
   size_t ws = 0, sv = 0;
   int rc;
   if (l == NULL)
-    return sbn__set_error(SBN_EINVAL, "layer: NULL");
+    return sbn_set_error(SBN_EINVAL, "layer: NULL");
   if ((rc = sbn__check_shape(l, x, &sh)) != 0)
     return rc;
   switch (l->p.op) {
@@ -226,8 +225,8 @@ int sbn__saved_size(size_t items, size_t *bytes) {
   size_t b;
   if (sbn__mul_size(items, 2 * sizeof(double), &b) != 0 ||
       b > SIZE_MAX - sizeof(sbn__saved_hdr_t))
-    return sbn__set_error(SBN_EOVERFLOW,
-                          "x_desc.dims: the saved state overflows size_t");
+    return sbn_set_error(SBN_EOVERFLOW,
+                         "x_desc.dims: the saved state overflows size_t");
   *bytes = b + sizeof(sbn__saved_hdr_t);
   return 0;
 }
@@ -250,25 +249,25 @@ int sbn__saved_get(const void *saved, size_t bytes, const sbn_layer_t *l,
                    sbn_mode_t mode, size_t items, double *count,
                    const double **mean, const double **istd) {
   const sbn__saved_hdr_t *h = saved;
-  size_t need;
+  size_t need = 0;
   int rc;
   if (saved == NULL)
-    return sbn__set_error(SBN_EINVAL,
-                          "saved: NULL (backward needs the "
-                          "forward's saved state)");
+    return sbn_set_error(SBN_EINVAL,
+                         "saved: NULL (backward needs the "
+                         "forward's saved state)");
   if ((rc = sbn__saved_size(items, &need)) != 0)
     return rc;
   if (bytes < need)
-    return sbn__set_error(SBN_ENOSPACE, "saved_bytes: %zu < %zu needed", bytes,
-                          need);
+    return sbn_set_error(SBN_ENOSPACE, "saved_bytes: %zu < %zu needed", bytes,
+                         need);
   if (h->magic != SBN__SAVED_MAGIC || h->op != (uint32_t)l->p.op ||
       h->items != items)
-    return sbn__set_error(SBN_ESTATE,
-                          "saved: not filled by a forward of this layer "
-                          "and shape");
+    return sbn_set_error(SBN_ESTATE,
+                         "saved: not filled by a forward of this layer "
+                         "and shape");
   if (h->mode != (uint32_t)mode)
-    return sbn__set_error(SBN_ESTATE,
-                          "mode: backward mode differs from the forward's");
+    return sbn_set_error(SBN_ESTATE,
+                         "mode: backward mode differs from the forward's");
   *count = h->count;
   *mean = (const double *)(const void *)(h + 1);
   *istd = *mean + items;
@@ -277,11 +276,10 @@ int sbn__saved_get(const void *saved, size_t bytes, const sbn_layer_t *l,
 
 static int sbn__check_ws(void *ws, size_t have, size_t need) {
   if (need > 0 && ws == NULL)
-    return sbn__set_error(SBN_EINVAL, "workspace: NULL, %zu bytes needed",
-                          need);
+    return sbn_set_error(SBN_EINVAL, "workspace: NULL, %zu bytes needed", need);
   if (have < need)
-    return sbn__set_error(SBN_ENOSPACE, "workspace_bytes: %zu < %zu needed",
-                          have, need);
+    return sbn_set_error(SBN_ENOSPACE, "workspace_bytes: %zu < %zu needed",
+                         have, need);
   return 0;
 }
 
@@ -290,27 +288,27 @@ int sbn__check_fwd_buffers(const sbn_layer_t *l, const sbn_forward_args_t *a,
   size_t ws = 0, sv = 0;
   int rc;
   if (a->mode != SBN_MODE_TRAIN && a->mode != SBN_MODE_EVAL)
-    return sbn__set_error(SBN_EINVAL, "mode: unknown mode %d", (int)a->mode);
+    return sbn_set_error(SBN_EINVAL, "mode: unknown mode %d", (int)a->mode);
   if (sh->numel > 0 && (a->x == NULL || a->y == NULL))
-    return sbn__set_error(SBN_EINVAL, "%s: NULL", a->x == NULL ? "x" : "y");
+    return sbn_set_error(SBN_EINVAL, "%s: NULL", a->x == NULL ? "x" : "y");
   if ((rc = sbn_layer_sizes(l, a->x_desc, &ws, &sv)) != 0)
     return rc;
   if ((rc = sbn__check_ws(a->workspace, a->workspace_bytes, ws)) != 0)
     return rc;
   if (a->saved != NULL && a->saved_bytes < sv)
-    return sbn__set_error(SBN_ENOSPACE, "saved_bytes: %zu < %zu needed",
-                          a->saved_bytes, sv);
+    return sbn_set_error(SBN_ENOSPACE, "saved_bytes: %zu < %zu needed",
+                         a->saved_bytes, sv);
   if (l->p.op != SBN_OP_DROPOUT && l->p.affine &&
       (a->weight == NULL || a->bias == NULL))
-    return sbn__set_error(SBN_EINVAL, "%s: NULL for an affine layer",
-                          a->weight == NULL ? "weight" : "bias");
+    return sbn_set_error(SBN_EINVAL, "%s: NULL for an affine layer",
+                         a->weight == NULL ? "weight" : "bias");
   if ((l->p.op == SBN_OP_BATCHNORM || l->p.op == SBN_OP_INSTANCENORM) &&
       l->p.track_running_stats &&
       (a->state == NULL || a->state->running_mean == NULL ||
        a->state->running_var == NULL))
-    return sbn__set_error(SBN_EINVAL,
-                          "state: running_mean and running_var are needed "
-                          "when running statistics are tracked");
+    return sbn_set_error(SBN_EINVAL,
+                         "state: running_mean and running_var are needed "
+                         "when running statistics are tracked");
   return 0;
 }
 
@@ -319,19 +317,19 @@ int sbn__check_bwd_buffers(const sbn_layer_t *l, const sbn_backward_args_t *a,
   size_t ws = 0;
   int rc;
   if (a->mode != SBN_MODE_TRAIN && a->mode != SBN_MODE_EVAL)
-    return sbn__set_error(SBN_EINVAL, "mode: unknown mode %d", (int)a->mode);
+    return sbn_set_error(SBN_EINVAL, "mode: unknown mode %d", (int)a->mode);
   if (sh->numel > 0 && (a->dy == NULL || a->dx == NULL ||
                         (a->x == NULL && l->p.op != SBN_OP_DROPOUT)))
-    return sbn__set_error(SBN_EINVAL, "%s: NULL",
-                          a->dy == NULL   ? "dy"
-                          : a->dx == NULL ? "dx"
-                                          : "x");
+    return sbn_set_error(SBN_EINVAL, "%s: NULL",
+                         a->dy == NULL   ? "dy"
+                         : a->dx == NULL ? "dx"
+                                         : "x");
   if ((rc = sbn_layer_sizes(l, a->x_desc, &ws, NULL)) != 0)
     return rc;
   if ((rc = sbn__check_ws(a->workspace, a->workspace_bytes, ws)) != 0)
     return rc;
   if (l->p.op != SBN_OP_DROPOUT && l->p.affine && a->weight == NULL)
-    return sbn__set_error(SBN_EINVAL, "weight: NULL for an affine layer");
+    return sbn_set_error(SBN_EINVAL, "weight: NULL for an affine layer");
   return 0;
 }
 
@@ -339,7 +337,7 @@ int sbn_forward(sbn_layer_t *l, const sbn_forward_args_t *a) {
   sbn__shape_t sh;
   int rc;
   if (l == NULL || a == NULL)
-    return sbn__set_error(SBN_EINVAL, "%s: NULL", l == NULL ? "layer" : "args");
+    return sbn_set_error(SBN_EINVAL, "%s: NULL", l == NULL ? "layer" : "args");
   if ((rc = sbn__check_shape(l, a->x_desc, &sh)) != 0)
     return rc;
   if ((rc = sbn__check_fwd_buffers(l, a, &sh)) != 0)
@@ -356,14 +354,14 @@ int sbn_forward(sbn_layer_t *l, const sbn_forward_args_t *a) {
     case SBN_OP_DROPOUT:
       return sbn__dropout_forward(l, a, &sh);
   }
-  return sbn__set_error(SBN_EINVAL, "layer: unknown op");
+  return sbn_set_error(SBN_EINVAL, "layer: unknown op");
 }
 
 int sbn_backward(sbn_layer_t *l, const sbn_backward_args_t *a) {
   sbn__shape_t sh;
   int rc;
   if (l == NULL || a == NULL)
-    return sbn__set_error(SBN_EINVAL, "%s: NULL", l == NULL ? "layer" : "args");
+    return sbn_set_error(SBN_EINVAL, "%s: NULL", l == NULL ? "layer" : "args");
   if ((rc = sbn__check_shape(l, a->x_desc, &sh)) != 0)
     return rc;
   if ((rc = sbn__check_bwd_buffers(l, a, &sh)) != 0)
@@ -380,5 +378,5 @@ int sbn_backward(sbn_layer_t *l, const sbn_backward_args_t *a) {
     case SBN_OP_DROPOUT:
       return sbn__dropout_backward(l, a, &sh);
   }
-  return sbn__set_error(SBN_EINVAL, "layer: unknown op");
+  return sbn_set_error(SBN_EINVAL, "layer: unknown op");
 }

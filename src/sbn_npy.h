@@ -25,12 +25,12 @@ typedef struct sbn_npy_s {
 } sbn_npy_t;
 
 /* Reads path into *out (zeroed first). On failure nothing is allocated. */
-int sbn_npy_read(const char *path, sbn_npy_t *out);
+SBN_API int sbn_npy_read(const char *path, sbn_npy_t *out);
 /* Writes numel = prod(dims) floats. Writes to a temporary file in the same
  * directory and renames it, so an existing file is never left half written. */
-int sbn_npy_write(const char *path, const float *data, int ndim,
-                  const size_t *dims);
-void sbn_npy_free(sbn_npy_t *t);
+SBN_API int sbn_npy_write(const char *path, const float *data, int ndim,
+                          const size_t *dims);
+SBN_API void sbn_npy_free(sbn_npy_t *t);
 
 #ifdef __cplusplus
 }

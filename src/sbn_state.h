@@ -135,60 +135,61 @@ typedef struct sbn_ckpt_s sbn_ckpt_t;
  * else 0; stats_len = channels for BN and IN with track_running_stats,
  * else 0. Validates params as sbn_layer_create() does and applies the caps
  * (SBN_ELIMIT when an array exceeds SBN_CKPT_MAX_ELEMS). */
-int sbn_ckpt_lengths(const sbn_layer_params_t *params, size_t *affine_len,
-                     size_t *stats_len);
+SBN_API int sbn_ckpt_lengths(const sbn_layer_params_t *params,
+                             size_t *affine_len, size_t *stats_len);
 
 /* Creates an empty checkpoint, owned by the caller. */
-int sbn_ckpt_new(sbn_ckpt_t **out);
+SBN_API int sbn_ckpt_new(sbn_ckpt_t **out);
 /* Frees a checkpoint and everything it owns; NULL is a no-op. */
-void sbn_ckpt_free(sbn_ckpt_t *ck);
+SBN_API void sbn_ckpt_free(sbn_ckpt_t *ck);
 
 /* Adds a copy of layer. Fails without changing ck on a bad or duplicate
  * name (SBN_EINVAL), invalid params (as sbn_layer_create), lengths that
  * differ from sbn_ckpt_lengths() (SBN_ESHAPE), NULL arrays where data is
  * needed, non-increasing group indices, groups without running statistics,
  * a negative num_batches_tracked (SBN_EINVAL), or a cap (SBN_ELIMIT). */
-int sbn_ckpt_add(sbn_ckpt_t *ck, const sbn_ckpt_layer_t *layer);
+SBN_API int sbn_ckpt_add(sbn_ckpt_t *ck, const sbn_ckpt_layer_t *layer);
 
 /* Number of layers, and the i-th in the order they were added or decoded
  * (NULL if i is out of range). */
-size_t sbn_ckpt_count(const sbn_ckpt_t *ck);
-const sbn_ckpt_layer_t *sbn_ckpt_layer(const sbn_ckpt_t *ck, size_t i);
+SBN_API size_t sbn_ckpt_count(const sbn_ckpt_t *ck);
+SBN_API const sbn_ckpt_layer_t *sbn_ckpt_layer(const sbn_ckpt_t *ck, size_t i);
 /* The layer named name, or NULL. */
-const sbn_ckpt_layer_t *sbn_ckpt_find(const sbn_ckpt_t *ck, const char *name);
+SBN_API const sbn_ckpt_layer_t *sbn_ckpt_find(const sbn_ckpt_t *ck,
+                                              const char *name);
 /* The group of a layer with the given index, or NULL. */
-const sbn_ckpt_group_t *sbn_ckpt_group(const sbn_ckpt_layer_t *layer,
-                                       uint32_t index);
+SBN_API const sbn_ckpt_group_t *sbn_ckpt_group(const sbn_ckpt_layer_t *layer,
+                                               uint32_t index);
 
 /* Serializes ck into a new buffer of *len bytes that the caller releases
  * with free(). On failure *buf is NULL and *len 0. */
-int sbn_ckpt_encode(const sbn_ckpt_t *ck, void **buf, size_t *len);
+SBN_API int sbn_ckpt_encode(const sbn_ckpt_t *ck, void **buf, size_t *len);
 /* Validates buf completely, then builds a new checkpoint in *out (owned by
  * the caller). On failure *out is NULL and nothing stays allocated. */
-int sbn_ckpt_decode(const void *buf, size_t len, sbn_ckpt_t **out);
+SBN_API int sbn_ckpt_decode(const void *buf, size_t len, sbn_ckpt_t **out);
 
 /* Writes ck to path atomically: a temporary file in the same directory is
  * written, fsynced and renamed over path, then the directory is fsynced.
  * A crash or failure leaves either the old file or the new one under path,
  * never a partial one; on failure the temporary file is removed. The file
  * gets mode 0600. I/O failures are SBN_EIO with a message naming the path. */
-int sbn_ckpt_save(const sbn_ckpt_t *ck, const char *path);
+SBN_API int sbn_ckpt_save(const sbn_ckpt_t *ck, const char *path);
 /* Reads and decodes path (SBN_EIO naming the path when it cannot be read,
  * SBN_ELIMIT when it exceeds SBN_CKPT_MAX_FILE, else as decode, with the
  * path in the message). */
-int sbn_ckpt_load(const char *path, sbn_ckpt_t **out);
+SBN_API int sbn_ckpt_load(const char *path, sbn_ckpt_t **out);
 
 /* Checks a checkpoint file name given by a client (a name, not a path):
  * refuses NULL, empty, longer than SBN_CKPT_MAX_FILE_NAME bytes, a leading
  * '.', any '/', any "..", and control characters (bytes below 0x20 and
  * 0x7f). Returns 0 or SBN_EINVAL with a message saying why. */
-int sbn_ckpt_name_check(const char *name);
+SBN_API int sbn_ckpt_name_check(const char *name);
 /* 1 if sbn_ckpt_name_check() accepts name, else 0; sets no error. */
-int sbn_ckpt_name_valid(const char *name);
+SBN_API int sbn_ckpt_name_valid(const char *name);
 
 /* CRC-32 (IEEE 802.3, reflected polynomial 0xEDB88320) of len bytes,
  * continuing from crc (start with 0); equals zlib's crc32(). */
-uint32_t sbn_crc32(uint32_t crc, const void *buf, size_t len);
+SBN_API uint32_t sbn_crc32(uint32_t crc, const void *buf, size_t len);
 
 #ifdef __cplusplus
 }

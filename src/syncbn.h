@@ -38,6 +38,21 @@
 extern "C" {
 #endif
 
+/* Marks the library's public functions. The libraries are built with
+ * -fvisibility=hidden, so only what carries SBN_API is exported: internal
+ * sbn__ helpers stay private to the shared object they live in. */
+#if defined(__GNUC__)
+#define SBN_API __attribute__((visibility("default")))
+#else
+#define SBN_API
+#endif
+
+#if defined(__GNUC__)
+#define SBN_PRINTF(a, b) __attribute__((format(printf, a, b)))
+#else
+#define SBN_PRINTF(a, b)
+#endif
+
 #define SBN_VERSION_MAJOR 0
 #define SBN_VERSION_MINOR 1
 #define SBN_VERSION_PATCH 0
@@ -67,13 +82,19 @@ typedef enum {
 } sbn_errno_t;
 
 /* Static string naming the error code ("invalid argument"); never NULL. */
-const char *sbn_strerror(int err);
+SBN_API const char *sbn_strerror(int err);
 /* Static string with the code's symbolic name ("SBN_EINVAL"); never NULL. */
-const char *sbn_err_name(int err);
+SBN_API const char *sbn_err_name(int err);
 /* Message for the last failure in this thread, naming the argument
  * ("x: expected 4 dims, got 3"). Valid until the next failing call in this
  * thread. Empty string if none. */
-const char *sbn_last_error(void);
+SBN_API const char *sbn_last_error(void);
+/* Records code and a printf-style message for sbn_last_error() in the
+ * calling thread and returns code, so a failing check reads
+ * `return sbn_set_error(SBN_EINVAL, "eps: %g must be positive", eps)`.
+ * For implementers of communicators and other extensions outside the
+ * library, whose errors must reach callers the same way as the library's. */
+SBN_API int sbn_set_error(int code, const char *fmt, ...) SBN_PRINTF(2, 3);
 
 /* ------------------------------------------------------------------ */
 /* Tensors */
@@ -89,7 +110,7 @@ typedef struct sbn_tensor_desc_s {
 } sbn_tensor_desc_t;
 
 /* Number of elements, or SBN_EOVERFLOW if the product overflows size_t. */
-int sbn_desc_numel(const sbn_tensor_desc_t *d, size_t *numel);
+SBN_API int sbn_desc_numel(const sbn_tensor_desc_t *d, size_t *numel);
 
 /* ------------------------------------------------------------------ */
 /* Communicator interface.
@@ -113,7 +134,7 @@ typedef struct sbn_rec_s {
 /* inout[i] = combine(in[i], inout[i]) for i < n. The combination is
  * bitwise commutative, so every process of a reduction tree that combines
  * the same two partial results gets the same bits. */
-void sbn_rec_combine(const sbn_rec_t *in, sbn_rec_t *inout, size_t n);
+SBN_API void sbn_rec_combine(const sbn_rec_t *in, sbn_rec_t *inout, size_t n);
 
 typedef struct sbn_comm_s sbn_comm_t;
 typedef struct sbn_comm_vtable_s sbn_comm_vtable_t;
@@ -145,9 +166,9 @@ struct sbn_comm_s {
 
 /* The single-process communicator: allreduce is the identity. It is a
  * static object; sbn_comm_destroy() on it is a no-op. */
-sbn_comm_t *sbn_comm_local(void);
-int sbn_comm_allreduce(sbn_comm_t *comm, sbn_rec_t *recs, size_t n);
-void sbn_comm_destroy(sbn_comm_t *comm);
+SBN_API sbn_comm_t *sbn_comm_local(void);
+SBN_API int sbn_comm_allreduce(sbn_comm_t *comm, sbn_rec_t *recs, size_t n);
+SBN_API void sbn_comm_destroy(sbn_comm_t *comm);
 
 /* ------------------------------------------------------------------ */
 /* Layers */
@@ -161,9 +182,9 @@ typedef enum {
 } sbn_op_t;
 
 /* Name ("batchnorm", ...) or NULL for an unknown op. */
-const char *sbn_op_name(sbn_op_t op);
+SBN_API const char *sbn_op_name(sbn_op_t op);
 /* Parses a name into *op; SBN_EINVAL if unknown. */
-int sbn_op_parse(const char *name, sbn_op_t *op);
+SBN_API int sbn_op_parse(const char *name, sbn_op_t *op);
 
 typedef struct sbn_layer_params_s {
   sbn_op_t op;
@@ -197,24 +218,25 @@ typedef struct sbn_layer_params_s {
 
 /* Fills p with PyTorch's defaults for op: eps 1e-5, momentum 0.1,
  * affine 1, track_running_stats 1 for BN and 0 for IN, p 0.5. */
-void sbn_layer_params_default(sbn_layer_params_t *p, sbn_op_t op);
+SBN_API void sbn_layer_params_default(sbn_layer_params_t *p, sbn_op_t op);
 
 typedef struct sbn_layer_s sbn_layer_t;
 
 /* Validates params and creates a layer. comm may be NULL (single process);
  * the layer keeps the pointer but does not own it: the communicator must
  * outlive the layer. Only BatchNorm ever calls the communicator. */
-int sbn_layer_create(const sbn_layer_params_t *params, sbn_comm_t *comm,
-                     sbn_layer_t **out);
-void sbn_layer_destroy(sbn_layer_t *layer);
-const sbn_layer_params_t *sbn_layer_params(const sbn_layer_t *layer);
-sbn_comm_t *sbn_layer_comm(const sbn_layer_t *layer);
+SBN_API int sbn_layer_create(const sbn_layer_params_t *params, sbn_comm_t *comm,
+                             sbn_layer_t **out);
+SBN_API void sbn_layer_destroy(sbn_layer_t *layer);
+SBN_API const sbn_layer_params_t *sbn_layer_params(const sbn_layer_t *layer);
+SBN_API sbn_comm_t *sbn_layer_comm(const sbn_layer_t *layer);
 
 /* Checks x against the layer (rank, C, layout, normalized shape, overflow)
  * and returns the number of bytes of workspace and of saved state that
  * forward/backward need for that shape. Either pointer may be NULL. */
-int sbn_layer_sizes(const sbn_layer_t *layer, const sbn_tensor_desc_t *x,
-                    size_t *workspace_bytes, size_t *saved_bytes);
+SBN_API int sbn_layer_sizes(const sbn_layer_t *layer,
+                            const sbn_tensor_desc_t *x, size_t *workspace_bytes,
+                            size_t *saved_bytes);
 
 typedef enum { SBN_MODE_TRAIN = 0, SBN_MODE_EVAL = 1 } sbn_mode_t;
 
@@ -259,8 +281,8 @@ typedef struct sbn_backward_args_s {
 /* Forward and backward for any op. For BatchNorm in training (or without
  * running statistics) this is the three steps below with a blocking
  * allreduce on the layer's communicator in the middle. */
-int sbn_forward(sbn_layer_t *layer, const sbn_forward_args_t *args);
-int sbn_backward(sbn_layer_t *layer, const sbn_backward_args_t *args);
+SBN_API int sbn_forward(sbn_layer_t *layer, const sbn_forward_args_t *args);
+SBN_API int sbn_backward(sbn_layer_t *layer, const sbn_backward_args_t *args);
 
 /* The seam for SyncBN (fusion, overlap, a stats-only service path).
  * Forward = stats_local -> reduce the C records -> forward_finish.
@@ -271,21 +293,25 @@ int sbn_backward(sbn_layer_t *layer, const sbn_backward_args_t *args);
  * the *_local calls are not needed: eval uses the running statistics, or
  * the local batch statistics when none are tracked, and never communicates
  * (PyTorch's SyncBatchNorm does the same). */
-int sbn_bn_needs_reduce(const sbn_layer_t *layer, sbn_mode_t mode);
+SBN_API int sbn_bn_needs_reduce(const sbn_layer_t *layer, sbn_mode_t mode);
 /* Writes C SBN_REC_MOMENTS records (count, mean, M2) of the local batch. */
-int sbn_bn_forward_local(sbn_layer_t *layer, const sbn_forward_args_t *args,
-                         sbn_rec_t *recs);
+SBN_API int sbn_bn_forward_local(sbn_layer_t *layer,
+                                 const sbn_forward_args_t *args,
+                                 sbn_rec_t *recs);
 /* Takes the reduced records, updates running statistics, normalizes. A
  * global count of 1 in training is SBN_ESMALLBATCH (the same on every
  * process, since every process sees the same count). A global count of 0
  * leaves the running state unchanged. */
-int sbn_bn_forward_finish(sbn_layer_t *layer, const sbn_forward_args_t *args,
-                          const sbn_rec_t *recs);
+SBN_API int sbn_bn_forward_finish(sbn_layer_t *layer,
+                                  const sbn_forward_args_t *args,
+                                  const sbn_rec_t *recs);
 /* Writes C SBN_REC_SUM records (sum dy, sum dy*xhat, 0). */
-int sbn_bn_backward_local(sbn_layer_t *layer, const sbn_backward_args_t *args,
-                          sbn_rec_t *recs);
-int sbn_bn_backward_finish(sbn_layer_t *layer, const sbn_backward_args_t *args,
-                           const sbn_rec_t *recs);
+SBN_API int sbn_bn_backward_local(sbn_layer_t *layer,
+                                  const sbn_backward_args_t *args,
+                                  sbn_rec_t *recs);
+SBN_API int sbn_bn_backward_finish(sbn_layer_t *layer,
+                                   const sbn_backward_args_t *args,
+                                   const sbn_rec_t *recs);
 
 /* ------------------------------------------------------------------ */
 /* Dropout randomness.
@@ -296,18 +322,18 @@ int sbn_bn_backward_finish(sbn_layer_t *layer, const sbn_backward_args_t *args,
  * word element_index % 4 of that block. Element indices run over the tensor
  * in memory order. An element is dropped when word < p * 2^32 (compared in
  * 64 bits, so p = 1 drops every element). */
-void sbn_philox4x32_10(const uint32_t ctr[4], const uint32_t key[2],
-                       uint32_t out[4]);
+SBN_API void sbn_philox4x32_10(const uint32_t ctr[4], const uint32_t key[2],
+                               uint32_t out[4]);
 
 /* ------------------------------------------------------------------ */
 /* Run-time kernel dispatch. */
 
 /* Name of the kernel set chosen for this CPU ("ref", "avx2"). */
-const char *sbn_kernel_name(void);
+SBN_API const char *sbn_kernel_name(void);
 /* Forces a kernel set by name (tests compare every set to "ref").
  * Returns SBN_ENOTSUP if the CPU cannot run it. Not thread-safe: call
  * before any other thread uses the library. */
-int sbn_kernel_select(const char *name);
+SBN_API int sbn_kernel_select(const char *name);
 
 #ifdef __cplusplus
 }

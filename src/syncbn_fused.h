@@ -34,25 +34,29 @@ extern "C" {
 
 /* Number of records (elements of recs_ws) the fused forward or backward of
  * these layers needs: the channels of each reduced layer plus one. */
-int sbn_fused_forward_records(size_t nlayers, sbn_layer_t *const *layers,
-                              const sbn_forward_args_t *args, size_t *count);
-int sbn_fused_backward_records(size_t nlayers, sbn_layer_t *const *layers,
-                               const sbn_backward_args_t *args, size_t *count);
+SBN_API int sbn_fused_forward_records(size_t nlayers,
+                                      sbn_layer_t *const *layers,
+                                      const sbn_forward_args_t *args,
+                                      size_t *count);
+SBN_API int sbn_fused_backward_records(size_t nlayers,
+                                       sbn_layer_t *const *layers,
+                                       const sbn_backward_args_t *args,
+                                       size_t *count);
 
 /* Forward of every layer with one blocking reduction on comm. recs_ws is
  * caller workspace of recs_ws_count records (at least the count above).
  * Returns 0 or the first error; on an error the layers after the failing
  * one are not run. */
-int sbn_bn_forward_fused(sbn_comm_t *comm, size_t nlayers,
-                         sbn_layer_t *const *layers,
-                         const sbn_forward_args_t *args, sbn_rec_t *recs_ws,
-                         size_t recs_ws_count);
+SBN_API int sbn_bn_forward_fused(sbn_comm_t *comm, size_t nlayers,
+                                 sbn_layer_t *const *layers,
+                                 const sbn_forward_args_t *args,
+                                 sbn_rec_t *recs_ws, size_t recs_ws_count);
 /* Backward of every layer with one blocking reduction of the per-channel
  * sums. dweight/dbias stay local, as in sbn_backward(). */
-int sbn_bn_backward_fused(sbn_comm_t *comm, size_t nlayers,
-                          sbn_layer_t *const *layers,
-                          const sbn_backward_args_t *args, sbn_rec_t *recs_ws,
-                          size_t recs_ws_count);
+SBN_API int sbn_bn_backward_fused(sbn_comm_t *comm, size_t nlayers,
+                                  sbn_layer_t *const *layers,
+                                  const sbn_backward_args_t *args,
+                                  sbn_rec_t *recs_ws, size_t recs_ws_count);
 
 /* A fused step in flight. Owned by the caller (it may live on the stack);
  * the fields are private. The layers, args and recs_ws given to begin must
@@ -78,20 +82,20 @@ typedef struct sbn_fused_req_s {
  * is what moves the reduction forward); end waits for it and finishes
  * every layer. After a successful begin, end must be called exactly once,
  * even if test failed; it returns the first error of the whole step. */
-int sbn_bn_forward_begin(sbn_fused_req_t *req, sbn_comm_t *comm, size_t nlayers,
-                         sbn_layer_t *const *layers,
-                         const sbn_forward_args_t *args, sbn_rec_t *recs_ws,
-                         size_t recs_ws_count);
-int sbn_bn_forward_test(sbn_fused_req_t *req, int *done);
-int sbn_bn_forward_end(sbn_fused_req_t *req);
+SBN_API int sbn_bn_forward_begin(sbn_fused_req_t *req, sbn_comm_t *comm,
+                                 size_t nlayers, sbn_layer_t *const *layers,
+                                 const sbn_forward_args_t *args,
+                                 sbn_rec_t *recs_ws, size_t recs_ws_count);
+SBN_API int sbn_bn_forward_test(sbn_fused_req_t *req, int *done);
+SBN_API int sbn_bn_forward_end(sbn_fused_req_t *req);
 
 /* The same for backward. */
-int sbn_bn_backward_begin(sbn_fused_req_t *req, sbn_comm_t *comm,
-                          size_t nlayers, sbn_layer_t *const *layers,
-                          const sbn_backward_args_t *args, sbn_rec_t *recs_ws,
-                          size_t recs_ws_count);
-int sbn_bn_backward_test(sbn_fused_req_t *req, int *done);
-int sbn_bn_backward_end(sbn_fused_req_t *req);
+SBN_API int sbn_bn_backward_begin(sbn_fused_req_t *req, sbn_comm_t *comm,
+                                  size_t nlayers, sbn_layer_t *const *layers,
+                                  const sbn_backward_args_t *args,
+                                  sbn_rec_t *recs_ws, size_t recs_ws_count);
+SBN_API int sbn_bn_backward_test(sbn_fused_req_t *req, int *done);
+SBN_API int sbn_bn_backward_end(sbn_fused_req_t *req);
 
 #ifdef __cplusplus
 }

@@ -40,7 +40,7 @@ const char *sbn_last_error(void) {
   return sbn__last_msg;
 }
 
-int sbn__set_error(int code, const char *fmt, ...) {
+int sbn_set_error(int code, const char *fmt, ...) {
   va_list ap;
   va_start(ap, fmt);
   vsnprintf(sbn__last_msg, sizeof sbn__last_msg, fmt, ap);
@@ -58,14 +58,14 @@ int sbn__mul_size(size_t a, size_t b, size_t *out) {
 int sbn_desc_numel(const sbn_tensor_desc_t *d, size_t *numel) {
   size_t n = 1;
   if (d == NULL || numel == NULL)
-    return sbn__set_error(SBN_EINVAL, "x_desc: NULL");
+    return sbn_set_error(SBN_EINVAL, "x_desc: NULL");
   if (d->ndim < 1 || d->ndim > SBN_MAX_DIMS)
-    return sbn__set_error(SBN_ESHAPE, "x_desc.ndim: %d is outside [1, %d]",
-                          d->ndim, SBN_MAX_DIMS);
+    return sbn_set_error(SBN_ESHAPE, "x_desc.ndim: %d is outside [1, %d]",
+                         d->ndim, SBN_MAX_DIMS);
   for (int i = 0; i < d->ndim; i++)
     if (sbn__mul_size(n, d->dims[i], &n) != 0)
-      return sbn__set_error(SBN_EOVERFLOW,
-                            "x_desc.dims: the element count overflows size_t");
+      return sbn_set_error(SBN_EOVERFLOW,
+                           "x_desc.dims: the element count overflows size_t");
   *numel = n;
   return 0;
 }

@@ -8,16 +8,6 @@
 
 #include "syncbn.h"
 
-#if defined(__GNUC__)
-#define SBN__PRINTF(a, b) __attribute__((format(printf, a, b)))
-#else
-#define SBN__PRINTF(a, b)
-#endif
-
-/* Records code and a message for sbn_last_error() and returns code, so a
- * failing check reads `return sbn__set_error(SBN_EINVAL, "eps: ...")`. */
-int sbn__set_error(int code, const char *fmt, ...) SBN__PRINTF(2, 3);
-
 /* Overflow-checked size_t arithmetic: 0 on success, SBN_EOVERFLOW if not. */
 int sbn__mul_size(size_t a, size_t b, size_t *out);
 

@@ -32,10 +32,10 @@ int sbn__write_file_atomic(const char *path, const void *const *parts,
   char *dir = NULL, *tmp = NULL;
   int fd = -1, dfd = -1, rc;
   if (path == NULL || path[0] == 0)
-    return sbn__set_error(SBN_EINVAL, "path: NULL or empty");
+    return sbn_set_error(SBN_EINVAL, "path: NULL or empty");
   size_t plen = strlen(path);
   if (path[plen - 1] == '/')
-    return sbn__set_error(SBN_EINVAL, "path: '%s' names a directory", path);
+    return sbn_set_error(SBN_EINVAL, "path: '%s' names a directory", path);
 
   /* The temporary file lives in the target's directory so that rename()
    * replaces the target in one step (a rename across file systems would
@@ -47,7 +47,7 @@ int sbn__write_file_atomic(const char *path, const void *const *parts,
   dir = malloc(dlen + 1);
   tmp = malloc(dlen + sizeof "/.sbntmp-XXXXXX");
   if (dir == NULL || tmp == NULL) {
-    rc = sbn__set_error(SBN_ENOMEM, "%s: out of memory", path);
+    rc = sbn_set_error(SBN_ENOMEM, "%s: out of memory", path);
     goto fail;
   }
   if (slash == NULL) {
@@ -60,37 +60,37 @@ int sbn__write_file_atomic(const char *path, const void *const *parts,
            strcmp(dir, "/") == 0 ? "" : dir);
   fd = mkstemp(tmp);
   if (fd < 0) {
-    rc = sbn__set_error(SBN_EIO, "%s: cannot create a temporary file in %s: %s",
-                        path, dir, strerror(errno));
+    rc = sbn_set_error(SBN_EIO, "%s: cannot create a temporary file in %s: %s",
+                       path, dir, strerror(errno));
     free(tmp);
     tmp = NULL; /* nothing to unlink */
     goto fail;
   }
   /* mkstemp makes the file 0600; the caller says what the file should be. */
   if (fchmod(fd, (mode_t)mode) != 0) {
-    rc = sbn__set_error(SBN_EIO, "%s: chmod failed: %s", path, strerror(errno));
+    rc = sbn_set_error(SBN_EIO, "%s: chmod failed: %s", path, strerror(errno));
     goto fail;
   }
   for (int i = 0; i < nparts; i++) {
     if (lens[i] > 0 && sbn__write_all(fd, parts[i], lens[i]) != 0) {
-      rc = sbn__set_error(SBN_EIO, "%s: write failed: %s", path,
-                          strerror(errno));
+      rc =
+          sbn_set_error(SBN_EIO, "%s: write failed: %s", path, strerror(errno));
       goto fail;
     }
   }
   if (durable && fsync(fd) != 0) {
-    rc = sbn__set_error(SBN_EIO, "%s: fsync failed: %s", path, strerror(errno));
+    rc = sbn_set_error(SBN_EIO, "%s: fsync failed: %s", path, strerror(errno));
     goto fail;
   }
   int crc = close(fd);
   fd = -1;
   if (crc != 0) {
-    rc = sbn__set_error(SBN_EIO, "%s: close failed: %s", path, strerror(errno));
+    rc = sbn_set_error(SBN_EIO, "%s: close failed: %s", path, strerror(errno));
     goto fail;
   }
   if (rename(tmp, path) != 0) {
-    rc = sbn__set_error(SBN_EIO, "%s: cannot rename the temporary file: %s",
-                        path, strerror(errno));
+    rc = sbn_set_error(SBN_EIO, "%s: cannot rename the temporary file: %s",
+                       path, strerror(errno));
     goto fail;
   }
   free(tmp);
@@ -101,8 +101,8 @@ int sbn__write_file_atomic(const char *path, const void *const *parts,
      * to do on those. */
     dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (dfd < 0 || (fsync(dfd) != 0 && errno != EINVAL)) {
-      rc = sbn__set_error(SBN_EIO, "%s: cannot fsync directory %s: %s", path,
-                          dir, strerror(errno));
+      rc = sbn_set_error(SBN_EIO, "%s: cannot fsync directory %s: %s", path,
+                         dir, strerror(errno));
       goto fail;
     }
     close(dfd);

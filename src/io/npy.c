@@ -67,10 +67,10 @@ static void sbn__skip_ws(sbn__cursor_t *c) {
 static int sbn__expect(sbn__cursor_t *c, char ch) {
   sbn__skip_ws(c);
   if (c->p >= c->end || *c->p != ch)
-    return sbn__set_error(SBN_EFORMAT,
-                          "%s: malformed .npy header: expected '%c' at "
-                          "offset %td",
-                          c->path, ch, c->p - c->start);
+    return sbn_set_error(SBN_EFORMAT,
+                         "%s: malformed .npy header: expected '%c' at "
+                         "offset %td",
+                         c->path, ch, c->p - c->start);
   c->p++;
   return 0;
 }
@@ -80,18 +80,18 @@ static int sbn__expect(sbn__cursor_t *c, char ch) {
 static int sbn__parse_str(sbn__cursor_t *c, char *buf, size_t cap) {
   sbn__skip_ws(c);
   if (c->p >= c->end || (*c->p != '\'' && *c->p != '"'))
-    return sbn__set_error(
+    return sbn_set_error(
         SBN_EFORMAT, "%s: malformed .npy header: expected a string", c->path);
   char q = *c->p++;
   size_t n = 0;
   while (c->p < c->end && *c->p != q) {
     if (*c->p == '\\' || n + 1 >= cap)
-      return sbn__set_error(
+      return sbn_set_error(
           SBN_EFORMAT, "%s: malformed .npy header: unexpected string", c->path);
     buf[n++] = *c->p++;
   }
   if (c->p >= c->end)
-    return sbn__set_error(
+    return sbn_set_error(
         SBN_EFORMAT, "%s: malformed .npy header: unterminated string", c->path);
   c->p++;
   buf[n] = '\0';
@@ -112,14 +112,14 @@ static int sbn__parse_descr(sbn__cursor_t *c, sbn__npy_hdr_t *h) {
     return 0;
   }
   if (d[0] == '>' && (strcmp(d + 1, "f4") == 0 || strcmp(d + 1, "f8") == 0))
-    return sbn__set_error(SBN_EFORMAT,
-                          "%s: dtype '%s' is big-endian; only little-endian "
-                          "'<f4' and '<f8' are read",
-                          c->path, d);
-  return sbn__set_error(SBN_EFORMAT,
-                        "%s: dtype '%s' is not float32 ('<f4') or float64 "
-                        "('<f8')",
-                        c->path, d);
+    return sbn_set_error(SBN_EFORMAT,
+                         "%s: dtype '%s' is big-endian; only little-endian "
+                         "'<f4' and '<f8' are read",
+                         c->path, d);
+  return sbn_set_error(SBN_EFORMAT,
+                       "%s: dtype '%s' is not float32 ('<f4') or float64 "
+                       "('<f8')",
+                       c->path, d);
 }
 
 static int sbn__parse_bool(sbn__cursor_t *c, int *out) {
@@ -135,10 +135,10 @@ static int sbn__parse_bool(sbn__cursor_t *c, int *out) {
     *out = 0;
     return 0;
   }
-  return sbn__set_error(SBN_EFORMAT,
-                        "%s: malformed .npy header: fortran_order is not "
-                        "True or False",
-                        c->path);
+  return sbn_set_error(SBN_EFORMAT,
+                       "%s: malformed .npy header: fortran_order is not "
+                       "True or False",
+                       c->path);
 }
 
 static int sbn__parse_shape(sbn__cursor_t *c, sbn__npy_hdr_t *h) {
@@ -153,23 +153,23 @@ static int sbn__parse_shape(sbn__cursor_t *c, sbn__npy_hdr_t *h) {
       return 0;
     }
     if (c->p >= c->end || *c->p < '0' || *c->p > '9')
-      return sbn__set_error(SBN_EFORMAT,
-                            "%s: malformed .npy header: shape is not a "
-                            "tuple of non-negative integers",
-                            c->path);
+      return sbn_set_error(SBN_EFORMAT,
+                           "%s: malformed .npy header: shape is not a "
+                           "tuple of non-negative integers",
+                           c->path);
     size_t v = 0;
     while (c->p < c->end && *c->p >= '0' && *c->p <= '9') {
       size_t digit = (size_t)(*c->p - '0');
       if (v > (SIZE_MAX - digit) / 10)
-        return sbn__set_error(
+        return sbn_set_error(
             SBN_EFORMAT, "%s: shape: a dimension overflows size_t", c->path);
       v = v * 10 + digit;
       c->p++;
     }
     if (h->ndim == SBN_MAX_DIMS)
-      return sbn__set_error(SBN_EFORMAT,
-                            "%s: shape: more than %d dims are not supported",
-                            c->path, SBN_MAX_DIMS);
+      return sbn_set_error(SBN_EFORMAT,
+                           "%s: shape: more than %d dims are not supported",
+                           c->path, SBN_MAX_DIMS);
     h->dims[h->ndim++] = v;
     sbn__skip_ws(c);
     if (c->p < c->end && *c->p == ',') {
@@ -179,15 +179,15 @@ static int sbn__parse_shape(sbn__cursor_t *c, sbn__npy_hdr_t *h) {
     if (c->p < c->end && *c->p == ')') {
       /* A one-element tuple needs its trailing comma in Python. */
       if (h->ndim == 1)
-        return sbn__set_error(SBN_EFORMAT,
-                              "%s: malformed .npy header: shape (%zu) is not "
-                              "a tuple",
-                              c->path, v);
+        return sbn_set_error(SBN_EFORMAT,
+                             "%s: malformed .npy header: shape (%zu) is not "
+                             "a tuple",
+                             c->path, v);
       c->p++;
       return 0;
     }
-    return sbn__set_error(
-        SBN_EFORMAT, "%s: malformed .npy header: bad shape tuple", c->path);
+    return sbn_set_error(SBN_EFORMAT,
+                         "%s: malformed .npy header: bad shape tuple", c->path);
   }
 }
 
@@ -220,16 +220,16 @@ static int sbn__parse_header(const char *path, const char *text, size_t len,
       seen = &h->have_shape;
       rc = sbn__parse_shape(&c, h);
     } else {
-      return sbn__set_error(SBN_EFORMAT,
-                            "%s: malformed .npy header: unknown key '%s'", path,
-                            key);
+      return sbn_set_error(SBN_EFORMAT,
+                           "%s: malformed .npy header: unknown key '%s'", path,
+                           key);
     }
     if (rc != 0)
       return rc;
     if (*seen)
-      return sbn__set_error(SBN_EFORMAT,
-                            "%s: malformed .npy header: key '%s' given twice",
-                            path, key);
+      return sbn_set_error(SBN_EFORMAT,
+                           "%s: malformed .npy header: key '%s' given twice",
+                           path, key);
     *seen = 1;
     sbn__skip_ws(&c);
     if (c.p < c.end && *c.p == ',') {
@@ -244,19 +244,19 @@ static int sbn__parse_header(const char *path, const char *text, size_t len,
   /* NumPy pads with spaces and ends with a newline; nothing else may
    * follow the dict. */
   if (c.p != c.end)
-    return sbn__set_error(
+    return sbn_set_error(
         SBN_EFORMAT, "%s: malformed .npy header: text after the dict", path);
   if (!h->have_descr || !h->have_fortran || !h->have_shape)
-    return sbn__set_error(SBN_EFORMAT, "%s: malformed .npy header: no '%s'",
-                          path,
-                          !h->have_descr     ? "descr"
-                          : !h->have_fortran ? "fortran_order"
-                                             : "shape");
+    return sbn_set_error(SBN_EFORMAT, "%s: malformed .npy header: no '%s'",
+                         path,
+                         !h->have_descr     ? "descr"
+                         : !h->have_fortran ? "fortran_order"
+                                            : "shape");
   if (h->fortran)
-    return sbn__set_error(SBN_EFORMAT,
-                          "%s: Fortran-order arrays are not supported "
-                          "(save a C-order array)",
-                          path);
+    return sbn_set_error(SBN_EFORMAT,
+                         "%s: Fortran-order arrays are not supported "
+                         "(save a C-order array)",
+                         path);
   return 0;
 }
 
@@ -279,64 +279,64 @@ int sbn_npy_read(const char *path, sbn_npy_t *out) {
   int rc;
 
   if (out == NULL)
-    return sbn__set_error(SBN_EINVAL, "out: NULL");
+    return sbn_set_error(SBN_EINVAL, "out: NULL");
   memset(out, 0, sizeof *out);
   if (path == NULL)
-    return sbn__set_error(SBN_EINVAL, "path: NULL");
+    return sbn_set_error(SBN_EINVAL, "path: NULL");
   f = fopen(path, "rb");
   if (f == NULL) {
-    rc = sbn__set_error(SBN_EIO, "%s: %s", path, strerror(errno));
+    rc = sbn_set_error(SBN_EIO, "%s: %s", path, strerror(errno));
     goto fail;
   }
   if (fstat(fileno(f), &st) != 0) {
-    rc = sbn__set_error(SBN_EIO, "%s: %s", path, strerror(errno));
+    rc = sbn_set_error(SBN_EIO, "%s: %s", path, strerror(errno));
     goto fail;
   }
   /* The size check below is what keeps a lying header from sizing an
    * allocation, and it needs a size. */
   if (!S_ISREG(st.st_mode)) {
-    rc = sbn__set_error(SBN_EIO, "%s: not a regular file", path);
+    rc = sbn_set_error(SBN_EIO, "%s: not a regular file", path);
     goto fail;
   }
   if (sbn__read_full(f, pre, 8) != 0 ||
       memcmp(pre, sbn__npy_magic, sizeof sbn__npy_magic) != 0) {
-    rc = sbn__set_error(SBN_EFORMAT, "%s: not a .npy file (bad magic)", path);
+    rc = sbn_set_error(SBN_EFORMAT, "%s: not a .npy file (bad magic)", path);
     goto fail;
   }
   if (pre[6] == 1) {
     if (sbn__read_full(f, pre + 8, 2) != 0) {
-      rc = sbn__set_error(SBN_EFORMAT, "%s: truncated .npy header", path);
+      rc = sbn_set_error(SBN_EFORMAT, "%s: truncated .npy header", path);
       goto fail;
     }
     hlen = (size_t)pre[8] | (size_t)pre[9] << 8;
     pre_len = 10;
   } else if (pre[6] == 2 || pre[6] == 3) {
     if (sbn__read_full(f, pre + 8, 4) != 0) {
-      rc = sbn__set_error(SBN_EFORMAT, "%s: truncated .npy header", path);
+      rc = sbn_set_error(SBN_EFORMAT, "%s: truncated .npy header", path);
       goto fail;
     }
     hlen = (size_t)pre[8] | (size_t)pre[9] << 8 | (size_t)pre[10] << 16 |
            (size_t)pre[11] << 24;
     pre_len = 12;
   } else {
-    rc = sbn__set_error(SBN_EFORMAT, "%s: unsupported .npy version %u.%u", path,
-                        pre[6], pre[7]);
+    rc = sbn_set_error(SBN_EFORMAT, "%s: unsupported .npy version %u.%u", path,
+                       pre[6], pre[7]);
     goto fail;
   }
   if (hlen > SBN__NPY_MAX_HEADER) {
-    rc = sbn__set_error(SBN_EFORMAT,
-                        "%s: .npy header of %zu bytes exceeds the %u byte "
-                        "limit",
-                        path, hlen, SBN__NPY_MAX_HEADER);
+    rc = sbn_set_error(SBN_EFORMAT,
+                       "%s: .npy header of %zu bytes exceeds the %u byte "
+                       "limit",
+                       path, hlen, SBN__NPY_MAX_HEADER);
     goto fail;
   }
   hdr = malloc(hlen + 1);
   if (hdr == NULL) {
-    rc = sbn__set_error(SBN_ENOMEM, "%s: out of memory", path);
+    rc = sbn_set_error(SBN_ENOMEM, "%s: out of memory", path);
     goto fail;
   }
   if (sbn__read_full(f, hdr, hlen) != 0) {
-    rc = sbn__set_error(SBN_EFORMAT, "%s: truncated .npy header", path);
+    rc = sbn_set_error(SBN_EFORMAT, "%s: truncated .npy header", path);
     goto fail;
   }
   hdr[hlen] = '\0';
@@ -344,34 +344,34 @@ int sbn_npy_read(const char *path, sbn_npy_t *out) {
     goto fail;
   for (int i = 0; i < h.ndim; i++) {
     if (sbn__mul_size(numel, h.dims[i], &numel) != 0) {
-      rc = sbn__set_error(SBN_EFORMAT, "%s: shape: the size overflows size_t",
-                          path);
+      rc = sbn_set_error(SBN_EFORMAT, "%s: shape: the size overflows size_t",
+                         path);
       goto fail;
     }
   }
   if (sbn__mul_size(numel, h.itemsize, &bytes) != 0) {
-    rc = sbn__set_error(SBN_EFORMAT, "%s: shape: the size overflows size_t",
-                        path);
+    rc = sbn_set_error(SBN_EFORMAT, "%s: shape: the size overflows size_t",
+                       path);
     goto fail;
   }
   /* st_size is compared in uintmax_t so that neither side is truncated. */
   uintmax_t have = (uintmax_t)st.st_size, start = pre_len + hlen;
   if (have < start || have - start != (uintmax_t)bytes) {
-    rc = sbn__set_error(SBN_EFORMAT,
-                        "%s: the header declares %zu data bytes but the file "
-                        "holds %ju",
-                        path, bytes, have < start ? 0 : have - start);
+    rc = sbn_set_error(SBN_EFORMAT,
+                       "%s: the header declares %zu data bytes but the file "
+                       "holds %ju",
+                       path, bytes, have < start ? 0 : have - start);
     goto fail;
   }
   data = malloc((numel > 0 ? numel : 1) * sizeof(float));
   if (data == NULL) {
-    rc = sbn__set_error(SBN_ENOMEM, "%s: out of memory for %zu floats", path,
-                        numel);
+    rc = sbn_set_error(SBN_ENOMEM, "%s: out of memory for %zu floats", path,
+                       numel);
     goto fail;
   }
   if (h.itemsize == 4) {
     if (sbn__read_full(f, data, bytes) != 0) {
-      rc = sbn__set_error(SBN_EIO, "%s: short read", path);
+      rc = sbn_set_error(SBN_EIO, "%s: short read", path);
       goto fail;
     }
     if (sbn__host_big_endian())
@@ -382,14 +382,14 @@ int sbn_npy_read(const char *path, sbn_npy_t *out) {
     enum { CHUNK = 4096 };
     chunk = malloc(CHUNK * sizeof(double));
     if (chunk == NULL) {
-      rc = sbn__set_error(SBN_ENOMEM, "%s: out of memory", path);
+      rc = sbn_set_error(SBN_ENOMEM, "%s: out of memory", path);
       goto fail;
     }
     for (size_t i = 0; i < numel; i += CHUNK) {
       size_t n = numel - i < CHUNK ? numel - i : CHUNK;
       double *d = chunk;
       if (sbn__read_full(f, d, n * sizeof(double)) != 0) {
-        rc = sbn__set_error(SBN_EIO, "%s: short read", path);
+        rc = sbn_set_error(SBN_EIO, "%s: short read", path);
         goto fail;
       }
       if (sbn__host_big_endian())
@@ -431,20 +431,20 @@ int sbn_npy_write(const char *path, const float *data, int ndim,
   int rc, n;
 
   if (path == NULL)
-    return sbn__set_error(SBN_EINVAL, "path: NULL");
+    return sbn_set_error(SBN_EINVAL, "path: NULL");
   if (ndim < 0 || ndim > SBN_MAX_DIMS)
-    return sbn__set_error(SBN_EINVAL, "%s: ndim %d is outside [0, %d]", path,
-                          ndim, SBN_MAX_DIMS);
+    return sbn_set_error(SBN_EINVAL, "%s: ndim %d is outside [0, %d]", path,
+                         ndim, SBN_MAX_DIMS);
   if (ndim > 0 && dims == NULL)
-    return sbn__set_error(SBN_EINVAL, "%s: dims: NULL", path);
+    return sbn_set_error(SBN_EINVAL, "%s: dims: NULL", path);
   for (int i = 0; i < ndim; i++)
     if (sbn__mul_size(numel, dims[i], &numel) != 0)
-      return sbn__set_error(SBN_EOVERFLOW, "%s: the size overflows size_t",
-                            path);
+      return sbn_set_error(SBN_EOVERFLOW, "%s: the size overflows size_t",
+                           path);
   if (sbn__mul_size(numel, sizeof(float), &bytes) != 0)
-    return sbn__set_error(SBN_EOVERFLOW, "%s: the size overflows size_t", path);
+    return sbn_set_error(SBN_EOVERFLOW, "%s: the size overflows size_t", path);
   if (numel > 0 && data == NULL)
-    return sbn__set_error(SBN_EINVAL, "%s: data: NULL", path);
+    return sbn_set_error(SBN_EINVAL, "%s: data: NULL", path);
 
   /* The dict, padded with spaces so that the data starts at a multiple of
    * 64 bytes (NumPy's alignment), and ended with a newline. */
@@ -458,7 +458,7 @@ int sbn_npy_write(const char *path, const float *data, int ndim,
   size_t total = 10 + (size_t)n + 1;
   total = (total + 63) / 64 * 64;
   if (total > sizeof hdr)
-    return sbn__set_error(SBN_EINVAL, "%s: header too long", path);
+    return sbn_set_error(SBN_EINVAL, "%s: header too long", path);
   memset(hdr + 10 + n, ' ', total - 10 - (size_t)n);
   hdr[total - 1] = '\n';
   memcpy(hdr, sbn__npy_magic, sizeof sbn__npy_magic);
@@ -471,7 +471,7 @@ int sbn_npy_write(const char *path, const float *data, int ndim,
   if (sbn__host_big_endian() && numel > 0) {
     swapped = malloc(bytes);
     if (swapped == NULL) {
-      rc = sbn__set_error(SBN_ENOMEM, "%s: out of memory", path);
+      rc = sbn_set_error(SBN_ENOMEM, "%s: out of memory", path);
       goto fail;
     }
     memcpy(swapped, data, bytes);

@@ -222,7 +222,7 @@ static const char *sbn__file_name_problem(const char *name) {
 int sbn_ckpt_name_check(const char *name) {
   const char *why = sbn__file_name_problem(name);
   if (why != NULL)
-    return sbn__set_error(SBN_EINVAL, "checkpoint name: %s", why);
+    return sbn_set_error(SBN_EINVAL, "checkpoint name: %s", why);
   return 0;
 }
 
@@ -239,23 +239,23 @@ int sbn_ckpt_lengths(const sbn_layer_params_t *params, size_t *affine_len,
   size_t a = 0, s = 0;
   int rc;
   if (params == NULL || affine_len == NULL || stats_len == NULL)
-    return sbn__set_error(SBN_EINVAL, "params: NULL");
+    return sbn_set_error(SBN_EINVAL, "params: NULL");
   /* Creating a layer applies exactly the rules sbn_layer_create() applies,
    * so a checkpoint can never hold a layer that cannot be made. */
   if ((rc = sbn_layer_create(params, NULL, &l)) != 0)
     return rc;
   sbn_layer_destroy(l);
   if (params->norm_ndim < 0 || params->norm_ndim > SBN_MAX_DIMS)
-    return sbn__set_error(SBN_EINVAL, "norm_ndim: %d is outside [0, %d]",
-                          params->norm_ndim, SBN_MAX_DIMS);
+    return sbn_set_error(SBN_EINVAL, "norm_ndim: %d is outside [0, %d]",
+                         params->norm_ndim, SBN_MAX_DIMS);
   switch (params->op) {
     case SBN_OP_BATCHNORM:
     case SBN_OP_INSTANCENORM:
     case SBN_OP_GROUPNORM:
       if (params->channels > SBN_CKPT_MAX_ELEMS)
-        return sbn__set_error(SBN_ELIMIT,
-                              "channels: %zu exceeds the checkpoint cap of %u",
-                              params->channels, SBN_CKPT_MAX_ELEMS);
+        return sbn_set_error(SBN_ELIMIT,
+                             "channels: %zu exceeds the checkpoint cap of %u",
+                             params->channels, SBN_CKPT_MAX_ELEMS);
       if (params->affine)
         a = params->channels;
       if (params->op != SBN_OP_GROUPNORM && params->track_running_stats)
@@ -267,10 +267,10 @@ int sbn_ckpt_lengths(const sbn_layer_params_t *params, size_t *affine_len,
       for (int i = 0; i < params->norm_ndim; i++)
         d *= params->norm_shape[i];
       if (d > SBN_CKPT_MAX_ELEMS)
-        return sbn__set_error(SBN_ELIMIT,
-                              "norm_shape: %zu elements exceed the checkpoint "
-                              "cap of %u",
-                              d, SBN_CKPT_MAX_ELEMS);
+        return sbn_set_error(SBN_ELIMIT,
+                             "norm_shape: %zu elements exceed the checkpoint "
+                             "cap of %u",
+                             d, SBN_CKPT_MAX_ELEMS);
       if (params->affine)
         a = d;
       break;
@@ -342,10 +342,10 @@ static sbn_ckpt_layer_t *sbn__layer_alloc(size_t name_len, size_t affine_len,
 
 int sbn_ckpt_new(sbn_ckpt_t **out) {
   if (out == NULL)
-    return sbn__set_error(SBN_EINVAL, "out: NULL");
+    return sbn_set_error(SBN_EINVAL, "out: NULL");
   *out = calloc(1, sizeof **out);
   if (*out == NULL)
-    return sbn__set_error(SBN_ENOMEM, "checkpoint: out of memory");
+    return sbn_set_error(SBN_ENOMEM, "checkpoint: out of memory");
   return 0;
 }
 
@@ -403,7 +403,7 @@ static int sbn__ckpt_reserve(sbn_ckpt_t *ck) {
   size_t cap = ck->cap ? 2 * ck->cap : 8;
   sbn_ckpt_layer_t **a = realloc(ck->layers, cap * sizeof *a);
   if (a == NULL)
-    return sbn__set_error(SBN_ENOMEM, "checkpoint: out of memory");
+    return sbn_set_error(SBN_ENOMEM, "checkpoint: out of memory");
   ck->layers = a;
   ck->cap = cap;
   return 0;
@@ -422,60 +422,60 @@ int sbn_ckpt_add(sbn_ckpt_t *ck, const sbn_ckpt_layer_t *in) {
   const char *why;
   int rc;
   if (ck == NULL)
-    return sbn__set_error(SBN_EINVAL, "ck: NULL");
+    return sbn_set_error(SBN_EINVAL, "ck: NULL");
   if (in == NULL)
-    return sbn__set_error(SBN_EINVAL, "layer: NULL");
+    return sbn_set_error(SBN_EINVAL, "layer: NULL");
   if (in->name == NULL)
-    return sbn__set_error(SBN_EINVAL, "layer.name: NULL");
+    return sbn_set_error(SBN_EINVAL, "layer.name: NULL");
   nlen = strnlen(in->name, SBN_CKPT_MAX_NAME + 1);
   if ((why = sbn__layer_name_problem((const unsigned char *)in->name, nlen)))
-    return sbn__set_error(SBN_EINVAL, "layer.name: '%.64s' %s", in->name, why);
+    return sbn_set_error(SBN_EINVAL, "layer.name: '%.64s' %s", in->name, why);
   if (sbn_ckpt_find(ck, in->name) != NULL)
-    return sbn__set_error(SBN_EINVAL, "layer.name: '%s' is already present",
-                          in->name);
+    return sbn_set_error(SBN_EINVAL, "layer.name: '%s' is already present",
+                         in->name);
   if (ck->count >= SBN_CKPT_MAX_LAYERS)
-    return sbn__set_error(SBN_ELIMIT, "checkpoint: more than %u layers",
-                          SBN_CKPT_MAX_LAYERS);
+    return sbn_set_error(SBN_ELIMIT, "checkpoint: more than %u layers",
+                         SBN_CKPT_MAX_LAYERS);
   if ((rc = sbn_ckpt_lengths(&in->params, &alen, &slen)) != 0)
     return rc;
   if (in->affine_len != alen)
-    return sbn__set_error(SBN_ESHAPE,
-                          "layer.affine_len: %zu, but the parameters of '%s' "
-                          "need %zu",
-                          in->affine_len, in->name, alen);
+    return sbn_set_error(SBN_ESHAPE,
+                         "layer.affine_len: %zu, but the parameters of '%s' "
+                         "need %zu",
+                         in->affine_len, in->name, alen);
   if (in->stats_len != slen)
-    return sbn__set_error(SBN_ESHAPE,
-                          "layer.stats_len: %zu, but the parameters of '%s' "
-                          "need %zu",
-                          in->stats_len, in->name, slen);
+    return sbn_set_error(SBN_ESHAPE,
+                         "layer.stats_len: %zu, but the parameters of '%s' "
+                         "need %zu",
+                         in->stats_len, in->name, slen);
   if (alen > 0 && (in->weight == NULL || in->bias == NULL))
-    return sbn__set_error(SBN_EINVAL, "layer.weight: NULL for affine '%s'",
-                          in->name);
+    return sbn_set_error(SBN_EINVAL, "layer.weight: NULL for affine '%s'",
+                         in->name);
   if (in->num_groups > SBN_CKPT_MAX_GROUPS)
-    return sbn__set_error(SBN_ELIMIT, "layer.num_groups: %zu exceeds %u",
-                          in->num_groups, SBN_CKPT_MAX_GROUPS);
+    return sbn_set_error(SBN_ELIMIT, "layer.num_groups: %zu exceeds %u",
+                         in->num_groups, SBN_CKPT_MAX_GROUPS);
   if (in->num_groups > 0 && slen == 0)
-    return sbn__set_error(SBN_EINVAL,
-                          "layer.num_groups: '%s' keeps no running "
-                          "statistics, so it has no groups",
-                          in->name);
+    return sbn_set_error(SBN_EINVAL,
+                         "layer.num_groups: '%s' keeps no running "
+                         "statistics, so it has no groups",
+                         in->name);
   if (in->num_groups > 0 && in->groups == NULL)
-    return sbn__set_error(SBN_EINVAL, "layer.groups: NULL");
+    return sbn_set_error(SBN_EINVAL, "layer.groups: NULL");
   for (size_t g = 0; g < in->num_groups; g++) {
     const sbn_ckpt_group_t *gr = &in->groups[g];
     if (g > 0 && gr->index <= in->groups[g - 1].index)
-      return sbn__set_error(SBN_EINVAL,
-                            "layer.groups[%zu].index: %u does not follow %u "
-                            "(indices must increase)",
-                            g, gr->index, in->groups[g - 1].index);
+      return sbn_set_error(SBN_EINVAL,
+                           "layer.groups[%zu].index: %u does not follow %u "
+                           "(indices must increase)",
+                           g, gr->index, in->groups[g - 1].index);
     if (gr->state.running_mean == NULL || gr->state.running_var == NULL)
-      return sbn__set_error(
+      return sbn_set_error(
           SBN_EINVAL, "layer.groups[%zu].state: NULL running statistics", g);
     if (gr->state.num_batches_tracked < 0)
-      return sbn__set_error(SBN_EINVAL,
-                            "layer.groups[%zu].state.num_batches_tracked: "
-                            "%lld is negative",
-                            g, (long long)gr->state.num_batches_tracked);
+      return sbn_set_error(SBN_EINVAL,
+                           "layer.groups[%zu].state.num_batches_tracked: "
+                           "%lld is negative",
+                           g, (long long)gr->state.num_batches_tracked);
   }
   if ((rc = sbn__ckpt_reserve(ck)) != 0)
     return rc;
@@ -486,7 +486,7 @@ int sbn_ckpt_add(sbn_ckpt_t *ck, const sbn_ckpt_layer_t *in) {
   sbn_ckpt_layer_t *l = sbn__layer_alloc(nlen, alen, slen, in->num_groups,
                                          &name, &w, &b, &groups);
   if (l == NULL)
-    return sbn__set_error(SBN_ENOMEM, "checkpoint: out of memory");
+    return sbn_set_error(SBN_ENOMEM, "checkpoint: out of memory");
   memcpy(name, in->name, nlen + 1);
   l->params = in->params;
   sbn__canon_params(&l->params);
@@ -518,11 +518,11 @@ static size_t sbn__layer_bytes(const sbn_ckpt_layer_t *l) {
 
 int sbn_ckpt_encode(const sbn_ckpt_t *ck, void **buf, size_t *len) {
   if (buf == NULL || len == NULL)
-    return sbn__set_error(SBN_EINVAL, "buf: NULL");
+    return sbn_set_error(SBN_EINVAL, "buf: NULL");
   *buf = NULL;
   *len = 0;
   if (ck == NULL)
-    return sbn__set_error(SBN_EINVAL, "ck: NULL");
+    return sbn_set_error(SBN_EINVAL, "ck: NULL");
   /* Every layer is capped at add time (at most 2^26 floats per array and
    * 2^16 groups), so each record is below 2^46 bytes; summing at most 2^16
    * of them stays far below SIZE_MAX on 64-bit hosts. The checks keep
@@ -531,20 +531,20 @@ int sbn_ckpt_encode(const sbn_ckpt_t *ck, void **buf, size_t *len) {
   for (size_t i = 0; i < ck->count; i++) {
     size_t b = sbn__layer_bytes(ck->layers[i]);
     if (b > SIZE_MAX - total)
-      return sbn__set_error(SBN_EOVERFLOW,
-                            "checkpoint: the encoding overflows size_t");
+      return sbn_set_error(SBN_EOVERFLOW,
+                           "checkpoint: the encoding overflows size_t");
     total += b;
   }
   /* What is written must be loadable: sbn_ckpt_load() refuses files above
    * the cap. */
   if (total > SBN_CKPT_MAX_FILE)
-    return sbn__set_error(SBN_ELIMIT,
-                          "checkpoint: %zu bytes exceed the cap of %zu", total,
-                          SBN_CKPT_MAX_FILE);
+    return sbn_set_error(SBN_ELIMIT,
+                         "checkpoint: %zu bytes exceed the cap of %zu", total,
+                         SBN_CKPT_MAX_FILE);
   unsigned char *out = malloc(total);
   if (out == NULL)
-    return sbn__set_error(SBN_ENOMEM, "checkpoint: out of memory for %zu bytes",
-                          total);
+    return sbn_set_error(SBN_ENOMEM, "checkpoint: out of memory for %zu bytes",
+                         total);
   unsigned char *p = out;
   memcpy(p, sbn__ckpt_magic, 8);
   sbn__put_u32(p + 8, SBN_CKPT_VERSION);
@@ -622,10 +622,10 @@ static const unsigned char *sbn__take(sbn__rd_t *r, size_t n) {
 }
 
 static int sbn__short(const sbn__rd_t *r, size_t layer, const char *what) {
-  return sbn__set_error(SBN_EFORMAT,
-                        "checkpoint: layer %zu: %s runs past the end of the "
-                        "layer records (offset %zu of %zu)",
-                        layer, what, r->off, r->end);
+  return sbn_set_error(SBN_EFORMAT,
+                       "checkpoint: layer %zu: %s runs past the end of the "
+                       "layer records (offset %zu of %zu)",
+                       layer, what, r->off, r->end);
 }
 
 /* Parses one layer record. With build == NULL it only validates; otherwise
@@ -642,17 +642,17 @@ static int sbn__parse_layer(sbn__rd_t *r, size_t li, sbn_ckpt_layer_t **build) {
     return sbn__short(r, li, "the name length");
   uint32_t nlen = sbn__get_u32(p);
   if (nlen == 0 || nlen > SBN_CKPT_MAX_NAME)
-    return sbn__set_error(SBN_EFORMAT,
-                          "checkpoint: layer %zu: name length %u is outside "
-                          "[1, %u]",
-                          li, nlen, SBN_CKPT_MAX_NAME);
+    return sbn_set_error(SBN_EFORMAT,
+                         "checkpoint: layer %zu: name length %u is outside "
+                         "[1, %u]",
+                         li, nlen, SBN_CKPT_MAX_NAME);
   const unsigned char *name = sbn__take(r, nlen);
   if (name == NULL)
     return sbn__short(r, li, "the name");
   const char *why = sbn__layer_name_problem(name, nlen);
   if (why != NULL)
-    return sbn__set_error(SBN_EFORMAT, "checkpoint: layer %zu: the name %s", li,
-                          why);
+    return sbn_set_error(SBN_EFORMAT, "checkpoint: layer %zu: the name %s", li,
+                         why);
   /* Names are valid UTF-8 without control characters from here on, so
    * messages may quote them. */
   int nq = (int)nlen;
@@ -663,31 +663,31 @@ static int sbn__parse_layer(sbn__rd_t *r, size_t li, sbn_ckpt_layer_t **build) {
   memset(&pr, 0, sizeof pr);
   uint32_t op = sbn__get_u32(p);
   if (op > (uint32_t)SBN_OP_DROPOUT)
-    return sbn__set_error(
-        SBN_EFORMAT, "checkpoint: layer '%.*s': unknown op %u", nq, nm, op);
+    return sbn_set_error(SBN_EFORMAT, "checkpoint: layer '%.*s': unknown op %u",
+                         nq, nm, op);
   pr.op = (sbn_op_t)op;
   uint64_t ch = sbn__get_u64(p + 4), gr = sbn__get_u64(p + 12);
   uint32_t nd = sbn__get_u32(p + 20);
   if (ch > SIZE_MAX || gr > SIZE_MAX)
-    return sbn__set_error(SBN_ELIMIT,
-                          "checkpoint: layer '%.*s': channels or groups do not "
-                          "fit size_t",
-                          nq, nm);
+    return sbn_set_error(SBN_ELIMIT,
+                         "checkpoint: layer '%.*s': channels or groups do not "
+                         "fit size_t",
+                         nq, nm);
   pr.channels = (size_t)ch;
   pr.groups = (size_t)gr;
   if (nd > SBN_MAX_DIMS)
-    return sbn__set_error(SBN_EFORMAT,
-                          "checkpoint: layer '%.*s': norm_ndim %u is outside "
-                          "[0, %d]",
-                          nq, nm, nd, SBN_MAX_DIMS);
+    return sbn_set_error(SBN_EFORMAT,
+                         "checkpoint: layer '%.*s': norm_ndim %u is outside "
+                         "[0, %d]",
+                         nq, nm, nd, SBN_MAX_DIMS);
   pr.norm_ndim = (int)nd;
   for (int d = 0; d < SBN_MAX_DIMS; d++) {
     uint64_t v = sbn__get_u64(p + 24 + 8 * d);
     if (v > SIZE_MAX)
-      return sbn__set_error(SBN_ELIMIT,
-                            "checkpoint: layer '%.*s': norm_shape[%d] does "
-                            "not fit size_t",
-                            nq, nm, d);
+      return sbn_set_error(SBN_ELIMIT,
+                           "checkpoint: layer '%.*s': norm_shape[%d] does "
+                           "not fit size_t",
+                           nq, nm, d);
     pr.norm_shape[d] = (size_t)v;
   }
   pr.eps = sbn__get_f64(p + 88);
@@ -698,9 +698,9 @@ static int sbn__parse_layer(sbn__rd_t *r, size_t li, sbn_ckpt_layer_t **build) {
                                             "track_running_stats"};
   for (int k = 0; k < 3; k++)
     if (flags[k] > 1)
-      return sbn__set_error(SBN_EFORMAT,
-                            "checkpoint: layer '%.*s': %s is %u, not 0 or 1",
-                            nq, nm, flag_names[k], flags[k]);
+      return sbn_set_error(SBN_EFORMAT,
+                           "checkpoint: layer '%.*s': %s is %u, not 0 or 1", nq,
+                           nm, flag_names[k], flags[k]);
   pr.cumulative = (int)flags[0];
   pr.affine = (int)flags[1];
   pr.track_running_stats = (int)flags[2];
@@ -714,37 +714,37 @@ static int sbn__parse_layer(sbn__rd_t *r, size_t li, sbn_ckpt_layer_t **build) {
   if ((rc = sbn_ckpt_lengths(&pr, &alen, &slen)) != 0) {
     char msg[256];
     snprintf(msg, sizeof msg, "%s", sbn_last_error());
-    return sbn__set_error(rc == SBN_ELIMIT ? SBN_ELIMIT : SBN_EFORMAT,
-                          "checkpoint: layer '%.*s': invalid parameters: %s",
-                          nq, nm, msg);
+    return sbn_set_error(rc == SBN_ELIMIT ? SBN_ELIMIT : SBN_EFORMAT,
+                         "checkpoint: layer '%.*s': invalid parameters: %s", nq,
+                         nm, msg);
   }
   if (alen64 != alen || slen64 != slen)
-    return sbn__set_error(SBN_EFORMAT,
-                          "checkpoint: layer '%.*s': array lengths (affine "
-                          "%llu, stats %llu) differ from what its parameters "
-                          "imply (%zu, %zu)",
-                          nq, nm, (unsigned long long)alen64,
-                          (unsigned long long)slen64, alen, slen);
+    return sbn_set_error(SBN_EFORMAT,
+                         "checkpoint: layer '%.*s': array lengths (affine "
+                         "%llu, stats %llu) differ from what its parameters "
+                         "imply (%zu, %zu)",
+                         nq, nm, (unsigned long long)alen64,
+                         (unsigned long long)slen64, alen, slen);
   if (ngroups > SBN_CKPT_MAX_GROUPS)
-    return sbn__set_error(SBN_ELIMIT,
-                          "checkpoint: layer '%.*s': %u groups exceed the cap "
-                          "of %u",
-                          nq, nm, ngroups, SBN_CKPT_MAX_GROUPS);
+    return sbn_set_error(SBN_ELIMIT,
+                         "checkpoint: layer '%.*s': %u groups exceed the cap "
+                         "of %u",
+                         nq, nm, ngroups, SBN_CKPT_MAX_GROUPS);
   if (ngroups > 0 && slen == 0)
-    return sbn__set_error(SBN_EFORMAT,
-                          "checkpoint: layer '%.*s': %u groups, but the layer "
-                          "keeps no running statistics",
-                          nq, nm, ngroups);
+    return sbn_set_error(SBN_EFORMAT,
+                         "checkpoint: layer '%.*s': %u groups, but the layer "
+                         "keeps no running statistics",
+                         nq, nm, ngroups);
   /* Check the declared sizes against the remaining bytes before touching
    * (or allocating for) any array. The factors are capped, so the
    * products fit in 64 bits. */
   uint64_t need = 8 * (uint64_t)alen +
                   (uint64_t)ngroups * (SBN__GROUP_FIXED + 8 * (uint64_t)slen);
   if (need > r->end - r->off)
-    return sbn__set_error(SBN_EFORMAT,
-                          "checkpoint: layer '%.*s': its arrays need %llu "
-                          "bytes but only %zu remain",
-                          nq, nm, (unsigned long long)need, r->end - r->off);
+    return sbn_set_error(SBN_EFORMAT,
+                         "checkpoint: layer '%.*s': its arrays need %llu "
+                         "bytes but only %zu remain",
+                         nq, nm, (unsigned long long)need, r->end - r->off);
 
   char *dname = NULL;
   float *w = NULL, *b = NULL;
@@ -753,7 +753,7 @@ static int sbn__parse_layer(sbn__rd_t *r, size_t li, sbn_ckpt_layer_t **build) {
   if (build != NULL) {
     l = sbn__layer_alloc(nlen, alen, slen, ngroups, &dname, &w, &b, &groups);
     if (l == NULL)
-      return sbn__set_error(SBN_ENOMEM, "checkpoint: out of memory");
+      return sbn_set_error(SBN_ENOMEM, "checkpoint: out of memory");
     memcpy(dname, name, nlen);
     dname[nlen] = 0;
     l->params = pr;
@@ -772,24 +772,24 @@ static int sbn__parse_layer(sbn__rd_t *r, size_t li, sbn_ckpt_layer_t **build) {
     uint32_t reserved = sbn__get_u32(p + 4);
     int64_t nbt = (int64_t)sbn__get_u64(p + 8);
     if (g > 0 && index <= prev) {
-      rc = sbn__set_error(SBN_EFORMAT,
-                          "checkpoint: layer '%.*s': group index %u follows "
-                          "%u (indices must increase)",
-                          nq, nm, index, prev);
+      rc = sbn_set_error(SBN_EFORMAT,
+                         "checkpoint: layer '%.*s': group index %u follows "
+                         "%u (indices must increase)",
+                         nq, nm, index, prev);
       goto fail;
     }
     if (reserved != 0) {
-      rc = sbn__set_error(SBN_EFORMAT,
-                          "checkpoint: layer '%.*s': group %u: reserved field "
-                          "is %u, not 0",
-                          nq, nm, index, reserved);
+      rc = sbn_set_error(SBN_EFORMAT,
+                         "checkpoint: layer '%.*s': group %u: reserved field "
+                         "is %u, not 0",
+                         nq, nm, index, reserved);
       goto fail;
     }
     if (nbt < 0) {
-      rc = sbn__set_error(SBN_EFORMAT,
-                          "checkpoint: layer '%.*s': group %u: "
-                          "num_batches_tracked %lld is negative",
-                          nq, nm, index, (long long)nbt);
+      rc = sbn_set_error(SBN_EFORMAT,
+                         "checkpoint: layer '%.*s': group %u: "
+                         "num_batches_tracked %lld is negative",
+                         nq, nm, index, (long long)nbt);
       goto fail;
     }
     prev = index;
@@ -836,7 +836,7 @@ static int sbn__check_duplicates(const unsigned char *buf, size_t end,
     return 0;
   spans = malloc(count * sizeof *spans);
   if (spans == NULL)
-    return sbn__set_error(SBN_ENOMEM, "checkpoint: out of memory");
+    return sbn_set_error(SBN_ENOMEM, "checkpoint: out of memory");
   for (uint32_t i = 0; i < count; i++) {
     /* The validating pass has accepted this buffer, so the walk over the
      * records cannot fail. */
@@ -849,9 +849,9 @@ static int sbn__check_duplicates(const unsigned char *buf, size_t end,
   qsort(spans, count, sizeof *spans, sbn__span_cmp);
   for (uint32_t i = 1; i < count; i++) {
     if (sbn__span_cmp(&spans[i - 1], &spans[i]) == 0) {
-      rc = sbn__set_error(SBN_EFORMAT,
-                          "checkpoint: layer name '%.*s' appears twice",
-                          (int)spans[i].n, (const char *)spans[i].p);
+      rc = sbn_set_error(SBN_EFORMAT,
+                         "checkpoint: layer name '%.*s' appears twice",
+                         (int)spans[i].n, (const char *)spans[i].p);
       break;
     }
   }
@@ -864,53 +864,53 @@ int sbn_ckpt_decode(const void *buf, size_t len, sbn_ckpt_t **out) {
   sbn_ckpt_t *ck = NULL;
   int rc;
   if (out == NULL)
-    return sbn__set_error(SBN_EINVAL, "out: NULL");
+    return sbn_set_error(SBN_EINVAL, "out: NULL");
   *out = NULL;
   if (buf == NULL && len > 0)
-    return sbn__set_error(SBN_EINVAL, "buf: NULL");
+    return sbn_set_error(SBN_EINVAL, "buf: NULL");
   if (len < SBN_CKPT_HEADER_BYTES + SBN__TRAILER)
-    return sbn__set_error(SBN_EFORMAT,
-                          "checkpoint: truncated: %zu bytes, shorter than the "
-                          "%u-byte header and trailer",
-                          len, SBN_CKPT_HEADER_BYTES + SBN__TRAILER);
+    return sbn_set_error(SBN_EFORMAT,
+                         "checkpoint: truncated: %zu bytes, shorter than the "
+                         "%u-byte header and trailer",
+                         len, SBN_CKPT_HEADER_BYTES + SBN__TRAILER);
   if (len > SBN_CKPT_MAX_FILE)
-    return sbn__set_error(SBN_ELIMIT,
-                          "checkpoint: %zu bytes exceed the cap of %zu", len,
-                          SBN_CKPT_MAX_FILE);
+    return sbn_set_error(SBN_ELIMIT,
+                         "checkpoint: %zu bytes exceed the cap of %zu", len,
+                         SBN_CKPT_MAX_FILE);
   if (memcmp(b, sbn__ckpt_magic, 8) != 0)
-    return sbn__set_error(SBN_EFORMAT,
-                          "checkpoint: bad magic (not a syncbn checkpoint)");
+    return sbn_set_error(SBN_EFORMAT,
+                         "checkpoint: bad magic (not a syncbn checkpoint)");
   uint32_t version = sbn__get_u32(b + 8);
   if (version != SBN_CKPT_VERSION)
-    return sbn__set_error(SBN_EFORMAT,
-                          "checkpoint: unsupported version %u (this build "
-                          "reads version %d)",
-                          version, SBN_CKPT_VERSION);
+    return sbn_set_error(SBN_EFORMAT,
+                         "checkpoint: unsupported version %u (this build "
+                         "reads version %d)",
+                         version, SBN_CKPT_VERSION);
   uint32_t flags = sbn__get_u32(b + 12);
   if (flags != 0)
-    return sbn__set_error(SBN_EFORMAT, "checkpoint: unknown flags 0x%x", flags);
+    return sbn_set_error(SBN_EFORMAT, "checkpoint: unknown flags 0x%x", flags);
   if (sbn__get_u32(b + 20) != 0)
-    return sbn__set_error(SBN_EFORMAT,
-                          "checkpoint: reserved header field is not 0");
+    return sbn_set_error(SBN_EFORMAT,
+                         "checkpoint: reserved header field is not 0");
   uint64_t file_len = sbn__get_u64(b + 24);
   if (file_len != len)
-    return sbn__set_error(SBN_EFORMAT,
-                          "checkpoint: %s: the header says %llu bytes, got "
-                          "%zu",
-                          file_len > len ? "truncated" : "wrong length",
-                          (unsigned long long)file_len, len);
+    return sbn_set_error(SBN_EFORMAT,
+                         "checkpoint: %s: the header says %llu bytes, got "
+                         "%zu",
+                         file_len > len ? "truncated" : "wrong length",
+                         (unsigned long long)file_len, len);
   uint32_t want = sbn__get_u32(b + len - SBN__TRAILER);
   uint32_t got = sbn_crc32(0, b, len - SBN__TRAILER);
   if (want != got)
-    return sbn__set_error(SBN_EFORMAT,
-                          "checkpoint: checksum mismatch (stored 0x%08x, "
-                          "computed 0x%08x): the data is corrupt",
-                          want, got);
+    return sbn_set_error(SBN_EFORMAT,
+                         "checkpoint: checksum mismatch (stored 0x%08x, "
+                         "computed 0x%08x): the data is corrupt",
+                         want, got);
   uint32_t count = sbn__get_u32(b + 16);
   if (count > SBN_CKPT_MAX_LAYERS)
-    return sbn__set_error(SBN_ELIMIT,
-                          "checkpoint: %u layers exceed the cap of %u", count,
-                          SBN_CKPT_MAX_LAYERS);
+    return sbn_set_error(SBN_ELIMIT,
+                         "checkpoint: %u layers exceed the cap of %u", count,
+                         SBN_CKPT_MAX_LAYERS);
 
   /* Pass 1: validate every record without allocating. */
   sbn__rd_t r = {b, SBN_CKPT_HEADER_BYTES, len - SBN__TRAILER};
@@ -918,9 +918,9 @@ int sbn_ckpt_decode(const void *buf, size_t len, sbn_ckpt_t **out) {
     if ((rc = sbn__parse_layer(&r, i, NULL)) != 0)
       return rc;
   if (r.off != r.end)
-    return sbn__set_error(SBN_EFORMAT,
-                          "checkpoint: %zu stray bytes after the last layer",
-                          r.end - r.off);
+    return sbn_set_error(SBN_EFORMAT,
+                         "checkpoint: %zu stray bytes after the last layer",
+                         r.end - r.off);
   if ((rc = sbn__check_duplicates(b, r.end, count)) != 0)
     return rc;
 
@@ -930,7 +930,7 @@ int sbn_ckpt_decode(const void *buf, size_t len, sbn_ckpt_t **out) {
   if (count > 0) {
     ck->layers = calloc(count, sizeof *ck->layers);
     if (ck->layers == NULL) {
-      rc = sbn__set_error(SBN_ENOMEM, "checkpoint: out of memory");
+      rc = sbn_set_error(SBN_ENOMEM, "checkpoint: out of memory");
       goto fail;
     }
     ck->cap = count;
@@ -956,9 +956,9 @@ int sbn_ckpt_save(const sbn_ckpt_t *ck, const char *path) {
   size_t len = 0;
   int rc;
   if (ck == NULL)
-    return sbn__set_error(SBN_EINVAL, "ck: NULL");
+    return sbn_set_error(SBN_EINVAL, "ck: NULL");
   if (path == NULL || path[0] == 0)
-    return sbn__set_error(SBN_EINVAL, "path: NULL or empty");
+    return sbn_set_error(SBN_EINVAL, "path: NULL or empty");
   if ((rc = sbn_ckpt_encode(ck, &buf, &len)) != 0)
     return rc;
   /* Checkpoints are private (0600) and must survive a crash right after
@@ -974,31 +974,31 @@ int sbn_ckpt_load(const char *path, sbn_ckpt_t **out) {
   struct stat st;
   int fd = -1, rc;
   if (out == NULL)
-    return sbn__set_error(SBN_EINVAL, "out: NULL");
+    return sbn_set_error(SBN_EINVAL, "out: NULL");
   *out = NULL;
   if (path == NULL)
-    return sbn__set_error(SBN_EINVAL, "path: NULL");
+    return sbn_set_error(SBN_EINVAL, "path: NULL");
   fd = open(path, O_RDONLY | O_CLOEXEC);
   if (fd < 0)
-    return sbn__set_error(SBN_EIO, "%s: %s", path, strerror(errno));
+    return sbn_set_error(SBN_EIO, "%s: %s", path, strerror(errno));
   if (fstat(fd, &st) != 0) {
-    rc = sbn__set_error(SBN_EIO, "%s: %s", path, strerror(errno));
+    rc = sbn_set_error(SBN_EIO, "%s: %s", path, strerror(errno));
     goto fail;
   }
   if (!S_ISREG(st.st_mode)) {
-    rc = sbn__set_error(SBN_EIO, "%s: not a regular file", path);
+    rc = sbn_set_error(SBN_EIO, "%s: not a regular file", path);
     goto fail;
   }
   if ((uint64_t)st.st_size > (uint64_t)SBN_CKPT_MAX_FILE) {
-    rc = sbn__set_error(SBN_ELIMIT, "%s: %lld bytes exceed the cap of %zu",
-                        path, (long long)st.st_size, SBN_CKPT_MAX_FILE);
+    rc = sbn_set_error(SBN_ELIMIT, "%s: %lld bytes exceed the cap of %zu", path,
+                       (long long)st.st_size, SBN_CKPT_MAX_FILE);
     goto fail;
   }
   size_t size = (size_t)st.st_size;
   /* One spare byte lets the read notice a file that grew since fstat. */
   buf = malloc(size + 1);
   if (buf == NULL) {
-    rc = sbn__set_error(SBN_ENOMEM, "%s: out of memory", path);
+    rc = sbn_set_error(SBN_ENOMEM, "%s: out of memory", path);
     goto fail;
   }
   size_t got = 0;
@@ -1007,8 +1007,7 @@ int sbn_ckpt_load(const char *path, sbn_ckpt_t **out) {
     if (n < 0) {
       if (errno == EINTR)
         continue;
-      rc =
-          sbn__set_error(SBN_EIO, "%s: read failed: %s", path, strerror(errno));
+      rc = sbn_set_error(SBN_EIO, "%s: read failed: %s", path, strerror(errno));
       goto fail;
     }
     if (n == 0)
@@ -1016,8 +1015,8 @@ int sbn_ckpt_load(const char *path, sbn_ckpt_t **out) {
     got += (size_t)n;
   }
   if (got != size) {
-    rc = sbn__set_error(SBN_EIO, "%s: the file changed size while being read",
-                        path);
+    rc = sbn_set_error(SBN_EIO, "%s: the file changed size while being read",
+                       path);
     goto fail;
   }
   close(fd);
@@ -1025,7 +1024,7 @@ int sbn_ckpt_load(const char *path, sbn_ckpt_t **out) {
   if ((rc = sbn_ckpt_decode(buf, size, out)) != 0) {
     char msg[512];
     snprintf(msg, sizeof msg, "%s", sbn_last_error());
-    rc = sbn__set_error(rc, "%s: %s", path, msg);
+    rc = sbn_set_error(rc, "%s: %s", path, msg);
     goto fail;
   }
   free(buf);

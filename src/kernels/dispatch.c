@@ -31,7 +31,7 @@ const char *sbn_kernel_name(void) {
 
 int sbn_kernel_select(const char *name) {
   if (name == NULL)
-    return sbn__set_error(SBN_EINVAL, "name: NULL");
+    return sbn_set_error(SBN_EINVAL, "name: NULL");
   if (strcmp(name, "ref") == 0) {
     __atomic_store_n(&sbn__active, &sbn__kernels_ref, __ATOMIC_RELEASE);
     return 0;
@@ -40,10 +40,10 @@ int sbn_kernel_select(const char *name) {
   if (strcmp(name, "avx2") == 0) {
     __builtin_cpu_init();
     if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma"))
-      return sbn__set_error(SBN_ENOTSUP, "name: this CPU lacks AVX2/FMA");
+      return sbn_set_error(SBN_ENOTSUP, "name: this CPU lacks AVX2/FMA");
     __atomic_store_n(&sbn__active, &sbn__kernels_avx2, __ATOMIC_RELEASE);
     return 0;
   }
 #endif
-  return sbn__set_error(SBN_ENOTSUP, "name: no kernel set called '%s'", name);
+  return sbn_set_error(SBN_ENOTSUP, "name: no kernel set called '%s'", name);
 }

@@ -35,9 +35,9 @@ int sbn_bn_needs_reduce(const sbn_layer_t *l, sbn_mode_t mode) {
 static int bn_check(const sbn_layer_t *l, const void *a, sbn__shape_t *sh,
                     const sbn_tensor_desc_t *d) {
   if (l == NULL || a == NULL)
-    return sbn__set_error(SBN_EINVAL, "%s: NULL", l == NULL ? "layer" : "args");
+    return sbn_set_error(SBN_EINVAL, "%s: NULL", l == NULL ? "layer" : "args");
   if (l->p.op != SBN_OP_BATCHNORM)
-    return sbn__set_error(SBN_EINVAL, "layer: not a BatchNorm layer");
+    return sbn_set_error(SBN_EINVAL, "layer: not a BatchNorm layer");
   return sbn__check_shape(l, d, sh);
 }
 
@@ -67,9 +67,9 @@ static int bn_finish(sbn_layer_t *l, const sbn_forward_args_t *a,
     /* Every process sees the same reduced count, so this error is returned
      * consistently everywhere and no process waits in a later collective. */
     if (count == 1)
-      return sbn__set_error(SBN_ESMALLBATCH,
-                            "x: expected more than 1 value per channel when "
-                            "training (the batch has 1)");
+      return sbn_set_error(SBN_ESMALLBATCH,
+                           "x: expected more than 1 value per channel when "
+                           "training (the batch has 1)");
   } else {
     count = (double)sh->N * (double)sh->S;
   }
@@ -136,7 +136,7 @@ int sbn_bn_forward_local(sbn_layer_t *l, const sbn_forward_args_t *a,
   if ((rc = sbn__check_fwd_buffers(l, a, &sh)) != 0)
     return rc;
   if (recs == NULL)
-    return sbn__set_error(SBN_EINVAL, "recs: NULL");
+    return sbn_set_error(SBN_EINVAL, "recs: NULL");
   sbn__chan_carve(a->workspace, sh.C, &ch);
   bn_local_moments(a, &sh, &ch, recs);
   return 0;
@@ -151,7 +151,7 @@ int sbn_bn_forward_finish(sbn_layer_t *l, const sbn_forward_args_t *a,
   if ((rc = sbn__check_fwd_buffers(l, a, &sh)) != 0)
     return rc;
   if (a->mode == SBN_MODE_TRAIN && recs == NULL)
-    return sbn__set_error(SBN_EINVAL, "recs: NULL in training");
+    return sbn_set_error(SBN_EINVAL, "recs: NULL in training");
   return bn_finish(l, a, &sh, recs);
 }
 
@@ -258,7 +258,7 @@ int sbn_bn_backward_local(sbn_layer_t *l, const sbn_backward_args_t *a,
   if ((rc = sbn__check_bwd_buffers(l, a, &sh)) != 0)
     return rc;
   if (recs == NULL)
-    return sbn__set_error(SBN_EINVAL, "recs: NULL");
+    return sbn_set_error(SBN_EINVAL, "recs: NULL");
   return bn_bwd_local(l, a, &sh, &ch, &count, recs);
 }
 
@@ -274,6 +274,6 @@ int sbn_bn_backward_finish(sbn_layer_t *l, const sbn_backward_args_t *a,
   if (a->mode == SBN_MODE_EVAL)
     return sbn__bn_backward(l, a, &sh);
   if (recs == NULL)
-    return sbn__set_error(SBN_EINVAL, "recs: NULL");
+    return sbn_set_error(SBN_EINVAL, "recs: NULL");
   return bn_bwd_finish(l, a, &sh, recs);
 }

@@ -11,7 +11,7 @@ int sbn__gn_sizes(const sbn_layer_t *l, const sbn__shape_t *sh, size_t *ws,
   size_t items;
   *ws = sbn__chan_bytes(sh->C);
   if (sbn__mul_size(sh->N, l->p.groups, &items) != 0)
-    return sbn__set_error(SBN_EOVERFLOW, "x_desc.dims: N*G overflows");
+    return sbn_set_error(SBN_EOVERFLOW, "x_desc.dims: N*G overflows");
   return sbn__saved_size(items, saved);
 }
 

@@ -23,7 +23,7 @@ int sbn__in_sizes(const sbn_layer_t *l, const sbn__shape_t *sh, size_t *ws,
   (void)l;
   *ws = sbn__chan_bytes(sh->C);
   if (sbn__mul_size(sh->N, sh->C, &items) != 0)
-    return sbn__set_error(SBN_EOVERFLOW, "x_desc.dims: N*C overflows");
+    return sbn_set_error(SBN_EOVERFLOW, "x_desc.dims: N*C overflows");
   return sbn__saved_size(items, saved);
 }
 
@@ -35,9 +35,9 @@ int sbn__in_forward(sbn_layer_t *l, const sbn_forward_args_t *a,
   double *smean = NULL, *sistd = NULL;
   int batch = a->mode == SBN_MODE_TRAIN || !p->track_running_stats;
   if (batch && S == 1)
-    return sbn__set_error(SBN_ESMALLBATCH,
-                          "x: expected more than 1 spatial element when "
-                          "training");
+    return sbn_set_error(SBN_ESMALLBATCH,
+                         "x: expected more than 1 spatial element when "
+                         "training");
   in_view(sh, &A, &Sv);
   sbn__chan_carve(a->workspace, C, &ch);
   if (a->saved != NULL)

@@ -14,7 +14,7 @@ int sbn__ln_sizes(const sbn_layer_t *l, const sbn__shape_t *sh, size_t *ws,
   size_t acc;
   (void)l;
   if (sbn__mul_size(sh->C, 2 * sizeof(double), &acc) != 0)
-    return sbn__set_error(SBN_EOVERFLOW, "norm_shape: too large");
+    return sbn_set_error(SBN_EOVERFLOW, "norm_shape: too large");
   *ws = sbn__chan_bytes(SBN__LN_CHUNK) + sbn__align64(acc);
   return sbn__saved_size(sh->N, saved);
 }
