@@ -267,15 +267,94 @@ static int sbn__read_full(FILE *f, void *buf, size_t n) {
   return fread(buf, 1, n, f) == n ? 0 : -1;
 }
 
+/* Reads the preamble and header of an open .npy file into *h and sets
+ * *start to the offset of the data. The header length is capped before
+ * anything is allocated for it. */
+static int sbn__npy_read_header(FILE *f, const char *path, sbn__npy_hdr_t *h,
+                                size_t *start) {
+  unsigned char pre[12];
+  char *hdr = NULL;
+  size_t hlen, pre_len;
+  int rc;
+  if (sbn__read_full(f, pre, 8) != 0 ||
+      memcmp(pre, sbn__npy_magic, sizeof sbn__npy_magic) != 0)
+    return sbn_set_error(SBN_EFORMAT, "%s: not a .npy file (bad magic)", path);
+  if (pre[6] == 1) {
+    if (sbn__read_full(f, pre + 8, 2) != 0)
+      return sbn_set_error(SBN_EFORMAT, "%s: truncated .npy header", path);
+    hlen = (size_t)pre[8] | (size_t)pre[9] << 8;
+    pre_len = 10;
+  } else if (pre[6] == 2 || pre[6] == 3) {
+    if (sbn__read_full(f, pre + 8, 4) != 0)
+      return sbn_set_error(SBN_EFORMAT, "%s: truncated .npy header", path);
+    hlen = (size_t)pre[8] | (size_t)pre[9] << 8 | (size_t)pre[10] << 16 |
+           (size_t)pre[11] << 24;
+    pre_len = 12;
+  } else {
+    return sbn_set_error(SBN_EFORMAT, "%s: unsupported .npy version %u.%u",
+                         path, pre[6], pre[7]);
+  }
+  if (hlen > SBN__NPY_MAX_HEADER)
+    return sbn_set_error(SBN_EFORMAT,
+                         "%s: .npy header of %zu bytes exceeds the %u byte "
+                         "limit",
+                         path, hlen, SBN__NPY_MAX_HEADER);
+  hdr = malloc(hlen + 1);
+  if (hdr == NULL)
+    return sbn_set_error(SBN_ENOMEM, "%s: out of memory", path);
+  if (sbn__read_full(f, hdr, hlen) != 0) {
+    rc = sbn_set_error(SBN_EFORMAT, "%s: truncated .npy header", path);
+    goto fail;
+  }
+  hdr[hlen] = '\0';
+  if ((rc = sbn__parse_header(path, hdr, hlen, h)) != 0)
+    goto fail;
+  *start = pre_len + hlen;
+  rc = 0;
+fail:
+  free(hdr);
+  return rc;
+}
+
+/* Reads numel items of h's type from f into data as float32. A float64
+ * file is converted in chunks, so it needs only its float32 copy plus a
+ * small buffer. */
+static int sbn__npy_read_data(FILE *f, const char *path,
+                              const sbn__npy_hdr_t *h, size_t numel,
+                              float *data) {
+  enum { CHUNK = 4096 };
+  double *chunk;
+  if (h->itemsize == 4) {
+    if (sbn__read_full(f, data, numel * sizeof(float)) != 0)
+      return sbn_set_error(SBN_EIO, "%s: short read", path);
+    if (sbn__host_big_endian())
+      sbn__swap_bytes(data, 4, numel);
+    return 0;
+  }
+  chunk = malloc(CHUNK * sizeof(double));
+  if (chunk == NULL)
+    return sbn_set_error(SBN_ENOMEM, "%s: out of memory", path);
+  for (size_t i = 0; i < numel; i += CHUNK) {
+    size_t n = numel - i < CHUNK ? numel - i : CHUNK;
+    if (sbn__read_full(f, chunk, n * sizeof(double)) != 0) {
+      free(chunk);
+      return sbn_set_error(SBN_EIO, "%s: short read", path);
+    }
+    if (sbn__host_big_endian())
+      sbn__swap_bytes(chunk, 8, n);
+    for (size_t j = 0; j < n; j++)
+      data[i + j] = (float)chunk[j];
+  }
+  free(chunk);
+  return 0;
+}
+
 int sbn_npy_read(const char *path, sbn_npy_t *out) {
   FILE *f = NULL;
-  char *hdr = NULL;
   float *data = NULL;
-  void *chunk = NULL;
-  unsigned char pre[12];
   sbn__npy_hdr_t h;
   struct stat st;
-  size_t hlen, pre_len, numel = 1, bytes;
+  size_t start = 0, numel = 1, bytes;
   int rc;
 
   if (out == NULL)
@@ -298,49 +377,7 @@ int sbn_npy_read(const char *path, sbn_npy_t *out) {
     rc = sbn_set_error(SBN_EIO, "%s: not a regular file", path);
     goto fail;
   }
-  if (sbn__read_full(f, pre, 8) != 0 ||
-      memcmp(pre, sbn__npy_magic, sizeof sbn__npy_magic) != 0) {
-    rc = sbn_set_error(SBN_EFORMAT, "%s: not a .npy file (bad magic)", path);
-    goto fail;
-  }
-  if (pre[6] == 1) {
-    if (sbn__read_full(f, pre + 8, 2) != 0) {
-      rc = sbn_set_error(SBN_EFORMAT, "%s: truncated .npy header", path);
-      goto fail;
-    }
-    hlen = (size_t)pre[8] | (size_t)pre[9] << 8;
-    pre_len = 10;
-  } else if (pre[6] == 2 || pre[6] == 3) {
-    if (sbn__read_full(f, pre + 8, 4) != 0) {
-      rc = sbn_set_error(SBN_EFORMAT, "%s: truncated .npy header", path);
-      goto fail;
-    }
-    hlen = (size_t)pre[8] | (size_t)pre[9] << 8 | (size_t)pre[10] << 16 |
-           (size_t)pre[11] << 24;
-    pre_len = 12;
-  } else {
-    rc = sbn_set_error(SBN_EFORMAT, "%s: unsupported .npy version %u.%u", path,
-                       pre[6], pre[7]);
-    goto fail;
-  }
-  if (hlen > SBN__NPY_MAX_HEADER) {
-    rc = sbn_set_error(SBN_EFORMAT,
-                       "%s: .npy header of %zu bytes exceeds the %u byte "
-                       "limit",
-                       path, hlen, SBN__NPY_MAX_HEADER);
-    goto fail;
-  }
-  hdr = malloc(hlen + 1);
-  if (hdr == NULL) {
-    rc = sbn_set_error(SBN_ENOMEM, "%s: out of memory", path);
-    goto fail;
-  }
-  if (sbn__read_full(f, hdr, hlen) != 0) {
-    rc = sbn_set_error(SBN_EFORMAT, "%s: truncated .npy header", path);
-    goto fail;
-  }
-  hdr[hlen] = '\0';
-  if ((rc = sbn__parse_header(path, hdr, hlen, &h)) != 0)
+  if ((rc = sbn__npy_read_header(f, path, &h, &start)) != 0)
     goto fail;
   for (int i = 0; i < h.ndim; i++) {
     if (sbn__mul_size(numel, h.dims[i], &numel) != 0) {
@@ -355,7 +392,7 @@ int sbn_npy_read(const char *path, sbn_npy_t *out) {
     goto fail;
   }
   /* st_size is compared in uintmax_t so that neither side is truncated. */
-  uintmax_t have = (uintmax_t)st.st_size, start = pre_len + hlen;
+  uintmax_t have = (uintmax_t)st.st_size;
   if (have < start || have - start != (uintmax_t)bytes) {
     rc = sbn_set_error(SBN_EFORMAT,
                        "%s: the header declares %zu data bytes but the file "
@@ -369,35 +406,8 @@ int sbn_npy_read(const char *path, sbn_npy_t *out) {
                        numel);
     goto fail;
   }
-  if (h.itemsize == 4) {
-    if (sbn__read_full(f, data, bytes) != 0) {
-      rc = sbn_set_error(SBN_EIO, "%s: short read", path);
-      goto fail;
-    }
-    if (sbn__host_big_endian())
-      sbn__swap_bytes(data, 4, numel);
-  } else {
-    /* Converted in chunks so a float64 file needs only its float32 copy
-     * plus a small buffer. */
-    enum { CHUNK = 4096 };
-    chunk = malloc(CHUNK * sizeof(double));
-    if (chunk == NULL) {
-      rc = sbn_set_error(SBN_ENOMEM, "%s: out of memory", path);
-      goto fail;
-    }
-    for (size_t i = 0; i < numel; i += CHUNK) {
-      size_t n = numel - i < CHUNK ? numel - i : CHUNK;
-      double *d = chunk;
-      if (sbn__read_full(f, d, n * sizeof(double)) != 0) {
-        rc = sbn_set_error(SBN_EIO, "%s: short read", path);
-        goto fail;
-      }
-      if (sbn__host_big_endian())
-        sbn__swap_bytes(d, 8, n);
-      for (size_t j = 0; j < n; j++)
-        data[i + j] = (float)d[j];
-    }
-  }
+  if ((rc = sbn__npy_read_data(f, path, &h, numel, data)) != 0)
+    goto fail;
   out->ndim = h.ndim;
   memcpy(out->dims, h.dims, sizeof h.dims);
   out->numel = numel;
@@ -405,9 +415,7 @@ int sbn_npy_read(const char *path, sbn_npy_t *out) {
   data = NULL;
   rc = 0;
 fail:
-  free(chunk);
   free(data);
-  free(hdr);
   if (f != NULL)
     fclose(f);
   return rc;
