@@ -29,8 +29,8 @@ int main(int argc, char **argv) {
     dy[i] = (float)((i * 53) % 97) / 97.0f - 0.5f;
   }
   if ((rc = sbn_client_connect(argv[1], &c)) != 0) {
-    fprintf(stderr, "client_example: connect %s: %s\n", argv[1],
-            sbn_strerror(rc));
+    fprintf(stderr, "client_example: %s: %s\n", sbn_client_err_name(rc),
+            sbn_last_error());
     return 1;
   }
   if ((rc = sbn_client_hello(c, &h)) != 0)
@@ -69,8 +69,10 @@ int main(int argc, char **argv) {
   status = 0;
 fail:
   if (status != 0)
-    fprintf(stderr, "client_example: %s: %s %s\n", sbn_strerror(rc),
-            sbn_client_error_code(c), sbn_client_error(c));
+    /* The message names the call and, for an error reply, carries the
+     * worker's code and message. */
+    fprintf(stderr, "client_example: %s: %s\n", sbn_client_err_name(rc),
+            sbn_last_error());
   sbn_client_close(c);
   return status;
 }

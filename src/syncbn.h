@@ -71,9 +71,7 @@ extern "C" {
   XX(ESMALLBATCH, -10, "too few values to compute statistics") \
   XX(ENOSPACE, -11, "workspace or buffer too small")           \
   XX(ESTATE, -12, "call out of order")                         \
-  XX(ELIMIT, -13, "limit exceeded")                            \
-  XX(ETIMEDOUT, -14, "timed out")                              \
-  XX(ECLOSED, -15, "connection closed")
+  XX(ELIMIT, -13, "limit exceeded")
 
 typedef enum {
 #define SBN__ERR_ENUM(name, val, msg) SBN_##name = (val),

@@ -22,7 +22,7 @@ if(SBN_SANITIZE)
     LSAN_OPTIONS=suppressions=${CMAKE_CURRENT_LIST_DIR}/lsan.supp)
 endif()
 
-foreach(group basic errors)
+foreach(group basic errors bench)
   add_test(NAME cli_${group} COMMAND bash ${SBN_CLI_TEST_ARGS} ${group})
   set_tests_properties(cli_${group} PROPERTIES TIMEOUT 120 LABELS cli
     ENVIRONMENT "${SBN_CLI_ENV}")

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# End-to-end tests of `syncbn apply`, run by ctest (tests/cli.cmake):
+# End-to-end tests of `syncbn apply` and `syncbn bench`, run by ctest
+# (tests/cli.cmake):
 #   cli_test.sh --syncbn BIN --npygen BIN --npycmp BIN [--mpirun BIN] GROUP [NP]
 # GROUP is basic (outputs and what they hold), errors (every refused input
 # exits non-zero with one line naming the flag or file, and clobbers
-# nothing) or sync (NP ranks under mpirun equal one process).
+# nothing), bench (a tiny timing run and bench's usage errors) or sync (NP
+# ranks under mpirun equal one process; bench --sync runs).
 set -uo pipefail
 
 SYNCBN= NPYGEN= NPYCMP= MPIEXEC=
@@ -291,6 +293,21 @@ group_errors() {
   expect_fail 2 "--step: '18446744073709551616'" --op dropout \
     --step 18446744073709551616 --x "$x"
   expect_fail 2 "--layer: '1.0'" --op dropout --layer 1.0 --x "$x"
+  expect_fail 2 "--layer: '4294967296'" --op dropout --layer 4294967296 \
+    --x "$x"
+  expect_fail 2 "--step: '-1'" --op dropout --step -1 --x "$x"
+  expect_fail 2 "--p: 'half'" --op dropout --p half --x "$x"
+  expect_fail 2 "--norm-dims: '0'" --op layernorm --norm-dims 0 --x "$x"
+  expect_fail 2 "--groups: 'two'" --op groupnorm --groups two --x "$x"
+  expect_fail 2 "--group-size: '0'" --op batchnorm --sync --group-size 0 \
+    --x "$x"
+  expect_fail 2 "--counts: ''" --op batchnorm --sync --counts "" --x "$x"
+  expect_fail 2 "--counts: '6,6,'" --op batchnorm --sync --counts 6,6, --x "$x"
+  expect_fail 2 "--op: given more than once" --op batchnorm --op layernorm \
+    --x "$x"
+  expect_fail 2 "--eval: given more than once" --op batchnorm --eval --eval \
+    --x "$x"
+  expect_fail 2 "--out-dir: empty path" --op batchnorm --x "$x" --out-dir ""
   expect_fail 2 "--num-batches-tracked: '-1'" --op batchnorm \
     --num-batches-tracked -1 --x "$x"
   expect_fail 2 "--num-batches-tracked: does not apply to --op instancenorm" \
@@ -383,6 +400,52 @@ group_errors() {
     --out-dir "$T/afile"
 }
 
+# bench_fail STATUS TOKEN ARGS...: `syncbn bench ARGS` must exit with
+# STATUS and print a line containing TOKEN on stderr.
+bench_fail() {
+  local want=$1 token=$2 rc=0
+  shift 2
+  "$SYNCBN" bench "$@" >"$T/out" 2>"$T/err" || rc=$?
+  if [ "$rc" -ne "$want" ]; then
+    bad "exit $rc, expected $want: bench $*"
+    sed 's/^/     /' "$T/err"
+  elif ! grep -qF -- "$token" "$T/err"; then
+    bad "stderr does not contain '$token': bench $*"
+    sed 's/^/     /' "$T/err"
+  else
+    ok "bench $* -> exit $rc: $(head -1 "$T/err")"
+  fi
+}
+
+# `syncbn bench`: a tiny run of each op, and its usage errors.
+group_bench() {
+  check "syncbn bench --help" "$SYNCBN" bench --help
+  "$SYNCBN" bench --shape 2,8,3,3 --iters 2 >"$T/bench" 2>&1
+  check "bench times every op" test "$(grep -c ' fwd ' "$T/bench")" -eq 5
+  check "bench reports the shape" grep -q "shape 2x8x3x3, 2 iterations" \
+    "$T/bench"
+  "$SYNCBN" bench --op groupnorm --layout nhwc --shape 2,8,3 --iters 1 \
+    >"$T/bench" 2>&1
+  check "bench --op groupnorm --layout nhwc times one op" \
+    test "$(grep -c 'groupnorm    nhwc fwd' "$T/bench")" -eq 1
+  "$SYNCBN" bench --layout nhwc --shape 2,8,3 --iters 1 >"$T/bench" 2>&1
+  check "bench --layout nhwc skips layernorm and dropout" \
+    test "$(grep -c ' fwd ' "$T/bench")" -eq 3
+  bench_fail 2 "--shape: '2'" --shape 2
+  bench_fail 2 "--shape: '2,0,3'" --shape 2,0,3
+  bench_fail 2 "--shape: '2,,3'" --shape 2,,3
+  bench_fail 2 "--shape: '1,2,3,4,5,6,7,8,9'" --shape 1,2,3,4,5,6,7,8,9
+  bench_fail 2 "--layout: 'nwhc'" --layout nwhc
+  bench_fail 2 "--iters: '0'" --iters 0
+  bench_fail 2 "--iters: '100001'" --iters 100001
+  bench_fail 2 "--iters: '5x'" --iters 5x
+  bench_fail 2 "--group-size: '0'" --group-size 0
+  bench_fail 2 "--op: unknown op 'batchnrom'" --op batchnrom
+  bench_fail 2 "--kernels:" --kernels frobnicate
+  bench_fail 2 "unexpected argument 'extra'" extra
+  bench_fail 2 "usage: syncbn bench" --frobnicate
+}
+
 group_sync() {
   local np=$NP o=$T/sync
   local -a MPIRUN=("$MPIEXEC" --oversubscribe --bind-to none --timeout 60
@@ -391,6 +454,11 @@ group_sync() {
     --weight "$T/w.npy" --bias "$T/b.npy")
   apply "${bnargs[@]}" --out-dir "$o/ref" >/dev/null ||
     bad "single-process reference run"
+
+  # bench --sync: the reduction against a bare MPI_Allreduce on every rank.
+  "${MPIRUN[@]}" "$SYNCBN" bench --op batchnorm --shape 4,8,2,2 --iters 1 \
+    --sync >"$T/bench" 2>&1
+  check "bench --sync times the allreduce" grep -q "allreduce    C=8" "$T/bench"
 
   # The even split, then uneven ones with empty shards.
   local counts_list
@@ -508,6 +576,7 @@ group_sync() {
 case $GROUP in
   basic) group_basic ;;
   errors) group_errors ;;
+  bench) group_bench ;;
   sync)
     [ -n "$MPIEXEC" ] || { echo "sync needs --mpirun"; exit 2; }
     group_sync

@@ -46,23 +46,24 @@ static char g_path[NP][SJ_PATH_MAX];
 static int g_port[NP];
 static const char g_token[] = "client3-token-\x01\x02 bytes";
 
-#define CHECK(cond, ...)                                                      \
-  do {                                                                        \
-    if (!(cond)) {                                                            \
+#define CHECK(cond, ...)                                                     \
+  do {                                                                       \
+    if (!(cond)) {                                                           \
       fprintf(stderr, "svc_client_e2e: %s:%d: check failed: %s: ", __FILE__, \
-              __LINE__, #cond);                                               \
-      fprintf(stderr, __VA_ARGS__);                                           \
-      fprintf(stderr, "\n");                                                  \
-      exit(1);                                                                \
-    }                                                                         \
+              __LINE__, #cond);                                              \
+      fprintf(stderr, __VA_ARGS__);                                          \
+      fprintf(stderr, "\n");                                                 \
+      exit(1);                                                               \
+    }                                                                        \
   } while (0)
 
 /* An error reply: the mapped code and the worker's code string. */
-#define CHECK_ERR(rc, c, want_rc, want_code)                                   \
-  CHECK(                                                                       \
-      (rc) == (want_rc) && strcmp(sbn_client_error_code(c), (want_code)) == 0, \
-      "expected %s %s, got %s '%s' (%s)", sbn_err_name(want_rc), (want_code),  \
-      sbn_err_name(rc), sbn_client_error_code(c), sbn_client_error(c))
+#define CHECK_ERR(rc, c, want_rc, want_code)                              \
+  CHECK((rc) == (want_rc) &&                                              \
+            strcmp(sbn_client_server_code(c), (want_code)) == 0,          \
+        "expected %s %s, got %s '%s' (%s)", sbn_client_err_name(want_rc), \
+        (want_code), sbn_client_err_name(rc), sbn_client_server_code(c),  \
+        sbn_last_error())
 
 static void stop_job(void) {
   sj_stop(&g_mpirun);
@@ -159,7 +160,7 @@ static void register_all(void) {
     sbn_client_hello_t h;
     sbn_layer_params_t p;
     char name[16];
-    CHECK(sbn_client_hello(c, &h) == 0, "hello: %s", sbn_client_error(c));
+    CHECK(sbn_client_hello(c, &h) == 0, "hello: %s", sbn_last_error());
     CHECK(h.protocol >= 3 && h.rank == r && h.size == NP,
           "hello: protocol %d rank %d size %d", h.protocol, h.rank, h.size);
     sbn_layer_params_default(&p, SBN_OP_BATCHNORM);
@@ -170,21 +171,21 @@ static void register_all(void) {
       snprintf(name, sizeof name, "b%d", i);
       CHECK(sbn_client_register(c, name, "syncbatchnorm", &p, 0, &g_bn[i],
                                 NULL) == 0,
-            "register %s: %s", name, sbn_client_error(c));
+            "register %s: %s", name, sbn_last_error());
     }
     CHECK(
         sbn_client_register(c, "st", "syncbatchnorm", &p, 0, &g_st, NULL) == 0,
-        "register st: %s", sbn_client_error(c));
+        "register st: %s", sbn_last_error());
     sbn_layer_params_default(&p, SBN_OP_LAYERNORM);
     p.norm_ndim = 2;
     p.norm_shape[0] = 2;
     p.norm_shape[1] = 3;
     CHECK(sbn_client_register(c, "ln", "layernorm", &p, 0, &g_ln, NULL) == 0,
-          "register ln: %s", sbn_client_error(c));
+          "register ln: %s", sbn_last_error());
     sbn_layer_params_default(&p, SBN_OP_DROPOUT);
     p.p = 0.25f;
     CHECK(sbn_client_register(c, "dr", "dropout", &p, 0, &g_dr, NULL) == 0,
-          "register dr: %s", sbn_client_error(c));
+          "register dr: %s", sbn_last_error());
     sbn_client_close(c);
   }
 }
@@ -206,7 +207,7 @@ static size_t offset_of(int rank) {
 
 static void metrics_of(sbn_client_t *c, sbn_client_metrics_t *m) {
   int rc = sbn_client_metrics(c, m);
-  CHECK(rc == 0, "metrics: %s %s", sbn_strerror(rc), sbn_client_error(c));
+  CHECK(rc == 0, "metrics: %s %s", sbn_client_strerror(rc), sbn_last_error());
 }
 
 /* Runs b and checks that it took exactly one allreduce of NL entries. */
@@ -219,8 +220,8 @@ static void run_fused(sbn_client_t *c, sbn_client_batch_t *b, int rank,
   if (rank == 1)
     usleep(50000);
   rc = sbn_client_batch_run(c, b);
-  CHECK(rc == 0, "%s rank %d: %s %s", what, rank, sbn_strerror(rc),
-        sbn_client_error(c));
+  CHECK(rc == 0, "%s rank %d: %s %s", what, rank, sbn_client_strerror(rc),
+        sbn_last_error());
   metrics_of(c, &m1);
   CHECK(m1.allreduces - m0.allreduces == 1,
         "%s rank %d: %llu allreduces, not 1", what, rank,
@@ -401,7 +402,7 @@ static void test_batch_errors(void) {
                                  C) == 0,
         "queue");
   rc = sbn_client_batch_run(c, b);
-  CHECK(rc == 0, "batch: %s %s", sbn_strerror(rc), sbn_client_error(c));
+  CHECK(rc == 0, "batch: %s %s", sbn_client_strerror(rc), sbn_last_error());
   res = sbn_client_batch_result(b, 0);
   CHECK(res->rc == SBN_EINVAL && strcmp(res->code, "UNKNOWN_LAYER") == 0 &&
             res->message[0] != '\0' && res->y == NULL,
@@ -537,13 +538,13 @@ static void *stats_thread(void *arg) {
   uint64_t count = (uint64_t)g_n[r] * S;
   int rc;
   rc = sbn_client_stats(c, g_st, 1, C, count, counts, g_mean[r], g_m2[r], &out);
-  CHECK(rc == 0, "stats rank %d: %s %s", r, sbn_client_error_code(c),
-        sbn_client_error(c));
+  CHECK(rc == 0, "stats rank %d: %s %s", r, sbn_client_server_code(c),
+        sbn_last_error());
   check_stats(cnt, mean, var, uvar, istd, "stats");
   rc = sbn_client_stats_backward(c, g_st, 1, C, g_sdy_sum[r], g_sdyx_sum[r],
                                  sdy, sdyx);
-  CHECK(rc == 0, "stats_backward rank %d: %s %s", r, sbn_client_error_code(c),
-        sbn_client_error(c));
+  CHECK(rc == 0, "stats_backward rank %d: %s %s", r, sbn_client_server_code(c),
+        sbn_last_error());
   check_sums(sdy, sdyx, "stats_backward");
   /* The next step in one batch. */
   CHECK(sbn_client_batch_new(&b) == 0, "batch_new");
@@ -554,7 +555,7 @@ static void *stats_thread(void *arg) {
                                         g_sdyx_sum[r]) == 0,
         "queue stats_backward");
   rc = sbn_client_batch_run(c, b);
-  CHECK(rc == 0, "stats batch rank %d: %s", r, sbn_client_error(c));
+  CHECK(rc == 0, "stats batch rank %d: %s", r, sbn_last_error());
   res = sbn_client_batch_result(b, 0);
   CHECK(res->rc == 0 && res->channels == C && res->count != NULL &&
             res->sum_dy == NULL,
@@ -597,7 +598,7 @@ static void test_stats(void) {
   for (int r = 0; r < NP; r++) {
     c = connect_rank(r);
     rc = sbn_client_get_state(c, g_st, &s);
-    CHECK(rc == 0, "get_state: %s", sbn_client_error(c));
+    CHECK(rc == 0, "get_state: %s", sbn_last_error());
     CHECK(s.has_running_stats && s.num_batches_tracked == 2,
           "num_batches_tracked %lld", (long long)s.num_batches_tracked);
     for (int k = 0; k < C; k++) {
@@ -648,7 +649,7 @@ static int states_equal(const sbn_client_state_t *a,
 static void get(sbn_client_t *c, uint64_t layer, sbn_client_state_t *s) {
   int rc = sbn_client_get_state(c, layer, s);
   CHECK(rc == 0, "get_state %llu: %s %s", (unsigned long long)layer,
-        sbn_client_error_code(c), sbn_client_error(c));
+        sbn_client_server_code(c), sbn_last_error());
 }
 
 static void test_state(void) {
@@ -677,7 +678,7 @@ static void test_state(void) {
   set.weight = w;
   set.bias = b;
   rc = sbn_client_set_state(c, g_st, &set);
-  CHECK(rc == 0, "set_state: %s", sbn_client_error(c));
+  CHECK(rc == 0, "set_state: %s", sbn_last_error());
   get(c, g_st, &s1);
   CHECK(s1.num_batches_tracked == 7 && floats_equal(s1.running_mean, rm, C) &&
             floats_equal(s1.running_var, rv, C) &&
@@ -685,7 +686,7 @@ static void test_state(void) {
         "set_state did not round-trip");
   sbn_client_state_free(&s1);
   rc = sbn_client_set_state(c, g_st, &s0);
-  CHECK(rc == 0, "set_state back: %s", sbn_client_error(c));
+  CHECK(rc == 0, "set_state back: %s", sbn_last_error());
   get(c, g_st, &s1);
   CHECK(states_equal(&s0, &s1), "get_state after set_state(get_state)");
   sbn_client_state_free(&s1);
@@ -699,8 +700,8 @@ static void test_state(void) {
   set.running_var = rv;
   rc = sbn_client_set_state(c, g_st, &set);
   CHECK_ERR(rc, c, SBN_EINVAL, "BAD_PARAMS");
-  CHECK(strstr(sbn_client_error(c), "running_var[1]") != NULL, "message: %s",
-        sbn_client_error(c));
+  CHECK(strstr(sbn_last_error(), "running_var[1]") != NULL, "message: %s",
+        sbn_last_error());
   get(c, g_st, &s1);
   CHECK(states_equal(&s0, &s1), "a refused set_state changed the layer");
   sbn_client_state_free(&s1);
@@ -732,12 +733,12 @@ static void test_state(void) {
   set.param_desc = s0.param_desc;
   set.weight = lw;
   rc = sbn_client_set_state(c, g_ln, &set);
-  CHECK(rc == 0, "set_state ln: %s", sbn_client_error(c));
+  CHECK(rc == 0, "set_state ln: %s", sbn_last_error());
   get(c, g_ln, &s1);
   CHECK(floats_equal(s1.weight, lw, 6) && floats_equal(s1.bias, s0.bias, 6),
         "layernorm weight did not round-trip");
   rc = sbn_client_set_state(c, g_ln, &s0);
-  CHECK(rc == 0, "set_state ln back: %s", sbn_client_error(c));
+  CHECK(rc == 0, "set_state ln back: %s", sbn_last_error());
   get(c, g_ln, &s2);
   CHECK(states_equal(&s0, &s2), "layernorm state after restore");
   sbn_client_state_free(&s0);
@@ -766,8 +767,8 @@ static void *ckpt_thread(void *arg) {
   uint64_t layers = 0;
   int rc;
   rc = sbn_client_checkpoint_save(c, "ck1", &layers);
-  CHECK(rc == 0, "save rank %d: %s %s", r, sbn_client_error_code(c),
-        sbn_client_error(c));
+  CHECK(rc == 0, "save rank %d: %s %s", r, sbn_client_server_code(c),
+        sbn_last_error());
   CHECK(layers == NL + 3, "save: %llu layers", (unsigned long long)layers);
   get(c, g_st, &g_saved[r][0]);
   get(c, g_ln, &g_saved[r][1]);
@@ -777,15 +778,15 @@ static void *ckpt_thread(void *arg) {
   s.running_mean = five;
   s.has_num_batches_tracked = 1;
   s.num_batches_tracked = 99;
-  CHECK(sbn_client_set_state(c, g_st, &s) == 0, "%s", sbn_client_error(c));
+  CHECK(sbn_client_set_state(c, g_st, &s) == 0, "%s", sbn_last_error());
   memset(&s, 0, sizeof s);
   s.param_desc = g_saved[r][1].param_desc;
   s.weight = three;
-  CHECK(sbn_client_set_state(c, g_ln, &s) == 0, "%s", sbn_client_error(c));
+  CHECK(sbn_client_set_state(c, g_ln, &s) == 0, "%s", sbn_last_error());
   layers = 0;
   rc = sbn_client_checkpoint_load(c, "ck1", &layers);
-  CHECK(rc == 0, "load rank %d: %s %s", r, sbn_client_error_code(c),
-        sbn_client_error(c));
+  CHECK(rc == 0, "load rank %d: %s %s", r, sbn_client_server_code(c),
+        sbn_last_error());
   CHECK(layers == NL + 3, "load: %llu layers", (unsigned long long)layers);
   get(c, g_st, &s);
   CHECK(states_equal(&s, &g_saved[r][0]), "rank %d: st after load", r);
@@ -820,6 +821,86 @@ static void test_checkpoint(void) {
   for (int r = 0; r < NP; r++)
     for (int i = 0; i < 2; i++)
       sbn_client_state_free(&g_saved[r][i]);
+}
+
+/* ------------------------------------------------------------------ */
+/* The error convention: a code, and a message for sbn_last_error() that
+ * names the call and the argument, or carries the worker's reply. */
+
+/* rc is want and sbn_last_error() starts with prefix. */
+#define CHECK_MSG(rc, want, prefix)                                    \
+  CHECK((rc) == (want) &&                                              \
+            strncmp(sbn_last_error(), (prefix), strlen(prefix)) == 0,  \
+        "expected %s '%s...', got %s '%s'", sbn_client_err_name(want), \
+        (prefix), sbn_client_err_name(rc), sbn_last_error())
+
+static void test_errors(void) {
+  sbn_client_t *c = connect_rank(0), *none = NULL;
+  sbn_client_batch_t *b = NULL;
+  sbn_client_hello_t h;
+  sbn_layer_params_t p;
+  sbn_tensor_desc_t d = {3, {(size_t)g_n[0], C, S}, SBN_LAYOUT_NCHW};
+  char buf[16];
+  uint64_t id;
+  int rc;
+  CHECK(strcmp(sbn_client_err_name(SBN_CLIENT_ECLOSED), "SBN_CLIENT_ECLOSED") ==
+                0 &&
+            strcmp(sbn_client_err_name(SBN_CLIENT_ETIMEDOUT),
+                   "SBN_CLIENT_ETIMEDOUT") == 0 &&
+            strcmp(sbn_client_err_name(SBN_ESHAPE), "SBN_ESHAPE") == 0 &&
+            strcmp(sbn_client_strerror(SBN_CLIENT_ECLOSED),
+                   "connection closed") == 0 &&
+            strcmp(sbn_client_strerror(SBN_EINVAL), "invalid argument") == 0,
+        "the client's error names");
+  /* An error reply: the mapped code, the worker's code, its message. */
+  rc = sbn_client_forward(c, 999, 1, 1, &d, g_x[0], NULL, NULL, 0, g_y[0]);
+  CHECK_MSG(rc, SBN_EINVAL, "forward: server replied UNKNOWN_LAYER: ");
+  CHECK(strcmp(sbn_client_server_code(c), "UNKNOWN_LAYER") == 0, "code %s",
+        sbn_client_server_code(c));
+  CHECK(sbn_client_hello(c, &h) == 0 && sbn_client_server_code(c)[0] == '\0',
+        "a success forgets the code: '%s'", sbn_client_server_code(c));
+  /* Local failures name the argument and leave no worker code. */
+  sbn_layer_params_default(&p, SBN_OP_BATCHNORM);
+  p.channels = C;
+  rc = sbn_client_register(c, "bogus", "bogusnorm", &p, 0, &id, NULL);
+  CHECK_MSG(rc, SBN_EINVAL, "register: kind: unknown layer kind 'bogusnorm'");
+  CHECK(sbn_client_server_code(c)[0] == '\0', "local failure has a code");
+  rc = sbn_client_register(c, NULL, "batchnorm", &p, 0, &id, NULL);
+  CHECK_MSG(rc, SBN_EINVAL, "register: name: NULL");
+  rc =
+      sbn_client_forward(c, g_bn[0], 1, 1, NULL, g_x[0], NULL, NULL, 0, g_y[0]);
+  CHECK_MSG(rc, SBN_EINVAL, "forward: desc: ");
+  rc = sbn_client_stats(c, g_st, 1, 0, 1, NULL, NULL, NULL, NULL);
+  CHECK_MSG(rc, SBN_EINVAL, "stats: channels: 0");
+  rc = sbn_client_stats_backward(c, g_st, 1, C, g_sdy_sum[0], NULL, NULL, NULL);
+  CHECK_MSG(rc, SBN_EINVAL, "stats_backward: sum_dy_xhat: NULL");
+  rc = sbn_client_set_state(c, g_st, NULL);
+  CHECK_MSG(rc, SBN_EINVAL, "set_state: state: NULL");
+  rc = sbn_client_checkpoint_save(c, NULL, NULL);
+  CHECK_MSG(rc, SBN_EINVAL, "checkpoint_save: name: NULL");
+  rc = sbn_client_hello(NULL, &h);
+  CHECK_MSG(rc, SBN_EINVAL, "hello: c: NULL");
+  CHECK(sbn_client_batch_new(&b) == 0, "batch_new");
+  rc = sbn_client_batch_stats(b, g_st, 1, C, 1, NULL, g_mean[0], NULL);
+  CHECK_MSG(rc, SBN_EINVAL, "batch_stats: m2: NULL");
+  rc = sbn_client_batch_run(c, b);
+  CHECK_MSG(rc, SBN_EINVAL, "batch: b: no sub-requests");
+  sbn_client_batch_free(b);
+  rc = sbn_client_socket_path(buf, sizeof buf, g_root, 0);
+  CHECK_MSG(rc, SBN_ENOSPACE, "socket_path: buf: 16 bytes");
+  rc = sbn_client_connect("/nonexistent/rank-0.sock", &none);
+  CHECK_MSG(rc, SBN_EIO, "connect: /nonexistent/rank-0.sock: ");
+  CHECK(none == NULL, "a failed connect gave a handle");
+  rc = sbn_client_connect_tcp("127.0.0.1", 70000, NULL, 0, &none);
+  CHECK_MSG(rc, SBN_EINVAL, "connect_tcp: port: 70000");
+  /* After bye the worker closes: the next calls say so and name
+   * themselves, whether the send or the receive notices. */
+  CHECK(sbn_client_bye(c) == 0, "bye: %s", sbn_last_error());
+  rc = sbn_client_forward(c, g_bn[0], 1, 1, &d, g_x[0], NULL, NULL, 0, g_y[0]);
+  CHECK_MSG(rc, SBN_CLIENT_ECLOSED, "forward: ");
+  rc = sbn_client_hello(c, &h);
+  CHECK_MSG(rc, SBN_CLIENT_ECLOSED, "hello: ");
+  sbn_client_close(c);
 }
 
 /* ------------------------------------------------------------------ */
@@ -880,11 +961,11 @@ static void test_tcp(void) {
   for (int r = 0; r < NP; r++) {
     rc = sbn_client_connect_tcp("127.0.0.1", g_port[r], g_token,
                                 sizeof g_token - 1, &c);
-    CHECK(rc == 0, "tcp rank %d: %s %s", r, sbn_strerror(rc),
-          c ? sbn_client_error(c) : "");
+    CHECK(rc == 0, "tcp rank %d: %s %s", r, sbn_client_strerror(rc),
+          sbn_last_error());
     sj_set_timeouts(c, 30);
     CHECK(sbn_client_hello(c, &h) == 0 && h.rank == r && h.protocol >= 3,
-          "tcp hello rank %d: %s", r, sbn_client_error(c));
+          "tcp hello rank %d: %s", r, sbn_last_error());
     sbn_client_close(c);
   }
   rc = sbn_client_connect_tcp("127.0.0.1", g_port[0], "wrong", 5, &c);
@@ -919,6 +1000,7 @@ int main(void) {
   test_checkpoint();
   test_metrics();
   test_tcp();
+  test_errors();
   stop_job();
   CHECK(job_stderr_clean(), "a worker reported a sanitizer error");
   printf("svc_client_e2e: np=%d ok\n", NP);

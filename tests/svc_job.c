@@ -123,7 +123,7 @@ void sj_set_timeouts(sbn_client_t *c, int timeout_s) {
 sbn_client_t *sj_connect(const char *prog, const char *path, int timeout_s) {
   sbn_client_t *c = NULL;
   int rc = sbn_client_connect(path, &c);
-  SJ_CHECK(prog, rc == 0, "connect %s: %s", path, sbn_strerror(rc));
+  SJ_CHECK(prog, rc == 0, "%s: %s", sbn_client_err_name(rc), sbn_last_error());
   sj_set_timeouts(c, timeout_s);
   return c;
 }

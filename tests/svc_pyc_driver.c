@@ -245,8 +245,8 @@ int main(int argc, char **argv) {
   status = 0;
 fail:
   if (status != 0 && rc != 0)
-    fprintf(stderr, "svc_pyc_driver: %s: %s: %s %s\n", what, sbn_strerror(rc),
-            c ? sbn_client_error_code(c) : "", c ? sbn_client_error(c) : "");
+    fprintf(stderr, "svc_pyc_driver: %s: %s: %s\n", what,
+            sbn_client_err_name(rc), sbn_last_error());
   sbn_client_close(c);
   return status;
 }

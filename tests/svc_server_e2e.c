@@ -50,15 +50,15 @@ static char g_root[64]; /* the test's private directory */
 static char g_dir[128]; /* the socket directory syncbnd creates */
 static char g_path[NP][256];
 
-#define CHECK(cond, ...)                                              \
-  do {                                                                \
-    if (!(cond)) {                                                    \
+#define CHECK(cond, ...)                                                     \
+  do {                                                                       \
+    if (!(cond)) {                                                           \
       fprintf(stderr, "svc_server_e2e: %s:%d: check failed: %s: ", __FILE__, \
-              __LINE__, #cond);                                       \
-      fprintf(stderr, __VA_ARGS__);                                   \
-      fprintf(stderr, "\n");                                          \
-      exit(1);                                                        \
-    }                                                                 \
+              __LINE__, #cond);                                              \
+      fprintf(stderr, __VA_ARGS__);                                          \
+      fprintf(stderr, "\n");                                                 \
+      exit(1);                                                               \
+    }                                                                        \
   } while (0)
 
 static void stop_job(void) {
@@ -184,7 +184,7 @@ static void set_timeouts(int fd, int seconds) {
 static sbn_client_t *connect_rank(int rank) {
   sbn_client_t *c = NULL;
   int rc = sbn_client_connect(g_path[rank], &c);
-  CHECK(rc == 0, "connect %s: %s", g_path[rank], sbn_strerror(rc));
+  CHECK(rc == 0, "connect %s: %s", g_path[rank], sbn_client_strerror(rc));
   set_timeouts(sbn_client_fd(c), 20);
   return c;
 }
@@ -193,8 +193,8 @@ static void hello_ok(int rank) {
   sbn_client_t *c = connect_rank(rank);
   sbn_client_hello_t h;
   int rc = sbn_client_hello(c, &h);
-  CHECK(rc == 0, "hello rank %d: %s %s", rank, sbn_client_error_code(c),
-        sbn_client_error(c));
+  CHECK(rc == 0, "hello rank %d: %s %s", rank, sbn_client_server_code(c),
+        sbn_last_error());
   CHECK(h.rank == rank && h.size == NP && h.protocol == SVC_PROTOCOL_VERSION,
         "hello: rank %d size %d protocol %d", h.rank, h.size, h.protocol);
   CHECK(h.max_frame == MAX_FRAME, "hello: max_frame %u", h.max_frame);
@@ -346,13 +346,13 @@ static void *client_thread(void *arg) {
   ref_comm_t comm = {{&ref_vt, 0, 1, ta->rank}};
   sbn_layer_params_t sp;
   int created, rc;
-  CHECK(sbn_client_hello(c, &h) == 0, "hello: %s", sbn_client_error(c));
+  CHECK(sbn_client_hello(c, &h) == 0, "hello: %s", sbn_last_error());
   /* A layer registered by every client: one id for all. */
   sbn_layer_params_default(&sp, SBN_OP_BATCHNORM);
   sp.channels = 8;
   rc = sbn_client_register(c, "shared.bn", "batchnorm", &sp, 0, &ta->shared_id,
                            &created);
-  CHECK(rc == 0, "register shared: %s", sbn_client_error(c));
+  CHECK(rc == 0, "register shared: %s", sbn_last_error());
   for (size_t k = 0; k < NCASES; k++) {
     const kcase_t *kc = &g_cases[k];
     sbn_layer_params_t p;
@@ -383,7 +383,7 @@ static void *client_thread(void *arg) {
     snprintf(name, sizeof name, "t%d.case%zu", ta->tid, k);
     rc = sbn_client_register(c, name, kc->kind, &p, 0, &id, &created);
     CHECK(rc == 0 && created, "register %s: %s %s", name,
-          sbn_client_error_code(c), sbn_client_error(c));
+          sbn_client_server_code(c), sbn_last_error());
     p.layer_id = (uint32_t)id;
     CHECK(sbn_layer_create(&p, &comm.base, &ref) == 0, "ref layer: %s",
           sbn_last_error());
@@ -416,8 +416,8 @@ static void *client_thread(void *arg) {
                               kc->pass_wb ? w : NULL, kc->pass_wb ? b : NULL,
                               wn, y);
       CHECK(rc == 0, "%s forward step %llu: %s %s", name,
-            (unsigned long long)step, sbn_client_error_code(c),
-            sbn_client_error(c));
+            (unsigned long long)step, sbn_client_server_code(c),
+            sbn_last_error());
       memset(&fa, 0, sizeof fa);
       fa.mode = train ? SBN_MODE_TRAIN : SBN_MODE_EVAL;
       fa.x_desc = &kc->d;
@@ -439,8 +439,8 @@ static void *client_thread(void *arg) {
       if (!train)
         break;
       rc = sbn_client_backward(c, id, step, &kc->d, dy, dx, dw, db, wn);
-      CHECK(rc == 0, "%s backward: %s %s", name, sbn_client_error_code(c),
-            sbn_client_error(c));
+      CHECK(rc == 0, "%s backward: %s %s", name, sbn_client_server_code(c),
+            sbn_last_error());
       memset(&ba, 0, sizeof ba);
       ba.mode = SBN_MODE_TRAIN;
       ba.x_desc = &kc->d;
@@ -464,15 +464,15 @@ static void *client_thread(void *arg) {
     /* A second backward of the same step is refused; the connection stays
      * usable. */
     rc = sbn_client_backward(c, id, 3, &kc->d, dy, dx, dw, db, wn);
-    CHECK(
-        rc == SBN_ESTATE && strcmp(sbn_client_error_code(c), "NO_FORWARD") == 0,
-        "repeated backward: %d %s", rc, sbn_client_error_code(c));
+    CHECK(rc == SBN_ESTATE &&
+              strcmp(sbn_client_server_code(c), "NO_FORWARD") == 0,
+          "repeated backward: %d %s", rc, sbn_client_server_code(c));
     sbn_layer_destroy(ref);
     free(x), free(y), free(dy), free(dx), free(ry), free(rdx);
     free(w), free(b), free(dw), free(db), free(rdw), free(rdb);
     free(ws), free(sv);
   }
-  CHECK(sbn_client_bye(c) == 0, "bye: %s", sbn_client_error(c));
+  CHECK(sbn_client_bye(c) == 0, "bye: %s", sbn_last_error());
   sbn_client_close(c);
   return NULL;
 }
@@ -517,7 +517,10 @@ static void expect_fatal(int rank, const void *buf, size_t len,
   CHECK(rc == 0 && strcmp(got, code) == 0, "%s: expected %s, got rc %d '%s'",
         what, code, rc, got);
   rc = sbn_client_recv_frame(c, &body, &blen);
-  CHECK(rc == SBN_ECLOSED, "%s: the connection stayed open (rc %d)", what, rc);
+  CHECK(rc == SBN_CLIENT_ECLOSED &&
+            strncmp(sbn_last_error(), "recv_frame: ", 12) == 0,
+        "%s: the connection stayed open (rc %d: %s)", what, rc,
+        sbn_last_error());
   sbn_client_close(c);
   hello_ok(rank);
   printf(
@@ -576,7 +579,8 @@ static void test_killed_mid_frame(int rank) {
             WTERMSIG(status) == SIGKILL,
         "the mid-frame child did not die as planned (status %d)", status);
   hello_ok(rank);
-  printf("svc_server_e2e: rank %d: a client killed mid-frame; worker serving\n", rank);
+  printf("svc_server_e2e: rank %d: a client killed mid-frame; worker serving\n",
+         rank);
 }
 
 /* A partial frame that never completes times out. */
@@ -593,8 +597,8 @@ static void test_frame_timeout(int rank) {
         now() - t0);
   sbn_client_close(c);
   hello_ok(rank);
-  printf("svc_server_e2e: rank %d: a partial frame timed out after %.1f s\n", rank,
-         now() - t0);
+  printf("svc_server_e2e: rank %d: a partial frame timed out after %.1f s\n",
+         rank, now() - t0);
 }
 
 /* A client that sends requests but never reads is dropped once its
@@ -612,7 +616,7 @@ static void test_never_reads(int rank) {
   p.p = 0.5;
   CHECK(sbn_client_register(other, "flood.dropout", "dropout", &p, 0, &id,
                             NULL) == 0,
-        "register: %s", sbn_client_error(other));
+        "register: %s", sbn_last_error());
   /* Eval forwards: no state is kept, so the flood costs the worker only the
    * queued replies. Each request is built by hand (the client would wait
    * for every reply). */
@@ -700,8 +704,8 @@ static void test_max_clients(int rank) {
   /* The worker notices the closes on its next loop turns. */
   usleep(200000);
   hello_ok(rank);
-  printf("svc_server_e2e: rank %d: client %d refused with TOO_MANY_CLIENTS\n", rank,
-         MAX_CLIENTS + 1);
+  printf("svc_server_e2e: rank %d: client %d refused with TOO_MANY_CLIENTS\n",
+         rank, MAX_CLIENTS + 1);
 }
 
 /* Another uid: a child keeps CAP_DAC_OVERRIDE across setresuid (with
@@ -715,7 +719,8 @@ static void test_other_uid(int rank) {
   pid_t pid;
   char code[64] = "";
   if (geteuid() != 0) {
-    printf("svc_server_e2e: SKIP another-uid test: needs root to switch uids\n");
+    printf(
+        "svc_server_e2e: SKIP another-uid test: needs root to switch uids\n");
     return;
   }
   for (uid_t u = 61000; u < 61100; u++) {
@@ -767,8 +772,10 @@ static void test_other_uid(int rank) {
   } else {
     CHECK(strcmp(code, "FORBIDDEN") == 0,
           "uid %u: expected FORBIDDEN, got '%s'", (unsigned)uid, code);
-    printf("svc_server_e2e: rank %d: uid %u refused with FORBIDDEN (SO_PEERCRED)\n",
-           rank, (unsigned)uid);
+    printf(
+        "svc_server_e2e: rank %d: uid %u refused with FORBIDDEN "
+        "(SO_PEERCRED)\n",
+        rank, (unsigned)uid);
   }
   /* Without capabilities the directory alone keeps that uid out. */
   pid = fork();
@@ -800,7 +807,8 @@ static void test_modes(void) {
     CHECK((st.st_mode & 077) == 0, "socket %d mode %03o", r,
           (unsigned)(st.st_mode & 0777));
   }
-  printf("svc_server_e2e: socket dir mode 0700, sockets closed to group/others\n");
+  printf(
+      "svc_server_e2e: socket dir mode 0700, sockets closed to group/others\n");
 }
 
 /* syncbnd refuses socket directories that others could tamper with. */

@@ -88,7 +88,7 @@ static uint64_t reg(sbn_client_t *c, const char *name) {
   p.affine = 1;
   p.track_running_stats = 1;
   rc = sbn_client_register(c, name, "syncbatchnorm", &p, 0, &id, NULL);
-  CHECK(rc == 0, "register %s: %s", name, sbn_client_error(c));
+  CHECK(rc == 0, "register %s: %s", name, sbn_last_error());
   return id;
 }
 
@@ -138,16 +138,16 @@ static void *fb_thread(void *arg) {
   rc = sbn_client_forward(c, j->layer, j->step, 1, &d, g_x + o, g_w, g_b, C,
                           g_y + o);
   j->rc = rc;
-  snprintf(j->code, sizeof j->code, "%s", sbn_client_error_code(c));
+  snprintf(j->code, sizeof j->code, "%s", sbn_client_server_code(c));
   if (rc == 0 && j->what == 0) {
     rc = sbn_client_backward(c, j->layer, j->step, &d, g_dy + o, g_dx + o,
                              g_dw[j->rank], g_db[j->rank], C);
-    CHECK(rc == 0, "backward rank %d: %s", j->rank, sbn_client_error(c));
+    CHECK(rc == 0, "backward rank %d: %s", j->rank, sbn_last_error());
     /* Eval with every rank's running statistics on the same input. */
     sbn_tensor_desc_t e = {3, {(size_t)g_n[0], C, S}, SBN_LAYOUT_NCHW};
     rc = sbn_client_forward(c, j->layer, j->step, 0, &e, g_x, g_w, g_b, C,
                             g_ey[j->rank]);
-    CHECK(rc == 0, "eval rank %d: %s", j->rank, sbn_client_error(c));
+    CHECK(rc == 0, "eval rank %d: %s", j->rank, sbn_last_error());
   }
   sbn_client_close(c);
   return NULL;
@@ -348,16 +348,21 @@ static void test_disconnect(void) {
   sbn_tensor_desc_t d = {3, {(size_t)g_n[0], C, S}, SBN_LAYOUT_NCHW};
   struct timeval tv = {0, 300000};
   pthread_t t;
+  int rc;
   for (int r = 0; r < NP; r++) {
     c = connect_rank(r, 10);
     id = reg(c, "gone");
     sbn_client_close(c);
   }
-  /* Rank 0's client gives up after 0.3 s and closes. */
+  /* Rank 0's client gives up after 0.3 s (its socket's SO_RCVTIMEO:
+   * SBN_CLIENT_ETIMEDOUT) and closes. */
   c = connect_rank(0, 10);
   setsockopt(sbn_client_fd(c), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-  CHECK(sbn_client_forward(c, id, 7, 1, &d, g_x, g_w, g_b, C, g_y) != 0,
-        "a lone forward should not complete");
+  rc = sbn_client_forward(c, id, 7, 1, &d, g_x, g_w, g_b, C, g_y);
+  CHECK(rc == SBN_CLIENT_ETIMEDOUT &&
+            strncmp(sbn_last_error(), "forward: recv: ", 15) == 0,
+        "a lone forward should time out, got %s: %s", sbn_client_err_name(rc),
+        sbn_last_error());
   sbn_client_close(c);
   memset(jobs, 0, sizeof jobs);
   jobs[0] = (job_t){1, id, 7, 0, "", 0, 1};

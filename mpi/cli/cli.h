@@ -7,10 +7,10 @@
 #define SBN_CLI_H
 
 /* `syncbn apply`: one forward (and backward) of one layer on .npy files,
- * single process or, with --sync, SyncBN over MPI (mpi/cli_apply.c). */
+ * single process or, with --sync, SyncBN over MPI (mpi/cli/cli_apply*.c). */
 int sbn_cli_apply(int argc, char **argv);
 
-/* `syncbn bench`: kernel and reduction timings (mpi/cli_bench.c). */
+/* `syncbn bench`: kernel and reduction timings (mpi/cli/cli_bench.c). */
 int sbn_cli_bench(int argc, char **argv);
 
 #endif /* SBN_CLI_H */

@@ -4,12 +4,14 @@
  * measured in the same run, interleaved with it, so a noisy machine moves
  * both together. */
 #include <getopt.h>
+#include <limits.h>
 #include <mpi.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
+#include "cli_args.h"
 #include "syncbn.h"
 #include "syncbn_mpi.h"
 
@@ -54,22 +56,113 @@ static void bench_usage(FILE *f) {
 }
 
 static int parse_dims(const char *s, sbn_tensor_desc_t *d) {
-  char *end;
-  d->ndim = 0;
-  while (*s) {
-    if (d->ndim == SBN_MAX_DIMS)
-      return -1;
-    unsigned long long v = strtoull(s, &end, 10);
-    if (end == s || v == 0)
-      return -1;
-    d->dims[d->ndim++] = (size_t)v;
-    s = end;
-    if (*s == ',')
-      s++;
-    else if (*s)
-      return -1;
+  uint64_t *v = NULL;
+  size_t n = 0;
+  int rc = sbn__cli_parse_list(s, SIZE_MAX, &v, &n);
+  if (rc == 0 && (n < 2 || n > SBN_MAX_DIMS))
+    rc = -1;
+  for (size_t i = 0; rc == 0 && i < n; i++) {
+    if (v[i] == 0)
+      rc = -1;
+    d->dims[i] = (size_t)v[i];
   }
-  return d->ndim >= 2 ? 0 : -1;
+  if (rc == 0)
+    d->ndim = (int)n;
+  free(v);
+  return rc;
+}
+
+/* The buffers of one op's timing; one allocation each, freed together. */
+typedef struct bench_bufs_s {
+  float *x, *y, *dy, *dx, *w, *b, *rm, *rv, *dw, *db;
+  void *ws, *sv;
+  double *tf, *tb, *tm; /* forward, backward and memcpy times */
+} bench_bufs_t;
+
+static void bufs_free(bench_bufs_t *u) {
+  free(u->x);
+  free(u->y);
+  free(u->dy);
+  free(u->dx);
+  free(u->w);
+  free(u->b);
+  free(u->rm);
+  free(u->rv);
+  free(u->dw);
+  free(u->db);
+  free(u->ws);
+  free(u->sv);
+  free(u->tf);
+  free(u->tb);
+  free(u->tm);
+}
+
+/* n values of x, nw of the parameters, wsb and svb bytes of workspace and
+ * saved state, iters times. Filled with fixed values so that every run
+ * times the same work. */
+static int bufs_alloc(bench_bufs_t *u, size_t n, size_t nw, size_t wsb,
+                      size_t svb, int iters) {
+  memset(u, 0, sizeof *u);
+  u->x = malloc(n * 4);
+  u->y = malloc(n * 4);
+  u->dy = malloc(n * 4);
+  u->dx = malloc(n * 4);
+  u->w = malloc(nw * 4);
+  u->b = malloc(nw * 4);
+  u->dw = malloc(nw * 4);
+  u->db = malloc(nw * 4);
+  u->rm = calloc(nw, 4);
+  u->rv = malloc(nw * 4);
+  u->ws = malloc(wsb + 1);
+  u->sv = malloc(svb + 1);
+  u->tf = malloc(sizeof(double) * (size_t)iters);
+  u->tb = malloc(sizeof(double) * (size_t)iters);
+  u->tm = malloc(sizeof(double) * (size_t)iters);
+  if (!u->x || !u->y || !u->dy || !u->dx || !u->w || !u->b || !u->dw ||
+      !u->db || !u->rm || !u->rv || !u->ws || !u->sv || !u->tf || !u->tb ||
+      !u->tm)
+    return sbn_set_error(SBN_ENOMEM, "bench: out of memory for %zu values", n);
+  for (size_t i = 0; i < n; i++) {
+    u->x[i] = (float)((i * 2654435761u) % 1000) * 1e-3f + 5.0f;
+    u->dy[i] = (float)((i * 40503u) % 1000) * 1e-3f - 0.5f;
+  }
+  for (size_t i = 0; i < nw; i++) {
+    u->w[i] = 1.0f;
+    u->b[i] = 0.0f;
+    u->rv[i] = 1.0f;
+  }
+  return 0;
+}
+
+/* Times memcpy, forward and backward, interleaved, iters times after one
+ * warm-up of each (so that page faults are not timed). */
+static int time_op(sbn_layer_t *l, const sbn_tensor_desc_t *d, size_t n,
+                   size_t wsb, size_t svb, int iters, bench_bufs_t *u) {
+  sbn_state_t st = {u->rm, u->rv, 0};
+  sbn_forward_args_t fa = {SBN_MODE_TRAIN, d,   u->x,  u->y, u->w, u->b, &st, 0,
+                           u->ws,          wsb, u->sv, svb};
+  sbn_backward_args_t ba = {SBN_MODE_TRAIN, d, u->x,  u->dy, u->dx, u->w, u->dw,
+                            u->db,          0, u->ws, wsb,   u->sv, svb};
+  int rc;
+  memcpy(u->y, u->x, n * 4);
+  if ((rc = sbn_forward(l, &fa)) != 0 || (rc = sbn_backward(l, &ba)) != 0)
+    return rc;
+  for (int it = 0; it < iters; it++) {
+    double t0 = now_s();
+    memcpy(u->y, u->x, n * 4);
+    double t1 = now_s();
+    fa.step = ba.step = (uint64_t)it;
+    if ((rc = sbn_forward(l, &fa)) != 0)
+      return rc;
+    double t2 = now_s();
+    if ((rc = sbn_backward(l, &ba)) != 0)
+      return rc;
+    double t3 = now_s();
+    u->tm[it] = t1 - t0;
+    u->tf[it] = t2 - t1;
+    u->tb[it] = t3 - t2;
+  }
+  return 0;
 }
 
 /* Times one op; returns 0 or an SBN_E* code. */
@@ -78,12 +171,10 @@ static int bench_op(sbn_op_t op, const sbn_tensor_desc_t *d0, int iters,
   sbn_tensor_desc_t d = *d0;
   sbn_layer_params_t p;
   sbn_layer_t *l = NULL;
-  float *x = NULL, *y = NULL, *dy = NULL, *dx = NULL, *w = NULL, *b = NULL;
-  float *rm = NULL, *rv = NULL, *dw = NULL, *db = NULL;
-  void *ws = NULL, *sv = NULL;
-  double *tf = NULL, *tb = NULL, *tm = NULL;
+  bench_bufs_t u;
   size_t n = 1, wsb, svb, nw;
   int rc = 0;
+  memset(&u, 0, sizeof u);
   if (op == SBN_OP_LAYERNORM || op == SBN_OP_DROPOUT)
     d.layout = SBN_LAYOUT_NCHW;
   for (int i = 0; i < d.ndim; i++)
@@ -96,66 +187,13 @@ static int bench_op(sbn_op_t op, const sbn_tensor_desc_t *d0, int iters,
     p.norm_shape[i - 1] = d.dims[i];
   p.p = 0.1;
   nw = op == SBN_OP_LAYERNORM ? n / d.dims[0] : d.dims[1];
-  if ((rc = sbn_layer_create(&p, NULL, &l)) != 0)
+  if ((rc = sbn_layer_create(&p, NULL, &l)) != 0 ||
+      (rc = sbn_layer_sizes(l, &d, &wsb, &svb)) != 0 ||
+      (rc = bufs_alloc(&u, n, nw, wsb, svb, iters)) != 0 ||
+      (rc = time_op(l, &d, n, wsb, svb, iters, &u)) != 0)
     goto fail;
-  if ((rc = sbn_layer_sizes(l, &d, &wsb, &svb)) != 0)
-    goto fail;
-  x = malloc(n * 4);
-  y = malloc(n * 4);
-  dy = malloc(n * 4);
-  dx = malloc(n * 4);
-  w = malloc(nw * 4);
-  b = malloc(nw * 4);
-  dw = malloc(nw * 4);
-  db = malloc(nw * 4);
-  rm = calloc(nw, 4);
-  rv = malloc(nw * 4);
-  ws = malloc(wsb + 1);
-  sv = malloc(svb + 1);
-  tf = malloc(sizeof(double) * (size_t)iters);
-  tb = malloc(sizeof(double) * (size_t)iters);
-  tm = malloc(sizeof(double) * (size_t)iters);
-  if (!x || !y || !dy || !dx || !w || !b || !dw || !db || !rm || !rv || !ws ||
-      !sv || !tf || !tb || !tm) {
-    rc = SBN_ENOMEM;
-    goto fail;
-  }
-  for (size_t i = 0; i < n; i++) {
-    x[i] = (float)((i * 2654435761u) % 1000) * 1e-3f + 5.0f;
-    dy[i] = (float)((i * 40503u) % 1000) * 1e-3f - 0.5f;
-  }
-  for (size_t i = 0; i < nw; i++) {
-    w[i] = 1.0f;
-    b[i] = 0.0f;
-    rv[i] = 1.0f;
-  }
-  sbn_state_t st = {rm, rv, 0};
-  sbn_forward_args_t fa = {
-      SBN_MODE_TRAIN, &d, x, y, w, b, &st, 0, ws, wsb, sv, svb};
-  sbn_backward_args_t ba = {
-      SBN_MODE_TRAIN, &d, x, dy, dx, w, dw, db, 0, ws, wsb, sv, svb};
-  /* One warm-up of each so page faults are not timed. */
-  memcpy(y, x, n * 4);
-  if ((rc = sbn_forward(l, &fa)) != 0)
-    goto fail;
-  if ((rc = sbn_backward(l, &ba)) != 0)
-    goto fail;
-  for (int it = 0; it < iters; it++) {
-    double t0 = now_s();
-    memcpy(y, x, n * 4);
-    double t1 = now_s();
-    fa.step = ba.step = (uint64_t)it;
-    if ((rc = sbn_forward(l, &fa)) != 0)
-      goto fail;
-    double t2 = now_s();
-    if ((rc = sbn_backward(l, &ba)) != 0)
-      goto fail;
-    double t3 = now_s();
-    tm[it] = t1 - t0;
-    tf[it] = t2 - t1;
-    tb[it] = t3 - t2;
-  }
-  double mm = median(tm, iters), mf = median(tf, iters), mb = median(tb, iters);
+  double mm = median(u.tm, iters), mf = median(u.tf, iters),
+         mb = median(u.tb, iters);
   if (rank == 0)
     printf(
         "%-12s %-4s fwd %8.3f ms (%5.2fx memcpy, %6.2f GB/s in+out)  "
@@ -168,21 +206,7 @@ fail:
     fprintf(stderr, "syncbn bench: %s: %s: %s\n", sbn_op_name(op),
             sbn_err_name(rc), sbn_last_error());
   sbn_layer_destroy(l);
-  free(x);
-  free(y);
-  free(dy);
-  free(dx);
-  free(w);
-  free(b);
-  free(dw);
-  free(db);
-  free(rm);
-  free(rv);
-  free(ws);
-  free(sv);
-  free(tf);
-  free(tb);
-  free(tm);
+  bufs_free(&u);
   return rc;
 }
 
@@ -247,7 +271,62 @@ fail:
   return rc;
 }
 
-int sbn_cli_bench(int argc, char **argv) {
+typedef struct bench_opts_s {
+  sbn_tensor_desc_t d;
+  const char *ops, *kern;
+  int iters, sync, group;
+  sbn_op_t one; /* --op, unless ops is "all" */
+} bench_opts_t;
+
+/* A usage error: one line naming the flag, exit status 2. */
+static int usage_error(const char *fmt, const char *arg) {
+  fprintf(stderr, "syncbn bench: ");
+  fprintf(stderr, fmt, arg);
+  fprintf(stderr, "\n");
+  return 2;
+}
+
+/* Sets the value of option c; 0 or 2 after printing why. */
+static int set_option(bench_opts_t *o, int c, const char *arg) {
+  uint64_t u;
+  switch (c) {
+    case 'o':
+      o->ops = arg;
+      return 0;
+    case 's':
+      if (parse_dims(arg, &o->d) != 0)
+        return usage_error(
+            "--shape: '%s' is not N,C[,spatial...] with positive sizes", arg);
+      return 0;
+    case 'l':
+      if (sbn__cli_parse_layout(arg, &o->d.layout) != 0)
+        return usage_error("--layout: '%s' is not nchw|nhwc", arg);
+      return 0;
+    case 'i':
+      if (sbn__cli_parse_u64(arg, 100000, &u) != 0 || u < 1)
+        return usage_error("--iters: '%s' is not in [1, 1e5]", arg);
+      o->iters = (int)u;
+      return 0;
+    case 'k':
+      o->kern = arg;
+      return 0;
+    case 'y':
+      o->sync = 1;
+      return 0;
+    case 'g':
+      if (sbn__cli_parse_u64(arg, INT_MAX, &u) != 0 || u < 1)
+        return usage_error("--group-size: '%s' is not a positive integer", arg);
+      o->group = (int)u;
+      return 0;
+    default:
+      bench_usage(stderr);
+      return 2;
+  }
+}
+
+/* Parses argv into o: 0 to go on, -1 after printing --help, 2 for a usage
+ * error (printed). */
+static int bench_parse(int argc, char **argv, bench_opts_t *o) {
   static const struct option opts[] = {
       {"op", required_argument, 0, 'o'},
       {"shape", required_argument, 0, 's'},
@@ -258,102 +337,59 @@ int sbn_cli_bench(int argc, char **argv) {
       {"group-size", required_argument, 0, 'g'},
       {"help", no_argument, 0, 'h'},
       {0, 0, 0, 0}};
-  sbn_tensor_desc_t d = {4, {32, 64, 56, 56}, SBN_LAYOUT_NCHW};
-  const char *ops = "all", *kern = "auto";
-  int iters = 20, sync = 0, group = 0, c, rc = 0, rank = 0;
+  int c, st;
+  *o = (bench_opts_t){{4, {32, 64, 56, 56}, SBN_LAYOUT_NCHW},
+                      "all",
+                      "auto",
+                      20,
+                      0,
+                      0,
+                      SBN_OP_BATCHNORM};
   optind = 1;
   while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
-    char *end;
-    switch (c) {
-      case 'o':
-        ops = optarg;
-        break;
-      case 's':
-        if (parse_dims(optarg, &d) != 0) {
-          fprintf(stderr,
-                  "syncbn bench: --shape: '%s' is not N,C[,spatial...] "
-                  "with positive sizes\n",
-                  optarg);
-          return 2;
-        }
-        break;
-      case 'l':
-        if (strcmp(optarg, "nchw") == 0)
-          d.layout = SBN_LAYOUT_NCHW;
-        else if (strcmp(optarg, "nhwc") == 0)
-          d.layout = SBN_LAYOUT_NHWC;
-        else {
-          fprintf(stderr, "syncbn bench: --layout: '%s' is not nchw|nhwc\n",
-                  optarg);
-          return 2;
-        }
-        break;
-      case 'i':
-        iters = (int)strtol(optarg, &end, 10);
-        if (*end || iters < 1 || iters > 100000) {
-          fprintf(stderr, "syncbn bench: --iters: '%s' is not in [1, 1e5]\n",
-                  optarg);
-          return 2;
-        }
-        break;
-      case 'k':
-        kern = optarg;
-        break;
-      case 'y':
-        sync = 1;
-        break;
-      case 'g':
-        group = (int)strtol(optarg, &end, 10);
-        if (*end || group < 1) {
-          fprintf(stderr,
-                  "syncbn bench: --group-size: '%s' is not a "
-                  "positive integer\n",
-                  optarg);
-          return 2;
-        }
-        break;
-      case 'h':
-        bench_usage(stdout);
-        return 0;
-      default:
-        bench_usage(stderr);
-        return 2;
+    if (c == 'h') {
+      bench_usage(stdout);
+      return -1;
     }
+    if ((st = set_option(o, c, optarg)) != 0)
+      return st;
   }
-  if (optind < argc) {
-    fprintf(stderr, "syncbn bench: unexpected argument '%s'\n", argv[optind]);
-    return 2;
-  }
-  if (strcmp(kern, "auto") != 0 && (rc = sbn_kernel_select(kern)) != 0) {
-    fprintf(stderr, "syncbn bench: --kernels: %s\n", sbn_last_error());
-    return 2;
-  }
-  sbn_op_t one = SBN_OP_BATCHNORM;
-  if (strcmp(ops, "all") != 0 && sbn_op_parse(ops, &one) != 0) {
-    fprintf(stderr, "syncbn bench: --op: unknown op '%s'\n", ops);
-    return 2;
-  }
-  if (sync) {
+  if (optind < argc)
+    return usage_error("unexpected argument '%s'", argv[optind]);
+  if (strcmp(o->kern, "auto") != 0 && sbn_kernel_select(o->kern) != 0)
+    return usage_error("--kernels: %s", sbn_last_error());
+  if (strcmp(o->ops, "all") != 0 && sbn_op_parse(o->ops, &o->one) != 0)
+    return usage_error("--op: unknown op '%s'", o->ops);
+  return 0;
+}
+
+int sbn_cli_bench(int argc, char **argv) {
+  bench_opts_t o;
+  const sbn_tensor_desc_t *d = &o.d;
+  int rc = 0, rank = 0, st = bench_parse(argc, argv, &o);
+  if (st != 0)
+    return st > 0 ? st : 0;
+  if (o.sync) {
     MPI_Init(&argc, &argv);
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   }
-  if (rank == 0)
+  if (rank == 0) {
     printf("kernels %s, shape", sbn_kernel_name());
-  for (int i = 0; rank == 0 && i < d.ndim; i++)
-    printf("%s%zu", i ? "x" : " ", d.dims[i]);
-  if (rank == 0)
-    printf(", %d iterations, medians\n", iters);
+    for (int i = 0; i < d->ndim; i++)
+      printf("%s%zu", i ? "x" : " ", d->dims[i]);
+    printf(", %d iterations, medians\n", o.iters);
+  }
   for (int op = 0; op <= SBN_OP_DROPOUT && rc == 0; op++) {
-    if (strcmp(ops, "all") != 0 && op != (int)one)
+    if (strcmp(o.ops, "all") != 0 && op != (int)o.one)
       continue;
-    if (d.layout == SBN_LAYOUT_NHWC &&
+    if (d->layout == SBN_LAYOUT_NHWC &&
         (op == SBN_OP_LAYERNORM || op == SBN_OP_DROPOUT))
       continue;
-    rc = bench_op((sbn_op_t)op, &d, iters, rank);
+    rc = bench_op((sbn_op_t)op, d, o.iters, rank);
   }
-  if (sync) {
+  if (o.sync) {
     if (rc == 0)
-      rc = bench_sync(d.dims[1], iters * 10, group);
+      rc = bench_sync(d->dims[1], o.iters * 10, o.group);
     MPI_Finalize();
   }
   return rc == 0 ? 0 : 1;

@@ -1,6 +1,7 @@
-/* The `syncbn` program: dispatches to a subcommand. Everything else lives
- * in mpi/cli_*.c. MPI is initialized by a subcommand only when it needs it
- * (--sync), so every subcommand also runs without mpirun. */
+/* The `syncbn` program: dispatches to a subcommand through the table in
+ * main. Everything else lives in mpi/cli/cli_*.c. MPI is initialized by a
+ * subcommand only when it needs it (--sync), so every subcommand also runs
+ * without mpirun. */
 #include <stdio.h>
 #include <string.h>
 
@@ -9,8 +10,8 @@
 
 /* Subcommands that other files may or may not provide (the architecture
  * plans `study` and `train`). A weak reference resolves to NULL when no
- * mpi/cli_*.c defines the function, so adding such a file is enough to make
- * its subcommand appear here. */
+ * mpi/cli/cli_*.c defines the function, so adding such a file is enough to
+ * make its subcommand appear here. */
 #if defined(__GNUC__)
 int sbn_cli_study(int argc, char **argv) __attribute__((weak));
 int sbn_cli_train(int argc, char **argv) __attribute__((weak));

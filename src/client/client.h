@@ -4,20 +4,29 @@
  * sent as the host stores them, which the protocol requires to be
  * little-endian.
  *
- * Every call returns 0 or a negative SBN_E* code:
- *   SBN_EIO      the socket failed (connect, send or receive);
- *   SBN_ECLOSED  the worker closed the connection;
- *   SBN_EFORMAT  the reply is not what the protocol says;
+ * Errors follow the library's one convention: every call returns 0 or a
+ * negative code and records a message for sbn_last_error() (per thread),
+ * which starts with the call ("forward: ...") and names the argument, or
+ * for an error reply carries the worker's code and message ("forward:
+ * server replied UNKNOWN_LAYER: layer: no layer 7"). The codes:
+ *   SBN_EINVAL, SBN_ENOMEM, ...  a bad argument or a local failure, as in
+ *                                the library;
+ *   SBN_EIO                the socket failed (connect, send or receive);
+ *   SBN_CLIENT_ECLOSED     the worker closed the connection;
+ *   SBN_CLIENT_ETIMEDOUT   the socket's timeout (SO_RCVTIMEO, SO_SNDTIMEO,
+ *                          which the caller may set on sbn_client_fd)
+ *                          expired;
+ *   SBN_EFORMAT            the reply is not what the protocol says;
  *   anything else: the worker answered with an error, mapped to the
- *   nearest library code (SHAPE and BAD_TENSOR: SBN_ESHAPE; NOT_YET:
- *   SBN_ENOTSUP; LAYER_MISMATCH: SBN_EMISMATCH; DUPLICATE_STEP,
- *   STALE_STEP, NO_FORWARD: SBN_ESTATE; SMALL_BATCH: SBN_ESMALLBATCH;
- *   TIMEOUT: SBN_ETIMEDOUT; FRAME_TOO_LARGE, LIMIT, RESOURCE,
+ *   nearest code (SHAPE and BAD_TENSOR: SBN_ESHAPE; NOT_YET: SBN_ENOTSUP;
+ *   LAYER_MISMATCH: SBN_EMISMATCH; DUPLICATE_STEP, STALE_STEP,
+ *   NO_FORWARD: SBN_ESTATE; SMALL_BATCH: SBN_ESMALLBATCH; TIMEOUT:
+ *   SBN_CLIENT_ETIMEDOUT; FRAME_TOO_LARGE, LIMIT, RESOURCE,
  *   TOO_MANY_CLIENTS: SBN_ELIMIT; the rest, e.g. UNKNOWN_LAYER,
  *   BAD_PARAMS, CHECKPOINT, STALL, UNAUTHORIZED: SBN_EINVAL).
- * sbn_client_error_code() then gives the worker's code string and
- * sbn_client_error() a message. A client handle is used by one thread at a
- * time; distinct handles are independent.
+ * sbn_client_server_code() then gives the worker's code string. A client
+ * handle is used by one thread at a time; distinct handles are
+ * independent.
  */
 #ifndef SBN_CLIENT_H
 #define SBN_CLIENT_H
@@ -31,6 +40,24 @@
 extern "C" {
 #endif
 
+/* The client's own codes, beside the library's SBN_ERRNO_MAP: name,
+ * value, message. They start at -100 so that the library's table can grow
+ * without colliding. */
+#define SBN_CLIENT_ERRNO_MAP(XX)   \
+  XX(ETIMEDOUT, -100, "timed out") \
+  XX(ECLOSED, -101, "connection closed")
+
+typedef enum {
+#define SBN__CLIENT_ERR_ENUM(name, val, msg) SBN_CLIENT_##name = (val),
+  SBN_CLIENT_ERRNO_MAP(SBN__CLIENT_ERR_ENUM)
+#undef SBN__CLIENT_ERR_ENUM
+} sbn_client_errno_t;
+
+/* sbn_strerror and sbn_err_name for the codes of both tables ("connection
+ * closed", "SBN_CLIENT_ECLOSED"); static strings, never NULL. */
+const char *sbn_client_strerror(int err);
+const char *sbn_client_err_name(int err);
+
 typedef struct sbn_client_s sbn_client_t;
 
 /* Writes "DIR/rank-<rank>.sock" into buf; SBN_ENOSPACE if it does not fit. */
@@ -43,12 +70,13 @@ int sbn_client_connect(const char *path, sbn_client_t **out);
  * host is a name or an address literal, IPv6 without brackets) and sends
  * the hello that carries the token (token_len bytes, 0..1024). A worker
  * that refuses the token answers UNAUTHORIZED and closes; the call then
- * fails with that reply's code (SBN_EINVAL).
+ * fails with that reply's code (SBN_EINVAL) and sbn_last_error() says why
+ * (or what the name lookup or connect said).
  * Unlike sbn_client_connect, *out is set on failure too (it is NULL only
- * for SBN_ENOMEM and invalid arguments), so that sbn_client_error_code(*out)
- * can say "UNAUTHORIZED" and sbn_client_error(*out) why (or what the
- * name lookup or connect said). Call sbn_client_close(*out) whatever the
- * result; a failed handle answers only the error queries. After a success
+ * for SBN_ENOMEM and invalid arguments), so that
+ * sbn_client_server_code(*out) can say "UNAUTHORIZED". Call
+ * sbn_client_close(*out) whatever the result; a failed handle answers
+ * only sbn_client_server_code. After a success
  * the connection is served like a Unix one (sbn_client_hello may be sent
  * again to read the limits). */
 int sbn_client_connect_tcp(const char *host, int port, const void *token,
@@ -221,7 +249,8 @@ size_t sbn_client_batch_size(const sbn_client_batch_t *b);
 
 /* Queueing: the arguments of the single calls, without the outputs. They
  * return 0, SBN_ELIMIT when b holds 256 already, SBN_ENOMEM, or the
- * desc's error; a failed call queues nothing. */
+ * arguments' error (with its message, as every call); a failed call
+ * queues nothing. */
 int sbn_client_batch_forward(sbn_client_batch_t *b, uint64_t layer,
                              uint64_t step, int train,
                              const sbn_tensor_desc_t *desc, const float *x,
@@ -242,8 +271,8 @@ int sbn_client_batch_stats_backward(sbn_client_batch_t *b, uint64_t layer,
 /* Sends b and reads its reply. 0 means every sub-reply arrived; each has
  * its own result (a sub-request's error fails only that one). A negative
  * code means the batch as a whole failed (transport, a malformed reply,
- * the worker refused the batch, or b is empty: SBN_EINVAL), and the
- * client's error queries say why. */
+ * the worker refused the batch, or b is empty: SBN_EINVAL), and
+ * sbn_last_error() says why. */
 int sbn_client_batch_run(sbn_client_t *c, sbn_client_batch_t *b);
 
 /* One sub-reply. Every pointer belongs to the batch and stays valid until
@@ -271,18 +300,20 @@ const sbn_client_result_t *sbn_client_batch_result(const sbn_client_batch_t *b,
 /* Says goodbye; the worker answers and closes. */
 int sbn_client_bye(sbn_client_t *c);
 
-/* The worker's error code for the last failure ("" if the failure was
- * local) and a message for it. Valid until the next call on c. */
-const char *sbn_client_error_code(const sbn_client_t *c);
-const char *sbn_client_error(const sbn_client_t *c);
+/* The worker's error code ("UNKNOWN_LAYER") of the last call on c that
+ * got an error reply; "" if the last call got none (it succeeded, or
+ * failed before a reply: the message is then sbn_last_error()'s alone).
+ * Valid until the next call on c. */
+const char *sbn_client_server_code(const sbn_client_t *c);
 
 /* Low level, for tests and tools: the socket, a raw send, and one reply
  * frame's body (malloc'ed, the caller frees it). */
 int sbn_client_fd(const sbn_client_t *c);
 int sbn_client_send_raw(sbn_client_t *c, const void *buf, size_t len);
 int sbn_client_recv_frame(sbn_client_t *c, uint8_t **body, size_t *len);
-/* Receives one frame and, if it is an error reply, returns its code string
- * in code (n bytes); "" for a non-error reply. */
+/* Receives one frame and, if it is an error reply, returns 0 with its
+ * code string in code (n bytes); "" for a non-error reply. A transport or
+ * decoding failure returns its code. */
 int sbn_client_recv_error(sbn_client_t *c, char *code, size_t n);
 
 #ifdef __cplusplus

@@ -1,0 +1,68 @@
+/* Value parsers shared by the subcommands (cli_args.h). */
+#include "cli_args.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+int sbn__cli_parse_u64(const char *s, uint64_t max, uint64_t *out) {
+  char *end;
+  /* strtoull would accept blanks and a sign, and wrap "-1" around. */
+  if (*s < '0' || *s > '9')
+    return -1;
+  errno = 0;
+  unsigned long long v = strtoull(s, &end, 10);
+  if (errno != 0 || *end != '\0' || v > max)
+    return -1;
+  *out = (uint64_t)v;
+  return 0;
+}
+
+int sbn__cli_parse_double(const char *s, double *out) {
+  char *end;
+  if (*s == '\0' || *s == ' ' || *s == '\t' || *s == '\n')
+    return -1;
+  errno = 0;
+  double v = strtod(s, &end);
+  if (end == s || *end != '\0' || errno != 0 || !isfinite(v))
+    return -1;
+  *out = v;
+  return 0;
+}
+
+int sbn__cli_parse_layout(const char *s, sbn_layout_t *out) {
+  if (strcmp(s, "nchw") == 0)
+    *out = SBN_LAYOUT_NCHW;
+  else if (strcmp(s, "nhwc") == 0)
+    *out = SBN_LAYOUT_NHWC;
+  else
+    return -1;
+  return 0;
+}
+
+int sbn__cli_parse_list(const char *s, uint64_t max, uint64_t **out,
+                        size_t *n) {
+  size_t cap = 1;
+  for (const char *q = s; *q; q++)
+    cap += *q == ',';
+  *n = 0;
+  *out = calloc(cap, sizeof **out);
+  if (*out == NULL)
+    return -1;
+  for (const char *q = s;;) {
+    const char *comma = strchr(q, ',');
+    size_t len = comma ? (size_t)(comma - q) : strlen(q);
+    char buf[32];
+    if (len == 0 || len >= sizeof buf)
+      return -1;
+    memcpy(buf, q, len);
+    buf[len] = '\0';
+    if (sbn__cli_parse_u64(buf, max, &(*out)[*n]) != 0)
+      return -1;
+    ++*n;
+    if (comma == NULL)
+      return 0;
+    q = comma + 1;
+  }
+}

@@ -1,0 +1,28 @@
+/* Value parsers shared by the subcommands' option parsers. Each returns 0
+ * or -1 and leaves the message to the caller, which knows the flag's name
+ * and what it expects. */
+#ifndef SBN_CLI_ARGS_H
+#define SBN_CLI_ARGS_H
+
+#include <stdint.h>
+
+#include "syncbn.h"
+
+/* Strict unsigned decimal: digits only, no sign, no blanks, no trailing
+ * text, at most max. */
+int sbn__cli_parse_u64(const char *s, uint64_t max, uint64_t *out);
+
+/* Strict finite double: no leading blanks, no trailing text, no range
+ * error, no NaN or infinity. */
+int sbn__cli_parse_double(const char *s, double *out);
+
+/* "nchw" or "nhwc". */
+int sbn__cli_parse_layout(const char *s, sbn_layout_t *out);
+
+/* A comma-separated list of unsigned decimals (each as
+ * sbn__cli_parse_u64 with max): *out is malloc'ed with *n entries, and
+ * also on failure (then possibly partly filled) so that one free() is the
+ * caller's only cleanup. */
+int sbn__cli_parse_list(const char *s, uint64_t max, uint64_t **out, size_t *n);
+
+#endif /* SBN_CLI_ARGS_H */

@@ -1,0 +1,402 @@
+/* syncbn client: connections, frames, hello and bye, and the client's
+ * error codes (client.h). */
+#include <errno.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "client_internal.h"
+
+const char *sbn_client_strerror(int err) {
+  switch (err) {
+#define SBN__CLIENT_ERR_MSG(name, val, msg) \
+  case SBN_CLIENT_##name:                   \
+    return msg;
+    SBN_CLIENT_ERRNO_MAP(SBN__CLIENT_ERR_MSG)
+#undef SBN__CLIENT_ERR_MSG
+    default:
+      return sbn_strerror(err);
+  }
+}
+
+const char *sbn_client_err_name(int err) {
+  switch (err) {
+#define SBN__CLIENT_ERR_NAME(name, val, msg) \
+  case SBN_CLIENT_##name:                    \
+    return "SBN_CLIENT_" #name;
+    SBN_CLIENT_ERRNO_MAP(SBN__CLIENT_ERR_NAME)
+#undef SBN__CLIENT_ERR_NAME
+    default:
+      return sbn_err_name(err);
+  }
+}
+
+int sbn__begin(sbn_client_t *c, const char *op) {
+  if (c == NULL)
+    return sbn_set_error(SBN_EINVAL, "%s: c: NULL", op);
+  c->op = op;
+  c->code[0] = '\0';
+  if (c->fd < 0)
+    return sbn_set_error(
+        SBN_EIO, "%s: not connected (this handle's connect failed)", op);
+  return 0;
+}
+
+int sbn__fail(sbn_client_t *c, int rc, const char *fmt, ...) {
+  char msg[448];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(msg, sizeof msg, fmt, ap);
+  va_end(ap);
+  return sbn_set_error(rc, "%s: %s", c->op != NULL ? c->op : "client", msg);
+}
+
+const char *sbn_client_server_code(const sbn_client_t *c) {
+  return c != NULL ? c->code : "";
+}
+
+int sbn_client_fd(const sbn_client_t *c) {
+  return c != NULL ? c->fd : -1;
+}
+
+int sbn_client_socket_path(char *buf, size_t n, const char *dir, int rank) {
+  int w;
+  if (buf == NULL || dir == NULL)
+    return sbn_set_error(SBN_EINVAL, "socket_path: %s: NULL",
+                         buf == NULL ? "buf" : "dir");
+  w = snprintf(buf, n, "%s/rank-%d.sock", dir, rank);
+  if (w < 0 || (size_t)w >= n)
+    return sbn_set_error(SBN_ENOSPACE,
+                         "socket_path: buf: %zu bytes do not hold "
+                         "%s/rank-%d.sock",
+                         n, dir, rank);
+  return 0;
+}
+
+/* A handle not yet connected. */
+static sbn_client_t *sbn__client_new(void) {
+  sbn_client_t *c = calloc(1, sizeof *c);
+  if (c == NULL)
+    return NULL;
+  c->fd = -1;
+  c->next_id = 1;
+  return c;
+}
+
+int sbn_client_connect(const char *path, sbn_client_t **out) {
+  struct sockaddr_un a;
+  sbn_client_t *c;
+  if (out == NULL)
+    return sbn_set_error(SBN_EINVAL, "connect: out: NULL");
+  *out = NULL;
+  if (path == NULL)
+    return sbn_set_error(SBN_EINVAL, "connect: path: NULL");
+  if (strlen(path) >= sizeof a.sun_path)
+    return sbn_set_error(SBN_EINVAL,
+                         "connect: path: %zu bytes, a socket path holds at "
+                         "most %zu",
+                         strlen(path), sizeof a.sun_path - 1);
+  if ((c = sbn__client_new()) == NULL)
+    return sbn_set_error(SBN_ENOMEM, "connect: out of memory");
+  c->fd = socket(AF_UNIX, SOCK_STREAM, 0);
+  if (c->fd < 0) {
+    sbn_set_error(SBN_EIO, "connect: socket: %s", strerror(errno));
+    free(c);
+    return SBN_EIO;
+  }
+  memset(&a, 0, sizeof a);
+  a.sun_family = AF_UNIX;
+  memcpy(a.sun_path, path, strlen(path) + 1);
+  if (connect(c->fd, (struct sockaddr *)&a, sizeof a) != 0) {
+    sbn_set_error(SBN_EIO, "connect: %s: %s", path, strerror(errno));
+    close(c->fd);
+    free(c);
+    return SBN_EIO;
+  }
+  *out = c;
+  return 0;
+}
+
+void sbn_client_close(sbn_client_t *c) {
+  if (c == NULL)
+    return;
+  if (c->fd >= 0)
+    close(c->fd);
+  free(c);
+}
+
+/* ------------------------------------------------------------------ */
+/* Frames */
+
+/* The code for a failed send or recv: the worker went away, the socket's
+ * timeout (SO_SNDTIMEO, SO_RCVTIMEO) expired, or anything else. */
+static int sbn__errno_rc(int e) {
+  if (e == EPIPE || e == ECONNRESET)
+    return SBN_CLIENT_ECLOSED;
+  if (e == EAGAIN || e == EWOULDBLOCK)
+    return SBN_CLIENT_ETIMEDOUT;
+  return SBN_EIO;
+}
+
+static int sbn__send(sbn_client_t *c, const void *buf, size_t len) {
+  const char *p = buf;
+  while (len > 0) {
+    /* MSG_NOSIGNAL: a worker that went away is an error, not a SIGPIPE. */
+    ssize_t w = send(c->fd, p, len, MSG_NOSIGNAL);
+    if (w < 0) {
+      if (errno == EINTR)
+        continue;
+      return sbn__fail(c, sbn__errno_rc(errno), "send: %s", strerror(errno));
+    }
+    p += w;
+    len -= (size_t)w;
+  }
+  return 0;
+}
+
+int sbn_client_send_raw(sbn_client_t *c, const void *buf, size_t len) {
+  int rc = sbn__begin(c, "send_raw");
+  if (rc != 0)
+    return rc;
+  if (buf == NULL && len > 0)
+    return sbn__fail(c, SBN_EINVAL, "buf: NULL for %zu bytes", len);
+  return sbn__send(c, buf, len);
+}
+
+static int sbn__recv_all(sbn_client_t *c, void *buf, size_t len) {
+  char *p = buf;
+  while (len > 0) {
+    ssize_t r = recv(c->fd, p, len, 0);
+    if (r == 0)
+      return sbn__fail(c, SBN_CLIENT_ECLOSED,
+                       "the worker closed the connection");
+    if (r < 0) {
+      if (errno == EINTR)
+        continue;
+      return sbn__fail(c, sbn__errno_rc(errno), "recv: %s", strerror(errno));
+    }
+    p += r;
+    len -= (size_t)r;
+  }
+  return 0;
+}
+
+int sbn__recv_frame(sbn_client_t *c, uint8_t **body, size_t *len) {
+  uint8_t hdr[4];
+  uint32_t n;
+  uint8_t *b;
+  int rc;
+  *body = NULL;
+  *len = 0;
+  if ((rc = sbn__recv_all(c, hdr, 4)) != 0)
+    return rc;
+  n = ((uint32_t)hdr[0] << 24) | ((uint32_t)hdr[1] << 16) |
+      ((uint32_t)hdr[2] << 8) | hdr[3];
+  if (n == 0)
+    return sbn__fail(c, SBN_EFORMAT, "reply: zero-length frame");
+  b = malloc(n);
+  if (b == NULL)
+    return sbn__fail(c, SBN_ENOMEM, "reply: out of memory (%u bytes)", n);
+  if ((rc = sbn__recv_all(c, b, n)) != 0) {
+    free(b);
+    return rc;
+  }
+  *body = b;
+  *len = n;
+  return 0;
+}
+
+int sbn_client_recv_frame(sbn_client_t *c, uint8_t **body, size_t *len) {
+  int rc = sbn__begin(c, "recv_frame");
+  if (rc != 0)
+    return rc;
+  if (body == NULL || len == NULL)
+    return sbn__fail(c, SBN_EINVAL, "%s: NULL", body == NULL ? "body" : "len");
+  return sbn__recv_frame(c, body, len);
+}
+
+int sbn__req_send(sbn_client_t *c, sbn__req_t *r, const void *tail,
+                  size_t tail_len) {
+  size_t body;
+  int rc;
+  if (r->bad || r->sb.data == NULL || r->sb.size < 4) {
+    msgpack_sbuffer_destroy(&r->sb);
+    return sbn__fail(c, SBN_ENOMEM, "request: out of memory");
+  }
+  body = r->sb.size - 4 + tail_len;
+  if (body > UINT32_MAX) {
+    msgpack_sbuffer_destroy(&r->sb);
+    return sbn__fail(c, SBN_ELIMIT, "request: larger than 4 GiB");
+  }
+  r->sb.data[0] = (char)(body >> 24);
+  r->sb.data[1] = (char)(body >> 16);
+  r->sb.data[2] = (char)(body >> 8);
+  r->sb.data[3] = (char)body;
+  rc = sbn__send(c, r->sb.data, r->sb.size);
+  msgpack_sbuffer_destroy(&r->sb);
+  if (rc == 0 && tail_len > 0)
+    rc = sbn__send(c, tail, tail_len);
+  return rc;
+}
+
+int sbn__call(sbn_client_t *c, sbn__req_t *r, sbn__reply_t *p) {
+  int rc = sbn__req_send(c, r, NULL, 0);
+  memset(p, 0, sizeof *p);
+  return rc != 0 ? rc : sbn__reply(c, r->id, p);
+}
+
+int sbn_client_recv_error(sbn_client_t *c, char *code, size_t n) {
+  sbn__reply_t p;
+  char msg[256];
+  int rc = sbn__begin(c, "recv_error"), e;
+  if (rc != 0)
+    return rc;
+  if (code == NULL || n == 0)
+    return sbn__fail(c, SBN_EINVAL, "code: NULL or 0 bytes");
+  code[0] = '\0';
+  if ((rc = sbn__reply_read(c, &p)) != 0)
+    return rc;
+  e = sbn__error_of(&p.root, c->code, sizeof c->code, msg, sizeof msg);
+  sbn__reply_free(&p);
+  if (e < 0)
+    return sbn__fail(c, SBN_EFORMAT, "reply: error without a code");
+  snprintf(code, n, "%s", c->code);
+  return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* hello, bye, TCP */
+
+/* A hello, with the TCP token when token is not NULL. */
+static int sbn__hello(sbn_client_t *c, const void *token, size_t token_len,
+                      sbn_client_hello_t *out) {
+  sbn__req_t r;
+  sbn__reply_t p;
+  const msgpack_object *lim;
+  uint64_t proto, rank, size, mf = 0, ks = 0;
+  int rc;
+  sbn__req_start(c, &r, "hello", token != NULL ? 4 : 3);
+  r.bad |= sbn__key(&r.pk, "version");
+  r.bad |= msgpack_pack_uint32(&r.pk, SVC_PROTOCOL_VERSION);
+  if (token != NULL) {
+    /* bin, because the token is bytes: the file's content, not text. */
+    r.bad |= sbn__key(&r.pk, "token");
+    r.bad |= msgpack_pack_bin(&r.pk, token_len);
+    r.bad |= msgpack_pack_bin_body(&r.pk, token, token_len);
+  }
+  if ((rc = sbn__call(c, &r, &p)) != 0)
+    return rc;
+  lim = sbn__get(&p.root, "limits");
+  if (sbn__uint_field(&p.root, "protocol", &proto) != 0 ||
+      sbn__uint_field(&p.root, "rank", &rank) != 0 ||
+      sbn__uint_field(&p.root, "size", &size) != 0 || lim == NULL ||
+      sbn__uint_field(lim, "max_frame", &mf) != 0 ||
+      sbn__uint_field(lim, "keep_steps", &ks) != 0) {
+    sbn__reply_free(&p);
+    return sbn__fail(c, SBN_EFORMAT, "reply lacks a field");
+  }
+  if (out != NULL) {
+    out->protocol = (int)proto;
+    out->rank = (int)rank;
+    out->size = (int)size;
+    out->max_frame = (uint32_t)mf;
+    out->keep_steps = (uint32_t)ks;
+  }
+  sbn__reply_free(&p);
+  return 0;
+}
+
+int sbn_client_hello(sbn_client_t *c, sbn_client_hello_t *out) {
+  int rc = sbn__begin(c, "hello");
+  return rc != 0 ? rc : sbn__hello(c, NULL, 0, out);
+}
+
+int sbn_client_bye(sbn_client_t *c) {
+  sbn__req_t r;
+  sbn__reply_t p;
+  int rc = sbn__begin(c, "bye");
+  if (rc != 0)
+    return rc;
+  sbn__req_start(c, &r, "bye", 2);
+  if ((rc = sbn__call(c, &r, &p)) != 0)
+    return rc;
+  sbn__reply_free(&p);
+  return 0;
+}
+
+/* Connects c to the first address of host:port that accepts. */
+static int sbn__tcp_connect(sbn_client_t *c, const char *host, int port) {
+  struct addrinfo hints, *ai = NULL;
+  char ps[16];
+  int gai, err = 0, one = 1;
+  snprintf(ps, sizeof ps, "%d", port);
+  memset(&hints, 0, sizeof hints);
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_NUMERICSERV;
+  if ((gai = getaddrinfo(host, ps, &hints, &ai)) != 0)
+    return sbn__fail(c, SBN_EIO, "host: %s: %s", host, gai_strerror(gai));
+  for (const struct addrinfo *a = ai; a != NULL; a = a->ai_next) {
+    int fd = socket(a->ai_family, a->ai_socktype, a->ai_protocol);
+    if (fd < 0) {
+      err = errno;
+      continue;
+    }
+    if (connect(fd, a->ai_addr, a->ai_addrlen) == 0) {
+      c->fd = fd;
+      break;
+    }
+    err = errno;
+    close(fd);
+  }
+  freeaddrinfo(ai);
+  if (c->fd < 0)
+    return sbn__fail(c, SBN_EIO, "%s:%d: %s", host, port, strerror(err));
+  /* Requests and replies are small exchanges that wait on each other:
+   * Nagle's delay would only add latency. */
+  setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  return 0;
+}
+
+int sbn_client_connect_tcp(const char *host, int port, const void *token,
+                           size_t token_len, sbn_client_t **out) {
+  sbn_client_t *c;
+  int rc;
+  if (out == NULL)
+    return sbn_set_error(SBN_EINVAL, "connect_tcp: out: NULL");
+  *out = NULL;
+  if (host == NULL)
+    return sbn_set_error(SBN_EINVAL, "connect_tcp: host: NULL");
+  if (port <= 0 || port > 65535)
+    return sbn_set_error(SBN_EINVAL,
+                         "connect_tcp: port: %d is not in [1, 65535]", port);
+  if (token == NULL && token_len > 0)
+    return sbn_set_error(SBN_EINVAL, "connect_tcp: token: NULL for %zu bytes",
+                         token_len);
+  if (token_len > SVC_TOKEN_MAX)
+    return sbn_set_error(SBN_EINVAL,
+                         "connect_tcp: token_len: %zu bytes, at most %d",
+                         token_len, SVC_TOKEN_MAX);
+  if ((c = sbn__client_new()) == NULL)
+    return sbn_set_error(SBN_ENOMEM, "connect_tcp: out of memory");
+  /* The handle is handed out even if what follows fails, so that the
+   * caller can read the worker's code (see client.h). */
+  *out = c;
+  c->op = "connect_tcp";
+  if ((rc = sbn__tcp_connect(c, host, port)) != 0 ||
+      (rc = sbn__hello(c, token != NULL ? token : "", token_len, NULL)) != 0) {
+    /* A refused hello closes the connection on the worker's side too;
+     * later calls on this handle fail with SBN_EIO. */
+    if (c->fd >= 0)
+      close(c->fd);
+    c->fd = -1;
+  }
+  return rc;
+}
