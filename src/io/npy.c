@@ -15,7 +15,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "internal.h"
+#include "io/sbn_io.h"
 #include "sbn_npy.h"
 
 /* The largest header accepted (versions 2.0 and 3.0 declare 4-byte header

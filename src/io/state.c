@@ -9,7 +9,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "internal.h"
+#include "io/sbn_io.h"
 #include "sbn_state.h"
 
 /* The format stores exactly eight normalized-shape entries. */
@@ -276,6 +276,7 @@ int sbn_ckpt_lengths(const sbn_layer_params_t *params, size_t *affine_len,
       break;
     }
     case SBN_OP_DROPOUT:
+    case SBN_OP_COUNT: /* not an op: sbn_layer_create() has rejected it */
       break;
   }
   *affine_len = a;
