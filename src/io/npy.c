@@ -267,15 +267,119 @@ static int sbn__read_full(FILE *f, void *buf, size_t n) {
   return fread(buf, 1, n, f) == n ? 0 : -1;
 }
 
+/* The magic, the version and the header length: *start is where the
+ * header text begins, *hlen its length. */
+static int sbn__read_preamble(FILE *f, const char *path, size_t *hlen,
+                              size_t *start) {
+  unsigned char pre[12];
+  if (sbn__read_full(f, pre, 8) != 0 ||
+      memcmp(pre, sbn__npy_magic, sizeof sbn__npy_magic) != 0)
+    return sbn_set_error(SBN_EFORMAT, "%s: not a .npy file (bad magic)", path);
+  if (pre[6] == 1) {
+    if (sbn__read_full(f, pre + 8, 2) != 0)
+      return sbn_set_error(SBN_EFORMAT, "%s: truncated .npy header", path);
+    *hlen = (size_t)pre[8] | (size_t)pre[9] << 8;
+    *start = 10;
+  } else if (pre[6] == 2 || pre[6] == 3) {
+    if (sbn__read_full(f, pre + 8, 4) != 0)
+      return sbn_set_error(SBN_EFORMAT, "%s: truncated .npy header", path);
+    *hlen = (size_t)pre[8] | (size_t)pre[9] << 8 | (size_t)pre[10] << 16 |
+            (size_t)pre[11] << 24;
+    *start = 12;
+  } else {
+    return sbn_set_error(SBN_EFORMAT, "%s: unsupported .npy version %u.%u",
+                         path, pre[6], pre[7]);
+  }
+  return 0;
+}
+
+/* Reads and parses the header text of hlen bytes into h. */
+static int sbn__read_header(FILE *f, const char *path, size_t hlen,
+                            sbn__npy_hdr_t *h) {
+  char *hdr = NULL;
+  int rc;
+  if (hlen > SBN__NPY_MAX_HEADER)
+    return sbn_set_error(SBN_EFORMAT,
+                         "%s: .npy header of %zu bytes exceeds the %u byte "
+                         "limit",
+                         path, hlen, SBN__NPY_MAX_HEADER);
+  hdr = malloc(hlen + 1);
+  if (hdr == NULL)
+    return sbn_set_error(SBN_ENOMEM, "%s: out of memory", path);
+  if (sbn__read_full(f, hdr, hlen) != 0) {
+    rc = sbn_set_error(SBN_EFORMAT, "%s: truncated .npy header", path);
+    goto fail;
+  }
+  hdr[hlen] = '\0';
+  rc = sbn__parse_header(path, hdr, hlen, h);
+fail:
+  free(hdr);
+  return rc;
+}
+
+/* The element count and data bytes the header declares, checked against
+ * the bytes the file holds after the header (st_size, from start on). */
+static int sbn__data_size(const char *path, const sbn__npy_hdr_t *h,
+                          off_t st_size, size_t start, size_t *numel,
+                          size_t *bytes) {
+  size_t n = 1;
+  for (int i = 0; i < h->ndim; i++)
+    if (sbn__mul_size(n, h->dims[i], &n) != 0)
+      return sbn_set_error(SBN_EFORMAT, "%s: shape: the size overflows size_t",
+                           path);
+  if (sbn__mul_size(n, h->itemsize, bytes) != 0)
+    return sbn_set_error(SBN_EFORMAT, "%s: shape: the size overflows size_t",
+                         path);
+  /* st_size is compared in uintmax_t so that neither side is truncated. */
+  uintmax_t have = (uintmax_t)st_size, begin = start;
+  if (have < begin || have - begin != (uintmax_t)*bytes)
+    return sbn_set_error(SBN_EFORMAT,
+                         "%s: the header declares %zu data bytes but the file "
+                         "holds %ju",
+                         path, *bytes, have < begin ? 0 : have - begin);
+  *numel = n;
+  return 0;
+}
+
+/* Reads numel elements of the header's type into data as float32. */
+static int sbn__read_data(FILE *f, const char *path, const sbn__npy_hdr_t *h,
+                          size_t numel, size_t bytes, float *data) {
+  if (h->itemsize == 4) {
+    if (sbn__read_full(f, data, bytes) != 0)
+      return sbn_set_error(SBN_EIO, "%s: short read", path);
+    if (sbn__host_big_endian())
+      sbn__swap_bytes(data, 4, numel);
+    return 0;
+  }
+  /* Converted in chunks so a float64 file needs only its float32 copy
+   * plus a small buffer. */
+  enum { CHUNK = 4096 };
+  double *chunk = malloc(CHUNK * sizeof(double));
+  int rc = 0;
+  if (chunk == NULL)
+    return sbn_set_error(SBN_ENOMEM, "%s: out of memory", path);
+  for (size_t i = 0; i < numel; i += CHUNK) {
+    size_t n = numel - i < CHUNK ? numel - i : CHUNK;
+    if (sbn__read_full(f, chunk, n * sizeof(double)) != 0) {
+      rc = sbn_set_error(SBN_EIO, "%s: short read", path);
+      goto fail;
+    }
+    if (sbn__host_big_endian())
+      sbn__swap_bytes(chunk, 8, n);
+    for (size_t j = 0; j < n; j++)
+      data[i + j] = (float)chunk[j];
+  }
+fail:
+  free(chunk);
+  return rc;
+}
+
 int sbn_npy_read(const char *path, sbn_npy_t *out) {
   FILE *f = NULL;
-  char *hdr = NULL;
   float *data = NULL;
-  void *chunk = NULL;
-  unsigned char pre[12];
   sbn__npy_hdr_t h;
   struct stat st;
-  size_t hlen, pre_len, numel = 1, bytes;
+  size_t hlen = 0, start = 0, numel = 0, bytes = 0;
   int rc;
 
   if (out == NULL)
@@ -292,112 +396,25 @@ int sbn_npy_read(const char *path, sbn_npy_t *out) {
     rc = sbn_set_error(SBN_EIO, "%s: %s", path, strerror(errno));
     goto fail;
   }
-  /* The size check below is what keeps a lying header from sizing an
-   * allocation, and it needs a size. */
+  /* The size check in sbn__data_size is what keeps a lying header from
+   * sizing an allocation, and it needs a size. */
   if (!S_ISREG(st.st_mode)) {
     rc = sbn_set_error(SBN_EIO, "%s: not a regular file", path);
     goto fail;
   }
-  if (sbn__read_full(f, pre, 8) != 0 ||
-      memcmp(pre, sbn__npy_magic, sizeof sbn__npy_magic) != 0) {
-    rc = sbn_set_error(SBN_EFORMAT, "%s: not a .npy file (bad magic)", path);
+  if ((rc = sbn__read_preamble(f, path, &hlen, &start)) != 0 ||
+      (rc = sbn__read_header(f, path, hlen, &h)) != 0 ||
+      (rc = sbn__data_size(path, &h, st.st_size, start + hlen, &numel,
+                           &bytes)) != 0)
     goto fail;
-  }
-  if (pre[6] == 1) {
-    if (sbn__read_full(f, pre + 8, 2) != 0) {
-      rc = sbn_set_error(SBN_EFORMAT, "%s: truncated .npy header", path);
-      goto fail;
-    }
-    hlen = (size_t)pre[8] | (size_t)pre[9] << 8;
-    pre_len = 10;
-  } else if (pre[6] == 2 || pre[6] == 3) {
-    if (sbn__read_full(f, pre + 8, 4) != 0) {
-      rc = sbn_set_error(SBN_EFORMAT, "%s: truncated .npy header", path);
-      goto fail;
-    }
-    hlen = (size_t)pre[8] | (size_t)pre[9] << 8 | (size_t)pre[10] << 16 |
-           (size_t)pre[11] << 24;
-    pre_len = 12;
-  } else {
-    rc = sbn_set_error(SBN_EFORMAT, "%s: unsupported .npy version %u.%u", path,
-                       pre[6], pre[7]);
-    goto fail;
-  }
-  if (hlen > SBN__NPY_MAX_HEADER) {
-    rc = sbn_set_error(SBN_EFORMAT,
-                       "%s: .npy header of %zu bytes exceeds the %u byte "
-                       "limit",
-                       path, hlen, SBN__NPY_MAX_HEADER);
-    goto fail;
-  }
-  hdr = malloc(hlen + 1);
-  if (hdr == NULL) {
-    rc = sbn_set_error(SBN_ENOMEM, "%s: out of memory", path);
-    goto fail;
-  }
-  if (sbn__read_full(f, hdr, hlen) != 0) {
-    rc = sbn_set_error(SBN_EFORMAT, "%s: truncated .npy header", path);
-    goto fail;
-  }
-  hdr[hlen] = '\0';
-  if ((rc = sbn__parse_header(path, hdr, hlen, &h)) != 0)
-    goto fail;
-  for (int i = 0; i < h.ndim; i++) {
-    if (sbn__mul_size(numel, h.dims[i], &numel) != 0) {
-      rc = sbn_set_error(SBN_EFORMAT, "%s: shape: the size overflows size_t",
-                         path);
-      goto fail;
-    }
-  }
-  if (sbn__mul_size(numel, h.itemsize, &bytes) != 0) {
-    rc = sbn_set_error(SBN_EFORMAT, "%s: shape: the size overflows size_t",
-                       path);
-    goto fail;
-  }
-  /* st_size is compared in uintmax_t so that neither side is truncated. */
-  uintmax_t have = (uintmax_t)st.st_size, start = pre_len + hlen;
-  if (have < start || have - start != (uintmax_t)bytes) {
-    rc = sbn_set_error(SBN_EFORMAT,
-                       "%s: the header declares %zu data bytes but the file "
-                       "holds %ju",
-                       path, bytes, have < start ? 0 : have - start);
-    goto fail;
-  }
   data = malloc((numel > 0 ? numel : 1) * sizeof(float));
   if (data == NULL) {
     rc = sbn_set_error(SBN_ENOMEM, "%s: out of memory for %zu floats", path,
                        numel);
     goto fail;
   }
-  if (h.itemsize == 4) {
-    if (sbn__read_full(f, data, bytes) != 0) {
-      rc = sbn_set_error(SBN_EIO, "%s: short read", path);
-      goto fail;
-    }
-    if (sbn__host_big_endian())
-      sbn__swap_bytes(data, 4, numel);
-  } else {
-    /* Converted in chunks so a float64 file needs only its float32 copy
-     * plus a small buffer. */
-    enum { CHUNK = 4096 };
-    chunk = malloc(CHUNK * sizeof(double));
-    if (chunk == NULL) {
-      rc = sbn_set_error(SBN_ENOMEM, "%s: out of memory", path);
-      goto fail;
-    }
-    for (size_t i = 0; i < numel; i += CHUNK) {
-      size_t n = numel - i < CHUNK ? numel - i : CHUNK;
-      double *d = chunk;
-      if (sbn__read_full(f, d, n * sizeof(double)) != 0) {
-        rc = sbn_set_error(SBN_EIO, "%s: short read", path);
-        goto fail;
-      }
-      if (sbn__host_big_endian())
-        sbn__swap_bytes(d, 8, n);
-      for (size_t j = 0; j < n; j++)
-        data[i + j] = (float)d[j];
-    }
-  }
+  if ((rc = sbn__read_data(f, path, &h, numel, bytes, data)) != 0)
+    goto fail;
   out->ndim = h.ndim;
   memcpy(out->dims, h.dims, sizeof h.dims);
   out->numel = numel;
@@ -405,9 +422,7 @@ int sbn_npy_read(const char *path, sbn_npy_t *out) {
   data = NULL;
   rc = 0;
 fail:
-  free(chunk);
   free(data);
-  free(hdr);
   if (f != NULL)
     fclose(f);
   return rc;
