@@ -23,15 +23,21 @@ static int dropout_shape(const sbn_layer_params_t *p,
   return sbn__shape_plain("dropout", d, sh);
 }
 
-/* Applies the mask of (layer, step) to in -> out, scaling kept values.
- * The same function serves forward (x -> y) and backward (dy -> dx). */
-static void dropout_apply(const sbn_layer_t *l, uint64_t step, const float *in,
-                          float *out, size_t n) {
+/* Maps in -> out, scaling kept values: the identity in eval or with
+ * p = 0, else the mask of (layer, step). Forward (x -> y) and backward
+ * (dy -> dx) are the same map, since the mask is regenerated. */
+static int dropout_map(const sbn_layer_t *l, sbn_mode_t mode, uint64_t step,
+                       const float *in, float *out, size_t n) {
   const sbn_layer_params_t *p = &l->p;
+  if (mode == SBN_MODE_EVAL || p->p == 0) {
+    if (out != in && n > 0)
+      memmove(out, in, n * sizeof(float));
+    return 0;
+  }
   if (p->p >= 1) {
     /* Every word is below p * 2^32 = 2^32: all dropped, and no 1/(1-p). */
     memset(out, 0, n * sizeof(float));
-    return;
+    return 0;
   }
   uint32_t thr = (uint32_t)(p->p * 4294967296.0);
   float scale = (float)(1.0 / (1.0 - p->p));
@@ -39,28 +45,17 @@ static void dropout_apply(const sbn_layer_t *l, uint64_t step, const float *in,
                      (uint32_t)(l->comm != NULL ? l->comm->world_rank : 0)};
   sbn__kernels()->dropout(in, out, n, 0, key, (uint32_t)step, p->layer_id, thr,
                           scale);
+  return 0;
 }
 
 static int dropout_forward(sbn_layer_t *l, const sbn_forward_args_t *a,
                            const sbn__shape_t *sh) {
-  if (a->mode == SBN_MODE_EVAL || l->p.p == 0) {
-    if (a->y != a->x && sh->numel > 0)
-      memmove(a->y, a->x, sh->numel * sizeof(float));
-    return 0;
-  }
-  dropout_apply(l, a->step, a->x, a->y, sh->numel);
-  return 0;
+  return dropout_map(l, a->mode, a->step, a->x, a->y, sh->numel);
 }
 
 static int dropout_backward(sbn_layer_t *l, const sbn_backward_args_t *a,
                             const sbn__shape_t *sh) {
-  if (a->mode == SBN_MODE_EVAL || l->p.p == 0) {
-    if (a->dx != a->dy && sh->numel > 0)
-      memmove(a->dx, a->dy, sh->numel * sizeof(float));
-    return 0;
-  }
-  dropout_apply(l, a->step, a->dy, a->dx, sh->numel);
-  return 0;
+  return dropout_map(l, a->mode, a->step, a->dy, a->dx, sh->numel);
 }
 
 /* No sizes: the mask is regenerated, so dropout needs neither workspace
