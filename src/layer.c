@@ -77,21 +77,6 @@ sbn_comm_t *sbn_layer_comm(const sbn_layer_t *layer) {
   return layer->comm;
 }
 
-/* The shape and the buffer needs of x for the layer's op. A layer holds
- * validated parameters, so its row always exists. */
-static int sbn__layer_need(const sbn_layer_t *l, const sbn_tensor_desc_t *x,
-                           sbn__shape_t *sh, sbn__need_t *need) {
-  const sbn__op_t *row = sbn__ops[l->p.op];
-  int rc;
-  memset(need, 0, sizeof *need);
-  need->flags = row->flags;
-  if ((rc = row->shape(&l->p, x, sh)) != 0)
-    return rc;
-  if (row->sizes == NULL)
-    return 0;
-  return row->sizes(&l->p, sh, &need->workspace, &need->saved);
-}
-
 int sbn_layer_sizes(const sbn_layer_t *l, const sbn_tensor_desc_t *x,
                     size_t *workspace_bytes, size_t *saved_bytes) {
   sbn__shape_t sh;
@@ -99,7 +84,7 @@ int sbn_layer_sizes(const sbn_layer_t *l, const sbn_tensor_desc_t *x,
   int rc;
   if (l == NULL)
     return sbn_set_error(SBN_EINVAL, "layer: NULL");
-  if ((rc = sbn__layer_need(l, x, &sh, &need)) != 0)
+  if ((rc = sbn__op_need(l, x, &sh, &need)) != 0)
     return rc;
   if (workspace_bytes)
     *workspace_bytes = need.workspace;
@@ -115,7 +100,7 @@ static int sbn__enter(const sbn_layer_t *l, const void *args,
                       sbn__need_t *need) {
   if (l == NULL || args == NULL)
     return sbn_set_error(SBN_EINVAL, "%s: NULL", l == NULL ? "layer" : "args");
-  return sbn__layer_need(l, x, sh, need);
+  return sbn__op_need(l, x, sh, need);
 }
 
 int sbn_forward(sbn_layer_t *l, const sbn_forward_args_t *a) {

@@ -41,19 +41,15 @@ int sbn_bn_needs_reduce(const sbn_layer_t *l, sbn_mode_t mode) {
 }
 
 /* The seam's own front door: the checks sbn_forward/sbn_backward make,
- * for a BatchNorm layer. The sizes are the row's, so the seam asks for the
+ * for a BatchNorm layer, through the same op row, so the seam asks for the
  * same buffers as the one-call path. */
 static int bn_check(const sbn_layer_t *l, const void *a, sbn__shape_t *sh,
                     const sbn_tensor_desc_t *d, sbn__need_t *need) {
-  int rc;
   if (l == NULL || a == NULL)
     return sbn_set_error(SBN_EINVAL, "%s: NULL", l == NULL ? "layer" : "args");
   if (l->p.op != SBN_OP_BATCHNORM)
     return sbn_set_error(SBN_EINVAL, "layer: not a BatchNorm layer");
-  if ((rc = sbn__op_shape_channels(&l->p, d, sh)) != 0)
-    return rc;
-  need->flags = sbn__op_batchnorm.flags;
-  return bn_sizes(&l->p, sh, &need->workspace, &need->saved);
+  return sbn__op_need(l, d, sh, need);
 }
 
 static int bn_check_fwd(const sbn_layer_t *l, const sbn_forward_args_t *a,

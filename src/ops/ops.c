@@ -1,5 +1,6 @@
 /* The op table and the parameter checks that several op rows share. */
 #include <math.h>
+#include <string.h>
 
 #include "ops/sbn_ops.h"
 
@@ -57,4 +58,18 @@ int sbn__op_shape_channels(const sbn_layer_params_t *p,
                            const sbn_tensor_desc_t *d, sbn__shape_t *sh) {
   const sbn__op_t *op = sbn__op(p->op);
   return sbn__shape_channels(op != NULL ? op->name : "?", p->channels, d, sh);
+}
+
+int sbn__op_need(const sbn_layer_t *l, const sbn_tensor_desc_t *x,
+                 sbn__shape_t *sh, sbn__need_t *need) {
+  /* A layer holds validated parameters, so its row always exists. */
+  const sbn__op_t *row = sbn__ops[l->p.op];
+  int rc;
+  memset(need, 0, sizeof *need);
+  need->flags = row->flags;
+  if ((rc = row->shape(&l->p, x, sh)) != 0)
+    return rc;
+  if (row->sizes == NULL)
+    return 0;
+  return row->sizes(&l->p, sh, &need->workspace, &need->saved);
 }

@@ -50,6 +50,12 @@ extern const sbn__op_t *const sbn__ops[SBN_OP_COUNT];
 /* The row for op, or NULL when op is not an sbn_op_t value. */
 const sbn__op_t *sbn__op(sbn_op_t op);
 
+/* The shape of x for the layer's op and the buffers and arguments a call
+ * on it needs: what the front door and the BatchNorm seam check before
+ * the argument checks of base/args.c. */
+int sbn__op_need(const sbn_layer_t *l, const sbn_tensor_desc_t *x,
+                 sbn__shape_t *sh, sbn__need_t *need);
+
 /* Checks of parameters that several ops share (ops/ops.c). */
 int sbn__check_eps(const sbn_layer_params_t *p);
 /* momentum in [0, 1]; cumulative only where allow_cumulative is set. */
