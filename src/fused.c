@@ -8,7 +8,6 @@
  * process after it, in the same single collective. */
 #include <string.h>
 
-#include "internal.h"
 #include "syncbn_fused.h"
 
 static int comm_size(const sbn_comm_t *c) {

@@ -176,10 +176,12 @@ typedef enum {
   SBN_OP_LAYERNORM = 1,
   SBN_OP_INSTANCENORM = 2,
   SBN_OP_GROUPNORM = 3,
-  SBN_OP_DROPOUT = 4
+  SBN_OP_DROPOUT = 4,
+  /* The number of ops, not an op: valid ops are 0 .. SBN_OP_COUNT - 1. */
+  SBN_OP_COUNT
 } sbn_op_t;
 
-/* Name ("batchnorm", ...) or NULL for an unknown op. */
+/* Name ("batchnorm", ...) or NULL for an unknown op (SBN_OP_COUNT too). */
 SBN_API const char *sbn_op_name(sbn_op_t op);
 /* Parses a name into *op; SBN_EINVAL if unknown. */
 SBN_API int sbn_op_parse(const char *name, sbn_op_t *op);

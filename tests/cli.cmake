@@ -8,7 +8,6 @@ endif()
 
 foreach(tool npygen npycmp)
   add_executable(${tool} ${CMAKE_CURRENT_LIST_DIR}/${tool}.c)
-  target_include_directories(${tool} PRIVATE ${CMAKE_SOURCE_DIR}/src/base)
   target_link_libraries(${tool} PRIVATE syncbn ${M_LIB})
 endforeach()
 

@@ -420,6 +420,104 @@ static void test_other_ops_buffers(void **state) {
   }
 }
 
+/* The op table: every op has a name that parses back to it, the count is
+ * not an op, and layer creation refuses values outside the table. */
+static void test_op_table(void **state) {
+  (void)state;
+  for (int i = 0; i < SBN_OP_COUNT; i++) {
+    const char *name = sbn_op_name((sbn_op_t)i);
+    sbn_op_t op = (sbn_op_t)-1;
+    assert_non_null(name);
+    assert_int_equal(sbn_op_parse(name, &op), 0);
+    assert_int_equal(op, i);
+    for (int j = 0; j < i; j++)
+      assert_string_not_equal(name, sbn_op_name((sbn_op_t)j));
+    /* Each op's defaults (with the shape parameters set) make a layer,
+     * and only BatchNorm tracks running statistics by default. */
+    sbn_layer_params_t p = params((sbn_op_t)i);
+    assert_int_equal(p.op, i);
+    assert_int_equal(p.track_running_stats, i == SBN_OP_BATCHNORM);
+    assert_int_equal(create(&p), 0);
+  }
+  assert_null(sbn_op_name(SBN_OP_COUNT));
+  assert_null(sbn_op_name((sbn_op_t)-1));
+  sbn_op_t op;
+  EXPECT_ERR(sbn_op_parse(NULL, &op), SBN_EINVAL, "op");
+  EXPECT_ERR(sbn_op_parse("dropout", NULL), SBN_EINVAL, "op");
+  sbn_layer_params_t p;
+  sbn_layer_params_default(&p, SBN_OP_COUNT);
+  assert_int_equal(p.op, SBN_OP_COUNT);
+  EXPECT_ERR(create(&p), SBN_EINVAL, "params.op");
+  p.op = (sbn_op_t)-1;
+  EXPECT_ERR(create(&p), SBN_EINVAL, "params.op");
+}
+
+/* What the op rows' flags decide: which ops need running state, weight
+ * and the forward input; and the BatchNorm seam's own checks. */
+static void test_op_flags(void **state) {
+  (void)state;
+  sbn_tensor_desc_t d =
+      tu_desc(SBN_LAYOUT_NCHW, 3, (size_t)2, (size_t)4, (size_t)3);
+  float x[24], y[24], dy[24], dx[24];
+  for (int i = 0; i < 24; i++)
+    x[i] = (float)i, dy[i] = 1.0f;
+  /* InstanceNorm with tracking needs the running state; GroupNorm ignores
+   * track_running_stats, so it needs none. */
+  const sbn_op_t ops[] = {SBN_OP_INSTANCENORM, SBN_OP_GROUPNORM};
+  for (int o = 0; o < 2; o++) {
+    sbn_layer_params_t p = params(ops[o]);
+    p.affine = 0;
+    p.track_running_stats = 1;
+    sbn_layer_t *l = tu_layer(&p, NULL);
+    size_t ws, sv;
+    assert_int_equal(sbn_layer_sizes(l, &d, &ws, &sv), 0);
+    void *work = tu_xmalloc(ws), *saved = tu_xmalloc(sv);
+    sbn_forward_args_t fa = {SBN_MODE_TRAIN, &d, x,    y,  NULL,  NULL,
+                             NULL,           0,  work, ws, saved, sv};
+    if (ops[o] == SBN_OP_INSTANCENORM)
+      EXPECT_ERR(sbn_forward(l, &fa), SBN_EINVAL, "state");
+    else
+      assert_int_equal(sbn_forward(l, &fa), 0);
+    /* The seam is BatchNorm's only. */
+    sbn_rec_t recs[4];
+    EXPECT_ERR(sbn_bn_forward_local(l, &fa, recs), SBN_EINVAL, "layer");
+    sbn_layer_destroy(l);
+    free(work), free(saved);
+  }
+  /* Dropout's backward reads neither x nor weight. */
+  sbn_layer_params_t dp = params(SBN_OP_DROPOUT);
+  sbn_layer_t *l = tu_layer(&dp, NULL);
+  sbn_backward_args_t ba;
+  memset(&ba, 0, sizeof ba);
+  ba.mode = SBN_MODE_TRAIN;
+  ba.x_desc = &d;
+  ba.dy = dy;
+  ba.dx = dx;
+  assert_int_equal(sbn_backward(l, &ba), 0);
+  sbn_layer_destroy(l);
+  /* The seam's backward checks the buffers as sbn_backward does. */
+  sbn_layer_params_t bp = params(SBN_OP_BATCHNORM);
+  l = tu_layer(&bp, NULL);
+  size_t ws;
+  assert_int_equal(sbn_layer_sizes(l, &d, &ws, NULL), 0);
+  void *work = tu_xmalloc(ws);
+  sbn_rec_t recs[4];
+  ba.x = x;
+  ba.workspace = work;
+  ba.workspace_bytes = ws;
+  EXPECT_ERR(sbn_bn_backward_local(l, &ba, recs), SBN_EINVAL, "weight");
+  bp.affine = 0;
+  sbn_layer_destroy(l);
+  l = tu_layer(&bp, NULL);
+  ba.workspace_bytes = ws - 1;
+  EXPECT_ERR(sbn_bn_backward_local(l, &ba, recs), SBN_ENOSPACE, "workspace");
+  EXPECT_ERR(sbn_bn_backward_finish(l, &ba, recs), SBN_ENOSPACE, "workspace");
+  ba.workspace_bytes = ws;
+  EXPECT_ERR(sbn_bn_backward_local(l, &ba, recs), SBN_EINVAL, "saved");
+  sbn_layer_destroy(l);
+  free(work);
+}
+
 static void test_misc_errors(void **state) {
   (void)state;
   EXPECT_ERR(sbn_kernel_select("no-such-kernels"), SBN_ENOTSUP,
@@ -443,6 +541,8 @@ int main(void) {
       cmocka_unit_test(test_shape_errors),
       cmocka_unit_test(test_buffer_errors),
       cmocka_unit_test(test_other_ops_buffers),
+      cmocka_unit_test(test_op_table),
+      cmocka_unit_test(test_op_flags),
       cmocka_unit_test(test_misc_errors),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);

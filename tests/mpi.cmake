@@ -34,8 +34,7 @@ foreach(prog ${SBN_MPI_TESTS})
     list(APPEND srcs ${SBN_MPI_TEST_DIR}/mpi_pmpi.c)
   endif()
   add_executable(${prog} ${srcs})
-  target_include_directories(${prog} PRIVATE ${CMAKE_SOURCE_DIR}/src/base
-    ${SBN_MPI_TEST_DIR})
+  target_include_directories(${prog} PRIVATE ${SBN_MPI_TEST_DIR})
   target_link_libraries(${prog} PRIVATE syncbn_mpi syncbn MPI::MPI_C ${M_LIB})
   foreach(np 1 2 3 4)
     add_test(NAME ${prog}_np${np}

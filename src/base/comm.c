@@ -1,5 +1,5 @@
 /* The record combination and the single-process communicator. */
-#include "internal.h"
+#include "base/sbn_base.h"
 
 /* Chan's parallel merge of two (n, mean, M2) triples. Every operation is
  * written symmetrically in a and b (sums and products commute bitwise in

@@ -2,7 +2,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 
-#include "internal.h"
+#include "base/sbn_base.h"
 
 /* Each thread keeps the message of its own last failure, so concurrent
  * users of distinct layers never see each other's messages. */

@@ -9,7 +9,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "internal.h"
+#include "io/sbn_io.h"
 
 static int sbn__write_all(int fd, const unsigned char *p, size_t n) {
   while (n > 0) {

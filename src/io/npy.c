@@ -15,7 +15,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "internal.h"
+#include "io/sbn_io.h"
 #include "sbn_npy.h"
 
 /* The largest header accepted (versions 2.0 and 3.0 declare 4-byte header
@@ -267,33 +267,37 @@ static int sbn__read_full(FILE *f, void *buf, size_t n) {
   return fread(buf, 1, n, f) == n ? 0 : -1;
 }
 
-/* Reads the preamble and header of an open .npy file into *h and sets
- * *start to the offset of the data. The header length is capped before
- * anything is allocated for it. */
-static int sbn__npy_read_header(FILE *f, const char *path, sbn__npy_hdr_t *h,
-                                size_t *start) {
+/* The magic, the version and the header length: *start is where the
+ * header text begins, *hlen its length. */
+static int sbn__read_preamble(FILE *f, const char *path, size_t *hlen,
+                              size_t *start) {
   unsigned char pre[12];
-  char *hdr = NULL;
-  size_t hlen, pre_len;
-  int rc;
   if (sbn__read_full(f, pre, 8) != 0 ||
       memcmp(pre, sbn__npy_magic, sizeof sbn__npy_magic) != 0)
     return sbn_set_error(SBN_EFORMAT, "%s: not a .npy file (bad magic)", path);
   if (pre[6] == 1) {
     if (sbn__read_full(f, pre + 8, 2) != 0)
       return sbn_set_error(SBN_EFORMAT, "%s: truncated .npy header", path);
-    hlen = (size_t)pre[8] | (size_t)pre[9] << 8;
-    pre_len = 10;
+    *hlen = (size_t)pre[8] | (size_t)pre[9] << 8;
+    *start = 10;
   } else if (pre[6] == 2 || pre[6] == 3) {
     if (sbn__read_full(f, pre + 8, 4) != 0)
       return sbn_set_error(SBN_EFORMAT, "%s: truncated .npy header", path);
-    hlen = (size_t)pre[8] | (size_t)pre[9] << 8 | (size_t)pre[10] << 16 |
-           (size_t)pre[11] << 24;
-    pre_len = 12;
+    *hlen = (size_t)pre[8] | (size_t)pre[9] << 8 | (size_t)pre[10] << 16 |
+            (size_t)pre[11] << 24;
+    *start = 12;
   } else {
     return sbn_set_error(SBN_EFORMAT, "%s: unsupported .npy version %u.%u",
                          path, pre[6], pre[7]);
   }
+  return 0;
+}
+
+/* Reads and parses the header text of hlen bytes into h. */
+static int sbn__read_header(FILE *f, const char *path, size_t hlen,
+                            sbn__npy_hdr_t *h) {
+  char *hdr = NULL;
+  int rc;
   if (hlen > SBN__NPY_MAX_HEADER)
     return sbn_set_error(SBN_EFORMAT,
                          "%s: .npy header of %zu bytes exceeds the %u byte "
@@ -307,46 +311,67 @@ static int sbn__npy_read_header(FILE *f, const char *path, sbn__npy_hdr_t *h,
     goto fail;
   }
   hdr[hlen] = '\0';
-  if ((rc = sbn__parse_header(path, hdr, hlen, h)) != 0)
-    goto fail;
-  *start = pre_len + hlen;
-  rc = 0;
+  rc = sbn__parse_header(path, hdr, hlen, h);
 fail:
   free(hdr);
   return rc;
 }
 
-/* Reads numel items of h's type from f into data as float32. A float64
- * file is converted in chunks, so it needs only its float32 copy plus a
- * small buffer. */
-static int sbn__npy_read_data(FILE *f, const char *path,
-                              const sbn__npy_hdr_t *h, size_t numel,
-                              float *data) {
-  enum { CHUNK = 4096 };
-  double *chunk;
+/* The element count and data bytes the header declares, checked against
+ * the bytes the file holds after the header (st_size, from start on). */
+static int sbn__data_size(const char *path, const sbn__npy_hdr_t *h,
+                          off_t st_size, size_t start, size_t *numel,
+                          size_t *bytes) {
+  size_t n = 1;
+  for (int i = 0; i < h->ndim; i++)
+    if (sbn__mul_size(n, h->dims[i], &n) != 0)
+      return sbn_set_error(SBN_EFORMAT, "%s: shape: the size overflows size_t",
+                           path);
+  if (sbn__mul_size(n, h->itemsize, bytes) != 0)
+    return sbn_set_error(SBN_EFORMAT, "%s: shape: the size overflows size_t",
+                         path);
+  /* st_size is compared in uintmax_t so that neither side is truncated. */
+  uintmax_t have = (uintmax_t)st_size, begin = start;
+  if (have < begin || have - begin != (uintmax_t)*bytes)
+    return sbn_set_error(SBN_EFORMAT,
+                         "%s: the header declares %zu data bytes but the file "
+                         "holds %ju",
+                         path, *bytes, have < begin ? 0 : have - begin);
+  *numel = n;
+  return 0;
+}
+
+/* Reads numel elements of the header's type into data as float32. */
+static int sbn__read_data(FILE *f, const char *path, const sbn__npy_hdr_t *h,
+                          size_t numel, size_t bytes, float *data) {
   if (h->itemsize == 4) {
-    if (sbn__read_full(f, data, numel * sizeof(float)) != 0)
+    if (sbn__read_full(f, data, bytes) != 0)
       return sbn_set_error(SBN_EIO, "%s: short read", path);
     if (sbn__host_big_endian())
       sbn__swap_bytes(data, 4, numel);
     return 0;
   }
-  chunk = malloc(CHUNK * sizeof(double));
+  /* Converted in chunks so a float64 file needs only its float32 copy
+   * plus a small buffer. */
+  enum { CHUNK = 4096 };
+  double *chunk = malloc(CHUNK * sizeof(double));
+  int rc = 0;
   if (chunk == NULL)
     return sbn_set_error(SBN_ENOMEM, "%s: out of memory", path);
   for (size_t i = 0; i < numel; i += CHUNK) {
     size_t n = numel - i < CHUNK ? numel - i : CHUNK;
     if (sbn__read_full(f, chunk, n * sizeof(double)) != 0) {
-      free(chunk);
-      return sbn_set_error(SBN_EIO, "%s: short read", path);
+      rc = sbn_set_error(SBN_EIO, "%s: short read", path);
+      goto fail;
     }
     if (sbn__host_big_endian())
       sbn__swap_bytes(chunk, 8, n);
     for (size_t j = 0; j < n; j++)
       data[i + j] = (float)chunk[j];
   }
+fail:
   free(chunk);
-  return 0;
+  return rc;
 }
 
 int sbn_npy_read(const char *path, sbn_npy_t *out) {
@@ -354,7 +379,7 @@ int sbn_npy_read(const char *path, sbn_npy_t *out) {
   float *data = NULL;
   sbn__npy_hdr_t h;
   struct stat st;
-  size_t start = 0, numel = 1, bytes;
+  size_t hlen = 0, start = 0, numel = 0, bytes = 0;
   int rc;
 
   if (out == NULL)
@@ -371,42 +396,24 @@ int sbn_npy_read(const char *path, sbn_npy_t *out) {
     rc = sbn_set_error(SBN_EIO, "%s: %s", path, strerror(errno));
     goto fail;
   }
-  /* The size check below is what keeps a lying header from sizing an
-   * allocation, and it needs a size. */
+  /* The size check in sbn__data_size is what keeps a lying header from
+   * sizing an allocation, and it needs a size. */
   if (!S_ISREG(st.st_mode)) {
     rc = sbn_set_error(SBN_EIO, "%s: not a regular file", path);
     goto fail;
   }
-  if ((rc = sbn__npy_read_header(f, path, &h, &start)) != 0)
+  if ((rc = sbn__read_preamble(f, path, &hlen, &start)) != 0 ||
+      (rc = sbn__read_header(f, path, hlen, &h)) != 0 ||
+      (rc = sbn__data_size(path, &h, st.st_size, start + hlen, &numel,
+                           &bytes)) != 0)
     goto fail;
-  for (int i = 0; i < h.ndim; i++) {
-    if (sbn__mul_size(numel, h.dims[i], &numel) != 0) {
-      rc = sbn_set_error(SBN_EFORMAT, "%s: shape: the size overflows size_t",
-                         path);
-      goto fail;
-    }
-  }
-  if (sbn__mul_size(numel, h.itemsize, &bytes) != 0) {
-    rc = sbn_set_error(SBN_EFORMAT, "%s: shape: the size overflows size_t",
-                       path);
-    goto fail;
-  }
-  /* st_size is compared in uintmax_t so that neither side is truncated. */
-  uintmax_t have = (uintmax_t)st.st_size;
-  if (have < start || have - start != (uintmax_t)bytes) {
-    rc = sbn_set_error(SBN_EFORMAT,
-                       "%s: the header declares %zu data bytes but the file "
-                       "holds %ju",
-                       path, bytes, have < start ? 0 : have - start);
-    goto fail;
-  }
   data = malloc((numel > 0 ? numel : 1) * sizeof(float));
   if (data == NULL) {
     rc = sbn_set_error(SBN_ENOMEM, "%s: out of memory for %zu floats", path,
                        numel);
     goto fail;
   }
-  if ((rc = sbn__npy_read_data(f, path, &h, numel, data)) != 0)
+  if ((rc = sbn__read_data(f, path, &h, numel, bytes, data)) != 0)
     goto fail;
   out->ndim = h.ndim;
   memcpy(out->dims, h.dims, sizeof h.dims);

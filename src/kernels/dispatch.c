@@ -2,7 +2,7 @@
  * always there; an optimized set replaces it when the CPU can run it). */
 #include <string.h>
 
-#include "internal.h"
+#include "kernels/sbn_kernels.h"
 
 static const sbn__kernels_t *sbn__active;
 

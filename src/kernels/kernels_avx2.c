@@ -2,7 +2,7 @@
  * long contiguous runs (NCHW, S >= 8) vectorize along s, and channels-last
  * rows (S == 1) vectorize across channels. Anything else goes to the
  * reference loops. Statistics still accumulate in double (4 lanes). */
-#include "internal.h"
+#include "kernels/sbn_kernels.h"
 
 #ifdef SBN__HAVE_AVX2
 #include <immintrin.h>

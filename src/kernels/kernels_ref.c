@@ -1,7 +1,7 @@
 /* Reference kernels: portable C, the definition every optimized set is
  * tested against. Statistics accumulate in double; elementwise outputs are
  * formed in float from per-channel parameters prepared in double. */
-#include "internal.h"
+#include "kernels/sbn_kernels.h"
 
 static void ref_moments(const float *x, size_t A, size_t C, size_t S,
                         const float *k, double *s1, double *s2) {

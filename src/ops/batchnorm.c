@@ -7,7 +7,7 @@
  * local batch statistics when none are tracked (as PyTorch does). */
 #include <math.h>
 
-#include "internal.h"
+#include "ops/sbn_ops.h"
 
 /* The (A, C, S) view of a BN input: NCHW is (N, C, spatial) and NHWC is
  * (N * spatial, C, 1). */
@@ -21,9 +21,17 @@ static void bn_view(const sbn__shape_t *sh, size_t *A, size_t *S) {
   }
 }
 
-int sbn__bn_sizes(const sbn_layer_t *l, const sbn__shape_t *sh, size_t *ws,
-                  size_t *saved) {
-  (void)l;
+static void bn_defaults(sbn_layer_params_t *p) {
+  p->track_running_stats = 1;
+}
+
+static int bn_validate(const sbn_layer_params_t *p) {
+  return sbn__check_running_norm(p, 1);
+}
+
+static int bn_sizes(const sbn_layer_params_t *p, const sbn__shape_t *sh,
+                    size_t *ws, size_t *saved) {
+  (void)p;
   *ws = sbn__chan_bytes(sh->C);
   return sbn__saved_size(sh->C, saved);
 }
@@ -32,13 +40,30 @@ int sbn_bn_needs_reduce(const sbn_layer_t *l, sbn_mode_t mode) {
   return l != NULL && l->p.op == SBN_OP_BATCHNORM && mode == SBN_MODE_TRAIN;
 }
 
+/* The seam's own front door: the checks sbn_forward/sbn_backward make,
+ * for a BatchNorm layer, through the same op row, so the seam asks for the
+ * same buffers as the one-call path. */
 static int bn_check(const sbn_layer_t *l, const void *a, sbn__shape_t *sh,
-                    const sbn_tensor_desc_t *d) {
+                    const sbn_tensor_desc_t *d, sbn__need_t *need) {
   if (l == NULL || a == NULL)
     return sbn_set_error(SBN_EINVAL, "%s: NULL", l == NULL ? "layer" : "args");
   if (l->p.op != SBN_OP_BATCHNORM)
     return sbn_set_error(SBN_EINVAL, "layer: not a BatchNorm layer");
-  return sbn__check_shape(l, d, sh);
+  return sbn__op_need(l, d, sh, need);
+}
+
+static int bn_check_fwd(const sbn_layer_t *l, const sbn_forward_args_t *a,
+                        sbn__shape_t *sh) {
+  sbn__need_t need;
+  int rc = bn_check(l, a, sh, a != NULL ? a->x_desc : NULL, &need);
+  return rc != 0 ? rc : sbn__check_fwd_args(&l->p, a, sh, &need);
+}
+
+static int bn_check_bwd(const sbn_layer_t *l, const sbn_backward_args_t *a,
+                        sbn__shape_t *sh) {
+  sbn__need_t need;
+  int rc = bn_check(l, a, sh, a != NULL ? a->x_desc : NULL, &need);
+  return rc != 0 ? rc : sbn__check_bwd_args(&l->p, a, sh, &need);
 }
 
 /* Local moments of this process's batch into recs[0..C). */
@@ -74,7 +99,7 @@ static int bn_finish(sbn_layer_t *l, const sbn_forward_args_t *a,
     count = (double)sh->N * (double)sh->S;
   }
   if (a->saved != NULL)
-    sbn__saved_init(a->saved, l, a->mode, count, C, &smean, &sistd);
+    sbn__saved_init(a->saved, p->op, a->mode, count, C, &smean, &sistd);
   float *rm = p->track_running_stats ? a->state->running_mean : NULL;
   float *rv = p->track_running_stats ? a->state->running_var : NULL;
   int update = a->mode == SBN_MODE_TRAIN && rm != NULL && count > 0;
@@ -113,8 +138,8 @@ static int bn_finish(sbn_layer_t *l, const sbn_forward_args_t *a,
   return 0;
 }
 
-int sbn__bn_forward(sbn_layer_t *l, const sbn_forward_args_t *a,
-                    const sbn__shape_t *sh) {
+static int bn_forward(sbn_layer_t *l, const sbn_forward_args_t *a,
+                      const sbn__shape_t *sh) {
   int rc;
   if (a->mode == SBN_MODE_EVAL)
     return bn_finish(l, a, sh, NULL);
@@ -131,9 +156,7 @@ int sbn_bn_forward_local(sbn_layer_t *l, const sbn_forward_args_t *a,
   sbn__shape_t sh;
   sbn__chan_t ch;
   int rc;
-  if ((rc = bn_check(l, a, &sh, a ? a->x_desc : NULL)) != 0)
-    return rc;
-  if ((rc = sbn__check_fwd_buffers(l, a, &sh)) != 0)
+  if ((rc = bn_check_fwd(l, a, &sh)) != 0)
     return rc;
   if (recs == NULL)
     return sbn_set_error(SBN_EINVAL, "recs: NULL");
@@ -146,9 +169,7 @@ int sbn_bn_forward_finish(sbn_layer_t *l, const sbn_forward_args_t *a,
                           const sbn_rec_t *recs) {
   sbn__shape_t sh;
   int rc;
-  if ((rc = bn_check(l, a, &sh, a ? a->x_desc : NULL)) != 0)
-    return rc;
-  if ((rc = sbn__check_fwd_buffers(l, a, &sh)) != 0)
+  if ((rc = bn_check_fwd(l, a, &sh)) != 0)
     return rc;
   if (a->mode == SBN_MODE_TRAIN && recs == NULL)
     return sbn_set_error(SBN_EINVAL, "recs: NULL in training");
@@ -163,8 +184,8 @@ static int bn_bwd_local(sbn_layer_t *l, const sbn_backward_args_t *a,
                         sbn_rec_t *recs) {
   const double *mean, *istd;
   size_t C = sh->C, A, S;
-  int rc = sbn__saved_get(a->saved, a->saved_bytes, l, a->mode, C, count, &mean,
-                          &istd);
+  int rc = sbn__saved_get(a->saved, a->saved_bytes, l->p.op, a->mode, C, count,
+                          &mean, &istd);
   if (rc != 0)
     return rc;
   sbn__chan_carve(a->workspace, C, ch);
@@ -201,7 +222,7 @@ static int bn_bwd_finish(sbn_layer_t *l, const sbn_backward_args_t *a,
   double count;
   size_t C = sh->C, A, S;
   sbn__chan_t ch;
-  int rc = sbn__saved_get(a->saved, a->saved_bytes, l, a->mode, C, &count,
+  int rc = sbn__saved_get(a->saved, a->saved_bytes, l->p.op, a->mode, C, &count,
                           &mean, &istd);
   if (rc != 0)
     return rc;
@@ -230,8 +251,8 @@ static int bn_bwd_finish(sbn_layer_t *l, const sbn_backward_args_t *a,
   return 0;
 }
 
-int sbn__bn_backward(sbn_layer_t *l, const sbn_backward_args_t *a,
-                     const sbn__shape_t *sh) {
+static int bn_backward(sbn_layer_t *l, const sbn_backward_args_t *a,
+                       const sbn__shape_t *sh) {
   sbn__chan_t ch;
   double count;
   int rc;
@@ -253,9 +274,7 @@ int sbn_bn_backward_local(sbn_layer_t *l, const sbn_backward_args_t *a,
   sbn__chan_t ch;
   double count;
   int rc;
-  if ((rc = bn_check(l, a, &sh, a ? a->x_desc : NULL)) != 0)
-    return rc;
-  if ((rc = sbn__check_bwd_buffers(l, a, &sh)) != 0)
+  if ((rc = bn_check_bwd(l, a, &sh)) != 0)
     return rc;
   if (recs == NULL)
     return sbn_set_error(SBN_EINVAL, "recs: NULL");
@@ -266,14 +285,23 @@ int sbn_bn_backward_finish(sbn_layer_t *l, const sbn_backward_args_t *a,
                            const sbn_rec_t *recs) {
   sbn__shape_t sh;
   int rc;
-  if ((rc = bn_check(l, a, &sh, a ? a->x_desc : NULL)) != 0)
-    return rc;
-  if ((rc = sbn__check_bwd_buffers(l, a, &sh)) != 0)
+  if ((rc = bn_check_bwd(l, a, &sh)) != 0)
     return rc;
   /* Eval never reduces: the whole backward is local. */
   if (a->mode == SBN_MODE_EVAL)
-    return sbn__bn_backward(l, a, &sh);
+    return bn_backward(l, a, &sh);
   if (recs == NULL)
     return sbn_set_error(SBN_EINVAL, "recs: NULL");
   return bn_bwd_finish(l, a, &sh, recs);
 }
+
+const sbn__op_t sbn__op_batchnorm = {
+    .name = "batchnorm",
+    .flags = SBN__NEED_AFFINE | SBN__NEED_RUNNING | SBN__NEED_BWD_X,
+    .defaults = bn_defaults,
+    .validate = bn_validate,
+    .shape = sbn__op_shape_channels,
+    .sizes = bn_sizes,
+    .forward = bn_forward,
+    .backward = bn_backward,
+};

@@ -1,23 +1,20 @@
 /* GroupNorm(G, C): statistics per (sample, group of C/G channels) over the
  * group's channels and spatial dims, per-channel affine. The group
  * statistics are spread to per-channel parameters so the same elementwise
- * kernels as BatchNorm apply. It never communicates. */
+ * kernels as BatchNorm apply. It never communicates.
+ *
+ * InstanceNorm is GroupNorm with groups of one channel (G = C), so the
+ * per-sample passes here serve both (ops/instancenorm.c). What only
+ * InstanceNorm has, running statistics, is switched on by the grouping's
+ * `instance` flag and kept apart in small helpers. */
 #include <math.h>
 
-#include "internal.h"
-
-int sbn__gn_sizes(const sbn_layer_t *l, const sbn__shape_t *sh, size_t *ws,
-                  size_t *saved) {
-  size_t items;
-  *ws = sbn__chan_bytes(sh->C);
-  if (sbn__mul_size(sh->N, l->p.groups, &items) != 0)
-    return sbn_set_error(SBN_EOVERFLOW, "x_desc.dims: N*G overflows");
-  return sbn__saved_size(items, saved);
-}
+#include "ops/sbn_ops.h"
 
 /* The views of one sample: per group for the statistics, per channel for
  * the elementwise passes. NCHW groups are contiguous runs of (C/G)*S
- * elements; NHWC groups are runs of C/G within each spatial position. */
+ * elements; NHWC groups are runs of C/G within each spatial position. For
+ * G = C both views are InstanceNorm's (1, C, S) and (S, C, 1). */
 typedef struct gn_views_s {
   size_t gA, gS; /* group view (gA, G, gS) */
   size_t cA, cS; /* channel view (cA, C, cS) */
@@ -38,55 +35,157 @@ static void gn_views(const sbn__shape_t *sh, size_t G, gn_views_t *v) {
   }
 }
 
-int sbn__gn_forward(sbn_layer_t *l, const sbn_forward_args_t *a,
-                    const sbn__shape_t *sh) {
+int sbn__grouped_sizes(const sbn__shape_t *sh, size_t G, const char *what,
+                       size_t *ws, size_t *saved) {
+  size_t items;
+  *ws = sbn__chan_bytes(sh->C);
+  if (sbn__mul_size(sh->N, G, &items) != 0)
+    return sbn_set_error(SBN_EOVERFLOW, "x_desc.dims: %s overflows", what);
+  return sbn__saved_size(items, saved);
+}
+
+/* Whether the layer keeps running statistics (only InstanceNorm does). */
+static int gn_running(const sbn_layer_t *l, const sbn__grouping_t *gp) {
+  return gp->instance && l->p.track_running_stats;
+}
+
+/* Folds the batch means of the per-instance means (ch->d3) and unbiased
+ * variances (ch->d4) of a training forward into the running statistics,
+ * as PyTorch's InstanceNorm does. */
+static void gn_update_running(const sbn_layer_t *l, const sbn_forward_args_t *a,
+                              const sbn__shape_t *sh, const sbn__chan_t *ch) {
+  double m = l->p.momentum;
+  size_t N = sh->N;
+  float *rm = a->state->running_mean, *rv = a->state->running_var;
+  for (size_t c = 0; c < sh->C; c++) {
+    rm[c] = (float)((1 - m) * rm[c] + m * ch->d3[c] / (double)N);
+    rv[c] = (float)((1 - m) * rv[c] + m * ch->d4[c] / (double)N);
+  }
+}
+
+/* Sets channels [c0, c0 + cpg) to normalize with (mean, istd). */
+static void gn_spread(const sbn_layer_t *l, const sbn_forward_args_t *a,
+                      sbn__chan_t *ch, size_t c0, size_t cpg, double mean,
+                      double istd) {
   const sbn_layer_params_t *p = &l->p;
-  size_t N = sh->N, C = sh->C, G = p->groups, cpg = C / G, plane = C * sh->S;
-  double m = (double)cpg * (double)sh->S;
+  float mh, ml;
+  sbn__split_mean(mean, &mh, &ml);
+  for (size_t c = c0; c < c0 + cpg; c++) {
+    ch->mh[c] = mh;
+    ch->ml[c] = ml;
+    ch->k1[c] = (float)((p->affine ? a->weight[c] : 1.0) * istd);
+    ch->k2[c] = p->affine ? a->bias[c] : 0.0f;
+  }
+}
+
+int sbn__grouped_forward(sbn_layer_t *l, const sbn_forward_args_t *a,
+                         const sbn__shape_t *sh, const sbn__grouping_t *gp) {
+  const sbn_layer_params_t *p = &l->p;
+  size_t N = sh->N, C = sh->C, S = sh->S, G = gp->groups, cpg = C / G;
+  size_t plane = C * S;
+  double m = (double)cpg * (double)S;
   double *smean = NULL, *sistd = NULL;
+  int running = gn_running(l, gp);
+  int batch = a->mode == SBN_MODE_TRAIN || !running;
   gn_views_t v;
   sbn__chan_t ch;
+  if (gp->instance && batch && S == 1)
+    return sbn_set_error(SBN_ESMALLBATCH,
+                         "x: expected more than 1 spatial element when "
+                         "training");
   gn_views(sh, G, &v);
   sbn__chan_carve(a->workspace, C, &ch);
   if (a->saved != NULL)
-    sbn__saved_init(a->saved, l, a->mode, m, N * G, &smean, &sistd);
-  for (size_t n = 0; n < N && plane > 0; n++) {
-    const float *xs = a->x + n * plane;
-    sbn__view_moments(xs, v.gA, G, v.gS, &ch, ch.rec);
+    sbn__saved_init(a->saved, p->op, a->mode, m, N * G, &smean, &sistd);
+  for (size_t c = 0; c < C; c++) {
+    ch.d3[c] = 0;
+    ch.d4[c] = 0;
+  }
+  for (size_t n = 0; n < N; n++) {
+    /* An empty sample (S = 0) still gets its statistics, so that the
+     * running statistics see every instance as before. */
+    const float *xs = plane > 0 ? a->x + n * plane : a->x;
+    if (batch)
+      sbn__view_moments(xs, v.gA, G, v.gS, &ch, ch.rec);
     for (size_t g = 0; g < G; g++) {
-      double mean = ch.rec[g].v[1];
-      double istd = 1.0 / sqrt(ch.rec[g].v[2] / m + p->eps);
-      float mh, ml;
-      sbn__split_mean(mean, &mh, &ml);
-      for (size_t c = g * cpg; c < (g + 1) * cpg; c++) {
-        ch.mh[c] = mh;
-        ch.ml[c] = ml;
-        ch.k1[c] = (float)((p->affine ? a->weight[c] : 1.0) * istd);
-        ch.k2[c] = p->affine ? a->bias[c] : 0.0f;
+      double mean, var;
+      if (batch) {
+        mean = ch.rec[g].v[1];
+        var = m > 0 ? ch.rec[g].v[2] / m : 0;
+        if (running) {
+          /* G = C here, so group g is channel g. */
+          ch.d3[g] += mean;
+          ch.d4[g] += S > 1 ? ch.rec[g].v[2] / (double)(S - 1) : 0;
+        }
+      } else {
+        mean = a->state->running_mean[g];
+        var = a->state->running_var[g];
       }
+      double istd = 1.0 / sqrt(var + p->eps);
+      gn_spread(l, a, &ch, g * cpg, cpg, mean, istd);
       if (smean != NULL) {
         smean[n * G + g] = mean;
         sistd[n * G + g] = istd;
       }
     }
-    sbn__kernels()->normalize(xs, a->y + n * plane, v.cA, C, v.cS, ch.mh, ch.ml,
-                              ch.k1, ch.k2);
+    if (plane > 0)
+      sbn__kernels()->normalize(xs, a->y + n * plane, v.cA, C, v.cS, ch.mh,
+                                ch.ml, ch.k1, ch.k2);
   }
+  if (running && a->mode == SBN_MODE_TRAIN && N > 0)
+    gn_update_running(l, a, sh, &ch);
   return 0;
 }
 
-int sbn__gn_backward(sbn_layer_t *l, const sbn_backward_args_t *a,
-                     const sbn__shape_t *sh) {
+/* The dx coefficients of group g of sample n from the per-channel sums of
+ * dy (ch->d1) and dy * xhat (ch->d2); also adds those sums into the
+ * dbias (ch->d4) and dweight (ch->d3) accumulators. */
+static void gn_bwd_group(const sbn_layer_t *l, const sbn_backward_args_t *a,
+                         const sbn__grouping_t *gp, int batch, double m,
+                         sbn__chan_t *ch, size_t c0, size_t cpg, double mean,
+                         double is) {
   const sbn_layer_params_t *p = &l->p;
-  size_t N = sh->N, C = sh->C, G = p->groups, cpg = C / G, plane = C * sh->S;
+  /* Sums of dxhat = dy * weight and dxhat * xhat over the group. */
+  double sg = 0, sgx = 0;
+  for (size_t c = c0; c < c0 + cpg; c++) {
+    double w = p->affine ? a->weight[c] : 1.0;
+    sg += w * ch->d1[c];
+    sgx += w * ch->d2[c];
+  }
+  for (size_t c = c0; c < c0 + cpg; c++) {
+    double k1 = is * (p->affine ? a->weight[c] : 1.0);
+    ch->dmean[c] = mean;
+    ch->distd[c] = is;
+    ch->dk1[c] = k1;
+    if (gp->instance) {
+      /* The same value for one channel, rounded in InstanceNorm's own
+       * order (weight * istd first) so its results stay bit-identical to
+       * what it has always computed. With running statistics in eval the
+       * mean and variance are constants and dx is dy scaled. */
+      ch->dk2[c] = batch ? -k1 * ch->d2[c] / m : 0.0;
+      ch->dk3[c] = batch ? -k1 * ch->d1[c] / m : 0.0;
+    } else {
+      ch->dk2[c] = -is * sgx / m;
+      ch->dk3[c] = -is * sg / m;
+    }
+    ch->d3[c] += ch->d2[c];
+    ch->d4[c] += ch->d1[c];
+  }
+}
+
+int sbn__grouped_backward(sbn_layer_t *l, const sbn_backward_args_t *a,
+                          const sbn__shape_t *sh, const sbn__grouping_t *gp) {
+  const sbn_layer_params_t *p = &l->p;
+  size_t N = sh->N, C = sh->C, G = gp->groups, cpg = C / G, plane = C * sh->S;
   const double *mean, *istd;
   double m;
   gn_views_t v;
   sbn__chan_t ch;
-  int rc = sbn__saved_get(a->saved, a->saved_bytes, l, a->mode, N * G, &m,
+  int rc = sbn__saved_get(a->saved, a->saved_bytes, p->op, a->mode, N * G, &m,
                           &mean, &istd);
   if (rc != 0)
     return rc;
+  int batch = a->mode == SBN_MODE_TRAIN || !gn_running(l, gp);
   gn_views(sh, G, &v);
   sbn__chan_carve(a->workspace, C, &ch);
   for (size_t c = 0; c < C; c++) {
@@ -104,25 +203,9 @@ int sbn__gn_backward(sbn_layer_t *l, const sbn_backward_args_t *a,
     }
     sbn__kernels()->bwd_reduce(xs, dys, v.cA, C, v.cS, ch.dmean, ch.distd,
                                ch.d1, ch.d2);
-    for (size_t g = 0; g < G; g++) {
-      /* Sums of dxhat = dy * weight and dxhat * xhat over the group. */
-      double sg = 0, sgx = 0;
-      for (size_t c = g * cpg; c < (g + 1) * cpg; c++) {
-        double w = p->affine ? a->weight[c] : 1.0;
-        sg += w * ch.d1[c];
-        sgx += w * ch.d2[c];
-      }
-      double is = istd[n * G + g];
-      for (size_t c = g * cpg; c < (g + 1) * cpg; c++) {
-        ch.dmean[c] = mean[n * G + g];
-        ch.distd[c] = is;
-        ch.dk1[c] = is * (p->affine ? a->weight[c] : 1.0);
-        ch.dk2[c] = -is * sgx / m;
-        ch.dk3[c] = -is * sg / m;
-        ch.d3[c] += ch.d2[c];
-        ch.d4[c] += ch.d1[c];
-      }
-    }
+    for (size_t g = 0; g < G; g++)
+      gn_bwd_group(l, a, gp, batch, m, &ch, g * cpg, cpg, mean[n * G + g],
+                   istd[n * G + g]);
     sbn__kernels()->bwd_apply(xs, dys, a->dx + n * plane, v.cA, C, v.cS,
                               ch.dmean, ch.distd, ch.dk1, ch.dk2, ch.dk3);
   }
@@ -134,3 +217,44 @@ int sbn__gn_backward(sbn_layer_t *l, const sbn_backward_args_t *a,
   }
   return 0;
 }
+
+/* The GroupNorm row. */
+
+static int gn_validate(const sbn_layer_params_t *p) {
+  int rc;
+  if ((rc = sbn__check_eps(p)) != 0 || (rc = sbn__check_channels(p)) != 0)
+    return rc;
+  if (p->groups == 0)
+    return sbn_set_error(SBN_EINVAL, "groups: must be positive");
+  if (p->channels % p->groups != 0)
+    return sbn_set_error(SBN_EINVAL, "groups: %zu does not divide %zu channels",
+                         p->groups, p->channels);
+  return 0;
+}
+
+static int gn_sizes(const sbn_layer_params_t *p, const sbn__shape_t *sh,
+                    size_t *ws, size_t *saved) {
+  return sbn__grouped_sizes(sh, p->groups, "N*G", ws, saved);
+}
+
+static int gn_forward(sbn_layer_t *l, const sbn_forward_args_t *a,
+                      const sbn__shape_t *sh) {
+  sbn__grouping_t gp = {l->p.groups, 0};
+  return sbn__grouped_forward(l, a, sh, &gp);
+}
+
+static int gn_backward(sbn_layer_t *l, const sbn_backward_args_t *a,
+                       const sbn__shape_t *sh) {
+  sbn__grouping_t gp = {l->p.groups, 0};
+  return sbn__grouped_backward(l, a, sh, &gp);
+}
+
+const sbn__op_t sbn__op_groupnorm = {
+    .name = "groupnorm",
+    .flags = SBN__NEED_AFFINE | SBN__NEED_BWD_X,
+    .validate = gn_validate,
+    .shape = sbn__op_shape_channels,
+    .sizes = gn_sizes,
+    .forward = gn_forward,
+    .backward = gn_backward,
+};

@@ -4,30 +4,78 @@
  * and eval are the same computation. It never communicates. */
 #include <math.h>
 
-#include "internal.h"
+#include "ops/sbn_ops.h"
 
 /* Rows are processed in chunks so the per-row arrays stay a fixed size. */
 #define SBN__LN_CHUNK 256
 
-int sbn__ln_sizes(const sbn_layer_t *l, const sbn__shape_t *sh, size_t *ws,
-                  size_t *saved) {
+static int ln_validate(const sbn_layer_params_t *p) {
+  int rc;
+  if ((rc = sbn__check_eps(p)) != 0)
+    return rc;
+  if (p->norm_ndim < 1 || p->norm_ndim > SBN_MAX_DIMS)
+    return sbn_set_error(SBN_EINVAL, "norm_ndim: %d is outside [1, %d]",
+                         p->norm_ndim, SBN_MAX_DIMS);
+  size_t d = 1;
+  for (int i = 0; i < p->norm_ndim; i++) {
+    if (p->norm_shape[i] == 0)
+      return sbn_set_error(SBN_EINVAL, "norm_shape[%d]: must be positive", i);
+    if (sbn__mul_size(d, p->norm_shape[i], &d) != 0)
+      return sbn_set_error(SBN_EOVERFLOW,
+                           "norm_shape: the size overflows size_t");
+  }
+  return 0;
+}
+
+/* A plain array whose trailing dims equal the normalized shape: the rows
+ * are the leading dims, the row length D their product. */
+static int ln_shape(const sbn_layer_params_t *p, const sbn_tensor_desc_t *d,
+                    sbn__shape_t *sh) {
+  int rc;
+  if ((rc = sbn__shape_plain("layernorm", d, sh)) != 0)
+    return rc;
+  if (d->ndim < p->norm_ndim)
+    return sbn_set_error(SBN_ESHAPE,
+                         "x_desc.ndim: %d dims cannot hold a normalized "
+                         "shape of %d dims",
+                         d->ndim, p->norm_ndim);
+  size_t D = 1, N = 1;
+  int lead = d->ndim - p->norm_ndim;
+  for (int i = 0; i < p->norm_ndim; i++) {
+    if (d->dims[lead + i] != p->norm_shape[i])
+      return sbn_set_error(SBN_ESHAPE,
+                           "x_desc.dims[%d]: %zu differs from "
+                           "normalized shape[%d] = %zu",
+                           lead + i, d->dims[lead + i], i, p->norm_shape[i]);
+    D *= p->norm_shape[i];
+  }
+  for (int i = 0; i < lead; i++)
+    N *= d->dims[i];
+  sh->N = N;
+  sh->C = D;
+  sh->S = 1;
+  return 0;
+}
+
+static int ln_sizes(const sbn_layer_params_t *p, const sbn__shape_t *sh,
+                    size_t *ws, size_t *saved) {
   size_t acc;
-  (void)l;
+  (void)p;
   if (sbn__mul_size(sh->C, 2 * sizeof(double), &acc) != 0)
     return sbn_set_error(SBN_EOVERFLOW, "norm_shape: too large");
   *ws = sbn__chan_bytes(SBN__LN_CHUNK) + sbn__align64(acc);
   return sbn__saved_size(sh->N, saved);
 }
 
-int sbn__ln_forward(sbn_layer_t *l, const sbn_forward_args_t *a,
-                    const sbn__shape_t *sh) {
+static int ln_forward(sbn_layer_t *l, const sbn_forward_args_t *a,
+                      const sbn__shape_t *sh) {
   const sbn_layer_params_t *p = &l->p;
   size_t N = sh->N, D = sh->C;
   double *smean = NULL, *sistd = NULL;
   sbn__chan_t ch;
   sbn__chan_carve(a->workspace, SBN__LN_CHUNK, &ch);
   if (a->saved != NULL)
-    sbn__saved_init(a->saved, l, a->mode, (double)D, N, &smean, &sistd);
+    sbn__saved_init(a->saved, p->op, a->mode, (double)D, N, &smean, &sistd);
   for (size_t r0 = 0; r0 < N; r0 += SBN__LN_CHUNK) {
     size_t R = N - r0 < SBN__LN_CHUNK ? N - r0 : SBN__LN_CHUNK;
     /* A chunk of rows is the view (1, R, D): each row is a "channel". */
@@ -51,14 +99,14 @@ int sbn__ln_forward(sbn_layer_t *l, const sbn_forward_args_t *a,
   return 0;
 }
 
-int sbn__ln_backward(sbn_layer_t *l, const sbn_backward_args_t *a,
-                     const sbn__shape_t *sh) {
+static int ln_backward(sbn_layer_t *l, const sbn_backward_args_t *a,
+                       const sbn__shape_t *sh) {
   const sbn_layer_params_t *p = &l->p;
   size_t N = sh->N, D = sh->C;
   const double *mean, *istd;
   double count;
   sbn__chan_t ch;
-  int rc = sbn__saved_get(a->saved, a->saved_bytes, l, a->mode, N, &count,
+  int rc = sbn__saved_get(a->saved, a->saved_bytes, p->op, a->mode, N, &count,
                           &mean, &istd);
   if (rc != 0)
     return rc;
@@ -89,3 +137,13 @@ int sbn__ln_backward(sbn_layer_t *l, const sbn_backward_args_t *a,
   }
   return 0;
 }
+
+const sbn__op_t sbn__op_layernorm = {
+    .name = "layernorm",
+    .flags = SBN__NEED_AFFINE | SBN__NEED_BWD_X,
+    .validate = ln_validate,
+    .shape = ln_shape,
+    .sizes = ln_sizes,
+    .forward = ln_forward,
+    .backward = ln_backward,
+};

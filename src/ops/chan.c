@@ -2,7 +2,7 @@
  * sums, and per-channel arrays carved out of the caller's workspace. */
 #include <math.h>
 
-#include "internal.h"
+#include "ops/sbn_ops.h"
 
 void sbn__split_mean(double mean, float *hi, float *lo) {
   /* hi is the nearest float; lo carries the rest, so (x - hi) - lo equals
@@ -34,7 +34,7 @@ void sbn__moments_finish(double n, double k, double s1, double s2,
 size_t sbn__chan_bytes(size_t C) {
   /* Five float arrays, nine double arrays and one record array. Callers
    * have bounded C by the tensor's element count, so this cannot overflow
-   * for any tensor that fits in memory; sbn__check_shape verifies it. */
+   * for any tensor that fits in memory; sbn__shape_channels verifies it. */
   return 5 * sbn__align64(C * sizeof(float)) +
          9 * sbn__align64(C * sizeof(double)) +
          sbn__align64(C * sizeof(sbn_rec_t));

@@ -1,0 +1,84 @@
+/* The kernels room of the kernel library: the kernel table, its sets and
+ * their run-time choice. Kernels compute on arrays they are given and never
+ * allocate or validate; they use only the base room. Not installed. */
+#ifndef SBN_KERNELS_H
+#define SBN_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "base/sbn_base.h"
+
+/* The kernel table.
+ *
+ * Every op is written in terms of a few loops over a three-level view
+ * (A, C, S) of a contiguous array: element (a, c, s) sits at
+ * (a * C + c) * S + s, and per-"channel" c parameters apply. This one view
+ * covers every op and layout:
+ *   BN  NCHW: (N, C, spatial)        BN NHWC: (N * spatial, C, 1)
+ *   IN  NCHW, one sample: (1, C, spatial)      NHWC: (spatial, C, 1)
+ *   GN  NCHW, one sample: (1, C, spatial) with per-channel group params
+ *   GN  NHWC, one sample: (spatial, C, 1)
+ * The reference kernels are portable C; optimized sets override entries.
+ */
+typedef struct sbn__kernels_s {
+  const char *name;
+  /* Shifted sums over (a, s) per channel c, added into s1[c] and s2[c]:
+   * s1 += sum(x - k[c]), s2 += sum((x - k[c])^2), in double. */
+  void (*moments)(const float *x, size_t A, size_t C, size_t S, const float *k,
+                  double *s1, double *s2);
+  /* y = ((x - mh[c]) - ml[c]) * scale[c] + shift[c]. */
+  void (*normalize)(const float *x, float *y, size_t A, size_t C, size_t S,
+                    const float *mh, const float *ml, const float *scale,
+                    const float *shift);
+  /* xhat = (x - mean[c]) * istd[c] in double; adds sum(dy) into sdy[c]
+   * and sum(dy * xhat) into sdyx[c], in double. dx depends on these sums
+   * to far below fp32 precision when it is small (see bwd_apply). */
+  void (*bwd_reduce)(const float *x, const float *dy, size_t A, size_t C,
+                     size_t S, const double *mean, const double *istd,
+                     double *sdy, double *sdyx);
+  /* dx = k1[c] * dy + k2[c] * xhat + k3[c] with xhat = (x - mean[c]) *
+   * istd[c], all in double and rounded once. The three terms nearly cancel
+   * when eps is small against the variance of a small set (two values per
+   * statistic: dx is about eps/var times dy), so fp32 here would lose
+   * every digit of dx. */
+  void (*bwd_apply)(const float *x, const float *dy, float *dx, size_t A,
+                    size_t C, size_t S, const double *mean, const double *istd,
+                    const double *k1, const double *k2, const double *k3);
+  /* LayerNorm rows (D contiguous elements with per-element affine; w and
+   * b are NULL without affine): y = xhat * w + b. */
+  void (*ln_forward)(const float *x, float *y, size_t D, float mh, float ml,
+                     float istd, const float *w, const float *b);
+  /* Adds sum(g) and sum(g * xhat) with g = dy * w into sums[0], sums[1],
+   * and dy * xhat, dy into dw[i], db[i]; xhat and the sums in double. */
+  void (*ln_bwd_reduce)(const float *x, const float *dy, size_t D, double mean,
+                        double istd, const float *w, double *dw, double *db,
+                        double sums[2]);
+  /* dx = istd * w * dy + (c2 * xhat + c3), in double like bwd_apply. */
+  void (*ln_bwd_apply)(const float *x, const float *dy, float *dx, size_t D,
+                       double mean, double istd, const float *w, double c2,
+                       double c3);
+  /* Dropout of n elements starting at element index `first` (a multiple
+   * of 4): out = word < thr ? 0 : in * scale, with the Philox words of
+   * sbn_philox4x32_10 for counter (block, step, layer) and key. thr < 2^32
+   * (p = 1 is handled by the caller). */
+  void (*dropout)(const float *in, float *out, size_t n, uint64_t first,
+                  const uint32_t key[2], uint32_t step, uint32_t layer,
+                  uint32_t thr, float scale);
+} sbn__kernels_t;
+
+extern const sbn__kernels_t sbn__kernels_ref;
+/* The reference dropout kernel (kernels/philox.c); optimized sets finish
+ * their tails with it. */
+void sbn__dropout_ref(const float *in, float *out, size_t n, uint64_t first,
+                      const uint32_t key[2], uint32_t step, uint32_t layer,
+                      uint32_t thr, float scale);
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(SBN_NO_AVX2)
+#define SBN__HAVE_AVX2 1
+extern const sbn__kernels_t sbn__kernels_avx2;
+#endif
+
+/* The kernel set in use (chosen on first use from the CPU's features). */
+const sbn__kernels_t *sbn__kernels(void);
+
+#endif /* SBN_KERNELS_H */

@@ -1,0 +1,124 @@
+/* The ops room of the kernel library: one row per op, the table that
+ * indexes them, and the per-channel helpers the normalization ops share.
+ * Ops compute on arguments the front door (layer.c) has checked; they call
+ * down into the kernels and base rooms only. Not installed. */
+#ifndef SBN_OPS_H
+#define SBN_OPS_H
+
+#include "base/sbn_base.h"
+#include "kernels/sbn_kernels.h"
+
+/* ------------------------------------------------------------------ */
+/* Op rows (in the manner of ggml's op tables and Open MPI's coll
+ * vtables): each op file defines exactly one, and the front door does
+ * nothing per op but call through it. */
+
+typedef struct sbn__op_s {
+  /* The op's name, as sbn_op_name() returns and sbn_op_parse() reads. */
+  const char *name;
+  /* SBN__NEED_* flags: what the op's arguments must provide. */
+  unsigned flags;
+  /* Sets the op's own defaults on top of the shared ones; NULL if the
+   * shared defaults are all it has. */
+  void (*defaults)(sbn_layer_params_t *p);
+  /* Validates the parameters the op reads (params.op is already known to
+   * be this op); NULL if it reads none that can be wrong. */
+  int (*validate)(const sbn_layer_params_t *p);
+  /* Validates x_desc for a layer with these parameters and fills sh. */
+  int (*shape)(const sbn_layer_params_t *p, const sbn_tensor_desc_t *d,
+               sbn__shape_t *sh);
+  /* Workspace and saved bytes for a validated shape; NULL if the op needs
+   * neither. */
+  int (*sizes)(const sbn_layer_params_t *p, const sbn__shape_t *sh, size_t *ws,
+               size_t *saved);
+  /* The computation, on arguments checked against shape and sizes. */
+  int (*forward)(sbn_layer_t *l, const sbn_forward_args_t *a,
+                 const sbn__shape_t *sh);
+  int (*backward)(sbn_layer_t *l, const sbn_backward_args_t *a,
+                  const sbn__shape_t *sh);
+} sbn__op_t;
+
+extern const sbn__op_t sbn__op_batchnorm;
+extern const sbn__op_t sbn__op_layernorm;
+extern const sbn__op_t sbn__op_instancenorm;
+extern const sbn__op_t sbn__op_groupnorm;
+extern const sbn__op_t sbn__op_dropout;
+
+/* The rows indexed by sbn_op_t (ops/ops.c); every entry is set. */
+extern const sbn__op_t *const sbn__ops[SBN_OP_COUNT];
+
+/* The row for op, or NULL when op is not an sbn_op_t value. */
+const sbn__op_t *sbn__op(sbn_op_t op);
+
+/* The shape of x for the layer's op and the buffers and arguments a call
+ * on it needs: what the front door and the BatchNorm seam check before
+ * the argument checks of base/args.c. */
+int sbn__op_need(const sbn_layer_t *l, const sbn_tensor_desc_t *x,
+                 sbn__shape_t *sh, sbn__need_t *need);
+
+/* Checks of parameters that several ops share (ops/ops.c). */
+int sbn__check_eps(const sbn_layer_params_t *p);
+/* momentum in [0, 1]; cumulative only where allow_cumulative is set. */
+int sbn__check_momentum(const sbn_layer_params_t *p, int allow_cumulative);
+int sbn__check_channels(const sbn_layer_params_t *p);
+/* The parameters of a channel op with running statistics (BatchNorm,
+ * InstanceNorm): eps, momentum (and cumulative) and channels, in order. */
+int sbn__check_running_norm(const sbn_layer_params_t *p, int allow_cumulative);
+/* The (N, C, spatial...) shape check of the channel ops, for op rows. */
+int sbn__op_shape_channels(const sbn_layer_params_t *p,
+                           const sbn_tensor_desc_t *d, sbn__shape_t *sh);
+
+/* ------------------------------------------------------------------ */
+/* Per-channel statistics shared by the ops (ops/chan.c). */
+
+/* Turns a mean in double into the hi + lo float pair the kernels subtract,
+ * so that x - mean is carried out above fp32 precision. */
+void sbn__split_mean(double mean, float *hi, float *lo);
+
+/* Finishes shifted sums into (n, mean, M2): mean = k + s1/n,
+ * M2 = s2 - s1^2/n clamped at 0 (a NaN stays NaN). */
+void sbn__moments_finish(double n, double k, double s1, double s2,
+                         sbn_rec_t *rec);
+
+/* Per-channel parameter arrays carved out of the workspace. */
+typedef struct sbn__chan_s {
+  float *mh, *ml, *k1, *k2, *k;
+  double *d1, *d2, *d3, *d4;
+  /* Backward's dx parameters, kept in double (see bwd_apply). */
+  double *dmean, *distd, *dk1, *dk2, *dk3;
+  sbn_rec_t *rec;
+} sbn__chan_t;
+
+/* Bytes of workspace for per-channel arrays of C channels (64-byte
+ * aligned pieces). */
+size_t sbn__chan_bytes(size_t C);
+/* Carves the arrays out of ws (which holds at least sbn__chan_bytes(C)). */
+void sbn__chan_carve(void *ws, size_t C, sbn__chan_t *ch);
+
+/* Computes per-channel moments of the (A, C, S) view into recs[c] using
+ * the first element of each channel as the shift. Uses ch->k, d1, d2. */
+void sbn__view_moments(const float *x, size_t A, size_t C, size_t S,
+                       sbn__chan_t *ch, sbn_rec_t *recs);
+
+/* ------------------------------------------------------------------ */
+/* Statistics per (sample, group of channels), shared by GroupNorm and
+ * InstanceNorm (ops/groupnorm.c). InstanceNorm is the case of groups of
+ * one channel (G = C) plus running statistics. */
+
+typedef struct sbn__grouping_s {
+  size_t groups; /* G; divides C */
+  /* InstanceNorm: running statistics (when tracked), the small-input
+   * check, and its own rounding order in backward. */
+  int instance;
+} sbn__grouping_t;
+
+/* Workspace and saved bytes for G groups; `what` is the product named
+ * when N * G overflows ("N*G"). */
+int sbn__grouped_sizes(const sbn__shape_t *sh, size_t G, const char *what,
+                       size_t *ws, size_t *saved);
+int sbn__grouped_forward(sbn_layer_t *l, const sbn_forward_args_t *a,
+                         const sbn__shape_t *sh, const sbn__grouping_t *gp);
+int sbn__grouped_backward(sbn_layer_t *l, const sbn_backward_args_t *a,
+                          const sbn__shape_t *sh, const sbn__grouping_t *gp);
+
+#endif /* SBN_OPS_H */
