@@ -59,6 +59,7 @@ static int unit_stats(const apply_run_t *r, apply_units_t *u) {
       u->n = r->nw > 0 ? numel / r->nw : 0;
       break;
     case SBN_OP_DROPOUT:
+    case SBN_OP_COUNT: /* not an op: the argument parser refuses it */
       u->n = 1;
       break;
   }
