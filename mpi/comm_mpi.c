@@ -147,6 +147,32 @@ static int sbn__mpi_ibegin(sbn_comm_t *c, sbn_rec_t *recs, size_t n,
   return 0;
 }
 
+/* An MPI_Iallgather of bytes; its request is the same kind as a
+ * reduction's, so iallreduce_test and iallreduce_end finish it. */
+static int sbn__mpi_igather(sbn_comm_t *c, const void *send, void *recv,
+                            size_t bytes, void **request) {
+  sbn__mpi_comm_t *m = (sbn__mpi_comm_t *)c;
+  sbn__mpi_req_t *r = NULL;
+  int err;
+  if (request == NULL)
+    return sbn_set_error(SBN_EINVAL, "request: NULL");
+  *request = NULL;
+  if (bytes > (size_t)INT_MAX)
+    return sbn_set_error(SBN_ELIMIT, "bytes: %zu exceed MPI's int count",
+                         bytes);
+  r = malloc(sizeof *r);
+  if (r == NULL)
+    return sbn_set_error(SBN_ENOMEM, "request: out of memory");
+  err = MPI_Iallgather(send, (int)bytes, MPI_BYTE, recv, (int)bytes, MPI_BYTE,
+                       m->comm, &r->req);
+  if (err != MPI_SUCCESS) {
+    free(r);
+    return sbn_mpi_error(err, "MPI_Iallgather");
+  }
+  *request = r;
+  return 0;
+}
+
 /* Polling is what moves the reduction forward: Open MPI has no progress
  * thread here, so a caller overlapping work should call this now and then.
  * The request stays allocated until iallreduce_end. */
@@ -194,6 +220,7 @@ static const sbn_comm_vtable_t sbn__mpi_vt = {
     .iallreduce_test = sbn__mpi_itest,
     .iallreduce_end = sbn__mpi_iend,
     .destroy = sbn__mpi_destroy,
+    .iallgather_begin = sbn__mpi_igather,
 };
 
 MPI_Comm sbn_mpi_comm_handle(const sbn_comm_t *c) {

@@ -215,7 +215,7 @@ static void ref_destroy(sbn_comm_t *c) {
   (void)c;
 }
 static const sbn_comm_vtable_t ref_vt = {ref_allreduce, NULL, NULL, NULL,
-                                         ref_destroy};
+                                         ref_destroy, NULL};
 
 typedef struct kcase_s {
   const char *kind;

@@ -1813,6 +1813,7 @@ static void test_checkpoint_refusals(void **st) {
  * local ops give. */
 
 typedef struct lb_s {
+  sbn_comm_t base; /* first: the fake communicator of one process */
   int gathers, reduces;
   int ndel;
   void *tok[16];
@@ -1820,24 +1821,54 @@ typedef struct lb_s {
   size_t len[16];
 } lb_t;
 
-static int lb_gather(void *ctx, const void *send, void *recv, size_t bytes) {
-  ((lb_t *)ctx)->gathers++;
+/* Every collective of one process completes at once; the request is the
+ * communicator itself (nothing to free). */
+static int lb_gather(sbn_comm_t *c, const void *send, void *recv, size_t bytes,
+                     void **req) {
+  ((lb_t *)c)->gathers++;
   memcpy(recv, send, bytes);
+  *req = c;
   return 0;
 }
 
-static int lb_reduce(void *ctx, sbn_rec_t *recs, size_t n) {
+static int lb_reduce(sbn_comm_t *c, sbn_rec_t *recs, size_t n, void **req) {
   (void)recs;
   (void)n;
-  ((lb_t *)ctx)->reduces++;
+  ((lb_t *)c)->reduces++;
+  *req = c;
   return 0;
 }
 
-static int lb_test(void *ctx, int *done) {
-  (void)ctx;
+static int lb_allreduce(sbn_comm_t *c, sbn_rec_t *recs, size_t n) {
+  (void)c;
+  (void)recs;
+  (void)n;
+  return 0;
+}
+
+static int lb_test(sbn_comm_t *c, void *req, int *done) {
+  assert_ptr_equal(req, c);
   *done = 1;
   return 0;
 }
+
+static int lb_end(sbn_comm_t *c, void *req) {
+  assert_ptr_equal(req, c);
+  return 0;
+}
+
+static void lb_destroy(sbn_comm_t *c) {
+  (void)c;
+}
+
+static const sbn_comm_vtable_t lb_vt = {
+    .allreduce = lb_allreduce,
+    .iallreduce_begin = lb_reduce,
+    .iallreduce_test = lb_test,
+    .iallreduce_end = lb_end,
+    .destroy = lb_destroy,
+    .iallgather_begin = lb_gather,
+};
 
 static void lb_deliver(void *ctx, void *token, uint8_t *reply, size_t len) {
   lb_t *lb = ctx;
@@ -1850,9 +1881,10 @@ static void lb_deliver(void *ctx, void *token, uint8_t *reply, size_t len) {
 
 static svc_worker_t *lb_worker(lb_t *lb) {
   svc_worker_t *w = worker();
-  svc_sync_ops_t ops = {lb, lb_gather, lb_reduce, lb_test};
   memset(lb, 0, sizeof *lb);
-  svc_worker_set_sync(w, &ops, 30.0, lb_deliver, lb);
+  lb->base.vt = &lb_vt;
+  lb->base.size = 1;
+  assert_int_equal(svc_worker_set_sync(w, &lb->base, 30.0, lb_deliver, lb), 0);
   return w;
 }
 

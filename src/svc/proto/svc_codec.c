@@ -862,6 +862,8 @@ static int svc__decode_map(const msgpack_object *root, int in_batch,
     case SVC_OP_BYE:
     case SVC_OP_METRICS:
       return 0;
+    case SVC_OP_COUNT:
+      break;
   }
   return svc_fail(err, SVC_INTERNAL, "op: not decoded");
 }

@@ -80,6 +80,22 @@ const char *svc_code_name(svc_code_t code);
 /* 1 if the server closes the connection after replying with code. */
 int svc_code_fatal(svc_code_t code);
 
+/* The service's error convention, as the kernel library's: a function
+ * returns 0 or a negative service code (-SVC_BAD_REQUEST) and leaves a
+ * message naming the offending argument, read with svc_last_error().
+ * svc_set_error records code and message and returns -code, so checks
+ * read `return svc_set_error(SVC_BAD_REQUEST, "step: ...")`. The message
+ * is per thread, like sbn_last_error(). */
+int svc_set_error(svc_code_t code, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+/* The message of the last svc_set_error on this thread ("" if none). */
+const char *svc_last_error(void);
+/* The code of a negative return value (INTERNAL for anything else). */
+svc_code_t svc_code_of(int rc);
+
 /* An error: a code and a message naming the offending key. */
 typedef struct svc_err_s {
   svc_code_t code;
@@ -133,7 +149,8 @@ typedef enum {
   SVC_OP_SET_STATE,
   SVC_OP_CHECKPOINT_SAVE,
   SVC_OP_CHECKPOINT_LOAD,
-  SVC_OP_METRICS
+  SVC_OP_METRICS,
+  SVC_OP_COUNT /* the number of ops: sizes per-op tables */
 } svc_op_t;
 
 /* Wire name of an op ("forward"); NULL past the last one. */
