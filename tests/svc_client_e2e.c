@@ -46,15 +46,15 @@ static char g_path[NP][SJ_PATH_MAX];
 static int g_port[NP];
 static const char g_token[] = "client3-token-\x01\x02 bytes";
 
-#define CHECK(cond, ...)                                                      \
-  do {                                                                        \
-    if (!(cond)) {                                                            \
+#define CHECK(cond, ...)                                                     \
+  do {                                                                       \
+    if (!(cond)) {                                                           \
       fprintf(stderr, "svc_client_e2e: %s:%d: check failed: %s: ", __FILE__, \
-              __LINE__, #cond);                                               \
-      fprintf(stderr, __VA_ARGS__);                                           \
-      fprintf(stderr, "\n");                                                  \
-      exit(1);                                                                \
-    }                                                                         \
+              __LINE__, #cond);                                              \
+      fprintf(stderr, __VA_ARGS__);                                          \
+      fprintf(stderr, "\n");                                                 \
+      exit(1);                                                               \
+    }                                                                        \
   } while (0)
 
 /* An error reply: the mapped code and the worker's code string. */
@@ -288,8 +288,8 @@ static int ref_allreduce(sbn_comm_t *c, sbn_rec_t *r, size_t n) {
 static void ref_destroy(sbn_comm_t *c) {
   (void)c;
 }
-static const sbn_comm_vtable_t ref_vt = {ref_allreduce, NULL, NULL, NULL,
-                                         ref_destroy, NULL};
+static const sbn_comm_vtable_t ref_vt = {ref_allreduce, NULL,        NULL,
+                                         NULL,          ref_destroy, NULL};
 
 /* The library in one process on the whole batch of layer i. */
 static void library_ref(int i, float *y, float *dx, float *dw, float *db) {

@@ -50,15 +50,15 @@ static char g_root[64]; /* the test's private directory */
 static char g_dir[128]; /* the socket directory syncbnd creates */
 static char g_path[NP][256];
 
-#define CHECK(cond, ...)                                              \
-  do {                                                                \
-    if (!(cond)) {                                                    \
+#define CHECK(cond, ...)                                                     \
+  do {                                                                       \
+    if (!(cond)) {                                                           \
       fprintf(stderr, "svc_server_e2e: %s:%d: check failed: %s: ", __FILE__, \
-              __LINE__, #cond);                                       \
-      fprintf(stderr, __VA_ARGS__);                                   \
-      fprintf(stderr, "\n");                                          \
-      exit(1);                                                        \
-    }                                                                 \
+              __LINE__, #cond);                                              \
+      fprintf(stderr, __VA_ARGS__);                                          \
+      fprintf(stderr, "\n");                                                 \
+      exit(1);                                                               \
+    }                                                                        \
   } while (0)
 
 static void stop_job(void) {
@@ -214,8 +214,8 @@ static int ref_allreduce(sbn_comm_t *c, sbn_rec_t *r, size_t n) {
 static void ref_destroy(sbn_comm_t *c) {
   (void)c;
 }
-static const sbn_comm_vtable_t ref_vt = {ref_allreduce, NULL, NULL, NULL,
-                                         ref_destroy, NULL};
+static const sbn_comm_vtable_t ref_vt = {ref_allreduce, NULL,        NULL,
+                                         NULL,          ref_destroy, NULL};
 
 typedef struct kcase_s {
   const char *kind;
@@ -576,7 +576,8 @@ static void test_killed_mid_frame(int rank) {
             WTERMSIG(status) == SIGKILL,
         "the mid-frame child did not die as planned (status %d)", status);
   hello_ok(rank);
-  printf("svc_server_e2e: rank %d: a client killed mid-frame; worker serving\n", rank);
+  printf("svc_server_e2e: rank %d: a client killed mid-frame; worker serving\n",
+         rank);
 }
 
 /* A partial frame that never completes times out. */
@@ -593,8 +594,8 @@ static void test_frame_timeout(int rank) {
         now() - t0);
   sbn_client_close(c);
   hello_ok(rank);
-  printf("svc_server_e2e: rank %d: a partial frame timed out after %.1f s\n", rank,
-         now() - t0);
+  printf("svc_server_e2e: rank %d: a partial frame timed out after %.1f s\n",
+         rank, now() - t0);
 }
 
 /* A client that sends requests but never reads is dropped once its
@@ -700,8 +701,8 @@ static void test_max_clients(int rank) {
   /* The worker notices the closes on its next loop turns. */
   usleep(200000);
   hello_ok(rank);
-  printf("svc_server_e2e: rank %d: client %d refused with TOO_MANY_CLIENTS\n", rank,
-         MAX_CLIENTS + 1);
+  printf("svc_server_e2e: rank %d: client %d refused with TOO_MANY_CLIENTS\n",
+         rank, MAX_CLIENTS + 1);
 }
 
 /* Another uid: a child keeps CAP_DAC_OVERRIDE across setresuid (with
@@ -715,7 +716,8 @@ static void test_other_uid(int rank) {
   pid_t pid;
   char code[64] = "";
   if (geteuid() != 0) {
-    printf("svc_server_e2e: SKIP another-uid test: needs root to switch uids\n");
+    printf(
+        "svc_server_e2e: SKIP another-uid test: needs root to switch uids\n");
     return;
   }
   for (uid_t u = 61000; u < 61100; u++) {
@@ -767,8 +769,10 @@ static void test_other_uid(int rank) {
   } else {
     CHECK(strcmp(code, "FORBIDDEN") == 0,
           "uid %u: expected FORBIDDEN, got '%s'", (unsigned)uid, code);
-    printf("svc_server_e2e: rank %d: uid %u refused with FORBIDDEN (SO_PEERCRED)\n",
-           rank, (unsigned)uid);
+    printf(
+        "svc_server_e2e: rank %d: uid %u refused with FORBIDDEN "
+        "(SO_PEERCRED)\n",
+        rank, (unsigned)uid);
   }
   /* Without capabilities the directory alone keeps that uid out. */
   pid = fork();
@@ -800,7 +804,8 @@ static void test_modes(void) {
     CHECK((st.st_mode & 077) == 0, "socket %d mode %03o", r,
           (unsigned)(st.st_mode & 0777));
   }
-  printf("svc_server_e2e: socket dir mode 0700, sockets closed to group/others\n");
+  printf(
+      "svc_server_e2e: socket dir mode 0700, sockets closed to group/others\n");
 }
 
 /* syncbnd refuses socket directories that others could tamper with. */

@@ -412,10 +412,9 @@ static int socket_paths(const opts_t *o, rank_t *k) {
  * directory, by default next to the sockets, so that a restarted job
  * given the same --socket-dir finds them again. */
 static int start_worker(opts_t *o, rank_t *k) {
-  char msg[512];
   int rc;
-  if (svc_socket_dir_prepare(k->dir, msg, sizeof msg) != 0) {
-    fprintf(stderr, "syncbnd: rank %d: %s\n", k->rank, msg);
+  if (svc_socket_dir_prepare(k->dir) != 0) {
+    fprintf(stderr, "syncbnd: rank %d: %s\n", k->rank, svc_last_error());
     return -1;
   }
   o->wc.rank = k->rank;
@@ -435,8 +434,9 @@ static int start_worker(opts_t *o, rank_t *k) {
             k->rank);
     return -1;
   }
-  if (svc_socket_dir_prepare(k->state, msg, sizeof msg) != 0) {
-    fprintf(stderr, "syncbnd: rank %d: --state-dir: %s\n", k->rank, msg);
+  if (svc_socket_dir_prepare(k->state) != 0) {
+    fprintf(stderr, "syncbnd: rank %d: --state-dir: %s\n", k->rank,
+            svc_last_error());
     return -1;
   }
   return 0;
@@ -449,7 +449,6 @@ static int start_worker(opts_t *o, rank_t *k) {
 static int start_server(const opts_t *o, rank_t *k, uint8_t *token,
                         size_t token_len) {
   svc_server_config_t sc;
-  char msg[512];
   int rc;
   memset(&sc, 0, sizeof sc);
   sc.socket_path = k->path;
@@ -473,10 +472,10 @@ static int start_server(const opts_t *o, rank_t *k, uint8_t *token,
     sc.token = token;
     sc.token_len = token_len;
   }
-  rc = svc_server_create(&sc, k->worker, &k->server, msg, sizeof msg);
+  rc = svc_server_create(&sc, k->worker, &k->server);
   explicit_bzero(token, SVC_TOKEN_MAX);
   if (rc != 0) {
-    fprintf(stderr, "syncbnd: rank %d: %s\n", k->rank, msg);
+    fprintf(stderr, "syncbnd: rank %d: %s\n", k->rank, svc_last_error());
     return -1;
   }
   return 0;

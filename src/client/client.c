@@ -282,7 +282,6 @@ static int sbn__error_of(const msgpack_object *m, char *code, size_t ncode,
 /* Receives the reply to request id and turns an error reply into a code. */
 static int sbn__reply(sbn_client_t *c, uint64_t id, sbn__reply_t *p) {
   size_t len, off = 0;
-  svc_err_t err;
   const msgpack_object *o;
   int rc, e;
   memset(p, 0, sizeof *p);
@@ -290,8 +289,8 @@ static int sbn__reply(sbn_client_t *c, uint64_t id, sbn__reply_t *p) {
   c->msg[0] = '\0';
   if ((rc = sbn_client_recv_frame(c, &p->body, &len)) != 0)
     return rc;
-  if (svc_scan(p->body, len, &sbn__reply_limits, &err) != 0) {
-    rc = sbn__cfail(c, SBN_EFORMAT, "", "reply: %s", err.msg);
+  if (svc_scan(p->body, len, &sbn__reply_limits) != 0) {
+    rc = sbn__cfail(c, SBN_EFORMAT, "", "reply: %s", svc_last_error());
     goto fail;
   }
   if (!msgpack_zone_init(&p->zone, 1024)) {
@@ -332,11 +331,10 @@ static int sbn__take_tensor(sbn_client_t *c, const msgpack_object *root,
                             float *out) {
   const msgpack_object *o = sbn__get(root, key);
   svc_tensor_t t;
-  svc_err_t err;
   if (o == NULL)
     return sbn__cfail(c, SBN_EFORMAT, "", "reply: no '%s'", key);
-  if (svc_decode_tensor(o, key, &t, &err) != 0)
-    return sbn__cfail(c, SBN_EFORMAT, "", "reply: %s", err.msg);
+  if (svc_decode_tensor(o, key, &t) != 0)
+    return sbn__cfail(c, SBN_EFORMAT, "", "reply: %s", svc_last_error());
   if (t.desc.ndim != desc->ndim ||
       memcmp(t.desc.dims, desc->dims,
              (size_t)desc->ndim * sizeof *desc->dims) != 0) {
@@ -607,10 +605,9 @@ int sbn_client_backward(sbn_client_t *c, uint64_t layer, uint64_t step,
     sbn_tensor_desc_t wd;
     const msgpack_object *o = sbn__get(&p.root, "dweight");
     svc_tensor_t t;
-    svc_err_t err;
     /* The parameter shape is the layer's (C, or LayerNorm's normalized
      * shape); only its size is checked here. */
-    if (svc_decode_tensor(o, "dweight", &t, &err) != 0 || t.numel != wb_numel) {
+    if (svc_decode_tensor(o, "dweight", &t) != 0 || t.numel != wb_numel) {
       svc_tensor_free(&t);
       sbn__reply_free(&p);
       return sbn__cfail(c, SBN_EFORMAT, "", "reply: dweight is not %zu floats",
@@ -768,13 +765,12 @@ static int sbn__decode_f32(sbn_client_t *c, const msgpack_object *root,
                            const char *key, const sbn_tensor_desc_t *want,
                            svc_tensor_t *t) {
   const msgpack_object *o = sbn__get(root, key);
-  svc_err_t err;
   memset(t, 0, sizeof *t);
   if (o == NULL)
     return sbn__cfail(c, SBN_EFORMAT, "", "reply: no '%s'", key);
-  if (svc_decode_tensor(o, key, t, &err) != 0) {
+  if (svc_decode_tensor(o, key, t) != 0) {
     svc_tensor_free(t);
-    return sbn__cfail(c, SBN_EFORMAT, "", "reply: %s", err.msg);
+    return sbn__cfail(c, SBN_EFORMAT, "", "reply: %s", svc_last_error());
   }
   if (want != NULL && (t->desc.ndim != want->ndim ||
                        memcmp(t->desc.dims, want->dims,

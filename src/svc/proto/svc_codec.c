@@ -35,17 +35,6 @@ int svc_code_fatal(svc_code_t code) {
   return svc__code_fatal[code];
 }
 
-int svc_fail(svc_err_t *err, svc_code_t code, const char *fmt, ...) {
-  if (err != NULL) {
-    va_list ap;
-    err->code = code;
-    va_start(ap, fmt);
-    vsnprintf(err->msg, sizeof err->msg, fmt, ap);
-    va_end(ap);
-  }
-  return -1;
-}
-
 void svc_limits_default(svc_limits_t *lim) {
   lim->max_frame = 256u << 20;
   lim->max_depth = 8;
@@ -66,14 +55,15 @@ const char *svc_kind_name(svc_kind_t kind) {
 /* Frames and the pre-scan */
 
 int svc_frame_len(const uint8_t hdr[SVC_HEADER_BYTES], const svc_limits_t *lim,
-                  uint32_t *len, svc_err_t *err) {
+                  uint32_t *len) {
   uint32_t n = ((uint32_t)hdr[0] << 24) | ((uint32_t)hdr[1] << 16) |
                ((uint32_t)hdr[2] << 8) | (uint32_t)hdr[3];
   if (n == 0)
-    return svc_fail(err, SVC_BAD_FRAME, "frame: zero length");
+    return svc_set_error(SVC_BAD_FRAME, "frame: zero length");
   if (n > lim->max_frame)
-    return svc_fail(err, SVC_FRAME_TOO_LARGE,
-                    "frame: length %u exceeds max_frame %u", n, lim->max_frame);
+    return svc_set_error(SVC_FRAME_TOO_LARGE,
+                         "frame: length %u exceeds max_frame %u", n,
+                         lim->max_frame);
   *len = n;
   return 0;
 }
@@ -89,8 +79,7 @@ static uint64_t svc__be(const uint8_t *p, int bytes) {
  * this, whatever the limits say. */
 #define SVC__SCAN_DEPTH_MAX 32
 
-int svc_scan(const uint8_t *p, size_t n, const svc_limits_t *lim,
-             svc_err_t *err) {
+int svc_scan(const uint8_t *p, size_t n, const svc_limits_t *lim) {
   /* left[d]: objects still expected by the container at depth d. */
   uint64_t left[SVC__SCAN_DEPTH_MAX + 1];
   uint32_t max_depth = lim->max_depth;
@@ -100,10 +89,11 @@ int svc_scan(const uint8_t *p, size_t n, const svc_limits_t *lim,
   if (max_depth > SVC__SCAN_DEPTH_MAX)
     max_depth = SVC__SCAN_DEPTH_MAX;
   if (n == 0)
-    return svc_fail(err, SVC_MALFORMED, "frame: empty body");
+    return svc_set_error(SVC_MALFORMED, "frame: empty body");
   if (!(p[0] >= 0x80 && p[0] <= 0x8f) && p[0] != 0xde && p[0] != 0xdf)
-    return svc_fail(err, SVC_MALFORMED,
-                    "frame: the root object is not a map (tag 0x%02x)", p[0]);
+    return svc_set_error(SVC_MALFORMED,
+                         "frame: the root object is not a map (tag 0x%02x)",
+                         p[0]);
   left[0] = 1;
   for (;;) {
     size_t at = pos;
@@ -113,8 +103,8 @@ int svc_scan(const uint8_t *p, size_t n, const svc_limits_t *lim,
     uint64_t count = 0; /* child objects of a container */
     int container = 0;
     if (pos >= n)
-      return svc_fail(err, SVC_MALFORMED,
-                      "frame: truncated msgpack at byte %zu", pos);
+      return svc_set_error(SVC_MALFORMED,
+                           "frame: truncated msgpack at byte %zu", pos);
     t = p[pos++];
     if (t <= 0x7f || t >= 0xe0 || t == 0xc0 || t == 0xc2 || t == 0xc3) {
       /* fixint, nil, bool: the tag is the whole object. */
@@ -206,16 +196,16 @@ int svc_scan(const uint8_t *p, size_t n, const svc_limits_t *lim,
           container = 2;
           break; /* map32 */
         default:
-          return svc_fail(err, SVC_MALFORMED,
-                          "frame: invalid msgpack tag 0x%02x at byte %zu", t,
-                          at);
+          return svc_set_error(SVC_MALFORMED,
+                               "frame: invalid msgpack tag 0x%02x at byte %zu",
+                               t, at);
       }
     }
     if (hdr > 0) {
       uint64_t v;
       if ((size_t)hdr > n - pos)
-        return svc_fail(err, SVC_MALFORMED,
-                        "frame: truncated msgpack header at byte %zu", at);
+        return svc_set_error(SVC_MALFORMED,
+                             "frame: truncated msgpack header at byte %zu", at);
       v = svc__be(p + pos, hdr);
       pos += (size_t)hdr;
       if (container == 1)
@@ -226,33 +216,36 @@ int svc_scan(const uint8_t *p, size_t n, const svc_limits_t *lim,
         skip += v;
     }
     if (skip > n - pos)
-      return svc_fail(err, SVC_MALFORMED,
-                      "frame: msgpack object at byte %zu declares %llu bytes, "
-                      "%zu remain",
-                      at, (unsigned long long)skip, n - pos);
+      return svc_set_error(
+          SVC_MALFORMED,
+          "frame: msgpack object at byte %zu declares %llu bytes, "
+          "%zu remain",
+          at, (unsigned long long)skip, n - pos);
     pos += (size_t)skip;
     if (++objects > lim->max_objects)
-      return svc_fail(err, SVC_LIMIT, "frame: more than %u msgpack objects",
-                      lim->max_objects);
+      return svc_set_error(SVC_LIMIT, "frame: more than %u msgpack objects",
+                           lim->max_objects);
     /* One object consumed from the enclosing container. */
     left[depth]--;
     if (container && count > 0) {
       /* Every child takes at least one byte, so a count beyond the
        * remaining bytes is a lie; refuse it before anyone allocates. */
       if (count > n - pos)
-        return svc_fail(err, SVC_LIMIT,
-                        "frame: container at byte %zu declares %llu elements, "
-                        "%zu bytes remain",
-                        at, (unsigned long long)count, n - pos);
+        return svc_set_error(
+            SVC_LIMIT,
+            "frame: container at byte %zu declares %llu elements, "
+            "%zu bytes remain",
+            at, (unsigned long long)count, n - pos);
       if (count > (uint64_t)lim->max_objects)
-        return svc_fail(err, SVC_LIMIT,
-                        "frame: container at byte %zu declares %llu elements, "
-                        "more than %u",
-                        at, (unsigned long long)count, lim->max_objects);
+        return svc_set_error(
+            SVC_LIMIT,
+            "frame: container at byte %zu declares %llu elements, "
+            "more than %u",
+            at, (unsigned long long)count, lim->max_objects);
       if ((uint32_t)depth + 1 >= max_depth + 1u)
-        return svc_fail(err, SVC_LIMIT,
-                        "frame: nesting deeper than %u at byte %zu", max_depth,
-                        at);
+        return svc_set_error(SVC_LIMIT,
+                             "frame: nesting deeper than %u at byte %zu",
+                             max_depth, at);
       left[++depth] = count;
       continue;
     }
@@ -262,8 +255,8 @@ int svc_scan(const uint8_t *p, size_t n, const svc_limits_t *lim,
       break;
   }
   if (pos != n)
-    return svc_fail(err, SVC_MALFORMED,
-                    "frame: %zu bytes after the msgpack map", n - pos);
+    return svc_set_error(SVC_MALFORMED,
+                         "frame: %zu bytes after the msgpack map", n - pos);
   return 0;
 }
 
@@ -277,19 +270,19 @@ static int svc__str_eq(const msgpack_object *o, const char *s) {
 }
 
 static int svc__get_uint(const msgpack_object *o, const char *key, uint64_t max,
-                         uint64_t *out, svc_err_t *err) {
+                         uint64_t *out) {
   if (o->type != MSGPACK_OBJECT_POSITIVE_INTEGER)
-    return svc_fail(err, SVC_BAD_REQUEST, "%s: expected a non-negative integer",
-                    key);
+    return svc_set_error(SVC_BAD_REQUEST, "%s: expected a non-negative integer",
+                         key);
   if (o->via.u64 > max)
-    return svc_fail(err, SVC_BAD_REQUEST, "%s: %llu exceeds %llu", key,
-                    (unsigned long long)o->via.u64, (unsigned long long)max);
+    return svc_set_error(SVC_BAD_REQUEST, "%s: %llu exceeds %llu", key,
+                         (unsigned long long)o->via.u64,
+                         (unsigned long long)max);
   *out = o->via.u64;
   return 0;
 }
 
-static int svc__get_num(const msgpack_object *o, const char *key, double *out,
-                        svc_err_t *err) {
+static int svc__get_num(const msgpack_object *o, const char *key, double *out) {
   switch (o->type) {
     case MSGPACK_OBJECT_FLOAT32:
     case MSGPACK_OBJECT_FLOAT64:
@@ -302,14 +295,13 @@ static int svc__get_num(const msgpack_object *o, const char *key, double *out,
       *out = (double)o->via.i64;
       return 0;
     default:
-      return svc_fail(err, SVC_BAD_REQUEST, "%s: expected a number", key);
+      return svc_set_error(SVC_BAD_REQUEST, "%s: expected a number", key);
   }
 }
 
-static int svc__get_bool(const msgpack_object *o, const char *key, int *out,
-                         svc_err_t *err) {
+static int svc__get_bool(const msgpack_object *o, const char *key, int *out) {
   if (o->type != MSGPACK_OBJECT_BOOLEAN)
-    return svc_fail(err, SVC_BAD_REQUEST, "%s: expected a boolean", key);
+    return svc_set_error(SVC_BAD_REQUEST, "%s: expected a boolean", key);
   *out = o->via.boolean ? 1 : 0;
   return 0;
 }
@@ -324,13 +316,13 @@ void svc_tensor_free(svc_tensor_t *t) {
  * and points *payload at the data bytes inside the frame; copies nothing. */
 static int svc__tensor_parse(const msgpack_object *o, const char *what,
                              int allow_f64, svc_tensor_t *t, size_t *elsz,
-                             const char **payload, svc_err_t *err) {
+                             const char **payload) {
   const msgpack_object *dtype = NULL, *shape = NULL, *data = NULL,
                        *layout = NULL;
   size_t numel = 1;
   memset(t, 0, sizeof *t);
   if (o->type != MSGPACK_OBJECT_MAP)
-    return svc_fail(err, SVC_BAD_TENSOR, "%s: expected a tensor map", what);
+    return svc_set_error(SVC_BAD_TENSOR, "%s: expected a tensor map", what);
   for (uint32_t i = 0; i < o->via.map.size; i++) {
     const msgpack_object *k = &o->via.map.ptr[i].key;
     const msgpack_object *v = &o->via.map.ptr[i].val;
@@ -344,44 +336,45 @@ static int svc__tensor_parse(const msgpack_object *o, const char *what,
     else if (svc__str_eq(k, "layout"))
       slot = &layout;
     else if (k->type != MSGPACK_OBJECT_STR)
-      return svc_fail(err, SVC_BAD_TENSOR, "%s: keys must be strings", what);
+      return svc_set_error(SVC_BAD_TENSOR, "%s: keys must be strings", what);
     if (slot == NULL)
       continue;
     if (*slot != NULL)
-      return svc_fail(err, SVC_BAD_TENSOR, "%s: repeated key '%.*s'", what,
-                      (int)k->via.str.size, k->via.str.ptr);
+      return svc_set_error(SVC_BAD_TENSOR, "%s: repeated key '%.*s'", what,
+                           (int)k->via.str.size, k->via.str.ptr);
     *slot = v;
   }
   if (dtype == NULL || shape == NULL || data == NULL)
-    return svc_fail(err, SVC_BAD_TENSOR, "%s: missing '%s'", what,
-                    dtype == NULL   ? "dtype"
-                    : shape == NULL ? "shape"
-                                    : "data");
+    return svc_set_error(SVC_BAD_TENSOR, "%s: missing '%s'", what,
+                         dtype == NULL   ? "dtype"
+                         : shape == NULL ? "shape"
+                                         : "data");
   if (svc__str_eq(dtype, "f32"))
     *elsz = sizeof(float);
   else if (allow_f64 && svc__str_eq(dtype, "f64"))
     *elsz = sizeof(double);
   else
-    return svc_fail(err, SVC_BAD_TENSOR, "%s.dtype: only %s supported", what,
-                    allow_f64 ? "\"f32\" and \"f64\" are" : "\"f32\" is");
+    return svc_set_error(SVC_BAD_TENSOR, "%s.dtype: only %s supported", what,
+                         allow_f64 ? "\"f32\" and \"f64\" are" : "\"f32\" is");
   if (shape->type != MSGPACK_OBJECT_ARRAY || shape->via.array.size < 1 ||
       shape->via.array.size > SBN_MAX_DIMS)
-    return svc_fail(err, SVC_BAD_TENSOR,
-                    "%s.shape: expected an array of 1 to %d sizes", what,
-                    SBN_MAX_DIMS);
+    return svc_set_error(SVC_BAD_TENSOR,
+                         "%s.shape: expected an array of 1 to %d sizes", what,
+                         SBN_MAX_DIMS);
   t->desc.ndim = (int)shape->via.array.size;
   t->desc.layout = SBN_LAYOUT_NCHW;
   for (uint32_t i = 0; i < shape->via.array.size; i++) {
     const msgpack_object *d = &shape->via.array.ptr[i];
     if (d->type != MSGPACK_OBJECT_POSITIVE_INTEGER || d->via.u64 > SIZE_MAX)
-      return svc_fail(err, SVC_BAD_TENSOR,
-                      "%s.shape[%u]: expected a non-negative integer", what, i);
+      return svc_set_error(SVC_BAD_TENSOR,
+                           "%s.shape[%u]: expected a non-negative integer",
+                           what, i);
     t->desc.dims[i] = (size_t)d->via.u64;
     /* A product that overflows cannot match any payload; say so rather
      * than wrap around to a small number that might. */
     if (t->desc.dims[i] != 0 && numel > SIZE_MAX / t->desc.dims[i])
-      return svc_fail(err, SVC_BAD_TENSOR, "%s.shape: the product overflows",
-                      what);
+      return svc_set_error(SVC_BAD_TENSOR, "%s.shape: the product overflows",
+                           what);
     numel *= t->desc.dims[i];
   }
   if (layout != NULL) {
@@ -390,26 +383,28 @@ static int svc__tensor_parse(const msgpack_object *o, const char *what,
     else if (svc__str_eq(layout, "nhwc"))
       t->desc.layout = SBN_LAYOUT_NHWC;
     else
-      return svc_fail(err, SVC_BAD_TENSOR,
-                      "%s.layout: expected \"nchw\" or \"nhwc\"", what);
+      return svc_set_error(SVC_BAD_TENSOR,
+                           "%s.layout: expected \"nchw\" or \"nhwc\"", what);
   }
   if (data->type != MSGPACK_OBJECT_BIN)
-    return svc_fail(err, SVC_BAD_TENSOR, "%s.data: expected bin", what);
+    return svc_set_error(SVC_BAD_TENSOR, "%s.data: expected bin", what);
   if (numel > SIZE_MAX / *elsz || numel * *elsz != data->via.bin.size)
-    return svc_fail(err, SVC_BAD_TENSOR,
-                    "%s.data: %u bytes, shape needs %zu elements of %zu bytes",
-                    what, data->via.bin.size, numel, *elsz);
+    return svc_set_error(
+        SVC_BAD_TENSOR,
+        "%s.data: %u bytes, shape needs %zu elements of %zu bytes", what,
+        data->via.bin.size, numel, *elsz);
   t->numel = numel;
   *payload = data->via.bin.ptr;
   return 0;
 }
 
 int svc_decode_tensor(const msgpack_object *o, const char *what,
-                      svc_tensor_t *t, svc_err_t *err) {
+                      svc_tensor_t *t) {
+  int rc;
   const char *payload = NULL;
   size_t elsz = 0, bytes;
-  if (svc__tensor_parse(o, what, 0, t, &elsz, &payload, err) != 0)
-    return -1;
+  if ((rc = svc__tensor_parse(o, what, 0, t, &elsz, &payload)) != 0)
+    return rc;
   bytes = t->numel * sizeof(float);
   if (bytes > 0) {
     /* The payload sits at any offset in the frame; kernels want aligned
@@ -417,8 +412,8 @@ int svc_decode_tensor(const msgpack_object *o, const char *what,
     size_t padded = (bytes + 63) & ~(size_t)63;
     t->data = aligned_alloc(64, padded);
     if (t->data == NULL)
-      return svc_fail(err, SVC_RESOURCE, "%s: out of memory (%zu bytes)", what,
-                      bytes);
+      return svc_set_error(SVC_RESOURCE, "%s: out of memory (%zu bytes)", what,
+                           bytes);
     memcpy(t->data, payload, bytes);
   }
   t->present = 1;
@@ -429,14 +424,15 @@ int svc_decode_tensor(const msgpack_object *o, const char *what,
  * with allow_scalar, a non-negative integer stands for "this value in
  * every channel". */
 static int svc__decode_vec(const msgpack_object *o, const char *what,
-                           int allow_scalar, svc_vec_t *v, svc_err_t *err) {
+                           int allow_scalar, svc_vec_t *v) {
+  int rc;
   svc_tensor_t t;
   const char *payload = NULL;
   size_t elsz = 0;
   memset(v, 0, sizeof *v);
   if (allow_scalar && o->type == MSGPACK_OBJECT_POSITIVE_INTEGER) {
     if ((v->v = malloc(sizeof *v->v)) == NULL)
-      return svc_fail(err, SVC_RESOURCE, "%s: out of memory", what);
+      return svc_set_error(SVC_RESOURCE, "%s: out of memory", what);
     v->v[0] = (double)o->via.u64;
     v->n = 1;
     v->scalar = 1;
@@ -444,15 +440,15 @@ static int svc__decode_vec(const msgpack_object *o, const char *what,
     return 0;
   }
   if (allow_scalar && o->type != MSGPACK_OBJECT_MAP)
-    return svc_fail(err, SVC_BAD_TENSOR,
-                    "%s: expected a non-negative integer or a 1-D tensor map",
-                    what);
-  if (svc__tensor_parse(o, what, 1, &t, &elsz, &payload, err) != 0)
-    return -1;
+    return svc_set_error(
+        SVC_BAD_TENSOR,
+        "%s: expected a non-negative integer or a 1-D tensor map", what);
+  if ((rc = svc__tensor_parse(o, what, 1, &t, &elsz, &payload)) != 0)
+    return rc;
   if (t.desc.ndim != 1)
-    return svc_fail(err, SVC_BAD_TENSOR, "%s: expected a 1-D tensor", what);
+    return svc_set_error(SVC_BAD_TENSOR, "%s: expected a 1-D tensor", what);
   if ((v->v = malloc((t.numel > 0 ? t.numel : 1) * sizeof *v->v)) == NULL)
-    return svc_fail(err, SVC_RESOURCE, "%s: out of memory", what);
+    return svc_set_error(SVC_RESOURCE, "%s: out of memory", what);
   for (size_t i = 0; i < t.numel; i++) {
     if (elsz == sizeof(float)) {
       float f;
@@ -555,26 +551,28 @@ static const char *const svc__keys[K_COUNT] = {
     "running_var", "num_batches_tracked"};
 
 static int svc__decode_register(const msgpack_object *const *k,
-                                svc_register_t *r, svc_err_t *err) {
+                                svc_register_t *r) {
+  int rc;
   sbn_layer_params_t *p = &r->params;
   uint64_t u = 0;
   double d;
   int b = 0;
   if (k[K_NAME] == NULL || k[K_KIND] == NULL)
-    return svc_fail(err, SVC_BAD_REQUEST, "register: missing '%s'",
-                    k[K_NAME] == NULL ? "name" : "kind");
+    return svc_set_error(SVC_BAD_REQUEST, "register: missing '%s'",
+                         k[K_NAME] == NULL ? "name" : "kind");
   if (k[K_NAME]->type != MSGPACK_OBJECT_STR || k[K_NAME]->via.str.size < 1 ||
       k[K_NAME]->via.str.size > SVC_NAME_MAX)
-    return svc_fail(err, SVC_BAD_REQUEST,
-                    "name: expected a string of 1 to %d bytes", SVC_NAME_MAX);
+    return svc_set_error(SVC_BAD_REQUEST,
+                         "name: expected a string of 1 to %d bytes",
+                         SVC_NAME_MAX);
   memcpy(r->name, k[K_NAME]->via.str.ptr, k[K_NAME]->via.str.size);
   r->name[k[K_NAME]->via.str.size] = '\0';
   if (memchr(r->name, '\0', k[K_NAME]->via.str.size) != NULL)
-    return svc_fail(err, SVC_BAD_REQUEST, "name: contains a zero byte");
+    return svc_set_error(SVC_BAD_REQUEST, "name: contains a zero byte");
   for (r->kind = 0;; r->kind++) {
     const char *kn = svc_kind_name(r->kind);
     if (kn == NULL)
-      return svc_fail(err, SVC_BAD_REQUEST, "kind: unknown layer kind");
+      return svc_set_error(SVC_BAD_REQUEST, "kind: unknown layer kind");
     if (svc__str_eq(k[K_KIND], kn))
       break;
   }
@@ -599,64 +597,64 @@ static int svc__decode_register(const msgpack_object *const *k,
   /* Channel counts and group counts above 2^32 cannot come with any
    * frame-sized tensor; the cap keeps later arithmetic far from overflow. */
   if (k[K_CHANNELS] != NULL) {
-    if (svc__get_uint(k[K_CHANNELS], "channels", UINT32_MAX, &u, err) != 0)
-      return -1;
+    if ((rc = svc__get_uint(k[K_CHANNELS], "channels", UINT32_MAX, &u)) != 0)
+      return rc;
     p->channels = (size_t)u;
   }
   if (k[K_GROUPS] != NULL) {
-    if (svc__get_uint(k[K_GROUPS], "groups", UINT32_MAX, &u, err) != 0)
-      return -1;
+    if ((rc = svc__get_uint(k[K_GROUPS], "groups", UINT32_MAX, &u)) != 0)
+      return rc;
     p->groups = (size_t)u;
   }
   if (k[K_NORMALIZED_SHAPE] != NULL) {
     const msgpack_object *s = k[K_NORMALIZED_SHAPE];
     if (s->type != MSGPACK_OBJECT_ARRAY || s->via.array.size < 1 ||
         s->via.array.size > SBN_MAX_DIMS)
-      return svc_fail(err, SVC_BAD_REQUEST,
-                      "normalized_shape: expected an array of 1 to %d sizes",
-                      SBN_MAX_DIMS);
+      return svc_set_error(
+          SVC_BAD_REQUEST,
+          "normalized_shape: expected an array of 1 to %d sizes", SBN_MAX_DIMS);
     p->norm_ndim = (int)s->via.array.size;
     for (uint32_t i = 0; i < s->via.array.size; i++) {
       char key[32];
       snprintf(key, sizeof key, "normalized_shape[%u]", i);
-      if (svc__get_uint(&s->via.array.ptr[i], key, UINT32_MAX, &u, err) != 0)
-        return -1;
+      if ((rc = svc__get_uint(&s->via.array.ptr[i], key, UINT32_MAX, &u)) != 0)
+        return rc;
       p->norm_shape[i] = (size_t)u;
     }
   }
-  if (k[K_EPS] != NULL && svc__get_num(k[K_EPS], "eps", &p->eps, err) != 0)
-    return -1;
+  if (k[K_EPS] != NULL && (rc = svc__get_num(k[K_EPS], "eps", &p->eps)) != 0)
+    return rc;
   if (k[K_MOMENTUM] != NULL) {
     /* nil is PyTorch's momentum=None: a cumulative average. */
     if (k[K_MOMENTUM]->type == MSGPACK_OBJECT_NIL) {
       p->cumulative = 1;
-    } else if (svc__get_num(k[K_MOMENTUM], "momentum", &p->momentum, err) !=
+    } else if ((rc = svc__get_num(k[K_MOMENTUM], "momentum", &p->momentum)) !=
                0) {
-      return -1;
+      return rc;
     }
   }
   if (k[K_AFFINE] != NULL) {
-    if (svc__get_bool(k[K_AFFINE], "affine", &b, err) != 0)
-      return -1;
+    if ((rc = svc__get_bool(k[K_AFFINE], "affine", &b)) != 0)
+      return rc;
     p->affine = b;
   }
   if (k[K_TRACK] != NULL) {
-    if (svc__get_bool(k[K_TRACK], "track_running_stats", &b, err) != 0)
-      return -1;
+    if ((rc = svc__get_bool(k[K_TRACK], "track_running_stats", &b)) != 0)
+      return rc;
     p->track_running_stats = b;
   }
   if (k[K_GROUP_SIZE] != NULL &&
-      svc__get_uint(k[K_GROUP_SIZE], "group_size", UINT32_MAX, &r->group_size,
-                    err) != 0)
-    return -1;
+      (rc = svc__get_uint(k[K_GROUP_SIZE], "group_size", UINT32_MAX,
+                          &r->group_size)) != 0)
+    return rc;
   if (k[K_P] != NULL) {
-    if (svc__get_num(k[K_P], "p", &d, err) != 0)
-      return -1;
+    if ((rc = svc__get_num(k[K_P], "p", &d)) != 0)
+      return rc;
     p->p = d;
   }
   if (k[K_SEED] != NULL) {
-    if (svc__get_uint(k[K_SEED], "seed", UINT32_MAX, &u, err) != 0)
-      return -1;
+    if ((rc = svc__get_uint(k[K_SEED], "seed", UINT32_MAX, &u)) != 0)
+      return rc;
     p->seed = (uint32_t)u;
   }
   return 0;
@@ -665,48 +663,53 @@ static int svc__decode_register(const msgpack_object *const *k,
 /* Fails with BAD_REQUEST naming the first key of idx (a list ended by -1)
  * that the request lacks. */
 static int svc__need(const msgpack_object *const *k, const char *op,
-                     const int *idx, svc_err_t *err) {
+                     const int *idx) {
   for (; *idx >= 0; idx++)
     if (k[*idx] == NULL)
-      return svc_fail(err, SVC_BAD_REQUEST, "%s: missing '%s'", op,
-                      svc__keys[*idx]);
+      return svc_set_error(SVC_BAD_REQUEST, "%s: missing '%s'", op,
+                           svc__keys[*idx]);
   return 0;
 }
 
 static int svc__decode_map(const msgpack_object *root, int in_batch,
-                           svc_request_t *req, svc_err_t *err);
+                           svc_request_t *req);
 
 /* Decodes the tensor under an optional key; absent is fine. */
 static int svc__opt_tensor(const msgpack_object *const *k, int key,
-                           svc_tensor_t *t, svc_err_t *err) {
-  return k[key] == NULL ? 0 : svc_decode_tensor(k[key], svc__keys[key], t, err);
+                           svc_tensor_t *t) {
+  return k[key] == NULL ? 0 : svc_decode_tensor(k[key], svc__keys[key], t);
 }
 
 /* The sub-requests of a batch: each is a request map of its own whose op
  * is one of those that a batch may carry. */
-static int svc__decode_batch(const msgpack_object *a, svc_request_t *req,
-                             svc_err_t *err) {
+static int svc__decode_batch(const msgpack_object *a, svc_request_t *req) {
   if (a->type != MSGPACK_OBJECT_ARRAY || a->via.array.size < 1 ||
       a->via.array.size > SVC_BATCH_MAX)
-    return svc_fail(err, SVC_BAD_REQUEST,
-                    "requests: expected an array of 1 to %d request maps",
-                    SVC_BATCH_MAX);
+    return svc_set_error(SVC_BAD_REQUEST,
+                         "requests: expected an array of 1 to %d request maps",
+                         SVC_BATCH_MAX);
   req->sub = calloc(a->via.array.size, sizeof *req->sub);
   if (req->sub == NULL)
-    return svc_fail(err, SVC_RESOURCE, "requests: out of memory");
+    return svc_set_error(SVC_RESOURCE, "requests: out of memory");
   for (uint32_t i = 0; i < a->via.array.size; i++) {
-    svc_err_t sub;
+    char msg[768];
+    int rc;
     req->nsub = i + 1;
     if (a->via.array.ptr[i].type != MSGPACK_OBJECT_MAP)
-      return svc_fail(err, SVC_BAD_REQUEST, "requests[%u]: expected a map", i);
-    if (svc__decode_map(&a->via.array.ptr[i], 1, &req->sub[i], &sub) != 0)
-      return svc_fail(err, sub.code, "requests[%u].%s", i, sub.msg);
+      return svc_set_error(SVC_BAD_REQUEST, "requests[%u]: expected a map", i);
+    if ((rc = svc__decode_map(&a->via.array.ptr[i], 1, &req->sub[i])) != 0) {
+      /* The message is rewritten from a copy: the setter's buffer is the
+       * one it reads. */
+      snprintf(msg, sizeof msg, "%s", svc_last_error());
+      return svc_set_error(svc_code_of(rc), "requests[%u].%s", i, msg);
+    }
   }
   return 0;
 }
 
 static int svc__decode_map(const msgpack_object *root, int in_batch,
-                           svc_request_t *req, svc_err_t *err) {
+                           svc_request_t *req) {
+  int rc;
   const msgpack_object *k[K_COUNT] = {0};
   const msgpack_object *op;
   static const int need_fwd[] = {K_LAYER, K_STEP, K_TRAIN, K_X, -1};
@@ -718,12 +721,12 @@ static int svc__decode_map(const msgpack_object *root, int in_batch,
   for (uint32_t i = 0; i < root->via.map.size; i++) {
     const msgpack_object *key = &root->via.map.ptr[i].key;
     if (key->type != MSGPACK_OBJECT_STR)
-      return svc_fail(err, SVC_BAD_REQUEST, "request: keys must be strings");
+      return svc_set_error(SVC_BAD_REQUEST, "request: keys must be strings");
     for (int j = 0; j < K_COUNT; j++) {
       if (!svc__str_eq(key, svc__keys[j]))
         continue;
       if (k[j] != NULL)
-        return svc_fail(err, SVC_BAD_REQUEST, "%s: repeated key", svc__keys[j]);
+        return svc_set_error(SVC_BAD_REQUEST, "%s: repeated key", svc__keys[j]);
       k[j] = &root->via.map.ptr[i].val;
       break;
     }
@@ -741,38 +744,38 @@ static int svc__decode_map(const msgpack_object *root, int in_batch,
   }
   op = k[K_OP];
   if (op == NULL || op->type != MSGPACK_OBJECT_STR)
-    return svc_fail(err, SVC_BAD_REQUEST, "op: missing or not a string");
+    return svc_set_error(SVC_BAD_REQUEST, "op: missing or not a string");
   if (!req->id.present)
-    return svc_fail(err, SVC_BAD_REQUEST, "id: missing or not an integer");
+    return svc_set_error(SVC_BAD_REQUEST, "id: missing or not an integer");
   for (req->op = 0;; req->op++) {
     const char *name = svc_op_name(req->op);
     if (name == NULL)
-      return svc_fail(err, SVC_UNKNOWN_OP, "op: unknown op '%.*s'",
-                      (int)(op->via.str.size > 64 ? 64 : op->via.str.size),
-                      op->via.str.ptr);
+      return svc_set_error(SVC_UNKNOWN_OP, "op: unknown op '%.*s'",
+                           (int)(op->via.str.size > 64 ? 64 : op->via.str.size),
+                           op->via.str.ptr);
     if (svc__str_eq(op, name))
       break;
   }
   if (in_batch && req->op != SVC_OP_FORWARD && req->op != SVC_OP_BACKWARD &&
       req->op != SVC_OP_STATS && req->op != SVC_OP_STATS_BACKWARD)
-    return svc_fail(err, SVC_BAD_REQUEST,
-                    "op: a batch carries forward, backward, stats and "
-                    "stats_backward only, not '%s'",
-                    svc_op_name(req->op));
+    return svc_set_error(SVC_BAD_REQUEST,
+                         "op: a batch carries forward, backward, stats and "
+                         "stats_backward only, not '%s'",
+                         svc_op_name(req->op));
   /* Keys shared by several ops. */
   if (k[K_LAYER] != NULL &&
-      svc__get_uint(k[K_LAYER], "layer", UINT32_MAX, &req->layer, err) != 0)
-    return -1;
+      (rc = svc__get_uint(k[K_LAYER], "layer", UINT32_MAX, &req->layer)) != 0)
+    return rc;
   if (k[K_STEP] != NULL &&
-      svc__get_uint(k[K_STEP], "step", UINT64_MAX, &req->step, err) != 0)
-    return -1;
+      (rc = svc__get_uint(k[K_STEP], "step", UINT64_MAX, &req->step)) != 0)
+    return rc;
   switch (req->op) {
     case SVC_OP_HELLO:
       if (k[K_VERSION] == NULL)
-        return svc_fail(err, SVC_BAD_REQUEST, "hello: missing 'version'");
-      if (svc__get_uint(k[K_VERSION], "version", UINT64_MAX, &req->version,
-                        err) != 0)
-        return -1;
+        return svc_set_error(SVC_BAD_REQUEST, "hello: missing 'version'");
+      if ((rc = svc__get_uint(k[K_VERSION], "version", UINT64_MAX,
+                              &req->version)) != 0)
+        return rc;
       if (k[K_TOKEN] != NULL) {
         const msgpack_object *t = k[K_TOKEN];
         const char *ptr;
@@ -784,110 +787,110 @@ static int svc__decode_map(const msgpack_object *root, int in_batch,
           ptr = t->via.bin.ptr;
           n = t->via.bin.size;
         } else {
-          return svc_fail(err, SVC_BAD_REQUEST,
-                          "token: expected a string or bin");
+          return svc_set_error(SVC_BAD_REQUEST,
+                               "token: expected a string or bin");
         }
         if (n > SVC_TOKEN_MAX)
-          return svc_fail(err, SVC_BAD_REQUEST, "token: longer than %d bytes",
-                          SVC_TOKEN_MAX);
+          return svc_set_error(SVC_BAD_REQUEST, "token: longer than %d bytes",
+                               SVC_TOKEN_MAX);
         memcpy(req->token, ptr, n);
         req->token_len = n;
         req->has_token = 1;
       }
       return 0;
     case SVC_OP_REGISTER:
-      return svc__decode_register(k, &req->reg, err);
+      return svc__decode_register(k, &req->reg);
     case SVC_OP_FORWARD:
-      if (svc__need(k, "forward", need_fwd, err) != 0 ||
-          svc__get_bool(k[K_TRAIN], "train", &req->train, err) != 0 ||
-          svc_decode_tensor(k[K_X], "x", &req->x, err) != 0)
-        return -1;
-      if (svc__opt_tensor(k, K_WEIGHT, &req->weight, err) != 0 ||
-          svc__opt_tensor(k, K_BIAS, &req->bias, err) != 0)
-        return -1;
+      if ((rc = svc__need(k, "forward", need_fwd)) != 0 ||
+          (rc = svc__get_bool(k[K_TRAIN], "train", &req->train)) != 0 ||
+          (rc = svc_decode_tensor(k[K_X], "x", &req->x)) != 0)
+        return rc;
+      if ((rc = svc__opt_tensor(k, K_WEIGHT, &req->weight)) != 0 ||
+          (rc = svc__opt_tensor(k, K_BIAS, &req->bias)) != 0)
+        return rc;
       return 0;
     case SVC_OP_BACKWARD:
-      if (svc__need(k, "backward", need_bwd, err) != 0)
-        return -1;
-      return svc_decode_tensor(k[K_DY], "dy", &req->x, err);
+      if ((rc = svc__need(k, "backward", need_bwd)) != 0)
+        return rc;
+      return svc_decode_tensor(k[K_DY], "dy", &req->x);
     case SVC_OP_STATS:
-      if (svc__need(k, "stats", need_stats, err) != 0 ||
-          svc__decode_vec(k[K_CNT], "count", 1, &req->count, err) != 0 ||
-          svc__decode_vec(k[K_MEAN], "mean", 0, &req->mean, err) != 0 ||
-          svc__decode_vec(k[K_M2], "m2", 0, &req->m2, err) != 0)
-        return -1;
+      if ((rc = svc__need(k, "stats", need_stats)) != 0 ||
+          (rc = svc__decode_vec(k[K_CNT], "count", 1, &req->count)) != 0 ||
+          (rc = svc__decode_vec(k[K_MEAN], "mean", 0, &req->mean)) != 0 ||
+          (rc = svc__decode_vec(k[K_M2], "m2", 0, &req->m2)) != 0)
+        return rc;
       return 0;
     case SVC_OP_STATS_BACKWARD:
-      if (svc__need(k, "stats_backward", need_sbwd, err) != 0 ||
-          svc__decode_vec(k[K_SUM_DY], "sum_dy", 0, &req->mean, err) != 0 ||
-          svc__decode_vec(k[K_SUM_DY_XHAT], "sum_dy_xhat", 0, &req->m2, err) !=
-              0)
-        return -1;
+      if ((rc = svc__need(k, "stats_backward", need_sbwd)) != 0 ||
+          (rc = svc__decode_vec(k[K_SUM_DY], "sum_dy", 0, &req->mean)) != 0 ||
+          (rc = svc__decode_vec(k[K_SUM_DY_XHAT], "sum_dy_xhat", 0,
+                                &req->m2)) != 0)
+        return rc;
       return 0;
     case SVC_OP_GET_STATE:
-      return svc__need(k, "get_state", need_layer, err);
+      return svc__need(k, "get_state", need_layer);
     case SVC_OP_SET_STATE:
-      if (svc__need(k, "set_state", need_layer, err) != 0)
-        return -1;
-      if (svc__opt_tensor(k, K_RUNNING_MEAN, &req->running_mean, err) != 0 ||
-          svc__opt_tensor(k, K_RUNNING_VAR, &req->running_var, err) != 0 ||
-          svc__opt_tensor(k, K_WEIGHT, &req->weight, err) != 0 ||
-          svc__opt_tensor(k, K_BIAS, &req->bias, err) != 0)
-        return -1;
+      if ((rc = svc__need(k, "set_state", need_layer)) != 0)
+        return rc;
+      if ((rc = svc__opt_tensor(k, K_RUNNING_MEAN, &req->running_mean)) != 0 ||
+          (rc = svc__opt_tensor(k, K_RUNNING_VAR, &req->running_var)) != 0 ||
+          (rc = svc__opt_tensor(k, K_WEIGHT, &req->weight)) != 0 ||
+          (rc = svc__opt_tensor(k, K_BIAS, &req->bias)) != 0)
+        return rc;
       if (k[K_NBT] != NULL) {
-        if (svc__get_uint(k[K_NBT], "num_batches_tracked", INT64_MAX,
-                          &req->num_batches_tracked, err) != 0)
-          return -1;
+        if ((rc = svc__get_uint(k[K_NBT], "num_batches_tracked", INT64_MAX,
+                                &req->num_batches_tracked)) != 0)
+          return rc;
         req->has_nbt = 1;
       }
       return 0;
     case SVC_OP_CHECKPOINT_SAVE:
     case SVC_OP_CHECKPOINT_LOAD:
-      if (svc__need(k, svc_op_name(req->op), need_name, err) != 0)
-        return -1;
+      if ((rc = svc__need(k, svc_op_name(req->op), need_name)) != 0)
+        return rc;
       if (k[K_NAME]->type != MSGPACK_OBJECT_STR ||
           k[K_NAME]->via.str.size > SVC_NAME_MAX)
-        return svc_fail(err, SVC_BAD_REQUEST,
-                        "name: expected a string of at most %d bytes",
-                        SVC_NAME_MAX);
+        return svc_set_error(SVC_BAD_REQUEST,
+                             "name: expected a string of at most %d bytes",
+                             SVC_NAME_MAX);
       memcpy(req->reg.name, k[K_NAME]->via.str.ptr, k[K_NAME]->via.str.size);
       req->reg.name[k[K_NAME]->via.str.size] = '\0';
       if (strlen(req->reg.name) != k[K_NAME]->via.str.size)
-        return svc_fail(err, SVC_BAD_REQUEST, "name: contains a zero byte");
+        return svc_set_error(SVC_BAD_REQUEST, "name: contains a zero byte");
       return 0;
     case SVC_OP_BATCH:
       if (k[K_REQUESTS] == NULL)
-        return svc_fail(err, SVC_BAD_REQUEST, "batch: missing 'requests'");
-      return svc__decode_batch(k[K_REQUESTS], req, err);
+        return svc_set_error(SVC_BAD_REQUEST, "batch: missing 'requests'");
+      return svc__decode_batch(k[K_REQUESTS], req);
     case SVC_OP_BYE:
     case SVC_OP_METRICS:
       return 0;
     case SVC_OP_COUNT:
       break;
   }
-  return svc_fail(err, SVC_INTERNAL, "op: not decoded");
+  return svc_set_error(SVC_INTERNAL, "op: not decoded");
 }
 
 int svc_decode_request(const uint8_t *body, size_t len, const svc_limits_t *lim,
-                       svc_request_t *req, svc_err_t *err) {
+                       svc_request_t *req) {
   msgpack_zone zone;
   msgpack_object root;
   size_t off = 0;
-  int rc = -1;
+  int rc;
   memset(req, 0, sizeof *req);
-  if (svc_scan(body, len, lim, err) != 0)
-    return -1;
+  if ((rc = svc_scan(body, len, lim)) != 0)
+    return rc;
   if (!msgpack_zone_init(&zone, 2048))
-    return svc_fail(err, SVC_RESOURCE, "frame: out of memory");
+    return svc_set_error(SVC_RESOURCE, "frame: out of memory");
   /* The scan proved the bytes are one well-formed object within limits, so
    * msgpack-c allocates at most a small multiple of max_objects. */
   if (msgpack_unpack((const char *)body, len, &off, &zone, &root) !=
           MSGPACK_UNPACK_SUCCESS ||
       off != len || root.type != MSGPACK_OBJECT_MAP) {
-    svc_fail(err, SVC_MALFORMED, "frame: msgpack-c refused the map");
+    rc = svc_set_error(SVC_MALFORMED, "frame: msgpack-c refused the map");
     goto fail;
   }
-  rc = svc__decode_map(&root, 0, req, err);
+  rc = svc__decode_map(&root, 0, req);
 fail:
   if (rc != 0) {
     svc_id_t id = req->id;
@@ -932,7 +935,7 @@ int svc_pack_tensor(msgpack_packer *pk, const sbn_tensor_desc_t *desc,
   rc |= msgpack_pack_bin(pk, numel * sizeof(float));
   if (numel > 0)
     rc |= msgpack_pack_bin_body(pk, data, numel * sizeof(float));
-  return rc != 0 ? -1 : 0;
+  return rc != 0 ? svc_set_error(SVC_RESOURCE, "reply: out of memory") : 0;
 }
 
 /* msgpack-c's packers ignore a failed write of one piece and go on with the
@@ -968,6 +971,8 @@ static int svc__start(svc__out_t *o, msgpack_packer *pk, size_t hint) {
   return msgpack_sbuffer_write(sb, "\0\0\0\0", 4);
 }
 
+/* Ends a reply frame; rc is the OR of msgpack-c's own returns while it
+ * was packed (0 or -1), which is its convention, not the service's. */
 static int svc__finish(svc__out_t *o, int rc, uint8_t **out, size_t *out_len) {
   msgpack_sbuffer *sb = &o->sb;
   size_t body;
@@ -975,7 +980,7 @@ static int svc__finish(svc__out_t *o, int rc, uint8_t **out, size_t *out_len) {
     msgpack_sbuffer_destroy(sb);
     *out = NULL;
     *out_len = 0;
-    return -1;
+    return svc_set_error(SVC_RESOURCE, "reply: out of memory");
   }
   body = sb->size - 4;
   sb->data[0] = (char)(body >> 24);
@@ -1136,7 +1141,7 @@ int svc_pack_vec64(msgpack_packer *pk, const double *v, size_t n) {
   rc |= msgpack_pack_bin(pk, n * sizeof(double));
   if (n > 0)
     rc |= msgpack_pack_bin_body(pk, v, n * sizeof(double));
-  return rc != 0 ? -1 : 0;
+  return rc != 0 ? svc_set_error(SVC_RESOURCE, "reply: out of memory") : 0;
 }
 
 struct svc__reply_impl_s {
@@ -1150,12 +1155,14 @@ int svc_reply_begin(svc_reply_t *r, const svc_id_t *id, uint32_t nkeys,
   r->pk = NULL;
   r->rc = -1;
   if (r->impl == NULL)
-    return -1;
+    return svc_set_error(SVC_RESOURCE, "reply: out of memory");
   r->pk = &r->impl->pk;
   r->rc = svc__start(&r->impl->sb, &r->impl->pk, hint);
   r->rc |= msgpack_pack_map(r->pk, nkeys + 1);
   svc__pack_id(r->pk, id);
-  return r->rc;
+  if (r->rc != 0)
+    return svc_set_error(SVC_RESOURCE, "reply: out of memory");
+  return 0;
 }
 
 void svc_reply_key(svc_reply_t *r, const char *key) {
@@ -1168,7 +1175,7 @@ int svc_reply_end(svc_reply_t *r, uint8_t **out, size_t *out_len) {
   *out = NULL;
   *out_len = 0;
   if (r->impl == NULL)
-    return -1;
+    return svc_set_error(SVC_RESOURCE, "reply: out of memory");
   rc = svc__finish(&r->impl->sb, r->rc, out, out_len);
   free(r->impl);
   r->impl = NULL;

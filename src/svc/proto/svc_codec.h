@@ -96,20 +96,6 @@ const char *svc_last_error(void);
 /* The code of a negative return value (INTERNAL for anything else). */
 svc_code_t svc_code_of(int rc);
 
-/* An error: a code and a message naming the offending key. */
-typedef struct svc_err_s {
-  svc_code_t code;
-  char msg[192];
-} svc_err_t;
-
-/* Sets err (if not NULL) and returns -1, so checks read
- * `return svc_fail(err, SVC_BAD_REQUEST, "step: ...")`. */
-int svc_fail(svc_err_t *err, svc_code_t code, const char *fmt, ...)
-#if defined(__GNUC__)
-    __attribute__((format(printf, 3, 4)))
-#endif
-    ;
-
 typedef struct svc_limits_s {
   uint32_t max_frame;   /* body bytes after the 4-byte header */
   uint32_t max_depth;   /* msgpack nesting (root map = 1), at most 32 */
@@ -125,13 +111,12 @@ void svc_limits_default(svc_limits_t *lim);
 /* Reads a 4-byte big-endian header. Fails with FRAME_TOO_LARGE above
  * lim->max_frame and BAD_FRAME for zero. */
 int svc_frame_len(const uint8_t hdr[SVC_HEADER_BYTES], const svc_limits_t *lim,
-                  uint32_t *len, svc_err_t *err);
+                  uint32_t *len);
 
 /* Checks that body[0..len) is exactly one msgpack object, a map at the
  * root, within the nesting and object limits, with every declared length
  * and count fitting the remaining bytes. Allocates nothing. */
-int svc_scan(const uint8_t *body, size_t len, const svc_limits_t *lim,
-             svc_err_t *err);
+int svc_scan(const uint8_t *body, size_t len, const svc_limits_t *lim);
 
 /* ------------------------------------------------------------------ */
 /* Requests */
@@ -238,12 +223,12 @@ typedef struct svc_request_s {
  * but req->id is filled whenever the frame carried an integer id, so the
  * error reply can echo it. */
 int svc_decode_request(const uint8_t *body, size_t len, const svc_limits_t *lim,
-                       svc_request_t *req, svc_err_t *err);
+                       svc_request_t *req);
 void svc_request_free(svc_request_t *req);
 
 /* ------------------------------------------------------------------ */
 /* Replies: each returns a malloc'ed frame (header included) in *out and
- * its size in *out_len, or -1 with err set (out of memory). */
+ * its size in *out_len, or -SVC_RESOURCE (out of memory). */
 
 int svc_encode_error(const svc_id_t *id, svc_code_t code, const char *message,
                      uint8_t **out, size_t *out_len);
@@ -281,7 +266,7 @@ int svc_encode_batch(const svc_id_t *id, uint8_t *const *subs,
 /* A reply of any shape, for ops whose keys vary: begin with the number of
  * keys besides id, then for each key svc_reply_key() and one packed value
  * (through r->pk, svc_pack_tensor or svc_pack_vec64), then end. Any
- * failure along the way makes end return -1 and free everything. */
+ * failure along the way makes end return -SVC_RESOURCE and free everything. */
 typedef struct svc_reply_s {
   struct svc__reply_impl_s *impl;
   struct msgpack_packer *pk;
@@ -303,7 +288,7 @@ int svc_pack_tensor(struct msgpack_packer *pk, const sbn_tensor_desc_t *desc,
 /* Decodes a tensor map into t (data copied and owned by t). what names
  * the key in messages. */
 int svc_decode_tensor(const struct msgpack_object *o, const char *what,
-                      svc_tensor_t *t, svc_err_t *err);
+                      svc_tensor_t *t);
 void svc_tensor_free(svc_tensor_t *t);
 /* Packs a 1-D f64 tensor {dtype: "f64", shape: [n], data, layout}. */
 int svc_pack_vec64(struct msgpack_packer *pk, const double *v, size_t n);

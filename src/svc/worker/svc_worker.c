@@ -81,10 +81,7 @@ uint64_t svc_worker_saved_bytes(const svc_worker_t *w) {
   return w->saved_bytes;
 }
 
-/* Runs one decoded request through its row of the table. A batch's
- * sub-requests come through here too (with call->batch set), so that each
- * behaves exactly as it would on its own. */
-static int svc__run(svc__call_t *call) {
+int svc__dispatch(svc__call_t *call) {
   svc_op_t op = call->q->op;
   const svc__cmd_t *c;
   if ((size_t)op >= SVC_OP_COUNT || svc__cmds[op].fn == NULL)
@@ -142,7 +139,7 @@ static int svc__cmd_batch(svc__call_t *call) {
     sub.token = call->token;
     sub.batch = b;
     sub.slot = i;
-    if ((rc = svc__run(&sub)) != 0)
+    if ((rc = svc__dispatch(&sub)) != 0)
       svc__error_reply(&sub, &q->sub[i].id, rc);
     if (!sub.deferred)
       svc__batch_fill(w, b, i, sub.reply, sub.reply_len);
@@ -167,19 +164,15 @@ int svc_worker_handle_async(svc_worker_t *w, const uint8_t *body, size_t len,
                             void *token, uint8_t **reply, size_t *reply_len,
                             int *close_after, int *deferred) {
   svc_request_t q;
-  svc_err_t err;
   svc__call_t call;
   int rc;
   memset(&call, 0, sizeof call);
-  memset(&err, 0, sizeof err);
   call.w = w;
   call.q = &q;
   call.token = token;
-  if (svc_decode_request(body, len, &w->cfg.limits, &q, &err) == 0) {
-    rc = svc__run(&call);
+  if ((rc = svc_decode_request(body, len, &w->cfg.limits, &q)) == 0) {
+    rc = svc__dispatch(&call);
     svc_request_free(&q);
-  } else {
-    rc = svc_set_error(err.code, "%s", err.msg);
   }
   if (rc != 0)
     rc = svc__error_reply(&call, &q.id, rc);

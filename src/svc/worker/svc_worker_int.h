@@ -140,6 +140,13 @@ typedef struct svc__cmd_s {
 /* The command table, indexed by svc_op_t (svc_worker.c). */
 extern const svc__cmd_t svc__cmds[SVC_OP_COUNT];
 
+/* Runs one decoded request through its row of the table: an op without a
+ * row, or one not allowed in a batch when call->batch is set, is refused
+ * with BAD_REQUEST; the rest are counted and handed to their handler. A
+ * batch's sub-requests come through here too, so that each behaves
+ * exactly as it would on its own. */
+int svc__dispatch(svc__call_t *call);
+
 /* The handlers. */
 int svc__cmd_hello(svc__call_t *call);
 int svc__cmd_register(svc__call_t *call);
