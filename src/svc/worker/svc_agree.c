@@ -293,15 +293,22 @@ void svc_worker_cancel(svc_worker_t *w, void *token) {
 /* ------------------------------------------------------------------ */
 /* Gathering the ready lists */
 
+/* The order of keys (name, step, direction), shared by gathered entries
+ * and pending ones. */
+static int svc__order(uint64_t an, uint64_t as, uint32_t ad, uint64_t bn,
+                      uint64_t bs, uint32_t bd) {
+  if (an != bn)
+    return an < bn ? -1 : 1;
+  if (as != bs)
+    return as < bs ? -1 : 1;
+  if (ad != bd)
+    return ad < bd ? -1 : 1;
+  return 0;
+}
+
 static int svc__key_cmp(const void *a, const void *b) {
   const svc__gent_t *x = a, *y = b;
-  if (x->name != y->name)
-    return x->name < y->name ? -1 : 1;
-  if (x->step != y->step)
-    return x->step < y->step ? -1 : 1;
-  if (x->dir != y->dir)
-    return x->dir < y->dir ? -1 : 1;
-  return 0;
+  return svc__order(x->name, x->step, x->dir, y->name, y->step, y->dir);
 }
 
 /* Key order, then the sync group. */
@@ -318,13 +325,7 @@ static int svc__gkey_cmp(const void *a, const void *b) {
 static int svc__pend_key_cmp(const void *a, const void *b) {
   const svc__pend_t *x = *(const svc__pend_t *const *)a;
   const svc__pend_t *y = *(const svc__pend_t *const *)b;
-  if (x->name != y->name)
-    return x->name < y->name ? -1 : 1;
-  if (x->step != y->step)
-    return x->step < y->step ? -1 : 1;
-  if (x->dir != y->dir)
-    return x->dir < y->dir ? -1 : 1;
-  return 0;
+  return svc__order(x->name, x->step, x->dir, y->name, y->step, y->dir);
 }
 
 static int svc__gather_begin(svc_worker_t *w) {
