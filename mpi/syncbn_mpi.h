@@ -44,6 +44,9 @@ SBN_API int sbn_mpi_comm_create(MPI_Comm parent, int group_size,
  *   request. The fused and non-blocking API of syncbn_fused.h wraps these;
  * - iallgather_begin: one MPI_Iallgather of bytes over the group, finished
  *   with the same test/end as a reduction (syncbnd's agreement rounds).
+ * Destroying a communicator with requests still begun abandons them (their
+ * memory here is freed; MPI cannot cancel a collective): for a process
+ * that leaves without MPI_Finalize.
  * Every MPI failure is returned as SBN_ECOMM through sbn_mpi_error(). A
  * record count above INT_MAX is SBN_ELIMIT. Calling sbn_mpi_comm_create
  * before MPI_Init or after MPI_Finalize is SBN_ESTATE. */

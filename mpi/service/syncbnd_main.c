@@ -562,6 +562,9 @@ done:
   explicit_bzero(token, sizeof token);
   svc_server_destroy(k.server);
   svc_worker_destroy(k.worker);
+  /* Freeing the communicator is local (a collective in flight is
+   * abandoned with it), so a rank signalled on its own frees it too. */
+  sbn_comm_destroy(k.comm);
   if (status != 0) {
     /* One rank cannot serve: the job as a whole cannot either. */
     MPI_Abort(MPI_COMM_WORLD, 1);
@@ -569,9 +572,7 @@ done:
   /* Every rank gets the signal from mpirun; a rank signalled on its own
    * leaves without MPI_Finalize (which would wait for the others), and
    * mpirun then ends the whole job. */
-  if (sig == 0) {
-    sbn_comm_destroy(k.comm);
+  if (sig == 0)
     MPI_Finalize();
-  }
   return status;
 }
