@@ -131,6 +131,18 @@ static void usage(FILE *f) {
           "  --help               this text\n");
 }
 
+/* The helpers below follow the service's convention: 0, or a negative
+ * service code with the message in svc_last_error(), which the caller
+ * prints once. */
+
+/* rc's message behind what failed (the message is copied first: it is
+ * the buffer the setter writes). */
+static int prefix_error(int rc, const char *what) {
+  char m[1024];
+  snprintf(m, sizeof m, "%s", svc_last_error());
+  return svc_set_error(svc_code_of(rc), "%s: %s", what, m);
+}
+
 static int parse_u64(const char *flag, const char *s, uint64_t max,
                      uint64_t *out) {
   char *end;
@@ -144,9 +156,9 @@ static int parse_u64(const char *flag, const char *s, uint64_t max,
   *out = v;
   return 0;
 bad:
-  fprintf(stderr, "syncbnd: %s: expected an integer in [0, %llu], got '%s'\n",
-          flag, (unsigned long long)max, s != NULL ? s : "");
-  return -1;
+  return svc_set_error(SVC_BAD_PARAMS,
+                       "%s: expected an integer in [0, %llu], got '%s'", flag,
+                       (unsigned long long)max, s != NULL ? s : "");
 }
 
 static int parse_seconds(const char *flag, const char *s, double *out) {
@@ -161,9 +173,9 @@ static int parse_seconds(const char *flag, const char *s, double *out) {
   *out = v;
   return 0;
 bad:
-  fprintf(stderr, "syncbnd: %s: expected seconds in [0, 1e7], got '%s'\n", flag,
-          s != NULL ? s : "");
-  return -1;
+  return svc_set_error(SVC_BAD_PARAMS,
+                       "%s: expected seconds in [0, 1e7], got '%s'", flag,
+                       s != NULL ? s : "");
 }
 
 /* Splits HOST:PORT (or [HOST]:PORT for an IPv6 literal; a bare IPv6
@@ -191,39 +203,39 @@ static int parse_hostport(const char *s, char *host, size_t hostlen,
   host[n] = '\0';
   return parse_u64("--tcp port", colon + 1, 65535, port);
 bad:
-  fprintf(stderr,
-          "syncbnd: --tcp: expected HOST:PORT or [IPV6]:PORT, got '%s'\n", s);
-  return -1;
+  return svc_set_error(SVC_BAD_PARAMS,
+                       "--tcp: expected HOST:PORT or [IPV6]:PORT, got '%s'", s);
 }
 
 /* Reads the TCP token once. The file must be a regular file closed to
  * group and others (anyone who can read it can use the workers), of 1 to
- * SVC_TOKEN_MAX bytes after one trailing newline is dropped. Returns 0 or
- * -1 after a message naming the file. */
+ * SVC_TOKEN_MAX bytes after one trailing newline is dropped. The message
+ * of a failure names the file. */
 static int read_token(const char *path, uint8_t *tok, size_t *len) {
   struct stat st;
   uint8_t buf[SVC_TOKEN_MAX + 2];
   size_t have = 0;
-  int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
-  if (fd < 0) {
-    fprintf(stderr, "syncbnd: token file %s: %s\n", path, strerror(errno));
-    return -1;
-  }
+  int rc, fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+  if (fd < 0)
+    return svc_set_error(SVC_BAD_PARAMS, "token file %s: %s", path,
+                         strerror(errno));
   /* The checks are made on the open file, so the file cannot be swapped
    * between them and the read. */
   if (fstat(fd, &st) != 0) {
-    fprintf(stderr, "syncbnd: token file %s: %s\n", path, strerror(errno));
+    rc = svc_set_error(SVC_BAD_PARAMS, "token file %s: %s", path,
+                       strerror(errno));
     goto fail;
   }
   if (!S_ISREG(st.st_mode)) {
-    fprintf(stderr, "syncbnd: token file %s: not a regular file\n", path);
+    rc = svc_set_error(SVC_BAD_PARAMS, "token file %s: not a regular file",
+                       path);
     goto fail;
   }
   if ((st.st_mode & 077) != 0) {
-    fprintf(stderr,
-            "syncbnd: token file %s: mode %03o lets group or others access "
-            "it; refusing it (chmod 600)\n",
-            path, (unsigned)(st.st_mode & 0777));
+    rc = svc_set_error(SVC_BAD_PARAMS,
+                       "token file %s: mode %03o lets group or others access "
+                       "it; refusing it (chmod 600)",
+                       path, (unsigned)(st.st_mode & 0777));
     goto fail;
   }
   while (have < sizeof buf) {
@@ -231,7 +243,8 @@ static int read_token(const char *path, uint8_t *tok, size_t *len) {
     if (r < 0 && errno == EINTR)
       continue;
     if (r < 0) {
-      fprintf(stderr, "syncbnd: token file %s: %s\n", path, strerror(errno));
+      rc = svc_set_error(SVC_BAD_PARAMS, "token file %s: %s", path,
+                         strerror(errno));
       goto fail;
     }
     if (r == 0)
@@ -241,23 +254,21 @@ static int read_token(const char *path, uint8_t *tok, size_t *len) {
   if (have > 0 && buf[have - 1] == '\n')
     have--;
   if (have == 0) {
-    fprintf(stderr, "syncbnd: token file %s: empty\n", path);
+    rc = svc_set_error(SVC_BAD_PARAMS, "token file %s: empty", path);
     goto fail;
   }
   if (have > SVC_TOKEN_MAX) {
-    fprintf(stderr, "syncbnd: token file %s: longer than %d bytes\n", path,
-            SVC_TOKEN_MAX);
+    rc = svc_set_error(SVC_BAD_PARAMS, "token file %s: longer than %d bytes",
+                       path, SVC_TOKEN_MAX);
     goto fail;
   }
   memcpy(tok, buf, have);
   *len = have;
-  explicit_bzero(buf, sizeof buf);
-  close(fd);
-  return 0;
+  rc = 0;
 fail:
   explicit_bzero(buf, sizeof buf);
   close(fd);
-  return -1;
+  return rc;
 }
 
 typedef struct opts_s {
@@ -272,68 +283,81 @@ typedef struct opts_s {
   svc_worker_config_t wc;
 } opts_t;
 
-/* One option a with its value v into o. Returns 0, or 2 on a usage
- * error (after a message). A flat list of flags, so it stays linear. */
+/* One option a with its value v into o. A flat list of flags, so it
+ * stays linear. */
 static int parse_option(const char *a, const char *v, opts_t *o) {
   uint64_t u;
+  int rc;
   if (strcmp(a, "--socket-dir") == 0) {
     o->socket_dir = v;
   } else if (strcmp(a, "--max-frame") == 0) {
-    if (parse_u64(a, v, UINT32_MAX, &u) != 0 || u == 0)
-      return 2;
+    if ((rc = parse_u64(a, v, UINT32_MAX, &u)) != 0)
+      return rc;
+    if (u == 0)
+      return svc_set_error(SVC_BAD_PARAMS, "%s: must be at least 1", a);
     o->wc.limits.max_frame = (uint32_t)u;
   } else if (strcmp(a, "--max-clients") == 0) {
-    if (parse_u64(a, v, 100000, &u) != 0 || u == 0)
-      return 2;
+    if ((rc = parse_u64(a, v, 100000, &u)) != 0)
+      return rc;
+    if (u == 0)
+      return svc_set_error(SVC_BAD_PARAMS, "%s: must be at least 1", a);
     o->wc.max_clients = (uint32_t)u;
   } else if (strcmp(a, "--max-output") == 0) {
-    if (parse_u64(a, v, UINT64_MAX, &u) != 0)
-      return 2;
+    if ((rc = parse_u64(a, v, UINT64_MAX, &u)) != 0)
+      return rc;
     o->wc.max_output = u;
   } else if (strcmp(a, "--idle-timeout") == 0) {
-    if (parse_seconds(a, v, &o->wc.idle_timeout) != 0)
-      return 2;
+    if ((rc = parse_seconds(a, v, &o->wc.idle_timeout)) != 0)
+      return rc;
   } else if (strcmp(a, "--frame-timeout") == 0) {
-    if (parse_seconds(a, v, &o->wc.frame_timeout) != 0)
-      return 2;
+    if ((rc = parse_seconds(a, v, &o->wc.frame_timeout)) != 0)
+      return rc;
   } else if (strcmp(a, "--keep-steps") == 0) {
-    if (parse_u64(a, v, UINT32_MAX, &u) != 0)
-      return 2;
+    if ((rc = parse_u64(a, v, UINT32_MAX, &u)) != 0)
+      return rc;
     o->wc.keep_steps = (uint32_t)u;
   } else if (strcmp(a, "--max-layers") == 0) {
-    if (parse_u64(a, v, 1u << 20, &u) != 0 || u == 0)
-      return 2;
+    if ((rc = parse_u64(a, v, 1u << 20, &u)) != 0)
+      return rc;
+    if (u == 0)
+      return svc_set_error(SVC_BAD_PARAMS, "%s: must be at least 1", a);
     o->wc.max_layers = (uint32_t)u;
   } else if (strcmp(a, "--max-saved") == 0) {
-    if (parse_u64(a, v, UINT64_MAX, &u) != 0)
-      return 2;
+    if ((rc = parse_u64(a, v, UINT64_MAX, &u)) != 0)
+      return rc;
     o->wc.max_saved = u;
   } else if (strcmp(a, "--cycle-us") == 0) {
-    if (parse_u64(a, v, 10000000, &u) != 0 || u == 0)
-      return 2;
+    if ((rc = parse_u64(a, v, 10000000, &u)) != 0)
+      return rc;
+    if (u == 0)
+      return svc_set_error(SVC_BAD_PARAMS, "%s: must be at least 1", a);
     o->cycle_us = u;
   } else if (strcmp(a, "--tcp") == 0) {
     o->tcp = v;
-    if (parse_hostport(v, o->tcp_host, sizeof o->tcp_host, &o->tcp_port) != 0)
-      return 2;
+    if ((rc = parse_hostport(v, o->tcp_host, sizeof o->tcp_host,
+                             &o->tcp_port)) != 0)
+      return rc;
   } else if (strcmp(a, "--token-file") == 0) {
     o->token_file = v;
   } else if (strcmp(a, "--state-dir") == 0) {
     o->state_dir = v;
   } else if (strcmp(a, "--stall-timeout") == 0) {
-    if (parse_seconds(a, v, &o->stall_timeout) != 0)
-      return 2;
+    if ((rc = parse_seconds(a, v, &o->stall_timeout)) != 0)
+      return rc;
   } else if (strcmp(a, "--max-depth") == 0) {
-    if (parse_u64(a, v, 32, &u) != 0 || u < 3)
-      return 2;
+    if ((rc = parse_u64(a, v, 32, &u)) != 0)
+      return rc;
+    if (u < 3)
+      return svc_set_error(SVC_BAD_PARAMS, "%s: must be at least 3", a);
     o->wc.limits.max_depth = (uint32_t)u;
   } else if (strcmp(a, "--max-objects") == 0) {
-    if (parse_u64(a, v, 1u << 24, &u) != 0 || u < 64)
-      return 2;
+    if ((rc = parse_u64(a, v, 1u << 24, &u)) != 0)
+      return rc;
+    if (u < 64)
+      return svc_set_error(SVC_BAD_PARAMS, "%s: must be at least 64", a);
     o->wc.limits.max_objects = (uint32_t)u;
   } else {
-    fprintf(stderr, "syncbnd: %s: unknown option (see --help)\n", a);
-    return 2;
+    return svc_set_error(SVC_BAD_PARAMS, "%s: unknown option (see --help)", a);
   }
   return 0;
 }
@@ -356,8 +380,10 @@ static int parse_args(int argc, char **argv, opts_t *o) {
       return 2;
     }
     i++;
-    if (parse_option(a, v, o) != 0)
+    if (parse_option(a, v, o) != 0) {
+      fprintf(stderr, "syncbnd: %s\n", svc_last_error());
       return 2;
+    }
   }
   if (o->tcp != NULL && o->token_file == NULL) {
     fprintf(stderr,
@@ -401,10 +427,8 @@ static int socket_paths(const opts_t *o, rank_t *k) {
   }
   if (rc < 0 || (size_t)rc >= sizeof k->dir ||
       snprintf(k->path, sizeof k->path, "%s/rank-%d.sock", k->dir, k->rank) >=
-          (int)sizeof k->path) {
-    fprintf(stderr, "syncbnd: rank %d: socket path too long\n", k->rank);
-    return -1;
-  }
+          (int)sizeof k->path)
+    return svc_set_error(SVC_BAD_PARAMS, "socket path too long");
   return 0;
 }
 
@@ -413,32 +437,21 @@ static int socket_paths(const opts_t *o, rank_t *k) {
  * given the same --socket-dir finds them again. */
 static int start_worker(opts_t *o, rank_t *k) {
   int rc;
-  if (svc_socket_dir_prepare(k->dir) != 0) {
-    fprintf(stderr, "syncbnd: rank %d: %s\n", k->rank, svc_last_error());
-    return -1;
-  }
+  if ((rc = svc_socket_dir_prepare(k->dir)) != 0)
+    return rc;
   o->wc.rank = k->rank;
   o->wc.size = k->size;
-  if (svc_worker_create(&o->wc, &k->worker) != 0) {
-    fprintf(stderr, "syncbnd: rank %d: cannot create the worker: %s\n", k->rank,
-            svc_last_error());
-    return -1;
-  }
+  if ((rc = svc_worker_create(&o->wc, &k->worker)) != 0)
+    return prefix_error(rc, "cannot create the worker");
   if (o->state_dir != NULL)
     rc = snprintf(k->state, sizeof k->state, "%s", o->state_dir);
   else
     rc = snprintf(k->state, sizeof k->state, "%s-state", k->dir);
   if (rc < 0 || (size_t)rc >= sizeof k->state ||
-      svc_worker_set_state_dir(k->worker, k->state) != 0) {
-    fprintf(stderr, "syncbnd: rank %d: state directory path too long\n",
-            k->rank);
-    return -1;
-  }
-  if (svc_socket_dir_prepare(k->state) != 0) {
-    fprintf(stderr, "syncbnd: rank %d: --state-dir: %s\n", k->rank,
-            svc_last_error());
-    return -1;
-  }
+      svc_worker_set_state_dir(k->worker, k->state) != 0)
+    return svc_set_error(SVC_BAD_PARAMS, "state directory path too long");
+  if ((rc = svc_socket_dir_prepare(k->state)) != 0)
+    return prefix_error(rc, "--state-dir");
   return 0;
 }
 
@@ -459,12 +472,11 @@ static int start_server(const opts_t *o, rank_t *k, uint8_t *token,
   sc.limits = o->wc.limits;
   if (o->tcp != NULL) {
     if (o->tcp_port != 0 && o->tcp_port + (uint64_t)k->rank > 65535) {
-      fprintf(stderr,
-              "syncbnd: rank %d: --tcp %s: port %llu + rank %d is above "
-              "65535; choose a lower PORT\n",
-              k->rank, o->tcp, (unsigned long long)o->tcp_port, k->rank);
       explicit_bzero(token, SVC_TOKEN_MAX);
-      return -1;
+      return svc_set_error(SVC_BAD_PARAMS,
+                           "--tcp %s: port %llu + rank %d is above 65535; "
+                           "choose a lower PORT",
+                           o->tcp, (unsigned long long)o->tcp_port, k->rank);
     }
     sc.tcp_host = o->tcp_host;
     sc.tcp_port =
@@ -474,11 +486,7 @@ static int start_server(const opts_t *o, rank_t *k, uint8_t *token,
   }
   rc = svc_server_create(&sc, k->worker, &k->server);
   explicit_bzero(token, SVC_TOKEN_MAX);
-  if (rc != 0) {
-    fprintf(stderr, "syncbnd: rank %d: %s\n", k->rank, svc_last_error());
-    return -1;
-  }
-  return 0;
+  return rc;
 }
 
 /* The cross-rank transport: the world's communicator from the MPI
@@ -486,21 +494,17 @@ static int start_server(const opts_t *o, rank_t *k, uint8_t *token,
  * has no progress thread, so the polling is what moves it). */
 static int start_sync(const opts_t *o, rank_t *k) {
   sbn_layer_params_t params;
+  int rc;
   sbn_layer_params_default(&params, SBN_OP_BATCHNORM);
-  if (sbn_mpi_comm_create(MPI_COMM_WORLD, 0, &params, &k->comm) != 0) {
-    fprintf(stderr, "syncbnd: rank %d: %s\n", k->rank, sbn_last_error());
-    return -1;
-  }
-  if (svc_worker_set_sync(k->worker, k->comm, o->stall_timeout,
-                          svc_server_deliver, k->server) != 0) {
-    fprintf(stderr, "syncbnd: rank %d: %s\n", k->rank, svc_last_error());
-    return -1;
-  }
+  if (sbn_mpi_comm_create(MPI_COMM_WORLD, 0, &params, &k->comm) != 0)
+    return svc_set_error(SVC_INTERNAL, "%s", sbn_last_error());
+  if ((rc = svc_worker_set_sync(k->worker, k->comm, o->stall_timeout,
+                                svc_server_deliver, k->server)) != 0)
+    return rc;
   k->tick.worker = k->worker;
-  if (svc_server_set_tick(k->server, o->cycle_us, sync_tick, &k->tick) != 0) {
-    fprintf(stderr, "syncbnd: rank %d: cannot start the sync timer\n", k->rank);
-    return -1;
-  }
+  if ((rc = svc_server_set_tick(k->server, o->cycle_us, sync_tick, &k->tick)) !=
+      0)
+    return prefix_error(rc, "cannot start the sync timer");
   return 0;
 }
 
@@ -537,8 +541,11 @@ int main(int argc, char **argv) {
     return rc == 1 ? 0 : 2;
   /* Before MPI starts, so that a bad token file ends the job with a usage
    * error rather than an abort. */
-  if (o.token_file != NULL && read_token(o.token_file, token, &token_len) != 0)
+  if (o.token_file != NULL &&
+      read_token(o.token_file, token, &token_len) != 0) {
+    fprintf(stderr, "syncbnd: %s\n", svc_last_error());
     return 2;
+  }
   /* Sockets and the directory must never be reachable by others,
    * whatever umask the job was started with. A client that vanishes
    * mid-write must not kill the worker. */
@@ -550,8 +557,10 @@ int main(int argc, char **argv) {
   MPI_Comm_rank(MPI_COMM_WORLD, &k.rank);
   MPI_Comm_size(MPI_COMM_WORLD, &k.size);
   if (socket_paths(&o, &k) != 0 || start_worker(&o, &k) != 0 ||
-      start_server(&o, &k, token, token_len) != 0 || start_sync(&o, &k) != 0)
+      start_server(&o, &k, token, token_len) != 0 || start_sync(&o, &k) != 0) {
+    fprintf(stderr, "syncbnd: rank %d: %s\n", k.rank, svc_last_error());
     goto done;
+  }
   print_ready(&o, &k);
   sig = svc_server_run(k.server);
   if (sig != 0)

@@ -77,21 +77,6 @@ svc__pend_t *svc__pend_alloc(svc_worker_t *w, uint64_t name, uint64_t step,
   return p;
 }
 
-svc__pend_t *svc__pend_layer(svc_worker_t *w, svc__layer_t *l, uint64_t step,
-                             uint32_t dir, uint32_t tag, const char *op) {
-  svc__pend_t *p = svc__pend_alloc(w, svc__hash_name(l->name), step, dir,
-                                   l->params.channels, tag);
-  if (p == NULL)
-    return NULL;
-  p->fp = svc__fingerprint(l);
-  p->l = l;
-  p->gsize = svc__gsize(w, l);
-  p->grp = (uint32_t)w->cfg.rank / p->gsize;
-  snprintf(p->what, sizeof p->what, "layer '%s' step %llu %s", l->name,
-           (unsigned long long)step, op);
-  return p;
-}
-
 void svc__pend_free(svc__pend_t *p) {
   if (p == NULL)
     return;

@@ -3,6 +3,7 @@
  * (the reduction of a client's own per-channel statistics). Each deferred
  * one queues a pending entry whose done callback, here, completes it. */
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -35,6 +36,23 @@ static int svc__sync_check(svc_worker_t *w, const svc__layer_t *l,
                          "is poisoned",
                          l->name, (unsigned long long)step, op);
   return 0;
+}
+
+/* A layer's cross-rank entry: its channels' records, its fingerprint, its
+ * sync group, and `what` naming layer, step and op. */
+static svc__pend_t *svc__pend_layer(svc_worker_t *w, svc__layer_t *l, uint64_t step,
+                             uint32_t dir, uint32_t tag, const char *op) {
+  svc__pend_t *p = svc__pend_alloc(w, svc__hash_name(l->name), step, dir,
+                                   l->params.channels, tag);
+  if (p == NULL)
+    return NULL;
+  p->fp = svc__fingerprint(l);
+  p->l = l;
+  p->gsize = svc__gsize(w, l);
+  p->grp = (uint32_t)w->cfg.rank / p->gsize;
+  snprintf(p->what, sizeof p->what, "layer '%s' step %llu %s", l->name,
+           (unsigned long long)step, op);
+  return p;
 }
 
 static int svc__check_wb(const svc__layer_t *l, const svc_tensor_t *t,

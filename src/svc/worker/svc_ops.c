@@ -263,7 +263,7 @@ int svc__cmd_metrics(svc__call_t *call) {
   r.rc |= msgpack_pack_double(r.pk, nlat > 0 ? lat[nlat - 1] : 0.0);
   svc__pack_u64(&r, "stalls", m->stalls);
   svc__pack_u64(&r, "mismatches", m->mismatches);
-  svc__pack_u64(&r, "saved_bytes", svc_worker_saved_bytes(w));
+  svc__pack_u64(&r, "saved_bytes", w->saved_bytes);
   svc__pack_u64(&r, "layers", w->nlayers);
 out:
   if (svc_reply_end(&r, &call->reply, &call->reply_len) != 0)

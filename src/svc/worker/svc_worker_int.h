@@ -210,10 +210,6 @@ struct svc__pend_s {
  * dir), for the job-wide group; NULL when out of memory. */
 svc__pend_t *svc__pend_alloc(svc_worker_t *w, uint64_t name, uint64_t step,
                              uint32_t dir, size_t nrec, uint32_t tag);
-/* As svc__pend_alloc for a layer's entry: its channels' records, its
- * fingerprint, its sync group, `what` naming layer, step and op. */
-svc__pend_t *svc__pend_layer(svc_worker_t *w, svc__layer_t *l, uint64_t step,
-                             uint32_t dir, uint32_t tag, const char *op);
 void svc__pend_free(svc__pend_t *p);
 /* Queues p for the agreement; its reply goes where call's would have
  * gone, and the call is deferred. */
