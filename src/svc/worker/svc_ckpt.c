@@ -98,7 +98,7 @@ static int svc__plan(const svc_worker_t *w, uint32_t n, svc__ckpt_plan_t *pl) {
   if (pl->off == NULL || pl->gs == NULL || pl->ng == NULL || pl->alen == NULL ||
       pl->slen == NULL) {
     svc__plan_free(pl);
-    return -1;
+    return svc_set_error(SVC_RESOURCE, "checkpoint: out of memory");
   }
   pl->total = 1; /* the status */
   pl->fp = svc__fnv(1469598103934665603ull, &n, sizeof n);

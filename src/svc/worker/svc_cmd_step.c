@@ -40,8 +40,9 @@ static int svc__sync_check(svc_worker_t *w, const svc__layer_t *l,
 
 /* A layer's cross-rank entry: its channels' records, its fingerprint, its
  * sync group, and `what` naming layer, step and op. */
-static svc__pend_t *svc__pend_layer(svc_worker_t *w, svc__layer_t *l, uint64_t step,
-                             uint32_t dir, uint32_t tag, const char *op) {
+static svc__pend_t *svc__pend_layer(svc_worker_t *w, svc__layer_t *l,
+                                    uint64_t step, uint32_t dir, uint32_t tag,
+                                    const char *op) {
   svc__pend_t *p = svc__pend_alloc(w, svc__hash_name(l->name), step, dir,
                                    l->params.channels, tag);
   if (p == NULL)
@@ -178,23 +179,24 @@ static void svc__forward_done(svc_worker_t *w, svc__pend_t *p,
   sbn_forward_args_t a;
   uint8_t *buf = NULL;
   size_t len = 0;
-  int rc = -1;
+  int rc;
   s->busy = 0;
-  if (recs != NULL) {
-    svc__fargs(l, s, p, &a);
-    rc = sbn_bn_forward_finish(l->layer, &a, recs);
-    if (rc == 0)
-      rc = svc_encode_forward(&p->q.id, &s->desc, p->y, s->numel, &buf, &len);
-    else
-      svc_encode_error(&p->q.id, svc__lib_code(rc), sbn_last_error(), &buf,
-                       &len);
+  if (recs == NULL) {
+    s->done = 1;
+    svc__step_release(w, s);
+    return;
   }
+  svc__fargs(l, s, p, &a);
+  rc = sbn_bn_forward_finish(l->layer, &a, recs);
+  if (rc == 0)
+    rc = svc_encode_forward(&p->q.id, &s->desc, p->y, s->numel, &buf, &len);
+  else
+    svc_encode_error(&p->q.id, svc__lib_code(rc), sbn_last_error(), &buf, &len);
   if (rc != 0) {
+    /* A forward that failed has no backward: its step is used up. */
     s->done = 1;
     svc__step_release(w, s);
   }
-  if (recs == NULL)
-    return;
   svc__pend_deliver(w, p, buf, len);
   svc__prune(w, l);
 }
