@@ -2,6 +2,8 @@
 #define _GNU_SOURCE /* struct ucred for SO_PEERCRED, explicit_bzero */
 #include "svc_server.h"
 
+#include "svc_server_int.h"
+
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netdb.h>
@@ -82,38 +84,6 @@ typedef struct svc__write_s {
   uv_write_t req;
   uint8_t *buf;
 } svc__write_t;
-
-int svc_socket_dir_prepare(const char *dir) {
-  struct stat st;
-  if (mkdir(dir, 0700) != 0 && errno != EEXIST) {
-    return svc_set_error(SVC_BAD_PARAMS, "socket dir %s: cannot create: %s",
-                         dir, strerror(errno));
-  }
-  if (lstat(dir, &st) != 0) {
-    return svc_set_error(SVC_BAD_PARAMS, "socket dir %s: %s", dir,
-                         strerror(errno));
-  }
-  if (S_ISLNK(st.st_mode)) {
-    return svc_set_error(SVC_BAD_PARAMS,
-                         "socket dir %s: is a symlink; refusing it", dir);
-  }
-  if (!S_ISDIR(st.st_mode)) {
-    return svc_set_error(SVC_BAD_PARAMS, "socket dir %s: not a directory", dir);
-  }
-  if (st.st_uid != geteuid()) {
-    return svc_set_error(SVC_BAD_PARAMS,
-                         "socket dir %s: owned by uid %u, not by this user "
-                         "(uid %u); refusing it",
-                         dir, (unsigned)st.st_uid, (unsigned)geteuid());
-  }
-  if ((st.st_mode & 077) != 0) {
-    return svc_set_error(SVC_BAD_PARAMS,
-                         "socket dir %s: mode %03o is open to group or "
-                         "others; refusing it (chmod 700)",
-                         dir, (unsigned)(st.st_mode & 0777));
-  }
-  return 0;
-}
 
 /* ------------------------------------------------------------------ */
 /* Connections */
@@ -566,41 +536,6 @@ static void svc__on_signal(uv_signal_t *h, int signum) {
   svc__shutdown(s);
 }
 
-/* An existing socket file is replaced only if nobody answers on it: that
- * is a worker that died without removing it. */
-static int svc__clear_stale(const char *path) {
-  struct stat st;
-  struct sockaddr_un a;
-  int fd, rc;
-  if (lstat(path, &st) != 0)
-    return errno == ENOENT ? 0
-                           : svc_set_error(SVC_BAD_PARAMS, "socket %s: %s",
-                                           path, strerror(errno));
-  if (!S_ISSOCK(st.st_mode)) {
-    return svc_set_error(SVC_BAD_PARAMS,
-                         "socket %s: exists and is not a socket", path);
-  }
-  fd = socket(AF_UNIX, SOCK_STREAM, 0);
-  if (fd < 0) {
-    return svc_set_error(SVC_BAD_PARAMS, "socket: %s", strerror(errno));
-  }
-  memset(&a, 0, sizeof a);
-  a.sun_family = AF_UNIX;
-  memcpy(a.sun_path, path, strlen(path) + 1);
-  rc = connect(fd, (struct sockaddr *)&a, sizeof a);
-  close(fd);
-  if (rc == 0) {
-    return svc_set_error(SVC_BAD_PARAMS,
-                         "socket %s: another worker is listening on it", path);
-  }
-  if (unlink(path) != 0) {
-    return svc_set_error(SVC_BAD_PARAMS,
-                         "socket %s: cannot remove stale socket: %s", path,
-                         strerror(errno));
-  }
-  return 0;
-}
-
 static int svc__is_loopback(const struct sockaddr *sa) {
   if (sa->sa_family == AF_INET) {
     const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
@@ -718,7 +653,7 @@ int svc_server_create(const svc_server_config_t *cfg, svc_worker_t *worker,
    * that failed, and no other handle should be live then. */
   if (s->cfg.tcp_host != NULL && (err = svc__tcp_listen(s)) != 0)
     goto fail;
-  if ((err = svc__clear_stale(s->path)) != 0)
+  if ((err = svc__socket_clear_stale(s->path)) != 0)
     goto fail;
   uv_pipe_init(&s->loop, &s->listener, 0);
   s->listener.data = s;
