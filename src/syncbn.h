@@ -156,7 +156,9 @@ struct sbn_comm_vtable_s {
   /* Optional non-blocking allgather of `bytes` bytes per process: recv
    * holds size x bytes, in rank order. Its request is polled and finished
    * with iallreduce_test and iallreduce_end, which serve every request
-   * kind. It comes last so that tables written positionally stay valid. */
+   * kind. There is no blocking fallback: a caller that needs it (syncbnd)
+   * refuses a communicator without it. It comes last so that tables
+   * written positionally stay valid. */
   int (*iallgather_begin)(sbn_comm_t *comm, const void *send, void *recv,
                           size_t bytes, void **request);
 };

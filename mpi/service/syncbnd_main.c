@@ -3,9 +3,10 @@
  * (protocol: mpi/service/PROTOCOL.md).
  *
  * main() only parses flags and wires the pieces: MPI start-up (rank, size,
- * an agreed default socket directory), the worker (src/svc_worker.c) and
- * the libuv server (src/svc_server.c). MPI is used only before the loop
- * starts; the loop never blocks inside MPI. */
+ * an agreed default socket directory), the worker (src/svc/worker/), the
+ * libuv server (src/svc/server/) and the job's communicator from the MPI
+ * library, whose non-blocking collectives the worker polls from the
+ * server's timer: the loop never blocks inside MPI. */
 #define _GNU_SOURCE /* explicit_bzero */
 #include <errno.h>
 #include <fcntl.h>
