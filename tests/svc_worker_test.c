@@ -1890,6 +1890,38 @@ static svc_worker_t *lb_worker(lb_t *lb) {
   return w;
 }
 
+/* The transport must offer the non-blocking collectives and span the
+ * job: anything else is refused before syncbatchnorm is enabled. */
+static void test_sync_refusals(void **st) {
+  static const sbn_comm_vtable_t no_gather = {
+      .allreduce = lb_allreduce,
+      .iallreduce_begin = lb_reduce,
+      .iallreduce_test = lb_test,
+      .iallreduce_end = lb_end,
+      .destroy = lb_destroy,
+  };
+  svc_worker_t *w = worker_cfg(2, 0);
+  lb_t lb;
+  (void)st;
+  memset(&lb, 0, sizeof lb);
+  lb.base.vt = &no_gather;
+  lb.base.size = 2;
+  assert_int_equal(svc_worker_set_sync(w, &lb.base, 1.0, lb_deliver, &lb),
+                   -SVC_BAD_PARAMS);
+  assert_non_null(strstr(svc_last_error(), "comm:"));
+  lb.base.vt = &lb_vt;
+  lb.base.size = 1;
+  assert_int_equal(svc_worker_set_sync(w, &lb.base, 1.0, lb_deliver, &lb),
+                   -SVC_BAD_PARAMS);
+  assert_non_null(strstr(svc_last_error(), "2 ranks"));
+  assert_int_equal(svc_worker_set_sync(w, NULL, 1.0, lb_deliver, &lb),
+                   -SVC_BAD_PARAMS);
+  /* Still without a transport: polling does nothing. */
+  assert_int_equal(svc_worker_poll(w, 1.0), 0);
+  assert_int_equal(lb.gathers, 0);
+  svc_worker_destroy(w);
+}
+
 /* Sends b (freed here) with token tok; expects it to be deferred. */
 static void lb_send(svc_worker_t *w, tu_body_t *b, void *tok) {
   uint8_t *reply = NULL;
@@ -2418,6 +2450,7 @@ int main(void) {
       cmocka_unit_test(test_checkpoint_corrupt),
       cmocka_unit_test(test_checkpoint_refusals),
       cmocka_unit_test(test_loopback_sync),
+      cmocka_unit_test(test_sync_refusals),
       cmocka_unit_test(test_checkpoint_kinds),
       cmocka_unit_test(test_checkpoint_register_race),
   };

@@ -14,8 +14,8 @@
  *                       the done callback of the entry the handler queued
  *       -> svc_registry.c  layers, kept steps, the saved-state budget
  *
- * Every function here returns 0 or a negative service code with the
- * message set by svc_set_error() (svc_codec.h). */
+ * A function here that can fail returns 0 or a negative service code with
+ * the message set by svc_set_error() (svc_codec.h), or NULL for memory. */
 #ifndef SBN_SVC_WORKER_INT_H
 #define SBN_SVC_WORKER_INT_H
 
