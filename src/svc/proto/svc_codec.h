@@ -278,7 +278,9 @@ void svc_reply_key(svc_reply_t *r, const char *key);
 int svc_reply_end(svc_reply_t *r, uint8_t **out, size_t *out_len);
 
 /* ------------------------------------------------------------------ */
-/* Shared by the client: packing a tensor map and reading one back. */
+/* Shared by the client: packing a tensor map and reading one back. The
+ * packers return 0 or -SVC_RESOURCE (a failed write); callers often OR
+ * them with msgpack-c's own returns and test the sum for nonzero. */
 
 struct msgpack_packer;
 struct msgpack_object;
