@@ -12,15 +12,42 @@
 #include "syncbn.h"
 #include "syncbn_mpi.h"
 
-typedef struct sbn__mpi_comm_s {
-  sbn_comm_t base; /* first, so a sbn_comm_t * is a sbn__mpi_comm_t * */
-  MPI_Comm comm;   /* the sync group, owned */
-} sbn__mpi_comm_t;
-
-/* A pending non-blocking reduction, handed out as the vtable's request. */
+/* A pending non-blocking collective, handed out as the vtable's request.
+ * The communicator lists its live ones, so that destroying it with one
+ * still in flight (a process leaving without MPI_Finalize) frees them. */
 typedef struct sbn__mpi_req_s {
   MPI_Request req;
+  struct sbn__mpi_req_s *prev, *next;
 } sbn__mpi_req_t;
+
+typedef struct sbn__mpi_comm_s {
+  sbn_comm_t base;      /* first, so a sbn_comm_t * is a sbn__mpi_comm_t * */
+  MPI_Comm comm;        /* the sync group, owned */
+  sbn__mpi_req_t *reqs; /* requests begun and not yet ended */
+} sbn__mpi_comm_t;
+
+/* A new request listed in m, or NULL when out of memory. */
+static sbn__mpi_req_t *sbn__req_new(sbn__mpi_comm_t *m) {
+  sbn__mpi_req_t *r = calloc(1, sizeof *r);
+  if (r == NULL)
+    return NULL;
+  r->req = MPI_REQUEST_NULL;
+  r->next = m->reqs;
+  if (m->reqs != NULL)
+    m->reqs->prev = r;
+  m->reqs = r;
+  return r;
+}
+
+static void sbn__req_free(sbn__mpi_comm_t *m, sbn__mpi_req_t *r) {
+  if (r->prev != NULL)
+    r->prev->next = r->next;
+  else
+    m->reqs = r->next;
+  if (r->next != NULL)
+    r->next->prev = r->prev;
+  free(r);
+}
 
 /* The record datatype and the Chan merge operation are created with the
  * first communicator and freed with the last one, so a program that
@@ -131,17 +158,42 @@ static int sbn__mpi_ibegin(sbn_comm_t *c, sbn_rec_t *recs, size_t n,
   *request = NULL;
   if ((rc = sbn__mpi_count(n, &count)) != 0)
     return rc;
-  r = malloc(sizeof *r);
+  r = sbn__req_new(m);
   if (r == NULL)
     return sbn_set_error(SBN_ENOMEM, "request: out of memory");
-  r->req = MPI_REQUEST_NULL;
   if (count > 0) {
     err = MPI_Iallreduce(MPI_IN_PLACE, recs, count, sbn__rec_type, sbn__rec_op,
                          m->comm, &r->req);
     if (err != MPI_SUCCESS) {
-      free(r);
+      sbn__req_free(m, r);
       return sbn_mpi_error(err, "MPI_Iallreduce");
     }
+  }
+  *request = r;
+  return 0;
+}
+
+/* An MPI_Iallgather of bytes; its request is the same kind as a
+ * reduction's, so iallreduce_test and iallreduce_end finish it. */
+static int sbn__mpi_igather(sbn_comm_t *c, const void *send, void *recv,
+                            size_t bytes, void **request) {
+  sbn__mpi_comm_t *m = (sbn__mpi_comm_t *)c;
+  sbn__mpi_req_t *r = NULL;
+  int err;
+  if (request == NULL)
+    return sbn_set_error(SBN_EINVAL, "request: NULL");
+  *request = NULL;
+  if (bytes > (size_t)INT_MAX)
+    return sbn_set_error(SBN_ELIMIT, "bytes: %zu exceed MPI's int count",
+                         bytes);
+  r = sbn__req_new(m);
+  if (r == NULL)
+    return sbn_set_error(SBN_ENOMEM, "request: out of memory");
+  err = MPI_Iallgather(send, (int)bytes, MPI_BYTE, recv, (int)bytes, MPI_BYTE,
+                       m->comm, &r->req);
+  if (err != MPI_SUCCESS) {
+    sbn__req_free(m, r);
+    return sbn_mpi_error(err, "MPI_Iallgather");
   }
   *request = r;
   return 0;
@@ -168,11 +220,10 @@ static int sbn__mpi_itest(sbn_comm_t *c, void *request, int *done) {
 static int sbn__mpi_iend(sbn_comm_t *c, void *request) {
   sbn__mpi_req_t *r = request;
   int err;
-  (void)c;
   if (r == NULL)
     return sbn_set_error(SBN_EINVAL, "request: NULL");
   err = MPI_Wait(&r->req, MPI_STATUS_IGNORE);
-  free(r);
+  sbn__req_free((sbn__mpi_comm_t *)c, r);
   if (err != MPI_SUCCESS)
     return sbn_mpi_error(err, "MPI_Wait");
   return 0;
@@ -182,6 +233,11 @@ static void sbn__mpi_destroy(sbn_comm_t *c) {
   sbn__mpi_comm_t *m = (sbn__mpi_comm_t *)c;
   if (m == NULL)
     return;
+  /* A collective still in flight can be neither cancelled nor freed in
+   * MPI; its memory here goes, and MPI's request is left to the end of
+   * the process. */
+  while (m->reqs != NULL)
+    sbn__req_free(m, m->reqs);
   if (m->comm != MPI_COMM_NULL)
     MPI_Comm_free(&m->comm);
   free(m);
@@ -194,6 +250,7 @@ static const sbn_comm_vtable_t sbn__mpi_vt = {
     .iallreduce_test = sbn__mpi_itest,
     .iallreduce_end = sbn__mpi_iend,
     .destroy = sbn__mpi_destroy,
+    .iallgather_begin = sbn__mpi_igather,
 };
 
 MPI_Comm sbn_mpi_comm_handle(const sbn_comm_t *c) {

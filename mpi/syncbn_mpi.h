@@ -41,7 +41,12 @@ SBN_API int sbn_mpi_comm_create(MPI_Comm parent, int group_size,
  *   be called any number of times (Open MPI has no progress thread, so
  *   polling is what moves the reduction on); after a successful begin, end
  *   must be called exactly once: it waits with MPI_Wait and frees the
- *   request. The fused and non-blocking API of syncbn_fused.h wraps these.
+ *   request. The fused and non-blocking API of syncbn_fused.h wraps these;
+ * - iallgather_begin: one MPI_Iallgather of bytes over the group, finished
+ *   with the same test/end as a reduction (syncbnd's agreement rounds).
+ * Destroying a communicator with requests still begun abandons them (their
+ * memory here is freed; MPI cannot cancel a collective): for a process
+ * that leaves without MPI_Finalize.
  * Every MPI failure is returned as SBN_ECOMM through sbn_mpi_error(). A
  * record count above INT_MAX is SBN_ELIMIT. Calling sbn_mpi_comm_create
  * before MPI_Init or after MPI_Finalize is SBN_ESTATE. */

@@ -151,6 +151,14 @@ struct sbn_comm_vtable_s {
   int (*iallreduce_end)(sbn_comm_t *comm, void *request);
   /* Required. Releases the communicator and its resources. */
   void (*destroy)(sbn_comm_t *comm);
+  /* Optional non-blocking allgather of `bytes` bytes per process: recv
+   * holds size x bytes, in rank order. Its request is polled and finished
+   * with iallreduce_test and iallreduce_end, which serve every request
+   * kind. There is no blocking fallback: a caller that needs it (syncbnd)
+   * refuses a communicator without it. It comes last so that tables
+   * written positionally stay valid. */
+  int (*iallgather_begin)(sbn_comm_t *comm, const void *send, void *recv,
+                          size_t bytes, void **request);
 };
 
 /* Implementations embed this struct first. rank/size are within the
@@ -165,6 +173,10 @@ struct sbn_comm_s {
 /* The single-process communicator: allreduce is the identity. It is a
  * static object; sbn_comm_destroy() on it is a no-op. */
 SBN_API sbn_comm_t *sbn_comm_local(void);
+/* Makes *c a single-process communicator like sbn_comm_local()'s, but
+ * carrying world_rank, so that dropout keys differ between the processes
+ * of a job that each run their own layers (syncbnd's workers). */
+SBN_API void sbn_comm_local_init(sbn_comm_t *c, int world_rank);
 SBN_API int sbn_comm_allreduce(sbn_comm_t *comm, sbn_rec_t *recs, size_t n);
 SBN_API void sbn_comm_destroy(sbn_comm_t *comm);
 

@@ -28,17 +28,17 @@ static svc_limits_t lim(void) {
 
 /* Decodes b's bytes and returns the result code (SVC_OK on success). */
 static svc_code_t decode_raw(const void *p, size_t n, svc_request_t *req,
-                             svc_err_t *err) {
+                             tu_err_t *err) {
   svc_limits_t l = lim();
   memset(err, 0, sizeof *err);
-  if (svc_decode_request(p, n, &l, req, err) == 0)
+  if (tu_err(svc_decode_request(p, n, &l, req), err) == 0)
     return SVC_OK;
   assert_int_not_equal(err->code, SVC_OK);
   assert_true(err->msg[0] != '\0');
   return err->code;
 }
 
-static svc_code_t decode(tu_body_t *b, svc_request_t *req, svc_err_t *err) {
+static svc_code_t decode(tu_body_t *b, svc_request_t *req, tu_err_t *err) {
   return decode_raw(b->sb.data, b->sb.size, req, err);
 }
 
@@ -55,29 +55,29 @@ static svc_code_t decode(tu_body_t *b, svc_request_t *req, svc_err_t *err) {
 
 static void test_frame_len(void **st) {
   svc_limits_t l = lim();
-  svc_err_t err;
+  tu_err_t err;
   uint32_t n = 0;
   const uint8_t ok[4] = {0, 0, 1, 2};
   const uint8_t four_gib[4] = {0xff, 0xff, 0xff, 0xff};
   const uint8_t zero[4] = {0, 0, 0, 0};
   uint8_t at[4];
   (void)st;
-  assert_int_equal(svc_frame_len(ok, &l, &n, &err), 0);
+  assert_int_equal(tu_err(svc_frame_len(ok, &l, &n), &err), 0);
   assert_int_equal(n, 258);
-  assert_int_equal(svc_frame_len(four_gib, &l, &n, &err), -1);
+  assert_int_equal(tu_err(svc_frame_len(four_gib, &l, &n), &err), -1);
   assert_int_equal(err.code, SVC_FRAME_TOO_LARGE);
-  assert_int_equal(svc_frame_len(zero, &l, &n, &err), -1);
+  assert_int_equal(tu_err(svc_frame_len(zero, &l, &n), &err), -1);
   assert_int_equal(err.code, SVC_BAD_FRAME);
   /* Exactly max_frame is accepted, one more is not. */
   l.max_frame = 1000;
   at[0] = 0, at[1] = 0, at[2] = 1000 >> 8, at[3] = 1000 & 0xff;
-  assert_int_equal(svc_frame_len(at, &l, &n, &err), 0);
+  assert_int_equal(tu_err(svc_frame_len(at, &l, &n), &err), 0);
   at[3]++;
-  assert_int_equal(svc_frame_len(at, &l, &n, &err), -1);
+  assert_int_equal(tu_err(svc_frame_len(at, &l, &n), &err), -1);
   assert_int_equal(err.code, SVC_FRAME_TOO_LARGE);
   /* A zero byte followed by junk as a header: "\0jun" is 6.9 MB. */
   memcpy(at, "\0jun", 4);
-  assert_int_equal(svc_frame_len(at, &l, &n, &err), -1);
+  assert_int_equal(tu_err(svc_frame_len(at, &l, &n), &err), -1);
   assert_int_equal(err.code, SVC_FRAME_TOO_LARGE);
   assert_true(svc_code_fatal(SVC_FRAME_TOO_LARGE));
   assert_false(svc_code_fatal(SVC_SHAPE));
@@ -90,7 +90,7 @@ static void test_frame_len(void **st) {
 static void test_hello(void **st) {
   tu_body_t b;
   svc_request_t q;
-  svc_err_t err;
+  tu_err_t err;
   (void)st;
   tu_body_init(&b);
   msgpack_pack_map(&b.pk, 4);
@@ -116,7 +116,7 @@ static void test_hello(void **st) {
 static void test_register(void **st) {
   tu_body_t b;
   svc_request_t q;
-  svc_err_t err;
+  tu_err_t err;
   (void)st;
   tu_body_init(&b);
   msgpack_pack_map(&b.pk, 8);
@@ -174,7 +174,7 @@ static void pack_forward(tu_body_t *b, int ndim, const size_t *dims,
 static void test_forward_tensor(void **st) {
   tu_body_t b;
   svc_request_t q;
-  svc_err_t err;
+  tu_err_t err;
   const size_t dims[4] = {2, 3, 1, 2};
   float x[12];
   (void)st;
@@ -199,7 +199,7 @@ static void test_forward_tensor(void **st) {
 
 static void test_bombs(void **st) {
   svc_request_t q;
-  svc_err_t err;
+  tu_err_t err;
   (void)st;
   /* {"x": array32 of 2^32-1 elements}: msgpack-c would allocate ~96 GB. */
   const uint8_t arr32[] = {0x81, 0xa1, 'x', 0xdd, 0xff, 0xff, 0xff, 0xff};
@@ -221,7 +221,7 @@ static void test_bombs(void **st) {
 
 static void test_nesting(void **st) {
   svc_request_t q;
-  svc_err_t err;
+  tu_err_t err;
   uint8_t deep[64];
   size_t n = 0;
   (void)st;
@@ -257,7 +257,7 @@ static void test_nesting(void **st) {
 static void test_object_cap(void **st) {
   tu_body_t b;
   svc_request_t q;
-  svc_err_t err;
+  tu_err_t err;
   (void)st;
   tu_body_init(&b);
   msgpack_pack_map(&b.pk, 1);
@@ -271,7 +271,7 @@ static void test_object_cap(void **st) {
 
 static void test_malformed(void **st) {
   svc_request_t q;
-  svc_err_t err;
+  tu_err_t err;
   (void)st;
   /* A zero byte then junk: the root is not a map. */
   const uint8_t zj[] = {0x00, 'j', 'u', 'n', 'k'};
@@ -305,7 +305,7 @@ static void test_malformed(void **st) {
 /* {op: <op>, id: 1, <k>: <v>} with v packed by the callback. */
 typedef void (*packv_t)(tu_body_t *);
 static svc_code_t one_key(const char *op, const char *k, packv_t v,
-                          svc_err_t *err) {
+                          tu_err_t *err) {
   tu_body_t b;
   svc_request_t q;
   svc_code_t c;
@@ -339,7 +339,7 @@ static void v_neg(tu_body_t *b) {
 static void test_wrong_types(void **st) {
   tu_body_t b;
   svc_request_t q;
-  svc_err_t err;
+  tu_err_t err;
   (void)st;
   ASSERT_CODE(one_key("hello", "version", v_str, &err), SVC_BAD_REQUEST);
   ASSERT_CODE(one_key("hello", "version", v_float, &err), SVC_BAD_REQUEST);
@@ -475,7 +475,7 @@ static void test_wrong_types(void **st) {
 }
 
 /* A forward request whose x map is written by the callback. */
-static svc_code_t forward_with_x(void (*px)(tu_body_t *), svc_err_t *err) {
+static svc_code_t forward_with_x(void (*px)(tu_body_t *), tu_err_t *err) {
   tu_body_t b;
   svc_request_t q;
   svc_code_t c;
@@ -580,7 +580,7 @@ static void x_empty(tu_body_t *b) {
 }
 
 static void test_tensors(void **st) {
-  svc_err_t err;
+  tu_err_t err;
   (void)st;
   ASSERT_CODE(forward_with_x(x_short, &err), SVC_BAD_TENSOR);
   ASSERT_CODE(forward_with_x(x_odd, &err), SVC_BAD_TENSOR);
@@ -610,12 +610,12 @@ static void test_mutations(void **st) {
   buf = malloc(b.sb.size);
   for (size_t cut = 0; cut < b.sb.size; cut++) {
     svc_request_t q;
-    svc_err_t err;
+    tu_err_t err;
     assert_int_not_equal(decode_raw(b.sb.data, cut, &q, &err), SVC_OK);
   }
   for (int it = 0; it < 20000; it++) {
     svc_request_t q;
-    svc_err_t err;
+    tu_err_t err;
     memcpy(buf, b.sb.data, b.sb.size);
     for (int k = 0; k < 3; k++) {
       s ^= s << 13, s ^= s >> 7, s ^= s << 17;
@@ -633,7 +633,7 @@ static void test_mutations(void **st) {
 
 static void test_replies(void **st) {
   svc_limits_t l = lim();
-  svc_err_t err;
+  tu_err_t err;
   svc_id_t id = {1, 0, 77, 0};
   sbn_tensor_desc_t d = {3, {2, 2, 3}, SBN_LAYOUT_NHWC};
   float y[12];
@@ -647,16 +647,17 @@ static void test_replies(void **st) {
   for (int i = 0; i < 12; i++)
     y[i] = (float)i * 0.5f;
   assert_int_equal(svc_encode_forward(&id, &d, y, 12, &out, &n), 0);
-  assert_int_equal(svc_frame_len(out, &l, &flen, &err), 0);
+  assert_int_equal(tu_err(svc_frame_len(out, &l, &flen), &err), 0);
   assert_int_equal(flen + 4, n);
-  assert_int_equal(svc_scan(out + 4, flen, &l, &err), 0);
+  assert_int_equal(tu_err(svc_scan(out + 4, flen, &l), &err), 0);
   msgpack_zone_init(&z, 1024);
   assert_int_equal(msgpack_unpack((const char *)out + 4, flen, &off, &z, &o),
                    MSGPACK_UNPACK_SUCCESS);
   assert_int_equal(o.type, MSGPACK_OBJECT_MAP);
   assert_int_equal(o.via.map.size, 2);
   assert_int_equal(o.via.map.ptr[0].val.via.u64, 77);
-  assert_int_equal(svc_decode_tensor(&o.via.map.ptr[1].val, "y", &t, &err), 0);
+  assert_int_equal(
+      tu_err(svc_decode_tensor(&o.via.map.ptr[1].val, "y", &t), &err), 0);
   assert_int_equal(t.desc.layout, SBN_LAYOUT_NHWC);
   assert_int_equal(t.numel, 12);
   assert_memory_equal(t.data, y, sizeof y);
@@ -665,7 +666,7 @@ static void test_replies(void **st) {
   free(out);
   /* An error reply with a nil id. */
   assert_int_equal(svc_encode_error(NULL, SVC_LIMIT, "too deep", &out, &n), 0);
-  assert_int_equal(svc_scan(out + 4, n - 4, &l, &err), 0);
+  assert_int_equal(tu_err(svc_scan(out + 4, n - 4, &l), &err), 0);
   off = 0;
   msgpack_zone_init(&z, 1024);
   assert_int_equal(msgpack_unpack((const char *)out + 4, n - 4, &off, &z, &o),
@@ -748,7 +749,7 @@ static void test_worker(void **st) {
   sbn_layer_t *ref;
   const msgpack_object *o;
   svc_tensor_t t;
-  svc_err_t err;
+  tu_err_t err;
   (void)st;
   for (int i = 0; i < N; i++) {
     x[i] = (float)((i * 29) % 31) * 0.3f - 4.0f;
@@ -826,7 +827,8 @@ static void test_worker(void **st) {
   }
   fwd(&b, 0, 10, 1, &d, x, N);
   assert_string_equal(tu_run(w, &b, &r), "");
-  assert_int_equal(svc_decode_tensor(tu_get(&r.o, "y"), "y", &t, &err), 0);
+  assert_int_equal(tu_err(svc_decode_tensor(tu_get(&r.o, "y"), "y", &t), &err),
+                   0);
   assert_memory_equal(t.data, y, sizeof y);
   svc_tensor_free(&t);
   tu_reply_free(&r);
@@ -845,14 +847,16 @@ static void test_worker(void **st) {
   }
   bwd(&b, 0, 10, &d, dy, N);
   assert_string_equal(tu_run(w, &b, &r), "");
-  assert_int_equal(svc_decode_tensor(tu_get(&r.o, "dx"), "dx", &t, &err), 0);
+  assert_int_equal(
+      tu_err(svc_decode_tensor(tu_get(&r.o, "dx"), "dx", &t), &err), 0);
   assert_memory_equal(t.data, dx, sizeof dx);
   svc_tensor_free(&t);
-  assert_int_equal(svc_decode_tensor(tu_get(&r.o, "dweight"), "dw", &t, &err),
-                   0);
+  assert_int_equal(
+      tu_err(svc_decode_tensor(tu_get(&r.o, "dweight"), "dw", &t), &err), 0);
   assert_memory_equal(t.data, dw, sizeof dw);
   svc_tensor_free(&t);
-  assert_int_equal(svc_decode_tensor(tu_get(&r.o, "dbias"), "db", &t, &err), 0);
+  assert_int_equal(
+      tu_err(svc_decode_tensor(tu_get(&r.o, "dbias"), "db", &t), &err), 0);
   assert_memory_equal(t.data, db, sizeof db);
   svc_tensor_free(&t);
   tu_reply_free(&r);
@@ -891,7 +895,8 @@ static void test_worker(void **st) {
     assert_int_equal(sbn_forward(ref, &fa), 0);
     free(ws);
   }
-  assert_int_equal(svc_decode_tensor(tu_get(&r.o, "y"), "y", &t, &err), 0);
+  assert_int_equal(tu_err(svc_decode_tensor(tu_get(&r.o, "y"), "y", &t), &err),
+                   0);
   assert_memory_equal(t.data, y, sizeof y);
   svc_tensor_free(&t);
   tu_reply_free(&r);

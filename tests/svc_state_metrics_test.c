@@ -104,7 +104,7 @@ static void fwd(svc_worker_t *w, uint64_t layer, uint64_t step, int train,
   tu_body_t b;
   tu_reply_t r;
   svc_tensor_t t;
-  svc_err_t err;
+  tu_err_t err;
   tu_body_init(&b);
   msgpack_pack_map(&b.pk, 6);
   tu_key(&b, "op");
@@ -121,7 +121,8 @@ static void fwd(svc_worker_t *w, uint64_t layer, uint64_t step, int train,
   tu_tensor(&b, "f32", d->ndim, d->dims, NULL, x, n * sizeof(float));
   EXPECT(w, &b, &r, "");
   if (y != NULL) {
-    assert_int_equal(svc_decode_tensor(tu_get(&r.o, "y"), "y", &t, &err), 0);
+    assert_int_equal(
+        tu_err(svc_decode_tensor(tu_get(&r.o, "y"), "y", &t), &err), 0);
     assert_int_equal(t.numel, n);
     memcpy(y, t.data, n * sizeof *y);
     svc_tensor_free(&t);
@@ -175,11 +176,11 @@ static const char *set_state(svc_worker_t *w, uint64_t layer, const st_t *s,
 static void state_tensor(const tu_reply_t *r, const char *k, int ndim,
                          const size_t *dims, float *out, size_t n) {
   svc_tensor_t t;
-  svc_err_t err;
+  tu_err_t err;
   const msgpack_object *o = tu_get(&r->o, k);
   if (o == NULL)
     fail_msg("get_state reply without %s", k);
-  assert_int_equal(svc_decode_tensor(o, k, &t, &err), 0);
+  assert_int_equal(tu_err(svc_decode_tensor(o, k, &t), &err), 0);
   assert_int_equal(t.desc.ndim, ndim);
   for (int i = 0; i < ndim; i++)
     assert_int_equal(t.desc.dims[i], dims[i]);

@@ -160,8 +160,8 @@ static int ref_allreduce(sbn_comm_t *c, sbn_rec_t *r, size_t n) {
 static void ref_destroy(sbn_comm_t *c) {
   (void)c;
 }
-static const sbn_comm_vtable_t ref_vt = {ref_allreduce, NULL, NULL, NULL,
-                                         ref_destroy};
+static const sbn_comm_vtable_t ref_vt = {ref_allreduce, NULL,        NULL,
+                                         NULL,          ref_destroy, NULL};
 
 static void run_threads(job_t *jobs, int n) {
   pthread_t t[2 * MAXNP];

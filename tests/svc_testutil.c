@@ -100,3 +100,14 @@ void tu_reply_free(tu_reply_t *r) {
   free(r->buf);
   r->buf = NULL;
 }
+
+int tu_err(int rc, tu_err_t *e) {
+  if (rc == 0) {
+    e->code = SVC_OK;
+    e->msg[0] = '\0';
+    return 0;
+  }
+  e->code = svc_code_of(rc);
+  snprintf(e->msg, sizeof e->msg, "%s", svc_last_error());
+  return -1;
+}

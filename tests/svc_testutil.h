@@ -1,6 +1,7 @@
 /* Helpers shared by the syncbnd unit tests that need no sockets
- * (tests/svc_codec_test.c, tests/svc_state_metrics_test.c, tests/svc_worker_test.c):
- * building msgpack request bodies and reading the worker's replies. */
+ * (tests/svc_codec_test.c, tests/svc_state_metrics_test.c,
+ * tests/svc_worker_test.c): building msgpack request bodies and reading the
+ * worker's replies. */
 #ifndef SBN_SVC_TESTUTIL_H
 #define SBN_SVC_TESTUTIL_H
 
@@ -10,6 +11,18 @@
 #include <msgpack.h>
 
 #include "svc_worker.h"
+
+/* An error of the service's convention kept for assertions: the code of
+ * a negative return and the message of svc_last_error(), copied at once. */
+typedef struct tu_err_s {
+  svc_code_t code;
+  char msg[1024];
+} tu_err_t;
+
+/* Fills e from rc (0 or a negative service code) and returns 0 for 0, -1
+ * otherwise, so `assert_int_equal(tu_err(svc_scan(...), &e), -1)` reads as
+ * the old out-parameter checks did. */
+int tu_err(int rc, tu_err_t *e);
 
 /* A request body being packed. */
 typedef struct tu_body_s {

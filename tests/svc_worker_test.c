@@ -22,6 +22,7 @@
 
 #include "svc_codec.h"
 #include "svc_worker.h"
+#include "svc_worker_int.h"
 #include "svc_testutil.h"
 
 /* ------------------------------------------------------------------ */
@@ -151,10 +152,11 @@ static svc_limits_t limits(uint32_t max_objects) {
 
 /* Decodes b with l and frees b; on failure asserts a message. */
 static svc_code_t dec_lim(tu_body_t *b, const svc_limits_t *l, svc_request_t *q,
-                          svc_err_t *err) {
+                          tu_err_t *err) {
   int rc;
   memset(err, 0, sizeof *err);
-  rc = svc_decode_request((const uint8_t *)b->sb.data, b->sb.size, l, q, err);
+  rc = tu_err(svc_decode_request((const uint8_t *)b->sb.data, b->sb.size, l, q),
+              err);
   msgpack_sbuffer_destroy(&b->sb);
   if (rc == 0)
     return SVC_OK;
@@ -170,7 +172,7 @@ static svc_code_t dec_lim(tu_body_t *b, const svc_limits_t *l, svc_request_t *q,
   return err->code;
 }
 
-static svc_code_t dec(tu_body_t *b, svc_request_t *q, svc_err_t *err) {
+static svc_code_t dec(tu_body_t *b, svc_request_t *q, tu_err_t *err) {
   svc_limits_t l = limits(0);
   return dec_lim(b, &l, q, err);
 }
@@ -179,7 +181,7 @@ static svc_code_t dec(tu_body_t *b, svc_request_t *q, svc_err_t *err) {
  * prefix. */
 #define EXPECT_DEC(b, q, want, prefix)                                     \
   do {                                                                     \
-    svc_err_t err_;                                                        \
+    tu_err_t err_;                                                         \
     svc_code_t got_ = dec((b), (q), &err_);                                \
     if (got_ != (want))                                                    \
       fail_msg("line %d: got %s (%s), expected %s", __LINE__,              \
@@ -295,11 +297,11 @@ static const char *code_of(const msgpack_object *m, char *msg, size_t mlen) {
 static void tensor_of(const msgpack_object *m, const char *k, float *out,
                       size_t n) {
   svc_tensor_t t;
-  svc_err_t err;
+  tu_err_t err;
   const msgpack_object *o = tu_get(m, k);
   if (o == NULL)
     fail_msg("reply without '%s'", k);
-  assert_int_equal(svc_decode_tensor(o, k, &t, &err), 0);
+  assert_int_equal(tu_err(svc_decode_tensor(o, k, &t), &err), 0);
   assert_int_equal(t.numel, n);
   memcpy(out, t.data, n * sizeof *out);
   svc_tensor_free(&t);
@@ -367,7 +369,7 @@ static void fill(float *v, size_t n, uint32_t seed) {
 static void test_batch_decode(void **st) {
   tu_body_t b;
   svc_request_t q;
-  svc_err_t err;
+  tu_err_t err;
   svc_limits_t big = limits(1u << 20);
   const sbn_tensor_desc_t d = {2, {2, 3}, SBN_LAYOUT_NCHW};
   float x[6] = {1, 2, 3, 4, 5, 6};
@@ -546,7 +548,7 @@ static void test_batch_decode(void **st) {
 static void test_stats_decode(void **st) {
   tu_body_t b;
   svc_request_t q;
-  svc_err_t err;
+  tu_err_t err;
   /* Values whose bits must survive: a tiny subnormal, the largest double,
    * a negative zero, a third, and a NaN with a payload. */
   double mean[5], m2[5] = {0.25, 1e-300, 3, 4, 5}, cnt[5] = {1, 2, 3, 4, 5};
@@ -761,7 +763,7 @@ static void hello(tu_body_t *b, int bin, const uint8_t *tok, size_t n) {
 static void test_hello_token(void **st) {
   tu_body_t b;
   svc_request_t q;
-  svc_err_t err;
+  tu_err_t err;
   uint8_t tok[SVC_TOKEN_MAX + 1];
   svc_worker_t *w = worker();
   tu_reply_t r;
@@ -851,7 +853,7 @@ static void test_checkpoint_decode(void **st) {
   char longname[SVC_NAME_MAX + 2], want[64];
   tu_body_t b;
   svc_request_t q;
-  svc_err_t err;
+  tu_err_t err;
   (void)st;
   memset(longname, 'n', sizeof longname);
   for (int i = 0; i < 2; i++) {
@@ -1813,6 +1815,7 @@ static void test_checkpoint_refusals(void **st) {
  * local ops give. */
 
 typedef struct lb_s {
+  sbn_comm_t base; /* first: the fake communicator of one process */
   int gathers, reduces;
   int ndel;
   void *tok[16];
@@ -1820,24 +1823,54 @@ typedef struct lb_s {
   size_t len[16];
 } lb_t;
 
-static int lb_gather(void *ctx, const void *send, void *recv, size_t bytes) {
-  ((lb_t *)ctx)->gathers++;
+/* Every collective of one process completes at once; the request is the
+ * communicator itself (nothing to free). */
+static int lb_gather(sbn_comm_t *c, const void *send, void *recv, size_t bytes,
+                     void **req) {
+  ((lb_t *)c)->gathers++;
   memcpy(recv, send, bytes);
+  *req = c;
   return 0;
 }
 
-static int lb_reduce(void *ctx, sbn_rec_t *recs, size_t n) {
+static int lb_reduce(sbn_comm_t *c, sbn_rec_t *recs, size_t n, void **req) {
   (void)recs;
   (void)n;
-  ((lb_t *)ctx)->reduces++;
+  ((lb_t *)c)->reduces++;
+  *req = c;
   return 0;
 }
 
-static int lb_test(void *ctx, int *done) {
-  (void)ctx;
+static int lb_allreduce(sbn_comm_t *c, sbn_rec_t *recs, size_t n) {
+  (void)c;
+  (void)recs;
+  (void)n;
+  return 0;
+}
+
+static int lb_test(sbn_comm_t *c, void *req, int *done) {
+  assert_ptr_equal(req, c);
   *done = 1;
   return 0;
 }
+
+static int lb_end(sbn_comm_t *c, void *req) {
+  assert_ptr_equal(req, c);
+  return 0;
+}
+
+static void lb_destroy(sbn_comm_t *c) {
+  (void)c;
+}
+
+static const sbn_comm_vtable_t lb_vt = {
+    .allreduce = lb_allreduce,
+    .iallreduce_begin = lb_reduce,
+    .iallreduce_test = lb_test,
+    .iallreduce_end = lb_end,
+    .destroy = lb_destroy,
+    .iallgather_begin = lb_gather,
+};
 
 static void lb_deliver(void *ctx, void *token, uint8_t *reply, size_t len) {
   lb_t *lb = ctx;
@@ -1850,10 +1883,43 @@ static void lb_deliver(void *ctx, void *token, uint8_t *reply, size_t len) {
 
 static svc_worker_t *lb_worker(lb_t *lb) {
   svc_worker_t *w = worker();
-  svc_sync_ops_t ops = {lb, lb_gather, lb_reduce, lb_test};
   memset(lb, 0, sizeof *lb);
-  svc_worker_set_sync(w, &ops, 30.0, lb_deliver, lb);
+  lb->base.vt = &lb_vt;
+  lb->base.size = 1;
+  assert_int_equal(svc_worker_set_sync(w, &lb->base, 30.0, lb_deliver, lb), 0);
   return w;
+}
+
+/* The transport must offer the non-blocking collectives and span the
+ * job: anything else is refused before syncbatchnorm is enabled. */
+static void test_sync_refusals(void **st) {
+  static const sbn_comm_vtable_t no_gather = {
+      .allreduce = lb_allreduce,
+      .iallreduce_begin = lb_reduce,
+      .iallreduce_test = lb_test,
+      .iallreduce_end = lb_end,
+      .destroy = lb_destroy,
+  };
+  svc_worker_t *w = worker_cfg(2, 0);
+  lb_t lb;
+  (void)st;
+  memset(&lb, 0, sizeof lb);
+  lb.base.vt = &no_gather;
+  lb.base.size = 2;
+  assert_int_equal(svc_worker_set_sync(w, &lb.base, 1.0, lb_deliver, &lb),
+                   -SVC_BAD_PARAMS);
+  assert_non_null(strstr(svc_last_error(), "comm:"));
+  lb.base.vt = &lb_vt;
+  lb.base.size = 1;
+  assert_int_equal(svc_worker_set_sync(w, &lb.base, 1.0, lb_deliver, &lb),
+                   -SVC_BAD_PARAMS);
+  assert_non_null(strstr(svc_last_error(), "2 ranks"));
+  assert_int_equal(svc_worker_set_sync(w, NULL, 1.0, lb_deliver, &lb),
+                   -SVC_BAD_PARAMS);
+  /* Still without a transport: polling does nothing. */
+  assert_int_equal(svc_worker_poll(w, 1.0), 0);
+  assert_int_equal(lb.gathers, 0);
+  svc_worker_destroy(w);
 }
 
 /* Sends b (freed here) with token tok; expects it to be deferred. */
@@ -2279,8 +2345,98 @@ static void test_checkpoint_register_race(void **st) {
   }
 }
 
+/* ------------------------------------------------------------------ */
+/* The command table and its dispatch */
+
+/* Every op has a row named as on the wire, and exactly the ops a batch
+ * may carry (as the codec decodes them) are allowed in one. */
+static void test_command_table(void **st) {
+  (void)st;
+  assert_null(svc_op_name(SVC_OP_COUNT));
+  for (int op = 0; op < SVC_OP_COUNT; op++) {
+    int in_batch = op == SVC_OP_FORWARD || op == SVC_OP_BACKWARD ||
+                   op == SVC_OP_STATS || op == SVC_OP_STATS_BACKWARD;
+    assert_non_null(svc__cmds[op].fn);
+    assert_non_null(svc__cmds[op].name);
+    assert_string_equal(svc__cmds[op].name, svc_op_name((svc_op_t)op));
+    assert_int_equal(!!(svc__cmds[op].flags & SVC__CMD_IN_BATCH), in_batch);
+  }
+}
+
+/* An op past the table, or one a batch may not carry inside a batch, is
+ * refused with BAD_REQUEST before any handler runs or anything counts. */
+static void test_dispatch_refusals(void **st) {
+  svc_worker_t *w = worker();
+  svc_request_t q;
+  svc__call_t call;
+  svc__batch_t fake;
+  uint64_t before[SVC_OP_COUNT];
+  (void)st;
+  memcpy(before, w->m.requests, sizeof before);
+  memset(&q, 0, sizeof q);
+  memset(&call, 0, sizeof call);
+  call.w = w;
+  call.q = &q;
+  q.op = SVC_OP_COUNT;
+  assert_int_equal(svc__dispatch(&call), -SVC_BAD_REQUEST);
+  assert_non_null(strstr(svc_last_error(), "op:"));
+  q.op = (svc_op_t)1000;
+  assert_int_equal(svc__dispatch(&call), -SVC_BAD_REQUEST);
+  memset(&fake, 0, sizeof fake);
+  call.batch = &fake;
+  q.op = SVC_OP_HELLO;
+  q.version = 1;
+  assert_int_equal(svc__dispatch(&call), -SVC_BAD_REQUEST);
+  assert_non_null(strstr(svc_last_error(), "hello"));
+  assert_null(call.reply);
+  assert_memory_equal(before, w->m.requests, sizeof before);
+  svc_worker_destroy(w);
+}
+
+/* Every row of the table is counted by the metrics, under its name, and
+ * the metrics reply lists every op. */
+static void test_dispatch_counts(void **st) {
+  svc_worker_t *w = worker();
+  tu_body_t b;
+  tu_reply_t r;
+  const msgpack_object *req;
+  (void)st;
+  for (int op = 0; op < SVC_OP_COUNT; op++) {
+    svc_request_t q;
+    svc__call_t call;
+    memset(&q, 0, sizeof q);
+    memset(&call, 0, sizeof call);
+    call.w = w;
+    call.q = &q;
+    q.op = (svc_op_t)op;
+    /* A zeroed request: most handlers refuse it, some answer; either way
+     * it was dispatched once. */
+    svc__dispatch(&call);
+    free(call.reply);
+    assert_false(call.deferred);
+    assert_int_equal(w->m.requests[op], 1);
+  }
+  tu_body_init(&b);
+  msgpack_pack_map(&b.pk, 2);
+  tu_key(&b, "op");
+  tu_key(&b, "metrics");
+  tu_key(&b, "id");
+  msgpack_pack_uint32(&b.pk, 1);
+  assert_string_equal(tu_run(w, &b, &r), "");
+  req = tu_get(&r.o, "requests");
+  assert_int_equal(req->via.map.size, SVC_OP_COUNT);
+  for (int op = 0; op < SVC_OP_COUNT; op++)
+    assert_int_equal(tu_get_u64(req, svc_op_name((svc_op_t)op)),
+                     op == SVC_OP_METRICS ? 2 : 1);
+  tu_reply_free(&r);
+  svc_worker_destroy(w);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_command_table),
+      cmocka_unit_test(test_dispatch_refusals),
+      cmocka_unit_test(test_dispatch_counts),
       cmocka_unit_test(test_batch_decode),
       cmocka_unit_test(test_stats_decode),
       cmocka_unit_test(test_hello_token),
@@ -2294,6 +2450,7 @@ int main(void) {
       cmocka_unit_test(test_checkpoint_corrupt),
       cmocka_unit_test(test_checkpoint_refusals),
       cmocka_unit_test(test_loopback_sync),
+      cmocka_unit_test(test_sync_refusals),
       cmocka_unit_test(test_checkpoint_kinds),
       cmocka_unit_test(test_checkpoint_register_race),
   };

@@ -3,9 +3,10 @@
  * (protocol: mpi/service/PROTOCOL.md).
  *
  * main() only parses flags and wires the pieces: MPI start-up (rank, size,
- * an agreed default socket directory), the worker (src/svc_worker.c) and
- * the libuv server (src/svc_server.c). MPI is used only before the loop
- * starts; the loop never blocks inside MPI. */
+ * an agreed default socket directory), the worker (src/svc/worker/), the
+ * libuv server (src/svc/server/) and the job's communicator from the MPI
+ * library, whose non-blocking collectives the worker polls from the
+ * server's timer: the loop never blocks inside MPI. */
 #define _GNU_SOURCE /* explicit_bzero */
 #include <errno.h>
 #include <fcntl.h>
@@ -23,44 +24,14 @@
 #include "svc_worker.h"
 #include "syncbn_mpi.h"
 
-/* The cross-rank transport of the worker: one non-blocking collective at
- * a time on a duplicate of the world communicator, polled with MPI_Test
- * from the loop (Open MPI here has no progress thread, so the polling is
- * what moves it). */
-typedef struct sync_mpi_s {
-  MPI_Comm comm;
-  MPI_Datatype rec_type;
-  MPI_Op rec_op;
-  MPI_Request req;
+/* What the sync timer needs: the worker it polls. */
+typedef struct sync_tick_s {
   svc_worker_t *worker;
-  svc_server_t *server;
   int failed;
-} sync_mpi_t;
-
-static int sync_gather_begin(void *ctx, const void *send, void *recv,
-                             size_t bytes) {
-  sync_mpi_t *m = ctx;
-  return MPI_Iallgather(send, (int)bytes, MPI_BYTE, recv, (int)bytes, MPI_BYTE,
-                        m->comm, &m->req) == MPI_SUCCESS
-             ? 0
-             : -1;
-}
-
-static int sync_reduce_begin(void *ctx, sbn_rec_t *recs, size_t n) {
-  sync_mpi_t *m = ctx;
-  return MPI_Iallreduce(MPI_IN_PLACE, recs, (int)n, m->rec_type, m->rec_op,
-                        m->comm, &m->req) == MPI_SUCCESS
-             ? 0
-             : -1;
-}
-
-static int sync_test(void *ctx, int *done) {
-  sync_mpi_t *m = ctx;
-  return MPI_Test(&m->req, done, MPI_STATUS_IGNORE) == MPI_SUCCESS ? 0 : -1;
-}
+} sync_tick_t;
 
 static void sync_tick(void *arg) {
-  sync_mpi_t *m = arg;
+  sync_tick_t *m = arg;
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
   if (m->failed)
@@ -68,7 +39,8 @@ static void sync_tick(void *arg) {
   if (svc_worker_poll(m->worker, (double)ts.tv_sec + ts.tv_nsec * 1e-9) != 0) {
     /* The ranks no longer agree on the collectives: the job cannot serve
      * syncbatchnorm any more, and the others would hang. */
-    fprintf(stderr, "syncbnd: cross-rank agreement failed; aborting\n");
+    fprintf(stderr, "syncbnd: cross-rank agreement failed (%s); aborting\n",
+            svc_last_error());
     m->failed = 1;
     MPI_Abort(MPI_COMM_WORLD, 1);
   }
@@ -160,6 +132,18 @@ static void usage(FILE *f) {
           "  --help               this text\n");
 }
 
+/* The helpers below follow the service's convention: 0, or a negative
+ * service code with the message in svc_last_error(), which the caller
+ * prints once. */
+
+/* rc's message behind what failed (the message is copied first: it is
+ * the buffer the setter writes). */
+static int prefix_error(int rc, const char *what) {
+  char m[1024];
+  snprintf(m, sizeof m, "%s", svc_last_error());
+  return svc_set_error(svc_code_of(rc), "%s: %s", what, m);
+}
+
 static int parse_u64(const char *flag, const char *s, uint64_t max,
                      uint64_t *out) {
   char *end;
@@ -173,9 +157,9 @@ static int parse_u64(const char *flag, const char *s, uint64_t max,
   *out = v;
   return 0;
 bad:
-  fprintf(stderr, "syncbnd: %s: expected an integer in [0, %llu], got '%s'\n",
-          flag, (unsigned long long)max, s != NULL ? s : "");
-  return -1;
+  return svc_set_error(SVC_BAD_PARAMS,
+                       "%s: expected an integer in [0, %llu], got '%s'", flag,
+                       (unsigned long long)max, s != NULL ? s : "");
 }
 
 static int parse_seconds(const char *flag, const char *s, double *out) {
@@ -190,9 +174,9 @@ static int parse_seconds(const char *flag, const char *s, double *out) {
   *out = v;
   return 0;
 bad:
-  fprintf(stderr, "syncbnd: %s: expected seconds in [0, 1e7], got '%s'\n", flag,
-          s != NULL ? s : "");
-  return -1;
+  return svc_set_error(SVC_BAD_PARAMS,
+                       "%s: expected seconds in [0, 1e7], got '%s'", flag,
+                       s != NULL ? s : "");
 }
 
 /* Splits HOST:PORT (or [HOST]:PORT for an IPv6 literal; a bare IPv6
@@ -220,39 +204,39 @@ static int parse_hostport(const char *s, char *host, size_t hostlen,
   host[n] = '\0';
   return parse_u64("--tcp port", colon + 1, 65535, port);
 bad:
-  fprintf(stderr,
-          "syncbnd: --tcp: expected HOST:PORT or [IPV6]:PORT, got '%s'\n", s);
-  return -1;
+  return svc_set_error(SVC_BAD_PARAMS,
+                       "--tcp: expected HOST:PORT or [IPV6]:PORT, got '%s'", s);
 }
 
 /* Reads the TCP token once. The file must be a regular file closed to
  * group and others (anyone who can read it can use the workers), of 1 to
- * SVC_TOKEN_MAX bytes after one trailing newline is dropped. Returns 0 or
- * -1 after a message naming the file. */
+ * SVC_TOKEN_MAX bytes after one trailing newline is dropped. The message
+ * of a failure names the file. */
 static int read_token(const char *path, uint8_t *tok, size_t *len) {
   struct stat st;
   uint8_t buf[SVC_TOKEN_MAX + 2];
   size_t have = 0;
-  int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
-  if (fd < 0) {
-    fprintf(stderr, "syncbnd: token file %s: %s\n", path, strerror(errno));
-    return -1;
-  }
+  int rc, fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+  if (fd < 0)
+    return svc_set_error(SVC_BAD_PARAMS, "token file %s: %s", path,
+                         strerror(errno));
   /* The checks are made on the open file, so the file cannot be swapped
    * between them and the read. */
   if (fstat(fd, &st) != 0) {
-    fprintf(stderr, "syncbnd: token file %s: %s\n", path, strerror(errno));
+    rc = svc_set_error(SVC_BAD_PARAMS, "token file %s: %s", path,
+                       strerror(errno));
     goto fail;
   }
   if (!S_ISREG(st.st_mode)) {
-    fprintf(stderr, "syncbnd: token file %s: not a regular file\n", path);
+    rc = svc_set_error(SVC_BAD_PARAMS, "token file %s: not a regular file",
+                       path);
     goto fail;
   }
   if ((st.st_mode & 077) != 0) {
-    fprintf(stderr,
-            "syncbnd: token file %s: mode %03o lets group or others access "
-            "it; refusing it (chmod 600)\n",
-            path, (unsigned)(st.st_mode & 0777));
+    rc = svc_set_error(SVC_BAD_PARAMS,
+                       "token file %s: mode %03o lets group or others access "
+                       "it; refusing it (chmod 600)",
+                       path, (unsigned)(st.st_mode & 0777));
     goto fail;
   }
   while (have < sizeof buf) {
@@ -260,7 +244,8 @@ static int read_token(const char *path, uint8_t *tok, size_t *len) {
     if (r < 0 && errno == EINTR)
       continue;
     if (r < 0) {
-      fprintf(stderr, "syncbnd: token file %s: %s\n", path, strerror(errno));
+      rc = svc_set_error(SVC_BAD_PARAMS, "token file %s: %s", path,
+                         strerror(errno));
       goto fail;
     }
     if (r == 0)
@@ -270,23 +255,21 @@ static int read_token(const char *path, uint8_t *tok, size_t *len) {
   if (have > 0 && buf[have - 1] == '\n')
     have--;
   if (have == 0) {
-    fprintf(stderr, "syncbnd: token file %s: empty\n", path);
+    rc = svc_set_error(SVC_BAD_PARAMS, "token file %s: empty", path);
     goto fail;
   }
   if (have > SVC_TOKEN_MAX) {
-    fprintf(stderr, "syncbnd: token file %s: longer than %d bytes\n", path,
-            SVC_TOKEN_MAX);
+    rc = svc_set_error(SVC_BAD_PARAMS, "token file %s: longer than %d bytes",
+                       path, SVC_TOKEN_MAX);
     goto fail;
   }
   memcpy(tok, buf, have);
   *len = have;
-  explicit_bzero(buf, sizeof buf);
-  close(fd);
-  return 0;
+  rc = 0;
 fail:
   explicit_bzero(buf, sizeof buf);
   close(fd);
-  return -1;
+  return rc;
 }
 
 typedef struct opts_s {
@@ -301,20 +284,94 @@ typedef struct opts_s {
   svc_worker_config_t wc;
 } opts_t;
 
+/* One option a with its value v into o. A flat list of flags, so it
+ * stays linear. */
+static int parse_option(const char *a, const char *v, opts_t *o) {
+  uint64_t u;
+  int rc;
+  if (strcmp(a, "--socket-dir") == 0) {
+    o->socket_dir = v;
+  } else if (strcmp(a, "--max-frame") == 0) {
+    if ((rc = parse_u64(a, v, UINT32_MAX, &u)) != 0)
+      return rc;
+    if (u == 0)
+      return svc_set_error(SVC_BAD_PARAMS, "%s: must be at least 1", a);
+    o->wc.limits.max_frame = (uint32_t)u;
+  } else if (strcmp(a, "--max-clients") == 0) {
+    if ((rc = parse_u64(a, v, 100000, &u)) != 0)
+      return rc;
+    if (u == 0)
+      return svc_set_error(SVC_BAD_PARAMS, "%s: must be at least 1", a);
+    o->wc.max_clients = (uint32_t)u;
+  } else if (strcmp(a, "--max-output") == 0) {
+    if ((rc = parse_u64(a, v, UINT64_MAX, &u)) != 0)
+      return rc;
+    o->wc.max_output = u;
+  } else if (strcmp(a, "--idle-timeout") == 0) {
+    if ((rc = parse_seconds(a, v, &o->wc.idle_timeout)) != 0)
+      return rc;
+  } else if (strcmp(a, "--frame-timeout") == 0) {
+    if ((rc = parse_seconds(a, v, &o->wc.frame_timeout)) != 0)
+      return rc;
+  } else if (strcmp(a, "--keep-steps") == 0) {
+    if ((rc = parse_u64(a, v, UINT32_MAX, &u)) != 0)
+      return rc;
+    o->wc.keep_steps = (uint32_t)u;
+  } else if (strcmp(a, "--max-layers") == 0) {
+    if ((rc = parse_u64(a, v, 1u << 20, &u)) != 0)
+      return rc;
+    if (u == 0)
+      return svc_set_error(SVC_BAD_PARAMS, "%s: must be at least 1", a);
+    o->wc.max_layers = (uint32_t)u;
+  } else if (strcmp(a, "--max-saved") == 0) {
+    if ((rc = parse_u64(a, v, UINT64_MAX, &u)) != 0)
+      return rc;
+    o->wc.max_saved = u;
+  } else if (strcmp(a, "--cycle-us") == 0) {
+    if ((rc = parse_u64(a, v, 10000000, &u)) != 0)
+      return rc;
+    if (u == 0)
+      return svc_set_error(SVC_BAD_PARAMS, "%s: must be at least 1", a);
+    o->cycle_us = u;
+  } else if (strcmp(a, "--tcp") == 0) {
+    o->tcp = v;
+    if ((rc = parse_hostport(v, o->tcp_host, sizeof o->tcp_host,
+                             &o->tcp_port)) != 0)
+      return rc;
+  } else if (strcmp(a, "--token-file") == 0) {
+    o->token_file = v;
+  } else if (strcmp(a, "--state-dir") == 0) {
+    o->state_dir = v;
+  } else if (strcmp(a, "--stall-timeout") == 0) {
+    if ((rc = parse_seconds(a, v, &o->stall_timeout)) != 0)
+      return rc;
+  } else if (strcmp(a, "--max-depth") == 0) {
+    if ((rc = parse_u64(a, v, 32, &u)) != 0)
+      return rc;
+    if (u < 3)
+      return svc_set_error(SVC_BAD_PARAMS, "%s: must be at least 3", a);
+    o->wc.limits.max_depth = (uint32_t)u;
+  } else if (strcmp(a, "--max-objects") == 0) {
+    if ((rc = parse_u64(a, v, 1u << 24, &u)) != 0)
+      return rc;
+    if (u < 64)
+      return svc_set_error(SVC_BAD_PARAMS, "%s: must be at least 64", a);
+    o->wc.limits.max_objects = (uint32_t)u;
+  } else {
+    return svc_set_error(SVC_BAD_PARAMS, "%s: unknown option (see --help)", a);
+  }
+  return 0;
+}
+
 /* Returns 0 to run, 1 after --help, 2 on a usage error. */
 static int parse_args(int argc, char **argv, opts_t *o) {
+  memset(o, 0, sizeof *o);
   svc_worker_config_default(&o->wc);
-  o->socket_dir = NULL;
-  o->tcp = NULL;
-  o->token_file = NULL;
-  o->tcp_host[0] = '\0';
-  o->tcp_port = 0;
   o->cycle_us = 1000;
   o->stall_timeout = 60;
   for (int i = 1; i < argc; i++) {
     const char *a = argv[i];
     const char *v = i + 1 < argc ? argv[i + 1] : NULL;
-    uint64_t u;
     if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
       usage(stdout);
       return 1;
@@ -324,63 +381,8 @@ static int parse_args(int argc, char **argv, opts_t *o) {
       return 2;
     }
     i++;
-    if (strcmp(a, "--socket-dir") == 0) {
-      o->socket_dir = v;
-    } else if (strcmp(a, "--max-frame") == 0) {
-      if (parse_u64(a, v, UINT32_MAX, &u) != 0 || u == 0)
-        return 2;
-      o->wc.limits.max_frame = (uint32_t)u;
-    } else if (strcmp(a, "--max-clients") == 0) {
-      if (parse_u64(a, v, 100000, &u) != 0 || u == 0)
-        return 2;
-      o->wc.max_clients = (uint32_t)u;
-    } else if (strcmp(a, "--max-output") == 0) {
-      if (parse_u64(a, v, UINT64_MAX, &u) != 0)
-        return 2;
-      o->wc.max_output = u;
-    } else if (strcmp(a, "--idle-timeout") == 0) {
-      if (parse_seconds(a, v, &o->wc.idle_timeout) != 0)
-        return 2;
-    } else if (strcmp(a, "--frame-timeout") == 0) {
-      if (parse_seconds(a, v, &o->wc.frame_timeout) != 0)
-        return 2;
-    } else if (strcmp(a, "--keep-steps") == 0) {
-      if (parse_u64(a, v, UINT32_MAX, &u) != 0)
-        return 2;
-      o->wc.keep_steps = (uint32_t)u;
-    } else if (strcmp(a, "--max-layers") == 0) {
-      if (parse_u64(a, v, 1u << 20, &u) != 0 || u == 0)
-        return 2;
-      o->wc.max_layers = (uint32_t)u;
-    } else if (strcmp(a, "--max-saved") == 0) {
-      if (parse_u64(a, v, UINT64_MAX, &u) != 0)
-        return 2;
-      o->wc.max_saved = u;
-    } else if (strcmp(a, "--cycle-us") == 0) {
-      if (parse_u64(a, v, 10000000, &u) != 0 || u == 0)
-        return 2;
-      o->cycle_us = u;
-    } else if (strcmp(a, "--tcp") == 0) {
-      o->tcp = v;
-      if (parse_hostport(v, o->tcp_host, sizeof o->tcp_host, &o->tcp_port) != 0)
-        return 2;
-    } else if (strcmp(a, "--token-file") == 0) {
-      o->token_file = v;
-    } else if (strcmp(a, "--state-dir") == 0) {
-      o->state_dir = v;
-    } else if (strcmp(a, "--stall-timeout") == 0) {
-      if (parse_seconds(a, v, &o->stall_timeout) != 0)
-        return 2;
-    } else if (strcmp(a, "--max-depth") == 0) {
-      if (parse_u64(a, v, 32, &u) != 0 || u < 3)
-        return 2;
-      o->wc.limits.max_depth = (uint32_t)u;
-    } else if (strcmp(a, "--max-objects") == 0) {
-      if (parse_u64(a, v, 1u << 24, &u) != 0 || u < 64)
-        return 2;
-      o->wc.limits.max_objects = (uint32_t)u;
-    } else {
-      fprintf(stderr, "syncbnd: %s: unknown option (see --help)\n", a);
+    if (parse_option(a, v, o) != 0) {
+      fprintf(stderr, "syncbnd: %s\n", svc_last_error());
       return 2;
     }
   }
@@ -397,16 +399,141 @@ static int parse_args(int argc, char **argv, opts_t *o) {
   return 0;
 }
 
+/* One rank's pieces, built by start_rank and torn down by main. */
+typedef struct rank_s {
+  int rank, size;
+  char dir[PATH_MAX], path[PATH_MAX], state[PATH_MAX];
+  svc_worker_t *worker;
+  svc_server_t *server;
+  sbn_comm_t *comm; /* the world, for the worker's collectives */
+  sync_tick_t tick;
+} rank_t;
+
+/* The socket directory and this rank's socket in it. The ranks agree on
+ * one job name (rank 0's pid) so that the default directory is shared by
+ * the job and distinct between jobs. */
+static int socket_paths(const opts_t *o, rank_t *k) {
+  long job = (long)getpid();
+  int rc;
+  MPI_Bcast(&job, 1, MPI_LONG, 0, MPI_COMM_WORLD);
+  if (o->socket_dir != NULL) {
+    rc = snprintf(k->dir, sizeof k->dir, "%s", o->socket_dir);
+  } else {
+    const char *xdg = getenv("XDG_RUNTIME_DIR");
+    if (xdg != NULL && xdg[0] == '/')
+      rc = snprintf(k->dir, sizeof k->dir, "%s/syncbnd-%ld", xdg, job);
+    else
+      rc = snprintf(k->dir, sizeof k->dir, "/tmp/syncbnd-%u-%ld",
+                    (unsigned)geteuid(), job);
+  }
+  if (rc < 0 || (size_t)rc >= sizeof k->dir ||
+      snprintf(k->path, sizeof k->path, "%s/rank-%d.sock", k->dir, k->rank) >=
+          (int)sizeof k->path)
+    return svc_set_error(SVC_BAD_PARAMS, "socket path too long");
+  return 0;
+}
+
+/* The worker and its private directories. Checkpoints live in their own
+ * directory, by default next to the sockets, so that a restarted job
+ * given the same --socket-dir finds them again. */
+static int start_worker(opts_t *o, rank_t *k) {
+  int rc;
+  if ((rc = svc_socket_dir_prepare(k->dir)) != 0)
+    return rc;
+  o->wc.rank = k->rank;
+  o->wc.size = k->size;
+  if ((rc = svc_worker_create(&o->wc, &k->worker)) != 0)
+    return prefix_error(rc, "cannot create the worker");
+  if (o->state_dir != NULL)
+    rc = snprintf(k->state, sizeof k->state, "%s", o->state_dir);
+  else
+    rc = snprintf(k->state, sizeof k->state, "%s-state", k->dir);
+  if (rc < 0 || (size_t)rc >= sizeof k->state ||
+      svc_worker_set_state_dir(k->worker, k->state) != 0)
+    return svc_set_error(SVC_BAD_PARAMS, "state directory path too long");
+  if ((rc = svc_socket_dir_prepare(k->state)) != 0)
+    return prefix_error(rc, "--state-dir");
+  return 0;
+}
+
+/* The server: the Unix socket, and with --tcp rank r on PORT + r, so
+ * that the ranks of one host do not collide (PORT 0 lets each rank take
+ * any free port). The token is wiped here: the server keeps its own
+ * copy. */
+static int start_server(const opts_t *o, rank_t *k, uint8_t *token,
+                        size_t token_len) {
+  svc_server_config_t sc;
+  int rc;
+  memset(&sc, 0, sizeof sc);
+  sc.socket_path = k->path;
+  sc.max_clients = o->wc.max_clients;
+  sc.max_output = o->wc.max_output;
+  sc.idle_timeout = o->wc.idle_timeout;
+  sc.frame_timeout = o->wc.frame_timeout;
+  sc.limits = o->wc.limits;
+  if (o->tcp != NULL) {
+    if (o->tcp_port != 0 && o->tcp_port + (uint64_t)k->rank > 65535) {
+      explicit_bzero(token, SVC_TOKEN_MAX);
+      return svc_set_error(SVC_BAD_PARAMS,
+                           "--tcp %s: port %llu + rank %d is above 65535; "
+                           "choose a lower PORT",
+                           o->tcp, (unsigned long long)o->tcp_port, k->rank);
+    }
+    sc.tcp_host = o->tcp_host;
+    sc.tcp_port =
+        (uint16_t)(o->tcp_port != 0 ? o->tcp_port + (uint64_t)k->rank : 0);
+    sc.token = token;
+    sc.token_len = token_len;
+  }
+  rc = svc_server_create(&sc, k->worker, &k->server);
+  explicit_bzero(token, SVC_TOKEN_MAX);
+  return rc;
+}
+
+/* The cross-rank transport: the world's communicator from the MPI
+ * library, polled by the worker from the server's timer (Open MPI here
+ * has no progress thread, so the polling is what moves it). */
+static int start_sync(const opts_t *o, rank_t *k) {
+  sbn_layer_params_t params;
+  int rc;
+  sbn_layer_params_default(&params, SBN_OP_BATCHNORM);
+  if (sbn_mpi_comm_create(MPI_COMM_WORLD, 0, &params, &k->comm) != 0)
+    return svc_set_error(SVC_INTERNAL, "%s", sbn_last_error());
+  if ((rc = svc_worker_set_sync(k->worker, k->comm, o->stall_timeout,
+                                svc_server_deliver, k->server)) != 0)
+    return rc;
+  k->tick.worker = k->worker;
+  if ((rc = svc_server_set_tick(k->server, o->cycle_us, sync_tick, &k->tick)) !=
+      0)
+    return prefix_error(rc, "cannot start the sync timer");
+  return 0;
+}
+
+/* The lines that tell the launcher (and the user) the rank is ready. */
+static void print_ready(const opts_t *o, const rank_t *k) {
+  int port, loopback;
+  printf("syncbnd: rank %d ready on %s\n", k->rank, k->path);
+  if (svc_server_tcp_info(k->server, &port, &loopback) == 0) {
+    const char *l = strchr(o->tcp_host, ':') != NULL ? "[" : "";
+    const char *r = l[0] != '\0' ? "]" : "";
+    printf("syncbnd: rank %d listening on tcp %s%s%s:%d\n", k->rank, l,
+           o->tcp_host, r, port);
+    if (!loopback)
+      fprintf(stderr,
+              "syncbnd: rank %d: WARNING: tcp %s%s%s:%d is not a loopback "
+              "address. Tensors and the token travel unencrypted, and "
+              "anyone who can reach this port can try tokens; bind "
+              "127.0.0.1 and tunnel (ssh -L) unless the network is "
+              "trusted.\n",
+              k->rank, l, o->tcp_host, r, port);
+  }
+  fflush(stdout);
+}
+
 int main(int argc, char **argv) {
   opts_t o;
-  int rank = 0, size = 1, rc, status = 1, sig = 0;
-  long job = 0;
-  char dir[PATH_MAX], path[PATH_MAX], state[PATH_MAX], msg[512];
-  svc_worker_t *worker = NULL;
-  svc_server_t *server = NULL;
-  svc_server_config_t sc;
-  sync_mpi_t sm;
-  int rec_held = 0;
+  rank_t k;
+  int rc, status = 1, sig = 0;
   uint8_t token[SVC_TOKEN_MAX];
   size_t token_len = 0;
 
@@ -415,147 +542,47 @@ int main(int argc, char **argv) {
     return rc == 1 ? 0 : 2;
   /* Before MPI starts, so that a bad token file ends the job with a usage
    * error rather than an abort. */
-  if (o.token_file != NULL && read_token(o.token_file, token, &token_len) != 0)
+  if (o.token_file != NULL &&
+      read_token(o.token_file, token, &token_len) != 0) {
+    fprintf(stderr, "syncbnd: %s\n", svc_last_error());
     return 2;
+  }
   /* Sockets and the directory must never be reachable by others,
    * whatever umask the job was started with. A client that vanishes
    * mid-write must not kill the worker. */
   umask(077);
   signal(SIGPIPE, SIG_IGN);
 
+  memset(&k, 0, sizeof k);
   MPI_Init(&argc, &argv);
-  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  MPI_Comm_size(MPI_COMM_WORLD, &size);
-  /* The ranks agree on one job name (rank 0's pid) so that the default
-   * directory is shared by the job and distinct between jobs. */
-  job = (long)getpid();
-  MPI_Bcast(&job, 1, MPI_LONG, 0, MPI_COMM_WORLD);
-  if (o.socket_dir != NULL) {
-    rc = snprintf(dir, sizeof dir, "%s", o.socket_dir);
-  } else {
-    const char *xdg = getenv("XDG_RUNTIME_DIR");
-    if (xdg != NULL && xdg[0] == '/')
-      rc = snprintf(dir, sizeof dir, "%s/syncbnd-%ld", xdg, job);
-    else
-      rc = snprintf(dir, sizeof dir, "/tmp/syncbnd-%u-%ld", (unsigned)geteuid(),
-                    job);
-  }
-  if (rc < 0 || (size_t)rc >= sizeof dir ||
-      snprintf(path, sizeof path, "%s/rank-%d.sock", dir, rank) >=
-          (int)sizeof path) {
-    fprintf(stderr, "syncbnd: rank %d: socket path too long\n", rank);
+  MPI_Comm_rank(MPI_COMM_WORLD, &k.rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &k.size);
+  if (socket_paths(&o, &k) != 0 || start_worker(&o, &k) != 0 ||
+      start_server(&o, &k, token, token_len) != 0 || start_sync(&o, &k) != 0) {
+    fprintf(stderr, "syncbnd: rank %d: %s\n", k.rank, svc_last_error());
     goto done;
   }
-  if (svc_socket_dir_prepare(dir, msg, sizeof msg) != 0) {
-    fprintf(stderr, "syncbnd: rank %d: %s\n", rank, msg);
-    goto done;
-  }
-  o.wc.rank = rank;
-  o.wc.size = size;
-  if (svc_worker_create(&o.wc, &worker) != 0) {
-    fprintf(stderr, "syncbnd: rank %d: cannot create the worker\n", rank);
-    goto done;
-  }
-  /* Checkpoints live in their own private directory, by default next to
-   * the sockets, so that a restarted job given the same --socket-dir finds
-   * them again. */
-  if (o.state_dir != NULL)
-    rc = snprintf(state, sizeof state, "%s", o.state_dir);
-  else
-    rc = snprintf(state, sizeof state, "%s-state", dir);
-  if (rc < 0 || (size_t)rc >= sizeof state ||
-      svc_worker_set_state_dir(worker, state) != 0) {
-    fprintf(stderr, "syncbnd: rank %d: state directory path too long\n", rank);
-    goto done;
-  }
-  if (svc_socket_dir_prepare(state, msg, sizeof msg) != 0) {
-    fprintf(stderr, "syncbnd: rank %d: --state-dir: %s\n", rank, msg);
-    goto done;
-  }
-  memset(&sc, 0, sizeof sc);
-  sc.socket_path = path;
-  sc.max_clients = o.wc.max_clients;
-  sc.max_output = o.wc.max_output;
-  sc.idle_timeout = o.wc.idle_timeout;
-  sc.frame_timeout = o.wc.frame_timeout;
-  sc.limits = o.wc.limits;
-  if (o.tcp != NULL) {
-    /* Rank r listens on PORT + r, so that the ranks of one host do not
-     * collide; PORT 0 lets each rank take any free port. */
-    if (o.tcp_port != 0 && o.tcp_port + (uint64_t)rank > 65535) {
-      fprintf(stderr,
-              "syncbnd: rank %d: --tcp %s: port %llu + rank %d is above "
-              "65535; choose a lower PORT\n",
-              rank, o.tcp, (unsigned long long)o.tcp_port, rank);
-      goto done;
-    }
-    sc.tcp_host = o.tcp_host;
-    sc.tcp_port = (uint16_t)(o.tcp_port != 0 ? o.tcp_port + (uint64_t)rank : 0);
-    sc.token = token;
-    sc.token_len = token_len;
-  }
-  rc = svc_server_create(&sc, worker, &server, msg, sizeof msg);
-  /* The server keeps its own copy. */
-  explicit_bzero(token, sizeof token);
-  if (rc != 0) {
-    fprintf(stderr, "syncbnd: rank %d: %s\n", rank, msg);
-    goto done;
-  }
-  memset(&sm, 0, sizeof sm);
-  sm.worker = worker;
-  sm.server = server;
-  MPI_Comm_dup(MPI_COMM_WORLD, &sm.comm);
-  if (sbn_mpi_rec_acquire(&sm.rec_type, &sm.rec_op) != 0) {
-    fprintf(stderr, "syncbnd: rank %d: %s\n", rank, sbn_last_error());
-    goto done;
-  }
-  rec_held = 1;
-  {
-    svc_sync_ops_t ops = {&sm, sync_gather_begin, sync_reduce_begin, sync_test};
-    svc_worker_set_sync(worker, &ops, o.stall_timeout, svc_server_deliver,
-                        server);
-  }
-  if (svc_server_set_tick(server, o.cycle_us, sync_tick, &sm) != 0) {
-    fprintf(stderr, "syncbnd: rank %d: cannot start the sync timer\n", rank);
-    goto done;
-  }
-  printf("syncbnd: rank %d ready on %s\n", rank, path);
-  {
-    int port, loopback;
-    if (svc_server_tcp_info(server, &port, &loopback) == 0) {
-      const char *l = strchr(o.tcp_host, ':') != NULL ? "[" : "";
-      const char *r = l[0] != '\0' ? "]" : "";
-      printf("syncbnd: rank %d listening on tcp %s%s%s:%d\n", rank, l,
-             o.tcp_host, r, port);
-      if (!loopback)
-        fprintf(stderr,
-                "syncbnd: rank %d: WARNING: tcp %s%s%s:%d is not a loopback "
-                "address. Tensors and the token travel unencrypted, and "
-                "anyone who can reach this port can try tokens; bind "
-                "127.0.0.1 and tunnel (ssh -L) unless the network is "
-                "trusted.\n",
-                rank, l, o.tcp_host, r, port);
-    }
-  }
-  fflush(stdout);
-  sig = svc_server_run(server);
+  print_ready(&o, &k);
+  sig = svc_server_run(k.server);
   if (sig != 0)
-    fprintf(stderr, "syncbnd: rank %d: signal %d, shutting down\n", rank, sig);
+    fprintf(stderr, "syncbnd: rank %d: signal %d, shutting down\n", k.rank,
+            sig);
   status = 0;
 done:
-  svc_server_destroy(server);
-  svc_worker_destroy(worker);
+  explicit_bzero(token, sizeof token);
+  svc_server_destroy(k.server);
+  svc_worker_destroy(k.worker);
+  /* Freeing the communicator is local (a collective in flight is
+   * abandoned with it), so a rank signalled on its own frees it too. */
+  sbn_comm_destroy(k.comm);
   if (status != 0) {
     /* One rank cannot serve: the job as a whole cannot either. */
     MPI_Abort(MPI_COMM_WORLD, 1);
   }
   /* Every rank gets the signal from mpirun; a rank signalled on its own
    * leaves without MPI_Finalize (which would wait for the others), and
-   * mpirun then ends the job. */
-  if (sig == 0) {
-    if (rec_held)
-      sbn_mpi_rec_release();
+   * mpirun then ends the whole job. */
+  if (sig == 0)
     MPI_Finalize();
-  }
   return status;
 }

@@ -61,6 +61,13 @@ sbn_comm_t *sbn_comm_local(void) {
   return &sbn__local_comm;
 }
 
+void sbn_comm_local_init(sbn_comm_t *c, int world_rank) {
+  c->vt = &sbn__local_vt;
+  c->rank = 0;
+  c->size = 1;
+  c->world_rank = world_rank;
+}
+
 int sbn_comm_allreduce(sbn_comm_t *comm, sbn_rec_t *recs, size_t n) {
   if (comm == NULL || comm->size <= 1)
     return 0;

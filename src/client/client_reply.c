@@ -107,13 +107,12 @@ int sbn__error_of(const msgpack_object *m, char *code, size_t ncode, char *msg,
 
 int sbn__reply_read(sbn_client_t *c, sbn__reply_t *p) {
   size_t len, off = 0;
-  svc_err_t err;
   int rc;
   memset(p, 0, sizeof *p);
   if ((rc = sbn__recv_frame(c, &p->body, &len)) != 0)
     return rc;
-  if (svc_scan(p->body, len, &sbn__reply_limits, &err) != 0) {
-    rc = sbn__fail(c, SBN_EFORMAT, "reply: %s", err.msg);
+  if (svc_scan(p->body, len, &sbn__reply_limits) != 0) {
+    rc = sbn__fail(c, SBN_EFORMAT, "reply: %s", svc_last_error());
     goto fail;
   }
   if (!msgpack_zone_init(&p->zone, 1024)) {
@@ -163,13 +162,12 @@ int sbn__decode_f32(sbn_client_t *c, const msgpack_object *root,
                     const char *key, const sbn_tensor_desc_t *want,
                     svc_tensor_t *t) {
   const msgpack_object *o = sbn__get(root, key);
-  svc_err_t err;
   memset(t, 0, sizeof *t);
   if (o == NULL)
     return sbn__fail(c, SBN_EFORMAT, "reply: no '%s'", key);
-  if (svc_decode_tensor(o, key, t, &err) != 0) {
+  if (svc_decode_tensor(o, key, t) != 0) {
     svc_tensor_free(t);
-    return sbn__fail(c, SBN_EFORMAT, "reply: %s", err.msg);
+    return sbn__fail(c, SBN_EFORMAT, "reply: %s", svc_last_error());
   }
   if (want != NULL && (t->desc.ndim != want->ndim ||
                        memcmp(t->desc.dims, want->dims,

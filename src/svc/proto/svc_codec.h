@@ -80,19 +80,21 @@ const char *svc_code_name(svc_code_t code);
 /* 1 if the server closes the connection after replying with code. */
 int svc_code_fatal(svc_code_t code);
 
-/* An error: a code and a message naming the offending key. */
-typedef struct svc_err_s {
-  svc_code_t code;
-  char msg[192];
-} svc_err_t;
-
-/* Sets err (if not NULL) and returns -1, so checks read
- * `return svc_fail(err, SVC_BAD_REQUEST, "step: ...")`. */
-int svc_fail(svc_err_t *err, svc_code_t code, const char *fmt, ...)
+/* The service's error convention, as the kernel library's: a function
+ * returns 0 or a negative service code (-SVC_BAD_REQUEST) and leaves a
+ * message naming the offending argument, read with svc_last_error().
+ * svc_set_error records code and message and returns -code, so checks
+ * read `return svc_set_error(SVC_BAD_REQUEST, "step: ...")`. The message
+ * is per thread, like sbn_last_error(). */
+int svc_set_error(svc_code_t code, const char *fmt, ...)
 #if defined(__GNUC__)
-    __attribute__((format(printf, 3, 4)))
+    __attribute__((format(printf, 2, 3)))
 #endif
     ;
+/* The message of the last svc_set_error on this thread ("" if none). */
+const char *svc_last_error(void);
+/* The code of a negative return value (INTERNAL for anything else). */
+svc_code_t svc_code_of(int rc);
 
 typedef struct svc_limits_s {
   uint32_t max_frame;   /* body bytes after the 4-byte header */
@@ -109,13 +111,12 @@ void svc_limits_default(svc_limits_t *lim);
 /* Reads a 4-byte big-endian header. Fails with FRAME_TOO_LARGE above
  * lim->max_frame and BAD_FRAME for zero. */
 int svc_frame_len(const uint8_t hdr[SVC_HEADER_BYTES], const svc_limits_t *lim,
-                  uint32_t *len, svc_err_t *err);
+                  uint32_t *len);
 
 /* Checks that body[0..len) is exactly one msgpack object, a map at the
  * root, within the nesting and object limits, with every declared length
  * and count fitting the remaining bytes. Allocates nothing. */
-int svc_scan(const uint8_t *body, size_t len, const svc_limits_t *lim,
-             svc_err_t *err);
+int svc_scan(const uint8_t *body, size_t len, const svc_limits_t *lim);
 
 /* ------------------------------------------------------------------ */
 /* Requests */
@@ -133,7 +134,8 @@ typedef enum {
   SVC_OP_SET_STATE,
   SVC_OP_CHECKPOINT_SAVE,
   SVC_OP_CHECKPOINT_LOAD,
-  SVC_OP_METRICS
+  SVC_OP_METRICS,
+  SVC_OP_COUNT /* the number of ops: sizes per-op tables */
 } svc_op_t;
 
 /* Wire name of an op ("forward"); NULL past the last one. */
@@ -221,12 +223,12 @@ typedef struct svc_request_s {
  * but req->id is filled whenever the frame carried an integer id, so the
  * error reply can echo it. */
 int svc_decode_request(const uint8_t *body, size_t len, const svc_limits_t *lim,
-                       svc_request_t *req, svc_err_t *err);
+                       svc_request_t *req);
 void svc_request_free(svc_request_t *req);
 
 /* ------------------------------------------------------------------ */
 /* Replies: each returns a malloc'ed frame (header included) in *out and
- * its size in *out_len, or -1 with err set (out of memory). */
+ * its size in *out_len, or -SVC_RESOURCE (out of memory). */
 
 int svc_encode_error(const svc_id_t *id, svc_code_t code, const char *message,
                      uint8_t **out, size_t *out_len);
@@ -264,7 +266,7 @@ int svc_encode_batch(const svc_id_t *id, uint8_t *const *subs,
 /* A reply of any shape, for ops whose keys vary: begin with the number of
  * keys besides id, then for each key svc_reply_key() and one packed value
  * (through r->pk, svc_pack_tensor or svc_pack_vec64), then end. Any
- * failure along the way makes end return -1 and free everything. */
+ * failure along the way makes end return -SVC_RESOURCE and free everything. */
 typedef struct svc_reply_s {
   struct svc__reply_impl_s *impl;
   struct msgpack_packer *pk;
@@ -276,7 +278,9 @@ void svc_reply_key(svc_reply_t *r, const char *key);
 int svc_reply_end(svc_reply_t *r, uint8_t **out, size_t *out_len);
 
 /* ------------------------------------------------------------------ */
-/* Shared by the client: packing a tensor map and reading one back. */
+/* Shared by the client: packing a tensor map and reading one back. The
+ * packers return 0 or -SVC_RESOURCE (a failed write); callers often OR
+ * them with msgpack-c's own returns and test the sum for nonzero. */
 
 struct msgpack_packer;
 struct msgpack_object;
@@ -286,7 +290,7 @@ int svc_pack_tensor(struct msgpack_packer *pk, const sbn_tensor_desc_t *desc,
 /* Decodes a tensor map into t (data copied and owned by t). what names
  * the key in messages. */
 int svc_decode_tensor(const struct msgpack_object *o, const char *what,
-                      svc_tensor_t *t, svc_err_t *err);
+                      svc_tensor_t *t);
 void svc_tensor_free(svc_tensor_t *t);
 /* Packs a 1-D f64 tensor {dtype: "f64", shape: [n], data, layout}. */
 int svc_pack_vec64(struct msgpack_packer *pk, const double *v, size_t n);

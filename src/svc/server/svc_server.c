@@ -2,6 +2,8 @@
 #define _GNU_SOURCE /* struct ucred for SO_PEERCRED, explicit_bzero */
 #include "svc_server.h"
 
+#include "svc_server_int.h"
+
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netdb.h>
@@ -82,51 +84,6 @@ typedef struct svc__write_s {
   uv_write_t req;
   uint8_t *buf;
 } svc__write_t;
-
-static void svc__msg(char *msg, size_t n, const char *fmt, ...) {
-  va_list ap;
-  if (msg == NULL || n == 0)
-    return;
-  va_start(ap, fmt);
-  vsnprintf(msg, n, fmt, ap);
-  va_end(ap);
-}
-
-int svc_socket_dir_prepare(const char *dir, char *msg, size_t msglen) {
-  struct stat st;
-  if (mkdir(dir, 0700) != 0 && errno != EEXIST) {
-    svc__msg(msg, msglen, "socket dir %s: cannot create: %s", dir,
-             strerror(errno));
-    return -1;
-  }
-  if (lstat(dir, &st) != 0) {
-    svc__msg(msg, msglen, "socket dir %s: %s", dir, strerror(errno));
-    return -1;
-  }
-  if (S_ISLNK(st.st_mode)) {
-    svc__msg(msg, msglen, "socket dir %s: is a symlink; refusing it", dir);
-    return -1;
-  }
-  if (!S_ISDIR(st.st_mode)) {
-    svc__msg(msg, msglen, "socket dir %s: not a directory", dir);
-    return -1;
-  }
-  if (st.st_uid != geteuid()) {
-    svc__msg(msg, msglen,
-             "socket dir %s: owned by uid %u, not by this user (uid %u); "
-             "refusing it",
-             dir, (unsigned)st.st_uid, (unsigned)geteuid());
-    return -1;
-  }
-  if ((st.st_mode & 077) != 0) {
-    svc__msg(msg, msglen,
-             "socket dir %s: mode %03o is open to group or others; "
-             "refusing it (chmod 700)",
-             dir, (unsigned)(st.st_mode & 0777));
-    return -1;
-  }
-  return 0;
-}
 
 /* ------------------------------------------------------------------ */
 /* Connections */
@@ -256,7 +213,6 @@ static int svc__token_equal(const svc_server_t *s, const uint8_t *tok,
 static int svc__authenticate(svc__conn_t *c, const uint8_t *body, size_t len) {
   svc_server_t *s = c->srv;
   svc_request_t *req;
-  svc_err_t err;
   const char *why = NULL;
   svc_id_t id;
   /* A request holds a token buffer; it goes on the heap rather than on
@@ -264,9 +220,9 @@ static int svc__authenticate(svc__conn_t *c, const uint8_t *body, size_t len) {
   req = malloc(sizeof *req);
   if (req == NULL) {
     svc__fail_conn(c, SVC_RESOURCE, "connection: out of memory");
-    return -1;
+    return -SVC_RESOURCE;
   }
-  if (svc_decode_request(body, len, &s->cfg.limits, req, &err) != 0) {
+  if (svc_decode_request(body, len, &s->cfg.limits, req) != 0) {
     id = req->id;
     why =
         "authentication: the first request on a TCP connection must be a "
@@ -287,7 +243,7 @@ static int svc__authenticate(svc__conn_t *c, const uint8_t *body, size_t len) {
   free(req);
   if (why != NULL) {
     svc__fail_conn_id(c, &id, SVC_UNAUTHORIZED, why);
-    return -1;
+    return -SVC_UNAUTHORIZED;
   }
   c->authed = 1;
   return 0;
@@ -415,7 +371,7 @@ static void svc__feed(svc__conn_t *c, const uint8_t *p, size_t n) {
     }
     if (c->body == NULL) {
       size_t take = SVC_HEADER_BYTES - c->hdr_have;
-      svc_err_t err;
+      int rc;
       if (take > n)
         take = n;
       memcpy(c->hdr + c->hdr_have, p, take);
@@ -425,8 +381,9 @@ static void svc__feed(svc__conn_t *c, const uint8_t *p, size_t n) {
       if (c->hdr_have < SVC_HEADER_BYTES)
         break;
       /* The length is checked before a single body byte is buffered. */
-      if (svc_frame_len(c->hdr, &c->srv->cfg.limits, &c->body_len, &err) != 0) {
-        svc__fail_conn(c, err.code, err.msg);
+      if ((rc = svc_frame_len(c->hdr, &c->srv->cfg.limits, &c->body_len)) !=
+          0) {
+        svc__fail_conn(c, svc_code_of(rc), svc_last_error());
         return;
       }
       if (!c->authed && c->body_len > SVC_PREAUTH_FRAME_MAX) {
@@ -579,40 +536,6 @@ static void svc__on_signal(uv_signal_t *h, int signum) {
   svc__shutdown(s);
 }
 
-/* An existing socket file is replaced only if nobody answers on it: that
- * is a worker that died without removing it. */
-static int svc__clear_stale(const char *path, char *msg, size_t msglen) {
-  struct stat st;
-  struct sockaddr_un a;
-  int fd, rc;
-  if (lstat(path, &st) != 0)
-    return errno == ENOENT ? 0 : -1;
-  if (!S_ISSOCK(st.st_mode)) {
-    svc__msg(msg, msglen, "socket %s: exists and is not a socket", path);
-    return -1;
-  }
-  fd = socket(AF_UNIX, SOCK_STREAM, 0);
-  if (fd < 0) {
-    svc__msg(msg, msglen, "socket: %s", strerror(errno));
-    return -1;
-  }
-  memset(&a, 0, sizeof a);
-  a.sun_family = AF_UNIX;
-  memcpy(a.sun_path, path, strlen(path) + 1);
-  rc = connect(fd, (struct sockaddr *)&a, sizeof a);
-  close(fd);
-  if (rc == 0) {
-    svc__msg(msg, msglen, "socket %s: another worker is listening on it", path);
-    return -1;
-  }
-  if (unlink(path) != 0) {
-    svc__msg(msg, msglen, "socket %s: cannot remove stale socket: %s", path,
-             strerror(errno));
-    return -1;
-  }
-  return 0;
-}
-
 static int svc__is_loopback(const struct sockaddr *sa) {
   if (sa->sa_family == AF_INET) {
     const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
@@ -628,7 +551,7 @@ static int svc__is_loopback(const struct sockaddr *sa) {
 
 /* Resolves host (a literal or a name) and listens on the first address
  * that binds. */
-static int svc__tcp_listen(svc_server_t *s, char *msg, size_t msglen) {
+static int svc__tcp_listen(svc_server_t *s) {
   struct addrinfo hints, *res = NULL, *ai;
   struct sockaddr_storage bound;
   int namelen = (int)sizeof bound;
@@ -641,9 +564,8 @@ static int svc__tcp_listen(svc_server_t *s, char *msg, size_t msglen) {
   snprintf(port, sizeof port, "%u", (unsigned)s->cfg.tcp_port);
   gai = getaddrinfo(s->cfg.tcp_host, port, &hints, &res);
   if (gai != 0) {
-    svc__msg(msg, msglen, "tcp %s: cannot resolve: %s", s->cfg.tcp_host,
-             gai_strerror(gai));
-    return -1;
+    return svc_set_error(SVC_BAD_PARAMS, "tcp %s: cannot resolve: %s",
+                         s->cfg.tcp_host, gai_strerror(gai));
   }
   for (ai = res; ai != NULL; ai = ai->ai_next) {
     if ((rc = uv_tcp_init(&s->loop, &s->tcp_listener)) != 0)
@@ -663,16 +585,14 @@ static int svc__tcp_listen(svc_server_t *s, char *msg, size_t msglen) {
   }
   freeaddrinfo(res);
   if (rc != 0) {
-    svc__msg(msg, msglen, "tcp %s port %u: %s", s->cfg.tcp_host,
-             (unsigned)s->cfg.tcp_port, uv_strerror(rc));
-    return -1;
+    return svc_set_error(SVC_BAD_PARAMS, "tcp %s port %u: %s", s->cfg.tcp_host,
+                         (unsigned)s->cfg.tcp_port, uv_strerror(rc));
   }
   memset(&bound, 0, sizeof bound);
   if ((rc = uv_tcp_getsockname(&s->tcp_listener, (struct sockaddr *)&bound,
                                &namelen)) != 0) {
-    svc__msg(msg, msglen, "tcp %s: getsockname: %s", s->cfg.tcp_host,
-             uv_strerror(rc));
-    return -1;
+    return svc_set_error(SVC_BAD_PARAMS, "tcp %s: getsockname: %s",
+                         s->cfg.tcp_host, uv_strerror(rc));
   }
   s->tcp_port = bound.ss_family == AF_INET6
                     ? ntohs(((struct sockaddr_in6 *)&bound)->sin6_port)
@@ -683,27 +603,26 @@ static int svc__tcp_listen(svc_server_t *s, char *msg, size_t msglen) {
 
 int svc_server_tcp_info(const svc_server_t *s, int *port, int *loopback) {
   if (!s->tcp_listening)
-    return -1;
+    return svc_set_error(SVC_BAD_PARAMS, "tcp: the server has no listener");
   *port = s->tcp_port;
   *loopback = s->tcp_loopback;
   return 0;
 }
 
 int svc_server_create(const svc_server_config_t *cfg, svc_worker_t *worker,
-                      svc_server_t **out, char *msg, size_t msglen) {
+                      svc_server_t **out) {
   svc_server_t *s = NULL;
   struct sockaddr_un a;
-  int rc;
+  int rc, err;
   *out = NULL;
   if (strlen(cfg->socket_path) >= sizeof a.sun_path) {
-    svc__msg(msg, msglen, "socket %s: path longer than %zu bytes",
-             cfg->socket_path, sizeof a.sun_path - 1);
-    return -1;
+    return svc_set_error(SVC_BAD_PARAMS,
+                         "socket %s: path longer than %zu bytes",
+                         cfg->socket_path, sizeof a.sun_path - 1);
   }
   s = calloc(1, sizeof *s);
   if (s == NULL) {
-    svc__msg(msg, msglen, "server: out of memory");
-    return -1;
+    return svc_set_error(SVC_RESOURCE, "server: out of memory");
   }
   s->cfg = *cfg;
   s->cfg.token = NULL;
@@ -711,8 +630,9 @@ int svc_server_create(const svc_server_config_t *cfg, svc_worker_t *worker,
   if (cfg->tcp_host != NULL) {
     if (cfg->token == NULL || cfg->token_len == 0 ||
         cfg->token_len > SVC_TOKEN_MAX) {
-      svc__msg(msg, msglen, "tcp: a token of 1 to %d bytes is required",
-               SVC_TOKEN_MAX);
+      err = svc_set_error(SVC_BAD_PARAMS,
+                          "tcp: a token of 1 to %d bytes is required",
+                          SVC_TOKEN_MAX);
       goto fail;
     }
     memcpy(s->token, cfg->token, cfg->token_len);
@@ -720,26 +640,27 @@ int svc_server_create(const svc_server_config_t *cfg, svc_worker_t *worker,
   }
   s->path = strdup(cfg->socket_path);
   if (s->path == NULL) {
-    svc__msg(msg, msglen, "server: out of memory");
+    err = svc_set_error(SVC_RESOURCE, "server: out of memory");
     goto fail;
   }
   s->cfg.socket_path = s->path;
   if ((rc = uv_loop_init(&s->loop)) != 0) {
-    svc__msg(msg, msglen, "uv_loop_init: %s", uv_strerror(rc));
+    err = svc_set_error(SVC_INTERNAL, "uv_loop_init: %s", uv_strerror(rc));
     goto fail;
   }
   s->loop_ok = 1;
   /* TCP first: trying the next address runs the loop to close the handle
    * that failed, and no other handle should be live then. */
-  if (s->cfg.tcp_host != NULL && svc__tcp_listen(s, msg, msglen) != 0)
+  if (s->cfg.tcp_host != NULL && (err = svc__tcp_listen(s)) != 0)
     goto fail;
-  if (svc__clear_stale(s->path, msg, msglen) != 0)
+  if ((err = svc__socket_clear_stale(s->path)) != 0)
     goto fail;
   uv_pipe_init(&s->loop, &s->listener, 0);
   s->listener.data = s;
   s->listening = 1;
   if ((rc = uv_pipe_bind(&s->listener, s->path)) != 0) {
-    svc__msg(msg, msglen, "socket %s: bind: %s", s->path, uv_strerror(rc));
+    err = svc_set_error(SVC_BAD_PARAMS, "socket %s: bind: %s", s->path,
+                        uv_strerror(rc));
     goto fail;
   }
   s->bound = 1;
@@ -748,7 +669,8 @@ int svc_server_create(const svc_server_config_t *cfg, svc_worker_t *worker,
   chmod(s->path, 0600);
   if ((rc = uv_listen((uv_stream_t *)&s->listener, 128, svc__on_connection)) !=
       0) {
-    svc__msg(msg, msglen, "socket %s: listen: %s", s->path, uv_strerror(rc));
+    err = svc_set_error(SVC_BAD_PARAMS, "socket %s: listen: %s", s->path,
+                        uv_strerror(rc));
     goto fail;
   }
   uv_signal_init(&s->loop, &s->sigint);
@@ -761,7 +683,7 @@ int svc_server_create(const svc_server_config_t *cfg, svc_worker_t *worker,
   return 0;
 fail:
   svc_server_destroy(s);
-  return -1;
+  return err;
 }
 
 static void svc__on_tick(uv_timer_t *t) {
@@ -772,15 +694,17 @@ static void svc__on_tick(uv_timer_t *t) {
 int svc_server_set_tick(svc_server_t *s, uint64_t period_us,
                         void (*fn)(void *arg), void *arg) {
   uint64_t ms = (period_us + 999) / 1000;
+  int rc;
   if (s->ticking)
-    return -1;
+    return svc_set_error(SVC_BAD_PARAMS, "tick: already set");
   s->tick_fn = fn;
   s->tick_arg = arg;
   uv_timer_init(&s->loop, &s->tick);
   s->tick.data = s;
   s->ticking = 1;
-  return uv_timer_start(&s->tick, svc__on_tick, ms, ms > 0 ? ms : 1) == 0 ? 0
-                                                                          : -1;
+  if ((rc = uv_timer_start(&s->tick, svc__on_tick, ms, ms > 0 ? ms : 1)) != 0)
+    return svc_set_error(SVC_INTERNAL, "tick: %s", uv_strerror(rc));
+  return 0;
 }
 
 uv_loop_t *svc_server_loop(svc_server_t *s) {

@@ -58,8 +58,9 @@ typedef struct svc_server_config_s {
 
 /* Creates dir with mode 0700 if it is missing, then checks that it is a
  * directory (not a symlink), owned by the effective uid, and closed to
- * group and others. Returns 0 or -1 with a message in msg. */
-int svc_socket_dir_prepare(const char *dir, char *msg, size_t msglen);
+ * group and others. Returns 0 or -SVC_BAD_PARAMS (svc_last_error() says
+ * why). */
+int svc_socket_dir_prepare(const char *dir);
 
 typedef struct svc_server_s svc_server_t;
 
@@ -67,12 +68,13 @@ typedef struct svc_server_s svc_server_t;
  * worker is replaced; a live one or any other file is an error), and on
  * cfg->tcp_host:tcp_port when tcp_host is set, and
  * installs SIGINT/SIGTERM handlers on a new loop. The worker is borrowed
- * and must outlive the server. Returns 0 or -1 with a message in msg. */
+ * and must outlive the server. Returns 0 or a negative service code
+ * (svc_last_error() says why). */
 int svc_server_create(const svc_server_config_t *cfg, svc_worker_t *worker,
-                      svc_server_t **out, char *msg, size_t msglen);
+                      svc_server_t **out);
 /* The TCP listener's bound port, and whether its address is a loopback
  * one (127.0.0.0/8, ::1 or ::ffff:127.0.0.0/104), for the caller's
- * messages. Returns -1 when there is no TCP listener. */
+ * messages. Returns -SVC_BAD_PARAMS when there is no TCP listener. */
 int svc_server_tcp_info(const svc_server_t *s, int *port, int *loopback);
 /* The loop, for later parts that add their own handles to it. */
 uv_loop_t *svc_server_loop(svc_server_t *s);

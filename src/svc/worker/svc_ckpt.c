@@ -98,7 +98,7 @@ static int svc__plan(const svc_worker_t *w, uint32_t n, svc__ckpt_plan_t *pl) {
   if (pl->off == NULL || pl->gs == NULL || pl->ng == NULL || pl->alen == NULL ||
       pl->slen == NULL) {
     svc__plan_free(pl);
-    return -1;
+    return svc_set_error(SVC_RESOURCE, "checkpoint: out of memory");
   }
   pl->total = 1; /* the status */
   pl->fp = svc__fnv(1469598103934665603ull, &n, sizeof n);
@@ -165,10 +165,11 @@ static void svc__fill_own(const svc_worker_t *w, const svc__ckpt_plan_t *pl,
   }
 }
 
-/* Rank 0: the whole vector as a checkpoint, written to path. */
+/* Rank 0: the whole vector as a checkpoint, written to path. Returns 0 or
+ * the library's code with its message (sbn_last_error()): rank 0's status
+ * travels to every rank as such a code. */
 static int svc__write(const svc_worker_t *w, const svc__ckpt_plan_t *pl,
-                      const sbn_rec_t *recs, const char *path, char *msg,
-                      size_t msglen) {
+                      const sbn_rec_t *recs, const char *path) {
   sbn_ckpt_t *ck = NULL;
   float *buf = NULL;
   sbn_ckpt_group_t *groups = NULL;
@@ -182,12 +183,11 @@ static int svc__write(const svc_worker_t *w, const svc__ckpt_plan_t *pl,
   buf = malloc((most + 1) * sizeof *buf);
   groups = calloc(most_g + 1, sizeof *groups);
   if (buf == NULL || groups == NULL) {
-    rc = SBN_ENOMEM;
-    snprintf(msg, msglen, "checkpoint_save: out of memory");
+    rc = sbn_set_error(SBN_ENOMEM, "checkpoint_save: out of memory");
     goto fail;
   }
   if ((rc = sbn_ckpt_new(&ck)) != 0)
-    goto lib_fail;
+    goto fail;
   for (uint32_t i = 0; i < pl->n; i++) {
     const svc__layer_t *l = w->layers[i];
     sbn_ckpt_layer_t in;
@@ -218,16 +218,9 @@ static int svc__write(const svc_worker_t *w, const svc__ckpt_plan_t *pl,
     in.num_groups = pl->ng[i];
     in.groups = pl->ng[i] > 0 ? groups : NULL;
     if ((rc = sbn_ckpt_add(ck, &in)) != 0)
-      goto lib_fail;
+      goto fail;
   }
-  if ((rc = sbn_ckpt_save(ck, path)) != 0)
-    goto lib_fail;
-  sbn_ckpt_free(ck);
-  free(buf);
-  free(groups);
-  return 0;
-lib_fail:
-  snprintf(msg, msglen, "%s", sbn_last_error());
+  rc = sbn_ckpt_save(ck, path);
 fail:
   sbn_ckpt_free(ck);
   free(buf);
@@ -236,21 +229,19 @@ fail:
 }
 
 /* Rank 0 of a load: reads path, checks that it describes exactly this
- * worker's layers, and writes its contents into the vector. */
+ * worker's layers, and writes its contents into the vector. Returns as
+ * svc__write. */
 static int svc__read(const svc_worker_t *w, const svc__ckpt_plan_t *pl,
-                     sbn_rec_t *recs, const char *path, const char *name,
-                     char *msg, size_t msglen) {
+                     sbn_rec_t *recs, const char *path, const char *name) {
   sbn_ckpt_t *ck = NULL;
   int rc = sbn_ckpt_load(path, &ck);
-  if (rc != 0) {
-    snprintf(msg, msglen, "%s", sbn_last_error());
+  if (rc != 0)
     return rc;
-  }
-  rc = SBN_EFORMAT;
   if (sbn_ckpt_count(ck) != pl->n) {
-    snprintf(msg, msglen,
-             "checkpoint_load: %s holds %zu layers, the worker has %u", name,
-             sbn_ckpt_count(ck), pl->n);
+    rc = sbn_set_error(SBN_EFORMAT,
+                       "checkpoint_load: %s holds %zu layers, the worker has "
+                       "%u",
+                       name, sbn_ckpt_count(ck), pl->n);
     goto done;
   }
   for (uint32_t i = 0; i < pl->n; i++) {
@@ -258,17 +249,18 @@ static int svc__read(const svc_worker_t *w, const svc__ckpt_plan_t *pl,
     const sbn_ckpt_layer_t *f = sbn_ckpt_find(ck, l->name);
     size_t o = pl->off[i], a = pl->alen[i], s = pl->slen[i];
     if (f == NULL) {
-      snprintf(msg, msglen, "checkpoint_load: layer '%s' is not in %s", l->name,
-               name);
+      rc =
+          sbn_set_error(SBN_EFORMAT, "checkpoint_load: layer '%s' is not in %s",
+                        l->name, name);
       goto done;
     }
     if (!svc__lib_params_equal(&f->params, &l->params) ||
         f->group_size != pl->gs[i] || f->affine_len != a || f->stats_len != s ||
         f->num_groups != pl->ng[i]) {
-      snprintf(msg, msglen,
-               "checkpoint_load: layer '%s' in %s has other parameters, "
-               "group size or number of groups",
-               l->name, name);
+      rc = sbn_set_error(SBN_EFORMAT,
+                         "checkpoint_load: layer '%s' in %s has other "
+                         "parameters, group size or number of groups",
+                         l->name, name);
       goto done;
     }
     for (size_t k = 0; k < a; k++) {
@@ -279,8 +271,9 @@ static int svc__read(const svc_worker_t *w, const svc__ckpt_plan_t *pl,
     for (uint32_t g = 0; g < pl->ng[i]; g++) {
       const sbn_ckpt_group_t *gr = sbn_ckpt_group(f, g);
       if (gr == NULL) {
-        snprintf(msg, msglen, "checkpoint_load: layer '%s' lacks group %u",
-                 l->name, g);
+        rc = sbn_set_error(SBN_EFORMAT,
+                           "checkpoint_load: layer '%s' lacks group %u",
+                           l->name, g);
         goto done;
       }
       *svc__val(recs, o) = (double)gr->state.num_batches_tracked;
@@ -362,7 +355,8 @@ static void svc__ckpt_finish(svc_worker_t *w, svc__pend_t *p, int rc) {
 
 static void svc__status_done(svc_worker_t *w, svc__pend_t *p,
                              const sbn_rec_t *recs) {
-  svc__ckpt_finish(w, p, (int)recs[0].v[0]);
+  if (recs != NULL)
+    svc__ckpt_finish(w, p, (int)recs[0].v[0]);
 }
 
 /* A new entry that carries the status of rank 0's write to every rank
@@ -374,41 +368,48 @@ static void svc__save_done(svc_worker_t *w, svc__pend_t *p,
   svc__ckpt_plan_t pl;
   svc__pend_t *s;
   char path[4096 + SVC_NAME_MAX + 2];
+  if (recs == NULL)
+    return;
   if (w->cfg.rank == 0) {
     if (svc__plan(w, c->nlayers, &pl) != 0) {
-      c->rc = SBN_ENOMEM;
-      snprintf(c->msg, sizeof c->msg, "checkpoint_save: out of memory");
+      c->rc = sbn_set_error(SBN_ENOMEM, "checkpoint_save: out of memory");
     } else {
       snprintf(path, sizeof path, "%s/%s", w->state_dir, c->name);
-      c->rc = svc__write(w, &pl, recs, path, c->msg, sizeof c->msg);
+      c->rc = svc__write(w, &pl, recs, path);
       svc__plan_free(&pl);
     }
+    /* The message waits for the status round. */
+    if (c->rc != 0)
+      snprintf(c->msg, sizeof c->msg, "%s", sbn_last_error());
   }
   if (!w->sync_on) {
     svc__ckpt_finish(w, p, c->rc);
     return;
   }
-  s = svc__pend_alloc(w, p->name, p->step, SVC__CKPT_STATUS, 1, p->token);
+  s = svc__pend_alloc(w, p->name, p->step, SVC__CKPT_STATUS, 1, SBN_REC_SUM);
   if (s == NULL) {
     /* The other ranks will wait for this status and report a stall. */
     svc__pend_reply_error(w, p, SVC_RESOURCE, "checkpoint_save: out of memory");
     return;
   }
   s->fp = p->fp;
-  s->recs[0].tag = SBN_REC_SUM;
   s->recs[0].v[0] = w->cfg.rank == 0 ? c->rc : 0;
   s->q.id = p->q.id;
+  snprintf(s->what, sizeof s->what, "%s", p->what);
   s->ctx = c;
   p->ctx = NULL;
   s->done = svc__status_done;
-  svc__pend_add(w, s);
+  svc__pend_chain(w, p, s);
 }
 
 static void svc__load_done(svc_worker_t *w, svc__pend_t *p,
                            const sbn_rec_t *recs) {
   const svc__ckpt_ctx_t *c = p->ctx;
   svc__ckpt_plan_t pl;
-  int rc = (int)recs[0].v[0];
+  int rc;
+  if (recs == NULL)
+    return;
+  rc = (int)recs[0].v[0];
   if (rc == 0) {
     if (svc__plan(w, c->nlayers, &pl) != 0) {
       svc__pend_reply_error(w, p, SVC_RESOURCE,
@@ -422,88 +423,93 @@ static void svc__load_done(svc_worker_t *w, svc__pend_t *p,
   svc__ckpt_finish(w, p, rc);
 }
 
-int svc__checkpoint(svc_worker_t *w, svc_request_t *q, void *token,
-                    int *deferred, uint8_t **reply, size_t *reply_len,
-                    svc_err_t *err) {
-  int load = q->op == SVC_OP_CHECKPOINT_LOAD;
+/* What a checkpoint request may be refused for before anything is
+ * allocated. */
+static int svc__ckpt_check(const svc_worker_t *w, const svc_request_t *q,
+                           const char *op) {
+  if (w->state_dir[0] == '\0')
+    return svc_set_error(SVC_BAD_PARAMS,
+                         "%s: this worker has no state directory "
+                         "(--state-dir)",
+                         op);
+  /* A name, never a path: no client can make the worker touch a file
+   * outside its state directory. */
+  if (sbn_ckpt_name_check(q->reg.name) != 0)
+    return svc_set_error(SVC_BAD_PARAMS, "name: %s", sbn_last_error());
+  if (!w->sync_on && w->cfg.size != 1)
+    return svc_set_error(SVC_NOT_YET,
+                         "%s: a job of several ranks needs the cross-rank "
+                         "transport",
+                         op);
+  return 0;
+}
+
+/* This rank's records of the request: a save writes the values it owns;
+ * rank 0 of a load reads the file, and sends its status either way. */
+static void svc__ckpt_fill(svc_worker_t *w, const svc__ckpt_plan_t *pl,
+                           svc__pend_t *p) {
+  svc__ckpt_ctx_t *c = p->ctx;
+  char path[4096 + SVC_NAME_MAX + 2];
+  if (!c->load) {
+    svc__fill_own(w, pl, p->recs);
+    return;
+  }
+  if (w->cfg.rank != 0)
+    return;
+  snprintf(path, sizeof path, "%s/%s", w->state_dir, c->name);
+  c->rc = svc__read(w, pl, p->recs, path, c->name);
+  if (c->rc != 0) {
+    snprintf(c->msg, sizeof c->msg, "%s", sbn_last_error());
+    for (size_t i = 0; i < p->nrec; i++)
+      p->recs[i].v[0] = p->recs[i].v[1] = p->recs[i].v[2] = 0;
+  }
+  p->recs[0].v[0] = c->rc;
+}
+
+int svc__cmd_checkpoint(svc__call_t *call) {
+  svc_worker_t *w = call->w;
+  const svc_request_t *q = call->q;
+  int load = q->op == SVC_OP_CHECKPOINT_LOAD, rc;
   const char *op = load ? "checkpoint_load" : "checkpoint_save";
   svc__ckpt_plan_t pl;
   svc__ckpt_ctx_t *c = NULL;
   svc__pend_t *p = NULL;
-  char path[4096 + SVC_NAME_MAX + 2];
-  (void)reply;
-  (void)reply_len;
-  if (w->state_dir[0] == '\0')
-    return svc_fail(err, SVC_BAD_PARAMS,
-                    "%s: this worker has no state directory (--state-dir)", op);
-  /* A name, never a path: no client can make the worker touch a file
-   * outside its state directory. */
-  if (sbn_ckpt_name_check(q->reg.name) != 0)
-    return svc_fail(err, SVC_BAD_PARAMS, "name: %s", sbn_last_error());
-  if (!w->sync_on && w->cfg.size != 1)
-    return svc_fail(err, SVC_NOT_YET,
-                    "%s: a job of several ranks needs the cross-rank "
-                    "transport",
-                    op);
+  if ((rc = svc__ckpt_check(w, q, op)) != 0)
+    return rc;
   if (svc__plan(w, w->nlayers, &pl) != 0)
-    return svc_fail(err, SVC_RESOURCE, "%s: out of memory", op);
+    return svc_set_error(SVC_RESOURCE, "%s: out of memory", op);
   c = calloc(1, sizeof *c);
   p = svc__pend_alloc(w, svc__hash_name(q->reg.name) ^ 0x636b7074ull,
                       w->ckpt_seq, load ? SVC__CKPT_LOAD : SVC__CKPT_SAVE,
-                      (pl.total + 2) / 3, token);
+                      (pl.total + 2) / 3, SBN_REC_SUM);
   if (c == NULL || p == NULL) {
     free(c);
     svc__pend_free(p);
     svc__plan_free(&pl);
-    return svc_fail(err, SVC_RESOURCE, "%s: out of memory", op);
+    return svc_set_error(SVC_RESOURCE, "%s: out of memory", op);
   }
   w->ckpt_seq++;
   c->load = load;
   c->nlayers = w->nlayers;
   snprintf(c->name, sizeof c->name, "%s", q->reg.name);
+  snprintf(p->what, sizeof p->what, "checkpoint");
   p->ctx = c;
   p->fp = pl.fp;
   p->q.id = q->id;
   p->done = load ? svc__load_done : svc__save_done;
-  for (size_t i = 0; i < p->nrec; i++)
-    p->recs[i].tag = SBN_REC_SUM;
-  if (load && w->cfg.rank == 0) {
-    snprintf(path, sizeof path, "%s/%s", w->state_dir, c->name);
-    c->rc = svc__read(w, &pl, p->recs, path, c->name, c->msg, sizeof c->msg);
-    if (c->rc != 0)
-      for (size_t i = 0; i < p->nrec; i++)
-        p->recs[i].v[0] = p->recs[i].v[1] = p->recs[i].v[2] = 0;
-    p->recs[0].v[0] = c->rc;
-  } else if (!load) {
-    svc__fill_own(w, &pl, p->recs);
-  }
+  svc__ckpt_fill(w, &pl, p);
   svc__plan_free(&pl);
-  if (!w->sync_on) {
-    /* A worker alone: its records are already the job's. The reply comes
-     * back through a batch-less direct path. */
-    uint8_t *buf = NULL;
-    size_t len = 0;
-    svc__batch_t one;
-    uint8_t *slot = NULL;
-    size_t slot_len = 0;
-    memset(&one, 0, sizeof one);
-    one.n = 1;
-    one.left = 2;
-    one.reply = &slot;
-    one.len = &slot_len;
-    p->batch = &one;
-    p->slot = 0;
-    p->done(w, p, p->recs);
-    buf = slot;
-    len = slot_len;
-    svc__pend_free(p);
-    if (buf == NULL)
-      return svc_fail(err, SVC_RESOURCE, "%s: out of memory", op);
-    *reply = buf;
-    *reply_len = len;
+  if (w->sync_on) {
+    svc__pend_queue(call, p);
     return 0;
   }
-  svc__pend_add(w, p);
-  *deferred = 1;
+  /* A worker alone: its records are already the job's, and the entry
+   * completes at once, its reply going straight into the call's. */
+  p->direct = &call->reply;
+  p->direct_len = &call->reply_len;
+  p->done(w, p, p->recs);
+  svc__pend_free(p);
+  if (call->reply == NULL)
+    return svc_set_error(SVC_RESOURCE, "%s: out of memory", op);
   return 0;
 }

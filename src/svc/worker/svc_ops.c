@@ -12,16 +12,17 @@
 /* ------------------------------------------------------------------ */
 /* get_state */
 
-int svc__get_state(svc_worker_t *w, const svc_request_t *q, uint8_t **reply,
-                   size_t *reply_len, svc_err_t *err) {
-  svc__layer_t *l = svc__layer(w, q->layer, err);
+int svc__cmd_get_state(svc__call_t *call) {
+  const svc_request_t *q = call->q;
+  int rc;
+  svc__layer_t *l = svc__layer(call->w, q->layer, &rc);
   sbn_tensor_desc_t cdesc;
   svc_reply_t r;
   const char *kind;
   size_t C, hint;
   uint32_t nkeys = 1;
   if (l == NULL)
-    return -1;
+    return rc;
   C = l->tracking ? l->params.channels : 0;
   memset(&cdesc, 0, sizeof cdesc);
   cdesc.ndim = 1;
@@ -53,8 +54,8 @@ int svc__get_state(svc_worker_t *w, const svc_request_t *q, uint8_t **reply,
     svc_reply_key(&r, "bias");
     r.rc |= svc_pack_tensor(r.pk, &l->wb_desc, l->bias, l->wb_numel);
   }
-  if (svc_reply_end(&r, reply, reply_len) != 0)
-    return svc_fail(err, SVC_RESOURCE, "get_state: out of memory");
+  if (svc_reply_end(&r, &call->reply, &call->reply_len) != 0)
+    return svc_set_error(SVC_RESOURCE, "get_state: out of memory");
   return 0;
 }
 
@@ -88,69 +89,70 @@ static const char *svc__dims_str(const sbn_tensor_desc_t *d, char *buf,
 static int svc__check_state_tensor(const svc__layer_t *l, const svc_tensor_t *t,
                                    const char *what, int has, const char *lacks,
                                    const sbn_tensor_desc_t *want,
-                                   int nonnegative, svc_err_t *err) {
+                                   int nonnegative) {
   char got_s[128], want_s[128];
   int same;
   if (!t->present)
     return 0;
   if (!has)
-    return svc_fail(err, SVC_SHAPE, "%s: layer '%s' (%s) %s", what, l->name,
-                    svc_kind_name(l->kind), lacks);
+    return svc_set_error(SVC_SHAPE, "%s: layer '%s' (%s) %s", what, l->name,
+                         svc_kind_name(l->kind), lacks);
   same = t->desc.ndim == want->ndim;
   for (int i = 0; same && i < want->ndim; i++)
     same = t->desc.dims[i] == want->dims[i];
   /* A layout other than C order would change which element is which in a
    * multi-dimensional parameter; in one dimension both are the same. */
   if (t->desc.ndim > 1 && t->desc.layout != SBN_LAYOUT_NCHW)
-    return svc_fail(err, SVC_SHAPE, "%s: layout must be \"nchw\"", what);
+    return svc_set_error(SVC_SHAPE, "%s: layout must be \"nchw\"", what);
   if (!same)
-    return svc_fail(err, SVC_SHAPE, "%s: shape %s, the layer's is %s", what,
-                    svc__dims_str(&t->desc, got_s, sizeof got_s),
-                    svc__dims_str(want, want_s, sizeof want_s));
+    return svc_set_error(SVC_SHAPE, "%s: shape %s, the layer's is %s", what,
+                         svc__dims_str(&t->desc, got_s, sizeof got_s),
+                         svc__dims_str(want, want_s, sizeof want_s));
   for (size_t i = 0; i < t->numel; i++) {
     float v = t->data[i];
     if (!isfinite(v))
-      return svc_fail(err, SVC_BAD_PARAMS, "%s[%zu]: not a finite number", what,
-                      i);
+      return svc_set_error(SVC_BAD_PARAMS, "%s[%zu]: not a finite number", what,
+                           i);
     if (nonnegative && v < 0.0f)
-      return svc_fail(err, SVC_BAD_PARAMS, "%s[%zu]: negative (%g)", what, i,
-                      (double)v);
+      return svc_set_error(SVC_BAD_PARAMS, "%s[%zu]: negative (%g)", what, i,
+                           (double)v);
   }
   return 0;
 }
 
-int svc__set_state(svc_worker_t *w, const svc_request_t *q, uint8_t **reply,
-                   size_t *reply_len, svc_err_t *err) {
+int svc__cmd_set_state(svc__call_t *call) {
+  const svc_request_t *q = call->q;
+  int rc;
   static const char stats_none[] = "keeps no running statistics";
   static const char affine_none[] = "has no affine parameters";
-  svc__layer_t *l = svc__layer(w, q->layer, err);
+  svc__layer_t *l = svc__layer(call->w, q->layer, &rc);
   sbn_tensor_desc_t cdesc;
   svc_reply_t r;
   if (l == NULL)
-    return -1;
+    return rc;
   memset(&cdesc, 0, sizeof cdesc);
   cdesc.ndim = 1;
   cdesc.dims[0] = l->tracking ? l->params.channels : 0;
   cdesc.layout = SBN_LAYOUT_NCHW;
   /* Everything is checked before anything changes, so a refused request
    * leaves the layer exactly as it was. */
-  if (svc__check_state_tensor(l, &q->running_mean, "running_mean", l->tracking,
-                              stats_none, &cdesc, 0, err) != 0 ||
-      svc__check_state_tensor(l, &q->running_var, "running_var", l->tracking,
-                              stats_none, &cdesc, 1, err) != 0 ||
-      svc__check_state_tensor(l, &q->weight, "weight", l->wb_numel > 0,
-                              affine_none, &l->wb_desc, 0, err) != 0 ||
-      svc__check_state_tensor(l, &q->bias, "bias", l->wb_numel > 0, affine_none,
-                              &l->wb_desc, 0, err) != 0)
-    return -1;
+  if ((rc = svc__check_state_tensor(l, &q->running_mean, "running_mean",
+                                    l->tracking, stats_none, &cdesc, 0)) != 0 ||
+      (rc = svc__check_state_tensor(l, &q->running_var, "running_var",
+                                    l->tracking, stats_none, &cdesc, 1)) != 0 ||
+      (rc = svc__check_state_tensor(l, &q->weight, "weight", l->wb_numel > 0,
+                                    affine_none, &l->wb_desc, 0)) != 0 ||
+      (rc = svc__check_state_tensor(l, &q->bias, "bias", l->wb_numel > 0,
+                                    affine_none, &l->wb_desc, 0)) != 0)
+    return rc;
   if (q->has_nbt && !l->tracking)
-    return svc_fail(err, SVC_SHAPE, "num_batches_tracked: layer '%s' (%s) %s",
-                    l->name, svc_kind_name(l->kind), stats_none);
+    return svc_set_error(SVC_SHAPE, "num_batches_tracked: layer '%s' (%s) %s",
+                         l->name, svc_kind_name(l->kind), stats_none);
   /* The reply is built first too: running out of memory for it must not
    * leave a changed layer behind an error reply. */
   svc_reply_begin(&r, &q->id, 0, 0);
-  if (svc_reply_end(&r, reply, reply_len) != 0)
-    return svc_fail(err, SVC_RESOURCE, "set_state: out of memory");
+  if (svc_reply_end(&r, &call->reply, &call->reply_len) != 0)
+    return svc_set_error(SVC_RESOURCE, "set_state: out of memory");
   /* Kept forward steps hold their own copies of the parameters they used,
    * so overwriting the layer's arrays in place affects only later
    * forwards. */
@@ -200,8 +202,9 @@ static void svc__pack_u64(svc_reply_t *r, const char *k, uint64_t v) {
   r->rc |= msgpack_pack_uint64(r->pk, v);
 }
 
-int svc__metrics(svc_worker_t *w, const svc_request_t *q, uint8_t **reply,
-                 size_t *reply_len, svc_err_t *err) {
+int svc__cmd_metrics(svc__call_t *call) {
+  const svc_worker_t *w = call->w;
+  const svc_request_t *q = call->q;
   static const char *const fuse_labels[SVC__FUSE_BUCKETS] = {
       "1", "2", "3-4", "5-8", "9-16", "17-32", "33-64", "65+"};
   static const char *const pct_names[3] = {"p50", "p90", "p99"};
@@ -221,8 +224,8 @@ int svc__metrics(svc_worker_t *w, const svc_request_t *q, uint8_t **reply,
   if (svc_reply_begin(&r, &q->id, 17, 0) != 0 || r.pk == NULL)
     goto out;
   svc_reply_key(&r, "requests");
-  r.rc |= msgpack_pack_map(r.pk, SVC_OP_METRICS + 1);
-  for (int op = 0; op <= SVC_OP_METRICS; op++) {
+  r.rc |= msgpack_pack_map(r.pk, SVC_OP_COUNT);
+  for (int op = 0; op < SVC_OP_COUNT; op++) {
     svc__pack_str(&r, svc_op_name((svc_op_t)op));
     r.rc |= msgpack_pack_uint64(r.pk, m->requests[op]);
   }
@@ -260,10 +263,10 @@ int svc__metrics(svc_worker_t *w, const svc_request_t *q, uint8_t **reply,
   r.rc |= msgpack_pack_double(r.pk, nlat > 0 ? lat[nlat - 1] : 0.0);
   svc__pack_u64(&r, "stalls", m->stalls);
   svc__pack_u64(&r, "mismatches", m->mismatches);
-  svc__pack_u64(&r, "saved_bytes", svc_worker_saved_bytes(w));
+  svc__pack_u64(&r, "saved_bytes", w->saved_bytes);
   svc__pack_u64(&r, "layers", w->nlayers);
 out:
-  if (svc_reply_end(&r, reply, reply_len) != 0)
-    return svc_fail(err, SVC_RESOURCE, "metrics: out of memory");
+  if (svc_reply_end(&r, &call->reply, &call->reply_len) != 0)
+    return svc_set_error(SVC_RESOURCE, "metrics: out of memory");
   return 0;
 }

@@ -37,15 +37,17 @@ void svc_worker_config_default(svc_worker_config_t *cfg);
 
 typedef struct svc_worker_s svc_worker_t;
 
-/* Returns 0, or -1 (out of memory, or an invalid configuration). */
+/* Returns 0, or a negative service code (RESOURCE: out of memory;
+ * BAD_PARAMS: an invalid configuration) with svc_last_error() set. */
 int svc_worker_create(const svc_worker_config_t *cfg, svc_worker_t **out);
 void svc_worker_destroy(svc_worker_t *w);
 
 /* Decodes and runs one request whose frame body is body[0..len) and
  * returns its reply frame (header included, malloc'ed, the caller frees it)
  * in *reply. *close_after is set when the connection must be closed after
- * the reply (a fatal error or bye). Returns -1 only when not even an error
- * reply could be encoded (out of memory); the caller then closes. */
+ * the reply (a fatal error or bye). Returns a negative code only when not
+ * even an error reply could be encoded (out of memory); the caller then
+ * closes. */
 int svc_worker_handle(svc_worker_t *w, const uint8_t *body, size_t len,
                       uint8_t **reply, size_t *reply_len, int *close_after);
 
@@ -57,33 +59,26 @@ int svc_worker_handle(svc_worker_t *w, const uint8_t *body, size_t len,
  * svc_worker_handle_async) until every rank has submitted the same
  * (layer name, step, direction). The program drives the agreement by
  * calling svc_worker_poll() every cycle from its event loop; the worker
- * then uses the transport below, one non-blocking collective at a time:
- * an allgather of every rank's ready list, and, when some entries are
- * ready on all ranks, one fused allreduce of all their records. Every rank
+ * then runs one non-blocking collective at a time on the job's
+ * communicator: an allgather of every rank's ready list
+ * (iallgather_begin), and, when some entries are ready on all ranks, one
+ * fused allreduce of all their records (iallreduce_begin), each polled
+ * with iallreduce_test and finished with iallreduce_end. Every rank
  * computes the same ready list from the same gathered bytes, so the
  * sequence of collectives is the same on every rank. */
-
-typedef struct svc_sync_ops_s {
-  void *ctx;
-  /* Starts an allgather of `bytes` bytes per rank (recv holds size x
-   * bytes). */
-  int (*gather_begin)(void *ctx, const void *send, void *recv, size_t bytes);
-  /* Starts an in-place allreduce of n records with sbn_rec_combine. */
-  int (*reduce_begin)(void *ctx, sbn_rec_t *recs, size_t n);
-  /* Polls the collective in flight; *done = 1 once it completed. */
-  int (*test)(void *ctx, int *done);
-} svc_sync_ops_t;
 
 /* Called with a deferred request's reply frame (ownership passes). */
 typedef void (*svc_deliver_fn)(void *ctx, void *token, uint8_t *reply,
                                size_t len);
 
-/* Enables syncbatchnorm training (without it, such requests are NOT_YET).
+/* Enables syncbatchnorm training (without it, such requests are NOT_YET)
+ * over comm, whose size is the job's and which must outlive the worker;
+ * it needs the non-blocking entries (iallgather_begin, iallreduce_begin,
+ * _test, _end). Returns 0, or -SVC_BAD_PARAMS when they are missing.
  * stall_timeout: seconds after which an entry that some ranks submitted
  * and others did not fails with STALL on every rank. */
-void svc_worker_set_sync(svc_worker_t *w, const svc_sync_ops_t *ops,
-                         double stall_timeout, svc_deliver_fn deliver,
-                         void *deliver_ctx);
+int svc_worker_set_sync(svc_worker_t *w, sbn_comm_t *comm, double stall_timeout,
+                        svc_deliver_fn deliver, void *deliver_ctx);
 
 /* As svc_worker_handle, but a request that must wait for the other ranks
  * sets *deferred and no reply: it comes later through the deliver
@@ -97,7 +92,8 @@ int svc_worker_handle_async(svc_worker_t *w, const uint8_t *body, size_t len,
 void svc_worker_cancel(svc_worker_t *w, void *token);
 
 /* Advances the cross-rank agreement; now is in seconds (monotonic).
- * Returns 0, or -1 when the transport failed (the worker cannot go on). */
+ * Returns 0, or a negative code when the transport failed or the ranks no
+ * longer agree (the worker cannot go on; svc_last_error() says why). */
 int svc_worker_poll(svc_worker_t *w, double now);
 
 /* Debug counters: fused allreduces issued and entries they carried. */
@@ -114,7 +110,8 @@ void svc_worker_note_refusal(svc_worker_t *w, svc_code_t code);
 void svc_worker_note_connection(svc_worker_t *w);
 
 /* Directory of checkpoint files (checkpoint_save/checkpoint_load); they
- * are refused until it is set. Returns 0, or -1 when it is too long. */
+ * are refused until it is set. Returns 0, or -SVC_BAD_PARAMS when it is
+ * empty or too long. */
 int svc_worker_set_state_dir(svc_worker_t *w, const char *dir);
 
 /* Bytes of forward state currently kept (for tests and metrics). */

@@ -1,7 +1,21 @@
-/* The worker's internals, shared by the files that implement its ops
- * (svc_worker.c: registry, forward/backward and the cross-rank agreement;
- * svc_ops.c: state and metrics; svc_ckpt.c: checkpoints). Not installed,
- * not used outside src/svc/worker/. */
+/* The worker's internals, shared by its rooms. Not installed, not used
+ * outside src/svc/worker/. The arrows point one way:
+ *
+ *   svc_worker.c    the front door: public API, the command table, the
+ *                   dispatch of one request (and of a batch's)
+ *     -> svc_cmd_admin.c (hello, register, bye), svc_cmd_step.c (forward,
+ *        backward, stats, stats_backward), svc_ops.c (get_state,
+ *        set_state, metrics), svc_ckpt.c (checkpoints): the handlers, one
+ *        signature, one call context each
+ *       -> svc_agree.c  the cross-rank agreement engine: pending entries,
+ *                       replies of deferred requests, the gathered ready
+ *                       lists, the fused allreduce, stalls, poison,
+ *                       mismatches; it calls a handler back only through
+ *                       the done callback of the entry the handler queued
+ *       -> svc_registry.c  layers, kept steps, the saved-state budget
+ *
+ * A function here that can fail returns 0 or a negative service code with
+ * the message set by svc_set_error() (svc_codec.h), or NULL for memory. */
 #ifndef SBN_SVC_WORKER_INT_H
 #define SBN_SVC_WORKER_INT_H
 
@@ -10,6 +24,9 @@
 
 #include "svc_codec.h"
 #include "svc_worker.h"
+
+/* ------------------------------------------------------------------ */
+/* Registry (svc_registry.c) */
 
 /* Forward state kept for one (layer, step) of a training forward. After
  * its backward the buffers go but the entry stays (done = 1) until the
@@ -45,24 +62,38 @@ typedef struct svc__layer_s {
   svc__step_t *steps;
 } svc__layer_t;
 
-/* A communicator of one process that carries the worker's rank, so that
- * dropout keys differ between ranks exactly as they do under SyncBN's MPI
- * communicator. */
-typedef struct svc__comm_s {
-  sbn_comm_t base;
-} svc__comm_t;
+/* The layer with id `id`, or NULL with UNKNOWN_LAYER set (*rc). */
+svc__layer_t *svc__layer(svc_worker_t *w, uint64_t id, int *rc);
+/* Appends l to the registry (the caller checked the room for it). */
+void svc__layer_append(svc_worker_t *w, svc__layer_t *l);
+void svc__layer_free(svc_worker_t *w, svc__layer_t *l);
+/* Releases a step's buffers and their share of the saved-state budget. */
+void svc__step_release(svc_worker_t *w, svc__step_t *s);
+svc__step_t *svc__find_step(svc__layer_t *l, uint64_t step);
+/* Charges bytes of kept forward state to the budget; RESOURCE when the
+ * budget cannot hold them. */
+int svc__budget_take(svc_worker_t *w, uint64_t bytes);
+/* Links s into l as its newest kept step and drops the steps that fell
+ * out of the window. */
+void svc__step_keep(svc_worker_t *w, svc__layer_t *l, svc__step_t *s);
+void svc__prune(svc_worker_t *w, svc__layer_t *l);
+/* Library failures as protocol codes. */
+svc_code_t svc__lib_code(int rc);
+/* The library's last error as the service's: -code, message kept. */
+int svc__lib_error(int rc);
+float *svc__floats(size_t n);
+uint64_t svc__hash_name(const char *name);
+/* Whether two layers' library parameters agree (layer_id aside). */
+int svc__lib_params_equal(const sbn_layer_params_t *a,
+                          const sbn_layer_params_t *b);
+/* Everything that must agree between ranks for a layer to be reduced
+ * together: kind, channels, eps, momentum, affine, group size. */
+uint64_t svc__fingerprint(const svc__layer_t *l);
+/* Ranks per sync group of a layer (group_size 0 means the whole job). */
+uint32_t svc__gsize(const svc_worker_t *w, const svc__layer_t *l);
 
-static int svc__comm_allreduce(sbn_comm_t *c, sbn_rec_t *r, size_t n) {
-  (void)c;
-  (void)r;
-  (void)n;
-  return 0;
-}
-static void svc__comm_destroy(sbn_comm_t *c) {
-  (void)c;
-}
-static const sbn_comm_vtable_t svc__comm_vt = {svc__comm_allreduce, NULL, NULL,
-                                               NULL, svc__comm_destroy};
+/* ------------------------------------------------------------------ */
+/* Calls and commands (svc_worker.c) */
 
 /* A batch request whose sub-requests are not all answered yet: each slot
  * holds a sub-reply frame once it is known; the batch reply goes out when
@@ -75,43 +106,137 @@ typedef struct svc__batch_s {
   size_t *len;
 } svc__batch_t;
 
-/* Directions of a cross-rank entry: what its records are and what
- * completes it. */
+/* One request being run: everything a handler sees and everything it
+ * answers with. A handler either sets reply (and returns 0), returns a
+ * negative code (the dispatcher encodes the error reply), or queues a
+ * pending entry with svc__pend_queue(), which marks the call deferred and
+ * remembers where the later reply goes (token, batch, slot). */
+typedef struct svc__call_s {
+  svc_worker_t *w;
+  svc_request_t *q;    /* decoded; a handler may take over its buffers */
+  void *token;         /* the connection (NULL for svc_worker_handle) */
+  svc__batch_t *batch; /* the batch it belongs to, or NULL */
+  size_t slot;         /* its index in the batch */
+  uint8_t *reply;      /* the reply frame, when answered at once */
+  size_t reply_len;
+  int deferred;    /* the reply comes later, through the worker's deliver */
+  int close_after; /* close the connection after the reply */
+} svc__call_t;
+
+typedef int (*svc__cmd_fn)(svc__call_t *call);
+
+/* Flags of a command row. */
 enum {
-  SVC__DIR_FORWARD = 0,
-  SVC__DIR_BACKWARD = 1,
-  SVC__DIR_STATS = 2,
-  SVC__DIR_STATS_BACKWARD = 3,
-  SVC__DIR_CKPT = 4
+  SVC__CMD_DEFERS = 1,  /* may answer later, after the other ranks */
+  SVC__CMD_IN_BATCH = 2 /* allowed as a sub-request of a batch */
 };
 
-/* One cross-rank entry (a syncbatchnorm forward or backward, a stats
- * request, a checkpoint) waiting for the other ranks. */
-typedef struct svc__pend_s {
-  uint64_t name, step; /* the key: layer name hash, step, direction */
-  uint32_t dir;        /* SVC__DIR_* */
-  uint64_t fp;         /* the layer's parameter fingerprint */
+typedef struct svc__cmd_s {
+  const char *name; /* the wire name, as svc_op_name() */
+  svc__cmd_fn fn;
+  unsigned flags;
+} svc__cmd_t;
+
+/* The command table, indexed by svc_op_t (svc_worker.c). */
+extern const svc__cmd_t svc__cmds[SVC_OP_COUNT];
+
+/* Runs one decoded request through its row of the table: an op without a
+ * row, or one not allowed in a batch when call->batch is set, is refused
+ * with BAD_REQUEST; the rest are counted and handed to their handler. A
+ * batch's sub-requests come through here too, so that each behaves
+ * exactly as it would on its own. */
+int svc__dispatch(svc__call_t *call);
+
+/* The handlers. */
+int svc__cmd_hello(svc__call_t *call);
+int svc__cmd_register(svc__call_t *call);
+int svc__cmd_bye(svc__call_t *call);
+int svc__cmd_forward(svc__call_t *call);
+int svc__cmd_backward(svc__call_t *call);
+int svc__cmd_stats(svc__call_t *call); /* and stats_backward */
+int svc__cmd_get_state(svc__call_t *call);
+int svc__cmd_set_state(svc__call_t *call);
+int svc__cmd_metrics(svc__call_t *call);
+int svc__cmd_checkpoint(svc__call_t *call); /* save and load */
+
+/* ------------------------------------------------------------------ */
+/* The agreement engine (svc_agree.c) */
+
+typedef struct svc__pend_s svc__pend_t;
+
+/* The one completion of a pending entry, set by the handler that queued
+ * it. recs are the job's reduced records of the entry; NULL means it will
+ * not complete (stalled, mismatched or withdrawn: its error reply, if any,
+ * is already sent) and the handler undoes what it reserved. The engine
+ * frees the entry afterwards. */
+typedef void (*svc__done_fn)(svc_worker_t *w, svc__pend_t *p,
+                             const sbn_rec_t *recs);
+
+/* One cross-rank entry waiting for the other ranks. The engine reads the
+ * key, the agreement fields, the records and the reply's destination;
+ * the rest belongs to the handler. */
+struct svc__pend_s {
+  uint64_t name, step; /* the key: a name hash, step, direction */
+  uint32_t dir;        /* distinguishes a key's kinds of entries */
+  uint32_t tag;        /* SBN_REC_MOMENTS or SBN_REC_SUM: how recs reduce */
+  uint64_t fp;         /* what the ranks must agree on */
   uint32_t gsize;      /* ranks per sync group (the job size for all) */
   uint32_t grp;        /* this rank's group: rank / gsize */
   size_t nrec;         /* records per group */
-  svc__layer_t *l;     /* NULL for a checkpoint */
-  svc__step_t *s;      /* the kept step of a forward or backward */
+  sbn_rec_t *recs;     /* this rank's records */
+  char what[320];      /* names the entry in error messages */
+  svc__done_fn done;
+  /* Where the reply goes. */
+  void *token;         /* NULL once the connection is gone */
   svc__batch_t *batch; /* the batch it belongs to, or NULL */
   size_t slot;         /* its index in the batch */
-  /* A checkpoint's own completion (see svc_ckpt.c). */
-  void (*done)(svc_worker_t *w, struct svc__pend_s *p, const sbn_rec_t *recs);
-  void *ctx;
-  void *token; /* NULL once the connection is gone */
-  int sent;    /* part of the fused allreduce in flight */
-  int listed;  /* in the ready list of the allgather in flight */
+  uint8_t **direct;    /* or here, for an entry completed at once */
+  size_t *direct_len;
+  int sent;   /* part of the fused allreduce in flight */
+  int listed; /* in the ready list of the allgather in flight */
   double t0;
+  /* The handler's. */
   svc_request_t q; /* id; forward: weight, bias; backward: dy */
+  svc__layer_t *l;
+  svc__step_t *s;
   float *y, *dx, *dw, *db;
   void *ws;
   size_t ws_bytes;
-  sbn_rec_t *recs; /* channels records */
+  void *ctx; /* freed with the entry */
   struct svc__pend_s *next;
-} svc__pend_t;
+};
+
+/* A new entry of nrec records (zeroed, tagged tag) under (name, step,
+ * dir), for the job-wide group; NULL when out of memory. */
+svc__pend_t *svc__pend_alloc(svc_worker_t *w, uint64_t name, uint64_t step,
+                             uint32_t dir, size_t nrec, uint32_t tag);
+void svc__pend_free(svc__pend_t *p);
+/* Queues p for the agreement; its reply goes where call's would have
+ * gone, and the call is deferred. */
+void svc__pend_queue(svc__call_t *call, svc__pend_t *p);
+/* Queues s as the continuation of p (done, being completed): s answers
+ * where p would have answered. */
+void svc__pend_chain(svc_worker_t *w, svc__pend_t *p, svc__pend_t *s);
+/* Hands a deferred reply (NULL: none, the entry was withdrawn) to its
+ * destination; takes ownership of buf. */
+void svc__pend_deliver(svc_worker_t *w, svc__pend_t *p, uint8_t *buf,
+                       size_t len);
+void svc__pend_reply_error(svc_worker_t *w, svc__pend_t *p, svc_code_t code,
+                           const char *msg);
+/* Whether the key stalled before in group grp (then it is refused). */
+int svc__poisoned(const svc_worker_t *w, uint64_t name, uint64_t step,
+                  uint32_t dir, uint32_t grp);
+/* Whether this rank already has an entry queued under this key (a second
+ * one would be counted as another rank's). */
+int svc__pend_queued(const svc_worker_t *w, uint64_t name, uint64_t step,
+                     uint32_t dir);
+/* Fills slot i of a batch; the last one sends the batch's reply (or, when
+ * the connection is gone, just frees it). */
+void svc__batch_fill(svc_worker_t *w, svc__batch_t *b, size_t i, uint8_t *buf,
+                     size_t len);
+void svc__batch_free(svc__batch_t *b);
+/* Drops every pending entry unanswered (the worker goes away). */
+void svc__agree_destroy(svc_worker_t *w);
 
 #define SVC__MAXE 64
 #define SVC__POISON 1024
@@ -120,6 +245,7 @@ typedef struct svc__gent_s {
   uint64_t name, step, fp;
   uint32_t dir, C; /* C: records per group */
   uint32_t gsize, grp;
+  uint32_t tag, pad;
   double age;
 } svc__gent_t;
 
@@ -139,9 +265,9 @@ typedef struct svc__key_s {
 #define SVC__FUSE_BUCKETS 8
 
 typedef struct svc__metrics_s {
-  uint64_t requests[SVC_OP_METRICS + 1]; /* decoded requests by op */
-  uint64_t errors[SVC_CODE_COUNT];       /* error replies (and refusals) */
-  uint64_t bytes_in, bytes_out;          /* frame bytes, headers included */
+  uint64_t requests[SVC_OP_COUNT]; /* decoded requests by op */
+  uint64_t errors[SVC_CODE_COUNT]; /* error replies (and refusals) */
+  uint64_t bytes_in, bytes_out;    /* frame bytes, headers included */
   uint64_t frames_in, frames_out;
   uint64_t connections, auth_failures;
   uint64_t allreduces, entries_fused, gathers;
@@ -154,13 +280,17 @@ typedef struct svc__metrics_s {
 
 struct svc_worker_s {
   svc_worker_config_t cfg;
-  svc__comm_t comm;
+  /* The communicator the layers run on: one process, carrying the
+   * worker's rank so that dropout keys differ between ranks exactly as
+   * they do under SyncBN's MPI communicator. */
+  sbn_comm_t comm;
   svc__layer_t **layers;
   uint32_t nlayers;
   uint64_t saved_bytes;
   /* syncbatchnorm coordination */
   int sync_on;
-  svc_sync_ops_t ops;
+  sbn_comm_t *sync; /* the job's communicator (not owned) */
+  void *sync_req;   /* the collective in flight */
   double stall_timeout;
   svc_deliver_fn deliver;
   void *deliver_ctx;
@@ -176,50 +306,9 @@ struct svc_worker_s {
   svc__key_t poison[SVC__POISON];
   size_t npoison, poison_next;
   svc__metrics_t m;
-  /* The batch and slot of the sub-request being run (NULL outside a
-   * batch), and the pending entry the last svc__pend_add() queued. */
-  svc__batch_t *cur_batch;
-  size_t cur_slot;
-  svc__pend_t *last_added;
   /* checkpoints: where files live (absolute, no trailing slash) */
   char state_dir[4096];
   uint64_t ckpt_seq; /* checkpoint requests queued so far (their step) */
 };
-
-/* Shared helpers of svc_worker.c. */
-svc__layer_t *svc__layer(svc_worker_t *w, uint64_t id, svc_err_t *err);
-svc_code_t svc__lib_code(int rc);
-float *svc__floats(size_t n);
-uint64_t svc__hash_name(const char *name);
-/* Whether two layers' library parameters agree (layer_id aside). */
-int svc__lib_params_equal(const sbn_layer_params_t *a,
-                          const sbn_layer_params_t *b);
-/* A new cross-rank entry with nrec records per group (zeroed), keyed by
- * (name, step, dir), for the job-wide group; the caller fills the rest
- * and queues it with svc__pend_add(). */
-svc__pend_t *svc__pend_alloc(svc_worker_t *w, uint64_t name, uint64_t step,
-                             uint32_t dir, size_t nrec, void *token);
-void svc__pend_add(svc_worker_t *w, svc__pend_t *p);
-void svc__pend_free(svc__pend_t *p);
-/* Hands a deferred reply (NULL: none, the entry was withdrawn) to its
- * connection or batch; takes ownership of buf. */
-void svc__pend_deliver(svc_worker_t *w, svc__pend_t *p, uint8_t *buf,
-                       size_t len);
-void svc__pend_reply_error(svc_worker_t *w, svc__pend_t *p, svc_code_t code,
-                           const char *msg);
-
-/* Ops implemented outside svc_worker.c; each returns 0 with *reply set,
- * or -1 with err set. */
-int svc__get_state(svc_worker_t *w, const svc_request_t *q, uint8_t **reply,
-                   size_t *reply_len, svc_err_t *err);
-int svc__set_state(svc_worker_t *w, const svc_request_t *q, uint8_t **reply,
-                   size_t *reply_len, svc_err_t *err);
-int svc__metrics(svc_worker_t *w, const svc_request_t *q, uint8_t **reply,
-                 size_t *reply_len, svc_err_t *err);
-/* checkpoint_save / checkpoint_load: collective, deferred like a
- * syncbatchnorm step (svc_ckpt.c). */
-int svc__checkpoint(svc_worker_t *w, svc_request_t *q, void *token,
-                    int *deferred, uint8_t **reply, size_t *reply_len,
-                    svc_err_t *err);
 
 #endif /* SBN_SVC_WORKER_INT_H */
