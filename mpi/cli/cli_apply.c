@@ -13,32 +13,15 @@
  * so no rank ever waits in a collective that another rank skipped. */
 #include <limits.h>
 #include <mpi.h>
-#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "cli.h"
-#include "cli_apply.h"
+#include "cli_apply_int.h"
 #include "syncbn.h"
 #include "syncbn_mpi.h"
-
-int sbn__apply_fail(apply_err_t *e, int status, const char *fmt, ...) {
-  if (e->status != 0)
-    return e->status;
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(e->msg, sizeof e->msg, fmt, ap);
-  va_end(ap);
-  e->status = status;
-  return status;
-}
-
-int sbn__apply_fail_lib(apply_err_t *e, const char *what, int rc) {
-  return sbn__apply_fail(e, 1, "%s: %s: %s", what, sbn_err_name(rc),
-                         sbn_last_error());
-}
 
 /* Shard sizes: --counts, or an even split with the first N mod P ranks
  * getting one more. Fails identically on every rank (same inputs). */

@@ -8,7 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cli_apply.h"
+#include "cli_apply_int.h"
 #include "cli_args.h"
 
 /* Bits of sbn_op_t for an option's `ops`. */

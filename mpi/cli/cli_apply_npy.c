@@ -8,15 +8,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
-#include "cli_apply.h"
-
-void sbn__apply_shape_str(const size_t *dims, int ndim, char *buf, size_t cap) {
-  size_t n = (size_t)snprintf(buf, cap, "(");
-  for (int i = 0; i < ndim && n < cap; i++)
-    n += (size_t)snprintf(buf + n, cap - n, "%s%zu", i ? ", " : "", dims[i]);
-  if (n < cap)
-    snprintf(buf + n, cap - n, "%s)", ndim == 1 ? "," : "");
-}
+#include "cli_apply_int.h"
 
 static int read_input(apply_run_t *r, const char *flag, const char *path,
                       sbn_npy_t *t) {

@@ -5,7 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cli_apply.h"
+#include "cli_apply_int.h"
 
 /* Rows of the summary table; more are counted, not printed. */
 #define APPLY_MAX_ROWS 8

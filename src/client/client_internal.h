@@ -1,9 +1,11 @@
 /* Shared by the client's files:
- *   client_conn.c   connections, frames, hello, bye, error codes;
- *   client_reply.c  receiving and decoding replies;
+ *   client_conn.c    connections, frames, error codes;
+ *   client_reply.c   receiving and decoding replies;
+ *   client_session.c a request and its reply, hello, bye, TCP connect;
  *   client_pack.c   packing requests (shared by the calls and batches);
  *   client_calls.c  the single request calls;
- *   client_batch.c  the batch builder. */
+ *   client_metrics.c the metrics call;
+ *   client_batch.c   the batch builder. */
 #ifndef SBN_CLIENT_INTERNAL_H
 #define SBN_CLIENT_INTERNAL_H
 
@@ -11,12 +13,6 @@
 
 #include "client.h"
 #include "svc_codec.h"
-
-#if defined(__GNUC__)
-#define SBN__CLIENT_PRINTF(f, a) __attribute__((format(printf, f, a)))
-#else
-#define SBN__CLIENT_PRINTF(f, a)
-#endif
 
 struct sbn_client_s {
   int fd;
@@ -34,11 +30,15 @@ struct sbn_client_s {
 int sbn__begin(sbn_client_t *c, const char *op);
 
 /* Records "<c->op>: <message>" for sbn_last_error() and returns rc. */
-int sbn__fail(sbn_client_t *c, int rc, const char *fmt, ...)
-    SBN__CLIENT_PRINTF(3, 4);
+int sbn__fail(sbn_client_t *c, int rc, const char *fmt, ...) SBN_PRINTF(3, 4);
 
 /* Receives one frame's body (malloc'ed) on c. */
 int sbn__recv_frame(sbn_client_t *c, uint8_t **body, size_t *len);
+
+/* A new handle with no socket (fd -1), or NULL when out of memory. */
+sbn_client_t *sbn__client_new(void);
+/* Connects c to the first address of host:port that accepts. */
+int sbn__tcp_connect(sbn_client_t *c, const char *host, int port);
 
 /* ------------------------------------------------------------------ */
 /* Requests */

@@ -4,9 +4,11 @@
  *   cli_apply_args.c     the command line: options table, usage, checks;
  *   cli_apply_npy.c      reading and checking the .npy inputs, writing the
  *                        outputs;
- *   cli_apply_summary.c  the summary printed after a successful run. */
-#ifndef SBN_CLI_APPLY_H
-#define SBN_CLI_APPLY_H
+ *   cli_apply_summary.c  the summary printed after a successful run;
+ *   cli_apply_util.c     failure recording and shape printing, used by all
+ *                        of them. */
+#ifndef SBN_CLI_APPLY_INT_H
+#define SBN_CLI_APPLY_INT_H
 
 #include <stddef.h>
 #include <stdint.h>
@@ -85,4 +87,4 @@ int sbn__apply_write_outputs(apply_run_t *r, char *written, size_t cap);
 /* The summary on stdout (rank 0, after a successful run). */
 void sbn__apply_print_summary(apply_run_t *r, const char *written);
 
-#endif /* SBN_CLI_APPLY_H */
+#endif /* SBN_CLI_APPLY_INT_H */
