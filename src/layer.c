@@ -52,6 +52,11 @@ int sbn_layer_create(const sbn_layer_params_t *params, sbn_comm_t *comm,
   if ((row = sbn__op(params->op)) == NULL)
     return sbn_set_error(SBN_EINVAL, "params.op: unknown op %d",
                          (int)params->op);
+  if (params->ghost_batch != 0 && !(row->flags & SBN__CAN_GHOST))
+    return sbn_set_error(SBN_EINVAL,
+                         "ghost_batch: %zu, but %s has no ghost batches "
+                         "(only batchnorm has; 0 turns them off)",
+                         params->ghost_batch, row->name);
   if (row->validate != NULL && (rc = row->validate(params)) != 0)
     return rc;
   if (comm != NULL && (comm->vt == NULL || comm->vt->allreduce == NULL))

@@ -226,6 +226,36 @@ typedef struct sbn_layer_params_s {
    * the counter holds layer_id and the step. See sbn_dropout_mask_bits(). */
   uint32_t seed;
   uint32_t layer_id;
+  /* BN: ghost batch size g; 0 (the default) turns ghost batches off, and
+   * every other op refuses a nonzero value (SBN_EINVAL naming
+   * ghost_batch). Wherever BatchNorm uses batch statistics (training, and
+   * eval without running statistics) the process's N samples are split
+   * into ceil(N/g) consecutive sub-batches of g samples (the last one may
+   * be shorter), and each is normalized with its own per-channel
+   * statistics; backward is the exact backward of that forward, and
+   * dweight/dbias are summed over the sub-batches. A sub-batch with a
+   * single value per channel (1 sample and no spatial extent) is
+   * SBN_ESMALLBATCH, like a batch of 1.
+   *
+   * Ghost batches are local: they replace the reduction. A ghost layer
+   * never calls its communicator, so with a sync group of k processes the
+   * normalization set is g samples of one process (g > 0), the process's
+   * b samples (g = 0, no communicator), or the k*b samples of the group
+   * (g = 0 with a communicator). sbn_bn_needs_reduce() is 0 for it.
+   *
+   * Running statistics: one momentum (or cumulative) update per step,
+   * with the mean over the sub-batches of their means and the mean of
+   * their unbiased variances, each sub-batch weighted alike; and
+   * num_batches_tracked + 1. The update is affine in the batch statistics,
+   * so this is exactly the average of the running statistics of ceil(N/g)
+   * processes that each ran plain BatchNorm on one sub-batch from the same
+   * state (as many steps as they run), i.e. g on one process emulates
+   * N/g data-parallel ranks of g samples without synchronized BatchNorm.
+   * With a communicator each process updates its own running statistics
+   * from its own sub-batches, so they differ between the processes of a
+   * group. Eval with running statistics is unchanged. An empty batch
+   * changes nothing. */
+  size_t ghost_batch;
 } sbn_layer_params_t;
 
 /* Fills p with PyTorch's defaults for op: eps 1e-5, momentum 0.1,
@@ -300,11 +330,15 @@ SBN_API int sbn_backward(sbn_layer_t *layer, const sbn_backward_args_t *args);
  * Forward = stats_local -> reduce the C records -> forward_finish.
  * Backward = backward_local -> reduce the C records -> backward_finish.
  * sbn_bn_needs_reduce() says whether a call in this mode reduces at all:
- * 1 only for a BatchNorm layer in training. In eval the *_finish calls do
- * the whole (local) work themselves and ignore recs (it may be NULL), and
- * the *_local calls are not needed: eval uses the running statistics, or
- * the local batch statistics when none are tracked, and never communicates
- * (PyTorch's SyncBatchNorm does the same). */
+ * 1 only for a BatchNorm layer in training without ghost batches. In eval
+ * the *_finish calls do the whole (local) work themselves and ignore recs
+ * (it may be NULL), and the *_local calls are not needed: eval uses the
+ * running statistics, or the local batch statistics when none are
+ * tracked, and never communicates (PyTorch's SyncBatchNorm does the
+ * same). A ghost-batch layer (params.ghost_batch > 0) is local in every
+ * mode the same way: its *_finish calls do the whole work and ignore
+ * recs, and its *_local calls in training are SBN_EINVAL, since a ghost
+ * layer has no records to reduce. */
 SBN_API int sbn_bn_needs_reduce(const sbn_layer_t *layer, sbn_mode_t mode);
 /* Writes C SBN_REC_MOMENTS records (count, mean, M2) of the local batch. */
 SBN_API int sbn_bn_forward_local(sbn_layer_t *layer,

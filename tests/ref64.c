@@ -378,3 +378,79 @@ int ref64_dropped(size_t i, double p, uint32_t seed, uint32_t rank,
   uint64_t thr = (uint64_t)(p * 4294967296.0);
   return (uint64_t)out[i % 4] < thr;
 }
+
+/* Ghost batches, from their definition: sub-batch j is the slice of
+ * samples [j*g, min(N, j*g+g)), a tensor of the same layout on its own (a
+ * sample is contiguous in both layouts), normalized by plain BatchNorm.
+ * The running statistics are the average of the states that one BatchNorm
+ * per sub-batch reaches from the same start. */
+void ref64_bn_ghost_forward(const sbn_tensor_desc_t *d, size_t g,
+                            const double *x, double *y, const double *w,
+                            const double *b, double *rm, double *rv,
+                            int64_t *nbt, double eps, double momentum,
+                            int cumulative, int train) {
+  size_t N, C, S;
+  ref64_ncs(d, &N, &C, &S);
+  if (g == 0 || (!train && rm != NULL)) {
+    ref64_bn_forward(d, x, y, w, b, rm, rv, nbt, eps, momentum, cumulative,
+                     train);
+    return;
+  }
+  size_t nsub = N == 0 ? 0 : (N - 1) / g + 1;
+  double *am = calloc(C + 1, sizeof *am), *av = calloc(C + 1, sizeof *av);
+  double *tm = calloc(C + 1, sizeof *tm), *tv = calloc(C + 1, sizeof *tv);
+  for (size_t j = 0; j < nsub; j++) {
+    sbn_tensor_desc_t dj = *d;
+    size_t off = j * g * C * S;
+    dj.dims[0] = N - j * g < g ? N - j * g : g;
+    int64_t tn = nbt != NULL ? *nbt : 0;
+    for (size_t c = 0; c < C && rm != NULL; c++) {
+      tm[c] = rm[c];
+      tv[c] = rv[c];
+    }
+    ref64_bn_forward(&dj, x + off, y + off, w, b, rm ? tm : NULL,
+                     rm ? tv : NULL, &tn, eps, momentum, cumulative, train);
+    for (size_t c = 0; c < C; c++) {
+      am[c] += tm[c];
+      av[c] += tv[c];
+    }
+  }
+  if (rm != NULL && nsub > 0 && S > 0) {
+    for (size_t c = 0; c < C; c++) {
+      rm[c] = am[c] / (double)nsub;
+      rv[c] = av[c] / (double)nsub;
+    }
+    if (nbt != NULL)
+      *nbt += 1;
+  }
+  free(am), free(av), free(tm), free(tv);
+}
+
+void ref64_bn_ghost_backward(const sbn_tensor_desc_t *d, size_t g,
+                             const double *x, const double *dy, double *dx,
+                             const double *w, double *dw, double *db,
+                             const double *rm, const double *rv, double eps,
+                             int train) {
+  size_t N, C, S;
+  ref64_ncs(d, &N, &C, &S);
+  if (g == 0 || (!train && rm != NULL)) {
+    ref64_bn_backward(d, x, dy, dx, w, dw, db, rm, rv, eps, train);
+    return;
+  }
+  size_t nsub = N == 0 ? 0 : (N - 1) / g + 1;
+  double *tw = calloc(C + 1, sizeof *tw), *tb = calloc(C + 1, sizeof *tb);
+  for (size_t c = 0; c < C; c++)
+    dw[c] = db[c] = 0;
+  for (size_t j = 0; j < nsub; j++) {
+    sbn_tensor_desc_t dj = *d;
+    size_t off = j * g * C * S;
+    dj.dims[0] = N - j * g < g ? N - j * g : g;
+    ref64_bn_backward(&dj, x + off, dy + off, dx + off, w, tw, tb, NULL, NULL,
+                      eps, 1);
+    for (size_t c = 0; c < C; c++) {
+      dw[c] += tw[c];
+      db[c] += tb[c];
+    }
+  }
+  free(tw), free(tb);
+}

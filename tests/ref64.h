@@ -37,6 +37,24 @@ void ref64_bn_backward(const sbn_tensor_desc_t *d, const double *x,
                        double *dw, double *db, const double *rm,
                        const double *rv, double eps, int train);
 
+/* BatchNorm with ghost batches of g samples (g = 0: the functions
+ * above): each sub-batch of g consecutive samples (the last may be
+ * shorter) is normalized as a batch of its own, wherever batch statistics
+ * are used; the running statistics become the mean over the sub-batches
+ * of the states that a BatchNorm per sub-batch reaches from the same
+ * start, and *nbt (may be NULL) gains 1 per step. dw and db (not NULL)
+ * are summed over the sub-batches. */
+void ref64_bn_ghost_forward(const sbn_tensor_desc_t *d, size_t g,
+                            const double *x, double *y, const double *w,
+                            const double *b, double *rm, double *rv,
+                            int64_t *nbt, double eps, double momentum,
+                            int cumulative, int train);
+void ref64_bn_ghost_backward(const sbn_tensor_desc_t *d, size_t g,
+                             const double *x, const double *dy, double *dx,
+                             const double *w, double *dw, double *db,
+                             const double *rm, const double *rv, double eps,
+                             int train);
+
 /* LayerNorm over the trailing k dims of a plain C-order array of numel
  * elements whose last k dims have product D. w and b have D elements. */
 void ref64_ln_forward(size_t numel, size_t D, const double *x, double *y,

@@ -92,7 +92,10 @@ enum {
   /* running statistics are kept when params.track_running_stats is set. */
   SBN__NEED_RUNNING = 1u << 1,
   /* backward reads the forward input x. */
-  SBN__NEED_BWD_X = 1u << 2
+  SBN__NEED_BWD_X = 1u << 2,
+  /* the op has ghost batches (params.ghost_batch may be nonzero); the
+   * front door refuses a nonzero value for every other op. */
+  SBN__CAN_GHOST = 1u << 3
 };
 
 /* The buffer sizes a call needs (from the op's sizes) and the op's flags. */

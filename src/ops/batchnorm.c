@@ -4,7 +4,9 @@
  * Forward in training is three steps with a seam between them (local
  * moments -> reduce -> normalize) and so is backward (local sums -> reduce
  * -> dx). Eval mode never reduces: it uses the running statistics, or the
- * local batch statistics when none are tracked (as PyTorch does). */
+ * local batch statistics when none are tracked (as PyTorch does). Ghost
+ * batches (batchnorm_ghost.c) replace the reduction wherever batch
+ * statistics are used. */
 #include <math.h>
 
 #include "ops/sbn_ops.h"
@@ -31,13 +33,32 @@ static int bn_validate(const sbn_layer_params_t *p) {
 
 static int bn_sizes(const sbn_layer_params_t *p, const sbn__shape_t *sh,
                     size_t *ws, size_t *saved) {
-  (void)p;
   *ws = sbn__chan_bytes(sh->C);
+  if (p->ghost_batch > 0)
+    return sbn__bn_ghost_sizes(p, sh, saved);
   return sbn__saved_size(sh->C, saved);
 }
 
+/* Whether a call in this mode normalizes with ghost-batch statistics:
+ * wherever batch statistics are used (training, and eval without running
+ * statistics). */
+static int bn_ghost(const sbn_layer_params_t *p, sbn_mode_t mode) {
+  return p->ghost_batch > 0 &&
+         (mode == SBN_MODE_TRAIN || !p->track_running_stats);
+}
+
+/* The seam's *_local calls have nothing to reduce for a ghost layer. */
+static int bn_ghost_local(const sbn_layer_t *l, const char *finish) {
+  return sbn_set_error(SBN_EINVAL,
+                       "layer: ghost_batch %zu: a ghost-batch layer has no "
+                       "records to reduce (sbn_bn_needs_reduce is 0); call "
+                       "%s alone",
+                       l->p.ghost_batch, finish);
+}
+
 int sbn_bn_needs_reduce(const sbn_layer_t *l, sbn_mode_t mode) {
-  return l != NULL && l->p.op == SBN_OP_BATCHNORM && mode == SBN_MODE_TRAIN;
+  return l != NULL && l->p.op == SBN_OP_BATCHNORM && mode == SBN_MODE_TRAIN &&
+         l->p.ghost_batch == 0;
 }
 
 /* The seam's own front door: the checks sbn_forward/sbn_backward make,
@@ -141,6 +162,8 @@ static int bn_finish(sbn_layer_t *l, const sbn_forward_args_t *a,
 static int bn_forward(sbn_layer_t *l, const sbn_forward_args_t *a,
                       const sbn__shape_t *sh) {
   int rc;
+  if (bn_ghost(&l->p, a->mode))
+    return sbn__bn_ghost_forward(&l->p, a, sh);
   if (a->mode == SBN_MODE_EVAL)
     return bn_finish(l, a, sh, NULL);
   sbn__chan_t ch;
@@ -158,6 +181,8 @@ int sbn_bn_forward_local(sbn_layer_t *l, const sbn_forward_args_t *a,
   int rc;
   if ((rc = bn_check_fwd(l, a, &sh)) != 0)
     return rc;
+  if (bn_ghost(&l->p, a->mode))
+    return bn_ghost_local(l, "sbn_bn_forward_finish");
   if (recs == NULL)
     return sbn_set_error(SBN_EINVAL, "recs: NULL");
   sbn__chan_carve(a->workspace, sh.C, &ch);
@@ -171,6 +196,9 @@ int sbn_bn_forward_finish(sbn_layer_t *l, const sbn_forward_args_t *a,
   int rc;
   if ((rc = bn_check_fwd(l, a, &sh)) != 0)
     return rc;
+  /* A ghost layer does the whole (local) work here and ignores recs. */
+  if (bn_ghost(&l->p, a->mode))
+    return sbn__bn_ghost_forward(&l->p, a, &sh);
   if (a->mode == SBN_MODE_TRAIN && recs == NULL)
     return sbn_set_error(SBN_EINVAL, "recs: NULL in training");
   return bn_finish(l, a, &sh, recs);
@@ -256,6 +284,8 @@ static int bn_backward(sbn_layer_t *l, const sbn_backward_args_t *a,
   sbn__chan_t ch;
   double count;
   int rc;
+  if (bn_ghost(&l->p, a->mode))
+    return sbn__bn_ghost_backward(&l->p, a, sh);
   /* The records live in the workspace's record array; bn_bwd_finish only
    * reuses the float arrays, which it rebuilds. */
   sbn__chan_carve(a->workspace, sh->C, &ch);
@@ -276,6 +306,8 @@ int sbn_bn_backward_local(sbn_layer_t *l, const sbn_backward_args_t *a,
   int rc;
   if ((rc = bn_check_bwd(l, a, &sh)) != 0)
     return rc;
+  if (bn_ghost(&l->p, a->mode))
+    return bn_ghost_local(l, "sbn_bn_backward_finish");
   if (recs == NULL)
     return sbn_set_error(SBN_EINVAL, "recs: NULL");
   return bn_bwd_local(l, a, &sh, &ch, &count, recs);
@@ -287,8 +319,9 @@ int sbn_bn_backward_finish(sbn_layer_t *l, const sbn_backward_args_t *a,
   int rc;
   if ((rc = bn_check_bwd(l, a, &sh)) != 0)
     return rc;
-  /* Eval never reduces: the whole backward is local. */
-  if (a->mode == SBN_MODE_EVAL)
+  /* Eval never reduces, nor does a ghost layer: the whole backward is
+   * local. */
+  if (a->mode == SBN_MODE_EVAL || bn_ghost(&l->p, a->mode))
     return bn_backward(l, a, &sh);
   if (recs == NULL)
     return sbn_set_error(SBN_EINVAL, "recs: NULL");
@@ -297,7 +330,8 @@ int sbn_bn_backward_finish(sbn_layer_t *l, const sbn_backward_args_t *a,
 
 const sbn__op_t sbn__op_batchnorm = {
     .name = "batchnorm",
-    .flags = SBN__NEED_AFFINE | SBN__NEED_RUNNING | SBN__NEED_BWD_X,
+    .flags =
+        SBN__NEED_AFFINE | SBN__NEED_RUNNING | SBN__NEED_BWD_X | SBN__CAN_GHOST,
     .defaults = bn_defaults,
     .validate = bn_validate,
     .shape = sbn__op_shape_channels,

@@ -101,6 +101,22 @@ void sbn__view_moments(const float *x, size_t A, size_t C, size_t S,
                        sbn__chan_t *ch, sbn_rec_t *recs);
 
 /* ------------------------------------------------------------------ */
+/* Ghost batches of BatchNorm (ops/batchnorm_ghost.c): sub-batches of
+ * params.ghost_batch samples, each normalized with its own statistics,
+ * with no reduction. */
+
+/* ceil(N / g): the number of sub-batches (0 for an empty batch). */
+size_t sbn__ghost_count(size_t N, size_t g);
+/* Saved bytes: (mean, istd) of C channels per sub-batch (at least one). */
+int sbn__bn_ghost_sizes(const sbn_layer_params_t *p, const sbn__shape_t *sh,
+                        size_t *saved);
+int sbn__bn_ghost_forward(const sbn_layer_params_t *p,
+                          const sbn_forward_args_t *a, const sbn__shape_t *sh);
+int sbn__bn_ghost_backward(const sbn_layer_params_t *p,
+                           const sbn_backward_args_t *a,
+                           const sbn__shape_t *sh);
+
+/* ------------------------------------------------------------------ */
 /* Statistics per (sample, group of channels), shared by GroupNorm and
  * InstanceNorm (ops/groupnorm.c). InstanceNorm is the case of groups of
  * one channel (G = C) plus running statistics. */
