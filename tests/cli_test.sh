@@ -108,7 +108,7 @@ group_basic() {
   "$SYNCBN" apply --help >"$T/help"
   for f in op x dy weight bias running-mean running-var num-batches-tracked \
     no-running-stats eps momentum cumulative eval layout groups norm-dims \
-    p seed layer step sync counts group-size out-dir; do
+    p seed layer step sync counts group-size ghost-batch out-dir; do
     check "apply --help documents --$f" grep -q -- "--$f" "$T/help"
   done
   local rc=0
@@ -143,6 +143,25 @@ group_basic() {
   check "float64 y equals float32 y" \
     "$NPYCMP" "$o/f8/y.npy" "$o/plain/y.npy" 0
   check "no affine writes no dweight" test ! -e "$o/plain/dweight.npy"
+
+  # Ghost batches: one sub-batch of the whole batch is plain BatchNorm; with
+  # sub-batches of 5, 5 and 2 samples each is normalized on its own, so the
+  # whole y still has per-channel mean 0 and variance 1 but differs from
+  # the plain one.
+  check "batchnorm --ghost-batch 12 (N = 12)" apply --op batchnorm \
+    --x "$T/x.npy" --ghost-batch 12 --out-dir "$o/ghost12"
+  check "--ghost-batch 12 equals plain BatchNorm bit for bit" \
+    "$NPYCMP" "$o/ghost12/y.npy" "$o/plain/y.npy" 0
+  check "batchnorm --ghost-batch 5" apply --op batchnorm --x "$T/x.npy" \
+    --dy "$T/dy.npy" --ghost-batch 5 --out-dir "$o/ghost5"
+  check "ghost y: per-channel mean 0, var 1" \
+    "$NPYCMP" --moments "$o/ghost5/y.npy" 1 0 1 1e-3
+  refute "ghost y differs from plain y" \
+    "$NPYCMP" "$o/ghost5/y.npy" "$o/plain/y.npy" 1e-3
+  check "batchnorm --ghost-batch 0 is off" apply --op batchnorm \
+    --x "$T/x.npy" --ghost-batch 0 --out-dir "$o/ghost0"
+  check "--ghost-batch 0 equals plain BatchNorm" \
+    "$NPYCMP" "$o/ghost0/y.npy" "$o/plain/y.npy" 0
 
   # Running statistics passed in: used in eval (unchanged), updated in train.
   apply --op batchnorm --x "$T/x.npy" --running-mean "$o/plain/running_mean.npy" \
@@ -331,6 +350,13 @@ group_errors() {
   expect_fail 2 "--counts: '6,-1'" --op batchnorm --sync --counts 6,-1 --x "$x"
   expect_fail 2 "--group-size: does not apply to --op layernorm" \
     --op layernorm --sync --group-size 2 --x "$x"
+  expect_fail 2 "--ghost-batch: does not apply to --op layernorm" \
+    --op layernorm --ghost-batch 2 --x "$x"
+  expect_fail 2 "--ghost-batch: does not apply to --op groupnorm" \
+    --op groupnorm --groups 2 --ghost-batch 2 --x "$x"
+  expect_fail 2 "--ghost-batch: '-1'" --op batchnorm --ghost-batch -1 --x "$x"
+  expect_fail 2 "--ghost-batch: 'two'" --op batchnorm --ghost-batch two \
+    --x "$x"
   expect_fail 2 "unknown option '--frobnicate'" --op batchnorm --frobnicate \
     --x "$x"
   expect_fail 2 "unexpected argument 'extra'" --op batchnorm --x "$x" extra
@@ -490,6 +516,18 @@ group_sync() {
     "${MPIRUN[@]}" "$SYNCBN" apply --sync --group-size "$np" "${bnargs[@]}" \
     --out-dir "$o/g"
   check "np=$np group-size run y" "$NPYCMP" "$o/g/y.npy" "$o/ref/y.npy" 1e-5
+
+  # Ghost batches replace the reduction: with shards that are multiples of
+  # g (12 = 12, 6+6, 4+4+4), P ranks cut the same sub-batches as one
+  # process, so y, dx and the summed dweight/dbias agree.
+  apply --ghost-batch 2 "${bnargs[@]}" --out-dir "$o/ghostref" >/dev/null ||
+    bad "single-process --ghost-batch run"
+  check "np=$np --ghost-batch 2 --sync" "${MPIRUN[@]}" "$SYNCBN" apply --sync \
+    --ghost-batch 2 "${bnargs[@]}" --out-dir "$o/ghost"
+  for f in y dx dweight dbias; do
+    check "np=$np --ghost-batch 2: $f equals one process" \
+      "$NPYCMP" "$o/ghost/$f.npy" "$o/ghostref/$f.npy" 1e-5
+  done
 
   # Local BatchNorm: with groups of one rank, rank 0's running statistics
   # are those of its shard alone (the first 5 samples, which x5.npy holds).

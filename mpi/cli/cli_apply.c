@@ -96,6 +96,7 @@ static int setup_layer(apply_run_t *r) {
   p->eps = o->eps;
   p->momentum = o->momentum;
   p->cumulative = o->cumulative;
+  p->ghost_batch = o->ghost_batch;
   p->affine = o->weight != NULL;
   p->track_running_stats = r->track;
   p->p = o->p;

@@ -111,6 +111,15 @@ static void usage(FILE *f) {
       "  --group-size k        BatchNorm: synchronize within consecutive\n"
       "                        groups of k ranks (default: all ranks)\n"
       "\n"
+      "Ghost batches:\n"
+      "  --ghost-batch G       BatchNorm: normalize each run of G consecutive\n"
+      "                        samples of a rank with its own statistics\n"
+      "                        (the last may be shorter); no reduction over\n"
+      "                        ranks, even with --sync. Running statistics:\n"
+      "                        one update per step from the mean over the\n"
+      "                        sub-batches of their means and unbiased\n"
+      "                        variances (default 0: off)\n"
+      "\n"
       "Exit status: 0 success; 1 a file, the data, the library or MPI failed;\n"
       "2 the command line is wrong. Every failure prints one line naming the\n"
       "flag or file.\n");
@@ -238,6 +247,15 @@ static int set_group_size(apply_opts_t *o, const apply_flag_t *f,
   return 0;
 }
 
+static int set_ghost(apply_opts_t *o, const apply_flag_t *f, const char *arg,
+                     apply_err_t *e) {
+  uint64_t u;
+  if (uint_arg(f, arg, 0, SIZE_MAX, &u, e) != 0)
+    return 2;
+  o->ghost_batch = (size_t)u;
+  return 0;
+}
+
 static int set_counts(apply_opts_t *o, const apply_flag_t *f, const char *arg,
                       apply_err_t *e) {
   if (sbn__cli_parse_list(arg, SIZE_MAX, &o->counts, &o->ncounts) != 0)
@@ -286,6 +304,7 @@ static const apply_flag_t flags[] = {
     VALUE("counts", ALL, set_counts,
           "a comma-separated list of non-negative integers"),
     VALUE("group-size", BN, set_group_size, "a positive integer"),
+    VALUE("ghost-batch", BN, set_ghost, "a non-negative integer"),
     {"out-dir", required_argument, ALL, set_out_dir,
      offsetof(apply_opts_t, out_dir), NULL},
     {"help", no_argument, ALL, NULL, 0, NULL},
@@ -318,6 +337,7 @@ enum {
   O_SYNC,
   O_COUNTS,
   O_GROUPSIZE,
+  O_GHOST,
   O_OUTDIR,
   O_HELP,
   O_COUNT

@@ -28,6 +28,7 @@ typedef struct apply_opts_s {
   int cumulative, eval, no_running, sync, norm_dims, group_size;
   sbn_layout_t layout;
   size_t groups;
+  size_t ghost_batch; /* --ghost-batch, 0: off */
   uint32_t seed, layer;
   uint64_t step;
   uint64_t *counts; /* --counts, ncounts entries */
