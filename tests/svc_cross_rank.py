@@ -1,6 +1,6 @@
 #!/usr/bin/python3
 """syncbnd across ranks, part 2 and 3: batches, fusion, the stats path,
-sync groups, registration mismatches and checkpoints.
+sync groups, registration mismatches, ghost batches and checkpoints.
 
     svc_cross_rank.py --np P --mpirun MPIRUN --syncbnd SYNCBND
 
@@ -363,6 +363,49 @@ def test_mismatch(job):
     print("registration mismatch: LAYER_MISMATCH on every rank")
 
 
+def test_ghost(job):
+    """Ghost batches on syncbatchnorm: each rank normalizes its own
+    sub-batches of g samples (nothing merged across ranks), backward is
+    each sub-batch's own; a rank that registered another ghost_batch (or
+    none) makes the step LAYER_MISMATCH on every rank."""
+    g = 2
+    for other in (3, 0):
+        ids = job.par(lambda r, c: c.register(
+            "ghostmm%d" % other, "syncbatchnorm", channels=C,
+            ghost_batch=g if r == 0 else other))
+        xs, _ = data(job.np, 4)
+
+        def go(r, c):
+            try:
+                c.forward(ids[r], 0, True, xs[r])
+            except sc.SyncbnError as e:
+                return e.code
+            return None
+
+        for r, code in enumerate(job.par(go)):
+            check(code == "LAYER_MISMATCH",
+                  "rank %d: ghost_batch %d vs %d gave %r" % (r, g, other, code))
+    ids = job.par(lambda r, c: c.register("ghost", "syncbatchnorm", channels=C,
+                                          ghost_batch=g))
+    xs, dys = data(job.np, 5, [5 + r for r in range(job.np)])
+
+    def step(r, c):
+        y = c.forward(ids[r], 0, True, xs[r])
+        dx, dw, db = c.backward(ids[r], 0, dys[r])
+        return y, dx, dw, db
+
+    out = job.par(step)
+    for r, (y, dx, dw, db) in enumerate(out):
+        for j in range(0, xs[r].shape[0], g):
+            xj, dyj = xs[r][j:j + g], dys[r][j:j + g]
+            yr = bn_ref(xj, np.ones(C), np.zeros(C))[0]
+            dxr = bn_bwd_ref(xj, dyj, np.ones(C))[0]
+            close(y[j:j + g], yr, 1e-5, "rank %d ghost y[%d:]" % (r, j))
+            close(dx[j:j + g], dxr, 1e-4, "rank %d ghost dx[%d:]" % (r, j))
+    print("ghost batches: per-rank sub-batches of %d, LAYER_MISMATCH on "
+          "another ghost_batch" % g)
+
+
 def test_groups(job):
     """Sync groups smaller than the job: np 2 with groups of 1, np 3 with
     groups {0, 1} and {2}. Each group normalizes over its own batch and
@@ -561,6 +604,7 @@ def main():
         test_big_batch(job)
         test_stats_path(job)
         test_mismatch(job)
+        test_ghost(job)
         test_groups(job)
         job.stop()
         job = None

@@ -2432,6 +2432,139 @@ static void test_dispatch_counts(void **st) {
   svc_worker_destroy(w);
 }
 
+/* Registers a BatchNorm kind with ghost batches of g; returns the code. */
+static const char *reg_ghost(svc_worker_t *w, const char *name,
+                             const char *kind, uint32_t channels, uint32_t g,
+                             tu_reply_t *r) {
+  tu_body_t b;
+  tu_body_init(&b);
+  msgpack_pack_map(&b.pk, 6);
+  tu_key(&b, "op");
+  tu_key(&b, "register");
+  tu_key(&b, "id");
+  msgpack_pack_uint32(&b.pk, 1);
+  tu_key(&b, "name");
+  tu_key(&b, name);
+  tu_key(&b, "kind");
+  tu_key(&b, kind);
+  tu_key(&b, "channels");
+  msgpack_pack_uint32(&b.pk, channels);
+  tu_key(&b, "ghost_batch");
+  msgpack_pack_uint32(&b.pk, g);
+  return run(w, &b, r);
+}
+
+/* Ghost batches through the worker: register takes ghost_batch (and a
+ * different one under the same name is LAYER_MISMATCH, a non-BatchNorm
+ * kind BAD_PARAMS); a ghost syncbatchnorm step goes through the agreement
+ * without records, and its forward and backward, like a ghost batchnorm's,
+ * equal the in-process library's bit for bit; stats do not apply. */
+static void test_ghost_layers(void **st) {
+  enum { N = 7 * 3 * 4 };
+  const sbn_tensor_desc_t d = {3, {7, 3, 4}, SBN_LAYOUT_NCHW};
+  float x[N], dy[N], y[N], dx[N], w3[3] = {1, 1, 1}, b3[3] = {0, 0, 0};
+  float dw[3], db[3], rm[3] = {0, 0, 0}, rv[3] = {1, 1, 1}, got[N], got3[3];
+  lb_t lb;
+  svc_worker_t *w = lb_worker(&lb);
+  int tok = 0;
+  tu_body_t b;
+  tu_reply_t r[1], s;
+  (void)st;
+  fill(x, N, 31);
+  fill(dy, N, 32);
+  assert_string_equal(reg_ghost(w, "gs", "syncbatchnorm", 3, 3, &s), "");
+  tu_reply_free(&s);
+  assert_string_equal(reg_ghost(w, "gb", "batchnorm", 3, 3, &s), "");
+  tu_reply_free(&s);
+  assert_string_equal(reg_ghost(w, "gb", "batchnorm", 3, 3, &s), "");
+  tu_reply_free(&s);
+  assert_string_equal(reg_ghost(w, "gb", "batchnorm", 3, 2, &s),
+                      "LAYER_MISMATCH");
+  tu_reply_free(&s);
+  assert_string_equal(reg_ghost(w, "ln", "instancenorm", 3, 2, &s),
+                      "BAD_PARAMS");
+  assert_non_null(strstr(s.msg, "ghost_batch"));
+  tu_reply_free(&s);
+
+  /* The in-process library with the same parameters. */
+  sbn_layer_params_t p;
+  sbn_layer_t *l = NULL;
+  sbn_layer_params_default(&p, SBN_OP_BATCHNORM);
+  p.channels = 3;
+  p.ghost_batch = 3;
+  assert_int_equal(sbn_layer_create(&p, NULL, &l), 0);
+  size_t ws_bytes, sv_bytes;
+  assert_int_equal(sbn_layer_sizes(l, &d, &ws_bytes, &sv_bytes), 0);
+  void *ws = malloc(ws_bytes), *sv = malloc(sv_bytes);
+  sbn_state_t state = {rm, rv, 0};
+  sbn_forward_args_t fa = {SBN_MODE_TRAIN, &d, x,  y,        w3, b3,
+                           &state,         1,  ws, ws_bytes, sv, sv_bytes};
+  assert_int_equal(sbn_forward(l, &fa), 0);
+  sbn_backward_args_t ba = {
+      SBN_MODE_TRAIN, &d, x, dy, dx, w3, dw, db, 1, ws, ws_bytes, sv, sv_bytes};
+  assert_int_equal(sbn_backward(l, &ba), 0);
+
+  for (uint64_t layer = 0; layer < 2; layer++) {
+    tu_body_init(&b);
+    p_fwd(&b, 40 + layer, layer, 1, 1, &d, x);
+    if (layer == 0) {
+      lb_send(w, &b, &tok);
+      lb_wait(w, &lb, 1, r);
+    } else {
+      EXPECT(w, &b, &r[0], "");
+    }
+    assert_string_equal(r[0].code, "");
+    tensor_of(&r[0].o, "y", got, N);
+    assert_memory_equal(got, y, sizeof got);
+    tu_reply_free(&r[0]);
+    tu_body_init(&b);
+    p_bwd(&b, 50 + layer, layer, 1, &d, dy);
+    if (layer == 0) {
+      lb_send(w, &b, &tok);
+      lb_wait(w, &lb, 1, r);
+    } else {
+      EXPECT(w, &b, &r[0], "");
+    }
+    assert_string_equal(r[0].code, "");
+    tensor_of(&r[0].o, "dx", got, N);
+    assert_memory_equal(got, dx, sizeof got);
+    tensor_of(&r[0].o, "dweight", got3, 3);
+    assert_memory_equal(got3, dw, sizeof got3);
+    tensor_of(&r[0].o, "dbias", got3, 3);
+    assert_memory_equal(got3, db, sizeof got3);
+    tu_reply_free(&r[0]);
+  }
+  /* Both moved their running statistics as the library did. */
+  for (uint32_t layer = 0; layer < 2; layer++) {
+    tu_body_init(&b);
+    msgpack_pack_map(&b.pk, 3);
+    tu_key(&b, "op");
+    tu_key(&b, "get_state");
+    tu_key(&b, "id");
+    msgpack_pack_uint32(&b.pk, 1);
+    tu_key(&b, "layer");
+    msgpack_pack_uint32(&b.pk, layer);
+    EXPECT(w, &b, &s, "");
+    tensor_of(&s.o, "running_mean", got3, 3);
+    assert_memory_equal(got3, rm, sizeof got3);
+    tensor_of(&s.o, "running_var", got3, 3);
+    assert_memory_equal(got3, rv, sizeof got3);
+    tu_reply_free(&s);
+  }
+  {
+    double cnt[3] = {4, 5, 6}, mean[3] = {0.5, -1, 2}, m2[3] = {3, 8, 15};
+    tu_body_init(&b);
+    p_stats(&b, 60, 0, 7, 3, cnt, 0, mean, m2);
+    EXPECT(w, &b, &s, "BAD_PARAMS");
+    assert_non_null(strstr(s.msg, "ghost_batch"));
+    tu_reply_free(&s);
+  }
+  free(ws);
+  free(sv);
+  sbn_layer_destroy(l);
+  svc_worker_destroy(w);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_command_table),
@@ -2453,6 +2586,7 @@ int main(void) {
       cmocka_unit_test(test_sync_refusals),
       cmocka_unit_test(test_checkpoint_kinds),
       cmocka_unit_test(test_checkpoint_register_race),
+      cmocka_unit_test(test_ghost_layers),
   };
   return cmocka_run_group_tests(tests, setup_dir, teardown_dir);
 }

@@ -105,7 +105,13 @@ class SyncbnClient:
     def hello(self):
         return self.call("hello", version=1)
 
-    def register(self, name, kind, **params):
+    def register(self, name, kind, ghost_batch=None, **params):
+        """Registers a layer; params are the register keys of PROTOCOL.md.
+        ghost_batch=g (batchnorm and syncbatchnorm, protocol >= 4)
+        normalizes each run of g consecutive samples with its own
+        statistics; None or 0 leaves ghost batches off."""
+        if ghost_batch:
+            params["ghost_batch"] = int(ghost_batch)
         r = self.call("register", name=name, kind=kind, **params)
         return int(r["layer"])
 

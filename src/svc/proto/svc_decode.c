@@ -269,6 +269,7 @@ enum {
   K_RUNNING_MEAN,
   K_RUNNING_VAR,
   K_NBT,
+  K_GHOST_BATCH,
   K_COUNT
 };
 static const char *const svc__keys[K_COUNT] = {
@@ -287,7 +288,8 @@ static const char *const svc__keys[K_COUNT] = {
     "count",       "mean",
     "m2",          "sum_dy",
     "sum_dy_xhat", "running_mean",
-    "running_var", "num_batches_tracked"};
+    "running_var", "num_batches_tracked",
+    "ghost_batch"};
 
 /* The optional parameters of a register request, over the kind's
  * defaults: a flat list of keys, each read and stored. */
@@ -360,6 +362,14 @@ static int svc__decode_layer_params(const msgpack_object *const *k,
     if ((rc = svc__get_uint(k[K_SEED], "seed", UINT32_MAX, &u)) != 0)
       return rc;
     p->seed = (uint32_t)u;
+  }
+  /* Like channels, a sub-batch size beyond 2^32 samples cannot come with
+   * any frame; the library refuses it for kinds other than BatchNorm. */
+  if (k[K_GHOST_BATCH] != NULL) {
+    if ((rc = svc__get_uint(k[K_GHOST_BATCH], "ghost_batch", UINT32_MAX, &u)) !=
+        0)
+      return rc;
+    p->ghost_batch = (size_t)u;
   }
   return 0;
 }

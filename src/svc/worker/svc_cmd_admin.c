@@ -38,6 +38,7 @@ int svc__cmd_bye(svc__call_t *call) {
 
 static int svc__params_equal(const svc__layer_t *l, const svc_register_t *r) {
   return l->kind == r->kind && l->group_size == r->group_size &&
+         l->params.ghost_batch == r->params.ghost_batch &&
          svc__lib_params_equal(&l->params, &r->params);
 }
 

@@ -38,13 +38,23 @@ static int svc__sync_check(svc_worker_t *w, const svc__layer_t *l,
   return 0;
 }
 
+/* Whether a syncbatchnorm layer reduces in training: not with ghost
+ * batches, which replace the reduction (sbn_bn_needs_reduce). */
+static int svc__reduces(const svc__layer_t *l) {
+  return l->params.ghost_batch == 0;
+}
+
 /* A layer's cross-rank entry: its channels' records, its fingerprint, its
- * sync group, and `what` naming layer, step and op. */
+ * sync group, and `what` naming layer, step and op. A ghost-batch layer's
+ * entry has no records: it still goes through the agreement, so that its
+ * ranks stay in step and a layer registered with another ghost_batch is
+ * LAYER_MISMATCH, but it adds nothing to the allreduce. */
 static svc__pend_t *svc__pend_layer(svc_worker_t *w, svc__layer_t *l,
                                     uint64_t step, uint32_t dir, uint32_t tag,
                                     const char *op) {
-  svc__pend_t *p = svc__pend_alloc(w, svc__hash_name(l->name), step, dir,
-                                   l->params.channels, tag);
+  svc__pend_t *p =
+      svc__pend_alloc(w, svc__hash_name(l->name), step, dir,
+                      svc__reduces(l) ? l->params.channels : 0, tag);
   if (p == NULL)
     return NULL;
   p->fp = svc__fingerprint(l);
@@ -213,7 +223,10 @@ static int svc__forward_sync(svc__call_t *call, svc__layer_t *l, svc__step_t *s,
   int rc;
   if (p == NULL)
     return svc_set_error(SVC_RESOURCE, "forward: out of memory");
-  if ((rc = sbn_bn_forward_local(l->layer, a, p->recs)) != 0) {
+  /* A ghost layer has no records; its forward_finish does the whole work
+   * once the ranks agree. */
+  if (svc__reduces(l) &&
+      (rc = sbn_bn_forward_local(l->layer, a, p->recs)) != 0) {
     svc__pend_free(p);
     return svc__lib_error(rc);
   }
@@ -419,7 +432,8 @@ int svc__cmd_backward(svc__call_t *call) {
   p->s = s;
   svc__bargs(s, p, &a);
   if (sync) {
-    if ((rc = sbn_bn_backward_local(l->layer, &a, p->recs)) != 0) {
+    if (svc__reduces(l) &&
+        (rc = sbn_bn_backward_local(l->layer, &a, p->recs)) != 0) {
       rc = svc__lib_error(rc);
       goto fail;
     }
@@ -593,6 +607,12 @@ int svc__cmd_stats(svc__call_t *call) {
     return svc_set_error(SVC_SHAPE,
                          "layer: %s needs a syncbatchnorm layer, '%s' is %s",
                          op, l->name, svc_kind_name(l->kind));
+  if (!svc__reduces(l))
+    return svc_set_error(SVC_BAD_PARAMS,
+                         "layer: '%s' has ghost_batch %zu: its statistics "
+                         "are per sub-batch and never reduced, so %s does "
+                         "not apply",
+                         l->name, l->params.ghost_batch, op);
   if ((rc = svc__stats_check(l, q, fwd)) != 0 ||
       (rc = svc__sync_check(w, l, q->step, dir, op)) != 0)
     return rc;

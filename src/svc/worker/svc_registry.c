@@ -118,6 +118,9 @@ float *svc__floats(size_t n) {
   return aligned_alloc(64, (bytes + 63) & ~(size_t)63);
 }
 
+/* ghost_batch is not compared here but by register: checkpoints (the
+ * other caller) do not store it, since running statistics mean the same
+ * for every ghost batch size. */
 int svc__lib_params_equal(const sbn_layer_params_t *a,
                           const sbn_layer_params_t *b) {
   if (a->op != b->op || a->channels != b->channels || a->groups != b->groups ||
@@ -165,6 +168,7 @@ uint64_t svc__fingerprint(const svc__layer_t *l) {
   h = svc__mix(h, (uint64_t)l->params.affine);
   h = svc__mix(h, (uint64_t)l->params.track_running_stats);
   h = svc__mix(h, l->group_size);
+  h = svc__mix(h, (uint64_t)l->params.ghost_batch);
   return h;
 }
 

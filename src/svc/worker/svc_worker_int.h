@@ -83,11 +83,13 @@ svc_code_t svc__lib_code(int rc);
 int svc__lib_error(int rc);
 float *svc__floats(size_t n);
 uint64_t svc__hash_name(const char *name);
-/* Whether two layers' library parameters agree (layer_id aside). */
+/* Whether two layers' library parameters agree (layer_id and ghost_batch
+ * aside: register compares ghost_batch itself). */
 int svc__lib_params_equal(const sbn_layer_params_t *a,
                           const sbn_layer_params_t *b);
 /* Everything that must agree between ranks for a layer to be reduced
- * together: kind, channels, eps, momentum, affine, group size. */
+ * together: kind, channels, eps, momentum, affine, group size, ghost
+ * batch size. */
 uint64_t svc__fingerprint(const svc__layer_t *l);
 /* Ranks per sync group of a layer (group_size 0 means the whole job). */
 uint32_t svc__gsize(const svc_worker_t *w, const svc__layer_t *l);
