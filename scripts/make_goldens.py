@@ -23,12 +23,19 @@ fread and nothing else:
 Keys: op (batchnorm|layernorm|instancenorm|groupnorm), mode (train|eval),
 layout (nchw|nhwc), dims (logical N C spatial..., or the plain array shape
 for layernorm), channels, groups, norm_shape, eps, momentum, cumulative
-(0|1: PyTorch momentum=None), affine (0|1), track (0|1), nbt_in, nbt_out.
+(0|1: PyTorch momentum=None), affine (0|1), track (0|1), nbt_in, nbt_out,
+ghost_batch (batchnorm with ghost batches of that many samples; absent: 0).
+PyTorch has no ghost batches: they are made by applying one copy of the
+BatchNorm module (the same start state) to each chunk of x.split(g), as
+ceil(N/g) data-parallel ranks of g samples would, with dweight/dbias the
+sum of the copies' gradients and the running statistics the mean of the
+copies' (syncbn's documented rule).
 Arrays: x, dy (in the layout's memory order), weight, bias,
 running_mean_in, running_var_in (inputs), y, dx (memory order), dweight,
 dbias, running_mean_out, running_var_out (expected outputs). Arrays that do
 not apply are absent.
 """
+import copy
 import os
 import struct
 import sys
@@ -59,6 +66,27 @@ def bn_module(ndim, C, **kw):
     return cls(C, **kw)
 
 
+def ghost_bn(m, xt, dyt, g):
+    """BatchNorm m applied by its own copy to each chunk of xt.split(g);
+    leaves in m the summed gradients and the mean of the copies' running
+    statistics, and returns the concatenated y."""
+    chunks = xt.split(g)
+    copies = [copy.deepcopy(m) for _ in chunks]
+    y = torch.cat([c(xc) for c, xc in zip(copies, chunks)])
+    y.backward(dyt)
+    with torch.no_grad():
+        if m.affine:
+            m.weight.grad = sum(c.weight.grad for c in copies)
+            m.bias.grad = sum(c.bias.grad for c in copies)
+        if m.track_running_stats and m.training:
+            m.running_mean.copy_(
+                torch.stack([c.running_mean for c in copies]).mean(0))
+            m.running_var.copy_(
+                torch.stack([c.running_var for c in copies]).mean(0))
+            m.num_batches_tracked.copy_(copies[0].num_batches_tracked)
+    return y
+
+
 def in_module(ndim, C, **kw):
     cls = {3: torch.nn.InstanceNorm1d, 4: torch.nn.InstanceNorm2d,
            5: torch.nn.InstanceNorm3d}[ndim]
@@ -67,7 +95,7 @@ def in_module(ndim, C, **kw):
 
 def make_case(rng, name, op, dims, mode="train", layout="nchw", affine=True,
               track=True, momentum=0.1, cumulative=False, eps=1e-5, groups=1,
-              norm_ndim=1, xmean=0.5, xstd=2.0, nbt_in=3):
+              norm_ndim=1, xmean=0.5, xstd=2.0, nbt_in=3, ghost=0):
     dims = list(dims)
     x = f32(xmean + xstd * rng.standard_normal(dims))
     dy = f32(rng.standard_normal(dims))
@@ -90,6 +118,8 @@ def make_case(rng, name, op, dims, mode="train", layout="nchw", affine=True,
                           affine=affine, track_running_stats=track)
             header += [("momentum", repr(momentum)),
                        ("cumulative", int(cumulative)), ("track", int(track))]
+            if ghost:
+                header.append(("ghost_batch", ghost))
         elif op == "instancenorm":
             m = in_module(len(dims), C, eps=eps, momentum=momentum,
                           affine=affine, track_running_stats=track)
@@ -117,8 +147,11 @@ def make_case(rng, name, op, dims, mode="train", layout="nchw", affine=True,
                 m.num_batches_tracked.fill_(nbt_in)
     m.train(mode == "train")
     xt = torch.from_numpy(x).requires_grad_(True)
-    y = m(xt)
-    y.backward(torch.from_numpy(dy))
+    if ghost and (mode == "train" or not track):
+        y = ghost_bn(m, xt, torch.from_numpy(dy), ghost)
+    else:
+        y = m(xt)
+        y.backward(torch.from_numpy(dy))
 
     # Logical -> memory order only for the layouts that have channels.
     lay = layout if op != "layernorm" else "nchw"
@@ -216,6 +249,16 @@ def cases():
                               xmean=1e4, xstd=1.0)),
         ("ln_eps1e-3", dict(op="layernorm", dims=(4, 9), norm_ndim=1, eps=1e-3)),
         ("bn_eps1e-3", dict(op=bn, dims=(4, 3, 5), eps=1e-3)),
+        ("bn_ghost_train_nchw", dict(op=bn, dims=(7, 3, 4, 5), ghost=3)),
+        ("bn_ghost_train_nhwc", dict(op=bn, dims=(7, 3, 4, 5), ghost=3,
+                                     layout="nhwc")),
+        ("bn_ghost_cumulative", dict(op=bn, dims=(6, 4, 5), ghost=2,
+                                     cumulative=True)),
+        ("bn_ghost_eval_notrack", dict(op=bn, dims=(5, 3, 6), ghost=2,
+                                       mode="eval", track=False)),
+        ("bn_ghost_largemean", dict(op=bn, dims=(8, 4, 16), ghost=4,
+                                    xmean=1e4, xstd=1.0)),
+        ("bn_ghost_g1_spatial", dict(op=bn, dims=(3, 2, 5), ghost=1)),
     ]
     return c
 

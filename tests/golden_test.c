@@ -28,7 +28,7 @@ typedef struct {
   char op[32], mode[16], layout[16];
   int ndim, norm_ndim;
   size_t dims[SBN_MAX_DIMS], norm_shape[SBN_MAX_DIMS];
-  size_t channels, groups;
+  size_t channels, groups, ghost_batch;
   double eps, momentum;
   int cumulative, affine, track;
   long long nbt_in, nbt_out;
@@ -100,6 +100,8 @@ static void golden_read(const char *path, golden_t *g) {
       g->affine = atoi(val);
     else if (strcmp(line, "track") == 0)
       g->track = atoi(val);
+    else if (strcmp(line, "ghost_batch") == 0)
+      g->ghost_batch = strtoull(val, NULL, 10);
     else if (strcmp(line, "nbt_in") == 0)
       g->nbt_in = atoll(val);
     else if (strcmp(line, "nbt_out") == 0)
@@ -191,6 +193,7 @@ static void run_golden(const char *file, const golden_t *g, const char *kset) {
   p.cumulative = g->cumulative;
   p.affine = g->affine;
   p.track_running_stats = g->track;
+  p.ghost_batch = g->ghost_batch;
   sbn_layer_t *l = tu_layer(&p, NULL);
   sbn_tensor_desc_t d;
   memset(&d, 0, sizeof d);
@@ -278,9 +281,11 @@ static void ref_golden(const char *file, const golden_t *g) {
     memcpy(rm, rmi, C * sizeof *rm), memcpy(rv, rvi, C * sizeof *rv);
   int64_t nbt = g->nbt_in;
   if (strcmp(g->op, "batchnorm") == 0) {
-    ref64_bn_forward(&d, x, y, w, b, rmi ? rm : NULL, rmi ? rv : NULL, &nbt,
-                     g->eps, g->momentum, g->cumulative, train);
-    ref64_bn_backward(&d, x, dy, dx, w, dw, db, rmi, rvi, g->eps, train);
+    ref64_bn_ghost_forward(&d, g->ghost_batch, x, y, w, b, rmi ? rm : NULL,
+                           rmi ? rv : NULL, &nbt, g->eps, g->momentum,
+                           g->cumulative, train);
+    ref64_bn_ghost_backward(&d, g->ghost_batch, x, dy, dx, w, dw, db, rmi, rvi,
+                            g->eps, train);
   } else if (strcmp(g->op, "instancenorm") == 0) {
     ref64_in_forward(&d, x, y, w, b, rmi ? rm : NULL, rmi ? rv : NULL, g->eps,
                      g->momentum, train);
