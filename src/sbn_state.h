@@ -39,6 +39,9 @@
  *         f64    p
  *         u32    seed
  *         u32    layer_id
+ *           (ghost_batch is not stored: the running statistics mean the
+ *           same for every ghost batch size, so a decoded descriptor has
+ *           ghost_batch 0 and a file loads into a layer of any g)
  *         u32    group_size (0: one group of the whole job)
  *         u32    num_groups (at most SBN_CKPT_MAX_GROUPS)
  *         u64    affine_len (see sbn_ckpt_lengths())

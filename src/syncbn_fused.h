@@ -8,11 +8,12 @@
  * The layer list may hold any layers. BatchNorm layers that need the
  * reduction in this call (sbn_bn_needs_reduce() != 0) put their C records
  * into one buffer, one layer after the other in list order; every other
- * layer (BatchNorm in eval, LayerNorm, InstanceNorm, GroupNorm, Dropout)
- * runs plain sbn_forward()/sbn_backward(), which never communicates. The
- * buffer ends with one status record, so that a rank whose local step
- * failed (a bad argument, say) still joins the reduction and every rank
- * returns an error instead of some of them waiting forever.
+ * layer (BatchNorm in eval or with ghost batches, LayerNorm, InstanceNorm,
+ * GroupNorm, Dropout) runs plain sbn_forward()/sbn_backward(), which never
+ * communicates. The buffer ends with one status record, so that a rank
+ * whose local step failed (a bad argument, say) still joins the reduction
+ * and every rank returns an error instead of some of them waiting
+ * forever.
  *
  * Every process of comm must call with the same layers (same channel
  * counts, same modes) in the same order. The communicator of every layer

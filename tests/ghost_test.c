@@ -15,6 +15,7 @@
 #include <cmocka.h>
 
 #include "ref64.h"
+#include "syncbn_fused.h"
 #include "testutil.h"
 
 #define TOL_Y 1e-5  /* y, dbias, running statistics */
@@ -354,6 +355,50 @@ static void test_ghost_seam_and_params(void **state) {
   }
 }
 
+/* A fused step over a ghost layer and a plain one: only the plain layer's
+ * records go into the buffer (its C plus the status record), and both
+ * layers' results equal their one-call paths bit for bit. */
+static void test_ghost_fused(void **state) {
+  (void)state;
+  sbn_tensor_desc_t d =
+      tu_desc(SBN_LAYOUT_NHWC, 4, (size_t)5, (size_t)3, (size_t)2, (size_t)2);
+  gh_bufs_t one[2], fz[2];
+  sbn_layer_t *ls[2] = {ghost_layer(3, 2, 1, 0), ghost_layer(3, 0, 1, 0)};
+  sbn_forward_args_t fa[2];
+  sbn_backward_args_t ba[2];
+  void *work[2], *saved[2];
+  size_t ws[2], sv[2], count;
+  for (int i = 0; i < 2; i++) {
+    bufs_init(&one[i], &d, 1, 1, 40 + (uint64_t)i);
+    bufs_init(&fz[i], &d, 1, 1, 40 + (uint64_t)i);
+    TU_ASSERT_RC(run(ls[i], SBN_MODE_TRAIN, &d, &one[i], 1), 0);
+    TU_ASSERT_RC(sbn_layer_sizes(ls[i], &d, &ws[i], &sv[i]), 0);
+    work[i] = tu_xmalloc(ws[i]);
+    saved[i] = tu_xmalloc(sv[i]);
+    gh_bufs_t *u = &fz[i];
+    fa[i] = (sbn_forward_args_t){SBN_MODE_TRAIN, &d,    u->x,     u->y,
+                                 u->w,           u->b,  &u->st,   0,
+                                 work[i],        ws[i], saved[i], sv[i]};
+    ba[i] = (sbn_backward_args_t){
+        SBN_MODE_TRAIN, &d, u->x,    u->dy, u->dx,    u->w, u->dw,
+        u->db,          0,  work[i], ws[i], saved[i], sv[i]};
+  }
+  TU_ASSERT_RC(sbn_fused_forward_records(2, ls, fa, &count), 0);
+  assert_int_equal(count, 3 + 1);
+  sbn_rec_t recs[4];
+  TU_ASSERT_RC(sbn_bn_forward_fused(NULL, 2, ls, fa, recs, 4), 0);
+  TU_ASSERT_RC(sbn_bn_backward_fused(NULL, 2, ls, ba, recs, 4), 0);
+  for (int i = 0; i < 2; i++) {
+    assert_memory_equal(one[i].y, fz[i].y, one[i].n * sizeof(float));
+    assert_memory_equal(one[i].dx, fz[i].dx, one[i].n * sizeof(float));
+    assert_memory_equal(one[i].rm, fz[i].rm, 3 * sizeof(float));
+    assert_memory_equal(one[i].dw, fz[i].dw, 3 * sizeof(float));
+    free(work[i]), free(saved[i]);
+    sbn_layer_destroy(ls[i]);
+    bufs_free(&one[i]), bufs_free(&fz[i]);
+  }
+}
+
 static int report(void **state) {
   (void)state;
   tu_err_report("ghost batches vs float64 reference (max rel L2)");
@@ -367,6 +412,7 @@ int main(void) {
       cmocka_unit_test(test_ghost_equals_slices),
       cmocka_unit_test(test_ghost_small_and_empty),
       cmocka_unit_test(test_ghost_seam_and_params),
+      cmocka_unit_test(test_ghost_fused),
   };
   return cmocka_run_group_tests(tests, NULL, report);
 }

@@ -54,6 +54,10 @@ static void m_track(sbn_layer_params_t *p, int *k) {
   (void)k;
   p->track_running_stats = 0;
 }
+static void m_ghost(sbn_layer_params_t *p, int *k) {
+  (void)k;
+  p->ghost_batch = 2;
+}
 static void m_p(sbn_layer_params_t *p, int *k) {
   (void)k;
   p->p = 0.25;
@@ -79,6 +83,7 @@ static void test_mismatch(void) {
                 {"affine", m_affine},
                 {"track_running_stats", m_track},
                 {"p", m_p},
+                {"ghost_batch", m_ghost},
                 {"op", m_op},
                 {"group_size", m_group_size}};
   for (size_t i = 0; i < sizeof fields / sizeof *fields; i++) {
