@@ -337,8 +337,9 @@ SBN_API int sbn_backward(sbn_layer_t *layer, const sbn_backward_args_t *args);
  * tracked, and never communicates (PyTorch's SyncBatchNorm does the
  * same). A ghost-batch layer (params.ghost_batch > 0) is local in every
  * mode the same way: its *_finish calls do the whole work and ignore
- * recs, and its *_local calls in training are SBN_EINVAL, since a ghost
- * layer has no records to reduce. */
+ * recs, and its *_local calls are SBN_EINVAL wherever it uses batch
+ * statistics (training, and eval without running statistics), since a
+ * ghost layer has no records to reduce. */
 SBN_API int sbn_bn_needs_reduce(const sbn_layer_t *layer, sbn_mode_t mode);
 /* Writes C SBN_REC_MOMENTS records (count, mean, M2) of the local batch. */
 SBN_API int sbn_bn_forward_local(sbn_layer_t *layer,

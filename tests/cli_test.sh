@@ -152,8 +152,10 @@ group_basic() {
     --x "$T/x.npy" --ghost-batch 12 --out-dir "$o/ghost12"
   check "--ghost-batch 12 equals plain BatchNorm bit for bit" \
     "$NPYCMP" "$o/ghost12/y.npy" "$o/plain/y.npy" 0
-  check "batchnorm --ghost-batch 5" apply --op batchnorm --x "$T/x.npy" \
-    --dy "$T/dy.npy" --ghost-batch 5 --out-dir "$o/ghost5"
+  apply --op batchnorm --x "$T/x.npy" --dy "$T/dy.npy" --ghost-batch 5 \
+    --out-dir "$o/ghost5" >"$T/sum" 2>&1
+  check "batchnorm --ghost-batch 5 summary names the ghost batches" \
+    grep -q "statistics of each ghost batch of 5 samples" "$T/sum"
   check "ghost y: per-channel mean 0, var 1" \
     "$NPYCMP" --moments "$o/ghost5/y.npy" 1 0 1 1e-3
   refute "ghost y differs from plain y" \

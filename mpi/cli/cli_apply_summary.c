@@ -130,7 +130,9 @@ static void print_processes(const apply_run_t *r) {
     printf("processes: %d (MPI), batch split", r->size);
     for (int i = 0; i < r->size; i++)
       printf("%s%zu", i ? "," : " ", r->counts[i]);
-    if (o->op == SBN_OP_BATCHNORM)
+    if (o->op == SBN_OP_BATCHNORM && o->ghost_batch > 0)
+      printf(", ghost batches per rank (nothing synchronized)");
+    else if (o->op == SBN_OP_BATCHNORM)
       printf(", statistics synchronized in groups of %d",
              o->group_size > 0 && o->group_size < r->size ? o->group_size
                                                           : r->size);
@@ -154,6 +156,9 @@ static void print_running(const apply_run_t *r) {
   const char *used =
       (o->eval && r->track) ? "running statistics" : "batch statistics";
   printf("running statistics: %s; normalized with %s", src, used);
+  /* Ghost batches replace the batch statistics wherever those are used. */
+  if (o->ghost_batch > 0 && !(o->eval && r->track))
+    printf(" of each ghost batch of %zu samples", o->ghost_batch);
   if (r->track && o->op == SBN_OP_BATCHNORM)
     printf("; %s, num_batches_tracked %lld -> %lld",
            o->cumulative ? "cumulative average"
