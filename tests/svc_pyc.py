@@ -56,6 +56,13 @@ CASES = [
     ("syncbatchnorm", (5, 4, 3), "nchw", dict(channels=4, eps=1e-5, momentum=0.1,
                                               affine=True, track_running_stats=True,
                                               group_size=0), 4),
+    ("batchnorm", (7, 3, 4), "nchw", dict(channels=3, eps=1e-5, momentum=0.1,
+                                          affine=True, track_running_stats=True,
+                                          ghost_batch=3), 3),
+    ("syncbatchnorm", (6, 4, 2, 2), "nhwc", dict(channels=4, eps=1e-5,
+                                                 momentum=0.1, affine=True,
+                                                 track_running_stats=True,
+                                                 group_size=0, ghost_batch=2), 4),
 ]
 
 

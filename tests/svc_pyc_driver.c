@@ -35,6 +35,7 @@ typedef struct pyc_case_s {
   double p;
   uint32_t seed;
   float offset; /* added to x: a large mean exercises the numerics */
+  size_t ghost; /* ghost_batch (batchnorm kinds) */
 } pyc_case_t;
 
 static const pyc_case_t pyc_cases[] = {
@@ -51,7 +52,8 @@ static const pyc_case_t pyc_cases[] = {
      1,
      0,
      0,
-     1000.0f},
+     1000.0f,
+     0},
     {"batchnorm",
      SBN_OP_BATCHNORM,
      4,
@@ -65,7 +67,8 @@ static const pyc_case_t pyc_cases[] = {
      1,
      0,
      0,
-     0.0f},
+     0.0f,
+     0},
     {"layernorm",
      SBN_OP_LAYERNORM,
      3,
@@ -79,7 +82,8 @@ static const pyc_case_t pyc_cases[] = {
      0,
      0,
      0,
-     0.0f},
+     0.0f,
+     0},
     {"groupnorm",
      SBN_OP_GROUPNORM,
      3,
@@ -93,7 +97,8 @@ static const pyc_case_t pyc_cases[] = {
      0,
      0,
      0,
-     0.0f},
+     0.0f,
+     0},
     {"instancenorm",
      SBN_OP_INSTANCENORM,
      3,
@@ -107,7 +112,8 @@ static const pyc_case_t pyc_cases[] = {
      1,
      0,
      0,
-     0.0f},
+     0.0f,
+     0},
     {"dropout",
      SBN_OP_DROPOUT,
      3,
@@ -121,7 +127,8 @@ static const pyc_case_t pyc_cases[] = {
      0,
      0.3,
      11,
-     0.0f},
+     0.0f,
+     0},
     {"syncbatchnorm",
      SBN_OP_BATCHNORM,
      3,
@@ -135,7 +142,38 @@ static const pyc_case_t pyc_cases[] = {
      1,
      0,
      0,
-     0.0f},
+     0.0f,
+     0},
+    {"batchnorm",
+     SBN_OP_BATCHNORM,
+     3,
+     {7, 3, 4},
+     SBN_LAYOUT_NCHW,
+     3,
+     0,
+     0,
+     {0},
+     0,
+     1,
+     0,
+     0,
+     0.0f,
+     3},
+    {"syncbatchnorm",
+     SBN_OP_BATCHNORM,
+     4,
+     {6, 4, 2, 2},
+     SBN_LAYOUT_NHWC,
+     4,
+     0,
+     0,
+     {0},
+     0,
+     1,
+     0,
+     0,
+     0.0f,
+     2},
 };
 
 static uint64_t pyc_rng = 0x9e3779b97f4a7c15ull;
@@ -202,6 +240,7 @@ int main(int argc, char **argv) {
     p.track_running_stats = k->track;
     p.p = k->p;
     p.seed = k->seed;
+    p.ghost_batch = k->ghost;
     if (k->op != SBN_OP_DROPOUT)
       wb = k->op == SBN_OP_LAYERNORM ? k->norm_shape[0] * k->norm_shape[1]
                                      : k->channels;

@@ -98,7 +98,10 @@ int sbn_client_hello(sbn_client_t *c, sbn_client_hello_t *out);
  * "instancenorm", "groupnorm" or "dropout"; the fields of p that apply to
  * the kind are sent (p->op and p->layer_id are ignored: the worker assigns
  * the id, which is also the dropout layer id). group_size applies to
- * syncbatchnorm. *created says whether the name was new (may be NULL). */
+ * syncbatchnorm; p->ghost_batch to batchnorm and syncbatchnorm (sent when
+ * nonzero, also for instancenorm, where the worker refuses it with
+ * BAD_PARAMS; it needs a worker with protocol >= 4). *created says whether
+ * the name was new (may be NULL). */
 int sbn_client_register(sbn_client_t *c, const char *name, const char *kind,
                         const sbn_layer_params_t *p, uint32_t group_size,
                         uint64_t *layer, int *created);

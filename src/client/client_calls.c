@@ -71,6 +71,12 @@ static int sbn__pack_params(msgpack_packer *pk, sbn__kind_t k,
     rc |= sbn__key(pk, "group_size");
     rc |= msgpack_pack_uint32(pk, group_size);
   }
+  /* Sent only when on, so that a request without ghost batches stays a
+   * version 3 request. */
+  if (bn && prm->ghost_batch > 0) {
+    rc |= sbn__key(pk, "ghost_batch");
+    rc |= msgpack_pack_uint64(pk, prm->ghost_batch);
+  }
   return rc;
 }
 
@@ -79,7 +85,8 @@ int sbn_client_register(sbn_client_t *c, const char *name, const char *kind,
                         uint64_t *layer, int *created) {
   /* Entries besides op, id, name and kind, by sbn__kind_t: channels eps
    * momentum affine track (+ group_size); channels groups eps affine;
-   * normalized_shape eps affine; p seed. */
+   * normalized_shape eps affine; p seed. BatchNorm kinds add ghost_batch
+   * when it is on. */
   static const size_t nparams[] = {5, 6, 4, 3, 2};
   sbn__req_t r;
   sbn__reply_t p;
@@ -96,7 +103,10 @@ int sbn_client_register(sbn_client_t *c, const char *name, const char *kind,
                                     : "layer");
   if (sbn__kind_parse(kind, &k) != 0)
     return sbn__fail(c, SBN_EINVAL, "kind: unknown layer kind '%s'", kind);
-  sbn__req_start(c, &r, "register", 4 + nparams[k]);
+  sbn__req_start(
+      c, &r, "register",
+      4 + nparams[k] +
+          ((k == SBN__K_BN || k == SBN__K_SYNC) && prm->ghost_batch > 0));
   r.bad |= sbn__key(&r.pk, "name");
   r.bad |= sbn__key(&r.pk, name);
   r.bad |= sbn__key(&r.pk, "kind");
