@@ -2563,6 +2563,37 @@ static void test_ghost_layers(void **st) {
   free(sv);
   sbn_layer_destroy(l);
   svc_worker_destroy(w);
+
+  /* Checkpoints do not store ghost_batch: a ghost layer's running
+   * statistics load into a layer of the same name with another g. */
+  {
+    svc_worker_t *w1 = worker(), *w2 = worker();
+    snap_t a1, a2;
+    char path[512];
+    assert_int_equal(svc_worker_set_state_dir(w1, g_dir), 0);
+    assert_int_equal(svc_worker_set_state_dir(w2, g_dir), 0);
+    assert_string_equal(reg_ghost(w1, "gb", "batchnorm", 3, 3, &s), "");
+    tu_reply_free(&s);
+    assert_string_equal(reg_ghost(w2, "gb", "batchnorm", 3, 2, &s), "");
+    tu_reply_free(&s);
+    tu_body_init(&b);
+    p_fwd(&b, 70, 0, 1, 1, &d, x);
+    EXPECT(w1, &b, &s, "");
+    tu_reply_free(&s);
+    assert_string_equal(ckpt(w1, 0, "ghost", &s), "");
+    tu_reply_free(&s);
+    assert_string_equal(ckpt(w2, 1, "ghost", &s), "");
+    tu_reply_free(&s);
+    snap(w1, 1, &a1);
+    snap(w2, 1, &a2);
+    assert_true(snap_equal(&a1, &a2));
+    snap_free(&a1);
+    snap_free(&a2);
+    path_of(path, sizeof path, "ghost");
+    assert_int_equal(unlink(path), 0);
+    svc_worker_destroy(w1);
+    svc_worker_destroy(w2);
+  }
 }
 
 int main(void) {
