@@ -363,12 +363,63 @@ static void test_schedule(void **state) {
   assert_true(memcmp(a, b, sizeof a) != 0);
 }
 
+/* ---- Precise BatchNorm ---- */
+
+/* The first BatchNorm's input does not depend on how the samples are cut
+ * into chunks, so its precise statistics must equal the float64 moments
+ * of Linear(784, 256) over all samples, for one chunk or three. */
+static void test_precise_bn(void **state) {
+  (void)state;
+  enum { N = 40, IN = 784, C = 256 };
+  sbn_nn_config_t cfg = {0};
+  cfg.arch = SBN_NN_MLP;
+  cfg.norm = SBN_NN_NORM_BN;
+  cfg.eps = 1e-5;
+  cfg.momentum = 0.1;
+  cfg.seed = 3;
+  cfg.max_batch = N;
+  sbn_nn_model_t *m;
+  assert_int_equal(sbn_nn_model_create(&cfg, &m), 0);
+  assert_int_equal(sbn_nn_precise_count(m), 2 * C);
+  tu_rng_t g;
+  tu_rng_seed(&g, 30);
+  float *x = tu_floats(N * IN);
+  tu_fill_normal(&g, x, N * IN, 0.5, 1);
+  const float *w = sbn_nn_params(m), *b = w + C * IN;
+  double mean[C], var[C];
+  for (size_t c = 0; c < C; c++) {
+    double s = 0, s2 = 0;
+    for (size_t i = 0; i < N; i++) {
+      double y = b[c];
+      for (size_t k = 0; k < IN; k++)
+        y += (double)x[i * IN + k] * w[c * IN + k];
+      s += y;
+      s2 += y * y;
+    }
+    mean[c] = s / N;
+    var[c] = (s2 - N * mean[c] * mean[c]) / (N - 1);
+  }
+  const size_t cuts[2][3] = {{N, 0, 0}, {15, 2, 23}};
+  for (int t = 0; t < 2; t++) {
+    sbn_nn_precise_begin(m);
+    for (size_t j = 0, at = 0; j < 3 && cuts[t][j]; at += cuts[t][j++])
+      assert_int_equal(sbn_nn_forward_precise(m, cuts[t][j], x + at * IN), 0);
+    sbn_nn_precise_finish(m);
+    const float *st = sbn_nn_stats(m);
+    assert_true(tu_rel_l2(st, mean, C) < 1e-5);
+    assert_true(tu_rel_l2(st + C, var, C) < 1e-4);
+  }
+  assert_int_equal(sbn_nn_forward_precise(m, 1, x), SBN_ESMALLBATCH);
+  sbn_nn_model_destroy(m);
+  free(x);
+}
+
 int main(void) {
   sbn_nn_set_threads(1);
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_linear),    cmocka_unit_test(test_conv),
       cmocka_unit_test(test_pointwise), cmocka_unit_test(test_xent),
-      cmocka_unit_test(test_schedule),
+      cmocka_unit_test(test_schedule),  cmocka_unit_test(test_precise_bn),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -124,6 +124,15 @@ static int load_data(run_t *r) {
   if (r->o.test_subset && r->o.test_subset < r->test.n)
     r->test.n = (size_t)r->o.test_subset;
   r->steps = r->ntrain / r->batch;
+  if (r->o.precise_bn > r->ntrain ||
+      (r->o.precise_bn && r->o.precise_bn < 2 * (uint64_t)r->size)) {
+    if (r->rank == 0)
+      fprintf(stderr,
+              "syncbn train: --precise-bn: %llu samples is not in 2 x %d "
+              "ranks .. %zu training images\n",
+              (unsigned long long)r->o.precise_bn, r->size, r->ntrain);
+    return 2;
+  }
   if (r->steps == 0) {
     if (r->rank == 0)
       fprintf(stderr,
@@ -276,6 +285,42 @@ static void sync_stats(run_t *r) {
   }
 }
 
+/* --precise-bn N: the first N samples of this epoch's order, each rank
+ * on its slice in chunks of its training shard (at least 2), then one
+ * reduction of every BatchNorm's records over all ranks. A chunk that
+ * would leave a single sample behind takes it along. */
+static void precise_bn(run_t *r) {
+  size_t n = (size_t)r->o.precise_bn;
+  size_t lo = n * (size_t)r->rank / (size_t)r->size;
+  size_t hi = n * (size_t)(r->rank + 1) / (size_t)r->size;
+  size_t max = sbn_nn_max_batch(r->m);
+  size_t chunk = r->nlocal > 2 ? (size_t)r->nlocal : 2;
+  chunk = chunk < max ? chunk : max - 1;
+  sbn_nn_precise_begin(r->m);
+  for (size_t i = lo; i < hi;) {
+    size_t k = hi - i < chunk ? hi - i : chunk;
+    if (hi - i - k == 1)
+      k++;
+    sbn_dataset_gather(&r->train, r->perm + i, k, r->mean, r->std, r->x, r->y);
+    if (sbn_nn_forward_precise(r->m, k, r->x) != 0)
+      fail_abort(r, "--precise-bn");
+    i += k;
+  }
+  MPI_Datatype type;
+  MPI_Op op;
+  if (sbn_mpi_rec_acquire(&type, &op) != 0)
+    fail_abort(r, "--precise-bn");
+  int mrc =
+      MPI_Allreduce(MPI_IN_PLACE, sbn_nn_precise_records(r->m),
+                    (int)sbn_nn_precise_count(r->m), type, op, MPI_COMM_WORLD);
+  sbn_mpi_rec_release();
+  if (mrc != MPI_SUCCESS) {
+    sbn_mpi_error(mrc, "MPI_Allreduce");
+    fail_abort(r, "--precise-bn");
+  }
+  sbn_nn_precise_finish(r->m);
+}
+
 /* Test loss and accuracy in eval mode, each rank on its slice of the test
  * set, summed over ranks. */
 static void evaluate(run_t *r, train_epoch_t *ep) {
@@ -321,6 +366,8 @@ static int run_epochs(run_t *r) {
     double t0 = now(), ar_s;
     train_epoch(r, e, ep, &ar_s);
     sync_stats(r);
+    if (r->o.precise_bn)
+      precise_bn(r);
     evaluate(r, ep);
     ep->wall_s = now() - t0;
     ep->allreduce_share = ar_s / ep->wall_s;

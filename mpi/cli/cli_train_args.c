@@ -31,6 +31,10 @@ static void usage(FILE *f) {
       "                        of k ranks (default: all ranks)\n"
       "  --dropout P           dropout after each hidden block, in [0, 1)\n"
       "                        (Philox, keyed by seed and rank; default 0)\n"
+      "  --precise-bn N        before each evaluation, replace every\n"
+      "                        BatchNorm's running statistics by the exact\n"
+      "                        statistics of its inputs over N training\n"
+      "                        samples across all ranks (bn, syncbn)\n"
       "  --eps E               normalization eps (default 1e-5)\n"
       "  --momentum M          running-statistics momentum (default 0.1)\n"
       "\n"
@@ -98,6 +102,8 @@ static int set_uint(train_opts_t *o, const char *flag, const char *arg) {
        "a thread count in 1..256"},
       {"test-subset", offsetof(train_opts_t, test_subset), 1, 1u << 24,
        "a positive number of images"},
+      {"precise-bn", offsetof(train_opts_t, precise_bn), 1, 1u << 24,
+       "a positive number of samples"},
       {"stop-after", offsetof(train_opts_t, stop_after), 1, 10000,
        "an epoch in 1..10000"},
   };
@@ -194,6 +200,13 @@ static int check(const train_opts_t *o) {
     fprintf(stderr, "syncbn train: --group-size: only with --norm syncbn\n");
     return 2;
   }
+  if (o->precise_bn && o->norm != SBN_NN_NORM_BN &&
+      o->norm != SBN_NN_NORM_SYNCBN) {
+    fprintf(stderr,
+            "syncbn train: --precise-bn: only with --norm bn or "
+            "syncbn\n");
+    return 2;
+  }
   if (o->stop_after > o->epochs) {
     fprintf(stderr, "syncbn train: --stop-after: %llu is past --epochs %llu\n",
             (unsigned long long)o->stop_after, (unsigned long long)o->epochs);
@@ -217,11 +230,11 @@ int sbn__train_parse(int argc, char **argv, train_opts_t *o) {
   o->threads = 1;
   o->data = TRAIN_DEFAULT_DATA;
   static const char *with_arg[] = {
-      "model",      "norm",     "groups",       "group-size", "dropout",
-      "eps",        "momentum", "lr",           "batch",      "counts",
-      "epochs",     "seed",     "train-subset", "threads",    "data",
-      "json",       "csv",      "checkpoint",   "resume",     "stop-after",
-      "test-subset"};
+      "model",       "norm",      "groups",       "group-size", "dropout",
+      "eps",         "momentum",  "lr",           "batch",      "counts",
+      "epochs",      "seed",      "train-subset", "threads",    "data",
+      "json",        "csv",       "checkpoint",   "resume",     "stop-after",
+      "test-subset", "precise-bn"};
   enum { NOPT = sizeof with_arg / sizeof *with_arg };
   struct option opts[NOPT + 3];
   for (int i = 0; i < NOPT; i++)

@@ -25,6 +25,7 @@ typedef struct train_opts_s {
   uint64_t batch, epochs, subset, seed, threads;
   uint64_t stop_after;  /* 0: run every epoch */
   uint64_t test_subset; /* 0: the whole test set */
+  uint64_t precise_bn;  /* 0: keep the running statistics */
   int no_progress;
   uint64_t *counts; /* malloc'ed, or NULL for batch on every rank */
   size_t ncounts;

@@ -38,6 +38,11 @@ struct sbn_nn_model_s {
   size_t nparams, nstats, ntracked;
   sbn_state_t states[MAX_NODES];
   float *params, *grads, *stats, *col, *g0, *g1;
+  /* Precise BatchNorm: one record per BatchNorm channel, one chunk's
+   * records, and running statistics that the pass may update and drop. */
+  sbn_rec_t *prec, *chunk_recs;
+  float *scratch;
+  size_t max_c;
   size_t col_floats, act_floats, ws_bytes;
   void *ws;
   sbn_comm_t local; /* dropout's key: (seed, world rank) */
@@ -170,6 +175,7 @@ static int add_norm(sbn_nn_model_t *m) {
     nd->state = &m->states[m->ntracked++];
     nd->stats_off = m->nstats;
     m->nstats += 2 * m->c;
+    m->max_c = m->c > m->max_c ? m->c : m->max_c;
   }
   return 0;
 }
@@ -281,8 +287,11 @@ static int allocate(sbn_nn_model_t *m) {
   m->g0 = malloc(n * act * sizeof(float));
   m->g1 = malloc(n * act * sizeof(float));
   m->ws = malloc(m->ws_bytes + 1);
+  m->prec = calloc(m->nstats / 2 + 1, sizeof *m->prec);
+  m->chunk_recs = calloc(m->max_c + 1, sizeof *m->chunk_recs);
+  m->scratch = calloc(m->nstats + 1, sizeof *m->scratch);
   if (!m->params || !m->grads || !m->stats || !m->col || !m->g0 || !m->g1 ||
-      !m->ws)
+      !m->ws || !m->prec || !m->chunk_recs || !m->scratch)
     return sbn_set_error(SBN_ENOMEM, "max_batch: no memory for %zu", n);
   for (size_t i = 0; i < m->count; i++) {
     node_t *nd = &m->nodes[i];
@@ -335,7 +344,14 @@ void sbn_nn_model_destroy(sbn_nn_model_t *m) {
   free(m->g0);
   free(m->g1);
   free(m->ws);
+  free(m->prec);
+  free(m->chunk_recs);
+  free(m->scratch);
   free(m);
+}
+
+size_t sbn_nn_max_batch(const sbn_nn_model_t *m) {
+  return m->cfg.max_batch;
 }
 
 size_t sbn_nn_param_count(const sbn_nn_model_t *m) {
@@ -387,8 +403,35 @@ static int layer_forward(sbn_nn_model_t *m, node_t *nd, sbn_mode_t mode,
   return sbn_forward(nd->layer, &a);
 }
 
-int sbn_nn_forward(sbn_nn_model_t *m, sbn_mode_t mode, size_t n, const float *x,
-                   uint64_t step, const float **logits) {
+/* A BatchNorm in the precise pass: the chunk's records are merged into the
+ * layer's and normalize the chunk; the running statistics it updates are
+ * scratch copies, dropped. */
+static int precise_norm(sbn_nn_model_t *m, node_t *nd, size_t n,
+                        const float *x) {
+  sbn_tensor_desc_t d = norm_desc(m, nd, n);
+  sbn_state_t st = {m->scratch + nd->stats_off,
+                    m->scratch + nd->stats_off + nd->ic, 0};
+  sbn_forward_args_t a = {0};
+  a.mode = SBN_MODE_TRAIN;
+  a.x_desc = &d;
+  a.x = x;
+  a.y = nd->out;
+  a.weight = m->params + nd->w_off;
+  a.bias = m->params + nd->b_off;
+  a.state = &st;
+  a.workspace = m->ws;
+  a.workspace_bytes = m->ws_bytes;
+  int rc = sbn_bn_forward_local(nd->layer, &a, m->chunk_recs);
+  if (rc != 0)
+    return rc;
+  sbn_rec_combine(m->chunk_recs, m->prec + nd->stats_off / 2, nd->ic);
+  return sbn_bn_forward_finish(nd->layer, &a, m->chunk_recs);
+}
+
+/* precise: BatchNorm layers go through precise_norm and dropout is off. */
+static int run_forward(sbn_nn_model_t *m, sbn_mode_t mode, size_t n,
+                       const float *x, uint64_t step, int precise,
+                       const float **logits) {
   if (n > m->cfg.max_batch)
     return sbn_set_error(SBN_EINVAL, "n: %zu is above max_batch %zu", n,
                          m->cfg.max_batch);
@@ -417,7 +460,11 @@ int sbn_nn_forward(sbn_nn_model_t *m, sbn_mode_t mode, size_t n, const float *x,
         sbn_nn_gap_forward(n * nd->ic, nd->ih * nd->iw, in, nd->out);
         break;
       default:
-        rc = layer_forward(m, nd, mode, n, in, step);
+        if (precise && nd->kind == N_NORM && nd->state != NULL)
+          rc = precise_norm(m, nd, n, in);
+        else
+          rc =
+              layer_forward(m, nd, precise ? SBN_MODE_EVAL : mode, n, in, step);
     }
     if (rc != 0)
       return rc;
@@ -425,6 +472,50 @@ int sbn_nn_forward(sbn_nn_model_t *m, sbn_mode_t mode, size_t n, const float *x,
   }
   *logits = in;
   return 0;
+}
+
+int sbn_nn_forward(sbn_nn_model_t *m, sbn_mode_t mode, size_t n, const float *x,
+                   uint64_t step, const float **logits) {
+  return run_forward(m, mode, n, x, step, 0, logits);
+}
+
+size_t sbn_nn_precise_count(const sbn_nn_model_t *m) {
+  int bn = m->cfg.norm == SBN_NN_NORM_BN || m->cfg.norm == SBN_NN_NORM_SYNCBN;
+  return bn ? m->nstats / 2 : 0;
+}
+
+void sbn_nn_precise_begin(sbn_nn_model_t *m) {
+  /* Tag SBN_REC_MOMENTS (0) with count 0: the empty set's moments. */
+  memset(m->prec, 0, (m->nstats / 2) * sizeof *m->prec);
+  memcpy(m->scratch, m->stats, m->nstats * sizeof *m->stats);
+}
+
+int sbn_nn_forward_precise(sbn_nn_model_t *m, size_t n, const float *x) {
+  const float *logits;
+  if (n < 2)
+    return sbn_set_error(SBN_ESMALLBATCH,
+                         "n: a precise BatchNorm chunk needs 2 samples");
+  return run_forward(m, SBN_MODE_TRAIN, n, x, 0, 1, &logits);
+}
+
+sbn_rec_t *sbn_nn_precise_records(sbn_nn_model_t *m) {
+  return m->prec;
+}
+
+void sbn_nn_precise_finish(sbn_nn_model_t *m) {
+  for (size_t i = 0; i < m->count; i++) {
+    node_t *nd = &m->nodes[i];
+    if (nd->kind != N_NORM || nd->state == NULL)
+      continue;
+    const sbn_rec_t *r = m->prec + nd->stats_off / 2;
+    for (size_t c = 0; c < nd->ic; c++) {
+      double count = r[c].v[0];
+      if (count < 2)
+        continue;
+      nd->state->running_mean[c] = (float)r[c].v[1];
+      nd->state->running_var[c] = (float)(r[c].v[2] / (count - 1));
+    }
+  }
 }
 
 /* Runs a library layer backward: dx = d(loss)/dx, and the affine

@@ -189,6 +189,8 @@ void sbn_nn_model_destroy(sbn_nn_model_t *m);
  * gradient (one allreduce per step); the gradient array has extra floats
  * after the parameters' for what the caller reduces with them. */
 size_t sbn_nn_param_count(const sbn_nn_model_t *m);
+/* The largest n that forward takes (the configuration's max_batch). */
+size_t sbn_nn_max_batch(const sbn_nn_model_t *m);
 float *sbn_nn_params(sbn_nn_model_t *m);
 float *sbn_nn_grads(sbn_nn_model_t *m);
 
@@ -209,5 +211,21 @@ int sbn_nn_forward(sbn_nn_model_t *m, sbn_mode_t mode, size_t n, const float *x,
  * parameter gradients into sbn_nn_grads(). */
 int sbn_nn_backward(sbn_nn_model_t *m, size_t n, const float *x,
                     const float *dlogits, uint64_t step);
+
+/* Precise BatchNorm: replaces each BatchNorm's running statistics with the
+ * exact population statistics of its inputs over many samples. Begin
+ * zeroes one (count, mean, M2) record per BatchNorm channel; every
+ * forward_precise runs n samples as in training (each BatchNorm normalizing
+ * with the statistics of these n samples, dropout off) without touching
+ * the running statistics and merges each layer's input moments into the
+ * records (Chan's merge: exact whatever the chunks); the caller reduces
+ * the records over its ranks (one fused reduction: sbn_rec_combine); finish
+ * sets running_mean to the mean and running_var to the unbiased variance.
+ * n must be at least 2 (a chunk's own statistics need two samples). */
+size_t sbn_nn_precise_count(const sbn_nn_model_t *m);
+void sbn_nn_precise_begin(sbn_nn_model_t *m);
+int sbn_nn_forward_precise(sbn_nn_model_t *m, size_t n, const float *x);
+sbn_rec_t *sbn_nn_precise_records(sbn_nn_model_t *m);
+void sbn_nn_precise_finish(sbn_nn_model_t *m);
 
 #endif /* SBN_NN_H */
