@@ -134,6 +134,16 @@ repeat() {
     bad "resumed run differs"
     paste "$T/a.csv" "$T/c.csv"
   fi
+  run 2 "${args[@]}" --overlap --csv "$T/o.csv" &&
+    cmp -s <(numbers "$T/a.csv") <(numbers "$T/o.csv") &&
+    ok "--overlap: bit-identical to one allreduce after backward" ||
+    bad "--overlap differs"
+  run 2 --model cnn --train-subset 256 --batch 32 --epochs 1 \
+    --test-subset 500 --csv "$T/co1.csv" &&
+    run 2 --model cnn --train-subset 256 --batch 32 --epochs 1 \
+      --test-subset 500 --overlap --csv "$T/co2.csv" &&
+    cmp -s <(numbers "$T/co1.csv") <(numbers "$T/co2.csv") &&
+    ok "cnn --overlap: bit-identical" || bad "cnn --overlap differs"
   run 2 "${args[@]}" --precise-bn 512 --csv "$T/p1.csv" &&
     run 2 "${args[@]}" --precise-bn 512 --csv "$T/p2.csv" &&
     cmp -s <(numbers "$T/p1.csv") <(numbers "$T/p2.csv") &&

@@ -17,6 +17,8 @@
 #define EVAL_BATCH 500
 #define SGD_MOMENTUM 0.9f
 #define WEIGHT_DECAY 5e-4f
+/* More than the parameter layers of either model: one request each. */
+#define MAX_SEGMENTS 32
 
 typedef struct run_s {
   train_opts_t o;
@@ -35,6 +37,11 @@ typedef struct run_s {
   uint32_t *perm, *test_idx;
   train_epoch_t *hist;
   train_ckpt_meta_t meta;
+  /* --overlap: the step's outstanding reductions and the seconds spent
+   * starting, polling and finishing them. */
+  MPI_Request reqs[MAX_SEGMENTS];
+  int nreq;
+  double ar_s;
 } run_t;
 
 static double now(void) {
@@ -169,6 +176,8 @@ static uint64_t fingerprint(const run_t *r) {
   return h;
 }
 
+static int overlap_hook(void *ctx, size_t off, size_t len);
+
 static int setup_model(run_t *r) {
   sbn_nn_config_t cfg = {0};
   cfg.arch = r->o.arch;
@@ -184,6 +193,8 @@ static int setup_model(run_t *r) {
   cfg.make_comm_ctx = r;
   if (sbn_nn_model_create(&cfg, &r->m) != 0)
     return fail_all(r, "model");
+  if (r->o.overlap)
+    sbn_nn_set_grad_hook(r->m, overlap_hook, r);
   size_t np = sbn_nn_param_count(r->m), nb = cfg.max_batch;
   r->mom = calloc(np, sizeof *r->mom);
   r->x = malloc(nb * 784 * sizeof *r->x);
@@ -205,6 +216,49 @@ static int setup_model(run_t *r) {
   return 0;
 }
 
+/* --overlap: backward reports each layer's finished gradients; their
+ * reduction starts at once, and polling the ones already started moves
+ * them on (Open MPI has no progress thread). The step's loss, after the
+ * parameters, rides with the last layer's segment, reported first. */
+static int overlap_hook(void *ctx, size_t off, size_t len) {
+  run_t *r = ctx;
+  float *g = sbn_nn_grads(r->m);
+  if (off + len == sbn_nn_param_count(r->m))
+    len++;
+  if (r->nreq == MAX_SEGMENTS)
+    return sbn_set_error(SBN_ELIMIT, "overlap: more than %d segments",
+                         MAX_SEGMENTS);
+  double t = now();
+  int flag, mrc = MPI_Iallreduce(MPI_IN_PLACE, g + off, (int)len, MPI_FLOAT,
+                                 MPI_SUM, MPI_COMM_WORLD, &r->reqs[r->nreq]);
+  if (mrc == MPI_SUCCESS) {
+    r->nreq++;
+    mrc = MPI_Testall(r->nreq, r->reqs, &flag, MPI_STATUSES_IGNORE);
+  }
+  r->ar_s += now() - t;
+  return mrc == MPI_SUCCESS ? 0 : sbn_mpi_error(mrc, "MPI_Iallreduce");
+}
+
+/* Sums the gradients and the loss over all ranks: waits for the
+ * segments started during backward, or reduces the whole buffer at once. */
+static void reduce_grads(run_t *r) {
+  size_t np = sbn_nn_param_count(r->m);
+  double t = now();
+  int mrc;
+  if (r->o.overlap) {
+    mrc = MPI_Waitall(r->nreq, r->reqs, MPI_STATUSES_IGNORE);
+    r->nreq = 0;
+  } else {
+    mrc = MPI_Allreduce(MPI_IN_PLACE, sbn_nn_grads(r->m), (int)np + 1,
+                        MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
+  }
+  r->ar_s += now() - t;
+  if (mrc != MPI_SUCCESS) {
+    sbn_mpi_error(mrc, "MPI_Allreduce");
+    fail_abort(r, "gradients");
+  }
+}
+
 static void progress(const run_t *r, uint64_t epoch, size_t step, double t0,
                      double loss) {
   const int width = 30;
@@ -217,17 +271,16 @@ static void progress(const run_t *r, uint64_t epoch, size_t step, double t0,
   fflush(stdout);
 }
 
-/* One epoch of training; fills ep->train_loss, the wall time so far and
- * the seconds spent in the gradient allreduce. */
-static int train_epoch(run_t *r, uint64_t epoch, train_epoch_t *ep,
-                       double *ar_s) {
+/* One epoch of training; fills ep->train_loss, and r->ar_s with the
+ * seconds spent in the gradient allreduce. */
+static int train_epoch(run_t *r, uint64_t epoch, train_epoch_t *ep) {
   size_t np = sbn_nn_param_count(r->m);
   float *params = sbn_nn_params(r->m), *g = sbn_nn_grads(r->m);
   sbn_onecycle_t sched = {r->lr, 0.3, 25.0, 1e4, r->o.epochs * r->steps};
   int bar = r->rank == 0 && !r->o.no_progress && isatty(STDOUT_FILENO);
   size_t every = r->steps / 50 ? r->steps / 50 : 1;
   double t0 = now(), loss_sum = 0;
-  *ar_s = 0;
+  r->ar_s = 0;
   sbn_nn_permutation(r->perm, r->ntrain, r->o.seed, epoch);
   for (size_t s = 0; s < r->steps; s++) {
     size_t n = (size_t)r->nlocal;
@@ -239,19 +292,13 @@ static int train_epoch(run_t *r, uint64_t epoch, train_epoch_t *ep,
     if (sbn_nn_forward(r->m, SBN_MODE_TRAIN, n, r->x, r->meta.step, &logits) !=
             0 ||
         sbn_nn_xent(n, 10, logits, r->y, (float)(1.0 / (double)r->batch),
-                    r->dlogits, &loss, &hits) != 0 ||
-        sbn_nn_backward(r->m, n, r->x, r->dlogits, r->meta.step) != 0)
+                    r->dlogits, &loss, &hits) != 0)
       fail_abort(r, "step");
     /* The loss rides along in the gradients' allreduce: one per step. */
     g[np] = (float)(loss / (double)r->batch);
-    double ta = now();
-    int mrc = MPI_Allreduce(MPI_IN_PLACE, g, (int)np + 1, MPI_FLOAT, MPI_SUM,
-                            MPI_COMM_WORLD);
-    *ar_s += now() - ta;
-    if (mrc != MPI_SUCCESS) {
-      sbn_mpi_error(mrc, "MPI_Allreduce");
-      fail_abort(r, "gradients");
-    }
+    if (sbn_nn_backward(r->m, n, r->x, r->dlogits, r->meta.step) != 0)
+      fail_abort(r, "step");
+    reduce_grads(r);
     loss_sum += g[np];
     float lr = (float)sbn_onecycle_lr(&sched, r->meta.step);
     sbn_nn_sgd(np, params, r->mom, g, lr, SGD_MOMENTUM, WEIGHT_DECAY);
@@ -363,14 +410,14 @@ static int save_checkpoint(run_t *r) {
 static int run_epochs(run_t *r) {
   for (uint64_t e = r->meta.epochs_done; e < r->o.epochs; e++) {
     train_epoch_t *ep = &r->hist[e];
-    double t0 = now(), ar_s;
-    train_epoch(r, e, ep, &ar_s);
+    double t0 = now();
+    train_epoch(r, e, ep);
     sync_stats(r);
     if (r->o.precise_bn)
       precise_bn(r);
     evaluate(r, ep);
     ep->wall_s = now() - t0;
-    ep->allreduce_share = ar_s / ep->wall_s;
+    ep->allreduce_share = r->ar_s / ep->wall_s;
     r->meta.epochs_done = e + 1;
     if (r->rank == 0) {
       printf(

@@ -49,6 +49,9 @@ static void usage(FILE *f) {
       "  --train-subset N      train on the first N training images\n"
       "  --test-subset N       evaluate on the first N test images (quick\n"
       "                        runs; default all 10,000)\n"
+      "  --overlap             start each layer's share of the gradient\n"
+      "                        allreduce (MPI_Iallreduce) as soon as backward\n"
+      "                        has it, instead of one allreduce after it\n"
       "  --threads T           BLAS threads per rank (default 1)\n"
       "  --data DIR            the idx files (default " TRAIN_DEFAULT_DATA
       ",\n"
@@ -236,12 +239,13 @@ int sbn__train_parse(int argc, char **argv, train_opts_t *o) {
       "json",        "csv",       "checkpoint",   "resume",     "stop-after",
       "test-subset", "precise-bn"};
   enum { NOPT = sizeof with_arg / sizeof *with_arg };
-  struct option opts[NOPT + 3];
+  struct option opts[NOPT + 4];
   for (int i = 0; i < NOPT; i++)
     opts[i] = (struct option){with_arg[i], required_argument, NULL, 1000 + i};
   opts[NOPT] = (struct option){"help", no_argument, NULL, 'h'};
   opts[NOPT + 1] = (struct option){"no-progress", no_argument, NULL, 'q'};
-  opts[NOPT + 2] = (struct option){NULL, 0, NULL, 0};
+  opts[NOPT + 2] = (struct option){"overlap", no_argument, NULL, 'o'};
+  opts[NOPT + 3] = (struct option){NULL, 0, NULL, 0};
   optind = 1;
   opterr = 0;
   int c;
@@ -251,8 +255,8 @@ int sbn__train_parse(int argc, char **argv, train_opts_t *o) {
       o->help = 1;
       return 0;
     }
-    if (c == 'q') {
-      o->no_progress = 1;
+    if (c == 'q' || c == 'o') {
+      *(c == 'q' ? &o->no_progress : &o->overlap) = 1;
       continue;
     }
     if (c == '?' || c == ':') {

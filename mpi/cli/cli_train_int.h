@@ -27,6 +27,7 @@ typedef struct train_opts_s {
   uint64_t test_subset; /* 0: the whole test set */
   uint64_t precise_bn;  /* 0: keep the running statistics */
   int no_progress;
+  int overlap; /* start each layer's gradient allreduce during backward */
   uint64_t *counts; /* malloc'ed, or NULL for batch on every rank */
   size_t ncounts;
   const char *data, *json, *csv, *checkpoint, *resume;

@@ -46,6 +46,8 @@ struct sbn_nn_model_s {
   size_t col_floats, act_floats, ws_bytes;
   void *ws;
   sbn_comm_t local; /* dropout's key: (seed, world rank) */
+  sbn_nn_grad_hook_t hook;
+  void *hook_ctx;
 };
 
 static node_t *push(sbn_nn_model_t *m, int kind) {
@@ -543,9 +545,15 @@ static int layer_backward(sbn_nn_model_t *m, node_t *nd, size_t n,
   return sbn_backward(nd->layer, &a);
 }
 
+void sbn_nn_set_grad_hook(sbn_nn_model_t *m, sbn_nn_grad_hook_t fn, void *ctx) {
+  m->hook = fn;
+  m->hook_ctx = ctx;
+}
+
 int sbn_nn_backward(sbn_nn_model_t *m, size_t n, const float *x,
                     const float *dlogits, uint64_t step) {
   const float *dy = dlogits;
+  size_t ready = m->nparams; /* gradients from here on are final */
   float *bufs[2] = {m->g0, m->g1};
   int which = 0;
   for (size_t i = m->count; i-- > 0;) {
@@ -578,6 +586,12 @@ int sbn_nn_backward(sbn_nn_model_t *m, size_t n, const float *x,
         if (dx == NULL)
           return sbn_set_error(SBN_ESTATE, "model: a library layer first");
         rc = layer_backward(m, nd, n, in, dy, dx, step);
+    }
+    if (rc == 0 && m->hook != NULL && nd->w_len + nd->b_len > 0) {
+      /* Parameters are laid out in node order, so this node's segment
+       * ends where the one reported before it begins. */
+      rc = m->hook(m->hook_ctx, nd->w_off, ready - nd->w_off);
+      ready = nd->w_off;
     }
     if (rc != 0)
       return rc;

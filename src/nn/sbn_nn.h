@@ -207,6 +207,14 @@ void sbn_nn_tracked_set(sbn_nn_model_t *m, size_t i, int64_t v);
  * (n x 10) through *logits. step keys dropout. */
 int sbn_nn_forward(sbn_nn_model_t *m, sbn_mode_t mode, size_t n, const float *x,
                    uint64_t step, const float **logits);
+/* Called by backward as soon as the gradients of a layer's parameters are
+ * final: floats [off, off + len) of sbn_nn_grads(), in decreasing off, the
+ * segments covering [0, param count) exactly once. For starting each
+ * segment's allreduce while backward goes on (--overlap). A nonzero return
+ * stops backward with that code. */
+typedef int (*sbn_nn_grad_hook_t)(void *ctx, size_t off, size_t len);
+void sbn_nn_set_grad_hook(sbn_nn_model_t *m, sbn_nn_grad_hook_t fn, void *ctx);
+
 /* Backward of the last training forward from dlogits (n x 10): writes the
  * parameter gradients into sbn_nn_grads(). */
 int sbn_nn_backward(sbn_nn_model_t *m, size_t n, const float *x,
