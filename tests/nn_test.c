@@ -135,7 +135,8 @@ static void conv_fwd(void *ctx, const float *v, float *y) {
 static void conv_case(size_t pad) {
   tu_rng_t g;
   tu_rng_seed(&g, 2 + pad);
-  conv_t c = {{2, 3, 5, 4, 3, pad}, 2, NULL, NULL, NULL, NULL, 0};
+  conv_t c = {
+      {2, 3, 5, 4, 3, pad, SBN_LAYOUT_NCHW}, 2, NULL, NULL, NULL, NULL, 0};
   assert_int_equal(sbn_nn_conv_check(&c.g), 0);
   size_t oh = sbn_nn_conv_oh(&c.g), ow = sbn_nn_conv_ow(&c.g);
   size_t nx = 2 * 2 * 5 * 4, nw = 3 * 2 * 9, ny = 2 * 3 * oh * ow;
@@ -193,7 +194,7 @@ static void test_conv(void **state) {
   (void)state;
   conv_case(1);
   conv_case(0);
-  sbn_nn_conv_t bad = {1, 1, 2, 2, 5, 1};
+  sbn_nn_conv_t bad = {1, 1, 2, 2, 5, 1, SBN_LAYOUT_NCHW};
   assert_int_equal(sbn_nn_conv_check(&bad), SBN_ESHAPE);
 }
 
@@ -278,6 +279,88 @@ static void test_pointwise(void **state) {
   pw_case(0);
   pw_case(1);
   pw_case(2);
+}
+
+/* ---- NHWC against NCHW ---- */
+
+/* (n, c, s) -> (n, s, c). */
+static void to_nhwc(const float *x, float *y, size_t n, size_t c, size_t s) {
+  for (size_t i = 0; i < n; i++)
+    for (size_t ch = 0; ch < c; ch++)
+      for (size_t j = 0; j < s; j++)
+        y[(i * s + j) * c + ch] = x[(i * c + ch) * s + j];
+}
+
+static double *as_double(const float *x, size_t len) {
+  double *d = tu_doubles(len);
+  for (size_t i = 0; i < len; i++)
+    d[i] = x[i];
+  return d;
+}
+
+/* Channels-last layers are the NCHW ones on transposed tensors: the
+ * convolution to rounding (other products), pooling bit for bit. */
+static void test_nhwc(void **state) {
+  (void)state;
+  tu_rng_t g;
+  tu_rng_seed(&g, 40);
+  enum { N = 2, CI = 3, CO = 4, H = 6, W = 5 };
+  sbn_nn_conv_t a = {CI, CO, H, W, 3, 1, SBN_LAYOUT_NCHW}, b = a;
+  b.layout = SBN_LAYOUT_NHWC;
+  size_t nx = N * CI * H * W, ny = N * CO * H * W, nw = CO * CI * 9;
+  float *x = tu_floats(nx), *xt = tu_floats(nx), *w = tu_floats(nw);
+  float *bias = tu_floats(CO), *col = tu_floats(sbn_nn_conv_col_floats(&a));
+  float *y = tu_floats(ny), *yt = tu_floats(ny), *y2 = tu_floats(ny);
+  float *dy = tu_floats(ny), *dyt = tu_floats(ny), *dx = tu_floats(nx);
+  float *dxt = tu_floats(nx), *dx2 = tu_floats(nx), *dw = tu_floats(nw);
+  float *dw2 = tu_floats(nw), db[CO], db2[CO];
+  tu_fill_normal(&g, x, nx, 0, 1);
+  tu_fill_normal(&g, w, nw, 0, 1);
+  tu_fill_normal(&g, bias, CO, 0, 1);
+  tu_fill_normal(&g, dy, ny, 0, 1);
+  to_nhwc(x, xt, N, CI, H * W);
+  to_nhwc(dy, dyt, N, CO, H * W);
+  sbn_nn_conv_forward(&a, N, x, w, bias, y, col);
+  sbn_nn_conv_forward(&b, N, xt, w, bias, y2, col);
+  to_nhwc(y, yt, N, CO, H * W);
+  double *ref = as_double(yt, ny);
+  assert_true(tu_rel_l2(y2, ref, ny) < TOL);
+  free(ref);
+  sbn_nn_conv_backward(&a, N, x, w, dy, dx, dw, db, col);
+  sbn_nn_conv_backward(&b, N, xt, w, dyt, dx2, dw2, db2, col);
+  to_nhwc(dx, dxt, N, CI, H * W);
+  ref = as_double(dxt, nx);
+  assert_true(tu_rel_l2(dx2, ref, nx) < TOL);
+  free(ref);
+  ref = as_double(dw, nw);
+  assert_true(tu_rel_l2(dw2, ref, nw) < TOL);
+  free(ref);
+  ref = as_double(db, CO);
+  assert_true(tu_rel_l2(db2, ref, CO) < TOL);
+  free(ref);
+  /* Pooling on x (CI channels, odd W): forward and backward. */
+  size_t np = N * CI * (H / 2) * (W / 2);
+  float *p = tu_floats(np), *pt = tu_floats(np), *p2 = tu_floats(np);
+  sbn_nn_maxpool2_forward(N * CI, H, W, x, p);
+  sbn_nn_maxpool2_forward_nhwc(N, H, W, CI, xt, p2);
+  to_nhwc(p, pt, N, CI, (H / 2) * (W / 2));
+  assert_memory_equal(pt, p2, np * sizeof *p);
+  to_nhwc(p, pt, N, CI, (H / 2) * (W / 2)); /* p as the gradient of y */
+  sbn_nn_maxpool2_backward(N * CI, H, W, x, p, dx);
+  sbn_nn_maxpool2_backward_nhwc(N, H, W, CI, xt, pt, dx2);
+  to_nhwc(dx, dxt, N, CI, H * W);
+  assert_memory_equal(dxt, dx2, nx * sizeof *dx);
+  float gp[N * CI], gp2[N * CI];
+  sbn_nn_gap_forward(N * CI, H * W, x, gp);
+  sbn_nn_gap_forward_nhwc(N, H * W, CI, xt, gp2);
+  assert_memory_equal(gp, gp2, sizeof gp);
+  sbn_nn_gap_backward(N * CI, H * W, gp, dx);
+  sbn_nn_gap_backward_nhwc(N, H * W, CI, gp, dx2);
+  to_nhwc(dx, dxt, N, CI, H * W);
+  assert_memory_equal(dxt, dx2, nx * sizeof *dx);
+  free(x), free(xt), free(w), free(bias), free(col), free(y), free(yt);
+  free(y2), free(dy), free(dyt), free(dx), free(dxt), free(dx2), free(dw);
+  free(dw2), free(p), free(pt), free(p2);
 }
 
 /* ---- Softmax cross-entropy ---- */
@@ -420,6 +503,7 @@ int main(void) {
       cmocka_unit_test(test_linear),    cmocka_unit_test(test_conv),
       cmocka_unit_test(test_pointwise), cmocka_unit_test(test_xent),
       cmocka_unit_test(test_schedule),  cmocka_unit_test(test_precise_bn),
+      cmocka_unit_test(test_nhwc),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

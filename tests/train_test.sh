@@ -110,6 +110,12 @@ equal() {
       ok "$model syncbn: --counts 0,64 (an empty shard) = 1 rank x 64" ||
       bad "$model syncbn: --counts 0,64 differs"
   done
+  run 2 --model cnn --train-subset 256 --batch 32 --test-subset 1000 \
+    --csv "$T/nchw.csv" &&
+    run 2 --model cnn --train-subset 256 --batch 32 --test-subset 1000 \
+      --layout nhwc --csv "$T/nhwc.csv" &&
+    close "$T/nchw.csv" "$T/nhwc.csv" 1e-4 &&
+    ok "cnn --layout nhwc = nchw" || bad "cnn --layout nhwc differs from nchw"
 }
 
 repeat() {
@@ -190,6 +196,9 @@ errors() {
   expect 2 "--norm" 0 --norm in
   expect 2 "--norm" 0 --norm batch
   expect 2 "--groups" 0 --groups 4
+  expect 2 "--layout" 0 --layout nhwc
+  expect 2 "--layout" 0 --model cnn --norm ln --layout nhwc
+  expect 2 "--layout" 0 --model cnn --layout chw
   expect 2 "--precise-bn" 0 --norm gn --precise-bn 100
   expect 2 "--precise-bn" 0 --train-subset 256 --precise-bn 1000
   expect 2 "--counts" 2 --counts 8,8,8 --test-subset 100

@@ -157,6 +157,7 @@ static uint64_t fingerprint(const run_t *r) {
   uint64_t h = 1469598103934665603ull;
   double f[] = {(double)r->o.arch,
                 (double)r->o.norm,
+                (double)r->o.layout,
                 (double)r->o.groups,
                 (double)r->o.group_size,
                 r->o.dropout,
@@ -182,6 +183,7 @@ static int setup_model(run_t *r) {
   sbn_nn_config_t cfg = {0};
   cfg.arch = r->o.arch;
   cfg.norm = r->o.norm;
+  cfg.layout = r->o.layout;
   cfg.groups = (size_t)r->o.groups;
   cfg.eps = r->o.eps;
   cfg.momentum = r->o.momentum;

@@ -25,6 +25,8 @@ static void usage(FILE *f) {
       "  --norm KIND           none, bn (per rank), syncbn (over the sync\n"
       "                        group), gn, ln or in (cnn only); default "
       "syncbn\n"
+      "  --layout nchw|nhwc    the CNN's memory layout (default nchw; nhwc\n"
+      "                        is channels-last, not with --norm ln)\n"
       "  --groups G            GroupNorm groups, dividing C (default "
       "min(8, C))\n"
       "  --group-size k        SyncBN: synchronize within consecutive groups\n"
@@ -163,6 +165,11 @@ static int set_word(train_opts_t *o, const char *flag, const char *arg) {
       }
     return bad(flag, arg, "a norm (none, bn, syncbn, gn, ln, in)");
   }
+  if (strcmp(flag, "layout") == 0) {
+    if (sbn__cli_parse_layout(arg, &o->layout) != 0)
+      return bad(flag, arg, "a layout (nchw, nhwc)");
+    return 0;
+  }
   if (strcmp(flag, "counts") == 0) {
     free(o->counts);
     if (sbn__cli_parse_list(arg, 1u << 16, &o->counts, &o->ncounts) != 0)
@@ -193,6 +200,13 @@ static int check(const train_opts_t *o) {
     fprintf(stderr,
             "syncbn train: --norm: in needs --model cnn (in the MLP "
             "each sample's channel is a single value)\n");
+    return 2;
+  }
+  if (o->layout == SBN_LAYOUT_NHWC &&
+      (o->arch != SBN_NN_CNN || o->norm == SBN_NN_NORM_LN)) {
+    fprintf(stderr,
+            "syncbn train: --layout: nhwc is for --model cnn, "
+            "without --norm ln (LayerNorm takes NCHW)\n");
     return 2;
   }
   if (o->groups && o->norm != SBN_NN_NORM_GN) {
@@ -233,11 +247,11 @@ int sbn__train_parse(int argc, char **argv, train_opts_t *o) {
   o->threads = 1;
   o->data = TRAIN_DEFAULT_DATA;
   static const char *with_arg[] = {
-      "model",       "norm",      "groups",       "group-size", "dropout",
-      "eps",         "momentum",  "lr",           "batch",      "counts",
-      "epochs",      "seed",      "train-subset", "threads",    "data",
-      "json",        "csv",       "checkpoint",   "resume",     "stop-after",
-      "test-subset", "precise-bn"};
+      "model",       "norm",       "groups",       "group-size", "dropout",
+      "eps",         "momentum",   "lr",           "batch",      "counts",
+      "epochs",      "seed",       "train-subset", "threads",    "data",
+      "json",        "csv",        "checkpoint",   "resume",     "stop-after",
+      "test-subset", "precise-bn", "layout"};
   enum { NOPT = sizeof with_arg / sizeof *with_arg };
   struct option opts[NOPT + 4];
   for (int i = 0; i < NOPT; i++)

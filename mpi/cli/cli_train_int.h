@@ -18,6 +18,7 @@ int sbn_cli_train(int argc, char **argv);
 typedef struct train_opts_s {
   sbn_nn_arch_t arch;
   sbn_nn_norm_t norm;
+  sbn_layout_t layout; /* the CNN's activations */
   uint64_t groups;     /* 0: min(8, C) */
   uint64_t group_size; /* 0: all ranks */
   double dropout, eps, momentum;
@@ -27,7 +28,7 @@ typedef struct train_opts_s {
   uint64_t test_subset; /* 0: the whole test set */
   uint64_t precise_bn;  /* 0: keep the running statistics */
   int no_progress;
-  int overlap; /* start each layer's gradient allreduce during backward */
+  int overlap;      /* start each layer's gradient allreduce during backward */
   uint64_t *counts; /* malloc'ed, or NULL for batch on every rank */
   size_t ncounts;
   const char *data, *json, *csv, *checkpoint, *resume;

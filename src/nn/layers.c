@@ -116,6 +116,10 @@ static void col2im(const sbn_nn_conv_t *g, const float *col, float *dx) {
 
 void sbn_nn_conv_forward(const sbn_nn_conv_t *g, size_t n, const float *x,
                          const float *w, const float *b, float *y, float *col) {
+  if (g->layout == SBN_LAYOUT_NHWC) {
+    sbn_nn_conv_forward_nhwc(g, n, x, w, b, y, col);
+    return;
+  }
   size_t s = sbn_nn_conv_oh(g) * sbn_nn_conv_ow(g);
   size_t kk = g->cin * g->k * g->k;
   for (size_t i = 0; i < n; i++) {
@@ -133,6 +137,10 @@ void sbn_nn_conv_forward(const sbn_nn_conv_t *g, size_t n, const float *x,
 void sbn_nn_conv_backward(const sbn_nn_conv_t *g, size_t n, const float *x,
                           const float *w, const float *dy, float *dx, float *dw,
                           float *db, float *col) {
+  if (g->layout == SBN_LAYOUT_NHWC) {
+    sbn_nn_conv_backward_nhwc(g, n, x, w, dy, dx, dw, db, col);
+    return;
+  }
   size_t s = sbn_nn_conv_oh(g) * sbn_nn_conv_ow(g);
   size_t kk = g->cin * g->k * g->k;
   memset(dw, 0, g->cout * kk * sizeof *dw);

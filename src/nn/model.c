@@ -79,7 +79,7 @@ static void add_linear(sbn_nn_model_t *m, size_t out) {
 
 static void add_conv(sbn_nn_model_t *m, size_t out) {
   node_t *nd = push(m, N_CONV);
-  nd->conv = (sbn_nn_conv_t){m->c, out, m->h, m->w, 3, 1};
+  nd->conv = (sbn_nn_conv_t){m->c, out, m->h, m->w, 3, 1, m->cfg.layout};
   nd->oc = out;
   nd->oh = sbn_nn_conv_oh(&nd->conv);
   nd->ow = sbn_nn_conv_ow(&nd->conv);
@@ -113,6 +113,7 @@ static sbn_tensor_desc_t norm_desc(const sbn_nn_model_t *m, const node_t *nd,
     d.ndim = 4;
     d.dims[2] = nd->ih;
     d.dims[3] = nd->iw;
+    d.layout = m->cfg.layout;
   }
   return d;
 }
@@ -132,6 +133,9 @@ static int norm_params(const sbn_nn_model_t *m, sbn_layer_params_t *p) {
       p->groups = cfg->groups ? cfg->groups : (m->c < 8 ? m->c : 8);
       break;
     case SBN_NN_NORM_LN:
+      if (cfg->layout == SBN_LAYOUT_NHWC)
+        return sbn_set_error(SBN_EINVAL,
+                             "layout: LayerNorm over (C, H, W) takes NCHW");
       sbn_layer_params_default(p, SBN_OP_LAYERNORM);
       p->norm_ndim = cfg->arch == SBN_NN_CNN ? 3 : 1;
       p->norm_shape[0] = m->c;
@@ -311,6 +315,9 @@ int sbn_nn_model_create(const sbn_nn_config_t *cfg, sbn_nn_model_t **out) {
   *out = NULL;
   if (cfg->max_batch == 0)
     return sbn_set_error(SBN_EINVAL, "max_batch: must be positive");
+  if (cfg->layout != SBN_LAYOUT_NCHW &&
+      (cfg->layout != SBN_LAYOUT_NHWC || cfg->arch != SBN_NN_CNN))
+    return sbn_set_error(SBN_EINVAL, "layout: NHWC is for the CNN only");
   sbn_nn_model_t *m = calloc(1, sizeof *m);
   if (m == NULL)
     return sbn_set_error(SBN_ENOMEM, "model: out of memory");
@@ -434,6 +441,7 @@ static int precise_norm(sbn_nn_model_t *m, node_t *nd, size_t n,
 static int run_forward(sbn_nn_model_t *m, sbn_mode_t mode, size_t n,
                        const float *x, uint64_t step, int precise,
                        const float **logits) {
+  int nhwc = m->cfg.layout == SBN_LAYOUT_NHWC;
   if (n > m->cfg.max_batch)
     return sbn_set_error(SBN_EINVAL, "n: %zu is above max_batch %zu", n,
                          m->cfg.max_batch);
@@ -456,10 +464,16 @@ static int run_forward(sbn_nn_model_t *m, sbn_mode_t mode, size_t n,
         sbn_nn_relu_forward(in_len, in, nd->out);
         break;
       case N_POOL:
-        sbn_nn_maxpool2_forward(n * nd->ic, nd->ih, nd->iw, in, nd->out);
+        if (nhwc)
+          sbn_nn_maxpool2_forward_nhwc(n, nd->ih, nd->iw, nd->ic, in, nd->out);
+        else
+          sbn_nn_maxpool2_forward(n * nd->ic, nd->ih, nd->iw, in, nd->out);
         break;
       case N_GAP:
-        sbn_nn_gap_forward(n * nd->ic, nd->ih * nd->iw, in, nd->out);
+        if (nhwc)
+          sbn_nn_gap_forward_nhwc(n, nd->ih * nd->iw, nd->ic, in, nd->out);
+        else
+          sbn_nn_gap_forward(n * nd->ic, nd->ih * nd->iw, in, nd->out);
         break;
       default:
         if (precise && nd->kind == N_NORM && nd->state != NULL)
@@ -554,6 +568,7 @@ int sbn_nn_backward(sbn_nn_model_t *m, size_t n, const float *x,
                     const float *dlogits, uint64_t step) {
   const float *dy = dlogits;
   size_t ready = m->nparams; /* gradients from here on are final */
+  int nhwc = m->cfg.layout == SBN_LAYOUT_NHWC;
   float *bufs[2] = {m->g0, m->g1};
   int which = 0;
   for (size_t i = m->count; i-- > 0;) {
@@ -577,10 +592,16 @@ int sbn_nn_backward(sbn_nn_model_t *m, size_t n, const float *x,
         sbn_nn_relu_backward(in_len, nd->out, dy, dx);
         break;
       case N_POOL:
-        sbn_nn_maxpool2_backward(n * nd->ic, nd->ih, nd->iw, in, dy, dx);
+        if (nhwc)
+          sbn_nn_maxpool2_backward_nhwc(n, nd->ih, nd->iw, nd->ic, in, dy, dx);
+        else
+          sbn_nn_maxpool2_backward(n * nd->ic, nd->ih, nd->iw, in, dy, dx);
         break;
       case N_GAP:
-        sbn_nn_gap_backward(n * nd->ic, nd->ih * nd->iw, dy, dx);
+        if (nhwc)
+          sbn_nn_gap_backward_nhwc(n, nd->ih * nd->iw, nd->ic, dy, dx);
+        else
+          sbn_nn_gap_backward(n * nd->ic, nd->ih * nd->iw, dy, dx);
         break;
       default:
         if (dx == NULL)

@@ -37,6 +37,10 @@ void sbn_nn_linear_backward(size_t n, size_t in, size_t out, const float *x,
  * oh = h + 2 pad - k + 1. Weights are (cout, cin, k, k), bias (cout). */
 typedef struct sbn_nn_conv_s {
   size_t cin, cout, h, w, k, pad;
+  /* NCHW (0, the default of a zeroed struct) or NHWC (channels last) for
+   * x, y and their gradients; weights are (cout, cin, k, k) either way, so
+   * a model's parameters do not depend on its layout. */
+  sbn_layout_t layout;
 } sbn_nn_conv_t;
 
 /* Output height and width, and the floats of the im2col buffer (one image's
@@ -67,6 +71,26 @@ void sbn_nn_maxpool2_forward(size_t planes, size_t h, size_t w, const float *x,
                              float *y);
 void sbn_nn_maxpool2_backward(size_t planes, size_t h, size_t w, const float *x,
                               const float *dy, float *dx);
+
+/* The same on channels-last (n, h, w, c) tensors (nn/layers_nhwc.c): the
+ * same windows, ties and summation order per channel, so they give the
+ * NCHW functions' values bit for bit. */
+void sbn_nn_maxpool2_forward_nhwc(size_t n, size_t h, size_t w, size_t c,
+                                  const float *x, float *y);
+void sbn_nn_maxpool2_backward_nhwc(size_t n, size_t h, size_t w, size_t c,
+                                   const float *x, const float *dy, float *dx);
+void sbn_nn_gap_forward_nhwc(size_t n, size_t s, size_t c, const float *x,
+                             float *y);
+void sbn_nn_gap_backward_nhwc(size_t n, size_t s, size_t c, const float *dy,
+                              float *dx);
+/* The NHWC convolution that sbn_nn_conv_forward and _backward call for
+ * layout NHWC: per image, col (oh ow) x (cin k k) and y = col w^T. */
+void sbn_nn_conv_forward_nhwc(const sbn_nn_conv_t *g, size_t n, const float *x,
+                              const float *w, const float *b, float *y,
+                              float *col);
+void sbn_nn_conv_backward_nhwc(const sbn_nn_conv_t *g, size_t n, const float *x,
+                               const float *w, const float *dy, float *dx,
+                               float *dw, float *db, float *col);
 
 /* y (planes) = mean of each plane of s floats; dx = dy / s. */
 void sbn_nn_gap_forward(size_t planes, size_t s, const float *x, float *y);
@@ -173,6 +197,7 @@ typedef struct sbn_nn_config_s {
   uint64_t seed;                /* weights and dropout */
   int world_rank;               /* dropout's per-rank key */
   size_t max_batch;             /* the largest n forward will see */
+  sbn_layout_t layout;          /* the CNN's activations: NCHW or NHWC */
   sbn_nn_make_comm_t make_comm; /* required for SBN_NN_NORM_SYNCBN */
   void *make_comm_ctx;
 } sbn_nn_config_t;
