@@ -191,6 +191,8 @@ expect() {
 errors() {
   expect 2 "--model" 0 --model resnet
   expect 2 "--batch" 0 --batch 0
+  expect 2 "--batch" 0 --batch 1 --train-subset 100
+  expect 2 "--counts" 0 --counts 0 --norm none --train-subset 100
   expect 2 "--lr" 0 --lr -1
   expect 2 "--dropout" 0 --dropout 1
   expect 2 "--norm" 0 --norm in

@@ -92,11 +92,13 @@ static int setup_counts(run_t *r) {
     r->batch += r->counts[i];
   }
   r->nlocal = r->counts[r->rank];
-  if (r->batch < 2) {
+  int bn = r->o.norm == SBN_NN_NORM_BN || r->o.norm == SBN_NN_NORM_SYNCBN;
+  if (r->batch < (bn ? 2u : 1u)) {
     if (r->rank == 0)
-      fprintf(stderr,
-              "syncbn train: --counts: the global batch must hold at "
-              "least 2 samples\n");
+      fprintf(stderr, "syncbn train: %s: the global batch %s\n",
+              r->o.counts ? "--counts" : "--batch",
+              bn ? "must hold at least 2 samples (BatchNorm needs two)"
+                 : "is empty");
     return 2;
   }
   return 0;

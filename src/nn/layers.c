@@ -67,6 +67,18 @@ int sbn_nn_conv_check(const sbn_nn_conv_t *g) {
   return 0;
 }
 
+/* The output columns ox whose input column ox + kx - pad lies inside the
+ * image: [*lo, *hi). Inside that range a row of im2col is a plain copy. */
+static void valid_cols(const sbn_nn_conv_t *g, size_t kx, size_t ow, size_t *lo,
+                       size_t *hi) {
+  long a = (long)g->pad - (long)kx;              /* first ox inside */
+  long b = (long)g->w + (long)g->pad - (long)kx; /* one past the last */
+  a = a < 0 ? 0 : a;
+  b = b > (long)ow ? (long)ow : b;
+  *lo = (size_t)a;
+  *hi = b > a ? (size_t)b : (size_t)a;
+}
+
 /* col row (ci, ky, kx), column (oy, ox) = x[ci, oy + ky - pad, ox + kx -
  * pad], zero outside the image. */
 static void im2col(const sbn_nn_conv_t *g, const float *x, float *col) {
@@ -76,23 +88,26 @@ static void im2col(const sbn_nn_conv_t *g, const float *x, float *col) {
       for (size_t kx = 0; kx < g->k; kx++) {
         float *row = col + ((ci * g->k + ky) * g->k + kx) * oh * ow;
         const float *plane = x + ci * g->h * g->w;
+        size_t lo, hi;
+        valid_cols(g, kx, ow, &lo, &hi);
         for (size_t oy = 0; oy < oh; oy++) {
           long iy = (long)(oy + ky) - (long)g->pad;
           float *r = row + oy * ow;
-          if (iy < 0 || iy >= (long)g->h) {
+          if (iy < 0 || iy >= (long)g->h || lo == hi) {
             memset(r, 0, ow * sizeof *r);
             continue;
           }
-          for (size_t ox = 0; ox < ow; ox++) {
-            long ix = (long)(ox + kx) - (long)g->pad;
-            r[ox] = (ix < 0 || ix >= (long)g->w) ? 0.0f : plane[iy * g->w + ix];
-          }
+          memset(r, 0, lo * sizeof *r);
+          memcpy(r + lo, plane + (size_t)iy * g->w + lo + kx - g->pad,
+                 (hi - lo) * sizeof *r);
+          memset(r + hi, 0, (ow - hi) * sizeof *r);
         }
       }
 }
 
 /* The adjoint of im2col: dx (zeroed here) accumulates every column entry
- * that im2col read from it. */
+ * that im2col read from it, in the same order as before this was
+ * vectorized (each dx element sums over (ci, ky, kx, oy) in turn). */
 static void col2im(const sbn_nn_conv_t *g, const float *col, float *dx) {
   size_t oh = sbn_nn_conv_oh(g), ow = sbn_nn_conv_ow(g);
   memset(dx, 0, g->cin * g->h * g->w * sizeof *dx);
@@ -101,15 +116,17 @@ static void col2im(const sbn_nn_conv_t *g, const float *col, float *dx) {
       for (size_t kx = 0; kx < g->k; kx++) {
         const float *row = col + ((ci * g->k + ky) * g->k + kx) * oh * ow;
         float *plane = dx + ci * g->h * g->w;
+        size_t lo, hi;
+        valid_cols(g, kx, ow, &lo, &hi);
         for (size_t oy = 0; oy < oh; oy++) {
           long iy = (long)(oy + ky) - (long)g->pad;
           if (iy < 0 || iy >= (long)g->h)
             continue;
-          for (size_t ox = 0; ox < ow; ox++) {
-            long ix = (long)(ox + kx) - (long)g->pad;
-            if (ix >= 0 && ix < (long)g->w)
-              plane[iy * g->w + ix] += row[oy * ow + ox];
-          }
+          /* ox >= lo keeps ox + kx - pad from wrapping around. */
+          float *d = plane + (size_t)iy * g->w;
+          const float *r = row + oy * ow;
+          for (size_t ox = lo; ox < hi; ox++)
+            d[ox + kx - g->pad] += r[ox];
         }
       }
 }
@@ -177,15 +194,17 @@ void sbn_nn_relu_backward(size_t len, const float *y, const float *dy,
     dx[i] = y[i] > 0 ? dy[i] : 0.0f;
 }
 
-/* Index within the plane of the first maximum of the window at (oy, ox). */
-static size_t pool_argmax(const float *plane, size_t w, size_t oy, size_t ox) {
-  size_t best = 2 * oy * w + 2 * ox;
-  for (size_t dy = 0; dy < 2; dy++)
-    for (size_t dx = 0; dx < 2; dx++) {
-      size_t at = (2 * oy + dy) * w + 2 * ox + dx;
-      if (plane[at] > plane[best])
-        best = at;
-    }
+/* Index within the plane of the first maximum of the window at (oy, ox),
+ * scanning (0, 0), (0, 1), (1, 0), (1, 1) and keeping the first of ties. */
+static inline size_t pool_argmax(const float *plane, size_t w, size_t oy,
+                                 size_t ox) {
+  size_t a = 2 * oy * w + 2 * ox, best = a;
+  if (plane[a + 1] > plane[best])
+    best = a + 1;
+  if (plane[a + w] > plane[best])
+    best = a + w;
+  if (plane[a + w + 1] > plane[best])
+    best = a + w + 1;
   return best;
 }
 
