@@ -94,18 +94,19 @@ equal() {
   for model in mlp cnn; do
     local sub=1024
     [ "$model" = cnn ] && sub=256
-    run 1 --model "$model" --train-subset $sub --test-subset 1000 --batch 64 --csv "$T/one.csv" ||
+    local small=(--model "$model" --train-subset $sub --test-subset 1000)
+    run 1 "${small[@]}" --batch 64 --csv "$T/one.csv" ||
       { bad "$model np 1 failed"; cat "$T/out"; continue; }
-    run 2 --model "$model" --train-subset $sub --test-subset 1000 --batch 32 --csv "$T/two.csv" ||
+    run 2 "${small[@]}" --batch 32 --csv "$T/two.csv" ||
       { bad "$model np 2 failed"; cat "$T/out"; continue; }
     close "$T/one.csv" "$T/two.csv" 1e-4 &&
       ok "$model syncbn: 1 rank x 64 = 2 ranks x 32" ||
       bad "$model syncbn: 1 rank x 64 != 2 ranks x 32"
-    run 2 --model "$model" --train-subset $sub --test-subset 1000 --counts 40,24 \
+    run 2 "${small[@]}" --counts 40,24 \
       --csv "$T/uneven.csv" && close "$T/one.csv" "$T/uneven.csv" 1e-4 &&
       ok "$model syncbn: --counts 40,24 = 1 rank x 64" ||
       bad "$model syncbn: --counts 40,24 differs"
-    run 2 --model "$model" --train-subset $sub --test-subset 1000 --counts 0,64 \
+    run 2 "${small[@]}" --counts 0,64 \
       --csv "$T/empty.csv" && close "$T/one.csv" "$T/empty.csv" 1e-4 &&
       ok "$model syncbn: --counts 0,64 (an empty shard) = 1 rank x 64" ||
       bad "$model syncbn: --counts 0,64 differs"
