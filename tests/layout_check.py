@@ -33,7 +33,7 @@ ALLOWED = {
     "src/svc/server": ["src/svc/worker", "src/svc/proto"],
     "src/client": ["src/svc/proto"],
     "mpi": [],
-    "mpi/cli": ["mpi"],
+    "mpi/cli": ["mpi", "src/client"],
     "mpi/service": ["mpi", "src/svc/server", "src/svc/worker",
                     "src/svc/proto"],
 }
