@@ -61,13 +61,14 @@ static void bench_usage(FILE *f) {
       "  --shape N,C[,S...]  a shape to measure instead of the defaults\n"
       "                      (repeatable; N is the per-rank batch)\n"
       "  --batch N[,N...]    per-rank batch sizes of the default shapes\n"
+      "                      (layer: 2,8,32; service: 2,8; network: 8)\n"
       "  --layout L          nchw, nhwc or both (default: both; service "
       "nchw)\n"
       "  --op OP             kernels: one op (batchnorm, layernorm,\n"
       "                      instancenorm, groupnorm, dropout)\n"
       "  --kernels K         kernel set (auto, ref, avx2, ...)\n"
       "  --reps K            timed repetitions per configuration\n"
-      "  --warmup K          untimed repetitions before them (default 2)\n"
+      "  --warmup K          untimed repetitions before them (default 3)\n"
       "  --group-size k      SyncBN sync groups of k ranks (default all)\n"
       "  --quick             a subset that finishes in under a minute at np "
       "2\n"
@@ -262,7 +263,7 @@ static int bench_parse(int argc, char **argv, sbn_bench_opts_t *o,
       strcmp(o->csv, "-") == 0)
     return usage_error("--csv: '%s' and --json - cannot both be stdout", "-");
   if (o->warmup < 0)
-    o->warmup = 2;
+    o->warmup = 3;
   return 0;
 }
 

@@ -118,7 +118,7 @@ static int layer_one(const sbn_bench_opts_t *o, const sbn_tensor_desc_t *d,
   sbn_comm_t *comm = NULL;
   sbn_layer_t *local = NULL, *sync = NULL;
   sbn_bench_bufs_t u;
-  int reps = sbn__bench_reps(o, 10, 5), rc;
+  int reps = sbn__bench_reps(o, 20, 5), rc;
   layer_times_t t = {calloc((size_t)reps, 8), calloc((size_t)reps, 8),
                      calloc((size_t)reps, 8)};
   double *msg = calloc(4 * d->dims[1], sizeof *msg);

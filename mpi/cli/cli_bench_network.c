@@ -238,7 +238,7 @@ static int net_time(const sbn_bench_opts_t *o, net_t *n, int reps,
 int sbn__bench_network(const sbn_bench_opts_t *o, sbn_bench_out_t *out) {
   size_t batch = o->nbatches > 0 ? o->batches[0] : (o->quick ? 2 : 8);
   sbn_layout_t layout = o->layouts == 2 ? SBN_LAYOUT_NHWC : SBN_LAYOUT_NCHW;
-  int reps = sbn__bench_reps(o, 5, 3), rc;
+  int reps = sbn__bench_reps(o, 10, 3), rc;
   double *t[NV_COUNT][3];
   net_t *n = calloc(1, sizeof *n);
   double *all = calloc((size_t)(NV_COUNT * 3 * reps), sizeof *all);

@@ -137,7 +137,7 @@ static int svc_one(const sbn_bench_opts_t *o, sbn_client_t *c, int idx,
   sbn_layer_params_t p;
   svc_cfg_t s;
   char name[64];
-  int reps = sbn__bench_reps(o, 10, 5), rc;
+  int reps = sbn__bench_reps(o, 20, 5), rc;
   size_t C = d->dims[1];
   double *all = calloc((size_t)(SV_COUNT * reps), sizeof *all), *t[SV_COUNT];
   memset(&s, 0, sizeof s);
@@ -222,7 +222,15 @@ static int svc_start(const sbn_bench_opts_t *o, sbn_bench_job_t *job,
 
 int sbn__bench_service(const sbn_bench_opts_t *o, sbn_bench_out_t *out) {
   sbn_tensor_desc_t shapes[9 * 16 * 2 + SBN_BENCH_MAX_SHAPES * 2];
-  int n = sbn__bench_layer_shapes(o, 1, shapes,
+  sbn_bench_opts_t so = *o;
+  /* Per-rank N = 32 sends up to 100 MB per request through the socket,
+   * four times a step: the default stops at N = 8 (--batch 32 asks). */
+  if (so.nbatches == 0 && !so.quick) {
+    so.batches[0] = 2;
+    so.batches[1] = 8;
+    so.nbatches = 2;
+  }
+  int n = sbn__bench_layer_shapes(&so, 1, shapes,
                                   (int)(sizeof shapes / sizeof *shapes));
   sbn_bench_job_t job;
   sbn_client_t *c = NULL;
