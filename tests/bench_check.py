@@ -13,7 +13,7 @@ import math
 import sys
 
 COLUMNS = ["mode", "variant", "op", "pass", "layout", "shape", "ranks",
-           "group_size", "median_us", "p90_us", "floor_us", "floor_ratio",
+           "group_size", "median_us", "p90_us", "best_us", "floor_us", "floor_ratio",
            "gbps", "overhead_us", "overhead_pct", "overhead_per_allreduce",
            "bytes", "avg_us", "min_us", "max_us", "iterations", "hop_us",
            "hop_ratio"]
@@ -96,6 +96,10 @@ def check_schema(doc, mode, ranks):
         if r["median_us"] is not None and r["p90_us"] is not None and \
                 r["p90_us"] < r["median_us"]:
             bad("record %d: p90 below the median" % i)
+        if r["best_us"] is None or r["median_us"] is None or \
+                r["best_us"] > r["median_us"]:
+            bad("record %d: best_us %r not at most the median" %
+                (i, r["best_us"]))
 
 
 def check_derived(recs, mode):

@@ -51,7 +51,7 @@ typedef struct sbn_bench_rec_s {
   char mode[16], variant[24], op[16], pass[24], layout[8];
   sbn_tensor_desc_t shape;
   int ranks, group_size;
-  double median_us, p90_us;
+  double median_us, p90_us, best_us;
   double floor_us, floor_ratio, gbps;
   double overhead_us, overhead_pct, overhead_per_allreduce;
   double bytes, avg_us, min_us, max_us, iterations;
@@ -94,7 +94,9 @@ int sbn__bench_max_over_ranks(MPI_Comm comm, double *v, int n);
  * MPI_Barrier would take a core from the syncbnd workers whose answer
  * the other rank is waiting for. */
 int sbn__bench_quiet_barrier(void);
-/* Sets r->median_us and r->p90_us from t[0..n) seconds. */
+/* Sets r->median_us, r->p90_us and r->best_us (the fastest rep, the
+ * number least disturbed by other work on the machine) from t[0..n)
+ * seconds. */
 void sbn__bench_set_times(sbn_bench_rec_t *r, double *t, int n);
 /* "8x64x56x56". */
 void sbn__bench_shape_str(const sbn_tensor_desc_t *d, char *buf, size_t n);

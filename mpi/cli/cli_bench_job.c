@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -70,6 +71,8 @@ static void child(const char *bin, int np, const char *dir, int out_fd) {
     if (!launch_var(environ[i]))
       env[k++] = environ[i];
   snprintf(nps, sizeof nps, "%d", np);
+  /* A bench killed before it could stop the job takes the job along. */
+  prctl(PR_SET_PDEATHSIG, SIGTERM);
   dup2(out_fd, 1);
   char *const argv[] = {
       "mpirun", "--oversubscribe", "--bind-to",    "none",      "-np",

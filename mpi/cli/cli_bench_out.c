@@ -36,6 +36,7 @@ static const col_t cols[] = {
     INT(group_size),
     NUM(median_us, "%.1f"),
     NUM(p90_us, "%.1f"),
+    NUM(best_us, "%.1f"),
     NUM(floor_us, "%.1f"),
     NUM(floor_ratio, "%.2f"),
     NUM(gbps, "%.1f"),
@@ -69,13 +70,10 @@ sbn_bench_rec_t sbn__bench_rec(const sbn_bench_opts_t *o, const char *variant,
   r.ranks = o->size;
   r.group_size =
       o->group_size > 0 && o->group_size < o->size ? o->group_size : o->size;
-  double *nums[] = {
-      &r.median_us,  &r.p90_us,      &r.floor_us,     &r.floor_ratio,
-      &r.gbps,       &r.overhead_us, &r.overhead_pct, &r.overhead_per_allreduce,
-      &r.bytes,      &r.avg_us,      &r.min_us,       &r.max_us,
-      &r.iterations, &r.hop_us,      &r.hop_ratio};
-  for (size_t i = 0; i < sizeof nums / sizeof *nums; i++)
-    *nums[i] = NAN;
+  /* Every number starts absent; the column list knows where they are. */
+  for (size_t c = 0; c < NCOLS; c++)
+    if (cols[c].type == COL_NUM)
+      *(double *)((char *)&r + cols[c].off) = NAN;
   return r;
 }
 

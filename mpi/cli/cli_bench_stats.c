@@ -137,6 +137,7 @@ void sbn__bench_set_times(sbn_bench_rec_t *r, double *t, int n) {
   sbn__bench_quantiles(t, n, &m, &p);
   r->median_us = m * 1e6;
   r->p90_us = p * 1e6;
+  r->best_us = n > 0 ? t[0] * 1e6 : NAN; /* t is sorted now */
 }
 
 void sbn__bench_shape_str(const sbn_tensor_desc_t *d, char *buf, size_t n) {
