@@ -91,7 +91,7 @@ int sbn__bench_push(sbn_bench_out_t *out, const sbn_bench_rec_t *r) {
 }
 
 /* Column c of r as text: fmt for numbers (the table's short form, or the
- * exact "%.9g" of the files), "" for an absent number. */
+ * exact "%.17g" of the files), "" for an absent number. */
 static void cell(const col_t *c, const sbn_bench_rec_t *r, const char *fmt,
                  char *buf, size_t n) {
   const char *p = (const char *)r + c->off;
@@ -218,7 +218,7 @@ static void write_json(const sbn_bench_opts_t *o, const sbn_bench_out_t *out,
         fprintf(f, "]");
         continue;
       }
-      cell(&cols[c], r, "%.9g", buf, sizeof buf);
+      cell(&cols[c], r, "%.17g", buf, sizeof buf);
       if (cols[c].type == COL_STR)
         json_str(f, buf);
       else
@@ -237,7 +237,7 @@ static void write_csv(const sbn_bench_out_t *out, FILE *f) {
   for (size_t i = 0; i < out->n; i++) {
     for (size_t c = 0; c < NCOLS; c++) {
       /* No value holds a comma or a quote, so no field needs quoting. */
-      cell(&cols[c], &out->recs[i], "%.9g", buf, sizeof buf);
+      cell(&cols[c], &out->recs[i], "%.17g", buf, sizeof buf);
       fprintf(f, "%s%s", c ? "," : "", buf);
     }
     fprintf(f, "\n");
