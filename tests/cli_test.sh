@@ -490,6 +490,28 @@ any(r['op'] != 'groupnorm' or r['layout'] != 'nhwc' for r in d['records']))" \
     --shape 2,8,3 --reps 1 --op dropout --json "$T/no/such/dir/x.json"
 }
 
+# bench service --socket-dir: twice against one syncbnd job that the test
+# starts (the second run must not collide with the first run's layers).
+bench_socket_dir() {
+  local sbnd
+  sbnd=$(dirname "$SYNCBN")/syncbnd
+  [ -x "$sbnd" ] || { ok "no syncbnd beside $SYNCBN: --socket-dir skipped"; return; }
+  "$MPIEXEC" --oversubscribe --bind-to none --timeout 100 --mca pml ob1 \
+    --mca btl self,vader,tcp -np "$NP" "$sbnd" --socket-dir "$T/sock" \
+    >"$T/sbnd.out" 2>&1 &
+  local jp=$! i
+  for i in $(seq 1 300); do
+    [ "$(grep -c 'ready on' "$T/sbnd.out")" -ge "$NP" ] && break
+    sleep 0.1
+  done
+  for i in 1 2; do
+    RANKS=$NP bench_json service "ext$i" "${MPIRUN[@]}" "$SYNCBN" bench \
+      service --socket-dir "$T/sock" --shape 2,8,4,4 --reps 2
+  done
+  kill "$jp"
+  wait "$jp" 2>/dev/null
+}
+
 # `syncbn bench MODE --quick` at NP ranks under mpirun: the records of
 # each MPI mode (no timing is judged).
 group_benchmpi() {
@@ -508,6 +530,7 @@ sys.exit(any(r['group_size'] != 1 for r in d['records']))" "$T/m_group.json"
   if [ "$mode" = service ]; then
     check "service: no syncbnd left running from this bench" \
       bash -c "! ls -d /tmp/syncbn-bench-* 2>/dev/null | grep -q ."
+    bench_socket_dir
   fi
 }
 

@@ -12,6 +12,8 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/time.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "cli_bench.h"
 #include "cli_bench_job.h"
@@ -131,9 +133,9 @@ static void cfg_free(svc_cfg_t *s) {
   free(s->recs);
 }
 
-static int svc_one(const sbn_bench_opts_t *o, sbn_client_t *c, int idx,
-                   uint64_t *step, const sbn_tensor_desc_t *d,
-                   sbn_bench_out_t *out) {
+static int svc_one(const sbn_bench_opts_t *o, sbn_client_t *c,
+                   unsigned long long run, int idx, uint64_t *step,
+                   const sbn_tensor_desc_t *d, sbn_bench_out_t *out) {
   sbn_layer_params_t p;
   svc_cfg_t s;
   char name[64];
@@ -160,7 +162,9 @@ static int svc_one(const sbn_bench_opts_t *o, sbn_client_t *c, int idx,
   }
   sbn_layer_params_default(&p, SBN_OP_BATCHNORM);
   p.channels = C;
-  snprintf(name, sizeof name, "bench%d", idx);
+  /* A job given by --socket-dir keeps the layers of earlier runs, whose
+   * steps are ahead of this run's: every run registers its own names. */
+  snprintf(name, sizeof name, "bench-%llx-%d", run, idx);
   if ((rc = sbn_client_register(c, name, "syncbatchnorm", &p,
                                 (uint32_t)o->group_size, &s.layer, NULL)) !=
           0 ||
@@ -248,8 +252,11 @@ int sbn__bench_service(const sbn_bench_opts_t *o, sbn_bench_out_t *out) {
   MPI_Allreduce(MPI_IN_PLACE, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
   if (rc == 0 && any)
     rc = sbn_set_error(SBN_EIO, "service: another rank could not connect");
+  unsigned long long run =
+      ((unsigned long long)getpid() << 32) ^ (unsigned long long)time(NULL);
+  MPI_Bcast(&run, 1, MPI_UNSIGNED_LONG_LONG, 0, MPI_COMM_WORLD);
   for (int i = 0; i < n && rc == 0; i++)
-    rc = svc_one(o, c, i, &step, &shapes[i], out);
+    rc = svc_one(o, c, run, i, &step, &shapes[i], out);
   if (c != NULL && rc == 0)
     sbn_client_bye(c);
   sbn_client_close(c);
