@@ -35,4 +35,14 @@ if(MPIEXEC_EXECUTABLE)
     set_tests_properties(cli_sync_np${np} PROPERTIES TIMEOUT 400
       LABELS "cli;mpi" ENVIRONMENT "${SBN_CLI_ENV}")
   endforeach()
+  # `syncbn bench MODE --quick` at np 2, one test per mode (each well under
+  # a minute; the records' schema and derived columns are checked, never
+  # the timings). The service mode starts its own syncbnd job.
+  foreach(mode layer network sizes service)
+    add_test(NAME cli_bench_${mode}_np2
+      COMMAND bash ${SBN_CLI_TEST_ARGS} --mpirun ${MPIEXEC_EXECUTABLE}
+        benchmpi 2 ${mode})
+    set_tests_properties(cli_bench_${mode}_np2 PROPERTIES TIMEOUT 120
+      LABELS "cli;mpi" ENVIRONMENT "${SBN_CLI_ENV}")
+  endforeach()
 endif()

@@ -2,13 +2,17 @@
 # End-to-end tests of `syncbn apply` and `syncbn bench`, run by ctest
 # (tests/cli.cmake):
 #   cli_test.sh --syncbn BIN --npygen BIN --npycmp BIN [--mpirun BIN] GROUP [NP]
+#     [MODE]
 # GROUP is basic (outputs and what they hold), errors (every refused input
 # exits non-zero with one line naming the flag or file, and clobbers
-# nothing), bench (a tiny timing run and bench's usage errors) or sync (NP
-# ranks under mpirun equal one process; bench --sync runs).
+# nothing), bench (bench kernels on tiny shapes, its records checked by
+# bench_check.py, and bench's usage errors), benchmpi (bench MODE --quick
+# at NP ranks, its records checked) or sync (NP ranks under mpirun equal
+# one process).
 set -uo pipefail
 
-SYNCBN= NPYGEN= NPYCMP= MPIEXEC=
+SYNCBN= NPYGEN= NPYCMP= MPIEXEC= RANKS=
+CHECKER=$(dirname "$0")/bench_check.py
 while [ $# -gt 0 ]; do
   case "$1" in
     --syncbn) SYNCBN=$2; shift 2 ;;
@@ -445,33 +449,117 @@ bench_fail() {
   fi
 }
 
-# `syncbn bench`: a tiny run of each op, and its usage errors.
+# bench_json MODE NAME ARGS...: runs `syncbn bench MODE ARGS --json
+# $T/NAME.json --csv $T/NAME.csv` (ARGS may start with an mpirun command
+# line, see group_benchmpi) and checks the records with bench_check.py.
+bench_json() {
+  local mode=$1 name=$2
+  shift 2
+  if "$@" --json "$T/$name.json" --csv "$T/$name.csv" >"$T/$name.out" \
+      2>&1; then
+    ok "bench $mode: $(head -1 "$T/$name.out" | cut -c1-60)..."
+  else
+    bad "bench $mode exited non-zero: $*"
+    sed 's/^/     /' "$T/$name.out" | tail -20
+    return
+  fi
+  check "bench $mode: JSON and CSV records" /usr/bin/python3 \
+    "$CHECKER" "$mode" "$T/$name.json" "$T/$name.csv" ${RANKS:+--ranks $RANKS}
+}
+
+# `syncbn bench`: the kernels mode on tiny shapes (no MPI), the table's
+# head, stdout JSON, and the usage errors of every flag.
 group_bench() {
   check "syncbn bench --help" "$SYNCBN" bench --help
-  "$SYNCBN" bench --shape 2,8,3,3 --iters 2 >"$T/bench" 2>&1
-  check "bench times every op" test "$(grep -c ' fwd ' "$T/bench")" -eq 5
-  check "bench reports the shape" grep -q "shape 2x8x3x3, 2 iterations" \
+  bench_json kernels kq "$SYNCBN" bench kernels --quick
+  bench_json kernels k1 "$SYNCBN" bench kernels --shape 2,8,3,3 --reps 2
+  check "kernels: 11 passes NCHW + 7 NHWC" /usr/bin/python3 -c \
+    "import json,sys; d=json.load(open(sys.argv[1])); \
+sys.exit(len(d['records']) != 18)" "$T/k1.json"
+  "$SYNCBN" bench kernels --shape 2,8,3,3 --reps 1 >"$T/bench" 2>&1
+  check "the table is headed by the machine" \
+    grep -q "^# syncbn bench kernels: .* cores), 1 rank, .*, kernels " \
     "$T/bench"
-  "$SYNCBN" bench --op groupnorm --layout nhwc --shape 2,8,3 --iters 1 \
-    >"$T/bench" 2>&1
-  check "bench --op groupnorm --layout nhwc times one op" \
-    test "$(grep -c 'groupnorm    nhwc fwd' "$T/bench")" -eq 1
-  "$SYNCBN" bench --layout nhwc --shape 2,8,3 --iters 1 >"$T/bench" 2>&1
-  check "bench --layout nhwc skips layernorm and dropout" \
-    test "$(grep -c ' fwd ' "$T/bench")" -eq 3
-  bench_fail 2 "--shape: '2'" --shape 2
-  bench_fail 2 "--shape: '2,0,3'" --shape 2,0,3
+  "$SYNCBN" bench kernels --op groupnorm --layout nhwc --shape 2,8,3 \
+    --reps 1 --json - >"$T/k2.json" 2>"$T/k2.err"
+  check "kernels --json - writes JSON on stdout, the table on stderr" \
+    /usr/bin/python3 -c "import json,sys; d=json.load(open(sys.argv[1])); \
+sys.exit(len(d['records']) != 2 or \
+any(r['op'] != 'groupnorm' or r['layout'] != 'nhwc' for r in d['records']))" \
+    "$T/k2.json"
+  check "kernels --json -: the table went to stderr" grep -q "^variant" \
+    "$T/k2.err"
+  bench_json kernels k3 "$SYNCBN" bench kernels --shape 2,8,3 --kernels ref \
+    --op dropout --reps 1
+  check "kernels --kernels ref is named in the JSON" grep -q '"kernels": "ref"' \
+    "$T/k3.json"
+  bench_fail 2 "unknown mode 'kernel'" kernel
+  bench_fail 2 "--shape: '2'" kernels --shape 2
+  bench_fail 2 "--shape: '2,0,3'" kernels --shape 2,0,3
   bench_fail 2 "--shape: '2,,3'" --shape 2,,3
   bench_fail 2 "--shape: '1,2,3,4,5,6,7,8,9'" --shape 1,2,3,4,5,6,7,8,9
-  bench_fail 2 "--layout: 'nwhc'" --layout nwhc
-  bench_fail 2 "--iters: '0'" --iters 0
-  bench_fail 2 "--iters: '100001'" --iters 100001
-  bench_fail 2 "--iters: '5x'" --iters 5x
+  bench_fail 2 "--layout: 'nwhc'" kernels --layout nwhc
+  bench_fail 2 "--reps: '0'" kernels --reps 0
+  bench_fail 2 "--reps: '100001'" --reps 100001
+  bench_fail 2 "--reps: '5x'" --reps 5x
+  bench_fail 2 "--warmup: '1001'" --warmup 1001
+  bench_fail 2 "--batch: '0'" --batch 0
+  bench_fail 2 "--batch: '2,,8'" --batch 2,,8
   bench_fail 2 "--group-size: '0'" --group-size 0
-  bench_fail 2 "--op: unknown op 'batchnrom'" --op batchnrom
-  bench_fail 2 "--kernels:" --kernels frobnicate
-  bench_fail 2 "unexpected argument 'extra'" extra
+  bench_fail 2 "--op: unknown op 'batchnrom'" kernels --op batchnrom
+  bench_fail 2 "--op: only the kernels mode" layer --op batchnorm
+  bench_fail 2 "--socket-dir: only the service mode" sizes --socket-dir /tmp
+  bench_fail 2 "--kernels:" kernels --kernels frobnicate
+  bench_fail 2 "cannot both be stdout" kernels --json - --csv -
+  bench_fail 2 "unexpected argument 'extra'" kernels extra
   bench_fail 2 "usage: syncbn bench" --frobnicate
+  bench_fail 2 "usage: syncbn bench" --sync
+  bench_fail 1 "--json $T/no/such/dir/x.json: cannot open" kernels \
+    --shape 2,8,3 --reps 1 --op dropout --json "$T/no/such/dir/x.json"
+}
+
+# bench service --socket-dir: twice against one syncbnd job that the test
+# starts (the second run must not collide with the first run's layers).
+bench_socket_dir() {
+  local sbnd
+  sbnd=$(dirname "$SYNCBN")/syncbnd
+  [ -x "$sbnd" ] || { ok "no syncbnd beside $SYNCBN: --socket-dir skipped"; return; }
+  "$MPIEXEC" --oversubscribe --bind-to none --timeout 100 --mca pml ob1 \
+    --mca btl self,vader,tcp -np "$NP" "$sbnd" --socket-dir "$T/sock" \
+    >"$T/sbnd.out" 2>&1 &
+  local jp=$! i
+  for i in $(seq 1 300); do
+    [ "$(grep -c 'ready on' "$T/sbnd.out")" -ge "$NP" ] && break
+    sleep 0.1
+  done
+  for i in 1 2; do
+    RANKS=$NP bench_json service "ext$i" "${MPIRUN[@]}" "$SYNCBN" bench \
+      service --socket-dir "$T/sock" --shape 2,8,4,4 --reps 2
+  done
+  kill "$jp"
+  wait "$jp" 2>/dev/null
+}
+
+# `syncbn bench MODE --quick` at NP ranks under mpirun: the records of
+# each MPI mode (no timing is judged).
+group_benchmpi() {
+  local mode=$BMODE
+  local -a MPIRUN=("$MPIEXEC" --oversubscribe --bind-to none --timeout 100
+    --mca pml ob1 --mca btl self,vader,tcp -np "$NP")
+  RANKS=$NP bench_json "$mode" "m_$mode" "${MPIRUN[@]}" "$SYNCBN" bench \
+    "$mode" --quick
+  if [ "$mode" = layer ]; then
+    RANKS=$NP bench_json layer m_group "${MPIRUN[@]}" "$SYNCBN" bench layer \
+      --shape 2,8,3,3 --reps 2 --group-size 1 --layout nhwc
+    check "layer --group-size 1: group_size 1 in every record" \
+      /usr/bin/python3 -c "import json,sys; d=json.load(open(sys.argv[1])); \
+sys.exit(any(r['group_size'] != 1 for r in d['records']))" "$T/m_group.json"
+  fi
+  if [ "$mode" = service ]; then
+    check "service: no syncbnd left running from this bench" \
+      bash -c "! ls -d /tmp/syncbn-bench-* 2>/dev/null | grep -q ."
+    bench_socket_dir
+  fi
 }
 
 group_sync() {
@@ -482,11 +570,6 @@ group_sync() {
     --weight "$T/w.npy" --bias "$T/b.npy")
   apply "${bnargs[@]}" --out-dir "$o/ref" >/dev/null ||
     bad "single-process reference run"
-
-  # bench --sync: the reduction against a bare MPI_Allreduce on every rank.
-  "${MPIRUN[@]}" "$SYNCBN" bench --op batchnorm --shape 4,8,2,2 --iters 1 \
-    --sync >"$T/bench" 2>&1
-  check "bench --sync times the allreduce" grep -q "allreduce    C=8" "$T/bench"
 
   # The even split, then uneven ones with empty shards.
   local counts_list
@@ -617,6 +700,11 @@ case $GROUP in
   basic) group_basic ;;
   errors) group_errors ;;
   bench) group_bench ;;
+  benchmpi)
+    [ -n "$MPIEXEC" ] || { echo "benchmpi needs --mpirun"; exit 2; }
+    BMODE=${3:?benchmpi NP MODE}
+    group_benchmpi
+    ;;
   sync)
     [ -n "$MPIEXEC" ] || { echo "sync needs --mpirun"; exit 2; }
     group_sync

@@ -34,7 +34,7 @@ ALLOWED = {
     "src/svc/server": ["src/svc/worker", "src/svc/proto"],
     "src/client": ["src/svc/proto"],
     "mpi": [],
-    "mpi/cli": ["mpi", "src/nn"],
+    "mpi/cli": ["mpi", "src/nn", "src/client"],
     "mpi/service": ["mpi", "src/svc/server", "src/svc/worker",
                     "src/svc/proto"],
 }

@@ -10,7 +10,8 @@
  * single process or, with --sync, SyncBN over MPI (mpi/cli/cli_apply*.c). */
 int sbn_cli_apply(int argc, char **argv);
 
-/* `syncbn bench`: kernel and reduction timings (mpi/cli/cli_bench.c). */
+/* `syncbn bench MODE`: what SyncBN costs, as tables, JSON and CSV
+ * (mpi/cli/cli_bench*.c; cli_bench.h lists the files). */
 int sbn_cli_bench(int argc, char **argv);
 
 #endif /* SBN_CLI_H */

@@ -50,8 +50,8 @@ int main(int argc, char **argv) {
       {"apply", sbn_cli_apply,
        "run one layer's forward (and backward) on .npy files"},
       {"bench", sbn_cli_bench,
-       "time the kernels against memcpy and the SyncBN reduction against "
-       "MPI_Allreduce"},
+       "measure what SyncBN costs: per layer, per network, by message "
+       "size, through syncbnd; kernels against a floor"},
       {"study", SBN__OPTIONAL(sbn_cli_study), "numerical study"},
       {"train", SBN__OPTIONAL(sbn_cli_train), "train a small model"},
   };

@@ -1,0 +1,168 @@
+/* `syncbn bench layer`: per BatchNorm layer shape, what SyncBN adds to a
+ * training step. Each rep runs, on the same rank-aligned start (a barrier
+ * before each), local BatchNorm forward+backward, SyncBN forward+backward
+ * on the MPI communicator, and a bare MPI_Allreduce(MPI_SUM) of the same
+ * bytes as one of SyncBN's two reductions; the three are interleaved so
+ * that a slow moment of the machine hits all of them. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli_bench.h"
+#include "syncbn_mpi.h"
+
+int sbn__bench_reps(const sbn_bench_opts_t *o, int def, int quick) {
+  return o->reps > 0 ? o->reps : (o->quick ? quick : def);
+}
+
+int sbn__bench_layer_shapes(const sbn_bench_opts_t *o, int layouts,
+                            sbn_tensor_desc_t *out, int max) {
+  static const int quick_shapes[] = {1, 5, 8};
+  size_t batches[16] = {2, 8, 32};
+  int nb = 3, n = 0, lay = o->layouts ? o->layouts : layouts;
+  if (o->nbatches > 0) {
+    nb = o->nbatches;
+    memcpy(batches, o->batches, sizeof batches);
+  } else if (o->quick) {
+    nb = 1;
+  }
+  int ns = o->nshapes > 0 ? o->nshapes : (o->quick ? 3 : 9);
+  for (int s = 0; s < ns; s++)
+    for (int b = 0; b < (o->nshapes > 0 ? 1 : nb); b++)
+      for (int l = 0; l < 2; l++) {
+        if (!(lay & (1 << l)) || n == max)
+          continue;
+        sbn_tensor_desc_t d;
+        if (o->nshapes > 0) {
+          d = o->shapes[s];
+        } else {
+          const size_t *chw =
+              sbn__bench_resnet_shapes[o->quick ? quick_shapes[s] : s];
+          d = (sbn_tensor_desc_t){
+              4, {batches[b], chw[0], chw[1], chw[2]}, SBN_LAYOUT_NCHW};
+        }
+        d.layout = l ? SBN_LAYOUT_NHWC : SBN_LAYOUT_NCHW;
+        out[n++] = d;
+      }
+  return n;
+}
+
+/* The three timings of one configuration, seconds per rep. */
+typedef struct layer_times_s {
+  double *local, *sync, *bare;
+} layer_times_t;
+
+static int time_reps(const sbn_bench_opts_t *o, const sbn_tensor_desc_t *d,
+                     sbn_layer_t *local, sbn_layer_t *sync, MPI_Comm gc,
+                     sbn_bench_bufs_t *u, double *msg, int reps,
+                     layer_times_t *t) {
+  int rc, k = 0, count = (int)(4 * u->c);
+  for (int it = -o->warmup; it < reps; it++) {
+    double t0, t1, t2, t3, t4, t5;
+    MPI_Barrier(MPI_COMM_WORLD);
+    t0 = sbn__bench_now();
+    if ((rc = sbn__bench_fwd_bwd(local, d, u, k, (uint64_t)it)) != 0)
+      return rc;
+    t1 = sbn__bench_now();
+    k = (k + 1) % u->copies;
+    MPI_Barrier(MPI_COMM_WORLD);
+    t2 = sbn__bench_now();
+    if ((rc = sbn__bench_fwd_bwd(sync, d, u, k, (uint64_t)it)) != 0)
+      return rc;
+    t3 = sbn__bench_now();
+    k = (k + 1) % u->copies;
+    MPI_Barrier(MPI_COMM_WORLD);
+    t4 = sbn__bench_now();
+    if (MPI_Allreduce(MPI_IN_PLACE, msg, count, MPI_DOUBLE, MPI_SUM, gc) !=
+        MPI_SUCCESS)
+      return sbn_set_error(SBN_ECOMM, "bench: bare MPI_Allreduce of %d doubles",
+                           count);
+    t5 = sbn__bench_now();
+    if (it >= 0) {
+      t->local[it] = t1 - t0;
+      t->sync[it] = t3 - t2;
+      t->bare[it] = t5 - t4;
+    }
+  }
+  return 0;
+}
+
+/* The three records of one configuration, with the derived columns on the
+ * SyncBN one (their definitions, which tests/bench_check.py checks). */
+static int push_layer(const sbn_bench_opts_t *o, const sbn_tensor_desc_t *d,
+                      layer_times_t *t, int reps, sbn_bench_out_t *out) {
+  sbn_bench_rec_t l = sbn__bench_rec(o, "local", "batchnorm", "fwd+bwd", d);
+  sbn_bench_rec_t s = sbn__bench_rec(o, "sync", "batchnorm", "fwd+bwd", d);
+  sbn_bench_rec_t a =
+      sbn__bench_rec(o, "bare_allreduce", "allreduce", "sum", d);
+  sbn__bench_set_times(&l, t->local, reps);
+  sbn__bench_set_times(&s, t->sync, reps);
+  sbn__bench_set_times(&a, t->bare, reps);
+  a.bytes = (double)(d->dims[1] * sizeof(sbn_rec_t));
+  s.bytes = 2 * a.bytes;
+  s.overhead_us = s.median_us - l.median_us;
+  s.overhead_pct = 100.0 * s.overhead_us / s.median_us;
+  s.overhead_per_allreduce = s.overhead_us / (2.0 * a.median_us);
+  int rc = sbn__bench_push(out, &l);
+  if (rc == 0)
+    rc = sbn__bench_push(out, &s);
+  if (rc == 0)
+    rc = sbn__bench_push(out, &a);
+  sbn__bench_progress(o, "done", &s);
+  return rc;
+}
+
+static int layer_one(const sbn_bench_opts_t *o, const sbn_tensor_desc_t *d,
+                     sbn_bench_out_t *out) {
+  sbn_layer_params_t p;
+  sbn_comm_t *comm = NULL;
+  sbn_layer_t *local = NULL, *sync = NULL;
+  sbn_bench_bufs_t u;
+  int reps = sbn__bench_reps(o, 20, 5), rc;
+  layer_times_t t = {calloc((size_t)reps, 8), calloc((size_t)reps, 8),
+                     calloc((size_t)reps, 8)};
+  double *msg = calloc(4 * d->dims[1], sizeof *msg);
+  memset(&u, 0, sizeof u);
+  sbn_layer_params_default(&p, SBN_OP_BATCHNORM);
+  p.channels = d->dims[1];
+  if (!t.local || !t.sync || !t.bare || !msg) {
+    rc = sbn_set_error(SBN_ENOMEM, "bench: out of memory for %d reps", reps);
+    goto done;
+  }
+  if ((rc = sbn_mpi_comm_create(MPI_COMM_WORLD, o->group_size, &p, &comm)) !=
+          0 ||
+      (rc = sbn_layer_create(&p, NULL, &local)) != 0 ||
+      (rc = sbn_layer_create(&p, comm, &sync)) != 0 ||
+      (rc = sbn__bench_bufs_alloc(&u, d, sync)) != 0 ||
+      (rc = sbn__bench_bufs_fit(&u, d, local)) != 0)
+    goto done;
+  rc = time_reps(o, d, local, sync, sbn_mpi_comm_handle(comm), &u, msg, reps,
+                 &t);
+  if (rc == 0 &&
+      ((rc = sbn__bench_max_over_ranks(MPI_COMM_WORLD, t.local, reps)) != 0 ||
+       (rc = sbn__bench_max_over_ranks(MPI_COMM_WORLD, t.sync, reps)) != 0 ||
+       (rc = sbn__bench_max_over_ranks(MPI_COMM_WORLD, t.bare, reps)) != 0))
+    goto done;
+  if (rc == 0)
+    rc = push_layer(o, d, &t, reps, out);
+done:
+  sbn_layer_destroy(local);
+  sbn_layer_destroy(sync);
+  sbn_comm_destroy(comm);
+  sbn__bench_bufs_free(&u);
+  free(t.local);
+  free(t.sync);
+  free(t.bare);
+  free(msg);
+  return rc;
+}
+
+int sbn__bench_layer(const sbn_bench_opts_t *o, sbn_bench_out_t *out) {
+  sbn_tensor_desc_t shapes[9 * 16 * 2 + SBN_BENCH_MAX_SHAPES * 2];
+  int n = sbn__bench_layer_shapes(o, 3, shapes,
+                                  (int)(sizeof shapes / sizeof *shapes));
+  int rc = 0;
+  for (int i = 0; i < n && rc == 0; i++)
+    rc = layer_one(o, &shapes[i], out);
+  return rc;
+}

@@ -1,0 +1,266 @@
+/* `syncbn bench service`: the layer measurement through syncbnd, one
+ * worker per rank, each bench rank a client of the worker of its own rank
+ * (the way a non-MPI trainer uses the service). Per configuration and rep,
+ * interleaved: a full-tensor forward + backward of a syncbatchnorm layer
+ * through the service (service_full) against SyncBN forward + backward in
+ * this process (sync); and the stats path, a `stats` + `stats_backward`
+ * request pair (service_stats), against its in-process equivalent, the two
+ * record allreduces of SyncBN (inproc_stats). hop_us is the service's time
+ * minus the in-process time, hop_ratio their quotient. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cli_bench.h"
+#include "cli_bench_job.h"
+#include "client.h"
+#include "syncbn_mpi.h"
+
+enum { SV_FULL, SV_SYNC, SV_STATS, SV_INPROC_STATS, SV_COUNT };
+
+/* One configuration's connection-side state. */
+typedef struct svc_cfg_s {
+  sbn_client_t *c;
+  uint64_t layer;
+  uint64_t *step; /* shared by all configurations: steps only grow */
+  sbn_layer_t *sync;
+  sbn_comm_t *comm;
+  sbn_bench_bufs_t u;
+  double *mean, *m2, *gsum, *gsum2; /* C doubles each */
+  sbn_rec_t *recs;
+} svc_cfg_t;
+
+static int svc_full(svc_cfg_t *s, const sbn_tensor_desc_t *d, int k) {
+  size_t at = (size_t)k * s->u.n;
+  uint64_t step = (*s->step)++;
+  int rc = sbn_client_forward(s->c, s->layer, step, 1, d, s->u.x + at, NULL,
+                              NULL, 0, s->u.y + at);
+  if (rc == 0)
+    rc = sbn_client_backward(s->c, s->layer, step, d, s->u.dy + at,
+                             s->u.dx + at, s->u.dw, s->u.db, s->u.c);
+  return rc;
+}
+
+static int svc_stats(svc_cfg_t *s, const sbn_tensor_desc_t *d) {
+  uint64_t step = (*s->step)++;
+  uint64_t count = sbn__bench_numel(d) / d->dims[1];
+  sbn_client_stats_t st = {NULL, s->gsum, NULL, NULL, NULL};
+  int rc = sbn_client_stats(s->c, s->layer, step, s->u.c, count, NULL, s->mean,
+                            s->m2, &st);
+  if (rc == 0)
+    rc = sbn_client_stats_backward(s->c, s->layer, step, s->u.c, s->mean, s->m2,
+                                   s->gsum, s->gsum2);
+  return rc;
+}
+
+/* What the stats pair stands for in process: SyncBN's two reductions of
+ * C records (moments forward, sums backward). */
+static int inproc_stats(svc_cfg_t *s) {
+  for (int pass = 0; pass < 2; pass++) {
+    for (size_t c = 0; c < s->u.c; c++) {
+      s->recs[c].tag = pass ? SBN_REC_SUM : SBN_REC_MOMENTS;
+      s->recs[c].v[0] = 10;
+      s->recs[c].v[1] = s->mean[c];
+      s->recs[c].v[2] = s->m2[c];
+    }
+    int rc = sbn_comm_allreduce(s->comm, s->recs, s->u.c);
+    if (rc != 0)
+      return rc;
+  }
+  return 0;
+}
+
+static int svc_reps(const sbn_bench_opts_t *o, svc_cfg_t *s,
+                    const sbn_tensor_desc_t *d, int reps, double *t[SV_COUNT]) {
+  int rc = 0, k = 0;
+  for (int it = -o->warmup; it < reps && rc == 0; it++)
+    for (int v = 0; v < SV_COUNT && rc == 0; v++) {
+      if ((rc = sbn__bench_quiet_barrier()) != 0)
+        break;
+      double t0 = sbn__bench_now();
+      if (v == SV_FULL)
+        rc = svc_full(s, d, k);
+      else if (v == SV_SYNC)
+        rc = sbn__bench_fwd_bwd(s->sync, d, &s->u, k, (uint64_t)it);
+      else if (v == SV_STATS)
+        rc = svc_stats(s, d);
+      else
+        rc = inproc_stats(s);
+      double t1 = sbn__bench_now();
+      k = (k + 1) % s->u.copies;
+      if (it >= 0)
+        t[v][it] = t1 - t0;
+    }
+  for (int v = 0; v < SV_COUNT && rc == 0; v++)
+    rc = sbn__bench_max_over_ranks(MPI_COMM_WORLD, t[v], reps);
+  return rc;
+}
+
+static int svc_push(const sbn_bench_opts_t *o, const sbn_tensor_desc_t *d,
+                    double *t[SV_COUNT], int reps, sbn_bench_out_t *out) {
+  static const char *const names[SV_COUNT] = {"service_full", "sync",
+                                              "service_stats", "inproc_stats"};
+  static const char *const passes[SV_COUNT] = {
+      "fwd+bwd", "fwd+bwd", "stats+stats_backward", "2x_allreduce"};
+  sbn_bench_rec_t r[SV_COUNT];
+  int rc = 0;
+  for (int v = 0; v < SV_COUNT; v++) {
+    r[v] = sbn__bench_rec(o, names[v], "batchnorm", passes[v], d);
+    sbn__bench_set_times(&r[v], t[v], reps);
+  }
+  for (int v = 0; v < SV_COUNT; v += 2) {
+    r[v].hop_us = r[v].median_us - r[v + 1].median_us;
+    r[v].hop_ratio = r[v].median_us / r[v + 1].median_us;
+  }
+  for (int v = 0; v < SV_COUNT && rc == 0; v++)
+    rc = sbn__bench_push(out, &r[v]);
+  sbn__bench_progress(o, "done", &r[0]);
+  return rc;
+}
+
+static void cfg_free(svc_cfg_t *s) {
+  sbn_layer_destroy(s->sync);
+  sbn_comm_destroy(s->comm);
+  sbn__bench_bufs_free(&s->u);
+  free(s->mean);
+  free(s->m2);
+  free(s->gsum);
+  free(s->gsum2);
+  free(s->recs);
+}
+
+static int svc_one(const sbn_bench_opts_t *o, sbn_client_t *c,
+                   unsigned long long run, int idx, uint64_t *step,
+                   const sbn_tensor_desc_t *d, sbn_bench_out_t *out) {
+  sbn_layer_params_t p;
+  svc_cfg_t s;
+  char name[64];
+  int reps = sbn__bench_reps(o, 20, 5), rc;
+  size_t C = d->dims[1];
+  double *all = calloc((size_t)(SV_COUNT * reps), sizeof *all), *t[SV_COUNT];
+  memset(&s, 0, sizeof s);
+  s.c = c;
+  s.step = step;
+  s.mean = calloc(C, 8);
+  s.m2 = calloc(C, 8);
+  s.gsum = calloc(C, 8);
+  s.gsum2 = calloc(C, 8);
+  s.recs = calloc(C, sizeof *s.recs);
+  if (!all || !s.mean || !s.m2 || !s.gsum || !s.gsum2 || !s.recs) {
+    rc = sbn_set_error(SBN_ENOMEM, "bench: out of memory for %zu channels", C);
+    goto done;
+  }
+  for (int v = 0; v < SV_COUNT; v++)
+    t[v] = all + (size_t)(v * reps);
+  for (size_t i = 0; i < C; i++) {
+    s.mean[i] = 0.25 * (double)(i % 5);
+    s.m2[i] = 1.0 + (double)(i % 3);
+  }
+  sbn_layer_params_default(&p, SBN_OP_BATCHNORM);
+  p.channels = C;
+  /* A job given by --socket-dir keeps the layers of earlier runs, whose
+   * steps are ahead of this run's: every run registers its own names. */
+  snprintf(name, sizeof name, "bench-%llx-%d", run, idx);
+  if ((rc = sbn_client_register(c, name, "syncbatchnorm", &p,
+                                (uint32_t)o->group_size, &s.layer, NULL)) !=
+          0 ||
+      (rc = sbn_mpi_comm_create(MPI_COMM_WORLD, o->group_size, &p, &s.comm)) !=
+          0 ||
+      (rc = sbn_layer_create(&p, s.comm, &s.sync)) != 0 ||
+      (rc = sbn__bench_bufs_alloc(&s.u, d, s.sync)) != 0)
+    goto done;
+  if ((rc = svc_reps(o, &s, d, reps, t)) == 0)
+    rc = svc_push(o, d, t, reps, out);
+done:
+  cfg_free(&s);
+  free(all);
+  return rc;
+}
+
+/* Connects this rank to its worker and checks that the job has this
+ * job's size. */
+static int svc_connect(const sbn_bench_opts_t *o, const char *dir,
+                       sbn_client_t **c) {
+  char path[4096];
+  sbn_client_hello_t h;
+  int rc = sbn_client_socket_path(path, sizeof path, dir, o->rank);
+  if (rc == 0)
+    rc = sbn_client_connect(path, c);
+  if (rc != 0)
+    return rc;
+  /* A worker that stops answering fails the bench instead of hanging it. */
+  struct timeval tv = {120, 0};
+  setsockopt(sbn_client_fd(*c), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  setsockopt(sbn_client_fd(*c), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+  if ((rc = sbn_client_hello(*c, &h)) != 0)
+    return rc;
+  if (h.size != o->size || h.rank != o->rank)
+    return sbn_set_error(SBN_EINVAL,
+                         "--socket-dir %s: worker is rank %d of %d, this is "
+                         "rank %d of %d",
+                         dir, h.rank, h.size, o->rank, o->size);
+  return 0;
+}
+
+/* Rank 0 starts the job (unless --socket-dir names one) and tells every
+ * rank where it is; an empty name means it failed. */
+static int svc_start(const sbn_bench_opts_t *o, sbn_bench_job_t *job,
+                     char dir[PATH_MAX]) {
+  int rc = 0;
+  dir[0] = '\0';
+  if (o->socket_dir != NULL) {
+    snprintf(dir, PATH_MAX, "%s", o->socket_dir);
+  } else if (o->rank == 0) {
+    if ((rc = sbn__bench_job_start(job, o->size)) == 0)
+      snprintf(dir, PATH_MAX, "%s", job->dir);
+  }
+  MPI_Bcast(dir, PATH_MAX, MPI_CHAR, 0, MPI_COMM_WORLD);
+  if (rc == 0 && dir[0] == '\0')
+    rc = sbn_set_error(SBN_EIO, "service: rank 0 could not start syncbnd");
+  return rc;
+}
+
+int sbn__bench_service(const sbn_bench_opts_t *o, sbn_bench_out_t *out) {
+  sbn_tensor_desc_t shapes[9 * 16 * 2 + SBN_BENCH_MAX_SHAPES * 2];
+  sbn_bench_opts_t so = *o;
+  /* Per-rank N = 32 sends up to 100 MB per request through the socket,
+   * four times a step: the default stops at N = 8 (--batch 32 asks). */
+  if (so.nbatches == 0 && !so.quick) {
+    so.batches[0] = 2;
+    so.batches[1] = 8;
+    so.nbatches = 2;
+  }
+  int n = sbn__bench_layer_shapes(&so, 1, shapes,
+                                  (int)(sizeof shapes / sizeof *shapes));
+  sbn_bench_job_t job;
+  sbn_client_t *c = NULL;
+  char dir[PATH_MAX];
+  uint64_t step = 1;
+  memset(&job, 0, sizeof job);
+  job.pid = -1;
+  job.out_fd = -1;
+  int rc = svc_start(o, &job, dir), any = 0;
+  if (rc == 0)
+    rc = svc_connect(o, dir, &c);
+  /* Agree before the first collective request, so that one rank that
+   * could not connect does not leave the others waiting on a STALL. */
+  any = rc != 0;
+  MPI_Allreduce(MPI_IN_PLACE, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+  if (rc == 0 && any)
+    rc = sbn_set_error(SBN_EIO, "service: another rank could not connect");
+  unsigned long long run =
+      ((unsigned long long)getpid() << 32) ^ (unsigned long long)time(NULL);
+  MPI_Bcast(&run, 1, MPI_UNSIGNED_LONG_LONG, 0, MPI_COMM_WORLD);
+  for (int i = 0; i < n && rc == 0; i++)
+    rc = svc_one(o, c, run, i, &step, &shapes[i], out);
+  if (c != NULL && rc == 0)
+    sbn_client_bye(c);
+  sbn_client_close(c);
+  MPI_Barrier(MPI_COMM_WORLD);
+  sbn__bench_job_stop(&job);
+  return rc;
+}
