@@ -194,6 +194,16 @@ SBN_API int sbn_ckpt_name_valid(const char *name);
  * continuing from crc (start with 0); equals zlib's crc32(). */
 SBN_API uint32_t sbn_crc32(uint32_t crc, const void *buf, size_t len);
 
+/* Writes the concatenation of parts to path atomically: a temporary file
+ * in the same directory (created with the given mode), then rename(). With
+ * durable, the data and the directory entry are fsync'ed too, so a crash
+ * leaves the old file or the new one, never a torn one. On failure the old
+ * file is untouched and the temporary file removed. Checkpoints of every
+ * kind (the service's, the trainer's) and .npy outputs use it. */
+SBN_API int sbn_write_file_atomic(const char *path, const void *const *parts,
+                                  const size_t *lens, int nparts, unsigned mode,
+                                  int durable);
+
 #ifdef __cplusplus
 }
 #endif

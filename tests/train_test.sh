@@ -111,6 +111,22 @@ equal() {
       ok "$model syncbn: --counts 0,64 (an empty shard) = 1 rank x 64" ||
       bad "$model syncbn: --counts 0,64 differs"
   done
+  # Ghost batches: a sub-batch as large as the rank's batch is that rank's
+  # own BatchNorm, bit for bit; one rank of 64 in ghost batches of 32
+  # trains exactly as two ranks of 32 with per-rank BatchNorm (the train
+  # loss; their running statistics differ by design, see README).
+  local g=(--train-subset 1024 --test-subset 1000)
+  run 2 "${g[@]}" --norm bn --batch 32 --csv "$T/bn.csv" &&
+    run 2 "${g[@]}" --norm syncbn --ghost-batch 32 --batch 32 \
+      --csv "$T/gh.csv" && cmp -s <(numbers "$T/bn.csv") <(numbers "$T/gh.csv") &&
+    ok "--ghost-batch 32 of 32 per rank = --norm bn, bit for bit" ||
+    bad "--ghost-batch 32 of 32 differs from --norm bn"
+  run 1 "${g[@]}" --norm bn --ghost-batch 32 --batch 64 --csv "$T/gh1.csv" &&
+    paste -d, <(cut -d, -f2 "$T/bn.csv") <(cut -d, -f2 "$T/gh1.csv") |
+    awk -F, 'NR > 1 { d = $1 - $2; if (d < 0) d = -d;
+      if (d > 1e-4 * ($1 < 0 ? -$1 : $1)) bad = 1 } END { exit bad }' &&
+    ok "1 rank x 64 in ghost batches of 32 trains as 2 ranks x 32 (bn)" ||
+    bad "1 rank x 64 in ghost batches of 32 differs from 2 ranks x 32"
   run 2 --model cnn --train-subset 256 --batch 32 --test-subset 1000 \
     --csv "$T/nchw.csv" &&
     run 2 --model cnn --train-subset 256 --batch 32 --test-subset 1000 \
@@ -199,6 +215,8 @@ errors() {
   expect 2 "--norm" 0 --norm in
   expect 2 "--norm" 0 --norm batch
   expect 2 "--groups" 0 --groups 4
+  expect 2 "--ghost-batch" 0 --norm gn --ghost-batch 8
+  expect 2 "--ghost-batch" 0 --ghost-batch 0
   expect 2 "--layout" 0 --layout nhwc
   expect 2 "--layout" 0 --model cnn --norm ln --layout nhwc
   expect 2 "--layout" 0 --model cnn --layout chw

@@ -14,4 +14,8 @@ int sbn_cli_apply(int argc, char **argv);
  * (mpi/cli/cli_bench*.c; cli_bench.h lists the files). */
 int sbn_cli_bench(int argc, char **argv);
 
+/* `syncbn train`: data-parallel training on Fashion-MNIST with syncbn's
+ * normalization layers (mpi/cli/cli_train*.c, compute in src/nn). */
+int sbn_cli_train(int argc, char **argv);
+
 #endif /* SBN_CLI_H */

@@ -162,6 +162,7 @@ static uint64_t fingerprint(const run_t *r) {
                 (double)r->o.layout,
                 (double)r->o.groups,
                 (double)r->o.group_size,
+                (double)r->o.ghost_batch,
                 r->o.dropout,
                 r->o.eps,
                 r->o.momentum,
@@ -187,6 +188,7 @@ static int setup_model(run_t *r) {
   cfg.norm = r->o.norm;
   cfg.layout = r->o.layout;
   cfg.groups = (size_t)r->o.groups;
+  cfg.ghost_batch = (size_t)r->o.ghost_batch;
   cfg.eps = r->o.eps;
   cfg.momentum = r->o.momentum;
   cfg.dropout = r->o.dropout;
@@ -316,13 +318,14 @@ static int train_epoch(run_t *r, uint64_t epoch, train_epoch_t *ep) {
   return 0;
 }
 
-/* Running statistics that differ between ranks (BatchNorm per rank, or
- * SyncBN in groups smaller than the job) are replaced by rank 0's before
+/* Running statistics that differ between ranks (BatchNorm per rank, ghost
+ * batches, which never reduce, or SyncBN in groups smaller than the job)
+ * are replaced by rank 0's before
  * evaluating and saving, as PyTorch's DistributedDataParallel broadcasts
  * rank 0's buffers: rank 0's own statistics never change by this, so the
  * evaluated model is rank 0's on every rank. */
 static void sync_stats(run_t *r) {
-  int per_rank = r->o.norm == SBN_NN_NORM_BN ||
+  int per_rank = r->o.norm == SBN_NN_NORM_BN || r->o.ghost_batch > 0 ||
                  (r->o.norm == SBN_NN_NORM_SYNCBN && r->o.group_size > 0 &&
                   r->o.group_size < (uint64_t)r->size);
   size_t ns = sbn_nn_stats_count(r->m);

@@ -31,6 +31,9 @@ static void usage(FILE *f) {
       "min(8, C))\n"
       "  --group-size k        SyncBN: synchronize within consecutive groups\n"
       "                        of k ranks (default: all ranks)\n"
+      "  --ghost-batch g       BatchNorm (bn, syncbn): normalize each run of\n"
+      "                        g samples of a rank by its own statistics,\n"
+      "                        with no reduction (default: off)\n"
       "  --dropout P           dropout after each hidden block, in [0, 1)\n"
       "                        (Philox, keyed by seed and rank; default 0)\n"
       "  --precise-bn N        before each evaluation, replace every\n"
@@ -96,6 +99,8 @@ static int set_uint(train_opts_t *o, const char *flag, const char *arg) {
        "a positive number of groups"},
       {"group-size", offsetof(train_opts_t, group_size), 1, 1u << 20,
        "a positive group size"},
+      {"ghost-batch", offsetof(train_opts_t, ghost_batch), 1, 1u << 16,
+       "a sub-batch size in 1..65536"},
       {"batch", offsetof(train_opts_t, batch), 1, 1u << 16,
        "a batch size in 1..65536"},
       {"epochs", offsetof(train_opts_t, epochs), 1, 10000,
@@ -217,6 +222,12 @@ static int check(const train_opts_t *o) {
     fprintf(stderr, "syncbn train: --group-size: only with --norm syncbn\n");
     return 2;
   }
+  if (o->ghost_batch && o->norm != SBN_NN_NORM_BN &&
+      o->norm != SBN_NN_NORM_SYNCBN) {
+    fprintf(stderr,
+            "syncbn train: --ghost-batch: only with --norm bn or syncbn\n");
+    return 2;
+  }
   if (o->precise_bn && o->norm != SBN_NN_NORM_BN &&
       o->norm != SBN_NN_NORM_SYNCBN) {
     fprintf(stderr,
@@ -251,7 +262,7 @@ int sbn__train_parse(int argc, char **argv, train_opts_t *o) {
       "eps",         "momentum",   "lr",           "batch",      "counts",
       "epochs",      "seed",       "train-subset", "threads",    "data",
       "json",        "csv",        "checkpoint",   "resume",     "stop-after",
-      "test-subset", "precise-bn", "layout"};
+      "test-subset", "precise-bn", "layout",       "ghost-batch"};
   enum { NOPT = sizeof with_arg / sizeof *with_arg };
   struct option opts[NOPT + 4];
   for (int i = 0; i < NOPT; i++)

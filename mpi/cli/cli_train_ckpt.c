@@ -22,13 +22,9 @@
  *       f64[5 epochs_done] per-epoch results (train loss, test loss, test
  *       accuracy, wall seconds, allreduce share)
  *       u32    CRC-32 */
-#include <fcntl.h>
-#include <libgen.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #include "cli_train_int.h"
 #include "sbn_state.h"
@@ -83,50 +79,6 @@ static size_t file_len(const sbn_nn_model_t *m, uint64_t epochs) {
          8 * sbn_nn_tracked_count(m) + 40 * (size_t)epochs + 4;
 }
 
-/* tmp file in the same directory, fsync, rename, fsync the directory: a
- * crash leaves the old checkpoint or the new one, never a torn one. (The
- * library's own atomic writer is internal to libsyncbn.) */
-static int write_atomic(const char *path, const void *buf, size_t len) {
-  size_t plen = strlen(path);
-  char *tmp = malloc(plen + 32), *dir = strdup(path);
-  int rc = tmp && dir ? 0 : sbn_set_error(SBN_ENOMEM, "%s: no memory", path);
-  int fd = -1;
-  if (rc == 0) {
-    snprintf(tmp, plen + 32, "%s.tmp.%ld", path, (long)getpid());
-    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0600);
-    if (fd < 0)
-      rc = sbn_set_error(SBN_EIO, "%s: cannot create", tmp);
-  }
-  const unsigned char *p = buf;
-  for (size_t left = len; rc == 0 && left > 0;) {
-    ssize_t w = write(fd, p, left);
-    if (w <= 0)
-      rc = sbn_set_error(SBN_EIO, "%s: write failed", tmp);
-    else {
-      p += w;
-      left -= (size_t)w;
-    }
-  }
-  if (rc == 0 && fsync(fd) != 0)
-    rc = sbn_set_error(SBN_EIO, "%s: fsync failed", tmp);
-  if (fd >= 0 && close(fd) != 0 && rc == 0)
-    rc = sbn_set_error(SBN_EIO, "%s: close failed", tmp);
-  if (rc == 0 && rename(tmp, path) != 0)
-    rc = sbn_set_error(SBN_EIO, "%s: cannot rename %s over it", path, tmp);
-  if (rc != 0 && fd >= 0)
-    unlink(tmp);
-  if (rc == 0) {
-    int dfd = open(dirname(dir), O_RDONLY);
-    if (dfd >= 0) {
-      fsync(dfd);
-      close(dfd);
-    }
-  }
-  free(tmp);
-  free(dir);
-  return rc;
-}
-
 int sbn__train_ckpt_save(const char *path, sbn_nn_model_t *m,
                          const float *momentum_buf,
                          const train_ckpt_meta_t *meta) {
@@ -162,7 +114,9 @@ int sbn__train_ckpt_save(const char *path, sbn_nn_model_t *m,
   uint32_t crc = sbn_crc32(0, buf, len - 4);
   for (int b = 0; b < 4; b++)
     *p++ = (unsigned char)(crc >> (8 * b));
-  int rc = write_atomic(path, buf, len);
+  /* Durable: a crash leaves the last epoch's checkpoint or this one. */
+  const void *parts[1] = {buf};
+  int rc = sbn_write_file_atomic(path, parts, &len, 1, 0600, 1);
   free(buf);
   return rc;
 }

@@ -10,17 +10,15 @@
 
 #include "nn/sbn_nn.h"
 
-/* The subcommand (main finds it through a weak reference). */
-int sbn_cli_train(int argc, char **argv);
-
 #define TRAIN_DEFAULT_DATA "/usr/share/datasets/fashion-mnist"
 
 typedef struct train_opts_s {
   sbn_nn_arch_t arch;
   sbn_nn_norm_t norm;
-  sbn_layout_t layout; /* the CNN's activations */
-  uint64_t groups;     /* 0: min(8, C) */
-  uint64_t group_size; /* 0: all ranks */
+  sbn_layout_t layout;  /* the CNN's activations */
+  uint64_t groups;      /* 0: min(8, C) */
+  uint64_t group_size;  /* 0: all ranks */
+  uint64_t ghost_batch; /* 0: none */
   double dropout, eps, momentum;
   double lr; /* 0: 0.05 sqrt(B / 32) */
   uint64_t batch, epochs, subset, seed, threads;

@@ -8,18 +8,6 @@
 #include "cli.h"
 #include "syncbn.h"
 
-/* Subcommands that other files may or may not provide (the architecture
- * plans `study` and `train`). A weak reference resolves to NULL when no
- * mpi/cli/cli_*.c defines the function, so adding such a file is enough to
- * make its subcommand appear here. */
-#if defined(__GNUC__)
-int sbn_cli_study(int argc, char **argv) __attribute__((weak));
-int sbn_cli_train(int argc, char **argv) __attribute__((weak));
-#define SBN__OPTIONAL(fn) (fn)
-#else
-#define SBN__OPTIONAL(fn) NULL
-#endif
-
 typedef struct sbn_subcmd_s {
   const char *name;
   int (*run)(int argc, char **argv);
@@ -32,13 +20,11 @@ static void usage(FILE *f, const sbn_subcmd_t *cmds, size_t n) {
           "       syncbn --help | --version\n"
           "\n"
           "Synchronized normalization (BatchNorm, LayerNorm, InstanceNorm,\n"
-          "GroupNorm, Dropout) on .npy files; SyncBN over MPI with --sync\n"
-          "under mpirun.\n"
+          "GroupNorm, Dropout); SyncBN over MPI under mpirun.\n"
           "\n"
           "commands:\n");
   for (size_t i = 0; i < n; i++)
-    if (cmds[i].run != NULL)
-      fprintf(f, "  %-8s %s\n", cmds[i].name, cmds[i].what);
+    fprintf(f, "  %-8s %s\n", cmds[i].name, cmds[i].what);
   fprintf(f,
           "\n"
           "`syncbn <command> --help` documents each command's options.\n"
@@ -50,10 +36,10 @@ int main(int argc, char **argv) {
       {"apply", sbn_cli_apply,
        "run one layer's forward (and backward) on .npy files"},
       {"bench", sbn_cli_bench,
-       "measure what SyncBN costs: per layer, per network, by message "
-       "size, through syncbnd; kernels against a floor"},
-      {"study", SBN__OPTIONAL(sbn_cli_study), "numerical study"},
-      {"train", SBN__OPTIONAL(sbn_cli_train), "train a small model"},
+       "measure what SyncBN costs (layer, network, sizes, service, "
+       "kernels)"},
+      {"train", sbn_cli_train,
+       "train an MLP or a CNN on Fashion-MNIST, data parallel under mpirun"},
   };
   const size_t n = sizeof cmds / sizeof *cmds;
   if (argc < 2) {
@@ -71,7 +57,7 @@ int main(int argc, char **argv) {
     return 0;
   }
   for (size_t i = 0; i < n; i++)
-    if (cmds[i].run != NULL && strcmp(argv[1], cmds[i].name) == 0)
+    if (strcmp(argv[1], cmds[i].name) == 0)
       return cmds[i].run(argc - 1, argv + 1);
   fprintf(stderr, "syncbn: unknown command '%s'\n\n", argv[1]);
   usage(stderr, cmds, n);

@@ -26,9 +26,9 @@ static int sbn__write_all(int fd, const unsigned char *p, size_t n) {
   return 0;
 }
 
-int sbn__write_file_atomic(const char *path, const void *const *parts,
-                           const size_t *lens, int nparts, unsigned mode,
-                           int durable) {
+int sbn_write_file_atomic(const char *path, const void *const *parts,
+                          const size_t *lens, int nparts, unsigned mode,
+                          int durable) {
   char *dir = NULL, *tmp = NULL;
   int fd = -1, dfd = -1, rc;
   if (path == NULL || path[0] == 0)

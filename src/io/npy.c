@@ -498,7 +498,7 @@ int sbn_npy_write(const char *path, const float *data, int ndim,
     size_t lens[2] = {total, bytes};
     /* An output tensor is ordinary data (0644) and is cheap to recompute,
      * so no fsync: atomic replacement is what matters here. */
-    rc = sbn__write_file_atomic(path, parts, lens, 2, 0644, 0);
+    rc = sbn_write_file_atomic(path, parts, lens, 2, 0644, 0);
   }
 fail:
   free(swapped);

@@ -6,14 +6,6 @@
 #include "base/sbn_base.h"
 #include "sbn_state.h"
 
-/* Writes the concatenation of parts to path atomically: a temporary file
- * in the same directory (created with the given mode), then rename(). With
- * durable, the data and the directory entry are fsync'ed too. On failure
- * the old file is untouched and the temporary file removed. */
-int sbn__write_file_atomic(const char *path, const void *const *parts,
-                           const size_t *lens, int nparts, unsigned mode,
-                           int durable);
-
 /* ------------------------------------------------------------------ */
 /* Checkpoint internals shared by the in-memory form (io/state.c) and the
  * byte format (io/state_format.c). */

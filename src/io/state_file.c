@@ -23,7 +23,7 @@ int sbn_ckpt_save(const sbn_ckpt_t *ck, const char *path) {
   /* Checkpoints are private (0600) and must survive a crash right after
    * the save returns, so the data and the directory entry are fsync'ed. */
   const void *parts[1] = {buf};
-  rc = sbn__write_file_atomic(path, parts, &len, 1, 0600, 1);
+  rc = sbn_write_file_atomic(path, parts, &len, 1, 0600, 1);
   free(buf);
   return rc;
 }

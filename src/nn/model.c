@@ -126,6 +126,7 @@ static int norm_params(const sbn_nn_model_t *m, sbn_layer_params_t *p) {
       sbn_layer_params_default(p, SBN_OP_BATCHNORM);
       p->channels = m->c;
       p->momentum = cfg->momentum;
+      p->ghost_batch = cfg->ghost_batch;
       break;
     case SBN_NN_NORM_GN:
       sbn_layer_params_default(p, SBN_OP_GROUPNORM);

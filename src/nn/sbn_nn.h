@@ -191,6 +191,7 @@ typedef struct sbn_nn_config_s {
   sbn_nn_arch_t arch;
   sbn_nn_norm_t norm;
   size_t groups;                /* GroupNorm: 0 means min(8, C) */
+  size_t ghost_batch;           /* BatchNorm: sub-batch size, 0 for none */
   double eps;                   /* 1e-5 */
   double momentum;              /* 0.1 */
   double dropout;               /* p after each hidden block; 0 for none */
