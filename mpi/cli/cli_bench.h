@@ -83,6 +83,18 @@ void sbn__bench_date(char *buf, size_t n);
 
 /* Seconds on the monotonic clock. */
 double sbn__bench_now(void);
+/* Least warm-up time of a configuration, in seconds. The first
+ * configuration of a run times its first milliseconds of work 3 to 4
+ * times slower than later (seen here: local BatchNorm 1.7 ms against
+ * 0.45 ms a few reps later, with 3 warm-up reps; a 0.3 s memory stream
+ * before it did not help, 20 ms of its own reps did), which made the
+ * first configuration's variants disagree for no reason of theirs. */
+#define SBN__BENCH_MIN_WARM_S 0.05
+/* Whether warm-up may end after w reps begun at t0: w >= warmup and the
+ * slowest rank has warmed up for SBN__BENCH_MIN_WARM_S. A collective over
+ * MPI_COMM_WORLD (without MPI, the local answer), so every rank runs the
+ * same number of warm-up reps. */
+int sbn__bench_warm_done(double t0, int w, int warmup);
 /* Median and 90th percentile of v[0..n) (sorted in place). */
 void sbn__bench_quantiles(double *v, int n, double *median, double *p90);
 /* Replaces every v[i] by its maximum over the ranks of comm (one

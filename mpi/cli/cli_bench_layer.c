@@ -52,37 +52,57 @@ typedef struct layer_times_s {
   double *local, *sync, *bare;
 } layer_times_t;
 
+/* One rep: local BatchNorm, SyncBN and the bare allreduce, each behind a
+ * barrier; dt gets their times in seconds. */
+static int one_rep(const sbn_tensor_desc_t *d, sbn_layer_t *local,
+                   sbn_layer_t *sync, MPI_Comm gc, sbn_bench_bufs_t *u,
+                   double *msg, int *k, uint64_t step, double dt[3]) {
+  int rc, count = (int)(4 * u->c);
+  double t0;
+  MPI_Barrier(MPI_COMM_WORLD);
+  t0 = sbn__bench_now();
+  if ((rc = sbn__bench_fwd_bwd(local, d, u, *k, step)) != 0)
+    return rc;
+  dt[0] = sbn__bench_now() - t0;
+  *k = (*k + 1) % u->copies;
+  MPI_Barrier(MPI_COMM_WORLD);
+  t0 = sbn__bench_now();
+  if ((rc = sbn__bench_fwd_bwd(sync, d, u, *k, step)) != 0)
+    return rc;
+  dt[1] = sbn__bench_now() - t0;
+  *k = (*k + 1) % u->copies;
+  MPI_Barrier(MPI_COMM_WORLD);
+  t0 = sbn__bench_now();
+  if (MPI_Allreduce(MPI_IN_PLACE, msg, count, MPI_DOUBLE, MPI_SUM, gc) !=
+      MPI_SUCCESS)
+    return sbn_set_error(SBN_ECOMM, "bench: bare MPI_Allreduce of %d doubles",
+                         count);
+  dt[2] = sbn__bench_now() - t0;
+  return 0;
+}
+
 static int time_reps(const sbn_bench_opts_t *o, const sbn_tensor_desc_t *d,
                      sbn_layer_t *local, sbn_layer_t *sync, MPI_Comm gc,
                      sbn_bench_bufs_t *u, double *msg, int reps,
                      layer_times_t *t) {
-  int rc, k = 0, count = (int)(4 * u->c);
-  for (int it = -o->warmup; it < reps; it++) {
-    double t0, t1, t2, t3, t4, t5;
-    MPI_Barrier(MPI_COMM_WORLD);
-    t0 = sbn__bench_now();
-    if ((rc = sbn__bench_fwd_bwd(local, d, u, k, (uint64_t)it)) != 0)
+  int rc, k = 0;
+  uint64_t step = 0;
+  double dt[3], t0 = sbn__bench_now();
+  /* Warm-up: at least --warmup reps and SBN__BENCH_MIN_WARM_S seconds on
+   * the slowest rank (agreed through the world, so every rank runs as many
+   * reps and no barrier is left waiting). */
+  for (int w = 1;; w++) {
+    if ((rc = one_rep(d, local, sync, gc, u, msg, &k, step++, dt)) != 0)
       return rc;
-    t1 = sbn__bench_now();
-    k = (k + 1) % u->copies;
-    MPI_Barrier(MPI_COMM_WORLD);
-    t2 = sbn__bench_now();
-    if ((rc = sbn__bench_fwd_bwd(sync, d, u, k, (uint64_t)it)) != 0)
+    if (sbn__bench_warm_done(t0, w, o->warmup))
+      break;
+  }
+  for (int it = 0; it < reps; it++) {
+    if ((rc = one_rep(d, local, sync, gc, u, msg, &k, step++, dt)) != 0)
       return rc;
-    t3 = sbn__bench_now();
-    k = (k + 1) % u->copies;
-    MPI_Barrier(MPI_COMM_WORLD);
-    t4 = sbn__bench_now();
-    if (MPI_Allreduce(MPI_IN_PLACE, msg, count, MPI_DOUBLE, MPI_SUM, gc) !=
-        MPI_SUCCESS)
-      return sbn_set_error(SBN_ECOMM, "bench: bare MPI_Allreduce of %d doubles",
-                           count);
-    t5 = sbn__bench_now();
-    if (it >= 0) {
-      t->local[it] = t1 - t0;
-      t->sync[it] = t3 - t2;
-      t->bare[it] = t5 - t4;
-    }
+    t->local[it] = dt[0];
+    t->sync[it] = dt[1];
+    t->bare[it] = dt[2];
   }
   return 0;
 }

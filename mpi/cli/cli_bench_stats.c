@@ -83,6 +83,17 @@ double sbn__bench_now(void) {
   return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
+int sbn__bench_warm_done(double t0, int w, int warmup) {
+  int init = 0;
+  double el = sbn__bench_now() - t0;
+  if (w < warmup)
+    return 0;
+  MPI_Initialized(&init);
+  if (init)
+    MPI_Allreduce(MPI_IN_PLACE, &el, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+  return el >= SBN__BENCH_MIN_WARM_S;
+}
+
 static int cmp_double(const void *a, const void *b) {
   double x = *(const double *)a, y = *(const double *)b;
   return (x > y) - (x < y);
