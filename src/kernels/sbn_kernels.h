@@ -77,8 +77,15 @@ void sbn__dropout_ref(const float *in, float *out, size_t n, uint64_t first,
 #define SBN__HAVE_AVX2 1
 extern const sbn__kernels_t sbn__kernels_avx2;
 #endif
+/* The build defines SBN__HAVE_AVX512 when it compiles kernels_avx512.c
+ * with the AVX-512 flags (x86-64 with GCC or Clang). */
+#ifdef SBN__HAVE_AVX512
+extern const sbn__kernels_t sbn__kernels_avx512;
+#endif
 
-/* The kernel set in use (chosen on first use from the CPU's features). */
+/* The kernel set in use, chosen on first use: the one named by the
+ * environment variable SBN_KERNELS when it is set to a set this CPU can
+ * run, else the best set for the CPU's features. */
 const sbn__kernels_t *sbn__kernels(void);
 
 #endif /* SBN_KERNELS_H */
