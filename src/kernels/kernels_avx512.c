@@ -24,6 +24,7 @@
 
 #ifdef SBN__HAVE_AVX512
 #include <immintrin.h>
+#include <stdint.h>
 
 /* Positions per row of the position view: bounds the per-position
  * parameter arrays on the stack (a few KiB each, in L1). */
@@ -33,6 +34,12 @@
 /* Elements of a run added in float before a fold (16 per lane with four
  * accumulators of 16 lanes). */
 #define CHUNK 1024
+/* Outputs of at least this many bytes are written with streaming stores:
+ * an output that large leaves the core's L2 before anything reads it, and
+ * a streaming store skips reading each line before writing it (the
+ * floor's memcpy does the same), so the pass moves 8 bytes per element
+ * instead of 12. */
+#define NT_BYTES ((size_t)4 << 20)
 /* Values per channel below which backward's sums are formed in double. */
 #define SMALL_STAT 32
 
@@ -55,6 +62,18 @@ static inline void fold_mem(__m512 v, double *d) {
   fold16(v, &lo, &hi);
   _mm512_storeu_pd(d, lo);
   _mm512_storeu_pd(d + 8, hi);
+}
+
+/* Stores the lanes of m; a whole, aligned vector streams when nt is set. */
+static inline void store16(float *p, __m512 v, __mmask16 m, int nt) {
+  if (nt && m == 0xFFFF && ((uintptr_t)p & 63) == 0)
+    _mm512_stream_ps(p, v);
+  else
+    _mm512_mask_storeu_ps(p, m, v);
+}
+
+static inline int want_nt(size_t A, size_t C, size_t S) {
+  return A * C * S >= NT_BYTES / sizeof(float);
 }
 
 static inline __m512 pack_pd(__m512d lo, __m512d hi) {
@@ -298,7 +317,7 @@ static void run_bwd_reduce(const float *p, const float *q, size_t n, float h,
 }
 
 static void run_normalize(const float *p, float *q, size_t n, float h, float l,
-                          float sc, float sh) {
+                          float sc, float sh, int nt) {
   __m512 vh = _mm512_set1_ps(h), vl = _mm512_set1_ps(l);
   __m512 vs = _mm512_set1_ps(sc), vb = _mm512_set1_ps(sh);
   size_t s = 0;
@@ -306,27 +325,27 @@ static void run_normalize(const float *p, float *q, size_t n, float h, float l,
     __m512 v0 = _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(p + s), vh), vl);
     __m512 v1 =
         _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(p + s + 16), vh), vl);
-    _mm512_storeu_ps(q + s, _mm512_fmadd_ps(v0, vs, vb));
-    _mm512_storeu_ps(q + s + 16, _mm512_fmadd_ps(v1, vs, vb));
+    store16(q + s, _mm512_fmadd_ps(v0, vs, vb), 0xFFFF, nt);
+    store16(q + s + 16, _mm512_fmadd_ps(v1, vs, vb), 0xFFFF, nt);
   }
   for (; s < n; s += 16) {
     __mmask16 m = tail_mask(n - s);
     __m512 v =
         _mm512_sub_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p + s), vh), vl);
-    _mm512_mask_storeu_ps(q + s, m, _mm512_fmadd_ps(v, vs, vb));
+    store16(q + s, _mm512_fmadd_ps(v, vs, vb), m, nt);
   }
 }
 
 /* dx over one run with broadcast double parameters (see dx16). */
 static void run_apply(const float *p, const float *g, float *q, size_t n,
-                      double k1, double qq, double r) {
+                      double k1, double qq, double r, int nt) {
   __m512d a = _mm512_set1_pd(k1), b = _mm512_set1_pd(qq);
   __m512d c = _mm512_set1_pd(r);
   for (size_t s = 0; s < n; s += 16) {
     __mmask16 m = tail_mask(n - s);
     __m512 v = dx16(_mm512_maskz_loadu_ps(m, p + s),
                     _mm512_maskz_loadu_ps(m, g + s), a, a, b, b, c, c);
-    _mm512_mask_storeu_ps(q + s, m, v);
+    store16(q + s, v, m, nt);
   }
 }
 
@@ -341,6 +360,7 @@ static void pos_normalize(const float *x, float *y, size_t A, size_t C,
   float pl[PMAX] __attribute__((aligned(64)));
   float ps[PMAX] __attribute__((aligned(64)));
   float pb[PMAX] __attribute__((aligned(64)));
+  int nt = want_nt(A, C, S);
   geo_t g[1];
   size_t off;
   for (size_t i = 0; geo_piece(A, C, S, i, g, &off); i++) {
@@ -358,13 +378,15 @@ static void pos_normalize(const float *x, float *y, size_t A, size_t C,
             _mm512_sub_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p + j),
                                         _mm512_maskz_loadu_ps(m, ph + j)),
                           _mm512_maskz_loadu_ps(m, pl + j));
-        _mm512_mask_storeu_ps(
-            q + j, m,
-            _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(m, ps + j),
-                            _mm512_maskz_loadu_ps(m, pb + j)));
+        store16(q + j,
+                _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(m, ps + j),
+                                _mm512_maskz_loadu_ps(m, pb + j)),
+                m, nt);
       }
     }
   }
+  _mm_sfence();
+  _mm256_zeroupper(); /* as in pos_apply */
 }
 
 /* dx with per-position double parameters k1, q, r (see dx16). */
@@ -375,6 +397,7 @@ static void pos_apply(const float *x, const float *dy, float *dx, size_t A,
   double pk[PMAX] __attribute__((aligned(64)));
   double pq[PMAX] __attribute__((aligned(64)));
   double pr[PMAX] __attribute__((aligned(64)));
+  int nt = want_nt(A, C, S);
   geo_t g[1];
   size_t off;
   for (size_t i = 0; geo_piece(A, C, S, i, g, &off); i++) {
@@ -393,10 +416,15 @@ static void pos_apply(const float *x, const float *dy, float *dx, size_t A,
                         _mm512_load_pd(pk + j), _mm512_load_pd(pk + j + 8),
                         _mm512_load_pd(pq + j), _mm512_load_pd(pq + j + 8),
                         _mm512_load_pd(pr + j), _mm512_load_pd(pr + j + 8));
-        _mm512_mask_storeu_ps(dx + o + j, m, v);
+        store16(dx + o + j, v, m, nt);
       }
     }
   }
+  _mm_sfence();
+  /* GCC leaves this function (a tail call of avx512_bwd_apply) without
+   * clearing the upper vector state, which then slows the caller's SSE
+   * code (the bench's floor ran at half speed after it). */
+  _mm256_zeroupper();
 }
 
 /* ------------------------------------------------------------------ */
@@ -427,11 +455,13 @@ static void avx512_normalize(const float *x, float *y, size_t A, size_t C,
     pos_normalize(x, y, A, C, S, mh, ml, scale, shift);
     return;
   }
+  int nt = want_nt(A, C, S);
   for (size_t a = 0; a < A; a++)
     for (size_t c = 0; c < C; c++) {
       size_t o = (a * C + c) * S;
-      run_normalize(x + o, y + o, S, mh[c], ml[c], scale[c], shift[c]);
+      run_normalize(x + o, y + o, S, mh[c], ml[c], scale[c], shift[c], nt);
     }
+  _mm_sfence();
 }
 
 static void avx512_bwd_reduce(const float *x, const float *dy, size_t A,
@@ -466,12 +496,14 @@ static void avx512_bwd_apply(const float *x, const float *dy, float *dx,
     pos_apply(x, dy, dx, A, C, S, mean, istd, k1, k2, k3);
     return;
   }
+  int nt = want_nt(A, C, S);
   for (size_t a = 0; a < A; a++)
     for (size_t c = 0; c < C; c++) {
       size_t o = (a * C + c) * S;
       double q = k2[c] * istd[c];
-      run_apply(x + o, dy + o, dx + o, S, k1[c], q, k3[c] - q * mean[c]);
+      run_apply(x + o, dy + o, dx + o, S, k1[c], q, k3[c] - q * mean[c], nt);
     }
+  _mm_sfence();
 }
 
 /* ------------------------------------------------------------------ */
