@@ -28,7 +28,7 @@
 
 /* Positions per row of the position view: bounds the per-position
  * parameter arrays on the stack (a few KiB each, in L1). */
-#define PMAX 512
+#define PMAX 1024
 /* Rows added in float before a fold into double. */
 #define RB 16
 /* Elements of a run added in float before a fold (16 per lane with four
@@ -64,7 +64,8 @@ static inline void fold_mem(__m512 v, double *d) {
   _mm512_storeu_pd(d + 8, hi);
 }
 
-/* Stores the lanes of m; a whole, aligned vector streams when nt is set. */
+/* Stores the lanes of m; a whole, aligned vector streams when nt is set
+ * (a run that starts unaligned streams none of its vectors, see rows_nt). */
 static inline void store16(float *p, __m512 v, __mmask16 m, int nt) {
   if (nt && m == 0xFFFF && ((uintptr_t)p & 63) == 0)
     _mm512_stream_ps(p, v);
@@ -74,6 +75,14 @@ static inline void store16(float *p, __m512 v, __mmask16 m, int nt) {
 
 static inline int want_nt(size_t A, size_t C, size_t S) {
   return A * C * S >= NT_BYTES / sizeof(float);
+}
+
+/* Streaming stores only where every row starts on a cache line, so that a
+ * line is written either whole by streaming stores or not by them at all
+ * (a line written both ways is flushed from the write-combining buffer
+ * half full). */
+static inline int rows_nt(int nt, const float *base, size_t stride) {
+  return nt && stride % 16 == 0 && ((uintptr_t)base & 63) == 0;
 }
 
 static inline __m512 pack_pd(__m512d lo, __m512d hi) {
@@ -369,6 +378,7 @@ static void pos_normalize(const float *x, float *y, size_t A, size_t C,
       size_t c = geo_chan(g, j, C, S);
       ph[j] = mh[c], pl[j] = ml[c], ps[j] = scale[c], pb[j] = shift[c];
     }
+    int pnt = rows_nt(nt, y + off, g->stride);
     for (size_t r = 0; r < g->rows; r++) {
       const float *p = x + off + r * g->stride;
       float *q = y + off + r * g->stride;
@@ -381,7 +391,7 @@ static void pos_normalize(const float *x, float *y, size_t A, size_t C,
         store16(q + j,
                 _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(m, ps + j),
                                 _mm512_maskz_loadu_ps(m, pb + j)),
-                m, nt);
+                m, pnt);
       }
     }
   }
@@ -407,6 +417,7 @@ static void pos_apply(const float *x, const float *dy, float *dx, size_t A,
       double q = k2[c] * istd[c];
       pk[j] = k1[c], pq[j] = q, pr[j] = k3[c] - q * mean[c];
     }
+    int pnt = rows_nt(nt, dx + off, g->stride);
     for (size_t r = 0; r < g->rows; r++) {
       size_t o = off + r * g->stride;
       for (size_t j = 0; j < L; j += 16) {
@@ -416,7 +427,7 @@ static void pos_apply(const float *x, const float *dy, float *dx, size_t A,
                         _mm512_load_pd(pk + j), _mm512_load_pd(pk + j + 8),
                         _mm512_load_pd(pq + j), _mm512_load_pd(pq + j + 8),
                         _mm512_load_pd(pr + j), _mm512_load_pd(pr + j + 8));
-        store16(dx + o + j, v, m, nt);
+        store16(dx + o + j, v, m, pnt);
       }
     }
   }
@@ -455,7 +466,7 @@ static void avx512_normalize(const float *x, float *y, size_t A, size_t C,
     pos_normalize(x, y, A, C, S, mh, ml, scale, shift);
     return;
   }
-  int nt = want_nt(A, C, S);
+  int nt = rows_nt(want_nt(A, C, S), y, S);
   for (size_t a = 0; a < A; a++)
     for (size_t c = 0; c < C; c++) {
       size_t o = (a * C + c) * S;
@@ -496,7 +507,7 @@ static void avx512_bwd_apply(const float *x, const float *dy, float *dx,
     pos_apply(x, dy, dx, A, C, S, mean, istd, k1, k2, k3);
     return;
   }
-  int nt = want_nt(A, C, S);
+  int nt = rows_nt(want_nt(A, C, S), dx, S);
   for (size_t a = 0; a < A; a++)
     for (size_t c = 0; c < C; c++) {
       size_t o = (a * C + c) * S;
