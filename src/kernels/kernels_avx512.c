@@ -67,10 +67,19 @@ static inline void fold_mem(__m512 v, double *d) {
 /* Stores the lanes of m; a whole, aligned vector streams when nt is set
  * (a run that starts unaligned streams none of its vectors, see rows_nt). */
 static inline void store16(float *p, __m512 v, __mmask16 m, int nt) {
-  if (nt && m == 0xFFFF && ((uintptr_t)p & 63) == 0)
+  if (m != 0xFFFF)
+    _mm512_mask_storeu_ps(p, m, v);
+  else if (nt && ((uintptr_t)p & 63) == 0)
     _mm512_stream_ps(p, v);
   else
-    _mm512_mask_storeu_ps(p, m, v);
+    _mm512_storeu_ps(p, v);
+}
+
+/* Loads the lanes of m (zero elsewhere). Whole vectors take a plain load
+ * and store16 a plain store: the masked forms cost more on this CPU even
+ * with every lane set, and all but the last vector of a row are whole. */
+static inline __m512 load16(__mmask16 m, const float *p) {
+  return m == 0xFFFF ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p);
 }
 
 static inline int want_nt(size_t A, size_t C, size_t S) {
@@ -177,10 +186,10 @@ static inline __attribute__((always_inline)) void piece_sums(
       const float *p = x + r * g->stride, *q = dy + r * g->stride;
       for (size_t j = 0; j < L; j += 16) {
         __mmask16 m = tail_mask(L - j);
-        __m512 v = _mm512_maskz_loadu_ps(m, p + j);
+        __m512 v = load16(m, p + j);
         __m512 a = _mm512_load_ps(f1 + j), b = _mm512_load_ps(f2 + j);
         if (bwd) {
-          __m512 gv = _mm512_maskz_loadu_ps(m, q + j);
+          __m512 gv = load16(m, q + j);
           __m512 xh = _mm512_mul_ps(
               _mm512_sub_ps(_mm512_sub_ps(v, _mm512_load_ps(pa + j)),
                             _mm512_load_ps(pb + j)),
@@ -269,7 +278,7 @@ static void run_moments(const float *p, size_t n, float k, double *t1,
     }
     for (; s < e; s += 16) {
       __mmask16 m = tail_mask(e - s);
-      __m512 d = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, p + s), kk);
+      __m512 d = _mm512_maskz_sub_ps(m, load16(m, p + s), kk);
       a0 = _mm512_add_ps(a0, d);
       b0 = _mm512_fmadd_ps(d, d, b0);
     }
@@ -308,10 +317,9 @@ static void run_bwd_reduce(const float *p, const float *q, size_t n, float h,
     }
     for (; s < e; s += 16) {
       __mmask16 m = tail_mask(e - s);
-      __m512 g = _mm512_maskz_loadu_ps(m, q + s);
+      __m512 g = load16(m, q + s);
       __m512 xh = _mm512_mul_ps(
-          _mm512_sub_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p + s), vh), vl),
-          vi);
+          _mm512_sub_ps(_mm512_sub_ps(load16(m, p + s), vh), vl), vi);
       a[0] = _mm512_add_ps(a[0], g);
       b[0] = _mm512_mask3_fmadd_ps(g, xh, b[0], m);
     }
@@ -339,8 +347,7 @@ static void run_normalize(const float *p, float *q, size_t n, float h, float l,
   }
   for (; s < n; s += 16) {
     __mmask16 m = tail_mask(n - s);
-    __m512 v =
-        _mm512_sub_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p + s), vh), vl);
+    __m512 v = _mm512_sub_ps(_mm512_sub_ps(load16(m, p + s), vh), vl);
     store16(q + s, _mm512_fmadd_ps(v, vs, vb), m, nt);
   }
 }
@@ -352,8 +359,7 @@ static void run_apply(const float *p, const float *g, float *q, size_t n,
   __m512d c = _mm512_set1_pd(r);
   for (size_t s = 0; s < n; s += 16) {
     __mmask16 m = tail_mask(n - s);
-    __m512 v = dx16(_mm512_maskz_loadu_ps(m, p + s),
-                    _mm512_maskz_loadu_ps(m, g + s), a, a, b, b, c, c);
+    __m512 v = dx16(load16(m, p + s), load16(m, g + s), a, a, b, b, c, c);
     store16(q + s, v, m, nt);
   }
 }
@@ -385,12 +391,9 @@ static void pos_normalize(const float *x, float *y, size_t A, size_t C,
       for (size_t j = 0; j < L; j += 16) {
         __mmask16 m = tail_mask(L - j);
         __m512 v =
-            _mm512_sub_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p + j),
-                                        _mm512_maskz_loadu_ps(m, ph + j)),
-                          _mm512_maskz_loadu_ps(m, pl + j));
-        store16(q + j,
-                _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(m, ps + j),
-                                _mm512_maskz_loadu_ps(m, pb + j)),
+            _mm512_sub_ps(_mm512_sub_ps(load16(m, p + j), load16(m, ph + j)),
+                          load16(m, pl + j));
+        store16(q + j, _mm512_fmadd_ps(v, load16(m, ps + j), load16(m, pb + j)),
                 m, pnt);
       }
     }
@@ -422,8 +425,7 @@ static void pos_apply(const float *x, const float *dy, float *dx, size_t A,
       size_t o = off + r * g->stride;
       for (size_t j = 0; j < L; j += 16) {
         __mmask16 m = tail_mask(L - j);
-        __m512 v = dx16(_mm512_maskz_loadu_ps(m, x + o + j),
-                        _mm512_maskz_loadu_ps(m, dy + o + j),
+        __m512 v = dx16(load16(m, x + o + j), load16(m, dy + o + j),
                         _mm512_load_pd(pk + j), _mm512_load_pd(pk + j + 8),
                         _mm512_load_pd(pq + j), _mm512_load_pd(pq + j + 8),
                         _mm512_load_pd(pr + j), _mm512_load_pd(pr + j + 8));
@@ -527,13 +529,11 @@ static void avx512_ln_forward(const float *x, float *y, size_t D, float mh,
   __m512 is = _mm512_set1_ps(istd);
   for (size_t i = 0; i < D; i += 16) {
     __mmask16 m = tail_mask(D - i);
-    __m512 xh = _mm512_mul_ps(
-        _mm512_sub_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), h), l),
-        is);
+    __m512 xh =
+        _mm512_mul_ps(_mm512_sub_ps(_mm512_sub_ps(load16(m, x + i), h), l), is);
     if (w != NULL)
-      xh = _mm512_fmadd_ps(xh, _mm512_maskz_loadu_ps(m, w + i),
-                           _mm512_maskz_loadu_ps(m, b + i));
-    _mm512_mask_storeu_ps(y + i, m, xh);
+      xh = _mm512_fmadd_ps(xh, load16(m, w + i), load16(m, b + i));
+    store16(y + i, xh, m, 0);
   }
 }
 
@@ -552,10 +552,9 @@ static void avx512_ln_bwd_reduce(const float *x, const float *dy, size_t D,
     __m512 sg = _mm512_setzero_ps(), sgx = sg;
     for (size_t i = i0; i < e; i += 16) {
       __mmask16 m = tail_mask(e - i);
-      __m512 d = _mm512_maskz_loadu_ps(m, dy + i);
+      __m512 d = load16(m, dy + i);
       __m512 xh = _mm512_mul_ps(
-          _mm512_sub_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), h), l),
-          is);
+          _mm512_sub_ps(_mm512_sub_ps(load16(m, x + i), h), l), is);
       __m512 g = _mm512_mul_ps(
           d, w != NULL ? _mm512_mask_loadu_ps(one, m, w + i) : one);
       sg = _mm512_add_ps(sg, g);
@@ -590,13 +589,13 @@ static void avx512_ln_bwd_apply(const float *x, const float *dy, float *dx,
     __mmask16 m = tail_mask(D - i);
     __m512d gl = is, gh = is;
     if (w != NULL) {
-      __m512 wv = _mm512_maskz_loadu_ps(m, w + i);
+      __m512 wv = load16(m, w + i);
       gl = _mm512_mul_pd(is, _mm512_cvtps_pd(_mm512_castps512_ps256(wv)));
       gh = _mm512_mul_pd(is, _mm512_cvtps_pd(_mm512_extractf32x8_ps(wv, 1)));
     }
-    __m512 v = dx16(_mm512_maskz_loadu_ps(m, x + i),
-                    _mm512_maskz_loadu_ps(m, dy + i), gl, gh, vq, vq, vr, vr);
-    _mm512_mask_storeu_ps(dx + i, m, v);
+    __m512 v =
+        dx16(load16(m, x + i), load16(m, dy + i), gl, gh, vq, vq, vr, vr);
+    store16(dx + i, v, m, 0);
   }
 }
 
