@@ -537,12 +537,24 @@ static void avx512_ln_forward(const float *x, float *y, size_t D, float mh,
   }
 }
 
-/* xhat of a row in float from the split mean, as in run_bwd_reduce; the
- * per-element dweight and dbias sums stay in double (the contract), the
- * row sums are float over the row's chunks, folded into double. */
-static void avx512_ln_bwd_reduce(const float *x, const float *dy, size_t D,
-                                 double mean, double istd, const float *w,
-                                 double *dw, double *db, double sums[2]) {
+/* Adds the 16 lanes of v (of mask m) into d[0..16) in double. */
+static inline void fold_masked(__m512 v, __mmask16 m, double *d) {
+  __mmask8 lo = (__mmask8)m, hi = (__mmask8)(m >> 8);
+  __m512d a = _mm512_maskz_loadu_pd(lo, d);
+  __m512d b = _mm512_maskz_loadu_pd(hi, d + 8);
+  fold16(v, &a, &b);
+  _mm512_mask_storeu_pd(d, lo, a);
+  _mm512_mask_storeu_pd(d + 8, hi, b);
+}
+
+/* One row's backward sums: xhat in float from the split mean, the row
+ * sums of g = dy * w and g * xhat in float over chunks folded into
+ * double; dy * xhat and dy are added per element into dw and db, in
+ * double (fw == NULL) or into the float block sums fw and fb. */
+static inline __attribute__((always_inline)) void ln_row_sums(
+    const float *x, const float *dy, size_t D, double mean, double istd,
+    const float *w, double *dw, double *db, float *fw, float *fb,
+    double sums[2]) {
   float fh = (float)mean;
   __m512 h = _mm512_set1_ps(fh), l = _mm512_set1_ps((float)(mean - fh));
   __m512 is = _mm512_set1_ps((float)istd), one = _mm512_set1_ps(1.0f);
@@ -559,18 +571,13 @@ static void avx512_ln_bwd_reduce(const float *x, const float *dy, size_t D,
           d, w != NULL ? _mm512_mask_loadu_ps(one, m, w + i) : one);
       sg = _mm512_add_ps(sg, g);
       sgx = _mm512_fmadd_ps(g, xh, sgx);
-      __m512 dx = _mm512_mul_ps(d, xh);
-      __mmask8 lo = (__mmask8)m, hi = (__mmask8)(m >> 8);
-      __m512d a = _mm512_maskz_loadu_pd(lo, dw + i);
-      __m512d b = _mm512_maskz_loadu_pd(hi, dw + i + 8);
-      fold16(dx, &a, &b);
-      _mm512_mask_storeu_pd(dw + i, lo, a);
-      _mm512_mask_storeu_pd(dw + i + 8, hi, b);
-      a = _mm512_maskz_loadu_pd(lo, db + i);
-      b = _mm512_maskz_loadu_pd(hi, db + i + 8);
-      fold16(d, &a, &b);
-      _mm512_mask_storeu_pd(db + i, lo, a);
-      _mm512_mask_storeu_pd(db + i + 8, hi, b);
+      if (fw != NULL) {
+        store16(fw + i, _mm512_fmadd_ps(d, xh, load16(m, fw + i)), m, 0);
+        store16(fb + i, _mm512_add_ps(d, load16(m, fb + i)), m, 0);
+      } else {
+        fold_masked(_mm512_mul_ps(d, xh), m, dw + i);
+        fold_masked(d, m, db + i);
+      }
     }
     fold16(sg, &sgl, &sgh);
     fold16(sgx, &sxl, &sxh);
@@ -579,15 +586,34 @@ static void avx512_ln_bwd_reduce(const float *x, const float *dy, size_t D,
   sums[1] += _mm512_reduce_add_pd(_mm512_add_pd(sxl, sxh));
 }
 
-static void avx512_ln_bwd_apply(const float *x, const float *dy, float *dx,
-                                size_t D, double mean, double istd,
-                                const float *w, double c2, double c3) {
+static void avx512_ln_bwd_reduce(const float *x, const float *dy, size_t D,
+                                 double mean, double istd, const float *w,
+                                 double *dw, double *db, double sums[2]) {
+  /* Few values per row: see avx512_bwd_reduce. */
+  if (D < SMALL_STAT) {
+    sbn__kernels_ref.ln_bwd_reduce(x, dy, D, mean, istd, w, dw, db, sums);
+    return;
+  }
+  ln_row_sums(x, dy, D, mean, istd, w, dw, db, NULL, NULL, sums);
+}
+
+/* dx of one row; with `ahead` set, also prefetches the row after it
+ * (x and dy, `D` floats on), one line of each per vector: this pass reads
+ * its own row from the cache, and without that the memory would idle
+ * until the next row's sums ask for it. */
+static inline __attribute__((always_inline)) void ln_apply_row(
+    const float *x, const float *dy, float *dx, size_t D, double mean,
+    double istd, const float *w, double c2, double c3, int ahead) {
   double q = c2 * istd;
   __m512d is = _mm512_set1_pd(istd), vq = _mm512_set1_pd(q);
   __m512d vr = _mm512_set1_pd(c3 - q * mean);
   for (size_t i = 0; i < D; i += 16) {
     __mmask16 m = tail_mask(D - i);
     __m512d gl = is, gh = is;
+    if (ahead) {
+      _mm_prefetch((const char *)(x + D + i), _MM_HINT_T0);
+      _mm_prefetch((const char *)(dy + D + i), _MM_HINT_T0);
+    }
     if (w != NULL) {
       __m512 wv = load16(m, w + i);
       gl = _mm512_mul_pd(is, _mm512_cvtps_pd(_mm512_castps512_ps256(wv)));
@@ -596,6 +622,47 @@ static void avx512_ln_bwd_apply(const float *x, const float *dy, float *dx,
     __m512 v =
         dx16(load16(m, x + i), load16(m, dy + i), gl, gh, vq, vq, vr, vr);
     store16(dx + i, v, m, 0);
+  }
+}
+
+static void avx512_ln_bwd_apply(const float *x, const float *dy, float *dx,
+                                size_t D, double mean, double istd,
+                                const float *w, double c2, double c3) {
+  ln_apply_row(x, dy, dx, D, mean, istd, w, c2, c3, 0);
+}
+
+/* LayerNorm backward by blocks of RB rows: each row's sums, then its dx
+ * while it is in L1/L2; dweight and dbias summed in float over the block
+ * (fw, fb) and folded into double once per block, instead of a double
+ * read-modify-write of both per element and row. */
+static void avx512_ln_bwd_rows(const float *x, const float *dy, float *dx,
+                               size_t R, size_t D, const double *mean,
+                               const double *istd, const float *w, double count,
+                               double *dw, double *db, float *fw, float *fb) {
+  for (size_t r0 = 0; r0 < R; r0 += RB) {
+    size_t r1 = R - r0 < RB ? R : r0 + RB;
+    for (size_t i = 0; i < D; i += 16) {
+      __mmask16 m = tail_mask(D - i);
+      store16(fw + i, _mm512_setzero_ps(), m, 0);
+      store16(fb + i, _mm512_setzero_ps(), m, 0);
+    }
+    for (size_t r = r0; r < r1; r++) {
+      const float *xr = x + r * D, *dyr = dy + r * D;
+      double sums[2] = {0, 0};
+      if (D < SMALL_STAT)
+        sbn__kernels_ref.ln_bwd_reduce(xr, dyr, D, mean[r], istd[r], w, dw, db,
+                                       sums);
+      else
+        ln_row_sums(xr, dyr, D, mean[r], istd[r], w, NULL, NULL, fw, fb, sums);
+      double c2 = -istd[r] * sums[1] / count, c3 = -istd[r] * sums[0] / count;
+      ln_apply_row(xr, dyr, dx + r * D, D, mean[r], istd[r], w, c2, c3,
+                   r + 1 < R);
+    }
+    for (size_t i = 0; i < D; i += 16) {
+      __mmask16 m = tail_mask(D - i);
+      fold_masked(load16(m, fw + i), m, dw + i);
+      fold_masked(load16(m, fb + i), m, db + i);
+    }
   }
 }
 
@@ -702,6 +769,7 @@ const sbn__kernels_t sbn__kernels_avx512 = {
     .ln_forward = avx512_ln_forward,
     .ln_bwd_reduce = avx512_ln_bwd_reduce,
     .ln_bwd_apply = avx512_ln_bwd_apply,
+    .ln_bwd_rows = avx512_ln_bwd_rows,
     .dropout = avx512_dropout,
 };
 #endif /* SBN__HAVE_AVX512 */

@@ -58,6 +58,17 @@ typedef struct sbn__kernels_s {
   void (*ln_bwd_apply)(const float *x, const float *dy, float *dx, size_t D,
                        double mean, double istd, const float *w, double c2,
                        double c3);
+  /* LayerNorm backward of R rows of D, or NULL (then the op calls
+   * ln_bwd_reduce and ln_bwd_apply row by row, which is what this computes):
+   * per row r the sums of ln_bwd_reduce, then dx as ln_bwd_apply with
+   * c2 = -istd[r] * sum(g * xhat) / count and c3 = -istd[r] * sum(g) /
+   * count, while the row is in cache; adds dy * xhat and dy into dw[i] and
+   * db[i]. fw and fb are the caller's scratch of D floats each, where a set
+   * may sum a block of rows before adding into dw and db. */
+  void (*ln_bwd_rows)(const float *x, const float *dy, float *dx, size_t R,
+                      size_t D, const double *mean, const double *istd,
+                      const float *w, double count, double *dw, double *db,
+                      float *fw, float *fb);
   /* Dropout of n elements starting at element index `first` (a multiple
    * of 4): out = word < thr ? 0 : in * scale, with the Philox words of
    * sbn_philox4x32_10 for counter (block, step, layer) and key. thr < 2^32

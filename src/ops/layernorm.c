@@ -74,7 +74,10 @@ static int ln_sizes(const sbn_layer_params_t *p, const sbn__shape_t *sh,
   (void)p;
   if (sbn__mul_size(sh->C, 2 * sizeof(double), &acc) != 0)
     return sbn_set_error(SBN_EOVERFLOW, "norm_shape: too large");
-  *ws = sbn__chan_bytes(SBN__LN_CHUNK) + sbn__align64(acc);
+  /* dweight and dbias in double, then the kernels' float scratch for
+   * them (half as many bytes as the doubles, so it cannot overflow). */
+  *ws = sbn__chan_bytes(SBN__LN_CHUNK) + sbn__align64(acc) +
+        sbn__align64(acc / 2);
   return sbn__saved_size(sh->N, saved);
 }
 
@@ -130,16 +133,23 @@ static int ln_backward(sbn_layer_t *l, const sbn_backward_args_t *a,
     dw[i] = 0;
     db[i] = 0;
   }
-  for (size_t r = 0; r < N; r++) {
-    const float *x = a->x + r * D, *dy = a->dy + r * D;
-    float *dx = a->dx + r * D;
-    const float *w = p->affine ? a->weight : NULL;
-    double sums[2] = {0, 0};
-    sbn__kernels()->ln_bwd_reduce(x, dy, D, mean[r], istd[r], w, dw, db, sums);
-    /* dx = istd * (w*dy - mean(w*dy) - xhat * mean(w*dy*xhat)). */
-    double c2 = -istd[r] * sums[1] / count;
-    double c3 = -istd[r] * sums[0] / count;
-    sbn__kernels()->ln_bwd_apply(x, dy, dx, D, mean[r], istd[r], w, c2, c3);
+  const float *w = p->affine ? a->weight : NULL;
+  const sbn__kernels_t *k = sbn__kernels();
+  if (k->ln_bwd_rows != NULL) {
+    float *fw =
+        (float *)(void *)((char *)dw + sbn__align64(2 * D * sizeof(double)));
+    k->ln_bwd_rows(a->x, a->dy, a->dx, N, D, mean, istd, w, count, dw, db, fw,
+                   fw + D);
+  } else {
+    for (size_t r = 0; r < N; r++) {
+      const float *x = a->x + r * D, *dy = a->dy + r * D;
+      double sums[2] = {0, 0};
+      k->ln_bwd_reduce(x, dy, D, mean[r], istd[r], w, dw, db, sums);
+      /* dx = istd * (w*dy - mean(w*dy) - xhat * mean(w*dy*xhat)). */
+      double c2 = -istd[r] * sums[1] / count;
+      double c3 = -istd[r] * sums[0] / count;
+      k->ln_bwd_apply(x, dy, a->dx + r * D, D, mean[r], istd[r], w, c2, c3);
+    }
   }
   for (size_t i = 0; i < D; i++) {
     if (a->dweight != NULL)
