@@ -131,19 +131,20 @@ static size_t gcd(size_t a, size_t b) {
   return a;
 }
 
-/* Piece i of the position view of (A, C, S) and its offset into the
- * array; 0 when there is no piece i. Periodic: whole periods of
- * lcm(C*S, 16) positions, repeated to at least 8 vectors so that each
- * position's accumulator is touched only every 8 vectors, then the rest
- * (whole rows of C*S) as a last short row. Tiled: PMAX positions of every
- * row of C*S at a time. */
-static int geo_piece(size_t A, size_t C, size_t S, size_t i, geo_t *g,
-                     size_t *off) {
+/* Piece i of the position view of (A, C, S) with rows lda floats apart
+ * and its offset into the array; 0 when there is no piece i. Periodic: whole
+ * periods of lcm(C*S, 16) positions, repeated to at least 8 vectors so that
+ * each position's accumulator is touched only every 8 vectors, then the rest
+ * (whole rows of C*S) as a last short row; only for lda = C*S, when the
+ * rows are one flat array. Tiled: PMAX positions of every row at a
+ * time. */
+static int geo_piece(size_t A, size_t C, size_t S, size_t lda, size_t i,
+                     geo_t *g, size_t *off) {
   size_t cs = C * S, n = A * cs;
   if (n == 0)
     return 0;
   size_t P = cs / gcd(cs, 16) * 16;
-  if (P <= PMAX) {
+  if (P <= PMAX && lda == cs) {
     while (P < 128 && 2 * P <= PMAX)
       P *= 2;
     size_t rows = n / P;
@@ -162,7 +163,7 @@ static int geo_piece(size_t A, size_t C, size_t S, size_t i, geo_t *g,
   size_t j0 = i * PMAX;
   if (j0 >= cs)
     return 0;
-  *g = (geo_t){A, cs, cs - j0 < PMAX ? cs - j0 : PMAX, j0};
+  *g = (geo_t){A, lda, cs - j0 < PMAX ? cs - j0 : PMAX, j0};
   *off = j0;
   return 1;
 }
@@ -217,8 +218,8 @@ static inline __attribute__((always_inline)) void piece_sums(
  * channels. k (moments) or mean and istd (backward) are per channel. */
 static inline __attribute__((always_inline)) void pos_sums(
     int bwd, const float *x, const float *dy, size_t A, size_t C, size_t S,
-    const float *k, const double *mean, const double *istd, double *s1,
-    double *s2) {
+    size_t lda, const float *k, const double *mean, const double *istd,
+    double *s1, double *s2) {
   float pa[PMAX] __attribute__((aligned(64)));
   float pb[PMAX] __attribute__((aligned(64)));
   float pc[PMAX] __attribute__((aligned(64)));
@@ -226,7 +227,7 @@ static inline __attribute__((always_inline)) void pos_sums(
   double d2[PMAX] __attribute__((aligned(64)));
   geo_t g[1];
   size_t off;
-  for (size_t i = 0; geo_piece(A, C, S, i, g, &off); i++) {
+  for (size_t i = 0; geo_piece(A, C, S, lda, i, g, &off); i++) {
     size_t L = g->L, L16 = (L + 15) & ~(size_t)15;
     for (size_t j = 0; j < L16; j++) {
       size_t c = geo_chan(g, j < L ? j : 0, C, S);
@@ -369,8 +370,9 @@ static void run_apply(const float *p, const float *g, float *q, size_t n,
 
 /* y = ((x - h) - l) * sc + sh with per-position parameters. */
 static void pos_normalize(const float *x, float *y, size_t A, size_t C,
-                          size_t S, const float *mh, const float *ml,
-                          const float *scale, const float *shift) {
+                          size_t S, size_t lda, const float *mh,
+                          const float *ml, const float *scale,
+                          const float *shift) {
   float ph[PMAX] __attribute__((aligned(64)));
   float pl[PMAX] __attribute__((aligned(64)));
   float ps[PMAX] __attribute__((aligned(64)));
@@ -378,7 +380,7 @@ static void pos_normalize(const float *x, float *y, size_t A, size_t C,
   int nt = want_nt(A, C, S);
   geo_t g[1];
   size_t off;
-  for (size_t i = 0; geo_piece(A, C, S, i, g, &off); i++) {
+  for (size_t i = 0; geo_piece(A, C, S, lda, i, g, &off); i++) {
     size_t L = g->L;
     for (size_t j = 0; j < L; j++) {
       size_t c = geo_chan(g, j, C, S);
@@ -404,7 +406,7 @@ static void pos_normalize(const float *x, float *y, size_t A, size_t C,
 
 /* dx with per-position double parameters k1, q, r (see dx16). */
 static void pos_apply(const float *x, const float *dy, float *dx, size_t A,
-                      size_t C, size_t S, const double *mean,
+                      size_t C, size_t S, size_t lda, const double *mean,
                       const double *istd, const double *k1, const double *k2,
                       const double *k3) {
   double pk[PMAX] __attribute__((aligned(64)));
@@ -413,7 +415,7 @@ static void pos_apply(const float *x, const float *dy, float *dx, size_t A,
   int nt = want_nt(A, C, S);
   geo_t g[1];
   size_t off;
-  for (size_t i = 0; geo_piece(A, C, S, i, g, &off); i++) {
+  for (size_t i = 0; geo_piece(A, C, S, lda, i, g, &off); i++) {
     size_t L = g->L, L16 = (L + 15) & ~(size_t)15;
     for (size_t j = 0; j < L16; j++) {
       size_t c = geo_chan(g, j < L ? j : 0, C, S);
@@ -443,80 +445,109 @@ static void pos_apply(const float *x, const float *dy, float *dx, size_t A,
 /* ------------------------------------------------------------------ */
 /* The table's entries: runs when S >= 16, the position view otherwise. */
 
-static void avx512_moments(const float *x, size_t A, size_t C, size_t S,
-                           const float *k, double *s1, double *s2) {
+static void avx512_moments_ld(const float *x, size_t A, size_t C, size_t S,
+                              size_t lda, const float *k, double *s1,
+                              double *s2) {
   /* With very few values per statistic, dx depends on the variance to far
    * below fp32 (two values: a relative error d of var moves dx by about
    * d * var/eps), so such small calls keep the reference's double sums. */
   if (A * S < SMALL_STAT) {
-    sbn__kernels_ref.moments(x, A, C, S, k, s1, s2);
+    sbn__kernels_ref.moments_ld(x, A, C, S, lda, k, s1, s2);
     return;
   }
   if (S < 16) {
-    pos_sums(0, x, NULL, A, C, S, k, NULL, NULL, s1, s2);
+    pos_sums(0, x, NULL, A, C, S, lda, k, NULL, NULL, s1, s2);
     return;
   }
   for (size_t a = 0; a < A; a++)
     for (size_t c = 0; c < C; c++)
-      run_moments(x + (a * C + c) * S, S, k[c], &s1[c], &s2[c]);
+      run_moments(x + a * lda + c * S, S, k[c], &s1[c], &s2[c]);
 }
 
-static void avx512_normalize(const float *x, float *y, size_t A, size_t C,
-                             size_t S, const float *mh, const float *ml,
-                             const float *scale, const float *shift) {
+static void avx512_normalize_ld(const float *x, float *y, size_t A, size_t C,
+                                size_t S, size_t lda, const float *mh,
+                                const float *ml, const float *scale,
+                                const float *shift) {
   if (S < 16) {
-    pos_normalize(x, y, A, C, S, mh, ml, scale, shift);
+    pos_normalize(x, y, A, C, S, lda, mh, ml, scale, shift);
     return;
   }
-  int nt = rows_nt(want_nt(A, C, S), y, S);
+  int nt = rows_nt(want_nt(A, C, S), y, S) && lda % 16 == 0;
   for (size_t a = 0; a < A; a++)
     for (size_t c = 0; c < C; c++) {
-      size_t o = (a * C + c) * S;
+      size_t o = a * lda + c * S;
       run_normalize(x + o, y + o, S, mh[c], ml[c], scale[c], shift[c], nt);
     }
   _mm_sfence();
 }
 
-static void avx512_bwd_reduce(const float *x, const float *dy, size_t A,
-                              size_t C, size_t S, const double *mean,
-                              const double *istd, double *sdy, double *sdyx) {
+static void avx512_bwd_reduce_ld(const float *x, const float *dy, size_t A,
+                                 size_t C, size_t S, size_t lda,
+                                 const double *mean, const double *istd,
+                                 double *sdy, double *sdyx) {
   /* A statistic has at least A * S values. With very few (two: dx is
    * about eps/var times dy) dx cancels far below fp32, and only sums of
    * xhat in double keep it; such calls are small, so they take the
    * reference's double loops. */
   if (A * S < SMALL_STAT) {
-    sbn__kernels_ref.bwd_reduce(x, dy, A, C, S, mean, istd, sdy, sdyx);
+    sbn__kernels_ref.bwd_reduce_ld(x, dy, A, C, S, lda, mean, istd, sdy, sdyx);
     return;
   }
   if (S < 16) {
-    pos_sums(1, x, dy, A, C, S, NULL, mean, istd, sdy, sdyx);
+    pos_sums(1, x, dy, A, C, S, lda, NULL, mean, istd, sdy, sdyx);
     return;
   }
   for (size_t a = 0; a < A; a++)
     for (size_t c = 0; c < C; c++) {
-      size_t o = (a * C + c) * S;
+      size_t o = a * lda + c * S;
       float h = (float)mean[c];
       run_bwd_reduce(x + o, dy + o, S, h, (float)(mean[c] - (double)h),
                      (float)istd[c], &sdy[c], &sdyx[c]);
     }
 }
 
-static void avx512_bwd_apply(const float *x, const float *dy, float *dx,
-                             size_t A, size_t C, size_t S, const double *mean,
-                             const double *istd, const double *k1,
-                             const double *k2, const double *k3) {
+static void avx512_bwd_apply_ld(const float *x, const float *dy, float *dx,
+                                size_t A, size_t C, size_t S, size_t lda,
+                                const double *mean, const double *istd,
+                                const double *k1, const double *k2,
+                                const double *k3) {
   if (S < 16) {
-    pos_apply(x, dy, dx, A, C, S, mean, istd, k1, k2, k3);
+    pos_apply(x, dy, dx, A, C, S, lda, mean, istd, k1, k2, k3);
     return;
   }
-  int nt = rows_nt(want_nt(A, C, S), dx, S);
+  int nt = rows_nt(want_nt(A, C, S), dx, S) && lda % 16 == 0;
   for (size_t a = 0; a < A; a++)
     for (size_t c = 0; c < C; c++) {
-      size_t o = (a * C + c) * S;
+      size_t o = a * lda + c * S;
       double q = k2[c] * istd[c];
       run_apply(x + o, dy + o, dx + o, S, k1[c], q, k3[c] - q * mean[c], nt);
     }
   _mm_sfence();
+}
+
+/* The dense view is the strided one with rows C * S apart. */
+static void avx512_moments(const float *x, size_t A, size_t C, size_t S,
+                           const float *k, double *s1, double *s2) {
+  avx512_moments_ld(x, A, C, S, C * S, k, s1, s2);
+}
+
+static void avx512_normalize(const float *x, float *y, size_t A, size_t C,
+                             size_t S, const float *mh, const float *ml,
+                             const float *scale, const float *shift) {
+  avx512_normalize_ld(x, y, A, C, S, C * S, mh, ml, scale, shift);
+}
+
+static void avx512_bwd_reduce(const float *x, const float *dy, size_t A,
+                              size_t C, size_t S, const double *mean,
+                              const double *istd, double *sdy, double *sdyx) {
+  avx512_bwd_reduce_ld(x, dy, A, C, S, C * S, mean, istd, sdy, sdyx);
+}
+
+static void avx512_bwd_apply(const float *x, const float *dy, float *dx,
+                             size_t A, size_t C, size_t S, const double *mean,
+                             const double *istd, const double *k1,
+                             const double *k2, const double *k3) {
+  avx512_bwd_apply_ld(x, dy, dx, A, C, S, C * S, mean, istd, k1, k2, k3);
 }
 
 /* ------------------------------------------------------------------ */
@@ -766,6 +797,10 @@ const sbn__kernels_t sbn__kernels_avx512 = {
     .normalize = avx512_normalize,
     .bwd_reduce = avx512_bwd_reduce,
     .bwd_apply = avx512_bwd_apply,
+    .moments_ld = avx512_moments_ld,
+    .normalize_ld = avx512_normalize_ld,
+    .bwd_reduce_ld = avx512_bwd_reduce_ld,
+    .bwd_apply_ld = avx512_bwd_apply_ld,
     .ln_forward = avx512_ln_forward,
     .ln_bwd_reduce = avx512_ln_bwd_reduce,
     .ln_bwd_apply = avx512_ln_bwd_apply,

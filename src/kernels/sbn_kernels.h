@@ -45,6 +45,24 @@ typedef struct sbn__kernels_s {
   void (*bwd_apply)(const float *x, const float *dy, float *dx, size_t A,
                     size_t C, size_t S, const double *mean, const double *istd,
                     const double *k1, const double *k2, const double *k3);
+  /* The four entries above on a strided view: element (a, c, s) at
+   * a * lda + c * S + s, with lda >= C * S (y, dy and dx alike). Channels
+   * [c0, c1) of an (A, C, S) array are the view (A, c1 - c0, S) at
+   * x + c0 * S with lda = C * S, in one call. A set may leave these NULL;
+   * the sbn__k_*_ld functions below then call the dense entry once per a
+   * (A = 1), which computes the same. */
+  void (*moments_ld)(const float *x, size_t A, size_t C, size_t S, size_t lda,
+                     const float *k, double *s1, double *s2);
+  void (*normalize_ld)(const float *x, float *y, size_t A, size_t C, size_t S,
+                       size_t lda, const float *mh, const float *ml,
+                       const float *scale, const float *shift);
+  void (*bwd_reduce_ld)(const float *x, const float *dy, size_t A, size_t C,
+                        size_t S, size_t lda, const double *mean,
+                        const double *istd, double *sdy, double *sdyx);
+  void (*bwd_apply_ld)(const float *x, const float *dy, float *dx, size_t A,
+                       size_t C, size_t S, size_t lda, const double *mean,
+                       const double *istd, const double *k1, const double *k2,
+                       const double *k3);
   /* LayerNorm rows (D contiguous elements with per-element affine; w and
    * b are NULL without affine): y = xhat * w + b. */
   void (*ln_forward)(const float *x, float *y, size_t D, float mh, float ml,
@@ -98,5 +116,20 @@ extern const sbn__kernels_t sbn__kernels_avx512;
  * environment variable SBN_KERNELS when it is set to a set this CPU can
  * run, else the best set for the CPU's features. */
 const sbn__kernels_t *sbn__kernels(void);
+
+/* The strided entries of the set in use (kernels/strided.c), or their
+ * fallback through the dense entry, one a at a time. */
+void sbn__k_moments_ld(const float *x, size_t A, size_t C, size_t S, size_t lda,
+                       const float *k, double *s1, double *s2);
+void sbn__k_normalize_ld(const float *x, float *y, size_t A, size_t C, size_t S,
+                         size_t lda, const float *mh, const float *ml,
+                         const float *scale, const float *shift);
+void sbn__k_bwd_reduce_ld(const float *x, const float *dy, size_t A, size_t C,
+                          size_t S, size_t lda, const double *mean,
+                          const double *istd, double *sdy, double *sdyx);
+void sbn__k_bwd_apply_ld(const float *x, const float *dy, float *dx, size_t A,
+                         size_t C, size_t S, size_t lda, const double *mean,
+                         const double *istd, const double *k1, const double *k2,
+                         const double *k3);
 
 #endif /* SBN_KERNELS_H */
