@@ -34,11 +34,13 @@
 /* Elements of a run added in float before a fold (16 per lane with four
  * accumulators of 16 lanes). */
 #define CHUNK 1024
-/* Outputs of at least this many bytes are written with streaming stores:
- * an output that large leaves the core's L2 before anything reads it, and
- * a streaming store skips reading each line before writing it (the
- * floor's memcpy does the same), so the pass moves 8 bytes per element
- * instead of 12. */
+/* Outputs of at least this many bytes (twice the core's L2 here) are
+ * written with streaming stores: an output that large leaves the L2
+ * before anything reads it, and a streaming store skips reading each line
+ * before writing it (the floor's memcpy does the same for large copies),
+ * so the pass moves 8 bytes per element instead of 12. The price is that
+ * a consumer finds the output in memory rather than in L3. Per-sample
+ * calls (GroupNorm, InstanceNorm) see one sample's size. */
 #define NT_BYTES ((size_t)4 << 20)
 /* Values per channel below which backward's sums are formed in double. */
 #define SMALL_STAT 32
@@ -64,8 +66,12 @@ static inline void fold_mem(__m512 v, double *d) {
   _mm512_storeu_pd(d + 8, hi);
 }
 
-/* Stores the lanes of m; a whole, aligned vector streams when nt is set
- * (a run that starts unaligned streams none of its vectors, see rows_nt). */
+/* Stores the lanes of m; a whole, aligned vector streams when nt is set.
+ * A streaming pass first writes up to the output's first line boundary
+ * with a masked store (head_elems), so its whole vectors are aligned and
+ * every line is written either whole by streaming stores or not by them
+ * at all (a line written both ways is flushed from the write-combining
+ * buffer half full). */
 static inline void store16(float *p, __m512 v, __mmask16 m, int nt) {
   if (m != 0xFFFF)
     _mm512_mask_storeu_ps(p, m, v);
@@ -86,12 +92,15 @@ static inline int want_nt(size_t A, size_t C, size_t S) {
   return A * C * S >= NT_BYTES / sizeof(float);
 }
 
-/* Streaming stores only where every row starts on a cache line, so that a
- * line is written either whole by streaming stores or not by them at all
- * (a line written both ways is flushed from the write-combining buffer
- * half full). */
-static inline int rows_nt(int nt, const float *base, size_t stride) {
-  return nt && stride % 16 == 0 && ((uintptr_t)base & 63) == 0;
+/* Elements before q + n's first cache line boundary, which a streaming
+ * pass writes with one masked store so that the rest starts aligned (0
+ * without streaming; an output not even 4-byte aligned never streams). */
+static inline size_t head_elems(const float *q, size_t n, int nt) {
+  uintptr_t a = (uintptr_t)q;
+  if (!nt || (a & 3) != 0)
+    return 0;
+  size_t h = ((64 - (a & 63)) & 63) / sizeof(float);
+  return h < n ? h : n;
 }
 
 static inline __m512 pack_pd(__m512d lo, __m512d hi) {
@@ -338,7 +347,12 @@ static void run_normalize(const float *p, float *q, size_t n, float h, float l,
                           float sc, float sh, int nt) {
   __m512 vh = _mm512_set1_ps(h), vl = _mm512_set1_ps(l);
   __m512 vs = _mm512_set1_ps(sc), vb = _mm512_set1_ps(sh);
-  size_t s = 0;
+  size_t s = head_elems(q, n, nt);
+  if (s > 0) {
+    __mmask16 m = tail_mask(s);
+    __m512 v = _mm512_sub_ps(_mm512_sub_ps(load16(m, p), vh), vl);
+    store16(q, _mm512_fmadd_ps(v, vs, vb), m, 0);
+  }
   for (; s + 32 <= n; s += 32) {
     __m512 v0 = _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(p + s), vh), vl);
     __m512 v1 =
@@ -358,7 +372,12 @@ static void run_apply(const float *p, const float *g, float *q, size_t n,
                       double k1, double qq, double r, int nt) {
   __m512d a = _mm512_set1_pd(k1), b = _mm512_set1_pd(qq);
   __m512d c = _mm512_set1_pd(r);
-  for (size_t s = 0; s < n; s += 16) {
+  size_t h = head_elems(q, n, nt);
+  if (h > 0) {
+    __mmask16 m = tail_mask(h);
+    store16(q, dx16(load16(m, p), load16(m, g), a, a, b, b, c, c), m, 0);
+  }
+  for (size_t s = h; s < n; s += 16) {
     __mmask16 m = tail_mask(n - s);
     __m512 v = dx16(load16(m, p + s), load16(m, g + s), a, a, b, b, c, c);
     store16(q + s, v, m, nt);
@@ -369,71 +388,110 @@ static void run_apply(const float *p, const float *g, float *q, size_t n,
 /* Elementwise passes over the position view. */
 
 /* y = ((x - h) - l) * sc + sh with per-position parameters. */
+/* Per-position parameters of a piece, with the first 16 positions
+ * repeated after the last, so that a vector starting at any position
+ * p < L of a contiguous piece reads its parameters at [p, p + 16). */
+#define PWRAP (PMAX + 16)
+
+/* One vector of normalize at positions [j, j + 16) of the parameters. */
+static inline __m512 norm16(__m512 x, const float *ph, const float *pl,
+                            const float *ps, const float *pb, size_t j) {
+  __m512 v = _mm512_sub_ps(_mm512_sub_ps(x, _mm512_loadu_ps(ph + j)),
+                           _mm512_loadu_ps(pl + j));
+  return _mm512_fmadd_ps(v, _mm512_loadu_ps(ps + j), _mm512_loadu_ps(pb + j));
+}
+
+/* y = ((x - h) - l) * sc + sh with per-position parameters. A contiguous
+ * piece (rows of L positions back to back) is one flat stream whose
+ * vectors may start at any position, so that a streaming pass can align
+ * its stores to cache lines whatever y's alignment (head_elems). */
 static void pos_normalize(const float *x, float *y, size_t A, size_t C,
                           size_t S, size_t lda, const float *mh,
                           const float *ml, const float *scale,
                           const float *shift) {
-  float ph[PMAX] __attribute__((aligned(64)));
-  float pl[PMAX] __attribute__((aligned(64)));
-  float ps[PMAX] __attribute__((aligned(64)));
-  float pb[PMAX] __attribute__((aligned(64)));
+  float ph[PWRAP], pl[PWRAP], ps[PWRAP], pb[PWRAP];
   int nt = want_nt(A, C, S);
   geo_t g[1];
   size_t off;
   for (size_t i = 0; geo_piece(A, C, S, lda, i, g, &off); i++) {
     size_t L = g->L;
-    for (size_t j = 0; j < L; j++) {
-      size_t c = geo_chan(g, j, C, S);
+    for (size_t j = 0; j < L + 16; j++) {
+      size_t c = geo_chan(g, j % L, C, S);
       ph[j] = mh[c], pl[j] = ml[c], ps[j] = scale[c], pb[j] = shift[c];
     }
-    int pnt = rows_nt(nt, y + off, g->stride);
-    for (size_t r = 0; r < g->rows; r++) {
-      const float *p = x + off + r * g->stride;
-      float *q = y + off + r * g->stride;
+    const float *p = x + off;
+    float *q = y + off;
+    if (g->stride == L && L >= 16) {
+      size_t n = g->rows * L, s = head_elems(q, n, nt), j = s;
+      if (s > 0)
+        store16(q, norm16(load16(tail_mask(s), p), ph, pl, ps, pb, 0),
+                tail_mask(s), 0);
+      for (; s < n; s += 16, j = j + 16 >= L ? j + 16 - L : j + 16) {
+        __mmask16 m = tail_mask(n - s);
+        store16(q + s, norm16(load16(m, p + s), ph, pl, ps, pb, j), m, nt);
+      }
+      continue;
+    }
+    for (size_t r = 0; r < g->rows; r++, p += g->stride, q += g->stride)
       for (size_t j = 0; j < L; j += 16) {
         __mmask16 m = tail_mask(L - j);
-        __m512 v =
-            _mm512_sub_ps(_mm512_sub_ps(load16(m, p + j), load16(m, ph + j)),
-                          load16(m, pl + j));
-        store16(q + j, _mm512_fmadd_ps(v, load16(m, ps + j), load16(m, pb + j)),
-                m, pnt);
+        store16(q + j, norm16(load16(m, p + j), ph, pl, ps, pb, j), m, 0);
       }
-    }
   }
   _mm_sfence();
   _mm256_zeroupper(); /* as in pos_apply */
 }
 
 /* dx with per-position double parameters k1, q, r (see dx16). */
+/* One vector of dx at positions [j, j + 16) of the parameters. */
+static inline __m512 apply16(__m512 x, __m512 g, const double *pk,
+                             const double *pq, const double *pr, size_t j) {
+  return dx16(x, g, _mm512_loadu_pd(pk + j), _mm512_loadu_pd(pk + j + 8),
+              _mm512_loadu_pd(pq + j), _mm512_loadu_pd(pq + j + 8),
+              _mm512_loadu_pd(pr + j), _mm512_loadu_pd(pr + j + 8));
+}
+
+/* dx with per-position double parameters k1, q, r (see dx16), laid out
+ * and streamed like pos_normalize. */
 static void pos_apply(const float *x, const float *dy, float *dx, size_t A,
                       size_t C, size_t S, size_t lda, const double *mean,
                       const double *istd, const double *k1, const double *k2,
                       const double *k3) {
-  double pk[PMAX] __attribute__((aligned(64)));
-  double pq[PMAX] __attribute__((aligned(64)));
-  double pr[PMAX] __attribute__((aligned(64)));
+  double pk[PWRAP], pq[PWRAP], pr[PWRAP];
   int nt = want_nt(A, C, S);
   geo_t g[1];
   size_t off;
   for (size_t i = 0; geo_piece(A, C, S, lda, i, g, &off); i++) {
-    size_t L = g->L, L16 = (L + 15) & ~(size_t)15;
-    for (size_t j = 0; j < L16; j++) {
-      size_t c = geo_chan(g, j < L ? j : 0, C, S);
+    size_t L = g->L;
+    for (size_t j = 0; j < L + 16; j++) {
+      size_t c = geo_chan(g, j % L, C, S);
       double q = k2[c] * istd[c];
       pk[j] = k1[c], pq[j] = q, pr[j] = k3[c] - q * mean[c];
     }
-    int pnt = rows_nt(nt, dx + off, g->stride);
-    for (size_t r = 0; r < g->rows; r++) {
-      size_t o = off + r * g->stride;
+    const float *p = x + off, *d = dy + off;
+    float *q = dx + off;
+    if (g->stride == L && L >= 16) {
+      size_t n = g->rows * L, s = head_elems(q, n, nt), j = s;
+      if (s > 0) {
+        __mmask16 m = tail_mask(s);
+        store16(q, apply16(load16(m, p), load16(m, d), pk, pq, pr, 0), m, 0);
+      }
+      for (; s < n; s += 16, j = j + 16 >= L ? j + 16 - L : j + 16) {
+        __mmask16 m = tail_mask(n - s);
+        store16(q + s,
+                apply16(load16(m, p + s), load16(m, d + s), pk, pq, pr, j), m,
+                nt);
+      }
+      continue;
+    }
+    for (size_t r = 0; r < g->rows;
+         r++, p += g->stride, d += g->stride, q += g->stride)
       for (size_t j = 0; j < L; j += 16) {
         __mmask16 m = tail_mask(L - j);
-        __m512 v = dx16(load16(m, x + o + j), load16(m, dy + o + j),
-                        _mm512_load_pd(pk + j), _mm512_load_pd(pk + j + 8),
-                        _mm512_load_pd(pq + j), _mm512_load_pd(pq + j + 8),
-                        _mm512_load_pd(pr + j), _mm512_load_pd(pr + j + 8));
-        store16(dx + o + j, v, m, pnt);
+        store16(q + j,
+                apply16(load16(m, p + j), load16(m, d + j), pk, pq, pr, j), m,
+                0);
       }
-    }
   }
   _mm_sfence();
   /* GCC leaves this function (a tail call of avx512_bwd_apply) without
@@ -472,7 +530,7 @@ static void avx512_normalize_ld(const float *x, float *y, size_t A, size_t C,
     pos_normalize(x, y, A, C, S, lda, mh, ml, scale, shift);
     return;
   }
-  int nt = rows_nt(want_nt(A, C, S), y, S) && lda % 16 == 0;
+  int nt = want_nt(A, C, S);
   for (size_t a = 0; a < A; a++)
     for (size_t c = 0; c < C; c++) {
       size_t o = a * lda + c * S;
@@ -515,7 +573,7 @@ static void avx512_bwd_apply_ld(const float *x, const float *dy, float *dx,
     pos_apply(x, dy, dx, A, C, S, lda, mean, istd, k1, k2, k3);
     return;
   }
-  int nt = rows_nt(want_nt(A, C, S), dx, S) && lda % 16 == 0;
+  int nt = want_nt(A, C, S);
   for (size_t a = 0; a < A; a++)
     for (size_t c = 0; c < C; c++) {
       size_t o = a * lda + c * S;
