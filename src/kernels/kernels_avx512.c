@@ -23,101 +23,11 @@
 #include "kernels/sbn_kernels.h"
 
 #ifdef SBN__HAVE_AVX512
-#include <immintrin.h>
-#include <stdint.h>
+#include "kernels/kernels_avx512_inl.h"
 
 /* Positions per row of the position view: bounds the per-position
  * parameter arrays on the stack (a few KiB each, in L1). */
 #define PMAX 1024
-/* Rows added in float before a fold into double. */
-#define RB 16
-/* Elements of a run added in float before a fold (16 per lane with four
- * accumulators of 16 lanes). */
-#define CHUNK 1024
-/* Outputs of at least this many bytes (twice the core's L2 here) are
- * written with streaming stores: an output that large leaves the L2
- * before anything reads it, and a streaming store skips reading each line
- * before writing it (the floor's memcpy does the same for large copies),
- * so the pass moves 8 bytes per element instead of 12. The price is that
- * a consumer finds the output in memory rather than in L3. Per-sample
- * calls (GroupNorm, InstanceNorm) see one sample's size. */
-#define NT_BYTES ((size_t)4 << 20)
-/* Values per channel below which backward's sums are formed in double. */
-#define SMALL_STAT 32
-
-/* ------------------------------------------------------------------ */
-/* Helpers. */
-
-static inline __mmask16 tail_mask(size_t n) {
-  return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u);
-}
-
-/* Adds the 16 float lanes of v into the 8 + 8 double lanes (lo, hi). */
-static inline void fold16(__m512 v, __m512d *lo, __m512d *hi) {
-  *lo = _mm512_add_pd(*lo, _mm512_cvtps_pd(_mm512_castps512_ps256(v)));
-  *hi = _mm512_add_pd(*hi, _mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1)));
-}
-
-/* Folds 16 float lanes into 16 doubles in memory. */
-static inline void fold_mem(__m512 v, double *d) {
-  __m512d lo = _mm512_loadu_pd(d), hi = _mm512_loadu_pd(d + 8);
-  fold16(v, &lo, &hi);
-  _mm512_storeu_pd(d, lo);
-  _mm512_storeu_pd(d + 8, hi);
-}
-
-/* Stores the lanes of m; a whole, aligned vector streams when nt is set.
- * A streaming pass first writes up to the output's first line boundary
- * with a masked store (head_elems), so its whole vectors are aligned and
- * every line is written either whole by streaming stores or not by them
- * at all (a line written both ways is flushed from the write-combining
- * buffer half full). */
-static inline void store16(float *p, __m512 v, __mmask16 m, int nt) {
-  if (m != 0xFFFF)
-    _mm512_mask_storeu_ps(p, m, v);
-  else if (nt && ((uintptr_t)p & 63) == 0)
-    _mm512_stream_ps(p, v);
-  else
-    _mm512_storeu_ps(p, v);
-}
-
-/* Loads the lanes of m (zero elsewhere). Whole vectors take a plain load
- * and store16 a plain store: the masked forms cost more on this CPU even
- * with every lane set, and all but the last vector of a row are whole. */
-static inline __m512 load16(__mmask16 m, const float *p) {
-  return m == 0xFFFF ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p);
-}
-
-static inline int want_nt(size_t A, size_t C, size_t S) {
-  return A * C * S >= NT_BYTES / sizeof(float);
-}
-
-/* Elements before q + n's first cache line boundary, which a streaming
- * pass writes with one masked store so that the rest starts aligned (0
- * without streaming; an output not even 4-byte aligned never streams). */
-static inline size_t head_elems(const float *q, size_t n, int nt) {
-  uintptr_t a = (uintptr_t)q;
-  if (!nt || (a & 3) != 0)
-    return 0;
-  size_t h = ((64 - (a & 63)) & 63) / sizeof(float);
-  return h < n ? h : n;
-}
-
-static inline __m512 pack_pd(__m512d lo, __m512d hi) {
-  return _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(lo)),
-                            _mm512_cvtpd_ps(hi), 1);
-}
-
-/* dx for 16 elements in double: k1*dy + (q*x + r). */
-static inline __m512 dx16(__m512 x, __m512 g, __m512d k1l, __m512d k1h,
-                          __m512d ql, __m512d qh, __m512d rl, __m512d rh) {
-  __m512d xl = _mm512_cvtps_pd(_mm512_castps512_ps256(x));
-  __m512d xh = _mm512_cvtps_pd(_mm512_extractf32x8_ps(x, 1));
-  __m512d gl = _mm512_cvtps_pd(_mm512_castps512_ps256(g));
-  __m512d gh = _mm512_cvtps_pd(_mm512_extractf32x8_ps(g, 1));
-  return pack_pd(_mm512_fmadd_pd(k1l, gl, _mm512_fmadd_pd(ql, xl, rl)),
-                 _mm512_fmadd_pd(k1h, gh, _mm512_fmadd_pd(qh, xh, rh)));
-}
 
 /* ------------------------------------------------------------------ */
 /* The position view: rows of L positions, `stride` floats apart, position
@@ -458,7 +368,7 @@ static void pos_apply(const float *x, const float *dy, float *dx, size_t A,
                       const double *istd, const double *k1, const double *k2,
                       const double *k3) {
   double pk[PWRAP], pq[PWRAP], pr[PWRAP];
-  int nt = want_nt(A, C, S);
+  int nt = apply_nt(A, C, S);
   geo_t g[1];
   size_t off;
   for (size_t i = 0; geo_piece(A, C, S, lda, i, g, &off); i++) {
@@ -573,7 +483,7 @@ static void avx512_bwd_apply_ld(const float *x, const float *dy, float *dx,
     pos_apply(x, dy, dx, A, C, S, lda, mean, istd, k1, k2, k3);
     return;
   }
-  int nt = want_nt(A, C, S);
+  int nt = apply_nt(A, C, S);
   for (size_t a = 0; a < A; a++)
     for (size_t c = 0; c < C; c++) {
       size_t o = a * lda + c * S;
@@ -608,247 +518,6 @@ static void avx512_bwd_apply(const float *x, const float *dy, float *dx,
   avx512_bwd_apply_ld(x, dy, dx, A, C, S, C * S, mean, istd, k1, k2, k3);
 }
 
-/* ------------------------------------------------------------------ */
-/* LayerNorm rows. */
-
-static void avx512_ln_forward(const float *x, float *y, size_t D, float mh,
-                              float ml, float istd, const float *w,
-                              const float *b) {
-  __m512 h = _mm512_set1_ps(mh), l = _mm512_set1_ps(ml);
-  __m512 is = _mm512_set1_ps(istd);
-  for (size_t i = 0; i < D; i += 16) {
-    __mmask16 m = tail_mask(D - i);
-    __m512 xh =
-        _mm512_mul_ps(_mm512_sub_ps(_mm512_sub_ps(load16(m, x + i), h), l), is);
-    if (w != NULL)
-      xh = _mm512_fmadd_ps(xh, load16(m, w + i), load16(m, b + i));
-    store16(y + i, xh, m, 0);
-  }
-}
-
-/* Adds the 16 lanes of v (of mask m) into d[0..16) in double. */
-static inline void fold_masked(__m512 v, __mmask16 m, double *d) {
-  __mmask8 lo = (__mmask8)m, hi = (__mmask8)(m >> 8);
-  __m512d a = _mm512_maskz_loadu_pd(lo, d);
-  __m512d b = _mm512_maskz_loadu_pd(hi, d + 8);
-  fold16(v, &a, &b);
-  _mm512_mask_storeu_pd(d, lo, a);
-  _mm512_mask_storeu_pd(d + 8, hi, b);
-}
-
-/* One row's backward sums: xhat in float from the split mean, the row
- * sums of g = dy * w and g * xhat in float over chunks folded into
- * double; dy * xhat and dy are added per element into dw and db, in
- * double (fw == NULL) or into the float block sums fw and fb. */
-static inline __attribute__((always_inline)) void ln_row_sums(
-    const float *x, const float *dy, size_t D, double mean, double istd,
-    const float *w, double *dw, double *db, float *fw, float *fb,
-    double sums[2]) {
-  float fh = (float)mean;
-  __m512 h = _mm512_set1_ps(fh), l = _mm512_set1_ps((float)(mean - fh));
-  __m512 is = _mm512_set1_ps((float)istd), one = _mm512_set1_ps(1.0f);
-  __m512d sgl = _mm512_setzero_pd(), sgh = sgl, sxl = sgl, sxh = sgl;
-  for (size_t i0 = 0; i0 < D; i0 += CHUNK / 4) {
-    size_t e = D - i0 > CHUNK / 4 ? i0 + CHUNK / 4 : D;
-    __m512 sg = _mm512_setzero_ps(), sgx = sg;
-    for (size_t i = i0; i < e; i += 16) {
-      __mmask16 m = tail_mask(e - i);
-      __m512 d = load16(m, dy + i);
-      __m512 xh = _mm512_mul_ps(
-          _mm512_sub_ps(_mm512_sub_ps(load16(m, x + i), h), l), is);
-      __m512 g = _mm512_mul_ps(
-          d, w != NULL ? _mm512_mask_loadu_ps(one, m, w + i) : one);
-      sg = _mm512_add_ps(sg, g);
-      sgx = _mm512_fmadd_ps(g, xh, sgx);
-      if (fw != NULL) {
-        store16(fw + i, _mm512_fmadd_ps(d, xh, load16(m, fw + i)), m, 0);
-        store16(fb + i, _mm512_add_ps(d, load16(m, fb + i)), m, 0);
-      } else {
-        fold_masked(_mm512_mul_ps(d, xh), m, dw + i);
-        fold_masked(d, m, db + i);
-      }
-    }
-    fold16(sg, &sgl, &sgh);
-    fold16(sgx, &sxl, &sxh);
-  }
-  sums[0] += _mm512_reduce_add_pd(_mm512_add_pd(sgl, sgh));
-  sums[1] += _mm512_reduce_add_pd(_mm512_add_pd(sxl, sxh));
-}
-
-static void avx512_ln_bwd_reduce(const float *x, const float *dy, size_t D,
-                                 double mean, double istd, const float *w,
-                                 double *dw, double *db, double sums[2]) {
-  /* Few values per row: see avx512_bwd_reduce. */
-  if (D < SMALL_STAT) {
-    sbn__kernels_ref.ln_bwd_reduce(x, dy, D, mean, istd, w, dw, db, sums);
-    return;
-  }
-  ln_row_sums(x, dy, D, mean, istd, w, dw, db, NULL, NULL, sums);
-}
-
-/* dx of one row; with `ahead` set, also prefetches the row after it
- * (x and dy, `D` floats on), one line of each per vector: this pass reads
- * its own row from the cache, and without that the memory would idle
- * until the next row's sums ask for it. */
-static inline __attribute__((always_inline)) void ln_apply_row(
-    const float *x, const float *dy, float *dx, size_t D, double mean,
-    double istd, const float *w, double c2, double c3, int ahead) {
-  double q = c2 * istd;
-  __m512d is = _mm512_set1_pd(istd), vq = _mm512_set1_pd(q);
-  __m512d vr = _mm512_set1_pd(c3 - q * mean);
-  for (size_t i = 0; i < D; i += 16) {
-    __mmask16 m = tail_mask(D - i);
-    __m512d gl = is, gh = is;
-    if (ahead) {
-      _mm_prefetch((const char *)(x + D + i), _MM_HINT_T0);
-      _mm_prefetch((const char *)(dy + D + i), _MM_HINT_T0);
-    }
-    if (w != NULL) {
-      __m512 wv = load16(m, w + i);
-      gl = _mm512_mul_pd(is, _mm512_cvtps_pd(_mm512_castps512_ps256(wv)));
-      gh = _mm512_mul_pd(is, _mm512_cvtps_pd(_mm512_extractf32x8_ps(wv, 1)));
-    }
-    __m512 v =
-        dx16(load16(m, x + i), load16(m, dy + i), gl, gh, vq, vq, vr, vr);
-    store16(dx + i, v, m, 0);
-  }
-}
-
-static void avx512_ln_bwd_apply(const float *x, const float *dy, float *dx,
-                                size_t D, double mean, double istd,
-                                const float *w, double c2, double c3) {
-  ln_apply_row(x, dy, dx, D, mean, istd, w, c2, c3, 0);
-}
-
-/* LayerNorm backward by blocks of RB rows: each row's sums, then its dx
- * while it is in L1/L2; dweight and dbias summed in float over the block
- * (fw, fb) and folded into double once per block, instead of a double
- * read-modify-write of both per element and row. */
-static void avx512_ln_bwd_rows(const float *x, const float *dy, float *dx,
-                               size_t R, size_t D, const double *mean,
-                               const double *istd, const float *w, double count,
-                               double *dw, double *db, float *fw, float *fb) {
-  for (size_t r0 = 0; r0 < R; r0 += RB) {
-    size_t r1 = R - r0 < RB ? R : r0 + RB;
-    for (size_t i = 0; i < D; i += 16) {
-      __mmask16 m = tail_mask(D - i);
-      store16(fw + i, _mm512_setzero_ps(), m, 0);
-      store16(fb + i, _mm512_setzero_ps(), m, 0);
-    }
-    for (size_t r = r0; r < r1; r++) {
-      const float *xr = x + r * D, *dyr = dy + r * D;
-      double sums[2] = {0, 0};
-      if (D < SMALL_STAT)
-        sbn__kernels_ref.ln_bwd_reduce(xr, dyr, D, mean[r], istd[r], w, dw, db,
-                                       sums);
-      else
-        ln_row_sums(xr, dyr, D, mean[r], istd[r], w, NULL, NULL, fw, fb, sums);
-      double c2 = -istd[r] * sums[1] / count, c3 = -istd[r] * sums[0] / count;
-      ln_apply_row(xr, dyr, dx + r * D, D, mean[r], istd[r], w, c2, c3,
-                   r + 1 < R);
-    }
-    for (size_t i = 0; i < D; i += 16) {
-      __mmask16 m = tail_mask(D - i);
-      fold_masked(load16(m, fw + i), m, dw + i);
-      fold_masked(load16(m, fb + i), m, db + i);
-    }
-  }
-}
-
-/* ------------------------------------------------------------------ */
-/* Dropout: Philox4x32-10 on 16 lanes, two independent groups at a time
- * (128 elements) so the multiplies of one hide the latency of the other;
- * an unsigned compare against the threshold makes the keep mask. */
-
-#define DROP_G 2
-
-/* The high and low halves of a * m in every 32-bit lane. */
-static inline void mulhilo16(__m512i a, __m512i m, __m512i *hi, __m512i *lo) {
-  __m512i pe = _mm512_mul_epu32(a, m);
-  __m512i po = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
-  *lo = _mm512_mask_blend_epi32(0xAAAA, pe, _mm512_slli_epi64(po, 32));
-  *hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(pe, 32), po);
-}
-
-/* The words of 16 blocks (lanes) transposed to memory order: w[q] holds
- * the four words of blocks 4q .. 4q + 3. */
-static inline void philox_order(__m512i c0, __m512i c1, __m512i c2, __m512i c3,
-                                __m512i w[4]) {
-  __m512i t0 = _mm512_unpacklo_epi32(c0, c1),
-          t1 = _mm512_unpacklo_epi32(c2, c3);
-  __m512i t2 = _mm512_unpackhi_epi32(c0, c1),
-          t3 = _mm512_unpackhi_epi32(c2, c3);
-  /* In each 128-bit lane L: u0 is block 4L's words, u1 4L+1's, ... */
-  __m512i u0 = _mm512_unpacklo_epi64(t0, t1),
-          u1 = _mm512_unpackhi_epi64(t0, t1);
-  __m512i u2 = _mm512_unpacklo_epi64(t2, t3),
-          u3 = _mm512_unpackhi_epi64(t2, t3);
-  __m512i a = _mm512_shuffle_i32x4(u0, u1, 0x44);
-  __m512i b = _mm512_shuffle_i32x4(u2, u3, 0x44);
-  __m512i c = _mm512_shuffle_i32x4(u0, u1, 0xEE);
-  __m512i d = _mm512_shuffle_i32x4(u2, u3, 0xEE);
-  w[0] = _mm512_shuffle_i32x4(a, b, 0x88);
-  w[1] = _mm512_shuffle_i32x4(a, b, 0xDD);
-  w[2] = _mm512_shuffle_i32x4(c, d, 0x88);
-  w[3] = _mm512_shuffle_i32x4(c, d, 0xDD);
-}
-
-static void avx512_dropout(const float *in, float *out, size_t n,
-                           uint64_t first, const uint32_t key[2], uint32_t step,
-                           uint32_t layer, uint32_t thr, float scale) {
-  const __m512i m0 = _mm512_set1_epi32((int)0xD2511F53u);
-  const __m512i m1 = _mm512_set1_epi32((int)0xCD9E8D57u);
-  const __m512i vthr = _mm512_set1_epi32((int)thr);
-  const __m512 vs = _mm512_set1_ps(scale);
-  const __m512i lane =
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  size_t i = 0;
-  for (; i + 64 * DROP_G <= n; i += 64 * DROP_G) {
-    uint64_t block = (first + i) / 4;
-    /* The high counter word is the same in every lane unless the low word
-     * wraps inside this step; the reference takes that rare case. */
-    if ((uint32_t)block > 0xFFFFFFFFu - (16u * DROP_G - 1u))
-      break;
-    __m512i c0[DROP_G], c1[DROP_G], c2[DROP_G], c3[DROP_G];
-    for (int u = 0; u < DROP_G; u++) {
-      c0[u] = _mm512_add_epi32(
-          _mm512_set1_epi32((int)((uint32_t)block + 16u * (uint32_t)u)), lane);
-      c1[u] = _mm512_set1_epi32((int)(uint32_t)(block >> 32));
-      c2[u] = _mm512_set1_epi32((int)step);
-      c3[u] = _mm512_set1_epi32((int)layer);
-    }
-    uint32_t k0 = key[0], k1 = key[1];
-    for (int r = 0; r < 10; r++) {
-      __m512i vk0 = _mm512_set1_epi32((int)k0),
-              vk1 = _mm512_set1_epi32((int)k1);
-      for (int u = 0; u < DROP_G; u++) {
-        __m512i h0, l0, h1, l1;
-        mulhilo16(c0[u], m0, &h0, &l0);
-        mulhilo16(c2[u], m1, &h1, &l1);
-        c0[u] = _mm512_ternarylogic_epi32(h1, c1[u], vk0, 0x96);
-        c1[u] = l1;
-        c2[u] = _mm512_ternarylogic_epi32(h0, c3[u], vk1, 0x96);
-        c3[u] = l0;
-      }
-      k0 += 0x9E3779B9u;
-      k1 += 0xBB67AE85u;
-    }
-    for (int u = 0; u < DROP_G; u++) {
-      __m512i w[4];
-      philox_order(c0[u], c1[u], c2[u], c3[u], w);
-      for (int q = 0; q < 4; q++) {
-        size_t o = i + 64 * (size_t)u + 16 * (size_t)q;
-        __mmask16 keep = _mm512_cmpge_epu32_mask(w[q], vthr);
-        _mm512_storeu_ps(
-            out + o, _mm512_maskz_mul_ps(keep, _mm512_loadu_ps(in + o), vs));
-      }
-    }
-  }
-  if (i < n)
-    sbn__dropout_ref(in + i, out + i, n - i, first + i, key, step, layer, thr,
-                     scale);
-}
-
 const sbn__kernels_t sbn__kernels_avx512 = {
     .name = "avx512",
     .moments = avx512_moments,
@@ -859,10 +528,10 @@ const sbn__kernels_t sbn__kernels_avx512 = {
     .normalize_ld = avx512_normalize_ld,
     .bwd_reduce_ld = avx512_bwd_reduce_ld,
     .bwd_apply_ld = avx512_bwd_apply_ld,
-    .ln_forward = avx512_ln_forward,
-    .ln_bwd_reduce = avx512_ln_bwd_reduce,
-    .ln_bwd_apply = avx512_ln_bwd_apply,
-    .ln_bwd_rows = avx512_ln_bwd_rows,
-    .dropout = avx512_dropout,
+    .ln_forward = sbn__avx512_ln_forward,
+    .ln_bwd_reduce = sbn__avx512_ln_bwd_reduce,
+    .ln_bwd_apply = sbn__avx512_ln_bwd_apply,
+    .ln_bwd_rows = sbn__avx512_ln_bwd_rows,
+    .dropout = sbn__avx512_dropout,
 };
 #endif /* SBN__HAVE_AVX512 */
