@@ -279,6 +279,15 @@ static void test_names(void **state) {
       continue;
     assert_string_equal(sbn_kernel_name(), sets[i]);
   }
+  /* "auto" returns to the automatic choice; an unknown name is refused
+   * with its name in the message and changes nothing. */
+  assert_int_equal(sbn_kernel_select("ref"), 0);
+  assert_int_equal(sbn_kernel_select("auto"), 0);
+  assert_string_equal(sbn_kernel_name(), autoname);
+  assert_int_equal(sbn_kernel_select("sse9"), SBN_ENOTSUP);
+  if (strstr(sbn_last_error(), "'sse9'") == NULL)
+    fail_msg("error message '%s' does not name the set", sbn_last_error());
+  assert_string_equal(sbn_kernel_name(), autoname);
   sbn_kernel_select("ref");
 }
 
