@@ -159,8 +159,6 @@ void sbn__avx512_ln_bwd_rows(const float *x, const float *dy, float *dx,
  * (128 elements) so the multiplies of one hide the latency of the other;
  * an unsigned compare against the threshold makes the keep mask. */
 
-#define DROP_G 2
-
 /* The high and low halves of a * m in every 32-bit lane. */
 static inline void mulhilo16(__m512i a, __m512i m, __m512i *hi, __m512i *lo) {
   __m512i pe = _mm512_mul_epu32(a, m);
@@ -192,6 +190,36 @@ static inline void philox_order(__m512i c0, __m512i c1, __m512i c2, __m512i c3,
   w[3] = _mm512_shuffle_i32x4(c, d, 0xDD);
 }
 
+/* Philox state of 16 blocks, one per lane. */
+typedef struct px_s {
+  __m512i c0, c1, c2, c3;
+} px_t;
+
+static inline __attribute__((always_inline)) void px_round(px_t *s, __m512i m0,
+                                                           __m512i m1,
+                                                           __m512i k0,
+                                                           __m512i k1) {
+  __m512i h0, l0, h1, l1;
+  mulhilo16(s->c0, m0, &h0, &l0);
+  mulhilo16(s->c2, m1, &h1, &l1);
+  s->c0 = _mm512_ternarylogic_epi32(h1, s->c1, k0, 0x96);
+  s->c1 = l1;
+  s->c2 = _mm512_ternarylogic_epi32(h0, s->c3, k1, 0x96);
+  s->c3 = l0;
+}
+
+/* The 64 outputs of state s at out[0..64) from in[0..64). */
+static inline __attribute__((always_inline)) void px_apply(
+    const px_t *s, const float *in, float *out, __m512i thr, __m512 vs) {
+  __m512i w[4];
+  philox_order(s->c0, s->c1, s->c2, s->c3, w);
+  for (int q = 0; q < 4; q++) {
+    __mmask16 keep = _mm512_cmpge_epu32_mask(w[q], thr);
+    _mm512_storeu_ps(out + 16 * q, _mm512_maskz_mul_ps(
+                                       keep, _mm512_loadu_ps(in + 16 * q), vs));
+  }
+}
+
 void sbn__avx512_dropout(const float *in, float *out, size_t n, uint64_t first,
                          const uint32_t key[2], uint32_t step, uint32_t layer,
                          uint32_t thr, float scale) {
@@ -202,46 +230,33 @@ void sbn__avx512_dropout(const float *in, float *out, size_t n, uint64_t first,
   const __m512i lane =
       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   size_t i = 0;
-  for (; i + 64 * DROP_G <= n; i += 64 * DROP_G) {
+  /* Two independent states (a, b) in named variables, so that they stay
+   * in registers (as arrays GCC kept them on the stack). */
+  for (; i + 128 <= n; i += 128) {
     uint64_t block = (first + i) / 4;
     /* The high counter word is the same in every lane unless the low word
      * wraps inside this step; the reference takes that rare case. */
-    if ((uint32_t)block > 0xFFFFFFFFu - (16u * DROP_G - 1u))
+    if ((uint32_t)block > 0xFFFFFFFFu - 31u)
       break;
-    __m512i c0[DROP_G], c1[DROP_G], c2[DROP_G], c3[DROP_G];
-    for (int u = 0; u < DROP_G; u++) {
-      c0[u] = _mm512_add_epi32(
-          _mm512_set1_epi32((int)((uint32_t)block + 16u * (uint32_t)u)), lane);
-      c1[u] = _mm512_set1_epi32((int)(uint32_t)(block >> 32));
-      c2[u] = _mm512_set1_epi32((int)step);
-      c3[u] = _mm512_set1_epi32((int)layer);
-    }
+    __m512i hi = _mm512_set1_epi32((int)(uint32_t)(block >> 32));
+    __m512i c2 = _mm512_set1_epi32((int)step),
+            c3 = _mm512_set1_epi32((int)layer);
+    __m512i lo =
+        _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)block), lane);
+    px_t a = {lo, hi, c2, c3};
+    px_t b = {_mm512_add_epi32(lo, _mm512_set1_epi32(16)), hi, c2, c3};
     uint32_t k0 = key[0], k1 = key[1];
+#pragma GCC unroll 10
     for (int r = 0; r < 10; r++) {
-      __m512i vk0 = _mm512_set1_epi32((int)k0),
-              vk1 = _mm512_set1_epi32((int)k1);
-      for (int u = 0; u < DROP_G; u++) {
-        __m512i h0, l0, h1, l1;
-        mulhilo16(c0[u], m0, &h0, &l0);
-        mulhilo16(c2[u], m1, &h1, &l1);
-        c0[u] = _mm512_ternarylogic_epi32(h1, c1[u], vk0, 0x96);
-        c1[u] = l1;
-        c2[u] = _mm512_ternarylogic_epi32(h0, c3[u], vk1, 0x96);
-        c3[u] = l0;
-      }
+      __m512i vk0 = _mm512_set1_epi32((int)k0);
+      __m512i vk1 = _mm512_set1_epi32((int)k1);
+      px_round(&a, m0, m1, vk0, vk1);
+      px_round(&b, m0, m1, vk0, vk1);
       k0 += 0x9E3779B9u;
       k1 += 0xBB67AE85u;
     }
-    for (int u = 0; u < DROP_G; u++) {
-      __m512i w[4];
-      philox_order(c0[u], c1[u], c2[u], c3[u], w);
-      for (int q = 0; q < 4; q++) {
-        size_t o = i + 64 * (size_t)u + 16 * (size_t)q;
-        __mmask16 keep = _mm512_cmpge_epu32_mask(w[q], vthr);
-        _mm512_storeu_ps(
-            out + o, _mm512_maskz_mul_ps(keep, _mm512_loadu_ps(in + o), vs));
-      }
-    }
+    px_apply(&a, in + i, out + i, vthr, vs);
+    px_apply(&b, in + i + 64, out + i + 64, vthr, vs);
   }
   if (i < n)
     sbn__dropout_ref(in + i, out + i, n - i, first + i, key, step, layer, thr,
