@@ -24,16 +24,23 @@
 typedef struct sbn__kernels_s {
   const char *name;
   /* Shifted sums over (a, s) per channel c, added into s1[c] and s2[c]:
-   * s1 += sum(x - k[c]), s2 += sum((x - k[c])^2), in double. */
+   * s1 += sum(x - k[c]), s2 += sum((x - k[c])^2). The reference adds in
+   * double; a set may add float partial sums of at most 16 values per
+   * lane into double, but not for calls with fewer than 32 values per
+   * channel (A * S), where a statistic may have as few as two values and
+   * dx then depends on the variance far below fp32. */
   void (*moments)(const float *x, size_t A, size_t C, size_t S, const float *k,
                   double *s1, double *s2);
   /* y = ((x - mh[c]) - ml[c]) * scale[c] + shift[c]. */
   void (*normalize)(const float *x, float *y, size_t A, size_t C, size_t S,
                     const float *mh, const float *ml, const float *scale,
                     const float *shift);
-  /* xhat = (x - mean[c]) * istd[c] in double; adds sum(dy) into sdy[c]
-   * and sum(dy * xhat) into sdyx[c], in double. dx depends on these sums
-   * to far below fp32 precision when it is small (see bwd_apply). */
+  /* xhat = (x - mean[c]) * istd[c]; adds sum(dy) into sdy[c] and
+   * sum(dy * xhat) into sdyx[c]. The reference works in double; a set may
+   * form xhat in float from the split mean and add float partial sums as
+   * in moments, with the same exception for fewer than 32 values per
+   * channel: dx depends on these sums to far below fp32 precision when a
+   * statistic has two values (see bwd_apply). */
   void (*bwd_reduce)(const float *x, const float *dy, size_t A, size_t C,
                      size_t S, const double *mean, const double *istd,
                      double *sdy, double *sdyx);
