@@ -1,6 +1,9 @@
 /* The strided view (a channel range of a tensor) through the set in use:
- * its own strided entry when it has one, else its dense entry once per a,
- * which is the same computation, only in smaller calls. */
+ * its own strided entry when it has one; else its dense entry, in one call
+ * when the view is dense (lda = C * S) and once per a otherwise, which is
+ * the same computation in smaller calls (slow where a set lays out
+ * per-call parameters, as the position view does: give such a set its
+ * strided entries). */
 #include "kernels/sbn_kernels.h"
 
 void sbn__k_moments_ld(const float *x, size_t A, size_t C, size_t S, size_t lda,
@@ -8,6 +11,10 @@ void sbn__k_moments_ld(const float *x, size_t A, size_t C, size_t S, size_t lda,
   const sbn__kernels_t *t = sbn__kernels();
   if (t->moments_ld != NULL) {
     t->moments_ld(x, A, C, S, lda, k, s1, s2);
+    return;
+  }
+  if (lda == C * S) {
+    t->moments(x, A, C, S, k, s1, s2);
     return;
   }
   for (size_t a = 0; a < A; a++)
@@ -22,6 +29,10 @@ void sbn__k_normalize_ld(const float *x, float *y, size_t A, size_t C, size_t S,
     t->normalize_ld(x, y, A, C, S, lda, mh, ml, scale, shift);
     return;
   }
+  if (lda == C * S) {
+    t->normalize(x, y, A, C, S, mh, ml, scale, shift);
+    return;
+  }
   for (size_t a = 0; a < A; a++)
     t->normalize(x + a * lda, y + a * lda, 1, C, S, mh, ml, scale, shift);
 }
@@ -32,6 +43,10 @@ void sbn__k_bwd_reduce_ld(const float *x, const float *dy, size_t A, size_t C,
   const sbn__kernels_t *t = sbn__kernels();
   if (t->bwd_reduce_ld != NULL) {
     t->bwd_reduce_ld(x, dy, A, C, S, lda, mean, istd, sdy, sdyx);
+    return;
+  }
+  if (lda == C * S) {
+    t->bwd_reduce(x, dy, A, C, S, mean, istd, sdy, sdyx);
     return;
   }
   for (size_t a = 0; a < A; a++)
@@ -45,6 +60,10 @@ void sbn__k_bwd_apply_ld(const float *x, const float *dy, float *dx, size_t A,
   const sbn__kernels_t *t = sbn__kernels();
   if (t->bwd_apply_ld != NULL) {
     t->bwd_apply_ld(x, dy, dx, A, C, S, lda, mean, istd, k1, k2, k3);
+    return;
+  }
+  if (lda == C * S) {
+    t->bwd_apply(x, dy, dx, A, C, S, mean, istd, k1, k2, k3);
     return;
   }
   for (size_t a = 0; a < A; a++)
