@@ -102,8 +102,8 @@ int sbn__grouped_forward(sbn_layer_t *l, const sbn_forward_args_t *a,
     ch.d4[c] = 0;
   }
   for (size_t n = 0; n < N; n++) {
-    /* An empty sample (S = 0) still gets its statistics, so that the
-     * running statistics see every instance as before. */
+    /* An empty sample (S = 0) still gets statistics for its saved
+     * values; the running statistics skip such a batch below. */
     const float *xs = plane > 0 ? a->x + n * plane : a->x;
     if (batch)
       sbn__view_moments(xs, v.gA, G, v.gS, &ch, ch.rec);
@@ -132,7 +132,9 @@ int sbn__grouped_forward(sbn_layer_t *l, const sbn_forward_args_t *a,
       sbn__kernels()->normalize(xs, a->y + n * plane, v.cA, C, v.cS, ch.mh,
                                 ch.ml, ch.k1, ch.k2);
   }
-  if (running && a->mode == SBN_MODE_TRAIN && N > 0)
+  /* PyTorch leaves the running statistics alone when there is nothing to
+   * take statistics of: no samples, or samples with no spatial values. */
+  if (running && a->mode == SBN_MODE_TRAIN && N > 0 && S > 0)
     gn_update_running(l, a, sh, &ch);
   return 0;
 }

@@ -77,6 +77,9 @@ int svc__budget_take(svc_worker_t *w, uint64_t bytes);
  * out of the window. */
 void svc__step_keep(svc_worker_t *w, svc__layer_t *l, svc__step_t *s);
 void svc__prune(svc_worker_t *w, svc__layer_t *l);
+/* Whether step is more than keep_steps behind newest (computed without
+ * overflow). */
+int svc__step_stale(const svc_worker_t *w, uint64_t step, uint64_t newest);
 /* Library failures as protocol codes. */
 svc_code_t svc__lib_code(int rc);
 /* The library's last error as the service's: -code, message kept. */
@@ -310,7 +313,6 @@ struct svc_worker_s {
   svc__metrics_t m;
   /* checkpoints: where files live (absolute, no trailing slash) */
   char state_dir[4096];
-  uint64_t ckpt_seq; /* checkpoint requests queued so far (their step) */
 };
 
 #endif /* SBN_SVC_WORKER_INT_H */
