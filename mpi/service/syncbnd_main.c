@@ -129,7 +129,9 @@ static void usage(FILE *f) {
           "                       dropped) that group and others cannot "
           "access\n"
           "                       (chmod 600); read once at start-up\n"
-          "  --help               this text\n");
+          "%s"
+          "  --help               this text\n",
+          svc_server_options_help());
 }
 
 /* The helpers below follow the service's convention: 0, or a negative
@@ -282,6 +284,7 @@ typedef struct opts_s {
   uint64_t cycle_us;
   double stall_timeout;
   svc_worker_config_t wc;
+  svc_server_config_t srv; /* the server's own options (svc_admit.c) */
 } opts_t;
 
 /* One option a with its value v into o. A flat list of flags, so it
@@ -357,6 +360,8 @@ static int parse_option(const char *a, const char *v, opts_t *o) {
     if (u < 64)
       return svc_set_error(SVC_BAD_PARAMS, "%s: must be at least 64", a);
     o->wc.limits.max_objects = (uint32_t)u;
+  } else if ((rc = svc_server_parse_option(a, v, &o->srv)) != 1) {
+    return rc;
   } else {
     return svc_set_error(SVC_BAD_PARAMS, "%s: unknown option (see --help)", a);
   }
@@ -465,6 +470,7 @@ static int start_server(const opts_t *o, rank_t *k, uint8_t *token,
   svc_server_config_t sc;
   int rc;
   memset(&sc, 0, sizeof sc);
+  svc_server_copy_options(&sc, &o->srv);
   sc.socket_path = k->path;
   sc.max_clients = o->wc.max_clients;
   sc.max_output = o->wc.max_output;

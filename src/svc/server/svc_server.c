@@ -2,6 +2,7 @@
 #define _GNU_SOURCE /* struct ucred for SO_PEERCRED, explicit_bzero */
 #include "svc_server.h"
 
+#include "svc_admit.h"
 #include "svc_server_int.h"
 
 #include <arpa/inet.h>
@@ -36,6 +37,7 @@ struct svc_server_s {
   uv_signal_t sigint, sigterm;
   int signals;
   svc_server_config_t cfg;
+  svc__adm_t adm; /* client slots and the memory budget (svc_admit.c) */
   char *path;
   int bound; /* the socket file is ours to remove */
   svc_worker_t *worker;
@@ -78,6 +80,7 @@ struct svc__conn_s {
   int pending;    /* a deferred reply is owed; reading is paused */
   uint8_t *stash; /* bytes read after the deferred request */
   size_t stash_len;
+  svc__adm_conn_t adm; /* its slot and the bytes held for it */
 };
 
 typedef struct svc__write_s {
@@ -109,6 +112,7 @@ static void svc__conn_close(svc__conn_t *c) {
   if (c->next != NULL)
     c->next->prev = c->prev;
   s->nconns--;
+  svc__adm_leave(&s->adm, &c->adm);
   /* A deferred request of this connection is never answered. */
   if (c->pending)
     svc_worker_cancel(s->worker, c);
@@ -118,6 +122,8 @@ static void svc__conn_close(svc__conn_t *c) {
   uv_close(&c->h.handle, svc__conn_closed);
   uv_close((uv_handle_t *)&c->timer, svc__conn_closed);
 }
+
+static void svc__account(svc__conn_t *c);
 
 static void svc__on_write(uv_write_t *req, int status) {
   svc__write_t *w = (svc__write_t *)req;
@@ -129,6 +135,8 @@ static void svc__on_write(uv_write_t *req, int status) {
     return;
   if (status < 0 || (c->close_after && c->writes == 0))
     svc__conn_close(c);
+  else
+    svc__account(c);
 }
 
 /* Queues a frame (taking ownership of buf). A client whose unread replies
@@ -160,7 +168,9 @@ static void svc__send(svc__conn_t *c, uint8_t *buf, size_t len) {
   if (uv_stream_get_write_queue_size(&c->h.stream) > c->srv->cfg.max_output) {
     svc_worker_note_refusal(c->srv->worker, SVC_RESOURCE);
     svc__conn_close(c);
+    return;
   }
+  svc__account(c);
 }
 
 /* Replies with a connection-level error that the server itself decided
@@ -186,6 +196,54 @@ static void svc__fail_conn(svc__conn_t *c, svc_code_t code, const char *m) {
   svc__fail_conn_id(c, NULL, code, m);
 }
 
+static double svc__now(const svc_server_t *s) {
+  return (double)uv_now(&s->loop) / 1000.0;
+}
+
+/* Sheds c because the bytes held for all clients passed the budget: its
+ * buffered input goes at once and it gets a RESOURCE error. A client with
+ * replies still queued cannot get the error ahead of them, so it is closed
+ * at once instead (its queue is what is freed). */
+static void svc__shed(svc__conn_t *c) {
+  svc_server_t *s = c->srv;
+  char m[200];
+  svc_worker_note_shed(s->worker);
+  if (c->closing)
+    return;
+  if (c->close_after || c->writes > 0) {
+    svc_worker_note_refusal(s->worker, SVC_RESOURCE);
+    svc__conn_close(c);
+    return;
+  }
+  snprintf(m, sizeof m,
+           "memory: the buffers of all clients passed max_memory (%llu "
+           "bytes) and this connection held the most (%llu)",
+           (unsigned long long)s->adm.budget,
+           (unsigned long long)c->adm.held);
+  free(c->body);
+  c->body = NULL;
+  free(c->stash);
+  c->stash = NULL;
+  c->stash_len = 0;
+  svc__adm_hold(&s->adm, &c->adm, 0);
+  svc__fail_conn(c, SVC_RESOURCE, m);
+}
+
+/* Recounts the bytes the server holds for c (a frame being read, bytes
+ * stashed behind a deferred request, replies queued) against the budget
+ * of all connections, shedding the largest holder when it is passed. */
+static void svc__account(svc__conn_t *c) {
+  svc_server_t *s = c->srv;
+  uint64_t held;
+  void *v;
+  if (c->closing)
+    return;
+  held = (c->body != NULL ? c->body_len : 0) + c->stash_len +
+         uv_stream_get_write_queue_size(&c->h.stream);
+  if ((v = svc__adm_hold(&s->adm, &c->adm, held)) != NULL)
+    svc__shed(v);
+}
+
 /* 1 if the offered token equals the server's. Both sit zero-padded in
  * SVC_TOKEN_MAX-byte buffers and every byte is compared, with the
  * differences OR-ed together, so that the time taken says nothing about
@@ -204,6 +262,31 @@ static int svc__token_equal(const svc_server_t *s, const uint8_t *tok,
   diff |= (uint8_t)((len ^ s->token_len) != 0);
   explicit_bzero(offered, sizeof offered);
   return diff == 0;
+}
+
+/* Closes the connection whose slot admission just reclaimed. */
+static void svc__reclaim(void *victim) {
+  svc__fail_conn((svc__conn_t *)victim, SVC_TIMEOUT,
+                 "connection: idle the longest while the worker was full; "
+                 "its slot went to a new client");
+}
+
+/* A TCP connection past its hello takes a client slot like a Unix one
+ * (reclaiming the longest-idle one when all are held). */
+static int svc__admit_authed(svc__conn_t *c, const svc_id_t *id) {
+  svc_server_t *s = c->srv;
+  const char *why = NULL;
+  void *victim = NULL;
+  svc_code_t code = svc__adm_authed(&s->adm, &c->adm, svc__now(s), &victim,
+                                    &why);
+  if (code != SVC_OK) {
+    svc__fail_conn_id(c, id, code, why);
+    return -(int)code;
+  }
+  if (victim != NULL)
+    svc__reclaim(victim);
+  c->authed = 1;
+  return 0;
 }
 
 /* The first frame of a TCP connection must be a hello with the token.
@@ -245,8 +328,7 @@ static int svc__authenticate(svc__conn_t *c, const uint8_t *body, size_t len) {
     svc__fail_conn_id(c, &id, SVC_UNAUTHORIZED, why);
     return -SVC_UNAUTHORIZED;
   }
-  c->authed = 1;
-  return 0;
+  return svc__admit_authed(c, &id);
 }
 
 static void svc__on_timer(uv_timer_t *t) {
@@ -296,6 +378,7 @@ static void svc__frame_done(svc__conn_t *c) {
   c->in_frame = 0;
   if (rc > 0)
     return; /* refused and closing */
+  svc__account(c);
   if (rc != 0) {
     svc__conn_close(c);
     return;
@@ -314,6 +397,7 @@ static void svc__frame_done(svc__conn_t *c) {
     uv_timer_stop(&c->timer);
   } else {
     svc__arm(c, c->srv->cfg.idle_timeout);
+    svc__adm_idle(&c->adm, 1, svc__now(c->srv));
   }
   svc__send(c, reply, len);
   if (c->close_after && !c->closing && c->writes == 0)
@@ -359,6 +443,9 @@ static void svc__feed(svc__conn_t *c, const uint8_t *p, size_t n) {
       memcpy(st + c->stash_len, p, n);
       c->stash = st;
       c->stash_len += n;
+      svc__account(c);
+      if (c->closing || c->close_after)
+        return;
       if (c->stash_len >
           (size_t)c->srv->cfg.limits.max_frame + SVC_HEADER_BYTES)
         uv_read_stop(&c->h.stream);
@@ -366,6 +453,7 @@ static void svc__feed(svc__conn_t *c, const uint8_t *p, size_t n) {
     }
     if (!c->in_frame) {
       c->in_frame = 1;
+      svc__adm_idle(&c->adm, 0, 0);
       if (c->authed)
         svc__arm(c, c->srv->cfg.frame_timeout);
     }
@@ -401,6 +489,7 @@ static void svc__feed(svc__conn_t *c, const uint8_t *p, size_t n) {
         return;
       }
       c->body_have = 0;
+      svc__account(c);
     } else {
       size_t take = c->body_len - c->body_have;
       if (take > n)
@@ -425,6 +514,7 @@ void svc_server_deliver(void *ctx, void *token, uint8_t *reply, size_t len) {
     return;
   }
   c->pending = 0;
+  svc__adm_idle(&c->adm, 1, svc__now(c->srv));
   svc__send(c, reply, len);
   if (c->closing)
     return;
@@ -443,6 +533,31 @@ void svc_server_deliver(void *ctx, void *token, uint8_t *reply, size_t len) {
     if (rc != 0 && rc != UV_EALREADY)
       svc__conn_close(c);
   }
+}
+
+/* Gives a new connection its place (svc_admit.c): a slot for a Unix one,
+ * possibly reclaimed from the longest-idle client; a pre-authentication
+ * place for a TCP one. Returns -1 when it is refused (and closing). */
+static int svc__admit(svc__conn_t *c) {
+  svc_server_t *s = c->srv;
+  struct sockaddr_storage peer;
+  int plen = (int)sizeof peer;
+  const char *why = NULL;
+  void *victim = NULL;
+  svc_code_t code;
+  memset(&peer, 0, sizeof peer);
+  if (c->tcp)
+    uv_tcp_getpeername(&c->h.tcp, (struct sockaddr *)&peer, &plen);
+  code = svc__adm_accept(&s->adm, &c->adm, c, c->tcp,
+                         (const struct sockaddr *)&peer, svc__now(s), &victim,
+                         &why);
+  if (code != SVC_OK) {
+    svc__fail_conn(c, code, why);
+    return -1;
+  }
+  if (victim != NULL)
+    svc__reclaim(victim);
+  return 0;
 }
 
 static void svc__on_connection(uv_stream_t *ls, int status) {
@@ -492,11 +607,8 @@ static void svc__on_connection(uv_stream_t *ls, int status) {
                    "connection: the worker serves only its own user");
     return;
   }
-  if (s->nconns > s->cfg.max_clients) {
-    svc__fail_conn(c, SVC_TOO_MANY_CLIENTS,
-                   "connection: the worker serves max_clients clients");
+  if (svc__admit(c) != 0)
     return;
-  }
   svc__arm(c, c->authed ? s->cfg.idle_timeout : svc__auth_deadline(s));
   if (uv_read_start(&c->h.stream, svc__alloc, svc__on_read) != 0)
     svc__conn_close(c);
@@ -574,7 +686,8 @@ static int svc__tcp_listen(svc_server_t *s) {
     s->tcp_listening = 1;
     rc = uv_tcp_bind(&s->tcp_listener, ai->ai_addr, 0);
     if (rc == 0)
-      rc = uv_listen((uv_stream_t *)&s->tcp_listener, 128, svc__on_connection);
+      rc = uv_listen((uv_stream_t *)&s->tcp_listener,
+                     svc__backlog(s->cfg.backlog), svc__on_connection);
     if (rc == 0)
       break;
     /* The handle must be closed (and the loop run for its callback)
@@ -627,6 +740,8 @@ int svc_server_create(const svc_server_config_t *cfg, svc_worker_t *worker,
   s->cfg = *cfg;
   s->cfg.token = NULL;
   s->worker = worker;
+  svc__adm_init(&s->adm, cfg->max_clients, cfg->max_preauth,
+                cfg->max_preauth_per_addr, cfg->max_memory);
   if (cfg->tcp_host != NULL) {
     if (cfg->token == NULL || cfg->token_len == 0 ||
         cfg->token_len > SVC_TOKEN_MAX) {
@@ -667,8 +782,8 @@ int svc_server_create(const svc_server_config_t *cfg, svc_worker_t *worker,
   /* The umask already keeps others out; chmod says so explicitly in case
    * the caller's umask was looser. */
   chmod(s->path, 0600);
-  if ((rc = uv_listen((uv_stream_t *)&s->listener, 128, svc__on_connection)) !=
-      0) {
+  if ((rc = uv_listen((uv_stream_t *)&s->listener,
+                      svc__backlog(s->cfg.backlog), svc__on_connection)) != 0) {
     err = svc_set_error(SVC_BAD_PARAMS, "socket %s: listen: %s", s->path,
                         uv_strerror(rc));
     goto fail;

@@ -212,6 +212,10 @@ void svc_worker_note_connection(svc_worker_t *w) {
   w->m.connections++;
 }
 
+void svc_worker_note_shed(svc_worker_t *w) {
+  w->m.shed++;
+}
+
 int svc_worker_set_state_dir(svc_worker_t *w, const char *dir) {
   size_t n = strlen(dir);
   while (n > 1 && dir[n - 1] == '/')

@@ -275,6 +275,7 @@ typedef struct svc__metrics_s {
   uint64_t bytes_in, bytes_out;    /* frame bytes, headers included */
   uint64_t frames_in, frames_out;
   uint64_t connections, auth_failures;
+  uint64_t shed; /* connections dropped for the server's memory budget */
   uint64_t allreduces, entries_fused, gathers;
   uint64_t fuse_hist[SVC__FUSE_BUCKETS];
   uint64_t stalls, mismatches;
