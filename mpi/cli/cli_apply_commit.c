@@ -45,9 +45,8 @@ static int keep_old(apply_run_t *r, commit_t *c, int i) {
                            : sbn__apply_fail(&r->e, 1, "--out-dir: %s: %s",
                                              c->path, strerror(errno));
   if (S_ISDIR(st.st_mode))
-    return sbn__apply_fail(&r->e, 1,
-                           "--out-dir: %s is a directory; nothing was written",
-                           c->path);
+    return sbn__apply_fail(
+        &r->e, 1, "--out-dir: %s is a directory; nothing was written", c->path);
   if ((c->bak = malloc(len)) == NULL)
     return sbn__apply_fail(&r->e, 1, "out of memory");
   snprintf(c->bak, len, "%s/.sbnold-%ld-%d", r->o.out_dir, (long)getpid(), i);

@@ -515,6 +515,24 @@ static int start_sync(const opts_t *o, rank_t *k) {
   return 0;
 }
 
+/* Whether every rank reaches this point within grace seconds: a
+ * non-blocking barrier, polled, so that a rank stopped alone does not wait
+ * for ranks that go on serving. */
+static int all_ranks_stopping(double grace) {
+  MPI_Request r;
+  int done = 0;
+  double t0 = MPI_Wtime();
+  if (MPI_Ibarrier(MPI_COMM_WORLD, &r) != MPI_SUCCESS)
+    return 0;
+  while (!done && MPI_Wtime() - t0 < grace) {
+    if (MPI_Test(&r, &done, MPI_STATUS_IGNORE) != MPI_SUCCESS)
+      return 0;
+    if (!done)
+      usleep(1000);
+  }
+  return done;
+}
+
 /* The lines that tell the launcher (and the user) the rank is ready. */
 static void print_ready(const opts_t *o, const rank_t *k) {
   int port, loopback;
@@ -585,10 +603,11 @@ done:
     /* One rank cannot serve: the job as a whole cannot either. */
     MPI_Abort(MPI_COMM_WORLD, 1);
   }
-  /* Every rank gets the signal from mpirun; a rank signalled on its own
-   * leaves without MPI_Finalize (which would wait for the others), and
-   * mpirun then ends the whole job. */
-  if (sig == 0)
+  /* When every rank was signalled (SIGTERM to each worker, or mpirun
+   * forwarding one), they finalize together and the job ends with status
+   * 0. A rank signalled on its own leaves without MPI_Finalize (which
+   * would wait for the others), and mpirun then ends the whole job. */
+  if (sig == 0 || all_ranks_stopping(2.0))
     MPI_Finalize();
   return status;
 }

@@ -68,6 +68,7 @@
   XX(FORBIDDEN, 1, "connection from another user")                            \
   XX(UNAUTHORIZED, 1, "TCP connection without the right token in hello")      \
   XX(TIMEOUT, 1, "idle or partial-frame timeout")                             \
+  XX(SHUTDOWN, 1, "the worker is shutting down")                              \
   XX(INTERNAL, 0, "internal error")
 
 typedef enum {

@@ -120,8 +120,9 @@ svc_code_t svc__adm_accept(svc__adm_t *a, svc__adm_conn_t *c, void *conn,
       return SVC_TOO_MANY_CLIENTS;
     }
     if (same >= a->max_per_addr) {
-      *why = "connection: too many TCP connections from this address "
-             "waiting to authenticate";
+      *why =
+          "connection: too many TCP connections from this address "
+          "waiting to authenticate";
       return SVC_TOO_MANY_CLIENTS;
     }
     a->npreauth++;

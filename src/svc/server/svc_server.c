@@ -2,7 +2,6 @@
 #define _GNU_SOURCE /* struct ucred for SO_PEERCRED, explicit_bzero */
 #include "svc_server.h"
 
-#include "svc_admit.h"
 #include "svc_server_int.h"
 
 #include <arpa/inet.h>
@@ -19,75 +18,6 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#define SVC__READ_BUF (64 * 1024)
-
-typedef struct svc__conn_s svc__conn_t;
-
-struct svc_server_s {
-  uv_loop_t loop;
-  int loop_ok;
-  uv_pipe_t listener;
-  int listening;
-  uv_tcp_t tcp_listener;
-  int tcp_listening;
-  int tcp_port;                 /* bound port */
-  int tcp_loopback;             /* the bound address is a loopback one */
-  uint8_t token[SVC_TOKEN_MAX]; /* zero past token_len */
-  size_t token_len;
-  uv_signal_t sigint, sigterm;
-  int signals;
-  svc_server_config_t cfg;
-  svc__adm_t adm; /* client slots and the memory budget (svc_admit.c) */
-  char *path;
-  int bound; /* the socket file is ours to remove */
-  svc_worker_t *worker;
-  svc__conn_t *conns; /* every open connection, doubly linked */
-  uint32_t nconns;
-  int stopping;
-  int stop_signal;
-  uv_timer_t tick;
-  int ticking;
-  void (*tick_fn)(void *arg);
-  void *tick_arg;
-  /* libuv calls alloc and read back to back, so one buffer serves every
-   * connection. */
-  char rbuf[SVC__READ_BUF];
-};
-
-struct svc__conn_s {
-  /* First: the handle's address is the connection's. A Unix connection
-   * uses pipe, a TCP one tcp; both are streams. */
-  union {
-    uv_handle_t handle;
-    uv_stream_t stream;
-    uv_pipe_t pipe;
-    uv_tcp_t tcp;
-  } h;
-  uv_timer_t timer;
-  svc_server_t *srv;
-  svc__conn_t *prev, *next;
-  int handles;     /* open libuv handles; freed when it reaches 0 */
-  int closing;     /* uv_close called */
-  int close_after; /* close once the queued writes are done */
-  int in_frame;    /* some bytes of a frame have arrived */
-  int tcp;         /* accepted on the TCP listener */
-  int authed;      /* a Unix connection, or a TCP one past its hello */
-  uint8_t hdr[SVC_HEADER_BYTES];
-  size_t hdr_have;
-  uint8_t *body;
-  uint32_t body_len, body_have;
-  size_t writes;  /* uv_write requests in flight */
-  int pending;    /* a deferred reply is owed; reading is paused */
-  uint8_t *stash; /* bytes read after the deferred request */
-  size_t stash_len;
-  svc__adm_conn_t adm; /* its slot and the bytes held for it */
-};
-
-typedef struct svc__write_s {
-  uv_write_t req;
-  uint8_t *buf;
-} svc__write_t;
-
 /* ------------------------------------------------------------------ */
 /* Connections */
 
@@ -100,7 +30,7 @@ static void svc__conn_closed(uv_handle_t *h) {
   free(c);
 }
 
-static void svc__conn_close(svc__conn_t *c) {
+void svc__conn_close(svc__conn_t *c) {
   svc_server_t *s = c->srv;
   if (c->closing)
     return;
@@ -123,8 +53,6 @@ static void svc__conn_close(svc__conn_t *c) {
   uv_close((uv_handle_t *)&c->timer, svc__conn_closed);
 }
 
-static void svc__account(svc__conn_t *c);
-
 static void svc__on_write(uv_write_t *req, int status) {
   svc__write_t *w = (svc__write_t *)req;
   svc__conn_t *c = req->handle->data;
@@ -142,7 +70,7 @@ static void svc__on_write(uv_write_t *req, int status) {
 /* Queues a frame (taking ownership of buf). A client whose unread replies
  * exceed max_output is dropped: it is not reading, and holding its replies
  * would let it grow the worker's memory without bound. */
-static void svc__send(svc__conn_t *c, uint8_t *buf, size_t len) {
+void svc__send(svc__conn_t *c, uint8_t *buf, size_t len) {
   svc__write_t *w;
   uv_buf_t b;
   if (c->closing) {
@@ -175,8 +103,8 @@ static void svc__send(svc__conn_t *c, uint8_t *buf, size_t len) {
 
 /* Replies with a connection-level error that the server itself decided
  * (echoing id when not NULL) and closes after it. */
-static void svc__fail_conn_id(svc__conn_t *c, const svc_id_t *id,
-                              svc_code_t code, const char *m) {
+void svc__fail_conn_id(svc__conn_t *c, const svc_id_t *id, svc_code_t code,
+                       const char *m) {
   uint8_t *buf;
   size_t len;
   c->close_after = 1;
@@ -192,56 +120,8 @@ static void svc__fail_conn_id(svc__conn_t *c, const svc_id_t *id,
     svc__conn_close(c);
 }
 
-static void svc__fail_conn(svc__conn_t *c, svc_code_t code, const char *m) {
+void svc__fail_conn(svc__conn_t *c, svc_code_t code, const char *m) {
   svc__fail_conn_id(c, NULL, code, m);
-}
-
-static double svc__now(const svc_server_t *s) {
-  return (double)uv_now(&s->loop) / 1000.0;
-}
-
-/* Sheds c because the bytes held for all clients passed the budget: its
- * buffered input goes at once and it gets a RESOURCE error. A client with
- * replies still queued cannot get the error ahead of them, so it is closed
- * at once instead (its queue is what is freed). */
-static void svc__shed(svc__conn_t *c) {
-  svc_server_t *s = c->srv;
-  char m[200];
-  svc_worker_note_shed(s->worker);
-  if (c->closing)
-    return;
-  if (c->close_after || c->writes > 0) {
-    svc_worker_note_refusal(s->worker, SVC_RESOURCE);
-    svc__conn_close(c);
-    return;
-  }
-  snprintf(m, sizeof m,
-           "memory: the buffers of all clients passed max_memory (%llu "
-           "bytes) and this connection held the most (%llu)",
-           (unsigned long long)s->adm.budget,
-           (unsigned long long)c->adm.held);
-  free(c->body);
-  c->body = NULL;
-  free(c->stash);
-  c->stash = NULL;
-  c->stash_len = 0;
-  svc__adm_hold(&s->adm, &c->adm, 0);
-  svc__fail_conn(c, SVC_RESOURCE, m);
-}
-
-/* Recounts the bytes the server holds for c (a frame being read, bytes
- * stashed behind a deferred request, replies queued) against the budget
- * of all connections, shedding the largest holder when it is passed. */
-static void svc__account(svc__conn_t *c) {
-  svc_server_t *s = c->srv;
-  uint64_t held;
-  void *v;
-  if (c->closing)
-    return;
-  held = (c->body != NULL ? c->body_len : 0) + c->stash_len +
-         uv_stream_get_write_queue_size(&c->h.stream);
-  if ((v = svc__adm_hold(&s->adm, &c->adm, held)) != NULL)
-    svc__shed(v);
 }
 
 /* 1 if the offered token equals the server's. Both sit zero-padded in
@@ -262,31 +142,6 @@ static int svc__token_equal(const svc_server_t *s, const uint8_t *tok,
   diff |= (uint8_t)((len ^ s->token_len) != 0);
   explicit_bzero(offered, sizeof offered);
   return diff == 0;
-}
-
-/* Closes the connection whose slot admission just reclaimed. */
-static void svc__reclaim(void *victim) {
-  svc__fail_conn((svc__conn_t *)victim, SVC_TIMEOUT,
-                 "connection: idle the longest while the worker was full; "
-                 "its slot went to a new client");
-}
-
-/* A TCP connection past its hello takes a client slot like a Unix one
- * (reclaiming the longest-idle one when all are held). */
-static int svc__admit_authed(svc__conn_t *c, const svc_id_t *id) {
-  svc_server_t *s = c->srv;
-  const char *why = NULL;
-  void *victim = NULL;
-  svc_code_t code = svc__adm_authed(&s->adm, &c->adm, svc__now(s), &victim,
-                                    &why);
-  if (code != SVC_OK) {
-    svc__fail_conn_id(c, id, code, why);
-    return -(int)code;
-  }
-  if (victim != NULL)
-    svc__reclaim(victim);
-  c->authed = 1;
-  return 0;
 }
 
 /* The first frame of a TCP connection must be a hello with the token.
@@ -535,31 +390,6 @@ void svc_server_deliver(void *ctx, void *token, uint8_t *reply, size_t len) {
   }
 }
 
-/* Gives a new connection its place (svc_admit.c): a slot for a Unix one,
- * possibly reclaimed from the longest-idle client; a pre-authentication
- * place for a TCP one. Returns -1 when it is refused (and closing). */
-static int svc__admit(svc__conn_t *c) {
-  svc_server_t *s = c->srv;
-  struct sockaddr_storage peer;
-  int plen = (int)sizeof peer;
-  const char *why = NULL;
-  void *victim = NULL;
-  svc_code_t code;
-  memset(&peer, 0, sizeof peer);
-  if (c->tcp)
-    uv_tcp_getpeername(&c->h.tcp, (struct sockaddr *)&peer, &plen);
-  code = svc__adm_accept(&s->adm, &c->adm, c, c->tcp,
-                         (const struct sockaddr *)&peer, svc__now(s), &victim,
-                         &why);
-  if (code != SVC_OK) {
-    svc__fail_conn(c, code, why);
-    return -1;
-  }
-  if (victim != NULL)
-    svc__reclaim(victim);
-  return 0;
-}
-
 static void svc__on_connection(uv_stream_t *ls, int status) {
   svc_server_t *s = ls->data;
   svc__conn_t *c;
@@ -621,6 +451,8 @@ static void svc__shutdown(svc_server_t *s) {
   if (s->stopping)
     return;
   s->stopping = 1;
+  for (svc__conn_t *c = s->conns; c != NULL; c = c->next)
+    svc__say_shutdown(c, s->stop_signal);
   while (s->conns != NULL)
     svc__conn_close(s->conns);
   if (s->ticking) {
@@ -782,8 +614,8 @@ int svc_server_create(const svc_server_config_t *cfg, svc_worker_t *worker,
   /* The umask already keeps others out; chmod says so explicitly in case
    * the caller's umask was looser. */
   chmod(s->path, 0600);
-  if ((rc = uv_listen((uv_stream_t *)&s->listener,
-                      svc__backlog(s->cfg.backlog), svc__on_connection)) != 0) {
+  if ((rc = uv_listen((uv_stream_t *)&s->listener, svc__backlog(s->cfg.backlog),
+                      svc__on_connection)) != 0) {
     err = svc_set_error(SVC_BAD_PARAMS, "socket %s: listen: %s", s->path,
                         uv_strerror(rc));
     goto fail;

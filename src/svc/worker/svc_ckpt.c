@@ -22,11 +22,15 @@
  * same answer. Load: rank 0 reads and validates the file when the request
  * arrives and contributes its contents with the status; every rank then
  * takes its own group's statistics. */
+#include <dirent.h>
+#include <fcntl.h>
 #include <math.h>
 #include <msgpack.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "sbn_state.h"
 #include "svc_worker_int.h"
@@ -475,9 +479,8 @@ static void svc__ckpt_fill(svc_worker_t *w, const svc__ckpt_plan_t *pl,
 static uint64_t svc__ckpt_step(const svc_worker_t *w, uint64_t name,
                                uint32_t dir) {
   uint64_t step = 0;
-  while (step < SVC__POISON + 64 &&
-         (svc__poisoned(w, name, step, dir, 0) ||
-          svc__pend_queued(w, name, step, dir)))
+  while (step < SVC__POISON + 64 && (svc__poisoned(w, name, step, dir, 0) ||
+                                     svc__pend_queued(w, name, step, dir)))
     step++;
   return step;
 }
@@ -530,4 +533,24 @@ int svc__cmd_checkpoint(svc__call_t *call) {
   if (call->reply == NULL)
     return svc_set_error(SVC_RESOURCE, "%s: out of memory", op);
   return 0;
+}
+
+int svc__ckpt_sweep(svc_worker_t *w) {
+  DIR *d = opendir(w->state_dir);
+  struct dirent *e;
+  int n = 0;
+  if (d == NULL)
+    return 0;
+  while ((e = readdir(d)) != NULL) {
+    struct stat st;
+    if (strncmp(e->d_name, ".sbntmp-", 8) != 0)
+      continue;
+    /* Only plain files: the directory is the worker's own (mode 0700), but
+     * a link or anything else under that name is left for a person. */
+    if (fstatat(dirfd(d), e->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 &&
+        S_ISREG(st.st_mode) && unlinkat(dirfd(d), e->d_name, 0) == 0)
+      n++;
+  }
+  closedir(d);
+  return n;
 }

@@ -226,5 +226,9 @@ int svc_worker_set_state_dir(svc_worker_t *w, const char *dir) {
                          sizeof w->state_dir - 1);
   memcpy(w->state_dir, dir, n);
   w->state_dir[n] = '\0';
+  /* Rank 0 is the only writer of checkpoints, so the temporaries a kill
+   * during checkpoint_save left are its own. */
+  if (w->cfg.rank == 0)
+    svc__ckpt_sweep(w);
   return 0;
 }

@@ -163,6 +163,10 @@ int svc__cmd_get_state(svc__call_t *call);
 int svc__cmd_set_state(svc__call_t *call);
 int svc__cmd_metrics(svc__call_t *call);
 int svc__cmd_checkpoint(svc__call_t *call); /* save and load */
+/* Removes the ".sbntmp-*" files a killed checkpoint_save left in the
+ * state directory (a state directory serves one job at a time); returns
+ * how many went. */
+int svc__ckpt_sweep(svc_worker_t *w);
 
 /* ------------------------------------------------------------------ */
 /* The agreement engine (svc_agree.c) */
