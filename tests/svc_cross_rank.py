@@ -63,8 +63,10 @@ class Job:
                                      stderr=subprocess.PIPE, text=True,
                                      start_new_session=True)
         self.paths = {}
+        self.tcp = {}  # rank -> (host, port) with --tcp
+        want_tcp = "--tcp" in extra
         deadline = time.time() + 60
-        while len(self.paths) < np_:
+        while len(self.paths) < np_ or (want_tcp and len(self.tcp) < np_):
             if time.time() > deadline:
                 self.stop()
                 fail("syncbnd did not get ready within 60 s")
@@ -76,6 +78,9 @@ class Job:
             parts = line.split()
             if line.startswith("syncbnd: rank") and "ready" in parts:
                 self.paths[int(parts[2])] = parts[-1]
+            elif line.startswith("syncbnd: rank") and "tcp" in parts:
+                host, port = parts[-1].rsplit(":", 1)
+                self.tcp[int(parts[2])] = (host.strip("[]"), int(port))
         self.c = [sc.SyncbnClient(self.paths[r])
                   for r in range(np_)] if connect else []
 

@@ -7,14 +7,26 @@ real `mpirun -np 2 syncbnd`:
 - a checkpoint request that only one rank sends stalls, and later saves
   and loads that both ranks send still match;
 - a step near 2^64 is refused, and normal steps go on afterwards;
-- a registration too large for a frame names the argument that sized it.
+- a registration too large for a frame names the argument that sized it;
+- TCP connections without a token never take the slots of local clients
+  (their own small budget and a per-address limit);
+- when every slot is held, the longest-idle client gives its slot up;
+- the bytes buffered for all clients stay under --max-memory: the largest
+  holder is shed and counted in metrics;
+- SIGTERM to every worker: each client gets a SHUTDOWN error (a pending
+  collective too) and mpirun exits 0; stale checkpoint temporaries are
+  removed at start.
 
 Exit 0 on success, 1 on a failed check, 77 when msgpack or numpy is
 missing. Every wait is bounded (the clients time out after 60 s).
 """
 import argparse
 import os
+import signal
 import shutil
+import socket
+import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -93,6 +105,215 @@ def test_size_names(job):
     print("size errors name channels / normalized_shape")
 
 
+TOKEN = b"rely-token-0123456789"
+msgpack = sc.msgpack
+
+
+def send_frame(sock, obj):
+    body = msgpack.packb(obj, use_bin_type=True)
+    sock.sendall(struct.pack(">I", len(body)) + body)
+
+
+def recv_frame(sock, timeout=10.0):
+    """The next frame as a dict, or None when the peer closed first."""
+    sock.settimeout(timeout)
+    buf = b""
+    try:
+        while len(buf) < 4:
+            chunk = sock.recv(4 - len(buf))
+            if not chunk:
+                return None
+            buf += chunk
+        n = struct.unpack(">I", buf)[0]
+        body = b""
+        while len(body) < n:
+            chunk = sock.recv(n - len(body))
+            if not chunk:
+                return None
+            body += chunk
+    except (ConnectionResetError, BrokenPipeError):
+        return None
+    return msgpack.unpackb(body, raw=False)
+
+
+def err_code(reply):
+    return (reply or {}).get("error", {}).get("code")
+
+
+def tcp_connect(addr, src="127.0.0.1"):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind((src, 0))
+    s.settimeout(5)
+    s.connect(addr)
+    return s
+
+
+def readable(s):
+    """Whether the server sent something (or closed) on s."""
+    s.setblocking(False)
+    try:
+        s.recv(1, socket.MSG_PEEK)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def test_preauth_and_reclaim(args, tmp):
+    """Issue 17, defect 2 and the reclaim weak spot: 64 TCP connections
+    without a token (reopened as they are refused) leave every slot to
+    local clients; a full worker gives the longest-idle slot to a new
+    client, and the old one is told why."""
+    tf = os.path.join(tmp, "token")
+    with open(tf, "wb") as f:
+        f.write(TOKEN)
+    os.chmod(tf, 0o600)
+    job = xr.Job(args.mpirun, args.syncbnd, 2, os.path.join(tmp, "pa-sock"),
+                 os.path.join(tmp, "pa-state"),
+                 ["--tcp", "127.0.0.1:0", "--token-file", tf,
+                  "--max-clients", "3"], connect=False)
+    hold = []
+    try:
+        addr = job.tcp[0]
+        for _ in range(64):
+            try:
+                hold.append(tcp_connect(addr))
+            except OSError:
+                pass
+        # Refused ones get TOO_MANY_CLIENTS and a close; 4 (the limit per
+        # source address) wait for their hello.
+        refused, deadline = 0, time.time() + 5
+        while refused < 60 and time.time() < deadline:
+            time.sleep(0.1)
+            refused = sum(1 for s in hold if readable(s))
+        check(refused == 60, "%d of 64 unauthenticated TCP "
+              "connections were refused" % refused)
+        local = [sc.SyncbnClient(job.paths[0], timeout=10) for _ in range(3)]
+        for i, c in enumerate(local):
+            c.hello()  # raises TOO_MANY_CLIENTS before the fix
+        print("64 TCP connections without a token: %d refused at once, "
+              "3 of 3 local hellos served" % refused)
+        # Every slot is held now; the oldest local client has been idle
+        # for over a second, so a TCP client with the token from another
+        # loopback address takes its slot.
+        time.sleep(1.2)
+        t = tcp_connect(addr, "127.0.0.2")
+        send_frame(t, {"op": "hello", "id": 1, "version": 1, "token": TOKEN})
+        r = recv_frame(t)
+        check(r is not None and "error" not in r, "TCP hello with the token "
+              "while full: %r" % r)
+        gone = [err_code(recv_frame(c.sock, 2.0)) for c in local[:1]]
+        check(gone == ["TIMEOUT"], "the reclaimed client got %r" % gone)
+        local[1].hello()
+        local[2].hello()
+        print("full worker: the longest-idle slot went to a new client "
+              "(TIMEOUT sent to it)")
+        t.close()
+        for c in local:
+            c.sock.close()
+    finally:
+        for s in hold:
+            s.close()
+        job.stop()
+
+
+def rss_kib(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def worker_pids(job):
+    out = subprocess.run(["pgrep", "-P", str(job.proc.pid)],
+                         capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out]
+
+
+def test_memory_budget(args, tmp):
+    """Weak spot: 4 clients that send eval forwards and never read their
+    replies; with --max-memory 8 MiB the worker sheds the largest holder
+    instead of growing, counts it in metrics, and serves a normal client
+    throughout."""
+    budget = 8 << 20
+    job = xr.Job(args.mpirun, args.syncbnd, 2, os.path.join(tmp, "mb-sock"),
+                 os.path.join(tmp, "mb-state"),
+                 ["--max-memory", str(budget), "--max-output", str(1 << 30)])
+    try:
+        c = job.c[0]
+        lid = c.register("mb_bn", "batchnorm", channels=4)
+        pid = worker_pids(job)
+        base = max(rss_kib(p) for p in pid)
+        x = np.ones((64, 4, 1024), dtype=np.float32)  # 1 MiB per reply
+        req = {"op": "forward", "layer": lid, "step": 0, "train": False,
+               "x": sc.encode_tensor(x)}
+        slow = []
+        for i in range(4):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(job.paths[0])
+            slow.append(s)
+        for k in range(12):
+            for s in slow:
+                try:
+                    req["id"] = k + 1
+                    send_frame(s, req)
+                except OSError:
+                    pass
+            c.hello()  # a normal client is served meanwhile
+        time.sleep(0.5)
+        peak = max(rss_kib(p) for p in pid)
+        m = c.metrics()
+        check(m.get("shed", 0) >= 1, "nothing shed: %r" % m.get("shed"))
+        growth = (peak - base) / 1024.0
+        check(growth < 3 * budget / 2 ** 20 + 64, "worker grew by %.0f MiB"
+              % growth)
+        print("4 slow readers, 48 MiB of replies: %d shed, worker RSS +%.0f "
+              "MiB (budget %d MiB)" % (m["shed"], growth, budget >> 20))
+        for s in slow:
+            s.close()
+    finally:
+        job.stop()
+
+
+def test_shutdown(args, tmp):
+    """Weak spots: a stale checkpoint temporary goes at start; SIGTERM to
+    every worker gives each client a SHUTDOWN error (one waiting in a
+    collective too) and mpirun exits 0."""
+    state = os.path.join(tmp, "sd-state")
+    os.makedirs(state, mode=0o700)
+    stale = os.path.join(state, ".sbntmp-Ab12Cd")
+    with open(stale, "wb") as f:
+        f.write(b"half a checkpoint")
+    job = xr.Job(args.mpirun, args.syncbnd, 2, os.path.join(tmp, "sd-sock"),
+                 state)
+    try:
+        check(not os.path.exists(stale), "stale temporary still there")
+        check(os.path.exists(os.path.join(state)), "state dir gone")
+        lid = job.c[0].register("sd_sbn", "syncbatchnorm", channels=3)
+        job.c[1].register("sd_sbn", "syncbatchnorm", channels=3)
+        x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+        pending = job.c[0]
+        send_frame(pending.sock, {"op": "forward", "id": 99, "layer": lid,
+                                  "step": 0, "train": True,
+                                  "x": sc.encode_tensor(x)})
+        time.sleep(0.3)  # rank 0's forward waits for rank 1
+        t0 = time.time()
+        for p in worker_pids(job):
+            os.kill(p, signal.SIGTERM)
+        codes = [err_code(recv_frame(c.sock, 5.0)) for c in job.c]
+        check(codes == ["SHUTDOWN", "SHUTDOWN"], "clients got %r" % codes)
+        rc = job.proc.wait(30)
+        took = time.time() - t0
+        check(rc == 0, "mpirun exited %r after SIGTERM to every worker" % rc)
+        print("SIGTERM to every worker: SHUTDOWN to 2 clients (1 pending), "
+              "mpirun exit 0 in %.1f s; stale .sbntmp-* removed" % took)
+    finally:
+        job.stop()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mpirun", default="mpirun")
@@ -107,6 +328,11 @@ def main():
         test_lone_checkpoint(job)
         test_huge_step(job)
         test_size_names(job)
+        job.stop()
+        job = None
+        test_preauth_and_reclaim(args, tmp)
+        test_memory_budget(args, tmp)
+        test_shutdown(args, tmp)
     except AssertionError as e:
         print("svc_rely_e2e: FAILED: %s" % e)
         return 1

@@ -115,6 +115,7 @@ svc_code_t svc__adm_accept(svc__adm_t *a, svc__adm_conn_t *c, void *conn,
     for (const svc__adm_conn_t *o = a->all; o != NULL; o = o->next)
       if (o->tcp == 1 && svc__same_addr(&o->peer, &c->peer))
         same++;
+    c->conn = NULL; /* until admitted */
     if (a->npreauth >= a->max_preauth) {
       *why = "connection: too many TCP connections waiting to authenticate";
       return SVC_TOO_MANY_CLIENTS;
@@ -126,7 +127,9 @@ svc_code_t svc__adm_accept(svc__adm_t *a, svc__adm_conn_t *c, void *conn,
       return SVC_TOO_MANY_CLIENTS;
     }
     a->npreauth++;
+    c->conn = conn;
   } else if ((code = svc__take_slot(a, c, now, victim, why)) != SVC_OK) {
+    c->conn = NULL; /* not admitted: leave() has nothing to give back */
     return code;
   }
   c->next = a->all;
