@@ -22,3 +22,17 @@ if(TARGET syncbn_cli AND TARGET npygen)
   set_tests_properties(cli_rely PROPERTIES TIMEOUT 120 LABELS cli
     ENVIRONMENT "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1")
 endif()
+
+# Hostile clients (tests/svc_hostile_e2e.py): bombs, slow-loris, a slow
+# reader, desync, a reset during a collective, kill -9 of a rank and during
+# checkpoint_save, another uid. Each case is bounded; the whole well under
+# two minutes. Not under the sanitizers: the slow-loris latency bound and
+# the memory figures measure the normal build.
+if(TARGET syncbnd AND MPIEXEC_EXECUTABLE AND EXISTS /usr/bin/python3)
+  add_test(NAME svc_hostile_e2e
+    COMMAND /usr/bin/python3 ${CMAKE_CURRENT_LIST_DIR}/svc_hostile_e2e.py
+      --mpirun ${MPIEXEC_EXECUTABLE} --syncbnd $<TARGET_FILE:syncbnd>)
+  set_tests_properties(svc_hostile_e2e PROPERTIES TIMEOUT 240
+    LABELS "mpi;svc;python;nosan" SKIP_RETURN_CODE 77
+    ENVIRONMENT "${rely_env}")
+endif()

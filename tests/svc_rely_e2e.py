@@ -314,34 +314,50 @@ def test_shutdown(args, tmp):
         job.stop()
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--mpirun", default="mpirun")
-    ap.add_argument("--syncbnd", required=True)
-    args = ap.parse_args()
-    tmp = tempfile.mkdtemp(prefix="svc_rely-")
+def run_suite(prog, args, shared, own):
+    """Runs the cases shared (each fn(job), on one job) and own (each
+    fn(args, tmp), starting its own jobs), or only the one --only names
+    (its function name without the test_/case_ prefix); returns the exit
+    status."""
+    def chosen(fn):
+        return args.only is None or fn.__name__.split("_", 1)[1] == args.only
+    tmp = tempfile.mkdtemp(prefix=prog + "-")
     os.chmod(tmp, 0o700)
     job = None
     try:
-        job = xr.Job(args.mpirun, args.syncbnd, 2, os.path.join(tmp, "sock"),
-                     os.path.join(tmp, "state"))
-        test_lone_checkpoint(job)
-        test_huge_step(job)
-        test_size_names(job)
-        job.stop()
-        job = None
-        test_preauth_and_reclaim(args, tmp)
-        test_memory_budget(args, tmp)
-        test_shutdown(args, tmp)
+        if any(chosen(fn) for fn in shared):
+            job = xr.Job(args.mpirun, args.syncbnd, 2,
+                         os.path.join(tmp, "sock"), os.path.join(tmp, "state"))
+            for fn in filter(chosen, shared):
+                fn(job)
+            job.stop()
+            job = None
+        for fn in filter(chosen, own):
+            fn(args, tmp)
     except AssertionError as e:
-        print("svc_rely_e2e: FAILED: %s" % e)
+        print("%s: FAILED: %s" % (prog, e))
         return 1
     finally:
         if job is not None:
             job.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-    print("svc_rely_e2e: all checks passed")
+    print("%s: all checks passed" % prog)
     return 0
+
+
+def parse_args():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mpirun", default="mpirun")
+    ap.add_argument("--syncbnd", required=True)
+    ap.add_argument("--only", default=None)
+    return ap.parse_args()
+
+
+def main():
+    return run_suite("svc_rely_e2e", parse_args(),
+                     [test_lone_checkpoint, test_huge_step, test_size_names],
+                     [test_preauth_and_reclaim, test_memory_budget,
+                      test_shutdown])
 
 
 if __name__ == "__main__":
