@@ -13,6 +13,7 @@ real `mpirun -np 2 syncbnd`:
 - when every slot is held, the longest-idle client gives its slot up;
 - the bytes buffered for all clients stay under --max-memory: the largest
   holder is shed and counted in metrics;
+- a burst of 200 connects is queued by the listen backlog;
 - SIGTERM to every worker: each client gets a SHUTDOWN error (a pending
   collective too) and mpirun exits 0; stale checkpoint temporaries are
   removed at start.
@@ -314,6 +315,41 @@ def test_shutdown(args, tmp):
         job.stop()
 
 
+def test_backlog(args, tmp):
+    """Weak spot: a burst of 200 non-blocking connects is queued by the
+    listen backlog (the system's maximum, not 128), none refused."""
+    job = xr.Job(args.mpirun, args.syncbnd, 2, os.path.join(tmp, "bl-sock"),
+                 os.path.join(tmp, "bl-state"), ["--max-clients", "256"])
+    socks = []
+    try:
+        # Stop the worker for the burst, so that only the backlog holds
+        # the connects (as under a loaded loop).
+        pid = worker_pids(job)
+        for p in pid:
+            os.kill(p, signal.SIGSTOP)
+        refused = 0
+        try:
+            for _ in range(200):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.setblocking(False)
+                try:
+                    s.connect(job.paths[0])
+                except (BlockingIOError, ConnectionRefusedError):
+                    refused += 1
+                socks.append(s)
+        finally:
+            for p in pid:
+                os.kill(p, signal.SIGCONT)
+        check(refused == 0, "%d of 200 connects refused by the backlog" %
+              refused)
+        job.c[0].hello()
+        print("burst of 200 connects while the worker is stopped: 0 refused")
+    finally:
+        for s in socks:
+            s.close()
+        job.stop()
+
+
 def run_suite(prog, args, shared, own):
     """Runs the cases shared (each fn(job), on one job) and own (each
     fn(args, tmp), starting its own jobs), or only the one --only names
@@ -357,7 +393,7 @@ def main():
     return run_suite("svc_rely_e2e", parse_args(),
                      [test_lone_checkpoint, test_huge_step, test_size_names],
                      [test_preauth_and_reclaim, test_memory_budget,
-                      test_shutdown])
+                      test_shutdown, test_backlog])
 
 
 if __name__ == "__main__":
