@@ -557,7 +557,7 @@ static void print_ready(const opts_t *o, const rank_t *k) {
 int main(int argc, char **argv) {
   opts_t o;
   rank_t k;
-  int rc, status = 1, sig = 0;
+  int rc, status = 1, sig = 0, finalize;
   uint8_t token[SVC_TOKEN_MAX];
   size_t token_len = 0;
 
@@ -595,7 +595,13 @@ int main(int argc, char **argv) {
 done:
   explicit_bzero(token, sizeof token);
   svc_server_destroy(k.server);
-  svc_worker_destroy(k.worker);
+  /* When every rank was signalled (SIGTERM to each worker, or mpirun
+   * forwarding one), they finalize together and the job ends with status
+   * 0. A rank signalled on its own leaves without MPI_Finalize (which
+   * would wait for the others), and mpirun then ends the whole job. The
+   * worker outlives MPI: a collective still in flight writes into its
+   * buffers while the barrier or MPI_Finalize makes progress. */
+  finalize = status == 0 && (sig == 0 || all_ranks_stopping(2.0));
   /* Freeing the communicator is local (a collective in flight is
    * abandoned with it), so a rank signalled on its own frees it too. */
   sbn_comm_destroy(k.comm);
@@ -603,11 +609,8 @@ done:
     /* One rank cannot serve: the job as a whole cannot either. */
     MPI_Abort(MPI_COMM_WORLD, 1);
   }
-  /* When every rank was signalled (SIGTERM to each worker, or mpirun
-   * forwarding one), they finalize together and the job ends with status
-   * 0. A rank signalled on its own leaves without MPI_Finalize (which
-   * would wait for the others), and mpirun then ends the whole job. */
-  if (sig == 0 || all_ranks_stopping(2.0))
+  if (finalize)
     MPI_Finalize();
+  svc_worker_destroy(k.worker);
   return status;
 }
