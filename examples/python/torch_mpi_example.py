@@ -39,7 +39,10 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from syncbn_client import SyncbnClient  # noqa: E402
+# The installed package, else the one in this checkout (src/python).
+sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                             "..", "..", "src", "python"))
+from syncbn.client import SyncbnClient  # noqa: E402
 from torch_example import ServiceNorm  # noqa: E402
 
 REL_TOL = 1e-6
