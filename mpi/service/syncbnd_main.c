@@ -23,10 +23,13 @@
 #include "svc_server.h"
 #include "svc_worker.h"
 #include "syncbn_mpi.h"
+#include "syncbnd_launch.h"
 
-/* What the sync timer needs: the worker it polls. */
+/* What the sync timer needs: the worker it polls, and the launched
+ * command's watcher (NULL without -- COMMAND). */
 typedef struct sync_tick_s {
   svc_worker_t *worker;
+  sbnd_launch_t *launch;
   int failed;
 } sync_tick_t;
 
@@ -44,11 +47,25 @@ static void sync_tick(void *arg) {
     m->failed = 1;
     MPI_Abort(MPI_COMM_WORLD, 1);
   }
+  sbnd_launch_poll(m->launch);
 }
 
 static void usage(FILE *f) {
   fprintf(f,
-          "Usage: mpirun -np P syncbnd [options]\n"
+          "Usage: mpirun -np P syncbnd [options] [-- COMMAND ARGS...]\n"
+          "\n"
+          "With -- COMMAND, each worker starts COMMAND as its child with "
+          "SYNCBN_SOCKET,\n"
+          "SYNCBN_RANK, SYNCBN_SIZE, SYNCBN_LOCAL_RANK and (where unset) "
+          "MASTER_ADDR,\n"
+          "MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK in its environment; the "
+          "job ends\n"
+          "when every rank's child has exited, with the worst exit status "
+          "(128 + N\n"
+          "for a child killed by signal N). SIGINT/SIGTERM stop the workers "
+          "and the\n"
+          "children. Directories the job created are removed on exit unless "
+          "--keep.\n"
           "\n"
           "Runs one syncbn worker per MPI rank. Each listens on the Unix "
           "socket\n"
@@ -62,6 +79,9 @@ static void usage(FILE *f) {
           "and exit; mpirun then ends the whole job.\n"
           "\n"
           "Options:\n"
+          "  --keep               keep the socket and state directories the "
+          "job created\n"
+          "  --version            print the version and exit\n"
           "  --socket-dir DIR     directory of the sockets; created with mode "
           "0700 if\n"
           "                       missing, refused if it is a symlink, owned "
@@ -282,6 +302,8 @@ typedef struct opts_s {
   uint64_t cycle_us;
   double stall_timeout;
   svc_worker_config_t wc;
+  char **command; /* after --, NULL-terminated (argv's tail); NULL if none */
+  int keep;       /* --keep */
 } opts_t;
 
 /* One option a with its value v into o. A flat list of flags, so it
@@ -376,6 +398,23 @@ static int parse_args(int argc, char **argv, opts_t *o) {
       usage(stdout);
       return 1;
     }
+    if (strcmp(a, "--version") == 0) {
+      printf("syncbnd %d.%d.%d (protocol %d)\n", SBN_VERSION_MAJOR,
+             SBN_VERSION_MINOR, SBN_VERSION_PATCH, SVC_PROTOCOL_VERSION);
+      return 1;
+    }
+    if (strcmp(a, "--keep") == 0) {
+      o->keep = 1;
+      continue;
+    }
+    if (strcmp(a, "--") == 0) {
+      if (v == NULL) {
+        fprintf(stderr, "syncbnd: --: expected a COMMAND after it\n");
+        return 2;
+      }
+      o->command = argv + i + 1;
+      break;
+    }
     if (v == NULL) {
       fprintf(stderr, "syncbnd: %s: unknown option or missing value\n", a);
       return 2;
@@ -403,6 +442,7 @@ static int parse_args(int argc, char **argv, opts_t *o) {
 typedef struct rank_s {
   int rank, size;
   char dir[PATH_MAX], path[PATH_MAX], state[PATH_MAX];
+  int made_dir, made_state; /* this job created them (removed on exit) */
   svc_worker_t *worker;
   svc_server_t *server;
   sbn_comm_t *comm; /* the world, for the worker's collectives */
@@ -433,11 +473,29 @@ static int socket_paths(const opts_t *o, rank_t *k) {
   return 0;
 }
 
+/* Whether this job creates the socket and state directories (then they
+ * are removed on exit). Every rank looks before any rank creates them:
+ * the allreduce is the fence. Only a default state directory is
+ * temporary: one named by the user, or next to a --socket-dir, is where a
+ * restarted job looks for its checkpoints. */
+static void made_dirs(const opts_t *o, rank_t *k) {
+  char state[PATH_MAX];
+  int made[2];
+  int n = snprintf(state, sizeof state, "%s-state", k->dir);
+  made[0] = access(k->dir, F_OK) != 0;
+  made[1] = o->state_dir == NULL && o->socket_dir == NULL && n > 0 &&
+            (size_t)n < sizeof state && access(state, F_OK) != 0;
+  MPI_Allreduce(MPI_IN_PLACE, made, 2, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+  k->made_dir = made[0];
+  k->made_state = made[1];
+}
+
 /* The worker and its private directories. Checkpoints live in their own
  * directory, by default next to the sockets, so that a restarted job
  * given the same --socket-dir finds them again. */
 static int start_worker(opts_t *o, rank_t *k) {
   int rc;
+  made_dirs(o, k);
   if ((rc = svc_socket_dir_prepare(k->dir)) != 0)
     return rc;
   o->wc.rank = k->rank;
@@ -509,9 +567,27 @@ static int start_sync(const opts_t *o, rank_t *k) {
   return 0;
 }
 
+/* The directories this job created, once every rank's socket is gone
+ * (the barrier; a signalled rank does not wait for the others, and the
+ * last rank out removes them). */
+static void remove_dirs(const rank_t *k, int together) {
+  if (together)
+    MPI_Barrier(MPI_COMM_WORLD);
+  if (together && k->rank != 0)
+    return;
+  if (k->made_dir)
+    sbnd_remove_dir(k->dir, 0);
+  if (k->made_state)
+    sbnd_remove_dir(k->state, 1);
+}
+
 /* The lines that tell the launcher (and the user) the rank is ready. */
 static void print_ready(const opts_t *o, const rank_t *k) {
   int port, loopback;
+  if (k->rank == 0)
+    printf(
+        "syncbnd: socket directory %s%s\n", k->dir,
+        k->made_dir && !o->keep ? " (removed on exit; --keep keeps it)" : "");
   printf("syncbnd: rank %d ready on %s\n", k->rank, k->path);
   if (svc_server_tcp_info(k->server, &port, &loopback) == 0) {
     const char *l = strchr(o->tcp_host, ':') != NULL ? "[" : "";
@@ -533,7 +609,7 @@ static void print_ready(const opts_t *o, const rank_t *k) {
 int main(int argc, char **argv) {
   opts_t o;
   rank_t k;
-  int rc, status = 1, sig = 0;
+  int rc, failed = 1, status = 0, sig = 0;
   uint8_t token[SVC_TOKEN_MAX];
   size_t token_len = 0;
 
@@ -563,11 +639,21 @@ int main(int argc, char **argv) {
     goto done;
   }
   print_ready(&o, &k);
+  if (sbnd_launch_start(o.command, k.path, k.rank, k.size, k.server, k.worker,
+                        &k.tick.launch) != 0)
+    goto done;
+  failed = 0;
   sig = svc_server_run(k.server);
   if (sig != 0)
     fprintf(stderr, "syncbnd: rank %d: signal %d, shutting down\n", k.rank,
             sig);
-  status = 0;
+  if (k.tick.launch != NULL) {
+    status = sbnd_launch_finish(k.tick.launch);
+    k.tick.launch = NULL;
+    /* A launch stopped by a signal fails, whatever its child said. */
+    if (sig != 0 && status == 0)
+      status = 128 + sig;
+  }
 done:
   explicit_bzero(token, sizeof token);
   svc_server_destroy(k.server);
@@ -575,7 +661,9 @@ done:
   /* Freeing the communicator is local (a collective in flight is
    * abandoned with it), so a rank signalled on its own frees it too. */
   sbn_comm_destroy(k.comm);
-  if (status != 0) {
+  if (!failed && !o.keep)
+    remove_dirs(&k, sig == 0);
+  if (failed) {
     /* One rank cannot serve: the job as a whole cannot either. */
     MPI_Abort(MPI_COMM_WORLD, 1);
   }

@@ -631,7 +631,7 @@ int svc_worker_poll(svc_worker_t *w, double now) {
       return rc;
     svc__reduce_done(w);
   }
-  if (w->phase == 0)
+  if (w->phase == 0 && !(w->hold && w->m.gathers >= w->hold_last))
     return svc__gather_begin(w);
   return 0;
 }
