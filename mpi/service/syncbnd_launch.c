@@ -248,6 +248,23 @@ int sbnd_launch_finish(sbnd_launch_t *l) {
   return rc;
 }
 
+void sbnd_launch_usage(FILE *f) {
+  fprintf(f,
+          "With -- COMMAND, each worker starts COMMAND as its child with "
+          "SYNCBN_SOCKET,\n"
+          "SYNCBN_RANK, SYNCBN_SIZE, SYNCBN_LOCAL_RANK and (where unset) "
+          "MASTER_ADDR,\n"
+          "MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK in its environment; the "
+          "job ends\n"
+          "when every rank's child has exited, with the worst exit status "
+          "(128 + N\n"
+          "for a child killed by signal N). SIGINT/SIGTERM stop the workers "
+          "and the\n"
+          "children. Directories the job created are removed on exit unless "
+          "--keep.\n"
+          "\n");
+}
+
 void sbnd_remove_dir(const char *dir, int files) {
   char path[PATH_MAX];
   DIR *d;

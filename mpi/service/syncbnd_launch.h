@@ -10,6 +10,8 @@
 #ifndef SYNCBND_LAUNCH_H
 #define SYNCBND_LAUNCH_H
 
+#include <stdio.h>
+
 #include "svc_server.h"
 #include "svc_worker.h"
 
@@ -38,6 +40,9 @@ void sbnd_launch_poll(sbnd_launch_t *l);
  * they agreed, else this rank's child's (128 + signal for a killed one).
  * Frees l. */
 int sbnd_launch_finish(sbnd_launch_t *l);
+
+/* The launch's paragraph of syncbnd --help. */
+void sbnd_launch_usage(FILE *f);
 
 /* Removes dir and, when files is set, the plain files in it (a default
  * state directory holds only checkpoints). Missing or non-empty

@@ -53,20 +53,9 @@ static void sync_tick(void *arg) {
 static void usage(FILE *f) {
   fprintf(f,
           "Usage: mpirun -np P syncbnd [options] [-- COMMAND ARGS...]\n"
-          "\n"
-          "With -- COMMAND, each worker starts COMMAND as its child with "
-          "SYNCBN_SOCKET,\n"
-          "SYNCBN_RANK, SYNCBN_SIZE, SYNCBN_LOCAL_RANK and (where unset) "
-          "MASTER_ADDR,\n"
-          "MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK in its environment; the "
-          "job ends\n"
-          "when every rank's child has exited, with the worst exit status "
-          "(128 + N\n"
-          "for a child killed by signal N). SIGINT/SIGTERM stop the workers "
-          "and the\n"
-          "children. Directories the job created are removed on exit unless "
-          "--keep.\n"
-          "\n"
+          "\n");
+  sbnd_launch_usage(f);
+  fprintf(f,
           "Runs one syncbn worker per MPI rank. Each listens on the Unix "
           "socket\n"
           "DIR/rank-<r>.sock and serves the clients of its own user (the "
@@ -584,9 +573,10 @@ static void remove_dirs(const rank_t *k, int together) {
 /* The lines that tell the launcher (and the user) the rank is ready. */
 static void print_ready(const opts_t *o, const rank_t *k) {
   int port, loopback;
+  /* On stderr: launchers read the ready line as the first of stdout. */
   if (k->rank == 0)
-    printf(
-        "syncbnd: socket directory %s%s\n", k->dir,
+    fprintf(
+        stderr, "syncbnd: socket directory %s%s\n", k->dir,
         k->made_dir && !o->keep ? " (removed on exit; --keep keeps it)" : "");
   printf("syncbnd: rank %d ready on %s\n", k->rank, k->path);
   if (svc_server_tcp_info(k->server, &port, &loopback) == 0) {

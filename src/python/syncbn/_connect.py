@@ -79,7 +79,7 @@ def open_socket(path=None, tcp=None, timeout=60.0, wait=30.0):
         except (FileNotFoundError, ConnectionRefusedError) as e:
             if time.monotonic() >= deadline:
                 raise ConnectError(
-                    "no syncbnd worker at %s after waiting %.0f s (%s); start "
+                    "no syncbnd worker at %s after waiting %.1f s (%s); start "
                     "it with `mpirun -np P syncbnd -- COMMAND` or point "
                     "SYNCBN_SOCKET at its socket" % (where, wait, e.strerror)
                 ) from None

@@ -257,7 +257,7 @@ class SyncbnClient:
 
 # ---------------------------------------------------------------- self-test
 #
-# python3 -m syncbn.client --mpirun MPIRUN --syncbnd SYNCBND --syncbn SYNCBN
+# python3 src/python/syncbn/client.py --mpirun MPIRUN --syncbnd SYNCBND --syncbn SYNCBN
 # starts `mpirun -np 1 syncbnd` in a fresh socket directory, waits for its
 # ready line, runs layers through this client, compares every output with
 # `syncbn apply` (the C library) on the same .npy inputs, and stops the job.

@@ -1,0 +1,49 @@
+# The one-command launch and the Python package:
+# - syncbnd_launch: exit codes, the children's environment, directories,
+#   SIGTERM (tests/launch_test.sh);
+# - python_pkg_install: pip install into a fresh venv, used from /
+#   (tests/python_pkg_test.sh; skipped without python3-venv);
+# - python_torch_module: `mpirun -np 2 syncbnd -- python3
+#   tests/torch_module_test.py`, syncbn.torch against torch.nn.BatchNorm*
+#   on the concatenated shards (skipped without torch);
+# - install_tree: cmake --install into a temporary prefix, used from /.
+if(NOT TARGET syncbnd OR NOT MPIEXEC_EXECUTABLE)
+  message(STATUS "launch tests disabled: no syncbnd or mpiexec")
+  return()
+endif()
+set(launch_env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1)
+if(DEFINED SBN_MPI_RUN_ENV)
+  set(launch_env ${SBN_MPI_RUN_ENV})
+endif()
+
+add_test(NAME syncbnd_launch
+  COMMAND sh ${CMAKE_CURRENT_LIST_DIR}/launch_test.sh ${MPIEXEC_EXECUTABLE}
+    $<TARGET_FILE:syncbnd>)
+set_tests_properties(syncbnd_launch PROPERTIES TIMEOUT 120 LABELS "svc;launch"
+  ENVIRONMENT "${launch_env}")
+
+if(NOT EXISTS ${SBN_PYTHON})
+  message(STATUS "Python package tests disabled: no ${SBN_PYTHON}")
+  return()
+endif()
+# Python (and torch) under the sanitizers would need the ASan runtime
+# preloaded into the interpreter, hence nosan.
+add_test(NAME python_pkg_install
+  COMMAND sh ${CMAKE_CURRENT_LIST_DIR}/python_pkg_test.sh ${SBN_PYTHON}
+    ${CMAKE_SOURCE_DIR}/src/python)
+set_tests_properties(python_pkg_install PROPERTIES TIMEOUT 120
+  LABELS "python;nosan" SKIP_RETURN_CODE 77)
+
+add_test(NAME python_torch_module
+  COMMAND ${MPIEXEC_EXECUTABLE} --oversubscribe --bind-to none --mca pml ob1
+    --mca btl self,vader,tcp --timeout 150 -np 2 $<TARGET_FILE:syncbnd> --
+    ${SBN_PYTHON} ${CMAKE_CURRENT_LIST_DIR}/torch_module_test.py)
+set_tests_properties(python_torch_module PROPERTIES TIMEOUT 180
+  LABELS "svc;python;torch;nosan" SKIP_RETURN_CODE 77
+  ENVIRONMENT "${launch_env}")
+
+add_test(NAME install_tree
+  COMMAND sh ${CMAKE_CURRENT_LIST_DIR}/install_test.sh ${CMAKE_COMMAND}
+    ${CMAKE_BINARY_DIR} ${MPIEXEC_EXECUTABLE} ${SBN_PYTHON})
+set_tests_properties(install_tree PROPERTIES TIMEOUT 120
+  LABELS "install;nosan" ENVIRONMENT "${launch_env}")
