@@ -23,11 +23,13 @@ import sys
 import tempfile
 import time
 
-try:
-    from syncbn._connect import ConnectError, open_socket  # noqa: F401
-except ImportError:  # run as a script from a checkout
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from syncbn._connect import ConnectError, open_socket  # noqa: F401
+# Run as a script (the self-test), this file's directory comes first on
+# sys.path, where syncbn/torch.py would hide the real torch: the package's
+# parent directory replaces it.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if sys.path and os.path.abspath(sys.path[0] or ".") == _HERE:
+    sys.path[0] = os.path.dirname(_HERE)
+from syncbn._connect import ConnectError, open_socket  # noqa: E402,F401
 
 try:
     import msgpack
