@@ -47,3 +47,20 @@ add_test(NAME install_tree
     ${CMAKE_BINARY_DIR} ${MPIEXEC_EXECUTABLE} ${SBN_PYTHON})
 set_tests_properties(install_tree PROPERTIES TIMEOUT 120
   LABELS "install;nosan" ENVIRONMENT "${launch_env}")
+
+# The README's PyTorch example, as a user runs it: one command, uneven
+# shards, then an empty shard; every rank must pass its checks against
+# single-process torch (exit 0). Skipped (77) without torch.
+foreach(case "30,18;8" "0,20;3")
+  list(GET case 0 counts)
+  list(GET case 1 steps)
+  string(REPLACE "," "_" tag ${counts})
+  add_test(NAME python_torch_train_${tag}
+    COMMAND sh -c "\"$0\" -c 'import torch, torch.distributed' 2>/dev/null || { echo 'SKIP: no torch'; exit 77; }; exec \"$1\" --oversubscribe --bind-to none --mca pml ob1 --mca btl self,vader,tcp --timeout 150 -np 2 \"$2\" -- \"$0\" \"$3\" --steps $4 --counts $5"
+      ${SBN_PYTHON} ${MPIEXEC_EXECUTABLE} $<TARGET_FILE:syncbnd>
+      ${CMAKE_SOURCE_DIR}/examples/python/train_fashion_mnist.py ${steps} ${counts})
+  set_tests_properties(python_torch_train_${tag} PROPERTIES TIMEOUT 180
+    LABELS "svc;python;torch;nosan" SKIP_RETURN_CODE 77
+    PASS_REGULAR_EXPRESSION "rank 1: PASS" FAIL_REGULAR_EXPRESSION "FAIL"
+    ENVIRONMENT "${launch_env}")
+endforeach()
