@@ -6,7 +6,8 @@
 # - python_torch_module: `mpirun -np 2 syncbnd -- python3
 #   tests/torch_module_test.py`, syncbn.torch against torch.nn.BatchNorm*
 #   on the concatenated shards (skipped without torch);
-# - install_tree: cmake --install into a temporary prefix, used from /.
+# - install_tree: cmake --install into a temporary prefix, used from /;
+# - syncbnd_observe: log lines, timelines, `syncbn metrics`.
 if(NOT TARGET syncbnd OR NOT MPIEXEC_EXECUTABLE)
   message(STATUS "launch tests disabled: no syncbnd or mpiexec")
   return()
@@ -25,6 +26,15 @@ set_tests_properties(syncbnd_launch PROPERTIES TIMEOUT 120 LABELS "svc;launch"
 if(NOT EXISTS ${SBN_PYTHON})
   message(STATUS "Python package tests disabled: no ${SBN_PYTHON}")
   return()
+endif()
+
+# syncbnd --log-level/--timeline and `syncbn metrics` (tests/obs_test.sh).
+if(TARGET syncbn_cli)
+  add_test(NAME syncbnd_observe
+    COMMAND sh ${CMAKE_CURRENT_LIST_DIR}/obs_test.sh ${MPIEXEC_EXECUTABLE}
+      $<TARGET_FILE:syncbnd> $<TARGET_FILE:syncbn_cli> ${SBN_PYTHON})
+  set_tests_properties(syncbnd_observe PROPERTIES TIMEOUT 120
+    LABELS "svc;python" SKIP_RETURN_CODE 77 ENVIRONMENT "${launch_env}")
 endif()
 # Python (and torch) under the sanitizers would need the ASan runtime
 # preloaded into the interpreter, hence nosan.

@@ -24,6 +24,7 @@
 #include "svc_worker.h"
 #include "syncbn_mpi.h"
 #include "syncbnd_launch.h"
+#include "syncbnd_obs.h"
 
 /* What the sync timer needs: the worker it polls, and the launched
  * command's watcher (NULL without -- COMMAND). */
@@ -70,6 +71,16 @@ static void usage(FILE *f) {
           "Options:\n"
           "  --keep               keep the socket and state directories the "
           "job created\n"
+          "  --log-level L        error|warn|info|debug: stderr lines with "
+          "rank, layer\n"
+          "                       and step (stalls, mismatches, refused and "
+          "leaving\n"
+          "                       clients at warn/info; default error)\n"
+          "  --timeline FILE      Chrome trace-event JSON of each rank in "
+          "FILE with\n"
+          "                       .json replaced by .rank-R.json "
+          "(negotiation,\n"
+          "                       allreduce, per-layer compute)\n"
           "  --version            print the version and exit\n"
           "  --socket-dir DIR     directory of the sockets; created with mode "
           "0700 if\n"
@@ -292,7 +303,9 @@ typedef struct opts_s {
   double stall_timeout;
   svc_worker_config_t wc;
   char **command; /* after --, NULL-terminated (argv's tail); NULL if none */
-  int keep;       /* --keep */
+  svc_log_level_t log_level; /* --log-level (default error) */
+  const char *timeline;      /* --timeline FILE */
+  int keep;                  /* --keep */
 } opts_t;
 
 /* One option a with its value v into o. A flat list of flags, so it
@@ -351,6 +364,13 @@ static int parse_option(const char *a, const char *v, opts_t *o) {
       return rc;
   } else if (strcmp(a, "--token-file") == 0) {
     o->token_file = v;
+  } else if (strcmp(a, "--log-level") == 0) {
+    if (svc_log_level_parse(v, &o->log_level) != 0)
+      return svc_set_error(SVC_BAD_PARAMS,
+                           "%s: expected error, warn, info or debug, got '%s'",
+                           a, v);
+  } else if (strcmp(a, "--timeline") == 0) {
+    o->timeline = v;
   } else if (strcmp(a, "--state-dir") == 0) {
     o->state_dir = v;
   } else if (strcmp(a, "--stall-timeout") == 0) {
@@ -623,6 +643,8 @@ int main(int argc, char **argv) {
   MPI_Init(&argc, &argv);
   MPI_Comm_rank(MPI_COMM_WORLD, &k.rank);
   MPI_Comm_size(MPI_COMM_WORLD, &k.size);
+  if (sbnd_obs_start(o.log_level, o.timeline, k.rank) != 0)
+    goto done;
   if (socket_paths(&o, &k) != 0 || start_worker(&o, &k) != 0 ||
       start_server(&o, &k, token, token_len) != 0 || start_sync(&o, &k) != 0) {
     fprintf(stderr, "syncbnd: rank %d: %s\n", k.rank, svc_last_error());
@@ -651,6 +673,7 @@ done:
   /* Freeing the communicator is local (a collective in flight is
    * abandoned with it), so a rank signalled on its own frees it too. */
   sbn_comm_destroy(k.comm);
+  sbnd_obs_stop();
   if (!failed && !o.keep)
     remove_dirs(&k, sig == 0);
   if (failed) {
