@@ -23,6 +23,15 @@ add_test(NAME syncbnd_launch
 set_tests_properties(syncbnd_launch PROPERTIES TIMEOUT 120 LABELS "svc;launch"
   ENVIRONMENT "${launch_env}")
 
+# Option and rank-count messages of syncbnd and syncbn apply.
+if(TARGET syncbn_cli)
+  add_test(NAME cli_warnings
+    COMMAND sh ${CMAKE_CURRENT_LIST_DIR}/cli_warn_test.sh ${MPIEXEC_EXECUTABLE}
+      $<TARGET_FILE:syncbnd> $<TARGET_FILE:syncbn_cli>)
+  set_tests_properties(cli_warnings PROPERTIES TIMEOUT 60 LABELS "cli"
+    ENVIRONMENT "${launch_env}")
+endif()
+
 if(NOT EXISTS ${SBN_PYTHON})
   message(STATUS "Python package tests disabled: no ${SBN_PYTHON}")
   return()

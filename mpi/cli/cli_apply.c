@@ -20,6 +20,7 @@
 
 #include "cli.h"
 #include "cli_apply_int.h"
+#include "cli_args.h"
 #include "syncbn.h"
 #include "syncbn_mpi.h"
 
@@ -266,6 +267,24 @@ static void run_free(apply_run_t *r) {
   free(r->state.running_var);
 }
 
+/* The two ways to get a rank count that does not do what was meant. */
+static void warn_ranks(const apply_run_t *r) {
+  int rank, size;
+  if (r->o.sync && r->size == 1) {
+    fprintf(stderr,
+            "syncbn apply: warning: --sync with one MPI rank: there "
+            "is nothing to synchronize (run it under mpirun -np P)\n");
+    return;
+  }
+  sbn__cli_launcher_rank(&rank, &size);
+  if (!r->o.sync && size > 1 && rank == 0)
+    fprintf(stderr,
+            "syncbn apply: warning: %d ranks without --sync: every rank "
+            "runs the whole batch on its own and writes the same outputs "
+            "(add --sync for SyncBN)\n",
+            size);
+}
+
 int sbn_cli_apply(int argc, char **argv) {
   apply_run_t *r = calloc(1, sizeof *r);
   char written[4096];
@@ -288,6 +307,7 @@ int sbn_cli_apply(int argc, char **argv) {
     MPI_Comm_rank(MPI_COMM_WORLD, &r->rank);
     MPI_Comm_size(MPI_COMM_WORLD, &r->size);
   }
+  warn_ranks(r);
   /* Each step runs only if every rank got through the ones before. */
   if (sbn__apply_load_inputs(r) == 0)
     plan_shards(r);
