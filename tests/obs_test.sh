@@ -43,7 +43,8 @@ for r in 0 1; do
     bad "rank $r: no mismatch line naming the layer and step"
   grep -q "^syncbnd: rank $r: warn: client refused: UNAUTHORIZED" "$tmp/err" ||
     bad "rank $r: no authentication failure line"
-  grep -q "^syncbnd: rank $r: info: client left (bye)" "$tmp/err" ||
+  grep -q "^syncbnd: rank $r: info: client left (bye)" "$tmp/err" &&
+    grep -q "^syncbnd: rank $r: info: client disconnected" "$tmp/err" ||
     bad "rank $r: no leave line"
   grep -q "^rank $r: metrics ok" "$tmp/out" || bad "rank $r: metrics"
 done

@@ -267,7 +267,8 @@ static void run_free(apply_run_t *r) {
   free(r->state.running_var);
 }
 
-/* The two ways to get a rank count that does not do what was meant. */
+/* The two ways to get a rank count that does not do what was meant,
+ * said after the run. */
 static void warn_ranks(const apply_run_t *r) {
   int rank, size;
   if (r->o.sync && r->size == 1) {
@@ -307,7 +308,6 @@ int sbn_cli_apply(int argc, char **argv) {
     MPI_Comm_rank(MPI_COMM_WORLD, &r->rank);
     MPI_Comm_size(MPI_COMM_WORLD, &r->size);
   }
-  warn_ranks(r);
   /* Each step runs only if every rank got through the ones before. */
   if (sbn__apply_load_inputs(r) == 0)
     plan_shards(r);
@@ -334,6 +334,10 @@ int sbn_cli_apply(int argc, char **argv) {
       fprintf(stderr, "syncbn apply: %s\n", r->e.msg);
   }
   fflush(stdout);
+  /* After a successful run only: a failure's message stays the one line
+   * on stderr. */
+  if (st == 0)
+    warn_ranks(r);
   /* Communicators go before MPI_Finalize. */
   sbn_layer_destroy(r->layer);
   r->layer = NULL;

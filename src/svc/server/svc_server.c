@@ -109,6 +109,7 @@ static void svc__conn_close(svc__conn_t *c) {
   if (c->next != NULL)
     c->next->prev = c->prev;
   s->nconns--;
+  svc_worker_note_leave(s->worker);
   /* A deferred request of this connection is never answered. */
   if (c->pending)
     svc_worker_cancel(s->worker, c);

@@ -212,6 +212,11 @@ void svc_worker_note_refusal(svc_worker_t *w, svc_code_t code) {
           "client refused: %s", svc_code_name(code));
 }
 
+void svc_worker_note_leave(svc_worker_t *w) {
+  (void)w;
+  svc_log(SVC_LOG_INFO, NULL, -1, "client disconnected");
+}
+
 void svc_worker_note_connection(svc_worker_t *w) {
   w->m.connections++;
   svc_log(SVC_LOG_INFO, NULL, -1, "client connected (%llu so far)",
