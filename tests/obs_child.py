@@ -5,7 +5,7 @@ three synchronized `stats` steps (allreduces and per-layer work on the
 timeline), a layer registered with other channels on rank 1 (a
 LAYER_MISMATCH on both ranks), a step only rank 0 submits (a STALL after
 the worker's --stall-timeout), a TCP hello with a wrong token (an
-authentication failure), `syncbn metrics --json` on this rank's socket and
+authentication failure) and one with the token file (served), `syncbn metrics --json` on this rank's socket and
 the table for the socket directory, then bye."""
 import json
 import os
@@ -27,7 +27,7 @@ def stats(c, lid, step, C):
 
 
 def main():
-    port, syncbn_cli = int(sys.argv[1]), sys.argv[2]
+    port, syncbn_cli, token_file = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     rank = int(os.environ["SYNCBN_RANK"])
     c = syncbn.Client()
     c.hello()
@@ -60,6 +60,9 @@ def main():
     except syncbn.SyncbnError as e:
         if e.code != "UNAUTHORIZED":
             raise
+    t = syncbn.Client(tcp="127.0.0.1:%d" % (port + rank), token_file=token_file)
+    assert t.info["rank"] == rank, t.info  # the hello TCP requires, with the token
+    t.bye()
     m = json.loads(subprocess.run([syncbn_cli, "metrics", "--json"], check=True,
                                   capture_output=True, text=True).stdout)
     assert m["rank"] == rank and m["requests"]["stats"] >= 4, m

@@ -32,7 +32,7 @@ port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); p
 "$MPIRUN" --oversubscribe --bind-to none --mca pml ob1 --mca btl self,vader,tcp \
   --timeout 90 -np 2 "$SYNCBND" --log-level info --timeline "$tmp/tl.json" \
   --stall-timeout 1 --tcp "127.0.0.1:$port" --token-file "$tmp/token" \
-  -- "$PY" "$HERE/obs_child.py" "$port" "$SYNCBN" >"$tmp/out" 2>"$tmp/err"
+  -- "$PY" "$HERE/obs_child.py" "$port" "$SYNCBN" "$tmp/token" >"$tmp/out" 2>"$tmp/err"
 rc=$?
 cat "$tmp/out" "$tmp/err"
 [ $rc -eq 0 ] || bad "the job exited $rc"

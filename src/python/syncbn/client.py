@@ -16,7 +16,6 @@ Needs msgpack and numpy (Debian: python3-msgpack python3-numpy).
 import os
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
