@@ -12,9 +12,13 @@ if(NOT TARGET syncbnd OR NOT MPIEXEC_EXECUTABLE)
   message(STATUS "launch tests disabled: no syncbnd or mpiexec")
   return()
 endif()
+# The MPI tests' environment (tests/mpi.cmake, which is read after this
+# file): root allowed and, under the sanitizers, Open MPI's leak
+# suppressions with the slow unwinding they need.
 set(launch_env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1)
-if(DEFINED SBN_MPI_RUN_ENV)
-  set(launch_env ${SBN_MPI_RUN_ENV})
+if(SBN_SANITIZE)
+  list(APPEND launch_env ASAN_OPTIONS=fast_unwind_on_malloc=0
+    LSAN_OPTIONS=suppressions=${CMAKE_CURRENT_LIST_DIR}/lsan.supp)
 endif()
 
 add_test(NAME syncbnd_launch

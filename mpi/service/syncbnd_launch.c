@@ -111,8 +111,10 @@ static void set_environment(const char *socket, int rank, int size) {
 }
 
 /* The child: default signal handling (the worker ignores SIGPIPE and
- * libuv catches SIGINT/SIGTERM), and SIGTERM when the worker dies, so
- * that a killed worker leaves no trainer behind. */
+ * libuv catches SIGINT/SIGTERM), and SIGKILL when the worker dies, so
+ * that a killed worker leaves no trainer behind, even one that ignores
+ * SIGTERM (a worker that is stopped, not killed, sends SIGTERM first and
+ * gives the child 5 s: sbnd_launch_finish). */
 static void exec_child(char **argv, pid_t parent) {
   sigset_t none;
   sigemptyset(&none);
@@ -120,9 +122,9 @@ static void exec_child(char **argv, pid_t parent) {
   signal(SIGPIPE, SIG_DFL);
   signal(SIGINT, SIG_DFL);
   signal(SIGTERM, SIG_DFL);
-  prctl(PR_SET_PDEATHSIG, SIGTERM);
+  prctl(PR_SET_PDEATHSIG, SIGKILL);
   if (getppid() != parent)
-    _exit(128 + SIGTERM);
+    _exit(128 + SIGKILL);
   execvp(argv[0], argv);
   {
     /* Only write(2) here: the message names the command and the error. */
