@@ -41,7 +41,7 @@ sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)),
                              "..", "..", "src", "python"))
 from syncbn.client import SyncbnClient  # noqa: E402
 from torch_example import ServiceNorm  # noqa: E402
-from train_fashion_mnist import load_data  # noqa: E402
+from train_fashion_mnist import load_data, shards  # noqa: E402
 
 REL_TOL = 1e-6
 
@@ -101,12 +101,10 @@ def main():
     a = ap.parse_args()
 
     rank, size = rank_and_size()
-    counts = [int(c) for c in a.counts.split(",")]
-    if len(counts) != size or min(counts) < 0 or sum(counts) < 2:
-        print("rank %d: --counts needs %d non-negative numbers" % (rank, size))
+    sh = shards(a.counts, rank, size)
+    if sh is None:
         return 2
-    batch = sum(counts)
-    lo, hi = sum(counts[:rank]), sum(counts[:rank + 1])
+    counts, batch, lo, hi = sh
     torch.set_num_threads(1)
 
     # Gloo listens on the interface that resolves the host name unless told;

@@ -93,6 +93,17 @@ def load_data(data_dir, n):
     return x, y, "synthetic (no Fashion-MNIST idx files under %s)" % data_dir
 
 
+def shards(spec, rank, size):
+    """--counts "c0,c1,...": (counts, batch, lo, hi), this rank's samples
+    being [lo, hi) of each batch; None (after a message) when spec does
+    not give `size` non-negative counts adding up to 2 or more."""
+    counts = [int(c) for c in spec.split(",")]
+    if len(counts) != size or min(counts) < 0 or sum(counts) < 2:
+        print("rank %d: --counts needs %d non-negative numbers" % (rank, size))
+        return None
+    return counts, sum(counts), sum(counts[:rank]), sum(counts[:rank + 1])
+
+
 def rel(a, b):
     a = torch.as_tensor(a, dtype=torch.float64).ravel()
     b = torch.as_tensor(b, dtype=torch.float64).ravel()
@@ -127,12 +138,10 @@ def main():
     a = ap.parse_args()
 
     rank, size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    counts = [int(c) for c in a.counts.split(",")]
-    if len(counts) != size or min(counts) < 0 or sum(counts) < 2:
-        print("rank %d: --counts needs %d non-negative numbers" % (rank, size))
+    sh = shards(a.counts, rank, size)
+    if sh is None:
         return 2
-    batch = sum(counts)
-    lo, hi = sum(counts[:rank]), sum(counts[:rank + 1])
+    counts, batch, lo, hi = sh
     torch.set_num_threads(1)
     if os.environ.get("MASTER_ADDR") == "127.0.0.1":
         # Gloo binds the interface of the host name unless told; on one host
