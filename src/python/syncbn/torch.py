@@ -73,10 +73,12 @@ class _SyncBNFunction(torch.autograd.Function):
         dims = [0] + list(range(2, x.dim()))
         C = x.shape[1]
         n_local = x.numel() // C if C > 0 else 0
-        xd = x.detach().double()
         if n_local > 0:
-            mean = xd.mean(dims)
-            m2 = (xd - mean.view(_bshape(x))).square().sum(dims)
+            # torch's var_mean (Welford, in the input's type, as its own
+            # BatchNorm) is one pass; the merge across ranks is in float64.
+            var, mean = torch.var_mean(x.detach(), dims, unbiased=False)
+            mean = mean.double()
+            m2 = var.double() * n_local
         else:
             mean = m2 = torch.zeros(C, dtype=torch.float64)
         step = mod._next_step()
@@ -93,7 +95,7 @@ class _SyncBNFunction(torch.autograd.Function):
         xhat = (x - mean_t) * invstd_t
         y = xhat
         if weight is not None:
-            y = xhat * weight.view(shape) + bias.view(shape)
+            y = torch.addcmul(bias.view(shape), xhat, weight.view(shape))
         ctx.save_for_backward(xhat, invstd_t, weight)
         ctx.mod, ctx.step = mod, step
         ctx.count = torch.from_numpy(np.maximum(count, 1.0)).view(shape)
@@ -103,9 +105,10 @@ class _SyncBNFunction(torch.autograd.Function):
     def backward(ctx, dy):
         xhat, invstd, weight = ctx.saved_tensors
         dims = [0] + list(range(2, dy.dim()))
-        dyd = dy.double()
-        sum_dy = dyd.sum(dims)
-        sum_dy_xhat = (dyd * xhat.double()).sum(dims)
+        # Sums in the gradient's type (torch's cascade summation), sent
+        # and merged in float64.
+        sum_dy = dy.sum(dims).double()
+        sum_dy_xhat = (dy * xhat).sum(dims).double()
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             # Every rank's model asks for the same input gradients, so the
@@ -118,8 +121,8 @@ class _SyncBNFunction(torch.autograd.Function):
             g_dy = torch.from_numpy(decode_vec64(r["sum_dy"])).view(shape)
             g_dyx = torch.from_numpy(decode_vec64(r["sum_dy_xhat"])).view(shape)
             scale = invstd if weight is None else invstd * weight.view(shape)
-            dx = scale * (dy - (g_dy / ctx.count).to(dy.dtype)
-                          - xhat * (g_dyx / ctx.count).to(dy.dtype))
+            dx = torch.addcmul(dy - (g_dy / ctx.count).to(dy.dtype), xhat,
+                               (g_dyx / ctx.count).to(dy.dtype), value=-1) * scale
         if weight is not None:
             # Local, as in torch.nn.SyncBatchNorm: the trainer averages
             # parameter gradients (DistributedDataParallel or all_reduce).
