@@ -1,4 +1,4 @@
-# The Python client of the syncbnd service (examples/python): a self-test
+# The Python client of the syncbnd service (src/python/syncbn): a self-test
 # that starts `mpirun -np 1 syncbnd`, drives it through the client, compares
 # with `syncbn apply` (the C library) and, when torch is there, trains the
 # torch example against torch's own modules. It uses Debian's python, which
@@ -16,7 +16,7 @@ if(NOT EXISTS ${SBN_PYTHON})
 endif()
 
 add_test(NAME python_client
-  COMMAND ${SBN_PYTHON} ${CMAKE_SOURCE_DIR}/examples/python/syncbn_client.py
+  COMMAND ${SBN_PYTHON} ${CMAKE_SOURCE_DIR}/src/python/syncbn/client.py
     --mpirun ${MPIEXEC_EXECUTABLE} --syncbnd $<TARGET_FILE:syncbnd>
     --syncbn $<TARGET_FILE:syncbn_cli>)
 set_tests_properties(python_client PROPERTIES TIMEOUT 60 LABELS "svc;python"

@@ -23,11 +23,11 @@ import time
 import zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "examples", "python"))
+sys.path.insert(0, os.path.join(HERE, "..", "src", "python"))
 
 try:
     import numpy as np
-    import syncbn_client as sc
+    import syncbn.client as sc
     if sc.MISSING:
         raise ImportError(sc.MISSING)
 except ImportError as e:

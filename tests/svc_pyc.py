@@ -8,7 +8,7 @@ batchnorm NCHW and NHWC, layernorm, groupnorm, instancenorm, dropout,
 syncbatchnorm; three training steps with forward and backward, one eval
 forward) through the C client library and writes its inputs and outputs
 as raw float32 files. This test replays the same script with the same
-inputs through examples/python/syncbn_client.py and requires every output
+inputs through src/python/syncbn/client.py and requires every output
 to be byte-identical, twice: one request at a time, and with each step's
 forwards (then backwards) of all layers in one `batch` request. After the
 first replay every layer's `get_state` is copied into a fresh layer with
@@ -31,8 +31,8 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "examples", "python"))
-from syncbn_client import MISSING, SyncbnClient, SyncbnError  # noqa: E402
+sys.path.insert(0, os.path.join(HERE, "..", "src", "python"))
+from syncbn.client import MISSING, SyncbnClient, SyncbnError  # noqa: E402
 
 if not MISSING:
     import numpy as np

@@ -1,7 +1,7 @@
 # Python client tests that need more than one process:
 # - svc_pyc: the same script through the C client library
 #   (tests/svc_pyc_driver.c) and the Python client
-#   (examples/python/syncbn_client.py) gives bit-identical outputs;
+#   (src/python/syncbn/client.py) gives bit-identical outputs;
 # - python_torch_mpi: examples/python/torch_mpi_example.py trained by
 #   `mpirun -np 2` against `mpirun -np 2 syncbnd` (tests/torch_mpi.sh) equals
 #   torch.nn.BatchNorm2d on the whole batch; skipped (77) without torch.

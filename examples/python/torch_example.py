@@ -16,7 +16,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from syncbn_client import SyncbnClient  # noqa: E402
+# The installed package, else the one in this checkout (src/python).
+sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                             "..", "..", "src", "python"))
+from syncbn.client import SyncbnClient  # noqa: E402
 
 
 class _ServiceNorm(torch.autograd.Function):

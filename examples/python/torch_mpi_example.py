@@ -28,19 +28,20 @@ else synthetic 28x28 images; the first line says which.
 """
 import argparse
 import datetime
-import glob
-import gzip
 import os
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from syncbn_client import SyncbnClient  # noqa: E402
+# The installed package, else the one in this checkout (src/python).
+sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                             "..", "..", "src", "python"))
+from syncbn.client import SyncbnClient  # noqa: E402
 from torch_example import ServiceNorm  # noqa: E402
+from train_fashion_mnist import load_data, shards  # noqa: E402
 
 REL_TOL = 1e-6
 
@@ -79,35 +80,6 @@ def make_model(norm):
         torch.nn.Linear(8, 10))
 
 
-def _idx(path):
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
-def load_data(data_dir, n):
-    """n images (float32, N x 1 x 28 x 28) and labels, and a description."""
-    imgs = sorted(glob.glob(os.path.join(data_dir, "**", "train-images-idx3-ubyte*"),
-                            recursive=True))
-    labs = sorted(glob.glob(os.path.join(data_dir, "**", "train-labels-idx1-ubyte*"),
-                            recursive=True))
-    if imgs and labs:
-        x = _idx(imgs[0])[:n].astype(np.float32) / 255.0
-        y = _idx(labs[0])[:n].astype(np.int64)
-        # Fashion-MNIST's pixel mean and standard deviation.
-        x = (x - 0.2860) / 0.3530
-        return (torch.from_numpy(x).reshape(-1, 1, 28, 28), torch.from_numpy(y),
-                "Fashion-MNIST (%s)" % imgs[0])
-    g = torch.Generator().manual_seed(1234)
-    templates = torch.randn(10, 1, 28, 28, generator=g)
-    y = torch.randint(0, 10, (n,), generator=g)
-    x = templates[y] + 0.5 * torch.randn(n, 1, 28, 28, generator=g)
-    return x, y, "synthetic (no Fashion-MNIST idx files under %s)" % data_dir
-
-
 def rel(a, b):
     a = torch.as_tensor(a, dtype=torch.float64)
     b = torch.as_tensor(b, dtype=torch.float64)
@@ -129,12 +101,10 @@ def main():
     a = ap.parse_args()
 
     rank, size = rank_and_size()
-    counts = [int(c) for c in a.counts.split(",")]
-    if len(counts) != size or min(counts) < 0 or sum(counts) < 2:
-        print("rank %d: --counts needs %d non-negative numbers" % (rank, size))
+    sh = shards(a.counts, rank, size)
+    if sh is None:
         return 2
-    batch = sum(counts)
-    lo, hi = sum(counts[:rank]), sum(counts[:rank + 1])
+    counts, batch, lo, hi = sh
     torch.set_num_threads(1)
 
     # Gloo listens on the interface that resolves the host name unless told;

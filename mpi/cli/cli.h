@@ -18,4 +18,8 @@ int sbn_cli_bench(int argc, char **argv);
  * normalization layers (mpi/cli/cli_train*.c, compute in src/nn). */
 int sbn_cli_train(int argc, char **argv);
 
+/* `syncbn metrics`: a running worker's counters, as a table or JSON
+ * (mpi/cli/cli_metrics.c; a client of the worker's socket, no MPI). */
+int sbn_cli_metrics(int argc, char **argv);
+
 #endif /* SBN_CLI_H */

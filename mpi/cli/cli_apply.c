@@ -20,6 +20,7 @@
 
 #include "cli.h"
 #include "cli_apply_int.h"
+#include "cli_args.h"
 #include "syncbn.h"
 #include "syncbn_mpi.h"
 
@@ -266,6 +267,25 @@ static void run_free(apply_run_t *r) {
   free(r->state.running_var);
 }
 
+/* The two ways to get a rank count that does not do what was meant,
+ * said after the run. */
+static void warn_ranks(const apply_run_t *r) {
+  int rank, size;
+  if (r->o.sync && r->size == 1) {
+    fprintf(stderr,
+            "syncbn apply: warning: --sync with one MPI rank: there "
+            "is nothing to synchronize (run it under mpirun -np P)\n");
+    return;
+  }
+  sbn__cli_launcher_rank(&rank, &size);
+  if (!r->o.sync && size > 1 && rank == 0)
+    fprintf(stderr,
+            "syncbn apply: warning: %d ranks without --sync: every rank "
+            "runs the whole batch on its own and writes the same outputs "
+            "(add --sync for SyncBN)\n",
+            size);
+}
+
 int sbn_cli_apply(int argc, char **argv) {
   apply_run_t *r = calloc(1, sizeof *r);
   char written[4096];
@@ -314,6 +334,10 @@ int sbn_cli_apply(int argc, char **argv) {
       fprintf(stderr, "syncbn apply: %s\n", r->e.msg);
   }
   fflush(stdout);
+  /* After a successful run only: a failure's message stays the one line
+   * on stderr. */
+  if (st == 0)
+    warn_ranks(r);
   /* Communicators go before MPI_Finalize. */
   sbn_layer_destroy(r->layer);
   r->layer = NULL;

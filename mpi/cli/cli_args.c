@@ -66,3 +66,17 @@ int sbn__cli_parse_list(const char *s, uint64_t max, uint64_t **out,
     q = comma + 1;
   }
 }
+
+/* A variable's value as a rank or size: a decimal below 2^30, else dflt. */
+static int env_int(const char *name, int dflt) {
+  const char *v = getenv(name);
+  uint64_t u;
+  if (v == NULL || sbn__cli_parse_u64(v, 1u << 30, &u) != 0)
+    return dflt;
+  return (int)u;
+}
+
+void sbn__cli_launcher_rank(int *rank, int *size) {
+  *rank = env_int("OMPI_COMM_WORLD_RANK", env_int("PMI_RANK", 0));
+  *size = env_int("OMPI_COMM_WORLD_SIZE", env_int("PMI_SIZE", 1));
+}

@@ -25,4 +25,10 @@ int sbn__cli_parse_layout(const char *s, sbn_layout_t *out);
  * caller's only cleanup. */
 int sbn__cli_parse_list(const char *s, uint64_t max, uint64_t **out, size_t *n);
 
+/* The rank and size a launcher (mpirun: Open MPI, or PMI) gave this
+ * process, read from the environment without initializing MPI; 0 and 1
+ * outside a launcher. For the warnings of subcommands that initialize MPI
+ * only on request. */
+void sbn__cli_launcher_rank(int *rank, int *size);
+
 #endif /* SBN_CLI_ARGS_H */

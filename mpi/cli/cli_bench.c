@@ -283,6 +283,12 @@ int sbn_cli_bench(int argc, char **argv) {
     MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
     if (o.group_size > o.size)
       o.group_size = o.size;
+    if (o.size == 1)
+      fprintf(stderr,
+              "syncbn bench %s: warning: one MPI rank: the reductions have "
+              "no peer, so this measures one process (run it under mpirun "
+              "-np P)\n",
+              o.mode);
   }
   rc = mode->run(&o, &out);
   if (rc != 0)

@@ -40,6 +40,8 @@ int main(int argc, char **argv) {
        "kernels)"},
       {"train", sbn_cli_train,
        "train an MLP or a CNN on Fashion-MNIST, data parallel under mpirun"},
+      {"metrics", sbn_cli_metrics,
+       "print a running syncbnd worker's counters (table or --json)"},
   };
   const size_t n = sizeof cmds / sizeof *cmds;
   if (argc < 2) {

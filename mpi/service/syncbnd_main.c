@@ -23,10 +23,14 @@
 #include "svc_server.h"
 #include "svc_worker.h"
 #include "syncbn_mpi.h"
+#include "syncbnd_launch.h"
+#include "syncbnd_obs.h"
 
-/* What the sync timer needs: the worker it polls. */
+/* What the sync timer needs: the worker it polls, and the launched
+ * command's watcher (NULL without -- COMMAND). */
 typedef struct sync_tick_s {
   svc_worker_t *worker;
+  sbnd_launch_t *launch;
   int failed;
 } sync_tick_t;
 
@@ -44,12 +48,17 @@ static void sync_tick(void *arg) {
     m->failed = 1;
     MPI_Abort(MPI_COMM_WORLD, 1);
   }
+  sbnd_launch_poll(m->launch);
 }
 
+/* The help text, one option a line: honestly linear, so it stays one
+ * function that reads like the page it prints. */
 static void usage(FILE *f) {
   fprintf(f,
-          "Usage: mpirun -np P syncbnd [options]\n"
-          "\n"
+          "Usage: mpirun -np P syncbnd [options] [-- COMMAND ARGS...]\n"
+          "\n");
+  sbnd_launch_usage(f);
+  fprintf(f,
           "Runs one syncbn worker per MPI rank. Each listens on the Unix "
           "socket\n"
           "DIR/rank-<r>.sock and serves the clients of its own user (the "
@@ -62,6 +71,19 @@ static void usage(FILE *f) {
           "and exit; mpirun then ends the whole job.\n"
           "\n"
           "Options:\n"
+          "  --keep               keep the socket and state directories the "
+          "job created\n"
+          "  --log-level L        error|warn|info|debug: stderr lines with "
+          "rank, layer\n"
+          "                       and step (stalls, mismatches, refused and "
+          "leaving\n"
+          "                       clients at warn/info; default error)\n"
+          "  --timeline FILE      Chrome trace-event JSON of each rank in "
+          "FILE with\n"
+          "                       .json replaced by .rank-R.json "
+          "(negotiation,\n"
+          "                       allreduce, per-layer compute)\n"
+          "  --version            print the version and exit\n"
           "  --socket-dir DIR     directory of the sockets; created with mode "
           "0700 if\n"
           "                       missing, refused if it is a symlink, owned "
@@ -285,6 +307,10 @@ typedef struct opts_s {
   double stall_timeout;
   svc_worker_config_t wc;
   svc_server_config_t srv; /* the server's own options (svc_admit.c) */
+  char **command; /* after --, NULL-terminated (argv's tail); NULL if none */
+  svc_log_level_t log_level; /* --log-level (default error) */
+  const char *timeline;      /* --timeline FILE */
+  int keep;                  /* --keep */
 } opts_t;
 
 /* One option a with its value v into o. A flat list of flags, so it
@@ -343,6 +369,13 @@ static int parse_option(const char *a, const char *v, opts_t *o) {
       return rc;
   } else if (strcmp(a, "--token-file") == 0) {
     o->token_file = v;
+  } else if (strcmp(a, "--log-level") == 0) {
+    if (svc_log_level_parse(v, &o->log_level) != 0)
+      return svc_set_error(SVC_BAD_PARAMS,
+                           "%s: expected error, warn, info or debug, got '%s'",
+                           a, v);
+  } else if (strcmp(a, "--timeline") == 0) {
+    o->timeline = v;
   } else if (strcmp(a, "--state-dir") == 0) {
     o->state_dir = v;
   } else if (strcmp(a, "--stall-timeout") == 0) {
@@ -381,6 +414,23 @@ static int parse_args(int argc, char **argv, opts_t *o) {
       usage(stdout);
       return 1;
     }
+    if (strcmp(a, "--version") == 0) {
+      printf("syncbnd %d.%d.%d (protocol %d)\n", SBN_VERSION_MAJOR,
+             SBN_VERSION_MINOR, SBN_VERSION_PATCH, SVC_PROTOCOL_VERSION);
+      return 1;
+    }
+    if (strcmp(a, "--keep") == 0) {
+      o->keep = 1;
+      continue;
+    }
+    if (strcmp(a, "--") == 0) {
+      if (v == NULL) {
+        fprintf(stderr, "syncbnd: --: expected a COMMAND after it\n");
+        return 2;
+      }
+      o->command = argv + i + 1;
+      break;
+    }
     if (v == NULL) {
       fprintf(stderr, "syncbnd: %s: unknown option or missing value\n", a);
       return 2;
@@ -408,6 +458,7 @@ static int parse_args(int argc, char **argv, opts_t *o) {
 typedef struct rank_s {
   int rank, size;
   char dir[PATH_MAX], path[PATH_MAX], state[PATH_MAX];
+  int made_dir, made_state; /* this job created them (removed on exit) */
   svc_worker_t *worker;
   svc_server_t *server;
   sbn_comm_t *comm; /* the world, for the worker's collectives */
@@ -438,11 +489,29 @@ static int socket_paths(const opts_t *o, rank_t *k) {
   return 0;
 }
 
+/* Whether this job creates the socket and state directories (then they
+ * are removed on exit). Every rank looks before any rank creates them:
+ * the allreduce is the fence. Only a default state directory is
+ * temporary: one named by the user, or next to a --socket-dir, is where a
+ * restarted job looks for its checkpoints. */
+static void made_dirs(const opts_t *o, rank_t *k) {
+  char state[PATH_MAX];
+  int made[2];
+  int n = snprintf(state, sizeof state, "%s-state", k->dir);
+  made[0] = access(k->dir, F_OK) != 0;
+  made[1] = o->state_dir == NULL && o->socket_dir == NULL && n > 0 &&
+            (size_t)n < sizeof state && access(state, F_OK) != 0;
+  MPI_Allreduce(MPI_IN_PLACE, made, 2, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+  k->made_dir = made[0];
+  k->made_state = made[1];
+}
+
 /* The worker and its private directories. Checkpoints live in their own
  * directory, by default next to the sockets, so that a restarted job
  * given the same --socket-dir finds them again. */
 static int start_worker(opts_t *o, rank_t *k) {
   int rc;
+  made_dirs(o, k);
   if ((rc = svc_socket_dir_prepare(k->dir)) != 0)
     return rc;
   o->wc.rank = k->rank;
@@ -533,9 +602,28 @@ static int all_ranks_stopping(double grace) {
   return done;
 }
 
+/* The directories this job created, once every rank's socket is gone
+ * (the barrier; a signalled rank does not wait for the others, and the
+ * last rank out removes them). */
+static void remove_dirs(const rank_t *k, int together) {
+  if (together)
+    MPI_Barrier(MPI_COMM_WORLD);
+  if (together && k->rank != 0)
+    return;
+  if (k->made_dir)
+    sbnd_remove_dir(k->dir, 0);
+  if (k->made_state)
+    sbnd_remove_dir(k->state, 1);
+}
+
 /* The lines that tell the launcher (and the user) the rank is ready. */
 static void print_ready(const opts_t *o, const rank_t *k) {
   int port, loopback;
+  /* On stderr: launchers read the ready line as the first of stdout. */
+  if (k->rank == 0)
+    fprintf(
+        stderr, "syncbnd: socket directory %s%s\n", k->dir,
+        k->made_dir && !o->keep ? " (removed on exit; --keep keeps it)" : "");
   printf("syncbnd: rank %d ready on %s\n", k->rank, k->path);
   if (svc_server_tcp_info(k->server, &port, &loopback) == 0) {
     const char *l = strchr(o->tcp_host, ':') != NULL ? "[" : "";
@@ -557,7 +645,7 @@ static void print_ready(const opts_t *o, const rank_t *k) {
 int main(int argc, char **argv) {
   opts_t o;
   rank_t k;
-  int rc, status = 1, sig = 0, finalize;
+  int rc, failed = 1, status = 0, sig = 0, finalize;
   uint8_t token[SVC_TOKEN_MAX];
   size_t token_len = 0;
 
@@ -581,31 +669,47 @@ int main(int argc, char **argv) {
   MPI_Init(&argc, &argv);
   MPI_Comm_rank(MPI_COMM_WORLD, &k.rank);
   MPI_Comm_size(MPI_COMM_WORLD, &k.size);
+  if (sbnd_obs_start(o.log_level, o.timeline, k.rank) != 0)
+    goto done;
   if (socket_paths(&o, &k) != 0 || start_worker(&o, &k) != 0 ||
       start_server(&o, &k, token, token_len) != 0 || start_sync(&o, &k) != 0) {
     fprintf(stderr, "syncbnd: rank %d: %s\n", k.rank, svc_last_error());
     goto done;
   }
   print_ready(&o, &k);
+  if (sbnd_launch_start(o.command, k.path, k.rank, k.size, k.server, k.worker,
+                        &k.tick.launch) != 0)
+    goto done;
+  failed = 0;
   sig = svc_server_run(k.server);
   if (sig != 0)
     fprintf(stderr, "syncbnd: rank %d: signal %d, shutting down\n", k.rank,
             sig);
-  status = 0;
+  if (k.tick.launch != NULL) {
+    status = sbnd_launch_finish(k.tick.launch);
+    k.tick.launch = NULL;
+    /* A launch stopped by a signal fails, whatever its child said. */
+    if (sig != 0 && status == 0)
+      status = 128 + sig;
+  }
 done:
   explicit_bzero(token, sizeof token);
   svc_server_destroy(k.server);
   /* When every rank was signalled (SIGTERM to each worker, or mpirun
    * forwarding one), they finalize together and the job ends with status
-   * 0. A rank signalled on its own leaves without MPI_Finalize (which
-   * would wait for the others), and mpirun then ends the whole job. The
-   * worker outlives MPI: a collective still in flight writes into its
-   * buffers while the barrier or MPI_Finalize makes progress. */
-  finalize = status == 0 && (sig == 0 || all_ranks_stopping(2.0));
+   * 0 (or the launched command's). A rank signalled on its own leaves
+   * without MPI_Finalize (which would wait for the others), and mpirun
+   * then ends the whole job. The worker outlives MPI: a collective still
+   * in flight writes into its buffers while the barrier or MPI_Finalize
+   * makes progress. */
+  finalize = !failed && (sig == 0 || all_ranks_stopping(2.0));
   /* Freeing the communicator is local (a collective in flight is
    * abandoned with it), so a rank signalled on its own frees it too. */
   sbn_comm_destroy(k.comm);
-  if (status != 0) {
+  sbnd_obs_stop();
+  if (!failed && !o.keep)
+    remove_dirs(&k, finalize);
+  if (failed) {
     /* One rank cannot serve: the job as a whole cannot either. */
     MPI_Abort(MPI_COMM_WORLD, 1);
   }

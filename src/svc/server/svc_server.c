@@ -43,6 +43,7 @@ void svc__conn_close(svc__conn_t *c) {
     c->next->prev = c->prev;
   s->nconns--;
   svc__adm_leave(&s->adm, &c->adm);
+  svc_worker_note_leave(s->worker);
   /* A deferred request of this connection is never answered. */
   if (c->pending)
     svc_worker_cancel(s->worker, c);

@@ -10,6 +10,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "svc_obs.h"
 #include "svc_worker_int.h"
 
 /* Monotonic seconds, for the allreduce latencies of the metrics. */
@@ -263,6 +264,8 @@ void svc_worker_cancel(svc_worker_t *w, void *token) {
     next = p->next;
     if (p->token != token)
       continue;
+    svc_log(SVC_LOG_INFO, NULL, (int64_t)p->step, "client left: %s withdrawn",
+            p->what);
     p->token = NULL;
     if (p->batch != NULL)
       p->batch->token = NULL;
@@ -355,6 +358,7 @@ static int svc__gather_begin(svc_worker_t *w) {
   if (rc != 0)
     return svc__comm_error(rc, "iallgather_begin");
   w->m.gathers++;
+  svc_obs_begin(SVC_SPAN_NEGOTIATION);
   w->phase = 1;
   return 0;
 }
@@ -379,6 +383,8 @@ static void svc__fail_key(svc_worker_t *w, const svc__gent_t *k, int any_grp,
     if (any_grp)
       svc__poison(w, k->name, k->step, k->dir, p->grp);
     snprintf(msg, sizeof msg, "%s: %s", p->what, why);
+    svc_log(SVC_LOG_WARN, NULL, (int64_t)p->step, "%s: %s", svc_code_name(code),
+            msg);
     svc__pend_unlink(w, p);
     svc__pend_reply_error(w, p, code, msg);
     if (p->done != NULL)
@@ -538,6 +544,7 @@ static int svc__reduce_begin(svc_worker_t *w, const svc__round_t *rd) {
   w->m.allreduces++;
   w->m.entries_fused += rd->nready;
   w->m.reduce_t0 = svc__clock();
+  svc_obs_begin(SVC_SPAN_ALLREDUCE);
   w->phase = 2;
   return 0;
 }
@@ -565,6 +572,8 @@ static int svc__gather_done(svc_worker_t *w) {
       rd.u[rd.nu++] = m->e[i];
   }
   qsort(rd.u, rd.nu, sizeof *rd.u, svc__gkey_cmp);
+  if (rd.nu > 0) /* idle rounds (nothing listed) stay off the timeline */
+    svc_obs_end(SVC_SPAN_NEGOTIATION);
   w->rlist_n = 0;
   rc = svc__decide(w, &rd);
   svc__round_cleanup(w);
@@ -582,10 +591,13 @@ done:
 static void svc__reduce_done(svc_worker_t *w) {
   w->m.lat[w->m.nlat % SVC__LAT_RING] = svc__clock() - w->m.reduce_t0;
   w->m.nlat++;
+  svc_obs_end(SVC_SPAN_ALLREDUCE);
   for (size_t i = 0; i < w->rlist_n; i++) {
     svc__pend_t *p = w->rlist[i];
+    double t0 = svc_obs_now();
     svc__pend_unlink(w, p);
     p->done(w, p, w->rbuf + w->roff[i]);
+    svc_obs_span(SVC_SPAN_COMPUTE, p->what, (int64_t)p->step, t0);
     svc__pend_free(p);
   }
   w->rlist_n = 0;
@@ -631,7 +643,7 @@ int svc_worker_poll(svc_worker_t *w, double now) {
       return rc;
     svc__reduce_done(w);
   }
-  if (w->phase == 0)
+  if (w->phase == 0 && !(w->hold && w->m.gathers >= w->hold_last))
     return svc__gather_begin(w);
   return 0;
 }

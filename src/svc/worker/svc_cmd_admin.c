@@ -2,6 +2,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "svc_obs.h"
 #include "svc_worker_int.h"
 
 int svc__cmd_hello(svc__call_t *call) {
@@ -31,6 +32,7 @@ int svc__cmd_hello(svc__call_t *call) {
 
 int svc__cmd_bye(svc__call_t *call) {
   call->close_after = 1;
+  svc_log(SVC_LOG_INFO, NULL, -1, "client left (bye)");
   if (svc_encode_bye(&call->q->id, &call->reply, &call->reply_len) != 0)
     return svc_set_error(SVC_RESOURCE, "reply: out of memory");
   return 0;
@@ -107,11 +109,14 @@ int svc__cmd_register(svc__call_t *call) {
   for (uint32_t i = 0; i < w->nlayers; i++) {
     if (strcmp(w->layers[i]->name, r->name) != 0)
       continue;
-    if (!svc__params_equal(w->layers[i], r))
+    if (!svc__params_equal(w->layers[i], r)) {
+      svc_log(SVC_LOG_WARN, r->name, -1,
+              "LAYER_MISMATCH: registered again with different parameters");
       return svc_set_error(SVC_LAYER_MISMATCH,
                            "name: layer '%s' is registered with different "
                            "parameters",
                            r->name);
+    }
     if (svc_encode_register(&q->id, i, 0, &call->reply, &call->reply_len) != 0)
       return svc_set_error(SVC_RESOURCE, "reply: out of memory");
     return 0;
@@ -144,6 +149,7 @@ int svc__cmd_register(svc__call_t *call) {
     goto fail;
   }
   svc__layer_append(w, l);
+  svc_log(SVC_LOG_DEBUG, l->name, -1, "registered");
   return 0;
 fail:
   svc__layer_free(w, l);

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "svc_obs.h"
 #include "svc_worker_int.h"
 
 static int svc__cmd_batch(svc__call_t *call);
@@ -91,6 +92,7 @@ int svc__dispatch(svc__call_t *call) {
     return svc_set_error(SVC_BAD_REQUEST, "op: %s is not allowed in a batch",
                          c->name);
   call->w->m.requests[op]++;
+  svc_log(SVC_LOG_DEBUG, NULL, -1, "request %s", c->name);
   return c->fn(call);
 }
 
@@ -206,10 +208,19 @@ void svc_worker_note_refusal(svc_worker_t *w, svc_code_t code) {
     w->m.errors[code]++;
   if (code == SVC_UNAUTHORIZED)
     w->m.auth_failures++;
+  svc_log(code == SVC_UNAUTHORIZED ? SVC_LOG_WARN : SVC_LOG_INFO, NULL, -1,
+          "client refused: %s", svc_code_name(code));
+}
+
+void svc_worker_note_leave(svc_worker_t *w) {
+  (void)w;
+  svc_log(SVC_LOG_INFO, NULL, -1, "client disconnected");
 }
 
 void svc_worker_note_connection(svc_worker_t *w) {
   w->m.connections++;
+  svc_log(SVC_LOG_INFO, NULL, -1, "client connected (%llu so far)",
+          (unsigned long long)w->m.connections);
 }
 
 void svc_worker_note_shed(svc_worker_t *w) {

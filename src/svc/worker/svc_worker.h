@@ -96,6 +96,17 @@ void svc_worker_cancel(svc_worker_t *w, void *token);
  * longer agree (the worker cannot go on; svc_last_error() says why). */
 int svc_worker_poll(svc_worker_t *w, double now);
 
+/* Draining the agreement so that the ranks can leave through
+ * MPI_Finalize with no collective in flight (svc_drain.c). The ranks run
+ * their agreement rounds in lockstep, so the ones that have started fewer
+ * rounds than the most advanced are at most one behind. A rank holds
+ * (svc_worker_hold(w, svc_worker_rounds(w))), the ranks agree on the
+ * largest count M, each holds at M, and polls until svc_worker_drained:
+ * round M is then complete everywhere and nothing is in flight. */
+uint64_t svc_worker_rounds(const svc_worker_t *w);
+void svc_worker_hold(svc_worker_t *w, uint64_t last_round);
+int svc_worker_drained(const svc_worker_t *w);
+
 /* Debug counters: fused allreduces issued and entries they carried. */
 void svc_worker_sync_counters(const svc_worker_t *w, uint64_t *allreduces,
                               uint64_t *entries);
@@ -111,6 +122,9 @@ void svc_worker_note_connection(svc_worker_t *w);
 /* A connection the server shed because the bytes it held for all clients
  * passed its memory budget. */
 void svc_worker_note_shed(svc_worker_t *w);
+/* A connection closed (after bye, an error, a timeout or the client's
+ * going): for the log. */
+void svc_worker_note_leave(svc_worker_t *w);
 
 /* Directory of checkpoint files (checkpoint_save/checkpoint_load); they
  * are refused until it is set. Returns 0, or -SVC_BAD_PARAMS when it is

@@ -307,6 +307,8 @@ struct svc_worker_s {
   double now;
   svc__pend_t *pend; /* oldest first */
   int phase;         /* 0 idle, 1 gathering, 2 reducing */
+  int hold;          /* start no gather after round hold_last (svc_drain.c) */
+  uint64_t hold_last;
   svc__gmsg_t gsend;
   svc__gmsg_t *grecv;
   sbn_rec_t *rbuf;

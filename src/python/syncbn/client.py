@@ -1,9 +1,12 @@
 #!/usr/bin/python3
-"""A Python client for the syncbnd service (mpi/service/PROTOCOL.md, v1).
+"""A Python client for the syncbnd service (mpi/service/PROTOCOL.md,
+protocol version 4).
 
 Needs msgpack and numpy (Debian: python3-msgpack python3-numpy).
 
+    c = SyncbnClient()       # $SYNCBN_SOCKET, as the launcher sets it
     c = SyncbnClient("/tmp/sbn/rank-0.sock")
+    c = SyncbnClient(tcp="127.0.0.1:7000", token=b"...")
     c.hello()
     lid = c.register("bn1", "batchnorm", channels=8)
     y = c.forward(lid, step=0, train=True, x=x)
@@ -13,12 +16,19 @@ Needs msgpack and numpy (Debian: python3-msgpack python3-numpy).
 import os
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
 import tempfile
 import time
+
+# Run as a script (the self-test), this file's directory comes first on
+# sys.path, where syncbn/torch.py would hide the real torch: the package's
+# parent directory replaces it.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if sys.path and os.path.abspath(sys.path[0] or ".") == _HERE:
+    sys.path[0] = os.path.dirname(_HERE)
+from syncbn._connect import ConnectError, open_socket  # noqa: E402,F401
 
 try:
     import msgpack
@@ -72,11 +82,28 @@ def decode_vec64(t):
 
 
 class SyncbnClient:
-    def __init__(self, path, timeout=60.0):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(path)
+    """One connection to a worker. path: its Unix socket (default
+    $SYNCBN_SOCKET; a directory means rank-<r>.sock in it); tcp:
+    "HOST:PORT" instead, with token (bytes or str) or token_file, sent by
+    hello() as TCP requires. timeout bounds each socket operation; wait is
+    how long to retry a worker that is not listening yet before
+    ConnectError names the address."""
+
+    PROTOCOL = 4
+
+    def __init__(self, path=None, timeout=60.0, tcp=None, token=None,
+                 token_file=None, wait=30.0):
+        if token_file is not None:
+            with open(token_file, "rb") as f:
+                token = f.read()
+            if token.endswith(b"\n"):
+                token = token[:-1]
+        self.token = token
+        self.sock = open_socket(path, tcp, timeout, wait)
         self.next_id = 1
+        self.info = None
+        if tcp is not None:
+            self.hello()
 
     def _recv_exact(self, n):
         buf = bytearray()
@@ -103,7 +130,12 @@ class SyncbnClient:
         return reply
 
     def hello(self):
-        return self.call("hello", version=1)
+        """The worker's rank, size and protocol (also kept in .info)."""
+        keys = {"version": self.PROTOCOL}
+        if self.token is not None:
+            keys["token"] = self.token
+        self.info = self.call("hello", **keys)
+        return self.info
 
     def register(self, name, kind, ghost_batch=None, **params):
         """Registers a layer; params are the register keys of PROTOCOL.md.
@@ -226,7 +258,7 @@ class SyncbnClient:
 
 # ---------------------------------------------------------------- self-test
 #
-# python3 syncbn_client.py --mpirun MPIRUN --syncbnd SYNCBND --syncbn SYNCBN
+# python3 src/python/syncbn/client.py --mpirun MPIRUN --syncbnd SYNCBND --syncbn SYNCBN
 # starts `mpirun -np 1 syncbnd` in a fresh socket directory, waits for its
 # ready line, runs layers through this client, compares every output with
 # `syncbn apply` (the C library) on the same .npy inputs, and stops the job.
@@ -311,7 +343,9 @@ def _selftest(mpirun, syncbnd, syncbn):
         except ImportError:
             print("torch missing: the torch example is not run")
         else:
-            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+            here = os.path.dirname(os.path.abspath(__file__))
+            sys.path.insert(0, os.path.join(here, "..", "..", "..", "examples",
+                                            "python"))
             import torch_example
             c = SyncbnClient(line.strip().split("ready on ", 1)[1])
             for kind in ("batchnorm", "groupnorm", "layernorm"):
