@@ -47,6 +47,11 @@ struct svc_server_s {
   int ticking;
   void (*tick_fn)(void *arg);
   void *tick_arg;
+  /* While the worker is busy (svc_worker_busy) the tick also runs on
+   * every loop iteration, so that a round's collectives follow each other
+   * without waiting for the timer. */
+  uv_idle_t spin;
+  int spinning;
   /* libuv calls alloc and read back to back, so one buffer serves every
    * connection. */
   char rbuf[SVC__READ_BUF];
@@ -279,6 +284,9 @@ static void svc__arm(svc__conn_t *c, double seconds) {
     uv_timer_start(&c->timer, svc__on_timer, (uint64_t)(seconds * 1000.0), 0);
 }
 
+static void svc__kick(svc_server_t *s);
+static void svc__on_spin(uv_idle_t *h);
+
 static void svc__frame_done(svc__conn_t *c) {
   uint8_t *reply = NULL;
   size_t len = 0;
@@ -306,6 +314,7 @@ static void svc__frame_done(svc__conn_t *c) {
      * meanwhile. */
     c->pending = 1;
     uv_timer_stop(&c->timer);
+    svc__kick(c->srv); /* a new entry starts a round at once */
     return;
   }
   if (close_after) {
@@ -513,6 +522,7 @@ static void svc__shutdown(svc_server_t *s) {
     svc__conn_close(s->conns);
   if (s->ticking) {
     uv_close((uv_handle_t *)&s->tick, NULL);
+    uv_close((uv_handle_t *)&s->spin, NULL);
     s->ticking = 0;
   }
   if (s->listening) {
@@ -686,9 +696,30 @@ fail:
   return err;
 }
 
-static void svc__on_tick(uv_timer_t *t) {
-  svc_server_t *s = t->data;
+/* Runs the tick, then keeps the loop spinning while the worker is busy
+ * and lets it sleep until the next event or timer tick when it is not. */
+static void svc__kick(svc_server_t *s) {
+  int busy;
+  if (!s->ticking)
+    return;
   s->tick_fn(s->tick_arg);
+  if (!s->ticking)
+    return; /* the tick stopped the server */
+  busy = svc_worker_busy(s->worker);
+  if (busy && !s->spinning)
+    s->spinning = uv_idle_start(&s->spin, svc__on_spin) == 0;
+  else if (!busy && s->spinning) {
+    uv_idle_stop(&s->spin);
+    s->spinning = 0;
+  }
+}
+
+static void svc__on_spin(uv_idle_t *h) {
+  svc__kick(h->data);
+}
+
+static void svc__on_tick(uv_timer_t *t) {
+  svc__kick(t->data);
 }
 
 int svc_server_set_tick(svc_server_t *s, uint64_t period_us,
@@ -700,7 +731,9 @@ int svc_server_set_tick(svc_server_t *s, uint64_t period_us,
   s->tick_fn = fn;
   s->tick_arg = arg;
   uv_timer_init(&s->loop, &s->tick);
+  uv_idle_init(&s->loop, &s->spin);
   s->tick.data = s;
+  s->spin.data = s;
   s->ticking = 1;
   if ((rc = uv_timer_start(&s->tick, svc__on_tick, ms, ms > 0 ? ms : 1)) != 0)
     return svc_set_error(SVC_INTERNAL, "tick: %s", uv_strerror(rc));

@@ -96,6 +96,13 @@ void svc_worker_cancel(svc_worker_t *w, void *token);
  * longer agree (the worker cannot go on; svc_last_error() says why). */
 int svc_worker_poll(svc_worker_t *w, double now);
 
+/* Whether the engine wants to be polled again at once rather than at the
+ * next cycle: a collective is in flight, a doorbell or a new entry waits
+ * to start a round, or an entry arrived in the last few milliseconds
+ * (another rank's doorbell for it is expected soon). An idle worker is
+ * not busy and runs no collective at all. */
+int svc_worker_busy(const svc_worker_t *w);
+
 /* Debug counters: fused allreduces issued and entries they carried. */
 void svc_worker_sync_counters(const svc_worker_t *w, uint64_t *allreduces,
                               uint64_t *entries);
