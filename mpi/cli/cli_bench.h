@@ -56,6 +56,10 @@ typedef struct sbn_bench_rec_s {
   double overhead_us, overhead_pct, overhead_per_allreduce;
   double bytes, avg_us, min_us, max_us, iterations;
   double hop_us, hop_ratio;
+  /* service: a stats entry's target (1.5 x the bare allreduce + 50 us),
+   * the entry's time over it, and the agreement bytes per rank and round
+   * (the bit sets and gathered lists, not the records). */
+  double target_us, target_ratio, agree_bytes_round;
 } sbn_bench_rec_t;
 
 /* The records of one run, in the order measured. */

@@ -36,18 +36,22 @@ int svc__poisoned(const svc_worker_t *w, uint64_t name, uint64_t step,
   for (size_t i = 0; i < n; i++)
     if (w->poison[i].name == name && w->poison[i].step == step &&
         w->poison[i].dir == dir && w->poison[i].grp == grp)
-      return 1;
+      return (int)w->poison[i].code;
   return 0;
 }
 
+/* Remembers why the key failed, so that a rank whose entry comes after
+ * the decision (rounds start as soon as some ranks have theirs) fails the
+ * same way as those that were there. */
 static void svc__poison(svc_worker_t *w, uint64_t name, uint64_t step,
-                        uint32_t dir, uint32_t grp) {
+                        uint32_t dir, uint32_t grp, svc_code_t code) {
   if (svc__poisoned(w, name, step, dir, grp))
     return;
   w->poison[w->poison_next].name = name;
   w->poison[w->poison_next].step = step;
   w->poison[w->poison_next].dir = dir;
   w->poison[w->poison_next].grp = grp;
+  w->poison[w->poison_next].code = (uint32_t)code;
   w->poison_next = (w->poison_next + 1) % SVC__POISON;
   w->npoison++;
 }
@@ -422,11 +426,11 @@ static void svc__fail_key(svc_worker_t *w, const svc__gent_t *k, int any_grp,
                           svc_code_t code, const char *why) {
   svc__pend_t *p;
   if (!any_grp)
-    svc__poison(w, k->name, k->step, k->dir, k->grp);
+    svc__poison(w, k->name, k->step, k->dir, k->grp, code);
   while ((p = svc__pend_find(w, k)) != NULL && (any_grp || p->grp == k->grp)) {
     char msg[512];
     if (any_grp)
-      svc__poison(w, k->name, k->step, k->dir, p->grp);
+      svc__poison(w, k->name, k->step, k->dir, p->grp, code);
     snprintf(msg, sizeof msg, "%s: %s", p->what, why);
     svc__pend_unlink(w, p);
     svc__pend_reply_error(w, p, code, msg);
@@ -547,15 +551,20 @@ static void svc__round_cleanup(svc_worker_t *w) {
       svc__pend_drop(w, p);
   }
   for (svc__pend_t *p = w->pend, *next; p != NULL; p = next) {
+    int why;
     next = p->next;
-    if (!p->sent && svc__poisoned(w, p->name, p->step, p->dir, p->grp)) {
+    if (!p->sent &&
+        (why = svc__poisoned(w, p->name, p->step, p->dir, p->grp)) != 0) {
       svc__gent_t k;
       memset(&k, 0, sizeof k);
       k.name = p->name;
       k.step = p->step;
       k.dir = p->dir;
       k.grp = p->grp;
-      svc__fail_key(w, &k, 0, SVC_STALL, "stalled on another rank");
+      svc__fail_key(w, &k, 0, (svc_code_t)why,
+                    why == SVC_STALL ? "stalled on another rank"
+                                     : "the ranks registered this layer with "
+                                       "different parameters");
     }
   }
 }

@@ -227,7 +227,8 @@ void svc__pend_deliver(svc_worker_t *w, svc__pend_t *p, uint8_t *buf,
                        size_t len);
 void svc__pend_reply_error(svc_worker_t *w, svc__pend_t *p, svc_code_t code,
                            const char *msg);
-/* Whether the key stalled before in group grp (then it is refused). */
+/* Whether the key stalled or mismatched before in group grp (then it is
+ * refused): 0, or the code it failed with. */
 int svc__poisoned(const svc_worker_t *w, uint64_t name, uint64_t step,
                   uint32_t dir, uint32_t grp);
 /* Whether this rank already has an entry queued under this key (a second
@@ -289,6 +290,7 @@ void svc__round_end(svc_worker_t *w);
 typedef struct svc__key_s {
   uint64_t name, step;
   uint32_t dir, grp;
+  uint32_t code; /* why it is poisoned: STALL or LAYER_MISMATCH */
 } svc__key_t;
 
 /* The response cache (svc_negotiate.c): a (layer, direction, group) the
