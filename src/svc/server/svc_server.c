@@ -285,6 +285,7 @@ static void svc__arm(svc__conn_t *c, double seconds) {
 }
 
 static void svc__kick(svc_server_t *s);
+static void svc__big_buffers(svc__conn_t *c);
 static void svc__on_spin(uv_idle_t *h);
 
 static void svc__frame_done(svc__conn_t *c) {
@@ -332,6 +333,14 @@ static void svc__frame_done(svc__conn_t *c) {
 static void svc__alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf) {
   svc__conn_t *c = h->data;
   (void)hint;
+  /* In the middle of a large body the socket reads straight into the
+   * frame's own buffer: a tensor's bytes are not copied once more. */
+  if (c->body != NULL && !c->pending &&
+      c->body_len - c->body_have >= SVC__READ_BUF) {
+    *buf = uv_buf_init((char *)c->body + c->body_have,
+                       (unsigned)(c->body_len - c->body_have));
+    return;
+  }
   *buf = uv_buf_init(c->srv->rbuf, sizeof c->srv->rbuf);
 }
 
@@ -349,6 +358,13 @@ static void svc__on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf) {
   }
   n = (size_t)nread;
   svc_worker_note_io(c->srv->worker, 0, n, 0, 0);
+  if (c->body != NULL && p == c->body + c->body_have && n > 0) {
+    /* Read in place by svc__alloc. */
+    c->body_have += (uint32_t)n;
+    if (c->body_have == c->body_len)
+      svc__frame_done(c);
+    return;
+  }
   svc__feed(c, p, n);
 }
 
@@ -506,6 +522,7 @@ static void svc__on_connection(uv_stream_t *ls, int status) {
                    "connection: the worker serves max_clients clients");
     return;
   }
+  svc__big_buffers(c);
   svc__arm(c, c->authed ? s->cfg.idle_timeout : svc__auth_deadline(s));
   if (uv_read_start(&c->h.stream, svc__alloc, svc__on_read) != 0)
     svc__conn_close(c);
@@ -513,6 +530,15 @@ static void svc__on_connection(uv_stream_t *ls, int status) {
 
 /* ------------------------------------------------------------------ */
 /* Server */
+
+/* Megabyte tensors go through in fewer, larger reads and writes; the
+ * kernel caps the size at its maximum without failing (best effort). */
+static void svc__big_buffers(svc__conn_t *c) {
+  int bytes = 4 << 20;
+  uv_send_buffer_size(&c->h.handle, &bytes);
+  bytes = 4 << 20;
+  uv_recv_buffer_size(&c->h.handle, &bytes);
+}
 
 static void svc__shutdown(svc_server_t *s) {
   if (s->stopping)

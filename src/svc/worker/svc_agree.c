@@ -526,6 +526,11 @@ static int svc__decide(svc_worker_t *w, svc__round_t *rd) {
       j++;
     }
     if (!agree) {
+      /* Every group that listed the key fails it on every rank, also on
+       * the ranks whose entry has not come yet. */
+      for (size_t x = i; x < j; x++)
+        svc__poison(w, u[x].name, u[x].step, u[x].dir, u[x].grp,
+                    SVC_LAYER_MISMATCH);
       w->m.mismatches++;
       svc__fail_key(w, &u[i], 1, SVC_LAYER_MISMATCH,
                     "the ranks registered this layer with different "
