@@ -12,6 +12,7 @@
  *   cli_bench_sizes.c    `sizes`: an OSU-style allreduce latency table
  *   cli_bench_service.c  `service`: the layer measurement through syncbnd
  *   cli_bench_job.c      the syncbnd job that `service` starts
+ *   cli_bench_echo.c     `service`'s copy floor: a Unix-socket echo
  */
 #ifndef SBN_CLI_BENCH_H
 #define SBN_CLI_BENCH_H
