@@ -242,16 +242,15 @@ static int sbn__mpi_ibor(sbn_comm_t *c, uint64_t *words, size_t n,
   return 0;
 }
 
-/* Frees the doorbell sends that completed (all of them with wait). */
-static int sbn__bell_reap(sbn__mpi_comm_t *m, int wait) {
+/* Frees the doorbell sends that completed. */
+static int sbn__bell_reap(sbn__mpi_comm_t *m) {
   for (sbn__mpi_bell_t **pp = &m->bells; *pp != NULL;) {
     sbn__mpi_bell_t *b = *pp;
     int done = 0, err;
-    err = wait ? MPI_Wait(&b->req, MPI_STATUS_IGNORE)
-               : MPI_Test(&b->req, &done, MPI_STATUS_IGNORE);
+    err = MPI_Test(&b->req, &done, MPI_STATUS_IGNORE);
     if (err != MPI_SUCCESS)
-      return sbn_mpi_error(err, wait ? "MPI_Wait" : "MPI_Test");
-    if (!wait && !done) {
+      return sbn_mpi_error(err, "MPI_Test");
+    if (!done) {
       pp = &b->next;
       continue;
     }
@@ -261,26 +260,25 @@ static int sbn__bell_reap(sbn__mpi_comm_t *m, int wait) {
   return 0;
 }
 
-static int sbn__mpi_ring(sbn_comm_t *c, uint64_t value) {
+static int sbn__mpi_bell_send(sbn_comm_t *c, int to, uint64_t value) {
   sbn__mpi_comm_t *m = (sbn__mpi_comm_t *)c;
-  for (int r = 0; r < c->size; r++) {
-    sbn__mpi_bell_t *b;
-    int err;
-    if (r == c->rank)
-      continue;
-    if ((b = calloc(1, sizeof *b)) == NULL)
-      return sbn_set_error(SBN_ENOMEM, "bell: out of memory");
-    b->value = value;
-    err = MPI_Isend(&b->value, 1, MPI_UINT64_T, r, SBN__BELL_TAG, m->comm,
-                    &b->req);
-    if (err != MPI_SUCCESS) {
-      free(b);
-      return sbn_mpi_error(err, "MPI_Isend");
-    }
-    b->next = m->bells;
-    m->bells = b;
+  sbn__mpi_bell_t *b;
+  int err;
+  if (to < 0 || to >= c->size || to == c->rank)
+    return sbn_set_error(SBN_EINVAL, "to: %d is not another rank of %d", to,
+                         c->size);
+  if ((b = calloc(1, sizeof *b)) == NULL)
+    return sbn_set_error(SBN_ENOMEM, "bell: out of memory");
+  b->value = value;
+  err = MPI_Isend(&b->value, 1, MPI_UINT64_T, to, SBN__BELL_TAG, m->comm,
+                  &b->req);
+  if (err != MPI_SUCCESS) {
+    free(b);
+    return sbn_mpi_error(err, "MPI_Isend");
   }
-  return sbn__bell_reap(m, 0);
+  b->next = m->bells;
+  m->bells = b;
+  return sbn__bell_reap(m);
 }
 
 static int sbn__mpi_bell_poll(sbn_comm_t *c, uint64_t *max) {
@@ -303,7 +301,7 @@ static int sbn__mpi_bell_poll(sbn_comm_t *c, uint64_t *max) {
     if (m->bell_in > *max)
       *max = m->bell_in;
   }
-  return sbn__bell_reap(m, 0);
+  return sbn__bell_reap(m);
 }
 
 /* Polling is what moves the reduction forward: Open MPI has no progress
@@ -371,7 +369,7 @@ static const sbn_comm_vtable_t sbn__mpi_vt = {
     .destroy = sbn__mpi_destroy,
     .iallgather_begin = sbn__mpi_igather,
     .iallreduce_bor_begin = sbn__mpi_ibor,
-    .bell_ring = sbn__mpi_ring,
+    .bell_send = sbn__mpi_bell_send,
     .bell_poll = sbn__mpi_bell_poll,
 };
 

@@ -46,8 +46,8 @@ SBN_API int sbn_mpi_comm_create(MPI_Comm parent, int group_size,
  *   with the same test/end as a reduction (syncbnd's agreement rounds);
  * - iallreduce_bor_begin: one MPI_Iallreduce of MPI_UINT64_T with MPI_BOR,
  *   finished the same way (syncbnd's negotiation of cached entries);
- * - bell_ring/bell_poll: MPI_Isend of one uint64 to every other process
- *   and an MPI_Irecv from any of them kept posted, on a tag no collective
+ * - bell_send/bell_poll: MPI_Isend of one uint64 to one process and an
+ *   MPI_Irecv from any of them kept posted, on a tag no collective
  *   uses, so that an idle syncbnd worker learns of work without any
  *   collective running.
  * Destroying a communicator with requests still begun abandons them (their

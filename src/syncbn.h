@@ -165,12 +165,12 @@ struct sbn_comm_vtable_s {
   int (*iallreduce_bor_begin)(sbn_comm_t *comm, uint64_t *words, size_t n,
                               void **request);
   /* Optional doorbell, so that idle processes need no collective to learn
-   * that one of them has work: bell_ring sends value to every other
-   * process (point to point, never blocking); bell_poll raises *max to the
+   * that one of them has work: bell_send sends value to process `to`
+   * (point to point, never blocking); bell_poll raises *max to the
    * largest value received since the last call (it leaves *max alone when
    * nothing came). Neither is a collective: processes call them whenever
    * they like. */
-  int (*bell_ring)(sbn_comm_t *comm, uint64_t value);
+  int (*bell_send)(sbn_comm_t *comm, int to, uint64_t value);
   int (*bell_poll)(sbn_comm_t *comm, uint64_t *max);
 };
 

@@ -255,10 +255,10 @@ int svc_worker_set_sync(svc_worker_t *w, sbn_comm_t *comm, double stall_timeout,
                          "comm: the communicator lacks the non-blocking "
                          "allgather or allreduce");
   /* Idle ranks learn of work only by their doorbells. */
-  if (comm->size > 1 && (vt->bell_ring == NULL || vt->bell_poll == NULL))
+  if (comm->size > 1 && (vt->bell_send == NULL || vt->bell_poll == NULL))
     return svc_set_error(SVC_BAD_PARAMS,
                          "comm: the communicator lacks the doorbell "
-                         "(bell_ring, bell_poll)");
+                         "(bell_send, bell_poll)");
   if (comm->size != w->cfg.size)
     return svc_set_error(SVC_BAD_PARAMS,
                          "comm: %d processes, the job has %d ranks", comm->size,

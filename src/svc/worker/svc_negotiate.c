@@ -258,15 +258,22 @@ int svc__wake(svc_worker_t *w, int *rc) {
   }
   if (own == 2)
     w->expire_next = w->now + w->stall_timeout / 2;
-  if (!own)
-    return w->bell_max >= w->epoch;
-  if (w->bell_max < w->epoch && w->cfg.size > 1) {
-    /* The others are idle in this epoch (or will be once their last round
-     * ends) and wait for this doorbell; a doorbell of theirs would have
-     * started the round anyway. */
-    int r = w->sync->vt->bell_ring(w->sync, w->epoch);
-    if (r != 0) {
-      *rc = svc_set_error(SVC_INTERNAL, "agreement: bell_ring: %s",
+  if (!own && w->bell_max < w->epoch)
+    return 0;
+  /* The round of this epoch starts here. The others are idle in it (or
+   * will be once their last round ends) and learn of it by the doorbell,
+   * passed on along a binary tree over the ranks (parent (r - 1) / 2,
+   * children 2r + 1 and 2r + 2) by every rank that joins: every rank hears
+   * of it after at most 2 log2(P) hops, and none sends more than three
+   * messages per round, whatever the job's size. The one sent back to
+   * where it came from is harmless: a doorbell only raises bell_max. */
+  for (int k = 0; k < 3 && w->cfg.size > 1; k++) {
+    int r = w->cfg.rank, to = k == 0 ? (r > 0 ? (r - 1) / 2 : -1) : 2 * r + k;
+    int e;
+    if (to < 0 || to >= w->cfg.size)
+      continue;
+    if ((e = w->sync->vt->bell_send(w->sync, to, w->epoch)) != 0) {
+      *rc = svc_set_error(SVC_INTERNAL, "agreement: bell_send: %s",
                           sbn_last_error());
       return 0;
     }

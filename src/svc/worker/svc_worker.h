@@ -61,7 +61,7 @@ int svc_worker_handle(svc_worker_t *w, const uint8_t *body, size_t len,
  * calling svc_worker_poll() from its event loop: at once after a request
  * was deferred, continuously while svc_worker_busy(), and every cycle
  * otherwise. A round starts when this rank has a new entry (it rings the
- * others' doorbells, bell_ring) or a doorbell of the current epoch came
+ * others' doorbells, bell_send) or a doorbell of the current epoch came
  * (bell_poll); the worker then runs one non-blocking collective at a time
  * on the job's communicator: an OR of the bit sets over the cached slots
  * (iallreduce_bor_begin), an allgather of the lists of uncached entries
@@ -80,7 +80,7 @@ typedef void (*svc_deliver_fn)(void *ctx, void *token, uint8_t *reply,
  * over comm, whose size is the job's and which must outlive the worker;
  * it needs the non-blocking entries (iallgather_begin, iallreduce_begin,
  * iallreduce_bor_begin, _test, _end) and, for more than one rank, the
- * doorbell (bell_ring, bell_poll). Returns 0, or -SVC_BAD_PARAMS when they
+ * doorbell (bell_send, bell_poll). Returns 0, or -SVC_BAD_PARAMS when they
  * are missing.
  * stall_timeout: seconds after which an entry that some ranks submitted
  * and others did not fails with STALL on every rank. */

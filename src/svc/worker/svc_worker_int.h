@@ -324,7 +324,7 @@ typedef struct svc__metrics_s {
   uint64_t frames_in, frames_out;
   uint64_t connections, auth_failures;
   uint64_t allreduces, entries_fused, gathers;
-  uint64_t negotiations, bells, rounds; /* bit-set ORs, doorbells rung */
+  uint64_t negotiations, bells, rounds; /* bit-set ORs, doorbells sent */
   uint64_t agree_bytes; /* negotiation + gather bytes this rank sent */
   uint64_t cache_hits;  /* entries agreed through their cache slot */
   uint64_t fuse_hist[SVC__FUSE_BUCKETS];
