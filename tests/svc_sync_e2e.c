@@ -396,6 +396,35 @@ static void test_disconnect(void) {
           jobs[r].code);
 }
 
+/* An idle job runs no collective: over one second without requests no
+ * worker starts an agreement round (rounds are event-driven since
+ * protocol 5; they used to run every cycle). */
+static void test_idle(void) {
+  sbn_client_metrics_t m0[MAXNP], m1[MAXNP];
+  sbn_client_t *c[MAXNP];
+  for (int r = 0; r < NP; r++) {
+    c[r] = connect_rank(r, 10);
+    CHECK(sbn_client_metrics(c[r], &m0[r]) == 0, "metrics: %s",
+          sbn_last_error());
+  }
+  sleep(1);
+  for (int r = 0; r < NP; r++) {
+    CHECK(sbn_client_metrics(c[r], &m1[r]) == 0, "metrics: %s",
+          sbn_last_error());
+    CHECK(m1[r].negotiations == m0[r].negotiations &&
+              m1[r].gathers == m0[r].gathers &&
+              m1[r].allreduces == m0[r].allreduces &&
+              m1[r].bells == m0[r].bells,
+          "rank %d ran collectives while idle: %llu negotiations, %llu "
+          "gathers, %llu allreduces in 1 s",
+          r, (unsigned long long)(m1[r].negotiations - m0[r].negotiations),
+          (unsigned long long)(m1[r].gathers - m0[r].gathers),
+          (unsigned long long)(m1[r].allreduces - m0[r].allreduces));
+    CHECK(m1[r].negotiations > 0, "rank %d never negotiated", r);
+    sbn_client_close(c[r]);
+  }
+}
+
 int main(int argc, char **argv) {
   char dir[128];
   static const int ns2[MAXNP] = {5, 0}, ns3[MAXNP] = {2, 0, 5};
@@ -413,6 +442,7 @@ int main(int argc, char **argv) {
   test_out_of_order();
   test_stall();
   test_disconnect();
+  test_idle();
   printf("svc_sync_e2e: np=%d ok\n", NP);
   return 0;
 }
