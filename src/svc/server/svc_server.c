@@ -2,6 +2,7 @@
 #define _GNU_SOURCE /* struct ucred for SO_PEERCRED, explicit_bzero */
 #include "svc_server.h"
 
+#include "svc_io.h"
 #include "svc_server_int.h"
 
 #include <arpa/inet.h>
@@ -47,11 +48,7 @@ struct svc_server_s {
   int ticking;
   void (*tick_fn)(void *arg);
   void *tick_arg;
-  /* While the worker is busy (svc_worker_busy) the tick also runs on
-   * every loop iteration, so that a round's collectives follow each other
-   * without waiting for the timer. */
-  uv_idle_t spin;
-  int spinning;
+  svc__spin_t spin; /* runs the tick continuously while the worker is busy */
   /* libuv calls alloc and read back to back, so one buffer serves every
    * connection. */
   char rbuf[SVC__READ_BUF];
@@ -284,10 +281,6 @@ static void svc__arm(svc__conn_t *c, double seconds) {
     uv_timer_start(&c->timer, svc__on_timer, (uint64_t)(seconds * 1000.0), 0);
 }
 
-static void svc__kick(svc_server_t *s);
-static void svc__big_buffers(svc__conn_t *c);
-static void svc__on_spin(uv_idle_t *h);
-
 static void svc__frame_done(svc__conn_t *c) {
   uint8_t *reply = NULL;
   size_t len = 0;
@@ -315,7 +308,7 @@ static void svc__frame_done(svc__conn_t *c) {
      * meanwhile. */
     c->pending = 1;
     uv_timer_stop(&c->timer);
-    svc__kick(c->srv); /* a new entry starts a round at once */
+    svc__spin_kick(&c->srv->spin); /* a new entry starts a round at once */
     return;
   }
   if (close_after) {
@@ -333,14 +326,9 @@ static void svc__frame_done(svc__conn_t *c) {
 static void svc__alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf) {
   svc__conn_t *c = h->data;
   (void)hint;
-  /* In the middle of a large body the socket reads straight into the
-   * frame's own buffer: a tensor's bytes are not copied once more. */
-  if (c->body != NULL && !c->pending &&
-      c->body_len - c->body_have >= SVC__READ_BUF) {
-    *buf = uv_buf_init((char *)c->body + c->body_have,
-                       (unsigned)(c->body_len - c->body_have));
+  if (svc__io_direct(c->body, c->body_len, c->body_have, c->pending,
+                     SVC__READ_BUF, buf))
     return;
-  }
   *buf = uv_buf_init(c->srv->rbuf, sizeof c->srv->rbuf);
 }
 
@@ -359,8 +347,7 @@ static void svc__on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf) {
   n = (size_t)nread;
   svc_worker_note_io(c->srv->worker, 0, n, 0, 0);
   if (c->body != NULL && p == c->body + c->body_have && n > 0) {
-    /* Read in place by svc__alloc. */
-    c->body_have += (uint32_t)n;
+    c->body_have += (uint32_t)n; /* read in place (svc__io_direct) */
     if (c->body_have == c->body_len)
       svc__frame_done(c);
     return;
@@ -522,7 +509,7 @@ static void svc__on_connection(uv_stream_t *ls, int status) {
                    "connection: the worker serves max_clients clients");
     return;
   }
-  svc__big_buffers(c);
+  svc__io_big_buffers(&c->h.handle);
   svc__arm(c, c->authed ? s->cfg.idle_timeout : svc__auth_deadline(s));
   if (uv_read_start(&c->h.stream, svc__alloc, svc__on_read) != 0)
     svc__conn_close(c);
@@ -530,15 +517,6 @@ static void svc__on_connection(uv_stream_t *ls, int status) {
 
 /* ------------------------------------------------------------------ */
 /* Server */
-
-/* Megabyte tensors go through in fewer, larger reads and writes; the
- * kernel caps the size at its maximum without failing (best effort). */
-static void svc__big_buffers(svc__conn_t *c) {
-  int bytes = 4 << 20;
-  uv_send_buffer_size(&c->h.handle, &bytes);
-  bytes = 4 << 20;
-  uv_recv_buffer_size(&c->h.handle, &bytes);
-}
 
 static void svc__shutdown(svc_server_t *s) {
   if (s->stopping)
@@ -548,7 +526,7 @@ static void svc__shutdown(svc_server_t *s) {
     svc__conn_close(s->conns);
   if (s->ticking) {
     uv_close((uv_handle_t *)&s->tick, NULL);
-    uv_close((uv_handle_t *)&s->spin, NULL);
+    svc__spin_close(&s->spin);
     s->ticking = 0;
   }
   if (s->listening) {
@@ -722,30 +700,9 @@ fail:
   return err;
 }
 
-/* Runs the tick, then keeps the loop spinning while the worker is busy
- * and lets it sleep until the next event or timer tick when it is not. */
-static void svc__kick(svc_server_t *s) {
-  int busy;
-  if (!s->ticking)
-    return;
-  s->tick_fn(s->tick_arg);
-  if (!s->ticking)
-    return; /* the tick stopped the server */
-  busy = svc_worker_busy(s->worker);
-  if (busy && !s->spinning)
-    s->spinning = uv_idle_start(&s->spin, svc__on_spin) == 0;
-  else if (!busy && s->spinning) {
-    uv_idle_stop(&s->spin);
-    s->spinning = 0;
-  }
-}
-
-static void svc__on_spin(uv_idle_t *h) {
-  svc__kick(h->data);
-}
-
 static void svc__on_tick(uv_timer_t *t) {
-  svc__kick(t->data);
+  svc_server_t *s = t->data;
+  svc__spin_kick(&s->spin);
 }
 
 int svc_server_set_tick(svc_server_t *s, uint64_t period_us,
@@ -757,9 +714,8 @@ int svc_server_set_tick(svc_server_t *s, uint64_t period_us,
   s->tick_fn = fn;
   s->tick_arg = arg;
   uv_timer_init(&s->loop, &s->tick);
-  uv_idle_init(&s->loop, &s->spin);
+  svc__spin_init(&s->spin, &s->loop, s->worker, fn, arg);
   s->tick.data = s;
-  s->spin.data = s;
   s->ticking = 1;
   if ((rc = uv_timer_start(&s->tick, svc__on_tick, ms, ms > 0 ? ms : 1)) != 0)
     return svc_set_error(SVC_INTERNAL, "tick: %s", uv_strerror(rc));
