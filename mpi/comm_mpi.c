@@ -20,11 +20,28 @@ typedef struct sbn__mpi_req_s {
   struct sbn__mpi_req_s *prev, *next;
 } sbn__mpi_req_t;
 
+/* A doorbell send in flight: its buffer must live until it completes. */
+typedef struct sbn__mpi_bell_s {
+  MPI_Request req;
+  uint64_t value;
+  struct sbn__mpi_bell_s *next;
+} sbn__mpi_bell_t;
+
 typedef struct sbn__mpi_comm_s {
   sbn_comm_t base;      /* first, so a sbn_comm_t * is a sbn__mpi_comm_t * */
   MPI_Comm comm;        /* the sync group, owned */
   sbn__mpi_req_t *reqs; /* requests begun and not yet ended */
+  /* The doorbell: one receive kept posted once the first poll ran, and
+   * the sends not yet known complete. */
+  MPI_Request bell_rx;
+  uint64_t bell_in;
+  int bell_posted;
+  sbn__mpi_bell_t *bells;
 } sbn__mpi_comm_t;
+
+/* The doorbell's tag: point-to-point messages never match collectives, and
+ * the communicator is syncbn's own, so no other message uses it. */
+#define SBN__BELL_TAG 7321
 
 /* A new request listed in m, or NULL when out of memory. */
 static sbn__mpi_req_t *sbn__req_new(sbn__mpi_comm_t *m) {
@@ -199,6 +216,94 @@ static int sbn__mpi_igather(sbn_comm_t *c, const void *send, void *recv,
   return 0;
 }
 
+/* A bitwise OR of words over the group, for syncbnd's negotiation. */
+static int sbn__mpi_ibor(sbn_comm_t *c, uint64_t *words, size_t n,
+                         void **request) {
+  sbn__mpi_comm_t *m = (sbn__mpi_comm_t *)c;
+  sbn__mpi_req_t *r = NULL;
+  int count = 0, rc, err;
+  if (request == NULL)
+    return sbn_set_error(SBN_EINVAL, "request: NULL");
+  *request = NULL;
+  if ((rc = sbn__mpi_count(n, &count)) != 0)
+    return rc;
+  r = sbn__req_new(m);
+  if (r == NULL)
+    return sbn_set_error(SBN_ENOMEM, "request: out of memory");
+  if (count > 0) {
+    err = MPI_Iallreduce(MPI_IN_PLACE, words, count, MPI_UINT64_T, MPI_BOR,
+                         m->comm, &r->req);
+    if (err != MPI_SUCCESS) {
+      sbn__req_free(m, r);
+      return sbn_mpi_error(err, "MPI_Iallreduce");
+    }
+  }
+  *request = r;
+  return 0;
+}
+
+/* Frees the doorbell sends that completed. */
+static int sbn__bell_reap(sbn__mpi_comm_t *m) {
+  for (sbn__mpi_bell_t **pp = &m->bells; *pp != NULL;) {
+    sbn__mpi_bell_t *b = *pp;
+    int done = 0, err;
+    err = MPI_Test(&b->req, &done, MPI_STATUS_IGNORE);
+    if (err != MPI_SUCCESS)
+      return sbn_mpi_error(err, "MPI_Test");
+    if (!done) {
+      pp = &b->next;
+      continue;
+    }
+    *pp = b->next;
+    free(b);
+  }
+  return 0;
+}
+
+static int sbn__mpi_bell_send(sbn_comm_t *c, int to, uint64_t value) {
+  sbn__mpi_comm_t *m = (sbn__mpi_comm_t *)c;
+  sbn__mpi_bell_t *b;
+  int err;
+  if (to < 0 || to >= c->size || to == c->rank)
+    return sbn_set_error(SBN_EINVAL, "to: %d is not another rank of %d", to,
+                         c->size);
+  if ((b = calloc(1, sizeof *b)) == NULL)
+    return sbn_set_error(SBN_ENOMEM, "bell: out of memory");
+  b->value = value;
+  err = MPI_Isend(&b->value, 1, MPI_UINT64_T, to, SBN__BELL_TAG, m->comm,
+                  &b->req);
+  if (err != MPI_SUCCESS) {
+    free(b);
+    return sbn_mpi_error(err, "MPI_Isend");
+  }
+  b->next = m->bells;
+  m->bells = b;
+  return sbn__bell_reap(m);
+}
+
+static int sbn__mpi_bell_poll(sbn_comm_t *c, uint64_t *max) {
+  sbn__mpi_comm_t *m = (sbn__mpi_comm_t *)c;
+  int err, done = 0;
+  for (;;) {
+    if (!m->bell_posted) {
+      err = MPI_Irecv(&m->bell_in, 1, MPI_UINT64_T, MPI_ANY_SOURCE,
+                      SBN__BELL_TAG, m->comm, &m->bell_rx);
+      if (err != MPI_SUCCESS)
+        return sbn_mpi_error(err, "MPI_Irecv");
+      m->bell_posted = 1;
+    }
+    err = MPI_Test(&m->bell_rx, &done, MPI_STATUS_IGNORE);
+    if (err != MPI_SUCCESS)
+      return sbn_mpi_error(err, "MPI_Test");
+    if (!done)
+      break;
+    m->bell_posted = 0;
+    if (m->bell_in > *max)
+      *max = m->bell_in;
+  }
+  return sbn__bell_reap(m);
+}
+
 /* Polling is what moves the reduction forward: Open MPI has no progress
  * thread here, so a caller overlapping work should call this now and then.
  * The request stays allocated until iallreduce_end. */
@@ -238,6 +343,18 @@ static void sbn__mpi_destroy(sbn_comm_t *c) {
    * the process. */
   while (m->reqs != NULL)
     sbn__req_free(m, m->reqs);
+  /* The posted doorbell receive is cancelled; sends are finished (their
+   * receivers keep a receive posted until they go too). */
+  if (m->bell_posted) {
+    MPI_Cancel(&m->bell_rx);
+    MPI_Request_free(&m->bell_rx);
+  }
+  while (m->bells != NULL) {
+    sbn__mpi_bell_t *b = m->bells;
+    m->bells = b->next;
+    MPI_Request_free(&b->req);
+    free(b);
+  }
   if (m->comm != MPI_COMM_NULL)
     MPI_Comm_free(&m->comm);
   free(m);
@@ -251,6 +368,9 @@ static const sbn_comm_vtable_t sbn__mpi_vt = {
     .iallreduce_end = sbn__mpi_iend,
     .destroy = sbn__mpi_destroy,
     .iallgather_begin = sbn__mpi_igather,
+    .iallreduce_bor_begin = sbn__mpi_ibor,
+    .bell_send = sbn__mpi_bell_send,
+    .bell_poll = sbn__mpi_bell_poll,
 };
 
 MPI_Comm sbn_mpi_comm_handle(const sbn_comm_t *c) {

@@ -43,7 +43,13 @@ SBN_API int sbn_mpi_comm_create(MPI_Comm parent, int group_size,
  *   must be called exactly once: it waits with MPI_Wait and frees the
  *   request. The fused and non-blocking API of syncbn_fused.h wraps these;
  * - iallgather_begin: one MPI_Iallgather of bytes over the group, finished
- *   with the same test/end as a reduction (syncbnd's agreement rounds).
+ *   with the same test/end as a reduction (syncbnd's agreement rounds);
+ * - iallreduce_bor_begin: one MPI_Iallreduce of MPI_UINT64_T with MPI_BOR,
+ *   finished the same way (syncbnd's negotiation of cached entries);
+ * - bell_send/bell_poll: MPI_Isend of one uint64 to one process and an
+ *   MPI_Irecv from any of them kept posted, on a tag no collective
+ *   uses, so that an idle syncbnd worker learns of work without any
+ *   collective running.
  * Destroying a communicator with requests still begun abandons them (their
  * memory here is freed; MPI cannot cancel a collective): for a process
  * that leaves without MPI_Finalize.

@@ -159,6 +159,19 @@ struct sbn_comm_vtable_s {
    * written positionally stay valid. */
   int (*iallgather_begin)(sbn_comm_t *comm, const void *send, void *recv,
                           size_t bytes, void **request);
+  /* Optional non-blocking bitwise OR of n 64-bit words in place over all
+   * processes (syncbnd's negotiation of cached entries); polled and
+   * finished like the others. */
+  int (*iallreduce_bor_begin)(sbn_comm_t *comm, uint64_t *words, size_t n,
+                              void **request);
+  /* Optional doorbell, so that idle processes need no collective to learn
+   * that one of them has work: bell_send sends value to process `to`
+   * (point to point, never blocking); bell_poll raises *max to the
+   * largest value received since the last call (it leaves *max alone when
+   * nothing came). Neither is a collective: processes call them whenever
+   * they like. */
+  int (*bell_send)(sbn_comm_t *comm, int to, uint64_t value);
+  int (*bell_poll)(sbn_comm_t *comm, uint64_t *max);
 };
 
 /* Implementations embed this struct first. rank/size are within the

@@ -16,7 +16,7 @@ COLUMNS = ["mode", "variant", "op", "pass", "layout", "shape", "ranks",
            "group_size", "median_us", "p90_us", "best_us", "floor_us", "floor_ratio",
            "gbps", "overhead_us", "overhead_pct", "overhead_per_allreduce",
            "bytes", "avg_us", "min_us", "max_us", "iterations", "hop_us",
-           "hop_ratio"]
+           "hop_ratio", "target_us", "target_ratio", "agree_bytes_round"]
 STRINGS = {"mode", "variant", "op", "pass", "layout"}
 INTS = {"ranks", "group_size"}
 # The variants of each mode, and the numbers each variant must carry.
@@ -30,9 +30,13 @@ VARIANTS = {
                 "groupnorm": ["overhead_us", "overhead_pct"]},
     "sizes": {v: ["bytes", "avg_us", "min_us", "max_us", "iterations"]
               for v in ("records", "sum_same_bytes", "sum_2c1")},
-    "service": {"service_full": ["hop_us", "hop_ratio"], "sync": [],
-                "service_stats": ["hop_us", "hop_ratio"],
-                "inproc_stats": []},
+    "service": {"service_full": ["hop_us", "hop_ratio", "floor_us",
+                                 "floor_ratio"], "sync": [],
+                "service_stats": ["hop_us", "hop_ratio", "agree_bytes_round"],
+                "inproc_stats": [],
+                "service_stats1": ["hop_us", "hop_ratio", "target_us",
+                                   "target_ratio", "agree_bytes_round"],
+                "allreduce1": [], "unix_echo": []},
 }
 
 problems = []
@@ -149,10 +153,14 @@ def check_derived(recs, mode):
             close(r["bytes"], 4 * (2 * c + 1) if v == "sum_2c1" else 32 * c,
                   "sizes bytes")
         elif mode == "service" and v.startswith("service_"):
-            base = "sync" if v == "service_full" else "inproc_stats"
-            other = [x for x in recs if x["variant"] == base and
-                     tuple(x["shape"]) == tuple(r["shape"]) and
-                     x["layout"] == r["layout"]]
+            base = {"service_full": "sync", "service_stats": "inproc_stats",
+                    "service_stats1": "allreduce1"}[v]
+
+            def same(name):
+                return [x for x in recs if x["variant"] == name and
+                        tuple(x["shape"]) == tuple(r["shape"]) and
+                        x["layout"] == r["layout"]]
+            other = same(base)
             if len(other) != 1:
                 bad("service %s without its in-process record" % v)
                 continue
@@ -160,6 +168,20 @@ def check_derived(recs, mode):
                   "hop_us")
             close(r["hop_ratio"], r["median_us"] / other[0]["median_us"],
                   "hop_ratio")
+            if v == "service_stats1":
+                close(r["target_us"], 1.5 * other[0]["median_us"] + 50,
+                      "target_us")
+                close(r["target_ratio"], r["median_us"] / r["target_us"],
+                      "target_ratio")
+            if v == "service_full":
+                echo = same("unix_echo")
+                if len(echo) != 1:
+                    bad("service_full without its unix_echo record")
+                    continue
+                close(r["floor_us"], other[0]["median_us"] +
+                      echo[0]["median_us"], "floor_us")
+                close(r["floor_ratio"], r["median_us"] / r["floor_us"],
+                      "floor_ratio")
 
 
 def check_csv(path, recs):

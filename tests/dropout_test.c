@@ -52,8 +52,8 @@ static int fake_allreduce(sbn_comm_t *c, sbn_rec_t *r, size_t n) {
 static void fake_destroy(sbn_comm_t *c) {
   (void)c;
 }
-static const sbn_comm_vtable_t fake_vt = {fake_allreduce, NULL,         NULL,
-                                          NULL,           fake_destroy, NULL};
+static const sbn_comm_vtable_t fake_vt = {.allreduce = fake_allreduce,
+                                          .destroy = fake_destroy};
 
 static sbn_layer_t *do_layer(double p, uint32_t seed, uint32_t layer_id,
                              sbn_comm_t *comm) {

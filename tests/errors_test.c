@@ -153,7 +153,7 @@ static void test_create_errors(void **state) {
   EXPECT_ERR(sbn_layer_create(&p, NULL, NULL), SBN_EINVAL, "out");
   EXPECT_ERR(sbn_layer_create(NULL, NULL, &l), SBN_EINVAL, "params");
   assert_null(l);
-  static const sbn_comm_vtable_t novt = {NULL, NULL, NULL, NULL, NULL, NULL};
+  static const sbn_comm_vtable_t novt = {.allreduce = NULL};
   sbn_comm_t bad = {&novt, 0, 1, 0};
   EXPECT_ERR(sbn_layer_create(&p, &bad, &l), SBN_EINVAL, "comm");
   assert_null(l);

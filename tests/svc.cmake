@@ -90,6 +90,15 @@ target_link_libraries(svc_worker_test PRIVATE syncbn_svc syncbn
 add_test(NAME svc_worker_test COMMAND svc_worker_test)
 set_tests_properties(svc_worker_test PROPERTIES TIMEOUT 60 LABELS "unit;svc")
 
+# The agreement engine on a simulated communicator of up to 1024 ranks in
+# one process: event-driven rounds, the response cache, its bytes per rank.
+add_executable(svc_agree_sim_test ${CMAKE_CURRENT_LIST_DIR}/svc_agree_sim_test.c
+  ${CMAKE_CURRENT_LIST_DIR}/svc_testutil.c)
+target_link_libraries(svc_agree_sim_test PRIVATE syncbn_svc syncbn
+  PkgConfig::CMOCKA PkgConfig::MSGPACK m)
+add_test(NAME svc_agree_sim_test COMMAND svc_agree_sim_test)
+set_tests_properties(svc_agree_sim_test PROPERTIES TIMEOUT 120 LABELS "unit;svc")
+
 # The client library's protocol 3 calls (batch, stats, state, checkpoints,
 # metrics, TCP) against `mpirun -np 2 syncbnd`.
 if(TARGET syncbn_client AND TARGET syncbnd AND MPIEXEC_EXECUTABLE

@@ -214,8 +214,8 @@ static int ref_allreduce(sbn_comm_t *c, sbn_rec_t *r, size_t n) {
 static void ref_destroy(sbn_comm_t *c) {
   (void)c;
 }
-static const sbn_comm_vtable_t ref_vt = {ref_allreduce, NULL,        NULL,
-                                         NULL,          ref_destroy, NULL};
+static const sbn_comm_vtable_t ref_vt = {.allreduce = ref_allreduce,
+                                         .destroy = ref_destroy};
 
 typedef struct kcase_s {
   const char *kind;

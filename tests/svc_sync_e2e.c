@@ -160,8 +160,8 @@ static int ref_allreduce(sbn_comm_t *c, sbn_rec_t *r, size_t n) {
 static void ref_destroy(sbn_comm_t *c) {
   (void)c;
 }
-static const sbn_comm_vtable_t ref_vt = {ref_allreduce, NULL,        NULL,
-                                         NULL,          ref_destroy, NULL};
+static const sbn_comm_vtable_t ref_vt = {.allreduce = ref_allreduce,
+                                         .destroy = ref_destroy};
 
 static void run_threads(job_t *jobs, int n) {
   pthread_t t[2 * MAXNP];
@@ -369,19 +369,18 @@ static void test_disconnect(void) {
    * readable before that request was sent), but an entry that is listed
    * in the agreement round in flight is withdrawn only when that round
    * ends, and a rank 1 that lists the step in that same round completes
-   * it (seen in CI under load). Two more rounds begun on rank 0 mean the
-   * round in flight at the close has ended. */
+   * it (seen in CI under load). Rounds are event-driven (an idle worker
+   * runs none), so the wait is for rank 0's pending count to reach 0. */
   {
-    sbn_client_metrics_t m0, m;
+    sbn_client_metrics_t m;
     c = connect_rank(0, 10);
-    CHECK(sbn_client_metrics(c, &m0) == 0, "metrics: %s", sbn_last_error());
     for (int i = 0; i < 5000; i++) {
       CHECK(sbn_client_metrics(c, &m) == 0, "metrics: %s", sbn_last_error());
-      if (m.gathers >= m0.gathers + 2)
+      if (m.pending == 0)
         break;
       usleep(1000);
     }
-    CHECK(m.gathers >= m0.gathers + 2, "rank 0 ran no agreement round in 5 s");
+    CHECK(m.pending == 0, "rank 0 still holds the entry after 5 s");
     sbn_client_close(c);
   }
   memset(jobs, 0, sizeof jobs);
@@ -395,6 +394,35 @@ static void test_disconnect(void) {
   for (int r = 0; r < NP; r++)
     CHECK(jobs[r].rc == 0, "step after disconnect rank %d: %s", r,
           jobs[r].code);
+}
+
+/* An idle job runs no collective: over one second without requests no
+ * worker starts an agreement round (rounds are event-driven since
+ * protocol 5; they used to run every cycle). */
+static void test_idle(void) {
+  sbn_client_metrics_t m0[MAXNP], m1[MAXNP];
+  sbn_client_t *c[MAXNP];
+  for (int r = 0; r < NP; r++) {
+    c[r] = connect_rank(r, 10);
+    CHECK(sbn_client_metrics(c[r], &m0[r]) == 0, "metrics: %s",
+          sbn_last_error());
+  }
+  sleep(1);
+  for (int r = 0; r < NP; r++) {
+    CHECK(sbn_client_metrics(c[r], &m1[r]) == 0, "metrics: %s",
+          sbn_last_error());
+    CHECK(m1[r].negotiations == m0[r].negotiations &&
+              m1[r].gathers == m0[r].gathers &&
+              m1[r].allreduces == m0[r].allreduces &&
+              m1[r].bells == m0[r].bells,
+          "rank %d ran collectives while idle: %llu negotiations, %llu "
+          "gathers, %llu allreduces in 1 s",
+          r, (unsigned long long)(m1[r].negotiations - m0[r].negotiations),
+          (unsigned long long)(m1[r].gathers - m0[r].gathers),
+          (unsigned long long)(m1[r].allreduces - m0[r].allreduces));
+    CHECK(m1[r].negotiations > 0, "rank %d never negotiated", r);
+    sbn_client_close(c[r]);
+  }
 }
 
 int main(int argc, char **argv) {
@@ -414,6 +442,7 @@ int main(int argc, char **argv) {
   test_out_of_order();
   test_stall();
   test_disconnect();
+  test_idle();
   printf("svc_sync_e2e: np=%d ok\n", NP);
   return 0;
 }

@@ -1848,6 +1848,13 @@ static int lb_allreduce(sbn_comm_t *c, sbn_rec_t *recs, size_t n) {
   return 0;
 }
 
+static int lb_bor(sbn_comm_t *c, uint64_t *words, size_t n, void **req) {
+  (void)words;
+  (void)n;
+  *req = c;
+  return 0;
+}
+
 static int lb_test(sbn_comm_t *c, void *req, int *done) {
   assert_ptr_equal(req, c);
   *done = 1;
@@ -1870,6 +1877,7 @@ static const sbn_comm_vtable_t lb_vt = {
     .iallreduce_end = lb_end,
     .destroy = lb_destroy,
     .iallgather_begin = lb_gather,
+    .iallreduce_bor_begin = lb_bor,
 };
 
 static void lb_deliver(void *ctx, void *token, uint8_t *reply, size_t len) {

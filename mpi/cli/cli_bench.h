@@ -12,6 +12,7 @@
  *   cli_bench_sizes.c    `sizes`: an OSU-style allreduce latency table
  *   cli_bench_service.c  `service`: the layer measurement through syncbnd
  *   cli_bench_job.c      the syncbnd job that `service` starts
+ *   cli_bench_echo.c     `service`'s copy floor: a Unix-socket echo
  */
 #ifndef SBN_CLI_BENCH_H
 #define SBN_CLI_BENCH_H
@@ -56,6 +57,10 @@ typedef struct sbn_bench_rec_s {
   double overhead_us, overhead_pct, overhead_per_allreduce;
   double bytes, avg_us, min_us, max_us, iterations;
   double hop_us, hop_ratio;
+  /* service: a stats entry's target (1.5 x the bare allreduce + 50 us),
+   * the entry's time over it, and the agreement bytes per rank and round
+   * (the bit sets and gathered lists, not the records). */
+  double target_us, target_ratio, agree_bytes_round;
 } sbn_bench_rec_t;
 
 /* The records of one run, in the order measured. */

@@ -50,6 +50,9 @@ static const col_t cols[] = {
     NUM(iterations, "%.0f"),
     NUM(hop_us, "%.1f"),
     NUM(hop_ratio, "%.2f"),
+    NUM(target_us, "%.1f"),
+    NUM(target_ratio, "%.2f"),
+    NUM(agree_bytes_round, "%.0f"),
 };
 #define NCOLS (sizeof cols / sizeof *cols)
 

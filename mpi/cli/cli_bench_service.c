@@ -5,8 +5,16 @@
  * through the service (service_full) against SyncBN forward + backward in
  * this process (sync); and the stats path, a `stats` + `stats_backward`
  * request pair (service_stats), against its in-process equivalent, the two
- * record allreduces of SyncBN (inproc_stats). hop_us is the service's time
- * minus the in-process time, hop_ratio their quotient. */
+ * record allreduces of SyncBN (inproc_stats); and the documented fast path
+ * alone, one `stats` entry (service_stats1) against one bare allreduce of
+ * the same C records (allreduce1), whose target_us is 1.5 x the allreduce
+ * + 50 us (target_ratio <= 1 meets it). hop_us is the service's time minus
+ * the in-process time, hop_ratio their quotient; agree_bytes_round is what
+ * each worker sent per agreement round to agree (bit sets and gathered
+ * lists, from its metrics), the largest over the ranks. The full path's
+ * copy floor is unix_echo: x and dy sent through a Unix socket to a thread
+ * that sends them back (into y and dx); service_full's floor_us is sync +
+ * unix_echo, floor_ratio service_full over it. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,11 +24,21 @@
 #include <unistd.h>
 
 #include "cli_bench.h"
+#include "cli_bench_echo.h"
 #include "cli_bench_job.h"
 #include "client.h"
 #include "syncbn_mpi.h"
 
-enum { SV_FULL, SV_SYNC, SV_STATS, SV_INPROC_STATS, SV_COUNT };
+enum {
+  SV_FULL,
+  SV_SYNC,
+  SV_STATS,
+  SV_INPROC_STATS,
+  SV_STATS1,
+  SV_AR1,
+  SV_ECHO,
+  SV_COUNT
+};
 
 /* One configuration's connection-side state. */
 typedef struct svc_cfg_s {
@@ -32,7 +50,18 @@ typedef struct svc_cfg_s {
   sbn_bench_bufs_t u;
   double *mean, *m2, *gsum, *gsum2; /* C doubles each */
   sbn_rec_t *recs;
+  sbn_bench_echo_t echo;
 } svc_cfg_t;
+
+/* The copy floor of service_full: x out and y back, dy out and dx back,
+ * through the echo. */
+static int svc_echo(svc_cfg_t *s, int k) {
+  size_t at = (size_t)k * s->u.n, bytes = s->u.n * sizeof(float);
+  int rc = sbn__bench_echo(&s->echo, s->u.x + at, bytes, s->u.y + at);
+  if (rc == 0)
+    rc = sbn__bench_echo(&s->echo, s->u.dy + at, bytes, s->u.dx + at);
+  return rc;
+}
 
 static int svc_full(svc_cfg_t *s, const sbn_tensor_desc_t *d, int k) {
   size_t at = (size_t)k * s->u.n;
@@ -57,10 +86,19 @@ static int svc_stats(svc_cfg_t *s, const sbn_tensor_desc_t *d) {
   return rc;
 }
 
+/* One stats entry: the fast path for a client computing locally. */
+static int svc_stats1(svc_cfg_t *s, const sbn_tensor_desc_t *d) {
+  uint64_t step = (*s->step)++;
+  uint64_t count = sbn__bench_numel(d) / d->dims[1];
+  sbn_client_stats_t st = {NULL, s->gsum, NULL, NULL, NULL};
+  return sbn_client_stats(s->c, s->layer, step, s->u.c, count, NULL, s->mean,
+                          s->m2, &st);
+}
+
 /* What the stats pair stands for in process: SyncBN's two reductions of
- * C records (moments forward, sums backward). */
-static int inproc_stats(svc_cfg_t *s) {
-  for (int pass = 0; pass < 2; pass++) {
+ * C records (moments forward, sums backward); passes 1 for one. */
+static int inproc_stats(svc_cfg_t *s, int passes) {
+  for (int pass = 0; pass < passes; pass++) {
     for (size_t c = 0; c < s->u.c; c++) {
       s->recs[c].tag = pass ? SBN_REC_SUM : SBN_REC_MOMENTS;
       s->recs[c].v[0] = 10;
@@ -88,8 +126,14 @@ static int svc_reps(const sbn_bench_opts_t *o, svc_cfg_t *s,
         rc = sbn__bench_fwd_bwd(s->sync, d, &s->u, k, (uint64_t)it);
       else if (v == SV_STATS)
         rc = svc_stats(s, d);
+      else if (v == SV_INPROC_STATS)
+        rc = inproc_stats(s, 2);
+      else if (v == SV_STATS1)
+        rc = svc_stats1(s, d);
+      else if (v == SV_AR1)
+        rc = inproc_stats(s, 1);
       else
-        rc = inproc_stats(s);
+        rc = svc_echo(s, k);
       double t1 = sbn__bench_now();
       k = (k + 1) % s->u.copies;
       if (it >= 0)
@@ -101,28 +145,62 @@ static int svc_reps(const sbn_bench_opts_t *o, svc_cfg_t *s,
 }
 
 static int svc_push(const sbn_bench_opts_t *o, const sbn_tensor_desc_t *d,
-                    double *t[SV_COUNT], int reps, sbn_bench_out_t *out) {
-  static const char *const names[SV_COUNT] = {"service_full", "sync",
-                                              "service_stats", "inproc_stats"};
+                    double *t[SV_COUNT], int reps, double agree,
+                    sbn_bench_out_t *out) {
+  static const char *const names[SV_COUNT] = {
+      "service_full",   "sync",       "service_stats", "inproc_stats",
+      "service_stats1", "allreduce1", "unix_echo"};
   static const char *const passes[SV_COUNT] = {
-      "fwd+bwd", "fwd+bwd", "stats+stats_backward", "2x_allreduce"};
+      "fwd+bwd", "fwd+bwd",   "stats+stats_backward", "2x_allreduce",
+      "stats",   "allreduce", "x+dy_echoed"};
   sbn_bench_rec_t r[SV_COUNT];
   int rc = 0;
   for (int v = 0; v < SV_COUNT; v++) {
     r[v] = sbn__bench_rec(o, names[v], "batchnorm", passes[v], d);
     sbn__bench_set_times(&r[v], t[v], reps);
   }
-  for (int v = 0; v < SV_COUNT; v += 2) {
+  for (int v = 0; v < SV_ECHO; v += 2) {
     r[v].hop_us = r[v].median_us - r[v + 1].median_us;
     r[v].hop_ratio = r[v].median_us / r[v + 1].median_us;
   }
+  /* The full path's floor: the in-process step plus moving the same bytes
+   * through a Unix socket and back. */
+  r[SV_FULL].floor_us = r[SV_SYNC].median_us + r[SV_ECHO].median_us;
+  r[SV_FULL].floor_ratio = r[SV_FULL].median_us / r[SV_FULL].floor_us;
+  r[SV_STATS1].target_us = 1.5 * r[SV_AR1].median_us + 50.0;
+  r[SV_STATS1].target_ratio = r[SV_STATS1].median_us / r[SV_STATS1].target_us;
+  r[SV_STATS].agree_bytes_round = agree;
+  r[SV_STATS1].agree_bytes_round = agree;
   for (int v = 0; v < SV_COUNT && rc == 0; v++)
     rc = sbn__bench_push(out, &r[v]);
   sbn__bench_progress(o, "done", &r[0]);
   return rc;
 }
 
+/* Called before the reps (agree NAN) and after them: then *agree becomes
+ * the agreement bytes per round this worker sent meanwhile, the largest
+ * over the ranks. */
+static int svc_agree_bytes(sbn_client_t *c, double *agree) {
+  static double b0, r0;
+  sbn_client_metrics_t m;
+  double per;
+  int rc = sbn_client_metrics(c, &m);
+  if (rc != 0)
+    return rc;
+  if (isnan(*agree)) {
+    b0 = (double)m.agree_bytes;
+    r0 = (double)m.rounds;
+    *agree = 0;
+    return 0;
+  }
+  per = m.rounds > r0 ? ((double)m.agree_bytes - b0) / ((double)m.rounds - r0)
+                      : 0;
+  MPI_Allreduce(&per, agree, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+  return 0;
+}
+
 static void cfg_free(svc_cfg_t *s) {
+  sbn__bench_echo_stop(&s->echo);
   sbn_layer_destroy(s->sync);
   sbn_comm_destroy(s->comm);
   sbn__bench_bufs_free(&s->u);
@@ -140,9 +218,11 @@ static int svc_one(const sbn_bench_opts_t *o, sbn_client_t *c,
   svc_cfg_t s;
   char name[64];
   int reps = sbn__bench_reps(o, 20, 5), rc;
+  double agree = NAN;
   size_t C = d->dims[1];
   double *all = calloc((size_t)(SV_COUNT * reps), sizeof *all), *t[SV_COUNT];
   memset(&s, 0, sizeof s);
+  s.echo.fd[0] = s.echo.fd[1] = -1;
   s.c = c;
   s.step = step;
   s.mean = calloc(C, 8);
@@ -171,10 +251,13 @@ static int svc_one(const sbn_bench_opts_t *o, sbn_client_t *c,
       (rc = sbn_mpi_comm_create(MPI_COMM_WORLD, o->group_size, &p, &s.comm)) !=
           0 ||
       (rc = sbn_layer_create(&p, s.comm, &s.sync)) != 0 ||
-      (rc = sbn__bench_bufs_alloc(&s.u, d, s.sync)) != 0)
+      (rc = sbn__bench_bufs_alloc(&s.u, d, s.sync)) != 0 ||
+      (rc = sbn__bench_echo_start(&s.echo, s.u.n * sizeof(float))) != 0)
     goto done;
-  if ((rc = svc_reps(o, &s, d, reps, t)) == 0)
-    rc = svc_push(o, d, t, reps, out);
+  if ((rc = svc_agree_bytes(c, &agree)) == 0 &&
+      (rc = svc_reps(o, &s, d, reps, t)) == 0 &&
+      (rc = svc_agree_bytes(c, &agree)) == 0)
+    rc = svc_push(o, d, t, reps, agree, out);
 done:
   cfg_free(&s);
   free(all);

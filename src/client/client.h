@@ -217,7 +217,13 @@ typedef struct sbn_client_metrics_s {
   uint64_t connections, auth_failures;
   uint64_t allreduces;    /* fused cross-rank allreduces started */
   uint64_t entries_fused; /* entries (layer steps) they carried */
-  uint64_t gathers;
+  uint64_t gathers;       /* full exchanges of the ready lists */
+  uint64_t negotiations;  /* bit-set ORs over the cached entries */
+  uint64_t rounds;        /* agreement rounds (each one or more of these) */
+  uint64_t bells;         /* doorbells rung to wake the idle ranks */
+  uint64_t agree_bytes;   /* bytes this rank sent to agree (not reduce) */
+  uint64_t cache_hits;    /* entries agreed through the response cache */
+  uint64_t pending;       /* entries waiting for the other ranks now */
   /* Allreduces by entries fused: 1, 2, 3-4, 5-8, 9-16, 17-32, 33-64, 65+. */
   uint64_t fused_per_allreduce[8];
   uint64_t latency_count; /* allreduces timed; percentiles in seconds */

@@ -121,8 +121,18 @@ int sbn_client_connect(const char *path, sbn_client_t **out) {
     free(c);
     return SBN_EIO;
   }
+  sbn__big_buffers(c->fd);
   *out = c;
   return 0;
+}
+
+void sbn__big_buffers(int fd) {
+  /* Tensors of megabytes go through in fewer, larger writes and reads;
+   * the kernel caps the size at its maximum (net.core.wmem_max) without
+   * failing, so the result is not checked. */
+  int bytes = 4 << 20;
+  setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &bytes, sizeof bytes);
+  setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &bytes, sizeof bytes);
 }
 
 void sbn_client_close(sbn_client_t *c) {

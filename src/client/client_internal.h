@@ -152,4 +152,7 @@ int sbn__take_stats(sbn_client_t *c, const msgpack_object *root,
                     size_t channels, double *count, double *mean, double *var,
                     double *var_unbiased, double *invstd);
 
+/* Asks for 4 MiB socket buffers on fd (best effort). */
+void sbn__big_buffers(int fd);
+
 #endif /* SBN_CLIENT_INTERNAL_H */

@@ -1,6 +1,6 @@
 #!/usr/bin/python3
 """A Python client for the syncbnd service (mpi/service/PROTOCOL.md,
-protocol version 4).
+protocol version 5).
 
 Needs msgpack and numpy (Debian: python3-msgpack python3-numpy).
 
@@ -89,7 +89,7 @@ class SyncbnClient:
     how long to retry a worker that is not listening yet before
     ConnectError names the address."""
 
-    PROTOCOL = 4
+    PROTOCOL = 5
 
     def __init__(self, path=None, timeout=60.0, tcp=None, token=None,
                  token_file=None, wait=30.0):

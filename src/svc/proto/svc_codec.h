@@ -29,7 +29,7 @@
 
 #include "syncbn.h"
 
-#define SVC_PROTOCOL_VERSION 4
+#define SVC_PROTOCOL_VERSION 5
 #define SVC_HEADER_BYTES 4
 #define SVC_NAME_MAX 255
 /* The largest step a request may carry: 2^63 - 1, the range of a

@@ -2,6 +2,7 @@
 #define _GNU_SOURCE /* struct ucred for SO_PEERCRED, explicit_bzero */
 #include "svc_server.h"
 
+#include "svc_io.h"
 #include "svc_server_int.h"
 
 #include <arpa/inet.h>
@@ -245,6 +246,7 @@ static void svc__frame_done(svc__conn_t *c) {
      * meanwhile. */
     c->pending = 1;
     uv_timer_stop(&c->timer);
+    svc__spin_kick(&c->srv->spin); /* a new entry starts a round at once */
     return;
   }
   if (close_after) {
@@ -263,6 +265,9 @@ static void svc__frame_done(svc__conn_t *c) {
 static void svc__alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf) {
   svc__conn_t *c = h->data;
   (void)hint;
+  if (svc__io_direct(c->body, c->body_len, c->body_have, c->pending,
+                     SVC__READ_BUF, buf))
+    return;
   *buf = uv_buf_init(c->srv->rbuf, sizeof c->srv->rbuf);
 }
 
@@ -280,6 +285,12 @@ static void svc__on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf) {
   }
   n = (size_t)nread;
   svc_worker_note_io(c->srv->worker, 0, n, 0, 0);
+  if (c->body != NULL && p == c->body + c->body_have && n > 0) {
+    c->body_have += (uint32_t)n; /* read in place (svc__io_direct) */
+    if (c->body_have == c->body_len)
+      svc__frame_done(c);
+    return;
+  }
   svc__feed(c, p, n);
 }
 
@@ -440,6 +451,7 @@ static void svc__on_connection(uv_stream_t *ls, int status) {
   }
   if (svc__admit(c) != 0)
     return;
+  svc__io_big_buffers(&c->h.handle);
   svc__arm(c, c->authed ? s->cfg.idle_timeout : svc__auth_deadline(s));
   if (uv_read_start(&c->h.stream, svc__alloc, svc__on_read) != 0)
     svc__conn_close(c);
@@ -458,6 +470,7 @@ static void svc__shutdown(svc_server_t *s) {
     svc__conn_close(s->conns);
   if (s->ticking) {
     uv_close((uv_handle_t *)&s->tick, NULL);
+    svc__spin_close(&s->spin);
     s->ticking = 0;
   }
   if (s->listening) {
@@ -636,7 +649,7 @@ fail:
 
 static void svc__on_tick(uv_timer_t *t) {
   svc_server_t *s = t->data;
-  s->tick_fn(s->tick_arg);
+  svc__spin_kick(&s->spin);
 }
 
 int svc_server_set_tick(svc_server_t *s, uint64_t period_us,
@@ -648,6 +661,7 @@ int svc_server_set_tick(svc_server_t *s, uint64_t period_us,
   s->tick_fn = fn;
   s->tick_arg = arg;
   uv_timer_init(&s->loop, &s->tick);
+  svc__spin_init(&s->spin, &s->loop, s->worker, fn, arg);
   s->tick.data = s;
   s->ticking = 1;
   if ((rc = uv_timer_start(&s->tick, svc__on_tick, ms, ms > 0 ? ms : 1)) != 0)

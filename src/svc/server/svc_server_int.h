@@ -7,6 +7,7 @@
 #include <uv.h>
 
 #include "svc_admit.h"
+#include "svc_io.h"
 #include "svc_server.h"
 
 #define SVC__READ_BUF (64 * 1024)
@@ -42,6 +43,7 @@ struct svc_server_s {
   int ticking;
   void (*tick_fn)(void *arg);
   void *tick_arg;
+  svc__spin_t spin; /* runs the tick continuously while the worker is busy */
   /* libuv calls alloc and read back to back, so one buffer serves every
    * connection. */
   char rbuf[SVC__READ_BUF];

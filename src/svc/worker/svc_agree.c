@@ -5,6 +5,7 @@
  * The engine knows an entry by its key (name hash, step, direction) and
  * its agreement fields only; what an entry means is its handler's, which
  * it reaches through the entry's done callback alone. */
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -36,18 +37,22 @@ int svc__poisoned(const svc_worker_t *w, uint64_t name, uint64_t step,
   for (size_t i = 0; i < n; i++)
     if (w->poison[i].name == name && w->poison[i].step == step &&
         w->poison[i].dir == dir && w->poison[i].grp == grp)
-      return 1;
+      return (int)w->poison[i].code;
   return 0;
 }
 
+/* Remembers why the key failed, so that a rank whose entry comes after
+ * the decision (rounds start as soon as some ranks have theirs) fails the
+ * same way as those that were there. */
 static void svc__poison(svc_worker_t *w, uint64_t name, uint64_t step,
-                        uint32_t dir, uint32_t grp) {
+                        uint32_t dir, uint32_t grp, svc_code_t code) {
   if (svc__poisoned(w, name, step, dir, grp))
     return;
   w->poison[w->poison_next].name = name;
   w->poison[w->poison_next].step = step;
   w->poison[w->poison_next].dir = dir;
   w->poison[w->poison_next].grp = grp;
+  w->poison[w->poison_next].code = (uint32_t)code;
   w->poison_next = (w->poison_next + 1) % SVC__POISON;
   w->npoison++;
 }
@@ -97,6 +102,8 @@ static void svc__pend_append(svc_worker_t *w, svc__pend_t *p) {
   while (*pp != NULL)
     pp = &(*pp)->next;
   p->next = NULL;
+  p->fresh = 1;
+  p->cslot = -1;
   *pp = p;
 }
 
@@ -199,6 +206,13 @@ int svc__pend_queued(const svc_worker_t *w, uint64_t name, uint64_t step,
   return 0;
 }
 
+uint64_t svc__pend_count(const svc_worker_t *w) {
+  uint64_t n = 0;
+  for (const svc__pend_t *p = w->pend; p != NULL; p = p->next)
+    n++;
+  return n;
+}
+
 /* An entry that will not complete, after its error reply (if any): its
  * handler undoes what it reserved, and it goes. */
 static void svc__pend_drop(svc_worker_t *w, svc__pend_t *p) {
@@ -221,6 +235,9 @@ void svc__agree_destroy(svc_worker_t *w) {
   /* A collective still in flight is abandoned with the worker: the job
    * is going away. */
   free(w->grecv);
+  free(w->slots);
+  free(w->neg);
+  free(w->cready);
   free(w->rlist);
   free(w->roff);
   free(w->rbuf);
@@ -234,10 +251,15 @@ int svc_worker_set_sync(svc_worker_t *w, sbn_comm_t *comm, double stall_timeout,
   const sbn_comm_vtable_t *vt = comm != NULL ? comm->vt : NULL;
   if (vt == NULL || vt->iallgather_begin == NULL ||
       vt->iallreduce_begin == NULL || vt->iallreduce_test == NULL ||
-      vt->iallreduce_end == NULL)
+      vt->iallreduce_end == NULL || vt->iallreduce_bor_begin == NULL)
     return svc_set_error(SVC_BAD_PARAMS,
                          "comm: the communicator lacks the non-blocking "
                          "allgather or allreduce");
+  /* Idle ranks learn of work only by their doorbells. */
+  if (comm->size > 1 && (vt->bell_send == NULL || vt->bell_poll == NULL))
+    return svc_set_error(SVC_BAD_PARAMS,
+                         "comm: the communicator lacks the doorbell "
+                         "(bell_send, bell_poll)");
   if (comm->size != w->cfg.size)
     return svc_set_error(SVC_BAD_PARAMS,
                          "comm: %d processes, the job has %d ranks", comm->size,
@@ -316,15 +338,36 @@ static int svc__pend_key_cmp(const void *a, const void *b) {
   return svc__order(x->name, x->step, x->dir, y->name, y->step, y->dir);
 }
 
-static int svc__gather_begin(svc_worker_t *w) {
+const svc__gmsg_t *svc__gmsg(const svc_worker_t *w, int r) {
+  return (const svc__gmsg_t *)(const void *)(w->grecv + (size_t)r * w->gstride);
+}
+
+/* Whether p goes into this round's gathered list: every unsent entry in a
+ * full round, else those the cache does not cover. */
+static int svc__gather_lists(const svc_worker_t *w, const svc__pend_t *p) {
+  return !p->sent && (w->full || p->cslot < 0);
+}
+
+int svc__gather_begin(svc_worker_t *w, size_t per_rank) {
   uint32_t n = 0;
-  size_t total = 0, k = 0;
+  size_t total = 0, k = 0, stride;
   svc__pend_t **sel = NULL;
+  uint8_t *recv;
   int rc;
   memset(&w->gsend, 0, sizeof w->gsend);
+  if (per_rank > SVC__MAXE)
+    per_rank = SVC__MAXE;
+  /* Every rank sends the same number of entries, so the buffers hold only
+   * what the round needs rather than SVC__MAXE per rank. */
+  stride = offsetof(svc__gmsg_t, e) + per_rank * sizeof(svc__gent_t);
+  recv = realloc(w->grecv, (size_t)w->cfg.size * stride);
+  if (recv == NULL)
+    return svc_set_error(SVC_RESOURCE, "agreement: out of memory");
+  w->grecv = recv;
+  w->gstride = stride;
   for (svc__pend_t *p = w->pend; p != NULL; p = p->next)
-    total++;
-  if (total > SVC__MAXE) {
+    total += (size_t)svc__gather_lists(w, p);
+  if (total > per_rank) {
     /* More entries wait than one round lists. Every rank lists its
      * smallest keys, not its oldest: ranks that queued the same entries in
      * different orders then list the same ones and make progress, instead
@@ -332,13 +375,23 @@ static int svc__gather_begin(svc_worker_t *w) {
     if ((sel = malloc(total * sizeof *sel)) == NULL)
       return svc_set_error(SVC_RESOURCE, "agreement: out of memory");
     for (svc__pend_t *p = w->pend; p != NULL; p = p->next)
-      sel[k++] = p;
+      if (svc__gather_lists(w, p))
+        sel[k++] = p;
     qsort(sel, total, sizeof *sel, svc__pend_key_cmp);
   }
   k = 0;
-  for (svc__pend_t *p = w->pend; n < SVC__MAXE && p != NULL; n++) {
+  for (svc__pend_t *p = w->pend; n < per_rank && k < total; n++) {
     svc__gent_t *e = &w->gsend.e[n];
-    svc__pend_t *q = sel != NULL ? sel[k++] : p;
+    svc__pend_t *q;
+    if (sel == NULL) {
+      while (!svc__gather_lists(w, p))
+        p = p->next;
+      q = p;
+      p = p->next;
+    } else {
+      q = sel[k];
+    }
+    k++;
     e->name = q->name;
     e->step = q->step;
     e->dir = q->dir;
@@ -349,24 +402,23 @@ static int svc__gather_begin(svc_worker_t *w) {
     e->tag = q->tag;
     e->age = w->now - q->t0;
     q->listed = 1;
-    p = p->next;
   }
   free(sel);
   w->gsend.n = n;
-  rc = w->sync->vt->iallgather_begin(w->sync, &w->gsend, w->grecv,
-                                     sizeof w->gsend, &w->sync_req);
+  rc = w->sync->vt->iallgather_begin(w->sync, &w->gsend, w->grecv, stride,
+                                     &w->sync_req);
   if (rc != 0)
     return svc__comm_error(rc, "iallgather_begin");
   w->m.gathers++;
-  svc_obs_begin(SVC_SPAN_NEGOTIATION);
-  w->phase = 1;
+  w->m.agree_bytes += stride;
+  w->phase = SVC__GATHER;
   return 0;
 }
 
 static svc__pend_t *svc__pend_find(svc_worker_t *w, const svc__gent_t *k) {
   for (svc__pend_t *p = w->pend; p != NULL; p = p->next)
     if (!p->sent && p->name == k->name && p->step == k->step &&
-        p->dir == k->dir)
+        p->dir == k->dir && (w->full || p->cslot < 0))
       return p;
   return NULL;
 }
@@ -377,11 +429,11 @@ static void svc__fail_key(svc_worker_t *w, const svc__gent_t *k, int any_grp,
                           svc_code_t code, const char *why) {
   svc__pend_t *p;
   if (!any_grp)
-    svc__poison(w, k->name, k->step, k->dir, k->grp);
+    svc__poison(w, k->name, k->step, k->dir, k->grp, code);
   while ((p = svc__pend_find(w, k)) != NULL && (any_grp || p->grp == k->grp)) {
     char msg[512];
     if (any_grp)
-      svc__poison(w, k->name, k->step, k->dir, p->grp);
+      svc__poison(w, k->name, k->step, k->dir, p->grp, code);
     snprintf(msg, sizeof msg, "%s: %s", p->what, why);
     svc_log(SVC_LOG_WARN, NULL, (int64_t)p->step, "%s: %s", svc_code_name(code),
             msg);
@@ -408,7 +460,7 @@ static void svc__stall(svc_worker_t *w, const svc__gent_t *k, int lo,
   char missing[160];
   size_t ml = (size_t)snprintf(missing, sizeof missing, "ranks");
   for (int r = lo; r < lo + need && ml < sizeof missing - 16; r++) {
-    const svc__gmsg_t *m = &w->grecv[r];
+    const svc__gmsg_t *m = svc__gmsg(w, r);
     int has = 0;
     for (uint32_t e = 0; e < m->n && e < SVC__MAXE; e++)
       if (svc__key_cmp(&m->e[e], k) == 0)
@@ -479,6 +531,11 @@ static int svc__decide(svc_worker_t *w, svc__round_t *rd) {
       j++;
     }
     if (!agree) {
+      /* Every group that listed the key fails it on every rank, also on
+       * the ranks whose entry has not come yet. */
+      for (size_t x = i; x < j; x++)
+        svc__poison(w, u[x].name, u[x].step, u[x].dir, u[x].grp,
+                    SVC_LAYER_MISMATCH);
       w->m.mismatches++;
       svc__fail_key(w, &u[i], 1, SVC_LAYER_MISMATCH,
                     "the ranks registered this layer with different "
@@ -492,10 +549,10 @@ static int svc__decide(svc_worker_t *w, svc__round_t *rd) {
   return rc;
 }
 
-/* After a round's decisions: entries whose connection went while they
- * were listed are withdrawn now, unless they are being reduced, and local
- * entries that arrived after the gather started but whose key was just
- * poisoned fail too. */
+/* After a round: entries whose connection went while they were listed
+ * are withdrawn now, unless they are being reduced, and local entries
+ * that arrived after the round started but whose key was just poisoned
+ * fail too. */
 static void svc__round_cleanup(svc_worker_t *w) {
   for (svc__pend_t *p = w->pend, *next; p != NULL; p = next) {
     next = p->next;
@@ -504,33 +561,53 @@ static void svc__round_cleanup(svc_worker_t *w) {
       svc__pend_drop(w, p);
   }
   for (svc__pend_t *p = w->pend, *next; p != NULL; p = next) {
+    int why;
     next = p->next;
-    if (!p->sent && svc__poisoned(w, p->name, p->step, p->dir, p->grp)) {
+    if (!p->sent &&
+        (why = svc__poisoned(w, p->name, p->step, p->dir, p->grp)) != 0) {
       svc__gent_t k;
       memset(&k, 0, sizeof k);
       k.name = p->name;
       k.step = p->step;
       k.dir = p->dir;
       k.grp = p->grp;
-      svc__fail_key(w, &k, 0, SVC_STALL, "stalled on another rank");
+      svc__fail_key(w, &k, 0, (svc_code_t)why,
+                    why == SVC_STALL ? "stalled on another rank"
+                                     : "the ranks registered this layer with "
+                                       "different parameters");
     }
   }
 }
 
+void svc__round_end(svc_worker_t *w) {
+  svc__round_cleanup(w);
+  for (svc__pend_t *p = w->pend; p != NULL; p = p->next)
+    p->cslot = -1;
+  w->full = 0;
+  w->ncready = 0;
+  w->cready_nrec = 0;
+  w->phase = SVC__IDLE;
+  w->epoch++;
+  w->m.rounds++;
+}
+
 /* Starts the fused allreduce of the ready pairs: identity records
  * everywhere, with the tag of each slot's kind, and this rank's records in
- * its own slots. */
-static int svc__reduce_begin(svc_worker_t *w, const svc__round_t *rd) {
-  size_t nrec = 0;
+ * its own slots. The pairs ready by their cache bits come first, then
+ * those the gather found. */
+int svc__reduce_begin(svc_worker_t *w, const svc__gent_t *rd, size_t nr,
+                      size_t nrec) {
+  size_t at = 0, nready = w->ncready + nr;
   int rc, b = 0;
   free(w->rbuf);
-  w->rbuf = calloc(rd->nrec > 0 ? rd->nrec : 1, sizeof *w->rbuf);
+  w->rbuf = calloc(nrec > 0 ? nrec : 1, sizeof *w->rbuf);
   if (w->rbuf == NULL)
     return svc_set_error(SVC_RESOURCE, "agreement: out of memory");
-  for (size_t i = 0; i < rd->nready; i++) {
-    for (uint32_t c = 0; c < rd->rd[i].C; c++)
-      w->rbuf[nrec + c].tag = rd->rd[i].tag;
-    nrec += rd->rd[i].C;
+  for (size_t i = 0; i < nready; i++) {
+    const svc__gent_t *e = i < w->ncready ? &w->cready[i] : &rd[i - w->ncready];
+    for (uint32_t c = 0; c < e->C; c++)
+      w->rbuf[at + c].tag = e->tag;
+    at += e->C;
   }
   for (size_t i = 0; i < w->rlist_n; i++)
     memcpy(w->rbuf + w->roff[i], w->rlist[i]->recs,
@@ -538,25 +615,28 @@ static int svc__reduce_begin(svc_worker_t *w, const svc__round_t *rd) {
   rc = w->sync->vt->iallreduce_begin(w->sync, w->rbuf, nrec, &w->sync_req);
   if (rc != 0)
     return svc__comm_error(rc, "iallreduce_begin");
-  while (b < SVC__FUSE_BUCKETS - 1 && ((size_t)1 << b) < rd->nready)
+  while (b < SVC__FUSE_BUCKETS - 1 && ((size_t)1 << b) < nready)
     b++;
   w->m.fuse_hist[b]++;
   w->m.allreduces++;
-  w->m.entries_fused += rd->nready;
+  w->m.entries_fused += nready;
   w->m.reduce_t0 = svc__clock();
+  svc_obs_end(SVC_SPAN_NEGOTIATION);
   svc_obs_begin(SVC_SPAN_ALLREDUCE);
-  w->phase = 2;
+  w->phase = SVC__REDUCE;
   return 0;
 }
 
 /* Every rank runs this on the same gathered bytes, so every rank reaches
  * the same decisions: which (key, group) pairs are ready, which stalled,
  * which disagree, and where each ready pair's records sit in the fused
- * allreduce. A pair's slot holds the records of its group's ranks; every
- * other rank contributes identity records there (a count of 0, or zero
- * sums), so one allreduce over the job serves every group at once. */
+ * allreduce (after the pairs the cache bits made ready). A pair's slot
+ * holds the records of its group's ranks; every other rank contributes
+ * identity records there (a count of 0, or zero sums), so one allreduce
+ * over the job serves every group at once. */
 static int svc__gather_done(svc_worker_t *w) {
-  size_t cap = (size_t)w->cfg.size * SVC__MAXE;
+  size_t per = (w->gstride - offsetof(svc__gmsg_t, e)) / sizeof(svc__gent_t);
+  size_t cap = (size_t)w->cfg.size * per;
   svc__round_t rd;
   int rc;
   memset(&rd, 0, sizeof rd);
@@ -567,21 +647,19 @@ static int svc__gather_done(svc_worker_t *w) {
     goto done;
   }
   for (int r = 0; r < w->cfg.size; r++) {
-    const svc__gmsg_t *m = &w->grecv[r];
-    for (uint32_t i = 0; i < m->n && i < SVC__MAXE; i++)
+    const svc__gmsg_t *m = svc__gmsg(w, r);
+    for (uint32_t i = 0; i < m->n && i < per; i++)
       rd.u[rd.nu++] = m->e[i];
   }
   qsort(rd.u, rd.nu, sizeof *rd.u, svc__gkey_cmp);
-  if (rd.nu > 0) /* idle rounds (nothing listed) stay off the timeline */
-    svc_obs_end(SVC_SPAN_NEGOTIATION);
-  w->rlist_n = 0;
+  rd.nrec = w->cready_nrec;
   rc = svc__decide(w, &rd);
-  svc__round_cleanup(w);
-  if (rc != 0 || rd.nready == 0) {
-    w->phase = 0;
+  svc__cache_learn(w, rd.rd, rd.nready);
+  if (rc != 0 || rd.nready + w->ncready == 0) {
+    svc__round_end(w);
     goto done;
   }
-  rc = svc__reduce_begin(w, &rd);
+  rc = svc__reduce_begin(w, rd.rd, rd.nready, rd.nrec);
 done:
   free(rd.u);
   free(rd.rd);
@@ -601,7 +679,12 @@ static void svc__reduce_done(svc_worker_t *w) {
     svc__pend_free(p);
   }
   w->rlist_n = 0;
-  w->phase = 0;
+  /* The round made progress, so the entries still waiting try again at
+   * once: one of them may have waited only for the one just reduced to
+   * leave its cache slot. Rounds without progress end this chain. */
+  for (svc__pend_t *p = w->pend; p != NULL; p = p->next)
+    p->fresh = 1;
+  svc__round_end(w);
 }
 
 /* Polls the collective in flight: 1 once it completed (and its request is
@@ -620,30 +703,84 @@ static int svc__sync_test(svc_worker_t *w) {
   return 1;
 }
 
+static int svc__alloc_engine(svc_worker_t *w) {
+  size_t own = SVC__MAXE + SVC__SLOTS;
+  w->rlist = calloc(own, sizeof *w->rlist);
+  w->roff = calloc(own, sizeof *w->roff);
+  w->slots = calloc(SVC__SLOTS, sizeof *w->slots);
+  w->cready = calloc(SVC__SLOTS, sizeof *w->cready);
+  if (w->rlist == NULL || w->roff == NULL || w->slots == NULL ||
+      w->cready == NULL)
+    return svc_set_error(SVC_RESOURCE, "agreement: out of memory");
+  w->epoch = 1;
+  return 0;
+}
+
+/* One step of the round in flight, if its collective completed: 1 when
+ * the engine moved on, 0 when the collective still runs. */
+static int svc__advance(svc_worker_t *w) {
+  int rc, gather = 0;
+  size_t per = 0;
+  if ((rc = svc__sync_test(w)) <= 0)
+    return rc;
+  switch (w->phase) {
+    case SVC__NEG:
+      if ((rc = svc__neg_done(w, &gather, &per)) != 0)
+        return rc;
+      if (gather)
+        rc = svc__gather_begin(w, per);
+      else if (w->ncready > 0)
+        rc = svc__reduce_begin(w, NULL, 0, w->cready_nrec);
+      else
+        svc__round_end(w);
+      break;
+    case SVC__GATHER:
+      rc = svc__gather_done(w);
+      break;
+    default:
+      svc__reduce_done(w);
+      break;
+  }
+  return rc != 0 ? rc : 1;
+}
+
 int svc_worker_poll(svc_worker_t *w, double now) {
-  int rc;
+  int rc = 0;
   w->now = now;
   if (!w->sync_on)
     return 0;
-  if (w->grecv == NULL) {
-    w->grecv = calloc((size_t)w->cfg.size, sizeof *w->grecv);
-    w->rlist = calloc((size_t)w->cfg.size * SVC__MAXE, sizeof *w->rlist);
-    w->roff = calloc((size_t)w->cfg.size * SVC__MAXE, sizeof *w->roff);
-    if (w->grecv == NULL || w->rlist == NULL || w->roff == NULL)
-      return svc_set_error(SVC_RESOURCE, "agreement: out of memory");
-  }
-  if (w->phase == 1) {
-    if ((rc = svc__sync_test(w)) <= 0)
+  if (w->slots == NULL && (rc = svc__alloc_engine(w)) != 0)
+    return rc;
+  if (w->sync->vt->bell_poll != NULL &&
+      (rc = w->sync->vt->bell_poll(w->sync, &w->bell_max)) != 0)
+    return svc__comm_error(rc, "bell_poll");
+  /* A round is a chain of collectives; each completed one starts the
+   * next, and a round that ended may be followed at once by another when
+   * this rank or another one has new work. */
+  for (;;) {
+    if (w->phase != SVC__IDLE) {
+      if ((rc = svc__advance(w)) <= 0)
+        return rc;
+      continue;
+    }
+    /* A job that is ending joins the rounds up to the agreed last one
+     * (svc_drain.c) and starts none after it. */
+    if (w->hold && svc_worker_rounds(w) >= w->hold_last)
+      return 0;
+    if (!svc__wake(w, &rc))
       return rc;
-    if ((rc = svc__gather_done(w)) != 0)
+    if ((rc = svc__neg_begin(w)) != 0)
       return rc;
   }
-  if (w->phase == 2) {
-    if ((rc = svc__sync_test(w)) <= 0)
-      return rc;
-    svc__reduce_done(w);
-  }
-  if (w->phase == 0 && !(w->hold && w->m.gathers >= w->hold_last))
-    return svc__gather_begin(w);
-  return 0;
+}
+
+int svc_worker_busy(const svc_worker_t *w) {
+  if (!w->sync_on)
+    return 0;
+  if (w->phase != SVC__IDLE)
+    return 1;
+  for (const svc__pend_t *p = w->pend; p != NULL; p = p->next)
+    if (p->fresh || w->now - p->t0 < SVC__SPIN_S)
+      return 1;
+  return w->bell_max >= w->epoch && w->epoch > 0;
 }

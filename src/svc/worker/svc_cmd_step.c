@@ -23,14 +23,22 @@ enum {
 static int svc__sync_check(svc_worker_t *w, const svc__layer_t *l,
                            uint64_t step, uint32_t dir, const char *op) {
   uint32_t g = svc__gsize(w, l);
+  int why;
   if (!w->sync_on)
     return svc_set_error(SVC_NOT_YET,
                          "%s: syncbatchnorm in training needs the cross-rank "
                          "reduction, which this worker does not serve (eval "
                          "works)",
                          op);
-  if (svc__poisoned(w, svc__hash_name(l->name), step, dir,
-                    (uint32_t)w->cfg.rank / g))
+  why = svc__poisoned(w, svc__hash_name(l->name), step, dir,
+                      (uint32_t)w->cfg.rank / g);
+  if (why == SVC_LAYER_MISMATCH)
+    return svc_set_error(SVC_LAYER_MISMATCH,
+                         "step: layer '%s' step %llu %s: the ranks registered "
+                         "this layer with different parameters (kind, "
+                         "channels, eps, momentum, affine or group size)",
+                         l->name, (unsigned long long)step, op);
+  if (why != 0)
     return svc_set_error(SVC_STALL,
                          "step: layer '%s' step %llu %s stalled earlier and "
                          "is poisoned",

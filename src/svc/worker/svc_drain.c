@@ -3,8 +3,12 @@
  * into freed buffers inside MPI_Finalize. */
 #include "svc_worker_int.h"
 
+/* Rounds this rank has started: every round that ended moved the epoch
+ * on by one (from 1), and a round in flight counts too. */
 uint64_t svc_worker_rounds(const svc_worker_t *w) {
-  return w->m.gathers;
+  if (w->epoch == 0)
+    return 0;
+  return w->epoch - 1 + (w->phase != SVC__IDLE);
 }
 
 void svc_worker_hold(svc_worker_t *w, uint64_t last_round) {
@@ -13,6 +17,6 @@ void svc_worker_hold(svc_worker_t *w, uint64_t last_round) {
 }
 
 int svc_worker_drained(const svc_worker_t *w) {
-  return !w->sync_on ||
-         (w->hold && w->phase == 0 && w->m.gathers >= w->hold_last);
+  return !w->sync_on || (w->hold && w->phase == SVC__IDLE &&
+                         svc_worker_rounds(w) >= w->hold_last);
 }

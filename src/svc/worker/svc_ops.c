@@ -221,7 +221,7 @@ int svc__cmd_metrics(svc__call_t *call) {
   for (int c = 1; c < SVC_CODE_COUNT; c++)
     nerr += m->errors[c] != 0;
 
-  if (svc_reply_begin(&r, &q->id, 18, 0) != 0 || r.pk == NULL)
+  if (svc_reply_begin(&r, &q->id, 24, 0) != 0 || r.pk == NULL)
     goto out;
   svc_reply_key(&r, "requests");
   r.rc |= msgpack_pack_map(r.pk, SVC_OP_COUNT);
@@ -247,6 +247,12 @@ int svc__cmd_metrics(svc__call_t *call) {
   svc__pack_u64(&r, "allreduces", m->allreduces);
   svc__pack_u64(&r, "entries_fused", m->entries_fused);
   svc__pack_u64(&r, "gathers", m->gathers);
+  svc__pack_u64(&r, "negotiations", m->negotiations);
+  svc__pack_u64(&r, "rounds", m->rounds);
+  svc__pack_u64(&r, "bells", m->bells);
+  svc__pack_u64(&r, "agree_bytes", m->agree_bytes);
+  svc__pack_u64(&r, "cache_hits", m->cache_hits);
+  svc__pack_u64(&r, "pending", svc__pend_count(w));
   svc_reply_key(&r, "fused_per_allreduce");
   r.rc |= msgpack_pack_map(r.pk, SVC__FUSE_BUCKETS);
   for (int i = 0; i < SVC__FUSE_BUCKETS; i++) {

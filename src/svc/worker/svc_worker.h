@@ -58,14 +58,19 @@ int svc_worker_handle(svc_worker_t *w, const uint8_t *body, size_t len,
  * local records and then waits: the request is deferred (see
  * svc_worker_handle_async) until every rank has submitted the same
  * (layer name, step, direction). The program drives the agreement by
- * calling svc_worker_poll() every cycle from its event loop; the worker
- * then runs one non-blocking collective at a time on the job's
- * communicator: an allgather of every rank's ready list
- * (iallgather_begin), and, when some entries are ready on all ranks, one
- * fused allreduce of all their records (iallreduce_begin), each polled
- * with iallreduce_test and finished with iallreduce_end. Every rank
- * computes the same ready list from the same gathered bytes, so the
- * sequence of collectives is the same on every rank. */
+ * calling svc_worker_poll() from its event loop: at once after a request
+ * was deferred, continuously while svc_worker_busy(), and every cycle
+ * otherwise. A round starts when this rank has a new entry (it rings the
+ * others' doorbells, bell_send) or a doorbell of the current epoch came
+ * (bell_poll); the worker then runs one non-blocking collective at a time
+ * on the job's communicator: an OR of the bit sets over the cached slots
+ * (iallreduce_bor_begin), an allgather of the lists of uncached entries
+ * (iallgather_begin) when some rank has one, and, when some entries are
+ * ready on all ranks of their group, one fused allreduce of all their
+ * records (iallreduce_begin), each polled with iallreduce_test and
+ * finished with iallreduce_end. Every rank computes the same decisions
+ * from the same reduced bytes, so the sequence of collectives is the same
+ * on every rank, and every round ends on every rank with the same epoch. */
 
 /* Called with a deferred request's reply frame (ownership passes). */
 typedef void (*svc_deliver_fn)(void *ctx, void *token, uint8_t *reply,
@@ -74,7 +79,9 @@ typedef void (*svc_deliver_fn)(void *ctx, void *token, uint8_t *reply,
 /* Enables syncbatchnorm training (without it, such requests are NOT_YET)
  * over comm, whose size is the job's and which must outlive the worker;
  * it needs the non-blocking entries (iallgather_begin, iallreduce_begin,
- * _test, _end). Returns 0, or -SVC_BAD_PARAMS when they are missing.
+ * iallreduce_bor_begin, _test, _end) and, for more than one rank, the
+ * doorbell (bell_send, bell_poll). Returns 0, or -SVC_BAD_PARAMS when they
+ * are missing.
  * stall_timeout: seconds after which an entry that some ranks submitted
  * and others did not fails with STALL on every rank. */
 int svc_worker_set_sync(svc_worker_t *w, sbn_comm_t *comm, double stall_timeout,
@@ -106,6 +113,12 @@ int svc_worker_poll(svc_worker_t *w, double now);
 uint64_t svc_worker_rounds(const svc_worker_t *w);
 void svc_worker_hold(svc_worker_t *w, uint64_t last_round);
 int svc_worker_drained(const svc_worker_t *w);
+/* Whether the engine wants to be polled again at once rather than at the
+ * next cycle: a collective is in flight, a doorbell or a new entry waits
+ * to start a round, or an entry arrived in the last few milliseconds
+ * (another rank's doorbell for it is expected soon). An idle worker is
+ * not busy and runs no collective at all. */
+int svc_worker_busy(const svc_worker_t *w);
 
 /* Debug counters: fused allreduces issued and entries they carried. */
 void svc_worker_sync_counters(const svc_worker_t *w, uint64_t *allreduces,

@@ -202,7 +202,9 @@ struct svc__pend_s {
   uint8_t **direct;    /* or here, for an entry completed at once */
   size_t *direct_len;
   int sent;   /* part of the fused allreduce in flight */
-  int listed; /* in the ready list of the allgather in flight */
+  int listed; /* in the round in flight (its bit set or gathered) */
+  int fresh;  /* queued since the last round began: wakes the engine */
+  int cslot;  /* the cache slot whose bit it set this round, or -1 */
   double t0;
   /* The handler's. */
   svc_request_t q; /* id; forward: weight, bias; backward: dy */
@@ -232,7 +234,8 @@ void svc__pend_deliver(svc_worker_t *w, svc__pend_t *p, uint8_t *buf,
                        size_t len);
 void svc__pend_reply_error(svc_worker_t *w, svc__pend_t *p, svc_code_t code,
                            const char *msg);
-/* Whether the key stalled before in group grp (then it is refused). */
+/* Whether the key stalled or mismatched before in group grp (then it is
+ * refused): 0, or the code it failed with. */
 int svc__poisoned(const svc_worker_t *w, uint64_t name, uint64_t step,
                   uint32_t dir, uint32_t grp);
 /* Whether this rank already has an entry queued under this key (a second
@@ -244,6 +247,8 @@ int svc__pend_queued(const svc_worker_t *w, uint64_t name, uint64_t step,
 void svc__batch_fill(svc_worker_t *w, svc__batch_t *b, size_t i, uint8_t *buf,
                      size_t len);
 void svc__batch_free(svc__batch_t *b);
+/* Entries waiting for the other ranks. */
+uint64_t svc__pend_count(const svc_worker_t *w);
 /* Drops every pending entry unanswered (the worker goes away). */
 void svc__agree_destroy(svc_worker_t *w);
 
@@ -263,10 +268,56 @@ typedef struct svc__gmsg_s {
   svc__gent_t e[SVC__MAXE];
 } svc__gmsg_t;
 
+/* The negotiation round (svc_negotiate.c), shared with the gather and
+ * reduce steps of svc_agree.c. */
+int svc__neg_begin(svc_worker_t *w);
+/* After the bit sets came back: the cached entries ready on every rank of
+ * their group go into w->cready and this rank's into the reduce list;
+ * *gather says whether the full lists must be gathered too, with
+ * *per_rank entries each. */
+int svc__neg_done(svc_worker_t *w, int *gather, size_t *per_rank);
+/* Gives the (key, group) pairs a gather round found ready a cache slot,
+ * or moves their slot's step on. */
+void svc__cache_learn(svc_worker_t *w, const svc__gent_t *rd, size_t n);
+/* Whether this rank must start a round now (fresh entries, a doorbell of
+ * this epoch, or an entry waiting past the stall timeout); rings the
+ * others' doorbells when the reason is its own. */
+int svc__wake(svc_worker_t *w, int *rc);
+/* Starts the fused allreduce of w->cready plus the nr pairs rd (found by
+ * a gather), whose total record count is nrec. */
+int svc__reduce_begin(svc_worker_t *w, const svc__gent_t *rd, size_t nr,
+                      size_t nrec);
+/* The gather of per_rank entries a rank (the smallest keys first). */
+int svc__gather_begin(svc_worker_t *w, size_t per_rank);
+/* The list this rank gathered: rank r's message in w->grecv. */
+const svc__gmsg_t *svc__gmsg(const svc_worker_t *w, int r);
+/* Ends a round on this rank: cleanup, epoch + 1. */
+void svc__round_end(svc_worker_t *w);
+
 typedef struct svc__key_s {
   uint64_t name, step;
   uint32_t dir, grp;
+  uint32_t code; /* why it is poisoned: STALL or LAYER_MISMATCH */
 } svc__key_t;
+
+/* The response cache (svc_negotiate.c): a (layer, direction, group) the
+ * ranks agreed on once gets a slot, the same index on every rank because
+ * every rank inserts from the same decisions. Later steps of it agree by a
+ * bitwise OR of fixed-size bit sets over the slots instead of the
+ * gathered lists, so their cost does not grow with the ranks. */
+#define SVC__SLOTS 512
+/* Seconds after an entry's arrival during which the server polls the
+ * engine continuously (see svc_worker_busy) rather than on its timer. */
+#define SVC__SPIN_S 0.005
+typedef struct svc__slot_s {
+  uint64_t name, fp, last_step; /* the step it was last agreed at */
+  uint32_t dir, C, gsize, grp, tag;
+  int used;
+} svc__slot_t;
+
+/* The engine's phases: idle (no collective), negotiating (the bit sets),
+ * gathering (the full lists), reducing (the fused allreduce). */
+enum { SVC__IDLE = 0, SVC__NEG, SVC__GATHER, SVC__REDUCE };
 
 /* Latencies kept for the percentiles of the metrics reply (a ring). */
 #define SVC__LAT_RING 1024
@@ -281,6 +332,9 @@ typedef struct svc__metrics_s {
   uint64_t connections, auth_failures;
   uint64_t shed; /* connections dropped for the server's memory budget */
   uint64_t allreduces, entries_fused, gathers;
+  uint64_t negotiations, bells, rounds; /* bit-set ORs, doorbells sent */
+  uint64_t agree_bytes; /* negotiation + gather bytes this rank sent */
+  uint64_t cache_hits;  /* entries agreed through their cache slot */
   uint64_t fuse_hist[SVC__FUSE_BUCKETS];
   uint64_t stalls, mismatches;
   double lat[SVC__LAT_RING]; /* seconds from allreduce start to done */
@@ -306,11 +360,25 @@ struct svc_worker_s {
   void *deliver_ctx;
   double now;
   svc__pend_t *pend; /* oldest first */
-  int phase;         /* 0 idle, 1 gathering, 2 reducing */
-  int hold;          /* start no gather after round hold_last (svc_drain.c) */
+  int phase;         /* SVC__IDLE, _NEG, _GATHER, _REDUCE */
+  int hold;          /* start no round after round hold_last (svc_drain.c) */
   uint64_t hold_last;
   svc__gmsg_t gsend;
-  svc__gmsg_t *grecv;
+  uint8_t *grecv; /* size x gstride bytes: every rank's list */
+  size_t gstride; /* bytes per rank of the gather in flight */
+  /* Event-driven rounds: a round starts when this rank has fresh entries
+   * (then it rings the others' doorbells with epoch) or a doorbell for
+   * the current epoch came; every round ends on every rank with epoch + 1,
+   * so stale doorbells are told apart. */
+  uint64_t epoch, bell_max;
+  double expire_next; /* no expiry wake before this time */
+  svc__slot_t *slots; /* SVC__SLOTS, allocated with the first poll */
+  size_t slot_hi;     /* slots in use are below this index */
+  uint64_t *neg;      /* the negotiation words in flight */
+  size_t neg_n;
+  int full;            /* this round lists every entry in the gather */
+  svc__gent_t *cready; /* slots ready by their bits this round */
+  size_t ncready, cready_nrec;
   sbn_rec_t *rbuf;
   svc__pend_t **rlist; /* this rank's entries in the allreduce in flight */
   size_t *roff;        /* and the offset of each one's records */
