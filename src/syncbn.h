@@ -256,7 +256,28 @@ typedef struct sbn_layer_params_s {
    * group. Eval with running statistics is unchanged. An empty batch
    * changes nothing. */
   size_t ghost_batch;
+  /* BN on a communicator of more than one process, training: how many
+   * channels each reduction of the overlapped SyncBN carries. Forward and
+   * backward then reduce channel chunks with the communicator's
+   * non-blocking entries, the next chunk's reduction in flight while the
+   * current chunk is normalized, so the allreduce hides behind the pass
+   * over memory. 0 (the default) chooses from the cache size: chunks of
+   * about a quarter of the L2 cache once a rank's tensor exceeds twice the
+   * L2 size (the forward plans from the previous training forward's
+   * global count, backward from the saved one, so every process plans
+   * alike), and one blocking reduction below that or on a communicator
+   * without non-blocking entries. A value n > 0 forces chunks of n
+   * channels (n >= channels: one reduction); SBN_CHUNK_OFF (or any n >=
+   * channels) keeps one blocking allreduce per pass. Results equal the
+   * unchunked ones bit for bit on two processes, and to rounding where a
+   * reduction tree of more processes associates the merges differently.
+   * Every process of the communicator must use the same value (MPI
+   * layer creation checks it). */
+  size_t reduce_chunk;
 } sbn_layer_params_t;
+
+/* params.reduce_chunk: never split SyncBN's reductions. */
+#define SBN_CHUNK_OFF ((size_t)-1)
 
 /* Fills p with PyTorch's defaults for op: eps 1e-5, momentum 0.1,
  * affine 1, track_running_stats 1 for BN and 0 for IN, p 0.5. */

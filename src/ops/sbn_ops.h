@@ -101,6 +101,54 @@ void sbn__view_moments(const float *x, size_t A, size_t C, size_t S,
                        sbn__chan_t *ch, sbn_rec_t *recs);
 
 /* ------------------------------------------------------------------ */
+/* BatchNorm's per-channel finishing steps (ops/batchnorm.c), shared by the
+ * one-reduction path and the chunked one (ops/batchnorm_overlap.c), which
+ * applies them one channel range at a time. */
+
+/* What the forward's finish derives once per call from the reduced
+ * records (or the running statistics) and uses for every channel. */
+typedef struct sbn__bn_fin_s {
+  double count, f;       /* count per channel; momentum or cumulative factor */
+  int batch;             /* normalizes with batch statistics */
+  int update;            /* updates the running statistics */
+  float *rm, *rv;        /* running statistics, NULL when not tracked */
+  double *smean, *sistd; /* the saved state's arrays, NULL without saved */
+} sbn__bn_fin_t;
+
+/* Fills fin from recs[0]'s global count (batch statistics) and writes the
+ * saved header; SBN_ESMALLBATCH for a count of 1. In training it records
+ * the count in l->bn_last_count for the next chunk plan. */
+int sbn__bn_fin_init(sbn_layer_t *l, const sbn_forward_args_t *a,
+                     const sbn__shape_t *sh, const sbn_rec_t *recs,
+                     sbn__bn_fin_t *fin);
+/* Channels [c0, c1): normalization parameters into ch (mh, ml, k1, k2),
+ * the saved mean and istd, and the running statistics. */
+void sbn__bn_fin_chan(const sbn_layer_t *l, const sbn_forward_args_t *a,
+                      const sbn__bn_fin_t *fin, const sbn_rec_t *recs,
+                      size_t c0, size_t c1, sbn__chan_t *ch);
+/* After every channel: num_batches_tracked. */
+void sbn__bn_fin_done(const sbn_forward_args_t *a, const sbn__bn_fin_t *fin);
+/* Channels [c0, c1) of backward: dx parameters into ch (dmean, distd,
+ * dk1..dk3) from the saved state and the reduced sums. */
+void sbn__bn_bwd_chan(const sbn_layer_t *l, const sbn_backward_args_t *a,
+                      const double *mean, const double *istd, double count,
+                      const sbn_rec_t *recs, size_t c0, size_t c1,
+                      sbn__chan_t *ch);
+
+/* The overlapped SyncBN (ops/batchnorm_overlap.c). */
+
+/* Channels per chunk for a training pass of l over C channels with the
+ * given global count per channel (the plan of params.reduce_chunk), or 0
+ * for one reduction of every channel. */
+size_t sbn__bn_chunk(const sbn_layer_t *l, size_t C, double count);
+/* Training forward and backward in chunks of cc channels (0 < cc < C),
+ * on arguments the front door has checked. */
+int sbn__bn_overlap_forward(sbn_layer_t *l, const sbn_forward_args_t *a,
+                            const sbn__shape_t *sh, size_t cc);
+int sbn__bn_overlap_backward(sbn_layer_t *l, const sbn_backward_args_t *a,
+                             const sbn__shape_t *sh, size_t cc);
+
+/* ------------------------------------------------------------------ */
 /* Ghost batches of BatchNorm (ops/batchnorm_ghost.c): sub-batches of
  * params.ghost_batch samples, each normalized with its own statistics,
  * with no reduction. */
