@@ -403,6 +403,19 @@ SBN_API const char *sbn_kernel_name(void);
  * before any other thread uses the library. */
 SBN_API int sbn_kernel_select(const char *name);
 
+/* ------------------------------------------------------------------ */
+/* Threads. */
+
+/* Sets how many OpenMP threads each kernel call of the ops may use
+ * (BatchNorm, InstanceNorm, GroupNorm and dropout; LayerNorm and the
+ * chunked SyncBN reductions stay on the calling thread). The default is
+ * 1. n > 1 is SBN_ENOTSUP in a build without -DSBN_OPENMP=ON; n < 1 is
+ * SBN_EINVAL. Not thread-safe: call it between calls of the library, like
+ * sbn_kernel_select(). */
+SBN_API int sbn_set_threads(int n);
+/* The thread count set (1 unless sbn_set_threads() raised it). */
+SBN_API int sbn_threads(void);
+
 #ifdef __cplusplus
 }
 #endif

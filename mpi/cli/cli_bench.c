@@ -75,6 +75,8 @@ static void bench_usage(FILE *f) {
       "                      blocking allreduce, N channels per chunk)\n"
       "  --vs-unchunked      layer: also time SyncBN with --chunk off in\n"
       "                      the same reps (variant sync_unchunked)\n"
+      "  --threads N         OpenMP threads per kernel call (default 1;\n"
+      "                      needs a build with -DSBN_OPENMP=ON)\n"
       "  --quick             a subset that finishes in under a minute at np "
       "2\n"
       "  --json FILE|-       the records as JSON (- : stdout; the table "
@@ -212,6 +214,12 @@ static int set_option(sbn_bench_opts_t *o, int c, const char *arg) {
     case 'U':
       o->vs_unchunked = 1;
       return 0;
+    case 't':
+      if (parse_count("--threads", arg, 1, 1024, &o->threads) != 0)
+        return 2;
+      if (sbn_set_threads(o->threads) != 0)
+        return usage_error("--threads: %s", sbn_last_error());
+      return 0;
     case 'j':
       o->json = arg;
       return 0;
@@ -250,6 +258,7 @@ static int bench_parse(int argc, char **argv, sbn_bench_opts_t *o,
       {"quick", no_argument, 0, 'q'},
       {"chunk", required_argument, 0, 'C'},
       {"vs-unchunked", no_argument, 0, 'U'},
+      {"threads", required_argument, 0, 't'},
       {"json", required_argument, 0, 'j'},
       {"csv", required_argument, 0, 'c'},
       {"socket-dir", required_argument, 0, 'd'},

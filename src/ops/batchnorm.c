@@ -182,7 +182,7 @@ static int bn_finish(sbn_layer_t *l, const sbn_forward_args_t *a,
   sbn__bn_fin_done(a, &fin);
   bn_view(sh, &A, &S);
   if (sh->numel > 0)
-    sbn__kernels()->normalize(a->x, a->y, A, C, S, ch.mh, ch.ml, ch.k1, ch.k2);
+    sbn__kt()->normalize(a->x, a->y, A, C, S, ch.mh, ch.ml, ch.k1, ch.k2);
   return 0;
 }
 
@@ -255,7 +255,7 @@ static int bn_bwd_local(sbn_layer_t *l, const sbn_backward_args_t *a,
   }
   bn_view(sh, &A, &S);
   if (sh->numel > 0)
-    sbn__kernels()->bwd_reduce(a->x, a->dy, A, C, S, ch->dmean, ch->distd,
+    sbn__kt()->bwd_reduce(a->x, a->dy, A, C, S, ch->dmean, ch->distd,
                                ch->d1, ch->d2);
   for (size_t c = 0; c < C; c++) {
     recs[c].tag = SBN_REC_SUM;
@@ -311,7 +311,7 @@ static int bn_bwd_finish(sbn_layer_t *l, const sbn_backward_args_t *a,
   sbn__bn_bwd_chan(l, a, mean, istd, count, recs, 0, C, &ch);
   bn_view(sh, &A, &S);
   if (sh->numel > 0)
-    sbn__kernels()->bwd_apply(a->x, a->dy, a->dx, A, C, S, ch.dmean, ch.distd,
+    sbn__kt()->bwd_apply(a->x, a->dy, a->dx, A, C, S, ch.dmean, ch.distd,
                               ch.dk1, ch.dk2, ch.dk3);
   return 0;
 }

@@ -65,7 +65,7 @@ void sbn__view_moments(const float *x, size_t A, size_t C, size_t S,
     ch->d2[c] = 0;
   }
   if (A > 0 && S > 0)
-    sbn__kernels()->moments(x, A, C, S, ch->k, ch->d1, ch->d2);
+    sbn__kt()->moments(x, A, C, S, ch->k, ch->d1, ch->d2);
   for (size_t c = 0; c < C; c++)
     sbn__moments_finish(n, ch->k[c], ch->d1[c], ch->d2[c], &recs[c]);
 }

@@ -68,6 +68,11 @@ int sbn__check_running_norm(const sbn_layer_params_t *p, int allow_cumulative);
 int sbn__op_shape_channels(const sbn_layer_params_t *p,
                            const sbn_tensor_desc_t *d, sbn__shape_t *sh);
 
+/* The kernel table the ops call (ops/par.c): the active set itself, or
+ * with sbn_set_threads(n > 1) in an OpenMP build a table whose entries
+ * split each call over n threads and call the active set's. */
+const sbn__kernels_t *sbn__kt(void);
+
 /* ------------------------------------------------------------------ */
 /* Per-channel statistics shared by the ops (ops/chan.c). */
 
