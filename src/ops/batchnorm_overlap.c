@@ -13,17 +13,16 @@
  * with the per-channel sums of dy and dy * xhat in place of the moments,
  * and dx in place of normalization.
  *
- * Every channel is computed by the same kernels on the same elements in
- * the same order as the unchunked path (ops/batchnorm.c): a chunk is a
- * channel range walked in pieces (NCHW: one run of the range per sample;
- * NHWC: one row segment per position), each a view (1, range, S) of the
- * kernel table, and the kernels add a piece's sums into the channel's
- * accumulator as they add a sample's. The reference kernels then give
- * the unchunked bits exactly; a vector set may not where a channel falls
- * in a vector body in one view and in the scalar tail in the other (an
- * FMA against a multiply and an add), which is rounding. So is the
- * reduction: a tree over more than two processes may associate the
- * merges of a sub-array differently from the whole. */
+ * In NCHW a chunk is a channel range walked in pieces, one run of the
+ * range per sample, each a view (1, range, S) of the kernel table, and
+ * the kernels add a piece's sums into the channel's accumulator exactly
+ * as they add a sample's: the same bits as the unchunked path
+ * (ops/batchnorm.c). Channels-last has no such view (a range is a short
+ * segment of every row), so an NHWC process computes every channel at
+ * once and only its reductions follow the plan (pass_bulk): nothing is
+ * hidden there. What may differ is the reduction: a tree over more than
+ * two processes may associate the merges of a sub-array differently from
+ * the whole, which is rounding. */
 #include <math.h>
 
 #include "ops/sbn_ops.h"
@@ -80,16 +79,18 @@ size_t sbn__bn_chunk(const sbn_layer_t *l, size_t C, double count) {
 
 /* A channel range [c0, c1) as pieces of the kernels' (A, C, S) view:
  * piece p starts at element p * stride + c0 * s and is the view
- * (1, c1 - c0, s). */
+ * (a, c1 - c0, s). All channels are one piece, the whole view. */
 typedef struct range_s {
-  size_t pieces, stride, s, c0, c1;
+  size_t pieces, stride, a, s, c0, c1;
 } range_t;
 
 static range_t range_of(const sbn__shape_t *sh, size_t c0, size_t c1) {
   range_t r;
-  int nchw = sh->layout == SBN_LAYOUT_NCHW;
-  r.pieces = sh->numel == 0 ? 0 : (nchw ? sh->N : sh->N * sh->S);
+  int nchw = sh->layout == SBN_LAYOUT_NCHW, all = c0 == 0 && c1 == sh->C;
+  size_t rows = nchw ? sh->N : sh->N * sh->S;
+  r.pieces = sh->numel == 0 ? 0 : (all ? 1 : rows);
   r.stride = nchw ? sh->C * sh->S : sh->C;
+  r.a = all ? rows : 1;
   r.s = nchw ? sh->S : 1;
   r.c0 = c0;
   r.c1 = c1;
@@ -120,7 +121,7 @@ static int range_moments(const float *x, const sbn__shape_t *sh, range_t r,
     ch->d2[c] = 0;
   }
   for (size_t p = 0; p < r.pieces && rc == 0; p++) {
-    kt->moments(x + p * r.stride + r.c0 * r.s, 1, cc, r.s, ch->k + r.c0,
+    kt->moments(x + p * r.stride + r.c0 * r.s, r.a, cc, r.s, ch->k + r.c0,
                 ch->d1 + r.c0, ch->d2 + r.c0);
     rc = poll(comm, req, cc * r.s, &since);
   }
@@ -137,8 +138,8 @@ static int range_normalize(const sbn_forward_args_t *a, range_t r,
   int rc = 0;
   for (size_t p = 0; p < r.pieces && rc == 0; p++) {
     size_t off = p * r.stride + c0 * r.s;
-    kt->normalize(a->x + off, a->y + off, 1, cc, r.s, ch->mh + c0, ch->ml + c0,
-                  ch->k1 + c0, ch->k2 + c0);
+    kt->normalize(a->x + off, a->y + off, r.a, cc, r.s, ch->mh + c0,
+                  ch->ml + c0, ch->k1 + c0, ch->k2 + c0);
     rc = poll(comm, req, cc * r.s, &since);
   }
   return rc;
@@ -154,7 +155,7 @@ static int range_bwd_sums(const sbn_backward_args_t *a, range_t r,
   int rc = 0;
   for (size_t p = 0; p < r.pieces && rc == 0; p++) {
     size_t off = p * r.stride + c0 * r.s;
-    kt->bwd_reduce(a->x + off, a->dy + off, 1, cc, r.s, ch->dmean + c0,
+    kt->bwd_reduce(a->x + off, a->dy + off, r.a, cc, r.s, ch->dmean + c0,
                    ch->distd + c0, ch->d1 + c0, ch->d2 + c0);
     rc = poll(comm, req, cc * r.s, &since);
   }
@@ -178,7 +179,7 @@ static int range_bwd_apply(const sbn_backward_args_t *a, range_t r,
   int rc = 0;
   for (size_t p = 0; p < r.pieces && rc == 0; p++) {
     size_t off = p * r.stride + c0 * r.s;
-    kt->bwd_apply(a->x + off, a->dy + off, a->dx + off, 1, cc, r.s,
+    kt->bwd_apply(a->x + off, a->dy + off, a->dx + off, r.a, cc, r.s,
                   ch->dmean + c0, ch->distd + c0, ch->dk1 + c0, ch->dk2 + c0,
                   ch->dk3 + c0);
     rc = poll(comm, req, cc * r.s, &since);
@@ -225,6 +226,37 @@ static void **slot(pass_t *p, size_t k) {
  * pass. On failure every request begun is still ended, so every process
  * finishes the collectives it began (a count of 1 fails everywhere at
  * once, after chunk 0, and the others must not wait on chunk 1). */
+static int end_all(pass_t *p, int rc) {
+  for (size_t i = 0; i <= SBN__MAX_DEPTH; i++) {
+    int e = sbn__comm_iend(p->l->comm, &p->req[i]);
+    if (rc == 0)
+      rc = e;
+  }
+  return rc;
+}
+
+/* Channels-last: a channel range is a segment of every row, so a chunk
+ * would cost a kernel call per row (measured: 5 to 12 times the whole
+ * pass for 16-channel segments). This process runs its local half over
+ * every channel at once, issues the plan's chunk reductions (the same
+ * collectives as every other process, whatever their layout), and
+ * applies once they are all done: correct in a job that mixes layouts,
+ * with nothing hidden here. */
+static int pass_bulk(pass_t *p) {
+  sbn_comm_t *comm = p->l->comm;
+  range_t all = range_of(p->sh, 0, p->sh->C);
+  int rc = p->local(p, all, NULL);
+  for (size_t k = 0; k < p->K && rc == 0; k++) {
+    range_t n = chunk(p->sh, p->cc, k);
+    if (k > p->depth)
+      rc = sbn__comm_iend(comm, slot(p, k - p->depth - 1));
+    if (rc == 0)
+      rc = sbn__comm_ibegin(comm, p->ch.rec + n.c0, n.c1 - n.c0, slot(p, k));
+  }
+  rc = end_all(p, rc);
+  return rc == 0 ? p->apply(p, 0, all, NULL) : rc;
+}
+
 static int pass_run(pass_t *p) {
   sbn_comm_t *comm = p->l->comm;
   size_t next = 0;
@@ -233,6 +265,8 @@ static int pass_run(pass_t *p) {
   p->depth = p->K - 1 < SBN__MAX_DEPTH ? p->K - 1 : SBN__MAX_DEPTH;
   for (size_t i = 0; i <= SBN__MAX_DEPTH; i++)
     p->req[i] = NULL;
+  if (p->sh->layout == SBN_LAYOUT_NHWC)
+    return pass_bulk(p);
   for (size_t k = 0; k < p->K && rc == 0; k++) {
     for (; next < p->K && next <= k + p->depth && rc == 0; next++) {
       range_t n = chunk(p->sh, p->cc, next);
@@ -247,12 +281,7 @@ static int pass_run(pass_t *p) {
       rc = p->apply(p, k, chunk(p->sh, p->cc, k),
                     k + 1 < next ? *slot(p, k + 1) : NULL);
   }
-  for (size_t i = 0; i <= SBN__MAX_DEPTH; i++) {
-    int e = sbn__comm_iend(comm, &p->req[i]);
-    if (rc == 0)
-      rc = e;
-  }
-  return rc;
+  return end_all(p, rc);
 }
 
 static int fwd_local(pass_t *p, range_t r, void *req) {
