@@ -305,6 +305,55 @@ done:
   free(b);
 }
 
+/* A global batch of one value per channel fails after chunk 0's
+ * reduction, with SBN_ESMALLBATCH on every rank; chunk 1's reduction,
+ * already begun, must still be finished everywhere, so the communicator
+ * stays in step for the next collective. */
+static void ov_small_batch(void) {
+  int cnt[64];
+  for (int r = 0; r < mu_size && r < 64; r++)
+    cnt[r] = r == mu_size - 1;
+  ov_case_t c = {cnt, 6, 1, SBN_LAYOUT_NCHW, 2, "ref", 1};
+  sbn_layer_params_t p;
+  sbn_comm_t *comm = NULL;
+  ov_run_t chk;
+  memset(&chk, 0, sizeof chk);
+  sbn_layer_params_default(&p, SBN_OP_BATCHNORM);
+  p.channels = c.C;
+  p.reduce_chunk = c.chunk;
+  size_t myN = (size_t)cnt[mu_rank];
+  float *x = mu_alloc(6 * sizeof *x), *y = mu_alloc(6 * sizeof *y);
+  float w[6] = {1, 1, 1, 1, 1, 1}, b[6] = {0};
+  for (int i = 0; i < 6; i++)
+    x[i] = (float)i;
+  if (mu_size > 64 ||
+      !MU_RC(sbn_mpi_comm_create(MPI_COMM_WORLD, 0, &p, &comm), 0, "comm") ||
+      ov_setup(&chk, comm, &c, myN, c.chunk) != 0)
+    goto done;
+  sbn_forward_args_t fa = {0};
+  fa.mode = SBN_MODE_TRAIN;
+  fa.x_desc = &chk.desc;
+  fa.x = x;
+  fa.y = y;
+  fa.weight = w;
+  fa.bias = b;
+  fa.state = &chk.state;
+  fa.workspace = chk.ws;
+  fa.workspace_bytes = chk.ws_bytes;
+  fa.saved = chk.saved;
+  fa.saved_bytes = chk.saved_bytes;
+  MU_RC(sbn_forward(chk.layer, &fa), SBN_ESMALLBATCH, "count 1, chunked");
+  sbn_rec_t rec = {SBN_REC_SUM, {1, 2, 3}};
+  MU_RC(sbn_comm_allreduce(comm, &rec, 1), 0, "allreduce after the error");
+  MU_CHECK(rec.v[0] == mu_size && rec.v[2] == 3.0 * mu_size,
+           "allreduce after the error: %g %g", rec.v[0], rec.v[2]);
+done:
+  ov_free(&chk);
+  sbn_comm_destroy(comm);
+  free(x);
+  free(y);
+}
+
 static const int *counts_for(int which, int *buf) {
   static const int sets[3][4] = {{3, 5, 2, 4}, {0, 4, 0, 1}, {1, 1, 1, 1}};
   for (int r = 0; r < mu_size; r++)
@@ -339,6 +388,7 @@ int main(int argc, char **argv) {
             ov_case(&c);
           }
   ov_auto_large();
+  ov_small_batch();
   free(buf);
   return mu_finish("mpi_overlap");
 }
