@@ -26,6 +26,11 @@
 #define TOL_Y 1e-5
 #define TOL_DX 1e-4
 
+/* One communicator of every rank serves all cases (creating one per case
+ * made the test slow on a loaded machine); a layer does not have to match
+ * the parameters a communicator was created with. */
+static sbn_comm_t *ov_comm;
+
 typedef struct ov_case_s {
   const int *counts; /* samples per rank */
   size_t C, S;       /* S: spatial product, as (S) or (h, w) */
@@ -167,14 +172,10 @@ static void ov_case(const ov_case_t *c) {
   snprintf(cs, sizeof cs, "P=%d N=%zu C=%zu S=%zu %s chunk=%zu %s", P, myN,
            c->C, c->S, c->layout == SBN_LAYOUT_NCHW ? "NCHW" : "NHWC", c->chunk,
            c->kern);
-  sbn_layer_params_t p;
-  sbn_comm_t *comm = NULL;
+  sbn_comm_t *comm = ov_comm;
   ov_run_t ref, chk;
   memset(&ref, 0, sizeof ref);
   memset(&chk, 0, sizeof chk);
-  sbn_layer_params_default(&p, SBN_OP_BATCHNORM);
-  p.channels = c->C;
-  p.reduce_chunk = c->chunk;
   float *x = mu_alloc(Ntot * rowsz * sizeof *x);
   float *dy = mu_alloc(Ntot * rowsz * sizeof *dy);
   float *w = mu_alloc(c->C * sizeof *w), *b = mu_alloc(c->C * sizeof *b);
@@ -184,8 +185,7 @@ static void ov_case(const ov_case_t *c) {
     w[i] = (float)(1.0 + 0.5 * mu_rng_normal(&rng));
     b[i] = (float)(0.5 * mu_rng_normal(&rng));
   }
-  if (!MU_RC(sbn_mpi_comm_create(MPI_COMM_WORLD, 0, &p, &comm), 0, cs) ||
-      ov_setup(&ref, comm, c, myN, SBN_CHUNK_OFF) != 0 ||
+  if (ov_setup(&ref, comm, c, myN, SBN_CHUNK_OFF) != 0 ||
       ov_setup(&chk, comm, c, myN, c->chunk) != 0)
     goto done;
   int bitwise = P <= 2 && strcmp(c->kern, "ref") == 0;
@@ -220,7 +220,6 @@ static void ov_case(const ov_case_t *c) {
 done:
   ov_free(&ref);
   ov_free(&chk);
-  sbn_comm_destroy(comm);
   free(x);
   free(dy);
   free(w);
@@ -363,9 +362,14 @@ static const int *counts_for(int which, int *buf) {
 
 int main(int argc, char **argv) {
   mu_init(&argc, &argv);
+  sbn_layer_params_t p;
+  sbn_layer_params_default(&p, SBN_OP_BATCHNORM);
+  p.channels = 1;
+  if (!MU_RC(sbn_mpi_comm_create(MPI_COMM_WORLD, 0, &p, &ov_comm), 0, "comm"))
+    return mu_finish("mpi_overlap");
   int *buf = mu_alloc((size_t)mu_size * sizeof *buf);
   static const size_t Cs[] = {1, 3, 17, 64};
-  static const size_t chunks[] = {1, 2, 5, 16, 63, 64, 1000, 0};
+  static const size_t chunks[] = {1, 2, 5, 63, 1000, 0};
   static const char *const kerns[] = {"ref", "avx2"};
   for (int which = 0; which < 3; which++)
     for (int ci = 0; ci < 4; ci++)
@@ -389,6 +393,7 @@ int main(int argc, char **argv) {
           }
   ov_auto_large();
   ov_small_batch();
+  sbn_comm_destroy(ov_comm);
   free(buf);
   return mu_finish("mpi_overlap");
 }
