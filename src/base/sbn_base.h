@@ -30,9 +30,11 @@ struct sbn_layer_s {
   sbn_layer_params_t p;
   sbn_comm_t *comm;
   /* BatchNorm: the global count per channel that the last training
-   * forward reduced (0 before the first). It is the same on every process
-   * of the communicator, so the chunk plan of the next forward's
-   * overlapped reduction (ops/batchnorm_overlap.c), taken from it, is too. */
+   * sbn_forward reduced through the layer's communicator (0 before the
+   * first; the seam's *_finish calls, which take the caller's records,
+   * leave it). It is the same on every process of the communicator, so
+   * the chunk plan of the next forward (ops/batchnorm_overlap.c), taken
+   * from it, is too. */
   double bn_last_count;
 };
 

@@ -97,7 +97,7 @@ static void bn_local_moments(const sbn_forward_args_t *a,
   sbn__view_moments(a->x, A, sh->C, S, ch, recs);
 }
 
-int sbn__bn_fin_init(sbn_layer_t *l, const sbn_forward_args_t *a,
+int sbn__bn_fin_init(const sbn_layer_t *l, const sbn_forward_args_t *a,
                      const sbn__shape_t *sh, const sbn_rec_t *recs,
                      sbn__bn_fin_t *fin) {
   const sbn_layer_params_t *p = &l->p;
@@ -123,8 +123,6 @@ int sbn__bn_fin_init(sbn_layer_t *l, const sbn_forward_args_t *a,
   fin->f = p->momentum;
   if (fin->update && p->cumulative)
     fin->f = 1.0 / ((double)a->state->num_batches_tracked + 1.0);
-  if (a->mode == SBN_MODE_TRAIN)
-    l->bn_last_count = fin->count;
   return 0;
 }
 
@@ -201,6 +199,10 @@ static int bn_forward(sbn_layer_t *l, const sbn_forward_args_t *a,
   bn_local_moments(a, sh, &ch, ch.rec);
   if ((rc = sbn_comm_allreduce(l->comm, ch.rec, sh->C)) != 0)
     return rc;
+  /* Recorded only here and in the chunked forward, where the layer's own
+   * communicator reduced the count, never from records a caller of the
+   * seam passed in (those need not be the same on every process). */
+  l->bn_last_count = ch.rec[0].v[0];
   return bn_finish(l, a, sh, ch.rec);
 }
 
@@ -255,8 +257,8 @@ static int bn_bwd_local(sbn_layer_t *l, const sbn_backward_args_t *a,
   }
   bn_view(sh, &A, &S);
   if (sh->numel > 0)
-    sbn__kt()->bwd_reduce(a->x, a->dy, A, C, S, ch->dmean, ch->distd,
-                               ch->d1, ch->d2);
+    sbn__kt()->bwd_reduce(a->x, a->dy, A, C, S, ch->dmean, ch->distd, ch->d1,
+                          ch->d2);
   for (size_t c = 0; c < C; c++) {
     recs[c].tag = SBN_REC_SUM;
     recs[c].v[0] = ch->d1[c];
@@ -312,7 +314,7 @@ static int bn_bwd_finish(sbn_layer_t *l, const sbn_backward_args_t *a,
   bn_view(sh, &A, &S);
   if (sh->numel > 0)
     sbn__kt()->bwd_apply(a->x, a->dy, a->dx, A, C, S, ch.dmean, ch.distd,
-                              ch.dk1, ch.dk2, ch.dk3);
+                         ch.dk1, ch.dk2, ch.dk3);
   return 0;
 }
 

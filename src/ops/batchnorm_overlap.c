@@ -291,9 +291,11 @@ static int fwd_local(pass_t *p, range_t r, void *req) {
 static int fwd_apply(pass_t *p, size_t k, range_t r, void *req) {
   int rc;
   /* The count is global, so chunk 0's reduction gives it to all. */
-  if (k == 0 &&
-      (rc = sbn__bn_fin_init(p->l, p->fa, p->sh, p->ch.rec, &p->fin)) != 0)
-    return rc;
+  if (k == 0) {
+    p->l->bn_last_count = p->ch.rec[0].v[0];
+    if ((rc = sbn__bn_fin_init(p->l, p->fa, p->sh, p->ch.rec, &p->fin)) != 0)
+      return rc;
+  }
   sbn__bn_fin_chan(p->l, p->fa, &p->fin, p->ch.rec, r.c0, r.c1, &p->ch);
   return range_normalize(p->fa, r, &p->ch, p->l->comm, req);
 }

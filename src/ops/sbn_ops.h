@@ -121,9 +121,8 @@ typedef struct sbn__bn_fin_s {
 } sbn__bn_fin_t;
 
 /* Fills fin from recs[0]'s global count (batch statistics) and writes the
- * saved header; SBN_ESMALLBATCH for a count of 1. In training it records
- * the count in l->bn_last_count for the next chunk plan. */
-int sbn__bn_fin_init(sbn_layer_t *l, const sbn_forward_args_t *a,
+ * saved header; SBN_ESMALLBATCH for a count of 1. */
+int sbn__bn_fin_init(const sbn_layer_t *l, const sbn_forward_args_t *a,
                      const sbn__shape_t *sh, const sbn_rec_t *recs,
                      sbn__bn_fin_t *fin);
 /* Channels [c0, c1): normalization parameters into ch (mh, ml, k1, k2),
