@@ -14,13 +14,13 @@
 #include <string.h>
 #include <time.h>
 
-#define CHECK(call)                                                    \
-  do {                                                                 \
-    dnnl_status_t s_ = (call);                                         \
-    if (s_ != dnnl_success) {                                          \
-      fprintf(stderr, "dnnl_bn: %s failed (%d)\n", #call, (int)s_);    \
-      exit(1);                                                         \
-    }                                                                  \
+#define CHECK(call)                                                 \
+  do {                                                              \
+    dnnl_status_t s_ = (call);                                      \
+    if (s_ != dnnl_success) {                                       \
+      fprintf(stderr, "dnnl_bn: %s failed (%d)\n", #call, (int)s_); \
+      exit(1);                                                      \
+    }                                                               \
   } while (0)
 
 static double now(void) {
@@ -67,8 +67,8 @@ static double time_prim(dnnl_primitive_t p, dnnl_stream_t st, int nargs,
   return med;
 }
 
-static void one(dnnl_engine_t eng, dnnl_stream_t st, const long d[4],
-                int nhwc, int reps) {
+static void one(dnnl_engine_t eng, dnnl_stream_t st, const long d[4], int nhwc,
+                int reps) {
   dnnl_dims_t dims = {d[0], d[1], d[2], d[3]}, cdims = {d[1]};
   dnnl_memory_desc_t md, cmd;
   unsigned flags = dnnl_use_scale | dnnl_use_shift;
@@ -91,23 +91,25 @@ static void one(dnnl_engine_t eng, dnnl_stream_t st, const long d[4],
   dnnl_memory_t mean = mem(&cmd, eng, 0.0f), var = mem(&cmd, eng, 1.0f);
   dnnl_memory_t sc = mem(&cmd, eng, 1.0f), sh = mem(&cmd, eng, 0.0f);
   dnnl_memory_t dsc = mem(&cmd, eng, 0.0f), dsh = mem(&cmd, eng, 0.0f);
-  dnnl_exec_arg_t fa[] = {{DNNL_ARG_SRC, src},     {DNNL_ARG_DST, dst},
-                          {DNNL_ARG_MEAN, mean},   {DNNL_ARG_VARIANCE, var},
-                          {DNNL_ARG_SCALE, sc},    {DNNL_ARG_SHIFT, sh}};
-  dnnl_exec_arg_t ba[] = {{DNNL_ARG_SRC, src},         {DNNL_ARG_MEAN, mean},
-                          {DNNL_ARG_VARIANCE, var},    {DNNL_ARG_DIFF_DST, ddst},
-                          {DNNL_ARG_SCALE, sc},        {DNNL_ARG_SHIFT, sh},
-                          {DNNL_ARG_DIFF_SRC, dsrc},   {DNNL_ARG_DIFF_SCALE, dsc},
+  dnnl_exec_arg_t fa[] = {{DNNL_ARG_SRC, src},   {DNNL_ARG_DST, dst},
+                          {DNNL_ARG_MEAN, mean}, {DNNL_ARG_VARIANCE, var},
+                          {DNNL_ARG_SCALE, sc},  {DNNL_ARG_SHIFT, sh}};
+  dnnl_exec_arg_t ba[] = {{DNNL_ARG_SRC, src},       {DNNL_ARG_MEAN, mean},
+                          {DNNL_ARG_VARIANCE, var},  {DNNL_ARG_DIFF_DST, ddst},
+                          {DNNL_ARG_SCALE, sc},      {DNNL_ARG_SHIFT, sh},
+                          {DNNL_ARG_DIFF_SRC, dsrc}, {DNNL_ARG_DIFF_SCALE, dsc},
                           {DNNL_ARG_DIFF_SHIFT, dsh}};
   double tf = time_prim(fwd, st, 6, fa, reps);
   double tb = time_prim(bwd, st, 9, ba, reps);
   const char *lay = nhwc ? "nhwc" : "nchw";
-  printf("{\"op\": \"batchnorm\", \"pass\": \"train_fwd\", \"layout\": \"%s\", "
-         "\"shape\": [%ld, %ld, %ld, %ld], \"median_us\": %.3f}\n",
-         lay, d[0], d[1], d[2], d[3], tf * 1e6);
-  printf("{\"op\": \"batchnorm\", \"pass\": \"train_bwd\", \"layout\": \"%s\", "
-         "\"shape\": [%ld, %ld, %ld, %ld], \"median_us\": %.3f}\n",
-         lay, d[0], d[1], d[2], d[3], tb * 1e6);
+  printf(
+      "{\"op\": \"batchnorm\", \"pass\": \"train_fwd\", \"layout\": \"%s\", "
+      "\"shape\": [%ld, %ld, %ld, %ld], \"median_us\": %.3f}\n",
+      lay, d[0], d[1], d[2], d[3], tf * 1e6);
+  printf(
+      "{\"op\": \"batchnorm\", \"pass\": \"train_bwd\", \"layout\": \"%s\", "
+      "\"shape\": [%ld, %ld, %ld, %ld], \"median_us\": %.3f}\n",
+      lay, d[0], d[1], d[2], d[3], tb * 1e6);
   fflush(stdout);
   dnnl_memory_t all[] = {src, dst, ddst, dsrc, mean, var, sc, sh, dsc, dsh};
   for (size_t i = 0; i < sizeof all / sizeof *all; i++)
