@@ -129,8 +129,8 @@ int sbn__grouped_forward(sbn_layer_t *l, const sbn_forward_args_t *a,
       }
     }
     if (plane > 0)
-      sbn__kt()->normalize(xs, a->y + n * plane, v.cA, C, v.cS, ch.mh,
-                                ch.ml, ch.k1, ch.k2);
+      sbn__kt()->normalize(xs, a->y + n * plane, v.cA, C, v.cS, ch.mh, ch.ml,
+                           ch.k1, ch.k2);
   }
   if (running && a->mode == SBN_MODE_TRAIN && N > 0)
     gn_update_running(l, a, sh, &ch);
@@ -201,13 +201,13 @@ int sbn__grouped_backward(sbn_layer_t *l, const sbn_backward_args_t *a,
       ch.d1[c] = 0;
       ch.d2[c] = 0;
     }
-    sbn__kt()->bwd_reduce(xs, dys, v.cA, C, v.cS, ch.dmean, ch.distd,
-                               ch.d1, ch.d2);
+    sbn__kt()->bwd_reduce(xs, dys, v.cA, C, v.cS, ch.dmean, ch.distd, ch.d1,
+                          ch.d2);
     for (size_t g = 0; g < G; g++)
       gn_bwd_group(l, a, gp, batch, m, &ch, g * cpg, cpg, mean[n * G + g],
                    istd[n * G + g]);
-    sbn__kt()->bwd_apply(xs, dys, a->dx + n * plane, v.cA, C, v.cS,
-                              ch.dmean, ch.distd, ch.dk1, ch.dk2, ch.dk3);
+    sbn__kt()->bwd_apply(xs, dys, a->dx + n * plane, v.cA, C, v.cS, ch.dmean,
+                         ch.distd, ch.dk1, ch.dk2, ch.dk3);
   }
   for (size_t c = 0; c < C; c++) {
     if (a->dweight != NULL)
