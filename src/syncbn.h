@@ -396,11 +396,14 @@ SBN_API void sbn_philox4x32_10(const uint32_t ctr[4], const uint32_t key[2],
 /* ------------------------------------------------------------------ */
 /* Run-time kernel dispatch. */
 
-/* Name of the kernel set chosen for this CPU ("ref", "avx2"). */
+/* Name of the kernel set in use ("ref", "avx2", "avx512"): the best one
+ * this CPU runs, or the one the environment variable SBN_KERNELS names
+ * when this CPU runs it (an unknown or unusable name there is ignored). */
 SBN_API const char *sbn_kernel_name(void);
-/* Forces a kernel set by name (tests compare every set to "ref").
- * Returns SBN_ENOTSUP if the CPU cannot run it. Not thread-safe: call
- * before any other thread uses the library. */
+/* Forces a kernel set by name (tests compare every set to "ref"); "auto"
+ * returns to the choice above. Returns SBN_ENOTSUP if there is no such
+ * set or the CPU cannot run it. Not thread-safe: call before any other
+ * thread uses the library. */
 SBN_API int sbn_kernel_select(const char *name);
 
 /* ------------------------------------------------------------------ */

@@ -360,6 +360,22 @@ static void test_bn_large_mean(void **state) {
     run_case(&k, sets[ks], 77);
     k.d.layout = SBN_LAYOUT_NHWC;
     run_case(&k, sets[ks], 78);
+    /* Channels-last at odd and wide C with enough rows that the float
+     * partial sums of the optimized sets are folded into double many
+     * times, and a long NCHW run (several fold chunks per run). */
+    const sbn_tensor_desc_t big[] = {
+        tu_desc(SBN_LAYOUT_NHWC, 4, (size_t)8, (size_t)17, (size_t)16,
+                (size_t)16),
+        tu_desc(SBN_LAYOUT_NHWC, 4, (size_t)4, (size_t)1000, (size_t)3,
+                (size_t)5),
+        tu_desc(SBN_LAYOUT_NHWC, 4, (size_t)64, (size_t)3, (size_t)9,
+                (size_t)7),
+        tu_desc(SBN_LAYOUT_NCHW, 4, (size_t)2, (size_t)3, (size_t)50,
+                (size_t)61)};
+    for (size_t i = 0; i < sizeof big / sizeof *big; i++) {
+      k.d = big[i];
+      run_case(&k, sets[ks], 79 + i);
+    }
   }
   sbn_kernel_select("ref");
 }

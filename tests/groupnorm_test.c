@@ -122,6 +122,9 @@ static void test_gn_vs_reference(void **state) {
           {tu_desc(L, 4, (size_t)1, (size_t)35, (size_t)3, (size_t)3), 7},
           {tu_desc(L, 4, (size_t)2, (size_t)3, (size_t)1, (size_t)1), 1},
           {tu_desc(L, 3, (size_t)2, (size_t)32, (size_t)33), 8},
+          /* A sample of 400 KiB: NCHW takes it in blocks of groups that
+           * fit the L2 budget (5 groups, then 3). */
+          {tu_desc(L, 4, (size_t)2, (size_t)64, (size_t)40, (size_t)40), 8},
       };
       for (size_t i = 0; i < sizeof cases / sizeof *cases; i++)
         for (int affine = 0; affine < 2; affine++)

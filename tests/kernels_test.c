@@ -1,7 +1,8 @@
 /* Every optimized kernel set against "ref" on the shapes where vector code
  * goes wrong: channel counts and spatial sizes around and between
  * multiples of 8 and 16, in both layouts, for every normalization op, plus
- * guard elements after every output to catch tail overruns. */
+ * guard elements after every output to catch tail overruns; wide and odd
+ * channel counts (1, 3, 17, 1000) on unaligned pointers. */
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -20,6 +21,7 @@
 typedef struct {
   float *y, *dx, *dw, *db, *rm, *rv;
   int64_t nbt;
+  float *ybase, *dxbase; /* y and dx sit `off` floats into these */
 } outs_t;
 
 static float *guarded(size_t n) {
@@ -36,22 +38,27 @@ static void check_guard(const float *a, size_t n, const char *what) {
                n);
 }
 
-/* Runs op on (N, C, S) (LN: N rows of C) with the current kernel set. */
-static void run_op(sbn_op_t op, sbn_layout_t lay, size_t N, size_t C, size_t S,
-                   sbn_mode_t mode, outs_t *o, const char *what) {
+/* Runs op on (N, C, S) (LN: N rows of C) with the current kernel set, with
+ * x, dy, y and dx `off` floats past a 64-byte boundary (0: aligned). */
+static void run_op_at(sbn_op_t op, sbn_layout_t lay, size_t N, size_t C,
+                      size_t S, sbn_mode_t mode, size_t off, outs_t *o,
+                      const char *what) {
   size_t n = N * C * S;
   sbn_tensor_desc_t d = op == SBN_OP_LAYERNORM
                             ? tu_desc(SBN_LAYOUT_NCHW, 3, N, S, C)
                             : tu_desc(lay, 3, N, C, S);
   tu_rng_t rng;
   tu_rng_seed(&rng, 1000 + N * 31 + C * 7 + S);
-  float *x = tu_floats(n), *dy = tu_floats(n), *w = tu_floats(C),
+  float *xbase = tu_floats(n + off), *dybase = tu_floats(n + off);
+  float *x = xbase + off, *dy = dybase + off, *w = tu_floats(C),
         *b = tu_floats(C);
   tu_fill_normal(&rng, x, n, 2, 3);
   tu_fill_normal(&rng, dy, n, 0, 1);
   tu_fill_normal(&rng, w, C, 1, 0.5);
   tu_fill_normal(&rng, b, C, 0, 0.5);
-  o->y = guarded(n), o->dx = guarded(n), o->dw = guarded(C), o->db = guarded(C);
+  o->ybase = guarded(n + off), o->dxbase = guarded(n + off);
+  o->y = o->ybase + off, o->dx = o->dxbase + off;
+  o->dw = guarded(C), o->db = guarded(C);
   o->rm = guarded(C), o->rv = guarded(C);
   for (size_t c = 0; c < C; c++)
     o->rm[c] = 0.1f * (float)c, o->rv[c] = 1.5f;
@@ -86,11 +93,56 @@ static void run_op(sbn_op_t op, sbn_layout_t lay, size_t N, size_t C, size_t S,
   check_guard(o->db, C, what);
   o->nbt = st.num_batches_tracked;
   sbn_layer_destroy(l);
-  free(x), free(dy), free(w), free(b);
+  free(xbase), free(dybase), free(w), free(b);
+}
+
+static void run_op(sbn_op_t op, sbn_layout_t lay, size_t N, size_t C, size_t S,
+                   sbn_mode_t mode, outs_t *o, const char *what) {
+  run_op_at(op, lay, N, C, S, mode, 0, o, what);
 }
 
 static void free_outs(outs_t *o) {
-  free(o->y), free(o->dx), free(o->dw), free(o->db), free(o->rm), free(o->rv);
+  free(o->ybase), free(o->dxbase), free(o->dw), free(o->db), free(o->rm);
+  free(o->rv);
+}
+
+/* Every output of set b against ref's a on one case. */
+static void compare_outs(sbn_op_t op, const char *opn, size_t N, size_t C,
+                         size_t S, const outs_t *a, const outs_t *b,
+                         const char *what) {
+  size_t n = N * C * S;
+  double e;
+  char lab[32];
+  e = tu_rel_l2_ff(b->y, a->y, n);
+  snprintf(lab, sizeof lab, "%s.y", opn);
+  tu_err_note(lab, e);
+  TU_ASSERT_REL(e, 1e-5, "%s y", what);
+  e = tu_rel_l2_ff(b->dx, a->dx, n);
+  /* Elements per statistic. With one, dx is an exact zero
+   * computed as a difference of large terms; with two, dx is
+   * about eps/var times dy, again a cancellation that no fp32
+   * kernel gets to 1e-4 relative. Neither says anything about
+   * a kernel set, so their dx is not compared. */
+  size_t m = op == SBN_OP_BATCHNORM      ? N * S
+             : op == SBN_OP_INSTANCENORM ? S
+             : op == SBN_OP_GROUPNORM    ? (C / (C % 3 ? 1 : 3)) * S
+                                         : C;
+  if (m > 2) {
+    snprintf(lab, sizeof lab, "%s.dx", opn);
+    tu_err_note(lab, e);
+    TU_ASSERT_REL(e, 1e-4, "%s dx", what);
+  }
+  e = tu_rel_l2_ff(b->dw, a->dw, C);
+  snprintf(lab, sizeof lab, "%s.dweight", opn);
+  tu_err_note(lab, e);
+  TU_ASSERT_REL(e, 1e-4, "%s dweight", what);
+  e = tu_rel_l2_ff(b->db, a->db, C);
+  snprintf(lab, sizeof lab, "%s.dbias", opn);
+  tu_err_note(lab, e);
+  TU_ASSERT_REL(e, 1e-5, "%s dbias", what);
+  TU_ASSERT_REL(tu_rel_l2_ff(b->rm, a->rm, C), 1e-5, "%s running_mean", what);
+  TU_ASSERT_REL(tu_rel_l2_ff(b->rv, a->rv, C), 1e-5, "%s running_var", what);
+  assert_int_equal(a->nbt, b->nbt);
 }
 
 static void test_sets_vs_ref(void **state) {
@@ -134,47 +186,80 @@ static void test_sets_vs_ref(void **state) {
               assert_int_equal(sbn_kernel_select(sets[ks]), 0);
               run_op(ops[io], (sbn_layout_t)lay, N, C, S, (sbn_mode_t)mode, &b,
                      what);
-              size_t n = N * C * S;
-              double e;
-              char lab[32];
-              e = tu_rel_l2_ff(b.y, a.y, n);
-              snprintf(lab, sizeof lab, "%s.y", opn[io]);
-              tu_err_note(lab, e);
-              TU_ASSERT_REL(e, 1e-5, "%s y", what);
-              e = tu_rel_l2_ff(b.dx, a.dx, n);
-              /* Elements per statistic. With one, dx is an exact zero
-               * computed as a difference of large terms; with two, dx is
-               * about eps/var times dy, again a cancellation that no fp32
-               * kernel gets to 1e-4 relative. Neither says anything about
-               * a kernel set, so their dx is not compared. */
-              size_t m = ops[io] == SBN_OP_BATCHNORM      ? N * S
-                         : ops[io] == SBN_OP_INSTANCENORM ? S
-                         : ops[io] == SBN_OP_GROUPNORM
-                             ? (C / (C % 3 ? 1 : 3)) * S
-                             : C;
-              if (m > 2) {
-                snprintf(lab, sizeof lab, "%s.dx", opn[io]);
-                tu_err_note(lab, e);
-                TU_ASSERT_REL(e, 1e-4, "%s dx", what);
-              }
-              e = tu_rel_l2_ff(b.dw, a.dw, C);
-              snprintf(lab, sizeof lab, "%s.dweight", opn[io]);
-              tu_err_note(lab, e);
-              TU_ASSERT_REL(e, 1e-4, "%s dweight", what);
-              e = tu_rel_l2_ff(b.db, a.db, C);
-              snprintf(lab, sizeof lab, "%s.dbias", opn[io]);
-              tu_err_note(lab, e);
-              TU_ASSERT_REL(e, 1e-5, "%s dbias", what);
-              TU_ASSERT_REL(tu_rel_l2_ff(b.rm, a.rm, C), 1e-5,
-                            "%s running_mean", what);
-              TU_ASSERT_REL(tu_rel_l2_ff(b.rv, a.rv, C), 1e-5, "%s running_var",
-                            what);
-              assert_int_equal(a.nbt, b.nbt);
+              compare_outs(ops[io], opn[io], N, C, S, &a, &b, what);
               free_outs(&a);
               free_outs(&b);
             }
   }
   printf("# compared %d optimized kernel set(s) with ref\n", compared);
+  sbn_kernel_select("ref");
+}
+
+/* Wide and odd channel counts (C = 1000 needs more than one vector row of
+ * parameters per position), enough rows that the float partial sums are
+ * folded into double many times, and x, dy, y, dx 1 or 3 floats past
+ * what malloc returns, so that no vector access may assume alignment.
+ * Each set is compared with ref run on the same data at offset 0. */
+static void test_wide_unaligned(void **state) {
+  (void)state;
+  const char *const *sets;
+  int nsets = tu_kernel_sets(&sets);
+  const size_t Cs[] = {1, 3, 17, 1000};
+  const size_t Ss[] = {1, 5, 19};
+  const sbn_op_t ops[] = {SBN_OP_BATCHNORM, SBN_OP_INSTANCENORM,
+                          SBN_OP_GROUPNORM, SBN_OP_LAYERNORM};
+  const char *opn[] = {"bn", "in", "gn", "ln"};
+  for (int ks = 0; ks < nsets; ks++) {
+    if (strcmp(sets[ks], "ref") == 0 || tu_kernel_use(sets[ks]) != 0)
+      continue;
+    for (int io = 0; io < 4; io++)
+      for (int lay = 0; lay < 2; lay++)
+        for (size_t ic = 0; ic < sizeof Cs / sizeof *Cs; ic++)
+          for (size_t is = 0; is < sizeof Ss / sizeof *Ss; is++) {
+            size_t C = Cs[ic], S = Ss[is], off = 1 + 2 * (is % 2);
+            /* About 40k elements, at least 2 per channel and sample. */
+            size_t N = 40000 / (C * S) + 2;
+            if (ops[io] == SBN_OP_INSTANCENORM && S == 1)
+              continue;
+            if (ops[io] == SBN_OP_LAYERNORM && lay == 1)
+              continue;
+            char what[128];
+            snprintf(what, sizeof what, "%s %s %s N=%zu C=%zu S=%zu off=%zu",
+                     sets[ks], opn[io], lay ? "NHWC" : "NCHW", N, C, S, off);
+            outs_t a, b;
+            assert_int_equal(sbn_kernel_select("ref"), 0);
+            run_op_at(ops[io], (sbn_layout_t)lay, N, C, S, SBN_MODE_TRAIN, 0,
+                      &a, what);
+            assert_int_equal(sbn_kernel_select(sets[ks]), 0);
+            run_op_at(ops[io], (sbn_layout_t)lay, N, C, S, SBN_MODE_TRAIN, off,
+                      &b, what);
+            compare_outs(ops[io], opn[io], N, C, S, &a, &b, what);
+            free_outs(&a);
+            free_outs(&b);
+          }
+  }
+  /* Outputs of 4 MiB and more are streamed, after a masked head up to the
+   * first cache line (x, dy, y and dx 1 and 3 floats off here). */
+  for (int ks = 0; ks < nsets; ks++) {
+    if (strcmp(sets[ks], "ref") == 0 || tu_kernel_use(sets[ks]) != 0)
+      continue;
+    for (int lay = 0; lay < 2; lay++)
+      for (size_t off = 1; off <= 3; off += 2) {
+        char what[128];
+        snprintf(what, sizeof what, "%s bn %s N=16 C=64 S=1024 off=%zu",
+                 sets[ks], lay ? "NHWC" : "NCHW", off);
+        outs_t a, b;
+        assert_int_equal(sbn_kernel_select("ref"), 0);
+        run_op_at(SBN_OP_BATCHNORM, (sbn_layout_t)lay, 16, 64, 1024,
+                  SBN_MODE_TRAIN, 0, &a, what);
+        assert_int_equal(sbn_kernel_select(sets[ks]), 0);
+        run_op_at(SBN_OP_BATCHNORM, (sbn_layout_t)lay, 16, 64, 1024,
+                  SBN_MODE_TRAIN, off, &b, what);
+        compare_outs(SBN_OP_BATCHNORM, "bn", 16, 64, 1024, &a, &b, what);
+        free_outs(&a);
+        free_outs(&b);
+      }
+  }
   sbn_kernel_select("ref");
 }
 
@@ -194,6 +279,15 @@ static void test_names(void **state) {
       continue;
     assert_string_equal(sbn_kernel_name(), sets[i]);
   }
+  /* "auto" returns to the automatic choice; an unknown name is refused
+   * with its name in the message and changes nothing. */
+  assert_int_equal(sbn_kernel_select("ref"), 0);
+  assert_int_equal(sbn_kernel_select("auto"), 0);
+  assert_string_equal(sbn_kernel_name(), autoname);
+  assert_int_equal(sbn_kernel_select("sse9"), SBN_ENOTSUP);
+  if (strstr(sbn_last_error(), "'sse9'") == NULL)
+    fail_msg("error message '%s' does not name the set", sbn_last_error());
+  assert_string_equal(sbn_kernel_name(), autoname);
   sbn_kernel_select("ref");
 }
 
@@ -321,6 +415,7 @@ int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_names),
       cmocka_unit_test(test_sets_vs_ref),
+      cmocka_unit_test(test_wide_unaligned),
       cmocka_unit_test(test_layout_agreement),
       cmocka_unit_test(test_dropout_sets),
   };

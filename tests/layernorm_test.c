@@ -126,6 +126,10 @@ static void test_ln_vs_reference(void **state) {
        3, 1, 0.5, 2},
       {tu_desc(SBN_LAYOUT_NCHW, 2, (size_t)7, (size_t)64), 1, 1, 1e4, 1},
       {tu_desc(SBN_LAYOUT_NCHW, 2, (size_t)7, (size_t)61), 1, 1, 1e4, 2},
+      /* Rows longer than a forward column tile (4096), in more than one
+       * chunk of 16 rows and more than one backward block of 16 rows. */
+      {tu_desc(SBN_LAYOUT_NCHW, 2, (size_t)20, (size_t)5000), 1, 1, 0.5, 2},
+      {tu_desc(SBN_LAYOUT_NCHW, 2, (size_t)19, (size_t)9000), 1, 1, 1e4, 1},
   };
   const char *const *sets;
   int nsets = tu_kernel_sets(&sets);

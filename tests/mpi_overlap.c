@@ -370,12 +370,12 @@ int main(int argc, char **argv) {
   int *buf = mu_alloc((size_t)mu_size * sizeof *buf);
   static const size_t Cs[] = {1, 3, 17, 64};
   static const size_t chunks[] = {1, 2, 5, 63, 1000, 0};
-  static const char *const kerns[] = {"ref", "avx2"};
+  static const char *const kerns[] = {"ref", "avx2", "avx512"};
   for (int which = 0; which < 3; which++)
     for (int ci = 0; ci < 4; ci++)
       for (int lay = 0; lay < 2; lay++)
         for (size_t k = 0; k < sizeof chunks / sizeof *chunks; k++)
-          for (int ki = 0; ki < 2; ki++) {
+          for (int ki = 0; ki < 3; ki++) {
             /* A build or CPU without the vector set runs the reference
              * cases only (the same on every rank). */
             if (sbn_kernel_select(kerns[ki]) != 0)

@@ -150,7 +150,7 @@ void tu_nhwc_to_nchw(const sbn_tensor_desc_t *d, const float *in, float *out) {
         out[(n * C + c) * S + s] = in[(n * S + s) * C + c];
 }
 
-static const char *const tu_sets[] = {"ref", "avx2"};
+static const char *const tu_sets[] = {"ref", "avx2", "avx512"};
 
 int tu_kernel_sets(const char *const **names) {
   *names = tu_sets;

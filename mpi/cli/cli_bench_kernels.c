@@ -175,8 +175,8 @@ int sbn__bench_kernels(const sbn_bench_opts_t *o, sbn_bench_out_t *out) {
     ns = o->nshapes;
     memcpy(shapes, o->shapes, sizeof(sbn_tensor_desc_t) * (size_t)ns);
   } else {
-    /* The design note's shape, then ResNet-50's at N = 8 (--quick: the
-     * design note's and two of ResNet-50's). */
+    /* The design note's shape, then ResNet-50's at N = 8, then two odd
+     * channel counts (--quick: the design note's and two of ResNet-50's). */
     static const int quick_shapes[] = {1, 8};
     shapes[ns++] = (sbn_tensor_desc_t){4, {32, 64, 32, 32}, SBN_LAYOUT_NCHW};
     for (int s = 0; s < (o->quick ? 2 : 9); s++) {
@@ -184,6 +184,13 @@ int sbn__bench_kernels(const sbn_bench_opts_t *o, sbn_bench_out_t *out) {
           sbn__bench_resnet_shapes[o->quick ? quick_shapes[s] : s];
       shapes[ns++] =
           (sbn_tensor_desc_t){4, {8, chw[0], chw[1], chw[2]}, SBN_LAYOUT_NCHW};
+    }
+    /* Odd channel counts, where vector code meets its tails: C = 17
+     * (channels-last rows shorter than two vectors) and C = 1000 (wider
+     * than one row of per-position parameters in some views). */
+    if (!o->quick) {
+      shapes[ns++] = (sbn_tensor_desc_t){4, {8, 17, 64, 64}, SBN_LAYOUT_NCHW};
+      shapes[ns++] = (sbn_tensor_desc_t){4, {8, 1000, 14, 14}, SBN_LAYOUT_NCHW};
     }
   }
   sbn_op_t only = SBN_OP_COUNT;

@@ -1,17 +1,71 @@
 /* Run-time choice of the kernel set (ggml/BLIS style: the reference set is
  * always there; an optimized set replaces it when the CPU can run it). */
+#include <stdlib.h>
 #include <string.h>
 
 #include "kernels/sbn_kernels.h"
 
 static const sbn__kernels_t *sbn__active;
 
-static const sbn__kernels_t *sbn__pick(void) {
-#ifdef SBN__HAVE_AVX2
+/* One row per optimized set, best first. */
+typedef struct sbn__kset_s {
+  const sbn__kernels_t *k;
+  int (*usable)(void);
+  const char *lacks; /* what the CPU lacks when usable() is 0 */
+} sbn__kset_t;
+
+#ifdef SBN__HAVE_AVX512
+static int sbn__can_avx512(void) {
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    return &sbn__kernels_avx2;
+  return __builtin_cpu_supports("avx512f") &&
+         __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
+}
 #endif
+
+#ifdef SBN__HAVE_AVX2
+static int sbn__can_avx2(void) {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+#endif
+
+static const sbn__kset_t sbn__ksets[] = {
+#ifdef SBN__HAVE_AVX512
+    {&sbn__kernels_avx512, sbn__can_avx512, "AVX-512 F/BW/DQ/VL"},
+#endif
+#ifdef SBN__HAVE_AVX2
+    {&sbn__kernels_avx2, sbn__can_avx2, "AVX2/FMA"},
+#endif
+    {&sbn__kernels_ref, NULL, NULL},
+};
+#define SBN__NKSETS (sizeof sbn__ksets / sizeof *sbn__ksets)
+
+/* The row named name, or NULL. */
+static const sbn__kset_t *sbn__kset(const char *name) {
+  for (size_t i = 0; i < SBN__NKSETS; i++)
+    if (strcmp(sbn__ksets[i].k->name, name) == 0)
+      return &sbn__ksets[i];
+  return NULL;
+}
+
+static int sbn__usable(const sbn__kset_t *s) {
+  return s->usable == NULL || s->usable();
+}
+
+static const sbn__kernels_t *sbn__pick(void) {
+  /* A forced set (tests and benchmarks compare sets with it) that this
+   * CPU cannot run, or that does not exist, is ignored: the library has
+   * no way to report it here, and the automatic choice is always safe.
+   * sbn_kernel_name() shows which set is in use. */
+  const char *env = getenv("SBN_KERNELS");
+  const sbn__kset_t *s = env != NULL ? sbn__kset(env) : NULL;
+  if (s != NULL && sbn__usable(s))
+    return s->k;
+  for (size_t i = 0; i < SBN__NKSETS; i++)
+    if (sbn__usable(&sbn__ksets[i]))
+      return sbn__ksets[i].k;
   return &sbn__kernels_ref;
 }
 
@@ -32,18 +86,16 @@ const char *sbn_kernel_name(void) {
 int sbn_kernel_select(const char *name) {
   if (name == NULL)
     return sbn_set_error(SBN_EINVAL, "name: NULL");
-  if (strcmp(name, "ref") == 0) {
-    __atomic_store_n(&sbn__active, &sbn__kernels_ref, __ATOMIC_RELEASE);
+  if (strcmp(name, "auto") == 0) {
+    __atomic_store_n(&sbn__active, NULL, __ATOMIC_RELEASE);
+    sbn__kernels();
     return 0;
   }
-#ifdef SBN__HAVE_AVX2
-  if (strcmp(name, "avx2") == 0) {
-    __builtin_cpu_init();
-    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma"))
-      return sbn_set_error(SBN_ENOTSUP, "name: this CPU lacks AVX2/FMA");
-    __atomic_store_n(&sbn__active, &sbn__kernels_avx2, __ATOMIC_RELEASE);
-    return 0;
-  }
-#endif
-  return sbn_set_error(SBN_ENOTSUP, "name: no kernel set called '%s'", name);
+  const sbn__kset_t *s = sbn__kset(name);
+  if (s == NULL)
+    return sbn_set_error(SBN_ENOTSUP, "name: no kernel set called '%s'", name);
+  if (!sbn__usable(s))
+    return sbn_set_error(SBN_ENOTSUP, "name: this CPU lacks %s", s->lacks);
+  __atomic_store_n(&sbn__active, s->k, __ATOMIC_RELEASE);
+  return 0;
 }

@@ -1,11 +1,13 @@
 /* AVX2 + FMA kernels. Same contracts as kernels_ref.c; two shapes matter:
- * long contiguous runs (NCHW, S >= 8) vectorize along s, and channels-last
- * rows (S == 1) vectorize across channels. Anything else goes to the
- * reference loops. Statistics still accumulate in double (4 lanes). */
+ * long contiguous runs (NCHW, S >= 8) vectorize along s with statistics in
+ * double (4 lanes), and channels-last (S < 8) goes through the position
+ * view with float block sums, as in the AVX-512 set. */
 #include "kernels/sbn_kernels.h"
 
 #ifdef SBN__HAVE_AVX2
 #include <immintrin.h>
+
+#include "kernels/kernels_geo_inl.h"
 
 #define SBN__AVX2 __attribute__((target("avx2,fma")))
 
@@ -15,29 +17,182 @@ SBN__AVX2 static inline double hsum4(__m256d v) {
   return _mm_cvtsd_f64(_mm_add_sd(lo, _mm_unpackhi_pd(lo, lo)));
 }
 
-SBN__AVX2 static void avx2_moments(const float *x, size_t A, size_t C, size_t S,
-                                   const float *k, double *s1, double *s2) {
-  if (S == 1) {
-    for (size_t a = 0; a < A; a++) {
-      const float *p = x + a * C;
-      size_t c = 0;
-      for (; c + 4 <= C; c += 4) {
-        __m256d d = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(p + c)),
-                                  _mm256_cvtps_pd(_mm_loadu_ps(k + c)));
-        _mm256_storeu_pd(s1 + c, _mm256_add_pd(_mm256_loadu_pd(s1 + c), d));
-        _mm256_storeu_pd(s2 + c,
-                         _mm256_fmadd_pd(d, d, _mm256_loadu_pd(s2 + c)));
-      }
-      for (; c < C; c++) {
-        double d = (double)p[c] - k[c];
-        s1[c] += d;
-        s2[c] += d * d;
+/* ------------------------------------------------------------------ */
+/* Channels-last (S < 8) through the position view (kernels_geo_inl.h), as
+ * in the AVX-512 set: float sums over RB rows folded into double, whole
+ * vectors with per-position parameters, scalar tails. Calls with fewer
+ * than SMALL_STAT values per channel keep the reference's double sums (see
+ * sbn_kernels.h). */
+#define RB 16
+#define SMALL_STAT 32
+
+/* Adds the 8 float lanes of v into d[0..8) in double. */
+SBN__AVX2 static inline void fold8(__m256 v, double *d) {
+  _mm256_storeu_pd(d,
+                   _mm256_add_pd(_mm256_loadu_pd(d),
+                                 _mm256_cvtps_pd(_mm256_castps256_ps128(v))));
+  _mm256_storeu_pd(d + 4,
+                   _mm256_add_pd(_mm256_loadu_pd(d + 4),
+                                 _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1))));
+}
+
+/* One row of a piece's sums into f1, f2 (positions [0, L)). */
+SBN__AVX2 static inline void row_sums(int bwd, const float *p, const float *q,
+                                      size_t L, const float *pa,
+                                      const float *pb, const float *pc,
+                                      float *f1, float *f2) {
+  size_t j = 0;
+  for (; j + 8 <= L; j += 8) {
+    __m256 v = _mm256_loadu_ps(p + j), a = _mm256_load_ps(f1 + j);
+    __m256 b = _mm256_load_ps(f2 + j);
+    if (bwd) {
+      __m256 g = _mm256_loadu_ps(q + j);
+      __m256 xh =
+          _mm256_mul_ps(_mm256_sub_ps(_mm256_sub_ps(v, _mm256_load_ps(pa + j)),
+                                      _mm256_load_ps(pb + j)),
+                        _mm256_load_ps(pc + j));
+      a = _mm256_add_ps(a, g);
+      b = _mm256_fmadd_ps(g, xh, b);
+    } else {
+      __m256 d = _mm256_sub_ps(v, _mm256_load_ps(pa + j));
+      a = _mm256_add_ps(a, d);
+      b = _mm256_fmadd_ps(d, d, b);
+    }
+    _mm256_store_ps(f1 + j, a);
+    _mm256_store_ps(f2 + j, b);
+  }
+  for (; j < L; j++) {
+    if (bwd) {
+      float xh = ((p[j] - pa[j]) - pb[j]) * pc[j];
+      f1[j] += q[j];
+      f2[j] += q[j] * xh;
+    } else {
+      float d = p[j] - pa[j];
+      f1[j] += d;
+      f2[j] += d * d;
+    }
+  }
+}
+
+SBN__AVX2 static void avx2_pos_sums(int bwd, const float *x, const float *dy,
+                                    size_t A, size_t C, size_t S,
+                                    const float *k, const double *mean,
+                                    const double *istd, double *s1,
+                                    double *s2) {
+  float pa[PMAX] __attribute__((aligned(32)));
+  float pb[PMAX] __attribute__((aligned(32)));
+  float pc[PMAX] __attribute__((aligned(32)));
+  float f1[PMAX] __attribute__((aligned(32)));
+  float f2[PMAX] __attribute__((aligned(32)));
+  double d1[PMAX], d2[PMAX];
+  geo_t g[1];
+  size_t off;
+  for (size_t i = 0; geo_piece(A, C, S, C * S, i, g, &off); i++) {
+    size_t L = g->L;
+    for (size_t j = 0; j < L; j++) {
+      size_t c = geo_chan(g, j, C, S);
+      d1[j] = d2[j] = 0;
+      if (bwd) {
+        float h = (float)mean[c];
+        pa[j] = h, pb[j] = (float)(mean[c] - (double)h);
+        pc[j] = (float)istd[c];
+      } else {
+        pa[j] = k[c];
       }
     }
+    for (size_t r0 = 0; r0 < g->rows; r0 += RB) {
+      size_t r1 = g->rows - r0 < RB ? g->rows : r0 + RB;
+      for (size_t j = 0; j < L; j++)
+        f1[j] = f2[j] = 0;
+      for (size_t r = r0; r < r1; r++)
+        row_sums(bwd, x + off + r * g->stride,
+                 bwd ? dy + off + r * g->stride : NULL, L, pa, pb, pc, f1, f2);
+      size_t j = 0;
+      for (; j + 8 <= L; j += 8) {
+        fold8(_mm256_load_ps(f1 + j), d1 + j);
+        fold8(_mm256_load_ps(f2 + j), d2 + j);
+      }
+      for (; j < L; j++)
+        d1[j] += f1[j], d2[j] += f2[j];
+    }
+    for (size_t j = 0; j < L; j++) {
+      size_t c = geo_chan(g, j, C, S);
+      s1[c] += d1[j];
+      s2[c] += d2[j];
+    }
+  }
+}
+
+SBN__AVX2 static void avx2_pos_normalize(const float *x, float *y, size_t A,
+                                         size_t C, size_t S, const float *mh,
+                                         const float *ml, const float *scale,
+                                         const float *shift) {
+  float ph[PMAX], pl[PMAX], ps[PMAX], pb[PMAX];
+  geo_t g[1];
+  size_t off;
+  for (size_t i = 0; geo_piece(A, C, S, C * S, i, g, &off); i++) {
+    size_t L = g->L;
+    for (size_t j = 0; j < L; j++) {
+      size_t c = geo_chan(g, j, C, S);
+      ph[j] = mh[c], pl[j] = ml[c], ps[j] = scale[c], pb[j] = shift[c];
+    }
+    for (size_t r = 0; r < g->rows; r++) {
+      const float *p = x + off + r * g->stride;
+      float *q = y + off + r * g->stride;
+      size_t j = 0;
+      for (; j + 8 <= L; j += 8) {
+        __m256 v = _mm256_sub_ps(
+            _mm256_sub_ps(_mm256_loadu_ps(p + j), _mm256_loadu_ps(ph + j)),
+            _mm256_loadu_ps(pl + j));
+        _mm256_storeu_ps(q + j, _mm256_fmadd_ps(v, _mm256_loadu_ps(ps + j),
+                                                _mm256_loadu_ps(pb + j)));
+      }
+      for (; j < L; j++)
+        q[j] = ((p[j] - ph[j]) - pl[j]) * ps[j] + pb[j];
+    }
+  }
+}
+
+/* dx = k1*dy + (q*x + r) in double per position (the AVX-512 set's form). */
+SBN__AVX2 static void avx2_pos_apply(const float *x, const float *dy, float *dx,
+                                     size_t A, size_t C, size_t S,
+                                     const double *mean, const double *istd,
+                                     const double *k1, const double *k2,
+                                     const double *k3) {
+  double pk[PMAX], pq[PMAX], pr[PMAX];
+  geo_t g[1];
+  size_t off;
+  for (size_t i = 0; geo_piece(A, C, S, C * S, i, g, &off); i++) {
+    size_t L = g->L;
+    for (size_t j = 0; j < L; j++) {
+      size_t c = geo_chan(g, j, C, S);
+      double q = k2[c] * istd[c];
+      pk[j] = k1[c], pq[j] = q, pr[j] = k3[c] - q * mean[c];
+    }
+    for (size_t r = 0; r < g->rows; r++) {
+      size_t o = off + r * g->stride, j = 0;
+      for (; j + 4 <= L; j += 4) {
+        __m256d xd = _mm256_cvtps_pd(_mm_loadu_ps(x + o + j));
+        __m256d gd = _mm256_cvtps_pd(_mm_loadu_ps(dy + o + j));
+        __m256d v = _mm256_fmadd_pd(_mm256_loadu_pd(pk + j), gd,
+                                    _mm256_fmadd_pd(_mm256_loadu_pd(pq + j), xd,
+                                                    _mm256_loadu_pd(pr + j)));
+        _mm_storeu_ps(dx + o + j, _mm256_cvtpd_ps(v));
+      }
+      for (; j < L; j++)
+        dx[o + j] = (float)(pk[j] * dy[o + j] + (pq[j] * x[o + j] + pr[j]));
+    }
+  }
+}
+
+SBN__AVX2 static void avx2_moments(const float *x, size_t A, size_t C, size_t S,
+                                   const float *k, double *s1, double *s2) {
+  if (A * S < SMALL_STAT) {
+    sbn__kernels_ref.moments(x, A, C, S, k, s1, s2);
     return;
   }
   if (S < 8) {
-    sbn__kernels_ref.moments(x, A, C, S, k, s1, s2);
+    avx2_pos_sums(0, x, NULL, A, C, S, k, NULL, NULL, s1, s2);
     return;
   }
   for (size_t a = 0; a < A; a++) {
@@ -75,25 +230,8 @@ SBN__AVX2 static void avx2_normalize(const float *x, float *y, size_t A,
                                      size_t C, size_t S, const float *mh,
                                      const float *ml, const float *scale,
                                      const float *shift) {
-  if (S == 1) {
-    for (size_t a = 0; a < A; a++) {
-      const float *p = x + a * C;
-      float *q = y + a * C;
-      size_t c = 0;
-      for (; c + 8 <= C; c += 8) {
-        __m256 v = _mm256_sub_ps(
-            _mm256_sub_ps(_mm256_loadu_ps(p + c), _mm256_loadu_ps(mh + c)),
-            _mm256_loadu_ps(ml + c));
-        _mm256_storeu_ps(q + c, _mm256_fmadd_ps(v, _mm256_loadu_ps(scale + c),
-                                                _mm256_loadu_ps(shift + c)));
-      }
-      for (; c < C; c++)
-        q[c] = ((p[c] - mh[c]) - ml[c]) * scale[c] + shift[c];
-    }
-    return;
-  }
   if (S < 8) {
-    sbn__kernels_ref.normalize(x, y, A, C, S, mh, ml, scale, shift);
+    avx2_pos_normalize(x, y, A, C, S, mh, ml, scale, shift);
     return;
   }
   for (size_t a = 0; a < A; a++) {
@@ -116,28 +254,12 @@ SBN__AVX2 static void avx2_bwd_reduce(const float *x, const float *dy, size_t A,
                                       size_t C, size_t S, const double *mean,
                                       const double *istd, double *sdy,
                                       double *sdyx) {
-  if (S == 1) {
-    for (size_t a = 0; a < A; a++) {
-      const float *p = x + a * C, *g = dy + a * C;
-      size_t c = 0;
-      for (; c + 4 <= C; c += 4) {
-        __m256d xh =
-            _mm256_mul_pd(_mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(p + c)),
-                                        _mm256_loadu_pd(mean + c)),
-                          _mm256_loadu_pd(istd + c));
-        __m256d d = _mm256_cvtps_pd(_mm_loadu_ps(g + c));
-        _mm256_storeu_pd(sdy + c, _mm256_add_pd(_mm256_loadu_pd(sdy + c), d));
-        _mm256_storeu_pd(sdyx + c,
-                         _mm256_fmadd_pd(d, xh, _mm256_loadu_pd(sdyx + c)));
-      }
-      if (c < C)
-        sbn__kernels_ref.bwd_reduce(p + c, g + c, 1, C - c, 1, mean + c,
-                                    istd + c, sdy + c, sdyx + c);
-    }
+  if (A * S < SMALL_STAT) {
+    sbn__kernels_ref.bwd_reduce(x, dy, A, C, S, mean, istd, sdy, sdyx);
     return;
   }
   if (S < 8) {
-    sbn__kernels_ref.bwd_reduce(x, dy, A, C, S, mean, istd, sdy, sdyx);
+    avx2_pos_sums(1, x, dy, A, C, S, NULL, mean, istd, sdy, sdyx);
     return;
   }
   for (size_t a = 0; a < A; a++) {
@@ -183,26 +305,8 @@ SBN__AVX2 static void avx2_bwd_apply(const float *x, const float *dy, float *dx,
                                      const double *mean, const double *istd,
                                      const double *k1, const double *k2,
                                      const double *k3) {
-  if (S == 1) {
-    for (size_t a = 0; a < A; a++) {
-      const float *p = x + a * C, *g = dy + a * C;
-      float *q = dx + a * C;
-      size_t c = 0;
-      for (; c + 4 <= C; c += 4) {
-        __m256d r = dx4(_mm_loadu_ps(p + c), _mm_loadu_ps(g + c),
-                        _mm256_loadu_pd(mean + c), _mm256_loadu_pd(istd + c),
-                        _mm256_loadu_pd(k1 + c), _mm256_loadu_pd(k2 + c),
-                        _mm256_loadu_pd(k3 + c));
-        _mm_storeu_ps(q + c, _mm256_cvtpd_ps(r));
-      }
-      if (c < C)
-        sbn__kernels_ref.bwd_apply(p + c, g + c, q + c, 1, C - c, 1, mean + c,
-                                   istd + c, k1 + c, k2 + c, k3 + c);
-    }
-    return;
-  }
   if (S < 8) {
-    sbn__kernels_ref.bwd_apply(x, dy, dx, A, C, S, mean, istd, k1, k2, k3);
+    avx2_pos_apply(x, dy, dx, A, C, S, mean, istd, k1, k2, k3);
     return;
   }
   for (size_t a = 0; a < A; a++) {

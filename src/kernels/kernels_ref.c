@@ -3,11 +3,11 @@
  * formed in float from per-channel parameters prepared in double. */
 #include "kernels/sbn_kernels.h"
 
-static void ref_moments(const float *x, size_t A, size_t C, size_t S,
-                        const float *k, double *s1, double *s2) {
+static void ref_moments_ld(const float *x, size_t A, size_t C, size_t S,
+                           size_t lda, const float *k, double *s1, double *s2) {
   for (size_t a = 0; a < A; a++) {
     for (size_t c = 0; c < C; c++) {
-      const float *p = x + (a * C + c) * S;
+      const float *p = x + a * lda + c * S;
       double kk = k[c], t1 = 0, t2 = 0;
       for (size_t s = 0; s < S; s++) {
         double d = (double)p[s] - kk;
@@ -20,12 +20,13 @@ static void ref_moments(const float *x, size_t A, size_t C, size_t S,
   }
 }
 
-static void ref_normalize(const float *x, float *y, size_t A, size_t C,
-                          size_t S, const float *mh, const float *ml,
-                          const float *scale, const float *shift) {
+static void ref_normalize_ld(const float *x, float *y, size_t A, size_t C,
+                             size_t S, size_t lda, const float *mh,
+                             const float *ml, const float *scale,
+                             const float *shift) {
   for (size_t a = 0; a < A; a++) {
     for (size_t c = 0; c < C; c++) {
-      size_t off = (a * C + c) * S;
+      size_t off = a * lda + c * S;
       float h = mh[c], l = ml[c], sc = scale[c], sh = shift[c];
       for (size_t s = 0; s < S; s++)
         y[off + s] = ((x[off + s] - h) - l) * sc + sh;
@@ -33,12 +34,13 @@ static void ref_normalize(const float *x, float *y, size_t A, size_t C,
   }
 }
 
-static void ref_bwd_reduce(const float *x, const float *dy, size_t A, size_t C,
-                           size_t S, const double *mean, const double *istd,
-                           double *sdy, double *sdyx) {
+static void ref_bwd_reduce_ld(const float *x, const float *dy, size_t A,
+                              size_t C, size_t S, size_t lda,
+                              const double *mean, const double *istd,
+                              double *sdy, double *sdyx) {
   for (size_t a = 0; a < A; a++) {
     for (size_t c = 0; c < C; c++) {
-      size_t off = (a * C + c) * S;
+      size_t off = a * lda + c * S;
       double m = mean[c], is = istd[c], t1 = 0, t2 = 0;
       for (size_t s = 0; s < S; s++) {
         double xh = ((double)x[off + s] - m) * is;
@@ -51,13 +53,14 @@ static void ref_bwd_reduce(const float *x, const float *dy, size_t A, size_t C,
   }
 }
 
-static void ref_bwd_apply(const float *x, const float *dy, float *dx, size_t A,
-                          size_t C, size_t S, const double *mean,
-                          const double *istd, const double *k1,
-                          const double *k2, const double *k3) {
+static void ref_bwd_apply_ld(const float *x, const float *dy, float *dx,
+                             size_t A, size_t C, size_t S, size_t lda,
+                             const double *mean, const double *istd,
+                             const double *k1, const double *k2,
+                             const double *k3) {
   for (size_t a = 0; a < A; a++) {
     for (size_t c = 0; c < C; c++) {
-      size_t off = (a * C + c) * S;
+      size_t off = a * lda + c * S;
       double m = mean[c], is = istd[c], a1 = k1[c], a2 = k2[c], a3 = k3[c];
       for (size_t s = 0; s < S; s++) {
         double xh = ((double)x[off + s] - m) * is;
@@ -65,6 +68,31 @@ static void ref_bwd_apply(const float *x, const float *dy, float *dx, size_t A,
       }
     }
   }
+}
+
+/* The dense view is the strided one with rows C * S apart. */
+static void ref_moments(const float *x, size_t A, size_t C, size_t S,
+                        const float *k, double *s1, double *s2) {
+  ref_moments_ld(x, A, C, S, C * S, k, s1, s2);
+}
+
+static void ref_normalize(const float *x, float *y, size_t A, size_t C,
+                          size_t S, const float *mh, const float *ml,
+                          const float *scale, const float *shift) {
+  ref_normalize_ld(x, y, A, C, S, C * S, mh, ml, scale, shift);
+}
+
+static void ref_bwd_reduce(const float *x, const float *dy, size_t A, size_t C,
+                           size_t S, const double *mean, const double *istd,
+                           double *sdy, double *sdyx) {
+  ref_bwd_reduce_ld(x, dy, A, C, S, C * S, mean, istd, sdy, sdyx);
+}
+
+static void ref_bwd_apply(const float *x, const float *dy, float *dx, size_t A,
+                          size_t C, size_t S, const double *mean,
+                          const double *istd, const double *k1,
+                          const double *k2, const double *k3) {
+  ref_bwd_apply_ld(x, dy, dx, A, C, S, C * S, mean, istd, k1, k2, k3);
 }
 
 static void ref_ln_forward(const float *x, float *y, size_t D, float mh,
@@ -111,6 +139,10 @@ const sbn__kernels_t sbn__kernels_ref = {
     .normalize = ref_normalize,
     .bwd_reduce = ref_bwd_reduce,
     .bwd_apply = ref_bwd_apply,
+    .moments_ld = ref_moments_ld,
+    .normalize_ld = ref_normalize_ld,
+    .bwd_reduce_ld = ref_bwd_reduce_ld,
+    .bwd_apply_ld = ref_bwd_apply_ld,
     .ln_forward = ref_ln_forward,
     .ln_bwd_reduce = ref_ln_bwd_reduce,
     .ln_bwd_apply = ref_ln_bwd_apply,

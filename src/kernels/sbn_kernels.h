@@ -24,16 +24,23 @@
 typedef struct sbn__kernels_s {
   const char *name;
   /* Shifted sums over (a, s) per channel c, added into s1[c] and s2[c]:
-   * s1 += sum(x - k[c]), s2 += sum((x - k[c])^2), in double. */
+   * s1 += sum(x - k[c]), s2 += sum((x - k[c])^2). The reference adds in
+   * double; a set may add float partial sums of at most 16 values per
+   * lane into double, but not for calls with fewer than 32 values per
+   * channel (A * S), where a statistic may have as few as two values and
+   * dx then depends on the variance far below fp32. */
   void (*moments)(const float *x, size_t A, size_t C, size_t S, const float *k,
                   double *s1, double *s2);
   /* y = ((x - mh[c]) - ml[c]) * scale[c] + shift[c]. */
   void (*normalize)(const float *x, float *y, size_t A, size_t C, size_t S,
                     const float *mh, const float *ml, const float *scale,
                     const float *shift);
-  /* xhat = (x - mean[c]) * istd[c] in double; adds sum(dy) into sdy[c]
-   * and sum(dy * xhat) into sdyx[c], in double. dx depends on these sums
-   * to far below fp32 precision when it is small (see bwd_apply). */
+  /* xhat = (x - mean[c]) * istd[c]; adds sum(dy) into sdy[c] and
+   * sum(dy * xhat) into sdyx[c]. The reference works in double; a set may
+   * form xhat in float from the split mean and add float partial sums as
+   * in moments, with the same exception for fewer than 32 values per
+   * channel: dx depends on these sums to far below fp32 precision when a
+   * statistic has two values (see bwd_apply). */
   void (*bwd_reduce)(const float *x, const float *dy, size_t A, size_t C,
                      size_t S, const double *mean, const double *istd,
                      double *sdy, double *sdyx);
@@ -45,6 +52,24 @@ typedef struct sbn__kernels_s {
   void (*bwd_apply)(const float *x, const float *dy, float *dx, size_t A,
                     size_t C, size_t S, const double *mean, const double *istd,
                     const double *k1, const double *k2, const double *k3);
+  /* The four entries above on a strided view: element (a, c, s) at
+   * a * lda + c * S + s, with lda >= C * S (y, dy and dx alike). Channels
+   * [c0, c1) of an (A, C, S) array are the view (A, c1 - c0, S) at
+   * x + c0 * S with lda = C * S, in one call. A set may leave these NULL;
+   * the sbn__k_*_ld functions below then call the dense entry once per a
+   * (A = 1), which computes the same. */
+  void (*moments_ld)(const float *x, size_t A, size_t C, size_t S, size_t lda,
+                     const float *k, double *s1, double *s2);
+  void (*normalize_ld)(const float *x, float *y, size_t A, size_t C, size_t S,
+                       size_t lda, const float *mh, const float *ml,
+                       const float *scale, const float *shift);
+  void (*bwd_reduce_ld)(const float *x, const float *dy, size_t A, size_t C,
+                        size_t S, size_t lda, const double *mean,
+                        const double *istd, double *sdy, double *sdyx);
+  void (*bwd_apply_ld)(const float *x, const float *dy, float *dx, size_t A,
+                       size_t C, size_t S, size_t lda, const double *mean,
+                       const double *istd, const double *k1, const double *k2,
+                       const double *k3);
   /* LayerNorm rows (D contiguous elements with per-element affine; w and
    * b are NULL without affine): y = xhat * w + b. */
   void (*ln_forward)(const float *x, float *y, size_t D, float mh, float ml,
@@ -58,6 +83,17 @@ typedef struct sbn__kernels_s {
   void (*ln_bwd_apply)(const float *x, const float *dy, float *dx, size_t D,
                        double mean, double istd, const float *w, double c2,
                        double c3);
+  /* LayerNorm backward of R rows of D, or NULL (then the op calls
+   * ln_bwd_reduce and ln_bwd_apply row by row, which is what this computes):
+   * per row r the sums of ln_bwd_reduce, then dx as ln_bwd_apply with
+   * c2 = -istd[r] * sum(g * xhat) / count and c3 = -istd[r] * sum(g) /
+   * count, while the row is in cache; adds dy * xhat and dy into dw[i] and
+   * db[i]. fw and fb are the caller's scratch of D floats each, where a set
+   * may sum a block of rows before adding into dw and db. */
+  void (*ln_bwd_rows)(const float *x, const float *dy, float *dx, size_t R,
+                      size_t D, const double *mean, const double *istd,
+                      const float *w, double count, double *dw, double *db,
+                      float *fw, float *fb);
   /* Dropout of n elements starting at element index `first` (a multiple
    * of 4): out = word < thr ? 0 : in * scale, with the Philox words of
    * sbn_philox4x32_10 for counter (block, step, layer) and key. thr < 2^32
@@ -77,8 +113,30 @@ void sbn__dropout_ref(const float *in, float *out, size_t n, uint64_t first,
 #define SBN__HAVE_AVX2 1
 extern const sbn__kernels_t sbn__kernels_avx2;
 #endif
+/* The build defines SBN__HAVE_AVX512 when it compiles kernels_avx512.c
+ * with the AVX-512 flags (x86-64 with GCC or Clang). */
+#ifdef SBN__HAVE_AVX512
+extern const sbn__kernels_t sbn__kernels_avx512;
+#endif
 
-/* The kernel set in use (chosen on first use from the CPU's features). */
+/* The kernel set in use, chosen on first use: the one named by the
+ * environment variable SBN_KERNELS when it is set to a set this CPU can
+ * run, else the best set for the CPU's features. */
 const sbn__kernels_t *sbn__kernels(void);
+
+/* The strided entries of the set in use (kernels/strided.c), or their
+ * fallback through the dense entry, one a at a time. */
+void sbn__k_moments_ld(const float *x, size_t A, size_t C, size_t S, size_t lda,
+                       const float *k, double *s1, double *s2);
+void sbn__k_normalize_ld(const float *x, float *y, size_t A, size_t C, size_t S,
+                         size_t lda, const float *mh, const float *ml,
+                         const float *scale, const float *shift);
+void sbn__k_bwd_reduce_ld(const float *x, const float *dy, size_t A, size_t C,
+                          size_t S, size_t lda, const double *mean,
+                          const double *istd, double *sdy, double *sdyx);
+void sbn__k_bwd_apply_ld(const float *x, const float *dy, float *dx, size_t A,
+                         size_t C, size_t S, size_t lda, const double *mean,
+                         const double *istd, const double *k1, const double *k2,
+                         const double *k3);
 
 #endif /* SBN_KERNELS_H */

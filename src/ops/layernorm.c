@@ -8,6 +8,17 @@
 
 /* Rows are processed in chunks so the per-row arrays stay a fixed size. */
 #define SBN__LN_CHUNK 256
+/* Forward normalizes a chunk right after its statistics, while the chunk
+ * is still in the core's L2 (1 MiB here; a quarter of it leaves room for
+ * y): then x comes from memory once, and the pass moves 8 bytes per
+ * element instead of 12. */
+#define SBN__LN_L2_BYTES (256u * 1024u)
+
+/* Rows per forward chunk: as many as fit the L2 budget, at least one. */
+static size_t ln_chunk_rows(size_t D) {
+  size_t r = SBN__LN_L2_BYTES / sizeof(float) / (D > 0 ? D : 1);
+  return r < 1 ? 1 : (r > SBN__LN_CHUNK ? SBN__LN_CHUNK : r);
+}
 
 static int ln_validate(const sbn_layer_params_t *p) {
   int rc;
@@ -63,7 +74,10 @@ static int ln_sizes(const sbn_layer_params_t *p, const sbn__shape_t *sh,
   (void)p;
   if (sbn__mul_size(sh->C, 2 * sizeof(double), &acc) != 0)
     return sbn_set_error(SBN_EOVERFLOW, "norm_shape: too large");
-  *ws = sbn__chan_bytes(SBN__LN_CHUNK) + sbn__align64(acc);
+  /* dweight and dbias in double, then the kernels' float scratch for
+   * them (half as many bytes as the doubles, so it cannot overflow). */
+  *ws = sbn__chan_bytes(SBN__LN_CHUNK) + sbn__align64(acc) +
+        sbn__align64(acc / 2);
   return sbn__saved_size(sh->N, saved);
 }
 
@@ -76,8 +90,9 @@ static int ln_forward(sbn_layer_t *l, const sbn_forward_args_t *a,
   sbn__chan_carve(a->workspace, SBN__LN_CHUNK, &ch);
   if (a->saved != NULL)
     sbn__saved_init(a->saved, p->op, a->mode, (double)D, N, &smean, &sistd);
-  for (size_t r0 = 0; r0 < N; r0 += SBN__LN_CHUNK) {
-    size_t R = N - r0 < SBN__LN_CHUNK ? N - r0 : SBN__LN_CHUNK;
+  size_t chunk = ln_chunk_rows(D);
+  for (size_t r0 = 0; r0 < N; r0 += chunk) {
+    size_t R = N - r0 < chunk ? N - r0 : chunk;
     /* A chunk of rows is the view (1, R, D): each row is a "channel". */
     sbn__view_moments(a->x + r0 * D, 1, R, D, &ch, ch.rec);
     for (size_t r = 0; r < R; r++) {
@@ -118,16 +133,23 @@ static int ln_backward(sbn_layer_t *l, const sbn_backward_args_t *a,
     dw[i] = 0;
     db[i] = 0;
   }
-  for (size_t r = 0; r < N; r++) {
-    const float *x = a->x + r * D, *dy = a->dy + r * D;
-    float *dx = a->dx + r * D;
-    const float *w = p->affine ? a->weight : NULL;
-    double sums[2] = {0, 0};
-    sbn__kernels()->ln_bwd_reduce(x, dy, D, mean[r], istd[r], w, dw, db, sums);
-    /* dx = istd * (w*dy - mean(w*dy) - xhat * mean(w*dy*xhat)). */
-    double c2 = -istd[r] * sums[1] / count;
-    double c3 = -istd[r] * sums[0] / count;
-    sbn__kernels()->ln_bwd_apply(x, dy, dx, D, mean[r], istd[r], w, c2, c3);
+  const float *w = p->affine ? a->weight : NULL;
+  const sbn__kernels_t *k = sbn__kernels();
+  if (k->ln_bwd_rows != NULL) {
+    float *fw =
+        (float *)(void *)((char *)dw + sbn__align64(2 * D * sizeof(double)));
+    k->ln_bwd_rows(a->x, a->dy, a->dx, N, D, mean, istd, w, count, dw, db, fw,
+                   fw + D);
+  } else {
+    for (size_t r = 0; r < N; r++) {
+      const float *x = a->x + r * D, *dy = a->dy + r * D;
+      double sums[2] = {0, 0};
+      k->ln_bwd_reduce(x, dy, D, mean[r], istd[r], w, dw, db, sums);
+      /* dx = istd * (w*dy - mean(w*dy) - xhat * mean(w*dy*xhat)). */
+      double c2 = -istd[r] * sums[1] / count;
+      double c3 = -istd[r] * sums[0] / count;
+      k->ln_bwd_apply(x, dy, a->dx + r * D, D, mean[r], istd[r], w, c2, c3);
+    }
   }
   for (size_t i = 0; i < D; i++) {
     if (a->dweight != NULL)

@@ -104,6 +104,10 @@ void sbn__chan_carve(void *ws, size_t C, sbn__chan_t *ch);
  * the first element of each channel as the shift. Uses ch->k, d1, d2. */
 void sbn__view_moments(const float *x, size_t A, size_t C, size_t S,
                        sbn__chan_t *ch, sbn_rec_t *recs);
+/* The same on a strided view: element (a, c, s) at a * lda + c * S + s
+ * (a channel range of a larger array; see the kernels' *_ld entries). */
+void sbn__view_moments_ld(const float *x, size_t A, size_t C, size_t S,
+                          size_t lda, sbn__chan_t *ch, sbn_rec_t *recs);
 
 /* ------------------------------------------------------------------ */
 /* BatchNorm's per-channel finishing steps (ops/batchnorm.c), shared by the

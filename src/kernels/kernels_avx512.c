@@ -1,0 +1,477 @@
+/* AVX-512 kernels (F, BW, DQ, VL; this file alone is compiled with those
+ * flags, and dispatch.c picks the set only after checking the CPU). Same
+ * contracts as kernels_ref.c, with two ways through an (A, C, S) view:
+ *
+ *  - Runs (S >= 16: NCHW, LayerNorm rows): each (a, c) run is contiguous
+ *    and its per-channel parameters are broadcast. Four independent
+ *    accumulators per sum.
+ *  - Rows of positions (S < 16: channels-last, and GroupNorm's NHWC groups
+ *    of a few channels): the tensor is seen as rows of L positions whose
+ *    channels repeat, with the per-position parameters laid out once in
+ *    small arrays, so every pass is a plain stream of whole vectors (and a
+ *    masked tail). When lcm(C*S, 16) is small the rows are periods of the
+ *    flat array, so even C = 1 or 3 fills every lane; otherwise they are
+ *    tiles of each row of C*S elements.
+ *
+ * Statistics accumulate in float over short blocks (at most 16 values per
+ * lane) that are folded into double, so no element is converted to double
+ * and the sums keep about double's accuracy: the shifted values the
+ * moments add are small (the caller shifts by a value of the data), and a
+ * sum of 16 floats loses only a few float ulps of itself. dx is formed in
+ * double as dx = k1*dy + (q*x + r), q = k2*istd and r = k3 - q*mean, which
+ * equals the reference's k1*dy + (k2*xhat + k3) to double rounding. */
+#include "kernels/sbn_kernels.h"
+
+#ifdef SBN__HAVE_AVX512
+#include "kernels/kernels_avx512_inl.h"
+
+#include "kernels/kernels_geo_inl.h"
+
+/* Float sums over the rows of one piece into per-position doubles d1, d2
+ * (each holding round16(L) zeros on entry). Moments add d = x - pa and d^2;
+ * backward adds dy and dy * xhat with xhat = ((x - pa) - pb) * pc. */
+static inline __attribute__((always_inline)) void piece_sums(
+    int bwd, const float *x, const float *dy, const geo_t *g, const float *pa,
+    const float *pb, const float *pc, double *d1, double *d2) {
+  float f1[PMAX] __attribute__((aligned(64)));
+  float f2[PMAX] __attribute__((aligned(64)));
+  size_t L = g->L;
+  for (size_t r0 = 0; r0 < g->rows; r0 += RB) {
+    size_t r1 = g->rows - r0 < RB ? g->rows : r0 + RB;
+    for (size_t j = 0; j < L; j += 16) {
+      _mm512_store_ps(f1 + j, _mm512_setzero_ps());
+      _mm512_store_ps(f2 + j, _mm512_setzero_ps());
+    }
+    for (size_t r = r0; r < r1; r++) {
+      const float *p = x + r * g->stride, *q = dy + r * g->stride;
+      for (size_t j = 0; j < L; j += 16) {
+        __mmask16 m = tail_mask(L - j);
+        __m512 v = load16(m, p + j);
+        __m512 a = _mm512_load_ps(f1 + j), b = _mm512_load_ps(f2 + j);
+        if (bwd) {
+          __m512 gv = load16(m, q + j);
+          __m512 xh = _mm512_mul_ps(
+              _mm512_sub_ps(_mm512_sub_ps(v, _mm512_load_ps(pa + j)),
+                            _mm512_load_ps(pb + j)),
+              _mm512_load_ps(pc + j));
+          a = _mm512_add_ps(a, gv);
+          b = _mm512_fmadd_ps(gv, xh, b);
+        } else {
+          __m512 d = _mm512_maskz_sub_ps(m, v, _mm512_load_ps(pa + j));
+          a = _mm512_add_ps(a, d);
+          b = _mm512_fmadd_ps(d, d, b);
+        }
+        _mm512_store_ps(f1 + j, a);
+        _mm512_store_ps(f2 + j, b);
+      }
+    }
+    for (size_t j = 0; j < L; j += 16) {
+      fold_mem(_mm512_load_ps(f1 + j), d1 + j);
+      fold_mem(_mm512_load_ps(f2 + j), d2 + j);
+    }
+  }
+}
+
+/* The sums of the position view: lays out the per-position parameters of
+ * each piece, sums it, and adds the per-position results to their
+ * channels. k (moments) or mean and istd (backward) are per channel. */
+static inline __attribute__((always_inline)) void pos_sums(
+    int bwd, const float *x, const float *dy, size_t A, size_t C, size_t S,
+    size_t lda, const float *k, const double *mean, const double *istd,
+    double *s1, double *s2) {
+  float pa[PMAX] __attribute__((aligned(64)));
+  float pb[PMAX] __attribute__((aligned(64)));
+  float pc[PMAX] __attribute__((aligned(64)));
+  double d1[PMAX] __attribute__((aligned(64)));
+  double d2[PMAX] __attribute__((aligned(64)));
+  geo_t g[1];
+  size_t off;
+  for (size_t i = 0; geo_piece(A, C, S, lda, i, g, &off); i++) {
+    size_t L = g->L, L16 = (L + 15) & ~(size_t)15;
+    for (size_t j = 0; j < L16; j++) {
+      size_t c = geo_chan(g, j < L ? j : 0, C, S);
+      d1[j] = d2[j] = 0;
+      if (bwd) {
+        float h = (float)mean[c];
+        pa[j] = h;
+        pb[j] = (float)(mean[c] - (double)h);
+        pc[j] = (float)istd[c];
+      } else {
+        pa[j] = k[c];
+      }
+    }
+    piece_sums(bwd, x + off, bwd ? dy + off : NULL, g, pa, pb, pc, d1, d2);
+    for (size_t j = 0; j < L; j++) {
+      size_t c = geo_chan(g, j, C, S);
+      s1[c] += d1[j];
+      s2[c] += d2[j];
+    }
+  }
+}
+
+/* ------------------------------------------------------------------ */
+/* Runs (S >= 16). */
+
+/* Moments of one run, shifted by k: float over chunks, folded into
+ * double. */
+static void run_moments(const float *p, size_t n, float k, double *t1,
+                        double *t2) {
+  __m512 kk = _mm512_set1_ps(k);
+  __m512d s1l = _mm512_setzero_pd(), s1h = s1l, s2l = s1l, s2h = s1l;
+  for (size_t s = 0; s < n;) {
+    size_t e = n - s > CHUNK ? s + CHUNK : n;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    __m512 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    for (; s + 64 <= e; s += 64) {
+      __m512 d0 = _mm512_sub_ps(_mm512_loadu_ps(p + s), kk);
+      __m512 d1 = _mm512_sub_ps(_mm512_loadu_ps(p + s + 16), kk);
+      __m512 d2 = _mm512_sub_ps(_mm512_loadu_ps(p + s + 32), kk);
+      __m512 d3 = _mm512_sub_ps(_mm512_loadu_ps(p + s + 48), kk);
+      a0 = _mm512_add_ps(a0, d0);
+      a1 = _mm512_add_ps(a1, d1);
+      a2 = _mm512_add_ps(a2, d2);
+      a3 = _mm512_add_ps(a3, d3);
+      b0 = _mm512_fmadd_ps(d0, d0, b0);
+      b1 = _mm512_fmadd_ps(d1, d1, b1);
+      b2 = _mm512_fmadd_ps(d2, d2, b2);
+      b3 = _mm512_fmadd_ps(d3, d3, b3);
+    }
+    for (; s < e; s += 16) {
+      __mmask16 m = tail_mask(e - s);
+      __m512 d = _mm512_maskz_sub_ps(m, load16(m, p + s), kk);
+      a0 = _mm512_add_ps(a0, d);
+      b0 = _mm512_fmadd_ps(d, d, b0);
+    }
+    s = e;
+    fold16(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)), &s1l,
+           &s1h);
+    fold16(_mm512_add_ps(_mm512_add_ps(b0, b1), _mm512_add_ps(b2, b3)), &s2l,
+           &s2h);
+  }
+  *t1 += _mm512_reduce_add_pd(_mm512_add_pd(s1l, s1h));
+  *t2 += _mm512_reduce_add_pd(_mm512_add_pd(s2l, s2h));
+}
+
+/* Sums of dy and dy * xhat over one run, xhat = ((x - h) - l) * is in
+ * float (h + l is the mean), folded into double like run_moments. */
+static void run_bwd_reduce(const float *p, const float *q, size_t n, float h,
+                           float l, float is, double *t1, double *t2) {
+  __m512 vh = _mm512_set1_ps(h), vl = _mm512_set1_ps(l);
+  __m512 vi = _mm512_set1_ps(is);
+  __m512d s1l = _mm512_setzero_pd(), s1h = s1l, s2l = s1l, s2h = s1l;
+  for (size_t s = 0; s < n;) {
+    size_t e = n - s > CHUNK ? s + CHUNK : n;
+    __m512 a[4], b[4];
+    for (int u = 0; u < 4; u++)
+      a[u] = b[u] = _mm512_setzero_ps();
+    for (; s + 64 <= e; s += 64) {
+      for (int u = 0; u < 4; u++) {
+        __m512 g = _mm512_loadu_ps(q + s + 16 * u);
+        __m512 xh = _mm512_mul_ps(
+            _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(p + s + 16 * u), vh),
+                          vl),
+            vi);
+        a[u] = _mm512_add_ps(a[u], g);
+        b[u] = _mm512_fmadd_ps(g, xh, b[u]);
+      }
+    }
+    for (; s < e; s += 16) {
+      __mmask16 m = tail_mask(e - s);
+      __m512 g = load16(m, q + s);
+      __m512 xh = _mm512_mul_ps(
+          _mm512_sub_ps(_mm512_sub_ps(load16(m, p + s), vh), vl), vi);
+      a[0] = _mm512_add_ps(a[0], g);
+      b[0] = _mm512_mask3_fmadd_ps(g, xh, b[0], m);
+    }
+    s = e;
+    fold16(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])),
+           &s1l, &s1h);
+    fold16(_mm512_add_ps(_mm512_add_ps(b[0], b[1]), _mm512_add_ps(b[2], b[3])),
+           &s2l, &s2h);
+  }
+  *t1 += _mm512_reduce_add_pd(_mm512_add_pd(s1l, s1h));
+  *t2 += _mm512_reduce_add_pd(_mm512_add_pd(s2l, s2h));
+}
+
+static void run_normalize(const float *p, float *q, size_t n, float h, float l,
+                          float sc, float sh, int nt) {
+  __m512 vh = _mm512_set1_ps(h), vl = _mm512_set1_ps(l);
+  __m512 vs = _mm512_set1_ps(sc), vb = _mm512_set1_ps(sh);
+  size_t s = head_elems(q, n, nt);
+  if (s > 0) {
+    __mmask16 m = tail_mask(s);
+    __m512 v = _mm512_sub_ps(_mm512_sub_ps(load16(m, p), vh), vl);
+    store16(q, _mm512_fmadd_ps(v, vs, vb), m, 0);
+  }
+  for (; s + 32 <= n; s += 32) {
+    __m512 v0 = _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(p + s), vh), vl);
+    __m512 v1 =
+        _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(p + s + 16), vh), vl);
+    store16(q + s, _mm512_fmadd_ps(v0, vs, vb), 0xFFFF, nt);
+    store16(q + s + 16, _mm512_fmadd_ps(v1, vs, vb), 0xFFFF, nt);
+  }
+  for (; s < n; s += 16) {
+    __mmask16 m = tail_mask(n - s);
+    __m512 v = _mm512_sub_ps(_mm512_sub_ps(load16(m, p + s), vh), vl);
+    store16(q + s, _mm512_fmadd_ps(v, vs, vb), m, nt);
+  }
+}
+
+/* dx over one run with broadcast double parameters (see dx16). */
+static void run_apply(const float *p, const float *g, float *q, size_t n,
+                      double k1, double qq, double r, int nt) {
+  __m512d a = _mm512_set1_pd(k1), b = _mm512_set1_pd(qq);
+  __m512d c = _mm512_set1_pd(r);
+  size_t h = head_elems(q, n, nt);
+  if (h > 0) {
+    __mmask16 m = tail_mask(h);
+    store16(q, dx16(load16(m, p), load16(m, g), a, a, b, b, c, c), m, 0);
+  }
+  for (size_t s = h; s < n; s += 16) {
+    __mmask16 m = tail_mask(n - s);
+    __m512 v = dx16(load16(m, p + s), load16(m, g + s), a, a, b, b, c, c);
+    store16(q + s, v, m, nt);
+  }
+}
+
+/* ------------------------------------------------------------------ */
+/* Elementwise passes over the position view. */
+
+/* y = ((x - h) - l) * sc + sh with per-position parameters. */
+/* Per-position parameters of a piece, with the first 16 positions
+ * repeated after the last, so that a vector starting at any position
+ * p < L of a contiguous piece reads its parameters at [p, p + 16). */
+#define PWRAP (PMAX + 16)
+
+/* One vector of normalize at positions [j, j + 16) of the parameters. */
+static inline __m512 norm16(__m512 x, const float *ph, const float *pl,
+                            const float *ps, const float *pb, size_t j) {
+  __m512 v = _mm512_sub_ps(_mm512_sub_ps(x, _mm512_loadu_ps(ph + j)),
+                           _mm512_loadu_ps(pl + j));
+  return _mm512_fmadd_ps(v, _mm512_loadu_ps(ps + j), _mm512_loadu_ps(pb + j));
+}
+
+/* y = ((x - h) - l) * sc + sh with per-position parameters. A contiguous
+ * piece (rows of L positions back to back) is one flat stream whose
+ * vectors may start at any position, so that a streaming pass can align
+ * its stores to cache lines whatever y's alignment (head_elems). */
+static void pos_normalize(const float *x, float *y, size_t A, size_t C,
+                          size_t S, size_t lda, const float *mh,
+                          const float *ml, const float *scale,
+                          const float *shift) {
+  float ph[PWRAP], pl[PWRAP], ps[PWRAP], pb[PWRAP];
+  int nt = want_nt(A, C, S);
+  geo_t g[1];
+  size_t off;
+  for (size_t i = 0; geo_piece(A, C, S, lda, i, g, &off); i++) {
+    size_t L = g->L;
+    for (size_t j = 0; j < L + 16; j++) {
+      size_t c = geo_chan(g, j % L, C, S);
+      ph[j] = mh[c], pl[j] = ml[c], ps[j] = scale[c], pb[j] = shift[c];
+    }
+    const float *p = x + off;
+    float *q = y + off;
+    if (g->stride == L && L >= 16) {
+      size_t n = g->rows * L, s = head_elems(q, n, nt), j = s;
+      if (s > 0)
+        store16(q, norm16(load16(tail_mask(s), p), ph, pl, ps, pb, 0),
+                tail_mask(s), 0);
+      for (; s < n; s += 16, j = j + 16 >= L ? j + 16 - L : j + 16) {
+        __mmask16 m = tail_mask(n - s);
+        store16(q + s, norm16(load16(m, p + s), ph, pl, ps, pb, j), m, nt);
+      }
+      continue;
+    }
+    for (size_t r = 0; r < g->rows; r++, p += g->stride, q += g->stride)
+      for (size_t j = 0; j < L; j += 16) {
+        __mmask16 m = tail_mask(L - j);
+        store16(q + j, norm16(load16(m, p + j), ph, pl, ps, pb, j), m, 0);
+      }
+  }
+  _mm_sfence();
+  _mm256_zeroupper(); /* as in pos_apply */
+}
+
+/* dx with per-position double parameters k1, q, r (see dx16). */
+/* One vector of dx at positions [j, j + 16) of the parameters. */
+static inline __m512 apply16(__m512 x, __m512 g, const double *pk,
+                             const double *pq, const double *pr, size_t j) {
+  return dx16(x, g, _mm512_loadu_pd(pk + j), _mm512_loadu_pd(pk + j + 8),
+              _mm512_loadu_pd(pq + j), _mm512_loadu_pd(pq + j + 8),
+              _mm512_loadu_pd(pr + j), _mm512_loadu_pd(pr + j + 8));
+}
+
+/* dx with per-position double parameters k1, q, r (see dx16), laid out
+ * and streamed like pos_normalize. */
+static void pos_apply(const float *x, const float *dy, float *dx, size_t A,
+                      size_t C, size_t S, size_t lda, const double *mean,
+                      const double *istd, const double *k1, const double *k2,
+                      const double *k3) {
+  double pk[PWRAP], pq[PWRAP], pr[PWRAP];
+  int nt = apply_nt(A, C, S);
+  geo_t g[1];
+  size_t off;
+  for (size_t i = 0; geo_piece(A, C, S, lda, i, g, &off); i++) {
+    size_t L = g->L;
+    for (size_t j = 0; j < L + 16; j++) {
+      size_t c = geo_chan(g, j % L, C, S);
+      double q = k2[c] * istd[c];
+      pk[j] = k1[c], pq[j] = q, pr[j] = k3[c] - q * mean[c];
+    }
+    const float *p = x + off, *d = dy + off;
+    float *q = dx + off;
+    if (g->stride == L && L >= 16) {
+      size_t n = g->rows * L, s = head_elems(q, n, nt), j = s;
+      if (s > 0) {
+        __mmask16 m = tail_mask(s);
+        store16(q, apply16(load16(m, p), load16(m, d), pk, pq, pr, 0), m, 0);
+      }
+      for (; s < n; s += 16, j = j + 16 >= L ? j + 16 - L : j + 16) {
+        __mmask16 m = tail_mask(n - s);
+        store16(q + s,
+                apply16(load16(m, p + s), load16(m, d + s), pk, pq, pr, j), m,
+                nt);
+      }
+      continue;
+    }
+    for (size_t r = 0; r < g->rows;
+         r++, p += g->stride, d += g->stride, q += g->stride)
+      for (size_t j = 0; j < L; j += 16) {
+        __mmask16 m = tail_mask(L - j);
+        store16(q + j,
+                apply16(load16(m, p + j), load16(m, d + j), pk, pq, pr, j), m,
+                0);
+      }
+  }
+  _mm_sfence();
+  /* GCC leaves this function (a tail call of avx512_bwd_apply) without
+   * clearing the upper vector state, which then slows the caller's SSE
+   * code (the bench's floor ran at half speed after it). */
+  _mm256_zeroupper();
+}
+
+/* ------------------------------------------------------------------ */
+/* The table's entries: runs when S >= 16, the position view otherwise. */
+
+static void avx512_moments_ld(const float *x, size_t A, size_t C, size_t S,
+                              size_t lda, const float *k, double *s1,
+                              double *s2) {
+  /* With very few values per statistic, dx depends on the variance to far
+   * below fp32 (two values: a relative error d of var moves dx by about
+   * d * var/eps), so such small calls keep the reference's double sums. */
+  if (A * S < SMALL_STAT) {
+    sbn__kernels_ref.moments_ld(x, A, C, S, lda, k, s1, s2);
+    return;
+  }
+  if (S < 16) {
+    pos_sums(0, x, NULL, A, C, S, lda, k, NULL, NULL, s1, s2);
+    return;
+  }
+  for (size_t a = 0; a < A; a++)
+    for (size_t c = 0; c < C; c++)
+      run_moments(x + a * lda + c * S, S, k[c], &s1[c], &s2[c]);
+}
+
+static void avx512_normalize_ld(const float *x, float *y, size_t A, size_t C,
+                                size_t S, size_t lda, const float *mh,
+                                const float *ml, const float *scale,
+                                const float *shift) {
+  if (S < 16) {
+    pos_normalize(x, y, A, C, S, lda, mh, ml, scale, shift);
+    return;
+  }
+  int nt = want_nt(A, C, S);
+  for (size_t a = 0; a < A; a++)
+    for (size_t c = 0; c < C; c++) {
+      size_t o = a * lda + c * S;
+      run_normalize(x + o, y + o, S, mh[c], ml[c], scale[c], shift[c], nt);
+    }
+  _mm_sfence();
+}
+
+static void avx512_bwd_reduce_ld(const float *x, const float *dy, size_t A,
+                                 size_t C, size_t S, size_t lda,
+                                 const double *mean, const double *istd,
+                                 double *sdy, double *sdyx) {
+  /* A statistic has at least A * S values. With very few (two: dx is
+   * about eps/var times dy) dx cancels far below fp32, and only sums of
+   * xhat in double keep it; such calls are small, so they take the
+   * reference's double loops. */
+  if (A * S < SMALL_STAT) {
+    sbn__kernels_ref.bwd_reduce_ld(x, dy, A, C, S, lda, mean, istd, sdy, sdyx);
+    return;
+  }
+  if (S < 16) {
+    pos_sums(1, x, dy, A, C, S, lda, NULL, mean, istd, sdy, sdyx);
+    return;
+  }
+  for (size_t a = 0; a < A; a++)
+    for (size_t c = 0; c < C; c++) {
+      size_t o = a * lda + c * S;
+      float h = (float)mean[c];
+      run_bwd_reduce(x + o, dy + o, S, h, (float)(mean[c] - (double)h),
+                     (float)istd[c], &sdy[c], &sdyx[c]);
+    }
+}
+
+static void avx512_bwd_apply_ld(const float *x, const float *dy, float *dx,
+                                size_t A, size_t C, size_t S, size_t lda,
+                                const double *mean, const double *istd,
+                                const double *k1, const double *k2,
+                                const double *k3) {
+  if (S < 16) {
+    pos_apply(x, dy, dx, A, C, S, lda, mean, istd, k1, k2, k3);
+    return;
+  }
+  int nt = apply_nt(A, C, S);
+  for (size_t a = 0; a < A; a++)
+    for (size_t c = 0; c < C; c++) {
+      size_t o = a * lda + c * S;
+      double q = k2[c] * istd[c];
+      run_apply(x + o, dy + o, dx + o, S, k1[c], q, k3[c] - q * mean[c], nt);
+    }
+  _mm_sfence();
+}
+
+/* The dense view is the strided one with rows C * S apart. */
+static void avx512_moments(const float *x, size_t A, size_t C, size_t S,
+                           const float *k, double *s1, double *s2) {
+  avx512_moments_ld(x, A, C, S, C * S, k, s1, s2);
+}
+
+static void avx512_normalize(const float *x, float *y, size_t A, size_t C,
+                             size_t S, const float *mh, const float *ml,
+                             const float *scale, const float *shift) {
+  avx512_normalize_ld(x, y, A, C, S, C * S, mh, ml, scale, shift);
+}
+
+static void avx512_bwd_reduce(const float *x, const float *dy, size_t A,
+                              size_t C, size_t S, const double *mean,
+                              const double *istd, double *sdy, double *sdyx) {
+  avx512_bwd_reduce_ld(x, dy, A, C, S, C * S, mean, istd, sdy, sdyx);
+}
+
+static void avx512_bwd_apply(const float *x, const float *dy, float *dx,
+                             size_t A, size_t C, size_t S, const double *mean,
+                             const double *istd, const double *k1,
+                             const double *k2, const double *k3) {
+  avx512_bwd_apply_ld(x, dy, dx, A, C, S, C * S, mean, istd, k1, k2, k3);
+}
+
+const sbn__kernels_t sbn__kernels_avx512 = {
+    .name = "avx512",
+    .moments = avx512_moments,
+    .normalize = avx512_normalize,
+    .bwd_reduce = avx512_bwd_reduce,
+    .bwd_apply = avx512_bwd_apply,
+    .moments_ld = avx512_moments_ld,
+    .normalize_ld = avx512_normalize_ld,
+    .bwd_reduce_ld = avx512_bwd_reduce_ld,
+    .bwd_apply_ld = avx512_bwd_apply_ld,
+    .ln_forward = sbn__avx512_ln_forward,
+    .ln_bwd_reduce = sbn__avx512_ln_bwd_reduce,
+    .ln_bwd_apply = sbn__avx512_ln_bwd_apply,
+    .ln_bwd_rows = sbn__avx512_ln_bwd_rows,
+    .dropout = sbn__avx512_dropout,
+};
+#endif /* SBN__HAVE_AVX512 */

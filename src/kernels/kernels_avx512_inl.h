@@ -1,0 +1,128 @@
+/* Helpers shared by the AVX-512 kernel files (kernels_avx512.c: the
+ * normalization passes and the table; kernels_avx512_rows.c: LayerNorm
+ * rows and dropout). Included only by files compiled with the AVX-512
+ * flags, after <immintrin.h>. */
+#ifndef SBN_KERNELS_AVX512_INL_H
+#define SBN_KERNELS_AVX512_INL_H
+
+#include <immintrin.h>
+#include <stdint.h>
+
+#include "kernels/sbn_kernels.h"
+
+/* Rows added in float before a fold into double. */
+#define RB 16
+/* Elements of a run added in float before a fold (16 per lane with four
+ * accumulators of 16 lanes). */
+#define CHUNK 1024
+/* Outputs of at least this many bytes (four times the core's L2 here) are
+ * written with streaming stores: an output that large leaves the L2
+ * before anything reads it, and a streaming store skips reading each line
+ * before writing it (the floor's memcpy does the same for large copies),
+ * so the pass moves 8 bytes per element instead of 12. The price is that
+ * a consumer finds the output in memory rather than in L3. Per-sample
+ * calls (GroupNorm, InstanceNorm) see one sample's size. */
+#define NT_BYTES ((size_t)4 << 20)
+/* Values per channel below which backward's sums are formed in double. */
+#define SMALL_STAT 32
+
+static inline __mmask16 tail_mask(size_t n) {
+  return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u);
+}
+
+/* Adds the 16 float lanes of v into the 8 + 8 double lanes (lo, hi). */
+static inline void fold16(__m512 v, __m512d *lo, __m512d *hi) {
+  *lo = _mm512_add_pd(*lo, _mm512_cvtps_pd(_mm512_castps512_ps256(v)));
+  *hi = _mm512_add_pd(*hi, _mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1)));
+}
+
+/* Folds 16 float lanes into 16 doubles in memory. */
+static inline void fold_mem(__m512 v, double *d) {
+  __m512d lo = _mm512_loadu_pd(d), hi = _mm512_loadu_pd(d + 8);
+  fold16(v, &lo, &hi);
+  _mm512_storeu_pd(d, lo);
+  _mm512_storeu_pd(d + 8, hi);
+}
+
+/* Stores the lanes of m; a whole, aligned vector streams when nt is set.
+ * A streaming pass first writes up to the output's first line boundary
+ * with a masked store (head_elems), so its whole vectors are aligned and
+ * every line is written either whole by streaming stores or not by them
+ * at all (a line written both ways is flushed from the write-combining
+ * buffer half full). */
+static inline void store16(float *p, __m512 v, __mmask16 m, int nt) {
+  if (m != 0xFFFF)
+    _mm512_mask_storeu_ps(p, m, v);
+  else if (nt && ((uintptr_t)p & 63) == 0)
+    _mm512_stream_ps(p, v);
+  else
+    _mm512_storeu_ps(p, v);
+}
+
+/* Loads the lanes of m (zero elsewhere). Whole vectors take a plain load
+ * and store16 a plain store: the masked forms cost more on this CPU even
+ * with every lane set, and all but the last vector of a row are whole. */
+static inline __m512 load16(__mmask16 m, const float *p) {
+  return m == 0xFFFF ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p);
+}
+
+static inline int want_nt(size_t A, size_t C, size_t S) {
+  return A * C * S >= NT_BYTES / sizeof(float);
+}
+
+/* dx is not streamed: measured (perf cycles against the same run's
+ * two-read-one-write floor, BatchNorm NHWC at 8 and 25 MB) dx streamed
+ * took 1.32 of the floor against 1.13 stored normally, while y streamed
+ * was as fast as stored (1.07 against 1.09 of the memcpy). The streaming
+ * code stays in place for a machine where it pays. */
+static inline int apply_nt(size_t A, size_t C, size_t S) {
+  (void)A, (void)C, (void)S;
+  return 0;
+}
+
+/* Elements before q + n's first cache line boundary, which a streaming
+ * pass writes with one masked store so that the rest starts aligned (0
+ * without streaming; an output not even 4-byte aligned never streams). */
+static inline size_t head_elems(const float *q, size_t n, int nt) {
+  uintptr_t a = (uintptr_t)q;
+  if (!nt || (a & 3) != 0)
+    return 0;
+  size_t h = ((64 - (a & 63)) & 63) / sizeof(float);
+  return h < n ? h : n;
+}
+
+static inline __m512 pack_pd(__m512d lo, __m512d hi) {
+  return _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(lo)),
+                            _mm512_cvtpd_ps(hi), 1);
+}
+
+/* dx for 16 elements in double: k1*dy + (q*x + r). */
+static inline __m512 dx16(__m512 x, __m512 g, __m512d k1l, __m512d k1h,
+                          __m512d ql, __m512d qh, __m512d rl, __m512d rh) {
+  __m512d xl = _mm512_cvtps_pd(_mm512_castps512_ps256(x));
+  __m512d xh = _mm512_cvtps_pd(_mm512_extractf32x8_ps(x, 1));
+  __m512d gl = _mm512_cvtps_pd(_mm512_castps512_ps256(g));
+  __m512d gh = _mm512_cvtps_pd(_mm512_extractf32x8_ps(g, 1));
+  return pack_pd(_mm512_fmadd_pd(k1l, gl, _mm512_fmadd_pd(ql, xl, rl)),
+                 _mm512_fmadd_pd(k1h, gh, _mm512_fmadd_pd(qh, xh, rh)));
+}
+
+/* LayerNorm rows and dropout (kernels_avx512_rows.c). */
+void sbn__avx512_ln_forward(const float *x, float *y, size_t D, float mh,
+                            float ml, float istd, const float *w,
+                            const float *b);
+void sbn__avx512_ln_bwd_reduce(const float *x, const float *dy, size_t D,
+                               double mean, double istd, const float *w,
+                               double *dw, double *db, double sums[2]);
+void sbn__avx512_ln_bwd_apply(const float *x, const float *dy, float *dx,
+                              size_t D, double mean, double istd,
+                              const float *w, double c2, double c3);
+void sbn__avx512_ln_bwd_rows(const float *x, const float *dy, float *dx,
+                             size_t R, size_t D, const double *mean,
+                             const double *istd, const float *w, double count,
+                             double *dw, double *db, float *fw, float *fb);
+void sbn__avx512_dropout(const float *in, float *out, size_t n, uint64_t first,
+                         const uint32_t key[2], uint32_t step, uint32_t layer,
+                         uint32_t thr, float scale);
+
+#endif /* SBN_KERNELS_AVX512_INL_H */

@@ -1,0 +1,72 @@
+/* The position view shared by the optimized sets (kernels_avx512.c,
+ * kernels_avx2.c): an (A, C, S) array seen as rows of L positions whose
+ * channels repeat, so that channels-last passes (S small) stream whole
+ * vectors with per-position parameters laid out once in small arrays. Plain
+ * C; included by kernel files only. */
+#ifndef SBN_KERNELS_GEO_INL_H
+#define SBN_KERNELS_GEO_INL_H
+
+#include <stddef.h>
+
+/* Positions per row of the position view: bounds the per-position
+ * parameter arrays on the stack (a few KiB each, in L1). */
+#define PMAX 1024
+
+/* The position view: rows of L positions, `stride` floats apart, position
+ * j of every row in channel ((j0 + j) / S) % C. */
+
+typedef struct geo_s {
+  size_t rows, stride, L, j0;
+} geo_t;
+
+static inline size_t geo_chan(const geo_t *g, size_t j, size_t C, size_t S) {
+  return ((g->j0 + j) / S) % C;
+}
+
+static inline size_t gcd(size_t a, size_t b) {
+  while (b != 0) {
+    size_t t = a % b;
+    a = b;
+    b = t;
+  }
+  return a;
+}
+
+/* Piece i of the position view of (A, C, S) with rows lda floats apart
+ * and its offset into the array; 0 when there is no piece i. Periodic: whole
+ * periods of lcm(C*S, 16) positions, repeated to at least 8 vectors so that
+ * each position's accumulator is touched only every 8 vectors, then the rest
+ * (whole rows of C*S) as a last short row; only for lda = C*S, when the
+ * rows are one flat array. Tiled: PMAX positions of every row at a
+ * time. */
+static inline int geo_piece(size_t A, size_t C, size_t S, size_t lda, size_t i,
+                            geo_t *g, size_t *off) {
+  size_t cs = C * S, n = A * cs;
+  if (n == 0)
+    return 0;
+  size_t P = cs / gcd(cs, 16) * 16;
+  if (P <= PMAX && lda == cs) {
+    while (P < 128 && 2 * P <= PMAX)
+      P *= 2;
+    size_t rows = n / P;
+    if (i == 0 && rows > 0) {
+      *g = (geo_t){rows, P, P, 0};
+      *off = 0;
+      return 1;
+    }
+    if (i == (rows > 0 ? 1u : 0u) && n > rows * P) {
+      *g = (geo_t){1, P, n - rows * P, 0};
+      *off = rows * P;
+      return 1;
+    }
+    return 0;
+  }
+  size_t j0 = i * PMAX;
+  if (j0 >= cs)
+    return 0;
+  *g = (geo_t){A, lda, cs - j0 < PMAX ? cs - j0 : PMAX, j0};
+  *off = j0;
+  return 1;
+}
+
+#endif /* SBN_KERNELS_GEO_INL_H */
