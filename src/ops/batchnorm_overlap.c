@@ -13,16 +13,16 @@
  * with the per-channel sums of dy and dy * xhat in place of the moments,
  * and dx in place of normalization.
  *
- * In NCHW a chunk is a channel range walked in pieces, one run of the
- * range per sample, each a view (1, range, S) of the kernel table, and
- * the kernels add a piece's sums into the channel's accumulator exactly
- * as they add a sample's: the same bits as the unchunked path
- * (ops/batchnorm.c). Channels-last has no such view (a range is a short
- * segment of every row), so an NHWC process computes every channel at
- * once and only its reductions follow the plan (pass_bulk): nothing is
- * hidden there. What may differ is the reduction: a tree over more than
- * two processes may associate the merges of a sub-array differently from
- * the whole, which is rounding. */
+ * In NCHW a chunk is a channel range of every sample, walked in blocks
+ * of samples through the kernels' strided entries (kernels/strided.c).
+ * The reference kernels give the unchunked bits exactly (they add each
+ * sample's sums into the channel's accumulator either way); an optimized
+ * set's float block sums may round differently. In NHWC a chunk measured
+ * several times slower than the whole pass, so an NHWC process computes every
+ * channel at once and only its reductions follow the plan (pass_bulk): nothing
+ * is hidden there. The reduction may differ too: a tree over more than two
+ * processes may associate the merges of a sub-array differently from the whole,
+ * which is rounding. */
 #include <math.h>
 
 #include "ops/sbn_ops.h"
@@ -77,24 +77,46 @@ size_t sbn__bn_chunk(const sbn_layer_t *l, size_t C, double count) {
   return cc < C ? cc : 0;
 }
 
-/* A channel range [c0, c1) as pieces of the kernels' (A, C, S) view:
- * piece p starts at element p * stride + c0 * s and is the view
- * (a, c1 - c0, s). All channels are one piece, the whole view. */
+/* A channel range [c0, c1) of the (rows, C, s) view as blocks of `blk`
+ * rows: block p is the strided view (n, c1 - c0, s) at element
+ * p * blk * lda + c0 * s with lda = C * s, one call of the kernels'
+ * strided entries, after which the request in flight is polled. All
+ * channels are one block, the dense view. A block holds at least 32
+ * values per channel, where the optimized sets keep their float block
+ * sums, and otherwise about SBN__POLL_ELEMS elements. */
 typedef struct range_s {
-  size_t pieces, stride, a, s, c0, c1;
+  size_t rows, blk, pieces, lda, s, c0, c1;
 } range_t;
 
 static range_t range_of(const sbn__shape_t *sh, size_t c0, size_t c1) {
   range_t r;
-  int nchw = sh->layout == SBN_LAYOUT_NCHW, all = c0 == 0 && c1 == sh->C;
-  size_t rows = nchw ? sh->N : sh->N * sh->S;
-  r.pieces = sh->numel == 0 ? 0 : (all ? 1 : rows);
-  r.stride = nchw ? sh->C * sh->S : sh->C;
-  r.a = all ? rows : 1;
+  int nchw = sh->layout == SBN_LAYOUT_NCHW;
+  size_t cc = c1 - c0;
+  r.rows = nchw ? sh->N : sh->N * sh->S;
   r.s = nchw ? sh->S : 1;
+  r.lda = sh->C * r.s;
   r.c0 = c0;
   r.c1 = c1;
+  if (c0 == 0 && c1 == sh->C) {
+    r.blk = r.rows;
+  } else {
+    size_t least = (32 + r.s - 1) / r.s, blk = SBN__POLL_ELEMS / (cc * r.s);
+    r.blk = blk > least ? blk : least;
+  }
+  if (r.blk > r.rows)
+    r.blk = r.rows;
+  r.pieces = sh->numel == 0 || r.blk == 0 ? 0 : (r.rows + r.blk - 1) / r.blk;
   return r;
+}
+
+/* Rows in block p, and the block's first element. */
+static size_t blk_rows(const range_t *r, size_t p) {
+  size_t left = r->rows - p * r->blk;
+  return left < r->blk ? left : r->blk;
+}
+
+static size_t blk_off(const range_t *r, size_t p) {
+  return p * r->blk * r->lda + r->c0 * r->s;
 }
 
 /* Polls the request in flight once every SBN__POLL_ELEMS elements;
@@ -112,7 +134,6 @@ static int poll(sbn_comm_t *comm, void *req, size_t elems, size_t *since) {
 static int range_moments(const float *x, const sbn__shape_t *sh, range_t r,
                          sbn__chan_t *ch, sbn_rec_t *recs, sbn_comm_t *comm,
                          void *req) {
-  const sbn__kernels_t *kt = sbn__kernels();
   size_t cc = r.c1 - r.c0, since = 0;
   int rc = 0;
   for (size_t c = r.c0; c < r.c1; c++) {
@@ -121,9 +142,10 @@ static int range_moments(const float *x, const sbn__shape_t *sh, range_t r,
     ch->d2[c] = 0;
   }
   for (size_t p = 0; p < r.pieces && rc == 0; p++) {
-    kt->moments(x + p * r.stride + r.c0 * r.s, r.a, cc, r.s, ch->k + r.c0,
-                ch->d1 + r.c0, ch->d2 + r.c0);
-    rc = poll(comm, req, cc * r.s, &since);
+    size_t n = blk_rows(&r, p);
+    sbn__k_moments_ld(x + blk_off(&r, p), n, cc, r.s, r.lda, ch->k + r.c0,
+                      ch->d1 + r.c0, ch->d2 + r.c0);
+    rc = poll(comm, req, n * cc * r.s, &since);
   }
   double n = (double)sh->N * (double)sh->S;
   for (size_t c = r.c0; c < r.c1; c++)
@@ -133,14 +155,13 @@ static int range_moments(const float *x, const sbn__shape_t *sh, range_t r,
 
 static int range_normalize(const sbn_forward_args_t *a, range_t r,
                            const sbn__chan_t *ch, sbn_comm_t *comm, void *req) {
-  const sbn__kernels_t *kt = sbn__kernels();
   size_t cc = r.c1 - r.c0, since = 0, c0 = r.c0;
   int rc = 0;
   for (size_t p = 0; p < r.pieces && rc == 0; p++) {
-    size_t off = p * r.stride + c0 * r.s;
-    kt->normalize(a->x + off, a->y + off, r.a, cc, r.s, ch->mh + c0,
-                  ch->ml + c0, ch->k1 + c0, ch->k2 + c0);
-    rc = poll(comm, req, cc * r.s, &since);
+    size_t off = blk_off(&r, p), n = blk_rows(&r, p);
+    sbn__k_normalize_ld(a->x + off, a->y + off, n, cc, r.s, r.lda, ch->mh + c0,
+                        ch->ml + c0, ch->k1 + c0, ch->k2 + c0);
+    rc = poll(comm, req, n * cc * r.s, &since);
   }
   return rc;
 }
@@ -150,14 +171,14 @@ static int range_normalize(const sbn_forward_args_t *a, range_t r,
 static int range_bwd_sums(const sbn_backward_args_t *a, range_t r,
                           sbn__chan_t *ch, sbn_rec_t *recs, sbn_comm_t *comm,
                           void *req) {
-  const sbn__kernels_t *kt = sbn__kernels();
   size_t cc = r.c1 - r.c0, since = 0, c0 = r.c0;
   int rc = 0;
   for (size_t p = 0; p < r.pieces && rc == 0; p++) {
-    size_t off = p * r.stride + c0 * r.s;
-    kt->bwd_reduce(a->x + off, a->dy + off, r.a, cc, r.s, ch->dmean + c0,
-                   ch->distd + c0, ch->d1 + c0, ch->d2 + c0);
-    rc = poll(comm, req, cc * r.s, &since);
+    size_t off = blk_off(&r, p), n = blk_rows(&r, p);
+    sbn__k_bwd_reduce_ld(a->x + off, a->dy + off, n, cc, r.s, r.lda,
+                         ch->dmean + c0, ch->distd + c0, ch->d1 + c0,
+                         ch->d2 + c0);
+    rc = poll(comm, req, n * cc * r.s, &since);
   }
   for (size_t c = r.c0; c < r.c1; c++) {
     recs[c].tag = SBN_REC_SUM;
@@ -174,15 +195,14 @@ static int range_bwd_sums(const sbn_backward_args_t *a, range_t r,
 
 static int range_bwd_apply(const sbn_backward_args_t *a, range_t r,
                            const sbn__chan_t *ch, sbn_comm_t *comm, void *req) {
-  const sbn__kernels_t *kt = sbn__kernels();
   size_t cc = r.c1 - r.c0, since = 0, c0 = r.c0;
   int rc = 0;
   for (size_t p = 0; p < r.pieces && rc == 0; p++) {
-    size_t off = p * r.stride + c0 * r.s;
-    kt->bwd_apply(a->x + off, a->dy + off, a->dx + off, r.a, cc, r.s,
-                  ch->dmean + c0, ch->distd + c0, ch->dk1 + c0, ch->dk2 + c0,
-                  ch->dk3 + c0);
-    rc = poll(comm, req, cc * r.s, &since);
+    size_t off = blk_off(&r, p), n = blk_rows(&r, p);
+    sbn__k_bwd_apply_ld(a->x + off, a->dy + off, a->dx + off, n, cc, r.s, r.lda,
+                        ch->dmean + c0, ch->distd + c0, ch->dk1 + c0,
+                        ch->dk2 + c0, ch->dk3 + c0);
+    rc = poll(comm, req, n * cc * r.s, &since);
   }
   return rc;
 }
@@ -235,13 +255,15 @@ static int end_all(pass_t *p, int rc) {
   return rc;
 }
 
-/* Channels-last: a channel range is a segment of every row, so a chunk
- * would cost a kernel call per row (measured: 5 to 12 times the whole
- * pass for 16-channel segments). This process runs its local half over
- * every channel at once, issues the plan's chunk reductions (the same
- * collectives as every other process, whatever their layout), and
- * applies once they are all done: correct in a job that mixes layouts,
- * with nothing hidden here. */
+/* Channels-last: a channel range is a segment of every row. Dense calls
+ * per row cost 5 to 12 times the whole pass (16-channel segments), and
+ * the AVX-512 set's strided entries, in blocks of rows, 3 to 4 times
+ * (measured at np 2: 8x256x56x56 and 32x64x56x56, best reps 243 and
+ * 111 ms against 80 and 25 ms unchunked). So an NHWC process runs its
+ * local half over every channel at once, issues the plan's chunk
+ * reductions (the same collectives as every other process, whatever their
+ * layout), and applies once they are all done: correct in a job that
+ * mixes layouts, with nothing hidden here. */
 static int pass_bulk(pass_t *p) {
   sbn_comm_t *comm = p->l->comm;
   range_t all = range_of(p->sh, 0, p->sh->C);
