@@ -30,6 +30,12 @@ SBN_API int sbn_npy_read(const char *path, sbn_npy_t *out);
  * directory and renames it, so an existing file is never left half written. */
 SBN_API int sbn_npy_write(const char *path, const float *data, int ndim,
                           const size_t *dims);
+/* Like sbn_npy_write, but leaves the new file under a temporary name in
+ * path's directory and sets *tmp_out to it (malloc'ed): the caller renames
+ * it over path, or unlinks it, and frees the name. Writers of several
+ * outputs use it to replace them all or none (sbn_write_file_tmp). */
+SBN_API int sbn_npy_write_tmp(const char *path, const float *data, int ndim,
+                              const size_t *dims, char **tmp_out);
 SBN_API void sbn_npy_free(sbn_npy_t *t);
 
 #ifdef __cplusplus

@@ -204,6 +204,25 @@ SBN_API int sbn_write_file_atomic(const char *path, const void *const *parts,
                                   const size_t *lens, int nparts, unsigned mode,
                                   int durable);
 
+/* The first half of sbn_write_file_atomic, for writers of several files
+ * that must appear together: writes the parts to a new temporary file
+ * (".sbntmp-XXXXXX" in path's directory, mode mode, fsync'ed with durable)
+ * and sets *tmp_out to its name (malloc'ed; the caller renames it over
+ * path or unlinks it, then frees it). On failure nothing is left behind
+ * and *tmp_out is NULL. */
+SBN_API int sbn_write_file_tmp(const char *path, const void *const *parts,
+                               const size_t *lens, int nparts, unsigned mode,
+                               int durable, char **tmp_out);
+
+/* fsyncs the directory holding path, so that a rename into it is durable
+ * (a file system that cannot fsync directories counts as done). */
+SBN_API int sbn_fsync_dir_of(const char *path);
+
+/* Opens path for reading only if it is a regular file, without blocking
+ * on a FIFO or a device first: *fd_out is a blocking descriptor (the
+ * caller closes it), or -1 with SBN_EIO naming path. */
+SBN_API int sbn_open_regular(const char *path, int *fd_out);
+
 #ifdef __cplusplus
 }
 #endif

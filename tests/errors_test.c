@@ -95,9 +95,9 @@ static void test_create_errors(void **state) {
 
   const sbn_op_t norm_ops[] = {SBN_OP_BATCHNORM, SBN_OP_LAYERNORM,
                                SBN_OP_INSTANCENORM, SBN_OP_GROUPNORM};
-  const double bad_eps[] = {0.0, -1e-5, NAN, INFINITY};
+  const double bad_eps[] = {0.0, -1e-5, NAN, INFINITY, 1e-300, 1e-39};
   for (int o = 0; o < 4; o++)
-    for (int i = 0; i < 4; i++) {
+    for (int i = 0; i < 6; i++) {
       p = params(norm_ops[o]);
       p.eps = bad_eps[i];
       EXPECT_ERR(create(&p), SBN_EINVAL, "eps");

@@ -323,6 +323,25 @@ static void test_in_empty(void **state) {
   sbn_layer_destroy(l);
 }
 
+/* An empty spatial extent (S = 0) with N > 0 also leaves the running
+ * statistics as they were, as PyTorch's InstanceNorm does: there are no
+ * values to take statistics of, so folding in zeros would move them. */
+static void test_in_empty_spatial(void **state) {
+  (void)state;
+  sbn_tensor_desc_t d =
+      tu_desc(SBN_LAYOUT_NCHW, 3, (size_t)2, (size_t)3, (size_t)0);
+  float rm[3] = {1, 2, 3}, rv[3] = {4, 5, 6}, w[3] = {1, 1, 1},
+        b[3] = {0, 0, 0}, dw[3] = {9, 9, 9}, db[3] = {9, 9, 9};
+  float buf[1] = {0}, buf2[1] = {0};
+  sbn_state_t st = {rm, rv, 0};
+  sbn_layer_t *l = in_layer(3, 1, 1, 0.1);
+  tu_run_t r = {SBN_MODE_TRAIN, &d, buf, w, b, buf, buf2, buf2, dw, db, &st, 0};
+  TU_ASSERT_RC(tu_run(l, &r, NULL), 0);
+  for (int c = 0; c < 3; c++)
+    assert_true(rm[c] == (float)(c + 1) && rv[c] == (float)(c + 4));
+  sbn_layer_destroy(l);
+}
+
 static int report(void **state) {
   (void)state;
   tu_err_report("instancenorm");
@@ -336,6 +355,7 @@ int main(void) {
       cmocka_unit_test(test_in_small),
       cmocka_unit_test(test_in_constant_and_nan),
       cmocka_unit_test(test_in_empty),
+      cmocka_unit_test(test_in_empty_spatial),
   };
   return cmocka_run_group_tests(tests, NULL, report);
 }

@@ -14,6 +14,7 @@
 #include <cmocka.h>
 
 #include "sbn_npy.h"
+#include "sbn_state.h"
 #include "testutil.h"
 
 static char g_dir[64];
@@ -302,6 +303,45 @@ static void test_malformed(void **state) {
   expect_refused(p, SBN_EIO, "not a regular file");
 }
 
+/* A FIFO (no writer) is refused at once as not a regular file; a blocking
+ * open would wait for a writer for ever, which the alarm turns into a
+ * failure of this test. The same holds for a checkpoint. */
+static void test_fifo(void **state) {
+  (void)state;
+  const char *p = tpath("fifo.npy");
+  sbn_ckpt_t *ck = NULL;
+  assert_int_equal(mkfifo(p, 0600), 0);
+  alarm(10);
+  expect_refused(p, SBN_EIO, "not a regular file");
+  assert_int_equal(sbn_ckpt_load(p, &ck), SBN_EIO);
+  assert_non_null(strstr(sbn_last_error(), "not a regular file"));
+  assert_null(ck);
+  alarm(0);
+  unlink(p);
+}
+
+/* sbn_npy_write_tmp leaves the target alone and a complete file under the
+ * temporary name, which reads back. */
+static void test_write_tmp(void **state) {
+  (void)state;
+  float f[3] = {1, 2, 3};
+  size_t dims[1] = {3};
+  char *tmp = NULL;
+  sbn_npy_t t;
+  const char *p = tpath("staged.npy");
+  assert_int_equal(sbn_npy_write_tmp(p, f, 1, dims, &tmp), 0);
+  assert_non_null(tmp);
+  assert_non_null(strstr(tmp, "/.sbntmp-"));
+  assert_int_equal(access(p, F_OK), -1);
+  assert_int_equal(sbn_npy_read(tmp, &t), 0);
+  assert_int_equal(t.numel, 3);
+  assert_true(t.data[2] == 3.0f);
+  sbn_npy_free(&t);
+  assert_int_equal(unlink(tmp), 0);
+  free(tmp);
+  assert_int_equal(sbn_npy_write_tmp(p, f, 1, dims, NULL), SBN_EINVAL);
+}
+
 static void test_write_errors(void **state) {
   (void)state;
   float f[2] = {1, 2};
@@ -328,6 +368,8 @@ int main(void) {
       cmocka_unit_test(test_f8_and_versions),
       cmocka_unit_test(test_malformed),
       cmocka_unit_test(test_write_errors),
+      cmocka_unit_test(test_fifo),
+      cmocka_unit_test(test_write_tmp),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -51,19 +51,22 @@ def check(cond, msg):
 class Job:
     """One `mpirun -np P syncbnd` job and a client per rank."""
 
-    def __init__(self, mpirun, syncbnd, np_, sockdir, statedir):
+    def __init__(self, mpirun, syncbnd, np_, sockdir, statedir, extra=(),
+                 connect=True):
         self.np = np_
         cmd = [mpirun, "--oversubscribe", "--bind-to", "none", "--timeout",
                "100", "--mca", "pml", "ob1", "--mca", "btl", "self,vader,tcp",
                "-np", str(np_), syncbnd, "--socket-dir", sockdir,
                "--state-dir", statedir, "--stall-timeout", "2",
-               "--cycle-us", "1000"]
+               "--cycle-us", "1000"] + list(extra)
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True,
                                      start_new_session=True)
         self.paths = {}
+        self.tcp = {}  # rank -> (host, port) with --tcp
+        want_tcp = "--tcp" in extra
         deadline = time.time() + 60
-        while len(self.paths) < np_:
+        while len(self.paths) < np_ or (want_tcp and len(self.tcp) < np_):
             if time.time() > deadline:
                 self.stop()
                 fail("syncbnd did not get ready within 60 s")
@@ -75,7 +78,11 @@ class Job:
             parts = line.split()
             if line.startswith("syncbnd: rank") and "ready" in parts:
                 self.paths[int(parts[2])] = parts[-1]
-        self.c = [sc.SyncbnClient(self.paths[r]) for r in range(np_)]
+            elif line.startswith("syncbnd: rank") and "tcp" in parts:
+                host, port = parts[-1].rsplit(":", 1)
+                self.tcp[int(parts[2])] = (host.strip("[]"), int(port))
+        self.c = [sc.SyncbnClient(self.paths[r])
+                  for r in range(np_)] if connect else []
 
     def par(self, fn):
         """Runs fn(rank, client) on every rank at once; returns the results

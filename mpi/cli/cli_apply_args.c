@@ -1,7 +1,9 @@
 /* `syncbn apply`: the command line. One table lists every option with its
  * setter and the ops it applies to; parsing is getopt_long over that
  * table, then the checks that look at several options together. */
+#include <float.h>
 #include <getopt.h>
+#include <math.h>
 #include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -176,7 +178,9 @@ static int set_layout(apply_opts_t *o, const apply_flag_t *f, const char *arg,
 
 static int set_eps(apply_opts_t *o, const apply_flag_t *f, const char *arg,
                    apply_err_t *e) {
-  if (sbn__cli_parse_double(arg, &o->eps) != 0 || !(o->eps > 0))
+  /* The library's bound (FLT_MIN): smaller overflows 1/sqrt(var + eps). */
+  if (sbn__cli_parse_double(arg, &o->eps) != 0 || !(o->eps >= FLT_MIN) ||
+      isinf(o->eps))
     return bad_value(f, arg, e);
   return 0;
 }
@@ -287,7 +291,8 @@ static const apply_flag_t flags[] = {
      offsetof(apply_opts_t, rvar), NULL},
     VALUE("num-batches-tracked", BN, set_nbt, "an integer in [0, 2^63)"),
     FLAG("no-running-stats", BN | IN, no_running),
-    VALUE("eps", BN | LN | IN | GN, set_eps, "a finite number > 0"),
+    VALUE("eps", BN | LN | IN | GN, set_eps,
+          "a finite number >= 1.17549435e-38 (FLT_MIN)"),
     VALUE("momentum", BN | IN, set_momentum, "a number in [0, 1]"),
     FLAG("cumulative", BN, cumulative),
     FLAG("eval", ALL, eval),

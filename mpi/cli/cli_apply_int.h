@@ -85,6 +85,21 @@ int sbn__apply_load_inputs(apply_run_t *r);
 /* Creates --out-dir and writes every output; written gets the paths. */
 int sbn__apply_write_outputs(apply_run_t *r, char *written, size_t cap);
 
+/* One output file of a run: its name in --out-dir and its float32 data
+ * (borrowed from the run). */
+#define SBN__APPLY_MAX_OUTS 6
+typedef struct apply_out_s {
+  const char *name;
+  const float *data;
+  int ndim;
+  size_t dims[SBN_MAX_DIMS];
+} apply_out_t;
+
+/* Replaces the n outputs in --out-dir all together or not at all
+ * (cli_apply_commit.c); lists the paths written in written. */
+int sbn__apply_commit(apply_run_t *r, const apply_out_t *outs, int n,
+                      char *written, size_t cap);
+
 /* The summary on stdout (rank 0, after a successful run). */
 void sbn__apply_print_summary(apply_run_t *r, const char *written);
 

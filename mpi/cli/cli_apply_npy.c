@@ -163,16 +163,9 @@ static int make_dir(apply_run_t *r, const char *dir) {
   return rc;
 }
 
-typedef struct apply_out_s {
-  const char *name;
-  const float *data;
-  int ndim;
-  size_t dims[SBN_MAX_DIMS];
-} apply_out_t;
-
 int sbn__apply_write_outputs(apply_run_t *r, char *written, size_t cap) {
   apply_opts_t *o = &r->o;
-  apply_out_t outs[6];
+  apply_out_t outs[SBN__APPLY_MAX_OUTS];
   int n = 0;
   outs[n++] = (apply_out_t){"y.npy", r->y, r->x.ndim, {0}};
   memcpy(outs[0].dims, r->x.dims, sizeof outs[0].dims);
@@ -194,21 +187,5 @@ int sbn__apply_write_outputs(apply_run_t *r, char *written, size_t cap) {
   }
   if (make_dir(r, o->out_dir) != 0)
     return r->e.status;
-  size_t used = 0;
-  written[0] = '\0';
-  for (int i = 0; i < n; i++) {
-    size_t len = strlen(o->out_dir) + strlen(outs[i].name) + 2;
-    char *path = malloc(len);
-    if (path == NULL)
-      return sbn__apply_fail(&r->e, 1, "out of memory");
-    snprintf(path, len, "%s/%s", o->out_dir, outs[i].name);
-    int rc = sbn_npy_write(path, outs[i].data, outs[i].ndim, outs[i].dims);
-    if (rc == 0 && used < cap)
-      used += (size_t)snprintf(written + used, cap - used, "%s%s", i ? " " : "",
-                               path);
-    free(path);
-    if (rc != 0)
-      return sbn__apply_fail_lib(&r->e, "--out-dir", rc);
-  }
-  return 0;
+  return sbn__apply_commit(r, outs, n, written, cap);
 }

@@ -129,7 +129,9 @@ static void usage(FILE *f) {
           "                       dropped) that group and others cannot "
           "access\n"
           "                       (chmod 600); read once at start-up\n"
-          "  --help               this text\n");
+          "%s"
+          "  --help               this text\n",
+          svc_server_options_help());
 }
 
 /* The helpers below follow the service's convention: 0, or a negative
@@ -282,6 +284,7 @@ typedef struct opts_s {
   uint64_t cycle_us;
   double stall_timeout;
   svc_worker_config_t wc;
+  svc_server_config_t srv; /* the server's own options (svc_admit.c) */
 } opts_t;
 
 /* One option a with its value v into o. A flat list of flags, so it
@@ -357,6 +360,8 @@ static int parse_option(const char *a, const char *v, opts_t *o) {
     if (u < 64)
       return svc_set_error(SVC_BAD_PARAMS, "%s: must be at least 64", a);
     o->wc.limits.max_objects = (uint32_t)u;
+  } else if ((rc = svc_server_parse_option(a, v, &o->srv)) != 1) {
+    return rc;
   } else {
     return svc_set_error(SVC_BAD_PARAMS, "%s: unknown option (see --help)", a);
   }
@@ -465,6 +470,7 @@ static int start_server(const opts_t *o, rank_t *k, uint8_t *token,
   svc_server_config_t sc;
   int rc;
   memset(&sc, 0, sizeof sc);
+  svc_server_copy_options(&sc, &o->srv);
   sc.socket_path = k->path;
   sc.max_clients = o->wc.max_clients;
   sc.max_output = o->wc.max_output;
@@ -509,6 +515,24 @@ static int start_sync(const opts_t *o, rank_t *k) {
   return 0;
 }
 
+/* Whether every rank reaches this point within grace seconds: a
+ * non-blocking barrier, polled, so that a rank stopped alone does not wait
+ * for ranks that go on serving. */
+static int all_ranks_stopping(double grace) {
+  MPI_Request r;
+  int done = 0;
+  double t0 = MPI_Wtime();
+  if (MPI_Ibarrier(MPI_COMM_WORLD, &r) != MPI_SUCCESS)
+    return 0;
+  while (!done && MPI_Wtime() - t0 < grace) {
+    if (MPI_Test(&r, &done, MPI_STATUS_IGNORE) != MPI_SUCCESS)
+      return 0;
+    if (!done)
+      usleep(1000);
+  }
+  return done;
+}
+
 /* The lines that tell the launcher (and the user) the rank is ready. */
 static void print_ready(const opts_t *o, const rank_t *k) {
   int port, loopback;
@@ -533,7 +557,7 @@ static void print_ready(const opts_t *o, const rank_t *k) {
 int main(int argc, char **argv) {
   opts_t o;
   rank_t k;
-  int rc, status = 1, sig = 0;
+  int rc, status = 1, sig = 0, finalize;
   uint8_t token[SVC_TOKEN_MAX];
   size_t token_len = 0;
 
@@ -571,7 +595,13 @@ int main(int argc, char **argv) {
 done:
   explicit_bzero(token, sizeof token);
   svc_server_destroy(k.server);
-  svc_worker_destroy(k.worker);
+  /* When every rank was signalled (SIGTERM to each worker, or mpirun
+   * forwarding one), they finalize together and the job ends with status
+   * 0. A rank signalled on its own leaves without MPI_Finalize (which
+   * would wait for the others), and mpirun then ends the whole job. The
+   * worker outlives MPI: a collective still in flight writes into its
+   * buffers while the barrier or MPI_Finalize makes progress. */
+  finalize = status == 0 && (sig == 0 || all_ranks_stopping(2.0));
   /* Freeing the communicator is local (a collective in flight is
    * abandoned with it), so a rank signalled on its own frees it too. */
   sbn_comm_destroy(k.comm);
@@ -579,10 +609,8 @@ done:
     /* One rank cannot serve: the job as a whole cannot either. */
     MPI_Abort(MPI_COMM_WORLD, 1);
   }
-  /* Every rank gets the signal from mpirun; a rank signalled on its own
-   * leaves without MPI_Finalize (which would wait for the others), and
-   * mpirun then ends the whole job. */
-  if (sig == 0)
+  if (finalize)
     MPI_Finalize();
+  svc_worker_destroy(k.worker);
   return status;
 }

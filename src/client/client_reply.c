@@ -78,6 +78,7 @@ int sbn__server_rc(const char *code) {
              {"NO_FORWARD", SBN_ESTATE},
              {"SMALL_BATCH", SBN_ESMALLBATCH},
              {"TIMEOUT", SBN_CLIENT_ETIMEDOUT},
+             {"SHUTDOWN", SBN_CLIENT_ECLOSED},
              {"FRAME_TOO_LARGE", SBN_ELIMIT},
              {"LIMIT", SBN_ELIMIT},
              {"RESOURCE", SBN_ELIMIT},

@@ -26,11 +26,32 @@ static int sbn__write_all(int fd, const unsigned char *p, size_t n) {
   return 0;
 }
 
-int sbn_write_file_atomic(const char *path, const void *const *parts,
-                          const size_t *lens, int nparts, unsigned mode,
-                          int durable) {
+/* The directory part of path ("." without a slash, "/" for a file in the
+ * root), malloc'ed; NULL when out of memory. */
+static char *sbn__dir_of(const char *path) {
+  const char *slash = strrchr(path, '/');
+  size_t dlen =
+      slash == NULL ? 1 : (slash == path ? 1 : (size_t)(slash - path));
+  char *dir = malloc(dlen + 1);
+  if (dir == NULL)
+    return NULL;
+  if (slash == NULL) {
+    memcpy(dir, ".", 2);
+  } else {
+    memcpy(dir, slash == path ? "/" : path, dlen);
+    dir[dlen] = 0;
+  }
+  return dir;
+}
+
+int sbn_write_file_tmp(const char *path, const void *const *parts,
+                       const size_t *lens, int nparts, unsigned mode,
+                       int durable, char **tmp_out) {
   char *dir = NULL, *tmp = NULL;
-  int fd = -1, dfd = -1, rc;
+  int fd = -1, rc;
+  if (tmp_out == NULL)
+    return sbn_set_error(SBN_EINVAL, "tmp_out: NULL");
+  *tmp_out = NULL;
   if (path == NULL || path[0] == 0)
     return sbn_set_error(SBN_EINVAL, "path: NULL or empty");
   size_t plen = strlen(path);
@@ -41,23 +62,14 @@ int sbn_write_file_atomic(const char *path, const void *const *parts,
    * replaces the target in one step (a rename across file systems would
    * fail). Its name starts with '.', which checkpoint names may not, so it
    * cannot clash with a file a client asked for. */
-  const char *slash = strrchr(path, '/');
-  size_t dlen =
-      slash == NULL ? 1 : (slash == path ? 1 : (size_t)(slash - path));
-  dir = malloc(dlen + 1);
-  tmp = malloc(dlen + sizeof "/.sbntmp-XXXXXX");
+  dir = sbn__dir_of(path);
+  size_t tlen = (dir != NULL ? strlen(dir) : 0) + sizeof "/.sbntmp-XXXXXX";
+  tmp = malloc(tlen);
   if (dir == NULL || tmp == NULL) {
     rc = sbn_set_error(SBN_ENOMEM, "%s: out of memory", path);
     goto fail;
   }
-  if (slash == NULL) {
-    memcpy(dir, ".", 2);
-  } else {
-    memcpy(dir, slash == path ? "/" : path, dlen);
-    dir[dlen] = 0;
-  }
-  snprintf(tmp, dlen + sizeof "/.sbntmp-XXXXXX", "%s/.sbntmp-XXXXXX",
-           strcmp(dir, "/") == 0 ? "" : dir);
+  snprintf(tmp, tlen, "%s/.sbntmp-XXXXXX", strcmp(dir, "/") == 0 ? "" : dir);
   fd = mkstemp(tmp);
   if (fd < 0) {
     rc = sbn_set_error(SBN_EIO, "%s: cannot create a temporary file in %s: %s",
@@ -88,36 +100,87 @@ int sbn_write_file_atomic(const char *path, const void *const *parts,
     rc = sbn_set_error(SBN_EIO, "%s: close failed: %s", path, strerror(errno));
     goto fail;
   }
-  if (rename(tmp, path) != 0) {
-    rc = sbn_set_error(SBN_EIO, "%s: cannot rename the temporary file: %s",
-                       path, strerror(errno));
-    goto fail;
-  }
-  free(tmp);
-  tmp = NULL;
-  if (durable) {
-    /* The rename is durable only once the directory entry is on disk. Some
-     * file systems cannot fsync a directory (EINVAL); there is nothing more
-     * to do on those. */
-    dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dfd < 0 || (fsync(dfd) != 0 && errno != EINVAL)) {
-      rc = sbn_set_error(SBN_EIO, "%s: cannot fsync directory %s: %s", path,
-                         dir, strerror(errno));
-      goto fail;
-    }
-    close(dfd);
-  }
   free(dir);
+  *tmp_out = tmp;
   return 0;
 fail:
   if (fd >= 0)
     close(fd);
-  if (dfd >= 0)
-    close(dfd);
   if (tmp != NULL) {
     unlink(tmp);
     free(tmp);
   }
   free(dir);
   return rc;
+}
+
+int sbn_fsync_dir_of(const char *path) {
+  char *dir = path != NULL ? sbn__dir_of(path) : NULL;
+  int dfd, rc = 0;
+  if (dir == NULL)
+    return sbn_set_error(SBN_ENOMEM, "path: NULL or out of memory");
+  /* A rename is durable only once the directory entry is on disk. Some
+   * file systems cannot fsync a directory (EINVAL); there is nothing more
+   * to do on those. */
+  dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd < 0 || (fsync(dfd) != 0 && errno != EINVAL))
+    rc = sbn_set_error(SBN_EIO, "%s: cannot fsync directory %s: %s", path, dir,
+                       strerror(errno));
+  if (dfd >= 0)
+    close(dfd);
+  free(dir);
+  return rc;
+}
+
+int sbn__rename_tmp(char *tmp, const char *path) {
+  int rc = 0;
+  if (rename(tmp, path) != 0) {
+    rc = sbn_set_error(SBN_EIO, "%s: cannot rename the temporary file: %s",
+                       path, strerror(errno));
+    unlink(tmp);
+  }
+  free(tmp);
+  return rc;
+}
+
+int sbn_write_file_atomic(const char *path, const void *const *parts,
+                          const size_t *lens, int nparts, unsigned mode,
+                          int durable) {
+  char *tmp = NULL;
+  int rc = sbn_write_file_tmp(path, parts, lens, nparts, mode, durable, &tmp);
+  if (rc == 0)
+    rc = sbn__rename_tmp(tmp, path);
+  return rc == 0 && durable ? sbn_fsync_dir_of(path) : rc;
+}
+
+int sbn_open_regular(const char *path, int *fd_out) {
+  struct stat st;
+  int fd, fl;
+  if (fd_out == NULL)
+    return sbn_set_error(SBN_EINVAL, "fd_out: NULL");
+  *fd_out = -1;
+  if (path == NULL)
+    return sbn_set_error(SBN_EINVAL, "path: NULL");
+  /* O_NONBLOCK keeps open() of a FIFO from waiting for a writer; the mode
+   * is checked on the descriptor itself, so nothing can swap the file in
+   * between, and only a regular file gets its blocking reads back. */
+  fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
+  if (fd < 0)
+    return sbn_set_error(SBN_EIO, "%s: %s", path, strerror(errno));
+  if (fstat(fd, &st) != 0) {
+    int rc = sbn_set_error(SBN_EIO, "%s: %s", path, strerror(errno));
+    close(fd);
+    return rc;
+  }
+  if (!S_ISREG(st.st_mode)) {
+    close(fd);
+    return sbn_set_error(SBN_EIO, "%s: not a regular file", path);
+  }
+  if ((fl = fcntl(fd, F_GETFL)) < 0 || fcntl(fd, F_SETFL, fl & ~O_NONBLOCK)) {
+    int rc = sbn_set_error(SBN_EIO, "%s: %s", path, strerror(errno));
+    close(fd);
+    return rc;
+  }
+  *fd_out = fd;
+  return 0;
 }

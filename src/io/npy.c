@@ -380,28 +380,23 @@ int sbn_npy_read(const char *path, sbn_npy_t *out) {
   sbn__npy_hdr_t h;
   struct stat st;
   size_t hlen = 0, start = 0, numel = 0, bytes = 0;
-  int rc;
+  int rc, fd = -1;
 
   if (out == NULL)
     return sbn_set_error(SBN_EINVAL, "out: NULL");
   memset(out, 0, sizeof *out);
   if (path == NULL)
     return sbn_set_error(SBN_EINVAL, "path: NULL");
-  f = fopen(path, "rb");
-  if (f == NULL) {
-    rc = sbn_set_error(SBN_EIO, "%s: %s", path, strerror(errno));
-    goto fail;
-  }
-  if (fstat(fileno(f), &st) != 0) {
-    rc = sbn_set_error(SBN_EIO, "%s: %s", path, strerror(errno));
-    goto fail;
-  }
-  /* The size check in sbn__data_size is what keeps a lying header from
+  /* Only a regular file, checked before anything can block on a FIFO:
+   * the size check in sbn__data_size is what keeps a lying header from
    * sizing an allocation, and it needs a size. */
-  if (!S_ISREG(st.st_mode)) {
-    rc = sbn_set_error(SBN_EIO, "%s: not a regular file", path);
+  if ((rc = sbn_open_regular(path, &fd)) != 0)
+    goto fail;
+  if (fstat(fd, &st) != 0 || (f = fdopen(fd, "rb")) == NULL) {
+    rc = sbn_set_error(SBN_EIO, "%s: %s", path, strerror(errno));
     goto fail;
   }
+  fd = -1; /* f owns it now */
   if ((rc = sbn__read_preamble(f, path, &hlen, &start)) != 0 ||
       (rc = sbn__read_header(f, path, hlen, &h)) != 0 ||
       (rc = sbn__data_size(path, &h, st.st_size, start + hlen, &numel,
@@ -425,6 +420,8 @@ fail:
   free(data);
   if (f != NULL)
     fclose(f);
+  if (fd >= 0)
+    close(fd);
   return rc;
 }
 
@@ -440,11 +437,21 @@ void sbn_npy_free(sbn_npy_t *t) {
 
 int sbn_npy_write(const char *path, const float *data, int ndim,
                   const size_t *dims) {
+  char *tmp = NULL;
+  int rc = sbn_npy_write_tmp(path, data, ndim, dims, &tmp);
+  return rc != 0 ? rc : sbn__rename_tmp(tmp, path);
+}
+
+int sbn_npy_write_tmp(const char *path, const float *data, int ndim,
+                      const size_t *dims, char **tmp_out) {
   char hdr[320];
   float *swapped = NULL;
   size_t numel = 1, bytes;
   int rc, n;
 
+  if (tmp_out == NULL)
+    return sbn_set_error(SBN_EINVAL, "tmp_out: NULL");
+  *tmp_out = NULL;
   if (path == NULL)
     return sbn_set_error(SBN_EINVAL, "path: NULL");
   if (ndim < 0 || ndim > SBN_MAX_DIMS)
@@ -498,7 +505,7 @@ int sbn_npy_write(const char *path, const float *data, int ndim,
     size_t lens[2] = {total, bytes};
     /* An output tensor is ordinary data (0644) and is cheap to recompute,
      * so no fsync: atomic replacement is what matters here. */
-    rc = sbn_write_file_atomic(path, parts, lens, 2, 0644, 0);
+    rc = sbn_write_file_tmp(path, parts, lens, 2, 0644, 0, tmp_out);
   }
 fail:
   free(swapped);

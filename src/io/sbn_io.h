@@ -29,4 +29,8 @@ sbn_ckpt_layer_t *sbn__layer_alloc(size_t name_len, size_t affine_len,
                                    char **name, float **weight, float **bias,
                                    sbn_ckpt_group_t **groups);
 
+/* Renames the temporary file tmp (from sbn_write_file_tmp) over path, or
+ * unlinks it when that fails; frees tmp either way. */
+int sbn__rename_tmp(char *tmp, const char *path);
+
 #endif /* SBN_IO_H */

@@ -37,15 +37,11 @@ int sbn_ckpt_load(const char *path, sbn_ckpt_t **out) {
   *out = NULL;
   if (path == NULL)
     return sbn_set_error(SBN_EINVAL, "path: NULL");
-  fd = open(path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0)
-    return sbn_set_error(SBN_EIO, "%s: %s", path, strerror(errno));
+  /* A FIFO under a checkpoint's name is refused without blocking. */
+  if ((rc = sbn_open_regular(path, &fd)) != 0)
+    return rc;
   if (fstat(fd, &st) != 0) {
     rc = sbn_set_error(SBN_EIO, "%s: %s", path, strerror(errno));
-    goto fail;
-  }
-  if (!S_ISREG(st.st_mode)) {
-    rc = sbn_set_error(SBN_EIO, "%s: not a regular file", path);
     goto fail;
   }
   if ((uint64_t)st.st_size > (uint64_t)SBN_CKPT_MAX_FILE) {

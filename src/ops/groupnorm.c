@@ -159,8 +159,8 @@ int sbn__grouped_forward(sbn_layer_t *l, const sbn_forward_args_t *a,
   }
   size_t gb = f.batch ? gn_block_groups(sh, G) : G;
   for (size_t n = 0; n < N; n++) {
-    /* An empty sample (S = 0) still gets its statistics, so that the
-     * running statistics see every instance as before. */
+    /* An empty sample (S = 0) still gets statistics for its saved
+     * values; the running statistics skip such a batch below. */
     const float *xs = plane > 0 ? a->x + n * plane : a->x;
     float *ys = plane > 0 ? a->y + n * plane : a->y;
     for (size_t g0 = 0; g0 < G; g0 += gb) {
@@ -175,7 +175,9 @@ int sbn__grouped_forward(sbn_layer_t *l, const sbn_forward_args_t *a,
                             f.ch.k2 + c0);
     }
   }
-  if (f.running && a->mode == SBN_MODE_TRAIN && N > 0)
+  /* PyTorch leaves the running statistics alone when there is nothing to
+   * take statistics of: no samples, or samples with no spatial values. */
+  if (f.running && a->mode == SBN_MODE_TRAIN && N > 0 && S > 0)
     gn_update_running(l, a, sh, &f.ch);
   return 0;
 }

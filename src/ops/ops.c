@@ -1,4 +1,5 @@
 /* The op table and the parameter checks that several op rows share. */
+#include <float.h>
 #include <math.h>
 #include <string.h>
 
@@ -26,6 +27,14 @@ int sbn__check_eps(const sbn_layer_params_t *p) {
   if (!(p->eps > 0) || isinf(p->eps))
     return sbn_set_error(SBN_EINVAL, "eps: %g must be positive and finite",
                          p->eps);
+  /* Below the smallest normal float, 1 / sqrt(var + eps) of a (near)
+   * constant input overflows float32 to inf, which would come out as
+   * silent infinities and NaNs in y. */
+  if (p->eps < FLT_MIN)
+    return sbn_set_error(SBN_EINVAL,
+                         "eps: %g is below the smallest normal float %g, "
+                         "where 1/sqrt(var + eps) overflows float32",
+                         p->eps, (double)FLT_MIN);
   return 0;
 }
 

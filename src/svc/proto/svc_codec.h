@@ -32,6 +32,9 @@
 #define SVC_PROTOCOL_VERSION 4
 #define SVC_HEADER_BYTES 4
 #define SVC_NAME_MAX 255
+/* The largest step a request may carry: 2^63 - 1, the range of a
+ * client's signed 64-bit counter, so that steps always order. */
+#define SVC_STEP_MAX ((uint64_t)INT64_MAX)
 /* Longest token a hello may carry (bytes). */
 #define SVC_TOKEN_MAX 1024
 /* Most sub-requests in one batch. */
@@ -65,6 +68,7 @@
   XX(FORBIDDEN, 1, "connection from another user")                            \
   XX(UNAUTHORIZED, 1, "TCP connection without the right token in hello")      \
   XX(TIMEOUT, 1, "idle or partial-frame timeout")                             \
+  XX(SHUTDOWN, 1, "the worker is shutting down")                              \
   XX(INTERNAL, 0, "internal error")
 
 typedef enum {

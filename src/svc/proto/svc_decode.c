@@ -652,8 +652,12 @@ static int svc__decode_map(const msgpack_object *root, int in_batch,
   if (k[K_LAYER] != NULL &&
       (rc = svc__get_uint(k[K_LAYER], "layer", UINT32_MAX, &req->layer)) != 0)
     return rc;
+  /* Steps stop at 2^63 - 1, the largest a client's int64 counter holds:
+   * a window of kept steps can be ordered below that without wrapping, and
+   * one wild step near 2^64 cannot push a layer's newest step out of reach
+   * of every later one. */
   if (k[K_STEP] != NULL &&
-      (rc = svc__get_uint(k[K_STEP], "step", UINT64_MAX, &req->step)) != 0)
+      (rc = svc__get_uint(k[K_STEP], "step", SVC_STEP_MAX, &req->step)) != 0)
     return rc;
   return svc__decode_op(k, req);
 }

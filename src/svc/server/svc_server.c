@@ -18,73 +18,6 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#define SVC__READ_BUF (64 * 1024)
-
-typedef struct svc__conn_s svc__conn_t;
-
-struct svc_server_s {
-  uv_loop_t loop;
-  int loop_ok;
-  uv_pipe_t listener;
-  int listening;
-  uv_tcp_t tcp_listener;
-  int tcp_listening;
-  int tcp_port;                 /* bound port */
-  int tcp_loopback;             /* the bound address is a loopback one */
-  uint8_t token[SVC_TOKEN_MAX]; /* zero past token_len */
-  size_t token_len;
-  uv_signal_t sigint, sigterm;
-  int signals;
-  svc_server_config_t cfg;
-  char *path;
-  int bound; /* the socket file is ours to remove */
-  svc_worker_t *worker;
-  svc__conn_t *conns; /* every open connection, doubly linked */
-  uint32_t nconns;
-  int stopping;
-  int stop_signal;
-  uv_timer_t tick;
-  int ticking;
-  void (*tick_fn)(void *arg);
-  void *tick_arg;
-  /* libuv calls alloc and read back to back, so one buffer serves every
-   * connection. */
-  char rbuf[SVC__READ_BUF];
-};
-
-struct svc__conn_s {
-  /* First: the handle's address is the connection's. A Unix connection
-   * uses pipe, a TCP one tcp; both are streams. */
-  union {
-    uv_handle_t handle;
-    uv_stream_t stream;
-    uv_pipe_t pipe;
-    uv_tcp_t tcp;
-  } h;
-  uv_timer_t timer;
-  svc_server_t *srv;
-  svc__conn_t *prev, *next;
-  int handles;     /* open libuv handles; freed when it reaches 0 */
-  int closing;     /* uv_close called */
-  int close_after; /* close once the queued writes are done */
-  int in_frame;    /* some bytes of a frame have arrived */
-  int tcp;         /* accepted on the TCP listener */
-  int authed;      /* a Unix connection, or a TCP one past its hello */
-  uint8_t hdr[SVC_HEADER_BYTES];
-  size_t hdr_have;
-  uint8_t *body;
-  uint32_t body_len, body_have;
-  size_t writes;  /* uv_write requests in flight */
-  int pending;    /* a deferred reply is owed; reading is paused */
-  uint8_t *stash; /* bytes read after the deferred request */
-  size_t stash_len;
-};
-
-typedef struct svc__write_s {
-  uv_write_t req;
-  uint8_t *buf;
-} svc__write_t;
-
 /* ------------------------------------------------------------------ */
 /* Connections */
 
@@ -97,7 +30,7 @@ static void svc__conn_closed(uv_handle_t *h) {
   free(c);
 }
 
-static void svc__conn_close(svc__conn_t *c) {
+void svc__conn_close(svc__conn_t *c) {
   svc_server_t *s = c->srv;
   if (c->closing)
     return;
@@ -109,6 +42,7 @@ static void svc__conn_close(svc__conn_t *c) {
   if (c->next != NULL)
     c->next->prev = c->prev;
   s->nconns--;
+  svc__adm_leave(&s->adm, &c->adm);
   /* A deferred request of this connection is never answered. */
   if (c->pending)
     svc_worker_cancel(s->worker, c);
@@ -129,12 +63,14 @@ static void svc__on_write(uv_write_t *req, int status) {
     return;
   if (status < 0 || (c->close_after && c->writes == 0))
     svc__conn_close(c);
+  else
+    svc__account(c);
 }
 
 /* Queues a frame (taking ownership of buf). A client whose unread replies
  * exceed max_output is dropped: it is not reading, and holding its replies
  * would let it grow the worker's memory without bound. */
-static void svc__send(svc__conn_t *c, uint8_t *buf, size_t len) {
+void svc__send(svc__conn_t *c, uint8_t *buf, size_t len) {
   svc__write_t *w;
   uv_buf_t b;
   if (c->closing) {
@@ -160,13 +96,15 @@ static void svc__send(svc__conn_t *c, uint8_t *buf, size_t len) {
   if (uv_stream_get_write_queue_size(&c->h.stream) > c->srv->cfg.max_output) {
     svc_worker_note_refusal(c->srv->worker, SVC_RESOURCE);
     svc__conn_close(c);
+    return;
   }
+  svc__account(c);
 }
 
 /* Replies with a connection-level error that the server itself decided
  * (echoing id when not NULL) and closes after it. */
-static void svc__fail_conn_id(svc__conn_t *c, const svc_id_t *id,
-                              svc_code_t code, const char *m) {
+void svc__fail_conn_id(svc__conn_t *c, const svc_id_t *id, svc_code_t code,
+                       const char *m) {
   uint8_t *buf;
   size_t len;
   c->close_after = 1;
@@ -182,7 +120,7 @@ static void svc__fail_conn_id(svc__conn_t *c, const svc_id_t *id,
     svc__conn_close(c);
 }
 
-static void svc__fail_conn(svc__conn_t *c, svc_code_t code, const char *m) {
+void svc__fail_conn(svc__conn_t *c, svc_code_t code, const char *m) {
   svc__fail_conn_id(c, NULL, code, m);
 }
 
@@ -245,8 +183,7 @@ static int svc__authenticate(svc__conn_t *c, const uint8_t *body, size_t len) {
     svc__fail_conn_id(c, &id, SVC_UNAUTHORIZED, why);
     return -SVC_UNAUTHORIZED;
   }
-  c->authed = 1;
-  return 0;
+  return svc__admit_authed(c, &id);
 }
 
 static void svc__on_timer(uv_timer_t *t) {
@@ -296,6 +233,7 @@ static void svc__frame_done(svc__conn_t *c) {
   c->in_frame = 0;
   if (rc > 0)
     return; /* refused and closing */
+  svc__account(c);
   if (rc != 0) {
     svc__conn_close(c);
     return;
@@ -314,6 +252,7 @@ static void svc__frame_done(svc__conn_t *c) {
     uv_timer_stop(&c->timer);
   } else {
     svc__arm(c, c->srv->cfg.idle_timeout);
+    svc__adm_idle(&c->adm, 1, svc__now(c->srv));
   }
   svc__send(c, reply, len);
   if (c->close_after && !c->closing && c->writes == 0)
@@ -359,6 +298,9 @@ static void svc__feed(svc__conn_t *c, const uint8_t *p, size_t n) {
       memcpy(st + c->stash_len, p, n);
       c->stash = st;
       c->stash_len += n;
+      svc__account(c);
+      if (c->closing || c->close_after)
+        return;
       if (c->stash_len >
           (size_t)c->srv->cfg.limits.max_frame + SVC_HEADER_BYTES)
         uv_read_stop(&c->h.stream);
@@ -366,6 +308,7 @@ static void svc__feed(svc__conn_t *c, const uint8_t *p, size_t n) {
     }
     if (!c->in_frame) {
       c->in_frame = 1;
+      svc__adm_idle(&c->adm, 0, 0);
       if (c->authed)
         svc__arm(c, c->srv->cfg.frame_timeout);
     }
@@ -401,6 +344,7 @@ static void svc__feed(svc__conn_t *c, const uint8_t *p, size_t n) {
         return;
       }
       c->body_have = 0;
+      svc__account(c);
     } else {
       size_t take = c->body_len - c->body_have;
       if (take > n)
@@ -425,6 +369,7 @@ void svc_server_deliver(void *ctx, void *token, uint8_t *reply, size_t len) {
     return;
   }
   c->pending = 0;
+  svc__adm_idle(&c->adm, 1, svc__now(c->srv));
   svc__send(c, reply, len);
   if (c->closing)
     return;
@@ -492,11 +437,8 @@ static void svc__on_connection(uv_stream_t *ls, int status) {
                    "connection: the worker serves only its own user");
     return;
   }
-  if (s->nconns > s->cfg.max_clients) {
-    svc__fail_conn(c, SVC_TOO_MANY_CLIENTS,
-                   "connection: the worker serves max_clients clients");
+  if (svc__admit(c) != 0)
     return;
-  }
   svc__arm(c, c->authed ? s->cfg.idle_timeout : svc__auth_deadline(s));
   if (uv_read_start(&c->h.stream, svc__alloc, svc__on_read) != 0)
     svc__conn_close(c);
@@ -509,6 +451,8 @@ static void svc__shutdown(svc_server_t *s) {
   if (s->stopping)
     return;
   s->stopping = 1;
+  for (svc__conn_t *c = s->conns; c != NULL; c = c->next)
+    svc__say_shutdown(c, s->stop_signal);
   while (s->conns != NULL)
     svc__conn_close(s->conns);
   if (s->ticking) {
@@ -574,7 +518,8 @@ static int svc__tcp_listen(svc_server_t *s) {
     s->tcp_listening = 1;
     rc = uv_tcp_bind(&s->tcp_listener, ai->ai_addr, 0);
     if (rc == 0)
-      rc = uv_listen((uv_stream_t *)&s->tcp_listener, 128, svc__on_connection);
+      rc = uv_listen((uv_stream_t *)&s->tcp_listener,
+                     svc__backlog(s->cfg.backlog), svc__on_connection);
     if (rc == 0)
       break;
     /* The handle must be closed (and the loop run for its callback)
@@ -627,6 +572,8 @@ int svc_server_create(const svc_server_config_t *cfg, svc_worker_t *worker,
   s->cfg = *cfg;
   s->cfg.token = NULL;
   s->worker = worker;
+  svc__adm_init(&s->adm, cfg->max_clients, cfg->max_preauth,
+                cfg->max_preauth_per_addr, cfg->max_memory);
   if (cfg->tcp_host != NULL) {
     if (cfg->token == NULL || cfg->token_len == 0 ||
         cfg->token_len > SVC_TOKEN_MAX) {
@@ -667,8 +614,8 @@ int svc_server_create(const svc_server_config_t *cfg, svc_worker_t *worker,
   /* The umask already keeps others out; chmod says so explicitly in case
    * the caller's umask was looser. */
   chmod(s->path, 0600);
-  if ((rc = uv_listen((uv_stream_t *)&s->listener, 128, svc__on_connection)) !=
-      0) {
+  if ((rc = uv_listen((uv_stream_t *)&s->listener, svc__backlog(s->cfg.backlog),
+                      svc__on_connection)) != 0) {
     err = svc_set_error(SVC_BAD_PARAMS, "socket %s: listen: %s", s->path,
                         uv_strerror(rc));
     goto fail;

@@ -54,7 +54,23 @@ typedef struct svc_server_config_s {
   double idle_timeout;  /* seconds without a frame; 0 = never */
   double frame_timeout; /* seconds to finish a started frame; 0 = never */
   svc_limits_t limits;  /* max_frame for the header check */
+  /* Admission and memory (svc_admit.h); 0 takes the default of each. */
+  uint32_t max_preauth;          /* TCP connections before their hello */
+  uint32_t max_preauth_per_addr; /* of those, from one source address */
+  uint64_t max_memory; /* input buffered + output queued, all clients */
+  int backlog;         /* listen backlog; 0: the system's maximum */
 } svc_server_config_t;
+
+/* Parses one of the server's own options of syncbnd (--max-memory BYTES,
+ * --max-preauth N, --max-preauth-per-addr N, --backlog N) with value v
+ * into cfg: 0 when it was one, 1 when a is none of them, or -BAD_PARAMS
+ * naming a. svc_server_options_help() is their --help text. */
+int svc_server_parse_option(const char *a, const char *v,
+                            svc_server_config_t *cfg);
+const char *svc_server_options_help(void);
+/* Copies the fields svc_server_parse_option sets from src into dst. */
+void svc_server_copy_options(svc_server_config_t *dst,
+                             const svc_server_config_t *src);
 
 /* Creates dir with mode 0700 if it is missing, then checks that it is a
  * directory (not a symlink), owned by the effective uid, and closed to

@@ -22,11 +22,15 @@
  * same answer. Load: rank 0 reads and validates the file when the request
  * arrives and contributes its contents with the status; every rank then
  * takes its own group's statistics. */
+#include <dirent.h>
+#include <fcntl.h>
 #include <math.h>
 #include <msgpack.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "sbn_state.h"
 #include "svc_worker_int.h"
@@ -466,10 +470,27 @@ static void svc__ckpt_fill(svc_worker_t *w, const svc__ckpt_plan_t *pl,
   p->recs[0].v[0] = c->rc;
 }
 
+/* The key step of a new checkpoint entry under (name, dir): the first one
+ * that no stall has poisoned and that this rank has not queued already.
+ * Both come from what every rank agrees on (the gathered rounds decide
+ * stalls identically everywhere) or from this rank's own queue, never from
+ * a count of requests, so a lone request that stalls (a trainer that died
+ * before its save) never shifts the keys of later ones. */
+static uint64_t svc__ckpt_step(const svc_worker_t *w, uint64_t name,
+                               uint32_t dir) {
+  uint64_t step = 0;
+  while (step < SVC__POISON + 64 && (svc__poisoned(w, name, step, dir, 0) ||
+                                     svc__pend_queued(w, name, step, dir)))
+    step++;
+  return step;
+}
+
 int svc__cmd_checkpoint(svc__call_t *call) {
   svc_worker_t *w = call->w;
   const svc_request_t *q = call->q;
   int load = q->op == SVC_OP_CHECKPOINT_LOAD, rc;
+  uint64_t key;
+  uint32_t dir;
   const char *op = load ? "checkpoint_load" : "checkpoint_save";
   svc__ckpt_plan_t pl;
   svc__ckpt_ctx_t *c = NULL;
@@ -479,8 +500,9 @@ int svc__cmd_checkpoint(svc__call_t *call) {
   if (svc__plan(w, w->nlayers, &pl) != 0)
     return svc_set_error(SVC_RESOURCE, "%s: out of memory", op);
   c = calloc(1, sizeof *c);
-  p = svc__pend_alloc(w, svc__hash_name(q->reg.name) ^ 0x636b7074ull,
-                      w->ckpt_seq, load ? SVC__CKPT_LOAD : SVC__CKPT_SAVE,
+  key = svc__hash_name(q->reg.name) ^ 0x636b7074ull;
+  dir = load ? SVC__CKPT_LOAD : SVC__CKPT_SAVE;
+  p = svc__pend_alloc(w, key, svc__ckpt_step(w, key, dir), dir,
                       (pl.total + 2) / 3, SBN_REC_SUM);
   if (c == NULL || p == NULL) {
     free(c);
@@ -488,7 +510,6 @@ int svc__cmd_checkpoint(svc__call_t *call) {
     svc__plan_free(&pl);
     return svc_set_error(SVC_RESOURCE, "%s: out of memory", op);
   }
-  w->ckpt_seq++;
   c->load = load;
   c->nlayers = w->nlayers;
   snprintf(c->name, sizeof c->name, "%s", q->reg.name);
@@ -512,4 +533,24 @@ int svc__cmd_checkpoint(svc__call_t *call) {
   if (call->reply == NULL)
     return svc_set_error(SVC_RESOURCE, "%s: out of memory", op);
   return 0;
+}
+
+int svc__ckpt_sweep(svc_worker_t *w) {
+  DIR *d = opendir(w->state_dir);
+  struct dirent *e;
+  int n = 0;
+  if (d == NULL)
+    return 0;
+  while ((e = readdir(d)) != NULL) {
+    struct stat st;
+    if (strncmp(e->d_name, ".sbntmp-", 8) != 0)
+      continue;
+    /* Only plain files: the directory is the worker's own (mode 0700), but
+     * a link or anything else under that name is left for a person. */
+    if (fstatat(dirfd(d), e->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 &&
+        S_ISREG(st.st_mode) && unlinkat(dirfd(d), e->d_name, 0) == 0)
+      n++;
+  }
+  closedir(d);
+  return n;
 }

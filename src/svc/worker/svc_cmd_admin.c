@@ -72,10 +72,12 @@ static int svc__layer_init(const svc_worker_t *w, svc__layer_t *l) {
   }
   if (l->params.op == SBN_OP_DROPOUT || !l->params.affine)
     l->wb_numel = 0;
+  /* The argument that sized the parameters is the one to name: the
+   * normalized shape of a layernorm, the channels of every other kind. */
   if (l->wb_numel > cap)
     return svc_set_error(
-        SVC_BAD_PARAMS,
-        "normalized_shape: %zu parameters exceed what a frame holds",
+        SVC_BAD_PARAMS, "%s: %zu parameters exceed what a frame holds",
+        l->params.op == SBN_OP_LAYERNORM ? "normalized_shape" : "channels",
         l->wb_numel);
   if (l->wb_numel > 0 && ((l->weight = svc__filled(l->wb_numel, 1)) == NULL ||
                           (l->bias = svc__filled(l->wb_numel, 0)) == NULL))

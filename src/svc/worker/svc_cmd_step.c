@@ -93,7 +93,7 @@ static int svc__forward_check(svc_worker_t *w, const svc__layer_t *l,
       (rc = svc__sync_check(w, l, q->step, SVC__DIR_FORWARD, "forward")) != 0)
     return rc;
   if (q->train) {
-    if (l->have_step && q->step + w->cfg.keep_steps < l->max_step)
+    if (l->have_step && svc__step_stale(w, q->step, l->max_step))
       return svc_set_error(
           SVC_STALE_STEP,
           "step: %llu is more than keep_steps=%u behind step %llu",

@@ -221,7 +221,7 @@ int svc__cmd_metrics(svc__call_t *call) {
   for (int c = 1; c < SVC_CODE_COUNT; c++)
     nerr += m->errors[c] != 0;
 
-  if (svc_reply_begin(&r, &q->id, 17, 0) != 0 || r.pk == NULL)
+  if (svc_reply_begin(&r, &q->id, 18, 0) != 0 || r.pk == NULL)
     goto out;
   svc_reply_key(&r, "requests");
   r.rc |= msgpack_pack_map(r.pk, SVC_OP_COUNT);
@@ -243,6 +243,7 @@ int svc__cmd_metrics(svc__call_t *call) {
   svc__pack_u64(&r, "frames_out", m->frames_out);
   svc__pack_u64(&r, "connections", m->connections);
   svc__pack_u64(&r, "auth_failures", m->auth_failures);
+  svc__pack_u64(&r, "shed", m->shed);
   svc__pack_u64(&r, "allreduces", m->allreduces);
   svc__pack_u64(&r, "entries_fused", m->entries_fused);
   svc__pack_u64(&r, "gathers", m->gathers);

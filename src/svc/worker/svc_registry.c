@@ -59,12 +59,17 @@ int svc__budget_take(svc_worker_t *w, uint64_t bytes) {
   return 0;
 }
 
+int svc__step_stale(const svc_worker_t *w, uint64_t step, uint64_t newest) {
+  /* A difference, never step + keep_steps: that sum wraps near 2^64. */
+  return step < newest && newest - step > w->cfg.keep_steps;
+}
+
 /* Drops the forward state of steps that fell out of the window. */
 void svc__prune(svc_worker_t *w, svc__layer_t *l) {
   svc__step_t **pp = &l->steps;
   while (*pp != NULL) {
     svc__step_t *s = *pp;
-    if (s->step + w->cfg.keep_steps < l->max_step && !s->busy) {
+    if (svc__step_stale(w, s->step, l->max_step) && !s->busy) {
       *pp = s->next;
       svc__step_release(w, s);
       free(s);

@@ -212,6 +212,10 @@ void svc_worker_note_connection(svc_worker_t *w) {
   w->m.connections++;
 }
 
+void svc_worker_note_shed(svc_worker_t *w) {
+  w->m.shed++;
+}
+
 int svc_worker_set_state_dir(svc_worker_t *w, const char *dir) {
   size_t n = strlen(dir);
   while (n > 1 && dir[n - 1] == '/')
@@ -222,5 +226,9 @@ int svc_worker_set_state_dir(svc_worker_t *w, const char *dir) {
                          sizeof w->state_dir - 1);
   memcpy(w->state_dir, dir, n);
   w->state_dir[n] = '\0';
+  /* Rank 0 is the only writer of checkpoints, so the temporaries a kill
+   * during checkpoint_save left are its own. */
+  if (w->cfg.rank == 0)
+    svc__ckpt_sweep(w);
   return 0;
 }

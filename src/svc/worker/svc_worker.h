@@ -108,6 +108,9 @@ void svc_worker_note_io(svc_worker_t *w, uint64_t frames_in, uint64_t bytes_in,
                         uint64_t frames_out, uint64_t bytes_out);
 void svc_worker_note_refusal(svc_worker_t *w, svc_code_t code);
 void svc_worker_note_connection(svc_worker_t *w);
+/* A connection the server shed because the bytes it held for all clients
+ * passed its memory budget. */
+void svc_worker_note_shed(svc_worker_t *w);
 
 /* Directory of checkpoint files (checkpoint_save/checkpoint_load); they
  * are refused until it is set. Returns 0, or -SVC_BAD_PARAMS when it is

@@ -77,6 +77,9 @@ int svc__budget_take(svc_worker_t *w, uint64_t bytes);
  * out of the window. */
 void svc__step_keep(svc_worker_t *w, svc__layer_t *l, svc__step_t *s);
 void svc__prune(svc_worker_t *w, svc__layer_t *l);
+/* Whether step is more than keep_steps behind newest (computed without
+ * overflow). */
+int svc__step_stale(const svc_worker_t *w, uint64_t step, uint64_t newest);
 /* Library failures as protocol codes. */
 svc_code_t svc__lib_code(int rc);
 /* The library's last error as the service's: -code, message kept. */
@@ -160,6 +163,10 @@ int svc__cmd_get_state(svc__call_t *call);
 int svc__cmd_set_state(svc__call_t *call);
 int svc__cmd_metrics(svc__call_t *call);
 int svc__cmd_checkpoint(svc__call_t *call); /* save and load */
+/* Removes the ".sbntmp-*" files a killed checkpoint_save left in the
+ * state directory (a state directory serves one job at a time); returns
+ * how many went. */
+int svc__ckpt_sweep(svc_worker_t *w);
 
 /* ------------------------------------------------------------------ */
 /* The agreement engine (svc_agree.c) */
@@ -272,6 +279,7 @@ typedef struct svc__metrics_s {
   uint64_t bytes_in, bytes_out;    /* frame bytes, headers included */
   uint64_t frames_in, frames_out;
   uint64_t connections, auth_failures;
+  uint64_t shed; /* connections dropped for the server's memory budget */
   uint64_t allreduces, entries_fused, gathers;
   uint64_t fuse_hist[SVC__FUSE_BUCKETS];
   uint64_t stalls, mismatches;
@@ -310,7 +318,6 @@ struct svc_worker_s {
   svc__metrics_t m;
   /* checkpoints: where files live (absolute, no trailing slash) */
   char state_dir[4096];
-  uint64_t ckpt_seq; /* checkpoint requests queued so far (their step) */
 };
 
 #endif /* SBN_SVC_WORKER_INT_H */
