@@ -397,16 +397,17 @@ enum {
   F_GROUP_SIZE,
   F_NORM_NDIM,
   F_GHOST_BATCH,
+  F_REDUCE_CHUNK,
   F_NORM_SHAPE,
   F_COUNT = F_NORM_SHAPE + SBN_MAX_DIMS
 };
 
 static const char *const sbn__field_names[F_NORM_SHAPE + 1] = {
-    "arguments",   "op",         "channels",
-    "groups",      "eps",        "momentum",
-    "cumulative",  "affine",     "track_running_stats",
-    "p",           "group_size", "norm_ndim",
-    "ghost_batch", "norm_shape"};
+    "arguments",   "op",           "channels",
+    "groups",      "eps",          "momentum",
+    "cumulative",  "affine",       "track_running_stats",
+    "p",           "group_size",   "norm_ndim",
+    "ghost_batch", "reduce_chunk", "norm_shape"};
 
 static uint64_t sbn__dbits(double v) {
   uint64_t u;
@@ -434,6 +435,9 @@ static void sbn__describe(const sbn_layer_params_t *p, int group_size,
   f[F_GROUP_SIZE] = (uint64_t)group_size;
   f[F_NORM_NDIM] = (uint64_t)(int64_t)p->norm_ndim;
   f[F_GHOST_BATCH] = (uint64_t)p->ghost_batch;
+  /* The chunk plan decides how many collectives a pass issues, so ranks
+   * that disagreed would pair unrelated reductions. */
+  f[F_REDUCE_CHUNK] = (uint64_t)p->reduce_chunk;
   if (p->op == SBN_OP_LAYERNORM)
     for (int i = 0; i < SBN_MAX_DIMS; i++)
       f[F_NORM_SHAPE + i] = (uint64_t)p->norm_shape[i];

@@ -269,7 +269,28 @@ typedef struct sbn_layer_params_s {
    * group. Eval with running statistics is unchanged. An empty batch
    * changes nothing. */
   size_t ghost_batch;
+  /* BN on a communicator of more than one process, training: how many
+   * channels each reduction of the overlapped SyncBN carries. Forward and
+   * backward then reduce channel chunks with the communicator's
+   * non-blocking entries, the next chunk's reduction in flight while the
+   * current chunk is normalized, so the allreduce hides behind the pass
+   * over memory. 0 (the default) chooses from the cache size: chunks of
+   * about a quarter of the L2 cache once a rank's tensor exceeds twice the
+   * L2 size (the forward plans from the previous training forward's
+   * global count, backward from the saved one, so every process plans
+   * alike), and one blocking reduction below that or on a communicator
+   * without non-blocking entries. A value n > 0 forces chunks of n
+   * channels (n >= channels: one reduction); SBN_CHUNK_OFF (or any n >=
+   * channels) keeps one blocking allreduce per pass. Results equal the
+   * unchunked ones bit for bit on two processes, and to rounding where a
+   * reduction tree of more processes associates the merges differently.
+   * Every process of the communicator must use the same value (MPI
+   * layer creation checks it). */
+  size_t reduce_chunk;
 } sbn_layer_params_t;
+
+/* params.reduce_chunk: never split SyncBN's reductions. */
+#define SBN_CHUNK_OFF ((size_t)-1)
 
 /* Fills p with PyTorch's defaults for op: eps 1e-5, momentum 0.1,
  * affine 1, track_running_stats 1 for BN and 0 for IN, p 0.5. */
@@ -397,6 +418,19 @@ SBN_API const char *sbn_kernel_name(void);
  * set or the CPU cannot run it. Not thread-safe: call before any other
  * thread uses the library. */
 SBN_API int sbn_kernel_select(const char *name);
+
+/* ------------------------------------------------------------------ */
+/* Threads. */
+
+/* Sets how many OpenMP threads each kernel call of the ops may use
+ * (BatchNorm, InstanceNorm, GroupNorm and dropout; LayerNorm and the
+ * chunked SyncBN reductions stay on the calling thread). The default is
+ * 1. n > 1 is SBN_ENOTSUP in a build without -DSBN_OPENMP=ON; n < 1 is
+ * SBN_EINVAL. Not thread-safe: call it between calls of the library, like
+ * sbn_kernel_select(). */
+SBN_API int sbn_set_threads(int n);
+/* The thread count set (1 unless sbn_set_threads() raised it). */
+SBN_API int sbn_threads(void);
 
 #ifdef __cplusplus
 }

@@ -24,7 +24,9 @@ VARIANTS = {
     "kernels": {"kernel": ["floor_us", "floor_ratio", "gbps", "bytes"]},
     "layer": {"local": [], "bare_allreduce": ["bytes"],
               "sync": ["overhead_us", "overhead_pct",
-                       "overhead_per_allreduce", "bytes"]},
+                       "overhead_per_allreduce", "bytes"],
+              "sync_unchunked": ["overhead_us", "overhead_pct",
+                                 "overhead_per_allreduce", "bytes"]},
     "network": {"local": [], "unfused": ["overhead_us", "overhead_pct"],
                 "fused": ["overhead_us", "overhead_pct"],
                 "groupnorm": ["overhead_us", "overhead_pct"]},
@@ -121,7 +123,7 @@ def check_derived(recs, mode):
             want = 4 * n * (3 if r["pass"].endswith("bwd") and
                             r["op"] != "dropout" else 2)
             close(r["bytes"], want, "bytes of %s %s" % (r["op"], r["pass"]))
-        elif mode == "layer" and v == "sync":
+        elif mode == "layer" and v in ("sync", "sync_unchunked"):
             k = key(r)
             loc = by.get(("local",) + k)
             bare = by.get(("bare_allreduce", "allreduce", "sum") + k[2:])

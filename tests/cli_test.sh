@@ -513,6 +513,11 @@ any(r['op'] != 'groupnorm' or r['layout'] != 'nhwc' for r in d['records']))" \
   bench_fail 2 "cannot both be stdout" kernels --json - --csv -
   bench_fail 2 "unexpected argument 'extra'" kernels extra
   bench_fail 2 "usage: syncbn bench" --frobnicate
+  bench_fail 2 "--chunk: 'many'" layer --chunk many
+  bench_fail 2 "--chunk: '0'" layer --chunk 0
+  bench_fail 2 "only the layer mode takes them" kernels --chunk 4
+  bench_fail 2 "only the layer mode takes them" sizes --vs-unchunked
+  bench_fail 2 "--threads: '0'" kernels --threads 0
   bench_fail 2 "usage: syncbn bench" --sync
   bench_fail 1 "--json $T/no/such/dir/x.json: cannot open" kernels \
     --shape 2,8,3 --reps 1 --op dropout --json "$T/no/such/dir/x.json"
@@ -554,6 +559,14 @@ group_benchmpi() {
     check "layer --group-size 1: group_size 1 in every record" \
       /usr/bin/python3 -c "import json,sys; d=json.load(open(sys.argv[1])); \
 sys.exit(any(r['group_size'] != 1 for r in d['records']))" "$T/m_group.json"
+    # Chunked SyncBN (3 channels per chunk of 8) beside the unchunked one.
+    RANKS=$NP bench_json layer m_chunk "${MPIRUN[@]}" "$SYNCBN" bench layer \
+      --shape 2,8,5,5 --reps 2 --chunk 3 --vs-unchunked
+    check "layer --vs-unchunked: a sync_unchunked record per sync record" \
+      /usr/bin/python3 -c "import json,sys; d=json.load(open(sys.argv[1])); \
+v=[r['variant'] for r in d['records']]; \
+sys.exit(not (v.count('sync') == v.count('sync_unchunked') > 0))" \
+      "$T/m_chunk.json"
   fi
   if [ "$mode" = service ]; then
     check "service: no syncbnd left running from this bench" \

@@ -21,8 +21,9 @@ set(SBN_MPIRUN_FLAGS --oversubscribe --bind-to none --timeout 100
   --mca pml ob1 --mca btl self,vader,tcp)
 
 # name: program; extra sources after it (mpi_pmpi.c counts collectives).
-set(SBN_MPI_TESTS mpi_bn mpi_errors mpi_count mpi_fused mpi_dropout)
-set(SBN_MPI_PMPI_TESTS mpi_count mpi_fused)
+set(SBN_MPI_TESTS mpi_bn mpi_errors mpi_count mpi_fused mpi_dropout
+  mpi_overlap)
+set(SBN_MPI_PMPI_TESTS mpi_count mpi_fused mpi_overlap)
 
 foreach(prog ${SBN_MPI_TESTS})
   if(NOT EXISTS ${SBN_MPI_TEST_DIR}/${prog}.c)

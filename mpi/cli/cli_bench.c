@@ -70,6 +70,13 @@ static void bench_usage(FILE *f) {
       "  --reps K            timed repetitions per configuration\n"
       "  --warmup K          untimed repetitions before them (default 3)\n"
       "  --group-size k      SyncBN sync groups of k ranks (default all)\n"
+      "  --chunk auto|off|N  layer: SyncBN's reduction chunks (params.\n"
+      "                      reduce_chunk: auto from the cache, off = one\n"
+      "                      blocking allreduce, N channels per chunk)\n"
+      "  --vs-unchunked      layer: also time SyncBN with --chunk off in\n"
+      "                      the same reps (variant sync_unchunked)\n"
+      "  --threads N         OpenMP threads per kernel call (default 1;\n"
+      "                      needs a build with -DSBN_OPENMP=ON)\n"
       "  --quick             a subset that finishes in under a minute at np "
       "2\n"
       "  --json FILE|-       the records as JSON (- : stdout; the table "
@@ -138,6 +145,24 @@ static int parse_count(const char *flag, const char *arg, uint64_t lo,
   return 0;
 }
 
+/* --chunk: auto (0), off (SBN_CHUNK_OFF) or a channel count. */
+static int parse_chunk(const char *arg, sbn_bench_opts_t *o) {
+  uint64_t u;
+  if (strcmp(arg, "auto") == 0) {
+    o->chunk = 0;
+  } else if (strcmp(arg, "off") == 0) {
+    o->chunk = SBN_CHUNK_OFF;
+  } else if (sbn__cli_parse_u64(arg, 1u << 30, &u) == 0 && u > 0) {
+    o->chunk = (size_t)u;
+  } else {
+    return usage_error(
+        "--chunk: '%s' is not auto, off or a channel count "
+        "in [1, 2^30]",
+        arg);
+  }
+  return 0;
+}
+
 /* Sets the value of option c; 0 or 2 after printing why. */
 static int set_option(sbn_bench_opts_t *o, int c, const char *arg) {
   switch (c) {
@@ -184,6 +209,17 @@ static int set_option(sbn_bench_opts_t *o, int c, const char *arg) {
     case 'q':
       o->quick = 1;
       return 0;
+    case 'C':
+      return parse_chunk(arg, o);
+    case 'U':
+      o->vs_unchunked = 1;
+      return 0;
+    case 't':
+      if (parse_count("--threads", arg, 1, 1024, &o->threads) != 0)
+        return 2;
+      if (sbn_set_threads(o->threads) != 0)
+        return usage_error("--threads: %s", sbn_last_error());
+      return 0;
     case 'j':
       o->json = arg;
       return 0;
@@ -220,6 +256,9 @@ static int bench_parse(int argc, char **argv, sbn_bench_opts_t *o,
       {"warmup", required_argument, 0, 'w'},
       {"group-size", required_argument, 0, 'g'},
       {"quick", no_argument, 0, 'q'},
+      {"chunk", required_argument, 0, 'C'},
+      {"vs-unchunked", no_argument, 0, 'U'},
+      {"threads", required_argument, 0, 't'},
       {"json", required_argument, 0, 'j'},
       {"csv", required_argument, 0, 'c'},
       {"socket-dir", required_argument, 0, 'd'},
@@ -256,6 +295,11 @@ static int bench_parse(int argc, char **argv, sbn_bench_opts_t *o,
   if (o->op != NULL && strcmp(o->mode, "kernels") != 0)
     return usage_error("--op: only the kernels mode takes it (mode %s)",
                        o->mode);
+  if ((o->chunk != 0 || o->vs_unchunked) && strcmp(o->mode, "layer") != 0)
+    return usage_error(
+        "--chunk, --vs-unchunked: only the layer mode takes "
+        "them (mode %s)",
+        o->mode);
   if (o->socket_dir != NULL && strcmp(o->mode, "service") != 0)
     return usage_error("--socket-dir: only the service mode takes it (mode %s)",
                        o->mode);

@@ -44,6 +44,9 @@ typedef struct sbn_bench_opts_s {
   const char *self_exe;   /* argv[0] of the subcommand's process */
   int rank, size;         /* MPI_COMM_WORLD, 0 and 1 without MPI */
   int progress;           /* stderr is a terminal */
+  size_t chunk;           /* layer: --chunk, SyncBN's params.reduce_chunk */
+  int vs_unchunked;       /* layer: --vs-unchunked adds sync_unchunked */
+  int threads;            /* --threads, 0 when not given */
 } sbn_bench_opts_t;
 
 /* One measured configuration. Numbers that do not apply to a record's mode

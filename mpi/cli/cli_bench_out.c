@@ -136,9 +136,10 @@ static void header(const sbn_bench_opts_t *o, FILE *f, const char *prefix) {
   sbn__bench_cpu(cpu, sizeof cpu);
   sbn__bench_mpi_version(mpi, sizeof mpi);
   sbn__bench_date(date, sizeof date);
-  fprintf(f, "%ssyncbn bench %s: %s, %d rank%s, %s, kernels %s, %s\n", prefix,
-          o->mode, cpu, o->size, o->size == 1 ? "" : "s", mpi,
-          sbn_kernel_name(), date);
+  fprintf(
+      f, "%ssyncbn bench %s: %s, %d rank%s, %s, kernels %s, %d thread%s, %s\n",
+      prefix, o->mode, cpu, o->size, o->size == 1 ? "" : "s", mpi,
+      sbn_kernel_name(), sbn_threads(), sbn_threads() == 1 ? "" : "s", date);
 }
 
 static void write_table(const sbn_bench_opts_t *o, const sbn_bench_out_t *out,
@@ -203,7 +204,8 @@ static void write_json(const sbn_bench_opts_t *o, const sbn_bench_out_t *out,
   json_str(f, mpi);
   fprintf(f, ", \"kernels\": ");
   json_str(f, sbn_kernel_name());
-  fprintf(f, ", \"ranks\": %d, \"date\": ", o->size);
+  fprintf(f, ", \"threads\": %d, \"ranks\": %d, \"date\": ", sbn_threads(),
+          o->size);
   json_str(f, date);
   fprintf(f, "},\n  \"columns\": [");
   for (size_t c = 0; c < NCOLS; c++)

@@ -29,7 +29,33 @@ static inline size_t sbn__align64(size_t n) {
 struct sbn_layer_s {
   sbn_layer_params_t p;
   sbn_comm_t *comm;
+  /* BatchNorm: the global count per channel that the last training
+   * sbn_forward reduced through the layer's communicator (0 before the
+   * first; the seam's *_finish calls, which take the caller's records,
+   * leave it). It is the same on every process of the communicator, so
+   * the chunk plan of the next forward (ops/batchnorm_overlap.c), taken
+   * from it, is too. */
+  double bn_last_count;
 };
+
+/* ------------------------------------------------------------------ */
+/* Non-blocking reductions over any communicator (base/comm.c) */
+
+/* Whether comm has more than one process and fills the three
+ * iallreduce entries. */
+int sbn__comm_can_ireduce(const sbn_comm_t *comm);
+/* Starts reducing recs[0..n): on a communicator of one process (or NULL)
+ * there is nothing to do; without the non-blocking entries it reduces
+ * now with the blocking one. *request is NULL in both cases, and
+ * otherwise the communicator's request, which sbn__comm_iend must finish.
+ * recs stays untouched until then. */
+int sbn__comm_ibegin(sbn_comm_t *comm, sbn_rec_t *recs, size_t n,
+                     void **request);
+/* Polls a request (a no-op for NULL): Open MPI has no progress thread, so
+ * polling is what moves a reduction on while the caller computes. */
+int sbn__comm_itest(sbn_comm_t *comm, void *request);
+/* Waits for *request (a no-op for NULL) and sets it to NULL. */
+int sbn__comm_iend(sbn_comm_t *comm, void **request);
 
 /* ------------------------------------------------------------------ */
 /* Shapes (base/shape.c) */

@@ -8,6 +8,7 @@
  * batches (batchnorm_ghost.c) replace the reduction wherever batch
  * statistics are used. */
 #include <math.h>
+#include <string.h>
 
 #include "ops/sbn_ops.h"
 
@@ -96,66 +97,90 @@ static void bn_local_moments(const sbn_forward_args_t *a,
   sbn__view_moments(a->x, A, sh->C, S, ch, recs);
 }
 
-static int bn_finish(sbn_layer_t *l, const sbn_forward_args_t *a,
-                     const sbn__shape_t *sh, const sbn_rec_t *recs) {
+int sbn__bn_fin_init(const sbn_layer_t *l, const sbn_forward_args_t *a,
+                     const sbn__shape_t *sh, const sbn_rec_t *recs,
+                     sbn__bn_fin_t *fin) {
   const sbn_layer_params_t *p = &l->p;
-  size_t C = sh->C, A, S;
-  sbn__chan_t ch;
-  double count = 0, *smean = NULL, *sistd = NULL;
-  int batch = a->mode == SBN_MODE_TRAIN || !p->track_running_stats;
-  sbn__chan_carve(a->workspace, C, &ch);
-  if (batch) {
-    if (a->mode == SBN_MODE_EVAL) {
-      bn_local_moments(a, sh, &ch, ch.rec);
-      recs = ch.rec;
-    }
-    count = recs[0].v[0];
+  memset(fin, 0, sizeof *fin);
+  fin->batch = a->mode == SBN_MODE_TRAIN || !p->track_running_stats;
+  if (fin->batch) {
+    fin->count = recs[0].v[0];
     /* Every process sees the same reduced count, so this error is returned
      * consistently everywhere and no process waits in a later collective. */
-    if (count == 1)
+    if (fin->count == 1)
       return sbn_set_error(SBN_ESMALLBATCH,
                            "x: expected more than 1 value per channel when "
                            "training (the batch has 1)");
   } else {
-    count = (double)sh->N * (double)sh->S;
+    fin->count = (double)sh->N * (double)sh->S;
   }
   if (a->saved != NULL)
-    sbn__saved_init(a->saved, p->op, a->mode, count, C, &smean, &sistd);
-  float *rm = p->track_running_stats ? a->state->running_mean : NULL;
-  float *rv = p->track_running_stats ? a->state->running_var : NULL;
-  int update = a->mode == SBN_MODE_TRAIN && rm != NULL && count > 0;
-  double f = p->momentum;
-  if (update && p->cumulative)
-    f = 1.0 / ((double)a->state->num_batches_tracked + 1.0);
-  for (size_t c = 0; c < C; c++) {
+    sbn__saved_init(a->saved, p->op, a->mode, fin->count, sh->C, &fin->smean,
+                    &fin->sistd);
+  fin->rm = p->track_running_stats ? a->state->running_mean : NULL;
+  fin->rv = p->track_running_stats ? a->state->running_var : NULL;
+  fin->update = a->mode == SBN_MODE_TRAIN && fin->rm != NULL && fin->count > 0;
+  fin->f = p->momentum;
+  if (fin->update && p->cumulative)
+    fin->f = 1.0 / ((double)a->state->num_batches_tracked + 1.0);
+  return 0;
+}
+
+void sbn__bn_fin_chan(const sbn_layer_t *l, const sbn_forward_args_t *a,
+                      const sbn__bn_fin_t *fin, const sbn_rec_t *recs,
+                      size_t c0, size_t c1, sbn__chan_t *ch) {
+  const sbn_layer_params_t *p = &l->p;
+  double count = fin->count, f = fin->f;
+  for (size_t c = c0; c < c1; c++) {
     double mean, var;
-    if (batch) {
+    if (fin->batch) {
       mean = recs[c].v[1];
       var = count > 0 ? recs[c].v[2] / count : 0;
     } else {
-      mean = rm[c];
-      var = rv[c];
+      mean = fin->rm[c];
+      var = fin->rv[c];
     }
     double istd = 1.0 / sqrt(var + p->eps);
-    sbn__split_mean(mean, &ch.mh[c], &ch.ml[c]);
+    sbn__split_mean(mean, &ch->mh[c], &ch->ml[c]);
     double w = p->affine ? a->weight[c] : 1.0;
-    ch.k1[c] = (float)(w * istd);
-    ch.k2[c] = p->affine ? a->bias[c] : 0.0f;
-    if (smean != NULL) {
-      smean[c] = mean;
-      sistd[c] = istd;
+    ch->k1[c] = (float)(w * istd);
+    ch->k2[c] = p->affine ? a->bias[c] : 0.0f;
+    if (fin->smean != NULL) {
+      fin->smean[c] = mean;
+      fin->sistd[c] = istd;
     }
-    if (update) {
+    if (fin->update) {
       double unbiased = recs[c].v[2] / (count - 1);
-      rm[c] = (float)((1 - f) * rm[c] + f * mean);
-      rv[c] = (float)((1 - f) * rv[c] + f * unbiased);
+      fin->rm[c] = (float)((1 - f) * fin->rm[c] + f * mean);
+      fin->rv[c] = (float)((1 - f) * fin->rv[c] + f * unbiased);
     }
   }
-  if (update)
+}
+
+void sbn__bn_fin_done(const sbn_forward_args_t *a, const sbn__bn_fin_t *fin) {
+  if (fin->update)
     a->state->num_batches_tracked++;
+}
+
+static int bn_finish(sbn_layer_t *l, const sbn_forward_args_t *a,
+                     const sbn__shape_t *sh, const sbn_rec_t *recs) {
+  size_t C = sh->C, A, S;
+  sbn__chan_t ch;
+  sbn__bn_fin_t fin;
+  int rc;
+  sbn__chan_carve(a->workspace, C, &ch);
+  /* Eval without running statistics normalizes with the local batch's. */
+  if (a->mode == SBN_MODE_EVAL && !l->p.track_running_stats) {
+    bn_local_moments(a, sh, &ch, ch.rec);
+    recs = ch.rec;
+  }
+  if ((rc = sbn__bn_fin_init(l, a, sh, recs, &fin)) != 0)
+    return rc;
+  sbn__bn_fin_chan(l, a, &fin, recs, 0, C, &ch);
+  sbn__bn_fin_done(a, &fin);
   bn_view(sh, &A, &S);
   if (sh->numel > 0)
-    sbn__kernels()->normalize(a->x, a->y, A, C, S, ch.mh, ch.ml, ch.k1, ch.k2);
+    sbn__kt()->normalize(a->x, a->y, A, C, S, ch.mh, ch.ml, ch.k1, ch.k2);
   return 0;
 }
 
@@ -166,11 +191,18 @@ static int bn_forward(sbn_layer_t *l, const sbn_forward_args_t *a,
     return sbn__bn_ghost_forward(&l->p, a, sh);
   if (a->mode == SBN_MODE_EVAL)
     return bn_finish(l, a, sh, NULL);
+  size_t cc = sbn__bn_chunk(l, sh->C, l->bn_last_count);
+  if (cc > 0)
+    return sbn__bn_overlap_forward(l, a, sh, cc);
   sbn__chan_t ch;
   sbn__chan_carve(a->workspace, sh->C, &ch);
   bn_local_moments(a, sh, &ch, ch.rec);
   if ((rc = sbn_comm_allreduce(l->comm, ch.rec, sh->C)) != 0)
     return rc;
+  /* Recorded only here and in the chunked forward, where the layer's own
+   * communicator reduced the count, never from records a caller of the
+   * seam passed in (those need not be the same on every process). */
+  l->bn_last_count = ch.rec[0].v[0];
   return bn_finish(l, a, sh, ch.rec);
 }
 
@@ -225,8 +257,8 @@ static int bn_bwd_local(sbn_layer_t *l, const sbn_backward_args_t *a,
   }
   bn_view(sh, &A, &S);
   if (sh->numel > 0)
-    sbn__kernels()->bwd_reduce(a->x, a->dy, A, C, S, ch->dmean, ch->distd,
-                               ch->d1, ch->d2);
+    sbn__kt()->bwd_reduce(a->x, a->dy, A, C, S, ch->dmean, ch->distd, ch->d1,
+                          ch->d2);
   for (size_t c = 0; c < C; c++) {
     recs[c].tag = SBN_REC_SUM;
     recs[c].v[0] = ch->d1[c];
@@ -240,12 +272,35 @@ static int bn_bwd_local(sbn_layer_t *l, const sbn_backward_args_t *a,
   return 0;
 }
 
+void sbn__bn_bwd_chan(const sbn_layer_t *l, const sbn_backward_args_t *a,
+                      const double *mean, const double *istd, double count,
+                      const sbn_rec_t *recs, size_t c0, size_t c1,
+                      sbn__chan_t *ch) {
+  const sbn_layer_params_t *p = &l->p;
+  int batch = a->mode == SBN_MODE_TRAIN || !p->track_running_stats;
+  for (size_t c = c0; c < c1; c++) {
+    double w = p->affine ? a->weight[c] : 1.0;
+    double g = w * istd[c];
+    ch->dmean[c] = mean[c];
+    ch->distd[c] = istd[c];
+    ch->dk1[c] = g;
+    if (batch && count > 0) {
+      ch->dk2[c] = -g * recs[c].v[1] / count;
+      ch->dk3[c] = -g * recs[c].v[0] / count;
+    } else {
+      /* With running statistics the mean and variance are constants, so
+       * dx is dy scaled: dx = dy * weight / sqrt(running_var + eps). */
+      ch->dk2[c] = 0;
+      ch->dk3[c] = 0;
+    }
+  }
+}
+
 /* dx from the (global) sums. The carve in bn_bwd_local already holds mh,
  * ml and istd; they are rebuilt here from the saved state so that the
  * staged API does not depend on workspace contents between calls. */
 static int bn_bwd_finish(sbn_layer_t *l, const sbn_backward_args_t *a,
                          const sbn__shape_t *sh, const sbn_rec_t *recs) {
-  const sbn_layer_params_t *p = &l->p;
   const double *mean, *istd;
   double count;
   size_t C = sh->C, A, S;
@@ -254,28 +309,12 @@ static int bn_bwd_finish(sbn_layer_t *l, const sbn_backward_args_t *a,
                           &mean, &istd);
   if (rc != 0)
     return rc;
-  int batch = a->mode == SBN_MODE_TRAIN || !p->track_running_stats;
   sbn__chan_carve(a->workspace, C, &ch);
-  for (size_t c = 0; c < C; c++) {
-    double w = p->affine ? a->weight[c] : 1.0;
-    double g = w * istd[c];
-    ch.dmean[c] = mean[c];
-    ch.distd[c] = istd[c];
-    ch.dk1[c] = g;
-    if (batch && count > 0) {
-      ch.dk2[c] = -g * recs[c].v[1] / count;
-      ch.dk3[c] = -g * recs[c].v[0] / count;
-    } else {
-      /* With running statistics the mean and variance are constants, so
-       * dx is dy scaled: dx = dy * weight / sqrt(running_var + eps). */
-      ch.dk2[c] = 0;
-      ch.dk3[c] = 0;
-    }
-  }
+  sbn__bn_bwd_chan(l, a, mean, istd, count, recs, 0, C, &ch);
   bn_view(sh, &A, &S);
   if (sh->numel > 0)
-    sbn__kernels()->bwd_apply(a->x, a->dy, a->dx, A, C, S, ch.dmean, ch.distd,
-                              ch.dk1, ch.dk2, ch.dk3);
+    sbn__kt()->bwd_apply(a->x, a->dy, a->dx, A, C, S, ch.dmean, ch.distd,
+                         ch.dk1, ch.dk2, ch.dk3);
   return 0;
 }
 
@@ -286,6 +325,16 @@ static int bn_backward(sbn_layer_t *l, const sbn_backward_args_t *a,
   int rc;
   if (bn_ghost(&l->p, a->mode))
     return sbn__bn_ghost_backward(&l->p, a, sh);
+  /* The chunk plan comes from the saved global count; a saved state that
+   * does not check out fails below with its own message. */
+  const double *mean, *istd;
+  if (a->mode == SBN_MODE_TRAIN &&
+      sbn__saved_get(a->saved, a->saved_bytes, l->p.op, a->mode, sh->C, &count,
+                     &mean, &istd) == 0) {
+    size_t cc = sbn__bn_chunk(l, sh->C, count);
+    if (cc > 0)
+      return sbn__bn_overlap_backward(l, a, sh, cc);
+  }
   /* The records live in the workspace's record array; bn_bwd_finish only
    * reuses the float arrays, which it rebuilds. */
   sbn__chan_carve(a->workspace, sh->C, &ch);

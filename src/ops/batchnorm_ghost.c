@@ -127,8 +127,8 @@ int sbn__bn_ghost_forward(const sbn_layer_params_t *p,
     /* The slice is read whole by the moments before it is written, so y
      * may equal x. */
     if (v.A > 0 && v.S > 0)
-      sbn__kernels()->normalize(x, a->y + v.off, v.A, C, v.S, ch.mh, ch.ml,
-                                ch.k1, ch.k2);
+      sbn__kt()->normalize(x, a->y + v.off, v.A, C, v.S, ch.mh, ch.ml, ch.k1,
+                           ch.k2);
   }
   if (a->mode == SBN_MODE_TRAIN && p->track_running_stats && nsub > 0 &&
       sh->S > 0)
@@ -161,8 +161,8 @@ int sbn__bn_ghost_backward(const sbn_layer_params_t *p,
     }
     if (v.A == 0 || v.S == 0)
       continue;
-    sbn__kernels()->bwd_reduce(a->x + v.off, a->dy + v.off, v.A, C, v.S,
-                               ch.dmean, ch.distd, ch.d1, ch.d2);
+    sbn__kt()->bwd_reduce(a->x + v.off, a->dy + v.off, v.A, C, v.S, ch.dmean,
+                          ch.distd, ch.d1, ch.d2);
     /* Each sub-batch's own BatchNorm backward: dx = k1*dy + k2*xhat + k3
      * with its own sums and count. */
     for (size_t c = 0; c < C; c++) {
@@ -174,9 +174,8 @@ int sbn__bn_ghost_backward(const sbn_layer_params_t *p,
       ch.d3[c] += ch.d1[c];
       ch.d4[c] += ch.d2[c];
     }
-    sbn__kernels()->bwd_apply(a->x + v.off, a->dy + v.off, a->dx + v.off, v.A,
-                              C, v.S, ch.dmean, ch.distd, ch.dk1, ch.dk2,
-                              ch.dk3);
+    sbn__kt()->bwd_apply(a->x + v.off, a->dy + v.off, a->dx + v.off, v.A, C,
+                         v.S, ch.dmean, ch.distd, ch.dk1, ch.dk2, ch.dk3);
   }
   for (size_t c = 0; c < C; c++) {
     if (a->dbias != NULL)

@@ -69,7 +69,11 @@ void sbn__view_moments_ld(const float *x, size_t A, size_t C, size_t S,
     ch->d1[c] = 0;
     ch->d2[c] = 0;
   }
-  if (A > 0 && S > 0)
+  /* A threaded build splits dense calls (ops/par.c); one thread takes
+   * the strided entry, dense or not, as the kernels room intends. */
+  if (A > 0 && S > 0 && lda == C * S && sbn_threads() > 1)
+    sbn__kt()->moments(x, A, C, S, ch->k, ch->d1, ch->d2);
+  else if (A > 0 && S > 0)
     sbn__k_moments_ld(x, A, C, S, lda, ch->k, ch->d1, ch->d2);
   for (size_t c = 0; c < C; c++)
     sbn__moments_finish(n, ch->k[c], ch->d1[c], ch->d2[c], &recs[c]);

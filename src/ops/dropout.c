@@ -43,8 +43,8 @@ static int dropout_map(const sbn_layer_t *l, sbn_mode_t mode, uint64_t step,
   float scale = (float)(1.0 / (1.0 - p->p));
   uint32_t key[2] = {p->seed,
                      (uint32_t)(l->comm != NULL ? l->comm->world_rank : 0)};
-  sbn__kernels()->dropout(in, out, n, 0, key, (uint32_t)step, p->layer_id, thr,
-                          scale);
+  sbn__kt()->dropout(in, out, n, 0, key, (uint32_t)step, p->layer_id, thr,
+                     scale);
   return 0;
 }
 

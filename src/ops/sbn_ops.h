@@ -68,6 +68,11 @@ int sbn__check_running_norm(const sbn_layer_params_t *p, int allow_cumulative);
 int sbn__op_shape_channels(const sbn_layer_params_t *p,
                            const sbn_tensor_desc_t *d, sbn__shape_t *sh);
 
+/* The kernel table the ops call (ops/par.c): the active set itself, or
+ * with sbn_set_threads(n > 1) in an OpenMP build a table whose entries
+ * split each call over n threads and call the active set's. */
+const sbn__kernels_t *sbn__kt(void);
+
 /* ------------------------------------------------------------------ */
 /* Per-channel statistics shared by the ops (ops/chan.c). */
 
@@ -103,6 +108,53 @@ void sbn__view_moments(const float *x, size_t A, size_t C, size_t S,
  * (a channel range of a larger array; see the kernels' *_ld entries). */
 void sbn__view_moments_ld(const float *x, size_t A, size_t C, size_t S,
                           size_t lda, sbn__chan_t *ch, sbn_rec_t *recs);
+
+/* ------------------------------------------------------------------ */
+/* BatchNorm's per-channel finishing steps (ops/batchnorm.c), shared by the
+ * one-reduction path and the chunked one (ops/batchnorm_overlap.c), which
+ * applies them one channel range at a time. */
+
+/* What the forward's finish derives once per call from the reduced
+ * records (or the running statistics) and uses for every channel. */
+typedef struct sbn__bn_fin_s {
+  double count, f;       /* count per channel; momentum or cumulative factor */
+  int batch;             /* normalizes with batch statistics */
+  int update;            /* updates the running statistics */
+  float *rm, *rv;        /* running statistics, NULL when not tracked */
+  double *smean, *sistd; /* the saved state's arrays, NULL without saved */
+} sbn__bn_fin_t;
+
+/* Fills fin from recs[0]'s global count (batch statistics) and writes the
+ * saved header; SBN_ESMALLBATCH for a count of 1. */
+int sbn__bn_fin_init(const sbn_layer_t *l, const sbn_forward_args_t *a,
+                     const sbn__shape_t *sh, const sbn_rec_t *recs,
+                     sbn__bn_fin_t *fin);
+/* Channels [c0, c1): normalization parameters into ch (mh, ml, k1, k2),
+ * the saved mean and istd, and the running statistics. */
+void sbn__bn_fin_chan(const sbn_layer_t *l, const sbn_forward_args_t *a,
+                      const sbn__bn_fin_t *fin, const sbn_rec_t *recs,
+                      size_t c0, size_t c1, sbn__chan_t *ch);
+/* After every channel: num_batches_tracked. */
+void sbn__bn_fin_done(const sbn_forward_args_t *a, const sbn__bn_fin_t *fin);
+/* Channels [c0, c1) of backward: dx parameters into ch (dmean, distd,
+ * dk1..dk3) from the saved state and the reduced sums. */
+void sbn__bn_bwd_chan(const sbn_layer_t *l, const sbn_backward_args_t *a,
+                      const double *mean, const double *istd, double count,
+                      const sbn_rec_t *recs, size_t c0, size_t c1,
+                      sbn__chan_t *ch);
+
+/* The overlapped SyncBN (ops/batchnorm_overlap.c). */
+
+/* Channels per chunk for a training pass of l over C channels with the
+ * given global count per channel (the plan of params.reduce_chunk), or 0
+ * for one reduction of every channel. */
+size_t sbn__bn_chunk(const sbn_layer_t *l, size_t C, double count);
+/* Training forward and backward in chunks of cc channels (0 < cc < C),
+ * on arguments the front door has checked. */
+int sbn__bn_overlap_forward(sbn_layer_t *l, const sbn_forward_args_t *a,
+                            const sbn__shape_t *sh, size_t cc);
+int sbn__bn_overlap_backward(sbn_layer_t *l, const sbn_backward_args_t *a,
+                             const sbn__shape_t *sh, size_t cc);
 
 /* ------------------------------------------------------------------ */
 /* Ghost batches of BatchNorm (ops/batchnorm_ghost.c): sub-batches of

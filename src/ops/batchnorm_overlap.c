@@ -1,0 +1,365 @@
+/* SyncBN that hides its allreduce: BatchNorm's training passes split into
+ * chunks of channels, each chunk's records reduced with the communicator's
+ * non-blocking entries while the previous chunk is normalized.
+ *
+ * Forward, with chunks 0..K-1 (at most SBN__MAX_DEPTH ahead):
+ *   moments(0) begin(0) moments(1) begin(1) ... moments(K-1) begin(K-1)
+ *   end(0) normalize(0) end(1) normalize(1) ... end(K-1) normalize(K-1)
+ * so chunk k's reduction is in flight while the later chunks' moments are
+ * taken and the earlier chunks are normalized. Open MPI has no progress
+ * thread here, so the passes poll the request in flight every
+ * SBN__POLL_ELEMS elements; without polling the reduction would only move
+ * inside the end call and nothing would be hidden. Backward is the same
+ * with the per-channel sums of dy and dy * xhat in place of the moments,
+ * and dx in place of normalization.
+ *
+ * In NCHW a chunk is a channel range of every sample, walked in blocks
+ * of samples through the kernels' strided entries (kernels/strided.c).
+ * The reference kernels give the unchunked bits exactly (they add each
+ * sample's sums into the channel's accumulator either way); an optimized
+ * set's float block sums may round differently. In NHWC a chunk measured
+ * several times slower than the whole pass, so an NHWC process computes every
+ * channel at once and only its reductions follow the plan (pass_bulk): nothing
+ * is hidden there. The reduction may differ too: a tree over more than two
+ * processes may associate the merges of a sub-array differently from the whole,
+ * which is rounding. */
+#include <math.h>
+
+#include "ops/sbn_ops.h"
+
+/* The cache a chunk plan is made for. It is a build-time constant, not
+ * the running CPU's size: the plan decides how many collectives a pass
+ * issues, so every process of a job must make the same one even on nodes
+ * with different caches. 1 MiB is the L2 of one core of the machines this
+ * was measured on (AMD EPYC; Intel server cores have 1-2 MiB). */
+#ifndef SBN_PLAN_L2_BYTES
+#define SBN_PLAN_L2_BYTES (1024.0 * 1024.0)
+#endif
+
+/* How many chunks the automatic plan makes: one per SBN__CHUNK_L2S L2
+ * sizes of a rank's tensor, at least 2 and at most SBN__MAX_CHUNKS. With
+ * every chunk's local half run ahead (see pass_run), two chunks already
+ * hide the reduction; more chunks only shorten the first one, while each
+ * costs about a microsecond of processor time in MPI (an MPI_Iallreduce
+ * begun, polled and ended, measured at 0.8-1.4 us against 0.4 us for a
+ * blocking one of 64 doubles at np 2), which is a fifth of a whole
+ * blocking reduction of 64 channels. */
+#define SBN__CHUNK_L2S 8.0
+#define SBN__MAX_CHUNKS 4
+
+/* The most chunks whose local half runs ahead of the chunk being
+ * finished, which bounds the requests in flight. */
+#define SBN__MAX_DEPTH 16
+
+/* Elements processed between two polls of the request in flight: about
+ * 64 KiB of input, a few microseconds of streaming, against a poll of a
+ * few nanoseconds when nothing has arrived. */
+#define SBN__POLL_ELEMS ((size_t)16384)
+
+size_t sbn__bn_chunk(const sbn_layer_t *l, size_t C, double count) {
+  size_t want = l->p.reduce_chunk;
+  if (l->comm == NULL || l->comm->size <= 1 || C < 2 || want == SBN_CHUNK_OFF)
+    return 0;
+  if (want > 0)
+    return want < C ? want : 0;
+  if (!sbn__comm_can_ireduce(l->comm) || !(count > 0))
+    return 0;
+  /* The plan reads only numbers every process shares (the global count,
+   * the group size, C and the layer's parameters), never its own batch:
+   * processes with uneven or empty batches still plan alike. */
+  double bytes =
+      count * (double)C * (double)sizeof(float) / (double)l->comm->size;
+  if (bytes <= 2 * SBN_PLAN_L2_BYTES)
+    return 0;
+  double k = ceil(bytes / (SBN__CHUNK_L2S * SBN_PLAN_L2_BYTES));
+  size_t K = k < 2 ? 2 : (k > SBN__MAX_CHUNKS ? SBN__MAX_CHUNKS : (size_t)k);
+  size_t cc = (C + K - 1) / K;
+  return cc < C ? cc : 0;
+}
+
+/* A channel range [c0, c1) of the (rows, C, s) view as blocks of `blk`
+ * rows: block p is the strided view (n, c1 - c0, s) at element
+ * p * blk * lda + c0 * s with lda = C * s, one call of the kernels'
+ * strided entries, after which the request in flight is polled. All
+ * channels are one block, the dense view. A block holds at least 32
+ * values per channel, where the optimized sets keep their float block
+ * sums, and otherwise about SBN__POLL_ELEMS elements. */
+typedef struct range_s {
+  size_t rows, blk, pieces, lda, s, c0, c1;
+} range_t;
+
+static range_t range_of(const sbn__shape_t *sh, size_t c0, size_t c1) {
+  range_t r;
+  int nchw = sh->layout == SBN_LAYOUT_NCHW;
+  size_t cc = c1 - c0;
+  r.rows = nchw ? sh->N : sh->N * sh->S;
+  r.s = nchw ? sh->S : 1;
+  r.lda = sh->C * r.s;
+  r.c0 = c0;
+  r.c1 = c1;
+  if (c0 == 0 && c1 == sh->C) {
+    r.blk = r.rows;
+  } else {
+    size_t least = (32 + r.s - 1) / r.s, blk = SBN__POLL_ELEMS / (cc * r.s);
+    r.blk = blk > least ? blk : least;
+  }
+  if (r.blk > r.rows)
+    r.blk = r.rows;
+  r.pieces = sh->numel == 0 || r.blk == 0 ? 0 : (r.rows + r.blk - 1) / r.blk;
+  return r;
+}
+
+/* Rows in block p, and the block's first element. */
+static size_t blk_rows(const range_t *r, size_t p) {
+  size_t left = r->rows - p * r->blk;
+  return left < r->blk ? left : r->blk;
+}
+
+static size_t blk_off(const range_t *r, size_t p) {
+  return p * r->blk * r->lda + r->c0 * r->s;
+}
+
+/* Polls the request in flight once every SBN__POLL_ELEMS elements;
+ * *since counts the elements since the last poll. */
+static int poll(sbn_comm_t *comm, void *req, size_t elems, size_t *since) {
+  *since += elems;
+  if (req == NULL || *since < SBN__POLL_ELEMS)
+    return 0;
+  *since = 0;
+  return sbn__comm_itest(comm, req);
+}
+
+/* The shifted moments of the range into recs[c0..c1) (the shift and sums
+ * of sbn__view_moments). */
+static int range_moments(const float *x, const sbn__shape_t *sh, range_t r,
+                         sbn__chan_t *ch, sbn_rec_t *recs, sbn_comm_t *comm,
+                         void *req) {
+  size_t cc = r.c1 - r.c0, since = 0;
+  int rc = 0;
+  for (size_t c = r.c0; c < r.c1; c++) {
+    ch->k[c] = r.pieces > 0 ? x[c * r.s] : 0.0f;
+    ch->d1[c] = 0;
+    ch->d2[c] = 0;
+  }
+  for (size_t p = 0; p < r.pieces && rc == 0; p++) {
+    size_t n = blk_rows(&r, p);
+    sbn__k_moments_ld(x + blk_off(&r, p), n, cc, r.s, r.lda, ch->k + r.c0,
+                      ch->d1 + r.c0, ch->d2 + r.c0);
+    rc = poll(comm, req, n * cc * r.s, &since);
+  }
+  double n = (double)sh->N * (double)sh->S;
+  for (size_t c = r.c0; c < r.c1; c++)
+    sbn__moments_finish(n, ch->k[c], ch->d1[c], ch->d2[c], &recs[c]);
+  return rc;
+}
+
+static int range_normalize(const sbn_forward_args_t *a, range_t r,
+                           const sbn__chan_t *ch, sbn_comm_t *comm, void *req) {
+  size_t cc = r.c1 - r.c0, since = 0, c0 = r.c0;
+  int rc = 0;
+  for (size_t p = 0; p < r.pieces && rc == 0; p++) {
+    size_t off = blk_off(&r, p), n = blk_rows(&r, p);
+    sbn__k_normalize_ld(a->x + off, a->y + off, n, cc, r.s, r.lda, ch->mh + c0,
+                        ch->ml + c0, ch->k1 + c0, ch->k2 + c0);
+    rc = poll(comm, req, n * cc * r.s, &since);
+  }
+  return rc;
+}
+
+/* Backward's local sums of the range into recs[c0..c1) and the local
+ * dbias and dweight (as bn_bwd_local writes them). */
+static int range_bwd_sums(const sbn_backward_args_t *a, range_t r,
+                          sbn__chan_t *ch, sbn_rec_t *recs, sbn_comm_t *comm,
+                          void *req) {
+  size_t cc = r.c1 - r.c0, since = 0, c0 = r.c0;
+  int rc = 0;
+  for (size_t p = 0; p < r.pieces && rc == 0; p++) {
+    size_t off = blk_off(&r, p), n = blk_rows(&r, p);
+    sbn__k_bwd_reduce_ld(a->x + off, a->dy + off, n, cc, r.s, r.lda,
+                         ch->dmean + c0, ch->distd + c0, ch->d1 + c0,
+                         ch->d2 + c0);
+    rc = poll(comm, req, n * cc * r.s, &since);
+  }
+  for (size_t c = r.c0; c < r.c1; c++) {
+    recs[c].tag = SBN_REC_SUM;
+    recs[c].v[0] = ch->d1[c];
+    recs[c].v[1] = ch->d2[c];
+    recs[c].v[2] = 0;
+    if (a->dbias != NULL)
+      a->dbias[c] = (float)ch->d1[c];
+    if (a->dweight != NULL)
+      a->dweight[c] = (float)ch->d2[c];
+  }
+  return rc;
+}
+
+static int range_bwd_apply(const sbn_backward_args_t *a, range_t r,
+                           const sbn__chan_t *ch, sbn_comm_t *comm, void *req) {
+  size_t cc = r.c1 - r.c0, since = 0, c0 = r.c0;
+  int rc = 0;
+  for (size_t p = 0; p < r.pieces && rc == 0; p++) {
+    size_t off = blk_off(&r, p), n = blk_rows(&r, p);
+    sbn__k_bwd_apply_ld(a->x + off, a->dy + off, a->dx + off, n, cc, r.s, r.lda,
+                        ch->dmean + c0, ch->distd + c0, ch->dk1 + c0,
+                        ch->dk2 + c0, ch->dk3 + c0);
+    rc = poll(comm, req, n * cc * r.s, &since);
+  }
+  return rc;
+}
+
+static range_t chunk(const sbn__shape_t *sh, size_t cc, size_t k) {
+  size_t c0 = k * cc, c1 = c0 + cc < sh->C ? c0 + cc : sh->C;
+  return range_of(sh, c0, c1);
+}
+
+/* One chunked pass: its two halves per chunk, and the requests of the
+ * chunks begun and not yet ended, in a ring of depth + 1 slots. */
+typedef struct pass_s pass_t;
+struct pass_s {
+  sbn_layer_t *l;
+  const sbn__shape_t *sh;
+  size_t cc, K, depth;
+  sbn__chan_t ch;
+  void *req[SBN__MAX_DEPTH + 1];
+  /* The local sums of chunk r into ch.rec, polling req meanwhile. */
+  int (*local)(pass_t *p, range_t r, void *req);
+  /* The use of chunk k's reduced records, polling req meanwhile. */
+  int (*apply)(pass_t *p, size_t k, range_t r, void *req);
+  /* Forward: the arguments and what chunk 0's count gives. */
+  const sbn_forward_args_t *fa;
+  sbn__bn_fin_t fin;
+  /* Backward: the arguments and the saved state. */
+  const sbn_backward_args_t *ba;
+  const double *mean, *istd;
+  double count;
+};
+
+static void **slot(pass_t *p, size_t k) {
+  return &p->req[k % (p->depth + 1)];
+}
+
+/* Runs the local half of every chunk up to `depth` chunks ahead of the
+ * one being applied, beginning each chunk's reduction as soon as its
+ * records are complete. A process that is behind then never waits: the
+ * others began every chunk's reduction before it needs the result; and
+ * the one ahead waits only for the late one's chunk, not for its whole
+ * pass. On failure every request begun is still ended, so every process
+ * finishes the collectives it began (a count of 1 fails everywhere at
+ * once, after chunk 0, and the others must not wait on chunk 1). */
+static int end_all(pass_t *p, int rc) {
+  for (size_t i = 0; i <= SBN__MAX_DEPTH; i++) {
+    int e = sbn__comm_iend(p->l->comm, &p->req[i]);
+    if (rc == 0)
+      rc = e;
+  }
+  return rc;
+}
+
+/* Channels-last: a channel range is a segment of every row. Dense calls
+ * per row cost 5 to 12 times the whole pass (16-channel segments), and
+ * the AVX-512 set's strided entries, in blocks of rows, 3 to 4 times
+ * (measured at np 2: 8x256x56x56 and 32x64x56x56, best reps 243 and
+ * 111 ms against 80 and 25 ms unchunked). So an NHWC process runs its
+ * local half over every channel at once, issues the plan's chunk
+ * reductions (the same collectives as every other process, whatever their
+ * layout), and applies once they are all done: correct in a job that
+ * mixes layouts, with nothing hidden here. */
+static int pass_bulk(pass_t *p) {
+  sbn_comm_t *comm = p->l->comm;
+  range_t all = range_of(p->sh, 0, p->sh->C);
+  int rc = p->local(p, all, NULL);
+  for (size_t k = 0; k < p->K && rc == 0; k++) {
+    range_t n = chunk(p->sh, p->cc, k);
+    if (k > p->depth)
+      rc = sbn__comm_iend(comm, slot(p, k - p->depth - 1));
+    if (rc == 0)
+      rc = sbn__comm_ibegin(comm, p->ch.rec + n.c0, n.c1 - n.c0, slot(p, k));
+  }
+  rc = end_all(p, rc);
+  return rc == 0 ? p->apply(p, 0, all, NULL) : rc;
+}
+
+static int pass_run(pass_t *p) {
+  sbn_comm_t *comm = p->l->comm;
+  size_t next = 0;
+  int rc = 0;
+  p->K = (p->sh->C + p->cc - 1) / p->cc;
+  p->depth = p->K - 1 < SBN__MAX_DEPTH ? p->K - 1 : SBN__MAX_DEPTH;
+  for (size_t i = 0; i <= SBN__MAX_DEPTH; i++)
+    p->req[i] = NULL;
+  if (p->sh->layout == SBN_LAYOUT_NHWC)
+    return pass_bulk(p);
+  for (size_t k = 0; k < p->K && rc == 0; k++) {
+    for (; next < p->K && next <= k + p->depth && rc == 0; next++) {
+      range_t n = chunk(p->sh, p->cc, next);
+      rc = p->local(p, n, next > k ? *slot(p, k) : NULL);
+      if (rc == 0)
+        rc = sbn__comm_ibegin(comm, p->ch.rec + n.c0, n.c1 - n.c0,
+                              slot(p, next));
+    }
+    if (rc == 0)
+      rc = sbn__comm_iend(comm, slot(p, k));
+    if (rc == 0)
+      rc = p->apply(p, k, chunk(p->sh, p->cc, k),
+                    k + 1 < next ? *slot(p, k + 1) : NULL);
+  }
+  return end_all(p, rc);
+}
+
+static int fwd_local(pass_t *p, range_t r, void *req) {
+  return range_moments(p->fa->x, p->sh, r, &p->ch, p->ch.rec, p->l->comm, req);
+}
+
+static int fwd_apply(pass_t *p, size_t k, range_t r, void *req) {
+  int rc;
+  /* The count is global, so chunk 0's reduction gives it to all. */
+  if (k == 0) {
+    p->l->bn_last_count = p->ch.rec[0].v[0];
+    if ((rc = sbn__bn_fin_init(p->l, p->fa, p->sh, p->ch.rec, &p->fin)) != 0)
+      return rc;
+  }
+  sbn__bn_fin_chan(p->l, p->fa, &p->fin, p->ch.rec, r.c0, r.c1, &p->ch);
+  return range_normalize(p->fa, r, &p->ch, p->l->comm, req);
+}
+
+static int bwd_local(pass_t *p, range_t r, void *req) {
+  return range_bwd_sums(p->ba, r, &p->ch, p->ch.rec, p->l->comm, req);
+}
+
+static int bwd_apply(pass_t *p, size_t k, range_t r, void *req) {
+  (void)k;
+  sbn__bn_bwd_chan(p->l, p->ba, p->mean, p->istd, p->count, p->ch.rec, r.c0,
+                   r.c1, &p->ch);
+  return range_bwd_apply(p->ba, r, &p->ch, p->l->comm, req);
+}
+
+int sbn__bn_overlap_forward(sbn_layer_t *l, const sbn_forward_args_t *a,
+                            const sbn__shape_t *sh, size_t cc) {
+  pass_t p = {.l = l, .sh = sh, .cc = cc, .fa = a};
+  p.local = fwd_local;
+  p.apply = fwd_apply;
+  sbn__chan_carve(a->workspace, sh->C, &p.ch);
+  int rc = pass_run(&p);
+  if (rc == 0)
+    sbn__bn_fin_done(a, &p.fin);
+  return rc;
+}
+
+int sbn__bn_overlap_backward(sbn_layer_t *l, const sbn_backward_args_t *a,
+                             const sbn__shape_t *sh, size_t cc) {
+  pass_t p = {.l = l, .sh = sh, .cc = cc, .ba = a};
+  int rc = sbn__saved_get(a->saved, a->saved_bytes, l->p.op, a->mode, sh->C,
+                          &p.count, &p.mean, &p.istd);
+  if (rc != 0)
+    return rc;
+  p.local = bwd_local;
+  p.apply = bwd_apply;
+  sbn__chan_carve(a->workspace, sh->C, &p.ch);
+  for (size_t c = 0; c < sh->C; c++) {
+    p.ch.dmean[c] = p.mean[c];
+    p.ch.distd[c] = p.istd[c];
+    p.ch.d1[c] = 0;
+    p.ch.d2[c] = 0;
+  }
+  return pass_run(&p);
+}
