@@ -18,4 +18,8 @@ int sbn_cli_bench(int argc, char **argv);
  * normalization layers (mpi/cli/cli_train*.c, compute in src/nn). */
 int sbn_cli_train(int argc, char **argv);
 
+/* `syncbn study`: small normalization batches, swept with `train`'s runs
+ * (mpi/cli/cli_study*.c). */
+int sbn_cli_study(int argc, char **argv);
+
 #endif /* SBN_CLI_H */

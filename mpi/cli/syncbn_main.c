@@ -40,6 +40,9 @@ int main(int argc, char **argv) {
        "kernels)"},
       {"train", sbn_cli_train,
        "train an MLP or a CNN on Fashion-MNIST, data parallel under mpirun"},
+      {"study", sbn_cli_study,
+       "how small normalization batches hurt BatchNorm: sweeps, tables, "
+       "plots"},
   };
   const size_t n = sizeof cmds / sizeof *cmds;
   if (argc < 2) {
