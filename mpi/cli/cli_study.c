@@ -53,10 +53,29 @@ void sbn__study_progress_clear(const study_progress_t *p) {
 /* What a run costs, for the ETA: the images it trains on and evaluates,
  * a CNN image about ten MLP images, and a step's fixed cost about 64. */
 static double run_cost(const study_opts_t *o, const study_run_t *r) {
-  double steps = (double)(o->subset / r->global);
-  double imgs = (double)(o->subset + o->test_subset) / 1.0;
+  double steps = (double)(r->subset / r->global);
+  double imgs = (double)r->subset + (double)o->test_subset / 3;
   double per = r->arch == SBN_NN_CNN ? 10 : 1;
-  return (double)o->epochs * (imgs * per + 64 * steps);
+  return (double)r->epochs * (imgs * per + 64 * steps);
+}
+
+/* Sweep 3 changes the global batch with b; it keeps sweep 2's number of
+ * optimizer steps (epochs x subset / 64), so that a larger b sees more
+ * images rather than fewer steps: a smaller subset in one epoch, or more
+ * epochs of the subset. */
+static void hold_steps(const study_opts_t *o, study_run_t *r) {
+  uint64_t steps = o->epochs * (o->subset / STUDY_GLOBAL);
+  uint64_t images = steps * r->global;
+  r->subset = o->subset;
+  r->epochs = o->epochs;
+  if (r->sweep != STUDY_RANK)
+    return;
+  if (images <= o->subset) {
+    r->subset = images;
+    r->epochs = 1;
+  } else {
+    r->epochs = (images + o->subset / 2) / o->subset;
+  }
 }
 
 /* |S_i| at the first norm layer: the values one statistic is computed
@@ -176,6 +195,7 @@ static int plan(study_t *s) {
     } else {
       r->global = r->local * (uint64_t)s->size;
     }
+    hold_steps(&s->o, r);
     r->set_values = set_values(r->arch, r->norm, r->norm_batch);
     r->precise = (s->o.sweeps & STUDY_PRECISE) && r->sweep == STUDY_NORM &&
                  (r->norm == SBN_NN_NORM_BN || r->norm == SBN_NN_NORM_SYNCBN);
@@ -212,8 +232,8 @@ static void train_opts(const study_t *s, const study_run_t *r,
   t->eps = 1e-5;
   t->momentum = 0.1;
   t->batch = r->local;
-  t->epochs = s->o.epochs;
-  t->subset = s->o.subset;
+  t->epochs = r->epochs;
+  t->subset = r->subset;
   t->test_subset = s->o.test_subset;
   t->seed = r->seed;
   t->threads = 1;

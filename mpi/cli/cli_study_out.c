@@ -9,7 +9,7 @@
 
 #include "cli_study_int.h"
 
-#define MAX_COLS 20
+#define MAX_COLS 24
 #define CELL 48
 
 typedef struct table_s {
@@ -50,17 +50,23 @@ static void run_cells(const study_run_t *r, char cells[][CELL]) {
   const double d[] = {r->set_values, r->acc,       r->precise_acc,
                       r->train_loss, r->test_loss, r->wall_s};
   for (int i = 0; i < 6; i++)
-    fmt_num(cells[13 + i], d[i]);
+    fmt_num(cells[15 + i], d[i]);
 }
 
-static const table_t run_table = {
-    NULL,
-    {"sweep", "model", "norm", "norm_batch", "per_rank", "ranks", "real_ranks",
-     "emulated_per_real", "ghost_batch", "group_size", "local_batch",
-     "global_batch", "seed", "set_values", "test_accuracy", "precise_accuracy",
-     "train_loss", "test_loss", "wall_s"},
-    {1, 1, 1},
-    19};
+static const table_t run_table = {NULL,
+                                  {"sweep",         "model",
+                                   "norm",          "norm_batch",
+                                   "per_rank",      "ranks",
+                                   "real_ranks",    "emulated_per_real",
+                                   "ghost_batch",   "group_size",
+                                   "local_batch",   "global_batch",
+                                   "seed",          "train_subset",
+                                   "epochs",        "set_values",
+                                   "test_accuracy", "precise_accuracy",
+                                   "train_loss",    "test_loss",
+                                   "wall_s"},
+                                  {1, 1, 1},
+                                  21};
 
 static void stat_cells(const study_stat_t *s, char cells[][CELL]) {
   snprintf(cells[0], CELL, "%s", s->source);

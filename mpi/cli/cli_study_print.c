@@ -54,6 +54,10 @@ static void rank_words(const study_run_t *r, char *buf, size_t len) {
   else if (r->group)
     snprintf(buf, len, "%llu groups of %llu real", (unsigned long long)r->ranks,
              (unsigned long long)r->group);
+  else if (r->norm == SBN_NN_NORM_SYNCBN && r->ranks > r->real)
+    snprintf(buf, len, "%llu = %llu real x %llu emulated, one sync group",
+             (unsigned long long)r->ranks, (unsigned long long)r->real,
+             (unsigned long long)(r->ranks / r->real));
   else if (r->norm == SBN_NN_NORM_SYNCBN)
     snprintf(buf, len, "1 group of %llu real", (unsigned long long)r->real);
   else
@@ -110,7 +114,7 @@ void sbn__study_print_runs(const study_opts_t *o, const study_run_t *r,
     if (r[i].sweep != sweep || !first_of_point(r, i))
       continue;
     agg_t a = aggregate(r, n, &r[i], 0);
-    char words[64];
+    char words[96];
     rank_words(&r[i], words, sizeof words);
     printf("%-5s %-7s %10llu %9.0f %5.2f+-%-4.2f  %s\n",
            sbn__study_model_name(r[i].arch), sbn__train_norm_name(r[i].norm),
