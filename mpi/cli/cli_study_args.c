@@ -70,6 +70,10 @@ static int parse_words(const char *arg, const char *const *names, size_t n,
   if (strlen(arg) >= sizeof buf || *arg == '\0')
     return -1;
   strcpy(buf, arg);
+  size_t len = strlen(buf);
+  /* strtok would skip an empty item: "bn," and "bn,,gn" are mistakes. */
+  if (buf[0] == ',' || buf[len - 1] == ',' || strstr(buf, ",,") != NULL)
+    return -1;
   *bits = 0;
   char *save = NULL;
   for (char *w = strtok_r(buf, ",", &save); w; w = strtok_r(NULL, ",", &save)) {

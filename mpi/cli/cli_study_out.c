@@ -42,10 +42,10 @@ static void run_cells(const study_run_t *r, char cells[][CELL]) {
                         sbn__train_norm_name(r->norm)};
   for (int i = 0; i < 3; i++)
     snprintf(cells[i], CELL, "%s", text[i]);
-  const uint64_t u[] = {r->norm_batch, r->per_rank, r->ranks, r->real,
-                        emu,           r->ghost,    r->group, r->local,
-                        r->global,     r->seed};
-  for (int i = 0; i < 10; i++)
+  const uint64_t u[] = {r->norm_batch, r->per_rank, r->ranks,  r->real,
+                        emu,           r->ghost,    r->group,  r->local,
+                        r->global,     r->seed,     r->subset, r->epochs};
+  for (int i = 0; i < 12; i++)
     snprintf(cells[3 + i], CELL, "%llu", (unsigned long long)u[i]);
   const double d[] = {r->set_values, r->acc,       r->precise_acc,
                       r->train_loss, r->test_loss, r->wall_s};
