@@ -54,8 +54,8 @@ typedef struct study_run_s {
   uint64_t local, global; /* samples per real rank and in all per step */
   uint64_t seed;
   uint64_t subset, epochs; /* the run's: sweep 3 holds the step count */
-  double set_values; /* |S_i| at the first norm layer */
-  int precise;       /* precise_acc was measured */
+  double set_values;       /* |S_i| at the first norm layer */
+  int precise;             /* precise_acc was measured */
   double acc, precise_acc, train_loss, test_loss, wall_s;
 } study_run_t;
 
