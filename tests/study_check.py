@@ -92,9 +92,11 @@ def check_row(r, a, sweep):
                  r["ghost_batch"] == (b if R > p else 0), "sweep 3 bn %r" % r)
         if r["norm"] == "syncbn":
             need(r["norm_batch"] == R * b, "sweep 3 syncbn %r" % r)
-        # Every point takes the same number of steps (sweep 2's).
+        # Every point takes sweep 2's number of steps (epochs x subset / 64).
         steps = r["epochs"] * (r["train_subset"] // r["global_batch"])
-        need(abs(steps - 512 // 64) <= 1, "sweep 3 steps %d %r" % (steps, r))
+        want = a.epochs * (a.subset // 64)
+        need(abs(steps - want) <= want // 4, "sweep 3 steps %d, wanted %d: %r" %
+             (steps, want, r))
 
 
 def runs(a):
@@ -161,6 +163,9 @@ def main():
     ap.add_argument("--ranks", type=int, default=8)
     ap.add_argument("--real", type=int, required=True)
     ap.add_argument("--norms", default="bn,syncbn,gn,ln,in")
+    ap.add_argument("--subset", type=int, default=256,
+                    help="the study's --train-subset")
+    ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--stdout", required=True)
     ap.add_argument("--need", default="sweep2_norm_batch,sweep3_per_rank,"
                     "precise_bn", help="the files that must be there")

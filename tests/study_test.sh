@@ -54,7 +54,7 @@ expect() {
   fi
 }
 
-tiny=(--train-subset 512 --test-subset 200 --epochs 1)
+tiny=(--train-subset 256 --test-subset 100 --epochs 1)
 
 bookkeeping() {
   if run 2 "${tiny[@]}" --sweeps norm,rank,precise --seeds 2 \
