@@ -71,6 +71,8 @@ def plot_stats(doc, out):
         xs = sorted({r["set_values"] for r in rs})
         ax.plot(xs, [1 / math.sqrt(x) for x in xs], "k:", lw=2,
                 label="1/sqrt(|S|)")
+        ax.plot(xs, [math.sqrt(2 * x - 1) / x for x in xs], "k-.", lw=1,
+                label="sqrt(2|S|-1)/|S| (Gaussian var)")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("|S| (values per statistic: k ranks x b samples%s)" %
@@ -141,6 +143,9 @@ def plot_rank(doc, out):
             ax.errorbar(xs, [100 - s[0] for s in st], yerr=[s[1] for s in st],
                         marker="o", capsize=3, label=NORM_LABEL[norm])
         ax.set_xscale("log", base=2)
+        ticks = sorted({b for (m, n, b) in pts if m == model})
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([str(x) for x in ticks])
         ax.invert_xaxis()
         ax.set_xlabel("images per rank (%d ranks)" % rows[0]["ranks"])
         ax.set_ylabel("test error (%)")
@@ -168,6 +173,8 @@ def plot_precise(doc, out):
             ax.errorbar(xs, [s[0] for s in st], yerr=[s[1] for s in st],
                         marker="o", capsize=3, label=lab)
         ax.set_xscale("log", base=2)
+        ax.set_xticks(xs)
+        ax.set_xticklabels([str(x) for x in xs])
         ax.set_xlabel("normalization batch")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(model.upper())
