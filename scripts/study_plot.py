@@ -12,7 +12,9 @@ python3-matplotlib; run with /usr/bin/python3):
   precise_bn.json         EMA vs precise statistics per normalization batch
                                                       -> precise_bn.png
 
-Files that are missing are skipped. Usage: study_plot.py DIR [--out DIR]
+Files that are missing are skipped. Several DIRs (say, one study run per
+model) are drawn together, their rows merged. Usage:
+study_plot.py DIR [DIR...] [--out DIR]
 """
 import argparse
 import collections
@@ -119,10 +121,12 @@ def plot_norm(doc, out):
         lo = min(s[0] - s[1] for s in stats)
         ax.set_ylim(max(0, lo - 5), 100)
         ax.set_ylabel("test accuracy (%)")
-        ax.set_title("%s, global batch 64 (normalization batch per bar)" %
-                     model.upper())
+        seeds = len({r["seed"] for r in rows if r["model"] == model})
+        ax.set_title("%s, global batch 64, %d seed%s" %
+                     (model.upper(), seeds, "s" if seeds > 1 else ""))
         ax.grid(True, axis="y", alpha=0.3)
-    fig.suptitle("Sweep 2: mean +- sd over %d seeds" % doc["seeds"])
+    fig.suptitle("Sweep 2: accuracy per normalization (batch), mean +- sd "
+                 "over seeds")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -188,19 +192,22 @@ def plot_precise(doc, out):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("dir", help="the --out DIR of syncbn study")
-    ap.add_argument("--out", help="where the PNGs go (default: DIR)")
+    ap.add_argument("dir", nargs="+", help="the --out DIR of syncbn study")
+    ap.add_argument("--out", help="where the PNGs go (default: the first "
+                    "DIR)")
     a = ap.parse_args()
-    out = a.out or a.dir
+    out = a.out or a.dir[0]
     os.makedirs(out, exist_ok=True)
     plots = [("sweep1_stats", plot_stats), ("sweep2_norm_batch", plot_norm),
              ("sweep3_per_rank", plot_rank), ("precise_bn", plot_precise)]
     made = 0
     for name, fn in plots:
-        src = os.path.join(a.dir, name + ".json")
-        if not os.path.exists(src):
+        docs = [load(os.path.join(d, name + ".json")) for d in a.dir
+                if os.path.exists(os.path.join(d, name + ".json"))]
+        if not docs:
             continue
-        doc = load(src)
+        doc = dict(docs[0])
+        doc["rows"] = [r for d in docs for r in d["rows"]]
         if not doc["rows"]:
             continue
         png = os.path.join(out, name + ".png")
@@ -208,7 +215,7 @@ def main():
         print("wrote", png)
         made += 1
     if made == 0:
-        print("study_plot.py: no study JSON files in %s" % a.dir,
+        print("study_plot.py: no study JSON files in %s" % " ".join(a.dir),
               file=sys.stderr)
         return 1
     return 0
