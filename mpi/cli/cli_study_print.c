@@ -104,9 +104,12 @@ void sbn__study_print_runs(const study_opts_t *o, const study_run_t *r,
   else
     printf(
         "Sweep 3: b images per rank on %llu ranks (test accuracy %%, "
-        "mean +- sd over\n%llu seed%s; the global batch is %llu b)\n",
+        "mean +- sd over\n%llu seed%s; the global batch is %llu b; every "
+        "run takes sweep 2's %llu steps,\nso a larger b sees more images: "
+        "GroupNorm's line shows that effect alone)\n",
         (unsigned long long)o->ranks, (unsigned long long)o->seeds,
-        o->seeds > 1 ? "s" : "", (unsigned long long)o->ranks);
+        o->seeds > 1 ? "s" : "", (unsigned long long)o->ranks,
+        (unsigned long long)(o->epochs * (o->subset / STUDY_GLOBAL)));
   printf("%-5s %-7s %10s %9s %10s  %s\n", "model", "norm",
          sweep == STUDY_NORM ? "norm batch" : "per rank", "|S_i|", "accuracy",
          "ranks");
