@@ -57,32 +57,18 @@ def model(kind):
     return nn.Sequential(*layers)
 
 
-def torch_run(a):
-    torch.manual_seed(0)
-    torch.set_num_threads(a.np * a.threads)
-    xtr = idx(os.path.join(a.data, "train-images-idx3-ubyte.gz"))
-    ytr = idx(os.path.join(a.data, "train-labels-idx1-ubyte.gz"))
-    xte = idx(os.path.join(a.data, "t10k-images-idx3-ubyte.gz"))
-    yte = idx(os.path.join(a.data, "t10k-labels-idx1-ubyte.gz"))
-    scaled = xtr.astype(np.float64) / 255
-    mean, std = scaled.mean(), scaled.std()
-    prep = lambda x: torch.from_numpy(
-        ((x.astype(np.float32) / 255 - mean) / std).astype(np.float32)
-    ).unsqueeze(1)
-    xtr, xte = prep(xtr), prep(xte)
-    ytr = torch.from_numpy(ytr.astype(np.int64))
-    yte = torch.from_numpy(yte.astype(np.int64))
-    B = a.np * a.batch
+def fit(m, xtr, ytr, B, epochs, after_epoch=None):
+    """The recipe: SGD (momentum 0.9, weight decay 5e-4) under
+    OneCycleLR(max_lr = 0.05 sqrt(B / 32)), the last partial batch dropped;
+    after_epoch(epoch, m) runs after each epoch's training."""
     steps = len(xtr) // B
-    m = model(a.model)
     lr = 0.05 * math.sqrt(B / 32)
     opt = torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9,
                           weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=lr, total_steps=a.epochs * steps, cycle_momentum=False)
+        opt, max_lr=lr, total_steps=epochs * steps, cycle_momentum=False)
     loss_fn = nn.CrossEntropyLoss()
-    t0 = time.time()
-    for epoch in range(a.epochs):
+    for epoch in range(epochs):
         m.train()
         perm = torch.randperm(len(xtr))
         for s in range(steps):
@@ -91,14 +77,50 @@ def torch_run(a):
             loss_fn(m(xtr[i]), ytr[i]).backward()
             opt.step()
             sched.step()
-        m.eval()
-        with torch.no_grad():
-            correct = sum((m(xte[j:j + 500]).argmax(1) == yte[j:j + 500])
-                          .sum().item() for j in range(0, len(xte), 500))
-        acc = 100.0 * correct / len(xte)
+        if after_epoch is not None:
+            after_epoch(epoch, m)
+
+
+def accuracy(m, xte, yte):
+    """Test accuracy in eval mode, in [0, 1]."""
+    m.eval()
+    with torch.no_grad():
+        correct = sum((m(xte[j:j + 500]).argmax(1) == yte[j:j + 500])
+                      .sum().item() for j in range(0, len(xte), 500))
+    return correct / len(xte)
+
+
+def load_data(data):
+    """The training and test images standardized by the training set's
+    moments, as (N, 1, 28, 28) float tensors, and their int64 labels."""
+    xtr = idx(os.path.join(data, "train-images-idx3-ubyte.gz"))
+    ytr = idx(os.path.join(data, "train-labels-idx1-ubyte.gz"))
+    xte = idx(os.path.join(data, "t10k-images-idx3-ubyte.gz"))
+    yte = idx(os.path.join(data, "t10k-labels-idx1-ubyte.gz"))
+    scaled = xtr.astype(np.float64) / 255
+    mean, std = scaled.mean(), scaled.std()
+    prep = lambda x: torch.from_numpy(
+        ((x.astype(np.float32) / 255 - mean) / std).astype(np.float32)
+    ).unsqueeze(1)
+    label = lambda y: torch.from_numpy(y.astype(np.int64))
+    return prep(xtr), label(ytr), prep(xte), label(yte)
+
+
+def torch_run(a):
+    torch.manual_seed(0)
+    torch.set_num_threads(a.np * a.threads)
+    xtr, ytr, xte, yte = load_data(a.data)
+    m = model(a.model)
+    t0 = time.time()
+    accs = []
+
+    def report(epoch, m):
+        accs.append(100.0 * accuracy(m, xte, yte))
         print("torch  epoch %d  test accuracy %.2f%%  %.1f s" %
-              (epoch + 1, acc, time.time() - t0), flush=True)
-    return time.time() - t0, acc
+              (epoch + 1, accs[-1], time.time() - t0), flush=True)
+
+    fit(m, xtr, ytr, a.np * a.batch, a.epochs, report)
+    return time.time() - t0, accs[-1]
 
 
 def syncbn_run(a):

@@ -22,4 +22,8 @@ int sbn_cli_train(int argc, char **argv);
  * (mpi/cli/cli_metrics.c; a client of the worker's socket, no MPI). */
 int sbn_cli_metrics(int argc, char **argv);
 
+/* `syncbn study`: small normalization batches, swept with `train`'s runs
+ * (mpi/cli/cli_study*.c). */
+int sbn_cli_study(int argc, char **argv);
+
 #endif /* SBN_CLI_H */

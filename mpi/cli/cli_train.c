@@ -27,6 +27,8 @@ typedef struct run_s {
   uint64_t batch;   /* global batch: the sum of counts */
   uint64_t offset;  /* this rank's first sample in a global batch */
   uint64_t nlocal;  /* this rank's shard of a global batch */
+  /* Shallow copies of the caller's data (test.n cut to --test-subset),
+   * never freed here. */
   sbn_dataset_t train, test;
   double mean, std;
   size_t ntrain, steps;
@@ -37,6 +39,9 @@ typedef struct run_s {
   uint32_t *perm, *test_idx;
   train_epoch_t *hist;
   train_ckpt_meta_t meta;
+  int ema_too;    /* also evaluate the running statistics before the last
+                     --precise-bn (sbn__train_run's result) */
+  double ema_acc; /* that accuracy */
   /* --overlap: the step's outstanding reductions and the seconds spent
    * starting, polling and finishing them. */
   MPI_Request reqs[MAX_SEGMENTS];
@@ -104,29 +109,47 @@ static int setup_counts(run_t *r) {
   return 0;
 }
 
-static int load_data(run_t *r) {
+int sbn__train_load_data(const char *d, int rank, train_data_t *data) {
   char ti[4096], tl[4096], vi[4096], vl[4096];
-  const char *d = r->o.data;
+  memset(data, 0, sizeof *data);
   snprintf(ti, sizeof ti, "%s/train-images-idx3-ubyte.gz", d);
   snprintf(tl, sizeof tl, "%s/train-labels-idx1-ubyte.gz", d);
   snprintf(vi, sizeof vi, "%s/t10k-images-idx3-ubyte.gz", d);
   snprintf(vl, sizeof vl, "%s/t10k-labels-idx1-ubyte.gz", d);
-  if (access(ti, F_OK) != 0 && r->rank == 0)
+  if (access(ti, F_OK) != 0 && rank == 0)
     fprintf(stderr,
             "syncbn train: no Fashion-MNIST in %s: install Debian's "
             "dataset-fashion-mnist (apt-get install dataset-fashion-mnist) "
             "or pass --data DIR\n",
             d);
-  int rc = sbn_idx_load(ti, tl, &r->train);
+  int rc = sbn_idx_load(ti, tl, &data->train);
   if (rc == 0)
-    rc = sbn_idx_load(vi, vl, &r->test);
-  if (rc == 0 && (r->train.rows != 28 || r->train.cols != 28 ||
-                  r->test.rows != 28 || r->test.cols != 28))
+    rc = sbn_idx_load(vi, vl, &data->test);
+  if (rc == 0 && (data->train.rows != 28 || data->train.cols != 28 ||
+                  data->test.rows != 28 || data->test.cols != 28))
     rc = sbn_set_error(SBN_EFORMAT, "%s: images are not 28 x 28", d);
-  if (rc != 0)
-    return fail_all(r, "data");
+  if (rc != 0) {
+    if (rank == 0)
+      fprintf(stderr, "syncbn: data: %s\n", sbn_last_error());
+    sbn__train_data_free(data);
+    return 1;
+  }
   /* The training set's moments standardize both sets. */
-  sbn_dataset_moments(&r->train, &r->mean, &r->std);
+  sbn_dataset_moments(&data->train, &data->mean, &data->std);
+  return 0;
+}
+
+void sbn__train_data_free(train_data_t *data) {
+  sbn_dataset_free(&data->train);
+  sbn_dataset_free(&data->test);
+}
+
+/* The run's view of the data: the subsets and the steps per epoch. */
+static int fit_data(run_t *r, const train_data_t *data) {
+  r->train = data->train;
+  r->test = data->test;
+  r->mean = data->mean;
+  r->std = data->std;
   r->ntrain = r->train.n;
   if (r->o.subset && r->o.subset < r->ntrain)
     r->ntrain = (size_t)r->o.subset;
@@ -420,13 +443,19 @@ static int run_epochs(run_t *r) {
     double t0 = now();
     train_epoch(r, e, ep);
     sync_stats(r);
+    if (r->o.precise_bn && r->ema_too && e + 1 == r->o.epochs) {
+      /* The study's comparison: the running statistics' accuracy first. */
+      train_epoch_t ema;
+      evaluate(r, &ema);
+      r->ema_acc = ema.test_acc;
+    }
     if (r->o.precise_bn)
       precise_bn(r);
     evaluate(r, ep);
     ep->wall_s = now() - t0;
     ep->allreduce_share = r->ar_s / ep->wall_s;
     r->meta.epochs_done = e + 1;
-    if (r->rank == 0) {
+    if (r->rank == 0 && !r->o.quiet) {
       printf(
           "epoch %llu/%llu  train loss %.4f  test loss %.4f  test "
           "accuracy %.2f%%  %.2f s  allreduce %.1f%%\n",
@@ -451,14 +480,15 @@ static int write_outputs(const run_t *r) {
     return fail_all(r, "--json");
   if (r->o.csv && sbn__train_write_csv(r->o.csv, r->hist, n) != 0)
     return fail_all(r, "--csv");
-  printf("test accuracy %.2f%%\n", 100 * r->hist[n - 1].test_acc);
+  if (!r->o.quiet)
+    printf("test accuracy %.2f%%\n", 100 * r->hist[n - 1].test_acc);
   return 0;
 }
 
-static int train(run_t *r) {
+static int train(run_t *r, const train_data_t *data) {
   int rc = setup_counts(r);
   if (rc == 0)
-    rc = load_data(r);
+    rc = fit_data(r, data);
   if (rc == 0)
     rc = setup_model(r);
   if (rc == 0 && r->o.resume != NULL &&
@@ -482,8 +512,6 @@ static int train(run_t *r) {
 
 static void cleanup(run_t *r) {
   sbn_nn_model_destroy(r->m);
-  sbn_dataset_free(&r->train);
-  sbn_dataset_free(&r->test);
   free(r->counts);
   free(r->mom);
   free(r->x);
@@ -492,7 +520,25 @@ static void cleanup(run_t *r) {
   free(r->perm);
   free(r->test_idx);
   free(r->hist);
-  sbn__train_opts_free(&r->o);
+}
+
+int sbn__train_run(const train_opts_t *o, const train_data_t *data,
+                   train_result_t *res) {
+  run_t r;
+  memset(&r, 0, sizeof r);
+  r.o = *o;
+  r.ema_too = res != NULL;
+  MPI_Comm_rank(MPI_COMM_WORLD, &r.rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &r.size);
+  int rc = train(&r, data);
+  if (rc == 0 && res != NULL) {
+    res->last = r.hist[r.meta.epochs_done - 1];
+    res->ema_acc = r.o.precise_bn ? r.ema_acc : res->last.test_acc;
+    res->global_batch = r.batch;
+    res->steps = r.steps;
+  }
+  cleanup(&r);
+  return rc;
 }
 
 int sbn_cli_train(int argc, char **argv) {
@@ -511,8 +557,13 @@ int sbn_cli_train(int argc, char **argv) {
   MPI_Comm_rank(MPI_COMM_WORLD, &r.rank);
   MPI_Comm_size(MPI_COMM_WORLD, &r.size);
   sbn_nn_set_threads((int)r.o.threads);
-  rc = train(&r);
+  train_data_t data;
+  rc = sbn__train_load_data(r.o.data, r.rank, &data);
+  if (rc == 0)
+    rc = train(&r, &data);
   cleanup(&r);
+  sbn__train_data_free(&data);
+  sbn__train_opts_free(&r.o);
   MPI_Finalize();
   return rc;
 }

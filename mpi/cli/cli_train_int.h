@@ -26,6 +26,7 @@ typedef struct train_opts_s {
   uint64_t test_subset; /* 0: the whole test set */
   uint64_t precise_bn;  /* 0: keep the running statistics */
   int no_progress;
+  int quiet;        /* no per-epoch lines (callers of sbn__train_run) */
   int overlap;      /* start each layer's gradient allreduce during backward */
   uint64_t *counts; /* malloc'ed, or NULL for batch on every rank */
   size_t ncounts;
@@ -54,6 +55,33 @@ typedef struct train_ckpt_meta_s {
   uint64_t step;          /* global optimizer steps taken */
   train_epoch_t *history; /* epochs_done entries */
 } train_ckpt_meta_t;
+
+/* The data every run of a job shares: loaded once (sbn__train_load_data,
+ * every rank; rank 0 prints what failed), freed by sbn__train_data_free. */
+typedef struct train_data_s {
+  sbn_dataset_t train, test;
+  double mean, std; /* of the training pixels, which standardize both */
+} train_data_t;
+
+int sbn__train_load_data(const char *dir, int rank, train_data_t *data);
+void sbn__train_data_free(train_data_t *data);
+
+/* What one run ends with: its last epoch, and its test accuracy with the
+ * running statistics before the last --precise-bn replaced them (the
+ * last epoch's accuracy when there is no --precise-bn). */
+typedef struct train_result_s {
+  train_epoch_t last;
+  double ema_acc;
+  uint64_t global_batch, steps; /* per step, per epoch */
+} train_result_t;
+
+/* One training run with options o inside an initialized MPI job, every
+ * rank calling it with the same o: what `syncbn train` runs once, without
+ * --resume. o stays the caller's; data is only read. res may be NULL.
+ * Returns 0, 1 (a runtime failure) or 2 (options that do not fit the data
+ * or the job), after rank 0 printed why. */
+int sbn__train_run(const train_opts_t *o, const train_data_t *data,
+                   train_result_t *res);
 
 /* Writes the checkpoint atomically (rank 0 only). */
 int sbn__train_ckpt_save(const char *path, sbn_nn_model_t *m,

@@ -42,6 +42,9 @@ int main(int argc, char **argv) {
        "train an MLP or a CNN on Fashion-MNIST, data parallel under mpirun"},
       {"metrics", sbn_cli_metrics,
        "print a running syncbnd worker's counters (table or --json)"},
+      {"study", sbn_cli_study,
+       "how small normalization batches hurt BatchNorm: sweeps, tables, "
+       "plots"},
   };
   const size_t n = sizeof cmds / sizeof *cmds;
   if (argc < 2) {

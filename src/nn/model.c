@@ -415,7 +415,9 @@ static int layer_forward(sbn_nn_model_t *m, node_t *nd, sbn_mode_t mode,
 
 /* A BatchNorm in the precise pass: the chunk's records are merged into the
  * layer's and normalize the chunk; the running statistics it updates are
- * scratch copies, dropped. */
+ * scratch copies, dropped. A ghost-batch layer normalizes the chunk by its
+ * ghost batches, as in training, so the inputs of the layers after it are
+ * the ones training saw (Wu and Johnson 2021, section 3). */
 static int precise_norm(sbn_nn_model_t *m, node_t *nd, size_t n,
                         const float *x) {
   sbn_tensor_desc_t d = norm_desc(m, nd, n);
@@ -431,6 +433,14 @@ static int precise_norm(sbn_nn_model_t *m, node_t *nd, size_t n,
   a.state = &st;
   a.workspace = m->ws;
   a.workspace_bytes = m->ws_bytes;
+  if (m->cfg.ghost_batch > 0) {
+    int cnn = m->cfg.arch == SBN_NN_CNN;
+    sbn_nn_channel_moments(x, n, nd->ic, cnn ? nd->ih * nd->iw : 1,
+                           cnn && m->cfg.layout == SBN_LAYOUT_NHWC,
+                           m->chunk_recs);
+    sbn_rec_combine(m->chunk_recs, m->prec + nd->stats_off / 2, nd->ic);
+    return sbn_bn_forward_finish(nd->layer, &a, NULL);
+  }
   int rc = sbn_bn_forward_local(nd->layer, &a, m->chunk_recs);
   if (rc != 0)
     return rc;

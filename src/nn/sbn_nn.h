@@ -262,4 +262,49 @@ int sbn_nn_forward_precise(sbn_nn_model_t *m, size_t n, const float *x);
 sbn_rec_t *sbn_nn_precise_records(sbn_nn_model_t *m);
 void sbn_nn_precise_finish(sbn_nn_model_t *m);
 
+/* ------------------------------------------------------------------ */
+/* Statistics of normalization sets (nn/setstats.c) */
+
+/* recs[ch] = the (count, mean, M2) moments of channel ch over n samples
+ * of c channels of s values each (NCHW, or NHWC when nhwc; s = 1 for an
+ * (N, C) matrix). Two passes in double. */
+void sbn_nn_channel_moments(const float *x, size_t n, size_t c, size_t s,
+                            int nhwc, sbn_rec_t *recs);
+
+/* How far the moments of a normalization set fall from the population's.
+ * Each of `trials` draws a fresh permutation of the n samples (seed, trial)
+ * and takes its first ranks x per_rank samples as ranks chunks of per_rank,
+ * each chunk merged on its own and then the chunks together (SyncBN over
+ * that many ranks). Buffers are the caller's. */
+typedef struct sbn_nn_set_error_args_s {
+  const sbn_rec_t *samples; /* n x c records: each sample's own moments */
+  const float *x;           /* or, when not NULL, n x c values (one per
+                               sample and channel, as pixels) */
+  const sbn_rec_t *pop;     /* c records: the population's */
+  size_t n, c;
+  size_t per_rank, ranks, trials;
+  uint64_t seed;
+  double min_var;   /* channels whose population variance is not above it
+                       are left out (constant border pixels) */
+  uint32_t *perm;   /* n entries, scratch */
+  sbn_rec_t *set;   /* c records, scratch */
+  sbn_rec_t *chunk; /* c records, scratch */
+} sbn_nn_set_error_args_t;
+
+typedef struct sbn_nn_set_error_s {
+  /* Root mean squares over trials and channels of (set mean - mean) / sd
+   * and of (set variance - variance) / variance, the set variance biased
+   * as BatchNorm's: for n iid Gaussian values 1 / sqrt(n) and
+   * sqrt(2 n - 1) / n. */
+  double mean_err, var_err;
+  size_t channels;   /* the channels counted */
+  double set_values; /* |S|: values per statistic (samples x count) */
+} sbn_nn_set_error_t;
+
+int sbn_nn_set_error(const sbn_nn_set_error_args_t *a, sbn_nn_set_error_t *out);
+/* chunk (c records) = the moments of the samples idx[0..count) of a's
+ * samples or values (the chunk of one rank). */
+void sbn_nn_chunk_moments(const sbn_nn_set_error_args_t *a, const uint32_t *idx,
+                          size_t count, sbn_rec_t *chunk);
+
 #endif /* SBN_NN_H */
