@@ -6,9 +6,14 @@ if(TARGET syncbnd AND MPIEXEC_EXECUTABLE AND EXISTS /usr/bin/python3)
   if(DEFINED SBN_MPI_RUN_ENV)
     set(rely_env ${SBN_MPI_RUN_ENV})
   endif()
+  set(rely_san "")
+  if(SBN_SANITIZE)
+    set(rely_san --sanitized)
+  endif()
   add_test(NAME svc_rely_e2e
     COMMAND /usr/bin/python3 ${CMAKE_CURRENT_LIST_DIR}/svc_rely_e2e.py
-      --mpirun ${MPIEXEC_EXECUTABLE} --syncbnd $<TARGET_FILE:syncbnd>)
+      --mpirun ${MPIEXEC_EXECUTABLE} --syncbnd $<TARGET_FILE:syncbnd>
+      ${rely_san})
   set_tests_properties(svc_rely_e2e PROPERTIES TIMEOUT 120
     LABELS "mpi;svc;python" SKIP_RETURN_CODE 77 ENVIRONMENT "${rely_env}")
 endif()

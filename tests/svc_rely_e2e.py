@@ -269,8 +269,12 @@ def test_memory_budget(args, tmp):
         m = c.metrics()
         check(m.get("shed", 0) >= 1, "nothing shed: %r" % m.get("shed"))
         growth = (peak - base) / 1024.0
-        check(growth < 3 * budget / 2 ** 20 + 64, "worker grew by %.0f MiB"
-              % growth)
+        # ASan keeps freed memory mapped (its quarantine and allocator
+        # caches), so under the sanitizers RSS says nothing about what the
+        # worker buffers; the normal build checks the bound.
+        if not args.sanitized:
+            check(growth < 3 * budget / 2 ** 20 + 64,
+                  "worker grew by %.0f MiB" % growth)
         print("4 slow readers, 48 MiB of replies: %d shed, worker RSS +%.0f "
               "MiB (budget %d MiB)" % (m["shed"], growth, budget >> 20))
         for s in slow:
@@ -386,6 +390,8 @@ def parse_args():
     ap.add_argument("--mpirun", default="mpirun")
     ap.add_argument("--syncbnd", required=True)
     ap.add_argument("--only", default=None)
+    ap.add_argument("--sanitized", action="store_true",
+                    help="built with ASan: skip the RSS bound")
     return ap.parse_args()
 
 
