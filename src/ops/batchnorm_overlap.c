@@ -22,7 +22,12 @@
  * channel at once and only its reductions follow the plan (pass_bulk): nothing
  * is hidden there. The reduction may differ too: a tree over more than two
  * processes may associate the merges of a sub-array differently from the whole,
- * which is rounding. */
+ * which is rounding.
+ *
+ * The same halves, with nothing to reduce, make the local single pass
+ * (pass_alone): chunks are L2 blocks of channels and each is finished
+ * right after its sums. It is off unless SBN_BN_SINGLE_PASS=1, as it
+ * measured slower than the unblocked passes (see bn_single_pass). */
 #include <math.h>
 #include <stdlib.h>
 
