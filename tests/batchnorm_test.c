@@ -380,6 +380,43 @@ static void test_bn_large_mean(void **state) {
   sbn_kernel_select("ref");
 }
 
+/* The local single pass over L2 blocks of channels (ops/batchnorm_overlap.c,
+ * turned on by SBN_BN_SINGLE_PASS=1; it plans blocks of half of 1 MiB of
+ * x, or of x and dy), and the same shapes unblocked: C not a multiple of
+ * the block (37 channels of 32 KiB: forward blocks of 16, backward of 8),
+ * one channel larger than L2 (1 MiB per channel: blocks of one), N = 1,
+ * and a block of one sample's channels, at a large mean, against float64
+ * in every kernel set, training and eval. */
+static void test_bn_l2_blocks(void **state) {
+  (void)state;
+  const char *const *sets;
+  int nsets = tu_kernel_sets(&sets);
+  const sbn_tensor_desc_t blk[] = {
+      tu_desc(SBN_LAYOUT_NCHW, 4, (size_t)2, (size_t)37, (size_t)64,
+              (size_t)64),
+      tu_desc(SBN_LAYOUT_NCHW, 4, (size_t)2, (size_t)3, (size_t)256,
+              (size_t)512),
+      tu_desc(SBN_LAYOUT_NCHW, 4, (size_t)1, (size_t)37, (size_t)96,
+              (size_t)97),
+      tu_desc(SBN_LAYOUT_NCHW, 3, (size_t)1, (size_t)5, (size_t)300000)};
+  uint64_t seed = 900;
+  for (int on = 0; on < 2; on++) {
+    if (on)
+      setenv("SBN_BN_SINGLE_PASS", "1", 1);
+    for (int ks = 0; ks < nsets; ks++) {
+      if (tu_kernel_use(sets[ks]))
+        continue;
+      for (size_t i = 0; i < sizeof blk / sizeof *blk; i++)
+        for (int mode = 0; mode < 2; mode++) {
+          bn_case_t k = {blk[i], 1, 1, 0, 0.1, (sbn_mode_t)mode, 1e4, 1.0};
+          run_case(&k, sets[ks], seed++);
+        }
+    }
+  }
+  unsetenv("SBN_BN_SINGLE_PASS");
+  sbn_kernel_select("ref");
+}
+
 /* A constant channel has variance 0: y is exactly the bias, nothing is NaN,
  * and the gradients are finite and match the reference. */
 static void test_bn_constant_channel(void **state) {
@@ -702,6 +739,7 @@ int main(void) {
       cmocka_unit_test(test_bn_momentum_values),
       cmocka_unit_test(test_bn_cumulative_sequence),
       cmocka_unit_test(test_bn_large_mean),
+      cmocka_unit_test(test_bn_l2_blocks),
       cmocka_unit_test(test_bn_constant_channel),
       cmocka_unit_test(test_bn_nan_isolation),
       cmocka_unit_test(test_bn_empty_batch),

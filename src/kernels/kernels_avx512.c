@@ -260,7 +260,7 @@ static void pos_normalize(const float *x, float *y, size_t A, size_t C,
                           const float *ml, const float *scale,
                           const float *shift) {
   float ph[PWRAP], pl[PWRAP], ps[PWRAP], pb[PWRAP];
-  int nt = want_nt(A, C, S);
+  int nt = want_nt(A, C, S, lda);
   geo_t g[1];
   size_t off;
   for (size_t i = 0; geo_piece(A, C, S, lda, i, g, &off); i++) {
@@ -380,7 +380,7 @@ static void avx512_normalize_ld(const float *x, float *y, size_t A, size_t C,
     pos_normalize(x, y, A, C, S, lda, mh, ml, scale, shift);
     return;
   }
-  int nt = want_nt(A, C, S);
+  int nt = want_nt(A, C, S, lda);
   for (size_t a = 0; a < A; a++)
     for (size_t c = 0; c < C; c++) {
       size_t o = a * lda + c * S;

@@ -66,8 +66,14 @@ static inline __m512 load16(__mmask16 m, const float *p) {
   return m == 0xFFFF ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p);
 }
 
-static inline int want_nt(size_t A, size_t C, size_t S) {
-  return A * C * S >= NT_BYTES / sizeof(float);
+/* A strided call's output is measured by its span, A rows of lda: a
+ * block of channels written by the local BatchNorm's single pass
+ * (ops/batchnorm_overlap.c) is a slice of a tensor that large, and its
+ * lines are not reread before the pass has moved on (stored normally, the
+ * single pass measured 1.5-2 times slower than the unblocked one). */
+static inline int want_nt(size_t A, size_t C, size_t S, size_t lda) {
+  size_t span = A > 0 ? (A - 1) * lda + C * S : 0;
+  return span >= NT_BYTES / sizeof(float);
 }
 
 /* dx is not streamed: measured (perf cycles against the same run's

@@ -192,6 +192,8 @@ static int bn_forward(sbn_layer_t *l, const sbn_forward_args_t *a,
   if (a->mode == SBN_MODE_EVAL)
     return bn_finish(l, a, sh, NULL);
   size_t cc = sbn__bn_chunk(l, sh->C, l->bn_last_count);
+  if (cc == 0)
+    cc = sbn__bn_block(l, sh, 1);
   if (cc > 0)
     return sbn__bn_overlap_forward(l, a, sh, cc);
   sbn__chan_t ch;
@@ -332,6 +334,8 @@ static int bn_backward(sbn_layer_t *l, const sbn_backward_args_t *a,
       sbn__saved_get(a->saved, a->saved_bytes, l->p.op, a->mode, sh->C, &count,
                      &mean, &istd) == 0) {
     size_t cc = sbn__bn_chunk(l, sh->C, count);
+    if (cc == 0)
+      cc = sbn__bn_block(l, sh, 2);
     if (cc > 0)
       return sbn__bn_overlap_backward(l, a, sh, cc);
   }

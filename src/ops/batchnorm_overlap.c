@@ -22,8 +22,14 @@
  * channel at once and only its reductions follow the plan (pass_bulk): nothing
  * is hidden there. The reduction may differ too: a tree over more than two
  * processes may associate the merges of a sub-array differently from the whole,
- * which is rounding. */
+ * which is rounding.
+ *
+ * The same halves, with nothing to reduce, make the local single pass
+ * (pass_alone): chunks are L2 blocks of channels and each is finished
+ * right after its sums. It is off unless SBN_BN_SINGLE_PASS=1, as it
+ * measured slower than the unblocked passes (see bn_single_pass). */
 #include <math.h>
+#include <stdlib.h>
 
 #include "ops/sbn_ops.h"
 
@@ -34,6 +40,13 @@
  * was measured on (AMD EPYC; Intel server cores have 1-2 MiB). */
 #ifndef SBN_PLAN_L2_BYTES
 #define SBN_PLAN_L2_BYTES (1024.0 * 1024.0)
+#endif
+
+/* The share of L2 that one block of a local pass reads (x, or x and dy
+ * for backward): the rest holds what the second half writes (y or dx),
+ * whose lines are allocated in L2 while the block is reread. */
+#ifndef SBN__BLOCK_FILL
+#define SBN__BLOCK_FILL 0.5
 #endif
 
 /* How many chunks the automatic plan makes: one per SBN__CHUNK_L2S L2
@@ -55,6 +68,41 @@
  * 64 KiB of input, a few microseconds of streaming, against a poll of a
  * few nanoseconds when nothing has arrived. */
 #define SBN__POLL_ELEMS ((size_t)16384)
+
+/* Whether l's pass reduces over nothing but this process. */
+static int bn_alone(const sbn_layer_t *l) {
+  return l->comm == NULL || l->comm->size <= 1;
+}
+
+/* Whether the environment asks for the local single pass
+ * (SBN_BN_SINGLE_PASS=1). It is off by default: on the machine it was
+ * measured on (AMD EPYC, 1 MiB L2 per core, 32 MiB L3, one thread) the
+ * unblocked two passes were as fast or faster, forward and backward, at
+ * 8 to 100 MB (README, "BatchNorm single pass"): one core's bandwidth is
+ * bound by the misses it can keep in flight, not by the bytes moved, and
+ * the second pass of a 2-pass forward costs about what the block's
+ * second half costs from L2. Read on every call that could use it: a
+ * getenv against a pass over more than half a megabyte. */
+static int bn_single_pass(void) {
+  const char *e = getenv("SBN_BN_SINGLE_PASS");
+  return e != NULL && e[0] == '1' && e[1] == '\0';
+}
+
+size_t sbn__bn_block(const sbn_layer_t *l, const sbn__shape_t *sh,
+                     int tensors) {
+  /* The strided entries are single-threaded; a threaded build keeps its
+   * split dense calls (ops/par.c). Channels-last rows hold every channel,
+   * so no channel block is contiguous there and a block would have to
+   * hold the whole tensor. */
+  if (!bn_alone(l) || sh->layout != SBN_LAYOUT_NCHW || sh->C < 2 ||
+      sh->numel == 0 || sbn_threads() > 1 || !bn_single_pass())
+    return 0;
+  double chan = (double)sh->N * (double)sh->S * sizeof(float) * tensors;
+  double cb = floor(SBN__BLOCK_FILL * SBN_PLAN_L2_BYTES / chan);
+  if (cb >= (double)sh->C)
+    return 0;
+  return cb < 1 ? 1 : (size_t)cb;
+}
 
 size_t sbn__bn_chunk(const sbn_layer_t *l, size_t C, double count) {
   size_t want = l->p.reduce_chunk;
@@ -129,102 +177,27 @@ static int poll(sbn_comm_t *comm, void *req, size_t elems, size_t *since) {
   return sbn__comm_itest(comm, req);
 }
 
-/* The shifted moments of the range into recs[c0..c1) (the shift and sums
- * of sbn__view_moments). */
-static int range_moments(const float *x, const sbn__shape_t *sh, range_t r,
-                         sbn__chan_t *ch, sbn_rec_t *recs, sbn_comm_t *comm,
-                         void *req) {
-  size_t cc = r.c1 - r.c0, since = 0;
-  int rc = 0;
-  for (size_t c = r.c0; c < r.c1; c++) {
-    ch->k[c] = r.pieces > 0 ? x[c * r.s] : 0.0f;
-    ch->d1[c] = 0;
-    ch->d2[c] = 0;
-  }
-  for (size_t p = 0; p < r.pieces && rc == 0; p++) {
-    size_t n = blk_rows(&r, p);
-    sbn__k_moments_ld(x + blk_off(&r, p), n, cc, r.s, r.lda, ch->k + r.c0,
-                      ch->d1 + r.c0, ch->d2 + r.c0);
-    rc = poll(comm, req, n * cc * r.s, &since);
-  }
-  double n = (double)sh->N * (double)sh->S;
-  for (size_t c = r.c0; c < r.c1; c++)
-    sbn__moments_finish(n, ch->k[c], ch->d1[c], ch->d2[c], &recs[c]);
-  return rc;
-}
-
-static int range_normalize(const sbn_forward_args_t *a, range_t r,
-                           const sbn__chan_t *ch, sbn_comm_t *comm, void *req) {
-  size_t cc = r.c1 - r.c0, since = 0, c0 = r.c0;
-  int rc = 0;
-  for (size_t p = 0; p < r.pieces && rc == 0; p++) {
-    size_t off = blk_off(&r, p), n = blk_rows(&r, p);
-    sbn__k_normalize_ld(a->x + off, a->y + off, n, cc, r.s, r.lda, ch->mh + c0,
-                        ch->ml + c0, ch->k1 + c0, ch->k2 + c0);
-    rc = poll(comm, req, n * cc * r.s, &since);
-  }
-  return rc;
-}
-
-/* Backward's local sums of the range into recs[c0..c1) and the local
- * dbias and dweight (as bn_bwd_local writes them). */
-static int range_bwd_sums(const sbn_backward_args_t *a, range_t r,
-                          sbn__chan_t *ch, sbn_rec_t *recs, sbn_comm_t *comm,
-                          void *req) {
-  size_t cc = r.c1 - r.c0, since = 0, c0 = r.c0;
-  int rc = 0;
-  for (size_t p = 0; p < r.pieces && rc == 0; p++) {
-    size_t off = blk_off(&r, p), n = blk_rows(&r, p);
-    sbn__k_bwd_reduce_ld(a->x + off, a->dy + off, n, cc, r.s, r.lda,
-                         ch->dmean + c0, ch->distd + c0, ch->d1 + c0,
-                         ch->d2 + c0);
-    rc = poll(comm, req, n * cc * r.s, &since);
-  }
-  for (size_t c = r.c0; c < r.c1; c++) {
-    recs[c].tag = SBN_REC_SUM;
-    recs[c].v[0] = ch->d1[c];
-    recs[c].v[1] = ch->d2[c];
-    recs[c].v[2] = 0;
-    if (a->dbias != NULL)
-      a->dbias[c] = (float)ch->d1[c];
-    if (a->dweight != NULL)
-      a->dweight[c] = (float)ch->d2[c];
-  }
-  return rc;
-}
-
-static int range_bwd_apply(const sbn_backward_args_t *a, range_t r,
-                           const sbn__chan_t *ch, sbn_comm_t *comm, void *req) {
-  size_t cc = r.c1 - r.c0, since = 0, c0 = r.c0;
-  int rc = 0;
-  for (size_t p = 0; p < r.pieces && rc == 0; p++) {
-    size_t off = blk_off(&r, p), n = blk_rows(&r, p);
-    sbn__k_bwd_apply_ld(a->x + off, a->dy + off, a->dx + off, n, cc, r.s, r.lda,
-                        ch->dmean + c0, ch->distd + c0, ch->dk1 + c0,
-                        ch->dk2 + c0, ch->dk3 + c0);
-    rc = poll(comm, req, n * cc * r.s, &since);
-  }
-  return rc;
-}
-
-static range_t chunk(const sbn__shape_t *sh, size_t cc, size_t k) {
-  size_t c0 = k * cc, c1 = c0 + cc < sh->C ? c0 + cc : sh->C;
-  return range_of(sh, c0, c1);
-}
-
-/* One chunked pass: its two halves per chunk, and the requests of the
- * chunks begun and not yet ended, in a ring of depth + 1 slots. */
+/* One chunked pass: its two halves per chunk, each a walk over the
+ * chunk's blocks of rows, and the requests of the chunks begun and not yet
+ * ended, in a ring of depth + 1 slots. */
 typedef struct pass_s pass_t;
 struct pass_s {
   sbn_layer_t *l;
   const sbn__shape_t *sh;
   size_t cc, K, depth;
+  /* Nothing to reduce over other processes: see pass_alone. */
+  int alone;
   sbn__chan_t ch;
   void *req[SBN__MAX_DEPTH + 1];
-  /* The local sums of chunk r into ch.rec, polling req meanwhile. */
-  int (*local)(pass_t *p, range_t r, void *req);
-  /* The use of chunk k's reduced records, polling req meanwhile. */
-  int (*apply)(pass_t *p, size_t k, range_t r, void *req);
+  /* The local half of range r: begun, block p of rows added, ended
+   * (its records complete in ch.rec). */
+  void (*lbegin)(pass_t *p, range_t r);
+  void (*lblock)(pass_t *p, range_t r, size_t b);
+  void (*lend)(pass_t *p, range_t r);
+  /* The second half of chunk k (range r) from its reduced records:
+   * prepared, then block b of rows written. */
+  int (*aprep)(pass_t *p, size_t k, range_t r);
+  void (*ablock)(pass_t *p, range_t r, size_t b);
   /* Forward: the arguments and what chunk 0's count gives. */
   const sbn_forward_args_t *fa;
   sbn__bn_fin_t fin;
@@ -234,16 +207,52 @@ struct pass_s {
   double count;
 };
 
+/* Elements in block b of r. */
+static size_t blk_elems(const range_t *r, size_t b) {
+  return blk_rows(r, b) * (r->c1 - r->c0) * r->s;
+}
+
+/* The local half of r, polling req meanwhile. */
+static int pass_local(pass_t *p, range_t r, void *req) {
+  size_t since = 0;
+  int rc = 0;
+  p->lbegin(p, r);
+  for (size_t b = 0; b < r.pieces && rc == 0; b++) {
+    p->lblock(p, r, b);
+    rc = poll(p->l->comm, req, blk_elems(&r, b), &since);
+  }
+  p->lend(p, r);
+  return rc;
+}
+
+/* The second half of chunk k, polling req meanwhile. */
+static int pass_apply(pass_t *p, size_t k, range_t r, void *req) {
+  size_t since = 0;
+  int rc = p->aprep(p, k, r);
+  for (size_t b = 0; b < r.pieces && rc == 0; b++) {
+    p->ablock(p, r, b);
+    rc = poll(p->l->comm, req, blk_elems(&r, b), &since);
+  }
+  return rc;
+}
+
+/* Chunk k of the pass. */
+static range_t chunk(const pass_t *p, size_t k) {
+  size_t c0 = k * p->cc, c1 = c0 + p->cc < p->sh->C ? c0 + p->cc : p->sh->C;
+  range_t r = range_of(p->sh, c0, c1);
+  /* With nothing to poll, a block's rows are one strided call. */
+  if (p->alone) {
+    r.blk = r.rows;
+    r.pieces = p->sh->numel == 0 ? 0 : 1;
+  }
+  return r;
+}
+
 static void **slot(pass_t *p, size_t k) {
   return &p->req[k % (p->depth + 1)];
 }
 
-/* Runs the local half of every chunk up to `depth` chunks ahead of the
- * one being applied, beginning each chunk's reduction as soon as its
- * records are complete. A process that is behind then never waits: the
- * others began every chunk's reduction before it needs the result; and
- * the one ahead waits only for the late one's chunk, not for its whole
- * pass. On failure every request begun is still ended, so every process
+/* On failure every request begun is still ended, so every process
  * finishes the collectives it began (a count of 1 fails everywhere at
  * once, after chunk 0, and the others must not wait on chunk 1). */
 static int end_all(pass_t *p, int rc) {
@@ -267,18 +276,40 @@ static int end_all(pass_t *p, int rc) {
 static int pass_bulk(pass_t *p) {
   sbn_comm_t *comm = p->l->comm;
   range_t all = range_of(p->sh, 0, p->sh->C);
-  int rc = p->local(p, all, NULL);
+  int rc = pass_local(p, all, NULL);
   for (size_t k = 0; k < p->K && rc == 0; k++) {
-    range_t n = chunk(p->sh, p->cc, k);
+    range_t n = chunk(p, k);
     if (k > p->depth)
       rc = sbn__comm_iend(comm, slot(p, k - p->depth - 1));
     if (rc == 0)
       rc = sbn__comm_ibegin(comm, p->ch.rec + n.c0, n.c1 - n.c0, slot(p, k));
   }
   rc = end_all(p, rc);
-  return rc == 0 ? p->apply(p, 0, all, NULL) : rc;
+  return rc == 0 ? pass_apply(p, 0, all, NULL) : rc;
 }
 
+/* A pass with nothing to reduce over other processes: the chunks are L2
+ * blocks of channels (sbn__bn_block), and each block's second half runs
+ * right after its local half, while the block is in L2. (Interleaving
+ * block k's second half with block k + 1's local half, 64 KiB at a time,
+ * measured slower still.) */
+static int pass_alone(pass_t *p) {
+  int rc = 0;
+  for (size_t k = 0; k < p->K && rc == 0; k++) {
+    range_t r = chunk(p, k);
+    rc = pass_local(p, r, NULL);
+    if (rc == 0)
+      rc = pass_apply(p, k, r, NULL);
+  }
+  return rc;
+}
+
+/* Runs the local half of every chunk up to `depth` chunks ahead of the
+ * one being applied, beginning each chunk's reduction as soon as its
+ * records are complete. A process that is behind then never waits: the
+ * others began every chunk's reduction before it needs the result; and
+ * the one ahead waits only for the late one's chunk, not for its whole
+ * pass. */
 static int pass_run(pass_t *p) {
   sbn_comm_t *comm = p->l->comm;
   size_t next = 0;
@@ -287,12 +318,14 @@ static int pass_run(pass_t *p) {
   p->depth = p->K - 1 < SBN__MAX_DEPTH ? p->K - 1 : SBN__MAX_DEPTH;
   for (size_t i = 0; i <= SBN__MAX_DEPTH; i++)
     p->req[i] = NULL;
+  if (p->alone)
+    return pass_alone(p);
   if (p->sh->layout == SBN_LAYOUT_NHWC)
     return pass_bulk(p);
   for (size_t k = 0; k < p->K && rc == 0; k++) {
     for (; next < p->K && next <= k + p->depth && rc == 0; next++) {
-      range_t n = chunk(p->sh, p->cc, next);
-      rc = p->local(p, n, next > k ? *slot(p, k) : NULL);
+      range_t n = chunk(p, next);
+      rc = pass_local(p, n, next > k ? *slot(p, k) : NULL);
       if (rc == 0)
         rc = sbn__comm_ibegin(comm, p->ch.rec + n.c0, n.c1 - n.c0,
                               slot(p, next));
@@ -300,17 +333,35 @@ static int pass_run(pass_t *p) {
     if (rc == 0)
       rc = sbn__comm_iend(comm, slot(p, k));
     if (rc == 0)
-      rc = p->apply(p, k, chunk(p->sh, p->cc, k),
-                    k + 1 < next ? *slot(p, k + 1) : NULL);
+      rc = pass_apply(p, k, chunk(p, k), k + 1 < next ? *slot(p, k + 1) : NULL);
   }
   return end_all(p, rc);
 }
 
-static int fwd_local(pass_t *p, range_t r, void *req) {
-  return range_moments(p->fa->x, p->sh, r, &p->ch, p->ch.rec, p->l->comm, req);
+/* Forward's local half: the shifted moments of the range into
+ * ch.rec[c0..c1) (the shift and sums of sbn__view_moments). */
+static void fwd_lbegin(pass_t *p, range_t r) {
+  const float *x = p->fa->x;
+  for (size_t c = r.c0; c < r.c1; c++) {
+    p->ch.k[c] = r.pieces > 0 ? x[c * r.s] : 0.0f;
+    p->ch.d1[c] = 0;
+    p->ch.d2[c] = 0;
+  }
 }
 
-static int fwd_apply(pass_t *p, size_t k, range_t r, void *req) {
+static void fwd_lblock(pass_t *p, range_t r, size_t b) {
+  sbn__chan_t *ch = &p->ch;
+  sbn__k_moments_ld(p->fa->x + blk_off(&r, b), blk_rows(&r, b), r.c1 - r.c0,
+                    r.s, r.lda, ch->k + r.c0, ch->d1 + r.c0, ch->d2 + r.c0);
+}
+
+static void fwd_lend(pass_t *p, range_t r) {
+  double n = (double)p->sh->N * (double)p->sh->S;
+  for (size_t c = r.c0; c < r.c1; c++)
+    sbn__moments_finish(n, p->ch.k[c], p->ch.d1[c], p->ch.d2[c], &p->ch.rec[c]);
+}
+
+static int fwd_aprep(pass_t *p, size_t k, range_t r) {
   int rc;
   /* The count is global, so chunk 0's reduction gives it to all. */
   if (k == 0) {
@@ -319,25 +370,71 @@ static int fwd_apply(pass_t *p, size_t k, range_t r, void *req) {
       return rc;
   }
   sbn__bn_fin_chan(p->l, p->fa, &p->fin, p->ch.rec, r.c0, r.c1, &p->ch);
-  return range_normalize(p->fa, r, &p->ch, p->l->comm, req);
+  return 0;
 }
 
-static int bwd_local(pass_t *p, range_t r, void *req) {
-  return range_bwd_sums(p->ba, r, &p->ch, p->ch.rec, p->l->comm, req);
+static void fwd_ablock(pass_t *p, range_t r, size_t b) {
+  size_t off = blk_off(&r, b), c0 = r.c0;
+  const sbn__chan_t *ch = &p->ch;
+  sbn__k_normalize_ld(p->fa->x + off, p->fa->y + off, blk_rows(&r, b),
+                      r.c1 - c0, r.s, r.lda, ch->mh + c0, ch->ml + c0,
+                      ch->k1 + c0, ch->k2 + c0);
 }
 
-static int bwd_apply(pass_t *p, size_t k, range_t r, void *req) {
+/* Backward's local half: the sums of the range into ch.rec[c0..c1) and
+ * the local dbias and dweight (as bn_bwd_local writes them); d1 and d2
+ * start at 0 for every channel (sbn__bn_overlap_backward). */
+static void bwd_lbegin(pass_t *p, range_t r) {
+  (void)p, (void)r;
+}
+
+static void bwd_lblock(pass_t *p, range_t r, size_t b) {
+  size_t off = blk_off(&r, b), c0 = r.c0;
+  sbn__chan_t *ch = &p->ch;
+  sbn__k_bwd_reduce_ld(p->ba->x + off, p->ba->dy + off, blk_rows(&r, b),
+                       r.c1 - c0, r.s, r.lda, ch->dmean + c0, ch->distd + c0,
+                       ch->d1 + c0, ch->d2 + c0);
+}
+
+static void bwd_lend(pass_t *p, range_t r) {
+  const sbn_backward_args_t *a = p->ba;
+  sbn_rec_t *recs = p->ch.rec;
+  for (size_t c = r.c0; c < r.c1; c++) {
+    recs[c].tag = SBN_REC_SUM;
+    recs[c].v[0] = p->ch.d1[c];
+    recs[c].v[1] = p->ch.d2[c];
+    recs[c].v[2] = 0;
+    if (a->dbias != NULL)
+      a->dbias[c] = (float)p->ch.d1[c];
+    if (a->dweight != NULL)
+      a->dweight[c] = (float)p->ch.d2[c];
+  }
+}
+
+static int bwd_aprep(pass_t *p, size_t k, range_t r) {
   (void)k;
   sbn__bn_bwd_chan(p->l, p->ba, p->mean, p->istd, p->count, p->ch.rec, r.c0,
                    r.c1, &p->ch);
-  return range_bwd_apply(p->ba, r, &p->ch, p->l->comm, req);
+  return 0;
+}
+
+static void bwd_ablock(pass_t *p, range_t r, size_t b) {
+  size_t off = blk_off(&r, b), c0 = r.c0;
+  const sbn_backward_args_t *a = p->ba;
+  const sbn__chan_t *ch = &p->ch;
+  sbn__k_bwd_apply_ld(a->x + off, a->dy + off, a->dx + off, blk_rows(&r, b),
+                      r.c1 - c0, r.s, r.lda, ch->dmean + c0, ch->distd + c0,
+                      ch->dk1 + c0, ch->dk2 + c0, ch->dk3 + c0);
 }
 
 int sbn__bn_overlap_forward(sbn_layer_t *l, const sbn_forward_args_t *a,
                             const sbn__shape_t *sh, size_t cc) {
-  pass_t p = {.l = l, .sh = sh, .cc = cc, .fa = a};
-  p.local = fwd_local;
-  p.apply = fwd_apply;
+  pass_t p = {.l = l, .sh = sh, .cc = cc, .alone = bn_alone(l), .fa = a};
+  p.lbegin = fwd_lbegin;
+  p.lblock = fwd_lblock;
+  p.lend = fwd_lend;
+  p.aprep = fwd_aprep;
+  p.ablock = fwd_ablock;
   sbn__chan_carve(a->workspace, sh->C, &p.ch);
   int rc = pass_run(&p);
   if (rc == 0)
@@ -347,13 +444,16 @@ int sbn__bn_overlap_forward(sbn_layer_t *l, const sbn_forward_args_t *a,
 
 int sbn__bn_overlap_backward(sbn_layer_t *l, const sbn_backward_args_t *a,
                              const sbn__shape_t *sh, size_t cc) {
-  pass_t p = {.l = l, .sh = sh, .cc = cc, .ba = a};
+  pass_t p = {.l = l, .sh = sh, .cc = cc, .alone = bn_alone(l), .ba = a};
   int rc = sbn__saved_get(a->saved, a->saved_bytes, l->p.op, a->mode, sh->C,
                           &p.count, &p.mean, &p.istd);
   if (rc != 0)
     return rc;
-  p.local = bwd_local;
-  p.apply = bwd_apply;
+  p.lbegin = bwd_lbegin;
+  p.lblock = bwd_lblock;
+  p.lend = bwd_lend;
+  p.aprep = bwd_aprep;
+  p.ablock = bwd_ablock;
   sbn__chan_carve(a->workspace, sh->C, &p.ch);
   for (size_t c = 0; c < sh->C; c++) {
     p.ch.dmean[c] = p.mean[c];
