@@ -165,8 +165,11 @@ static int sbn__mpi_allreduce(sbn_comm_t *c, sbn_rec_t *recs, size_t n) {
   return 0;
 }
 
-static int sbn__mpi_ibegin(sbn_comm_t *c, sbn_rec_t *recs, size_t n,
-                           void **request) {
+/* A non-blocking in-place allreduce of n elements of type with op, as a
+ * request that iallreduce_test and iallreduce_end finish; the records'
+ * reduction and the negotiation's OR differ only in type and op. */
+static int sbn__mpi_istart(sbn_comm_t *c, void *buf, size_t n,
+                           MPI_Datatype type, MPI_Op op, void **request) {
   sbn__mpi_comm_t *m = (sbn__mpi_comm_t *)c;
   sbn__mpi_req_t *r = NULL;
   int count = 0, rc, err;
@@ -179,8 +182,7 @@ static int sbn__mpi_ibegin(sbn_comm_t *c, sbn_rec_t *recs, size_t n,
   if (r == NULL)
     return sbn_set_error(SBN_ENOMEM, "request: out of memory");
   if (count > 0) {
-    err = MPI_Iallreduce(MPI_IN_PLACE, recs, count, sbn__rec_type, sbn__rec_op,
-                         m->comm, &r->req);
+    err = MPI_Iallreduce(MPI_IN_PLACE, buf, count, type, op, m->comm, &r->req);
     if (err != MPI_SUCCESS) {
       sbn__req_free(m, r);
       return sbn_mpi_error(err, "MPI_Iallreduce");
@@ -188,6 +190,11 @@ static int sbn__mpi_ibegin(sbn_comm_t *c, sbn_rec_t *recs, size_t n,
   }
   *request = r;
   return 0;
+}
+
+static int sbn__mpi_ibegin(sbn_comm_t *c, sbn_rec_t *recs, size_t n,
+                           void **request) {
+  return sbn__mpi_istart(c, recs, n, sbn__rec_type, sbn__rec_op, request);
 }
 
 /* An MPI_Iallgather of bytes; its request is the same kind as a
@@ -219,27 +226,7 @@ static int sbn__mpi_igather(sbn_comm_t *c, const void *send, void *recv,
 /* A bitwise OR of words over the group, for syncbnd's negotiation. */
 static int sbn__mpi_ibor(sbn_comm_t *c, uint64_t *words, size_t n,
                          void **request) {
-  sbn__mpi_comm_t *m = (sbn__mpi_comm_t *)c;
-  sbn__mpi_req_t *r = NULL;
-  int count = 0, rc, err;
-  if (request == NULL)
-    return sbn_set_error(SBN_EINVAL, "request: NULL");
-  *request = NULL;
-  if ((rc = sbn__mpi_count(n, &count)) != 0)
-    return rc;
-  r = sbn__req_new(m);
-  if (r == NULL)
-    return sbn_set_error(SBN_ENOMEM, "request: out of memory");
-  if (count > 0) {
-    err = MPI_Iallreduce(MPI_IN_PLACE, words, count, MPI_UINT64_T, MPI_BOR,
-                         m->comm, &r->req);
-    if (err != MPI_SUCCESS) {
-      sbn__req_free(m, r);
-      return sbn_mpi_error(err, "MPI_Iallreduce");
-    }
-  }
-  *request = r;
-  return 0;
+  return sbn__mpi_istart(c, words, n, MPI_UINT64_T, MPI_BOR, request);
 }
 
 /* Frees the doorbell sends that completed. */
