@@ -302,8 +302,7 @@ int svc__cmd_forward(svc__call_t *call) {
     rc = svc__lib_error(rc);
     goto fail;
   }
-  if (svc_encode_forward(&q->id, &q->x.desc, y, q->x.numel, &call->reply,
-                         &call->reply_len) != 0) {
+  if (svc__reply_forward(call, y) != 0) {
     rc = svc_set_error(SVC_RESOURCE, "forward: out of memory");
     goto fail;
   }
@@ -454,9 +453,8 @@ int svc__cmd_backward(svc__call_t *call) {
     rc = svc__lib_error(rc);
     goto fail;
   }
-  if (svc_encode_backward(&q->id, &s->desc, p->dx, s->numel, p->dw, p->db,
-                          &l->wb_desc, l->wb_numel, &call->reply,
-                          &call->reply_len) != 0) {
+  if (svc__reply_backward(call, &s->desc, p->dx, s->numel, p->dw, p->db,
+                          &l->wb_desc, l->wb_numel) != 0) {
     rc = svc_set_error(SVC_RESOURCE, "backward: out of memory");
     goto fail;
   }

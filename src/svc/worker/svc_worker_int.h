@@ -162,6 +162,17 @@ int svc__cmd_stats(svc__call_t *call); /* and stats_backward */
 int svc__cmd_get_state(svc__call_t *call);
 int svc__cmd_set_state(svc__call_t *call);
 int svc__cmd_metrics(svc__call_t *call);
+int svc__cmd_shm_attach(svc__call_t *call);
+
+/* Shared memory (svc_shm_req.c): checks the regions a request names and
+ * copies its input out of them before it runs; the replies write y or dx
+ * into the region the request named, or encode them as usual. */
+int svc__shm_resolve(svc_worker_t *w, svc_request_t *q);
+int svc__reply_forward(svc__call_t *call, const float *y);
+int svc__reply_backward(svc__call_t *call, const sbn_tensor_desc_t *desc,
+                        const float *dx, size_t numel, const float *dw,
+                        const float *db, const sbn_tensor_desc_t *wb_desc,
+                        size_t wb_numel);
 int svc__cmd_checkpoint(svc__call_t *call); /* save and load */
 /* Removes the ".sbntmp-*" files a killed checkpoint_save left in the
  * state directory (a state directory serves one job at a time); returns
@@ -344,6 +355,9 @@ typedef struct svc__metrics_s {
 
 struct svc_worker_s {
   svc_worker_config_t cfg;
+  /* The region table of the connection whose request runs now (protocol
+   * 6), or NULL (TCP, or no socket): set by the server around each call. */
+  struct svc_shm_s *shm;
   /* The communicator the layers run on: one process, carrying the
    * worker's rank so that dropout keys differ between ranks exactly as
    * they do under SyncBN's MPI communicator. */
