@@ -138,8 +138,7 @@ int sbn_client_backward(sbn_client_t *c, uint64_t layer, uint64_t step,
  * sbn_client_shm_backward reads dy at dy_off and writes dx at dx_off,
  * returning dweight/dbias through the socket. The worker refuses
  * (BAD_TENSOR) ranges past the region's end and an output that overlaps
- * the input; syncbatchnorm training steps are answered after the other
- * ranks and so take no output in the region (BAD_REQUEST). */
+ * the input. */
 typedef struct sbn_client_shm_s {
   void *base;
   size_t size;

@@ -207,7 +207,8 @@ static void svc__forward_done(svc_worker_t *w, svc__pend_t *p,
   svc__fargs(l, s, p, &a);
   rc = sbn_bn_forward_finish(l->layer, &a, recs);
   if (rc == 0)
-    rc = svc_encode_forward(&p->q.id, &s->desc, p->y, s->numel, &buf, &len);
+    rc = svc__encode_y(&p->q.id, p->token != NULL ? &p->q.out : NULL,
+                       &s->desc, p->y, s->numel, &buf, &len);
   else
     svc_encode_error(&p->q.id, svc__lib_code(rc), sbn_last_error(), &buf, &len);
   if (rc != 0) {
@@ -243,6 +244,7 @@ static int svc__forward_sync(svc__call_t *call, svc__layer_t *l, svc__step_t *s,
     return rc;
   }
   p->q.id = q->id;
+  p->q.out = q->out; /* written at delivery while the connection lives */
   p->q.bias = q->bias;
   q->bias.data = NULL; /* the entry owns it now */
   p->y = a->y;
@@ -302,7 +304,8 @@ int svc__cmd_forward(svc__call_t *call) {
     rc = svc__lib_error(rc);
     goto fail;
   }
-  if (svc__reply_forward(call, y) != 0) {
+  if (svc__encode_y(&q->id, &q->out, &q->x.desc, y, q->x.numel, &call->reply,
+                    &call->reply_len) != 0) {
     rc = svc_set_error(SVC_RESOURCE, "forward: out of memory");
     goto fail;
   }
@@ -366,8 +369,9 @@ static void svc__backward_done(svc_worker_t *w, svc__pend_t *p,
   svc__bargs(s, p, &a);
   rc = sbn_bn_backward_finish(l->layer, &a, recs);
   if (rc == 0)
-    rc = svc_encode_backward(&p->q.id, &s->desc, p->dx, s->numel, p->dw, p->db,
-                             &l->wb_desc, l->wb_numel, &buf, &len);
+    rc = svc__encode_dx(&p->q.id, p->token != NULL ? &p->q.out : NULL,
+                        &s->desc, p->dx, s->numel, p->dw, p->db, &l->wb_desc,
+                        l->wb_numel, &buf, &len);
   else
     svc_encode_error(&p->q.id, svc__lib_code(rc), sbn_last_error(), &buf, &len);
   if (rc == 0) {
@@ -434,6 +438,7 @@ int svc__cmd_backward(svc__call_t *call) {
     goto fail;
   }
   p->q.id = q->id;
+  p->q.out = q->out;
   p->q.x = q->x;
   q->x.data = NULL; /* dy belongs to the entry now */
   p->s = s;
@@ -453,8 +458,9 @@ int svc__cmd_backward(svc__call_t *call) {
     rc = svc__lib_error(rc);
     goto fail;
   }
-  if (svc__reply_backward(call, &s->desc, p->dx, s->numel, p->dw, p->db,
-                          &l->wb_desc, l->wb_numel) != 0) {
+  if (svc__encode_dx(&q->id, &q->out, &s->desc, p->dx, s->numel, p->dw, p->db,
+                     &l->wb_desc, l->wb_numel, &call->reply,
+                     &call->reply_len) != 0) {
     rc = svc_set_error(SVC_RESOURCE, "backward: out of memory");
     goto fail;
   }

@@ -17,25 +17,6 @@ static int svc__overlap(uint64_t a, uint64_t n, uint64_t b, uint64_t m) {
   return n > 0 && m > 0 && a < b + m && b < a + n;
 }
 
-/* An output into a region is written when the request is answered; a
- * deferred answer may come after the connection (and its mapping) is
- * gone, so those are refused before anything runs. */
-static int svc__shm_out_check(svc_worker_t *w, const svc_request_t *q,
-                              const char *what) {
-  int rc;
-  svc__layer_t *l = svc__layer(w, q->layer, &rc);
-  if (l == NULL)
-    return rc;
-  if (l->kind == SVC_KIND_SYNCBATCHNORM &&
-      (q->op == SVC_OP_BACKWARD || q->train))
-    return svc_set_error(SVC_BAD_REQUEST,
-                         "%s: a syncbatchnorm training step is answered after "
-                         "the other ranks; it takes x or dy from a region but "
-                         "replies with the bytes",
-                         what);
-  return 0;
-}
-
 /* The input's bytes, copied out of the region into an aligned buffer of
  * the request's own (the kernels want aligned floats, a kept training
  * step outlives the request, and the client may reuse the region as soon
@@ -75,8 +56,7 @@ int svc__shm_resolve(svc_worker_t *w, svc_request_t *q) {
                          "only",
                          q->x.shm ? in : out);
   if (q->out.present) {
-    if ((rc = svc__shm_out_check(w, q, out)) != 0 ||
-        (rc = svc_shm_range(w->shm, q->out.region, q->out.offset, bytes, out,
+    if ((rc = svc_shm_range(w->shm, q->out.region, q->out.offset, bytes, out,
                             &q->out.dst)) != 0)
       return rc;
   }
@@ -97,27 +77,26 @@ int svc__shm_resolve(svc_worker_t *w, svc_request_t *q) {
   return svc__shm_copy_in(q, src, (size_t)bytes, in);
 }
 
-int svc__reply_forward(svc__call_t *call, const float *y) {
-  const svc_request_t *q = call->q;
-  if (q->out.dst == NULL)
-    return svc_encode_forward(&q->id, &q->x.desc, y, q->x.numel, &call->reply,
-                              &call->reply_len);
-  if (q->x.numel > 0)
-    memcpy(q->out.dst, y, q->x.numel * sizeof(float));
-  return svc_encode_forward_at(&q->id, &q->x.desc, &q->out, &call->reply,
-                               &call->reply_len);
+int svc__encode_y(const svc_id_t *id, const svc_shm_at_t *at,
+                  const sbn_tensor_desc_t *desc, const float *y, size_t numel,
+                  uint8_t **out, size_t *out_len) {
+  if (at == NULL || at->dst == NULL)
+    return svc_encode_forward(id, desc, y, numel, out, out_len);
+  if (numel > 0)
+    memcpy(at->dst, y, numel * sizeof(float));
+  return svc_encode_forward_at(id, desc, at, out, out_len);
 }
 
-int svc__reply_backward(svc__call_t *call, const sbn_tensor_desc_t *desc,
-                        const float *dx, size_t numel, const float *dw,
-                        const float *db, const sbn_tensor_desc_t *wb_desc,
-                        size_t wb_numel) {
-  const svc_request_t *q = call->q;
-  if (q->out.dst == NULL)
-    return svc_encode_backward(&q->id, desc, dx, numel, dw, db, wb_desc,
-                               wb_numel, &call->reply, &call->reply_len);
+int svc__encode_dx(const svc_id_t *id, const svc_shm_at_t *at,
+                   const sbn_tensor_desc_t *desc, const float *dx,
+                   size_t numel, const float *dw, const float *db,
+                   const sbn_tensor_desc_t *wb_desc, size_t wb_numel,
+                   uint8_t **out, size_t *out_len) {
+  if (at == NULL || at->dst == NULL)
+    return svc_encode_backward(id, desc, dx, numel, dw, db, wb_desc, wb_numel,
+                               out, out_len);
   if (numel > 0)
-    memcpy(q->out.dst, dx, numel * sizeof(float));
-  return svc_encode_backward_at(&q->id, desc, &q->out, dw, db, wb_desc,
-                                wb_numel, &call->reply, &call->reply_len);
+    memcpy(at->dst, dx, numel * sizeof(float));
+  return svc_encode_backward_at(id, desc, at, dw, db, wb_desc, wb_numel, out,
+                                out_len);
 }

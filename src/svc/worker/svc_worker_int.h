@@ -165,14 +165,20 @@ int svc__cmd_metrics(svc__call_t *call);
 int svc__cmd_shm_attach(svc__call_t *call);
 
 /* Shared memory (svc_shm_req.c): checks the regions a request names and
- * copies its input out of them before it runs; the replies write y or dx
- * into the region the request named, or encode them as usual. */
+ * copies its input out of them before it runs. The replies of forward
+ * and backward: with at->dst set, y or dx is written there and the reply
+ * names the region; with at (or at->dst) NULL they carry the bytes. A
+ * deferred entry passes at only while its connection (whose mapping at
+ * points into) is still there. */
 int svc__shm_resolve(svc_worker_t *w, svc_request_t *q);
-int svc__reply_forward(svc__call_t *call, const float *y);
-int svc__reply_backward(svc__call_t *call, const sbn_tensor_desc_t *desc,
-                        const float *dx, size_t numel, const float *dw,
-                        const float *db, const sbn_tensor_desc_t *wb_desc,
-                        size_t wb_numel);
+int svc__encode_y(const svc_id_t *id, const svc_shm_at_t *at,
+                  const sbn_tensor_desc_t *desc, const float *y, size_t numel,
+                  uint8_t **out, size_t *out_len);
+int svc__encode_dx(const svc_id_t *id, const svc_shm_at_t *at,
+                   const sbn_tensor_desc_t *desc, const float *dx,
+                   size_t numel, const float *dw, const float *db,
+                   const sbn_tensor_desc_t *wb_desc, size_t wb_numel,
+                   uint8_t **out, size_t *out_len);
 int svc__cmd_checkpoint(svc__call_t *call); /* save and load */
 /* Removes the ".sbntmp-*" files a killed checkpoint_save left in the
  * state directory (a state directory serves one job at a time); returns
