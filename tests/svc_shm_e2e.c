@@ -11,8 +11,9 @@
  *   memfd, a shm_attach without a descriptor, the same memfd twice, more
  *   regions than a connection may hold, a region larger than the memory
  *   budget, offsets past the end or wrapping around 2^64, an unknown
- *   region, inputs and outputs that overlap, and shared memory over TCP; each gets its error code
- *   and the connection still serves the happy path afterwards. */
+ *   region, inputs and outputs that overlap, and shared memory over TCP; each
+ * gets its error code and the connection still serves the happy path
+ * afterwards. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -30,21 +31,21 @@
 #include "svc_job.h"
 #include "syncbn.h"
 
-#define CHECK(cond, ...)                                                   \
-  do {                                                                     \
-    if (!(cond)) {                                                         \
-      fprintf(stderr, "svc_shm_e2e: %s:%d: check failed: %s: ", __FILE__,  \
-              __LINE__, #cond);                                            \
-      fprintf(stderr, __VA_ARGS__);                                        \
-      fprintf(stderr, "\n");                                               \
-      exit(1);                                                             \
-    }                                                                      \
+#define CHECK(cond, ...)                                                  \
+  do {                                                                    \
+    if (!(cond)) {                                                        \
+      fprintf(stderr, "svc_shm_e2e: %s:%d: check failed: %s: ", __FILE__, \
+              __LINE__, #cond);                                           \
+      fprintf(stderr, __VA_ARGS__);                                       \
+      fprintf(stderr, "\n");                                              \
+      exit(1);                                                            \
+    }                                                                     \
   } while (0)
 
 /* A refusal: the call failed with the worker's code want. */
-#define CHECK_CODE(rc, c, want)                                         \
-  CHECK((rc) != 0 && strcmp(sbn_client_server_code(c), (want)) == 0,    \
-        "expected %s, got rc %d code '%s' (%s)", (want), (rc),          \
+#define CHECK_CODE(rc, c, want)                                      \
+  CHECK((rc) != 0 && strcmp(sbn_client_server_code(c), (want)) == 0, \
+        "expected %s, got rc %d code '%s' (%s)", (want), (rc),       \
         sbn_client_server_code(c), sbn_last_error())
 
 #define N 3
@@ -76,14 +77,18 @@ static void start_job(void) {
   CHECK(write(tf, g_token, sizeof g_token - 1) == (ssize_t)(sizeof g_token - 1),
         "token write");
   close(tf);
-  const char *argv[] = {SBN_MPIEXEC,     "--oversubscribe", "--bind-to",
-                        "none",          "--timeout",       "150",
-                        "--mca",         "pml",             "ob1",
-                        "--mca",         "btl",             "self,vader,tcp",
-                        "-np",           "1",               SBN_SYNCBND,
-                        "--socket-dir",  dir,               "--max-memory",
-                        BUDGET,          "--tcp",           "127.0.0.1:0",
-                        "--token-file",  tok,               NULL};
+  const char *argv[] = {SBN_MPIEXEC,   "--oversubscribe",
+                        "--bind-to",   "none",
+                        "--timeout",   "150",
+                        "--mca",       "pml",
+                        "ob1",         "--mca",
+                        "btl",         "self,vader,tcp",
+                        "-np",         "1",
+                        SBN_SYNCBND,   "--socket-dir",
+                        dir,           "--max-memory",
+                        BUDGET,        "--tcp",
+                        "127.0.0.1:0", "--token-file",
+                        tok,           NULL};
   g_mpirun = sj_start("svc_shm_e2e", argv, NULL, 1, g_path, g_port);
 }
 
@@ -162,10 +167,10 @@ static void happy(sbn_client_t *c, const sbn_client_shm_t *m, uint64_t step) {
 /* A shm_attach frame with no descriptor, on a raw connection: the reply
  * names the missing descriptor with BAD_REQUEST. */
 static void attach_without_fd(void) {
-  static const uint8_t frame[] = {
-      0,    0,    0,    0x17, 0x83, 0xa2, 'o', 'p', 0xaa, 's', 'h', 'm',
-      '_',  'a',  't',  't',  'a',  'c',  'h', 0xa2, 'i', 'd', 0x07, 0xa4,
-      's',  'i',  'z',  'e',  0xcd, 0x10, 0x00};
+  static const uint8_t frame[] = {0,    0,   0,   0x17, 0x83, 0xa2, 'o',  'p',
+                                  0xaa, 's', 'h', 'm',  '_',  'a',  't',  't',
+                                  'a',  'c', 'h', 0xa2, 'i',  'd',  0x07, 0xa4,
+                                  's',  'i', 'z', 'e',  0xcd, 0x10, 0x00};
   struct sockaddr_un sa;
   uint8_t buf[512];
   ssize_t n, got = 0;
@@ -252,9 +257,9 @@ static void hostile_ranges(sbn_client_t *c, const sbn_client_shm_t *m) {
           "%s: rc %d code '%s' (%s)", bad[i].what, rc,
           sbn_client_server_code(c), sbn_last_error());
   }
-  CHECK_CODE(sbn_client_shm_backward(c, g_bn, 1, &g_d, m->region, 0, 8,
-                                     NULL, NULL, 0),
-             c, "BAD_TENSOR");
+  CHECK_CODE(
+      sbn_client_shm_backward(c, g_bn, 1, &g_d, m->region, 0, 8, NULL, NULL, 0),
+      c, "BAD_TENSOR");
 }
 
 /* A syncbatchnorm training step goes through the agreement (its reply is
@@ -274,8 +279,7 @@ static void sync_step(sbn_client_t *c, const sbn_client_shm_t *m,
   CHECK(sbn_client_shm_backward(c, g_sync, step, &g_d, m->region, 24576, 32768,
                                 dw, db, C) == 0,
         "shm sync backward: %s", sbn_last_error());
-  CHECK(sbn_client_forward(c, g_sync2, step, 1, &g_d, x, NULL, NULL, 0, y) ==
-            0,
+  CHECK(sbn_client_forward(c, g_sync2, step, 1, &g_d, x, NULL, NULL, 0, y) == 0,
         "sync forward: %s", sbn_last_error());
   CHECK(sbn_client_backward(c, g_sync2, step, &g_d, dy, dx, dw2, db2, C) == 0,
         "sync backward: %s", sbn_last_error());

@@ -92,7 +92,8 @@ int sbn_client_shm_attach(sbn_client_t *c, size_t size, sbn_client_shm_t *out) {
   if (rc != 0)
     return rc;
   if (out == NULL || size == 0)
-    return sbn__fail(c, SBN_EINVAL, "%s", out == NULL ? "out: NULL" : "size: 0");
+    return sbn__fail(c, SBN_EINVAL, "%s",
+                     out == NULL ? "out: NULL" : "size: 0");
   memset(out, 0, sizeof *out);
   fd = memfd_create("syncbn-shm", MFD_CLOEXEC | MFD_ALLOW_SEALING);
   if (fd < 0)

@@ -140,7 +140,7 @@ typedef enum {
   SVC_OP_CHECKPOINT_LOAD,
   SVC_OP_METRICS,
   SVC_OP_SHM_ATTACH, /* protocol 6: a shared-memory region */
-  SVC_OP_COUNT /* the number of ops: sizes per-op tables */
+  SVC_OP_COUNT       /* the number of ops: sizes per-op tables */
 } svc_op_t;
 
 /* Wire name of an op ("forward"); NULL past the last one. */

@@ -134,8 +134,9 @@ static int svc__tensor_parse(const msgpack_object *o, const char *what,
   else if ((allow_f64 & 1) && svc__str_eq(dtype, "f64"))
     *elsz = sizeof(double);
   else
-    return svc_set_error(SVC_BAD_TENSOR, "%s.dtype: only %s supported", what,
-                         (allow_f64 & 1) ? "\"f32\" and \"f64\" are" : "\"f32\" is");
+    return svc_set_error(
+        SVC_BAD_TENSOR, "%s.dtype: only %s supported", what,
+        (allow_f64 & 1) ? "\"f32\" and \"f64\" are" : "\"f32\" is");
   if (shape->type != MSGPACK_OBJECT_ARRAY || shape->via.array.size < 1 ||
       shape->via.array.size > SBN_MAX_DIMS)
     return svc_set_error(SVC_BAD_TENSOR,
@@ -604,8 +605,8 @@ static int svc__decode_at(const msgpack_object *o, const char *what,
   if (o == NULL)
     return 0;
   if (o->type != MSGPACK_OBJECT_MAP)
-    return svc_set_error(SVC_BAD_REQUEST,
-                         "%s: expected a map {region, offset}", what);
+    return svc_set_error(SVC_BAD_REQUEST, "%s: expected a map {region, offset}",
+                         what);
   for (uint32_t i = 0; i < o->via.map.size; i++) {
     const msgpack_object *k = &o->via.map.ptr[i].key;
     const msgpack_object *v = &o->via.map.ptr[i].val;

@@ -207,8 +207,8 @@ static void svc__forward_done(svc_worker_t *w, svc__pend_t *p,
   svc__fargs(l, s, p, &a);
   rc = sbn_bn_forward_finish(l->layer, &a, recs);
   if (rc == 0)
-    rc = svc__encode_y(&p->q.id, p->token != NULL ? &p->q.out : NULL,
-                       &s->desc, p->y, s->numel, &buf, &len);
+    rc = svc__encode_y(&p->q.id, p->token != NULL ? &p->q.out : NULL, &s->desc,
+                       p->y, s->numel, &buf, &len);
   else
     svc_encode_error(&p->q.id, svc__lib_code(rc), sbn_last_error(), &buf, &len);
   if (rc != 0) {
@@ -369,9 +369,9 @@ static void svc__backward_done(svc_worker_t *w, svc__pend_t *p,
   svc__bargs(s, p, &a);
   rc = sbn_bn_backward_finish(l->layer, &a, recs);
   if (rc == 0)
-    rc = svc__encode_dx(&p->q.id, p->token != NULL ? &p->q.out : NULL,
-                        &s->desc, p->dx, s->numel, p->dw, p->db, &l->wb_desc,
-                        l->wb_numel, &buf, &len);
+    rc = svc__encode_dx(&p->q.id, p->token != NULL ? &p->q.out : NULL, &s->desc,
+                        p->dx, s->numel, p->dw, p->db, &l->wb_desc, l->wb_numel,
+                        &buf, &len);
   else
     svc_encode_error(&p->q.id, svc__lib_code(rc), sbn_last_error(), &buf, &len);
   if (rc == 0) {

@@ -21,8 +21,8 @@ static int svc__overlap(uint64_t a, uint64_t n, uint64_t b, uint64_t m) {
  * the request's own (the kernels want aligned floats, a kept training
  * step outlives the request, and the client may reuse the region as soon
  * as it has the reply). */
-static int svc__shm_copy_in(svc_request_t *q, const uint8_t *src,
-                            size_t bytes, const char *what) {
+static int svc__shm_copy_in(svc_request_t *q, const uint8_t *src, size_t bytes,
+                            const char *what) {
   size_t padded = (bytes + 63) & ~(size_t)63;
   if (bytes == 0)
     return 0;
@@ -88,8 +88,8 @@ int svc__encode_y(const svc_id_t *id, const svc_shm_at_t *at,
 }
 
 int svc__encode_dx(const svc_id_t *id, const svc_shm_at_t *at,
-                   const sbn_tensor_desc_t *desc, const float *dx,
-                   size_t numel, const float *dw, const float *db,
+                   const sbn_tensor_desc_t *desc, const float *dx, size_t numel,
+                   const float *dw, const float *db,
                    const sbn_tensor_desc_t *wb_desc, size_t wb_numel,
                    uint8_t **out, size_t *out_len) {
   if (at == NULL || at->dst == NULL)

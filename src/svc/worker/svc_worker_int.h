@@ -175,8 +175,8 @@ int svc__encode_y(const svc_id_t *id, const svc_shm_at_t *at,
                   const sbn_tensor_desc_t *desc, const float *y, size_t numel,
                   uint8_t **out, size_t *out_len);
 int svc__encode_dx(const svc_id_t *id, const svc_shm_at_t *at,
-                   const sbn_tensor_desc_t *desc, const float *dx,
-                   size_t numel, const float *dw, const float *db,
+                   const sbn_tensor_desc_t *desc, const float *dx, size_t numel,
+                   const float *dw, const float *db,
                    const sbn_tensor_desc_t *wb_desc, size_t wb_numel,
                    uint8_t **out, size_t *out_len);
 int svc__cmd_checkpoint(svc__call_t *call); /* save and load */
