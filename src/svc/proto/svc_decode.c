@@ -62,6 +62,35 @@ void svc_tensor_free(svc_tensor_t *t) {
   memset(t, 0, sizeof *t);
 }
 
+/* Protocol 6: a tensor whose bytes are in a shared-memory region
+ * (`region` and `offset` in place of `data`); only the worker's copy-in
+ * (svc_shm_req.c) accepts one, where flags has bit 2. */
+static int svc__tensor_ref(const msgpack_object *region,
+                           const msgpack_object *offset,
+                           const msgpack_object *data, const char *what,
+                           int flags, svc_tensor_t *t) {
+  if (!(flags & 2))
+    return svc_set_error(SVC_BAD_TENSOR,
+                         "%s: 'region' and 'offset' are accepted for a "
+                         "forward's x and a backward's dy only",
+                         what);
+  if (data != NULL || region == NULL || offset == NULL)
+    return svc_set_error(SVC_BAD_TENSOR,
+                         "%s: a shared-memory tensor has 'region' and "
+                         "'offset' and no 'data'",
+                         what);
+  if (region->type != MSGPACK_OBJECT_POSITIVE_INTEGER ||
+      offset->type != MSGPACK_OBJECT_POSITIVE_INTEGER)
+    return svc_set_error(SVC_BAD_TENSOR,
+                         "%s: 'region' and 'offset' must be non-negative "
+                         "integers",
+                         what);
+  t->shm = 1;
+  t->shm_region = region->via.u64;
+  t->shm_offset = offset->via.u64;
+  return 0;
+}
+
 /* Validates a tensor map: keys, dtype (f32, or f64 where allow_f64 has
  * bit 1; bit 2 admits a shared-memory tensor, protocol 6),
  * shape (overflow-checked) and payload size. Fills t->desc and t->numel
@@ -72,6 +101,7 @@ static int svc__tensor_parse(const msgpack_object *o, const char *what,
   const msgpack_object *dtype = NULL, *shape = NULL, *data = NULL,
                        *layout = NULL, *region = NULL, *offset = NULL;
   size_t numel = 1;
+  int rc;
   memset(t, 0, sizeof *t);
   if (o->type != MSGPACK_OBJECT_MAP)
     return svc_set_error(SVC_BAD_TENSOR, "%s: expected a tensor map", what);
@@ -100,30 +130,11 @@ static int svc__tensor_parse(const msgpack_object *o, const char *what,
                            (int)k->via.str.size, k->via.str.ptr);
     *slot = v;
   }
-  if (region != NULL || offset != NULL) {
-    /* Protocol 6: the bytes are in a shared-memory region; only the
-     * worker's copy-in (svc_shm_req.c) may accept such a tensor. */
-    if (!(allow_f64 & 2))
-      return svc_set_error(SVC_BAD_TENSOR,
-                           "%s: 'region' and 'offset' are accepted for a "
-                           "forward's x and a backward's dy only",
-                           what);
-    if (data != NULL || region == NULL || offset == NULL)
-      return svc_set_error(SVC_BAD_TENSOR,
-                           "%s: a shared-memory tensor has 'region' and "
-                           "'offset' and no 'data'",
-                           what);
-    if (region->type != MSGPACK_OBJECT_POSITIVE_INTEGER ||
-        offset->type != MSGPACK_OBJECT_POSITIVE_INTEGER)
-      return svc_set_error(SVC_BAD_TENSOR,
-                           "%s: 'region' and 'offset' must be non-negative "
-                           "integers",
-                           what);
-    t->shm = 1;
-    t->shm_region = region->via.u64;
-    t->shm_offset = offset->via.u64;
+  if ((region != NULL || offset != NULL) &&
+      (rc = svc__tensor_ref(region, offset, data, what, allow_f64, t)) != 0)
+    return rc;
+  if (t->shm)
     data = region; /* stands in below for the presence check */
-  }
   if (dtype == NULL || shape == NULL || data == NULL)
     return svc_set_error(SVC_BAD_TENSOR, "%s: missing '%s'", what,
                          dtype == NULL   ? "dtype"
@@ -167,13 +178,12 @@ static int svc__tensor_parse(const msgpack_object *o, const char *what,
       return svc_set_error(SVC_BAD_TENSOR,
                            "%s.layout: expected \"nchw\" or \"nhwc\"", what);
   }
-  if (t->shm) {
-    if (numel > SIZE_MAX / *elsz)
-      return svc_set_error(SVC_BAD_TENSOR, "%s.shape: the product overflows",
-                           what);
-    t->numel = numel;
+  if (t->shm && numel > SIZE_MAX / *elsz)
+    return svc_set_error(SVC_BAD_TENSOR, "%s.shape: the product overflows",
+                         what);
+  t->numel = numel;
+  if (t->shm)
     return 0;
-  }
   if (data->type != MSGPACK_OBJECT_BIN)
     return svc_set_error(SVC_BAD_TENSOR, "%s.data: expected bin", what);
   if (numel > SIZE_MAX / *elsz || numel * *elsz != data->via.bin.size)
