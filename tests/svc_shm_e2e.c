@@ -162,6 +162,14 @@ static void happy(sbn_client_t *c, const sbn_client_shm_t *m, uint64_t step) {
   CHECK(sbn_client_forward(c, g_ln2, step, 0, &ld, x, NULL, NULL, 0, y) == 0,
         "layernorm: %s", sbn_last_error());
   CHECK(memcmp(b + 16384, y, BYTES) == 0, "layernorm y differs");
+  /* An output at an offset that is not 64-byte aligned (not even 4) is
+   * computed aside and copied in: same bytes. */
+  CHECK(
+      sbn_client_shm_forward(c, g_bn, step, 0, &g_d, m->region, 0, 40962) == 0,
+      "shm eval forward: %s", sbn_last_error());
+  CHECK(sbn_client_forward(c, g_bn2, step, 0, &g_d, x, NULL, NULL, 0, y) == 0,
+        "eval forward: %s", sbn_last_error());
+  CHECK(memcmp(b + 40962, y, BYTES) == 0, "unaligned y differs");
 }
 
 /* A shm_attach frame with no descriptor, on a raw connection: the reply

@@ -1,6 +1,7 @@
 /* Requests that name shared-memory regions (protocol 6, see svc_shm.h):
  * the checks before a forward or backward runs, the copy of its input
  * out of the region, and the write of its output into it. */
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -77,12 +78,18 @@ int svc__shm_resolve(svc_worker_t *w, svc_request_t *q) {
   return svc__shm_copy_in(q, src, (size_t)bytes, in);
 }
 
+float *svc__out_ptr(const svc_shm_at_t *at, float *fallback) {
+  if (at == NULL || at->dst == NULL || (uintptr_t)at->dst % 64 != 0)
+    return fallback;
+  return (float *)at->dst;
+}
+
 int svc__encode_y(const svc_id_t *id, const svc_shm_at_t *at,
                   const sbn_tensor_desc_t *desc, const float *y, size_t numel,
                   uint8_t **out, size_t *out_len) {
   if (at == NULL || at->dst == NULL)
     return svc_encode_forward(id, desc, y, numel, out, out_len);
-  if (numel > 0)
+  if (numel > 0 && (const uint8_t *)y != at->dst)
     memcpy(at->dst, y, numel * sizeof(float));
   return svc_encode_forward_at(id, desc, at, out, out_len);
 }
@@ -95,7 +102,7 @@ int svc__encode_dx(const svc_id_t *id, const svc_shm_at_t *at,
   if (at == NULL || at->dst == NULL)
     return svc_encode_backward(id, desc, dx, numel, dw, db, wb_desc, wb_numel,
                                out, out_len);
-  if (numel > 0)
+  if (numel > 0 && (const uint8_t *)dx != at->dst)
     memcpy(at->dst, dx, numel * sizeof(float));
   return svc_encode_backward_at(id, desc, at, dw, db, wb_desc, wb_numel, out,
                                 out_len);

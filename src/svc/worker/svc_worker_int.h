@@ -171,6 +171,10 @@ int svc__cmd_shm_attach(svc__call_t *call);
  * deferred entry passes at only while its connection (whose mapping at
  * points into) is still there. */
 int svc__shm_resolve(svc_worker_t *w, svc_request_t *q);
+/* Where a kernel writes its output: straight into the region when the
+ * request names one at a 64-byte aligned address (the kernels' alignment),
+ * else fallback, which the encoders then copy into the region. */
+float *svc__out_ptr(const svc_shm_at_t *at, float *fallback);
 int svc__encode_y(const svc_id_t *id, const svc_shm_at_t *at,
                   const sbn_tensor_desc_t *desc, const float *y, size_t numel,
                   uint8_t **out, size_t *out_len);
