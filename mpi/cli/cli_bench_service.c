@@ -56,7 +56,7 @@ typedef struct svc_cfg_s {
   double *mean, *m2, *gsum, *gsum2; /* C doubles each */
   sbn_rec_t *recs;
   sbn_bench_echo_t echo;
-  sbn_client_shm_t shm; /* x, dy, y, dx at 0, 1, 2, 3 x shm_stride */
+  sbn_client_shm_t *shm; /* x, dy, y, dx at 0, 1, 2, 3 x shm_stride */
   size_t shm_stride;
 } svc_cfg_t;
 
@@ -85,24 +85,27 @@ static int svc_full(svc_cfg_t *s, const sbn_tensor_desc_t *d, int k) {
  * writes x there and reads y there), so nothing is copied here. */
 static int svc_shm(svc_cfg_t *s, const sbn_tensor_desc_t *d) {
   uint64_t step = (*s->step)++, b = s->shm_stride;
-  int rc = sbn_client_shm_forward(s->c, s->layer, step, 1, d, s->shm.region, 0,
+  int rc = sbn_client_shm_forward(s->c, s->layer, step, 1, d, s->shm->region, 0,
                                   2 * b);
   if (rc == 0)
-    rc = sbn_client_shm_backward(s->c, s->layer, step, d, s->shm.region, b,
+    rc = sbn_client_shm_backward(s->c, s->layer, step, d, s->shm->region, b,
                                  3 * b, s->u.dw, s->u.db, s->u.c);
   return rc;
 }
 
-/* Attaches a region for the four tensors of a step, x and dy filled. */
-static int svc_shm_setup(svc_cfg_t *s) {
+/* The stride of the four tensors of a step of n floats in the region. */
+static size_t svc_shm_stride(size_t n) {
+  return (n * sizeof(float) + 4095) & ~(size_t)4095;
+}
+
+/* Fills x and dy of this configuration into the connection's region
+ * (attached once, for the largest configuration). */
+static void svc_shm_setup(svc_cfg_t *s, sbn_client_shm_t *shm) {
   size_t bytes = s->u.n * sizeof(float);
-  int rc;
-  s->shm_stride = (bytes + 4095) & ~(size_t)4095;
-  if ((rc = sbn_client_shm_attach(s->c, 4 * s->shm_stride, &s->shm)) != 0)
-    return rc;
-  memcpy(s->shm.base, s->u.x, bytes);
-  memcpy((char *)s->shm.base + s->shm_stride, s->u.dy, bytes);
-  return 0;
+  s->shm = shm;
+  s->shm_stride = svc_shm_stride(s->u.n);
+  memcpy(shm->base, s->u.x, bytes);
+  memcpy((char *)shm->base + s->shm_stride, s->u.dy, bytes);
 }
 
 static int svc_stats(svc_cfg_t *s, const sbn_tensor_desc_t *d) {
@@ -238,7 +241,6 @@ static int svc_agree_bytes(sbn_client_t *c, double *agree) {
 
 static void cfg_free(svc_cfg_t *s) {
   sbn__bench_echo_stop(&s->echo);
-  sbn_client_shm_unmap(&s->shm);
   sbn_layer_destroy(s->sync);
   sbn_comm_destroy(s->comm);
   sbn__bench_bufs_free(&s->u);
@@ -250,8 +252,9 @@ static void cfg_free(svc_cfg_t *s) {
 }
 
 static int svc_one(const sbn_bench_opts_t *o, sbn_client_t *c,
-                   unsigned long long run, int idx, uint64_t *step,
-                   const sbn_tensor_desc_t *d, sbn_bench_out_t *out) {
+                   sbn_client_shm_t *shm, unsigned long long run, int idx,
+                   uint64_t *step, const sbn_tensor_desc_t *d,
+                   sbn_bench_out_t *out) {
   sbn_layer_params_t p;
   svc_cfg_t s;
   char name[64];
@@ -290,9 +293,9 @@ static int svc_one(const sbn_bench_opts_t *o, sbn_client_t *c,
           0 ||
       (rc = sbn_layer_create(&p, s.comm, &s.sync)) != 0 ||
       (rc = sbn__bench_bufs_alloc(&s.u, d, s.sync)) != 0 ||
-      (rc = sbn__bench_echo_start(&s.echo, s.u.n * sizeof(float))) != 0 ||
-      (rc = svc_shm_setup(&s)) != 0)
+      (rc = sbn__bench_echo_start(&s.echo, s.u.n * sizeof(float))) != 0)
     goto done;
+  svc_shm_setup(&s, shm);
   if ((rc = svc_agree_bytes(c, &agree)) == 0 &&
       (rc = svc_reps(o, &s, d, reps, t)) == 0 &&
       (rc = svc_agree_bytes(c, &agree)) == 0)
@@ -360,14 +363,24 @@ int sbn__bench_service(const sbn_bench_opts_t *o, sbn_bench_out_t *out) {
                                   (int)(sizeof shapes / sizeof *shapes));
   sbn_bench_job_t job;
   sbn_client_t *c = NULL;
+  sbn_client_shm_t shm;
   char dir[PATH_MAX];
   uint64_t step = 1;
   memset(&job, 0, sizeof job);
+  memset(&shm, 0, sizeof shm);
   job.pid = -1;
   job.out_fd = -1;
   int rc = svc_start(o, &job, dir), any = 0;
   if (rc == 0)
     rc = svc_connect(o, dir, &c);
+  /* One region serves every configuration: a connection holds at most
+   * 16. */
+  size_t most = 0;
+  for (int i = 0; i < n; i++)
+    if (sbn__bench_numel(&shapes[i]) > most)
+      most = sbn__bench_numel(&shapes[i]);
+  if (rc == 0)
+    rc = sbn_client_shm_attach(c, 4 * svc_shm_stride(most), &shm);
   /* Agree before the first collective request, so that one rank that
    * could not connect does not leave the others waiting on a STALL. */
   any = rc != 0;
@@ -378,7 +391,8 @@ int sbn__bench_service(const sbn_bench_opts_t *o, sbn_bench_out_t *out) {
       ((unsigned long long)getpid() << 32) ^ (unsigned long long)time(NULL);
   MPI_Bcast(&run, 1, MPI_UNSIGNED_LONG_LONG, 0, MPI_COMM_WORLD);
   for (int i = 0; i < n && rc == 0; i++)
-    rc = svc_one(o, c, run, i, &step, &shapes[i], out);
+    rc = svc_one(o, c, &shm, run, i, &step, &shapes[i], out);
+  sbn_client_shm_unmap(&shm);
   if (c != NULL && rc == 0)
     sbn_client_bye(c);
   sbn_client_close(c);
