@@ -118,3 +118,24 @@ if(TARGET syncbn_client AND TARGET syncbnd AND MPIEXEC_EXECUTABLE
   set_tests_properties(svc_client_e2e PROPERTIES TIMEOUT 180
     LABELS "mpi;svc" ENVIRONMENT "${svc_env}")
 endif()
+
+# Zero-copy shared memory (protocol 6): sealed memfd regions over the
+# Unix socket, the happy path bit for bit against the socket path and
+# every refusal.
+if(TARGET syncbnd AND TARGET syncbn_client
+   AND EXISTS ${CMAKE_CURRENT_LIST_DIR}/svc_shm_e2e.c)
+  add_executable(svc_shm_e2e ${CMAKE_CURRENT_LIST_DIR}/svc_shm_e2e.c
+    ${CMAKE_CURRENT_LIST_DIR}/svc_job.c)
+  target_link_libraries(svc_shm_e2e PRIVATE syncbn_client syncbn_svc
+    syncbn PkgConfig::MSGPACK m)
+  target_compile_definitions(svc_shm_e2e PRIVATE
+    SBN_MPIEXEC="${MPIEXEC_EXECUTABLE}"
+    SBN_SYNCBND="$<TARGET_FILE:syncbnd>")
+  set(svc_env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1)
+  if(DEFINED SBN_MPI_RUN_ENV)
+    set(svc_env ${SBN_MPI_RUN_ENV})
+  endif()
+  add_test(NAME svc_shm_e2e COMMAND svc_shm_e2e)
+  set_tests_properties(svc_shm_e2e PROPERTIES TIMEOUT 180
+    LABELS "mpi;svc" ENVIRONMENT "${svc_env}")
+endif()

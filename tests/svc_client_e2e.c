@@ -926,7 +926,7 @@ static void test_metrics(void) {
                 sbn_client_metrics_errors(&m0, "UNKNOWN_LAYER") ==
             1,
         "UNKNOWN_LAYER count");
-  CHECK(m1.nrequests == 13 && sbn_client_metrics_requests(&m1, "nope") == 0,
+  CHECK(m1.nrequests == 14 && sbn_client_metrics_requests(&m1, "nope") == 0,
         "requests table: %zu ops", m1.nrequests);
   CHECK(sbn_client_metrics_errors(&m1, "CHECKPOINT") >= 1 &&
             sbn_client_metrics_requests(&m1, "checkpoint_load") >= 2 &&

@@ -194,6 +194,79 @@ static void test_forward_tensor(void **st) {
   msgpack_sbuffer_destroy(&b.sb);
 }
 
+/* Protocol 6: a forward whose x is {dtype, shape, region[, offset][,
+ * data]} and whose y goes to region 3 at 4096 (y_at). */
+static void pack_shm_forward(tu_body_t *b, int with_data, int with_offset,
+                             uint64_t offset) {
+  const size_t dims[2] = {2, 3};
+  float x[6] = {0};
+  tu_body_init(b);
+  msgpack_pack_map(&b->pk, 7);
+  tu_key(b, "op");
+  tu_key(b, "forward");
+  tu_key(b, "id");
+  msgpack_pack_uint64(&b->pk, 9);
+  tu_key(b, "layer");
+  msgpack_pack_uint64(&b->pk, 0);
+  tu_key(b, "step");
+  msgpack_pack_uint64(&b->pk, 1);
+  tu_key(b, "train");
+  tu_boolean(b, 1);
+  tu_key(b, "x");
+  msgpack_pack_map(&b->pk, 3 + (with_data ? 1 : 0) + (with_offset ? 1 : 0));
+  tu_key(b, "dtype");
+  tu_key(b, "f32");
+  tu_key(b, "shape");
+  msgpack_pack_array(&b->pk, 2);
+  msgpack_pack_uint64(&b->pk, dims[0]);
+  msgpack_pack_uint64(&b->pk, dims[1]);
+  tu_key(b, "region");
+  msgpack_pack_uint64(&b->pk, 3);
+  if (with_offset) {
+    tu_key(b, "offset");
+    msgpack_pack_uint64(&b->pk, offset);
+  }
+  if (with_data) {
+    tu_key(b, "data");
+    msgpack_pack_bin(&b->pk, sizeof x);
+    msgpack_pack_bin_body(&b->pk, x, sizeof x);
+  }
+  tu_key(b, "y_at");
+  msgpack_pack_map(&b->pk, 2);
+  tu_key(b, "region");
+  msgpack_pack_uint64(&b->pk, 3);
+  tu_key(b, "offset");
+  msgpack_pack_uint64(&b->pk, 4096);
+}
+
+static void test_shm_tensor(void **st) {
+  tu_body_t b;
+  svc_request_t q;
+  tu_err_t err;
+  (void)st;
+  pack_shm_forward(&b, 0, 1, UINT64_MAX);
+  ASSERT_CODE(decode(&b, &q, &err), SVC_OK);
+  assert_int_equal(q.x.shm, 1);
+  assert_int_equal(q.x.shm_region, 3);
+  assert_true(q.x.shm_offset == UINT64_MAX);
+  assert_int_equal(q.x.numel, 6);
+  assert_null(q.x.data);
+  assert_int_equal(q.out.present, 1);
+  assert_int_equal(q.out.region, 3);
+  assert_int_equal(q.out.offset, 4096);
+  assert_null(q.out.dst);
+  svc_request_free(&q);
+  msgpack_sbuffer_destroy(&b.sb);
+  /* data and region together, or region without offset: BAD_TENSOR. */
+  pack_shm_forward(&b, 1, 1, 0);
+  ASSERT_CODE(decode(&b, &q, &err), SVC_BAD_TENSOR);
+  assert_non_null(strstr(err.msg, "no 'data'"));
+  msgpack_sbuffer_destroy(&b.sb);
+  pack_shm_forward(&b, 0, 0, 0);
+  ASSERT_CODE(decode(&b, &q, &err), SVC_BAD_TENSOR);
+  msgpack_sbuffer_destroy(&b.sb);
+}
+
 /* ------------------------------------------------------------------ */
 /* Malformed msgpack and the bombs */
 
@@ -1016,6 +1089,7 @@ int main(void) {
       cmocka_unit_test(test_malformed),
       cmocka_unit_test(test_wrong_types),
       cmocka_unit_test(test_tensors),
+      cmocka_unit_test(test_shm_tensor),
       cmocka_unit_test(test_mutations),
       cmocka_unit_test(test_replies),
       cmocka_unit_test(test_worker),

@@ -14,7 +14,11 @@
  * lists, from its metrics), the largest over the ranks. The full path's
  * copy floor is unix_echo: x and dy sent through a Unix socket to a thread
  * that sends them back (into y and dx); service_full's floor_us is sync +
- * unix_echo, floor_ratio service_full over it. */
+ * unix_echo, floor_ratio service_full over it. service_shm is the same
+ * syncbatchnorm step as service_full with x and dy in a shared-memory
+ * region (protocol 6) and y and dx written into it by the worker, against
+ * the in-process step (sync): hop_ratio is their quotient, target_us
+ * 1.3 x sync (target_ratio <= 1 meets it). */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -37,6 +41,7 @@ enum {
   SV_STATS1,
   SV_AR1,
   SV_ECHO,
+  SV_SHM,
   SV_COUNT
 };
 
@@ -51,6 +56,8 @@ typedef struct svc_cfg_s {
   double *mean, *m2, *gsum, *gsum2; /* C doubles each */
   sbn_rec_t *recs;
   sbn_bench_echo_t echo;
+  sbn_client_shm_t *shm; /* x, dy, y, dx at 0, 1, 2, 3 x shm_stride */
+  size_t shm_stride;
 } svc_cfg_t;
 
 /* The copy floor of service_full: x out and y back, dy out and dx back,
@@ -72,6 +79,33 @@ static int svc_full(svc_cfg_t *s, const sbn_tensor_desc_t *d, int k) {
     rc = sbn_client_backward(s->c, s->layer, step, d, s->u.dy + at,
                              s->u.dx + at, s->u.dw, s->u.db, s->u.c);
   return rc;
+}
+
+/* The shared-memory step: the tensors live in the region (a trainer
+ * writes x there and reads y there), so nothing is copied here. */
+static int svc_shm(svc_cfg_t *s, const sbn_tensor_desc_t *d) {
+  uint64_t step = (*s->step)++, b = s->shm_stride;
+  int rc = sbn_client_shm_forward(s->c, s->layer, step, 1, d, s->shm->region, 0,
+                                  2 * b);
+  if (rc == 0)
+    rc = sbn_client_shm_backward(s->c, s->layer, step, d, s->shm->region, b,
+                                 3 * b, s->u.dw, s->u.db, s->u.c);
+  return rc;
+}
+
+/* The stride of the four tensors of a step of n floats in the region. */
+static size_t svc_shm_stride(size_t n) {
+  return (n * sizeof(float) + 4095) & ~(size_t)4095;
+}
+
+/* Fills x and dy of this configuration into the connection's region
+ * (attached once, for the largest configuration). */
+static void svc_shm_setup(svc_cfg_t *s, sbn_client_shm_t *shm) {
+  size_t bytes = s->u.n * sizeof(float);
+  s->shm = shm;
+  s->shm_stride = svc_shm_stride(s->u.n);
+  memcpy(shm->base, s->u.x, bytes);
+  memcpy((char *)shm->base + s->shm_stride, s->u.dy, bytes);
 }
 
 static int svc_stats(svc_cfg_t *s, const sbn_tensor_desc_t *d) {
@@ -132,6 +166,8 @@ static int svc_reps(const sbn_bench_opts_t *o, svc_cfg_t *s,
         rc = svc_stats1(s, d);
       else if (v == SV_AR1)
         rc = inproc_stats(s, 1);
+      else if (v == SV_SHM)
+        rc = svc_shm(s, d);
       else
         rc = svc_echo(s, k);
       double t1 = sbn__bench_now();
@@ -149,10 +185,10 @@ static int svc_push(const sbn_bench_opts_t *o, const sbn_tensor_desc_t *d,
                     sbn_bench_out_t *out) {
   static const char *const names[SV_COUNT] = {
       "service_full",   "sync",       "service_stats", "inproc_stats",
-      "service_stats1", "allreduce1", "unix_echo"};
+      "service_stats1", "allreduce1", "unix_echo",     "service_shm"};
   static const char *const passes[SV_COUNT] = {
       "fwd+bwd", "fwd+bwd",   "stats+stats_backward", "2x_allreduce",
-      "stats",   "allreduce", "x+dy_echoed"};
+      "stats",   "allreduce", "x+dy_echoed",          "fwd+bwd"};
   sbn_bench_rec_t r[SV_COUNT];
   int rc = 0;
   for (int v = 0; v < SV_COUNT; v++) {
@@ -169,6 +205,10 @@ static int svc_push(const sbn_bench_opts_t *o, const sbn_tensor_desc_t *d,
   r[SV_FULL].floor_ratio = r[SV_FULL].median_us / r[SV_FULL].floor_us;
   r[SV_STATS1].target_us = 1.5 * r[SV_AR1].median_us + 50.0;
   r[SV_STATS1].target_ratio = r[SV_STATS1].median_us / r[SV_STATS1].target_us;
+  r[SV_SHM].hop_us = r[SV_SHM].median_us - r[SV_SYNC].median_us;
+  r[SV_SHM].hop_ratio = r[SV_SHM].median_us / r[SV_SYNC].median_us;
+  r[SV_SHM].target_us = 1.3 * r[SV_SYNC].median_us;
+  r[SV_SHM].target_ratio = r[SV_SHM].median_us / r[SV_SHM].target_us;
   r[SV_STATS].agree_bytes_round = agree;
   r[SV_STATS1].agree_bytes_round = agree;
   for (int v = 0; v < SV_COUNT && rc == 0; v++)
@@ -212,8 +252,9 @@ static void cfg_free(svc_cfg_t *s) {
 }
 
 static int svc_one(const sbn_bench_opts_t *o, sbn_client_t *c,
-                   unsigned long long run, int idx, uint64_t *step,
-                   const sbn_tensor_desc_t *d, sbn_bench_out_t *out) {
+                   sbn_client_shm_t *shm, unsigned long long run, int idx,
+                   uint64_t *step, const sbn_tensor_desc_t *d,
+                   sbn_bench_out_t *out) {
   sbn_layer_params_t p;
   svc_cfg_t s;
   char name[64];
@@ -254,6 +295,7 @@ static int svc_one(const sbn_bench_opts_t *o, sbn_client_t *c,
       (rc = sbn__bench_bufs_alloc(&s.u, d, s.sync)) != 0 ||
       (rc = sbn__bench_echo_start(&s.echo, s.u.n * sizeof(float))) != 0)
     goto done;
+  svc_shm_setup(&s, shm);
   if ((rc = svc_agree_bytes(c, &agree)) == 0 &&
       (rc = svc_reps(o, &s, d, reps, t)) == 0 &&
       (rc = svc_agree_bytes(c, &agree)) == 0)
@@ -321,14 +363,24 @@ int sbn__bench_service(const sbn_bench_opts_t *o, sbn_bench_out_t *out) {
                                   (int)(sizeof shapes / sizeof *shapes));
   sbn_bench_job_t job;
   sbn_client_t *c = NULL;
+  sbn_client_shm_t shm;
   char dir[PATH_MAX];
   uint64_t step = 1;
   memset(&job, 0, sizeof job);
+  memset(&shm, 0, sizeof shm);
   job.pid = -1;
   job.out_fd = -1;
   int rc = svc_start(o, &job, dir), any = 0;
   if (rc == 0)
     rc = svc_connect(o, dir, &c);
+  /* One region serves every configuration: a connection holds at most
+   * 16. */
+  size_t most = 0;
+  for (int i = 0; i < n; i++)
+    if (sbn__bench_numel(&shapes[i]) > most)
+      most = sbn__bench_numel(&shapes[i]);
+  if (rc == 0)
+    rc = sbn_client_shm_attach(c, 4 * svc_shm_stride(most), &shm);
   /* Agree before the first collective request, so that one rank that
    * could not connect does not leave the others waiting on a STALL. */
   any = rc != 0;
@@ -339,7 +391,8 @@ int sbn__bench_service(const sbn_bench_opts_t *o, sbn_bench_out_t *out) {
       ((unsigned long long)getpid() << 32) ^ (unsigned long long)time(NULL);
   MPI_Bcast(&run, 1, MPI_UNSIGNED_LONG_LONG, 0, MPI_COMM_WORLD);
   for (int i = 0; i < n && rc == 0; i++)
-    rc = svc_one(o, c, run, i, &step, &shapes[i], out);
+    rc = svc_one(o, c, &shm, run, i, &step, &shapes[i], out);
+  sbn_client_shm_unmap(&shm);
   if (c != NULL && rc == 0)
     sbn_client_bye(c);
   sbn_client_close(c);

@@ -122,6 +122,42 @@ int sbn_client_backward(sbn_client_t *c, uint64_t layer, uint64_t step,
                         size_t wb_numel);
 
 /* ------------------------------------------------------------------ */
+/* Protocol 6: zero-copy shared memory, on the Unix socket only.
+ *
+ * sbn_client_shm_attach creates a memfd of size bytes, seals it
+ * (F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_SEAL), maps it and hands it to the
+ * worker with SCM_RIGHTS; out->base (owned by the caller, released with
+ * sbn_client_shm_unmap) is the client's view and out->region the id that
+ * requests name. The worker keeps its mapping until the connection
+ * closes. sbn_client_shm_attach_fd sends a descriptor the caller made as
+ * it is, declaring size (the worker checks the seals and size and
+ * refuses a region it cannot trust).
+ *
+ * sbn_client_shm_forward reads x from base + x_off and has the worker
+ * write y at base + y_off (same shape, float32 in the layout of desc);
+ * sbn_client_shm_backward reads dy at dy_off and writes dx at dx_off,
+ * returning dweight/dbias through the socket. The worker refuses
+ * (BAD_TENSOR) ranges past the region's end and an output that overlaps
+ * the input. */
+typedef struct sbn_client_shm_s {
+  void *base;
+  size_t size;
+  uint64_t region;
+} sbn_client_shm_t;
+
+int sbn_client_shm_attach(sbn_client_t *c, size_t size, sbn_client_shm_t *out);
+int sbn_client_shm_attach_fd(sbn_client_t *c, int fd, uint64_t size,
+                             uint64_t *region);
+void sbn_client_shm_unmap(sbn_client_shm_t *s);
+int sbn_client_shm_forward(sbn_client_t *c, uint64_t layer, uint64_t step,
+                           int train, const sbn_tensor_desc_t *desc,
+                           uint64_t region, uint64_t x_off, uint64_t y_off);
+int sbn_client_shm_backward(sbn_client_t *c, uint64_t layer, uint64_t step,
+                            const sbn_tensor_desc_t *desc, uint64_t region,
+                            uint64_t dy_off, uint64_t dx_off, float *dweight,
+                            float *dbias, size_t wb_numel);
+
+/* ------------------------------------------------------------------ */
 /* Protocol 3: the stats path, layer state, checkpoints, metrics, batches.
  * They need a worker with protocol >= 3 (sbn_client_hello says). */
 

@@ -159,8 +159,8 @@ int sbn_client_forward(sbn_client_t *c, uint64_t layer, uint64_t step,
 /* Backward's dweight and dbias, when the reply has them: wb_numel floats
  * each. The parameter shape is the layer's (C, or LayerNorm's normalized
  * shape); only its size is checked here. */
-static int sbn__take_dparams(sbn_client_t *c, const msgpack_object *root,
-                             float *dweight, float *dbias, size_t wb_numel) {
+int sbn__take_dparams(sbn_client_t *c, const msgpack_object *root,
+                      float *dweight, float *dbias, size_t wb_numel) {
   svc_tensor_t t;
   sbn_tensor_desc_t wd;
   int rc;

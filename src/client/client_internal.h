@@ -69,6 +69,9 @@ int sbn__pack_head(msgpack_packer *pk, const char *op, uint64_t id, size_t n);
 int sbn__req_send(sbn_client_t *c, sbn__req_t *r, const void *tail,
                   size_t tail_len);
 
+/* Packs the keys layer and step. */
+int sbn__pack_layer_step(msgpack_packer *pk, uint64_t layer, uint64_t step);
+
 /* The request maps that a batch can hold, packed by one function each
  * for the single calls and the batch queue. */
 int sbn__pack_forward(msgpack_packer *pk, uint64_t id, uint64_t layer,
@@ -134,6 +137,11 @@ int sbn__bool_field(const msgpack_object *m, const char *key, int *out);
 int sbn__decode_f32(sbn_client_t *c, const msgpack_object *root,
                     const char *key, const sbn_tensor_desc_t *want,
                     svc_tensor_t *t);
+
+/* A backward reply's dweight and dbias (wb_numel floats each) into the
+ * arrays that are not NULL; nothing when the reply has none. */
+int sbn__take_dparams(sbn_client_t *c, const msgpack_object *root,
+                      float *dweight, float *dbias, size_t wb_numel);
 
 /* Copies the f32 tensor key, of shape want, into out (NULL: only
  * checks it). */

@@ -30,8 +30,7 @@ void sbn__req_start(sbn_client_t *c, sbn__req_t *r, const char *op, size_t n) {
   r->bad |= sbn__pack_head(&r->pk, op, r->id, n);
 }
 
-static int sbn__pack_layer_step(msgpack_packer *pk, uint64_t layer,
-                                uint64_t step) {
+int sbn__pack_layer_step(msgpack_packer *pk, uint64_t layer, uint64_t step) {
   int rc = sbn__key(pk, "layer");
   rc |= msgpack_pack_uint64(pk, layer);
   rc |= sbn__key(pk, "step");

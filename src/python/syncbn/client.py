@@ -1,6 +1,6 @@
 #!/usr/bin/python3
 """A Python client for the syncbnd service (mpi/service/PROTOCOL.md,
-protocol version 5).
+protocol version 6).
 
 Needs msgpack and numpy (Debian: python3-msgpack python3-numpy).
 
@@ -13,9 +13,13 @@ Needs msgpack and numpy (Debian: python3-msgpack python3-numpy).
     dx, dw, db = c.backward(lid, step=0, dy=dy)
     c.bye()
 """
+import array
+import fcntl
+import mmap
 import os
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -52,9 +56,7 @@ def encode_tensor(a, layout="nchw"):
     """a is in memory order; for nhwc that is (N, d1.., C), and the
     protocol's shape is the logical (N, C, d1..)."""
     a = np.ascontiguousarray(a, dtype="<f4")
-    shape = [int(d) for d in a.shape]
-    if layout == "nhwc":
-        shape = [shape[0], shape[-1]] + shape[1:-1]
+    shape = _logical_shape(a.shape, layout)
     return {"dtype": "f32", "shape": shape, "data": a.tobytes(),
             "layout": layout}
 
@@ -81,6 +83,31 @@ def decode_vec64(t):
     return decode_tensor(t)
 
 
+def _logical_shape(shape, layout):
+    shape = [int(d) for d in shape]
+    if layout == "nhwc":
+        shape = [shape[0], shape[-1]] + shape[1:-1]
+    return shape
+
+
+def _shm_tensor(shape, layout, region, offset):
+    return {"dtype": "f32", "shape": _logical_shape(shape, layout),
+            "layout": layout, "region": int(region), "offset": int(offset)}
+
+
+class ShmRegion:
+    """A shared-memory region: .mm the local mapping, .region the id the
+    worker gave it. The worker keeps its mapping until the connection
+    closes."""
+
+    def __init__(self, mm, size, region):
+        self.mm, self.size, self.region = mm, size, region
+
+    def array(self, offset, shape):
+        """A float32 numpy view of the region at byte offset."""
+        return np.ndarray(shape, dtype="<f4", buffer=self.mm, offset=offset)
+
+
 class SyncbnClient:
     """One connection to a worker. path: its Unix socket (default
     $SYNCBN_SOCKET; a directory means rank-<r>.sock in it); tcp:
@@ -89,7 +116,7 @@ class SyncbnClient:
     how long to retry a worker that is not listening yet before
     ConnectError names the address."""
 
-    PROTOCOL = 5
+    PROTOCOL = 6
 
     def __init__(self, path=None, timeout=60.0, tcp=None, token=None,
                  token_file=None, wait=30.0):
@@ -116,10 +143,21 @@ class SyncbnClient:
 
     def call(self, op, **keys):
         """Sends one request and returns its reply; raises SyncbnError."""
+        return self._call_fd(op, None, **keys)
+
+    def _call_fd(self, op, fd, **keys):
+        """call(), with the descriptor fd (if not None) passed with
+        SCM_RIGHTS on the frame's bytes (shm_attach)."""
         rid = self.next_id
         self.next_id += 1
         body = msgpack.packb(dict(keys, op=op, id=rid), use_bin_type=True)
-        self.sock.sendall(struct.pack(">I", len(body)) + body)
+        frame = struct.pack(">I", len(body)) + body
+        if fd is not None:
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                    array.array("i", [fd]).tobytes())]
+            sent = self.sock.sendmsg([frame], anc)
+            frame = frame[sent:]
+        self.sock.sendall(frame)
         n = struct.unpack(">I", self._recv_exact(4))[0]
         reply = msgpack.unpackb(self._recv_exact(n), raw=False)
         if "error" in reply:
@@ -161,6 +199,46 @@ class SyncbnClient:
         dw = decode_tensor(r["dweight"]) if "dweight" in r else None
         db = decode_tensor(r["dbias"]) if "dbias" in r else None
         return decode_tensor(r["dx"]), dw, db
+
+    # Zero-copy shared memory (protocol 6, Unix socket only): a sealed
+    # memfd mapped here and in the worker; forwards and backwards name
+    # tensors by byte offset in it, and the socket carries no tensor bytes.
+    def shm_attach(self, size):
+        """Creates, seals and hands over a region of size bytes; returns a
+        ShmRegion whose .array(offset, shape) views it as float32."""
+        fd = os.memfd_create("syncbn-shm", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, size)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK |
+                        fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+            mm = mmap.mmap(fd, size)
+            r = self._call_fd("shm_attach", fd, size=size)
+        finally:
+            os.close(fd)
+        return ShmRegion(mm, size, int(r["region"]))
+
+    def shm_attach_fd(self, fd, size):
+        """Hands over a descriptor made by the caller, as it is (the worker
+        checks seals and size); returns the region id."""
+        return int(self._call_fd("shm_attach", fd, size=size)["region"])
+
+    def shm_forward(self, layer, step, train, region, x_off, y_off, shape,
+                    layout="nchw"):
+        """x is read at x_off of the region, y written at y_off; shape is
+        in memory order as for forward()."""
+        self.call("forward", layer=layer, step=step, train=bool(train),
+                  x=_shm_tensor(shape, layout, region, x_off),
+                  y_at={"region": region, "offset": y_off})
+
+    def shm_backward(self, layer, step, region, dy_off, dx_off, shape,
+                     layout="nchw"):
+        """dy at dy_off, dx written at dx_off; returns (dweight, dbias)."""
+        r = self.call("backward", layer=layer, step=step,
+                      dy=_shm_tensor(shape, layout, region, dy_off),
+                      dx_at={"region": region, "offset": dx_off})
+        dw = decode_tensor(r["dweight"]) if "dweight" in r else None
+        db = decode_tensor(r["dbias"]) if "dbias" in r else None
+        return dw, db
 
     # State, metrics, batches and checkpoints. get_state returns the keys
     # the worker sent: kind, running_mean/running_var (absent without
@@ -283,6 +361,48 @@ def _rel(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
+def _shm_selftest(c):
+    """Protocol 6: a batchnorm step through a region equals the socket
+    path bit for bit; an unsealed memfd and an out-of-range offset are
+    refused and the connection goes on."""
+    bad = 0
+    rng = np.random.default_rng(11)
+    shape = (4, 3, 5)
+    x = rng.standard_normal(shape).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    a = c.register("shm_a", "batchnorm", channels=3)
+    b = c.register("shm_b", "batchnorm", channels=3)
+    m = c.shm_attach(1 << 16)
+    m.array(0, shape)[...] = x
+    m.array(4096, shape)[...] = dy
+    c.shm_forward(a, 0, True, m.region, 0, 8192, shape)
+    dw, db = c.shm_backward(a, 0, m.region, 4096, 12288, shape)
+    y = c.forward(b, 0, True, x)
+    dx, dw2, db2 = c.backward(b, 0, dy)
+    same = (np.array_equal(m.array(8192, shape), y) and
+            np.array_equal(m.array(12288, shape), dx) and
+            np.array_equal(dw, dw2) and np.array_equal(db, db2))
+    print("shm batchnorm bit for bit: %s" % ("ok" if same else "FAIL"))
+    bad += not same
+    fd = os.memfd_create("unsealed", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, 4096)
+    for what, fn, code in (
+            ("unsealed memfd", lambda: c.shm_attach_fd(fd, 4096), "BAD_PARAMS"),
+            ("offset past the end", lambda: c.shm_forward(
+                a, 1, True, m.region, (1 << 16) - 8, 8192, shape), "BAD_TENSOR"),
+            ("overlapping output", lambda: c.shm_forward(
+                a, 1, True, m.region, 0, 4, shape), "BAD_TENSOR")):
+        try:
+            fn()
+            print("shm %s accepted: FAIL" % what)
+            bad += 1
+        except SyncbnError as e:
+            print("shm %s: %s" % (what, e.code))
+            bad += e.code != code
+    os.close(fd)
+    return bad
+
+
 def _selftest(mpirun, syncbnd, syncbn):
     d = tempfile.mkdtemp(prefix="sbn-py-")
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1",
@@ -330,6 +450,7 @@ def _selftest(mpirun, syncbnd, syncbn):
             bad += not ok
             print("%-12s %-4s %s y %.1e dx %.1e dw %.1e db %.1e %s" % (
                 kind, layout, "x".join(map(str, shape)), *errs, "ok" if ok else "FAIL"))
+        bad += _shm_selftest(c)
         try:  # an error reply keeps the connection usable
             c.backward(0, 99, np.zeros((4, 3, 5), np.float32))
             print("backward without forward succeeded: FAIL")

@@ -52,7 +52,7 @@ static const char *const svc__op_names[] = {
     "hello",     "register",  "forward",         "backward",
     "bye",       "batch",     "stats",           "stats_backward",
     "get_state", "set_state", "checkpoint_save", "checkpoint_load",
-    "metrics"};
+    "metrics",   "shm_attach"};
 
 const char *svc_op_name(svc_op_t op) {
   if ((size_t)op >= sizeof svc__op_names / sizeof *svc__op_names)

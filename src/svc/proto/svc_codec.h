@@ -29,7 +29,7 @@
 
 #include "syncbn.h"
 
-#define SVC_PROTOCOL_VERSION 5
+#define SVC_PROTOCOL_VERSION 6
 #define SVC_HEADER_BYTES 4
 #define SVC_NAME_MAX 255
 /* The largest step a request may carry: 2^63 - 1, the range of a
@@ -139,7 +139,8 @@ typedef enum {
   SVC_OP_CHECKPOINT_SAVE,
   SVC_OP_CHECKPOINT_LOAD,
   SVC_OP_METRICS,
-  SVC_OP_COUNT /* the number of ops: sizes per-op tables */
+  SVC_OP_SHM_ATTACH, /* protocol 6: a shared-memory region */
+  SVC_OP_COUNT       /* the number of ops: sizes per-op tables */
 } svc_op_t;
 
 /* Wire name of an op ("forward"); NULL past the last one. */
@@ -173,7 +174,21 @@ typedef struct svc_tensor_s {
   sbn_tensor_desc_t desc;
   size_t numel;
   float *data;
+  /* Protocol 6: x or dy named in a shared-memory region (`region` and
+   * `offset` in place of `data`); data stays NULL until the worker copies
+   * the bytes out of the region (svc_shm_req.c). */
+  int shm;
+  uint64_t shm_region, shm_offset;
 } svc_tensor_t;
+
+/* Protocol 6: where a forward's y (`y_at`) or a backward's dx (`dx_at`)
+ * goes in a shared-memory region. dst is filled by the worker once the
+ * range is checked; it points into the connection's mapping (not owned). */
+typedef struct svc_shm_at_s {
+  int present;
+  uint64_t region, offset;
+  uint8_t *dst;
+} svc_shm_at_t;
 
 /* A decoded per-channel vector (a 1-D tensor of dtype f32 or f64, or for
  * `count` also a single integer, then scalar = 1 and n = 1), widened to
@@ -207,6 +222,8 @@ typedef struct svc_request_s {
   uint64_t step;      /* forward, backward, stats, stats_backward */
   int train;          /* forward */
   svc_tensor_t x;     /* forward: x; backward: dy */
+  svc_shm_at_t out;   /* forward: y_at; backward: dx_at (protocol 6) */
+  uint64_t size;      /* shm_attach: the region's size in bytes */
   /* forward (optional): this step's affine parameters; set_state
    * (optional): the layer's new ones. */
   svc_tensor_t weight, bias;
@@ -259,6 +276,19 @@ int svc_encode_backward(const svc_id_t *id, const sbn_tensor_desc_t *desc,
                         const float *dx, size_t numel, const float *dw,
                         const float *db, const sbn_tensor_desc_t *wb_desc,
                         size_t wb_numel, uint8_t **out, size_t *out_len);
+/* Protocol 6: the replies of a forward or backward whose y or dx was
+ * written into a shared-memory region: the tensor carries `region` and
+ * `offset` in place of `data`. */
+struct msgpack_packer;
+int svc_pack_tensor_at(struct msgpack_packer *pk, const sbn_tensor_desc_t *desc,
+                       const svc_shm_at_t *at);
+int svc_encode_forward_at(const svc_id_t *id, const sbn_tensor_desc_t *desc,
+                          const svc_shm_at_t *at, uint8_t **out,
+                          size_t *out_len);
+int svc_encode_backward_at(const svc_id_t *id, const sbn_tensor_desc_t *desc,
+                           const svc_shm_at_t *at, const float *dw,
+                           const float *db, const sbn_tensor_desc_t *wb_desc,
+                           size_t wb_numel, uint8_t **out, size_t *out_len);
 int svc_encode_bye(const svc_id_t *id, uint8_t **out, size_t *out_len);
 /* The reply to a batch: {id, replies: [...]}, whose elements are the
  * bodies of the n sub-reply frames subs[i] (header included, as the other

@@ -62,15 +62,46 @@ void svc_tensor_free(svc_tensor_t *t) {
   memset(t, 0, sizeof *t);
 }
 
-/* Validates a tensor map: keys, dtype (f32, or f64 where allow_f64),
+/* Protocol 6: a tensor whose bytes are in a shared-memory region
+ * (`region` and `offset` in place of `data`); only the worker's copy-in
+ * (svc_shm_req.c) accepts one, where flags has bit 2. */
+static int svc__tensor_ref(const msgpack_object *region,
+                           const msgpack_object *offset,
+                           const msgpack_object *data, const char *what,
+                           int flags, svc_tensor_t *t) {
+  if (!(flags & 2))
+    return svc_set_error(SVC_BAD_TENSOR,
+                         "%s: 'region' and 'offset' are accepted for a "
+                         "forward's x and a backward's dy only",
+                         what);
+  if (data != NULL || region == NULL || offset == NULL)
+    return svc_set_error(SVC_BAD_TENSOR,
+                         "%s: a shared-memory tensor has 'region' and "
+                         "'offset' and no 'data'",
+                         what);
+  if (region->type != MSGPACK_OBJECT_POSITIVE_INTEGER ||
+      offset->type != MSGPACK_OBJECT_POSITIVE_INTEGER)
+    return svc_set_error(SVC_BAD_TENSOR,
+                         "%s: 'region' and 'offset' must be non-negative "
+                         "integers",
+                         what);
+  t->shm = 1;
+  t->shm_region = region->via.u64;
+  t->shm_offset = offset->via.u64;
+  return 0;
+}
+
+/* Validates a tensor map: keys, dtype (f32, or f64 where allow_f64 has
+ * bit 1; bit 2 admits a shared-memory tensor, protocol 6),
  * shape (overflow-checked) and payload size. Fills t->desc and t->numel
  * and points *payload at the data bytes inside the frame; copies nothing. */
 static int svc__tensor_parse(const msgpack_object *o, const char *what,
                              int allow_f64, svc_tensor_t *t, size_t *elsz,
                              const char **payload) {
   const msgpack_object *dtype = NULL, *shape = NULL, *data = NULL,
-                       *layout = NULL;
+                       *layout = NULL, *region = NULL, *offset = NULL;
   size_t numel = 1;
+  int rc;
   memset(t, 0, sizeof *t);
   if (o->type != MSGPACK_OBJECT_MAP)
     return svc_set_error(SVC_BAD_TENSOR, "%s: expected a tensor map", what);
@@ -86,6 +117,10 @@ static int svc__tensor_parse(const msgpack_object *o, const char *what,
       slot = &data;
     else if (svc__str_eq(k, "layout"))
       slot = &layout;
+    else if (svc__str_eq(k, "region"))
+      slot = &region;
+    else if (svc__str_eq(k, "offset"))
+      slot = &offset;
     else if (k->type != MSGPACK_OBJECT_STR)
       return svc_set_error(SVC_BAD_TENSOR, "%s: keys must be strings", what);
     if (slot == NULL)
@@ -95,6 +130,11 @@ static int svc__tensor_parse(const msgpack_object *o, const char *what,
                            (int)k->via.str.size, k->via.str.ptr);
     *slot = v;
   }
+  if ((region != NULL || offset != NULL) &&
+      (rc = svc__tensor_ref(region, offset, data, what, allow_f64, t)) != 0)
+    return rc;
+  if (t->shm)
+    data = region; /* stands in below for the presence check */
   if (dtype == NULL || shape == NULL || data == NULL)
     return svc_set_error(SVC_BAD_TENSOR, "%s: missing '%s'", what,
                          dtype == NULL   ? "dtype"
@@ -102,11 +142,12 @@ static int svc__tensor_parse(const msgpack_object *o, const char *what,
                                          : "data");
   if (svc__str_eq(dtype, "f32"))
     *elsz = sizeof(float);
-  else if (allow_f64 && svc__str_eq(dtype, "f64"))
+  else if ((allow_f64 & 1) && svc__str_eq(dtype, "f64"))
     *elsz = sizeof(double);
   else
-    return svc_set_error(SVC_BAD_TENSOR, "%s.dtype: only %s supported", what,
-                         allow_f64 ? "\"f32\" and \"f64\" are" : "\"f32\" is");
+    return svc_set_error(
+        SVC_BAD_TENSOR, "%s.dtype: only %s supported", what,
+        (allow_f64 & 1) ? "\"f32\" and \"f64\" are" : "\"f32\" is");
   if (shape->type != MSGPACK_OBJECT_ARRAY || shape->via.array.size < 1 ||
       shape->via.array.size > SBN_MAX_DIMS)
     return svc_set_error(SVC_BAD_TENSOR,
@@ -137,6 +178,12 @@ static int svc__tensor_parse(const msgpack_object *o, const char *what,
       return svc_set_error(SVC_BAD_TENSOR,
                            "%s.layout: expected \"nchw\" or \"nhwc\"", what);
   }
+  if (t->shm && numel > SIZE_MAX / *elsz)
+    return svc_set_error(SVC_BAD_TENSOR, "%s.shape: the product overflows",
+                         what);
+  t->numel = numel;
+  if (t->shm)
+    return 0;
   if (data->type != MSGPACK_OBJECT_BIN)
     return svc_set_error(SVC_BAD_TENSOR, "%s.data: expected bin", what);
   if (numel > SIZE_MAX / *elsz || numel * *elsz != data->via.bin.size)
@@ -149,13 +196,20 @@ static int svc__tensor_parse(const msgpack_object *o, const char *what,
   return 0;
 }
 
-int svc_decode_tensor(const msgpack_object *o, const char *what,
-                      svc_tensor_t *t) {
+/* A tensor that may be named in a shared-memory region (allow_shm) or
+ * carries its bytes, which are copied. */
+static int svc__decode_tensor_in(const msgpack_object *o, const char *what,
+                                 int allow_shm, svc_tensor_t *t) {
   int rc;
   const char *payload = NULL;
   size_t elsz = 0, bytes;
-  if ((rc = svc__tensor_parse(o, what, 0, t, &elsz, &payload)) != 0)
+  if ((rc = svc__tensor_parse(o, what, allow_shm ? 2 : 0, t, &elsz,
+                              &payload)) != 0)
     return rc;
+  if (t->shm) {
+    t->present = 1;
+    return 0;
+  }
   bytes = t->numel * sizeof(float);
   if (bytes > 0) {
     /* The payload sits at any offset in the frame; kernels want aligned
@@ -169,6 +223,11 @@ int svc_decode_tensor(const msgpack_object *o, const char *what,
   }
   t->present = 1;
   return 0;
+}
+
+int svc_decode_tensor(const msgpack_object *o, const char *what,
+                      svc_tensor_t *t) {
+  return svc__decode_tensor_in(o, what, 0, t);
 }
 
 /* A per-channel vector: a 1-D tensor of f32 or f64, widened to double;
@@ -270,6 +329,9 @@ enum {
   K_RUNNING_VAR,
   K_NBT,
   K_GHOST_BATCH,
+  K_SIZE,
+  K_Y_AT,
+  K_DX_AT,
   K_COUNT
 };
 static const char *const svc__keys[K_COUNT] = {
@@ -289,7 +351,8 @@ static const char *const svc__keys[K_COUNT] = {
     "m2",          "sum_dy",
     "sum_dy_xhat", "running_mean",
     "running_var", "num_batches_tracked",
-    "ghost_batch"};
+    "ghost_batch", "size",
+    "y_at",        "dx_at"};
 
 /* The optional parameters of a register request, over the kind's
  * defaults: a flat list of keys, each read and stored. */
@@ -544,6 +607,37 @@ static int svc__decode_ckpt_name(const msgpack_object *const *k,
   return 0;
 }
 
+/* Protocol 6: y_at / dx_at, a map {region: uint, offset: uint} naming
+ * where the output goes (absent: the reply carries the bytes). */
+static int svc__decode_at(const msgpack_object *o, const char *what,
+                          svc_shm_at_t *at) {
+  const msgpack_object *region = NULL, *offset = NULL;
+  if (o == NULL)
+    return 0;
+  if (o->type != MSGPACK_OBJECT_MAP)
+    return svc_set_error(SVC_BAD_REQUEST, "%s: expected a map {region, offset}",
+                         what);
+  for (uint32_t i = 0; i < o->via.map.size; i++) {
+    const msgpack_object *k = &o->via.map.ptr[i].key;
+    const msgpack_object *v = &o->via.map.ptr[i].val;
+    if (svc__str_eq(k, "region"))
+      region = v;
+    else if (svc__str_eq(k, "offset"))
+      offset = v;
+  }
+  if (region == NULL || offset == NULL ||
+      region->type != MSGPACK_OBJECT_POSITIVE_INTEGER ||
+      offset->type != MSGPACK_OBJECT_POSITIVE_INTEGER)
+    return svc_set_error(SVC_BAD_REQUEST,
+                         "%s: 'region' and 'offset' must be non-negative "
+                         "integers",
+                         what);
+  at->present = 1;
+  at->region = region->via.u64;
+  at->offset = offset->via.u64;
+  return 0;
+}
+
 /* The keys of one op, once its name is known. */
 static int svc__decode_op(const msgpack_object *const *k, svc_request_t *req) {
   int rc;
@@ -555,16 +649,22 @@ static int svc__decode_op(const msgpack_object *const *k, svc_request_t *req) {
     case SVC_OP_FORWARD:
       if ((rc = svc__need(k, "forward", need_fwd)) != 0 ||
           (rc = svc__get_bool(k[K_TRAIN], "train", &req->train)) != 0 ||
-          (rc = svc_decode_tensor(k[K_X], "x", &req->x)) != 0)
+          (rc = svc__decode_tensor_in(k[K_X], "x", 1, &req->x)) != 0 ||
+          (rc = svc__decode_at(k[K_Y_AT], "y_at", &req->out)) != 0)
         return rc;
       if ((rc = svc__opt_tensor(k, K_WEIGHT, &req->weight)) != 0 ||
           (rc = svc__opt_tensor(k, K_BIAS, &req->bias)) != 0)
         return rc;
       return 0;
     case SVC_OP_BACKWARD:
-      if ((rc = svc__need(k, "backward", need_bwd)) != 0)
+      if ((rc = svc__need(k, "backward", need_bwd)) != 0 ||
+          (rc = svc__decode_at(k[K_DX_AT], "dx_at", &req->out)) != 0)
         return rc;
-      return svc_decode_tensor(k[K_DY], "dy", &req->x);
+      return svc__decode_tensor_in(k[K_DY], "dy", 1, &req->x);
+    case SVC_OP_SHM_ATTACH:
+      if (k[K_SIZE] == NULL)
+        return svc_set_error(SVC_BAD_REQUEST, "shm_attach: missing 'size'");
+      return svc__get_uint(k[K_SIZE], "size", UINT64_MAX, &req->size);
     case SVC_OP_STATS:
       if ((rc = svc__need(k, "stats", need_stats)) != 0 ||
           (rc = svc__decode_vec(k[K_CNT], "count", 1, &req->count)) != 0 ||

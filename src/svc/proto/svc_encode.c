@@ -27,10 +27,11 @@ static void svc__pack_id(msgpack_packer *pk, const svc_id_t *id) {
     msgpack_pack_uint64(pk, id->u);
 }
 
-int svc_pack_tensor(msgpack_packer *pk, const sbn_tensor_desc_t *desc,
-                    const float *data, size_t numel) {
+/* The keys every reply tensor starts with: dtype, shape and layout. */
+static int svc__pack_tensor_head(msgpack_packer *pk,
+                                 const sbn_tensor_desc_t *desc, uint32_t keys) {
   int rc = 0;
-  rc |= msgpack_pack_map(pk, 4);
+  rc |= msgpack_pack_map(pk, keys);
   svc__pack_key(pk, "dtype");
   rc |= msgpack_pack_str_with_body(pk, "f32", 3);
   svc__pack_key(pk, "shape");
@@ -40,6 +41,22 @@ int svc_pack_tensor(msgpack_packer *pk, const sbn_tensor_desc_t *desc,
   svc__pack_key(pk, "layout");
   rc |= msgpack_pack_str_with_body(
       pk, desc->layout == SBN_LAYOUT_NHWC ? "nhwc" : "nchw", 4);
+  return rc;
+}
+
+int svc_pack_tensor_at(msgpack_packer *pk, const sbn_tensor_desc_t *desc,
+                       const svc_shm_at_t *at) {
+  int rc = svc__pack_tensor_head(pk, desc, 5);
+  svc__pack_key(pk, "region");
+  rc |= msgpack_pack_uint64(pk, at->region);
+  svc__pack_key(pk, "offset");
+  rc |= msgpack_pack_uint64(pk, at->offset);
+  return rc != 0 ? svc_set_error(SVC_RESOURCE, "reply: out of memory") : 0;
+}
+
+int svc_pack_tensor(msgpack_packer *pk, const sbn_tensor_desc_t *desc,
+                    const float *data, size_t numel) {
+  int rc = svc__pack_tensor_head(pk, desc, 4);
   svc__pack_key(pk, "data");
   rc |= msgpack_pack_bin(pk, numel * sizeof(float));
   if (numel > 0)
@@ -192,6 +209,40 @@ int svc_encode_backward(const svc_id_t *id, const sbn_tensor_desc_t *desc,
   svc__pack_id(&pk, id);
   svc__pack_key(&pk, "dx");
   rc |= svc_pack_tensor(&pk, desc, dx, numel);
+  if (wb) {
+    svc__pack_key(&pk, "dweight");
+    rc |= svc_pack_tensor(&pk, wb_desc, dw, wb_numel);
+    svc__pack_key(&pk, "dbias");
+    rc |= svc_pack_tensor(&pk, wb_desc, db, wb_numel);
+  }
+  return svc__finish(&sb, rc, out, out_len);
+}
+
+int svc_encode_forward_at(const svc_id_t *id, const sbn_tensor_desc_t *desc,
+                          const svc_shm_at_t *at, uint8_t **out,
+                          size_t *out_len) {
+  svc__out_t sb;
+  msgpack_packer pk;
+  int rc = svc__start(&sb, &pk, 0);
+  rc |= msgpack_pack_map(&pk, 2);
+  svc__pack_id(&pk, id);
+  svc__pack_key(&pk, "y");
+  rc |= svc_pack_tensor_at(&pk, desc, at);
+  return svc__finish(&sb, rc, out, out_len);
+}
+
+int svc_encode_backward_at(const svc_id_t *id, const sbn_tensor_desc_t *desc,
+                           const svc_shm_at_t *at, const float *dw,
+                           const float *db, const sbn_tensor_desc_t *wb_desc,
+                           size_t wb_numel, uint8_t **out, size_t *out_len) {
+  svc__out_t sb;
+  msgpack_packer pk;
+  int wb = dw != NULL && db != NULL;
+  int rc = svc__start(&sb, &pk, 2 * wb_numel * sizeof(float));
+  rc |= msgpack_pack_map(&pk, wb ? 4 : 2);
+  svc__pack_id(&pk, id);
+  svc__pack_key(&pk, "dx");
+  rc |= svc_pack_tensor_at(&pk, desc, at);
   if (wb) {
     svc__pack_key(&pk, "dweight");
     rc |= svc_pack_tensor(&pk, wb_desc, dw, wb_numel);

@@ -28,6 +28,7 @@ static void svc__conn_closed(uv_handle_t *h) {
     return;
   free(c->stash);
   free(c->body);
+  svc_shm_release(&c->shm);
   free(c);
 }
 
@@ -225,9 +226,12 @@ static void svc__frame_done(svc__conn_t *c) {
   svc_worker_note_io(c->srv->worker, 1, 0, 0, 0);
   if (!c->authed && svc__authenticate(c, c->body, c->body_len) != 0)
     rc = 1;
-  else
+  else {
+    svc__shm_enter(c);
     rc = svc_worker_handle_async(c->srv->worker, c->body, c->body_len, c,
                                  &reply, &len, &close_after, &deferred);
+    svc_worker_set_shm(c->srv->worker, NULL);
+  }
   free(c->body);
   c->body = NULL;
   c->body_len = c->body_have = 0;
@@ -285,6 +289,12 @@ static void svc__on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf) {
   }
   n = (size_t)nread;
   svc_worker_note_io(c->srv->worker, 0, n, 0, 0);
+  if (svc__shm_take_fds(c) != 0) {
+    svc__fail_conn(c, SVC_RESOURCE,
+                   "shm: more file descriptors arrived than the worker holds "
+                   "unattached (at most 4 shm_attach in flight)");
+    return;
+  }
   if (c->body != NULL && p == c->body + c->body_have && n > 0) {
     c->body_have += (uint32_t)n; /* read in place (svc__io_direct) */
     if (c->body_have == c->body_len)
@@ -418,7 +428,7 @@ static void svc__on_connection(uv_stream_t *ls, int status) {
   c->tcp = tcp;
   c->authed = !tcp;
   rc = tcp ? uv_tcp_init(&s->loop, &c->h.tcp)
-           : uv_pipe_init(&s->loop, &c->h.pipe, 0);
+           : uv_pipe_init(&s->loop, &c->h.pipe, 1); /* ipc: svc_shm.c */
   if (rc != 0) {
     free(c);
     return;

@@ -9,6 +9,7 @@
 #include "svc_admit.h"
 #include "svc_io.h"
 #include "svc_server.h"
+#include "svc_shm.h"
 
 #define SVC__READ_BUF (64 * 1024)
 
@@ -76,6 +77,7 @@ struct svc__conn_s {
   uint8_t *stash; /* bytes read after the deferred request */
   size_t stash_len;
   svc__adm_conn_t adm; /* its slot and the bytes held for it */
+  svc_shm_t shm;       /* shared-memory regions (Unix only, protocol 6) */
 };
 
 typedef struct svc__write_s {
@@ -104,6 +106,12 @@ int svc__admit(svc__conn_t *c);
 int svc__admit_authed(svc__conn_t *c, const svc_id_t *id);
 /* Tells a client, without blocking, that the worker is stopping. */
 void svc__say_shutdown(svc__conn_t *c, int signum);
+
+/* Shared memory (svc_shm.c): takes the descriptors that came with the
+ * bytes read so far into c's inbox (-1: more than it holds; the caller
+ * closes), and lends c's region table to the worker for one request. */
+int svc__shm_take_fds(svc__conn_t *c);
+void svc__shm_enter(svc__conn_t *c);
 
 /* Removes the socket file at path if nobody answers on it (a worker that
  * died without removing it); a live socket or any other file is refused

@@ -53,7 +53,7 @@ void svc__account(svc__conn_t *c) {
   if (c->closing)
     return;
   held = (c->body != NULL ? c->body_len : 0) + c->stash_len +
-         uv_stream_get_write_queue_size(&c->h.stream);
+         uv_stream_get_write_queue_size(&c->h.stream) + c->shm.mapped;
   if ((v = svc__adm_hold(&s->adm, &c->adm, held)) != NULL)
     svc__shed(v);
 }

@@ -205,9 +205,12 @@ static void svc__forward_done(svc_worker_t *w, svc__pend_t *p,
     return;
   }
   svc__fargs(l, s, p, &a);
+  if (p->token != NULL) /* the connection, and so its mapping, is there */
+    a.y = svc__out_ptr(&p->q.out, a.y);
   rc = sbn_bn_forward_finish(l->layer, &a, recs);
   if (rc == 0)
-    rc = svc_encode_forward(&p->q.id, &s->desc, p->y, s->numel, &buf, &len);
+    rc = svc__encode_y(&p->q.id, p->token != NULL ? &p->q.out : NULL, &s->desc,
+                       a.y, s->numel, &buf, &len);
   else
     svc_encode_error(&p->q.id, svc__lib_code(rc), sbn_last_error(), &buf, &len);
   if (rc != 0) {
@@ -243,6 +246,7 @@ static int svc__forward_sync(svc__call_t *call, svc__layer_t *l, svc__step_t *s,
     return rc;
   }
   p->q.id = q->id;
+  p->q.out = q->out; /* written at delivery while the connection lives */
   p->q.bias = q->bias;
   q->bias.data = NULL; /* the entry owns it now */
   p->y = a->y;
@@ -284,7 +288,7 @@ int svc__cmd_forward(svc__call_t *call) {
   a.mode = q->train ? SBN_MODE_TRAIN : SBN_MODE_EVAL;
   a.x_desc = &q->x.desc;
   a.x = q->x.data;
-  a.y = y;
+  a.y = sync ? y : svc__out_ptr(&q->out, y);
   a.weight = q->weight.present ? q->weight.data : l->weight;
   a.bias = q->bias.present ? q->bias.data : l->bias;
   a.state = l->tracking ? &l->state : NULL;
@@ -302,8 +306,8 @@ int svc__cmd_forward(svc__call_t *call) {
     rc = svc__lib_error(rc);
     goto fail;
   }
-  if (svc_encode_forward(&q->id, &q->x.desc, y, q->x.numel, &call->reply,
-                         &call->reply_len) != 0) {
+  if (svc__encode_y(&q->id, &q->out, &q->x.desc, a.y, q->x.numel, &call->reply,
+                    &call->reply_len) != 0) {
     rc = svc_set_error(SVC_RESOURCE, "forward: out of memory");
     goto fail;
   }
@@ -365,10 +369,13 @@ static void svc__backward_done(svc_worker_t *w, svc__pend_t *p,
   if (recs == NULL)
     return;
   svc__bargs(s, p, &a);
+  if (p->token != NULL)
+    a.dx = svc__out_ptr(&p->q.out, a.dx);
   rc = sbn_bn_backward_finish(l->layer, &a, recs);
   if (rc == 0)
-    rc = svc_encode_backward(&p->q.id, &s->desc, p->dx, s->numel, p->dw, p->db,
-                             &l->wb_desc, l->wb_numel, &buf, &len);
+    rc = svc__encode_dx(&p->q.id, p->token != NULL ? &p->q.out : NULL, &s->desc,
+                        a.dx, s->numel, p->dw, p->db, &l->wb_desc, l->wb_numel,
+                        &buf, &len);
   else
     svc_encode_error(&p->q.id, svc__lib_code(rc), sbn_last_error(), &buf, &len);
   if (rc == 0) {
@@ -435,6 +442,7 @@ int svc__cmd_backward(svc__call_t *call) {
     goto fail;
   }
   p->q.id = q->id;
+  p->q.out = q->out;
   p->q.x = q->x;
   q->x.data = NULL; /* dy belongs to the entry now */
   p->s = s;
@@ -450,13 +458,14 @@ int svc__cmd_backward(svc__call_t *call) {
     svc__pend_queue(call, p);
     return 0;
   }
+  a.dx = svc__out_ptr(&q->out, a.dx);
   if ((rc = sbn_backward(l->layer, &a)) != 0) {
     rc = svc__lib_error(rc);
     goto fail;
   }
-  if (svc_encode_backward(&q->id, &s->desc, p->dx, s->numel, p->dw, p->db,
-                          &l->wb_desc, l->wb_numel, &call->reply,
-                          &call->reply_len) != 0) {
+  if (svc__encode_dx(&q->id, &q->out, &s->desc, a.dx, s->numel, p->dw, p->db,
+                     &l->wb_desc, l->wb_numel, &call->reply,
+                     &call->reply_len) != 0) {
     rc = svc_set_error(SVC_RESOURCE, "backward: out of memory");
     goto fail;
   }

@@ -32,6 +32,7 @@ const svc__cmd_t svc__cmds[SVC_OP_COUNT] = {
                                 SVC__CMD_DEFERS},
     [SVC_OP_CHECKPOINT_LOAD] = {"checkpoint_load", svc__cmd_checkpoint,
                                 SVC__CMD_DEFERS},
+    [SVC_OP_SHM_ATTACH] = {"shm_attach", svc__cmd_shm_attach, 0},
     [SVC_OP_METRICS] = {"metrics", svc__cmd_metrics, 0},
 };
 
@@ -173,7 +174,9 @@ int svc_worker_handle_async(svc_worker_t *w, const uint8_t *body, size_t len,
   call.q = &q;
   call.token = token;
   if ((rc = svc_decode_request(body, len, &w->cfg.limits, &q)) == 0) {
-    rc = svc__dispatch(&call);
+    rc = svc__shm_resolve(w, &q);
+    if (rc == 0)
+      rc = svc__dispatch(&call);
     svc_request_free(&q);
   }
   if (rc != 0)

@@ -144,6 +144,12 @@ void svc_worker_note_leave(svc_worker_t *w);
  * empty or too long. */
 int svc_worker_set_state_dir(svc_worker_t *w, const char *dir);
 
+/* The shared-memory regions (svc_shm.h) of the connection whose request
+ * the next svc_worker_handle_async runs, or NULL where shared memory is
+ * not offered (TCP). The table stays the caller's. */
+struct svc_shm_s;
+void svc_worker_set_shm(svc_worker_t *w, struct svc_shm_s *t);
+
 /* Bytes of forward state currently kept (for tests and metrics). */
 uint64_t svc_worker_saved_bytes(const svc_worker_t *w);
 

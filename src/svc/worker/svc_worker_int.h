@@ -162,6 +162,27 @@ int svc__cmd_stats(svc__call_t *call); /* and stats_backward */
 int svc__cmd_get_state(svc__call_t *call);
 int svc__cmd_set_state(svc__call_t *call);
 int svc__cmd_metrics(svc__call_t *call);
+int svc__cmd_shm_attach(svc__call_t *call);
+
+/* Shared memory (svc_shm_req.c): checks the regions a request names and
+ * copies its input out of them before it runs. The replies of forward
+ * and backward: with at->dst set, y or dx is written there and the reply
+ * names the region; with at (or at->dst) NULL they carry the bytes. A
+ * deferred entry passes at only while its connection (whose mapping at
+ * points into) is still there. */
+int svc__shm_resolve(svc_worker_t *w, svc_request_t *q);
+/* Where a kernel writes its output: straight into the region when the
+ * request names one at a 64-byte aligned address (the kernels' alignment),
+ * else fallback, which the encoders then copy into the region. */
+float *svc__out_ptr(const svc_shm_at_t *at, float *fallback);
+int svc__encode_y(const svc_id_t *id, const svc_shm_at_t *at,
+                  const sbn_tensor_desc_t *desc, const float *y, size_t numel,
+                  uint8_t **out, size_t *out_len);
+int svc__encode_dx(const svc_id_t *id, const svc_shm_at_t *at,
+                   const sbn_tensor_desc_t *desc, const float *dx, size_t numel,
+                   const float *dw, const float *db,
+                   const sbn_tensor_desc_t *wb_desc, size_t wb_numel,
+                   uint8_t **out, size_t *out_len);
 int svc__cmd_checkpoint(svc__call_t *call); /* save and load */
 /* Removes the ".sbntmp-*" files a killed checkpoint_save left in the
  * state directory (a state directory serves one job at a time); returns
@@ -344,6 +365,9 @@ typedef struct svc__metrics_s {
 
 struct svc_worker_s {
   svc_worker_config_t cfg;
+  /* The region table of the connection whose request runs now (protocol
+   * 6), or NULL (TCP, or no socket): set by the server around each call. */
+  struct svc_shm_s *shm;
   /* The communicator the layers run on: one process, carrying the
    * worker's rank so that dropout keys differ between ranks exactly as
    * they do under SyncBN's MPI communicator. */

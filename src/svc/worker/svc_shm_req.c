@@ -1,0 +1,109 @@
+/* Requests that name shared-memory regions (protocol 6, see svc_shm.h):
+ * the checks before a forward or backward runs, the copy of its input
+ * out of the region, and the write of its output into it. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "svc_shm.h"
+#include "svc_worker_int.h"
+
+void svc_worker_set_shm(svc_worker_t *w, svc_shm_t *t) {
+  w->shm = t;
+}
+
+/* Whether [a, a+n) and [b, b+m) share a byte (both inside one region, so
+ * neither end wraps). */
+static int svc__overlap(uint64_t a, uint64_t n, uint64_t b, uint64_t m) {
+  return n > 0 && m > 0 && a < b + m && b < a + n;
+}
+
+/* The input's bytes, copied out of the region into an aligned buffer of
+ * the request's own (the kernels want aligned floats, a kept training
+ * step outlives the request, and the client may reuse the region as soon
+ * as it has the reply). */
+static int svc__shm_copy_in(svc_request_t *q, const uint8_t *src, size_t bytes,
+                            const char *what) {
+  size_t padded = (bytes + 63) & ~(size_t)63;
+  if (bytes == 0)
+    return 0;
+  if ((q->x.data = aligned_alloc(64, padded)) == NULL)
+    return svc_set_error(SVC_RESOURCE, "%s: out of memory (%zu bytes)", what,
+                         bytes);
+  memcpy(q->x.data, src, bytes);
+  return 0;
+}
+
+int svc__shm_resolve(svc_worker_t *w, svc_request_t *q) {
+  const char *in = q->op == SVC_OP_BACKWARD ? "dy" : "x";
+  const char *out = q->op == SVC_OP_BACKWARD ? "dx_at" : "y_at";
+  uint64_t bytes = (uint64_t)q->x.numel * sizeof(float);
+  uint8_t *src = NULL;
+  int rc;
+  if (q->op == SVC_OP_BATCH) {
+    for (size_t i = 0; i < q->nsub; i++)
+      if (q->sub[i].x.shm || q->sub[i].out.present)
+        return svc_set_error(SVC_BAD_REQUEST,
+                             "requests[%zu]: shared-memory tensors are not "
+                             "served inside a batch",
+                             i);
+    return 0;
+  }
+  if (!q->x.shm && !q->out.present)
+    return 0;
+  if (w->shm == NULL)
+    return svc_set_error(SVC_BAD_REQUEST,
+                         "%s: shared memory is offered on the Unix socket "
+                         "only",
+                         q->x.shm ? in : out);
+  if (q->out.present) {
+    if ((rc = svc_shm_range(w->shm, q->out.region, q->out.offset, bytes, out,
+                            &q->out.dst)) != 0)
+      return rc;
+  }
+  if (!q->x.shm)
+    return 0;
+  if ((rc = svc_shm_range(w->shm, q->x.shm_region, q->x.shm_offset, bytes, in,
+                          &src)) != 0)
+    return rc;
+  if (q->out.present && q->out.region == q->x.shm_region &&
+      svc__overlap(q->x.shm_offset, bytes, q->out.offset, bytes))
+    return svc_set_error(SVC_BAD_TENSOR,
+                         "%s: bytes [%llu, +%llu) of region %llu overlap %s "
+                         "at %llu; inputs and outputs must not overlap",
+                         out, (unsigned long long)q->out.offset,
+                         (unsigned long long)bytes,
+                         (unsigned long long)q->out.region, in,
+                         (unsigned long long)q->x.shm_offset);
+  return svc__shm_copy_in(q, src, (size_t)bytes, in);
+}
+
+float *svc__out_ptr(const svc_shm_at_t *at, float *fallback) {
+  if (at == NULL || at->dst == NULL || (uintptr_t)at->dst % 64 != 0)
+    return fallback;
+  return (float *)at->dst;
+}
+
+int svc__encode_y(const svc_id_t *id, const svc_shm_at_t *at,
+                  const sbn_tensor_desc_t *desc, const float *y, size_t numel,
+                  uint8_t **out, size_t *out_len) {
+  if (at == NULL || at->dst == NULL)
+    return svc_encode_forward(id, desc, y, numel, out, out_len);
+  if (numel > 0 && (const uint8_t *)y != at->dst)
+    memcpy(at->dst, y, numel * sizeof(float));
+  return svc_encode_forward_at(id, desc, at, out, out_len);
+}
+
+int svc__encode_dx(const svc_id_t *id, const svc_shm_at_t *at,
+                   const sbn_tensor_desc_t *desc, const float *dx, size_t numel,
+                   const float *dw, const float *db,
+                   const sbn_tensor_desc_t *wb_desc, size_t wb_numel,
+                   uint8_t **out, size_t *out_len) {
+  if (at == NULL || at->dst == NULL)
+    return svc_encode_backward(id, desc, dx, numel, dw, db, wb_desc, wb_numel,
+                               out, out_len);
+  if (numel > 0 && (const uint8_t *)dx != at->dst)
+    memcpy(at->dst, dx, numel * sizeof(float));
+  return svc_encode_backward_at(id, desc, at, dw, db, wb_desc, wb_numel, out,
+                                out_len);
+}
