@@ -119,7 +119,7 @@ def step(model, opt, x, t, batch, distributed):
 
 
 def check_layer(path, rank, lo, hi):
-    """One training step of one layer against torch.nn.BatchNorm2d on the
+    """Two training steps of one layer against torch.nn.BatchNorm2d on the
     whole batch: y, dx, dweight (summed over the ranks), running stats."""
     g = torch.Generator().manual_seed(5)
     x = torch.randn(10, 3, 4, 5, generator=g) * 2 + 3
@@ -130,11 +130,16 @@ def check_layer(path, rank, lo, hi):
         for p in (ref.weight, m.weight):
             p.copy_(torch.tensor([0.5, 1.0, 2.0]))
     errs = []
-    for _ in range(2):  # "auto" measures: both of its first two steps
+    for k in range(2):  # "auto" measures: both of its first two steps
         xr = x.clone().requires_grad_()
         ref.zero_grad()
         ref(xr).backward(dy)
-        xs = x[lo:hi].clone().requires_grad_()
+        # The second step's input is channels-last, as a model converted
+        # with .to(memory_format=torch.channels_last) gives it.
+        xs = x[lo:hi].clone()
+        if k == 1:
+            xs = xs.contiguous(memory_format=torch.channels_last)
+        xs.requires_grad_()
         m.zero_grad()
         y = m(xs)
         y.backward(dy[lo:hi])

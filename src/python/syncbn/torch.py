@@ -99,19 +99,26 @@ def _bshape(x):
 
 class _StatsBNFunction(torch.autograd.Function):
     """The stats path's training forward and backward: local sums, the
-    group's merge through the worker, local normalization."""
+    group's merge through the worker, local normalization. Every pass over
+    the tensors is one of torch's fused BatchNorm kernels: the local
+    moments from native_batch_norm in training mode with eps 0 (so its
+    inverse standard deviation gives the variance back), the normalization
+    and both halves of backward from its eval mode fed with the global
+    statistics, which subtracts the mean before it scales."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, mod, step):
-        dims = [0] + list(range(2, x.dim()))
         C = x.shape[1]
         n_local = x.numel() // C if C > 0 else 0
+        xd = x.detach()
         if n_local > 0:
-            # torch's var_mean (Welford, in the input's type, as its own
-            # BatchNorm) is one pass; the merge across ranks is in float64.
-            var, mean = torch.var_mean(x.detach(), dims, unbiased=False)
+            # Welford in the input's type, as torch's own BatchNorm; the
+            # merge across ranks is in float64. A constant channel has an
+            # infinite inverse and so a zero variance.
+            _, mean, inv = torch.native_batch_norm(xd, None, None, None, None,
+                                                   True, 0.0, 0.0)
             mean = mean.double()
-            m2 = var.double() * n_local
+            m2 = n_local / inv.double().square()
         else:
             mean = m2 = torch.zeros(C, dtype=torch.float64)
         client, layer = mod._attach()
@@ -121,41 +128,49 @@ class _StatsBNFunction(torch.autograd.Function):
         count = decode_vec64(r["count"])
         gmean = decode_vec64(r["mean"])
         mod._move_running(count, gmean, decode_vec64(r["var_unbiased"]))
-        shape = _bshape(x)
-        mean_t = torch.from_numpy(gmean).to(x.dtype).view(shape)
-        invstd_t = torch.from_numpy(decode_vec64(r["invstd"])).to(x.dtype).view(shape)
-        xhat = (x - mean_t) * invstd_t
-        y = xhat
-        if weight is not None:
-            y = torch.addcmul(bias.view(shape), xhat, weight.view(shape))
-        ctx.save_for_backward(xhat, invstd_t, weight)
+        gmean_t = torch.from_numpy(gmean).to(x.dtype)
+        gvar_t = torch.from_numpy(decode_vec64(r["var"])).to(x.dtype)
+        y = torch.batch_norm(xd, weight, bias, gmean_t, gvar_t, False, 0.0,
+                             mod.eps, False)
+        ctx.save_for_backward(xd, weight, gmean_t, gvar_t)
         ctx.mod, ctx.step = mod, step
-        ctx.count = torch.from_numpy(np.maximum(count, 1.0)).view(shape)
+        ctx.count = torch.from_numpy(np.maximum(count, 1.0))
         return y
 
     @staticmethod
     def backward(ctx, dy):
         t0 = time.perf_counter()
-        xhat, invstd, weight = ctx.saved_tensors
-        dims = [0] + list(range(2, dy.dim()))
-        # Sums in the gradient's type (torch's cascade summation), sent
-        # and merged in float64.
-        sum_dy = dy.sum(dims).double()
-        sum_dy_xhat = (dy * xhat).sum(dims).double()
+        x, weight, mean, var = ctx.saved_tensors
+        eps = ctx.mod.eps
+        dy = dy.contiguous(memory_format=_memory_format(x))
+        # Σdy and Σdy·x̂ over this rank's batch, x̂ from the global
+        # statistics (eval-mode backward: grad_bias and grad_weight; torch
+        # 1.13's kernel divides by zero on an empty batch).
+        if x.numel() > 0:
+            _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+                dy, x, weight, mean, var, None, None, False, eps, [False, True, True])
+        else:
+            sum_dy_xhat = sum_dy = torch.zeros(x.shape[1], dtype=x.dtype)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             # Every rank's model asks for the same input gradients, so the
             # group's ranks all submit this entry.
             client, layer = ctx.mod._attach()
             r = client.call("stats_backward", layer=layer, step=ctx.step,
-                            sum_dy=encode_vec64(sum_dy.numpy()),
-                            sum_dy_xhat=encode_vec64(sum_dy_xhat.numpy()))
-            shape = _bshape(dy)
-            g_dy = torch.from_numpy(decode_vec64(r["sum_dy"])).view(shape)
-            g_dyx = torch.from_numpy(decode_vec64(r["sum_dy_xhat"])).view(shape)
-            scale = invstd if weight is None else invstd * weight.view(shape)
-            dx = torch.addcmul(dy - (g_dy / ctx.count).to(dy.dtype), xhat,
-                               (g_dyx / ctx.count).to(dy.dtype), value=-1) * scale
+                            sum_dy=encode_vec64(sum_dy.double().numpy()),
+                            sum_dy_xhat=encode_vec64(sum_dy_xhat.double().numpy()))
+            g_dy = torch.from_numpy(decode_vec64(r["sum_dy"])) / ctx.count
+            g_dyx = torch.from_numpy(decode_vec64(r["sum_dy_xhat"])) / ctx.count
+            # dx = w·invstd·(dy − Σdy/n − x̂·Σdy·x̂/n): the x̂ terms are one
+            # more eval-mode normalization (x̂·a + b, the mean subtracted
+            # first), the dy term one addcmul.
+            scale = torch.rsqrt(var.double() + eps)
+            if weight is not None:
+                scale = scale * weight.double()
+            t = torch.batch_norm(x, (-scale * g_dyx).to(x.dtype),
+                                 (-scale * g_dy).to(x.dtype), mean, var, False,
+                                 0.0, eps, False)
+            dx = torch.addcmul(t, dy, scale.to(x.dtype).view(_bshape(x)))
         if weight is not None:
             # Local, as in torch.nn.SyncBatchNorm: the trainer averages
             # parameter gradients (DistributedDataParallel or all_reduce).
@@ -163,6 +178,13 @@ class _StatsBNFunction(torch.autograd.Function):
             db = sum_dy.to(weight.dtype)
         ctx.mod._timed(ctx.step, time.perf_counter() - t0)
         return dx, dw, db, None, None
+
+
+def _memory_format(x):
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+            and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 class _Arena:
