@@ -9,7 +9,7 @@ Every rank checks, and prints one line per check (exit 1 if any fails,
   paths) and leaves InstanceNorm/GroupNorm/LayerNorm alone;
   revert_sync_batchnorm restores the original classes and values;
 - for each path (path="stats", "shm", and "auto", which measures both
-  over its first 8 steps and must pick the same path on every rank):
+  over its first 10 steps and must pick the same path on every rank):
   one layer's output, input gradient and parameter gradients equal
   torch.nn.BatchNorm2d's on the concatenated shards, and training with
   uneven shards (7 and 3 samples), gradients summed with
@@ -189,7 +189,7 @@ def train_check(path, steps, rank, size, lo, hi):
     dist.all_gather_object(every, taken)
     if path == "auto":
         ok = all(p in ("stats", "shm") for p in taken) and all(
-            m.path_steps["stats"] >= 4 and m.path_steps["shm"] >= 4 for m in syncs)
+            m.path_steps["stats"] > sbt.AUTO_ROUNDS and m.path_steps["shm"] > sbt.AUTO_ROUNDS for m in syncs)
     else:
         ok = taken == [path] * len(syncs) and all(
             m.path_steps[path] == steps for m in syncs)

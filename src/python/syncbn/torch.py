@@ -21,9 +21,10 @@ training step, the same mathematics (equal to float rounding):
 path= picks one: "stats", "shm", or "auto" (the default), which measures
 both on the layer's first training steps (AUTO_WARMUP + AUTO_ROUNDS steps
 of each, alternating in the same run, forward + backward) and keeps the
-faster. The choice is made together by the ranks of the sync group (a
-vote through the worker, as a `stats` entry of a small helper layer), so
-every rank takes the same path at every step, as the worker requires.
+one whose fastest measured step was faster. The ranks of the sync group
+choose together (a vote through the worker, as a `stats` entry of a
+small helper layer), so every rank takes the same path at every step, as
+the worker requires.
 "shm" and "auto" fall back to "stats" when any rank of the group cannot
 use shared memory: a TCP connection, a worker older than protocol 6, a
 refused region, or a dtype other than float32 ("shm" then warns).
@@ -46,7 +47,6 @@ alone.
 """
 import itertools
 import socket
-import statistics
 import time
 import warnings
 import weakref
@@ -63,7 +63,7 @@ PATHS = ("auto", "stats", "shm")
 # the region's first mapping), then the measured steps of each; the
 # paths alternate, stats first.
 AUTO_WARMUP = 1
-AUTO_ROUNDS = 3
+AUTO_ROUNDS = 4
 
 GroupNorm = torch.nn.GroupNorm
 LayerNorm = torch.nn.LayerNorm
@@ -385,13 +385,15 @@ class SyncBatchNorm(_BatchNorm):
 
     def _decide(self):
         """The group's vote on the measured steps: the mean over the ranks
-        of (median shm step - median stats step); shm when negative."""
-        med = {}
+        of (fastest shm step - fastest stats step); shm when negative. The
+        fastest rather than the median, because a step that the scheduler
+        or a late rank slowed says nothing about the path."""
+        best = {}
         for p in ("stats", "shm"):
             t = [v[1] for k, v in sorted(self._times.items())
                  if v[0] == p and k >= 2 * AUTO_WARMUP]
-            med[p] = statistics.median(t) if t else 0.0
-        d = self._vote([1.0, med["shm"] - med["stats"]])[1]
+            best[p] = min(t) if t else 0.0
+        d = self._vote([1.0, best["shm"] - best["stats"]])[1]
         return "shm" if d < 0 else "stats"
 
     def _vote(self, values):
