@@ -215,6 +215,28 @@ def train_check(path, steps, rank, size, lo, hi):
     return model, ref, g
 
 
+def check_grow(lo, hi):
+    """The shm path's region grows with the tensors: a small step, then
+    one 64x larger, both equal to torch's."""
+    m = sbt.SyncBatchNorm(3, name="grow", path="shm")
+    ref = torch.nn.BatchNorm1d(3)
+    errs, sizes = [], []
+    for n, l in ((10, 16), (10, 1024)):
+        g = torch.Generator().manual_seed(n * l)
+        x = torch.randn(n, 3, l, generator=g)
+        xs = x[lo:hi].clone().requires_grad_()
+        y = m(xs)
+        y.sum().backward()
+        xr = x.clone().requires_grad_()
+        yr = ref(xr)
+        yr.sum().backward()
+        errs.append(max(rel(y, yr[lo:hi]), rel(m.running_var, ref.running_var)))
+        sizes.append(sbt._arena(sbt.default_client()).region.size)
+    check(max(errs) <= 1e-5 and sizes[1] > sizes[0] and m.path_steps["shm"] == 2,
+          "path=shm: the region grows from %d to %d bytes, results equal torch "
+          "(rel %.1e)" % (sizes[0], sizes[1], max(errs)))
+
+
 def check_fallback(rank):
     """path="shm" where rank 1 cannot attach shared memory (as against an
     old worker): both ranks take the stats path, rank 1 says why; a
@@ -258,6 +280,7 @@ def main():
         # "auto" decides after 2 * (AUTO_WARMUP + AUTO_ROUNDS) steps.
         train_check(path, STEPS if path != "auto" else
                     2 * (sbt.AUTO_WARMUP + sbt.AUTO_ROUNDS) + 2, rank, size, lo, hi)
+    check_grow(lo, hi)
     check_fallback(rank)
     model, ref, g = train_check("stats", STEPS, rank, size, lo, hi)
     client = sbt.default_client()

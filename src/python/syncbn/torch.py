@@ -218,7 +218,10 @@ class _Arena:
             self.failed = str(e)
             return None
         if r is not None:
-            r.mm.close()
+            try:
+                r.mm.close()
+            except BufferError:
+                pass  # a view of it is still alive: the GC unmaps it later
         self.region = new
         return new, new.size // 2
 
