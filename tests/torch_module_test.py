@@ -19,6 +19,7 @@ Every rank checks, and prints one line per check (exit 1 if any fails,
   the steps were taken by the path asked for;
 - the running statistics buffers equal the worker's (get_state) bit for
   bit, and are bit-identical on every rank;
+- the shm path's region grows when a larger tensor comes;
 - path="shm" falls back to stats on every rank, with a warning, when one
   rank cannot attach shared memory, and so does a float64 layer;
 - eval sends nothing to the worker;
