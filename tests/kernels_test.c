@@ -205,7 +205,9 @@ static void test_wide_unaligned(void **state) {
   const char *const *sets;
   int nsets = tu_kernel_sets(&sets);
   const size_t Cs[] = {1, 3, 17, 1000};
-  const size_t Ss[] = {1, 5, 19};
+  /* 49 and 196: NCHW planes of 7x7 and 14x14, summed 16 channels at a
+   * time with a tail block of C % 16 channels. */
+  const size_t Ss[] = {1, 5, 19, 49, 196};
   const sbn_op_t ops[] = {SBN_OP_BATCHNORM, SBN_OP_INSTANCENORM,
                           SBN_OP_GROUPNORM, SBN_OP_LAYERNORM};
   const char *opn[] = {"bn", "in", "gn", "ln"};
@@ -239,23 +241,25 @@ static void test_wide_unaligned(void **state) {
           }
   }
   /* Outputs of 4 MiB and more are streamed, after a masked head up to the
-   * first cache line (x, dy, y and dx 1 and 3 floats off here). */
+   * first cache line (x, dy, y and dx 1 and 3 floats off here): BatchNorm
+   * in both layouts and LayerNorm's rows (lay 2). */
   for (int ks = 0; ks < nsets; ks++) {
     if (strcmp(sets[ks], "ref") == 0 || tu_kernel_use(sets[ks]) != 0)
       continue;
-    for (int lay = 0; lay < 2; lay++)
+    for (int lay = 0; lay < 3; lay++)
       for (size_t off = 1; off <= 3; off += 2) {
+        sbn_op_t op = lay < 2 ? SBN_OP_BATCHNORM : SBN_OP_LAYERNORM;
+        sbn_layout_t ly = lay == 1 ? SBN_LAYOUT_NHWC : SBN_LAYOUT_NCHW;
         char what[128];
-        snprintf(what, sizeof what, "%s bn %s N=16 C=64 S=1024 off=%zu",
-                 sets[ks], lay ? "NHWC" : "NCHW", off);
+        snprintf(what, sizeof what, "%s %s %s N=16 C=64 S=1024 off=%zu",
+                 sets[ks], lay < 2 ? "bn" : "ln", lay == 1 ? "NHWC" : "NCHW",
+                 off);
         outs_t a, b;
         assert_int_equal(sbn_kernel_select("ref"), 0);
-        run_op_at(SBN_OP_BATCHNORM, (sbn_layout_t)lay, 16, 64, 1024,
-                  SBN_MODE_TRAIN, 0, &a, what);
+        run_op_at(op, ly, 16, 64, 1024, SBN_MODE_TRAIN, 0, &a, what);
         assert_int_equal(sbn_kernel_select(sets[ks]), 0);
-        run_op_at(SBN_OP_BATCHNORM, (sbn_layout_t)lay, 16, 64, 1024,
-                  SBN_MODE_TRAIN, off, &b, what);
-        compare_outs(SBN_OP_BATCHNORM, "bn", 16, 64, 1024, &a, &b, what);
+        run_op_at(op, ly, 16, 64, 1024, SBN_MODE_TRAIN, off, &b, what);
+        compare_outs(op, lay < 2 ? "bn" : "ln", 16, 64, 1024, &a, &b, what);
         free_outs(&a);
         free_outs(&b);
       }

@@ -10,19 +10,38 @@
 /* ------------------------------------------------------------------ */
 /* LayerNorm rows. */
 
-void sbn__avx512_ln_forward(const float *x, float *y, size_t D, float mh,
-                            float ml, float istd, const float *w,
+/* One vector of a LayerNorm row. */
+static inline __m512 ln16(const float *x, const float *w, const float *b,
+                          __mmask16 m, __m512 h, __m512 l, __m512 is) {
+  __m512 xh =
+      _mm512_mul_ps(_mm512_sub_ps(_mm512_sub_ps(load16(m, x), h), l), is);
+  if (w != NULL)
+    xh = _mm512_fmadd_ps(xh, load16(m, w), load16(m, b));
+  return xh;
+}
+
+/* A row is normalized right after its statistics, from L2 (ops/
+ * layernorm.c); an output of NT_BYTES or more is streamed like
+ * normalize's, so that y neither evicts the row nor reads its lines
+ * before writing them: 8 bytes per element instead of 12. */
+void sbn__avx512_ln_forward(const float *x, float *y, size_t D, size_t total,
+                            float mh, float ml, float istd, const float *w,
                             const float *b) {
   __m512 h = _mm512_set1_ps(mh), l = _mm512_set1_ps(ml);
   __m512 is = _mm512_set1_ps(istd);
-  for (size_t i = 0; i < D; i += 16) {
+  int nt = total >= NT_BYTES / sizeof(float);
+  size_t i = head_elems(y, D, nt);
+  if (i > 0)
+    store16(y, ln16(x, w, b, tail_mask(i), h, l, is), tail_mask(i), 0);
+  for (; i < D; i += 16) {
     __mmask16 m = tail_mask(D - i);
-    __m512 xh =
-        _mm512_mul_ps(_mm512_sub_ps(_mm512_sub_ps(load16(m, x + i), h), l), is);
-    if (w != NULL)
-      xh = _mm512_fmadd_ps(xh, load16(m, w + i), load16(m, b + i));
-    store16(y + i, xh, m, 0);
+    store16(y + i,
+            ln16(x + i, w != NULL ? w + i : NULL, b != NULL ? b + i : NULL, m,
+                 h, l, is),
+            m, nt);
   }
+  if (nt)
+    _mm_sfence();
 }
 
 /* Adds the 16 lanes of v (of mask m) into d[0..16) in double. */

@@ -71,9 +71,11 @@ typedef struct sbn__kernels_s {
                        const double *istd, const double *k1, const double *k2,
                        const double *k3);
   /* LayerNorm rows (D contiguous elements with per-element affine; w and
-   * b are NULL without affine): y = xhat * w + b. */
-  void (*ln_forward)(const float *x, float *y, size_t D, float mh, float ml,
-                     float istd, const float *w, const float *b);
+   * b are NULL without affine): y = xhat * w + b. `total` is the whole
+   * output's element count, by which a set may choose streaming stores
+   * (an output that large leaves the cache before it is read). */
+  void (*ln_forward)(const float *x, float *y, size_t D, size_t total, float mh,
+                     float ml, float istd, const float *w, const float *b);
   /* Adds sum(g) and sum(g * xhat) with g = dy * w into sums[0], sums[1],
    * and dy * xhat, dy into dw[i], db[i]; xhat and the sums in double. */
   void (*ln_bwd_reduce)(const float *x, const float *dy, size_t D, double mean,

@@ -102,7 +102,7 @@ static int ln_forward(sbn_layer_t *l, const sbn_forward_args_t *a,
       float *y = a->y + (r0 + r) * D;
       float mh, ml;
       sbn__split_mean(mean, &mh, &ml);
-      sbn__kernels()->ln_forward(x, y, D, mh, ml, (float)istd,
+      sbn__kernels()->ln_forward(x, y, D, N * D, mh, ml, (float)istd,
                                  p->affine ? a->weight : NULL,
                                  p->affine ? a->bias : NULL);
       if (smean != NULL) {
