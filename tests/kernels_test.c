@@ -242,24 +242,34 @@ static void test_wide_unaligned(void **state) {
   }
   /* Outputs of 4 MiB and more are streamed, after a masked head up to the
    * first cache line (x, dy, y and dx 1 and 3 floats off here): BatchNorm
-   * in both layouts and LayerNorm's rows (lay 2). */
+   * in both layouts, LayerNorm's rows, and the NCHW blocks of
+   * InstanceNorm and GroupNorm (slices of a large output). */
+  static const struct {
+    sbn_op_t op;
+    sbn_layout_t ly;
+    const char *name;
+  } big[] = {{SBN_OP_BATCHNORM, SBN_LAYOUT_NCHW, "bn"},
+             {SBN_OP_BATCHNORM, SBN_LAYOUT_NHWC, "bn"},
+             {SBN_OP_LAYERNORM, SBN_LAYOUT_NCHW, "ln"},
+             {SBN_OP_INSTANCENORM, SBN_LAYOUT_NCHW, "in"},
+             {SBN_OP_GROUPNORM, SBN_LAYOUT_NCHW, "gn"}};
   for (int ks = 0; ks < nsets; ks++) {
     if (strcmp(sets[ks], "ref") == 0 || tu_kernel_use(sets[ks]) != 0)
       continue;
-    for (int lay = 0; lay < 3; lay++)
+    for (size_t ib = 0; ib < sizeof big / sizeof *big; ib++)
       for (size_t off = 1; off <= 3; off += 2) {
-        sbn_op_t op = lay < 2 ? SBN_OP_BATCHNORM : SBN_OP_LAYERNORM;
-        sbn_layout_t ly = lay == 1 ? SBN_LAYOUT_NHWC : SBN_LAYOUT_NCHW;
+        sbn_op_t op = big[ib].op;
+        sbn_layout_t ly = big[ib].ly;
         char what[128];
         snprintf(what, sizeof what, "%s %s %s N=16 C=64 S=1024 off=%zu",
-                 sets[ks], lay < 2 ? "bn" : "ln", lay == 1 ? "NHWC" : "NCHW",
-                 off);
+                 sets[ks], big[ib].name,
+                 ly == SBN_LAYOUT_NHWC ? "NHWC" : "NCHW", off);
         outs_t a, b;
         assert_int_equal(sbn_kernel_select("ref"), 0);
         run_op_at(op, ly, 16, 64, 1024, SBN_MODE_TRAIN, 0, &a, what);
         assert_int_equal(sbn_kernel_select(sets[ks]), 0);
         run_op_at(op, ly, 16, 64, 1024, SBN_MODE_TRAIN, off, &b, what);
-        compare_outs(op, lay < 2 ? "bn" : "ln", 16, 64, 1024, &a, &b, what);
+        compare_outs(op, big[ib].name, 16, 64, 1024, &a, &b, what);
         free_outs(&a);
         free_outs(&b);
       }

@@ -562,6 +562,24 @@ static void avx512_bwd_apply_ld(const float *x, const float *dy, float *dx,
   _mm_sfence();
 }
 
+/* A block of a large output streams when the output is NT_BYTES or more
+ * (see normalize_part); the position view (S < 16) keeps its own
+ * choice. */
+static void avx512_normalize_part(const float *x, float *y, size_t C, size_t S,
+                                  size_t total, const float *mh,
+                                  const float *ml, const float *scale,
+                                  const float *shift) {
+  if (S < 16) {
+    pos_normalize(x, y, 1, C, S, C * S, mh, ml, scale, shift);
+    return;
+  }
+  int nt = total >= NT_BYTES / sizeof(float);
+  for (size_t c = 0; c < C; c++)
+    run_normalize(x + c * S, y + c * S, S, mh[c], ml[c], scale[c], shift[c],
+                  nt);
+  _mm_sfence();
+}
+
 /* The dense view is the strided one with rows C * S apart. */
 static void avx512_moments(const float *x, size_t A, size_t C, size_t S,
                            const float *k, double *s1, double *s2) {
@@ -597,6 +615,7 @@ const sbn__kernels_t sbn__kernels_avx512 = {
     .normalize_ld = avx512_normalize_ld,
     .bwd_reduce_ld = avx512_bwd_reduce_ld,
     .bwd_apply_ld = avx512_bwd_apply_ld,
+    .normalize_part = avx512_normalize_part,
     .ln_forward = sbn__avx512_ln_forward,
     .ln_bwd_reduce = sbn__avx512_ln_bwd_reduce,
     .ln_bwd_apply = sbn__avx512_ln_bwd_apply,

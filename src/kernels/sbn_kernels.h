@@ -70,6 +70,15 @@ typedef struct sbn__kernels_s {
                        size_t C, size_t S, size_t lda, const double *mean,
                        const double *istd, const double *k1, const double *k2,
                        const double *k3);
+  /* normalize on the dense view (1, C, S) of a block that is part of an
+   * output of `total` elements, or NULL (then normalize_ld computes it).
+   * A set may stream y when the whole output is large: the blocks that
+   * GroupNorm and InstanceNorm normalize while they are in cache are
+   * small slices of such an output, and their lines are not reread before
+   * the pass has moved on. */
+  void (*normalize_part)(const float *x, float *y, size_t C, size_t S,
+                         size_t total, const float *mh, const float *ml,
+                         const float *scale, const float *shift);
   /* LayerNorm rows (D contiguous elements with per-element affine; w and
    * b are NULL without affine): y = xhat * w + b. `total` is the whole
    * output's element count, by which a set may choose streaming stores
@@ -136,6 +145,10 @@ void sbn__k_normalize_ld(const float *x, float *y, size_t A, size_t C, size_t S,
 void sbn__k_bwd_reduce_ld(const float *x, const float *dy, size_t A, size_t C,
                           size_t S, size_t lda, const double *mean,
                           const double *istd, double *sdy, double *sdyx);
+/* normalize_part of the set in use, or normalize_ld where it has none. */
+void sbn__k_normalize_part(const float *x, float *y, size_t C, size_t S,
+                           size_t total, const float *mh, const float *ml,
+                           const float *scale, const float *shift);
 void sbn__k_bwd_apply_ld(const float *x, const float *dy, float *dx, size_t A,
                          size_t C, size_t S, size_t lda, const double *mean,
                          const double *istd, const double *k1, const double *k2,

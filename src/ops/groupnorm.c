@@ -169,7 +169,12 @@ int sbn__grouped_forward(sbn_layer_t *l, const sbn_forward_args_t *a,
         sbn__view_moments_ld(xs + o, v.gA, g1 - g0, v.gS, G * v.gS, &f.ch,
                              f.ch.rec + g0);
       gn_fwd_groups(&f, n, g0, g1, S);
-      if (plane > 0)
+      /* An NCHW block is dense, a slice of the N * plane output. */
+      if (plane > 0 && v.cA == 1)
+        sbn__k_normalize_part(xs + o, ys + o, (g1 - g0) * cpg, v.cS, N * plane,
+                              f.ch.mh + c0, f.ch.ml + c0, f.ch.k1 + c0,
+                              f.ch.k2 + c0);
+      else if (plane > 0)
         sbn__k_normalize_ld(xs + o, ys + o, v.cA, (g1 - g0) * cpg, v.cS,
                             C * v.cS, f.ch.mh + c0, f.ch.ml + c0, f.ch.k1 + c0,
                             f.ch.k2 + c0);
