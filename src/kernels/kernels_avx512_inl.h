@@ -126,7 +126,8 @@ void sbn__avx512_ln_bwd_apply(const float *x, const float *dy, float *dx,
 void sbn__avx512_ln_bwd_rows(const float *x, const float *dy, float *dx,
                              size_t R, size_t D, const double *mean,
                              const double *istd, const float *w, double count,
-                             double *dw, double *db, float *fw, float *fb);
+                             double *dw, double *db, float *fw, float *fb,
+                             float *odw, float *odb);
 void sbn__avx512_dropout(const float *in, float *out, size_t n, uint64_t first,
                          const uint32_t key[2], uint32_t step, uint32_t layer,
                          uint32_t thr, float scale);

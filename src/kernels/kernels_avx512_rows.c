@@ -57,10 +57,11 @@ static inline void fold_masked(__m512 v, __mmask16 m, double *d) {
 /* One row's backward sums: xhat in float from the split mean, the row
  * sums of g = dy * w and g * xhat in float over chunks folded into
  * double; dy * xhat and dy are added per element into dw and db, in
- * double (fw == NULL) or into the float block sums fw and fb. */
+ * double (fw == NULL) or into the float block sums fw and fb (stored
+ * there instead when `first`). */
 static inline __attribute__((always_inline)) void ln_row_sums(
     const float *x, const float *dy, size_t D, double mean, double istd,
-    const float *w, double *dw, double *db, float *fw, float *fb,
+    const float *w, double *dw, double *db, float *fw, float *fb, int first,
     double sums[2]) {
   float fh = (float)mean;
   __m512 h = _mm512_set1_ps(fh), l = _mm512_set1_ps((float)(mean - fh));
@@ -78,7 +79,10 @@ static inline __attribute__((always_inline)) void ln_row_sums(
           d, w != NULL ? _mm512_mask_loadu_ps(one, m, w + i) : one);
       sg = _mm512_add_ps(sg, g);
       sgx = _mm512_fmadd_ps(g, xh, sgx);
-      if (fw != NULL) {
+      if (fw != NULL && first) {
+        store16(fw + i, _mm512_mul_ps(d, xh), m, 0);
+        store16(fb + i, d, m, 0);
+      } else if (fw != NULL) {
         store16(fw + i, _mm512_fmadd_ps(d, xh, load16(m, fw + i)), m, 0);
         store16(fb + i, _mm512_add_ps(d, load16(m, fb + i)), m, 0);
       } else {
@@ -101,7 +105,7 @@ void sbn__avx512_ln_bwd_reduce(const float *x, const float *dy, size_t D,
     sbn__kernels_ref.ln_bwd_reduce(x, dy, D, mean, istd, w, dw, db, sums);
     return;
   }
-  ln_row_sums(x, dy, D, mean, istd, w, dw, db, NULL, NULL, sums);
+  ln_row_sums(x, dy, D, mean, istd, w, dw, db, NULL, NULL, 0, sums);
 }
 
 /* dx of one row; with `ahead` set, also prefetches the row after it
@@ -138,38 +142,99 @@ void sbn__avx512_ln_bwd_apply(const float *x, const float *dy, float *dx,
   ln_apply_row(x, dy, dx, D, mean, istd, w, c2, c3, 0);
 }
 
+/* Adds the block sums f into the double sums d (or sets d when `first`);
+ * on the last block writes (float)(d + f) to out instead (nothing when
+ * out is NULL), so the double sums are never zeroed or read back. */
+static void ln_fold(const float *f, double *d, float *out, size_t D, int first,
+                    int last) {
+  if (last && out == NULL)
+    return;
+  for (size_t i = 0; i < D; i += 16) {
+    __mmask16 m = tail_mask(D - i);
+    __mmask8 ml = (__mmask8)m, mh = (__mmask8)(m >> 8);
+    __m512d lo = _mm512_setzero_pd(), hi = lo;
+    if (!first) {
+      lo = _mm512_maskz_loadu_pd(ml, d + i);
+      hi = _mm512_maskz_loadu_pd(mh, d + i + 8);
+    }
+    fold16(load16(m, f + i), &lo, &hi);
+    if (last) {
+      store16(out + i, pack_pd(lo, hi), m, 0);
+    } else {
+      _mm512_mask_storeu_pd(d + i, ml, lo);
+      _mm512_mask_storeu_pd(d + i + 8, mh, hi);
+    }
+  }
+}
+
+/* Rows shorter than SMALL_STAT: the reference's double sums straight into
+ * dw and db, each row then applied. */
+static void ln_bwd_rows_small(const float *x, const float *dy, float *dx,
+                              size_t R, size_t D, const double *mean,
+                              const double *istd, const float *w, double count,
+                              double *dw, double *db, float *odw, float *odb) {
+  for (size_t i = 0; i < D; i++)
+    dw[i] = db[i] = 0;
+  for (size_t r = 0; r < R; r++) {
+    const float *xr = x + r * D, *dyr = dy + r * D;
+    double sums[2] = {0, 0};
+    sbn__kernels_ref.ln_bwd_reduce(xr, dyr, D, mean[r], istd[r], w, dw, db,
+                                   sums);
+    double c2 = -istd[r] * sums[1] / count, c3 = -istd[r] * sums[0] / count;
+    ln_apply_row(xr, dyr, dx + r * D, D, mean[r], istd[r], w, c2, c3, 0);
+  }
+  for (size_t i = 0; i < D; i++) {
+    if (odw != NULL)
+      odw[i] = (float)dw[i];
+    if (odb != NULL)
+      odb[i] = (float)db[i];
+  }
+}
+
 /* LayerNorm backward by blocks of RB rows: each row's sums, then its dx
  * while it is in L1/L2; dweight and dbias summed in float over the block
- * (fw, fb) and folded into double once per block, instead of a double
- * read-modify-write of both per element and row. */
+ * (fw, fb; the block's first row stores rather than adds, so they need no
+ * zeroing pass) and folded into double once per block, the last fold
+ * writing the float outputs. With few rows (ResNet-sized LayerNorm has 8
+ * rows of 200k elements) the passes over these row-sized arrays cost as
+ * much as the rows themselves: zeroing the doubles, and converting them
+ * afterwards, moved some 5 bytes per element of x at N = 8. */
 void sbn__avx512_ln_bwd_rows(const float *x, const float *dy, float *dx,
                              size_t R, size_t D, const double *mean,
                              const double *istd, const float *w, double count,
-                             double *dw, double *db, float *fw, float *fb) {
+                             double *dw, double *db, float *fw, float *fb,
+                             float *odw, float *odb) {
+  if (D < SMALL_STAT) {
+    ln_bwd_rows_small(x, dy, dx, R, D, mean, istd, w, count, dw, db, odw, odb);
+    return;
+  }
+  if (R == 0) {
+    for (size_t i = 0; i < D; i++) {
+      if (odw != NULL)
+        odw[i] = 0;
+      if (odb != NULL)
+        odb[i] = 0;
+    }
+    return;
+  }
   for (size_t r0 = 0; r0 < R; r0 += RB) {
     size_t r1 = R - r0 < RB ? R : r0 + RB;
-    for (size_t i = 0; i < D; i += 16) {
-      __mmask16 m = tail_mask(D - i);
-      store16(fw + i, _mm512_setzero_ps(), m, 0);
-      store16(fb + i, _mm512_setzero_ps(), m, 0);
-    }
     for (size_t r = r0; r < r1; r++) {
       const float *xr = x + r * D, *dyr = dy + r * D;
       double sums[2] = {0, 0};
-      if (D < SMALL_STAT)
-        sbn__kernels_ref.ln_bwd_reduce(xr, dyr, D, mean[r], istd[r], w, dw, db,
-                                       sums);
+      /* Two calls, so that each is compiled for its own case. */
+      if (r == r0)
+        ln_row_sums(xr, dyr, D, mean[r], istd[r], w, NULL, NULL, fw, fb, 1,
+                    sums);
       else
-        ln_row_sums(xr, dyr, D, mean[r], istd[r], w, NULL, NULL, fw, fb, sums);
+        ln_row_sums(xr, dyr, D, mean[r], istd[r], w, NULL, NULL, fw, fb, 0,
+                    sums);
       double c2 = -istd[r] * sums[1] / count, c3 = -istd[r] * sums[0] / count;
       ln_apply_row(xr, dyr, dx + r * D, D, mean[r], istd[r], w, c2, c3,
                    r + 1 < R);
     }
-    for (size_t i = 0; i < D; i += 16) {
-      __mmask16 m = tail_mask(D - i);
-      fold_masked(load16(m, fw + i), m, dw + i);
-      fold_masked(load16(m, fb + i), m, db + i);
-    }
+    ln_fold(fw, dw, odw, D, r0 == 0, r1 == R);
+    ln_fold(fb, db, odb, D, r0 == 0, r1 == R);
   }
 }
 

@@ -98,13 +98,15 @@ typedef struct sbn__kernels_s {
    * ln_bwd_reduce and ln_bwd_apply row by row, which is what this computes):
    * per row r the sums of ln_bwd_reduce, then dx as ln_bwd_apply with
    * c2 = -istd[r] * sum(g * xhat) / count and c3 = -istd[r] * sum(g) /
-   * count, while the row is in cache; adds dy * xhat and dy into dw[i] and
-   * db[i]. fw and fb are the caller's scratch of D floats each, where a set
-   * may sum a block of rows before adding into dw and db. */
+   * count, while the row is in cache; writes the sums over rows of
+   * dy * xhat and dy, formed in double and rounded once, to odw and odb
+   * (either may be NULL). dw and db are the caller's scratch of D doubles
+   * each, fw and fb of D floats each (any contents on entry), where a set
+   * may sum a block of rows in float before adding into double. */
   void (*ln_bwd_rows)(const float *x, const float *dy, float *dx, size_t R,
                       size_t D, const double *mean, const double *istd,
                       const float *w, double count, double *dw, double *db,
-                      float *fw, float *fb);
+                      float *fw, float *fb, float *odw, float *odb);
   /* Dropout of n elements starting at element index `first` (a multiple
    * of 4): out = word < thr ? 0 : in * scale, with the Philox words of
    * sbn_philox4x32_10 for counter (block, step, layer) and key. thr < 2^32
