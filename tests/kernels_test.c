@@ -204,7 +204,8 @@ static void test_wide_unaligned(void **state) {
   (void)state;
   const char *const *sets;
   int nsets = tu_kernel_sets(&sets);
-  const size_t Cs[] = {1, 3, 17, 1000};
+  /* 1500: LayerNorm rows long enough to be pipelined row by row. */
+  const size_t Cs[] = {1, 3, 17, 1000, 1500};
   /* 49 and 196: NCHW planes of 7x7 and 14x14, summed 16 channels at a
    * time with a tail block of C % 16 channels. */
   const size_t Ss[] = {1, 5, 19, 49, 196};
