@@ -299,8 +299,8 @@ static inline void fold_first(__m512 v, size_t n, double *d) {
  * from the channel's split mean. */
 static inline __attribute__((always_inline)) void short_block(
     int bwd, const float *x, const float *dy, size_t nc, size_t S,
-    const float *k, const double *mean, const double *istd, double *s1,
-    double *s2) {
+    const float *k, float *pick, const double *mean, const double *istd,
+    double *s1, double *s2) {
   __m512 va[16], vb[16];
   size_t full = S & ~(size_t)15;
   __mmask16 tm = tail_mask(S - full);
@@ -314,6 +314,10 @@ static inline __attribute__((always_inline)) void short_block(
         h = _mm512_set1_ps(fh);
         l = _mm512_set1_ps((float)(mean[j] - (double)fh));
         is = _mm512_set1_ps((float)istd[j]);
+      } else if (pick != NULL) {
+        /* The run's first element (S >= 16: a whole first vector). */
+        pick[j] = p[0];
+        h = _mm512_set1_ps(pick[j]);
       } else {
         h = _mm512_set1_ps(k[j]);
       }
@@ -339,19 +343,25 @@ static inline __attribute__((always_inline)) void short_block(
   fold_first(tree16(vb), nc, s2);
 }
 
-/* The short-run sums of an (A, C, S) view with rows lda apart. */
+/* The short-run sums of an (A, C, S) view with rows lda apart. With
+ * pick, moments first set pick[c] = x[c * S] as they reach it in row 0
+ * and shift by it (see moments_pick). */
 static void short_sums(int bwd, const float *x, const float *dy, size_t A,
                        size_t C, size_t S, size_t lda, const float *k,
-                       const double *mean, const double *istd, double *s1,
-                       double *s2) {
+                       float *pick, const double *mean, const double *istd,
+                       double *s1, double *s2) {
   for (size_t a = 0; a < A; a++)
     for (size_t c = 0; c < C; c += 16) {
       size_t nc = C - c < 16 ? C - c : 16, o = a * lda + c * S;
       if (bwd)
-        short_block(1, x + o, dy + o, nc, S, NULL, mean + c, istd + c, s1 + c,
+        short_block(1, x + o, dy + o, nc, S, NULL, NULL, mean + c, istd + c,
+                    s1 + c, s2 + c);
+      else if (pick != NULL && a == 0)
+        short_block(0, x + o, NULL, nc, S, NULL, pick + c, NULL, NULL, s1 + c,
                     s2 + c);
       else
-        short_block(0, x + o, NULL, nc, S, k + c, NULL, NULL, s1 + c, s2 + c);
+        short_block(0, x + o, NULL, nc, S, pick != NULL ? pick + c : k + c,
+                    NULL, NULL, NULL, s1 + c, s2 + c);
     }
 }
 
@@ -489,12 +499,25 @@ static void avx512_moments_ld(const float *x, size_t A, size_t C, size_t S,
     return;
   }
   if (S <= SHORT_S) {
-    short_sums(0, x, NULL, A, C, S, lda, k, NULL, NULL, s1, s2);
+    short_sums(0, x, NULL, A, C, S, lda, k, NULL, NULL, NULL, s1, s2);
     return;
   }
   for (size_t a = 0; a < A; a++)
     for (size_t c = 0; c < C; c++)
       run_moments(x + a * lda + c * S, S, k[c], &s1[c], &s2[c]);
+}
+
+/* Short runs take their shift from their first load; other views set it
+ * first and take moments_ld. */
+static void avx512_moments_pick(const float *x, size_t A, size_t C, size_t S,
+                                size_t lda, float *k, double *s1, double *s2) {
+  if (A * S >= SMALL_STAT && S >= 16 && S <= SHORT_S && A > 0) {
+    short_sums(0, x, NULL, A, C, S, lda, NULL, k, NULL, NULL, s1, s2);
+    return;
+  }
+  for (size_t c = 0; c < C; c++)
+    k[c] = A > 0 && S > 0 ? x[c * S] : 0.0f;
+  avx512_moments_ld(x, A, C, S, lda, k, s1, s2);
 }
 
 static void avx512_normalize_ld(const float *x, float *y, size_t A, size_t C,
@@ -531,7 +554,7 @@ static void avx512_bwd_reduce_ld(const float *x, const float *dy, size_t A,
     return;
   }
   if (S <= SHORT_S) {
-    short_sums(1, x, dy, A, C, S, lda, NULL, mean, istd, sdy, sdyx);
+    short_sums(1, x, dy, A, C, S, lda, NULL, NULL, mean, istd, sdy, sdyx);
     return;
   }
   for (size_t a = 0; a < A; a++)
@@ -563,8 +586,12 @@ static void avx512_bwd_apply_ld(const float *x, const float *dy, float *dx,
 }
 
 /* A block of a large output streams when the output is NT_BYTES or more
- * (see normalize_part); the position view (S < 16) keeps its own
- * choice. */
+ * (see normalize_part) and its runs are long: a run's first and last
+ * lines are shared with its neighbours and written with plain stores, and
+ * a line written both ways leaves the write-combining buffer half full
+ * (14x14 planes streamed ran 1.8 times slower than stored). The position
+ * view (S < 16) keeps its own choice. */
+#define NT_MIN_RUN 512
 static void avx512_normalize_part(const float *x, float *y, size_t C, size_t S,
                                   size_t total, const float *mh,
                                   const float *ml, const float *scale,
@@ -573,7 +600,7 @@ static void avx512_normalize_part(const float *x, float *y, size_t C, size_t S,
     pos_normalize(x, y, 1, C, S, C * S, mh, ml, scale, shift);
     return;
   }
-  int nt = total >= NT_BYTES / sizeof(float);
+  int nt = total >= NT_BYTES / sizeof(float) && S >= NT_MIN_RUN;
   for (size_t c = 0; c < C; c++)
     run_normalize(x + c * S, y + c * S, S, mh[c], ml[c], scale[c], shift[c],
                   nt);
@@ -612,6 +639,7 @@ const sbn__kernels_t sbn__kernels_avx512 = {
     .bwd_reduce = avx512_bwd_reduce,
     .bwd_apply = avx512_bwd_apply,
     .moments_ld = avx512_moments_ld,
+    .moments_pick = avx512_moments_pick,
     .normalize_ld = avx512_normalize_ld,
     .bwd_reduce_ld = avx512_bwd_reduce_ld,
     .bwd_apply_ld = avx512_bwd_apply_ld,

@@ -60,6 +60,14 @@ typedef struct sbn__kernels_s {
    * (A = 1), which computes the same. */
   void (*moments_ld)(const float *x, size_t A, size_t C, size_t S, size_t lda,
                      const float *k, double *s1, double *s2);
+  /* moments_ld shifted by the first element of each channel, k[c] =
+   * x[c * S], which the set writes to k; or NULL (then the caller sets k
+   * and calls moments_ld). A set can take the shift from its first load
+   * of each run instead of the caller's touching one line per channel
+   * beforehand: with 7x7 planes that separate touch took half as long as
+   * the moments themselves. */
+  void (*moments_pick)(const float *x, size_t A, size_t C, size_t S, size_t lda,
+                       float *k, double *s1, double *s2);
   void (*normalize_ld)(const float *x, float *y, size_t A, size_t C, size_t S,
                        size_t lda, const float *mh, const float *ml,
                        const float *scale, const float *shift);
