@@ -171,12 +171,13 @@ static const sbn_comm_vtable_t sim_vt = {
     .bell_poll = sim_bell_poll,
 };
 
-static void sim_deliver(void *ctx, void *token, uint8_t *reply, size_t len) {
+static void sim_deliver(void *ctx, void *token, svc_frame_t *reply) {
   sim_rank_t *k = ctx;
   (void)token;
   assert_true(k->ndel < 8);
-  k->reply[k->ndel] = reply;
-  k->len[k->ndel++] = len;
+  assert_int_equal(svc_frame_flatten(reply), 0);
+  k->reply[k->ndel] = reply->buf;
+  k->len[k->ndel++] = reply->len;
 }
 
 typedef struct sim_s {

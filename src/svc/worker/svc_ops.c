@@ -54,7 +54,7 @@ int svc__cmd_get_state(svc__call_t *call) {
     svc_reply_key(&r, "bias");
     r.rc |= svc_pack_tensor(r.pk, &l->wb_desc, l->bias, l->wb_numel);
   }
-  if (svc_reply_end(&r, &call->reply, &call->reply_len) != 0)
+  if (svc_reply_end(&r, &call->out.buf, &call->out.len) != 0)
     return svc_set_error(SVC_RESOURCE, "get_state: out of memory");
   return 0;
 }
@@ -151,7 +151,7 @@ int svc__cmd_set_state(svc__call_t *call) {
   /* The reply is built first too: running out of memory for it must not
    * leave a changed layer behind an error reply. */
   svc_reply_begin(&r, &q->id, 0, 0);
-  if (svc_reply_end(&r, &call->reply, &call->reply_len) != 0)
+  if (svc_reply_end(&r, &call->out.buf, &call->out.len) != 0)
     return svc_set_error(SVC_RESOURCE, "set_state: out of memory");
   /* Kept forward steps hold their own copies of the parameters they used,
    * so overwriting the layer's arrays in place affects only later
@@ -273,7 +273,7 @@ int svc__cmd_metrics(svc__call_t *call) {
   svc__pack_u64(&r, "saved_bytes", w->saved_bytes);
   svc__pack_u64(&r, "layers", w->nlayers);
 out:
-  if (svc_reply_end(&r, &call->reply, &call->reply_len) != 0)
+  if (svc_reply_end(&r, &call->out.buf, &call->out.len) != 0)
     return svc_set_error(SVC_RESOURCE, "metrics: out of memory");
   return 0;
 }

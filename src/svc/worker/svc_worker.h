@@ -72,9 +72,10 @@ int svc_worker_handle(svc_worker_t *w, const uint8_t *body, size_t len,
  * from the same reduced bytes, so the sequence of collectives is the same
  * on every rank, and every round ends on every rank with the same epoch. */
 
-/* Called with a deferred request's reply frame (ownership passes). */
-typedef void (*svc_deliver_fn)(void *ctx, void *token, uint8_t *reply,
-                               size_t len);
+/* Called with a deferred request's reply frame, possibly in pieces (see
+ * svc_frame_t): its contents pass to the callee, which frees them with
+ * svc_frame_free once written. */
+typedef void (*svc_deliver_fn)(void *ctx, void *token, svc_frame_t *reply);
 
 /* Enables syncbatchnorm training (without it, such requests are NOT_YET)
  * over comm, whose size is the job's and which must outlive the worker;
@@ -93,6 +94,14 @@ int svc_worker_set_sync(svc_worker_t *w, sbn_comm_t *comm, double stall_timeout,
 int svc_worker_handle_async(svc_worker_t *w, const uint8_t *body, size_t len,
                             void *token, uint8_t **reply, size_t *reply_len,
                             int *close_after, int *deferred);
+
+/* As svc_worker_handle_async, with the reply as a frame in pieces: a
+ * full-tensor forward or backward leaves y or dx in the buffer the kernel
+ * wrote (the frame's tail) for the server to write with writev. The
+ * frame's contents are the caller's. */
+int svc_worker_handle_frame(svc_worker_t *w, const uint8_t *body, size_t len,
+                            void *token, svc_frame_t *reply, int *close_after,
+                            int *deferred);
 
 /* The connection `token` is gone: its deferred requests are not answered,
  * and those not yet negotiated are withdrawn. */
