@@ -73,7 +73,11 @@ int sbn_client_metrics(sbn_client_t *c, sbn_client_metrics_t *out) {
            {"stalls", &m.stalls},
            {"mismatches", &m.mismatches},
            {"saved_bytes", &m.saved_bytes},
-           {"layers", &m.layers}};
+           {"layers", &m.layers},
+           {"cache_evictions", &m.cache_evictions},
+           {"tensor_copies", &m.tensor_copies},
+           {"in_place", &m.in_place},
+           {"zero_copy_replies", &m.zero_copy_replies}};
   int rc = sbn__begin(c, "metrics"), bad = 0;
   if (rc != 0)
     return rc;

@@ -221,7 +221,7 @@ int svc__cmd_metrics(svc__call_t *call) {
   for (int c = 1; c < SVC_CODE_COUNT; c++)
     nerr += m->errors[c] != 0;
 
-  if (svc_reply_begin(&r, &q->id, 24, 0) != 0 || r.pk == NULL)
+  if (svc_reply_begin(&r, &q->id, 28, 0) != 0 || r.pk == NULL)
     goto out;
   svc_reply_key(&r, "requests");
   r.rc |= msgpack_pack_map(r.pk, SVC_OP_COUNT);
@@ -252,6 +252,10 @@ int svc__cmd_metrics(svc__call_t *call) {
   svc__pack_u64(&r, "bells", m->bells);
   svc__pack_u64(&r, "agree_bytes", m->agree_bytes);
   svc__pack_u64(&r, "cache_hits", m->cache_hits);
+  svc__pack_u64(&r, "cache_evictions", m->cache_evictions);
+  svc__pack_u64(&r, "tensor_copies", m->tensor_copies);
+  svc__pack_u64(&r, "in_place", m->in_place);
+  svc__pack_u64(&r, "zero_copy_replies", m->zero_copy_replies);
   svc__pack_u64(&r, "pending", svc__pend_count(w));
   svc_reply_key(&r, "fused_per_allreduce");
   r.rc |= msgpack_pack_map(r.pk, SVC__FUSE_BUCKETS);
