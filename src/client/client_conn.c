@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -172,6 +173,36 @@ static int sbn__send(sbn_client_t *c, const void *buf, size_t len) {
   return 0;
 }
 
+/* Sends a then b (either may be empty) with as few calls as the socket
+ * allows: one sendmsg of both pieces, then the rest of whatever it did
+ * not take. */
+static int sbn__send2(sbn_client_t *c, const void *a, size_t na, const void *b,
+                      size_t nb) {
+  struct iovec v[2];
+  struct msghdr m;
+  ssize_t w;
+  if (nb == 0)
+    return sbn__send(c, a, na);
+  v[0].iov_base = (void *)a;
+  v[0].iov_len = na;
+  v[1].iov_base = (void *)b;
+  v[1].iov_len = nb;
+  memset(&m, 0, sizeof m);
+  m.msg_iov = v;
+  m.msg_iovlen = 2;
+  do
+    w = sendmsg(c->fd, &m, MSG_NOSIGNAL);
+  while (w < 0 && errno == EINTR);
+  if (w < 0)
+    return sbn__fail(c, sbn__errno_rc(errno), "send: %s", strerror(errno));
+  if ((size_t)w < na) {
+    int rc = sbn__send(c, (const char *)a + w, na - (size_t)w);
+    return rc != 0 ? rc : sbn__send(c, b, nb);
+  }
+  return sbn__send(c, (const char *)b + ((size_t)w - na),
+                   nb - ((size_t)w - na));
+}
+
 int sbn_client_send_raw(sbn_client_t *c, const void *buf, size_t len) {
   int rc = sbn__begin(c, "send_raw");
   if (rc != 0)
@@ -250,10 +281,8 @@ int sbn__req_send(sbn_client_t *c, sbn__req_t *r, const void *tail,
   r->sb.data[1] = (char)(body >> 16);
   r->sb.data[2] = (char)(body >> 8);
   r->sb.data[3] = (char)body;
-  rc = sbn__send(c, r->sb.data, r->sb.size);
+  rc = sbn__send2(c, r->sb.data, r->sb.size, tail, tail_len);
   msgpack_sbuffer_destroy(&r->sb);
-  if (rc == 0 && tail_len > 0)
-    rc = sbn__send(c, tail, tail_len);
   return rc;
 }
 

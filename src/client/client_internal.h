@@ -73,7 +73,9 @@ int sbn__req_send(sbn_client_t *c, sbn__req_t *r, const void *tail,
 int sbn__pack_layer_step(msgpack_packer *pk, uint64_t layer, uint64_t step);
 
 /* The request maps that a batch can hold, packed by one function each
- * for the single calls and the batch queue. */
+ * for the single calls and the batch queue. The tensor (x, dy) is the
+ * map's last value; with x (dy) NULL its bytes are left out, for the
+ * caller to send as the request's tail straight from its own buffer. */
 int sbn__pack_forward(msgpack_packer *pk, uint64_t id, uint64_t layer,
                       uint64_t step, int train, const sbn_tensor_desc_t *desc,
                       const float *x, size_t numel, const float *weight,
@@ -113,6 +115,9 @@ int sbn__reply(sbn_client_t *c, uint64_t id, sbn__reply_t *p);
 
 /* Sends r and receives its reply (sbn__req_send, then sbn__reply). */
 int sbn__call(sbn_client_t *c, sbn__req_t *r, sbn__reply_t *p);
+/* The same with tail_len bytes of tail after r's bytes in the frame. */
+int sbn__call_tail(sbn_client_t *c, sbn__req_t *r, const void *tail,
+                   size_t tail_len, sbn__reply_t *p);
 
 /* Receives one frame and decodes it into p, without looking at what it
  * says. */

@@ -182,13 +182,21 @@ int sbn__decode_f32(sbn_client_t *c, const msgpack_object *root,
 int sbn__take_tensor(sbn_client_t *c, const msgpack_object *root,
                      const char *key, const sbn_tensor_desc_t *want,
                      float *out) {
+  const msgpack_object *o = sbn__get(root, key);
+  const uint8_t *payload = NULL;
   svc_tensor_t t;
-  int rc = sbn__decode_f32(c, root, key, want, &t);
-  if (rc != 0)
-    return rc;
+  if (o == NULL)
+    return sbn__fail(c, SBN_EFORMAT, "reply: no '%s'", key);
+  /* The bytes go from the reply frame straight into the caller's
+   * buffer: one copy, no aligned intermediate. */
+  if (svc_decode_tensor_view(o, key, &t, &payload) != 0)
+    return sbn__fail(c, SBN_EFORMAT, "reply: %s", svc_last_error());
+  if (want != NULL && (t.desc.ndim != want->ndim ||
+                       memcmp(t.desc.dims, want->dims,
+                              (size_t)want->ndim * sizeof *want->dims) != 0))
+    return sbn__fail(c, SBN_EFORMAT, "reply: '%s' has the wrong shape", key);
   if (t.numel > 0 && out != NULL)
-    memcpy(out, t.data, t.numel * sizeof(float));
-  svc_tensor_free(&t);
+    memcpy(out, payload, t.numel * sizeof(float));
   return 0;
 }
 

@@ -357,10 +357,19 @@ struct msgpack_object;
 /* Packs {dtype: "f32", shape: [...], data: bin, layout: "nchw"|"nhwc"}. */
 int svc_pack_tensor(struct msgpack_packer *pk, const sbn_tensor_desc_t *desc,
                     const float *data, size_t numel);
+/* Packs the same map up to data's bin header, without the bytes: the
+ * caller sends numel floats right after what was packed (so the tensor
+ * must be the last value of the frame), from wherever they are. */
+int svc_pack_tensor_open(struct msgpack_packer *pk,
+                         const sbn_tensor_desc_t *desc, size_t numel);
 /* Decodes a tensor map into t (data copied and owned by t). what names
  * the key in messages. */
 int svc_decode_tensor(const struct msgpack_object *o, const char *what,
                       svc_tensor_t *t);
+/* The same checks without the copy: t gets the shape (t->data stays NULL)
+ * and *payload points at the f32 bytes inside o, valid as long as o is. */
+int svc_decode_tensor_view(const struct msgpack_object *o, const char *what,
+                           svc_tensor_t *t, const uint8_t **payload);
 void svc_tensor_free(svc_tensor_t *t);
 /* Packs a 1-D f64 tensor {dtype: "f64", shape: [n], data, layout}. */
 int svc_pack_vec64(struct msgpack_packer *pk, const double *v, size_t n);

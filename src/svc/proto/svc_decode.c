@@ -230,6 +230,17 @@ int svc_decode_tensor(const msgpack_object *o, const char *what,
   return svc__decode_tensor_in(o, what, 0, t);
 }
 
+int svc_decode_tensor_view(const msgpack_object *o, const char *what,
+                           svc_tensor_t *t, const uint8_t **payload) {
+  size_t elsz = 0;
+  const char *p = NULL;
+  int rc = svc__tensor_parse(o, what, 0, t, &elsz, &p);
+  *payload = (const uint8_t *)p;
+  if (rc == 0)
+    t->present = 1;
+  return rc;
+}
+
 /* A per-channel vector: a 1-D tensor of f32 or f64, widened to double;
  * with allow_scalar, a non-negative integer stands for "this value in
  * every channel". */

@@ -54,14 +54,21 @@ int svc_pack_tensor_at(msgpack_packer *pk, const sbn_tensor_desc_t *desc,
   return rc != 0 ? svc_set_error(SVC_RESOURCE, "reply: out of memory") : 0;
 }
 
-int svc_pack_tensor(msgpack_packer *pk, const sbn_tensor_desc_t *desc,
-                    const float *data, size_t numel) {
+int svc_pack_tensor_open(msgpack_packer *pk, const sbn_tensor_desc_t *desc,
+                         size_t numel) {
   int rc = svc__pack_tensor_head(pk, desc, 4);
   svc__pack_key(pk, "data");
   rc |= msgpack_pack_bin(pk, numel * sizeof(float));
-  if (numel > 0)
-    rc |= msgpack_pack_bin_body(pk, data, numel * sizeof(float));
   return rc != 0 ? svc_set_error(SVC_RESOURCE, "reply: out of memory") : 0;
+}
+
+int svc_pack_tensor(msgpack_packer *pk, const sbn_tensor_desc_t *desc,
+                    const float *data, size_t numel) {
+  int rc = svc_pack_tensor_open(pk, desc, numel);
+  if (rc == 0 && numel > 0 &&
+      msgpack_pack_bin_body(pk, data, numel * sizeof(float)) != 0)
+    rc = svc_set_error(SVC_RESOURCE, "reply: out of memory");
+  return rc;
 }
 
 /* msgpack-c's packers ignore a failed write of one piece and go on with the
@@ -201,9 +208,7 @@ static int svc__pack_tensor_or_splice(svc__out_t *o, msgpack_packer *pk,
   int rc;
   if (at == NULL)
     return svc_pack_tensor(pk, desc, data, numel);
-  rc = svc__pack_tensor_head(pk, desc, 4);
-  svc__pack_key(pk, "data");
-  rc |= msgpack_pack_bin(pk, numel * sizeof(float));
+  rc = svc_pack_tensor_open(pk, desc, numel);
   *at = o->sb.size;
   return rc;
 }
