@@ -11,6 +11,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <malloc.h>
 #include <mpi.h>
 #include <signal.h>
 #include <stdio.h>
@@ -643,6 +644,20 @@ static void print_ready(const opts_t *o, const rank_t *k) {
   fflush(stdout);
 }
 
+/* Every full-tensor request allocates and frees buffers of megabytes
+ * (the frame, x's aligned copy, y). glibc would give each back to the
+ * kernel (munmap, or a trim of the heap's top) and fault it in again page
+ * by page on the next request, which measured as costly as the data's
+ * copies (a 6.4 MB forward + backward: 20 ms against 14.6 ms with
+ * the memory kept). The worker keeps it instead: blocks up to glibc's
+ * largest threshold (32 MiB) come from the heap, and the heap's top is
+ * trimmed only past 512 MiB. Best effort: mallopt may refuse. */
+static void keep_freed_memory(void) {
+  mallopt(M_MMAP_THRESHOLD, 32 << 20);
+  mallopt(M_TRIM_THRESHOLD, 512 << 20);
+  mallopt(M_TOP_PAD, 64 << 20);
+}
+
 int main(int argc, char **argv) {
   opts_t o;
   rank_t k;
@@ -665,6 +680,7 @@ int main(int argc, char **argv) {
    * mid-write must not kill the worker. */
   umask(077);
   signal(SIGPIPE, SIG_IGN);
+  keep_freed_memory();
 
   memset(&k, 0, sizeof k);
   MPI_Init(&argc, &argv);

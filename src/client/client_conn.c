@@ -141,6 +141,7 @@ void sbn_client_close(sbn_client_t *c) {
     return;
   if (c->fd >= 0)
     close(c->fd);
+  free(c->keep);
   free(c);
 }
 
@@ -231,24 +232,43 @@ static int sbn__recv_all(sbn_client_t *c, void *buf, size_t len) {
 }
 
 int sbn__recv_frame(sbn_client_t *c, uint8_t **body, size_t *len) {
+  return sbn__recv_frame_kept(c, body, len, NULL);
+}
+
+int sbn__recv_frame_kept(sbn_client_t *c, uint8_t **body, size_t *len,
+                         int *kept) {
   uint8_t hdr[4];
   uint32_t n;
   uint8_t *b;
-  int rc;
+  int rc, keep = kept != NULL && !c->keep_busy;
   *body = NULL;
   *len = 0;
+  if (kept != NULL)
+    *kept = 0;
   if ((rc = sbn__recv_all(c, hdr, 4)) != 0)
     return rc;
   n = ((uint32_t)hdr[0] << 24) | ((uint32_t)hdr[1] << 16) |
       ((uint32_t)hdr[2] << 8) | hdr[3];
   if (n == 0)
     return sbn__fail(c, SBN_EFORMAT, "reply: zero-length frame");
-  b = malloc(n);
+  if (keep && n > c->keep_cap) {
+    free(c->keep);
+    c->keep_cap = 0;
+    if ((c->keep = malloc(n)) != NULL)
+      c->keep_cap = n;
+  }
+  keep = keep && c->keep != NULL;
+  b = keep ? c->keep : malloc(n);
   if (b == NULL)
     return sbn__fail(c, SBN_ENOMEM, "reply: out of memory (%u bytes)", n);
   if ((rc = sbn__recv_all(c, b, n)) != 0) {
-    free(b);
+    if (!keep)
+      free(b);
     return rc;
+  }
+  if (keep) {
+    c->keep_busy = 1;
+    *kept = 1;
   }
   *body = b;
   *len = n;
