@@ -111,6 +111,9 @@ static void usage(FILE *f) {
           "                       step is more than K behind the newest "
           "(default 2)\n"
           "  --max-layers N       layers a worker holds (default 1024)\n"
+          "  --cache-slots N      slots of the agreement's response cache, "
+          "1 to 65536;\n"
+          "                       the same on every rank (default 512)\n"
           "  --max-saved BYTES    forward state kept for backward, all "
           "layers (default\n"
           "                       4294967296)\n"
@@ -354,6 +357,12 @@ static int parse_option(const char *a, const char *v, opts_t *o) {
     if (u == 0)
       return svc_set_error(SVC_BAD_PARAMS, "%s: must be at least 1", a);
     o->wc.max_layers = (uint32_t)u;
+  } else if (strcmp(a, "--cache-slots") == 0) {
+    if ((rc = parse_u64(a, v, SVC_CACHE_SLOTS_MAX, &u)) != 0)
+      return rc;
+    if (u == 0)
+      return svc_set_error(SVC_BAD_PARAMS, "%s: must be at least 1", a);
+    o->wc.cache_slots = (uint32_t)u;
   } else if (strcmp(a, "--max-saved") == 0) {
     if ((rc = parse_u64(a, v, UINT64_MAX, &u)) != 0)
       return rc;
@@ -572,7 +581,14 @@ static int start_server(const opts_t *o, rank_t *k, uint8_t *token,
  * has no progress thread, so the polling is what moves it). */
 static int start_sync(const opts_t *o, rank_t *k) {
   sbn_layer_params_t params;
-  int rc;
+  int rc, slots[2] = {(int)o->wc.cache_slots, -(int)o->wc.cache_slots};
+  /* The ranks evict cache slots alike only if they have as many. */
+  MPI_Allreduce(MPI_IN_PLACE, slots, 2, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+  if (slots[0] != -slots[1])
+    return svc_set_error(SVC_BAD_PARAMS,
+                         "--cache-slots differs between the ranks (%d to %d); "
+                         "every rank must use the same",
+                         -slots[1], slots[0]);
   sbn_layer_params_default(&params, SBN_OP_BATCHNORM);
   if (sbn_mpi_comm_create(MPI_COMM_WORLD, 0, &params, &k->comm) != 0)
     return svc_set_error(SVC_INTERNAL, "%s", sbn_last_error());

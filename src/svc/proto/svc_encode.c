@@ -298,6 +298,11 @@ int svc_encode_backward_frame(const svc_id_t *id, const sbn_tensor_desc_t *desc,
   return rc;
 }
 
+void svc_tensor_free(svc_tensor_t *t) {
+  free(t->data);
+  memset(t, 0, sizeof *t);
+}
+
 void svc_frame_whole(svc_frame_t *f, uint8_t *buf, size_t len) {
   f->buf = buf;
   f->len = f->at = len;

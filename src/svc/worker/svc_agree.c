@@ -715,11 +715,11 @@ static int svc__sync_test(svc_worker_t *w) {
 }
 
 static int svc__alloc_engine(svc_worker_t *w) {
-  size_t own = SVC__MAXE + SVC__SLOTS;
+  size_t own = SVC__MAXE + (size_t)w->cfg.cache_slots;
   w->rlist = calloc(own, sizeof *w->rlist);
   w->roff = calloc(own, sizeof *w->roff);
-  w->slots = calloc(SVC__SLOTS, sizeof *w->slots);
-  w->cready = calloc(SVC__SLOTS, sizeof *w->cready);
+  w->slots = calloc(w->cfg.cache_slots, sizeof *w->slots);
+  w->cready = calloc(w->cfg.cache_slots, sizeof *w->cready);
   if (w->rlist == NULL || w->roff == NULL || w->slots == NULL ||
       w->cready == NULL)
     return svc_set_error(SVC_RESOURCE, "agreement: out of memory");

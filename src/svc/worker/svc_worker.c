@@ -43,6 +43,7 @@ void svc_worker_config_default(svc_worker_config_t *cfg) {
   cfg->keep_steps = 2;
   cfg->max_layers = 1024;
   cfg->max_saved = (uint64_t)4 << 30;
+  cfg->cache_slots = 512;
   svc_limits_default(&cfg->limits);
   cfg->max_clients = 64;
   cfg->max_output = (uint64_t)512 << 20;
@@ -56,6 +57,10 @@ int svc_worker_create(const svc_worker_config_t *cfg, svc_worker_t **out) {
   if (cfg->max_layers == 0 || cfg->rank < 0)
     return svc_set_error(SVC_BAD_PARAMS, "config: rank %d, max_layers %u",
                          cfg->rank, cfg->max_layers);
+  if (cfg->cache_slots == 0 || cfg->cache_slots > SVC_CACHE_SLOTS_MAX)
+    return svc_set_error(SVC_BAD_PARAMS,
+                         "config: cache_slots %u, expected 1 to %d",
+                         cfg->cache_slots, SVC_CACHE_SLOTS_MAX);
   if ((w = calloc(1, sizeof *w)) == NULL)
     goto fail;
   w->cfg = *cfg;

@@ -23,6 +23,10 @@ typedef struct svc_worker_config_s {
   uint32_t keep_steps; /* forward state older than this is dropped */
   uint32_t max_layers; /* registry size */
   uint64_t max_saved;  /* bytes of kept forward state, all layers */
+  /* Slots of the agreement's response cache, 1 to SVC_CACHE_SLOTS_MAX.
+   * Every rank of the job must use the same number: the ranks evict the
+   * same slot in the same round because they count alike. */
+  uint32_t cache_slots;
   svc_limits_t limits; /* frame limits for the codec */
   /* Reported by hello only; the server enforces them. */
   uint32_t max_clients;
@@ -30,7 +34,10 @@ typedef struct svc_worker_config_s {
   double idle_timeout, frame_timeout;
 } svc_worker_config_t;
 
-/* keep_steps 2, max_layers 1024, max_saved 4 GiB, svc_limits_default(),
+#define SVC_CACHE_SLOTS_MAX 65536
+
+/* keep_steps 2, max_layers 1024, max_saved 4 GiB, cache_slots 512,
+ * svc_limits_default(),
  * rank 0 of 1, max_clients 64, max_output 512 MiB, idle_timeout 300 s,
  * frame_timeout 60 s. */
 void svc_worker_config_default(svc_worker_config_t *cfg);

@@ -332,13 +332,16 @@ typedef struct svc__key_s {
  * ranks agreed on once gets a slot, the same index on every rank because
  * every rank inserts from the same decisions. Later steps of it agree by a
  * bitwise OR of fixed-size bit sets over the slots instead of the
- * gathered lists, so their cost does not grow with the ranks. */
-#define SVC__SLOTS 512
+ * gathered lists, so their cost does not grow with the ranks. There are
+ * cfg.cache_slots of them; when all are taken, a new key takes the one
+ * agreed least recently (the lowest index among equals), which every rank
+ * picks alike since every rank saw the same rounds. */
 /* Seconds after an entry's arrival during which the server polls the
  * engine continuously (see svc_worker_busy) rather than on its timer. */
 #define SVC__SPIN_S 0.005
 typedef struct svc__slot_s {
   uint64_t name, fp, last_step; /* the step it was last agreed at */
+  uint64_t used_at;             /* the epoch of the round that did */
   uint32_t dir, C, gsize, grp, tag;
   int used;
 } svc__slot_t;
@@ -409,7 +412,7 @@ struct svc_worker_s {
    * so stale doorbells are told apart. */
   uint64_t epoch, bell_max;
   double expire_next; /* no expiry wake before this time */
-  svc__slot_t *slots; /* SVC__SLOTS, allocated with the first poll */
+  svc__slot_t *slots; /* cfg.cache_slots, allocated with the first poll */
   size_t slot_hi;     /* slots in use are below this index */
   uint64_t *neg;      /* the negotiation words in flight */
   size_t neg_n;
