@@ -179,6 +179,9 @@ typedef struct svc_tensor_s {
    * the bytes out of the region (svc_shm_req.c). */
   int shm;
   uint64_t shm_region, shm_offset;
+  /* data points straight into the region (read in place, not freed with
+   * the tensor): an input nothing needs after the request's kernel ran. */
+  int borrowed;
 } svc_tensor_t;
 
 /* Protocol 6: where a forward's y (`y_at`) or a backward's dx (`dx_at`)

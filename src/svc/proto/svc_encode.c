@@ -299,7 +299,8 @@ int svc_encode_backward_frame(const svc_id_t *id, const sbn_tensor_desc_t *desc,
 }
 
 void svc_tensor_free(svc_tensor_t *t) {
-  free(t->data);
+  if (!t->borrowed)
+    free(t->data);
   memset(t, 0, sizeof *t);
 }
 

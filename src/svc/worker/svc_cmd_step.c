@@ -277,7 +277,7 @@ int svc__cmd_forward(svc__call_t *call) {
   /* y goes into x's own buffer when nothing needs x afterwards (no kept
    * training step takes it: eval, or dropout, whose backward needs only
    * its mask) and y is not written straight into a region. */
-  in_place = !sync && q->x.data != NULL &&
+  in_place = !sync && q->x.data != NULL && !q->x.borrowed &&
              (!q->train || l->params.op == SBN_OP_DROPOUT) &&
              svc__out_ptr(&q->out, NULL) == NULL;
   if ((rc = svc__forward_check(w, l, q, sync)) != 0)
@@ -383,7 +383,8 @@ static void svc__backward_done(svc_worker_t *w, svc__pend_t *p,
   svc_frame_t f;
   int rc;
   s->busy = 0;
-  if (recs == NULL)
+  /* A dy read in place is gone with its connection's mapping. */
+  if (recs == NULL || (p->q.x.borrowed && p->token == NULL))
     return;
   svc__bargs(s, p, &a);
   if (p->token != NULL)
@@ -454,8 +455,10 @@ int svc__cmd_backward(svc__call_t *call) {
     goto fail;
   }
   /* dx is written into dy's buffer (p->dx stays NULL, see svc__bargs):
-   * the request owns it and nothing reads dy after the kernel. */
+   * the request owns it and nothing reads dy after the kernel; not into
+   * the client's dy in its region, though (borrowed). */
   if ((p->ws_bytes > 0 && (p->ws = malloc(p->ws_bytes)) == NULL) ||
+      (q->x.borrowed && (p->dx = svc__floats(s->numel)) == NULL) ||
       (l->wb_numel > 0 && ((p->dw = svc__floats(l->wb_numel)) == NULL ||
                            (p->db = svc__floats(l->wb_numel)) == NULL))) {
     rc = svc_set_error(SVC_RESOURCE, "backward: out of memory");
@@ -467,7 +470,7 @@ int svc__cmd_backward(svc__call_t *call) {
   q->x.data = NULL; /* dy belongs to the entry now */
   p->s = s;
   svc__bargs(s, p, &a);
-  if (s->numel > 0 && svc__out_ptr(&q->out, NULL) == NULL)
+  if (s->numel > 0 && !q->x.borrowed && svc__out_ptr(&q->out, NULL) == NULL)
     w->m.in_place++;
   if (sync) {
     if (svc__reduces(l) &&
