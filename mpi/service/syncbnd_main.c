@@ -664,8 +664,9 @@ static void print_ready(const opts_t *o, const rank_t *k) {
  * (the frame, x's aligned copy, y). glibc would give each back to the
  * kernel (munmap, or a trim of the heap's top) and fault it in again page
  * by page on the next request, which measured as costly as the data's
- * copies (a 6.4 MB forward + backward: 20 ms against 14.6 ms with
- * the memory kept). The worker keeps it instead: blocks up to glibc's
+ * copies (`syncbn bench service`, a 6.4 MB forward + backward: 20 ms,
+ * 14.6 ms with glibc told by its environment to keep freed memory in the
+ * worker and the client). The worker keeps it instead: blocks up to glibc's
  * largest threshold (32 MiB) come from the heap, and the heap's top is
  * trimmed only past 512 MiB. Best effort: mallopt may refuse. */
 static void keep_freed_memory(void) {
