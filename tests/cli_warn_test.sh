@@ -1,7 +1,9 @@
 #!/bin/sh
 # Messages for rank counts and option values that do not do what was meant:
 #   cli_warn_test.sh MPIRUN SYNCBND SYNCBN
-# - syncbnd --max-clients 0 / --cycle-us 0 exit 2 naming the option;
+# - syncbnd --max-clients 0 / --cycle-us 0 / --cache-slots 0 exit 2
+#   naming the option, ranks started with different --cache-slots exit 1
+#   naming them;
 #   syncbnd --version prints the version and the protocol;
 # - `mpirun -np 2 syncbn apply` without --sync warns that every rank writes
 #   the same outputs, once; `apply --sync` at one rank warns; a
@@ -32,6 +34,13 @@ expect() { # expect RC PATTERN COMMAND...
 expect 2 "max-clients: must be at least 1" "$SYNCBND" --max-clients 0
 expect 2 "cycle-us: must be at least 1" "$SYNCBND" --cycle-us 0
 expect 0 "^syncbnd [0-9.]* (protocol [0-9]*)" "$SYNCBND" --version
+expect 2 "cache-slots: must be at least 1" "$SYNCBND" --cache-slots 0
+# Ranks with different cache sizes would evict different slots: refused
+# before anything is served.
+# shellcheck disable=SC2086
+expect 1 "cache-slots differs between the ranks (4 to 8)" \
+  $MPI -np 1 "$SYNCBND" --socket-dir "$tmp/cs" --cache-slots 4 : \
+  -np 1 "$SYNCBND" --socket-dir "$tmp/cs" --cache-slots 8
 
 cd "$tmp" || exit 1
 # An input for apply: 4 x 3 values of a batchnorm.

@@ -139,3 +139,12 @@ if(TARGET syncbnd AND TARGET syncbn_client
   set_tests_properties(svc_shm_e2e PROPERTIES TIMEOUT 180
     LABELS "mpi;svc" ENVIRONMENT "${svc_env}")
 endif()
+
+# Tensor replies written from the result buffer, results in place, and the
+# copy counters of metrics (no sockets).
+add_executable(svc_zero_copy_test ${CMAKE_CURRENT_LIST_DIR}/svc_zero_copy_test.c
+  ${CMAKE_CURRENT_LIST_DIR}/svc_testutil.c)
+target_link_libraries(svc_zero_copy_test PRIVATE syncbn_svc syncbn
+  PkgConfig::CMOCKA PkgConfig::MSGPACK m)
+add_test(NAME svc_zero_copy_test COMMAND svc_zero_copy_test)
+set_tests_properties(svc_zero_copy_test PROPERTIES TIMEOUT 60 LABELS "unit;svc")

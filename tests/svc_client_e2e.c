@@ -949,6 +949,22 @@ static void test_metrics(void) {
   CHECK(m1.layers == NL + 3 && m1.frames_in > m0.frames_in &&
             m1.bytes_out > m0.bytes_out,
         "scalar counters");
+  /* An eval forward over the socket: y computed in x's buffer and written
+   * from it with writev; the only tensor copy is x out of the frame. */
+  {
+    sbn_tensor_desc_t d = {3, {(size_t)g_n[0], C, S}, SBN_LAYOUT_NCHW};
+    int rc = sbn_client_forward(c, g_bn[0], 77, 0, &d, g_x[0], NULL, NULL, 0,
+                                g_y[0]);
+    CHECK(rc == 0, "eval forward: %s", sbn_last_error());
+    metrics_of(c, &m0);
+    CHECK(m0.zero_copy_replies == m1.zero_copy_replies + 1 &&
+              m0.in_place == m1.in_place + 1 &&
+              m0.tensor_copies == m1.tensor_copies + 1,
+          "eval forward: %llu zero-copy replies, %llu in place, %llu copies",
+          (unsigned long long)(m0.zero_copy_replies - m1.zero_copy_replies),
+          (unsigned long long)(m0.in_place - m1.in_place),
+          (unsigned long long)(m0.tensor_copies - m1.tensor_copies));
+  }
   sbn_client_close(c);
 }
 

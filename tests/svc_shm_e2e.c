@@ -13,7 +13,11 @@
  *   budget, offsets past the end or wrapping around 2^64, an unknown
  *   region, inputs and outputs that overlap, and shared memory over TCP; each
  * gets its error code and the connection still serves the happy path
- * afterwards. */
+ * afterwards;
+ * - sends six descriptors in one SCM_RIGHTS message on a raw connection
+ *   (the worker holds at most four unattached): it is refused with
+ *   RESOURCE and closed, and the worker's count of open descriptors
+ *   (/proc/PID/fd) is back where it was. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -23,8 +27,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <dirent.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "client.h"
@@ -209,6 +215,126 @@ static void attach_without_fd(void) {
   close(fd);
 }
 
+/* A raw connection to the worker's socket. */
+static int raw_connect(void) {
+  struct sockaddr_un sa;
+  int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+  CHECK(fd >= 0, "socket");
+  memset(&sa, 0, sizeof sa);
+  sa.sun_family = AF_UNIX;
+  CHECK(strlen(g_path[0]) < sizeof sa.sun_path, "socket path too long");
+  memcpy(sa.sun_path, g_path[0], strlen(g_path[0]) + 1);
+  CHECK(connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0, "connect: %s",
+        strerror(errno));
+  return fd;
+}
+
+/* The worker's pid: the syncbnd whose command line names this test's
+ * directory. */
+static long worker_pid(void) {
+  DIR *d = opendir("/proc");
+  struct dirent *e;
+  long pid = -1;
+  CHECK(d != NULL, "/proc: %s", strerror(errno));
+  while (pid < 0 && (e = readdir(d)) != NULL) {
+    char path[300], cmd[4096];
+    size_t n;
+    FILE *f;
+    if (e->d_name[0] < '0' || e->d_name[0] > '9')
+      continue;
+    snprintf(path, sizeof path, "/proc/%s/cmdline", e->d_name);
+    if ((f = fopen(path, "r")) == NULL)
+      continue;
+    n = fread(cmd, 1, sizeof cmd - 1, f);
+    fclose(f);
+    for (size_t i = 0; i < n; i++)
+      if (cmd[i] == '\0')
+        cmd[i] = ' ';
+    cmd[n] = '\0';
+    if (strstr(cmd, "syncbnd ") != NULL && strstr(cmd, g_root) != NULL &&
+        strstr(cmd, "mpirun") == NULL && strstr(cmd, "mpiexec") == NULL)
+      pid = strtol(e->d_name, NULL, 10);
+  }
+  closedir(d);
+  CHECK(pid > 0, "no syncbnd process for %s", g_root);
+  return pid;
+}
+
+static int open_fds(long pid) {
+  char path[64];
+  DIR *d;
+  int n = 0;
+  snprintf(path, sizeof path, "/proc/%ld/fd", pid);
+  CHECK((d = opendir(path)) != NULL, "%s: %s", path, strerror(errno));
+  while (readdir(d) != NULL)
+    n++;
+  closedir(d);
+  return n;
+}
+
+/* The worker's open descriptors once the count has held still for 200
+ * ms (connections closed just before are still being closed). */
+static int settled_fds(long pid) {
+  int n = open_fds(pid), same = 0;
+  for (int i = 0; i < 150 && same < 10; i++) {
+    struct timespec ts = {0, 20 * 1000 * 1000};
+    int m;
+    nanosleep(&ts, NULL);
+    m = open_fds(pid);
+    same = m == n ? same + 1 : 0;
+    n = m;
+  }
+  return n;
+}
+
+/* Six memfds in one SCM_RIGHTS message, with a hello's bytes: the worker
+ * holds at most four descriptors not yet attached, so it refuses with
+ * RESOURCE, closes the connection, and keeps none of them. */
+static void too_many_fds(void) {
+  enum { NFD = 6 };
+  static const uint8_t hello[] = {0,   0,   0,    0x11, 0x82, 0xa2,
+                                  'o', 'p', 0xa5, 'h',  'e',  'l',
+                                  'l', 'o', 0xa2, 'i',  'd',  0x01};
+  char cbuf[CMSG_SPACE(NFD * sizeof(int))];
+  struct iovec v = {(void *)hello, sizeof hello};
+  struct msghdr m;
+  struct cmsghdr *cm;
+  uint8_t buf[512];
+  ssize_t n, got = 0;
+  int fds[NFD], sock, before, after;
+  long pid = worker_pid();
+  before = settled_fds(pid);
+  sock = raw_connect();
+  for (int i = 0; i < NFD; i++)
+    fds[i] = memfd(4096, F_SEAL_SHRINK | F_SEAL_GROW);
+  memset(&m, 0, sizeof m);
+  memset(cbuf, 0, sizeof cbuf);
+  m.msg_iov = &v;
+  m.msg_iovlen = 1;
+  m.msg_control = cbuf;
+  m.msg_controllen = sizeof cbuf;
+  cm = CMSG_FIRSTHDR(&m);
+  cm->cmsg_level = SOL_SOCKET;
+  cm->cmsg_type = SCM_RIGHTS;
+  cm->cmsg_len = CMSG_LEN(NFD * sizeof(int));
+  memcpy(CMSG_DATA(cm), fds, sizeof fds);
+  CHECK(sendmsg(sock, &m, 0) == (ssize_t)sizeof hello, "sendmsg: %s",
+        strerror(errno));
+  for (int i = 0; i < NFD; i++)
+    close(fds[i]);
+  /* The refusal, then the end of the connection. */
+  while ((n = read(sock, buf + got, sizeof buf - (size_t)got)) > 0)
+    got += n;
+  CHECK(n == 0, "read: %s", strerror(errno));
+  CHECK(memmem(buf, (size_t)got, "RESOURCE", 8) != NULL &&
+            memmem(buf, (size_t)got, "more file descriptors", 21) != NULL,
+        "too many descriptors: %.*s", (int)got, buf);
+  close(sock);
+  after = settled_fds(pid);
+  CHECK(after == before, "the worker holds %d descriptors, %d before", after,
+        before);
+}
+
 static void hostile_attach(sbn_client_t *c) {
   uint64_t r = 0;
   int fd, rc;
@@ -363,6 +489,7 @@ int main(void) {
   hostile_ranges(c, &m);
   hostile_limits(c);
   over_tcp();
+  too_many_fds();
   /* The connection survived every refusal. */
   happy(c, &m, 2);
   sync_step(c, &m, 2);

@@ -1880,12 +1880,13 @@ static const sbn_comm_vtable_t lb_vt = {
     .iallreduce_bor_begin = lb_bor,
 };
 
-static void lb_deliver(void *ctx, void *token, uint8_t *reply, size_t len) {
+static void lb_deliver(void *ctx, void *token, svc_frame_t *reply) {
   lb_t *lb = ctx;
   assert_true(lb->ndel < 16);
+  assert_int_equal(svc_frame_flatten(reply), 0);
   lb->tok[lb->ndel] = token;
-  lb->buf[lb->ndel] = reply;
-  lb->len[lb->ndel] = len;
+  lb->buf[lb->ndel] = reply->buf;
+  lb->len[lb->ndel] = reply->len;
   lb->ndel++;
 }
 
@@ -2396,7 +2397,7 @@ static void test_dispatch_refusals(void **st) {
   q.version = 1;
   assert_int_equal(svc__dispatch(&call), -SVC_BAD_REQUEST);
   assert_non_null(strstr(svc_last_error(), "hello"));
-  assert_null(call.reply);
+  assert_null(call.out.buf);
   assert_memory_equal(before, w->m.requests, sizeof before);
   svc_worker_destroy(w);
 }
@@ -2420,7 +2421,7 @@ static void test_dispatch_counts(void **st) {
     /* A zeroed request: most handlers refuse it, some answer; either way
      * it was dispatched once. */
     svc__dispatch(&call);
-    free(call.reply);
+    svc_frame_free(&call.out);
     assert_false(call.deferred);
     assert_int_equal(w->m.requests[op], 1);
   }

@@ -265,6 +265,11 @@ typedef struct sbn_client_metrics_s {
   uint64_t latency_count; /* allreduces timed; percentiles in seconds */
   double latency_p50, latency_p90, latency_p99, latency_max;
   uint64_t stalls, mismatches, saved_bytes, layers;
+  uint64_t cache_evictions; /* cache slots handed to a new entry (LRU) */
+  /* Tensor payloads the worker copied (out of a frame or a region, into a
+   * reply or a region), results it computed in their input's buffer, and
+   * tensor replies it wrote from the result buffer without a copy. */
+  uint64_t tensor_copies, in_place, zero_copy_replies;
 } sbn_client_metrics_t;
 
 int sbn_client_metrics(sbn_client_t *c, sbn_client_metrics_t *out);

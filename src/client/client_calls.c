@@ -147,9 +147,12 @@ int sbn_client_forward(sbn_client_t *c, uint64_t layer, uint64_t step,
   if (rc != 0 || (rc = sbn__numel(c, desc, &numel)) != 0)
     return rc;
   sbn__req_init(c, &r);
-  r.bad |= sbn__pack_forward(&r.pk, r.id, layer, step, train, desc, x, numel,
+  if (x == NULL && numel > 0)
+    return sbn__fail(c, SBN_EINVAL, "x: NULL for %zu floats", numel);
+  /* x goes out from the caller's buffer, after the rest of the frame. */
+  r.bad |= sbn__pack_forward(&r.pk, r.id, layer, step, train, desc, NULL, numel,
                              weight, bias, wb_numel);
-  if ((rc = sbn__call(c, &r, &p)) != 0)
+  if ((rc = sbn__call_tail(c, &r, x, numel * sizeof(float), &p)) != 0)
     return rc;
   rc = sbn__take_tensor(c, &p.root, "y", desc, y);
   sbn__reply_free(&p);
@@ -192,8 +195,10 @@ int sbn_client_backward(sbn_client_t *c, uint64_t layer, uint64_t step,
   if (rc != 0 || (rc = sbn__numel(c, desc, &numel)) != 0)
     return rc;
   sbn__req_init(c, &r);
-  r.bad |= sbn__pack_backward(&r.pk, r.id, layer, step, desc, dy, numel);
-  if ((rc = sbn__call(c, &r, &p)) != 0)
+  if (dy == NULL && numel > 0)
+    return sbn__fail(c, SBN_EINVAL, "dy: NULL for %zu floats", numel);
+  r.bad |= sbn__pack_backward(&r.pk, r.id, layer, step, desc, NULL, numel);
+  if ((rc = sbn__call_tail(c, &r, dy, numel * sizeof(float), &p)) != 0)
     return rc;
   rc = sbn__take_tensor(c, &p.root, "dx", desc, dx);
   if (rc == 0)

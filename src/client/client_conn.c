@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -140,6 +141,7 @@ void sbn_client_close(sbn_client_t *c) {
     return;
   if (c->fd >= 0)
     close(c->fd);
+  free(c->keep);
   free(c);
 }
 
@@ -172,6 +174,36 @@ static int sbn__send(sbn_client_t *c, const void *buf, size_t len) {
   return 0;
 }
 
+/* Sends a then b (either may be empty) with as few calls as the socket
+ * allows: one sendmsg of both pieces, then the rest of whatever it did
+ * not take. */
+static int sbn__send2(sbn_client_t *c, const void *a, size_t na, const void *b,
+                      size_t nb) {
+  struct iovec v[2];
+  struct msghdr m;
+  ssize_t w;
+  if (nb == 0)
+    return sbn__send(c, a, na);
+  v[0].iov_base = (void *)a;
+  v[0].iov_len = na;
+  v[1].iov_base = (void *)b;
+  v[1].iov_len = nb;
+  memset(&m, 0, sizeof m);
+  m.msg_iov = v;
+  m.msg_iovlen = 2;
+  do
+    w = sendmsg(c->fd, &m, MSG_NOSIGNAL);
+  while (w < 0 && errno == EINTR);
+  if (w < 0)
+    return sbn__fail(c, sbn__errno_rc(errno), "send: %s", strerror(errno));
+  if ((size_t)w < na) {
+    int rc = sbn__send(c, (const char *)a + w, na - (size_t)w);
+    return rc != 0 ? rc : sbn__send(c, b, nb);
+  }
+  return sbn__send(c, (const char *)b + ((size_t)w - na),
+                   nb - ((size_t)w - na));
+}
+
 int sbn_client_send_raw(sbn_client_t *c, const void *buf, size_t len) {
   int rc = sbn__begin(c, "send_raw");
   if (rc != 0)
@@ -200,24 +232,43 @@ static int sbn__recv_all(sbn_client_t *c, void *buf, size_t len) {
 }
 
 int sbn__recv_frame(sbn_client_t *c, uint8_t **body, size_t *len) {
+  return sbn__recv_frame_kept(c, body, len, NULL);
+}
+
+int sbn__recv_frame_kept(sbn_client_t *c, uint8_t **body, size_t *len,
+                         int *kept) {
   uint8_t hdr[4];
   uint32_t n;
   uint8_t *b;
-  int rc;
+  int rc, keep = kept != NULL && !c->keep_busy;
   *body = NULL;
   *len = 0;
+  if (kept != NULL)
+    *kept = 0;
   if ((rc = sbn__recv_all(c, hdr, 4)) != 0)
     return rc;
   n = ((uint32_t)hdr[0] << 24) | ((uint32_t)hdr[1] << 16) |
       ((uint32_t)hdr[2] << 8) | hdr[3];
   if (n == 0)
     return sbn__fail(c, SBN_EFORMAT, "reply: zero-length frame");
-  b = malloc(n);
+  if (keep && n > c->keep_cap) {
+    free(c->keep);
+    c->keep_cap = 0;
+    if ((c->keep = malloc(n)) != NULL)
+      c->keep_cap = n;
+  }
+  keep = keep && c->keep != NULL;
+  b = keep ? c->keep : malloc(n);
   if (b == NULL)
     return sbn__fail(c, SBN_ENOMEM, "reply: out of memory (%u bytes)", n);
   if ((rc = sbn__recv_all(c, b, n)) != 0) {
-    free(b);
+    if (!keep)
+      free(b);
     return rc;
+  }
+  if (keep) {
+    c->keep_busy = 1;
+    *kept = 1;
   }
   *body = b;
   *len = n;
@@ -250,10 +301,8 @@ int sbn__req_send(sbn_client_t *c, sbn__req_t *r, const void *tail,
   r->sb.data[1] = (char)(body >> 16);
   r->sb.data[2] = (char)(body >> 8);
   r->sb.data[3] = (char)body;
-  rc = sbn__send(c, r->sb.data, r->sb.size);
+  rc = sbn__send2(c, r->sb.data, r->sb.size, tail, tail_len);
   msgpack_sbuffer_destroy(&r->sb);
-  if (rc == 0 && tail_len > 0)
-    rc = sbn__send(c, tail, tail_len);
   return rc;
 }
 

@@ -21,6 +21,13 @@ struct sbn_client_s {
   const char *op;
   /* The worker's error code of the last error reply, "" if none. */
   char code[32];
+  /* A reply body buffer kept from one reply to the next (freed on close):
+   * a megabyte tensor reply in a fresh allocation would be faulted in
+   * page by page on every call, which costs more than its copy. busy
+   * while a reply uses it (a second reply then gets its own). */
+  uint8_t *keep;
+  size_t keep_cap;
+  int keep_busy;
 };
 
 /* Starts call op on c: names it in messages and forgets the last reply's
@@ -34,6 +41,10 @@ int sbn__fail(sbn_client_t *c, int rc, const char *fmt, ...) SBN_PRINTF(3, 4);
 
 /* Receives one frame's body (malloc'ed) on c. */
 int sbn__recv_frame(sbn_client_t *c, uint8_t **body, size_t *len);
+/* The same into c's kept buffer when it is free (*kept set), else into a
+ * new one. */
+int sbn__recv_frame_kept(sbn_client_t *c, uint8_t **body, size_t *len,
+                         int *kept);
 
 /* A new handle with no socket (fd -1), or NULL when out of memory. */
 sbn_client_t *sbn__client_new(void);
@@ -73,7 +84,9 @@ int sbn__req_send(sbn_client_t *c, sbn__req_t *r, const void *tail,
 int sbn__pack_layer_step(msgpack_packer *pk, uint64_t layer, uint64_t step);
 
 /* The request maps that a batch can hold, packed by one function each
- * for the single calls and the batch queue. */
+ * for the single calls and the batch queue. The tensor (x, dy) is the
+ * map's last value; with x (dy) NULL its bytes are left out, for the
+ * caller to send as the request's tail straight from its own buffer. */
 int sbn__pack_forward(msgpack_packer *pk, uint64_t id, uint64_t layer,
                       uint64_t step, int train, const sbn_tensor_desc_t *desc,
                       const float *x, size_t numel, const float *weight,
@@ -99,6 +112,7 @@ int sbn__check_vecs(const char *op, size_t channels, const void *a,
 
 typedef struct sbn__reply_s {
   uint8_t *body;
+  sbn_client_t *kept; /* body is this client's kept buffer (not freed) */
   msgpack_zone zone;
   int zone_ok;
   msgpack_object root;
@@ -113,6 +127,9 @@ int sbn__reply(sbn_client_t *c, uint64_t id, sbn__reply_t *p);
 
 /* Sends r and receives its reply (sbn__req_send, then sbn__reply). */
 int sbn__call(sbn_client_t *c, sbn__req_t *r, sbn__reply_t *p);
+/* The same with tail_len bytes of tail after r's bytes in the frame. */
+int sbn__call_tail(sbn_client_t *c, sbn__req_t *r, const void *tail,
+                   size_t tail_len, sbn__reply_t *p);
 
 /* Receives one frame and decodes it into p, without looking at what it
  * says. */

@@ -74,6 +74,15 @@ int sbn_client_metrics(sbn_client_t *c, sbn_client_metrics_t *out) {
            {"mismatches", &m.mismatches},
            {"saved_bytes", &m.saved_bytes},
            {"layers", &m.layers}};
+  /* Added within protocol 6: a worker from before them does not send
+   * them, and they read as 0. */
+  const struct {
+    const char *key;
+    uint64_t *v;
+  } later[] = {{"cache_evictions", &m.cache_evictions},
+               {"tensor_copies", &m.tensor_copies},
+               {"in_place", &m.in_place},
+               {"zero_copy_replies", &m.zero_copy_replies}};
   int rc = sbn__begin(c, "metrics"), bad = 0;
   if (rc != 0)
     return rc;
@@ -86,6 +95,9 @@ int sbn_client_metrics(sbn_client_t *c, sbn_client_metrics_t *out) {
   bad |= sbn__take_counts(sbn__get(&p.root, "errors"), m.errors, &m.nerrors);
   for (size_t i = 0; i < sizeof u / sizeof *u; i++)
     bad |= sbn__uint_field(&p.root, u[i].key, u[i].v);
+  for (size_t i = 0; i < sizeof later / sizeof *later; i++)
+    if (sbn__get(&p.root, later[i].key) != NULL)
+      bad |= sbn__uint_field(&p.root, later[i].key, later[i].v);
   fused = sbn__get(&p.root, "fused_per_allreduce");
   for (int i = 0; i < 8; i++)
     bad |= fused == NULL ||

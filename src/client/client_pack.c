@@ -52,8 +52,6 @@ int sbn__pack_forward(msgpack_packer *pk, uint64_t id, uint64_t layer,
   rc |= sbn__pack_layer_step(pk, layer, step);
   rc |= sbn__key(pk, "train");
   rc |= train ? msgpack_pack_true(pk) : msgpack_pack_false(pk);
-  rc |= sbn__key(pk, "x");
-  rc |= svc_pack_tensor(pk, desc, x, numel);
   if (weight != NULL) {
     rc |= sbn__key(pk, "weight");
     rc |= svc_pack_tensor(pk, &wd, weight, wb_numel);
@@ -62,6 +60,9 @@ int sbn__pack_forward(msgpack_packer *pk, uint64_t id, uint64_t layer,
     rc |= sbn__key(pk, "bias");
     rc |= svc_pack_tensor(pk, &wd, bias, wb_numel);
   }
+  rc |= sbn__key(pk, "x");
+  rc |= x != NULL ? svc_pack_tensor(pk, desc, x, numel)
+                  : svc_pack_tensor_open(pk, desc, numel);
   return rc;
 }
 
@@ -71,7 +72,8 @@ int sbn__pack_backward(msgpack_packer *pk, uint64_t id, uint64_t layer,
   int rc = sbn__pack_head(pk, "backward", id, 5);
   rc |= sbn__pack_layer_step(pk, layer, step);
   rc |= sbn__key(pk, "dy");
-  rc |= svc_pack_tensor(pk, desc, dy, numel);
+  rc |= dy != NULL ? svc_pack_tensor(pk, desc, dy, numel)
+                   : svc_pack_tensor_open(pk, desc, numel);
   return rc;
 }
 

@@ -15,7 +15,10 @@ static const svc_limits_t sbn__reply_limits = {UINT32_MAX, 8, 1u << 16};
 void sbn__reply_free(sbn__reply_t *p) {
   if (p->zone_ok)
     msgpack_zone_destroy(&p->zone);
-  free(p->body);
+  if (p->kept != NULL)
+    p->kept->keep_busy = 0;
+  else
+    free(p->body);
   memset(p, 0, sizeof *p);
 }
 
@@ -108,10 +111,12 @@ int sbn__error_of(const msgpack_object *m, char *code, size_t ncode, char *msg,
 
 int sbn__reply_read(sbn_client_t *c, sbn__reply_t *p) {
   size_t len, off = 0;
-  int rc;
+  int rc, kept = 0;
   memset(p, 0, sizeof *p);
-  if ((rc = sbn__recv_frame(c, &p->body, &len)) != 0)
+  if ((rc = sbn__recv_frame_kept(c, &p->body, &len, &kept)) != 0)
     return rc;
+  if (kept)
+    p->kept = c;
   if (svc_scan(p->body, len, &sbn__reply_limits) != 0) {
     rc = sbn__fail(c, SBN_EFORMAT, "reply: %s", svc_last_error());
     goto fail;
@@ -182,13 +187,21 @@ int sbn__decode_f32(sbn_client_t *c, const msgpack_object *root,
 int sbn__take_tensor(sbn_client_t *c, const msgpack_object *root,
                      const char *key, const sbn_tensor_desc_t *want,
                      float *out) {
+  const msgpack_object *o = sbn__get(root, key);
+  const uint8_t *payload = NULL;
   svc_tensor_t t;
-  int rc = sbn__decode_f32(c, root, key, want, &t);
-  if (rc != 0)
-    return rc;
+  if (o == NULL)
+    return sbn__fail(c, SBN_EFORMAT, "reply: no '%s'", key);
+  /* The bytes go from the reply frame straight into the caller's
+   * buffer: one copy, no aligned intermediate. */
+  if (svc_decode_tensor_view(o, key, &t, &payload) != 0)
+    return sbn__fail(c, SBN_EFORMAT, "reply: %s", svc_last_error());
+  if (want != NULL && (t.desc.ndim != want->ndim ||
+                       memcmp(t.desc.dims, want->dims,
+                              (size_t)want->ndim * sizeof *want->dims) != 0))
+    return sbn__fail(c, SBN_EFORMAT, "reply: '%s' has the wrong shape", key);
   if (t.numel > 0 && out != NULL)
-    memcpy(out, t.data, t.numel * sizeof(float));
-  svc_tensor_free(&t);
+    memcpy(out, payload, t.numel * sizeof(float));
   return 0;
 }
 

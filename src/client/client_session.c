@@ -8,10 +8,15 @@
 
 #include "client_internal.h"
 
-int sbn__call(sbn_client_t *c, sbn__req_t *r, sbn__reply_t *p) {
-  int rc = sbn__req_send(c, r, NULL, 0);
+int sbn__call_tail(sbn_client_t *c, sbn__req_t *r, const void *tail,
+                   size_t tail_len, sbn__reply_t *p) {
+  int rc = sbn__req_send(c, r, tail, tail_len);
   memset(p, 0, sizeof *p);
   return rc != 0 ? rc : sbn__reply(c, r->id, p);
+}
+
+int sbn__call(sbn_client_t *c, sbn__req_t *r, sbn__reply_t *p) {
+  return sbn__call_tail(c, r, NULL, 0, p);
 }
 
 int sbn_client_recv_error(sbn_client_t *c, char *code, size_t n) {

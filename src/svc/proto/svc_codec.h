@@ -179,6 +179,9 @@ typedef struct svc_tensor_s {
    * the bytes out of the region (svc_shm_req.c). */
   int shm;
   uint64_t shm_region, shm_offset;
+  /* data points straight into the region (read in place, not freed with
+   * the tensor): an input nothing needs after the request's kernel ran. */
+  int borrowed;
 } svc_tensor_t;
 
 /* Protocol 6: where a forward's y (`y_at`) or a backward's dx (`dx_at`)
@@ -267,6 +270,32 @@ int svc_encode_hello(const svc_id_t *id, const svc_hello_reply_t *h,
                      uint8_t **out, size_t *out_len);
 int svc_encode_register(const svc_id_t *id, uint64_t layer, int created,
                         uint8_t **out, size_t *out_len);
+/* A reply frame in up to three pieces, written back to back (writev):
+ * buf[0..at), then tail[0..tail_len), then buf[at..len). buf holds the
+ * frame header, whose length counts the tail, and the msgpack around a
+ * tensor's data; tail is that tensor's bytes, left in the buffer the
+ * kernel wrote them to, so the reply path does not copy them. Both are
+ * malloc'ed (tail may come from aligned_alloc) and owned by the frame
+ * until svc_frame_free; tail is NULL (and at == len) for a frame in one
+ * piece. */
+typedef struct svc_frame_s {
+  uint8_t *buf;
+  size_t len, at;
+  void *tail;
+  size_t tail_len;
+} svc_frame_t;
+
+/* A frame in one piece (buf[0..len), ownership passes to it). */
+void svc_frame_whole(svc_frame_t *f, uint8_t *buf, size_t len);
+/* The frame's total length on the wire. */
+size_t svc_frame_bytes(const svc_frame_t *f);
+/* Frees both pieces and zeroes f. */
+void svc_frame_free(svc_frame_t *f);
+/* Makes f one piece (copying the tail into a new buffer, then freeing it),
+ * for callers that want a single buffer. Returns 0, or -SVC_RESOURCE with
+ * f freed. */
+int svc_frame_flatten(svc_frame_t *f);
+
 /* Tensors in replies have x's shape and layout; dw/db may be NULL (not
  * affine) with wb_numel elements each otherwise. */
 int svc_encode_forward(const svc_id_t *id, const sbn_tensor_desc_t *desc,
@@ -276,6 +305,16 @@ int svc_encode_backward(const svc_id_t *id, const sbn_tensor_desc_t *desc,
                         const float *dx, size_t numel, const float *dw,
                         const float *db, const sbn_tensor_desc_t *wb_desc,
                         size_t wb_numel, uint8_t **out, size_t *out_len);
+/* The same replies with y or dx as the frame's tail: on success the frame
+ * owns *y (or *dx) and the pointer is set to NULL; on failure both stay
+ * the caller's. The bytes on the wire equal those of the copying
+ * encoders above. */
+int svc_encode_forward_frame(const svc_id_t *id, const sbn_tensor_desc_t *desc,
+                             float **y, size_t numel, svc_frame_t *f);
+int svc_encode_backward_frame(const svc_id_t *id, const sbn_tensor_desc_t *desc,
+                              float **dx, size_t numel, const float *dw,
+                              const float *db, const sbn_tensor_desc_t *wb_desc,
+                              size_t wb_numel, svc_frame_t *f);
 /* Protocol 6: the replies of a forward or backward whose y or dx was
  * written into a shared-memory region: the tensor carries `region` and
  * `offset` in place of `data`. */
@@ -321,10 +360,19 @@ struct msgpack_object;
 /* Packs {dtype: "f32", shape: [...], data: bin, layout: "nchw"|"nhwc"}. */
 int svc_pack_tensor(struct msgpack_packer *pk, const sbn_tensor_desc_t *desc,
                     const float *data, size_t numel);
+/* Packs the same map up to data's bin header, without the bytes: the
+ * caller sends numel floats right after what was packed (so the tensor
+ * must be the last value of the frame), from wherever they are. */
+int svc_pack_tensor_open(struct msgpack_packer *pk,
+                         const sbn_tensor_desc_t *desc, size_t numel);
 /* Decodes a tensor map into t (data copied and owned by t). what names
  * the key in messages. */
 int svc_decode_tensor(const struct msgpack_object *o, const char *what,
                       svc_tensor_t *t);
+/* The same checks without the copy: t gets the shape (t->data stays NULL)
+ * and *payload points at the f32 bytes inside o, valid as long as o is. */
+int svc_decode_tensor_view(const struct msgpack_object *o, const char *what,
+                           svc_tensor_t *t, const uint8_t **payload);
 void svc_tensor_free(svc_tensor_t *t);
 /* Packs a 1-D f64 tensor {dtype: "f64", shape: [n], data, layout}. */
 int svc_pack_vec64(struct msgpack_packer *pk, const double *v, size_t n);

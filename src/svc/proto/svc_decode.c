@@ -57,11 +57,6 @@ static int svc__get_bool(const msgpack_object *o, const char *key, int *out) {
   return 0;
 }
 
-void svc_tensor_free(svc_tensor_t *t) {
-  free(t->data);
-  memset(t, 0, sizeof *t);
-}
-
 /* Protocol 6: a tensor whose bytes are in a shared-memory region
  * (`region` and `offset` in place of `data`); only the worker's copy-in
  * (svc_shm_req.c) accepts one, where flags has bit 2. */
@@ -228,6 +223,14 @@ static int svc__decode_tensor_in(const msgpack_object *o, const char *what,
 int svc_decode_tensor(const msgpack_object *o, const char *what,
                       svc_tensor_t *t) {
   return svc__decode_tensor_in(o, what, 0, t);
+}
+
+int svc_decode_tensor_view(const msgpack_object *o, const char *what,
+                           svc_tensor_t *t, const uint8_t **payload) {
+  size_t elsz = 0;
+  int rc = svc__tensor_parse(o, what, 0, t, &elsz, (const char **)payload);
+  t->present = rc == 0;
+  return rc;
 }
 
 /* A per-channel vector: a 1-D tensor of f32 or f64, widened to double;

@@ -54,14 +54,21 @@ int svc_pack_tensor_at(msgpack_packer *pk, const sbn_tensor_desc_t *desc,
   return rc != 0 ? svc_set_error(SVC_RESOURCE, "reply: out of memory") : 0;
 }
 
-int svc_pack_tensor(msgpack_packer *pk, const sbn_tensor_desc_t *desc,
-                    const float *data, size_t numel) {
+int svc_pack_tensor_open(msgpack_packer *pk, const sbn_tensor_desc_t *desc,
+                         size_t numel) {
   int rc = svc__pack_tensor_head(pk, desc, 4);
   svc__pack_key(pk, "data");
   rc |= msgpack_pack_bin(pk, numel * sizeof(float));
-  if (numel > 0)
-    rc |= msgpack_pack_bin_body(pk, data, numel * sizeof(float));
   return rc != 0 ? svc_set_error(SVC_RESOURCE, "reply: out of memory") : 0;
+}
+
+int svc_pack_tensor(msgpack_packer *pk, const sbn_tensor_desc_t *desc,
+                    const float *data, size_t numel) {
+  int rc = svc_pack_tensor_open(pk, desc, numel);
+  if (rc == 0 && numel > 0 &&
+      msgpack_pack_bin_body(pk, data, numel * sizeof(float)) != 0)
+    rc = svc_set_error(SVC_RESOURCE, "reply: out of memory");
+  return rc;
 }
 
 /* msgpack-c's packers ignore a failed write of one piece and go on with the
@@ -97,18 +104,22 @@ static int svc__start(svc__out_t *o, msgpack_packer *pk, size_t hint) {
   return msgpack_sbuffer_write(sb, "\0\0\0\0", 4);
 }
 
-/* Ends a reply frame; rc is the OR of msgpack-c's own returns while it
- * was packed (0 or -1), which is its convention, not the service's. */
-static int svc__finish(svc__out_t *o, int rc, uint8_t **out, size_t *out_len) {
+/* Ends a reply frame whose body is the buffer's bytes plus extra bytes
+ * written after it (a frame's tail); rc is the OR of msgpack-c's own
+ * returns while it was packed (0 or -1), which is its convention, not
+ * the service's. */
+static int svc__finish_n(svc__out_t *o, int rc, size_t extra, uint8_t **out,
+                         size_t *out_len) {
   msgpack_sbuffer *sb = &o->sb;
   size_t body;
-  if (rc != 0 || o->failed || sb->size < 4 || sb->size - 4 > UINT32_MAX) {
+  if (rc != 0 || o->failed || sb->size < 4 || extra > UINT32_MAX ||
+      sb->size - 4 > UINT32_MAX - extra) {
     msgpack_sbuffer_destroy(sb);
     *out = NULL;
     *out_len = 0;
     return svc_set_error(SVC_RESOURCE, "reply: out of memory");
   }
-  body = sb->size - 4;
+  body = sb->size - 4 + extra;
   sb->data[0] = (char)(body >> 24);
   sb->data[1] = (char)(body >> 16);
   sb->data[2] = (char)(body >> 8);
@@ -116,6 +127,10 @@ static int svc__finish(svc__out_t *o, int rc, uint8_t **out, size_t *out_len) {
   *out_len = sb->size;
   *out = (uint8_t *)msgpack_sbuffer_release(sb);
   return 0;
+}
+
+static int svc__finish(svc__out_t *o, int rc, uint8_t **out, size_t *out_len) {
+  return svc__finish_n(o, rc, 0, out, out_len);
 }
 
 int svc_encode_error(const svc_id_t *id, svc_code_t code, const char *message,
@@ -184,38 +199,143 @@ int svc_encode_register(const svc_id_t *id, uint64_t layer, int created,
   return svc__finish(&sb, rc, out, out_len);
 }
 
-int svc_encode_forward(const svc_id_t *id, const sbn_tensor_desc_t *desc,
-                       const float *y, size_t numel, uint8_t **out,
-                       size_t *out_len) {
+/* Packs a reply tensor. With at != NULL its data bytes are left out (the
+ * bin header goes in) and *at says where they go in the frame. */
+static int svc__pack_tensor_or_splice(svc__out_t *o, msgpack_packer *pk,
+                                      const sbn_tensor_desc_t *desc,
+                                      const float *data, size_t numel,
+                                      size_t *at) {
+  int rc;
+  if (at == NULL)
+    return svc_pack_tensor(pk, desc, data, numel);
+  rc = svc_pack_tensor_open(pk, desc, numel);
+  *at = o->sb.size;
+  return rc;
+}
+
+/* The forward reply {id, y}; with at != NULL, y's bytes are left out. */
+static int svc__encode_fwd(const svc_id_t *id, const sbn_tensor_desc_t *desc,
+                           const float *y, size_t numel, size_t *at,
+                           uint8_t **out, size_t *out_len) {
   svc__out_t sb;
   msgpack_packer pk;
-  int rc = svc__start(&sb, &pk, numel * sizeof(float));
+  int rc = svc__start(&sb, &pk, at != NULL ? 0 : numel * sizeof(float));
   rc |= msgpack_pack_map(&pk, 2);
   svc__pack_id(&pk, id);
   svc__pack_key(&pk, "y");
-  rc |= svc_pack_tensor(&pk, desc, y, numel);
-  return svc__finish(&sb, rc, out, out_len);
+  rc |= svc__pack_tensor_or_splice(&sb, &pk, desc, y, numel, at);
+  return svc__finish_n(&sb, rc, at != NULL ? numel * sizeof(float) : 0, out,
+                       out_len);
 }
 
-int svc_encode_backward(const svc_id_t *id, const sbn_tensor_desc_t *desc,
-                        const float *dx, size_t numel, const float *dw,
-                        const float *db, const sbn_tensor_desc_t *wb_desc,
-                        size_t wb_numel, uint8_t **out, size_t *out_len) {
+/* The backward reply {id, dx[, dweight, dbias]}; with at != NULL, dx's
+ * bytes are left out. */
+static int svc__encode_bwd(const svc_id_t *id, const sbn_tensor_desc_t *desc,
+                           const float *dx, size_t numel, const float *dw,
+                           const float *db, const sbn_tensor_desc_t *wb_desc,
+                           size_t wb_numel, size_t *at, uint8_t **out,
+                           size_t *out_len) {
   svc__out_t sb;
   msgpack_packer pk;
   int wb = dw != NULL && db != NULL;
-  int rc = svc__start(&sb, &pk, (numel + 2 * wb_numel) * sizeof(float));
+  int rc = svc__start(
+      &sb, &pk, ((at != NULL ? 0 : numel) + 2 * wb_numel) * sizeof(float));
   rc |= msgpack_pack_map(&pk, wb ? 4 : 2);
   svc__pack_id(&pk, id);
   svc__pack_key(&pk, "dx");
-  rc |= svc_pack_tensor(&pk, desc, dx, numel);
+  rc |= svc__pack_tensor_or_splice(&sb, &pk, desc, dx, numel, at);
   if (wb) {
     svc__pack_key(&pk, "dweight");
     rc |= svc_pack_tensor(&pk, wb_desc, dw, wb_numel);
     svc__pack_key(&pk, "dbias");
     rc |= svc_pack_tensor(&pk, wb_desc, db, wb_numel);
   }
-  return svc__finish(&sb, rc, out, out_len);
+  return svc__finish_n(&sb, rc, at != NULL ? numel * sizeof(float) : 0, out,
+                       out_len);
+}
+
+int svc_encode_forward(const svc_id_t *id, const sbn_tensor_desc_t *desc,
+                       const float *y, size_t numel, uint8_t **out,
+                       size_t *out_len) {
+  return svc__encode_fwd(id, desc, y, numel, NULL, out, out_len);
+}
+
+int svc_encode_backward(const svc_id_t *id, const sbn_tensor_desc_t *desc,
+                        const float *dx, size_t numel, const float *dw,
+                        const float *db, const sbn_tensor_desc_t *wb_desc,
+                        size_t wb_numel, uint8_t **out, size_t *out_len) {
+  return svc__encode_bwd(id, desc, dx, numel, dw, db, wb_desc, wb_numel, NULL,
+                         out, out_len);
+}
+
+/* The frame takes the tensor t (numel floats) as its tail. */
+static void svc__frame_take(svc_frame_t *f, float **t, size_t numel) {
+  f->tail = *t;
+  f->tail_len = numel * sizeof(float);
+  *t = NULL;
+}
+
+int svc_encode_forward_frame(const svc_id_t *id, const sbn_tensor_desc_t *desc,
+                             float **y, size_t numel, svc_frame_t *f) {
+  int rc;
+  memset(f, 0, sizeof *f);
+  rc = svc__encode_fwd(id, desc, *y, numel, &f->at, &f->buf, &f->len);
+  if (rc == 0)
+    svc__frame_take(f, y, numel);
+  return rc;
+}
+
+int svc_encode_backward_frame(const svc_id_t *id, const sbn_tensor_desc_t *desc,
+                              float **dx, size_t numel, const float *dw,
+                              const float *db, const sbn_tensor_desc_t *wb_desc,
+                              size_t wb_numel, svc_frame_t *f) {
+  int rc;
+  memset(f, 0, sizeof *f);
+  rc = svc__encode_bwd(id, desc, *dx, numel, dw, db, wb_desc, wb_numel, &f->at,
+                       &f->buf, &f->len);
+  if (rc == 0)
+    svc__frame_take(f, dx, numel);
+  return rc;
+}
+
+void svc_tensor_free(svc_tensor_t *t) {
+  if (!t->borrowed)
+    free(t->data);
+  memset(t, 0, sizeof *t);
+}
+
+void svc_frame_whole(svc_frame_t *f, uint8_t *buf, size_t len) {
+  f->buf = buf;
+  f->len = f->at = len;
+  f->tail = NULL;
+  f->tail_len = 0;
+}
+
+size_t svc_frame_bytes(const svc_frame_t *f) {
+  return f->len + f->tail_len;
+}
+
+void svc_frame_free(svc_frame_t *f) {
+  free(f->buf);
+  free(f->tail);
+  memset(f, 0, sizeof *f);
+}
+
+int svc_frame_flatten(svc_frame_t *f) {
+  uint8_t *b;
+  size_t n = svc_frame_bytes(f);
+  if (f->tail == NULL)
+    return 0;
+  if ((b = malloc(n)) == NULL) {
+    svc_frame_free(f);
+    return svc_set_error(SVC_RESOURCE, "reply: out of memory");
+  }
+  memcpy(b, f->buf, f->at);
+  memcpy(b + f->at, f->tail, f->tail_len);
+  memcpy(b + f->at + f->tail_len, f->buf + f->at, f->len - f->at);
+  svc_frame_free(f);
+  svc_frame_whole(f, b, n);
+  return 0;
 }
 
 int svc_encode_forward_at(const svc_id_t *id, const sbn_tensor_desc_t *desc,

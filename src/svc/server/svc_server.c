@@ -59,7 +59,7 @@ void svc__conn_close(svc__conn_t *c) {
 static void svc__on_write(uv_write_t *req, int status) {
   svc__write_t *w = (svc__write_t *)req;
   svc__conn_t *c = req->handle->data;
-  free(w->buf);
+  svc_frame_free(&w->frame);
   free(w);
   c->writes--;
   if (c->closing)
@@ -73,23 +73,36 @@ static void svc__on_write(uv_write_t *req, int status) {
 /* Queues a frame (taking ownership of buf). A client whose unread replies
  * exceed max_output is dropped: it is not reading, and holding its replies
  * would let it grow the worker's memory without bound. */
-void svc__send(svc__conn_t *c, uint8_t *buf, size_t len) {
+void svc__send_frame(svc__conn_t *c, svc_frame_t *f) {
   svc__write_t *w;
-  uv_buf_t b;
+  uv_buf_t b[3];
+  unsigned nb = 0;
+  size_t len = svc_frame_bytes(f);
   if (c->closing) {
-    free(buf);
+    svc_frame_free(f);
     return;
   }
   w = malloc(sizeof *w);
   if (w == NULL) {
-    free(buf);
+    svc_frame_free(f);
     svc__conn_close(c);
     return;
   }
-  w->buf = buf;
-  b = uv_buf_init((char *)buf, (unsigned)len);
-  if (uv_write(&w->req, &c->h.stream, &b, 1, svc__on_write) != 0) {
-    free(buf);
+  w->frame = *f;
+  memset(f, 0, sizeof *f);
+  f = &w->frame;
+  /* The header and msgpack before the tensor, the tensor from its own
+   * buffer, and the msgpack after it: one writev, no copy. */
+  if (f->tail == NULL) {
+    b[nb++] = uv_buf_init((char *)f->buf, (unsigned)f->len);
+  } else {
+    b[nb++] = uv_buf_init((char *)f->buf, (unsigned)f->at);
+    b[nb++] = uv_buf_init(f->tail, (unsigned)f->tail_len);
+    if (f->len > f->at)
+      b[nb++] = uv_buf_init((char *)f->buf + f->at, (unsigned)(f->len - f->at));
+  }
+  if (uv_write(&w->req, &c->h.stream, b, nb, svc__on_write) != 0) {
+    svc_frame_free(f);
     free(w);
     svc__conn_close(c);
     return;
@@ -102,6 +115,12 @@ void svc__send(svc__conn_t *c, uint8_t *buf, size_t len) {
     return;
   }
   svc__account(c);
+}
+
+void svc__send(svc__conn_t *c, uint8_t *buf, size_t len) {
+  svc_frame_t f;
+  svc_frame_whole(&f, buf, len);
+  svc__send_frame(c, &f);
 }
 
 /* Replies with a connection-level error that the server itself decided
@@ -220,16 +239,16 @@ static void svc__arm(svc__conn_t *c, double seconds) {
 }
 
 static void svc__frame_done(svc__conn_t *c) {
-  uint8_t *reply = NULL;
-  size_t len = 0;
+  svc_frame_t reply;
   int close_after = 0, deferred = 0, rc;
+  memset(&reply, 0, sizeof reply);
   svc_worker_note_io(c->srv->worker, 1, 0, 0, 0);
   if (!c->authed && svc__authenticate(c, c->body, c->body_len) != 0)
     rc = 1;
   else {
     svc__shm_enter(c);
-    rc = svc_worker_handle_async(c->srv->worker, c->body, c->body_len, c,
-                                 &reply, &len, &close_after, &deferred);
+    rc = svc_worker_handle_frame(c->srv->worker, c->body, c->body_len, c,
+                                 &reply, &close_after, &deferred);
     svc_worker_set_shm(c->srv->worker, NULL);
   }
   free(c->body);
@@ -241,6 +260,7 @@ static void svc__frame_done(svc__conn_t *c) {
     return; /* refused and closing */
   svc__account(c);
   if (rc != 0) {
+    svc_frame_free(&reply);
     svc__conn_close(c);
     return;
   }
@@ -261,7 +281,7 @@ static void svc__frame_done(svc__conn_t *c) {
     svc__arm(c, c->srv->cfg.idle_timeout);
     svc__adm_idle(&c->adm, 1, svc__now(c->srv));
   }
-  svc__send(c, reply, len);
+  svc__send_frame(c, &reply);
   if (c->close_after && !c->closing && c->writes == 0)
     svc__conn_close(c);
 }
@@ -381,18 +401,18 @@ static void svc__feed(svc__conn_t *c, const uint8_t *p, size_t n) {
   }
 }
 
-void svc_server_deliver(void *ctx, void *token, uint8_t *reply, size_t len) {
+void svc_server_deliver(void *ctx, void *token, svc_frame_t *reply) {
   svc__conn_t *c = token;
   uint8_t *st;
   size_t n;
   (void)ctx;
   if (!c->pending || c->closing) {
-    free(reply);
+    svc_frame_free(reply);
     return;
   }
   c->pending = 0;
   svc__adm_idle(&c->adm, 1, svc__now(c->srv));
-  svc__send(c, reply, len);
+  svc__send_frame(c, reply);
   if (c->closing)
     return;
   svc__arm(c, c->srv->cfg.idle_timeout);

@@ -100,7 +100,7 @@ int svc_server_set_tick(svc_server_t *s, uint64_t period_us,
                         void (*fn)(void *arg), void *arg);
 /* The worker's deliver callback (svc_deliver_fn): sends a deferred reply
  * on its connection (token) and resumes reading it. */
-void svc_server_deliver(void *ctx, void *token, uint8_t *reply, size_t len);
+void svc_server_deliver(void *ctx, void *token, svc_frame_t *reply);
 /* Runs until SIGINT or SIGTERM (or svc_server_stop), closing every handle
  * on the way out. Returns the signal number, or 0 when stopped. */
 int svc_server_run(svc_server_t *s);

@@ -80,16 +80,20 @@ struct svc__conn_s {
   svc_shm_t shm;       /* shared-memory regions (Unix only, protocol 6) */
 };
 
+/* A write in flight: the frame's pieces stay alive until its callback. */
 typedef struct svc__write_s {
   uv_write_t req;
-  uint8_t *buf;
+  svc_frame_t frame;
 } svc__write_t;
 
 /* Connection primitives of svc_server.c. svc__send takes ownership of buf
- * and drops a client past max_output; svc__fail_conn_id replies with a
+ * and drops a client past max_output; svc__send_frame does the same with
+ * a frame in pieces (written with one writev, the tensor straight from
+ * the buffer it was computed in); svc__fail_conn_id replies with a
  * connection-level error (echoing id when not NULL) and closes after it. */
 void svc__conn_close(svc__conn_t *c);
 void svc__send(svc__conn_t *c, uint8_t *buf, size_t len);
+void svc__send_frame(svc__conn_t *c, svc_frame_t *f);
 void svc__fail_conn_id(svc__conn_t *c, const svc_id_t *id, svc_code_t code,
                        const char *m);
 void svc__fail_conn(svc__conn_t *c, svc_code_t code, const char *m);

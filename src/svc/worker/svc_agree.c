@@ -120,7 +120,6 @@ void svc__pend_chain(svc_worker_t *w, svc__pend_t *p, svc__pend_t *s) {
   s->batch = p->batch;
   s->slot = p->slot;
   s->direct = p->direct;
-  s->direct_len = p->direct_len;
   p->batch = NULL;
   p->direct = NULL;
   svc__pend_append(w, s);
@@ -143,12 +142,16 @@ void svc__batch_free(svc__batch_t *b) {
   free(b);
 }
 
-void svc__batch_fill(svc_worker_t *w, svc__batch_t *b, size_t i, uint8_t *buf,
-                     size_t len) {
+void svc__batch_fill(svc_worker_t *w, svc__batch_t *b, size_t i,
+                     svc_frame_t *f) {
   uint8_t *out = NULL;
   size_t out_len = 0;
-  b->reply[i] = buf;
-  b->len[i] = len;
+  if (f->tail != NULL)
+    w->m.tensor_copies++;
+  svc_frame_flatten(f); /* frees f when out of memory: NULL below */
+  b->reply[i] = f->buf;
+  b->len[i] = f->len;
+  memset(f, 0, sizeof *f);
   if (--b->left > 0)
     return;
   if (b->token != NULL && w->deliver != NULL) {
@@ -161,32 +164,40 @@ void svc__batch_fill(svc_worker_t *w, svc__batch_t *b, size_t i, uint8_t *buf,
     if (svc_encode_batch(&b->id, b->reply, b->len, b->n, &out, &out_len) != 0)
       svc_encode_error(&b->id, SVC_RESOURCE, "batch: out of memory", &out,
                        &out_len);
-    if (out != NULL)
-      w->deliver(w->deliver_ctx, b->token, out, out_len);
+    if (out != NULL) {
+      svc_frame_t whole;
+      svc_frame_whole(&whole, out, out_len);
+      w->deliver(w->deliver_ctx, b->token, &whole);
+    }
   }
   svc__batch_free(b);
 }
 
-void svc__pend_deliver(svc_worker_t *w, svc__pend_t *p, uint8_t *buf,
-                       size_t len) {
+void svc__pend_deliver_frame(svc_worker_t *w, svc__pend_t *p, svc_frame_t *f) {
   if (p->direct != NULL) {
-    *p->direct = buf;
-    *p->direct_len = len;
+    *p->direct = *f;
     p->direct = NULL;
     return;
   }
   if (p->batch != NULL) {
     svc__batch_t *b = p->batch;
     p->batch = NULL;
-    svc__batch_fill(w, b, p->slot, buf, len);
+    svc__batch_fill(w, b, p->slot, f);
     return;
   }
-  if (buf == NULL)
+  if (f->buf == NULL)
     return;
   if (p->token != NULL && w->deliver != NULL)
-    w->deliver(w->deliver_ctx, p->token, buf, len);
+    w->deliver(w->deliver_ctx, p->token, f);
   else
-    free(buf);
+    svc_frame_free(f);
+}
+
+void svc__pend_deliver(svc_worker_t *w, svc__pend_t *p, uint8_t *buf,
+                       size_t len) {
+  svc_frame_t f;
+  svc_frame_whole(&f, buf, len);
+  svc__pend_deliver_frame(w, p, &f);
 }
 
 void svc__pend_reply_error(svc_worker_t *w, svc__pend_t *p, svc_code_t code,
@@ -704,11 +715,11 @@ static int svc__sync_test(svc_worker_t *w) {
 }
 
 static int svc__alloc_engine(svc_worker_t *w) {
-  size_t own = SVC__MAXE + SVC__SLOTS;
+  size_t own = SVC__MAXE + (size_t)w->cfg.cache_slots;
   w->rlist = calloc(own, sizeof *w->rlist);
   w->roff = calloc(own, sizeof *w->roff);
-  w->slots = calloc(SVC__SLOTS, sizeof *w->slots);
-  w->cready = calloc(SVC__SLOTS, sizeof *w->cready);
+  w->slots = calloc(w->cfg.cache_slots, sizeof *w->slots);
+  w->cready = calloc(w->cfg.cache_slots, sizeof *w->cready);
   if (w->rlist == NULL || w->roff == NULL || w->slots == NULL ||
       w->cready == NULL)
     return svc_set_error(SVC_RESOURCE, "agreement: out of memory");

@@ -526,11 +526,10 @@ int svc__cmd_checkpoint(svc__call_t *call) {
   }
   /* A worker alone: its records are already the job's, and the entry
    * completes at once, its reply going straight into the call's. */
-  p->direct = &call->reply;
-  p->direct_len = &call->reply_len;
+  p->direct = &call->out;
   p->done(w, p, p->recs);
   svc__pend_free(p);
-  if (call->reply == NULL)
+  if (call->out.buf == NULL)
     return svc_set_error(SVC_RESOURCE, "%s: out of memory", op);
   return 0;
 }

@@ -25,7 +25,7 @@ int svc__cmd_hello(svc__call_t *call) {
   h.idle_timeout = cfg->idle_timeout;
   h.frame_timeout = cfg->frame_timeout;
   h.keep_steps = cfg->keep_steps;
-  if (svc_encode_hello(&q->id, &h, &call->reply, &call->reply_len) != 0)
+  if (svc_encode_hello(&q->id, &h, &call->out.buf, &call->out.len) != 0)
     return svc_set_error(SVC_RESOURCE, "reply: out of memory");
   return 0;
 }
@@ -33,7 +33,7 @@ int svc__cmd_hello(svc__call_t *call) {
 int svc__cmd_bye(svc__call_t *call) {
   call->close_after = 1;
   svc_log(SVC_LOG_INFO, NULL, -1, "client left (bye)");
-  if (svc_encode_bye(&call->q->id, &call->reply, &call->reply_len) != 0)
+  if (svc_encode_bye(&call->q->id, &call->out.buf, &call->out.len) != 0)
     return svc_set_error(SVC_RESOURCE, "reply: out of memory");
   return 0;
 }
@@ -117,7 +117,7 @@ int svc__cmd_register(svc__call_t *call) {
                            "parameters",
                            r->name);
     }
-    if (svc_encode_register(&q->id, i, 0, &call->reply, &call->reply_len) != 0)
+    if (svc_encode_register(&q->id, i, 0, &call->out.buf, &call->out.len) != 0)
       return svc_set_error(SVC_RESOURCE, "reply: out of memory");
     return 0;
   }
@@ -143,8 +143,8 @@ int svc__cmd_register(svc__call_t *call) {
   }
   if ((rc = svc__layer_init(w, l)) != 0)
     goto fail;
-  if (svc_encode_register(&q->id, w->nlayers, 1, &call->reply,
-                          &call->reply_len) != 0) {
+  if (svc_encode_register(&q->id, w->nlayers, 1, &call->out.buf,
+                          &call->out.len) != 0) {
     rc = svc_set_error(SVC_RESOURCE, "register: out of memory");
     goto fail;
   }

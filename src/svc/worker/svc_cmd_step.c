@@ -195,8 +195,7 @@ static void svc__forward_done(svc_worker_t *w, svc__pend_t *p,
   svc__layer_t *l = p->l;
   svc__step_t *s = p->s;
   sbn_forward_args_t a;
-  uint8_t *buf = NULL;
-  size_t len = 0;
+  svc_frame_t f;
   int rc;
   s->busy = 0;
   if (recs == NULL) {
@@ -208,17 +207,19 @@ static void svc__forward_done(svc_worker_t *w, svc__pend_t *p,
   if (p->token != NULL) /* the connection, and so its mapping, is there */
     a.y = svc__out_ptr(&p->q.out, a.y);
   rc = sbn_bn_forward_finish(l->layer, &a, recs);
+  memset(&f, 0, sizeof f);
   if (rc == 0)
-    rc = svc__encode_y(&p->q.id, p->token != NULL ? &p->q.out : NULL, &s->desc,
-                       a.y, s->numel, &buf, &len);
+    rc = svc__encode_y(w, &p->q.id, p->token != NULL ? &p->q.out : NULL,
+                       &s->desc, a.y, &p->y, s->numel, &f);
   else
-    svc_encode_error(&p->q.id, svc__lib_code(rc), sbn_last_error(), &buf, &len);
+    svc_encode_error(&p->q.id, svc__lib_code(rc), sbn_last_error(), &f.buf,
+                     &f.len);
   if (rc != 0) {
     /* A forward that failed has no backward: its step is used up. */
     s->done = 1;
     svc__step_release(w, s);
   }
-  svc__pend_deliver(w, p, buf, len);
+  svc__pend_deliver_frame(w, p, &f);
   svc__prune(w, l);
 }
 
@@ -268,26 +269,37 @@ int svc__cmd_forward(svc__call_t *call) {
   size_t ws_bytes = 0, sv_bytes = 0;
   void *ws = NULL;
   float *y = NULL;
-  int rc, sync;
+  int rc, sync, in_place;
   svc__layer_t *l = svc__layer(w, q->layer, &rc);
   if (l == NULL)
     return rc;
   sync = q->train && l->kind == SVC_KIND_SYNCBATCHNORM;
+  /* y goes into x's own buffer when nothing needs x afterwards (no kept
+   * training step takes it: eval, or dropout, whose backward needs only
+   * its mask) and y is not written straight into a region. */
+  in_place = !sync && q->x.data != NULL && !q->x.borrowed &&
+             (!q->train || l->params.op == SBN_OP_DROPOUT) &&
+             svc__out_ptr(&q->out, NULL) == NULL;
   if ((rc = svc__forward_check(w, l, q, sync)) != 0)
     return rc;
   if ((rc = sbn_layer_sizes(l->layer, &q->x.desc, &ws_bytes, &sv_bytes)) != 0)
     return svc__lib_error(rc);
   if (q->train && (rc = svc__step_new(w, l, q, sv_bytes, &s)) != 0)
     goto fail;
+  if (in_place) {
+    y = q->x.data; /* y owns x's buffer now */
+    q->x.data = NULL;
+    w->m.in_place++;
+  }
   if ((ws_bytes > 0 && (ws = malloc(ws_bytes)) == NULL) ||
-      (q->x.numel > 0 && (y = svc__floats(q->x.numel)) == NULL)) {
+      (!in_place && q->x.numel > 0 && (y = svc__floats(q->x.numel)) == NULL)) {
     rc = svc_set_error(SVC_RESOURCE, "forward: out of memory");
     goto fail;
   }
   memset(&a, 0, sizeof a);
   a.mode = q->train ? SBN_MODE_TRAIN : SBN_MODE_EVAL;
   a.x_desc = &q->x.desc;
-  a.x = q->x.data;
+  a.x = in_place ? y : q->x.data;
   a.y = sync ? y : svc__out_ptr(&q->out, y);
   a.weight = q->weight.present ? q->weight.data : l->weight;
   a.bias = q->bias.present ? q->bias.data : l->bias;
@@ -306,8 +318,8 @@ int svc__cmd_forward(svc__call_t *call) {
     rc = svc__lib_error(rc);
     goto fail;
   }
-  if (svc__encode_y(&q->id, &q->out, &q->x.desc, a.y, q->x.numel, &call->reply,
-                    &call->reply_len) != 0) {
+  if (svc__encode_y(w, &q->id, &q->out, &q->x.desc, a.y, &y, q->x.numel,
+                    &call->out) != 0) {
     rc = svc_set_error(SVC_RESOURCE, "forward: out of memory");
     goto fail;
   }
@@ -315,8 +327,7 @@ int svc__cmd_forward(svc__call_t *call) {
     if ((rc = svc__step_take(l, s, q)) != 0) {
       /* The reply is built but backward could not run: refuse the step
        * rather than answer a forward whose backward must fail. */
-      free(call->reply);
-      call->reply = NULL;
+      svc_frame_free(&call->out);
       goto fail;
     }
     svc__step_keep(w, l, s);
@@ -344,7 +355,9 @@ static void svc__bargs(svc__step_t *s, const svc__pend_t *p,
   a->x_desc = &s->desc;
   a->x = s->x;
   a->dy = p->q.x.data;
-  a->dx = p->dx;
+  /* Without a buffer of its own, dx goes into dy's (the kernels allow
+   * dx == dy). */
+  a->dx = p->dx != NULL ? p->dx : p->q.x.data;
   a->weight = s->w;
   a->dweight = p->dw;
   a->dbias = p->db;
@@ -355,6 +368,11 @@ static void svc__bargs(svc__step_t *s, const svc__pend_t *p,
   a->saved_bytes = s->saved_bytes;
 }
 
+/* The variable that owns dx's buffer: its own, or dy's. */
+static float **svc__dx_owner(svc__pend_t *p) {
+  return p->dx != NULL ? &p->dx : &p->q.x.data;
+}
+
 /* Completes a syncbatchnorm backward from the job's records; without
  * them the forward state stays for another try. */
 static void svc__backward_done(svc_worker_t *w, svc__pend_t *p,
@@ -362,27 +380,29 @@ static void svc__backward_done(svc_worker_t *w, svc__pend_t *p,
   svc__layer_t *l = p->l;
   svc__step_t *s = p->s;
   sbn_backward_args_t a;
-  uint8_t *buf = NULL;
-  size_t len = 0;
+  svc_frame_t f;
   int rc;
   s->busy = 0;
-  if (recs == NULL)
+  /* A dy read in place is gone with its connection's mapping. */
+  if (recs == NULL || (p->q.x.borrowed && p->token == NULL))
     return;
   svc__bargs(s, p, &a);
   if (p->token != NULL)
     a.dx = svc__out_ptr(&p->q.out, a.dx);
   rc = sbn_bn_backward_finish(l->layer, &a, recs);
+  memset(&f, 0, sizeof f);
   if (rc == 0)
-    rc = svc__encode_dx(&p->q.id, p->token != NULL ? &p->q.out : NULL, &s->desc,
-                        a.dx, s->numel, p->dw, p->db, &l->wb_desc, l->wb_numel,
-                        &buf, &len);
+    rc = svc__encode_dx(w, &p->q.id, p->token != NULL ? &p->q.out : NULL,
+                        &s->desc, a.dx, svc__dx_owner(p), s->numel, p->dw,
+                        p->db, &l->wb_desc, l->wb_numel, &f);
   else
-    svc_encode_error(&p->q.id, svc__lib_code(rc), sbn_last_error(), &buf, &len);
+    svc_encode_error(&p->q.id, svc__lib_code(rc), sbn_last_error(), &f.buf,
+                     &f.len);
   if (rc == 0) {
     s->done = 1;
     svc__step_release(w, s);
   }
-  svc__pend_deliver(w, p, buf, len);
+  svc__pend_deliver_frame(w, p, &f);
   svc__prune(w, l);
 }
 
@@ -434,8 +454,11 @@ int svc__cmd_backward(svc__call_t *call) {
     rc = svc__lib_error(rc);
     goto fail;
   }
+  /* dx is written into dy's buffer (p->dx stays NULL, see svc__bargs):
+   * the request owns it and nothing reads dy after the kernel; not into
+   * the client's dy in its region, though (borrowed). */
   if ((p->ws_bytes > 0 && (p->ws = malloc(p->ws_bytes)) == NULL) ||
-      (s->numel > 0 && (p->dx = svc__floats(s->numel)) == NULL) ||
+      (q->x.borrowed && (p->dx = svc__floats(s->numel)) == NULL) ||
       (l->wb_numel > 0 && ((p->dw = svc__floats(l->wb_numel)) == NULL ||
                            (p->db = svc__floats(l->wb_numel)) == NULL))) {
     rc = svc_set_error(SVC_RESOURCE, "backward: out of memory");
@@ -447,6 +470,8 @@ int svc__cmd_backward(svc__call_t *call) {
   q->x.data = NULL; /* dy belongs to the entry now */
   p->s = s;
   svc__bargs(s, p, &a);
+  if (s->numel > 0 && !q->x.borrowed && svc__out_ptr(&q->out, NULL) == NULL)
+    w->m.in_place++;
   if (sync) {
     if (svc__reduces(l) &&
         (rc = sbn_bn_backward_local(l->layer, &a, p->recs)) != 0) {
@@ -463,9 +488,9 @@ int svc__cmd_backward(svc__call_t *call) {
     rc = svc__lib_error(rc);
     goto fail;
   }
-  if (svc__encode_dx(&q->id, &q->out, &s->desc, a.dx, s->numel, p->dw, p->db,
-                     &l->wb_desc, l->wb_numel, &call->reply,
-                     &call->reply_len) != 0) {
+  if (svc__encode_dx(w, &q->id, &q->out, &s->desc, a.dx, svc__dx_owner(p),
+                     s->numel, p->dw, p->db, &l->wb_desc, l->wb_numel,
+                     &call->out) != 0) {
     rc = svc_set_error(SVC_RESOURCE, "backward: out of memory");
     goto fail;
   }

@@ -174,6 +174,7 @@ static int svc__slot_ready(svc_worker_t *w, size_t s, unsigned d) {
   }
   w->cready_nrec += sl->C;
   sl->last_step += d;
+  sl->used_at = w->epoch;
   return 0;
 }
 
@@ -218,19 +219,33 @@ int svc__neg_done(svc_worker_t *w, int *gather, size_t *per_rank) {
   return 0;
 }
 
+/* The slot for a key the cache does not hold: the first free one, else
+ * the one agreed least recently (the lowest index among equals), evicted;
+ * -1 when every slot was agreed in this very round (the key then waits
+ * for a later one). Every rank has the same table and the same rounds,
+ * so every rank picks the same slot. */
+static int svc__slot_take(svc_worker_t *w) {
+  int s, old = -1;
+  for (s = 0; s < (int)w->cfg.cache_slots; s++) {
+    if (!w->slots[s].used)
+      return s;
+    if (w->slots[s].used_at < w->epoch &&
+        (old < 0 || w->slots[s].used_at < w->slots[old].used_at))
+      old = s;
+  }
+  if (old >= 0)
+    w->m.cache_evictions++;
+  return old;
+}
+
 void svc__cache_learn(svc_worker_t *w, const svc__gent_t *rd, size_t n) {
   for (size_t i = 0; i < n; i++) {
     int s = svc__slot_of(w, rd[i].name, rd[i].dir, rd[i].grp), known = s >= 0;
     svc__slot_t *sl;
-    if (s < 0) {
-      /* The first free slot: the same on every rank, which made the
-       * same decisions. A full cache just learns nothing more. */
-      for (s = 0; s < SVC__SLOTS && w->slots[s].used; s++)
-        ;
-      if (s == SVC__SLOTS)
-        continue;
-    }
+    if (s < 0 && (s = svc__slot_take(w)) < 0)
+      continue;
     sl = &w->slots[s];
+    sl->used_at = w->epoch;
     sl->used = 1;
     sl->name = rd[i].name;
     sl->dir = rd[i].dir;

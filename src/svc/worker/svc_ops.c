@@ -54,7 +54,7 @@ int svc__cmd_get_state(svc__call_t *call) {
     svc_reply_key(&r, "bias");
     r.rc |= svc_pack_tensor(r.pk, &l->wb_desc, l->bias, l->wb_numel);
   }
-  if (svc_reply_end(&r, &call->reply, &call->reply_len) != 0)
+  if (svc_reply_end(&r, &call->out.buf, &call->out.len) != 0)
     return svc_set_error(SVC_RESOURCE, "get_state: out of memory");
   return 0;
 }
@@ -151,7 +151,7 @@ int svc__cmd_set_state(svc__call_t *call) {
   /* The reply is built first too: running out of memory for it must not
    * leave a changed layer behind an error reply. */
   svc_reply_begin(&r, &q->id, 0, 0);
-  if (svc_reply_end(&r, &call->reply, &call->reply_len) != 0)
+  if (svc_reply_end(&r, &call->out.buf, &call->out.len) != 0)
     return svc_set_error(SVC_RESOURCE, "set_state: out of memory");
   /* Kept forward steps hold their own copies of the parameters they used,
    * so overwriting the layer's arrays in place affects only later
@@ -221,7 +221,7 @@ int svc__cmd_metrics(svc__call_t *call) {
   for (int c = 1; c < SVC_CODE_COUNT; c++)
     nerr += m->errors[c] != 0;
 
-  if (svc_reply_begin(&r, &q->id, 24, 0) != 0 || r.pk == NULL)
+  if (svc_reply_begin(&r, &q->id, 28, 0) != 0 || r.pk == NULL)
     goto out;
   svc_reply_key(&r, "requests");
   r.rc |= msgpack_pack_map(r.pk, SVC_OP_COUNT);
@@ -252,6 +252,10 @@ int svc__cmd_metrics(svc__call_t *call) {
   svc__pack_u64(&r, "bells", m->bells);
   svc__pack_u64(&r, "agree_bytes", m->agree_bytes);
   svc__pack_u64(&r, "cache_hits", m->cache_hits);
+  svc__pack_u64(&r, "cache_evictions", m->cache_evictions);
+  svc__pack_u64(&r, "tensor_copies", m->tensor_copies);
+  svc__pack_u64(&r, "in_place", m->in_place);
+  svc__pack_u64(&r, "zero_copy_replies", m->zero_copy_replies);
   svc__pack_u64(&r, "pending", svc__pend_count(w));
   svc_reply_key(&r, "fused_per_allreduce");
   r.rc |= msgpack_pack_map(r.pk, SVC__FUSE_BUCKETS);
@@ -273,7 +277,7 @@ int svc__cmd_metrics(svc__call_t *call) {
   svc__pack_u64(&r, "saved_bytes", w->saved_bytes);
   svc__pack_u64(&r, "layers", w->nlayers);
 out:
-  if (svc_reply_end(&r, &call->reply, &call->reply_len) != 0)
+  if (svc_reply_end(&r, &call->out.buf, &call->out.len) != 0)
     return svc_set_error(SVC_RESOURCE, "metrics: out of memory");
   return 0;
 }

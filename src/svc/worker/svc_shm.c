@@ -168,5 +168,5 @@ int svc__cmd_shm_attach(svc__call_t *call) {
   r.rc |= msgpack_pack_uint32(r.pk, region);
   svc_reply_key(&r, "size");
   r.rc |= msgpack_pack_uint64(r.pk, call->q->size);
-  return svc_reply_end(&r, &call->reply, &call->reply_len);
+  return svc_reply_end(&r, &call->out.buf, &call->out.len);
 }

@@ -75,6 +75,17 @@ int svc__shm_resolve(svc_worker_t *w, svc_request_t *q) {
                          (unsigned long long)bytes,
                          (unsigned long long)q->out.region, in,
                          (unsigned long long)q->x.shm_offset);
+  /* A backward's dy and an eval forward's x are read where they are:
+   * nothing keeps them past the kernel (a training forward keeps x for
+   * its backward, so it copies). */
+  if (bytes > 0 && (uintptr_t)src % 64 == 0 &&
+      (q->op == SVC_OP_BACKWARD || (q->op == SVC_OP_FORWARD && !q->train))) {
+    q->x.data = (float *)src;
+    q->x.borrowed = 1;
+    return 0;
+  }
+  if (bytes > 0)
+    w->m.tensor_copies++;
   return svc__shm_copy_in(q, src, (size_t)bytes, in);
 }
 
@@ -84,26 +95,44 @@ float *svc__out_ptr(const svc_shm_at_t *at, float *fallback) {
   return (float *)at->dst;
 }
 
-int svc__encode_y(const svc_id_t *id, const svc_shm_at_t *at,
-                  const sbn_tensor_desc_t *desc, const float *y, size_t numel,
-                  uint8_t **out, size_t *out_len) {
-  if (at == NULL || at->dst == NULL)
-    return svc_encode_forward(id, desc, y, numel, out, out_len);
-  if (numel > 0 && (const uint8_t *)y != at->dst)
-    memcpy(at->dst, y, numel * sizeof(float));
-  return svc_encode_forward_at(id, desc, at, out, out_len);
+/* Writes res into the region at names unless the kernel wrote it there,
+ * and counts that copy. */
+static void svc__put_region(svc_worker_t *w, const svc_shm_at_t *at,
+                            const float *res, size_t numel) {
+  if (numel > 0 && (const uint8_t *)res != at->dst) {
+    memcpy(at->dst, res, numel * sizeof(float));
+    w->m.tensor_copies++;
+  }
 }
 
-int svc__encode_dx(const svc_id_t *id, const svc_shm_at_t *at,
-                   const sbn_tensor_desc_t *desc, const float *dx, size_t numel,
-                   const float *dw, const float *db,
+int svc__encode_y(svc_worker_t *w, const svc_id_t *id, const svc_shm_at_t *at,
+                  const sbn_tensor_desc_t *desc, const float *res, float **own,
+                  size_t numel, svc_frame_t *f) {
+  memset(f, 0, sizeof *f);
+  if (at != NULL && at->dst != NULL) {
+    svc__put_region(w, at, res, numel);
+    return svc_encode_forward_at(id, desc, at, &f->buf, &f->len);
+  }
+  if (svc_encode_forward_frame(id, desc, own, numel, f) != 0)
+    return -SVC_RESOURCE;
+  w->m.zero_copy_replies++;
+  return 0;
+}
+
+int svc__encode_dx(svc_worker_t *w, const svc_id_t *id, const svc_shm_at_t *at,
+                   const sbn_tensor_desc_t *desc, const float *res, float **own,
+                   size_t numel, const float *dw, const float *db,
                    const sbn_tensor_desc_t *wb_desc, size_t wb_numel,
-                   uint8_t **out, size_t *out_len) {
-  if (at == NULL || at->dst == NULL)
-    return svc_encode_backward(id, desc, dx, numel, dw, db, wb_desc, wb_numel,
-                               out, out_len);
-  if (numel > 0 && (const uint8_t *)dx != at->dst)
-    memcpy(at->dst, dx, numel * sizeof(float));
-  return svc_encode_backward_at(id, desc, at, dw, db, wb_desc, wb_numel, out,
-                                out_len);
+                   svc_frame_t *f) {
+  memset(f, 0, sizeof *f);
+  if (at != NULL && at->dst != NULL) {
+    svc__put_region(w, at, res, numel);
+    return svc_encode_backward_at(id, desc, at, dw, db, wb_desc, wb_numel,
+                                  &f->buf, &f->len);
+  }
+  if (svc_encode_backward_frame(id, desc, own, numel, dw, db, wb_desc, wb_numel,
+                                f) != 0)
+    return -SVC_RESOURCE;
+  w->m.zero_copy_replies++;
+  return 0;
 }

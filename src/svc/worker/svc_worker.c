@@ -43,6 +43,7 @@ void svc_worker_config_default(svc_worker_config_t *cfg) {
   cfg->keep_steps = 2;
   cfg->max_layers = 1024;
   cfg->max_saved = (uint64_t)4 << 30;
+  cfg->cache_slots = 512;
   svc_limits_default(&cfg->limits);
   cfg->max_clients = 64;
   cfg->max_output = (uint64_t)512 << 20;
@@ -56,6 +57,10 @@ int svc_worker_create(const svc_worker_config_t *cfg, svc_worker_t **out) {
   if (cfg->max_layers == 0 || cfg->rank < 0)
     return svc_set_error(SVC_BAD_PARAMS, "config: rank %d, max_layers %u",
                          cfg->rank, cfg->max_layers);
+  if (cfg->cache_slots == 0 || cfg->cache_slots > SVC_CACHE_SLOTS_MAX)
+    return svc_set_error(SVC_BAD_PARAMS,
+                         "config: cache_slots %u, expected 1 to %d",
+                         cfg->cache_slots, SVC_CACHE_SLOTS_MAX);
   if ((w = calloc(1, sizeof *w)) == NULL)
     goto fail;
   w->cfg = *cfg;
@@ -97,7 +102,7 @@ int svc__dispatch(svc__call_t *call) {
   return c->fn(call);
 }
 
-/* Encodes the error reply of a failed call (rc < 0) into call->reply,
+/* Encodes the error reply of a failed call (rc < 0) into call->out.buf,
  * counting it; returns 0, or RESOURCE when not even that could be built. */
 static int svc__error_reply(svc__call_t *call, const svc_id_t *id, int rc) {
   svc_code_t code = svc_code_of(rc);
@@ -105,8 +110,8 @@ static int svc__error_reply(svc__call_t *call, const svc_id_t *id, int rc) {
   if (svc_code_fatal(code))
     call->close_after = 1;
   call->deferred = 0;
-  if (svc_encode_error(id, code, svc_last_error(), &call->reply,
-                       &call->reply_len) != 0)
+  if (svc_encode_error(id, code, svc_last_error(), &call->out.buf,
+                       &call->out.len) != 0)
     return svc_set_error(SVC_RESOURCE, "reply: out of memory");
   return 0;
 }
@@ -145,7 +150,7 @@ static int svc__cmd_batch(svc__call_t *call) {
     if ((rc = svc__dispatch(&sub)) != 0)
       svc__error_reply(&sub, &q->sub[i].id, rc);
     if (!sub.deferred)
-      svc__batch_fill(w, b, i, sub.reply, sub.reply_len);
+      svc__batch_fill(w, b, i, &sub.out);
   }
   if (b->left > 1) {
     /* The last deferred sub-reply sends the batch through deliver. */
@@ -154,8 +159,8 @@ static int svc__cmd_batch(svc__call_t *call) {
     return 0;
   }
   /* Everything was answered at once: the reply goes back directly. */
-  rc = svc_encode_batch(&b->id, b->reply, b->len, b->n, &call->reply,
-                        &call->reply_len);
+  rc = svc_encode_batch(&b->id, b->reply, b->len, b->n, &call->out.buf,
+                        &call->out.len);
   b->left = 0;
   svc__batch_free(b);
   if (rc != 0)
@@ -163,9 +168,19 @@ static int svc__cmd_batch(svc__call_t *call) {
   return 0;
 }
 
-int svc_worker_handle_async(svc_worker_t *w, const uint8_t *body, size_t len,
-                            void *token, uint8_t **reply, size_t *reply_len,
-                            int *close_after, int *deferred) {
+/* Counts the tensor copies a decoded request made: x (or dy) out of the
+ * frame into its aligned buffer, one per tensor-carrying request of a
+ * batch too. A region's copy is counted where it is made. */
+static void svc__count_copy_in(svc_worker_t *w, const svc_request_t *q) {
+  if (q->x.present && !q->x.shm && q->x.numel > 0)
+    w->m.tensor_copies++;
+  for (size_t i = 0; i < q->nsub; i++)
+    svc__count_copy_in(w, &q->sub[i]);
+}
+
+int svc_worker_handle_frame(svc_worker_t *w, const uint8_t *body, size_t len,
+                            void *token, svc_frame_t *reply, int *close_after,
+                            int *deferred) {
   svc_request_t q;
   svc__call_t call;
   int rc;
@@ -174,17 +189,34 @@ int svc_worker_handle_async(svc_worker_t *w, const uint8_t *body, size_t len,
   call.q = &q;
   call.token = token;
   if ((rc = svc_decode_request(body, len, &w->cfg.limits, &q)) == 0) {
+    svc__count_copy_in(w, &q);
     rc = svc__shm_resolve(w, &q);
     if (rc == 0)
       rc = svc__dispatch(&call);
     svc_request_free(&q);
   }
-  if (rc != 0)
+  if (rc != 0) {
+    svc_frame_free(&call.out);
     rc = svc__error_reply(&call, &q.id, rc);
-  *reply = call.reply;
-  *reply_len = call.reply_len;
+  }
+  *reply = call.out;
   *close_after = call.close_after;
   *deferred = call.deferred;
+  return rc;
+}
+
+int svc_worker_handle_async(svc_worker_t *w, const uint8_t *body, size_t len,
+                            void *token, uint8_t **reply, size_t *reply_len,
+                            int *close_after, int *deferred) {
+  svc_frame_t f;
+  int rc =
+      svc_worker_handle_frame(w, body, len, token, &f, close_after, deferred);
+  if (f.tail != NULL)
+    w->m.tensor_copies++;
+  if (svc_frame_flatten(&f) != 0 && rc == 0)
+    rc = -SVC_RESOURCE;
+  *reply = f.buf;
+  *reply_len = f.len;
   return rc;
 }
 

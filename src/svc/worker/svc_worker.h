@@ -23,6 +23,10 @@ typedef struct svc_worker_config_s {
   uint32_t keep_steps; /* forward state older than this is dropped */
   uint32_t max_layers; /* registry size */
   uint64_t max_saved;  /* bytes of kept forward state, all layers */
+  /* Slots of the agreement's response cache, 1 to SVC_CACHE_SLOTS_MAX.
+   * Every rank of the job must use the same number: the ranks evict the
+   * same slot in the same round because they count alike. */
+  uint32_t cache_slots;
   svc_limits_t limits; /* frame limits for the codec */
   /* Reported by hello only; the server enforces them. */
   uint32_t max_clients;
@@ -30,7 +34,10 @@ typedef struct svc_worker_config_s {
   double idle_timeout, frame_timeout;
 } svc_worker_config_t;
 
-/* keep_steps 2, max_layers 1024, max_saved 4 GiB, svc_limits_default(),
+#define SVC_CACHE_SLOTS_MAX 65536
+
+/* keep_steps 2, max_layers 1024, max_saved 4 GiB, cache_slots 512,
+ * svc_limits_default(),
  * rank 0 of 1, max_clients 64, max_output 512 MiB, idle_timeout 300 s,
  * frame_timeout 60 s. */
 void svc_worker_config_default(svc_worker_config_t *cfg);
@@ -72,9 +79,10 @@ int svc_worker_handle(svc_worker_t *w, const uint8_t *body, size_t len,
  * from the same reduced bytes, so the sequence of collectives is the same
  * on every rank, and every round ends on every rank with the same epoch. */
 
-/* Called with a deferred request's reply frame (ownership passes). */
-typedef void (*svc_deliver_fn)(void *ctx, void *token, uint8_t *reply,
-                               size_t len);
+/* Called with a deferred request's reply frame, possibly in pieces (see
+ * svc_frame_t): its contents pass to the callee, which frees them with
+ * svc_frame_free once written. */
+typedef void (*svc_deliver_fn)(void *ctx, void *token, svc_frame_t *reply);
 
 /* Enables syncbatchnorm training (without it, such requests are NOT_YET)
  * over comm, whose size is the job's and which must outlive the worker;
@@ -93,6 +101,14 @@ int svc_worker_set_sync(svc_worker_t *w, sbn_comm_t *comm, double stall_timeout,
 int svc_worker_handle_async(svc_worker_t *w, const uint8_t *body, size_t len,
                             void *token, uint8_t **reply, size_t *reply_len,
                             int *close_after, int *deferred);
+
+/* As svc_worker_handle_async, with the reply as a frame in pieces: a
+ * full-tensor forward or backward leaves y or dx in the buffer the kernel
+ * wrote (the frame's tail) for the server to write with writev. The
+ * frame's contents are the caller's. */
+int svc_worker_handle_frame(svc_worker_t *w, const uint8_t *body, size_t len,
+                            void *token, svc_frame_t *reply, int *close_after,
+                            int *deferred);
 
 /* The connection `token` is gone: its deferred requests are not answered,
  * and those not yet negotiated are withdrawn. */

@@ -122,10 +122,9 @@ typedef struct svc__call_s {
   void *token;         /* the connection (NULL for svc_worker_handle) */
   svc__batch_t *batch; /* the batch it belongs to, or NULL */
   size_t slot;         /* its index in the batch */
-  uint8_t *reply;      /* the reply frame, when answered at once */
-  size_t reply_len;
-  int deferred;    /* the reply comes later, through the worker's deliver */
-  int close_after; /* close the connection after the reply */
+  svc_frame_t out;     /* the reply frame, when answered at once */
+  int deferred;        /* the reply comes later, through the worker's deliver */
+  int close_after;     /* close the connection after the reply */
 } svc__call_t;
 
 typedef int (*svc__cmd_fn)(svc__call_t *call);
@@ -175,14 +174,19 @@ int svc__shm_resolve(svc_worker_t *w, svc_request_t *q);
  * request names one at a 64-byte aligned address (the kernels' alignment),
  * else fallback, which the encoders then copy into the region. */
 float *svc__out_ptr(const svc_shm_at_t *at, float *fallback);
-int svc__encode_y(const svc_id_t *id, const svc_shm_at_t *at,
-                  const sbn_tensor_desc_t *desc, const float *y, size_t numel,
-                  uint8_t **out, size_t *out_len);
-int svc__encode_dx(const svc_id_t *id, const svc_shm_at_t *at,
-                   const sbn_tensor_desc_t *desc, const float *dx, size_t numel,
-                   const float *dw, const float *db,
+/* The reply of a forward whose result res (numel floats) the kernel
+ * wrote: into the region when at names one (copying res there unless it
+ * is already), else with res as the frame's tail, taken over from *own,
+ * the variable that owns it (set to NULL then): no copy of the tensor.
+ * Counts the copy or the zero-copy reply. */
+int svc__encode_y(svc_worker_t *w, const svc_id_t *id, const svc_shm_at_t *at,
+                  const sbn_tensor_desc_t *desc, const float *res, float **own,
+                  size_t numel, svc_frame_t *f);
+int svc__encode_dx(svc_worker_t *w, const svc_id_t *id, const svc_shm_at_t *at,
+                   const sbn_tensor_desc_t *desc, const float *res, float **own,
+                   size_t numel, const float *dw, const float *db,
                    const sbn_tensor_desc_t *wb_desc, size_t wb_numel,
-                   uint8_t **out, size_t *out_len);
+                   svc_frame_t *f);
 int svc__cmd_checkpoint(svc__call_t *call); /* save and load */
 /* Removes the ".sbntmp-*" files a killed checkpoint_save left in the
  * state directory (a state directory serves one job at a time); returns
@@ -220,12 +224,11 @@ struct svc__pend_s {
   void *token;         /* NULL once the connection is gone */
   svc__batch_t *batch; /* the batch it belongs to, or NULL */
   size_t slot;         /* its index in the batch */
-  uint8_t **direct;    /* or here, for an entry completed at once */
-  size_t *direct_len;
-  int sent;   /* part of the fused allreduce in flight */
-  int listed; /* in the round in flight (its bit set or gathered) */
-  int fresh;  /* queued since the last round began: wakes the engine */
-  int cslot;  /* the cache slot whose bit it set this round, or -1 */
+  svc_frame_t *direct; /* or here, for an entry completed at once */
+  int sent;            /* part of the fused allreduce in flight */
+  int listed;          /* in the round in flight (its bit set or gathered) */
+  int fresh;           /* queued since the last round began: wakes the engine */
+  int cslot;           /* the cache slot whose bit it set this round, or -1 */
   double t0;
   /* The handler's. */
   svc_request_t q; /* id; forward: weight, bias; backward: dy */
@@ -253,6 +256,8 @@ void svc__pend_chain(svc_worker_t *w, svc__pend_t *p, svc__pend_t *s);
  * destination; takes ownership of buf. */
 void svc__pend_deliver(svc_worker_t *w, svc__pend_t *p, uint8_t *buf,
                        size_t len);
+/* The same for a reply frame in pieces (its contents pass). */
+void svc__pend_deliver_frame(svc_worker_t *w, svc__pend_t *p, svc_frame_t *f);
 void svc__pend_reply_error(svc_worker_t *w, svc__pend_t *p, svc_code_t code,
                            const char *msg);
 /* Whether the key stalled or mismatched before in group grp (then it is
@@ -263,10 +268,12 @@ int svc__poisoned(const svc_worker_t *w, uint64_t name, uint64_t step,
  * one would be counted as another rank's). */
 int svc__pend_queued(const svc_worker_t *w, uint64_t name, uint64_t step,
                      uint32_t dir);
-/* Fills slot i of a batch; the last one sends the batch's reply (or, when
- * the connection is gone, just frees it). */
-void svc__batch_fill(svc_worker_t *w, svc__batch_t *b, size_t i, uint8_t *buf,
-                     size_t len);
+/* Fills slot i of a batch with a sub-reply (its contents pass; a frame
+ * in pieces is made whole: a batch reply copies its sub-replies anyway);
+ * the last one sends the batch's reply (or, when the connection is gone,
+ * just frees it). */
+void svc__batch_fill(svc_worker_t *w, svc__batch_t *b, size_t i,
+                     svc_frame_t *f);
 void svc__batch_free(svc__batch_t *b);
 /* Entries waiting for the other ranks. */
 uint64_t svc__pend_count(const svc_worker_t *w);
@@ -325,13 +332,16 @@ typedef struct svc__key_s {
  * ranks agreed on once gets a slot, the same index on every rank because
  * every rank inserts from the same decisions. Later steps of it agree by a
  * bitwise OR of fixed-size bit sets over the slots instead of the
- * gathered lists, so their cost does not grow with the ranks. */
-#define SVC__SLOTS 512
+ * gathered lists, so their cost does not grow with the ranks. There are
+ * cfg.cache_slots of them; when all are taken, a new key takes the one
+ * agreed least recently (the lowest index among equals), which every rank
+ * picks alike since every rank saw the same rounds. */
 /* Seconds after an entry's arrival during which the server polls the
  * engine continuously (see svc_worker_busy) rather than on its timer. */
 #define SVC__SPIN_S 0.005
 typedef struct svc__slot_s {
   uint64_t name, fp, last_step; /* the step it was last agreed at */
+  uint64_t used_at;             /* the epoch of the round that did */
   uint32_t dir, C, gsize, grp, tag;
   int used;
 } svc__slot_t;
@@ -354,8 +364,14 @@ typedef struct svc__metrics_s {
   uint64_t shed; /* connections dropped for the server's memory budget */
   uint64_t allreduces, entries_fused, gathers;
   uint64_t negotiations, bells, rounds; /* bit-set ORs, doorbells sent */
-  uint64_t agree_bytes; /* negotiation + gather bytes this rank sent */
-  uint64_t cache_hits;  /* entries agreed through their cache slot */
+  uint64_t agree_bytes;     /* negotiation + gather bytes this rank sent */
+  uint64_t cache_hits;      /* entries agreed through their cache slot */
+  uint64_t cache_evictions; /* slots given to a new key (least recent) */
+  /* Tensor payloads (x, dy, y, dx) copied by the worker: out of a frame
+   * or a region into a private buffer, into a reply buffer, into a
+   * region. Results computed in their input's buffer, and tensor
+   * replies written from the result buffer (writev) instead. */
+  uint64_t tensor_copies, in_place, zero_copy_replies;
   uint64_t fuse_hist[SVC__FUSE_BUCKETS];
   uint64_t stalls, mismatches;
   double lat[SVC__LAT_RING]; /* seconds from allreduce start to done */
@@ -396,7 +412,7 @@ struct svc_worker_s {
    * so stale doorbells are told apart. */
   uint64_t epoch, bell_max;
   double expire_next; /* no expiry wake before this time */
-  svc__slot_t *slots; /* SVC__SLOTS, allocated with the first poll */
+  svc__slot_t *slots; /* cfg.cache_slots, allocated with the first poll */
   size_t slot_hi;     /* slots in use are below this index */
   uint64_t *neg;      /* the negotiation words in flight */
   size_t neg_n;
