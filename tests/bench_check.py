@@ -136,9 +136,12 @@ def check_derived(recs, mode):
             close(r["overhead_us"], o, "overhead_us %r" % (k,))
             close(r["overhead_pct"], 100 * o / r["median_us"],
                   "overhead_pct %r" % (k,))
-            close(r["overhead_per_allreduce"], o / (2 * bare["median_us"]),
+            # One bare allreduce per pass: two for fwd+bwd.
+            n_ar = 2 if r["pass"] == "fwd+bwd" else 1
+            close(r["overhead_per_allreduce"], o / (n_ar * bare["median_us"]),
                   "overhead_per_allreduce %r" % (k,))
             close(bare["bytes"], 32 * r["shape"][1], "bare bytes %r" % (k,))
+            close(r["bytes"], n_ar * bare["bytes"], "sync bytes %r" % (k,))
         elif mode == "network" and v != "local":
             loc = by.get(("local",) + key(r))
             if loc is None:

@@ -155,6 +155,12 @@ void sbn__bench_bufs_free(sbn_bench_bufs_t *u);
 /* Runs a training forward and backward of layer on copy k. */
 int sbn__bench_fwd_bwd(sbn_layer_t *layer, const sbn_tensor_desc_t *d,
                        sbn_bench_bufs_t *u, int k, uint64_t step);
+/* Its two halves: the training forward, and the backward that uses the
+ * saved state the forward of the same copy k left. */
+int sbn__bench_fwd(sbn_layer_t *layer, const sbn_tensor_desc_t *d,
+                   sbn_bench_bufs_t *u, int k, uint64_t step);
+int sbn__bench_bwd(sbn_layer_t *layer, const sbn_tensor_desc_t *d,
+                   sbn_bench_bufs_t *u, int k, uint64_t step);
 
 /* The ResNet-50 BatchNorm layer shapes (C, H, W) of the `layer` mode, and
  * the 53 layers of the network in order. */
