@@ -353,6 +353,34 @@ done:
   free(y);
 }
 
+/* Chunks walked in several blocks of rows: the passes poll the request
+ * in flight after each block, and a block spans 2^20 elements (4 MiB of
+ * output, SBN__BLOCK_SPAN in ops/batchnorm_overlap.c), so only a shard
+ * of more than that has more than one. Rank 0's shard here (42 samples
+ * of 7 x 4096) is 1.15 times that: chunks of 3, 3 and 1 channels, each in
+ * blocks of 38 samples (1 + ceil((2^20 - 3 * 4096) / (7 * 4096))), so 2
+ * blocks with an uneven last one; the other shards are small (one block)
+ * or empty, and kept small because every rank makes the whole batch. */
+static void ov_blocks(int *buf) {
+  static const int counts[4] = {42, 5, 0, 3};
+  static const char *const kerns[] = {"ref", "avx512"};
+  for (int r = 0; r < mu_size; r++)
+    buf[r] = r < 4 ? counts[r] : 1;
+  for (int ki = 0; ki < 2; ki++) {
+    if (sbn_kernel_select(kerns[ki]) != 0)
+      continue;
+    ov_case_t c = {0};
+    c.counts = buf;
+    c.C = 7;
+    c.S = 4096;
+    c.layout = SBN_LAYOUT_NCHW;
+    c.chunk = 3;
+    c.kern = kerns[ki];
+    c.steps = 1;
+    ov_case(&c);
+  }
+}
+
 static const int *counts_for(int which, int *buf) {
   static const int sets[3][4] = {{3, 5, 2, 4}, {0, 4, 0, 1}, {1, 1, 1, 1}};
   for (int r = 0; r < mu_size; r++)
@@ -391,6 +419,7 @@ int main(int argc, char **argv) {
             c.steps = 2;
             ov_case(&c);
           }
+  ov_blocks(buf);
   ov_auto_large();
   ov_small_batch();
   sbn_comm_destroy(ov_comm);
