@@ -388,6 +388,35 @@ static const int *counts_for(int which, int *buf) {
   return buf;
 }
 
+/* sbn_mpi_comm_seconds: the time inside the communicator's MPI calls
+ * grows with every pass that reduces (the chunked layer's MPI_Iallreduce,
+ * MPI_Test and MPI_Wait, the other's MPI_Allreduce), and a bad argument
+ * is SBN_EINVAL naming it. */
+static void ov_seconds(int *buf) {
+  double s0 = -1, s1 = -1, s;
+  MU_RC(sbn_mpi_comm_seconds(ov_comm, &s0), 0, "sbn_mpi_comm_seconds");
+  ov_case_t c = {0};
+  c.counts = counts_for(0, buf);
+  c.C = 17;
+  c.S = 15;
+  c.layout = SBN_LAYOUT_NCHW;
+  c.chunk = 5;
+  c.kern = "ref";
+  c.steps = 1;
+  if (sbn_kernel_select("ref") == 0)
+    ov_case(&c);
+  MU_RC(sbn_mpi_comm_seconds(ov_comm, &s1), 0, "sbn_mpi_comm_seconds");
+  MU_CHECK(s0 >= 0 && (mu_size < 2 ? s1 >= s0 : s1 > s0),
+           "sbn_mpi_comm_seconds: %.9g then %.9g after a step", s0, s1);
+  MU_RC(sbn_mpi_comm_seconds(ov_comm, NULL), SBN_EINVAL, "seconds NULL");
+  MU_CHECK(strstr(sbn_last_error(), "seconds") != NULL, "message '%s'",
+           sbn_last_error());
+  MU_RC(sbn_mpi_comm_seconds(sbn_comm_local(), &s), SBN_EINVAL, "local comm");
+  MU_CHECK(strstr(sbn_last_error(), "comm") != NULL, "message '%s'",
+           sbn_last_error());
+  MU_RC(sbn_mpi_comm_seconds(NULL, &s), SBN_EINVAL, "NULL comm");
+}
+
 int main(int argc, char **argv) {
   mu_init(&argc, &argv);
   sbn_layer_params_t p;
@@ -420,6 +449,7 @@ int main(int argc, char **argv) {
             ov_case(&c);
           }
   ov_blocks(buf);
+  ov_seconds(buf);
   ov_auto_large();
   ov_small_batch();
   sbn_comm_destroy(ov_comm);

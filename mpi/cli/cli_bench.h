@@ -58,6 +58,9 @@ typedef struct sbn_bench_rec_s {
   double median_us, p90_us, best_us;
   double floor_us, floor_ratio, gbps;
   double overhead_us, overhead_pct, overhead_per_allreduce;
+  /* layer: the median over reps of the time SyncBN spent inside its
+   * reductions' MPI calls (the rank that spent most; sbn_mpi_comm_seconds). */
+  double mpi_us;
   double bytes, avg_us, min_us, max_us, iterations;
   double hop_us, hop_ratio;
   /* service: a stats entry's target (1.5 x the bare allreduce + 50 us),

@@ -61,35 +61,57 @@ static const char *const lp_name[LP_COUNT] = {"fwd", "bwd", "fwd+bwd"};
 static const double lp_allreduces[LP_COUNT] = {1, 1, 2};
 
 /* The timings of one configuration, seconds per rep: t[v][p] for variant
- * v and pass p (NULL for sync_unchunked without --vs-unchunked), bare
- * for the allreduce. */
+ * v and pass p (NULL for sync_unchunked without --vs-unchunked), mpi[v][p]
+ * the part of it spent inside the communicator's MPI calls (SyncBN
+ * variants only), bare for the allreduce. */
 typedef struct layer_times_s {
-  double *t[LV_COUNT][LP_COUNT], *bare;
+  double *t[LV_COUNT][LP_COUNT], *mpi[LV_COUNT][LP_COUNT], *bare;
 } layer_times_t;
 
 /* The layers one rep times: local BN, SyncBN as --chunk asks, and SyncBN
  * with one blocking allreduce per pass (NULL without --vs-unchunked). */
 typedef struct layer_set_s {
   sbn_layer_t *l[LV_COUNT];
+  const sbn_comm_t *comm; /* the SyncBN layers' communicator */
 } layer_set_t;
 
-/* One timed forward and backward behind a barrier, dt[LP_x] their times
- * on this process (the backward follows at once: no barrier between, as
- * in a training step); *k moves to the next copy of the buffers. */
-static int timed(sbn_layer_t *layer, const sbn_tensor_desc_t *d,
-                 sbn_bench_bufs_t *u, int *k, uint64_t step, double *dt) {
+/* The seconds comm (NULL for local BN) has spent inside MPI so far. */
+static double mpi_now(const sbn_comm_t *comm) {
+  double s = 0;
+  if (comm != NULL)
+    (void)sbn_mpi_comm_seconds(comm, &s);
+  return s;
+}
+
+/* The differences of three readings: fwd, bwd and both. */
+static void split3(const double r[3], double *out) {
+  out[LP_FWD] = r[1] - r[0];
+  out[LP_BWD] = r[2] - r[1];
+  out[LP_BOTH] = r[2] - r[0];
+}
+
+/* One timed forward and backward behind a barrier: dt[LP_x] their times
+ * on this process and mt[LP_x] the part inside comm's MPI calls (the
+ * backward follows at once: no barrier between, as in a training step);
+ * *k moves to the next copy of the buffers. */
+static int timed(sbn_layer_t *layer, const sbn_comm_t *comm,
+                 const sbn_tensor_desc_t *d, sbn_bench_bufs_t *u, int *k,
+                 uint64_t step, double *dt, double *mt) {
+  double t[3], m[3];
   int rc;
   MPI_Barrier(MPI_COMM_WORLD);
-  double t0 = sbn__bench_now();
+  m[0] = mpi_now(comm);
+  t[0] = sbn__bench_now();
   if ((rc = sbn__bench_fwd(layer, d, u, *k, step)) != 0)
     return rc;
-  double t1 = sbn__bench_now();
+  t[1] = sbn__bench_now();
+  m[1] = mpi_now(comm);
   if ((rc = sbn__bench_bwd(layer, d, u, *k, step)) != 0)
     return rc;
-  double t2 = sbn__bench_now();
-  dt[LP_FWD] = t1 - t0;
-  dt[LP_BWD] = t2 - t1;
-  dt[LP_BOTH] = t2 - t0;
+  t[2] = sbn__bench_now();
+  m[2] = mpi_now(comm);
+  split3(t, dt);
+  split3(m, mt);
   *k = (*k + 1) % u->copies;
   return 0;
 }
@@ -99,10 +121,13 @@ static int timed(sbn_layer_t *layer, const sbn_tensor_desc_t *d,
  * seconds. */
 static int one_rep(const sbn_tensor_desc_t *d, const layer_set_t *ls,
                    MPI_Comm gc, sbn_bench_bufs_t *u, double *msg, int *k,
-                   uint64_t step, double dt[LV_COUNT][LP_COUNT], double *bare) {
+                   uint64_t step, double dt[2][LV_COUNT][LP_COUNT],
+                   double *bare) {
   int rc, count = (int)(4 * u->c);
   for (int v = 0; v < LV_COUNT; v++)
-    if (ls->l[v] != NULL && (rc = timed(ls->l[v], d, u, k, step, dt[v])) != 0)
+    if (ls->l[v] != NULL &&
+        (rc = timed(ls->l[v], v == LV_LOCAL ? NULL : ls->comm, d, u, k, step,
+                    dt[0][v], dt[1][v])) != 0)
       return rc;
   MPI_Barrier(MPI_COMM_WORLD);
   double t0 = sbn__bench_now();
@@ -119,7 +144,7 @@ static int time_reps(const sbn_bench_opts_t *o, const sbn_tensor_desc_t *d,
                      double *msg, int reps, layer_times_t *t) {
   int rc, k = 0;
   uint64_t step = 0;
-  double dt[LV_COUNT][LP_COUNT], bare, t0 = sbn__bench_now();
+  double dt[2][LV_COUNT][LP_COUNT], bare, t0 = sbn__bench_now();
   /* Warm-up: at least --warmup reps and SBN__BENCH_MIN_WARM_S seconds on
    * the slowest rank (agreed through the world, so every rank runs the
    * same number of reps and no barrier is left waiting). */
@@ -133,9 +158,12 @@ static int time_reps(const sbn_bench_opts_t *o, const sbn_tensor_desc_t *d,
     if ((rc = one_rep(d, ls, gc, u, msg, &k, step++, dt, &bare)) != 0)
       return rc;
     for (int v = 0; v < LV_COUNT; v++)
-      for (int p = 0; p < LP_COUNT; p++)
+      for (int p = 0; p < LP_COUNT; p++) {
         if (t->t[v][p] != NULL)
-          t->t[v][p][it] = dt[v][p];
+          t->t[v][p][it] = dt[0][v][p];
+        if (t->mpi[v][p] != NULL)
+          t->mpi[v][p][it] = dt[1][v][p];
+      }
     t->bare[it] = bare;
   }
   return 0;
@@ -170,8 +198,12 @@ static int push_layer(const sbn_bench_opts_t *o, const sbn_tensor_desc_t *d,
         continue;
       r[v] = sbn__bench_rec(o, lv_name[v], "batchnorm", lp_name[p], d);
       sbn__bench_set_times(&r[v], t->t[v][p], reps);
-      if (v != LV_LOCAL)
+      if (v != LV_LOCAL) {
+        double p90;
         derive(&r[v], &r[LV_LOCAL], &a, lp_allreduces[p]);
+        sbn__bench_quantiles(t->mpi[v][p], reps, &r[v].mpi_us, &p90);
+        r[v].mpi_us *= 1e6;
+      }
       rc = sbn__bench_push(out, &r[v]);
     }
     if (p == LP_BOTH)
@@ -185,6 +217,7 @@ static int push_layer(const sbn_bench_opts_t *o, const sbn_tensor_desc_t *d,
 static int make_layers(const sbn_bench_opts_t *o, sbn_layer_params_t *p,
                        sbn_comm_t *comm, layer_set_t *ls) {
   int rc;
+  ls->comm = comm;
   p->reduce_chunk = SBN_CHUNK_OFF;
   if ((rc = sbn_layer_create(p, NULL, &ls->l[LV_LOCAL])) != 0)
     return rc;
@@ -200,8 +233,11 @@ static int times_alloc(const sbn_bench_opts_t *o, int reps, layer_times_t *t) {
   int ok = (t->bare = calloc((size_t)reps, sizeof(double))) != NULL;
   for (int v = 0; v < LV_COUNT; v++)
     for (int p = 0; p < LP_COUNT; p++)
-      if (v != LV_UNCH || o->vs_unchunked)
+      if (v != LV_UNCH || o->vs_unchunked) {
         ok &= (t->t[v][p] = calloc((size_t)reps, sizeof(double))) != NULL;
+        if (v != LV_LOCAL)
+          ok &= (t->mpi[v][p] = calloc((size_t)reps, sizeof(double))) != NULL;
+      }
   return ok ? 0
             : sbn_set_error(SBN_ENOMEM, "bench: out of memory for %d reps",
                             reps);
@@ -209,8 +245,10 @@ static int times_alloc(const sbn_bench_opts_t *o, int reps, layer_times_t *t) {
 
 static void times_free(layer_times_t *t) {
   for (int v = 0; v < LV_COUNT; v++)
-    for (int p = 0; p < LP_COUNT; p++)
+    for (int p = 0; p < LP_COUNT; p++) {
       free(t->t[v][p]);
+      free(t->mpi[v][p]);
+    }
   free(t->bare);
 }
 
@@ -218,9 +256,12 @@ static void times_free(layer_times_t *t) {
 static int times_max(layer_times_t *t, int reps) {
   int rc = sbn__bench_max_over_ranks(MPI_COMM_WORLD, t->bare, reps);
   for (int v = 0; v < LV_COUNT; v++)
-    for (int p = 0; p < LP_COUNT && rc == 0; p++)
+    for (int p = 0; p < LP_COUNT && rc == 0; p++) {
       if (t->t[v][p] != NULL)
         rc = sbn__bench_max_over_ranks(MPI_COMM_WORLD, t->t[v][p], reps);
+      if (rc == 0 && t->mpi[v][p] != NULL)
+        rc = sbn__bench_max_over_ranks(MPI_COMM_WORLD, t->mpi[v][p], reps);
+    }
   return rc;
 }
 
