@@ -49,16 +49,16 @@
 #define SBN__BLOCK_FILL 0.5
 #endif
 
-/* How many chunks the automatic plan makes: one per SBN__CHUNK_L2S L2
- * sizes of a rank's tensor, at least 2 and at most SBN__MAX_CHUNKS. With
- * every chunk's local half run ahead (see pass_run), two chunks already
- * hide the reduction; more chunks only shorten the first one, while each
- * costs about a microsecond of processor time in MPI (an MPI_Iallreduce
- * begun, polled and ended, measured at 0.8-1.4 us against 0.4 us for a
- * blocking one of 64 doubles at np 2), which is a fifth of a whole
- * blocking reduction of 64 channels. */
-#define SBN__CHUNK_L2S 8.0
-#define SBN__MAX_CHUNKS 4
+/* How many chunks the automatic plan makes. With every chunk's local half
+ * run ahead (see pass_run), two chunks already hide the reduction: the
+ * records are 32 bytes per channel, so a reduction costs its latency and
+ * more chunks do not shorten it. Each chunk adds a collective, about a
+ * microsecond of processor time in MPI (an MPI_Iallreduce begun, polled
+ * and ended, measured at 0.8-1.4 us against 0.4 us for a blocking one of
+ * 64 doubles at np 2), and another strided walk of every sample; the
+ * earlier plan of up to 4 chunks (one per 8 L2 sizes) measured no better
+ * than 2 (README, "SyncBN that hides its allreduce"). */
+#define SBN__AUTO_CHUNKS 2
 
 /* The most chunks whose local half runs ahead of the chunk being
  * finished, which bounds the requests in flight. */
@@ -125,9 +125,7 @@ size_t sbn__bn_chunk(const sbn_layer_t *l, size_t C, double count) {
       count * (double)C * (double)sizeof(float) / (double)l->comm->size;
   if (bytes <= 2 * SBN_PLAN_L2_BYTES)
     return 0;
-  double k = ceil(bytes / (SBN__CHUNK_L2S * SBN_PLAN_L2_BYTES));
-  size_t K = k < 2 ? 2 : (k > SBN__MAX_CHUNKS ? SBN__MAX_CHUNKS : (size_t)k);
-  size_t cc = (C + K - 1) / K;
+  size_t cc = (C + SBN__AUTO_CHUNKS - 1) / SBN__AUTO_CHUNKS;
   return cc < C ? cc : 0;
 }
 
