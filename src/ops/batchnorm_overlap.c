@@ -173,9 +173,12 @@ static size_t blk_off(const range_t *r, size_t p) {
   return p * r->blk * r->lda + r->c0 * r->s;
 }
 
-/* Polls the request in flight (after each block of rows). */
-static int poll(sbn_comm_t *comm, void *req) {
-  return req == NULL ? 0 : sbn__comm_itest(comm, req);
+/* Polls the request in flight (after each block of rows) until it is
+ * done: each poll costs a few microseconds of MPI's progress engine (it
+ * walks every transport, tcp's sockets too), and a finished request needs
+ * none. *done starts at 0 for each walk. */
+static int poll(sbn_comm_t *comm, void *req, int *done) {
+  return req == NULL || *done ? 0 : sbn__comm_itest(comm, req, done);
 }
 
 /* One chunked pass: its two halves per chunk, each a walk over the
@@ -210,11 +213,11 @@ struct pass_s {
 
 /* The local half of r, polling req meanwhile. */
 static int pass_local(pass_t *p, range_t r, void *req) {
-  int rc = 0;
+  int rc = 0, done = 0;
   p->lbegin(p, r);
   for (size_t b = 0; b < r.pieces && rc == 0; b++) {
     p->lblock(p, r, b);
-    rc = poll(p->l->comm, req);
+    rc = poll(p->l->comm, req, &done);
   }
   p->lend(p, r);
   return rc;
@@ -222,10 +225,10 @@ static int pass_local(pass_t *p, range_t r, void *req) {
 
 /* The second half of chunk k, polling req meanwhile. */
 static int pass_apply(pass_t *p, size_t k, range_t r, void *req) {
-  int rc = p->aprep(p, k, r);
+  int rc = p->aprep(p, k, r), done = 0;
   for (size_t b = 0; b < r.pieces && rc == 0; b++) {
     p->ablock(p, r, b);
-    rc = poll(p->l->comm, req);
+    rc = poll(p->l->comm, req, &done);
   }
   return rc;
 }
