@@ -7,9 +7,10 @@
  *   end(0) normalize(0) end(1) normalize(1) ... end(K-1) normalize(K-1)
  * so chunk k's reduction is in flight while the later chunks' moments are
  * taken and the earlier chunks are normalized. Open MPI has no progress
- * thread here, so the passes poll the request in flight every
- * SBN__POLL_ELEMS elements; without polling the reduction would only move
- * inside the end call and nothing would be hidden. Backward is the same
+ * thread here, so the passes poll the request in flight after every
+ * block of rows (SBN__BLOCK_SPAN) until it is done; without polling the
+ * reduction would only move inside the end call and nothing would be
+ * hidden. Backward is the same
  * with the per-channel sums of dy and dy * xhat in place of the moments,
  * and dx in place of normalization.
  *
@@ -20,7 +21,9 @@
  * set's float block sums may round differently. In NHWC a chunk measured
  * several times slower than the whole pass, so an NHWC process computes every
  * channel at once and only its reductions follow the plan (pass_bulk): nothing
- * is hidden there. The reduction may differ too: a tree over more than two
+ * is hidden there. (Chunking positions instead cannot help forward: every
+ * position holds every channel, so no record is complete before the whole
+ * local pass.) The reduction may differ too: a tree over more than two
  * processes may associate the merges of a sub-array differently from the whole,
  * which is rounding.
  *
@@ -66,8 +69,8 @@
 
 /* The span of a block of rows, in elements, after which the request in
  * flight is polled: 4 MiB of float output, 0.3 to 1 ms of streaming here,
- * against a poll of a few nanoseconds when nothing has arrived and a
- * reduction of the records that needs a few polls on each process. A
+ * against a poll of at most a few microseconds and a reduction of the
+ * records that needs a few polls on each process. A
  * block must span at least this much for the AVX-512 set's normalize to
  * stream its stores (it measures a strided call by its span, and streams
  * outputs of 4 MiB or more: kernels_avx512_inl.h); blocks of 64 KiB of
@@ -135,7 +138,7 @@ size_t sbn__bn_chunk(const sbn_layer_t *l, size_t C, double count) {
  * strided entries, after which the request in flight is polled. All
  * channels are one block, the dense view. A block holds at least 32
  * values per channel, where the optimized sets keep their float block
- * sums, and otherwise about SBN__POLL_ELEMS elements. */
+ * sums, and otherwise spans at least SBN__BLOCK_SPAN elements. */
 typedef struct range_s {
   size_t rows, blk, pieces, lda, s, c0, c1;
 } range_t;
@@ -263,9 +266,12 @@ static int end_all(pass_t *p, int rc) {
 
 /* Channels-last: a channel range is a segment of every row. Dense calls
  * per row cost 5 to 12 times the whole pass (16-channel segments), and
- * the AVX-512 set's strided entries, in blocks of rows, 3 to 4 times
- * (measured at np 2: 8x256x56x56 and 32x64x56x56, best reps 243 and
- * 111 ms against 80 and 25 ms unchunked). So an NHWC process runs its
+ * the AVX-512 set's strided entries, in blocks of rows spanning 4 MiB,
+ * 3.4 to 6.7 times forward and 4.5 to 6.2 times backward; with the local
+ * half dense over every channel and only the second half by segments
+ * (each after its own reduction), still 2.3 to 4.0 and 3.0 to 3.6 times
+ * (np 2, 8x256x56x56, 32x64x112x112, 32x512x28x28, one run; README,
+ * "SyncBN that hides its allreduce"). So an NHWC process runs its
  * local half over every channel at once, issues the plan's chunk
  * reductions (the same collectives as every other process, whatever their
  * layout), and applies once they are all done: correct in a job that
