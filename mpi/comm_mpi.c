@@ -8,6 +8,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "syncbn.h"
 #include "syncbn_mpi.h"
@@ -37,11 +38,22 @@ typedef struct sbn__mpi_comm_s {
   uint64_t bell_in;
   int bell_posted;
   sbn__mpi_bell_t *bells;
+  /* Seconds spent inside the MPI calls of this communicator's collectives
+   * (sbn_mpi_comm_seconds): the part of a reduction a caller did not hide. */
+  double mpi_s;
 } sbn__mpi_comm_t;
 
 /* The doorbell's tag: point-to-point messages never match collectives, and
  * the communicator is syncbn's own, so no other message uses it. */
 #define SBN__BELL_TAG 7321
+
+/* Seconds on the monotonic clock: MPI_Wtime here ticks in microseconds,
+ * coarser than a small pass's MPI calls. */
+static double sbn__mpi_now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
 
 /* A new request listed in m, or NULL when out of memory. */
 static sbn__mpi_req_t *sbn__req_new(sbn__mpi_comm_t *m) {
@@ -158,8 +170,10 @@ static int sbn__mpi_allreduce(sbn_comm_t *c, sbn_rec_t *recs, size_t n) {
     return rc;
   if (count == 0)
     return 0;
+  double t0 = sbn__mpi_now();
   err = MPI_Allreduce(MPI_IN_PLACE, recs, count, sbn__rec_type, sbn__rec_op,
                       m->comm);
+  m->mpi_s += sbn__mpi_now() - t0;
   if (err != MPI_SUCCESS)
     return sbn_mpi_error(err, "MPI_Allreduce");
   return 0;
@@ -182,7 +196,9 @@ static int sbn__mpi_istart(sbn_comm_t *c, void *buf, size_t n,
   if (r == NULL)
     return sbn_set_error(SBN_ENOMEM, "request: out of memory");
   if (count > 0) {
+    double t0 = sbn__mpi_now();
     err = MPI_Iallreduce(MPI_IN_PLACE, buf, count, type, op, m->comm, &r->req);
+    m->mpi_s += sbn__mpi_now() - t0;
     if (err != MPI_SUCCESS) {
       sbn__req_free(m, r);
       return sbn_mpi_error(err, "MPI_Iallreduce");
@@ -213,8 +229,10 @@ static int sbn__mpi_igather(sbn_comm_t *c, const void *send, void *recv,
   r = sbn__req_new(m);
   if (r == NULL)
     return sbn_set_error(SBN_ENOMEM, "request: out of memory");
+  double t0 = sbn__mpi_now();
   err = MPI_Iallgather(send, (int)bytes, MPI_BYTE, recv, (int)bytes, MPI_BYTE,
                        m->comm, &r->req);
+  m->mpi_s += sbn__mpi_now() - t0;
   if (err != MPI_SUCCESS) {
     sbn__req_free(m, r);
     return sbn_mpi_error(err, "MPI_Iallgather");
@@ -295,15 +313,17 @@ static int sbn__mpi_bell_poll(sbn_comm_t *c, uint64_t *max) {
  * thread here, so a caller overlapping work should call this now and then.
  * The request stays allocated until iallreduce_end. */
 static int sbn__mpi_itest(sbn_comm_t *c, void *request, int *done) {
+  sbn__mpi_comm_t *m = (sbn__mpi_comm_t *)c;
   sbn__mpi_req_t *r = request;
   int err;
-  (void)c;
   if (r == NULL || done == NULL)
     return sbn_set_error(SBN_EINVAL, "%s: NULL",
                          r == NULL ? "request" : "done");
   /* A completed request becomes MPI_REQUEST_NULL, and MPI_Test on that
    * reports completion again, so polling after completion is harmless. */
+  double t0 = sbn__mpi_now();
   err = MPI_Test(&r->req, done, MPI_STATUS_IGNORE);
+  m->mpi_s += sbn__mpi_now() - t0;
   if (err != MPI_SUCCESS)
     return sbn_mpi_error(err, "MPI_Test");
   return 0;
@@ -314,7 +334,9 @@ static int sbn__mpi_iend(sbn_comm_t *c, void *request) {
   int err;
   if (r == NULL)
     return sbn_set_error(SBN_EINVAL, "request: NULL");
+  double t0 = sbn__mpi_now();
   err = MPI_Wait(&r->req, MPI_STATUS_IGNORE);
+  ((sbn__mpi_comm_t *)c)->mpi_s += sbn__mpi_now() - t0;
   sbn__req_free((sbn__mpi_comm_t *)c, r);
   if (err != MPI_SUCCESS)
     return sbn_mpi_error(err, "MPI_Wait");
@@ -364,6 +386,17 @@ MPI_Comm sbn_mpi_comm_handle(const sbn_comm_t *c) {
   if (c == NULL || c->vt != &sbn__mpi_vt)
     return MPI_COMM_NULL;
   return ((const sbn__mpi_comm_t *)c)->comm;
+}
+
+int sbn_mpi_comm_seconds(const sbn_comm_t *c, double *seconds) {
+  if (seconds == NULL)
+    return sbn_set_error(SBN_EINVAL, "seconds: NULL");
+  if (c == NULL || c->vt != &sbn__mpi_vt)
+    return sbn_set_error(
+        SBN_EINVAL, "comm: %s",
+        c == NULL ? "NULL" : "not made by sbn_mpi_comm_create");
+  *seconds = ((const sbn__mpi_comm_t *)c)->mpi_s;
+  return 0;
 }
 
 /* The fields compared across ranks at layer creation, in the order of the

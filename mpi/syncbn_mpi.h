@@ -62,6 +62,16 @@ SBN_API int sbn_mpi_comm_create(MPI_Comm parent, int group_size,
  * communicator made by sbn_mpi_comm_create. */
 SBN_API MPI_Comm sbn_mpi_comm_handle(const sbn_comm_t *c);
 
+/* The seconds this process has spent inside the MPI calls of c's
+ * collectives since c was created: MPI_Allreduce, and MPI_Iallreduce,
+ * MPI_Iallgather, MPI_Test and MPI_Wait of the non-blocking ones (not the
+ * doorbell). A pass that hides its reduction spends little there beyond
+ * its polls; one blocking reduction spends its latency and the wait for
+ * the slowest process (`syncbn bench layer`'s mpi_us). SBN_EINVAL when
+ * seconds is NULL or c is not a communicator made by
+ * sbn_mpi_comm_create. */
+SBN_API int sbn_mpi_comm_seconds(const sbn_comm_t *c, double *seconds);
+
 /* The MPI datatype of one sbn_rec_t and the commutative Chan-merge op over
  * it, for callers that run their own collectives on records (syncbnd).
  * They are shared with the communicators made here and reference counted:

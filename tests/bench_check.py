@@ -15,7 +15,7 @@ import sys
 COLUMNS = ["mode", "variant", "op", "pass", "layout", "shape", "ranks",
            "group_size", "median_us", "p90_us", "best_us", "floor_us", "floor_ratio",
            "gbps", "overhead_us", "overhead_pct", "overhead_per_allreduce",
-           "bytes", "avg_us", "min_us", "max_us", "iterations", "hop_us",
+           "mpi_us", "bytes", "avg_us", "min_us", "max_us", "iterations", "hop_us",
            "hop_ratio", "target_us", "target_ratio", "agree_bytes_round"]
 STRINGS = {"mode", "variant", "op", "pass", "layout"}
 INTS = {"ranks", "group_size"}
@@ -24,9 +24,10 @@ VARIANTS = {
     "kernels": {"kernel": ["floor_us", "floor_ratio", "gbps", "bytes"]},
     "layer": {"local": [], "bare_allreduce": ["bytes"],
               "sync": ["overhead_us", "overhead_pct",
-                       "overhead_per_allreduce", "bytes"],
+                       "overhead_per_allreduce", "mpi_us", "bytes"],
               "sync_unchunked": ["overhead_us", "overhead_pct",
-                                 "overhead_per_allreduce", "bytes"]},
+                                 "overhead_per_allreduce", "mpi_us",
+                                 "bytes"]},
     "network": {"local": [], "unfused": ["overhead_us", "overhead_pct"],
                 "fused": ["overhead_us", "overhead_pct"],
                 "groupnorm": ["overhead_us", "overhead_pct"]},
@@ -136,9 +137,17 @@ def check_derived(recs, mode):
             close(r["overhead_us"], o, "overhead_us %r" % (k,))
             close(r["overhead_pct"], 100 * o / r["median_us"],
                   "overhead_pct %r" % (k,))
-            close(r["overhead_per_allreduce"], o / (2 * bare["median_us"]),
+            # One bare allreduce per pass: two for fwd+bwd.
+            n_ar = 2 if r["pass"] == "fwd+bwd" else 1
+            close(r["overhead_per_allreduce"], o / (n_ar * bare["median_us"]),
                   "overhead_per_allreduce %r" % (k,))
             close(bare["bytes"], 32 * r["shape"][1], "bare bytes %r" % (k,))
+            close(r["bytes"], n_ar * bare["bytes"], "sync bytes %r" % (k,))
+            # Time inside MPI is part of the pass, and a pass over a group
+            # of more than one process reduces (a group of 1 calls no MPI).
+            lo = 0 if r["group_size"] == 1 else 1e-9
+            if not lo <= r["mpi_us"] <= r["p90_us"] * (1 + 1e-9):
+                bad("mpi_us %r of %r not in [%g, p90]" % (r["mpi_us"], k, lo))
         elif mode == "network" and v != "local":
             loc = by.get(("local",) + key(r))
             if loc is None:

@@ -290,8 +290,10 @@ static void ov_auto_large(void) {
     ov_cmp("auto large", "dx", chk.dx, ref.dx, myN * rowsz, 0, TOL_DX);
     ov_cmp("auto large", "running_var", chk.rv, ref.rv, c.C, 0, TOL_Y);
   }
+  /* Two chunks per pass (SBN__AUTO_CHUNKS); the first forward has no
+   * count to plan from and reduces once, blocking. */
   if (mu_size >= 2)
-    MU_CHECK(iar[0] >= 2 && iar[1] >= 4 && iar[1] == iar[2],
+    MU_CHECK(iar[0] == 2 && iar[1] == 4 && iar[2] == 4,
              "auto large: Iallreduce calls per step %ld, %ld, %ld", iar[0],
              iar[1], iar[2]);
 done:
@@ -353,11 +355,68 @@ done:
   free(y);
 }
 
+/* Chunks walked in several blocks of rows: the passes poll the request
+ * in flight after each block, and a block spans 2^20 elements (4 MiB of
+ * output, SBN__BLOCK_SPAN in ops/batchnorm_overlap.c), so only a shard
+ * of more than that has more than one. Rank 0's shard here (42 samples
+ * of 7 x 4096) is 1.15 times that: chunks of 3, 3 and 1 channels, each in
+ * blocks of 38 samples (1 + ceil((2^20 - 3 * 4096) / (7 * 4096))), so 2
+ * blocks with an uneven last one; the other shards are small (one block)
+ * or empty, and kept small because every rank makes the whole batch. */
+static void ov_blocks(int *buf) {
+  static const int counts[4] = {42, 5, 0, 3};
+  static const char *const kerns[] = {"ref", "avx512"};
+  for (int r = 0; r < mu_size; r++)
+    buf[r] = r < 4 ? counts[r] : 1;
+  for (int ki = 0; ki < 2; ki++) {
+    if (sbn_kernel_select(kerns[ki]) != 0)
+      continue;
+    ov_case_t c = {0};
+    c.counts = buf;
+    c.C = 7;
+    c.S = 4096;
+    c.layout = SBN_LAYOUT_NCHW;
+    c.chunk = 3;
+    c.kern = kerns[ki];
+    c.steps = 1;
+    ov_case(&c);
+  }
+}
+
 static const int *counts_for(int which, int *buf) {
   static const int sets[3][4] = {{3, 5, 2, 4}, {0, 4, 0, 1}, {1, 1, 1, 1}};
   for (int r = 0; r < mu_size; r++)
     buf[r] = r < 4 ? sets[which][r] : 2;
   return buf;
+}
+
+/* sbn_mpi_comm_seconds: the time inside the communicator's MPI calls
+ * grows with every pass that reduces (the chunked layer's MPI_Iallreduce,
+ * MPI_Test and MPI_Wait, the other's MPI_Allreduce), and a bad argument
+ * is SBN_EINVAL naming it. */
+static void ov_seconds(int *buf) {
+  double s0 = -1, s1 = -1, s;
+  MU_RC(sbn_mpi_comm_seconds(ov_comm, &s0), 0, "sbn_mpi_comm_seconds");
+  ov_case_t c = {0};
+  c.counts = counts_for(0, buf);
+  c.C = 17;
+  c.S = 15;
+  c.layout = SBN_LAYOUT_NCHW;
+  c.chunk = 5;
+  c.kern = "ref";
+  c.steps = 1;
+  if (sbn_kernel_select("ref") == 0)
+    ov_case(&c);
+  MU_RC(sbn_mpi_comm_seconds(ov_comm, &s1), 0, "sbn_mpi_comm_seconds");
+  MU_CHECK(s0 >= 0 && (mu_size < 2 ? s1 >= s0 : s1 > s0),
+           "sbn_mpi_comm_seconds: %.9g then %.9g after a step", s0, s1);
+  MU_RC(sbn_mpi_comm_seconds(ov_comm, NULL), SBN_EINVAL, "seconds NULL");
+  MU_CHECK(strstr(sbn_last_error(), "seconds") != NULL, "message '%s'",
+           sbn_last_error());
+  MU_RC(sbn_mpi_comm_seconds(sbn_comm_local(), &s), SBN_EINVAL, "local comm");
+  MU_CHECK(strstr(sbn_last_error(), "comm") != NULL, "message '%s'",
+           sbn_last_error());
+  MU_RC(sbn_mpi_comm_seconds(NULL, &s), SBN_EINVAL, "NULL comm");
 }
 
 int main(int argc, char **argv) {
@@ -391,6 +450,8 @@ int main(int argc, char **argv) {
             c.steps = 2;
             ov_case(&c);
           }
+  ov_blocks(buf);
+  ov_seconds(buf);
   ov_auto_large();
   ov_small_batch();
   sbn_comm_destroy(ov_comm);

@@ -58,6 +58,9 @@ typedef struct sbn_bench_rec_s {
   double median_us, p90_us, best_us;
   double floor_us, floor_ratio, gbps;
   double overhead_us, overhead_pct, overhead_per_allreduce;
+  /* layer: the median over reps of the time SyncBN spent inside its
+   * reductions' MPI calls (the rank that spent most; sbn_mpi_comm_seconds). */
+  double mpi_us;
   double bytes, avg_us, min_us, max_us, iterations;
   double hop_us, hop_ratio;
   /* service: a stats entry's target (1.5 x the bare allreduce + 50 us),
@@ -155,6 +158,12 @@ void sbn__bench_bufs_free(sbn_bench_bufs_t *u);
 /* Runs a training forward and backward of layer on copy k. */
 int sbn__bench_fwd_bwd(sbn_layer_t *layer, const sbn_tensor_desc_t *d,
                        sbn_bench_bufs_t *u, int k, uint64_t step);
+/* Its two halves: the training forward, and the backward that uses the
+ * saved state the forward of the same copy k left. */
+int sbn__bench_fwd(sbn_layer_t *layer, const sbn_tensor_desc_t *d,
+                   sbn_bench_bufs_t *u, int k, uint64_t step);
+int sbn__bench_bwd(sbn_layer_t *layer, const sbn_tensor_desc_t *d,
+                   sbn_bench_bufs_t *u, int k, uint64_t step);
 
 /* The ResNet-50 BatchNorm layer shapes (C, H, W) of the `layer` mode, and
  * the 53 layers of the network in order. */

@@ -43,6 +43,7 @@ static const col_t cols[] = {
     NUM(overhead_us, "%.1f"),
     NUM(overhead_pct, "%.1f"),
     NUM(overhead_per_allreduce, "%.2f"),
+    NUM(mpi_us, "%.1f"),
     NUM(bytes, "%.0f"),
     NUM(avg_us, "%.2f"),
     NUM(min_us, "%.2f"),

@@ -260,17 +260,28 @@ void sbn__bench_bufs_free(sbn_bench_bufs_t *u) {
   memset(u, 0, sizeof *u);
 }
 
-int sbn__bench_fwd_bwd(sbn_layer_t *layer, const sbn_tensor_desc_t *d,
-                       sbn_bench_bufs_t *u, int k, uint64_t step) {
+int sbn__bench_fwd(sbn_layer_t *layer, const sbn_tensor_desc_t *d,
+                   sbn_bench_bufs_t *u, int k, uint64_t step) {
   size_t at = (size_t)k * u->n;
   sbn_state_t st = {u->rm, u->rv, 0};
   sbn_forward_args_t fa = {
       SBN_MODE_TRAIN, d,     u->x + at,   u->y + at, u->w,          u->b, &st,
       step,           u->ws, u->ws_bytes, u->saved,  u->saved_bytes};
+  return sbn_forward(layer, &fa);
+}
+
+int sbn__bench_bwd(sbn_layer_t *layer, const sbn_tensor_desc_t *d,
+                   sbn_bench_bufs_t *u, int k, uint64_t step) {
+  size_t at = (size_t)k * u->n;
   sbn_backward_args_t ba = {SBN_MODE_TRAIN, d,     u->x + at,   u->dy + at,
                             u->dx + at,     u->w,  u->dw,       u->db,
                             step,           u->ws, u->ws_bytes, u->saved,
                             u->saved_bytes};
-  int rc = sbn_forward(layer, &fa);
-  return rc != 0 ? rc : sbn_backward(layer, &ba);
+  return sbn_backward(layer, &ba);
+}
+
+int sbn__bench_fwd_bwd(sbn_layer_t *layer, const sbn_tensor_desc_t *d,
+                       sbn_bench_bufs_t *u, int k, uint64_t step) {
+  int rc = sbn__bench_fwd(layer, d, u, k, step);
+  return rc != 0 ? rc : sbn__bench_bwd(layer, d, u, k, step);
 }

@@ -122,11 +122,11 @@ int sbn__comm_ibegin(sbn_comm_t *comm, sbn_rec_t *recs, size_t n,
   return comm->vt->iallreduce_begin(comm, recs, n, request);
 }
 
-int sbn__comm_itest(sbn_comm_t *comm, void *request) {
-  int done = 0;
+int sbn__comm_itest(sbn_comm_t *comm, void *request, int *done) {
+  int d = 0;
   if (request == NULL)
     return 0;
-  return comm->vt->iallreduce_test(comm, request, &done);
+  return comm->vt->iallreduce_test(comm, request, done != NULL ? done : &d);
 }
 
 int sbn__comm_iend(sbn_comm_t *comm, void **request) {

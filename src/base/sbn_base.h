@@ -52,8 +52,9 @@ int sbn__comm_can_ireduce(const sbn_comm_t *comm);
 int sbn__comm_ibegin(sbn_comm_t *comm, sbn_rec_t *recs, size_t n,
                      void **request);
 /* Polls a request (a no-op for NULL): Open MPI has no progress thread, so
- * polling is what moves a reduction on while the caller computes. */
-int sbn__comm_itest(sbn_comm_t *comm, void *request);
+ * polling is what moves a reduction on while the caller computes. *done
+ * (when not NULL) becomes 1 once the request has completed. */
+int sbn__comm_itest(sbn_comm_t *comm, void *request, int *done);
 /* Waits for *request (a no-op for NULL) and sets it to NULL. */
 int sbn__comm_iend(sbn_comm_t *comm, void **request);
 

@@ -7,9 +7,10 @@
  *   end(0) normalize(0) end(1) normalize(1) ... end(K-1) normalize(K-1)
  * so chunk k's reduction is in flight while the later chunks' moments are
  * taken and the earlier chunks are normalized. Open MPI has no progress
- * thread here, so the passes poll the request in flight every
- * SBN__POLL_ELEMS elements; without polling the reduction would only move
- * inside the end call and nothing would be hidden. Backward is the same
+ * thread here, so the passes poll the request in flight after every
+ * block of rows (SBN__BLOCK_SPAN) until it is done; without polling the
+ * reduction would only move inside the end call and nothing would be
+ * hidden. Backward is the same
  * with the per-channel sums of dy and dy * xhat in place of the moments,
  * and dx in place of normalization.
  *
@@ -20,7 +21,9 @@
  * set's float block sums may round differently. In NHWC a chunk measured
  * several times slower than the whole pass, so an NHWC process computes every
  * channel at once and only its reductions follow the plan (pass_bulk): nothing
- * is hidden there. The reduction may differ too: a tree over more than two
+ * is hidden there. (Chunking positions instead cannot help forward: every
+ * position holds every channel, so no record is complete before the whole
+ * local pass.) The reduction may differ too: a tree over more than two
  * processes may associate the merges of a sub-array differently from the whole,
  * which is rounding.
  *
@@ -49,25 +52,31 @@
 #define SBN__BLOCK_FILL 0.5
 #endif
 
-/* How many chunks the automatic plan makes: one per SBN__CHUNK_L2S L2
- * sizes of a rank's tensor, at least 2 and at most SBN__MAX_CHUNKS. With
- * every chunk's local half run ahead (see pass_run), two chunks already
- * hide the reduction; more chunks only shorten the first one, while each
- * costs about a microsecond of processor time in MPI (an MPI_Iallreduce
- * begun, polled and ended, measured at 0.8-1.4 us against 0.4 us for a
- * blocking one of 64 doubles at np 2), which is a fifth of a whole
- * blocking reduction of 64 channels. */
-#define SBN__CHUNK_L2S 8.0
-#define SBN__MAX_CHUNKS 4
+/* How many chunks the automatic plan makes. With every chunk's local half
+ * run ahead (see pass_run), two chunks already hide the reduction: the
+ * records are 32 bytes per channel, so a reduction costs its latency and
+ * more chunks do not shorten it. Each chunk adds a collective, about a
+ * microsecond of processor time in MPI (an MPI_Iallreduce begun, polled
+ * and ended, measured at 0.8-1.4 us against 0.4 us for a blocking one of
+ * 64 doubles at np 2), and another strided walk of every sample; the
+ * earlier plan of up to 4 chunks (one per 8 L2 sizes) measured no better
+ * than 2 (README, "SyncBN that hides its allreduce"). */
+#define SBN__AUTO_CHUNKS 2
 
 /* The most chunks whose local half runs ahead of the chunk being
  * finished, which bounds the requests in flight. */
 #define SBN__MAX_DEPTH 16
 
-/* Elements processed between two polls of the request in flight: about
- * 64 KiB of input, a few microseconds of streaming, against a poll of a
- * few nanoseconds when nothing has arrived. */
-#define SBN__POLL_ELEMS ((size_t)16384)
+/* The span of a block of rows, in elements, after which the request in
+ * flight is polled: 4 MiB of float output, 0.3 to 1 ms of streaming here,
+ * against a poll of at most a few microseconds and a reduction of the
+ * records that needs a few polls on each process. A
+ * block must span at least this much for the AVX-512 set's normalize to
+ * stream its stores (it measures a strided call by its span, and streams
+ * outputs of 4 MiB or more: kernels_avx512_inl.h); blocks of 64 KiB of
+ * input, stored normally, made the chunked forward 16 to 24 % slower than
+ * the dense one (np 2, NCHW 8x256x56x56 and 32x64x112x112). */
+#define SBN__BLOCK_SPAN ((size_t)1 << 20)
 
 /* Whether l's pass reduces over nothing but this process. */
 static int bn_alone(const sbn_layer_t *l) {
@@ -119,9 +128,7 @@ size_t sbn__bn_chunk(const sbn_layer_t *l, size_t C, double count) {
       count * (double)C * (double)sizeof(float) / (double)l->comm->size;
   if (bytes <= 2 * SBN_PLAN_L2_BYTES)
     return 0;
-  double k = ceil(bytes / (SBN__CHUNK_L2S * SBN_PLAN_L2_BYTES));
-  size_t K = k < 2 ? 2 : (k > SBN__MAX_CHUNKS ? SBN__MAX_CHUNKS : (size_t)k);
-  size_t cc = (C + K - 1) / K;
+  size_t cc = (C + SBN__AUTO_CHUNKS - 1) / SBN__AUTO_CHUNKS;
   return cc < C ? cc : 0;
 }
 
@@ -131,7 +138,7 @@ size_t sbn__bn_chunk(const sbn_layer_t *l, size_t C, double count) {
  * strided entries, after which the request in flight is polled. All
  * channels are one block, the dense view. A block holds at least 32
  * values per channel, where the optimized sets keep their float block
- * sums, and otherwise about SBN__POLL_ELEMS elements. */
+ * sums, and otherwise spans at least SBN__BLOCK_SPAN elements. */
 typedef struct range_s {
   size_t rows, blk, pieces, lda, s, c0, c1;
 } range_t;
@@ -148,7 +155,9 @@ static range_t range_of(const sbn__shape_t *sh, size_t c0, size_t c1) {
   if (c0 == 0 && c1 == sh->C) {
     r.blk = r.rows;
   } else {
-    size_t least = (32 + r.s - 1) / r.s, blk = SBN__POLL_ELEMS / (cc * r.s);
+    size_t least = (32 + r.s - 1) / r.s, run = cc * r.s, blk = 1;
+    if (run < SBN__BLOCK_SPAN)
+      blk += (SBN__BLOCK_SPAN - run + r.lda - 1) / r.lda;
     r.blk = blk > least ? blk : least;
   }
   if (r.blk > r.rows)
@@ -167,14 +176,12 @@ static size_t blk_off(const range_t *r, size_t p) {
   return p * r->blk * r->lda + r->c0 * r->s;
 }
 
-/* Polls the request in flight once every SBN__POLL_ELEMS elements;
- * *since counts the elements since the last poll. */
-static int poll(sbn_comm_t *comm, void *req, size_t elems, size_t *since) {
-  *since += elems;
-  if (req == NULL || *since < SBN__POLL_ELEMS)
-    return 0;
-  *since = 0;
-  return sbn__comm_itest(comm, req);
+/* Polls the request in flight (after each block of rows) until it is
+ * done: each poll costs a few microseconds of MPI's progress engine (it
+ * walks every transport, tcp's sockets too), and a finished request needs
+ * none. *done starts at 0 for each walk. */
+static int poll(sbn_comm_t *comm, void *req, int *done) {
+  return req == NULL || *done ? 0 : sbn__comm_itest(comm, req, done);
 }
 
 /* One chunked pass: its two halves per chunk, each a walk over the
@@ -207,19 +214,13 @@ struct pass_s {
   double count;
 };
 
-/* Elements in block b of r. */
-static size_t blk_elems(const range_t *r, size_t b) {
-  return blk_rows(r, b) * (r->c1 - r->c0) * r->s;
-}
-
 /* The local half of r, polling req meanwhile. */
 static int pass_local(pass_t *p, range_t r, void *req) {
-  size_t since = 0;
-  int rc = 0;
+  int rc = 0, done = 0;
   p->lbegin(p, r);
   for (size_t b = 0; b < r.pieces && rc == 0; b++) {
     p->lblock(p, r, b);
-    rc = poll(p->l->comm, req, blk_elems(&r, b), &since);
+    rc = poll(p->l->comm, req, &done);
   }
   p->lend(p, r);
   return rc;
@@ -227,11 +228,10 @@ static int pass_local(pass_t *p, range_t r, void *req) {
 
 /* The second half of chunk k, polling req meanwhile. */
 static int pass_apply(pass_t *p, size_t k, range_t r, void *req) {
-  size_t since = 0;
-  int rc = p->aprep(p, k, r);
+  int rc = p->aprep(p, k, r), done = 0;
   for (size_t b = 0; b < r.pieces && rc == 0; b++) {
     p->ablock(p, r, b);
-    rc = poll(p->l->comm, req, blk_elems(&r, b), &since);
+    rc = poll(p->l->comm, req, &done);
   }
   return rc;
 }
@@ -266,9 +266,12 @@ static int end_all(pass_t *p, int rc) {
 
 /* Channels-last: a channel range is a segment of every row. Dense calls
  * per row cost 5 to 12 times the whole pass (16-channel segments), and
- * the AVX-512 set's strided entries, in blocks of rows, 3 to 4 times
- * (measured at np 2: 8x256x56x56 and 32x64x56x56, best reps 243 and
- * 111 ms against 80 and 25 ms unchunked). So an NHWC process runs its
+ * the AVX-512 set's strided entries, in blocks of rows spanning 4 MiB,
+ * 3.4 to 6.7 times forward and 4.5 to 6.2 times backward; with the local
+ * half dense over every channel and only the second half by segments
+ * (each after its own reduction), still 2.3 to 4.0 and 3.0 to 3.6 times
+ * (np 2, 8x256x56x56, 32x64x112x112, 32x512x28x28, one run; README,
+ * "SyncBN that hides its allreduce"). So an NHWC process runs its
  * local half over every channel at once, issues the plan's chunk
  * reductions (the same collectives as every other process, whatever their
  * layout), and applies once they are all done: correct in a job that

@@ -110,9 +110,10 @@ void sbn__view_moments_ld(const float *x, size_t A, size_t C, size_t S,
                           size_t lda, sbn__chan_t *ch, sbn_rec_t *recs);
 
 /* ------------------------------------------------------------------ */
-/* BatchNorm's per-channel finishing steps (ops/batchnorm.c), shared by the
- * one-reduction path and the chunked one (ops/batchnorm_overlap.c), which
- * applies them one channel range at a time. */
+/* BatchNorm's per-channel finishing steps (ops/batchnorm_chan.c), shared
+ * by the one-reduction path (ops/batchnorm.c) and the chunked one
+ * (ops/batchnorm_overlap.c), which applies them one channel range at a
+ * time. */
 
 /* What the forward's finish derives once per call from the reduced
  * records (or the running statistics) and uses for every channel. */
