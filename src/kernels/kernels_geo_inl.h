@@ -38,15 +38,19 @@ static inline size_t gcd(size_t a, size_t b) {
  * each position's accumulator is touched only every 8 vectors, then the rest
  * (whole rows of C*S) as a last short row; only for lda = C*S, when the
  * rows are one flat array. Tiled: PMAX positions of every row at a
- * time. */
-static inline int geo_piece(size_t A, size_t C, size_t S, size_t lda, size_t i,
-                            geo_t *g, size_t *off) {
+ * time. geo_piece_p repeats periods while shorter than minP and not
+ * longer than maxP after doubling, instead of to 128 and PMAX
+ * (kernels_avx512_nhwc.c holds a whole row in registers, so it wants rows
+ * of at most a few vectors). */
+static inline int geo_piece_p(size_t A, size_t C, size_t S, size_t lda,
+                              size_t i, size_t minP, size_t maxP, geo_t *g,
+                              size_t *off) {
   size_t cs = C * S, n = A * cs;
   if (n == 0)
     return 0;
   size_t P = cs / gcd(cs, 16) * 16;
   if (P <= PMAX && lda == cs) {
-    while (P < 128 && 2 * P <= PMAX)
+    while (P < minP && 2 * P <= maxP)
       P *= 2;
     size_t rows = n / P;
     if (i == 0 && rows > 0) {
@@ -67,6 +71,11 @@ static inline int geo_piece(size_t A, size_t C, size_t S, size_t lda, size_t i,
   *g = (geo_t){A, lda, cs - j0 < PMAX ? cs - j0 : PMAX, j0};
   *off = j0;
   return 1;
+}
+
+static inline int geo_piece(size_t A, size_t C, size_t S, size_t lda, size_t i,
+                            geo_t *g, size_t *off) {
+  return geo_piece_p(A, C, S, lda, i, 128, PMAX, g, off);
 }
 
 #endif /* SBN_KERNELS_GEO_INL_H */
