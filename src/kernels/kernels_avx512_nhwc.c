@@ -30,9 +30,14 @@
 /* Per-position arrays: a row plus the whole vectors a tile may read past
  * its last position (masked off). */
 #define CL_LEN (CL_MAXL + 16)
-/* Rows of a tile between reloads of its parameters, for normalize (the
- * sums use RB, the fold interval). */
-#define CL_ROWS 16
+/* The loops over a tile's vectors are unrolled in full, so that its
+ * arrays of vectors become registers (GCC otherwise keeps them on the
+ * stack and loads and stores them for every vector of data). */
+#define CL_UNROLL _Pragma("GCC unroll 8")
+/* Prefetch distance, in floats (2 KiB), measured best of 256..2048. */
+#ifndef CL_PF
+#define CL_PF 512
+#endif
 
 /* Outputs of a quarter of the core's L2 or more stream. A channels-last
  * call is most often one sample of InstanceNorm or GroupNorm (the whole
@@ -110,98 +115,126 @@ static void cl_layout_norm(const geo_t *g, size_t C, size_t S, size_t rot,
 }
 
 /* ------------------------------------------------------------------ */
+/* The row functions: one instance per row width V (vectors) and tail (the
+ * last vector partial), so that the row's arrays of vectors are registers
+ * and only a partial last vector is masked. */
+
+/* Vector v of a row: whole, or the masked last one of a tail row. */
+static inline __attribute__((always_inline)) __m512 cl_ld(int tail, int v,
+                                                          int V, __mmask16 m,
+                                                          const float *p) {
+  return tail && v == V - 1 ? _mm512_maskz_loadu_ps(m, p) : _mm512_loadu_ps(p);
+}
+
+static inline __attribute__((always_inline)) void cl_st(int tail, int v, int V,
+                                                        __mmask16 m, float *p,
+                                                        __m512 y, int nt) {
+  if (tail && v == V - 1)
+    _mm512_mask_storeu_ps(p, m, y);
+  else
+    store16(p, y, 0xFFFF, nt);
+}
+
+/* The mask of a row's last vector. */
+static inline __mmask16 cl_last(size_t L) {
+  return tail_mask(L - 16 * ((L - 1) / 16));
+}
+
+/* Instances of a row function F(V, TAIL) for V = 1..N, and their table
+ * T[tail][V - 1]. */
+#define CL_ROWS4(F) \
+  F(1, 0) F(2, 0) F(3, 0) F(4, 0) F(1, 1) F(2, 1) F(3, 1) F(4, 1)
+#define CL_ROWS8(F) \
+  CL_ROWS4(F) F(5, 0) F(6, 0) F(7, 0) F(8, 0) F(5, 1) F(6, 1) F(7, 1) F(8, 1)
+#define CL_TAB4(P)                      \
+  {                                     \
+    {P##1_0, P##2_0, P##3_0, P##4_0}, { \
+      P##1_1, P##2_1, P##3_1, P##4_1    \
+    }                                   \
+  }
+#define CL_TAB8(P)                                                      \
+  {                                                                     \
+    {P##1_0, P##2_0, P##3_0, P##4_0, P##5_0, P##6_0, P##7_0, P##8_0}, { \
+      P##1_1, P##2_1, P##3_1, P##4_1, P##5_1, P##6_1, P##7_1, P##8_1    \
+    }                                                                   \
+  }
+
+/* ------------------------------------------------------------------ */
 /* Sums: moments (d = x - k, d^2) and backward (dy, dy * xhat). */
 
-/* Adds the sums of `rows` (at most RB) rows of the tile at column j, V
- * vectors wide, into the per-position doubles d1, d2. */
-static inline __attribute__((always_inline)) void cl_sums_tile(
-    int bwd, int V, const float *x, const float *dy, size_t rows, size_t stride,
-    size_t L, size_t j, const float *pa, const float *pb, const float *pc,
+/* Adds the sums of the rows of one piece into the per-position doubles d1,
+ * d2: float over blocks of RB rows, folded into double after each. */
+static inline __attribute__((always_inline)) void cl_sums_row(
+    int bwd, int V, int tail, const float *x, const float *dy, size_t rows,
+    size_t stride, size_t L, const float *pa, const float *pb, const float *pc,
     double *d1, double *d2) {
-  __m512 a[8], b[8], ka[8], kb[8], kc[8];
-  __mmask16 m[8];
+  __m512 ka[8], kb[8], kc[8];
+  __mmask16 m = cl_last(L);
+  CL_UNROLL
   for (int v = 0; v < V; v++) {
-    size_t c = j + 16 * (size_t)v;
-    m[v] = tail_mask(L - c);
-    ka[v] = _mm512_loadu_ps(pa + c);
+    ka[v] = _mm512_load_ps(pa + 16 * v);
     if (bwd) {
-      kb[v] = _mm512_loadu_ps(pb + c);
-      kc[v] = _mm512_loadu_ps(pc + c);
+      kb[v] = _mm512_load_ps(pb + 16 * v);
+      kc[v] = _mm512_load_ps(pc + 16 * v);
     }
-    a[v] = b[v] = _mm512_setzero_ps();
   }
-  for (size_t r = 0; r < rows; r++) {
-    const float *p = x + r * stride + j;
-    for (int v = 0; v < V; v++) {
-      __m512 xv = load16(m[v], p + 16 * v);
-      if (bwd) {
-        /* Masked-off lanes load dy = 0, so they add nothing. */
-        __m512 gv = load16(m[v], dy + r * stride + j + 16 * v);
-        __m512 xh = _mm512_mul_ps(
-            _mm512_sub_ps(_mm512_sub_ps(xv, ka[v]), kb[v]), kc[v]);
-        a[v] = _mm512_add_ps(a[v], gv);
-        b[v] = _mm512_fmadd_ps(gv, xh, b[v]);
-      } else {
-        __m512 d = _mm512_maskz_sub_ps(m[v], xv, ka[v]);
-        a[v] = _mm512_add_ps(a[v], d);
-        b[v] = _mm512_fmadd_ps(d, d, b[v]);
+  for (size_t r0 = 0; r0 < rows; r0 += RB) {
+    size_t r1 = rows - r0 < RB ? rows : r0 + RB;
+    __m512 a[8], b[8];
+    CL_UNROLL
+    for (int v = 0; v < V; v++)
+      a[v] = b[v] = _mm512_setzero_ps();
+    for (size_t r = r0; r < r1; r++) {
+      const float *p = x + r * stride, *q = bwd ? dy + r * stride : NULL;
+      CL_UNROLL
+      for (int v = 0; v < V; v++) {
+        /* A line ahead of the stream: the hardware prefetcher alone left
+         * these passes short of the memory's bandwidth. */
+        _mm_prefetch((const char *)(p + 16 * v + CL_PF), _MM_HINT_T0);
+        if (bwd)
+          _mm_prefetch((const char *)(q + 16 * v + CL_PF), _MM_HINT_T0);
+        __m512 xv = cl_ld(tail, v, V, m, p + 16 * v);
+        if (bwd) {
+          /* Masked-off lanes load dy = 0, so they add nothing. */
+          __m512 gv = cl_ld(tail, v, V, m, q + 16 * v);
+          __m512 xh = _mm512_mul_ps(
+              _mm512_sub_ps(_mm512_sub_ps(xv, ka[v]), kb[v]), kc[v]);
+          a[v] = _mm512_add_ps(a[v], gv);
+          b[v] = _mm512_fmadd_ps(gv, xh, b[v]);
+        } else {
+          __m512 d = tail && v == V - 1 ? _mm512_maskz_sub_ps(m, xv, ka[v])
+                                        : _mm512_sub_ps(xv, ka[v]);
+          a[v] = _mm512_add_ps(a[v], d);
+          b[v] = _mm512_fmadd_ps(d, d, b[v]);
+        }
       }
     }
-  }
-  for (int v = 0; v < V; v++) {
-    fold_mem(a[v], d1 + j + 16 * v);
-    fold_mem(b[v], d2 + j + 16 * v);
+    CL_UNROLL
+    for (int v = 0; v < V; v++) {
+      fold_mem(a[v], d1 + 16 * v);
+      fold_mem(b[v], d2 + 16 * v);
+    }
   }
 }
-
-/* One instance per tile width, so that the tile's arrays are registers. */
-#define CL_SUMS_TILE(BWD, V)                                                  \
-  static void cl_sums_##BWD##_##V(const float *x, const float *dy,            \
-                                  size_t rows, size_t stride, size_t L,       \
-                                  size_t j, const float *pa, const float *pb, \
-                                  const float *pc, double *d1, double *d2) {  \
-    cl_sums_tile(BWD, V, x, dy, rows, stride, L, j, pa, pb, pc, d1, d2);      \
-  }
-#define CL_SUMS_TILES4(BWD) \
-  CL_SUMS_TILE(BWD, 1)      \
-  CL_SUMS_TILE(BWD, 2)      \
-  CL_SUMS_TILE(BWD, 3)      \
-  CL_SUMS_TILE(BWD, 4)
-CL_SUMS_TILES4(0)
-CL_SUMS_TILES4(1)
-CL_SUMS_TILE(0, 5)
-CL_SUMS_TILE(0, 6)
-CL_SUMS_TILE(0, 7)
-CL_SUMS_TILE(0, 8)
 
 typedef void (*cl_sums_fn)(const float *, const float *, size_t, size_t, size_t,
-                           size_t, const float *, const float *, const float *,
+                           const float *, const float *, const float *,
                            double *, double *);
-/* The moments hold 3 registers per vector of the tile (8 vectors: 24 of
- * the 32), backward 5 (4 vectors: 20). */
-static const cl_sums_fn cl_sums_fns[2][8] = {
-    {cl_sums_0_1, cl_sums_0_2, cl_sums_0_3, cl_sums_0_4, cl_sums_0_5,
-     cl_sums_0_6, cl_sums_0_7, cl_sums_0_8},
-    {cl_sums_1_1, cl_sums_1_2, cl_sums_1_3, cl_sums_1_4, cl_sums_1_4,
-     cl_sums_1_4, cl_sums_1_4, cl_sums_1_4}};
-
-/* Widest tile of each kind, in vectors. */
-static size_t cl_tile_max(int bwd) {
-  return bwd ? 4 : 8;
-}
-
-/* Runs BODY over the tiles of a piece (one tile where cl_fits holds; a
- * tile swept down a block of wide rows measured slower than their linear
- * stream), a block of at most `blk` rows at a time. */
-#define CL_FOR_TILES(g, blk, vmax, BODY)                         \
-  for (size_t r0 = 0; r0 < (g)->rows; r0 += (blk)) {             \
-    size_t nr = (g)->rows - r0 < (blk) ? (g)->rows - r0 : (blk); \
-    for (size_t j = 0; j < (g)->L; j += 16 * (vmax)) {           \
-      size_t nv = ((g)->L - j + 15) / 16;                        \
-      nv = nv < (vmax) ? nv : (vmax);                            \
-      BODY;                                                      \
-    }                                                            \
+#define CL_SUMS(B, V, T)                                                     \
+  static void cl_sums##B##_##V##_##T(                                        \
+      const float *x, const float *dy, size_t rows, size_t stride, size_t L, \
+      const float *pa, const float *pb, const float *pc, double *d1,         \
+      double *d2) {                                                          \
+    cl_sums_row(B, V, T, x, dy, rows, stride, L, pa, pb, pc, d1, d2);        \
   }
+#define CL_MOM(V, T) CL_SUMS(0, V, T)
+#define CL_BWD(V, T) CL_SUMS(1, V, T)
+CL_ROWS8(CL_MOM)
+CL_ROWS4(CL_BWD)
+/* The moments hold 3 registers per vector of a row (8 vectors: 24 of the
+ * 32), backward 5 (4 vectors: 20). */
+static const cl_sums_fn cl_mom_fns[2][8] = CL_TAB8(cl_sums0_);
+static const cl_sums_fn cl_bwd_fns[2][4] = CL_TAB4(cl_sums1_);
 
 int sbn__avx512_cl_sums(int bwd, const float *x, const float *dy, size_t A,
                         size_t C, size_t S, size_t lda, const float *k,
@@ -213,12 +246,12 @@ int sbn__avx512_cl_sums(int bwd, const float *x, const float *dy, size_t A,
   double d1[CL_LEN] __attribute__((aligned(64)));
   double d2[CL_LEN] __attribute__((aligned(64)));
   unsigned ch[CL_LEN];
-  size_t vmax = cl_tile_max(bwd), maxL = 16 * vmax, off;
+  size_t maxL = bwd ? 64 : 128, off;
   geo_t g[1];
   if (!cl_fits(A, C, S, lda, maxL))
     return 0;
   for (size_t i = 0; geo_piece_p(A, C, S, lda, i, maxL, maxL, g, &off); i++) {
-    size_t L = g->L;
+    size_t L = g->L, V = (L + 15) / 16, tail = L % 16 != 0;
     cl_chans(g, C, S, 0, ch);
     for (size_t j = 0; j < CL_LEN; j++) {
       size_t c = ch[j];
@@ -232,11 +265,12 @@ int sbn__avx512_cl_sums(int bwd, const float *x, const float *dy, size_t A,
         pa[j] = k[c];
       }
     }
-    const float *xp = x + off, *dp = bwd ? dy + off : NULL;
-    CL_FOR_TILES(g, (size_t)RB, vmax,
-                 cl_sums_fns[bwd][nv - 1](xp + r0 * g->stride,
-                                          bwd ? dp + r0 * g->stride : NULL, nr,
-                                          g->stride, L, j, pa, pb, pc, d1, d2));
+    if (bwd)
+      cl_bwd_fns[tail][V - 1](x + off, dy + off, g->rows, g->stride, L, pa, pb,
+                              pc, d1, d2);
+    else
+      cl_mom_fns[tail][V - 1](x + off, NULL, g->rows, g->stride, L, pa, pb, pc,
+                              d1, d2);
     for (size_t j = 0; j < L; j++) {
       s1[ch[j]] += d1[j];
       s2[ch[j]] += d2[j];
@@ -248,66 +282,52 @@ int sbn__avx512_cl_sums(int bwd, const float *x, const float *dy, size_t A,
 /* ------------------------------------------------------------------ */
 /* Normalize: y = ((x - h) - l) * sc + sh. */
 
-static inline __attribute__((always_inline)) void cl_norm_tile(
-    int V, const float *x, float *y, size_t rows, size_t stride, size_t L,
-    size_t j, const float *ph, const float *pl, const float *ps,
-    const float *pb, int nt) {
+static inline __attribute__((always_inline)) void cl_norm_row(
+    int V, int tail, const float *x, float *y, size_t rows, size_t stride,
+    size_t L, const cl_norm_par_t *pp, int nt) {
   __m512 h[4], l[4], s[4], b[4];
-  __mmask16 m[4];
+  __mmask16 m = cl_last(L);
+  CL_UNROLL
   for (int v = 0; v < V; v++) {
-    size_t c = j + 16 * (size_t)v;
-    m[v] = tail_mask(L - c);
-    h[v] = _mm512_loadu_ps(ph + c);
-    l[v] = _mm512_loadu_ps(pl + c);
-    s[v] = _mm512_loadu_ps(ps + c);
-    b[v] = _mm512_loadu_ps(pb + c);
+    h[v] = _mm512_load_ps(pp->h + 16 * v);
+    l[v] = _mm512_load_ps(pp->l + 16 * v);
+    s[v] = _mm512_load_ps(pp->s + 16 * v);
+    b[v] = _mm512_load_ps(pp->b + 16 * v);
   }
   for (size_t r = 0; r < rows; r++) {
-    const float *p = x + r * stride + j;
-    float *q = y + r * stride + j;
+    const float *p = x + r * stride;
+    float *q = y + r * stride;
+    CL_UNROLL
     for (int v = 0; v < V; v++) {
-      __m512 d =
-          _mm512_sub_ps(_mm512_sub_ps(load16(m[v], p + 16 * v), h[v]), l[v]);
-      store16(q + 16 * v, _mm512_fmadd_ps(d, s[v], b[v]), m[v], nt);
+      _mm_prefetch((const char *)(p + 16 * v + CL_PF), _MM_HINT_T0);
+      __m512 d = _mm512_sub_ps(
+          _mm512_sub_ps(cl_ld(tail, v, V, m, p + 16 * v), h[v]), l[v]);
+      cl_st(tail, v, V, m, q + 16 * v, _mm512_fmadd_ps(d, s[v], b[v]), nt);
     }
   }
 }
 
-#define CL_NORM_TILE(V)                                                       \
-  static void cl_norm_##V(const float *x, float *y, size_t rows,              \
-                          size_t stride, size_t L, size_t j, const float *ph, \
-                          const float *pl, const float *ps, const float *pb,  \
-                          int nt) {                                           \
-    cl_norm_tile(V, x, y, rows, stride, L, j, ph, pl, ps, pb, nt);            \
-  }
-CL_NORM_TILE(1)
-CL_NORM_TILE(2)
-CL_NORM_TILE(3)
-CL_NORM_TILE(4)
-
 typedef void (*cl_norm_fn)(const float *, float *, size_t, size_t, size_t,
-                           size_t, const float *, const float *, const float *,
-                           const float *, int);
-static const cl_norm_fn cl_norm_fns[4] = {cl_norm_1, cl_norm_2, cl_norm_3,
-                                          cl_norm_4};
-
-/* Normalizes the rows of g (all but the last `L` wide; the last `Llast`)
- * with parameters at position 0 of the row's first element. */
-static void cl_norm_rows(const float *x, float *y, const geo_t *g, size_t Llast,
-                         const cl_norm_par_t *pp, int nt) {
-  geo_t full = *g;
-  full.rows = Llast < g->L ? g->rows - 1 : g->rows;
-  CL_FOR_TILES(
-      &full, (size_t)CL_ROWS, (size_t)4,
-      cl_norm_fns[nv - 1](x + r0 * g->stride, y + r0 * g->stride, nr, g->stride,
-                          g->L, j, pp->h, pp->l, pp->s, pp->b, nt));
-  if (full.rows < g->rows) {
-    size_t o = full.rows * g->stride;
-    geo_t last = {1, g->stride, Llast, 0};
-    CL_FOR_TILES(&last, (size_t)1, (size_t)4,
-                 cl_norm_fns[nv - 1](x + o, y + o, nr, g->stride, Llast, j,
-                                     pp->h, pp->l, pp->s, pp->b, nt));
+                           const cl_norm_par_t *, int);
+#define CL_NORM(V, T)                                                  \
+  static void cl_norm_##V##_##T(const float *x, float *y, size_t rows, \
+                                size_t stride, size_t L,               \
+                                const cl_norm_par_t *pp, int nt) {     \
+    cl_norm_row(V, T, x, y, rows, stride, L, pp, nt);                  \
   }
+CL_ROWS4(CL_NORM)
+static const cl_norm_fn cl_norm_fns[2][4] = CL_TAB4(cl_norm_);
+
+/* Normalizes n elements of a piece's rows (L wide, stride apart; the last
+ * row may be short) with parameters at position 0 of the first. */
+static void cl_norm_rows(const float *x, float *y, size_t n, size_t stride,
+                         size_t L, const cl_norm_par_t *pp, int nt) {
+  size_t rows = n / L, rem = n - rows * L, V = (L + 15) / 16;
+  if (rows > 0)
+    cl_norm_fns[L % 16 != 0][V - 1](x, y, rows, stride, L, pp, nt);
+  if (rem > 0)
+    cl_norm_fns[rem % 16 != 0][(rem + 15) / 16 - 1](
+        x + rows * stride, y + rows * stride, 1, stride, rem, pp, nt);
 }
 
 int sbn__avx512_cl_normalize(const float *x, float *y, size_t A, size_t C,
@@ -323,29 +343,23 @@ int sbn__avx512_cl_normalize(const float *x, float *y, size_t A, size_t C,
   for (size_t i = 0; geo_piece_p(A, C, S, lda, i, maxL, maxL, g, &off); i++) {
     const float *p = x + off;
     float *q = y + off;
-    size_t L = g->L, rot = 0;
+    size_t L = g->L;
     /* A flat piece that streams starts its whole vectors at y's first
      * line boundary: the first h elements take one masked vector, and the
      * rest is the same periodic stream seen from position h, rows of L
      * with the parameters rotated by h. */
     if (g->stride == L && L >= 16) {
-      size_t n = g->rows * L;
-      rot = head_elems(q, n, nt);
-      if (rot > 0) {
-        geo_t head = {1, L, rot, 0};
+      size_t n = g->rows * L, h = head_elems(q, n, nt);
+      if (h > 0) {
         cl_layout_norm(g, C, S, 0, mh, ml, scale, shift, &pp);
-        cl_norm_rows(p, q, &head, rot, &pp, 0);
-        p += rot, q += rot;
-        n -= rot;
+        cl_norm_rows(p, q, h, L, L, &pp, 0);
       }
-      geo_t rest = {(n + L - 1) / L, L, L, 0};
-      cl_layout_norm(g, C, S, rot, mh, ml, scale, shift, &pp);
-      if (n > 0)
-        cl_norm_rows(p, q, &rest, n - (rest.rows - 1) * L, &pp, nt);
+      cl_layout_norm(g, C, S, h, mh, ml, scale, shift, &pp);
+      cl_norm_rows(p + h, q + h, n - h, L, L, &pp, nt);
       continue;
     }
     cl_layout_norm(g, C, S, 0, mh, ml, scale, shift, &pp);
-    cl_norm_rows(p, q, g, L, &pp, 0);
+    cl_norm_rows(p, q, g->rows * L, g->stride, L, &pp, 0);
   }
   _mm_sfence();
   _mm256_zeroupper(); /* see kernels_avx512.c's pos_apply */
@@ -358,45 +372,43 @@ int sbn__avx512_cl_normalize(const float *x, float *y, size_t A, size_t C,
  * 4 vectors keep 24 registers of them. */
 
 static inline __attribute__((always_inline)) void cl_apply_row(
-    int V, const float *x, const float *dy, float *dx, size_t rows,
+    int V, int tail, const float *x, const float *dy, float *dx, size_t rows,
     size_t stride, size_t L, const double *pk, const double *pq,
     const double *pr) {
   __m512d k[8], q[8], r[8];
-  __mmask16 m[4];
+  __mmask16 m = cl_last(L);
+  CL_UNROLL
   for (int v = 0; v < 2 * V; v++) {
-    k[v] = _mm512_loadu_pd(pk + 8 * v);
-    q[v] = _mm512_loadu_pd(pq + 8 * v);
-    r[v] = _mm512_loadu_pd(pr + 8 * v);
+    k[v] = _mm512_load_pd(pk + 8 * v);
+    q[v] = _mm512_load_pd(pq + 8 * v);
+    r[v] = _mm512_load_pd(pr + 8 * v);
   }
-  for (int v = 0; v < V; v++)
-    m[v] = tail_mask(L - 16 * (size_t)v);
   for (size_t i = 0; i < rows; i++) {
     size_t o = i * stride;
+    CL_UNROLL
     for (int v = 0; v < V; v++) {
-      __m512 out = dx16(load16(m[v], x + o + 16 * v),
-                        load16(m[v], dy + o + 16 * v), k[2 * v], k[2 * v + 1],
-                        q[2 * v], q[2 * v + 1], r[2 * v], r[2 * v + 1]);
-      store16(dx + o + 16 * v, out, m[v], 0);
+      _mm_prefetch((const char *)(x + o + 16 * v + CL_PF), _MM_HINT_T0);
+      _mm_prefetch((const char *)(dy + o + 16 * v + CL_PF), _MM_HINT_T0);
+      __m512 out =
+          dx16(cl_ld(tail, v, V, m, x + o + 16 * v),
+               cl_ld(tail, v, V, m, dy + o + 16 * v), k[2 * v], k[2 * v + 1],
+               q[2 * v], q[2 * v + 1], r[2 * v], r[2 * v + 1]);
+      cl_st(tail, v, V, m, dx + o + 16 * v, out, 0);
     }
   }
 }
 
-#define CL_APPLY_ROW(V)                                                       \
-  static void cl_apply_##V(                                                   \
-      const float *x, const float *dy, float *dx, size_t rows, size_t stride, \
-      size_t L, const double *pk, const double *pq, const double *pr) {       \
-    cl_apply_row(V, x, dy, dx, rows, stride, L, pk, pq, pr);                  \
-  }
-CL_APPLY_ROW(1)
-CL_APPLY_ROW(2)
-CL_APPLY_ROW(3)
-CL_APPLY_ROW(4)
-
 typedef void (*cl_apply_fn)(const float *, const float *, float *, size_t,
                             size_t, size_t, const double *, const double *,
                             const double *);
-static const cl_apply_fn cl_apply_fns[4] = {cl_apply_1, cl_apply_2, cl_apply_3,
-                                            cl_apply_4};
+#define CL_APPLY(V, T)                                                        \
+  static void cl_apply_##V##_##T(                                             \
+      const float *x, const float *dy, float *dx, size_t rows, size_t stride, \
+      size_t L, const double *pk, const double *pq, const double *pr) {       \
+    cl_apply_row(V, T, x, dy, dx, rows, stride, L, pk, pq, pr);               \
+  }
+CL_ROWS4(CL_APPLY)
+static const cl_apply_fn cl_apply_fns[2][4] = CL_TAB4(cl_apply_);
 
 int sbn__avx512_cl_apply(const float *x, const float *dy, float *dx, size_t A,
                          size_t C, size_t S, size_t lda, const double *mean,
@@ -411,14 +423,15 @@ int sbn__avx512_cl_apply(const float *x, const float *dy, float *dx, size_t A,
   if (!cl_fits(A, C, S, lda, maxL))
     return 0;
   for (size_t i = 0; geo_piece_p(A, C, S, lda, i, maxL, maxL, g, &off); i++) {
+    size_t L = g->L;
     cl_chans(g, C, S, 0, ch);
     for (size_t j = 0; j < CL_LEN; j++) {
       size_t c = ch[j];
       double q = k2[c] * istd[c];
       pk[j] = k1[c], pq[j] = q, pr[j] = k3[c] - q * mean[c];
     }
-    cl_apply_fns[(g->L + 15) / 16 - 1](x + off, dy + off, dx + off, g->rows,
-                                       g->stride, g->L, pk, pq, pr);
+    cl_apply_fns[L % 16 != 0][(L + 15) / 16 - 1](
+        x + off, dy + off, dx + off, g->rows, g->stride, L, pk, pq, pr);
   }
   _mm256_zeroupper(); /* see kernels_avx512.c's pos_apply */
   return 1;
