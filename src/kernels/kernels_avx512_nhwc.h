@@ -8,9 +8,10 @@
 
 #include <stddef.h>
 
-/* Each returns 1 having done the pass, or 0 having done nothing when a
- * row of the view is too long for its registers (the caller then runs
- * kernels_avx512.c's general position view). */
+/* Each returns 1 having done the pass, or 0 having done nothing where its
+ * tile order measured slower (wide rows a multiple of 1 KiB apart; any
+ * wide row for dx): the caller then runs kernels_avx512.c's general
+ * position view. */
 
 /* moments_ld (bwd = 0: k used, mean and istd NULL, dy NULL) or
  * bwd_reduce_ld (bwd = 1: k NULL), adding into s1 and s2. */
