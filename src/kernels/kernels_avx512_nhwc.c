@@ -4,7 +4,7 @@
  * registers. A row of one tile (NHWC C up to 64 or 128, or any C whose
  * period lcm(C, 16) is that short) streams straight through; the tiles of
  * a wider row pass down a block of rows one after another, so each loads
- * its registers once per block (the sums and normalize; see cl_takes for
+ * its registers once per block (moments and normalize; see cl_takes for
  * where that order pays). kernels_avx512.c's general position view keeps
  * these in small arrays in L1 and pays four to seven loads and stores per
  * vector of data; here a vector of data costs one load (two backward) and
@@ -55,19 +55,45 @@ static int cl_want_nt(size_t A, size_t C, size_t S, size_t lda) {
   return span >= CL_NT_BYTES / sizeof(float);
 }
 
+/* Piece i of the view for tiles of `tile` positions and its offset; 0
+ * when there is none. A short period (lcm(C*S, 16), repeated up to one
+ * tile) fills every lane even for C = 1 or 3, and a longer one of at most
+ * CL_PMAX still beats rows with a mostly empty last vector (C = 17: 272
+ * positions, where rows of 17 would waste 15 lanes in 32). A row of at
+ * least 128 positions or of whole vectors is a piece by itself: its last
+ * vector wastes little, and its parameters are laid out once per call for
+ * one row instead of a period of several (a sample of InstanceNorm with
+ * C = 1000 laid out 2000 positions for 49 rows). Rows over CL_PMAX are
+ * split into pieces of CL_PMAX positions. */
+static int cl_piece(size_t A, size_t C, size_t S, size_t lda, size_t i,
+                    size_t tile, geo_t *g, size_t *off) {
+  size_t cs = C * S, P = cs / gcd(cs, 16) * 16, j0 = i * CL_PMAX;
+  if (lda == cs && P <= tile)
+    return geo_piece_p(A, C, S, lda, i, tile, tile, g, off);
+  if (lda == cs && cs < 128 && cs % 16 != 0 && P <= CL_PMAX)
+    return geo_piece_p(A, C, S, lda, i, P, P, g, off);
+  if (A * cs == 0 || j0 >= cs)
+    return 0;
+  *g = (geo_t){A, lda, cs - j0 < CL_PMAX ? cs - j0 : CL_PMAX, j0};
+  *off = j0;
+  return 1;
+}
+
 /* Whether the passes here take the view: every piece's row is one tile
  * of at most `tile` positions, or (when `wide`) its rows are not a
  * multiple of 1 KiB apart. Measured from memory (rotating copies, against
  * kernels_avx512.c's general position view): the tile order won for
  * rows of one tile and for C = 17 and 1000, and lost 1.2 to 2 times
  * for rows 1 KiB (C = 256) and 8 KiB (C = 2048) apart, where each tile's
- * column of every row falls in the same few L1 sets; dx, whose tiles
- * hold 24 registers of parameters, lost for every wide row. */
+ * column of every row falls in the same few L1 sets. Backward (the sums
+ * of dy and dy * xhat, and dx, whose tiles hold 20 and 24 registers of
+ * parameters) was no faster for wide rows in the benchmark, within its
+ * noise, so it takes rows of one tile only. */
 static int cl_takes(size_t A, size_t C, size_t S, size_t lda, size_t tile,
                     int wide) {
   geo_t g[1];
   size_t off;
-  for (size_t i = 0; geo_piece_p(A, C, S, lda, i, tile, CL_PMAX, g, &off); i++)
+  for (size_t i = 0; cl_piece(A, C, S, lda, i, tile, g, &off); i++)
     if (g->L > tile && (!wide || (g->stride * sizeof(float)) % 1024 == 0))
       return 0;
   return 1;
@@ -270,10 +296,9 @@ int sbn__avx512_cl_sums(int bwd, const float *x, const float *dy, size_t A,
   unsigned ch[CL_LEN];
   size_t vmax = bwd ? 4 : 8, off;
   geo_t g[1];
-  if (!cl_takes(A, C, S, lda, 16 * vmax, 1))
+  if (!cl_takes(A, C, S, lda, 16 * vmax, !bwd))
     return 0;
-  for (size_t i = 0; geo_piece_p(A, C, S, lda, i, 16 * vmax, CL_PMAX, g, &off);
-       i++) {
+  for (size_t i = 0; cl_piece(A, C, S, lda, i, 16 * vmax, g, &off); i++) {
     size_t L = g->L, st = g->stride;
     size_t pf = L <= 16 * vmax ? (size_t)CL_PF : RB * st;
     const float *xp = x + off, *dp = bwd ? dy + off : NULL;
@@ -379,7 +404,7 @@ int sbn__avx512_cl_normalize(const float *x, float *y, size_t A, size_t C,
   size_t off;
   if (!cl_takes(A, C, S, lda, 64, 1))
     return 0;
-  for (size_t i = 0; geo_piece_p(A, C, S, lda, i, 64, CL_PMAX, g, &off); i++) {
+  for (size_t i = 0; cl_piece(A, C, S, lda, i, 64, g, &off); i++) {
     const float *p = x + off;
     float *q = y + off;
     size_t L = g->L;
@@ -462,7 +487,7 @@ int sbn__avx512_cl_apply(const float *x, const float *dy, float *dx, size_t A,
   size_t off;
   if (!cl_takes(A, C, S, lda, 64, 0))
     return 0;
-  for (size_t i = 0; geo_piece_p(A, C, S, lda, i, 64, CL_PMAX, g, &off); i++) {
+  for (size_t i = 0; cl_piece(A, C, S, lda, i, 64, g, &off); i++) {
     size_t L = g->L, o = off;
     cl_chans(g, C, S, 0, ch);
     for (size_t j = 0; j < cl_pad(L); j++) {

@@ -10,7 +10,7 @@
 
 /* Each returns 1 having done the pass, or 0 having done nothing where its
  * tile order measured slower (wide rows a multiple of 1 KiB apart; any
- * wide row for dx): the caller then runs kernels_avx512.c's general
+ * wide row backward): the caller then runs kernels_avx512.c's general
  * position view. */
 
 /* moments_ld (bwd = 0: k used, mean and istd NULL, dy NULL) or
