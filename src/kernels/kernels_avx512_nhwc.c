@@ -80,21 +80,21 @@ static int cl_piece(size_t A, size_t C, size_t S, size_t lda, size_t i,
 }
 
 /* Whether the passes here take the view: every piece's row is one tile
- * of at most `tile` positions, or (when `wide`) its rows are not a
- * multiple of 1 KiB apart. Measured from memory (rotating copies, against
- * kernels_avx512.c's general position view): the tile order won for
- * rows of one tile and for C = 17 and 1000, and lost 1.2 to 2 times
- * for rows 1 KiB (C = 256) and 8 KiB (C = 2048) apart, where each tile's
- * column of every row falls in the same few L1 sets. Backward (the sums
- * of dy and dy * xhat, and dx, whose tiles hold 20 and 24 registers of
- * parameters) was no faster for wide rows in the benchmark, within its
- * noise, so it takes rows of one tile only. */
+ * of at most `tile` positions, or `wide` is set. Measured from memory
+ * (rotating copies, against kernels_avx512.c's general position view,
+ * BatchNorm-sized views of C = 17, 64, 256, 1000, 2048): the tile order of
+ * wide rows took 0.5 to 0.9 of the general view's time for the moments and
+ * normalize, but the backward sums, whose tiles hold 20 registers of
+ * parameters, were slower for C = 17 and 256 (1.3 to 1.6 times) and dx
+ * (24 registers) is not tiled; backward takes rows of one tile only. */
 static int cl_takes(size_t A, size_t C, size_t S, size_t lda, size_t tile,
                     int wide) {
   geo_t g[1];
   size_t off;
+  if (wide)
+    return 1;
   for (size_t i = 0; cl_piece(A, C, S, lda, i, tile, g, &off); i++)
-    if (g->L > tile && (!wide || (g->stride * sizeof(float)) % 1024 == 0))
+    if (g->L > tile)
       return 0;
   return 1;
 }

@@ -9,9 +9,8 @@
 #include <stddef.h>
 
 /* Each returns 1 having done the pass, or 0 having done nothing where its
- * tile order measured slower (wide rows a multiple of 1 KiB apart; any
- * wide row backward): the caller then runs kernels_avx512.c's general
- * position view. */
+ * tile order measured slower (backward over rows wider than one tile): the
+ * caller then runs kernels_avx512.c's general position view. */
 
 /* moments_ld (bwd = 0: k used, mean and istd NULL, dy NULL) or
  * bwd_reduce_ld (bwd = 1: k NULL), adding into s1 and s2. */
