@@ -360,9 +360,11 @@ static void pos_apply(const float *x, const float *dy, float *dx, size_t A,
 /* Whether the sums take the position view. Runs of up to 64 values fold
  * into double and reduce across lanes once per run, several times the
  * cost of their loads; over 16 rows or more the position view folds once
- * per RB rows instead. */
-static int sums_by_rows(size_t A, size_t S) {
-  return S < 16 || (S <= 64 && A >= RB);
+ * per RB rows instead. Only for rows of at most 2048 elements (NHWC
+ * GroupNorm's groups of a sample; an NCHW BatchNorm's rows are whole
+ * samples, and stay with the runs). */
+static int sums_by_rows(size_t A, size_t C, size_t S) {
+  return S < 16 || (S <= 64 && A >= RB && C * S <= 2048);
 }
 
 static void avx512_moments_ld(const float *x, size_t A, size_t C, size_t S,
@@ -375,7 +377,7 @@ static void avx512_moments_ld(const float *x, size_t A, size_t C, size_t S,
     sbn__kernels_ref.moments_ld(x, A, C, S, lda, k, s1, s2);
     return;
   }
-  if (sums_by_rows(A, S)) {
+  if (sums_by_rows(A, C, S)) {
     if (sbn__avx512_cl_sums(0, x, NULL, A, C, S, lda, k, NULL, NULL, s1, s2))
       return;
     pos_sums(0, x, NULL, A, C, S, lda, k, NULL, NULL, s1, s2);
@@ -417,7 +419,7 @@ static void avx512_bwd_reduce_ld(const float *x, const float *dy, size_t A,
     sbn__kernels_ref.bwd_reduce_ld(x, dy, A, C, S, lda, mean, istd, sdy, sdyx);
     return;
   }
-  if (sums_by_rows(A, S)) {
+  if (sums_by_rows(A, C, S)) {
     if (sbn__avx512_cl_sums(1, x, dy, A, C, S, lda, NULL, mean, istd, sdy,
                             sdyx))
       return;
