@@ -268,9 +268,10 @@ static void test_wide_unaligned(void **state) {
  * (kernels_avx512_nhwc.c): rows of several tiles with and without a partial
  * last vector (C = 48 .. 1000; C = 272 is the period of 17 channels;
  * C = 2100 is more than one piece of 2048 positions),
- * GroupNorm groups of 16, 32 and 64 channels (the sums' position view of
- * short runs), samples of over 256 KiB (whose outputs stream after a
- * masked head) and x, dy, y, dx 1 or 3 floats off alignment. */
+ * GroupNorm groups of 16, 32 and 64 channels (short runs in the group
+ * view, beside the channel view's rows), samples of over 256 KiB (whose
+ * outputs stream after a masked head) and x, dy, y, dx 1 or 3 floats off
+ * alignment. */
 static void test_channels_last_tiles(void **state) {
   (void)state;
   const char *const *sets;

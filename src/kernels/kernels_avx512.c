@@ -6,15 +6,14 @@
  *    and its per-channel parameters are broadcast. Four independent
  *    accumulators per sum.
  *  - Rows of positions (S < 16: channels-last, and GroupNorm's NHWC groups
- *    of a few channels; for the sums also short runs of many rows, such as
- *    NHWC groups of 16 to 64 channels): the tensor is seen as rows of L
- *    positions whose channels repeat, with the per-position parameters
- *    laid out once in small arrays, so every pass is a plain stream of
- *    whole vectors (and a masked tail). When lcm(C*S, 16) is small the rows
- *    are periods of the flat array, so even C = 1 or 3 fills every lane;
- *    otherwise they are tiles of each row of C*S elements. Where a row is
- *    a few vectors, kernels_avx512_nhwc.c holds its parameters and sums in
- *    registers instead (sbn__avx512_cl_*).
+ *    of a few channels): the tensor is seen as rows of L positions whose
+ *    channels repeat, with the per-position parameters laid out once in
+ *    small arrays, so every pass is a plain stream of whole vectors (and a
+ *    masked tail). When lcm(C*S, 16) is small the rows are periods of the
+ *    flat array, so even C = 1 or 3 fills every lane; otherwise they are
+ *    tiles of each row of C*S elements. kernels_avx512_nhwc.c takes these
+ *    views first (sbn__avx512_cl_*), holding a tile of a row's parameters
+ *    and sums in registers; the loops here run where it declines.
  *
  * Statistics accumulate in float over short blocks (at most 16 values per
  * lane) that are folded into double, so no element is converted to double
@@ -357,16 +356,6 @@ static void pos_apply(const float *x, const float *dy, float *dx, size_t A,
 /* ------------------------------------------------------------------ */
 /* The table's entries: runs when S >= 16, the position view otherwise. */
 
-/* Whether the sums take the position view. Runs of up to 64 values fold
- * into double and reduce across lanes once per run, several times the
- * cost of their loads; over 16 rows or more the position view folds once
- * per RB rows instead. Only for rows of at most 2048 elements (NHWC
- * GroupNorm's groups of a sample; an NCHW BatchNorm's rows are whole
- * samples, and stay with the runs). */
-static int sums_by_rows(size_t A, size_t C, size_t S) {
-  return S < 16 || (S <= 64 && A >= RB && C * S <= 2048);
-}
-
 static void avx512_moments_ld(const float *x, size_t A, size_t C, size_t S,
                               size_t lda, const float *k, double *s1,
                               double *s2) {
@@ -377,7 +366,7 @@ static void avx512_moments_ld(const float *x, size_t A, size_t C, size_t S,
     sbn__kernels_ref.moments_ld(x, A, C, S, lda, k, s1, s2);
     return;
   }
-  if (sums_by_rows(A, C, S)) {
+  if (S < 16) {
     if (sbn__avx512_cl_sums(0, x, NULL, A, C, S, lda, k, NULL, NULL, s1, s2))
       return;
     pos_sums(0, x, NULL, A, C, S, lda, k, NULL, NULL, s1, s2);
@@ -419,7 +408,7 @@ static void avx512_bwd_reduce_ld(const float *x, const float *dy, size_t A,
     sbn__kernels_ref.bwd_reduce_ld(x, dy, A, C, S, lda, mean, istd, sdy, sdyx);
     return;
   }
-  if (sums_by_rows(A, C, S)) {
+  if (S < 16) {
     if (sbn__avx512_cl_sums(1, x, dy, A, C, S, lda, NULL, mean, istd, sdy,
                             sdyx))
       return;
