@@ -551,8 +551,11 @@ group_benchmpi() {
   local mode=$BMODE
   local -a MPIRUN=("$MPIEXEC" --oversubscribe --bind-to none --timeout 100
     --mca pml ob1 --mca btl self,vader,tcp -np "$NP")
-  RANKS=$NP bench_json "$mode" "m_$mode" "${MPIRUN[@]}" "$SYNCBN" bench \
-    "$mode" --quick
+  # The service bench makes its socket tree under $TMPDIR: a directory of
+  # this test's own, so that the check below sees only this run's leftovers.
+  mkdir -p "$T/tmpdir"
+  TMPDIR=$T/tmpdir RANKS=$NP bench_json "$mode" "m_$mode" "${MPIRUN[@]}" \
+    "$SYNCBN" bench "$mode" --quick
   if [ "$mode" = layer ]; then
     RANKS=$NP bench_json layer m_group "${MPIRUN[@]}" "$SYNCBN" bench layer \
       --shape 2,8,3,3 --reps 2 --group-size 1 --layout nhwc
@@ -570,7 +573,7 @@ sys.exit(not (v.count('sync') == v.count('sync_unchunked') > 0))" \
   fi
   if [ "$mode" = service ]; then
     check "service: no syncbnd left running from this bench" \
-      bash -c "! ls -d /tmp/syncbn-bench-* 2>/dev/null | grep -q ."
+      bash -c "! ls -d '$T'/tmpdir/syncbn-bench-* 2>/dev/null | grep -q ."
     bench_socket_dir
   fi
 }

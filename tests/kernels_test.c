@@ -150,7 +150,8 @@ static void test_sets_vs_ref(void **state) {
   (void)state;
   const char *const *sets;
   int nsets = tu_kernel_sets(&sets);
-  const size_t Cs[] = {1, 3, 7, 8, 9, 15, 16, 17, 24, 31, 33};
+  /* 48: GroupNorm NHWC groups of 16 channels, summed as short runs. */
+  const size_t Cs[] = {1, 3, 7, 8, 9, 15, 16, 17, 24, 31, 33, 48};
   const size_t Ss[] = {1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 33, 67};
   const sbn_op_t ops[] = {SBN_OP_BATCHNORM, SBN_OP_INSTANCENORM,
                           SBN_OP_GROUPNORM, SBN_OP_LAYERNORM};
@@ -205,8 +206,11 @@ static void test_wide_unaligned(void **state) {
   (void)state;
   const char *const *sets;
   int nsets = tu_kernel_sets(&sets);
-  const size_t Cs[] = {1, 3, 17, 1000};
-  const size_t Ss[] = {1, 5, 19};
+  /* 1500: LayerNorm rows long enough to be pipelined row by row. */
+  const size_t Cs[] = {1, 3, 17, 1000, 1500};
+  /* 49 and 196: NCHW planes of 7x7 and 14x14, summed 16 channels at a
+   * time with a tail block of C % 16 channels. */
+  const size_t Ss[] = {1, 5, 19, 49, 196};
   const sbn_op_t ops[] = {SBN_OP_BATCHNORM, SBN_OP_INSTANCENORM,
                           SBN_OP_GROUPNORM, SBN_OP_LAYERNORM};
   const char *opn[] = {"bn", "in", "gn", "ln"};
@@ -240,23 +244,35 @@ static void test_wide_unaligned(void **state) {
           }
   }
   /* Outputs of 4 MiB and more are streamed, after a masked head up to the
-   * first cache line (x, dy, y and dx 1 and 3 floats off here). */
+   * first cache line (x, dy, y and dx 1 and 3 floats off here): BatchNorm
+   * in both layouts, LayerNorm's rows, and the NCHW blocks of
+   * InstanceNorm and GroupNorm (slices of a large output). */
+  static const struct {
+    sbn_op_t op;
+    sbn_layout_t ly;
+    const char *name;
+  } big[] = {{SBN_OP_BATCHNORM, SBN_LAYOUT_NCHW, "bn"},
+             {SBN_OP_BATCHNORM, SBN_LAYOUT_NHWC, "bn"},
+             {SBN_OP_LAYERNORM, SBN_LAYOUT_NCHW, "ln"},
+             {SBN_OP_INSTANCENORM, SBN_LAYOUT_NCHW, "in"},
+             {SBN_OP_GROUPNORM, SBN_LAYOUT_NCHW, "gn"}};
   for (int ks = 0; ks < nsets; ks++) {
     if (strcmp(sets[ks], "ref") == 0 || tu_kernel_use(sets[ks]) != 0)
       continue;
-    for (int lay = 0; lay < 2; lay++)
+    for (size_t ib = 0; ib < sizeof big / sizeof *big; ib++)
       for (size_t off = 1; off <= 3; off += 2) {
+        sbn_op_t op = big[ib].op;
+        sbn_layout_t ly = big[ib].ly;
         char what[128];
-        snprintf(what, sizeof what, "%s bn %s N=16 C=64 S=1024 off=%zu",
-                 sets[ks], lay ? "NHWC" : "NCHW", off);
+        snprintf(what, sizeof what, "%s %s %s N=16 C=64 S=1024 off=%zu",
+                 sets[ks], big[ib].name,
+                 ly == SBN_LAYOUT_NHWC ? "NHWC" : "NCHW", off);
         outs_t a, b;
         assert_int_equal(sbn_kernel_select("ref"), 0);
-        run_op_at(SBN_OP_BATCHNORM, (sbn_layout_t)lay, 16, 64, 1024,
-                  SBN_MODE_TRAIN, 0, &a, what);
+        run_op_at(op, ly, 16, 64, 1024, SBN_MODE_TRAIN, 0, &a, what);
         assert_int_equal(sbn_kernel_select(sets[ks]), 0);
-        run_op_at(SBN_OP_BATCHNORM, (sbn_layout_t)lay, 16, 64, 1024,
-                  SBN_MODE_TRAIN, off, &b, what);
-        compare_outs(SBN_OP_BATCHNORM, "bn", 16, 64, 1024, &a, &b, what);
+        run_op_at(op, ly, 16, 64, 1024, SBN_MODE_TRAIN, off, &b, what);
+        compare_outs(op, big[ib].name, 16, 64, 1024, &a, &b, what);
         free_outs(&a);
         free_outs(&b);
       }
@@ -410,7 +426,11 @@ static void test_dropout_sets(void **state) {
   (void)state;
   const char *const *sets;
   int nsets = tu_kernel_sets(&sets);
-  const size_t ns[] = {1, 3, 4, 5, 31, 32, 33, 63, 64, 65, 100, 1027};
+  /* 4099: many vector steps and a tail; (8 << 20) + 13: past 32 MiB, so
+   * the output is streamed after a head the reference writes (tested at
+   * p = 0.1 only, to keep the test short). */
+  const size_t ns[] = {1,  3,  4,  5,   31,   32,   33,
+                       63, 64, 65, 100, 1027, 4099, ((size_t)8 << 20) + 13};
   const double ps[] = {0.0, 1e-9, 0.1, 0.5, 0.999};
   for (int ks = 0; ks < nsets; ks++) {
     if (strcmp(sets[ks], "ref") == 0 || tu_kernel_use(sets[ks]) != 0)
@@ -418,6 +438,8 @@ static void test_dropout_sets(void **state) {
     for (size_t in = 0; in < sizeof ns / sizeof *ns; in++)
       for (size_t ip = 0; ip < sizeof ps / sizeof *ps; ip++) {
         size_t n = ns[in];
+        if (n > ((size_t)1 << 20) && ps[ip] != 0.1)
+          continue;
         sbn_layer_params_t p;
         sbn_layer_t *l;
         sbn_layer_params_default(&p, SBN_OP_DROPOUT);

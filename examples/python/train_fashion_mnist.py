@@ -183,6 +183,11 @@ def main():
                   flush=True)
 
     failures, lines = [], []
+    # path="auto" (convert_sync_batchnorm's default) measured both ways of
+    # synchronizing each layer on its first steps; the ranks chose together.
+    lines.append("paths: " + " ".join(
+        "%s=%s" % (m.layer_name, m.sync_path) for m in model.modules()
+        if isinstance(m, syncbn.torch.SyncBatchNorm)))
     mine = flat(bn_buffers(model)).float()
     every = [torch.empty_like(mine) for _ in range(size)]
     dist.all_gather(every, mine)

@@ -2,6 +2,8 @@
 #include "cli_args.h"
 
 #include <errno.h>
+#include <getopt.h>
+#include <stdio.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -65,6 +67,50 @@ int sbn__cli_parse_list(const char *s, uint64_t max, uint64_t **out,
       return 0;
     q = comma + 1;
   }
+}
+
+int sbn__cli_getopt(const char *cmd, int argc, char **argv,
+                    const char *const *with_arg, int n_with,
+                    const sbn__cli_flag_t *flags, int n_flags,
+                    sbn__cli_value_fn on_value, void *ctx) {
+  enum { MAX_OPTS = 48, FLAG0 = 1000, VALUE0 = 2000 };
+  struct option opts[MAX_OPTS + 2];
+  int n = 0;
+  if (n_with + n_flags > MAX_OPTS)
+    return 2;
+  /* Option values are FLAG0 + i and VALUE0 + i, above every character
+   * getopt_long returns itself ('h', '?' and ':'). */
+  for (int i = 0; i < n_with; i++)
+    opts[n++] =
+        (struct option){with_arg[i], required_argument, NULL, VALUE0 + i};
+  for (int i = 0; i < n_flags; i++)
+    opts[n++] = (struct option){flags[i].name, no_argument, NULL, FLAG0 + i};
+  opts[n++] = (struct option){"help", no_argument, NULL, 'h'};
+  opts[n] = (struct option){NULL, 0, NULL, 0};
+  optind = 1;
+  opterr = 0;
+  int c;
+  /* The leading ':' makes a missing value ':' and an unknown option '?'. */
+  while ((c = getopt_long(argc, argv, ":h", opts, NULL)) != -1) {
+    if (c == 'h')
+      return 1;
+    if (c == '?' || c == ':') {
+      fprintf(stderr, "syncbn %s: %s: %s\n", cmd, argv[optind - 1],
+              c == ':' ? "missing value" : "unknown option");
+      return 2;
+    }
+    if (c >= VALUE0) {
+      if (on_value(ctx, with_arg[c - VALUE0], optarg) != 0)
+        return 2;
+    } else {
+      *flags[c - FLAG0].set = 1;
+    }
+  }
+  if (optind < argc) {
+    fprintf(stderr, "syncbn %s: unexpected argument '%s'\n", cmd, argv[optind]);
+    return 2;
+  }
+  return 0;
 }
 
 /* A variable's value as a rank or size: a decimal below 2^30, else dflt. */

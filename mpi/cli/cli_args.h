@@ -25,6 +25,28 @@ int sbn__cli_parse_layout(const char *s, sbn_layout_t *out);
  * caller's only cleanup. */
 int sbn__cli_parse_list(const char *s, uint64_t max, uint64_t **out, size_t *n);
 
+/* A flag without a value (--quick) and the int it sets to 1. */
+typedef struct sbn__cli_flag_s {
+  const char *name;
+  int *set;
+} sbn__cli_flag_t;
+
+/* Called for each option with a value: returns 0, or nonzero after printing
+ * what is wrong with value (a usage error). */
+typedef int (*sbn__cli_value_fn)(void *ctx, const char *flag,
+                                 const char *value);
+
+/* One getopt_long loop for a subcommand whose options are n_with names that
+ * take a value (each handed to on_value) and n_flags flags, plus --help.
+ * Unknown options, missing values and stray arguments are reported as
+ * "syncbn CMD: ..." on stderr. Returns 0 when parsed, 1 when --help was
+ * given (the caller prints its usage), 2 on a usage error. At most 48
+ * options in all. */
+int sbn__cli_getopt(const char *cmd, int argc, char **argv,
+                    const char *const *with_arg, int n_with,
+                    const sbn__cli_flag_t *flags, int n_flags,
+                    sbn__cli_value_fn on_value, void *ctx);
+
 /* The rank and size a launcher (mpirun: Open MPI, or PMI) gave this
  * process, read from the environment without initializing MPI; 0 and 1
  * outside a launcher. For the warnings of subcommands that initialize MPI

@@ -126,7 +126,13 @@ int sbn__bench_job_start(sbn_bench_job_t *j, int np) {
   j->out_fd = -1;
   if ((rc = syncbnd_path(bin, sizeof bin)) != 0)
     return rc;
-  snprintf(j->root, sizeof j->root, "/tmp/syncbn-bench-XXXXXX");
+  /* $TMPDIR when set, so that concurrent runs (and their tests) can keep
+   * apart; /tmp when it is unset or too long for the sockets below it
+   * (sockaddr_un holds 108 bytes). */
+  const char *tmp = getenv("TMPDIR");
+  if (tmp == NULL || tmp[0] != '/' || strlen(tmp) > 40)
+    tmp = "/tmp";
+  snprintf(j->root, sizeof j->root, "%s/syncbn-bench-XXXXXX", tmp);
   if (mkdtemp(j->root) == NULL) {
     j->root[0] = '\0';
     return sbn_set_error(SBN_EIO, "service: mkdtemp: %s", strerror(errno));

@@ -1,6 +1,5 @@
 /* `syncbn study`: the command line. A flag's bad value exits 2 naming the
  * flag; --quick sets smaller defaults that explicit flags override. */
-#include <getopt.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -201,45 +200,28 @@ static void keep_command(study_opts_t *o, int argc, char **argv) {
   }
 }
 
+static int study_value(void *ctx, const char *flag, const char *value) {
+  return set_value(ctx, flag, value);
+}
+
 int sbn__study_parse(int argc, char **argv, study_opts_t *o) {
   memset(o, 0, sizeof *o);
-  static const char *with_arg[] = {
+  static const char *const with_arg[] = {
       "sweeps",      "models", "norms", "seeds",      "epochs", "train-subset",
       "test-subset", "trials", "ranks", "precise-bn", "out",    "data"};
-  enum { NOPT = sizeof with_arg / sizeof *with_arg };
-  struct option opts[NOPT + 4];
-  for (int i = 0; i < NOPT; i++)
-    opts[i] = (struct option){with_arg[i], required_argument, NULL, 1000 + i};
-  opts[NOPT] = (struct option){"help", no_argument, NULL, 'h'};
-  opts[NOPT + 1] = (struct option){"no-progress", no_argument, NULL, 'n'};
-  opts[NOPT + 2] = (struct option){"quick", no_argument, NULL, 'q'};
-  opts[NOPT + 3] = (struct option){NULL, 0, NULL, 0};
+  const sbn__cli_flag_t flags[] = {{"no-progress", &o->no_progress},
+                                   {"quick", &o->quick}};
   keep_command(o, argc, argv);
-  optind = 1;
-  opterr = 0;
-  int c;
-  while ((c = getopt_long(argc, argv, ":h", opts, NULL)) != -1) {
-    if (c == 'h') {
-      usage(stdout);
-      o->help = 1;
-      return 0;
-    }
-    if (c == 'n' || c == 'q') {
-      *(c == 'n' ? &o->no_progress : &o->quick) = 1;
-      continue;
-    }
-    if (c == '?' || c == ':') {
-      fprintf(stderr, "syncbn study: %s: %s\n", argv[optind - 1],
-              c == ':' ? "missing value" : "unknown option");
-      return 2;
-    }
-    if (set_value(o, with_arg[c - 1000], optarg) != 0)
-      return 2;
+  int st = sbn__cli_getopt("study", argc, argv, with_arg,
+                           (int)(sizeof with_arg / sizeof *with_arg), flags, 2,
+                           study_value, o);
+  if (st == 1) {
+    usage(stdout);
+    o->help = 1;
+    return 0;
   }
-  if (optind < argc) {
-    fprintf(stderr, "syncbn study: unexpected argument '%s'\n", argv[optind]);
-    return 2;
-  }
+  if (st != 0)
+    return st;
   defaults(o);
   if (o->precise_n > o->subset) {
     fprintf(stderr,

@@ -1,6 +1,5 @@
 /* `syncbn train`: the command line. getopt_long over one table; every
  * value is parsed strictly and a bad one exits 2 naming its flag. */
-#include <getopt.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -247,6 +246,16 @@ static int check(const train_opts_t *o) {
   return 0;
 }
 
+/* Each option's value goes to the setter whose table names the flag. */
+static int train_value(void *ctx, const char *flag, const char *value) {
+  int rc = set_uint(ctx, flag, value);
+  if (rc < 0)
+    rc = set_double(ctx, flag, value);
+  if (rc < 0)
+    rc = set_word(ctx, flag, value);
+  return rc != 0;
+}
+
 int sbn__train_parse(int argc, char **argv, train_opts_t *o) {
   memset(o, 0, sizeof *o);
   o->arch = SBN_NN_MLP;
@@ -257,51 +266,24 @@ int sbn__train_parse(int argc, char **argv, train_opts_t *o) {
   o->epochs = 1;
   o->threads = 1;
   o->data = TRAIN_DEFAULT_DATA;
-  static const char *with_arg[] = {
+  static const char *const with_arg[] = {
       "model",       "norm",       "groups",       "group-size", "dropout",
       "eps",         "momentum",   "lr",           "batch",      "counts",
       "epochs",      "seed",       "train-subset", "threads",    "data",
       "json",        "csv",        "checkpoint",   "resume",     "stop-after",
       "test-subset", "precise-bn", "layout",       "ghost-batch"};
-  enum { NOPT = sizeof with_arg / sizeof *with_arg };
-  struct option opts[NOPT + 4];
-  for (int i = 0; i < NOPT; i++)
-    opts[i] = (struct option){with_arg[i], required_argument, NULL, 1000 + i};
-  opts[NOPT] = (struct option){"help", no_argument, NULL, 'h'};
-  opts[NOPT + 1] = (struct option){"no-progress", no_argument, NULL, 'q'};
-  opts[NOPT + 2] = (struct option){"overlap", no_argument, NULL, 'o'};
-  opts[NOPT + 3] = (struct option){NULL, 0, NULL, 0};
-  optind = 1;
-  opterr = 0;
-  int c;
-  while ((c = getopt_long(argc, argv, ":h", opts, NULL)) != -1) {
-    if (c == 'h') {
-      usage(stdout);
-      o->help = 1;
-      return 0;
-    }
-    if (c == 'q' || c == 'o') {
-      *(c == 'q' ? &o->no_progress : &o->overlap) = 1;
-      continue;
-    }
-    if (c == '?' || c == ':') {
-      fprintf(stderr, "syncbn train: %s: %s\n", argv[optind - 1],
-              c == ':' ? "missing value" : "unknown option");
-      return 2;
-    }
-    const char *flag = with_arg[c - 1000];
-    int rc = set_uint(o, flag, optarg);
-    if (rc < 0)
-      rc = set_double(o, flag, optarg);
-    if (rc < 0)
-      rc = set_word(o, flag, optarg);
-    if (rc != 0)
-      return 2;
+  const sbn__cli_flag_t flags[] = {{"no-progress", &o->no_progress},
+                                   {"overlap", &o->overlap}};
+  int st = sbn__cli_getopt("train", argc, argv, with_arg,
+                           (int)(sizeof with_arg / sizeof *with_arg), flags, 2,
+                           train_value, o);
+  if (st == 1) {
+    usage(stdout);
+    o->help = 1;
+    return 0;
   }
-  if (optind < argc) {
-    fprintf(stderr, "syncbn train: unexpected argument '%s'\n", argv[optind]);
-    return 2;
-  }
+  if (st != 0)
+    return st;
   return check(o);
 }
 

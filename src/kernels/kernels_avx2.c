@@ -334,8 +334,9 @@ SBN__AVX2 static void avx2_bwd_apply(const float *x, const float *dy, float *dx,
 }
 
 SBN__AVX2 static void avx2_ln_forward(const float *x, float *y, size_t D,
-                                      float mh, float ml, float istd,
-                                      const float *w, const float *b) {
+                                      size_t total, float mh, float ml,
+                                      float istd, const float *w,
+                                      const float *b) {
   __m256 h = _mm256_set1_ps(mh), l = _mm256_set1_ps(ml);
   __m256 is = _mm256_set1_ps(istd);
   size_t i = 0;
@@ -346,7 +347,7 @@ SBN__AVX2 static void avx2_ln_forward(const float *x, float *y, size_t D,
       xh = _mm256_fmadd_ps(xh, _mm256_loadu_ps(w + i), _mm256_loadu_ps(b + i));
     _mm256_storeu_ps(y + i, xh);
   }
-  sbn__kernels_ref.ln_forward(x + i, y + i, D - i, mh, ml, istd,
+  sbn__kernels_ref.ln_forward(x + i, y + i, D - i, total, mh, ml, istd,
                               w != NULL ? w + i : NULL,
                               w != NULL ? b + i : NULL);
 }

@@ -114,8 +114,8 @@ static inline __m512 dx16(__m512 x, __m512 g, __m512d k1l, __m512d k1h,
 }
 
 /* LayerNorm rows and dropout (kernels_avx512_rows.c). */
-void sbn__avx512_ln_forward(const float *x, float *y, size_t D, float mh,
-                            float ml, float istd, const float *w,
+void sbn__avx512_ln_forward(const float *x, float *y, size_t D, size_t total,
+                            float mh, float ml, float istd, const float *w,
                             const float *b);
 void sbn__avx512_ln_bwd_reduce(const float *x, const float *dy, size_t D,
                                double mean, double istd, const float *w,
@@ -126,7 +126,8 @@ void sbn__avx512_ln_bwd_apply(const float *x, const float *dy, float *dx,
 void sbn__avx512_ln_bwd_rows(const float *x, const float *dy, float *dx,
                              size_t R, size_t D, const double *mean,
                              const double *istd, const float *w, double count,
-                             double *dw, double *db, float *fw, float *fb);
+                             double *dw, double *db, float *fw, float *fb,
+                             float *odw, float *odb);
 void sbn__avx512_dropout(const float *in, float *out, size_t n, uint64_t first,
                          const uint32_t key[2], uint32_t step, uint32_t layer,
                          uint32_t thr, float scale);

@@ -10,19 +10,38 @@
 /* ------------------------------------------------------------------ */
 /* LayerNorm rows. */
 
-void sbn__avx512_ln_forward(const float *x, float *y, size_t D, float mh,
-                            float ml, float istd, const float *w,
+/* One vector of a LayerNorm row. */
+static inline __m512 ln16(const float *x, const float *w, const float *b,
+                          __mmask16 m, __m512 h, __m512 l, __m512 is) {
+  __m512 xh =
+      _mm512_mul_ps(_mm512_sub_ps(_mm512_sub_ps(load16(m, x), h), l), is);
+  if (w != NULL)
+    xh = _mm512_fmadd_ps(xh, load16(m, w), load16(m, b));
+  return xh;
+}
+
+/* A row is normalized right after its statistics, from L2 (ops/
+ * layernorm.c); an output of NT_BYTES or more is streamed like
+ * normalize's, so that y neither evicts the row nor reads its lines
+ * before writing them: 8 bytes per element instead of 12. */
+void sbn__avx512_ln_forward(const float *x, float *y, size_t D, size_t total,
+                            float mh, float ml, float istd, const float *w,
                             const float *b) {
   __m512 h = _mm512_set1_ps(mh), l = _mm512_set1_ps(ml);
   __m512 is = _mm512_set1_ps(istd);
-  for (size_t i = 0; i < D; i += 16) {
+  int nt = total >= NT_BYTES / sizeof(float);
+  size_t i = head_elems(y, D, nt);
+  if (i > 0)
+    store16(y, ln16(x, w, b, tail_mask(i), h, l, is), tail_mask(i), 0);
+  for (; i < D; i += 16) {
     __mmask16 m = tail_mask(D - i);
-    __m512 xh =
-        _mm512_mul_ps(_mm512_sub_ps(_mm512_sub_ps(load16(m, x + i), h), l), is);
-    if (w != NULL)
-      xh = _mm512_fmadd_ps(xh, load16(m, w + i), load16(m, b + i));
-    store16(y + i, xh, m, 0);
+    store16(y + i,
+            ln16(x + i, w != NULL ? w + i : NULL, b != NULL ? b + i : NULL, m,
+                 h, l, is),
+            m, nt);
   }
+  if (nt)
+    _mm_sfence();
 }
 
 /* Adds the 16 lanes of v (of mask m) into d[0..16) in double. */
@@ -38,10 +57,11 @@ static inline void fold_masked(__m512 v, __mmask16 m, double *d) {
 /* One row's backward sums: xhat in float from the split mean, the row
  * sums of g = dy * w and g * xhat in float over chunks folded into
  * double; dy * xhat and dy are added per element into dw and db, in
- * double (fw == NULL) or into the float block sums fw and fb. */
+ * double (fw == NULL) or into the float block sums fw and fb (stored
+ * there instead when `first`). */
 static inline __attribute__((always_inline)) void ln_row_sums(
     const float *x, const float *dy, size_t D, double mean, double istd,
-    const float *w, double *dw, double *db, float *fw, float *fb,
+    const float *w, double *dw, double *db, float *fw, float *fb, int first,
     double sums[2]) {
   float fh = (float)mean;
   __m512 h = _mm512_set1_ps(fh), l = _mm512_set1_ps((float)(mean - fh));
@@ -59,7 +79,10 @@ static inline __attribute__((always_inline)) void ln_row_sums(
           d, w != NULL ? _mm512_mask_loadu_ps(one, m, w + i) : one);
       sg = _mm512_add_ps(sg, g);
       sgx = _mm512_fmadd_ps(g, xh, sgx);
-      if (fw != NULL) {
+      if (fw != NULL && first) {
+        store16(fw + i, _mm512_mul_ps(d, xh), m, 0);
+        store16(fb + i, d, m, 0);
+      } else if (fw != NULL) {
         store16(fw + i, _mm512_fmadd_ps(d, xh, load16(m, fw + i)), m, 0);
         store16(fb + i, _mm512_add_ps(d, load16(m, fb + i)), m, 0);
       } else {
@@ -82,7 +105,7 @@ void sbn__avx512_ln_bwd_reduce(const float *x, const float *dy, size_t D,
     sbn__kernels_ref.ln_bwd_reduce(x, dy, D, mean, istd, w, dw, db, sums);
     return;
   }
-  ln_row_sums(x, dy, D, mean, istd, w, dw, db, NULL, NULL, sums);
+  ln_row_sums(x, dy, D, mean, istd, w, dw, db, NULL, NULL, 0, sums);
 }
 
 /* dx of one row; with `ahead` set, also prefetches the row after it
@@ -119,78 +142,125 @@ void sbn__avx512_ln_bwd_apply(const float *x, const float *dy, float *dx,
   ln_apply_row(x, dy, dx, D, mean, istd, w, c2, c3, 0);
 }
 
-/* LayerNorm backward by blocks of RB rows: each row's sums, then its dx
- * while it is in L1/L2; dweight and dbias summed in float over the block
- * (fw, fb) and folded into double once per block, instead of a double
- * read-modify-write of both per element and row. */
-void sbn__avx512_ln_bwd_rows(const float *x, const float *dy, float *dx,
-                             size_t R, size_t D, const double *mean,
-                             const double *istd, const float *w, double count,
-                             double *dw, double *db, float *fw, float *fb) {
-  for (size_t r0 = 0; r0 < R; r0 += RB) {
-    size_t r1 = R - r0 < RB ? R : r0 + RB;
-    for (size_t i = 0; i < D; i += 16) {
-      __mmask16 m = tail_mask(D - i);
-      store16(fw + i, _mm512_setzero_ps(), m, 0);
-      store16(fb + i, _mm512_setzero_ps(), m, 0);
+/* Adds the block sums f into the double sums d (or sets d when `first`);
+ * on the last block writes (float)(d + f) to out instead (nothing when
+ * out is NULL), so the double sums are never zeroed or read back. */
+static void ln_fold(const float *f, double *d, float *out, size_t D, int first,
+                    int last) {
+  if (last && out == NULL)
+    return;
+  for (size_t i = 0; i < D; i += 16) {
+    __mmask16 m = tail_mask(D - i);
+    __mmask8 ml = (__mmask8)m, mh = (__mmask8)(m >> 8);
+    __m512d lo = _mm512_setzero_pd(), hi = lo;
+    if (!first) {
+      lo = _mm512_maskz_loadu_pd(ml, d + i);
+      hi = _mm512_maskz_loadu_pd(mh, d + i + 8);
     }
-    for (size_t r = r0; r < r1; r++) {
-      const float *xr = x + r * D, *dyr = dy + r * D;
-      double sums[2] = {0, 0};
-      if (D < SMALL_STAT)
-        sbn__kernels_ref.ln_bwd_reduce(xr, dyr, D, mean[r], istd[r], w, dw, db,
-                                       sums);
-      else
-        ln_row_sums(xr, dyr, D, mean[r], istd[r], w, NULL, NULL, fw, fb, sums);
-      double c2 = -istd[r] * sums[1] / count, c3 = -istd[r] * sums[0] / count;
-      ln_apply_row(xr, dyr, dx + r * D, D, mean[r], istd[r], w, c2, c3,
-                   r + 1 < R);
-    }
-    for (size_t i = 0; i < D; i += 16) {
-      __mmask16 m = tail_mask(D - i);
-      fold_masked(load16(m, fw + i), m, dw + i);
-      fold_masked(load16(m, fb + i), m, db + i);
+    fold16(load16(m, f + i), &lo, &hi);
+    if (last) {
+      store16(out + i, pack_pd(lo, hi), m, 0);
+    } else {
+      _mm512_mask_storeu_pd(d + i, ml, lo);
+      _mm512_mask_storeu_pd(d + i + 8, mh, hi);
     }
   }
 }
 
+/* Rows shorter than SMALL_STAT: the reference's double sums straight into
+ * dw and db, each row then applied. */
+static void ln_bwd_rows_small(const float *x, const float *dy, float *dx,
+                              size_t R, size_t D, const double *mean,
+                              const double *istd, const float *w, double count,
+                              double *dw, double *db, float *odw, float *odb) {
+  for (size_t i = 0; i < D; i++)
+    dw[i] = db[i] = 0;
+  for (size_t r = 0; r < R; r++) {
+    const float *xr = x + r * D, *dyr = dy + r * D;
+    double sums[2] = {0, 0};
+    sbn__kernels_ref.ln_bwd_reduce(xr, dyr, D, mean[r], istd[r], w, dw, db,
+                                   sums);
+    double c2 = -istd[r] * sums[1] / count, c3 = -istd[r] * sums[0] / count;
+    ln_apply_row(xr, dyr, dx + r * D, D, mean[r], istd[r], w, c2, c3, 0);
+  }
+  for (size_t i = 0; i < D; i++) {
+    if (odw != NULL)
+      odw[i] = (float)dw[i];
+    if (odb != NULL)
+      odb[i] = (float)db[i];
+  }
+}
+
+/* LayerNorm backward by blocks of RB rows: each row's sums, then its dx
+ * while it is in L1/L2; dweight and dbias summed in float over the block
+ * (fw, fb; the block's first row stores rather than adds, so they need no
+ * zeroing pass) and folded into double once per block, the last fold
+ * writing the float outputs. With few rows (ResNet-sized LayerNorm has 8
+ * rows of 200k elements) the passes over these row-sized arrays cost as
+ * much as the rows themselves: zeroing the doubles, and converting them
+ * afterwards, moved some 5 bytes per element of x at N = 8. */
+void sbn__avx512_ln_bwd_rows(const float *x, const float *dy, float *dx,
+                             size_t R, size_t D, const double *mean,
+                             const double *istd, const float *w, double count,
+                             double *dw, double *db, float *fw, float *fb,
+                             float *odw, float *odb) {
+  if (D < SMALL_STAT) {
+    ln_bwd_rows_small(x, dy, dx, R, D, mean, istd, w, count, dw, db, odw, odb);
+    return;
+  }
+  if (R == 0) {
+    for (size_t i = 0; i < D; i++) {
+      if (odw != NULL)
+        odw[i] = 0;
+      if (odb != NULL)
+        odb[i] = 0;
+    }
+    return;
+  }
+  for (size_t r0 = 0; r0 < R; r0 += RB) {
+    size_t r1 = R - r0 < RB ? R : r0 + RB;
+    for (size_t r = r0; r < r1; r++) {
+      const float *xr = x + r * D, *dyr = dy + r * D;
+      double sums[2] = {0, 0};
+      /* Two calls, so that each is compiled for its own case. */
+      if (r == r0)
+        ln_row_sums(xr, dyr, D, mean[r], istd[r], w, NULL, NULL, fw, fb, 1,
+                    sums);
+      else
+        ln_row_sums(xr, dyr, D, mean[r], istd[r], w, NULL, NULL, fw, fb, 0,
+                    sums);
+      double c2 = -istd[r] * sums[1] / count, c3 = -istd[r] * sums[0] / count;
+      ln_apply_row(xr, dyr, dx + r * D, D, mean[r], istd[r], w, c2, c3,
+                   r + 1 < R);
+    }
+    ln_fold(fw, dw, odw, D, r0 == 0, r1 == R);
+    ln_fold(fb, db, odb, D, r0 == 0, r1 == R);
+  }
+}
+
 /* ------------------------------------------------------------------ */
-/* Dropout: Philox4x32-10 on 16 lanes, two independent groups at a time
- * (128 elements) so the multiplies of one hide the latency of the other;
- * an unsigned compare against the threshold makes the keep mask. */
+/* Dropout: Philox4x32-10 with one block per 64-bit lane, its word in the
+ * low half. A 32 x 32 multiply (vpmuludq) then yields the whole product
+ * in the lane, low word below and high word above, so a round is two
+ * multiplies, two shifts and two three-way XORs per 8 blocks, with no
+ * splitting of even and odd lanes or blending back (what a round costs
+ * with 16 blocks in 32-bit lanes: 16 instructions per 16 blocks against
+ * 12 here). The high halves carry garbage that nothing reads: vpmuludq
+ * takes only the low word, and the outputs take only the low words.
+ * Dropout is bound by these instructions, not by memory (1.4-1.6 times a
+ * memcpy with the 32-bit layout), so they are what sets its speed. */
 
-/* The high and low halves of a * m in every 32-bit lane. */
-static inline void mulhilo16(__m512i a, __m512i m, __m512i *hi, __m512i *lo) {
-  __m512i pe = _mm512_mul_epu32(a, m);
-  __m512i po = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
-  *lo = _mm512_mask_blend_epi32(0xAAAA, pe, _mm512_slli_epi64(po, 32));
-  *hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(pe, 32), po);
-}
+#define PX_M0 0xD2511F53u
+#define PX_M1 0xCD9E8D57u
+#define PX_W0 0x9E3779B9u
+#define PX_W1 0xBB67AE85u
+/* Outputs of at least this many bytes are streamed: more than the L3
+ * (32 MiB here), so the lines would leave it before the next layer read
+ * them, and a streaming store saves reading each line before writing it.
+ * A smaller output is stored normally and stays in L3 for its reader. */
+#define DROPOUT_NT_BYTES ((size_t)32 << 20)
 
-/* The words of 16 blocks (lanes) transposed to memory order: w[q] holds
- * the four words of blocks 4q .. 4q + 3. */
-static inline void philox_order(__m512i c0, __m512i c1, __m512i c2, __m512i c3,
-                                __m512i w[4]) {
-  __m512i t0 = _mm512_unpacklo_epi32(c0, c1),
-          t1 = _mm512_unpacklo_epi32(c2, c3);
-  __m512i t2 = _mm512_unpackhi_epi32(c0, c1),
-          t3 = _mm512_unpackhi_epi32(c2, c3);
-  /* In each 128-bit lane L: u0 is block 4L's words, u1 4L+1's, ... */
-  __m512i u0 = _mm512_unpacklo_epi64(t0, t1),
-          u1 = _mm512_unpackhi_epi64(t0, t1);
-  __m512i u2 = _mm512_unpacklo_epi64(t2, t3),
-          u3 = _mm512_unpackhi_epi64(t2, t3);
-  __m512i a = _mm512_shuffle_i32x4(u0, u1, 0x44);
-  __m512i b = _mm512_shuffle_i32x4(u2, u3, 0x44);
-  __m512i c = _mm512_shuffle_i32x4(u0, u1, 0xEE);
-  __m512i d = _mm512_shuffle_i32x4(u2, u3, 0xEE);
-  w[0] = _mm512_shuffle_i32x4(a, b, 0x88);
-  w[1] = _mm512_shuffle_i32x4(a, b, 0xDD);
-  w[2] = _mm512_shuffle_i32x4(c, d, 0x88);
-  w[3] = _mm512_shuffle_i32x4(c, d, 0xDD);
-}
-
-/* Philox state of 16 blocks, one per lane. */
+/* Philox state of 8 blocks, one per 64-bit lane. */
 typedef struct px_s {
   __m512i c0, c1, c2, c3;
 } px_t;
@@ -199,65 +269,140 @@ static inline __attribute__((always_inline)) void px_round(px_t *s, __m512i m0,
                                                            __m512i m1,
                                                            __m512i k0,
                                                            __m512i k1) {
-  __m512i h0, l0, h1, l1;
-  mulhilo16(s->c0, m0, &h0, &l0);
-  mulhilo16(s->c2, m1, &h1, &l1);
-  s->c0 = _mm512_ternarylogic_epi32(h1, s->c1, k0, 0x96);
-  s->c1 = l1;
-  s->c2 = _mm512_ternarylogic_epi32(h0, s->c3, k1, 0x96);
-  s->c3 = l0;
+  __m512i p0 = _mm512_mul_epu32(s->c0, m0), p1 = _mm512_mul_epu32(s->c2, m1);
+  s->c0 = _mm512_ternarylogic_epi32(_mm512_srli_epi64(p1, 32), s->c1, k0, 0x96);
+  s->c1 = p1;
+  s->c2 = _mm512_ternarylogic_epi32(_mm512_srli_epi64(p0, 32), s->c3, k1, 0x96);
+  s->c3 = p0;
 }
 
-/* The 64 outputs of state s at out[0..64) from in[0..64). */
-static inline __attribute__((always_inline)) void px_apply(
-    const px_t *s, const float *in, float *out, __m512i thr, __m512 vs) {
-  __m512i w[4];
-  philox_order(s->c0, s->c1, s->c2, s->c3, w);
-  for (int q = 0; q < 4; q++) {
-    __mmask16 keep = _mm512_cmpge_epu32_mask(w[q], thr);
-    _mm512_storeu_ps(out + 16 * q, _mm512_maskz_mul_ps(
-                                       keep, _mm512_loadu_ps(in + 16 * q), vs));
+/* The first two rounds, where the counter's words 1-3 are the same in
+ * every lane (the high block word, step and layer): the products of
+ * lane-uniform words are scalars, so these rounds take one vector
+ * multiply each instead of two. Exactly the reference's rounds. */
+static inline __attribute__((always_inline)) void px_first2(
+    px_t *s, __m512i lo, uint32_t hi, uint32_t step, uint32_t layer,
+    uint32_t k0, uint32_t k1, __m512i m0, __m512i m1) {
+  /* Round 1: c0 varies, c1 = hi, c2 = step, c3 = layer. */
+  uint64_t q1 = (uint64_t)PX_M1 * step;
+  uint32_t u0 = (uint32_t)(q1 >> 32) ^ hi ^ k0, u1 = (uint32_t)q1;
+  __m512i p0 = _mm512_mul_epu32(lo, m0);
+  __m512i v2 = _mm512_xor_si512(_mm512_srli_epi64(p0, 32),
+                                _mm512_set1_epi32((int)(layer ^ k1)));
+  /* Round 2: c0 = u0 and c1 = u1 are uniform, c2 = v2 and c3 = p0 vary. */
+  k0 += PX_W0;
+  k1 += PX_W1;
+  uint64_t q0 = (uint64_t)PX_M0 * u0;
+  __m512i p1 = _mm512_mul_epu32(v2, m1);
+  s->c0 = _mm512_xor_si512(_mm512_srli_epi64(p1, 32),
+                           _mm512_set1_epi32((int)(u1 ^ k0)));
+  s->c1 = p1;
+  s->c2 =
+      _mm512_xor_si512(_mm512_set1_epi32((int)((uint32_t)(q0 >> 32) ^ k1)), p0);
+  s->c3 = _mm512_set1_epi32((int)(uint32_t)q0);
+}
+
+/* The 32 outputs of state s at out[0..32) from in[0..32). Lane 2L holds
+ * block L and lane 2L+1 block 4+L (see sbn__avx512_dropout), so pairing
+ * the words (w0 w1) and (w2 w3) of each lane and then the even and the
+ * odd lanes gives blocks 0-3 and 4-7 in memory order. */
+static inline __attribute__((always_inline)) void px_apply(const px_t *s,
+                                                           const float *in,
+                                                           float *out,
+                                                           __m512i thr,
+                                                           __m512 vs, int nt) {
+  const __m512i pair = _mm512_setr_epi32(0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10,
+                                         26, 12, 28, 14, 30);
+  __m512i p01 = _mm512_permutex2var_epi32(s->c0, pair, s->c1);
+  __m512i p23 = _mm512_permutex2var_epi32(s->c2, pair, s->c3);
+  __m512i w0 = _mm512_unpacklo_epi64(p01, p23);
+  __m512i w1 = _mm512_unpackhi_epi64(p01, p23);
+  __m512 y0 = _mm512_maskz_mul_ps(_mm512_cmpge_epu32_mask(w0, thr),
+                                  _mm512_loadu_ps(in), vs);
+  __m512 y1 = _mm512_maskz_mul_ps(_mm512_cmpge_epu32_mask(w1, thr),
+                                  _mm512_loadu_ps(in + 16), vs);
+  if (nt) {
+    _mm512_stream_ps(out, y0);
+    _mm512_stream_ps(out + 16, y1);
+  } else {
+    _mm512_storeu_ps(out, y0);
+    _mm512_storeu_ps(out + 16, y1);
   }
+}
+
+/* Elements the reference takes before a streaming pass's first aligned
+ * line: 0 without streaming, and streaming only where that head is whole
+ * Philox blocks (out 16-byte aligned). */
+static size_t dropout_head(const float *out, size_t n, int *nt) {
+  uintptr_t a = (uintptr_t)out;
+  if (!*nt || (a & 15) != 0) {
+    *nt = 0;
+    return 0;
+  }
+  size_t h = ((64 - (a & 63)) & 63) / sizeof(float);
+  return h < n ? h : n;
 }
 
 void sbn__avx512_dropout(const float *in, float *out, size_t n, uint64_t first,
                          const uint32_t key[2], uint32_t step, uint32_t layer,
                          uint32_t thr, float scale) {
-  const __m512i m0 = _mm512_set1_epi32((int)0xD2511F53u);
-  const __m512i m1 = _mm512_set1_epi32((int)0xCD9E8D57u);
+  const __m512i m0 = _mm512_set1_epi32((int)PX_M0);
+  const __m512i m1 = _mm512_set1_epi32((int)PX_M1);
   const __m512i vthr = _mm512_set1_epi32((int)thr);
   const __m512 vs = _mm512_set1_ps(scale);
-  const __m512i lane =
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  size_t i = 0;
-  /* Two independent states (a, b) in named variables, so that they stay
-   * in registers (as arrays GCC kept them on the stack). */
+  /* Block offsets of the 64-bit lanes (see px_apply). */
+  const __m512i lane = _mm512_setr_epi64(0, 4, 1, 5, 2, 6, 3, 7);
+  int nt = n >= DROPOUT_NT_BYTES / sizeof(float);
+  size_t i = dropout_head(out, n, &nt);
+  if (i > 0)
+    sbn__dropout_ref(in, out, i, first, key, step, layer, thr, scale);
+  /* Four independent states (a-d, 128 elements) in named variables, so
+   * that they stay in registers and the multiplies of one hide the
+   * latency of the others. */
   for (; i + 128 <= n; i += 128) {
     uint64_t block = (first + i) / 4;
     /* The high counter word is the same in every lane unless the low word
      * wraps inside this step; the reference takes that rare case. */
     if ((uint32_t)block > 0xFFFFFFFFu - 31u)
       break;
-    __m512i hi = _mm512_set1_epi32((int)(uint32_t)(block >> 32));
-    __m512i c2 = _mm512_set1_epi32((int)step),
-            c3 = _mm512_set1_epi32((int)layer);
+    uint32_t hi = (uint32_t)(block >> 32);
     __m512i lo =
-        _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)block), lane);
-    px_t a = {lo, hi, c2, c3};
-    px_t b = {_mm512_add_epi32(lo, _mm512_set1_epi32(16)), hi, c2, c3};
+        _mm512_add_epi64(_mm512_set1_epi64((long long)(uint32_t)block), lane);
+    const __m512i eight = _mm512_set1_epi64(8);
+    /* The input two steps ahead: the loads come after some 200
+     * instructions of rounds, too late for the hardware prefetcher to keep
+     * the memory busy through them. */
+    for (int q = 0; q < 8; q++)
+      _mm_prefetch((const char *)(in + i + 256 + 16 * q), _MM_HINT_T0);
+    px_t a, b, c, d;
     uint32_t k0 = key[0], k1 = key[1];
-#pragma GCC unroll 10
-    for (int r = 0; r < 10; r++) {
+    px_first2(&a, lo, hi, step, layer, k0, k1, m0, m1);
+    lo = _mm512_add_epi64(lo, eight);
+    px_first2(&b, lo, hi, step, layer, k0, k1, m0, m1);
+    lo = _mm512_add_epi64(lo, eight);
+    px_first2(&c, lo, hi, step, layer, k0, k1, m0, m1);
+    lo = _mm512_add_epi64(lo, eight);
+    px_first2(&d, lo, hi, step, layer, k0, k1, m0, m1);
+    k0 += 2 * PX_W0;
+    k1 += 2 * PX_W1;
+#pragma GCC unroll 8
+    for (int r = 2; r < 10; r++) {
       __m512i vk0 = _mm512_set1_epi32((int)k0);
       __m512i vk1 = _mm512_set1_epi32((int)k1);
       px_round(&a, m0, m1, vk0, vk1);
       px_round(&b, m0, m1, vk0, vk1);
-      k0 += 0x9E3779B9u;
-      k1 += 0xBB67AE85u;
+      px_round(&c, m0, m1, vk0, vk1);
+      px_round(&d, m0, m1, vk0, vk1);
+      k0 += PX_W0;
+      k1 += PX_W1;
     }
-    px_apply(&a, in + i, out + i, vthr, vs);
-    px_apply(&b, in + i + 64, out + i + 64, vthr, vs);
+    px_apply(&a, in + i, out + i, vthr, vs, nt);
+    px_apply(&b, in + i + 32, out + i + 32, vthr, vs, nt);
+    px_apply(&c, in + i + 64, out + i + 64, vthr, vs, nt);
+    px_apply(&d, in + i + 96, out + i + 96, vthr, vs, nt);
   }
+  if (nt)
+    _mm_sfence();
   if (i < n)
     sbn__dropout_ref(in + i, out + i, n - i, first + i, key, step, layer, thr,
                      scale);

@@ -95,9 +95,10 @@ static void ref_bwd_apply(const float *x, const float *dy, float *dx, size_t A,
   ref_bwd_apply_ld(x, dy, dx, A, C, S, C * S, mean, istd, k1, k2, k3);
 }
 
-static void ref_ln_forward(const float *x, float *y, size_t D, float mh,
-                           float ml, float istd, const float *w,
+static void ref_ln_forward(const float *x, float *y, size_t D, size_t total,
+                           float mh, float ml, float istd, const float *w,
                            const float *b) {
+  (void)total;
   if (w != NULL) {
     for (size_t i = 0; i < D; i++)
       y[i] = (((x[i] - mh) - ml) * istd) * w[i] + b[i];

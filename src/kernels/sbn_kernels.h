@@ -60,6 +60,14 @@ typedef struct sbn__kernels_s {
    * (A = 1), which computes the same. */
   void (*moments_ld)(const float *x, size_t A, size_t C, size_t S, size_t lda,
                      const float *k, double *s1, double *s2);
+  /* moments_ld shifted by the first element of each channel, k[c] =
+   * x[c * S], which the set writes to k; or NULL (then the caller sets k
+   * and calls moments_ld). A set can take the shift from its first load
+   * of each run instead of the caller's touching one line per channel
+   * beforehand: with 7x7 planes that separate touch took half as long as
+   * the moments themselves. */
+  void (*moments_pick)(const float *x, size_t A, size_t C, size_t S, size_t lda,
+                       float *k, double *s1, double *s2);
   void (*normalize_ld)(const float *x, float *y, size_t A, size_t C, size_t S,
                        size_t lda, const float *mh, const float *ml,
                        const float *scale, const float *shift);
@@ -70,10 +78,21 @@ typedef struct sbn__kernels_s {
                        size_t C, size_t S, size_t lda, const double *mean,
                        const double *istd, const double *k1, const double *k2,
                        const double *k3);
+  /* normalize on the dense view (1, C, S) of a block that is part of an
+   * output of `total` elements, or NULL (then normalize_ld computes it).
+   * A set may stream y when the whole output is large: the blocks that
+   * GroupNorm and InstanceNorm normalize while they are in cache are
+   * small slices of such an output, and their lines are not reread before
+   * the pass has moved on. */
+  void (*normalize_part)(const float *x, float *y, size_t C, size_t S,
+                         size_t total, const float *mh, const float *ml,
+                         const float *scale, const float *shift);
   /* LayerNorm rows (D contiguous elements with per-element affine; w and
-   * b are NULL without affine): y = xhat * w + b. */
-  void (*ln_forward)(const float *x, float *y, size_t D, float mh, float ml,
-                     float istd, const float *w, const float *b);
+   * b are NULL without affine): y = xhat * w + b. `total` is the whole
+   * output's element count, by which a set may choose streaming stores
+   * (an output that large leaves the cache before it is read). */
+  void (*ln_forward)(const float *x, float *y, size_t D, size_t total, float mh,
+                     float ml, float istd, const float *w, const float *b);
   /* Adds sum(g) and sum(g * xhat) with g = dy * w into sums[0], sums[1],
    * and dy * xhat, dy into dw[i], db[i]; xhat and the sums in double. */
   void (*ln_bwd_reduce)(const float *x, const float *dy, size_t D, double mean,
@@ -87,13 +106,15 @@ typedef struct sbn__kernels_s {
    * ln_bwd_reduce and ln_bwd_apply row by row, which is what this computes):
    * per row r the sums of ln_bwd_reduce, then dx as ln_bwd_apply with
    * c2 = -istd[r] * sum(g * xhat) / count and c3 = -istd[r] * sum(g) /
-   * count, while the row is in cache; adds dy * xhat and dy into dw[i] and
-   * db[i]. fw and fb are the caller's scratch of D floats each, where a set
-   * may sum a block of rows before adding into dw and db. */
+   * count, while the row is in cache; writes the sums over rows of
+   * dy * xhat and dy, formed in double and rounded once, to odw and odb
+   * (either may be NULL). dw and db are the caller's scratch of D doubles
+   * each, fw and fb of D floats each (any contents on entry), where a set
+   * may sum a block of rows in float before adding into double. */
   void (*ln_bwd_rows)(const float *x, const float *dy, float *dx, size_t R,
                       size_t D, const double *mean, const double *istd,
                       const float *w, double count, double *dw, double *db,
-                      float *fw, float *fb);
+                      float *fw, float *fb, float *odw, float *odb);
   /* Dropout of n elements starting at element index `first` (a multiple
    * of 4): out = word < thr ? 0 : in * scale, with the Philox words of
    * sbn_philox4x32_10 for counter (block, step, layer) and key. thr < 2^32
@@ -134,6 +155,10 @@ void sbn__k_normalize_ld(const float *x, float *y, size_t A, size_t C, size_t S,
 void sbn__k_bwd_reduce_ld(const float *x, const float *dy, size_t A, size_t C,
                           size_t S, size_t lda, const double *mean,
                           const double *istd, double *sdy, double *sdyx);
+/* normalize_part of the set in use, or normalize_ld where it has none. */
+void sbn__k_normalize_part(const float *x, float *y, size_t C, size_t S,
+                           size_t total, const float *mh, const float *ml,
+                           const float *scale, const float *shift);
 void sbn__k_bwd_apply_ld(const float *x, const float *dy, float *dx, size_t A,
                          size_t C, size_t S, size_t lda, const double *mean,
                          const double *istd, const double *k1, const double *k2,

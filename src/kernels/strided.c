@@ -37,6 +37,16 @@ void sbn__k_normalize_ld(const float *x, float *y, size_t A, size_t C, size_t S,
     t->normalize(x + a * lda, y + a * lda, 1, C, S, mh, ml, scale, shift);
 }
 
+void sbn__k_normalize_part(const float *x, float *y, size_t C, size_t S,
+                           size_t total, const float *mh, const float *ml,
+                           const float *scale, const float *shift) {
+  const sbn__kernels_t *t = sbn__kernels();
+  if (t->normalize_part != NULL)
+    t->normalize_part(x, y, C, S, total, mh, ml, scale, shift);
+  else
+    sbn__k_normalize_ld(x, y, 1, C, S, C * S, mh, ml, scale, shift);
+}
+
 void sbn__k_bwd_reduce_ld(const float *x, const float *dy, size_t A, size_t C,
                           size_t S, size_t lda, const double *mean,
                           const double *istd, double *sdy, double *sdyx) {

@@ -44,14 +44,6 @@ void sbn_nn_linear_backward(size_t n, size_t in, size_t out, const float *x,
                 (int)out, 1.0f, dy, (int)out, w, (int)in, 0.0f, dx, (int)in);
 }
 
-size_t sbn_nn_conv_oh(const sbn_nn_conv_t *g) {
-  return g->h + 2 * g->pad - g->k + 1;
-}
-
-size_t sbn_nn_conv_ow(const sbn_nn_conv_t *g) {
-  return g->w + 2 * g->pad - g->k + 1;
-}
-
 size_t sbn_nn_conv_col_floats(const sbn_nn_conv_t *g) {
   return g->cin * g->k * g->k * sbn_nn_conv_oh(g) * sbn_nn_conv_ow(g);
 }

@@ -43,10 +43,17 @@ typedef struct sbn_nn_conv_s {
   sbn_layout_t layout;
 } sbn_nn_conv_t;
 
-/* Output height and width, and the floats of the im2col buffer (one image's
- * (cin k k) x (oh ow) matrix) that forward and backward need. */
-size_t sbn_nn_conv_oh(const sbn_nn_conv_t *g);
-size_t sbn_nn_conv_ow(const sbn_nn_conv_t *g);
+/* Output height and width (stride 1). They are inline here because both
+ * layouts' convolutions (layers.c, layers_nhwc.c) need them and neither file
+ * should have to call back into the other. */
+static inline size_t sbn_nn_conv_oh(const sbn_nn_conv_t *g) {
+  return g->h + 2 * g->pad - g->k + 1;
+}
+static inline size_t sbn_nn_conv_ow(const sbn_nn_conv_t *g) {
+  return g->w + 2 * g->pad - g->k + 1;
+}
+/* The floats of the im2col buffer (one image's (cin k k) x (oh ow) matrix)
+ * that forward and backward need. */
 size_t sbn_nn_conv_col_floats(const sbn_nn_conv_t *g);
 /* Checks the geometry (positive sizes, k <= h + 2 pad and w + 2 pad). */
 int sbn_nn_conv_check(const sbn_nn_conv_t *g);

@@ -62,16 +62,23 @@ void sbn__view_moments(const float *x, size_t A, size_t C, size_t S,
 void sbn__view_moments_ld(const float *x, size_t A, size_t C, size_t S,
                           size_t lda, sbn__chan_t *ch, sbn_rec_t *recs) {
   double n = (double)A * (double)S;
+  const sbn__kernels_t *t = sbn__kernels();
+  int threaded = lda == C * S && sbn_threads() > 1;
+  int pick = A > 0 && S > 0 && !threaded && t->moments_pick != NULL;
   for (size_t c = 0; c < C; c++) {
     /* Shifting by a value of the data itself keeps the squared sums small
-     * for any |mean|/std, so double accumulation loses nothing. */
-    ch->k[c] = (A > 0 && S > 0) ? x[c * S] : 0.0f;
+     * for any |mean|/std, so double accumulation loses nothing. The same
+     * first element when the set picks it (moments_pick). */
+    if (!pick)
+      ch->k[c] = (A > 0 && S > 0) ? x[c * S] : 0.0f;
     ch->d1[c] = 0;
     ch->d2[c] = 0;
   }
   /* A threaded build splits dense calls (ops/par.c); one thread takes
    * the strided entry, dense or not, as the kernels room intends. */
-  if (A > 0 && S > 0 && lda == C * S && sbn_threads() > 1)
+  if (pick)
+    t->moments_pick(x, A, C, S, lda, ch->k, ch->d1, ch->d2);
+  else if (A > 0 && S > 0 && threaded)
     sbn__kt()->moments(x, A, C, S, ch->k, ch->d1, ch->d2);
   else if (A > 0 && S > 0)
     sbn__k_moments_ld(x, A, C, S, lda, ch->k, ch->d1, ch->d2);

@@ -169,7 +169,12 @@ int sbn__grouped_forward(sbn_layer_t *l, const sbn_forward_args_t *a,
         sbn__view_moments_ld(xs + o, v.gA, g1 - g0, v.gS, G * v.gS, &f.ch,
                              f.ch.rec + g0);
       gn_fwd_groups(&f, n, g0, g1, S);
-      if (plane > 0)
+      /* An NCHW block is dense, a slice of the N * plane output. */
+      if (plane > 0 && v.cA == 1)
+        sbn__k_normalize_part(xs + o, ys + o, (g1 - g0) * cpg, v.cS, N * plane,
+                              f.ch.mh + c0, f.ch.ml + c0, f.ch.k1 + c0,
+                              f.ch.k2 + c0);
+      else if (plane > 0)
         sbn__k_normalize_ld(xs + o, ys + o, v.cA, (g1 - g0) * cpg, v.cS,
                             C * v.cS, f.ch.mh + c0, f.ch.ml + c0, f.ch.k1 + c0,
                             f.ch.k2 + c0);
@@ -190,9 +195,10 @@ static void gn_bwd_group(const sbn_layer_t *l, const sbn_backward_args_t *a,
                          sbn__chan_t *ch, size_t c0, size_t cpg, double mean,
                          double is) {
   const sbn_layer_params_t *p = &l->p;
-  /* Sums of dxhat = dy * weight and dxhat * xhat over the group. */
+  /* Sums of dxhat = dy * weight and dxhat * xhat over the group (not
+   * used by InstanceNorm's one-channel groups). */
   double sg = 0, sgx = 0;
-  for (size_t c = c0; c < c0 + cpg; c++) {
+  for (size_t c = c0; c < c0 + cpg && !gp->instance; c++) {
     double w = p->affine ? a->weight[c] : 1.0;
     sg += w * ch->d1[c];
     sgx += w * ch->d2[c];
@@ -246,13 +252,15 @@ int sbn__grouped_backward(sbn_layer_t *l, const sbn_backward_args_t *a,
     for (size_t g0 = 0; g0 < G; g0 += gb) {
       size_t g1 = G - g0 < gb ? G : g0 + gb, c0 = g0 * cpg, c1 = g1 * cpg;
       size_t o = c0 * v.cS, lda = C * v.cS;
-      for (size_t c = c0; c < c1; c++) {
-        size_t g = n * G + c / cpg;
-        ch.dmean[c] = mean[g];
-        ch.distd[c] = istd[g];
-        ch.d1[c] = 0;
-        ch.d2[c] = 0;
-      }
+      /* By group, not c / cpg per channel: with 7x7 planes the per
+       * channel work here is a fair part of the pass. */
+      for (size_t g = g0; g < g1; g++)
+        for (size_t c = g * cpg; c < (g + 1) * cpg; c++) {
+          ch.dmean[c] = mean[n * G + g];
+          ch.distd[c] = istd[n * G + g];
+          ch.d1[c] = 0;
+          ch.d2[c] = 0;
+        }
       sbn__k_bwd_reduce_ld(xs + o, dys + o, v.cA, c1 - c0, v.cS, lda,
                            ch.dmean + c0, ch.distd + c0, ch.d1 + c0,
                            ch.d2 + c0);

@@ -102,7 +102,7 @@ static int ln_forward(sbn_layer_t *l, const sbn_forward_args_t *a,
       float *y = a->y + (r0 + r) * D;
       float mh, ml;
       sbn__split_mean(mean, &mh, &ml);
-      sbn__kernels()->ln_forward(x, y, D, mh, ml, (float)istd,
+      sbn__kernels()->ln_forward(x, y, D, N * D, mh, ml, (float)istd,
                                  p->affine ? a->weight : NULL,
                                  p->affine ? a->bias : NULL);
       if (smean != NULL) {
@@ -129,27 +129,30 @@ static int ln_backward(sbn_layer_t *l, const sbn_backward_args_t *a,
   double *dw =
       (double *)(void *)((char *)a->workspace + sbn__chan_bytes(SBN__LN_CHUNK));
   double *db = dw + D;
+  const float *w = p->affine ? a->weight : NULL;
+  const sbn__kernels_t *k = sbn__kernels();
+  if (k->ln_bwd_rows != NULL) {
+    /* The set writes dweight and dbias itself (its scratch needs no
+     * zeroing: with few long rows, passes over these row-sized arrays
+     * cost as much as the rows). */
+    float *fw =
+        (float *)(void *)((char *)dw + sbn__align64(2 * D * sizeof(double)));
+    k->ln_bwd_rows(a->x, a->dy, a->dx, N, D, mean, istd, w, count, dw, db, fw,
+                   fw + D, a->dweight, a->dbias);
+    return 0;
+  }
   for (size_t i = 0; i < D; i++) {
     dw[i] = 0;
     db[i] = 0;
   }
-  const float *w = p->affine ? a->weight : NULL;
-  const sbn__kernels_t *k = sbn__kernels();
-  if (k->ln_bwd_rows != NULL) {
-    float *fw =
-        (float *)(void *)((char *)dw + sbn__align64(2 * D * sizeof(double)));
-    k->ln_bwd_rows(a->x, a->dy, a->dx, N, D, mean, istd, w, count, dw, db, fw,
-                   fw + D);
-  } else {
-    for (size_t r = 0; r < N; r++) {
-      const float *x = a->x + r * D, *dy = a->dy + r * D;
-      double sums[2] = {0, 0};
-      k->ln_bwd_reduce(x, dy, D, mean[r], istd[r], w, dw, db, sums);
-      /* dx = istd * (w*dy - mean(w*dy) - xhat * mean(w*dy*xhat)). */
-      double c2 = -istd[r] * sums[1] / count;
-      double c3 = -istd[r] * sums[0] / count;
-      k->ln_bwd_apply(x, dy, a->dx + r * D, D, mean[r], istd[r], w, c2, c3);
-    }
+  for (size_t r = 0; r < N; r++) {
+    const float *x = a->x + r * D, *dy = a->dy + r * D;
+    double sums[2] = {0, 0};
+    k->ln_bwd_reduce(x, dy, D, mean[r], istd[r], w, dw, db, sums);
+    /* dx = istd * (w*dy - mean(w*dy) - xhat * mean(w*dy*xhat)). */
+    double c2 = -istd[r] * sums[1] / count;
+    double c3 = -istd[r] * sums[0] / count;
+    k->ln_bwd_apply(x, dy, a->dx + r * D, D, mean[r], istd[r], w, c2, c3);
   }
   for (size_t i = 0; i < D; i++) {
     if (a->dweight != NULL)

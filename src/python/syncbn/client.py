@@ -148,16 +148,42 @@ class SyncbnClient:
     def _call_fd(self, op, fd, **keys):
         """call(), with the descriptor fd (if not None) passed with
         SCM_RIGHTS on the frame's bytes (shm_attach)."""
-        rid = self.next_id
-        self.next_id += 1
-        body = msgpack.packb(dict(keys, op=op, id=rid), use_bin_type=True)
-        frame = struct.pack(">I", len(body)) + body
+        rid, frame = self._frame(op, keys)
         if fd is not None:
             anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                     array.array("i", [fd]).tobytes())]
             sent = self.sock.sendmsg([frame], anc)
             frame = frame[sent:]
         self.sock.sendall(frame)
+        return self._reply(rid)
+
+    def calls(self, requests):
+        """Pipelines requests, a list of (op, keys) pairs: sends them all in
+        one write, then reads their replies, which come in order (a request
+        waits behind a deferred one, so a get_state sent behind a
+        syncbatchnorm forward sees the statistics that forward moved).
+        Returns the replies; after reading them all, raises the first
+        error reply as SyncbnError."""
+        sent = [self._frame(op, keys) for op, keys in requests]
+        self.sock.sendall(b"".join(f for _, f in sent))
+        out, err = [], None
+        for rid, _ in sent:
+            try:
+                out.append(self._reply(rid))
+            except SyncbnError as e:
+                err = err or e
+                out.append(None)
+        if err is not None:
+            raise err
+        return out
+
+    def _frame(self, op, keys):
+        rid = self.next_id
+        self.next_id += 1
+        body = msgpack.packb(dict(keys, op=op, id=rid), use_bin_type=True)
+        return rid, struct.pack(">I", len(body)) + body
+
+    def _reply(self, rid):
         n = struct.unpack(">I", self._recv_exact(4))[0]
         reply = msgpack.unpackb(self._recv_exact(n), raw=False)
         if "error" in reply:
