@@ -2,7 +2,8 @@
  * goes wrong: channel counts and spatial sizes around and between
  * multiples of 8 and 16, in both layouts, for every normalization op, plus
  * guard elements after every output to catch tail overruns; wide and odd
- * channel counts (1, 3, 17, 1000) on unaligned pointers. */
+ * channel counts (1, 3, 17, 1000) on unaligned pointers; channels-last
+ * rows of several register tiles and samples large enough to stream. */
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -279,6 +280,48 @@ static void test_wide_unaligned(void **state) {
   sbn_kernel_select("ref");
 }
 
+/* Channels-last shapes for the register-tile passes of the optimized sets
+ * (kernels_avx512_nhwc.c): rows of several tiles with and without a partial
+ * last vector (C = 48 .. 1000; C = 272 is the period of 17 channels;
+ * C = 2100 is more than one piece of 2048 positions),
+ * GroupNorm groups of 16, 32 and 64 channels (short runs in the group
+ * view, beside the channel view's rows), samples of over 256 KiB (whose
+ * outputs stream after a masked head) and x, dy, y, dx 1 or 3 floats off
+ * alignment. */
+static void test_channels_last_tiles(void **state) {
+  (void)state;
+  const char *const *sets;
+  int nsets = tu_kernel_sets(&sets);
+  const size_t Cs[] = {48, 96, 192, 256, 272, 1000, 2100};
+  const sbn_op_t ops[] = {SBN_OP_BATCHNORM, SBN_OP_INSTANCENORM,
+                          SBN_OP_GROUPNORM};
+  const char *opn[] = {"bn", "in", "gn"};
+  for (int ks = 0; ks < nsets; ks++) {
+    if (strcmp(sets[ks], "ref") == 0 || tu_kernel_use(sets[ks]) != 0)
+      continue;
+    for (int io = 0; io < 3; io++)
+      for (size_t ic = 0; ic < sizeof Cs / sizeof *Cs; ic++)
+        for (int mode = 0; mode < 2; mode++) {
+          /* About 70k elements (280 KB) per sample, two samples. */
+          size_t C = Cs[ic], S = 70000 / C + 1, N = 2, off = 1 + 2 * (ic % 2);
+          char what[128];
+          snprintf(what, sizeof what, "%s %s NHWC N=%zu C=%zu S=%zu off=%zu %s",
+                   sets[ks], opn[io], N, C, S, off, mode ? "eval" : "train");
+          outs_t a, b;
+          assert_int_equal(sbn_kernel_select("ref"), 0);
+          run_op_at(ops[io], SBN_LAYOUT_NHWC, N, C, S, (sbn_mode_t)mode, 0, &a,
+                    what);
+          assert_int_equal(sbn_kernel_select(sets[ks]), 0);
+          run_op_at(ops[io], SBN_LAYOUT_NHWC, N, C, S, (sbn_mode_t)mode, off,
+                    &b, what);
+          compare_outs(ops[io], opn[io], N, C, S, &a, &b, what);
+          free_outs(&a);
+          free_outs(&b);
+        }
+  }
+  sbn_kernel_select("ref");
+}
+
 /* The name reported matches the selection, and the automatic choice is one
  * of the known sets. */
 static void test_names(void **state) {
@@ -438,6 +481,7 @@ int main(void) {
       cmocka_unit_test(test_names),
       cmocka_unit_test(test_sets_vs_ref),
       cmocka_unit_test(test_wide_unaligned),
+      cmocka_unit_test(test_channels_last_tiles),
       cmocka_unit_test(test_layout_agreement),
       cmocka_unit_test(test_dropout_sets),
   };

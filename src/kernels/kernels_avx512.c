@@ -11,7 +11,9 @@
  *    small arrays, so every pass is a plain stream of whole vectors (and a
  *    masked tail). When lcm(C*S, 16) is small the rows are periods of the
  *    flat array, so even C = 1 or 3 fills every lane; otherwise they are
- *    tiles of each row of C*S elements.
+ *    tiles of each row of C*S elements. kernels_avx512_nhwc.c takes these
+ *    views first (sbn__avx512_cl_*), holding a tile of a row's parameters
+ *    and sums in registers; the loops here run where it declines.
  *
  * Statistics accumulate in float over short blocks (at most 16 values per
  * lane) that are folded into double, so no element is converted to double
@@ -25,6 +27,7 @@
 #ifdef SBN__HAVE_AVX512
 #include "kernels/kernels_avx512_inl.h"
 
+#include "kernels/kernels_avx512_nhwc.h"
 #include "kernels/kernels_geo_inl.h"
 
 /* Float sums over the rows of one piece into per-position doubles d1, d2
@@ -495,6 +498,8 @@ static void avx512_moments_ld(const float *x, size_t A, size_t C, size_t S,
     return;
   }
   if (S < 16) {
+    if (sbn__avx512_cl_sums(0, x, NULL, A, C, S, lda, k, NULL, NULL, s1, s2))
+      return;
     pos_sums(0, x, NULL, A, C, S, lda, k, NULL, NULL, s1, s2);
     return;
   }
@@ -525,6 +530,8 @@ static void avx512_normalize_ld(const float *x, float *y, size_t A, size_t C,
                                 const float *ml, const float *scale,
                                 const float *shift) {
   if (S < 16) {
+    if (sbn__avx512_cl_normalize(x, y, A, C, S, lda, mh, ml, scale, shift))
+      return;
     pos_normalize(x, y, A, C, S, lda, mh, ml, scale, shift);
     return;
   }
@@ -550,6 +557,9 @@ static void avx512_bwd_reduce_ld(const float *x, const float *dy, size_t A,
     return;
   }
   if (S < 16) {
+    if (sbn__avx512_cl_sums(1, x, dy, A, C, S, lda, NULL, mean, istd, sdy,
+                            sdyx))
+      return;
     pos_sums(1, x, dy, A, C, S, lda, NULL, mean, istd, sdy, sdyx);
     return;
   }
@@ -572,6 +582,8 @@ static void avx512_bwd_apply_ld(const float *x, const float *dy, float *dx,
                                 const double *k1, const double *k2,
                                 const double *k3) {
   if (S < 16) {
+    if (sbn__avx512_cl_apply(x, dy, dx, A, C, S, lda, mean, istd, k1, k2, k3))
+      return;
     pos_apply(x, dy, dx, A, C, S, lda, mean, istd, k1, k2, k3);
     return;
   }

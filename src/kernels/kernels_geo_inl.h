@@ -38,15 +38,19 @@ static inline size_t gcd(size_t a, size_t b) {
  * each position's accumulator is touched only every 8 vectors, then the rest
  * (whole rows of C*S) as a last short row; only for lda = C*S, when the
  * rows are one flat array. Tiled: PMAX positions of every row at a
- * time. */
-static inline int geo_piece(size_t A, size_t C, size_t S, size_t lda, size_t i,
-                            geo_t *g, size_t *off) {
+ * time. geo_piece_p repeats periods while shorter than minP and not
+ * longer than maxP after doubling, and takes maxP for PMAX (geo_piece:
+ * 128 and PMAX; kernels_avx512_nhwc.c wants periods of one register tile
+ * and rows of up to 2048 positions). */
+static inline int geo_piece_p(size_t A, size_t C, size_t S, size_t lda,
+                              size_t i, size_t minP, size_t maxP, geo_t *g,
+                              size_t *off) {
   size_t cs = C * S, n = A * cs;
   if (n == 0)
     return 0;
   size_t P = cs / gcd(cs, 16) * 16;
-  if (P <= PMAX && lda == cs) {
-    while (P < 128 && 2 * P <= PMAX)
+  if (P <= maxP && lda == cs) {
+    while (P < minP && 2 * P <= maxP)
       P *= 2;
     size_t rows = n / P;
     if (i == 0 && rows > 0) {
@@ -61,12 +65,17 @@ static inline int geo_piece(size_t A, size_t C, size_t S, size_t lda, size_t i,
     }
     return 0;
   }
-  size_t j0 = i * PMAX;
+  size_t j0 = i * maxP;
   if (j0 >= cs)
     return 0;
-  *g = (geo_t){A, lda, cs - j0 < PMAX ? cs - j0 : PMAX, j0};
+  *g = (geo_t){A, lda, cs - j0 < maxP ? cs - j0 : maxP, j0};
   *off = j0;
   return 1;
+}
+
+static inline int geo_piece(size_t A, size_t C, size_t S, size_t lda, size_t i,
+                            geo_t *g, size_t *off) {
+  return geo_piece_p(A, C, S, lda, i, 128, PMAX, g, off);
 }
 
 #endif /* SBN_KERNELS_GEO_INL_H */

@@ -1,0 +1,505 @@
+/* AVX-512 channels-last passes over the position view (kernels_geo_inl.h:
+ * rows of L positions whose channels repeat) with the per-position
+ * parameters and float sums of a tile of a row (up to 4 or 8 vectors) in
+ * registers. A row of one tile (NHWC C up to 64 or 128, or any C whose
+ * period lcm(C, 16) is that short) streams straight through; the tiles of
+ * a wider row pass down a block of rows one after another, so each loads
+ * its registers once per block (moments and normalize; see cl_takes for
+ * where that order pays). kernels_avx512.c's general position view keeps
+ * these in small arrays in L1 and pays four to seven loads and stores per
+ * vector of data; here a vector of data costs one load (two backward) and
+ * its arithmetic. Where cl_takes declines, kernels_avx512.c runs its own
+ * view.
+ *
+ * Accuracy is that of kernels_avx512.c: float partial sums of at most 16
+ * values per lane (a block of RB rows) folded into double per position,
+ * and dx in double. Compiled with the AVX-512 flags; run only after
+ * dispatch.c's CPU check. */
+#include "kernels/sbn_kernels.h"
+
+#ifdef SBN__HAVE_AVX512
+#include "kernels/kernels_avx512_inl.h"
+
+#include "kernels/kernels_avx512_nhwc.h"
+#include "kernels/kernels_geo_inl.h"
+
+/* Positions per row of a piece: ResNet-50's widest C is one row. Wider
+ * rows are split into pieces of this many positions. */
+#define CL_PMAX 2048
+/* Per-position arrays: a row plus the whole vectors a tile may read past
+ * its last position (masked off). */
+#define CL_LEN (CL_PMAX + 16)
+/* Rows of a block, over which a tile of a wide row keeps its registers
+ * (the sums fold every RB rows, which is the same number). */
+#define CL_BLOCK 16
+/* The loops over a tile's vectors are unrolled in full, so that its
+ * arrays of vectors become registers (GCC otherwise keeps them on the
+ * stack and loads and stores them for every vector of data). */
+#define CL_UNROLL _Pragma("GCC unroll 8")
+/* Prefetch distance of a row of one tile, in floats (2 KiB), measured
+ * best of 256..2048; a wide row prefetches the next block instead. */
+#define CL_PF 512
+
+/* Outputs of a quarter of the core's L2 or more stream. A channels-last
+ * call is most often one sample of InstanceNorm or GroupNorm (the whole
+ * sample is one block there, ops/groupnorm.c), and a sample's y leaves the
+ * L2 before anything reads it when the next sample passes through, so a
+ * streaming store saves the read of each line before its write (12 bytes
+ * per element down to 8; perf: the normalize of an L2-resident sample
+ * took as long as the memcpy floor with plain stores, half as long
+ * streamed), as for kernels_avx512.c's larger outputs (NT_BYTES). */
+#define CL_NT_BYTES ((size_t)256 << 10)
+
+static int cl_want_nt(size_t A, size_t C, size_t S, size_t lda) {
+  size_t span = A > 0 ? (A - 1) * lda + C * S : 0;
+  return span >= CL_NT_BYTES / sizeof(float);
+}
+
+/* Piece i of the view for tiles of `tile` positions and its offset; 0
+ * when there is none. A short period (lcm(C*S, 16), repeated up to one
+ * tile) fills every lane even for C = 1 or 3, and a longer one of at most
+ * CL_PMAX still beats rows with a mostly empty last vector (C = 17: 272
+ * positions, where rows of 17 would waste 15 lanes in 32). A row of at
+ * least 128 positions or of whole vectors is a piece by itself: its last
+ * vector wastes little, and its parameters are laid out once per call for
+ * one row instead of a period of several (a sample of InstanceNorm with
+ * C = 1000 laid out 2000 positions for 49 rows). Rows over CL_PMAX are
+ * split into pieces of CL_PMAX positions. */
+static int cl_piece(size_t A, size_t C, size_t S, size_t lda, size_t i,
+                    size_t tile, geo_t *g, size_t *off) {
+  size_t cs = C * S, P = cs / gcd(cs, 16) * 16, j0 = i * CL_PMAX;
+  if (lda == cs && P <= tile)
+    return geo_piece_p(A, C, S, lda, i, tile, tile, g, off);
+  if (lda == cs && cs < 128 && cs % 16 != 0 && P <= CL_PMAX)
+    return geo_piece_p(A, C, S, lda, i, P, P, g, off);
+  if (A * cs == 0 || j0 >= cs)
+    return 0;
+  *g = (geo_t){A, lda, cs - j0 < CL_PMAX ? cs - j0 : CL_PMAX, j0};
+  *off = j0;
+  return 1;
+}
+
+/* Whether the passes here take the view: every piece's row is one tile
+ * of at most `tile` positions, or `wide` is set. Measured from memory
+ * (rotating copies, against kernels_avx512.c's general position view,
+ * BatchNorm-sized views of C = 17, 64, 256, 1000, 2048): the tile order of
+ * wide rows took 0.5 to 0.9 of the general view's time for the moments and
+ * normalize, but the backward sums, whose tiles hold 20 registers of
+ * parameters, were slower for C = 17 and 256 (1.3 to 1.6 times), and dx
+ * (24 registers) tiled down blocks of rows took 1.2 to 2.3 times as long;
+ * backward takes rows of one tile only. */
+static int cl_takes(size_t A, size_t C, size_t S, size_t lda, size_t tile,
+                    int wide) {
+  geo_t g[1];
+  size_t off;
+  if (wide)
+    return 1;
+  for (size_t i = 0; cl_piece(A, C, S, lda, i, tile, g, &off); i++)
+    if (g->L > tile)
+      return 0;
+  return 1;
+}
+
+/* Positions of a piece padded to whole vectors. */
+static size_t cl_pad(size_t L) {
+  return (L + 15) & ~(size_t)15;
+}
+
+/* The channel of each position j < cl_pad(L) of a piece, the positions
+ * rotated by rot (see sbn__avx512_cl_normalize) and those past L given
+ * position 0's. Counted rather than divided: a sample of InstanceNorm or
+ * GroupNorm lays out its parameters once per call, and a division per
+ * position cost as much as streaming a small sample. */
+static void cl_chans(const geo_t *g, size_t C, size_t S, size_t rot,
+                     unsigned *ch) {
+  unsigned at[CL_LEN];
+  size_t L = g->L, s = g->j0 % S, c = (g->j0 / S) % C;
+  for (size_t p = 0; p < L; p++) {
+    at[p] = (unsigned)c;
+    if (++s == S) {
+      s = 0;
+      c = c + 1 == C ? 0 : c + 1;
+    }
+  }
+  for (size_t j = 0, p = rot % L; j < cl_pad(L);
+       j++, p = p + 1 == L ? 0 : p + 1)
+    ch[j] = j < L ? at[p] : at[0];
+}
+
+/* The parameters of one piece of normalize, laid out per position. */
+typedef struct cl_norm_par_s {
+  float h[CL_LEN] __attribute__((aligned(64)));
+  float l[CL_LEN] __attribute__((aligned(64)));
+  float s[CL_LEN] __attribute__((aligned(64)));
+  float b[CL_LEN] __attribute__((aligned(64)));
+} cl_norm_par_t;
+
+/* All four normalize parameters of a piece, zero past its L positions. */
+static void cl_layout_norm(const geo_t *g, size_t C, size_t S, size_t rot,
+                           const float *mh, const float *ml, const float *scale,
+                           const float *shift, cl_norm_par_t *pp) {
+  unsigned ch[CL_LEN];
+  cl_chans(g, C, S, rot, ch);
+  for (size_t j = 0; j < cl_pad(g->L); j++) {
+    int in = j < g->L;
+    pp->h[j] = in ? mh[ch[j]] : 0.0f;
+    pp->l[j] = in ? ml[ch[j]] : 0.0f;
+    pp->s[j] = in ? scale[ch[j]] : 0.0f;
+    pp->b[j] = in ? shift[ch[j]] : 0.0f;
+  }
+}
+
+/* ------------------------------------------------------------------ */
+/* The tile functions: one instance per tile width V (vectors) and tail
+ * (the last vector partial), so that the tile's arrays of vectors are
+ * registers and only a partial last vector is masked. Each runs `rows`
+ * rows of a tile L <= 16 V positions wide, prefetching pf floats ahead. */
+
+/* Vector v of a tile: whole, or the masked last one of a tail tile. */
+static inline __attribute__((always_inline)) __m512 cl_ld(int tail, int v,
+                                                          int V, __mmask16 m,
+                                                          const float *p) {
+  return tail && v == V - 1 ? _mm512_maskz_loadu_ps(m, p) : _mm512_loadu_ps(p);
+}
+
+static inline __attribute__((always_inline)) void cl_st(int tail, int v, int V,
+                                                        __mmask16 m, float *p,
+                                                        __m512 y, int nt) {
+  if (tail && v == V - 1)
+    _mm512_mask_storeu_ps(p, m, y);
+  else
+    store16(p, y, 0xFFFF, nt);
+}
+
+/* The mask of a tile's last vector. */
+static inline __mmask16 cl_last(size_t L) {
+  return tail_mask(L - 16 * ((L - 1) / 16));
+}
+
+/* Instances of a tile function F(V, TAIL) for V = 1..4 or 1..8, and their
+ * table T[tail][V - 1]. */
+#define CL_ROWS4(F) \
+  F(1, 0) F(2, 0) F(3, 0) F(4, 0) F(1, 1) F(2, 1) F(3, 1) F(4, 1)
+#define CL_ROWS8(F) \
+  CL_ROWS4(F) F(5, 0) F(6, 0) F(7, 0) F(8, 0) F(5, 1) F(6, 1) F(7, 1) F(8, 1)
+#define CL_TAB4(P)                      \
+  {                                     \
+    {P##1_0, P##2_0, P##3_0, P##4_0}, { \
+      P##1_1, P##2_1, P##3_1, P##4_1    \
+    }                                   \
+  }
+#define CL_TAB8(P)                                                      \
+  {                                                                     \
+    {P##1_0, P##2_0, P##3_0, P##4_0, P##5_0, P##6_0, P##7_0, P##8_0}, { \
+      P##1_1, P##2_1, P##3_1, P##4_1, P##5_1, P##6_1, P##7_1, P##8_1    \
+    }                                                                   \
+  }
+
+/* ------------------------------------------------------------------ */
+/* Sums: moments (d = x - k, d^2) and backward (dy, dy * xhat). */
+
+/* Adds the float sums of `rows` (at most RB) rows of a tile into the
+ * per-position doubles d1, d2. */
+static inline __attribute__((always_inline)) void cl_sums_tile(
+    int bwd, int V, int tail, const float *x, const float *dy, size_t rows,
+    size_t stride, size_t L, const float *pa, const float *pb, const float *pc,
+    double *d1, double *d2, size_t pf) {
+  __m512 ka[8], kb[8], kc[8], a[8], b[8];
+  __mmask16 m = cl_last(L);
+  CL_UNROLL
+  for (int v = 0; v < V; v++) {
+    ka[v] = _mm512_load_ps(pa + 16 * v);
+    if (bwd) {
+      kb[v] = _mm512_load_ps(pb + 16 * v);
+      kc[v] = _mm512_load_ps(pc + 16 * v);
+    }
+    a[v] = b[v] = _mm512_setzero_ps();
+  }
+  for (size_t r = 0; r < rows; r++) {
+    const float *p = x + r * stride, *q = bwd ? dy + r * stride : NULL;
+    CL_UNROLL
+    for (int v = 0; v < V; v++) {
+      /* The hardware prefetcher alone left these passes short of the
+       * memory's bandwidth. */
+      _mm_prefetch((const char *)(p + 16 * v + pf), _MM_HINT_T0);
+      if (bwd)
+        _mm_prefetch((const char *)(q + 16 * v + pf), _MM_HINT_T0);
+      __m512 xv = cl_ld(tail, v, V, m, p + 16 * v);
+      if (bwd) {
+        /* Masked-off lanes load dy = 0, so they add nothing. */
+        __m512 gv = cl_ld(tail, v, V, m, q + 16 * v);
+        __m512 xh = _mm512_mul_ps(
+            _mm512_sub_ps(_mm512_sub_ps(xv, ka[v]), kb[v]), kc[v]);
+        a[v] = _mm512_add_ps(a[v], gv);
+        b[v] = _mm512_fmadd_ps(gv, xh, b[v]);
+      } else {
+        __m512 d = tail && v == V - 1 ? _mm512_maskz_sub_ps(m, xv, ka[v])
+                                      : _mm512_sub_ps(xv, ka[v]);
+        a[v] = _mm512_add_ps(a[v], d);
+        b[v] = _mm512_fmadd_ps(d, d, b[v]);
+      }
+    }
+  }
+  CL_UNROLL
+  for (int v = 0; v < V; v++) {
+    fold_mem(a[v], d1 + 16 * v);
+    fold_mem(b[v], d2 + 16 * v);
+  }
+}
+
+typedef void (*cl_sums_fn)(const float *, const float *, size_t, size_t, size_t,
+                           const float *, const float *, const float *,
+                           double *, double *, size_t);
+#define CL_SUMS(B, V, T)                                                     \
+  static void cl_sums##B##_##V##_##T(                                        \
+      const float *x, const float *dy, size_t rows, size_t stride, size_t L, \
+      const float *pa, const float *pb, const float *pc, double *d1,         \
+      double *d2, size_t pf) {                                               \
+    cl_sums_tile(B, V, T, x, dy, rows, stride, L, pa, pb, pc, d1, d2, pf);   \
+  }
+#define CL_MOM(V, T) CL_SUMS(0, V, T)
+#define CL_BWD(V, T) CL_SUMS(1, V, T)
+CL_ROWS8(CL_MOM)
+CL_ROWS4(CL_BWD)
+/* The moments hold 3 registers per vector of a tile (8 vectors: 24 of the
+ * 32), backward 5 (4 vectors: 20). */
+static const cl_sums_fn cl_mom_fns[2][8] = CL_TAB8(cl_sums0_);
+static const cl_sums_fn cl_bwd_fns[2][4] = CL_TAB4(cl_sums1_);
+
+/* Lays out the sums' parameters of a piece and zeroes its doubles. */
+static void cl_layout_sums(int bwd, const geo_t *g, const unsigned *ch,
+                           const float *k, const double *mean,
+                           const double *istd, float *pa, float *pb, float *pc,
+                           double *d1, double *d2) {
+  for (size_t j = 0; j < cl_pad(g->L); j++) {
+    size_t c = ch[j];
+    d1[j] = d2[j] = 0;
+    if (bwd) {
+      float h = (float)mean[c];
+      pa[j] = h;
+      pb[j] = (float)(mean[c] - (double)h);
+      pc[j] = (float)istd[c];
+    } else {
+      pa[j] = k[c];
+    }
+  }
+}
+
+int sbn__avx512_cl_sums(int bwd, const float *x, const float *dy, size_t A,
+                        size_t C, size_t S, size_t lda, const float *k,
+                        const double *mean, const double *istd, double *s1,
+                        double *s2) {
+  float pa[CL_LEN] __attribute__((aligned(64)));
+  float pb[CL_LEN] __attribute__((aligned(64)));
+  float pc[CL_LEN] __attribute__((aligned(64)));
+  double d1[CL_LEN] __attribute__((aligned(64)));
+  double d2[CL_LEN] __attribute__((aligned(64)));
+  unsigned ch[CL_LEN];
+  size_t vmax = bwd ? 4 : 8, off;
+  geo_t g[1];
+  if (!cl_takes(A, C, S, lda, 16 * vmax, !bwd))
+    return 0;
+  for (size_t i = 0; cl_piece(A, C, S, lda, i, 16 * vmax, g, &off); i++) {
+    size_t L = g->L, st = g->stride;
+    size_t pf = L <= 16 * vmax ? (size_t)CL_PF : RB * st;
+    const float *xp = x + off, *dp = bwd ? dy + off : NULL;
+    cl_chans(g, C, S, 0, ch);
+    cl_layout_sums(bwd, g, ch, k, mean, istd, pa, pb, pc, d1, d2);
+    for (size_t r0 = 0; r0 < g->rows; r0 += RB) {
+      size_t nr = g->rows - r0 < RB ? g->rows - r0 : RB;
+      for (size_t j = 0; j < L; j += 16 * vmax) {
+        size_t w = L - j < 16 * vmax ? L - j : 16 * vmax;
+        const cl_sums_fn *t =
+            bwd ? cl_bwd_fns[w % 16 != 0] : cl_mom_fns[w % 16 != 0];
+        t[(w + 15) / 16 - 1](xp + r0 * st + j, bwd ? dp + r0 * st + j : NULL,
+                             nr, st, w, pa + j, pb + j, pc + j, d1 + j, d2 + j,
+                             pf);
+      }
+    }
+    for (size_t j = 0; j < L; j++) {
+      s1[ch[j]] += d1[j];
+      s2[ch[j]] += d2[j];
+    }
+  }
+  return 1;
+}
+
+/* ------------------------------------------------------------------ */
+/* Normalize: y = ((x - h) - l) * sc + sh. */
+
+static inline __attribute__((always_inline)) void cl_norm_tile(
+    int V, int tail, const float *x, float *y, size_t rows, size_t stride,
+    size_t L, const float *ph, const float *pl, const float *ps,
+    const float *pb, int nt, size_t pf) {
+  __m512 h[4], l[4], s[4], b[4];
+  __mmask16 m = cl_last(L);
+  CL_UNROLL
+  for (int v = 0; v < V; v++) {
+    h[v] = _mm512_load_ps(ph + 16 * v);
+    l[v] = _mm512_load_ps(pl + 16 * v);
+    s[v] = _mm512_load_ps(ps + 16 * v);
+    b[v] = _mm512_load_ps(pb + 16 * v);
+  }
+  for (size_t r = 0; r < rows; r++) {
+    const float *p = x + r * stride;
+    float *q = y + r * stride;
+    CL_UNROLL
+    for (int v = 0; v < V; v++) {
+      _mm_prefetch((const char *)(p + 16 * v + pf), _MM_HINT_T0);
+      __m512 d = _mm512_sub_ps(
+          _mm512_sub_ps(cl_ld(tail, v, V, m, p + 16 * v), h[v]), l[v]);
+      cl_st(tail, v, V, m, q + 16 * v, _mm512_fmadd_ps(d, s[v], b[v]), nt);
+    }
+  }
+}
+
+typedef void (*cl_norm_fn)(const float *, float *, size_t, size_t, size_t,
+                           const float *, const float *, const float *,
+                           const float *, int, size_t);
+#define CL_NORM(V, T)                                                     \
+  static void cl_norm_##V##_##T(const float *x, float *y, size_t rows,    \
+                                size_t stride, size_t L, const float *ph, \
+                                const float *pl, const float *ps,         \
+                                const float *pb, int nt, size_t pf) {     \
+    cl_norm_tile(V, T, x, y, rows, stride, L, ph, pl, ps, pb, nt, pf);    \
+  }
+CL_ROWS4(CL_NORM)
+static const cl_norm_fn cl_norm_fns[2][4] = CL_TAB4(cl_norm_);
+
+/* Normalizes nr rows of wl positions, tile by tile. */
+static void cl_norm_block(const float *x, float *y, size_t nr, size_t stride,
+                          size_t wl, const cl_norm_par_t *pp, int nt,
+                          size_t pf) {
+  for (size_t j = 0; j < wl; j += 64) {
+    size_t w = wl - j < 64 ? wl - j : 64;
+    cl_norm_fns[w % 16 != 0][(w + 15) / 16 - 1](x + j, y + j, nr, stride, w,
+                                                pp->h + j, pp->l + j, pp->s + j,
+                                                pp->b + j, nt, pf);
+  }
+}
+
+/* Normalizes n elements of a piece's rows (L wide, stride apart; the last
+ * row may be short) with parameters at position 0 of the first: a row of
+ * one tile straight through, wider rows in blocks of CL_BLOCK rows. */
+static void cl_norm_rows(const float *x, float *y, size_t n, size_t stride,
+                         size_t L, const cl_norm_par_t *pp, int nt) {
+  size_t rows = n / L, rem = n - rows * L, one = L <= 64;
+  size_t blk = one && rows > 0 ? rows : CL_BLOCK;
+  size_t pf = one ? (size_t)CL_PF : blk * stride;
+  for (size_t r0 = 0; r0 < rows; r0 += blk) {
+    size_t nr = rows - r0 < blk ? rows - r0 : blk;
+    cl_norm_block(x + r0 * stride, y + r0 * stride, nr, stride, L, pp, nt, pf);
+  }
+  if (rem > 0)
+    cl_norm_block(x + rows * stride, y + rows * stride, 1, stride, rem, pp, nt,
+                  pf);
+}
+
+int sbn__avx512_cl_normalize(const float *x, float *y, size_t A, size_t C,
+                             size_t S, size_t lda, const float *mh,
+                             const float *ml, const float *scale,
+                             const float *shift) {
+  cl_norm_par_t pp;
+  int nt = cl_want_nt(A, C, S, lda);
+  geo_t g[1];
+  size_t off;
+  if (!cl_takes(A, C, S, lda, 64, 1))
+    return 0;
+  for (size_t i = 0; cl_piece(A, C, S, lda, i, 64, g, &off); i++) {
+    const float *p = x + off;
+    float *q = y + off;
+    size_t L = g->L;
+    /* A flat piece that streams starts its whole vectors at y's first
+     * line boundary: the first h elements take one masked vector, and the
+     * rest is the same periodic stream seen from position h, rows of L
+     * with the parameters rotated by h. */
+    if (g->stride == L && L >= 16) {
+      size_t n = g->rows * L, h = head_elems(q, n, nt);
+      if (h > 0) {
+        cl_layout_norm(g, C, S, 0, mh, ml, scale, shift, &pp);
+        cl_norm_rows(p, q, h, L, L, &pp, 0);
+      }
+      cl_layout_norm(g, C, S, h, mh, ml, scale, shift, &pp);
+      cl_norm_rows(p + h, q + h, n - h, L, L, &pp, nt);
+      continue;
+    }
+    cl_layout_norm(g, C, S, 0, mh, ml, scale, shift, &pp);
+    cl_norm_rows(p, q, g->rows * L, g->stride, L, &pp, 0);
+  }
+  _mm_sfence();
+  _mm256_zeroupper(); /* see kernels_avx512.c's pos_apply */
+  return 1;
+}
+
+/* ------------------------------------------------------------------ */
+/* dx = k1*dy + (q*x + r) in double, q = k2*istd, r = k3 - q*mean (dx16):
+ * six double vectors of parameters per vector of a tile, so tiles of up
+ * to 4 vectors keep 24 registers of them. */
+
+static inline __attribute__((always_inline)) void cl_apply_tile(
+    int V, int tail, const float *x, const float *dy, float *dx, size_t rows,
+    size_t stride, size_t L, const double *pk, const double *pq,
+    const double *pr, size_t pf) {
+  __m512d k[8], q[8], r[8];
+  __mmask16 m = cl_last(L);
+  CL_UNROLL
+  for (int v = 0; v < 2 * V; v++) {
+    k[v] = _mm512_load_pd(pk + 8 * v);
+    q[v] = _mm512_load_pd(pq + 8 * v);
+    r[v] = _mm512_load_pd(pr + 8 * v);
+  }
+  for (size_t i = 0; i < rows; i++) {
+    size_t o = i * stride;
+    CL_UNROLL
+    for (int v = 0; v < V; v++) {
+      _mm_prefetch((const char *)(x + o + 16 * v + pf), _MM_HINT_T0);
+      _mm_prefetch((const char *)(dy + o + 16 * v + pf), _MM_HINT_T0);
+      __m512 out =
+          dx16(cl_ld(tail, v, V, m, x + o + 16 * v),
+               cl_ld(tail, v, V, m, dy + o + 16 * v), k[2 * v], k[2 * v + 1],
+               q[2 * v], q[2 * v + 1], r[2 * v], r[2 * v + 1]);
+      cl_st(tail, v, V, m, dx + o + 16 * v, out, 0);
+    }
+  }
+}
+
+typedef void (*cl_apply_fn)(const float *, const float *, float *, size_t,
+                            size_t, size_t, const double *, const double *,
+                            const double *, size_t);
+#define CL_APPLY(V, T)                                                       \
+  static void cl_apply_##V##_##T(const float *x, const float *dy, float *dx, \
+                                 size_t rows, size_t stride, size_t L,       \
+                                 const double *pk, const double *pq,         \
+                                 const double *pr, size_t pf) {              \
+    cl_apply_tile(V, T, x, dy, dx, rows, stride, L, pk, pq, pr, pf);         \
+  }
+CL_ROWS4(CL_APPLY)
+static const cl_apply_fn cl_apply_fns[2][4] = CL_TAB4(cl_apply_);
+
+int sbn__avx512_cl_apply(const float *x, const float *dy, float *dx, size_t A,
+                         size_t C, size_t S, size_t lda, const double *mean,
+                         const double *istd, const double *k1, const double *k2,
+                         const double *k3) {
+  double pk[CL_LEN] __attribute__((aligned(64)));
+  double pq[CL_LEN] __attribute__((aligned(64)));
+  double pr[CL_LEN] __attribute__((aligned(64)));
+  unsigned ch[CL_LEN];
+  geo_t g[1];
+  size_t off;
+  if (!cl_takes(A, C, S, lda, 64, 0))
+    return 0;
+  for (size_t i = 0; cl_piece(A, C, S, lda, i, 64, g, &off); i++) {
+    size_t L = g->L, o = off;
+    cl_chans(g, C, S, 0, ch);
+    for (size_t j = 0; j < cl_pad(L); j++) {
+      size_t c = ch[j];
+      double q = k2[c] * istd[c];
+      pk[j] = k1[c], pq[j] = q, pr[j] = k3[c] - q * mean[c];
+    }
+    cl_apply_fns[L % 16 != 0][(L + 15) / 16 - 1](
+        x + o, dy + o, dx + o, g->rows, g->stride, L, pk, pq, pr, CL_PF);
+  }
+  _mm256_zeroupper(); /* see kernels_avx512.c's pos_apply */
+  return 1;
+}
+#endif /* SBN__HAVE_AVX512 */

@@ -1,0 +1,30 @@
+/* The channels-last passes of the AVX-512 set (kernels_avx512_nhwc.c),
+ * which kernels_avx512.c's table entries call for the position view
+ * (kernels_geo_inl.h). Same arguments and contracts as the table's
+ * strided entries (sbn_kernels.h); included only by files compiled with
+ * the AVX-512 flags. */
+#ifndef SBN_KERNELS_AVX512_NHWC_H
+#define SBN_KERNELS_AVX512_NHWC_H
+
+#include <stddef.h>
+
+/* Each returns 1 having done the pass, or 0 having done nothing where its
+ * tile order measured slower (backward over rows wider than one tile): the
+ * caller then runs kernels_avx512.c's general position view. */
+
+/* moments_ld (bwd = 0: k used, mean and istd NULL, dy NULL) or
+ * bwd_reduce_ld (bwd = 1: k NULL), adding into s1 and s2. */
+int sbn__avx512_cl_sums(int bwd, const float *x, const float *dy, size_t A,
+                        size_t C, size_t S, size_t lda, const float *k,
+                        const double *mean, const double *istd, double *s1,
+                        double *s2);
+int sbn__avx512_cl_normalize(const float *x, float *y, size_t A, size_t C,
+                             size_t S, size_t lda, const float *mh,
+                             const float *ml, const float *scale,
+                             const float *shift);
+int sbn__avx512_cl_apply(const float *x, const float *dy, float *dx, size_t A,
+                         size_t C, size_t S, size_t lda, const double *mean,
+                         const double *istd, const double *k1, const double *k2,
+                         const double *k3);
+
+#endif /* SBN_KERNELS_AVX512_NHWC_H */
