@@ -1,5 +1,5 @@
 /* syncbn client: talks to a syncbnd worker over its Unix socket, or over
- * TCP with a token (protocol version 3: mpi/service/PROTOCOL.md). Plain
+ * TCP with a token (the protocol: mpi/service/PROTOCOL.md, version SVC_PROTOCOL_VERSION). Plain
  * blocking POSIX sockets and msgpack; no MPI, no event loop. Tensors are
  * sent as the host stores them, which the protocol requires to be
  * little-endian.

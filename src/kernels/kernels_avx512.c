@@ -25,7 +25,7 @@
 #include "kernels/sbn_kernels.h"
 
 #ifdef SBN__HAVE_AVX512
-#include "kernels/kernels_avx512_inl.h"
+#include "kernels/avx512_inl.h"
 
 #include "kernels/kernels_avx512_nhwc.h"
 #include "kernels/kernels_geo_inl.h"

@@ -5,7 +5,7 @@
 #include "kernels/sbn_kernels.h"
 
 #ifdef SBN__HAVE_AVX512
-#include "kernels/kernels_avx512_inl.h"
+#include "kernels/avx512_inl.h"
 
 /* ------------------------------------------------------------------ */
 /* LayerNorm rows. */

@@ -73,7 +73,7 @@
  * records that needs a few polls on each process. A
  * block must span at least this much for the AVX-512 set's normalize to
  * stream its stores (it measures a strided call by its span, and streams
- * outputs of 4 MiB or more: kernels_avx512_inl.h); blocks of 64 KiB of
+ * outputs of 4 MiB or more: avx512_inl.h); blocks of 64 KiB of
  * input, stored normally, made the chunked forward 16 to 24 % slower than
  * the dense one (np 2, NCHW 8x256x56x56 and 32x64x112x112). */
 #define SBN__BLOCK_SPAN ((size_t)1 << 20)

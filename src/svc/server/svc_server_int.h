@@ -14,8 +14,8 @@
 #define SVC__READ_BUF (64 * 1024)
 
 /* The server and its connections, shared by svc_server.c (the loop,
- * frames, authentication) and svc_server_limits.c (admission, the memory
- * budget, the shutdown notice). */
+ * frames, authentication) and svc_conn.c (a connection's output, closing,
+ * admission, the memory budget, the shutdown notice), which sits below it. */
 typedef struct svc__conn_s svc__conn_t;
 
 struct svc_server_s {
@@ -86,7 +86,7 @@ typedef struct svc__write_s {
   svc_frame_t frame;
 } svc__write_t;
 
-/* Connection primitives of svc_server.c. svc__send takes ownership of buf
+/* Connection primitives of svc_conn.c. svc__send takes ownership of buf
  * and drops a client past max_output; svc__send_frame does the same with
  * a frame in pieces (written with one writev, the tensor straight from
  * the buffer it was computed in); svc__fail_conn_id replies with a
@@ -98,7 +98,7 @@ void svc__fail_conn_id(svc__conn_t *c, const svc_id_t *id, svc_code_t code,
                        const char *m);
 void svc__fail_conn(svc__conn_t *c, svc_code_t code, const char *m);
 
-/* Limits of svc_server_limits.c, called by svc_server.c. */
+/* Limits of svc_conn.c, called by svc_server.c. */
 double svc__now(const svc_server_t *s);
 /* Recounts the bytes held for c against the memory budget of all clients,
  * shedding the largest holder when it is passed. */
