@@ -1,8 +1,8 @@
 /* syncbn client: talks to a syncbnd worker over its Unix socket, or over
- * TCP with a token (the protocol: mpi/service/PROTOCOL.md, version SVC_PROTOCOL_VERSION). Plain
- * blocking POSIX sockets and msgpack; no MPI, no event loop. Tensors are
- * sent as the host stores them, which the protocol requires to be
- * little-endian.
+ * TCP with a token (the protocol: mpi/service/PROTOCOL.md, version
+ * SVC_PROTOCOL_VERSION). Plain blocking POSIX sockets and msgpack; no MPI, no
+ * event loop. Tensors are sent as the host stores them, which the protocol
+ * requires to be little-endian.
  *
  * Errors follow the library's one convention: every call returns 0 or a
  * negative code and records a message for sbn_last_error() (per thread),
