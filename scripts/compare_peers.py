@@ -11,6 +11,16 @@ design note's (32, 64, 32, 32)) and every round, this runs in turn:
   - oneDNN (OMP_NUM_THREADS=1): BatchNorm training forward and backward in
     NCHW and NHWC through scripts/peers/dnnl_bn.c, compiled here when
     oneDNN's header and library are found (Debian: libdnnl-dev).
+All three start every rep from memory, not from cache: the bench
+(mpi/cli/cli_bench_kernels.c) rotates through copies of x, y, dy and dx
+that together pass 64 MiB (the L3 is 32 MiB) and runs its floor kernel (a
+memcpy forward, dx = x + dy backward) on the copy between two reps; the
+peers here get the same number of copies of their tensors and the same
+floor between reps. Timing one tensor over and over instead (--warm) keeps
+everything under 32 MB in L3, which made PyTorch up to a third faster on
+some rows than it is from memory, against syncbn's cold figures; --warm is
+there only to show that difference (the bench has no warm mode, so its
+ratios mix the two).
 so a slow moment of the machine hits every library in the same round. Each
 library's time per configuration is the median over rounds of its
 per-round medians; the table gives the ratios peer / syncbn (above 1:
@@ -23,7 +33,8 @@ Optional peers: without torch (run it with /usr/bin/python3, Debian's
 python3-torch) or without oneDNN their columns are "-". Not run in CI.
 
   /usr/bin/python3 scripts/compare_peers.py [--syncbn build/bin/syncbn]
-      [--batch 8] [--rounds 3] [--reps 10] [--quick] [--json FILE]
+      [--batch 8] [--rounds 3] [--reps 10] [--quick] [--op OP]
+      [--layout nchw|nhwc|both] [--warm] [--json FILE]
 """
 import argparse
 import json
