@@ -245,8 +245,9 @@ static inline __attribute__((always_inline)) void ln_rows_sums(
 }
 
 /* dx of nr rows (1 or 2) in one sweep, each as ln_apply_row, w loaded once
- * for both; with `ahead`, prefetching the nr rows after them (one line of
- * x and dy per row and vector; see ln_apply_row). */
+ * for both, prefetching the first `ahead` of the nr rows after them (one
+ * line of x and dy per row and vector; see ln_apply_row): as many as
+ * there are. */
 static inline __attribute__((always_inline)) void ln_rows_apply(
     const ln_row_t *rw, int nr, size_t D, const float *w, double count,
     int ahead) {
@@ -267,7 +268,7 @@ static inline __attribute__((always_inline)) void ln_rows_apply(
       wh = _mm512_cvtps_pd(_mm512_extractf32x8_ps(wv, 1));
     }
     for (int k = 0; k < nr; k++) {
-      if (ahead) {
+      if (k < ahead) {
         _mm_prefetch((const char *)(rw[k].x + nr * D + i), _MM_HINT_T0);
         _mm_prefetch((const char *)(rw[k].dy + nr * D + i), _MM_HINT_T0);
       }
@@ -293,7 +294,8 @@ static inline __attribute__((always_inline)) void ln_rows(
     rw[k] = (ln_row_t){x + (r + k) * D, dy + (r + k) * D, dx + (r + k) * D,
                        mean[r + k],     istd[r + k],      {0, 0}};
   ln_rows_sums(rw, nr, D, w, fw, fb, r == r0);
-  ln_rows_apply(rw, nr, D, w, count, r + nr < R);
+  size_t left = R - r - (size_t)nr;
+  ln_rows_apply(rw, nr, D, w, count, left < (size_t)nr ? (int)left : nr);
 }
 
 /* LayerNorm backward by blocks of RB rows, two rows at a time (see
