@@ -1,6 +1,6 @@
 #!/usr/bin/python3
 """The trainer side of tests/obs_test.sh, one per rank under
-`syncbnd --log-level info --timeline ... -- python3 obs_child.py PORT SYNCBN`:
+`syncbnd --log-level info --timeline ... -- python3 obs_child.py SYNCBN TOKEN_FILE`:
 three synchronized `stats` steps (allreduces and per-layer work on the
 timeline), a layer registered with other channels on rank 1 (a
 LAYER_MISMATCH on both ranks), a step only rank 0 submits (a STALL after
@@ -27,7 +27,8 @@ def stats(c, lid, step, C):
 
 
 def main():
-    port, syncbn_cli, token_file = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    syncbn_cli, token_file = sys.argv[1], sys.argv[2]
+    tcp = os.environ["SYNCBN_TCP"]  # this rank's listener, set by syncbnd
     rank = int(os.environ["SYNCBN_RANK"])
     c = syncbn.Client()
     c.hello()
@@ -54,13 +55,13 @@ def main():
     else:
         time.sleep(2.5)  # past rank 0's stall
     try:
-        syncbn.Client(tcp="127.0.0.1:%d" % (port + rank), token=b"wrong", wait=5)
+        syncbn.Client(tcp=tcp, token=b"wrong", wait=5)
         print("rank %d: FAIL: a wrong token was accepted" % rank)
         return 1
     except syncbn.SyncbnError as e:
         if e.code != "UNAUTHORIZED":
             raise
-    t = syncbn.Client(tcp="127.0.0.1:%d" % (port + rank), token_file=token_file)
+    t = syncbn.Client(tcp=tcp, token_file=token_file)
     assert t.info["rank"] == rank, t.info  # the hello TCP requires, with the token
     t.bye()
     m = json.loads(subprocess.run([syncbn_cli, "metrics", "--json"], check=True,

@@ -28,11 +28,13 @@ bad() {
   bad "--log-level bogus: $(cat "$tmp/o")"
 head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$tmp/token"
 chmod 600 "$tmp/token"
-port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+# Port 0: each rank's listener gets a free port from the system (a port
+# picked here, plus the rank, could be taken by then) and the child reads
+# it from SYNCBN_TCP.
 "$MPIRUN" --oversubscribe --bind-to none --mca pml ob1 --mca btl self,vader,tcp \
   --timeout 90 -np 2 "$SYNCBND" --log-level info --timeline "$tmp/tl.json" \
-  --stall-timeout 1 --tcp "127.0.0.1:$port" --token-file "$tmp/token" \
-  -- "$PY" "$HERE/obs_child.py" "$port" "$SYNCBN" "$tmp/token" >"$tmp/out" 2>"$tmp/err"
+  --stall-timeout 1 --tcp "127.0.0.1:0" --token-file "$tmp/token" \
+  -- "$PY" "$HERE/obs_child.py" "$SYNCBN" "$tmp/token" >"$tmp/out" 2>"$tmp/err"
 rc=$?
 cat "$tmp/out" "$tmp/err"
 [ $rc -eq 0 ] || bad "the job exited $rc"

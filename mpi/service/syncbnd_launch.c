@@ -254,8 +254,9 @@ void sbnd_launch_usage(FILE *f) {
   fprintf(f,
           "With -- COMMAND, each worker starts COMMAND as its child with "
           "SYNCBN_SOCKET,\n"
-          "SYNCBN_RANK, SYNCBN_SIZE, SYNCBN_LOCAL_RANK and (where unset) "
-          "MASTER_ADDR,\n"
+          "SYNCBN_RANK, SYNCBN_SIZE, SYNCBN_LOCAL_RANK (SYNCBN_TCP, HOST:PORT, "
+          "with "
+          "--tcp)\nand (where unset) MASTER_ADDR,\n"
           "MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK in its environment; the "
           "job ends\n"
           "when every rank's child has exited, with the worst exit status "

@@ -634,28 +634,44 @@ static void remove_dirs(const rank_t *k, int together) {
     sbnd_remove_dir(k->state, 1);
 }
 
-/* The lines that tell the launcher (and the user) the rank is ready. */
+/* This rank's TCP address as HOST:PORT ([HOST]:PORT for IPv6), with the
+ * port the listener got (PORT 0 asks the system for one). Returns 1 when
+ * the rank listens on TCP, 0 otherwise; *loopback says whether it is a
+ * loopback address. */
+static int tcp_address(const opts_t *o, const rank_t *k, char *buf, size_t n,
+                       int *loopback) {
+  int port;
+  if (svc_server_tcp_info(k->server, &port, loopback) != 0)
+    return 0;
+  const char *l = strchr(o->tcp_host, ':') != NULL ? "[" : "";
+  const char *r = l[0] != '\0' ? "]" : "";
+  snprintf(buf, n, "%s%s%s:%d", l, o->tcp_host, r, port);
+  return 1;
+}
+
+/* The lines that tell the launcher (and the user) the rank is ready; with
+ * TCP, SYNCBN_TCP is set to the rank's address for a command started after
+ * `--`. */
 static void print_ready(const opts_t *o, const rank_t *k) {
-  int port, loopback;
+  char addr[300];
+  int loopback;
   /* On stderr: launchers read the ready line as the first of stdout. */
   if (k->rank == 0)
     fprintf(
         stderr, "syncbnd: socket directory %s%s\n", k->dir,
         k->made_dir && !o->keep ? " (removed on exit; --keep keeps it)" : "");
   printf("syncbnd: rank %d ready on %s\n", k->rank, k->path);
-  if (svc_server_tcp_info(k->server, &port, &loopback) == 0) {
-    const char *l = strchr(o->tcp_host, ':') != NULL ? "[" : "";
-    const char *r = l[0] != '\0' ? "]" : "";
-    printf("syncbnd: rank %d listening on tcp %s%s%s:%d\n", k->rank, l,
-           o->tcp_host, r, port);
+  if (tcp_address(o, k, addr, sizeof addr, &loopback)) {
+    printf("syncbnd: rank %d listening on tcp %s\n", k->rank, addr);
+    setenv("SYNCBN_TCP", addr, 1);
     if (!loopback)
       fprintf(stderr,
-              "syncbnd: rank %d: WARNING: tcp %s%s%s:%d is not a loopback "
+              "syncbnd: rank %d: WARNING: tcp %s is not a loopback "
               "address. Tensors and the token travel unencrypted, and "
               "anyone who can reach this port can try tokens; bind "
               "127.0.0.1 and tunnel (ssh -L) unless the network is "
               "trusted.\n",
-              k->rank, l, o->tcp_host, r, port);
+              k->rank, addr);
   }
   fflush(stdout);
 }
