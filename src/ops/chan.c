@@ -62,6 +62,15 @@ void sbn__view_moments(const float *x, size_t A, size_t C, size_t S,
 void sbn__view_moments_ld(const float *x, size_t A, size_t C, size_t S,
                           size_t lda, sbn__chan_t *ch, sbn_rec_t *recs) {
   double n = (double)A * (double)S;
+  /* One channel of A adjacent runs is one run of A * S: a GroupNorm of one
+   * group over channels-last data comes here as (positions, 1, C), and
+   * summed as runs of C (17, say) it cost runs' tails and reductions, 5-9
+   * times the memcpy, instead of one stream. */
+  if (C == 1 && lda == S) {
+    S *= A;
+    lda = S;
+    A = 1;
+  }
   const sbn__kernels_t *t = sbn__kernels();
   int threaded = lda == C * S && sbn_threads() > 1;
   int pick = A > 0 && S > 0 && !threaded && t->moments_pick != NULL;
