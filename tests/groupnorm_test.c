@@ -125,6 +125,9 @@ static void test_gn_vs_reference(void **state) {
           /* A sample of 400 KiB: NCHW takes it in blocks of groups that
            * fit the L2 budget (5 groups, then 3). */
           {tu_desc(L, 4, (size_t)2, (size_t)64, (size_t)40, (size_t)40), 8},
+          /* One group of odd C: channels-last moments take the sample as
+           * one run of 27200 values (ops/chan.c). */
+          {tu_desc(L, 4, (size_t)2, (size_t)17, (size_t)40, (size_t)40), 1},
       };
       for (size_t i = 0; i < sizeof cases / sizeof *cases; i++)
         for (int affine = 0; affine < 2; affine++)
@@ -133,6 +136,7 @@ static void test_gn_vs_reference(void **state) {
                      2.0, sets[ks], seed++);
       run_case(&cases[0].d, 3, 1, SBN_MODE_TRAIN, 1e4, 1.0, sets[ks], seed++);
       run_case(&cases[3].d, 4, 1, SBN_MODE_TRAIN, 1e4, 2.0, sets[ks], seed++);
+      run_case(&cases[11].d, 1, 1, SBN_MODE_TRAIN, 1e4, 1.0, sets[ks], seed++);
     }
   }
   sbn_kernel_select("ref");
