@@ -113,6 +113,25 @@ static inline __m512 dx16(__m512 x, __m512 g, __m512d k1l, __m512d k1h,
                  _mm512_fmadd_pd(k1h, gh, _mm512_fmadd_pd(qh, xh, rh)));
 }
 
+/* Lane j of a row of positions holds channel c: its shift for the
+ * forward's sums (k[c]), or for the backward's the split mean and istd;
+ * its double sums start at zero. Shared by the position view
+ * (kernels_avx512.c) and the channels-last tiles (kernels_avx512_nhwc.c). */
+static inline void lane_params(int bwd, size_t j, size_t c, const float *k,
+                               const double *mean, const double *istd,
+                               float *pa, float *pb, float *pc, double *d1,
+                               double *d2) {
+  d1[j] = d2[j] = 0;
+  if (bwd) {
+    float h = (float)mean[c];
+    pa[j] = h;
+    pb[j] = (float)(mean[c] - (double)h);
+    pc[j] = (float)istd[c];
+  } else {
+    pa[j] = k[c];
+  }
+}
+
 /* LayerNorm rows and dropout (kernels_avx512_rows.c). */
 void sbn__avx512_ln_forward(const float *x, float *y, size_t D, size_t total,
                             float mh, float ml, float istd, const float *w,

@@ -91,18 +91,9 @@ static inline __attribute__((always_inline)) void pos_sums(
   size_t off;
   for (size_t i = 0; geo_piece(A, C, S, lda, i, g, &off); i++) {
     size_t L = g->L, L16 = (L + 15) & ~(size_t)15;
-    for (size_t j = 0; j < L16; j++) {
-      size_t c = geo_chan(g, j < L ? j : 0, C, S);
-      d1[j] = d2[j] = 0;
-      if (bwd) {
-        float h = (float)mean[c];
-        pa[j] = h;
-        pb[j] = (float)(mean[c] - (double)h);
-        pc[j] = (float)istd[c];
-      } else {
-        pa[j] = k[c];
-      }
-    }
+    for (size_t j = 0; j < L16; j++)
+      lane_params(bwd, j, geo_chan(g, j < L ? j : 0, C, S), k, mean, istd, pa,
+                  pb, pc, d1, d2);
     piece_sums(bwd, x + off, bwd ? dy + off : NULL, g, pa, pb, pc, d1, d2);
     for (size_t j = 0; j < L; j++) {
       size_t c = geo_chan(g, j, C, S);

@@ -271,18 +271,8 @@ static void cl_layout_sums(int bwd, const geo_t *g, const unsigned *ch,
                            const float *k, const double *mean,
                            const double *istd, float *pa, float *pb, float *pc,
                            double *d1, double *d2) {
-  for (size_t j = 0; j < cl_pad(g->L); j++) {
-    size_t c = ch[j];
-    d1[j] = d2[j] = 0;
-    if (bwd) {
-      float h = (float)mean[c];
-      pa[j] = h;
-      pb[j] = (float)(mean[c] - (double)h);
-      pc[j] = (float)istd[c];
-    } else {
-      pa[j] = k[c];
-    }
-  }
+  for (size_t j = 0; j < cl_pad(g->L); j++)
+    lane_params(bwd, j, ch[j], k, mean, istd, pa, pb, pc, d1, d2);
 }
 
 int sbn__avx512_cl_sums(int bwd, const float *x, const float *dy, size_t A,
