@@ -72,7 +72,8 @@ int sbn__cli_parse_list(const char *s, uint64_t max, uint64_t **out,
 int sbn__cli_getopt(const char *cmd, int argc, char **argv,
                     const char *const *with_arg, int n_with,
                     const sbn__cli_flag_t *flags, int n_flags,
-                    sbn__cli_value_fn on_value, void *ctx) {
+                    sbn__cli_value_fn on_value, void *ctx,
+                    void (*usage)(FILE *), int *help) {
   enum { MAX_OPTS = 48, FLAG0 = 1000, VALUE0 = 2000 };
   struct option opts[MAX_OPTS + 2];
   int n = 0;
@@ -92,8 +93,11 @@ int sbn__cli_getopt(const char *cmd, int argc, char **argv,
   int c;
   /* The leading ':' makes a missing value ':' and an unknown option '?'. */
   while ((c = getopt_long(argc, argv, ":h", opts, NULL)) != -1) {
-    if (c == 'h')
-      return 1;
+    if (c == 'h') {
+      usage(stdout);
+      *help = 1;
+      return 0;
+    }
     if (c == '?' || c == ':') {
       fprintf(stderr, "syncbn %s: %s: %s\n", cmd, argv[optind - 1],
               c == ':' ? "missing value" : "unknown option");

@@ -5,6 +5,7 @@
 #define SBN_CLI_ARGS_H
 
 #include <stdint.h>
+#include <stdio.h>
 
 #include "syncbn.h"
 
@@ -37,15 +38,16 @@ typedef int (*sbn__cli_value_fn)(void *ctx, const char *flag,
                                  const char *value);
 
 /* One getopt_long loop for a subcommand whose options are n_with names that
- * take a value (each handed to on_value) and n_flags flags, plus --help.
- * Unknown options, missing values and stray arguments are reported as
- * "syncbn CMD: ..." on stderr. Returns 0 when parsed, 1 when --help was
- * given (the caller prints its usage), 2 on a usage error. At most 48
- * options in all. */
+ * take a value (each handed to on_value) and n_flags flags, plus --help
+ * (usage(stdout), then *help = 1). Unknown options, missing values and
+ * stray arguments are reported as "syncbn CMD: ..." on stderr. Returns 0
+ * when parsed or --help was given (the caller checks *help), 2 on a usage
+ * error. At most 48 options in all. */
 int sbn__cli_getopt(const char *cmd, int argc, char **argv,
                     const char *const *with_arg, int n_with,
                     const sbn__cli_flag_t *flags, int n_flags,
-                    sbn__cli_value_fn on_value, void *ctx);
+                    sbn__cli_value_fn on_value, void *ctx,
+                    void (*usage)(FILE *), int *help);
 
 /* The rank and size a launcher (mpirun: Open MPI, or PMI) gave this
  * process, read from the environment without initializing MPI; 0 and 1

@@ -214,13 +214,8 @@ int sbn__study_parse(int argc, char **argv, study_opts_t *o) {
   keep_command(o, argc, argv);
   int st = sbn__cli_getopt("study", argc, argv, with_arg,
                            (int)(sizeof with_arg / sizeof *with_arg), flags, 2,
-                           study_value, o);
-  if (st == 1) {
-    usage(stdout);
-    o->help = 1;
-    return 0;
-  }
-  if (st != 0)
+                           study_value, o, usage, &o->help);
+  if (st != 0 || o->help)
     return st;
   defaults(o);
   if (o->precise_n > o->subset) {

@@ -276,13 +276,8 @@ int sbn__train_parse(int argc, char **argv, train_opts_t *o) {
                                    {"overlap", &o->overlap}};
   int st = sbn__cli_getopt("train", argc, argv, with_arg,
                            (int)(sizeof with_arg / sizeof *with_arg), flags, 2,
-                           train_value, o);
-  if (st == 1) {
-    usage(stdout);
-    o->help = 1;
-    return 0;
-  }
-  if (st != 0)
+                           train_value, o, usage, &o->help);
+  if (st != 0 || o->help)
     return st;
   return check(o);
 }
