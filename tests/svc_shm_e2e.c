@@ -30,6 +30,7 @@
 #include <dirent.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -132,7 +133,7 @@ static int memfd(size_t size, int seals) {
 }
 
 static sbn_tensor_desc_t g_d;
-static uint64_t g_bn, g_bn2, g_ln, g_ln2, g_sync, g_sync2;
+static uint64_t g_bn, g_bn2, g_ln, g_ln2, g_sync, g_sync2, g_keep, g_keep2;
 
 /* Training forward and backward of batchnorm and an eval forward of
  * layernorm through the region, each equal bit for bit to the socket
@@ -399,16 +400,16 @@ static void hostile_ranges(sbn_client_t *c, const sbn_client_shm_t *m) {
 /* A syncbatchnorm training step goes through the agreement (its reply is
  * deferred) and still writes y and dx into the region, equal bit for bit
  * to the socket path on a twin layer. */
-static void sync_step(sbn_client_t *c, const sbn_client_shm_t *m,
-                      uint64_t step) {
+static void sync_step(sbn_client_t *c, const sbn_client_shm_t *m, uint64_t step,
+                      unsigned flags) {
   uint8_t *b = m->base;
   float x[NUMEL], dy[NUMEL], y[NUMEL], dx[NUMEL], dw[C], db[C], dw2[C], db2[C];
   fill(x, NUMEL, (uint32_t)step + 5);
   fill(dy, NUMEL, (uint32_t)step + 9);
   memcpy(b + 20480, x, BYTES);
   memcpy(b + 24576, dy, BYTES);
-  CHECK(sbn_client_shm_forward(c, g_sync, step, 1, &g_d, m->region, 20480,
-                               28672) == 0,
+  CHECK(sbn_client_shm_forward_flags(c, g_sync, step, 1, &g_d, m->region, 20480,
+                                     28672, flags) == 0,
         "shm sync forward: %s", sbn_last_error());
   CHECK(sbn_client_shm_backward(c, g_sync, step, &g_d, m->region, 24576, 32768,
                                 dw, db, C) == 0,
@@ -421,6 +422,190 @@ static void sync_step(sbn_client_t *c, const sbn_client_shm_t *m,
         "syncbatchnorm y/dx differ from the socket path");
   CHECK(memcmp(dw, dw2, sizeof dw) == 0 && memcmp(db, db2, sizeof db) == 0,
         "syncbatchnorm dweight/dbias differ");
+}
+
+static uint64_t copies(sbn_client_t *c) {
+  sbn_client_metrics_t mt;
+  CHECK(sbn_client_metrics(c, &mt) == 0, "metrics: %s", sbn_last_error());
+  return mt.tensor_copies;
+}
+
+/* x_stays: a batchnorm training step whose forward keeps x in the region
+ * (no copy of any tensor in the worker, counted by tensor_copies) and
+ * whose y, dx, dweight and dbias equal the copying socket path bit for
+ * bit; the worker did not write x. */
+static void keep_step(sbn_client_t *c, const sbn_client_shm_t *m,
+                      uint64_t step) {
+  uint8_t *b = m->base;
+  float x[NUMEL], dy[NUMEL], y[NUMEL], dx[NUMEL], dw[C], db[C], dw2[C], db2[C];
+  uint64_t before;
+  fill(x, NUMEL, (uint32_t)step + 31);
+  fill(dy, NUMEL, (uint32_t)step + 32);
+  memcpy(b + 0, x, BYTES);
+  memcpy(b + 4096, dy, BYTES);
+  before = copies(c);
+  CHECK(sbn_client_shm_forward_flags(c, g_keep, step, 1, &g_d, m->region, 0,
+                                     8192, SBN_CLIENT_SHM_X_STAYS) == 0,
+        "x_stays forward: %s", sbn_last_error());
+  CHECK(sbn_client_shm_backward(c, g_keep, step, &g_d, m->region, 4096, 12288,
+                                dw, db, C) == 0,
+        "x_stays backward: %s", sbn_last_error());
+  CHECK(copies(c) == before, "x_stays step copied %llu tensors",
+        (unsigned long long)(copies(c) - before));
+  CHECK(sbn_client_forward(c, g_keep2, step, 1, &g_d, x, NULL, NULL, 0, y) == 0,
+        "forward: %s", sbn_last_error());
+  CHECK(sbn_client_backward(c, g_keep2, step, &g_d, dy, dx, dw2, db2, C) == 0,
+        "backward: %s", sbn_last_error());
+  CHECK(memcmp(b + 8192, y, BYTES) == 0, "x_stays y differs from the copy");
+  CHECK(memcmp(b + 12288, dx, BYTES) == 0, "x_stays dx differs from the copy");
+  CHECK(memcmp(dw, dw2, sizeof dw) == 0 && memcmp(db, db2, sizeof db) == 0,
+        "x_stays dweight/dbias differ from the copy");
+  CHECK(memcmp(b, x, BYTES) == 0, "the worker wrote the kept x");
+}
+
+/* A child that scribbles NaNs, infinities and random bits over the kept
+ * x's bytes while the parent runs steps: the worker only ever computes
+ * wrong numbers for this client. */
+static pid_t scribbler(uint8_t *x) {
+  pid_t pid = fork();
+  CHECK(pid >= 0, "fork: %s", strerror(errno));
+  if (pid == 0) {
+    uint32_t seed = 7;
+    for (long i = 0; i < 4000000; i++) {
+      seed = seed * 1664525u + 1013904223u;
+      memcpy(x + (seed >> 8) % (BYTES - 3), &seed, 4);
+      if (i % 4096 == 0)
+        memset(x, 0xff, 64); /* NaNs */
+    }
+    _exit(0);
+  }
+  return pid;
+}
+
+/* A client breaking the x_stays promise: x overwritten between forward
+ * and backward gives different gradients (the worker read it in place),
+ * and overwritten while the kernels run gives whatever numbers, never a
+ * failed worker; keep_step then still matches bit for bit. A backward
+ * whose dx_at overlaps the kept x is BAD_TENSOR and uses up nothing. */
+static void keep_hostile(sbn_client_t *c, const sbn_client_shm_t *m) {
+  uint8_t *b = m->base;
+  float x[NUMEL], dy[NUMEL], y[NUMEL], dx[NUMEL], dw[C], db[C];
+  uint64_t step = 100;
+  pid_t pid;
+  int status;
+  fill(x, NUMEL, 41);
+  fill(dy, NUMEL, 42);
+  memcpy(b, x, BYTES);
+  memcpy(b + 4096, dy, BYTES);
+  CHECK(sbn_client_shm_forward_flags(c, g_keep, step, 1, &g_d, m->region, 0,
+                                     8192, SBN_CLIENT_SHM_X_STAYS) == 0,
+        "forward: %s", sbn_last_error());
+  CHECK_CODE(sbn_client_shm_backward(c, g_keep, step, &g_d, m->region, 4096,
+                                     BYTES - 8, dw, db, C),
+             c, "BAD_TENSOR");
+  CHECK(strstr(sbn_last_error(), "x_stays") != NULL, "%s", sbn_last_error());
+  for (size_t i = 0; i < NUMEL; i++)
+    ((float *)b)[i] = x[i] * 3.0f + 1.0f;
+  CHECK(sbn_client_shm_backward(c, g_keep, step, &g_d, m->region, 4096, 12288,
+                                dw, db, C) == 0,
+        "backward after the overwrite: %s", sbn_last_error());
+  CHECK(
+      sbn_client_forward(c, g_keep2, step, 1, &g_d, x, NULL, NULL, 0, y) == 0 &&
+          sbn_client_backward(c, g_keep2, step, &g_d, dy, dx, NULL, NULL, 0) ==
+              0,
+      "twin: %s", sbn_last_error());
+  CHECK(memcmp(b + 12288, dx, BYTES) != 0,
+        "dx ignores the overwritten x: it was not read in place");
+  pid = scribbler(b);
+  for (step = 101; step < 301; step++) {
+    /* Every other step has no backward: its reference is pruned. */
+    CHECK(sbn_client_shm_forward_flags(c, g_keep, step, 1, &g_d, m->region, 0,
+                                       8192, SBN_CLIENT_SHM_X_STAYS) == 0,
+          "scribbled forward %llu: %s", (unsigned long long)step,
+          sbn_last_error());
+    if (step % 2 == 0)
+      CHECK(sbn_client_shm_backward(c, g_keep, step, &g_d, m->region, 4096,
+                                    12288, dw, db, C) == 0,
+            "scribbled backward %llu: %s", (unsigned long long)step,
+            sbn_last_error());
+  }
+  kill(pid, SIGKILL);
+  waitpid(pid, &status, 0);
+  keep_step(c, m, 400);
+}
+
+/* A connection that closes while a step keeps x in its region: the
+ * worker copies x out first (one tensor_copies), so the backward sent on
+ * another connection afterwards, with the region's bytes overwritten
+ * since, still equals the copying path bit for bit. */
+static void keep_closed(sbn_client_t *c) {
+  sbn_client_t *c2 = sj_connect("svc_shm_e2e", g_path[0], 30);
+  sbn_client_shm_t m2;
+  float x[NUMEL], dy[NUMEL], y[NUMEL], dx[NUMEL], dx2[NUMEL], dw[C], db[C],
+      dw2[C], db2[C];
+  uint64_t before;
+  int waited = 0;
+  CHECK(sbn_client_shm_attach(c2, 65536, &m2) == 0, "attach: %s",
+        sbn_last_error());
+  fill(x, NUMEL, 51);
+  fill(dy, NUMEL, 52);
+  memcpy(m2.base, x, BYTES);
+  CHECK(sbn_client_shm_forward_flags(c2, g_keep, 500, 1, &g_d, m2.region, 0,
+                                     8192, SBN_CLIENT_SHM_X_STAYS) == 0,
+        "forward: %s", sbn_last_error());
+  before = copies(c);
+  sbn_client_close(c2);
+  while (copies(c) == before && waited++ < 500)
+    usleep(10000);
+  CHECK(copies(c) == before + 1, "the close copied %llu tensors, not 1",
+        (unsigned long long)(copies(c) - before));
+  memset(m2.base, 0xff, BYTES);
+  sbn_client_shm_unmap(&m2);
+  CHECK(sbn_client_backward(c, g_keep, 500, &g_d, dy, dx, dw, db, C) == 0,
+        "backward after the close: %s", sbn_last_error());
+  CHECK(
+      sbn_client_forward(c, g_keep2, 500, 1, &g_d, x, NULL, NULL, 0, y) == 0 &&
+          sbn_client_backward(c, g_keep2, 500, &g_d, dy, dx2, dw2, db2, C) == 0,
+      "twin: %s", sbn_last_error());
+  CHECK(memcmp(dx, dx2, sizeof dx) == 0 && memcmp(dw, dw2, sizeof dw) == 0 &&
+            memcmp(db, db2, sizeof db) == 0,
+        "the backward after the close differs from the copying path");
+}
+
+/* The same memfd attached on a second connection: a backward there whose
+ * dx_at overlaps the x that a step keeps through the first connection's
+ * mapping is BAD_TENSOR (the file is compared, not the mapping). */
+static void keep_alias(void) {
+  sbn_client_t *c = sj_connect("svc_shm_e2e", g_path[0], 30);
+  sbn_client_t *c2 = sj_connect("svc_shm_e2e", g_path[0], 30);
+  uint64_t r1 = 0, r2 = 0;
+  int fd = memfd(65536, F_SEAL_SHRINK);
+  float x[NUMEL], dw[C], db[C];
+  uint8_t *b = mmap(NULL, 65536, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  CHECK(b != MAP_FAILED, "mmap: %s", strerror(errno));
+  CHECK(sbn_client_shm_attach_fd(c, fd, 65536, &r1) == 0 &&
+            sbn_client_shm_attach_fd(c2, fd, 65536, &r2) == 0,
+        "attach: %s", sbn_last_error());
+  close(fd);
+  fill(x, NUMEL, 61);
+  memcpy(b, x, BYTES);
+  memcpy(b + 4096, x, BYTES);
+  CHECK(sbn_client_shm_forward_flags(c, g_keep, 800, 1, &g_d, r1, 0, 8192,
+                                     SBN_CLIENT_SHM_X_STAYS) == 0,
+        "forward: %s", sbn_last_error());
+  CHECK_CODE(
+      sbn_client_shm_backward(c2, g_keep, 800, &g_d, r2, 4096, 0, dw, db, C),
+      c2, "BAD_TENSOR");
+  CHECK(sbn_client_shm_backward(c2, g_keep, 800, &g_d, r2, 4096, 12288, dw, db,
+                                C) == 0,
+        "backward: %s", sbn_last_error());
+  CHECK(sbn_client_shm_forward_flags(c, g_keep, 801, 1, &g_d, r1, 0, 8192, 2) !=
+                0 &&
+            strstr(sbn_last_error(), "flags") != NULL,
+        "unknown flags: %s", sbn_last_error());
+  sbn_client_close(c2);
+  sbn_client_close(c);
+  munmap(b, 65536);
 }
 
 /* 16 regions per connection: the happy region and 15 more fill them; the
@@ -480,11 +665,17 @@ int main(void) {
   g_ln2 = reg(c, "ln2", "layernorm", SBN_OP_LAYERNORM);
   g_sync = reg(c, "sync", "syncbatchnorm", SBN_OP_BATCHNORM);
   g_sync2 = reg(c, "sync2", "syncbatchnorm", SBN_OP_BATCHNORM);
+  g_keep = reg(c, "keep", "batchnorm", SBN_OP_BATCHNORM);
+  g_keep2 = reg(c, "keep2", "batchnorm", SBN_OP_BATCHNORM);
   CHECK(sbn_client_shm_attach(c, REGION, &m) == 0, "attach: %s",
         sbn_last_error());
   CHECK(m.region == 0, "first region %llu", (unsigned long long)m.region);
   happy(c, &m, 1);
-  sync_step(c, &m, 1);
+  sync_step(c, &m, 1, 0);
+  sync_step(c, &m, 2, SBN_CLIENT_SHM_X_STAYS);
+  keep_step(c, &m, 1);
+  keep_hostile(c, &m);
+  keep_closed(c);
   hostile_attach(c);
   hostile_ranges(c, &m);
   hostile_limits(c);
@@ -492,7 +683,10 @@ int main(void) {
   too_many_fds();
   /* The connection survived every refusal. */
   happy(c, &m, 2);
-  sync_step(c, &m, 2);
+  sync_step(c, &m, 3, 0);
+  sync_step(c, &m, 4, SBN_CLIENT_SHM_X_STAYS);
+  keep_step(c, &m, 700);
+  keep_alias();
   CHECK(sbn_client_bye(c) == 0, "bye: %s", sbn_last_error());
   sbn_client_close(c);
   sbn_client_shm_unmap(&m);

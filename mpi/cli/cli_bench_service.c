@@ -82,11 +82,14 @@ static int svc_full(svc_cfg_t *s, const sbn_tensor_desc_t *d, int k) {
 }
 
 /* The shared-memory step: the tensors live in the region (a trainer
- * writes x there and reads y there), so nothing is copied here. */
+ * writes x there and reads y there), so nothing is copied here. x stays
+ * at its offset until the backward (x_stays), so the worker keeps a
+ * reference to it instead of copying it for the backward. */
 static int svc_shm(svc_cfg_t *s, const sbn_tensor_desc_t *d) {
   uint64_t step = (*s->step)++, b = s->shm_stride;
-  int rc = sbn_client_shm_forward(s->c, s->layer, step, 1, d, s->shm->region, 0,
-                                  2 * b);
+  int rc =
+      sbn_client_shm_forward_flags(s->c, s->layer, step, 1, d, s->shm->region,
+                                   0, 2 * b, SBN_CLIENT_SHM_X_STAYS);
   if (rc == 0)
     rc = sbn_client_shm_backward(s->c, s->layer, step, d, s->shm->region, b,
                                  3 * b, s->u.dw, s->u.db, s->u.c);

@@ -138,7 +138,16 @@ int sbn_client_backward(sbn_client_t *c, uint64_t layer, uint64_t step,
  * sbn_client_shm_backward reads dy at dy_off and writes dx at dx_off,
  * returning dweight/dbias through the socket. The worker refuses
  * (BAD_TENSOR) ranges past the region's end and an output that overlaps
- * the input. */
+ * the input.
+ *
+ * sbn_client_shm_forward_flags is sbn_client_shm_forward with flags.
+ * SBN_CLIENT_SHM_X_STAYS (a training forward) is the caller's promise that
+ * the bytes of x stay unchanged at x_off until the step's backward has
+ * been answered (or the step is dropped): the worker then keeps a
+ * reference to them for the backward instead of a copy. Breaking the
+ * promise gives wrong gradients, nothing worse; a backward whose dx_at
+ * overlaps the kept x is refused (BAD_TENSOR). A worker without the
+ * feature ignores the flag and copies. */
 typedef struct sbn_client_shm_s {
   void *base;
   size_t size;
@@ -152,6 +161,11 @@ void sbn_client_shm_unmap(sbn_client_shm_t *s);
 int sbn_client_shm_forward(sbn_client_t *c, uint64_t layer, uint64_t step,
                            int train, const sbn_tensor_desc_t *desc,
                            uint64_t region, uint64_t x_off, uint64_t y_off);
+#define SBN_CLIENT_SHM_X_STAYS 1u
+int sbn_client_shm_forward_flags(sbn_client_t *c, uint64_t layer, uint64_t step,
+                                 int train, const sbn_tensor_desc_t *desc,
+                                 uint64_t region, uint64_t x_off,
+                                 uint64_t y_off, unsigned flags);
 int sbn_client_shm_backward(sbn_client_t *c, uint64_t layer, uint64_t step,
                             const sbn_tensor_desc_t *desc, uint64_t region,
                             uint64_t dy_off, uint64_t dx_off, float *dweight,

@@ -156,15 +156,31 @@ static int sbn__pack_at(msgpack_packer *pk, const char *key, uint64_t region,
 int sbn_client_shm_forward(sbn_client_t *c, uint64_t layer, uint64_t step,
                            int train, const sbn_tensor_desc_t *desc,
                            uint64_t region, uint64_t x_off, uint64_t y_off) {
+  return sbn_client_shm_forward_flags(c, layer, step, train, desc, region,
+                                      x_off, y_off, 0);
+}
+
+int sbn_client_shm_forward_flags(sbn_client_t *c, uint64_t layer, uint64_t step,
+                                 int train, const sbn_tensor_desc_t *desc,
+                                 uint64_t region, uint64_t x_off,
+                                 uint64_t y_off, unsigned flags) {
   sbn__req_t r;
   sbn__reply_t p;
+  int stays = (flags & SBN_CLIENT_SHM_X_STAYS) != 0;
   int rc = sbn__begin(c, "shm_forward");
   if (rc != 0)
     return rc;
   if (desc == NULL)
     return sbn__fail(c, SBN_EINVAL, "desc: NULL");
-  sbn__req_start(c, &r, "forward", 7);
+  if ((flags & ~SBN_CLIENT_SHM_X_STAYS) != 0)
+    return sbn__fail(c, SBN_EINVAL, "flags: unknown bits 0x%x",
+                     flags & ~SBN_CLIENT_SHM_X_STAYS);
+  sbn__req_start(c, &r, "forward", 7 + (size_t)stays);
   r.bad |= sbn__pack_layer_step(&r.pk, layer, step);
+  if (stays) {
+    r.bad |= sbn__key(&r.pk, "x_stays");
+    r.bad |= msgpack_pack_true(&r.pk);
+  }
   r.bad |= sbn__key(&r.pk, "train");
   r.bad |= train ? msgpack_pack_true(&r.pk) : msgpack_pack_false(&r.pk);
   r.bad |= sbn__key(&r.pk, "x");

@@ -182,6 +182,10 @@ typedef struct svc_tensor_s {
   /* data points straight into the region (read in place, not freed with
    * the tensor): an input nothing needs after the request's kernel ran. */
   int borrowed;
+  /* A forward's `x_stays` (protocol 6): the client promises that x stays
+   * unchanged in its region until the step's backward, so a training
+   * forward may keep a reference to it instead of a copy. */
+  int stays;
 } svc_tensor_t;
 
 /* Protocol 6: where a forward's y (`y_at`) or a backward's dx (`dx_at`)

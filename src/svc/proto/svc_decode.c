@@ -335,6 +335,7 @@ enum {
   K_SIZE,
   K_Y_AT,
   K_DX_AT,
+  K_X_STAYS,
   K_COUNT
 };
 static const char *const svc__keys[K_COUNT] = {
@@ -355,7 +356,8 @@ static const char *const svc__keys[K_COUNT] = {
     "sum_dy_xhat", "running_mean",
     "running_var", "num_batches_tracked",
     "ghost_batch", "size",
-    "y_at",        "dx_at"};
+    "y_at",        "dx_at",
+    "x_stays"};
 
 /* The optional parameters of a register request, over the kind's
  * defaults: a flat list of keys, each read and stored. */
@@ -654,6 +656,9 @@ static int svc__decode_op(const msgpack_object *const *k, svc_request_t *req) {
           (rc = svc__get_bool(k[K_TRAIN], "train", &req->train)) != 0 ||
           (rc = svc__decode_tensor_in(k[K_X], "x", 1, &req->x)) != 0 ||
           (rc = svc__decode_at(k[K_Y_AT], "y_at", &req->out)) != 0)
+        return rc;
+      if (k[K_X_STAYS] != NULL &&
+          (rc = svc__get_bool(k[K_X_STAYS], "x_stays", &req->x.stays)) != 0)
         return rc;
       if ((rc = svc__opt_tensor(k, K_WEIGHT, &req->weight)) != 0 ||
           (rc = svc__opt_tensor(k, K_BIAS, &req->bias)) != 0)

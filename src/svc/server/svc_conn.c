@@ -40,6 +40,9 @@ void svc__conn_close(svc__conn_t *c) {
   /* A deferred request of this connection is never answered. */
   if (c->pending)
     svc_worker_cancel(s->worker, c);
+  /* Steps that keep x in this connection's regions (x_stays) copy it out
+   * while the regions are still mapped. */
+  svc_worker_shm_gone(s->worker, &c->shm);
   c->pending = 0;
   /* Pending writes are cancelled by uv_close and their callbacks free
    * their buffers before the close callbacks free the connection. */

@@ -147,14 +147,17 @@ static int svc__step_new(svc_worker_t *w, const svc__layer_t *l,
 /* The step takes over the request's input and this step's weight (the
  * request's tensors are already aligned private copies: no second copy),
  * or copies the layer's weight. */
-static int svc__step_take(const svc__layer_t *l, svc__step_t *s,
-                          svc_request_t *q) {
+static int svc__step_take(const svc_worker_t *w, const svc__layer_t *l,
+                          svc__step_t *s, svc_request_t *q) {
   s->step = q->step;
   s->desc = q->x.desc;
   s->numel = q->x.numel;
   if (l->params.op != SBN_OP_DROPOUT) {
+    if (q->x.borrowed) /* x_stays: x is read in place in its region */
+      svc__shm_keep(w, s, q);
     s->x = q->x.data;
     q->x.data = NULL;
+    q->x.borrowed = 0;
   }
   if (l->wb_numel == 0)
     return 0;
@@ -198,7 +201,7 @@ static void svc__forward_done(svc_worker_t *w, svc__pend_t *p,
   svc_frame_t f;
   int rc;
   s->busy = 0;
-  if (recs == NULL) {
+  if (recs == NULL || s->x_lost) {
     s->done = 1;
     svc__step_release(w, s);
     return;
@@ -242,7 +245,7 @@ static int svc__forward_sync(svc__call_t *call, svc__layer_t *l, svc__step_t *s,
     svc__pend_free(p);
     return svc__lib_error(rc);
   }
-  if ((rc = svc__step_take(l, s, q)) != 0) {
+  if ((rc = svc__step_take(w, l, s, q)) != 0) {
     svc__pend_free(p);
     return rc;
   }
@@ -324,7 +327,7 @@ int svc__cmd_forward(svc__call_t *call) {
     goto fail;
   }
   if (s != NULL) {
-    if ((rc = svc__step_take(l, s, q)) != 0) {
+    if ((rc = svc__step_take(w, l, s, q)) != 0) {
       /* The reply is built but backward could not run: refuse the step
        * rather than answer a forward whose backward must fail. */
       svc_frame_free(&call->out);
@@ -389,8 +392,16 @@ static void svc__backward_done(svc_worker_t *w, svc__pend_t *p,
   svc__bargs(s, p, &a);
   if (p->token != NULL)
     a.dx = svc__out_ptr(&p->q.out, a.dx);
-  rc = sbn_bn_backward_finish(l->layer, &a, recs);
   memset(&f, 0, sizeof f);
+  if (s->x_lost) {
+    /* A kept x (x_stays) whose region closed and could not be copied. */
+    svc__shm_kept_check(w, s, &p->q);
+    svc_encode_error(&p->q.id, SVC_NO_FORWARD, svc_last_error(), &f.buf,
+                     &f.len);
+    svc__pend_deliver_frame(w, p, &f);
+    return;
+  }
+  rc = sbn_bn_backward_finish(l->layer, &a, recs);
   if (rc == 0)
     rc = svc__encode_dx(w, &p->q.id, p->token != NULL ? &p->q.out : NULL,
                         &s->desc, a.dx, svc__dx_owner(p), s->numel, p->dw,
@@ -442,7 +453,8 @@ int svc__cmd_backward(svc__call_t *call) {
   if (sync &&
       (rc = svc__sync_check(w, l, q->step, SVC__DIR_BACKWARD, "backward")) != 0)
     return rc;
-  if ((rc = svc__backward_step(l, q, &s)) != 0)
+  if ((rc = svc__backward_step(l, q, &s)) != 0 ||
+      (rc = svc__shm_kept_check(w, s, q)) != 0)
     return rc;
   /* The buffers live in a pending entry either way: a deferred backward
    * keeps it, a local one frees it after its reply. */

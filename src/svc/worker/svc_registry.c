@@ -20,7 +20,9 @@ void svc__layer_append(svc_worker_t *w, svc__layer_t *l) {
 }
 
 void svc__step_release(svc_worker_t *w, svc__step_t *s) {
-  free(s->x);
+  if (s->x_shm == NULL) /* else the client's bytes in its region */
+    free(s->x);
+  s->x_shm = NULL;
   free(s->w);
   free(s->b);
   free(s->saved);

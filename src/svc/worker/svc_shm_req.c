@@ -76,10 +76,13 @@ int svc__shm_resolve(svc_worker_t *w, svc_request_t *q) {
                          (unsigned long long)q->out.region, in,
                          (unsigned long long)q->x.shm_offset);
   /* A backward's dy and an eval forward's x are read where they are:
-   * nothing keeps them past the kernel (a training forward keeps x for
-   * its backward, so it copies). */
+   * nothing keeps them past the kernel. A training forward keeps x for
+   * its backward, so it copies, unless the client promised with x_stays
+   * that the bytes stay put until then: the step then keeps a reference
+   * (svc__shm_keep). */
   if (bytes > 0 && (uintptr_t)src % 64 == 0 &&
-      (q->op == SVC_OP_BACKWARD || (q->op == SVC_OP_FORWARD && !q->train))) {
+      (q->op == SVC_OP_BACKWARD ||
+       (q->op == SVC_OP_FORWARD && (!q->train || q->x.stays)))) {
     q->x.data = (float *)src;
     q->x.borrowed = 1;
     return 0;
@@ -87,6 +90,66 @@ int svc__shm_resolve(svc_worker_t *w, svc_request_t *q) {
   if (bytes > 0)
     w->m.tensor_copies++;
   return svc__shm_copy_in(q, src, (size_t)bytes, in);
+}
+
+void svc__shm_keep(const svc_worker_t *w, svc__step_t *s,
+                   const svc_request_t *q) {
+  const svc_shm_region_t *r = &w->shm->r[q->x.shm_region];
+  s->x_shm = w->shm;
+  s->x_off = q->x.shm_offset;
+  s->x_dev = r->dev;
+  s->x_ino = r->ino;
+}
+
+int svc__shm_kept_check(const svc_worker_t *w, const svc__step_t *s,
+                        const svc_request_t *q) {
+  const svc_shm_region_t *r;
+  uint64_t bytes = (uint64_t)s->numel * sizeof(float);
+  if (s->x_lost)
+    return svc_set_error(SVC_NO_FORWARD,
+                         "step: %llu kept its x in a region of a connection "
+                         "that closed, and copying it out ran out of memory",
+                         (unsigned long long)q->step);
+  if (s->x_shm == NULL || q->out.dst == NULL || w->shm == NULL)
+    return 0;
+  /* The same file through another connection's mapping aliases too, so
+   * the file is compared, not the mapping. */
+  r = &w->shm->r[q->out.region];
+  if (r->dev == s->x_dev && r->ino == s->x_ino &&
+      svc__overlap(s->x_off, bytes, q->out.offset, bytes))
+    return svc_set_error(SVC_BAD_TENSOR,
+                         "dx_at: bytes [%llu, +%llu) overlap the x that "
+                         "step %llu keeps in place (x_stays) at %llu",
+                         (unsigned long long)q->out.offset,
+                         (unsigned long long)bytes, (unsigned long long)q->step,
+                         (unsigned long long)s->x_off);
+  return 0;
+}
+
+/* The kept x of every step that references t, copied into buffers of the
+ * steps' own (their budget already counts those bytes). */
+static void svc__shm_unkeep(svc_worker_t *w, const svc_shm_t *t,
+                            svc__step_t *s) {
+  float *copy;
+  for (; s != NULL; s = s->next) {
+    if (s->x_shm != t)
+      continue;
+    copy = svc__floats(s->numel);
+    if (copy != NULL)
+      memcpy(copy, s->x, s->numel * sizeof(float));
+    else
+      s->x_lost = 1; /* its backward is NO_FORWARD, a pending one fails */
+    s->x = copy;
+    s->x_shm = NULL;
+    w->m.tensor_copies++;
+  }
+}
+
+void svc_worker_shm_gone(svc_worker_t *w, const svc_shm_t *t) {
+  if (w == NULL || t == NULL)
+    return;
+  for (size_t i = 0; i < w->nlayers; i++)
+    svc__shm_unkeep(w, t, w->layers[i]->steps);
 }
 
 float *svc__out_ptr(const svc_shm_at_t *at, float *fallback) {

@@ -165,6 +165,11 @@ int svc_worker_set_state_dir(svc_worker_t *w, const char *dir);
  * not offered (TCP). The table stays the caller's. */
 struct svc_shm_s;
 void svc_worker_set_shm(svc_worker_t *w, struct svc_shm_s *t);
+/* Called when the connection whose regions t holds closes, before they are
+ * unmapped: every kept step whose x the client left in one of them
+ * (x_stays) gets its own copy, so that its backward (from any connection,
+ * or a pending syncbatchnorm forward) still reads the forward's bytes. */
+void svc_worker_shm_gone(svc_worker_t *w, const struct svc_shm_s *t);
 
 /* Bytes of forward state currently kept (for tests and metrics). */
 uint64_t svc_worker_saved_bytes(const svc_worker_t *w);

@@ -21,6 +21,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #include "svc_codec.h"
 #include "svc_worker.h"
@@ -37,7 +38,16 @@ typedef struct svc__step_s {
   int busy; /* a syncbatchnorm forward or backward of it waits for ranks */
   sbn_tensor_desc_t desc;
   size_t numel;
-  float *x;     /* the forward input (NULL for dropout) */
+  float *x; /* the forward input (NULL for dropout) */
+  /* x_stays (protocol 6): x is not a copy but the client's bytes in a
+   * region of connection x_shm (not owned, not freed), at byte x_off of
+   * the file x_dev/x_ino. svc_worker_shm_gone copies them out before that
+   * mapping goes; x_lost says the copy failed (the step has no x). */
+  const struct svc_shm_s *x_shm;
+  uint64_t x_off;
+  dev_t x_dev;
+  ino_t x_ino;
+  int x_lost;
   float *w, *b; /* the affine parameters the forward used */
   void *saved;
   size_t saved_bytes;
@@ -170,6 +180,15 @@ int svc__cmd_shm_attach(svc__call_t *call);
  * deferred entry passes at only while its connection (whose mapping at
  * points into) is still there. */
 int svc__shm_resolve(svc_worker_t *w, svc_request_t *q);
+/* x_stays: the step s keeps a reference to the training forward q's x,
+ * read in place in the current connection's region. */
+void svc__shm_keep(const svc_worker_t *w, svc__step_t *s,
+                   const svc_request_t *q);
+/* A backward q of step s: BAD_TENSOR when its dx_at would overwrite the
+ * x that s keeps in a region (the same file, overlapping bytes);
+ * NO_FORWARD when that x was lost. */
+int svc__shm_kept_check(const svc_worker_t *w, const svc__step_t *s,
+                        const svc_request_t *q);
 /* Where a kernel writes its output: straight into the region when the
  * request names one at a 64-byte aligned address (the kernels' alignment),
  * else fallback, which the encoders then copy into the region. */
