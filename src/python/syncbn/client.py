@@ -249,12 +249,16 @@ class SyncbnClient:
         return int(self._call_fd("shm_attach", fd, size=size)["region"])
 
     def shm_forward(self, layer, step, train, region, x_off, y_off, shape,
-                    layout="nchw"):
+                    layout="nchw", x_stays=False):
         """x is read at x_off of the region, y written at y_off; shape is
-        in memory order as for forward()."""
+        in memory order as for forward(). x_stays=True promises that x
+        stays unchanged at x_off until this step's backward: a training
+        forward then keeps a reference to it instead of a copy
+        (PROTOCOL.md, "Shared memory")."""
+        extra = {"x_stays": True} if x_stays else {}
         self.call("forward", layer=layer, step=step, train=bool(train),
                   x=_shm_tensor(shape, layout, region, x_off),
-                  y_at={"region": region, "offset": y_off})
+                  y_at={"region": region, "offset": y_off}, **extra)
 
     def shm_backward(self, layer, step, region, dy_off, dx_off, shape,
                      layout="nchw"):
@@ -409,6 +413,18 @@ def _shm_selftest(c):
             np.array_equal(m.array(12288, shape), dx) and
             np.array_equal(dw, dw2) and np.array_equal(db, db2))
     print("shm batchnorm bit for bit: %s" % ("ok" if same else "FAIL"))
+    bad += not same
+    # x_stays: the step keeps x where it is (16384) until its backward.
+    k = c.register("shm_k", "batchnorm", channels=3)
+    m.array(16384, shape)[...] = x
+    copies = c.metrics().get("tensor_copies")
+    c.shm_forward(k, 0, True, m.region, 16384, 20480, shape, x_stays=True)
+    dwk, dbk = c.shm_backward(k, 0, m.region, 4096, 24576, shape)
+    same = (c.metrics().get("tensor_copies") == copies and
+            np.array_equal(m.array(20480, shape), y) and
+            np.array_equal(m.array(24576, shape), dx) and
+            np.array_equal(dwk, dw2) and np.array_equal(dbk, db2))
+    print("shm x_stays bit for bit: %s" % ("ok" if same else "FAIL"))
     bad += not same
     fd = os.memfd_create("unsealed", os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, 4096)
