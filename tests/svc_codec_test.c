@@ -195,13 +195,21 @@ static void test_forward_tensor(void **st) {
 }
 
 /* Protocol 6: a forward whose x is {dtype, shape, region[, offset][,
- * data]} and whose y goes to region 3 at 4096 (y_at). */
+ * data]} and whose y goes to region 3 at 4096 (y_at); stays 1 adds
+ * `x_stays: true`, 2 `x_stays: 1` (not a boolean). */
 static void pack_shm_forward(tu_body_t *b, int with_data, int with_offset,
-                             uint64_t offset) {
+                             uint64_t offset, int stays) {
   const size_t dims[2] = {2, 3};
   float x[6] = {0};
   tu_body_init(b);
-  msgpack_pack_map(&b->pk, 7);
+  msgpack_pack_map(&b->pk, 7 + (stays != 0 ? 1 : 0));
+  if (stays != 0) {
+    tu_key(b, "x_stays");
+    if (stays == 1)
+      tu_boolean(b, 1);
+    else
+      msgpack_pack_uint64(&b->pk, 1);
+  }
   tu_key(b, "op");
   tu_key(b, "forward");
   tu_key(b, "id");
@@ -244,7 +252,7 @@ static void test_shm_tensor(void **st) {
   svc_request_t q;
   tu_err_t err;
   (void)st;
-  pack_shm_forward(&b, 0, 1, UINT64_MAX);
+  pack_shm_forward(&b, 0, 1, UINT64_MAX, 0);
   ASSERT_CODE(decode(&b, &q, &err), SVC_OK);
   assert_int_equal(q.x.shm, 1);
   assert_int_equal(q.x.shm_region, 3);
@@ -255,15 +263,27 @@ static void test_shm_tensor(void **st) {
   assert_int_equal(q.out.region, 3);
   assert_int_equal(q.out.offset, 4096);
   assert_null(q.out.dst);
+  assert_int_equal(q.x.stays, 0);
   svc_request_free(&q);
   msgpack_sbuffer_destroy(&b.sb);
   /* data and region together, or region without offset: BAD_TENSOR. */
-  pack_shm_forward(&b, 1, 1, 0);
+  pack_shm_forward(&b, 1, 1, 0, 0);
   ASSERT_CODE(decode(&b, &q, &err), SVC_BAD_TENSOR);
   assert_non_null(strstr(err.msg, "no 'data'"));
   msgpack_sbuffer_destroy(&b.sb);
-  pack_shm_forward(&b, 0, 0, 0);
+  pack_shm_forward(&b, 0, 0, 0, 0);
   ASSERT_CODE(decode(&b, &q, &err), SVC_BAD_TENSOR);
+  msgpack_sbuffer_destroy(&b.sb);
+  /* x_stays: absent is 0 (above), true is 1, a non-boolean BAD_REQUEST. */
+  pack_shm_forward(&b, 0, 1, 64, 1);
+  ASSERT_CODE(decode(&b, &q, &err), SVC_OK);
+  assert_int_equal(q.x.stays, 1);
+  assert_int_equal(q.x.shm, 1);
+  svc_request_free(&q);
+  msgpack_sbuffer_destroy(&b.sb);
+  pack_shm_forward(&b, 0, 1, 64, 2);
+  ASSERT_CODE(decode(&b, &q, &err), SVC_BAD_REQUEST);
+  assert_non_null(strstr(err.msg, "x_stays"));
   msgpack_sbuffer_destroy(&b.sb);
 }
 

@@ -655,15 +655,13 @@ static int svc__decode_op(const msgpack_object *const *k, svc_request_t *req) {
       if ((rc = svc__need(k, "forward", need_fwd)) != 0 ||
           (rc = svc__get_bool(k[K_TRAIN], "train", &req->train)) != 0 ||
           (rc = svc__decode_tensor_in(k[K_X], "x", 1, &req->x)) != 0 ||
-          (rc = svc__decode_at(k[K_Y_AT], "y_at", &req->out)) != 0)
+          (rc = svc__decode_at(k[K_Y_AT], "y_at", &req->out)) != 0 ||
+          (k[K_X_STAYS] != NULL &&
+           (rc = svc__get_bool(k[K_X_STAYS], "x_stays", &req->x.stays)) != 0))
         return rc;
-      if (k[K_X_STAYS] != NULL &&
-          (rc = svc__get_bool(k[K_X_STAYS], "x_stays", &req->x.stays)) != 0)
+      if ((rc = svc__opt_tensor(k, K_WEIGHT, &req->weight)) != 0)
         return rc;
-      if ((rc = svc__opt_tensor(k, K_WEIGHT, &req->weight)) != 0 ||
-          (rc = svc__opt_tensor(k, K_BIAS, &req->bias)) != 0)
-        return rc;
-      return 0;
+      return svc__opt_tensor(k, K_BIAS, &req->bias);
     case SVC_OP_BACKWARD:
       if ((rc = svc__need(k, "backward", need_bwd)) != 0 ||
           (rc = svc__decode_at(k[K_DX_AT], "dx_at", &req->out)) != 0)
