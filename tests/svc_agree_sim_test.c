@@ -244,16 +244,7 @@ static void sim_register(sim_t *s, const char *name, uint32_t c) {
   for (int r = 0; r < s->wd.size; r++) {
     tu_body_t b;
     tu_reply_t rep;
-    tu_body_init(&b);
-    msgpack_pack_map(&b.pk, 5);
-    tu_key(&b, "op");
-    tu_key(&b, "register");
-    tu_key(&b, "id");
-    msgpack_pack_uint32(&b.pk, 1);
-    tu_key(&b, "name");
-    tu_key(&b, name);
-    tu_key(&b, "kind");
-    tu_key(&b, "syncbatchnorm");
+    tu_register_head(&b, 1, name, "syncbatchnorm");
     tu_key(&b, "channels");
     msgpack_pack_uint32(&b.pk, c);
     assert_string_equal(tu_run(s->k[r].w, &b, &rep), "");

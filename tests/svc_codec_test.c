@@ -477,16 +477,7 @@ static void test_wrong_types(void **st) {
   ASSERT_CODE(decode(&b, &q, &err), SVC_BAD_REQUEST);
   msgpack_sbuffer_destroy(&b.sb);
   /* Register: bad kind, negative channels, string eps, name too long. */
-  tu_body_init(&b);
-  msgpack_pack_map(&b.pk, 5);
-  tu_key(&b, "op");
-  tu_key(&b, "register");
-  tu_key(&b, "id");
-  msgpack_pack_uint32(&b.pk, 1);
-  tu_key(&b, "name");
-  tu_key(&b, "a");
-  tu_key(&b, "kind");
-  tu_key(&b, "batchnorm");
+  tu_register_head(&b, 1, "a", "batchnorm");
   tu_key(&b, "channels");
   msgpack_pack_int32(&b.pk, -3);
   ASSERT_CODE(decode(&b, &q, &err), SVC_BAD_REQUEST);
@@ -496,29 +487,11 @@ static void test_wrong_types(void **st) {
     char longname[300];
     memset(longname, 'n', sizeof longname - 1);
     longname[sizeof longname - 1] = '\0';
-    tu_body_init(&b);
-    msgpack_pack_map(&b.pk, 4);
-    tu_key(&b, "op");
-    tu_key(&b, "register");
-    tu_key(&b, "id");
-    msgpack_pack_uint32(&b.pk, 1);
-    tu_key(&b, "name");
-    tu_key(&b, longname);
-    tu_key(&b, "kind");
-    tu_key(&b, "batchnorm");
+    tu_register_head(&b, 0, longname, "batchnorm");
     ASSERT_CODE(decode(&b, &q, &err), SVC_BAD_REQUEST);
     msgpack_sbuffer_destroy(&b.sb);
   }
-  tu_body_init(&b);
-  msgpack_pack_map(&b.pk, 4);
-  tu_key(&b, "op");
-  tu_key(&b, "register");
-  tu_key(&b, "id");
-  msgpack_pack_uint32(&b.pk, 1);
-  tu_key(&b, "name");
-  tu_key(&b, "a");
-  tu_key(&b, "kind");
-  tu_key(&b, "superbatchnorm");
+  tu_register_head(&b, 0, "a", "superbatchnorm");
   ASSERT_CODE(decode(&b, &q, &err), SVC_BAD_REQUEST);
   msgpack_sbuffer_destroy(&b.sb);
   /* Forward: step negative, train an integer. */

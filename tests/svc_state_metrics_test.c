@@ -46,18 +46,9 @@ typedef struct reg_s {
 static void reg(svc_worker_t *w, reg_t o, uint64_t want_id) {
   tu_body_t b;
   tu_reply_t r;
-  uint32_t n =
-      4 + (o.channels > 0) + (o.nshape > 0) + (o.affine >= 0) + (o.track >= 0);
-  tu_body_init(&b);
-  msgpack_pack_map(&b.pk, n);
-  tu_key(&b, "op");
-  tu_key(&b, "register");
-  tu_key(&b, "id");
-  msgpack_pack_uint32(&b.pk, 1);
-  tu_key(&b, "name");
-  tu_key(&b, o.name);
-  tu_key(&b, "kind");
-  tu_key(&b, o.kind);
+  size_t more =
+      (o.channels > 0) + (o.nshape > 0) + (o.affine >= 0) + (o.track >= 0);
+  tu_register_head(&b, more, o.name, o.kind);
   if (o.channels > 0) {
     tu_key(&b, "channels");
     msgpack_pack_uint32(&b.pk, o.channels);

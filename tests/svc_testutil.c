@@ -22,6 +22,20 @@ void tu_boolean(tu_body_t *b, int v) {
   v ? msgpack_pack_true(&b->pk) : msgpack_pack_false(&b->pk);
 }
 
+void tu_register_head(tu_body_t *b, size_t more, const char *name,
+                      const char *kind) {
+  tu_body_init(b);
+  msgpack_pack_map(&b->pk, 4 + more);
+  tu_key(b, "op");
+  tu_key(b, "register");
+  tu_key(b, "id");
+  msgpack_pack_uint32(&b->pk, 1);
+  tu_key(b, "name");
+  tu_key(b, name);
+  tu_key(b, "kind");
+  tu_key(b, kind);
+}
+
 void tu_tensor(tu_body_t *b, const char *dtype, int ndim, const size_t *dims,
                const char *layout, const void *data, size_t bytes) {
   msgpack_pack_map(&b->pk, layout != NULL ? 4 : 3);

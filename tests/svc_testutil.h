@@ -34,6 +34,11 @@ void tu_body_init(tu_body_t *b);
 /* Packs k as a msgpack str (map keys and string values alike). */
 void tu_key(tu_body_t *b, const char *k);
 void tu_boolean(tu_body_t *b, int v);
+/* Starts b as a register request (id 1) of layer name of kind: a map of
+ * 4 + more keys, of which op, id, name and kind are packed; the caller
+ * packs the other more (channels, eps, ...). */
+void tu_register_head(tu_body_t *b, size_t more, const char *name,
+                      const char *kind);
 /* A tensor map {dtype, shape, [layout,] data} with bytes bytes of payload;
  * layout NULL leaves the key out. */
 void tu_tensor(tu_body_t *b, const char *dtype, int ndim, const size_t *dims,

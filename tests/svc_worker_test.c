@@ -330,16 +330,7 @@ static void reg(svc_worker_t *w, const char *name, const char *kind,
                 uint32_t channels, size_t lnshape, uint64_t want_layer) {
   tu_body_t b;
   tu_reply_t r;
-  tu_body_init(&b);
-  msgpack_pack_map(&b.pk, 4 + (channels > 0) + (lnshape > 0));
-  tu_key(&b, "op");
-  tu_key(&b, "register");
-  tu_key(&b, "id");
-  msgpack_pack_uint32(&b.pk, 1);
-  tu_key(&b, "name");
-  tu_key(&b, name);
-  tu_key(&b, "kind");
-  tu_key(&b, kind);
+  tu_register_head(&b, (channels > 0) + (lnshape > 0), name, kind);
   if (channels > 0) {
     tu_key(&b, "channels");
     msgpack_pack_uint32(&b.pk, channels);
@@ -2207,16 +2198,7 @@ static void reg_flags(svc_worker_t *w, const char *name, const char *kind,
                       uint64_t want_layer) {
   tu_body_t b;
   tu_reply_t r;
-  tu_body_init(&b);
-  msgpack_pack_map(&b.pk, 7 + (groups > 0));
-  tu_key(&b, "op");
-  tu_key(&b, "register");
-  tu_key(&b, "id");
-  msgpack_pack_uint32(&b.pk, 1);
-  tu_key(&b, "name");
-  tu_key(&b, name);
-  tu_key(&b, "kind");
-  tu_key(&b, kind);
+  tu_register_head(&b, 3 + (groups > 0), name, kind);
   if (channels > 0) {
     tu_key(&b, "channels");
     msgpack_pack_uint32(&b.pk, channels);
@@ -2446,16 +2428,7 @@ static const char *reg_ghost(svc_worker_t *w, const char *name,
                              const char *kind, uint32_t channels, uint32_t g,
                              tu_reply_t *r) {
   tu_body_t b;
-  tu_body_init(&b);
-  msgpack_pack_map(&b.pk, 6);
-  tu_key(&b, "op");
-  tu_key(&b, "register");
-  tu_key(&b, "id");
-  msgpack_pack_uint32(&b.pk, 1);
-  tu_key(&b, "name");
-  tu_key(&b, name);
-  tu_key(&b, "kind");
-  tu_key(&b, kind);
+  tu_register_head(&b, 2, name, kind);
   tu_key(&b, "channels");
   msgpack_pack_uint32(&b.pk, channels);
   tu_key(&b, "ghost_batch");

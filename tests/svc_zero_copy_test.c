@@ -49,16 +49,7 @@ static svc_frame_t run_frame(svc_worker_t *w, tu_body_t *b) {
 static void reg_bn(svc_worker_t *w) {
   tu_body_t b;
   tu_reply_t r;
-  tu_body_init(&b);
-  msgpack_pack_map(&b.pk, 5);
-  tu_key(&b, "op");
-  tu_key(&b, "register");
-  tu_key(&b, "id");
-  msgpack_pack_uint32(&b.pk, 1);
-  tu_key(&b, "name");
-  tu_key(&b, "bn");
-  tu_key(&b, "kind");
-  tu_key(&b, "batchnorm");
+  tu_register_head(&b, 1, "bn", "batchnorm");
   tu_key(&b, "channels");
   msgpack_pack_uint32(&b.pk, C);
   assert_string_equal(tu_run(w, &b, &r), "");
