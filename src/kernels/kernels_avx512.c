@@ -37,11 +37,46 @@
  * channel in double (l = mean - h): one parameter per vector instead of
  * three, which keeps a wide row's arrays (a 1024-position piece: 12 KiB of
  * parameters and partial sums instead of 20) in L1 beside the streams. */
+/* Positions per piece of the position view's backward (sums and dx):
+ * rows of up to 2048 channels are one piece, not two of PMAX that each
+ * read half of every row (C = 2048: 4 KiB of each 8 KiB row per pass,
+ * where the hardware prefetcher also fetched the half it skipped). With
+ * one float parameter for the sums and four for dx, a row's arrays still
+ * fit in L1 beside the streams. Rows up to PMAX keep PMAX's pieces (a
+ * longer period of C = 1000 would double its arrays). */
+#define BMAX 2048
+#define BWRAP (BMAX + 16)
+
+static int bwd_piece(size_t A, size_t C, size_t S, size_t lda, size_t i,
+                     geo_t *g, size_t *off) {
+  size_t maxP = C * S <= PMAX ? PMAX : BMAX;
+  return geo_piece_p(A, C, S, lda, i, 128, maxP, g, off);
+}
+
+/* The channel of positions j < n of piece g, position j taken as j % L
+ * (a parameter row wraps around for dx's periodic stream). Counted rather
+ * than divided: geo_chan's two divisions per position cost as much as
+ * the data of a 49-row InstanceNorm or GroupNorm sample of 2048 channels,
+ * whose parameters are laid out once per sample. */
+static void pos_chans(const geo_t *g, size_t C, size_t S, size_t n,
+                      unsigned *ch) {
+  size_t s0 = g->j0 % S, c0 = (g->j0 / S) % C, s = s0, c = c0;
+  for (size_t j = 0, p = 0; j < n; j++) {
+    ch[j] = (unsigned)c;
+    if (++p == g->L) {
+      p = 0, s = s0, c = c0;
+    } else if (++s == S) {
+      s = 0;
+      c = c + 1 == C ? 0 : c + 1;
+    }
+  }
+}
+
 static inline __attribute__((always_inline)) void piece_sums(
     int bwd, const float *x, const float *dy, const geo_t *g, const float *pa,
     double *d1, double *d2) {
-  float f1[PMAX] __attribute__((aligned(64)));
-  float f2[PMAX] __attribute__((aligned(64)));
+  float f1[BMAX] __attribute__((aligned(64)));
+  float f2[BMAX] __attribute__((aligned(64)));
   size_t L = g->L;
   for (size_t r0 = 0; r0 < g->rows; r0 += RB) {
     size_t r1 = g->rows - r0 < RB ? g->rows : r0 + RB;
@@ -85,21 +120,23 @@ static inline __attribute__((always_inline)) void pos_sums(
     int bwd, const float *x, const float *dy, size_t A, size_t C, size_t S,
     size_t lda, const float *k, const double *mean, const double *istd,
     double *s1, double *s2) {
-  float pa[PMAX] __attribute__((aligned(64)));
-  float pb[PMAX] __attribute__((aligned(64)));
-  float pc[PMAX] __attribute__((aligned(64)));
-  double d1[PMAX] __attribute__((aligned(64)));
-  double d2[PMAX] __attribute__((aligned(64)));
+  float pa[BMAX] __attribute__((aligned(64)));
+  float pb[BMAX] __attribute__((aligned(64)));
+  float pc[BMAX] __attribute__((aligned(64)));
+  double d1[BMAX] __attribute__((aligned(64)));
+  double d2[BMAX] __attribute__((aligned(64)));
+  unsigned ch[BMAX];
   geo_t g[1];
   size_t off;
-  for (size_t i = 0; geo_piece(A, C, S, lda, i, g, &off); i++) {
+  for (size_t i = 0; bwd_piece(A, C, S, lda, i, g, &off); i++) {
     size_t L = g->L, L16 = (L + 15) & ~(size_t)15;
+    /* Lanes past L take any channel's parameters: they add zeros. */
+    pos_chans(g, C, S, L16, ch);
     for (size_t j = 0; j < L16; j++)
-      lane_params(bwd, j, geo_chan(g, j < L ? j : 0, C, S), k, mean, istd, pa,
-                  pb, pc, d1, d2);
+      lane_params(bwd, j, ch[j], k, mean, istd, pa, pb, pc, d1, d2);
     piece_sums(bwd, x + off, bwd ? dy + off : NULL, g, pa, d1, d2);
     for (size_t j = 0; j < L; j++) {
-      size_t c = geo_chan(g, j, C, S);
+      size_t c = ch[j];
       s1[c] += d1[j];
       if (bwd)
         s2[c] += istd[c] * (d2[j] - (mean[c] - (double)(float)mean[c]) * d1[j]);
@@ -447,14 +484,16 @@ static void pos_apply(const float *x, const float *dy, float *dx, size_t A,
                       size_t C, size_t S, size_t lda, const double *mean,
                       const double *istd, const double *k1, const double *k2,
                       const double *k3) {
-  float pk[PWRAP], pq[PWRAP], ph[PWRAP], pr[PWRAP];
+  float pk[BWRAP], pq[BWRAP], ph[BWRAP], pr[BWRAP];
+  unsigned ch[BWRAP];
   int nt = apply_nt(A, C, S);
   geo_t g[1];
   size_t off;
-  for (size_t i = 0; geo_piece(A, C, S, lda, i, g, &off); i++) {
+  for (size_t i = 0; bwd_piece(A, C, S, lda, i, g, &off); i++) {
     size_t L = g->L;
+    pos_chans(g, C, S, L + 16, ch);
     for (size_t j = 0; j < L + 16; j++) {
-      size_t c = geo_chan(g, j % L, C, S);
+      size_t c = ch[j];
       double q = k2[c] * istd[c];
       float h = (float)mean[c];
       pk[j] = (float)k1[c], pq[j] = (float)q, ph[j] = h;
