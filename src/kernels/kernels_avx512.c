@@ -478,6 +478,18 @@ static inline __m512 apply16f(__m512 x, __m512 g, const float *pk,
   return _mm512_fmadd_ps(_mm512_loadu_ps(pk + j), g, t);
 }
 
+/* Whether pos_apply streams dx: when x and dy fit half of the core's L2
+ * but x, dy and dx together do not (PLAN_L2 below). A call is then most
+ * often one InstanceNorm or GroupNorm sample whose x and dy its sums have
+ * just brought into L2; dx stored normally allocates its lines there and
+ * evicts the x and dy that the pass is about to read (least recently
+ * used first: the very lines it reads next), so every read went to L3. */
+#define POS_L2_BYTES ((size_t)1 << 20)
+static int pos_apply_nt(size_t A, size_t C, size_t S, size_t lda) {
+  size_t span = (A > 0 ? (A - 1) * lda + C * S : 0) * sizeof(float);
+  return 3 * span > POS_L2_BYTES && 2 * span <= POS_L2_BYTES;
+}
+
 /* dx with per-position float parameters (see apply16f), laid out and
  * streamed like pos_normalize. */
 static void pos_apply(const float *x, const float *dy, float *dx, size_t A,
@@ -486,7 +498,7 @@ static void pos_apply(const float *x, const float *dy, float *dx, size_t A,
                       const double *k3) {
   float pk[BWRAP], pq[BWRAP], ph[BWRAP], pr[BWRAP];
   unsigned ch[BWRAP];
-  int nt = apply_nt(A, C, S);
+  int nt = pos_apply_nt(A, C, S, lda);
   geo_t g[1];
   size_t off;
   for (size_t i = 0; bwd_piece(A, C, S, lda, i, g, &off); i++) {
