@@ -501,7 +501,15 @@ static void pos_apply(const float *x, const float *dy, float *dx, size_t A,
   int nt = pos_apply_nt(A, C, S, lda);
   geo_t g[1];
   size_t off;
-  for (size_t i = 0; bwd_piece(A, C, S, lda, i, g, &off); i++) {
+  size_t np = 0;
+  while (bwd_piece(A, C, S, lda, np, g, &off))
+    np++;
+  /* Last element first: the sums just read x and dy front to back, so
+   * their last lines are the ones still in L2 (and the first the ones
+   * evicted); read backwards, a pass whose x and dy exceed the L2 finds
+   * the most recent megabyte there before it goes to L3. */
+  for (size_t i = np; i-- > 0;) {
+    bwd_piece(A, C, S, lda, i, g, &off);
     size_t L = g->L;
     pos_chans(g, C, S, L + 16, ch);
     for (size_t j = 0; j < L + 16; j++) {
@@ -514,28 +522,37 @@ static void pos_apply(const float *x, const float *dy, float *dx, size_t A,
     const float *p = x + off, *d = dy + off;
     float *q = dx + off;
     if (g->stride == L && L >= 16) {
-      size_t n = g->rows * L, s = head_elems(q, n, nt), j = s;
-      if (s > 0) {
-        __mmask16 m = tail_mask(s);
-        store16(q, apply16f(load16(m, p), load16(m, d), pk, pq, ph, pr, 0), m,
-                0);
-      }
-      for (; s < n; s += 16, j = j + 16 >= L ? j + 16 - L : j + 16) {
+      size_t n = g->rows * L, h = head_elems(q, n, nt);
+      /* Vectors from position h on, the last one first (j: its start
+       * modulo L, stepped down by 16 with a wrap). */
+      for (size_t s = n > h ? h + (n - h - 1) / 16 * 16 : h, j = s % L; s < n;
+           j = j >= 16 ? j - 16 : j + L - 16) {
         __mmask16 m = tail_mask(n - s);
         store16(q + s,
                 apply16f(load16(m, p + s), load16(m, d + s), pk, pq, ph, pr, j),
                 m, nt);
+        if (s == h)
+          break;
+        s -= 16;
+      }
+      if (h > 0) {
+        __mmask16 m = tail_mask(h);
+        store16(q, apply16f(load16(m, p), load16(m, d), pk, pq, ph, pr, 0), m,
+                0);
       }
       continue;
     }
-    for (size_t r = 0; r < g->rows;
-         r++, p += g->stride, d += g->stride, q += g->stride)
-      for (size_t j = 0; j < L; j += 16) {
+    for (size_t r = g->rows; r-- > 0;) {
+      size_t o = r * g->stride;
+      for (size_t j = (L - 1) / 16 * 16 + 16; j > 0;) {
+        j -= 16;
         __mmask16 m = tail_mask(L - j);
-        store16(q + j,
-                apply16f(load16(m, p + j), load16(m, d + j), pk, pq, ph, pr, j),
+        store16(q + o + j,
+                apply16f(load16(m, p + o + j), load16(m, d + o + j), pk, pq, ph,
+                         pr, j),
                 m, 0);
       }
+    }
   }
   _mm_sfence();
   /* GCC leaves this function (a tail call of avx512_bwd_apply) without
