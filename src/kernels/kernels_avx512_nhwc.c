@@ -438,12 +438,16 @@ static inline __attribute__((always_inline)) void cl_apply_tile(
     q[v] = _mm512_load_pd(pq + 8 * v);
     r[v] = _mm512_load_pd(pr + 8 * v);
   }
-  for (size_t i = 0; i < rows; i++) {
+  /* Last row first, prefetching pf floats behind: see
+   * sbn__avx512_cl_apply. */
+  for (size_t i = rows; i-- > 0;) {
     size_t o = i * stride;
     CL_UNROLL
     for (int v = 0; v < V; v++) {
-      _mm_prefetch((const char *)(x + o + 16 * v + pf), _MM_HINT_T0);
-      _mm_prefetch((const char *)(dy + o + 16 * v + pf), _MM_HINT_T0);
+      _mm_prefetch((const char *)((uintptr_t)(x + o + 16 * v) - 4 * pf),
+                   _MM_HINT_T0);
+      _mm_prefetch((const char *)((uintptr_t)(dy + o + 16 * v) - 4 * pf),
+                   _MM_HINT_T0);
       __m512 out =
           dx16(cl_ld(tail, v, V, m, x + o + 16 * v),
                cl_ld(tail, v, V, m, dy + o + 16 * v), k[2 * v], k[2 * v + 1],
@@ -478,7 +482,15 @@ int sbn__avx512_cl_apply(const float *x, const float *dy, float *dx, size_t A,
   size_t off;
   if (!cl_takes(A, C, S, lda, 64, 0))
     return 0;
-  for (size_t i = 0; cl_piece(A, C, S, lda, i, 64, g, &off); i++) {
+  size_t np = 0;
+  while (cl_piece(A, C, S, lda, np, 64, g, &off))
+    np++;
+  /* Last piece and row first: the sums just read x and dy front to back,
+   * so their last lines are the ones still in L2, and a pass whose x and
+   * dy exceed the L2 finds the most recent megabyte there before it goes
+   * to L3 (kernels_avx512.c's pos_apply does the same). */
+  for (size_t i = np; i-- > 0;) {
+    cl_piece(A, C, S, lda, i, 64, g, &off);
     size_t L = g->L, o = off;
     cl_chans(g, C, S, 0, ch);
     for (size_t j = 0; j < cl_pad(L); j++) {
