@@ -512,13 +512,8 @@ static void pos_apply(const float *x, const float *dy, float *dx, size_t A,
     bwd_piece(A, C, S, lda, i, g, &off);
     size_t L = g->L;
     pos_chans(g, C, S, L + 16, ch);
-    for (size_t j = 0; j < L + 16; j++) {
-      size_t c = ch[j];
-      double q = k2[c] * istd[c];
-      float h = (float)mean[c];
-      pk[j] = (float)k1[c], pq[j] = (float)q, ph[j] = h;
-      pr[j] = (float)(k3[c] - q * (mean[c] - (double)h));
-    }
+    for (size_t j = 0; j < L + 16; j++)
+      dx_params_f(j, ch[j], mean, istd, k1, k2, k3, pk, pq, ph, pr);
     const float *p = x + off, *d = dy + off;
     float *q = dx + off;
     if (g->stride == L && L >= 16) {
