@@ -19,9 +19,11 @@
  * lane) that are folded into double, so no element is converted to double
  * and the sums keep about double's accuracy: the shifted values the
  * moments add are small (the caller shifts by a value of the data), and a
- * sum of 16 floats loses only a few float ulps of itself. dx is formed in
- * double as dx = k1*dy + (q*x + r), q = k2*istd and r = k3 - q*mean, which
- * equals the reference's k1*dy + (k2*xhat + k3) to double rounding. */
+ * sum of 16 floats loses only a few float ulps of itself. Over runs, dx is
+ * formed in double as dx = k1*dy + (q*x + r), q = k2*istd and
+ * r = k3 - q*mean, which equals the reference's k1*dy + (k2*xhat + k3) to
+ * double rounding; the position views form it in float from x - h (h the
+ * float part of the mean, dx_params_f), whose terms are all of dx's size. */
 #include "kernels/sbn_kernels.h"
 
 #ifdef SBN__HAVE_AVX512

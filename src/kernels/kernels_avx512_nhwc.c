@@ -13,8 +13,8 @@
  *
  * Accuracy is that of kernels_avx512.c: float partial sums of at most 16
  * values per lane (a block of RB rows) folded into double per position,
- * and dx in double. Compiled with the AVX-512 flags; run only after
- * dispatch.c's CPU check. */
+ * and dx in float from x - h (avx512_inl.h's dx_params_f). Compiled with the
+ * AVX-512 flags; run only after dispatch.c's CPU check. */
 #include "kernels/sbn_kernels.h"
 
 #ifdef SBN__HAVE_AVX512
