@@ -655,6 +655,15 @@ static void avx512_bwd_apply_ld(const float *x, const float *dy, float *dx,
                                 const double *mean, const double *istd,
                                 const double *k1, const double *k2,
                                 const double *k3) {
+  /* The position views form dx in float, whose terms cancel where a
+   * statistic has very few values (two: dx is about eps/var times dy), as
+   * in bwd_reduce_ld; such calls are small and take the reference's
+   * double. */
+  if (S < 16 && A * S < SMALL_STAT) {
+    sbn__kernels_ref.bwd_apply_ld(x, dy, dx, A, C, S, lda, mean, istd, k1, k2,
+                                  k3);
+    return;
+  }
   if (S < 16) {
     if (sbn__avx512_cl_apply(x, dy, dx, A, C, S, lda, mean, istd, k1, k2, k3))
       return;
