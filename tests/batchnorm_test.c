@@ -368,6 +368,10 @@ static void test_bn_large_mean(void **state) {
                 (size_t)16),
         tu_desc(SBN_LAYOUT_NHWC, 4, (size_t)4, (size_t)1000, (size_t)3,
                 (size_t)5),
+        /* Two pieces of a row (2100 > PMAX), rows strided: the float dx
+         * of the wide position view. */
+        tu_desc(SBN_LAYOUT_NHWC, 4, (size_t)4, (size_t)2100, (size_t)3,
+                (size_t)3),
         tu_desc(SBN_LAYOUT_NHWC, 4, (size_t)64, (size_t)3, (size_t)9,
                 (size_t)7),
         tu_desc(SBN_LAYOUT_NCHW, 4, (size_t)2, (size_t)3, (size_t)50,

@@ -322,6 +322,41 @@ static void test_channels_last_tiles(void **state) {
   sbn_kernel_select("ref");
 }
 
+/* Channels-last samples whose x and dy fit half of a 1 MiB L2 but whose
+ * x, dy and dx do not (400 KB per tensor): the wide position view streams
+ * dx there (kernels_avx512.c's pos_apply_nt), from an unaligned head.
+ * Rows of 1000 (one piece) and 2048 (one periodic row) channels. */
+static void test_channels_last_stream_dx(void **state) {
+  (void)state;
+  const char *const *sets;
+  int nsets = tu_kernel_sets(&sets);
+  const size_t Cs[] = {1000, 2048};
+  const sbn_op_t ops[] = {SBN_OP_INSTANCENORM, SBN_OP_GROUPNORM};
+  const char *opn[] = {"in", "gn"};
+  for (int ks = 0; ks < nsets; ks++) {
+    if (strcmp(sets[ks], "ref") == 0 || tu_kernel_use(sets[ks]) != 0)
+      continue;
+    for (int io = 0; io < 2; io++)
+      for (size_t ic = 0; ic < sizeof Cs / sizeof *Cs; ic++) {
+        size_t C = Cs[ic], S = 100000 / C, N = 2, off = 1 + 2 * ic;
+        char what[128];
+        snprintf(what, sizeof what, "%s %s NHWC N=%zu C=%zu S=%zu off=%zu",
+                 sets[ks], opn[io], N, C, S, off);
+        outs_t a, b;
+        assert_int_equal(sbn_kernel_select("ref"), 0);
+        run_op_at(ops[io], SBN_LAYOUT_NHWC, N, C, S, SBN_MODE_TRAIN, 0, &a,
+                  what);
+        assert_int_equal(sbn_kernel_select(sets[ks]), 0);
+        run_op_at(ops[io], SBN_LAYOUT_NHWC, N, C, S, SBN_MODE_TRAIN, off, &b,
+                  what);
+        compare_outs(ops[io], opn[io], N, C, S, &a, &b, what);
+        free_outs(&a);
+        free_outs(&b);
+      }
+  }
+  sbn_kernel_select("ref");
+}
+
 /* The name reported matches the selection, and the automatic choice is one
  * of the known sets. */
 static void test_names(void **state) {
@@ -482,6 +517,7 @@ int main(void) {
       cmocka_unit_test(test_sets_vs_ref),
       cmocka_unit_test(test_wide_unaligned),
       cmocka_unit_test(test_channels_last_tiles),
+      cmocka_unit_test(test_channels_last_stream_dx),
       cmocka_unit_test(test_layout_agreement),
       cmocka_unit_test(test_dropout_sets),
   };

@@ -113,6 +113,20 @@ static inline __m512 dx16(__m512 x, __m512 g, __m512d k1l, __m512d k1h,
                  _mm512_fmadd_pd(k1h, gh, _mm512_fmadd_pd(qh, xh, rh)));
 }
 
+/* Position j of channel c of a float dx = k1*dy + (q*(x - h) + r), h the
+ * float part of the mean, q = k2*istd and r = k3 - q*(mean - h): x - h is
+ * exact near the mean, so every term is of dx's own magnitude. Shared by
+ * the position views' dx (kernels_avx512.c, kernels_avx512_nhwc.c). */
+static inline void dx_params_f(size_t j, size_t c, const double *mean,
+                               const double *istd, const double *k1,
+                               const double *k2, const double *k3, float *pk,
+                               float *pq, float *ph, float *pr) {
+  double q = k2[c] * istd[c];
+  float h = (float)mean[c];
+  pk[j] = (float)k1[c], pq[j] = (float)q, ph[j] = h;
+  pr[j] = (float)(k3[c] - q * (mean[c] - (double)h));
+}
+
 /* Lane j of a row of positions holds channel c: its shift for the
  * forward's sums (k[c]), or for the backward's the split mean and istd;
  * its double sums start at zero. Shared by the position view

@@ -19,9 +19,11 @@
  * lane) that are folded into double, so no element is converted to double
  * and the sums keep about double's accuracy: the shifted values the
  * moments add are small (the caller shifts by a value of the data), and a
- * sum of 16 floats loses only a few float ulps of itself. dx is formed in
- * double as dx = k1*dy + (q*x + r), q = k2*istd and r = k3 - q*mean, which
- * equals the reference's k1*dy + (k2*xhat + k3) to double rounding. */
+ * sum of 16 floats loses only a few float ulps of itself. Over runs, dx is
+ * formed in double as dx = k1*dy + (q*x + r), q = k2*istd and
+ * r = k3 - q*mean, which equals the reference's k1*dy + (k2*xhat + k3) to
+ * double rounding; the position views form it in float from x - h (h the
+ * float part of the mean, dx_params_f), whose terms are all of dx's size. */
 #include "kernels/sbn_kernels.h"
 
 #ifdef SBN__HAVE_AVX512
@@ -32,12 +34,51 @@
 
 /* Float sums over the rows of one piece into per-position doubles d1, d2
  * (each holding round16(L) zeros on entry). Moments add d = x - pa and d^2;
- * backward adds dy and dy * xhat with xhat = ((x - pa) - pb) * pc. */
+ * backward adds dy and dy * (x - pa), pa the float part h of the mean, and
+ * pos_sums forms sum dy * xhat = istd * (sum dy (x - h) - l * sum dy) per
+ * channel in double (l = mean - h): one parameter per vector instead of
+ * three, which keeps a wide row's arrays (a 1024-position piece: 12 KiB of
+ * parameters and partial sums instead of 20) in L1 beside the streams. */
+/* Positions per piece of the position view's backward (sums and dx):
+ * rows of up to 2048 channels are one piece, not two of PMAX that each
+ * read half of every row (C = 2048: 4 KiB of each 8 KiB row per pass,
+ * where the hardware prefetcher also fetched the half it skipped). With
+ * one float parameter for the sums and four for dx, a row's arrays still
+ * fit in L1 beside the streams. Rows up to PMAX keep PMAX's pieces (a
+ * longer period of C = 1000 would double its arrays). */
+#define BMAX 2048
+#define BWRAP (BMAX + 16)
+
+static int bwd_piece(size_t A, size_t C, size_t S, size_t lda, size_t i,
+                     geo_t *g, size_t *off) {
+  size_t maxP = C * S <= PMAX ? PMAX : BMAX;
+  return geo_piece_p(A, C, S, lda, i, 128, maxP, g, off);
+}
+
+/* The channel of positions j < n of piece g, position j taken as j % L
+ * (a parameter row wraps around for dx's periodic stream). Counted rather
+ * than divided: geo_chan's two divisions per position cost as much as
+ * the data of a 49-row InstanceNorm or GroupNorm sample of 2048 channels,
+ * whose parameters are laid out once per sample. */
+static void pos_chans(const geo_t *g, size_t C, size_t S, size_t n,
+                      unsigned *ch) {
+  size_t s0 = g->j0 % S, c0 = (g->j0 / S) % C, s = s0, c = c0;
+  for (size_t j = 0, p = 0; j < n; j++) {
+    ch[j] = (unsigned)c;
+    if (++p == g->L) {
+      p = 0, s = s0, c = c0;
+    } else if (++s == S) {
+      s = 0;
+      c = c + 1 == C ? 0 : c + 1;
+    }
+  }
+}
+
 static inline __attribute__((always_inline)) void piece_sums(
     int bwd, const float *x, const float *dy, const geo_t *g, const float *pa,
-    const float *pb, const float *pc, double *d1, double *d2) {
-  float f1[PMAX] __attribute__((aligned(64)));
-  float f2[PMAX] __attribute__((aligned(64)));
+    double *d1, double *d2) {
+  float f1[BMAX] __attribute__((aligned(64)));
+  float f2[BMAX] __attribute__((aligned(64)));
   size_t L = g->L;
   for (size_t r0 = 0; r0 < g->rows; r0 += RB) {
     size_t r1 = g->rows - r0 < RB ? g->rows : r0 + RB;
@@ -52,13 +93,12 @@ static inline __attribute__((always_inline)) void piece_sums(
         __m512 v = load16(m, p + j);
         __m512 a = _mm512_load_ps(f1 + j), b = _mm512_load_ps(f2 + j);
         if (bwd) {
+          /* dy * (x - h) only: pos_sums applies the low part of the
+           * mean and istd per channel. */
           __m512 gv = load16(m, q + j);
-          __m512 xh = _mm512_mul_ps(
-              _mm512_sub_ps(_mm512_sub_ps(v, _mm512_load_ps(pa + j)),
-                            _mm512_load_ps(pb + j)),
-              _mm512_load_ps(pc + j));
+          __m512 xs = _mm512_sub_ps(v, _mm512_load_ps(pa + j));
           a = _mm512_add_ps(a, gv);
-          b = _mm512_fmadd_ps(gv, xh, b);
+          b = _mm512_fmadd_ps(gv, xs, b);
         } else {
           __m512 d = _mm512_maskz_sub_ps(m, v, _mm512_load_ps(pa + j));
           a = _mm512_add_ps(a, d);
@@ -82,23 +122,28 @@ static inline __attribute__((always_inline)) void pos_sums(
     int bwd, const float *x, const float *dy, size_t A, size_t C, size_t S,
     size_t lda, const float *k, const double *mean, const double *istd,
     double *s1, double *s2) {
-  float pa[PMAX] __attribute__((aligned(64)));
-  float pb[PMAX] __attribute__((aligned(64)));
-  float pc[PMAX] __attribute__((aligned(64)));
-  double d1[PMAX] __attribute__((aligned(64)));
-  double d2[PMAX] __attribute__((aligned(64)));
+  float pa[BMAX] __attribute__((aligned(64)));
+  float pb[BMAX] __attribute__((aligned(64)));
+  float pc[BMAX] __attribute__((aligned(64)));
+  double d1[BMAX] __attribute__((aligned(64)));
+  double d2[BMAX] __attribute__((aligned(64)));
+  unsigned ch[BMAX];
   geo_t g[1];
   size_t off;
-  for (size_t i = 0; geo_piece(A, C, S, lda, i, g, &off); i++) {
+  for (size_t i = 0; bwd_piece(A, C, S, lda, i, g, &off); i++) {
     size_t L = g->L, L16 = (L + 15) & ~(size_t)15;
+    /* Lanes past L take any channel's parameters: they add zeros. */
+    pos_chans(g, C, S, L16, ch);
     for (size_t j = 0; j < L16; j++)
-      lane_params(bwd, j, geo_chan(g, j < L ? j : 0, C, S), k, mean, istd, pa,
-                  pb, pc, d1, d2);
-    piece_sums(bwd, x + off, bwd ? dy + off : NULL, g, pa, pb, pc, d1, d2);
+      lane_params(bwd, j, ch[j], k, mean, istd, pa, pb, pc, d1, d2);
+    piece_sums(bwd, x + off, bwd ? dy + off : NULL, g, pa, d1, d2);
     for (size_t j = 0; j < L; j++) {
-      size_t c = geo_chan(g, j, C, S);
+      size_t c = ch[j];
       s1[c] += d1[j];
-      s2[c] += d2[j];
+      if (bwd)
+        s2[c] += istd[c] * (d2[j] - (mean[c] - (double)(float)mean[c]) * d1[j]);
+      else
+        s2[c] += d2[j];
     }
   }
 }
@@ -417,56 +462,94 @@ static void pos_normalize(const float *x, float *y, size_t A, size_t C,
   _mm256_zeroupper(); /* as in pos_apply */
 }
 
-/* dx with per-position double parameters k1, q, r (see dx16). */
-/* One vector of dx at positions [j, j + 16) of the parameters. */
-static inline __m512 apply16(__m512 x, __m512 g, const double *pk,
-                             const double *pq, const double *pr, size_t j) {
-  return dx16(x, g, _mm512_loadu_pd(pk + j), _mm512_loadu_pd(pk + j + 8),
-              _mm512_loadu_pd(pq + j), _mm512_loadu_pd(pq + j + 8),
-              _mm512_loadu_pd(pr + j), _mm512_loadu_pd(pr + j + 8));
+/* One vector of dx at positions [j, j + 16) of the float parameters:
+ * k1*dy + (q*(x - h) + r) with h the float part of the mean and
+ * r = k3 - q*(mean - h). x - h is exact for x within a factor of two of h
+ * and small otherwise, so every term is of dx's own magnitude and float
+ * keeps dx to a few float ulps of it, as dx16's double does, with four
+ * float parameter loads and three operations per vector instead of six
+ * double loads, four conversions and a pack (perf: the double form's
+ * parameters of a 1024-position row, 24 KiB, and its arithmetic made the
+ * wide channels-last dx 1.5 times the two-pass floor). */
+static inline __m512 apply16f(__m512 x, __m512 g, const float *pk,
+                              const float *pq, const float *ph, const float *pr,
+                              size_t j) {
+  __m512 d = _mm512_sub_ps(x, _mm512_loadu_ps(ph + j));
+  __m512 t =
+      _mm512_fmadd_ps(_mm512_loadu_ps(pq + j), d, _mm512_loadu_ps(pr + j));
+  return _mm512_fmadd_ps(_mm512_loadu_ps(pk + j), g, t);
 }
 
-/* dx with per-position double parameters k1, q, r (see dx16), laid out
- * and streamed like pos_normalize. */
+/* Whether pos_apply streams dx: when x and dy fit half of the core's L2
+ * but x, dy and dx together do not (PLAN_L2 below). A call is then most
+ * often one InstanceNorm or GroupNorm sample whose x and dy its sums have
+ * just brought into L2; dx stored normally allocates its lines there and
+ * evicts the x and dy that the pass is about to read (least recently
+ * used first: the very lines it reads next), so every read went to L3. */
+#define POS_L2_BYTES ((size_t)1 << 20)
+static int pos_apply_nt(size_t A, size_t C, size_t S, size_t lda) {
+  size_t span = (A > 0 ? (A - 1) * lda + C * S : 0) * sizeof(float);
+  return 3 * span > POS_L2_BYTES && 2 * span <= POS_L2_BYTES;
+}
+
+/* dx with per-position float parameters (see apply16f), laid out and
+ * streamed like pos_normalize. */
 static void pos_apply(const float *x, const float *dy, float *dx, size_t A,
                       size_t C, size_t S, size_t lda, const double *mean,
                       const double *istd, const double *k1, const double *k2,
                       const double *k3) {
-  double pk[PWRAP], pq[PWRAP], pr[PWRAP];
-  int nt = apply_nt(A, C, S);
+  float pk[BWRAP], pq[BWRAP], ph[BWRAP], pr[BWRAP];
+  unsigned ch[BWRAP];
+  int nt = pos_apply_nt(A, C, S, lda);
   geo_t g[1];
   size_t off;
-  for (size_t i = 0; geo_piece(A, C, S, lda, i, g, &off); i++) {
+  size_t np = 0;
+  while (bwd_piece(A, C, S, lda, np, g, &off))
+    np++;
+  /* Last element first: the sums just read x and dy front to back, so
+   * their last lines are the ones still in L2 (and the first the ones
+   * evicted); read backwards, a pass whose x and dy exceed the L2 finds
+   * the most recent megabyte there before it goes to L3. */
+  for (size_t i = np; i-- > 0;) {
+    bwd_piece(A, C, S, lda, i, g, &off);
     size_t L = g->L;
-    for (size_t j = 0; j < L + 16; j++) {
-      size_t c = geo_chan(g, j % L, C, S);
-      double q = k2[c] * istd[c];
-      pk[j] = k1[c], pq[j] = q, pr[j] = k3[c] - q * mean[c];
-    }
+    pos_chans(g, C, S, L + 16, ch);
+    for (size_t j = 0; j < L + 16; j++)
+      dx_params_f(j, ch[j], mean, istd, k1, k2, k3, pk, pq, ph, pr);
     const float *p = x + off, *d = dy + off;
     float *q = dx + off;
     if (g->stride == L && L >= 16) {
-      size_t n = g->rows * L, s = head_elems(q, n, nt), j = s;
-      if (s > 0) {
-        __mmask16 m = tail_mask(s);
-        store16(q, apply16(load16(m, p), load16(m, d), pk, pq, pr, 0), m, 0);
-      }
-      for (; s < n; s += 16, j = j + 16 >= L ? j + 16 - L : j + 16) {
+      size_t n = g->rows * L, h = head_elems(q, n, nt);
+      /* Vectors from position h on, the last one first (j: its start
+       * modulo L, stepped down by 16 with a wrap). */
+      for (size_t s = n > h ? h + (n - h - 1) / 16 * 16 : h, j = s % L; s < n;
+           j = j >= 16 ? j - 16 : j + L - 16) {
         __mmask16 m = tail_mask(n - s);
         store16(q + s,
-                apply16(load16(m, p + s), load16(m, d + s), pk, pq, pr, j), m,
-                nt);
+                apply16f(load16(m, p + s), load16(m, d + s), pk, pq, ph, pr, j),
+                m, nt);
+        if (s == h)
+          break;
+        s -= 16;
+      }
+      if (h > 0) {
+        __mmask16 m = tail_mask(h);
+        store16(q, apply16f(load16(m, p), load16(m, d), pk, pq, ph, pr, 0), m,
+                0);
       }
       continue;
     }
-    for (size_t r = 0; r < g->rows;
-         r++, p += g->stride, d += g->stride, q += g->stride)
-      for (size_t j = 0; j < L; j += 16) {
+    for (size_t r = g->rows; r-- > 0;) {
+      size_t o = r * g->stride;
+      for (size_t j = (L - 1) / 16 * 16 + 16; j > 0;) {
+        j -= 16;
         __mmask16 m = tail_mask(L - j);
-        store16(q + j,
-                apply16(load16(m, p + j), load16(m, d + j), pk, pq, pr, j), m,
-                0);
+        store16(q + o + j,
+                apply16f(load16(m, p + o + j), load16(m, d + o + j), pk, pq, ph,
+                         pr, j),
+                m, 0);
       }
+    }
   }
   _mm_sfence();
   /* GCC leaves this function (a tail call of avx512_bwd_apply) without
@@ -572,6 +655,15 @@ static void avx512_bwd_apply_ld(const float *x, const float *dy, float *dx,
                                 const double *mean, const double *istd,
                                 const double *k1, const double *k2,
                                 const double *k3) {
+  /* The position views form dx in float, whose terms cancel where a
+   * statistic has very few values (two: dx is about eps/var times dy), as
+   * in bwd_reduce_ld; such calls are small and take the reference's
+   * double. */
+  if (S < 16 && A * S < SMALL_STAT) {
+    sbn__kernels_ref.bwd_apply_ld(x, dy, dx, A, C, S, lda, mean, istd, k1, k2,
+                                  k3);
+    return;
+  }
   if (S < 16) {
     if (sbn__avx512_cl_apply(x, dy, dx, A, C, S, lda, mean, istd, k1, k2, k3))
       return;

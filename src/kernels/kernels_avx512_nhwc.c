@@ -13,8 +13,8 @@
  *
  * Accuracy is that of kernels_avx512.c: float partial sums of at most 16
  * values per lane (a block of RB rows) folded into double per position,
- * and dx in double. Compiled with the AVX-512 flags; run only after
- * dispatch.c's CPU check. */
+ * and dx in float from x - h (avx512_inl.h's dx_params_f). Compiled with the
+ * AVX-512 flags; run only after dispatch.c's CPU check. */
 #include "kernels/sbn_kernels.h"
 
 #ifdef SBN__HAVE_AVX512
@@ -422,46 +422,55 @@ int sbn__avx512_cl_normalize(const float *x, float *y, size_t A, size_t C,
 }
 
 /* ------------------------------------------------------------------ */
-/* dx = k1*dy + (q*x + r) in double, q = k2*istd, r = k3 - q*mean (dx16):
- * six double vectors of parameters per vector of a tile, so tiles of up
- * to 4 vectors keep 24 registers of them. */
+/* dx = k1*dy + (q*(x - h) + r) in float (avx512_inl.h's dx_params_f):
+ * four float vectors of parameters per vector of a tile, so tiles of up
+ * to 4 vectors keep 16 registers of them (double, as before, took 24 and
+ * four conversions and a pack per vector). */
+
+typedef struct cl_dx_par_s {
+  float k[CL_LEN] __attribute__((aligned(64)));
+  float q[CL_LEN] __attribute__((aligned(64)));
+  float h[CL_LEN] __attribute__((aligned(64)));
+  float r[CL_LEN] __attribute__((aligned(64)));
+} cl_dx_par_t;
 
 static inline __attribute__((always_inline)) void cl_apply_tile(
     int V, int tail, const float *x, const float *dy, float *dx, size_t rows,
-    size_t stride, size_t L, const double *pk, const double *pq,
-    const double *pr, size_t pf) {
-  __m512d k[8], q[8], r[8];
+    size_t stride, size_t L, const cl_dx_par_t *pp, size_t pf) {
+  __m512 k[4], q[4], h[4], r[4];
   __mmask16 m = cl_last(L);
   CL_UNROLL
-  for (int v = 0; v < 2 * V; v++) {
-    k[v] = _mm512_load_pd(pk + 8 * v);
-    q[v] = _mm512_load_pd(pq + 8 * v);
-    r[v] = _mm512_load_pd(pr + 8 * v);
+  for (int v = 0; v < V; v++) {
+    k[v] = _mm512_load_ps(pp->k + 16 * v);
+    q[v] = _mm512_load_ps(pp->q + 16 * v);
+    h[v] = _mm512_load_ps(pp->h + 16 * v);
+    r[v] = _mm512_load_ps(pp->r + 16 * v);
   }
-  for (size_t i = 0; i < rows; i++) {
+  /* Last row first, prefetching pf floats behind: see
+   * sbn__avx512_cl_apply. */
+  for (size_t i = rows; i-- > 0;) {
     size_t o = i * stride;
     CL_UNROLL
     for (int v = 0; v < V; v++) {
-      _mm_prefetch((const char *)(x + o + 16 * v + pf), _MM_HINT_T0);
-      _mm_prefetch((const char *)(dy + o + 16 * v + pf), _MM_HINT_T0);
-      __m512 out =
-          dx16(cl_ld(tail, v, V, m, x + o + 16 * v),
-               cl_ld(tail, v, V, m, dy + o + 16 * v), k[2 * v], k[2 * v + 1],
-               q[2 * v], q[2 * v + 1], r[2 * v], r[2 * v + 1]);
+      _mm_prefetch((const char *)((uintptr_t)(x + o + 16 * v) - 4 * pf),
+                   _MM_HINT_T0);
+      _mm_prefetch((const char *)((uintptr_t)(dy + o + 16 * v) - 4 * pf),
+                   _MM_HINT_T0);
+      __m512 d = _mm512_sub_ps(cl_ld(tail, v, V, m, x + o + 16 * v), h[v]);
+      __m512 out = _mm512_fmadd_ps(k[v], cl_ld(tail, v, V, m, dy + o + 16 * v),
+                                   _mm512_fmadd_ps(q[v], d, r[v]));
       cl_st(tail, v, V, m, dx + o + 16 * v, out, 0);
     }
   }
 }
 
 typedef void (*cl_apply_fn)(const float *, const float *, float *, size_t,
-                            size_t, size_t, const double *, const double *,
-                            const double *, size_t);
+                            size_t, size_t, const cl_dx_par_t *, size_t);
 #define CL_APPLY(V, T)                                                       \
   static void cl_apply_##V##_##T(const float *x, const float *dy, float *dx, \
                                  size_t rows, size_t stride, size_t L,       \
-                                 const double *pk, const double *pq,         \
-                                 const double *pr, size_t pf) {              \
-    cl_apply_tile(V, T, x, dy, dx, rows, stride, L, pk, pq, pr, pf);         \
+                                 const cl_dx_par_t *pp, size_t pf) {         \
+    cl_apply_tile(V, T, x, dy, dx, rows, stride, L, pp, pf);                 \
   }
 CL_ROWS4(CL_APPLY)
 static const cl_apply_fn cl_apply_fns[2][4] = CL_TAB4(cl_apply_);
@@ -470,24 +479,27 @@ int sbn__avx512_cl_apply(const float *x, const float *dy, float *dx, size_t A,
                          size_t C, size_t S, size_t lda, const double *mean,
                          const double *istd, const double *k1, const double *k2,
                          const double *k3) {
-  double pk[CL_LEN] __attribute__((aligned(64)));
-  double pq[CL_LEN] __attribute__((aligned(64)));
-  double pr[CL_LEN] __attribute__((aligned(64)));
+  cl_dx_par_t pp;
   unsigned ch[CL_LEN];
   geo_t g[1];
   size_t off;
   if (!cl_takes(A, C, S, lda, 64, 0))
     return 0;
-  for (size_t i = 0; cl_piece(A, C, S, lda, i, 64, g, &off); i++) {
+  size_t np = 0;
+  while (cl_piece(A, C, S, lda, np, 64, g, &off))
+    np++;
+  /* Last piece and row first: the sums just read x and dy front to back,
+   * so their last lines are the ones still in L2, and a pass whose x and
+   * dy exceed the L2 finds the most recent megabyte there before it goes
+   * to L3 (kernels_avx512.c's pos_apply does the same). */
+  for (size_t i = np; i-- > 0;) {
+    cl_piece(A, C, S, lda, i, 64, g, &off);
     size_t L = g->L, o = off;
     cl_chans(g, C, S, 0, ch);
-    for (size_t j = 0; j < cl_pad(L); j++) {
-      size_t c = ch[j];
-      double q = k2[c] * istd[c];
-      pk[j] = k1[c], pq[j] = q, pr[j] = k3[c] - q * mean[c];
-    }
-    cl_apply_fns[L % 16 != 0][(L + 15) / 16 - 1](
-        x + o, dy + o, dx + o, g->rows, g->stride, L, pk, pq, pr, CL_PF);
+    for (size_t j = 0; j < cl_pad(L); j++)
+      dx_params_f(j, ch[j], mean, istd, k1, k2, k3, pp.k, pp.q, pp.h, pp.r);
+    cl_apply_fns[L % 16 != 0][(L + 15) / 16 - 1](x + o, dy + o, dx + o, g->rows,
+                                                 g->stride, L, &pp, CL_PF);
   }
   _mm256_zeroupper(); /* see kernels_avx512.c's pos_apply */
   return 1;
