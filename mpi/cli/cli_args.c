@@ -69,6 +69,24 @@ int sbn__cli_parse_list(const char *s, uint64_t max, uint64_t **out,
   }
 }
 
+int sbn__cli_bad(const char *cmd, const char *flag, const char *arg,
+                 const char *what) {
+  fprintf(stderr, "syncbn %s: --%s: '%s' is not %s\n", cmd, flag, arg, what);
+  return 2;
+}
+
+int sbn__cli_set_uint(const char *cmd, void *opts, const sbn__cli_uint_t *t,
+                      size_t n, const char *flag, const char *arg) {
+  for (size_t i = 0; i < n; i++)
+    if (strcmp(flag, t[i].name) == 0) {
+      uint64_t *u = (uint64_t *)(void *)((char *)opts + t[i].off);
+      if (sbn__cli_parse_u64(arg, t[i].hi, u) != 0 || *u < t[i].lo)
+        return sbn__cli_bad(cmd, flag, arg, t[i].what);
+      return 0;
+    }
+  return -1;
+}
+
 int sbn__cli_getopt(const char *cmd, int argc, char **argv,
                     const char *const *with_arg, int n_with,
                     const sbn__cli_flag_t *flags, int n_flags,

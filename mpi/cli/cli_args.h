@@ -4,6 +4,7 @@
 #ifndef SBN_CLI_ARGS_H
 #define SBN_CLI_ARGS_H
 
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 
@@ -25,6 +26,27 @@ int sbn__cli_parse_layout(const char *s, sbn_layout_t *out);
  * also on failure (then possibly partly filled) so that one free() is the
  * caller's only cleanup. */
 int sbn__cli_parse_list(const char *s, uint64_t max, uint64_t **out, size_t *n);
+
+/* "syncbn CMD: --FLAG: 'ARG' is not WHAT" on stderr; returns 2, the usage
+ * error's exit status. */
+int sbn__cli_bad(const char *cmd, const char *flag, const char *arg,
+                 const char *what);
+
+/* An unsigned option: its flag, the uint64_t field at off in the
+ * subcommand's options struct, its bounds, and what it must be (for the
+ * message). */
+typedef struct sbn__cli_uint_s {
+  const char *name;
+  size_t off;
+  uint64_t lo, hi;
+  const char *what;
+} sbn__cli_uint_t;
+
+/* Sets the field of flag in opts from arg when t[0..n) names flag:
+ * returns 0, 2 after the message when arg is not a decimal in its bounds,
+ * or -1 when t does not name flag. */
+int sbn__cli_set_uint(const char *cmd, void *opts, const sbn__cli_uint_t *t,
+                      size_t n, const char *flag, const char *arg);
 
 /* A flag without a value (--quick) and the int it sets to 1. */
 typedef struct sbn__cli_flag_s {

@@ -58,8 +58,7 @@ static void usage(FILE *f) {
 }
 
 static int bad(const char *flag, const char *arg, const char *what) {
-  fprintf(stderr, "syncbn study: --%s: '%s' is not %s\n", flag, arg, what);
-  return 2;
+  return sbn__cli_bad("study", flag, arg, what);
 }
 
 /* A comma-separated list of words from names[0..n): sets bit i for each. */
@@ -112,12 +111,7 @@ static int set_list(study_opts_t *o, const char *flag, const char *arg) {
 }
 
 static int set_value(study_opts_t *o, const char *flag, const char *arg) {
-  static const struct {
-    const char *name;
-    size_t off;
-    uint64_t lo, hi;
-    const char *what;
-  } t[] = {
+  static const sbn__cli_uint_t t[] = {
       {"seeds", offsetof(study_opts_t, seeds), 1, 100,
        "a seed count in 1..100"},
       {"epochs", offsetof(study_opts_t, epochs), 1, 1000,
@@ -133,13 +127,9 @@ static int set_value(study_opts_t *o, const char *flag, const char *arg) {
       {"precise-bn", offsetof(study_opts_t, precise_n), 2, 1u << 24,
        "a number of samples, at least 2"},
   };
-  for (size_t i = 0; i < sizeof t / sizeof *t; i++)
-    if (strcmp(flag, t[i].name) == 0) {
-      uint64_t *u = (uint64_t *)((char *)o + t[i].off);
-      if (sbn__cli_parse_u64(arg, t[i].hi, u) != 0 || *u < t[i].lo)
-        return bad(flag, arg, t[i].what);
-      return 0;
-    }
+  int rc = sbn__cli_set_uint("study", o, t, sizeof t / sizeof *t, flag, arg);
+  if (rc >= 0)
+    return rc;
   if (strcmp(flag, "out") == 0 || strcmp(flag, "data") == 0) {
     if (*arg == '\0')
       return bad(flag, arg, "a directory");

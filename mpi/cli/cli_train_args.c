@@ -82,18 +82,12 @@ const char *sbn__train_norm_name(sbn_nn_norm_t n) {
 }
 
 static int bad(const char *flag, const char *arg, const char *what) {
-  fprintf(stderr, "syncbn train: --%s: '%s' is not %s\n", flag, arg, what);
-  return 2;
+  return sbn__cli_bad("train", flag, arg, what);
 }
 
 /* The unsigned options: flag name, field, lower and upper bound. */
 static int set_uint(train_opts_t *o, const char *flag, const char *arg) {
-  static const struct {
-    const char *name;
-    size_t off;
-    uint64_t lo, hi;
-    const char *what;
-  } t[] = {
+  static const sbn__cli_uint_t t[] = {
       {"groups", offsetof(train_opts_t, groups), 1, 1u << 20,
        "a positive number of groups"},
       {"group-size", offsetof(train_opts_t, group_size), 1, 1u << 20,
@@ -116,14 +110,7 @@ static int set_uint(train_opts_t *o, const char *flag, const char *arg) {
       {"stop-after", offsetof(train_opts_t, stop_after), 1, 10000,
        "an epoch in 1..10000"},
   };
-  for (size_t i = 0; i < sizeof t / sizeof *t; i++)
-    if (strcmp(flag, t[i].name) == 0) {
-      uint64_t *u = (uint64_t *)((char *)o + t[i].off);
-      if (sbn__cli_parse_u64(arg, t[i].hi, u) != 0 || *u < t[i].lo)
-        return bad(flag, arg, t[i].what);
-      return 0;
-    }
-  return -1;
+  return sbn__cli_set_uint("train", o, t, sizeof t / sizeof *t, flag, arg);
 }
 
 static int set_double(train_opts_t *o, const char *flag, const char *arg) {
