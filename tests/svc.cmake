@@ -7,6 +7,26 @@ if(NOT TARGET syncbn_svc)
   return()
 endif()
 
+# The environment of every test that starts `mpirun ... syncbnd`: the MPI
+# tests' (root allowed; under the sanitizers slow unwinding and the Open
+# MPI leak suppressions).
+set(svc_env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1)
+if(DEFINED SBN_MPI_RUN_ENV)
+  set(svc_env ${SBN_MPI_RUN_ENV})
+endif()
+
+# A C test that starts its own syncbnd job (tests/svc_job.c) and talks to
+# it through the client library.
+function(sbn_svc_job_exe name)
+  add_executable(${name} ${CMAKE_CURRENT_LIST_DIR}/${name}.c
+    ${CMAKE_CURRENT_LIST_DIR}/svc_job.c)
+  target_link_libraries(${name} PRIVATE syncbn_client syncbn_svc syncbn
+    PkgConfig::MSGPACK m)
+  target_compile_definitions(${name} PRIVATE
+    SBN_MPIEXEC="${MPIEXEC_EXECUTABLE}"
+    SBN_SYNCBND="$<TARGET_FILE:syncbnd>")
+endfunction()
+
 add_executable(svc_codec_test ${CMAKE_CURRENT_LIST_DIR}/svc_codec_test.c
   ${CMAKE_CURRENT_LIST_DIR}/svc_testutil.c)
 target_link_libraries(svc_codec_test PRIVATE syncbn_svc syncbn
@@ -24,12 +44,6 @@ if(TARGET syncbn_client AND TARGET syncbnd AND MPIEXEC_EXECUTABLE
     SBN_SYNCBND="$<TARGET_FILE:syncbnd>")
   # The test starts the job itself (it needs the workers' ready lines and
   # their pids); mpirun's --timeout inside and ctest's TIMEOUT bound it.
-  # Same environment as the MPI tests (root allowed; under the sanitizers
-  # slow unwinding and the Open MPI leak suppressions).
-  set(svc_env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1)
-  if(DEFINED SBN_MPI_RUN_ENV)
-    set(svc_env ${SBN_MPI_RUN_ENV})
-  endif()
   add_test(NAME svc_server_e2e_np2 COMMAND svc_server_e2e)
   set_tests_properties(svc_server_e2e_np2 PROPERTIES TIMEOUT 180 LABELS "mpi;svc"
     ENVIRONMENT "${svc_env}" SKIP_RETURN_CODE 77)
@@ -38,17 +52,7 @@ endif()
 # syncbatchnorm across workers (protocol version 2).
 if(TARGET syncbn_client AND TARGET syncbnd AND MPIEXEC_EXECUTABLE
    AND EXISTS ${CMAKE_CURRENT_LIST_DIR}/svc_sync_e2e.c)
-  add_executable(svc_sync_e2e ${CMAKE_CURRENT_LIST_DIR}/svc_sync_e2e.c
-    ${CMAKE_CURRENT_LIST_DIR}/svc_job.c)
-  target_link_libraries(svc_sync_e2e PRIVATE syncbn_client syncbn_svc syncbn
-    PkgConfig::MSGPACK m)
-  target_compile_definitions(svc_sync_e2e PRIVATE
-    SBN_MPIEXEC="${MPIEXEC_EXECUTABLE}"
-    SBN_SYNCBND="$<TARGET_FILE:syncbnd>")
-  set(svc_env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1)
-  if(DEFINED SBN_MPI_RUN_ENV)
-    set(svc_env ${SBN_MPI_RUN_ENV})
-  endif()
+  sbn_svc_job_exe(svc_sync_e2e)
   foreach(np 2 3)
     add_test(NAME svc_sync_e2e_np${np} COMMAND svc_sync_e2e ${np})
     set_tests_properties(svc_sync_e2e_np${np} PROPERTIES TIMEOUT 180
@@ -67,10 +71,6 @@ set_tests_properties(svc_state_metrics_test PROPERTIES TIMEOUT 60 LABELS "unit;s
 # Batches, fusion, the stats path, sync groups, mismatches and checkpoints
 # across workers (tests/svc_cross_rank.py, Debian's python with msgpack+numpy).
 if(TARGET syncbnd AND MPIEXEC_EXECUTABLE AND EXISTS /usr/bin/python3)
-  set(svc_env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1)
-  if(DEFINED SBN_MPI_RUN_ENV)
-    set(svc_env ${SBN_MPI_RUN_ENV})
-  endif()
   foreach(np 2 3)
     add_test(NAME svc_cross_rank_np${np}
       COMMAND /usr/bin/python3 ${CMAKE_CURRENT_LIST_DIR}/svc_cross_rank.py
@@ -103,17 +103,7 @@ set_tests_properties(svc_agree_sim_test PROPERTIES TIMEOUT 120 LABELS "unit;svc"
 # metrics, TCP) against `mpirun -np 2 syncbnd`.
 if(TARGET syncbn_client AND TARGET syncbnd AND MPIEXEC_EXECUTABLE
    AND EXISTS ${CMAKE_CURRENT_LIST_DIR}/svc_client_e2e.c)
-  add_executable(svc_client_e2e ${CMAKE_CURRENT_LIST_DIR}/svc_client_e2e.c
-    ${CMAKE_CURRENT_LIST_DIR}/svc_job.c)
-  target_link_libraries(svc_client_e2e PRIVATE syncbn_client syncbn_svc
-    syncbn PkgConfig::MSGPACK m)
-  target_compile_definitions(svc_client_e2e PRIVATE
-    SBN_MPIEXEC="${MPIEXEC_EXECUTABLE}"
-    SBN_SYNCBND="$<TARGET_FILE:syncbnd>")
-  set(svc_env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1)
-  if(DEFINED SBN_MPI_RUN_ENV)
-    set(svc_env ${SBN_MPI_RUN_ENV})
-  endif()
+  sbn_svc_job_exe(svc_client_e2e)
   add_test(NAME svc_client_e2e COMMAND svc_client_e2e)
   set_tests_properties(svc_client_e2e PROPERTIES TIMEOUT 180
     LABELS "mpi;svc" ENVIRONMENT "${svc_env}")
@@ -124,17 +114,7 @@ endif()
 # every refusal.
 if(TARGET syncbnd AND TARGET syncbn_client
    AND EXISTS ${CMAKE_CURRENT_LIST_DIR}/svc_shm_e2e.c)
-  add_executable(svc_shm_e2e ${CMAKE_CURRENT_LIST_DIR}/svc_shm_e2e.c
-    ${CMAKE_CURRENT_LIST_DIR}/svc_job.c)
-  target_link_libraries(svc_shm_e2e PRIVATE syncbn_client syncbn_svc
-    syncbn PkgConfig::MSGPACK m)
-  target_compile_definitions(svc_shm_e2e PRIVATE
-    SBN_MPIEXEC="${MPIEXEC_EXECUTABLE}"
-    SBN_SYNCBND="$<TARGET_FILE:syncbnd>")
-  set(svc_env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1)
-  if(DEFINED SBN_MPI_RUN_ENV)
-    set(svc_env ${SBN_MPI_RUN_ENV})
-  endif()
+  sbn_svc_job_exe(svc_shm_e2e)
   add_test(NAME svc_shm_e2e COMMAND svc_shm_e2e)
   set_tests_properties(svc_shm_e2e PROPERTIES TIMEOUT 180
     LABELS "mpi;svc" ENVIRONMENT "${svc_env}")
