@@ -548,34 +548,63 @@ static int svc__stats_check(const svc__layer_t *l, const svc_request_t *q,
   return 0;
 }
 
-/* Completes a stats entry from the reduced records: the global count,
- * mean and variances, and the running statistics moved exactly as a
+/* Moves the running statistics from the reduced records exactly as a
  * training forward moves them (PyTorch's update, unbiased variance). */
+static void svc__stats_track(svc__layer_t *l, const sbn_rec_t *recs) {
+  double f = l->params.momentum;
+  if (l->params.cumulative)
+    f = 1.0 / ((double)l->state.num_batches_tracked + 1.0);
+  for (size_t c = 0; c < l->params.channels; c++) {
+    double n = recs[c].v[0];
+    double uvar = n > 1 ? recs[c].v[2] / (n - 1) : 0;
+    if (n == 0)
+      continue;
+    l->running_mean[c] =
+        (float)((1 - f) * l->running_mean[c] + f * recs[c].v[1]);
+    l->running_var[c] = (float)((1 - f) * l->running_var[c] + f * uvar);
+  }
+  l->state.num_batches_tracked++;
+}
+
+/* Vector i of a stats reply (svc_stats_out_name: count, mean, biased and
+ * unbiased variance, inverse standard deviation) from the reduced
+ * records into o[0..C). */
+static void svc__stats_vec(int i, const sbn_rec_t *recs, size_t C, double eps,
+                           double *o) {
+  for (size_t c = 0; c < C; c++) {
+    double n = recs[c].v[0], m2 = recs[c].v[2];
+    if (i == 0)
+      o[c] = n;
+    else if (i == 1)
+      o[c] = recs[c].v[1];
+    else if (i == 3)
+      o[c] = n > 1 ? m2 / (n - 1) : 0;
+    else if (i == 2)
+      o[c] = n > 0 ? m2 / n : 0;
+    else
+      o[c] = 1.0 / sqrt((n > 0 ? m2 / n : 0) + eps);
+  }
+}
+
+/* Completes a stats entry from the reduced records: the running
+ * statistics move, and the reply carries the vectors the request did not
+ * leave out (all five unless it sent `want`), computed only for it. */
 static void svc__stats_done(svc_worker_t *w, svc__pend_t *p,
                             const sbn_rec_t *recs) {
   svc__layer_t *l = p->l;
   size_t C = l->params.channels;
-  double *out = NULL, *n, *mean, *var, *uvar, *istd;
+  unsigned want = SVC_STATS_ALL & ~p->q.skip;
+  uint32_t nv = 0;
+  double *out = NULL;
   uint8_t *buf = NULL;
   size_t len = 0;
   svc_reply_t r;
   int small = 0, any = 0;
   if (recs == NULL)
     return;
-  if ((out = malloc((5 * C + 1) * sizeof *out)) == NULL) {
-    svc__pend_reply_error(w, p, SVC_RESOURCE, "stats: out of memory");
-    return;
-  }
-  n = out, mean = out + C, var = out + 2 * C, uvar = out + 3 * C,
-  istd = out + 4 * C;
   for (size_t c = 0; c < C; c++) {
-    n[c] = recs[c].v[0];
-    mean[c] = recs[c].v[1];
-    var[c] = n[c] > 0 ? recs[c].v[2] / n[c] : 0;
-    uvar[c] = n[c] > 1 ? recs[c].v[2] / (n[c] - 1) : 0;
-    istd[c] = 1.0 / sqrt(var[c] + l->params.eps);
-    small |= n[c] == 1;
-    any |= n[c] > 0;
+    small |= recs[c].v[0] == 1;
+    any |= recs[c].v[0] > 0;
   }
   if (small) {
     /* Every rank of the group reduced the same counts, so they all refuse
@@ -583,32 +612,24 @@ static void svc__stats_done(svc_worker_t *w, svc__pend_t *p,
     svc__pend_reply_error(w, p, SVC_SMALL_BATCH,
                           "count: expected more than 1 value per channel in "
                           "the global batch (a channel has 1)");
-    free(out);
     return;
   }
-  if (l->tracking && any) {
-    double f = l->params.momentum;
-    if (l->params.cumulative)
-      f = 1.0 / ((double)l->state.num_batches_tracked + 1.0);
-    for (size_t c = 0; c < C; c++) {
-      if (n[c] == 0)
-        continue;
-      l->running_mean[c] = (float)((1 - f) * l->running_mean[c] + f * mean[c]);
-      l->running_var[c] = (float)((1 - f) * l->running_var[c] + f * uvar[c]);
-    }
-    l->state.num_batches_tracked++;
+  if ((out = malloc((C > 0 ? C : 1) * sizeof *out)) == NULL) {
+    svc__pend_reply_error(w, p, SVC_RESOURCE, "stats: out of memory");
+    return;
   }
-  svc_reply_begin(&r, &p->q.id, 5, 5 * C * sizeof(double));
-  svc_reply_key(&r, "count");
-  r.rc |= svc_pack_vec64(r.pk, n, C);
-  svc_reply_key(&r, "mean");
-  r.rc |= svc_pack_vec64(r.pk, mean, C);
-  svc_reply_key(&r, "var");
-  r.rc |= svc_pack_vec64(r.pk, var, C);
-  svc_reply_key(&r, "var_unbiased");
-  r.rc |= svc_pack_vec64(r.pk, uvar, C);
-  svc_reply_key(&r, "invstd");
-  r.rc |= svc_pack_vec64(r.pk, istd, C);
+  if (l->tracking && any)
+    svc__stats_track(l, recs);
+  for (int i = 0; i < SVC_STATS_OUTS; i++)
+    nv += (want >> i) & 1u;
+  svc_reply_begin(&r, &p->q.id, nv, nv * C * sizeof(double));
+  for (int i = 0; i < SVC_STATS_OUTS; i++) {
+    if (!(want & (1u << i)))
+      continue;
+    svc__stats_vec(i, recs, C, l->params.eps, out);
+    svc_reply_key(&r, svc_stats_out_name(i));
+    r.rc |= svc_pack_vec64(r.pk, out, C);
+  }
   free(out);
   if (svc_reply_end(&r, &buf, &len) != 0) {
     svc__pend_reply_error(w, p, SVC_RESOURCE, "stats: out of memory");
@@ -684,6 +705,7 @@ int svc__cmd_stats(svc__call_t *call) {
     p->recs[c].v[2] = fwd ? q->m2.v[c] : 0;
   }
   p->q.id = q->id;
+  p->q.skip = q->skip;
   p->done = fwd ? svc__stats_done : svc__stats_backward_done;
   svc__pend_queue(call, p);
   return 0;
