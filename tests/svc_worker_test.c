@@ -108,12 +108,12 @@ static void p_stats(tu_body_t *b, uint64_t id, uint64_t layer, uint64_t step,
   p_stats_keys(b, 7, id, layer, step, n, cnt, cnt_all, mean, m2);
 }
 
-/* stats with an integer count and a `want` key, whose value the caller
- * packs next. */
+/* p_stats with a `want` key, whose value the caller packs next. */
 static void p_stats_want(tu_body_t *b, uint64_t id, uint64_t layer,
-                         uint64_t step, size_t n, uint64_t cnt_all,
-                         const double *mean, const double *m2) {
-  p_stats_keys(b, 8, id, layer, step, n, NULL, cnt_all, mean, m2);
+                         uint64_t step, size_t n, const double *cnt,
+                         uint64_t cnt_all, const double *mean,
+                         const double *m2) {
+  p_stats_keys(b, 8, id, layer, step, n, cnt, cnt_all, mean, m2);
   tu_key(b, "want");
 }
 
@@ -795,7 +795,7 @@ static void test_stats_want_decode(void **st) {
   svc_request_free(&q);
   for (unsigned mask = 0; mask <= SVC_STATS_ALL; mask++) {
     tu_body_init(&b);
-    p_stats_want(&b, 1, 0, 1, 3, 4, v, v);
+    p_stats_want(&b, 1, 0, 1, 3, NULL, 4, v, v);
     want_of(&b, mask);
     assert_int_equal(dec(&b, &q, &err), SVC_OK);
     assert_int_equal(q.skip, SVC_STATS_ALL & ~mask);
@@ -803,7 +803,7 @@ static void test_stats_want_decode(void **st) {
   }
   /* The order of the list does not matter. */
   tu_body_init(&b);
-  p_stats_want(&b, 1, 0, 1, 3, 4, v, v);
+  p_stats_want(&b, 1, 0, 1, 3, NULL, 4, v, v);
   msgpack_pack_array(&b.pk, 2);
   tu_key(&b, "invstd");
   tu_key(&b, "count");
@@ -820,7 +820,7 @@ static void test_stats_want_decode(void **st) {
         "want[1]: 'mean' repeated", "want[5]: 'count' repeated"};
     for (int c = 0; c < NCASES; c++) {
       tu_body_init(&b);
-      p_stats_want(&b, 7, 0, 1, 3, 4, v, v);
+      p_stats_want(&b, 7, 0, 1, 3, NULL, 4, v, v);
       switch (c) {
         case STR:
           tu_key(&b, "mean");
@@ -2359,7 +2359,7 @@ static svc_worker_t *kinds_worker(void) {
  * statistics move the same, bit for bit. */
 static void test_loopback_stats_want(void **st) {
   enum { NC = 7 };
-  double cnt = 12, mean[NC], m2[NC], full[SVC_STATS_OUTS][NC], v[NC];
+  double cnt[NC], mean[NC], m2[NC], full[SVC_STATS_OUTS][NC], v[NC];
   lb_t lb;
   svc_worker_t *w = lb_worker(&lb);
   int tok = 0;
@@ -2367,9 +2367,12 @@ static void test_loopback_stats_want(void **st) {
   tu_reply_t r[2];
   snap_t s;
   (void)st;
+  /* Odd C (the two-channel loops' tail), an empty channel (count 0), a
+   * count of 2 (n - 1 = 1), a constant channel (m2 0). */
   for (int c = 0; c < NC; c++) {
-    mean[c] = 0.1 * c - 0.3;
-    m2[c] = c == 3 ? 0 : 1.0 / (c + 1); /* a constant channel too */
+    cnt[c] = c == 1 ? 0 : c == 4 ? 2 : 12 + c;
+    mean[c] = c == 1 ? 0 : 0.1 * c - 0.3;
+    m2[c] = c == 1 || c == 3 ? 0 : 1.0 / (c + 1);
   }
   reg(w, "full", "syncbatchnorm", NC, 0, 0);
   reg(w, "part", "syncbatchnorm", NC, 0, 1);
@@ -2378,10 +2381,10 @@ static void test_loopback_stats_want(void **st) {
     const msgpack_object *o;
     uint32_t at = 0;
     tu_body_init(&b);
-    p_stats(&b, 100 + step, 0, step, NC, NULL, (uint64_t)cnt, mean, m2);
+    p_stats(&b, 100 + step, 0, step, NC, cnt, 0, mean, m2);
     lb_send(w, &b, &tok);
     tu_body_init(&b);
-    p_stats_want(&b, 200 + step, 1, step, NC, (uint64_t)cnt, mean, m2);
+    p_stats_want(&b, 200 + step, 1, step, NC, cnt, 0, mean, m2);
     want_of(&b, mask);
     lb_send(w, &b, &tok);
     lb_wait(w, &lb, 2, r);
@@ -2395,10 +2398,14 @@ static void test_loopback_stats_want(void **st) {
     for (int i = 0; i < SVC_STATS_OUTS; i++)
       vec_of(&r[0].o, svc_stats_out_name(i), full[i], NC);
     for (int c = 0; c < NC; c++) {
-      double var = m2[c] / cnt;
-      assert_true(full[0][c] == cnt && full[1][c] == mean[c]);
-      assert_true(full[2][c] == var && full[3][c] == m2[c] / (cnt - 1));
-      assert_true(full[4][c] == 1.0 / sqrt(var + 1e-5));
+      double n = cnt[c], var = n > 0 ? m2[c] / n : 0;
+      double uvar = n > 1 ? m2[c] / (n - 1) : 0;
+      assert_memory_equal(&full[0][c], &n, sizeof n);
+      assert_memory_equal(&full[1][c], &mean[c], sizeof n);
+      assert_memory_equal(&full[2][c], &var, sizeof n);
+      assert_memory_equal(&full[3][c], &uvar, sizeof n);
+      var = 1.0 / sqrt(var + 1e-5);
+      assert_memory_equal(&full[4][c], &var, sizeof n);
     }
     /* id first, then the wanted vectors in the reply's order. */
     o = &r[1].o;
