@@ -1320,6 +1320,76 @@ static void test_worker_batch(void **st) {
 
 /* stats and stats_backward without the transport: checks of the layer and
  * of the values come first, then NOT_YET; in a batch the same. */
+/* The value checks of stats and stats_backward, channel by channel: each
+ * kind of bad value at each position of an odd C (both lanes of the
+ * paired test and its scalar tail) is BAD_PARAMS naming that channel;
+ * negative zeros, zero counts with zero values, and stats_backward's
+ * negative sums pass (NOT_YET: the worker has no transport). */
+static void test_stats_check_channels(void **st) {
+  enum { NC = 5, KINDS = 8 };
+  svc_worker_t *w = worker();
+  tu_body_t b;
+  tu_reply_t r;
+  (void)st;
+  reg(w, "sbn", "syncbatchnorm", NC, 0, 0);
+  for (int kind = 0; kind < KINDS; kind++)
+    for (int at = 0; at < NC; at++) {
+      double cnt[NC], mean[NC], m2[NC], want_msg = 1;
+      char name[32];
+      for (int c = 0; c < NC; c++)
+        cnt[c] = 4, mean[c] = c - 2.0, m2[c] = c == 2 ? -0.0 : 1.0 + c;
+      switch (kind) {
+        case 0:
+          mean[at] = NAN;
+          break;
+        case 1:
+          m2[at] = INFINITY;
+          break;
+        case 2:
+          cnt[at] = -1;
+          break;
+        case 3:
+          m2[at] = -1e-300;
+          break;
+        case 4:
+          cnt[at] = 0, mean[at] = 0.5, m2[at] = 0;
+          break;
+        case 5:
+          cnt[at] = 0, mean[at] = 0, m2[at] = 1e-300;
+          break;
+        case 6:
+          cnt[at] = -INFINITY;
+          break;
+        case 7:
+          cnt[at] = 0, mean[at] = -0.0, m2[at] = -0.0, want_msg = 0;
+      }
+      tu_body_init(&b);
+      p_stats(&b, 1, 0, 1, NC, cnt, 0, mean, m2);
+      EXPECT(w, &b, &r, want_msg ? "BAD_PARAMS" : "NOT_YET");
+      snprintf(name, sizeof name, "channel %d ", at);
+      if (want_msg && strstr(r.msg, name) == NULL)
+        fail_msg("kind %d at %d: '%s'", kind, at, r.msg);
+      tu_reply_free(&r);
+    }
+  /* stats_backward: any finite sums, a NaN or an infinity anywhere. */
+  for (int at = 0; at < NC; at++) {
+    double sdy[NC] = {-1, -2, -0.0, 3, -4}, sdyx[NC] = {-5, 6, -7, 8, -9};
+    char name[32];
+    tu_body_init(&b);
+    p_stats_bwd(&b, 1, 0, 1, NC, sdy, sdyx);
+    EXPECT(w, &b, &r, "NOT_YET");
+    tu_reply_free(&r);
+    (at % 2 ? sdy : sdyx)[at] = at % 2 ? -INFINITY : NAN;
+    tu_body_init(&b);
+    p_stats_bwd(&b, 1, 0, 1, NC, sdy, sdyx);
+    EXPECT(w, &b, &r, "BAD_PARAMS");
+    snprintf(name, sizeof name, "channel %d ", at);
+    assert_non_null(strstr(r.msg, name));
+    tu_reply_free(&r);
+  }
+  svc_worker_destroy(w);
+}
+
 static void test_worker_stats(void **st) {
   double cnt[3] = {4, 4, 4}, mean[3] = {0.5, -1, 2}, m2[3] = {1, 2, 3};
   double neg[3] = {1, -2, 3}, zmean[3] = {0, 1, 0}, nanv[3] = {1, NAN, 3};
@@ -2788,6 +2858,7 @@ int main(void) {
       cmocka_unit_test(test_fuzz),
       cmocka_unit_test(test_worker_batch),
       cmocka_unit_test(test_worker_stats),
+      cmocka_unit_test(test_stats_check_channels),
       cmocka_unit_test(test_checkpoint_roundtrip),
       cmocka_unit_test(test_checkpoint_names),
       cmocka_unit_test(test_checkpoint_corrupt),
