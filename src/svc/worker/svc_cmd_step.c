@@ -654,9 +654,9 @@ static void svc__stats_vec(int i, const sbn_rec_t *recs, size_t C, double eps,
     o[c] = svc__stats_one(i, &recs[c], eps);
 }
 
-/* Completes a stats entry from the reduced records: the running
- * statistics move, and the reply carries the vectors the request did not
- * leave out (all five unless it sent `want`), computed only for it. */
+/* Completes a stats entry from the reduced records: the reply carries the
+ * vectors the request did not leave out (all five unless it sent `want`),
+ * computed only for it, and the running statistics move. */
 static void svc__stats_done(svc_worker_t *w, svc__pend_t *p,
                             const sbn_rec_t *recs) {
   svc__layer_t *l = p->l;
@@ -686,8 +686,6 @@ static void svc__stats_done(svc_worker_t *w, svc__pend_t *p,
     svc__pend_reply_error(w, p, SVC_RESOURCE, "stats: out of memory");
     return;
   }
-  if (l->tracking && any)
-    svc__stats_track(l, recs);
   for (int i = 0; i < SVC_STATS_OUTS; i++)
     nv += (want >> i) & 1u;
   svc_reply_begin(&r, &p->q.id, nv, nv * C * sizeof(double));
@@ -699,11 +697,15 @@ static void svc__stats_done(svc_worker_t *w, svc__pend_t *p,
     r.rc |= svc_pack_vec64(r.pk, out, C);
   }
   free(out);
-  if (svc_reply_end(&r, &buf, &len) != 0) {
+  if (svc_reply_end(&r, &buf, &len) != 0)
     svc__pend_reply_error(w, p, SVC_RESOURCE, "stats: out of memory");
-    return;
-  }
-  svc__pend_deliver(w, p, buf, len);
+  else
+    svc__pend_deliver(w, p, buf, len);
+  /* The running statistics move after the reply is on its way (the
+   * client waits for it, not for them); the next request of any client
+   * runs after this and sees them moved. */
+  if (l->tracking && any)
+    svc__stats_track(l, recs);
 }
 
 static void svc__stats_backward_done(svc_worker_t *w, svc__pend_t *p,
