@@ -12,6 +12,14 @@
 /* Columns per forward block: 16 vectors of w and b, which stay in L1
  * while the chunk's rows take them. */
 #define LN_B 256
+/* Longest rows whose dx pass prefetches the next rows (elements): past
+ * this, two pairs of rows' x and dy (8 MiB and more) plus the row-sized w,
+ * fw and fb overrun the 32 MiB L3 once the prefetched pair arrives, and
+ * evict the pair being applied. Measured (same-run A/B, 4 alternating
+ * runs) without the prefetch past 256k elements: floor ratio 1.87 -> 1.71
+ * at 400k-element rows, 2.40 -> 2.25 and 2.38 -> 2.01 at 800k; a limit
+ * of 100k made 200k-element rows slower (1.62 -> 1.73). */
+#define LN_AHEAD_MAX ((size_t)256 << 10)
 
 /* ------------------------------------------------------------------ */
 /* Forward: y = xhat * w + b, xhat = (x - mh[r]) * istd[r] + nl[r] with
@@ -257,7 +265,10 @@ static inline __attribute__((always_inline)) void lnb_rows(
   else
     lnb_sums(rw, nr, D, w, fw, fb, 0);
   size_t left = R - r - (size_t)nr;
-  lnb_apply(rw, nr, D, w, count, left < (size_t)nr ? (int)left : nr);
+  int ah = left < (size_t)nr ? (int)left : nr;
+  if (D > LN_AHEAD_MAX)
+    ah = 0;
+  lnb_apply(rw, nr, D, w, count, ah);
 }
 
 /* Adds the block sums f into the double sums d (or sets d when `first`);
