@@ -98,12 +98,13 @@ void sbn__avx512_ln_forward_rows(const float *x, float *y, size_t R, size_t D,
 /* Backward: rows one or two at a time, their sums then their dx while
  * they are in cache (prefetching the next rows meanwhile), dweight and
  * dbias summed in float over blocks of RB rows and folded into double
- * once per block. The loops below are what this pass costs: measured on
- * data in L2, the previous form took about 15 cycles per vector and row in
- * each of its two passes (masks, aliasing reloads of the row pointers, dx
- * converted to double and back), which bounded it more than the memory
- * did; here whole vectors take a branch-free body with the row pointers
- * in restrict locals, and only the last vector of a row is masked. */
+ * once per block. The loops below are what this pass costs: run on data
+ * already in L2, the previous form took nearly as long as on data from
+ * memory (masks on every vector, the row pointers reloaded through memory
+ * because the stores might alias them, dx converted to double and back),
+ * so its instructions bounded it more than the memory did; here whole
+ * vectors take a branch-free body with the row pointers in locals, and
+ * only the last vector of a row is masked. */
 
 /* Rows a sweep takes at most. */
 #define LNB_NR 2
