@@ -505,6 +505,52 @@ static void test_dropout_sets(void **state) {
   sbn_kernel_select("ref");
 }
 
+/* LayerNorm of R rows of D with set `set` (x, dy, y and dx `off` floats
+ * off alignment) against ref at offset 0. */
+static void ln_vs_ref(const char *set, size_t R, size_t D, size_t off) {
+  char what[128];
+  snprintf(what, sizeof what, "%s ln rows R=%zu D=%zu off=%zu", set, R, D, off);
+  outs_t a, b;
+  assert_int_equal(sbn_kernel_select("ref"), 0);
+  run_op_at(SBN_OP_LAYERNORM, SBN_LAYOUT_NCHW, R, D, 1, SBN_MODE_TRAIN, 0, &a,
+            what);
+  assert_int_equal(sbn_kernel_select(set), 0);
+  run_op_at(SBN_OP_LAYERNORM, SBN_LAYOUT_NCHW, R, D, 1, SBN_MODE_TRAIN, off, &b,
+            what);
+  compare_outs(SBN_OP_LAYERNORM, "ln", R, D, 1, &a, &b, what);
+  free_outs(&a);
+  free_outs(&b);
+}
+
+/* LayerNorm rows (kernels_avx512_ln.c): rows one and two at a time, an
+ * odd last row, more than one block of 16 rows (float dweight/dbias sums
+ * folded into double), forward chunks of several rows normalized block
+ * by block across them, row lengths around the vector width and the
+ * 256-column block (31-33, 255-257, 1000, 4099), on pointers 0, 1 and 3
+ * floats off alignment; and outputs large enough to stream (4 MiB and
+ * more) with an odd row length, so that every row starts at another
+ * offset within its cache line. */
+static void test_ln_rows(void **state) {
+  (void)state;
+  const char *const *sets;
+  int nsets = tu_kernel_sets(&sets);
+  const size_t Ds[] = {1, 3, 17, 31, 32, 33, 255, 257, 1000, 4099};
+  const size_t Rs[] = {1, 2, 3, 17, 36};
+  const size_t offs[] = {0, 1, 3};
+  for (int ks = 0; ks < nsets; ks++) {
+    if (strcmp(sets[ks], "ref") == 0 || tu_kernel_use(sets[ks]) != 0)
+      continue;
+    for (size_t id = 0; id < sizeof Ds / sizeof *Ds; id++)
+      for (size_t ir = 0; ir < sizeof Rs / sizeof *Rs; ir++)
+        ln_vs_ref(sets[ks], Rs[ir], Ds[id], offs[(id + ir) % 3]);
+    for (size_t off = 0; off <= 1; off++) {
+      ln_vs_ref(sets[ks], 3, 400003, off);
+      ln_vs_ref(sets[ks], 17, 65537, off);
+    }
+  }
+  sbn_kernel_select("ref");
+}
+
 static int report(void **state) {
   (void)state;
   tu_err_report("optimized vs ref");
@@ -520,6 +566,7 @@ int main(void) {
       cmocka_unit_test(test_channels_last_stream_dx),
       cmocka_unit_test(test_layout_agreement),
       cmocka_unit_test(test_dropout_sets),
+      cmocka_unit_test(test_ln_rows),
   };
   return cmocka_run_group_tests(tests, NULL, report);
 }

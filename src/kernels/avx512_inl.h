@@ -146,7 +146,8 @@ static inline void lane_params(int bwd, size_t j, size_t c, const float *k,
   }
 }
 
-/* LayerNorm rows and dropout (kernels_avx512_rows.c). */
+/* LayerNorm rows and dropout (kernels_avx512_rows.c); LayerNorm tiles of
+ * rows (kernels_avx512_ln.c). */
 void sbn__avx512_ln_forward(const float *x, float *y, size_t D, size_t total,
                             float mh, float ml, float istd, const float *w,
                             const float *b);
@@ -156,6 +157,10 @@ void sbn__avx512_ln_bwd_reduce(const float *x, const float *dy, size_t D,
 void sbn__avx512_ln_bwd_apply(const float *x, const float *dy, float *dx,
                               size_t D, double mean, double istd,
                               const float *w, double c2, double c3);
+void sbn__avx512_ln_forward_rows(const float *x, float *y, size_t R, size_t D,
+                                 size_t total, const float *mh, const float *ml,
+                                 const float *istd, const float *w,
+                                 const float *b);
 void sbn__avx512_ln_bwd_rows(const float *x, const float *dy, float *dx,
                              size_t R, size_t D, const double *mean,
                              const double *istd, const float *w, double count,

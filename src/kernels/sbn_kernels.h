@@ -106,7 +106,11 @@ typedef struct sbn__kernels_s {
    * ln_bwd_reduce and ln_bwd_apply row by row, which is what this computes):
    * per row r the sums of ln_bwd_reduce, then dx as ln_bwd_apply with
    * c2 = -istd[r] * sum(g * xhat) / count and c3 = -istd[r] * sum(g) /
-   * count, while the row is in cache; writes the sums over rows of
+   * count, while the row is in cache (for rows of 32 or more elements a
+   * set may form dx in float from x - h, h the float part of the mean,
+   * as the channels-last passes do: every term is then of dx's size, and
+   * rows that long have none of the cancellation ln_bwd_apply's double
+   * guards against); writes the sums over rows of
    * dy * xhat and dy, formed in double and rounded once, to odw and odb
    * (either may be NULL). dw and db are the caller's scratch of D doubles
    * each, fw and fb of D floats each (any contents on entry), where a set
@@ -115,6 +119,13 @@ typedef struct sbn__kernels_s {
                       size_t D, const double *mean, const double *istd,
                       const float *w, double count, double *dw, double *db,
                       float *fw, float *fb, float *odw, float *odb);
+  /* ln_forward of R rows of D with row r's split mean mh[r] + ml[r] and
+   * istd[r], or NULL (then the op calls ln_forward row by row, which is
+   * what this computes). A set may walk the rows column block by column
+   * block, so that each block of w and b is loaded once for all R rows. */
+  void (*ln_forward_rows)(const float *x, float *y, size_t R, size_t D,
+                          size_t total, const float *mh, const float *ml,
+                          const float *istd, const float *w, const float *b);
   /* Dropout of n elements starting at element index `first` (a multiple
    * of 4): out = word < thr ? 0 : in * scale, with the Philox words of
    * sbn_philox4x32_10 for counter (block, step, layer) and key. thr < 2^32
