@@ -244,9 +244,18 @@ int sbn__grouped_backward(sbn_layer_t *l, const sbn_backward_args_t *a,
     ch.d4[c] = 0;
   }
   size_t gb = gn_block_groups(sh, G);
+  /* NCHW groups are contiguous: the set's fused kernel, when it has one,
+   * takes a sample group by group (see gn_bwd_nchw). */
+  __typeof__(sbn__kt()->gn_bwd_nchw) fused =
+      v.cA == 1 ? sbn__kt()->gn_bwd_nchw : NULL;
+  const float *w = p->affine ? a->weight : NULL;
   for (size_t n = 0; n < N && plane > 0; n++) {
     const float *xs = a->x + n * plane, *dys = a->dy + n * plane;
     float *dxs = a->dx + n * plane;
+    if (fused != NULL &&
+        fused(xs, dys, dxs, G, cpg, sh->S, mean + n * G, istd + n * G, w, batch,
+              ch.d1, ch.d2, ch.d3, ch.d4, N * plane))
+      continue;
     /* Block by block (see gn_block_groups): dx of a block is formed while
      * its x and dy are still in the cache from its sums. */
     for (size_t g0 = 0; g0 < G; g0 += gb) {
