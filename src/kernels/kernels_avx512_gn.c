@@ -36,35 +36,44 @@
  * hardware prefetcher already runs that far ahead of a stream. */
 #define GN_PF_MIN 4096u
 
+/* One step of run_sums: adds dy and dy * (x - h) of 16 values. */
+#define GN_ACC(a, b, off)                                                      \
+  do {                                                                         \
+    __m512 g_ = _mm512_loadu_ps(q + s + (off));                                \
+    a = _mm512_add_ps(a, g_);                                                  \
+    b = _mm512_fmadd_ps(g_, _mm512_sub_ps(_mm512_loadu_ps(p + s + (off)), vh), \
+                        b);                                                    \
+  } while (0)
+
 /* Sums of dy and of dy * (x - h) over one run of n values: float over
- * CHUNKs, folded into double (as kernels_avx512.c's run_bwd_reduce). */
+ * CHUNKs, folded into double (as kernels_avx512.c's run_bwd_reduce). The
+ * four accumulator pairs are named variables: as arrays indexed in a
+ * loop, GCC kept them in memory (a store and a reload per vector). */
 static void run_sums(const float *p, const float *q, size_t n, float h,
                      double *t1, double *t2) {
   __m512 vh = _mm512_set1_ps(h);
   __m512d s1l = _mm512_setzero_pd(), s1h = s1l, s2l = s1l, s2h = s1l;
   for (size_t s = 0; s < n;) {
     size_t e = n - s > CHUNK ? s + CHUNK : n;
-    __m512 a[4], b[4];
-    for (int u = 0; u < 4; u++)
-      a[u] = b[u] = _mm512_setzero_ps();
-    for (; s + 64 <= e; s += 64)
-      for (int u = 0; u < 4; u++) {
-        __m512 g = _mm512_loadu_ps(q + s + 16 * u);
-        __m512 d = _mm512_sub_ps(_mm512_loadu_ps(p + s + 16 * u), vh);
-        a[u] = _mm512_add_ps(a[u], g);
-        b[u] = _mm512_fmadd_ps(g, d, b[u]);
-      }
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    __m512 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    for (; s + 64 <= e; s += 64) {
+      GN_ACC(a0, b0, 0);
+      GN_ACC(a1, b1, 16);
+      GN_ACC(a2, b2, 32);
+      GN_ACC(a3, b3, 48);
+    }
     /* Masked lanes load dy = 0 and add nothing. */
     for (; s < e; s += 16) {
       __mmask16 m = tail_mask(e - s);
       __m512 g = load16(m, q + s);
-      a[0] = _mm512_add_ps(a[0], g);
-      b[0] = _mm512_fmadd_ps(g, _mm512_sub_ps(load16(m, p + s), vh), b[0]);
+      a0 = _mm512_add_ps(a0, g);
+      b0 = _mm512_fmadd_ps(g, _mm512_sub_ps(load16(m, p + s), vh), b0);
     }
-    fold16(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])),
-           &s1l, &s1h);
-    fold16(_mm512_add_ps(_mm512_add_ps(b[0], b[1]), _mm512_add_ps(b[2], b[3])),
-           &s2l, &s2h);
+    fold16(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)), &s1l,
+           &s1h);
+    fold16(_mm512_add_ps(_mm512_add_ps(b0, b1), _mm512_add_ps(b2, b3)), &s2l,
+           &s2h);
   }
   *t1 += _mm512_reduce_add_pd(_mm512_add_pd(s1l, s1h));
   *t2 += _mm512_reduce_add_pd(_mm512_add_pd(s2l, s2h));
@@ -140,33 +149,51 @@ static inline __m512 k1_of(double is, const float *w, size_t c) {
   return _mm512_set1_ps((float)(w != NULL ? is * w[c] : is));
 }
 
+/* dx of 16 values with k1 = k. */
+static inline __m512 dx16f(const float *p, const float *d, __mmask16 m,
+                           __m512 k, __m512 vq, __m512 vh, __m512 vr) {
+  __m512 t = _mm512_fmadd_ps(vq, _mm512_sub_ps(load16(m, p), vh), vr);
+  return _mm512_fmadd_ps(k, load16(m, d), t);
+}
+
 /* dx = k1[c] * dy + (q * (x - h) + r) over a group's cpg * S values as one
  * flat stream (S >= 16, so a vector meets at most one channel boundary,
- * where its upper lanes take the next channel's k1): with nt the stores
- * stream after a masked head up to dx's first line boundary. Prefetches
- * the lines pf floats ahead of x and dy (pf = 0: none). */
+ * where its upper lanes take the next channel's k1): whole vectors inside
+ * a channel run without a test, then the one that straddles its end.
+ * With nt the stores stream after a masked head up to dx's first line
+ * boundary (the head is within channel 0, since it is under 16 values).
+ * Prefetches the lines pf floats ahead of x and dy (pf = 0: none). */
 static void group_run(const float *p, const float *d, float *o, size_t cpg,
                       size_t S, double is, const float *w, int nt, size_t pf,
                       __m512 vq, __m512 vh, __m512 vr) {
-  size_t n = cpg * S, nb = S, c = 0, head = head_elems(o, n, nt);
-  __m512 kc = k1_of(is, w, 0), kn = cpg > 1 ? k1_of(is, w, 1) : kc;
-  for (size_t s = 0; s < n;) {
-    size_t len = s == 0 && head > 0 ? head : (n - s < 16 ? n - s : 16);
-    __mmask16 m = tail_mask(len);
-    __m512 k = kc;
-    if (s + len > nb)
-      k = _mm512_mask_mov_ps(kc, (__mmask16)(m & ~tail_mask(nb - s)), kn);
-    if (pf != 0) {
-      _mm_prefetch((const char *)(p + s + pf), _MM_HINT_T0);
-      _mm_prefetch((const char *)(d + s + pf), _MM_HINT_T0);
+  size_t n = cpg * S, s = head_elems(o, n, nt);
+  __m512 kc = k1_of(is, w, 0);
+  if (s > 0)
+    _mm512_mask_storeu_ps(o, tail_mask(s),
+                          dx16f(p, d, tail_mask(s), kc, vq, vh, vr));
+  for (size_t c = 0, end = S; c < cpg; c++, end += S) {
+    for (; s + 16 <= end; s += 16) {
+      if (pf != 0) {
+        _mm_prefetch((const char *)(p + s + pf), _MM_HINT_T0);
+        _mm_prefetch((const char *)(d + s + pf), _MM_HINT_T0);
+      }
+      __m512 v = dx16f(p + s, d + s, 0xFFFF, kc, vq, vh, vr);
+      if (nt)
+        _mm512_stream_ps(o + s, v);
+      else
+        _mm512_storeu_ps(o + s, v);
     }
-    __m512 t = _mm512_fmadd_ps(vq, _mm512_sub_ps(load16(m, p + s), vh), vr);
-    store16(o + s, _mm512_fmadd_ps(k, load16(m, d + s), t), m, nt);
-    s += len;
-    if (s >= nb) {
-      c++, nb += S, kc = kn;
-      kn = c + 1 < cpg ? k1_of(is, w, c + 1) : kc;
+    __m512 kn = c + 1 < cpg ? k1_of(is, w, c + 1) : kc;
+    if (s < end) {
+      /* Lanes past this channel's end take the next channel's k1; the
+       * last channel's vector is a tail. */
+      size_t len = n - s < 16 ? n - s : 16;
+      __mmask16 m = tail_mask(len);
+      __m512 k = _mm512_mask_mov_ps(kc, (__mmask16)~tail_mask(end - s), kn);
+      store16(o + s, dx16f(p + s, d + s, m, k, vq, vh, vr), m, nt);
+      s += len;
     }
+    kc = kn;
   }
 }
 

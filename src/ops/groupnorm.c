@@ -188,25 +188,27 @@ int sbn__grouped_forward(sbn_layer_t *l, const sbn_forward_args_t *a,
 }
 
 /* The dx coefficients of group g of sample n from the per-channel sums of
- * dy (ch->d1) and dy * xhat (ch->d2); also adds those sums into the
- * dbias (ch->d4) and dweight (ch->d3) accumulators. */
+ * dy (ch->d1) and dy * xhat (ch->d2), whose mean and istd (ch->dmean,
+ * ch->distd) the caller has set; also adds those sums into the dbias
+ * (ch->d4) and dweight (ch->d3) accumulators. The affine choice and a
+ * GroupNorm's k2, k3 (one value per group) are taken once per group:
+ * with 7x7 planes the per-channel work here is a fair part of the pass. */
 static void gn_bwd_group(const sbn_layer_t *l, const sbn_backward_args_t *a,
                          const sbn__grouping_t *gp, int batch, double m,
-                         sbn__chan_t *ch, size_t c0, size_t cpg, double mean,
-                         double is) {
-  const sbn_layer_params_t *p = &l->p;
+                         sbn__chan_t *ch, size_t c0, size_t cpg, double is) {
+  const float *w = l->p.affine ? a->weight : NULL;
+  size_t c1 = c0 + cpg;
   /* Sums of dxhat = dy * weight and dxhat * xhat over the group (not
    * used by InstanceNorm's one-channel groups). */
   double sg = 0, sgx = 0;
-  for (size_t c = c0; c < c0 + cpg && !gp->instance; c++) {
-    double w = p->affine ? a->weight[c] : 1.0;
-    sg += w * ch->d1[c];
-    sgx += w * ch->d2[c];
+  for (size_t c = c0; c < c1 && !gp->instance; c++) {
+    double wc = w != NULL ? w[c] : 1.0;
+    sg += wc * ch->d1[c];
+    sgx += wc * ch->d2[c];
   }
-  for (size_t c = c0; c < c0 + cpg; c++) {
-    double k1 = is * (p->affine ? a->weight[c] : 1.0);
-    ch->dmean[c] = mean;
-    ch->distd[c] = is;
+  double k2 = -is * sgx / m, k3 = -is * sg / m;
+  for (size_t c = c0; c < c1; c++) {
+    double k1 = is * (w != NULL ? w[c] : 1.0);
     ch->dk1[c] = k1;
     if (gp->instance) {
       /* The same value for one channel, rounded in InstanceNorm's own
@@ -216,8 +218,8 @@ static void gn_bwd_group(const sbn_layer_t *l, const sbn_backward_args_t *a,
       ch->dk2[c] = batch ? -k1 * ch->d2[c] / m : 0.0;
       ch->dk3[c] = batch ? -k1 * ch->d1[c] / m : 0.0;
     } else {
-      ch->dk2[c] = -is * sgx / m;
-      ch->dk3[c] = -is * sg / m;
+      ch->dk2[c] = k2;
+      ch->dk3[c] = k3;
     }
     ch->d3[c] += ch->d2[c];
     ch->d4[c] += ch->d1[c];
@@ -263,19 +265,20 @@ int sbn__grouped_backward(sbn_layer_t *l, const sbn_backward_args_t *a,
       size_t o = c0 * v.cS, lda = C * v.cS;
       /* By group, not c / cpg per channel: with 7x7 planes the per
        * channel work here is a fair part of the pass. */
-      for (size_t g = g0; g < g1; g++)
+      for (size_t g = g0; g < g1; g++) {
+        double gm = mean[n * G + g], gi = istd[n * G + g];
         for (size_t c = g * cpg; c < (g + 1) * cpg; c++) {
-          ch.dmean[c] = mean[n * G + g];
-          ch.distd[c] = istd[n * G + g];
+          ch.dmean[c] = gm;
+          ch.distd[c] = gi;
           ch.d1[c] = 0;
           ch.d2[c] = 0;
         }
+      }
       sbn__k_bwd_reduce_ld(xs + o, dys + o, v.cA, c1 - c0, v.cS, lda,
                            ch.dmean + c0, ch.distd + c0, ch.d1 + c0,
                            ch.d2 + c0);
       for (size_t g = g0; g < g1; g++)
-        gn_bwd_group(l, a, gp, batch, m, &ch, g * cpg, cpg, mean[n * G + g],
-                     istd[n * G + g]);
+        gn_bwd_group(l, a, gp, batch, m, &ch, g * cpg, cpg, istd[n * G + g]);
       sbn__k_bwd_apply_ld(xs + o, dys + o, dxs + o, v.cA, c1 - c0, v.cS, lda,
                           ch.dmean + c0, ch.distd + c0, ch.dk1 + c0,
                           ch.dk2 + c0, ch.dk3 + c0);
