@@ -144,70 +144,99 @@ static void unit_sums(const float *x, const float *dy, size_t g0, size_t g1,
   }
 }
 
-/* The float k1 = istd * w[c] of channel c as a vector. */
-static inline __m512 k1_of(double is, const float *w, size_t c) {
-  return _mm512_set1_ps((float)(w != NULL ? is * w[c] : is));
+/* The dx parameters of one channel as vectors: k1 = istd * w[c], and its
+ * group's q, h and r (dx = k1 * dy + (q * (x - h) + r)). */
+typedef struct {
+  __m512 k, q, h, r;
+} gn_vpar_t;
+
+/* A group's float q, h, r and istd. */
+typedef struct {
+  float q, h, r;
+  double is;
+} gn_gpar_t;
+
+static inline gn_vpar_t vpar(const gn_gpar_t *gp, const float *w, size_t c) {
+  gn_vpar_t v;
+  v.k = _mm512_set1_ps((float)(w != NULL ? gp->is * w[c] : gp->is));
+  v.q = _mm512_set1_ps(gp->q);
+  v.h = _mm512_set1_ps(gp->h);
+  v.r = _mm512_set1_ps(gp->r);
+  return v;
 }
 
-/* dx of 16 values with k1 = k. */
+/* dx of 16 values (the lanes of m). */
 static inline __m512 dx16f(const float *p, const float *d, __mmask16 m,
-                           __m512 k, __m512 vq, __m512 vh, __m512 vr) {
-  __m512 t = _mm512_fmadd_ps(vq, _mm512_sub_ps(load16(m, p), vh), vr);
-  return _mm512_fmadd_ps(k, load16(m, d), t);
+                           gn_vpar_t v) {
+  __m512 t = _mm512_fmadd_ps(v.q, _mm512_sub_ps(load16(m, p), v.h), v.r);
+  return _mm512_fmadd_ps(v.k, load16(m, d), t);
 }
 
-/* dx = k1[c] * dy + (q * (x - h) + r) over a group's cpg * S values as one
- * flat stream (S >= 16, so a vector meets at most one channel boundary,
- * where its upper lanes take the next channel's k1): whole vectors inside
- * a channel run without a test, then the one that straddles its end.
- * With nt the stores stream after a masked head up to dx's first line
- * boundary (the head is within channel 0, since it is under 16 values).
- * Prefetches the lines pf floats ahead of x and dy (pf = 0: none). */
-static void group_run(const float *p, const float *d, float *o, size_t cpg,
-                      size_t S, double is, const float *w, int nt, size_t pf,
-                      __m512 vq, __m512 vh, __m512 vr) {
-  size_t n = cpg * S, s = head_elems(o, n, nt);
-  __m512 kc = k1_of(is, w, 0);
+/* Lanes of m take b's parameters, the others a's. */
+static inline gn_vpar_t vblend(gn_vpar_t a, gn_vpar_t b, __mmask16 m) {
+  gn_vpar_t v;
+  v.k = _mm512_mask_mov_ps(a.k, m, b.k);
+  v.q = _mm512_mask_mov_ps(a.q, m, b.q);
+  v.h = _mm512_mask_mov_ps(a.h, m, b.h);
+  v.r = _mm512_mask_mov_ps(a.r, m, b.r);
+  return v;
+}
+
+/* dx over a unit of nch channels (whole groups of cpg, parameters gp[]),
+ * S values each, as one flat stream (S >= 16, so a vector meets at most
+ * one channel boundary, where its upper lanes take the next channel's
+ * parameters): whole vectors inside a channel run without a test, then
+ * the one that straddles its end. One stream per unit rather than per
+ * group keeps InstanceNorm's 14x14 channels from each starting and ending
+ * on a part line, which a streaming pass writes with plain stores. With
+ * nt the stores stream after a masked head up to dx's first line
+ * boundary (within channel 0: it is under 16 values). Prefetches the
+ * lines pf floats ahead of x and dy (pf = 0: none). w is the unit's
+ * first channel's weight, or NULL. */
+static void unit_run(const float *p, const float *d, float *o, size_t nch,
+                     size_t cpg, size_t S, const gn_gpar_t *gp, const float *w,
+                     int nt, size_t pf) {
+  size_t n = nch * S, s = head_elems(o, n, nt), gi = 0, kk = 0;
+  gn_vpar_t cur = vpar(gp, w, 0);
   if (s > 0)
-    _mm512_mask_storeu_ps(o, tail_mask(s),
-                          dx16f(p, d, tail_mask(s), kc, vq, vh, vr));
+    _mm512_mask_storeu_ps(o, tail_mask(s), dx16f(p, d, tail_mask(s), cur));
   /* An output that is not even 4-byte aligned has no head and never
    * streams (a streaming store needs an aligned line). */
   if (((uintptr_t)(o + s) & 63) != 0)
     nt = 0;
-  for (size_t c = 0, end = S; c < cpg; c++, end += S) {
+  for (size_t c = 0, end = S; c < nch; c++, end += S) {
     for (; s + 16 <= end; s += 16) {
       if (pf != 0) {
         _mm_prefetch((const char *)(p + s + pf), _MM_HINT_T0);
         _mm_prefetch((const char *)(d + s + pf), _MM_HINT_T0);
       }
-      __m512 v = dx16f(p + s, d + s, 0xFFFF, kc, vq, vh, vr);
+      __m512 v = dx16f(p + s, d + s, 0xFFFF, cur);
       if (nt)
         _mm512_stream_ps(o + s, v);
       else
         _mm512_storeu_ps(o + s, v);
     }
-    __m512 kn = c + 1 < cpg ? k1_of(is, w, c + 1) : kc;
+    if (++kk == cpg)
+      kk = 0, gi++;
+    gn_vpar_t nxt = c + 1 < nch ? vpar(gp + gi, w, c + 1) : cur;
     if (s < end) {
-      /* Lanes past this channel's end take the next channel's k1; the
-       * last channel's vector is a tail. */
+      /* The last channel's straddling vector is a tail. */
       size_t len = n - s < 16 ? n - s : 16;
       __mmask16 m = tail_mask(len);
-      __m512 k = _mm512_mask_mov_ps(kc, (__mmask16)~tail_mask(end - s), kn);
-      store16(o + s, dx16f(p + s, d + s, m, k, vq, vh, vr), m, nt);
+      gn_vpar_t v = vblend(cur, nxt, (__mmask16)~tail_mask(end - s));
+      store16(o + s, dx16f(p + s, d + s, m, v), m, nt);
       s += len;
     }
-    kc = kn;
+    cur = nxt;
   }
 }
 
-/* Group g's dx coefficients from its channels' sums (which are added into
- * dw and db), then its dx. */
-static void group_dx(const float *x, const float *dy, float *dx, size_t g,
-                     size_t cpg, size_t S, int nt, size_t pf,
-                     const double *mean, const double *istd, const float *w,
-                     int stats, const double *sdy, const double *sdyx,
-                     double *dw, double *db) {
+/* Group g's dx parameters from its channels' sums (which are added into
+ * dw and db). */
+static gn_gpar_t group_par(size_t g, size_t cpg, size_t S, const double *mean,
+                           const double *istd, const float *w, int stats,
+                           const double *sdy, const double *sdyx, double *dw,
+                           double *db) {
   size_t c0 = g * cpg, c1 = c0 + cpg;
   double is = istd[g], mu = mean[g], sg = 0, sgx = 0;
   for (size_t c = c0; c < c1; c++) {
@@ -220,10 +249,8 @@ static void group_dx(const float *x, const float *dy, float *dx, size_t g,
   double m = (double)cpg * (double)S;
   double q = stats ? -is * is * sgx / m : 0, k3 = stats ? -is * sg / m : 0;
   float h = (float)mu;
-  __m512 vq = _mm512_set1_ps((float)q), vh = _mm512_set1_ps(h);
-  __m512 vr = _mm512_set1_ps((float)(k3 - q * (mu - (double)h)));
-  group_run(x + c0 * S, dy + c0 * S, dx + c0 * S, cpg, S, is,
-            w != NULL ? w + c0 : NULL, nt, pf, vq, vh, vr);
+  gn_gpar_t gp = {(float)q, h, (float)(k3 - q * (mu - (double)h)), is};
+  return gp;
 }
 
 /* The table's gn_bwd_nchw. */
@@ -252,9 +279,13 @@ int sbn__avx512_gn_bwd_nchw(const float *x, const float *dy, float *dx,
     size_t ue = (g1 - g0) * cpg * S;
     size_t pf = g1 < G ? (ue * 4 < GN_PF_MIN ? GN_PF_MIN / 4 : ue) : 0;
     unit_sums(x, dy, g0, g1, cpg, S, mean, istd, sdy, sdyx);
+    gn_gpar_t gp[16];
     for (size_t g = g0; g < g1; g++)
-      group_dx(x, dy, dx, g, cpg, S, nt, pf, mean, istd, w, stats, sdy, sdyx,
-               dw, db);
+      gp[g - g0] =
+          group_par(g, cpg, S, mean, istd, w, stats, sdy, sdyx, dw, db);
+    size_t o = g0 * cpg * S;
+    unit_run(x + o, dy + o, dx + o, (g1 - g0) * cpg, cpg, S, gp,
+             w != NULL ? w + g0 * cpg : NULL, nt, pf);
   }
   _mm256_zeroupper();
   return 1;
