@@ -534,6 +534,9 @@ static void test_group_backward_nchw(void **state) {
       for (int io = 0; io < 2; io++)
         for (int v = 0; v < 3; v++) {
           size_t N = sh[i].N, C = sh[i].C, S = sh[i].S, off = 1 + 2 * (i % 2);
+          /* The outputs over 4 MiB (slow under the sanitizers) run once. */
+          if (N * C * S > (1u << 20) && v > 0)
+            continue;
           sbn_mode_t mode = v == 2 ? SBN_MODE_EVAL : SBN_MODE_TRAIN;
           char what[128];
           snprintf(what, sizeof what, "%s %s NCHW N=%zu C=%zu S=%zu off=%zu%s",
