@@ -19,6 +19,10 @@
 #define GUARD 19
 #define SENTINEL 12345.678f
 
+/* Layers are made without affine parameters while this is set (the
+ * GroupNorm NCHW backward then runs its weightless flat dx). */
+static int no_affine;
+
 typedef struct {
   float *y, *dx, *dw, *db, *rm, *rv;
   int64_t nbt;
@@ -67,6 +71,7 @@ static void run_op_at(sbn_op_t op, sbn_layout_t lay, size_t N, size_t C,
   sbn_layer_params_default(&p, op);
   p.channels = C;
   p.groups = (C % 3 == 0) ? 3 : 1;
+  p.affine = !no_affine;
   p.norm_ndim = 1;
   p.norm_shape[0] = C;
   p.track_running_stats = (op == SBN_OP_BATCHNORM || op == SBN_OP_INSTANCENORM);
@@ -551,6 +556,53 @@ static void test_ln_rows(void **state) {
   sbn_kernel_select("ref");
 }
 
+/* The NCHW group backward of the optimized sets (gn_bwd_nchw): runs
+ * longer than the short-run tiles and than one float chunk (S = 193,
+ * 1025, 3001), groups of 1, 3, 5 and 17 channels (units of several small
+ * groups, single-channel InstanceNorm groups, one group of odd width),
+ * with and without affine weights, eval with running statistics, and
+ * outputs of over 4 MiB (dx streamed after a masked head) 1 and 3 floats
+ * off alignment. */
+static void test_group_backward_nchw(void **state) {
+  (void)state;
+  const char *const *sets;
+  int nsets = tu_kernel_sets(&sets);
+  static const struct {
+    size_t N, C, S;
+  } sh[] = {{5, 9, 193},  {3, 15, 1025},  {4, 17, 3001},
+            {3, 3, 1025}, {21, 17, 3001}, {130, 15, 547}};
+  const sbn_op_t ops[] = {SBN_OP_INSTANCENORM, SBN_OP_GROUPNORM};
+  const char *opn[] = {"in", "gn"};
+  for (int ks = 0; ks < nsets; ks++) {
+    if (strcmp(sets[ks], "ref") == 0 || tu_kernel_use(sets[ks]) != 0)
+      continue;
+    for (size_t i = 0; i < sizeof sh / sizeof *sh; i++)
+      for (int io = 0; io < 2; io++)
+        for (int v = 0; v < 3; v++) {
+          size_t N = sh[i].N, C = sh[i].C, S = sh[i].S, off = 1 + 2 * (i % 2);
+          /* The outputs over 4 MiB (slow under the sanitizers) run once. */
+          if (N * C * S > (1u << 20) && v > 0)
+            continue;
+          sbn_mode_t mode = v == 2 ? SBN_MODE_EVAL : SBN_MODE_TRAIN;
+          char what[128];
+          snprintf(what, sizeof what, "%s %s NCHW N=%zu C=%zu S=%zu off=%zu%s",
+                   sets[ks], opn[io], N, C, S, off,
+                   v == 1 ? " no affine" : (v == 2 ? " eval" : ""));
+          outs_t a, b;
+          no_affine = v == 1;
+          assert_int_equal(sbn_kernel_select("ref"), 0);
+          run_op_at(ops[io], SBN_LAYOUT_NCHW, N, C, S, mode, 0, &a, what);
+          assert_int_equal(sbn_kernel_select(sets[ks]), 0);
+          run_op_at(ops[io], SBN_LAYOUT_NCHW, N, C, S, mode, off, &b, what);
+          no_affine = 0;
+          compare_outs(ops[io], opn[io], N, C, S, &a, &b, what);
+          free_outs(&a);
+          free_outs(&b);
+        }
+  }
+  sbn_kernel_select("ref");
+}
+
 static int report(void **state) {
   (void)state;
   tu_err_report("optimized vs ref");
@@ -564,6 +616,7 @@ int main(void) {
       cmocka_unit_test(test_wide_unaligned),
       cmocka_unit_test(test_channels_last_tiles),
       cmocka_unit_test(test_channels_last_stream_dx),
+      cmocka_unit_test(test_group_backward_nchw),
       cmocka_unit_test(test_layout_agreement),
       cmocka_unit_test(test_dropout_sets),
       cmocka_unit_test(test_ln_rows),

@@ -87,6 +87,22 @@ typedef struct sbn__kernels_s {
   void (*normalize_part)(const float *x, float *y, size_t C, size_t S,
                          size_t total, const float *mh, const float *ml,
                          const float *scale, const float *shift);
+  /* GroupNorm (and InstanceNorm: cpg = 1) backward of one NCHW sample of
+   * G groups of cpg channels of S values, group by group while each is in
+   * cache, or NULL. Per channel c of group g (m = cpg * S values, w[c] or
+   * 1 when w is NULL): sdy[c] = sum dy and sdyx[c] = sum dy * xhat with
+   * xhat = (x - mean[g]) * istd[g] (scratch of G * cpg doubles, any
+   * contents on entry), added into db[c] and dw[c]; then
+   * dx = istd[g] * w[c] * dy + k2 * xhat + k3 with k2 = -istd[g] *
+   * sum_c w[c] sdyx[c] / m and k3 = -istd[g] * sum_c w[c] sdy[c] / m, or
+   * k2 = k3 = 0 when stats is 0 (fixed running statistics). `total` is
+   * the whole dx's element count, by which a set may stream dx. Returns
+   * 1 having done so, or 0 having written nothing where the set declines
+   * (then the op computes the same with bwd_reduce_ld and bwd_apply_ld). */
+  int (*gn_bwd_nchw)(const float *x, const float *dy, float *dx, size_t G,
+                     size_t cpg, size_t S, const double *mean,
+                     const double *istd, const float *w, int stats, double *sdy,
+                     double *sdyx, double *dw, double *db, size_t total);
   /* LayerNorm rows (D contiguous elements with per-element affine; w and
    * b are NULL without affine): y = xhat * w + b. `total` is the whole
    * output's element count, by which a set may choose streaming stores
