@@ -11,7 +11,8 @@ and np 4) are drawn together; each file's mode picks its plot:
                                               -> sizes.png
   service  the service hop: service vs in-process time per shape
                                               -> service.png
-  kernels  floor_ratio per op and pass        -> kernels.png
+  kernels  floor_ratio and stream_floor_ratio per op and pass, and
+           their Markdown summary on stdout -> kernels.png
 
 Usage: bench_plot.py [--out DIR] FILE [FILE...]
 """
@@ -160,20 +161,45 @@ def plot_service(recs, out, note):
     finish(fig, out, "service.png", note)
 
 
+def median(v):
+    v = sorted(v)
+    n = len(v)
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+
+
 def plot_kernels(recs, out, note):
-    fig, ax = plt.subplots(figsize=(10, 5))
+    """Bars of the median floor_ratio and stream_floor_ratio per op, pass
+    and layout; the same as a Markdown table on stdout (median and worst
+    over the shapes)."""
     groups = collections.defaultdict(list)
     for r in recs:
-        groups["%s %s %s" % (r["op"], r["pass"], r["layout"])].append(
-            r["floor_ratio"])
-    names = sorted(groups)
-    ax.bar(range(len(names)),
-           [sorted(groups[n])[len(groups[n]) // 2] for n in names])
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=70, ha="right", fontsize=7)
+        groups[(r["op"], r["pass"], r["layout"])].append(r)
+    keys = sorted(groups)
+    cols = [("floor_ratio", "floor (through the cache)"),
+            ("stream_floor_ratio", "streaming floor")]
+    print("| op | pass | layout | shapes | floor_ratio: median | worst | "
+          "stream_floor_ratio: median | worst |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for k in keys:
+        cells = []
+        for c, _ in cols:
+            v = [r[c] for r in groups[k] if r.get(c) is not None]
+            cells += ["%.2f" % median(v), "%.2f" % max(v)] if v else ["-", "-"]
+        print("| %s | %s | %s | %d | %s |" % (k + (len(groups[k]),) +
+                                             (" | ".join(cells),)))
+    fig, ax = plt.subplots(figsize=(10, 5))
+    x = range(len(keys))
+    for i, (c, label) in enumerate(cols):
+        ys = [median([r[c] for r in groups[k] if r.get(c) is not None] or [0])
+              for k in keys]
+        ax.bar([j + (i - 0.5) * 0.4 for j in x], ys, width=0.4, label=label)
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(["%s %s %s" % k for k in keys], rotation=70,
+                       ha="right", fontsize=7)
     ax.axhline(1, color="grey", linewidth=0.5)
-    ax.set_ylabel("floor_ratio (median over shapes)")
-    ax.set_title("Kernels against a same-run floor moving the same bytes")
+    ax.set_ylabel("time / floor time (median over shapes)")
+    ax.set_title("Kernels against same-run floors moving the same bytes")
+    ax.legend(fontsize=8)
     finish(fig, out, "kernels.png", note)
 
 

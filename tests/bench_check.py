@@ -14,14 +14,15 @@ import sys
 
 COLUMNS = ["mode", "variant", "op", "pass", "layout", "shape", "ranks",
            "group_size", "median_us", "p90_us", "best_us", "floor_us", "floor_ratio",
-           "gbps", "overhead_us", "overhead_pct", "overhead_per_allreduce",
+           "stream_floor_us", "stream_floor_ratio", "gbps", "overhead_us", "overhead_pct", "overhead_per_allreduce",
            "mpi_us", "bytes", "avg_us", "min_us", "max_us", "iterations", "hop_us",
            "hop_ratio", "target_us", "target_ratio", "agree_bytes_round"]
 STRINGS = {"mode", "variant", "op", "pass", "layout"}
 INTS = {"ranks", "group_size"}
 # The variants of each mode, and the numbers each variant must carry.
 VARIANTS = {
-    "kernels": {"kernel": ["floor_us", "floor_ratio", "gbps", "bytes"]},
+    "kernels": {"kernel": ["floor_us", "floor_ratio", "stream_floor_us",
+                          "stream_floor_ratio", "gbps", "bytes"]},
     "layer": {"local": [], "bare_allreduce": ["bytes"],
               "sync": ["overhead_us", "overhead_pct",
                        "overhead_per_allreduce", "mpi_us", "bytes"],
@@ -120,6 +121,9 @@ def check_derived(recs, mode):
         if mode == "kernels":
             close(r["floor_ratio"], r["median_us"] / r["floor_us"],
                   "floor_ratio of %s %s" % (r["op"], r["pass"]))
+            close(r["stream_floor_ratio"],
+                  r["median_us"] / r["stream_floor_us"],
+                  "stream_floor_ratio of %s %s" % (r["op"], r["pass"]))
             close(r["gbps"], r["bytes"] / (r["median_us"] * 1e-6) / 1e9,
                   "gbps of %s %s" % (r["op"], r["pass"]))
             n = math.prod(r["shape"])

@@ -57,6 +57,9 @@ typedef struct sbn_bench_rec_s {
   int ranks, group_size;
   double median_us, p90_us, best_us;
   double floor_us, floor_ratio, gbps;
+  /* kernels: the same floor written with streaming stores, and the median
+   * over it (cli_bench_floor.c). */
+  double stream_floor_us, stream_floor_ratio;
   double overhead_us, overhead_pct, overhead_per_allreduce;
   /* layer: the median over reps of the time SyncBN spent inside its
    * reductions' MPI calls (the rank that spent most; sbn_mpi_comm_seconds). */
@@ -94,6 +97,12 @@ void sbn__bench_date(char *buf, size_t n);
 
 /* Seconds on the monotonic clock. */
 double sbn__bench_now(void);
+/* The floor kernels of `bench kernels` (cli_bench_floor.c): c = a + b, or
+ * a copy of a when b is NULL, over n floats; with stream set, written with
+ * non-temporal stores (the streaming floor), else through the cache (a
+ * copy then is memcpy). */
+void sbn__bench_floor(const float *a, const float *b, float *c, size_t n,
+                      int stream);
 /* Least warm-up time of a configuration, in seconds. The first
  * configuration of a run times its first milliseconds of work 3 to 4
  * times slower than later (seen here: local BatchNorm 1.7 ms against

@@ -3,8 +3,10 @@
  * compulsory bytes: a memcpy of the tensor for a pass that reads one tensor
  * and writes one (every forward, dropout's backward), a two-read-one-write
  * stream (dx = x + dy) for a backward that reads x and dy and writes dx.
- * floor_ratio = median time / median floor time; 1.0 would be a kernel as
- * fast as the memory system allows. No MPI. */
+ * floor_ratio = median time / median floor time. The floor stores through
+ * the cache; the streaming floor, timed beside it, writes with
+ * non-temporal stores and is the stricter limit (stream_floor_ratio;
+ * cli_bench_floor.c says why both). No MPI. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,13 +34,6 @@ static const kpass_t kpasses[] = {
     {SBN_OP_DROPOUT, "bwd", 1, 0, 0},
 };
 #define NKPASSES (sizeof kpasses / sizeof *kpasses)
-
-/* Reads x and dy, writes dx: the floor of a backward that must. */
-static void stream2(const float *restrict a, const float *restrict b,
-                    float *restrict c, size_t n) {
-  for (size_t i = 0; i < n; i++)
-    c[i] = a[i] + b[i];
-}
 
 /* One layer of the pass's op on shape d, with affine parameters of the
  * op's size (C, or the normalized shape for LayerNorm). */
@@ -122,30 +117,36 @@ static int kernel_one(const sbn_bench_opts_t *o, const kpass_t *k,
   kbench_t kb;
   int reps = sbn__bench_reps(o, 20, 5), rc,
       two = k->backward && k->op != SBN_OP_DROPOUT;
-  double *tk = calloc((size_t)reps, 8), *tf = calloc((size_t)reps, 8);
-  if (!tk || !tf) {
+  double *tk = calloc((size_t)reps, 8), *tf = calloc((size_t)reps, 8),
+         *ts = calloc((size_t)reps, 8);
+  if (!tk || !tf || !ts) {
     free(tk);
     free(tf);
+    free(ts);
     return sbn_set_error(SBN_ENOMEM, "bench: out of memory for %d reps", reps);
   }
   if ((rc = kbench_make(k, d, &kb)) == 0)
     rc = kbench_run(k, d, &kb, 0, 1);
   sbn_bench_bufs_t *u = &kb.u;
   for (int it = -o->warmup, c = 0; rc == 0 && it < reps; it++) {
-    size_t at = (size_t)c * u->n;
-    double t0 = sbn__bench_now();
-    if (two)
-      stream2(u->x + at, u->dy + at, u->dx + at, u->n);
-    else
-      memcpy(u->y + at, u->x + at, u->n * 4);
-    double t1 = sbn__bench_now();
-    c = (c + 1) % u->copies;
+    /* The floor, the streaming floor and the pass, each on a copy that
+     * none of the three touched last. */
+    double t[4];
+    t[0] = sbn__bench_now();
+    for (int s = 0; s < 2; s++) {
+      size_t at = (size_t)c * u->n;
+      float *dst = two ? u->dx + at : u->y + at;
+      sbn__bench_floor(u->x + at, two ? u->dy + at : NULL, dst, u->n, s);
+      t[s + 1] = sbn__bench_now();
+      c = (c + 1) % u->copies;
+    }
     rc = kbench_run(k, d, &kb, c, 0);
-    double t2 = sbn__bench_now();
+    t[3] = sbn__bench_now();
     c = (c + 1) % u->copies;
     if (it >= 0) {
-      tf[it] = t1 - t0;
-      tk[it] = t2 - t1;
+      tf[it] = t[1] - t[0];
+      ts[it] = t[2] - t[1];
+      tk[it] = t[3] - t[2];
     }
   }
   if (rc == 0) {
@@ -159,12 +160,16 @@ static int kernel_one(const sbn_bench_opts_t *o, const kpass_t *k,
     r.gbps = r.bytes / (r.median_us * 1e-6) / 1e9;
     r.floor_us = fm * 1e6;
     r.floor_ratio = r.median_us / r.floor_us;
+    sbn__bench_quantiles(ts, reps, &fm, &fp);
+    r.stream_floor_us = fm * 1e6;
+    r.stream_floor_ratio = r.median_us / r.stream_floor_us;
     rc = sbn__bench_push(out, &r);
     sbn__bench_progress(o, "done", &r);
   }
   kbench_free(&kb);
   free(tk);
   free(tf);
+  free(ts);
   return rc;
 }
 

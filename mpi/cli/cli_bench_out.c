@@ -39,6 +39,8 @@ static const col_t cols[] = {
     NUM(best_us, "%.1f"),
     NUM(floor_us, "%.1f"),
     NUM(floor_ratio, "%.2f"),
+    NUM(stream_floor_us, "%.1f"),
+    NUM(stream_floor_ratio, "%.2f"),
     NUM(gbps, "%.1f"),
     NUM(overhead_us, "%.1f"),
     NUM(overhead_pct, "%.1f"),
