@@ -29,6 +29,7 @@
 #ifdef SBN__HAVE_AVX512
 #include "kernels/avx512_inl.h"
 
+#include "kernels/kernels_avx512_flat.h"
 #include "kernels/kernels_avx512_nhwc.h"
 #include "kernels/kernels_geo_inl.h"
 
@@ -610,6 +611,10 @@ static void avx512_normalize_ld(const float *x, float *y, size_t A, size_t C,
     return;
   }
   int nt = want_nt(A, C, S, lda);
+  if (flat_norm(S, nt)) {
+    sbn__avx512_flat_normalize(x, y, A, C, S, lda, mh, ml, scale, shift, nt);
+    return;
+  }
   for (size_t a = 0; a < A; a++)
     for (size_t c = 0; c < C; c++) {
       size_t o = a * lda + c * S;
@@ -671,6 +676,11 @@ static void avx512_bwd_apply_ld(const float *x, const float *dy, float *dx,
     return;
   }
   int nt = apply_nt(A, C, S);
+  if (flat_apply(S) && A * S >= SMALL_STAT) {
+    sbn__avx512_flat_apply(x, dy, dx, A, C, S, lda, mean, istd, k1, k2, k3,
+                           nt);
+    return;
+  }
   for (size_t a = 0; a < A; a++)
     for (size_t c = 0; c < C; c++) {
       size_t o = a * lda + c * S;
