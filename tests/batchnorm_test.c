@@ -375,7 +375,20 @@ static void test_bn_large_mean(void **state) {
         tu_desc(SBN_LAYOUT_NHWC, 4, (size_t)64, (size_t)3, (size_t)9,
                 (size_t)7),
         tu_desc(SBN_LAYOUT_NCHW, 4, (size_t)2, (size_t)3, (size_t)50,
-                (size_t)61)};
+                (size_t)61),
+        /* NCHW short runs (kernels_avx512_short.c): 7x7 and 14x14 planes,
+         * whose dx is formed in float along flat rows; runs of 21 with 42
+         * values per channel; a sample of one with 20 (below 32 values per
+         * channel: the double dx); and an output of over 4 MiB, whose
+         * normalize streams along flat rows. */
+        tu_desc(SBN_LAYOUT_NCHW, 4, (size_t)8, (size_t)33, (size_t)7,
+                (size_t)7),
+        tu_desc(SBN_LAYOUT_NCHW, 4, (size_t)4, (size_t)17, (size_t)14,
+                (size_t)14),
+        tu_desc(SBN_LAYOUT_NCHW, 4, (size_t)2, (size_t)5, (size_t)3, (size_t)7),
+        tu_desc(SBN_LAYOUT_NCHW, 4, (size_t)1, (size_t)3, (size_t)4, (size_t)5),
+        tu_desc(SBN_LAYOUT_NCHW, 4, (size_t)16, (size_t)333, (size_t)14,
+                (size_t)14)};
     for (size_t i = 0; i < sizeof big / sizeof *big; i++) {
       k.d = big[i];
       run_case(&k, sets[ks], 79 + i);

@@ -29,7 +29,7 @@
 #ifdef SBN__HAVE_AVX512
 #include "kernels/avx512_inl.h"
 
-#include "kernels/kernels_avx512_flat.h"
+#include "kernels/kernels_avx512_short.h"
 #include "kernels/kernels_avx512_nhwc.h"
 #include "kernels/kernels_geo_inl.h"
 
@@ -275,137 +275,6 @@ static void run_apply(const float *p, const float *g, float *q, size_t n,
 }
 
 /* ------------------------------------------------------------------ */
-/* Short runs (16 <= S <= SHORT_S: NCHW with 7x7 or 14x14 planes), 16
- * channels at a time. A run of 49 values is three vectors and a lane, and
- * reducing each run's two sums across lanes and into double cost more than
- * summing it (the 2048 x 7 x 7 moments ran at twice a memcpy). Here every
- * channel's lanes are summed as in run_moments, and the 16 channels' sum
- * vectors are then reduced together by a transposing tree, about 3
- * instructions per channel and sum instead of some 12, and folded into
- * double as one vector. A lane adds at most SHORT_S / 16 = 12 values and
- * the tree 4 more levels, so each sum is at most 16 float additions deep,
- * as in the long runs. */
-#define SHORT_S 192
-
-/* Adds two vectors' 256-bit halves: lanes 0-7 of the result are a's
- * halves summed, lanes 8-15 b's. */
-static inline __m512 tree1(__m512 a, __m512 b) {
-  return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44),
-                       _mm512_shuffle_f32x4(a, b, 0xEE));
-}
-
-/* Then their 128-bit lanes: lane q of the result is the 4-lane partial
- * sum of input q of (u0 = (a, b), u1 = (c, d)). */
-static inline __m512 tree2(__m512 u0, __m512 u1) {
-  return _mm512_add_ps(_mm512_shuffle_f32x4(u0, u1, 0x88),
-                       _mm512_shuffle_f32x4(u0, u1, 0xDD));
-}
-
-/* The 16 lane sums of v[0..16), in channel order. */
-static inline __m512 tree16(const __m512 v[16]) {
-  __m512 u[8], w[4];
-  for (int i = 0; i < 8; i++)
-    u[i] = tree1(v[2 * i], v[2 * i + 1]);
-  for (int i = 0; i < 4; i++)
-    w[i] = tree2(u[2 * i], u[2 * i + 1]);
-  /* w[i] lane q holds channel 4i + q's four partials. */
-  __m512 x01 = _mm512_add_ps(_mm512_unpacklo_ps(w[0], w[1]),
-                             _mm512_unpackhi_ps(w[0], w[1]));
-  __m512 x23 = _mm512_add_ps(_mm512_unpacklo_ps(w[2], w[3]),
-                             _mm512_unpackhi_ps(w[2], w[3]));
-  __m512d p = _mm512_castps_pd(x01), q = _mm512_castps_pd(x23);
-  __m512 r = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(p, q)),
-                           _mm512_castpd_ps(_mm512_unpackhi_pd(p, q)));
-  /* Element 4q + m of r is channel q + 4m. */
-  const __m512i order =
-      _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-  return _mm512_permutexvar_ps(order, r);
-}
-
-/* Adds the first n lanes of v into d[0..n) in double. */
-static inline void fold_first(__m512 v, size_t n, double *d) {
-  __mmask16 m = tail_mask(n);
-  __mmask8 lo = (__mmask8)m, hi = (__mmask8)(m >> 8);
-  __m512d a = _mm512_maskz_loadu_pd(lo, d),
-          b = _mm512_maskz_loadu_pd(hi, d + 8);
-  fold16(v, &a, &b);
-  _mm512_mask_storeu_pd(d, lo, a);
-  _mm512_mask_storeu_pd(d + 8, hi, b);
-}
-
-/* Moments or backward sums of channels [c0, c0 + nc) (nc <= 16) of one
- * row a, added into s1 and s2 from c0 on. Moments add x - k and its
- * square; backward adds dy and dy * xhat with xhat = ((x - h) - l) * is
- * from the channel's split mean. */
-static inline __attribute__((always_inline)) void short_block(
-    int bwd, const float *x, const float *dy, size_t nc, size_t S,
-    const float *k, float *pick, const double *mean, const double *istd,
-    double *s1, double *s2) {
-  __m512 va[16], vb[16];
-  size_t full = S & ~(size_t)15;
-  __mmask16 tm = tail_mask(S - full);
-  for (size_t j = 0; j < 16; j++) {
-    __m512 a = _mm512_setzero_ps(), b = a;
-    if (j < nc) {
-      const float *p = x + j * S, *q = bwd ? dy + j * S : NULL;
-      __m512 h, l = _mm512_setzero_ps(), is = l;
-      if (bwd) {
-        float fh = (float)mean[j];
-        h = _mm512_set1_ps(fh);
-        l = _mm512_set1_ps((float)(mean[j] - (double)fh));
-        is = _mm512_set1_ps((float)istd[j]);
-      } else if (pick != NULL) {
-        /* The run's first element (S >= 16: a whole first vector). */
-        pick[j] = p[0];
-        h = _mm512_set1_ps(pick[j]);
-      } else {
-        h = _mm512_set1_ps(k[j]);
-      }
-      for (size_t s = 0; s <= full; s += 16) {
-        __mmask16 m = s < full ? (__mmask16)0xFFFF : tm;
-        if (m == 0)
-          break;
-        __m512 v = _mm512_maskz_sub_ps(m, load16(m, p + s), h);
-        if (bwd) {
-          __m512 g = load16(m, q + s);
-          a = _mm512_add_ps(a, g);
-          b = _mm512_fmadd_ps(g, _mm512_mul_ps(_mm512_sub_ps(v, l), is), b);
-        } else {
-          a = _mm512_add_ps(a, v);
-          b = _mm512_fmadd_ps(v, v, b);
-        }
-      }
-    }
-    va[j] = a;
-    vb[j] = b;
-  }
-  fold_first(tree16(va), nc, s1);
-  fold_first(tree16(vb), nc, s2);
-}
-
-/* The short-run sums of an (A, C, S) view with rows lda apart. With
- * pick, moments first set pick[c] = x[c * S] as they reach it in row 0
- * and shift by it (see moments_pick). */
-static void short_sums(int bwd, const float *x, const float *dy, size_t A,
-                       size_t C, size_t S, size_t lda, const float *k,
-                       float *pick, const double *mean, const double *istd,
-                       double *s1, double *s2) {
-  for (size_t a = 0; a < A; a++)
-    for (size_t c = 0; c < C; c += 16) {
-      size_t nc = C - c < 16 ? C - c : 16, o = a * lda + c * S;
-      if (bwd)
-        short_block(1, x + o, dy + o, nc, S, NULL, NULL, mean + c, istd + c,
-                    s1 + c, s2 + c);
-      else if (pick != NULL && a == 0)
-        short_block(0, x + o, NULL, nc, S, NULL, pick + c, NULL, NULL, s1 + c,
-                    s2 + c);
-      else
-        short_block(0, x + o, NULL, nc, S, pick != NULL ? pick + c : k + c,
-                    NULL, NULL, NULL, s1 + c, s2 + c);
-    }
-}
-
-/* ------------------------------------------------------------------ */
 /* Elementwise passes over the position view. */
 
 /* y = ((x - h) - l) * sc + sh with per-position parameters. */
@@ -579,7 +448,8 @@ static void avx512_moments_ld(const float *x, size_t A, size_t C, size_t S,
     return;
   }
   if (S <= SHORT_S) {
-    short_sums(0, x, NULL, A, C, S, lda, k, NULL, NULL, NULL, s1, s2);
+    sbn__avx512_short_sums(0, x, NULL, A, C, S, lda, k, NULL, NULL, NULL, s1,
+                           s2);
     return;
   }
   for (size_t a = 0; a < A; a++)
@@ -592,7 +462,8 @@ static void avx512_moments_ld(const float *x, size_t A, size_t C, size_t S,
 static void avx512_moments_pick(const float *x, size_t A, size_t C, size_t S,
                                 size_t lda, float *k, double *s1, double *s2) {
   if (A * S >= SMALL_STAT && S >= 16 && S <= SHORT_S && A > 0) {
-    short_sums(0, x, NULL, A, C, S, lda, NULL, k, NULL, NULL, s1, s2);
+    sbn__avx512_short_sums(0, x, NULL, A, C, S, lda, NULL, k, NULL, NULL, s1,
+                           s2);
     return;
   }
   for (size_t c = 0; c < C; c++)
@@ -643,7 +514,8 @@ static void avx512_bwd_reduce_ld(const float *x, const float *dy, size_t A,
     return;
   }
   if (S <= SHORT_S) {
-    short_sums(1, x, dy, A, C, S, lda, NULL, NULL, mean, istd, sdy, sdyx);
+    sbn__avx512_short_sums(1, x, dy, A, C, S, lda, NULL, NULL, mean, istd, sdy,
+                           sdyx);
     return;
   }
   for (size_t a = 0; a < A; a++)
@@ -677,8 +549,7 @@ static void avx512_bwd_apply_ld(const float *x, const float *dy, float *dx,
   }
   int nt = apply_nt(A, C, S);
   if (flat_apply(S) && A * S >= SMALL_STAT) {
-    sbn__avx512_flat_apply(x, dy, dx, A, C, S, lda, mean, istd, k1, k2, k3,
-                           nt);
+    sbn__avx512_flat_apply(x, dy, dx, A, C, S, lda, mean, istd, k1, k2, k3, nt);
     return;
   }
   for (size_t a = 0; a < A; a++)

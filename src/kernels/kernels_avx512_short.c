@@ -1,0 +1,329 @@
+/* NCHW passes of the AVX-512 set over short runs (7x7, 14x14 planes and
+ * other S of 16 or more that is not a multiple of 16), where per-run
+ * loops pay a head and tail per run:
+ *
+ *  - Flat rows for the elementwise passes: each row of an (A, C, S) view
+ *    is one stream of C * S elements rather than C runs of S. A streamed
+ *    normalize needs it: a run of 196 values starts and ends inside cache
+ *    lines, so run by run every boundary line was written partly by a
+ *    masked plain store and partly by streaming stores, and a line
+ *    written both ways leaves the write-combining buffer half full (the
+ *    BatchNorm forward of 8x1024x14x14 took 1.9 times a memcpy, 1.4 with
+ *    the runs stored normally). A flat row aligns its vectors to the
+ *    output's lines once, so every line is written whole one way. dx
+ *    takes flat rows whether streamed or not: a 49-value run was three
+ *    vectors and a one-lane vector of dx. A vector that straddles two
+ *    channels (S >= 16: never more than two) takes each lane's parameters
+ *    by a mask blend.
+ *  - The 16-channel sums (moments and backward's sums for S <= SHORT_S),
+ *    reduced by one transposing tree (see short_block).
+ *
+ * Included only in builds with the AVX-512 flags. */
+#include "kernels/sbn_kernels.h"
+
+#ifdef SBN__HAVE_AVX512
+#include "kernels/avx512_inl.h"
+
+#include "kernels/kernels_avx512_short.h"
+
+/* ------------------------------------------------------------------ */
+/* Normalize: y = ((x - h) - l) * sc + sh, the parameters of a channel
+ * broadcast to every lane. */
+
+typedef struct norm_par_s {
+  __m512 h, l, s, b;
+} norm_par_t;
+
+static inline norm_par_t norm_par(size_t c, const float *mh, const float *ml,
+                                  const float *scale, const float *shift) {
+  norm_par_t p = {_mm512_set1_ps(mh[c]), _mm512_set1_ps(ml[c]),
+                  _mm512_set1_ps(scale[c]), _mm512_set1_ps(shift[c])};
+  return p;
+}
+
+/* Lanes of m from a, the others from b. */
+static inline norm_par_t norm_blend(__mmask16 m, norm_par_t a, norm_par_t b) {
+  norm_par_t p = {
+      _mm512_mask_blend_ps(m, b.h, a.h), _mm512_mask_blend_ps(m, b.l, a.l),
+      _mm512_mask_blend_ps(m, b.s, a.s), _mm512_mask_blend_ps(m, b.b, a.b)};
+  return p;
+}
+
+static inline __m512 norm_vec(norm_par_t p, __m512 x) {
+  return _mm512_fmadd_ps(_mm512_sub_ps(_mm512_sub_ps(x, p.h), p.l), p.s, p.b);
+}
+
+/* One row: channels [0, C) of S values each, back to back. */
+static void flat_norm_row(const float *x, float *y, size_t C, size_t S,
+                          const float *mh, const float *ml, const float *scale,
+                          const float *shift, int nt) {
+  size_t n = C * S, i = head_elems(y, n, nt), c = 0, end = S;
+  norm_par_t cur = norm_par(0, mh, ml, scale, shift);
+  norm_par_t nxt = C > 1 ? norm_par(1, mh, ml, scale, shift) : cur;
+  /* The head is shorter than a vector, so it lies in channel 0 (S >= 16). */
+  if (i > 0)
+    store16(y, norm_vec(cur, load16(tail_mask(i), x)), tail_mask(i), 0);
+  for (; i < n; i += 16) {
+    __mmask16 m = tail_mask(n - i);
+    __m512 v = load16(m, x + i);
+    norm_par_t use = cur;
+    if (i + 16 >= end) {
+      /* The vector reaches the end of channel c: lanes past it belong to
+       * channel c + 1, and the next vector starts in c + 1. */
+      if (i + 16 > end)
+        use = norm_blend(tail_mask(end - i), cur, nxt);
+      c++;
+      end += S;
+      cur = nxt;
+      if (c + 1 < C)
+        nxt = norm_par(c + 1, mh, ml, scale, shift);
+    }
+    store16(y + i, norm_vec(use, v), m, nt);
+  }
+}
+
+void sbn__avx512_flat_normalize(const float *x, float *y, size_t A, size_t C,
+                                size_t S, size_t lda, const float *mh,
+                                const float *ml, const float *scale,
+                                const float *shift, int nt) {
+  if (C == 0 || S == 0)
+    return;
+  for (size_t a = 0; a < A; a++)
+    flat_norm_row(x + a * lda, y + a * lda, C, S, mh, ml, scale, shift, nt);
+  _mm_sfence();
+}
+
+/* ------------------------------------------------------------------ */
+/* dx = k1*dy + (q*(x - h) + r) in float (dx_params_f: h the float part of
+ * the mean, so x - h is exact near it and every term is of dx's size), as
+ * the position views form it: three operations per vector instead of the
+ * double form's conversions, four multiply-adds and pack, which made the
+ * 7x7 dx compute-bound (warm 8x512x7x7: 35 % of the backward). Calls with
+ * fewer than SMALL_STAT values per channel, where the terms cancel below
+ * fp32, do not come here. */
+
+typedef struct apply_par_s {
+  __m512 k, q, h, r;
+} apply_par_t;
+
+static inline apply_par_t apply_par(size_t c, const double *mean,
+                                    const double *istd, const double *k1,
+                                    const double *k2, const double *k3) {
+  float pk, pq, ph, pr;
+  dx_params_f(0, c, mean, istd, k1, k2, k3, &pk, &pq, &ph, &pr);
+  apply_par_t p = {_mm512_set1_ps(pk), _mm512_set1_ps(pq), _mm512_set1_ps(ph),
+                   _mm512_set1_ps(pr)};
+  return p;
+}
+
+static inline apply_par_t apply_blend(__mmask16 m, apply_par_t a,
+                                      apply_par_t b) {
+  apply_par_t p = {
+      _mm512_mask_blend_ps(m, b.k, a.k), _mm512_mask_blend_ps(m, b.q, a.q),
+      _mm512_mask_blend_ps(m, b.h, a.h), _mm512_mask_blend_ps(m, b.r, a.r)};
+  return p;
+}
+
+static inline __m512 apply_vec(apply_par_t p, __m512 x, __m512 g) {
+  __m512 t = _mm512_fmadd_ps(p.q, _mm512_sub_ps(x, p.h), p.r);
+  return _mm512_fmadd_ps(p.k, g, t);
+}
+
+static void flat_apply_row(const float *x, const float *dy, float *dx, size_t C,
+                           size_t S, const double *mean, const double *istd,
+                           const double *k1, const double *k2, const double *k3,
+                           int nt) {
+  size_t n = C * S, i = head_elems(dx, n, nt), c = 0, end = S;
+  apply_par_t cur = apply_par(0, mean, istd, k1, k2, k3);
+  apply_par_t nxt = C > 1 ? apply_par(1, mean, istd, k1, k2, k3) : cur;
+  if (i > 0) {
+    __mmask16 m = tail_mask(i);
+    store16(dx, apply_vec(cur, load16(m, x), load16(m, dy)), m, 0);
+  }
+  for (; i < n; i += 16) {
+    __mmask16 m = tail_mask(n - i);
+    __m512 v = load16(m, x + i), g = load16(m, dy + i);
+    apply_par_t use = cur;
+    if (i + 16 >= end) {
+      if (i + 16 > end)
+        use = apply_blend(tail_mask(end - i), cur, nxt);
+      c++;
+      end += S;
+      cur = nxt;
+      if (c + 1 < C)
+        nxt = apply_par(c + 1, mean, istd, k1, k2, k3);
+    }
+    store16(dx + i, apply_vec(use, v, g), m, nt);
+  }
+}
+
+void sbn__avx512_flat_apply(const float *x, const float *dy, float *dx,
+                            size_t A, size_t C, size_t S, size_t lda,
+                            const double *mean, const double *istd,
+                            const double *k1, const double *k2,
+                            const double *k3, int nt) {
+  if (C == 0 || S == 0)
+    return;
+  for (size_t a = 0; a < A; a++) {
+    size_t o = a * lda;
+    flat_apply_row(x + o, dy + o, dx + o, C, S, mean, istd, k1, k2, k3, nt);
+  }
+  _mm_sfence();
+}
+
+/* ------------------------------------------------------------------ */
+/* Short runs (16 <= S <= SHORT_S: NCHW with 7x7 or 14x14 planes), 16
+ * channels at a time. A run of 49 values is three vectors and a lane, and
+ * reducing each run's two sums across lanes and into double cost more than
+ * summing it (the 2048 x 7 x 7 moments ran at twice a memcpy). Here every
+ * channel's lanes are summed as in run_moments, and the 16 channels' sum
+ * vectors are then reduced together by a transposing tree, about 3
+ * instructions per channel and sum instead of some 12, and folded into
+ * double as one vector. A lane adds at most SHORT_S / 16 = 12 values and
+ * the tree 4 more levels, so each sum is at most 16 float additions deep,
+ * as in the long runs. */
+
+/* Adds two vectors' 256-bit halves: lanes 0-7 of the result are a's
+ * halves summed, lanes 8-15 b's. */
+static inline __m512 tree1(__m512 a, __m512 b) {
+  return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44),
+                       _mm512_shuffle_f32x4(a, b, 0xEE));
+}
+
+/* Then their 128-bit lanes: lane q of the result is the 4-lane partial
+ * sum of input q of (u0 = (a, b), u1 = (c, d)). */
+static inline __m512 tree2(__m512 u0, __m512 u1) {
+  return _mm512_add_ps(_mm512_shuffle_f32x4(u0, u1, 0x88),
+                       _mm512_shuffle_f32x4(u0, u1, 0xDD));
+}
+
+/* The 16 lane sums of v[0..16), in channel order. */
+static inline __m512 tree16(const __m512 v[16]) {
+  __m512 u[8], w[4];
+  for (int i = 0; i < 8; i++)
+    u[i] = tree1(v[2 * i], v[2 * i + 1]);
+  for (int i = 0; i < 4; i++)
+    w[i] = tree2(u[2 * i], u[2 * i + 1]);
+  /* w[i] lane q holds channel 4i + q's four partials. */
+  __m512 x01 = _mm512_add_ps(_mm512_unpacklo_ps(w[0], w[1]),
+                             _mm512_unpackhi_ps(w[0], w[1]));
+  __m512 x23 = _mm512_add_ps(_mm512_unpacklo_ps(w[2], w[3]),
+                             _mm512_unpackhi_ps(w[2], w[3]));
+  __m512d p = _mm512_castps_pd(x01), q = _mm512_castps_pd(x23);
+  __m512 r = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(p, q)),
+                           _mm512_castpd_ps(_mm512_unpackhi_pd(p, q)));
+  /* Element 4q + m of r is channel q + 4m. */
+  const __m512i order =
+      _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(order, r);
+}
+
+/* Adds the first n lanes of v into d[0..n) in double. */
+static inline void fold_first(__m512 v, size_t n, double *d) {
+  __mmask16 m = tail_mask(n);
+  __mmask8 lo = (__mmask8)m, hi = (__mmask8)(m >> 8);
+  __m512d a = _mm512_maskz_loadu_pd(lo, d),
+          b = _mm512_maskz_loadu_pd(hi, d + 8);
+  fold16(v, &a, &b);
+  _mm512_mask_storeu_pd(d, lo, a);
+  _mm512_mask_storeu_pd(d + 8, hi, b);
+}
+
+/* Adds istd * (B - l * A) into s2[0..n) in double, A and B the first n
+ * lanes of two float sum vectors and l = mean - h the low part of each
+ * channel's split mean: backward's sum of dy * xhat from the sums of dy
+ * and dy * (x - h), as pos_sums (kernels_avx512.c) forms it. */
+static inline void fold_xhat(__m512 a, __m512 b, size_t n, const double *mean,
+                             const double *istd, double *s2) {
+  __mmask16 m = tail_mask(n);
+  __mmask8 mk[2] = {(__mmask8)m, (__mmask8)(m >> 8)};
+  for (int half = 0; half < 2; half++) {
+    __mmask8 k = mk[half];
+    const double *mp = mean + 8 * half, *ip = istd + 8 * half;
+    double *sp = s2 + 8 * half;
+    __m512d md = _mm512_maskz_loadu_pd(k, mp);
+    __m512d l = _mm512_sub_pd(md, _mm512_cvtps_pd(_mm512_cvtpd_ps(md)));
+    __m512d ad = _mm512_cvtps_pd(half ? _mm512_extractf32x8_ps(a, 1)
+                                      : _mm512_castps512_ps256(a));
+    __m512d bd = _mm512_cvtps_pd(half ? _mm512_extractf32x8_ps(b, 1)
+                                      : _mm512_castps512_ps256(b));
+    __m512d r = _mm512_mul_pd(_mm512_maskz_loadu_pd(k, ip),
+                              _mm512_fnmadd_pd(l, ad, bd));
+    _mm512_mask_storeu_pd(sp, k,
+                          _mm512_add_pd(_mm512_maskz_loadu_pd(k, sp), r));
+  }
+}
+
+/* Moments or backward sums of channels [c0, c0 + nc) (nc <= 16) of one
+ * row a, added into s1 and s2 from c0 on. Moments add x - k and its
+ * square; backward adds dy and dy * (x - h), h the float part of the
+ * channel's mean, and fold_xhat turns the second into the sum of
+ * dy * xhat: per vector three operations and one parameter instead of
+ * five and three (xhat = ((x - h) - l) * istd formed per element). */
+static inline __attribute__((always_inline)) void short_block(
+    int bwd, const float *x, const float *dy, size_t nc, size_t S,
+    const float *k, float *pick, const double *mean, const double *istd,
+    double *s1, double *s2) {
+  __m512 va[16], vb[16];
+  size_t full = S & ~(size_t)15;
+  __mmask16 tm = tail_mask(S - full);
+  for (size_t j = 0; j < 16; j++) {
+    __m512 a = _mm512_setzero_ps(), b = a;
+    if (j < nc) {
+      const float *p = x + j * S, *q = bwd ? dy + j * S : NULL;
+      __m512 h;
+      if (bwd) {
+        h = _mm512_set1_ps((float)mean[j]);
+      } else if (pick != NULL) {
+        /* The run's first element (S >= 16: a whole first vector). */
+        pick[j] = p[0];
+        h = _mm512_set1_ps(pick[j]);
+      } else {
+        h = _mm512_set1_ps(k[j]);
+      }
+      for (size_t s = 0; s <= full; s += 16) {
+        __mmask16 m = s < full ? (__mmask16)0xFFFF : tm;
+        if (m == 0)
+          break;
+        __m512 v = _mm512_maskz_sub_ps(m, load16(m, p + s), h);
+        if (bwd) {
+          __m512 g = load16(m, q + s);
+          a = _mm512_add_ps(a, g);
+          b = _mm512_fmadd_ps(g, v, b);
+        } else {
+          a = _mm512_add_ps(a, v);
+          b = _mm512_fmadd_ps(v, v, b);
+        }
+      }
+    }
+    va[j] = a;
+    vb[j] = b;
+  }
+  __m512 ta = tree16(va), tb = tree16(vb);
+  fold_first(ta, nc, s1);
+  if (bwd)
+    fold_xhat(ta, tb, nc, mean, istd, s2);
+  else
+    fold_first(tb, nc, s2);
+}
+
+void sbn__avx512_short_sums(int bwd, const float *x, const float *dy, size_t A,
+                            size_t C, size_t S, size_t lda, const float *k,
+                            float *pick, const double *mean, const double *istd,
+                            double *s1, double *s2) {
+  for (size_t a = 0; a < A; a++)
+    for (size_t c = 0; c < C; c += 16) {
+      size_t nc = C - c < 16 ? C - c : 16, o = a * lda + c * S;
+      if (bwd)
+        short_block(1, x + o, dy + o, nc, S, NULL, NULL, mean + c, istd + c,
+                    s1 + c, s2 + c);
+      else if (pick != NULL && a == 0)
+        short_block(0, x + o, NULL, nc, S, NULL, pick + c, NULL, NULL, s1 + c,
+                    s2 + c);
+      else
+        short_block(0, x + o, NULL, nc, S, pick != NULL ? pick + c : k + c,
+                    NULL, NULL, NULL, s1 + c, s2 + c);
+    }
+}
+
+#endif /* SBN__HAVE_AVX512 */
