@@ -385,6 +385,9 @@ static void test_bn_large_mean(void **state) {
                 (size_t)7),
         tu_desc(SBN_LAYOUT_NCHW, 4, (size_t)4, (size_t)17, (size_t)14,
                 (size_t)14),
+        /* The longest short run (SHORT_S = 256: 16 values per lane). */
+        tu_desc(SBN_LAYOUT_NCHW, 4, (size_t)3, (size_t)19, (size_t)16,
+                (size_t)16),
         tu_desc(SBN_LAYOUT_NCHW, 4, (size_t)2, (size_t)5, (size_t)3, (size_t)7),
         tu_desc(SBN_LAYOUT_NCHW, 4, (size_t)1, (size_t)3, (size_t)4, (size_t)5),
         tu_desc(SBN_LAYOUT_NCHW, 4, (size_t)16, (size_t)333, (size_t)14,

@@ -179,9 +179,11 @@ void sbn__avx512_flat_apply(const float *x, const float *dy, float *dx,
  * channel's lanes are summed as in run_moments, and the 16 channels' sum
  * vectors are then reduced together by a transposing tree, about 3
  * instructions per channel and sum instead of some 12, and folded into
- * double as one vector. A lane adds at most SHORT_S / 16 = 12 values and
- * the tree 4 more levels, so each sum is at most 16 float additions deep,
- * as in the long runs. */
+ * double as one vector. A lane adds at most SHORT_S / 16 = 16 values and
+ * the tree 4 more levels, so each sum is at most 20 float additions deep
+ * (the long runs: 16 per lane and 2 levels over the four accumulators).
+ * SHORT_S was 192, which left 14x14 planes (196) to the per-run loops;
+ * at 256 their backward took 28 us instead of 35-43 (warm 8x64x14x14). */
 
 /* Adds two vectors' 256-bit halves: lanes 0-7 of the result are a's
  * halves summed, lanes 8-15 b's. */

@@ -39,9 +39,9 @@ void sbn__avx512_flat_apply(const float *x, const float *dy, float *dx,
                             const double *k1, const double *k2,
                             const double *k3, int nt);
 
-/* Runs up to this long (7x7 and 10x10 planes; 14x14 is 196) take the 16-channel
+/* Runs up to this long (7x7, 14x14 and 15x15 planes) take the 16-channel
  * sums; see kernels_avx512_short.c. */
-#define SHORT_S 192
+#define SHORT_S 256
 
 /* moments_ld (bwd = 0: shifted by k[c], or with pick by each channel's
  * first value in row 0, which it writes to pick) or bwd_reduce_ld (bwd =
