@@ -124,7 +124,13 @@ static int bn_single_pass(void) {
 
 static size_t bn_l3_block(const sbn__shape_t *sh, double chan) {
   double all = chan * (double)sh->C;
-  if (all <= 2 * SBN__L3_BLOCK_BYTES)
+  /* Measured with the AVX-512 set's strided entries; a set without them
+   * would run a block as one dense call per sample (kernels/strided.c),
+   * and the AVX2 set's calls of fewer than 32 values take the reference's
+   * double loops. */
+  const sbn__kernels_t *t = sbn__kernels();
+  if (all <= 2 * SBN__L3_BLOCK_BYTES || t->bwd_reduce_ld == NULL ||
+      t->bwd_apply_ld == NULL)
     return 0;
   double cb = floor(SBN__L3_BLOCK_BYTES / chan);
   if (cb < 1)
