@@ -547,11 +547,13 @@ static void avx512_bwd_apply_ld(const float *x, const float *dy, float *dx,
     pos_apply(x, dy, dx, A, C, S, lda, mean, istd, k1, k2, k3);
     return;
   }
-  int nt = apply_nt(A, C, S);
-  if (flat_apply(S) && A * S >= SMALL_STAT) {
-    sbn__avx512_flat_apply(x, dy, dx, A, C, S, lda, mean, istd, k1, k2, k3, nt);
+  /* Short runs take float dx run by run (kernels_avx512_short.c), stored
+   * normally as apply_nt would have them. */
+  if (short_apply(S) && A * S >= SMALL_STAT) {
+    sbn__avx512_short_apply(x, dy, dx, A, C, S, lda, mean, istd, k1, k2, k3);
     return;
   }
+  int nt = apply_nt(A, C, S);
   for (size_t a = 0; a < A; a++)
     for (size_t c = 0; c < C; c++) {
       size_t o = a * lda + c * S;

@@ -1,20 +1,19 @@
 /* NCHW passes of the AVX-512 set over short runs (7x7, 14x14 planes and
  * other S of 16 or more that is not a multiple of 16), where per-run
- * loops pay a head and tail per run:
+ * loops paid a head and tail per run:
  *
- *  - Flat rows for the elementwise passes: each row of an (A, C, S) view
- *    is one stream of C * S elements rather than C runs of S. A streamed
- *    normalize needs it: a run of 196 values starts and ends inside cache
- *    lines, so run by run every boundary line was written partly by a
- *    masked plain store and partly by streaming stores, and a line
- *    written both ways leaves the write-combining buffer half full (the
- *    BatchNorm forward of 8x1024x14x14 took 1.9 times a memcpy, 1.4 with
- *    the runs stored normally). A flat row aligns its vectors to the
- *    output's lines once, so every line is written whole one way. dx
- *    takes flat rows whether streamed or not: a 49-value run was three
- *    vectors and a one-lane vector of dx. A vector that straddles two
+ *  - A streamed normalize along flat rows: each row of an (A, C, S) view
+ *    is one stream of C * S elements rather than C runs of S. A run of 196
+ *    values starts and ends inside cache lines, so run by run every
+ *    boundary line was written partly by a masked plain store and partly
+ *    by streaming stores, and a line written both ways leaves the
+ *    write-combining buffer half full (the BatchNorm forward of
+ *    8x1024x14x14 took 1.9 times a memcpy, 1.4 with the runs stored
+ *    normally). A flat row aligns its vectors to the output's lines once,
+ *    so every line is written whole one way. A vector that straddles two
  *    channels (S >= 16: never more than two) takes each lane's parameters
  *    by a mask blend.
+ *  - dx in float, run by run.
  *  - The 16-channel sums (moments and backward's sums for S <= SHORT_S),
  *    reduced by one transposing tree (see short_block).
  *
@@ -98,9 +97,9 @@ void sbn__avx512_flat_normalize(const float *x, float *y, size_t A, size_t C,
  * the mean, so x - h is exact near it and every term is of dx's size), as
  * the position views form it: three operations per vector instead of the
  * double form's conversions, four multiply-adds and pack, which made the
- * 7x7 dx compute-bound (warm 8x512x7x7: 35 % of the backward). Calls with
- * fewer than SMALL_STAT values per channel, where the terms cancel below
- * fp32, do not come here. */
+ * 7x7 dx compute-bound (warm 8x512x7x7 backward: 66 us against 105 in
+ * double). Calls with fewer than SMALL_STAT values per channel, where the
+ * terms cancel below fp32, do not come here. */
 
 typedef struct apply_par_s {
   __m512 k, q, h, r;
@@ -116,59 +115,44 @@ static inline apply_par_t apply_par(size_t c, const double *mean,
   return p;
 }
 
-static inline apply_par_t apply_blend(__mmask16 m, apply_par_t a,
-                                      apply_par_t b) {
-  apply_par_t p = {
-      _mm512_mask_blend_ps(m, b.k, a.k), _mm512_mask_blend_ps(m, b.q, a.q),
-      _mm512_mask_blend_ps(m, b.h, a.h), _mm512_mask_blend_ps(m, b.r, a.r)};
-  return p;
-}
-
 static inline __m512 apply_vec(apply_par_t p, __m512 x, __m512 g) {
   __m512 t = _mm512_fmadd_ps(p.q, _mm512_sub_ps(x, p.h), p.r);
   return _mm512_fmadd_ps(p.k, g, t);
 }
 
-static void flat_apply_row(const float *x, const float *dy, float *dx, size_t C,
-                           size_t S, const double *mean, const double *istd,
-                           const double *k1, const double *k2, const double *k3,
-                           int nt) {
-  size_t n = C * S, i = head_elems(dx, n, nt), c = 0, end = S;
-  apply_par_t cur = apply_par(0, mean, istd, k1, k2, k3);
-  apply_par_t nxt = C > 1 ? apply_par(1, mean, istd, k1, k2, k3) : cur;
-  if (i > 0) {
-    __mmask16 m = tail_mask(i);
-    store16(dx, apply_vec(cur, load16(m, x), load16(m, dy)), m, 0);
-  }
-  for (; i < n; i += 16) {
-    __mmask16 m = tail_mask(n - i);
-    __m512 v = load16(m, x + i), g = load16(m, dy + i);
-    apply_par_t use = cur;
-    if (i + 16 >= end) {
-      if (i + 16 > end)
-        use = apply_blend(tail_mask(end - i), cur, nxt);
-      c++;
-      end += S;
-      cur = nxt;
-      if (c + 1 < C)
-        nxt = apply_par(c + 1, mean, istd, k1, k2, k3);
-    }
-    store16(dx + i, apply_vec(use, v, g), m, nt);
+/* dx of one row, run by run: every run has the same trip counts, which
+ * the loops predict (along flat rows, the vector that holds a channel's
+ * end changes from run to run and was mispredicted: warm 8x64x14x14
+ * backward 29 us against 24 run by run). */
+static void run_apply_f(const float *x, const float *dy, float *dx, size_t C,
+                        size_t S, const double *mean, const double *istd,
+                        const double *k1, const double *k2, const double *k3) {
+  size_t full = S & ~(size_t)15;
+  __mmask16 tm = tail_mask(S - full);
+  for (size_t c = 0; c < C; c++) {
+    apply_par_t p = apply_par(c, mean, istd, k1, k2, k3);
+    const float *xp = x + c * S, *gp = dy + c * S;
+    float *q = dx + c * S;
+    size_t s = 0;
+    for (; s < full; s += 16)
+      _mm512_storeu_ps(q + s, apply_vec(p, _mm512_loadu_ps(xp + s),
+                                        _mm512_loadu_ps(gp + s)));
+    if (tm != 0)
+      _mm512_mask_storeu_ps(q + s, tm,
+                            apply_vec(p, _mm512_maskz_loadu_ps(tm, xp + s),
+                                      _mm512_maskz_loadu_ps(tm, gp + s)));
   }
 }
 
-void sbn__avx512_flat_apply(const float *x, const float *dy, float *dx,
-                            size_t A, size_t C, size_t S, size_t lda,
-                            const double *mean, const double *istd,
-                            const double *k1, const double *k2,
-                            const double *k3, int nt) {
-  if (C == 0 || S == 0)
-    return;
+void sbn__avx512_short_apply(const float *x, const float *dy, float *dx,
+                             size_t A, size_t C, size_t S, size_t lda,
+                             const double *mean, const double *istd,
+                             const double *k1, const double *k2,
+                             const double *k3) {
   for (size_t a = 0; a < A; a++) {
     size_t o = a * lda;
-    flat_apply_row(x + o, dy + o, dx + o, C, S, mean, istd, k1, k2, k3, nt);
+    run_apply_f(x + o, dy + o, dx + o, C, S, mean, istd, k1, k2, k3);
   }
-  _mm_sfence();
 }
 
 /* ------------------------------------------------------------------ */

@@ -19,25 +19,25 @@ static inline int flat_norm(size_t S, int nt) {
   return S >= 16 && S % 16 != 0 && nt;
 }
 
-/* Whether dx takes the flat rows: short runs whose ends fall inside a
- * vector (7x7, 14x14), where a run's one-lane or four-lane tail vector
- * cost a whole vector of dx; the flat rows measured faster warm (8x512x7x7
- * backward 72 us against 105) and cold. The caller keeps calls with fewer
- * than SMALL_STAT values per channel off them (their dx is in float). */
-#define FLAT_MAX_S 1024
-static inline int flat_apply(size_t S) {
-  return S >= 16 && S < FLAT_MAX_S && S % 16 != 0;
+/* Whether dx takes the float runs of this file: short runs whose ends
+ * fall inside a vector (7x7, 14x14), where the double form's one-lane or
+ * four-lane tail vector of each run cost a whole vector of conversions.
+ * The caller keeps calls with fewer than SMALL_STAT values per channel
+ * off them. */
+#define SHORT_APPLY_MAX_S 1024
+static inline int short_apply(size_t S) {
+  return S >= 16 && S < SHORT_APPLY_MAX_S && S % 16 != 0;
 }
 
 void sbn__avx512_flat_normalize(const float *x, float *y, size_t A, size_t C,
                                 size_t S, size_t lda, const float *mh,
                                 const float *ml, const float *scale,
                                 const float *shift, int nt);
-void sbn__avx512_flat_apply(const float *x, const float *dy, float *dx,
-                            size_t A, size_t C, size_t S, size_t lda,
-                            const double *mean, const double *istd,
-                            const double *k1, const double *k2,
-                            const double *k3, int nt);
+void sbn__avx512_short_apply(const float *x, const float *dy, float *dx,
+                             size_t A, size_t C, size_t S, size_t lda,
+                             const double *mean, const double *istd,
+                             const double *k1, const double *k2,
+                             const double *k3);
 
 /* Runs up to this long (7x7, 14x14 and 15x15 planes) take the 16-channel
  * sums; see kernels_avx512_short.c. */
