@@ -108,18 +108,19 @@ static int bn_single_pass(void) {
  * share): the block's sums read x and dy from memory and its dx reads
  * them again from L3, where the unblocked dx of a tensor larger than the
  * L3 read them from memory a second time (24 bytes per element moved
- * instead of 16). Measured in one run (8 alternating rounds, floor_ratio
- * against the two-read-one-write stream): 8x256x56x56 1.67 -> 1.46,
- * 8x64x112x112 1.68 -> 1.49, 8x512x28x28 1.74 -> 1.54, 16x128x56x56
- * 1.77 -> 1.58 (README, "BatchNorm backward in L3 blocks"). */
+ * instead of 16). Measured against no blocks (SBN_BN_SINGLE_PASS=0), 6
+ * alternating rounds, backward floor_ratio: 8x256x56x56 1.60 -> 1.42,
+ * 8x64x112x112 1.57 -> 1.36, 8x512x28x28 1.48 -> 1.42 (README, "BatchNorm
+ * NCHW: short runs and the L3-blocked backward"). */
 #ifndef SBN__L3_BLOCK_BYTES
 #define SBN__L3_BLOCK_BYTES (4.0 * 1024.0 * 1024.0)
 #endif
 
 /* The shortest run of a block within one sample, in bytes of one tensor:
  * a block is N such runs, and with 32 samples of 64 KiB (32x64x32x32) the
- * blocked backward measured slower than the unblocked one (1.56 against
- * 1.47), each short run starting its streams again. */
+ * blocked backward measured slower than the unblocked one in four runs
+ * (1.48-1.58 against 1.30-1.47), each short run starting its streams
+ * again. */
 #define SBN__L3_MIN_RUN (128.0 * 1024.0)
 
 static size_t bn_l3_block(const sbn__shape_t *sh, double chan) {
