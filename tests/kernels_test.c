@@ -19,6 +19,10 @@
 #define GUARD 19
 #define SENTINEL 12345.678f
 
+/* Layers are made without affine parameters while this is set (the
+ * GroupNorm NCHW backward then runs its weightless flat dx). */
+static int no_affine;
+
 typedef struct {
   float *y, *dx, *dw, *db, *rm, *rv;
   int64_t nbt;
@@ -67,6 +71,7 @@ static void run_op_at(sbn_op_t op, sbn_layout_t lay, size_t N, size_t C,
   sbn_layer_params_default(&p, op);
   p.channels = C;
   p.groups = (C % 3 == 0) ? 3 : 1;
+  p.affine = !no_affine;
   p.norm_ndim = 1;
   p.norm_shape[0] = C;
   p.track_running_stats = (op == SBN_OP_BATCHNORM || op == SBN_OP_INSTANCENORM);
@@ -533,6 +538,99 @@ static void test_dropout_sets(void **state) {
   sbn_kernel_select("ref");
 }
 
+/* LayerNorm of R rows of D with set `set` (x, dy, y and dx `off` floats
+ * off alignment) against ref at offset 0. */
+static void ln_vs_ref(const char *set, size_t R, size_t D, size_t off) {
+  char what[128];
+  snprintf(what, sizeof what, "%s ln rows R=%zu D=%zu off=%zu", set, R, D, off);
+  outs_t a, b;
+  assert_int_equal(sbn_kernel_select("ref"), 0);
+  run_op_at(SBN_OP_LAYERNORM, SBN_LAYOUT_NCHW, R, D, 1, SBN_MODE_TRAIN, 0, &a,
+            what);
+  assert_int_equal(sbn_kernel_select(set), 0);
+  run_op_at(SBN_OP_LAYERNORM, SBN_LAYOUT_NCHW, R, D, 1, SBN_MODE_TRAIN, off, &b,
+            what);
+  compare_outs(SBN_OP_LAYERNORM, "ln", R, D, 1, &a, &b, what);
+  free_outs(&a);
+  free_outs(&b);
+}
+
+/* LayerNorm rows (kernels_avx512_ln.c): rows one and two at a time, an
+ * odd last row, more than one block of 16 rows (float dweight/dbias sums
+ * folded into double), forward chunks of several rows normalized block
+ * by block across them, row lengths around the vector width and the
+ * 256-column block (31-33, 255-257, 1000, 4099), on pointers 0, 1 and 3
+ * floats off alignment; and outputs large enough to stream (4 MiB and
+ * more) with an odd row length, so that every row starts at another
+ * offset within its cache line. */
+static void test_ln_rows(void **state) {
+  (void)state;
+  const char *const *sets;
+  int nsets = tu_kernel_sets(&sets);
+  const size_t Ds[] = {1, 3, 17, 31, 32, 33, 255, 257, 1000, 4099};
+  const size_t Rs[] = {1, 2, 3, 17, 36};
+  const size_t offs[] = {0, 1, 3};
+  for (int ks = 0; ks < nsets; ks++) {
+    if (strcmp(sets[ks], "ref") == 0 || tu_kernel_use(sets[ks]) != 0)
+      continue;
+    for (size_t id = 0; id < sizeof Ds / sizeof *Ds; id++)
+      for (size_t ir = 0; ir < sizeof Rs / sizeof *Rs; ir++)
+        ln_vs_ref(sets[ks], Rs[ir], Ds[id], offs[(id + ir) % 3]);
+    for (size_t off = 0; off <= 1; off++) {
+      ln_vs_ref(sets[ks], 3, 400003, off);
+      ln_vs_ref(sets[ks], 17, 65537, off);
+    }
+  }
+  sbn_kernel_select("ref");
+}
+
+/* The NCHW group backward of the optimized sets (gn_bwd_nchw): runs
+ * longer than the short-run tiles and than one float chunk (S = 193,
+ * 1025, 3001), groups of 1, 3, 5 and 17 channels (units of several small
+ * groups, single-channel InstanceNorm groups, one group of odd width),
+ * with and without affine weights, eval with running statistics, and
+ * outputs of over 4 MiB (dx streamed after a masked head) 1 and 3 floats
+ * off alignment. */
+static void test_group_backward_nchw(void **state) {
+  (void)state;
+  const char *const *sets;
+  int nsets = tu_kernel_sets(&sets);
+  static const struct {
+    size_t N, C, S;
+  } sh[] = {{5, 9, 193},  {3, 15, 1025},  {4, 17, 3001},
+            {3, 3, 1025}, {21, 17, 3001}, {130, 15, 547}};
+  const sbn_op_t ops[] = {SBN_OP_INSTANCENORM, SBN_OP_GROUPNORM};
+  const char *opn[] = {"in", "gn"};
+  for (int ks = 0; ks < nsets; ks++) {
+    if (strcmp(sets[ks], "ref") == 0 || tu_kernel_use(sets[ks]) != 0)
+      continue;
+    for (size_t i = 0; i < sizeof sh / sizeof *sh; i++)
+      for (int io = 0; io < 2; io++)
+        for (int v = 0; v < 3; v++) {
+          size_t N = sh[i].N, C = sh[i].C, S = sh[i].S, off = 1 + 2 * (i % 2);
+          /* The outputs over 4 MiB (slow under the sanitizers) run once. */
+          if (N * C * S > (1u << 20) && v > 0)
+            continue;
+          sbn_mode_t mode = v == 2 ? SBN_MODE_EVAL : SBN_MODE_TRAIN;
+          char what[128];
+          snprintf(what, sizeof what, "%s %s NCHW N=%zu C=%zu S=%zu off=%zu%s",
+                   sets[ks], opn[io], N, C, S, off,
+                   v == 1 ? " no affine" : (v == 2 ? " eval" : ""));
+          outs_t a, b;
+          no_affine = v == 1;
+          assert_int_equal(sbn_kernel_select("ref"), 0);
+          run_op_at(ops[io], SBN_LAYOUT_NCHW, N, C, S, mode, 0, &a, what);
+          assert_int_equal(sbn_kernel_select(sets[ks]), 0);
+          run_op_at(ops[io], SBN_LAYOUT_NCHW, N, C, S, mode, off, &b, what);
+          no_affine = 0;
+          compare_outs(ops[io], opn[io], N, C, S, &a, &b, what);
+          free_outs(&a);
+          free_outs(&b);
+        }
+  }
+  sbn_kernel_select("ref");
+}
+
 static int report(void **state) {
   (void)state;
   tu_err_report("optimized vs ref");
@@ -546,8 +644,10 @@ int main(void) {
       cmocka_unit_test(test_wide_unaligned),
       cmocka_unit_test(test_channels_last_tiles),
       cmocka_unit_test(test_channels_last_stream_dx),
+      cmocka_unit_test(test_group_backward_nchw),
       cmocka_unit_test(test_layout_agreement),
       cmocka_unit_test(test_dropout_sets),
+      cmocka_unit_test(test_ln_rows),
   };
   return cmocka_run_group_tests(tests, NULL, report);
 }

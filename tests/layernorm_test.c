@@ -130,6 +130,11 @@ static void test_ln_vs_reference(void **state) {
        * chunk of 16 rows and more than one backward block of 16 rows. */
       {tu_desc(SBN_LAYOUT_NCHW, 2, (size_t)20, (size_t)5000), 1, 1, 0.5, 2},
       {tu_desc(SBN_LAYOUT_NCHW, 2, (size_t)19, (size_t)9000), 1, 1, 1e4, 1},
+      /* Forward chunks of 2 MiB of rows: several rows a chunk normalized
+       * block by block across them, and more than one chunk; backward
+       * pairs of rows with an odd last row. */
+      {tu_desc(SBN_LAYOUT_NCHW, 2, (size_t)301, (size_t)2003), 1, 1, 1e4, 2},
+      {tu_desc(SBN_LAYOUT_NCHW, 2, (size_t)5, (size_t)200003), 1, 1, 1e4, 1},
   };
   const char *const *sets;
   int nsets = tu_kernel_sets(&sets);

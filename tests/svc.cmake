@@ -34,6 +34,17 @@ target_link_libraries(svc_codec_test PRIVATE syncbn_svc syncbn
 add_test(NAME svc_codec_test COMMAND svc_codec_test)
 set_tests_properties(svc_codec_test PROPERTIES TIMEOUT 120 LABELS "unit;svc")
 
+if(TARGET syncbn_client)
+  # The C client's stats `want` against a scripted worker thread.
+  add_executable(svc_client_want_test
+    ${CMAKE_CURRENT_LIST_DIR}/svc_client_want_test.c)
+  target_link_libraries(svc_client_want_test PRIVATE syncbn_client
+    syncbn_proto syncbn PkgConfig::CMOCKA PkgConfig::MSGPACK)
+  add_test(NAME svc_client_want_test COMMAND svc_client_want_test)
+  set_tests_properties(svc_client_want_test PROPERTIES TIMEOUT 60
+    LABELS "unit;svc")
+endif()
+
 if(TARGET syncbn_client AND TARGET syncbnd AND MPIEXEC_EXECUTABLE
    AND EXISTS ${CMAKE_CURRENT_LIST_DIR}/svc_server_e2e.c)
   add_executable(svc_server_e2e ${CMAKE_CURRENT_LIST_DIR}/svc_server_e2e.c)

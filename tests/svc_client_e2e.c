@@ -568,12 +568,30 @@ static void *stats_thread(void *arg) {
         "batch stats_backward: %s %s", res->code, res->message);
   check_sums(res->sum_dy, res->sum_dy_xhat, "batch stats_backward");
   sbn_client_batch_free(b);
+  /* The compact reply (`want`): asking for mean and invstd only gets the
+   * same bits as the full reply of step 1 (the same records reduce the
+   * same way); asking for nothing still moves the running statistics. */
+  {
+    double mean3[C], istd3[C];
+    sbn_client_stats_t two = {NULL, mean3, NULL, NULL, istd3};
+    rc = sbn_client_stats(c, g_st, 3, C, count, counts, g_mean[r], g_m2[r],
+                          &two);
+    CHECK(rc == 0, "compact stats rank %d: %s %s", r, sbn_client_server_code(c),
+          sbn_last_error());
+    CHECK(memcmp(mean3, mean, sizeof mean) == 0 &&
+              memcmp(istd3, istd, sizeof istd) == 0,
+          "compact stats rank %d: not the full reply's bits", r);
+    rc = sbn_client_stats(c, g_st, 4, C, count, counts, g_mean[r], g_m2[r],
+                          NULL);
+    CHECK(rc == 0, "stats without outputs rank %d: %s %s", r,
+          sbn_client_server_code(c), sbn_last_error());
+  }
   /* Refused before any cross-rank agreement: a negative m2 is
    * BAD_PARAMS, stats on a layer of another kind is SHAPE, an unknown
    * layer is UNKNOWN_LAYER, and no channels is refused by the client. */
   {
     double bad[C] = {1, -1, 1};
-    rc = sbn_client_stats(c, g_st, 3, C, count, counts, g_mean[r], bad, &out);
+    rc = sbn_client_stats(c, g_st, 5, C, count, counts, g_mean[r], bad, &out);
     CHECK_ERR(rc, c, SBN_EINVAL, "BAD_PARAMS");
   }
   rc = sbn_client_stats(c, g_ln, 1, C, count, counts, g_mean[r], g_m2[r], NULL);
@@ -581,7 +599,7 @@ static void *stats_thread(void *arg) {
   rc = sbn_client_stats_backward(c, 999, 1, C, g_sdy_sum[r], g_sdyx_sum[r],
                                  NULL, NULL);
   CHECK_ERR(rc, c, SBN_EINVAL, "UNKNOWN_LAYER");
-  rc = sbn_client_stats(c, g_st, 3, 0, count, NULL, g_mean[r], g_m2[r], NULL);
+  rc = sbn_client_stats(c, g_st, 5, 0, count, NULL, g_mean[r], g_m2[r], NULL);
   CHECK_ERR(rc, c, SBN_EINVAL, "");
   sbn_client_close(c);
   return NULL;
@@ -593,18 +611,21 @@ static void test_stats(void) {
   int rc;
   stats_data();
   par(stats_thread);
-  /* Two stats steps moved the running statistics as two training forwards
-   * would (momentum 0.1, unbiased variance), on every rank. */
+  /* Four stats steps (full, batch, compact, none wanted) moved the running
+   * statistics as four training forwards would (momentum 0.1, unbiased
+   * variance), on every rank. */
   for (int r = 0; r < NP; r++) {
     c = connect_rank(r);
     rc = sbn_client_get_state(c, g_st, &s);
     CHECK(rc == 0, "get_state: %s", sbn_last_error());
-    CHECK(s.has_running_stats && s.num_batches_tracked == 2,
+    CHECK(s.has_running_stats && s.num_batches_tracked == 4,
           "num_batches_tracked %lld", (long long)s.num_batches_tracked);
     for (int k = 0; k < C; k++) {
-      double m = 0.1 * r_mean[k], v = 1.0;
-      m = 0.9 * m + 0.1 * r_mean[k];
-      v = 0.9 * (0.9 * v + 0.1 * r_uvar[k]) + 0.1 * r_uvar[k];
+      double m = 0, v = 1.0;
+      for (int step = 0; step < 4; step++) {
+        m = 0.9 * m + 0.1 * r_mean[k];
+        v = 0.9 * v + 0.1 * r_uvar[k];
+      }
       CHECK(close_enough(s.running_mean[k], m, 1e-6), "running_mean %g vs %g",
             s.running_mean[k], m);
       CHECK(close_enough(s.running_var[k], v, 1e-6), "running_var %g vs %g",

@@ -608,11 +608,11 @@ static void test_never_reads(int rank) {
   sbn_layer_params_t p;
   uint64_t id;
   enum { N = 64 * 1024 }; /* 256 KiB tensors: replies of 256 KiB */
-  /* 64 MiB of replies: well past what the two sockets' buffers (up to
+  /* 128 MiB of replies: well past what the two sockets' buffers (up to
    * 8 MiB each way with 4 MiB asked and doubled by the kernel, plus one
    * skb of overshoot) and max_output (2 MiB) can hold, whatever the
    * machine's net.core.wmem_max. */
-  enum { FLOOD = 256 };
+  enum { FLOOD = 512 };
   static float x[N];
   size_t sent = 0, got = 0;
   char buf[65536];
@@ -672,7 +672,9 @@ static void test_never_reads(int rank) {
     ssize_t r = recv(sbn_client_fd(c), buf, sizeof buf, 0);
     if (r <= 0) {
       CHECK(r == 0 || errno == ECONNRESET,
-            "never-reading client: expected EOF, got %s", strerror(errno));
+            "never-reading client: expected EOF, got %s after %zu bytes of "
+            "the replies to %zu requests",
+            strerror(errno), got, sent);
       break;
     }
     got += (size_t)r;

@@ -78,10 +78,11 @@ static void p_bwd(tu_body_t *b, uint64_t id, uint64_t layer, uint64_t step,
 
 /* stats with per-channel counts cnt (or, when cnt is NULL, the integer
  * count cnt_all), mean and m2 as f64 vectors of n values. */
-static void p_stats(tu_body_t *b, uint64_t id, uint64_t layer, uint64_t step,
-                    size_t n, const double *cnt, uint64_t cnt_all,
-                    const double *mean, const double *m2) {
-  msgpack_pack_map(&b->pk, 7);
+static void p_stats_keys(tu_body_t *b, uint32_t keys, uint64_t id,
+                         uint64_t layer, uint64_t step, size_t n,
+                         const double *cnt, uint64_t cnt_all,
+                         const double *mean, const double *m2) {
+  msgpack_pack_map(&b->pk, keys);
   tu_key(b, "op");
   tu_key(b, "stats");
   tu_key(b, "id");
@@ -99,6 +100,32 @@ static void p_stats(tu_body_t *b, uint64_t id, uint64_t layer, uint64_t step,
   vec64(b, mean, n);
   tu_key(b, "m2");
   vec64(b, m2, n);
+}
+
+static void p_stats(tu_body_t *b, uint64_t id, uint64_t layer, uint64_t step,
+                    size_t n, const double *cnt, uint64_t cnt_all,
+                    const double *mean, const double *m2) {
+  p_stats_keys(b, 7, id, layer, step, n, cnt, cnt_all, mean, m2);
+}
+
+/* p_stats with a `want` key, whose value the caller packs next. */
+static void p_stats_want(tu_body_t *b, uint64_t id, uint64_t layer,
+                         uint64_t step, size_t n, const double *cnt,
+                         uint64_t cnt_all, const double *mean,
+                         const double *m2) {
+  p_stats_keys(b, 8, id, layer, step, n, cnt, cnt_all, mean, m2);
+  tu_key(b, "want");
+}
+
+/* A `want` array of the names of the set bits of mask (SVC_STATS_*). */
+static void want_of(tu_body_t *b, unsigned mask) {
+  uint32_t n = 0;
+  for (int i = 0; i < SVC_STATS_OUTS; i++)
+    n += (mask >> i) & 1u;
+  msgpack_pack_array(&b->pk, n);
+  for (int i = 0; i < SVC_STATS_OUTS; i++)
+    if (mask & (1u << i))
+      tu_key(b, svc_stats_out_name(i));
 }
 
 static void p_stats_bwd(tu_body_t *b, uint64_t id, uint64_t layer,
@@ -751,6 +778,90 @@ static void hello(tu_body_t *b, int bin, const uint8_t *tok, size_t n) {
   }
 }
 
+/* Decoding a stats request's `want` (the compact reply): the names it
+ * lists become the vectors kept, in any order; no key keeps all five;
+ * anything that is not an array of distinct known names is refused,
+ * naming the element. */
+static void test_stats_want_decode(void **st) {
+  tu_body_t b;
+  svc_request_t q;
+  tu_err_t err;
+  double v[3] = {1, 2, 3};
+  (void)st;
+  tu_body_init(&b);
+  p_stats(&b, 1, 0, 1, 3, NULL, 4, v, v);
+  assert_int_equal(dec(&b, &q, &err), SVC_OK);
+  assert_int_equal(q.skip, 0);
+  svc_request_free(&q);
+  for (unsigned mask = 0; mask <= SVC_STATS_ALL; mask++) {
+    tu_body_init(&b);
+    p_stats_want(&b, 1, 0, 1, 3, NULL, 4, v, v);
+    want_of(&b, mask);
+    assert_int_equal(dec(&b, &q, &err), SVC_OK);
+    assert_int_equal(q.skip, SVC_STATS_ALL & ~mask);
+    svc_request_free(&q);
+  }
+  /* The order of the list does not matter. */
+  tu_body_init(&b);
+  p_stats_want(&b, 1, 0, 1, 3, NULL, 4, v, v);
+  msgpack_pack_array(&b.pk, 2);
+  tu_key(&b, "invstd");
+  tu_key(&b, "count");
+  assert_int_equal(dec(&b, &q, &err), SVC_OK);
+  assert_int_equal(q.skip,
+                   SVC_STATS_MEAN | SVC_STATS_VAR | SVC_STATS_VAR_UNBIASED);
+  svc_request_free(&q);
+  {
+    enum { STR, MAP, NIL, INT_ELEM, UNKNOWN, PREFIX, REPEAT, SIX, NCASES };
+    static const char *const prefix[NCASES] = {
+        "want: expected an array",  "want: expected an array",
+        "want: expected an array",  "want[0]: expected one of",
+        "want[1]: expected one of", "want[0]: expected one of",
+        "want[1]: 'mean' repeated", "want[5]: 'count' repeated"};
+    for (int c = 0; c < NCASES; c++) {
+      tu_body_init(&b);
+      p_stats_want(&b, 7, 0, 1, 3, NULL, 4, v, v);
+      switch (c) {
+        case STR:
+          tu_key(&b, "mean");
+          break;
+        case MAP:
+          msgpack_pack_map(&b.pk, 0);
+          break;
+        case NIL:
+          msgpack_pack_nil(&b.pk);
+          break;
+        case INT_ELEM:
+          msgpack_pack_array(&b.pk, 1);
+          msgpack_pack_uint32(&b.pk, 1);
+          break;
+        case UNKNOWN:
+          msgpack_pack_array(&b.pk, 2);
+          tu_key(&b, "mean");
+          tu_key(&b, "std");
+          break;
+        case PREFIX: /* a name's prefix is no name */
+          msgpack_pack_array(&b.pk, 1);
+          tu_key(&b, "var_");
+          break;
+        case REPEAT:
+          msgpack_pack_array(&b.pk, 2);
+          tu_key(&b, "mean");
+          tu_key(&b, "mean");
+          break;
+        case SIX:
+          msgpack_pack_array(&b.pk, 6);
+          for (int i = 0; i < SVC_STATS_OUTS; i++)
+            tu_key(&b, svc_stats_out_name(i));
+          tu_key(&b, "count");
+          break;
+      }
+      EXPECT_DEC(&b, &q, SVC_BAD_REQUEST, prefix[c]);
+      assert_true(q.id.present && q.id.u == 7);
+    }
+  }
+}
+
 static void test_hello_token(void **st) {
   tu_body_t b;
   svc_request_t q;
@@ -1209,6 +1320,76 @@ static void test_worker_batch(void **st) {
 
 /* stats and stats_backward without the transport: checks of the layer and
  * of the values come first, then NOT_YET; in a batch the same. */
+/* The value checks of stats and stats_backward, channel by channel: each
+ * kind of bad value at each position of an odd C (both lanes of the
+ * paired test and its scalar tail) is BAD_PARAMS naming that channel;
+ * negative zeros, zero counts with zero values, and stats_backward's
+ * negative sums pass (NOT_YET: the worker has no transport). */
+static void test_stats_check_channels(void **st) {
+  enum { NC = 5, KINDS = 8 };
+  svc_worker_t *w = worker();
+  tu_body_t b;
+  tu_reply_t r;
+  (void)st;
+  reg(w, "sbn", "syncbatchnorm", NC, 0, 0);
+  for (int kind = 0; kind < KINDS; kind++)
+    for (int at = 0; at < NC; at++) {
+      double cnt[NC], mean[NC], m2[NC], want_msg = 1;
+      char name[32];
+      for (int c = 0; c < NC; c++)
+        cnt[c] = 4, mean[c] = c - 2.0, m2[c] = c == 2 ? -0.0 : 1.0 + c;
+      switch (kind) {
+        case 0:
+          mean[at] = NAN;
+          break;
+        case 1:
+          m2[at] = INFINITY;
+          break;
+        case 2:
+          cnt[at] = -1;
+          break;
+        case 3:
+          m2[at] = -1e-300;
+          break;
+        case 4:
+          cnt[at] = 0, mean[at] = 0.5, m2[at] = 0;
+          break;
+        case 5:
+          cnt[at] = 0, mean[at] = 0, m2[at] = 1e-300;
+          break;
+        case 6:
+          cnt[at] = -INFINITY;
+          break;
+        case 7:
+          cnt[at] = 0, mean[at] = -0.0, m2[at] = -0.0, want_msg = 0;
+      }
+      tu_body_init(&b);
+      p_stats(&b, 1, 0, 1, NC, cnt, 0, mean, m2);
+      EXPECT(w, &b, &r, want_msg ? "BAD_PARAMS" : "NOT_YET");
+      snprintf(name, sizeof name, "channel %d ", at);
+      if (want_msg && strstr(r.msg, name) == NULL)
+        fail_msg("kind %d at %d: '%s'", kind, at, r.msg);
+      tu_reply_free(&r);
+    }
+  /* stats_backward: any finite sums, a NaN or an infinity anywhere. */
+  for (int at = 0; at < NC; at++) {
+    double sdy[NC] = {-1, -2, -0.0, 3, -4}, sdyx[NC] = {-5, 6, -7, 8, -9};
+    char name[32];
+    tu_body_init(&b);
+    p_stats_bwd(&b, 1, 0, 1, NC, sdy, sdyx);
+    EXPECT(w, &b, &r, "NOT_YET");
+    tu_reply_free(&r);
+    (at % 2 ? sdy : sdyx)[at] = at % 2 ? -INFINITY : NAN;
+    tu_body_init(&b);
+    p_stats_bwd(&b, 1, 0, 1, NC, sdy, sdyx);
+    EXPECT(w, &b, &r, "BAD_PARAMS");
+    snprintf(name, sizeof name, "channel %d ", at);
+    assert_non_null(strstr(r.msg, name));
+    tu_reply_free(&r);
+  }
+  svc_worker_destroy(w);
+}
+
 static void test_worker_stats(void **st) {
   double cnt[3] = {4, 4, 4}, mean[3] = {0.5, -1, 2}, m2[3] = {1, 2, 3};
   double neg[3] = {1, -2, 3}, zmean[3] = {0, 1, 0}, nanv[3] = {1, NAN, 3};
@@ -2240,6 +2421,91 @@ static svc_worker_t *kinds_worker(void) {
 /* Every kind and flag combination round trips through a checkpoint into
  * another worker: statistics without affine parameters, affine parameters
  * without statistics, a multi-dimensional layernorm, syncbatchnorm. */
+/* The compact stats reply through the agreement: layer 0 gets the full
+ * reply, layer 1 the same records with every subset of the five vectors
+ * as `want`, step by step. Each compact reply carries exactly the wanted
+ * keys, in the reply's order, with the full reply's bits; the full reply
+ * equals the float64 formulas of one rank; and both layers' running
+ * statistics move the same, bit for bit. */
+static void test_loopback_stats_want(void **st) {
+  enum { NC = 7 };
+  double cnt[NC], mean[NC], m2[NC], full[SVC_STATS_OUTS][NC], v[NC];
+  lb_t lb;
+  svc_worker_t *w = lb_worker(&lb);
+  int tok = 0;
+  tu_body_t b;
+  tu_reply_t r[2];
+  snap_t s;
+  (void)st;
+  /* Odd C (the two-channel loops' tail), an empty channel (count 0), a
+   * count of 2 (n - 1 = 1), a constant channel (m2 0). */
+  for (int c = 0; c < NC; c++) {
+    cnt[c] = c == 1 ? 0 : c == 4 ? 2 : 12 + c;
+    mean[c] = c == 1 ? 0 : 0.1 * c - 0.3;
+    m2[c] = c == 1 || c == 3 ? 0 : 1.0 / (c + 1);
+  }
+  reg(w, "full", "syncbatchnorm", NC, 0, 0);
+  reg(w, "part", "syncbatchnorm", NC, 0, 1);
+  for (unsigned mask = 0; mask <= SVC_STATS_ALL; mask++) {
+    uint64_t step = mask + 1;
+    const msgpack_object *o;
+    uint32_t at = 0;
+    tu_body_init(&b);
+    p_stats(&b, 100 + step, 0, step, NC, cnt, 0, mean, m2);
+    lb_send(w, &b, &tok);
+    tu_body_init(&b);
+    p_stats_want(&b, 200 + step, 1, step, NC, cnt, 0, mean, m2);
+    want_of(&b, mask);
+    lb_send(w, &b, &tok);
+    lb_wait(w, &lb, 2, r);
+    if (id_of(&r[0].o) != 100 + step) {
+      tu_reply_t t = r[0];
+      r[0] = r[1];
+      r[1] = t;
+    }
+    assert_string_equal(r[0].code, "");
+    assert_string_equal(r[1].code, "");
+    for (int i = 0; i < SVC_STATS_OUTS; i++)
+      vec_of(&r[0].o, svc_stats_out_name(i), full[i], NC);
+    for (int c = 0; c < NC; c++) {
+      double n = cnt[c], var = n > 0 ? m2[c] / n : 0;
+      double uvar = n > 1 ? m2[c] / (n - 1) : 0;
+      assert_memory_equal(&full[0][c], &n, sizeof n);
+      assert_memory_equal(&full[1][c], &mean[c], sizeof n);
+      assert_memory_equal(&full[2][c], &var, sizeof n);
+      assert_memory_equal(&full[3][c], &uvar, sizeof n);
+      var = 1.0 / sqrt(var + 1e-5);
+      assert_memory_equal(&full[4][c], &var, sizeof n);
+    }
+    /* id first, then the wanted vectors in the reply's order. */
+    o = &r[1].o;
+    assert_int_equal(id_of(o), 200 + step);
+    for (int i = 0; i < SVC_STATS_OUTS; i++) {
+      const msgpack_object *k;
+      if (!(mask & (1u << i))) {
+        assert_null(tu_get(o, svc_stats_out_name(i)));
+        continue;
+      }
+      k = &o->via.map.ptr[1 + at++].key;
+      assert_int_equal(k->via.str.size, strlen(svc_stats_out_name(i)));
+      assert_memory_equal(k->via.str.ptr, svc_stats_out_name(i),
+                          k->via.str.size);
+      vec_of(o, svc_stats_out_name(i), v, NC);
+      assert_memory_equal(v, full[i], sizeof v);
+    }
+    assert_int_equal(o->via.map.size, 1 + at);
+    tu_reply_free(&r[0]);
+    tu_reply_free(&r[1]);
+  }
+  /* get_state of the two layers: the same bytes (kind, statistics,
+   * num_batches_tracked = 32). */
+  snap(w, 2, &s);
+  assert_int_equal(s.len[0], s.len[1]);
+  assert_memory_equal(s.buf[0], s.buf[1], s.len[0]);
+  snap_free(&s);
+  svc_worker_destroy(w);
+}
+
 static void test_checkpoint_kinds(void **st) {
   svc_worker_t *w = kinds_worker(), *w2 = kinds_worker();
   tu_reply_t r;
@@ -2585,17 +2851,20 @@ int main(void) {
       cmocka_unit_test(test_dispatch_counts),
       cmocka_unit_test(test_batch_decode),
       cmocka_unit_test(test_stats_decode),
+      cmocka_unit_test(test_stats_want_decode),
       cmocka_unit_test(test_hello_token),
       cmocka_unit_test(test_checkpoint_decode),
       cmocka_unit_test(test_batch_depth),
       cmocka_unit_test(test_fuzz),
       cmocka_unit_test(test_worker_batch),
       cmocka_unit_test(test_worker_stats),
+      cmocka_unit_test(test_stats_check_channels),
       cmocka_unit_test(test_checkpoint_roundtrip),
       cmocka_unit_test(test_checkpoint_names),
       cmocka_unit_test(test_checkpoint_corrupt),
       cmocka_unit_test(test_checkpoint_refusals),
       cmocka_unit_test(test_loopback_sync),
+      cmocka_unit_test(test_loopback_stats_want),
       cmocka_unit_test(test_sync_refusals),
       cmocka_unit_test(test_checkpoint_kinds),
       cmocka_unit_test(test_checkpoint_register_race),

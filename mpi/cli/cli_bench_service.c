@@ -123,11 +123,13 @@ static int svc_stats(svc_cfg_t *s, const sbn_tensor_desc_t *d) {
   return rc;
 }
 
-/* One stats entry: the fast path for a client computing locally. */
+/* One stats entry: the fast path for a client computing locally, which
+ * takes back what it normalizes with, mean and invstd (the client then
+ * asks for those two vectors only). */
 static int svc_stats1(svc_cfg_t *s, const sbn_tensor_desc_t *d) {
   uint64_t step = (*s->step)++;
   uint64_t count = sbn__bench_numel(d) / d->dims[1];
-  sbn_client_stats_t st = {NULL, s->gsum, NULL, NULL, NULL};
+  sbn_client_stats_t st = {NULL, s->gsum, NULL, NULL, s->gsum2};
   return sbn_client_stats(s->c, s->layer, step, s->u.c, count, NULL, s->mean,
                           s->m2, &st);
 }

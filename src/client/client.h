@@ -176,7 +176,10 @@ int sbn_client_shm_backward(sbn_client_t *c, uint64_t layer, uint64_t step,
  * They need a worker with protocol >= 3 (sbn_client_hello says). */
 
 /* The reply of stats: caller-provided arrays of `channels` doubles each;
- * a NULL member is not filled. */
+ * a NULL member is not filled, and not sent: the request names the
+ * members wanted (`want`), so a caller that needs only mean and invstd
+ * gets 2 of the 5 vectors back. A NULL out moves the running statistics
+ * only. */
 typedef struct sbn_client_stats_s {
   double *count;        /* values per channel in the group's batch */
   double *mean;         /* the group's mean */

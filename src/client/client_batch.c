@@ -178,10 +178,11 @@ int sbn_client_batch_stats(sbn_client_batch_t *b, uint64_t layer, uint64_t step,
     return rc;
   s->channels = channels;
   size_t old = b->sb.size;
-  return sbn__batch_commit(b, what,
-                           sbn__pack_stats(&b->pk, b->n, layer, step, channels,
-                                           count, counts, mean, m2),
-                           old);
+  return sbn__batch_commit(
+      b, what,
+      sbn__pack_stats(&b->pk, b->n, layer, step, channels, count, counts, mean,
+                      m2, SVC_STATS_ALL),
+      old);
 }
 
 int sbn_client_batch_stats_backward(sbn_client_batch_t *b, uint64_t layer,

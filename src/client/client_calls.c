@@ -216,19 +216,28 @@ int sbn_client_stats(sbn_client_t *c, uint64_t layer, uint64_t step,
                      sbn_client_stats_t *out) {
   sbn__req_t r;
   sbn__reply_t p;
+  double *outs[SVC_STATS_OUTS] = {NULL, NULL, NULL, NULL, NULL};
+  unsigned want = 0;
   int rc = sbn__begin(c, "stats");
   if (rc != 0 ||
       (rc = sbn__check_vecs("stats", channels, mean, "mean", m2, "m2")) != 0)
     return rc;
+  if (out != NULL) {
+    outs[0] = out->count, outs[1] = out->mean, outs[2] = out->var;
+    outs[3] = out->var_unbiased, outs[4] = out->invstd;
+  }
+  /* Only the vectors the caller takes travel back (`want`); a worker that
+   * predates the key ignores it and sends all five, of which the same
+   * ones are read. */
+  for (int i = 0; i < SVC_STATS_OUTS; i++)
+    want |= outs[i] != NULL ? 1u << i : 0;
   sbn__req_init(c, &r);
   r.bad |= sbn__pack_stats(&r.pk, r.id, layer, step, channels, count, counts,
-                           mean, m2);
+                           mean, m2, want);
   if ((rc = sbn__call(c, &r, &p)) != 0)
     return rc;
-  rc =
-      sbn__take_stats(c, &p.root, channels, out ? out->count : NULL,
-                      out ? out->mean : NULL, out ? out->var : NULL,
-                      out ? out->var_unbiased : NULL, out ? out->invstd : NULL);
+  rc = sbn__take_stats(c, &p.root, channels, outs[0], outs[1], outs[2], outs[3],
+                       outs[4]);
   sbn__reply_free(&p);
   return rc;
 }

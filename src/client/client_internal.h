@@ -94,9 +94,12 @@ int sbn__pack_forward(msgpack_packer *pk, uint64_t id, uint64_t layer,
 int sbn__pack_backward(msgpack_packer *pk, uint64_t id, uint64_t layer,
                        uint64_t step, const sbn_tensor_desc_t *desc,
                        const float *dy, size_t numel);
+/* want: the reply's vectors as a bit set (SVC_STATS_*); SVC_STATS_ALL
+ * sends no `want` key, the request of every protocol version. */
 int sbn__pack_stats(msgpack_packer *pk, uint64_t id, uint64_t layer,
                     uint64_t step, size_t channels, uint64_t count,
-                    const double *counts, const double *mean, const double *m2);
+                    const double *counts, const double *mean, const double *m2,
+                    unsigned want);
 int sbn__pack_stats_backward(msgpack_packer *pk, uint64_t id, uint64_t layer,
                              uint64_t step, size_t channels,
                              const double *sum_dy, const double *sum_dy_xhat);
@@ -171,8 +174,8 @@ int sbn__take_tensor(sbn_client_t *c, const msgpack_object *root,
 int sbn__take_vec64(sbn_client_t *c, const msgpack_object *root,
                     const char *key, size_t n, double *out);
 
-/* The stats reply: five f64 [channels] tensors, into the non-NULL
- * arrays. */
+/* The stats reply: f64 [channels] tensors into the non-NULL arrays (a
+ * NULL one's tensor need not be in the reply). */
 int sbn__take_stats(sbn_client_t *c, const msgpack_object *root,
                     size_t channels, double *count, double *mean, double *var,
                     double *var_unbiased, double *invstd);

@@ -77,12 +77,23 @@ int sbn__pack_backward(msgpack_packer *pk, uint64_t id, uint64_t layer,
   return rc;
 }
 
-/* stats: the count is one uint for every channel, or an f64 tensor. */
+/* stats: the count is one uint for every channel, or an f64 tensor; a
+ * `want` list when the caller wants fewer than all five vectors back. */
 int sbn__pack_stats(msgpack_packer *pk, uint64_t id, uint64_t layer,
                     uint64_t step, size_t channels, uint64_t count,
-                    const double *counts, const double *mean,
-                    const double *m2) {
-  int rc = sbn__pack_head(pk, "stats", id, 7);
+                    const double *counts, const double *mean, const double *m2,
+                    unsigned want) {
+  int all = (want & SVC_STATS_ALL) == SVC_STATS_ALL, n = 0;
+  int rc = sbn__pack_head(pk, "stats", id, all ? 7 : 8);
+  if (!all) {
+    rc |= sbn__key(pk, "want");
+    for (int i = 0; i < SVC_STATS_OUTS; i++)
+      n += (want >> i) & 1u;
+    rc |= msgpack_pack_array(pk, (size_t)n);
+    for (int i = 0; i < SVC_STATS_OUTS; i++)
+      if (want & (1u << i))
+        rc |= sbn__key(pk, svc_stats_out_name(i));
+  }
   rc |= sbn__pack_layer_step(pk, layer, step);
   rc |= sbn__key(pk, "count");
   if (counts != NULL)

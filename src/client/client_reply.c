@@ -225,25 +225,21 @@ int sbn__take_vec64(sbn_client_t *c, const msgpack_object *root,
       data->type != MSGPACK_OBJECT_BIN || data->via.bin.size / 8 != n ||
       data->via.bin.size % 8 != 0)
     return sbn__fail(c, SBN_EFORMAT, "reply: '%s' is not f64 [%zu]", key, n);
-  /* The bytes are little-endian whatever the host. */
-  for (size_t i = 0; out != NULL && i < n; i++) {
-    const unsigned char *b = (const unsigned char *)data->via.bin.ptr + 8 * i;
-    uint64_t u = 0;
-    for (int k = 7; k >= 0; k--)
-      u = (u << 8) | b[k];
-    memcpy(&out[i], &u, sizeof u);
-  }
+  /* The bytes are little-endian, as the host is (the codec refuses to
+   * build elsewhere): one copy. */
+  if (out != NULL && n > 0)
+    memcpy(out, data->via.bin.ptr, n * sizeof(double));
   return 0;
 }
 
 int sbn__take_stats(sbn_client_t *c, const msgpack_object *root,
                     size_t channels, double *count, double *mean, double *var,
                     double *var_unbiased, double *invstd) {
-  const char *keys[5] = {"count", "mean", "var", "var_unbiased", "invstd"};
-  double *outs[5] = {count, mean, var, var_unbiased, invstd};
+  double *outs[SVC_STATS_OUTS] = {count, mean, var, var_unbiased, invstd};
   int rc;
-  for (int i = 0; i < 5; i++)
-    if ((rc = sbn__take_vec64(c, root, keys[i], channels, outs[i])) != 0)
+  for (int i = 0; i < SVC_STATS_OUTS; i++)
+    if (outs[i] != NULL && (rc = sbn__take_vec64(c, root, svc_stats_out_name(i),
+                                                 channels, outs[i])) != 0)
       return rc;
   return 0;
 }

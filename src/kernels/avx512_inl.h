@@ -146,7 +146,64 @@ static inline void lane_params(int bwd, size_t j, size_t c, const float *k,
   }
 }
 
-/* LayerNorm rows and dropout (kernels_avx512_rows.c). */
+/* The transposing tree of the short-run sums: 16 vectors of per-channel
+ * partial sums reduced to one vector of 16 channel sums (kernels_avx512.c's
+ * short runs, kernels_avx512_gn.c's NCHW group backward). */
+/* Adds two vectors' 256-bit halves: lanes 0-7 of the result are a's
+ * halves summed, lanes 8-15 b's. */
+static inline __m512 tree1(__m512 a, __m512 b) {
+  return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44),
+                       _mm512_shuffle_f32x4(a, b, 0xEE));
+}
+
+/* Then their 128-bit lanes: lane q of the result is the 4-lane partial
+ * sum of input q of (u0 = (a, b), u1 = (c, d)). */
+static inline __m512 tree2(__m512 u0, __m512 u1) {
+  return _mm512_add_ps(_mm512_shuffle_f32x4(u0, u1, 0x88),
+                       _mm512_shuffle_f32x4(u0, u1, 0xDD));
+}
+
+/* The 16 lane sums of v[0..16), in channel order. */
+static inline __m512 tree16(const __m512 v[16]) {
+  __m512 u[8], w[4];
+  for (int i = 0; i < 8; i++)
+    u[i] = tree1(v[2 * i], v[2 * i + 1]);
+  for (int i = 0; i < 4; i++)
+    w[i] = tree2(u[2 * i], u[2 * i + 1]);
+  /* w[i] lane q holds channel 4i + q's four partials. */
+  __m512 x01 = _mm512_add_ps(_mm512_unpacklo_ps(w[0], w[1]),
+                             _mm512_unpackhi_ps(w[0], w[1]));
+  __m512 x23 = _mm512_add_ps(_mm512_unpacklo_ps(w[2], w[3]),
+                             _mm512_unpackhi_ps(w[2], w[3]));
+  __m512d p = _mm512_castps_pd(x01), q = _mm512_castps_pd(x23);
+  __m512 r = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(p, q)),
+                           _mm512_castpd_ps(_mm512_unpackhi_pd(p, q)));
+  /* Element 4q + m of r is channel q + 4m. */
+  const __m512i order =
+      _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(order, r);
+}
+
+/* Adds the first n lanes of v into d[0..n) in double. */
+static inline void fold_first(__m512 v, size_t n, double *d) {
+  __mmask16 m = tail_mask(n);
+  __mmask8 lo = (__mmask8)m, hi = (__mmask8)(m >> 8);
+  __m512d a = _mm512_maskz_loadu_pd(lo, d),
+          b = _mm512_maskz_loadu_pd(hi, d + 8);
+  fold16(v, &a, &b);
+  _mm512_mask_storeu_pd(d, lo, a);
+  _mm512_mask_storeu_pd(d + 8, hi, b);
+}
+
+/* The table's gn_bwd_nchw (kernels_avx512_gn.c). */
+int sbn__avx512_gn_bwd_nchw(const float *x, const float *dy, float *dx,
+                            size_t G, size_t cpg, size_t S, const double *mean,
+                            const double *istd, const float *w, int stats,
+                            double *sdy, double *sdyx, double *dw, double *db,
+                            size_t total);
+
+/* LayerNorm rows and dropout (kernels_avx512_rows.c); LayerNorm tiles of
+ * rows (kernels_avx512_ln.c). */
 void sbn__avx512_ln_forward(const float *x, float *y, size_t D, size_t total,
                             float mh, float ml, float istd, const float *w,
                             const float *b);
@@ -156,6 +213,10 @@ void sbn__avx512_ln_bwd_reduce(const float *x, const float *dy, size_t D,
 void sbn__avx512_ln_bwd_apply(const float *x, const float *dy, float *dx,
                               size_t D, double mean, double istd,
                               const float *w, double c2, double c3);
+void sbn__avx512_ln_forward_rows(const float *x, float *y, size_t R, size_t D,
+                                 size_t total, const float *mh, const float *ml,
+                                 const float *istd, const float *w,
+                                 const float *b);
 void sbn__avx512_ln_bwd_rows(const float *x, const float *dy, float *dx,
                              size_t R, size_t D, const double *mean,
                              const double *istd, const float *w, double count,

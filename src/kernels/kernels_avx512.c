@@ -622,10 +622,12 @@ const sbn__kernels_t sbn__kernels_avx512 = {
     .bwd_reduce_ld = avx512_bwd_reduce_ld,
     .bwd_apply_ld = avx512_bwd_apply_ld,
     .normalize_part = avx512_normalize_part,
+    .gn_bwd_nchw = sbn__avx512_gn_bwd_nchw,
     .ln_forward = sbn__avx512_ln_forward,
     .ln_bwd_reduce = sbn__avx512_ln_bwd_reduce,
     .ln_bwd_apply = sbn__avx512_ln_bwd_apply,
     .ln_bwd_rows = sbn__avx512_ln_bwd_rows,
+    .ln_forward_rows = sbn__avx512_ln_forward_rows,
     .dropout = sbn__avx512_dropout,
 };
 #endif /* SBN__HAVE_AVX512 */

@@ -1,7 +1,8 @@
-/* AVX-512 LayerNorm rows and dropout, the other half of the AVX-512 set
- * (kernels_avx512.c has the normalization passes and the table; both are
- * compiled with the AVX-512 flags and run only after dispatch.c's CPU
- * check). Same contracts as kernels_ref.c. */
+/* AVX-512 LayerNorm single rows and dropout, part of the AVX-512 set
+ * (kernels_avx512.c has the normalization passes and the table,
+ * kernels_avx512_ln.c LayerNorm over several rows; all are compiled with
+ * the AVX-512 flags and run only after dispatch.c's CPU check). Same
+ * contracts as kernels_ref.c. */
 #include "kernels/sbn_kernels.h"
 
 #ifdef SBN__HAVE_AVX512
@@ -57,7 +58,8 @@ static inline void fold_masked(__m512 v, __mmask16 m, double *d) {
 /* One row's backward sums: xhat in float from the split mean, the row
  * sums of g = dy * w and g * xhat in float over chunks folded into
  * double; dy * xhat and dy are added per element into dw and db in
- * double (the blocked rows use ln_rows_sums). */
+ * double (the rows of sbn__avx512_ln_bwd_rows, kernels_avx512_ln.c, use
+ * block sums). */
 static inline __attribute__((always_inline)) void ln_row_sums(
     const float *x, const float *dy, size_t D, double mean, double istd,
     const float *w, double *dw, double *db, double sums[2]) {
@@ -98,23 +100,15 @@ void sbn__avx512_ln_bwd_reduce(const float *x, const float *dy, size_t D,
   ln_row_sums(x, dy, D, mean, istd, w, dw, db, sums);
 }
 
-/* dx of one row; with `ahead` set, also prefetches the row after it
- * (x and dy, `D` floats on), one line of each per vector: this pass reads
- * its own row from the cache, and without that the memory would idle
- * until the next row's sums ask for it. */
-static inline __attribute__((always_inline)) void ln_apply_row(
-    const float *x, const float *dy, float *dx, size_t D, double mean,
-    double istd, const float *w, double c2, double c3, int ahead) {
+void sbn__avx512_ln_bwd_apply(const float *x, const float *dy, float *dx,
+                              size_t D, double mean, double istd,
+                              const float *w, double c2, double c3) {
   double q = c2 * istd;
   __m512d is = _mm512_set1_pd(istd), vq = _mm512_set1_pd(q);
   __m512d vr = _mm512_set1_pd(c3 - q * mean);
   for (size_t i = 0; i < D; i += 16) {
     __mmask16 m = tail_mask(D - i);
     __m512d gl = is, gh = is;
-    if (ahead) {
-      _mm_prefetch((const char *)(x + D + i), _MM_HINT_T0);
-      _mm_prefetch((const char *)(dy + D + i), _MM_HINT_T0);
-    }
     if (w != NULL) {
       __m512 wv = load16(m, w + i);
       gl = _mm512_mul_pd(is, _mm512_cvtps_pd(_mm512_castps512_ps256(wv)));
@@ -123,224 +117,6 @@ static inline __attribute__((always_inline)) void ln_apply_row(
     __m512 v =
         dx16(load16(m, x + i), load16(m, dy + i), gl, gh, vq, vq, vr, vr);
     store16(dx + i, v, m, 0);
-  }
-}
-
-void sbn__avx512_ln_bwd_apply(const float *x, const float *dy, float *dx,
-                              size_t D, double mean, double istd,
-                              const float *w, double c2, double c3) {
-  ln_apply_row(x, dy, dx, D, mean, istd, w, c2, c3, 0);
-}
-
-/* Adds the block sums f into the double sums d (or sets d when `first`);
- * on the last block writes (float)(d + f) to out instead (nothing when
- * out is NULL), so the double sums are never zeroed or read back. */
-static void ln_fold(const float *f, double *d, float *out, size_t D, int first,
-                    int last) {
-  if (last && out == NULL)
-    return;
-  for (size_t i = 0; i < D; i += 16) {
-    __mmask16 m = tail_mask(D - i);
-    __mmask8 ml = (__mmask8)m, mh = (__mmask8)(m >> 8);
-    __m512d lo = _mm512_setzero_pd(), hi = lo;
-    if (!first) {
-      lo = _mm512_maskz_loadu_pd(ml, d + i);
-      hi = _mm512_maskz_loadu_pd(mh, d + i + 8);
-    }
-    fold16(load16(m, f + i), &lo, &hi);
-    if (last) {
-      store16(out + i, pack_pd(lo, hi), m, 0);
-    } else {
-      _mm512_mask_storeu_pd(d + i, ml, lo);
-      _mm512_mask_storeu_pd(d + i + 8, mh, hi);
-    }
-  }
-}
-
-/* Rows shorter than SMALL_STAT: the reference's double sums straight into
- * dw and db, each row then applied. */
-static void ln_bwd_rows_small(const float *x, const float *dy, float *dx,
-                              size_t R, size_t D, const double *mean,
-                              const double *istd, const float *w, double count,
-                              double *dw, double *db, float *odw, float *odb) {
-  for (size_t i = 0; i < D; i++)
-    dw[i] = db[i] = 0;
-  for (size_t r = 0; r < R; r++) {
-    const float *xr = x + r * D, *dyr = dy + r * D;
-    double sums[2] = {0, 0};
-    sbn__kernels_ref.ln_bwd_reduce(xr, dyr, D, mean[r], istd[r], w, dw, db,
-                                   sums);
-    double c2 = -istd[r] * sums[1] / count, c3 = -istd[r] * sums[0] / count;
-    ln_apply_row(xr, dyr, dx + r * D, D, mean[r], istd[r], w, c2, c3, 0);
-  }
-  for (size_t i = 0; i < D; i++) {
-    if (odw != NULL)
-      odw[i] = (float)dw[i];
-    if (odb != NULL)
-      odb[i] = (float)db[i];
-  }
-}
-
-/* Longest rows the blocked backward takes two at a time (elements). */
-#define LN_PAIR_MAX ((size_t)128 << 10)
-
-/* A row of the blocked backward: its data, statistics and sums. */
-typedef struct ln_row_s {
-  const float *x, *dy;
-  float *dx;
-  double mean, istd, sums[2];
-} ln_row_t;
-
-/* The sums of nr rows (1 or 2) in one sweep, as ln_row_sums with block
- * sums: w is loaded, and fw and fb are read and written, once for both
- * rows. With 64K-element rows w, fw and fb (768 KB) and the row (512 KB of
- * x and dy) do not fit the 1 MiB L2 together, so these parameter-sized
- * arrays come from L3 for every row; two rows a sweep halve that. The
- * block's first sweep stores its sums (from zero: the same values). */
-static inline __attribute__((always_inline)) void ln_rows_sums(
-    ln_row_t *rw, int nr, size_t D, const float *w, float *fw, float *fb,
-    int first) {
-  __m512 h[2], l[2], is[2], one = _mm512_set1_ps(1.0f);
-  __m512d sgl[2], sgh[2], sxl[2], sxh[2];
-  for (int k = 0; k < nr; k++) {
-    float fh = (float)rw[k].mean;
-    h[k] = _mm512_set1_ps(fh);
-    l[k] = _mm512_set1_ps((float)(rw[k].mean - fh));
-    is[k] = _mm512_set1_ps((float)rw[k].istd);
-    sgl[k] = sgh[k] = sxl[k] = sxh[k] = _mm512_setzero_pd();
-  }
-  for (size_t i0 = 0; i0 < D; i0 += CHUNK / 4) {
-    size_t e = D - i0 > CHUNK / 4 ? i0 + CHUNK / 4 : D;
-    __m512 sg[2], sgx[2];
-    for (int k = 0; k < nr; k++)
-      sg[k] = sgx[k] = _mm512_setzero_ps();
-    for (size_t i = i0; i < e; i += 16) {
-      __mmask16 m = tail_mask(e - i);
-      __m512 wv = w != NULL ? _mm512_mask_loadu_ps(one, m, w + i) : one;
-      __m512 pw = first ? _mm512_setzero_ps() : load16(m, fw + i);
-      __m512 pb = first ? _mm512_setzero_ps() : load16(m, fb + i);
-      for (int k = 0; k < nr; k++) {
-        __m512 d = load16(m, rw[k].dy + i);
-        __m512 xh = _mm512_mul_ps(
-            _mm512_sub_ps(_mm512_sub_ps(load16(m, rw[k].x + i), h[k]), l[k]),
-            is[k]);
-        __m512 g = _mm512_mul_ps(d, wv);
-        sg[k] = _mm512_add_ps(sg[k], g);
-        sgx[k] = _mm512_fmadd_ps(g, xh, sgx[k]);
-        pw = _mm512_fmadd_ps(d, xh, pw);
-        pb = _mm512_add_ps(d, pb);
-      }
-      store16(fw + i, pw, m, 0);
-      store16(fb + i, pb, m, 0);
-    }
-    for (int k = 0; k < nr; k++) {
-      fold16(sg[k], &sgl[k], &sgh[k]);
-      fold16(sgx[k], &sxl[k], &sxh[k]);
-    }
-  }
-  for (int k = 0; k < nr; k++) {
-    rw[k].sums[0] += _mm512_reduce_add_pd(_mm512_add_pd(sgl[k], sgh[k]));
-    rw[k].sums[1] += _mm512_reduce_add_pd(_mm512_add_pd(sxl[k], sxh[k]));
-  }
-}
-
-/* dx of nr rows (1 or 2) in one sweep, each as ln_apply_row, w loaded once
- * for both, prefetching the first `ahead` of the nr rows after them (one
- * line of x and dy per row and vector; see ln_apply_row): as many as
- * there are. */
-static inline __attribute__((always_inline)) void ln_rows_apply(
-    const ln_row_t *rw, int nr, size_t D, const float *w, double count,
-    int ahead) {
-  __m512d is[2], vq[2], vr[2];
-  for (int k = 0; k < nr; k++) {
-    double c2 = -rw[k].istd * rw[k].sums[1] / count;
-    double c3 = -rw[k].istd * rw[k].sums[0] / count, q = c2 * rw[k].istd;
-    is[k] = _mm512_set1_pd(rw[k].istd);
-    vq[k] = _mm512_set1_pd(q);
-    vr[k] = _mm512_set1_pd(c3 - q * rw[k].mean);
-  }
-  for (size_t i = 0; i < D; i += 16) {
-    __mmask16 m = tail_mask(D - i);
-    __m512d wl = _mm512_set1_pd(1.0), wh = wl;
-    if (w != NULL) {
-      __m512 wv = load16(m, w + i);
-      wl = _mm512_cvtps_pd(_mm512_castps512_ps256(wv));
-      wh = _mm512_cvtps_pd(_mm512_extractf32x8_ps(wv, 1));
-    }
-    for (int k = 0; k < nr; k++) {
-      if (k < ahead) {
-        _mm_prefetch((const char *)(rw[k].x + nr * D + i), _MM_HINT_T0);
-        _mm_prefetch((const char *)(rw[k].dy + nr * D + i), _MM_HINT_T0);
-      }
-      __m512d gl = is[k], gh = is[k];
-      if (w != NULL) {
-        gl = _mm512_mul_pd(is[k], wl);
-        gh = _mm512_mul_pd(is[k], wh);
-      }
-      __m512 v = dx16(load16(m, rw[k].x + i), load16(m, rw[k].dy + i), gl, gh,
-                      vq[k], vq[k], vr[k], vr[k]);
-      store16(rw[k].dx + i, v, m, 0);
-    }
-  }
-}
-
-/* The rows [r, r + nr) of a block starting at r0: sums, then dx. */
-static inline __attribute__((always_inline)) void ln_rows(
-    const float *x, const float *dy, float *dx, size_t r, int nr, size_t r0,
-    size_t R, size_t D, const double *mean, const double *istd, const float *w,
-    double count, float *fw, float *fb) {
-  ln_row_t rw[2];
-  for (int k = 0; k < nr; k++)
-    rw[k] = (ln_row_t){x + (r + k) * D, dy + (r + k) * D, dx + (r + k) * D,
-                       mean[r + k],     istd[r + k],      {0, 0}};
-  ln_rows_sums(rw, nr, D, w, fw, fb, r == r0);
-  size_t left = R - r - (size_t)nr;
-  ln_rows_apply(rw, nr, D, w, count, left < (size_t)nr ? (int)left : nr);
-}
-
-/* LayerNorm backward by blocks of RB rows, two rows at a time (see
- * ln_rows_sums): their sums, then their dx while they are in cache; dweight and
- * dbias summed in float over the block (fw, fb; the block's first row stores
- * rather than adds, so they need no zeroing pass) and folded into double once
- * per block, the last fold writing the float outputs. With few rows
- * (ResNet-sized LayerNorm has 8 rows of 200k elements) the passes over these
- * row-sized arrays cost as much as the rows themselves: zeroing the doubles,
- * and converting them afterwards, moved some 5 bytes per element of x at N = 8.
- */
-void sbn__avx512_ln_bwd_rows(const float *x, const float *dy, float *dx,
-                             size_t R, size_t D, const double *mean,
-                             const double *istd, const float *w, double count,
-                             double *dw, double *db, float *fw, float *fb,
-                             float *odw, float *odb) {
-  if (D < SMALL_STAT) {
-    ln_bwd_rows_small(x, dy, dx, R, D, mean, istd, w, count, dw, db, odw, odb);
-    return;
-  }
-  if (R == 0) {
-    for (size_t i = 0; i < D; i++) {
-      if (odw != NULL)
-        odw[i] = 0;
-      if (odb != NULL)
-        odb[i] = 0;
-    }
-    return;
-  }
-  /* Rows two at a time up to LN_PAIR_MAX elements. Measured in four
-   * same-run A/B runs against one row at a time (two in each order, ten
-   * ResNet-50 shapes), the floor ratio fell by about 0.18 at 25k elements
-   * a row, 0.10 at 50k and 0.03-0.05 at 64k-100k; it did not at 200k and
-   * was mixed at 400k-800k, where two rows and their prefetches overrun
-   * the L2 by far. */
-  int pairs = D <= LN_PAIR_MAX;
-  for (size_t r0 = 0; r0 < R; r0 += RB) {
-    size_t r1 = R - r0 < RB ? R : r0 + RB;
-    size_t r = r0;
-    for (; pairs && r + 2 <= r1; r += 2)
-      ln_rows(x, dy, dx, r, 2, r0, R, D, mean, istd, w, count, fw, fb);
-    for (; r < r1; r++)
-      ln_rows(x, dy, dx, r, 1, r0, R, D, mean, istd, w, count, fw, fb);
-    ln_fold(fw, dw, odw, D, r0 == 0, r1 == R);
-    ln_fold(fb, db, odb, D, r0 == 0, r1 == R);
   }
 }
 

@@ -169,52 +169,6 @@ void sbn__avx512_short_apply(const float *x, const float *dy, float *dx,
  * SHORT_S was 192, which left 14x14 planes (196) to the per-run loops;
  * at 256 their backward took 28 us instead of 35-43 (warm 8x64x14x14). */
 
-/* Adds two vectors' 256-bit halves: lanes 0-7 of the result are a's
- * halves summed, lanes 8-15 b's. */
-static inline __m512 tree1(__m512 a, __m512 b) {
-  return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44),
-                       _mm512_shuffle_f32x4(a, b, 0xEE));
-}
-
-/* Then their 128-bit lanes: lane q of the result is the 4-lane partial
- * sum of input q of (u0 = (a, b), u1 = (c, d)). */
-static inline __m512 tree2(__m512 u0, __m512 u1) {
-  return _mm512_add_ps(_mm512_shuffle_f32x4(u0, u1, 0x88),
-                       _mm512_shuffle_f32x4(u0, u1, 0xDD));
-}
-
-/* The 16 lane sums of v[0..16), in channel order. */
-static inline __m512 tree16(const __m512 v[16]) {
-  __m512 u[8], w[4];
-  for (int i = 0; i < 8; i++)
-    u[i] = tree1(v[2 * i], v[2 * i + 1]);
-  for (int i = 0; i < 4; i++)
-    w[i] = tree2(u[2 * i], u[2 * i + 1]);
-  /* w[i] lane q holds channel 4i + q's four partials. */
-  __m512 x01 = _mm512_add_ps(_mm512_unpacklo_ps(w[0], w[1]),
-                             _mm512_unpackhi_ps(w[0], w[1]));
-  __m512 x23 = _mm512_add_ps(_mm512_unpacklo_ps(w[2], w[3]),
-                             _mm512_unpackhi_ps(w[2], w[3]));
-  __m512d p = _mm512_castps_pd(x01), q = _mm512_castps_pd(x23);
-  __m512 r = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(p, q)),
-                           _mm512_castpd_ps(_mm512_unpackhi_pd(p, q)));
-  /* Element 4q + m of r is channel q + 4m. */
-  const __m512i order =
-      _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-  return _mm512_permutexvar_ps(order, r);
-}
-
-/* Adds the first n lanes of v into d[0..n) in double. */
-static inline void fold_first(__m512 v, size_t n, double *d) {
-  __mmask16 m = tail_mask(n);
-  __mmask8 lo = (__mmask8)m, hi = (__mmask8)(m >> 8);
-  __m512d a = _mm512_maskz_loadu_pd(lo, d),
-          b = _mm512_maskz_loadu_pd(hi, d + 8);
-  fold16(v, &a, &b);
-  _mm512_mask_storeu_pd(d, lo, a);
-  _mm512_mask_storeu_pd(d + 8, hi, b);
-}
-
 /* Adds istd * (B - l * A) into s2[0..n) in double, A and B the first n
  * lanes of two float sum vectors and l = mean - h the low part of each
  * channel's split mean: backward's sum of dy * xhat from the sums of dy

@@ -87,6 +87,22 @@ typedef struct sbn__kernels_s {
   void (*normalize_part)(const float *x, float *y, size_t C, size_t S,
                          size_t total, const float *mh, const float *ml,
                          const float *scale, const float *shift);
+  /* GroupNorm (and InstanceNorm: cpg = 1) backward of one NCHW sample of
+   * G groups of cpg channels of S values, group by group while each is in
+   * cache, or NULL. Per channel c of group g (m = cpg * S values, w[c] or
+   * 1 when w is NULL): sdy[c] = sum dy and sdyx[c] = sum dy * xhat with
+   * xhat = (x - mean[g]) * istd[g] (scratch of G * cpg doubles, any
+   * contents on entry), added into db[c] and dw[c]; then
+   * dx = istd[g] * w[c] * dy + k2 * xhat + k3 with k2 = -istd[g] *
+   * sum_c w[c] sdyx[c] / m and k3 = -istd[g] * sum_c w[c] sdy[c] / m, or
+   * k2 = k3 = 0 when stats is 0 (fixed running statistics). `total` is
+   * the whole dx's element count, by which a set may stream dx. Returns
+   * 1 having done so, or 0 having written nothing where the set declines
+   * (then the op computes the same with bwd_reduce_ld and bwd_apply_ld). */
+  int (*gn_bwd_nchw)(const float *x, const float *dy, float *dx, size_t G,
+                     size_t cpg, size_t S, const double *mean,
+                     const double *istd, const float *w, int stats, double *sdy,
+                     double *sdyx, double *dw, double *db, size_t total);
   /* LayerNorm rows (D contiguous elements with per-element affine; w and
    * b are NULL without affine): y = xhat * w + b. `total` is the whole
    * output's element count, by which a set may choose streaming stores
@@ -106,7 +122,11 @@ typedef struct sbn__kernels_s {
    * ln_bwd_reduce and ln_bwd_apply row by row, which is what this computes):
    * per row r the sums of ln_bwd_reduce, then dx as ln_bwd_apply with
    * c2 = -istd[r] * sum(g * xhat) / count and c3 = -istd[r] * sum(g) /
-   * count, while the row is in cache; writes the sums over rows of
+   * count, while the row is in cache (for rows of 32 or more elements a
+   * set may form dx in float from x - h, h the float part of the mean,
+   * as the channels-last passes do: every term is then of dx's size, and
+   * rows that long have none of the cancellation ln_bwd_apply's double
+   * guards against); writes the sums over rows of
    * dy * xhat and dy, formed in double and rounded once, to odw and odb
    * (either may be NULL). dw and db are the caller's scratch of D doubles
    * each, fw and fb of D floats each (any contents on entry), where a set
@@ -115,6 +135,13 @@ typedef struct sbn__kernels_s {
                       size_t D, const double *mean, const double *istd,
                       const float *w, double count, double *dw, double *db,
                       float *fw, float *fb, float *odw, float *odb);
+  /* ln_forward of R rows of D with row r's split mean mh[r] + ml[r] and
+   * istd[r], or NULL (then the op calls ln_forward row by row, which is
+   * what this computes). A set may walk the rows column block by column
+   * block, so that each block of w and b is loaded once for all R rows. */
+  void (*ln_forward_rows)(const float *x, float *y, size_t R, size_t D,
+                          size_t total, const float *mh, const float *ml,
+                          const float *istd, const float *w, const float *b);
   /* Dropout of n elements starting at element index `first` (a multiple
    * of 4): out = word < thr ? 0 : in * scale, with the Philox words of
    * sbn_philox4x32_10 for counter (block, step, layer) and key. thr < 2^32

@@ -8,6 +8,7 @@
  * InstanceNorm has, running statistics, is switched on by the grouping's
  * `instance` flag and kept apart in small helpers. */
 #include <math.h>
+#include <string.h>
 
 #include "ops/sbn_ops.h"
 
@@ -188,36 +189,40 @@ int sbn__grouped_forward(sbn_layer_t *l, const sbn_forward_args_t *a,
 }
 
 /* The dx coefficients of group g of sample n from the per-channel sums of
- * dy (ch->d1) and dy * xhat (ch->d2); also adds those sums into the
- * dbias (ch->d4) and dweight (ch->d3) accumulators. */
+ * dy (ch->d1) and dy * xhat (ch->d2), whose mean and istd (ch->dmean,
+ * ch->distd) the caller has set; also adds those sums into the dbias
+ * (ch->d4) and dweight (ch->d3) accumulators. The affine choice and a
+ * GroupNorm's k2, k3 (one value per group) are taken once per group:
+ * with 7x7 planes the per-channel work here is a fair part of the pass. */
 static void gn_bwd_group(const sbn_layer_t *l, const sbn_backward_args_t *a,
                          const sbn__grouping_t *gp, int batch, double m,
-                         sbn__chan_t *ch, size_t c0, size_t cpg, double mean,
+                         double im, sbn__chan_t *ch, size_t c0, size_t cpg,
                          double is) {
-  const sbn_layer_params_t *p = &l->p;
+  const float *w = l->p.affine ? a->weight : NULL;
+  size_t c1 = c0 + cpg;
   /* Sums of dxhat = dy * weight and dxhat * xhat over the group (not
    * used by InstanceNorm's one-channel groups). */
   double sg = 0, sgx = 0;
-  for (size_t c = c0; c < c0 + cpg && !gp->instance; c++) {
-    double w = p->affine ? a->weight[c] : 1.0;
-    sg += w * ch->d1[c];
-    sgx += w * ch->d2[c];
+  for (size_t c = c0; c < c1 && !gp->instance; c++) {
+    double wc = w != NULL ? w[c] : 1.0;
+    sg += wc * ch->d1[c];
+    sgx += wc * ch->d2[c];
   }
-  for (size_t c = c0; c < c0 + cpg; c++) {
-    double k1 = is * (p->affine ? a->weight[c] : 1.0);
-    ch->dmean[c] = mean;
-    ch->distd[c] = is;
+  double k2 = -is * sgx / m, k3 = -is * sg / m;
+  for (size_t c = c0; c < c1; c++) {
+    double k1 = is * (w != NULL ? w[c] : 1.0);
     ch->dk1[c] = k1;
     if (gp->instance) {
-      /* The same value for one channel, rounded in InstanceNorm's own
-       * order (weight * istd first) so its results stay bit-identical to
-       * what it has always computed. With running statistics in eval the
-       * mean and variance are constants and dx is dy scaled. */
-      ch->dk2[c] = batch ? -k1 * ch->d2[c] / m : 0.0;
-      ch->dk3[c] = batch ? -k1 * ch->d1[c] / m : 0.0;
+      /* The same value for one channel, in InstanceNorm's own order
+       * (weight * istd first), times 1/m rather than divided by m: two
+       * divisions per channel were a tenth of a 49-position sample. With
+       * running statistics in eval the mean and variance are constants
+       * and dx is dy scaled. */
+      ch->dk2[c] = batch ? -k1 * ch->d2[c] * im : 0.0;
+      ch->dk3[c] = batch ? -k1 * ch->d1[c] * im : 0.0;
     } else {
-      ch->dk2[c] = -is * sgx / m;
-      ch->dk3[c] = -is * sg / m;
+      ch->dk2[c] = k2;
+      ch->dk3[c] = k3;
     }
     ch->d3[c] += ch->d2[c];
     ch->d4[c] += ch->d1[c];
@@ -237,6 +242,7 @@ int sbn__grouped_backward(sbn_layer_t *l, const sbn_backward_args_t *a,
   if (rc != 0)
     return rc;
   int batch = a->mode == SBN_MODE_TRAIN || !gn_running(l, gp);
+  double im = m > 0 ? 1.0 / m : 0;
   gn_views(sh, G, &v);
   sbn__chan_carve(a->workspace, C, &ch);
   for (size_t c = 0; c < C; c++) {
@@ -244,32 +250,46 @@ int sbn__grouped_backward(sbn_layer_t *l, const sbn_backward_args_t *a,
     ch.d4[c] = 0;
   }
   size_t gb = gn_block_groups(sh, G);
+  /* NCHW groups are contiguous: the set's fused kernel, when it has one,
+   * takes a sample group by group (see gn_bwd_nchw). */
+  __typeof__(sbn__kt()->gn_bwd_nchw) fused =
+      v.cA == 1 ? sbn__kt()->gn_bwd_nchw : NULL;
+  const float *w = p->affine ? a->weight : NULL;
   for (size_t n = 0; n < N && plane > 0; n++) {
     const float *xs = a->x + n * plane, *dys = a->dy + n * plane;
     float *dxs = a->dx + n * plane;
+    if (fused != NULL &&
+        fused(xs, dys, dxs, G, cpg, sh->S, mean + n * G, istd + n * G, w, batch,
+              ch.d1, ch.d2, ch.d3, ch.d4, N * plane))
+      continue;
     /* Block by block (see gn_block_groups): dx of a block is formed while
      * its x and dy are still in the cache from its sums. */
     for (size_t g0 = 0; g0 < G; g0 += gb) {
       size_t g1 = G - g0 < gb ? G : g0 + gb, c0 = g0 * cpg, c1 = g1 * cpg;
       size_t o = c0 * v.cS, lda = C * v.cS;
       /* By group, not c / cpg per channel: with 7x7 planes the per
-       * channel work here is a fair part of the pass. */
+       * channel work here is a fair part of the pass. InstanceNorm's
+       * groups are its channels, whose saved statistics the kernels read
+       * in place. */
+      const double *bm = mean + n * G, *bi = istd + n * G;
+      if (cpg > 1) {
+        for (size_t g = g0; g < g1; g++)
+          for (size_t c = g * cpg; c < (g + 1) * cpg; c++) {
+            ch.dmean[c] = bm[g];
+            ch.distd[c] = bi[g];
+          }
+        bm = ch.dmean, bi = ch.distd;
+      }
+      memset(ch.d1 + c0, 0, (c1 - c0) * sizeof(double));
+      memset(ch.d2 + c0, 0, (c1 - c0) * sizeof(double));
+      sbn__k_bwd_reduce_ld(xs + o, dys + o, v.cA, c1 - c0, v.cS, lda, bm + c0,
+                           bi + c0, ch.d1 + c0, ch.d2 + c0);
       for (size_t g = g0; g < g1; g++)
-        for (size_t c = g * cpg; c < (g + 1) * cpg; c++) {
-          ch.dmean[c] = mean[n * G + g];
-          ch.distd[c] = istd[n * G + g];
-          ch.d1[c] = 0;
-          ch.d2[c] = 0;
-        }
-      sbn__k_bwd_reduce_ld(xs + o, dys + o, v.cA, c1 - c0, v.cS, lda,
-                           ch.dmean + c0, ch.distd + c0, ch.d1 + c0,
-                           ch.d2 + c0);
-      for (size_t g = g0; g < g1; g++)
-        gn_bwd_group(l, a, gp, batch, m, &ch, g * cpg, cpg, mean[n * G + g],
+        gn_bwd_group(l, a, gp, batch, m, im, &ch, g * cpg, cpg,
                      istd[n * G + g]);
       sbn__k_bwd_apply_ld(xs + o, dys + o, dxs + o, v.cA, c1 - c0, v.cS, lda,
-                          ch.dmean + c0, ch.distd + c0, ch.dk1 + c0,
-                          ch.dk2 + c0, ch.dk3 + c0);
+                          bm + c0, bi + c0, ch.dk1 + c0, ch.dk2 + c0,
+                          ch.dk3 + c0);
     }
   }
   for (size_t c = 0; c < C; c++) {

@@ -122,9 +122,12 @@ class _StatsBNFunction(torch.autograd.Function):
         else:
             mean = m2 = torch.zeros(C, dtype=torch.float64)
         client, layer = mod._attach()
+        # want: the four vectors used here, not invstd (a worker that
+        # predates the key ignores it and sends all five).
         r = client.call("stats", layer=layer, step=step, count=int(n_local),
                         mean=encode_vec64(mean.numpy()),
-                        m2=encode_vec64(m2.numpy()))
+                        m2=encode_vec64(m2.numpy()),
+                        want=["count", "mean", "var", "var_unbiased"])
         count = decode_vec64(r["count"])
         gmean = decode_vec64(r["mean"])
         mod._move_running(count, gmean, decode_vec64(r["var_unbiased"]))

@@ -1,9 +1,11 @@
 /* The syncbnd wire codec (see svc_codec.h and mpi/service/PROTOCOL.md):
- * names of codes, ops and kinds, limits, frames and the pre-scan. The
+ * names of codes, ops and kinds, the stats reply's vectors and the `want`
+ * list that picks them, limits, frames and the pre-scan. The
  * requests are decoded in svc_decode.c, the replies encoded in
  * svc_encode.c. */
 #include "svc_codec.h"
 
+#include <msgpack.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -58,6 +60,47 @@ const char *svc_op_name(svc_op_t op) {
   if ((size_t)op >= sizeof svc__op_names / sizeof *svc__op_names)
     return NULL;
   return svc__op_names[op];
+}
+
+static const char *const svc__stats_outs[SVC_STATS_OUTS] = {
+    "count", "mean", "var", "var_unbiased", "invstd"};
+
+const char *svc_stats_out_name(int i) {
+  return i >= 0 && i < SVC_STATS_OUTS ? svc__stats_outs[i] : NULL;
+}
+
+/* The index of the stats vector named by o, or -1. */
+static int svc__stats_out_of(const msgpack_object *o) {
+  for (int i = 0; o->type == MSGPACK_OBJECT_STR && i < SVC_STATS_OUTS; i++)
+    if (o->via.str.size == strlen(svc__stats_outs[i]) &&
+        memcmp(o->via.str.ptr, svc__stats_outs[i], o->via.str.size) == 0)
+      return i;
+  return -1;
+}
+
+int svc_decode_want(const msgpack_object *o, unsigned *want) {
+  *want = SVC_STATS_ALL;
+  if (o == NULL)
+    return 0;
+  if (o->type != MSGPACK_OBJECT_ARRAY)
+    return svc_set_error(SVC_BAD_REQUEST,
+                         "want: expected an array of names (count, mean, "
+                         "var, var_unbiased, invstd)");
+  /* Distinct names: more than SVC_STATS_OUTS elements repeat one. */
+  *want = 0;
+  for (uint32_t i = 0; i < o->via.array.size; i++) {
+    int j = svc__stats_out_of(&o->via.array.ptr[i]);
+    if (j < 0)
+      return svc_set_error(SVC_BAD_REQUEST,
+                           "want[%u]: expected one of count, mean, var, "
+                           "var_unbiased, invstd",
+                           (unsigned)i);
+    if (*want & (1u << j))
+      return svc_set_error(SVC_BAD_REQUEST, "want[%u]: '%s' repeated",
+                           (unsigned)i, svc__stats_outs[j]);
+    *want |= 1u << j;
+  }
+  return 0;
 }
 
 /* ------------------------------------------------------------------ */

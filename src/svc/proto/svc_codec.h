@@ -207,6 +207,26 @@ typedef struct svc_vec_s {
   double *v;
 } svc_vec_t;
 
+/* The vectors a stats reply may carry, in the order they go out; a
+ * request's `want` (protocol 6, later workers) picks some of them as a
+ * bit set (bit i for svc_stats_out_name(i)). */
+enum {
+  SVC_STATS_OUTS = 5,
+  SVC_STATS_ALL = (1u << SVC_STATS_OUTS) - 1,
+  SVC_STATS_COUNT = 1u << 0,
+  SVC_STATS_MEAN = 1u << 1,
+  SVC_STATS_VAR = 1u << 2,
+  SVC_STATS_VAR_UNBIASED = 1u << 3,
+  SVC_STATS_INVSTD = 1u << 4
+};
+/* "count", "mean", "var", "var_unbiased", "invstd"; NULL past the end. */
+const char *svc_stats_out_name(int i);
+struct msgpack_object;
+/* Reads a stats request's `want` (NULL: absent) into *want: an array of
+ * distinct names of svc_stats_out_name, at most SVC_STATS_OUTS of them;
+ * absent, every vector. Anything else is BAD_REQUEST naming the element. */
+int svc_decode_want(const struct msgpack_object *o, unsigned *want);
+
 typedef struct svc_register_s {
   char name[SVC_NAME_MAX + 1];
   svc_kind_t kind;
@@ -241,6 +261,10 @@ typedef struct svc_request_s {
   /* stats: count, mean, m2; stats_backward: sum_dy in mean, sum_dy_xhat in
    * m2. */
   svc_vec_t count, mean, m2;
+  /* stats: the vectors its reply leaves out, as a bit set (the
+   * complement of its `want`; 0, none, without one), so that a request
+   * built as zeros gets the full reply. */
+  unsigned skip;
   /* batch: nsub decoded sub-requests (forward, backward, stats,
    * stats_backward), owned by this request. */
   struct svc_request_s *sub;

@@ -262,14 +262,13 @@ static int svc__decode_vec(const msgpack_object *o, const char *what,
     return svc_set_error(SVC_BAD_TENSOR, "%s: expected a 1-D tensor", what);
   if ((v->v = malloc((t.numel > 0 ? t.numel : 1) * sizeof *v->v)) == NULL)
     return svc_set_error(SVC_RESOURCE, "%s: out of memory", what);
-  for (size_t i = 0; i < t.numel; i++) {
-    if (elsz == sizeof(float)) {
-      float f;
-      memcpy(&f, payload + i * elsz, sizeof f);
-      v->v[i] = f;
-    } else {
-      memcpy(&v->v[i], payload + i * elsz, sizeof(double));
-    }
+  /* f64 payloads are copied whole; f32 ones are widened one by one. */
+  if (elsz == sizeof(double) && t.numel > 0)
+    memcpy(v->v, payload, t.numel * sizeof(double));
+  for (size_t i = 0; elsz == sizeof(float) && i < t.numel; i++) {
+    float f;
+    memcpy(&f, payload + i * sizeof f, sizeof f);
+    v->v[i] = f;
   }
   v->n = t.numel;
   v->present = 1;
@@ -336,6 +335,7 @@ enum {
   K_Y_AT,
   K_DX_AT,
   K_X_STAYS,
+  K_WANT,
   K_COUNT
 };
 static const char *const svc__keys[K_COUNT] = {
@@ -357,7 +357,7 @@ static const char *const svc__keys[K_COUNT] = {
     "running_var", "num_batches_tracked",
     "ghost_batch", "size",
     "y_at",        "dx_at",
-    "x_stays"};
+    "x_stays",     "want"};
 
 /* The optional parameters of a register request, over the kind's
  * defaults: a flat list of keys, each read and stored. */
@@ -677,14 +677,14 @@ static int svc__decode_op(const msgpack_object *const *k, svc_request_t *req) {
           (rc = svc__decode_vec(k[K_MEAN], "mean", 0, &req->mean)) != 0 ||
           (rc = svc__decode_vec(k[K_M2], "m2", 0, &req->m2)) != 0)
         return rc;
-      return 0;
+      rc = svc_decode_want(k[K_WANT], &req->skip);
+      req->skip ^= SVC_STATS_ALL;
+      return rc;
     case SVC_OP_STATS_BACKWARD:
       if ((rc = svc__need(k, "stats_backward", need_sbwd)) != 0 ||
-          (rc = svc__decode_vec(k[K_SUM_DY], "sum_dy", 0, &req->mean)) != 0 ||
-          (rc = svc__decode_vec(k[K_SUM_DY_XHAT], "sum_dy_xhat", 0,
-                                &req->m2)) != 0)
+          (rc = svc__decode_vec(k[K_SUM_DY], "sum_dy", 0, &req->mean)) != 0)
         return rc;
-      return 0;
+      return svc__decode_vec(k[K_SUM_DY_XHAT], "sum_dy_xhat", 0, &req->m2);
     case SVC_OP_GET_STATE:
       return svc__need(k, "get_state", need_layer);
     case SVC_OP_SET_STATE:

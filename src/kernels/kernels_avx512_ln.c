@@ -1,0 +1,367 @@
+/* AVX-512 LayerNorm over several rows: the forward's normalization of a
+ * chunk of rows, column block by column block across them (each block of
+ * the row-sized weight and bias loaded once for the chunk), and the whole
+ * backward, rows two at a time. Compiled with the AVX-512 flags, run only
+ * after dispatch.c's CPU check; same contracts as kernels_ref.c (the
+ * single-row entries are in kernels_avx512_rows.c). */
+#include "kernels/sbn_kernels.h"
+
+#ifdef SBN__HAVE_AVX512
+#include "kernels/avx512_inl.h"
+
+/* Columns per forward block: 16 vectors of w and b, which stay in L1
+ * while the chunk's rows take them. */
+#define LN_B 256
+/* Longest rows whose dx pass prefetches the next rows (elements): past
+ * this, two pairs of rows' x and dy (8 MiB and more) plus the row-sized w,
+ * fw and fb overrun the 32 MiB L3 once the prefetched pair arrives, and
+ * evict the pair being applied. Measured (same-run A/B, 4 alternating
+ * runs) without the prefetch past 256k elements: floor ratio 1.87 -> 1.71
+ * at 400k-element rows, 2.40 -> 2.25 and 2.38 -> 2.01 at 800k; a limit
+ * of 100k made 200k-element rows slower (1.62 -> 1.73). */
+#define LN_AHEAD_MAX ((size_t)256 << 10)
+
+/* ------------------------------------------------------------------ */
+/* Forward: y = xhat * w + b, xhat = (x - mh[r]) * istd[r] + nl[r] with
+ * nl = -ml * istd (x - mh is exact near the mean, so one fma rounds). */
+
+/* One vector (mask m; whole when m is all ones) of a row, w and b taken
+ * when `aff` (a constant at each call). */
+static inline __attribute__((always_inline)) __m512 lnf16(
+    const float *x, const float *w, const float *b, size_t i, __mmask16 m,
+    __m512 h, __m512 is, __m512 nl, int aff) {
+  __m512 xh = _mm512_fmadd_ps(_mm512_sub_ps(load16(m, x + i), h), is, nl);
+  return aff ? _mm512_fmadd_ps(xh, load16(m, w + i), load16(m, b + i)) : xh;
+}
+
+/* Columns [lo, hi) of one row, lo aligned for y when nt is set (whole
+ * vectors then stream). Whole vectors take a branch-free body; only the
+ * row's last vector is masked. */
+static inline __attribute__((always_inline)) void lnf_span(
+    const float *x, float *y, size_t lo, size_t hi, const float *w,
+    const float *b, __m512 h, __m512 is, __m512 nl, int nt, int aff) {
+  size_t i = lo;
+  if (nt) {
+    for (; i + 16 <= hi; i += 16)
+      _mm512_stream_ps(y + i, lnf16(x, w, b, i, 0xFFFF, h, is, nl, aff));
+  } else {
+    for (; i + 16 <= hi; i += 16)
+      _mm512_storeu_ps(y + i, lnf16(x, w, b, i, 0xFFFF, h, is, nl, aff));
+  }
+  if (i < hi) {
+    __mmask16 m = tail_mask(hi - i);
+    _mm512_mask_storeu_ps(y + i, m, lnf16(x, w, b, i, m, h, is, nl, aff));
+  }
+}
+
+/* R rows of D: for each block of LN_B columns, the block of every row, so
+ * that the block's w and b come from L1 for every row but the first. A
+ * streaming row (an output of NT_BYTES or more, which leaves the cache
+ * before it is read) writes up to its first line boundary (its head, hd
+ * elements) with one masked store and shifts its blocks by hd, so that
+ * all its later vectors are aligned and each line is written whole by
+ * streaming stores. */
+static inline __attribute__((always_inline)) void lnf_rows(
+    const float *x, float *y, size_t R, size_t D, int nt, const float *mh,
+    const float *ml, const float *istd, const float *w, const float *b,
+    int aff) {
+  for (size_t j0 = 0; j0 < D; j0 += LN_B) {
+    for (size_t r = 0; r < R; r++) {
+      const float *xr = x + r * D;
+      float *yr = y + r * D;
+      __m512 h = _mm512_set1_ps(mh[r]), is = _mm512_set1_ps(istd[r]);
+      __m512 nl = _mm512_set1_ps(-ml[r] * istd[r]);
+      size_t hd = head_elems(yr, D, nt);
+      size_t hi = D - j0 > LN_B + hd ? j0 + LN_B + hd : D;
+      if (j0 == 0 && hd > 0)
+        lnf_span(xr, yr, 0, hd, w, b, h, is, nl, 0, aff);
+      lnf_span(xr, yr, j0 + hd, hi, w, b, h, is, nl, nt && hd < hi, aff);
+    }
+  }
+}
+
+void sbn__avx512_ln_forward_rows(const float *x, float *y, size_t R, size_t D,
+                                 size_t total, const float *mh, const float *ml,
+                                 const float *istd, const float *w,
+                                 const float *b) {
+  /* An output not 4-byte aligned never streams (head_elems). */
+  int nt = total >= NT_BYTES / sizeof(float) && ((uintptr_t)y & 3) == 0;
+  if (w != NULL)
+    lnf_rows(x, y, R, D, nt, mh, ml, istd, w, b, 1);
+  else
+    lnf_rows(x, y, R, D, nt, mh, ml, istd, NULL, NULL, 0);
+  if (nt)
+    _mm_sfence();
+}
+
+/* ------------------------------------------------------------------ */
+/* Backward: rows one or two at a time, their sums then their dx while
+ * they are in cache (prefetching the next rows meanwhile), dweight and
+ * dbias summed in float over blocks of RB rows and folded into double
+ * once per block. The loops below are what this pass costs: run on data
+ * already in L2, the previous form took nearly as long as on data from
+ * memory (masks on every vector, the row pointers reloaded through memory
+ * because the stores might alias them, dx converted to double and back),
+ * so its instructions bounded it more than the memory did; here whole
+ * vectors take a branch-free body with the row pointers in locals, and
+ * only the last vector of a row is masked. */
+
+/* Rows a sweep takes at most. */
+#define LNB_NR 2
+
+/* A row of the backward: its data, statistics and sums. */
+typedef struct lnb_row_s {
+  const float *x, *dy;
+  float *dx;
+  double mean, istd, sums[2];
+} lnb_row_t;
+
+/* A row's float constants: h the float part of the mean, l the rest;
+ * xhat = (x - h) * is + nl with nl = -l * is, so x - h (exact near the
+ * mean) carries the row's magnitude and one fma rounds. */
+typedef struct lnb_k_s {
+  __m512 h, is, nl;
+} lnb_k_t;
+
+static inline lnb_k_t lnb_k(const lnb_row_t *r) {
+  float h = (float)r->mean, l = (float)(r->mean - (double)h);
+  float is = (float)r->istd;
+  return (lnb_k_t){_mm512_set1_ps(h), _mm512_set1_ps(is),
+                   _mm512_set1_ps(-l * is)};
+}
+
+/* Sums of one vector (mask m; whole when m is all ones) of nr rows: the
+ * rows' float sums of g = dy * w and g * xhat, and the block sums fw, fb
+ * of dy * xhat and dy (from zero when `first`). */
+static inline __attribute__((always_inline)) void lnb_sums16(
+    const float *const *x, const float *const *dy, const lnb_k_t *k, int nr,
+    size_t i, __mmask16 m, const float *w, float *fw, float *fb, int first,
+    __m512 *sg, __m512 *sgx) {
+  __m512 pw = first ? _mm512_setzero_ps() : load16(m, fw + i);
+  __m512 pb = first ? _mm512_setzero_ps() : load16(m, fb + i);
+  __m512 wv = w != NULL ? load16(m, w + i) : _mm512_setzero_ps();
+#pragma GCC unroll 2
+  for (int r = 0; r < nr; r++) {
+    __m512 d = load16(m, dy[r] + i);
+    __m512 xh = _mm512_fmadd_ps(_mm512_sub_ps(load16(m, x[r] + i), k[r].h),
+                                k[r].is, k[r].nl);
+    __m512 g = w != NULL ? _mm512_mul_ps(d, wv) : d;
+    sg[r] = _mm512_add_ps(sg[r], g);
+    sgx[r] = _mm512_fmadd_ps(g, xh, sgx[r]);
+    pw = _mm512_fmadd_ps(d, xh, pw);
+    pb = _mm512_add_ps(d, pb);
+  }
+  store16(fw + i, pw, m, 0);
+  store16(fb + i, pb, m, 0);
+}
+
+/* The sums of nr rows (1 or 2) in one sweep: w is loaded, and fw and fb
+ * are read and written, once for both rows. Each row's float sums cover
+ * CHUNK / 4 elements (16 per lane) before a fold into double. */
+static inline __attribute__((always_inline)) void lnb_sums(lnb_row_t *rw,
+                                                           int nr, size_t D,
+                                                           const float *w,
+                                                           float *fw, float *fb,
+                                                           int first) {
+  const float *x[LNB_NR], *dy[LNB_NR];
+  lnb_k_t k[LNB_NR];
+  __m512d sgl[LNB_NR], sgh[LNB_NR], sxl[LNB_NR], sxh[LNB_NR];
+  for (int r = 0; r < nr; r++) {
+    x[r] = rw[r].x, dy[r] = rw[r].dy, k[r] = lnb_k(&rw[r]);
+    sgl[r] = sgh[r] = sxl[r] = sxh[r] = _mm512_setzero_pd();
+  }
+  for (size_t i0 = 0; i0 < D; i0 += CHUNK / 4) {
+    size_t e = D - i0 > CHUNK / 4 ? i0 + CHUNK / 4 : D, i = i0;
+    __m512 sg[LNB_NR], sgx[LNB_NR];
+    for (int r = 0; r < nr; r++)
+      sg[r] = sgx[r] = _mm512_setzero_ps();
+    for (; i + 16 <= e; i += 16)
+      lnb_sums16(x, dy, k, nr, i, 0xFFFF, w, fw, fb, first, sg, sgx);
+    if (i < e)
+      lnb_sums16(x, dy, k, nr, i, tail_mask(e - i), w, fw, fb, first, sg, sgx);
+    for (int r = 0; r < nr; r++) {
+      fold16(sg[r], &sgl[r], &sgh[r]);
+      fold16(sgx[r], &sxl[r], &sxh[r]);
+    }
+  }
+  for (int r = 0; r < nr; r++) {
+    rw[r].sums[0] += _mm512_reduce_add_pd(_mm512_add_pd(sgl[r], sgh[r]));
+    rw[r].sums[1] += _mm512_reduce_add_pd(_mm512_add_pd(sxl[r], sxh[r]));
+  }
+}
+
+/* A row's dx constants: dx = (is * w) * dy + (q * (x - h) + rr), with
+ * q = c2 * istd and rr = c3 - q * (mean - h), formed in double and
+ * rounded once each. Every term is of dx's size (x - h is exact near the
+ * mean), so float loses only a few ulps of dx; rows this long (SMALL_STAT
+ * or more) have none of the two-value cancellation bwd_apply guards
+ * against. */
+typedef struct lnb_c_s {
+  __m512 is, q, h, rr;
+} lnb_c_t;
+
+static inline lnb_c_t lnb_c(const lnb_row_t *r, double count) {
+  double c2 = -r->istd * r->sums[1] / count, c3 = -r->istd * r->sums[0] / count;
+  double q = c2 * r->istd;
+  float h = (float)r->mean;
+  return (lnb_c_t){_mm512_set1_ps((float)r->istd), _mm512_set1_ps((float)q),
+                   _mm512_set1_ps(h),
+                   _mm512_set1_ps((float)(c3 - q * (r->mean - (double)h)))};
+}
+
+/* dx of one vector of nr rows, prefetching the first `ahead` rows' x and
+ * dy nr rows on (the rows this call's caller takes next): this pass reads
+ * its own rows from the cache, and without that the memory would idle
+ * until the next rows' sums ask for it. */
+static inline __attribute__((always_inline)) void lnb_apply16(
+    const float *const *x, const float *const *dy, float *const *dx,
+    const lnb_c_t *c, int nr, int ahead, size_t step, size_t i, __mmask16 m,
+    const float *w) {
+  __m512 wv = w != NULL ? load16(m, w + i) : _mm512_setzero_ps();
+#pragma GCC unroll 2
+  for (int r = 0; r < nr; r++) {
+    if (r < ahead) {
+      _mm_prefetch((const char *)(x[r] + step + i), _MM_HINT_T0);
+      _mm_prefetch((const char *)(dy[r] + step + i), _MM_HINT_T0);
+    }
+    __m512 xc = _mm512_sub_ps(load16(m, x[r] + i), c[r].h);
+    __m512 g = w != NULL ? _mm512_mul_ps(c[r].is, wv) : c[r].is;
+    __m512 v = _mm512_fmadd_ps(g, load16(m, dy[r] + i),
+                               _mm512_fmadd_ps(c[r].q, xc, c[r].rr));
+    store16(dx[r] + i, v, m, 0);
+  }
+}
+
+static inline __attribute__((always_inline)) void lnb_apply(const lnb_row_t *rw,
+                                                            int nr, size_t D,
+                                                            const float *w,
+                                                            double count,
+                                                            int ahead) {
+  const float *x[LNB_NR], *dy[LNB_NR];
+  float *dx[LNB_NR];
+  lnb_c_t c[LNB_NR];
+  for (int r = 0; r < nr; r++)
+    x[r] = rw[r].x, dy[r] = rw[r].dy, dx[r] = rw[r].dx,
+    c[r] = lnb_c(&rw[r], count);
+  size_t i = 0, step = (size_t)nr * D;
+  for (; i + 16 <= D; i += 16)
+    lnb_apply16(x, dy, dx, c, nr, ahead, step, i, 0xFFFF, w);
+  if (i < D)
+    lnb_apply16(x, dy, dx, c, nr, ahead, step, i, tail_mask(D - i), w);
+}
+
+/* The rows [r, r + nr) of a block of RB rows starting at r0, nr a
+ * constant 1 or 2 (so that the loops above unroll over it): sums, then
+ * dx. */
+static inline __attribute__((always_inline)) void lnb_rows(
+    const float *x, const float *dy, float *dx, size_t r, int nr, size_t r0,
+    size_t R, size_t D, const double *mean, const double *istd, const float *w,
+    double count, float *fw, float *fb) {
+  lnb_row_t rw[LNB_NR];
+  for (int k = 0; k < nr; k++)
+    rw[k] = (lnb_row_t){x + (r + k) * D, dy + (r + k) * D, dx + (r + k) * D,
+                        mean[r + k],     istd[r + k],      {0, 0}};
+  if (r == r0)
+    lnb_sums(rw, nr, D, w, fw, fb, 1);
+  else
+    lnb_sums(rw, nr, D, w, fw, fb, 0);
+  size_t left = R - r - (size_t)nr;
+  int ah = left < (size_t)nr ? (int)left : nr;
+  if (D > LN_AHEAD_MAX)
+    ah = 0;
+  lnb_apply(rw, nr, D, w, count, ah);
+}
+
+/* Adds the block sums f into the double sums d (or sets d when `first`);
+ * on the last block writes (float)(d + f) to out instead (nothing when
+ * out is NULL), so the double sums are never zeroed or read back. */
+static void lnb_fold(const float *f, double *d, float *out, size_t D, int first,
+                     int last) {
+  if (last && out == NULL)
+    return;
+  for (size_t i = 0; i < D; i += 16) {
+    __mmask16 m = tail_mask(D - i);
+    __mmask8 ml = (__mmask8)m, mh = (__mmask8)(m >> 8);
+    __m512d lo = _mm512_setzero_pd(), hi = lo;
+    if (!first) {
+      lo = _mm512_maskz_loadu_pd(ml, d + i);
+      hi = _mm512_maskz_loadu_pd(mh, d + i + 8);
+    }
+    fold16(load16(m, f + i), &lo, &hi);
+    if (last) {
+      store16(out + i, pack_pd(lo, hi), m, 0);
+    } else {
+      _mm512_mask_storeu_pd(d + i, ml, lo);
+      _mm512_mask_storeu_pd(d + i + 8, mh, hi);
+    }
+  }
+}
+
+/* Rows shorter than SMALL_STAT: the reference's double sums straight into
+ * dw and db, each row then applied in double. */
+static void lnb_small(const float *x, const float *dy, float *dx, size_t R,
+                      size_t D, const double *mean, const double *istd,
+                      const float *w, double count, double *dw, double *db,
+                      float *odw, float *odb) {
+  for (size_t i = 0; i < D; i++)
+    dw[i] = db[i] = 0;
+  for (size_t r = 0; r < R; r++) {
+    const float *xr = x + r * D, *dyr = dy + r * D;
+    double sums[2] = {0, 0};
+    sbn__kernels_ref.ln_bwd_reduce(xr, dyr, D, mean[r], istd[r], w, dw, db,
+                                   sums);
+    double c2 = -istd[r] * sums[1] / count, c3 = -istd[r] * sums[0] / count;
+    sbn__avx512_ln_bwd_apply(xr, dyr, dx + r * D, D, mean[r], istd[r], w, c2,
+                             c3);
+  }
+  for (size_t i = 0; i < D; i++) {
+    if (odw != NULL)
+      odw[i] = (float)dw[i];
+    if (odb != NULL)
+      odb[i] = (float)db[i];
+  }
+}
+
+/* LayerNorm backward by blocks of RB rows, two rows at a time (see
+ * lnb_sums): their sums, then their dx while they are in cache; dweight
+ * and dbias summed in float over the block (fw, fb; the block's first
+ * rows store rather than add, so they need no zeroing pass) and folded
+ * into double once per block, the last fold writing the float outputs.
+ * With few rows (ResNet-sized LayerNorm has 8 rows of 25k-800k elements)
+ * passes over these row-sized arrays cost as much as the rows themselves,
+ * so there are no others. */
+void sbn__avx512_ln_bwd_rows(const float *x, const float *dy, float *dx,
+                             size_t R, size_t D, const double *mean,
+                             const double *istd, const float *w, double count,
+                             double *dw, double *db, float *fw, float *fb,
+                             float *odw, float *odb) {
+  if (D < SMALL_STAT) {
+    lnb_small(x, dy, dx, R, D, mean, istd, w, count, dw, db, odw, odb);
+    return;
+  }
+  if (R == 0) {
+    for (size_t i = 0; i < D; i++) {
+      if (odw != NULL)
+        odw[i] = 0;
+      if (odb != NULL)
+        odb[i] = 0;
+    }
+    return;
+  }
+  /* Rows two at a time at every length: with the loops above, pairs of
+   * rows of 200k-800k elements were also faster than single rows (the
+   * previous form gained nothing from pairs past 128k): a sweep over two
+   * rows reads w and updates fw, fb once for both, and those row-sized
+   * arrays come from L3 at these lengths. */
+  for (size_t r0 = 0; r0 < R; r0 += RB) {
+    size_t r1 = R - r0 < RB ? R : r0 + RB;
+    size_t r = r0;
+    for (; r + 2 <= r1; r += 2)
+      lnb_rows(x, dy, dx, r, 2, r0, R, D, mean, istd, w, count, fw, fb);
+    for (; r < r1; r++)
+      lnb_rows(x, dy, dx, r, 1, r0, R, D, mean, istd, w, count, fw, fb);
+    lnb_fold(fw, dw, odw, D, r0 == 0, r1 == R);
+    lnb_fold(fb, db, odb, D, r0 == 0, r1 == R);
+  }
+}
+#endif /* SBN__HAVE_AVX512 */
