@@ -375,7 +375,23 @@ static void test_bn_large_mean(void **state) {
         tu_desc(SBN_LAYOUT_NHWC, 4, (size_t)64, (size_t)3, (size_t)9,
                 (size_t)7),
         tu_desc(SBN_LAYOUT_NCHW, 4, (size_t)2, (size_t)3, (size_t)50,
-                (size_t)61)};
+                (size_t)61),
+        /* NCHW short runs (kernels_avx512_short.c): 7x7 and 14x14 planes,
+         * whose dx is formed in float along flat rows; runs of 21 with 42
+         * values per channel; a sample of one with 20 (below 32 values per
+         * channel: the double dx); and an output of over 4 MiB, whose
+         * normalize streams along flat rows. */
+        tu_desc(SBN_LAYOUT_NCHW, 4, (size_t)8, (size_t)33, (size_t)7,
+                (size_t)7),
+        tu_desc(SBN_LAYOUT_NCHW, 4, (size_t)4, (size_t)17, (size_t)14,
+                (size_t)14),
+        /* The longest short run (SHORT_S = 256: 16 values per lane). */
+        tu_desc(SBN_LAYOUT_NCHW, 4, (size_t)3, (size_t)19, (size_t)16,
+                (size_t)16),
+        tu_desc(SBN_LAYOUT_NCHW, 4, (size_t)2, (size_t)5, (size_t)3, (size_t)7),
+        tu_desc(SBN_LAYOUT_NCHW, 4, (size_t)1, (size_t)3, (size_t)4, (size_t)5),
+        tu_desc(SBN_LAYOUT_NCHW, 4, (size_t)16, (size_t)333, (size_t)14,
+                (size_t)14)};
     for (size_t i = 0; i < sizeof big / sizeof *big; i++) {
       k.d = big[i];
       run_case(&k, sets[ks], 79 + i);
@@ -384,13 +400,15 @@ static void test_bn_large_mean(void **state) {
   sbn_kernel_select("ref");
 }
 
-/* The local single pass over L2 blocks of channels (ops/batchnorm_overlap.c,
- * turned on by SBN_BN_SINGLE_PASS=1; it plans blocks of half of 1 MiB of
- * x, or of x and dy), and the same shapes unblocked: C not a multiple of
- * the block (37 channels of 32 KiB: forward blocks of 16, backward of 8),
- * one channel larger than L2 (1 MiB per channel: blocks of one), N = 1,
- * and a block of one sample's channels, at a large mean, against float64
- * in every kernel set, training and eval. */
+/* The local blocked passes (ops/batchnorm_overlap.c) and the same shapes
+ * unblocked: SBN_BN_SINGLE_PASS=1 plans L2 blocks of half of 1 MiB of x,
+ * or of x and dy; unset, a backward of more than 8 MiB of x and dy runs
+ * in L3 blocks of 4 MiB; =0 blocks nothing. C not a multiple of the
+ * block (37 channels of 32 KiB: forward blocks of 16, backward of 8; 37
+ * channels of 392 KiB of x and dy: L3 blocks of 10 and a last of 7), one
+ * channel larger than the block (blocks of one), N = 1, and a block of
+ * one sample's channels, at a large mean, against float64 in every
+ * kernel set, training and eval. */
 static void test_bn_l2_blocks(void **state) {
   (void)state;
   const char *const *sets;
@@ -402,11 +420,14 @@ static void test_bn_l2_blocks(void **state) {
               (size_t)512),
       tu_desc(SBN_LAYOUT_NCHW, 4, (size_t)1, (size_t)37, (size_t)96,
               (size_t)97),
-      tu_desc(SBN_LAYOUT_NCHW, 3, (size_t)1, (size_t)5, (size_t)300000)};
+      tu_desc(SBN_LAYOUT_NCHW, 3, (size_t)1, (size_t)5, (size_t)300000),
+      tu_desc(SBN_LAYOUT_NCHW, 4, (size_t)4, (size_t)37, (size_t)112,
+              (size_t)112)};
+  static const char *const env[] = {NULL, "1", "0"};
   uint64_t seed = 900;
-  for (int on = 0; on < 2; on++) {
-    if (on)
-      setenv("SBN_BN_SINGLE_PASS", "1", 1);
+  for (int on = 0; on < 3; on++) {
+    if (env[on] != NULL)
+      setenv("SBN_BN_SINGLE_PASS", env[on], 1);
     for (int ks = 0; ks < nsets; ks++) {
       if (tu_kernel_use(sets[ks]))
         continue;

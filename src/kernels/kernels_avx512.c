@@ -29,6 +29,7 @@
 #ifdef SBN__HAVE_AVX512
 #include "kernels/avx512_inl.h"
 
+#include "kernels/kernels_avx512_short.h"
 #include "kernels/kernels_avx512_nhwc.h"
 #include "kernels/kernels_geo_inl.h"
 
@@ -274,91 +275,6 @@ static void run_apply(const float *p, const float *g, float *q, size_t n,
 }
 
 /* ------------------------------------------------------------------ */
-/* Short runs (16 <= S <= SHORT_S: NCHW with 7x7 or 14x14 planes), 16
- * channels at a time. A run of 49 values is three vectors and a lane, and
- * reducing each run's two sums across lanes and into double cost more than
- * summing it (the 2048 x 7 x 7 moments ran at twice a memcpy). Here every
- * channel's lanes are summed as in run_moments, and the 16 channels' sum
- * vectors are then reduced together by a transposing tree, about 3
- * instructions per channel and sum instead of some 12, and folded into
- * double as one vector. A lane adds at most SHORT_S / 16 = 12 values and
- * the tree 4 more levels, so each sum is at most 16 float additions deep,
- * as in the long runs. */
-#define SHORT_S 192
-
-/* Moments or backward sums of channels [c0, c0 + nc) (nc <= 16) of one
- * row a, added into s1 and s2 from c0 on. Moments add x - k and its
- * square; backward adds dy and dy * xhat with xhat = ((x - h) - l) * is
- * from the channel's split mean. */
-static inline __attribute__((always_inline)) void short_block(
-    int bwd, const float *x, const float *dy, size_t nc, size_t S,
-    const float *k, float *pick, const double *mean, const double *istd,
-    double *s1, double *s2) {
-  __m512 va[16], vb[16];
-  size_t full = S & ~(size_t)15;
-  __mmask16 tm = tail_mask(S - full);
-  for (size_t j = 0; j < 16; j++) {
-    __m512 a = _mm512_setzero_ps(), b = a;
-    if (j < nc) {
-      const float *p = x + j * S, *q = bwd ? dy + j * S : NULL;
-      __m512 h, l = _mm512_setzero_ps(), is = l;
-      if (bwd) {
-        float fh = (float)mean[j];
-        h = _mm512_set1_ps(fh);
-        l = _mm512_set1_ps((float)(mean[j] - (double)fh));
-        is = _mm512_set1_ps((float)istd[j]);
-      } else if (pick != NULL) {
-        /* The run's first element (S >= 16: a whole first vector). */
-        pick[j] = p[0];
-        h = _mm512_set1_ps(pick[j]);
-      } else {
-        h = _mm512_set1_ps(k[j]);
-      }
-      for (size_t s = 0; s <= full; s += 16) {
-        __mmask16 m = s < full ? (__mmask16)0xFFFF : tm;
-        if (m == 0)
-          break;
-        __m512 v = _mm512_maskz_sub_ps(m, load16(m, p + s), h);
-        if (bwd) {
-          __m512 g = load16(m, q + s);
-          a = _mm512_add_ps(a, g);
-          b = _mm512_fmadd_ps(g, _mm512_mul_ps(_mm512_sub_ps(v, l), is), b);
-        } else {
-          a = _mm512_add_ps(a, v);
-          b = _mm512_fmadd_ps(v, v, b);
-        }
-      }
-    }
-    va[j] = a;
-    vb[j] = b;
-  }
-  fold_first(tree16(va), nc, s1);
-  fold_first(tree16(vb), nc, s2);
-}
-
-/* The short-run sums of an (A, C, S) view with rows lda apart. With
- * pick, moments first set pick[c] = x[c * S] as they reach it in row 0
- * and shift by it (see moments_pick). */
-static void short_sums(int bwd, const float *x, const float *dy, size_t A,
-                       size_t C, size_t S, size_t lda, const float *k,
-                       float *pick, const double *mean, const double *istd,
-                       double *s1, double *s2) {
-  for (size_t a = 0; a < A; a++)
-    for (size_t c = 0; c < C; c += 16) {
-      size_t nc = C - c < 16 ? C - c : 16, o = a * lda + c * S;
-      if (bwd)
-        short_block(1, x + o, dy + o, nc, S, NULL, NULL, mean + c, istd + c,
-                    s1 + c, s2 + c);
-      else if (pick != NULL && a == 0)
-        short_block(0, x + o, NULL, nc, S, NULL, pick + c, NULL, NULL, s1 + c,
-                    s2 + c);
-      else
-        short_block(0, x + o, NULL, nc, S, pick != NULL ? pick + c : k + c,
-                    NULL, NULL, NULL, s1 + c, s2 + c);
-    }
-}
-
-/* ------------------------------------------------------------------ */
 /* Elementwise passes over the position view. */
 
 /* y = ((x - h) - l) * sc + sh with per-position parameters. */
@@ -532,7 +448,8 @@ static void avx512_moments_ld(const float *x, size_t A, size_t C, size_t S,
     return;
   }
   if (S <= SHORT_S) {
-    short_sums(0, x, NULL, A, C, S, lda, k, NULL, NULL, NULL, s1, s2);
+    sbn__avx512_short_sums(0, x, NULL, A, C, S, lda, k, NULL, NULL, NULL, s1,
+                           s2);
     return;
   }
   for (size_t a = 0; a < A; a++)
@@ -545,7 +462,8 @@ static void avx512_moments_ld(const float *x, size_t A, size_t C, size_t S,
 static void avx512_moments_pick(const float *x, size_t A, size_t C, size_t S,
                                 size_t lda, float *k, double *s1, double *s2) {
   if (A * S >= SMALL_STAT && S >= 16 && S <= SHORT_S && A > 0) {
-    short_sums(0, x, NULL, A, C, S, lda, NULL, k, NULL, NULL, s1, s2);
+    sbn__avx512_short_sums(0, x, NULL, A, C, S, lda, NULL, k, NULL, NULL, s1,
+                           s2);
     return;
   }
   for (size_t c = 0; c < C; c++)
@@ -564,6 +482,10 @@ static void avx512_normalize_ld(const float *x, float *y, size_t A, size_t C,
     return;
   }
   int nt = want_nt(A, C, S, lda);
+  if (flat_norm(S, nt)) {
+    sbn__avx512_flat_normalize(x, y, A, C, S, lda, mh, ml, scale, shift, nt);
+    return;
+  }
   for (size_t a = 0; a < A; a++)
     for (size_t c = 0; c < C; c++) {
       size_t o = a * lda + c * S;
@@ -592,7 +514,8 @@ static void avx512_bwd_reduce_ld(const float *x, const float *dy, size_t A,
     return;
   }
   if (S <= SHORT_S) {
-    short_sums(1, x, dy, A, C, S, lda, NULL, NULL, mean, istd, sdy, sdyx);
+    sbn__avx512_short_sums(1, x, dy, A, C, S, lda, NULL, NULL, mean, istd, sdy,
+                           sdyx);
     return;
   }
   for (size_t a = 0; a < A; a++)
@@ -622,6 +545,12 @@ static void avx512_bwd_apply_ld(const float *x, const float *dy, float *dx,
     if (sbn__avx512_cl_apply(x, dy, dx, A, C, S, lda, mean, istd, k1, k2, k3))
       return;
     pos_apply(x, dy, dx, A, C, S, lda, mean, istd, k1, k2, k3);
+    return;
+  }
+  /* Short runs take float dx run by run (kernels_avx512_short.c), stored
+   * normally as apply_nt would have them. */
+  if (short_apply(S) && A * S >= SMALL_STAT) {
+    sbn__avx512_short_apply(x, dy, dx, A, C, S, lda, mean, istd, k1, k2, k3);
     return;
   }
   int nt = apply_nt(A, C, S);

@@ -27,10 +27,12 @@
  * processes may associate the merges of a sub-array differently from the whole,
  * which is rounding.
  *
- * The same halves, with nothing to reduce, make the local single pass
- * (pass_alone): chunks are L2 blocks of channels and each is finished
- * right after its sums. It is off unless SBN_BN_SINGLE_PASS=1, as it
- * measured slower than the unblocked passes (see bn_single_pass). */
+ * The same halves, with nothing to reduce, make the local blocked passes
+ * (pass_alone): chunks are blocks of channels and each is finished right
+ * after its sums. By default only a large backward is blocked, in blocks
+ * for the L3 (bn_l3_block); SBN_BN_SINGLE_PASS=1 asks for L2 blocks in
+ * both passes, which measured slower than the unblocked passes, and =0
+ * for no blocks (see bn_single_pass). */
 #include <math.h>
 #include <stdlib.h>
 
@@ -83,18 +85,60 @@ static int bn_alone(const sbn_layer_t *l) {
   return l->comm == NULL || l->comm->size <= 1;
 }
 
-/* Whether the environment asks for the local single pass
- * (SBN_BN_SINGLE_PASS=1). It is off by default: on the machine it was
- * measured on (AMD EPYC, 1 MiB L2 per core, 32 MiB L3, one thread) the
- * unblocked two passes were as fast or faster, forward and backward, at
- * 8 to 100 MB (README, "BatchNorm single pass"): one core's bandwidth is
- * bound by the misses it can keep in flight, not by the bytes moved, and
- * the second pass of a 2-pass forward costs about what the block's
- * second half costs from L2. Read on every call that could use it: a
- * getenv against a pass over more than half a megabyte. */
+/* The local pass the environment asks for: SBN_BN_SINGLE_PASS=1 the L2
+ * single pass, forward and backward; =0 no blocks at all (the unblocked
+ * passes, for comparison); otherwise (unset) the default, L3 blocks for a
+ * large backward (bn_l3_block). The L2 single pass is off by default: on
+ * the machine it was measured on (AMD EPYC, 1 MiB L2 per core, 32 MiB L3,
+ * one thread) the unblocked two passes were as fast or faster, forward
+ * and backward, at 8 to 100 MB (README, "BatchNorm single pass"): one
+ * core's bandwidth is bound by the misses it can keep in flight, not by
+ * the bytes moved, and the second pass of a 2-pass forward costs about
+ * what the block's second half costs from L2. Read on every call that
+ * could use it: a getenv against a pass over more than half a megabyte. */
 static int bn_single_pass(void) {
   const char *e = getenv("SBN_BN_SINGLE_PASS");
-  return e != NULL && e[0] == '1' && e[1] == '\0';
+  if (e != NULL && (e[0] == '0' || e[0] == '1') && e[1] == '\0')
+    return e[0] - '0';
+  return -1;
+}
+
+/* A local backward's blocks of channels whose x and dy together fill
+ * about this much, far less than the 32 MiB L3 (which other cores
+ * share): the block's sums read x and dy from memory and its dx reads
+ * them again from L3, where the unblocked dx of a tensor larger than the
+ * L3 read them from memory a second time (24 bytes per element moved
+ * instead of 16). Measured against no blocks (SBN_BN_SINGLE_PASS=0), 6
+ * alternating rounds, backward floor_ratio: 8x256x56x56 1.60 -> 1.42,
+ * 8x64x112x112 1.57 -> 1.36, 8x512x28x28 1.48 -> 1.42 (README, "BatchNorm
+ * NCHW: short runs and the L3-blocked backward"). */
+#ifndef SBN__L3_BLOCK_BYTES
+#define SBN__L3_BLOCK_BYTES (4.0 * 1024.0 * 1024.0)
+#endif
+
+/* The shortest run of a block within one sample, in bytes of one tensor:
+ * a block is N such runs, and with 32 samples of 64 KiB (32x64x32x32) the
+ * blocked backward measured slower than the unblocked one in four runs
+ * (1.48-1.58 against 1.30-1.47), each short run starting its streams
+ * again. */
+#define SBN__L3_MIN_RUN (128.0 * 1024.0)
+
+static size_t bn_l3_block(const sbn__shape_t *sh, double chan) {
+  double all = chan * (double)sh->C;
+  /* Measured with the AVX-512 set's strided entries; a set without them
+   * would run a block as one dense call per sample (kernels/strided.c),
+   * and the AVX2 set's calls of fewer than 32 values take the reference's
+   * double loops. */
+  const sbn__kernels_t *t = sbn__kernels();
+  if (all <= 2 * SBN__L3_BLOCK_BYTES || t->bwd_reduce_ld == NULL ||
+      t->bwd_apply_ld == NULL)
+    return 0;
+  double cb = floor(SBN__L3_BLOCK_BYTES / chan);
+  if (cb < 1)
+    cb = 1;
+  if (cb * (double)sh->S * sizeof(float) < SBN__L3_MIN_RUN)
+    return 0;
+  return cb >= (double)sh->C ? 0 : (size_t)cb;
 }
 
 size_t sbn__bn_block(const sbn_layer_t *l, const sbn__shape_t *sh,
@@ -103,10 +147,13 @@ size_t sbn__bn_block(const sbn_layer_t *l, const sbn__shape_t *sh,
    * split dense calls (ops/par.c). Channels-last rows hold every channel,
    * so no channel block is contiguous there and a block would have to
    * hold the whole tensor. */
+  int mode = bn_single_pass();
   if (!bn_alone(l) || sh->layout != SBN_LAYOUT_NCHW || sh->C < 2 ||
-      sh->numel == 0 || sbn_threads() > 1 || !bn_single_pass())
+      sh->numel == 0 || sbn_threads() > 1 || mode == 0)
     return 0;
   double chan = (double)sh->N * (double)sh->S * sizeof(float) * tensors;
+  if (mode < 0)
+    return tensors == 2 ? bn_l3_block(sh, chan) : 0;
   double cb = floor(SBN__BLOCK_FILL * SBN_PLAN_L2_BYTES / chan);
   if (cb >= (double)sh->C)
     return 0;

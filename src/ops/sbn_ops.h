@@ -150,12 +150,14 @@ void sbn__bn_bwd_chan(const sbn_layer_t *l, const sbn_backward_args_t *a,
  * given global count per channel (the plan of params.reduce_chunk), or 0
  * for one reduction of every channel. */
 size_t sbn__bn_chunk(const sbn_layer_t *l, size_t C, double count);
-/* Channels per L2 block for a local training pass that reads `tensors`
+/* Channels per block for a local training pass that reads `tensors`
  * tensors of sh (1: forward's x; 2: backward's x and dy), or 0 where the
  * one unblocked pass is as good: a layer that reduces over other
  * processes, channels-last, a threaded build, or a tensor whose blocks
- * would hold every channel. A channel larger than the block is a block of
- * its own. */
+ * would hold every channel. By default only a backward of more than
+ * 8 MiB of x and dy is blocked, for the L3; SBN_BN_SINGLE_PASS=1 plans L2
+ * blocks for both passes (a channel larger than the block is a block of
+ * its own), =0 none. */
 size_t sbn__bn_block(const sbn_layer_t *l, const sbn__shape_t *sh, int tensors);
 /* Training forward and backward in chunks of cc channels (0 < cc < C),
  * on arguments the front door has checked. On a layer that reduces over
