@@ -195,6 +195,34 @@ static inline void fold_first(__m512 v, size_t n, double *d) {
   _mm512_mask_storeu_pd(d + 8, hi, b);
 }
 
+/* The two float sum vectors of one run of S >= 16 values shifted by h
+ * (full = S rounded down to whole vectors, tm = the mask of the rest, 0
+ * when there is none): moments (bwd = 0) add x - h and its square,
+ * backward adds dy and dy * (x - h). The tail's lanes past S give x - h =
+ * 0 and dy = 0, so they add nothing. One run of the 16 that the short-run
+ * tiles reduce together (kernels_avx512_short.c, kernels_avx512_gn.c). */
+static inline __attribute__((always_inline)) void short_run(
+    int bwd, const float *p, const float *q, size_t full, __mmask16 tm,
+    __m512 h, __m512 *pa, __m512 *pb) {
+  __m512 a = _mm512_setzero_ps(), b = a;
+  for (size_t s = 0; s <= full; s += 16) {
+    __mmask16 m = s < full ? (__mmask16)0xFFFF : tm;
+    if (m == 0)
+      break;
+    __m512 v = _mm512_maskz_sub_ps(m, load16(m, p + s), h);
+    if (bwd) {
+      __m512 g = load16(m, q + s);
+      a = _mm512_add_ps(a, g);
+      b = _mm512_fmadd_ps(g, v, b);
+    } else {
+      a = _mm512_add_ps(a, v);
+      b = _mm512_fmadd_ps(v, v, b);
+    }
+  }
+  *pa = a;
+  *pb = b;
+}
+
 /* The table's gn_bwd_nchw (kernels_avx512_gn.c). */
 int sbn__avx512_gn_bwd_nchw(const float *x, const float *dy, float *dx,
                             size_t G, size_t cpg, size_t S, const double *mean,

@@ -88,21 +88,9 @@ static void tile_sums(const float *x, const float *dy, size_t nc, size_t S,
   __mmask16 tm = tail_mask(S - full);
   for (size_t j = 0; j < 16; j++) {
     __m512 a = _mm512_setzero_ps(), b = a;
-    if (j < nc) {
-      const float *p = x + j * S, *q = dy + j * S;
-      __m512 vh = _mm512_set1_ps(ph[j]);
-      for (size_t s = 0; s < full; s += 16) {
-        __m512 g = _mm512_loadu_ps(q + s);
-        a = _mm512_add_ps(a, g);
-        b = _mm512_fmadd_ps(g, _mm512_sub_ps(_mm512_loadu_ps(p + s), vh), b);
-      }
-      if (tm != 0) {
-        __m512 g = _mm512_maskz_loadu_ps(tm, q + full);
-        __m512 v = _mm512_maskz_loadu_ps(tm, p + full);
-        a = _mm512_add_ps(a, g);
-        b = _mm512_fmadd_ps(g, _mm512_sub_ps(v, vh), b);
-      }
-    }
+    if (j < nc)
+      short_run(1, x + j * S, dy + j * S, full, tm, _mm512_set1_ps(ph[j]), &a,
+                &b);
     va[j] = a;
     vb[j] = b;
   }

@@ -221,20 +221,7 @@ static inline __attribute__((always_inline)) void short_block(
       } else {
         h = _mm512_set1_ps(k[j]);
       }
-      for (size_t s = 0; s <= full; s += 16) {
-        __mmask16 m = s < full ? (__mmask16)0xFFFF : tm;
-        if (m == 0)
-          break;
-        __m512 v = _mm512_maskz_sub_ps(m, load16(m, p + s), h);
-        if (bwd) {
-          __m512 g = load16(m, q + s);
-          a = _mm512_add_ps(a, g);
-          b = _mm512_fmadd_ps(g, v, b);
-        } else {
-          a = _mm512_add_ps(a, v);
-          b = _mm512_fmadd_ps(v, v, b);
-        }
-      }
+      short_run(bwd, p, q, full, tm, h, &a, &b);
     }
     va[j] = a;
     vb[j] = b;
