@@ -475,13 +475,6 @@ typedef void (*cl_apply_fn)(const float *, const float *, float *, size_t,
 CL_ROWS4(CL_APPLY)
 static const cl_apply_fn cl_apply_fns[2][4] = CL_TAB4(cl_apply_);
 
-/* cl_apply streams dx where the forward streams y (cl_want_nt): dx is
- * written once and not read again by the pass. Stored normally, each line
- * of dx is first read from memory, and in a sample of InstanceNorm or
- * GroupNorm it evicts from L2 the x and dy that the pass reads next.
- * Measured in one run against plain stores (syncbn bench kernels, NHWC):
- * BatchNorm 32x64x32x32 backward 1.78 -> 1.55 of its floor, InstanceNorm
- * 1.79 -> 1.38 (a 256 KiB sample) and 8x64x56x56 1.72 -> 1.34. */
 /* The dx parameters of a piece, its positions rotated by rot. */
 static void cl_layout_dx(const geo_t *g, size_t C, size_t S, size_t rot,
                          const double *mean, const double *istd,
@@ -517,6 +510,14 @@ int sbn__avx512_cl_apply(const float *x, const float *dy, float *dx, size_t A,
   size_t off;
   if (!cl_takes(A, C, S, lda, 64, 0))
     return 0;
+  /* cl_apply streams dx where the forward streams y (cl_want_nt): dx is
+   * written once and not read again by the pass. Stored normally, each line
+   * of dx is first read from memory, and in a sample of InstanceNorm or
+   * GroupNorm it evicts from L2 the x and dy that the pass reads next.
+   * Measured in one run against plain stores (syncbn bench kernels, NHWC,
+   * medians of five alternations):
+   * BatchNorm 32x64x32x32 backward 1.78 -> 1.55 of its floor, InstanceNorm
+   * 1.79 -> 1.38 (a 256 KiB sample) and 8x64x56x56 1.72 -> 1.34. */
   int nt = cl_want_nt(A, C, S, lda);
   size_t np = 0;
   while (cl_piece(A, C, S, lda, np, 64, g, &off))
