@@ -390,6 +390,52 @@ static void test_channels_last_stream_dx(void **state) {
   sbn_kernel_select("ref");
 }
 
+/* Channels-last dx of the optimized sets' backward in the shapes whose
+ * stores stream or whose rows are taken a few at a time: register-tile
+ * rows (C = 1, 3, 16, 64; kernels_avx512_nhwc.c's cl_apply) in samples
+ * of over 256 KiB, and rows wider than 1024 positions (C = 1500 with a
+ * partial last vector, 2048, and 2100 in two pieces; kernels_avx512.c's
+ * piece_bwd_sums and pos_apply_wide) over 49, 70 and 37 rows, which leave
+ * a short last block of rows. Offsets of 1 and 12 floats: a masked head
+ * before the first line, and (with glibc's 16-byte header on the large
+ * buffers it maps) no head at all, so both the streamed and the plain
+ * store paths run. */
+static void test_channels_last_stream_rows(void **state) {
+  (void)state;
+  const char *const *sets;
+  int nsets = tu_kernel_sets(&sets);
+  static const size_t shapes[][2] = {{1, 70001}, {3, 23334}, {16, 4376},
+                                     {64, 1094}, {1500, 70}, {2048, 49},
+                                     {2100, 37}};
+  const size_t offs[] = {1, 12};
+  const sbn_op_t ops[] = {SBN_OP_BATCHNORM, SBN_OP_INSTANCENORM,
+                          SBN_OP_GROUPNORM};
+  const char *opn[] = {"bn", "in", "gn"};
+  for (int ks = 0; ks < nsets; ks++) {
+    if (strcmp(sets[ks], "ref") == 0 || tu_kernel_use(sets[ks]) != 0)
+      continue;
+    for (int io = 0; io < 3; io++)
+      for (size_t i = 0; i < sizeof shapes / sizeof *shapes; i++)
+        for (size_t k = 0; k < 2; k++) {
+          size_t C = shapes[i][0], S = shapes[i][1], N = 2, off = offs[k];
+          char what[128];
+          snprintf(what, sizeof what, "%s %s NHWC N=%zu C=%zu S=%zu off=%zu",
+                   sets[ks], opn[io], N, C, S, off);
+          outs_t a, b;
+          assert_int_equal(sbn_kernel_select("ref"), 0);
+          run_op_at(ops[io], SBN_LAYOUT_NHWC, N, C, S, SBN_MODE_TRAIN, 0, &a,
+                    what);
+          assert_int_equal(sbn_kernel_select(sets[ks]), 0);
+          run_op_at(ops[io], SBN_LAYOUT_NHWC, N, C, S, SBN_MODE_TRAIN, off, &b,
+                    what);
+          compare_outs(ops[io], opn[io], N, C, S, &a, &b, what);
+          free_outs(&a);
+          free_outs(&b);
+        }
+  }
+  sbn_kernel_select("ref");
+}
+
 /* The name reported matches the selection, and the automatic choice is one
  * of the known sets. */
 static void test_names(void **state) {
@@ -644,6 +690,7 @@ int main(void) {
       cmocka_unit_test(test_wide_unaligned),
       cmocka_unit_test(test_channels_last_tiles),
       cmocka_unit_test(test_channels_last_stream_dx),
+      cmocka_unit_test(test_channels_last_stream_rows),
       cmocka_unit_test(test_group_backward_nchw),
       cmocka_unit_test(test_layout_agreement),
       cmocka_unit_test(test_dropout_sets),

@@ -116,6 +116,53 @@ static inline __attribute__((always_inline)) void piece_sums(
   }
 }
 
+/* Rows of a block that the backward sums of a wide piece take together:
+ * each vector of a column is loaded once for BR rows instead of once per
+ * row, and its float partial sums stay in registers across them. */
+#define BR 4
+
+/* The backward's piece_sums (dy and dy * (x - h)), BR rows at a time: a
+ * row of 2048 positions has 16 KiB of float partial sums and 8 KiB of
+ * parameters, which with the streams overflow the 32 KiB L1, so that
+ * piece_sums' load and store of both partial sums per vector of data went
+ * to L2 (perf: its sums of a 7x7 sample of 2048 channels took longer
+ * than a two-read-one-write stream of the same bytes). */
+static void piece_bwd_sums(const float *x, const float *dy, const geo_t *g,
+                           const float *pa, double *d1, double *d2) {
+  float f1[BMAX] __attribute__((aligned(64)));
+  float f2[BMAX] __attribute__((aligned(64)));
+  size_t L = g->L, st = g->stride;
+  for (size_t r0 = 0; r0 < g->rows; r0 += RB) {
+    size_t r1 = g->rows - r0 < RB ? g->rows : r0 + RB;
+    for (size_t j = 0; j < L; j += 16) {
+      _mm512_store_ps(f1 + j, _mm512_setzero_ps());
+      _mm512_store_ps(f2 + j, _mm512_setzero_ps());
+    }
+    for (size_t r = r0; r < r1; r += BR) {
+      size_t nr = r1 - r < BR ? r1 - r : BR;
+      const float *p = x + r * st, *q = dy + r * st;
+      for (size_t j = 0; j < L; j += 16) {
+        __mmask16 m = tail_mask(L - j);
+        __m512 h = _mm512_load_ps(pa + j);
+        __m512 a = _mm512_load_ps(f1 + j), b = _mm512_load_ps(f2 + j);
+        for (size_t i = 0; i < nr; i++) {
+          /* Masked-off lanes load dy = 0 and add nothing. */
+          __m512 gv = load16(m, q + i * st + j);
+          a = _mm512_add_ps(a, gv);
+          b = _mm512_fmadd_ps(gv, _mm512_sub_ps(load16(m, p + i * st + j), h),
+                              b);
+        }
+        _mm512_store_ps(f1 + j, a);
+        _mm512_store_ps(f2 + j, b);
+      }
+    }
+    for (size_t j = 0; j < L; j += 16) {
+      fold_mem(_mm512_load_ps(f1 + j), d1 + j);
+      fold_mem(_mm512_load_ps(f2 + j), d2 + j);
+    }
+  }
+}
+
 /* The sums of the position view: lays out the per-position parameters of
  * each piece, sums it, and adds the per-position results to their
  * channels. k (moments) or mean and istd (backward) are per channel. */
@@ -137,7 +184,10 @@ static inline __attribute__((always_inline)) void pos_sums(
     pos_chans(g, C, S, L16, ch);
     for (size_t j = 0; j < L16; j++)
       lane_params(bwd, j, ch[j], k, mean, istd, pa, pb, pc, d1, d2);
-    piece_sums(bwd, x + off, bwd ? dy + off : NULL, g, pa, d1, d2);
+    if (bwd && L > PMAX)
+      piece_bwd_sums(x + off, dy + off, g, pa, d1, d2);
+    else
+      piece_sums(bwd, x + off, bwd ? dy + off : NULL, g, pa, d1, d2);
     for (size_t j = 0; j < L; j++) {
       size_t c = ch[j];
       s1[c] += d1[j];
@@ -362,6 +412,32 @@ static int pos_apply_nt(size_t A, size_t C, size_t S, size_t lda) {
   return 3 * span > POS_L2_BYTES && 2 * span <= POS_L2_BYTES;
 }
 
+/* dx of the rows of a piece wider than PMAX, BR rows at a time, last to
+ * first (see pos_apply): its four float parameters (32 KiB for 2048
+ * positions) overflow the L1 beside the streams, so each vector of them
+ * is loaded once for BR rows instead of once per row, as the sums do
+ * (piece_bwd_sums). Streams only when every vector starts a line. */
+static void pos_apply_wide(const float *p, const float *d, float *q,
+                           const geo_t *g, const float *pk, const float *pq,
+                           const float *ph, const float *pr, int nt) {
+  size_t L = g->L, st = g->stride, nb = (g->rows + BR - 1) / BR;
+  nt = nt && L % 16 == 0 && st % 16 == 0 && ((uintptr_t)q & 63) == 0;
+  for (size_t b = nb; b-- > 0;) {
+    size_t r0 = b * BR, nr = g->rows - r0 < BR ? g->rows - r0 : BR;
+    for (size_t j = (L - 1) / 16 * 16 + 16; j > 0;) {
+      j -= 16;
+      __mmask16 m = tail_mask(L - j);
+      __m512 vk = _mm512_loadu_ps(pk + j), vq = _mm512_loadu_ps(pq + j);
+      __m512 vh = _mm512_loadu_ps(ph + j), vr = _mm512_loadu_ps(pr + j);
+      for (size_t i = nr; i-- > 0;) {
+        size_t o = (r0 + i) * st + j;
+        __m512 t = _mm512_fmadd_ps(vq, _mm512_sub_ps(load16(m, p + o), vh), vr);
+        store16(q + o, _mm512_fmadd_ps(vk, load16(m, d + o), t), m, nt);
+      }
+    }
+  }
+}
+
 /* dx with per-position float parameters (see apply16f), laid out and
  * streamed like pos_normalize. */
 static void pos_apply(const float *x, const float *dy, float *dx, size_t A,
@@ -388,6 +464,10 @@ static void pos_apply(const float *x, const float *dy, float *dx, size_t A,
       dx_params_f(j, ch[j], mean, istd, k1, k2, k3, pk, pq, ph, pr);
     const float *p = x + off, *d = dy + off;
     float *q = dx + off;
+    if (L > PMAX) {
+      pos_apply_wide(p, d, q, g, pk, pq, ph, pr, nt);
+      continue;
+    }
     if (g->stride == L && L >= 16) {
       size_t n = g->rows * L, h = head_elems(q, n, nt);
       /* Vectors from position h on, the last one first (j: its start
