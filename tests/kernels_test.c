@@ -316,6 +316,8 @@ static void test_wide_unaligned(void **state) {
 /* Channels-last shapes for the register-tile passes of the optimized sets
  * (kernels_avx512_nhwc.c): rows of several tiles with and without a partial
  * last vector (C = 48 .. 1000; C = 272 is the period of 17 channels;
+ * C = 300 and 600 are wide rows of the moments' one-row and eight-row
+ * sweeps with a partial last vector, GroupNorm's laid out per position;
  * C = 2100 is more than one piece of 2048 positions),
  * GroupNorm groups of 16, 32 and 64 channels (short runs in the group
  * view, beside the channel view's rows), samples of over 256 KiB (whose
@@ -325,7 +327,7 @@ static void test_channels_last_tiles(void **state) {
   (void)state;
   const char *const *sets;
   int nsets = tu_kernel_sets(&sets);
-  const size_t Cs[] = {48, 96, 192, 256, 272, 1000, 2100};
+  const size_t Cs[] = {48, 96, 192, 256, 272, 300, 600, 1000, 2100};
   const sbn_op_t ops[] = {SBN_OP_BATCHNORM, SBN_OP_INSTANCENORM,
                           SBN_OP_GROUPNORM};
   const char *opn[] = {"bn", "in", "gn"};
