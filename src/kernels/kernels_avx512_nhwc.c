@@ -294,6 +294,16 @@ static void cl_layout_sums(int bwd, const geo_t *g, const unsigned *ch,
 /* Rows one sweep adds for rows wider than CL_SWEEP_L positions. */
 #define CL_SWEEP 8
 #define CL_SWEEP_L 512
+/* Calls reading at least this much take the sweeps; smaller ones the
+ * tiles. The sweeps pay only from memory: on a cache-resident view
+ * (the same buffer again, as the bench does and as a layer's input that
+ * its producer just wrote is) one row at a time took 1.8 times the tiles'
+ * time for C = 256 and 512 and eight rows a sweep 1.2 times for C = 1000
+ * and 1024 (same-run A/B). A BatchNorm forward over x of 8 MiB or more
+ * passes x and y through the 32 MiB L3 (16 MiB and more a step), and the
+ * bench's 8x512x28x28 (12.8 MB) and 8x256x56x56 (25.7 MB) gained
+ * there, while 8x1024x14x14 (6.4 MB) lost. */
+#define CL_COLD_BYTES ((size_t)8 << 20)
 
 /* Adds R rows (stride apart) of L positions, shifted by pk, into the
  * float sums a and b (aligned, cl_pad(L) long); lanes past L add zero,
@@ -386,28 +396,31 @@ int sbn__avx512_cl_sums(int bwd, const float *x, const float *dy, size_t A,
   double d2[CL_LEN] __attribute__((aligned(64)));
   unsigned ch[CL_LEN];
   size_t vmax = bwd ? 4 : 8, off;
+  size_t span = A > 0 ? (A - 1) * lda + C * S : 0;
   geo_t g[1];
   if (!cl_takes(A, C, S, lda, 16 * vmax, !bwd))
     return 0;
   for (size_t i = 0; cl_piece(A, C, S, lda, i, 16 * vmax, g, &off); i++) {
     size_t L = g->L, st = g->stride, c0 = g->j0 % C;
-    size_t pf = L <= 16 * vmax ? (size_t)CL_PF : RB * st;
+    /* The tiles of a wide row (moments only) prefetch nothing: a prefetch
+     * of the next block (RB rows on) measured 1.1-1.5 times as slow from
+     * memory and 1.0-1.2 in cache as none (same-run A/B, C = 512 .. 2048);
+     * pf = 0 prefetches the lines being loaded. */
+    size_t pf = L <= 16 * vmax ? (size_t)CL_PF : 0;
     const float *xp = x + off, *dp = bwd ? dy + off : NULL;
-    int wide = !bwd && L > 16 * vmax;
-    /* A wide piece of one position per channel (S = 1: BatchNorm and
+    int sweep = !bwd && L > 16 * vmax && span >= CL_COLD_BYTES / sizeof *x;
+    /* A swept piece of one position per channel (S = 1: BatchNorm and
      * InstanceNorm) is channels c0 .. c0 + L - 1 in order, so k, s1 and
-     * s2 serve as its per-position arrays and nothing is laid out (at 7x7
-     * a sample of InstanceNorm is only 49 rows, and laying out and
-     * scattering 2048 positions cost a fair part of its pass). */
-    if (wide && S == 1 && c0 + L <= C) {
+     * s2 serve as its per-position arrays and nothing is laid out. */
+    if (sweep && S == 1 && c0 + L <= C) {
       cl_mom_wide(xp, g->rows, st, L, k + c0, s1 + c0, s2 + c0);
       continue;
     }
     cl_chans(g, C, S, 0, ch);
     cl_layout_sums(bwd, g, ch, k, mean, istd, pa, pb, pc, d1, d2);
-    if (wide)
+    if (sweep)
       cl_mom_wide(xp, g->rows, st, L, pa, d1, d2);
-    for (size_t r0 = 0; !wide && r0 < g->rows; r0 += RB) {
+    for (size_t r0 = 0; !sweep && r0 < g->rows; r0 += RB) {
       size_t nr = g->rows - r0 < RB ? g->rows - r0 : RB;
       for (size_t j = 0; j < L; j += 16 * vmax) {
         size_t w = L - j < 16 * vmax ? L - j : 16 * vmax;
