@@ -294,15 +294,16 @@ static void cl_layout_sums(int bwd, const geo_t *g, const unsigned *ch,
 /* Rows one sweep adds for rows wider than CL_SWEEP_L positions. */
 #define CL_SWEEP 8
 #define CL_SWEEP_L 512
-/* Calls reading at least this much take the sweeps; smaller ones the
- * tiles. The sweeps pay only from memory: on a cache-resident view
- * (the same buffer again, as the bench does and as a layer's input that
- * its producer just wrote is) one row at a time took 1.8 times the tiles'
- * time for C = 256 and 512 and eight rows a sweep 1.2 times for C = 1000
- * and 1024 (same-run A/B). A BatchNorm forward over x of 8 MiB or more
- * passes x and y through the 32 MiB L3 (16 MiB and more a step), and the
- * bench's 8x512x28x28 (12.8 MB) and 8x256x56x56 (25.7 MB) gained
- * there, while 8x1024x14x14 (6.4 MB) lost. */
+/* Calls spanning at least this much take the sweeps; smaller ones the
+ * tiles. The sweeps pay only from memory: on a cache-resident view (the
+ * same buffer again, as the bench does, and as a layer's input that its
+ * producer has just written often is) one row at a time took 1.8 times
+ * the tiles' time for C = 256 and 512, and eight rows a sweep 1.2 times
+ * for C = 1000 and 1024 (same-run A/B). A BatchNorm forward over 8 MiB
+ * or more moves 16 MiB or more of x and y through the 32 MiB L3 each
+ * step, so its x comes from memory; in `syncbn bench kernels` sweeping
+ * everything lost at 8x1024x14x14 (6.4 MB) and gained at 8x512x28x28
+ * (12.8 MB) and 8x256x56x56 (25.7 MB). */
 #define CL_COLD_BYTES ((size_t)8 << 20)
 
 /* Adds R rows (stride apart) of L positions, shifted by pk, into the
@@ -402,11 +403,7 @@ int sbn__avx512_cl_sums(int bwd, const float *x, const float *dy, size_t A,
     return 0;
   for (size_t i = 0; cl_piece(A, C, S, lda, i, 16 * vmax, g, &off); i++) {
     size_t L = g->L, st = g->stride, c0 = g->j0 % C;
-    /* The tiles of a wide row (moments only) prefetch nothing: a prefetch
-     * of the next block (RB rows on) measured 1.1-1.5 times as slow from
-     * memory and 1.0-1.2 in cache as none (same-run A/B, C = 512 .. 2048);
-     * pf = 0 prefetches the lines being loaded. */
-    size_t pf = L <= 16 * vmax ? (size_t)CL_PF : 0;
+    size_t pf = L <= 16 * vmax ? (size_t)CL_PF : RB * st;
     const float *xp = x + off, *dp = bwd ? dy + off : NULL;
     int sweep = !bwd && L > 16 * vmax && span >= CL_COLD_BYTES / sizeof *x;
     /* A swept piece of one position per channel (S = 1: BatchNorm and
