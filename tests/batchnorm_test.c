@@ -368,6 +368,10 @@ static void test_bn_large_mean(void **state) {
                 (size_t)16),
         tu_desc(SBN_LAYOUT_NHWC, 4, (size_t)4, (size_t)1000, (size_t)3,
                 (size_t)5),
+        /* Over 8 MiB: wide rows read in memory order, one row a sweep
+         * with a partial last vector (kernels_avx512_nhwc.c). */
+        tu_desc(SBN_LAYOUT_NHWC, 4, (size_t)1, (size_t)300, (size_t)84,
+                (size_t)84),
         /* Two pieces of a row (2100 > PMAX), rows strided: the float dx
          * of the wide position view. */
         tu_desc(SBN_LAYOUT_NHWC, 4, (size_t)4, (size_t)2100, (size_t)3,

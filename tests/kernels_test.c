@@ -316,6 +316,7 @@ static void test_wide_unaligned(void **state) {
 /* Channels-last shapes for the register-tile passes of the optimized sets
  * (kernels_avx512_nhwc.c): rows of several tiles with and without a partial
  * last vector (C = 48 .. 1000; C = 272 is the period of 17 channels;
+ * C = 300 and 600 have a partial last vector after two and four tiles;
  * C = 2100 is more than one piece of 2048 positions),
  * GroupNorm groups of 16, 32 and 64 channels (short runs in the group
  * view, beside the channel view's rows), samples of over 256 KiB (whose
@@ -325,7 +326,7 @@ static void test_channels_last_tiles(void **state) {
   (void)state;
   const char *const *sets;
   int nsets = tu_kernel_sets(&sets);
-  const size_t Cs[] = {48, 96, 192, 256, 272, 1000, 2100};
+  const size_t Cs[] = {48, 96, 192, 256, 272, 300, 600, 1000, 2100};
   const sbn_op_t ops[] = {SBN_OP_BATCHNORM, SBN_OP_INSTANCENORM,
                           SBN_OP_GROUPNORM};
   const char *opn[] = {"bn", "in", "gn"};
@@ -351,6 +352,48 @@ static void test_channels_last_tiles(void **state) {
           free_outs(&a);
           free_outs(&b);
         }
+  }
+  sbn_kernel_select("ref");
+}
+
+/* Channels-last moments over 8 MiB or more (kernels_avx512_nhwc.c's
+ * CL_COLD_BYTES), which read rows in memory order: one row a sweep (C =
+ * 300), eight (C = 1000, 2100: two pieces), GroupNorm's laid out per
+ * position (C = 600 in groups of 200), row counts that leave partial
+ * blocks and sweeps, x 1 or 3 floats off alignment. (InstanceNorm's one
+ * sample of N = 1 is BatchNorm's view.) Training forward only: backward
+ * never sweeps. */
+static void test_channels_last_sweeps(void **state) {
+  (void)state;
+  const char *const *sets;
+  int nsets = tu_kernel_sets(&sets);
+  const struct {
+    sbn_op_t op;
+    const char *name;
+    size_t C, S;
+  } cases[] = {{SBN_OP_BATCHNORM, "bn", 300, 7013},
+               {SBN_OP_BATCHNORM, "bn", 1000, 2107},
+               {SBN_OP_BATCHNORM, "bn", 2100, 1003},
+               {SBN_OP_GROUPNORM, "gn", 600, 3511}};
+  for (int ks = 0; ks < nsets; ks++) {
+    if (strcmp(sets[ks], "ref") == 0 || tu_kernel_use(sets[ks]) != 0)
+      continue;
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+      size_t C = cases[i].C, S = cases[i].S, off = 1 + 2 * (i % 2);
+      char what[128];
+      snprintf(what, sizeof what, "%s %s NHWC N=1 C=%zu S=%zu off=%zu",
+               sets[ks], cases[i].name, C, S, off);
+      outs_t a, b;
+      assert_int_equal(sbn_kernel_select("ref"), 0);
+      run_op_at(cases[i].op, SBN_LAYOUT_NHWC, 1, C, S, SBN_MODE_TRAIN, 0, &a,
+                what);
+      assert_int_equal(sbn_kernel_select(sets[ks]), 0);
+      run_op_at(cases[i].op, SBN_LAYOUT_NHWC, 1, C, S, SBN_MODE_TRAIN, off, &b,
+                what);
+      compare_outs(cases[i].op, cases[i].name, 1, C, S, &a, &b, what);
+      free_outs(&a);
+      free_outs(&b);
+    }
   }
   sbn_kernel_select("ref");
 }
@@ -689,6 +732,7 @@ int main(void) {
       cmocka_unit_test(test_sets_vs_ref),
       cmocka_unit_test(test_wide_unaligned),
       cmocka_unit_test(test_channels_last_tiles),
+      cmocka_unit_test(test_channels_last_sweeps),
       cmocka_unit_test(test_channels_last_stream_dx),
       cmocka_unit_test(test_channels_last_stream_rows),
       cmocka_unit_test(test_group_backward_nchw),

@@ -18,6 +18,8 @@
 #include "kernels/sbn_kernels.h"
 
 #ifdef SBN__HAVE_AVX512
+#include <string.h>
+
 #include "kernels/avx512_inl.h"
 
 #include "kernels/kernels_avx512_nhwc.h"
@@ -275,6 +277,115 @@ static void cl_layout_sums(int bwd, const geo_t *g, const unsigned *ch,
     lane_params(bwd, j, ch[j], k, mean, istd, pa, pb, pc, d1, d2);
 }
 
+/* ------------------------------------------------------------------ */
+/* Moments of wide rows in memory order. A row of several tiles walked
+ * tile by tile down a block of rows reads RB rows at once, 512 bytes of
+ * each (lines a row's stride apart), and measured 8-10 GB/s from memory
+ * for C = 256 .. 2048 against 17-25 for a plain sequential sum of the same
+ * buffers. Here a block's rows are read front to back, one or CL_SWEEP at a
+ * time, into float sums per position kept in L1; the float sums still fold
+ * into double every RB rows. Measured (same-run A/B, rotating cold copies,
+ * BatchNorm NHWC views): one row at a time took 0.53-0.64 of the tiles'
+ * time for C = 256 and 512 but 0.9 for 2048, whose sums and shifts (24
+ * KiB) crowd the L1; eight rows a sweep took 0.4-0.7 for C = 1000 .. 2048
+ * but only 0.8-0.94 for 256 and 512 (two and four rows a sweep were
+ * slower still there). */
+
+/* Rows one sweep adds for rows wider than CL_SWEEP_L positions. */
+#define CL_SWEEP 8
+#define CL_SWEEP_L 512
+/* Calls spanning at least this much take the sweeps; smaller ones the
+ * tiles. The sweeps pay only from memory: on a cache-resident view (the
+ * same buffer again, as the bench does, and as a layer's input that its
+ * producer has just written often is) one row at a time took 1.8 times
+ * the tiles' time for C = 256 and 512, and eight rows a sweep 1.2 times
+ * for C = 1000 and 1024 (same-run A/B). A BatchNorm forward over 8 MiB
+ * or more moves 16 MiB or more of x and y through the 32 MiB L3 each
+ * step, so its x comes from memory; in `syncbn bench kernels` sweeping
+ * everything lost at 8x1024x14x14 (6.4 MB) and gained at 8x512x28x28
+ * (12.8 MB) and 8x256x56x56 (25.7 MB). */
+#define CL_COLD_BYTES ((size_t)8 << 20)
+
+/* Adds R rows (stride apart) of L positions, shifted by pk, into the
+ * float sums a and b (aligned, cl_pad(L) long); lanes past L add zero,
+ * and pk and x are read only up to L. */
+static inline __attribute__((always_inline)) void cl_mom_sweep(
+    int R, const float *x, size_t stride, size_t L, const float *pk, float *a,
+    float *b) {
+  for (size_t j = 0; j < L; j += 16) {
+    __mmask16 m = tail_mask(L - j);
+    __m512 k = load16(m, pk + j);
+    __m512 sa = _mm512_load_ps(a + j), sb = _mm512_load_ps(b + j);
+    for (int i = 0; i < R; i++) {
+      __m512 xv = load16(m, x + i * stride + j);
+      __m512 d =
+          m == 0xFFFF ? _mm512_sub_ps(xv, k) : _mm512_maskz_sub_ps(m, xv, k);
+      sa = _mm512_add_ps(sa, d);
+      sb = _mm512_fmadd_ps(d, d, sb);
+    }
+    _mm512_store_ps(a + j, sa);
+    _mm512_store_ps(b + j, sb);
+  }
+}
+
+static void cl_mom_sweep_n(const float *x, size_t stride, size_t L,
+                           const float *pk, float *a, float *b) {
+  cl_mom_sweep(CL_SWEEP, x, stride, L, pk, a, b);
+}
+
+static void cl_mom_sweep_1(const float *x, size_t stride, size_t L,
+                           const float *pk, float *a, float *b) {
+  cl_mom_sweep(1, x, stride, L, pk, a, b);
+}
+
+/* Adds the float lanes of v into the n < 16 doubles at d (masked, so an
+ * array of exactly n more doubles is not overrun). */
+static void cl_fold_part(__m512 v, double *d, size_t n) {
+  __mmask8 ml = (__mmask8)(n >= 8 ? 0xFF : (1u << n) - 1u);
+  __mmask8 mh = (__mmask8)(n > 8 ? (1u << (n - 8)) - 1u : 0);
+  __m512d lo = _mm512_maskz_loadu_pd(ml, d);
+  __m512d hi = _mm512_maskz_loadu_pd(mh, d + 8);
+  fold16(v, &lo, &hi);
+  _mm512_mask_storeu_pd(d, ml, lo);
+  _mm512_mask_storeu_pd(d + 8, mh, hi);
+}
+
+/* Folds the float sums of L positions into the doubles d (L of them). */
+static void cl_fold_row(const float *a, double *d, size_t L) {
+  for (size_t j = 0; j < L; j += 16) {
+    if (L - j >= 16)
+      fold_mem(_mm512_load_ps(a + j), d + j);
+    else
+      cl_fold_part(_mm512_load_ps(a + j), d + j, L - j);
+  }
+}
+
+/* Adds the moments of `rows` rows of L positions (stride apart), shifted
+ * by pk, into the doubles d1 and d2 (L of each). The float sums are placed
+ * 2 KiB off x modulo 4 KiB: a load whose address matches a pending store's
+ * in the low 12 bits waits for it (4K aliasing), and at a smaller distance
+ * one row at a time ran at 8-12 GB/s instead of 12-18, depending on where
+ * the stack happened to lie. */
+static void cl_mom_wide(const float *x, size_t rows, size_t stride, size_t L,
+                        const float *pk, double *d1, double *d2) {
+  float acc[2 * CL_LEN + 1024] __attribute__((aligned(64)));
+  size_t o = (((uintptr_t)x + 2048 - (uintptr_t)acc) & 4095) & ~(size_t)63;
+  float *a = acc + o / sizeof *acc, *b = a + CL_LEN;
+  size_t R = L > CL_SWEEP_L ? CL_SWEEP : 1;
+  for (size_t r0 = 0; r0 < rows; r0 += RB) {
+    size_t nr = rows - r0 < RB ? rows - r0 : RB, r = 0;
+    const float *p = x + r0 * stride;
+    memset(a, 0, cl_pad(L) * sizeof *a);
+    memset(b, 0, cl_pad(L) * sizeof *b);
+    for (; R > 1 && r + R <= nr; r += R)
+      cl_mom_sweep_n(p + r * stride, stride, L, pk, a, b);
+    for (; r < nr; r++)
+      cl_mom_sweep_1(p + r * stride, stride, L, pk, a, b);
+    cl_fold_row(a, d1, L);
+    cl_fold_row(b, d2, L);
+  }
+}
+
 int sbn__avx512_cl_sums(int bwd, const float *x, const float *dy, size_t A,
                         size_t C, size_t S, size_t lda, const float *k,
                         const double *mean, const double *istd, double *s1,
@@ -286,16 +397,27 @@ int sbn__avx512_cl_sums(int bwd, const float *x, const float *dy, size_t A,
   double d2[CL_LEN] __attribute__((aligned(64)));
   unsigned ch[CL_LEN];
   size_t vmax = bwd ? 4 : 8, off;
+  size_t span = A > 0 ? (A - 1) * lda + C * S : 0;
   geo_t g[1];
   if (!cl_takes(A, C, S, lda, 16 * vmax, !bwd))
     return 0;
   for (size_t i = 0; cl_piece(A, C, S, lda, i, 16 * vmax, g, &off); i++) {
-    size_t L = g->L, st = g->stride;
+    size_t L = g->L, st = g->stride, c0 = g->j0 % C;
     size_t pf = L <= 16 * vmax ? (size_t)CL_PF : RB * st;
     const float *xp = x + off, *dp = bwd ? dy + off : NULL;
+    int sweep = !bwd && L > 16 * vmax && span >= CL_COLD_BYTES / sizeof *x;
+    /* A swept piece of one position per channel (S = 1: BatchNorm and
+     * InstanceNorm) is channels c0 .. c0 + L - 1 in order, so k, s1 and
+     * s2 serve as its per-position arrays and nothing is laid out. */
+    if (sweep && S == 1 && c0 + L <= C) {
+      cl_mom_wide(xp, g->rows, st, L, k + c0, s1 + c0, s2 + c0);
+      continue;
+    }
     cl_chans(g, C, S, 0, ch);
     cl_layout_sums(bwd, g, ch, k, mean, istd, pa, pb, pc, d1, d2);
-    for (size_t r0 = 0; r0 < g->rows; r0 += RB) {
+    if (sweep)
+      cl_mom_wide(xp, g->rows, st, L, pa, d1, d2);
+    for (size_t r0 = 0; !sweep && r0 < g->rows; r0 += RB) {
       size_t nr = g->rows - r0 < RB ? g->rows - r0 : RB;
       for (size_t j = 0; j < L; j += 16 * vmax) {
         size_t w = L - j < 16 * vmax ? L - j : 16 * vmax;
