@@ -151,6 +151,21 @@ static void compare_outs(sbn_op_t op, const char *opn, size_t N, size_t C,
   assert_int_equal(a->nbt, b->nbt);
 }
 
+/* Runs op on (N, C, S) with set `set` (its buffers `off` floats off
+ * alignment) and with ref at offset 0, and compares every output. */
+static void vs_ref(const char *set, sbn_op_t op, const char *opn,
+                   sbn_layout_t lay, size_t N, size_t C, size_t S,
+                   sbn_mode_t mode, size_t off, const char *what) {
+  outs_t a, b;
+  assert_int_equal(sbn_kernel_select("ref"), 0);
+  run_op_at(op, lay, N, C, S, mode, 0, &a, what);
+  assert_int_equal(sbn_kernel_select(set), 0);
+  run_op_at(op, lay, N, C, S, mode, off, &b, what);
+  compare_outs(op, opn, N, C, S, &a, &b, what);
+  free_outs(&a);
+  free_outs(&b);
+}
+
 static void test_sets_vs_ref(void **state) {
   (void)state;
   const char *const *sets;
@@ -236,16 +251,8 @@ static void test_wide_unaligned(void **state) {
             char what[128];
             snprintf(what, sizeof what, "%s %s %s N=%zu C=%zu S=%zu off=%zu",
                      sets[ks], opn[io], lay ? "NHWC" : "NCHW", N, C, S, off);
-            outs_t a, b;
-            assert_int_equal(sbn_kernel_select("ref"), 0);
-            run_op_at(ops[io], (sbn_layout_t)lay, N, C, S, SBN_MODE_TRAIN, 0,
-                      &a, what);
-            assert_int_equal(sbn_kernel_select(sets[ks]), 0);
-            run_op_at(ops[io], (sbn_layout_t)lay, N, C, S, SBN_MODE_TRAIN, off,
-                      &b, what);
-            compare_outs(ops[io], opn[io], N, C, S, &a, &b, what);
-            free_outs(&a);
-            free_outs(&b);
+            vs_ref(sets[ks], ops[io], opn[io], (sbn_layout_t)lay, N, C, S,
+                   SBN_MODE_TRAIN, off, what);
           }
   }
   /* Outputs of 4 MiB and more are streamed, after a masked head up to the
@@ -272,14 +279,8 @@ static void test_wide_unaligned(void **state) {
         snprintf(what, sizeof what, "%s %s %s N=16 C=64 S=1024 off=%zu",
                  sets[ks], big[ib].name,
                  ly == SBN_LAYOUT_NHWC ? "NHWC" : "NCHW", off);
-        outs_t a, b;
-        assert_int_equal(sbn_kernel_select("ref"), 0);
-        run_op_at(op, ly, 16, 64, 1024, SBN_MODE_TRAIN, 0, &a, what);
-        assert_int_equal(sbn_kernel_select(sets[ks]), 0);
-        run_op_at(op, ly, 16, 64, 1024, SBN_MODE_TRAIN, off, &b, what);
-        compare_outs(op, big[ib].name, 16, 64, 1024, &a, &b, what);
-        free_outs(&a);
-        free_outs(&b);
+        vs_ref(sets[ks], op, big[ib].name, ly, 16, 64, 1024, SBN_MODE_TRAIN,
+               off, what);
       }
   }
   /* NCHW short runs in outputs of 4 MiB and more, whose normalize streams
@@ -298,16 +299,8 @@ static void test_wide_unaligned(void **state) {
         char what[128];
         snprintf(what, sizeof what, "%s bn NCHW N=%zu C=%zu S=%zu off=%zu",
                  sets[ks], N, C, S, off);
-        outs_t a, b;
-        assert_int_equal(sbn_kernel_select("ref"), 0);
-        run_op_at(SBN_OP_BATCHNORM, SBN_LAYOUT_NCHW, N, C, S, SBN_MODE_TRAIN, 0,
-                  &a, what);
-        assert_int_equal(sbn_kernel_select(sets[ks]), 0);
-        run_op_at(SBN_OP_BATCHNORM, SBN_LAYOUT_NCHW, N, C, S, SBN_MODE_TRAIN,
-                  off, &b, what);
-        compare_outs(SBN_OP_BATCHNORM, "bn", N, C, S, &a, &b, what);
-        free_outs(&a);
-        free_outs(&b);
+        vs_ref(sets[ks], SBN_OP_BATCHNORM, "bn", SBN_LAYOUT_NCHW, N, C, S,
+               SBN_MODE_TRAIN, off, what);
       }
   }
   sbn_kernel_select("ref");
@@ -341,16 +334,8 @@ static void test_channels_last_tiles(void **state) {
           char what[128];
           snprintf(what, sizeof what, "%s %s NHWC N=%zu C=%zu S=%zu off=%zu %s",
                    sets[ks], opn[io], N, C, S, off, mode ? "eval" : "train");
-          outs_t a, b;
-          assert_int_equal(sbn_kernel_select("ref"), 0);
-          run_op_at(ops[io], SBN_LAYOUT_NHWC, N, C, S, (sbn_mode_t)mode, 0, &a,
-                    what);
-          assert_int_equal(sbn_kernel_select(sets[ks]), 0);
-          run_op_at(ops[io], SBN_LAYOUT_NHWC, N, C, S, (sbn_mode_t)mode, off,
-                    &b, what);
-          compare_outs(ops[io], opn[io], N, C, S, &a, &b, what);
-          free_outs(&a);
-          free_outs(&b);
+          vs_ref(sets[ks], ops[io], opn[io], SBN_LAYOUT_NHWC, N, C, S,
+                 (sbn_mode_t)mode, off, what);
         }
   }
   sbn_kernel_select("ref");
@@ -383,16 +368,8 @@ static void test_channels_last_sweeps(void **state) {
       char what[128];
       snprintf(what, sizeof what, "%s %s NHWC N=1 C=%zu S=%zu off=%zu",
                sets[ks], cases[i].name, C, S, off);
-      outs_t a, b;
-      assert_int_equal(sbn_kernel_select("ref"), 0);
-      run_op_at(cases[i].op, SBN_LAYOUT_NHWC, 1, C, S, SBN_MODE_TRAIN, 0, &a,
-                what);
-      assert_int_equal(sbn_kernel_select(sets[ks]), 0);
-      run_op_at(cases[i].op, SBN_LAYOUT_NHWC, 1, C, S, SBN_MODE_TRAIN, off, &b,
-                what);
-      compare_outs(cases[i].op, cases[i].name, 1, C, S, &a, &b, what);
-      free_outs(&a);
-      free_outs(&b);
+      vs_ref(sets[ks], cases[i].op, cases[i].name, SBN_LAYOUT_NHWC, 1, C, S,
+             SBN_MODE_TRAIN, off, what);
     }
   }
   sbn_kernel_select("ref");
@@ -418,16 +395,8 @@ static void test_channels_last_stream_dx(void **state) {
         char what[128];
         snprintf(what, sizeof what, "%s %s NHWC N=%zu C=%zu S=%zu off=%zu",
                  sets[ks], opn[io], N, C, S, off);
-        outs_t a, b;
-        assert_int_equal(sbn_kernel_select("ref"), 0);
-        run_op_at(ops[io], SBN_LAYOUT_NHWC, N, C, S, SBN_MODE_TRAIN, 0, &a,
-                  what);
-        assert_int_equal(sbn_kernel_select(sets[ks]), 0);
-        run_op_at(ops[io], SBN_LAYOUT_NHWC, N, C, S, SBN_MODE_TRAIN, off, &b,
-                  what);
-        compare_outs(ops[io], opn[io], N, C, S, &a, &b, what);
-        free_outs(&a);
-        free_outs(&b);
+        vs_ref(sets[ks], ops[io], opn[io], SBN_LAYOUT_NHWC, N, C, S,
+               SBN_MODE_TRAIN, off, what);
       }
   }
   sbn_kernel_select("ref");
@@ -464,16 +433,8 @@ static void test_channels_last_stream_rows(void **state) {
           char what[128];
           snprintf(what, sizeof what, "%s %s NHWC N=%zu C=%zu S=%zu off=%zu",
                    sets[ks], opn[io], N, C, S, off);
-          outs_t a, b;
-          assert_int_equal(sbn_kernel_select("ref"), 0);
-          run_op_at(ops[io], SBN_LAYOUT_NHWC, N, C, S, SBN_MODE_TRAIN, 0, &a,
-                    what);
-          assert_int_equal(sbn_kernel_select(sets[ks]), 0);
-          run_op_at(ops[io], SBN_LAYOUT_NHWC, N, C, S, SBN_MODE_TRAIN, off, &b,
-                    what);
-          compare_outs(ops[io], opn[io], N, C, S, &a, &b, what);
-          free_outs(&a);
-          free_outs(&b);
+          vs_ref(sets[ks], ops[io], opn[io], SBN_LAYOUT_NHWC, N, C, S,
+                 SBN_MODE_TRAIN, off, what);
         }
   }
   sbn_kernel_select("ref");
@@ -632,16 +593,8 @@ static void test_dropout_sets(void **state) {
 static void ln_vs_ref(const char *set, size_t R, size_t D, size_t off) {
   char what[128];
   snprintf(what, sizeof what, "%s ln rows R=%zu D=%zu off=%zu", set, R, D, off);
-  outs_t a, b;
-  assert_int_equal(sbn_kernel_select("ref"), 0);
-  run_op_at(SBN_OP_LAYERNORM, SBN_LAYOUT_NCHW, R, D, 1, SBN_MODE_TRAIN, 0, &a,
-            what);
-  assert_int_equal(sbn_kernel_select(set), 0);
-  run_op_at(SBN_OP_LAYERNORM, SBN_LAYOUT_NCHW, R, D, 1, SBN_MODE_TRAIN, off, &b,
-            what);
-  compare_outs(SBN_OP_LAYERNORM, "ln", R, D, 1, &a, &b, what);
-  free_outs(&a);
-  free_outs(&b);
+  vs_ref(set, SBN_OP_LAYERNORM, "ln", SBN_LAYOUT_NCHW, R, D, 1, SBN_MODE_TRAIN,
+         off, what);
 }
 
 /* LayerNorm rows (kernels_avx512_ln.c): rows one and two at a time, an
@@ -705,16 +658,10 @@ static void test_group_backward_nchw(void **state) {
           snprintf(what, sizeof what, "%s %s NCHW N=%zu C=%zu S=%zu off=%zu%s",
                    sets[ks], opn[io], N, C, S, off,
                    v == 1 ? " no affine" : (v == 2 ? " eval" : ""));
-          outs_t a, b;
           no_affine = v == 1;
-          assert_int_equal(sbn_kernel_select("ref"), 0);
-          run_op_at(ops[io], SBN_LAYOUT_NCHW, N, C, S, mode, 0, &a, what);
-          assert_int_equal(sbn_kernel_select(sets[ks]), 0);
-          run_op_at(ops[io], SBN_LAYOUT_NCHW, N, C, S, mode, off, &b, what);
+          vs_ref(sets[ks], ops[io], opn[io], SBN_LAYOUT_NCHW, N, C, S, mode,
+                 off, what);
           no_affine = 0;
-          compare_outs(ops[io], opn[io], N, C, S, &a, &b, what);
-          free_outs(&a);
-          free_outs(&b);
         }
   }
   sbn_kernel_select("ref");
