@@ -750,16 +750,7 @@ static void test_replies(void **st) {
 
 static void reg_bn(tu_body_t *b, const char *name, const char *kind,
                    uint32_t channels, double eps) {
-  tu_body_init(b);
-  msgpack_pack_map(&b->pk, 6);
-  tu_key(b, "op");
-  tu_key(b, "register");
-  tu_key(b, "id");
-  msgpack_pack_uint32(&b->pk, 1);
-  tu_key(b, "name");
-  tu_key(b, name);
-  tu_key(b, "kind");
-  tu_key(b, kind);
+  tu_register_head(b, 2, name, kind);
   tu_key(b, "channels");
   msgpack_pack_uint32(&b->pk, channels);
   tu_key(b, "eps");
