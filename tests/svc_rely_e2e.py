@@ -292,8 +292,11 @@ def test_shutdown(args, tmp):
     stale = os.path.join(state, ".sbntmp-Ab12Cd")
     with open(stale, "wb") as f:
         f.write(b"half a checkpoint")
+    # A stall timeout well past the test's own waits: on a loaded machine
+    # the pending forward's 2 s default fired before the SIGTERM (CI saw
+    # STALL instead of SHUTDOWN). The last --stall-timeout wins.
     job = xr.Job(args.mpirun, args.syncbnd, 2, os.path.join(tmp, "sd-sock"),
-                 state)
+                 state, extra=("--stall-timeout", "60"))
     try:
         check(not os.path.exists(stale), "stale temporary still there")
         check(os.path.exists(os.path.join(state)), "state dir gone")
