@@ -2,8 +2,8 @@
 # Messages for rank counts and option values that do not do what was meant:
 #   cli_warn_test.sh MPIRUN SYNCBND SYNCBN
 # - syncbnd --max-clients 0 / --cycle-us 0 / --cache-slots 0 exit 2
-#   naming the option, ranks started with different --cache-slots exit 1
-#   naming them;
+#   naming the option, ranks started with different --cache-slots (or
+#   --no-speculate on some only) exit 1 naming them;
 #   syncbnd --version prints the version and the protocol;
 # - `mpirun -np 2 syncbn apply` without --sync warns that every rank writes
 #   the same outputs, once; `apply --sync` at one rank warns; a
@@ -41,6 +41,11 @@ expect 2 "cache-slots: must be at least 1" "$SYNCBND" --cache-slots 0
 expect 1 "cache-slots differs between the ranks (4 to 8)" \
   $MPI -np 1 "$SYNCBND" --socket-dir "$tmp/cs" --cache-slots 4 : \
   -np 1 "$SYNCBND" --socket-dir "$tmp/cs" --cache-slots 8
+# Ranks of which only some speculate would run different collectives.
+# shellcheck disable=SC2086
+expect 1 "no-speculate is given to some ranks only" \
+  $MPI -np 1 "$SYNCBND" --socket-dir "$tmp/sp" --no-speculate : \
+  -np 1 "$SYNCBND" --socket-dir "$tmp/sp"
 
 cd "$tmp" || exit 1
 # An input for apply: 4 x 3 values of a batchnorm.

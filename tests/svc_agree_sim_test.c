@@ -6,6 +6,10 @@
  * - entries submitted together fuse into one allreduce;
  * - once a layer's steps are cached, a step is agreed without any gather,
  *   by the same number of bytes per rank at 2 and at 1024 ranks (printed);
+ * - once the rounds repeat, a round is one allreduce with no negotiation
+ *   (speculative), and a guess that misses (a late rank, another layer, a
+ *   rank at another step, a sync group) costs only that allreduce: every
+ *   reply stays right;
  * - ranks at different steps of a cached layer never fuse and stall;
  * - with more layers than cache slots, the ranks evict the same slots in
  *   the same rounds, every reply stays right, and the bytes per rank per
@@ -188,6 +192,9 @@ typedef struct sim_s {
   sim_rank_t *k;
 } sim_t;
 
+/* What the workers of the next sim_init* are configured with. */
+static int sim_speculate = 1;
+
 static void sim_init_slots(sim_t *s, int size, double stall, uint32_t slots) {
   memset(s, 0, sizeof *s);
   s->wd.size = size;
@@ -205,6 +212,7 @@ static void sim_init_slots(sim_t *s, int size, double stall, uint32_t slots) {
     cfg.rank = r;
     if (slots > 0)
       cfg.cache_slots = slots;
+    cfg.speculate = sim_speculate;
     assert_int_equal(svc_worker_create(&cfg, &k->w), 0);
     k->base.vt = &sim_vt;
     k->base.rank = r;
@@ -397,9 +405,11 @@ static uint64_t sim_steps(int size) {
     }
     sim_run(&s, 2, 1.0);
     sim_check(&s, 2, steps, C);
-    /* Both layers in one round: one negotiation, one fused allreduce;
-     * the first step also gathers the lists (nothing cached yet). */
-    assert_int_equal(s.wd.begun[K_BOR - 1] - n0, 1);
+    /* Both layers in one round: one fused allreduce; the first step also
+     * gathers the lists (nothing cached yet), the first two negotiate,
+     * and from the third on the round is predicted: the allreduce alone
+     * agrees. */
+    assert_int_equal(s.wd.begun[K_BOR - 1] - n0, step <= 2 ? 1 : 0);
     assert_int_equal(s.wd.begun[K_REC - 1] - r0, 1);
     assert_int_equal(s.wd.begun[K_GATHER - 1] - g0, step == 1 ? 1 : 0);
     bytes = sim_metric(s.k[0].w, "agree_bytes") - b0;
@@ -425,7 +435,9 @@ static uint64_t sim_steps(int size) {
         assert_int_equal(svc_worker_poll(s.k[r].w, 1.0 + 0.01 * i), 0);
     assert_int_equal(s.wd.begun[0] + s.wd.begun[1] + s.wd.begun[2], all);
     assert_int_equal(s.wd.bells, bells);
-    assert_int_equal(sim_metric(s.k[0].w, "negotiations"), STEPS);
+    assert_int_equal(sim_metric(s.k[0].w, "negotiations"), 2);
+    assert_int_equal(sim_metric(s.k[0].w, "spec_rounds"), STEPS - 2);
+    assert_int_equal(sim_metric(s.k[0].w, "spec_misses"), 0);
   }
   sim_free(&s);
   return bytes;
@@ -551,11 +563,15 @@ static void sim_eviction(int size) {
   for (int i = 0; i < 3; i++) {
     uint64_t g0 = s.wd.begun[K_GATHER - 1];
     uint64_t b = sim_group_step(&s, 0, step++, C);
-    /* After the first of these (a switch), cached: no gather. */
-    if (i > 0) {
+    /* After the first of these (a switch), cached: no gather; the second
+     * negotiates by the bit sets of four slots, and the third, predicted
+     * by the second, sends only its five readiness records. */
+    if (i > 0)
       assert_int_equal(s.wd.begun[K_GATHER - 1], g0);
+    if (i == 1)
       assert_int_equal(b, 8 * (1 + SLOTS / 4 + 2));
-    }
+    if (i == 2)
+      assert_int_equal(b, (1 + SLOTS) * sizeof(sbn_rec_t));
   }
   printf(
       "svc_agree_sim: np %4d, 8 layers over %d cache slots: %llu bytes "
@@ -570,12 +586,237 @@ static void test_eviction_agrees(void **st) {
   sim_eviction(64);
 }
 
+/* Runs steps 1 .. 3 of layer 0 (c channels) on every rank, which brings
+ * the rounds to speculation: the third step is a speculative round. */
+static void sim_warm(sim_t *s, size_t c) {
+  for (uint64_t step = 1; step <= 3; step++) {
+    uint64_t steps[1] = {step};
+    for (int r = 0; r < s->wd.size; r++)
+      sim_stats(s, r, 0, step, c);
+    sim_run(s, 1, 1.0);
+    sim_check(s, 1, steps, c);
+  }
+  assert_int_equal(sim_metric(s->k[0].w, "spec_rounds"), 1);
+  assert_int_equal(sim_metric(s->k[0].w, "spec_misses"), 0);
+}
+
+/* Polls every rank n times at time now. */
+static void sim_poll(sim_t *s, int n, double now) {
+  for (int i = 0; i < n; i++)
+    for (int r = 0; r < s->wd.size; r++)
+      assert_int_equal(svc_worker_poll(s->k[r].w, now), 0);
+}
+
+/* A rank late for a speculative round: the guess delivers nothing (one
+ * allreduce, counted as a miss), the others' entries wait, and the late
+ * entry starts the round that completes all of them, again speculative:
+ * two allreduces and no negotiation for the step. */
+static void test_spec_late_rank(void **st) {
+  enum { C = 3 };
+  sim_t s;
+  uint64_t steps[1] = {4}, n0, r0;
+  (void)st;
+  sim_init(&s, 3, 30.0);
+  sim_register(&s, "a", C);
+  sim_warm(&s, C);
+  n0 = s.wd.begun[K_BOR - 1];
+  r0 = s.wd.begun[K_REC - 1];
+  sim_stats(&s, 0, 0, 4, C);
+  sim_stats(&s, 1, 0, 4, C);
+  sim_poll(&s, 8, 1.5);
+  assert_int_equal(s.k[0].ndel + s.k[1].ndel + s.k[2].ndel, 0);
+  assert_int_equal(s.wd.begun[K_REC - 1] - r0, 1);
+  assert_int_equal(sim_metric(s.k[0].w, "spec_misses"), 1);
+  sim_stats(&s, 2, 0, 4, C);
+  sim_run(&s, 1, 1.6);
+  sim_check(&s, 1, steps, C);
+  assert_int_equal(s.wd.begun[K_REC - 1] - r0, 2);
+  assert_int_equal(s.wd.begun[K_BOR - 1] - n0, 0);
+  assert_int_equal(sim_metric(s.k[2].w, "spec_rounds"), 3);
+  sim_free(&s);
+}
+
+/* A new layer's first step beside a speculated one: the speculative
+ * round delivers the cached layer and says that a rank has more, the
+ * next round negotiates and gathers the new one, and the guess learned
+ * from the two rounds together covers both layers from then on: one
+ * allreduce per step, both replies right. */
+static void test_spec_new_layer(void **st) {
+  enum { C = 2 };
+  sim_t s;
+  (void)st;
+  sim_init(&s, 2, 30.0);
+  sim_register(&s, "a", C);
+  sim_register(&s, "b", C);
+  sim_warm(&s, C);
+  for (uint64_t step = 4; step <= 9; step++) {
+    uint64_t steps[2] = {step, step - 3};
+    uint64_t n0 = s.wd.begun[K_BOR - 1], r0 = s.wd.begun[K_REC - 1];
+    uint64_t g0 = s.wd.begun[K_GATHER - 1];
+    for (int r = 0; r < 2; r++) {
+      sim_stats(&s, r, 0, step, C);
+      sim_stats(&s, r, 1, step - 3, C);
+    }
+    sim_run(&s, 2, 1.0);
+    sim_check(&s, 2, steps, C);
+    assert_int_equal(s.wd.begun[K_GATHER - 1] - g0, step == 4 ? 1 : 0);
+    if (step == 4) /* speculative a, then b negotiated and gathered */
+      assert_int_equal(s.wd.begun[K_REC - 1] - r0, 2);
+    if (step >= 7) { /* learned: one round, no negotiation */
+      assert_int_equal(s.wd.begun[K_REC - 1] - r0, 1);
+      assert_int_equal(s.wd.begun[K_BOR - 1] - n0, 0);
+    }
+  }
+  sim_free(&s);
+}
+
+/* Ranks at different steps of a speculated layer: the readiness record
+ * tells them apart (its sums do not come from one offset), nothing is
+ * delivered, and once the stall timeout passes both fail with STALL
+ * through a negotiated round; the next common step works. */
+static void test_spec_step_mismatch_stalls(void **st) {
+  enum { C = 2 };
+  sim_t s;
+  char code[64];
+  double mean[C];
+  uint64_t steps[1] = {6};
+  (void)st;
+  sim_init(&s, 2, 1.0);
+  sim_register(&s, "a", C);
+  sim_warm(&s, C);
+  sim_stats(&s, 0, 0, 4, C);
+  sim_stats(&s, 1, 0, 5, C);
+  sim_poll(&s, 4, 1.1);
+  assert_int_equal(s.k[0].ndel + s.k[1].ndel, 0);
+  assert_true(sim_metric(s.k[0].w, "spec_misses") >= 1);
+  sim_run(&s, 1, 3.0);
+  for (int r = 0; r < 2; r++) {
+    sim_reply(s.k[r].reply[0], s.k[r].len[0], code, mean, C);
+    assert_string_equal(code, "STALL");
+    free(s.k[r].reply[0]);
+    s.k[r].ndel = 0;
+  }
+  sim_stats(&s, 0, 0, 6, C);
+  sim_stats(&s, 1, 0, 6, C);
+  sim_run(&s, 1, 3.5);
+  sim_check(&s, 1, steps, C);
+  sim_free(&s);
+}
+
+/* Sync groups of two ranks out of four: every group has its own slot, a
+ * speculative round carries both, and each rank gets its group's merge;
+ * a group missing a rank's entry waits while the other is delivered. */
+static void test_spec_groups(void **st) {
+  enum { C = 2, SIZE = 4, G = 2 };
+  sim_t s;
+  (void)st;
+  sim_init(&s, SIZE, 30.0);
+  for (int r = 0; r < SIZE; r++) {
+    tu_body_t b;
+    tu_reply_t rep;
+    tu_register_head(&b, 2, "a", "syncbatchnorm");
+    tu_key(&b, "channels");
+    msgpack_pack_uint32(&b.pk, C);
+    tu_key(&b, "group_size");
+    msgpack_pack_uint32(&b.pk, G);
+    assert_string_equal(tu_run(s.k[r].w, &b, &rep), "");
+    tu_reply_free(&rep);
+  }
+  for (uint64_t step = 1; step <= 5; step++) {
+    uint64_t n0 = s.wd.begun[K_BOR - 1];
+    for (int r = 0; r < SIZE; r++)
+      if (step != 5 || r != 3)
+        sim_stats(&s, r, 0, step, C);
+    if (step == 5) {
+      /* Rank 3 is late: group 0 is delivered, group 1 waits. */
+      sim_poll(&s, 8, 1.0);
+      assert_int_equal(s.k[0].ndel + s.k[1].ndel, 2);
+      assert_int_equal(s.k[2].ndel, 0);
+      sim_stats(&s, 3, 0, step, C);
+    }
+    sim_run(&s, 1, 1.0);
+    if (step >= 3)
+      assert_int_equal(s.wd.begun[K_BOR - 1] - n0, 0);
+    for (int r = 0; r < SIZE; r++) {
+      char code[64];
+      double mean[C];
+      assert_int_equal(s.k[r].ndel, 1);
+      sim_reply(s.k[r].reply[0], s.k[r].len[0], code, mean, C);
+      assert_string_equal(code, "");
+      for (size_t ch = 0; ch < C; ch++) {
+        int lo = r / G * G;
+        double want = (sim_mean(lo, ch, step) + sim_mean(lo + 1, ch, step)) / 2;
+        assert_true(fabs(mean[ch] - want) <= 1e-12 * (1 + fabs(want)));
+      }
+      free(s.k[r].reply[0]);
+      s.k[r].ndel = 0;
+    }
+  }
+  sim_free(&s);
+}
+
+/* A training loop: three layers, each submitted after the one before was
+ * answered (a round each), step after step. From the third step on every
+ * round is one speculative allreduce, none missed. */
+static void test_spec_layer_chain(void **st) {
+  enum { C = 2, L = 3, STEPS = 6 };
+  sim_t s;
+  (void)st;
+  sim_init(&s, 2, 30.0);
+  sim_register(&s, "a", C);
+  sim_register(&s, "b", C);
+  sim_register(&s, "c", C);
+  for (uint64_t step = 1; step <= STEPS; step++)
+    for (uint64_t l = 0; l < L; l++) {
+      uint64_t steps[1] = {step};
+      uint64_t n0 = s.wd.begun[K_BOR - 1], r0 = s.wd.begun[K_REC - 1];
+      for (int r = 0; r < 2; r++)
+        sim_stats(&s, r, l, step, C);
+      sim_run(&s, 1, 1.0);
+      sim_check(&s, 1, steps, C);
+      assert_int_equal(s.wd.begun[K_REC - 1] - r0, 1);
+      if (step >= 3)
+        assert_int_equal(s.wd.begun[K_BOR - 1] - n0, 0);
+    }
+  assert_int_equal(sim_metric(s.k[0].w, "spec_misses"), 0);
+  assert_true(sim_metric(s.k[0].w, "spec_rounds") >= (STEPS - 2) * L);
+  sim_free(&s);
+}
+
+/* Without speculation every cached round negotiates: a bit-set OR and
+ * the allreduce at every step, and no speculative round. */
+static void test_no_speculate(void **st) {
+  enum { C = 2 };
+  sim_t s;
+  (void)st;
+  sim_speculate = 0;
+  sim_init(&s, 2, 30.0);
+  sim_speculate = 1;
+  sim_register(&s, "a", C);
+  for (uint64_t step = 1; step <= 5; step++) {
+    uint64_t steps[1] = {step}, n0 = s.wd.begun[K_BOR - 1];
+    for (int r = 0; r < 2; r++)
+      sim_stats(&s, r, 0, step, C);
+    sim_run(&s, 1, 1.0);
+    sim_check(&s, 1, steps, C);
+    assert_int_equal(s.wd.begun[K_BOR - 1] - n0, 1);
+  }
+  assert_int_equal(sim_metric(s.k[0].w, "spec_rounds"), 0);
+  sim_free(&s);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_eviction_agrees),
       cmocka_unit_test(test_bytes_independent_of_ranks),
       cmocka_unit_test(test_cached_step_mismatch_stalls),
       cmocka_unit_test(test_late_rank_wakes),
+      cmocka_unit_test(test_spec_late_rank),
+      cmocka_unit_test(test_spec_new_layer),
+      cmocka_unit_test(test_spec_step_mismatch_stalls),
+      cmocka_unit_test(test_spec_groups),
+      cmocka_unit_test(test_spec_layer_chain),
+      cmocka_unit_test(test_no_speculate),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -211,10 +211,13 @@ def main():
                  % (rank, eval_err, worst_loss))
     lines.append("rank %d: %s" % (rank, "PASS" if not failures else
                                   "FAIL " + "; ".join(failures)))
-    # One rank after the other, so that the lines do not interleave.
+    # One rank after the other, and in one write (print writes the end of
+    # line apart, and mpirun may forward another rank's lines in between),
+    # so that the lines do not interleave.
     for r in range(size):
         if r == rank:
-            print("\n".join(lines), flush=True)
+            sys.stdout.write("\n".join(lines) + "\n")
+            sys.stdout.flush()
         dist.barrier()
     client.bye()
     dist.destroy_process_group()

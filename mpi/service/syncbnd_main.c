@@ -114,6 +114,11 @@ static void usage(FILE *f) {
           "  --cache-slots N      slots of the agreement's response cache, "
           "1 to 65536;\n"
           "                       the same on every rank (default 512)\n"
+          "  --no-speculate       negotiate every agreement round, also one "
+          "whose\n"
+          "                       cached entries the rounds before predict "
+          "(the same\n"
+          "                       on every rank)\n"
           "  --max-saved BYTES    forward state kept for backward, all "
           "layers (default\n"
           "                       4294967296)\n"
@@ -434,6 +439,10 @@ static int parse_args(int argc, char **argv, opts_t *o) {
       o->keep = 1;
       continue;
     }
+    if (strcmp(a, "--no-speculate") == 0) {
+      o->wc.speculate = 0;
+      continue;
+    }
     if (strcmp(a, "--") == 0) {
       if (v == NULL) {
         fprintf(stderr, "syncbnd: --: expected a COMMAND after it\n");
@@ -581,14 +590,20 @@ static int start_server(const opts_t *o, rank_t *k, uint8_t *token,
  * has no progress thread, so the polling is what moves it). */
 static int start_sync(const opts_t *o, rank_t *k) {
   sbn_layer_params_t params;
-  int rc, slots[2] = {(int)o->wc.cache_slots, -(int)o->wc.cache_slots};
-  /* The ranks evict cache slots alike only if they have as many. */
-  MPI_Allreduce(MPI_IN_PLACE, slots, 2, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+  int rc, slots[4] = {(int)o->wc.cache_slots, -(int)o->wc.cache_slots,
+                      o->wc.speculate, -o->wc.speculate};
+  /* The ranks evict cache slots alike only if they have as many, and run
+   * the same collectives only if they all speculate or none does. */
+  MPI_Allreduce(MPI_IN_PLACE, slots, 4, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
   if (slots[0] != -slots[1])
     return svc_set_error(SVC_BAD_PARAMS,
                          "--cache-slots differs between the ranks (%d to %d); "
                          "every rank must use the same",
                          -slots[1], slots[0]);
+  if (slots[2] != -slots[3])
+    return svc_set_error(SVC_BAD_PARAMS,
+                         "--no-speculate is given to some ranks only; "
+                         "every rank must use the same");
   sbn_layer_params_default(&params, SBN_OP_BATCHNORM);
   if (sbn_mpi_comm_create(MPI_COMM_WORLD, 0, &params, &k->comm) != 0)
     return svc_set_error(SVC_INTERNAL, "%s", sbn_last_error());

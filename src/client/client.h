@@ -287,6 +287,9 @@ typedef struct sbn_client_metrics_s {
    * reply or a region), results it computed in their input's buffer, and
    * tensor replies it wrote from the result buffer without a copy. */
   uint64_t tensor_copies, in_place, zero_copy_replies;
+  /* Agreement rounds run as one speculative allreduce (agreeing and
+   * reducing at once), and those of them that delivered nothing. */
+  uint64_t spec_rounds, spec_misses;
 } sbn_client_metrics_t;
 
 int sbn_client_metrics(sbn_client_t *c, sbn_client_metrics_t *out);

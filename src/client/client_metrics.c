@@ -82,7 +82,9 @@ int sbn_client_metrics(sbn_client_t *c, sbn_client_metrics_t *out) {
   } later[] = {{"cache_evictions", &m.cache_evictions},
                {"tensor_copies", &m.tensor_copies},
                {"in_place", &m.in_place},
-               {"zero_copy_replies", &m.zero_copy_replies}};
+               {"zero_copy_replies", &m.zero_copy_replies},
+               {"spec_rounds", &m.spec_rounds},
+               {"spec_misses", &m.spec_misses}};
   int rc = sbn__begin(c, "metrics"), bad = 0;
   if (rc != 0)
     return rc;

@@ -9,17 +9,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "svc_obs.h"
 #include "svc_worker_int.h"
-
-/* Monotonic seconds, for the allreduce latencies of the metrics. */
-static double svc__clock(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
 /* The communicator's last error as the engine's: the ranks' collectives
  * no longer line up, which nothing in the worker can repair. */
@@ -125,8 +117,7 @@ void svc__pend_chain(svc_worker_t *w, svc__pend_t *p, svc__pend_t *s) {
   svc__pend_append(w, s);
 }
 
-/* Unlinks p from the pending list. */
-static void svc__pend_unlink(svc_worker_t *w, svc__pend_t *p) {
+void svc__pend_unlink(svc_worker_t *w, svc__pend_t *p) {
   for (svc__pend_t **pp = &w->pend; *pp != NULL; pp = &(*pp)->next)
     if (*pp == p) {
       *pp = p->next;
@@ -256,38 +247,6 @@ void svc__agree_destroy(svc_worker_t *w) {
 
 /* ------------------------------------------------------------------ */
 /* The public face of the engine */
-
-int svc_worker_set_sync(svc_worker_t *w, sbn_comm_t *comm, double stall_timeout,
-                        svc_deliver_fn deliver, void *deliver_ctx) {
-  const sbn_comm_vtable_t *vt = comm != NULL ? comm->vt : NULL;
-  if (vt == NULL || vt->iallgather_begin == NULL ||
-      vt->iallreduce_begin == NULL || vt->iallreduce_test == NULL ||
-      vt->iallreduce_end == NULL || vt->iallreduce_bor_begin == NULL)
-    return svc_set_error(SVC_BAD_PARAMS,
-                         "comm: the communicator lacks the non-blocking "
-                         "allgather or allreduce");
-  /* Idle ranks learn of work only by their doorbells. */
-  if (comm->size > 1 && (vt->bell_send == NULL || vt->bell_poll == NULL))
-    return svc_set_error(SVC_BAD_PARAMS,
-                         "comm: the communicator lacks the doorbell "
-                         "(bell_send, bell_poll)");
-  if (comm->size != w->cfg.size)
-    return svc_set_error(SVC_BAD_PARAMS,
-                         "comm: %d processes, the job has %d ranks", comm->size,
-                         w->cfg.size);
-  w->sync = comm;
-  w->sync_on = 1;
-  w->stall_timeout = stall_timeout;
-  w->deliver = deliver;
-  w->deliver_ctx = deliver_ctx;
-  return 0;
-}
-
-void svc_worker_sync_counters(const svc_worker_t *w, uint64_t *allreduces,
-                              uint64_t *entries) {
-  *allreduces = w->m.allreduces;
-  *entries = w->m.entries_fused;
-}
 
 void svc_worker_cancel(svc_worker_t *w, void *token) {
   svc__pend_t *p, *next;
@@ -422,6 +381,7 @@ int svc__gather_begin(svc_worker_t *w, size_t per_rank) {
     return svc__comm_error(rc, "iallgather_begin");
   w->m.gathers++;
   w->m.agree_bytes += stride;
+  w->spec.gathered = 1;
   w->phase = SVC__GATHER;
   return 0;
 }
@@ -592,6 +552,7 @@ static void svc__round_cleanup(svc_worker_t *w) {
 
 void svc__round_end(svc_worker_t *w) {
   svc__round_cleanup(w);
+  svc__spec_learn(w);
   for (svc__pend_t *p = w->pend; p != NULL; p = p->next)
     p->cslot = -1;
   w->full = 0;
@@ -631,7 +592,7 @@ int svc__reduce_begin(svc_worker_t *w, const svc__gent_t *rd, size_t nr,
   w->m.fuse_hist[b]++;
   w->m.allreduces++;
   w->m.entries_fused += nready;
-  w->m.reduce_t0 = svc__clock();
+  w->m.reduce_t0 = svc_obs_now();
   svc_obs_end(SVC_SPAN_NEGOTIATION);
   svc_obs_begin(SVC_SPAN_ALLREDUCE);
   w->phase = SVC__REDUCE;
@@ -678,7 +639,7 @@ done:
 }
 
 static void svc__reduce_done(svc_worker_t *w) {
-  w->m.lat[w->m.nlat % SVC__LAT_RING] = svc__clock() - w->m.reduce_t0;
+  w->m.lat[w->m.nlat % SVC__LAT_RING] = svc_obs_now() - w->m.reduce_t0;
   w->m.nlat++;
   svc_obs_end(SVC_SPAN_ALLREDUCE);
   for (size_t i = 0; i < w->rlist_n; i++) {
@@ -724,6 +685,7 @@ static int svc__alloc_engine(svc_worker_t *w) {
       w->cready == NULL)
     return svc_set_error(SVC_RESOURCE, "agreement: out of memory");
   w->epoch = 1;
+  w->spec.prev = -1;
   return 0;
 }
 
@@ -747,6 +709,9 @@ static int svc__advance(svc_worker_t *w) {
       break;
     case SVC__GATHER:
       rc = svc__gather_done(w);
+      break;
+    case SVC__SPEC:
+      rc = svc__spec_done(w);
       break;
     default:
       svc__reduce_done(w);
@@ -780,7 +745,8 @@ int svc_worker_poll(svc_worker_t *w, double now) {
       return 0;
     if (!svc__wake(w, &rc))
       return rc;
-    if ((rc = svc__neg_begin(w)) != 0)
+    if ((rc = svc__spec_begin(w)) < 0 ||
+        (rc == 0 && (rc = svc__neg_begin(w)) != 0))
       return rc;
   }
 }

@@ -175,6 +175,7 @@ static int svc__slot_ready(svc_worker_t *w, size_t s, unsigned d) {
   w->cready_nrec += sl->C;
   sl->last_step += d;
   sl->used_at = w->epoch;
+  svc__spec_note(w, (int)s);
   return 0;
 }
 
@@ -245,6 +246,8 @@ void svc__cache_learn(svc_worker_t *w, const svc__gent_t *rd, size_t n) {
     if (s < 0 && (s = svc__slot_take(w)) < 0)
       continue;
     sl = &w->slots[s];
+    if (!known)
+      sl->nnxt = 0; /* what the slot's last key knew */
     sl->used_at = w->epoch;
     sl->used = 1;
     sl->name = rd[i].name;
@@ -260,6 +263,7 @@ void svc__cache_learn(svc_worker_t *w, const svc__gent_t *rd, size_t n) {
      * moves the slot's cadence only forward. */
     if (!known || rd[i].step > sl->last_step)
       sl->last_step = rd[i].step;
+    svc__spec_note(w, s);
   }
 }
 
@@ -297,4 +301,230 @@ int svc__wake(svc_worker_t *w, int *rc) {
     w->m.bells++;
   }
   return 1;
+}
+
+/* ------------------------------------------------------------------ */
+/* Speculative rounds (see svc__spec_t) */
+
+void svc__spec_note(svc_worker_t *w, int s) {
+  svc__spec_t *sp = &w->spec;
+  for (uint32_t i = 0; i < sp->nnow; i++)
+    if (sp->now[i] == s)
+      return;
+  if (sp->nnow < SVC__SPEC_SLOTS)
+    sp->now[sp->nnow++] = s;
+  else
+    sp->over = 1;
+}
+
+void svc__spec_learn(svc_worker_t *w) {
+  svc__spec_t *sp = &w->spec;
+  /* A speculative round that delivered only part of its guess, or that
+   * some rank's other entries follow with a negotiation, is one round
+   * with the next for the learning: were its slots learned apart, the
+   * guess would keep covering only them, and every step would take two
+   * rounds. */
+  if (sp->carry) {
+    sp->carry = 0;
+    return;
+  }
+  if (sp->nnow > 0) {
+    if (sp->prev >= 0 && (size_t)sp->prev < w->slot_hi) {
+      svc__slot_t *from = &w->slots[sp->prev];
+      from->nnxt = sp->over ? 0 : sp->nnow;
+      memcpy(from->nxt, sp->now, sp->nnow * sizeof *sp->now);
+    }
+    sp->prev = sp->now[0];
+    sp->prev_cached = !sp->gathered;
+  }
+  sp->nnow = 0;
+  sp->over = 0;
+  sp->gathered = 0;
+  sp->force = 0;
+}
+
+/* The ranks of slot s's group: its size, or fewer for the last group of
+ * a job whose size the group size does not divide. */
+static int svc__slot_need(const svc_worker_t *w, const svc__slot_t *s) {
+  int lo = (int)(s->grp * s->gsize);
+  return w->cfg.size - lo < (int)s->gsize ? w->cfg.size - lo : (int)s->gsize;
+}
+
+/* The predicted slots (into w->spec.set) and the round's record count,
+ * or 0 when the shared state predicts nothing. */
+static size_t svc__spec_predict(svc_worker_t *w) {
+  svc__spec_t *sp = &w->spec;
+  const svc__slot_t *from;
+  size_t nrec = 1;
+  if (!w->cfg.speculate || sp->force || !sp->prev_cached || sp->prev < 0 ||
+      (size_t)sp->prev >= w->slot_hi)
+    return 0;
+  from = &w->slots[sp->prev];
+  if (!from->used || from->nnxt == 0)
+    return 0;
+  for (uint32_t i = 0; i < from->nnxt; i++) {
+    int32_t s = from->nxt[i];
+    if (s < 0 || (size_t)s >= w->slot_hi || !w->slots[s].used)
+      return 0;
+    nrec += 1 + w->slots[s].C;
+  }
+  if (nrec > SVC__SPEC_RECS)
+    return 0;
+  sp->nset = from->nnxt;
+  memcpy(sp->set, from->nxt, sp->nset * sizeof *sp->set);
+  return nrec;
+}
+
+/* The index of slot s in the speculative set, or -1. */
+static int svc__spec_index(const svc_worker_t *w, int s) {
+  for (uint32_t i = 0; i < w->spec.nset; i++)
+    if (w->spec.set[i] == s)
+      return (int)i;
+  return -1;
+}
+
+/* Puts this rank's entries of the predicted slots into the round (their
+ * readiness records and records at their slot's place, p->cslot = the
+ * slot's index in the set) and returns whether some entry or stall of
+ * this rank needs the negotiation instead. */
+static int svc__spec_fill(svc_worker_t *w, svc__pend_t **pick,
+                          uint64_t stale_or_full) {
+  svc__spec_t *sp = &w->spec;
+  size_t at = 1 + sp->nset;
+  int other = stale_or_full != 0;
+  w->rbuf[0].tag = SBN_REC_SUM;
+  for (uint32_t i = 0; i < sp->nset; i++) {
+    const svc__slot_t *sl = &w->slots[sp->set[i]];
+    svc__pend_t *p = svc__slot_mine(w, sl) ? pick[sp->set[i]] : NULL;
+    w->rbuf[1 + i].tag = SBN_REC_SUM;
+    for (uint32_t c = 0; c < sl->C; c++)
+      w->rbuf[at + c].tag = sl->tag;
+    if (p != NULL) {
+      double d = (double)(p->step - sl->last_step);
+      w->rbuf[1 + i].v[0] = 1;
+      w->rbuf[1 + i].v[1] = d;
+      w->rbuf[1 + i].v[2] = d * d;
+      memcpy(w->rbuf + at, p->recs, sl->C * sizeof *w->rbuf);
+      p->cslot = (int)i;
+      p->listed = 1;
+      w->roff[w->rlist_n] = at;
+      w->rlist[w->rlist_n++] = p;
+    }
+    at += sl->C;
+  }
+  /* Entries the guess does not cover: no slot, another slot, or a step
+   * outside the slot's window (a later step of a predicted slot waits for
+   * the next round, which may guess it too). */
+  for (const svc__pend_t *p = w->pend; p != NULL && !other; p = p->next) {
+    int s = svc__slot_of(w, p->name, p->dir, p->grp);
+    if (p->sent || p->cslot >= 0)
+      continue;
+    if (s < 0 || svc__spec_index(w, s) < 0 ||
+        !svc__slot_fits(&w->slots[s], p) || p->step <= w->slots[s].last_step ||
+        p->step - w->slots[s].last_step > NEG_STEPS)
+      other = 1;
+  }
+  return other;
+}
+
+int svc__spec_begin(svc_worker_t *w) {
+  size_t nrec = svc__spec_predict(w), W = (w->slot_hi + 63) / 64, total = 0;
+  svc__pend_t **pick;
+  uint64_t *stale, flags = 0, any = 0;
+  int rc;
+  if (nrec == 0)
+    return 0;
+  pick = calloc(w->slot_hi + 1, sizeof *pick);
+  stale = calloc(W + 1, sizeof *stale);
+  free(w->rbuf);
+  w->rbuf = calloc(nrec, sizeof *w->rbuf);
+  if (pick == NULL || stale == NULL || w->rbuf == NULL) {
+    free(pick);
+    free(stale);
+    return svc_set_error(SVC_RESOURCE, "agreement: out of memory");
+  }
+  svc__pick(w, pick, stale, &flags, &total);
+  for (size_t i = 0; i < W; i++)
+    any |= stale[i];
+  w->rlist_n = 0;
+  w->rbuf[0].v[0] = svc__spec_fill(w, pick, any | (flags & NEG_FULL));
+  free(pick);
+  free(stale);
+  rc = w->sync->vt->iallreduce_begin(w->sync, w->rbuf, nrec, &w->sync_req);
+  if (rc != 0)
+    return svc_set_error(SVC_INTERNAL, "agreement: iallreduce_begin: %s",
+                         sbn_last_error());
+  w->m.spec_rounds++;
+  w->m.agree_bytes += (1 + w->spec.nset) * sizeof *w->rbuf;
+  w->m.reduce_t0 = svc_obs_now();
+  svc_obs_begin(SVC_SPAN_ALLREDUCE);
+  w->phase = SVC__SPEC;
+  return 1;
+}
+
+/* Whether the readiness record r of slot sl says that every rank of the
+ * group has its entry at one step offset; sets *d to it. */
+static int svc__spec_ready(const svc_worker_t *w, const svc__slot_t *sl,
+                           const sbn_rec_t *r, uint64_t *d) {
+  double n = r->v[0], s = r->v[1], q = r->v[2];
+  if (n != (double)svc__slot_need(w, sl) || n * q != s * s)
+    return 0;
+  *d = (uint64_t)(s / n);
+  return *d >= 1 && *d <= NEG_STEPS && (double)*d * n == s;
+}
+
+int svc__spec_done(svc_worker_t *w) {
+  svc__spec_t *sp = &w->spec;
+  size_t at = 1 + sp->nset, nready = 0;
+  int other = w->rbuf[0].v[0] > 0, b = 0;
+  double lat = svc_obs_now() - w->m.reduce_t0;
+  svc_obs_end(SVC_SPAN_ALLREDUCE);
+  for (uint32_t i = 0; i < sp->nset; i++) {
+    svc__slot_t *sl = &w->slots[sp->set[i]];
+    uint64_t d;
+    if (svc__spec_ready(w, sl, &w->rbuf[1 + i], &d)) {
+      sl->last_step += d;
+      sl->used_at = w->epoch;
+      svc__spec_note(w, sp->set[i]);
+      nready++;
+      for (size_t k = 0; k < w->rlist_n; k++) {
+        svc__pend_t *p = w->rlist[k];
+        double t0 = svc_obs_now();
+        if (p == NULL || p->cslot != (int)i)
+          continue;
+        svc__pend_unlink(w, p);
+        p->done(w, p, w->rbuf + at);
+        svc_obs_span(SVC_SPAN_COMPUTE, p->what, (int64_t)p->step, t0);
+        svc__pend_free(p);
+        w->rlist[k] = NULL;
+        w->m.cache_hits++;
+      }
+    }
+    at += sl->C;
+  }
+  w->rlist_n = 0;
+  /* A round that delivered nothing counts as a miss alone, so that the
+   * allreduces are those the histogram of entries fused counts. */
+  if (nready == 0) {
+    w->m.spec_misses++;
+  } else {
+    w->m.allreduces++;
+    w->m.lat[w->m.nlat++ % SVC__LAT_RING] = lat;
+  }
+  while (b < SVC__FUSE_BUCKETS - 1 && ((size_t)1 << b) < nready)
+    b++;
+  if (nready > 0)
+    w->m.fuse_hist[b]++;
+  w->m.entries_fused += nready;
+  /* After progress, or when some rank has entries the guess missed, the
+   * waiting entries start the next round at once (which negotiates in
+   * the second case); a guess that only lacked a rank's entry waits for
+   * that rank, whose entry starts the next round. */
+  if (nready > 0 || other)
+    for (svc__pend_t *p = w->pend; p != NULL; p = p->next)
+      p->fresh = 1;
+  sp->carry = other || nready < sp->nset;
+  svc__round_end(w);
+  sp->force = other;
+  return 0;
 }

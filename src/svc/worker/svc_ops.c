@@ -221,7 +221,7 @@ int svc__cmd_metrics(svc__call_t *call) {
   for (int c = 1; c < SVC_CODE_COUNT; c++)
     nerr += m->errors[c] != 0;
 
-  if (svc_reply_begin(&r, &q->id, 28, 0) != 0 || r.pk == NULL)
+  if (svc_reply_begin(&r, &q->id, 30, 0) != 0 || r.pk == NULL)
     goto out;
   svc_reply_key(&r, "requests");
   r.rc |= msgpack_pack_map(r.pk, SVC_OP_COUNT);
@@ -253,6 +253,8 @@ int svc__cmd_metrics(svc__call_t *call) {
   svc__pack_u64(&r, "agree_bytes", m->agree_bytes);
   svc__pack_u64(&r, "cache_hits", m->cache_hits);
   svc__pack_u64(&r, "cache_evictions", m->cache_evictions);
+  svc__pack_u64(&r, "spec_rounds", m->spec_rounds);
+  svc__pack_u64(&r, "spec_misses", m->spec_misses);
   svc__pack_u64(&r, "tensor_copies", m->tensor_copies);
   svc__pack_u64(&r, "in_place", m->in_place);
   svc__pack_u64(&r, "zero_copy_replies", m->zero_copy_replies);

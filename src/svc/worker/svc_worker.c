@@ -44,6 +44,7 @@ void svc_worker_config_default(svc_worker_config_t *cfg) {
   cfg->max_layers = 1024;
   cfg->max_saved = (uint64_t)4 << 30;
   cfg->cache_slots = 512;
+  cfg->speculate = 1;
   svc_limits_default(&cfg->limits);
   cfg->max_clients = 64;
   cfg->max_output = (uint64_t)512 << 20;
@@ -277,4 +278,36 @@ int svc_worker_set_state_dir(svc_worker_t *w, const char *dir) {
   if (w->cfg.rank == 0)
     svc__ckpt_sweep(w);
   return 0;
+}
+
+int svc_worker_set_sync(svc_worker_t *w, sbn_comm_t *comm, double stall_timeout,
+                        svc_deliver_fn deliver, void *deliver_ctx) {
+  const sbn_comm_vtable_t *vt = comm != NULL ? comm->vt : NULL;
+  if (vt == NULL || vt->iallgather_begin == NULL ||
+      vt->iallreduce_begin == NULL || vt->iallreduce_test == NULL ||
+      vt->iallreduce_end == NULL || vt->iallreduce_bor_begin == NULL)
+    return svc_set_error(SVC_BAD_PARAMS,
+                         "comm: the communicator lacks the non-blocking "
+                         "allgather or allreduce");
+  /* Idle ranks learn of work only by their doorbells. */
+  if (comm->size > 1 && (vt->bell_send == NULL || vt->bell_poll == NULL))
+    return svc_set_error(SVC_BAD_PARAMS,
+                         "comm: the communicator lacks the doorbell "
+                         "(bell_send, bell_poll)");
+  if (comm->size != w->cfg.size)
+    return svc_set_error(SVC_BAD_PARAMS,
+                         "comm: %d processes, the job has %d ranks", comm->size,
+                         w->cfg.size);
+  w->sync = comm;
+  w->sync_on = 1;
+  w->stall_timeout = stall_timeout;
+  w->deliver = deliver;
+  w->deliver_ctx = deliver_ctx;
+  return 0;
+}
+
+void svc_worker_sync_counters(const svc_worker_t *w, uint64_t *allreduces,
+                              uint64_t *entries) {
+  *allreduces = w->m.allreduces;
+  *entries = w->m.entries_fused;
 }

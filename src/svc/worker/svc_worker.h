@@ -27,6 +27,10 @@ typedef struct svc_worker_config_s {
    * Every rank of the job must use the same number: the ranks evict the
    * same slot in the same round because they count alike. */
   uint32_t cache_slots;
+  /* Whether predictable cached rounds agree and reduce in one collective
+   * (1, the default) or always negotiate first (0). Every rank of the job
+   * must use the same value. */
+  int speculate;
   svc_limits_t limits; /* frame limits for the codec */
   /* Reported by hello only; the server enforces them. */
   uint32_t max_clients;
@@ -37,6 +41,7 @@ typedef struct svc_worker_config_s {
 #define SVC_CACHE_SLOTS_MAX 65536
 
 /* keep_steps 2, max_layers 1024, max_saved 4 GiB, cache_slots 512,
+ * speculate 1,
  * svc_limits_default(),
  * rank 0 of 1, max_clients 64, max_output 512 MiB, idle_timeout 300 s,
  * frame_timeout 60 s. */

@@ -265,6 +265,8 @@ struct svc__pend_s {
 svc__pend_t *svc__pend_alloc(svc_worker_t *w, uint64_t name, uint64_t step,
                              uint32_t dir, size_t nrec, uint32_t tag);
 void svc__pend_free(svc__pend_t *p);
+/* Unlinks p from the pending list (p itself stays). */
+void svc__pend_unlink(svc_worker_t *w, svc__pend_t *p);
 /* Queues p for the agreement; its reply goes where call's would have
  * gone, and the call is deferred. */
 void svc__pend_queue(svc__call_t *call, svc__pend_t *p);
@@ -338,8 +340,23 @@ int svc__reduce_begin(svc_worker_t *w, const svc__gent_t *rd, size_t nr,
 int svc__gather_begin(svc_worker_t *w, size_t per_rank);
 /* The list this rank gathered: rank r's message in w->grecv. */
 const svc__gmsg_t *svc__gmsg(const svc_worker_t *w, int r);
-/* Ends a round on this rank: cleanup, epoch + 1. */
+/* Ends a round on this rank: cleanup, what the speculation learns from
+ * it (svc__spec_learn), epoch + 1. */
 void svc__round_end(svc_worker_t *w);
+
+/* Speculative rounds (svc_negotiate.c): a round whose cached slots the
+ * ranks can predict agrees and reduces in one collective. Starts one and
+ * returns 1 when the shared state predicts the round, else returns 0 (the
+ * round then negotiates); negative on error. */
+int svc__spec_begin(svc_worker_t *w);
+/* After the speculative collective: delivers the slots every rank of
+ * their group had at one step and ends the round. */
+int svc__spec_done(svc_worker_t *w);
+/* Notes that slot s became ready in the round in flight. */
+void svc__spec_note(svc_worker_t *w, int s);
+/* At the end of a round: the slots of the round before it learn which
+ * slots followed them. */
+void svc__spec_learn(svc_worker_t *w);
 
 typedef struct svc__key_s {
   uint64_t name, step;
@@ -358,16 +375,52 @@ typedef struct svc__key_s {
 /* Seconds after an entry's arrival during which the server polls the
  * engine continuously (see svc_worker_busy) rather than on its timer. */
 #define SVC__SPIN_S 0.005
+/* Slots a speculative round covers at most, and its records at most
+ * (beyond that a wrong guess would move more bytes than the bit sets
+ * save). */
+#define SVC__SPEC_SLOTS 8
+#define SVC__SPEC_RECS 65536
 typedef struct svc__slot_s {
   uint64_t name, fp, last_step; /* the step it was last agreed at */
   uint64_t used_at;             /* the epoch of the round that did */
   uint32_t dir, C, gsize, grp, tag;
   int used;
+  /* The slots that became ready in the round after the last round that
+   * this slot led (see svc__spec_t); nnxt 0: none known. */
+  int32_t nxt[SVC__SPEC_SLOTS];
+  uint32_t nnxt;
 } svc__slot_t;
 
+/* What the speculation knows, the same on every rank because it is
+ * learned from the rounds alone. A training loop submits its layers in
+ * the same order every step, so the slots that become ready in a round
+ * follow from those of the round before: the slot that led a round (the
+ * first to become ready in it) remembers the slots of the next round.
+ * When the last round with progress was cached and its leader knows its
+ * successors, the next round is one allreduce of, per predicted slot, a
+ * summed readiness record (ranks that have the slot's next entry, the sum
+ * of their step offsets and of their squares: all at one offset exactly
+ * when count * sum of squares = sum^2) and the slot's records, after one
+ * summed record counting the ranks with entries the guess does not cover
+ * (then the next round negotiates). A wrong guess costs that allreduce;
+ * the entries in it stay queued. */
+typedef struct svc__spec_s {
+  int32_t now[SVC__SPEC_SLOTS]; /* slots ready in the round in flight */
+  uint32_t nnow;
+  int over;        /* more than SVC__SPEC_SLOTS became ready */
+  int gathered;    /* the round in flight gathered lists */
+  int32_t prev;    /* the leader of the last round with progress, or -1 */
+  int prev_cached; /* that round gathered nothing */
+  int force;       /* the next round negotiates */
+  int carry;       /* the next round learns with the one that ended */
+  int32_t set[SVC__SPEC_SLOTS]; /* the speculative round in flight */
+  uint32_t nset;
+} svc__spec_t;
+
 /* The engine's phases: idle (no collective), negotiating (the bit sets),
- * gathering (the full lists), reducing (the fused allreduce). */
-enum { SVC__IDLE = 0, SVC__NEG, SVC__GATHER, SVC__REDUCE };
+ * gathering (the full lists), reducing (the fused allreduce), and the
+ * speculative round's one allreduce. */
+enum { SVC__IDLE = 0, SVC__NEG, SVC__GATHER, SVC__REDUCE, SVC__SPEC };
 
 /* Latencies kept for the percentiles of the metrics reply (a ring). */
 #define SVC__LAT_RING 1024
@@ -386,6 +439,8 @@ typedef struct svc__metrics_s {
   uint64_t agree_bytes;     /* negotiation + gather bytes this rank sent */
   uint64_t cache_hits;      /* entries agreed through their cache slot */
   uint64_t cache_evictions; /* slots given to a new key (least recent) */
+  uint64_t spec_rounds;     /* rounds run as one speculative allreduce */
+  uint64_t spec_misses;     /* of them, those that delivered nothing */
   /* Tensor payloads (x, dy, y, dx) copied by the worker: out of a frame
    * or a region into a private buffer, into a reply buffer, into a
    * region. Results computed in their input's buffer, and tensor
@@ -419,7 +474,7 @@ struct svc_worker_s {
   void *deliver_ctx;
   double now;
   svc__pend_t *pend; /* oldest first */
-  int phase;         /* SVC__IDLE, _NEG, _GATHER, _REDUCE */
+  int phase;         /* SVC__IDLE, _NEG, _GATHER, _REDUCE, _SPEC */
   int hold;          /* start no round after round hold_last (svc_drain.c) */
   uint64_t hold_last;
   svc__gmsg_t gsend;
@@ -442,6 +497,7 @@ struct svc_worker_s {
   svc__pend_t **rlist; /* this rank's entries in the allreduce in flight */
   size_t *roff;        /* and the offset of each one's records */
   size_t rlist_n;
+  svc__spec_t spec;
   svc__key_t poison[SVC__POISON];
   size_t npoison, poison_next;
   svc__metrics_t m;
