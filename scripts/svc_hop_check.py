@@ -23,7 +23,7 @@ training forward has mean ~0 and variance ~1 per channel over both ranks,
 every stats reply has the merged mean). Usage:
 
   /usr/bin/python3 scripts/svc_hop_check.py [--syncbnd build/bin/syncbnd]
-      [--shape 8,64,56,56] [--reps 20]
+      [--shape 8,64,56,56] [--reps 20] [--no-speculate]
 
 Prints medians in microseconds and the ratios a reader compares with the
 bench's service_stats1 / allreduce1 and service_full / unix_echo rows.
@@ -78,13 +78,14 @@ def tensor(a):
     return {"dtype": "f32", "shape": list(a.shape), "data": a.tobytes()}
 
 
-def start_job(syncbnd, root):
+def start_job(syncbnd, root, extra=()):
     env = dict(os.environ)
     env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                OMPI_MCA_pml="ob1", OMPI_MCA_btl="self,vader,tcp")
     sock = os.path.join(root, "s")
     p = subprocess.Popen(["mpirun", "--oversubscribe", "--bind-to", "none",
-                          "-np", "2", syncbnd, "--socket-dir", sock],
+                          "-np", "2", syncbnd, "--socket-dir", sock]
+                         + list(extra),
                          env=env, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
     paths = [os.path.join(sock, "rank-%d.sock" % r) for r in range(2)]
@@ -181,11 +182,15 @@ def main():
     ap.add_argument("--syncbnd", default="build/bin/syncbnd")
     ap.add_argument("--shape", default="8,64,56,56")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--no-speculate", action="store_true",
+                    help="start syncbnd with --no-speculate (every round "
+                         "negotiates before it reduces)")
     o = ap.parse_args()
     shape = tuple(int(v) for v in o.shape.split(","))
     C = shape[1]
     root = tempfile.mkdtemp(prefix="sbn-hop-")
-    job, conns = start_job(o.syncbnd, root)
+    job, conns = start_job(o.syncbnd, root,
+                           ["--no-speculate"] if o.no_speculate else [])
     try:
         for r, c in enumerate(conns):
             call(c, {"op": "hello", "id": 1, "version": 6})
