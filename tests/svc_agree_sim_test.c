@@ -456,14 +456,39 @@ static void test_bytes_independent_of_ranks(void **st) {
   }
 }
 
+/* Polls every rank n times at time now. */
+static void sim_poll(sim_t *s, int n, double now) {
+  for (int i = 0; i < n; i++)
+    for (int r = 0; r < s->wd.size; r++)
+      assert_int_equal(svc_worker_poll(s->k[r].w, now), 0);
+}
+
+/* Polls two ranks at time now, past the stall timeout of their entries
+ * at different steps of layer 0: both must fail with STALL; then a
+ * common step `next` on both works. */
+static void sim_stall_then(sim_t *s, size_t c, double now, uint64_t next) {
+  uint64_t steps[1] = {next};
+  sim_run(s, 1, now);
+  for (int r = 0; r < 2; r++) {
+    char code[64];
+    double mean[8];
+    sim_reply(s->k[r].reply[0], s->k[r].len[0], code, mean, c);
+    assert_string_equal(code, "STALL");
+    free(s->k[r].reply[0]);
+    s->k[r].ndel = 0;
+  }
+  sim_stats(s, 0, 0, next, c);
+  sim_stats(s, 1, 0, next, c);
+  sim_run(s, 1, now + 0.5);
+  sim_check(s, 1, steps, c);
+}
+
 /* Ranks at different steps of a cached layer: their bits differ, nothing
  * fuses, and once the stall timeout passes both fail with STALL; the next
  * step on both works. */
 static void test_cached_step_mismatch_stalls(void **st) {
   enum { C = 2 };
   sim_t s;
-  char code[64];
-  double mean[C];
   uint64_t steps[1] = {1};
   (void)st;
   sim_init(&s, 2, 1.0);
@@ -474,23 +499,10 @@ static void test_cached_step_mismatch_stalls(void **st) {
   sim_check(&s, 1, steps, C);
   sim_stats(&s, 0, 0, 2, C);
   sim_stats(&s, 1, 0, 3, C);
-  for (int i = 0; i < 4; i++)
-    for (int r = 0; r < 2; r++)
-      assert_int_equal(svc_worker_poll(s.k[r].w, 0.1), 0);
+  sim_poll(&s, 4, 0.1);
   assert_int_equal(s.k[0].ndel + s.k[1].ndel, 0);
   assert_int_equal(s.wd.begun[K_REC - 1], 1);
-  sim_run(&s, 1, 2.0);
-  for (int r = 0; r < 2; r++) {
-    sim_reply(s.k[r].reply[0], s.k[r].len[0], code, mean, C);
-    assert_string_equal(code, "STALL");
-    free(s.k[r].reply[0]);
-    s.k[r].ndel = 0;
-  }
-  steps[0] = 4;
-  sim_stats(&s, 0, 0, 4, C);
-  sim_stats(&s, 1, 0, 4, C);
-  sim_run(&s, 1, 2.5);
-  sim_check(&s, 1, steps, C);
+  sim_stall_then(&s, C, 2.0, 4);
   sim_free(&s);
 }
 
@@ -600,13 +612,6 @@ static void sim_warm(sim_t *s, size_t c) {
   assert_int_equal(sim_metric(s->k[0].w, "spec_misses"), 0);
 }
 
-/* Polls every rank n times at time now. */
-static void sim_poll(sim_t *s, int n, double now) {
-  for (int i = 0; i < n; i++)
-    for (int r = 0; r < s->wd.size; r++)
-      assert_int_equal(svc_worker_poll(s->k[r].w, now), 0);
-}
-
 /* A rank late for a speculative round: the guess delivers nothing (one
  * allreduce, counted as a miss), the others' entries wait, and the late
  * entry starts the round that completes all of them, again speculative:
@@ -677,9 +682,6 @@ static void test_spec_new_layer(void **st) {
 static void test_spec_step_mismatch_stalls(void **st) {
   enum { C = 2 };
   sim_t s;
-  char code[64];
-  double mean[C];
-  uint64_t steps[1] = {6};
   (void)st;
   sim_init(&s, 2, 1.0);
   sim_register(&s, "a", C);
@@ -689,17 +691,7 @@ static void test_spec_step_mismatch_stalls(void **st) {
   sim_poll(&s, 4, 1.1);
   assert_int_equal(s.k[0].ndel + s.k[1].ndel, 0);
   assert_true(sim_metric(s.k[0].w, "spec_misses") >= 1);
-  sim_run(&s, 1, 3.0);
-  for (int r = 0; r < 2; r++) {
-    sim_reply(s.k[r].reply[0], s.k[r].len[0], code, mean, C);
-    assert_string_equal(code, "STALL");
-    free(s.k[r].reply[0]);
-    s.k[r].ndel = 0;
-  }
-  sim_stats(&s, 0, 0, 6, C);
-  sim_stats(&s, 1, 0, 6, C);
-  sim_run(&s, 1, 3.5);
-  sim_check(&s, 1, steps, C);
+  sim_stall_then(&s, C, 3.0, 6);
   sim_free(&s);
 }
 
