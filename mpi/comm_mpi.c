@@ -18,6 +18,14 @@
  * still in flight (a process leaving without MPI_Finalize) frees them. */
 typedef struct sbn__mpi_req_s {
   MPI_Request req;
+  /* A reduction over two processes is an exchange (see sbn__mpi_pair):
+   * req sends buf, rx receives the peer's n elements into peer, and op
+   * combines them into buf once both completed (peer NULL again). */
+  MPI_Request rx;
+  void *buf, *peer;
+  int n;
+  MPI_Datatype type;
+  MPI_Op op;
   struct sbn__mpi_req_s *prev, *next;
 } sbn__mpi_req_t;
 
@@ -43,9 +51,11 @@ typedef struct sbn__mpi_comm_s {
   double mpi_s;
 } sbn__mpi_comm_t;
 
-/* The doorbell's tag: point-to-point messages never match collectives, and
- * the communicator is syncbn's own, so no other message uses it. */
-#define SBN__BELL_TAG 7321
+/* The tags (syncbn_mpi.h): point-to-point messages never match
+ * collectives, and the communicator is syncbn's own, so no other message
+ * uses them. */
+#define SBN__BELL_TAG SBN_MPI_BELL_TAG
+#define SBN__PAIR_TAG SBN_MPI_PAIR_TAG
 
 /* Seconds on the monotonic clock: MPI_Wtime here ticks in microseconds,
  * coarser than a small pass's MPI calls. */
@@ -61,6 +71,7 @@ static sbn__mpi_req_t *sbn__req_new(sbn__mpi_comm_t *m) {
   if (r == NULL)
     return NULL;
   r->req = MPI_REQUEST_NULL;
+  r->rx = MPI_REQUEST_NULL;
   r->next = m->reqs;
   if (m->reqs != NULL)
     m->reqs->prev = r;
@@ -69,6 +80,15 @@ static sbn__mpi_req_t *sbn__req_new(sbn__mpi_comm_t *m) {
 }
 
 static void sbn__req_free(sbn__mpi_comm_t *m, sbn__mpi_req_t *r) {
+  /* An exchange abandoned in flight (the communicator goes first) stops
+   * receiving; its receive buffer stays allocated, for MPI may still be
+   * writing into it. */
+  if (r->rx != MPI_REQUEST_NULL) {
+    MPI_Cancel(&r->rx);
+    MPI_Request_free(&r->rx);
+  } else {
+    free(r->peer);
+  }
   if (r->prev != NULL)
     r->prev->next = r->next;
   else
@@ -179,6 +199,66 @@ static int sbn__mpi_allreduce(sbn_comm_t *c, sbn_rec_t *recs, size_t n) {
   return 0;
 }
 
+/* The other process of a communicator of two, or -1 for any other size.
+ * A reduction over two processes is one message each way and one local
+ * combination, which measured about twice as fast as Open MPI's
+ * MPI_Iallreduce (libnbc) here and as fast as its blocking MPI_Allreduce:
+ * 2049 records, np 2, 2000 reps: 26.1 us (best 22.9) against 14.7 (12.6).
+ * The result has the bits MPI's would have: with two operands every
+ * algorithm combines them once, and the record merge and the OR commute
+ * bitwise. With more processes the combination order is a tree's, so
+ * MPI's collective stays. */
+static int sbn__mpi_pair(const sbn__mpi_comm_t *m) {
+  int size = 0, rank = 0;
+  if (MPI_Comm_size(m->comm, &size) != MPI_SUCCESS || size != 2 ||
+      MPI_Comm_rank(m->comm, &rank) != MPI_SUCCESS)
+    return -1;
+  return 1 - rank;
+}
+
+/* Starts the exchange of buf (count elements) with the peer. */
+static int sbn__pair_start(sbn__mpi_comm_t *m, sbn__mpi_req_t *r, void *buf,
+                           int count, MPI_Datatype type, MPI_Op op, int peer) {
+  int size = 0, err;
+  MPI_Type_size(type, &size);
+  if ((r->peer = malloc((size_t)count * (size_t)size)) == NULL)
+    return sbn_set_error(SBN_ENOMEM, "request: out of memory");
+  r->buf = buf;
+  r->n = count;
+  r->type = type;
+  r->op = op;
+  err = MPI_Irecv(r->peer, count, type, peer, SBN__PAIR_TAG, m->comm, &r->rx);
+  if (err == MPI_SUCCESS)
+    err = MPI_Isend(buf, count, type, peer, SBN__PAIR_TAG, m->comm, &r->req);
+  if (err != MPI_SUCCESS)
+    return sbn_mpi_error(err, "MPI_Isend/MPI_Irecv of a two-process reduction");
+  return 0;
+}
+
+/* Completes an exchange whose messages both arrived: checks that the peer
+ * sent as many elements (a peer in another collective would not) and
+ * combines them into buf. */
+static int sbn__pair_finish(sbn__mpi_req_t *r, const MPI_Status *st) {
+  int got = -1;
+  MPI_Get_count(st, r->type, &got);
+  if (got != r->n)
+    return sbn_set_error(SBN_ECOMM,
+                         "two-process reduction: the peer sent %d elements, "
+                         "this process %d (the processes run different "
+                         "collectives)",
+                         got, r->n);
+  if (r->op == sbn__rec_op) {
+    sbn_rec_combine(r->peer, r->buf, (size_t)r->n);
+  } else {
+    uint64_t *a = r->peer, *b = r->buf;
+    for (int i = 0; i < r->n; i++)
+      b[i] |= a[i];
+  }
+  free(r->peer);
+  r->peer = NULL;
+  return 0;
+}
+
 /* A non-blocking in-place allreduce of n elements of type with op, as a
  * request that iallreduce_test and iallreduce_end finish; the records'
  * reduction and the negotiation's OR differ only in type and op. */
@@ -197,11 +277,18 @@ static int sbn__mpi_istart(sbn_comm_t *c, void *buf, size_t n,
     return sbn_set_error(SBN_ENOMEM, "request: out of memory");
   if (count > 0) {
     double t0 = sbn__mpi_now();
-    err = MPI_Iallreduce(MPI_IN_PLACE, buf, count, type, op, m->comm, &r->req);
+    int peer = sbn__mpi_pair(m);
+    if (peer >= 0) {
+      rc = sbn__pair_start(m, r, buf, count, type, op, peer);
+    } else {
+      err =
+          MPI_Iallreduce(MPI_IN_PLACE, buf, count, type, op, m->comm, &r->req);
+      rc = err == MPI_SUCCESS ? 0 : sbn_mpi_error(err, "MPI_Iallreduce");
+    }
     m->mpi_s += sbn__mpi_now() - t0;
-    if (err != MPI_SUCCESS) {
+    if (rc != 0) {
       sbn__req_free(m, r);
-      return sbn_mpi_error(err, "MPI_Iallreduce");
+      return rc;
     }
   }
   *request = r;
@@ -322,7 +409,19 @@ static int sbn__mpi_itest(sbn_comm_t *c, void *request, int *done) {
   /* A completed request becomes MPI_REQUEST_NULL, and MPI_Test on that
    * reports completion again, so polling after completion is harmless. */
   double t0 = sbn__mpi_now();
-  err = MPI_Test(&r->req, done, MPI_STATUS_IGNORE);
+  if (r->peer != NULL) {
+    MPI_Request q[2] = {r->req, r->rx};
+    MPI_Status st[2];
+    err = MPI_Testall(2, q, done, st);
+    r->req = q[0];
+    r->rx = q[1];
+    if (err == MPI_SUCCESS && *done) {
+      m->mpi_s += sbn__mpi_now() - t0;
+      return sbn__pair_finish(r, &st[1]);
+    }
+  } else {
+    err = MPI_Test(&r->req, done, MPI_STATUS_IGNORE);
+  }
   m->mpi_s += sbn__mpi_now() - t0;
   if (err != MPI_SUCCESS)
     return sbn_mpi_error(err, "MPI_Test");
@@ -335,12 +434,23 @@ static int sbn__mpi_iend(sbn_comm_t *c, void *request) {
   if (r == NULL)
     return sbn_set_error(SBN_EINVAL, "request: NULL");
   double t0 = sbn__mpi_now();
-  err = MPI_Wait(&r->req, MPI_STATUS_IGNORE);
+  int rc = 0;
+  if (r->peer != NULL) {
+    MPI_Status st[2];
+    MPI_Request q[2] = {r->req, r->rx};
+    err = MPI_Waitall(2, q, st);
+    r->req = q[0];
+    r->rx = q[1];
+    if (err == MPI_SUCCESS)
+      rc = sbn__pair_finish(r, &st[1]);
+  } else {
+    err = MPI_Wait(&r->req, MPI_STATUS_IGNORE);
+  }
   ((sbn__mpi_comm_t *)c)->mpi_s += sbn__mpi_now() - t0;
   sbn__req_free((sbn__mpi_comm_t *)c, r);
   if (err != MPI_SUCCESS)
     return sbn_mpi_error(err, "MPI_Wait");
-  return 0;
+  return rc;
 }
 
 static void sbn__mpi_destroy(sbn_comm_t *c) {

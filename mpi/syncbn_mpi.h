@@ -37,15 +37,19 @@ SBN_API int sbn_mpi_comm_create(MPI_Comm parent, int group_size,
 /* The communicator fills every vtable entry:
  * - allreduce: one MPI_Allreduce of the records (a user-defined MPI_Op
  *   running sbn_rec_combine over a datatype of four doubles);
- * - iallreduce_begin/test/end: one MPI_Iallreduce; test is MPI_Test and may
+ * - iallreduce_begin/test/end: one MPI_Iallreduce, or, in a group of two
+ *   processes, one MPI_Isend and one MPI_Irecv with tag SBN_MPI_PAIR_TAG
+ *   and a local sbn_rec_combine (the same bits, in about half the time of
+ *   Open MPI's MPI_Iallreduce); test is MPI_Test (MPI_Testall) and may
  *   be called any number of times (Open MPI has no progress thread, so
  *   polling is what moves the reduction on); after a successful begin, end
  *   must be called exactly once: it waits with MPI_Wait and frees the
  *   request. The fused and non-blocking API of syncbn_fused.h wraps these;
  * - iallgather_begin: one MPI_Iallgather of bytes over the group, finished
  *   with the same test/end as a reduction (syncbnd's agreement rounds);
- * - iallreduce_bor_begin: one MPI_Iallreduce of MPI_UINT64_T with MPI_BOR,
- *   finished the same way (syncbnd's negotiation of cached entries);
+ * - iallreduce_bor_begin: one MPI_Iallreduce of MPI_UINT64_T with MPI_BOR
+ *   (or the same exchange in a group of two), finished the same way
+ *   (syncbnd's negotiation of cached entries);
  * - bell_send/bell_poll: MPI_Isend of one uint64 to one process and an
  *   MPI_Irecv from any of them kept posted, on a tag no collective
  *   uses, so that an idle syncbnd worker learns of work without any
@@ -56,6 +60,12 @@ SBN_API int sbn_mpi_comm_create(MPI_Comm parent, int group_size,
  * Every MPI failure is returned as SBN_ECOMM through sbn_mpi_error(). A
  * record count above INT_MAX is SBN_ELIMIT. Calling sbn_mpi_comm_create
  * before MPI_Init or after MPI_Finalize is SBN_ESTATE. */
+
+/* The tags of the point-to-point messages on a communicator's own MPI
+ * communicator (a duplicate, so no other message meets them): doorbells,
+ * and the two messages of a two-process reduction. */
+#define SBN_MPI_BELL_TAG 7321
+#define SBN_MPI_PAIR_TAG 7322
 
 /* The MPI group communicator inside c (for callers that need it, such as
  * the gather in `syncbn apply --sync`); MPI_COMM_NULL if c is not an MPI
