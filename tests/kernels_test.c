@@ -440,6 +440,41 @@ static void test_channels_last_stream_rows(void **state) {
   sbn_kernel_select("ref");
 }
 
+/* The channels-last training forward of a sample in one call
+ * (kernels_avx512_clfwd.c): three samples, so that the first is read from
+ * memory and swept, and the later ones were prefetched by the one before
+ * (samples of at most 512 KiB and 1024 channels) and take the register
+ * tiles (rows of at most 512); outputs of 256 KiB and more, which stream
+ * after a masked head; C = 1, 3 and 17 (vectors that wrap from the last
+ * channel to the first), 1000 (rows that start inside a line) and 2048;
+ * GroupNorm in 3 groups where 3 divides C (groups of 1, 16 and 341
+ * channels) and one group otherwise (one run); and x, y 1 or 3 floats off
+ * alignment. 2048 x 60 positions is a sample over the prefetch's limit. */
+static void test_channels_last_fused(void **state) {
+  (void)state;
+  const char *const *sets;
+  int nsets = tu_kernel_sets(&sets);
+  static const size_t shapes[][2] = {{1, 40001}, {3, 12001}, {17, 2003},
+                                     {48, 700},  {64, 333},  {1000, 37},
+                                     {1023, 49}, {2048, 7},  {2048, 60}};
+  const sbn_op_t ops[] = {SBN_OP_INSTANCENORM, SBN_OP_GROUPNORM};
+  const char *opn[] = {"in", "gn"};
+  for (int ks = 0; ks < nsets; ks++) {
+    if (strcmp(sets[ks], "ref") == 0 || tu_kernel_use(sets[ks]) != 0)
+      continue;
+    for (int io = 0; io < 2; io++)
+      for (size_t i = 0; i < sizeof shapes / sizeof *shapes; i++) {
+        size_t C = shapes[i][0], S = shapes[i][1], N = 3, off = 1 + 2 * (i % 2);
+        char what[128];
+        snprintf(what, sizeof what, "%s %s NHWC N=%zu C=%zu S=%zu off=%zu",
+                 sets[ks], opn[io], N, C, S, off);
+        vs_ref(sets[ks], ops[io], opn[io], SBN_LAYOUT_NHWC, N, C, S,
+               SBN_MODE_TRAIN, off, what);
+      }
+  }
+  sbn_kernel_select("ref");
+}
+
 /* The name reported matches the selection, and the automatic choice is one
  * of the known sets. */
 static void test_names(void **state) {
@@ -682,6 +717,7 @@ int main(void) {
       cmocka_unit_test(test_channels_last_sweeps),
       cmocka_unit_test(test_channels_last_stream_dx),
       cmocka_unit_test(test_channels_last_stream_rows),
+      cmocka_unit_test(test_channels_last_fused),
       cmocka_unit_test(test_group_backward_nchw),
       cmocka_unit_test(test_layout_agreement),
       cmocka_unit_test(test_dropout_sets),
