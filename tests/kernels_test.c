@@ -448,7 +448,8 @@ static void test_channels_last_stream_rows(void **state) {
  * after a masked head; C = 1, 3 and 17 (vectors that wrap from the last
  * channel to the first), 1000 (rows that start inside a line) and 2048;
  * GroupNorm in 3 groups where 3 divides C (groups of 1, 16 and 341
- * channels) and one group otherwise (one run); and x, y 1 or 3 floats off
+ * channels: the position view and short runs; one group otherwise, which
+ * the op takes itself); and x, y 1 or 3 floats off
  * alignment. 2048 x 60 positions is a sample over the prefetch's limit. */
 static void test_channels_last_fused(void **state) {
   (void)state;

@@ -23,9 +23,9 @@
  *
  * Accuracy is the other paths': float partial sums folded into double
  * (the moments), statistics in double with the same formulas as
- * ops/chan.c's sbn__moments_finish, and y = ((x - h) - l) * scale + shift
- * with the split mean. Compiled with the AVX-512 flags; run only after
- * dispatch.c's CPU check. */
+ * ops/chan.c's sbn__moments_finish, and y = (x - h) * scale + t with h
+ * the float part of the mean (see fwd_par8). Compiled with the AVX-512
+ * flags; run only after dispatch.c's CPU check. */
 #include "kernels/sbn_kernels.h"
 
 #ifdef SBN__HAVE_AVX512
@@ -47,7 +47,7 @@
  * normalize's writes alone. Only for samples of at most FWD_PF_BYTES,
  * two of which fit the 1 MiB L2 beside the parameters, and rows of at
  * most FWD_PF_C channels. Measured (same-run A/B, cold copies,
- * InstanceNorm NHWC): 0.75-0.9 of the time without for samples of 256
+ * InstanceNorm NHWC): 0.7-0.9 of the time without for samples of 200
  * to 400 KiB of 17 to 256 channels; C = 2048 (401 KiB, rows of 8 KiB)
  * took 1.1 times as long, and samples of 784 KiB and more 1.1 to 1.3. A
  * prefetched sample's moments take the register tiles where its rows are
@@ -58,7 +58,8 @@
 #define FWD_PF_C 1024
 #define FWD_WARM_C 512
 
-/* The four parameter arrays' stride in par (see SBN__GN_FWD_PAR). */
+/* The stride of par's three parameter arrays (h, scale, t), each of C +
+ * 15 or more floats (see SBN__GN_FWD_PAR). */
 static size_t par_ld(size_t C) {
   return SBN__GN_FWD_PAR(C) / 4;
 }
@@ -195,15 +196,21 @@ int sbn__avx512_gn_fwd_nhwc(const float *x, float *y, size_t P, size_t G,
    * double sums (see kernels_avx512.c's moments_ld): the op's own path. */
   if (n == 0 || P * cpg < SMALL_STAT)
     return 0;
+  /* One group is one run of the whole sample, which the op's own path
+   * sums as one stream (ops/chan.c) and normalizes in register tiles:
+   * measured in `syncbn bench kernels` (GroupNorm 8x17x64x64, three
+   * alternations) that took 0.9-1.05 of the memcpy, this pass 1.13-1.22. */
+  if (G == 1)
+    return 0;
   /* Each group's first value, all in the first row, is its shift. */
   for (size_t g = 0; g < G; g++) {
     k[g] = x[g * cpg];
     s1[g] = s2[g] = 0;
   }
-  /* One group is one run of the whole sample (kernels_avx512.c's runs). */
-  if (G == 1)
-    sbn__kernels_avx512.moments_ld(x, 1, 1, n, n, k, s1, s2);
-  else if (pf && i > 0 && C <= FWD_WARM_C)
+  /* Groups of 16 channels or more are short runs of each position
+   * (kernels_avx512_short.c), which the table's moments_ld takes, as it
+   * takes a prefetched sample's rows. */
+  if (cpg >= 16 || (pf && i > 0 && C <= FWD_WARM_C))
     sbn__kernels_avx512.moments_ld(x, P, G, cpg, C, k, s1, s2);
   else if (!sbn__avx512_cl_moments_cold(x, P, G, cpg, C, k, s1, s2))
     sbn__kernels_avx512.moments_ld(x, P, G, cpg, C, k, s1, s2);
