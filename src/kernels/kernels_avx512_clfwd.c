@@ -136,16 +136,19 @@ static void fwd_params(size_t G, size_t cpg, const double *mean,
         fwd_par8(c, mask8((g + 1) * cpg - c), mv, iv, w, b, par, ld);
     }
   }
+  sbn__avx512_cl_flat_pad(par, ld, C);
+}
+
+void sbn__avx512_cl_flat_pad(float *par, size_t ld, size_t C) {
   for (int a = 0; a < 3; a++)
     for (size_t j = 0; j < 16; j++)
       par[a * ld + C + j] = par[a * ld + (C + j) % C];
 }
 
-/* y of the n = P * C elements of the sample as one flat stream: vector i
- * starts at channel c (i's offset mod C), kept by adding 16 mod C. A
- * streaming pass first writes up to y's first line boundary with one
- * masked store (head_elems), so that every later whole vector fills one
- * line of y. */
+/* y of n elements of rows of C as one flat stream: vector i starts at
+ * channel c (i's offset mod C), kept by adding 16 mod C. A streaming pass
+ * first writes up to y's first line boundary with one masked store
+ * (head_elems), so that every later whole vector fills one line of y. */
 static inline __m512 fwd_y(__m512 x, const float *ph, const float *ps,
                            const float *pt) {
   return _mm512_fmadd_ps(_mm512_sub_ps(x, _mm512_loadu_ps(ph)),
@@ -159,9 +162,10 @@ static inline void fwd_pf_next(const float *x, size_t n, size_t i, size_t pn) {
     _mm_prefetch((const char *)(x + n + i), _MM_HINT_T0);
 }
 
-static void fwd_normalize(const float *x, float *y, size_t n, size_t C,
-                          const float *par, int nt, size_t pn) {
-  size_t ld = par_ld(C), step = 16 % C, h = head_elems(y, n, nt), c = 0, i = h;
+void sbn__avx512_cl_flat_normalize(const float *x, float *y, size_t n, size_t C,
+                                   const float *par, size_t ld, int nt,
+                                   size_t pn) {
+  size_t step = 16 % C, h = head_elems(y, n, nt), c = 0, i = h;
   const float *ph = par, *ps = par + ld, *pt = par + 2 * ld;
   if (h > 0) {
     __mmask16 m = tail_mask(h);
@@ -216,7 +220,8 @@ int sbn__avx512_gn_fwd_nhwc(const float *x, float *y, size_t P, size_t G,
     sbn__kernels_avx512.moments_ld(x, P, G, cpg, C, k, s1, s2);
   fwd_stats(G, (double)P * (double)cpg, eps, k, s1, s2, mean, m2, istd);
   fwd_params(G, cpg, mean, istd, w, b, par);
-  fwd_normalize(x, y, n, C, par, count * n >= FWD_NT_BYTES / sizeof(float), pn);
+  sbn__avx512_cl_flat_normalize(x, y, n, C, par, par_ld(C),
+                                count * n >= FWD_NT_BYTES / sizeof(float), pn);
   _mm_sfence();
   _mm256_zeroupper(); /* see kernels_avx512.c's pos_apply */
   return 1;

@@ -527,6 +527,30 @@ static void cl_norm_rows(const float *x, float *y, size_t n, size_t stride,
                   pf);
 }
 
+/* Dense rows of one position per channel (S = 1: BatchNorm, and
+ * InstanceNorm's samples in eval) wider than a tile, at most CL_PMAX and
+ * not a whole number of vectors: one flat stream (kernels_avx512_clfwd.c)
+ * with y = (x - h) * s + t, t = shift - l * s in double, rounded once.
+ * The tiles there start every other row of C = 1000 half a line off, so a
+ * streamed output had lines written both by streaming and by plain
+ * stores, which leaves write-combining buffers half full: BatchNorm NHWC
+ * 8x1000x14x14 forward took 2.07-2.31 of the memcpy in `syncbn bench
+ * kernels` against 1.26-1.33 flat (three alternations). Rows of whole
+ * vectors measured no clear difference and keep the tiles. */
+static void cl_norm_flat(const float *x, float *y, size_t A, size_t C,
+                         const float *mh, const float *ml, const float *scale,
+                         const float *shift, int nt) {
+  float par[3 * CL_LEN] __attribute__((aligned(64)));
+  for (size_t c = 0; c < C; c++) {
+    par[c] = mh[c];
+    par[CL_LEN + c] = scale[c];
+    par[2 * CL_LEN + c] =
+        (float)((double)shift[c] - (double)ml[c] * (double)scale[c]);
+  }
+  sbn__avx512_cl_flat_pad(par, CL_LEN, C);
+  sbn__avx512_cl_flat_normalize(x, y, A * C, C, par, CL_LEN, nt, 0);
+}
+
 int sbn__avx512_cl_normalize(const float *x, float *y, size_t A, size_t C,
                              size_t S, size_t lda, const float *mh,
                              const float *ml, const float *scale,
@@ -537,6 +561,12 @@ int sbn__avx512_cl_normalize(const float *x, float *y, size_t A, size_t C,
   size_t off;
   if (!cl_takes(A, C, S, lda, 64, 1))
     return 0;
+  if (S == 1 && lda == C && C > 64 && C % 16 != 0 && C <= CL_PMAX && A > 0) {
+    cl_norm_flat(x, y, A, C, mh, ml, scale, shift, nt);
+    _mm_sfence();
+    _mm256_zeroupper();
+    return 1;
+  }
   for (size_t i = 0; cl_piece(A, C, S, lda, i, 64, g, &off); i++) {
     const float *p = x + off;
     float *q = y + off;

@@ -35,6 +35,15 @@ int sbn__avx512_cl_apply(const float *x, const float *dy, float *dx, size_t A,
                          const double *istd, const double *k1, const double *k2,
                          const double *k3);
 
+/* The flat normalize of kernels_avx512_clfwd.c: y = (x - h) * s + t over
+ * n elements of rows of C channels, with h, s and t per channel at par,
+ * par + ld and par + 2 ld (ld >= C + 15), their entries C .. C + 14 those
+ * of channels (C + j) mod C (sbn__avx512_cl_flat_pad writes them), y
+ * streamed when nt is set, and the pn elements after x prefetched. */
+void sbn__avx512_cl_flat_pad(float *par, size_t ld, size_t C);
+void sbn__avx512_cl_flat_normalize(const float *x, float *y, size_t n, size_t C,
+                                   const float *par, size_t ld, int nt,
+                                   size_t pn);
 /* The table's gn_fwd_nhwc (kernels_avx512_clfwd.c). */
 int sbn__avx512_gn_fwd_nhwc(const float *x, float *y, size_t P, size_t G,
                             size_t cpg, const float *w, const float *b,
