@@ -375,23 +375,20 @@ static void test_channels_last_sweeps(void **state) {
   sbn_kernel_select("ref");
 }
 
-/* Channels-last samples whose x and dy fit half of a 1 MiB L2 but whose
- * x, dy and dx do not (400 KB per tensor): the wide position view streams
- * dx there (kernels_avx512.c's pos_apply_nt), from an unaligned head.
- * Rows of 1000 (one piece) and 2048 (one periodic row) channels. */
-static void test_channels_last_stream_dx(void **state) {
-  (void)state;
+/* InstanceNorm and GroupNorm training on NHWC (N, C, S) for each (C, S)
+ * of shapes with every optimized set against ref, x, dy, y and dx 1 or 3
+ * floats off alignment (alternately). */
+static void in_gn_nhwc_vs_ref(const size_t (*shapes)[2], size_t ns, size_t N) {
   const char *const *sets;
   int nsets = tu_kernel_sets(&sets);
-  const size_t Cs[] = {1000, 2048};
   const sbn_op_t ops[] = {SBN_OP_INSTANCENORM, SBN_OP_GROUPNORM};
   const char *opn[] = {"in", "gn"};
   for (int ks = 0; ks < nsets; ks++) {
     if (strcmp(sets[ks], "ref") == 0 || tu_kernel_use(sets[ks]) != 0)
       continue;
     for (int io = 0; io < 2; io++)
-      for (size_t ic = 0; ic < sizeof Cs / sizeof *Cs; ic++) {
-        size_t C = Cs[ic], S = 100000 / C, N = 2, off = 1 + 2 * ic;
+      for (size_t i = 0; i < ns; i++) {
+        size_t C = shapes[i][0], S = shapes[i][1], off = 1 + 2 * (i % 2);
         char what[128];
         snprintf(what, sizeof what, "%s %s NHWC N=%zu C=%zu S=%zu off=%zu",
                  sets[ks], opn[io], N, C, S, off);
@@ -400,6 +397,17 @@ static void test_channels_last_stream_dx(void **state) {
       }
   }
   sbn_kernel_select("ref");
+}
+
+/* Channels-last samples whose x and dy fit half of a 1 MiB L2 but whose
+ * x, dy and dx do not (400 KB per tensor): the wide position view streams
+ * dx there (kernels_avx512.c's pos_apply_nt), from an unaligned head.
+ * Rows of 1000 (one piece) and 2048 (one periodic row) channels. */
+static void test_channels_last_stream_dx(void **state) {
+  (void)state;
+  /* S = 100000 / C. */
+  static const size_t shapes[][2] = {{1000, 100}, {2048, 48}};
+  in_gn_nhwc_vs_ref(shapes, 2, 2);
 }
 
 /* Channels-last dx of the optimized sets' backward in the shapes whose
@@ -453,27 +461,10 @@ static void test_channels_last_stream_rows(void **state) {
  * alignment. 2048 x 60 positions is a sample over the prefetch's limit. */
 static void test_channels_last_fused(void **state) {
   (void)state;
-  const char *const *sets;
-  int nsets = tu_kernel_sets(&sets);
   static const size_t shapes[][2] = {{1, 40001}, {3, 12001}, {17, 2003},
                                      {48, 700},  {64, 333},  {1000, 37},
                                      {1023, 49}, {2048, 7},  {2048, 60}};
-  const sbn_op_t ops[] = {SBN_OP_INSTANCENORM, SBN_OP_GROUPNORM};
-  const char *opn[] = {"in", "gn"};
-  for (int ks = 0; ks < nsets; ks++) {
-    if (strcmp(sets[ks], "ref") == 0 || tu_kernel_use(sets[ks]) != 0)
-      continue;
-    for (int io = 0; io < 2; io++)
-      for (size_t i = 0; i < sizeof shapes / sizeof *shapes; i++) {
-        size_t C = shapes[i][0], S = shapes[i][1], N = 3, off = 1 + 2 * (i % 2);
-        char what[128];
-        snprintf(what, sizeof what, "%s %s NHWC N=%zu C=%zu S=%zu off=%zu",
-                 sets[ks], opn[io], N, C, S, off);
-        vs_ref(sets[ks], ops[io], opn[io], SBN_LAYOUT_NHWC, N, C, S,
-               SBN_MODE_TRAIN, off, what);
-      }
-  }
-  sbn_kernel_select("ref");
+  in_gn_nhwc_vs_ref(shapes, sizeof shapes / sizeof *shapes, 3);
 }
 
 /* The name reported matches the selection, and the automatic choice is one
