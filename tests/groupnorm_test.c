@@ -137,6 +137,13 @@ static void test_gn_vs_reference(void **state) {
       run_case(&cases[0].d, 3, 1, SBN_MODE_TRAIN, 1e4, 1.0, sets[ks], seed++);
       run_case(&cases[3].d, 4, 1, SBN_MODE_TRAIN, 1e4, 2.0, sets[ks], seed++);
       run_case(&cases[11].d, 1, 1, SBN_MODE_TRAIN, 1e4, 1.0, sets[ks], seed++);
+      /* Groups of 3 and of 1000 channels over three samples at mean 1e4
+       * (the channels-last fused forward; see instancenorm_test.c). */
+      sbn_tensor_desc_t wide =
+          tu_desc(L, 4, (size_t)3, (size_t)96, (size_t)10, (size_t)10);
+      run_case(&wide, 32, 1, SBN_MODE_TRAIN, 1e4, 1.0, sets[ks], seed++);
+      wide = tu_desc(L, 4, (size_t)3, (size_t)2000, (size_t)7, (size_t)7);
+      run_case(&wide, 2, 1, SBN_MODE_TRAIN, 1e4, 2.0, sets[ks], seed++);
     }
   }
   sbn_kernel_select("ref");

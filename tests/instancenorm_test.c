@@ -154,6 +154,13 @@ static void test_in_vs_reference(void **state) {
       big.xstd = 2.0;
       big.d = shapes[4];
       run_case(&big, sets[ks], seed++);
+      /* Wide channels in three samples at mean 1e4: channels-last takes
+       * each sample in one fused call (the AVX-512 set's gn_fwd_nhwc),
+       * the later two prefetched by the one before. */
+      big.d = tu_desc(L, 4, (size_t)3, (size_t)1000, (size_t)7, (size_t)7);
+      run_case(&big, sets[ks], seed++);
+      big.d = tu_desc(L, 4, (size_t)3, (size_t)64, (size_t)9, (size_t)9);
+      run_case(&big, sets[ks], seed++);
     }
     /* Eval with running statistics accepts one spatial element and (N, C)
      * inputs, since no statistics are computed. */

@@ -375,23 +375,20 @@ static void test_channels_last_sweeps(void **state) {
   sbn_kernel_select("ref");
 }
 
-/* Channels-last samples whose x and dy fit half of a 1 MiB L2 but whose
- * x, dy and dx do not (400 KB per tensor): the wide position view streams
- * dx there (kernels_avx512.c's pos_apply_nt), from an unaligned head.
- * Rows of 1000 (one piece) and 2048 (one periodic row) channels. */
-static void test_channels_last_stream_dx(void **state) {
-  (void)state;
+/* InstanceNorm and GroupNorm training on NHWC (N, C, S) for each (C, S)
+ * of shapes with every optimized set against ref, x, dy, y and dx 1 or 3
+ * floats off alignment (alternately). */
+static void in_gn_nhwc_vs_ref(const size_t (*shapes)[2], size_t ns, size_t N) {
   const char *const *sets;
   int nsets = tu_kernel_sets(&sets);
-  const size_t Cs[] = {1000, 2048};
   const sbn_op_t ops[] = {SBN_OP_INSTANCENORM, SBN_OP_GROUPNORM};
   const char *opn[] = {"in", "gn"};
   for (int ks = 0; ks < nsets; ks++) {
     if (strcmp(sets[ks], "ref") == 0 || tu_kernel_use(sets[ks]) != 0)
       continue;
     for (int io = 0; io < 2; io++)
-      for (size_t ic = 0; ic < sizeof Cs / sizeof *Cs; ic++) {
-        size_t C = Cs[ic], S = 100000 / C, N = 2, off = 1 + 2 * ic;
+      for (size_t i = 0; i < ns; i++) {
+        size_t C = shapes[i][0], S = shapes[i][1], off = 1 + 2 * (i % 2);
         char what[128];
         snprintf(what, sizeof what, "%s %s NHWC N=%zu C=%zu S=%zu off=%zu",
                  sets[ks], opn[io], N, C, S, off);
@@ -400,6 +397,17 @@ static void test_channels_last_stream_dx(void **state) {
       }
   }
   sbn_kernel_select("ref");
+}
+
+/* Channels-last samples whose x and dy fit half of a 1 MiB L2 but whose
+ * x, dy and dx do not (400 KB per tensor): the wide position view streams
+ * dx there (kernels_avx512.c's pos_apply_nt), from an unaligned head.
+ * Rows of 1000 (one piece) and 2048 (one periodic row) channels. */
+static void test_channels_last_stream_dx(void **state) {
+  (void)state;
+  /* S = 100000 / C. */
+  static const size_t shapes[][2] = {{1000, 100}, {2048, 48}};
+  in_gn_nhwc_vs_ref(shapes, 2, 2);
 }
 
 /* Channels-last dx of the optimized sets' backward in the shapes whose
@@ -438,6 +446,25 @@ static void test_channels_last_stream_rows(void **state) {
         }
   }
   sbn_kernel_select("ref");
+}
+
+/* The channels-last training forward of a sample in one call
+ * (kernels_avx512_clfwd.c): three samples, so that the first is read from
+ * memory and swept, and the later ones were prefetched by the one before
+ * (samples of at most 512 KiB and 1024 channels) and take the register
+ * tiles (rows of at most 512); outputs of 256 KiB and more, which stream
+ * after a masked head; C = 1, 3 and 17 (vectors that wrap from the last
+ * channel to the first), 1000 (rows that start inside a line) and 2048;
+ * GroupNorm in 3 groups where 3 divides C (groups of 1, 16 and 341
+ * channels: the position view and short runs; one group otherwise, which
+ * the op takes itself); and x, y 1 or 3 floats off
+ * alignment. 2048 x 60 positions is a sample over the prefetch's limit. */
+static void test_channels_last_fused(void **state) {
+  (void)state;
+  static const size_t shapes[][2] = {{1, 40001}, {3, 12001}, {17, 2003},
+                                     {48, 700},  {64, 333},  {1000, 37},
+                                     {1023, 49}, {2048, 7},  {2048, 60}};
+  in_gn_nhwc_vs_ref(shapes, sizeof shapes / sizeof *shapes, 3);
 }
 
 /* The name reported matches the selection, and the automatic choice is one
@@ -682,6 +709,7 @@ int main(void) {
       cmocka_unit_test(test_channels_last_sweeps),
       cmocka_unit_test(test_channels_last_stream_dx),
       cmocka_unit_test(test_channels_last_stream_rows),
+      cmocka_unit_test(test_channels_last_fused),
       cmocka_unit_test(test_group_backward_nchw),
       cmocka_unit_test(test_layout_agreement),
       cmocka_unit_test(test_dropout_sets),

@@ -41,6 +41,10 @@
 /* Prefetch distance of a row of one tile, in floats (2 KiB), measured
  * best of 256..2048; a wide row prefetches the next block instead. */
 #define CL_PF 512
+/* The same for moments read from memory (sbn__avx512_cl_moments_cold):
+ * 8 KiB ahead took 0.94-0.96 of the time at 2 KiB for InstanceNorm
+ * samples of C = 64 and 128 (same-run A/B, cold copies). */
+#define CL_PF_COLD 2048
 
 /* Outputs of a quarter of the core's L2 or more stream. A channels-last
  * call is most often one sample of InstanceNorm or GroupNorm (the whole
@@ -386,10 +390,12 @@ static void cl_mom_wide(const float *x, size_t rows, size_t stride, size_t L,
   }
 }
 
-int sbn__avx512_cl_sums(int bwd, const float *x, const float *dy, size_t A,
-                        size_t C, size_t S, size_t lda, const float *k,
-                        const double *mean, const double *istd, double *s1,
-                        double *s2) {
+/* sbn__avx512_cl_sums, with the moments of wide rows swept (cl_mom_wide)
+ * whatever the call's span when `cold` is set. */
+static int cl_sums(int bwd, int cold, const float *x, const float *dy, size_t A,
+                   size_t C, size_t S, size_t lda, const float *k,
+                   const double *mean, const double *istd, double *s1,
+                   double *s2) {
   float pa[CL_LEN] __attribute__((aligned(64)));
   float pb[CL_LEN] __attribute__((aligned(64)));
   float pc[CL_LEN] __attribute__((aligned(64)));
@@ -403,9 +409,10 @@ int sbn__avx512_cl_sums(int bwd, const float *x, const float *dy, size_t A,
     return 0;
   for (size_t i = 0; cl_piece(A, C, S, lda, i, 16 * vmax, g, &off); i++) {
     size_t L = g->L, st = g->stride, c0 = g->j0 % C;
-    size_t pf = L <= 16 * vmax ? (size_t)CL_PF : RB * st;
+    size_t pf = L > 16 * vmax ? RB * st : cold ? CL_PF_COLD : (size_t)CL_PF;
     const float *xp = x + off, *dp = bwd ? dy + off : NULL;
-    int sweep = !bwd && L > 16 * vmax && span >= CL_COLD_BYTES / sizeof *x;
+    int sweep =
+        !bwd && L > 16 * vmax && (cold || span >= CL_COLD_BYTES / sizeof *x);
     /* A swept piece of one position per channel (S = 1: BatchNorm and
      * InstanceNorm) is channels c0 .. c0 + L - 1 in order, so k, s1 and
      * s2 serve as its per-position arrays and nothing is laid out. */
@@ -434,6 +441,19 @@ int sbn__avx512_cl_sums(int bwd, const float *x, const float *dy, size_t A,
     }
   }
   return 1;
+}
+
+int sbn__avx512_cl_sums(int bwd, const float *x, const float *dy, size_t A,
+                        size_t C, size_t S, size_t lda, const float *k,
+                        const double *mean, const double *istd, double *s1,
+                        double *s2) {
+  return cl_sums(bwd, 0, x, dy, A, C, S, lda, k, mean, istd, s1, s2);
+}
+
+int sbn__avx512_cl_moments_cold(const float *x, size_t A, size_t C, size_t S,
+                                size_t lda, const float *k, double *s1,
+                                double *s2) {
+  return cl_sums(0, 1, x, NULL, A, C, S, lda, k, NULL, NULL, s1, s2);
 }
 
 /* ------------------------------------------------------------------ */
@@ -507,6 +527,30 @@ static void cl_norm_rows(const float *x, float *y, size_t n, size_t stride,
                   pf);
 }
 
+/* Dense rows of one position per channel (S = 1: BatchNorm, and
+ * InstanceNorm's samples in eval) wider than a tile, at most CL_PMAX and
+ * not a whole number of vectors: one flat stream (kernels_avx512_clfwd.c)
+ * with y = (x - h) * s + t, t = shift - l * s in double, rounded once.
+ * The tiles there start every other row of C = 1000 half a line off, so a
+ * streamed output had lines written both by streaming and by plain
+ * stores, which leaves write-combining buffers half full: BatchNorm NHWC
+ * 8x1000x14x14 forward took 2.07-2.31 of the memcpy in `syncbn bench
+ * kernels` against 1.26-1.33 flat (three alternations). Rows of whole
+ * vectors measured no clear difference and keep the tiles. */
+static void cl_norm_flat(const float *x, float *y, size_t A, size_t C,
+                         const float *mh, const float *ml, const float *scale,
+                         const float *shift, int nt) {
+  float par[3 * CL_LEN] __attribute__((aligned(64)));
+  for (size_t c = 0; c < C; c++) {
+    par[c] = mh[c];
+    par[CL_LEN + c] = scale[c];
+    par[2 * CL_LEN + c] =
+        (float)((double)shift[c] - (double)ml[c] * (double)scale[c]);
+  }
+  sbn__avx512_cl_flat_pad(par, CL_LEN, C);
+  sbn__avx512_cl_flat_normalize(x, y, A * C, C, par, CL_LEN, nt, 0);
+}
+
 int sbn__avx512_cl_normalize(const float *x, float *y, size_t A, size_t C,
                              size_t S, size_t lda, const float *mh,
                              const float *ml, const float *scale,
@@ -517,6 +561,12 @@ int sbn__avx512_cl_normalize(const float *x, float *y, size_t A, size_t C,
   size_t off;
   if (!cl_takes(A, C, S, lda, 64, 1))
     return 0;
+  if (S == 1 && lda == C && C > 64 && C % 16 != 0 && C <= CL_PMAX && A > 0) {
+    cl_norm_flat(x, y, A, C, mh, ml, scale, shift, nt);
+    _mm_sfence();
+    _mm256_zeroupper();
+    return 1;
+  }
   for (size_t i = 0; cl_piece(A, C, S, lda, i, 64, g, &off); i++) {
     const float *p = x + off;
     float *q = y + off;

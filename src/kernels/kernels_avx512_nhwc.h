@@ -18,6 +18,14 @@ int sbn__avx512_cl_sums(int bwd, const float *x, const float *dy, size_t A,
                         size_t C, size_t S, size_t lda, const float *k,
                         const double *mean, const double *istd, double *s1,
                         double *s2);
+/* The moments of sbn__avx512_cl_sums for a view read from memory: rows
+ * wider than a register tile are swept row by row (which pays from memory
+ * and loses on a view already in cache; see kernels_avx512_nhwc.c's
+ * CL_COLD_BYTES) whatever the call's size. The channels-last forward of a
+ * sample (kernels_avx512_clfwd.c) reads its x first from memory. */
+int sbn__avx512_cl_moments_cold(const float *x, size_t A, size_t C, size_t S,
+                                size_t lda, const float *k, double *s1,
+                                double *s2);
 int sbn__avx512_cl_normalize(const float *x, float *y, size_t A, size_t C,
                              size_t S, size_t lda, const float *mh,
                              const float *ml, const float *scale,
@@ -26,5 +34,21 @@ int sbn__avx512_cl_apply(const float *x, const float *dy, float *dx, size_t A,
                          size_t C, size_t S, size_t lda, const double *mean,
                          const double *istd, const double *k1, const double *k2,
                          const double *k3);
+
+/* The flat normalize of kernels_avx512_clfwd.c: y = (x - h) * s + t over
+ * n elements of rows of C channels, with h, s and t per channel at par,
+ * par + ld and par + 2 ld (ld >= C + 15), their entries C .. C + 14 those
+ * of channels (C + j) mod C (sbn__avx512_cl_flat_pad writes them), y
+ * streamed when nt is set, and the pn elements after x prefetched. */
+void sbn__avx512_cl_flat_pad(float *par, size_t ld, size_t C);
+void sbn__avx512_cl_flat_normalize(const float *x, float *y, size_t n, size_t C,
+                                   const float *par, size_t ld, int nt,
+                                   size_t pn);
+/* The table's gn_fwd_nhwc (kernels_avx512_clfwd.c). */
+int sbn__avx512_gn_fwd_nhwc(const float *x, float *y, size_t P, size_t G,
+                            size_t cpg, const float *w, const float *b,
+                            double eps, size_t i, size_t count, float *par,
+                            float *k, double *s1, double *s2, double *mean,
+                            double *m2, double *istd);
 
 #endif /* SBN_KERNELS_AVX512_NHWC_H */

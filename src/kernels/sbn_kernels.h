@@ -103,6 +103,24 @@ typedef struct sbn__kernels_s {
                      size_t cpg, size_t S, const double *mean,
                      const double *istd, const float *w, int stats, double *sdy,
                      double *sdyx, double *dw, double *db, size_t total);
+  /* GroupNorm (and InstanceNorm: cpg = 1) training forward of sample i
+   * of `count` consecutive NHWC samples of P positions of C = G * cpg
+   * channels (x and y point at sample i; sample i + 1 follows at x + P * C,
+   * which a set may prefetch), while the sample is in cache, or NULL. Per
+   * group g of m = P * cpg values, shifted by k[g] = x[g * cpg] (written to
+   * k): mean[g] and m2[g] (the sum of squared deviations) as
+   * sbn__moments_finish forms them from the shifted sums (s1, s2: scratch
+   * of G doubles), istd[g] = 1 / sqrt(m2[g] / m + eps); then y = xhat *
+   * (float)(w[c] * istd[g]) + b[c] (w, b NULL: 1 and 0) to within the
+   * rounding of normalize with GroupNorm's per-channel parameters. par is
+   * scratch of SBN__GN_FWD_PAR(C) floats. A set may stream y by the whole
+   * output's size (count * P * C). Returns 1 having done so, or 0 having
+   * written nothing where the set declines (then the op computes the same
+   * with moments_ld and normalize_ld). */
+  int (*gn_fwd_nhwc)(const float *x, float *y, size_t P, size_t G, size_t cpg,
+                     const float *w, const float *b, double eps, size_t i,
+                     size_t count, float *par, float *k, double *s1, double *s2,
+                     double *mean, double *m2, double *istd);
   /* LayerNorm rows (D contiguous elements with per-element affine; w and
    * b are NULL without affine): y = xhat * w + b. `total` is the whole
    * output's element count, by which a set may choose streaming stores
@@ -150,6 +168,10 @@ typedef struct sbn__kernels_s {
                   const uint32_t key[2], uint32_t step, uint32_t layer,
                   uint32_t thr, float scale);
 } sbn__kernels_t;
+
+/* Floats of gn_fwd_nhwc's par for C channels: four arrays of C + 16
+ * rounded up to whole vectors (a set may use fewer). */
+#define SBN__GN_FWD_PAR(C) (4 * (((C) + 31) & ~(size_t)15))
 
 extern const sbn__kernels_t sbn__kernels_ref;
 /* The reference dropout kernel (kernels/philox.c); optimized sets finish

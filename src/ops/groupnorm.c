@@ -40,6 +40,10 @@ int sbn__grouped_sizes(const sbn__shape_t *sh, size_t G, const char *what,
                        size_t *ws, size_t *saved) {
   size_t items;
   *ws = sbn__chan_bytes(sh->C);
+  /* An NHWC forward's fused sample pass (gn_fwd_nhwc) takes its parameter
+   * arrays from past the per-channel ones. */
+  if (sh->layout == SBN_LAYOUT_NHWC)
+    *ws += sbn__align64(SBN__GN_FWD_PAR(sh->C) * sizeof(float));
   if (sbn__mul_size(sh->N, G, &items) != 0)
     return sbn_set_error(SBN_EOVERFLOW, "x_desc.dims: %s overflows", what);
   return sbn__saved_size(items, saved);
@@ -137,6 +141,30 @@ static void gn_fwd_groups(gn_fwd_t *f, size_t n, size_t g0, size_t g1,
   }
 }
 
+/* Sample n of an NHWC training forward through the set's fused pass
+ * (gn_fwd_nhwc), which writes the saved statistics in place; 0 where the
+ * set has none or declines. */
+static int gn_fwd_nhwc(gn_fwd_t *f, size_t n, size_t N, size_t S) {
+  __typeof__(sbn__kt()->gn_fwd_nhwc) fn = sbn__kt()->gn_fwd_nhwc;
+  const sbn_forward_args_t *a = f->a;
+  size_t G = f->gp->groups, C = G * f->cpg, plane = C * S;
+  int aff = f->l->p.affine;
+  double *mean = f->smean != NULL ? f->smean + n * G : f->ch.dmean;
+  double *istd = f->sistd != NULL ? f->sistd + n * G : f->ch.distd;
+  float *par = (float *)(void *)((char *)a->workspace + sbn__chan_bytes(C));
+  if (fn == NULL ||
+      !fn(a->x + n * plane, a->y + n * plane, S, G, f->cpg,
+          aff ? a->weight : NULL, aff ? a->bias : NULL, f->l->p.eps, n, N, par,
+          f->ch.k, f->ch.d1, f->ch.d2, mean, f->ch.dk1, istd))
+    return 0;
+  /* G = C with running statistics (InstanceNorm), as in gn_fwd_groups. */
+  for (size_t g = 0; f->running && g < G; g++) {
+    f->ch.d3[g] += mean[g];
+    f->ch.d4[g] += S > 1 ? f->ch.dk1[g] / (double)(S - 1) : 0;
+  }
+  return 1;
+}
+
 int sbn__grouped_forward(sbn_layer_t *l, const sbn_forward_args_t *a,
                          const sbn__shape_t *sh, const sbn__grouping_t *gp) {
   size_t N = sh->N, C = sh->C, S = sh->S, G = gp->groups, cpg = C / G;
@@ -159,11 +187,17 @@ int sbn__grouped_forward(sbn_layer_t *l, const sbn_forward_args_t *a,
     f.ch.d4[c] = 0;
   }
   size_t gb = f.batch ? gn_block_groups(sh, G) : G;
+  /* The fused NHWC pass is one thread's; threads split the moments and
+   * normalize calls below (ops/par.c). */
+  int one_thread = sbn_threads() <= 1;
   for (size_t n = 0; n < N; n++) {
     /* An empty sample (S = 0) still gets statistics for its saved
      * values; the running statistics skip such a batch below. */
     const float *xs = plane > 0 ? a->x + n * plane : a->x;
     float *ys = plane > 0 ? a->y + n * plane : a->y;
+    if (f.batch && plane > 0 && sh->layout == SBN_LAYOUT_NHWC && one_thread &&
+        gn_fwd_nhwc(&f, n, N, S))
+      continue;
     for (size_t g0 = 0; g0 < G; g0 += gb) {
       size_t g1 = G - g0 < gb ? G : g0 + gb, c0 = g0 * cpg, o = c0 * v.cS;
       if (f.batch)

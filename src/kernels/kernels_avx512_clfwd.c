@@ -1,0 +1,229 @@
+/* The AVX-512 set's channels-last training forward of one sample of
+ * GroupNorm or InstanceNorm (the table's gn_fwd_nhwc): the sample's
+ * moments, its statistics and per-channel parameters, and its normalize
+ * in one call, so that the normalize finds the sample in cache and the
+ * per-channel work is vector code.
+ *
+ * Where the time went before, per sample of C = 256 .. 2048 channels and
+ * 49 .. 3136 positions (perf, `syncbn bench kernels`, cold copies): the
+ * moments of rows wider than a register tile walked tile by tile down
+ * blocks of rows (reading 512 bytes of each of 16 rows at a time, 8-10
+ * GB/s from memory) because the sample was smaller than the sweep's
+ * threshold; y was stored normally when the sample was under 256 KiB, so
+ * each of its lines was read from memory before being written; the
+ * normalize's tiles wrote rows that start off a cache line (C = 1000),
+ * mixing streaming and plain stores on one line; and the per-channel
+ * double math (a division, a square root and the split of the mean per
+ * channel, in scalar code) took a tenth of a 2048-channel sample of 49
+ * positions. Here the moments sweep (sbn__avx512_cl_moments_cold), the
+ * statistics and parameters are formed eight channels at a time, and the
+ * normalize is one flat stream over the sample with y's lines written
+ * whole, its parameters loaded at the running channel offset from arrays
+ * padded by 16 so that a vector wrapping from channel C - 1 to 0 reads on.
+ *
+ * Accuracy is the other paths': float partial sums folded into double
+ * (the moments), statistics in double with the same formulas as
+ * ops/chan.c's sbn__moments_finish, and y = (x - h) * scale + t with h
+ * the float part of the mean (see fwd_par8). Compiled with the AVX-512
+ * flags; run only after dispatch.c's CPU check. */
+#include "kernels/sbn_kernels.h"
+
+#ifdef SBN__HAVE_AVX512
+#include "kernels/avx512_inl.h"
+
+#include "kernels/kernels_avx512_nhwc.h"
+
+/* Outputs of a quarter of the core's L2 or more stream, as the
+ * channels-last passes' (kernels_avx512_nhwc.c's CL_NT_BYTES), but judged
+ * by the whole output: the samples after this one push its y out of L2
+ * before anything reads it, and a 100 KiB sample stored normally read
+ * every line of y from memory first (12 bytes per element instead of 8). */
+#define FWD_NT_BYTES ((size_t)256 << 10)
+
+/* While it normalizes a sample from cache, the pass prefetches the next
+ * sample into L2, line for line with the lines of y it writes, so that
+ * the next sample's moments read from L2 and memory serves reads and
+ * writes at once instead of the moments' reads alone and then the
+ * normalize's writes alone. Only for samples of at most FWD_PF_BYTES,
+ * two of which fit the 1 MiB L2 beside the parameters, and rows of at
+ * most FWD_PF_C channels. Measured (same-run A/B, cold copies,
+ * InstanceNorm NHWC): 0.7-0.9 of the time without for samples of 200
+ * to 400 KiB of 17 to 256 channels; C = 2048 (401 KiB, rows of 8 KiB)
+ * took 1.1 times as long, and samples of 784 KiB and more 1.1 to 1.3. A
+ * prefetched sample's moments take the register tiles where its rows are
+ * at most FWD_WARM_C wide: from L2 those beat the sweeps, which pay only
+ * from memory (kernels_avx512_nhwc.c's CL_COLD_BYTES); at 2048 the sweep
+ * still won. */
+#define FWD_PF_BYTES ((size_t)512 << 10)
+#define FWD_PF_C 1024
+#define FWD_WARM_C 512
+
+/* The stride of par's three parameter arrays (h, scale, t), each of C +
+ * 15 or more floats (see SBN__GN_FWD_PAR). */
+static size_t par_ld(size_t C) {
+  return SBN__GN_FWD_PAR(C) / 4;
+}
+
+/* Per group, eight at a time: mean = k + s1/m, m2 = s2 - s1 (s1/m) held at
+ * 0 or above (a NaN stays NaN: max returns its second operand then), and
+ * istd = 1 / sqrt(m2/m + eps). */
+static void fwd_stats(size_t G, double m, double eps, const float *k,
+                      const double *s1, const double *s2, double *mean,
+                      double *m2, double *istd) {
+  __m512d vm = _mm512_set1_pd(m), ve = _mm512_set1_pd(eps);
+  __m512d one = _mm512_set1_pd(1.0), zero = _mm512_setzero_pd();
+  for (size_t g = 0; g < G; g += 8) {
+    __mmask8 mk = (__mmask8)(G - g >= 8 ? 0xFF : (1u << (G - g)) - 1u);
+    __m512d a = _mm512_maskz_loadu_pd(mk, s1 + g);
+    __m512d b = _mm512_maskz_loadu_pd(mk, s2 + g);
+    __m512d kk = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(mk, k + g));
+    __m512d q = _mm512_div_pd(a, vm);
+    __m512d d2 = _mm512_max_pd(zero, _mm512_sub_pd(b, _mm512_mul_pd(a, q)));
+    __m512d is = _mm512_div_pd(
+        one, _mm512_sqrt_pd(_mm512_add_pd(_mm512_div_pd(d2, vm), ve)));
+    _mm512_mask_storeu_pd(mean + g, mk, _mm512_add_pd(kk, q));
+    _mm512_mask_storeu_pd(m2 + g, mk, d2);
+    _mm512_mask_storeu_pd(istd + g, mk, is);
+  }
+}
+
+/* The normalize parameters of the mk lanes of channels c .. c + 7 from
+ * their means and istd: h = (float)mean, scale = (float)(w * istd) as
+ * ops/groupnorm.c's gn_spread forms them (w NULL: 1), and the shift
+ * t = b - (mean - h) * scale in double, rounded once (b NULL: 0), so that
+ * y = (x - h) * scale + t takes one subtraction and one fma: x - h is
+ * exact near the mean, and the low part of the mean, which the two-part
+ * form subtracts from it, moves into t, whose rounding is one of y's own
+ * magnitude. Three parameter loads per vector instead of four. */
+static inline void fwd_par8(size_t c, __mmask8 mk, __m512d mean, __m512d is,
+                            const float *w, const float *b, float *par,
+                            size_t ld) {
+  __m256 h = _mm512_cvtpd_ps(mean);
+  __m512d lo = _mm512_sub_pd(mean, _mm512_cvtps_pd(h));
+  __m512d wd = w != NULL ? _mm512_cvtps_pd(_mm256_maskz_loadu_ps(mk, w + c))
+                         : _mm512_set1_pd(1.0);
+  __m256 s = _mm512_cvtpd_ps(_mm512_mul_pd(wd, is));
+  __m512d bd = b != NULL ? _mm512_cvtps_pd(_mm256_maskz_loadu_ps(mk, b + c))
+                         : _mm512_setzero_pd();
+  __m256 t =
+      _mm512_cvtpd_ps(_mm512_sub_pd(bd, _mm512_mul_pd(lo, _mm512_cvtps_pd(s))));
+  _mm256_mask_storeu_ps(par + c, mk, h);
+  _mm256_mask_storeu_ps(par + ld + c, mk, s);
+  _mm256_mask_storeu_ps(par + 2 * ld + c, mk, t);
+}
+
+static inline __mmask8 mask8(size_t n) {
+  return (__mmask8)(n >= 8 ? 0xFF : (1u << n) - 1u);
+}
+
+/* Every channel's parameters, then channels C .. C + 15 as channels
+ * (C + j) mod C, so that 16 lanes read from any channel c < C hold
+ * channels c .. c + 15 of the repeating row. */
+static void fwd_params(size_t G, size_t cpg, const double *mean,
+                       const double *istd, const float *w, const float *b,
+                       float *par) {
+  size_t C = G * cpg, ld = par_ld(C);
+  if (cpg == 1) {
+    for (size_t c = 0; c < C; c += 8) {
+      __mmask8 mk = mask8(C - c);
+      fwd_par8(c, mk, _mm512_maskz_loadu_pd(mk, mean + c),
+               _mm512_maskz_loadu_pd(mk, istd + c), w, b, par, ld);
+    }
+  } else {
+    for (size_t g = 0; g < G; g++) {
+      __m512d mv = _mm512_set1_pd(mean[g]), iv = _mm512_set1_pd(istd[g]);
+      for (size_t c = g * cpg; c < (g + 1) * cpg; c += 8)
+        fwd_par8(c, mask8((g + 1) * cpg - c), mv, iv, w, b, par, ld);
+    }
+  }
+  sbn__avx512_cl_flat_pad(par, ld, C);
+}
+
+void sbn__avx512_cl_flat_pad(float *par, size_t ld, size_t C) {
+  for (int a = 0; a < 3; a++)
+    for (size_t j = 0; j < 16; j++)
+      par[a * ld + C + j] = par[a * ld + (C + j) % C];
+}
+
+/* y of n elements of rows of C as one flat stream: vector i starts at
+ * channel c (i's offset mod C), kept by adding 16 mod C. A streaming pass
+ * first writes up to y's first line boundary with one masked store
+ * (head_elems), so that every later whole vector fills one line of y. */
+static inline __m512 fwd_y(__m512 x, const float *ph, const float *ps,
+                           const float *pt) {
+  return _mm512_fmadd_ps(_mm512_sub_ps(x, _mm512_loadu_ps(ph)),
+                         _mm512_loadu_ps(ps), _mm512_loadu_ps(pt));
+}
+
+/* Prefetches the line of the next sample (x + n + i) that matches vector
+ * i of this one, for i < pn. */
+static inline void fwd_pf_next(const float *x, size_t n, size_t i, size_t pn) {
+  if (i < pn)
+    _mm_prefetch((const char *)(x + n + i), _MM_HINT_T0);
+}
+
+void sbn__avx512_cl_flat_normalize(const float *x, float *y, size_t n, size_t C,
+                                   const float *par, size_t ld, int nt,
+                                   size_t pn) {
+  size_t step = 16 % C, h = head_elems(y, n, nt), c = 0, i = h;
+  const float *ph = par, *ps = par + ld, *pt = par + 2 * ld;
+  if (h > 0) {
+    __mmask16 m = tail_mask(h);
+    _mm512_mask_storeu_ps(y, m, fwd_y(_mm512_maskz_loadu_ps(m, x), ph, ps, pt));
+    c = h % C;
+  }
+  for (; i + 16 <= n; i += 16) {
+    fwd_pf_next(x, n, i, pn);
+    store16(y + i, fwd_y(_mm512_loadu_ps(x + i), ph + c, ps + c, pt + c),
+            0xFFFF, nt);
+    c += step;
+    if (c >= C)
+      c -= C;
+  }
+  if (i < n) {
+    __mmask16 m = tail_mask(n - i);
+    _mm512_mask_storeu_ps(
+        y + i, m,
+        fwd_y(_mm512_maskz_loadu_ps(m, x + i), ph + c, ps + c, pt + c));
+  }
+}
+
+int sbn__avx512_gn_fwd_nhwc(const float *x, float *y, size_t P, size_t G,
+                            size_t cpg, const float *w, const float *b,
+                            double eps, size_t i, size_t count, float *par,
+                            float *k, double *s1, double *s2, double *mean,
+                            double *m2, double *istd) {
+  size_t C = G * cpg, n = P * C;
+  int pf = n <= FWD_PF_BYTES / sizeof(float) && C <= FWD_PF_C;
+  size_t pn = pf && i + 1 < count ? n : 0;
+  /* Statistics of fewer than SMALL_STAT values keep the reference's
+   * double sums (see kernels_avx512.c's moments_ld): the op's own path. */
+  if (n == 0 || P * cpg < SMALL_STAT)
+    return 0;
+  /* One group is one run of the whole sample, which the op's own path
+   * sums as one stream (ops/chan.c) and normalizes in register tiles:
+   * measured in `syncbn bench kernels` (GroupNorm 8x17x64x64, three
+   * alternations) that took 0.9-1.05 of the memcpy, this pass 1.13-1.22. */
+  if (G == 1)
+    return 0;
+  /* Each group's first value, all in the first row, is its shift. */
+  for (size_t g = 0; g < G; g++) {
+    k[g] = x[g * cpg];
+    s1[g] = s2[g] = 0;
+  }
+  /* Groups of 16 channels or more are short runs of each position
+   * (kernels_avx512_short.c), which the table's moments_ld takes, as it
+   * takes a prefetched sample's rows. */
+  if (cpg >= 16 || (pf && i > 0 && C <= FWD_WARM_C))
+    sbn__kernels_avx512.moments_ld(x, P, G, cpg, C, k, s1, s2);
+  else if (!sbn__avx512_cl_moments_cold(x, P, G, cpg, C, k, s1, s2))
+    sbn__kernels_avx512.moments_ld(x, P, G, cpg, C, k, s1, s2);
+  fwd_stats(G, (double)P * (double)cpg, eps, k, s1, s2, mean, m2, istd);
+  fwd_params(G, cpg, mean, istd, w, b, par);
+  sbn__avx512_cl_flat_normalize(x, y, n, C, par, par_ld(C),
+                                count * n >= FWD_NT_BYTES / sizeof(float), pn);
+  _mm_sfence();
+  _mm256_zeroupper(); /* see kernels_avx512.c's pos_apply */
+  return 1;
+}
+#endif /* SBN__HAVE_AVX512 */
