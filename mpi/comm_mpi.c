@@ -201,16 +201,24 @@ static int sbn__mpi_allreduce(sbn_comm_t *c, sbn_rec_t *recs, size_t n) {
 
 /* The other process of a communicator of two, or -1 for any other size.
  * A reduction over two processes is one message each way and one local
- * combination, which measured about twice as fast as Open MPI's
- * MPI_Iallreduce (libnbc) here and as fast as its blocking MPI_Allreduce:
- * 2049 records, np 2, 2000 reps: 26.1 us (best 22.9) against 14.7 (12.6).
+ * combination, which measured faster than Open MPI's MPI_Iallreduce
+ * (libnbc) here at most sizes (`syncbn bench sizes`, records_nonblocking,
+ * np 2: 2048 records 29-36 us against 34-36, 32768 records 246-257
+ * against 360-442; README, "One collective for a predicted round").
  * The result has the bits MPI's would have: with two operands every
  * algorithm combines them once, and the record merge and the OR commute
  * bitwise. With more processes the combination order is a tree's, so
  * MPI's collective stays. */
 static int sbn__mpi_pair(const sbn__mpi_comm_t *m) {
+  /* SBN_MPI_PAIR=0 keeps MPI_Iallreduce, for measuring one against the
+   * other in the same run (read once: every process must choose alike). */
+  static int off = -1;
   int size = 0, rank = 0;
-  if (MPI_Comm_size(m->comm, &size) != MPI_SUCCESS || size != 2 ||
+  if (off < 0) {
+    const char *e = getenv("SBN_MPI_PAIR");
+    off = e != NULL && strcmp(e, "0") == 0;
+  }
+  if (off || MPI_Comm_size(m->comm, &size) != MPI_SUCCESS || size != 2 ||
       MPI_Comm_rank(m->comm, &rank) != MPI_SUCCESS)
     return -1;
   return 1 - rank;

@@ -39,12 +39,14 @@ SBN_API int sbn_mpi_comm_create(MPI_Comm parent, int group_size,
  *   running sbn_rec_combine over a datatype of four doubles);
  * - iallreduce_begin/test/end: one MPI_Iallreduce, or, in a group of two
  *   processes, one MPI_Isend and one MPI_Irecv with tag SBN_MPI_PAIR_TAG
- *   and a local sbn_rec_combine (the same bits, in about half the time of
- *   Open MPI's MPI_Iallreduce); test is MPI_Test (MPI_Testall) and may
- *   be called any number of times (Open MPI has no progress thread, so
- *   polling is what moves the reduction on); after a successful begin, end
- *   must be called exactly once: it waits with MPI_Wait and frees the
- *   request. The fused and non-blocking API of syncbn_fused.h wraps these;
+ *   and a local sbn_rec_combine (the same bits, and faster than Open
+ *   MPI's MPI_Iallreduce at most sizes here; the environment variable
+ *   SBN_MPI_PAIR=0 keeps MPI_Iallreduce); test is MPI_Test (MPI_Testall)
+ *   and may be called any number of times (Open MPI has no progress
+ *   thread, so polling is what moves the reduction on); after a successful
+ *   begin, end must be called exactly once: it waits with MPI_Wait and
+ *   frees the request. The fused and non-blocking API of syncbn_fused.h
+ *   wraps these;
  * - iallgather_begin: one MPI_Iallgather of bytes over the group, finished
  *   with the same test/end as a reduction (syncbnd's agreement rounds);
  * - iallreduce_bor_begin: one MPI_Iallreduce of MPI_UINT64_T with MPI_BOR

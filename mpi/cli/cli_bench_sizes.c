@@ -1,6 +1,8 @@
 /* `syncbn bench sizes`: an OSU-style (osu_allreduce) latency table of
  * SyncBN's reduction. For C channels it times the allreduce of C records
- * (32 bytes each, the Chan-merge MPI_Op), a plain MPI_SUM over the same
+ * (32 bytes each, the Chan-merge MPI_Op), the same through the
+ * communicator's non-blocking reduction polled to completion (what the
+ * chunked SyncBN and syncbnd wait for), a plain MPI_SUM over the same
  * bytes (what the merge costs beyond summing), and MPI_SUM over the 2C + 1
  * floats that sum-based SyncBN implementations send (sum, sum of squares,
  * count: what exactness costs in bytes). avg, min and max follow OSU: each
@@ -14,9 +16,9 @@
 #include "cli_bench.h"
 #include "syncbn_mpi.h"
 
-enum { V_RECORDS, V_SUM_SAME, V_SUM_2C1, V_COUNT };
-static const char *const vnames[V_COUNT] = {"records", "sum_same_bytes",
-                                            "sum_2c1"};
+enum { V_RECORDS, V_RECORDS_NB, V_SUM_SAME, V_SUM_2C1, V_COUNT };
+static const char *const vnames[V_COUNT] = {"records", "records_nonblocking",
+                                            "sum_same_bytes", "sum_2c1"};
 
 typedef struct sizes_bufs_s {
   sbn_rec_t *recs;
@@ -39,6 +41,19 @@ static int one_call(int v, sbn_comm_t *comm, MPI_Comm gc, sizes_bufs_t *b,
   switch (v) {
     case V_RECORDS:
       return sbn_comm_allreduce(comm, b->recs, c);
+    case V_RECORDS_NB: {
+      /* The communicator's non-blocking reduction, polled to completion:
+       * what the chunked SyncBN and syncbnd's rounds wait for. */
+      void *req = NULL;
+      int done = 0, rc = comm->vt->iallreduce_begin(comm, b->recs, c, &req);
+      while (rc == 0 && !done)
+        rc = comm->vt->iallreduce_test(comm, req, &done);
+      if (req != NULL) {
+        int e = comm->vt->iallreduce_end(comm, req);
+        rc = rc != 0 ? rc : e;
+      }
+      return rc;
+    }
     case V_SUM_SAME:
       if (MPI_Allreduce(MPI_IN_PLACE, b->d, (int)(4 * c), MPI_DOUBLE, MPI_SUM,
                         gc) != MPI_SUCCESS)
@@ -67,7 +82,7 @@ static int time_variant(const sbn_bench_opts_t *o, int v, sbn_comm_t *comm,
   for (int it = -warm; it < iters && rc == 0; it++) {
     /* The records are reset outside the timing: merged in place again and
      * again their counts would grow without bound. */
-    if (v == V_RECORDS)
+    if (v == V_RECORDS || v == V_RECORDS_NB)
       init_recs(b->recs, c);
     double t0 = sbn__bench_now();
     rc = one_call(v, comm, gc, b, c);
@@ -86,8 +101,9 @@ static int time_variant(const sbn_bench_opts_t *o, int v, sbn_comm_t *comm,
   }
   if (rc == 0) {
     sbn_tensor_desc_t d = {1, {c}, SBN_LAYOUT_NCHW};
-    sbn_bench_rec_t r = sbn__bench_rec(
-        o, vnames[v], "allreduce", v == V_RECORDS ? "chan_merge" : "sum", &d);
+    sbn_bench_rec_t r =
+        sbn__bench_rec(o, vnames[v], "allreduce",
+                       v <= V_RECORDS_NB ? "chan_merge" : "sum", &d);
     r.layout[0] = '\0';
     sbn__bench_set_times(&r, t, iters);
     r.bytes = v == V_SUM_2C1 ? (double)(2 * c + 1) * 4 : (double)c * 32;
