@@ -563,6 +563,16 @@ void svc__round_end(svc_worker_t *w) {
   w->m.rounds++;
 }
 
+/* Counts an allreduce that reduces nready entries (its metrics). */
+static void svc__count_fused(svc_worker_t *w, size_t nready) {
+  int b = 0;
+  while (b < SVC__FUSE_BUCKETS - 1 && ((size_t)1 << b) < nready)
+    b++;
+  w->m.fuse_hist[b]++;
+  w->m.allreduces++;
+  w->m.entries_fused += nready;
+}
+
 /* Starts the fused allreduce of the ready pairs: identity records
  * everywhere, with the tag of each slot's kind, and this rank's records in
  * its own slots. The pairs ready by their cache bits come first, then
@@ -570,7 +580,7 @@ void svc__round_end(svc_worker_t *w) {
 int svc__reduce_begin(svc_worker_t *w, const svc__gent_t *rd, size_t nr,
                       size_t nrec) {
   size_t at = 0, nready = w->ncready + nr;
-  int rc, b = 0;
+  int rc;
   free(w->rbuf);
   w->rbuf = calloc(nrec > 0 ? nrec : 1, sizeof *w->rbuf);
   if (w->rbuf == NULL)
@@ -587,11 +597,7 @@ int svc__reduce_begin(svc_worker_t *w, const svc__gent_t *rd, size_t nr,
   rc = w->sync->vt->iallreduce_begin(w->sync, w->rbuf, nrec, &w->sync_req);
   if (rc != 0)
     return svc__comm_error(rc, "iallreduce_begin");
-  while (b < SVC__FUSE_BUCKETS - 1 && ((size_t)1 << b) < nready)
-    b++;
-  w->m.fuse_hist[b]++;
-  w->m.allreduces++;
-  w->m.entries_fused += nready;
+  svc__count_fused(w, nready);
   w->m.reduce_t0 = svc_obs_now();
   svc_obs_end(SVC_SPAN_NEGOTIATION);
   svc_obs_begin(SVC_SPAN_ALLREDUCE);
@@ -638,24 +644,37 @@ done:
   return rc;
 }
 
-static void svc__reduce_done(svc_worker_t *w) {
-  w->m.lat[w->m.nlat % SVC__LAT_RING] = svc_obs_now() - w->m.reduce_t0;
-  w->m.nlat++;
+/* After the allreduce of a round: this rank's entries in it complete with
+ * their reduced records (those of the slots in ready only, for a
+ * speculative round), its latency is kept, and after progress the
+ * entries still waiting try again at once: one of them may have waited
+ * only for the one just reduced to leave its cache slot. Rounds without
+ * progress end this chain. */
+static void svc__deliver(svc_worker_t *w, const unsigned char *ready,
+                         int progress) {
+  if (progress) {
+    w->m.lat[w->m.nlat % SVC__LAT_RING] = svc_obs_now() - w->m.reduce_t0;
+    w->m.nlat++;
+  }
   svc_obs_end(SVC_SPAN_ALLREDUCE);
   for (size_t i = 0; i < w->rlist_n; i++) {
     svc__pend_t *p = w->rlist[i];
     double t0 = svc_obs_now();
+    if (ready != NULL && !ready[p->cslot])
+      continue;
     svc__pend_unlink(w, p);
     p->done(w, p, w->rbuf + w->roff[i]);
     svc_obs_span(SVC_SPAN_COMPUTE, p->what, (int64_t)p->step, t0);
     svc__pend_free(p);
+    if (ready != NULL)
+      w->m.cache_hits++;
   }
   w->rlist_n = 0;
-  /* The round made progress, so the entries still waiting try again at
-   * once: one of them may have waited only for the one just reduced to
-   * leave its cache slot. Rounds without progress end this chain. */
-  for (svc__pend_t *p = w->pend; p != NULL; p = p->next)
-    p->fresh = 1;
+  /* A speculative round whose guess some rank's other entries missed
+   * wakes them too: they start the negotiated round that follows. */
+  if (progress || w->spec.force)
+    for (svc__pend_t *p = w->pend; p != NULL; p = p->next)
+      p->fresh = 1;
   svc__round_end(w);
 }
 
@@ -710,11 +729,16 @@ static int svc__advance(svc_worker_t *w) {
     case SVC__GATHER:
       rc = svc__gather_done(w);
       break;
-    case SVC__SPEC:
-      rc = svc__spec_done(w);
+    case SVC__SPEC: {
+      unsigned char ready[SVC__SPEC_SLOTS];
+      size_t n = svc__spec_settle(w, ready);
+      if (n > 0)
+        svc__count_fused(w, n);
+      svc__deliver(w, ready, n > 0);
       break;
+    }
     default:
-      svc__reduce_done(w);
+      svc__deliver(w, NULL, 1);
       break;
   }
   return rc != 0 ? rc : 1;

@@ -473,58 +473,24 @@ static int svc__spec_ready(const svc_worker_t *w, const svc__slot_t *sl,
   return *d >= 1 && *d <= NEG_STEPS && (double)*d * n == s;
 }
 
-int svc__spec_done(svc_worker_t *w) {
+size_t svc__spec_settle(svc_worker_t *w, unsigned char *ready) {
   svc__spec_t *sp = &w->spec;
-  size_t at = 1 + sp->nset, nready = 0;
-  int other = w->rbuf[0].v[0] > 0, b = 0;
-  double lat = svc_obs_now() - w->m.reduce_t0;
-  svc_obs_end(SVC_SPAN_ALLREDUCE);
+  size_t nready = 0;
+  int other = w->rbuf[0].v[0] > 0;
   for (uint32_t i = 0; i < sp->nset; i++) {
     svc__slot_t *sl = &w->slots[sp->set[i]];
     uint64_t d;
-    if (svc__spec_ready(w, sl, &w->rbuf[1 + i], &d)) {
-      sl->last_step += d;
-      sl->used_at = w->epoch;
-      svc__spec_note(w, sp->set[i]);
-      nready++;
-      for (size_t k = 0; k < w->rlist_n; k++) {
-        svc__pend_t *p = w->rlist[k];
-        double t0 = svc_obs_now();
-        if (p == NULL || p->cslot != (int)i)
-          continue;
-        svc__pend_unlink(w, p);
-        p->done(w, p, w->rbuf + at);
-        svc_obs_span(SVC_SPAN_COMPUTE, p->what, (int64_t)p->step, t0);
-        svc__pend_free(p);
-        w->rlist[k] = NULL;
-        w->m.cache_hits++;
-      }
-    }
-    at += sl->C;
+    ready[i] = (unsigned char)svc__spec_ready(w, sl, &w->rbuf[1 + i], &d);
+    if (!ready[i])
+      continue;
+    sl->last_step += d;
+    sl->used_at = w->epoch;
+    svc__spec_note(w, sp->set[i]);
+    nready++;
   }
-  w->rlist_n = 0;
-  /* A round that delivered nothing counts as a miss alone, so that the
-   * allreduces are those the histogram of entries fused counts. */
-  if (nready == 0) {
+  if (nready == 0)
     w->m.spec_misses++;
-  } else {
-    w->m.allreduces++;
-    w->m.lat[w->m.nlat++ % SVC__LAT_RING] = lat;
-  }
-  while (b < SVC__FUSE_BUCKETS - 1 && ((size_t)1 << b) < nready)
-    b++;
-  if (nready > 0)
-    w->m.fuse_hist[b]++;
-  w->m.entries_fused += nready;
-  /* After progress, or when some rank has entries the guess missed, the
-   * waiting entries start the next round at once (which negotiates in
-   * the second case); a guess that only lacked a rank's entry waits for
-   * that rank, whose entry starts the next round. */
-  if (nready > 0 || other)
-    for (svc__pend_t *p = w->pend; p != NULL; p = p->next)
-      p->fresh = 1;
   sp->carry = other || nready < sp->nset;
-  svc__round_end(w);
   sp->force = other;
-  return 0;
+  return nready;
 }

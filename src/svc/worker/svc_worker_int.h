@@ -349,9 +349,12 @@ void svc__round_end(svc_worker_t *w);
  * returns 1 when the shared state predicts the round, else returns 0 (the
  * round then negotiates); negative on error. */
 int svc__spec_begin(svc_worker_t *w);
-/* After the speculative collective: delivers the slots every rank of
- * their group had at one step and ends the round. */
-int svc__spec_done(svc_worker_t *w);
+/* After the speculative collective: sets ready[i] for the predicted slots
+ * that every rank of their group had at one step (their entries complete:
+ * svc_agree.c delivers them and ends the round), moves those slots on and
+ * returns how many; a rank's uncovered entries make the next round
+ * negotiate. */
+size_t svc__spec_settle(svc_worker_t *w, unsigned char *ready);
 /* Notes that slot s became ready in the round in flight. */
 void svc__spec_note(svc_worker_t *w, int s);
 /* At the end of a round: the slots of the round before it learn which
