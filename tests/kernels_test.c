@@ -629,7 +629,7 @@ static void test_ln_rows(void **state) {
     }
     static const struct {
       size_t R, D;
-    } pipe[] = {{5, 262144}, {17, 65536}, {40, 32768}, {2, 1048592}};
+    } pipe[] = {{5, 262144}, {17, 131072}, {40, 32768}, {2, 1048592}};
     for (size_t ip = 0; ip < sizeof pipe / sizeof *pipe; ip++)
       for (int v = 0; v < 2; v++) {
         no_affine = v;

@@ -107,7 +107,7 @@ void sbn__avx512_ln_forward_rows(const float *x, float *y, size_t R, size_t D,
  * only the last vector of a row is masked. */
 
 /* Rows a sweep takes at most. */
-#define LNB_NR 4
+#define LNB_NR 2
 
 /* A row of the backward: its data, statistics and sums. */
 typedef struct lnb_row_s {
@@ -140,7 +140,7 @@ static inline __attribute__((always_inline)) void lnb_sums16(
   __m512 pw = first ? _mm512_setzero_ps() : load16(m, fw + i);
   __m512 pb = first ? _mm512_setzero_ps() : load16(m, fb + i);
   __m512 wv = w != NULL ? load16(m, w + i) : _mm512_setzero_ps();
-#pragma GCC unroll 4
+#pragma GCC unroll 2
   for (int r = 0; r < nr; r++) {
     __m512 d = load16(m, dy[r] + i);
     __m512 xh = _mm512_fmadd_ps(_mm512_sub_ps(load16(m, x[r] + i), k[r].h),
@@ -218,7 +218,7 @@ static inline __attribute__((always_inline)) void lnb_apply16(
     const lnb_c_t *c, int nr, int ahead, size_t step, size_t i, __mmask16 m,
     const float *w, int nt) {
   __m512 wv = w != NULL ? load16(m, w + i) : _mm512_setzero_ps();
-#pragma GCC unroll 4
+#pragma GCC unroll 2
   for (int r = 0; r < nr; r++) {
     if (r < ahead) {
       _mm_prefetch((const char *)(x[r] + step + i), _MM_HINT_T0);
@@ -273,7 +273,7 @@ static inline __attribute__((always_inline)) void lnb_rows(
 }
 
 /* ------------------------------------------------------------------ */
-/* Backward pipelined by groups of G rows (1, 2 or 4): one sweep takes the
+/* Backward pipelined by groups of G rows (1 or 2): one sweep takes the
  * sums of group t and the dx of group t - 1 (whose sums the previous
  * sweep finished), a chunk of columns of each in turn, so that the memory
  * reads group t while group t - 1 comes back from the cache and its dx is
@@ -328,12 +328,12 @@ static inline __attribute__((always_inline)) void lnq_sweep(const lnq_t *q,
   lnb_c_t c[LNB_NR];
   __m512d sgl[LNB_NR], sgh[LNB_NR], sxl[LNB_NR], sxh[LNB_NR];
   size_t D = q->D, hd = q->hd;
-#pragma GCC unroll 4
+#pragma GCC unroll 2
   for (int r = 0; r < ns; r++) {
     s.x[r] = rs[r].x, s.dy[r] = rs[r].dy, k[r] = lnb_k(&rs[r]);
     sgl[r] = sgh[r] = sxl[r] = sxh[r] = _mm512_setzero_pd();
   }
-#pragma GCC unroll 4
+#pragma GCC unroll 2
   for (int r = 0; r < na; r++)
     a.x[r] = ra[r].x, a.dy[r] = ra[r].dy, a.dx[r] = ra[r].dx,
     c[r] = lnb_c(&ra[r], q->count);
@@ -343,7 +343,7 @@ static inline __attribute__((always_inline)) void lnq_sweep(const lnq_t *q,
     size_t e = D - i0 > CHUNK / 4 ? i0 + CHUNK / 4 : D, i = i0;
     if (ns > 0) {
       __m512 sg[LNB_NR], sgx[LNB_NR];
-#pragma GCC unroll 4
+#pragma GCC unroll 2
       for (int r = 0; r < ns; r++)
         sg[r] = sgx[r] = _mm512_setzero_ps();
       for (; i + 16 <= e; i += 16)
@@ -352,7 +352,7 @@ static inline __attribute__((always_inline)) void lnq_sweep(const lnq_t *q,
       if (i < e)
         lnb_sums16(s.x, s.dy, k, ns, i, tail_mask(e - i), q->w, q->fw, q->fb,
                    first, sg, sgx);
-#pragma GCC unroll 4
+#pragma GCC unroll 2
       for (int r = 0; r < ns; r++) {
         fold16(sg[r], &sgl[r], &sgh[r]);
         fold16(sgx[r], &sxl[r], &sxh[r]);
@@ -361,7 +361,7 @@ static inline __attribute__((always_inline)) void lnq_sweep(const lnq_t *q,
     if (na > 0 && i0 + hd < D)
       lnq_apply(q, &a, c, na, i0 + hd, e + hd < D ? e + hd : D, q->nt);
   }
-#pragma GCC unroll 4
+#pragma GCC unroll 2
   for (int r = 0; r < ns; r++) {
     rs[r].sums[0] += _mm512_reduce_add_pd(_mm512_add_pd(sgl[r], sgh[r]));
     rs[r].sums[1] += _mm512_reduce_add_pd(_mm512_add_pd(sxl[r], sxh[r]));
@@ -431,31 +431,24 @@ static inline __attribute__((always_inline)) void lnq_rows(const lnq_t *q,
   }
 }
 
-/* Groups of 4 rows up to rows of this many elements, of 2 past it (and
- * the rows left over as smaller groups). Measured (same-run A/B against
- * the two-read-one-write floor, 8 rows, dx streamed): groups of 2 took
- * 1.13-1.34 of the floor at 50k-800k elements per row against 1.24-1.40
- * with single rows and 1.29-1.57 with 4; at 25k, 4 took 1.23 against
- * 1.38 with 2. */
-#define LNQ_G4_MAX ((size_t)32 << 10)
+/* Groups of 2 rows (and a row left over alone). Measured (same-run A/B
+ * against the two-read-one-write floor, 8 rows, dx streamed): groups of
+ * 2 took 1.13-1.34 of the floor at 50k-800k elements per row against
+ * 1.24-1.40 with single rows and 1.29-1.57 with groups of 4. */
+#define LNQ_G 2
 /* Shorter rows take the form below (rows two at a time, their sums then
- * their dx): measured 1.56 -> 1.30 of the floor at 1024 elements, 2.09 ->
- * 1.89 at 256 (where the form without streaming took 2.40). */
-#define LNQ_MIN 1024
+ * their dx, the next pair prefetched meanwhile). Measured in one process
+ * alternating the two forms rep by rep (8 rows, three runs; the previous
+ * form's time over the pipeline's): 1.06-1.36 at 196k-800k elements, but
+ * 0.95-0.99 at 25k, 0.91-1.03 at 70k and 0.90-1.03 at 100k. */
+#define LNQ_MIN ((size_t)128 << 10)
 
 static void lnq_pipe(const lnq_t *q, const lnq_io_t *io) {
-  int G = q->D <= LNQ_G4_MAX ? 4 : 2;
-  size_t r = 0;
-  for (; G >= 1; G /= 2) {
-    size_t n = (io->R - r) / (size_t)G * (size_t)G;
-    if (n > 0 && G == 4)
-      lnq_rows(q, io, r, n, 4);
-    else if (n > 0 && G == 2)
-      lnq_rows(q, io, r, n, 2);
-    else if (n > 0)
-      lnq_rows(q, io, r, n, 1);
-    r += n;
-  }
+  size_t n = io->R / LNQ_G * LNQ_G;
+  if (n > 0)
+    lnq_rows(q, io, 0, n, LNQ_G);
+  if (n < io->R)
+    lnq_rows(q, io, n, io->R - n, 1);
 }
 
 /* Adds the block sums f into the double sums d (or sets d when `first`);
