@@ -10,16 +10,17 @@
 
 #include "kernels/avx512_inl.h"
 
-/* Forward with statistics, pipelined: row r is normalized in the same
- * loop that sums row r + 1, so that the memory reads row r + 1 while the
- * writes of y stream out (as a memcpy keeps both busy), instead of a pass
- * that only reads followed by one that mostly writes. Row r comes back
- * from the cache (L2, or L3 for rows past ~700 KB), where the previous
- * iteration's sums left it. */
+/* Forward with statistics, pipelined: group t of rows is normalized in
+ * the same sweep that sums group t + 1, so that the memory reads group
+ * t + 1 while the writes of y stream out (as a memcpy keeps both busy),
+ * instead of a pass that only reads followed by one that mostly writes.
+ * Group t comes back from the cache (L2, or L3 for larger groups), where
+ * the previous sweep's sums left it. */
 
 /* One vector of a row being normalized, w and b loaded by the caller
  * (once for the group's rows): y = ((x - h) * is + nl) * w + b as
- * lnf16, streamed when nt (the output is then line aligned). */
+ * lnf16 in kernels_avx512_ln.c, streamed when nt (the output is then
+ * line aligned). */
 static inline __attribute__((always_inline)) void lnp_put(
     const float *x, float *y, __m512 wv, __m512 bv, size_t i, __mmask16 m,
     __m512 h, __m512 is, __m512 nl, int nt, int aff) {
@@ -144,7 +145,7 @@ static inline __attribute__((always_inline)) void lnp_sweep(
 
 /* A row's statistics from its sums, as the op forms them elsewhere
  * (sbn__moments_finish with count D, then istd = 1 / sqrt(m2 / D + eps)):
- * the double mean and istd, and the float constants of lnf16. */
+ * the double mean and istd, and the float constants of lnp_put. */
 static void lnp_stats(const double sum[2], float k, size_t D, double eps,
                       double *mean, double *istd, __m512 *h, __m512 *is,
                       __m512 *nl) {
