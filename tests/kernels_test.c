@@ -631,7 +631,12 @@ static void ln_vs_ref(const char *set, size_t R, size_t D, size_t off) {
  * 256-column block (31-33, 255-257, 1000, 4099), on pointers 0, 1 and 3
  * floats off alignment; and outputs large enough to stream (4 MiB and
  * more) with an odd row length, so that every row starts at another
- * offset within its cache line. */
+ * offset within its cache line. The pipelined passes (rows of 4096 or
+ * more forward, 1024 or more backward): groups of 4, 2 and 1 rows with
+ * rows left over (R = 3, 5, 17, 36), blocks of 16 rows ending inside a
+ * group sequence, and streamed outputs of whole-line rows 0, 1 and 3
+ * floats off alignment (each row's head before its first line boundary
+ * written apart), with and without affine. */
 static void test_ln_rows(void **state) {
   (void)state;
   const char *const *sets;
@@ -649,6 +654,17 @@ static void test_ln_rows(void **state) {
       ln_vs_ref(sets[ks], 3, 400003, off);
       ln_vs_ref(sets[ks], 17, 65537, off);
     }
+    static const struct {
+      size_t R, D;
+    } pipe[] = {{5, 262144}, {17, 131072}, {40, 32768}, {2, 1048592}};
+    /* Without affine only the first (these outputs are slow under the
+     * sanitizers). */
+    for (size_t ip = 0; ip < sizeof pipe / sizeof *pipe; ip++)
+      for (int v = 0; v < (ip == 0 ? 2 : 1); v++) {
+        no_affine = v;
+        ln_vs_ref(sets[ks], pipe[ip].R, pipe[ip].D, offs[(ip + (size_t)v) % 3]);
+        no_affine = 0;
+      }
   }
   sbn_kernel_select("ref");
 }

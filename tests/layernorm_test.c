@@ -135,6 +135,11 @@ static void test_ln_vs_reference(void **state) {
        * pairs of rows with an odd last row. */
       {tu_desc(SBN_LAYOUT_NCHW, 2, (size_t)301, (size_t)2003), 1, 1, 1e4, 2},
       {tu_desc(SBN_LAYOUT_NCHW, 2, (size_t)5, (size_t)200003), 1, 1, 1e4, 1},
+      /* The pipelined passes (kernels_avx512_lnpipe.c, the backward's
+       * groups in kernels_avx512_ln.c) with outputs large enough to stream
+       * (4 MiB): groups of 4 rows forward and 2 backward, and a row left
+       * over. */
+      {tu_desc(SBN_LAYOUT_NCHW, 2, (size_t)9, (size_t)131072), 1, 1, 1e4, 1},
   };
   const char *const *sets;
   int nsets = tu_kernel_sets(&sets);
@@ -171,51 +176,102 @@ static void test_ln_empty(void **state) {
 }
 
 /* A constant row gives y = bias with nothing NaN; a NaN in one row makes
- * that row's y and dx NaN and leaves the other rows finite. */
+ * that row's y and dx NaN and leaves the other rows finite. Rows of 37
+ * and of 4100 (the pipelined passes: a group of 4 rows and one of 2). */
 static void test_ln_constant_and_nan(void **state) {
   (void)state;
-  const size_t R = 6, D = 37, n = R * D;
-  sbn_tensor_desc_t d = tu_desc(SBN_LAYOUT_NCHW, 2, R, D);
   const char *const *sets;
   int nsets = tu_kernel_sets(&sets);
-  for (int ks = 0; ks < nsets; ks++) {
-    if (tu_kernel_use(sets[ks]))
-      continue;
-    size_t Dd;
-    sbn_layer_t *l = ln_layer(&d, 1, 1, &Dd);
-    tu_rng_t rng;
-    tu_rng_seed(&rng, 11);
-    float *x = tu_floats(n), *dy = tu_floats(n), *y = tu_floats(n),
-          *dx = tu_floats(n), *w = tu_floats(D), *b = tu_floats(D),
-          *dw = tu_floats(D), *db = tu_floats(D);
-    tu_fill_normal(&rng, x, n, 0, 1);
-    tu_fill_normal(&rng, dy, n, 0, 1);
-    tu_fill_normal(&rng, w, D, 1, 0.2);
-    tu_fill_normal(&rng, b, D, 0, 1);
-    for (size_t j = 0; j < D; j++)
-      x[2 * D + j] = -77.25f;
-    tu_run_t r = {SBN_MODE_TRAIN, &d, x, w, b, dy, y, dx, dw, db, NULL, 0};
-    TU_ASSERT_RC(tu_run(l, &r, NULL), 0);
-    for (size_t j = 0; j < D; j++)
-      assert_true(y[2 * D + j] == b[j]);
-    assert_int_equal(tu_count_nonfinite(y, n), 0);
-    assert_int_equal(tu_count_nonfinite(dx, n), 0);
+  for (int ks = 0; ks < nsets; ks++)
+    for (int id = 0; id < 2; id++) {
+      if (tu_kernel_use(sets[ks]))
+        continue;
+      const size_t R = 6, D = id == 0 ? 37 : 4100, n = R * D;
+      sbn_tensor_desc_t d = tu_desc(SBN_LAYOUT_NCHW, 2, R, D);
+      size_t Dd;
+      sbn_layer_t *l = ln_layer(&d, 1, 1, &Dd);
+      tu_rng_t rng;
+      tu_rng_seed(&rng, 11);
+      float *x = tu_floats(n), *dy = tu_floats(n), *y = tu_floats(n),
+            *dx = tu_floats(n), *w = tu_floats(D), *b = tu_floats(D),
+            *dw = tu_floats(D), *db = tu_floats(D);
+      tu_fill_normal(&rng, x, n, 0, 1);
+      tu_fill_normal(&rng, dy, n, 0, 1);
+      tu_fill_normal(&rng, w, D, 1, 0.2);
+      tu_fill_normal(&rng, b, D, 0, 1);
+      for (size_t j = 0; j < D; j++)
+        x[2 * D + j] = -77.25f;
+      tu_run_t r = {SBN_MODE_TRAIN, &d, x, w, b, dy, y, dx, dw, db, NULL, 0};
+      TU_ASSERT_RC(tu_run(l, &r, NULL), 0);
+      for (size_t j = 0; j < D; j++)
+        assert_true(y[2 * D + j] == b[j]);
+      assert_int_equal(tu_count_nonfinite(y, n), 0);
+      assert_int_equal(tu_count_nonfinite(dx, n), 0);
 
-    x[4 * D + 5] = NAN;
-    TU_ASSERT_RC(tu_run(l, &r, NULL), 0);
-    for (size_t i = 0; i < R; i++)
-      for (size_t j = 0; j < D; j++) {
-        size_t o = i * D + j;
-        if (i == 4) {
-          if (!isnan(y[o]) || !isnan(dx[o]))
-            fail_msg("[%s] NaN row: y or dx finite at column %zu", sets[ks], j);
-        } else if (!isfinite(y[o]) || !isfinite(dx[o])) {
-          fail_msg("[%s] NaN leaked into row %zu", sets[ks], i);
+      x[4 * D + 5] = NAN;
+      TU_ASSERT_RC(tu_run(l, &r, NULL), 0);
+      for (size_t i = 0; i < R; i++)
+        for (size_t j = 0; j < D; j++) {
+          size_t o = i * D + j;
+          if (i == 4) {
+            if (!isnan(y[o]) || !isnan(dx[o]))
+              fail_msg("[%s] D=%zu NaN row: y or dx finite at column %zu",
+                       sets[ks], D, j);
+          } else if (!isfinite(y[o]) || !isfinite(dx[o])) {
+            fail_msg("[%s] D=%zu NaN leaked into row %zu", sets[ks], D, i);
+          }
         }
-      }
-    sbn_layer_destroy(l);
-    free(x), free(dy), free(y), free(dx), free(w), free(b), free(dw), free(db);
-  }
+      sbn_layer_destroy(l);
+      free(x), free(dy), free(y), free(dx), free(w), free(b), free(dw),
+          free(db);
+    }
+  sbn_kernel_select("ref");
+}
+
+/* y may alias x and dx may alias dy, in every set: the pipelined passes
+ * write one group of rows while they read the next. Rows of 9000 (groups
+ * of 4 and a row left over) and of 131072 with streamed outputs. */
+static void test_ln_in_place(void **state) {
+  (void)state;
+  const size_t Rs[] = {19, 9}, Ds[] = {9000, 131072};
+  const char *const *sets;
+  int nsets = tu_kernel_sets(&sets);
+  for (int ks = 0; ks < nsets; ks++)
+    for (int ic = 0; ic < 2; ic++) {
+      if (tu_kernel_use(sets[ks]))
+        continue;
+      size_t R = Rs[ic], D = Ds[ic], n = R * D, Dd;
+      sbn_tensor_desc_t d = tu_desc(SBN_LAYOUT_NCHW, 2, R, D);
+      sbn_layer_t *l = ln_layer(&d, 1, 1, &Dd);
+      tu_rng_t rng;
+      tu_rng_seed(&rng, 5);
+      float *x = tu_floats(n), *dy = tu_floats(n), *y = tu_floats(n),
+            *dx = tu_floats(n), *buf = tu_floats(n), *gbuf = tu_floats(n),
+            *w = tu_floats(D), *b = tu_floats(D), *dw = tu_floats(D),
+            *db = tu_floats(D);
+      tu_fill_normal(&rng, x, n, 3, 2);
+      tu_fill_normal(&rng, dy, n, 0, 1);
+      tu_fill_normal(&rng, w, D, 1, 0.5);
+      tu_fill_normal(&rng, b, D, 0, 0.5);
+      tu_run_t r = {SBN_MODE_TRAIN, &d, x, w, b, dy, y, dx, dw, db, NULL, 0};
+      TU_ASSERT_RC(tu_run(l, &r, NULL), 0);
+      /* In-place forward only (backward needs the original x). */
+      memcpy(buf, x, n * sizeof *buf);
+      tu_run_t r2 = {SBN_MODE_TRAIN, &d,   buf,  w,    b, NULL, buf,
+                     NULL,           NULL, NULL, NULL, 0};
+      TU_ASSERT_RC(tu_run(l, &r2, NULL), 0);
+      if (memcmp(buf, y, n * sizeof *y) != 0)
+        fail_msg("[%s] R=%zu D=%zu: in-place y differs", sets[ks], R, D);
+      memcpy(gbuf, dy, n * sizeof *gbuf);
+      tu_run_t r3 = {SBN_MODE_TRAIN, &d, x,  w,    b, gbuf, buf,
+                     gbuf,           dw, db, NULL, 0};
+      TU_ASSERT_RC(tu_run(l, &r3, NULL), 0);
+      if (memcmp(gbuf, dx, n * sizeof *dx) != 0)
+        fail_msg("[%s] R=%zu D=%zu: in-place dx differs", sets[ks], R, D);
+      sbn_layer_destroy(l);
+      free(x), free(dy), free(y), free(dx), free(buf), free(gbuf);
+      free(w), free(b), free(dw), free(db);
+    }
   sbn_kernel_select("ref");
 }
 
@@ -230,6 +286,7 @@ int main(void) {
       cmocka_unit_test(test_ln_vs_reference),
       cmocka_unit_test(test_ln_empty),
       cmocka_unit_test(test_ln_constant_and_nan),
+      cmocka_unit_test(test_ln_in_place),
   };
   return cmocka_run_group_tests(tests, NULL, report);
 }

@@ -245,6 +245,9 @@ void sbn__avx512_ln_forward_rows(const float *x, float *y, size_t R, size_t D,
                                  size_t total, const float *mh, const float *ml,
                                  const float *istd, const float *w,
                                  const float *b);
+int sbn__avx512_ln_forward_pipe(const float *x, float *y, size_t R, size_t D,
+                                size_t total, double eps, const float *w,
+                                const float *b, double *mean, double *istd);
 void sbn__avx512_ln_bwd_rows(const float *x, const float *dy, float *dx,
                              size_t R, size_t D, const double *mean,
                              const double *istd, const float *w, double count,

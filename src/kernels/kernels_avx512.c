@@ -709,6 +709,7 @@ const sbn__kernels_t sbn__kernels_avx512 = {
     .ln_bwd_apply = sbn__avx512_ln_bwd_apply,
     .ln_bwd_rows = sbn__avx512_ln_bwd_rows,
     .ln_forward_rows = sbn__avx512_ln_forward_rows,
+    .ln_forward_pipe = sbn__avx512_ln_forward_pipe,
     .dropout = sbn__avx512_dropout,
 };
 #endif /* SBN__HAVE_AVX512 */

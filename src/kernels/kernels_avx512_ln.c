@@ -216,7 +216,7 @@ static inline lnb_c_t lnb_c(const lnb_row_t *r, double count) {
 static inline __attribute__((always_inline)) void lnb_apply16(
     const float *const *x, const float *const *dy, float *const *dx,
     const lnb_c_t *c, int nr, int ahead, size_t step, size_t i, __mmask16 m,
-    const float *w) {
+    const float *w, int nt) {
   __m512 wv = w != NULL ? load16(m, w + i) : _mm512_setzero_ps();
 #pragma GCC unroll 2
   for (int r = 0; r < nr; r++) {
@@ -228,7 +228,7 @@ static inline __attribute__((always_inline)) void lnb_apply16(
     __m512 g = w != NULL ? _mm512_mul_ps(c[r].is, wv) : c[r].is;
     __m512 v = _mm512_fmadd_ps(g, load16(m, dy[r] + i),
                                _mm512_fmadd_ps(c[r].q, xc, c[r].rr));
-    store16(dx[r] + i, v, m, 0);
+    store16(dx[r] + i, v, m, nt);
   }
 }
 
@@ -245,9 +245,9 @@ static inline __attribute__((always_inline)) void lnb_apply(const lnb_row_t *rw,
     c[r] = lnb_c(&rw[r], count);
   size_t i = 0, step = (size_t)nr * D;
   for (; i + 16 <= D; i += 16)
-    lnb_apply16(x, dy, dx, c, nr, ahead, step, i, 0xFFFF, w);
+    lnb_apply16(x, dy, dx, c, nr, ahead, step, i, 0xFFFF, w, 0);
   if (i < D)
-    lnb_apply16(x, dy, dx, c, nr, ahead, step, i, tail_mask(D - i), w);
+    lnb_apply16(x, dy, dx, c, nr, ahead, step, i, tail_mask(D - i), w, 0);
 }
 
 /* The rows [r, r + nr) of a block of RB rows starting at r0, nr a
@@ -270,6 +270,185 @@ static inline __attribute__((always_inline)) void lnb_rows(
   if (D > LN_AHEAD_MAX)
     ah = 0;
   lnb_apply(rw, nr, D, w, count, ah);
+}
+
+/* ------------------------------------------------------------------ */
+/* Backward pipelined by groups of G rows (1 or 2): one sweep takes the
+ * sums of group t and the dx of group t - 1 (whose sums the previous
+ * sweep finished), a chunk of columns of each in turn, so that the memory
+ * reads group t while group t - 1 comes back from the cache and its dx is
+ * written (as the floor's stream keeps reads and writes going together),
+ * and each vector of w, fw and fb serves the G rows. */
+
+/* What every sweep of one call shares. dx streams (nt) when the output
+ * is large and its rows are whole lines; then each row's first hd columns
+ * (up to its first line boundary) are written first and every chunk's dx
+ * is shifted by hd columns, so that the streamed vectors are aligned. */
+typedef struct lnq_s {
+  size_t D, hd;
+  const float *w;
+  float *fw, *fb;
+  double count;
+  int nt;
+} lnq_t;
+
+/* The rows of one side of a sweep, in locals so that the stores cannot
+ * alias them. */
+typedef struct lnq_side_s {
+  const float *x[LNB_NR], *dy[LNB_NR];
+  float *dx[LNB_NR];
+} lnq_side_t;
+
+/* dx of columns [lo, hi) of the na rows of a. */
+static inline __attribute__((always_inline)) void lnq_apply(const lnq_t *q,
+                                                            const lnq_side_t *a,
+                                                            const lnb_c_t *c,
+                                                            int na, size_t lo,
+                                                            size_t hi, int nt) {
+  size_t i = lo;
+  for (; i + 16 <= hi; i += 16)
+    lnb_apply16(a->x, a->dy, a->dx, c, na, 0, 0, i, 0xFFFF, q->w, nt);
+  if (i < hi)
+    lnb_apply16(a->x, a->dy, a->dx, c, na, 0, 0, i, tail_mask(hi - i), q->w,
+                nt);
+}
+
+/* One sweep: the sums of the ns rows rs (added to their sums) and the dx
+ * of the na rows ra, ns and na 0 or G and `first` (the sums' block starts
+ * here) constants at each call. By chunks of CHUNK / 4 columns: each
+ * row's float sums cover 16 values per lane before a fold into double,
+ * as in the row-by-row form. */
+static inline __attribute__((always_inline)) void lnq_sweep(const lnq_t *q,
+                                                            lnb_row_t *rs,
+                                                            int ns,
+                                                            const lnb_row_t *ra,
+                                                            int na, int first) {
+  lnq_side_t s, a;
+  lnb_k_t k[LNB_NR];
+  lnb_c_t c[LNB_NR];
+  __m512d sgl[LNB_NR], sgh[LNB_NR], sxl[LNB_NR], sxh[LNB_NR];
+  size_t D = q->D, hd = q->hd;
+#pragma GCC unroll 2
+  for (int r = 0; r < ns; r++) {
+    s.x[r] = rs[r].x, s.dy[r] = rs[r].dy, k[r] = lnb_k(&rs[r]);
+    sgl[r] = sgh[r] = sxl[r] = sxh[r] = _mm512_setzero_pd();
+  }
+#pragma GCC unroll 2
+  for (int r = 0; r < na; r++)
+    a.x[r] = ra[r].x, a.dy[r] = ra[r].dy, a.dx[r] = ra[r].dx,
+    c[r] = lnb_c(&ra[r], q->count);
+  if (na > 0 && hd > 0)
+    lnq_apply(q, &a, c, na, 0, hd, 0);
+  for (size_t i0 = 0; i0 < D; i0 += CHUNK / 4) {
+    size_t e = D - i0 > CHUNK / 4 ? i0 + CHUNK / 4 : D, i = i0;
+    if (ns > 0) {
+      __m512 sg[LNB_NR], sgx[LNB_NR];
+#pragma GCC unroll 2
+      for (int r = 0; r < ns; r++)
+        sg[r] = sgx[r] = _mm512_setzero_ps();
+      for (; i + 16 <= e; i += 16)
+        lnb_sums16(s.x, s.dy, k, ns, i, 0xFFFF, q->w, q->fw, q->fb, first, sg,
+                   sgx);
+      if (i < e)
+        lnb_sums16(s.x, s.dy, k, ns, i, tail_mask(e - i), q->w, q->fw, q->fb,
+                   first, sg, sgx);
+#pragma GCC unroll 2
+      for (int r = 0; r < ns; r++) {
+        fold16(sg[r], &sgl[r], &sgh[r]);
+        fold16(sgx[r], &sxl[r], &sxh[r]);
+      }
+    }
+    if (na > 0 && i0 + hd < D)
+      lnq_apply(q, &a, c, na, i0 + hd, e + hd < D ? e + hd : D, q->nt);
+  }
+#pragma GCC unroll 2
+  for (int r = 0; r < ns; r++) {
+    rs[r].sums[0] += _mm512_reduce_add_pd(_mm512_add_pd(sgl[r], sgh[r]));
+    rs[r].sums[1] += _mm512_reduce_add_pd(_mm512_add_pd(sxl[r], sxh[r]));
+  }
+}
+
+/* The sweep for (ns, na, first), each made a constant. */
+static inline __attribute__((always_inline)) void lnq_step(
+    const lnq_t *q, lnb_row_t *rs, int ns, const lnb_row_t *ra, int na,
+    int first, int G) {
+  if (ns == 0)
+    lnq_sweep(q, rs, 0, ra, G, 0);
+  else if (na == 0 && first)
+    lnq_sweep(q, rs, G, ra, 0, 1);
+  else if (na == 0)
+    lnq_sweep(q, rs, G, ra, 0, 0);
+  else if (first)
+    lnq_sweep(q, rs, G, ra, G, 1);
+  else
+    lnq_sweep(q, rs, G, ra, G, 0);
+}
+
+static void lnb_fold(const float *f, double *d, float *out, size_t D, int first,
+                     int last);
+
+/* The outputs of a backward call, and its rows. */
+typedef struct lnq_io_s {
+  const float *x, *dy;
+  float *dx;
+  size_t R;
+  const double *mean, *istd;
+  double *dw, *db;
+  float *odw, *odb;
+} lnq_io_t;
+
+/* Rows [r0, r0 + n) (n a multiple of G) of the pipeline. Blocks of RB
+ * rows (a multiple of G) run from row 0 of the call: the sums of a
+ * block's first group store into fw and fb rather than add, and fw and fb
+ * are folded into dw and db after the sums of its last group (into the
+ * outputs after the call's last row). */
+static inline __attribute__((always_inline)) void lnq_rows(const lnq_t *q,
+                                                           const lnq_io_t *io,
+                                                           size_t r0, size_t n,
+                                                           int G) {
+  lnb_row_t grp[2][LNB_NR];
+  size_t D = q->D, g = (size_t)G;
+  int cur = 0;
+  for (size_t t = 0; t <= n; t += g, cur ^= 1) {
+    size_t r = r0 + t;
+    lnb_row_t *rs = grp[cur], *ra = grp[cur ^ 1];
+    int ns = t < n ? G : 0, na = t > 0 ? G : 0;
+    for (int j = 0; j < ns; j++) {
+      size_t o = (r + (size_t)j) * D;
+      rs[j] = (lnb_row_t){io->x + o,
+                          io->dy + o,
+                          io->dx + o,
+                          io->mean[r + (size_t)j],
+                          io->istd[r + (size_t)j],
+                          {0, 0}};
+    }
+    lnq_step(q, rs, ns, ra, na, r % RB == 0, G);
+    if (ns > 0 && ((r + g) % RB == 0 || r + g == io->R)) {
+      int first = r + g <= RB, last = r + g == io->R;
+      lnb_fold(q->fw, io->dw, io->odw, D, first, last);
+      lnb_fold(q->fb, io->db, io->odb, D, first, last);
+    }
+  }
+}
+
+/* Groups of 2 rows (and a row left over alone). Measured (same-run A/B
+ * against the two-read-one-write floor, 8 rows, dx streamed): groups of
+ * 2 took 1.13-1.34 of the floor at 50k-800k elements per row against
+ * 1.24-1.40 with single rows and 1.29-1.57 with groups of 4. */
+#define LNQ_G 2
+/* Shorter rows take the form below (rows two at a time, their sums then
+ * their dx, the next pair prefetched meanwhile). Measured in one process
+ * alternating the two forms rep by rep (8 rows, three runs; the previous
+ * form's time over the pipeline's): 1.06-1.36 at 196k-800k elements, but
+ * 0.95-0.99 at 25k, 0.91-1.03 at 70k and 0.90-1.03 at 100k. */
+#define LNQ_MIN ((size_t)128 << 10)
+
+static void lnq_pipe(const lnq_t *q, const lnq_io_t *io) {
+  size_t n = io->R / LNQ_G * LNQ_G;
+  if (n > 0)
+    lnq_rows(q, io, 0, n, LNQ_G);
+  if (n < io->R)
+    lnq_rows(q, io, n, io->R - n, 1);
 }
 
 /* Adds the block sums f into the double sums d (or sets d when `first`);
@@ -346,6 +525,15 @@ void sbn__avx512_ln_bwd_rows(const float *x, const float *dy, float *dx,
       if (odb != NULL)
         odb[i] = 0;
     }
+    return;
+  }
+  if (D >= LNQ_MIN) {
+    int nt = R * D >= NT_BYTES / sizeof(float) && D % 16 == 0;
+    lnq_t q = {D, head_elems(dx, D, nt), w, fw, fb, count, nt};
+    lnq_io_t io = {x, dy, dx, R, mean, istd, dw, db, odw, odb};
+    lnq_pipe(&q, &io);
+    if (nt)
+      _mm_sfence();
     return;
   }
   /* Rows two at a time at every length: with the loops above, pairs of

@@ -160,6 +160,19 @@ typedef struct sbn__kernels_s {
   void (*ln_forward_rows)(const float *x, float *y, size_t R, size_t D,
                           size_t total, const float *mh, const float *ml,
                           const float *istd, const float *w, const float *b);
+  /* LayerNorm forward of R rows of D with their statistics, or NULL:
+   * per row r the shifted sums of moments (shift x[r * D], the row's first
+   * element), mean[r] and istd[r] = 1 / sqrt(m2 / D + eps) as
+   * sbn__moments_finish forms them (written to the caller's arrays of R
+   * doubles), and y as ln_forward with that mean split into float parts
+   * (`total` as there). Returns 1 having done so, or 0 having written
+   * nothing where the set declines rows of this length (then the op sums
+   * each chunk of rows with moments and normalizes it with
+   * ln_forward_rows). A set may normalize row r while it sums row r + 1,
+   * so y must not overlap x unless it equals x. */
+  int (*ln_forward_pipe)(const float *x, float *y, size_t R, size_t D,
+                         size_t total, double eps, const float *w,
+                         const float *b, double *mean, double *istd);
   /* Dropout of n elements starting at element index `first` (a multiple
    * of 4): out = word < thr ? 0 : in * scale, with the Philox words of
    * sbn_philox4x32_10 for counter (block, step, layer) and key. thr < 2^32

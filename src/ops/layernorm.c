@@ -90,6 +90,28 @@ static int ln_sizes(const sbn_layer_params_t *p, const sbn__shape_t *sh,
   return sbn__saved_size(sh->N, saved);
 }
 
+/* The set's pipelined forward (ln_forward_pipe) over chunks of at most
+ * SBN__LN_CHUNK rows, the statistics written straight to the saved state
+ * (or to scratch): 1 having done so, 0 where the set has no such entry or
+ * declines these rows (then nothing was written). */
+static int ln_forward_pipe(const sbn__kernels_t *k, const sbn_forward_args_t *a,
+                           size_t N, size_t D, double eps, const float *w,
+                           const float *b, double *smean, double *sistd,
+                           const sbn__chan_t *ch) {
+  if (k->ln_forward_pipe == NULL)
+    return 0;
+  for (size_t r0 = 0; r0 < N; r0 += SBN__LN_CHUNK) {
+    size_t R = N - r0 < SBN__LN_CHUNK ? N - r0 : SBN__LN_CHUNK;
+    /* The set decides by the row length alone, so it declines the first
+     * chunk or none. */
+    if (!k->ln_forward_pipe(a->x + r0 * D, a->y + r0 * D, R, D, N * D, eps, w,
+                            b, smean != NULL ? smean + r0 : ch->d1,
+                            sistd != NULL ? sistd + r0 : ch->d2))
+      return 0;
+  }
+  return 1;
+}
+
 static int ln_forward(sbn_layer_t *l, const sbn_forward_args_t *a,
                       const sbn__shape_t *sh) {
   const sbn_layer_params_t *p = &l->p;
@@ -100,10 +122,12 @@ static int ln_forward(sbn_layer_t *l, const sbn_forward_args_t *a,
   if (a->saved != NULL)
     sbn__saved_init(a->saved, p->op, a->mode, (double)D, N, &smean, &sistd);
   const sbn__kernels_t *k = sbn__kernels();
-  size_t chunk = ln_chunk_rows(
-      D, k->ln_forward_rows != NULL ? SBN__LN_CHUNK_BYTES : SBN__LN_L2_BYTES);
   const float *w = p->affine ? a->weight : NULL;
   const float *b = p->affine ? a->bias : NULL;
+  if (ln_forward_pipe(k, a, N, D, p->eps, w, b, smean, sistd, &ch))
+    return 0;
+  size_t chunk = ln_chunk_rows(
+      D, k->ln_forward_rows != NULL ? SBN__LN_CHUNK_BYTES : SBN__LN_L2_BYTES);
   for (size_t r0 = 0; r0 < N; r0 += chunk) {
     size_t R = N - r0 < chunk ? N - r0 : chunk;
     /* A chunk of rows is the view (1, R, D): each row is a "channel". */
