@@ -1,5 +1,6 @@
-/* GroupNorm and InstanceNorm backward over NCHW samples (the table's
- * gn_bwd_nchw; compiled with the AVX-512 flags like kernels_avx512.c).
+/* GroupNorm and InstanceNorm over NCHW samples, backward (the table's
+ * gn_bwd_nchw) and training forward (gn_fwd_nchw, at the end of the
+ * file); compiled with the AVX-512 flags like kernels_avx512.c.
  *
  * In NCHW a group of a sample is one contiguous block of cpg * S floats,
  * so the whole backward can run group by group: the per-channel sums of
@@ -35,22 +36,36 @@
 /* Units closer than this (bytes of x) are prefetched further ahead: the
  * hardware prefetcher already runs that far ahead of a stream. */
 #define GN_PF_MIN 4096u
+/* The forward streams y from outputs of this many bytes (the core's L2),
+ * below NT_BYTES: a y larger than the L2 has left it before the next
+ * layer reads it, and stored normally each of its lines is first read
+ * from memory. Measured against memcpy in one run (InstanceNorm; 3.2 MB:
+ * 8x2048x7x7, 1.6 MB: 8x256x14x14): 1.21-1.29 and 1.06-1.20 streamed,
+ * 1.52-1.57 and 1.32-1.56 stored normally. The price is that a consumer
+ * finds y in memory rather than in L3. */
+#define GN_FWD_NT_BYTES ((size_t)1 << 20)
+/* Forward groups of up to this many values are summed 16 groups at a
+ * time (short_run's tiles: at most 16 values per lane). */
+#define GN_TILE_L 256u
 
-/* One step of run_sums: adds dy and dy * (x - h) of 16 values. */
-#define GN_ACC(a, b, off)                                                      \
-  do {                                                                         \
-    __m512 g_ = _mm512_loadu_ps(q + s + (off));                                \
-    a = _mm512_add_ps(a, g_);                                                  \
-    b = _mm512_fmadd_ps(g_, _mm512_sub_ps(_mm512_loadu_ps(p + s + (off)), vh), \
-                        b);                                                    \
+/* One step of run_sums: adds dy and dy * (x - h) of 16 values (bwd), or
+ * x - h and its square. */
+#define GN_ACC(a, b, off)                                          \
+  do {                                                             \
+    __m512 v_ = _mm512_sub_ps(_mm512_loadu_ps(p + s + (off)), vh); \
+    __m512 g_ = bwd ? _mm512_loadu_ps(q + s + (off)) : v_;         \
+    a = _mm512_add_ps(a, g_);                                      \
+    b = _mm512_fmadd_ps(g_, v_, b);                                \
   } while (0)
 
-/* Sums of dy and of dy * (x - h) over one run of n values: float over
+/* Sums of dy and of dy * (x - h) over one run of n values (bwd), or of
+ * x - h and its square (the forward's moments, q unused): float over
  * CHUNKs, folded into double (as kernels_avx512.c's run_bwd_reduce). The
  * four accumulator pairs are named variables: as arrays indexed in a
  * loop, GCC kept them in memory (a store and a reload per vector). */
-static void run_sums(const float *p, const float *q, size_t n, float h,
-                     double *t1, double *t2) {
+static inline __attribute__((always_inline)) void run_sums(
+    int bwd, const float *p, const float *q, size_t n, float h, double *t1,
+    double *t2) {
   __m512 vh = _mm512_set1_ps(h);
   __m512d s1l = _mm512_setzero_pd(), s1h = s1l, s2l = s1l, s2h = s1l;
   for (size_t s = 0; s < n;) {
@@ -63,12 +78,13 @@ static void run_sums(const float *p, const float *q, size_t n, float h,
       GN_ACC(a2, b2, 32);
       GN_ACC(a3, b3, 48);
     }
-    /* Masked lanes load dy = 0 and add nothing. */
+    /* Masked lanes load dy = 0, or give x - h = 0, and add nothing. */
     for (; s < e; s += 16) {
       __mmask16 m = tail_mask(e - s);
-      __m512 g = load16(m, q + s);
+      __m512 v = _mm512_maskz_sub_ps(m, load16(m, p + s), vh);
+      __m512 g = bwd ? load16(m, q + s) : v;
       a0 = _mm512_add_ps(a0, g);
-      b0 = _mm512_fmadd_ps(g, _mm512_sub_ps(load16(m, p + s), vh), b0);
+      b0 = _mm512_fmadd_ps(g, v, b0);
     }
     fold16(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)), &s1l,
            &s1h);
@@ -122,7 +138,7 @@ static void unit_sums(const float *x, const float *dy, size_t g0, size_t g1,
       continue;
     }
     for (size_t j = 0; j < nc; j++)
-      run_sums(x + (c + j) * S, dy + (c + j) * S, S, ph[j], &sdy[c + j],
+      run_sums(1, x + (c + j) * S, dy + (c + j) * S, S, ph[j], &sdy[c + j],
                &sdyx[c + j]);
   }
   for (g = g0; g < g1; g++) {
@@ -275,6 +291,226 @@ int sbn__avx512_gn_bwd_nchw(const float *x, const float *dy, float *dx,
     unit_run(x + o, dy + o, dx + o, (g1 - g0) * cpg, cpg, S, gp,
              w != NULL ? w + g0 * cpg : NULL, nt, pf);
   }
+  _mm256_zeroupper();
+  return 1;
+}
+/* ------------------------------------------------------------------ */
+/* Forward (the table's gn_fwd_nchw): group by group, or 16 short groups
+ * at a time, the statistics and then y while the unit is in L1 or L2,
+ * with the next unit's x prefetched meanwhile. The general path (the
+ * op's moments over blocks of groups, per-channel records, scalar sqrt
+ * and division per channel, four per-channel parameter arrays, then a
+ * normalize call per run) spent as long on that bookkeeping as on the
+ * data with 7x7 planes: InstanceNorm forward of 8x2048x7x7 took 2.2
+ * times a memcpy. Here 16 statistics are finished in one vector pass and
+ * 16 channels' parameters are three vectors that every y vector selects
+ * its lanes from. */
+
+/* The shifted sums of ng <= 16 groups of L contiguous values, each
+ * shifted by its first value (written to k): s1 = sum(x - k), s2 =
+ * sum((x - k)^2), set, not added. Groups of up to SHORT_S values are
+ * summed 16 at a time and reduced by the transposing tree (at most 16
+ * values per lane, 4 tree levels), longer ones one run at a time. */
+static void fwd_sums(const float *x, size_t ng, size_t L, float *k, double *s1,
+                     double *s2) {
+  for (size_t j = 0; j < 16; j++) {
+    k[j] = j < ng ? x[j * L] : 0.0f;
+    s1[j] = s2[j] = 0;
+  }
+  if (L > GN_TILE_L) {
+    for (size_t j = 0; j < ng; j++)
+      run_sums(0, x + j * L, NULL, L, k[j], &s1[j], &s2[j]);
+    return;
+  }
+  __m512 va[16], vb[16];
+  size_t full = L & ~(size_t)15;
+  __mmask16 tm = tail_mask(L - full);
+  for (size_t j = 0; j < 16; j++) {
+    __m512 a = _mm512_setzero_ps(), b = a;
+    if (j < ng)
+      short_run(0, x + j * L, NULL, full, tm, _mm512_set1_ps(k[j]), &a, &b);
+    va[j] = a;
+    vb[j] = b;
+  }
+  fold_first(tree16(va), ng, s1);
+  fold_first(tree16(vb), ng, s2);
+}
+
+/* The statistics of ng <= 16 groups of n values from their shifted sums,
+ * as sbn__moments_finish and the op form them: mean = k + s1/n, m2 =
+ * s2 - s1 * (s1/n) (clamped at 0 by a comparison that keeps a NaN),
+ * istd = 1/sqrt(m2/n + eps), eight lanes of double at a time. */
+static void fwd_stats(const float *k, const double *s1, const double *s2,
+                      size_t ng, double n, double eps, double *mean, double *m2,
+                      double *istd) {
+  __mmask16 m = tail_mask(ng);
+  __m512d vn = _mm512_set1_pd(n), ve = _mm512_set1_pd(eps);
+  __m512d one = _mm512_set1_pd(1.0), zero = _mm512_setzero_pd();
+  for (int half = 0; half < 2; half++) {
+    __mmask8 mk = (__mmask8)(m >> (8 * half));
+    if (mk == 0)
+      break;
+    size_t o = 8 * (size_t)half;
+    __m512d a = _mm512_maskz_loadu_pd(mk, s1 + o);
+    __m512d b = _mm512_maskz_loadu_pd(mk, s2 + o);
+    __m512d kd = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(mk, k + o));
+    __m512d q = _mm512_div_pd(a, vn);
+    __m512d d = _mm512_sub_pd(b, _mm512_mul_pd(a, q));
+    d = _mm512_mask_mov_pd(d, _mm512_cmp_pd_mask(d, zero, _CMP_LT_OQ), zero);
+    __m512d is = _mm512_div_pd(
+        one, _mm512_sqrt_pd(_mm512_add_pd(_mm512_div_pd(d, vn), ve)));
+    _mm512_mask_storeu_pd(mean + o, mk, _mm512_add_pd(kd, q));
+    _mm512_mask_storeu_pd(m2 + o, mk, d);
+    _mm512_mask_storeu_pd(istd + o, mk, is);
+  }
+}
+
+/* y = (x - h) * s + b for 16 channels: h the float part of the mean, s =
+ * istd * w, b = bias - l * s with l = mean - h (formed in double): x - h
+ * is exact near the mean, so y is rounded about as often as the op's
+ * ((x - h) - l) * k1 + k2, with one parameter and one operation less. */
+typedef struct {
+  __m512 h, s, b;
+} gn_fpar_t;
+
+/* The parameters of channels [0, nc) from their mean and istd (pm, pi:
+ * 16 values each) and weight and bias (NULL: 1 and 0). */
+static gn_fpar_t fwd_par(const double *pm, const double *pi, const float *w,
+                         const float *b, size_t nc) {
+  __mmask16 m = tail_mask(nc);
+  __m256 h[2], sc[2], sh[2];
+  for (int half = 0; half < 2; half++) {
+    __mmask8 mk = (__mmask8)(m >> (8 * half));
+    size_t o = 8 * (size_t)half;
+    __m512d md = _mm512_loadu_pd(pm + o);
+    h[half] = _mm512_cvtpd_ps(md);
+    __m512d l = _mm512_sub_pd(md, _mm512_cvtps_pd(h[half]));
+    __m512d k1 = _mm512_loadu_pd(pi + o);
+    if (w != NULL)
+      k1 = _mm512_mul_pd(k1, _mm512_cvtps_pd(_mm256_maskz_loadu_ps(mk, w + o)));
+    __m512d bd = b != NULL ? _mm512_cvtps_pd(_mm256_maskz_loadu_ps(mk, b + o))
+                           : _mm512_setzero_pd();
+    sc[half] = _mm512_cvtpd_ps(k1);
+    sh[half] = _mm512_cvtpd_ps(_mm512_fnmadd_pd(l, k1, bd));
+  }
+  gn_fpar_t p;
+  p.h = _mm512_insertf32x8(_mm512_castps256_ps512(h[0]), h[1], 1);
+  p.s = _mm512_insertf32x8(_mm512_castps256_ps512(sc[0]), sc[1], 1);
+  p.b = _mm512_insertf32x8(_mm512_castps256_ps512(sh[0]), sh[1], 1);
+  return p;
+}
+
+/* y over nc <= 16 channels of S values, S a multiple of 16, run by run
+ * with each channel's parameters broadcast from its lane: every vector
+ * lies in one channel, and the loop does half the work per vector of the
+ * flat stream below. */
+static void fwd_runs(const float *x, float *y, size_t nc, size_t S, gn_fpar_t p,
+                     int nt, size_t pf) {
+  for (size_t j = 0; j < nc; j++) {
+    __m512i lane = _mm512_set1_epi32((int)j);
+    __m512 h = _mm512_permutexvar_ps(lane, p.h);
+    __m512 sc = _mm512_permutexvar_ps(lane, p.s);
+    __m512 sh = _mm512_permutexvar_ps(lane, p.b);
+    const float *xp = x + j * S;
+    float *yp = y + j * S;
+    for (size_t i = 0; i < S; i += 16) {
+      if (pf != 0)
+        _mm_prefetch((const char *)(xp + i + pf), _MM_HINT_T0);
+      __m512 v =
+          _mm512_fmadd_ps(_mm512_sub_ps(_mm512_loadu_ps(xp + i), h), sc, sh);
+      store16(yp + i, v, 0xFFFF, nt);
+    }
+  }
+}
+
+/* y over nc <= 16 channels of S >= 16 values, one flat stream: each lane
+ * carries its channel (idx) and its position in it (r), advanced by 16
+ * per vector with at most one step to the next channel (S >= 16), and
+ * takes its parameters by a permute. No branch depends on where a
+ * channel ends (run by run, the 49-value runs' tails and the flat
+ * loop's blends were mispredicted). nt: stream the stores (the caller
+ * has checked that y and the chunk's end are line-aligned). Prefetches x
+ * pf floats ahead (0: none). */
+static void fwd_chunk(const float *x, float *y, size_t nc, size_t S,
+                      gn_fpar_t p, int nt, size_t pf) {
+  size_t n = nc * S;
+  if (S % 16 == 0) {
+    fwd_runs(x, y, nc, S, p, nt, pf);
+    return;
+  }
+  __m512i r =
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512i idx = _mm512_setzero_si512(), vs = _mm512_set1_epi32((int)S);
+  __m512i v16 = _mm512_set1_epi32(16), one = _mm512_set1_epi32(1);
+  for (size_t i = 0; i < n; i += 16) {
+    __mmask16 m = tail_mask(n - i);
+    if (pf != 0)
+      _mm_prefetch((const char *)(x + i + pf), _MM_HINT_T0);
+    __m512 v = _mm512_sub_ps(load16(m, x + i), _mm512_permutexvar_ps(idx, p.h));
+    v = _mm512_fmadd_ps(v, _mm512_permutexvar_ps(idx, p.s),
+                        _mm512_permutexvar_ps(idx, p.b));
+    store16(y + i, v, m, nt);
+    r = _mm512_add_epi32(r, v16);
+    __mmask16 wrap = _mm512_cmpge_epi32_mask(r, vs);
+    r = _mm512_mask_sub_epi32(r, wrap, r, vs);
+    idx = _mm512_mask_add_epi32(idx, wrap, idx, one);
+  }
+}
+
+/* y of the unit's channels [c0, c1) (whole groups from g0 on, cpg
+ * channels each, their statistics in mean and istd) 16 at a time. A
+ * chunk streams when nt and both its ends are line-aligned (16 channels
+ * of any S are whole lines from an aligned start), so that no line is
+ * written both ways. */
+static void fwd_unit_y(const float *x, float *y, size_t g0, size_t c0,
+                       size_t c1, size_t cpg, size_t S, const double *mean,
+                       const double *istd, const float *w, const float *b,
+                       int nt, size_t pf) {
+  size_t g = g0, kk = 0;
+  for (size_t c = c0; c < c1; c += 16) {
+    size_t nc = c1 - c < 16 ? c1 - c : 16, o = c * S;
+    double pm[16], pi[16];
+    for (size_t j = 0; j < 16; j++) {
+      pm[j] = j < nc ? mean[g] : 0.0;
+      pi[j] = j < nc ? istd[g] : 0.0;
+      if (j < nc && ++kk == cpg)
+        kk = 0, g++;
+    }
+    gn_fpar_t p =
+        fwd_par(pm, pi, w != NULL ? w + c : NULL, b != NULL ? b + c : NULL, nc);
+    int cnt = nt && ((uintptr_t)(y + o) & 63) == 0 && (nc * S) % 16 == 0;
+    fwd_chunk(x + o, y + o, nc, S, p, cnt, pf);
+  }
+}
+
+/* The table's gn_fwd_nchw. */
+int sbn__avx512_gn_fwd_nchw(const float *x, float *y, size_t G, size_t cpg,
+                            size_t S, const float *w, const float *b,
+                            double eps, double *mean, double *istd, double *m2,
+                            size_t total) {
+  size_t L = cpg * S;
+  /* Float partial sums need SMALL_STAT values per statistic (see the
+   * table's moments); runs under 16 go to the position views. */
+  if (S < 16 || L < SMALL_STAT || L > GN_MAX_GROUP)
+    return 0;
+  size_t gpu = L <= GN_TILE_L ? 16 : 1;
+  int nt = total >= GN_FWD_NT_BYTES / sizeof(float);
+  for (size_t g0 = 0; g0 < G; g0 += gpu) {
+    size_t g1 = G - g0 < gpu ? G : g0 + gpu, ng = g1 - g0, ue = ng * L;
+    float k[16];
+    double s1[16], s2[16];
+    fwd_sums(x + g0 * L, ng, L, k, s1, s2);
+    fwd_stats(k, s1, s2, ng, (double)L, eps, mean + g0, m2 + g0, istd + g0);
+    /* The next unit is prefetched while this one's y is formed from the
+     * cache, as in the backward. Units of one group read x twice from
+     * L1 or L2; blocks of several (up to 16 groups or 256 KiB, statistics
+     * finished 16 at a time) measured slower on every default shape, by
+     * up to a fifth of the floor (28x28 and 32x32 planes). */
+    size_t pf = g1 < G ? (ue * 4 < GN_PF_MIN ? GN_PF_MIN / 4 : ue) : 0;
+    fwd_unit_y(x, y, g0, g0 * cpg, g1 * cpg, cpg, S, mean, istd, w, b, nt, pf);
+  }
+  if (nt)
+    _mm_sfence();
   _mm256_zeroupper();
   return 1;
 }

@@ -137,6 +137,30 @@ static void gn_fwd_groups(gn_fwd_t *f, size_t n, size_t g0, size_t g1,
   }
 }
 
+/* Sample n of an NCHW training forward by the set's fused kernel
+ * (gn_fwd_nchw), when it has one that takes the shape: the statistics go
+ * straight to the saved state (or to scratch) and the running
+ * statistics' sums. Returns 0 where the set declines. */
+static int gn_fwd_fused(gn_fwd_t *f, const sbn__shape_t *sh, size_t n,
+                        const float *xs, float *ys) {
+  __typeof__(sbn__kt()->gn_fwd_nchw) fused = sbn__kt()->gn_fwd_nchw;
+  const sbn_layer_params_t *p = &f->l->p;
+  size_t G = f->gp->groups, S = sh->S;
+  double *mean = f->smean != NULL ? f->smean + n * G : f->ch.dmean;
+  double *istd = f->sistd != NULL ? f->sistd + n * G : f->ch.distd;
+  if (fused == NULL ||
+      !fused(xs, ys, G, f->cpg, S, p->affine ? f->a->weight : NULL,
+             p->affine ? f->a->bias : NULL, p->eps, mean, istd, f->ch.d1,
+             sh->N * sh->C * S))
+    return 0;
+  /* G = C when running statistics are kept (InstanceNorm). */
+  for (size_t g = 0; g < G && f->running; g++) {
+    f->ch.d3[g] += mean[g];
+    f->ch.d4[g] += S > 1 ? f->ch.d1[g] / (double)(S - 1) : 0;
+  }
+  return 1;
+}
+
 int sbn__grouped_forward(sbn_layer_t *l, const sbn_forward_args_t *a,
                          const sbn__shape_t *sh, const sbn__grouping_t *gp) {
   size_t N = sh->N, C = sh->C, S = sh->S, G = gp->groups, cpg = C / G;
@@ -164,6 +188,8 @@ int sbn__grouped_forward(sbn_layer_t *l, const sbn_forward_args_t *a,
      * values; the running statistics skip such a batch below. */
     const float *xs = plane > 0 ? a->x + n * plane : a->x;
     float *ys = plane > 0 ? a->y + n * plane : a->y;
+    if (f.batch && v.cA == 1 && plane > 0 && gn_fwd_fused(&f, sh, n, xs, ys))
+      continue;
     for (size_t g0 = 0; g0 < G; g0 += gb) {
       size_t g1 = G - g0 < gb ? G : g0 + gb, c0 = g0 * cpg, o = c0 * v.cS;
       if (f.batch)
