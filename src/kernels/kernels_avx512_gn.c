@@ -36,14 +36,22 @@
 /* Units closer than this (bytes of x) are prefetched further ahead: the
  * hardware prefetcher already runs that far ahead of a stream. */
 #define GN_PF_MIN 4096u
-/* The forward streams y from outputs of this many bytes (the core's L2),
- * below NT_BYTES: a y larger than the L2 has left it before the next
- * layer reads it, and stored normally each of its lines is first read
- * from memory. Measured against memcpy in one run (InstanceNorm; 3.2 MB:
- * 8x2048x7x7, 1.6 MB: 8x256x14x14): 1.21-1.29 and 1.06-1.20 streamed,
- * 1.52-1.57 and 1.32-1.56 stored normally. The price is that a consumer
- * finds y in memory rather than in L3. */
-#define GN_FWD_NT_BYTES ((size_t)1 << 20)
+/* A pass streams its output when the bytes it moves (x and y forward; x,
+ * dy and dx backward) exceed this, the core's L2: the output has then
+ * left the L2 by the end of the pass whatever reads it next, and stored
+ * normally each of its lines is first read from memory. This is below
+ * NT_BYTES, which other passes keep; the price is that a consumer finds
+ * the output in memory rather than in L3. Measured against the same
+ * run's floor (InstanceNorm, ratio streamed against stored normally):
+ * forward 8x2048x7x7 1.21-1.29 against 1.52-1.57, 8x256x14x14 1.06-1.20
+ * against 1.32-1.56; backward 8x2048x7x7 1.31-1.41 against 1.69-1.85,
+ * 8x128x28x28 1.16-1.21 against 1.42-1.46. */
+#define GN_NT_BYTES ((size_t)1 << 20)
+
+/* Whether a pass moving `tensors` tensors of `total` floats streams. */
+static inline int gn_nt(size_t total, size_t tensors) {
+  return total >= GN_NT_BYTES / (tensors * sizeof(float));
+}
 /* Forward groups of up to this many values are summed 16 groups at a
  * time (short_run's tiles: at most 16 values per lane). */
 #define GN_TILE_L 256u
@@ -268,14 +276,14 @@ int sbn__avx512_gn_bwd_nchw(const float *x, const float *dy, float *dx,
   if (S < 16 || cpg * S < SMALL_STAT || cpg * S > GN_MAX_GROUP)
     return 0;
   size_t gpu = cpg >= 16 ? 1 : (16 + cpg - 1) / cpg;
-  /* dx streams when the whole output is large (see NT_BYTES): written
-   * with plain stores, each line of dx is first read from memory, and the
-   * pass moves 16 bytes per element instead of 12. Unlike the position
-   * views' dx (apply_nt), this measured faster streamed: 0.89-1.36 of the
-   * two-read-one-write floor against 1.25-1.58 with plain stores (bench
-   * kernels, GroupNorm NCHW backward, the seven default shapes of 4 MiB
-   * and more, two runs each). */
-  int nt = total >= NT_BYTES / sizeof(float);
+  /* dx streams when the pass moves more than the L2 (see GN_NT_BYTES;
+   * it was NT_BYTES of dx alone before): written with plain stores, each line
+   * of dx is first read from memory, and the pass moves 16 bytes per element
+   * instead of 12. Unlike the position views' dx (apply_nt), this measured
+   * faster streamed: 0.89-1.36 of the two-read-one-write floor
+   * against 1.25-1.58 with plain stores (bench kernels, GroupNorm NCHW
+   * backward, the seven default shapes of 4 MiB and more, two runs each). */
+  int nt = gn_nt(total, 3);
   for (size_t g0 = 0; g0 < G; g0 += gpu) {
     size_t g1 = G - g0 < gpu ? G : g0 + gpu;
     /* The next unit starts (g1 - g0) * cpg * S floats on: prefetch that
@@ -494,7 +502,7 @@ int sbn__avx512_gn_fwd_nchw(const float *x, float *y, size_t G, size_t cpg,
   if (S < 16 || L < SMALL_STAT || L > GN_MAX_GROUP)
     return 0;
   size_t gpu = L <= GN_TILE_L ? 16 : 1;
-  int nt = total >= GN_FWD_NT_BYTES / sizeof(float);
+  int nt = gn_nt(total, 2);
   for (size_t g0 = 0; g0 < G; g0 += gpu) {
     size_t g1 = G - g0 < gpu ? G : g0 + gpu, ng = g1 - g0, ue = ng * L;
     float k[16];
