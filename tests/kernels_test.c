@@ -674,7 +674,8 @@ static void test_group_backward_nchw(void **state) {
  * 1000) and groups of 1, 3, 16 and 17 channels (C = 9, 48, 51 take 3
  * groups), 0, 1 and 3 floats off alignment, with and without affine
  * weights, eval (running statistics for InstanceNorm, batch statistics
- * for GroupNorm), and outputs over 1 MiB (y streamed) aligned and not. */
+ * for GroupNorm), and outputs streamed (over 512 KiB) aligned and not,
+ * with runs of whole vectors (S = 2000) and not. */
 static void test_group_forward_nchw(void **state) {
   (void)state;
   const char *const *sets;
@@ -683,7 +684,8 @@ static void test_group_forward_nchw(void **state) {
   static const size_t Ss[] = {1, 7, 16, 49, 50, 196, 257, 784};
   static const struct {
     size_t N, C, S, off;
-  } big[] = {{6, 1000, 49, 0}, {4, 17, 4001, 0}, {3, 51, 2000, 3}};
+  } big[] = {{6, 1000, 49, 0},  {4, 17, 4001, 0}, {3, 51, 2000, 3},
+             {2, 1000, 196, 1}, {3, 17, 3001, 3}, {2, 48, 2500, 1}};
   const sbn_op_t ops[] = {SBN_OP_INSTANCENORM, SBN_OP_GROUPNORM};
   const char *opn[] = {"in", "gn"};
   for (int ks = 0; ks < nsets; ks++) {

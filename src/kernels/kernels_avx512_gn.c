@@ -410,23 +410,40 @@ static gn_fpar_t fwd_par(const double *pm, const double *pi, const float *w,
 
 /* y over nc <= 16 channels of S values, S a multiple of 16, run by run
  * with each channel's parameters broadcast from its lane: every vector
- * lies in one channel, and the loop does half the work per vector of the
- * flat stream below. */
+ * but a streaming run's head and tail lies in one channel, and the loop
+ * does half the work per vector of the flat stream below. With nt each
+ * run streams after a masked head up to its first line boundary, and its
+ * last partial vector is a masked plain store (all runs are alike: S * 4
+ * bytes is a whole number of lines), so a line shared by two runs is
+ * written only by plain stores. */
 static void fwd_runs(const float *x, float *y, size_t nc, size_t S, gn_fpar_t p,
                      int nt, size_t pf) {
+  size_t h = head_elems(y, S, nt);
   for (size_t j = 0; j < nc; j++) {
     __m512i lane = _mm512_set1_epi32((int)j);
-    __m512 h = _mm512_permutexvar_ps(lane, p.h);
+    __m512 vh = _mm512_permutexvar_ps(lane, p.h);
     __m512 sc = _mm512_permutexvar_ps(lane, p.s);
     __m512 sh = _mm512_permutexvar_ps(lane, p.b);
     const float *xp = x + j * S;
     float *yp = y + j * S;
-    for (size_t i = 0; i < S; i += 16) {
+    if (h > 0) {
+      __mmask16 m = tail_mask(h);
+      _mm512_mask_storeu_ps(
+          yp, m, _mm512_fmadd_ps(_mm512_sub_ps(load16(m, xp), vh), sc, sh));
+    }
+    size_t i = h;
+    for (; i + 16 <= S; i += 16) {
       if (pf != 0)
         _mm_prefetch((const char *)(xp + i + pf), _MM_HINT_T0);
       __m512 v =
-          _mm512_fmadd_ps(_mm512_sub_ps(_mm512_loadu_ps(xp + i), h), sc, sh);
+          _mm512_fmadd_ps(_mm512_sub_ps(_mm512_loadu_ps(xp + i), vh), sc, sh);
       store16(yp + i, v, 0xFFFF, nt);
+    }
+    if (i < S) {
+      __mmask16 m = tail_mask(S - i);
+      _mm512_mask_storeu_ps(
+          yp + i, m,
+          _mm512_fmadd_ps(_mm512_sub_ps(load16(m, xp + i), vh), sc, sh));
     }
   }
 }
@@ -436,21 +453,37 @@ static void fwd_runs(const float *x, float *y, size_t nc, size_t S, gn_fpar_t p,
  * per vector with at most one step to the next channel (S >= 16), and
  * takes its parameters by a permute. No branch depends on where a
  * channel ends (run by run, the 49-value runs' tails and the flat
- * loop's blends were mispredicted). nt: stream the stores (the caller
- * has checked that y and the chunk's end are line-aligned). Prefetches x
- * pf floats ahead (0: none). */
+ * loop's blends were mispredicted). With nt the whole vectors stream
+ * after a masked head up to y's first line boundary, and the last
+ * partial vector is a plain masked store, so that a line shared with the
+ * next chunk is written only by plain stores. Channels of whole vectors
+ * take the runs above. Prefetches x pf floats ahead (0: none). */
 static void fwd_chunk(const float *x, float *y, size_t nc, size_t S,
                       gn_fpar_t p, int nt, size_t pf) {
-  size_t n = nc * S;
   if (S % 16 == 0) {
     fwd_runs(x, y, nc, S, p, nt, pf);
     return;
   }
+  size_t n = nc * S, i = head_elems(y, n, nt);
   __m512i r =
       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   __m512i idx = _mm512_setzero_si512(), vs = _mm512_set1_epi32((int)S);
-  __m512i v16 = _mm512_set1_epi32(16), one = _mm512_set1_epi32(1);
-  for (size_t i = 0; i < n; i += 16) {
+  __m512i one = _mm512_set1_epi32(1);
+  if (i > 0) {
+    /* A streaming pass first writes up to y's first line boundary (under
+     * 16 values, so within channel 0), then starts its lanes there. */
+    __mmask16 m = tail_mask(i);
+    __m512 v = _mm512_sub_ps(load16(m, x), _mm512_permutexvar_ps(idx, p.h));
+    v = _mm512_fmadd_ps(v, _mm512_permutexvar_ps(idx, p.s),
+                        _mm512_permutexvar_ps(idx, p.b));
+    _mm512_mask_storeu_ps(y, m, v);
+    r = _mm512_add_epi32(r, _mm512_set1_epi32((int)i));
+    __mmask16 wrap = _mm512_cmpge_epi32_mask(r, vs);
+    r = _mm512_mask_sub_epi32(r, wrap, r, vs);
+    idx = _mm512_mask_add_epi32(idx, wrap, idx, one);
+  }
+  __m512i v16 = _mm512_set1_epi32(16);
+  for (; i < n; i += 16) {
     __mmask16 m = tail_mask(n - i);
     if (pf != 0)
       _mm_prefetch((const char *)(x + i + pf), _MM_HINT_T0);
@@ -466,10 +499,7 @@ static void fwd_chunk(const float *x, float *y, size_t nc, size_t S,
 }
 
 /* y of the unit's channels [c0, c1) (whole groups from g0 on, cpg
- * channels each, their statistics in mean and istd) 16 at a time. A
- * chunk streams when nt and both its ends are line-aligned (16 channels
- * of any S are whole lines from an aligned start), so that no line is
- * written both ways. */
+ * channels each, their statistics in mean and istd) 16 at a time. */
 static void fwd_unit_y(const float *x, float *y, size_t g0, size_t c0,
                        size_t c1, size_t cpg, size_t S, const double *mean,
                        const double *istd, const float *w, const float *b,
@@ -486,8 +516,7 @@ static void fwd_unit_y(const float *x, float *y, size_t g0, size_t c0,
     }
     gn_fpar_t p =
         fwd_par(pm, pi, w != NULL ? w + c : NULL, b != NULL ? b + c : NULL, nc);
-    int cnt = nt && ((uintptr_t)(y + o) & 63) == 0 && (nc * S) % 16 == 0;
-    fwd_chunk(x + o, y + o, nc, S, p, cnt, pf);
+    fwd_chunk(x + o, y + o, nc, S, p, nt, pf);
   }
 }
 
