@@ -33,6 +33,14 @@
  * group's prefetched lines. Larger groups decline, and the op's blocked
  * path reads them twice. */
 #define GN_MAX_GROUP (64u * 1024u)
+
+/* The most values per group of a sample of G groups: one group alone
+ * (GroupNorm(1), such as C = 17 here) has no next group prefetched beside
+ * it, so it may take half as much again (768 KiB of x and dy): 8x17x64x64
+ * (69632 values) then runs here. */
+static inline size_t gn_max_group(size_t G) {
+  return G == 1 ? GN_MAX_GROUP + GN_MAX_GROUP / 2 : GN_MAX_GROUP;
+}
 /* Units closer than this (bytes of x) are prefetched further ahead: the
  * hardware prefetcher already runs that far ahead of a stream. */
 #define GN_PF_MIN 4096u
@@ -273,7 +281,7 @@ int sbn__avx512_gn_bwd_nchw(const float *x, const float *dy, float *dx,
                             size_t total) {
   /* Short runs go to the position view; statistics of few values keep
    * the reference's double dx (see SMALL_STAT). */
-  if (S < 16 || cpg * S < SMALL_STAT || cpg * S > GN_MAX_GROUP)
+  if (S < 16 || cpg * S < SMALL_STAT || cpg * S > gn_max_group(G))
     return 0;
   size_t gpu = cpg >= 16 ? 1 : (16 + cpg - 1) / cpg;
   /* dx streams when the pass moves more than the L2 (see GN_NT_BYTES;
@@ -528,7 +536,7 @@ int sbn__avx512_gn_fwd_nchw(const float *x, float *y, size_t G, size_t cpg,
   size_t L = cpg * S;
   /* Float partial sums need SMALL_STAT values per statistic (see the
    * table's moments); runs under 16 go to the position views. */
-  if (S < 16 || L < SMALL_STAT || L > GN_MAX_GROUP)
+  if (S < 16 || L < SMALL_STAT || L > gn_max_group(G))
     return 0;
   size_t gpu = L <= GN_TILE_L ? 16 : 1;
   int nt = gn_nt(total, 2);
