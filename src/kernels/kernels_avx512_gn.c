@@ -409,6 +409,64 @@ static void in_bwd_unit(const float *x, const float *dy, float *dx, size_t nc,
 #undef GN_JOIN
 }
 
+/* GroupNorm backward of one group of cpg channels, a multiple of 16, of
+ * 16 <= S <= GN_TILE_L values (7x7 and 14x14 planes of GroupNorm(32)
+ * from 512 channels): in_bwd_unit's vectors 16 channels at a time, with
+ * the group's sums of w * dy and w * dy * xhat gathered across its
+ * chunks before any dx, whose q, h and r are then the same for every
+ * lane. */
+static void gn16_bwd_group(const float *x, const float *dy, float *dx,
+                           size_t cpg, size_t S, double mu, double is,
+                           const float *w, int stats, double *dw, double *db,
+                           int nt, size_t pf) {
+  float hf = (float)mu, hs[16];
+  double l = mu - (double)hf;
+  for (size_t j = 0; j < 16; j++)
+    hs[j] = hf;
+  __m512d vl = _mm512_set1_pd(l), vis = _mm512_set1_pd(is);
+  __m512d sg = _mm512_setzero_pd(), sgx = sg;
+  for (size_t c = 0; c < cpg; c += 16) {
+    __m512 ta, tb;
+    tile16(1, x + c * S, dy + c * S, 16, S, hs, &ta, &tb);
+    for (int half = 0; half < 2; half++) {
+      size_t o = c + 8 * (size_t)half;
+      __m512d sdy = _mm512_cvtps_pd(half ? _mm512_extractf32x8_ps(ta, 1)
+                                         : _mm512_castps512_ps256(ta));
+      __m512d sb = _mm512_cvtps_pd(half ? _mm512_extractf32x8_ps(tb, 1)
+                                        : _mm512_castps512_ps256(tb));
+      __m512d sdyx =
+          _mm512_mul_pd(vis, _mm512_sub_pd(sb, _mm512_mul_pd(vl, sdy)));
+      _mm512_storeu_pd(db + o, _mm512_add_pd(_mm512_loadu_pd(db + o), sdy));
+      _mm512_storeu_pd(dw + o, _mm512_add_pd(_mm512_loadu_pd(dw + o), sdyx));
+      if (w != NULL) {
+        __m512d wd = _mm512_cvtps_pd(_mm256_loadu_ps(w + o));
+        sdy = _mm512_mul_pd(wd, sdy);
+        sdyx = _mm512_mul_pd(wd, sdyx);
+      }
+      sg = _mm512_add_pd(sg, sdy);
+      sgx = _mm512_add_pd(sgx, sdyx);
+    }
+  }
+  /* group_par's coefficients. */
+  double m = (double)cpg * (double)S;
+  double q = stats ? -is * is * _mm512_reduce_add_pd(sgx) / m : 0;
+  double k3 = stats ? -is * _mm512_reduce_add_pd(sg) / m : 0;
+  __m512 vq = _mm512_set1_ps((float)q), vh = _mm512_set1_ps(hf);
+  __m512 vr = _mm512_set1_ps((float)(k3 - q * l));
+  for (size_t c = 0; c < cpg; c += 16) {
+    __m512 k = _mm512_set1_ps((float)is);
+    if (w != NULL) {
+      __m256 lo = _mm512_cvtpd_ps(
+          _mm512_mul_pd(vis, _mm512_cvtps_pd(_mm256_loadu_ps(w + c))));
+      __m256 hi = _mm512_cvtpd_ps(
+          _mm512_mul_pd(vis, _mm512_cvtps_pd(_mm256_loadu_ps(w + c + 8))));
+      k = _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
+    }
+    size_t e = c * S;
+    flat_chunk(1, x + e, dy + e, dx + e, 16, S, k, vq, vh, vr, nt, pf);
+  }
+}
+
 /* The table's gn_bwd_nchw. */
 
 int sbn__avx512_gn_bwd_nchw(const float *x, const float *dy, float *dx,
@@ -435,6 +493,17 @@ int sbn__avx512_gn_bwd_nchw(const float *x, const float *dy, float *dx,
       size_t pf = c0 + 16 < G ? (ue * 4 < GN_PF_MIN ? GN_PF_MIN / 4 : ue) : 0;
       in_bwd_unit(x + o, dy + o, dx + o, nc, S, mean + c0, istd + c0,
                   w != NULL ? w + c0 : NULL, stats, dw + c0, db + c0, nt, pf);
+    }
+    _mm256_zeroupper();
+    return 1;
+  }
+  if (cpg % 16 == 0 && S <= GN_TILE_L) {
+    size_t L = cpg * S;
+    for (size_t g = 0; g < G; g++) {
+      size_t pf = g + 1 < G ? (L * 4 < GN_PF_MIN ? GN_PF_MIN / 4 : L) : 0;
+      gn16_bwd_group(x + g * L, dy + g * L, dx + g * L, cpg, S, mean[g],
+                     istd[g], w != NULL ? w + g * cpg : NULL, stats,
+                     dw + g * cpg, db + g * cpg, nt, pf);
     }
     _mm256_zeroupper();
     return 1;
