@@ -63,6 +63,13 @@ static inline int gn_nt(size_t total, size_t tensors) {
 /* Forward groups of up to this many values are summed 16 groups at a
  * time (short_run's tiles: at most 16 values per lane). */
 #define GN_TILE_L 256u
+/* Longer forward groups are taken as many at a time as fit this many
+ * bytes (at most 16): one 28x28 or 32x32 plane at a time paid a unit's
+ * fixed costs (the first load's miss, the statistics' division and
+ * square root) per 3-4 KiB, 1.2-1.35 of the memcpy against 0.9-1.1
+ * with 16 KiB units (bench kernels, InstanceNorm 32x64x32x32 and
+ * 8x512x28x28, five alternated runs). */
+#define GN_FWD_UNIT 16384u
 
 /* One step of run_sums: adds dy and dy * (x - h) of 16 values (bwd), or
  * x - h and its square. */
@@ -706,7 +713,8 @@ int sbn__avx512_gn_fwd_nchw(const float *x, float *y, size_t G, size_t cpg,
    * table's moments); runs under 16 go to the position views. */
   if (S < 16 || L < SMALL_STAT || L > gn_max_group(G))
     return 0;
-  size_t gpu = L <= GN_TILE_L ? 16 : 1;
+  size_t gpu = L <= GN_TILE_L ? 16 : GN_FWD_UNIT / (L * sizeof(float));
+  gpu = gpu < 1 ? 1 : (gpu > 16 ? 16 : gpu);
   int nt = gn_nt(total, 2);
   for (size_t g0 = 0; g0 < G; g0 += gpu) {
     size_t g1 = G - g0 < gpu ? G : g0 + gpu, ng = g1 - g0, ue = ng * L;
@@ -715,10 +723,8 @@ int sbn__avx512_gn_fwd_nchw(const float *x, float *y, size_t G, size_t cpg,
     fwd_sums(x + g0 * L, ng, L, k, s1, s2);
     fwd_stats(k, s1, s2, ng, (double)L, eps, mean + g0, m2 + g0, istd + g0);
     /* The next unit is prefetched while this one's y is formed from the
-     * cache, as in the backward. Units of one group read x twice from
-     * L1 or L2; blocks of several (up to 16 groups or 256 KiB, statistics
-     * finished 16 at a time) measured slower on every default shape, by
-     * up to a fifth of the floor (28x28 and 32x32 planes). */
+     * cache, as in the backward. Larger blocks (up to 256 KiB, the op's
+     * budget) measured slower, by up to a fifth of the floor. */
     size_t pf = g1 < G ? (ue * 4 < GN_PF_MIN ? GN_PF_MIN / 4 : ue) : 0;
     fwd_unit_y(x, y, g0, g0 * cpg, g1 * cpg, cpg, S, mean, istd, w, b, nt, pf);
   }
