@@ -144,6 +144,12 @@ static void test_gn_vs_reference(void **state) {
       run_case(&wide, 32, 1, SBN_MODE_TRAIN, 1e4, 1.0, sets[ks], seed++);
       wide = tu_desc(L, 4, (size_t)3, (size_t)2000, (size_t)7, (size_t)7);
       run_case(&wide, 2, 1, SBN_MODE_TRAIN, 1e4, 2.0, sets[ks], seed++);
+      /* Groups of 16 and 32 channels of 7x7: the NCHW backward's
+       * 16-channel chunks of a group, at mean 1e4. */
+      sbn_tensor_desc_t g16 =
+          tu_desc(L, 4, (size_t)2, (size_t)64, (size_t)7, (size_t)7);
+      run_case(&g16, 4, 1, SBN_MODE_TRAIN, 1e4, 1.0, sets[ks], seed++);
+      run_case(&g16, 2, 0, SBN_MODE_TRAIN, 1e4, 2.0, sets[ks], seed++);
     }
   }
   sbn_kernel_select("ref");

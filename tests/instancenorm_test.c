@@ -161,6 +161,10 @@ static void test_in_vs_reference(void **state) {
       run_case(&big, sets[ks], seed++);
       big.d = tu_desc(L, 4, (size_t)3, (size_t)64, (size_t)9, (size_t)9);
       run_case(&big, sets[ks], seed++);
+      /* 14x14 planes of 17 channels: the NCHW forward's 16-channel tiles
+       * and a one-channel remainder, at mean 1e4. */
+      big.d = tu_desc(L, 3, (size_t)2, (size_t)17, (size_t)196);
+      run_case(&big, sets[ks], seed++);
     }
     /* Eval with running statistics accepts one spatial element and (N, C)
      * inputs, since no statistics are computed. */

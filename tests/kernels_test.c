@@ -674,16 +674,18 @@ static void test_ln_rows(void **state) {
  * 1025, 3001), groups of 1, 3, 5 and 17 channels (units of several small
  * groups, single-channel InstanceNorm groups, one group of odd width),
  * with and without affine weights, eval with running statistics, and
- * outputs of over 4 MiB (dx streamed after a masked head) 1 and 3 floats
- * off alignment. */
+ * outputs streamed (passes of over 1 MiB: dx after a masked head) 1 and
+ * 3 floats off alignment; GroupNorm(1) over 17 channels of 5000 values
+ * (one group of 85000, which only a sample's single group may take) and
+ * of 6000 (too large: the set declines). */
 static void test_group_backward_nchw(void **state) {
   (void)state;
   const char *const *sets;
   int nsets = tu_kernel_sets(&sets);
   static const struct {
     size_t N, C, S;
-  } sh[] = {{5, 9, 193},  {3, 15, 1025},  {4, 17, 3001},
-            {3, 3, 1025}, {21, 17, 3001}, {130, 15, 547}};
+  } sh[] = {{5, 9, 193},    {3, 15, 1025},  {4, 17, 3001}, {3, 3, 1025},
+            {21, 17, 3001}, {130, 15, 547}, {2, 17, 5000}, {1, 17, 6000}};
   const sbn_op_t ops[] = {SBN_OP_INSTANCENORM, SBN_OP_GROUPNORM};
   const char *opn[] = {"in", "gn"};
   for (int ks = 0; ks < nsets; ks++) {
@@ -710,6 +712,62 @@ static void test_group_backward_nchw(void **state) {
   sbn_kernel_select("ref");
 }
 
+/* The NCHW group forward of the optimized sets (gn_fwd_nchw): planes of
+ * 1 and 7 values (which it declines), 16, 49, 50, 196, 257 and 784 values
+ * (one and several vectors, with and without a tail; groups under and
+ * over the 16-group tiles' 256 values), odd channel counts (1, 3, 17,
+ * 1000) and groups of 1, 3, 16 and 17 channels (C = 9, 48, 51 take 3
+ * groups), 0, 1 and 3 floats off alignment, with and without affine
+ * weights, eval (running statistics for InstanceNorm, batch statistics
+ * for GroupNorm), and outputs streamed (over 512 KiB) aligned and not,
+ * with runs of whole vectors (S = 2000) and not. */
+static void test_group_forward_nchw(void **state) {
+  (void)state;
+  const char *const *sets;
+  int nsets = tu_kernel_sets(&sets);
+  static const size_t Cs[] = {1, 3, 9, 17, 48, 51, 1000};
+  static const size_t Ss[] = {1, 7, 16, 49, 50, 196, 257, 784};
+  static const struct {
+    size_t N, C, S, off;
+  } big[] = {{6, 1000, 49, 0},  {4, 17, 4001, 0}, {3, 51, 2000, 3},
+             {2, 1000, 196, 1}, {3, 17, 3001, 3}, {2, 48, 2500, 1}};
+  const sbn_op_t ops[] = {SBN_OP_INSTANCENORM, SBN_OP_GROUPNORM};
+  const char *opn[] = {"in", "gn"};
+  for (int ks = 0; ks < nsets; ks++) {
+    if (strcmp(sets[ks], "ref") == 0 || tu_kernel_use(sets[ks]) != 0)
+      continue;
+    for (size_t ic = 0; ic < sizeof Cs / sizeof *Cs; ic++)
+      for (size_t is = 0; is < sizeof Ss / sizeof *Ss; is++)
+        for (int io = 0; io < 2; io++) {
+          size_t C = Cs[ic], S = Ss[is], N = C * S > 20000 ? 1 : 3;
+          size_t off = (ic + is) % 3 == 2 ? 3 : (ic + is) % 3;
+          int v = (int)((ic + is + (size_t)io) % 3);
+          /* InstanceNorm cannot train on planes of one value. */
+          if (io == 0 && S == 1)
+            v = 2;
+          sbn_mode_t mode = v == 2 ? SBN_MODE_EVAL : SBN_MODE_TRAIN;
+          char what[128];
+          snprintf(what, sizeof what,
+                   "%s %s NCHW fwd N=%zu C=%zu S=%zu off=%zu%s", sets[ks],
+                   opn[io], N, C, S, off,
+                   v == 1 ? " no affine" : (v == 2 ? " eval" : ""));
+          no_affine = v == 1;
+          vs_ref(sets[ks], ops[io], opn[io], SBN_LAYOUT_NCHW, N, C, S, mode,
+                 off, what);
+          no_affine = 0;
+        }
+    for (size_t i = 0; i < sizeof big / sizeof *big; i++)
+      for (int io = 0; io < 2; io++) {
+        char what[128];
+        snprintf(what, sizeof what, "%s %s NCHW fwd N=%zu C=%zu S=%zu off=%zu",
+                 sets[ks], opn[io], big[i].N, big[i].C, big[i].S, big[i].off);
+        vs_ref(sets[ks], ops[io], opn[io], SBN_LAYOUT_NCHW, big[i].N, big[i].C,
+               big[i].S, SBN_MODE_TRAIN, big[i].off, what);
+      }
+  }
+  sbn_kernel_select("ref");
+}
+
 static int report(void **state) {
   (void)state;
   tu_err_report("optimized vs ref");
@@ -727,6 +785,7 @@ int main(void) {
       cmocka_unit_test(test_channels_last_stream_rows),
       cmocka_unit_test(test_channels_last_fused),
       cmocka_unit_test(test_group_backward_nchw),
+      cmocka_unit_test(test_group_forward_nchw),
       cmocka_unit_test(test_layout_agreement),
       cmocka_unit_test(test_dropout_sets),
       cmocka_unit_test(test_ln_rows),

@@ -230,6 +230,12 @@ int sbn__avx512_gn_bwd_nchw(const float *x, const float *dy, float *dx,
                             double *sdy, double *sdyx, double *dw, double *db,
                             size_t total);
 
+/* The table's gn_fwd_nchw (kernels_avx512_gn.c). */
+int sbn__avx512_gn_fwd_nchw(const float *x, float *y, size_t G, size_t cpg,
+                            size_t S, const float *w, const float *b,
+                            double eps, double *mean, double *istd, double *m2,
+                            size_t total);
+
 /* LayerNorm rows and dropout (kernels_avx512_rows.c); LayerNorm tiles of
  * rows (kernels_avx512_ln.c). */
 void sbn__avx512_ln_forward(const float *x, float *y, size_t D, size_t total,

@@ -702,6 +702,7 @@ const sbn__kernels_t sbn__kernels_avx512 = {
     .bwd_reduce_ld = avx512_bwd_reduce_ld,
     .bwd_apply_ld = avx512_bwd_apply_ld,
     .normalize_part = avx512_normalize_part,
+    .gn_fwd_nchw = sbn__avx512_gn_fwd_nchw,
     .gn_bwd_nchw = sbn__avx512_gn_bwd_nchw,
     .gn_fwd_nhwc = sbn__avx512_gn_fwd_nhwc,
     .ln_forward = sbn__avx512_ln_forward,

@@ -1,5 +1,6 @@
-/* GroupNorm and InstanceNorm backward over NCHW samples (the table's
- * gn_bwd_nchw; compiled with the AVX-512 flags like kernels_avx512.c).
+/* GroupNorm and InstanceNorm over NCHW samples, backward (the table's
+ * gn_bwd_nchw) and training forward (gn_fwd_nchw, at the end of the
+ * file); compiled with the AVX-512 flags like kernels_avx512.c.
  *
  * In NCHW a group of a sample is one contiguous block of cpg * S floats,
  * so the whole backward can run group by group: the per-channel sums of
@@ -32,25 +33,62 @@
  * group's prefetched lines. Larger groups decline, and the op's blocked
  * path reads them twice. */
 #define GN_MAX_GROUP (64u * 1024u)
+
+/* The most values per group of a sample of G groups: one group alone
+ * (GroupNorm(1), such as C = 17 here) has no next group prefetched beside
+ * it, so it may take half as much again (768 KiB of x and dy): 8x17x64x64
+ * (69632 values) then runs here. */
+static inline size_t gn_max_group(size_t G) {
+  return G == 1 ? GN_MAX_GROUP + GN_MAX_GROUP / 2 : GN_MAX_GROUP;
+}
 /* Units closer than this (bytes of x) are prefetched further ahead: the
  * hardware prefetcher already runs that far ahead of a stream. */
 #define GN_PF_MIN 4096u
+/* A pass streams its output when the bytes it moves (x and y forward; x,
+ * dy and dx backward) exceed this, the core's L2: the output has then
+ * left the L2 by the end of the pass whatever reads it next, and stored
+ * normally each of its lines is first read from memory. This is below
+ * NT_BYTES, which other passes keep; the price is that a consumer finds
+ * the output in memory rather than in L3. Measured against the same
+ * run's floor (InstanceNorm, ratio streamed against stored normally):
+ * forward 8x2048x7x7 1.21-1.29 against 1.52-1.57, 8x256x14x14 1.06-1.20
+ * against 1.32-1.56; backward 8x2048x7x7 1.31-1.41 against 1.69-1.85,
+ * 8x128x28x28 1.16-1.21 against 1.42-1.46. */
+#define GN_NT_BYTES ((size_t)1 << 20)
 
-/* One step of run_sums: adds dy and dy * (x - h) of 16 values. */
-#define GN_ACC(a, b, off)                                                      \
-  do {                                                                         \
-    __m512 g_ = _mm512_loadu_ps(q + s + (off));                                \
-    a = _mm512_add_ps(a, g_);                                                  \
-    b = _mm512_fmadd_ps(g_, _mm512_sub_ps(_mm512_loadu_ps(p + s + (off)), vh), \
-                        b);                                                    \
+/* Whether a pass moving `tensors` tensors of `total` floats streams. */
+static inline int gn_nt(size_t total, size_t tensors) {
+  return total >= GN_NT_BYTES / (tensors * sizeof(float));
+}
+/* Forward groups of up to this many values are summed 16 groups at a
+ * time (short_run's tiles: at most 16 values per lane). */
+#define GN_TILE_L 256u
+/* Longer forward groups are taken as many at a time as fit this many
+ * bytes (at most 16): one 28x28 or 32x32 plane at a time paid a unit's
+ * fixed costs (the first load's miss, the statistics' division and
+ * square root) per 3-4 KiB, 1.2-1.35 of the memcpy against 0.9-1.1
+ * with 16 KiB units (bench kernels, InstanceNorm 32x64x32x32 and
+ * 8x512x28x28, five alternated runs). */
+#define GN_FWD_UNIT 16384u
+
+/* One step of run_sums: adds dy and dy * (x - h) of 16 values (bwd), or
+ * x - h and its square. */
+#define GN_ACC(a, b, off)                                          \
+  do {                                                             \
+    __m512 v_ = _mm512_sub_ps(_mm512_loadu_ps(p + s + (off)), vh); \
+    __m512 g_ = bwd ? _mm512_loadu_ps(q + s + (off)) : v_;         \
+    a = _mm512_add_ps(a, g_);                                      \
+    b = _mm512_fmadd_ps(g_, v_, b);                                \
   } while (0)
 
-/* Sums of dy and of dy * (x - h) over one run of n values: float over
+/* Sums of dy and of dy * (x - h) over one run of n values (bwd), or of
+ * x - h and its square (the forward's moments, q unused): float over
  * CHUNKs, folded into double (as kernels_avx512.c's run_bwd_reduce). The
  * four accumulator pairs are named variables: as arrays indexed in a
  * loop, GCC kept them in memory (a store and a reload per vector). */
-static void run_sums(const float *p, const float *q, size_t n, float h,
-                     double *t1, double *t2) {
+static inline __attribute__((always_inline)) void run_sums(
+    int bwd, const float *p, const float *q, size_t n, float h, double *t1,
+    double *t2) {
   __m512 vh = _mm512_set1_ps(h);
   __m512d s1l = _mm512_setzero_pd(), s1h = s1l, s2l = s1l, s2h = s1l;
   for (size_t s = 0; s < n;) {
@@ -63,12 +101,13 @@ static void run_sums(const float *p, const float *q, size_t n, float h,
       GN_ACC(a2, b2, 32);
       GN_ACC(a3, b3, 48);
     }
-    /* Masked lanes load dy = 0 and add nothing. */
+    /* Masked lanes load dy = 0, or give x - h = 0, and add nothing. */
     for (; s < e; s += 16) {
       __mmask16 m = tail_mask(e - s);
-      __m512 g = load16(m, q + s);
+      __m512 v = _mm512_maskz_sub_ps(m, load16(m, p + s), vh);
+      __m512 g = bwd ? load16(m, q + s) : v;
       a0 = _mm512_add_ps(a0, g);
-      b0 = _mm512_fmadd_ps(g, _mm512_sub_ps(load16(m, p + s), vh), b0);
+      b0 = _mm512_fmadd_ps(g, v, b0);
     }
     fold16(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)), &s1l,
            &s1h);
@@ -79,23 +118,36 @@ static void run_sums(const float *p, const float *q, size_t n, float h,
   *t2 += _mm512_reduce_add_pd(_mm512_add_pd(s2l, s2h));
 }
 
-/* The same sums for nc <= 16 runs of 16 <= S <= GN_SHORT_S values,
- * channel j shifted by ph[j], reduced together by the tree. */
-static void tile_sums(const float *x, const float *dy, size_t nc, size_t S,
-                      const float *ph, double *t1, double *t2) {
+/* The float sums of nc <= 16 runs of up to GN_TILE_L values (L apart,
+ * run j shifted by ph[j]) reduced together by the transposing tree: lane
+ * j of *ta and *tb holds run j's sum of dy and dy * (x - h) (bwd), or of
+ * x - h and its square. */
+static inline __attribute__((always_inline)) void tile16(
+    int bwd, const float *x, const float *dy, size_t nc, size_t L,
+    const float *ph, __m512 *ta, __m512 *tb) {
   __m512 va[16], vb[16];
-  size_t full = S & ~(size_t)15;
-  __mmask16 tm = tail_mask(S - full);
+  size_t full = L & ~(size_t)15;
+  __mmask16 tm = tail_mask(L - full);
   for (size_t j = 0; j < 16; j++) {
     __m512 a = _mm512_setzero_ps(), b = a;
     if (j < nc)
-      short_run(1, x + j * S, dy + j * S, full, tm, _mm512_set1_ps(ph[j]), &a,
-                &b);
+      short_run(bwd, x + j * L, bwd ? dy + j * L : NULL, full, tm,
+                _mm512_set1_ps(ph[j]), &a, &b);
     va[j] = a;
     vb[j] = b;
   }
-  fold_first(tree16(va), nc, t1);
-  fold_first(tree16(vb), nc, t2);
+  *ta = tree16(va);
+  *tb = tree16(vb);
+}
+
+/* The backward's sums for nc <= 16 runs of 16 <= S <= GN_SHORT_S values,
+ * channel j shifted by ph[j], added into t1 and t2. */
+static void tile_sums(const float *x, const float *dy, size_t nc, size_t S,
+                      const float *ph, double *t1, double *t2) {
+  __m512 ta, tb;
+  tile16(1, x, dy, nc, S, ph, &ta, &tb);
+  fold_first(ta, nc, t1);
+  fold_first(tb, nc, t2);
 }
 
 /* Per-channel sums of groups [g0, g1) into sdy and sdyx (channels from
@@ -122,7 +174,7 @@ static void unit_sums(const float *x, const float *dy, size_t g0, size_t g1,
       continue;
     }
     for (size_t j = 0; j < nc; j++)
-      run_sums(x + (c + j) * S, dy + (c + j) * S, S, ph[j], &sdy[c + j],
+      run_sums(1, x + (c + j) * S, dy + (c + j) * S, S, ph[j], &sdy[c + j],
                &sdyx[c + j]);
   }
   for (g = g0; g < g1; g++) {
@@ -241,7 +293,189 @@ static gn_gpar_t group_par(size_t g, size_t cpg, size_t S, const double *mean,
   return gp;
 }
 
+/* ------------------------------------------------------------------ */
+/* The flat stream over nc <= 16 channels of S >= 16 values (InstanceNorm
+ * backward's and the forward's short channels): each lane carries its
+ * channel (idx) and its position in it (r), advanced by 16 per vector
+ * with at most one step to the next channel (S >= 16), and takes its
+ * parameters from the 16-channel vectors p0..p3 by a permute. No branch
+ * depends on where a channel ends: run by run, the 49-value runs' tails
+ * were mispredicted, and so were the flat loop's blends (unit_run).
+ * The forward writes y = (x - p0) * p1 + p2, the backward dx = p0 * dy +
+ * (p1 * (x - p2) + p3). With nt the whole vectors stream after a masked
+ * head up to the output's first line boundary (within channel 0) and the
+ * last partial vector is a plain masked store, so that a line shared
+ * with the next chunk is written only by plain stores. Prefetches x (and
+ * dy) pf floats ahead (0: none). */
+static inline __attribute__((always_inline)) __m512 flat_vec(
+    int bwd, __m512 xv, __m512 gv, __m512i idx, __m512 p0, __m512 p1, __m512 p2,
+    __m512 p3) {
+  __m512 a = _mm512_permutexvar_ps(idx, p0), b = _mm512_permutexvar_ps(idx, p1);
+  __m512 c = _mm512_permutexvar_ps(idx, p2);
+  if (!bwd)
+    return _mm512_fmadd_ps(_mm512_sub_ps(xv, a), b, c);
+  __m512 t =
+      _mm512_fmadd_ps(b, _mm512_sub_ps(xv, c), _mm512_permutexvar_ps(idx, p3));
+  return _mm512_fmadd_ps(a, gv, t);
+}
+
+/* Moves the lanes' positions on by k <= 16 values (at most one channel
+ * end, S >= 16). */
+static inline void flat_step(__m512i *r, __m512i *idx, int k, __m512i vs) {
+  *r = _mm512_add_epi32(*r, _mm512_set1_epi32(k));
+  __mmask16 wrap = _mm512_cmpge_epi32_mask(*r, vs);
+  *r = _mm512_mask_sub_epi32(*r, wrap, *r, vs);
+  *idx = _mm512_mask_add_epi32(*idx, wrap, *idx, _mm512_set1_epi32(1));
+}
+
+static inline __attribute__((always_inline)) void flat_chunk(
+    int bwd, const float *x, const float *dy, float *o, size_t nc, size_t S,
+    __m512 p0, __m512 p1, __m512 p2, __m512 p3, int nt, size_t pf) {
+  size_t n = nc * S, i = head_elems(o, n, nt);
+  __m512i r =
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512i idx = _mm512_setzero_si512(), vs = _mm512_set1_epi32((int)S);
+  __m512 zero = _mm512_setzero_ps();
+  if (i > 0) {
+    __mmask16 m = tail_mask(i);
+    __m512 v = flat_vec(bwd, load16(m, x), bwd ? load16(m, dy) : zero, idx, p0,
+                        p1, p2, p3);
+    _mm512_mask_storeu_ps(o, m, v);
+    flat_step(&r, &idx, (int)i, vs);
+  }
+  for (; i < n; i += 16) {
+    __mmask16 m = tail_mask(n - i);
+    if (pf != 0) {
+      _mm_prefetch((const char *)(x + i + pf), _MM_HINT_T0);
+      if (bwd)
+        _mm_prefetch((const char *)(dy + i + pf), _MM_HINT_T0);
+    }
+    __m512 v = flat_vec(bwd, load16(m, x + i), bwd ? load16(m, dy + i) : zero,
+                        idx, p0, p1, p2, p3);
+    store16(o + i, v, m, nt);
+    flat_step(&r, &idx, 16, vs);
+  }
+}
+
+/* InstanceNorm backward of nc <= 16 channels of 16 <= S <= GN_TILE_L
+ * values: the 16-channel tile sums, then every channel's dx parameters
+ * (group_par's, for groups of one channel) in one pass of double vectors
+ * instead of per-channel scalar code, which with 7x7 planes cost as much
+ * as the sums; then dx as one flat stream. */
+static void in_bwd_unit(const float *x, const float *dy, float *dx, size_t nc,
+                        size_t S, const double *mean, const double *istd,
+                        const float *w, int stats, double *dw, double *db,
+                        int nt, size_t pf) {
+  float hs[16];
+  __mmask16 m = tail_mask(nc);
+  for (size_t j = 0; j < 16; j++)
+    hs[j] = j < nc ? (float)mean[j] : 0.0f;
+  __m512 ta, tb;
+  tile16(1, x, dy, nc, S, hs, &ta, &tb);
+  __m256 pk[2], pq[2], ph[2], pr[2];
+  __m512d vm = _mm512_set1_pd((double)S), zero = _mm512_setzero_pd();
+  for (int half = 0; half < 2; half++) {
+    __mmask8 mk = (__mmask8)(m >> (8 * half));
+    size_t o = 8 * (size_t)half;
+    __m512d md = _mm512_maskz_loadu_pd(mk, mean + o);
+    __m512d is = _mm512_maskz_loadu_pd(mk, istd + o);
+    ph[half] = _mm512_cvtpd_ps(md);
+    __m512d l = _mm512_sub_pd(md, _mm512_cvtps_pd(ph[half]));
+    __m512d sdy = _mm512_cvtps_pd(half ? _mm512_extractf32x8_ps(ta, 1)
+                                       : _mm512_castps512_ps256(ta));
+    __m512d sb = _mm512_cvtps_pd(half ? _mm512_extractf32x8_ps(tb, 1)
+                                      : _mm512_castps512_ps256(tb));
+    /* sum dy * xhat = istd * (sum dy (x - h) - l sum dy), as unit_sums. */
+    __m512d sdyx = _mm512_mul_pd(is, _mm512_sub_pd(sb, _mm512_mul_pd(l, sdy)));
+    _mm512_mask_storeu_pd(
+        db + o, mk, _mm512_add_pd(_mm512_maskz_loadu_pd(mk, db + o), sdy));
+    _mm512_mask_storeu_pd(
+        dw + o, mk, _mm512_add_pd(_mm512_maskz_loadu_pd(mk, dw + o), sdyx));
+    __m512d k1 = is, sg = sdy, sgx = sdyx;
+    if (w != NULL) {
+      __m512d wd = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(mk, w + o));
+      k1 = _mm512_mul_pd(is, wd);
+      sg = _mm512_mul_pd(wd, sdy);
+      sgx = _mm512_mul_pd(wd, sdyx);
+    }
+    /* group_par's q = -istd^2 sum(w dy xhat) / m and k3 = -istd
+     * sum(w dy) / m, with r = k3 - q * l. */
+    __m512d q = zero, k3 = zero;
+    if (stats) {
+      __m512d nis = _mm512_sub_pd(zero, is);
+      q = _mm512_div_pd(_mm512_mul_pd(_mm512_mul_pd(nis, is), sgx), vm);
+      k3 = _mm512_div_pd(_mm512_mul_pd(nis, sg), vm);
+    }
+    pk[half] = _mm512_cvtpd_ps(k1);
+    pq[half] = _mm512_cvtpd_ps(q);
+    pr[half] = _mm512_cvtpd_ps(_mm512_fnmadd_pd(q, l, k3));
+  }
+#define GN_JOIN(v) _mm512_insertf32x8(_mm512_castps256_ps512(v[0]), v[1], 1)
+  flat_chunk(1, x, dy, dx, nc, S, GN_JOIN(pk), GN_JOIN(pq), GN_JOIN(ph),
+             GN_JOIN(pr), nt, pf);
+#undef GN_JOIN
+}
+
+/* GroupNorm backward of one group of cpg channels, a multiple of 16, of
+ * 16 <= S <= GN_TILE_L values (7x7 and 14x14 planes of GroupNorm(32)
+ * from 512 channels): in_bwd_unit's vectors 16 channels at a time, with
+ * the group's sums of w * dy and w * dy * xhat gathered across its
+ * chunks before any dx, whose q, h and r are then the same for every
+ * lane. */
+static void gn16_bwd_group(const float *x, const float *dy, float *dx,
+                           size_t cpg, size_t S, double mu, double is,
+                           const float *w, int stats, double *dw, double *db,
+                           int nt, size_t pf) {
+  float hf = (float)mu, hs[16];
+  double l = mu - (double)hf;
+  for (size_t j = 0; j < 16; j++)
+    hs[j] = hf;
+  __m512d vl = _mm512_set1_pd(l), vis = _mm512_set1_pd(is);
+  __m512d sg = _mm512_setzero_pd(), sgx = sg;
+  for (size_t c = 0; c < cpg; c += 16) {
+    __m512 ta, tb;
+    tile16(1, x + c * S, dy + c * S, 16, S, hs, &ta, &tb);
+    for (int half = 0; half < 2; half++) {
+      size_t o = c + 8 * (size_t)half;
+      __m512d sdy = _mm512_cvtps_pd(half ? _mm512_extractf32x8_ps(ta, 1)
+                                         : _mm512_castps512_ps256(ta));
+      __m512d sb = _mm512_cvtps_pd(half ? _mm512_extractf32x8_ps(tb, 1)
+                                        : _mm512_castps512_ps256(tb));
+      __m512d sdyx =
+          _mm512_mul_pd(vis, _mm512_sub_pd(sb, _mm512_mul_pd(vl, sdy)));
+      _mm512_storeu_pd(db + o, _mm512_add_pd(_mm512_loadu_pd(db + o), sdy));
+      _mm512_storeu_pd(dw + o, _mm512_add_pd(_mm512_loadu_pd(dw + o), sdyx));
+      if (w != NULL) {
+        __m512d wd = _mm512_cvtps_pd(_mm256_loadu_ps(w + o));
+        sdy = _mm512_mul_pd(wd, sdy);
+        sdyx = _mm512_mul_pd(wd, sdyx);
+      }
+      sg = _mm512_add_pd(sg, sdy);
+      sgx = _mm512_add_pd(sgx, sdyx);
+    }
+  }
+  /* group_par's coefficients. */
+  double m = (double)cpg * (double)S;
+  double q = stats ? -is * is * _mm512_reduce_add_pd(sgx) / m : 0;
+  double k3 = stats ? -is * _mm512_reduce_add_pd(sg) / m : 0;
+  __m512 vq = _mm512_set1_ps((float)q), vh = _mm512_set1_ps(hf);
+  __m512 vr = _mm512_set1_ps((float)(k3 - q * l));
+  for (size_t c = 0; c < cpg; c += 16) {
+    __m512 k = _mm512_set1_ps((float)is);
+    if (w != NULL) {
+      __m256 lo = _mm512_cvtpd_ps(
+          _mm512_mul_pd(vis, _mm512_cvtps_pd(_mm256_loadu_ps(w + c))));
+      __m256 hi = _mm512_cvtpd_ps(
+          _mm512_mul_pd(vis, _mm512_cvtps_pd(_mm256_loadu_ps(w + c + 8))));
+      k = _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
+    }
+    size_t e = c * S;
+    flat_chunk(1, x + e, dy + e, dx + e, 16, S, k, vq, vh, vr, nt, pf);
+  }
+}
+
 /* The table's gn_bwd_nchw. */
+
 int sbn__avx512_gn_bwd_nchw(const float *x, const float *dy, float *dx,
                             size_t G, size_t cpg, size_t S, const double *mean,
                             const double *istd, const float *w, int stats,
@@ -249,17 +483,38 @@ int sbn__avx512_gn_bwd_nchw(const float *x, const float *dy, float *dx,
                             size_t total) {
   /* Short runs go to the position view; statistics of few values keep
    * the reference's double dx (see SMALL_STAT). */
-  if (S < 16 || cpg * S < SMALL_STAT || cpg * S > GN_MAX_GROUP)
+  if (S < 16 || cpg * S < SMALL_STAT || cpg * S > gn_max_group(G))
     return 0;
   size_t gpu = cpg >= 16 ? 1 : (16 + cpg - 1) / cpg;
-  /* dx streams when the whole output is large (see NT_BYTES): written
-   * with plain stores, each line of dx is first read from memory, and the
-   * pass moves 16 bytes per element instead of 12. Unlike the position
-   * views' dx (apply_nt), this measured faster streamed: 0.89-1.36 of the
-   * two-read-one-write floor against 1.25-1.58 with plain stores (bench
-   * kernels, GroupNorm NCHW backward, the seven default shapes of 4 MiB
-   * and more, two runs each). */
-  int nt = total >= NT_BYTES / sizeof(float);
+  /* dx streams when the pass moves more than the L2 (see GN_NT_BYTES;
+   * it was NT_BYTES of dx alone before): written with plain stores, each line
+   * of dx is first read from memory, and the pass moves 16 bytes per element
+   * instead of 12. Unlike the position views' dx (apply_nt), this measured
+   * faster streamed: 0.89-1.36 of the two-read-one-write floor
+   * against 1.25-1.58 with plain stores (bench kernels, GroupNorm NCHW
+   * backward, the seven default shapes of 4 MiB and more, two runs each). */
+  int nt = gn_nt(total, 3);
+  if (cpg == 1 && S <= GN_TILE_L) {
+    for (size_t c0 = 0; c0 < G; c0 += 16) {
+      size_t nc = G - c0 < 16 ? G - c0 : 16, ue = nc * S, o = c0 * S;
+      size_t pf = c0 + 16 < G ? (ue * 4 < GN_PF_MIN ? GN_PF_MIN / 4 : ue) : 0;
+      in_bwd_unit(x + o, dy + o, dx + o, nc, S, mean + c0, istd + c0,
+                  w != NULL ? w + c0 : NULL, stats, dw + c0, db + c0, nt, pf);
+    }
+    _mm256_zeroupper();
+    return 1;
+  }
+  if (cpg % 16 == 0 && S <= GN_TILE_L) {
+    size_t L = cpg * S;
+    for (size_t g = 0; g < G; g++) {
+      size_t pf = g + 1 < G ? (L * 4 < GN_PF_MIN ? GN_PF_MIN / 4 : L) : 0;
+      gn16_bwd_group(x + g * L, dy + g * L, dx + g * L, cpg, S, mean[g],
+                     istd[g], w != NULL ? w + g * cpg : NULL, stats,
+                     dw + g * cpg, db + g * cpg, nt, pf);
+    }
+    _mm256_zeroupper();
+    return 1;
+  }
   for (size_t g0 = 0; g0 < G; g0 += gpu) {
     size_t g1 = G - g0 < gpu ? G : g0 + gpu;
     /* The next unit starts (g1 - g0) * cpg * S floats on: prefetch that
@@ -275,6 +530,206 @@ int sbn__avx512_gn_bwd_nchw(const float *x, const float *dy, float *dx,
     unit_run(x + o, dy + o, dx + o, (g1 - g0) * cpg, cpg, S, gp,
              w != NULL ? w + g0 * cpg : NULL, nt, pf);
   }
+  _mm256_zeroupper();
+  return 1;
+}
+/* ------------------------------------------------------------------ */
+/* Forward (the table's gn_fwd_nchw): group by group, or 16 short groups
+ * at a time, the statistics and then y while the unit is in L1 or L2,
+ * with the next unit's x prefetched meanwhile. The general path (the
+ * op's moments over blocks of groups, per-channel records, scalar sqrt
+ * and division per channel, four per-channel parameter arrays, then a
+ * normalize call per run) spent as long on that bookkeeping as on the
+ * data with 7x7 planes: InstanceNorm forward of 8x2048x7x7 took 2.2
+ * times a memcpy. Here 16 statistics are finished in one vector pass and
+ * 16 channels' parameters are three vectors that every y vector selects
+ * its lanes from. */
+
+/* The shifted sums of ng <= 16 groups of L contiguous values, each
+ * shifted by its first value (written to k): s1 = sum(x - k), s2 =
+ * sum((x - k)^2), set, not added. Groups of up to SHORT_S values are
+ * summed 16 at a time and reduced by the transposing tree (at most 16
+ * values per lane, 4 tree levels), longer ones one run at a time. */
+static void fwd_sums(const float *x, size_t ng, size_t L, float *k, double *s1,
+                     double *s2) {
+  for (size_t j = 0; j < 16; j++) {
+    k[j] = j < ng ? x[j * L] : 0.0f;
+    s1[j] = s2[j] = 0;
+  }
+  if (L > GN_TILE_L) {
+    for (size_t j = 0; j < ng; j++)
+      run_sums(0, x + j * L, NULL, L, k[j], &s1[j], &s2[j]);
+    return;
+  }
+  __m512 ta, tb;
+  tile16(0, x, NULL, ng, L, k, &ta, &tb);
+  fold_first(ta, ng, s1);
+  fold_first(tb, ng, s2);
+}
+
+/* The statistics of ng <= 16 groups of n values from their shifted sums,
+ * as sbn__moments_finish and the op form them: mean = k + s1/n, m2 =
+ * s2 - s1 * (s1/n) (clamped at 0 by a comparison that keeps a NaN),
+ * istd = 1/sqrt(m2/n + eps), eight lanes of double at a time. */
+static void fwd_stats(const float *k, const double *s1, const double *s2,
+                      size_t ng, double n, double eps, double *mean, double *m2,
+                      double *istd) {
+  __mmask16 m = tail_mask(ng);
+  __m512d vn = _mm512_set1_pd(n), ve = _mm512_set1_pd(eps);
+  __m512d one = _mm512_set1_pd(1.0), zero = _mm512_setzero_pd();
+  for (int half = 0; half < 2; half++) {
+    __mmask8 mk = (__mmask8)(m >> (8 * half));
+    if (mk == 0)
+      break;
+    size_t o = 8 * (size_t)half;
+    __m512d a = _mm512_maskz_loadu_pd(mk, s1 + o);
+    __m512d b = _mm512_maskz_loadu_pd(mk, s2 + o);
+    __m512d kd = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(mk, k + o));
+    __m512d q = _mm512_div_pd(a, vn);
+    __m512d d = _mm512_sub_pd(b, _mm512_mul_pd(a, q));
+    d = _mm512_mask_mov_pd(d, _mm512_cmp_pd_mask(d, zero, _CMP_LT_OQ), zero);
+    __m512d is = _mm512_div_pd(
+        one, _mm512_sqrt_pd(_mm512_add_pd(_mm512_div_pd(d, vn), ve)));
+    _mm512_mask_storeu_pd(mean + o, mk, _mm512_add_pd(kd, q));
+    _mm512_mask_storeu_pd(m2 + o, mk, d);
+    _mm512_mask_storeu_pd(istd + o, mk, is);
+  }
+}
+
+/* y = (x - h) * s + b for 16 channels: h the float part of the mean, s =
+ * istd * w, b = bias - l * s with l = mean - h (formed in double): x - h
+ * is exact near the mean, so y is rounded about as often as the op's
+ * ((x - h) - l) * k1 + k2, with one parameter and one operation less. */
+typedef struct {
+  __m512 h, s, b;
+} gn_fpar_t;
+
+/* The parameters of channels [0, nc) from their mean and istd (pm, pi:
+ * 16 values each) and weight and bias (NULL: 1 and 0). */
+static gn_fpar_t fwd_par(const double *pm, const double *pi, const float *w,
+                         const float *b, size_t nc) {
+  __mmask16 m = tail_mask(nc);
+  __m256 h[2], sc[2], sh[2];
+  for (int half = 0; half < 2; half++) {
+    __mmask8 mk = (__mmask8)(m >> (8 * half));
+    size_t o = 8 * (size_t)half;
+    __m512d md = _mm512_loadu_pd(pm + o);
+    h[half] = _mm512_cvtpd_ps(md);
+    __m512d l = _mm512_sub_pd(md, _mm512_cvtps_pd(h[half]));
+    __m512d k1 = _mm512_loadu_pd(pi + o);
+    if (w != NULL)
+      k1 = _mm512_mul_pd(k1, _mm512_cvtps_pd(_mm256_maskz_loadu_ps(mk, w + o)));
+    __m512d bd = b != NULL ? _mm512_cvtps_pd(_mm256_maskz_loadu_ps(mk, b + o))
+                           : _mm512_setzero_pd();
+    sc[half] = _mm512_cvtpd_ps(k1);
+    sh[half] = _mm512_cvtpd_ps(_mm512_fnmadd_pd(l, k1, bd));
+  }
+  gn_fpar_t p;
+  p.h = _mm512_insertf32x8(_mm512_castps256_ps512(h[0]), h[1], 1);
+  p.s = _mm512_insertf32x8(_mm512_castps256_ps512(sc[0]), sc[1], 1);
+  p.b = _mm512_insertf32x8(_mm512_castps256_ps512(sh[0]), sh[1], 1);
+  return p;
+}
+
+/* y over nc <= 16 channels of S values, S a multiple of 16, run by run
+ * with each channel's parameters broadcast from its lane: every vector
+ * but a streaming run's head and tail lies in one channel, and the loop
+ * does half the work per vector of the flat stream below. With nt each
+ * run streams after a masked head up to its first line boundary, and its
+ * last partial vector is a masked plain store (all runs are alike: S * 4
+ * bytes is a whole number of lines), so a line shared by two runs is
+ * written only by plain stores. */
+static void fwd_runs(const float *x, float *y, size_t nc, size_t S, gn_fpar_t p,
+                     int nt, size_t pf) {
+  size_t h = head_elems(y, S, nt);
+  for (size_t j = 0; j < nc; j++) {
+    __m512i lane = _mm512_set1_epi32((int)j);
+    __m512 vh = _mm512_permutexvar_ps(lane, p.h);
+    __m512 sc = _mm512_permutexvar_ps(lane, p.s);
+    __m512 sh = _mm512_permutexvar_ps(lane, p.b);
+    const float *xp = x + j * S;
+    float *yp = y + j * S;
+    if (h > 0) {
+      __mmask16 m = tail_mask(h);
+      _mm512_mask_storeu_ps(
+          yp, m, _mm512_fmadd_ps(_mm512_sub_ps(load16(m, xp), vh), sc, sh));
+    }
+    size_t i = h;
+    for (; i + 16 <= S; i += 16) {
+      if (pf != 0)
+        _mm_prefetch((const char *)(xp + i + pf), _MM_HINT_T0);
+      __m512 v =
+          _mm512_fmadd_ps(_mm512_sub_ps(_mm512_loadu_ps(xp + i), vh), sc, sh);
+      store16(yp + i, v, 0xFFFF, nt);
+    }
+    if (i < S) {
+      __mmask16 m = tail_mask(S - i);
+      _mm512_mask_storeu_ps(
+          yp + i, m,
+          _mm512_fmadd_ps(_mm512_sub_ps(load16(m, xp + i), vh), sc, sh));
+    }
+  }
+}
+
+/* y over nc <= 16 channels of S >= 16 values: runs of whole vectors
+ * (fwd_runs), or the flat stream. */
+static void fwd_chunk(const float *x, float *y, size_t nc, size_t S,
+                      gn_fpar_t p, int nt, size_t pf) {
+  if (S % 16 == 0)
+    fwd_runs(x, y, nc, S, p, nt, pf);
+  else
+    flat_chunk(0, x, NULL, y, nc, S, p.h, p.s, p.b, p.b, nt, pf);
+}
+
+/* y of the unit's channels [c0, c1) (whole groups from g0 on, cpg
+ * channels each, their statistics in mean and istd) 16 at a time. */
+static void fwd_unit_y(const float *x, float *y, size_t g0, size_t c0,
+                       size_t c1, size_t cpg, size_t S, const double *mean,
+                       const double *istd, const float *w, const float *b,
+                       int nt, size_t pf) {
+  size_t g = g0, kk = 0;
+  for (size_t c = c0; c < c1; c += 16) {
+    size_t nc = c1 - c < 16 ? c1 - c : 16, o = c * S;
+    double pm[16], pi[16];
+    for (size_t j = 0; j < 16; j++) {
+      pm[j] = j < nc ? mean[g] : 0.0;
+      pi[j] = j < nc ? istd[g] : 0.0;
+      if (j < nc && ++kk == cpg)
+        kk = 0, g++;
+    }
+    gn_fpar_t p =
+        fwd_par(pm, pi, w != NULL ? w + c : NULL, b != NULL ? b + c : NULL, nc);
+    fwd_chunk(x + o, y + o, nc, S, p, nt, pf);
+  }
+}
+
+/* The table's gn_fwd_nchw. */
+int sbn__avx512_gn_fwd_nchw(const float *x, float *y, size_t G, size_t cpg,
+                            size_t S, const float *w, const float *b,
+                            double eps, double *mean, double *istd, double *m2,
+                            size_t total) {
+  size_t L = cpg * S;
+  /* Float partial sums need SMALL_STAT values per statistic (see the
+   * table's moments); runs under 16 go to the position views. */
+  if (S < 16 || L < SMALL_STAT || L > gn_max_group(G))
+    return 0;
+  size_t gpu = L <= GN_TILE_L ? 16 : GN_FWD_UNIT / (L * sizeof(float));
+  gpu = gpu < 1 ? 1 : (gpu > 16 ? 16 : gpu);
+  int nt = gn_nt(total, 2);
+  for (size_t g0 = 0; g0 < G; g0 += gpu) {
+    size_t g1 = G - g0 < gpu ? G : g0 + gpu, ng = g1 - g0, ue = ng * L;
+    float k[16];
+    double s1[16], s2[16];
+    fwd_sums(x + g0 * L, ng, L, k, s1, s2);
+    fwd_stats(k, s1, s2, ng, (double)L, eps, mean + g0, m2 + g0, istd + g0);
+    /* The next unit is prefetched while this one's y is formed from the
+     * cache, as in the backward. Larger blocks (up to 256 KiB, the op's
+     * budget) measured slower, by up to a fifth of the floor. */
+    size_t pf = g1 < G ? (ue * 4 < GN_PF_MIN ? GN_PF_MIN / 4 : ue) : 0;
+    fwd_unit_y(x, y, g0, g0 * cpg, g1 * cpg, cpg, S, mean, istd, w, b, nt, pf);
+  }
+  if (nt)
+    _mm_sfence();
   _mm256_zeroupper();
   return 1;
 }

@@ -87,6 +87,20 @@ typedef struct sbn__kernels_s {
   void (*normalize_part)(const float *x, float *y, size_t C, size_t S,
                          size_t total, const float *mh, const float *ml,
                          const float *scale, const float *shift);
+  /* GroupNorm (and InstanceNorm: cpg = 1) training forward of one NCHW
+   * sample of G groups of cpg channels of S values, group by group while
+   * each is in cache, or NULL. Per group g of m = cpg * S values: mean[g],
+   * m2[g] = sum (x - mean)^2 and istd[g] = 1 / sqrt(m2[g] / m + eps), from
+   * sums shifted by the group's first value (float partial sums as the
+   * moments entry allows); then per channel c of g, y = (x - mean[g]) *
+   * istd[g] * w[c] + b[c] (w, b NULL: 1 and 0). mean, istd and m2 hold G
+   * doubles each. `total` is the whole y's element count, by which a set
+   * may stream y. Returns 1 having done so, or 0 having written nothing
+   * where the set declines (then the op takes the moments and normalize
+   * entries). */
+  int (*gn_fwd_nchw)(const float *x, float *y, size_t G, size_t cpg, size_t S,
+                     const float *w, const float *b, double eps, double *mean,
+                     double *istd, double *m2, size_t total);
   /* GroupNorm (and InstanceNorm: cpg = 1) backward of one NCHW sample of
    * G groups of cpg channels of S values, group by group while each is in
    * cache, or NULL. Per channel c of group g (m = cpg * S values, w[c] or

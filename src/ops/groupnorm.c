@@ -141,26 +141,40 @@ static void gn_fwd_groups(gn_fwd_t *f, size_t n, size_t g0, size_t g1,
   }
 }
 
-/* Sample n of an NHWC training forward through the set's fused pass
- * (gn_fwd_nhwc), which writes the saved statistics in place; 0 where the
- * set has none or declines. */
-static int gn_fwd_nhwc(gn_fwd_t *f, size_t n, size_t N, size_t S) {
-  __typeof__(sbn__kt()->gn_fwd_nhwc) fn = sbn__kt()->gn_fwd_nhwc;
-  const sbn_forward_args_t *a = f->a;
-  size_t G = f->gp->groups, C = G * f->cpg, plane = C * S;
-  int aff = f->l->p.affine;
+/* Sample n of a training forward through the set's fused pass for its
+ * layout (gn_fwd_nhwc, or gn_fwd_nchw), which writes the statistics
+ * straight to the saved state (or to scratch); then the running
+ * statistics' sums (G = C when they are kept: InstanceNorm), as in
+ * gn_fwd_groups. Returns 0 where the set has none or declines. */
+static int gn_fwd_fused(gn_fwd_t *f, const sbn__shape_t *sh, size_t n,
+                        const float *xs, float *ys) {
+  const sbn__kernels_t *kt = sbn__kt();
+  const sbn_layer_params_t *p = &f->l->p;
+  size_t G = f->gp->groups, C = sh->C, S = sh->S;
+  const float *w = p->affine ? f->a->weight : NULL;
+  const float *b = p->affine ? f->a->bias : NULL;
   double *mean = f->smean != NULL ? f->smean + n * G : f->ch.dmean;
   double *istd = f->sistd != NULL ? f->sistd + n * G : f->ch.distd;
-  float *par = (float *)(void *)((char *)a->workspace + sbn__chan_bytes(C));
-  if (fn == NULL ||
-      !fn(a->x + n * plane, a->y + n * plane, S, G, f->cpg,
-          aff ? a->weight : NULL, aff ? a->bias : NULL, f->l->p.eps, n, N, par,
-          f->ch.k, f->ch.d1, f->ch.d2, mean, f->ch.dk1, istd))
+  double *m2;
+  int done;
+  if (sh->layout == SBN_LAYOUT_NHWC) {
+    float *par =
+        (float *)(void *)((char *)f->a->workspace + sbn__chan_bytes(C));
+    m2 = f->ch.dk1;
+    done = kt->gn_fwd_nhwc != NULL &&
+           kt->gn_fwd_nhwc(xs, ys, S, G, f->cpg, w, b, p->eps, n, sh->N, par,
+                           f->ch.k, f->ch.d1, f->ch.d2, mean, m2, istd);
+  } else {
+    m2 = f->ch.d1;
+    done = kt->gn_fwd_nchw != NULL &&
+           kt->gn_fwd_nchw(xs, ys, G, f->cpg, S, w, b, p->eps, mean, istd, m2,
+                           sh->N * C * S);
+  }
+  if (!done)
     return 0;
-  /* G = C with running statistics (InstanceNorm), as in gn_fwd_groups. */
   for (size_t g = 0; f->running && g < G; g++) {
     f->ch.d3[g] += mean[g];
-    f->ch.d4[g] += S > 1 ? f->ch.dk1[g] / (double)(S - 1) : 0;
+    f->ch.d4[g] += S > 1 ? m2[g] / (double)(S - 1) : 0;
   }
   return 1;
 }
@@ -187,7 +201,7 @@ int sbn__grouped_forward(sbn_layer_t *l, const sbn_forward_args_t *a,
     f.ch.d4[c] = 0;
   }
   size_t gb = f.batch ? gn_block_groups(sh, G) : G;
-  /* The fused NHWC pass is one thread's; threads split the moments and
+  /* The fused passes are one thread's; threads split the moments and
    * normalize calls below (ops/par.c). */
   int one_thread = sbn_threads() <= 1;
   for (size_t n = 0; n < N; n++) {
@@ -195,8 +209,9 @@ int sbn__grouped_forward(sbn_layer_t *l, const sbn_forward_args_t *a,
      * values; the running statistics skip such a batch below. */
     const float *xs = plane > 0 ? a->x + n * plane : a->x;
     float *ys = plane > 0 ? a->y + n * plane : a->y;
-    if (f.batch && plane > 0 && sh->layout == SBN_LAYOUT_NHWC && one_thread &&
-        gn_fwd_nhwc(&f, n, N, S))
+    if (f.batch && plane > 0 && one_thread &&
+        (sh->layout == SBN_LAYOUT_NHWC || v.cA == 1) &&
+        gn_fwd_fused(&f, sh, n, xs, ys))
       continue;
     for (size_t g0 = 0; g0 < G; g0 += gb) {
       size_t g1 = G - g0 < gb ? G : g0 + gb, c0 = g0 * cpg, o = c0 * v.cS;
