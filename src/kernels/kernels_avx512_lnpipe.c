@@ -122,7 +122,6 @@ static inline __attribute__((always_inline)) void lnp_sweep(
       for (int g = 0; g < G; g++)
         lnp_add(xs + g * D + i, tail_mask(e - i), k[g], &a[g * U], &q[g * U]);
     }
-#pragma GCC unroll 4
     for (int g = 0; g < G && st; g++) {
       __m512 sa = a[g * U], sq = q[g * U];
 #pragma GCC unroll 4
@@ -136,7 +135,6 @@ static inline __attribute__((always_inline)) void lnp_sweep(
       lnp_norm(xn, yn, D, i0 + hd, e + hd < D ? e + hd : D, h, is, nl, w, b, G,
                nt, aff);
   }
-#pragma GCC unroll 4
   for (int g = 0; g < G && st; g++) {
     sum[2 * g] = _mm512_reduce_add_pd(_mm512_add_pd(s1l[g], s1h[g]));
     sum[2 * g + 1] = _mm512_reduce_add_pd(_mm512_add_pd(s2l[g], s2h[g]));
