@@ -46,10 +46,10 @@
 #define BWD_PF_BYTES ((size_t)256 << 10)
 
 /* Samples of more bytes per tensor than this are declined: in `syncbn
- * bench kernels` (NHWC, one run against main) those of 392 KiB to 3.2 MB
- * took 1.1 to 1.6 times the op's path (C = 64 .. 1024 over 196 to 12544
- * positions; not analysed yet), while those of 98 to 278 KiB took 0.65
- * to 0.95 of it. */
+ * bench kernels` (NHWC, one alternation against main) those of 392 KiB
+ * to 3.2 MB took 1.0 to 1.6 times the op's path, most 1.1 or more (C =
+ * 64 .. 2048 over 49 to 12544 positions; not analysed yet), while those
+ * of 98 to 278 KiB took 0.65 to 0.95 of it. */
 #define BWD_MAX_BYTES ((size_t)288 << 10)
 
 /* Prefetch distance of the sums, in floats (4 KiB ahead). */
