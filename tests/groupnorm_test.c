@@ -150,6 +150,14 @@ static void test_gn_vs_reference(void **state) {
           tu_desc(L, 4, (size_t)2, (size_t)64, (size_t)7, (size_t)7);
       run_case(&g16, 4, 1, SBN_MODE_TRAIN, 1e4, 1.0, sets[ks], seed++);
       run_case(&g16, 2, 0, SBN_MODE_TRAIN, 1e4, 2.0, sets[ks], seed++);
+      /* The channels-last fused backward (kernels_avx512_clbwd.c) at mean
+       * 1e4: two groups of 1024 channels over 5x7 (286 KiB samples, the
+       * largest it takes, dx streamed), and 17 groups of 3 channels over
+       * 11x11 (rows of 51: a masked last vector per row). */
+      wide = tu_desc(L, 4, (size_t)3, (size_t)2048, (size_t)5, (size_t)7);
+      run_case(&wide, 2, 1, SBN_MODE_TRAIN, 1e4, 1.0, sets[ks], seed++);
+      wide = tu_desc(L, 4, (size_t)3, (size_t)51, (size_t)11, (size_t)11);
+      run_case(&wide, 17, 1, SBN_MODE_TRAIN, 1e4, 2.0, sets[ks], seed++);
     }
   }
   sbn_kernel_select("ref");

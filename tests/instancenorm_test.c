@@ -165,6 +165,14 @@ static void test_in_vs_reference(void **state) {
        * and a one-channel remainder, at mean 1e4. */
       big.d = tu_desc(L, 3, (size_t)2, (size_t)17, (size_t)196);
       run_case(&big, sets[ks], seed++);
+      /* The channels-last fused backward (kernels_avx512_clbwd.c) at
+       * mean 1e4: rows of 17 channels (a masked last vector per row) over
+       * 37 positions (a short last block of rows), and 2048 channels over
+       * 6x6 (288 KiB samples, the largest it takes, dx streamed). */
+      big.d = tu_desc(L, 3, (size_t)3, (size_t)17, (size_t)37);
+      run_case(&big, sets[ks], seed++);
+      big.d = tu_desc(L, 4, (size_t)3, (size_t)2048, (size_t)6, (size_t)6);
+      run_case(&big, sets[ks], seed++);
     }
     /* Eval with running statistics accepts one spatial element and (N, C)
      * inputs, since no statistics are computed. */

@@ -467,6 +467,24 @@ static void test_channels_last_fused(void **state) {
   in_gn_nhwc_vs_ref(shapes, sizeof shapes / sizeof *shapes, 3);
 }
 
+/* The channels-last training backward of a sample in one call
+ * (kernels_avx512_clbwd.c), three samples each: C = 1 and 3 (declined:
+ * rows narrower than a vector), 16, 17 and 51 (a masked last vector per
+ * row), 48 (GroupNorm's groups of 16), 1000 (one group), 1002 and 1023
+ * (groups of 334 and 341), 2048 over 35 and 36 positions (the largest
+ * samples it takes) and 37 (declined: over its size limit); positions
+ * that leave a short last block of rows and an odd row; outputs under
+ * 256 KiB (plain stores) and over (streamed, masked head and tail); x,
+ * dy and dx 1 or 3 floats off alignment; 1002 x 19 has InstanceNorm
+ * statistics of 19 values (declined, dx in double). */
+static void test_channels_last_bwd_fused(void **state) {
+  (void)state;
+  static const size_t shapes[][2] = {
+      {1, 401},   {3, 45},    {16, 33},   {17, 2003}, {48, 701},  {51, 333},
+      {1000, 37}, {1002, 19}, {1023, 49}, {2048, 35}, {2048, 36}, {2048, 37}};
+  in_gn_nhwc_vs_ref(shapes, sizeof shapes / sizeof *shapes, 3);
+}
+
 /* The name reported matches the selection, and the automatic choice is one
  * of the known sets. */
 static void test_names(void **state) {
@@ -784,6 +802,7 @@ int main(void) {
       cmocka_unit_test(test_channels_last_stream_dx),
       cmocka_unit_test(test_channels_last_stream_rows),
       cmocka_unit_test(test_channels_last_fused),
+      cmocka_unit_test(test_channels_last_bwd_fused),
       cmocka_unit_test(test_group_backward_nchw),
       cmocka_unit_test(test_group_forward_nchw),
       cmocka_unit_test(test_layout_agreement),

@@ -705,6 +705,7 @@ const sbn__kernels_t sbn__kernels_avx512 = {
     .gn_fwd_nchw = sbn__avx512_gn_fwd_nchw,
     .gn_bwd_nchw = sbn__avx512_gn_bwd_nchw,
     .gn_fwd_nhwc = sbn__avx512_gn_fwd_nhwc,
+    .gn_bwd_nhwc = sbn__avx512_gn_bwd_nhwc,
     .ln_forward = sbn__avx512_ln_forward,
     .ln_bwd_reduce = sbn__avx512_ln_bwd_reduce,
     .ln_bwd_apply = sbn__avx512_ln_bwd_apply,

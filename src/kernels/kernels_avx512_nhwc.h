@@ -50,5 +50,11 @@ int sbn__avx512_gn_fwd_nhwc(const float *x, float *y, size_t P, size_t G,
                             double eps, size_t i, size_t count, float *par,
                             float *k, double *s1, double *s2, double *mean,
                             double *m2, double *istd);
+/* The table's gn_bwd_nhwc (kernels_avx512_clbwd.c). */
+int sbn__avx512_gn_bwd_nhwc(const float *x, const float *dy, float *dx,
+                            size_t P, size_t G, size_t cpg, const double *mean,
+                            const double *istd, const float *w, int stats,
+                            size_t i, size_t count, float *par, double *sdy,
+                            double *sdyx, double *dw, double *db);
 
 #endif /* SBN_KERNELS_AVX512_NHWC_H */

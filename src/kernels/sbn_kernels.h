@@ -135,6 +135,26 @@ typedef struct sbn__kernels_s {
                      const float *w, const float *b, double eps, size_t i,
                      size_t count, float *par, float *k, double *s1, double *s2,
                      double *mean, double *m2, double *istd);
+  /* GroupNorm (and InstanceNorm: cpg = 1) backward of sample i of
+   * `count` consecutive NHWC samples of P positions of C = G * cpg
+   * channels (x, dy and dx point at sample i; sample i + 1 follows at
+   * P * C on, which a set may prefetch), while the sample is in cache, or
+   * NULL. Computes what gn_bwd_nchw does for an NCHW sample: per channel
+   * sdy[c] = sum dy and sdyx[c] = sum dy * xhat (scratch of C doubles
+   * each, any contents on entry; the sums' precision as bwd_reduce
+   * allows), added into db[c] and dw[c], and dx with the same k1, k2, k3
+   * (k2 = k3 = 0 when stats is 0), which a set may form in float from
+   * x - h (h the float part of the mean) where each statistic has
+   * SMALL_STAT = 32 values or more. par is scratch of SBN__GN_FWD_PAR(C)
+   * floats. A set may stream dx by the whole dx's size (count * P * C).
+   * Returns 1 having done so, or 0 having written nothing where the set
+   * declines (then the op computes the same with bwd_reduce_ld and
+   * bwd_apply_ld). */
+  int (*gn_bwd_nhwc)(const float *x, const float *dy, float *dx, size_t P,
+                     size_t G, size_t cpg, const double *mean,
+                     const double *istd, const float *w, int stats, size_t i,
+                     size_t count, float *par, double *sdy, double *sdyx,
+                     double *dw, double *db);
   /* LayerNorm rows (D contiguous elements with per-element affine; w and
    * b are NULL without affine): y = xhat * w + b. `total` is the whole
    * output's element count, by which a set may choose streaming stores
@@ -196,8 +216,8 @@ typedef struct sbn__kernels_s {
                   uint32_t thr, float scale);
 } sbn__kernels_t;
 
-/* Floats of gn_fwd_nhwc's par for C channels: four arrays of C + 16
- * rounded up to whole vectors (a set may use fewer). */
+/* Floats of gn_fwd_nhwc's and gn_bwd_nhwc's par for C channels: four arrays of
+ * C + 16 rounded up to whole vectors (a set may use fewer). */
 #define SBN__GN_FWD_PAR(C) (4 * (((C) + 31) & ~(size_t)15))
 
 extern const sbn__kernels_t sbn__kernels_ref;

@@ -40,8 +40,8 @@ int sbn__grouped_sizes(const sbn__shape_t *sh, size_t G, const char *what,
                        size_t *ws, size_t *saved) {
   size_t items;
   *ws = sbn__chan_bytes(sh->C);
-  /* An NHWC forward's fused sample pass (gn_fwd_nhwc) takes its parameter
-   * arrays from past the per-channel ones. */
+  /* An NHWC sample's fused passes (gn_fwd_nhwc, gn_bwd_nhwc) take their
+   * parameter arrays from past the per-channel ones. */
   if (sh->layout == SBN_LAYOUT_NHWC)
     *ws += sbn__align64(SBN__GN_FWD_PAR(sh->C) * sizeof(float));
   if (sbn__mul_size(sh->N, G, &items) != 0)
@@ -304,12 +304,22 @@ int sbn__grouped_backward(sbn_layer_t *l, const sbn_backward_args_t *a,
   __typeof__(sbn__kt()->gn_bwd_nchw) fused =
       v.cA == 1 ? sbn__kt()->gn_bwd_nchw : NULL;
   const float *w = p->affine ? a->weight : NULL;
+  /* An NHWC sample takes the set's fused pass (gn_bwd_nhwc) in a build
+   * of one thread, as the forward's (threads split the calls below), with
+   * its parameter arrays from past the per-channel ones. */
+  __typeof__(sbn__kt()->gn_bwd_nhwc) fused_cl =
+      v.cA != 1 && sbn_threads() <= 1 ? sbn__kt()->gn_bwd_nhwc : NULL;
+  float *par = (float *)(void *)((char *)a->workspace + sbn__chan_bytes(C));
   for (size_t n = 0; n < N && plane > 0; n++) {
     const float *xs = a->x + n * plane, *dys = a->dy + n * plane;
     float *dxs = a->dx + n * plane;
     if (fused != NULL &&
         fused(xs, dys, dxs, G, cpg, sh->S, mean + n * G, istd + n * G, w, batch,
               ch.d1, ch.d2, ch.d3, ch.d4, N * plane))
+      continue;
+    if (fused_cl != NULL &&
+        fused_cl(xs, dys, dxs, sh->S, G, cpg, mean + n * G, istd + n * G, w,
+                 batch, n, N, par, ch.d1, ch.d2, ch.d3, ch.d4))
       continue;
     /* Block by block (see gn_block_groups): dx of a block is formed while
      * its x and dy are still in the cache from its sums. */
