@@ -113,9 +113,9 @@ void sbn__avx512_ln_forward_rows(const float *x, float *y, size_t R, size_t D,
  * multiple of 64 KiB: the four rows' x and dy (up to 1 MiB) then stay in
  * L2 for the dx pass, and w, fw and fb move once per four rows rather
  * than two. Measured in one process against the pairs (scripts/ln_ab.c,
- * 100 reps, two runs each; the pairs' time over the quads'): 1.06-1.11
- * at 12000, 20000 and 25088 elements, 1.00-1.06 at 40000, 0.80-0.85 at
- * 50176 (where four rows overrun L2), and 0.84-0.92 at 16384 and 32768
+ * 100 reps, two runs each; the pairs' time over the quads'): 1.06-1.12
+ * at 12000, 20000 and 25088 elements, 1.00-1.07 at 40000, 0.80-0.85 at
+ * 50176 (where four rows overrun L2), and 0.83-0.92 at 16384 and 32768
  * against 1.02-1.05 and 0.95-1.01 at 16400 and 32784: with a stride of
  * 64 or 128 KiB the four rows' lines fall in the same L2 sets (its 8
  * ways repeat every 128 KiB). */
