@@ -642,11 +642,13 @@ static void ln_vs_ref(const char *set, size_t R, size_t D, size_t off) {
          off, what);
 }
 
-/* LayerNorm rows (kernels_avx512_ln.c): rows one and two at a time, an
- * odd last row, more than one block of 16 rows (float dweight/dbias sums
- * folded into double), forward chunks of several rows normalized block
- * by block across them, row lengths around the vector width and the
- * 256-column block (31-33, 255-257, 1000, 4099), on pointers 0, 1 and 3
+/* LayerNorm rows (kernels_avx512_ln.c): rows one, two and four at a
+ * time (R = 5, 6, 7: four rows and then one, two, or two and one), an
+ * odd last row, rows of four at the longest length they take (32767,
+ * 7 and 19 rows, with and without affine), more than one block of 16 rows
+ * (float dweight/dbias sums folded into double), forward chunks of several rows
+ * normalized block by block across them, row lengths around the vector width
+ * and the 256-column block (31-33, 255-257, 1000, 4099), on pointers 0, 1 and 3
  * floats off alignment; and outputs large enough to stream (4 MiB and
  * more) with an odd row length, so that every row starts at another
  * offset within its cache line. The pipelined passes (rows of 4096 or
@@ -660,7 +662,7 @@ static void test_ln_rows(void **state) {
   const char *const *sets;
   int nsets = tu_kernel_sets(&sets);
   const size_t Ds[] = {1, 3, 17, 31, 32, 33, 255, 257, 1000, 4099};
-  const size_t Rs[] = {1, 2, 3, 17, 36};
+  const size_t Rs[] = {1, 2, 3, 5, 6, 7, 17, 36};
   const size_t offs[] = {0, 1, 3};
   for (int ks = 0; ks < nsets; ks++) {
     if (strcmp(sets[ks], "ref") == 0 || tu_kernel_use(sets[ks]) != 0)
@@ -671,6 +673,10 @@ static void test_ln_rows(void **state) {
     for (size_t off = 0; off <= 1; off++) {
       ln_vs_ref(sets[ks], 3, 400003, off);
       ln_vs_ref(sets[ks], 17, 65537, off);
+      no_affine = (int)off;
+      ln_vs_ref(sets[ks], 7, 32767, off + 2);
+      ln_vs_ref(sets[ks], 19, 20001, off);
+      no_affine = 0;
     }
     static const struct {
       size_t R, D;
