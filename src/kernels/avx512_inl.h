@@ -263,4 +263,52 @@ void sbn__avx512_dropout(const float *in, float *out, size_t n, uint64_t first,
                          const uint32_t key[2], uint32_t step, uint32_t layer,
                          uint32_t thr, float scale);
 
+/* One step of run_sums: adds dy and dy * (x - h) of 16 values (bwd), or
+ * x - h and its square. */
+#define RUN_ACC(a, b, off)                                         \
+  do {                                                             \
+    __m512 v_ = _mm512_sub_ps(_mm512_loadu_ps(p + s + (off)), vh); \
+    __m512 g_ = bwd ? _mm512_loadu_ps(q + s + (off)) : v_;         \
+    a = _mm512_add_ps(a, g_);                                      \
+    b = _mm512_fmadd_ps(g_, v_, b);                                \
+  } while (0)
+
+/* Sums of dy and of dy * (x - h) over one run of n values (bwd), or of
+ * x - h and its square (the forward's moments, q unused): float over
+ * CHUNKs, folded into double (as kernels_avx512.c's run_bwd_reduce; its
+ * moments_ld takes the forward's form, kernels_avx512_gn.c both). The
+ * four accumulator pairs are named variables: as arrays indexed in a
+ * loop, GCC kept them in memory (a store and a reload per vector). */
+static inline __attribute__((always_inline)) void run_sums(
+    int bwd, const float *p, const float *q, size_t n, float h, double *t1,
+    double *t2) {
+  __m512 vh = _mm512_set1_ps(h);
+  __m512d s1l = _mm512_setzero_pd(), s1h = s1l, s2l = s1l, s2h = s1l;
+  for (size_t s = 0; s < n;) {
+    size_t e = n - s > CHUNK ? s + CHUNK : n;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    __m512 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    for (; s + 64 <= e; s += 64) {
+      RUN_ACC(a0, b0, 0);
+      RUN_ACC(a1, b1, 16);
+      RUN_ACC(a2, b2, 32);
+      RUN_ACC(a3, b3, 48);
+    }
+    /* Masked lanes load dy = 0, or give x - h = 0, and add nothing. */
+    for (; s < e; s += 16) {
+      __mmask16 m = tail_mask(e - s);
+      __m512 v = _mm512_maskz_sub_ps(m, load16(m, p + s), vh);
+      __m512 g = bwd ? load16(m, q + s) : v;
+      a0 = _mm512_add_ps(a0, g);
+      b0 = _mm512_fmadd_ps(g, v, b0);
+    }
+    fold16(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)), &s1l,
+           &s1h);
+    fold16(_mm512_add_ps(_mm512_add_ps(b0, b1), _mm512_add_ps(b2, b3)), &s2l,
+           &s2h);
+  }
+  *t1 += _mm512_reduce_add_pd(_mm512_add_pd(s1l, s1h));
+  *t2 += _mm512_reduce_add_pd(_mm512_add_pd(s2l, s2h));
+}
+
 #endif /* SBN_KERNELS_AVX512_INL_H */

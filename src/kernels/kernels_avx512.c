@@ -202,48 +202,8 @@ static inline __attribute__((always_inline)) void pos_sums(
 /* ------------------------------------------------------------------ */
 /* Runs (S >= 16). */
 
-/* Moments of one run, shifted by k: float over chunks, folded into
- * double. */
-static void run_moments(const float *p, size_t n, float k, double *t1,
-                        double *t2) {
-  __m512 kk = _mm512_set1_ps(k);
-  __m512d s1l = _mm512_setzero_pd(), s1h = s1l, s2l = s1l, s2h = s1l;
-  for (size_t s = 0; s < n;) {
-    size_t e = n - s > CHUNK ? s + CHUNK : n;
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    __m512 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-    for (; s + 64 <= e; s += 64) {
-      __m512 d0 = _mm512_sub_ps(_mm512_loadu_ps(p + s), kk);
-      __m512 d1 = _mm512_sub_ps(_mm512_loadu_ps(p + s + 16), kk);
-      __m512 d2 = _mm512_sub_ps(_mm512_loadu_ps(p + s + 32), kk);
-      __m512 d3 = _mm512_sub_ps(_mm512_loadu_ps(p + s + 48), kk);
-      a0 = _mm512_add_ps(a0, d0);
-      a1 = _mm512_add_ps(a1, d1);
-      a2 = _mm512_add_ps(a2, d2);
-      a3 = _mm512_add_ps(a3, d3);
-      b0 = _mm512_fmadd_ps(d0, d0, b0);
-      b1 = _mm512_fmadd_ps(d1, d1, b1);
-      b2 = _mm512_fmadd_ps(d2, d2, b2);
-      b3 = _mm512_fmadd_ps(d3, d3, b3);
-    }
-    for (; s < e; s += 16) {
-      __mmask16 m = tail_mask(e - s);
-      __m512 d = _mm512_maskz_sub_ps(m, load16(m, p + s), kk);
-      a0 = _mm512_add_ps(a0, d);
-      b0 = _mm512_fmadd_ps(d, d, b0);
-    }
-    s = e;
-    fold16(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)), &s1l,
-           &s1h);
-    fold16(_mm512_add_ps(_mm512_add_ps(b0, b1), _mm512_add_ps(b2, b3)), &s2l,
-           &s2h);
-  }
-  *t1 += _mm512_reduce_add_pd(_mm512_add_pd(s1l, s1h));
-  *t2 += _mm512_reduce_add_pd(_mm512_add_pd(s2l, s2h));
-}
-
 /* Sums of dy and dy * xhat over one run, xhat = ((x - h) - l) * is in
- * float (h + l is the mean), folded into double like run_moments. */
+ * float (h + l is the mean), folded into double like run_sums. */
 static void run_bwd_reduce(const float *p, const float *q, size_t n, float h,
                            float l, float is, double *t1, double *t2) {
   __m512 vh = _mm512_set1_ps(h), vl = _mm512_set1_ps(l);
@@ -534,7 +494,7 @@ static void avx512_moments_ld(const float *x, size_t A, size_t C, size_t S,
   }
   for (size_t a = 0; a < A; a++)
     for (size_t c = 0; c < C; c++)
-      run_moments(x + a * lda + c * S, S, k[c], &s1[c], &s2[c]);
+      run_sums(0, x + a * lda + c * S, NULL, S, k[c], &s1[c], &s2[c]);
 }
 
 /* Short runs take their shift from their first load; other views set it

@@ -81,7 +81,7 @@ static inline __attribute__((always_inline)) void lnp_norm(
  * and aff are constants at each call. A row's sums are shifted by its
  * first element and kept in float over 16 values per lane (U = 4 / G
  * accumulators of each kind per row, over a chunk of 256 * U columns, as
- * run_moments' four over CHUNK), then folded into double and written to
+ * run_sums' four over CHUNK), then folded into double and written to
  * sum[2 g] and sum[2 g + 1]; the accumulators are locals so that they stay
  * in registers. The output of a chunk is shifted by hd columns (the
  * head of each output row up to its first line boundary, written first,

@@ -160,7 +160,7 @@ void sbn__avx512_short_apply(const float *x, const float *dy, float *dx,
  * channels at a time. A run of 49 values is three vectors and a lane, and
  * reducing each run's two sums across lanes and into double cost more than
  * summing it (the 2048 x 7 x 7 moments ran at twice a memcpy). Here every
- * channel's lanes are summed as in run_moments, and the 16 channels' sum
+ * channel's lanes are summed as in run_sums, and the 16 channels' sum
  * vectors are then reduced together by a transposing tree, about 3
  * instructions per channel and sum instead of some 12, and folded into
  * double as one vector. A lane adds at most SHORT_S / 16 = 16 values and
