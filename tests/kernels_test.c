@@ -375,28 +375,40 @@ static void test_channels_last_sweeps(void **state) {
   sbn_kernel_select("ref");
 }
 
-/* InstanceNorm and GroupNorm training on NHWC (N, C, S) for each (C, S)
- * of shapes with every optimized set against ref, x, dy, y and dx 1 or 3
- * floats off alignment (alternately). */
-static void in_gn_nhwc_vs_ref(const size_t (*shapes)[2], size_t ns, size_t N) {
+/* Training on NHWC (N, C, S) of each op for each (C, S) of shapes, with
+ * every optimized set against ref, x, dy, y and dx offs[k] floats off
+ * alignment: every offset for each shape (every), or the shapes taking
+ * the offsets in turn. */
+static void nhwc_vs_ref(const sbn_op_t *ops, const char *const *opn, int nops,
+                        const size_t (*shapes)[2], size_t ns, size_t N,
+                        const size_t *offs, size_t noffs, int every) {
   const char *const *sets;
   int nsets = tu_kernel_sets(&sets);
-  const sbn_op_t ops[] = {SBN_OP_INSTANCENORM, SBN_OP_GROUPNORM};
-  const char *opn[] = {"in", "gn"};
   for (int ks = 0; ks < nsets; ks++) {
     if (strcmp(sets[ks], "ref") == 0 || tu_kernel_use(sets[ks]) != 0)
       continue;
-    for (int io = 0; io < 2; io++)
-      for (size_t i = 0; i < ns; i++) {
-        size_t C = shapes[i][0], S = shapes[i][1], off = 1 + 2 * (i % 2);
-        char what[128];
-        snprintf(what, sizeof what, "%s %s NHWC N=%zu C=%zu S=%zu off=%zu",
-                 sets[ks], opn[io], N, C, S, off);
-        vs_ref(sets[ks], ops[io], opn[io], SBN_LAYOUT_NHWC, N, C, S,
-               SBN_MODE_TRAIN, off, what);
-      }
+    for (int io = 0; io < nops; io++)
+      for (size_t i = 0; i < ns; i++)
+        for (size_t k = 0; k < (every ? noffs : 1); k++) {
+          size_t C = shapes[i][0], S = shapes[i][1];
+          size_t off = every ? offs[k] : offs[i % noffs];
+          char what[128];
+          snprintf(what, sizeof what, "%s %s NHWC N=%zu C=%zu S=%zu off=%zu",
+                   sets[ks], opn[io], N, C, S, off);
+          vs_ref(sets[ks], ops[io], opn[io], SBN_LAYOUT_NHWC, N, C, S,
+                 SBN_MODE_TRAIN, off, what);
+        }
   }
   sbn_kernel_select("ref");
+}
+
+/* InstanceNorm and GroupNorm training on NHWC (N, C, S) for each (C, S)
+ * of shapes, 1 or 3 floats off alignment (alternately). */
+static void in_gn_nhwc_vs_ref(const size_t (*shapes)[2], size_t ns, size_t N) {
+  static const sbn_op_t ops[] = {SBN_OP_INSTANCENORM, SBN_OP_GROUPNORM};
+  static const char *const opn[] = {"in", "gn"};
+  static const size_t offs[] = {1, 3};
+  nhwc_vs_ref(ops, opn, 2, shapes, ns, N, offs, 2, 0);
 }
 
 /* Channels-last samples whose x and dy fit half of a 1 MiB L2 but whose
@@ -422,30 +434,15 @@ static void test_channels_last_stream_dx(void **state) {
  * store paths run. */
 static void test_channels_last_stream_rows(void **state) {
   (void)state;
-  const char *const *sets;
-  int nsets = tu_kernel_sets(&sets);
   static const size_t shapes[][2] = {{1, 70001}, {3, 23334}, {16, 4376},
                                      {64, 1094}, {1500, 70}, {2048, 49},
                                      {2100, 37}};
-  const size_t offs[] = {1, 12};
-  const sbn_op_t ops[] = {SBN_OP_BATCHNORM, SBN_OP_INSTANCENORM,
-                          SBN_OP_GROUPNORM};
-  const char *opn[] = {"bn", "in", "gn"};
-  for (int ks = 0; ks < nsets; ks++) {
-    if (strcmp(sets[ks], "ref") == 0 || tu_kernel_use(sets[ks]) != 0)
-      continue;
-    for (int io = 0; io < 3; io++)
-      for (size_t i = 0; i < sizeof shapes / sizeof *shapes; i++)
-        for (size_t k = 0; k < 2; k++) {
-          size_t C = shapes[i][0], S = shapes[i][1], N = 2, off = offs[k];
-          char what[128];
-          snprintf(what, sizeof what, "%s %s NHWC N=%zu C=%zu S=%zu off=%zu",
-                   sets[ks], opn[io], N, C, S, off);
-          vs_ref(sets[ks], ops[io], opn[io], SBN_LAYOUT_NHWC, N, C, S,
-                 SBN_MODE_TRAIN, off, what);
-        }
-  }
-  sbn_kernel_select("ref");
+  static const size_t offs[] = {1, 12};
+  static const sbn_op_t ops[] = {SBN_OP_BATCHNORM, SBN_OP_INSTANCENORM,
+                                 SBN_OP_GROUPNORM};
+  static const char *const opn[] = {"bn", "in", "gn"};
+  nhwc_vs_ref(ops, opn, 3, shapes, sizeof shapes / sizeof *shapes, 2, offs, 2,
+              1);
 }
 
 /* The channels-last training forward of a sample in one call
