@@ -23,6 +23,7 @@ typedef struct sbn__mpi_req_s {
    * combines them into buf once both completed (peer NULL again). */
   MPI_Request rx;
   void *buf, *peer;
+  size_t peer_bytes; /* peer's size, which may exceed n elements */
   int n;
   MPI_Datatype type;
   MPI_Op op;
@@ -49,6 +50,11 @@ typedef struct sbn__mpi_comm_s {
   /* Seconds spent inside the MPI calls of this communicator's collectives
    * (sbn_mpi_comm_seconds): the part of a reduction a caller did not hide. */
   double mpi_s;
+  /* The receive buffer of the last finished two-process exchange, kept
+   * for the next one: the service reduces tens of KiB every round, and a
+   * fresh buffer each time cost the heap's trim and page faults. */
+  void *spare;
+  size_t spare_bytes;
 } sbn__mpi_comm_t;
 
 /* The tags (syncbn_mpi.h): point-to-point messages never match
@@ -228,9 +234,18 @@ static int sbn__mpi_pair(const sbn__mpi_comm_t *m) {
 static int sbn__pair_start(sbn__mpi_comm_t *m, sbn__mpi_req_t *r, void *buf,
                            int count, MPI_Datatype type, MPI_Op op, int peer) {
   int size = 0, err;
+  size_t bytes;
   MPI_Type_size(type, &size);
-  if ((r->peer = malloc((size_t)count * (size_t)size)) == NULL)
+  bytes = (size_t)count * (size_t)size;
+  if (m->spare != NULL && m->spare_bytes >= bytes) {
+    r->peer = m->spare;
+    r->peer_bytes = m->spare_bytes;
+    m->spare = NULL;
+  } else if ((r->peer = malloc(bytes > 0 ? bytes : 1)) == NULL) {
     return sbn_set_error(SBN_ENOMEM, "request: out of memory");
+  } else {
+    r->peer_bytes = bytes;
+  }
   r->buf = buf;
   r->n = count;
   r->type = type;
@@ -246,7 +261,8 @@ static int sbn__pair_start(sbn__mpi_comm_t *m, sbn__mpi_req_t *r, void *buf,
 /* Completes an exchange whose messages both arrived: checks that the peer
  * sent as many elements (a peer in another collective would not) and
  * combines them into buf. */
-static int sbn__pair_finish(sbn__mpi_req_t *r, const MPI_Status *st) {
+static int sbn__pair_finish(sbn__mpi_comm_t *m, sbn__mpi_req_t *r,
+                            const MPI_Status *st) {
   int got = -1;
   MPI_Get_count(st, r->type, &got);
   if (got != r->n)
@@ -262,7 +278,14 @@ static int sbn__pair_finish(sbn__mpi_req_t *r, const MPI_Status *st) {
     for (int i = 0; i < r->n; i++)
       b[i] |= a[i];
   }
-  free(r->peer);
+  /* The larger of this buffer and the one kept serves the next exchange. */
+  if (m->spare == NULL || m->spare_bytes < r->peer_bytes) {
+    free(m->spare);
+    m->spare = r->peer;
+    m->spare_bytes = r->peer_bytes;
+  } else {
+    free(r->peer);
+  }
   r->peer = NULL;
   return 0;
 }
@@ -425,7 +448,7 @@ static int sbn__mpi_itest(sbn_comm_t *c, void *request, int *done) {
     r->rx = q[1];
     if (err == MPI_SUCCESS && *done) {
       m->mpi_s += sbn__mpi_now() - t0;
-      return sbn__pair_finish(r, &st[1]);
+      return sbn__pair_finish(m, r, &st[1]);
     }
   } else {
     err = MPI_Test(&r->req, done, MPI_STATUS_IGNORE);
@@ -450,7 +473,7 @@ static int sbn__mpi_iend(sbn_comm_t *c, void *request) {
     r->req = q[0];
     r->rx = q[1];
     if (err == MPI_SUCCESS)
-      rc = sbn__pair_finish(r, &st[1]);
+      rc = sbn__pair_finish((sbn__mpi_comm_t *)c, r, &st[1]);
   } else {
     err = MPI_Wait(&r->req, MPI_STATUS_IGNORE);
   }
@@ -484,6 +507,7 @@ static void sbn__mpi_destroy(sbn_comm_t *c) {
   }
   if (m->comm != MPI_COMM_NULL)
     MPI_Comm_free(&m->comm);
+  free(m->spare);
   free(m);
   sbn__rec_release();
 }

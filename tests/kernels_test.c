@@ -579,6 +579,61 @@ static void test_layout_agreement(void **state) {
   sbn_kernel_select("ref");
 }
 
+/* The record merge (sbn_rec_combine, run by every reduction) gives the
+ * reference's bits in every set, on every length (a set takes eight
+ * records at a time, then a tail), with a zero count on either side, a
+ * count of 1, sum records, a mean near 1e4 and values that are not
+ * finite; it leaves the records past n alone, and, on finite records,
+ * combine(a, b) and combine(b, a) are the same bits. */
+static void test_rec_combine_sets(void **state) {
+  (void)state;
+  enum { N = 75 };
+  static sbn_rec_t a[N], b[N], r[N], s[N], t[N];
+  const char *const *sets;
+  int nsets = tu_kernel_sets(&sets), finite[N];
+  uint64_t x = 88172645463325252ull;
+  for (size_t i = 0; i < N; i++) {
+    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+    int kind = (int)(x % 9);
+    a[i].tag = b[i].tag = kind == 0 ? SBN_REC_SUM : SBN_REC_MOMENTS;
+    a[i].v[0] = kind == 1 ? 0 : (double)(1 + x % 1000);
+    b[i].v[0] = kind == 2 ? 0 : kind == 3 ? 1 : (double)(1 + (x >> 20) % 5000);
+    a[i].v[1] = 1e4 + (double)(x % 977) / 7.0;
+    b[i].v[1] = -3.0 + (double)((x >> 30) % 1013) / 11.0;
+    a[i].v[2] = (double)((x >> 10) % 10007) / 3.0;
+    b[i].v[2] = (double)((x >> 40) % 7919) * 1.7;
+    a[i].v[1] = kind == 4 ? NAN : a[i].v[1];
+    b[i].v[2] = kind == 5 ? INFINITY : b[i].v[2];
+    finite[i] = kind != 4 && kind != 5;
+  }
+  for (int ks = 0; ks < nsets; ks++) {
+    if (strcmp(sets[ks], "ref") == 0)
+      continue;
+    if (sbn_kernel_select(sets[ks]) == SBN_ENOTSUP)
+      continue;
+    for (size_t n = 0; n <= N; n++) {
+      memcpy(r, b, sizeof b);
+      memcpy(s, b, sizeof b);
+      memcpy(t, a, sizeof a);
+      assert_int_equal(sbn_kernel_select("ref"), 0);
+      sbn_rec_combine(a, r, n);
+      assert_int_equal(sbn_kernel_select(sets[ks]), 0);
+      sbn_rec_combine(a, s, n);
+      sbn_rec_combine(b, t, n);
+      for (size_t i = 0; i < N; i++) {
+        if (memcmp(&r[i], &s[i], sizeof r[i]) != 0 ||
+            (i < n && finite[i] && memcmp(&s[i], &t[i], sizeof s[i]) != 0))
+          fail_msg(
+              "%s: record %zu of %zu differs (ref %.17g %.17g %.17g, "
+              "set %.17g %.17g %.17g, swapped %.17g %.17g %.17g)",
+              sets[ks], i, n, r[i].v[0], r[i].v[1], r[i].v[2], s[i].v[0],
+              s[i].v[1], s[i].v[2], t[i].v[0], t[i].v[1], t[i].v[2]);
+      }
+    }
+  }
+  sbn_kernel_select("ref");
+}
+
 /* Dropout masks are integer functions of the counter, so every kernel set
  * must give exactly the reference's bits, on every length (the vector code
  * handles 32 elements at a time) and for p at the edges. */
@@ -810,6 +865,7 @@ int main(void) {
       cmocka_unit_test(test_group_forward_nchw),
       cmocka_unit_test(test_layout_agreement),
       cmocka_unit_test(test_dropout_sets),
+      cmocka_unit_test(test_rec_combine_sets),
       cmocka_unit_test(test_ln_rows),
   };
   return cmocka_run_group_tests(tests, NULL, report);

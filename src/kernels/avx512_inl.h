@@ -262,6 +262,7 @@ void sbn__avx512_ln_bwd_rows(const float *x, const float *dy, float *dx,
 void sbn__avx512_dropout(const float *in, float *out, size_t n, uint64_t first,
                          const uint32_t key[2], uint32_t step, uint32_t layer,
                          uint32_t thr, float scale);
+void sbn__avx512_rec_combine(const sbn_rec_t *in, sbn_rec_t *inout, size_t n);
 
 /* One step of run_sums: adds dy and dy * (x - h) of 16 values (bwd), or
  * x - h and its square. */

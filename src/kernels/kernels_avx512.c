@@ -673,5 +673,6 @@ const sbn__kernels_t sbn__kernels_avx512 = {
     .ln_forward_rows = sbn__avx512_ln_forward_rows,
     .ln_forward_pipe = sbn__avx512_ln_forward_pipe,
     .dropout = sbn__avx512_dropout,
+    .rec_combine = sbn__avx512_rec_combine,
 };
 #endif /* SBN__HAVE_AVX512 */

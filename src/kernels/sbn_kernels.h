@@ -214,6 +214,11 @@ typedef struct sbn__kernels_s {
   void (*dropout)(const float *in, float *out, size_t n, uint64_t first,
                   const uint32_t key[2], uint32_t step, uint32_t layer,
                   uint32_t thr, float scale);
+  /* sbn_rec_combine (syncbn.h) of n records, or NULL (the reference
+   * merge). A set must give the reference's bits: the same IEEE
+   * operations in the same order per record, so that processes running
+   * different sets still agree and the merge stays commutative. */
+  void (*rec_combine)(const sbn_rec_t *in, sbn_rec_t *inout, size_t n);
 } sbn__kernels_t;
 
 /* Floats of gn_fwd_nhwc's and gn_bwd_nhwc's par for C channels: four arrays of
@@ -226,6 +231,9 @@ extern const sbn__kernels_t sbn__kernels_ref;
 void sbn__dropout_ref(const float *in, float *out, size_t n, uint64_t first,
                       const uint32_t key[2], uint32_t step, uint32_t layer,
                       uint32_t thr, float scale);
+/* The reference record merge (kernels/records.c); a set's rec_combine
+ * finishes its tail with it. */
+void sbn__rec_combine_ref(const sbn_rec_t *in, sbn_rec_t *inout, size_t n);
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(SBN_NO_AVX2)
 #define SBN__HAVE_AVX2 1
 extern const sbn__kernels_t sbn__kernels_avx2;

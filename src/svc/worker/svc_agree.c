@@ -573,6 +573,20 @@ static void svc__count_fused(svc_worker_t *w, size_t nready) {
   w->m.entries_fused += nready;
 }
 
+int svc__rbuf_zero(svc_worker_t *w, size_t n) {
+  if (n > w->rbuf_cap || w->rbuf == NULL) {
+    sbn_rec_t *b = calloc(n > 0 ? n : 1, sizeof *b);
+    if (b == NULL)
+      return -SVC_RESOURCE;
+    free(w->rbuf);
+    w->rbuf = b;
+    w->rbuf_cap = n > 0 ? n : 1;
+    return 0;
+  }
+  memset(w->rbuf, 0, n * sizeof *w->rbuf);
+  return 0;
+}
+
 /* Starts the fused allreduce of the ready pairs: identity records
  * everywhere, with the tag of each slot's kind, and this rank's records in
  * its own slots. The pairs ready by their cache bits come first, then
@@ -581,9 +595,7 @@ int svc__reduce_begin(svc_worker_t *w, const svc__gent_t *rd, size_t nr,
                       size_t nrec) {
   size_t at = 0, nready = w->ncready + nr;
   int rc;
-  free(w->rbuf);
-  w->rbuf = calloc(nrec > 0 ? nrec : 1, sizeof *w->rbuf);
-  if (w->rbuf == NULL)
+  if (svc__rbuf_zero(w, nrec) != 0)
     return svc_set_error(SVC_RESOURCE, "agreement: out of memory");
   for (size_t i = 0; i < nready; i++) {
     const svc__gent_t *e = i < w->ncready ? &w->cready[i] : &rd[i - w->ncready];

@@ -436,9 +436,7 @@ int svc__spec_begin(svc_worker_t *w) {
     return 0;
   pick = calloc(w->slot_hi + 1, sizeof *pick);
   stale = calloc(W + 1, sizeof *stale);
-  free(w->rbuf);
-  w->rbuf = calloc(nrec, sizeof *w->rbuf);
-  if (pick == NULL || stale == NULL || w->rbuf == NULL) {
+  if (pick == NULL || stale == NULL || svc__rbuf_zero(w, nrec) != 0) {
     free(pick);
     free(stale);
     return svc_set_error(SVC_RESOURCE, "agreement: out of memory");

@@ -317,6 +317,11 @@ typedef struct svc__gmsg_s {
   svc__gent_t e[SVC__MAXE];
 } svc__gmsg_t;
 
+/* Makes w->rbuf n zeroed records, keeping its allocation from round to
+ * round (a fresh one each round cost the heap's trim and page faults at
+ * tens of KiB); 0, or -SVC_RESOURCE with nothing changed. */
+int svc__rbuf_zero(svc_worker_t *w, size_t n);
+
 /* The negotiation round (svc_negotiate.c), shared with the gather and
  * reduce steps of svc_agree.c. */
 int svc__neg_begin(svc_worker_t *w);
@@ -496,7 +501,8 @@ struct svc_worker_s {
   int full;            /* this round lists every entry in the gather */
   svc__gent_t *cready; /* slots ready by their bits this round */
   size_t ncready, cready_nrec;
-  sbn_rec_t *rbuf;
+  sbn_rec_t *rbuf; /* the round's records, rbuf_cap of them allocated */
+  size_t rbuf_cap;
   svc__pend_t **rlist; /* this rank's entries in the allreduce in flight */
   size_t *roff;        /* and the offset of each one's records */
   size_t rlist_n;
