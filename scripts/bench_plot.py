@@ -123,6 +123,7 @@ def plot_sizes(recs, out, note):
             (r["shape"][0], r["avg_us"]))
     names = {"records": "Chan-merge records (32 B/channel)",
              "records_nonblocking": "records, non-blocking (polled)",
+             "records_merge": "the merge alone, no message",
              "sum_same_bytes": "MPI_SUM, same bytes",
              "sum_2c1": "MPI_SUM, 2C+1 floats"}
     for (v, p), pts in sorted(curves.items()):

@@ -33,8 +33,8 @@ VARIANTS = {
                 "fused": ["overhead_us", "overhead_pct"],
                 "groupnorm": ["overhead_us", "overhead_pct"]},
     "sizes": {v: ["bytes", "avg_us", "min_us", "max_us", "iterations"]
-              for v in ("records", "records_nonblocking", "sum_same_bytes",
-                        "sum_2c1")},
+              for v in ("records", "records_nonblocking", "records_merge",
+                        "sum_same_bytes", "sum_2c1")},
     "service": {"service_full": ["hop_us", "hop_ratio", "floor_us",
                                  "floor_ratio"], "sync": [],
                 "service_stats": ["hop_us", "hop_ratio", "agree_bytes_round"],

@@ -5,7 +5,10 @@
  * chunked SyncBN and syncbnd wait for), a plain MPI_SUM over the same
  * bytes (what the merge costs beyond summing), and MPI_SUM over the 2C + 1
  * floats that sum-based SyncBN implementations send (sum, sum of squares,
- * count: what exactness costs in bytes). avg, min and max follow OSU: each
+ * count: what exactness costs in bytes), and beside them the merge of C
+ * records alone in this process, with no message (records_merge: the
+ * part of a records allreduce that is sbn_rec_combine, run by the kernel
+ * set in use). avg, min and max follow OSU: each
  * rank's average over the iterations, then the average, minimum and
  * maximum of those over ranks; median and p90 are over iterations of the
  * slowest rank's time. */
@@ -16,12 +19,13 @@
 #include "cli_bench.h"
 #include "syncbn_mpi.h"
 
-enum { V_RECORDS, V_RECORDS_NB, V_SUM_SAME, V_SUM_2C1, V_COUNT };
+enum { V_RECORDS, V_RECORDS_NB, V_MERGE, V_SUM_SAME, V_SUM_2C1, V_COUNT };
 static const char *const vnames[V_COUNT] = {"records", "records_nonblocking",
-                                            "sum_same_bytes", "sum_2c1"};
+                                            "records_merge", "sum_same_bytes",
+                                            "sum_2c1"};
 
 typedef struct sizes_bufs_s {
-  sbn_rec_t *recs;
+  sbn_rec_t *recs, *peer; /* peer: the other operand of records_merge */
   double *d;
   float *f;
 } sizes_bufs_t;
@@ -54,6 +58,9 @@ static int one_call(int v, sbn_comm_t *comm, MPI_Comm gc, sizes_bufs_t *b,
       }
       return rc;
     }
+    case V_MERGE:
+      sbn_rec_combine(b->peer, b->recs, c);
+      return 0;
     case V_SUM_SAME:
       if (MPI_Allreduce(MPI_IN_PLACE, b->d, (int)(4 * c), MPI_DOUBLE, MPI_SUM,
                         gc) != MPI_SUCCESS)
@@ -82,7 +89,7 @@ static int time_variant(const sbn_bench_opts_t *o, int v, sbn_comm_t *comm,
   for (int it = -warm; it < iters && rc == 0; it++) {
     /* The records are reset outside the timing: merged in place again and
      * again their counts would grow without bound. */
-    if (v == V_RECORDS || v == V_RECORDS_NB)
+    if (v <= V_MERGE)
       init_recs(b->recs, c);
     double t0 = sbn__bench_now();
     rc = one_call(v, comm, gc, b, c);
@@ -102,8 +109,8 @@ static int time_variant(const sbn_bench_opts_t *o, int v, sbn_comm_t *comm,
   if (rc == 0) {
     sbn_tensor_desc_t d = {1, {c}, SBN_LAYOUT_NCHW};
     sbn_bench_rec_t r =
-        sbn__bench_rec(o, vnames[v], "allreduce",
-                       v <= V_RECORDS_NB ? "chan_merge" : "sum", &d);
+        sbn__bench_rec(o, vnames[v], v == V_MERGE ? "merge" : "allreduce",
+                       v <= V_MERGE ? "chan_merge" : "sum", &d);
     r.layout[0] = '\0';
     sbn__bench_set_times(&r, t, iters);
     r.bytes = v == V_SUM_2C1 ? (double)(2 * c + 1) * 4 : (double)c * 32;
@@ -121,11 +128,13 @@ static int time_variant(const sbn_bench_opts_t *o, int v, sbn_comm_t *comm,
 int sbn__bench_sizes(const sbn_bench_opts_t *o, sbn_bench_out_t *out) {
   const size_t cmax = o->quick ? 4096 : 65536;
   sbn_layer_params_t p;
-  sizes_bufs_t b = {calloc(cmax, sizeof(sbn_rec_t)),
-                    calloc(4 * cmax, sizeof(double)),
-                    calloc(2 * cmax + 1, sizeof(float))};
+  sizes_bufs_t b = {
+      calloc(cmax, sizeof(sbn_rec_t)), calloc(cmax, sizeof(sbn_rec_t)),
+      calloc(4 * cmax, sizeof(double)), calloc(2 * cmax + 1, sizeof(float))};
   int rc = 0;
-  if (!b.recs || !b.d || !b.f)
+  if (b.peer != NULL)
+    init_recs(b.peer, cmax);
+  if (!b.recs || !b.peer || !b.d || !b.f)
     rc =
         sbn_set_error(SBN_ENOMEM, "bench: out of memory for %zu records", cmax);
   sbn_layer_params_default(&p, SBN_OP_BATCHNORM);
@@ -144,6 +153,7 @@ int sbn__bench_sizes(const sbn_bench_opts_t *o, sbn_bench_out_t *out) {
     sbn_comm_destroy(comm);
   }
   free(b.recs);
+  free(b.peer);
   free(b.d);
   free(b.f);
   return rc;
