@@ -573,20 +573,6 @@ static void svc__count_fused(svc_worker_t *w, size_t nready) {
   w->m.entries_fused += nready;
 }
 
-int svc__rbuf_zero(svc_worker_t *w, size_t n) {
-  if (n > w->rbuf_cap || w->rbuf == NULL) {
-    sbn_rec_t *b = calloc(n > 0 ? n : 1, sizeof *b);
-    if (b == NULL)
-      return -SVC_RESOURCE;
-    free(w->rbuf);
-    w->rbuf = b;
-    w->rbuf_cap = n > 0 ? n : 1;
-    return 0;
-  }
-  memset(w->rbuf, 0, n * sizeof *w->rbuf);
-  return 0;
-}
-
 /* Starts the fused allreduce of the ready pairs: identity records
  * everywhere, with the tag of each slot's kind, and this rank's records in
  * its own slots. The pairs ready by their cache bits come first, then

@@ -427,6 +427,20 @@ static int svc__spec_fill(svc_worker_t *w, svc__pend_t **pick,
   return other;
 }
 
+int svc__rbuf_zero(svc_worker_t *w, size_t n) {
+  if (n > w->rbuf_cap || w->rbuf == NULL) {
+    sbn_rec_t *b = calloc(n > 0 ? n : 1, sizeof *b);
+    if (b == NULL)
+      return -SVC_RESOURCE;
+    free(w->rbuf);
+    w->rbuf = b;
+    w->rbuf_cap = n > 0 ? n : 1;
+    return 0;
+  }
+  memset(w->rbuf, 0, n * sizeof *w->rbuf);
+  return 0;
+}
+
 int svc__spec_begin(svc_worker_t *w) {
   size_t nrec = svc__spec_predict(w), W = (w->slot_hi + 63) / 64, total = 0;
   svc__pend_t **pick;
