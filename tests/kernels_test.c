@@ -708,7 +708,10 @@ static void ln_vs_ref(const char *set, size_t R, size_t D, size_t off) {
  * rows left over (R = 3, 5, 17, 36), blocks of 16 rows ending inside a
  * group sequence, and streamed outputs of whole-line rows 0, 1 and 3
  * floats off alignment (each row's head before its first line boundary
- * written apart), with and without affine. */
+ * written apart), with and without affine. The backward's rows-at-a-time
+ * form streams dx too (outputs of 4 MiB and more, whole-line rows): in
+ * pairs (40 x 32768, 11 x 100000: a row left over) and fours (37 x 30000:
+ * fours, and a single row after the last four of the third block). */
 static void test_ln_rows(void **state) {
   (void)state;
   const char *const *sets;
@@ -732,7 +735,8 @@ static void test_ln_rows(void **state) {
     }
     static const struct {
       size_t R, D;
-    } pipe[] = {{5, 262144}, {17, 131072}, {40, 32768}, {2, 1048592}};
+    } pipe[] = {{5, 262144},  {17, 131072}, {40, 32768},
+                {2, 1048592}, {37, 30000},  {11, 100000}};
     /* Without affine only the first (these outputs are slow under the
      * sanitizers). */
     for (size_t ip = 0; ip < sizeof pipe / sizeof *pipe; ip++)
