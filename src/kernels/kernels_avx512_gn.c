@@ -183,12 +183,21 @@ static inline gn_vpar_t vblend(gn_vpar_t a, gn_vpar_t b, __mmask16 m) {
  * group keeps InstanceNorm's 14x14 channels from each starting and ending
  * on a part line, which a streaming pass writes with plain stores. With
  * nt the stores stream after a masked head up to dx's first line
- * boundary (within channel 0: it is under 16 values). Prefetches the
- * lines pf floats ahead of x and dy (pf = 0: none). w is the unit's
- * first channel's weight, or NULL. */
+ * boundary (within channel 0: it is under 16 values). w is the unit's
+ * first channel's weight, or NULL.
+ *
+ * The next unit's x and dy are not prefetched here (they were, one unit
+ * ahead with prefetcht0): the hardware prefetcher, left to itself,
+ * already runs ahead of the sums' loads, and the software prefetches
+ * issued while dx streamed made the pass slower, from 1.75 to 1.35 of
+ * the streaming floor at GroupNorm 8x128x28x28 and from 1.83 to 1.41 at
+ * InstanceNorm 8x128x28x28 (a standalone loop over the kernel against
+ * dx = x + dy stored by streaming, alternated in one process). The
+ * 16-channel tiles of short runs (in_bwd_unit, gn16_bwd_group) keep
+ * theirs, which measured as fast or faster there. */
 static void unit_run(const float *p, const float *d, float *o, size_t nch,
                      size_t cpg, size_t S, const gn_gpar_t *gp, const float *w,
-                     int nt, size_t pf) {
+                     int nt) {
   size_t n = nch * S, s = head_elems(o, n, nt), gi = 0, kk = 0;
   gn_vpar_t cur = vpar(gp, w, 0);
   if (s > 0)
@@ -199,10 +208,6 @@ static void unit_run(const float *p, const float *d, float *o, size_t nch,
     nt = 0;
   for (size_t c = 0, end = S; c < nch; c++, end += S) {
     for (; s + 16 <= end; s += 16) {
-      if (pf != 0) {
-        _mm_prefetch((const char *)(p + s + pf), _MM_HINT_T0);
-        _mm_prefetch((const char *)(d + s + pf), _MM_HINT_T0);
-      }
       __m512 v = dx16f(p + s, d + s, 0xFFFF, cur);
       if (nt)
         _mm512_stream_ps(o + s, v);
@@ -427,6 +432,26 @@ static void gn16_bwd_group(const float *x, const float *dy, float *dx,
   }
 }
 
+/* Long runs' units of whole groups hold at most this many values (128
+ * KiB of x, and as much dy, in the 1 MiB L2). Units of 16 channels, as
+ * the short runs' tiles need, held 8 groups of 2 channels of 112x112
+ * (800 KiB of x alone), so that dx reread x and dy from L3: GroupNorm
+ * 8x64x112x112 took 1.39-1.64 of the streaming floor, against 1.18 with
+ * one group per unit. */
+#define GN_BWD_UNIT (32u * 1024u)
+
+/* Groups per unit of the general path: whole groups of at least 16
+ * channels for the short runs' tiles, and for long runs as many as fit
+ * GN_BWD_UNIT (at least one, at most 16 channels' worth). */
+static size_t bwd_unit_groups(size_t cpg, size_t S) {
+  size_t gpu = cpg >= 16 ? 1 : (16 + cpg - 1) / cpg;
+  if (S > GN_SHORT_S) {
+    size_t fit = GN_BWD_UNIT / (cpg * S);
+    gpu = fit < 1 ? 1 : (fit < gpu ? fit : gpu);
+  }
+  return gpu;
+}
+
 /* The table's gn_bwd_nchw. */
 
 int sbn__avx512_gn_bwd_nchw(const float *x, const float *dy, float *dx,
@@ -438,7 +463,7 @@ int sbn__avx512_gn_bwd_nchw(const float *x, const float *dy, float *dx,
    * the reference's double dx (see SMALL_STAT). */
   if (S < 16 || cpg * S < SMALL_STAT || cpg * S > gn_max_group(G))
     return 0;
-  size_t gpu = cpg >= 16 ? 1 : (16 + cpg - 1) / cpg;
+  size_t gpu = bwd_unit_groups(cpg, S);
   /* dx streams when the pass moves more than the L2 (see GN_NT_BYTES;
    * it was NT_BYTES of dx alone before): written with plain stores, each line
    * of dx is first read from memory, and the pass moves 16 bytes per element
@@ -470,10 +495,6 @@ int sbn__avx512_gn_bwd_nchw(const float *x, const float *dy, float *dx,
   }
   for (size_t g0 = 0; g0 < G; g0 += gpu) {
     size_t g1 = G - g0 < gpu ? G : g0 + gpu;
-    /* The next unit starts (g1 - g0) * cpg * S floats on: prefetch that
-     * far ahead (at least GN_PF_MIN bytes), except in the last unit. */
-    size_t ue = (g1 - g0) * cpg * S;
-    size_t pf = g1 < G ? (ue * 4 < GN_PF_MIN ? GN_PF_MIN / 4 : ue) : 0;
     unit_sums(x, dy, g0, g1, cpg, S, mean, istd, sdy, sdyx);
     gn_gpar_t gp[16];
     for (size_t g = g0; g < g1; g++)
@@ -481,7 +502,7 @@ int sbn__avx512_gn_bwd_nchw(const float *x, const float *dy, float *dx,
           group_par(g, cpg, S, mean, istd, w, stats, sdy, sdyx, dw, db);
     size_t o = g0 * cpg * S;
     unit_run(x + o, dy + o, dx + o, (g1 - g0) * cpg, cpg, S, gp,
-             w != NULL ? w + g0 * cpg : NULL, nt, pf);
+             w != NULL ? w + g0 * cpg : NULL, nt);
   }
   _mm256_zeroupper();
   return 1;
