@@ -183,21 +183,14 @@ static inline gn_vpar_t vblend(gn_vpar_t a, gn_vpar_t b, __mmask16 m) {
  * group keeps InstanceNorm's 14x14 channels from each starting and ending
  * on a part line, which a streaming pass writes with plain stores. With
  * nt the stores stream after a masked head up to dx's first line
- * boundary (within channel 0: it is under 16 values). w is the unit's
- * first channel's weight, or NULL.
- *
- * The next unit's x and dy are not prefetched here (they were, one unit
- * ahead with prefetcht0): the hardware prefetcher, left to itself,
- * already runs ahead of the sums' loads, and the software prefetches
- * issued while dx streamed made the pass slower, from 1.75 to 1.35 of
- * the streaming floor at GroupNorm 8x128x28x28 and from 1.83 to 1.41 at
- * InstanceNorm 8x128x28x28 (a standalone loop over the kernel against
- * dx = x + dy stored by streaming, alternated in one process). The
- * 16-channel tiles of short runs (in_bwd_unit, gn16_bwd_group) keep
- * theirs, which measured as fast or faster there. */
+ * boundary (within channel 0: it is under 16 values).
+ * Prefetches the lines pf floats ahead of x and dy (pf = 0: none): the
+ * caller prefetches the next unit only when units are small (see
+ * GN_PF_UNIT).
+ * w is the unit's first channel's weight, or NULL. */
 static void unit_run(const float *p, const float *d, float *o, size_t nch,
                      size_t cpg, size_t S, const gn_gpar_t *gp, const float *w,
-                     int nt) {
+                     int nt, size_t pf) {
   size_t n = nch * S, s = head_elems(o, n, nt), gi = 0, kk = 0;
   gn_vpar_t cur = vpar(gp, w, 0);
   if (s > 0)
@@ -208,6 +201,10 @@ static void unit_run(const float *p, const float *d, float *o, size_t nch,
     nt = 0;
   for (size_t c = 0, end = S; c < nch; c++, end += S) {
     for (; s + 16 <= end; s += 16) {
+      if (pf != 0) {
+        _mm_prefetch((const char *)(p + s + pf), _MM_HINT_T0);
+        _mm_prefetch((const char *)(d + s + pf), _MM_HINT_T0);
+      }
       __m512 v = dx16f(p + s, d + s, 0xFFFF, cur);
       if (nt)
         _mm512_stream_ps(o + s, v);
@@ -440,6 +437,20 @@ static void gn16_bwd_group(const float *x, const float *dy, float *dx,
  * one group per unit. */
 #define GN_BWD_UNIT (32u * 1024u)
 
+/* The general path prefetches the next unit while dx streams (one unit
+ * ahead, prefetcht0) only for units of up to this many bytes of x, as
+ * the short runs' tiles (in_bwd_unit, gn16_bwd_group: at most 16 KiB)
+ * do. Over larger units the hardware prefetcher, left to itself, runs
+ * ahead of the sums' loads, and the software prefetches issued while dx
+ * streamed made the pass slower: from 1.75 to 1.35 of the streaming
+ * floor at GroupNorm 8x128x28x28 (50 KiB units) and from 1.83 to 1.41 at
+ * InstanceNorm 8x128x28x28 (a standalone loop over the kernel against
+ * dx = x + dy stored by streaming, alternated in one process). At
+ * GroupNorm 8x256x14x14 (12.5 KiB units) the standalone loop measured
+ * no prefetch faster, `bench kernels` slower (1.15 against 1.30 of its
+ * floor), so those keep it. */
+#define GN_PF_UNIT 16384u
+
 /* Groups per unit of the general path: whole groups of at least 16
  * channels for the short runs' tiles, and for long runs as many as fit
  * GN_BWD_UNIT (at least one, at most 16 channels' worth). */
@@ -494,7 +505,12 @@ int sbn__avx512_gn_bwd_nchw(const float *x, const float *dy, float *dx,
     return 1;
   }
   for (size_t g0 = 0; g0 < G; g0 += gpu) {
-    size_t g1 = G - g0 < gpu ? G : g0 + gpu;
+    size_t g1 = G - g0 < gpu ? G : g0 + gpu, ue = (g1 - g0) * cpg * S;
+    /* Small units prefetch the next one (at least GN_PF_MIN bytes on),
+     * except the last unit. */
+    size_t pf = g1 < G && ue * sizeof(float) <= GN_PF_UNIT
+                    ? (ue * 4 < GN_PF_MIN ? GN_PF_MIN / 4 : ue)
+                    : 0;
     unit_sums(x, dy, g0, g1, cpg, S, mean, istd, sdy, sdyx);
     gn_gpar_t gp[16];
     for (size_t g = g0; g < g1; g++)
@@ -502,7 +518,7 @@ int sbn__avx512_gn_bwd_nchw(const float *x, const float *dy, float *dx,
           group_par(g, cpg, S, mean, istd, w, stats, sdy, sdyx, dw, db);
     size_t o = g0 * cpg * S;
     unit_run(x + o, dy + o, dx + o, (g1 - g0) * cpg, cpg, S, gp,
-             w != NULL ? w + g0 * cpg : NULL, nt);
+             w != NULL ? w + g0 * cpg : NULL, nt, pf);
   }
   _mm256_zeroupper();
   return 1;
