@@ -757,7 +757,10 @@ static void test_ln_rows(void **state) {
  * outputs streamed (passes of over 1 MiB: dx after a masked head) 1 and
  * 3 floats off alignment; GroupNorm(1) over 17 channels of 5000 values
  * (one group of 85000, which only a sample's single group may take) and
- * of 6000 (too large: the set declines). */
+ * of 6000 (too large: the set declines). Units of long runs capped at
+ * 32 Ki values (GN_BWD_UNIT): 15 channels of 3001 (InstanceNorm units of
+ * 10 channels and 5, GroupNorm units of 2 groups of 5 channels and 1) and
+ * 3 groups of 3 channels of 12000 (a group per unit, 36000 values). */
 static void test_group_backward_nchw(void **state) {
   (void)state;
   const char *const *sets;
@@ -765,7 +768,8 @@ static void test_group_backward_nchw(void **state) {
   static const struct {
     size_t N, C, S;
   } sh[] = {{5, 9, 193},    {3, 15, 1025},  {4, 17, 3001}, {3, 3, 1025},
-            {21, 17, 3001}, {130, 15, 547}, {2, 17, 5000}, {1, 17, 6000}};
+            {21, 17, 3001}, {130, 15, 547}, {2, 17, 5000}, {1, 17, 6000},
+            {3, 15, 3001},  {2, 9, 12000}};
   const sbn_op_t ops[] = {SBN_OP_INSTANCENORM, SBN_OP_GROUPNORM};
   const char *opn[] = {"in", "gn"};
   for (int ks = 0; ks < nsets; ks++) {

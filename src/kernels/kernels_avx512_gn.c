@@ -183,9 +183,11 @@ static inline gn_vpar_t vblend(gn_vpar_t a, gn_vpar_t b, __mmask16 m) {
  * group keeps InstanceNorm's 14x14 channels from each starting and ending
  * on a part line, which a streaming pass writes with plain stores. With
  * nt the stores stream after a masked head up to dx's first line
- * boundary (within channel 0: it is under 16 values). Prefetches the
- * lines pf floats ahead of x and dy (pf = 0: none). w is the unit's
- * first channel's weight, or NULL. */
+ * boundary (within channel 0: it is under 16 values).
+ * Prefetches the lines pf floats ahead of x and dy (pf = 0: none): the
+ * caller prefetches the next unit only when units are small (see
+ * GN_PF_UNIT).
+ * w is the unit's first channel's weight, or NULL. */
 static void unit_run(const float *p, const float *d, float *o, size_t nch,
                      size_t cpg, size_t S, const gn_gpar_t *gp, const float *w,
                      int nt, size_t pf) {
@@ -427,6 +429,40 @@ static void gn16_bwd_group(const float *x, const float *dy, float *dx,
   }
 }
 
+/* Long runs' units of whole groups hold at most this many values (128
+ * KiB of x, and as much dy, in the 1 MiB L2). Units of 16 channels, as
+ * the short runs' tiles need, held 8 groups of 2 channels of 112x112
+ * (800 KiB of x alone), so that dx reread x and dy from L3: GroupNorm
+ * 8x64x112x112 took 1.39-1.64 of the streaming floor, against 1.18 with
+ * one group per unit. */
+#define GN_BWD_UNIT (32u * 1024u)
+
+/* The general path prefetches the next unit while dx streams (one unit
+ * ahead, prefetcht0) only for units of up to this many bytes of x, as
+ * the short runs' tiles (in_bwd_unit, gn16_bwd_group: at most 16 KiB)
+ * do. Over larger units the hardware prefetcher, left to itself, runs
+ * ahead of the sums' loads, and the software prefetches issued while dx
+ * streamed made the pass slower: from 1.75 to 1.35 of the streaming
+ * floor at GroupNorm 8x128x28x28 (50 KiB units) and from 1.83 to 1.41 at
+ * InstanceNorm 8x128x28x28 (a standalone loop over the kernel against
+ * dx = x + dy stored by streaming, alternated in one process). At
+ * GroupNorm 8x256x14x14 (12.5 KiB units) the standalone loop measured
+ * no prefetch faster, `bench kernels` slower (1.15 against 1.30 of its
+ * floor), so those keep it. */
+#define GN_PF_UNIT 16384u
+
+/* Groups per unit of the general path: whole groups of at least 16
+ * channels for the short runs' tiles, and for long runs as many as fit
+ * GN_BWD_UNIT (at least one, at most 16 channels' worth). */
+static size_t bwd_unit_groups(size_t cpg, size_t S) {
+  size_t gpu = cpg >= 16 ? 1 : (16 + cpg - 1) / cpg;
+  if (S > GN_SHORT_S) {
+    size_t fit = GN_BWD_UNIT / (cpg * S);
+    gpu = fit < 1 ? 1 : (fit < gpu ? fit : gpu);
+  }
+  return gpu;
+}
+
 /* The table's gn_bwd_nchw. */
 
 int sbn__avx512_gn_bwd_nchw(const float *x, const float *dy, float *dx,
@@ -438,7 +474,7 @@ int sbn__avx512_gn_bwd_nchw(const float *x, const float *dy, float *dx,
    * the reference's double dx (see SMALL_STAT). */
   if (S < 16 || cpg * S < SMALL_STAT || cpg * S > gn_max_group(G))
     return 0;
-  size_t gpu = cpg >= 16 ? 1 : (16 + cpg - 1) / cpg;
+  size_t gpu = bwd_unit_groups(cpg, S);
   /* dx streams when the pass moves more than the L2 (see GN_NT_BYTES;
    * it was NT_BYTES of dx alone before): written with plain stores, each line
    * of dx is first read from memory, and the pass moves 16 bytes per element
@@ -469,11 +505,12 @@ int sbn__avx512_gn_bwd_nchw(const float *x, const float *dy, float *dx,
     return 1;
   }
   for (size_t g0 = 0; g0 < G; g0 += gpu) {
-    size_t g1 = G - g0 < gpu ? G : g0 + gpu;
-    /* The next unit starts (g1 - g0) * cpg * S floats on: prefetch that
-     * far ahead (at least GN_PF_MIN bytes), except in the last unit. */
-    size_t ue = (g1 - g0) * cpg * S;
-    size_t pf = g1 < G ? (ue * 4 < GN_PF_MIN ? GN_PF_MIN / 4 : ue) : 0;
+    size_t g1 = G - g0 < gpu ? G : g0 + gpu, ue = (g1 - g0) * cpg * S;
+    /* Small units prefetch the next one (at least GN_PF_MIN bytes on),
+     * except the last unit. */
+    size_t pf = g1 < G && ue * sizeof(float) <= GN_PF_UNIT
+                    ? (ue * 4 < GN_PF_MIN ? GN_PF_MIN / 4 : ue)
+                    : 0;
     unit_sums(x, dy, g0, g1, cpg, S, mean, istd, sdy, sdyx);
     gn_gpar_t gp[16];
     for (size_t g = g0; g < g1; g++)
