@@ -310,16 +310,16 @@ static void test_wide_unaligned(void **state) {
  * (kernels_avx512_nhwc.c): rows of several tiles with and without a partial
  * last vector (C = 48 .. 1000; C = 272 is the period of 17 channels;
  * C = 300 and 600 have a partial last vector after two and four tiles;
- * C = 2100 is more than one piece of 2048 positions),
- * GroupNorm groups of 16, 32 and 64 channels (short runs in the group
- * view, beside the channel view's rows), samples of over 256 KiB (whose
- * outputs stream after a masked head) and x, dy, y, dx 1 or 3 floats off
- * alignment. */
+ * C = 96 .. 1024 of whole vectors take the flat normalize; C = 2100 is more
+ * than one piece of 2048 positions), GroupNorm groups of 16, 32 and 64 channels
+ * (short runs in the group view, beside the channel view's rows), samples of
+ * over 256 KiB (whose outputs stream after a masked head) and x, dy, y, dx 1 or
+ * 3 floats off alignment. */
 static void test_channels_last_tiles(void **state) {
   (void)state;
   const char *const *sets;
   int nsets = tu_kernel_sets(&sets);
-  const size_t Cs[] = {48, 96, 192, 256, 272, 300, 600, 1000, 2100};
+  const size_t Cs[] = {48, 96, 192, 256, 272, 300, 600, 1000, 1024, 2100};
   const sbn_op_t ops[] = {SBN_OP_BATCHNORM, SBN_OP_INSTANCENORM,
                           SBN_OP_GROUPNORM};
   const char *opn[] = {"bn", "in", "gn"};

@@ -605,7 +605,12 @@ void sbn__avx512_cl_flat_normalize(const float *x, float *y, size_t n, size_t C,
  * stores, which leaves write-combining buffers half full: BatchNorm NHWC
  * 8x1000x14x14 forward took 2.07-2.31 of the memcpy in `syncbn bench
  * kernels` against 1.26-1.33 flat (three alternations). Rows of whole
- * vectors measured no clear difference and keep the tiles. */
+ * vectors (C = 256 .. 2048) take the flat stream too: their tiles walk 16
+ * rows a power of two bytes apart, whose lines (and the next block's
+ * prefetches) fall in the same L1 sets; flat, BatchNorm NHWC training
+ * forward took 0.72 (8x512x28x28), 0.93 (8x256x56x56) and 0.87
+ * (8x1024x14x14) of the tiles' time (medians of three alternations in one
+ * run, cold copies). */
 static void cl_norm_flat(const float *x, float *y, size_t A, size_t C,
                          const float *mh, const float *ml, const float *scale,
                          const float *shift, int nt) {
@@ -630,7 +635,7 @@ int sbn__avx512_cl_normalize(const float *x, float *y, size_t A, size_t C,
   size_t off;
   if (!cl_takes(A, C, S, lda, 64, 1))
     return 0;
-  if (S == 1 && lda == C && C > 64 && C % 16 != 0 && C <= CL_PMAX && A > 0) {
+  if (S == 1 && lda == C && C > 64 && C <= CL_PMAX && A > 0) {
     cl_norm_flat(x, y, A, C, mh, ml, scale, shift, nt);
     _mm_sfence();
     _mm256_zeroupper();
