@@ -605,13 +605,9 @@ void sbn__avx512_cl_flat_normalize(const float *x, float *y, size_t n, size_t C,
  * stores, which leaves write-combining buffers half full: BatchNorm NHWC
  * 8x1000x14x14 forward took 2.07-2.31 of the memcpy in `syncbn bench
  * kernels` against 1.26-1.33 flat (three alternations). Rows of whole
- * vectors (C = 256 .. 2048) take the flat stream too: their tiles walk 16
- * rows a power of two bytes apart, whose lines (and the next block's
- * prefetches) fall in the same L1 sets; flat, BatchNorm NHWC training
- * forward took 0.72 (8x512x28x28), 0.93 (8x256x56x56) and 0.87
- * (8x1024x14x14) of the tiles' time (medians of three alternations in one
- * run, cold copies). Smaller views of whole vectors (8x512x7x7,
- * 8x2048x7x7) measured no clear gain under load and keep the tiles. */
+ * vectors from 4 MiB go flat too: their tiles walk 16 rows a power of two
+ * bytes apart, in the same L1 sets; flat took 0.72-0.93 of the tiles' time
+ * (BatchNorm NHWC train_fwd 8x512x28x28 .. 8x256x56x56, same-run A/B). */
 #define CL_FLAT_ELEMS (((size_t)4 << 20) / sizeof(float))
 static void cl_norm_flat(const float *x, float *y, size_t A, size_t C,
                          const float *mh, const float *ml, const float *scale,
