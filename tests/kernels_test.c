@@ -310,16 +310,15 @@ static void test_wide_unaligned(void **state) {
  * (kernels_avx512_nhwc.c): rows of several tiles with and without a partial
  * last vector (C = 48 .. 1000; C = 272 is the period of 17 channels;
  * C = 300 and 600 have a partial last vector after two and four tiles;
- * C = 2100 is more than one piece of 2048 positions),
- * GroupNorm groups of 16, 32 and 64 channels (short runs in the group
- * view, beside the channel view's rows), samples of over 256 KiB (whose
- * outputs stream after a masked head) and x, dy, y, dx 1 or 3 floats off
- * alignment. */
+ * C = 2100 is more than one piece of 2048 positions), GroupNorm groups of
+ * 16, 32 and 64 channels (short runs in the group view, beside the channel
+ * view's rows), samples of over 256 KiB (whose outputs stream after a
+ * masked head) and x, dy, y, dx 1 or 3 floats off alignment. */
 static void test_channels_last_tiles(void **state) {
   (void)state;
   const char *const *sets;
   int nsets = tu_kernel_sets(&sets);
-  const size_t Cs[] = {48, 96, 192, 256, 272, 300, 600, 1000, 2100};
+  const size_t Cs[] = {48, 96, 192, 256, 272, 300, 600, 1000, 1024, 2100};
   const sbn_op_t ops[] = {SBN_OP_BATCHNORM, SBN_OP_INSTANCENORM,
                           SBN_OP_GROUPNORM};
   const char *opn[] = {"bn", "in", "gn"};
@@ -345,7 +344,9 @@ static void test_channels_last_tiles(void **state) {
  * CL_COLD_BYTES), which read rows in memory order: one row a sweep (C =
  * 300), eight (C = 1000, 2100: two pieces), GroupNorm's laid out per
  * position (C = 600 in groups of 200), row counts that leave partial
- * blocks and sweeps, x 1 or 3 floats off alignment. (InstanceNorm's one
+ * blocks and sweeps, x 1 or 3 floats off alignment; C = 256 and 1024
+ * (rows of whole vectors over 4 MiB) also take the flat normalize
+ * (kernels_avx512_nhwc.c's CL_FLAT_ELEMS). (InstanceNorm's one
  * sample of N = 1 is BatchNorm's view.) Training forward only: backward
  * never sweeps. */
 static void test_channels_last_sweeps(void **state) {
@@ -359,7 +360,9 @@ static void test_channels_last_sweeps(void **state) {
   } cases[] = {{SBN_OP_BATCHNORM, "bn", 300, 7013},
                {SBN_OP_BATCHNORM, "bn", 1000, 2107},
                {SBN_OP_BATCHNORM, "bn", 2100, 1003},
-               {SBN_OP_GROUPNORM, "gn", 600, 3511}};
+               {SBN_OP_GROUPNORM, "gn", 600, 3511},
+               {SBN_OP_BATCHNORM, "bn", 256, 8213},
+               {SBN_OP_BATCHNORM, "bn", 1024, 1031}};
   for (int ks = 0; ks < nsets; ks++) {
     if (strcmp(sets[ks], "ref") == 0 || tu_kernel_use(sets[ks]) != 0)
       continue;

@@ -605,7 +605,10 @@ void sbn__avx512_cl_flat_normalize(const float *x, float *y, size_t n, size_t C,
  * stores, which leaves write-combining buffers half full: BatchNorm NHWC
  * 8x1000x14x14 forward took 2.07-2.31 of the memcpy in `syncbn bench
  * kernels` against 1.26-1.33 flat (three alternations). Rows of whole
- * vectors measured no clear difference and keep the tiles. */
+ * vectors from 4 MiB go flat too: their tiles walk 16 rows a power of two
+ * bytes apart, in the same L1 sets; flat took 0.72-0.93 of the tiles' time
+ * (BatchNorm NHWC train_fwd 8x512x28x28 .. 8x256x56x56, same-run A/B). */
+#define CL_FLAT_ELEMS (((size_t)4 << 20) / sizeof(float))
 static void cl_norm_flat(const float *x, float *y, size_t A, size_t C,
                          const float *mh, const float *ml, const float *scale,
                          const float *shift, int nt) {
@@ -630,7 +633,8 @@ int sbn__avx512_cl_normalize(const float *x, float *y, size_t A, size_t C,
   size_t off;
   if (!cl_takes(A, C, S, lda, 64, 1))
     return 0;
-  if (S == 1 && lda == C && C > 64 && C % 16 != 0 && C <= CL_PMAX && A > 0) {
+  if (S == 1 && lda == C && C > 64 && C <= CL_PMAX && A > 0 &&
+      (C % 16 != 0 || A * C >= CL_FLAT_ELEMS)) {
     cl_norm_flat(x, y, A, C, mh, ml, scale, shift, nt);
     _mm_sfence();
     _mm256_zeroupper();
