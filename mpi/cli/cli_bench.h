@@ -124,7 +124,9 @@ int sbn__bench_max_over_ranks(MPI_Comm comm, double *v, int n);
 /* A barrier on MPI_COMM_WORLD that sleeps while it waits (MPI_Ibarrier,
  * tested every 50 us), for the service mode: a rank spinning in
  * MPI_Barrier would take a core from the syncbnd workers whose answer
- * the other rank is waiting for. */
+ * the other rank is waiting for. A spinning MPI_Barrier follows it, so
+ * that the ranks start the timed call together (the skew it spins away
+ * is at most a sleep). */
 int sbn__bench_quiet_barrier(void);
 /* Sets r->median_us, r->p90_us and r->best_us (the fastest rep, the
  * number least disturbed by other work on the machine) from t[0..n)

@@ -140,6 +140,14 @@ int sbn__bench_quiet_barrier(void) {
       nanosleep(&ts, NULL);
     }
   }
+  /* The sleeping barrier releases the ranks up to a sleep apart (50 us
+   * and the timer's slack), and a timed call that starts skewed charges
+   * the skew to whichever rank waits for the other: a bare allreduce of a
+   * few records then reads ~100 us instead of ~2. A spinning barrier
+   * from there aligns the ranks to its own release latency; it spins at
+   * most that skew, while every worker is idle. */
+  if (MPI_Barrier(MPI_COMM_WORLD) != MPI_SUCCESS)
+    return sbn_set_error(SBN_ECOMM, "bench: MPI_Barrier");
   return 0;
 }
 
