@@ -134,6 +134,32 @@ typedef struct sbn_rec_s {
  * the same two partial results gets the same bits. */
 SBN_API void sbn_rec_combine(const sbn_rec_t *in, sbn_rec_t *inout, size_t n);
 
+/* What a normalization takes from n reduced SBN_REC_MOMENTS records
+ * (count, mean, M2), for a process that normalizes with the records it
+ * reduced itself: out[i] is record i's count, mean, biased variance M2 /
+ * count, unbiased variance M2 / (count - 1), or inverse standard deviation
+ * 1 / sqrt(M2 / count + eps); a variance whose count is too small (0, or
+ * 1 for the unbiased one) is 0. out holds n doubles (the caller's). Every
+ * kernel set gives the same bits. */
+typedef enum {
+  SBN_STAT_COUNT = 0,
+  SBN_STAT_MEAN = 1,
+  SBN_STAT_VAR = 2,
+  SBN_STAT_VAR_UNBIASED = 3,
+  SBN_STAT_INVSTD = 4
+} sbn_stat_t;
+SBN_API void sbn_rec_stat(const sbn_rec_t *recs, size_t n, sbn_stat_t which,
+                          double eps, double *out);
+
+/* Moves running statistics by n reduced SBN_REC_MOMENTS records as a
+ * training forward does (PyTorch's update with factor f, the momentum or
+ * 1 / (batches + 1) for a cumulative average): for every record with a
+ * nonzero count, running_mean[i] = (1 - f) running_mean[i] + f mean and
+ * running_var[i] = (1 - f) running_var[i] + f unbiased variance, in double
+ * and rounded to float. The arrays of n floats are the caller's. */
+SBN_API void sbn_rec_track(const sbn_rec_t *recs, size_t n, double f,
+                           float *running_mean, float *running_var);
+
 typedef struct sbn_comm_s sbn_comm_t;
 typedef struct sbn_comm_vtable_s sbn_comm_vtable_t;
 

@@ -637,6 +637,72 @@ static void test_rec_combine_sets(void **state) {
   sbn_kernel_select("ref");
 }
 
+/* The values a normalization takes from reduced records, and the running
+ * statistics' move, must be the reference's bits in every set (ranks of
+ * the service may run different sets): every value, on every length
+ * around the vector width, with counts of 0, 1 and 2, NaN and infinity. */
+static void test_rec_stat_sets(void **state) {
+  (void)state;
+  enum { N = 75 };
+  static sbn_rec_t r[N];
+  static double o1[N + 1], o2[N + 1];
+  static float m1[N], v1[N], m2[N], v2[N];
+  const char *const *sets;
+  int nsets = tu_kernel_sets(&sets);
+  uint64_t x = 0x9e3779b97f4a7c15ull;
+  for (size_t i = 0; i < N; i++) {
+    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+    int kind = (int)(x % 11);
+    r[i].tag = SBN_REC_MOMENTS;
+    r[i].v[0] = kind == 0   ? 0
+                : kind == 1 ? 1
+                : kind == 2 ? 2
+                : kind == 3 ? NAN
+                            : (double)(3 + x % 100000);
+    r[i].v[1] = 1e4 + (double)((x >> 8) % 9973) / 7.0;
+    r[i].v[2] = kind == 4 ? INFINITY : (double)((x >> 24) % 1000003) / 3.0;
+  }
+  for (int ks = 0; ks < nsets; ks++) {
+    if (strcmp(sets[ks], "ref") == 0 ||
+        sbn_kernel_select(sets[ks]) == SBN_ENOTSUP)
+      continue;
+    for (size_t n = 0; n <= N; n++) {
+      for (int w = SBN_STAT_COUNT; w <= SBN_STAT_INVSTD; w++) {
+        /* A value past n must stay untouched. */
+        o1[n] = o2[n] = -7.0;
+        assert_int_equal(sbn_kernel_select("ref"), 0);
+        sbn_rec_stat(r, n, (sbn_stat_t)w, 1e-5, o1);
+        assert_int_equal(sbn_kernel_select(sets[ks]), 0);
+        sbn_rec_stat(r, n, (sbn_stat_t)w, 1e-5, o2);
+        if (memcmp(o1, o2, (n + 1) * sizeof *o1) != 0)
+          fail_msg("%s: sbn_rec_stat(%d) of %zu records differs", sets[ks], w,
+                   n);
+      }
+      for (size_t i = 0; i < N; i++) {
+        m1[i] = m2[i] = 0.5f + (float)i;
+        v1[i] = v2[i] = 2.0f - (float)i / 64.0f;
+      }
+      assert_int_equal(sbn_kernel_select("ref"), 0);
+      sbn_rec_track(r, n, 0.1, m1, v1);
+      assert_int_equal(sbn_kernel_select(sets[ks]), 0);
+      sbn_rec_track(r, n, 0.1, m2, v2);
+      if (memcmp(m1, m2, sizeof m1) != 0 || memcmp(v1, v2, sizeof v1) != 0)
+        fail_msg("%s: sbn_rec_track of %zu records differs", sets[ks], n);
+    }
+  }
+  sbn_kernel_select("ref");
+  /* And the reference against the formulas, where they are plain. */
+  sbn_rec_stat(r, N, SBN_STAT_INVSTD, 1e-5, o1);
+  sbn_rec_stat(r, N, SBN_STAT_VAR_UNBIASED, 1e-5, o2);
+  for (size_t i = 0; i < N; i++) {
+    double n = r[i].v[0], q = n > 0 ? r[i].v[2] / n : 0;
+    if (!isnan(n) && !isinf(r[i].v[2])) {
+      assert_true(o1[i] == 1.0 / sqrt(q + 1e-5));
+      assert_true(o2[i] == (n > 1 ? r[i].v[2] / (n - 1) : 0));
+    }
+  }
+}
+
 /* Dropout masks are integer functions of the counter, so every kernel set
  * must give exactly the reference's bits, on every length (the vector code
  * handles 32 elements at a time) and for p at the edges. */
@@ -877,6 +943,7 @@ int main(void) {
       cmocka_unit_test(test_layout_agreement),
       cmocka_unit_test(test_dropout_sets),
       cmocka_unit_test(test_rec_combine_sets),
+      cmocka_unit_test(test_rec_stat_sets),
       cmocka_unit_test(test_ln_rows),
   };
   return cmocka_run_group_tests(tests, NULL, report);

@@ -263,6 +263,10 @@ void sbn__avx512_dropout(const float *in, float *out, size_t n, uint64_t first,
                          const uint32_t key[2], uint32_t step, uint32_t layer,
                          uint32_t thr, float scale);
 void sbn__avx512_rec_combine(const sbn_rec_t *in, sbn_rec_t *inout, size_t n);
+void sbn__avx512_rec_stat(const sbn_rec_t *recs, size_t n, sbn_stat_t which,
+                          double eps, double *out);
+void sbn__avx512_rec_track(const sbn_rec_t *recs, size_t n, double f, float *rm,
+                           float *rv);
 
 /* One step of run_sums: adds dy and dy * (x - h) of 16 values (bwd), or
  * x - h and its square. */

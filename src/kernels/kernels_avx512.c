@@ -674,5 +674,7 @@ const sbn__kernels_t sbn__kernels_avx512 = {
     .ln_forward_pipe = sbn__avx512_ln_forward_pipe,
     .dropout = sbn__avx512_dropout,
     .rec_combine = sbn__avx512_rec_combine,
+    .rec_stat = sbn__avx512_rec_stat,
+    .rec_track = sbn__avx512_rec_track,
 };
 #endif /* SBN__HAVE_AVX512 */

@@ -78,3 +78,54 @@ void sbn__avx512_rec_combine(const sbn_rec_t *in, sbn_rec_t *inout, size_t n) {
   }
   sbn__rec_combine_ref(in + i, inout + i, n - i);
 }
+
+/* The variance of eight records: M2 over the count, or over the count less
+ * one (unbiased); 0 (+0, as the reference's) in the lanes whose count is
+ * not above 0, or 1 for the unbiased one. */
+static inline __m512d rec_var(const __m512d f[4], int unbiased) {
+  const __m512d one = _mm512_set1_pd(1.0);
+  __m512d d = unbiased ? _mm512_sub_pd(f[1], one) : f[1];
+  __mmask8 ok = _mm512_cmp_pd_mask(f[1], unbiased ? one : _mm512_setzero_pd(),
+                                   _CMP_GT_OQ);
+  return _mm512_maskz_div_pd(ok, f[3], d);
+}
+
+void sbn__avx512_rec_stat(const sbn_rec_t *recs, size_t n, sbn_stat_t which,
+                          double eps, double *out) {
+  const __m512d e = _mm512_set1_pd(eps), one = _mm512_set1_pd(1.0);
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m512d f[4], o;
+    rec_load(recs + i, f);
+    if (which == SBN_STAT_COUNT)
+      o = f[1];
+    else if (which == SBN_STAT_MEAN)
+      o = f[2];
+    else if (which == SBN_STAT_INVSTD)
+      o = _mm512_div_pd(one, _mm512_sqrt_pd(_mm512_add_pd(rec_var(f, 0), e)));
+    else
+      o = rec_var(f, which == SBN_STAT_VAR_UNBIASED);
+    _mm512_storeu_pd(out + i, o);
+  }
+  sbn__rec_stat_ref(recs + i, n - i, which, eps, out + i);
+}
+
+void sbn__avx512_rec_track(const sbn_rec_t *recs, size_t n, double f, float *rm,
+                           float *rv) {
+  const __m512d keep = _mm512_set1_pd(1 - f), take = _mm512_set1_pd(f);
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m512d r[4];
+    rec_load(recs + i, r);
+    /* Records with no values leave their channel's statistics alone. */
+    __mmask8 some = _mm512_cmp_pd_mask(r[1], _mm512_setzero_pd(), _CMP_NEQ_UQ);
+    __m512d m = _mm512_cvtps_pd(_mm256_loadu_ps(rm + i));
+    __m512d v = _mm512_cvtps_pd(_mm256_loadu_ps(rv + i));
+    m = _mm512_add_pd(_mm512_mul_pd(keep, m), _mm512_mul_pd(take, r[2]));
+    v = _mm512_add_pd(_mm512_mul_pd(keep, v),
+                      _mm512_mul_pd(take, rec_var(r, 1)));
+    _mm256_mask_storeu_ps(rm + i, some, _mm512_cvtpd_ps(m));
+    _mm256_mask_storeu_ps(rv + i, some, _mm512_cvtpd_ps(v));
+  }
+  sbn__rec_track_ref(recs + i, n - i, f, rm + i, rv + i);
+}

@@ -2,6 +2,8 @@
  * of SyncBN's records runs it (MPI's user-defined op, the two-process
  * exchange, the service's rounds), so it goes through the kernel set in
  * use like the ops' passes do. */
+#include <math.h>
+
 #include "kernels/sbn_kernels.h"
 
 /* Chan's parallel merge of two (n, mean, M2) triples. Every operation is
@@ -48,4 +50,58 @@ void sbn_rec_combine(const sbn_rec_t *in, sbn_rec_t *inout, size_t n) {
     k->rec_combine(in, inout, n);
   else
     sbn__rec_combine_ref(in, inout, n);
+}
+
+/* One value of a reduced moments record (sbn_rec_stat). */
+static double sbn__rec_stat_one(const sbn_rec_t *r, sbn_stat_t which,
+                                double eps) {
+  double n = r->v[0], m2 = r->v[2];
+  switch (which) {
+    case SBN_STAT_COUNT:
+      return n;
+    case SBN_STAT_MEAN:
+      return r->v[1];
+    case SBN_STAT_VAR:
+      return n > 0 ? m2 / n : 0;
+    case SBN_STAT_VAR_UNBIASED:
+      return n > 1 ? m2 / (n - 1) : 0;
+    default:
+      return 1.0 / sqrt((n > 0 ? m2 / n : 0) + eps);
+  }
+}
+
+void sbn__rec_stat_ref(const sbn_rec_t *recs, size_t n, sbn_stat_t which,
+                       double eps, double *out) {
+  for (size_t i = 0; i < n; i++)
+    out[i] = sbn__rec_stat_one(&recs[i], which, eps);
+}
+
+void sbn__rec_track_ref(const sbn_rec_t *recs, size_t n, double f, float *rm,
+                        float *rv) {
+  for (size_t i = 0; i < n; i++) {
+    double cnt = recs[i].v[0];
+    double uvar = cnt > 1 ? recs[i].v[2] / (cnt - 1) : 0;
+    if (cnt == 0)
+      continue;
+    rm[i] = (float)((1 - f) * rm[i] + f * recs[i].v[1]);
+    rv[i] = (float)((1 - f) * rv[i] + f * uvar);
+  }
+}
+
+void sbn_rec_stat(const sbn_rec_t *recs, size_t n, sbn_stat_t which, double eps,
+                  double *out) {
+  const sbn__kernels_t *k = sbn__kernels();
+  if (k->rec_stat != NULL)
+    k->rec_stat(recs, n, which, eps, out);
+  else
+    sbn__rec_stat_ref(recs, n, which, eps, out);
+}
+
+void sbn_rec_track(const sbn_rec_t *recs, size_t n, double f,
+                   float *running_mean, float *running_var) {
+  const sbn__kernels_t *k = sbn__kernels();
+  if (k->rec_track != NULL)
+    k->rec_track(recs, n, f, running_mean, running_var);
+  else
+    sbn__rec_track_ref(recs, n, f, running_mean, running_var);
 }

@@ -219,6 +219,14 @@ typedef struct sbn__kernels_s {
    * operations in the same order per record, so that processes running
    * different sets still agree and the merge stays commutative. */
   void (*rec_combine)(const sbn_rec_t *in, sbn_rec_t *inout, size_t n);
+  /* sbn_rec_stat and sbn_rec_track (syncbn.h), or NULL (the reference's).
+   * A set gives the reference's bits (the same IEEE operations in the
+   * same order, no fused multiply-add), so that the service's ranks, which
+   * may run different sets, reply and track alike. */
+  void (*rec_stat)(const sbn_rec_t *recs, size_t n, sbn_stat_t which,
+                   double eps, double *out);
+  void (*rec_track)(const sbn_rec_t *recs, size_t n, double f, float *rm,
+                    float *rv);
 } sbn__kernels_t;
 
 /* Floats of gn_fwd_nhwc's and gn_bwd_nhwc's par for C channels: four arrays of
@@ -234,6 +242,12 @@ void sbn__dropout_ref(const float *in, float *out, size_t n, uint64_t first,
 /* The reference record merge (kernels/records.c); a set's rec_combine
  * finishes its tail with it. */
 void sbn__rec_combine_ref(const sbn_rec_t *in, sbn_rec_t *inout, size_t n);
+/* The reference sbn_rec_stat and sbn_rec_track; a set's versions finish
+ * their tails with them. */
+void sbn__rec_stat_ref(const sbn_rec_t *recs, size_t n, sbn_stat_t which,
+                       double eps, double *out);
+void sbn__rec_track_ref(const sbn_rec_t *recs, size_t n, double f, float *rm,
+                        float *rv);
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(SBN_NO_AVX2)
 #define SBN__HAVE_AVX2 1
 extern const sbn__kernels_t sbn__kernels_avx2;

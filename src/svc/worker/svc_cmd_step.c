@@ -590,70 +590,6 @@ static int svc__stats_check(const svc__layer_t *l, const svc_request_t *q,
                        fwd ? "count/mean/m2" : "sum_dy/sum_dy_xhat", first);
 }
 
-/* Moves the running statistics from the reduced records exactly as a
- * training forward moves them (PyTorch's update, unbiased variance). */
-static void svc__stats_track(svc__layer_t *l, const sbn_rec_t *recs) {
-  double f = l->params.momentum;
-  if (l->params.cumulative)
-    f = 1.0 / ((double)l->state.num_batches_tracked + 1.0);
-  for (size_t c = 0; c < l->params.channels; c++) {
-    double n = recs[c].v[0];
-    double uvar = n > 1 ? recs[c].v[2] / (n - 1) : 0;
-    if (n == 0)
-      continue;
-    l->running_mean[c] =
-        (float)((1 - f) * l->running_mean[c] + f * recs[c].v[1]);
-    l->running_var[c] = (float)((1 - f) * l->running_var[c] + f * uvar);
-  }
-  l->state.num_batches_tracked++;
-}
-
-/* Value i of a stats reply (svc_stats_out_name: count, mean, biased and
- * unbiased variance, inverse standard deviation) from a reduced record. */
-static double svc__stats_one(int i, const sbn_rec_t *r, double eps) {
-  double n = r->v[0], m2 = r->v[2];
-  switch (i) {
-    case 0:
-      return n;
-    case 1:
-      return r->v[1];
-    case 2:
-      return n > 0 ? m2 / n : 0;
-    case 3:
-      return n > 1 ? m2 / (n - 1) : 0;
-    default:
-      return 1.0 / sqrt((n > 0 ? m2 / n : 0) + eps);
-  }
-}
-
-/* Vector i of a stats reply into o[0..C). The variances and invstd take
- * two channels at a time where SSE2 is there (invstd's division, square
- * root and division cost 5 us at C = 2048 so, 15 us one by one): IEEE
- * rounds each operation the same either way, and a lane the count masks
- * is +0 as the scalar 0 is, so the values are bit for bit the scalar
- * ones. */
-static void svc__stats_vec(int i, const sbn_rec_t *recs, size_t C, double eps,
-                           double *o) {
-  size_t c = 0;
-#if defined(__SSE2__)
-  if (i >= 2) {
-    const __m128d e = _mm_set1_pd(eps), one = _mm_set1_pd(1.0);
-    const __m128d lo = _mm_set1_pd(i == 3 ? 1.0 : 0.0);
-    for (; c + 2 <= C; c += 2) {
-      __m128d n = _mm_set_pd(recs[c + 1].v[0], recs[c].v[0]);
-      __m128d m2 = _mm_set_pd(recs[c + 1].v[2], recs[c].v[2]);
-      __m128d q = _mm_div_pd(m2, i == 3 ? _mm_sub_pd(n, one) : n);
-      q = _mm_and_pd(_mm_cmpgt_pd(n, lo), q);
-      if (i == 4)
-        q = _mm_div_pd(one, _mm_sqrt_pd(_mm_add_pd(q, e)));
-      _mm_storeu_pd(o + c, q);
-    }
-  }
-#endif
-  for (; c < C; c++)
-    o[c] = svc__stats_one(i, &recs[c], eps);
-}
-
 /* Completes a stats entry from the reduced records: the reply carries the
  * vectors the request did not leave out (all five unless it sent `want`),
  * computed only for it, and the running statistics move. */
@@ -692,7 +628,8 @@ static void svc__stats_done(svc_worker_t *w, svc__pend_t *p,
   for (int i = 0; i < SVC_STATS_OUTS; i++) {
     if (!(want & (1u << i)))
       continue;
-    svc__stats_vec(i, recs, C, l->params.eps, out);
+    /* The reply's vectors are in sbn_stat_t's order (svc_stats_out_name). */
+    sbn_rec_stat(recs, C, (sbn_stat_t)i, l->params.eps, out);
     svc_reply_key(&r, svc_stats_out_name(i));
     r.rc |= svc_pack_vec64(r.pk, out, C);
   }
@@ -704,8 +641,13 @@ static void svc__stats_done(svc_worker_t *w, svc__pend_t *p,
   /* The running statistics move after the reply is on its way (the
    * client waits for it, not for them); the next request of any client
    * runs after this and sees them moved. */
-  if (l->tracking && any)
-    svc__stats_track(l, recs);
+  if (l->tracking && any) {
+    double f = l->params.momentum;
+    if (l->params.cumulative)
+      f = 1.0 / ((double)l->state.num_batches_tracked + 1.0);
+    sbn_rec_track(recs, C, f, l->running_mean, l->running_var);
+    l->state.num_batches_tracked++;
+  }
 }
 
 static void svc__stats_backward_done(svc_worker_t *w, svc__pend_t *p,
