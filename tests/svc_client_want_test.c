@@ -30,6 +30,7 @@ typedef enum {
   R_AS_ASKED,   /* the vectors the request wants */
   R_NO_INVSTD,  /* all but invstd */
   R_SHORT_MEAN, /* mean with NC - 1 values */
+  R_ECHO,       /* the wanted vectors are the request's mean, then m2 */
 } reply_kind_t;
 
 typedef struct fake_s {
@@ -38,6 +39,8 @@ typedef struct fake_s {
   int n;
   unsigned skip[8]; /* each request's decoded skip set */
   double v[SVC_STATS_OUTS][NC];
+  const double *counts; /* R_ECHO: the count vector expected, or NULL */
+  int counts_ok;
 } fake_t;
 
 static int read_all(int fd, void *p, size_t n) {
@@ -60,6 +63,29 @@ static int write_all(int fd, const void *p, size_t n) {
   return 0;
 }
 
+/* R_ECHO: a stats request's mean and m2 come back as the two vectors it
+ * wants (mean and invstd), a stats_backward's two sums as its sums; the
+ * count vector is compared with the one expected. */
+static int fake_echo(fake_t *f, int fd, const svc_request_t *q) {
+  int fwd = q->op == SVC_OP_STATS;
+  uint8_t *buf = NULL;
+  size_t len = 0;
+  svc_reply_t r;
+  f->counts_ok =
+      f->counts == NULL || (!q->count.scalar && q->count.n == q->mean.n &&
+                            memcmp(q->count.v, f->counts, q->count.n * 8) == 0);
+  svc_reply_begin(&r, &q->id, 2, 0);
+  svc_reply_key(&r, fwd ? "mean" : "sum_dy");
+  r.rc |= svc_pack_vec64(r.pk, q->mean.v, q->mean.n);
+  svc_reply_key(&r, fwd ? "invstd" : "sum_dy_xhat");
+  r.rc |= svc_pack_vec64(r.pk, q->m2.v, q->m2.n);
+  if (svc_reply_end(&r, &buf, &len) != 0)
+    return -1;
+  int rc = write_all(fd, buf, len);
+  free(buf);
+  return rc;
+}
+
 /* One reply of kind k to q. */
 static int fake_reply(fake_t *f, int fd, const svc_request_t *q,
                       reply_kind_t k) {
@@ -74,6 +100,8 @@ static int fake_reply(fake_t *f, int fd, const svc_request_t *q,
     keep &= ~(unsigned)SVC_STATS_INVSTD;
   for (int i = 0; i < SVC_STATS_OUTS; i++)
     nv += (keep >> i) & 1u;
+  if (k == R_ECHO)
+    return fake_echo(f, fd, q);
   svc_reply_begin(&r, &q->id, nv, 0);
   for (int i = 0; i < SVC_STATS_OUTS; i++) {
     if (!(keep & (1u << i)))
@@ -223,10 +251,53 @@ static void test_broken_replies(void **st) {
   fake_stop(&f, t, c, dir);
 }
 
+/* A request of megabytes goes out in several sendmsg calls (the socket
+ * takes less at once), from the caller's arrays: the worker must get
+ * every byte of count, mean and m2 in order. The scripted worker echoes
+ * mean as the reply's mean and m2 as its invstd. */
+static void test_large_request(void **st) {
+  static const reply_kind_t script[] = {R_ECHO, R_ECHO};
+  enum { BIG = 300001 };
+  double *mean = malloc(BIG * 8), *m2 = malloc(BIG * 8), *cnt = malloc(BIG * 8);
+  double *a = malloc(BIG * 8), *b = malloc(BIG * 8);
+  char dir[] = "/tmp/sbn-want-XXXXXX";
+  fake_t f;
+  pthread_t t;
+  sbn_client_t *c;
+  (void)st;
+  assert_true(mean && m2 && cnt && a && b);
+  for (size_t k = 0; k < BIG; k++) {
+    mean[k] = (double)k / 3.0;
+    m2[k] = 1e6 - (double)k;
+    cnt[k] = (double)(k % 17 + 2);
+  }
+  c = fake_start(&f, &t, dir, script, 2);
+  f.counts = cnt;
+  sbn_client_stats_t two = {NULL, a, NULL, NULL, b};
+  assert_int_equal(sbn_client_stats(c, 0, 1, BIG, 0, cnt, mean, m2, &two), 0);
+  assert_true(f.counts_ok);
+  assert_memory_equal(a, mean, BIG * 8);
+  assert_memory_equal(b, m2, BIG * 8);
+  /* stats_backward's two vectors the same way (echoed as its sums). */
+  memset(a, 0, BIG * 8);
+  memset(b, 0, BIG * 8);
+  f.counts = NULL;
+  assert_int_equal(sbn_client_stats_backward(c, 0, 1, BIG, mean, m2, a, b), 0);
+  assert_memory_equal(a, mean, BIG * 8);
+  assert_memory_equal(b, m2, BIG * 8);
+  fake_stop(&f, t, c, dir);
+  free(mean);
+  free(m2);
+  free(cnt);
+  free(a);
+  free(b);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_want_and_older_worker),
       cmocka_unit_test(test_broken_replies),
+      cmocka_unit_test(test_large_request),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -180,8 +180,8 @@ int sbn_client_batch_stats(sbn_client_batch_t *b, uint64_t layer, uint64_t step,
   size_t old = b->sb.size;
   return sbn__batch_commit(
       b, what,
-      sbn__pack_stats(&b->pk, b->n, layer, step, channels, count, counts, mean,
-                      m2, SVC_STATS_ALL),
+      sbn__pack_stats(&b->pk, NULL, b->n, layer, step, channels, count, counts,
+                      mean, m2, SVC_STATS_ALL),
       old);
 }
 
@@ -200,8 +200,8 @@ int sbn_client_batch_stats_backward(sbn_client_batch_t *b, uint64_t layer,
   size_t old = b->sb.size;
   return sbn__batch_commit(
       b, what,
-      sbn__pack_stats_backward(&b->pk, b->n, layer, step, channels, sum_dy,
-                               sum_dy_xhat),
+      sbn__pack_stats_backward(&b->pk, NULL, b->n, layer, step, channels,
+                               sum_dy, sum_dy_xhat),
       old);
 }
 

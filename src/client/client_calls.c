@@ -232,8 +232,8 @@ int sbn_client_stats(sbn_client_t *c, uint64_t layer, uint64_t step,
   for (int i = 0; i < SVC_STATS_OUTS; i++)
     want |= outs[i] != NULL ? 1u << i : 0;
   sbn__req_init(c, &r);
-  r.bad |= sbn__pack_stats(&r.pk, r.id, layer, step, channels, count, counts,
-                           mean, m2, want);
+  r.bad |= sbn__pack_stats(&r.pk, &r, r.id, layer, step, channels, count,
+                           counts, mean, m2, want);
   if ((rc = sbn__call(c, &r, &p)) != 0)
     return rc;
   rc = sbn__take_stats(c, &p.root, channels, outs[0], outs[1], outs[2], outs[3],
@@ -254,8 +254,8 @@ int sbn_client_stats_backward(sbn_client_t *c, uint64_t layer, uint64_t step,
                             sum_dy_xhat, "sum_dy_xhat")) != 0)
     return rc;
   sbn__req_init(c, &r);
-  r.bad |= sbn__pack_stats_backward(&r.pk, r.id, layer, step, channels, sum_dy,
-                                    sum_dy_xhat);
+  r.bad |= sbn__pack_stats_backward(&r.pk, &r, r.id, layer, step, channels,
+                                    sum_dy, sum_dy_xhat);
   if ((rc = sbn__call(c, &r, &p)) != 0)
     return rc;
   if ((rc = sbn__take_vec64(c, &p.root, "sum_dy", channels, group_sum_dy)) == 0)

@@ -174,34 +174,33 @@ static int sbn__send(sbn_client_t *c, const void *buf, size_t len) {
   return 0;
 }
 
-/* Sends a then b (either may be empty) with as few calls as the socket
- * allows: one sendmsg of both pieces, then the rest of whatever it did
- * not take. */
-static int sbn__send2(sbn_client_t *c, const void *a, size_t na, const void *b,
-                      size_t nb) {
-  struct iovec v[2];
+/* Sends the n pieces v[0..n) in order with as few calls as the socket
+ * allows: sendmsg of all of them, again from where it stopped, until
+ * every byte is out. v is consumed. */
+static int sbn__sendv(sbn_client_t *c, struct iovec *v, int n) {
   struct msghdr m;
-  ssize_t w;
-  if (nb == 0)
-    return sbn__send(c, a, na);
-  v[0].iov_base = (void *)a;
-  v[0].iov_len = na;
-  v[1].iov_base = (void *)b;
-  v[1].iov_len = nb;
-  memset(&m, 0, sizeof m);
-  m.msg_iov = v;
-  m.msg_iovlen = 2;
-  do
-    w = sendmsg(c->fd, &m, MSG_NOSIGNAL);
-  while (w < 0 && errno == EINTR);
-  if (w < 0)
-    return sbn__fail(c, sbn__errno_rc(errno), "send: %s", strerror(errno));
-  if ((size_t)w < na) {
-    int rc = sbn__send(c, (const char *)a + w, na - (size_t)w);
-    return rc != 0 ? rc : sbn__send(c, b, nb);
+  while (n > 0) {
+    ssize_t w;
+    memset(&m, 0, sizeof m);
+    m.msg_iov = v;
+    m.msg_iovlen = (size_t)n;
+    do
+      w = sendmsg(c->fd, &m, MSG_NOSIGNAL);
+    while (w < 0 && errno == EINTR);
+    if (w < 0)
+      return sbn__fail(c, sbn__errno_rc(errno), "send: %s", strerror(errno));
+    size_t done = (size_t)w;
+    while (n > 0 && done >= v->iov_len) {
+      done -= v->iov_len;
+      v++;
+      n--;
+    }
+    if (n > 0) {
+      v->iov_base = (char *)v->iov_base + done;
+      v->iov_len -= done;
+    }
   }
-  return sbn__send(c, (const char *)b + ((size_t)w - na),
-                   nb - ((size_t)w - na));
+  return 0;
 }
 
 int sbn_client_send_raw(sbn_client_t *c, const void *buf, size_t len) {
@@ -286,13 +285,18 @@ int sbn_client_recv_frame(sbn_client_t *c, uint8_t **body, size_t *len) {
 
 int sbn__req_send(sbn_client_t *c, sbn__req_t *r, const void *tail,
                   size_t tail_len) {
-  size_t body;
-  int rc;
+  /* The frame's pieces: the packed bytes around each external piece, then
+   * the tail. */
+  struct iovec v[2 * SBN__REQ_EXT + 2];
+  size_t body, at = 0;
+  int n = 0, rc;
   if (r->bad || r->sb.data == NULL || r->sb.size < 4) {
     msgpack_sbuffer_destroy(&r->sb);
     return sbn__fail(c, SBN_ENOMEM, "request: out of memory");
   }
   body = r->sb.size - 4 + tail_len;
+  for (int i = 0; i < r->next; i++)
+    body += r->ext[i].n;
   if (body > UINT32_MAX) {
     msgpack_sbuffer_destroy(&r->sb);
     return sbn__fail(c, SBN_ELIMIT, "request: larger than 4 GiB");
@@ -301,7 +305,17 @@ int sbn__req_send(sbn_client_t *c, sbn__req_t *r, const void *tail,
   r->sb.data[1] = (char)(body >> 16);
   r->sb.data[2] = (char)(body >> 8);
   r->sb.data[3] = (char)body;
-  rc = sbn__send2(c, r->sb.data, r->sb.size, tail, tail_len);
+  for (int i = 0; i <= r->next; i++) {
+    size_t end = i < r->next ? r->ext[i].at : r->sb.size;
+    if (end > at)
+      v[n++] = (struct iovec){r->sb.data + at, end - at};
+    if (i < r->next && r->ext[i].n > 0)
+      v[n++] = (struct iovec){(void *)r->ext[i].p, r->ext[i].n};
+    at = end;
+  }
+  if (tail_len > 0)
+    v[n++] = (struct iovec){(void *)tail, tail_len};
+  rc = sbn__sendv(c, v, n);
   msgpack_sbuffer_destroy(&r->sb);
   return rc;
 }

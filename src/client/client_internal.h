@@ -54,12 +54,31 @@ int sbn__tcp_connect(sbn_client_t *c, const char *host, int port);
 /* ------------------------------------------------------------------ */
 /* Requests */
 
+/* A piece of a request's body sent from the caller's memory instead of
+ * being copied into the frame: p[0..n) goes where the frame's first at
+ * bytes end. */
+typedef struct sbn__ext_s {
+  size_t at;
+  const void *p;
+  size_t n;
+} sbn__ext_t;
+
+#define SBN__REQ_EXT 3
+
 typedef struct sbn__req_s {
   msgpack_sbuffer sb;
   msgpack_packer pk;
   uint64_t id;
   int bad; /* nonzero: packing ran out of memory */
+  sbn__ext_t ext[SBN__REQ_EXT];
+  int next;
 } sbn__req_t;
+
+/* Packs the f64 vector v[0..n) into pk; with r (whose packer pk is), only
+ * its header, and v's bytes are sent from v by sbn__req_send. v must then
+ * stay unchanged until the request is sent. */
+int sbn__pack_vec64(msgpack_packer *pk, sbn__req_t *r, const double *v,
+                    size_t n);
 
 /* Packs a string (a key, or a string value). */
 int sbn__key(msgpack_packer *pk, const char *k);
@@ -83,6 +102,9 @@ int sbn__req_send(sbn_client_t *c, sbn__req_t *r, const void *tail,
 /* Packs the keys layer and step. */
 int sbn__pack_layer_step(msgpack_packer *pk, uint64_t layer, uint64_t step);
 
+/* The stats requests' vectors (with r != NULL) go out by sbn__pack_vec64
+ * from the caller's arrays: a stats entry of 2048 channels copied 32 KB
+ * into a growing frame (8, 16, 32 then 64 KB) before its send. */
 /* The request maps that a batch can hold, packed by one function each
  * for the single calls and the batch queue. The tensor (x, dy) is the
  * map's last value; with x (dy) NULL its bytes are left out, for the
@@ -96,12 +118,12 @@ int sbn__pack_backward(msgpack_packer *pk, uint64_t id, uint64_t layer,
                        const float *dy, size_t numel);
 /* want: the reply's vectors as a bit set (SVC_STATS_*); SVC_STATS_ALL
  * sends no `want` key, the request of every protocol version. */
-int sbn__pack_stats(msgpack_packer *pk, uint64_t id, uint64_t layer,
-                    uint64_t step, size_t channels, uint64_t count,
-                    const double *counts, const double *mean, const double *m2,
-                    unsigned want);
-int sbn__pack_stats_backward(msgpack_packer *pk, uint64_t id, uint64_t layer,
-                             uint64_t step, size_t channels,
+int sbn__pack_stats(msgpack_packer *pk, sbn__req_t *r, uint64_t id,
+                    uint64_t layer, uint64_t step, size_t channels,
+                    uint64_t count, const double *counts, const double *mean,
+                    const double *m2, unsigned want);
+int sbn__pack_stats_backward(msgpack_packer *pk, sbn__req_t *r, uint64_t id,
+                             uint64_t layer, uint64_t step, size_t channels,
                              const double *sum_dy, const double *sum_dy_xhat);
 
 /* The checks that stats and stats_backward (single or queued) make of

@@ -14,6 +14,18 @@ void sbn__req_init(sbn_client_t *c, sbn__req_t *r) {
   msgpack_packer_init(&r->pk, &r->sb, msgpack_sbuffer_write);
   r->bad = msgpack_sbuffer_write(&r->sb, "\0\0\0\0", 4);
   r->id = c->next_id++;
+  r->next = 0;
+}
+
+int sbn__pack_vec64(msgpack_packer *pk, sbn__req_t *r, const double *v,
+                    size_t n) {
+  if (r == NULL || n == 0)
+    return svc_pack_vec64(pk, v, n);
+  if (r->next == SBN__REQ_EXT)
+    return -1; /* a packing bug, refused as a failed write */
+  int rc = svc_pack_vec64_open(pk, n);
+  r->ext[r->next++] = (sbn__ext_t){r->sb.size, v, n * sizeof(double)};
+  return rc;
 }
 
 int sbn__pack_head(msgpack_packer *pk, const char *op, uint64_t id, size_t n) {
@@ -79,10 +91,10 @@ int sbn__pack_backward(msgpack_packer *pk, uint64_t id, uint64_t layer,
 
 /* stats: the count is one uint for every channel, or an f64 tensor; a
  * `want` list when the caller wants fewer than all five vectors back. */
-int sbn__pack_stats(msgpack_packer *pk, uint64_t id, uint64_t layer,
-                    uint64_t step, size_t channels, uint64_t count,
-                    const double *counts, const double *mean, const double *m2,
-                    unsigned want) {
+int sbn__pack_stats(msgpack_packer *pk, sbn__req_t *r, uint64_t id,
+                    uint64_t layer, uint64_t step, size_t channels,
+                    uint64_t count, const double *counts, const double *mean,
+                    const double *m2, unsigned want) {
   int all = (want & SVC_STATS_ALL) == SVC_STATS_ALL, n = 0;
   int rc = sbn__pack_head(pk, "stats", id, all ? 7 : 8);
   if (!all) {
@@ -97,25 +109,25 @@ int sbn__pack_stats(msgpack_packer *pk, uint64_t id, uint64_t layer,
   rc |= sbn__pack_layer_step(pk, layer, step);
   rc |= sbn__key(pk, "count");
   if (counts != NULL)
-    rc |= svc_pack_vec64(pk, counts, channels);
+    rc |= sbn__pack_vec64(pk, r, counts, channels);
   else
     rc |= msgpack_pack_uint64(pk, count);
   rc |= sbn__key(pk, "mean");
-  rc |= svc_pack_vec64(pk, mean, channels);
+  rc |= sbn__pack_vec64(pk, r, mean, channels);
   rc |= sbn__key(pk, "m2");
-  rc |= svc_pack_vec64(pk, m2, channels);
+  rc |= sbn__pack_vec64(pk, r, m2, channels);
   return rc;
 }
 
-int sbn__pack_stats_backward(msgpack_packer *pk, uint64_t id, uint64_t layer,
-                             uint64_t step, size_t channels,
+int sbn__pack_stats_backward(msgpack_packer *pk, sbn__req_t *r, uint64_t id,
+                             uint64_t layer, uint64_t step, size_t channels,
                              const double *sum_dy, const double *sum_dy_xhat) {
   int rc = sbn__pack_head(pk, "stats_backward", id, 6);
   rc |= sbn__pack_layer_step(pk, layer, step);
   rc |= sbn__key(pk, "sum_dy");
-  rc |= svc_pack_vec64(pk, sum_dy, channels);
+  rc |= sbn__pack_vec64(pk, r, sum_dy, channels);
   rc |= sbn__key(pk, "sum_dy_xhat");
-  rc |= svc_pack_vec64(pk, sum_dy_xhat, channels);
+  rc |= sbn__pack_vec64(pk, r, sum_dy_xhat, channels);
   return rc;
 }
 

@@ -404,5 +404,7 @@ int svc_decode_tensor_view(const struct msgpack_object *o, const char *what,
 void svc_tensor_free(svc_tensor_t *t);
 /* Packs a 1-D f64 tensor {dtype: "f64", shape: [n], data, layout}. */
 int svc_pack_vec64(struct msgpack_packer *pk, const double *v, size_t n);
+/* The same up to the data's bin header: the n doubles are to follow. */
+int svc_pack_vec64_open(struct msgpack_packer *pk, size_t n);
 
 #endif /* SBN_SVC_CODEC_H */

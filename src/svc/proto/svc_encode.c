@@ -408,6 +408,13 @@ int svc_encode_batch(const svc_id_t *id, uint8_t *const *subs,
 }
 
 int svc_pack_vec64(msgpack_packer *pk, const double *v, size_t n) {
+  int rc = svc_pack_vec64_open(pk, n);
+  if (rc == 0 && n > 0 && msgpack_pack_bin_body(pk, v, n * sizeof(double)) != 0)
+    rc = svc_set_error(SVC_RESOURCE, "reply: out of memory");
+  return rc;
+}
+
+int svc_pack_vec64_open(msgpack_packer *pk, size_t n) {
   int rc = 0;
   rc |= msgpack_pack_map(pk, 4);
   svc__pack_key(pk, "dtype");
@@ -419,8 +426,6 @@ int svc_pack_vec64(msgpack_packer *pk, const double *v, size_t n) {
   rc |= msgpack_pack_str_with_body(pk, "nchw", 4);
   svc__pack_key(pk, "data");
   rc |= msgpack_pack_bin(pk, n * sizeof(double));
-  if (n > 0)
-    rc |= msgpack_pack_bin_body(pk, v, n * sizeof(double));
   return rc != 0 ? svc_set_error(SVC_RESOURCE, "reply: out of memory") : 0;
 }
 

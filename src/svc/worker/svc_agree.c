@@ -57,13 +57,14 @@ svc__pend_t *svc__pend_alloc(svc_worker_t *w, uint64_t name, uint64_t step,
   svc__pend_t *p = calloc(1, sizeof *p);
   if (p == NULL)
     return NULL;
-  p->recs = calloc(nrec > 0 ? nrec : 1, sizeof *p->recs);
+  p->recs = malloc((nrec > 0 ? nrec : 1) * sizeof *p->recs);
   if (p->recs == NULL) {
     free(p);
     return NULL;
   }
+  /* Identity records of the entry's kind, written in one pass. */
   for (size_t i = 0; i < nrec; i++)
-    p->recs[i].tag = tag;
+    p->recs[i] = (sbn_rec_t){(double)tag, {0, 0, 0}};
   p->name = name;
   p->step = step;
   p->dir = dir;
@@ -581,7 +582,7 @@ int svc__reduce_begin(svc_worker_t *w, const svc__gent_t *rd, size_t nr,
                       size_t nrec) {
   size_t at = 0, nready = w->ncready + nr;
   int rc;
-  if (svc__rbuf_zero(w, nrec) != 0)
+  if (svc__rbuf_zero(w, nrec, 1) != 0)
     return svc_set_error(SVC_RESOURCE, "agreement: out of memory");
   for (size_t i = 0; i < nready; i++) {
     const svc__gent_t *e = i < w->ncready ? &w->cready[i] : &rd[i - w->ncready];

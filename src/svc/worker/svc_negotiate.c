@@ -392,13 +392,18 @@ static int svc__spec_fill(svc_worker_t *w, svc__pend_t **pick,
   svc__spec_t *sp = &w->spec;
   size_t at = 1 + sp->nset;
   int other = stale_or_full != 0;
-  w->rbuf[0].tag = SBN_REC_SUM;
+  const sbn_rec_t none = {SBN_REC_SUM, {0, 0, 0}};
+  /* Every record is written once (the buffer is not zeroed first): an
+   * entry's records are copied over its slot whole, tags included, and
+   * the slots without one get identity records. */
+  w->rbuf[0] = none;
   for (uint32_t i = 0; i < sp->nset; i++) {
     const svc__slot_t *sl = &w->slots[sp->set[i]];
     svc__pend_t *p = svc__slot_mine(w, sl) ? pick[sp->set[i]] : NULL;
-    w->rbuf[1 + i].tag = SBN_REC_SUM;
-    for (uint32_t c = 0; c < sl->C; c++)
-      w->rbuf[at + c].tag = sl->tag;
+    w->rbuf[1 + i] = none;
+    if (p == NULL)
+      for (uint32_t c = 0; c < sl->C; c++)
+        w->rbuf[at + c] = (sbn_rec_t){sl->tag, {0, 0, 0}};
     if (p != NULL) {
       double d = (double)(p->step - sl->last_step);
       w->rbuf[1 + i].v[0] = 1;
@@ -427,7 +432,7 @@ static int svc__spec_fill(svc_worker_t *w, svc__pend_t **pick,
   return other;
 }
 
-int svc__rbuf_zero(svc_worker_t *w, size_t n) {
+int svc__rbuf_zero(svc_worker_t *w, size_t n, int zero) {
   if (n > w->rbuf_cap || w->rbuf == NULL) {
     sbn_rec_t *b = calloc(n > 0 ? n : 1, sizeof *b);
     if (b == NULL)
@@ -437,7 +442,8 @@ int svc__rbuf_zero(svc_worker_t *w, size_t n) {
     w->rbuf_cap = n > 0 ? n : 1;
     return 0;
   }
-  memset(w->rbuf, 0, n * sizeof *w->rbuf);
+  if (zero)
+    memset(w->rbuf, 0, n * sizeof *w->rbuf);
   return 0;
 }
 
@@ -450,7 +456,7 @@ int svc__spec_begin(svc_worker_t *w) {
     return 0;
   pick = calloc(w->slot_hi + 1, sizeof *pick);
   stale = calloc(W + 1, sizeof *stale);
-  if (pick == NULL || stale == NULL || svc__rbuf_zero(w, nrec) != 0) {
+  if (pick == NULL || stale == NULL || svc__rbuf_zero(w, nrec, 0) != 0) {
     free(pick);
     free(stale);
     return svc_set_error(SVC_RESOURCE, "agreement: out of memory");

@@ -319,8 +319,9 @@ typedef struct svc__gmsg_s {
 
 /* Makes w->rbuf n zeroed records, keeping its allocation from round to
  * round (a fresh one each round cost the heap's trim and page faults at
- * tens of KiB); 0, or -SVC_RESOURCE with nothing changed. */
-int svc__rbuf_zero(svc_worker_t *w, size_t n);
+ * tens of KiB); 0, or -SVC_RESOURCE with nothing changed. With zero 0
+ * the records are left as they are, for a caller that writes each. */
+int svc__rbuf_zero(svc_worker_t *w, size_t n, int zero);
 
 /* The negotiation round (svc_negotiate.c), shared with the gather and
  * reduce steps of svc_agree.c. */
