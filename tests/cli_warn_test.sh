@@ -1,7 +1,8 @@
 #!/bin/sh
 # Messages for rank counts and option values that do not do what was meant:
 #   cli_warn_test.sh MPIRUN SYNCBND SYNCBN
-# - syncbnd --max-clients 0 / --cycle-us 0 / --cache-slots 0 exit 2
+# - syncbnd --max-clients 0 / --cycle-us 0 / --cache-slots 0 and a
+#   --poll-us out of range or not a number exit 2
 #   naming the option, ranks started with different --cache-slots (or
 #   --no-speculate on some only) exit 1 naming them;
 #   syncbnd --version prints the version and the protocol;
@@ -35,6 +36,8 @@ expect 2 "max-clients: must be at least 1" "$SYNCBND" --max-clients 0
 expect 2 "cycle-us: must be at least 1" "$SYNCBND" --cycle-us 0
 expect 0 "^syncbnd [0-9.]* (protocol [0-9]*)" "$SYNCBND" --version
 expect 2 "cache-slots: must be at least 1" "$SYNCBND" --cache-slots 0
+expect 2 "poll-us: '2000000' is not in \\[0, 1000000\\]" "$SYNCBND" --poll-us 2000000
+expect 2 "poll-us: expected a number, got 'x'" "$SYNCBND" --poll-us x
 # Ranks with different cache sizes would evict different slots: refused
 # before anything is served.
 # shellcheck disable=SC2086

@@ -223,6 +223,10 @@ int svc_server_parse_option(const char *a, const char *v,
     if ((rc = svc__opt_u64(a, v, 1, 1 << 20, &u)) != 0)
       return rc;
     cfg->backlog = (int)u;
+  } else if (strcmp(a, "--poll-us") == 0) {
+    if ((rc = svc__opt_u64(a, v, 0, 1000000, &u)) != 0)
+      return rc;
+    cfg->poll_us = u == 0 ? -1 : (int64_t)u;
   } else {
     return 1;
   }
@@ -235,6 +239,7 @@ void svc_server_copy_options(svc_server_config_t *dst,
   dst->max_preauth = src->max_preauth;
   dst->max_preauth_per_addr = src->max_preauth_per_addr;
   dst->backlog = src->backlog;
+  dst->poll_us = src->poll_us;
 }
 
 const char *svc_server_options_help(void) {
@@ -253,5 +258,14 @@ const char *svc_server_options_help(void) {
          "4)\n"
          "  --backlog N          listen backlog (default: the system's "
          "maximum,\n"
-         "                       /proc/sys/net/core/somaxconn)\n";
+         "                       /proc/sys/net/core/somaxconn)\n"
+         "  --poll-us US         after a reply, keep polling the sockets for "
+         "US\n"
+         "                       microseconds (giving the core to any other "
+         "process\n"
+         "                       between polls) before sleeping, so that a "
+         "request\n"
+         "                       right behind it needs no wake-up; 0 = never "
+         "(default\n"
+         "                       200)\n";
 }

@@ -1,8 +1,30 @@
 /* The server's fast paths: see svc_io.h. */
 #include "svc_io.h"
 
+#include <sched.h>
+#include <time.h>
+
+static double svc__mono(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+
+/* Whether the loop is only polling for a client's next request (no round
+ * of the worker in flight). */
+static int svc__polling(const svc__spin_t *sp) {
+  return sp->poll_until > 0 && svc__mono() < sp->poll_until;
+}
+
 static void svc__on_spin(uv_idle_t *h) {
-  svc__spin_kick(h->data);
+  svc__spin_t *sp = h->data;
+  /* Polling for a request is worth less than any other process's work on
+   * an oversubscribed machine (the client itself, on one core with its
+   * worker): the core goes to whoever else can run, and the poll goes on
+   * when it comes back. */
+  if (!svc_worker_busy(sp->worker))
+    sched_yield();
+  svc__spin_kick(sp);
 }
 
 void svc__spin_init(svc__spin_t *sp, uv_loop_t *loop, svc_worker_t *worker,
@@ -14,6 +36,7 @@ void svc__spin_init(svc__spin_t *sp, uv_loop_t *loop, svc_worker_t *worker,
   sp->fn = fn;
   sp->arg = arg;
   sp->worker = worker;
+  sp->poll_until = 0;
 }
 
 void svc__spin_kick(svc__spin_t *sp) {
@@ -23,13 +46,21 @@ void svc__spin_kick(svc__spin_t *sp) {
   sp->fn(sp->arg);
   if (sp->closed)
     return; /* the tick stopped the server */
-  busy = svc_worker_busy(sp->worker);
+  busy = svc_worker_busy(sp->worker) || svc__polling(sp);
   if (busy && !sp->on) {
     sp->on = uv_idle_start(&sp->idle, svc__on_spin) == 0;
   } else if (!busy && sp->on) {
     uv_idle_stop(&sp->idle);
     sp->on = 0;
   }
+}
+
+void svc__spin_poll(svc__spin_t *sp) {
+  if (!sp->inited || sp->closed || sp->poll_s <= 0)
+    return;
+  sp->poll_until = svc__mono() + sp->poll_s;
+  if (!sp->on)
+    sp->on = uv_idle_start(&sp->idle, svc__on_spin) == 0;
 }
 
 void svc__spin_close(svc__spin_t *sp) {

@@ -12,19 +12,25 @@
 
 /* Runs fn(arg) on every loop iteration while svc_worker_busy(worker), so
  * that a round's collectives follow each other without waiting for the
- * timer, and lets the loop sleep when it is not. */
+ * timer, and for poll_s seconds after svc__spin_poll (a reply went out),
+ * so that a request right behind it is read without a wake-up; lets the
+ * loop sleep otherwise. */
 typedef struct svc__spin_s {
   uv_idle_t idle;
   int inited, on, closed;
   void (*fn)(void *arg);
   void *arg;
   svc_worker_t *worker;
+  double poll_s, poll_until; /* CLOCK_MONOTONIC seconds */
 } svc__spin_t;
 
 void svc__spin_init(svc__spin_t *sp, uv_loop_t *loop, svc_worker_t *worker,
                     void (*fn)(void *arg), void *arg);
 /* Runs fn now, then starts or stops the spinning as the worker needs. */
 void svc__spin_kick(svc__spin_t *sp);
+/* Keeps the loop polling for sp->poll_s seconds from now (a reply went
+ * out); a no-op when poll_s is 0. */
+void svc__spin_poll(svc__spin_t *sp);
 /* Closes the idle handle (with the loop's other handles at shutdown). */
 void svc__spin_close(svc__spin_t *sp);
 

@@ -155,6 +155,7 @@ static void svc__frame_done(svc__conn_t *c) {
     svc__adm_idle(&c->adm, 1, svc__now(c->srv));
   }
   svc__send_frame(c, &reply);
+  svc__spin_poll(&c->srv->spin);
   if (c->close_after && !c->closing && c->writes == 0)
     svc__conn_close(c);
 }
@@ -286,6 +287,7 @@ void svc_server_deliver(void *ctx, void *token, svc_frame_t *reply) {
   c->pending = 0;
   svc__adm_idle(&c->adm, 1, svc__now(c->srv));
   svc__send_frame(c, reply);
+  svc__spin_poll(&c->srv->spin);
   if (c->closing)
     return;
   svc__arm(c, c->srv->cfg.idle_timeout);
@@ -565,6 +567,9 @@ int svc_server_set_tick(svc_server_t *s, uint64_t period_us,
   s->tick_arg = arg;
   uv_timer_init(&s->loop, &s->tick);
   svc__spin_init(&s->spin, &s->loop, s->worker, fn, arg);
+  s->spin.poll_s = s->cfg.poll_us == 0  ? SVC_POLL_US_DEFAULT * 1e-6
+                   : s->cfg.poll_us < 0 ? 0
+                                        : (double)s->cfg.poll_us * 1e-6;
   s->tick.data = s;
   s->ticking = 1;
   if ((rc = uv_timer_start(&s->tick, svc__on_tick, ms, ms > 0 ? ms : 1)) != 0)

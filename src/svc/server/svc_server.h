@@ -59,10 +59,20 @@ typedef struct svc_server_config_s {
   uint32_t max_preauth_per_addr; /* of those, from one source address */
   uint64_t max_memory; /* input buffered + output queued, all clients */
   int backlog;         /* listen backlog; 0: the system's maximum */
+  /* Microseconds the loop keeps polling the sockets after a reply before
+   * it sleeps (0: SVC_POLL_US_DEFAULT; negative: never). */
+  int64_t poll_us;
 } svc_server_config_t;
 
+/* A client's next request usually follows its reply within tens of
+ * microseconds (the next layer's statistics); read by a loop still
+ * polling it costs no wake-up, which on a virtual machine is most of a
+ * stats entry. */
+#define SVC_POLL_US_DEFAULT 200
+
 /* Parses one of the server's own options of syncbnd (--max-memory BYTES,
- * --max-preauth N, --max-preauth-per-addr N, --backlog N) with value v
+ * --max-preauth N, --max-preauth-per-addr N, --backlog N, --poll-us US)
+ * with value v
  * into cfg: 0 when it was one, 1 when a is none of them, or -BAD_PARAMS
  * naming a. svc_server_options_help() is their --help text. */
 int svc_server_parse_option(const char *a, const char *v,
