@@ -18,7 +18,9 @@
  * the short-run sums can reduce 16 channels with one transposing tree.
  * While a unit's dx is written, the next unit's x and dy are prefetched,
  * so memory is read while the cached unit is computed, instead of the
- * loads of each unit's sums starting from memory after its dx. */
+ * loads of each unit's sums starting from memory after its dx. Planes
+ * of 16 to 256 values in groups of 1, 2, 4, 8 or a multiple of 16
+ * channels go to kernels_avx512_gnbwd.c's tiles. */
 #include "kernels/sbn_kernels.h"
 
 #ifdef SBN__HAVE_AVX512
@@ -71,28 +73,6 @@ static inline int gn_nt(size_t total, size_t tensors) {
  * 8x512x28x28, five alternated runs). */
 #define GN_FWD_UNIT 16384u
 
-/* The float sums of nc <= 16 runs of up to GN_TILE_L values (L apart,
- * run j shifted by ph[j]) reduced together by the transposing tree: lane
- * j of *ta and *tb holds run j's sum of dy and dy * (x - h) (bwd), or of
- * x - h and its square. */
-static inline __attribute__((always_inline)) void tile16(
-    int bwd, const float *x, const float *dy, size_t nc, size_t L,
-    const float *ph, __m512 *ta, __m512 *tb) {
-  __m512 va[16], vb[16];
-  size_t full = L & ~(size_t)15;
-  __mmask16 tm = tail_mask(L - full);
-  for (size_t j = 0; j < 16; j++) {
-    __m512 a = _mm512_setzero_ps(), b = a;
-    if (j < nc)
-      short_run(bwd, x + j * L, bwd ? dy + j * L : NULL, full, tm,
-                _mm512_set1_ps(ph[j]), &a, &b);
-    va[j] = a;
-    vb[j] = b;
-  }
-  *ta = tree16(va);
-  *tb = tree16(vb);
-}
-
 /* The backward's sums for nc <= 16 runs of 16 <= S <= GN_SHORT_S values,
  * channel j shifted by ph[j], added into t1 and t2. */
 static void tile_sums(const float *x, const float *dy, size_t nc, size_t S,
@@ -137,12 +117,6 @@ static void unit_sums(const float *x, const float *dy, size_t g0, size_t g1,
   }
 }
 
-/* The dx parameters of one channel as vectors: k1 = istd * w[c], and its
- * group's q, h and r (dx = k1 * dy + (q * (x - h) + r)). */
-typedef struct {
-  __m512 k, q, h, r;
-} gn_vpar_t;
-
 /* A group's float q, h, r and istd. */
 typedef struct {
   float q, h, r;
@@ -156,13 +130,6 @@ static inline gn_vpar_t vpar(const gn_gpar_t *gp, const float *w, size_t c) {
   v.h = _mm512_set1_ps(gp->h);
   v.r = _mm512_set1_ps(gp->r);
   return v;
-}
-
-/* dx of 16 values (the lanes of m). */
-static inline __m512 dx16f(const float *p, const float *d, __mmask16 m,
-                           gn_vpar_t v) {
-  __m512 t = _mm512_fmadd_ps(v.q, _mm512_sub_ps(load16(m, p), v.h), v.r);
-  return _mm512_fmadd_ps(v.k, load16(m, d), t);
 }
 
 /* Lanes of m take b's parameters, the others a's. */
@@ -249,183 +216,45 @@ static gn_gpar_t group_par(size_t g, size_t cpg, size_t S, const double *mean,
 }
 
 /* ------------------------------------------------------------------ */
-/* The flat stream over nc <= 16 channels of S >= 16 values (InstanceNorm
- * backward's and the forward's short channels): each lane carries its
- * channel (idx) and its position in it (r), advanced by 16 per vector
- * with at most one step to the next channel (S >= 16), and takes its
- * parameters from the 16-channel vectors p0..p3 by a permute. No branch
- * depends on where a channel ends: run by run, the 49-value runs' tails
- * were mispredicted, and so were the flat loop's blends (unit_run).
- * The forward writes y = (x - p0) * p1 + p2, the backward dx = p0 * dy +
- * (p1 * (x - p2) + p3). With nt the whole vectors stream after a masked
- * head up to the output's first line boundary (within channel 0) and the
- * last partial vector is a plain masked store, so that a line shared
- * with the next chunk is written only by plain stores. Prefetches x (and
- * dy) pf floats ahead (0: none). */
-static inline __attribute__((always_inline)) __m512 flat_vec(
-    int bwd, __m512 xv, __m512 gv, __m512i idx, __m512 p0, __m512 p1, __m512 p2,
-    __m512 p3) {
-  __m512 a = _mm512_permutexvar_ps(idx, p0), b = _mm512_permutexvar_ps(idx, p1);
-  __m512 c = _mm512_permutexvar_ps(idx, p2);
-  if (!bwd)
-    return _mm512_fmadd_ps(_mm512_sub_ps(xv, a), b, c);
-  __m512 t =
-      _mm512_fmadd_ps(b, _mm512_sub_ps(xv, c), _mm512_permutexvar_ps(idx, p3));
-  return _mm512_fmadd_ps(a, gv, t);
-}
-
-/* Moves the lanes' positions on by k <= 16 values (at most one channel
- * end, S >= 16). */
-static inline void flat_step(__m512i *r, __m512i *idx, int k, __m512i vs) {
-  *r = _mm512_add_epi32(*r, _mm512_set1_epi32(k));
-  __mmask16 wrap = _mm512_cmpge_epi32_mask(*r, vs);
-  *r = _mm512_mask_sub_epi32(*r, wrap, *r, vs);
-  *idx = _mm512_mask_add_epi32(*idx, wrap, *idx, _mm512_set1_epi32(1));
+/* The forward's flat stream over nc <= 16 channels of S >= 16 values:
+ * each lane carries its channel (idx) and its position in it (r),
+ * advanced by 16 per vector with at most one step to the next channel
+ * (flat_step), and takes its parameters from the 16-channel vectors h, s
+ * and b by a permute, writing y = (x - h) * s + b. No branch depends on
+ * where a channel ends: run by run, the 49-value runs' tails were
+ * mispredicted, and so were the flat loop's blends (unit_run). With nt
+ * the whole vectors stream after a masked head up to the output's first
+ * line boundary (within channel 0) and the last partial vector is a
+ * plain masked store, so that a line shared with the next chunk is
+ * written only by plain stores. Prefetches x pf floats ahead (0: none).
+ * The backward's twin is kernels_avx512_gnbwd.c's flat_dx. */
+static inline __attribute__((always_inline)) __m512 flat_vec(__m512 xv,
+                                                             __m512i idx,
+                                                             __m512 h, __m512 s,
+                                                             __m512 b) {
+  return _mm512_fmadd_ps(_mm512_sub_ps(xv, _mm512_permutexvar_ps(idx, h)),
+                         _mm512_permutexvar_ps(idx, s),
+                         _mm512_permutexvar_ps(idx, b));
 }
 
 static inline __attribute__((always_inline)) void flat_chunk(
-    int bwd, const float *x, const float *dy, float *o, size_t nc, size_t S,
-    __m512 p0, __m512 p1, __m512 p2, __m512 p3, int nt, size_t pf) {
+    const float *x, float *o, size_t nc, size_t S, __m512 h, __m512 s, __m512 b,
+    int nt, size_t pf) {
   size_t n = nc * S, i = head_elems(o, n, nt);
   __m512i r =
       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   __m512i idx = _mm512_setzero_si512(), vs = _mm512_set1_epi32((int)S);
-  __m512 zero = _mm512_setzero_ps();
   if (i > 0) {
     __mmask16 m = tail_mask(i);
-    __m512 v = flat_vec(bwd, load16(m, x), bwd ? load16(m, dy) : zero, idx, p0,
-                        p1, p2, p3);
-    _mm512_mask_storeu_ps(o, m, v);
+    _mm512_mask_storeu_ps(o, m, flat_vec(load16(m, x), idx, h, s, b));
     flat_step(&r, &idx, (int)i, vs);
   }
   for (; i < n; i += 16) {
     __mmask16 m = tail_mask(n - i);
-    if (pf != 0) {
+    if (pf != 0)
       _mm_prefetch((const char *)(x + i + pf), _MM_HINT_T0);
-      if (bwd)
-        _mm_prefetch((const char *)(dy + i + pf), _MM_HINT_T0);
-    }
-    __m512 v = flat_vec(bwd, load16(m, x + i), bwd ? load16(m, dy + i) : zero,
-                        idx, p0, p1, p2, p3);
-    store16(o + i, v, m, nt);
+    store16(o + i, flat_vec(load16(m, x + i), idx, h, s, b), m, nt);
     flat_step(&r, &idx, 16, vs);
-  }
-}
-
-/* InstanceNorm backward of nc <= 16 channels of 16 <= S <= GN_TILE_L
- * values: the 16-channel tile sums, then every channel's dx parameters
- * (group_par's, for groups of one channel) in one pass of double vectors
- * instead of per-channel scalar code, which with 7x7 planes cost as much
- * as the sums; then dx as one flat stream. */
-static void in_bwd_unit(const float *x, const float *dy, float *dx, size_t nc,
-                        size_t S, const double *mean, const double *istd,
-                        const float *w, int stats, double *dw, double *db,
-                        int nt, size_t pf) {
-  float hs[16];
-  __mmask16 m = tail_mask(nc);
-  for (size_t j = 0; j < 16; j++)
-    hs[j] = j < nc ? (float)mean[j] : 0.0f;
-  __m512 ta, tb;
-  tile16(1, x, dy, nc, S, hs, &ta, &tb);
-  __m256 pk[2], pq[2], ph[2], pr[2];
-  __m512d vm = _mm512_set1_pd((double)S), zero = _mm512_setzero_pd();
-  for (int half = 0; half < 2; half++) {
-    __mmask8 mk = (__mmask8)(m >> (8 * half));
-    size_t o = 8 * (size_t)half;
-    __m512d md = _mm512_maskz_loadu_pd(mk, mean + o);
-    __m512d is = _mm512_maskz_loadu_pd(mk, istd + o);
-    ph[half] = _mm512_cvtpd_ps(md);
-    __m512d l = _mm512_sub_pd(md, _mm512_cvtps_pd(ph[half]));
-    __m512d sdy = _mm512_cvtps_pd(half ? _mm512_extractf32x8_ps(ta, 1)
-                                       : _mm512_castps512_ps256(ta));
-    __m512d sb = _mm512_cvtps_pd(half ? _mm512_extractf32x8_ps(tb, 1)
-                                      : _mm512_castps512_ps256(tb));
-    /* sum dy * xhat = istd * (sum dy (x - h) - l sum dy), as unit_sums. */
-    __m512d sdyx = _mm512_mul_pd(is, _mm512_sub_pd(sb, _mm512_mul_pd(l, sdy)));
-    _mm512_mask_storeu_pd(
-        db + o, mk, _mm512_add_pd(_mm512_maskz_loadu_pd(mk, db + o), sdy));
-    _mm512_mask_storeu_pd(
-        dw + o, mk, _mm512_add_pd(_mm512_maskz_loadu_pd(mk, dw + o), sdyx));
-    __m512d k1 = is, sg = sdy, sgx = sdyx;
-    if (w != NULL) {
-      __m512d wd = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(mk, w + o));
-      k1 = _mm512_mul_pd(is, wd);
-      sg = _mm512_mul_pd(wd, sdy);
-      sgx = _mm512_mul_pd(wd, sdyx);
-    }
-    /* group_par's q = -istd^2 sum(w dy xhat) / m and k3 = -istd
-     * sum(w dy) / m, with r = k3 - q * l. */
-    __m512d q = zero, k3 = zero;
-    if (stats) {
-      __m512d nis = _mm512_sub_pd(zero, is);
-      q = _mm512_div_pd(_mm512_mul_pd(_mm512_mul_pd(nis, is), sgx), vm);
-      k3 = _mm512_div_pd(_mm512_mul_pd(nis, sg), vm);
-    }
-    pk[half] = _mm512_cvtpd_ps(k1);
-    pq[half] = _mm512_cvtpd_ps(q);
-    pr[half] = _mm512_cvtpd_ps(_mm512_fnmadd_pd(q, l, k3));
-  }
-#define GN_JOIN(v) _mm512_insertf32x8(_mm512_castps256_ps512(v[0]), v[1], 1)
-  flat_chunk(1, x, dy, dx, nc, S, GN_JOIN(pk), GN_JOIN(pq), GN_JOIN(ph),
-             GN_JOIN(pr), nt, pf);
-#undef GN_JOIN
-}
-
-/* GroupNorm backward of one group of cpg channels, a multiple of 16, of
- * 16 <= S <= GN_TILE_L values (7x7 and 14x14 planes of GroupNorm(32)
- * from 512 channels): in_bwd_unit's vectors 16 channels at a time, with
- * the group's sums of w * dy and w * dy * xhat gathered across its
- * chunks before any dx, whose q, h and r are then the same for every
- * lane. */
-static void gn16_bwd_group(const float *x, const float *dy, float *dx,
-                           size_t cpg, size_t S, double mu, double is,
-                           const float *w, int stats, double *dw, double *db,
-                           int nt, size_t pf) {
-  float hf = (float)mu, hs[16];
-  double l = mu - (double)hf;
-  for (size_t j = 0; j < 16; j++)
-    hs[j] = hf;
-  __m512d vl = _mm512_set1_pd(l), vis = _mm512_set1_pd(is);
-  __m512d sg = _mm512_setzero_pd(), sgx = sg;
-  for (size_t c = 0; c < cpg; c += 16) {
-    __m512 ta, tb;
-    tile16(1, x + c * S, dy + c * S, 16, S, hs, &ta, &tb);
-    for (int half = 0; half < 2; half++) {
-      size_t o = c + 8 * (size_t)half;
-      __m512d sdy = _mm512_cvtps_pd(half ? _mm512_extractf32x8_ps(ta, 1)
-                                         : _mm512_castps512_ps256(ta));
-      __m512d sb = _mm512_cvtps_pd(half ? _mm512_extractf32x8_ps(tb, 1)
-                                        : _mm512_castps512_ps256(tb));
-      __m512d sdyx =
-          _mm512_mul_pd(vis, _mm512_sub_pd(sb, _mm512_mul_pd(vl, sdy)));
-      _mm512_storeu_pd(db + o, _mm512_add_pd(_mm512_loadu_pd(db + o), sdy));
-      _mm512_storeu_pd(dw + o, _mm512_add_pd(_mm512_loadu_pd(dw + o), sdyx));
-      if (w != NULL) {
-        __m512d wd = _mm512_cvtps_pd(_mm256_loadu_ps(w + o));
-        sdy = _mm512_mul_pd(wd, sdy);
-        sdyx = _mm512_mul_pd(wd, sdyx);
-      }
-      sg = _mm512_add_pd(sg, sdy);
-      sgx = _mm512_add_pd(sgx, sdyx);
-    }
-  }
-  /* group_par's coefficients. */
-  double m = (double)cpg * (double)S;
-  double q = stats ? -is * is * _mm512_reduce_add_pd(sgx) / m : 0;
-  double k3 = stats ? -is * _mm512_reduce_add_pd(sg) / m : 0;
-  __m512 vq = _mm512_set1_ps((float)q), vh = _mm512_set1_ps(hf);
-  __m512 vr = _mm512_set1_ps((float)(k3 - q * l));
-  for (size_t c = 0; c < cpg; c += 16) {
-    __m512 k = _mm512_set1_ps((float)is);
-    if (w != NULL) {
-      __m256 lo = _mm512_cvtpd_ps(
-          _mm512_mul_pd(vis, _mm512_cvtps_pd(_mm256_loadu_ps(w + c))));
-      __m256 hi = _mm512_cvtpd_ps(
-          _mm512_mul_pd(vis, _mm512_cvtps_pd(_mm256_loadu_ps(w + c + 8))));
-      k = _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
-    }
-    size_t e = c * S;
-    flat_chunk(1, x + e, dy + e, dx + e, 16, S, k, vq, vh, vr, nt, pf);
   }
 }
 
@@ -439,7 +268,7 @@ static void gn16_bwd_group(const float *x, const float *dy, float *dx,
 
 /* The general path prefetches the next unit while dx streams (one unit
  * ahead, prefetcht0) only for units of up to this many bytes of x, as
- * the short runs' tiles (in_bwd_unit, gn16_bwd_group: at most 16 KiB)
+ * the short planes' tiles (kernels_avx512_gnbwd.c: blocks of 16 KiB)
  * do. Over larger units the hardware prefetcher, left to itself, runs
  * ahead of the sums' loads, and the software prefetches issued while dx
  * streamed made the pass slower: from 1.75 to 1.35 of the streaming
@@ -483,27 +312,11 @@ int sbn__avx512_gn_bwd_nchw(const float *x, const float *dy, float *dx,
    * against 1.25-1.58 with plain stores (bench kernels, GroupNorm NCHW
    * backward, the seven default shapes of 4 MiB and more, two runs each). */
   int nt = gn_nt(total, 3);
-  if (cpg == 1 && S <= GN_TILE_L) {
-    for (size_t c0 = 0; c0 < G; c0 += 16) {
-      size_t nc = G - c0 < 16 ? G - c0 : 16, ue = nc * S, o = c0 * S;
-      size_t pf = c0 + 16 < G ? (ue * 4 < GN_PF_MIN ? GN_PF_MIN / 4 : ue) : 0;
-      in_bwd_unit(x + o, dy + o, dx + o, nc, S, mean + c0, istd + c0,
-                  w != NULL ? w + c0 : NULL, stats, dw + c0, db + c0, nt, pf);
-    }
-    _mm256_zeroupper();
+  /* Planes of up to 256 values in groups of 1, 2, 4, 8 or a multiple of
+   * 16 channels: 16 channels at a time (kernels_avx512_gnbwd.c). */
+  if (sbn__avx512_gn_bwd_short(x, dy, dx, G, cpg, S, mean, istd, w, stats, dw,
+                               db, nt))
     return 1;
-  }
-  if (cpg % 16 == 0 && S <= GN_TILE_L) {
-    size_t L = cpg * S;
-    for (size_t g = 0; g < G; g++) {
-      size_t pf = g + 1 < G ? (L * 4 < GN_PF_MIN ? GN_PF_MIN / 4 : L) : 0;
-      gn16_bwd_group(x + g * L, dy + g * L, dx + g * L, cpg, S, mean[g],
-                     istd[g], w != NULL ? w + g * cpg : NULL, stats,
-                     dw + g * cpg, db + g * cpg, nt, pf);
-    }
-    _mm256_zeroupper();
-    return 1;
-  }
   for (size_t g0 = 0; g0 < G; g0 += gpu) {
     size_t g1 = G - g0 < gpu ? G : g0 + gpu, ue = (g1 - g0) * cpg * S;
     /* Small units prefetch the next one (at least GN_PF_MIN bytes on),
@@ -668,7 +481,7 @@ static void fwd_chunk(const float *x, float *y, size_t nc, size_t S,
   if (S % 16 == 0)
     fwd_runs(x, y, nc, S, p, nt, pf);
   else
-    flat_chunk(0, x, NULL, y, nc, S, p.h, p.s, p.b, p.b, nt, pf);
+    flat_chunk(x, y, nc, S, p.h, p.s, p.b, nt, pf);
 }
 
 /* y of the unit's channels [c0, c1) (whole groups from g0 on, cpg

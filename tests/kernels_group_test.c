@@ -1,0 +1,200 @@
+/* The NCHW GroupNorm and InstanceNorm kernels of the optimized sets
+ * (gn_bwd_nchw, gn_fwd_nchw and the short planes' backward) against
+ * "ref": runs around the vector width and the tiles' limits, groups of
+ * every width the paths take or decline, unaligned and streamed outputs
+ * (split from kernels_test.c, whose helpers kernels_cmp.h holds). */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "kernels_cmp.h"
+
+/* The NCHW group backward of the optimized sets (gn_bwd_nchw): runs
+ * longer than the short-run tiles and than one float chunk (S = 193,
+ * 1025, 3001), groups of 1, 3, 5 and 17 channels (units of several small
+ * groups, single-channel InstanceNorm groups, one group of odd width),
+ * with and without affine weights, eval with running statistics, and
+ * outputs streamed (passes of over 1 MiB: dx after a masked head) 1 and
+ * 3 floats off alignment; GroupNorm(1) over 17 channels of 5000 values
+ * (one group of 85000, which only a sample's single group may take) and
+ * of 6000 (too large: the set declines). Units of long runs capped at
+ * 32 Ki values (GN_BWD_UNIT): 15 channels of 3001 (InstanceNorm units of
+ * 10 channels and 5, GroupNorm units of 2 groups of 5 channels and 1) and
+ * 3 groups of 3 channels of 12000 (a group per unit, 36000 values). */
+static void test_group_backward_nchw(void **state) {
+  (void)state;
+  const char *const *sets;
+  int nsets = tu_kernel_sets(&sets);
+  static const struct {
+    size_t N, C, S;
+  } sh[] = {{5, 9, 193},    {3, 15, 1025},  {4, 17, 3001}, {3, 3, 1025},
+            {21, 17, 3001}, {130, 15, 547}, {2, 17, 5000}, {1, 17, 6000},
+            {3, 15, 3001},  {2, 9, 12000}};
+  const sbn_op_t ops[] = {SBN_OP_INSTANCENORM, SBN_OP_GROUPNORM};
+  const char *opn[] = {"in", "gn"};
+  for (int ks = 0; ks < nsets; ks++) {
+    if (strcmp(sets[ks], "ref") == 0 || tu_kernel_use(sets[ks]) != 0)
+      continue;
+    for (size_t i = 0; i < sizeof sh / sizeof *sh; i++)
+      for (int io = 0; io < 2; io++)
+        for (int v = 0; v < 3; v++) {
+          size_t N = sh[i].N, C = sh[i].C, S = sh[i].S, off = 1 + 2 * (i % 2);
+          /* The outputs over 4 MiB (slow under the sanitizers) run once. */
+          if (N * C * S > (1u << 20) && v > 0)
+            continue;
+          sbn_mode_t mode = v == 2 ? SBN_MODE_EVAL : SBN_MODE_TRAIN;
+          char what[128];
+          snprintf(what, sizeof what, "%s %s NCHW N=%zu C=%zu S=%zu off=%zu%s",
+                   sets[ks], opn[io], N, C, S, off,
+                   v == 1 ? " no affine" : (v == 2 ? " eval" : ""));
+          no_affine = v == 1;
+          vs_ref(sets[ks], ops[io], opn[io], SBN_LAYOUT_NCHW, N, C, S, mode,
+                 off, what);
+          no_affine = 0;
+        }
+  }
+  sbn_kernel_select("ref");
+}
+
+/* The NCHW group backward's short planes (kernels_avx512_gnbwd.c): 16 to
+ * 256 values per plane (16, 17, 49, 50, 196, 255, 256), and 1, 15 (3x5)
+ * and 257, which it declines; groups of 1, 2, 4 and 8 channels taken as
+ * tiles of 16 channels (C = 24, 40, 36, 34: a last tile of 8, 4 or 2
+ * channels; C = 200 and 1000: several blocks of tiles, the last one
+ * short) and groups of 16, 32 and 64 channels taken 16 at a time (C =
+ * 512 / 32, 96 / 3, 192 / 3: several groups per block, or one); groups
+ * of 3 and 12 channels, which it declines. Each with and without affine
+ * weights, in eval, 0, 1 and 3 floats off alignment, and with outputs
+ * large enough to stream dx (N = 4 and C = 512 or 1000). */
+static void test_group_backward_short(void **state) {
+  (void)state;
+  const char *const *sets;
+  int nsets = tu_kernel_sets(&sets);
+  static const struct {
+    size_t C, G;
+  } cg[] = {{24, 3},   {40, 5}, {36, 9},  {34, 17}, {200, 25}, {1000, 1000},
+            {512, 32}, {96, 3}, {192, 3}, {36, 12}, {36, 3}};
+  static const size_t Ss[] = {1, 15, 16, 17, 49, 50, 196, 255, 256, 257};
+  for (int ks = 0; ks < nsets; ks++) {
+    if (strcmp(sets[ks], "ref") == 0 || tu_kernel_use(sets[ks]) != 0)
+      continue;
+    for (size_t ic = 0; ic < sizeof cg / sizeof *cg; ic++)
+      for (size_t is = 0; is < sizeof Ss / sizeof *Ss; is++) {
+        size_t C = cg[ic].C, S = Ss[is], off = (ic + is) % 4;
+        int v = (int)((ic + is) % 3);
+        size_t N = C * S > 60000 ? 1 : 3;
+        off = off == 2 ? 3 : off;
+        /* The streamed outputs (over 1 MiB moved) at 7x7 and 14x14. */
+        if ((S == 49 || S == 196) && (C == 512 || C == 1000))
+          N = 4;
+        sbn_mode_t mode = v == 2 ? SBN_MODE_EVAL : SBN_MODE_TRAIN;
+        char what[128];
+        snprintf(what, sizeof what,
+                 "%s gn NCHW short N=%zu C=%zu G=%zu S=%zu off=%zu%s", sets[ks],
+                 N, C, cg[ic].G, S, off,
+                 v == 1 ? " no affine" : (v == 2 ? " eval" : ""));
+        n_groups = cg[ic].G;
+        no_affine = v == 1;
+        vs_ref(sets[ks], SBN_OP_GROUPNORM, "gn", SBN_LAYOUT_NCHW, N, C, S, mode,
+               off, what);
+        no_affine = 0;
+        n_groups = 0;
+      }
+    /* InstanceNorm's tiles with a short last one (C = 1000, 17) and the
+     * same planes. */
+    static const size_t Cin[] = {17, 1000};
+    for (size_t ic = 0; ic < 2; ic++)
+      for (size_t is = 2; is < sizeof Ss / sizeof *Ss - 1; is++) {
+        size_t C = Cin[ic], S = Ss[is], off = is % 2 ? 1 : 3;
+        int v = (int)((ic + is) % 3);
+        size_t N = C == 1000 && (S == 49 || S == 196) ? 4 : 2;
+        sbn_mode_t mode = v == 2 ? SBN_MODE_EVAL : SBN_MODE_TRAIN;
+        char what[128];
+        snprintf(what, sizeof what,
+                 "%s in NCHW short N=%zu C=%zu S=%zu off=%zu%s", sets[ks], N, C,
+                 S, off, v == 1 ? " no affine" : (v == 2 ? " eval" : ""));
+        no_affine = v == 1;
+        vs_ref(sets[ks], SBN_OP_INSTANCENORM, "in", SBN_LAYOUT_NCHW, N, C, S,
+               mode, off, what);
+        no_affine = 0;
+      }
+  }
+  sbn_kernel_select("ref");
+}
+
+/* The NCHW group forward of the optimized sets (gn_fwd_nchw): planes of
+ * 1 and 7 values (which it declines), 16, 49, 50, 196, 257 and 784 values
+ * (one and several vectors, with and without a tail; groups under and
+ * over the 16-group tiles' 256 values), odd channel counts (1, 3, 17,
+ * 1000) and groups of 1, 3, 16 and 17 channels (C = 9, 48, 51 take 3
+ * groups), 0, 1 and 3 floats off alignment, with and without affine
+ * weights, eval (running statistics for InstanceNorm, batch statistics
+ * for GroupNorm), and outputs streamed (over 512 KiB) aligned and not,
+ * with runs of whole vectors (S = 2000) and not. */
+static void test_group_forward_nchw(void **state) {
+  (void)state;
+  const char *const *sets;
+  int nsets = tu_kernel_sets(&sets);
+  static const size_t Cs[] = {1, 3, 9, 17, 48, 51, 1000};
+  static const size_t Ss[] = {1, 7, 16, 49, 50, 196, 257, 784};
+  static const struct {
+    size_t N, C, S, off;
+  } big[] = {{6, 1000, 49, 0},  {4, 17, 4001, 0}, {3, 51, 2000, 3},
+             {2, 1000, 196, 1}, {3, 17, 3001, 3}, {2, 48, 2500, 1}};
+  const sbn_op_t ops[] = {SBN_OP_INSTANCENORM, SBN_OP_GROUPNORM};
+  const char *opn[] = {"in", "gn"};
+  for (int ks = 0; ks < nsets; ks++) {
+    if (strcmp(sets[ks], "ref") == 0 || tu_kernel_use(sets[ks]) != 0)
+      continue;
+    for (size_t ic = 0; ic < sizeof Cs / sizeof *Cs; ic++)
+      for (size_t is = 0; is < sizeof Ss / sizeof *Ss; is++)
+        for (int io = 0; io < 2; io++) {
+          size_t C = Cs[ic], S = Ss[is], N = C * S > 20000 ? 1 : 3;
+          size_t off = (ic + is) % 3 == 2 ? 3 : (ic + is) % 3;
+          int v = (int)((ic + is + (size_t)io) % 3);
+          /* InstanceNorm cannot train on planes of one value. */
+          if (io == 0 && S == 1)
+            v = 2;
+          sbn_mode_t mode = v == 2 ? SBN_MODE_EVAL : SBN_MODE_TRAIN;
+          char what[128];
+          snprintf(what, sizeof what,
+                   "%s %s NCHW fwd N=%zu C=%zu S=%zu off=%zu%s", sets[ks],
+                   opn[io], N, C, S, off,
+                   v == 1 ? " no affine" : (v == 2 ? " eval" : ""));
+          no_affine = v == 1;
+          vs_ref(sets[ks], ops[io], opn[io], SBN_LAYOUT_NCHW, N, C, S, mode,
+                 off, what);
+          no_affine = 0;
+        }
+    for (size_t i = 0; i < sizeof big / sizeof *big; i++)
+      for (int io = 0; io < 2; io++) {
+        char what[128];
+        snprintf(what, sizeof what, "%s %s NCHW fwd N=%zu C=%zu S=%zu off=%zu",
+                 sets[ks], opn[io], big[i].N, big[i].C, big[i].S, big[i].off);
+        vs_ref(sets[ks], ops[io], opn[io], SBN_LAYOUT_NCHW, big[i].N, big[i].C,
+               big[i].S, SBN_MODE_TRAIN, big[i].off, what);
+      }
+  }
+  sbn_kernel_select("ref");
+}
+
+static int report(void **state) {
+  (void)state;
+  tu_err_report("optimized vs ref");
+  return 0;
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_group_backward_nchw),
+      cmocka_unit_test(test_group_backward_short),
+      cmocka_unit_test(test_group_forward_nchw),
+  };
+  return cmocka_run_group_tests(tests, NULL, report);
+}
