@@ -283,15 +283,17 @@ static void test_channels_last_stream_dx(void **state) {
  * of over 256 KiB, and rows wider than 1024 positions (C = 1500 with a
  * partial last vector, 2048, and 2100 in two pieces; kernels_avx512.c's
  * piece_bwd_sums and pos_apply_wide) over 49, 70 and 37 rows, which leave
- * a short last block of rows. Offsets of 1 and 12 floats: a masked head
- * before the first line, and (with glibc's 16-byte header on the large
- * buffers it maps) no head at all, so both the streamed and the plain
- * store paths run. */
+ * a short last block of rows; flat rows whose backward sums start at x's
+ * first line (C = 17: periods of 272, 1000; cl_sums_flat, pos_bwd_flat),
+ * over 4 MiB (dx streamed and prefetched) and under 16 rows (not
+ * rotated). Offsets of 1 and 12 floats: a masked head before the first
+ * line, and (with glibc's 16-byte header on the large buffers it maps)
+ * no head at all, so both the streamed and the plain store paths run. */
 static void test_channels_last_stream_rows(void **state) {
   (void)state;
-  static const size_t shapes[][2] = {{1, 70001}, {3, 23334}, {16, 4376},
-                                     {64, 1094}, {1500, 70}, {2048, 49},
-                                     {2100, 37}};
+  static const size_t shapes[][2] = {
+      {1, 70001}, {3, 23334}, {16, 4376},  {64, 1094}, {1500, 70},
+      {2048, 49}, {2100, 37}, {17, 31001}, {1000, 21}, {1000, 7}};
   static const size_t offs[] = {1, 12};
   static const sbn_op_t ops[] = {SBN_OP_BATCHNORM, SBN_OP_INSTANCENORM,
                                  SBN_OP_GROUPNORM};

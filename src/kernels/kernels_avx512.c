@@ -75,9 +75,20 @@ static void pos_chans(const geo_t *g, size_t C, size_t S, size_t n,
   }
 }
 
+/* The distance in floats (8 KiB) at which the backward's sums of rows up
+ * to PMAX prefetch x and dy ahead, and its streamed dx (read last element
+ * first) behind, in views of want_nt's 4 MiB or more: without it the
+ * sums of BatchNorm NHWC 8x256x56x56 and 8x512x28x28, from memory, ran
+ * at about 24 GB/s against 36 for a plain sum of the same buffers (the
+ * hardware prefetcher alone keeps too few lines in flight), and dx as
+ * long as the two-read-one-write floor. Smaller views, which the caches
+ * hold, measured no gain (dx of 8x128x28x28 with plain stores, 3.2 MB:
+ * 1.2-1.3 times slower with it). */
+#define POS_PF 2048
+
 static inline __attribute__((always_inline)) void piece_sums(
     int bwd, const float *x, const float *dy, const geo_t *g, const float *pa,
-    double *d1, double *d2) {
+    double *d1, double *d2, size_t pf) {
   float f1[BMAX] __attribute__((aligned(64)));
   float f2[BMAX] __attribute__((aligned(64)));
   size_t L = g->L;
@@ -91,6 +102,13 @@ static inline __attribute__((always_inline)) void piece_sums(
       const float *p = x + r * g->stride, *q = dy + r * g->stride;
       for (size_t j = 0; j < L; j += 16) {
         __mmask16 m = tail_mask(L - j);
+        if (bwd && pf > 0) {
+          /* Computed as integers: the lines may lie past the end. */
+          _mm_prefetch((const char *)((uintptr_t)(p + j) + 4 * pf),
+                       _MM_HINT_T0);
+          _mm_prefetch((const char *)((uintptr_t)(q + j) + 4 * pf),
+                       _MM_HINT_T0);
+        }
         __m512 v = load16(m, p + j);
         __m512 a = _mm512_load_ps(f1 + j), b = _mm512_load_ps(f2 + j);
         if (bwd) {
@@ -118,7 +136,13 @@ static inline __attribute__((always_inline)) void piece_sums(
 
 /* Rows of a block that the backward sums of a wide piece take together:
  * each vector of a column is loaded once for BR rows instead of once per
- * row, and its float partial sums stay in registers across them. */
+ * row, and its float partial sums stay in registers across them. Each
+ * load prefetches the same line BR rows on (dx: BR rows back), addresses
+ * computed as integers since they may lie past the tensor: the hardware
+ * prefetcher kept too few of the 2 BR streams' lines in flight, and
+ * BatchNorm NHWC 8x2048x7x7 and 4x2048x14x14 backward took 0.81 and 0.78
+ * of their time without it (medians of six alternations in `syncbn bench
+ * kernels`; 8 rows ahead was no better). */
 #define BR 4
 
 /* The backward's piece_sums (dy and dy * (x - h)), BR rows at a time: a
@@ -146,6 +170,11 @@ static void piece_bwd_sums(const float *x, const float *dy, const geo_t *g,
         __m512 h = _mm512_load_ps(pa + j);
         __m512 a = _mm512_load_ps(f1 + j), b = _mm512_load_ps(f2 + j);
         for (size_t i = 0; i < nr; i++) {
+          /* The same lines of the next block's rows (see BR). */
+          _mm_prefetch((const char *)((uintptr_t)(p + (i + BR) * st + j)),
+                       _MM_HINT_T0);
+          _mm_prefetch((const char *)((uintptr_t)(q + (i + BR) * st + j)),
+                       _MM_HINT_T0);
           /* Masked-off lanes load dy = 0 and add nothing. */
           __m512 gv = load16(m, q + i * st + j);
           a = _mm512_add_ps(a, gv);
@@ -163,6 +192,44 @@ static void piece_bwd_sums(const float *x, const float *dy, const geo_t *g,
   }
 }
 
+/* The backward's piece_sums, one instance per prefetch distance (POS_PF
+ * or none), so that the loop has no test. */
+static void piece_sums_b(const float *x, const float *dy, const geo_t *g,
+                         const float *pa, double *d1, double *d2, size_t pf) {
+  if (pf > 0)
+    piece_sums(1, x, dy, g, pa, d1, d2, POS_PF);
+  else
+    piece_sums(1, x, dy, g, pa, d1, d2, 0);
+}
+
+/* The backward sums of a flat piece (rows of L <= PMAX back to back, ch
+ * its channels laid out over L16 + 16 positions) read from x's first
+ * line boundary on, h elements in: its parameters and sums rotated by h
+ * (position j of a row holds the channel of (j + h) mod L), the rows from
+ * x + h, the short last row, and the h elements before in double. Offset
+ * from a line (malloc's 16 bytes), every vector load of x and dy took two
+ * lines. Returns the rotated channel map. */
+static const unsigned *pos_bwd_flat(const float *x, const float *dy,
+                                    const geo_t *g, size_t h,
+                                    const unsigned *ch, const double *mean,
+                                    const double *istd, float *pa, float *pb,
+                                    float *pc, double *d1, double *d2,
+                                    size_t pf) {
+  size_t L = g->L, L16 = (L + 15) & ~(size_t)15, rows = g->rows - 1;
+  const unsigned *cr = ch + h;
+  for (size_t j = 0; j < L16; j++)
+    lane_params(1, j, cr[j], NULL, mean, istd, pa, pb, pc, d1, d2);
+  geo_t body = {rows, L, L, 0}, last = {1, L, L - h, 0};
+  piece_sums_b(x + h, dy + h, &body, pa, d1, d2, pf);
+  piece_sums_b(x + h + rows * L, dy + h + rows * L, &last, pa, d1, d2, pf);
+  for (size_t i = 0; i < h; i++) {
+    size_t j = L - h + i;
+    d1[j] += dy[i];
+    d2[j] += (double)dy[i] * (double)(x[i] - pa[j]);
+  }
+  return cr;
+}
+
 /* The sums of the position view: lays out the per-position parameters of
  * each piece, sums it, and adds the per-position results to their
  * channels. k (moments) or mean and istd (backward) are per channel. */
@@ -177,19 +244,30 @@ static inline __attribute__((always_inline)) void pos_sums(
   double d2[BMAX] __attribute__((aligned(64)));
   unsigned ch[BMAX];
   geo_t g[1];
-  size_t off;
+  size_t off, pf = want_nt(A, C, S, lda) ? POS_PF : 0;
   for (size_t i = 0; bwd_piece(A, C, S, lda, i, g, &off); i++) {
-    size_t L = g->L, L16 = (L + 15) & ~(size_t)15;
+    size_t L = g->L, L16 = (L + 15) & ~(size_t)15, n = g->rows * L;
+    const unsigned *cr = ch;
+    size_t h = bwd && L <= PMAX && L >= 16 && g->stride == L && g->rows >= 16
+                   ? head_elems(x + off, n, 1)
+                   : 0;
     /* Lanes past L take any channel's parameters: they add zeros. */
-    pos_chans(g, C, S, L16, ch);
-    for (size_t j = 0; j < L16; j++)
-      lane_params(bwd, j, ch[j], k, mean, istd, pa, pb, pc, d1, d2);
-    if (bwd && L > PMAX)
-      piece_bwd_sums(x + off, dy + off, g, pa, d1, d2);
-    else
-      piece_sums(bwd, x + off, bwd ? dy + off : NULL, g, pa, d1, d2);
+    pos_chans(g, C, S, L16 + (h > 0 ? 16 : 0), ch);
+    if (h > 0) {
+      cr = pos_bwd_flat(x + off, dy + off, g, h, ch, mean, istd, pa, pb, pc, d1,
+                        d2, pf);
+    } else {
+      for (size_t j = 0; j < L16; j++)
+        lane_params(bwd, j, ch[j], k, mean, istd, pa, pb, pc, d1, d2);
+      if (bwd && L > PMAX)
+        piece_bwd_sums(x + off, dy + off, g, pa, d1, d2);
+      else if (bwd)
+        piece_sums_b(x + off, dy + off, g, pa, d1, d2, pf);
+      else
+        piece_sums(0, x + off, NULL, g, pa, d1, d2, 0);
+    }
     for (size_t j = 0; j < L; j++) {
-      size_t c = ch[j];
+      size_t c = cr[j];
       s1[c] += d1[j];
       if (bwd)
         s2[c] += istd[c] * (d2[j] - (mean[c] - (double)(float)mean[c]) * d1[j]);
@@ -365,11 +443,17 @@ static inline __m512 apply16f(__m512 x, __m512 g, const float *pk,
  * often one InstanceNorm or GroupNorm sample whose x and dy its sums have
  * just brought into L2; dx stored normally allocates its lines there and
  * evicts the x and dy that the pass is about to read (least recently
- * used first: the very lines it reads next), so every read went to L3. */
+ * used first: the very lines it reads next), so every read went to L3.
+ * It streams too from want_nt's 4 MiB on (BatchNorm's whole tensors),
+ * where dx leaves the caches before anything reads it: stored normally
+ * each line of dx was first read from memory. Streaming alone measured no
+ * gain at C = 512-2048; with dx's prefetch (POS_PF) the dx of BatchNorm
+ * NHWC 8x256x56x56 took 0.8 of its time stored normally. */
 #define POS_L2_BYTES ((size_t)1 << 20)
 static int pos_apply_nt(size_t A, size_t C, size_t S, size_t lda) {
   size_t span = (A > 0 ? (A - 1) * lda + C * S : 0) * sizeof(float);
-  return 3 * span > POS_L2_BYTES && 2 * span <= POS_L2_BYTES;
+  return (3 * span > POS_L2_BYTES && 2 * span <= POS_L2_BYTES) ||
+         want_nt(A, C, S, lda);
 }
 
 /* dx of the rows of a piece wider than PMAX, BR rows at a time, last to
@@ -391,10 +475,48 @@ static void pos_apply_wide(const float *p, const float *d, float *q,
       __m512 vh = _mm512_loadu_ps(ph + j), vr = _mm512_loadu_ps(pr + j);
       for (size_t i = nr; i-- > 0;) {
         size_t o = (r0 + i) * st + j;
+        /* The same lines of the block before (see piece_bwd_sums). */
+        _mm_prefetch((const char *)((uintptr_t)(p + o) - 4 * BR * st),
+                     _MM_HINT_T0);
+        _mm_prefetch((const char *)((uintptr_t)(d + o) - 4 * BR * st),
+                     _MM_HINT_T0);
+
         __m512 t = _mm512_fmadd_ps(vq, _mm512_sub_ps(load16(m, p + o), vh), vr);
         store16(q + o, _mm512_fmadd_ps(vk, load16(m, d + o), t), m, nt);
       }
     }
+  }
+}
+
+/* dx of a flat piece of n elements (rows of L back to back) as one
+ * stream from dx's first line boundary (h elements in, streamed when nt
+ * is set), the last vector first, then the h elements before; prefetching
+ * x and dy pf floats behind (0: none). */
+static inline __attribute__((always_inline)) void pos_apply_flat(
+    const float *p, const float *d, float *q, size_t n, size_t L,
+    const float *pk, const float *pq, const float *ph, const float *pr, int nt,
+    size_t pf) {
+  size_t h = head_elems(q, n, nt);
+  /* Vectors from position h on, the last one first (j: its start modulo
+   * L, stepped down by 16 with a wrap). */
+  for (size_t s = n > h ? h + (n - h - 1) / 16 * 16 : h, j = s % L; s < n;
+       j = j >= 16 ? j - 16 : j + L - 16) {
+    __mmask16 m = tail_mask(n - s);
+    if (pf > 0) {
+      /* Computed as integers: the lines may lie before the start. */
+      _mm_prefetch((const char *)((uintptr_t)(p + s) - 4 * pf), _MM_HINT_T0);
+      _mm_prefetch((const char *)((uintptr_t)(d + s) - 4 * pf), _MM_HINT_T0);
+    }
+    store16(q + s,
+            apply16f(load16(m, p + s), load16(m, d + s), pk, pq, ph, pr, j), m,
+            nt);
+    if (s == h)
+      break;
+    s -= 16;
+  }
+  if (h > 0) {
+    __mmask16 m = tail_mask(h);
+    store16(q, apply16f(load16(m, p), load16(m, d), pk, pq, ph, pr, 0), m, 0);
   }
 }
 
@@ -429,24 +551,12 @@ static void pos_apply(const float *x, const float *dy, float *dx, size_t A,
       continue;
     }
     if (g->stride == L && L >= 16) {
-      size_t n = g->rows * L, h = head_elems(q, n, nt);
-      /* Vectors from position h on, the last one first (j: its start
-       * modulo L, stepped down by 16 with a wrap). */
-      for (size_t s = n > h ? h + (n - h - 1) / 16 * 16 : h, j = s % L; s < n;
-           j = j >= 16 ? j - 16 : j + L - 16) {
-        __mmask16 m = tail_mask(n - s);
-        store16(q + s,
-                apply16f(load16(m, p + s), load16(m, d + s), pk, pq, ph, pr, j),
-                m, nt);
-        if (s == h)
-          break;
-        s -= 16;
-      }
-      if (h > 0) {
-        __mmask16 m = tail_mask(h);
-        store16(q, apply16f(load16(m, p), load16(m, d), pk, pq, ph, pr, 0), m,
-                0);
-      }
+      size_t n = g->rows * L;
+      /* One instance per prefetch distance, so that the loop has no test. */
+      if (nt)
+        pos_apply_flat(p, d, q, n, L, pk, pq, ph, pr, 1, POS_PF);
+      else
+        pos_apply_flat(p, d, q, n, L, pk, pq, ph, pr, 0, 0);
       continue;
     }
     for (size_t r = g->rows; r-- > 0;) {

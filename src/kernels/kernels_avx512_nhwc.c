@@ -45,6 +45,11 @@
  * 8 KiB ahead took 0.94-0.96 of the time at 2 KiB for InstanceNorm
  * samples of C = 64 and 128 (same-run A/B, cold copies). */
 #define CL_PF_COLD 2048
+/* The distance behind which dx (read last row first) prefetches x and dy,
+ * in floats (8 KiB): the dx of BatchNorm NHWC 32x64x32x32, reading from
+ * L3 what the sums left there, took 0.48-0.53 ms at 2 KiB and 0.37-0.41
+ * at 8 KiB (4 KiB no better, 32 KiB worse). */
+#define CL_PF_DX 2048
 
 /* Outputs of a quarter of the core's L2 or more stream. A channels-last
  * call is most often one sample of InstanceNorm or GroupNorm (the whole
@@ -406,6 +411,40 @@ static void cl_mom_wide(const float *x, size_t rows, size_t stride, size_t L,
   }
 }
 
+/* Adds the sums of n elements of a dense view of period P (one tile) seen
+ * from position rot < P of its period into s1 and s2: rows of P, the
+ * parameters rotated by rot, then a short last row. */
+static void cl_sums_flat(int bwd, const float *x, const float *dy, size_t n,
+                         size_t C, size_t S, size_t P, size_t rot, size_t pf,
+                         const float *k, const double *mean, const double *istd,
+                         double *s1, double *s2) {
+  float pa[CL_LEN] __attribute__((aligned(64)));
+  float pb[CL_LEN] __attribute__((aligned(64)));
+  float pc[CL_LEN] __attribute__((aligned(64)));
+  double d1[CL_LEN] __attribute__((aligned(64)));
+  double d2[CL_LEN] __attribute__((aligned(64)));
+  unsigned ch[CL_LEN];
+  geo_t g[1] = {{n / P, P, P, 0}};
+  size_t rows = n / P, rem = n - rows * P;
+  cl_chans(g, C, S, rot, ch);
+  cl_layout_sums(bwd, g, ch, k, mean, istd, pa, pb, pc, d1, d2);
+  const cl_sums_fn *t = bwd ? cl_bwd_fns[P % 16 != 0] : cl_mom_fns[P % 16 != 0];
+  for (size_t r0 = 0; r0 < rows; r0 += RB) {
+    size_t nr = rows - r0 < RB ? rows - r0 : RB;
+    t[(P + 15) / 16 - 1](x + r0 * P, bwd ? dy + r0 * P : NULL, nr, P, P, pa, pb,
+                         pc, d1, d2, pf);
+  }
+  if (rem > 0) {
+    t = bwd ? cl_bwd_fns[rem % 16 != 0] : cl_mom_fns[rem % 16 != 0];
+    t[(rem + 15) / 16 - 1](x + rows * P, bwd ? dy + rows * P : NULL, 1, P, rem,
+                           pa, pb, pc, d1, d2, pf);
+  }
+  for (size_t j = 0; j < P; j++) {
+    s1[ch[j]] += d1[j];
+    s2[ch[j]] += d2[j];
+  }
+}
+
 /* sbn__avx512_cl_sums, with the moments of wide rows swept (cl_mom_wide)
  * whatever the call's span when `cold` is set. */
 static int cl_sums(int bwd, int cold, const float *x, const float *dy, size_t A,
@@ -423,6 +462,20 @@ static int cl_sums(int bwd, int cold, const float *x, const float *dy, size_t A,
   geo_t g[1];
   if (!cl_takes(A, C, S, lda, 16 * vmax, !bwd))
     return 0;
+  if (lda == C * S && C * S / gcd(C * S, 16) * 16 <= 16 * vmax &&
+      cl_piece(A, C, S, lda, 0, 16 * vmax, g, &off)) {
+    /* A dense view of one tile's period is one stream, read from x's
+     * first line boundary on (the h elements before apart): offset from a
+     * line (malloc's 16 bytes), every load took two lines, and the sums of
+     * BatchNorm NHWC 32x64x32x32 took 0.53-0.60 ms against 0.38-0.43. */
+    size_t n = A * C * S, P = g->stride, pf = cold ? CL_PF_COLD : CL_PF;
+    size_t h = n >= 16 * P ? head_elems(x, n, 1) : 0;
+    if (h > 0)
+      cl_sums_flat(bwd, x, dy, h, C, S, P, 0, pf, k, mean, istd, s1, s2);
+    cl_sums_flat(bwd, x + h, bwd ? dy + h : NULL, n - h, C, S, P, h, pf, k,
+                 mean, istd, s1, s2);
+    return 1;
+  }
   for (size_t i = 0; cl_piece(A, C, S, lda, i, 16 * vmax, g, &off); i++) {
     size_t L = g->L, st = g->stride, c0 = g->j0 % C;
     size_t pf = L > 16 * vmax ? RB * st : cold ? CL_PF_COLD : (size_t)CL_PF;
@@ -542,58 +595,6 @@ static void cl_norm_rows(const float *x, float *y, size_t n, size_t stride,
   if (rem > 0)
     cl_norm_block(x + rows * stride, y + rows * stride, 1, stride, rem, pp, nt,
                   pf);
-}
-
-void sbn__avx512_cl_flat_pad(float *par, size_t ld, size_t C) {
-  for (int a = 0; a < 3; a++)
-    for (size_t j = 0; j < 16; j++)
-      par[a * ld + C + j] = par[a * ld + (C + j) % C];
-}
-
-/* The flat normalize (kernels_avx512_nhwc.h), which this file's dense
- * rows and kernels_avx512_clfwd.c's samples share.
- *
- * y of n elements of rows of C as one flat stream: vector i starts at
- * channel c (i's offset mod C), kept by adding 16 mod C. A streaming pass
- * first writes up to y's first line boundary with one masked store
- * (head_elems), so that every later whole vector fills one line of y. */
-static inline __m512 fwd_y(__m512 x, const float *ph, const float *ps,
-                           const float *pt) {
-  return _mm512_fmadd_ps(_mm512_sub_ps(x, _mm512_loadu_ps(ph)),
-                         _mm512_loadu_ps(ps), _mm512_loadu_ps(pt));
-}
-
-/* Prefetches the line of the next sample (x + n + i) that matches vector
- * i of this one, for i < pn. */
-static inline void fwd_pf_next(const float *x, size_t n, size_t i, size_t pn) {
-  if (i < pn)
-    _mm_prefetch((const char *)(x + n + i), _MM_HINT_T0);
-}
-
-void sbn__avx512_cl_flat_normalize(const float *x, float *y, size_t n, size_t C,
-                                   const float *par, size_t ld, int nt,
-                                   size_t pn) {
-  size_t step = 16 % C, h = head_elems(y, n, nt), c = 0, i = h;
-  const float *ph = par, *ps = par + ld, *pt = par + 2 * ld;
-  if (h > 0) {
-    __mmask16 m = tail_mask(h);
-    _mm512_mask_storeu_ps(y, m, fwd_y(_mm512_maskz_loadu_ps(m, x), ph, ps, pt));
-    c = h % C;
-  }
-  for (; i + 16 <= n; i += 16) {
-    fwd_pf_next(x, n, i, pn);
-    store16(y + i, fwd_y(_mm512_loadu_ps(x + i), ph + c, ps + c, pt + c),
-            0xFFFF, nt);
-    c += step;
-    if (c >= C)
-      c -= C;
-  }
-  if (i < n) {
-    __mmask16 m = tail_mask(n - i);
-    _mm512_mask_storeu_ps(
-        y + i, m,
-        fwd_y(_mm512_maskz_loadu_ps(m, x + i), ph + c, ps + c, pt + c));
-  }
 }
 
 /* Dense rows of one position per channel (S = 1: BatchNorm, and
@@ -740,10 +741,10 @@ static void cl_apply_rows(const float *x, const float *dy, float *dx, size_t n,
   size_t rows = n / L, rem = n - rows * L, o = rows * stride;
   if (rem > 0)
     cl_apply_fns[rem % 16 != 0][(rem + 15) / 16 - 1](
-        x + o, dy + o, dx + o, 1, stride, rem, pp, nt, CL_PF);
+        x + o, dy + o, dx + o, 1, stride, rem, pp, nt, CL_PF_DX);
   if (rows > 0)
     cl_apply_fns[L % 16 != 0][(L + 15) / 16 - 1](x, dy, dx, rows, stride, L, pp,
-                                                 nt, CL_PF);
+                                                 nt, CL_PF_DX);
 }
 
 int sbn__avx512_cl_apply(const float *x, const float *dy, float *dx, size_t A,
