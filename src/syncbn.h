@@ -160,6 +160,17 @@ SBN_API void sbn_rec_stat(const sbn_rec_t *recs, size_t n, sbn_stat_t which,
 SBN_API void sbn_rec_track(const sbn_rec_t *recs, size_t n, double f,
                            float *running_mean, float *running_var);
 
+/* Fills n records from per-channel arrays and checks them, for a process
+ * that computed its statistics itself. With counts: SBN_REC_MOMENTS
+ * records (counts[i * cstep], a[i], b[i]) = (count, mean, M2), cstep 0
+ * for one count for every channel; every value must be finite, the count
+ * and M2 not negative, and a zero count's mean and M2 zero. With counts
+ * NULL: SBN_REC_SUM records (a[i], b[i], 0) of finite sums. Returns n when
+ * every channel is valid, else the first invalid channel (the records are
+ * then partly written). recs holds n records (the caller's). */
+SBN_API size_t sbn_rec_fill(sbn_rec_t *recs, size_t n, const double *counts,
+                            size_t cstep, const double *a, const double *b);
+
 typedef struct sbn_comm_s sbn_comm_t;
 typedef struct sbn_comm_vtable_s sbn_comm_vtable_t;
 

@@ -557,6 +557,73 @@ static void test_rec_stat_sets(void **state) {
   }
 }
 
+/* Records filled from per-channel arrays: every set writes the
+ * reference's records and finds the same first refused channel, for
+ * moments with one count or a count per channel and for sums, with one
+ * bad value (NaN, an infinity, a negative count or M2, a mean beside a
+ * zero count) put at every position in turn; -0 and a zero channel pass. */
+static void test_rec_fill_sets(void **state) {
+  (void)state;
+  enum { N = 43 };
+  static sbn_rec_t r1[N], r2[N];
+  double cnt[N], a[N], b[N];
+  const double bad[][3] = {{NAN, 1, 1}, {1, INFINITY, 1}, {1, 1, -INFINITY},
+                           {-1, 1, 1},  {1, 1, -0.5},     {0, 1, 0},
+                           {0, 0, 2}};
+  const char *const *sets;
+  int nsets = tu_kernel_sets(&sets);
+  for (size_t i = 0; i < N; i++) {
+    cnt[i] = (double)(i % 7 == 3 ? 0 : 1 + i);
+    a[i] = i % 7 == 3 ? -0.0 : 1e4 + (double)i / 3.0;
+    b[i] = i % 7 == 3 ? 0 : (double)i * 1.5;
+  }
+  for (int ks = 0; ks < nsets; ks++) {
+    if (strcmp(sets[ks], "ref") == 0 ||
+        sbn_kernel_select(sets[ks]) == SBN_ENOTSUP)
+      continue;
+    for (int kind = 0; kind < 3; kind++) /* counts, one count, sums */
+      for (size_t n = 0; n <= N; n++)
+        for (int at = -1; at < (int)n; at++)
+          for (size_t v = 0; v < (at < 0 ? 1 : sizeof bad / sizeof *bad); v++) {
+            double c2[N], a2[N], b2[N];
+            const double *cp = kind == 2 ? NULL : c2;
+            size_t cs = kind == 1 ? 0 : 1, e1, e2;
+            memcpy(c2, cnt, sizeof c2);
+            memcpy(a2, a, sizeof a2);
+            memcpy(b2, b, sizeof b2);
+            if (at >= 0) {
+              c2[at] = bad[v][0], a2[at] = bad[v][1], b2[at] = bad[v][2];
+              if (kind == 1)
+                c2[0] = c2[at]; /* the one count is the bad one */
+            }
+            memset(r1, 0x5a, sizeof r1);
+            memset(r2, 0x5a, sizeof r2);
+            assert_int_equal(sbn_kernel_select("ref"), 0);
+            e1 = sbn_rec_fill(r1, n, cp, cs, a2, b2);
+            assert_int_equal(sbn_kernel_select(sets[ks]), 0);
+            e2 = sbn_rec_fill(r2, n, cp, cs, a2, b2);
+            if (e1 != e2 || (e1 == n && memcmp(r1, r2, sizeof r1) != 0))
+              fail_msg(
+                  "%s: sbn_rec_fill kind %d n %zu bad %zu at %d: %zu "
+                  "vs %zu",
+                  sets[ks], kind, n, v, at, e1, e2);
+          }
+  }
+  sbn_kernel_select("ref");
+  /* The reference against the rules themselves. */
+  assert_int_equal(sbn_rec_fill(r1, N, cnt, 1, a, b), N);
+  assert_true(r1[3].tag == SBN_REC_MOMENTS && r1[3].v[0] == 0 &&
+              r1[5].v[1] == a[5] && r1[5].v[2] == b[5]);
+  b[9] = -1;
+  assert_int_equal(sbn_rec_fill(r1, N, cnt, 1, a, b), 9);
+  assert_int_equal(sbn_rec_fill(r1, N, NULL, 0, a, b), N); /* sums */
+  assert_true(r1[9].tag == SBN_REC_SUM && r1[9].v[1] == -1 && r1[9].v[2] == 0);
+  a[11] = 5, cnt[11] = 0;
+  assert_int_equal(sbn_rec_fill(r1, 12, cnt, 1, a, b), 9);
+  b[9] = 1;
+  assert_int_equal(sbn_rec_fill(r1, 12, cnt, 1, a, b), 11);
+}
+
 /* Dropout masks are integer functions of the counter, so every kernel set
  * must give exactly the reference's bits, on every length (the vector code
  * handles 32 elements at a time) and for p at the edges. */
@@ -693,6 +760,7 @@ int main(void) {
       cmocka_unit_test(test_dropout_sets),
       cmocka_unit_test(test_rec_combine_sets),
       cmocka_unit_test(test_rec_stat_sets),
+      cmocka_unit_test(test_rec_fill_sets),
       cmocka_unit_test(test_ln_rows),
   };
   return cmocka_run_group_tests(tests, NULL, report);

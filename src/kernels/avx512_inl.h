@@ -332,6 +332,8 @@ void sbn__avx512_rec_stat(const sbn_rec_t *recs, size_t n, sbn_stat_t which,
                           double eps, double *out);
 void sbn__avx512_rec_track(const sbn_rec_t *recs, size_t n, double f, float *rm,
                            float *rv);
+size_t sbn__avx512_rec_fill(sbn_rec_t *recs, size_t n, const double *counts,
+                            size_t cstep, const double *a, const double *b);
 
 /* One step of run_sums: adds dy and dy * (x - h) of 16 values (bwd), or
  * x - h and its square. */

@@ -786,5 +786,6 @@ const sbn__kernels_t sbn__kernels_avx512 = {
     .rec_combine = sbn__avx512_rec_combine,
     .rec_stat = sbn__avx512_rec_stat,
     .rec_track = sbn__avx512_rec_track,
+    .rec_fill = sbn__avx512_rec_fill,
 };
 #endif /* SBN__HAVE_AVX512 */

@@ -129,3 +129,43 @@ void sbn__avx512_rec_track(const sbn_rec_t *recs, size_t n, double f, float *rm,
   }
   sbn__rec_track_ref(recs + i, n - i, f, rm + i, rv + i);
 }
+
+/* Eight channels at a time: the reference's checks as masks (x - x is 0
+ * exactly for a finite x, NaN otherwise), the first refused lane found in
+ * the first block that has one (so the same channel as the reference's
+ * scan), and the records written through the merge's transpose back.
+ * Counts with a stride other than 0 or 1 take the reference. */
+size_t sbn__avx512_rec_fill(sbn_rec_t *recs, size_t n, const double *counts,
+                            size_t cstep, const double *a, const double *b) {
+  const __m512d z = _mm512_setzero_pd();
+  int mom = counts != NULL;
+  const __m512d tag = _mm512_set1_pd(mom ? SBN_REC_MOMENTS : SBN_REC_SUM);
+  size_t i = 0;
+  if (mom && cstep > 1)
+    return sbn__rec_fill_ref(recs, n, counts, cstep, a, b);
+  for (; i + 8 <= n; i += 8) {
+    __m512d x = _mm512_loadu_pd(a + i), y = _mm512_loadu_pd(b + i), c = z;
+    __mmask8 ok = _mm512_cmp_pd_mask(_mm512_sub_pd(x, x), z, _CMP_EQ_OQ) &
+                  _mm512_cmp_pd_mask(_mm512_sub_pd(y, y), z, _CMP_EQ_OQ);
+    if (mom) {
+      c = cstep == 0 ? _mm512_set1_pd(counts[0]) : _mm512_loadu_pd(counts + i);
+      __mmask8 zero = _mm512_cmp_pd_mask(c, z, _CMP_EQ_OQ);
+      __mmask8 some = _mm512_cmp_pd_mask(x, z, _CMP_NEQ_UQ) |
+                      _mm512_cmp_pd_mask(y, z, _CMP_NEQ_UQ);
+      ok &= _mm512_cmp_pd_mask(_mm512_sub_pd(c, c), z, _CMP_EQ_OQ) &
+            _mm512_cmp_pd_mask(c, z, _CMP_GE_OQ) &
+            _mm512_cmp_pd_mask(y, z, _CMP_GE_OQ) & (__mmask8) ~(zero & some);
+    }
+    if (ok != 0xff)
+      return i + (size_t)__builtin_ctz(~(unsigned)ok & 0xffu);
+    __m512d o[4] = {tag, mom ? c : x, mom ? x : y, mom ? y : z};
+    double *d = (double *)(recs + i);
+    rec_shuffle(o, FL, FH, RL, RH);
+    _mm512_storeu_pd(d, o[0]);
+    _mm512_storeu_pd(d + 8, o[1]);
+    _mm512_storeu_pd(d + 16, o[2]);
+    _mm512_storeu_pd(d + 24, o[3]);
+  }
+  return i + sbn__rec_fill_ref(recs + i, n - i, mom ? counts + i * cstep : NULL,
+                               cstep, a + i, b + i);
+}

@@ -105,3 +105,34 @@ void sbn_rec_track(const sbn_rec_t *recs, size_t n, double f,
   else
     sbn__rec_track_ref(recs, n, f, running_mean, running_var);
 }
+
+/* Whether a channel's (count, a, b) is refused by sbn_rec_fill: a value
+ * that is not finite, or for moments a negative count or M2, or a mean or
+ * M2 beside a zero count. */
+static int sbn__rec_bad(int mom, double n, double a, double b) {
+  return !isfinite(a) | !isfinite(b) | !isfinite(n) | (n < 0) |
+         (mom & (b < 0)) | (mom & (n == 0) & ((a != 0) | (b != 0)));
+}
+
+size_t sbn__rec_fill_ref(sbn_rec_t *recs, size_t n, const double *counts,
+                         size_t cstep, const double *a, const double *b) {
+  int mom = counts != NULL;
+  for (size_t i = 0; i < n; i++) {
+    double c = mom ? counts[i * cstep] : 0;
+    if (sbn__rec_bad(mom, c, a[i], b[i]))
+      return i;
+    if (mom)
+      recs[i] = (sbn_rec_t){SBN_REC_MOMENTS, {c, a[i], b[i]}};
+    else
+      recs[i] = (sbn_rec_t){SBN_REC_SUM, {a[i], b[i], 0}};
+  }
+  return n;
+}
+
+size_t sbn_rec_fill(sbn_rec_t *recs, size_t n, const double *counts,
+                    size_t cstep, const double *a, const double *b) {
+  const sbn__kernels_t *k = sbn__kernels();
+  if (k->rec_fill != NULL)
+    return k->rec_fill(recs, n, counts, cstep, a, b);
+  return sbn__rec_fill_ref(recs, n, counts, cstep, a, b);
+}

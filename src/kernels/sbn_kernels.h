@@ -227,6 +227,10 @@ typedef struct sbn__kernels_s {
                    double eps, double *out);
   void (*rec_track)(const sbn_rec_t *recs, size_t n, double f, float *rm,
                     float *rv);
+  /* sbn_rec_fill (syncbn.h), or NULL: the same records and the same first
+   * invalid channel as the reference. */
+  size_t (*rec_fill)(sbn_rec_t *recs, size_t n, const double *counts,
+                     size_t cstep, const double *a, const double *b);
 } sbn__kernels_t;
 
 /* Floats of gn_fwd_nhwc's and gn_bwd_nhwc's par for C channels: four arrays of
@@ -248,6 +252,8 @@ void sbn__rec_stat_ref(const sbn_rec_t *recs, size_t n, sbn_stat_t which,
                        double eps, double *out);
 void sbn__rec_track_ref(const sbn_rec_t *recs, size_t n, double f, float *rm,
                         float *rv);
+size_t sbn__rec_fill_ref(sbn_rec_t *recs, size_t n, const double *counts,
+                         size_t cstep, const double *a, const double *b);
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(SBN_NO_AVX2)
 #define SBN__HAVE_AVX2 1
 extern const sbn__kernels_t sbn__kernels_avx2;

@@ -6,9 +6,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
 
 #include "svc_worker_int.h"
 
@@ -525,53 +522,11 @@ fail:
  * merge as a forward's records; stats_backward carries (sum dy,
  * sum dy * xhat), summed as a backward's. */
 
-/* Whether channel c of a request's vectors is refused: not finite,
- * negative, or nonzero with a zero count. n is its count (0 for
- * stats_backward), a and b its two values. */
-static int svc__stats_bad(int fwd, double n, double a, double b) {
-  return !isfinite(a) | !isfinite(b) | !isfinite(n) | (n < 0) |
-         (fwd & (b < 0)) | (fwd & (n == 0) & ((a != 0) | (b != 0)));
-}
-
-/* Whether any of channels [0, C) is refused (svc__stats_bad), two at a
- * time where SSE2 is there: one by one this pass cost 9 us at C = 2048,
- * as much as the rest of the worker's work on the entry. x - x is 0
- * exactly for a finite x (NaN for an infinity or a NaN). */
-static int svc__stats_any_bad(int fwd, const double *cnt, size_t cstep,
-                              const double *a, const double *b, size_t C) {
-  size_t c = 0;
-  int bad = 0;
-#if defined(__SSE2__)
-  const __m128d z = _mm_setzero_pd(), ones = _mm_cmpeq_pd(z, z);
-  const __m128d f = fwd ? ones : z; /* the count's conditions apply */
-  __m128d acc = z;
-  for (; c + 2 <= C; c += 2) {
-    __m128d n = fwd ? _mm_set_pd(cnt[(c + 1) * cstep], cnt[c * cstep]) : z;
-    __m128d x = _mm_loadu_pd(a + c), y = _mm_loadu_pd(b + c);
-    __m128d fin = _mm_and_pd(_mm_cmpeq_pd(_mm_sub_pd(x, x), z),
-                             _mm_cmpeq_pd(_mm_sub_pd(y, y), z));
-    __m128d nz = _mm_or_pd(_mm_cmpneq_pd(x, z), _mm_cmpneq_pd(y, z));
-    fin = _mm_and_pd(fin, _mm_cmpeq_pd(_mm_sub_pd(n, n), z));
-    acc = _mm_or_pd(acc, _mm_andnot_pd(fin, ones));
-    acc = _mm_or_pd(acc, _mm_cmplt_pd(n, z));
-    acc = _mm_or_pd(acc, _mm_and_pd(f, _mm_cmplt_pd(y, z)));
-    acc = _mm_or_pd(acc, _mm_and_pd(f, _mm_and_pd(_mm_cmpeq_pd(n, z), nz)));
-  }
-  bad = _mm_movemask_pd(acc) != 0;
-#endif
-  for (; c < C; c++)
-    bad |= svc__stats_bad(fwd, fwd ? cnt[c * cstep] : 0, a[c], b[c]);
-  return bad;
-}
-
-/* The request's vectors: one value per channel, finite, and for stats a
- * consistent count. The first bad channel is looked for only to name
- * it. */
-static int svc__stats_check(const svc__layer_t *l, const svc_request_t *q,
+/* The request's vectors: one value per channel (their values are checked
+ * as they fill the entry's records, sbn_rec_fill). */
+static int svc__stats_shape(const svc__layer_t *l, const svc_request_t *q,
                             int fwd) {
-  size_t C = l->params.channels, first = 0;
-  const double *cnt = q->count.v, *a = q->mean.v, *b = q->m2.v;
-  size_t cstep = fwd && !q->count.scalar ? 1 : 0;
+  size_t C = l->params.channels;
   if (fwd && !(q->count.scalar || q->count.n == C))
     return svc_set_error(SVC_SHAPE, "count: %zu values for %zu channels",
                          q->count.n, C);
@@ -580,14 +535,7 @@ static int svc__stats_check(const svc__layer_t *l, const svc_request_t *q,
                          q->mean.n != C ? (fwd ? "mean" : "sum_dy")
                                         : (fwd ? "m2" : "sum_dy_xhat"),
                          q->mean.n != C ? q->mean.n : q->m2.n, C);
-  if (!svc__stats_any_bad(fwd, cnt, cstep, a, b, C))
-    return 0;
-  while (!svc__stats_bad(fwd, fwd ? cnt[first * cstep] : 0, a[first], b[first]))
-    first++;
-  return svc_set_error(SVC_BAD_PARAMS,
-                       "%s: channel %zu is not finite, negative, or "
-                       "nonzero with a zero count",
-                       fwd ? "count/mean/m2" : "sum_dy/sum_dy_xhat", first);
+  return 0;
 }
 
 /* Completes a stats entry from the reduced records: the reply carries the
@@ -680,24 +628,6 @@ static void svc__stats_backward_done(svc_worker_t *w, svc__pend_t *p,
   svc__pend_deliver(w, p, buf, len);
 }
 
-/* The request's vectors into the entry's records: (count, mean, m2) for
- * stats, (sum_dy, sum_dy_xhat, 0) for stats_backward. */
-static void svc__stats_fill(sbn_rec_t *r, size_t C, const svc_request_t *q,
-                            int fwd) {
-  const double *cnt = q->count.v, *a = q->mean.v, *b = q->m2.v;
-  size_t cstep = q->count.scalar ? 0 : 1;
-  for (size_t c = 0; fwd && c < C; c++) {
-    r[c].v[0] = cnt[c * cstep];
-    r[c].v[1] = a[c];
-    r[c].v[2] = b[c];
-  }
-  for (size_t c = 0; !fwd && c < C; c++) {
-    r[c].v[0] = a[c];
-    r[c].v[1] = b[c];
-    r[c].v[2] = 0;
-  }
-}
-
 int svc__cmd_stats(svc__call_t *call) {
   svc_worker_t *w = call->w;
   const svc_request_t *q = call->q;
@@ -706,8 +636,10 @@ int svc__cmd_stats(svc__call_t *call) {
   const char *op = fwd ? "stats" : "stats_backward";
   svc__layer_t *l = svc__layer(w, q->layer, &rc);
   svc__pend_t *p;
+  size_t C, first;
   if (l == NULL)
     return rc;
+  C = l->params.channels;
   if (l->kind != SVC_KIND_SYNCBATCHNORM)
     return svc_set_error(SVC_SHAPE,
                          "layer: %s needs a syncbatchnorm layer, '%s' is %s",
@@ -718,18 +650,30 @@ int svc__cmd_stats(svc__call_t *call) {
                          "are per sub-batch and never reduced, so %s does "
                          "not apply",
                          l->name, l->params.ghost_batch, op);
-  if ((rc = svc__stats_check(l, q, fwd)) != 0 ||
-      (rc = svc__sync_check(w, l, q->step, dir, op)) != 0)
+  if ((rc = svc__stats_shape(l, q, fwd)) != 0)
     return rc;
-  if (svc__pend_queued(w, svc__hash_name(l->name), q->step, dir))
-    return svc_set_error(SVC_DUPLICATE_STEP,
-                         "step: layer '%s' step %llu %s is already waiting",
-                         l->name, (unsigned long long)q->step, op);
   p = svc__pend_layer(w, l, q->step, dir, fwd ? SBN_REC_MOMENTS : SBN_REC_SUM,
                       op);
   if (p == NULL)
     return svc_set_error(SVC_RESOURCE, "%s: out of memory", op);
-  svc__stats_fill(p->recs, l->params.channels, q, fwd);
+  /* The records are filled and checked in one pass; a refused value is
+   * reported before the cross-rank checks, as when it was checked first. */
+  first = sbn_rec_fill(p->recs, C, fwd ? q->count.v : NULL,
+                       q->count.scalar ? 0 : 1, q->mean.v, q->m2.v);
+  if (first < C)
+    rc = svc_set_error(SVC_BAD_PARAMS,
+                       "%s: channel %zu is not finite, negative, or "
+                       "nonzero with a zero count",
+                       fwd ? "count/mean/m2" : "sum_dy/sum_dy_xhat", first);
+  else if ((rc = svc__sync_check(w, l, q->step, dir, op)) == 0 &&
+           svc__pend_queued(w, p->name, q->step, dir))
+    rc = svc_set_error(SVC_DUPLICATE_STEP,
+                       "step: layer '%s' step %llu %s is already waiting",
+                       l->name, (unsigned long long)q->step, op);
+  if (rc != 0) {
+    svc__pend_free(p);
+    return rc;
+  }
   p->q.id = q->id;
   p->q.skip = q->skip;
   p->done = fwd ? svc__stats_done : svc__stats_backward_done;
