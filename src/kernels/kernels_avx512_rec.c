@@ -40,6 +40,17 @@ static inline void rec_load(const sbn_rec_t *p, __m512d f[4]) {
   rec_shuffle(f, RL, RH, FL, FH);
 }
 
+/* The inverse of rec_load: eight records from one vector per field (f is
+ * consumed). */
+static inline void rec_store(sbn_rec_t *p, __m512d f[4]) {
+  double *d = (double *)p;
+  rec_shuffle(f, FL, FH, RL, RH);
+  _mm512_storeu_pd(d, f[0]);
+  _mm512_storeu_pd(d + 8, f[1]);
+  _mm512_storeu_pd(d + 16, f[2]);
+  _mm512_storeu_pd(d + 24, f[3]);
+}
+
 void sbn__avx512_rec_combine(const sbn_rec_t *in, sbn_rec_t *inout, size_t n) {
   const __m512d zero = _mm512_setzero_pd();
   size_t i = 0;
@@ -69,12 +80,7 @@ void sbn__avx512_rec_combine(const sbn_rec_t *in, sbn_rec_t *inout, size_t n) {
     oq = _mm512_mask_mov_pd(_mm512_mask_mov_pd(oq, az, b[3]), bz, a[3]);
     /* The tags stay inout's, as the reference leaves them. */
     __m512d o[4] = {b[0], on, om, oq};
-    double *d = (double *)(inout + i);
-    rec_shuffle(o, FL, FH, RL, RH);
-    _mm512_storeu_pd(d, o[0]);
-    _mm512_storeu_pd(d + 8, o[1]);
-    _mm512_storeu_pd(d + 16, o[2]);
-    _mm512_storeu_pd(d + 24, o[3]);
+    rec_store(inout + i, o);
   }
   sbn__rec_combine_ref(in + i, inout + i, n - i);
 }
@@ -159,12 +165,7 @@ size_t sbn__avx512_rec_fill(sbn_rec_t *recs, size_t n, const double *counts,
     if (ok != 0xff)
       return i + (size_t)__builtin_ctz(~(unsigned)ok & 0xffu);
     __m512d o[4] = {tag, mom ? c : x, mom ? x : y, mom ? y : z};
-    double *d = (double *)(recs + i);
-    rec_shuffle(o, FL, FH, RL, RH);
-    _mm512_storeu_pd(d, o[0]);
-    _mm512_storeu_pd(d + 8, o[1]);
-    _mm512_storeu_pd(d + 16, o[2]);
-    _mm512_storeu_pd(d + 24, o[3]);
+    rec_store(recs + i, o);
   }
   return i + sbn__rec_fill_ref(recs + i, n - i, mom ? counts + i * cstep : NULL,
                                cstep, a + i, b + i);
