@@ -184,17 +184,11 @@ static void test_group_forward_nchw(void **state) {
   sbn_kernel_select("ref");
 }
 
-static int report(void **state) {
-  (void)state;
-  tu_err_report("optimized vs ref");
-  return 0;
-}
-
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_group_backward_nchw),
       cmocka_unit_test(test_group_backward_short),
       cmocka_unit_test(test_group_forward_nchw),
   };
-  return cmocka_run_group_tests(tests, NULL, report);
+  return cmocka_run_group_tests(tests, NULL, kc_report);
 }

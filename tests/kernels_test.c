@@ -739,12 +739,6 @@ static void test_ln_rows(void **state) {
   sbn_kernel_select("ref");
 }
 
-static int report(void **state) {
-  (void)state;
-  tu_err_report("optimized vs ref");
-  return 0;
-}
-
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_names),
@@ -763,5 +757,5 @@ int main(void) {
       cmocka_unit_test(test_rec_fill_sets),
       cmocka_unit_test(test_ln_rows),
   };
-  return cmocka_run_group_tests(tests, NULL, report);
+  return cmocka_run_group_tests(tests, NULL, kc_report);
 }
