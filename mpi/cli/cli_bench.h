@@ -149,8 +149,12 @@ int sbn__bench_copies(size_t bytes);
 /* Rotating copies of one configuration's tensors: copy k of x is x + k*n.
  * x and dy hold fixed data; y and dx are written. The parameters have C
  * values (all ones and zeros), ws and saved the layer's sizes. */
+/* Copy k of a tensor starts at k * stride floats (n rounded up to whole
+ * 64-byte lines), and every buffer at a 64-byte boundary, as PyTorch's
+ * CPU allocator and oneDNN place theirs: a bench on malloc's 16-byte
+ * offset from the line measured split loads the peers never see. */
 typedef struct sbn_bench_bufs_s {
-  size_t n, c;
+  size_t n, c, stride;
   int copies;
   float *x, *y, *dy, *dx;
   float *w, *b, *dw, *db, *rm, *rv;

@@ -94,7 +94,7 @@ static void kbench_free(kbench_t *kb) {
 static int kbench_run(const kpass_t *k, const sbn_tensor_desc_t *d,
                       kbench_t *kb, int i, int forward_too) {
   sbn_bench_bufs_t *u = &kb->u;
-  size_t at = (size_t)i * u->n;
+  size_t at = (size_t)i * u->stride;
   sbn_mode_t m = k->eval ? SBN_MODE_EVAL : SBN_MODE_TRAIN;
   sbn_state_t st = {u->rm, u->rv, 0};
   sbn_forward_args_t fa = {m,     d,           u->x + at, u->y + at,
@@ -134,7 +134,7 @@ static int kernel_one(const sbn_bench_opts_t *o, const kpass_t *k,
     double t[4];
     t[0] = sbn__bench_now();
     for (int s = 0; s < 2; s++) {
-      size_t at = (size_t)c * u->n;
+      size_t at = (size_t)c * u->stride;
       float *dst = two ? u->dx + at : u->y + at;
       sbn__bench_floor(u->x + at, two ? u->dy + at : NULL, dst, u->n, s);
       t[s + 1] = sbn__bench_now();

@@ -63,7 +63,7 @@ typedef struct svc_cfg_s {
 /* The copy floor of service_full: x out and y back, dy out and dx back,
  * through the echo. */
 static int svc_echo(svc_cfg_t *s, int k) {
-  size_t at = (size_t)k * s->u.n, bytes = s->u.n * sizeof(float);
+  size_t at = (size_t)k * s->u.stride, bytes = s->u.n * sizeof(float);
   int rc = sbn__bench_echo(&s->echo, s->u.x + at, bytes, s->u.y + at);
   if (rc == 0)
     rc = sbn__bench_echo(&s->echo, s->u.dy + at, bytes, s->u.dx + at);
@@ -71,7 +71,7 @@ static int svc_echo(svc_cfg_t *s, int k) {
 }
 
 static int svc_full(svc_cfg_t *s, const sbn_tensor_desc_t *d, int k) {
-  size_t at = (size_t)k * s->u.n;
+  size_t at = (size_t)k * s->u.stride;
   uint64_t step = (*s->step)++;
   int rc = sbn_client_forward(s->c, s->layer, step, 1, d, s->u.x + at, NULL,
                               NULL, 0, s->u.y + at);

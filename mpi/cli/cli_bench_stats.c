@@ -198,17 +198,23 @@ int sbn__bench_copies(size_t bytes) {
   return k < 1 ? 1 : (k > 4096 ? 4096 : (int)k);
 }
 
+/* n floats at a 64-byte boundary (freed with free). */
+static float *bench_lines(size_t n) {
+  return aligned_alloc(64, ((n > 0 ? n : 1) * 4 + 63) & ~(size_t)63);
+}
+
 int sbn__bench_bufs_alloc(sbn_bench_bufs_t *u, const sbn_tensor_desc_t *d,
                           const sbn_layer_t *layer) {
   memset(u, 0, sizeof *u);
   u->n = sbn__bench_numel(d);
   u->c = d->dims[1];
+  u->stride = (u->n + 15) & ~(size_t)15;
   u->copies = sbn__bench_copies(u->n * 4 * 4);
-  size_t all = u->n * (size_t)u->copies;
-  u->x = malloc(all * 4);
-  u->y = malloc(all * 4);
-  u->dy = malloc(all * 4);
-  u->dx = malloc(all * 4);
+  size_t all = u->stride * (size_t)u->copies;
+  u->x = bench_lines(all);
+  u->y = bench_lines(all);
+  u->dy = bench_lines(all);
+  u->dx = bench_lines(all);
   u->w = malloc(u->c * 4);
   u->b = calloc(u->c, 4);
   u->dw = malloc(u->c * 4);
@@ -270,7 +276,7 @@ void sbn__bench_bufs_free(sbn_bench_bufs_t *u) {
 
 int sbn__bench_fwd(sbn_layer_t *layer, const sbn_tensor_desc_t *d,
                    sbn_bench_bufs_t *u, int k, uint64_t step) {
-  size_t at = (size_t)k * u->n;
+  size_t at = (size_t)k * u->stride;
   sbn_state_t st = {u->rm, u->rv, 0};
   sbn_forward_args_t fa = {
       SBN_MODE_TRAIN, d,     u->x + at,   u->y + at, u->w,          u->b, &st,
@@ -280,7 +286,7 @@ int sbn__bench_fwd(sbn_layer_t *layer, const sbn_tensor_desc_t *d,
 
 int sbn__bench_bwd(sbn_layer_t *layer, const sbn_tensor_desc_t *d,
                    sbn_bench_bufs_t *u, int k, uint64_t step) {
-  size_t at = (size_t)k * u->n;
+  size_t at = (size_t)k * u->stride;
   sbn_backward_args_t ba = {SBN_MODE_TRAIN, d,     u->x + at,   u->dy + at,
                             u->dx + at,     u->w,  u->dw,       u->db,
                             step,           u->ws, u->ws_bytes, u->saved,
