@@ -8,7 +8,8 @@
 # OUTDIR gets NAME-K.json and .txt (the bench) for K = 1 .. RUNS, and with
 # SBN_AB_TIMELINE=1 the jobs' timelines (NAME-K-tl.rank-R.json) and their
 # spans (NAME-K.spans.txt, scripts/timeline_summary.py; the timeline's
-# writes slow every entry down). stdout gets, per variant and run, the
+# writes slow every entry down). SBN_AB_NP sets the ranks (default 2).
+# stdout gets, per variant and run, the
 # stats entry's target_ratio over the shapes and, per shape, the entry
 # against the bare allreduce. Run it under the measurement lock and
 # scripts/measure_alone.sh when other work shares the machine. Not used by
@@ -31,6 +32,7 @@ export OMPI_ALLOW_RUN_AS_ROOT=${OMPI_ALLOW_RUN_AS_ROOT:-1}
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=${OMPI_ALLOW_RUN_AS_ROOT_CONFIRM:-1}
 export OMPI_MCA_pml=${OMPI_MCA_pml:-ob1} OMPI_MCA_btl=${OMPI_MCA_btl:-self,vader,tcp}
 MPI="mpirun --oversubscribe --bind-to none"
+np=${SBN_AB_NP:-2}
 for i in $(seq "$runs"); do
   for spec in "${variants[@]}"; do
     v=${spec%%=*}
@@ -39,14 +41,14 @@ for i in $(seq "$runs"); do
     opt=("${parts[@]:1}")
     sock=$(mktemp -d /tmp/sbn-ab-XXXXXX)
     [ "${SBN_AB_TIMELINE:-0}" = 1 ] && opt+=(--timeline "$out/$v-$i-tl.json")
-    $MPI -np 2 "$bin/syncbnd" --socket-dir "$sock/s" "${opt[@]}" >"$out/job-$v-$i.log" 2>&1 &
+    $MPI -np "$np" "$bin/syncbnd" --socket-dir "$sock/s" "${opt[@]}" >"$out/job-$v-$i.log" 2>&1 &
     job=$!
     for _ in $(seq 200); do
       n=$(grep -c 'ready on' "$out/job-$v-$i.log" 2>/dev/null)
-      [ "${n:-0}" -ge 2 ] && break
+      [ "${n:-0}" -ge "$np" ] && break
       sleep 0.1
     done
-    $MPI --timeout 300 -np 2 "$bin/syncbn" bench service --socket-dir "$sock/s" \
+    $MPI --timeout 300 -np "$np" "$bin/syncbn" bench service --socket-dir "$sock/s" \
       "$@" --json "$out/$v-$i.json" >"$out/$v-$i.txt" 2>&1
     rc=$?
     kill -TERM "$job"
