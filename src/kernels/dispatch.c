@@ -2,6 +2,7 @@
  * always there; an optimized set replaces it when the CPU can run it). */
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "kernels/sbn_kernels.h"
 
@@ -98,4 +99,24 @@ int sbn_kernel_select(const char *name) {
     return sbn_set_error(SBN_ENOTSUP, "name: this CPU lacks %s", s->lacks);
   __atomic_store_n(&sbn__active, s->k, __ATOMIC_RELEASE);
   return 0;
+}
+
+/* The L2 of one core, from the C library (which reads the CPU's cache
+ * descriptors); 1 MiB when it cannot tell (not Linux/glibc, or a virtual
+ * machine that hides them). Size thresholds that were tuned against the
+ * L2 scale with it, so that a machine with a larger L2 keeps whole
+ * samples or blocks in it too. Read once; a benign race as above. */
+size_t sbn__l2_bytes(void) {
+  static size_t l2;
+  size_t v = __atomic_load_n(&l2, __ATOMIC_ACQUIRE);
+  if (v == 0) {
+    long s = -1;
+#ifdef _SC_LEVEL2_CACHE_SIZE
+    s = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    /* Anything outside 128 KiB .. 64 MiB is a misreading. */
+    v = s >= (128L << 10) && s <= (64L << 20) ? (size_t)s : (size_t)1 << 20;
+    __atomic_store_n(&l2, v, __ATOMIC_RELEASE);
+  }
+  return v;
 }

@@ -269,6 +269,10 @@ extern const sbn__kernels_t sbn__kernels_avx512;
  * run, else the best set for the CPU's features. */
 const sbn__kernels_t *sbn__kernels(void);
 
+/* The L2 cache of one core in bytes (1 MiB when the system does not say),
+ * for the size thresholds of the optimized sets. */
+size_t sbn__l2_bytes(void);
+
 /* The strided entries of the set in use (kernels/strided.c), or their
  * fallback through the dense entry, one a at a time. */
 void sbn__k_moments_ld(const float *x, size_t A, size_t C, size_t S, size_t lda,
