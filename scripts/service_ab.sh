@@ -5,6 +5,9 @@
 # A variant is a build's bin directory (its syncbnd and syncbn) and the
 # options its syncbnd starts with, e.g. before=/tmp/old/build/bin
 # after=build/bin, or spec=build/bin nospec=build/bin,--no-speculate.
+# An option mpi:ARG goes to the job's mpirun instead (default --bind-to
+# none), e.g. bound=build/bin,mpi:--bind-to,mpi:core pins each worker to
+# a core of its own.
 # OUTDIR gets NAME-K.json and .txt (the bench) for K = 1 .. RUNS, and with
 # SBN_AB_TIMELINE=1 the jobs' timelines (NAME-K-tl.rank-R.json) and their
 # spans (NAME-K.spans.txt, scripts/timeline_summary.py; the timeline's
@@ -38,10 +41,18 @@ for i in $(seq "$runs"); do
     v=${spec%%=*}
     IFS=, read -r -a parts <<<"${spec#*=}"
     bin=${parts[0]}
-    opt=("${parts[@]:1}")
+    opt=()
+    jobmpi=()
+    for o in "${parts[@]:1}"; do
+      case $o in
+        mpi:*) jobmpi+=("${o#mpi:}") ;;
+        *) opt+=("$o") ;;
+      esac
+    done
+    [ ${#jobmpi[@]} -gt 0 ] || jobmpi=(--bind-to none)
     sock=$(mktemp -d /tmp/sbn-ab-XXXXXX)
     [ "${SBN_AB_TIMELINE:-0}" = 1 ] && opt+=(--timeline "$out/$v-$i-tl.json")
-    $MPI -np "$np" "$bin/syncbnd" --socket-dir "$sock/s" "${opt[@]}" >"$out/job-$v-$i.log" 2>&1 &
+    mpirun --oversubscribe "${jobmpi[@]}" -np "$np" "$bin/syncbnd" --socket-dir "$sock/s" "${opt[@]}" >"$out/job-$v-$i.log" 2>&1 &
     job=$!
     for _ in $(seq 200); do
       n=$(grep -c 'ready on' "$out/job-$v-$i.log" 2>/dev/null)
