@@ -94,17 +94,12 @@ static int job_stderr_clean(void) {
 }
 
 static void start_job(void) {
-  int tf;
   char dir[128], state[128], tok[128];
   snprintf(dir, sizeof dir, "%s/s", g_root);
   snprintf(state, sizeof state, "%s/state", g_root);
   snprintf(tok, sizeof tok, "%s/token", g_root);
   snprintf(g_errlog, sizeof g_errlog, "%s/stderr.log", g_root);
-  tf = open(tok, O_WRONLY | O_CREAT | O_EXCL, 0600);
-  CHECK(tf >= 0, "token file: %s", strerror(errno));
-  CHECK(write(tf, g_token, sizeof g_token - 1) == (ssize_t)(sizeof g_token - 1),
-        "token write");
-  close(tf);
+  sj_write_token("svc_client_e2e", tok, g_token, sizeof g_token - 1);
   const char *argv[] = {SBN_MPIEXEC,   "--oversubscribe",
                         "--bind-to",   "none",
                         "--timeout",   "150",
@@ -282,19 +277,9 @@ static void *fused_thread(void *arg) {
   return NULL;
 }
 
-static int ref_allreduce(sbn_comm_t *c, sbn_rec_t *r, size_t n) {
-  (void)c, (void)r, (void)n;
-  return 0;
-}
-static void ref_destroy(sbn_comm_t *c) {
-  (void)c;
-}
-static const sbn_comm_vtable_t ref_vt = {.allreduce = ref_allreduce,
-                                         .destroy = ref_destroy};
-
 /* The library in one process on the whole batch of layer i. */
 static void library_ref(int i, float *y, float *dx, float *dw, float *db) {
-  sbn_comm_t comm = {&ref_vt, 0, 1, 0};
+  sbn_comm_t comm = {&sj_self_vt, 0, 1, 0};
   sbn_layer_params_t p;
   sbn_layer_t *l = NULL;
   sbn_tensor_desc_t d = {3, {TOTAL / (C * S), C, S}, SBN_LAYOUT_NCHW};

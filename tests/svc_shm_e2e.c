@@ -76,14 +76,9 @@ static void cleanup(void) {
 
 static void start_job(void) {
   char dir[128], tok[128];
-  int tf;
   snprintf(dir, sizeof dir, "%s/s", g_root);
   snprintf(tok, sizeof tok, "%s/token", g_root);
-  tf = open(tok, O_WRONLY | O_CREAT | O_EXCL, 0600);
-  CHECK(tf >= 0, "token file: %s", strerror(errno));
-  CHECK(write(tf, g_token, sizeof g_token - 1) == (ssize_t)(sizeof g_token - 1),
-        "token write");
-  close(tf);
+  sj_write_token("svc_shm_e2e", tok, g_token, sizeof g_token - 1);
   const char *argv[] = {SBN_MPIEXEC,   "--oversubscribe",
                         "--bind-to",   "none",
                         "--timeout",   "150",
@@ -230,34 +225,11 @@ static int raw_connect(void) {
   return fd;
 }
 
-/* The worker's pid: the syncbnd whose command line names this test's
- * directory. */
+/* The worker's pid: the job's one syncbnd. */
 static long worker_pid(void) {
-  DIR *d = opendir("/proc");
-  struct dirent *e;
   long pid = -1;
-  CHECK(d != NULL, "/proc: %s", strerror(errno));
-  while (pid < 0 && (e = readdir(d)) != NULL) {
-    char path[300], cmd[4096];
-    size_t n;
-    FILE *f;
-    if (e->d_name[0] < '0' || e->d_name[0] > '9')
-      continue;
-    snprintf(path, sizeof path, "/proc/%s/cmdline", e->d_name);
-    if ((f = fopen(path, "r")) == NULL)
-      continue;
-    n = fread(cmd, 1, sizeof cmd - 1, f);
-    fclose(f);
-    for (size_t i = 0; i < n; i++)
-      if (cmd[i] == '\0')
-        cmd[i] = ' ';
-    cmd[n] = '\0';
-    if (strstr(cmd, "syncbnd ") != NULL && strstr(cmd, g_root) != NULL &&
-        strstr(cmd, "mpirun") == NULL && strstr(cmd, "mpiexec") == NULL)
-      pid = strtol(e->d_name, NULL, 10);
-  }
-  closedir(d);
-  CHECK(pid > 0, "no syncbnd process for %s", g_root);
+  int n = sj_workers("svc_shm_e2e", g_mpirun, &pid, NULL, 1);
+  CHECK(n == 1, "%d syncbnd processes under mpirun %ld", n, (long)g_mpirun);
   return pid;
 }
 

@@ -12,7 +12,6 @@
  *   workers go on.
  * Every blocking step has a timeout; alarm() is the backstop. */
 #define _GNU_SOURCE
-#include <dirent.h>
 #include <errno.h>
 #include <math.h>
 #include <poll.h>
@@ -154,16 +153,6 @@ static void *fb_thread(void *arg) {
   return NULL;
 }
 
-static int ref_allreduce(sbn_comm_t *c, sbn_rec_t *r, size_t n) {
-  (void)c, (void)r, (void)n;
-  return 0;
-}
-static void ref_destroy(sbn_comm_t *c) {
-  (void)c;
-}
-static const sbn_comm_vtable_t ref_vt = {.allreduce = ref_allreduce,
-                                         .destroy = ref_destroy};
-
 static void run_threads(job_t *jobs, int n) {
   pthread_t t[2 * MAXNP];
   for (int i = 0; i < n; i++)
@@ -200,7 +189,7 @@ static void test_matches_library(const char *name, const int *ns) {
 
   /* The library on the concatenated batch, in one process. */
   {
-    sbn_comm_t comm = {&ref_vt, 0, 1, 0};
+    sbn_comm_t comm = {&sj_self_vt, 0, 1, 0};
     sbn_layer_params_t p;
     sbn_layer_t *l = NULL;
     sbn_tensor_desc_t d = {3, {total / (C * S), C, S}, SBN_LAYOUT_NCHW};
@@ -398,41 +387,13 @@ static void test_disconnect(void) {
 }
 
 /* The CPU time (clock ticks) of the syncbnd workers that mpirun forked,
- * summed, and how many there are, from /proc. */
+ * summed, and how many there are. */
 static long workers_cpu(int *n) {
-  char path[300], buf[512];
-  long sum = 0;
-  DIR *d = opendir("/proc");
-  struct dirent *e;
-  *n = 0;
-  CHECK(d != NULL, "/proc: %s", strerror(errno));
-  while ((e = readdir(d)) != NULL) {
-    char comm[64], *close;
-    long ppid, ut, st;
-    FILE *f;
-    if (e->d_name[0] < '0' || e->d_name[0] > '9')
-      continue;
-    snprintf(path, sizeof path, "/proc/%s/stat", e->d_name);
-    if ((f = fopen(path, "r")) == NULL)
-      continue;
-    buf[0] = '\0';
-    if (fgets(buf, sizeof buf, f) == NULL)
-      buf[0] = '\0';
-    fclose(f);
-    /* pid (comm) state ppid ... field 14 utime, 15 stime; comm may hold
-     * spaces, so fields are counted from its closing parenthesis. */
-    close = strrchr(buf, ')');
-    if (close == NULL || sscanf(buf, "%*d (%63[^)]", comm) != 1 ||
-        strcmp(comm, "syncbnd") != 0 ||
-        sscanf(close + 1,
-               " %*c %ld %*d %*d %*d %*d %*u %*u %*u %*u %*u %ld %ld", &ppid,
-               &ut, &st) != 3 ||
-        ppid != (long)g_mpirun)
-      continue;
-    sum += ut + st;
-    (*n)++;
-  }
-  closedir(d);
+  long cpu[2 * MAXNP], sum = 0;
+  *n = sj_workers("svc_sync_e2e", g_mpirun, NULL, cpu, 2 * MAXNP);
+  CHECK(*n <= 2 * MAXNP, "%d syncbnd workers", *n);
+  for (int i = 0; i < *n; i++)
+    sum += cpu[i];
   return sum;
 }
 
