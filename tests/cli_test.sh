@@ -509,6 +509,9 @@ any(r['op'] != 'groupnorm' or r['layout'] != 'nhwc' for r in d['records']))" \
   bench_fail 2 "--op: unknown op 'batchnrom'" kernels --op batchnrom
   bench_fail 2 "--op: only the kernels mode" layer --op batchnorm
   bench_fail 2 "--socket-dir: only the service mode" sizes --socket-dir /tmp
+  bench_fail 2 "--gap-us: only the service mode" layer --gap-us 100
+  bench_fail 2 "--gap-us: '1000001'" service --gap-us 1000001
+  bench_fail 2 "--gap-us: '-5'" service --gap-us -5
   bench_fail 2 "--kernels:" kernels --kernels frobnicate
   bench_fail 2 "cannot both be stdout" kernels --json - --csv -
   bench_fail 2 "unexpected argument 'extra'" kernels extra
@@ -541,6 +544,14 @@ bench_socket_dir() {
     RANKS=$NP bench_json service "ext$i" "${MPIRUN[@]}" "$SYNCBN" bench \
       service --socket-dir "$T/sock" --shape 2,8,4,4 --reps 2
   done
+  # A gap before every call (the worker's poll has ended by then): the
+  # JSON says so and every record is there.
+  RANKS=$NP bench_json service ext_gap "${MPIRUN[@]}" "$SYNCBN" bench \
+    service --socket-dir "$T/sock" --shape 2,8,4,4 --reps 2 --gap-us 400
+  check "service --gap-us 400: gap_us in the machine block, 8 records" \
+    /usr/bin/python3 -c "import json,sys; d=json.load(open(sys.argv[1])); \
+sys.exit(not (d['machine'].get('gap_us') == 400 and len(d['records']) == 8))" \
+    "$T/ext_gap.json"
   kill "$jp"
   wait "$jp" 2>/dev/null
 }

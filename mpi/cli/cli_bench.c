@@ -85,6 +85,9 @@ static void bench_usage(FILE *f) {
       "  --csv FILE|-        the records as CSV, the same columns\n"
       "  --socket-dir DIR    service: use the running syncbnd job there\n"
       "                      instead of starting one\n"
+      "  --gap-us US         service: each rank computes (spins) US\n"
+      "                      microseconds before every timed call, as a\n"
+      "                      trainer does between layers (default 0)\n"
       "\n"
       "A rep's time is the maximum over ranks; the tables give the median "
       "and\n"
@@ -229,6 +232,8 @@ static int set_option(sbn_bench_opts_t *o, int c, const char *arg) {
     case 'd':
       o->socket_dir = arg;
       return 0;
+    case 'G':
+      return parse_count("--gap-us", arg, 0, 1000000, &o->gap_us);
     default:
       bench_usage(stderr);
       return 2;
@@ -262,6 +267,7 @@ static int bench_parse(int argc, char **argv, sbn_bench_opts_t *o,
       {"json", required_argument, 0, 'j'},
       {"csv", required_argument, 0, 'c'},
       {"socket-dir", required_argument, 0, 'd'},
+      {"gap-us", required_argument, 0, 'G'},
       {"help", no_argument, 0, 'h'},
       {0, 0, 0, 0}};
   int c, st, first = 1;
@@ -302,6 +308,9 @@ static int bench_parse(int argc, char **argv, sbn_bench_opts_t *o,
         o->mode);
   if (o->socket_dir != NULL && strcmp(o->mode, "service") != 0)
     return usage_error("--socket-dir: only the service mode takes it (mode %s)",
+                       o->mode);
+  if (o->gap_us != 0 && strcmp(o->mode, "service") != 0)
+    return usage_error("--gap-us: only the service mode takes it (mode %s)",
                        o->mode);
   if (o->json != NULL && o->csv != NULL && strcmp(o->json, "-") == 0 &&
       strcmp(o->csv, "-") == 0)

@@ -47,6 +47,7 @@ typedef struct sbn_bench_opts_s {
   size_t chunk;           /* layer: --chunk, SyncBN's params.reduce_chunk */
   int vs_unchunked;       /* layer: --vs-unchunked adds sync_unchunked */
   int threads;            /* --threads, 0 when not given */
+  int gap_us;             /* service: --gap-us, the spin before each call */
 } sbn_bench_opts_t;
 
 /* One measured configuration. Numbers that do not apply to a record's mode

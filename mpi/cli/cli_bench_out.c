@@ -139,10 +139,15 @@ static void header(const sbn_bench_opts_t *o, FILE *f, const char *prefix) {
   sbn__bench_cpu(cpu, sizeof cpu);
   sbn__bench_mpi_version(mpi, sizeof mpi);
   sbn__bench_date(date, sizeof date);
-  fprintf(
-      f, "%ssyncbn bench %s: %s, %d rank%s, %s, kernels %s, %d thread%s, %s\n",
-      prefix, o->mode, cpu, o->size, o->size == 1 ? "" : "s", mpi,
-      sbn_kernel_name(), sbn_threads(), sbn_threads() == 1 ? "" : "s", date);
+  fprintf(f,
+          "%ssyncbn bench %s: %s, %d rank%s, %s, kernels %s, %d thread%s, "
+          "%s",
+          prefix, o->mode, cpu, o->size, o->size == 1 ? "" : "s", mpi,
+          sbn_kernel_name(), sbn_threads(), sbn_threads() == 1 ? "" : "s",
+          date);
+  if (o->gap_us > 0)
+    fprintf(f, ", %d us of compute before every call", o->gap_us);
+  fprintf(f, "\n");
 }
 
 static void write_table(const sbn_bench_opts_t *o, const sbn_bench_out_t *out,
@@ -210,6 +215,8 @@ static void write_json(const sbn_bench_opts_t *o, const sbn_bench_out_t *out,
   fprintf(f, ", \"threads\": %d, \"ranks\": %d, \"date\": ", sbn_threads(),
           o->size);
   json_str(f, date);
+  if (o->gap_us > 0)
+    fprintf(f, ", \"gap_us\": %d", o->gap_us);
   fprintf(f, "},\n  \"columns\": [");
   for (size_t c = 0; c < NCOLS; c++)
     fprintf(f, "%s\"%s\"", c ? ", " : "", cols[c].name);

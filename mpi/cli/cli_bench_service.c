@@ -151,6 +151,19 @@ static int inproc_stats(svc_cfg_t *s, int passes) {
   return 0;
 }
 
+/* --gap-us: the rank keeps its core busy for us microseconds, as a
+ * trainer computing between two layers' calls does. The worker meanwhile
+ * ends its poll after a reply (syncbnd --poll-us) and sleeps, so the call
+ * that follows pays for waking it; the in-process variants get the same
+ * gap, so the ratios compare like with like. */
+static void svc_gap(int us) {
+  if (us <= 0)
+    return;
+  double end = sbn__bench_now() + us * 1e-6;
+  while (sbn__bench_now() < end) {
+  }
+}
+
 static int svc_reps(const sbn_bench_opts_t *o, svc_cfg_t *s,
                     const sbn_tensor_desc_t *d, int reps, double *t[SV_COUNT]) {
   int rc = 0, k = 0;
@@ -158,6 +171,7 @@ static int svc_reps(const sbn_bench_opts_t *o, svc_cfg_t *s,
     for (int v = 0; v < SV_COUNT && rc == 0; v++) {
       if ((rc = sbn__bench_quiet_barrier()) != 0)
         break;
+      svc_gap(o->gap_us);
       double t0 = sbn__bench_now();
       if (v == SV_FULL)
         rc = svc_full(s, d, k);
