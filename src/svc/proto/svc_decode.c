@@ -14,17 +14,10 @@
 /* ------------------------------------------------------------------ */
 /* Typed reads of msgpack objects */
 
-/* A request's keys are matched against the 40 names of svc__keys and its
- * op against every op's name: the first byte decides most comparisons
- * before the name's length is taken (strlen of every name for every key
- * was a fifth of a small request's decoding). */
 static int svc__str_eq(const msgpack_object *o, const char *s) {
-  if (o->type != MSGPACK_OBJECT_STR)
-    return 0;
   size_t n = o->via.str.size;
-  if (n == 0 || o->via.str.ptr[0] != s[0])
-    return n == 0 && s[0] == '\0';
-  return strlen(s) == n && memcmp(o->via.str.ptr, s, n) == 0;
+  return o->type == MSGPACK_OBJECT_STR && n > 0 && o->via.str.ptr[0] == s[0] &&
+         strlen(s) == n && memcmp(o->via.str.ptr, s, n) == 0;
 }
 
 static int svc__get_uint(const msgpack_object *o, const char *key, uint64_t max,
