@@ -20,16 +20,20 @@ trains on its own shard of every batch; the shards may be uneven
 (--counts, default 30,18).
 
 With --check (the default) every rank also trains, from the same initial
-weights, a single-process model with torch.nn.BatchNorm2d on the whole
-(concatenated) batches, and a second one on the same batches with the
-samples in another order. The two torch runs compute the same
-mathematics with float32 rounding in different orders, so their
-difference is the float drift of this run; the synchronized model must
-stay within DRIFT_FACTOR times that drift (plus a floor of a few float32
-ulps) of the first torch run, for the losses, the parameters and the
-running statistics, however many steps run. The running statistics must
-also be bit-identical on every rank. Each rank ends with `rank R: PASS`
-or `rank R: FAIL ...` and exit status 0 or 1.
+weights, three single-process models with torch.nn.BatchNorm2d on the
+whole (concatenated) batches: one in float64 (the reference), one in
+float32, and one in float32 on the same batches with the samples in
+another order. The synchronized model's relative error against the
+float64 model must stay within ERR_FACTOR times the larger error of the
+two float32 torch models (plus a floor of a few float32 ulps), for the
+losses, the parameters and the running statistics, however many steps
+run: syncbn may round differently from torch, not worse. (The difference
+between the two float32 torch runs alone is no measure of float32 error:
+on some CPUs torch reduces in an order that does not depend on the
+samples' order, and the two agree to 1e-7 while both are 5e-5 from
+float64.) The running statistics must also be bit-identical on every
+rank. Each rank ends with `rank R: PASS` or `rank R: FAIL ...` and exit
+status 0 or 1.
 
 Data: the Fashion-MNIST idx files under --data (Debian package
 dataset-fashion-mnist: /usr/share/datasets/fashion-mnist), else synthetic
@@ -51,7 +55,7 @@ sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)),
                              "..", "..", "src", "python"))
 import syncbn.torch  # noqa: E402
 
-DRIFT_FACTOR = 10.0
+ERR_FACTOR = 3.0
 FLOOR = 1e-6  # relative; float32 ulps are 6e-8, a step adds a few
 
 
@@ -160,10 +164,12 @@ def main():
     opt = torch.optim.SGD(ddp.parameters(), lr=a.lr, momentum=0.9)
     if a.check:
         other = copy.deepcopy(ref)
+        r64 = copy.deepcopy(ref).double()
+        o_64 = torch.optim.SGD(r64.parameters(), lr=a.lr, momentum=0.9)
         o_ref = torch.optim.SGD(ref.parameters(), lr=a.lr, momentum=0.9)
         o_other = torch.optim.SGD(other.parameters(), lr=a.lr, momentum=0.9)
     perm = torch.randperm(batch, generator=torch.Generator().manual_seed(5))
-    worst = {"loss": 0.0, "drift": 0.0}
+    worst = {"loss": 0.0, "torch": 0.0}
     for s in range(a.steps):
         xb, tb = x_all[s * batch:(s + 1) * batch], t_all[s * batch:(s + 1) * batch]
         # The mean loss over the whole batch: DDP averages over the ranks,
@@ -175,8 +181,9 @@ def main():
         if a.check:
             lr_ = train_step(ref, o_ref, xb, tb, 1.0 / batch)
             lo_ = train_step(other, o_other, xb[perm], tb[perm], 1.0 / batch)
-            worst["loss"] = max(worst["loss"], rel(total, lr_))
-            worst["drift"] = max(worst["drift"], rel(lo_, lr_))
+            l64 = train_step(r64, o_64, xb.double(), tb, 1.0 / batch)
+            worst["loss"] = max(worst["loss"], rel(total, l64))
+            worst["torch"] = max(worst["torch"], rel(lr_, l64), rel(lo_, l64))
         if rank == 0 and (s % 5 == 0 or s == a.steps - 1):
             print("step %d: loss %.5f" % (s, float(total)) +
                   (" (torch single process %.5f)" % float(lr_) if a.check else ""),
@@ -201,16 +208,18 @@ def main():
                          ("parameters", lambda m: flat(m.parameters())),
                          ("running statistics", lambda m: flat(bn_buffers(m)))):
             if what_ == "loss":
-                e, drift = worst["loss"], worst["drift"]
+                e, e32 = worst["loss"], worst["torch"]
             else:
-                e, drift = rel(f(model), f(ref)), rel(f(other), f(ref))
-            bound = DRIFT_FACTOR * drift + FLOOR
+                e = rel(f(model), f(r64))
+                e32 = max(rel(f(ref), f(r64)), rel(f(other), f(r64)))
+            bound = ERR_FACTOR * e32 + FLOOR
             ok = e <= bound
-            lines.append("%s: rel diff to torch.nn.BatchNorm2d %.1e, torch's own float "
-                         "drift %.1e, bound %.1e: %s" % (what_, e, drift, bound,
-                                                         "ok" if ok else "FAIL"))
+            lines.append("%s: rel error against float64 torch %.1e, float32 "
+                         "torch.nn.BatchNorm2d's %.1e, bound %.1e: %s"
+                         % (what_, e, e32, bound, "ok" if ok else "FAIL"))
             if not ok:
-                failures.append("%s differ from torch by %.1e (bound %.1e)" % (what_, e, bound))
+                failures.append("%s: error %.1e against float64 (bound %.1e)"
+                                % (what_, e, bound))
     lines.append("%s" % ("PASS" if not failures else "FAIL " + "; ".join(failures)))
     for r in range(size):
         if r == rank:
