@@ -277,6 +277,26 @@ static void test_channels_last_stream_dx(void **state) {
   in_gn_nhwc_vs_ref(shapes, 2, 2);
 }
 
+/* BatchNorm channels-last dx on both sides of the position view's
+ * streaming threshold (kernels_avx512.c's pos_apply_nt: x, dy and dx
+ * together over half of the core's L2): tensors of 16 to 32 KB, stored
+ * normally on any L2 of 192 KiB or more, and of 1.6 MB (C = 128, 256, 512,
+ * 1000 and 2048, the last the wide rows of pos_apply_wide), streamed on any
+ * L2 up to 9 MiB, below want_nt's 4 MiB; C = 1000 and 2048 over 16 rows
+ * fall on either side depending on the L2. Offsets of 1 and 12 floats: a
+ * masked head before dx's first line, and none. */
+static void test_channels_last_dx_l2(void **state) {
+  (void)state;
+  static const size_t shapes[][2] = {{128, 16},  {256, 16},   {1000, 16},
+                                     {2048, 16}, {128, 1600}, {256, 800},
+                                     {512, 400}, {1000, 200}, {2048, 100}};
+  static const size_t offs[] = {1, 12};
+  static const sbn_op_t ops[] = {SBN_OP_BATCHNORM};
+  static const char *const opn[] = {"bn"};
+  nhwc_vs_ref(ops, opn, 1, shapes, sizeof shapes / sizeof *shapes, 2, offs, 2,
+              1);
+}
+
 /* Channels-last dx of the optimized sets' backward in the shapes whose
  * stores stream or whose rows are taken a few at a time: register-tile
  * rows (C = 1, 3, 16, 64; kernels_avx512_nhwc.c's cl_apply) in samples
@@ -747,6 +767,7 @@ int main(void) {
       cmocka_unit_test(test_channels_last_tiles),
       cmocka_unit_test(test_channels_last_sweeps),
       cmocka_unit_test(test_channels_last_stream_dx),
+      cmocka_unit_test(test_channels_last_dx_l2),
       cmocka_unit_test(test_channels_last_stream_rows),
       cmocka_unit_test(test_channels_last_fused),
       cmocka_unit_test(test_channels_last_bwd_fused),

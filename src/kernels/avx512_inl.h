@@ -44,6 +44,29 @@ static inline void fold_mem(__m512 v, double *d) {
   _mm512_storeu_pd(d + 8, hi);
 }
 
+/* Adds the float lanes of v into the n < 16 doubles at d (masked, so an
+ * array of exactly n more doubles is not overrun). */
+static inline void fold_part(__m512 v, double *d, size_t n) {
+  __mmask8 ml = (__mmask8)(n >= 8 ? 0xFF : (1u << n) - 1u);
+  __mmask8 mh = (__mmask8)(n > 8 ? (1u << (n - 8)) - 1u : 0);
+  __m512d lo = _mm512_maskz_loadu_pd(ml, d);
+  __m512d hi = _mm512_maskz_loadu_pd(mh, d + 8);
+  fold16(v, &lo, &hi);
+  _mm512_mask_storeu_pd(d, ml, lo);
+  _mm512_mask_storeu_pd(d + 8, mh, hi);
+}
+
+/* Folds the float sums of L positions into the doubles d (L of them):
+ * kernels_avx512_nhwc.c's swept moments. */
+static inline void fold_row(const float *a, double *d, size_t L) {
+  for (size_t j = 0; j < L; j += 16) {
+    if (L - j >= 16)
+      fold_mem(_mm512_load_ps(a + j), d + j);
+    else
+      fold_part(_mm512_load_ps(a + j), d + j, L - j);
+  }
+}
+
 /* Stores the lanes of m; a whole, aligned vector streams when nt is set.
  * A streaming pass first writes up to the output's first line boundary
  * with a masked store (head_elems), so its whole vectors are aligned and

@@ -77,13 +77,16 @@ static void pos_chans(const geo_t *g, size_t C, size_t S, size_t n,
 
 /* The distance in floats (8 KiB) at which the backward's sums of rows up
  * to PMAX prefetch x and dy ahead, and its streamed dx (read last element
- * first) behind, in views of want_nt's 4 MiB or more: without it the
- * sums of BatchNorm NHWC 8x256x56x56 and 8x512x28x28, from memory, ran
- * at about 24 GB/s against 36 for a plain sum of the same buffers (the
- * hardware prefetcher alone keeps too few lines in flight), and dx as
- * long as the two-read-one-write floor. Smaller views, which the caches
- * hold, measured no gain (dx of 8x128x28x28 with plain stores, 3.2 MB:
- * 1.2-1.3 times slower with it). */
+ * first) behind: without it the sums of BatchNorm NHWC 8x256x56x56 and
+ * 8x512x28x28, from memory, ran at about 24 GB/s against 36 for a plain
+ * sum of the same buffers (the hardware prefetcher alone keeps too few
+ * lines in flight), and dx as long as the two-read-one-write floor. The
+ * sums prefetch at every size: on the AMD EPYC views under want_nt's 4 MiB
+ * measured no gain, and on an Intel core of 2 MiB L2 the sums of 8x256x14x14,
+ * 8x512x7x7, 8x1024x7x7 and 8x128x28x28 (1.6 to 3.2 MB per tensor, read
+ * from L3) took 0.7 to 0.85 of their time without it (throwaway harness,
+ * same-run A/B). A dx stored normally keeps none (dx of 8x128x28x28 with
+ * plain stores, 3.2 MB: 1.2-1.3 times slower with it). */
 #define POS_PF 2048
 
 static inline __attribute__((always_inline)) void piece_sums(
@@ -192,14 +195,10 @@ static void piece_bwd_sums(const float *x, const float *dy, const geo_t *g,
   }
 }
 
-/* The backward's piece_sums, one instance per prefetch distance (POS_PF
- * or none), so that the loop has no test. */
+/* The backward's piece_sums, prefetching POS_PF ahead. */
 static void piece_sums_b(const float *x, const float *dy, const geo_t *g,
-                         const float *pa, double *d1, double *d2, size_t pf) {
-  if (pf > 0)
-    piece_sums(1, x, dy, g, pa, d1, d2, POS_PF);
-  else
-    piece_sums(1, x, dy, g, pa, d1, d2, 0);
+                         const float *pa, double *d1, double *d2) {
+  piece_sums(1, x, dy, g, pa, d1, d2, POS_PF);
 }
 
 /* The backward sums of a flat piece (rows of L <= PMAX back to back, ch
@@ -213,15 +212,14 @@ static const unsigned *pos_bwd_flat(const float *x, const float *dy,
                                     const geo_t *g, size_t h,
                                     const unsigned *ch, const double *mean,
                                     const double *istd, float *pa, float *pb,
-                                    float *pc, double *d1, double *d2,
-                                    size_t pf) {
+                                    float *pc, double *d1, double *d2) {
   size_t L = g->L, L16 = (L + 15) & ~(size_t)15, rows = g->rows - 1;
   const unsigned *cr = ch + h;
   for (size_t j = 0; j < L16; j++)
     lane_params(1, j, cr[j], NULL, mean, istd, pa, pb, pc, d1, d2);
   geo_t body = {rows, L, L, 0}, last = {1, L, L - h, 0};
-  piece_sums_b(x + h, dy + h, &body, pa, d1, d2, pf);
-  piece_sums_b(x + h + rows * L, dy + h + rows * L, &last, pa, d1, d2, pf);
+  piece_sums_b(x + h, dy + h, &body, pa, d1, d2);
+  piece_sums_b(x + h + rows * L, dy + h + rows * L, &last, pa, d1, d2);
   for (size_t i = 0; i < h; i++) {
     size_t j = L - h + i;
     d1[j] += dy[i];
@@ -244,7 +242,7 @@ static inline __attribute__((always_inline)) void pos_sums(
   double d2[BMAX] __attribute__((aligned(64)));
   unsigned ch[BMAX];
   geo_t g[1];
-  size_t off, pf = want_nt(A, C, S, lda) ? POS_PF : 0;
+  size_t off;
   for (size_t i = 0; bwd_piece(A, C, S, lda, i, g, &off); i++) {
     size_t L = g->L, L16 = (L + 15) & ~(size_t)15, n = g->rows * L;
     const unsigned *cr = ch;
@@ -255,14 +253,14 @@ static inline __attribute__((always_inline)) void pos_sums(
     pos_chans(g, C, S, L16 + (h > 0 ? 16 : 0), ch);
     if (h > 0) {
       cr = pos_bwd_flat(x + off, dy + off, g, h, ch, mean, istd, pa, pb, pc, d1,
-                        d2, pf);
+                        d2);
     } else {
       for (size_t j = 0; j < L16; j++)
         lane_params(bwd, j, ch[j], k, mean, istd, pa, pb, pc, d1, d2);
       if (bwd && L > PMAX)
         piece_bwd_sums(x + off, dy + off, g, pa, d1, d2);
       else if (bwd)
-        piece_sums_b(x + off, dy + off, g, pa, d1, d2, pf);
+        piece_sums_b(x + off, dy + off, g, pa, d1, d2);
       else
         piece_sums(0, x + off, NULL, g, pa, d1, d2, 0);
     }
@@ -438,22 +436,27 @@ static inline __m512 apply16f(__m512 x, __m512 g, const float *pk,
   return _mm512_fmadd_ps(_mm512_loadu_ps(pk + j), g, t);
 }
 
-/* Whether pos_apply streams dx: when x and dy fit half of the core's L2
- * but x, dy and dx together do not (PLAN_L2 below). A call is then most
- * often one InstanceNorm or GroupNorm sample whose x and dy its sums have
- * just brought into L2; dx stored normally allocates its lines there and
- * evicts the x and dy that the pass is about to read (least recently
- * used first: the very lines it reads next), so every read went to L3.
- * It streams too from want_nt's 4 MiB on (BatchNorm's whole tensors),
- * where dx leaves the caches before anything reads it: stored normally
- * each line of dx was first read from memory. Streaming alone measured no
- * gain at C = 512-2048; with dx's prefetch (POS_PF) the dx of BatchNorm
- * NHWC 8x256x56x56 took 0.8 of its time stored normally. */
-#define POS_L2_BYTES ((size_t)1 << 20)
+/* Whether pos_apply streams dx: whenever x, dy and dx together fill more
+ * than half of the core's L2. Stored normally, each line of dx is first
+ * read (from L3 or memory) and allocated in L2, where it evicts the x and
+ * dy that the pass is about to read (least recently used first: the very
+ * lines it reads next). A call is one InstanceNorm or GroupNorm sample, or
+ * a BatchNorm tensor. Streaming only pays where the caches would not keep
+ * dx for its reader anyway, which `syncbn bench kernels` cannot show (it
+ * never rereads dx): there, streamed dx was faster at every size down to
+ * 100 KB. Half the L2 leaves room for what the next call reads. History:
+ * dx streamed from want_nt's 4 MiB on, and where x and dy fit half of a
+ * 1 MiB L2 but x, dy and dx did not; on the AMD EPYC of 1 MiB L2 streaming
+ * every view of 256 KiB or more measured no change beyond the scatter at C
+ * = 512-2048 (README, "streamed tile dx"), and on an Intel core of 2 MiB L2
+ * the dx of BatchNorm NHWC 8x256x14x14, 8x512x7x7, 8x128x28x28 and
+ * 8x2048x7x7 (1.6 to 3.2 MB per tensor) took 0.5 to 0.75 of its time
+ * stored normally (throwaway harness, same-run A/B, rotating copies). With
+ * dx's prefetch (POS_PF) the dx of 8x256x56x56 took 0.8 of its time
+ * stored normally. */
 static int pos_apply_nt(size_t A, size_t C, size_t S, size_t lda) {
   size_t span = (A > 0 ? (A - 1) * lda + C * S : 0) * sizeof(float);
-  return (3 * span > POS_L2_BYTES && 2 * span <= POS_L2_BYTES) ||
-         want_nt(A, C, S, lda);
+  return 2 * 3 * span > sbn__l2_bytes() || want_nt(A, C, S, lda);
 }
 
 /* dx of the rows of a piece wider than PMAX, BR rows at a time, last to

@@ -39,8 +39,13 @@
  * stack and loads and stores them for every vector of data). */
 #define CL_UNROLL _Pragma("GCC unroll 8")
 /* Prefetch distance of a row of one tile, in floats (2 KiB), measured
- * best of 256..2048; a wide row prefetches the next block instead. */
+ * best of 256..2048; a wide row prefetches CL_PF_ROWS rows ahead: a
+ * quarter of a block of RB rows took 0.89-0.94 of the time of a whole
+ * block for the moments of BatchNorm NHWC 8x512x7x7, 8x1024x7x7 and
+ * 8x2048x7x7 (throwaway harness, same-run A/B, Intel, 2 MiB L2), half
+ * a block in between. */
 #define CL_PF 512
+#define CL_PF_ROWS 4
 /* The same for moments read from memory (sbn__avx512_cl_moments_cold):
  * 8 KiB ahead took 0.94-0.96 of the time at 2 KiB for InstanceNorm
  * samples of C = 64 and 128 (same-run A/B, cold copies). */
@@ -362,28 +367,6 @@ static void cl_mom_sweep_1(const float *x, size_t stride, size_t L,
   cl_mom_sweep(1, x, stride, L, pk, a, b, pfr);
 }
 
-/* Adds the float lanes of v into the n < 16 doubles at d (masked, so an
- * array of exactly n more doubles is not overrun). */
-static void cl_fold_part(__m512 v, double *d, size_t n) {
-  __mmask8 ml = (__mmask8)(n >= 8 ? 0xFF : (1u << n) - 1u);
-  __mmask8 mh = (__mmask8)(n > 8 ? (1u << (n - 8)) - 1u : 0);
-  __m512d lo = _mm512_maskz_loadu_pd(ml, d);
-  __m512d hi = _mm512_maskz_loadu_pd(mh, d + 8);
-  fold16(v, &lo, &hi);
-  _mm512_mask_storeu_pd(d, ml, lo);
-  _mm512_mask_storeu_pd(d + 8, mh, hi);
-}
-
-/* Folds the float sums of L positions into the doubles d (L of them). */
-static void cl_fold_row(const float *a, double *d, size_t L) {
-  for (size_t j = 0; j < L; j += 16) {
-    if (L - j >= 16)
-      fold_mem(_mm512_load_ps(a + j), d + j);
-    else
-      cl_fold_part(_mm512_load_ps(a + j), d + j, L - j);
-  }
-}
-
 /* Adds the moments of `rows` rows of L positions (stride apart), shifted
  * by pk, into the doubles d1 and d2 (L of each), prefetching pfr rows
  * ahead (0: none; CL_SWEEP_PF). The float sums are placed
@@ -406,8 +389,8 @@ static void cl_mom_wide(const float *x, size_t rows, size_t stride, size_t L,
       cl_mom_sweep_n(p + r * stride, stride, L, pk, a, b, pfr);
     for (; r < nr; r++)
       cl_mom_sweep_1(p + r * stride, stride, L, pk, a, b, pfr);
-    cl_fold_row(a, d1, L);
-    cl_fold_row(b, d2, L);
+    fold_row(a, d1, L);
+    fold_row(b, d2, L);
   }
 }
 
@@ -478,7 +461,9 @@ static int cl_sums(int bwd, int cold, const float *x, const float *dy, size_t A,
   }
   for (size_t i = 0; cl_piece(A, C, S, lda, i, 16 * vmax, g, &off); i++) {
     size_t L = g->L, st = g->stride, c0 = g->j0 % C;
-    size_t pf = L > 16 * vmax ? RB * st : cold ? CL_PF_COLD : (size_t)CL_PF;
+    size_t pf = L > 16 * vmax ? CL_PF_ROWS * st
+                : cold        ? CL_PF_COLD
+                              : (size_t)CL_PF;
     const float *xp = x + off, *dp = bwd ? dy + off : NULL;
     int sweep =
         !bwd && L > 16 * vmax && (cold || span >= CL_COLD_BYTES / sizeof *x);
