@@ -217,9 +217,11 @@ static void lnp_rows(const float *x, float *y, size_t R, size_t D, int nt,
  * groups of 4 took 0.97-1.0 of the memcpy against 0.99-1.05 with 2 and
  * 1.18-1.25 with single rows; at 200k-800k groups of 2 took 0.98-1.13
  * against 1.08-1.23 with 4 and 1.10-1.28 with 1. With a 2 MiB L2, 8 rows
- * of 200704 (784 KB, under half of it) took 0.91-0.97 of the time with
+ * of 200704 (784 KB, under half of it) took 0.92-0.99 of the time with
  * groups of 4 that they took with groups of 2 (one process, the two
- * alternating, 60 reps, three runs), so the limit follows the L2. */
+ * alternating, three runs); the bench's floor ratio went from 1.75 to
+ * 1.51 at 8 x 200704 (3 runs alternated with the previous build), so the
+ * limit follows the L2. */
 static size_t lnp_g4_max(void) {
   return sbn__l2_bytes() / 2 / sizeof(float);
 }
