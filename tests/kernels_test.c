@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <cmocka.h>
 
@@ -704,6 +705,17 @@ static void ln_vs_ref(const char *set, size_t R, size_t D, size_t off) {
          off, what);
 }
 
+/* The core's L2 as the library reads it (dispatch.c's sbn__l2_bytes):
+ * the pipelined forward's groups of 4 rows end at rows of half of it, and
+ * the backward takes rows one at a time up to rows of a 28th of it. */
+static size_t l2_bytes(void) {
+  long s = -1;
+#ifdef _SC_LEVEL2_CACHE_SIZE
+  s = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+  return s >= (128L << 10) && s <= (64L << 20) ? (size_t)s : (size_t)1 << 20;
+}
+
 /* LayerNorm rows (kernels_avx512_ln.c): rows one, two and four at a
  * time (R = 5, 6, 7: four rows and then one, two, or two and one), an
  * odd last row, rows of four at the longest length they take (32767,
@@ -721,7 +733,12 @@ static void ln_vs_ref(const char *set, size_t R, size_t D, size_t off) {
  * written apart), with and without affine. The backward's rows-at-a-time
  * form streams dx too (outputs of 4 MiB and more, whole-line rows): in
  * pairs (40 x 32768, 11 x 100000: a row left over) and fours (37 x 30000:
- * fours, and a single row after the last four of the third block). */
+ * fours, and a single row after the last four of the third block). The
+ * forward's groups of 4 rows on both sides of their limit (half the L2: 6 rows
+ * of it, a group of 4 and one of 2, and 16 more, three groups of 2), and the
+ * backward's single rows on both sides of their limit (7 rows of D floats
+ * within the L2: 15 of the longest such whole-line rows, dx streamed with an L2
+ * of 2 MiB, and 5 rows just over it, in pairs and a single row). */
 static void test_ln_rows(void **state) {
   (void)state;
   const char *const *sets;
@@ -755,6 +772,12 @@ static void test_ln_rows(void **state) {
         ln_vs_ref(sets[ks], pipe[ip].R, pipe[ip].D, offs[(ip + (size_t)v) % 3]);
         no_affine = 0;
       }
+    size_t g4 = l2_bytes() / 2 / sizeof(float);
+    ln_vs_ref(sets[ks], 6, g4, 0);
+    ln_vs_ref(sets[ks], 6, g4 + 16, 1);
+    size_t one = l2_bytes() / 28 / 16 * 16;
+    ln_vs_ref(sets[ks], 15, one, 0);
+    ln_vs_ref(sets[ks], 5, l2_bytes() / 28 + 16, 3);
   }
   sbn_kernel_select("ref");
 }

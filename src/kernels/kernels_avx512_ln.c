@@ -121,6 +121,24 @@ void sbn__avx512_ln_forward_rows(const float *x, float *y, size_t R, size_t D,
  * ways repeat every 128 KiB). */
 #define LNB_QUAD_MAX ((size_t)32 << 10)
 
+/* Rows longer than LNB_QUAD_MAX go one at a time where a single row's
+ * working set fits in the L2 and a pair's does not: x and dy of the row
+ * and of the next (prefetched while the row's dx is written) and the
+ * row-sized w, fw and fb are 7 arrays of D floats, a pair's 11. A pair
+ * saves one sweep over w, fw and fb for every two rows, but where its
+ * rows then leave the L2 before their dx pass reads them again, that
+ * second read costs as much as the first. Measured with a 2 MiB L2 (one
+ * process, single rows and pairs alternating): 8 rows of 50176 took
+ * 0.89-0.98 of the pairs' time, 32 rows of 65536 0.91; at 100352 (7
+ * arrays over the L2) single rows took 0.94-1.12 of it. Against the
+ * previous build (3 alternated runs of the bench) the floor ratio went
+ * from 1.85 to 1.64 at 8 x 50176 and from 1.56 to 1.27 at 32 x 65536. With a 1
+ * MiB L2 this takes only rows of 32769-37449 elements. */
+static int lnb_single(size_t D) {
+  size_t row = D * sizeof(float), l2 = sbn__l2_bytes();
+  return D > LNB_QUAD_MAX && 7 * row <= l2 && 11 * row > l2;
+}
+
 /* A row of the backward: its data, statistics and sums. */
 typedef struct lnb_row_s {
   const float *x, *dy;
@@ -563,18 +581,19 @@ void sbn__avx512_ln_bwd_rows(const float *x, const float *dy, float *dx,
       _mm_sfence();
     return;
   }
-  /* Rows two at a time at every length: with the loops above, pairs of
-   * rows of 200k-800k elements were also faster than single rows (the
-   * previous form gained nothing from pairs past 128k): a sweep over two
-   * rows reads w and updates fw, fb once for both, and those row-sized
-   * arrays come from L3 at these lengths. */
+  /* Rows two at a time at every length but lnb_single's: with the loops
+   * above, pairs of rows of 200k-800k elements were also faster than
+   * single rows (the previous form gained nothing from pairs past 128k):
+   * a sweep over two rows reads w and updates fw, fb once for both, and
+   * those row-sized arrays come from L3 at these lengths. */
+  int pairs = !lnb_single(D);
   for (size_t r0 = 0; r0 < R; r0 += RB) {
     size_t r1 = R - r0 < RB ? R : r0 + RB;
     size_t r = r0;
     if (D <= LNB_QUAD_MAX && D % (16 << 10) != 0)
       for (; r + 4 <= r1; r += 4)
         lnb_rows(x, dy, dx, r, 4, r0, R, D, mean, istd, w, count, fw, fb, nt);
-    for (; r + 2 <= r1; r += 2)
+    for (; pairs && r + 2 <= r1; r += 2)
       lnb_rows(x, dy, dx, r, 2, r0, R, D, mean, istd, w, count, fw, fb, nt);
     for (; r < r1; r++)
       lnb_rows(x, dy, dx, r, 1, r0, R, D, mean, istd, w, count, fw, fb, nt);

@@ -206,17 +206,25 @@ static void lnp_rows(const float *x, float *y, size_t R, size_t D, int nt,
     lnp_groups(x, y, R, D, nt, eps, w, b, mean, istd, 1, 0);
 }
 
-/* Groups of 4 rows up to rows of this many elements (512 KB), of 2 up
- * to LNP_G2_MAX, single rows past that. A group shares each vector of w
- * and b between its rows, where single rows read the row-sized w and b
- * once per row (from L2 or L3); but the first group's sums and the last
- * group's output have no partner, so larger groups leave more of the
- * pass unpipelined, and two groups in flight must stay in the L3.
- * Measured (same-run A/B against a memcpy, 8 rows; affine): at 64k-100k
- * elements per row groups of 4 took 0.97-1.0 of the memcpy against
- * 0.99-1.05 with 2 and 1.18-1.25 with single rows; at 200k-800k groups
- * of 2 took 0.98-1.13 against 1.08-1.23 with 4 and 1.10-1.28 with 1. */
-#define LNP_G4_MAX ((size_t)128 << 10)
+/* Groups of 4 rows up to rows of half the core's L2 (128k elements, 512
+ * KB, where the L2 is 1 MiB), of 2 up to LNP_G2_MAX, single rows past
+ * that. A group shares each vector of w and b between its rows, where
+ * single rows read the row-sized w and b once per row (from L2 or L3);
+ * but the first group's sums and the last group's output have no
+ * partner, so larger groups leave more of the pass unpipelined, and two
+ * groups in flight must stay in the L3. Measured (same-run A/B against a
+ * memcpy, 8 rows; affine) with a 1 MiB L2: at 64k-100k elements per row
+ * groups of 4 took 0.97-1.0 of the memcpy against 0.99-1.05 with 2 and
+ * 1.18-1.25 with single rows; at 200k-800k groups of 2 took 0.98-1.13
+ * against 1.08-1.23 with 4 and 1.10-1.28 with 1. With a 2 MiB L2, 8 rows
+ * of 200704 (784 KB, under half of it) took 0.92-0.99 of the time with
+ * groups of 4 that they took with groups of 2 (one process, the two
+ * alternating, three runs); the bench's floor ratio went from 1.75 to
+ * 1.51 at 8 x 200704 (3 runs alternated with the previous build), so the
+ * limit follows the L2. */
+static size_t lnp_g4_max(void) {
+  return sbn__l2_bytes() / 2 / sizeof(float);
+}
 #define LNP_G2_MAX ((size_t)1 << 20)
 /* Shorter rows are declined (the op's two passes over chunks of rows with
  * ln_forward_rows serve them): measured against the same run's memcpy,
@@ -234,7 +242,7 @@ int sbn__avx512_ln_forward_pipe(const float *x, float *y, size_t R, size_t D,
    * line (rows of whole lines) and 4-byte alignment (head_elems). */
   int nt = total >= NT_BYTES / sizeof(float) && D % 16 == 0;
   int aff = w != NULL;
-  int G = D <= LNP_G4_MAX ? 4 : (D <= LNP_G2_MAX ? 2 : 1);
+  int G = D <= lnp_g4_max() ? 4 : (D <= LNP_G2_MAX ? 2 : 1);
   size_t r = 0;
   /* Whole groups first, then the rows left over (fewer than G) as
    * smaller groups. */
