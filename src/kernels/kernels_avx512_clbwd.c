@@ -123,13 +123,24 @@ ROW_SUMS(bwd_rows1, 1, 0)
 ROW_SUMS(mom_rows2, 2, 1)
 ROW_SUMS(mom_rows1, 1, 1)
 
-/* Adds the n float sums at a into the doubles d. */
-static void fold_arr(const float *a, double *d, size_t n) {
-  for (size_t j = 0; j < n; j += 8) {
-    __mmask8 m = mask8(n - j);
-    __m512d s = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, a + j));
-    _mm512_mask_storeu_pd(d + j, m,
-                          _mm512_add_pd(_mm512_maskz_loadu_pd(m, d + j), s));
+/* Adds the n float sums at a into the doubles d, each run of cpg of them
+ * into one (cpg = 1: one each). */
+static void fold_arr(const float *a, double *d, size_t n, size_t cpg) {
+  if (cpg == 1) {
+    for (size_t j = 0; j < n; j += 8) {
+      __mmask8 m = mask8(n - j);
+      __m512d s = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, a + j));
+      _mm512_mask_storeu_pd(d + j, m,
+                            _mm512_add_pd(_mm512_maskz_loadu_pd(m, d + j), s));
+    }
+    return;
+  }
+  for (size_t g = 0; g < n / cpg; g++) {
+    __m512d s = _mm512_setzero_pd();
+    for (size_t j = 0; j < cpg; j += 8)
+      s = _mm512_add_pd(s, _mm512_cvtps_pd(_mm256_maskz_loadu_ps(
+                               mask8(cpg - j), a + g * cpg + j)));
+    d[g] += _mm512_reduce_add_pd(s);
   }
 }
 
@@ -141,11 +152,11 @@ static size_t row_pf(size_t w, size_t ld) {
 }
 
 void sbn__avx512_cl_row_sums(const float *x, const float *dy, size_t P,
-                             size_t w, size_t ld, const float *ph, float *a1,
-                             float *a2, double *d1, double *d2) {
+                             size_t w, size_t ld, size_t cpg, const float *ph,
+                             float *a1, float *a2, double *d1, double *d2) {
   size_t pf = row_pf(w, ld);
-  memset(d1, 0, w * sizeof *d1);
-  memset(d2, 0, w * sizeof *d2);
+  memset(d1, 0, w / cpg * sizeof *d1);
+  memset(d2, 0, w / cpg * sizeof *d2);
   for (size_t r0 = 0; r0 < P; r0 += RB) {
     size_t nr = P - r0 < RB ? P - r0 : RB, r = 0;
     const float *p = x + r0 * ld, *q = dy != NULL ? dy + r0 * ld : NULL;
@@ -162,8 +173,8 @@ void sbn__avx512_cl_row_sums(const float *x, const float *dy, size_t P,
       for (; r < nr; r++)
         mom_rows1(p + r * ld, NULL, w, ld, pf, ph, a1, a2);
     }
-    fold_arr(a1, d1, w);
-    fold_arr(a2, d2, w);
+    fold_arr(a1, d1, w, cpg);
+    fold_arr(a2, d2, w, cpg);
   }
 }
 
@@ -326,7 +337,7 @@ int sbn__avx512_gn_bwd_nhwc(const float *x, const float *dy, float *dx,
                   : 0;
   float *ph = par + 2 * ld;
   bwd_h(G, cpg, mean, ph);
-  sbn__avx512_cl_row_sums(x, dy, P, C, C, ph, par, par + ld, sdy, sdyx);
+  sbn__avx512_cl_row_sums(x, dy, P, C, C, 1, ph, par, par + ld, sdy, sdyx);
   bwd_params(0, G, cpg, (double)P * (double)cpg, mean, istd, w, stats, sdy,
              sdyx, dw, db, par, ld);
   pad_arr(par, C);
