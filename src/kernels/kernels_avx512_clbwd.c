@@ -49,8 +49,9 @@
  * L2) are declined unless they are at most a 64th of the L3 per tensor.
  * On a 1 MiB L2 with a 32 MiB L3 those of 392 KiB to 3.2 MB took 1.0 to
  * 1.6 times the op's path (`syncbn bench kernels`, NHWC, one alternation;
- * not analysed). On a 2 MiB L2 with a 260 MiB L3 those of 0.8 to 3.2 MB
- * took 0.55 to 0.75 of it (three alternations): the second pass over x
+ * not analysed). On a 2 MiB L2 with a 260 MiB L3 those of 0.4 to 3.2 MB
+ * in rows of 256 to 2048 channels took 0.6 to 0.9 of it (GroupNorm(32)
+ * and InstanceNorm, three alternations): the second pass over x
  * and dy finds them in the L3 there. A 64th keeps the rule of the 32 MiB
  * L3 at 512 KiB. Blocks of channels whose x and dy fit in L2 (rows of 16
  * to 256 channels of 256 to 1024, dx formed per block, the next block
@@ -59,6 +60,12 @@
 #define BWD_MAX_MUL 9
 #define BWD_MAX_DIV 32
 #define BWD_L3_DIV 64
+
+/* Rows of 64 channels over 3136 and 12544 positions (0.8 and 3.2 MB)
+ * took 1.05 to 1.1 times the op's register tiles in the flat pass on the
+ * 260 MiB L3, those of 128 channels 0.65 to 1.0: the L3 rule starts at
+ * 128. */
+#define BWD_L3_C 128
 
 /* Prefetch distance of the sums, in floats (4 KiB ahead). */
 #define BWD_PF 1024
@@ -309,13 +316,13 @@ static void bwd_dx(const float *x, const float *dy, float *dx, size_t n,
     bwd_dx16(x, dy, dx, 0, 0, tail_mask(h), par, ld, 0);
 }
 
-/* Whether a sample of n elements per tensor takes the flat pass: up to
- * 9/32 of the L2 (288 KiB of a 1 MiB L2), or up to a 64th of the L3 (see
- * BWD_L3_DIV). */
-static int bwd_flat(size_t n) {
+/* Whether a sample of n elements of rows of C per tensor takes the flat
+ * pass: up to 9/32 of the L2 (288 KiB of a 1 MiB L2), or, in rows of
+ * BWD_L3_C channels or more, up to a 64th of the L3 (see BWD_L3_DIV). */
+static int bwd_flat(size_t n, size_t C) {
   size_t bytes = n * sizeof(float);
   return bytes <= sbn__l2_bytes() / BWD_MAX_DIV * BWD_MAX_MUL ||
-         bytes <= sbn__l3_bytes() / BWD_L3_DIV;
+         (C >= BWD_L3_C && bytes <= sbn__l3_bytes() / BWD_L3_DIV);
 }
 
 int sbn__avx512_gn_bwd_nhwc(const float *x, const float *dy, float *dx,
@@ -330,7 +337,7 @@ int sbn__avx512_gn_bwd_nhwc(const float *x, const float *dy, float *dx,
    * double (see SMALL_STAT). */
   if (n == 0 || C < 16 || P * cpg < SMALL_STAT)
     return 0;
-  if (!bwd_flat(n))
+  if (!bwd_flat(n, C))
     return 0;
   size_t pn = n * sizeof(float) <= sbn__l2_bytes() / BWD_PF_DIV && i + 1 < count
                   ? n
