@@ -343,20 +343,25 @@ static void test_channels_last_fused(void **state) {
 }
 
 /* The channels-last training backward of a sample in one call
- * (kernels_avx512_clbwd.c), three samples each: C = 1 and 3 (declined:
- * rows narrower than a vector), 16, 17 and 51 (a masked last vector per
- * row), 48 (GroupNorm's groups of 16), 1000 (one group), 1002 and 1023
- * (groups of 334 and 341), 2048 over 35 and 36 positions (the largest
- * samples it takes) and 37 (declined: over its size limit); positions
- * that leave a short last block of rows and an odd row; outputs under
- * 256 KiB (plain stores) and over (streamed, masked head and tail); x,
- * dy and dx 1 or 3 floats off alignment; 1002 x 19 has InstanceNorm
- * statistics of 19 values (declined, dx in double). */
+ * (kernels_avx512_clbwd.c), three samples each: C = 1 and 3 (declined: rows
+ * narrower than a vector), 16, 17 and 51 (a masked last vector per row), 48
+ * (GroupNorm's groups of 16), 1000 (one group), 1002 and 1023 (groups of 334
+ * and 341), 2048 over 35 and 36 positions (the largest samples its L2 rule
+ * takes at a 1 MiB L2), 37, 64 (512 KiB: the largest its L3 rule takes at a 32
+ * MiB L3) and 521 (4.3 MB, just over a 64th of a 260 MiB L3: declined), and
+ * rows of 64 and 128 channels over 1500 and 750 positions (384 KiB: the L3 rule
+ * declines rows under 128 channels); so each side of both rules runs on a 1 MiB
+ * L2 with a 32 MiB L3 and on a 2 MiB L2 with a 260 MiB L3; positions that leave
+ * a short last block of rows and an odd row; outputs under 256 KiB (plain
+ * stores) and over (streamed, masked head and tail); x, dy and dx 1 or 3 floats
+ * off alignment; 1002 x 19 has InstanceNorm statistics of 19 values (declined,
+ * dx in double). */
 static void test_channels_last_bwd_fused(void **state) {
   (void)state;
   static const size_t shapes[][2] = {
-      {1, 401},   {3, 45},    {16, 33},   {17, 2003}, {48, 701},  {51, 333},
-      {1000, 37}, {1002, 19}, {1023, 49}, {2048, 35}, {2048, 36}, {2048, 37}};
+      {1, 401},   {3, 45},     {16, 33},   {17, 2003}, {48, 701},  {51, 333},
+      {1000, 37}, {1002, 19},  {1023, 49}, {2048, 35}, {2048, 36}, {2048, 37},
+      {2048, 64}, {2048, 521}, {64, 1500}, {128, 750}};
   in_gn_nhwc_vs_ref(shapes, sizeof shapes / sizeof *shapes, 3);
 }
 

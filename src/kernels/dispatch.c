@@ -120,3 +120,22 @@ size_t sbn__l2_bytes(void) {
   }
   return v;
 }
+
+/* The last-level (L3) cache in bytes as the C library reports it (the
+ * whole cache, shared by the cores that share it), 0 when it cannot tell:
+ * thresholds that use it then fall back to their L2 rule. Read once; a
+ * benign race as above. */
+size_t sbn__l3_bytes(void) {
+  static size_t l3 = (size_t)-1;
+  size_t v = __atomic_load_n(&l3, __ATOMIC_ACQUIRE);
+  if (v == (size_t)-1) {
+    long s = -1;
+#ifdef _SC_LEVEL3_CACHE_SIZE
+    s = sysconf(_SC_LEVEL3_CACHE_SIZE);
+#endif
+    /* Anything outside 1 MiB .. 4 GiB is a misreading. */
+    v = s >= (1L << 20) && (unsigned long)s <= (4UL << 30) ? (size_t)s : 0;
+    __atomic_store_n(&l3, v, __ATOMIC_RELEASE);
+  }
+  return v;
+}

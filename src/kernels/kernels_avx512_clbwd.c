@@ -39,18 +39,33 @@
  * this one push its dx out before anything reads it. */
 #define BWD_NT_BYTES ((size_t)256 << 10)
 
-/* Samples of at most this many bytes per tensor prefetch the next
+/* Samples of at most a quarter of the L2 per tensor prefetch the next
  * sample's x and dy into L2 while writing dx, so that the next sums read
  * L2 and memory serves reads and writes at once: two samples' x and dy
- * fit the 1 MiB L2. */
-#define BWD_PF_BYTES ((size_t)256 << 10)
+ * fit the L2. */
+#define BWD_PF_DIV 4
 
-/* Samples of more bytes per tensor than this are declined: in `syncbn
- * bench kernels` (NHWC, one alternation against main) those of 392 KiB
- * to 3.2 MB took 1.0 to 1.6 times the op's path, most 1.1 or more (C =
- * 64 .. 2048 over 49 to 12544 positions; not analysed yet), while those
- * of 98 to 278 KiB took 0.65 to 0.95 of it. */
-#define BWD_MAX_BYTES ((size_t)288 << 10)
+/* Samples of more than 9/32 of the L2 per tensor (288 KiB of a 1 MiB
+ * L2) are declined unless they are at most a 64th of the L3 per tensor.
+ * On a 1 MiB L2 with a 32 MiB L3 those of 392 KiB to 3.2 MB took 1.0 to
+ * 1.6 times the op's path (`syncbn bench kernels`, NHWC, one alternation;
+ * not analysed). On a 2 MiB L2 with a 260 MiB L3 those of 0.4 to 3.2 MB
+ * in rows of 256 to 2048 channels took 0.6 to 0.9 of it (GroupNorm(32)
+ * and InstanceNorm, three alternations): the second pass over x
+ * and dy finds them in the L3 there. A 64th keeps the rule of the 32 MiB
+ * L3 at 512 KiB. Blocks of channels whose x and dy fit in L2 (rows of 16
+ * to 256 channels of 256 to 1024, dx formed per block, the next block
+ * prefetched) took 1.0 to 2 times the op's path on the 2 MiB L2 and are
+ * not used. */
+#define BWD_MAX_MUL 9
+#define BWD_MAX_DIV 32
+#define BWD_L3_DIV 64
+
+/* Rows of 64 channels over 3136 and 12544 positions (0.8 and 3.2 MB)
+ * took 1.05 to 1.1 times the op's register tiles in the flat pass on the
+ * 260 MiB L3, those of 128 channels 0.65 to 1.0: the L3 rule starts at
+ * 128. */
+#define BWD_L3_C 128
 
 /* Prefetch distance of the sums, in floats (4 KiB ahead). */
 #define BWD_PF 1024
@@ -74,22 +89,29 @@ static void pad_arr(float *a, size_t C) {
     a[C + j] = a[(C + j) % C];
 }
 
-/* Adds R rows of C channels (x and dy) into the float sums a1 (dy) and
- * a2 (dy * (x - h)); the last vector of a row is masked to the row. */
-static inline __attribute__((always_inline)) void bwd_rows(
-    int R, const float *x, const float *dy, size_t C, const float *ph,
-    float *a1, float *a2) {
-  for (size_t j = 0; j < C; j += 16) {
-    __mmask16 m = tail_mask(C - j);
+/* Adds R rows (of stride ld) of w channels into the float sums a1 and a2
+ * of those channels: with dy, sums of dy and dy * (x - h) (the
+ * backward's); without (mom), sums of d = x - h and d * d (the forward's
+ * moments, h then the group's shift). The last vector of a row is masked
+ * to the row: its masked-off lanes add nothing (d is zeroed, and so is dy).
+ * Each vector prefetches the line pf floats ahead, a few rows down the
+ * same channels where a row is narrower than BWD_PF (see row_pf). */
+static inline __attribute__((always_inline)) void row_sums(
+    int R, int mom, const float *x, const float *dy, size_t w, size_t ld,
+    size_t pf, const float *ph, float *a1, float *a2) {
+  for (size_t j = 0; j < w; j += 16) {
+    __mmask16 m = tail_mask(w - j);
     __m512 h = _mm512_loadu_ps(ph + j);
     __m512 s1 = _mm512_loadu_ps(a1 + j), s2 = _mm512_loadu_ps(a2 + j);
     for (int r = 0; r < R; r++) {
-      const float *p = x + r * C + j, *q = dy + r * C + j;
-      _mm_prefetch((const char *)(p + BWD_PF), _MM_HINT_T0);
-      _mm_prefetch((const char *)(q + BWD_PF), _MM_HINT_T0);
-      /* Masked-off lanes load dy = 0, so they add nothing. */
-      __m512 g = load16(m, q);
-      __m512 d = _mm512_sub_ps(load16(m, p), h);
+      const float *p = x + r * ld + j;
+      _mm_prefetch((const char *)(p + pf), _MM_HINT_T0);
+      __m512 d = _mm512_maskz_sub_ps(m, load16(m, p), h), g = d;
+      if (!mom) {
+        const float *q = dy + r * ld + j;
+        _mm_prefetch((const char *)(q + pf), _MM_HINT_T0);
+        g = load16(m, q);
+      }
       s1 = _mm512_add_ps(s1, g);
       s2 = _mm512_fmadd_ps(g, d, s2);
     }
@@ -98,44 +120,68 @@ static inline __attribute__((always_inline)) void bwd_rows(
   }
 }
 
-static void bwd_rows2(const float *x, const float *dy, size_t C,
-                      const float *ph, float *a1, float *a2) {
-  bwd_rows(2, x, dy, C, ph, a1, a2);
-}
+#define ROW_SUMS(name, R, mom)                                           \
+  static void name(const float *x, const float *dy, size_t w, size_t ld, \
+                   size_t pf, const float *ph, float *a1, float *a2) {   \
+    row_sums(R, mom, x, dy, w, ld, pf, ph, a1, a2);                      \
+  }
+ROW_SUMS(bwd_rows2, 2, 0)
+ROW_SUMS(bwd_rows1, 1, 0)
+ROW_SUMS(mom_rows2, 2, 1)
+ROW_SUMS(mom_rows1, 1, 1)
 
-static void bwd_rows1(const float *x, const float *dy, size_t C,
-                      const float *ph, float *a1, float *a2) {
-  bwd_rows(1, x, dy, C, ph, a1, a2);
-}
-
-/* Adds the C float sums at a into the doubles d. */
-static void fold_arr(const float *a, double *d, size_t C) {
-  for (size_t j = 0; j < C; j += 8) {
-    __mmask8 m = mask8(C - j);
-    __m512d s = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, a + j));
-    _mm512_mask_storeu_pd(d + j, m,
-                          _mm512_add_pd(_mm512_maskz_loadu_pd(m, d + j), s));
+/* Adds the n float sums at a into the doubles d, each run of cpg of them
+ * into one (cpg = 1: one each). */
+static void fold_arr(const float *a, double *d, size_t n, size_t cpg) {
+  if (cpg == 1) {
+    for (size_t j = 0; j < n; j += 8) {
+      __mmask8 m = mask8(n - j);
+      __m512d s = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, a + j));
+      _mm512_mask_storeu_pd(d + j, m,
+                            _mm512_add_pd(_mm512_maskz_loadu_pd(m, d + j), s));
+    }
+    return;
+  }
+  for (size_t g = 0; g < n / cpg; g++) {
+    __m512d s = _mm512_setzero_pd();
+    for (size_t j = 0; j < cpg; j += 8)
+      s = _mm512_add_pd(s, _mm512_cvtps_pd(_mm256_maskz_loadu_ps(
+                               mask8(cpg - j), a + g * cpg + j)));
+    d[g] += _mm512_reduce_add_pd(s);
   }
 }
 
-/* The sums of P rows: RB rows at a time in float (at most 16 values per
- * lane), folded into sdy and sb (sum dy * (x - h)), which start at 0. */
-static void bwd_sums(const float *x, const float *dy, size_t P, size_t C,
-                     const float *ph, float *a1, float *a2, double *sdy,
-                     double *sb) {
-  memset(sdy, 0, C * sizeof *sdy);
-  memset(sb, 0, C * sizeof *sb);
+/* The prefetch distance of rows of w channels at stride ld: BWD_PF floats
+ * along a dense sample, whole rows down a block of channels, so that the
+ * lines prefetched are the block's own. */
+static size_t row_pf(size_t w, size_t ld) {
+  return w == ld ? BWD_PF : ld * ((BWD_PF + w - 1) / w);
+}
+
+void sbn__avx512_cl_row_sums(const float *x, const float *dy, size_t P,
+                             size_t w, size_t ld, size_t cpg, const float *ph,
+                             float *a1, float *a2, double *d1, double *d2) {
+  size_t pf = row_pf(w, ld);
+  memset(d1, 0, w / cpg * sizeof *d1);
+  memset(d2, 0, w / cpg * sizeof *d2);
   for (size_t r0 = 0; r0 < P; r0 += RB) {
     size_t nr = P - r0 < RB ? P - r0 : RB, r = 0;
-    const float *p = x + r0 * C, *q = dy + r0 * C;
-    memset(a1, 0, C * sizeof *a1);
-    memset(a2, 0, C * sizeof *a2);
-    for (; r + 2 <= nr; r += 2)
-      bwd_rows2(p + r * C, q + r * C, C, ph, a1, a2);
-    for (; r < nr; r++)
-      bwd_rows1(p + r * C, q + r * C, C, ph, a1, a2);
-    fold_arr(a1, sdy, C);
-    fold_arr(a2, sb, C);
+    const float *p = x + r0 * ld, *q = dy != NULL ? dy + r0 * ld : NULL;
+    memset(a1, 0, w * sizeof *a1);
+    memset(a2, 0, w * sizeof *a2);
+    if (q != NULL) {
+      for (; r + 2 <= nr; r += 2)
+        bwd_rows2(p + r * ld, q + r * ld, w, ld, pf, ph, a1, a2);
+      for (; r < nr; r++)
+        bwd_rows1(p + r * ld, q + r * ld, w, ld, pf, ph, a1, a2);
+    } else {
+      for (; r + 2 <= nr; r += 2)
+        mom_rows2(p + r * ld, NULL, w, ld, pf, ph, a1, a2);
+      for (; r < nr; r++)
+        mom_rows1(p + r * ld, NULL, w, ld, pf, ph, a1, a2);
+    }
+    fold_arr(a1, d1, w, cpg);
+    fold_arr(a2, d2, w, cpg);
   }
 }
 
@@ -204,15 +250,15 @@ static void bwd_h(size_t G, size_t cpg, const double *mean, float *ph) {
   pad_arr(ph, G * cpg);
 }
 
-/* Every channel's dx parameters from its sums, and dw, db. */
-static void bwd_params(size_t G, size_t cpg, double m, const double *mean,
-                       const double *istd, const float *w, int stats,
-                       const double *sdy, double *sb, double *dw, double *db,
-                       float *par) {
-  size_t C = G * cpg, ld = par_ld(C);
+/* The dx parameters of groups [g0, g1) from their channels' sums, and
+ * their dw, db. */
+static void bwd_params(size_t g0, size_t g1, size_t cpg, double m,
+                       const double *mean, const double *istd, const float *w,
+                       int stats, const double *sdy, double *sb, double *dw,
+                       double *db, float *par, size_t ld) {
   if (cpg == 1) {
-    for (size_t c = 0; c < C; c += 8) {
-      __mmask8 mk = mask8(C - c);
+    for (size_t c = g0; c < g1; c += 8) {
+      __mmask8 mk = mask8(g1 - c);
       __m512d mv = _mm512_maskz_loadu_pd(mk, mean + c);
       __m512d iv = _mm512_maskz_loadu_pd(mk, istd + c);
       __m512d lo = _mm512_sub_pd(
@@ -228,13 +274,10 @@ static void bwd_params(size_t G, size_t cpg, double m, const double *mean,
       in_par8(c, mk, lo, iv, g, gx, w, stats ? 1.0 / m : 0.0, par, ld);
     }
   } else {
-    for (size_t g = 0; g < G; g++)
+    for (size_t g = g0; g < g1; g++)
       bwd_group(g * cpg, cpg, mean[g], istd[g], w, m, stats, sdy, sb, dw, db,
                 par, ld);
   }
-  pad_arr(par, C);
-  pad_arr(par + ld, C);
-  pad_arr(par + 3 * ld, C);
 }
 
 /* dx of the vector of lanes m at element e (channel c). */
@@ -273,6 +316,15 @@ static void bwd_dx(const float *x, const float *dy, float *dx, size_t n,
     bwd_dx16(x, dy, dx, 0, 0, tail_mask(h), par, ld, 0);
 }
 
+/* Whether a sample of n elements of rows of C per tensor takes the flat
+ * pass: up to 9/32 of the L2 (288 KiB of a 1 MiB L2), or, in rows of
+ * BWD_L3_C channels or more, up to a 64th of the L3 (see BWD_L3_DIV). */
+static int bwd_flat(size_t n, size_t C) {
+  size_t bytes = n * sizeof(float);
+  return bytes <= sbn__l2_bytes() / BWD_MAX_DIV * BWD_MAX_MUL ||
+         (C >= BWD_L3_C && bytes <= sbn__l3_bytes() / BWD_L3_DIV);
+}
+
 int sbn__avx512_gn_bwd_nhwc(const float *x, const float *dy, float *dx,
                             size_t P, size_t G, size_t cpg, const double *mean,
                             const double *istd, const float *w, int stats,
@@ -283,14 +335,21 @@ int sbn__avx512_gn_bwd_nhwc(const float *x, const float *dy, float *dx,
    * with the next one's (a stalled store forward per vector); the op's
    * register tiles take them. Statistics of few values keep dx in
    * double (see SMALL_STAT). */
-  if (n == 0 || C < 16 || P * cpg < SMALL_STAT ||
-      n * sizeof(float) > BWD_MAX_BYTES)
+  if (n == 0 || C < 16 || P * cpg < SMALL_STAT)
     return 0;
-  size_t pn = n * sizeof(float) <= BWD_PF_BYTES && i + 1 < count ? n : 0;
-  bwd_h(G, cpg, mean, par + 2 * ld);
-  bwd_sums(x, dy, P, C, par + 2 * ld, par, par + ld, sdy, sdyx);
-  bwd_params(G, cpg, (double)P * (double)cpg, mean, istd, w, stats, sdy, sdyx,
-             dw, db, par);
+  if (!bwd_flat(n, C))
+    return 0;
+  size_t pn = n * sizeof(float) <= sbn__l2_bytes() / BWD_PF_DIV && i + 1 < count
+                  ? n
+                  : 0;
+  float *ph = par + 2 * ld;
+  bwd_h(G, cpg, mean, ph);
+  sbn__avx512_cl_row_sums(x, dy, P, C, C, 1, ph, par, par + ld, sdy, sdyx);
+  bwd_params(0, G, cpg, (double)P * (double)cpg, mean, istd, w, stats, sdy,
+             sdyx, dw, db, par, ld);
+  pad_arr(par, C);
+  pad_arr(par + ld, C);
+  pad_arr(par + 3 * ld, C);
   bwd_dx(x, dy, dx, n, C, par, ld, count * n >= BWD_NT_BYTES / sizeof(float),
          pn);
   _mm_sfence();

@@ -191,6 +191,23 @@ static void fwd_params(size_t G, size_t cpg, const double *mean,
   sbn__avx512_cl_flat_pad(par, ld, C);
 }
 
+/* The moments of groups of cpg channels as per-channel float sums down
+ * the rows (sbn__avx512_cl_row_sums, the backward's), each channel
+ * shifted by its group's k, folded into the groups' doubles; h at par's
+ * fourth array, the float sums in its first two. */
+static void fwd_row_moments(const float *x, size_t P, size_t G, size_t cpg,
+                            const float *k, float *par, double *s1,
+                            double *s2) {
+  size_t C = G * cpg, ld = par_ld(C);
+  float *ph = par + 3 * ld;
+  for (size_t g = 0; g < G; g++)
+    for (size_t c = g * cpg; c < (g + 1) * cpg; c++)
+      ph[c] = k[g];
+  for (size_t j = 0; j < 16; j++)
+    ph[C + j] = 0;
+  sbn__avx512_cl_row_sums(x, NULL, P, C, C, cpg, ph, par, par + ld, s1, s2);
+}
+
 int sbn__avx512_gn_fwd_nhwc(const float *x, float *y, size_t P, size_t G,
                             size_t cpg, const float *w, const float *b,
                             double eps, size_t i, size_t count, float *par,
@@ -214,10 +231,16 @@ int sbn__avx512_gn_fwd_nhwc(const float *x, float *y, size_t P, size_t G,
     k[g] = x[g * cpg];
     s1[g] = s2[g] = 0;
   }
-  /* Groups of 16 channels or more are short runs of each position
-   * (kernels_avx512_short.c), which the table's moments_ld takes, as it
-   * takes a prefetched sample's rows. */
-  if (cpg >= 16 || (pf && i > 0 && C <= FWD_WARM_C))
+  /* Groups of 16 channels or more sum per channel down the rows: as short
+   * runs of each position (kernels_avx512_short.c's transposing tree and a
+   * fold into double per group and position) they took 1.2-1.3 times as
+   * long at C = 512 over 784 positions and 1.05-1.15 at 1024 and 2048
+   * over 196 and 49 (`syncbn bench kernels`, GroupNorm(32), three
+   * alternations, 2 MiB L2). The table's moments_ld takes a prefetched
+   * sample's narrower groups. */
+  if (cpg >= 16)
+    fwd_row_moments(x, P, G, cpg, k, par, s1, s2);
+  else if (pf && i > 0 && C <= FWD_WARM_C)
     sbn__kernels_avx512.moments_ld(x, P, G, cpg, C, k, s1, s2);
   else if (!sbn__avx512_cl_moments_cold(x, P, G, cpg, C, k, s1, s2))
     sbn__kernels_avx512.moments_ld(x, P, G, cpg, C, k, s1, s2);

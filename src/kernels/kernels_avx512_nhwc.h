@@ -45,6 +45,15 @@ void sbn__avx512_cl_flat_pad(float *par, size_t ld, size_t C);
 void sbn__avx512_cl_flat_normalize(const float *x, float *y, size_t n, size_t C,
                                    const float *par, size_t ld, int nt,
                                    size_t pn);
+/* Sums of P rows of w channels at stride ld per run of cpg channels
+ * (cpg divides w) into the w / cpg doubles d1 and d2 (set here): with dy,
+ * sums of dy and dy * (x - h); with dy NULL, the moments' sums of x - h
+ * and its square. h per channel at ph; float sums of at most RB values
+ * per lane in a1 and a2 (w + 15 floats each, like ph), folded into
+ * double (kernels_avx512_clbwd.c). */
+void sbn__avx512_cl_row_sums(const float *x, const float *dy, size_t P,
+                             size_t w, size_t ld, size_t cpg, const float *ph,
+                             float *a1, float *a2, double *d1, double *d2);
 /* The table's gn_fwd_nhwc (kernels_avx512_clfwd.c). */
 int sbn__avx512_gn_fwd_nhwc(const float *x, float *y, size_t P, size_t G,
                             size_t cpg, const float *w, const float *b,

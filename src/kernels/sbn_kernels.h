@@ -273,6 +273,10 @@ const sbn__kernels_t *sbn__kernels(void);
  * for the size thresholds of the optimized sets. */
 size_t sbn__l2_bytes(void);
 
+/* The L3 (last-level) cache in bytes as the system reports it, 0 when it
+ * does not say. */
+size_t sbn__l3_bytes(void);
+
 /* The strided entries of the set in use (kernels/strided.c), or their
  * fallback through the dense entry, one a at a time. */
 void sbn__k_moments_ld(const float *x, size_t A, size_t C, size_t S, size_t lda,
