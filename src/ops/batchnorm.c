@@ -235,7 +235,9 @@ static int bn_bwd_finish(sbn_layer_t *l, const sbn_backward_args_t *a,
 
 /* The whole local backward in one call of the set's bn_bwd_nchw, where
  * there is nothing to reduce over other processes (one process, and
- * single-threaded: the set's call is one thread): each group of channels'
+ * single-threaded: the set's call is one thread; and unless
+ * SBN_BN_SINGLE_PASS asks for the blocked or unblocked passes): each
+ * group of channels'
  * dx follows its sums while the group is in cache (sbn_kernels.h).
  * Returns 1 having done it or failed (*rc: 0, or the saved state's
  * error, as bn_bwd_local would give it), 0 where the set declines or has
@@ -245,7 +247,7 @@ static int bn_bwd_fused(sbn_layer_t *l, const sbn_backward_args_t *a,
   const sbn__kernels_t *t = sbn__kt();
   if (t->bn_bwd_nchw == NULL || sh->layout != SBN_LAYOUT_NCHW ||
       sh->numel == 0 || sbn_threads() > 1 ||
-      (l->comm != NULL && l->comm->size > 1))
+      (l->comm != NULL && l->comm->size > 1) || sbn__bn_single_pass() >= 0)
     return 0;
   const double *mean, *istd;
   double count;
