@@ -184,11 +184,57 @@ static void test_group_forward_nchw(void **state) {
   sbn_kernel_select("ref");
 }
 
+/* The fused BatchNorm NCHW backward of the optimized sets (bn_bwd_nchw,
+ * kernels_avx512_bnbwd.c): planes of 16 (with N = 1: a statistic of 16
+ * values, which it declines, and N = 2: 32, which it takes), 49, 196,
+ * 784 and 1000 values (runs with and without a tail, short and long),
+ * and 15 (shorter than a vector: declined); 1, 3, 17 and 1000 channels
+ * (groups of up to 16 channels with a short last group, and several
+ * groups of long planes); a channel of 40000 values in 2 samples (640
+ * KiB of x and dy: more than the share of any L2 up to 4 MiB, declined);
+ * with and without affine weights, in eval (running statistics: dx is dy
+ * scaled), 0, 1 and 3 floats off alignment. */
+static void test_bn_backward_fused(void **state) {
+  (void)state;
+  const char *const *sets;
+  int nsets = tu_kernel_sets(&sets);
+  static const struct {
+    size_t N, S;
+  } ns[] = {{1, 16}, {2, 16}, {3, 49}, {8, 196}, {8, 784}, {3, 1000}, {4, 15}};
+  static const size_t Cs[] = {1, 3, 17, 1000};
+  for (int ks = 0; ks < nsets; ks++) {
+    if (strcmp(sets[ks], "ref") == 0 || tu_kernel_use(sets[ks]) != 0)
+      continue;
+    for (size_t i = 0; i < sizeof ns / sizeof *ns; i++)
+      for (size_t ic = 0; ic < sizeof Cs / sizeof *Cs; ic++) {
+        size_t N = ns[i].N, C = Cs[ic], S = ns[i].S;
+        /* The widest tensors run once per plane: 1000 channels of 784. */
+        if (C == 1000 && S >= 784)
+          N = 2;
+        size_t off = (i + ic) % 3 == 2 ? 3 : (i + ic) % 3;
+        int v = (int)((i + ic) % 3);
+        sbn_mode_t mode = v == 2 ? SBN_MODE_EVAL : SBN_MODE_TRAIN;
+        char what[128];
+        snprintf(what, sizeof what,
+                 "%s bn NCHW fused N=%zu C=%zu S=%zu off=%zu%s", sets[ks], N, C,
+                 S, off, v == 1 ? " no affine" : (v == 2 ? " eval" : ""));
+        no_affine = v == 1;
+        vs_ref(sets[ks], SBN_OP_BATCHNORM, "bn", SBN_LAYOUT_NCHW, N, C, S, mode,
+               off, what);
+        no_affine = 0;
+      }
+    vs_ref(sets[ks], SBN_OP_BATCHNORM, "bn", SBN_LAYOUT_NCHW, 2, 3, 40000,
+           SBN_MODE_TRAIN, 1, "bn NCHW fused declined: 2x3x40000");
+  }
+  sbn_kernel_select("ref");
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_group_backward_nchw),
       cmocka_unit_test(test_group_backward_short),
       cmocka_unit_test(test_group_forward_nchw),
+      cmocka_unit_test(test_bn_backward_fused),
   };
   return cmocka_run_group_tests(tests, NULL, kc_report);
 }

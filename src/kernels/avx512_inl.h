@@ -311,6 +311,12 @@ int sbn__avx512_gn_bwd_nchw(const float *x, const float *dy, float *dx,
                             double *sdy, double *sdyx, double *dw, double *db,
                             size_t total);
 
+/* The table's bn_bwd_nchw (kernels_avx512_bnbwd.c). */
+int sbn__avx512_bn_bwd_nchw(const float *x, const float *dy, float *dx,
+                            size_t A, size_t C, size_t S, const double *mean,
+                            const double *istd, const float *w, int stats,
+                            double count, double *sdy, double *sdyx);
+
 /* Its short planes' part (kernels_avx512_gnbwd.c): 1 when it took the
  * sample, 0 when the shape is not one it takes. */
 int sbn__avx512_gn_bwd_short(const float *x, const float *dy, float *dx,

@@ -117,6 +117,22 @@ typedef struct sbn__kernels_s {
                      size_t cpg, size_t S, const double *mean,
                      const double *istd, const float *w, int stats, double *sdy,
                      double *sdyx, double *dw, double *db, size_t total);
+  /* BatchNorm backward of a whole NCHW view (A samples of C channels of
+   * S values, rows C * S apart) with nothing to reduce over other
+   * processes, or NULL: writes sdy[c] = sum dy and sdyx[c] = sum dy * xhat
+   * (C doubles each, the precision bwd_reduce allows), and dx as
+   * bwd_apply with k1 = istd[c] * w[c] (w NULL: 1), k2 = -k1 * sdyx[c] /
+   * count and k3 = -k1 * sdy[c] / count, or k2 = k3 = 0 when stats is 0
+   * (fixed running statistics); a set may form dx in float from x - h (h
+   * the float part of the mean) where each statistic has SMALL_STAT = 32
+   * values or more. A set may take the channels in groups, each group's
+   * dx right after its sums while the group is in cache. Returns 1 having
+   * done so, or 0 having written nothing where the set declines (then the
+   * op takes bwd_reduce and bwd_apply). */
+  int (*bn_bwd_nchw)(const float *x, const float *dy, float *dx, size_t A,
+                     size_t C, size_t S, const double *mean, const double *istd,
+                     const float *w, int stats, double count, double *sdy,
+                     double *sdyx);
   /* GroupNorm (and InstanceNorm: cpg = 1) training forward of sample i
    * of `count` consecutive NHWC samples of P positions of C = G * cpg
    * channels (x and y point at sample i; sample i + 1 follows at x + P * C,

@@ -233,6 +233,48 @@ static int bn_bwd_finish(sbn_layer_t *l, const sbn_backward_args_t *a,
   return 0;
 }
 
+/* The whole local backward in one call of the set's bn_bwd_nchw, where
+ * there is nothing to reduce over other processes (one process, and
+ * single-threaded: the set's call is one thread; and unless
+ * SBN_BN_SINGLE_PASS asks for the blocked or unblocked passes): each
+ * group of channels'
+ * dx follows its sums while the group is in cache (sbn_kernels.h).
+ * Returns 1 having done it or failed (*rc: 0, or the saved state's
+ * error, as bn_bwd_local would give it), 0 where the set declines or has
+ * no such entry. */
+static int bn_bwd_fused(sbn_layer_t *l, const sbn_backward_args_t *a,
+                        const sbn__shape_t *sh, int *rc) {
+  const sbn__kernels_t *t = sbn__kt();
+  if (t->bn_bwd_nchw == NULL || sh->layout != SBN_LAYOUT_NCHW ||
+      sh->numel == 0 || sbn_threads() > 1 ||
+      (l->comm != NULL && l->comm->size > 1) || sbn__bn_single_pass() >= 0)
+    return 0;
+  const double *mean, *istd;
+  double count;
+  size_t C = sh->C;
+  *rc = sbn__saved_get(a->saved, a->saved_bytes, l->p.op, a->mode, C, &count,
+                       &mean, &istd);
+  if (*rc != 0)
+    return 1;
+  sbn__chan_t ch;
+  sbn__chan_carve(a->workspace, C, &ch);
+  /* As sbn__bn_bwd_chan: batch statistics, unless eval tracks running
+   * ones. */
+  int stats =
+      (a->mode == SBN_MODE_TRAIN || !l->p.track_running_stats) && count > 0;
+  if (!t->bn_bwd_nchw(a->x, a->dy, a->dx, sh->N, C, sh->S, mean, istd,
+                      l->p.affine ? a->weight : NULL, stats, count, ch.d1,
+                      ch.d2))
+    return 0;
+  for (size_t c = 0; c < C; c++) {
+    if (a->dbias != NULL)
+      a->dbias[c] = (float)ch.d1[c];
+    if (a->dweight != NULL)
+      a->dweight[c] = (float)ch.d2[c];
+  }
+  return 1;
+}
+
 static int bn_backward(sbn_layer_t *l, const sbn_backward_args_t *a,
                        const sbn__shape_t *sh) {
   sbn__chan_t ch;
@@ -240,6 +282,8 @@ static int bn_backward(sbn_layer_t *l, const sbn_backward_args_t *a,
   int rc;
   if (bn_ghost(&l->p, a->mode))
     return sbn__bn_ghost_backward(&l->p, a, sh);
+  if (bn_bwd_fused(l, a, sh, &rc))
+    return rc;
   /* The chunk plan comes from the saved global count; a saved state that
    * does not check out fails below with its own message. */
   const double *mean, *istd;

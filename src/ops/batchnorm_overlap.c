@@ -32,7 +32,7 @@
  * after its sums. By default only a large backward is blocked, in blocks
  * for the L3 (bn_l3_block); SBN_BN_SINGLE_PASS=1 asks for L2 blocks in
  * both passes, which measured slower than the unblocked passes, and =0
- * for no blocks (see bn_single_pass). */
+ * for no blocks (see sbn__bn_single_pass). */
 #include <math.h>
 #include <stdlib.h>
 
@@ -96,7 +96,7 @@ static int bn_alone(const sbn_layer_t *l) {
  * the bytes moved, and the second pass of a 2-pass forward costs about
  * what the block's second half costs from L2. Read on every call that
  * could use it: a getenv against a pass over more than half a megabyte. */
-static int bn_single_pass(void) {
+int sbn__bn_single_pass(void) {
   const char *e = getenv("SBN_BN_SINGLE_PASS");
   if (e != NULL && (e[0] == '0' || e[0] == '1') && e[1] == '\0')
     return e[0] - '0';
@@ -147,7 +147,7 @@ size_t sbn__bn_block(const sbn_layer_t *l, const sbn__shape_t *sh,
    * split dense calls (ops/par.c). Channels-last rows hold every channel,
    * so no channel block is contiguous there and a block would have to
    * hold the whole tensor. */
-  int mode = bn_single_pass();
+  int mode = sbn__bn_single_pass();
   if (!bn_alone(l) || sh->layout != SBN_LAYOUT_NCHW || sh->C < 2 ||
       sh->numel == 0 || sbn_threads() > 1 || mode == 0)
     return 0;
