@@ -203,11 +203,8 @@ static int bn_bwd_local(sbn_layer_t *l, const sbn_backward_args_t *a,
     recs[c].v[0] = ch->d1[c];
     recs[c].v[1] = ch->d2[c];
     recs[c].v[2] = 0;
-    if (a->dbias != NULL)
-      a->dbias[c] = (float)ch->d1[c];
-    if (a->dweight != NULL)
-      a->dweight[c] = (float)ch->d2[c];
   }
+  sbn__put_dwb(a, 0, C, ch->d1, ch->d2);
   return 0;
 }
 
@@ -266,12 +263,7 @@ static int bn_bwd_fused(sbn_layer_t *l, const sbn_backward_args_t *a,
                       l->p.affine ? a->weight : NULL, stats, count, ch.d1,
                       ch.d2))
     return 0;
-  for (size_t c = 0; c < C; c++) {
-    if (a->dbias != NULL)
-      a->dbias[c] = (float)ch.d1[c];
-    if (a->dweight != NULL)
-      a->dweight[c] = (float)ch.d2[c];
-  }
+  sbn__put_dwb(a, 0, C, ch.d1, ch.d2);
   return 1;
 }
 

@@ -177,11 +177,6 @@ int sbn__bn_ghost_backward(const sbn_layer_params_t *p,
     sbn__kt()->bwd_apply(a->x + v.off, a->dy + v.off, a->dx + v.off, v.A, C,
                          v.S, ch.dmean, ch.distd, ch.dk1, ch.dk2, ch.dk3);
   }
-  for (size_t c = 0; c < C; c++) {
-    if (a->dbias != NULL)
-      a->dbias[c] = (float)ch.d3[c];
-    if (a->dweight != NULL)
-      a->dweight[c] = (float)ch.d4[c];
-  }
+  sbn__put_dwb(a, 0, C, ch.d3, ch.d4);
   return 0;
 }

@@ -454,11 +454,8 @@ static void bwd_lend(pass_t *p, range_t r) {
     recs[c].v[0] = p->ch.d1[c];
     recs[c].v[1] = p->ch.d2[c];
     recs[c].v[2] = 0;
-    if (a->dbias != NULL)
-      a->dbias[c] = (float)p->ch.d1[c];
-    if (a->dweight != NULL)
-      a->dweight[c] = (float)p->ch.d2[c];
   }
+  sbn__put_dwb(a, r.c0, r.c1, p->ch.d1, p->ch.d2);
 }
 
 static int bwd_aprep(pass_t *p, size_t k, range_t r) {

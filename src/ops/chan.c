@@ -94,3 +94,11 @@ void sbn__view_moments_ld(const float *x, size_t A, size_t C, size_t S,
   for (size_t c = 0; c < C; c++)
     sbn__moments_finish(n, ch->k[c], ch->d1[c], ch->d2[c], &recs[c]);
 }
+
+void sbn__put_dwb(const sbn_backward_args_t *a, size_t c0, size_t c1,
+                  const double *db, const double *dw) {
+  for (size_t c = c0; c < c1 && a->dbias != NULL; c++)
+    a->dbias[c] = (float)db[c];
+  for (size_t c = c0; c < c1 && a->dweight != NULL; c++)
+    a->dweight[c] = (float)dw[c];
+}

@@ -351,12 +351,7 @@ int sbn__grouped_backward(sbn_layer_t *l, const sbn_backward_args_t *a,
                           ch.dk3 + c0);
     }
   }
-  for (size_t c = 0; c < C; c++) {
-    if (a->dweight != NULL)
-      a->dweight[c] = (float)ch.d3[c];
-    if (a->dbias != NULL)
-      a->dbias[c] = (float)ch.d4[c];
-  }
+  sbn__put_dwb(a, 0, C, ch.d4, ch.d3);
   return 0;
 }
 

@@ -195,12 +195,7 @@ static int ln_backward(sbn_layer_t *l, const sbn_backward_args_t *a,
     double c3 = -istd[r] * sums[0] / count;
     k->ln_bwd_apply(x, dy, a->dx + r * D, D, mean[r], istd[r], w, c2, c3);
   }
-  for (size_t i = 0; i < D; i++) {
-    if (a->dweight != NULL)
-      a->dweight[i] = (float)dw[i];
-    if (a->dbias != NULL)
-      a->dbias[i] = (float)db[i];
-  }
+  sbn__put_dwb(a, 0, D, db, dw);
   return 0;
 }
 

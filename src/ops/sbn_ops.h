@@ -99,6 +99,11 @@ typedef struct sbn__chan_s {
 size_t sbn__chan_bytes(size_t C);
 /* Carves the arrays out of ws (which holds at least sbn__chan_bytes(C)). */
 void sbn__chan_carve(void *ws, size_t C, sbn__chan_t *ch);
+/* A backward's dbias[c] = db[c] and dweight[c] = dw[c] for c in [c0, c1)
+ * (channels, or LayerNorm's positions), rounded to float, each where the
+ * caller asked for it (non-NULL). */
+void sbn__put_dwb(const sbn_backward_args_t *a, size_t c0, size_t c1,
+                  const double *db, const double *dw);
 
 /* Computes per-channel moments of the (A, C, S) view into recs[c] using
  * the first element of each channel as the shift. Uses ch->k, d1, d2. */
