@@ -35,8 +35,9 @@ int sbn__avx512_cl_apply(const float *x, const float *dy, float *dx, size_t A,
                          const double *istd, const double *k1, const double *k2,
                          const double *k3);
 
-/* The flat normalize of channels-last rows (kernels_avx512_clfwd.c, which
- * shares it with kernels_avx512_nhwc.c's dense rows): y = (x - h) * s + t over
+/* The flat normalize of channels-last rows (kernels_avx512_clflat.c, shared
+ * by kernels_avx512_clfwd.c's samples and kernels_avx512_nhwc.c's dense
+ * rows): y = (x - h) * s + t over
  * n elements of rows of C channels, with h, s and t per channel at par,
  * par + ld and par + 2 ld (ld >= C + 15), their entries C .. C + 14 those
  * of channels (C + j) mod C (sbn__avx512_cl_flat_pad writes them), y
