@@ -46,8 +46,7 @@ static int bn_sizes(const sbn_layer_params_t *p, const sbn__shape_t *sh,
  * wherever batch statistics are used (training, and eval without running
  * statistics). */
 static int bn_ghost(const sbn_layer_params_t *p, sbn_mode_t mode) {
-  return p->ghost_batch > 0 &&
-         (mode == SBN_MODE_TRAIN || !p->track_running_stats);
+  return p->ghost_batch > 0 && sbn__bn_batch_stats(p, mode);
 }
 
 /* The seam's *_local calls have nothing to reduce for a ghost layer. */
@@ -234,8 +233,8 @@ static int bn_bwd_finish(sbn_layer_t *l, const sbn_backward_args_t *a,
  * there is nothing to reduce over other processes (one process, and
  * single-threaded: the set's call is one thread; and unless
  * SBN_BN_SINGLE_PASS asks for the blocked or unblocked passes): each
- * group of channels'
- * dx follows its sums while the group is in cache (sbn_kernels.h).
+ * group of channels' dx follows its sums while the group is in cache
+ * (sbn_kernels.h).
  * Returns 1 having done it or failed (*rc: 0, or the saved state's
  * error, as bn_bwd_local would give it), 0 where the set declines or has
  * no such entry. */
@@ -255,10 +254,7 @@ static int bn_bwd_fused(sbn_layer_t *l, const sbn_backward_args_t *a,
     return 1;
   sbn__chan_t ch;
   sbn__chan_carve(a->workspace, C, &ch);
-  /* As sbn__bn_bwd_chan: batch statistics, unless eval tracks running
-   * ones. */
-  int stats =
-      (a->mode == SBN_MODE_TRAIN || !l->p.track_running_stats) && count > 0;
+  int stats = sbn__bn_batch_stats(&l->p, a->mode) && count > 0;
   if (!t->bn_bwd_nchw(a->x, a->dy, a->dx, sh->N, C, sh->S, mean, istd,
                       l->p.affine ? a->weight : NULL, stats, count, ch.d1,
                       ch.d2))

@@ -14,7 +14,7 @@ int sbn__bn_fin_init(const sbn_layer_t *l, const sbn_forward_args_t *a,
                      sbn__bn_fin_t *fin) {
   const sbn_layer_params_t *p = &l->p;
   memset(fin, 0, sizeof *fin);
-  fin->batch = a->mode == SBN_MODE_TRAIN || !p->track_running_stats;
+  fin->batch = sbn__bn_batch_stats(p, a->mode);
   if (fin->batch) {
     fin->count = recs[0].v[0];
     /* Every process sees the same reduced count, so this error is returned
@@ -79,7 +79,7 @@ void sbn__bn_bwd_chan(const sbn_layer_t *l, const sbn_backward_args_t *a,
                       const sbn_rec_t *recs, size_t c0, size_t c1,
                       sbn__chan_t *ch) {
   const sbn_layer_params_t *p = &l->p;
-  int batch = a->mode == SBN_MODE_TRAIN || !p->track_running_stats;
+  int batch = sbn__bn_batch_stats(p, a->mode);
   for (size_t c = c0; c < c1; c++) {
     double w = p->affine ? a->weight[c] : 1.0;
     double g = w * istd[c];

@@ -115,6 +115,13 @@ void sbn__view_moments_ld(const float *x, size_t A, size_t C, size_t S,
                           size_t lda, sbn__chan_t *ch, sbn_rec_t *recs);
 
 /* ------------------------------------------------------------------ */
+/* Whether a BatchNorm call in this mode normalizes with the batch's own
+ * statistics: in training, and in eval without running statistics. */
+static inline int sbn__bn_batch_stats(const sbn_layer_params_t *p,
+                                      sbn_mode_t mode) {
+  return mode == SBN_MODE_TRAIN || !p->track_running_stats;
+}
+
 /* BatchNorm's per-channel finishing steps (ops/batchnorm_chan.c), shared
  * by the one-reduction path (ops/batchnorm.c) and the chunked one
  * (ops/batchnorm_overlap.c), which applies them one channel range at a
