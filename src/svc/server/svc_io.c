@@ -18,12 +18,16 @@ static int svc__polling(const svc__spin_t *sp) {
 
 static void svc__on_spin(uv_idle_t *h) {
   svc__spin_t *sp = h->data;
-  /* Polling for a request is worth less than any other process's work on
-   * an oversubscribed machine (the client itself, on one core with its
-   * worker): the core goes to whoever else can run, and the poll goes on
-   * when it comes back. */
-  if (!svc_worker_busy(sp->worker))
-    sched_yield();
+  /* Polling is worth less than any other process's work on an
+   * oversubscribed machine: the core goes to whoever else can run, and
+   * the poll goes on when it comes back. That holds during a round too.
+   * A client on one core with its worker (mpirun --bind-to core, with the
+   * worker started by the rank) would otherwise wait out the scheduler's
+   * time slice behind a worker spinning for the other rank, whose own
+   * client waits the same way: a stats entry took 11.7 ms instead of
+   * 117 us at C = 2048. Where nothing else is runnable the call returns
+   * at once. */
+  sched_yield();
   svc__spin_kick(sp);
 }
 
