@@ -1,5 +1,6 @@
 /* The NCHW GroupNorm and InstanceNorm kernels of the optimized sets
- * (gn_bwd_nchw, gn_fwd_nchw and the short planes' backward) against
+ * (gn_bwd_nchw, gn_fwd_nchw and the short planes' backward) and the
+ * fused BatchNorm NCHW passes (bn_bwd_nchw, bn_fwd_nchw) against
  * "ref": runs around the vector width and the tiles' limits, groups of
  * every width the paths take or decline, unaligned and streamed outputs
  * (split from kernels_test.c, whose helpers kernels_cmp.h holds). */
@@ -184,17 +185,22 @@ static void test_group_forward_nchw(void **state) {
   sbn_kernel_select("ref");
 }
 
-/* The fused BatchNorm NCHW backward of the optimized sets (bn_bwd_nchw,
- * kernels_avx512_bnbwd.c): planes of 16 (with N = 1: a statistic of 16
- * values, which it declines, and N = 2: 32, which it takes), 49, 196,
- * 784 and 1000 values (runs with and without a tail, short and long),
- * and 15 (shorter than a vector: declined); 1, 3, 17 and 1000 channels
- * (groups of up to 16 channels with a short last group, and several
- * groups of long planes); a channel of 40000 values in 2 samples (640
- * KiB of x and dy: more than the share of any L2 up to 4 MiB, declined);
- * with and without affine weights, in eval (running statistics: dx is dy
+/* The fused BatchNorm NCHW passes of the optimized sets (bn_bwd_nchw and,
+ * in training, bn_fwd_nchw, kernels_avx512_bnfuse.c): planes of 16 (with
+ * N = 1: a statistic of 16 values, which they decline, and N = 2: 32,
+ * which they take), 49, 196, 784 and 1000 values (runs with and without
+ * a tail, short and long), and 15 (shorter than a vector: declined); 1,
+ * 3, 17 and 1000 channels (backward groups of up to 16 channels and
+ * forward groups of up to 41 with a short last group, and several groups
+ * of long planes); a channel of 40000 values in 2 samples (640 KiB of x
+ * and dy: more than the backward's share of any L2 up to 4 MiB, and 320
+ * KiB of x, more than the forward's up to 2 MiB: declined); forward
+ * outputs of 6.25 MiB (2x100x8192: fused, beyond the 4 MiB at which the
+ * unfused normalize streams) and 7.5 MiB (2x120x8192: above the fused
+ * forward's 7 MiB, declined); with
+ * and without affine weights, in eval (running statistics: dx is dy
  * scaled), 0, 1 and 3 floats off alignment. */
-static void test_bn_backward_fused(void **state) {
+static void test_bn_fused(void **state) {
   (void)state;
   const char *const *sets;
   int nsets = tu_kernel_sets(&sets);
@@ -225,6 +231,10 @@ static void test_bn_backward_fused(void **state) {
       }
     vs_ref(sets[ks], SBN_OP_BATCHNORM, "bn", SBN_LAYOUT_NCHW, 2, 3, 40000,
            SBN_MODE_TRAIN, 1, "bn NCHW fused declined: 2x3x40000");
+    vs_ref(sets[ks], SBN_OP_BATCHNORM, "bn", SBN_LAYOUT_NCHW, 2, 100, 8192,
+           SBN_MODE_TRAIN, 3, "bn NCHW fused, 6.25 MiB: 2x100x8192");
+    vs_ref(sets[ks], SBN_OP_BATCHNORM, "bn", SBN_LAYOUT_NCHW, 2, 120, 8192,
+           SBN_MODE_TRAIN, 3, "bn NCHW fused declined, 7.5 MiB: 2x120x8192");
   }
   sbn_kernel_select("ref");
 }
@@ -234,7 +244,7 @@ int main(void) {
       cmocka_unit_test(test_group_backward_nchw),
       cmocka_unit_test(test_group_backward_short),
       cmocka_unit_test(test_group_forward_nchw),
-      cmocka_unit_test(test_bn_backward_fused),
+      cmocka_unit_test(test_bn_fused),
   };
   return cmocka_run_group_tests(tests, NULL, kc_report);
 }

@@ -311,11 +311,16 @@ int sbn__avx512_gn_bwd_nchw(const float *x, const float *dy, float *dx,
                             double *sdy, double *sdyx, double *dw, double *db,
                             size_t total);
 
-/* The table's bn_bwd_nchw (kernels_avx512_bnbwd.c). */
+/* The table's bn_bwd_nchw and bn_fwd_nchw (kernels_avx512_bnfuse.c). */
 int sbn__avx512_bn_bwd_nchw(const float *x, const float *dy, float *dx,
                             size_t A, size_t C, size_t S, const double *mean,
                             const double *istd, const float *w, int stats,
                             double count, double *sdy, double *sdyx);
+int sbn__avx512_bn_fwd_nchw(const float *x, float *y, size_t A, size_t C,
+                            size_t S, float *k, double *s1, double *s2,
+                            void (*fin)(void *arg, size_t c0, size_t c1),
+                            void *arg, const float *mh, const float *ml,
+                            const float *scale, const float *shift);
 
 /* Its short planes' part (kernels_avx512_gnbwd.c): 1 when it took the
  * sample, 0 when the shape is not one it takes. */

@@ -778,6 +778,7 @@ const sbn__kernels_t sbn__kernels_avx512 = {
     .gn_fwd_nchw = sbn__avx512_gn_fwd_nchw,
     .gn_bwd_nchw = sbn__avx512_gn_bwd_nchw,
     .bn_bwd_nchw = sbn__avx512_bn_bwd_nchw,
+    .bn_fwd_nchw = sbn__avx512_bn_fwd_nchw,
     .gn_fwd_nhwc = sbn__avx512_gn_fwd_nhwc,
     .gn_bwd_nhwc = sbn__avx512_gn_bwd_nhwc,
     .ln_forward = sbn__avx512_ln_forward,

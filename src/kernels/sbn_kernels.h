@@ -133,6 +133,23 @@ typedef struct sbn__kernels_s {
                      size_t C, size_t S, const double *mean, const double *istd,
                      const float *w, int stats, double count, double *sdy,
                      double *sdyx);
+  /* BatchNorm training forward of a whole NCHW view (A samples of C
+   * channels of S values, rows C * S apart) with nothing to reduce over
+   * other processes, or NULL. The set takes the channels in groups
+   * [c0, c1), in order, each group once: the group's shifted sums as
+   * moments_pick gives them (k[c], s1[c], s2[c]: C floats and C doubles
+   * each, written by the set), then fin(arg, c0, c1), which turns them
+   * into the group's mh, ml, scale and shift (C floats each, which the
+   * set reads only after that call), then the group's y as normalize
+   * gives it, while the group is still in cache. Returns 1 having done
+   * so, or 0 having written nothing and called nothing where the set
+   * declines (then the op takes moments_pick and normalize over the whole
+   * view). */
+  int (*bn_fwd_nchw)(const float *x, float *y, size_t A, size_t C, size_t S,
+                     float *k, double *s1, double *s2,
+                     void (*fin)(void *arg, size_t c0, size_t c1), void *arg,
+                     const float *mh, const float *ml, const float *scale,
+                     const float *shift);
   /* GroupNorm (and InstanceNorm: cpg = 1) training forward of sample i
    * of `count` consecutive NHWC samples of P positions of C = G * cpg
    * channels (x and y point at sample i; sample i + 1 follows at x + P * C,

@@ -120,6 +120,63 @@ static int bn_finish(sbn_layer_t *l, const sbn_forward_args_t *a,
   return 0;
 }
 
+/* Whether a pass of l on sh may take the set's fused NCHW entries
+ * (bn_fwd_nchw, bn_bwd_nchw): NCHW, nothing to reduce over other
+ * processes (a layer without a communicator of more than one process),
+ * single-threaded (the set's call is one thread), and unless
+ * SBN_BN_SINGLE_PASS asks for the blocked or unblocked passes, for
+ * comparison. */
+static int bn_fusable(const sbn_layer_t *l, const sbn__shape_t *sh) {
+  return sh->layout == SBN_LAYOUT_NCHW && sh->numel > 0 && sbn_threads() <= 1 &&
+         (l->comm == NULL || l->comm->size <= 1) && sbn__bn_single_pass() < 0;
+}
+
+/* The fused local forward (bn_fwd_fused): what its finishing step needs. */
+typedef struct bn_fuse_s {
+  sbn_layer_t *l;
+  const sbn_forward_args_t *a;
+  sbn__bn_fin_t fin;
+  sbn__chan_t ch;
+  double n;
+} bn_fuse_t;
+
+/* Channels [c0, c1) of the fused forward, between their sums and their
+ * normalization: their records, then what bn_finish makes of records
+ * (the normalization parameters, the saved state and the running
+ * statistics). */
+static void bn_fuse_fin(void *arg, size_t c0, size_t c1) {
+  bn_fuse_t *f = arg;
+  sbn__chan_t *ch = &f->ch;
+  for (size_t c = c0; c < c1; c++)
+    sbn__moments_finish(f->n, ch->k[c], ch->d1[c], ch->d2[c], &ch->rec[c]);
+  sbn__bn_fin_chan(f->l, f->a, &f->fin, ch->rec, c0, c1, ch);
+}
+
+/* The whole local training forward in one call of the set's bn_fwd_nchw,
+ * where bn_fusable allows: each group of channels is
+ * normalized right after its moments, while it is in cache
+ * (sbn_kernels.h). Returns 1 having done it or failed (*rc), 0 where the
+ * set declines or has no such entry. */
+static int bn_fwd_fused(sbn_layer_t *l, const sbn_forward_args_t *a,
+                        const sbn__shape_t *sh, int *rc) {
+  const sbn__kernels_t *t = sbn__kt();
+  if (t->bn_fwd_nchw == NULL || !bn_fusable(l, sh))
+    return 0;
+  bn_fuse_t f = {.l = l, .a = a, .n = (double)sh->N * (double)sh->S};
+  sbn__chan_carve(a->workspace, sh->C, &f.ch);
+  /* sbn__bn_fin_init reads only the count of the records, which every
+   * record of this process's batch will hold. */
+  sbn_rec_t count = {SBN_REC_MOMENTS, {f.n, 0, 0}};
+  if ((*rc = sbn__bn_fin_init(l, a, sh, &count, &f.fin)) != 0)
+    return 1;
+  if (!t->bn_fwd_nchw(a->x, a->y, sh->N, sh->C, sh->S, f.ch.k, f.ch.d1, f.ch.d2,
+                      bn_fuse_fin, &f, f.ch.mh, f.ch.ml, f.ch.k1, f.ch.k2))
+    return 0;
+  l->bn_last_count = f.n;
+  sbn__bn_fin_done(a, &f.fin);
+  return 1;
+}
+
 static int bn_forward(sbn_layer_t *l, const sbn_forward_args_t *a,
                       const sbn__shape_t *sh) {
   int rc;
@@ -127,6 +184,8 @@ static int bn_forward(sbn_layer_t *l, const sbn_forward_args_t *a,
     return sbn__bn_ghost_forward(&l->p, a, sh);
   if (a->mode == SBN_MODE_EVAL)
     return bn_finish(l, a, sh, NULL);
+  if (bn_fwd_fused(l, a, sh, &rc))
+    return rc;
   size_t cc = sbn__bn_chunk(l, sh->C, l->bn_last_count);
   if (cc == 0)
     cc = sbn__bn_block(l, sh, 1);
@@ -230,20 +289,15 @@ static int bn_bwd_finish(sbn_layer_t *l, const sbn_backward_args_t *a,
 }
 
 /* The whole local backward in one call of the set's bn_bwd_nchw, where
- * there is nothing to reduce over other processes (one process, and
- * single-threaded: the set's call is one thread; and unless
- * SBN_BN_SINGLE_PASS asks for the blocked or unblocked passes): each
- * group of channels' dx follows its sums while the group is in cache
- * (sbn_kernels.h).
+ * bn_fusable allows: each group of channels' dx follows its sums while
+ * the group is in cache (sbn_kernels.h).
  * Returns 1 having done it or failed (*rc: 0, or the saved state's
  * error, as bn_bwd_local would give it), 0 where the set declines or has
  * no such entry. */
 static int bn_bwd_fused(sbn_layer_t *l, const sbn_backward_args_t *a,
                         const sbn__shape_t *sh, int *rc) {
   const sbn__kernels_t *t = sbn__kt();
-  if (t->bn_bwd_nchw == NULL || sh->layout != SBN_LAYOUT_NCHW ||
-      sh->numel == 0 || sbn_threads() > 1 ||
-      (l->comm != NULL && l->comm->size > 1) || sbn__bn_single_pass() >= 0)
+  if (t->bn_bwd_nchw == NULL || !bn_fusable(l, sh))
     return 0;
   const double *mean, *istd;
   double count;

@@ -173,7 +173,8 @@ size_t sbn__bn_chunk(const sbn_layer_t *l, size_t C, double count);
 size_t sbn__bn_block(const sbn_layer_t *l, const sbn__shape_t *sh, int tensors);
 /* SBN_BN_SINGLE_PASS: 1 or 0 when set to one of them (the L2 blocks, or
  * no blocks), -1 otherwise; either setting also keeps the local NCHW
- * backward off the set's fused pass (bn_bwd_nchw), for comparison. */
+ * passes off the set's fused ones (bn_fwd_nchw, bn_bwd_nchw), for
+ * comparison. */
 int sbn__bn_single_pass(void);
 /* Training forward and backward in chunks of cc channels (0 < cc < C),
  * on arguments the front door has checked. On a layer that reduces over
