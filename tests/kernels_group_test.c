@@ -186,20 +186,19 @@ static void test_group_forward_nchw(void **state) {
 }
 
 /* The fused BatchNorm NCHW passes of the optimized sets (bn_bwd_nchw and,
- * in training, bn_fwd_nchw, kernels_avx512_bnfuse.c): planes of 16 (with
- * N = 1: a statistic of 16 values, which they decline, and N = 2: 32,
- * which they take), 49, 196, 784 and 1000 values (runs with and without
- * a tail, short and long), and 15 (shorter than a vector: declined); 1,
- * 3, 17 and 1000 channels (backward groups of up to 16 channels and
- * forward groups of up to 41 with a short last group, and several groups
- * of long planes); a channel of 40000 values in 2 samples (640 KiB of x
- * and dy: more than the backward's share of any L2 up to 4 MiB, and 320
- * KiB of x, more than the forward's up to 2 MiB: declined); forward
- * outputs of 6.25 MiB (2x100x8192: fused, beyond the 4 MiB at which the
- * unfused normalize streams) and 7.5 MiB (2x120x8192: above the fused
- * forward's 7 MiB, declined); with
- * and without affine weights, in eval (running statistics: dx is dy
- * scaled), 0, 1 and 3 floats off alignment. */
+ * in training, bn_fwd_nchw, kernels_avx512_bnfuse.c): planes of 16 (with N
+ * = 1: a statistic of 16 values, which they decline, and N = 2: 32, which
+ * they take), 49, 196, 784 and 1000 values (runs with and without a tail,
+ * short and long), and 15 (shorter than a vector: declined); 1, 3, 17 and
+ * 1000 channels (backward groups of up to 16 channels and forward groups of
+ * 16 channels or a multiple, with a short last group, and several groups of
+ * long planes); a channel of 40000 values in 2 samples (640 KiB of x and
+ * dy: more than the backward's share of any L2 up to 4 MiB, and 320 KiB of
+ * x, more than the forward's up to 2 MiB: declined); forward outputs of
+ * 6.25 MiB (2x100x8192: fused, beyond the 4 MiB at which the unfused
+ * normalize streams) and 7.5 MiB (2x120x8192: above the fused forward's 7
+ * MiB, declined); with and without affine weights, in eval (running
+ * statistics: dx is dy scaled), 0, 1 and 3 floats off alignment. */
 static void test_bn_fused(void **state) {
   (void)state;
   const char *const *sets;

@@ -321,6 +321,13 @@ int sbn__avx512_bn_fwd_nchw(const float *x, float *y, size_t A, size_t C,
                             void (*fin)(void *arg, size_t c0, size_t c1),
                             void *arg, const float *mh, const float *ml,
                             const float *scale, const float *shift);
+/* normalize_ld's y stored normally, run by run, its lines prefetched for
+ * writing (kernels_avx512_bnfuse.c): A rows of lda floats, channels
+ * [0, C) of S >= 16 values each. */
+void sbn__avx512_norm_rows(const float *x, float *y, size_t A, size_t C,
+                           size_t S, size_t lda, const float *mh,
+                           const float *ml, const float *scale,
+                           const float *shift);
 
 /* Its short planes' part (kernels_avx512_gnbwd.c): 1 when it took the
  * sample, 0 when the shape is not one it takes. */
