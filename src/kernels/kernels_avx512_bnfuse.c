@@ -67,6 +67,23 @@
  * 1.08-1.13; 8x256x56x56 (24.5 MiB) 0.70-0.72 and 1.10-1.21. */
 #define FWD_FUSE_BYTES ((size_t)7 << 20)
 
+/* Outputs of at most FWD_FLAT_BYTES whose runs have at least FWD_FLAT_S
+ * values and end inside a vector (14x14, 15x15) have each group's y
+ * streamed along flat rows (kernels_avx512_short.c), each line written
+ * once and whole, instead of run by run with PFW, where the line that
+ * holds a run's end and the next run's start is written twice. Shorter
+ * runs (7x7: a channel end every third vector) made the flat loop's
+ * mispredicted channel ends cost more than it saved; runs of whole
+ * vectors gain nothing. Floor ratios, run by run then flat, alternated
+ * runs: 8x256x14x14 1.11-1.39 and 0.94-1.05, 2x1024x14x14 1.30-1.42 and
+ * 1.00-1.17, 16x128x14x14 1.26-1.28 and 1.05-1.11, 32x64x15x15 1.49-1.69
+ * and 0.94-1.09, 8x384x14x14 (2.3 MiB) 1.47-1.58 and 0.86-0.99; larger
+ * outputs lost or varied: 8x512x14x14 1.24-1.45 and 1.25-1.70,
+ * 8x1024x14x14 1.21-1.42 and 1.30-1.57 (4x1000x15x15, 3.4 MiB, gained:
+ * 1.14-1.28 and 0.93-1.10); 8x512x7x7 1.64-1.87 and 1.66-1.95. */
+#define FWD_FLAT_S 128
+#define FWD_FLAT_BYTES ((size_t)5 << 19)
+
 /* Channels per group, at most `most`, whose `tensors` inputs of A * S
  * floats each fill 1/share of the L2; 0 where one channel is larger (it
  * has no group to keep in L2) or its statistic has fewer than SMALL_STAT
@@ -193,8 +210,10 @@ int sbn__avx512_bn_fwd_nchw(const float *x, float *y, size_t A, size_t C,
                             void *arg, const float *mh, const float *ml,
                             const float *scale, const float *shift) {
   size_t G = group_chans(A, S, 1, FWD_L2_SHARE, C), lda = C * S;
-  if (G == 0 || (double)A * (double)lda * sizeof(float) > FWD_FUSE_BYTES)
+  double bytes = (double)A * (double)lda * sizeof(float);
+  if (G == 0 || bytes > FWD_FUSE_BYTES)
     return 0;
+  int flat = S % 16 != 0 && S >= FWD_FLAT_S && bytes <= FWD_FLAT_BYTES;
   for (size_t c0 = 0; c0 < C; c0 += G) {
     size_t nc = C - c0 < G ? C - c0 : G;
     for (size_t c = c0; c < c0 + nc; c++)
@@ -202,8 +221,12 @@ int sbn__avx512_bn_fwd_nchw(const float *x, float *y, size_t A, size_t C,
     sbn__kernels_avx512.moments_pick(x + c0 * S, A, nc, S, lda, k + c0, s1 + c0,
                                      s2 + c0);
     fin(arg, c0, c0 + nc);
-    sbn__avx512_norm_rows(x + c0 * S, y + c0 * S, A, nc, S, lda, mh + c0,
-                          ml + c0, scale + c0, shift + c0);
+    if (flat)
+      sbn__avx512_flat_normalize(x + c0 * S, y + c0 * S, A, nc, S, lda, mh + c0,
+                                 ml + c0, scale + c0, shift + c0, 1);
+    else
+      sbn__avx512_norm_rows(x + c0 * S, y + c0 * S, A, nc, S, lda, mh + c0,
+                            ml + c0, scale + c0, shift + c0);
   }
   _mm256_zeroupper();
   return 1;
