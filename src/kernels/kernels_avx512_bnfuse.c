@@ -67,34 +67,6 @@
  * 1.08-1.13; 8x256x56x56 (24.5 MiB) 0.70-0.72 and 1.10-1.21. */
 #define FWD_FUSE_BYTES ((size_t)7 << 20)
 
-/* Outputs of at most FLAT_BYTES whose runs have at least FLAT_S values
- * and end inside a vector (14x14, 15x15) have each group's y or dx
- * streamed along flat rows (kernels_avx512_short.c), each line written
- * once and whole, instead of run by run with PFW, where the line that
- * holds a run's end and the next run's start is written twice. Shorter
- * runs (7x7: a channel end every third vector) made the flat loop's
- * mispredicted channel ends cost more than it saved; runs of whole
- * vectors gain nothing. Flat rows stored normally were slower than run
- * by run (backward 8x256x14x14 1.28-1.38 against 1.10-1.13): the gain is
- * the streaming. Floor ratios, run by run then flat, alternated runs,
- * forward: 8x256x14x14 1.11-1.39 and 0.94-1.05, 2x1024x14x14 1.30-1.42
- * and 1.00-1.17, 16x128x14x14 1.26-1.28 and 1.05-1.11, 32x64x15x15
- * 1.49-1.69 and 0.94-1.09, 8x384x14x14 (2.3 MiB) 1.47-1.58 and
- * 0.86-0.99; backward: 8x256x14x14 1.10-1.22 and 0.88-1.03,
- * 2x1024x14x14 1.11-1.16 and 0.88-1.12, 8x384x14x14 1.18-1.24 and
- * 0.85-0.98. Larger outputs lost or varied: forward 8x512x14x14
- * 1.24-1.45 and 1.25-1.70, 8x1024x14x14 1.21-1.42 and 1.30-1.57,
- * backward 8x1024x14x14 1.14-1.29 and 1.21-1.42 (4x1000x15x15, 3.4 MiB,
- * gained: forward 1.14-1.28 and 0.93-1.10, backward 1.00-1.13 and
- * 0.87-0.97); forward 8x512x7x7 1.64-1.87 and 1.66-1.95. */
-#define FLAT_S 128
-#define FLAT_BYTES ((size_t)5 << 19)
-
-static int flat_nt(size_t A, size_t C, size_t S) {
-  double bytes = (double)A * (double)C * (double)S * sizeof(float);
-  return S % 16 != 0 && S >= FLAT_S && bytes <= FLAT_BYTES;
-}
-
 /* Channels per group, at most `most`, whose `tensors` inputs of A * S
  * floats each fill 1/share of the L2; 0 where one channel is larger (it
  * has no group to keep in L2) or its statistic has fewer than SMALL_STAT
@@ -152,7 +124,6 @@ int sbn__avx512_bn_bwd_nchw(const float *x, const float *dy, float *dx,
   size_t G = group_chans(A, S, 2, GROUP_L2_SHARE, GMAX), lda = C * S;
   if (G == 0)
     return 0;
-  int flat = flat_nt(A, C, S);
   for (size_t c0 = 0; c0 < C; c0 += G) {
     size_t nc = C - c0 < G ? C - c0 : G, c1 = c0 + nc;
     for (size_t c = c0; c < c1; c++)
@@ -171,12 +142,6 @@ int sbn__avx512_bn_bwd_nchw(const float *x, const float *dy, float *dx,
       k3[j] = stats ? -g * sdy[c] / count : 0.0;
       /* dx_params_f reads channel c of its arrays. */
       dx_params_f(j, j, mean + c0, istd + c0, k1, k2, k3, pk, pq, ph, pr);
-    }
-    if (flat) {
-      size_t o = c0 * S;
-      sbn__avx512_flat_apply(x + o, dy + o, dx + o, A, nc, S, lda, pk, pq, ph,
-                             pr, 1);
-      continue;
     }
     for (size_t a = 0; a < A; a++) {
       size_t o = a * lda + c0 * S;
@@ -230,7 +195,6 @@ int sbn__avx512_bn_fwd_nchw(const float *x, float *y, size_t A, size_t C,
   size_t G = group_chans(A, S, 1, FWD_L2_SHARE, C), lda = C * S;
   if (G == 0 || (double)A * (double)lda * sizeof(float) > FWD_FUSE_BYTES)
     return 0;
-  int flat = flat_nt(A, C, S);
   for (size_t c0 = 0; c0 < C; c0 += G) {
     size_t nc = C - c0 < G ? C - c0 : G;
     for (size_t c = c0; c < c0 + nc; c++)
@@ -238,12 +202,8 @@ int sbn__avx512_bn_fwd_nchw(const float *x, float *y, size_t A, size_t C,
     sbn__kernels_avx512.moments_pick(x + c0 * S, A, nc, S, lda, k + c0, s1 + c0,
                                      s2 + c0);
     fin(arg, c0, c0 + nc);
-    if (flat)
-      sbn__avx512_flat_normalize(x + c0 * S, y + c0 * S, A, nc, S, lda, mh + c0,
-                                 ml + c0, scale + c0, shift + c0, 1);
-    else
-      sbn__avx512_norm_rows(x + c0 * S, y + c0 * S, A, nc, S, lda, mh + c0,
-                            ml + c0, scale + c0, shift + c0);
+    sbn__avx512_norm_rows(x + c0 * S, y + c0 * S, A, nc, S, lda, mh + c0,
+                          ml + c0, scale + c0, shift + c0);
   }
   _mm256_zeroupper();
   return 1;

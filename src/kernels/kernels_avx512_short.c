@@ -26,66 +26,58 @@
 #include "kernels/kernels_avx512_short.h"
 
 /* ------------------------------------------------------------------ */
-/* Flat rows: normalize's y = ((x - h) - l) * sc + sh, or the fused
- * backward's dx = k * dy + (q * (x - h) + r), four parameters of a
- * channel broadcast to every lane (p0..p3: h, l, sc, sh or k, q, h, r). */
+/* Normalize: y = ((x - h) - l) * sc + sh, the parameters of a channel
+ * broadcast to every lane. */
 
-typedef struct flat_par_s {
-  __m512 v[4];
-} flat_par_t;
+typedef struct norm_par_s {
+  __m512 h, l, s, b;
+} norm_par_t;
 
-static inline flat_par_t flat_par(size_t c, const float *const p[4]) {
-  flat_par_t r = {{_mm512_set1_ps(p[0][c]), _mm512_set1_ps(p[1][c]),
-                   _mm512_set1_ps(p[2][c]), _mm512_set1_ps(p[3][c])}};
-  return r;
+static inline norm_par_t norm_par(size_t c, const float *mh, const float *ml,
+                                  const float *scale, const float *shift) {
+  norm_par_t p = {_mm512_set1_ps(mh[c]), _mm512_set1_ps(ml[c]),
+                  _mm512_set1_ps(scale[c]), _mm512_set1_ps(shift[c])};
+  return p;
 }
 
 /* Lanes of m from a, the others from b. */
-static inline flat_par_t flat_blend(__mmask16 m, flat_par_t a, flat_par_t b) {
-  flat_par_t r;
-  for (int i = 0; i < 4; i++)
-    r.v[i] = _mm512_mask_blend_ps(m, b.v[i], a.v[i]);
-  return r;
+static inline norm_par_t norm_blend(__mmask16 m, norm_par_t a, norm_par_t b) {
+  norm_par_t p = {
+      _mm512_mask_blend_ps(m, b.h, a.h), _mm512_mask_blend_ps(m, b.l, a.l),
+      _mm512_mask_blend_ps(m, b.s, a.s), _mm512_mask_blend_ps(m, b.b, a.b)};
+  return p;
 }
 
-static inline __m512 flat_vec(int bwd, flat_par_t p, __m512 x, __m512 g) {
-  if (bwd)
-    return _mm512_fmadd_ps(
-        p.v[0], g, _mm512_fmadd_ps(p.v[1], _mm512_sub_ps(x, p.v[2]), p.v[3]));
-  return _mm512_fmadd_ps(_mm512_sub_ps(_mm512_sub_ps(x, p.v[0]), p.v[1]),
-                         p.v[2], p.v[3]);
+static inline __m512 norm_vec(norm_par_t p, __m512 x) {
+  return _mm512_fmadd_ps(_mm512_sub_ps(_mm512_sub_ps(x, p.h), p.l), p.s, p.b);
 }
 
-/* One row: channels [0, C) of S values each, back to back (dy read only
- * by the backward). */
-static inline __attribute__((always_inline)) void flat_row(
-    int bwd, const float *x, const float *dy, float *y, size_t C, size_t S,
-    const float *const p[4], int nt) {
+/* One row: channels [0, C) of S values each, back to back. */
+static void flat_norm_row(const float *x, float *y, size_t C, size_t S,
+                          const float *mh, const float *ml, const float *scale,
+                          const float *shift, int nt) {
   size_t n = C * S, i = head_elems(y, n, nt), c = 0, end = S;
-  flat_par_t cur = flat_par(0, p);
-  flat_par_t nxt = C > 1 ? flat_par(1, p) : cur;
+  norm_par_t cur = norm_par(0, mh, ml, scale, shift);
+  norm_par_t nxt = C > 1 ? norm_par(1, mh, ml, scale, shift) : cur;
   /* The head is shorter than a vector, so it lies in channel 0 (S >= 16). */
-  if (i > 0) {
-    __mmask16 m = tail_mask(i);
-    store16(y, flat_vec(bwd, cur, load16(m, x), bwd ? load16(m, dy) : cur.v[0]),
-            m, 0);
-  }
+  if (i > 0)
+    store16(y, norm_vec(cur, load16(tail_mask(i), x)), tail_mask(i), 0);
   for (; i < n; i += 16) {
     __mmask16 m = tail_mask(n - i);
-    __m512 v = load16(m, x + i), g = bwd ? load16(m, dy + i) : v;
-    flat_par_t use = cur;
+    __m512 v = load16(m, x + i);
+    norm_par_t use = cur;
     if (i + 16 >= end) {
       /* The vector reaches the end of channel c: lanes past it belong to
        * channel c + 1, and the next vector starts in c + 1. */
       if (i + 16 > end)
-        use = flat_blend(tail_mask(end - i), cur, nxt);
+        use = norm_blend(tail_mask(end - i), cur, nxt);
       c++;
       end += S;
       cur = nxt;
       if (c + 1 < C)
-        nxt = flat_par(c + 1, p);
+        nxt = norm_par(c + 1, mh, ml, scale, shift);
     }
-    store16(y + i, flat_vec(bwd, use, v, g), m, nt);
+    store16(y + i, norm_vec(use, v), m, nt);
   }
 }
 
@@ -95,21 +87,8 @@ void sbn__avx512_flat_normalize(const float *x, float *y, size_t A, size_t C,
                                 const float *shift, int nt) {
   if (C == 0 || S == 0)
     return;
-  const float *const p[4] = {mh, ml, scale, shift};
   for (size_t a = 0; a < A; a++)
-    flat_row(0, x + a * lda, NULL, y + a * lda, C, S, p, nt);
-  _mm_sfence();
-}
-
-void sbn__avx512_flat_apply(const float *x, const float *dy, float *dx,
-                            size_t A, size_t C, size_t S, size_t lda,
-                            const float *pk, const float *pq, const float *ph,
-                            const float *pr, int nt) {
-  if (C == 0 || S == 0)
-    return;
-  const float *const p[4] = {pk, pq, ph, pr};
-  for (size_t a = 0; a < A; a++)
-    flat_row(1, x + a * lda, dy + a * lda, dx + a * lda, C, S, p, nt);
+    flat_norm_row(x + a * lda, y + a * lda, C, S, mh, ml, scale, shift, nt);
   _mm_sfence();
 }
 

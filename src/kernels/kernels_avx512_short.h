@@ -33,13 +33,6 @@ void sbn__avx512_flat_normalize(const float *x, float *y, size_t A, size_t C,
                                 size_t S, size_t lda, const float *mh,
                                 const float *ml, const float *scale,
                                 const float *shift, int nt);
-/* The fused backward's dx along the same flat rows, dx = k * dy + (q *
- * (x - h) + r) with channel c's pk[c], pq[c], ph[c] and pr[c]
- * (dx_params_f), streamed where nt. */
-void sbn__avx512_flat_apply(const float *x, const float *dy, float *dx,
-                            size_t A, size_t C, size_t S, size_t lda,
-                            const float *pk, const float *pq, const float *ph,
-                            const float *pr, int nt);
 void sbn__avx512_short_apply(const float *x, const float *dy, float *dx,
                              size_t A, size_t C, size_t S, size_t lda,
                              const double *mean, const double *istd,
