@@ -737,8 +737,13 @@ static size_t l2_bytes(void) {
  * floats off alignment (each row's head before its first line boundary
  * written apart), with and without affine. The backward's rows-at-a-time
  * form streams dx too (outputs of 4 MiB and more, whole-line rows): in
- * pairs (40 x 32768, 11 x 100000: a row left over) and fours (37 x 30000:
- * fours, and a single row after the last four of the third block). The
+ * pairs (40 x 32768) and fours (37 x 30000: fours, and a single row after
+ * the last four of the third block). Rows of 64k elements or more go
+ * eight at a time where single rows do not serve: 17 x 131072 (two
+ * eights in a block of 16, the second adding into the first's float
+ * sums, then a single row),
+ * 11 x 100000 (an eight, a pair and a single row) and 8 x 100352 without
+ * affine (one eight). The
  * forward's groups of 4 rows on both sides of their limit (half the L2: 6 rows
  * of it, a group of 4 and one of 2, and 16 more, three groups of 2), and the
  * backward's single rows on both sides of their limit (7 rows of D floats
@@ -777,6 +782,11 @@ static void test_ln_rows(void **state) {
         ln_vs_ref(sets[ks], pipe[ip].R, pipe[ip].D, offs[(ip + (size_t)v) % 3]);
         no_affine = 0;
       }
+    /* Exactly one sweep of eight rows (ResNet-sized LayerNorm: 8 rows of
+     * 100352), without affine. */
+    no_affine = 1;
+    ln_vs_ref(sets[ks], 8, 100352, 1);
+    no_affine = 0;
     size_t g4 = l2_bytes() / 2 / sizeof(float);
     ln_vs_ref(sets[ks], 6, g4, 0);
     ln_vs_ref(sets[ks], 6, g4 + 16, 1);

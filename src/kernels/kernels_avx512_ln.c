@@ -107,7 +107,7 @@ void sbn__avx512_ln_forward_rows(const float *x, float *y, size_t R, size_t D,
  * only the last vector of a row is masked. */
 
 /* Rows a sweep takes at most. */
-#define LNB_NR 4
+#define LNB_NR 8
 
 /* Rows four at a time up to this length, when the row stride is not a
  * multiple of 64 KiB: the four rows' x and dy (up to 1 MiB) then stay in
@@ -134,6 +134,22 @@ void sbn__avx512_ln_forward_rows(const float *x, float *y, size_t R, size_t D,
  * previous build (3 alternated runs of the bench) the floor ratio went
  * from 1.85 to 1.64 at 8 x 50176 and from 1.56 to 1.27 at 32 x 65536. With a 1
  * MiB L2 this takes only rows of 32769-37449 elements. */
+/* Rows eight at a time from this length on: one sweep takes the sums of
+ * eight rows, w loaded and fw, fb written once for all of them (the
+ * block's first sweep stores them, so with 8 rows they are never read
+ * back), then the eight rows' dx. With fewer rows per sweep those
+ * row-sized arrays cost as much traffic as the rows themselves. Floor
+ * ratios, 8 rows, the previous forms (pairs, or the pipeline past
+ * LNQ_MIN) then eights, alternated runs: 100352 elements (8x128x28x28)
+ * 1.80-2.64 and 1.56-1.94, 8x2048x7x7 1.90-2.65 and 1.58-1.97, 200704
+ * (8x1024x14x14) 1.78-2.10 and 1.67-1.92, 8x64x56x56 2.00-2.18 and
+ * 1.67-1.86, 802816 (8x256x56x56) 1.58-1.68 and 1.47-1.52; at 50176 and
+ * 25088 they were no faster, nor at 32 rows of 65536, where single rows
+ * (lnb_single) took 1.05-1.26 and eights 1.23-1.28. The next rows are
+ * not prefetched during an eight's dx (eight rows' x and dy fill the
+ * L2). */
+#define LNB_EIGHT_MIN ((size_t)64 << 10)
+
 static int lnb_single(size_t D) {
   size_t row = D * sizeof(float), l2 = sbn__l2_bytes();
   return D > LNB_QUAD_MAX && 7 * row <= l2 && 11 * row > l2;
@@ -170,7 +186,7 @@ static inline __attribute__((always_inline)) void lnb_sums16(
   __m512 pw = first ? _mm512_setzero_ps() : load16(m, fw + i);
   __m512 pb = first ? _mm512_setzero_ps() : load16(m, fb + i);
   __m512 wv = w != NULL ? load16(m, w + i) : _mm512_setzero_ps();
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int r = 0; r < nr; r++) {
     __m512 d = load16(m, dy[r] + i);
     __m512 xh = _mm512_fmadd_ps(_mm512_sub_ps(load16(m, x[r] + i), k[r].h),
@@ -239,6 +255,15 @@ static inline lnb_c_t lnb_c(const lnb_row_t *r, double count) {
                    _mm512_set1_ps((float)(c3 - q * (r->mean - (double)h)))};
 }
 
+/* How far ahead dx's plain stores prefetch their lines for writing
+ * (PREFETCHW; this file is compiled with -mprfchw): each line of a plain
+ * store is first read for ownership, and perf put most of the backward's
+ * samples on the dx stores and the instructions after them. Floor ratios,
+ * without and with, alternated runs (rows eight at a time where they
+ * go): 8x256x14x14 1.53-1.62 and 1.34-1.57, 8x1024x14x14 1.64-1.77 and
+ * 1.53-1.66, 8x128x28x28 1.64-1.76 and 1.54-1.79. */
+#define LNB_PFW 1024
+
 /* dx of one vector of nr rows, prefetching the first `ahead` rows' x and
  * dy nr rows on (the rows this call's caller takes next): this pass reads
  * its own rows from the cache, and without that the memory would idle
@@ -248,7 +273,7 @@ static inline __attribute__((always_inline)) void lnb_apply16(
     const lnb_c_t *c, int nr, int ahead, size_t step, size_t i, __mmask16 m,
     const float *w, int nt) {
   __m512 wv = w != NULL ? load16(m, w + i) : _mm512_setzero_ps();
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int r = 0; r < nr; r++) {
     if (r < ahead) {
       _mm_prefetch((const char *)(x[r] + step + i), _MM_HINT_T0);
@@ -258,6 +283,12 @@ static inline __attribute__((always_inline)) void lnb_apply16(
     __m512 g = w != NULL ? _mm512_mul_ps(c[r].is, wv) : c[r].is;
     __m512 v = _mm512_fmadd_ps(g, load16(m, dy[r] + i),
                                _mm512_fmadd_ps(c[r].q, xc, c[r].rr));
+    /* Stored normally, dx's lines are prefetched for writing LNB_PFW
+     * bytes ahead (past the row's end: lines of the next row or past the
+     * output, computed as an integer, which is harmless). */
+    if (!nt)
+      __builtin_prefetch((const void *)((uintptr_t)(dx[r] + i) + LNB_PFW), 1,
+                         3);
     store16(dx[r] + i, v, m, nt);
   }
 }
@@ -308,7 +339,7 @@ static inline __attribute__((always_inline)) void lnb_rows(
     lnb_sums(rw, nr, D, w, fw, fb, 0);
   size_t left = R - r - (size_t)nr;
   int ah = left < (size_t)nr ? (int)left : nr;
-  if (D > LN_AHEAD_MAX)
+  if (D > LN_AHEAD_MAX || nr == 8)
     ah = 0;
   lnb_apply(rw, nr, D, w, count, ah, nt);
 }
@@ -573,7 +604,8 @@ void sbn__avx512_ln_bwd_rows(const float *x, const float *dy, float *dx,
    * one process against main's build, scripts/ln_ab.c, two runs): 1.11
    * and 1.18 times faster at 32 rows of 65536. */
   int nt = R * D >= NT_BYTES / sizeof(float) && D % 16 == 0;
-  if (D >= LNQ_MIN) {
+  int eights = D >= LNB_EIGHT_MIN && R >= 8 && !lnb_single(D);
+  if (D >= LNQ_MIN && !eights) {
     lnq_t q = {D, head_elems(dx, D, nt), w, fw, fb, count, nt};
     lnq_io_t io = {x, dy, dx, R, mean, istd, dw, db, odw, odb};
     lnq_pipe(&q, &io);
@@ -590,6 +622,8 @@ void sbn__avx512_ln_bwd_rows(const float *x, const float *dy, float *dx,
   for (size_t r0 = 0; r0 < R; r0 += RB) {
     size_t r1 = R - r0 < RB ? R : r0 + RB;
     size_t r = r0;
+    for (; eights && r + 8 <= r1; r += 8)
+      lnb_rows(x, dy, dx, r, 8, r0, R, D, mean, istd, w, count, fw, fb, nt);
     if (D <= LNB_QUAD_MAX && D % (16 << 10) != 0)
       for (; r + 4 <= r1; r += 4)
         lnb_rows(x, dy, dx, r, 4, r0, R, D, mean, istd, w, count, fw, fb, nt);
