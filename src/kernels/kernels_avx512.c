@@ -639,11 +639,9 @@ static void avx512_normalize_ld(const float *x, float *y, size_t A, size_t C,
     sbn__avx512_flat_normalize(x, y, A, C, S, lda, mh, ml, scale, shift, nt);
     return;
   }
-  if (!nt) { /* y's lines prefetched for writing (kernels_avx512_bnfuse.c) */
+  if (!nt) /* y's lines prefetched for writing (kernels_avx512_bnfuse.c) */
     sbn__avx512_norm_rows(x, y, A, C, S, lda, mh, ml, scale, shift);
-    return;
-  }
-  for (size_t a = 0; a < A; a++)
+  for (size_t a = 0; nt && a < A; a++)
     for (size_t c = 0; c < C; c++) {
       size_t o = a * lda + c * S;
       run_normalize(x + o, y + o, S, mh[c], ml[c], scale[c], shift[c], nt);

@@ -22,6 +22,18 @@
 #define LN_AHEAD_MAX ((size_t)256 << 10)
 
 /* ------------------------------------------------------------------ */
+/* How far ahead plain stores of y and dx prefetch their lines for writing
+ * (PREFETCHW; this file is compiled with -mprfchw): each line of a plain
+ * store is first read for ownership, and perf put most of the backward's
+ * samples on the dx stores and the instructions after them. Floor ratios,
+ * without and with, alternated runs (rows eight at a time where they
+ * go), backward: 8x256x14x14 1.53-1.62 and 1.34-1.57, 8x1024x14x14
+ * 1.64-1.77 and 1.53-1.66, 8x128x28x28 1.64-1.76 and 1.54-1.79; forward
+ * (here and in kernels_avx512_lnpipe.c): 8x256x14x14 1.31-1.47 and
+ * 1.13-1.21, 8x17x64x64 1.58-1.74 and 1.29-1.33, 8x2048x7x7 1.75-1.79
+ * and 1.59-1.73, the others within the noise. */
+#define LNB_PFW 1024
+
 /* Forward: y = xhat * w + b, xhat = (x - mh[r]) * istd[r] + nl[r] with
  * nl = -ml * istd (x - mh is exact near the mean, so one fma rounds). */
 
@@ -45,8 +57,10 @@ static inline __attribute__((always_inline)) void lnf_span(
     for (; i + 16 <= hi; i += 16)
       _mm512_stream_ps(y + i, lnf16(x, w, b, i, 0xFFFF, h, is, nl, aff));
   } else {
-    for (; i + 16 <= hi; i += 16)
+    for (; i + 16 <= hi; i += 16) {
+      __builtin_prefetch((const void *)((uintptr_t)(y + i) + LNB_PFW), 1, 3);
       _mm512_storeu_ps(y + i, lnf16(x, w, b, i, 0xFFFF, h, is, nl, aff));
+    }
   }
   if (i < hi) {
     __mmask16 m = tail_mask(hi - i);
@@ -254,15 +268,6 @@ static inline lnb_c_t lnb_c(const lnb_row_t *r, double count) {
                    _mm512_set1_ps(h),
                    _mm512_set1_ps((float)(c3 - q * (r->mean - (double)h)))};
 }
-
-/* How far ahead dx's plain stores prefetch their lines for writing
- * (PREFETCHW; this file is compiled with -mprfchw): each line of a plain
- * store is first read for ownership, and perf put most of the backward's
- * samples on the dx stores and the instructions after them. Floor ratios,
- * without and with, alternated runs (rows eight at a time where they
- * go): 8x256x14x14 1.53-1.62 and 1.34-1.57, 8x1024x14x14 1.64-1.77 and
- * 1.53-1.66, 8x128x28x28 1.64-1.76 and 1.54-1.79. */
-#define LNB_PFW 1024
 
 /* dx of one vector of nr rows, prefetching the first `ahead` rows' x and
  * dy nr rows on (the rows this call's caller takes next): this pass reads

@@ -27,12 +27,17 @@ static inline __attribute__((always_inline)) void lnp_put(
   __m512 v = _mm512_fmadd_ps(_mm512_sub_ps(load16(m, x + i), h), is, nl);
   if (aff)
     v = _mm512_fmadd_ps(v, wv, bv);
-  if (m != 0xFFFF)
+  if (m != 0xFFFF) {
     _mm512_mask_storeu_ps(y + i, m, v);
-  else if (nt)
+  } else if (nt) {
     _mm512_stream_ps(y + i, v);
-  else
+  } else {
+    /* y's line 1 KiB on, prefetched for writing (PREFETCHW: this file is
+     * compiled with -mprfchw), so that plain stores do not wait for
+     * their lines' reads one after another. */
+    __builtin_prefetch((const void *)((uintptr_t)(y + i) + 1024), 1, 3);
     _mm512_storeu_ps(y + i, v);
+  }
 }
 
 /* Adds x - k (lanes of m, zero elsewhere) and its square into a and q. */
