@@ -142,6 +142,21 @@ static inline gn_vpar_t vblend(gn_vpar_t a, gn_vpar_t b, __mmask16 m) {
   return v;
 }
 
+/* How far ahead, in bytes (1 KiB), dx's plain stores prefetch their lines
+ * for writing (PREFETCHW, as kernels_avx512_bnfuse.c's PFW; this file and
+ * kernels_avx512_gnbwd.c are compiled with -mprfchw). Without it each
+ * line of dx is read for ownership one after another as the store buffer
+ * drains. Outputs under GN_NT_BYTES take these stores. Floor ratios of
+ * the backward, medians of three alternated runs on a Xeon with 2 MiB of
+ * L2 per core, without and with it: GroupNorm 1x256x14x14 1.30 and 1.09,
+ * 2x64x16x16 1.28 and 1.10, 2x32x28x28 1.35 and 1.21, 1x32x40x40 1.44
+ * and 1.26, 1x512x7x7 1.49 and 1.39; InstanceNorm 1x512x7x7 1.50 and
+ * 1.39, 1x32x40x40 1.34 and 1.24. Above GN_NT_BYTES the streaming stores
+ * stay faster than plain stores with the prefetch (8x256x14x14 0.72
+ * against 1.09, 4x64x32x32 0.85 against 1.25, 8x128x28x28 1.24 and
+ * 1.25). */
+#define GN_PFW 1024u
+
 /* dx over a unit of nch channels (whole groups of cpg, parameters gp[]),
  * S values each, as one flat stream (S >= 16, so a vector meets at most
  * one channel boundary, where its upper lanes take the next channel's
@@ -173,10 +188,15 @@ static void unit_run(const float *p, const float *d, float *o, size_t nch,
         _mm_prefetch((const char *)(d + s + pf), _MM_HINT_T0);
       }
       __m512 v = dx16f(p + s, d + s, 0xFFFF, cur);
-      if (nt)
+      if (nt) {
         _mm512_stream_ps(o + s, v);
-      else
+      } else {
+        /* See GN_PFW. Past the unit's end it prefetches the next unit's
+         * dx, or lines past the tensor (computed as an integer), which is
+         * harmless. */
+        __builtin_prefetch((const void *)((uintptr_t)(o + s) + GN_PFW), 1, 3);
         _mm512_storeu_ps(o + s, v);
+      }
     }
     if (++kk == cpg)
       kk = 0, gi++;
@@ -266,8 +286,9 @@ static inline __attribute__((always_inline)) void flat_chunk(
  * one group per unit. */
 #define GN_BWD_UNIT (32u * 1024u)
 
-/* The general path prefetches the next unit while dx streams (one unit
- * ahead, prefetcht0) only for units of up to this many bytes of x, as
+/* On a core with less than GN_PF_ALL_L2 of L2 the general path
+ * prefetches the next unit while dx streams (one unit ahead, prefetcht0)
+ * only for units of up to this many bytes of x, as
  * the short planes' tiles (kernels_avx512_gnbwd.c: blocks of 16 KiB)
  * do. Over larger units the hardware prefetcher, left to itself, runs
  * ahead of the sums' loads, and the software prefetches issued while dx
@@ -279,6 +300,22 @@ static inline __attribute__((always_inline)) void flat_chunk(
  * no prefetch faster, `bench kernels` slower (1.15 against 1.30 of its
  * floor), so those keep it. */
 #define GN_PF_UNIT 16384u
+
+/* With at least this much L2 per core, every unit but the last prefetches
+ * the next one: the measurements above were on a 1 MiB L2, and on a Xeon
+ * with 2 MiB per core (units of up to 256 KiB of x, and as much dy, with
+ * the next unit's beside them) the prefetch made the larger units faster,
+ * not slower. Floor ratios, medians of three alternated runs, units over
+ * 16 KiB not prefetched and prefetched: GroupNorm 8x64x56x56 1.24 and
+ * 1.09, 8x128x28x28 1.23 and 1.13, 8x512x28x28 0.84 and 0.70,
+ * 32x64x32x32 0.82 and 0.71, 2x128x56x56 1.25 and 1.08, 4x64x64x64 0.79
+ * and 0.54, 2x64x128x256 0.83 and 0.67; InstanceNorm 8x64x56x56 1.28 and
+ * 1.11, 8x64x112x112 0.99 and 0.84, 32x64x32x32 0.88 and 0.71,
+ * 1x32x40x40 1.29 and 1.16. Doubling GN_BWD_UNIT, GN_PF_UNIT or
+ * kernels_avx512_gnbwd.c's GN_SHORT_BLOCK with the larger L2 measured no
+ * gain there (GroupNorm 8x2048x7x7 1.12 with 16 KiB blocks, 1.34 with 32
+ * KiB), and they stay as they are. */
+#define GN_PF_ALL_L2 ((size_t)2 << 20)
 
 /* Groups per unit of the general path: whole groups of at least 16
  * channels for the short runs' tiles, and for long runs as many as fit
@@ -317,11 +354,12 @@ int sbn__avx512_gn_bwd_nchw(const float *x, const float *dy, float *dx,
   if (sbn__avx512_gn_bwd_short(x, dy, dx, G, cpg, S, mean, istd, w, stats, dw,
                                db, nt))
     return 1;
+  size_t pf_unit = sbn__l2_bytes() >= GN_PF_ALL_L2 ? (size_t)-1 : GN_PF_UNIT;
   for (size_t g0 = 0; g0 < G; g0 += gpu) {
     size_t g1 = G - g0 < gpu ? G : g0 + gpu, ue = (g1 - g0) * cpg * S;
-    /* Small units prefetch the next one (at least GN_PF_MIN bytes on),
-     * except the last unit. */
-    size_t pf = g1 < G && ue * sizeof(float) <= GN_PF_UNIT
+    /* Units of up to pf_unit bytes of x prefetch the next one (at least
+     * GN_PF_MIN bytes on), except the last unit. */
+    size_t pf = g1 < G && ue * sizeof(float) <= pf_unit
                     ? (ue * 4 < GN_PF_MIN ? GN_PF_MIN / 4 : ue)
                     : 0;
     unit_sums(x, dy, g0, g1, cpg, S, mean, istd, sdy, sdyx);

@@ -86,10 +86,16 @@ static inline __attribute__((always_inline)) void flat_dx(
     _mm_prefetch((const char *)(x + i + pf), _MM_HINT_T0);
     _mm_prefetch((const char *)(dy + i + pf), _MM_HINT_T0);
     __m512 d = dx16f(x + i, dy + i, 0xFFFF, lane_par(vary, idx, p));
-    if (nt)
+    if (nt) {
       _mm512_stream_ps(o + i, d);
-    else
+    } else {
+      /* dx's lines are prefetched for writing 1 KiB ahead, as
+       * kernels_avx512_gn.c's unit_run does (see GN_PFW there); past the
+       * tile's end it reaches the next tile's dx, or lines past the
+       * tensor (computed as an integer), which is harmless. */
+      __builtin_prefetch((const void *)((uintptr_t)(o + i) + 1024), 1, 3);
       _mm512_storeu_ps(o + i, d);
+    }
     if (vary != 0)
       flat_step(&r, &idx, 16, vs);
   }
