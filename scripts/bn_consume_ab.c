@@ -16,47 +16,14 @@
  * prints, per build, the median µs of the layer, of the consumer's read
  * and of both, and A's total over B's (REPS=n sets the repetitions, 60
  * by default). */
-#include <dlfcn.h>
 #include <immintrin.h>
-#include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
-#include "syncbn.h"
-
-typedef struct {
-  void (*pd)(sbn_layer_params_t *, sbn_op_t);
-  int (*cr)(const sbn_layer_params_t *, sbn_comm_t *, sbn_layer_t **);
-  int (*sz)(const sbn_layer_t *, const sbn_tensor_desc_t *, size_t *,
-            size_t *);
-  int (*fw)(sbn_layer_t *, const sbn_forward_args_t *);
-  int (*bw)(sbn_layer_t *, const sbn_backward_args_t *);
-  const char *(*err)(void);
-  sbn_layer_t *l;
-  void *ws, *sv;
-  size_t wsb, svb;
-} lib_t;
-
-static double now(void) {
-  struct timespec t;
-  clock_gettime(CLOCK_MONOTONIC, &t);
-  return t.tv_sec * 1e6 + t.tv_nsec * 1e-3;
-}
-
-static int cmp(const void *a, const void *b) {
-  double x = *(const double *)a, y = *(const double *)b;
-  return x < y ? -1 : x > y;
-}
-
-static double med(double *v, int n) {
-  qsort(v, (size_t)n, sizeof *v, cmp);
-  return v[n / 2];
-}
+#include "ab_lib.h"
 
 /* The next layer's read of the output: every line once. */
-__attribute__((noinline, target("avx512f"))) static float
-consume(const float *y, size_t n) {
+__attribute__((noinline, target("avx512f"))) static float consume(
+    const float *y, size_t n) {
   __m512 s = _mm512_setzero_ps();
   size_t i = 0;
   for (; i + 16 <= n; i += 16)
@@ -89,27 +56,8 @@ int main(int argc, char **argv) {
   sbn_tensor_desc_t d = {4, {N, C, H, W}, SBN_LAYOUT_NCHW};
   lib_t L[2];
   for (int k = 0; k < 2; k++) {
-    void *h = dlopen(argv[6 + k], RTLD_NOW | RTLD_LOCAL);
-    if (h == NULL) {
-      fprintf(stderr, "bn_consume_ab: %s\n", dlerror());
+    if (ab_lib_open(argv[6 + k], &L[k]) != 0)
       return 1;
-    }
-    L[k].pd = (void (*)(sbn_layer_params_t *, sbn_op_t))dlsym(
-        h, "sbn_layer_params_default");
-    L[k].cr = (int (*)(const sbn_layer_params_t *, sbn_comm_t *,
-                       sbn_layer_t **))dlsym(h, "sbn_layer_create");
-    L[k].sz = (int (*)(const sbn_layer_t *, const sbn_tensor_desc_t *,
-                       size_t *, size_t *))dlsym(h, "sbn_layer_sizes");
-    L[k].fw = (int (*)(sbn_layer_t *, const sbn_forward_args_t *))dlsym(
-        h, "sbn_forward");
-    L[k].bw = (int (*)(sbn_layer_t *, const sbn_backward_args_t *))dlsym(
-        h, "sbn_backward");
-    L[k].err = (const char *(*)(void))dlsym(h, "sbn_last_error");
-    if (!L[k].pd || !L[k].cr || !L[k].sz || !L[k].fw || !L[k].bw ||
-        !L[k].err) {
-      fprintf(stderr, "bn_consume_ab: %s lacks the API\n", argv[6 + k]);
-      return 1;
-    }
     sbn_layer_params_t p;
     L[k].pd(&p, SBN_OP_BATCHNORM);
     p.channels = C;
@@ -146,9 +94,9 @@ int main(int argc, char **argv) {
   sbn_state_t st = {rm, rv, 0};
   /* Each build's saved state, for its backward. */
   for (int k = 0; k < 2; k++) {
-    sbn_forward_args_t fa = {SBN_MODE_TRAIN, &d,       x,        y,
-                             w,              b,        &st,      0,
-                             L[k].ws,        L[k].wsb, L[k].sv, L[k].svb};
+    sbn_forward_args_t fa = {
+        SBN_MODE_TRAIN, &d,       x,       y,       w, b, &st, 0,
+        L[k].ws,        L[k].wsb, L[k].sv, L[k].svb};
     if (L[k].fw(L[k].l, &fa) != 0) {
       fprintf(stderr, "bn_consume_ab: %s\n", L[k].err());
       return 1;
@@ -166,22 +114,21 @@ int main(int argc, char **argv) {
         produce(dy + at, n, -0.5f);
       lib_t *q = &L[k];
       int rc;
-      double t0 = now();
+      double t0 = ab_now();
       if (bwd) {
-        sbn_backward_args_t ba = {SBN_MODE_TRAIN, &d,    x + at, dy + at,
-                                  y + at,         w,     dw,     db,
-                                  0,              q->ws, q->wsb, q->sv,
-                                  q->svb};
+        sbn_backward_args_t ba = {
+            SBN_MODE_TRAIN, &d,     x + at, dy + at, y + at, w, dw, db, 0,
+            q->ws,          q->wsb, q->sv,  q->svb};
         rc = q->bw(q->l, &ba);
       } else {
-        sbn_forward_args_t fa = {SBN_MODE_TRAIN, &d,    x + at, y + at,
-                                 w,              b,     &st,    0,
-                                 q->ws,          q->wsb, q->sv, q->svb};
+        sbn_forward_args_t fa = {
+            SBN_MODE_TRAIN, &d,     x + at, y + at, w, b, &st, 0,
+            q->ws,          q->wsb, q->sv,  q->svb};
         rc = q->fw(q->l, &fa);
       }
-      double t1 = now();
+      double t1 = ab_now();
       sink += consume(y + at, n);
-      double t2 = now();
+      double t2 = ab_now();
       if (rc != 0) {
         fprintf(stderr, "bn_consume_ab: %s\n", q->err());
         return 1;
@@ -193,10 +140,11 @@ int main(int argc, char **argv) {
     }
   double m[4];
   for (int i = 0; i < 4; i++)
-    m[i] = med(t + (size_t)i * reps, reps);
-  printf("%s %zux%zux%zux%zu  A: layer %.1f read %.1f total %.1f us  "
-         "B: layer %.1f read %.1f total %.1f us  A/B total %.3f%s\n",
-         bwd ? "bwd" : "fwd", N, C, H, W, m[0], m[1], m[0] + m[1], m[2], m[3],
-         m[2] + m[3], (m[0] + m[1]) / (m[2] + m[3]), sink == 1e30f ? " " : "");
+    m[i] = ab_med(t + (size_t)i * reps, reps);
+  printf(
+      "%s %zux%zux%zux%zu  A: layer %.1f read %.1f total %.1f us  "
+      "B: layer %.1f read %.1f total %.1f us  A/B total %.3f%s\n",
+      bwd ? "bwd" : "fwd", N, C, H, W, m[0], m[1], m[0] + m[1], m[2], m[3],
+      m[2] + m[3], (m[0] + m[1]) / (m[2] + m[3]), sink == 1e30f ? " " : "");
   return 0;
 }

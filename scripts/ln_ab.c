@@ -11,35 +11,10 @@
  *
  * prints each build's median time over the floor's and A's time over
  * B's (REPS=n sets the repetitions, 40 by default). */
-#include <dlfcn.h>
-#include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
-#include <time.h>
-#include "syncbn.h"
-typedef struct {
-  void (*pd)(sbn_layer_params_t *, sbn_op_t);
-  int (*cr)(const sbn_layer_params_t *, sbn_comm_t *, sbn_layer_t **);
-  int (*sz)(const sbn_layer_t *, const sbn_tensor_desc_t *, size_t *, size_t *);
-  int (*fw)(sbn_layer_t *, const sbn_forward_args_t *);
-  int (*bw)(sbn_layer_t *, const sbn_backward_args_t *);
-  sbn_layer_t *l;
-  void *ws, *sv;
-  size_t wsb, svb;
-} lib_t;
-static double now(void) {
-  struct timespec t;
-  clock_gettime(CLOCK_MONOTONIC, &t);
-  return t.tv_sec * 1e6 + t.tv_nsec * 1e-3;
-}
-static int cmp(const void *a, const void *b) {
-  double x = *(double *)a, y = *(double *)b;
-  return x < y ? -1 : x > y;
-}
-static double med(double *v, int n) {
-  qsort(v, n, 8, cmp);
-  return v[n / 2];
-}
+
+#include "ab_lib.h"
+
 __attribute__((noinline)) static void add2(const float *a, const float *b,
                                            float *c, size_t n) {
   for (size_t i = 0; i < n; i++)
@@ -52,16 +27,8 @@ int main(int argc, char **argv) {
   lib_t L[2];
   sbn_tensor_desc_t d = {2, {N, D}, SBN_LAYOUT_NCHW};
   for (int k = 0; k < 2; k++) {
-    void *h = dlopen(argv[4 + k], RTLD_NOW | RTLD_LOCAL);
-    if (!h) {
-      puts(dlerror());
+    if (ab_lib_open(argv[4 + k], &L[k]) != 0)
       return 1;
-    }
-    L[k].pd = dlsym(h, "sbn_layer_params_default");
-    L[k].cr = dlsym(h, "sbn_layer_create");
-    L[k].sz = dlsym(h, "sbn_layer_sizes");
-    L[k].fw = dlsym(h, "sbn_forward");
-    L[k].bw = dlsym(h, "sbn_backward");
     sbn_layer_params_t p;
     L[k].pd(&p, SBN_OP_LAYERNORM);
     p.norm_ndim = 1;
@@ -105,7 +72,7 @@ int main(int argc, char **argv) {
       int vv = (it & 1) ? 2 - v : v;
       size_t at = (size_t)c * n;
       c = (c + 1) % NC;
-      double t0 = now();
+      double t0 = ab_now();
       if (vv == 2) {
         if (bwd)
           add2(x + at, dy + at, y + at, n);
@@ -124,12 +91,12 @@ int main(int argc, char **argv) {
         else
           q->fw(q->l, &fa);
       }
-      double t1 = now();
+      double t1 = ab_now();
       if (it >= 0)
         t[(size_t)vv * reps + it] = t1 - t0;
     }
-  double f = med(t + 2 * (size_t)reps, reps), a = med(t, reps),
-         bb = med(t + (size_t)reps, reps);
+  double f = ab_med(t + 2 * (size_t)reps, reps), a = ab_med(t, reps),
+         bb = ab_med(t + (size_t)reps, reps);
   printf("%s %zux%zu floor %.1f us: A %.3f B %.3f  A/B time %.3f\n",
          bwd ? "bwd" : "fwd", N, D, f, a / f, bb / f, a / bb);
   return 0;
