@@ -150,6 +150,37 @@ static inline void dx_params_f(size_t j, size_t c, const double *mean,
   pr[j] = (float)(k3[c] - q * (mean[c] - (double)h));
 }
 
+/* dx of one run of S values from its float parameters (dx_params_f):
+ * dx = k * dy + (q * (x - h) + r), whole vectors then the masked tail.
+ * Each whole vector's store prefetches dx's line 1 KiB on for writing
+ * (PREFETCHW, in the files compiled with -mprfchw: see
+ * kernels_avx512_bnfuse.c); past the run's end that is the next run's dx,
+ * or lines past the tensor (computed as an integer), which is harmless.
+ * Shared by the unfused short runs (kernels_avx512_short.c) and the fused
+ * backward's groups (kernels_avx512_bnfuse.c). */
+static inline __attribute__((always_inline)) void dx_run_f(const float *x,
+                                                           const float *dy,
+                                                           float *dx, size_t S,
+                                                           float pk, float pq,
+                                                           float ph, float pr) {
+  __m512 vk = _mm512_set1_ps(pk), vq = _mm512_set1_ps(pq);
+  __m512 vh = _mm512_set1_ps(ph), vr = _mm512_set1_ps(pr);
+  size_t full = S & ~(size_t)15, s = 0;
+  for (; s < full; s += 16) {
+    __builtin_prefetch((const void *)((uintptr_t)(dx + s) + 1024), 1, 3);
+    __m512 t =
+        _mm512_fmadd_ps(vq, _mm512_sub_ps(_mm512_loadu_ps(x + s), vh), vr);
+    _mm512_storeu_ps(dx + s, _mm512_fmadd_ps(vk, _mm512_loadu_ps(dy + s), t));
+  }
+  if (s < S) {
+    __mmask16 tm = tail_mask(S - s);
+    __m512 t = _mm512_fmadd_ps(
+        vq, _mm512_sub_ps(_mm512_maskz_loadu_ps(tm, x + s), vh), vr);
+    _mm512_mask_storeu_ps(
+        dx + s, tm, _mm512_fmadd_ps(vk, _mm512_maskz_loadu_ps(tm, dy + s), t));
+  }
+}
+
 /* Lane j of a row of positions holds channel c: its shift for the
  * forward's sums (k[c]), or for the backward's the split mean and istd;
  * its double sums start at zero. Shared by the position view

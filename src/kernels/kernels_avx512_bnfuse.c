@@ -31,9 +31,10 @@
 /* The most channels of a group: the dx parameters live on the stack. */
 #define GMAX 16
 
-/* How far ahead, in floats (1 KiB), dx's stores prefetch their lines for
- * writing (PREFETCHW; this file alone is compiled with -mprfchw, and
- * every CPU with AVX-512 has it). dx's plain stores wait for each line to
+/* How far ahead, in floats (1 KiB), y's stores prefetch their lines for
+ * writing, as dx's do in dx_run_f (avx512_inl.h) (PREFETCHW; this file is
+ * compiled with -mprfchw, and every CPU with AVX-512 has it). dx's plain
+ * stores wait for each line to
  * be read for ownership from L3, one line after another as the store
  * buffer drains: that wait was most of dx's time (perf: the store and the
  * instruction after it), and with these prefetches the read-for-
@@ -87,36 +88,6 @@ static size_t group_chans(size_t A, size_t S, int tensors, int share,
   return G < 1 ? 1 : (G > most ? most : G);
 }
 
-/* dx of channels [0, nc) of one row (runs of S back to back), in float
- * (dx_params_f), prefetching dx's lines PFW floats ahead for writing. */
-static void group_dx_row(const float *x, const float *dy, float *dx, size_t nc,
-                         size_t S, const float *pk, const float *pq,
-                         const float *ph, const float *pr) {
-  size_t full = S & ~(size_t)15;
-  __mmask16 tm = tail_mask(S - full);
-  for (size_t j = 0; j < nc; j++) {
-    __m512 vk = _mm512_set1_ps(pk[j]), vq = _mm512_set1_ps(pq[j]);
-    __m512 vh = _mm512_set1_ps(ph[j]), vr = _mm512_set1_ps(pr[j]);
-    const float *p = x + j * S, *g = dy + j * S;
-    float *q = dx + j * S;
-    size_t s = 0;
-    for (; s < full; s += 16) {
-      /* Past the row's end it prefetches the next channels' dx, or lines
-       * past the tensor (computed as an integer), which is harmless. */
-      __builtin_prefetch((const void *)((uintptr_t)(q + s) + 4 * PFW), 1, 3);
-      __m512 t =
-          _mm512_fmadd_ps(vq, _mm512_sub_ps(_mm512_loadu_ps(p + s), vh), vr);
-      _mm512_storeu_ps(q + s, _mm512_fmadd_ps(vk, _mm512_loadu_ps(g + s), t));
-    }
-    if (tm != 0) {
-      __m512 t = _mm512_fmadd_ps(
-          vq, _mm512_sub_ps(_mm512_maskz_loadu_ps(tm, p + s), vh), vr);
-      _mm512_mask_storeu_ps(
-          q + s, tm, _mm512_fmadd_ps(vk, _mm512_maskz_loadu_ps(tm, g + s), t));
-    }
-  }
-}
-
 int sbn__avx512_bn_bwd_nchw(const float *x, const float *dy, float *dx,
                             size_t A, size_t C, size_t S, const double *mean,
                             const double *istd, const float *w, int stats,
@@ -143,10 +114,11 @@ int sbn__avx512_bn_bwd_nchw(const float *x, const float *dy, float *dx,
       /* dx_params_f reads channel c of its arrays. */
       dx_params_f(j, j, mean + c0, istd + c0, k1, k2, k3, pk, pq, ph, pr);
     }
-    for (size_t a = 0; a < A; a++) {
-      size_t o = a * lda + c0 * S;
-      group_dx_row(x + o, dy + o, dx + o, nc, S, pk, pq, ph, pr);
-    }
+    for (size_t a = 0; a < A; a++)
+      for (size_t j = 0; j < nc; j++) {
+        size_t o = a * lda + (c0 + j) * S;
+        dx_run_f(x + o, dy + o, dx + o, S, pk[j], pq[j], ph[j], pr[j]);
+      }
   }
   _mm256_zeroupper();
   return 1;

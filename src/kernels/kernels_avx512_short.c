@@ -101,53 +101,21 @@ void sbn__avx512_flat_normalize(const float *x, float *y, size_t A, size_t C,
  * double). Calls with fewer than SMALL_STAT values per channel, where the
  * terms cancel below fp32, do not come here. */
 
-typedef struct apply_par_s {
-  __m512 k, q, h, r;
-} apply_par_t;
-
-static inline apply_par_t apply_par(size_t c, const double *mean,
-                                    const double *istd, const double *k1,
-                                    const double *k2, const double *k3) {
-  float pk, pq, ph, pr;
-  dx_params_f(0, c, mean, istd, k1, k2, k3, &pk, &pq, &ph, &pr);
-  apply_par_t p = {_mm512_set1_ps(pk), _mm512_set1_ps(pq), _mm512_set1_ps(ph),
-                   _mm512_set1_ps(pr)};
-  return p;
-}
-
-static inline __m512 apply_vec(apply_par_t p, __m512 x, __m512 g) {
-  __m512 t = _mm512_fmadd_ps(p.q, _mm512_sub_ps(x, p.h), p.r);
-  return _mm512_fmadd_ps(p.k, g, t);
-}
-
 /* dx of one row, run by run: every run has the same trip counts, which
  * the loops predict (along flat rows, the vector that holds a channel's
  * end changes from run to run and was mispredicted: warm 8x64x14x14
- * backward 29 us against 24 run by run). */
+ * backward 29 us against 24 run by run). dx_run_f prefetches dx's lines
+ * for writing: this unfused backward (SyncBN's, or SBN_BN_SINGLE_PASS=0),
+ * floor ratios without and with, alternated runs: 8x256x14x14 1.66-1.71
+ * and 1.45-1.57, 8x512x7x7 1.35-1.50 and 1.21-1.27, 32x64x15x15
+ * 1.72-1.78 and 1.57-1.70. */
 static void run_apply_f(const float *x, const float *dy, float *dx, size_t C,
                         size_t S, const double *mean, const double *istd,
                         const double *k1, const double *k2, const double *k3) {
-  size_t full = S & ~(size_t)15;
-  __mmask16 tm = tail_mask(S - full);
   for (size_t c = 0; c < C; c++) {
-    apply_par_t p = apply_par(c, mean, istd, k1, k2, k3);
-    const float *xp = x + c * S, *gp = dy + c * S;
-    float *q = dx + c * S;
-    size_t s = 0;
-    for (; s < full; s += 16) {
-      /* dx's line 1 KiB on, prefetched for writing (PREFETCHW: see
-       * kernels_avx512_bnfuse.c). The unfused backward (SyncBN's, or
-       * SBN_BN_SINGLE_PASS=0), floor ratios without and with, alternated
-       * runs: 8x256x14x14 1.66-1.71 and 1.45-1.57, 8x512x7x7 1.35-1.50
-       * and 1.21-1.27, 32x64x15x15 1.72-1.78 and 1.57-1.70. */
-      __builtin_prefetch((const void *)((uintptr_t)(q + s) + 1024), 1, 3);
-      _mm512_storeu_ps(q + s, apply_vec(p, _mm512_loadu_ps(xp + s),
-                                        _mm512_loadu_ps(gp + s)));
-    }
-    if (tm != 0)
-      _mm512_mask_storeu_ps(q + s, tm,
-                            apply_vec(p, _mm512_maskz_loadu_ps(tm, xp + s),
-                                      _mm512_maskz_loadu_ps(tm, gp + s)));
+    float pk, pq, ph, pr;
+    dx_params_f(0, c, mean, istd, k1, k2, k3, &pk, &pq, &ph, &pr);
+    dx_run_f(x + c * S, dy + c * S, dx + c * S, S, pk, pq, ph, pr);
   }
 }
 
