@@ -135,19 +135,6 @@ void sbn__avx512_ln_forward_rows(const float *x, float *y, size_t R, size_t D,
  * ways repeat every 128 KiB). */
 #define LNB_QUAD_MAX ((size_t)32 << 10)
 
-/* Rows longer than LNB_QUAD_MAX go one at a time where a single row's
- * working set fits in the L2 and a pair's does not: x and dy of the row
- * and of the next (prefetched while the row's dx is written) and the
- * row-sized w, fw and fb are 7 arrays of D floats, a pair's 11. A pair
- * saves one sweep over w, fw and fb for every two rows, but where its
- * rows then leave the L2 before their dx pass reads them again, that
- * second read costs as much as the first. Measured with a 2 MiB L2 (one
- * process, single rows and pairs alternating): 8 rows of 50176 took
- * 0.89-0.98 of the pairs' time, 32 rows of 65536 0.91; at 100352 (7
- * arrays over the L2) single rows took 0.94-1.12 of it. Against the
- * previous build (3 alternated runs of the bench) the floor ratio went
- * from 1.85 to 1.64 at 8 x 50176 and from 1.56 to 1.27 at 32 x 65536. With a 1
- * MiB L2 this takes only rows of 32769-37449 elements. */
 /* Rows eight at a time from this length on: one sweep takes the sums of
  * eight rows, w loaded and fw, fb written once for all of them (the
  * block's first sweep stores them, so with 8 rows they are never read
@@ -164,6 +151,19 @@ void sbn__avx512_ln_forward_rows(const float *x, float *y, size_t R, size_t D,
  * L2). */
 #define LNB_EIGHT_MIN ((size_t)64 << 10)
 
+/* Rows longer than LNB_QUAD_MAX go one at a time where a single row's
+ * working set fits in the L2 and a pair's does not: x and dy of the row
+ * and of the next (prefetched while the row's dx is written) and the
+ * row-sized w, fw and fb are 7 arrays of D floats, a pair's 11. A pair
+ * saves one sweep over w, fw and fb for every two rows, but where its
+ * rows then leave the L2 before their dx pass reads them again, that
+ * second read costs as much as the first. Measured with a 2 MiB L2 (one
+ * process, single rows and pairs alternating): 8 rows of 50176 took
+ * 0.89-0.98 of the pairs' time, 32 rows of 65536 0.91; at 100352 (7
+ * arrays over the L2) single rows took 0.94-1.12 of it. Against the
+ * previous build (3 alternated runs of the bench) the floor ratio went
+ * from 1.85 to 1.64 at 8 x 50176 and from 1.56 to 1.27 at 32 x 65536. With a 1
+ * MiB L2 this takes only rows of 32769-37449 elements. */
 static int lnb_single(size_t D) {
   size_t row = D * sizeof(float), l2 = sbn__l2_bytes();
   return D > LNB_QUAD_MAX && 7 * row <= l2 && 11 * row > l2;
