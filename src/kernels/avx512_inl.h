@@ -99,16 +99,6 @@ static inline int want_nt(size_t A, size_t C, size_t S, size_t lda) {
   return span >= NT_BYTES / sizeof(float);
 }
 
-/* dx is not streamed: measured (perf cycles against the same run's
- * two-read-one-write floor, BatchNorm NHWC at 8 and 25 MB) dx streamed
- * took 1.32 of the floor against 1.13 stored normally, while y streamed
- * was as fast as stored (1.07 against 1.09 of the memcpy). The streaming
- * code stays in place for a machine where it pays. */
-static inline int apply_nt(size_t A, size_t C, size_t S) {
-  (void)A, (void)C, (void)S;
-  return 0;
-}
-
 /* Elements before q + n's first cache line boundary, which a streaming
  * pass writes with one masked store so that the rest starts aligned (0
  * without streaming; an output not even 4-byte aligned never streams). */

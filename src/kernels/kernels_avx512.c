@@ -345,18 +345,13 @@ static void run_normalize(const float *p, float *q, size_t n, float h, float l,
 
 /* dx over one run with broadcast double parameters (see dx16). */
 static void run_apply(const float *p, const float *g, float *q, size_t n,
-                      double k1, double qq, double r, int nt) {
+                      double k1, double qq, double r) {
   __m512d a = _mm512_set1_pd(k1), b = _mm512_set1_pd(qq);
   __m512d c = _mm512_set1_pd(r);
-  size_t h = head_elems(q, n, nt);
-  if (h > 0) {
-    __mmask16 m = tail_mask(h);
-    store16(q, dx16(load16(m, p), load16(m, g), a, a, b, b, c, c), m, 0);
-  }
-  for (size_t s = h; s < n; s += 16) {
+  for (size_t s = 0; s < n; s += 16) {
     __mmask16 m = tail_mask(n - s);
     __m512 v = dx16(load16(m, p + s), load16(m, g + s), a, a, b, b, c, c);
-    store16(q + s, v, m, nt);
+    store16(q + s, v, m, 0);
   }
 }
 
@@ -702,20 +697,22 @@ static void avx512_bwd_apply_ld(const float *x, const float *dy, float *dx,
     pos_apply(x, dy, dx, A, C, S, lda, mean, istd, k1, k2, k3);
     return;
   }
-  /* Short runs take float dx run by run (kernels_avx512_short.c), stored
-   * normally as apply_nt would have them. */
-  if (short_apply(S) && A * S >= SMALL_STAT) {
+  /* Runs of 16 or more take float dx run by run, dx's lines prefetched
+   * for writing (kernels_avx512_short.c), as the fused pass forms it. The
+   * double form ran long runs at 1.41-1.47 of the floor against 1.28-1.33
+   * (8x256x56x56, SBN_BN_SINGLE_PASS=0, alternated runs, Xeon with 2 MiB
+   * of L2), 8x512x28x28 1.41-1.52 and 1.25-1.34. dx is not streamed: at
+   * 8 and 25 MB (NHWC) it took 1.32 of the floor streamed, 1.13 stored. */
+  if (A * S >= SMALL_STAT) {
     sbn__avx512_short_apply(x, dy, dx, A, C, S, lda, mean, istd, k1, k2, k3);
     return;
   }
-  int nt = apply_nt(A, C, S);
   for (size_t a = 0; a < A; a++)
     for (size_t c = 0; c < C; c++) {
       size_t o = a * lda + c * S;
       double q = k2[c] * istd[c];
-      run_apply(x + o, dy + o, dx + o, S, k1[c], q, k3[c] - q * mean[c], nt);
+      run_apply(x + o, dy + o, dx + o, S, k1[c], q, k3[c] - q * mean[c]);
     }
-  _mm_sfence();
 }
 
 /* A block of a large output streams when the output is NT_BYTES or more

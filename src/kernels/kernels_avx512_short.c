@@ -13,7 +13,8 @@
  *    so every line is written whole one way. A vector that straddles two
  *    channels (S >= 16: never more than two) takes each lane's parameters
  *    by a mask blend.
- *  - dx in float, run by run.
+ *  - dx in float, run by run, for runs of any length from 16 (the
+ *    unfused backward's dx, kernels_avx512.c).
  *  - The 16-channel sums (moments and backward's sums for S <= SHORT_S),
  *    reduced by one transposing tree (see short_block).
  *

@@ -19,16 +19,6 @@ static inline int flat_norm(size_t S, int nt) {
   return S >= 16 && S % 16 != 0 && nt;
 }
 
-/* Whether dx takes the float runs of this file: short runs whose ends
- * fall inside a vector (7x7, 14x14), where the double form's one-lane or
- * four-lane tail vector of each run cost a whole vector of conversions.
- * The caller keeps calls with fewer than SMALL_STAT values per channel
- * off them. */
-#define SHORT_APPLY_MAX_S 1024
-static inline int short_apply(size_t S) {
-  return S >= 16 && S < SHORT_APPLY_MAX_S && S % 16 != 0;
-}
-
 void sbn__avx512_flat_normalize(const float *x, float *y, size_t A, size_t C,
                                 size_t S, size_t lda, const float *mh,
                                 const float *ml, const float *scale,
