@@ -400,7 +400,7 @@ static long workers_cpu(int *n) {
 /* An idle job runs no collective: over one second without requests no
  * worker starts an agreement round (rounds are event-driven since
  * protocol 5; they used to run every cycle). Nor does it keep a core
- * busy: the poll after a reply (--poll-us, 200 us by default) ends, and
+ * busy: the poll after a reply (--poll-us, 2 ms by default) ends, and
  * the workers take under a tenth of a core each (1 to 2 % here) over
  * the second that follows the replies to the metrics requests. */
 static void test_idle(void) {

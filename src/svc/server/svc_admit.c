@@ -267,5 +267,5 @@ const char *svc_server_options_help(void) {
          "request\n"
          "                       right behind it needs no wake-up; 0 = never "
          "(default\n"
-         "                       200)\n";
+         "                       2000)\n";
 }

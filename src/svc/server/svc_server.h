@@ -65,10 +65,17 @@ typedef struct svc_server_config_s {
 } svc_server_config_t;
 
 /* A client's next request usually follows its reply within tens of
- * microseconds (the next layer's statistics); read by a loop still
- * polling it costs no wake-up, which on a virtual machine is most of a
- * stats entry. */
-#define SVC_POLL_US_DEFAULT 200
+ * microseconds to a few milliseconds (the next layer's statistics);
+ * read by a loop still polling it costs no wake-up, which on a virtual
+ * machine is most of a stats entry. On the Intel virtual machine of
+ * 2026-12-03, `syncbn bench service` (np 2, two alternated runs each, its
+ * calls a millisecond or more apart) met the stats target on 5-8 of 18
+ * shapes with 200 us, 10-11 with 1000 and 14-15 with 2000 (README,
+ * "A longer poll window"); two compute processes beside a job whose
+ * workers polled all the time ran no slower (scripts/svc_poll_cost.py).
+ * The poll yields the core at every turn, so it takes only time nothing
+ * else wants. */
+#define SVC_POLL_US_DEFAULT 2000
 
 /* Parses one of the server's own options of syncbnd (--max-memory BYTES,
  * --max-preauth N, --max-preauth-per-addr N, --backlog N, --poll-us US)
