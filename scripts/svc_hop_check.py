@@ -109,6 +109,19 @@ def start_job(syncbnd, root, extra=()):
     return p, conns
 
 
+def stats_frames(lid, step, C):
+    """Both ranks' `stats` requests of one step: 4 values per channel on
+    each rank, mean r + 1 on rank r and M2 1, so the merged mean is
+    1.5."""
+    return [frame({"op": "stats", "id": step, "layer": lid, "step": step,
+                   "count": 4,
+                   "mean": {"dtype": "f64", "shape": [C],
+                            "data": np.full(C, r + 1.0).tobytes()},
+                   "m2": {"dtype": "f64", "shape": [C],
+                          "data": np.ones(C).tobytes()}})
+            for r in range(2)]
+
+
 def exchange(socks, frames):
     """Writes frames[i] to socks[i] and reads one reply frame from each,
     one thread per socket (blocking calls release the GIL), as separate
@@ -205,13 +218,7 @@ def main():
         st_times = []
         for i in range(5 + o.reps):
             step = 1 + i
-            fr = [frame({"op": "stats", "id": step, "layer": lid,
-                         "step": step, "count": 4,
-                         "mean": {"dtype": "f64", "shape": [C],
-                                  "data": np.full(C, r + 1.0).tobytes()},
-                         "m2": {"dtype": "f64", "shape": [C],
-                                "data": np.ones(C).tobytes()}})
-                  for r in range(2)]
+            fr = stats_frames(lid, step, C)
             t0 = time.perf_counter()
             rep = sequential(conns, fr)
             dt = time.perf_counter() - t0

@@ -29,8 +29,6 @@ import tempfile
 import threading
 import time
 
-import numpy as np
-
 here = os.path.dirname(os.path.abspath(__file__))
 spec = importlib.util.spec_from_file_location(
     "hop", os.path.join(here, "svc_hop_check.py"))
@@ -61,13 +59,7 @@ def stats_loop(conns, lid, C, period, stop, times):
     step = 0
     while not stop.is_set():
         step += 1
-        fr = [hop.frame({"op": "stats", "id": step, "layer": lid,
-                         "step": step, "count": 4,
-                         "mean": {"dtype": "f64", "shape": [C],
-                                  "data": np.full(C, r + 1.0).tobytes()},
-                         "m2": {"dtype": "f64", "shape": [C],
-                                "data": np.ones(C).tobytes()}})
-              for r in range(2)]
+        fr = hop.stats_frames(lid, step, C)
         t0 = time.perf_counter()
         hop.sequential(conns, fr)
         times.append(time.perf_counter() - t0)
