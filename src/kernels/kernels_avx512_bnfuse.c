@@ -68,20 +68,21 @@
  * 1.08-1.13; 8x256x56x56 (24.5 MiB) 0.70-0.72 and 1.10-1.21. */
 #define FWD_FUSE_BYTES ((size_t)7 << 20)
 
-/* The most of the L2, in quarters, that one channel's inputs may fill in
+/* The most of the L2, in fifths, that one channel's inputs may fill in
  * a group of their own. A channel larger than a group's share still
  * gains from staying in L2 between its sums and its output, with the
  * rest of the L2 holding the output's lines. Backward floor ratios,
  * three alternated runs on a Xeon with 2 MiB of L2 per core, unfused
- * against a channel alone: 8x64x112x112 (784 KiB of x and dy per
- * channel) 1.39-1.54 and 1.29-1.35, 16x64x56x56 1.42-1.54 and
- * 1.22-1.27, 12x64x112x112 (1.2 MiB) 1.54-1.72 and 1.30-1.42,
- * 16x64x112x112 (1.5 MiB) 1.86-1.89 and 1.49-1.59. */
-#define ONE_CHAN_QUARTERS 3
+ * against a channel alone (with a limit of 0.8 of the L2): 8x64x112x112
+ * (784 KiB of x and dy per channel) 1.39-1.54 and 1.29-1.35, 16x64x56x56
+ * 1.42-1.54 and 1.22-1.27, 12x64x112x112 (1.2 MiB) 1.54-1.72 and
+ * 1.30-1.42, 16x64x112x112 (1.53 MiB, 0.77 of the L2) 1.86-1.89 and
+ * 1.49-1.59. */
+#define ONE_CHAN_FIFTHS 4
 
 /* Channels per group, at most `most`, whose `tensors` inputs of A * S
  * floats each fill 1/share of the L2, or one channel alone up to
- * ONE_CHAN_QUARTERS of it; 0 where one channel is larger (it has no
+ * ONE_CHAN_FIFTHS of it; 0 where one channel is larger (it has no
  * group to keep in L2) or its statistic has fewer than SMALL_STAT
  * values (the reference's double then serves, as in bwd_reduce_ld), or
  * its runs are shorter than a vector (the position views serve). */
@@ -92,7 +93,7 @@ static size_t group_chans(size_t A, size_t S, int tensors, int share,
   if (S < 16 || A == 0 || A * S < SMALL_STAT)
     return 0;
   if (chan > room)
-    return chan <= l2 * ONE_CHAN_QUARTERS / 4 ? 1 : 0;
+    return chan <= l2 * ONE_CHAN_FIFTHS / 5 ? 1 : 0;
   size_t G = (size_t)(room / chan);
   /* The short runs' sums take 16 channels at a time, and a group of 167
    * (8 7x7 planes in 256 KiB) would end in a block of 7 that costs as
