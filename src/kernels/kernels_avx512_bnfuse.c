@@ -77,7 +77,8 @@
  * (784 KiB of x and dy per channel) 1.39-1.54 and 1.29-1.35, 16x64x56x56
  * 1.42-1.54 and 1.22-1.27, 12x64x112x112 (1.2 MiB) 1.54-1.72 and
  * 1.30-1.42, 16x64x112x112 (1.53 MiB, 0.77 of the L2) 1.86-1.89 and
- * 1.49-1.59. */
+ * 1.49-1.59 (with the unfused dx in float too: 1.47-1.67 and
+ * 1.40-1.42). */
 #define ONE_CHAN_FIFTHS 4
 
 /* Channels per group, at most `most`, whose `tensors` inputs of A * S
