@@ -704,7 +704,7 @@ static void avx512_bwd_apply_ld(const float *x, const float *dy, float *dx,
    * of L2), 8x512x28x28 1.41-1.52 and 1.25-1.34. dx is not streamed: at
    * 8 and 25 MB (NHWC) it took 1.32 of the floor streamed, 1.13 stored. */
   if (A * S >= SMALL_STAT) {
-    sbn__avx512_short_apply(x, dy, dx, A, C, S, lda, mean, istd, k1, k2, k3);
+    sbn__avx512_runs_apply(x, dy, dx, A, C, S, lda, mean, istd, k1, k2, k3);
     return;
   }
   for (size_t a = 0; a < A; a++)

@@ -120,11 +120,11 @@ static void run_apply_f(const float *x, const float *dy, float *dx, size_t C,
   }
 }
 
-void sbn__avx512_short_apply(const float *x, const float *dy, float *dx,
-                             size_t A, size_t C, size_t S, size_t lda,
-                             const double *mean, const double *istd,
-                             const double *k1, const double *k2,
-                             const double *k3) {
+void sbn__avx512_runs_apply(const float *x, const float *dy, float *dx,
+                            size_t A, size_t C, size_t S, size_t lda,
+                            const double *mean, const double *istd,
+                            const double *k1, const double *k2,
+                            const double *k3) {
   for (size_t a = 0; a < A; a++) {
     size_t o = a * lda;
     run_apply_f(x + o, dy + o, dx + o, C, S, mean, istd, k1, k2, k3);

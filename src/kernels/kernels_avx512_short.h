@@ -23,11 +23,11 @@ void sbn__avx512_flat_normalize(const float *x, float *y, size_t A, size_t C,
                                 size_t S, size_t lda, const float *mh,
                                 const float *ml, const float *scale,
                                 const float *shift, int nt);
-void sbn__avx512_short_apply(const float *x, const float *dy, float *dx,
-                             size_t A, size_t C, size_t S, size_t lda,
-                             const double *mean, const double *istd,
-                             const double *k1, const double *k2,
-                             const double *k3);
+void sbn__avx512_runs_apply(const float *x, const float *dy, float *dx,
+                            size_t A, size_t C, size_t S, size_t lda,
+                            const double *mean, const double *istd,
+                            const double *k1, const double *k2,
+                            const double *k3);
 
 /* Runs up to this long (7x7, 14x14 and 15x15 planes) take the 16-channel
  * sums; see kernels_avx512_short.c. */
