@@ -36,10 +36,13 @@
  * alternated runs without and with (4, 6 and 8 KiB measured alike):
  * 8x2048x7x7 1.72-2.11 and 1.63-1.73, 8x512x7x7 1.57-1.69 and
  * 1.35-1.43, 8x1000x7x7 1.47-1.56 and 1.19-1.32, 32x512x7x7 1.68-2.01
- * and 1.53-1.69. The backward's sums of x and dy with the same
- * prefetches measured no gain (7x7: 1.48-1.54 and 1.43-1.56), and the
- * moments of 14x14 planes none either (8x1024x14x14 1.29-1.37 and
- * 1.34-1.45), so neither has them. */
+ * and 1.53-1.69. The moments of 14x14 planes measured no gain
+ * (8x1024x14x14 1.29-1.37 and 1.34-1.45) and do not prefetch. The
+ * backward's sums of x and dy prefetch both RUN_PF (2 KiB) ahead, as
+ * the longer runs' do (avx512_inl.h): 4 KiB measured no gain there, 2
+ * KiB some (backward floor ratios, four alternated runs without and
+ * with: 8x2048x7x7 1.45-1.67 and 1.37-1.41, 8x256x14x14 1.10-1.24 and
+ * 1.02-1.10, 8x1024x14x14 1.22-1.39 and 1.20-1.29). */
 #define SHORT_PF 6144
 #define PF_S 64
 
@@ -207,6 +210,10 @@ static inline __attribute__((always_inline)) void short_block(
       if (!bwd && S <= PF_S)
         for (size_t o = 0; o < S; o += 16)
           _mm_prefetch((const char *)(p + o) + SHORT_PF, _MM_HINT_T0);
+      for (size_t o = 0; bwd && o < S; o += 16) {
+        _mm_prefetch((const char *)(p + o) + RUN_PF, _MM_HINT_T0);
+        _mm_prefetch((const char *)(q + o) + RUN_PF, _MM_HINT_T0);
+      }
       __m512 h;
       if (bwd) {
         h = _mm512_set1_ps((float)mean[j]);
