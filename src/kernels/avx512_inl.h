@@ -397,8 +397,9 @@ void sbn__avx512_rec_track(const sbn_rec_t *recs, size_t n, double f, float *rm,
 size_t sbn__avx512_rec_fill(sbn_rec_t *recs, size_t n, const double *counts,
                             size_t cstep, const double *a, const double *b);
 
-/* How far ahead, in bytes, run_sums prefetches x and dy (bwd) into L1,
- * one prefetch per line of each. The fused backward reads its group's
+/* How far ahead, in bytes, BatchNorm's run_sums prefetch x and dy (bwd)
+ * into L1, one prefetch per line of each (run_sums' pf). The fused
+ * backward reads its group's
  * runs from L3 in pieces of a few KB to a few hundred (the group's
  * channels of one sample), each a new stream that the hardware
  * prefetchers take some lines to find and that they drop at every 4 KiB
@@ -406,7 +407,9 @@ size_t sbn__avx512_rec_fill(sbn_rec_t *recs, size_t n, const double *counts,
  * KiB (1 KiB measured alike, 4 KiB less): 8x128x28x28 1.33-1.51 and
  * 1.18-1.39, 8x512x28x28 1.23-1.34 and 1.08-1.18, 8x64x112x112
  * 1.26-1.38 and 1.10-1.14, 8x256x56x56 1.19-1.39 and 1.03-1.15. The
- * forward's moments measured no gain from it and do not prefetch. */
+ * forward's moments measured no gain from it, and GroupNorm's and
+ * InstanceNorm's NCHW backward (kernels_avx512_gn.c), whose groups and
+ * instances lie back to back as one stream, none either; they pass 0. */
 #define RUN_PF 2048
 
 /* One step of run_sums: adds dy and dy * (x - h) of 16 values (bwd), or
@@ -420,15 +423,15 @@ size_t sbn__avx512_rec_fill(sbn_rec_t *recs, size_t n, const double *counts,
   } while (0)
 
 /* Sums of dy and of dy * (x - h) over one run of n values (bwd), or of
- * x - h and its square (the forward's moments, q unused): float over
- * CHUNKs, folded into double (kernels_avx512.c's bwd_reduce_ld takes the
- * backward's form, its moments_ld the forward's, kernels_avx512_gn.c
- * both). The
- * four accumulator pairs are named variables: as arrays indexed in a
- * loop, GCC kept them in memory (a store and a reload per vector). */
+ * x - h and its square (the forward's moments, q unused), prefetching pf
+ * bytes ahead (bwd only; 0: none): float over CHUNKs, folded into double
+ * (kernels_avx512.c's bwd_reduce_ld takes the backward's form, its
+ * moments_ld the forward's, kernels_avx512_gn.c both). The four
+ * accumulator pairs are named variables: as arrays indexed in a loop, GCC
+ * kept them in memory (a store and a reload per vector). */
 static inline __attribute__((always_inline)) void run_sums(
-    int bwd, const float *p, const float *q, size_t n, float h, double *t1,
-    double *t2) {
+    int bwd, size_t pf, const float *p, const float *q, size_t n, float h,
+    double *t1, double *t2) {
   __m512 vh = _mm512_set1_ps(h);
   __m512d s1l = _mm512_setzero_pd(), s1h = s1l, s2l = s1l, s2h = s1l;
   for (size_t s = 0; s < n;) {
@@ -436,9 +439,9 @@ static inline __attribute__((always_inline)) void run_sums(
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     __m512 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
     for (; s + 64 <= e; s += 64) {
-      for (int u = 0; bwd && u < 4; u++) {
-        _mm_prefetch((const char *)(p + s + 16 * u) + RUN_PF, _MM_HINT_T0);
-        _mm_prefetch((const char *)(q + s + 16 * u) + RUN_PF, _MM_HINT_T0);
+      for (int u = 0; bwd && pf > 0 && u < 4; u++) {
+        _mm_prefetch((const char *)(p + s + 16 * u) + pf, _MM_HINT_T0);
+        _mm_prefetch((const char *)(q + s + 16 * u) + pf, _MM_HINT_T0);
       }
       RUN_ACC(a0, b0, 0);
       RUN_ACC(a1, b1, 16);

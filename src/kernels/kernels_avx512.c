@@ -561,7 +561,7 @@ static void avx512_moments_ld(const float *x, size_t A, size_t C, size_t S,
   }
   for (size_t a = 0; a < A; a++)
     for (size_t c = 0; c < C; c++)
-      run_sums(0, x + a * lda + c * S, NULL, S, k[c], &s1[c], &s2[c]);
+      run_sums(0, 0, x + a * lda + c * S, NULL, S, k[c], &s1[c], &s2[c]);
 }
 
 /* Short runs take their shift from their first load; other views set it
@@ -636,7 +636,7 @@ static void avx512_bwd_reduce_ld(const float *x, const float *dy, size_t A,
       size_t o = a * lda + c * S;
       float h = (float)mean[c];
       double t1 = 0, t2 = 0;
-      run_sums(1, x + o, dy + o, S, h, &t1, &t2);
+      run_sums(1, RUN_PF, x + o, dy + o, S, h, &t1, &t2);
       sdy[c] += t1;
       sdyx[c] += istd[c] * (t2 - (mean[c] - (double)h) * t1);
     }

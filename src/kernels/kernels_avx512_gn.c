@@ -107,7 +107,7 @@ static void unit_sums(const float *x, const float *dy, size_t g0, size_t g1,
       continue;
     }
     for (size_t j = 0; j < nc; j++)
-      run_sums(1, x + (c + j) * S, dy + (c + j) * S, S, ph[j], &sdy[c + j],
+      run_sums(1, 0, x + (c + j) * S, dy + (c + j) * S, S, ph[j], &sdy[c + j],
                &sdyx[c + j]);
   }
   for (g = g0; g < g1; g++) {
@@ -399,7 +399,7 @@ static void fwd_sums(const float *x, size_t ng, size_t L, float *k, double *s1,
   }
   if (L > GN_TILE_L) {
     for (size_t j = 0; j < ng; j++)
-      run_sums(0, x + j * L, NULL, L, k[j], &s1[j], &s2[j]);
+      run_sums(0, 0, x + j * L, NULL, L, k[j], &s1[j], &s2[j]);
     return;
   }
   __m512 ta, tb;
