@@ -26,23 +26,24 @@
 
 #include "kernels/kernels_avx512_short.h"
 
-/* How far ahead, in bytes, the moments of runs of at most PF_S values
- * (7x7 and 8x8 planes) prefetch x into L1, one prefetch per line of each
- * run. A group of the fused forward reads its rows' runs from L3 in
- * pieces of 20-30 KB (160 channels of 196 bytes), 400 KB apart, and
- * there the hardware's streams, which stop at each 4 KiB page, left
- * the sums waiting on their loads (perf: most of their samples on the
- * instructions after the loads). Training forward floor ratios, five
- * alternated runs without and with (4, 6 and 8 KiB measured alike):
- * 8x2048x7x7 1.72-2.11 and 1.63-1.73, 8x512x7x7 1.57-1.69 and
- * 1.35-1.43, 8x1000x7x7 1.47-1.56 and 1.19-1.32, 32x512x7x7 1.68-2.01
- * and 1.53-1.69. The moments of 14x14 planes measured no gain
- * (8x1024x14x14 1.29-1.37 and 1.34-1.45) and do not prefetch. The
- * backward's sums of x and dy prefetch both RUN_PF (2 KiB) ahead, as
- * the longer runs' do (avx512_inl.h): 4 KiB measured no gain there, 2
- * KiB some (backward floor ratios, four alternated runs without and
- * with: 8x2048x7x7 1.45-1.67 and 1.37-1.41, 8x256x14x14 1.10-1.24 and
- * 1.02-1.10, 8x1024x14x14 1.22-1.39 and 1.20-1.29). */
+/* The short runs' sums prefetch x (and dy) into L1, one prefetch per
+ * line of each run: SHORT_PF bytes ahead for the moments of runs of at
+ * most PF_S values (7x7 and 8x8 planes), RUN_PF (2 KiB, avx512_inl.h)
+ * for longer runs and for the backward. A group of the fused pass reads
+ * its rows' runs from L3 in pieces of 20-30 KB (160 channels of 196
+ * bytes, or 32 of 784), 400 KB apart, and there the hardware's streams,
+ * which stop at each 4 KiB page, left the sums waiting on their loads
+ * (perf: most of their samples on the instructions after the loads).
+ * Training forward floor ratios, five alternated runs without and with
+ * (4, 6 and 8 KiB measured alike at 7x7, 2 KiB less): 8x2048x7x7
+ * 1.72-2.11 and 1.63-1.73, 8x512x7x7 1.57-1.69 and 1.35-1.43,
+ * 8x1000x7x7 1.47-1.56 and 1.19-1.32, 32x512x7x7 1.68-2.01 and
+ * 1.53-1.69. At 14x14 4 KiB measured no gain and 2 KiB some (four
+ * runs): 8x1024x14x14 1.41-1.51 and 1.26-1.34, 8x256x14x14 1.22-1.34
+ * and 1.06-1.19, 32x256x14x14 1.31-1.75 and 1.31-1.41. The backward's
+ * sums of x and dy, four runs: 8x2048x7x7 1.45-1.67 and 1.37-1.41,
+ * 8x256x14x14 1.10-1.24 and 1.02-1.10, 8x1024x14x14 1.22-1.39 and
+ * 1.20-1.29 (4 KiB: no gain). */
 #define SHORT_PF 6144
 #define PF_S 64
 
@@ -203,16 +204,15 @@ static inline __attribute__((always_inline)) void short_block(
   __m512 va[16], vb[16];
   size_t full = S & ~(size_t)15;
   __mmask16 tm = tail_mask(S - full);
+  size_t pf = bwd || S > PF_S ? RUN_PF : SHORT_PF;
   for (size_t j = 0; j < 16; j++) {
     __m512 a = _mm512_setzero_ps(), b = a;
     if (j < nc) {
       const float *p = x + j * S, *q = bwd ? dy + j * S : NULL;
-      if (!bwd && S <= PF_S)
-        for (size_t o = 0; o < S; o += 16)
-          _mm_prefetch((const char *)(p + o) + SHORT_PF, _MM_HINT_T0);
-      for (size_t o = 0; bwd && o < S; o += 16) {
-        _mm_prefetch((const char *)(p + o) + RUN_PF, _MM_HINT_T0);
-        _mm_prefetch((const char *)(q + o) + RUN_PF, _MM_HINT_T0);
+      for (size_t o = 0; o < S; o += 16) {
+        _mm_prefetch((const char *)(p + o) + pf, _MM_HINT_T0);
+        if (bwd)
+          _mm_prefetch((const char *)(q + o) + pf, _MM_HINT_T0);
       }
       __m512 h;
       if (bwd) {
