@@ -407,9 +407,13 @@ size_t sbn__avx512_rec_fill(sbn_rec_t *recs, size_t n, const double *counts,
  * KiB (1 KiB measured alike, 4 KiB less): 8x128x28x28 1.33-1.51 and
  * 1.18-1.39, 8x512x28x28 1.23-1.34 and 1.08-1.18, 8x64x112x112
  * 1.26-1.38 and 1.10-1.14, 8x256x56x56 1.19-1.39 and 1.03-1.15. The
- * forward's moments measured no gain from it, and GroupNorm's and
- * InstanceNorm's NCHW backward (kernels_avx512_gn.c), whose groups and
- * instances lie back to back as one stream, none either; they pass 0. */
+ * forward's moments gain too where the pass is fused (five runs:
+ * 8x128x28x28 1.39-1.52 and 1.23-1.38, 8x64x56x56 1.27-1.38 and
+ * 1.19-1.23, 8x17x64x64 1.22-1.43 and 0.99-1.23), and lose nothing on
+ * whole tensors read from memory (8x256x56x56 0.74-0.84 and 0.73-0.84).
+ * GroupNorm's and InstanceNorm's NCHW backward (kernels_avx512_gn.c),
+ * whose groups and instances lie back to back as one stream, measured
+ * no gain and pass 0. */
 #define RUN_PF 2048
 
 /* One step of run_sums: adds dy and dy * (x - h) of 16 values (bwd), or
@@ -424,7 +428,7 @@ size_t sbn__avx512_rec_fill(sbn_rec_t *recs, size_t n, const double *counts,
 
 /* Sums of dy and of dy * (x - h) over one run of n values (bwd), or of
  * x - h and its square (the forward's moments, q unused), prefetching pf
- * bytes ahead (bwd only; 0: none): float over CHUNKs, folded into double
+ * bytes ahead (0: none): float over CHUNKs, folded into double
  * (kernels_avx512.c's bwd_reduce_ld takes the backward's form, its
  * moments_ld the forward's, kernels_avx512_gn.c both). The four
  * accumulator pairs are named variables: as arrays indexed in a loop, GCC
@@ -439,9 +443,10 @@ static inline __attribute__((always_inline)) void run_sums(
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     __m512 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
     for (; s + 64 <= e; s += 64) {
-      for (int u = 0; bwd && pf > 0 && u < 4; u++) {
+      for (int u = 0; pf > 0 && u < 4; u++) {
         _mm_prefetch((const char *)(p + s + 16 * u) + pf, _MM_HINT_T0);
-        _mm_prefetch((const char *)(q + s + 16 * u) + pf, _MM_HINT_T0);
+        if (bwd)
+          _mm_prefetch((const char *)(q + s + 16 * u) + pf, _MM_HINT_T0);
       }
       RUN_ACC(a0, b0, 0);
       RUN_ACC(a1, b1, 16);

@@ -561,7 +561,7 @@ static void avx512_moments_ld(const float *x, size_t A, size_t C, size_t S,
   }
   for (size_t a = 0; a < A; a++)
     for (size_t c = 0; c < C; c++)
-      run_sums(0, 0, x + a * lda + c * S, NULL, S, k[c], &s1[c], &s2[c]);
+      run_sums(0, RUN_PF, x + a * lda + c * S, NULL, S, k[c], &s1[c], &s2[c]);
 }
 
 /* Short runs take their shift from their first load; other views set it
