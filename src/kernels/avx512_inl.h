@@ -399,12 +399,11 @@ size_t sbn__avx512_rec_fill(sbn_rec_t *recs, size_t n, const double *counts,
 
 /* How far ahead, in bytes, BatchNorm's run_sums prefetch x and dy (bwd)
  * into L1, one prefetch per line of each (run_sums' pf). The fused
- * backward reads its group's
- * runs from L3 in pieces of a few KB to a few hundred (the group's
- * channels of one sample), each a new stream that the hardware
- * prefetchers take some lines to find and that they drop at every 4 KiB
- * page. Backward floor ratios, four alternated runs without and with 2
- * KiB (1 KiB measured alike, 4 KiB less): 8x128x28x28 1.33-1.51 and
+ * backward reads its group's runs from L3 in pieces of a few KB to a few
+ * hundred (the group's channels of one sample), each a new stream that
+ * the hardware prefetchers take some lines to find and that they drop at
+ * every 4 KiB page. Backward floor ratios, four alternated runs without and
+ * with 2 KiB (1 KiB measured alike, 4 KiB less): 8x128x28x28 1.33-1.51 and
  * 1.18-1.39, 8x512x28x28 1.23-1.34 and 1.08-1.18, 8x64x112x112
  * 1.26-1.38 and 1.10-1.14, 8x256x56x56 1.19-1.39 and 1.03-1.15. The
  * forward's moments gain too where the pass is fused (five runs:
@@ -443,10 +442,14 @@ static inline __attribute__((always_inline)) void run_sums(
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     __m512 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
     for (; s + 64 <= e; s += 64) {
+      /* Computed as integers: the lines may lie past the run's end,
+       * where a prefetch is harmless but a pointer would not be valid. */
       for (int u = 0; pf > 0 && u < 4; u++) {
-        _mm_prefetch((const char *)(p + s + 16 * u) + pf, _MM_HINT_T0);
+        _mm_prefetch((const char *)((uintptr_t)(p + s + 16 * u) + pf),
+                     _MM_HINT_T0);
         if (bwd)
-          _mm_prefetch((const char *)(q + s + 16 * u) + pf, _MM_HINT_T0);
+          _mm_prefetch((const char *)((uintptr_t)(q + s + 16 * u) + pf),
+                       _MM_HINT_T0);
       }
       RUN_ACC(a0, b0, 0);
       RUN_ACC(a1, b1, 16);

@@ -209,10 +209,11 @@ static inline __attribute__((always_inline)) void short_block(
     __m512 a = _mm512_setzero_ps(), b = a;
     if (j < nc) {
       const float *p = x + j * S, *q = bwd ? dy + j * S : NULL;
+      /* As integers: the lines may lie past the tensor's end. */
       for (size_t o = 0; o < S; o += 16) {
-        _mm_prefetch((const char *)(p + o) + pf, _MM_HINT_T0);
+        _mm_prefetch((const char *)((uintptr_t)(p + o) + pf), _MM_HINT_T0);
         if (bwd)
-          _mm_prefetch((const char *)(q + o) + pf, _MM_HINT_T0);
+          _mm_prefetch((const char *)((uintptr_t)(q + o) + pf), _MM_HINT_T0);
       }
       __m512 h;
       if (bwd) {
