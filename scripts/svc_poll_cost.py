@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import statistics
+import sys
 import subprocess
 import tempfile
 import threading
@@ -120,7 +121,7 @@ def main():
     for k in range(o.rounds):
         for name, poll in zip(names, polls):
             print("svc_poll_cost: round %d/%d, %s" % (k + 1, o.rounds, name),
-                  file=os.sys.stderr, flush=True)
+                  file=sys.stderr, flush=True)
             r = variant(o, poll)
             r.update(variant=name, round=k + 1)
             rows.append(r)
