@@ -30,6 +30,39 @@ static inline __mmask16 tail_mask(size_t n) {
   return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u);
 }
 
+/* Eight groups' statistics from their shifted sums a = sum (x - k) and b =
+ * sum (x - k)^2 over n values each, given im = 1 / n: *q = a / n (the
+ * mean less the shift), *d2 = b - a q held at 0 or above (a NaN stays
+ * NaN: max returns its second operand then) and *is = 1 / sqrt(d2 / n +
+ * eps). Both divisions by n are products with im, and 1 / sqrt comes
+ * from the 14-bit estimate refined by two Newton steps (good to a few
+ * units of double's last place, far below the float outputs' rounding):
+ * a division and a square root of eight doubles cost 40 to 70 cycles
+ * against ten for the steps, and InstanceNorm forms a set per 8 channels
+ * of every sample (measured: a channels-last sample of 2048 channels over
+ * 49 positions spent a fifth of its forward on its statistics). Lanes
+ * whose variance is not a normal number or is infinite (eps = 0 on a
+ * constant channel, an overflow) take the exact quotient, as the
+ * reference gives it. */
+static inline void stats8(__m512d a, __m512d b, __m512d im, __m512d eps,
+                          __m512d *q, __m512d *d2, __m512d *is) {
+  const __m512d half = _mm512_set1_pd(0.5), three = _mm512_set1_pd(1.5);
+  *q = _mm512_mul_pd(a, im);
+  *d2 = _mm512_max_pd(_mm512_setzero_pd(), _mm512_fnmadd_pd(a, *q, b));
+  __m512d v = _mm512_fmadd_pd(*d2, im, eps), hv = _mm512_mul_pd(v, half);
+  __m512d r = _mm512_rsqrt14_pd(v);
+  r = _mm512_mul_pd(r, _mm512_fnmadd_pd(hv, _mm512_mul_pd(r, r), three));
+  r = _mm512_mul_pd(r, _mm512_fnmadd_pd(hv, _mm512_mul_pd(r, r), three));
+  /* Not (v >= DBL_MIN) catches zero, subnormals and NaN; NaN lanes are
+   * NaN either way. */
+  __mmask8 odd =
+      _mm512_cmp_pd_mask(v, _mm512_set1_pd(0x1p-1022), _CMP_NGE_UQ) |
+      _mm512_cmp_pd_mask(v, _mm512_set1_pd(__builtin_inf()), _CMP_EQ_OQ);
+  if (odd)
+    r = _mm512_mask_div_pd(r, odd, _mm512_set1_pd(1.0), _mm512_sqrt_pd(v));
+  *is = r;
+}
+
 /* Adds the 16 float lanes of v into the 8 + 8 double lanes (lo, hi). */
 static inline void fold16(__m512 v, __m512d *lo, __m512d *hi) {
   *lo = _mm512_add_pd(*lo, _mm512_cvtps_pd(_mm512_castps512_ps256(v)));

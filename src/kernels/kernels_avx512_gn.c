@@ -410,27 +410,22 @@ static void fwd_sums(const float *x, size_t ng, size_t L, float *k, double *s1,
 
 /* The statistics of ng <= 16 groups of n values from their shifted sums,
  * as sbn__moments_finish and the op form them: mean = k + s1/n, m2 =
- * s2 - s1 * (s1/n) (clamped at 0 by a comparison that keeps a NaN),
- * istd = 1/sqrt(m2/n + eps), eight lanes of double at a time. */
+ * s2 - s1 * (s1/n) (clamped at 0, a NaN kept), istd = 1/sqrt(m2/n +
+ * eps), eight lanes of double at a time (stats8). */
 static void fwd_stats(const float *k, const double *s1, const double *s2,
                       size_t ng, double n, double eps, double *mean, double *m2,
                       double *istd) {
   __mmask16 m = tail_mask(ng);
-  __m512d vn = _mm512_set1_pd(n), ve = _mm512_set1_pd(eps);
-  __m512d one = _mm512_set1_pd(1.0), zero = _mm512_setzero_pd();
+  __m512d im = _mm512_set1_pd(1.0 / n), ve = _mm512_set1_pd(eps);
   for (int half = 0; half < 2; half++) {
     __mmask8 mk = (__mmask8)(m >> (8 * half));
     if (mk == 0)
       break;
     size_t o = 8 * (size_t)half;
-    __m512d a = _mm512_maskz_loadu_pd(mk, s1 + o);
-    __m512d b = _mm512_maskz_loadu_pd(mk, s2 + o);
+    __m512d q, d, is;
+    stats8(_mm512_maskz_loadu_pd(mk, s1 + o), _mm512_maskz_loadu_pd(mk, s2 + o),
+           im, ve, &q, &d, &is);
     __m512d kd = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(mk, k + o));
-    __m512d q = _mm512_div_pd(a, vn);
-    __m512d d = _mm512_sub_pd(b, _mm512_mul_pd(a, q));
-    d = _mm512_mask_mov_pd(d, _mm512_cmp_pd_mask(d, zero, _CMP_LT_OQ), zero);
-    __m512d is = _mm512_div_pd(
-        one, _mm512_sqrt_pd(_mm512_add_pd(_mm512_div_pd(d, vn), ve)));
     _mm512_mask_storeu_pd(mean + o, mk, _mm512_add_pd(kd, q));
     _mm512_mask_storeu_pd(m2 + o, mk, d);
     _mm512_mask_storeu_pd(istd + o, mk, is);
