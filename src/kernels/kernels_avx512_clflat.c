@@ -30,10 +30,11 @@ static inline __m512 fwd_y(__m512 x, const float *ph, const float *ps,
 }
 
 /* Prefetches the line of the next sample (x + n + i) that matches vector
- * i of this one, for i < pn. */
+ * i of this one, for i < pn, into L2: into L1 as well, it evicted the
+ * parameters of wide rows (kernels_avx512_clfwd.c's samples). */
 static inline void fwd_pf_next(const float *x, size_t n, size_t i, size_t pn) {
   if (i < pn)
-    _mm_prefetch((const char *)(x + n + i), _MM_HINT_T0);
+    _mm_prefetch((const char *)(x + n + i), _MM_HINT_T1);
 }
 
 void sbn__avx512_cl_flat_normalize(const float *x, float *y, size_t n, size_t C,

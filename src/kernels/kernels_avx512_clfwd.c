@@ -46,18 +46,23 @@
  * sample into L2, line for line with the lines of y it writes, so that
  * the next sample's moments read from L2 and memory serves reads and
  * writes at once instead of the moments' reads alone and then the
- * normalize's writes alone. Only for samples of at most FWD_PF_BYTES,
- * two of which fit the 1 MiB L2 beside the parameters, and rows of at
- * most FWD_PF_C channels. Measured (same-run A/B, cold copies,
- * InstanceNorm NHWC): 0.7-0.9 of the time without for samples of 200
- * to 400 KiB of 17 to 256 channels; C = 2048 (401 KiB, rows of 8 KiB)
- * took 1.1 times as long, and samples of 784 KiB and more 1.1 to 1.3. A
- * prefetched sample's moments take the register tiles where its rows are
- * at most FWD_WARM_C wide: from L2 those beat the sweeps, which pay only
+ * normalize's writes alone. Only for samples of at most half the L2, so
+ * that two fit it (kernels_avx512_clflat.c's prefetch goes to L2, not
+ * L1, which the parameters of wide rows fill). Measured (same-run A/B,
+ * cold copies, InstanceNorm NHWC, AMD EPYC with 1 MiB L2, prefetching
+ * into L1): 0.7-0.9 of the time without for samples of 200 to 400 KiB of
+ * 17 to 256 channels, but C = 2048 (401 KiB, rows of 8 KiB) took 1.1
+ * times as long, and samples of 784 KiB and more 1.1 to 1.3; so those
+ * were left out. Prefetched into L2 instead, with no limit on C, on the
+ * Intel virtual machine (2 MiB L2; forward floor_ratio, lowest/highest of
+ * six alternations): 8x2048x7x7 1.73-1.92 -> 1.64-1.81, 8x64x56x56
+ * (784 KiB samples) 1.32-1.45 -> 1.24-1.41, 8x128x28x28 1.30-1.44 ->
+ * 1.22-1.37; in an earlier run of three, prefetching into L1 as before
+ * took 8x1024x14x14 to 1.47-1.60 and into L2 to 1.43-1.48 (1.55-1.74
+ * without). A prefetched sample's moments take the register tiles where
+ * its rows are at most FWD_WARM_C wide: from L2 those beat the sweeps, which pay only
  * from memory (kernels_avx512_nhwc.c's CL_COLD_BYTES); at 2048 the sweep
  * still won. */
-#define FWD_PF_BYTES ((size_t)512 << 10)
-#define FWD_PF_C 1024
 #define FWD_WARM_C 512
 
 /* The stride of par's three parameter arrays (h, scale, t), each of C +
@@ -158,7 +163,7 @@ int sbn__avx512_gn_fwd_nhwc(const float *x, float *y, size_t P, size_t G,
                             float *k, double *s1, double *s2, double *mean,
                             double *m2, double *istd) {
   size_t C = G * cpg, n = P * C;
-  int pf = n <= FWD_PF_BYTES / sizeof(float) && C <= FWD_PF_C;
+  int pf = n * sizeof(float) <= sbn__l2_bytes() / 2;
   size_t pn = pf && i + 1 < count ? n : 0;
   /* Statistics of fewer than SMALL_STAT values keep the reference's
    * double sums (see kernels_avx512.c's moments_ld): the op's own path. */
