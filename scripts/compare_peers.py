@@ -13,7 +13,8 @@ design note's (32, 64, 32, 32)) and every round, this runs in turn:
     oneDNN's header and library are found (Debian: libdnnl-dev).
 All three start every rep from memory, not from cache: the bench
 (mpi/cli/cli_bench_kernels.c) rotates through copies of x, y, dy and dx
-that together pass 64 MiB (the L3 is 32 MiB) and runs its floor kernel (a
+that together pass 64 MiB (the L3 is 32 MiB; where it is larger, pass
+--rotate-mib above it) and runs its floor kernel (a
 memcpy forward, dx = x + dy backward) on the copy between two reps; the
 peers here get the same number of copies of their tensors and the same
 floor between reps. Timing one tensor over and over instead (--warm) keeps
@@ -84,7 +85,8 @@ def groups_of(c):
 # ---------------------------------------------------------------- syncbn
 def run_syncbn(args, shapes):
     cmd = [args.syncbn, "bench", "kernels", "--json", "-",
-           "--reps", str(args.reps), "--layout", args.layout]
+           "--reps", str(args.reps), "--layout", args.layout,
+           "--rotate-mib", str(args.rotate_mib)]
     if args.op:
         cmd += ["--op", args.op]
     for s in shapes:
@@ -102,10 +104,11 @@ def run_syncbn(args, shapes):
 
 
 # ---------------------------------------------------------------- torch
-def copies_of(n):
+def copies_of(n, rotate_mib):
     """The copies `syncbn bench kernels` rotates through for a tensor of n
-    floats (sbn__bench_copies of its x, y, dy, dx): 64 MiB in all."""
-    target, nbytes = 64 << 20, n * 16
+    floats (sbn__bench_copies of its x, y, dy, dx): rotate_mib MiB in
+    all (--rotate-mib, 64 by default)."""
+    target, nbytes = rotate_mib << 20, n * 16
     return max(1, min(4096, -(-target // nbytes)))
 
 
@@ -161,7 +164,7 @@ def torch_one(torch, args, op, p, lay, s):
     n = 1
     for v in s:
         n *= v
-    copies = 1 if args.warm else copies_of(n)
+    copies = 1 if args.warm else copies_of(n, args.rotate_mib)
     xs, dys, outs, runs = [], [], [], []
     for _ in range(copies):
         x = torch.randn(*s) * 2 + 3
@@ -217,7 +220,7 @@ def build_dnnl(tmp):
 
 
 def run_dnnl(exe, args, shapes):
-    cmd = [exe, str(args.reps)]
+    cmd = [exe, str(args.reps), "--rotate-mib", str(args.rotate_mib)]
     if args.warm:
         cmd.append("--warm")
     for s in shapes:
@@ -268,7 +271,8 @@ def report(confs, rounds, machine, torch_ver, dnnl_on, warm, out):
           " tfloor = PyTorch's time / the floor timed beside it")
     print("# peers %s" % ("WARM: the same tensors every call (syncbn stays"
                           " cold; not a fair comparison)" if warm else
-                          "cold: rotated copies over 64 MiB, as syncbn"))
+                          "cold: rotated copies over %d MiB, as syncbn"
+                          % machine.get("rotate_mib", 64)))
     hdr = "%-12s %-9s %-6s %-14s %10s %6s %10s %7s %6s %10s %7s" % (
         "op", "pass", "layout", "shape", "syncbn_us", "floor",
         "torch_us", "torch/x", "tfloor", "dnnl_us", "dnnl/x")
@@ -306,8 +310,15 @@ def main():
                     help="peers on the same tensors every call (warm "
                     "cache below 32 MB; syncbn's bench stays cold, so this "
                     "only shows what the cache is worth)")
+    ap.add_argument("--rotate-mib", type=int, default=64,
+                    help="the copies every configuration rotates through "
+                    "add up to this many MiB, in syncbn's bench and for "
+                    "the peers (default 64; above the last-level cache, "
+                    "every rep starts from memory)")
     ap.add_argument("--json", help="write the rows as JSON here")
     args = ap.parse_args()
+    if not 1 <= args.rotate_mib <= 65536:
+        ap.error("--rotate-mib: %d is not in [1, 65536]" % args.rotate_mib)
     shapes = shapes_of(args)
     confs = configs(shapes, args)
     torch = None

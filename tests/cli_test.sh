@@ -493,6 +493,14 @@ any(r['op'] != 'groupnorm' or r['layout'] != 'nhwc' for r in d['records']))" \
     --op dropout --reps 1
   check "kernels --kernels ref is named in the JSON" grep -q '"kernels": "ref"' \
     "$T/k3.json"
+  check "kernels: the default rotation (64 MiB) is in the machine block" \
+    grep -q '"rotate_mib": 64' "$T/k3.json"
+  bench_json kernels k4 "$SYNCBN" bench kernels --shape 2,8,3 --op dropout \
+    --reps 1 --rotate-mib 3
+  check "kernels --rotate-mib 3: in the machine block" \
+    grep -q '"rotate_mib": 3' "$T/k4.json"
+  check "kernels --rotate-mib 3: in the table's header" \
+    grep -q "copies over 3 MiB" "$T/k4.out"
   bench_fail 2 "unknown mode 'kernel'" kernel
   bench_fail 2 "--shape: '2'" kernels --shape 2
   bench_fail 2 "--shape: '2,0,3'" kernels --shape 2,0,3
@@ -512,6 +520,8 @@ any(r['op'] != 'groupnorm' or r['layout'] != 'nhwc' for r in d['records']))" \
   bench_fail 2 "--gap-us: only the service mode" layer --gap-us 100
   bench_fail 2 "--gap-us: '1000001'" service --gap-us 1000001
   bench_fail 2 "--gap-us: '-5'" service --gap-us -5
+  bench_fail 2 "--rotate-mib: '0' is not in [1, 65536]" kernels --rotate-mib 0
+  bench_fail 2 "--rotate-mib: '65537'" kernels --rotate-mib 65537
   bench_fail 2 "--kernels:" kernels --kernels frobnicate
   bench_fail 2 "cannot both be stdout" kernels --json - --csv -
   bench_fail 2 "unexpected argument 'extra'" kernels extra

@@ -85,6 +85,10 @@ static void bench_usage(FILE *f) {
       "  --csv FILE|-        the records as CSV, the same columns\n"
       "  --socket-dir DIR    service: use the running syncbnd job there\n"
       "                      instead of starting one\n"
+      "  --rotate-mib M      the copies each configuration rotates through\n"
+      "                      add up to M MiB (default 64; set it above\n"
+      "                      the last-level cache to start every rep from\n"
+      "                      memory)\n"
       "  --gap-us US         service: each rank computes (spins) US\n"
       "                      microseconds before every timed call, as a\n"
       "                      trainer does between layers (default 0)\n"
@@ -234,6 +238,8 @@ static int set_option(sbn_bench_opts_t *o, int c, const char *arg) {
       return 0;
     case 'G':
       return parse_count("--gap-us", arg, 0, 1000000, &o->gap_us);
+    case 'R':
+      return parse_count("--rotate-mib", arg, 1, 65536, &o->rotate_mib);
     default:
       bench_usage(stderr);
       return 2;
@@ -268,6 +274,7 @@ static int bench_parse(int argc, char **argv, sbn_bench_opts_t *o,
       {"csv", required_argument, 0, 'c'},
       {"socket-dir", required_argument, 0, 'd'},
       {"gap-us", required_argument, 0, 'G'},
+      {"rotate-mib", required_argument, 0, 'R'},
       {"help", no_argument, 0, 'h'},
       {0, 0, 0, 0}};
   int c, st, first = 1;

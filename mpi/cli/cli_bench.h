@@ -48,7 +48,12 @@ typedef struct sbn_bench_opts_s {
   int vs_unchunked;       /* layer: --vs-unchunked adds sync_unchunked */
   int threads;            /* --threads, 0 when not given */
   int gap_us;             /* service: --gap-us, the spin before each call */
+  int rotate_mib;         /* --rotate-mib, 0 = SBN_BENCH_ROTATE_MIB */
 } sbn_bench_opts_t;
+
+/* What the copies a configuration rotates through add up to by default
+ * (sbn__bench_copies). */
+#define SBN_BENCH_ROTATE_MIB 64
 
 /* One measured configuration. Numbers that do not apply to a record's mode
  * are NaN (JSON null, an empty CSV field, "-" in the table). */
@@ -144,8 +149,9 @@ size_t sbn__bench_numel(const sbn_tensor_desc_t *d);
  * work). */
 void sbn__bench_fill(float *v, size_t n, unsigned salt);
 /* How many copies of a buffer of `bytes` to rotate through so that the
- * copies together exceed the last-level cache. */
-int sbn__bench_copies(size_t bytes);
+ * copies together pass rotate_mib MiB (0: SBN_BENCH_ROTATE_MIB), which
+ * should exceed the last-level cache. */
+int sbn__bench_copies(size_t bytes, int rotate_mib);
 
 /* Rotating copies of one configuration's tensors: copy k of x is x + k*n.
  * x and dy hold fixed data; y and dx are written. The parameters have C
@@ -164,9 +170,10 @@ typedef struct sbn_bench_bufs_s {
 } sbn_bench_bufs_t;
 
 /* Allocates for shape d (C = dims[1]) and the workspace and saved sizes
- * of layer (NULL: none); SBN_ENOMEM naming the bytes. */
-int sbn__bench_bufs_alloc(sbn_bench_bufs_t *u, const sbn_tensor_desc_t *d,
-                          const sbn_layer_t *layer);
+ * of layer (NULL: none), with the copies of o's --rotate-mib; SBN_ENOMEM
+ * naming the bytes. */
+int sbn__bench_bufs_alloc(sbn_bench_bufs_t *u, const sbn_bench_opts_t *o,
+                          const sbn_tensor_desc_t *d, const sbn_layer_t *layer);
 /* Grows ws and saved to the sizes of another layer on the same shape. */
 int sbn__bench_bufs_fit(sbn_bench_bufs_t *u, const sbn_tensor_desc_t *d,
                         const sbn_layer_t *layer);

@@ -43,8 +43,8 @@ typedef struct kbench_s {
   float *w, *b, *dw, *db; /* LayerNorm's normalized-shape parameters */
 } kbench_t;
 
-static int kbench_make(const kpass_t *k, const sbn_tensor_desc_t *d,
-                       kbench_t *kb) {
+static int kbench_make(const sbn_bench_opts_t *o, const kpass_t *k,
+                       const sbn_tensor_desc_t *d, kbench_t *kb) {
   sbn_layer_params_t p;
   size_t c = d->dims[1], per = sbn__bench_numel(d) / d->dims[0];
   int rc;
@@ -57,7 +57,7 @@ static int kbench_make(const kpass_t *k, const sbn_tensor_desc_t *d,
     p.norm_shape[i - 1] = d->dims[i];
   p.p = 0.1;
   if ((rc = sbn_layer_create(&p, NULL, &kb->l)) != 0 ||
-      (rc = sbn__bench_bufs_alloc(&kb->u, d, kb->l)) != 0)
+      (rc = sbn__bench_bufs_alloc(&kb->u, o, d, kb->l)) != 0)
     return rc;
   kb->w = kb->u.w;
   kb->b = kb->u.b;
@@ -125,7 +125,7 @@ static int kernel_one(const sbn_bench_opts_t *o, const kpass_t *k,
     free(ts);
     return sbn_set_error(SBN_ENOMEM, "bench: out of memory for %d reps", reps);
   }
-  if ((rc = kbench_make(k, d, &kb)) == 0)
+  if ((rc = kbench_make(o, k, d, &kb)) == 0)
     rc = kbench_run(k, d, &kb, 0, 1);
   sbn_bench_bufs_t *u = &kb.u;
   for (int it = -o->warmup, c = 0; rc == 0 && it < reps; it++) {

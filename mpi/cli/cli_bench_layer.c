@@ -289,7 +289,7 @@ static int layer_one(const sbn_bench_opts_t *o, const sbn_tensor_desc_t *d,
   if ((rc = sbn_mpi_comm_create(MPI_COMM_WORLD, o->group_size, &p, &comm)) !=
           0 ||
       (rc = make_layers(o, &p, comm, &ls)) != 0 ||
-      (rc = sbn__bench_bufs_alloc(&u, d, ls.l[LV_SYNC])) != 0 ||
+      (rc = sbn__bench_bufs_alloc(&u, o, d, ls.l[LV_SYNC])) != 0 ||
       (rc = sbn__bench_bufs_fit(&u, d, ls.l[LV_LOCAL])) != 0)
     goto done;
   rc = time_reps(o, d, &ls, sbn_mpi_comm_handle(comm), &u, msg, reps, &t);

@@ -147,6 +147,8 @@ static void header(const sbn_bench_opts_t *o, FILE *f, const char *prefix) {
           date);
   if (o->gap_us > 0)
     fprintf(f, ", %d us of compute before every call", o->gap_us);
+  if (o->rotate_mib > 0)
+    fprintf(f, ", copies over %d MiB", o->rotate_mib);
   fprintf(f, "\n");
 }
 
@@ -217,6 +219,8 @@ static void write_json(const sbn_bench_opts_t *o, const sbn_bench_out_t *out,
   json_str(f, date);
   if (o->gap_us > 0)
     fprintf(f, ", \"gap_us\": %d", o->gap_us);
+  fprintf(f, ", \"rotate_mib\": %d",
+          o->rotate_mib > 0 ? o->rotate_mib : SBN_BENCH_ROTATE_MIB);
   fprintf(f, "},\n  \"columns\": [");
   for (size_t c = 0; c < NCOLS; c++)
     fprintf(f, "%s\"%s\"", c ? ", " : "", cols[c].name);

@@ -311,7 +311,7 @@ static int svc_one(const sbn_bench_opts_t *o, sbn_client_t *c,
       (rc = sbn_mpi_comm_create(MPI_COMM_WORLD, o->group_size, &p, &s.comm)) !=
           0 ||
       (rc = sbn_layer_create(&p, s.comm, &s.sync)) != 0 ||
-      (rc = sbn__bench_bufs_alloc(&s.u, d, s.sync)) != 0 ||
+      (rc = sbn__bench_bufs_alloc(&s.u, o, d, s.sync)) != 0 ||
       (rc = sbn__bench_echo_start(&s.echo, s.u.n * sizeof(float))) != 0)
     goto done;
   svc_shm_setup(&s, shm);

@@ -190,10 +190,14 @@ void sbn__bench_fill(float *v, size_t n, unsigned salt) {
            (float)(salt % 7);
 }
 
-int sbn__bench_copies(size_t bytes) {
-  /* 64 MiB is above the last-level cache of the machines this runs on
-   * (32 MiB per EPYC CCD); a tensor that large is its own rotation. */
-  const size_t target = (size_t)64 << 20;
+int sbn__bench_copies(size_t bytes, int rotate_mib) {
+  /* 64 MiB is above the last-level cache of the AMD EPYC this was made on
+   * (32 MiB per CCD); a tensor that large is its own rotation. A larger
+   * L3 keeps 64 MiB of copies (the Intel virtual machine's 260 MiB:
+   * a memcpy of 6 MB ran twice as fast as from memory), so there
+   * --rotate-mib measures from memory. */
+  const size_t target =
+      (size_t)(rotate_mib > 0 ? rotate_mib : SBN_BENCH_ROTATE_MIB) << 20;
   size_t k = bytes == 0 ? 1 : (target + bytes - 1) / bytes;
   return k < 1 ? 1 : (k > 4096 ? 4096 : (int)k);
 }
@@ -203,13 +207,14 @@ static float *bench_lines(size_t n) {
   return aligned_alloc(64, ((n > 0 ? n : 1) * 4 + 63) & ~(size_t)63);
 }
 
-int sbn__bench_bufs_alloc(sbn_bench_bufs_t *u, const sbn_tensor_desc_t *d,
+int sbn__bench_bufs_alloc(sbn_bench_bufs_t *u, const sbn_bench_opts_t *o,
+                          const sbn_tensor_desc_t *d,
                           const sbn_layer_t *layer) {
   memset(u, 0, sizeof *u);
   u->n = sbn__bench_numel(d);
   u->c = d->dims[1];
   u->stride = (u->n + 15) & ~(size_t)15;
-  u->copies = sbn__bench_copies(u->n * 4 * 4);
+  u->copies = sbn__bench_copies(u->n * 4 * 4, o->rotate_mib);
   size_t all = u->stride * (size_t)u->copies;
   u->x = bench_lines(all);
   u->y = bench_lines(all);

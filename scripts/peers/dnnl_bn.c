@@ -9,9 +9,10 @@
  * Built and run by scripts/compare_peers.py only when oneDNN is there
  * (Debian: libdnnl-dev), with OMP_NUM_THREADS=1. Not part of the build.
  *
- *   dnnl_bn REPS [--warm] N,C,H,W,LAYOUT [...]
+ *   dnnl_bn REPS [--warm] [--rotate-mib M] N,C,H,W,LAYOUT [...]
  * (--warm: one copy, the same tensors every rep, warm in cache below
- * 32 MB; compare_peers.py --warm)
+ * 32 MB; compare_peers.py --warm. --rotate-mib: the copies add up to M
+ * MiB instead of 64, as the bench's option)
  * prints one JSON object per shape and pass:
  *   {"op": "batchnorm", "pass": "train_fwd", "layout": "nchw",
  *    "shape": [N, C, H, W], "median_us": ...} */
@@ -54,9 +55,10 @@ static dnnl_memory_t mem(const dnnl_memory_desc_t *md, dnnl_engine_t eng,
 }
 
 /* The copies `syncbn bench kernels` rotates through for a tensor of n
- * floats (sbn__bench_copies of its four buffers): together 64 MiB. */
-static int copies_of(size_t n) {
-  const size_t target = (size_t)64 << 20, bytes = n * 16;
+ * floats (sbn__bench_copies of its four buffers): together rotate_mib
+ * MiB. */
+static int copies_of(size_t n, int rotate_mib) {
+  const size_t target = (size_t)rotate_mib << 20, bytes = n * 16;
   size_t k = (target + bytes - 1) / bytes;
   return k < 1 ? 1 : (k > 4096 ? 4096 : (int)k);
 }
@@ -120,7 +122,7 @@ static double time_prim(dnnl_primitive_t p, dnnl_stream_t st, copy_t *cs,
 }
 
 static void one(dnnl_engine_t eng, dnnl_stream_t st, const long d[4], int nhwc,
-                int reps, int warm) {
+                int reps, int warm, int rotate_mib) {
   dnnl_dims_t dims = {d[0], d[1], d[2], d[3]}, cdims = {d[1]};
   dnnl_memory_desc_t md, cmd;
   unsigned flags = dnnl_use_scale | dnnl_use_shift;
@@ -139,7 +141,7 @@ static void one(dnnl_engine_t eng, dnnl_stream_t st, const long d[4], int nhwc,
   CHECK(dnnl_primitive_create(&fwd, fpd));
   CHECK(dnnl_primitive_create(&bwd, bpd));
   size_t n = (size_t)(d[0] * d[1] * d[2] * d[3]);
-  int copies = warm ? 1 : copies_of(n);
+  int copies = warm ? 1 : copies_of(n, rotate_mib);
   copy_t *cs = calloc((size_t)copies, sizeof *cs);
   if (cs == NULL) {
     fprintf(stderr, "dnnl_bn: out of memory for %d copies\n", copies);
@@ -200,7 +202,9 @@ static void one(dnnl_engine_t eng, dnnl_stream_t st, const long d[4], int nhwc,
 
 int main(int argc, char **argv) {
   if (argc < 3) {
-    fprintf(stderr, "usage: dnnl_bn REPS [--warm] N,C,H,W,nchw|nhwc ...\n");
+    fprintf(stderr,
+            "usage: dnnl_bn REPS [--warm] [--rotate-mib M] "
+            "N,C,H,W,nchw|nhwc ...\n");
     return 2;
   }
   int reps = atoi(argv[1]);
@@ -210,10 +214,18 @@ int main(int argc, char **argv) {
   dnnl_stream_t st;
   CHECK(dnnl_engine_create(&eng, dnnl_cpu, 0));
   CHECK(dnnl_stream_create(&st, eng, dnnl_stream_default_flags));
-  int warm = 0;
+  int warm = 0, rotate_mib = 64;
   for (int i = 2; i < argc; i++) {
     if (strcmp(argv[i], "--warm") == 0) {
       warm = 1;
+      continue;
+    }
+    if (strcmp(argv[i], "--rotate-mib") == 0) {
+      rotate_mib = i + 1 < argc ? atoi(argv[++i]) : 0;
+      if (rotate_mib < 1 || rotate_mib > 65536) {
+        fprintf(stderr, "dnnl_bn: --rotate-mib: expected 1 .. 65536\n");
+        return 2;
+      }
       continue;
     }
     long d[4];
@@ -223,7 +235,7 @@ int main(int argc, char **argv) {
       fprintf(stderr, "dnnl_bn: bad shape '%s'\n", argv[i]);
       return 2;
     }
-    one(eng, st, d, strcmp(lay, "nhwc") == 0, reps, warm);
+    one(eng, st, d, strcmp(lay, "nhwc") == 0, reps, warm, rotate_mib);
   }
   dnnl_stream_destroy(st);
   dnnl_engine_destroy(eng);
