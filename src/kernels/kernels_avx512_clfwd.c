@@ -60,9 +60,9 @@
  * 1.22-1.37; in an earlier run of three, prefetching into L1 as before
  * took 8x1024x14x14 to 1.47-1.60 and into L2 to 1.43-1.48 (1.55-1.74
  * without). A prefetched sample's moments take the register tiles where
- * its rows are at most FWD_WARM_C wide: from L2 those beat the sweeps, which pay only
- * from memory (kernels_avx512_nhwc.c's CL_COLD_BYTES); at 2048 the sweep
- * still won. */
+ * its rows are at most FWD_WARM_C wide: from L2 those beat the sweeps, which
+ * pay only from memory (kernels_avx512_nhwc.c's CL_COLD_BYTES); at 2048 the
+ * sweep still won. */
 #define FWD_WARM_C 512
 
 /* The stride of par's three parameter arrays (h, scale, t), each of C +
@@ -178,8 +178,8 @@ int sbn__avx512_gn_fwd_nhwc(const float *x, float *y, size_t P, size_t G,
   /* Each group's first value, all in the first row, is its shift. With
    * one channel per group (InstanceNorm) that is the first row itself:
    * copied in vectors, because a scalar loop over 2048 channels, whose
-   * loads are the sample's first misses, took a twentieth of the forward
-   * of an 8x2048x7x7 sample (perf). */
+   * loads are the sample's first misses, took about a tenth of the
+   * forward of 8x2048x7x7 (perf). */
   if (cpg == 1) {
     memcpy(k, x, G * sizeof *k);
   } else {
