@@ -319,6 +319,10 @@ def main():
     args = ap.parse_args()
     if not 1 <= args.rotate_mib <= 65536:
         ap.error("--rotate-mib: %d is not in [1, 65536]" % args.rotate_mib)
+    mem = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if args.rotate_mib << 20 > mem // 2:
+        ap.error("--rotate-mib: %d MiB is more than half of this machine's "
+                 "memory" % args.rotate_mib)
     shapes = shapes_of(args)
     confs = configs(shapes, args)
     torch = None

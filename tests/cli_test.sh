@@ -522,6 +522,13 @@ any(r['op'] != 'groupnorm' or r['layout'] != 'nhwc' for r in d['records']))" \
   bench_fail 2 "--gap-us: '-5'" service --gap-us -5
   bench_fail 2 "--rotate-mib: '0' is not in [1, 65536]" kernels --rotate-mib 0
   bench_fail 2 "--rotate-mib: '65537'" kernels --rotate-mib 65537
+  # 64 GiB of copies: more than half of a machine under 128 GiB.
+  if [ "$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)" -lt 134000000 ]; then
+    bench_fail 2 "--rotate-mib: 65536 MiB is more than half of this machine's memory" \
+      kernels --rotate-mib 65536
+  else
+    ok "128 GiB of memory or more: the --rotate-mib memory check skipped"
+  fi
   bench_fail 2 "--kernels:" kernels --kernels frobnicate
   bench_fail 2 "cannot both be stdout" kernels --json - --csv -
   bench_fail 2 "unexpected argument 'extra'" kernels extra

@@ -246,6 +246,17 @@ static int set_option(sbn_bench_opts_t *o, int c, const char *arg) {
   }
 }
 
+/* Whether copies of mib MiB would take more than half the physical
+ * memory: each rank allocates them, and an allocation that large may
+ * succeed and then be killed when its pages are touched. Unknown memory
+ * refuses nothing. */
+static int rotate_too_big(int mib) {
+  long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+  if (pages <= 0 || page <= 0)
+    return 0;
+  return ((double)mib * 1048576.0) > 0.5 * (double)pages * (double)page;
+}
+
 static const mode_t_ *find_mode(const char *name) {
   for (size_t i = 0; i < NMODES; i++)
     if (strcmp(modes[i].name, name) == 0)
@@ -322,6 +333,13 @@ static int bench_parse(int argc, char **argv, sbn_bench_opts_t *o,
   if (o->json != NULL && o->csv != NULL && strcmp(o->json, "-") == 0 &&
       strcmp(o->csv, "-") == 0)
     return usage_error("--csv: '%s' and --json - cannot both be stdout", "-");
+  if (o->rotate_mib > 0 && rotate_too_big(o->rotate_mib)) {
+    fprintf(stderr,
+            "syncbn bench: --rotate-mib: %d MiB is more than half of this "
+            "machine's memory\n",
+            o->rotate_mib);
+    return 2;
+  }
   if (o->warmup < 0)
     o->warmup = 3;
   return 0;
