@@ -63,6 +63,26 @@ static inline void stats8(__m512d a, __m512d b, __m512d im, __m512d eps,
   *is = r;
 }
 
+/* The statistics of G groups of m values each from their shifts k and
+ * shifted sums s1, s2, as sbn__moments_finish and the ops form them,
+ * eight at a time (stats8): mean = k + s1/m, m2 = s2 - s1 (s1/m) held at
+ * 0 or above, istd = 1/sqrt(m2/m + eps). */
+static inline void stats_groups(size_t G, double m, double eps, const float *k,
+                                const double *s1, const double *s2,
+                                double *mean, double *m2, double *istd) {
+  __m512d im = _mm512_set1_pd(1.0 / m), ve = _mm512_set1_pd(eps);
+  for (size_t g = 0; g < G; g += 8) {
+    __mmask8 mk = (__mmask8)(G - g >= 8 ? 0xFF : (1u << (G - g)) - 1u);
+    __m512d q, d2, is;
+    stats8(_mm512_maskz_loadu_pd(mk, s1 + g), _mm512_maskz_loadu_pd(mk, s2 + g),
+           im, ve, &q, &d2, &is);
+    __m512d kk = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(mk, k + g));
+    _mm512_mask_storeu_pd(mean + g, mk, _mm512_add_pd(kk, q));
+    _mm512_mask_storeu_pd(m2 + g, mk, d2);
+    _mm512_mask_storeu_pd(istd + g, mk, is);
+  }
+}
+
 /* Adds the 16 float lanes of v into the 8 + 8 double lanes (lo, hi). */
 static inline void fold16(__m512 v, __m512d *lo, __m512d *hi) {
   *lo = _mm512_add_pd(*lo, _mm512_cvtps_pd(_mm512_castps512_ps256(v)));

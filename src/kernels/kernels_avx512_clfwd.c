@@ -71,23 +71,6 @@ static size_t par_ld(size_t C) {
   return SBN__GN_FWD_PAR(C) / 4;
 }
 
-/* Per group, eight at a time (stats8): mean = k + s1/m, m2 and istd. */
-static void fwd_stats(size_t G, double m, double eps, const float *k,
-                      const double *s1, const double *s2, double *mean,
-                      double *m2, double *istd) {
-  __m512d im = _mm512_set1_pd(1.0 / m), ve = _mm512_set1_pd(eps);
-  for (size_t g = 0; g < G; g += 8) {
-    __mmask8 mk = (__mmask8)(G - g >= 8 ? 0xFF : (1u << (G - g)) - 1u);
-    __m512d q, d2, is;
-    stats8(_mm512_maskz_loadu_pd(mk, s1 + g), _mm512_maskz_loadu_pd(mk, s2 + g),
-           im, ve, &q, &d2, &is);
-    __m512d kk = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(mk, k + g));
-    _mm512_mask_storeu_pd(mean + g, mk, _mm512_add_pd(kk, q));
-    _mm512_mask_storeu_pd(m2 + g, mk, d2);
-    _mm512_mask_storeu_pd(istd + g, mk, is);
-  }
-}
-
 /* The normalize parameters of the mk lanes of channels c .. c + 7 from
  * their means and istd: h = (float)mean, scale = (float)(w * istd) as
  * ops/groupnorm.c's gn_spread forms them (w NULL: 1), and the shift
@@ -201,7 +184,7 @@ int sbn__avx512_gn_fwd_nhwc(const float *x, float *y, size_t P, size_t G,
     sbn__kernels_avx512.moments_ld(x, P, G, cpg, C, k, s1, s2);
   else if (!sbn__avx512_cl_moments_cold(x, P, G, cpg, C, k, s1, s2))
     sbn__kernels_avx512.moments_ld(x, P, G, cpg, C, k, s1, s2);
-  fwd_stats(G, (double)P * (double)cpg, eps, k, s1, s2, mean, m2, istd);
+  stats_groups(G, (double)P * (double)cpg, eps, k, s1, s2, mean, m2, istd);
   fwd_params(G, cpg, mean, istd, w, b, par);
   sbn__avx512_cl_flat_normalize(x, y, n, C, par, par_ld(C),
                                 count * n >= FWD_NT_BYTES / sizeof(float), pn);

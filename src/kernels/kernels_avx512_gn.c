@@ -408,30 +408,6 @@ static void fwd_sums(const float *x, size_t ng, size_t L, float *k, double *s1,
   fold_first(tb, ng, s2);
 }
 
-/* The statistics of ng <= 16 groups of n values from their shifted sums,
- * as sbn__moments_finish and the op form them: mean = k + s1/n, m2 =
- * s2 - s1 * (s1/n) (clamped at 0, a NaN kept), istd = 1/sqrt(m2/n +
- * eps), eight lanes of double at a time (stats8). */
-static void fwd_stats(const float *k, const double *s1, const double *s2,
-                      size_t ng, double n, double eps, double *mean, double *m2,
-                      double *istd) {
-  __mmask16 m = tail_mask(ng);
-  __m512d im = _mm512_set1_pd(1.0 / n), ve = _mm512_set1_pd(eps);
-  for (int half = 0; half < 2; half++) {
-    __mmask8 mk = (__mmask8)(m >> (8 * half));
-    if (mk == 0)
-      break;
-    size_t o = 8 * (size_t)half;
-    __m512d q, d, is;
-    stats8(_mm512_maskz_loadu_pd(mk, s1 + o), _mm512_maskz_loadu_pd(mk, s2 + o),
-           im, ve, &q, &d, &is);
-    __m512d kd = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(mk, k + o));
-    _mm512_mask_storeu_pd(mean + o, mk, _mm512_add_pd(kd, q));
-    _mm512_mask_storeu_pd(m2 + o, mk, d);
-    _mm512_mask_storeu_pd(istd + o, mk, is);
-  }
-}
-
 /* y = (x - h) * s + b for 16 channels: h the float part of the mean, s =
  * istd * w, b = bias - l * s with l = mean - h (formed in double): x - h
  * is exact near the mean, so y is rounded about as often as the op's
@@ -557,7 +533,7 @@ int sbn__avx512_gn_fwd_nchw(const float *x, float *y, size_t G, size_t cpg,
     float k[16];
     double s1[16], s2[16];
     fwd_sums(x + g0 * L, ng, L, k, s1, s2);
-    fwd_stats(k, s1, s2, ng, (double)L, eps, mean + g0, m2 + g0, istd + g0);
+    stats_groups(ng, (double)L, eps, k, s1, s2, mean + g0, m2 + g0, istd + g0);
     /* The next unit is prefetched while this one's y is formed from the
      * cache, as in the backward. Larger blocks (up to 256 KiB, the op's
      * budget) measured slower, by up to a fifth of the floor. */
