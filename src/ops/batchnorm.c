@@ -123,12 +123,13 @@ static int bn_finish(sbn_layer_t *l, const sbn_forward_args_t *a,
 /* Whether a pass of l on sh may take the set's fused NCHW entries
  * (bn_fwd_nchw, bn_bwd_nchw): NCHW, nothing to reduce over other
  * processes (a layer without a communicator of more than one process),
- * single-threaded (the set's call is one thread), and unless
- * SBN_BN_SINGLE_PASS asks for the blocked or unblocked passes, for
- * comparison. */
+ * single-threaded (the set's call is one thread), on a core where they
+ * pay (sbn__bn_fused_nchw), and unless SBN_BN_SINGLE_PASS asks for the
+ * blocked or unblocked passes, for comparison. */
 static int bn_fusable(const sbn_layer_t *l, const sbn__shape_t *sh) {
   return sh->layout == SBN_LAYOUT_NCHW && sh->numel > 0 && sbn_threads() <= 1 &&
-         (l->comm == NULL || l->comm->size <= 1) && sbn__bn_single_pass() < 0;
+         (l->comm == NULL || l->comm->size <= 1) && sbn__bn_single_pass() < 0 &&
+         sbn__bn_fused_nchw();
 }
 
 /* The fused local forward (bn_fwd_fused): what its finishing step needs. */

@@ -176,6 +176,11 @@ size_t sbn__bn_block(const sbn_layer_t *l, const sbn__shape_t *sh, int tensors);
  * passes off the set's fused ones (bn_fwd_nchw, bn_bwd_nchw), for
  * comparison. */
 int sbn__bn_single_pass(void);
+/* Whether the local NCHW passes may take the set's fused entries
+ * (bn_fwd_nchw, bn_bwd_nchw): SBN_BN_FUSED=1 or 0 when set to one of
+ * them, otherwise 1 on a core with an L2 of 2 MiB or more (where they
+ * were measured faster) and 0 below. */
+int sbn__bn_fused_nchw(void);
 /* Training forward and backward in chunks of cc channels (0 < cc < C),
  * on arguments the front door has checked. On a layer that reduces over
  * nothing but this process the chunks are the blocks of sbn__bn_block and
