@@ -39,11 +39,18 @@
  * this one push its dx out before anything reads it. */
 #define BWD_NT_BYTES ((size_t)256 << 10)
 
-/* Samples of at most a quarter of the L2 per tensor prefetch the next
- * sample's x and dy into L2 while writing dx, so that the next sums read
- * L2 and memory serves reads and writes at once: two samples' x and dy
- * fit the L2. */
-#define BWD_PF_DIV 4
+/* Samples of at most half the L2 per tensor prefetch the next sample's x
+ * and dy into L2 while writing dx, so that the next sums read L2 and
+ * memory serves reads and writes at once. Two samples' x and dy may then
+ * fill twice the L2: the prefetches evict lines of this sample that dx
+ * has yet to read, and dx reads those from the L3 (which on the AMD EPYC
+ * holds what the L2 evicts). A quarter of the L2 (two samples in it) was
+ * the limit before; on the EPYC (1 MiB L2, 32 MiB L3) half of it took
+ * InstanceNorm NHWC backward 8x128x28x28 (a 392 KiB sample) from a
+ * median floor ratio of 1.59 to 1.31, 8x512x14x14 1.67 to 1.46, GroupNorm
+ * 1.63 to 1.35 and 1.66 to 1.31 (five alternated runs; samples of a
+ * quarter, prefetched either way, within 0.12). */
+#define BWD_PF_DIV 2
 
 /* Samples of more than 9/32 of the L2 per tensor (288 KiB of a 1 MiB
  * L2) are declined unless they are at most a 64th of the L3 per tensor.
