@@ -23,6 +23,14 @@
  * a consumer finds the output in memory rather than in L3. Per-sample
  * calls (GroupNorm, InstanceNorm) see one sample's size. */
 #define NT_BYTES ((size_t)4 << 20)
+/* Prefetches the line at a for writing (PREFETCHW) where sbn__pfw_on
+ * says it pays (sbn_kernels.h): plain stores then find their lines owned
+ * instead of each waiting for its read for ownership. */
+#define SBN__PFW(a)                                      \
+  do {                                                   \
+    if (__atomic_load_n(&sbn__pfw_on, __ATOMIC_RELAXED)) \
+      __builtin_prefetch((a), 1, 3);                     \
+  } while (0)
 /* Values per channel below which backward's sums are formed in double. */
 #define SMALL_STAT 32
 
@@ -196,8 +204,9 @@ static inline void dx_params_f(size_t j, size_t c, const double *mean,
 /* dx of one run of S values from its float parameters (dx_params_f):
  * dx = k * dy + (q * (x - h) + r), whole vectors then the masked tail.
  * Each whole vector's store prefetches dx's line 1 KiB on for writing
- * (PREFETCHW, in the files compiled with -mprfchw: see
- * kernels_avx512_bnfuse.c); past the run's end that is the next run's dx,
+ * where sbn__pfw_on says so (PREFETCHW, in the files compiled with
+ * -mprfchw: see kernels_avx512_bnfuse.c); past the run's end that is the
+ * next run's dx,
  * or lines past the tensor (computed as an integer), which is harmless.
  * Shared by the unfused short runs (kernels_avx512_short.c) and the fused
  * backward's groups (kernels_avx512_bnfuse.c). */
@@ -210,7 +219,7 @@ static inline __attribute__((always_inline)) void dx_run_f(const float *x,
   __m512 vh = _mm512_set1_ps(ph), vr = _mm512_set1_ps(pr);
   size_t full = S & ~(size_t)15, s = 0;
   for (; s < full; s += 16) {
-    __builtin_prefetch((const void *)((uintptr_t)(dx + s) + 1024), 1, 3);
+    SBN__PFW((const void *)((uintptr_t)(dx + s) + 1024));
     __m512 t =
         _mm512_fmadd_ps(vq, _mm512_sub_ps(_mm512_loadu_ps(x + s), vh), vr);
     _mm512_storeu_ps(dx + s, _mm512_fmadd_ps(vk, _mm512_loadu_ps(dy + s), t));

@@ -8,6 +8,17 @@
 
 static const sbn__kernels_t *sbn__active;
 
+int sbn__pfw_on;
+
+/* The tuning read with the kernel set (sbn__pfw_on). */
+static void sbn__tune(void) {
+  const char *e = getenv("SBN_PFW");
+  int on = e != NULL && (e[0] == '0' || e[0] == '1') && e[1] == '\0'
+               ? e[0] - '0'
+               : sbn__wide_l2();
+  __atomic_store_n(&sbn__pfw_on, on, __ATOMIC_RELAXED);
+}
+
 /* One row per optimized set, best first. */
 typedef struct sbn__kset_s {
   const sbn__kernels_t *k;
@@ -75,6 +86,7 @@ const sbn__kernels_t *sbn__kernels(void) {
   const sbn__kernels_t *k = __atomic_load_n(&sbn__active, __ATOMIC_ACQUIRE);
   if (k == NULL) {
     k = sbn__pick();
+    sbn__tune();
     __atomic_store_n(&sbn__active, k, __ATOMIC_RELEASE);
   }
   return k;
@@ -97,6 +109,7 @@ int sbn_kernel_select(const char *name) {
     return sbn_set_error(SBN_ENOTSUP, "name: no kernel set called '%s'", name);
   if (!sbn__usable(s))
     return sbn_set_error(SBN_ENOTSUP, "name: this CPU lacks %s", s->lacks);
+  sbn__tune();
   __atomic_store_n(&sbn__active, s->k, __ATOMIC_RELEASE);
   return 0;
 }
@@ -119,6 +132,14 @@ size_t sbn__l2_bytes(void) {
     __atomic_store_n(&l2, v, __ATOMIC_RELEASE);
   }
   return v;
+}
+
+/* The L2 from which the choices of sbn__wide_l2 (sbn_kernels.h) take
+ * the Xeon's side. */
+#define SBN__WIDE_L2 ((size_t)2 << 20)
+
+int sbn__wide_l2(void) {
+  return sbn__l2_bytes() >= SBN__WIDE_L2;
 }
 
 /* The last-level (L3) cache in bytes as the C library reports it (the

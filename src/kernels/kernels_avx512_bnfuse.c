@@ -43,7 +43,9 @@
  * 1.08-1.18 with it; 8x1024x14x14 1.24-1.40 and 1.21-1.33. Prefetching
  * the next group's x and dy into L2 during dx, one line of each per
  * vector, measured no gain, alone or beside this one (1.12-1.28 and
- * 1.32-1.41), and was left out. */
+ * 1.32-1.41), and was left out. Those runs were on the Xeon (2 MiB L2);
+ * on the AMD EPYC the prefetches cost more than they save, and
+ * sbn__pfw_on (sbn_kernels.h) turns them off there. */
 #define PFW 256
 
 /* The share of the L2 that one group's x and dy fill: dx's lines, the
@@ -141,8 +143,8 @@ int sbn__avx512_bn_bwd_nchw(const float *x, const float *dy, float *dx,
 }
 
 /* y of channels [0, nc) of one row (runs of S back to back), as
- * normalize forms it, prefetching y's lines PFW floats ahead for
- * writing. */
+ * normalize forms it, prefetching y's lines 4 PFW floats ahead for
+ * writing where sbn__pfw_on says so (sbn_kernels.h: on the Xeon). */
 static void group_y_row(const float *x, float *y, size_t nc, size_t S,
                         const float *mh, const float *ml, const float *sc,
                         const float *sh) {
@@ -155,7 +157,7 @@ static void group_y_row(const float *x, float *y, size_t nc, size_t S,
     float *q = y + j * S;
     size_t s = 0;
     for (; s < full; s += 16) {
-      __builtin_prefetch((const void *)((uintptr_t)(q + s) + 4 * PFW), 1, 3);
+      SBN__PFW((const void *)((uintptr_t)(q + s) + 4 * PFW));
       __m512 v = _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(p + s), vh), vl);
       _mm512_storeu_ps(q + s, _mm512_fmadd_ps(v, vs, vb));
     }

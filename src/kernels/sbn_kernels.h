@@ -310,6 +310,35 @@ size_t sbn__l2_bytes(void);
  * does not say. */
 size_t sbn__l3_bytes(void);
 
+/* Whether the core's L2 is 2 MiB or more. Two choices went opposite ways
+ * on the two machines the optimized sets were measured on, a Xeon with
+ * 2 MiB of L2 per core and a 260 MiB L3 and an AMD EPYC with 1 MiB and
+ * 32 MiB: BatchNorm's fused NCHW passes (ops/batchnorm_overlap.c's
+ * sbn__bn_fused_nchw) and prefetching plain stores' lines for writing
+ * (sbn__pfw_on) paid on the Xeon and cost on the EPYC. The L2's size is
+ * the property of the two that the library reads; it stands for those two
+ * machines, not for a mechanism. */
+int sbn__wide_l2(void);
+
+/* Whether the AVX-512 set's BatchNorm NCHW outputs stored normally (the
+ * dx of avx512_inl.h's dx_run_f, the y of kernels_avx512_bnfuse.c's
+ * sbn__avx512_norm_rows) prefetch their lines for writing (PREFETCHW,
+ * avx512_inl.h's SBN__PFW): SBN_PFW=1 or 0 when set to one of them when
+ * the kernel set is chosen, otherwise sbn__wide_l2(). Set with the kernel
+ * set (sbn__kernels, sbn_kernel_select) and read, relaxed, in the loops.
+ * On the EPYC, plain stores of 64 KiB to 2 MiB of cold output with
+ * PREFETCHW 1 KiB ahead took 1.16-1.42 times as long as without (a
+ * throwaway loop, medians of 41), and BatchNorm NCHW floor ratios without
+ * it, against SBN_PFW=1 (medians of six runs, alternated in both orders):
+ * eval forward 8x256x14x14 0.86 against 1.10, 8x2048x7x7 0.98 against
+ * 1.25; backward 8x2048x7x7 1.39 against 1.69, 8x17x64x64 1.16 against
+ * 1.44; better on 9 of 12 shapes each way, worse at 8x1000x14x14 eval
+ * (0.97 against 0.77). The LayerNorm, GroupNorm and InstanceNorm stores
+ * keep theirs: measured the same way, the LayerNorm forward took 1.66
+ * without at 8x512x28x28 against 1.22 with, and the other two moved
+ * within the noise. */
+extern int sbn__pfw_on;
+
 /* The strided entries of the set in use (kernels/strided.c), or their
  * fallback through the dense entry, one a at a time. */
 void sbn__k_moments_ld(const float *x, size_t A, size_t C, size_t S, size_t lda,

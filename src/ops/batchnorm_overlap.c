@@ -103,30 +103,23 @@ int sbn__bn_single_pass(void) {
   return -1;
 }
 
-/* The L2 per core from which the local NCHW passes take the set's fused
- * entries (bn_fwd_nchw, bn_bwd_nchw) by default. They were measured
- * winning on a Xeon with 2 MiB of L2 per core and a 260 MiB L3 (README,
- * "a fused NCHW forward" and after), where the bench's 64 MiB of copies
- * stayed in the L3, and losing on the AMD EPYC with 1 MiB of L2 and a
- * 32 MiB L3, from memory and from the L3 alike (README, "Back on the AMD
- * EPYC"): training floor ratios over six ResNet-50 shapes, three
- * alternated runs, fused forward 1.43-2.17 against 0.78-1.82 unfused,
- * backward 1.56-2.44 against 1.18-1.76, and with groups of half the L2
- * instead of an eighth still 1.12-1.75 and 1.35-2.26. The size of the L2
- * is the one property of the two cores the library reads that tells them
- * apart; it stands for the two machines measured, not for a mechanism
- * (larger groups did not rescue the EPYC). */
-#define SBN__FUSE_MIN_L2 ((size_t)2 << 20)
-
 /* SBN_BN_FUSED=1 or 0 forces the fused NCHW passes on or off (for
  * comparison, and for the tests of the fused entries on any machine);
- * otherwise they are on where the core's L2 is SBN__FUSE_MIN_L2 or more.
- * Read on every call, as SBN_BN_SINGLE_PASS is. */
+ * otherwise they are on where the core's L2 is 2 MiB or more
+ * (sbn__wide_l2). They were measured winning on a Xeon with 2 MiB of L2
+ * per core and a 260 MiB L3 (README, "a fused NCHW forward" and after),
+ * where the bench's 64 MiB of copies stayed in the L3, and losing on the
+ * AMD EPYC with 1 MiB of L2 and a 32 MiB L3, from memory and from the L3
+ * alike (README, "Back on the AMD EPYC"): training floor ratios over six
+ * ResNet-50 shapes, three alternated runs, fused forward 1.43-2.17
+ * against 0.78-1.82 unfused, backward 1.56-2.44 against 1.18-1.76, and
+ * with groups of half the L2 instead of an eighth still 1.12-1.75 and
+ * 1.35-2.26. Read on every call, as SBN_BN_SINGLE_PASS is. */
 int sbn__bn_fused_nchw(void) {
   const char *e = getenv("SBN_BN_FUSED");
   if (e != NULL && (e[0] == '0' || e[0] == '1') && e[1] == '\0')
     return e[0] - '0';
-  return sbn__l2_bytes() >= SBN__FUSE_MIN_L2;
+  return sbn__wide_l2();
 }
 
 /* A local backward's blocks of channels whose x and dy together fill
