@@ -743,7 +743,7 @@ static size_t l2_bytes(void) {
  * eights in a block of 16, the second adding into the first's float
  * sums, then a single row),
  * 11 x 100000 (an eight, a pair and a single row) and 8 x 100352 without
- * affine (one eight). The
+ * affine (one eight), each also with SBN_WIDE_L2 at 1 and at 0. The
  * forward's groups of 4 rows on both sides of their limit (half the L2: 6 rows
  * of it, a group of 4 and one of 2, and 16 more, three groups of 2), and the
  * backward's single rows on both sides of their limit (7 rows of D floats
@@ -787,6 +787,19 @@ static void test_ln_rows(void **state) {
     no_affine = 1;
     ln_vs_ref(sets[ks], 8, 100352, 1);
     no_affine = 0;
+    /* The eights run only on a core with 2 MiB of L2 or more
+     * (kernels_avx512_ln.c): the rows that take them, with each side of
+     * that choice forced, so that both forms are tested on any core. */
+    static const char *const wide[] = {"1", "0"};
+    for (int v = 0; v < 2; v++) {
+      setenv("SBN_WIDE_L2", wide[v], 1);
+      ln_vs_ref(sets[ks], 17, 131072, 1);
+      ln_vs_ref(sets[ks], 11, 100000, 2);
+      no_affine = 1;
+      ln_vs_ref(sets[ks], 8, 100352, 0);
+      no_affine = 0;
+    }
+    unsetenv("SBN_WIDE_L2");
     size_t g4 = l2_bytes() / 2 / sizeof(float);
     ln_vs_ref(sets[ks], 6, g4, 0);
     ln_vs_ref(sets[ks], 6, g4 + 16, 1);

@@ -135,10 +135,15 @@ size_t sbn__l2_bytes(void) {
 }
 
 /* The L2 from which the choices of sbn__wide_l2 (sbn_kernels.h) take
- * the Xeon's side. */
+ * the Xeon's side; SBN_WIDE_L2=1 or 0 takes one side on any core (for
+ * comparison, and for the tests of both sides). Read on every call: the
+ * callers are once per pass or once per kernel choice. */
 #define SBN__WIDE_L2 ((size_t)2 << 20)
 
 int sbn__wide_l2(void) {
+  const char *e = getenv("SBN_WIDE_L2");
+  if (e != NULL && (e[0] == '0' || e[0] == '1') && e[1] == '\0')
+    return e[0] - '0';
   return sbn__l2_bytes() >= SBN__WIDE_L2;
 }
 

@@ -148,7 +148,16 @@ void sbn__avx512_ln_forward_rows(const float *x, float *y, size_t R, size_t D,
  * 25088 they were no faster, nor at 32 rows of 65536, where single rows
  * (lnb_single) took 1.05-1.26 and eights 1.23-1.28. The next rows are
  * not prefetched during an eight's dx (eight rows' x and dy fill the
- * L2). */
+ * L2). Those runs were on the Xeon (2 MiB L2, 260 MiB L3). On the AMD
+ * EPYC (1 MiB L2, 32 MiB L3) the eights cost. Two runs of four and six
+ * rounds alternated in both orders, medians of the floor ratio without
+ * them against with: 8x64x56x56 1.16 and 1.13 against 1.39 and 1.52,
+ * 8x1024x14x14 1.25 and 1.35 against 1.77 and 1.73, 8x1000x14x14 1.19
+ * and 1.11 against 1.37 and 1.64, 32x64x32x32 1.33 and 1.28 against 1.54
+ * and 1.48. Of the 10 shapes of 64k elements or more, 8 and 9 were faster
+ * without, the rest within 0.03; the two under 64k, where nothing
+ * changed, moved 0.03-0.35. So they are taken only where sbn__wide_l2
+ * (sbn_kernels.h). */
 #define LNB_EIGHT_MIN ((size_t)64 << 10)
 
 /* Rows longer than LNB_QUAD_MAX go one at a time where a single row's
@@ -609,7 +618,7 @@ void sbn__avx512_ln_bwd_rows(const float *x, const float *dy, float *dx,
    * one process against main's build, scripts/ln_ab.c, two runs): 1.11
    * and 1.18 times faster at 32 rows of 65536. */
   int nt = R * D >= NT_BYTES / sizeof(float) && D % 16 == 0;
-  int eights = D >= LNB_EIGHT_MIN && R >= 8 && !lnb_single(D);
+  int eights = sbn__wide_l2() && D >= LNB_EIGHT_MIN && R >= 8 && !lnb_single(D);
   if (D >= LNQ_MIN && !eights) {
     lnq_t q = {D, head_elems(dx, D, nt), w, fw, fb, count, nt};
     lnq_io_t io = {x, dy, dx, R, mean, istd, dw, db, odw, odb};

@@ -310,14 +310,17 @@ size_t sbn__l2_bytes(void);
  * does not say. */
 size_t sbn__l3_bytes(void);
 
-/* Whether the core's L2 is 2 MiB or more. Two choices went opposite ways
- * on the two machines the optimized sets were measured on, a Xeon with
- * 2 MiB of L2 per core and a 260 MiB L3 and an AMD EPYC with 1 MiB and
- * 32 MiB: BatchNorm's fused NCHW passes (ops/batchnorm_overlap.c's
- * sbn__bn_fused_nchw) and prefetching plain stores' lines for writing
- * (sbn__pfw_on) paid on the Xeon and cost on the EPYC. The L2's size is
- * the property of the two that the library reads; it stands for those two
- * machines, not for a mechanism. */
+/* Whether the core's L2 is 2 MiB or more. Three choices went opposite
+ * ways on the two machines the optimized sets were measured on, a Xeon
+ * with 2 MiB of L2 per core and a 260 MiB L3 and an AMD EPYC with 1 MiB
+ * and 32 MiB: BatchNorm's fused NCHW passes (ops/batchnorm_overlap.c's
+ * sbn__bn_fused_nchw), prefetching BatchNorm's plain stores' lines for
+ * writing (sbn__pfw_on) and the LayerNorm backward's rows eight at a
+ * time (kernels_avx512_ln.c's LNB_EIGHT_MIN) paid on the Xeon and cost
+ * on the EPYC. The L2's size is the property of the two that the library
+ * reads; it stands for those two machines, not for a mechanism.
+ * SBN_WIDE_L2=1 or 0 answers for any core (the more specific SBN_BN_FUSED
+ * and SBN_PFW still win). */
 int sbn__wide_l2(void);
 
 /* Whether the AVX-512 set's BatchNorm NCHW outputs stored normally (the
