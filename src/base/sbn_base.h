@@ -15,6 +15,11 @@
 
 #include "syncbn.h"
 
+/* 1 or 0 where the environment variable name is set to exactly "1" or
+ * "0", -1 otherwise (unset, or anything else): the switches that force one
+ * path or another for comparison (base/env.c). */
+int sbn__env_bit(const char *name);
+
 /* Overflow-checked size_t arithmetic: 0 on success, SBN_EOVERFLOW if not. */
 int sbn__mul_size(size_t a, size_t b, size_t *out);
 

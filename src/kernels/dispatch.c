@@ -12,11 +12,9 @@ int sbn__pfw_on;
 
 /* The tuning read with the kernel set (sbn__pfw_on). */
 static void sbn__tune(void) {
-  const char *e = getenv("SBN_PFW");
-  int on = e != NULL && (e[0] == '0' || e[0] == '1') && e[1] == '\0'
-               ? e[0] - '0'
-               : sbn__wide_l2();
-  __atomic_store_n(&sbn__pfw_on, on, __ATOMIC_RELAXED);
+  int on = sbn__env_bit("SBN_PFW");
+  __atomic_store_n(&sbn__pfw_on, on >= 0 ? on : sbn__wide_l2(),
+                   __ATOMIC_RELAXED);
 }
 
 /* One row per optimized set, best first. */
@@ -141,10 +139,8 @@ size_t sbn__l2_bytes(void) {
 #define SBN__WIDE_L2 ((size_t)2 << 20)
 
 int sbn__wide_l2(void) {
-  const char *e = getenv("SBN_WIDE_L2");
-  if (e != NULL && (e[0] == '0' || e[0] == '1') && e[1] == '\0')
-    return e[0] - '0';
-  return sbn__l2_bytes() >= SBN__WIDE_L2;
+  int v = sbn__env_bit("SBN_WIDE_L2");
+  return v >= 0 ? v : sbn__l2_bytes() >= SBN__WIDE_L2;
 }
 
 /* The last-level (L3) cache in bytes as the C library reports it (the

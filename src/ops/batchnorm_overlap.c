@@ -97,10 +97,7 @@ static int bn_alone(const sbn_layer_t *l) {
  * what the block's second half costs from L2. Read on every call that
  * could use it: a getenv against a pass over more than half a megabyte. */
 int sbn__bn_single_pass(void) {
-  const char *e = getenv("SBN_BN_SINGLE_PASS");
-  if (e != NULL && (e[0] == '0' || e[0] == '1') && e[1] == '\0')
-    return e[0] - '0';
-  return -1;
+  return sbn__env_bit("SBN_BN_SINGLE_PASS");
 }
 
 /* SBN_BN_FUSED=1 or 0 forces the fused NCHW passes on or off (for
@@ -116,10 +113,8 @@ int sbn__bn_single_pass(void) {
  * with groups of half the L2 instead of an eighth still 1.12-1.75 and
  * 1.35-2.26. Read on every call, as SBN_BN_SINGLE_PASS is. */
 int sbn__bn_fused_nchw(void) {
-  const char *e = getenv("SBN_BN_FUSED");
-  if (e != NULL && (e[0] == '0' || e[0] == '1') && e[1] == '\0')
-    return e[0] - '0';
-  return sbn__wide_l2();
+  int v = sbn__env_bit("SBN_BN_FUSED");
+  return v >= 0 ? v : sbn__wide_l2();
 }
 
 /* A local backward's blocks of channels whose x and dy together fill
