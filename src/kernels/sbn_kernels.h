@@ -330,16 +330,16 @@ int sbn__wide_l2(void);
  * the kernel set is chosen, otherwise sbn__wide_l2(). Set with the kernel
  * set (sbn__kernels, sbn_kernel_select) and read, relaxed, in the loops.
  * On the EPYC, plain stores of 64 KiB to 2 MiB of cold output with
- * PREFETCHW 1 KiB ahead took 1.16-1.42 times as long as without (a
- * throwaway loop, medians of 41), and BatchNorm NCHW floor ratios without
+ * PREFETCHW 1 KiB ahead took 1.02-1.35 times as long as without
+ * (scripts/store_ab.c, medians of 41), and BatchNorm NCHW floor ratios without
  * it, against SBN_PFW=1 (medians of six runs, alternated in both orders):
  * eval forward 8x256x14x14 0.86 against 1.10, 8x2048x7x7 0.98 against
  * 1.25; backward 8x2048x7x7 1.39 against 1.69, 8x17x64x64 1.16 against
  * 1.44; better on 9 of 12 shapes each way, worse at 8x1000x14x14 eval
  * (0.97 against 0.77). The LayerNorm, GroupNorm and InstanceNorm stores
- * keep theirs: measured the same way, the LayerNorm forward took 1.66
- * without at 8x512x28x28 against 1.22 with, and the other two moved
- * within the noise. */
+ * keep theirs: measured the same way with a build that switched them too,
+ * the LayerNorm forward took 1.66 without at 8x512x28x28 against 1.22
+ * with, and the other two moved within the noise. */
 extern int sbn__pfw_on;
 
 /* The strided entries of the set in use (kernels/strided.c), or their
